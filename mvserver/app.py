@@ -1,0 +1,104 @@
+"""The app factory: settings, output store, provider clients (live or sandboxed), job manager and routes."""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator, Mapping
+
+import aiohttp
+from aiohttp import web
+
+from . import meta, scenes
+from .backends import PROVIDERS, Providers
+from .backends import gemini as gemini_backend
+from .backends import replicate as replicate_backend
+from .config import CONFIG, TEMPLATES, Config, EnvSettings, load_config, package_templates
+from .debug import debug_print
+from .errors import error_middleware
+from .sandbox.simulator import Simulator, start_simulator
+from .schemas import REQUEST_MODELS, RequestModels
+from .storage import STORE, OutputStore
+
+log = logging.getLogger("mvserver")
+SANDBOX_TOKEN = "sandbox"
+
+
+def sandboxed_services(env: EnvSettings) -> frozenset[str]:
+    """Provider services without credentials (or all, with ``MV_SANDBOX=true``) are answered by the simulator."""
+    missing = {
+        "gemini_scenes": not env.gemini_api_key,
+        "replicate": not env.replicate_api_token,
+        "gemini_video": not env.gemini_video_configured,
+    }
+    return frozenset(name for name, absent in missing.items() if env.sandbox or absent)
+
+
+async def providers_context(app: web.Application) -> AsyncIterator[None]:
+    """Build the provider clients; start the built-in simulator for the services that run sandboxed."""
+    config, store = app[CONFIG], app[STORE]
+    env = config.env
+    sandboxed = sandboxed_services(env)
+    runner = None
+    urls = {"gemini": env.gemini_base_url, "vertex": env.vertex_base_url, "replicate": env.replicate_base_url}
+    if sandboxed:
+        simulator = Simulator(store.root / "sandbox", video_latency=config.sandbox_video_latency,
+                              image_latency=config.sandbox.image_latency_seconds,
+                              scenes_latency=config.sandbox.scenes_latency_seconds)
+        runner, sim_url = await start_simulator(simulator)
+        for service, key in (("gemini_scenes", "gemini"), ("gemini_video", "vertex"), ("replicate", "replicate")):
+            if service in sandboxed:
+                urls[key] = f"{sim_url}/{key}"
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60))
+    videos = config.videos
+    gemini = gemini_backend.GeminiProvider(
+        gemini_backend.make_api_client(
+            SANDBOX_TOKEN if "gemini_scenes" in sandboxed else env.gemini_api_key, urls["gemini"]),
+        gemini_backend.make_vertex_client(
+            api_key=SANDBOX_TOKEN if "gemini_video" in sandboxed else env.vertex_api_key,
+            project=env.google_cloud_project, location=env.google_cloud_location, base_url=urls["vertex"]),
+        store,
+        video_model=videos.backends.gemini.model,
+        person_generation=videos.backends.gemini.person_generation,
+        resolution=videos.backends.gemini.resolution,
+        sandbox="gemini_scenes" in sandboxed,
+        video_sandbox="gemini_video" in sandboxed,
+    )
+    replicate = replicate_backend.ReplicateProvider(
+        replicate_backend.make_client(
+            SANDBOX_TOKEN if "replicate" in sandboxed else env.replicate_api_token or "", urls["replicate"]),
+        session, store,
+        video_model=videos.backends.replicate.model,
+        poll_interval=videos.jobs.poll_interval_seconds,
+        sandbox="replicate" in sandboxed,
+    )
+    app[PROVIDERS] = Providers(gemini=gemini, replicate=replicate, sandboxed=sandboxed)
+    modes = app[PROVIDERS].modes()
+    log.info("providers: %s", ", ".join(f"{name}={mode}" for name, mode in modes.items()))
+    if sandboxed:
+        log.info("sandbox mode: %s answered by the built-in simulator; outputs are labelled sandbox",
+                 ", ".join(sorted(sandboxed)))
+    try:
+        yield
+    finally:
+        await gemini.aclose()
+        await session.close()
+        if runner is not None:
+            await runner.cleanup()
+
+
+def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Application:
+    """Build the application; settings are loaded and validated here, once (ConfigError if they are wrong)."""
+    if not isinstance(env, EnvSettings):
+        env = EnvSettings.from_env(env)
+    config: Config = load_config(env)
+    debug_print(config.debug, "config params loaded at start-up", config.summary())
+    app = web.Application(client_max_size=env.max_body_bytes, middlewares=[error_middleware])
+    app[CONFIG] = config
+    app[TEMPLATES] = package_templates()
+    app[STORE] = OutputStore(env.output_dir)
+    app[REQUEST_MODELS] = RequestModels.build(config)
+    app[STORE].remove_stale_temporaries()
+    app.cleanup_ctx.append(providers_context)
+    app.add_routes(meta.routes)
+    app.add_routes(scenes.routes)
+    return app

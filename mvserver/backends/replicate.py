@@ -1,0 +1,183 @@
+"""Replicate: ``google/imagen-4`` images and ``google/veo-3.1`` videos through the official async client.
+
+We create predictions and poll them ourselves (``async_run`` returns ``None`` for a video that is still
+processing), and fetch outputs with our own aiohttp session so the API token never reaches the file host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import replicate
+from replicate.prediction import Prediction
+
+from ..errors import ApiError, from_exception, prediction_failed
+from ..storage import OutputStore
+from .base import Snapshot, VideoRequest
+
+NAME = "replicate"
+DOWNLOAD_CHUNK = 1 << 16
+_EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+
+
+def make_client(token: str, base_url: str | None) -> replicate.Client:
+    """The official client; ``base_url`` points it at the simulator in sandbox mode and tests."""
+    return replicate.Client(api_token=token, base_url=base_url)
+
+
+def _output_url(output: Any) -> str | None:
+    """Replicate returns a URL, or a list of URLs, for file outputs."""
+    if isinstance(output, list):
+        output = output[0] if output else None
+    return output if isinstance(output, str) else None
+
+
+def snapshot(prediction: Prediction) -> Snapshot:
+    """Our view of a Replicate prediction; progress is parsed from its logs by the client library."""
+    progress = prediction.progress
+    error = None
+    if prediction.status in ("failed", "canceled"):
+        error = prediction_failed(NAME, prediction.status, prediction.error).info
+    return Snapshot(
+        status=prediction.status,  # type: ignore[arg-type]
+        progress=progress.percentage if progress else None,
+        logs=prediction.logs,
+        output=_output_url(prediction.output),
+        error=error,
+    )
+
+
+class ReplicateProvider:
+    """Images and videos on Replicate, behind the :class:`~mvserver.backends.base.VideoBackend` interface."""
+
+    name = NAME
+
+    def __init__(self, client: replicate.Client, session: aiohttp.ClientSession, store: OutputStore, *,
+                 video_model: str, poll_interval: float, sandbox: bool):
+        self.client = client
+        self.session = session
+        self.store = store
+        self.model = video_model
+        self.poll_interval = poll_interval
+        self.sandbox = sandbox
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (ApiError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise from_exception(exc, NAME) from exc
+
+    async def create(self, model: str, inputs: dict[str, Any]) -> Prediction:
+        """Create a prediction of an official model (``owner/name``); POSTs are never retried by the client."""
+        return await self._call(self.client.models.predictions.async_create(model=model, input=inputs))
+
+    async def get(self, prediction_id: str) -> Prediction:
+        return await self._call(self.client.predictions.async_get(prediction_id))
+
+    async def cancel(self, prediction_id: str) -> None:
+        await self._call(self.client.predictions.async_cancel(prediction_id))
+
+    async def fetch(self, url: str) -> aiohttp.ClientResponse:
+        """Open an output URL for streaming; raises ApiError on an HTTP error."""
+        try:
+            response = await self.session.get(url, timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60))
+        except Exception as exc:
+            raise from_exception(exc, NAME) from exc
+        if response.status != 200:
+            text = (await response.text())[:500]
+            response.release()
+            from ..errors import provider_http_error
+
+            raise provider_http_error(NAME, response.status, f"output download failed: {text}")
+        return response
+
+    async def download_to(self, url: str, dest: Path) -> int:
+        """Stream an output file to ``dest`` atomically, chunk by chunk, never holding it whole."""
+        response = await self.fetch(url)
+        try:
+            return await self.store.write_stream(dest, response.content.iter_chunked(DOWNLOAD_CHUNK))
+        except (ApiError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise from_exception(exc, NAME) from exc
+        finally:
+            response.release()
+
+    async def read(self, url: str) -> bytes:
+        response = await self.fetch(url)
+        try:
+            return await response.read()
+        except Exception as exc:
+            raise from_exception(exc, NAME) from exc
+        finally:
+            response.release()
+
+    # -- images -------------------------------------------------------------------------------------------
+
+    async def generate_image(self, model: str, inputs: dict[str, Any], *, timeout: float, poll_interval: float) -> tuple[bytes, Prediction]:
+        """Run an image prediction to the end within ``timeout`` seconds; cancel it if we stop waiting."""
+        prediction = await self.create(model, inputs)
+        deadline = time.monotonic() + timeout
+        try:
+            while prediction.status not in ("succeeded", "failed", "canceled"):
+                if time.monotonic() >= deadline:
+                    raise ApiError(504, "provider_timeout", f"{NAME} prediction {prediction.id} did not finish in {timeout:g} s",
+                                   provider=NAME, provider_status=prediction.status)
+                await asyncio.sleep(poll_interval)
+                prediction = await self.get(prediction.id)
+        except BaseException:
+            await self._cancel_quietly(prediction.id)
+            raise
+        if prediction.status != "succeeded":
+            raise prediction_failed(NAME, prediction.status, prediction.error)
+        url = _output_url(prediction.output)
+        if not url:
+            raise ApiError(502, "provider_bad_output", f"{NAME} prediction {prediction.id} succeeded without an output file",
+                           provider=NAME, provider_status=prediction.status)
+        return await self.read(url), prediction
+
+    async def _cancel_quietly(self, prediction_id: str) -> None:
+        try:
+            await asyncio.shield(self.cancel(prediction_id))
+        except (ApiError, asyncio.CancelledError):
+            pass
+
+    # -- videos (VideoBackend) ------------------------------------------------------------------------------
+
+    def video_inputs(self, request: VideoRequest) -> dict[str, Any]:
+        """The ``google/veo-3.1`` input object."""
+        inputs: dict[str, Any] = {
+            "prompt": request.prompt,
+            "aspect_ratio": request.aspect_ratio,
+            "duration": request.duration,
+            "generate_audio": request.generate_audio,
+        }
+        if request.negative_prompt:
+            inputs["negative_prompt"] = request.negative_prompt
+        if request.seed is not None:
+            inputs["seed"] = request.seed
+        if request.reference_image is not None:
+            image = io.BytesIO(request.reference_image)
+            image.name = "reference" + _EXTENSIONS.get(request.reference_mime_type or "", ".png")
+            inputs["reference_images"] = [image]  # uploaded through the files API by the client
+        return inputs
+
+    async def start(self, request: VideoRequest) -> str:
+        prediction = await self.create(self.model, self.video_inputs(request))
+        return prediction.id
+
+    async def poll(self, prediction_id: str) -> Snapshot:
+        return snapshot(await self.get(prediction_id))
+
+    async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
+        if not snapshot.output:
+            raise ApiError(502, "provider_bad_output", f"{NAME} prediction {prediction_id} succeeded without a video",
+                           provider=NAME, provider_status=snapshot.status)
+        return await self.download_to(snapshot.output, dest)

@@ -1,0 +1,177 @@
+"""One error shape for HTTP responses and job failures, and the mapping of provider failures onto it.
+
+Every error body is ``{"error": {"code", "message", "field"?, "provider"?, "provider_status"?, "provider_error"?}}``.
+A provider failure keeps the provider's own status (its HTTP code, or a prediction status such as ``failed``) in
+``provider_status`` and its own words in ``provider_error``; ``code`` says what kind of failure it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+import replicate.exceptions
+from aiohttp import web
+from google.genai import errors as genai_errors
+from pydantic import ValidationError
+
+log = logging.getLogger("mvserver")
+
+
+@dataclass
+class ErrorInfo:
+    """What went wrong, in the shape clients see (HTTP body and failed-job event alike)."""
+
+    code: str
+    message: str
+    field: str | None = None
+    provider: str | None = None
+    provider_status: int | str | None = None
+    provider_error: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+class ApiError(Exception):
+    """An error answered to the client: an HTTP status plus an :class:`ErrorInfo`."""
+
+    def __init__(self, status: int, code: str, message: str, *, retry_after: float | None = None, **extra: Any):
+        super().__init__(message)
+        self.status = status
+        self.info = ErrorInfo(code=code, message=message, **extra)
+        self.retry_after = retry_after
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying later: rate limits, provider outages, timeouts and dropped connections."""
+        return self.info.code in TRANSIENT_CODES
+
+    def response(self) -> web.Response:
+        headers = {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after else None
+        return web.json_response({"error": self.info.to_dict()}, status=self.status, headers=headers)
+
+
+TRANSIENT_CODES = {"provider_rate_limited", "provider_unavailable", "provider_unreachable", "provider_timeout"}
+
+# Provider HTTP status -> (our HTTP status, our code). Anything else 4xx is a rejection, anything 5xx an outage.
+_PROVIDER_STATUS_CODES = {
+    400: (422, "provider_rejected_input"),
+    401: (502, "provider_auth_failed"),
+    402: (502, "provider_payment_required"),
+    403: (502, "provider_auth_failed"),
+    404: (502, "provider_not_found"),
+    408: (504, "provider_timeout"),
+    409: (409, "provider_conflict"),
+    422: (422, "provider_rejected_input"),
+    429: (429, "provider_rate_limited"),
+}
+
+
+def provider_http_error(provider: str, status: int, message: str, detail: Any = None, retry_after: float | None = None) -> ApiError:
+    """Map an HTTP error answered by a provider, keeping its status and words."""
+    ours, code = _PROVIDER_STATUS_CODES.get(status, (502, "provider_unavailable" if status >= 500 else "provider_error"))
+    if status == 504:
+        ours, code = 504, "provider_timeout"
+    return ApiError(
+        ours,
+        code,
+        f"{provider} answered {status}: {message}",
+        provider=provider,
+        provider_status=status,
+        provider_error=detail if detail is not None else message,
+        retry_after=retry_after,
+    )
+
+
+def prediction_failed(provider: str, status: str, error: Any) -> ApiError:
+    """A prediction or operation the provider accepted but then failed or canceled."""
+    code = "provider_canceled" if status == "canceled" else "provider_prediction_failed"
+    text = error if isinstance(error, str) else json.dumps(error) if error else status
+    return ApiError(502, code, f"{provider} prediction {status}: {text}", provider=provider,
+                    provider_status=status, provider_error=error)
+
+
+def _retry_after(response: Any) -> float | None:
+    headers = getattr(response, "headers", None) or {}
+    try:
+        return float(headers.get("retry-after") or headers.get("Retry-After"))
+    except (TypeError, ValueError):
+        return None
+
+
+def from_exception(exc: BaseException, provider: str) -> ApiError:
+    """Turn anything a provider SDK raised into an :class:`ApiError` that keeps the provider's status and text."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, replicate.exceptions.ReplicateError):
+        detail = {k: v for k, v in {"title": exc.title, "detail": exc.detail, "type": exc.type}.items() if v}
+        message = exc.detail or exc.title or "error"
+        return provider_http_error(provider, exc.status or 502, message, detail or None)
+    if isinstance(exc, replicate.exceptions.ModelError):
+        prediction = exc.prediction
+        return prediction_failed(provider, prediction.status, prediction.error)
+    if isinstance(exc, genai_errors.APIError):
+        detail = exc.details if exc.details else exc.message
+        message = f"{exc.status}: {exc.message}" if exc.status else str(exc.message)
+        return provider_http_error(provider, exc.code, message, detail, _retry_after(exc.response))
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return ApiError(504, "provider_timeout", f"{provider} did not answer in time", provider=provider)
+    if isinstance(exc, (aiohttp.ClientError, ConnectionError, OSError)) or _is_httpx_transport_error(exc):
+        return ApiError(502, "provider_unreachable", f"could not reach {provider}: {exc.__class__.__name__}: {exc}",
+                        provider=provider)
+    log.exception("unexpected %s failure", provider, exc_info=exc)
+    return ApiError(502, "provider_error", f"{provider} call failed: {exc.__class__.__name__}", provider=provider)
+
+
+def _is_httpx_transport_error(exc: BaseException) -> bool:
+    import httpx
+
+    return isinstance(exc, httpx.TransportError)
+
+
+def validation_error(exc: ValidationError) -> ApiError:
+    """A request body that does not fit its schema: 400 naming the first bad field."""
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or None
+    kind = first["type"]
+    if kind == "missing":
+        code, message = "missing_field", f"{field} is required"
+    elif kind == "extra_forbidden":
+        code, message = "unknown_field", f"{field} is not a known field"
+    else:
+        code, message = "invalid_field", f"{field}: {first['msg']}"
+    return ApiError(400, code, message, field=field)
+
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Answer every failure with the JSON error shape; never leak a traceback."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        message = exc.reason if exc.status != 413 else f"request body is larger than {request.app._client_max_size} bytes"
+        return web.json_response({"error": {"code": code, "message": message}}, status=exc.status,
+                                 headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return web.json_response({"error": {"code": "internal_error", "message": "internal server error"}}, status=500)

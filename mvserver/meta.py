@@ -1,0 +1,30 @@
+"""Service endpoints: health and the OpenAPI document."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from . import __version__
+from .backends import PROVIDERS
+from .schemas import REQUEST_MODELS, openapi_document
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/api/mv/health")
+async def health(request: web.Request) -> web.Response:
+    """Version, and for each provider service whether it is live or answered by the sandbox simulator."""
+    providers = request.app[PROVIDERS]
+    modes = providers.modes()
+    return web.json_response({
+        "status": "ok",
+        "version": __version__,
+        "mode": "sandbox" if providers.sandboxed else "live",
+        "sandbox": bool(providers.sandboxed),
+        "providers": modes,
+    })
+
+
+@routes.get("/api/mv/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(request.app[REQUEST_MODELS]))

@@ -1,0 +1,1 @@
+"""Built-in provider simulator ("sandbox mode")."""

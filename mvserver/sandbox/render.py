@@ -1,0 +1,397 @@
+"""Offline renderer for sandbox mode: real, clearly labelled image and video files.
+
+All text is drawn with Pillow's bundled FreeType font (no system fonts needed); the
+static ffmpeg from ``imageio-ffmpeg`` only loops, animates and encodes the frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import colorsys
+import contextlib
+import hashlib
+import io
+import os
+import pathlib
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+
+import imageio_ffmpeg
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+__all__ = ["ASPECT_SIZES", "RenderError", "probe_media", "render_character_image", "render_video"]
+
+ASPECT_SIZES: dict[str, tuple[int, int]] = {
+    "16:9": (640, 360),
+    "9:16": (360, 640),
+    "1:1": (480, 480),
+    "4:3": (480, 360),
+    "3:4": (360, 480),
+}
+
+_IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+_BANNER_BG = (255, 204, 0)
+_BANNER_FG = (20, 20, 20)
+_STDERR_TAIL = 2000
+
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+class RenderError(Exception):
+    """Rendering failed (ffmpeg error, unwritable destination, unreadable media)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True)
+class _Palette:
+    top: tuple[int, int, int]
+    bottom: tuple[int, int, int]
+    skin: tuple[int, int, int]
+    hair: tuple[int, int, int]
+    shirt: tuple[int, int, int]
+    pants: tuple[int, int, int]
+    accent: tuple[int, int, int]
+
+
+def _rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(h % 1.0, s, v)
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+def _palette(text: str, seed: int | None) -> _Palette:
+    """Deterministic colours derived from a hash of ``text`` and ``seed``."""
+    d = hashlib.sha256(f"{text}\x00{seed}".encode()).digest()
+    hue = d[0] / 255
+    return _Palette(
+        top=_rgb(hue, 0.45, 0.30),
+        bottom=_rgb(hue + 0.08, 0.55, 0.12),
+        skin=_rgb(0.07, 0.25 + d[1] / 255 * 0.45, 0.45 + d[2] / 255 * 0.5),
+        hair=_rgb(d[3] / 255, 0.5, 0.15 + d[4] / 255 * 0.5),
+        shirt=_rgb(d[5] / 255, 0.55 + d[6] / 255 * 0.4, 0.75),
+        pants=_rgb(d[7] / 255, 0.45, 0.25 + d[8] / 255 * 0.35),
+        accent=_rgb(hue + 0.5, 0.6, 0.95),
+    )
+
+
+@lru_cache(maxsize=32)
+def _font(size: int) -> Font:
+    """Pillow's bundled font (FreeType when available, so ``size`` is honoured)."""
+    return ImageFont.load_default(size=size)
+
+
+def _text_width(font: Font, text: str) -> float:
+    return font.getlength(text)
+
+
+def _wrap(text: str, font: Font, max_width: int, max_lines: int) -> list[str]:
+    """Greedy pixel-width word wrap; over-long words are split, overflow ends with an ellipsis."""
+    lines: list[str] = []
+    for paragraph in text.splitlines() or [""]:
+        line = ""
+        for word in paragraph.split():
+            while _text_width(font, word) > max_width and len(word) > 1:
+                cut = len(word) - 1
+                while cut > 1 and _text_width(font, word[:cut]) > max_width:
+                    cut -= 1
+                if line:
+                    lines.append(line)
+                    line = ""
+                lines.append(word[:cut])
+                word = word[cut:]
+            candidate = f"{line} {word}" if line else word
+            if _text_width(font, candidate) <= max_width:
+                line = candidate
+            else:
+                lines.append(line)
+                line = word
+        lines.append(line)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and _text_width(font, last + "…") > max_width:
+            last = last[:-1]
+        lines = lines[: max_lines - 1] + [last.rstrip() + "…"]
+    return lines
+
+
+def _gradient(size: tuple[int, int], top: tuple[int, int, int], bottom: tuple[int, int, int]) -> Image.Image:
+    """Vertical two-colour gradient background."""
+    w, h = size
+    column = Image.new("RGB", (1, h))
+    column.putdata(
+        [tuple(round(a + (b - a) * y / max(h - 1, 1)) for a, b in zip(top, bottom)) for y in range(h)]
+    )
+    return column.resize((w, h))
+
+
+def _draw_banner(img: Image.Image, label: str) -> int:
+    """A yellow strip across the top: 'SANDBOX' left, ``label`` right when it fits; returns its height."""
+    w, h = img.size
+    bh = max(18, min(w, h) // 12)
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, 0, w, bh), fill=_BANNER_BG)
+    margin = bh // 3
+    tag_font, label_font = _font(int(bh * 0.66)), _font(int(bh * 0.45))
+    draw.text((margin, bh // 2), "SANDBOX", font=tag_font, fill=_BANNER_FG, anchor="lm")
+    free = w - 3 * margin - _text_width(tag_font, "SANDBOX")
+    if _text_width(label_font, label) <= free:
+        draw.text((w - margin, bh // 2), label, font=label_font, fill=_BANNER_FG, anchor="rm")
+    return bh
+
+
+def _draw_text_block(img: Image.Image, box: tuple[int, int, int, int], text: str, colour=(240, 240, 240)) -> None:
+    """Wrap ``text`` into ``box`` (x0, y0, x1, y1) with a font sized to the box."""
+    x0, y0, x1, y1 = box
+    size = max(10, min(img.size) // 22)
+    font = _font(size)
+    line_h = round(size * 1.3)
+    lines = _wrap(text, font, x1 - x0, max(1, (y1 - y0) // line_h))
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(lines):
+        draw.text((x0, y0 + i * line_h), line, font=font, fill=colour)
+
+
+def _draw_figure(img: Image.Image, box: tuple[int, int, int, int], pal: _Palette) -> None:
+    """A simple stylised full-body figure centred in ``box``."""
+    x0, y0, x1, y1 = box
+    h = y1 - y0
+    u = min(x1 - x0, h) / 10  # one "unit" of the figure
+    cx = (x0 + x1) / 2
+    top = y0 + (h - 9.6 * u) / 2
+    d = ImageDraw.Draw(img)
+    # legs
+    d.rounded_rectangle((cx - 1.3 * u, top + 5.4 * u, cx - 0.15 * u, top + 9.2 * u), radius=u * 0.4, fill=pal.pants)
+    d.rounded_rectangle((cx + 0.15 * u, top + 5.4 * u, cx + 1.3 * u, top + 9.2 * u), radius=u * 0.4, fill=pal.pants)
+    d.ellipse((cx - 1.6 * u, top + 8.9 * u, cx - 0.1 * u, top + 9.6 * u), fill=pal.hair)
+    d.ellipse((cx + 0.1 * u, top + 8.9 * u, cx + 1.6 * u, top + 9.6 * u), fill=pal.hair)
+    # arms then torso
+    d.rounded_rectangle((cx - 2.3 * u, top + 2.4 * u, cx - 1.3 * u, top + 5.9 * u), radius=u * 0.45, fill=pal.shirt)
+    d.rounded_rectangle((cx + 1.3 * u, top + 2.4 * u, cx + 2.3 * u, top + 5.9 * u), radius=u * 0.45, fill=pal.shirt)
+    d.ellipse((cx - 2.2 * u, top + 5.6 * u, cx - 1.4 * u, top + 6.4 * u), fill=pal.skin)
+    d.ellipse((cx + 1.4 * u, top + 5.6 * u, cx + 2.2 * u, top + 6.4 * u), fill=pal.skin)
+    d.rounded_rectangle((cx - 1.5 * u, top + 2.2 * u, cx + 1.5 * u, top + 5.8 * u), radius=u * 0.6, fill=pal.shirt)
+    d.rectangle((cx - 1.5 * u, top + 3.9 * u, cx + 1.5 * u, top + 4.2 * u), fill=pal.accent)
+    # neck, head, hair, eyes
+    d.rectangle((cx - 0.35 * u, top + 1.7 * u, cx + 0.35 * u, top + 2.4 * u), fill=pal.skin)
+    d.ellipse((cx - 0.95 * u, top, cx + 0.95 * u, top + 2.0 * u), fill=pal.skin)
+    d.chord((cx - 1.0 * u, top - 0.1 * u, cx + 1.0 * u, top + 1.5 * u), 180, 360, fill=pal.hair)
+    for ex in (-0.4, 0.4):
+        d.ellipse((cx + (ex - 0.1) * u, top + 0.9 * u, cx + (ex + 0.1) * u, top + 1.1 * u), fill=(25, 25, 25))
+
+
+def _split(size: tuple[int, int], top: int, pad: int) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """Split the area below the banner into (picture box, text box): side by side if landscape, else stacked."""
+    w, h = size
+    if w > h:
+        mid = int(w * 0.45)
+        return (pad, top + pad, mid, h - pad), (mid + pad, top + pad, w - pad, h - pad)
+    mid = top + int((h - top) * 0.62)
+    return (pad, top + pad, w - pad, mid), (pad, mid + pad // 2, w - pad, h - pad)
+
+
+def _size_for(aspect_ratio: str) -> tuple[int, int]:
+    try:
+        return ASPECT_SIZES[aspect_ratio]
+    except KeyError:
+        raise ValueError(f"unsupported aspect_ratio {aspect_ratio!r}; expected one of {sorted(ASPECT_SIZES)}") from None
+
+
+# --------------------------------------------------------------------------- images
+
+
+def render_character_image(
+    description: str,
+    *,
+    aspect_ratio: str = "1:1",
+    output_format: str = "png",
+    seed: int | None = None,
+    negative_prompt: str | None = None,
+) -> bytes:
+    """Render a deterministic, SANDBOX-labelled character-reference card and return its encoded bytes.
+
+    Colours come from a hash of (description, seed); size is ``ASPECT_SIZES[aspect_ratio]`` x2;
+    ``output_format`` is png, jpg/jpeg or webp. ``negative_prompt`` is accepted and ignored.
+    """
+    del negative_prompt  # the sandbox has nothing to steer away from
+    fmt = _IMAGE_FORMATS.get(output_format.lower())
+    if fmt is None:
+        raise ValueError(f"unsupported output_format {output_format!r}; expected png, jpg or webp")
+    w, h = _size_for(aspect_ratio)
+    size = (w * 2, h * 2)
+    pal = _palette(description, seed)
+    img = _gradient(size, pal.top, pal.bottom)
+    banner = _draw_banner(img, "character reference" + ("" if seed is None else f" · seed {seed}"))
+    pad = min(size) // 24
+    fig_box, text_box = _split(size, banner, pad)
+    _draw_figure(img, fig_box, pal)
+    _draw_text_block(img, text_box, description.strip() or "(no description)")
+    buf = io.BytesIO()
+    if fmt == "PNG":
+        img.save(buf, fmt, optimize=False)
+    else:
+        img.save(buf, fmt, quality=90)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- video
+
+
+def _decode_reference(data: bytes | None) -> Image.Image | None:
+    """Open any Pillow-readable image; undecodable bytes yield None."""
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im = ImageOps.exif_transpose(im)
+            return im.convert("RGBA")
+    except Exception:  # noqa: BLE001 - any decode failure means "draw without it"
+        return None
+
+
+def _compose_video_frame(
+    size: tuple[int, int], prompt: str, seed: int | None, reference: bytes | None, caption: str, bar_h: int
+) -> bytes:
+    """The static PNG frame ffmpeg animates: banner, optional reference image, prompt text, progress track."""
+    w, h = size
+    pal = _palette(prompt, seed)
+    img = _gradient(size, pal.top, pal.bottom)
+    banner = _draw_banner(img, "simulated video, not AI output")
+    pad = min(size) // 24
+    ref = _decode_reference(reference)
+    if ref is not None:
+        pic_box, text_box = _split((w, h - bar_h), banner, pad)
+        bw, bh = pic_box[2] - pic_box[0], pic_box[3] - pic_box[1]
+        fitted = ImageOps.contain(ref, (bw, bh))
+        ox = pic_box[0] + (bw - fitted.width) // 2
+        oy = pic_box[1] + (bh - fitted.height) // 2
+        ImageDraw.Draw(img).rectangle((ox - 2, oy - 2, ox + fitted.width + 1, oy + fitted.height + 1), fill=_BANNER_BG)
+        img.paste(fitted, (ox, oy), fitted)
+    else:
+        text_box = (pad, banner + pad, w - pad, h - bar_h - pad)
+    _draw_text_block(img, text_box, f"{caption}\n{prompt.strip() or '(no prompt)'}")
+    ImageDraw.Draw(img).rectangle((0, h - bar_h, w, h), fill=(25, 25, 25))
+    buf = io.BytesIO()
+    img.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _ffmpeg_args(
+    out: str, size: tuple[int, int], duration: float, fps: int, audio: bool, bar_h: int, bar_rgb: tuple[int, int, int]
+) -> list[str]:
+    w, h = size
+    colour = "0x{:02x}{:02x}{:02x}".format(*bar_rgb)
+    graph = (
+        f"[0:v]loop=loop=-1:size=1:start=0,setpts=N/({fps}*TB)[bg];"
+        f"color=c={colour}:s={w}x{bar_h}:r={fps}[bar];"
+        f"[bg][bar]overlay=x='main_w*t/{duration:.6f}-overlay_w':y={h - bar_h},format=yuv420p[v]"
+    )
+    maps = ["-map", "[v]"]
+    codecs = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", "-r", str(fps)]
+    if audio:
+        fade = min(0.2, duration / 4)
+        graph += (
+            ";sine=f=220:r=48000,volume=0.05,aformat=channel_layouts=stereo,"
+            f"afade=t=in:d={fade:.3f},afade=t=out:st={duration - fade:.3f}:d={fade:.3f}[a]"
+        )
+        maps += ["-map", "[a]"]
+        codecs += ["-c:a", "aac", "-b:a", "64k"]
+    return [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+        "-f", "png_pipe", "-framerate", str(fps), "-i", "pipe:0",
+        "-filter_complex", graph, *maps, "-t", f"{duration:.6f}", *codecs,
+        "-movflags", "+faststart", "-f", "mp4", out,
+    ]  # fmt: skip
+
+
+async def render_video(
+    dest: pathlib.Path,
+    *,
+    prompt: str,
+    duration: float,
+    aspect_ratio: str = "16:9",
+    reference_image: bytes | None = None,
+    generate_audio: bool = True,
+    seed: int | None = None,
+    fps: int = 24,
+) -> None:
+    """Atomically write a SANDBOX-labelled H.264/yuv420p MP4 of ``duration`` seconds to ``dest``.
+
+    The frame shows the reference image (if decodable), the wrapped prompt and a progress bar
+    that fills over the clip; ``generate_audio`` adds a quiet stereo AAC tone. Raises ValueError
+    for bad arguments and RenderError if the destination is unwritable or ffmpeg fails. On any
+    failure or cancellation ffmpeg is killed and the temporary file removed.
+    """
+    size = _size_for(aspect_ratio)
+    if not duration > 0 or duration > 3600:
+        raise ValueError(f"duration must be in (0, 3600] seconds, got {duration!r}")
+    if not 1 <= fps <= 120:
+        raise ValueError(f"fps must be in [1, 120], got {fps!r}")
+    dest = pathlib.Path(dest)
+    bar_h = max(4, size[1] // 45)
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as exc:
+        raise RenderError(f"cannot write to {dest.parent}: {exc}") from exc
+    os.close(fd)
+    tmp = pathlib.Path(tmp_name)
+    try:
+        caption = f"{duration:g}s · {aspect_ratio} · {'audio' if generate_audio else 'no audio'}"
+        if seed is not None:
+            caption += f" · seed {seed}"
+        frame = await asyncio.to_thread(_compose_video_frame, size, prompt, seed, reference_image, caption, bar_h)
+        args = _ffmpeg_args(str(tmp), size, duration, fps, generate_audio, bar_h, _palette(prompt, seed).accent)
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            _, stderr = await proc.communicate(frame)
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if proc.returncode != 0:
+            tail = stderr.decode(errors="replace").strip()[-_STDERR_TAIL:]
+            raise RenderError(f"ffmpeg exited with status {proc.returncode}: {tail or '(no output)'}")
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- probing
+
+_DURATION_RE = re.compile(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)")
+_VIDEO_RE = re.compile(r"Stream #\S+: Video: (?P<codec>\w+)[^,]*, (?P<pix>\w+)(?:\([^)]*\))?, (?P<w>\d+)x(?P<h>\d+)")
+_FPS_RE = re.compile(r"Stream #\S+: Video: .*?(\d+(?:\.\d+)?) (?:fps|tbr)")
+_AUDIO_RE = re.compile(r"Stream #\S+: Audio: (\w+)")
+
+
+def probe_media(path: pathlib.Path) -> dict:
+    """Describe a media file by parsing ``ffmpeg -i`` output (there is no ffprobe).
+
+    Returns ``{"duration", "video_codec", "width", "height", "pix_fmt", "fps", "audio_codec"}``;
+    video keys are None for audio-only files. Raises RenderError if ffmpeg cannot read the file.
+    """
+    proc = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path)],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    info = proc.stderr.decode(errors="replace")
+    dur = _DURATION_RE.search(info)
+    if dur is None:
+        raise RenderError(f"cannot probe {path}: {info.strip()[-_STDERR_TAIL:]}")
+    video, fps, audio = _VIDEO_RE.search(info), _FPS_RE.search(info), _AUDIO_RE.search(info)
+    return {
+        "duration": int(dur[1]) * 3600 + int(dur[2]) * 60 + float(dur[3]),
+        "video_codec": video["codec"] if video else None,
+        "width": int(video["w"]) if video else None,
+        "height": int(video["h"]) if video else None,
+        "pix_fmt": video["pix"] if video else None,
+        "fps": float(fps[1]) if fps else None,
+        "audio_codec": audio[1] if audio else None,
+    }

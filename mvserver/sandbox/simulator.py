@@ -1,0 +1,160 @@
+"""The provider simulator: an aiohttp app that speaks the parts of Gemini's, Vertex's and Replicate's HTTP APIs we use.
+
+It backs offline sandbox mode and the tests, which point the real SDK clients at it. Predictions and operations are
+stored as JSON records under ``state_dir`` and their status is derived from the time they were created, so they
+outlive a restart exactly like a remote service's would.
+
+Faults are injected per route with :meth:`Simulator.add_fault` (in process) or ``POST /_sim/faults`` (out of process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Literal
+
+from aiohttp import web
+
+from ..storage import write_bytes_atomic
+
+FaultKind = Literal["status", "reset", "hang", "truncate", "invalid_json", "fail_prediction"]
+SIMULATOR = web.AppKey("simulator", "Simulator")
+
+
+@dataclass
+class Fault:
+    """One injected failure for requests to ``route`` (a route name such as ``replicate.get``; ``*`` for all).
+
+    ``status``: answer ``status`` with ``body`` (and ``Retry-After`` when ``retry_after`` is set); ``reset``: drop
+    the connection; ``hang``: never answer; ``truncate``: send half a body and close; ``invalid_json``: a 200 that is
+    not JSON; ``fail_prediction``: the next prediction/operation created on ``route`` ends failed with ``error``.
+    """
+
+    route: str
+    kind: FaultKind = "status"
+    status: int = 500
+    body: Any = None
+    retry_after: float | None = None
+    error: Any = None
+    times: int = 1
+
+
+@dataclass
+class Simulator:
+    """State and knobs of one simulator instance."""
+
+    state_dir: Path
+    video_latency: float = 12.0
+    image_latency: float = 1.5
+    scenes_latency: float = 0.5
+    faults: list[Fault] = field(default_factory=list)
+    requests: list[tuple[str, str]] = field(default_factory=list)  # (route name, path) seen, for tests
+
+    def __post_init__(self) -> None:
+        for kind in ("predictions", "operations", "files"):
+            (self.state_dir / kind).mkdir(parents=True, exist_ok=True)
+
+    # -- faults ------------------------------------------------------------------------------------------------
+
+    def add_fault(self, route: str, kind: FaultKind = "status", **options: Any) -> Fault:
+        fault = Fault(route=route, kind=kind, **options)
+        self.faults.append(fault)
+        return fault
+
+    def take_fault(self, route: str, kinds: tuple[str, ...] | None = None) -> Fault | None:
+        """The first pending fault for ``route`` (optionally of the given kinds); it is used up."""
+        for fault in self.faults:
+            if fault.route in (route, "*") and (kinds is None or fault.kind in kinds):
+                fault.times -= 1
+                if fault.times <= 0:
+                    self.faults.remove(fault)
+                return fault
+        return None
+
+    # -- records -----------------------------------------------------------------------------------------------
+
+    def record_path(self, kind: str, record_id: str) -> Path:
+        if not record_id.replace("-", "").replace("_", "").isalnum():
+            raise web.HTTPNotFound()
+        return self.state_dir / kind / f"{record_id}.json"
+
+    def save(self, kind: str, record_id: str, record: dict[str, Any]) -> None:
+        write_bytes_atomic(self.record_path(kind, record_id), json.dumps(record).encode())
+
+    def load(self, kind: str, record_id: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.record_path(kind, record_id).read_text())
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def elapsed(record: dict[str, Any]) -> float:
+        return time.time() - record["created_at"]
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def fault_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Apply a pending transport-level fault for this route before the real handler runs."""
+    sim = request.app[SIMULATOR]
+    route = request.match_info.route.name or ""
+    sim.requests.append((route, request.path))
+    fault = sim.take_fault(route, ("status", "reset", "hang", "truncate", "invalid_json"))
+    if fault is None:
+        return await handler(request)
+    if fault.kind == "status":
+        headers = {"Retry-After": str(int(fault.retry_after))} if fault.retry_after is not None else None
+        body = fault.body if fault.body is not None else {"detail": f"simulated {fault.status}", "status": fault.status}
+        return web.json_response(body, status=fault.status, headers=headers)
+    if fault.kind == "reset":
+        request.transport.close()  # type: ignore[union-attr]
+        raise asyncio.CancelledError()
+    if fault.kind == "hang":
+        await asyncio.sleep(3600)
+    if fault.kind == "invalid_json":
+        return web.Response(text="{not json", content_type="application/json")
+    # truncate: promise a body, send half, close.
+    response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "2000"})
+    await response.prepare(request)
+    await response.write(b'{"truncated": "' + b"x" * 900)
+    request.transport.close()  # type: ignore[union-attr]
+    return response
+
+
+async def add_fault_endpoint(request: web.Request) -> web.Response:
+    """``POST /_sim/faults`` with a :class:`Fault` as JSON."""
+    fault = request.app[SIMULATOR].add_fault(**await request.json())
+    return web.json_response(asdict(fault))
+
+
+async def clear_faults_endpoint(request: web.Request) -> web.Response:
+    request.app[SIMULATOR].faults.clear()
+    return web.json_response({"faults": []})
+
+
+def create_simulator_app(sim: Simulator) -> web.Application:
+    """The simulator app: ``/gemini`` (Developer API), ``/vertex`` (Veo) and ``/replicate`` (Replicate API)."""
+    from . import gemini_api, replicate_api
+
+    app = web.Application(middlewares=[fault_middleware], client_max_size=64 * 1024 * 1024)
+    app[SIMULATOR] = sim
+    app.router.add_post("/_sim/faults", add_fault_endpoint, name="sim.faults")
+    app.router.add_delete("/_sim/faults", clear_faults_endpoint, name="sim.faults.clear")
+    gemini_api.add_routes(app.router)
+    replicate_api.add_routes(app.router)
+    return app
+
+
+async def start_simulator(sim: Simulator, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, str]:
+    """Serve the simulator on a loopback port; return the runner (to clean up) and its base URL."""
+    runner = web.AppRunner(create_simulator_app(sim), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://{host}:{bound}"

@@ -1,0 +1,108 @@
+"""``POST /api/mv/create_scenes``: idea + character -> N scene prompts written by Gemini as structured JSON."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from .backends import PROVIDERS
+from .config import CONFIG, TEMPLATES, Config
+from .debug import debug_print
+from .errors import ApiError
+from .schemas import REQUEST_MODELS, parse_body
+from .storage import STORE, check_id, new_id
+
+routes = web.RouteTableDef()
+
+
+class Scene(BaseModel):
+    description: str
+    negative_description: str
+
+
+class SceneList(BaseModel):
+    """The response schema Gemini is asked to fill."""
+
+    scenes: list[Scene]
+
+
+def _valid_reply(parsed: BaseModel | None, count: int) -> list[Scene] | None:
+    if not isinstance(parsed, SceneList) or len(parsed.scenes) != count:
+        return None
+    if any(not s.description.strip() for s in parsed.scenes):
+        return None
+    return parsed.scenes
+
+
+async def write_scenes(request: web.Request, params: dict[str, Any], defaulted: list[str]) -> dict[str, Any]:
+    """Render the prompt, ask Gemini (again once if the reply is malformed), save JSON and Markdown copies."""
+    config: Config = request.app[CONFIG]
+    settings = config.scenes
+    gemini = request.app[PROVIDERS].gemini
+    prompt = config.render("scenes.prompt", **params)
+    debug_print(config.debug, "create_scenes prompt sent to Gemini", prompt)
+    started = time.monotonic()
+    attempts = settings.malformed_reply_retries + 1
+    scenes: list[Scene] | None = None
+    for attempt in range(1, attempts + 1):
+        parsed, raw = await gemini.generate_json(settings.model, prompt, SceneList,
+                                                 temperature=settings.temperature, timeout=settings.timeout_seconds)
+        debug_print(config.debug, f"create_scenes raw reply from Gemini (attempt {attempt})", raw)
+        scenes = _valid_reply(parsed, params["number_of_scenes"])
+        if scenes is not None:
+            break
+    if scenes is None:
+        raise ApiError(502, "provider_malformed_output",
+                       f"Gemini did not return {params['number_of_scenes']} valid scenes as JSON after {attempts} attempts",
+                       provider="gemini")
+    elapsed = round(time.monotonic() - started, 3)
+    return await _save(request, params, defaulted, [s.model_dump() for s in scenes], elapsed, attempt)
+
+
+async def _save(request: web.Request, params: dict[str, Any], defaulted: list[str], scenes: list[dict[str, Any]],
+                elapsed: float, attempts: int) -> dict[str, Any]:
+    config: Config = request.app[CONFIG]
+    store = request.app[STORE]
+    sandbox = "gemini_scenes" in request.app[PROVIDERS].sandboxed
+    scenes_id = new_id()
+    metadata = {
+        "model": config.scenes.model,
+        "parameters": params,
+        "defaults_applied": defaulted,
+        "elapsed_seconds": elapsed,
+        "attempts": attempts,
+        "sandbox": sandbox,
+    }
+    json_path = store.path("scenes", scenes_id, ".json")
+    md_path = store.path("scenes", scenes_id, ".md")
+    await store.write_json(json_path, {"scenes_id": scenes_id, "scenes": scenes, "metadata": metadata})
+    markdown = request.app[TEMPLATES].get_template("scenes.md.j2").render(scenes_id=scenes_id, scenes=scenes, metadata=metadata)
+    await store.write_bytes(md_path, markdown.encode())
+    return {
+        "scenes_id": scenes_id,
+        "scenes": scenes,
+        "sandbox": sandbox,
+        "files": {"json": store.relative(json_path), "markdown": store.relative(md_path)},
+        "urls": {"json": f"/api/mv/get_scenes/{scenes_id}.json", "markdown": f"/api/mv/get_scenes/{scenes_id}.md"},
+        "metadata": metadata,
+    }
+
+
+@routes.post("/api/mv/create_scenes")
+async def create_scenes(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].scenes, config.debug)
+    return web.json_response(await write_scenes(request, body.model_dump(), defaulted))
+
+
+@routes.get(r"/api/mv/get_scenes/{scenes_id}.{ext:json|md}")
+async def get_scenes(request: web.Request) -> web.FileResponse:
+    scenes_id = check_id(request.match_info["scenes_id"], "scenes_id")
+    path = request.app[STORE].path("scenes", scenes_id, "." + request.match_info["ext"])
+    if not path.is_file():
+        raise ApiError(404, "not_found", f"no scenes with id {scenes_id}")
+    content_type = "application/json" if path.suffix == ".json" else "text/markdown"
+    return web.FileResponse(path, headers={"Content-Type": f"{content_type}; charset=utf-8"})
