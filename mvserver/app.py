@@ -8,13 +8,14 @@ from typing import AsyncIterator, Mapping
 import aiohttp
 from aiohttp import web
 
-from . import meta, scenes
+from . import demo, images, meta, scenes, videos
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
 from .config import CONFIG, TEMPLATES, Config, EnvSettings, load_config, package_templates
 from .debug import debug_print
 from .errors import error_middleware
+from .jobs import JOBS, JobManager
 from .sandbox.simulator import Simulator, start_simulator
 from .schemas import REQUEST_MODELS, RequestModels
 from .storage import STORE, OutputStore
@@ -86,6 +87,20 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
             await runner.cleanup()
 
 
+async def jobs_context(app: web.Application) -> AsyncIterator[None]:
+    """Start the job manager: reload persisted jobs and resume the unfinished ones; stop their tasks at exit."""
+    config = app[CONFIG]
+    manager = JobManager(app[STORE], app[PROVIDERS], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
+    app[JOBS] = manager
+    resumed = await manager.load()
+    if resumed:
+        log.info("resumed %d unfinished video job(s)", resumed)
+    try:
+        yield
+    finally:
+        await manager.close()
+
+
 def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Application:
     """Build the application; settings are loaded and validated here, once (ConfigError if they are wrong)."""
     if not isinstance(env, EnvSettings):
@@ -99,6 +114,10 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app[REQUEST_MODELS] = RequestModels.build(config)
     app[STORE].remove_stale_temporaries()
     app.cleanup_ctx.append(providers_context)
+    app.cleanup_ctx.append(jobs_context)
     app.add_routes(meta.routes)
     app.add_routes(scenes.routes)
+    app.add_routes(images.routes)
+    app.add_routes(videos.routes)
+    app.add_routes(demo.routes)
     return app

@@ -141,6 +141,8 @@ class JobsSettings(_Strict):
     retry_attempts: int = Field(ge=0, le=20)
     retry_initial_delay_seconds: PositiveFloat
     retry_max_delay_seconds: PositiveFloat
+    sse_ping_interval_seconds: PositiveFloat
+    sse_retry_ms: int = Field(ge=0)
 
 
 class VideosSettings(_Strict):

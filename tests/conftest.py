@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -26,8 +29,30 @@ async def sim_server(sim: Simulator, aiohttp_server: Callable[..., Awaitable[Tes
     return await aiohttp_server(create_simulator_app(sim))
 
 
+FAST_JOBS = {
+    "poll_interval_seconds": 0.05,
+    "retry_initial_delay_seconds": 0.05,
+    "retry_max_delay_seconds": 0.2,
+    "sse_ping_interval_seconds": 0.2,
+}
+
+
 @pytest.fixture
-def live_env(sim_server: TestServer, tmp_path: Path) -> dict[str, str]:
+def settings_dir(tmp_path: Path) -> Path:
+    """A copy of the project's settings with fast polling, for tests that run video jobs."""
+    target = tmp_path / "settings"
+    shutil.copytree(PROJECT / "settings", target)
+    videos = yaml.safe_load((target / "videos.yaml").read_text())
+    videos["jobs"].update(FAST_JOBS)
+    (target / "videos.yaml").write_text(yaml.safe_dump(videos, sort_keys=False))
+    images = yaml.safe_load((target / "images.yaml").read_text())
+    images["poll_interval_seconds"] = 0.05
+    (target / "images.yaml").write_text(yaml.safe_dump(images, sort_keys=False))
+    return target
+
+
+@pytest.fixture
+def live_env(sim_server: TestServer, tmp_path: Path, settings_dir: Path) -> dict[str, str]:
     """Environment of an app with every provider 'configured', all pointed at the simulator."""
     base = str(sim_server.make_url("")).rstrip("/")
     return {
@@ -38,7 +63,7 @@ def live_env(sim_server: TestServer, tmp_path: Path) -> dict[str, str]:
         "MV_VERTEX_BASE_URL": f"{base}/vertex",
         "MV_REPLICATE_BASE_URL": f"{base}/replicate",
         "MV_OUTPUT_DIR": str(tmp_path / "outputs"),
-        "MV_SETTINGS_DIR": str(PROJECT / "settings"),
+        "MV_SETTINGS_DIR": str(settings_dir),
     }
 
 
@@ -64,3 +89,25 @@ def make_client(live_env: dict[str, str], aiohttp_client: Callable[..., Awaitabl
 @pytest.fixture
 async def client(make_client: AppClient) -> TestClient:
     return await make_client()
+
+
+async def read_sse(response: Any) -> AsyncIterator[dict[str, Any]]:
+    """Parse a text/event-stream body into ``{"id", "event", "data", "retry"}`` dicts (data JSON-decoded)."""
+    event: dict[str, Any] = {}
+    data: list[str] = []
+    async for raw in response.content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if data:
+                event["data"] = json.loads("\n".join(data))
+                yield event
+            event, data = {}, []
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "data":
+                data.append(value)
+            else:
+                event[name] = value

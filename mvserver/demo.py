@@ -1,0 +1,7 @@
+"""The demo page at ``/``."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+routes = web.RouteTableDef()

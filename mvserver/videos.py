@@ -1,0 +1,145 @@
+"""``POST /api/mv/generate_video``, the job endpoints (JSON, SSE, cancel) and ``GET /api/mv/get_video/{video_id}``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+from aiohttp import web
+from PIL import Image, UnidentifiedImageError
+
+from .backends import PROVIDERS, VideoRequest
+from .config import CONFIG, Config
+from .debug import debug_print
+from .errors import ApiError
+from .jobs import JOBS, Job, job_urls, stream_events
+from .schemas import REQUEST_MODELS, parse_body
+from .storage import STORE, check_id
+
+routes = web.RouteTableDef()
+
+IMAGE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+_client_templates = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+
+
+def sniff_image(data: bytes, field: str) -> str:
+    """The MIME type of a PNG, JPEG or WebP image; 400 naming ``field`` for anything else (runs in a thread)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind = image.format
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        kind = None
+    if kind not in IMAGE_TYPES:
+        raise ApiError(400, "invalid_field", f"{field}: not a PNG, JPEG or WebP image", field=field)
+    return IMAGE_TYPES[kind]
+
+
+def decode_base64_image(text: str, max_bytes: int) -> bytes:
+    """Decode plain base64 or a ``data:image/...;base64,`` URI."""
+    field = "reference_image_base64"
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise ApiError(400, "invalid_field", f"{field}: a data: URI must be base64-encoded", field=field)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "invalid_field", f"{field}: not valid base64", field=field) from None
+    if not data or len(data) > max_bytes:
+        raise ApiError(400, "invalid_field", f"{field}: the image must be 1 to {max_bytes} bytes", field=field)
+    return data
+
+
+async def reference_image(request: web.Request, body: Any) -> tuple[bytes | None, str | None]:
+    """The reference image sent inline or by ``image_id``, validated; (None, None) when there is none."""
+    if body.reference_image_base64 and body.reference_image_id:
+        raise ApiError(400, "invalid_field", "send reference_image_base64 or reference_image_id, not both",
+                       field="reference_image_base64")
+    if body.reference_image_id:
+        from .images import load_image
+
+        return await load_image(request.app, body.reference_image_id)
+    if not body.reference_image_base64:
+        return None, None
+    limit = request.app[CONFIG].videos.limits.reference_image_max_bytes
+    data = decode_base64_image(body.reference_image_base64, limit)
+    return data, await asyncio.to_thread(sniff_image, data, "reference_image_base64")
+
+
+def full_prompt(config: Config, body: Any) -> str:
+    """The scene prompt with the video rules appended (the client's own rules template, or the configured one)."""
+    variables = {"prompt": body.prompt, "aspect_ratio": body.aspect_ratio, "duration": body.duration}
+    if body.video_rules_template is None:
+        rules = config.render("videos.video_rules_template", **variables)
+    else:
+        try:
+            rules = _client_templates.from_string(body.video_rules_template).render(**variables).strip()
+        except jinja2.TemplateError as exc:
+            raise ApiError(400, "invalid_field", f"video_rules_template: {exc}", field="video_rules_template") from None
+    return f"{body.prompt}\n\n{rules}" if rules else body.prompt
+
+
+@routes.post("/api/mv/generate_video")
+async def generate_video(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, config.debug)
+    request.app[PROVIDERS].video_backend(body.backend)
+    image, mime_type = await reference_image(request, body)
+    prompt = full_prompt(config, body)
+    debug_print(config.debug, f"generate_video prompt sent to {body.backend}", prompt)
+    video_request = VideoRequest(prompt=prompt, negative_prompt=body.negative_prompt, aspect_ratio=body.aspect_ratio,
+                                 duration=body.duration, generate_audio=body.generate_audio, seed=body.seed,
+                                 reference_image=image, reference_mime_type=mime_type)
+    summary = body.model_dump(exclude={"reference_image_base64"})
+    summary.update(full_prompt=prompt, defaults_applied=defaulted, has_reference_image=image is not None)
+    job = await request.app[JOBS].submit(body.backend, video_request, summary)
+    payload = {"job_id": job.id, "status": job.status, "backend": job.backend, "sandbox": job.sandbox, **job_urls(job.id)}
+    return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
+
+
+def _job(request: web.Request) -> Job:
+    job_id = check_id(request.match_info["job_id"], "job_id")
+    job = request.app[JOBS].get(job_id)
+    if job is None:
+        raise ApiError(404, "not_found", f"no job with id {job_id}")
+    return job
+
+
+@routes.get("/api/mv/jobs/{job_id}")
+async def job_status(request: web.Request) -> web.Response:
+    return web.json_response(_job(request).public())
+
+
+@routes.delete("/api/mv/jobs/{job_id}")
+@routes.post("/api/mv/jobs/{job_id}/cancel")
+async def cancel_job(request: web.Request) -> web.Response:
+    job = await request.app[JOBS].cancel(_job(request).id)
+    return web.json_response(job.public())
+
+
+@routes.get("/api/mv/jobs/{job_id}/events")
+async def job_events(request: web.Request) -> web.StreamResponse:
+    jobs = request.app[JOBS]
+    settings = request.app[CONFIG].videos.jobs
+    return await stream_events(request, jobs, _job(request), ping_interval=settings.sse_ping_interval_seconds,
+                               retry_ms=settings.sse_retry_ms)
+
+
+@routes.get("/api/mv/get_video/{video_id}")
+async def get_video(request: web.Request) -> web.StreamResponse:
+    video_id = check_id(request.match_info["video_id"], "video_id")
+    path = request.app[STORE].path("videos", video_id, ".mp4")
+    job = request.app[JOBS].get(video_id)
+    if job is not None and job.status != "succeeded":
+        code = {"failed": "job_failed", "canceled": "job_canceled"}.get(job.status, "video_not_ready")
+        raise ApiError(409, code, f"job {video_id} is {job.status}" + (f" ({job.stage})" if not job.final else ""),
+                       provider_error=job.error)
+    if not await asyncio.to_thread(path.is_file):
+        raise ApiError(404, "not_found", f"no video with id {video_id}")
+    return web.FileResponse(path, headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
