@@ -7,6 +7,7 @@ import io
 import os
 import pathlib
 import subprocess
+import time
 
 import imageio_ffmpeg
 import pytest
@@ -72,9 +73,20 @@ def test_character_image_has_sandbox_banner() -> None:
 
 
 def test_character_image_handles_odd_text() -> None:
-    for text in ("", "x" * 5000, "\n\n", "Ünïcødé — 日本語 🎻 " * 20):
+    texts = ("", "x" * 50_000, "\n" * 5000, "word " * 20_000, "Ünïcødé — 日本語 🎻 " * 20)
+    start = time.perf_counter()
+    for text in texts:
         with Image.open(io.BytesIO(render_character_image(text))) as im:
             assert im.size == (960, 960)
+    assert time.perf_counter() - start < 5  # pathological text must not stall the renderer
+
+
+def test_wrap_fits_width_and_line_budget() -> None:
+    font = render._font(20)
+    lines = render._wrap("supercalifragilistic " * 3 + "y" * 300 + " tail", font, 150, 6)
+    assert len(lines) == 6 and lines[-1].endswith("…")
+    assert all(font.getlength(line) <= 150 for line in lines)
+    assert render._wrap("short text", font, 150, 6) == ["short text"]
 
 
 def test_character_image_rejects_bad_arguments() -> None:
@@ -134,7 +146,12 @@ async def test_reference_image_changes_output(tmp_path: pathlib.Path) -> None:
     await render_video(bad_ref, reference_image=b"definitely not an image", **kwargs)
 
     def reddish(im: Image.Image) -> int:
-        return sum(1 for r, g, b in im.getdata() if r > 180 and g < 80 and b < 80)
+        r, g, b = im.split()
+        mask = ImageChops.multiply(
+            ImageChops.multiply(r.point(lambda v: 255 * (v > 180)), g.point(lambda v: 255 * (v < 80))),
+            b.point(lambda v: 255 * (v < 80)),
+        )
+        return mask.histogram()[255]
 
     f_plain, f_ref, f_bad = _frame(plain), _frame(with_ref), _frame(bad_ref)
     assert reddish(f_ref) > 10_000 > reddish(f_plain)

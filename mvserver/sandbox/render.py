@@ -14,8 +14,8 @@ import io
 import os
 import pathlib
 import re
+import secrets
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -36,6 +36,7 @@ _IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 _BANNER_BG = (255, 204, 0)
 _BANNER_FG = (20, 20, 20)
 _STDERR_TAIL = 2000
+_MAX_TEXT = 4000  # characters considered for on-frame text
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
@@ -88,28 +89,40 @@ def _text_width(font: Font, text: str) -> float:
     return font.getlength(text)
 
 
+def _fit(font: Font, text: str, max_width: int) -> int:
+    """Length (>= 1) of the longest prefix of ``text`` that fits ``max_width`` (binary search)."""
+    lo, hi = 1, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _text_width(font, text[:mid]) <= max_width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _wrap(text: str, font: Font, max_width: int, max_lines: int) -> list[str]:
     """Greedy pixel-width word wrap; over-long words are split, overflow ends with an ellipsis."""
     lines: list[str] = []
-    for paragraph in text.splitlines() or [""]:
+    for paragraph in text[:_MAX_TEXT].splitlines() or [""]:
         line = ""
         for word in paragraph.split():
-            while _text_width(font, word) > max_width and len(word) > 1:
-                cut = len(word) - 1
-                while cut > 1 and _text_width(font, word[:cut]) > max_width:
-                    cut -= 1
-                if line:
-                    lines.append(line)
-                    line = ""
-                lines.append(word[:cut])
-                word = word[cut:]
             candidate = f"{line} {word}" if line else word
             if _text_width(font, candidate) <= max_width:
                 line = candidate
-            else:
+                continue
+            if line:
                 lines.append(line)
-                line = word
+            while len(lines) <= max_lines and len(word) > 1 and _text_width(font, word) > max_width:
+                cut = _fit(font, word, max_width)
+                lines.append(word[:cut])
+                word = word[cut:]
+            line = word
+            if len(lines) > max_lines:
+                break
         lines.append(line)
+        if len(lines) > max_lines:
+            break
     if len(lines) > max_lines:
         last = lines[max_lines - 1]
         while last and _text_width(font, last + "…") > max_width:
@@ -240,12 +253,13 @@ def render_character_image(
 # --------------------------------------------------------------------------- video
 
 
-def _decode_reference(data: bytes | None) -> Image.Image | None:
+def _decode_reference(data: bytes | None, max_size: tuple[int, int]) -> Image.Image | None:
     """Open any Pillow-readable image; undecodable bytes yield None."""
     if not data:
         return None
     try:
         with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", max_size)  # cheap downscale while decoding large JPEGs
             im = ImageOps.exif_transpose(im)
             return im.convert("RGBA")
     except Exception:  # noqa: BLE001 - any decode failure means "draw without it"
@@ -261,7 +275,7 @@ def _compose_video_frame(
     img = _gradient(size, pal.top, pal.bottom)
     banner = _draw_banner(img, "simulated video, not AI output")
     pad = min(size) // 24
-    ref = _decode_reference(reference)
+    ref = _decode_reference(reference, size)
     if ref is not None:
         pic_box, text_box = _split((w, h - bar_h), banner, pad)
         bw, bh = pic_box[2] - pic_box[0], pic_box[3] - pic_box[1]
@@ -332,12 +346,11 @@ async def render_video(
         raise ValueError(f"fps must be in [1, 120], got {fps!r}")
     dest = pathlib.Path(dest)
     bar_h = max(4, size[1] // 45)
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    try:  # reserve a unique temp name next to dest (normal umask-based permissions, unlike mkstemp)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     except OSError as exc:
         raise RenderError(f"cannot write to {dest.parent}: {exc}") from exc
-    os.close(fd)
-    tmp = pathlib.Path(tmp_name)
     try:
         caption = f"{duration:g}s · {aspect_ratio} · {'audio' if generate_audio else 'no audio'}"
         if seed is not None:
