@@ -111,7 +111,8 @@ def from_exception(exc: BaseException, provider: str) -> ApiError:
     if isinstance(exc, replicate.exceptions.ReplicateError):
         detail = {k: v for k, v in {"title": exc.title, "detail": exc.detail, "type": exc.type}.items() if v}
         message = exc.detail or exc.title or "error"
-        return provider_http_error(provider, exc.status or 502, message, detail or None)
+        return provider_http_error(provider, exc.status or 502, message, detail or None,
+                                   _retry_after(getattr(exc, "response", None)))
     if isinstance(exc, replicate.exceptions.ModelError):
         prediction = exc.prediction
         return prediction_failed(provider, prediction.status, prediction.error)

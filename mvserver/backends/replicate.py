@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import replicate
+from replicate.exceptions import ReplicateError
 from replicate.prediction import Prediction
 
 from ..errors import ApiError, from_exception, prediction_failed
@@ -25,9 +27,18 @@ DOWNLOAD_CHUNK = 1 << 16
 _EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
 
+async def _raise_with_response(response: httpx.Response) -> None:
+    """Raise Replicate's own error early so it keeps the response (its ``Retry-After`` header)."""
+    if response.status_code >= 400:
+        await response.aread()
+        error = ReplicateError.from_response(response)
+        error.response = response  # type: ignore[attr-defined]
+        raise error
+
+
 def make_client(token: str, base_url: str | None) -> replicate.Client:
     """The official client; ``base_url`` points it at the simulator in sandbox mode and tests."""
-    return replicate.Client(api_token=token, base_url=base_url)
+    return replicate.Client(api_token=token, base_url=base_url, event_hooks={"response": [_raise_with_response]})
 
 
 def _output_url(output: Any) -> str | None:

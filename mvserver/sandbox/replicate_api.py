@@ -1,9 +1,529 @@
-"""Simulated Replicate HTTP API (filled in by the Replicate simulator work)."""
+"""Simulated Replicate HTTP API: the subset the official ``replicate`` client uses, mounted under ``/replicate``.
+
+Predictions of ``google/imagen-4`` (an image) and ``google/veo-3.1`` (an MP4) are stored as JSON records; their
+status is derived from the time since creation (``starting``, ``processing`` with tqdm-style progress logs, then the
+end). The output is rendered once, when a prediction is first seen at its end, and served from ``/replicate/files``.
+Errors use Replicate's problem JSON: ``{"title", "detail", "status"}`` (plus ``invalid_fields`` for a 422).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import mimetypes
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Literal
+
 from aiohttp import web
+from yarl import URL
+
+from ..storage import write_bytes_atomic
+from .render import render_character_image, render_video
+from .simulator import SIMULATOR, Simulator
+
+log = logging.getLogger("mvserver.sandbox")
+
+PREFIX = "/replicate"
+FAIL_MARKER = "[sandbox:fail]"
+FLAGGED_ERROR = "The input or output was flagged as sensitive. Please try again with different inputs. (E005)"
+STARTING_SHARE = 0.1  # the first tenth of a prediction's latency is spent "starting"
+PROGRESS_STEPS = 100
+MAX_WAIT_SECONDS = 60
+FILE_LIFETIME = timedelta(hours=24)
+TERMINAL = ("succeeded", "failed", "canceled")
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+_SAFE_ID = re.compile(r"^[a-z2-7]{26}$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_OUTPUT_FORMATS = {"png": "png", "jpg": "jpg", "webp": "webp"}
+
+
+# -- Replicate's problem JSON --------------------------------------------------------------------------------------
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> web.Response:
+    """An RFC 7807 error body as Replicate sends it."""
+    return web.json_response({"title": title, "detail": detail, "status": status, **extra}, status=status)
+
+
+def _unauthenticated() -> web.Response:
+    return problem(401, "Unauthenticated", "You did not pass a valid authentication token")
+
+
+def _not_found(what: str) -> web.Response:
+    return problem(404, "Not found", f"The requested {what} could not be found.")
+
+
+def _authorized(request: web.Request) -> bool:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return scheme == "Bearer" and bool(token.strip())
+
+
+# -- model input schemas -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputField:
+    """One input property: JSON type, and optionally allowed values, bounds or a maximum item count."""
+
+    type: Literal["string", "integer", "boolean", "array"]
+    required: bool = False
+    choices: tuple[Any, ...] | None = None
+    minimum: int | None = None
+    maximum: int | None = None
+    max_items: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A simulated official model: what it produces and the inputs it reads (others are ignored, as on Replicate)."""
+
+    kind: Literal["image", "video"]
+    fields: dict[str, InputField]
+
+
+MODELS: dict[str, ModelSpec] = {
+    "google/imagen-4": ModelSpec("image", {
+        "prompt": InputField("string", required=True),
+        "aspect_ratio": InputField("string", choices=("1:1", "9:16", "16:9", "3:4", "4:3")),
+        "safety_filter_level": InputField("string", choices=("block_low_and_above", "block_medium_and_above",
+                                                        "block_only_high")),
+        "output_format": InputField("string", choices=tuple(_OUTPUT_FORMATS)),
+        "negative_prompt": InputField("string"),
+        "seed": InputField("integer"),
+    }),
+    "google/veo-3.1": ModelSpec("video", {
+        "prompt": InputField("string", required=True),
+        "aspect_ratio": InputField("string", choices=("16:9", "9:16", "1:1")),
+        # The real model takes 4, 6 or 8 seconds; the simulator also takes shorter clips so tests stay fast.
+        "duration": InputField("integer", minimum=1, maximum=8),
+        "resolution": InputField("string", choices=("720p", "1080p")),
+        "generate_audio": InputField("boolean"),
+        "negative_prompt": InputField("string"),
+        "seed": InputField("integer"),
+        "image": InputField("string"),
+        "last_frame": InputField("string"),
+        "reference_images": InputField("array", max_items=3),
+    }),
+}
+
+_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "array": lambda v: isinstance(v, list),
+}
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return {str: "string", int: "integer", float: "number", list: "array", dict: "object"}.get(type(value), "unknown")
+
+
+def invalid_fields(spec: ModelSpec, inputs: dict[str, Any]) -> list[dict[str, str]]:
+    """Check ``inputs`` against the model's schema; one entry per problem, worded like Replicate's validator."""
+    problems = []
+    for name, field in spec.fields.items():
+        key = f"input.{name}"
+        if name not in inputs:
+            if field.required:
+                problems.append({"type": "required", "field": "input", "description": f"{name} is required"})
+            continue
+        value = inputs[name]
+        if not _JSON_TYPES[field.type](value):
+            problems.append({"type": "invalid_type", "field": key,
+                             "description": f"Invalid type. Expected: {field.type}, given: {_type_name(value)}"})
+        elif field.choices is not None and value not in field.choices:
+            allowed = ", ".join(json.dumps(choice) for choice in field.choices)
+            problems.append({"type": "enum", "field": key, "description": f"{key} must be one of the following: {allowed}"})
+        elif field.minimum is not None and value < field.minimum:
+            problems.append({"type": "number_gte", "field": key,
+                             "description": f"Must be greater than or equal to {field.minimum}"})
+        elif field.maximum is not None and value > field.maximum:
+            problems.append({"type": "number_lte", "field": key,
+                             "description": f"Must be less than or equal to {field.maximum}"})
+        elif field.max_items is not None and len(value) > field.max_items:
+            problems.append({"type": "array_max_items", "field": key,
+                             "description": f"Array must have at most {field.max_items} items"})
+        elif field.type == "array":
+            problems += [{"type": "invalid_type", "field": f"{key}.{index}",
+                          "description": f"Invalid type. Expected: string, given: {_type_name(item)}"}
+                         for index, item in enumerate(value) if not isinstance(item, str)]
+    return problems
+
+
+def _validation_failed(problems: list[dict[str, str]]) -> web.Response:
+    detail = "".join(f"- {p['field']}: {p['description']}\n" for p in problems)
+    return problem(422, "Input validation failed", detail, invalid_fields=problems)
+
+
+# -- prediction records and their JSON -----------------------------------------------------------------------------
+
+
+def new_replicate_id() -> str:
+    """A random id in Replicate's style (26 lower-case base32 characters)."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(26))
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def phase(record: dict[str, Any], now: float | None = None) -> str:
+    """``starting``, ``processing``, ``ended`` (due to finish, maybe not rendered yet) or a persisted final status."""
+    if record["status"] in TERMINAL:
+        return record["status"]
+    elapsed = (time.time() if now is None else now) - record["created_at"]
+    if elapsed >= record["latency"]:
+        return "ended"
+    return "starting" if elapsed < record["latency"] * STARTING_SHARE else "processing"
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(max(seconds, 0)), 60)
+    return f"{minutes:02d}:{secs:02d}"
+
+
+def tqdm_line(done: int, total: int, elapsed: float, rate: float) -> str:
+    """One progress line as tqdm prints it, e.g. ``  45%|████▌     | 45/100 [00:04<00:05, 10.0it/s]``."""
+    width, eighths = 10, " ▏▎▍▌▋▊▉"
+    filled = done / total * width
+    full = int(filled)
+    bar = "█" * full
+    if full < width:
+        bar += eighths[int((filled - full) * 8)]
+    remaining = (total - done) / rate if rate > 0 else 0.0
+    return f"{round(done * 100 / total):3d}%|{bar.ljust(width)}| {done}/{total} [{_clock(elapsed)}<{_clock(remaining)}, {rate:.1f}it/s]"
+
+
+def progress_logs(record: dict[str, Any], until: float) -> str:
+    """tqdm lines every 10 % up to the fraction of the processing phase reached at ``until``."""
+    latency = record["latency"]
+    started = record["created_at"] + latency * STARTING_SHARE
+    span = max(latency * (1 - STARTING_SHARE), 1e-6)
+    if until < started:
+        return ""
+    fraction = min((until - started) / span, 1.0)
+    rate = PROGRESS_STEPS / span
+    reached = max(1, int(fraction * PROGRESS_STEPS))
+    marks = sorted({*range(PROGRESS_STEPS // 10, reached + 1, PROGRESS_STEPS // 10), reached})
+    lines = [tqdm_line(step, PROGRESS_STEPS, step / rate, rate) for step in marks]
+    return "\n".join(lines) + "\n"
+
+
+def prediction_json(record: dict[str, Any], base: str) -> dict[str, Any]:
+    """The prediction as the API returns it, at this moment."""
+    status = phase(record)
+    if status == "ended":  # only when the render could not be recorded (e.g. the poll was cancelled)
+        status = "processing"
+    latency, created = record["latency"], record["created_at"]
+    started = created + latency * STARTING_SHARE
+    completed = record.get("completed_at")
+    until = completed if status in TERMINAL else time.time()
+    logs = progress_logs(record, until)
+    prediction_id = record["id"]
+    data: dict[str, Any] = {
+        "id": prediction_id,
+        "model": record["model"],
+        "version": record["version"],
+        "input": record["input"],
+        "logs": logs,
+        "output": None,
+        "error": None,
+        "status": status,
+        "source": "api",
+        "data_removed": False,
+        "created_at": iso(created),
+        "started_at": iso(started) if until >= started else None,
+        "completed_at": iso(completed) if status in TERMINAL else None,
+        "urls": {"get": f"{base}/v1/predictions/{prediction_id}", "cancel": f"{base}/v1/predictions/{prediction_id}/cancel"},
+    }
+    if status == "succeeded":
+        data["output"] = f"{base}/files/{prediction_id}/{record['output']}"
+        data["logs"] += f"Generated output in {latency * (1 - STARTING_SHARE):.1f}s\n"
+        data["metrics"] = {"predict_time": round(latency * (1 - STARTING_SHARE), 3), "total_time": round(latency, 3)}
+    elif status == "failed":
+        data["error"] = record["failure"]
+        data["metrics"] = {"predict_time": round(latency * (1 - STARTING_SHARE), 3), "total_time": round(latency, 3)}
+    return data
+
+
+def _base_url(request: web.Request) -> str:
+    return f"{request.url.origin()}{PREFIX}"
+
+
+def _wait_seconds(request: web.Request) -> float | None:
+    """``Prefer: wait`` (60 s) or ``Prefer: wait=N`` asks to hold the create response until the prediction ends."""
+    match = re.search(r"(?:^|[,\s])wait(?:=(\d+))?(?:$|[,;\s])", request.headers.get("Prefer", ""))
+    if not match:
+        return None
+    return min(float(match.group(1) or MAX_WAIT_SECONDS), MAX_WAIT_SECONDS)
+
+
+# -- files -----------------------------------------------------------------------------------------------------------
+
+
+def _safe_name(filename: str | None) -> str:
+    name = Path(filename or "").name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip("._-")[:128]
+    return name or "file"
+
+
+def _checksums(data: bytes) -> dict[str, str]:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data).hexdigest()}
+
+
+class InputFileError(Exception):
+    """A reference image input the simulated model cannot read."""
+
+
+def _data_uri_bytes(uri: str) -> bytes:
+    header, _, payload = uri.partition(",")
+    if not header.endswith(";base64"):
+        raise InputFileError("only base64 data URIs are supported")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as exc:
+        raise InputFileError(f"invalid base64 data URI: {exc}") from None
+
+
+# -- the API ---------------------------------------------------------------------------------------------------------
+
+
+class ReplicateApi:
+    """Route handlers; one instance per simulator app, holding a render lock per prediction."""
+
+    def __init__(self) -> None:
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    # records
+
+    @staticmethod
+    async def _load(sim: Simulator, prediction_id: str) -> dict[str, Any] | None:
+        if not _SAFE_ID.fullmatch(prediction_id):
+            return None
+        return await asyncio.to_thread(sim.load, "predictions", prediction_id)
+
+    @staticmethod
+    async def _save(sim: Simulator, record: dict[str, Any]) -> None:
+        await asyncio.to_thread(sim.save, "predictions", record["id"], record)
+
+    def _lock(self, prediction_id: str) -> asyncio.Lock:
+        return self.locks.setdefault(prediction_id, asyncio.Lock())
+
+    async def _current(self, sim: Simulator, record: dict[str, Any]) -> dict[str, Any]:
+        """The record, brought to its final state (rendered, or failed) when its end has come."""
+        if phase(record) != "ended":
+            return record
+        async with self._lock(record["id"]):
+            record = await self._load(sim, record["id"]) or record
+            if phase(record) == "ended":
+                await self._finish(sim, record)
+        self.locks.pop(record["id"], None)
+        return record
+
+    async def _finish(self, sim: Simulator, record: dict[str, Any]) -> None:
+        if record.get("failure") is None:
+            try:
+                record["output"] = await self._render(sim, record)
+            except InputFileError as exc:
+                record["failure"] = str(exc)
+            except Exception as exc:  # the model "crashed": the prediction fails with the reason
+                log.exception("simulated prediction %s failed to render", record["id"])
+                record["failure"] = f"Prediction failed: {exc}"
+        record["status"] = "failed" if record.get("failure") is not None else "succeeded"
+        record["completed_at"] = record["created_at"] + record["latency"]
+        await self._save(sim, record)
+
+    async def _render(self, sim: Simulator, record: dict[str, Any]) -> str:
+        """Render the output file once; return its name."""
+        inputs = record["input"]
+        folder = sim.state_dir / "files" / record["id"]
+        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        if MODELS[record["model"]].kind == "image":
+            fmt = _OUTPUT_FORMATS[inputs.get("output_format", "jpg")]
+            data = await asyncio.to_thread(
+                render_character_image, inputs["prompt"], aspect_ratio=inputs.get("aspect_ratio", "1:1"),
+                output_format=fmt, seed=inputs.get("seed"), negative_prompt=inputs.get("negative_prompt"))
+            name = f"output.{fmt}"
+            await asyncio.to_thread(write_bytes_atomic, folder / name, data)
+            return name
+        references = inputs.get("reference_images") or ([inputs["image"]] if inputs.get("image") else [])
+        reference = await self._reference(sim, references[0]) if references else None
+        name = "output.mp4"
+        await render_video(folder / name, prompt=inputs["prompt"], duration=inputs.get("duration", 8),
+                           aspect_ratio=inputs.get("aspect_ratio", "16:9"), reference_image=reference,
+                           generate_audio=inputs.get("generate_audio", True), seed=inputs.get("seed"))
+        return name
+
+    @staticmethod
+    async def _reference(sim: Simulator, value: Any) -> bytes:
+        """A reference image input: one of our file URLs (any host, so it survives a port change) or a data URI."""
+        if not isinstance(value, str):
+            raise InputFileError("reference_images must contain URLs")
+        if value.startswith("data:"):
+            return _data_uri_bytes(value)
+        parts = URL(value).path.split("/")
+        if len(parts) == 5 and parts[1:3] == ["replicate", "files"] and _SAFE_ID.fullmatch(parts[3]) \
+                and _SAFE_NAME.fullmatch(parts[4]):
+            try:
+                return await asyncio.to_thread((sim.state_dir / "files" / parts[3] / parts[4]).read_bytes)
+            except FileNotFoundError:
+                pass
+        raise InputFileError(f"could not download file from {value}")
+
+    # handlers
+
+    async def create_prediction(self, request: web.Request) -> web.Response:
+        """``POST /replicate/v1/models/{owner}/{name}/predictions``."""
+        sim = request.app[SIMULATOR]
+        if not _authorized(request):
+            return _unauthenticated()
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return problem(400, "Invalid request body", "The request body is not valid JSON.")
+        model = f"{request.match_info['owner']}/{request.match_info['name']}"
+        spec = MODELS.get(model)
+        if spec is None:
+            return _not_found(f"model {model}")
+        inputs = body.get("input") if isinstance(body, dict) else None
+        if not isinstance(inputs, dict):
+            return _validation_failed([{"type": "required", "field": "(root)", "description": "input is required"}])
+        problems = invalid_fields(spec, inputs)
+        if problems:
+            return _validation_failed(problems)
+        record = self._new_record(sim, model, spec, inputs)
+        await self._save(sim, record)
+        wait = _wait_seconds(request)
+        if wait:
+            await asyncio.sleep(max(0.0, min(wait, record["created_at"] + record["latency"] - time.time())))
+            record = await self._current(sim, record)
+        return web.json_response(prediction_json(record, _base_url(request)), status=201)
+
+    @staticmethod
+    def _new_record(sim: Simulator, model: str, spec: ModelSpec, inputs: dict[str, Any]) -> dict[str, Any]:
+        fault = sim.take_fault("replicate.create", ("fail_prediction",))
+        failure = None
+        if fault is not None:
+            failure = fault.error if fault.error is not None else FLAGGED_ERROR
+        elif FAIL_MARKER in inputs["prompt"]:
+            failure = FLAGGED_ERROR
+        return {
+            "id": new_replicate_id(),
+            "model": model,
+            "version": hashlib.sha256(model.encode()).hexdigest(),
+            "input": inputs,
+            "status": "starting",
+            "created_at": time.time(),
+            "latency": sim.image_latency if spec.kind == "image" else sim.video_latency,
+            "failure": failure,
+            "output": None,
+            "completed_at": None,
+        }
+
+    async def get_prediction(self, request: web.Request) -> web.Response:
+        """``GET /replicate/v1/predictions/{prediction_id}``."""
+        sim = request.app[SIMULATOR]
+        if not _authorized(request):
+            return _unauthenticated()
+        record = await self._load(sim, request.match_info["prediction_id"])
+        if record is None:
+            return _not_found("prediction")
+        record = await self._current(sim, record)
+        return web.json_response(prediction_json(record, _base_url(request)))
+
+    async def cancel_prediction(self, request: web.Request) -> web.Response:
+        """``POST /replicate/v1/predictions/{prediction_id}/cancel``: stop it unless it has already ended."""
+        sim = request.app[SIMULATOR]
+        if not _authorized(request):
+            return _unauthenticated()
+        record = await self._load(sim, request.match_info["prediction_id"])
+        if record is None:
+            return _not_found("prediction")
+        async with self._lock(record["id"]):
+            record = await self._load(sim, record["id"]) or record
+            if phase(record) in ("starting", "processing"):
+                record["status"] = "canceled"
+                record["completed_at"] = time.time()
+                await self._save(sim, record)
+        if phase(record) in TERMINAL:
+            self.locks.pop(record["id"], None)
+        record = await self._current(sim, record)
+        return web.json_response(prediction_json(record, _base_url(request)))
+
+    async def create_file(self, request: web.Request) -> web.Response:
+        """``POST /replicate/v1/files``: multipart with the file in ``content`` and optional JSON ``metadata``."""
+        sim = request.app[SIMULATOR]
+        if not _authorized(request):
+            return _unauthenticated()
+        if not request.content_type.startswith("multipart/"):
+            return problem(400, "Bad request", "Upload the file as multipart/form-data in the 'content' field.")
+        content: tuple[str, str | None, bytes] | None = None
+        metadata: Any = {}
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if part.name == "content":
+                content = (_safe_name(part.filename), part.headers.get("Content-Type"), await part.read())
+            elif part.name == "metadata":
+                try:
+                    metadata = json.loads(await part.text())
+                except ValueError:
+                    return problem(400, "Bad request", "metadata must be a JSON object.")
+        if content is None:
+            return problem(400, "Bad request", "Upload the file as multipart/form-data in the 'content' field.")
+        name, content_type, data = content
+        file_id = new_replicate_id()
+        await asyncio.to_thread(write_bytes_atomic, sim.state_dir / "files" / file_id / name, data)
+        now = time.time()
+        checksums = _checksums(data)
+        record = {
+            "id": file_id,
+            "name": name,
+            "content_type": content_type or mimetypes.guess_type(name)[0] or "application/octet-stream",
+            "size": len(data),
+            "etag": checksums["md5"],
+            "checksums": checksums,
+            "metadata": metadata if isinstance(metadata, dict) else {},
+            "created_at": iso(now),
+            "expires_at": iso(now + FILE_LIFETIME.total_seconds()),
+            "urls": {"get": f"{_base_url(request)}/files/{file_id}/{name}"},
+        }
+        await asyncio.to_thread(sim.save, "files", file_id, record)
+        return web.json_response(record, status=201)
+
+    async def get_file(self, request: web.Request) -> web.StreamResponse:
+        """``GET /replicate/files/{file_id}/{name}``: an uploaded file or a prediction output (Range supported)."""
+        sim = request.app[SIMULATOR]
+        file_id, name = request.match_info["file_id"], request.match_info["name"]
+        if not (_SAFE_ID.fullmatch(file_id) and _SAFE_NAME.fullmatch(name)):
+            return _not_found("file")
+        path = sim.state_dir / "files" / file_id / name
+        if not await asyncio.to_thread(path.is_file):
+            return _not_found("file")
+        upload = await asyncio.to_thread(sim.load, "files", file_id)
+        headers = {"Content-Type": upload["content_type"]} if upload else None
+        return web.FileResponse(path, headers=headers)
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
-    """No Replicate routes yet."""
+    """Register the Replicate routes; their names are the ones fault injection uses."""
+    api = ReplicateApi()
+    router.add_post(f"{PREFIX}/v1/models/{{owner}}/{{name}}/predictions", api.create_prediction, name="replicate.create")
+    router.add_get(f"{PREFIX}/v1/predictions/{{prediction_id}}", api.get_prediction, name="replicate.get")
+    router.add_post(f"{PREFIX}/v1/predictions/{{prediction_id}}/cancel", api.cancel_prediction, name="replicate.cancel")
+    router.add_post(f"{PREFIX}/v1/files", api.create_file, name="replicate.files.create")
+    router.add_get(f"{PREFIX}/files/{{file_id}}/{{name}}", api.get_file, name="replicate.files.get")

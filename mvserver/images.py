@@ -1,0 +1,157 @@
+"""``POST /api/mv/generate_character_reference`` and ``GET /api/mv/get_image/{image_id}``.
+
+A character description becomes a full-body reference image rendered by Replicate ``google/imagen-4``. The image is
+saved as ``images/<id>.<ext>`` with a JSON sidecar ``images/<id>.json`` (mime type, prompt, parameters) and returned
+base64-encoded as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from PIL import Image
+
+from .backends import PROVIDERS
+from .config import CONFIG, Config
+from .debug import debug_print
+from .errors import ApiError
+from .schemas import REQUEST_MODELS, parse_body
+from .storage import STORE, OutputStore, check_id, new_id
+
+routes = web.RouteTableDef()
+PROVIDER = "replicate"
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    pillow: str
+    mime_type: str
+    suffix: str
+
+
+FORMATS = {
+    "png": ImageFormat("PNG", "image/png", ".png"),
+    "jpg": ImageFormat("JPEG", "image/jpeg", ".jpg"),
+    "webp": ImageFormat("WEBP", "image/webp", ".webp"),
+}
+_BY_MIME = {fmt.mime_type: fmt for fmt in FORMATS.values()}
+
+
+def imagen_inputs(prompt: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The ``google/imagen-4`` input object; the negative prompt and seed are sent only when given."""
+    inputs = {
+        "prompt": prompt,
+        "aspect_ratio": params["aspect_ratio"],
+        "safety_filter_level": params["safety_filter_level"],
+        "person_generation": params["person_generation"],
+        "output_format": params["output_format"],
+    }
+    if params["negative_prompt"]:
+        inputs["negative_prompt"] = params["negative_prompt"]
+    if params["seed"] is not None:
+        inputs["seed"] = params["seed"]
+    return inputs
+
+
+def checked_base64(data: bytes, output_format: str) -> str:
+    """Base64 of ``data`` after checking it decodes as an image in ``output_format`` (CPU work: run in a thread)."""
+    expected = FORMATS[output_format].pillow
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            actual = image.format
+            image.verify()
+    except Exception as exc:  # Pillow raises many kinds of errors for a broken file
+        raise ApiError(502, "provider_bad_output", f"{PROVIDER} returned an output that is not a readable image: {exc}",
+                       provider=PROVIDER, provider_status="succeeded") from None
+    if actual != expected:
+        raise ApiError(502, "provider_bad_output", f"{PROVIDER} returned a {actual} image, expected {output_format}",
+                       provider=PROVIDER, provider_status="succeeded")
+    return base64.b64encode(data).decode("ascii")
+
+
+async def generate_reference(app: web.Application, params: dict[str, Any], defaulted: list[str]) -> dict[str, Any]:
+    """Render the prompt, run Imagen, check and save the image; return the response body."""
+    config: Config = app[CONFIG]
+    settings = config.images
+    providers = app[PROVIDERS]
+    prompt = config.render("images.prompt", character_description=params["character_description"],
+                           aspect_ratio=params["aspect_ratio"])
+    debug_print(config.debug, "generate_character_reference prompt sent to Replicate", prompt)
+    inputs = imagen_inputs(prompt, params)
+    debug_print(config.debug, f"generate_character_reference input for {settings.model}", inputs)
+    started = time.monotonic()
+    data, prediction = await providers.replicate.generate_image(
+        settings.model, inputs, timeout=settings.timeout_seconds, poll_interval=settings.poll_interval_seconds)
+    encoded = await asyncio.to_thread(checked_base64, data, params["output_format"])
+    elapsed = round(time.monotonic() - started, 3)
+    fmt = FORMATS[params["output_format"]]
+    sandbox = PROVIDER in providers.sandboxed
+    metadata = {
+        "model": settings.model,
+        "prompt": prompt,
+        "parameters": params,
+        "defaults_applied": defaulted,
+        "prediction_id": prediction.id,
+        "elapsed_seconds": elapsed,
+    }
+    image_id = new_id()
+    store = app[STORE]
+    path = store.path("images", image_id, fmt.suffix)
+    await store.write_bytes(path, data)
+    # The sidecar is written last: an image counts as saved once its sidecar exists.
+    await store.write_json(store.path("images", image_id, ".json"),
+                           {"image_id": image_id, "mime_type": fmt.mime_type, "sandbox": sandbox, **metadata})
+    return {
+        "image_id": image_id,
+        "image_base64": encoded,
+        "mime_type": fmt.mime_type,
+        "output_file": store.relative(path),
+        "image_url": f"/api/mv/get_image/{image_id}",
+        "sandbox": sandbox,
+        "metadata": metadata,
+    }
+
+
+async def _saved_image(store: OutputStore, image_id: str, field: str) -> tuple[Path, str]:
+    """The path and mime type of a saved image; ``image_id`` must already be checked."""
+    try:
+        sidecar = json.loads(await asyncio.to_thread(store.path("images", image_id, ".json").read_bytes))
+        fmt = _BY_MIME[sidecar["mime_type"]]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        raise ApiError(404, "not_found", f"no image with id {image_id}", field=field) from None
+    path = store.path("images", image_id, fmt.suffix)
+    if not await asyncio.to_thread(path.is_file):
+        raise ApiError(404, "not_found", f"no image with id {image_id}", field=field)
+    return path, fmt.mime_type
+
+
+async def load_image(app: web.Application, image_id: str) -> tuple[bytes, str]:
+    """The bytes and mime type of a saved image, for ``reference_image_id`` (ApiError 400 if malformed, 404 if missing)."""
+    field = "reference_image_id"
+    path, mime_type = await _saved_image(app[STORE], check_id(image_id, field), field)
+    try:
+        return await asyncio.to_thread(path.read_bytes), mime_type
+    except FileNotFoundError:
+        raise ApiError(404, "not_found", f"no image with id {image_id}", field=field) from None
+
+
+@routes.post("/api/mv/generate_character_reference")
+async def generate_character_reference(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].image, config.debug)
+    return web.json_response(await generate_reference(request.app, body.model_dump(), defaulted))
+
+
+@routes.get("/api/mv/get_image/{image_id}")
+async def get_image(request: web.Request) -> web.FileResponse:
+    image_id = check_id(request.match_info["image_id"], "image_id")
+    path, mime_type = await _saved_image(request.app[STORE], image_id, "image_id")
+    return web.FileResponse(path, headers={"Content-Type": mime_type})

@@ -1,0 +1,306 @@
+"""Character reference images through the real replicate client against the simulator, and serving them back."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestClient
+from PIL import Image
+from yarl import URL
+
+from mvserver.config import CONFIG
+from mvserver.errors import ApiError
+from mvserver.images import load_image
+from mvserver.sandbox import replicate_api
+from mvserver.sandbox.simulator import Simulator
+from mvserver.storage import OutputStore
+from conftest import PROJECT, AppClient
+
+DESCRIPTION = "a wiry street violinist in a green velvet coat, round glasses and a red scarf"
+ENDPOINT = "/api/mv/generate_character_reference"
+
+
+def settings_copy(tmp_path: Path, images: dict[str, Any] | None = None, **files: dict[str, Any]) -> Path:
+    """A copy of the project's settings with keys of ``images.yaml`` (and other files) replaced."""
+    target = tmp_path / "settings"
+    if not target.exists():
+        shutil.copytree(PROJECT / "settings", target)
+    for name, changes in {"images": {"poll_interval_seconds": 0.05, **(images or {})}, **files}.items():
+        path = target / f"{name}.yaml"
+        data = yaml.safe_load(path.read_text())
+        for key, value in changes.items():
+            if isinstance(value, dict):
+                data[key].update(value)
+            else:
+                data[key] = value
+        path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return target
+
+
+@pytest.fixture
+async def client(make_client: AppClient, tmp_path: Path) -> TestClient:
+    """An app whose Imagen polling is fast (the YAML default polls once a second)."""
+    return await make_client(MV_SETTINGS_DIR=settings_copy(tmp_path))
+
+
+async def generate(client: TestClient, status: int = 200, **body: Any) -> dict[str, Any]:
+    response = await client.post(ENDPOINT, json={"character_description": DESCRIPTION, **body})
+    assert response.status == status, await response.text()
+    return await response.json()
+
+
+def sent_input(sim: Simulator, prediction_id: str) -> dict[str, Any]:
+    record = sim.load("predictions", prediction_id)
+    assert record is not None and record["model"] == "google/imagen-4"
+    return record["input"]
+
+
+def saved_images(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "outputs" / "images").iterdir())
+
+
+# -- success -----------------------------------------------------------------------------------------------------
+
+
+async def test_png_is_returned_saved_and_served_byte_for_byte(client: TestClient, sim: Simulator, tmp_path: Path) -> None:
+    body = await generate(client)
+    image_id = body["image_id"]
+    assert uuid.UUID(image_id).version == 4
+    assert body["mime_type"] == "image/png" and body["sandbox"] is False
+    assert body["image_url"] == f"/api/mv/get_image/{image_id}"
+    assert body["output_file"] == f"outputs/images/{image_id}.png"
+    data = base64.b64decode(body["image_base64"])
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        assert image.format == "PNG" and image.width == image.height  # 1:1 by default
+    assert (tmp_path / body["output_file"]).read_bytes() == data
+
+    served = await client.get(body["image_url"])
+    assert served.status == 200 and served.headers["Content-Type"] == "image/png"
+    assert await served.read() == data
+
+    metadata = body["metadata"]
+    assert metadata["model"] == "google/imagen-4" and metadata["elapsed_seconds"] > 0
+    assert DESCRIPTION in metadata["prompt"]
+    assert sent_input(sim, metadata["prediction_id"]) == {
+        "prompt": metadata["prompt"], "aspect_ratio": "1:1", "safety_filter_level": "block_medium_and_above",
+        "person_generation": "allow_adult", "output_format": "png"}  # no empty negative prompt, no null seed
+    sidecar = json.loads((tmp_path / "outputs" / "images" / f"{image_id}.json").read_text())
+    assert sidecar["mime_type"] == "image/png" and sidecar["prediction_id"] == metadata["prediction_id"]
+    assert sidecar["prompt"] == metadata["prompt"] and sidecar["sandbox"] is False
+    assert saved_images(tmp_path) == sorted([f"{image_id}.json", f"{image_id}.png"])
+
+
+@pytest.mark.parametrize(("fmt", "mime", "pillow"), [("jpg", "image/jpeg", "JPEG"), ("webp", "image/webp", "WEBP")])
+async def test_other_formats_and_the_optional_inputs(client: TestClient, sim: Simulator, fmt: str, mime: str,
+                                                     pillow: str) -> None:
+    body = await generate(client, output_format=fmt, aspect_ratio="16:9", seed=7, negative_prompt="blurry, text")
+    assert body["mime_type"] == mime and body["output_file"].endswith(f".{fmt}")
+    with Image.open(io.BytesIO(base64.b64decode(body["image_base64"]))) as image:
+        assert image.format == pillow and image.width > image.height
+    served = await client.get(body["image_url"])
+    assert served.headers["Content-Type"] == mime
+    inputs = sent_input(sim, body["metadata"]["prediction_id"])
+    assert inputs["seed"] == 7 and inputs["negative_prompt"] == "blurry, text" and inputs["aspect_ratio"] == "16:9"
+    assert set(body["metadata"]["defaults_applied"]) == {"safety_filter_level", "person_generation"}
+
+
+async def test_defaults_come_from_the_yaml(make_client: AppClient, sim: Simulator, tmp_path: Path) -> None:
+    settings = settings_copy(tmp_path, {"defaults": {"aspect_ratio": "9:16", "output_format": "webp",
+                                                     "safety_filter_level": "block_only_high"}})
+    client = await make_client(MV_SETTINGS_DIR=settings)
+    body = await generate(client)
+    assert body["mime_type"] == "image/webp"
+    parameters = body["metadata"]["parameters"]
+    assert parameters["aspect_ratio"] == "9:16" and parameters["safety_filter_level"] == "block_only_high"
+    assert set(body["metadata"]["defaults_applied"]) == {
+        "aspect_ratio", "safety_filter_level", "person_generation", "output_format", "negative_prompt", "seed"}
+    inputs = sent_input(sim, body["metadata"]["prediction_id"])
+    assert (inputs["aspect_ratio"], inputs["output_format"]) == ("9:16", "webp")
+
+
+async def test_sandbox_mode_labels_the_image(make_client: AppClient, tmp_path: Path) -> None:
+    settings = settings_copy(tmp_path, sandbox={"image_latency_seconds": 0.05})
+    client = await make_client(MV_SETTINGS_DIR=settings, REPLICATE_API_TOKEN=None)  # no token: built-in simulator
+    body = await generate(client)
+    assert body["sandbox"] is True
+    sidecar = json.loads((tmp_path / "outputs" / "images" / f"{body['image_id']}.json").read_text())
+    assert sidecar["sandbox"] is True
+    assert (await client.get(body["image_url"])).status == 200
+
+
+# -- debug mode --------------------------------------------------------------------------------------------------
+
+
+async def test_debug_mode_logs_the_full_rendered_prompt(make_client: AppClient, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    client = await make_client(MV_SETTINGS_DIR=settings_copy(tmp_path), MV_DEBUG_MODE="true")
+    caplog.set_level(logging.INFO, logger="mvserver.debug")
+    caplog.clear()
+    body = await generate(client, aspect_ratio="4:3")
+    expected = client.app[CONFIG].render("images.prompt", character_description=DESCRIPTION, aspect_ratio="4:3")
+    assert DESCRIPTION in expected and "{{" not in expected
+    assert expected == body["metadata"]["prompt"]
+    assert expected in caplog.text
+    assert "request arguments received" in caplog.text and "defaults applied from settings" in caplog.text
+
+
+async def test_no_debug_output_when_debug_mode_is_off(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mvserver.debug")
+    caplog.clear()
+    await generate(client)
+    assert [r for r in caplog.records if r.name == "mvserver.debug"] == []
+
+
+# -- invalid requests --------------------------------------------------------------------------------------------
+
+
+async def test_unknown_enum_value_names_the_field_and_the_allowed_values(client: TestClient, sim: Simulator) -> None:
+    error = (await generate(client, 400, aspect_ratio="2:1"))["error"]
+    assert error["code"] == "invalid_field" and error["field"] == "aspect_ratio"
+    for allowed in ("1:1", "16:9", "9:16", "4:3", "3:4"):
+        assert allowed in error["message"]
+    assert not any(route == "replicate.create" for route, _ in sim.requests)
+
+
+async def test_missing_description_is_400(client: TestClient) -> None:
+    response = await client.post(ENDPOINT, json={"aspect_ratio": "1:1"})
+    error = (await response.json())["error"]
+    assert response.status == 400 and error["code"] == "missing_field" and error["field"] == "character_description"
+
+
+async def test_a_body_over_the_limit_is_413(client: TestClient, sim: Simulator) -> None:
+    limit = 16 * 1024 * 1024  # MV_MAX_BODY_MB defaults to 16
+    body = json.dumps({"character_description": "x" * (limit + 1024)})
+    response = await client.post(ENDPOINT, data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 413
+    error = (await response.json())["error"]
+    assert error["code"] == "request_too_large" and str(limit) in error["message"]
+    assert not any(route == "replicate.create" for route, _ in sim.requests)
+
+
+async def test_the_body_limit_follows_the_environment(make_client: AppClient, tmp_path: Path) -> None:
+    client = await make_client(MV_SETTINGS_DIR=settings_copy(tmp_path), MV_MAX_BODY_MB="0.01")
+    response = await client.post(ENDPOINT, json={"character_description": "x" * 20_000})
+    assert response.status == 413 and (await response.json())["error"]["code"] == "request_too_large"
+
+
+# -- provider failures -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "ours", "code", "problem"), [
+    (401, 502, "provider_auth_failed",
+     {"title": "Unauthenticated", "detail": "You did not pass a valid authentication token", "status": 401}),
+    (402, 502, "provider_payment_required",
+     {"title": "Insufficient credit", "detail": "You have insufficient credit to run this model.", "status": 402}),
+    (422, 422, "provider_rejected_input",
+     {"title": "Input validation failed", "detail": "- input.prompt: prompt is too long\n", "status": 422}),
+])
+async def test_provider_http_errors_keep_the_provider_status(client: TestClient, sim: Simulator, tmp_path: Path,
+                                                             status: int, ours: int, code: str,
+                                                             problem: dict[str, Any]) -> None:
+    sim.add_fault("replicate.create", status=status, body=problem)
+    error = (await generate(client, ours))["error"]
+    assert error["code"] == code and error["provider"] == "replicate" and error["provider_status"] == status
+    assert error["provider_error"]["detail"] == problem["detail"] and error["provider_error"]["title"] == problem["title"]
+    assert problem["detail"].strip() in error["message"]
+    assert saved_images(tmp_path) == []
+
+
+async def test_rate_limit_is_429_with_retry_after(client: TestClient, sim: Simulator) -> None:
+    sim.add_fault("replicate.create", status=429, retry_after=7,
+                  body={"title": "Request was throttled.", "detail": "Request was throttled. Expected available in 7 seconds.",
+                        "status": 429})
+    response = await client.post(ENDPOINT, json={"character_description": DESCRIPTION})
+    error = (await response.json())["error"]
+    assert response.status == 429 and error["code"] == "provider_rate_limited" and error["provider_status"] == 429
+    assert response.headers.get("Retry-After") == "7"
+
+
+async def test_a_failed_prediction_returns_the_provider_error(client: TestClient, sim: Simulator, tmp_path: Path) -> None:
+    sim.add_fault("replicate.create", "fail_prediction", error="E005: the input was flagged as sensitive")
+    error = (await generate(client, 502))["error"]
+    assert error["code"] == "provider_prediction_failed" and error["provider_status"] == "failed"
+    assert error["provider_error"] == "E005: the input was flagged as sensitive"
+    marked = (await generate(client, 502, character_description=f"{DESCRIPTION} [sandbox:fail]"))["error"]
+    assert marked["code"] == "provider_prediction_failed" and "flagged as sensitive" in marked["provider_error"]
+    assert saved_images(tmp_path) == []
+
+
+async def test_a_slow_prediction_times_out_and_is_canceled(make_client: AppClient, sim: Simulator, tmp_path: Path) -> None:
+    client = await make_client(MV_SETTINGS_DIR=settings_copy(tmp_path, {"timeout_seconds": 0.4}))
+    sim.image_latency = 3600
+    error = (await generate(client, 504))["error"]
+    assert error["code"] == "provider_timeout" and error["provider"] == "replicate"
+    canceled = [path for route, path in sim.requests if route == "replicate.cancel"]
+    assert len(canceled) == 1
+    prediction_id = canceled[0].split("/")[-2]
+    assert sim.load("predictions", prediction_id)["status"] == "canceled"
+    assert saved_images(tmp_path) == []
+
+
+@pytest.mark.parametrize(("output", "message"), [(b"<html>not an image</html>", "not a readable image"),
+                                                 ("jpeg", "JPEG image, expected png")])
+async def test_an_output_that_is_not_the_expected_image_is_502(client: TestClient, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, output: Any,
+                                                               message: str) -> None:
+    real = replicate_api.render_character_image
+
+    def wrong(*args: Any, **kwargs: Any) -> bytes:
+        return real(*args, **{**kwargs, "output_format": "jpg"}) if output == "jpeg" else output
+
+    monkeypatch.setattr(replicate_api, "render_character_image", wrong)
+    error = (await generate(client, 502))["error"]
+    assert error["code"] == "provider_bad_output" and message in error["message"]
+    assert saved_images(tmp_path) == []
+
+
+# -- get_image and load_image ------------------------------------------------------------------------------------
+
+
+async def test_unknown_image_is_404(client: TestClient) -> None:
+    response = await client.get(f"/api/mv/get_image/{uuid.uuid4()}")
+    assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
+
+
+MALFORMED_IDS = ["../x", "%2e%2e%2fx", "..%2F..%2Fetc%2Fpasswd", str(uuid.uuid4()).upper(), str(uuid.uuid1()),
+                 "a" * 500, f"{uuid.uuid4()}.png", f"{uuid.uuid4()}%00"]
+
+
+async def test_malformed_ids_never_reach_the_filesystem(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    touched: list[str] = []
+
+    def spy(self: OutputStore, kind: str, file_id: str, suffix: str) -> Path:
+        touched.append(file_id)
+        raise AssertionError("the store was asked for a path")
+
+    monkeypatch.setattr(OutputStore, "path", spy)
+    for raw in MALFORMED_IDS:
+        response = await client.get(URL(f"/api/mv/get_image/{raw}", encoded=True))
+        assert response.status in (400, 404), raw
+        error = (await response.json())["error"]
+        assert error["code"] in ("invalid_id", "not_found") and error["message"], raw
+        if response.status == 400:
+            assert error["code"] == "invalid_id" and error["field"] == "image_id", raw
+    assert touched == []
+
+
+async def test_load_image_returns_bytes_and_mime_type(client: TestClient) -> None:
+    body = await generate(client, output_format="jpg")
+    data, mime_type = await load_image(client.app, body["image_id"])
+    assert mime_type == "image/jpeg" and data == base64.b64decode(body["image_base64"])
+    with pytest.raises(ApiError) as missing:
+        await load_image(client.app, str(uuid.uuid4()))
+    assert missing.value.status == 404 and missing.value.info.field == "reference_image_id"
+    with pytest.raises(ApiError) as malformed:
+        await load_image(client.app, "../../etc/passwd")
+    assert malformed.value.status == 400 and malformed.value.info.field == "reference_image_id"
