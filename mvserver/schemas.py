@@ -179,6 +179,11 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
             "summary": "Render a character reference image with Replicate google/imagen-4",
             "requestBody": _json_body("CharacterReferenceRequest"),
             "responses": _answers(200, "image", 400, 413, 422, 429, 502, 503, 504)}},
+        "/api/mv/get_scenes/{scenes_id}.{ext}": {"get": {
+            "summary": "Saved scenes as JSON or Markdown",
+            "parameters": [_id_parameter("scenes_id"),
+                           {"name": "ext", "in": "path", "required": True, "schema": {"type": "string", "enum": ["json", "md"]}}],
+            "responses": _answers(200, "scenes file", 400, 404)}},
         "/api/mv/get_image/{image_id}": {"get": {
             "summary": "The saved image", "parameters": [_id_parameter("image_id")],
             "responses": _answers(200, "image bytes", 400, 404, content="image/*")}},
@@ -190,6 +195,9 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
                     "responses": _answers(200, "job", *job_errors)},
             "delete": {"summary": "Cancel the job and its provider prediction", "parameters": [_id_parameter("job_id")],
                        "responses": _answers(200, "job", *job_errors)}},
+        "/api/mv/jobs/{job_id}/cancel": {"post": {
+            "summary": "Cancel the job (same as DELETE /api/mv/jobs/{job_id})", "parameters": [_id_parameter("job_id")],
+            "responses": _answers(200, "job", *job_errors)}},
         "/api/mv/jobs/{job_id}/events": {"get": {
             "summary": "Server-Sent Events: state, progress, final status", "parameters": [_id_parameter("job_id")],
             "responses": _answers(200, "event stream", *job_errors, content="text/event-stream")}},

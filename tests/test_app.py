@@ -1,0 +1,342 @@
+"""The service as a whole: start-up without keys, health, the OpenAPI document and the JSON error shape."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+import yaml
+from aiohttp.test_utils import TestClient, TestServer
+
+from mvserver.app import create_app
+
+PROJECT = Path(__file__).resolve().parent.parent
+SETTINGS = {name: yaml.safe_load((PROJECT / "settings" / f"{name}.yaml").read_text())
+            for name in ("scenes", "images", "videos")}
+SERVICES = ("gemini_scenes", "replicate", "gemini_video")
+DOCUMENTED_PATHS = {
+    "/api/mv/health": {"get"},
+    "/api/mv/create_scenes": {"post"},
+    "/api/mv/generate_character_reference": {"post"},
+    "/api/mv/get_image/{image_id}": {"get"},
+    "/api/mv/generate_video": {"post"},
+    "/api/mv/jobs/{job_id}": {"get", "delete"},
+    "/api/mv/jobs/{job_id}/events": {"get"},
+    "/api/mv/get_video/{video_id}": {"get"},
+}
+
+
+# -- python -m mvserver ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def keyless_env(tmp_path: Path) -> dict[str, str]:
+    """The current environment without provider credentials or ``MV_*`` knobs.
+
+    The credential variables are set to blank (which counts as unset) so a stray ``.env`` cannot fill them in.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_", "REPLICATE_", "MV_"))}
+    env.update({name: "" for name in ("GEMINI_API_KEY", "REPLICATE_API_TOKEN", "GOOGLE_VERTEX_API_KEY",
+                                      "GOOGLE_CLOUD_PROJECT", "GOOGLE_API_KEY", "MV_SANDBOX")})
+    env.update({"PYTHONPATH": str(PROJECT), "MV_OUTPUT_DIR": str(tmp_path / "outputs"),
+                "MV_SETTINGS_DIR": str(PROJECT / "settings")})
+    return env
+
+
+def get_json(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def wait_for_health(process: subprocess.Popen, url: str, log: Path, deadline: float) -> dict[str, Any]:
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            status, body = get_json(url)
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
+            continue
+        assert status == 200, body
+        return body
+    pytest.fail(f"server did not answer {url} in time:\n{log.read_text()}")
+
+
+@contextlib.contextmanager
+def running_server(tmp_path: Path, stop: signal.Signals) -> Iterator[tuple[int, Path, list[int]]]:
+    """``python -m mvserver`` with no API keys on a free port; stopped with ``stop`` on exit, its code recorded."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    exit_code: list[int] = []
+    with log.open("wb") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
+                                   env=keyless_env(tmp_path), cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_for_health(process, f"http://127.0.0.1:{port}/api/mv/health", log, time.monotonic() + 15)
+        yield port, log, exit_code
+    finally:
+        process.send_signal(stop)
+        try:
+            exit_code.append(process.wait(timeout=10))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+
+
+def test_server_without_keys_starts_in_sandbox_mode(tmp_path: Path) -> None:
+    with running_server(tmp_path, signal.SIGINT) as (port, log, exit_code):
+        status, health = get_json(f"http://127.0.0.1:{port}/api/mv/health")
+        assert status == 200
+        assert health["mode"] == "sandbox" and health["sandbox"] is True
+        assert health["providers"] == {name: "sandbox" for name in SERVICES}
+        assert health["status"] == "ok" and health["version"]
+        status, scenes = get_json(f"http://127.0.0.1:{port}/api/mv/get_scenes/not-an-id.json")
+        assert status == 400 and scenes["error"]["code"] == "invalid_id"
+    output = log.read_text()
+    assert exit_code == [0], output
+    sandbox_line = next(line for line in output.splitlines() if "sandbox mode:" in line)
+    assert all(name in sandbox_line for name in SERVICES), sandbox_line
+    providers_line = next(line for line in output.splitlines() if "providers:" in line)
+    assert all(f"{name}=sandbox" in providers_line for name in SERVICES), providers_line
+    assert "Traceback" not in output and "Unclosed" not in output
+    assert (tmp_path / "outputs" / "scenes").is_dir()
+
+
+def test_server_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    with running_server(tmp_path, signal.SIGTERM) as (_, log, exit_code):
+        pass
+    assert exit_code == [0], log.read_text()
+    assert "Traceback" not in log.read_text()
+
+
+# -- health -----------------------------------------------------------------------------------------------------
+
+
+async def test_health_with_every_key_is_live(client: TestClient) -> None:
+    response = await client.get("/api/mv/health")
+    assert response.status == 200
+    health = await response.json()
+    assert health["mode"] == "live" and health["sandbox"] is False
+    assert health["providers"] == {name: "live" for name in SERVICES}
+
+
+async def test_mv_sandbox_forces_every_provider_into_sandbox(make_client) -> None:
+    client = await make_client(MV_SANDBOX="true")
+    health = await (await client.get("/api/mv/health")).json()
+    assert health["mode"] == "sandbox"
+    assert health["providers"] == {name: "sandbox" for name in SERVICES}
+
+
+# -- read-only endpoints, on one app shared by this module ----------------------------------------------------------
+
+shared = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def app_client(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestClient]:
+    """One app (every provider sandboxed) for the tests that only read: building an app per test is slow."""
+    env = {"MV_SANDBOX": "true", "MV_OUTPUT_DIR": str(tmp_path_factory.mktemp("outputs")),
+           "MV_SETTINGS_DIR": str(PROJECT / "settings")}
+    async with TestClient(TestServer(create_app(env))) as client:
+        yield client
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def openapi(app_client: TestClient) -> dict[str, Any]:
+    response = await app_client.get("/api/mv/openapi.json")
+    assert response.status == 200
+    assert response.content_type == "application/json"
+    return await response.json()
+
+
+def resolve(doc: dict[str, Any], ref: str) -> dict[str, Any]:
+    assert ref.startswith("#/"), ref
+    node: Any = doc
+    for part in ref[2:].split("/"):
+        node = node[part]
+    return node
+
+
+def request_schema(doc: dict[str, Any], path: str) -> dict[str, Any]:
+    body = doc["paths"][path]["post"]["requestBody"]
+    assert body["required"] is True
+    return resolve(doc, body["content"]["application/json"]["schema"]["$ref"])
+
+
+def all_refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["$ref"]] if "$ref" in node else []
+        return own + [r for value in node.values() for r in all_refs(value)]
+    if isinstance(node, list):
+        return [r for value in node for r in all_refs(value)]
+    return []
+
+
+@shared
+async def test_openapi_is_a_3_1_document_listing_every_path(openapi: dict[str, Any]) -> None:
+    assert openapi["openapi"].startswith("3.1.")
+    assert openapi["info"]["title"] and openapi["info"]["version"]
+    for path, methods in DOCUMENTED_PATHS.items():
+        assert path in openapi["paths"], path
+        assert set(openapi["paths"][path]) >= methods, path
+        for method in methods:
+            operation = openapi["paths"][path][method]
+            assert operation["summary"]
+            assert any(code.startswith("2") for code in operation["responses"]), (path, method)
+            for name in (p[1:-1] for p in path.split("/") if p.startswith("{")):
+                params = {p["name"]: p for p in operation["parameters"]}
+                assert params[name]["in"] == "path" and params[name]["required"] is True
+    refs = all_refs(openapi)
+    assert refs
+    for ref in refs:
+        assert isinstance(resolve(openapi, ref), dict), ref
+    error = openapi["components"]["schemas"]["Error"]
+    assert error["properties"]["error"]["required"] == ["code", "message"]
+
+
+def served_routes(client: TestClient) -> set[tuple[str, str]]:
+    """(path, method) of every API route the app serves (the OpenAPI document itself aside)."""
+    return {
+        (resource.canonical, route.method.lower())
+        for resource in client.app.router.resources()
+        for route in resource
+        if resource.canonical.startswith("/api/mv/") and resource.canonical != "/api/mv/openapi.json"
+        and route.method != "HEAD"
+    }
+
+
+@shared
+async def test_every_documented_operation_is_served(app_client: TestClient, openapi: dict[str, Any]) -> None:
+    documented = {(path, method) for path, operations in openapi["paths"].items() for method in operations}
+    assert documented - served_routes(app_client) == set()
+
+
+@shared
+async def test_openapi_documents_every_served_route(app_client: TestClient, openapi: dict[str, Any]) -> None:
+    served = served_routes(app_client)
+    assert served
+    undocumented = sorted((path, method) for path, method in served
+                          if method not in openapi["paths"].get(path, {}))
+    assert undocumented == [], undocumented
+
+
+@shared
+async def test_openapi_request_schemas_carry_yaml_defaults_and_enums(openapi: dict[str, Any]) -> None:
+    scenes = request_schema(openapi, "/api/mv/create_scenes")
+    settings = SETTINGS["scenes"]
+    assert sorted(scenes["required"]) == ["character_description", "idea"]
+    assert scenes["additionalProperties"] is False
+    props = scenes["properties"]
+    for name, value in settings["defaults"].items():
+        assert props[name]["default"] == value, name
+    assert props["number_of_scenes"]["type"] == "integer"
+    assert props["number_of_scenes"]["minimum"] == settings["limits"]["number_of_scenes"]["min"]
+    assert props["number_of_scenes"]["maximum"] == settings["limits"]["number_of_scenes"]["max"]
+    assert props["idea"]["maxLength"] == settings["limits"]["text_max_chars"]
+
+    image = request_schema(openapi, "/api/mv/generate_character_reference")
+    settings = SETTINGS["images"]
+    assert image["required"] == ["character_description"]
+    for name, allowed in settings["allowed"].items():
+        assert image["properties"][name]["enum"] == allowed, name
+        assert image["properties"][name]["default"] == settings["defaults"][name], name
+
+    video = request_schema(openapi, "/api/mv/generate_video")
+    settings = SETTINGS["videos"]
+    assert video["required"] == ["prompt"]
+    props = video["properties"]
+    assert props["aspect_ratio"]["enum"] == settings["allowed"]["aspect_ratio"]
+    assert props["duration"]["enum"] == settings["allowed"]["duration"]
+    assert props["duration"]["default"] == settings["defaults"]["duration"]
+    assert props["generate_audio"]["default"] is settings["defaults"]["generate_audio"]
+    assert props["backend"]["enum"] == ["replicate", "gemini"]
+    assert props["backend"]["default"] == settings["default_backend"]
+
+
+async def test_openapi_follows_the_settings_it_was_started_with(make_client, settings_dir: Path) -> None:
+    images = yaml.safe_load((settings_dir / "images.yaml").read_text())
+    images["allowed"]["aspect_ratio"] = ["1:1", "21:9"]
+    images["defaults"]["aspect_ratio"] = "21:9"
+    (settings_dir / "images.yaml").write_text(yaml.safe_dump(images))
+    scenes = yaml.safe_load((settings_dir / "scenes.yaml").read_text())
+    scenes["defaults"]["camera_angle"] = "dutch tilt"
+    scenes["limits"]["number_of_scenes"]["max"] = 6
+    (settings_dir / "scenes.yaml").write_text(yaml.safe_dump(scenes))
+
+    client = await make_client()  # its MV_SETTINGS_DIR is settings_dir
+    doc = await (await client.get("/api/mv/openapi.json")).json()
+    image = request_schema(doc, "/api/mv/generate_character_reference")["properties"]["aspect_ratio"]
+    assert image["enum"] == ["1:1", "21:9"] and image["default"] == "21:9"
+    props = request_schema(doc, "/api/mv/create_scenes")["properties"]
+    assert props["camera_angle"]["default"] == "dutch tilt"
+    assert props["number_of_scenes"]["maximum"] == 6
+
+
+# -- JSON error shape -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [
+    "/api/mv/nope",
+    "/nope",
+    "/api/mv/create_scenes/extra",
+    "/api/mv/health/",
+    "/api/mv/get_video",
+    "/static/nope.js",
+    "/static/..%2Fsettings%2Fscenes.yaml",
+])
+@shared
+async def test_unknown_route_is_404_json(app_client: TestClient, path: str) -> None:
+    response = await app_client.get(path)
+    assert response.status == 404
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == "not_found" and body["error"]["message"]
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("GET", "/api/mv/create_scenes", "POST"),
+    ("PUT", "/api/mv/create_scenes", "POST"),
+    ("DELETE", "/api/mv/health", "GET"),
+    ("POST", "/api/mv/openapi.json", "GET"),
+])
+@shared
+async def test_wrong_method_is_405_json(app_client: TestClient, method: str, path: str, allowed: str) -> None:
+    response = await app_client.request(method, path)
+    assert response.status == 405
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == "method_not_allowed" and body["error"]["message"]
+    assert allowed in response.headers["Allow"]
+
+
+async def test_oversized_body_is_413_json(make_client) -> None:
+    client = await make_client(MV_MAX_BODY_MB="0.001")
+    payload = {"idea": "x" * 5000, "character_description": "y"}
+    response = await client.post("/api/mv/create_scenes", json=payload)
+    assert response.status == 413
+    body = await response.json()
+    assert body["error"]["code"] == "request_too_large"
+    assert "1048" in body["error"]["message"]
