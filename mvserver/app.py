@@ -56,7 +56,8 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
             SANDBOX_TOKEN if "gemini_scenes" in sandboxed else env.gemini_api_key, urls["gemini"]),
         gemini_backend.make_vertex_client(
             api_key=SANDBOX_TOKEN if "gemini_video" in sandboxed else env.vertex_api_key,
-            project=env.google_cloud_project, location=env.google_cloud_location, base_url=urls["vertex"]),
+            project=env.google_cloud_project, location=env.google_cloud_location, base_url=urls["vertex"],
+            timeout=videos.jobs.request_timeout_seconds),
         store,
         video_model=videos.backends.gemini.model,
         person_generation=videos.backends.gemini.person_generation,
@@ -66,10 +67,12 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
     )
     replicate = replicate_backend.ReplicateProvider(
         replicate_backend.make_client(
-            SANDBOX_TOKEN if "replicate" in sandboxed else env.replicate_api_token or "", urls["replicate"]),
+            SANDBOX_TOKEN if "replicate" in sandboxed else env.replicate_api_token or "", urls["replicate"],
+            videos.jobs.request_timeout_seconds),
         session, store,
         video_model=videos.backends.replicate.model,
         poll_interval=videos.jobs.poll_interval_seconds,
+        request_timeout=videos.jobs.request_timeout_seconds,
         sandbox="replicate" in sandboxed,
     )
     app[PROVIDERS] = Providers(gemini=gemini, replicate=replicate, sandboxed=sandboxed)

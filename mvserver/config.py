@@ -138,6 +138,7 @@ class JobsSettings(_Strict):
     max_concurrent: PositiveInt
     timeout_seconds: PositiveFloat
     poll_interval_seconds: PositiveFloat
+    request_timeout_seconds: PositiveFloat
     retry_attempts: int = Field(ge=0, le=20)
     retry_initial_delay_seconds: PositiveFloat
     retry_max_delay_seconds: PositiveFloat

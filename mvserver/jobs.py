@@ -322,6 +322,7 @@ class JobManager:
 
     async def _publish(self, job: Job, name: str, *, persist: bool = False, extra: dict[str, Any] | None = None) -> None:
         data = job.public()
+        data["event_time"] = time.time()
         if extra:
             data.update({k: v for k, v in extra.items() if v is not None})
         job.events.append(Event(id=job.last_event_id + 1, event=name, data=data))

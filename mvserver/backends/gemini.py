@@ -21,15 +21,21 @@ from .base import Snapshot, VideoRequest
 NAME = "gemini"
 
 
+# google-genai sleeps 1-10 s and retries a failed connection unless retry options are given; our callers decide
+# about retries themselves (the job runner retries transient errors, scene requests fail fast).
+NO_SDK_RETRY = types.HttpRetryOptions(attempts=1)
+
+
 def make_api_client(api_key: str, base_url: str | None) -> genai.Client:
     """Client for the Gemini Developer API (scene writing)."""
-    options = types.HttpOptions(base_url=base_url) if base_url else None
+    options = types.HttpOptions(base_url=base_url, retry_options=NO_SDK_RETRY)
     return genai.Client(api_key=api_key, http_options=options)
 
 
-def make_vertex_client(*, api_key: str | None, project: str | None, location: str, base_url: str | None) -> genai.Client:
+def make_vertex_client(*, api_key: str | None, project: str | None, location: str, base_url: str | None,
+                       timeout: float = 30.0) -> genai.Client:
     """Client for Vertex AI (Veo): an express-mode API key, or project + location with default credentials."""
-    options = types.HttpOptions(base_url=base_url) if base_url else None
+    options = types.HttpOptions(base_url=base_url, timeout=int(timeout * 1000), retry_options=NO_SDK_RETRY)
     if api_key:
         return genai.Client(vertexai=True, api_key=api_key, http_options=options)
     return genai.Client(vertexai=True, project=project, location=location, http_options=options)

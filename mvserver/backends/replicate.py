@@ -36,9 +36,10 @@ async def _raise_with_response(response: httpx.Response) -> None:
         raise error
 
 
-def make_client(token: str, base_url: str | None) -> replicate.Client:
+def make_client(token: str, base_url: str | None, timeout: float = 30.0) -> replicate.Client:
     """The official client; ``base_url`` points it at the simulator in sandbox mode and tests."""
-    return replicate.Client(api_token=token, base_url=base_url, event_hooks={"response": [_raise_with_response]})
+    return replicate.Client(api_token=token, base_url=base_url, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+                            event_hooks={"response": [_raise_with_response]})
 
 
 def _output_url(output: Any) -> str | None:
@@ -69,12 +70,13 @@ class ReplicateProvider:
     name = NAME
 
     def __init__(self, client: replicate.Client, session: aiohttp.ClientSession, store: OutputStore, *,
-                 video_model: str, poll_interval: float, sandbox: bool):
+                 video_model: str, poll_interval: float, request_timeout: float, sandbox: bool):
         self.client = client
         self.session = session
         self.store = store
         self.model = video_model
         self.poll_interval = poll_interval
+        self.request_timeout = request_timeout
         self.sandbox = sandbox
 
     async def _call(self, coro: Any) -> Any:
@@ -98,7 +100,8 @@ class ReplicateProvider:
     async def fetch(self, url: str) -> aiohttp.ClientResponse:
         """Open an output URL for streaming; raises ApiError on an HTTP error."""
         try:
-            response = await self.session.get(url, timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60))
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout, sock_read=self.request_timeout)
+            response = await self.session.get(url, timeout=timeout)
         except Exception as exc:
             raise from_exception(exc, NAME) from exc
         if response.status != 200:
