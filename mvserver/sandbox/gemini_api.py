@@ -1,16 +1,32 @@
-"""Simulated Google endpoints: Gemini ``generateContent`` (Developer API) and Veo long-running operations (Vertex)."""
+"""Simulated Google endpoints: Gemini ``generateContent`` (Developer API) and Veo long-running operations (Vertex).
+
+Veo on Vertex: ``POST .../publishers/google/models/{model}:predictLongRunning`` creates an operation and
+``POST .../publishers/google/models/{model}:fetchPredictOperation`` with ``{"operationName"}`` reports it, both with
+or without a ``projects/{p}/locations/{l}/`` prefix. Operations are JSON records; whether one is still running is
+derived from its age, and its MP4 is rendered the first time it is fetched as done and then returned inline (base64).
+A prompt containing ``[sandbox:fail]`` ends with an error, one containing ``[sandbox:filtered]`` ends content-filtered,
+and a pending ``fail_prediction`` fault for ``vertex.predict`` fails the next operation with the fault's ``error``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import json
 import re
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from .simulator import SIMULATOR
+from ..storage import write_bytes_atomic
+from .render import RenderError, render_video
+from .simulator import SIMULATOR, Simulator
 
 
 def google_error(status: int, code: str, message: str) -> web.Response:
@@ -82,5 +98,249 @@ async def generate_content(request: web.Request) -> web.StreamResponse:
     })
 
 
+# -- Veo on Vertex: long-running operations ------------------------------------------------------------------------
+
+FAIL_MARKER = "[sandbox:fail]"
+FILTER_MARKER = "[sandbox:filtered]"
+RESPONSE_TYPE = "type.googleapis.com/cloud.ai.large_models.vision.GenerateVideoResponse"
+METADATA_TYPE = "type.googleapis.com/google.cloud.aiplatform.v1beta1.GenerateVideoMetadata"
+DURATIONS = range(4, 9)
+ASPECT_RATIOS = ("16:9", "9:16", "1:1")  # Vertex takes 16:9 and 9:16; the simulator also renders 1:1
+RESOLUTIONS = ("720p", "1080p", "4k")
+PERSON_GENERATION = ("allow_all", "allow_adult", "dont_allow")
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
+FILTERED_REASON = ("[sandbox] Veo could not generate videos because the input prompt may violate the usage "
+                   "guidelines. You will not be charged for blocked videos. Support codes: 00000000")
+OPERATION_NAME = re.compile(r"projects/[^/]+/locations/[^/]+/publishers/google/models/(?P<model>[^/:]+)/operations/"
+                            r"(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+_MODEL_PATH = "/vertex/{version}/{scope:(?:projects/[^/]+/locations/[^/]+/)?}publishers/google/models/"
+_SCOPE = re.compile(r"projects/([^/]+)/locations/([^/]+)/")
+
+
+class InvalidArgument(Exception):
+    """A request Vertex would answer with 400 INVALID_ARGUMENT."""
+
+
+def _unauthenticated(request: web.Request) -> web.Response | None:
+    if request.headers.get("x-goog-api-key") or request.headers.get("Authorization"):
+        return None
+    return google_error(401, "UNAUTHENTICATED", "Request is missing required authentication credential. "
+                        "Expected an API key (x-goog-api-key) or an OAuth 2 access token.")
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidArgument("Invalid JSON payload received.") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("Invalid JSON payload received. Expected an object.")
+    return body
+
+
+def _choice(parameters: dict[str, Any], key: str, allowed: Any, default: Any) -> Any:
+    value = parameters.get(key, default)
+    if value not in allowed:
+        raise InvalidArgument(f"Unsupported {key}: {value!r}. Supported values are {list(allowed)}.")
+    return value
+
+
+def _integer(parameters: dict[str, Any], key: str, allowed: range, default: int | None) -> int | None:
+    value = parameters.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        raise InvalidArgument(f"Unsupported {key}: {value!r}. It must be an integer from {allowed.start} "
+                              f"to {allowed.stop - 1}.")
+    return value
+
+
+def _reference_image(instance: dict[str, Any]) -> bytes | None:
+    image = instance.get("image")
+    if image is None:
+        return None
+    if not isinstance(image, dict) or "gcsUri" in image:
+        raise InvalidArgument("image: the simulator takes inline images only (bytesBase64Encoded + mimeType).")
+    if image.get("mimeType") not in IMAGE_TYPES:
+        raise InvalidArgument(f"image.mimeType {image.get('mimeType')!r} is not supported; "
+                              f"use one of {list(IMAGE_TYPES)}.")
+    try:
+        data = base64.b64decode(image.get("bytesBase64Encoded") or "", validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise InvalidArgument("image.bytesBase64Encoded is not valid base64.") from None
+    if not data:
+        raise InvalidArgument("image.bytesBase64Encoded is empty.")
+    return data
+
+
+def parse_video_request(body: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
+    """Validate a ``predictLongRunning`` body like Vertex does; return the operation's settings and its image."""
+    instances = body.get("instances")
+    if not isinstance(instances, list) or len(instances) != 1 or not isinstance(instances[0], dict):
+        raise InvalidArgument("instances must hold exactly one instance.")
+    parameters = body.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidArgument("parameters must be an object.")
+    instance = instances[0]
+    image = _reference_image(instance)
+    prompt = instance.get("prompt") or ""
+    if not isinstance(prompt, str) or (not prompt.strip() and image is None):
+        raise InvalidArgument("A text prompt is required when no image is given.")
+    negative = parameters.get("negativePrompt") or ""
+    if not isinstance(negative, str):
+        raise InvalidArgument("negativePrompt must be a string.")
+    audio = parameters.get("generateAudio", True)
+    if not isinstance(audio, bool):
+        raise InvalidArgument("generateAudio must be a boolean.")
+    storage_uri = parameters.get("storageUri")
+    if storage_uri is not None and not (isinstance(storage_uri, str) and storage_uri.startswith("gs://")):
+        raise InvalidArgument("storageUri must be a Cloud Storage URI (gs://bucket/path).")
+    settings = {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "duration": _integer(parameters, "durationSeconds", DURATIONS, 8),
+        "aspect_ratio": _choice(parameters, "aspectRatio", ASPECT_RATIOS, "16:9"),
+        "resolution": _choice(parameters, "resolution", RESOLUTIONS, "720p"),
+        "person_generation": _choice(parameters, "personGeneration", PERSON_GENERATION, "allow_adult"),
+        "sample_count": _integer(parameters, "sampleCount", range(1, 5), 1),
+        "seed": _integer(parameters, "seed", range(0, 2**32), None),
+        "generate_audio": audio,
+        "storage_uri": storage_uri,
+    }
+    return settings, image
+
+
+def _fault_error(error: Any) -> dict[str, Any]:
+    """A ``fail_prediction`` fault's error as a google.rpc.Status: dicts are kept, anything else is INTERNAL (13)."""
+    if isinstance(error, dict):
+        return {"code": 13, "message": "Internal error encountered.", **error}
+    return {"code": 13, "message": str(error) if error else "Internal error encountered."}
+
+
+def _outcome(sim: Simulator, prompt: str) -> dict[str, Any]:
+    """How the operation will end, decided when it is created (so a restart does not change it)."""
+    fault = sim.take_fault("vertex.predict", ("fail_prediction",))
+    if fault is not None:
+        return {"error": _fault_error(fault.error)}
+    if FAIL_MARKER in prompt:
+        return {"error": {"code": 13, "message": f"[sandbox] Video generation failed ({FAIL_MARKER} in the prompt)."}}
+    if FILTER_MARKER in prompt:
+        return {"filtered_reasons": [FILTERED_REASON]}
+    return {}
+
+
+def _timestamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _read_base64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+class VertexVideos:
+    """Handlers for Veo operations; one instance per simulator app, holding the per-operation render locks."""
+
+    def __init__(self) -> None:
+        self._render_locks: dict[str, asyncio.Lock] = {}
+
+    async def predict(self, request: web.Request) -> web.Response:
+        """``:predictLongRunning``: validate, persist the operation, answer its name."""
+        sim: Simulator = request.app[SIMULATOR]
+        model = request.match_info["model_method"].partition(":")[0]
+        if (denied := _unauthenticated(request)) is not None:
+            return denied
+        try:
+            settings, image = parse_video_request(await _json_object(request))
+        except InvalidArgument as exc:
+            return google_error(400, "INVALID_ARGUMENT", str(exc))
+        scope = _SCOPE.fullmatch(request.match_info["scope"])
+        project, location = scope.groups() if scope else ("sandbox", "us-central1")
+        operation_id = str(uuid.uuid4())
+        name = f"projects/{project}/locations/{location}/publishers/google/models/{model}/operations/{operation_id}"
+        if image is not None:
+            await asyncio.to_thread(write_bytes_atomic, self._reference_path(sim, operation_id), image)
+        record = {"id": operation_id, "name": name, "model": model, "created_at": time.time(),
+                  "has_reference": image is not None, **settings, **_outcome(sim, settings["prompt"])}
+        await asyncio.to_thread(sim.save, "operations", operation_id, record)
+        return web.json_response({"name": name})
+
+    async def fetch(self, request: web.Request) -> web.Response:
+        """``:fetchPredictOperation``: the operation as Vertex reports it (running, failed, filtered or done)."""
+        sim: Simulator = request.app[SIMULATOR]
+        model = request.match_info["model_method"].partition(":")[0]
+        if (denied := _unauthenticated(request)) is not None:
+            return denied
+        try:
+            name = (await _json_object(request)).get("operationName")
+        except InvalidArgument as exc:
+            return google_error(400, "INVALID_ARGUMENT", str(exc))
+        match = OPERATION_NAME.fullmatch(name) if isinstance(name, str) else None
+        if match is None:
+            return google_error(400, "INVALID_ARGUMENT", f"operationName {name!r} is not a valid operation name.")
+        record = await asyncio.to_thread(sim.load, "operations", match["id"])
+        if record is None or record["name"] != name or record["model"] != model:
+            return google_error(404, "NOT_FOUND", f"Operation {name} not found.")
+        try:
+            return web.json_response(await self._operation(sim, record))
+        except (RenderError, ValueError) as exc:
+            return google_error(500, "INTERNAL", f"[sandbox] rendering the video failed: {exc}")
+
+    async def unsupported(self, request: web.Request) -> web.Response:
+        method = request.match_info["model_method"].partition(":")[2]
+        return google_error(404, "NOT_FOUND", f"method {method!r} is not supported by the simulator")
+
+    async def _operation(self, sim: Simulator, record: dict[str, Any]) -> dict[str, Any]:
+        name = record["name"]
+        if sim.elapsed(record) < sim.video_latency:
+            metadata = {"@type": METADATA_TYPE, "createTime": _timestamp(record["created_at"]),
+                        "updateTime": _timestamp(time.time())}
+            return {"name": name, "done": False, "metadata": metadata}
+        if record.get("error"):
+            return {"name": name, "done": True, "error": record["error"]}
+        count = record["sample_count"]
+        response: dict[str, Any] = {"@type": RESPONSE_TYPE, "raiMediaFilteredCount": 0}
+        if record.get("filtered_reasons"):
+            response.update(raiMediaFilteredCount=count, raiMediaFilteredReasons=record["filtered_reasons"])
+        elif record.get("storage_uri"):
+            base = record["storage_uri"].rstrip("/")
+            response["videos"] = [{"gcsUri": f"{base}/{record['id']}/sample_{i}.mp4", "mimeType": "video/mp4"}
+                                  for i in range(count)]
+        else:
+            video = {"bytesBase64Encoded": await self._video(sim, record), "mimeType": "video/mp4"}
+            response["videos"] = [video] * count
+        return {"name": name, "done": True, "response": response}
+
+    @staticmethod
+    def _reference_path(sim: Simulator, operation_id: str) -> Path:
+        return sim.state_dir / "files" / f"{operation_id}.reference"
+
+    async def _video(self, sim: Simulator, record: dict[str, Any]) -> str:
+        """The operation's MP4 as base64, rendered on first use (once, even when fetched concurrently)."""
+        path = sim.state_dir / "files" / f"{record['id']}.mp4"
+        if not path.exists():
+            lock = self._render_locks.setdefault(record["id"], asyncio.Lock())
+            try:
+                async with lock:
+                    if not path.exists():
+                        await self._render(sim, record, path)
+            finally:
+                if self._render_locks.get(record["id"]) is lock:
+                    del self._render_locks[record["id"]]
+        return await asyncio.to_thread(_read_base64, path)
+
+    async def _render(self, sim: Simulator, record: dict[str, Any], path: Path) -> None:
+        reference = None
+        if record.get("has_reference"):
+            reference = await asyncio.to_thread(self._reference_path(sim, record["id"]).read_bytes)
+        await render_video(path, prompt=record["prompt"], duration=record["duration"],
+                           aspect_ratio=record["aspect_ratio"], reference_image=reference,
+                           generate_audio=record["generate_audio"], seed=record["seed"])
+
+
 def add_routes(router: web.UrlDispatcher) -> None:
+    """Gemini Developer API ``generateContent`` under ``/gemini``; Veo operations under ``/vertex``."""
     router.add_post("/gemini/{version}/models/{model_method}", generate_content, name="gemini.generate")
+    videos = VertexVideos()
+    router.add_post(_MODEL_PATH + "{model_method:[^/:]+:predictLongRunning}", videos.predict, name="vertex.predict")
+    router.add_post(_MODEL_PATH + "{model_method:[^/:]+:fetchPredictOperation}", videos.fetch, name="vertex.fetch")
+    router.add_post(_MODEL_PATH + "{model_method}", videos.unsupported, name="vertex.unsupported")
