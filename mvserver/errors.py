@@ -168,7 +168,7 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
-        message = exc.reason if exc.status != 413 else f"request body is larger than {request.app._client_max_size} bytes"
+        message = exc.text if exc.status == 413 and exc.text else exc.reason
         return web.json_response({"error": {"code": code, "message": message}}, status=exc.status,
                                  headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     except asyncio.CancelledError:

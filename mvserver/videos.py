@@ -17,6 +17,7 @@ from .backends import PROVIDERS, VideoRequest
 from .config import CONFIG, Config
 from .debug import debug_print
 from .errors import ApiError
+from .images import load_image
 from .jobs import JOBS, Job, job_urls, stream_events
 from .schemas import REQUEST_MODELS, parse_body
 from .storage import STORE, check_id
@@ -62,8 +63,6 @@ async def reference_image(request: web.Request, body: Any) -> tuple[bytes | None
         raise ApiError(400, "invalid_field", "send reference_image_base64 or reference_image_id, not both",
                        field="reference_image_base64")
     if body.reference_image_id:
-        from .images import load_image
-
         return await load_image(request.app, body.reference_image_id)
     if not body.reference_image_base64:
         return None, None
