@@ -326,3 +326,25 @@ async def test_a_job_past_its_timeout_fails_and_cancels_the_prediction(make_clie
     assert events[-1]["event"] == "failed"
     assert events[-1]["data"]["error"]["code"] == "job_timeout"
     assert any(route == "replicate.cancel" for route, _ in sim.requests)
+
+
+async def test_sandbox_mode_renders_a_labelled_h264_clip_of_the_requested_shape(make_client: Any, tmp_path: Path) -> None:
+    from mvserver.sandbox.render import probe_media
+
+    client = await make_client(GEMINI_API_KEY=None, REPLICATE_API_TOKEN=None, GOOGLE_VERTEX_API_KEY=None,
+                               MV_REPLICATE_BASE_URL=None, MV_VERTEX_BASE_URL=None, MV_GEMINI_BASE_URL=None,
+                               MV_SANDBOX_VIDEO_SECONDS=0.5)
+    health = await (await client.get("/api/mv/health")).json()
+    assert health["mode"] == "sandbox"
+    for backend in ("replicate", "gemini"):
+        accepted = await submit(client, backend=backend, aspect_ratio="9:16", duration=6, generate_audio=False)
+        assert accepted["sandbox"] is True
+        events = await events_of(client, accepted["job_id"])
+        assert events[-1]["event"] == "succeeded" and events[-1]["data"]["sandbox"] is True
+        clip = tmp_path / f"{backend}.mp4"
+        clip.write_bytes(await (await client.get(events[-1]["data"]["video_url"])).read())
+        media = probe_media(clip)
+        assert media["video_codec"] == "h264" and media["pix_fmt"] == "yuv420p"
+        assert (media["width"], media["height"]) == (360, 640)
+        assert abs(media["duration"] - 6) < 0.1
+        assert media["audio_codec"] is None
