@@ -1,9 +1,11 @@
 """Video jobs: state, persistence, the provider polling loop, and each job's event stream (Server-Sent Events).
 
 A job is an asyncio task owned by the :class:`JobManager` on the app. At most ``max_concurrent`` talk to a provider
-at once; the rest wait their turn in order. Every change is an event with a per-job sequential id; the record
-(request, status, error, timestamps, provider prediction id, events) is persisted as JSON, so after a restart
-finished videos are still served and running jobs resume polling their provider prediction.
+at once; the rest wait their turn in order. Every change is an event with a per-job sequential id, appended to the
+job's event log (``jobs/<id>.events.jsonl``) before any subscriber sees it; the record (request, status, error,
+timestamps, provider prediction id) is rewritten atomically as ``jobs/<id>.json`` on every status change. After a
+restart finished videos are still served, event ids continue exactly, and running jobs resume polling their
+provider prediction.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal, TypeVar
 
 from aiohttp import web
@@ -29,7 +32,6 @@ log = logging.getLogger("mvserver.jobs")
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 FINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
-PROGRESS_PERSIST_SECONDS = 5.0
 T = TypeVar("T")
 
 
@@ -97,12 +99,10 @@ class Job:
         }
 
     def record(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> "Job":
-        events = [Event(**e) for e in record.pop("events", [])]
-        return cls(**record, events=events)
+        """The persisted fields; events live in their own append-only log."""
+        record = asdict(self)
+        del record["events"]
+        return record
 
 
 def job_urls(job_id: str) -> dict[str, str]:
@@ -125,33 +125,48 @@ class JobManager:
         self._slots = asyncio.Semaphore(max_concurrent)
         self._wakers: dict[str, asyncio.Event] = {}
         self._write_locks: dict[str, asyncio.Lock] = {}
-        self._last_persist: dict[str, float] = {}
         self._cancel_requested: set[str] = set()
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
     async def load(self) -> int:
         """Load persisted jobs; resume those that had not finished. Returns how many were resumed."""
-        records = await asyncio.to_thread(self._read_records)
+        jobs = await asyncio.to_thread(self._read_jobs)
         resumed = 0
-        for record in sorted(records, key=lambda r: r["created_at"]):
-            job = Job.from_record(record)
+        for job in sorted(jobs, key=lambda j: j.created_at):
             self.jobs[job.id] = job
             if not job.final:
                 self._spawn(job)
                 resumed += 1
         return resumed
 
-    def _read_records(self) -> list[dict[str, Any]]:
-        records = []
+    def _read_jobs(self) -> list[Job]:
+        jobs = []
         for path in (self.store.root / "jobs").glob("*.json"):
             if not is_valid_id(path.stem):
                 continue
             try:
-                records.append(json.loads(path.read_text()))
-            except (OSError, ValueError) as exc:
+                job = Job(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError) as exc:
                 log.error("skipping unreadable job record %s: %s", path.name, exc)
-        return records
+                continue
+            job.events = self._read_events(job.id)
+            jobs.append(job)
+        return jobs
+
+    def _read_events(self, job_id: str) -> list[Event]:
+        """The job's event log; a line cut short by a crash ends it."""
+        events: list[Event] = []
+        try:
+            lines = self.store.path("jobs", job_id, ".events.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return events
+        for line in lines:
+            try:
+                events.append(Event(**json.loads(line)))
+            except (ValueError, TypeError):
+                break
+        return events
 
     async def close(self) -> None:
         """Stop every task on shutdown without marking jobs canceled: they resume at the next start."""
@@ -325,22 +340,27 @@ class JobManager:
         data["event_time"] = time.time()
         if extra:
             data.update({k: v for k, v in extra.items() if v is not None})
-        job.events.append(Event(id=job.last_event_id + 1, event=name, data=data))
+        event = Event(id=job.last_event_id + 1, event=name, data=data)
+        line = json.dumps(asdict(event), separators=(",", ":")) + "\n"
+        await asyncio.to_thread(_append, self.store.path("jobs", job.id, ".events.jsonl"), line)
+        job.events.append(event)
         waker = self._wakers.pop(job.id, None)
         if waker is not None:
             waker.set()
-        now = time.monotonic()
-        if persist or now - self._last_persist.get(job.id, 0.0) >= PROGRESS_PERSIST_SECONDS:
+        if persist:
             await self._persist(job)
 
     async def _persist(self, job: Job) -> None:
         lock = self._write_locks.setdefault(job.id, asyncio.Lock())
         async with lock:
-            self._last_persist[job.id] = time.monotonic()
             await self.store.write_json(self.store.path("jobs", job.id, ".json"), job.record())
         if job.final:
             self._write_locks.pop(job.id, None)
-            self._last_persist.pop(job.id, None)
+
+
+def _append(path: Path, line: str) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(line)
 
 
 def _tail(logs: str | None, lines: int = 3) -> str | None:

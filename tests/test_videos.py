@@ -234,11 +234,15 @@ async def test_a_running_job_resumes_polling_after_a_restart(make_client: Any, s
     accepted = await submit(first)
     running = await wait_for(first, accepted["job_id"], lambda s: s["provider_prediction_id"] and s["stage"] == "generating")
     creates = sum(1 for route, _ in sim.requests if route == "replicate.create")
+    seen_before = [(e.id, e.event) for e in first.app[JOBS].jobs[accepted["job_id"]].events]
     await first.close()  # shutdown mid-job: the record stays "running"
 
     second = await make_client()
     events = await events_of(second, accepted["job_id"])
     assert events[-1]["event"] == "succeeded"
+    replayed = [(int(e["id"]), e["event"]) for e in events]
+    assert replayed[: len(seen_before)] == seen_before  # every event delivered before the restart is kept
+    assert [i for i, _ in replayed] == list(range(1, len(replayed) + 1))  # ids continue without reuse or gaps
     assert events[-1]["data"]["provider_prediction_id"] == running["provider_prediction_id"]
     assert sum(1 for route, _ in sim.requests if route == "replicate.create") == creates  # no second prediction
     assert (await (await second.get(events[-1]["data"]["video_url"])).read())[4:8] == b"ftyp"
