@@ -103,6 +103,8 @@ class ImagesSettings(_Strict):
 
 class ReplicateVideoBackend(_Strict):
     model: str
+    reference_image_aspect_ratios: list[str] = Field(min_length=1)
+    reference_image_durations: list[PositiveInt] = Field(min_length=1)
 
 
 class GeminiVideoBackend(_Strict):

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable
 
 import aiohttp
+import httpx
 import replicate.exceptions
 from aiohttp import web
 from google.genai import errors as genai_errors
@@ -56,7 +57,8 @@ class ApiError(Exception):
         return web.json_response({"error": self.info.to_dict()}, status=self.status, headers=headers)
 
 
-TRANSIENT_CODES = {"provider_rate_limited", "provider_unavailable", "provider_unreachable", "provider_timeout"}
+TRANSIENT_CODES = {"provider_rate_limited", "provider_unavailable", "provider_unreachable", "provider_timeout",
+                   "provider_bad_response"}
 
 # Provider HTTP status -> (our HTTP status, our code). Anything else 4xx is a rejection, anything 5xx an outage.
 _PROVIDER_STATUS_CODES = {
@@ -119,8 +121,13 @@ def from_exception(exc: BaseException, provider: str) -> ApiError:
     if isinstance(exc, genai_errors.APIError):
         detail = exc.details if exc.details else exc.message
         message = f"{exc.status}: {exc.message}" if exc.status else str(exc.message)
-        return provider_http_error(provider, exc.code, message, detail, _retry_after(exc.response))
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        error = provider_http_error(provider, exc.code, message, detail, _retry_after(exc.response))
+        if "API_KEY_INVALID" in json.dumps(detail, default=str):  # Google answers a bad key with 400
+            error.status, error.info.code = 502, "provider_auth_failed"
+        return error
+    if isinstance(exc, json.JSONDecodeError):
+        return ApiError(502, "provider_bad_response", f"{provider} answered with invalid JSON: {exc}", provider=provider)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) or _is_httpx_timeout(exc):
         return ApiError(504, "provider_timeout", f"{provider} did not answer in time", provider=provider)
     if isinstance(exc, (aiohttp.ClientError, ConnectionError, OSError)) or _is_httpx_transport_error(exc):
         return ApiError(502, "provider_unreachable", f"could not reach {provider}: {exc.__class__.__name__}: {exc}",
@@ -130,9 +137,11 @@ def from_exception(exc: BaseException, provider: str) -> ApiError:
 
 
 def _is_httpx_transport_error(exc: BaseException) -> bool:
-    import httpx
-
     return isinstance(exc, httpx.TransportError)
+
+
+def _is_httpx_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, httpx.TimeoutException)
 
 
 def validation_error(exc: ValidationError) -> ApiError:

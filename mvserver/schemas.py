@@ -86,8 +86,9 @@ def video_request_model(config: Config) -> type[BaseModel]:
         ),
         video_rules_template=(
             _text(s.limits.text_max_chars, blank=True) | None,
-            Field(None, description="Jinja2 rules appended to the prompt (variables: aspect_ratio, duration, prompt); "
-                                    "null uses the rules from settings, an empty string appends none."),
+            Field(None, description="Rules appended to the prompt, as a template that may substitute only "
+                                    "{{ prompt }}, {{ aspect_ratio }} and {{ duration }}; null uses the rules from "
+                                    "settings, an empty string appends none."),
         ),
         backend=(_choice(["replicate", "gemini"]), s.default_backend),
     )
@@ -116,6 +117,8 @@ async def parse_body(request: web.Request, model: type[Model], debug: bool) -> t
         body = json.loads(await request.read())
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "request body must be a JSON object")
     debug_print(debug, f"{request.path} request arguments received", body)

@@ -9,6 +9,7 @@ import io
 from typing import Any
 
 import jinja2
+import jinja2.nodes
 import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
@@ -25,6 +26,7 @@ from .storage import STORE, check_id
 routes = web.RouteTableDef()
 
 IMAGE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+RULES_VARIABLES = ("prompt", "aspect_ratio", "duration")
 _client_templates = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
 
 
@@ -57,6 +59,18 @@ def decode_base64_image(text: str, max_bytes: int) -> bytes:
     return data
 
 
+def check_reference_shape(config: Config, body: Any) -> None:
+    """Replicate's Veo takes reference images only for some shapes; refuse the others before spending money."""
+    if body.backend != "replicate":
+        return
+    rules = config.videos.backends.replicate
+    for field, allowed in (("aspect_ratio", rules.reference_image_aspect_ratios),
+                           ("duration", rules.reference_image_durations)):
+        if getattr(body, field) not in allowed:
+            raise ApiError(400, "invalid_field", f"{field}: with a reference image the replicate backend accepts only "
+                                                 f"{allowed}", field=field)
+
+
 async def reference_image(request: web.Request, body: Any) -> tuple[bytes | None, str | None]:
     """The reference image sent inline or by ``image_id``, validated; (None, None) when there is none."""
     if body.reference_image_base64 and body.reference_image_id:
@@ -71,16 +85,34 @@ async def reference_image(request: web.Request, body: Any) -> tuple[bytes | None
     return data, await asyncio.to_thread(sniff_image, data, "reference_image_base64")
 
 
+def render_client_rules(source: str, variables: dict[str, Any]) -> str:
+    """Render a client's rules template, which may only substitute the known variables.
+
+    Statements, expressions and filters are refused: a loop or arithmetic in an untrusted template could spend
+    unbounded CPU or memory, and substitution is all rules need.
+    """
+    field = "video_rules_template"
+    allowed = ", ".join(f"{{{{ {name} }}}}" for name in RULES_VARIABLES)
+    try:
+        tree = _client_templates.parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ApiError(400, "invalid_field", f"{field}: {exc.message}", field=field) from None
+    for node in tree.body:
+        parts = node.nodes if isinstance(node, jinja2.nodes.Output) else [node]
+        for part in parts:
+            plain = isinstance(part, jinja2.nodes.TemplateData)
+            if not plain and not (isinstance(part, jinja2.nodes.Name) and part.name in RULES_VARIABLES):
+                raise ApiError(400, "invalid_field", f"{field}: only {allowed} may be used", field=field)
+    return _client_templates.from_string(source).render(**variables).strip()
+
+
 def full_prompt(config: Config, body: Any) -> str:
     """The scene prompt with the video rules appended (the client's own rules template, or the configured one)."""
     variables = {"prompt": body.prompt, "aspect_ratio": body.aspect_ratio, "duration": body.duration}
     if body.video_rules_template is None:
         rules = config.render("videos.video_rules_template", **variables)
     else:
-        try:
-            rules = _client_templates.from_string(body.video_rules_template).render(**variables).strip()
-        except jinja2.TemplateError as exc:
-            raise ApiError(400, "invalid_field", f"video_rules_template: {exc}", field="video_rules_template") from None
+        rules = render_client_rules(body.video_rules_template, variables)
     return f"{body.prompt}\n\n{rules}" if rules else body.prompt
 
 
@@ -90,6 +122,8 @@ async def generate_video(request: web.Request) -> web.Response:
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, config.debug)
     request.app[PROVIDERS].video_backend(body.backend)
     image, mime_type = await reference_image(request, body)
+    if image is not None:
+        check_reference_shape(config, body)
     prompt = full_prompt(config, body)
     debug_print(config.debug, f"generate_video prompt sent to {body.backend}", prompt)
     video_request = VideoRequest(prompt=prompt, negative_prompt=body.negative_prompt, aspect_ratio=body.aspect_ratio,
@@ -137,8 +171,10 @@ async def get_video(request: web.Request) -> web.StreamResponse:
     job = request.app[JOBS].get(video_id)
     if job is not None and job.status != "succeeded":
         code = {"failed": "job_failed", "canceled": "job_canceled"}.get(job.status, "video_not_ready")
-        raise ApiError(409, code, f"job {video_id} is {job.status}" + (f" ({job.stage})" if not job.final else ""),
-                       provider_error=job.error)
+        cause = job.error or {}
+        message = f"job {video_id} is {job.status}" + (f": {cause['message']}" if cause else f" ({job.stage})")
+        raise ApiError(409, code, message, provider=cause.get("provider"),
+                       provider_status=cause.get("provider_status"), provider_error=cause.get("provider_error"))
     if not await asyncio.to_thread(path.is_file):
         raise ApiError(404, "not_found", f"no video with id {video_id}")
     return web.FileResponse(path, headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})

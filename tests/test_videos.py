@@ -56,7 +56,7 @@ def statuses(events: list[dict[str, Any]]) -> list[str]:
 
 
 async def test_sse_reports_every_stage_and_the_video_is_served_with_ranges(client: TestClient, sim: Simulator) -> None:
-    accepted = await submit(client, reference_image_base64=png_base64())
+    accepted = await submit(client, reference_image_base64=png_base64(), duration=8)
     assert accepted["status"] == "queued"
     events = await events_of(client, accepted["job_id"])
 
@@ -277,6 +277,9 @@ async def test_get_video_answers_not_ready_unknown_and_malformed(client: TestCli
     ({"video_rules_template": "{{ missing_variable }}"}, "video_rules_template"),
     ({"video_rules_template": "{{ prompt.__class__.__mro__ }}"}, "video_rules_template"),
     ({"colour": "red"}, "colour"),
+    ({"aspect_ratio": "1:1"}, "aspect_ratio"),
+    ({"reference_image_base64": png_base64(), "duration": 4}, "duration"),
+    ({"reference_image_base64": png_base64(), "duration": 8, "aspect_ratio": "9:16"}, "aspect_ratio"),
 ])
 async def test_bad_video_requests_name_the_field(client: TestClient, body: dict[str, Any], field: str) -> None:
     response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, **body})

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import httpx
 import replicate
+from replicate.client import RetryTransport
 from replicate.exceptions import ReplicateError
 from replicate.prediction import Prediction
 
@@ -37,9 +38,17 @@ async def _raise_with_response(response: httpx.Response) -> None:
 
 
 def make_client(token: str, base_url: str | None, timeout: float = 30.0) -> replicate.Client:
-    """The official client; ``base_url`` points it at the simulator in sandbox mode and tests."""
-    return replicate.Client(api_token=token, base_url=base_url, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-                            event_hooks={"response": [_raise_with_response]})
+    """The official client; ``base_url`` points it at the simulator in sandbox mode and tests.
+
+    The client's transport retries GETs on 429/503/504 up to ten times with its own waits; the job runner already
+    retries with the configured attempts and delays, so the transport is told to try once.
+    """
+    client = replicate.Client(api_token=token, base_url=base_url, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+                              event_hooks={"response": [_raise_with_response]})
+    transport = getattr(client._async_client, "_transport", None)
+    if isinstance(transport, RetryTransport):
+        transport.max_attempts = 1
+    return client
 
 
 def _output_url(output: Any) -> str | None:

@@ -1,0 +1,167 @@
+"""kill -9 in the middle of a video job, then a restart on the same output directory.
+
+The server runs as a real ``python -m mvserver`` process in sandbox mode; its built-in simulator keeps its state
+under the output directory, so after the restart (on new ports) the provider prediction is still there to poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import aiohttp
+import pytest
+import yaml
+
+from conftest import PROJECT, read_sse
+
+VIDEO_SECONDS = 3
+PROMPT = "A night-shift baker kneads dough to a slow bassline while the city sleeps."
+STARTUP_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def server_env(tmp_path: Path, settings_dir: Path) -> dict[str, str]:
+    """Sandbox mode with blank provider keys (a .env cannot supply them), outputs and fast polling in tmp_path."""
+    videos = yaml.safe_load((settings_dir / "videos.yaml").read_text())
+    videos["jobs"]["poll_interval_seconds"] = 0.1
+    (settings_dir / "videos.yaml").write_text(yaml.safe_dump(videos, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MV_", "GEMINI_", "REPLICATE_", "GOOGLE_"))}
+    env.update({
+        "GEMINI_API_KEY": "", "REPLICATE_API_TOKEN": "", "GOOGLE_VERTEX_API_KEY": "", "GOOGLE_CLOUD_PROJECT": "",
+        "MV_GEMINI_BASE_URL": "", "MV_VERTEX_BASE_URL": "", "MV_REPLICATE_BASE_URL": "",
+        "MV_MAX_CONCURRENT_JOBS": "", "MV_DEBUG_MODE": "false",
+        "MV_SANDBOX": "true",
+        "MV_OUTPUT_DIR": str(tmp_path / "outputs"),
+        "MV_SETTINGS_DIR": str(settings_dir),
+        "MV_SANDBOX_VIDEO_SECONDS": str(VIDEO_SECONDS),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
+    })
+    return env
+
+
+@pytest.fixture
+def launch(server_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[[], tuple[subprocess.Popen, str]]]:
+    """``launch()`` starts a server process on a free port; every process started here is killed at the end."""
+    started: list[subprocess.Popen] = []
+
+    def start() -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        with (tmp_path / f"server-{len(started)}.log").open("wb") as log:
+            process = subprocess.Popen([sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
+                                       cwd=tmp_path, env=server_env, stdout=log, stderr=subprocess.STDOUT)
+        started.append(process)
+        return process, f"http://127.0.0.1:{port}"
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
+
+
+async def until_up(http: aiohttp.ClientSession, process: subprocess.Popen, base: str) -> dict[str, Any]:
+    async with asyncio.timeout(STARTUP_TIMEOUT):
+        while True:
+            assert process.poll() is None, f"the server exited with {process.returncode}"
+            try:
+                async with http.get(f"{base}/api/mv/health") as response:
+                    if response.status == 200:
+                        return await response.json()
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+
+
+async def submit(http: aiohttp.ClientSession, base: str) -> str:
+    async with http.post(f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4}) as response:
+        assert response.status == 202, await response.text()
+        return (await response.json())["job_id"]
+
+
+async def until(http: aiohttp.ClientSession, base: str, job_id: str, predicate: Callable[[dict[str, Any]], bool],
+                timeout: float = 15.0) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while True:
+            async with http.get(f"{base}/api/mv/jobs/{job_id}") as response:
+                state = await response.json()
+            if predicate(state):
+                return state
+            await asyncio.sleep(0.05)
+
+
+async def video(http: aiohttp.ClientSession, base: str, job_id: str) -> bytes:
+    async with http.get(f"{base}/api/mv/get_video/{job_id}") as response:
+        assert response.status == 200, await response.text()
+        return await response.read()
+
+
+def kill9(process: subprocess.Popen) -> None:
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=10) == -signal.SIGKILL
+
+
+async def test_kill_9_mid_job_resumes_the_same_prediction_after_restart(
+        launch: Callable[[], tuple[subprocess.Popen, str]], http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    outputs = tmp_path / "outputs"
+    first, base = launch()
+    health = await until_up(http, first, base)
+    assert health["mode"] == "sandbox" and set(health["providers"].values()) == {"sandbox"}
+
+    done_id = await submit(http, base)
+    await until(http, base, done_id, lambda s: s["status"] == "succeeded")
+    finished_video = await video(http, base, done_id)
+    assert finished_video[4:8] == b"ftyp"
+
+    job_id = await submit(http, base)
+    running = await until(http, base, job_id, lambda s: s["status"] == "running" and s["provider_prediction_id"]
+                          and s["stage"] == "generating", timeout=5)
+    prediction_id = running["provider_prediction_id"]
+    kill9(first)
+
+    record = json.loads((outputs / "jobs" / f"{job_id}.json").read_text())
+    assert record["status"] == "running" and record["prediction_id"] == prediction_id
+    # What a kill during a download or a record rewrite leaves behind: temporaries next to the real files.
+    stale = [outputs / "videos" / f".{job_id}.mp4.{uuid.uuid4().hex[:8]}.part",
+             outputs / "jobs" / f".{job_id}.json.{uuid.uuid4().hex[:8]}.part"]
+    for path in stale:
+        path.write_bytes(b"\x00" * 1000)
+
+    second, base = launch()
+    await until_up(http, second, base)
+    assert not any(path.exists() for path in stale)  # removed at start-up
+    assert "resumed 1 unfinished video job" in (tmp_path / "server-1.log").read_text()
+
+    final = await until(http, base, job_id, lambda s: s["status"] in ("succeeded", "failed", "canceled"))
+    assert final["status"] == "succeeded", final["error"]
+    assert final["provider_prediction_id"] == prediction_id
+    resumed_video = await video(http, base, job_id)
+    assert resumed_video[4:8] == b"ftyp" and len(resumed_video) == final["video_bytes"]
+    assert len(list((outputs / "sandbox" / "predictions").glob("*.json"))) == 2  # no second prediction was created
+
+    assert await video(http, base, done_id) == finished_video
+    async with http.get(f"{base}/api/mv/jobs/{job_id}/events") as response:
+        events = [event async for event in read_sse(response)]
+    assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1))  # ids continue across the crash
+    assert events[-1]["event"] == "succeeded"
+    assert sorted(outputs.glob("*/.*.part")) == []
