@@ -378,6 +378,20 @@ async def test_provider_rate_limit_is_429_with_retry_after(app: Shared) -> None:
 
 
 @shared
+async def test_a_rejected_api_key_is_an_auth_failure_not_bad_input(app: Shared) -> None:
+    """Google answers an invalid key with 400 INVALID_ARGUMENT and reason API_KEY_INVALID."""
+    client, sim = app
+    google_400 = {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
+                            "status": "INVALID_ARGUMENT",
+                            "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                                         "domain": "googleapis.com"}]}}
+    sim.add_fault("gemini.generate", "status", status=400, body=google_400)
+    response = await client.post(URL, json=body())
+    error = await assert_error(response, 502, "provider_auth_failed")
+    assert error["provider_status"] == 400 and "API_KEY_INVALID" in json.dumps(error["provider_error"])
+
+
+@shared
 async def test_one_malformed_reply_is_retried(app: Shared) -> None:
     client, sim = app
     sim.add_fault("gemini.generate", "fail_prediction")

@@ -307,6 +307,20 @@ async def test_custom_rules_template_and_debug_output(make_client: Any, caplog: 
     await client.delete(accepted["status_url"])
 
 
+async def test_debug_output_shortens_an_inline_image(make_client: Any, caplog: pytest.LogCaptureFixture) -> None:
+    client = await make_client(MV_DEBUG_MODE="true")
+    noise = Image.effect_noise((200, 200), 64).convert("RGB")
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    assert len(image) > 2000
+    with caplog.at_level("INFO", logger="mvserver.debug"):
+        accepted = await submit(client, reference_image_base64=image, duration=8)
+    assert image not in caplog.text
+    assert f"{image[:80]}... ({len(image)} characters)" in caplog.text
+    await client.delete(accepted["status_url"])
+
+
 async def test_jobs_beyond_the_concurrency_limit_queue_in_order(make_client: Any, sim: Simulator) -> None:
     sim.video_latency = 0.4
     client = await make_client(MV_MAX_CONCURRENT_JOBS=1)
