@@ -15,8 +15,11 @@ import hashlib
 import json
 import logging
 import mimetypes
+import os
 import re
 import secrets
+import shutil
+import struct
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -276,6 +279,37 @@ def _wait_seconds(request: web.Request) -> float | None:
 # -- files -----------------------------------------------------------------------------------------------------------
 
 
+def pad_mp4(path: Path, pad_bytes: int) -> None:
+    """Append an MP4 ``free`` box of ``pad_bytes`` bytes (at least its 8-byte header) as a sparse hole of zeros;
+    players skip ``free`` boxes, so the file stays a valid MP4."""
+    if pad_bytes <= 0:
+        return
+    size = max(8, pad_bytes)
+    header = struct.pack(">I4s", size, b"free") if size < 2**32 else struct.pack(">I4sQ", 1, b"free", size)
+    with open(path, "r+b") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        handle.write(header)
+        handle.truncate(end + size)
+
+
+def render_key(options: dict[str, Any], pad_bytes: int) -> str:
+    """Content address of a video render: every render option (the reference image by digest) and the padding."""
+    reference = options.get("reference_image")
+    described = {**options, "reference_image": hashlib.sha256(reference).hexdigest() if reference else None,
+                 "pad_bytes": pad_bytes}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    """Put ``source`` at ``dest`` atomically: a hard link when the filesystem allows it, else a copy."""
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
+
+
 def _safe_name(filename: str | None) -> str:
     name = Path(filename or "").name
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip("._-")[:128]
@@ -308,6 +342,7 @@ class ReplicateApi:
 
     def __init__(self) -> None:
         self.locks: dict[str, asyncio.Lock] = {}
+        self.cache_locks: dict[str, asyncio.Lock] = {}
 
     # records
 
@@ -364,10 +399,29 @@ class ReplicateApi:
         references = inputs.get("reference_images") or ([inputs["image"]] if inputs.get("image") else [])
         reference = await self._reference(sim, references[0]) if references else None
         name = "output.mp4"
-        await render_video(folder / name, prompt=inputs["prompt"], duration=inputs.get("duration", 8),
-                           aspect_ratio=inputs.get("aspect_ratio", "16:9"), reference_image=reference,
-                           generate_audio=inputs.get("generate_audio", True), seed=inputs.get("seed"))
+        options = {"prompt": inputs["prompt"], "duration": inputs.get("duration", 8),
+                   "aspect_ratio": inputs.get("aspect_ratio", "16:9"), "reference_image": reference,
+                   "generate_audio": inputs.get("generate_audio", True), "seed": inputs.get("seed")}
+        await self._render_video(sim, folder / name, options)
         return name
+
+    async def _render_video(self, sim: Simulator, dest: Path, options: dict[str, Any]) -> None:
+        """Render the MP4, padded by ``sim.output_pad_bytes``; with ``sim.render_cache`` identical requests share
+        one file (content-addressed under ``state_dir/cache``, hard-linked into place)."""
+        if not sim.render_cache:
+            await render_video(dest, **options)
+            await asyncio.to_thread(pad_mp4, dest, sim.output_pad_bytes)
+            return
+        key = render_key(options, sim.output_pad_bytes)
+        cached = sim.state_dir / "cache" / f"{key}.mp4"
+        async with self.cache_locks.setdefault(key, asyncio.Lock()):
+            if not await asyncio.to_thread(cached.is_file):
+                await asyncio.to_thread(cached.parent.mkdir, parents=True, exist_ok=True)
+                rendering = cached.with_suffix(".rendering.mp4")
+                await render_video(rendering, **options)
+                await asyncio.to_thread(pad_mp4, rendering, sim.output_pad_bytes)
+                await asyncio.to_thread(os.replace, rendering, cached)
+        await asyncio.to_thread(_link_or_copy, cached, dest)
 
     @staticmethod
     async def _reference(sim: Simulator, value: Any) -> bytes:

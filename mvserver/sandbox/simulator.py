@@ -50,6 +50,8 @@ class Simulator:
     video_latency: float = 12.0
     image_latency: float = 1.5
     scenes_latency: float = 0.5
+    render_cache: bool = False  # identical video requests share one rendered MP4 (benchmarks)
+    output_pad_bytes: int = 0  # bytes of MP4 ``free`` box appended to each rendered video (large-file benchmarks)
     faults: list[Fault] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (route name, path) seen, for tests
 
