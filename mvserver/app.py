@@ -85,6 +85,7 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await gemini.aclose()
+        await replicate.aclose()
         await session.close()
         if runner is not None:
             await runner.cleanup()

@@ -110,6 +110,8 @@ def from_exception(exc: BaseException, provider: str) -> ApiError:
     """Turn anything a provider SDK raised into an :class:`ApiError` that keeps the provider's status and text."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, httpx.HTTPError) and isinstance(exc.__cause__, aiohttp.ClientError):
+        exc = exc.__cause__  # the aiohttp transport reports every dropped connection as a connect timeout
     if isinstance(exc, replicate.exceptions.ReplicateError):
         detail = {k: v for k, v in {"title": exc.title, "detail": exc.detail, "type": exc.type}.items() if v}
         message = exc.detail or exc.title or "error"

@@ -14,9 +14,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal, TypeVar
 
@@ -37,9 +38,19 @@ T = TypeVar("T")
 
 @dataclass
 class Event:
+    """One job event; ``data_json`` is ``data`` serialised once, for the log and every subscriber."""
+
     id: int
     event: str
     data: dict[str, Any]
+    data_json: str = field(default="", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.data_json:
+            self.data_json = json.dumps(self.data, separators=(",", ":"))
+
+    def log_line(self) -> str:
+        return f'{{"id":{self.id},"event":{json.dumps(self.event)},"data":{self.data_json}}}\n'
 
 
 @dataclass
@@ -100,9 +111,7 @@ class Job:
 
     def record(self) -> dict[str, Any]:
         """The persisted fields; events live in their own append-only log."""
-        record = asdict(self)
-        del record["events"]
-        return record
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "events"}
 
 
 def job_urls(job_id: str) -> dict[str, str]:
@@ -155,17 +164,26 @@ class JobManager:
         return jobs
 
     def _read_events(self, job_id: str) -> list[Event]:
-        """The job's event log; a line cut short by a crash ends it."""
+        """The job's event log. A line cut short by a crash ends it and is cut off the file, so the next
+        appended event starts on a line of its own."""
+        path = self.store.path("jobs", job_id, ".events.jsonl")
         events: list[Event] = []
         try:
-            lines = self.store.path("jobs", job_id, ".events.jsonl").read_text().splitlines()
+            data = path.read_bytes()
         except FileNotFoundError:
             return events
-        for line in lines:
+        good_end = 0
+        for line in data.splitlines(keepends=True):
             try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("unterminated line")
                 events.append(Event(**json.loads(line)))
             except (ValueError, TypeError):
                 break
+            good_end += len(line)
+        if good_end < len(data):
+            log.warning("job %s: event log cut after event %d (torn write)", job_id, len(events))
+            os.truncate(path, good_end)
         return events
 
     async def close(self) -> None:
@@ -289,7 +307,8 @@ class JobManager:
                 job.progress = round(snapshot.progress, 4)
             job.stage = "generating"
             await self._publish(job, "progress", extra={"logs": _tail(snapshot.logs)})
-            await asyncio.sleep(self.settings.poll_interval_seconds)
+            # +-10% jitter keeps jobs that started together (or resumed together) from polling in lockstep.
+            await asyncio.sleep(self.settings.poll_interval_seconds * random.uniform(0.9, 1.1))
 
     async def _retry(self, call: Callable[[], Awaitable[T]], *, create: bool = False) -> T:
         """Retry transient provider errors with capped exponential backoff and jitter, honouring Retry-After.
@@ -341,8 +360,8 @@ class JobManager:
         if extra:
             data.update({k: v for k, v in extra.items() if v is not None})
         event = Event(id=job.last_event_id + 1, event=name, data=data)
-        line = json.dumps(asdict(event), separators=(",", ":")) + "\n"
-        await asyncio.to_thread(_append, self.store.path("jobs", job.id, ".events.jsonl"), line)
+        # A buffered append of one short line, done inline: it keeps events in order and costs microseconds.
+        _append(self.store.path("jobs", job.id, ".events.jsonl"), event.log_line())
         job.events.append(event)
         waker = self._wakers.pop(job.id, None)
         if waker is not None:
@@ -386,7 +405,7 @@ async def stream_events(request: web.Request, manager: JobManager, job: Job, *, 
                     event = following.result()
                 except StopAsyncIteration:
                     break
-                await response.send(json.dumps(event.data), id=str(event.id), event=event.event,
+                await response.send(event.data_json, id=str(event.id), event=event.event,
                                     retry=retry_ms if first else None)
                 first = False
         except (ConnectionResetError, RuntimeError):

@@ -369,3 +369,24 @@ async def test_sandbox_mode_renders_a_labelled_h264_clip_of_the_requested_shape(
         assert (media["width"], media["height"]) == (360, 640)
         assert abs(media["duration"] - 6) < 0.1
         assert media["audio_codec"] is None
+
+
+async def test_a_torn_last_event_line_is_cut_off_before_the_job_resumes(make_client: Any, sim: Simulator,
+                                                                        live_env: dict[str, str]) -> None:
+    sim.video_latency = 1.0
+    first = await make_client()
+    accepted = await submit(first)
+    await wait_for(first, accepted["job_id"], lambda s: s["provider_prediction_id"] and s["stage"] == "generating")
+    good = [(e.id, e.event) for e in first.app[JOBS].jobs[accepted["job_id"]].events]
+    await first.close()
+    log = Path(live_env["MV_OUTPUT_DIR"]) / "jobs" / f"{accepted['job_id']}.events.jsonl"
+    with log.open("a") as handle:
+        handle.write('{"id": 99, "event": "prog')  # a write cut short by a crash
+
+    second = await make_client()
+    events = await events_of(second, accepted["job_id"])
+    assert [(int(e["id"]), e["event"]) for e in events][: len(good)] == good
+    assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["event"] == "succeeded"
+    lines = log.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == list(range(1, len(lines) + 1))

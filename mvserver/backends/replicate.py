@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import httpx
 import replicate
+from httpx_aiohttp import AiohttpTransport
 from replicate.client import RetryTransport
 from replicate.exceptions import ReplicateError
 from replicate.prediction import Prediction
@@ -40,11 +41,13 @@ async def _raise_with_response(response: httpx.Response) -> None:
 def make_client(token: str, base_url: str | None, timeout: float = 30.0) -> replicate.Client:
     """The official client; ``base_url`` points it at the simulator in sandbox mode and tests.
 
-    The client's transport retries GETs on 429/503/504 up to ten times with its own waits; the job runner already
-    retries with the configured attempts and delays, so the transport is told to try once.
+    Requests go through an aiohttp transport: httpcore's pool slows down with hundreds of polls in flight.
+    The client's retry layer retries GETs on 429/503/504 up to ten times with its own waits; the job runner
+    already retries with the configured attempts and delays, so that layer is told to try once.
     """
+    transport = AiohttpTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=100))
     client = replicate.Client(api_token=token, base_url=base_url, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-                              event_hooks={"response": [_raise_with_response]})
+                              transport=transport, event_hooks={"response": [_raise_with_response]})
     transport = getattr(client._async_client, "_transport", None)
     if isinstance(transport, RetryTransport):
         transport.max_attempts = 1
@@ -87,6 +90,9 @@ class ReplicateProvider:
         self.poll_interval = poll_interval
         self.request_timeout = request_timeout
         self.sandbox = sandbox
+
+    async def aclose(self) -> None:
+        await self.client._async_client.aclose()
 
     async def _call(self, coro: Any) -> Any:
         try:
