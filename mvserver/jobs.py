@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Literal, TypeVar
+from typing import Any, Awaitable, Callable, Literal, TypeVar
 
 from aiohttp import web
 from aiohttp_sse import sse_response
@@ -132,7 +132,7 @@ class JobManager:
         self.jobs: dict[str, Job] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(max_concurrent)
-        self._wakers: dict[str, asyncio.Event] = {}
+        self._wakers: dict[str, asyncio.Future[None]] = {}  # one per job, shared by all its waiting subscribers
         self._write_locks: dict[str, asyncio.Lock] = {}
         self._cancel_requested: set[str] = set()
 
@@ -193,7 +193,8 @@ class JobManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for waker in self._wakers.values():
-            waker.set()
+            if not waker.done():
+                waker.set_result(None)
 
     # -- public API -------------------------------------------------------------------------------------------
 
@@ -224,17 +225,18 @@ class JobManager:
             await asyncio.shield(task)
         return job
 
-    async def events(self, job: Job, after: int = 0) -> AsyncIterator[Event]:
-        """Every event with id > ``after``, then each new one as it happens, until the final event."""
-        while True:
-            index = max(0, after - job.events[0].id + 1) if job.events else 0
-            for event in job.events[index:]:
-                after = event.id
-                yield event
-            if job.final and after >= job.last_event_id:
-                return
-            waker = self._wakers.setdefault(job.id, asyncio.Event())
-            await waker.wait()
+    @staticmethod
+    def events_after(job: Job, after: int) -> list[Event]:
+        """The job's events with id > ``after`` (ids are sequential, so this is a slice)."""
+        index = max(0, after - job.events[0].id + 1) if job.events else 0
+        return job.events[index:]
+
+    def next_change(self, job: Job) -> asyncio.Future[None]:
+        """A future resolved at the job's next event; every waiting subscriber shares it."""
+        waker = self._wakers.get(job.id)
+        if waker is None:
+            waker = self._wakers[job.id] = asyncio.get_running_loop().create_future()
+        return waker
 
     # -- running ----------------------------------------------------------------------------------------------
 
@@ -364,8 +366,8 @@ class JobManager:
         _append(self.store.path("jobs", job.id, ".events.jsonl"), event.log_line())
         job.events.append(event)
         waker = self._wakers.pop(job.id, None)
-        if waker is not None:
-            waker.set()
+        if waker is not None and not waker.done():
+            waker.set_result(None)
         if persist:
             await self._persist(job)
 
@@ -391,28 +393,22 @@ async def stream_events(request: web.Request, manager: JobManager, job: Job, *, 
     """Serve one job's events as SSE: history after ``Last-Event-ID``, then live events, then close."""
     async with sse_response(request, ping_interval=ping_interval) as response:
         after = _last_event_id(response.last_event_id)
-        gone = asyncio.ensure_future(response.wait())
-        events = manager.events(job, after)
-        first = True
+        gone = asyncio.ensure_future(response.wait())  # done when a ping finds the client gone
+        retry: int | None = retry_ms
         try:
             while True:
-                following = asyncio.ensure_future(anext(events))
-                await asyncio.wait({following, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not following.done():  # the client went away while we waited
-                    following.cancel()
+                for event in manager.events_after(job, after):
+                    await response.send(event.data_json, id=str(event.id), event=event.event, retry=retry)
+                    after, retry = event.id, None
+                if job.final and after >= job.last_event_id:
                     break
-                try:
-                    event = following.result()
-                except StopAsyncIteration:
+                await asyncio.wait({manager.next_change(job), gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone.done():
                     break
-                await response.send(event.data_json, id=str(event.id), event=event.event,
-                                    retry=retry_ms if first else None)
-                first = False
         except (ConnectionResetError, RuntimeError):
             pass  # the client disconnected during a write
         finally:
             gone.cancel()
-            await events.aclose()
     return response
 
 
