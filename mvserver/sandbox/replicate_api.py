@@ -489,25 +489,27 @@ class ReplicateApi:
             "completed_at": None,
         }
 
-    async def get_prediction(self, request: web.Request) -> web.Response:
-        """``GET /replicate/v1/predictions/{prediction_id}``."""
-        sim = request.app[SIMULATOR]
+    async def _requested_prediction(self, request: web.Request) -> dict[str, Any] | web.Response:
+        """The prediction named in the path, or the error Replicate answers (401 without a token, 404 unknown)."""
         if not _authorized(request):
             return _unauthenticated()
-        record = await self._load(sim, request.match_info["prediction_id"])
-        if record is None:
-            return _not_found("prediction")
-        record = await self._current(sim, record)
+        record = await self._load(request.app[SIMULATOR], request.match_info["prediction_id"])
+        return _not_found("prediction") if record is None else record
+
+    async def get_prediction(self, request: web.Request) -> web.Response:
+        """``GET /replicate/v1/predictions/{prediction_id}``."""
+        record = await self._requested_prediction(request)
+        if isinstance(record, web.Response):
+            return record
+        record = await self._current(request.app[SIMULATOR], record)
         return web.json_response(prediction_json(record, _base_url(request)))
 
     async def cancel_prediction(self, request: web.Request) -> web.Response:
         """``POST /replicate/v1/predictions/{prediction_id}/cancel``: stop it unless it has already ended."""
         sim = request.app[SIMULATOR]
-        if not _authorized(request):
-            return _unauthenticated()
-        record = await self._load(sim, request.match_info["prediction_id"])
-        if record is None:
-            return _not_found("prediction")
+        record = await self._requested_prediction(request)
+        if isinstance(record, web.Response):
+            return record
         async with self._lock(record["id"]):
             record = await self._load(sim, record["id"]) or record
             if phase(record) in ("starting", "processing"):
