@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 from PIL import Image
@@ -77,8 +77,9 @@ def checked_base64(data: bytes, output_format: str) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-async def generate_reference(app: web.Application, params: dict[str, Any], defaulted: list[str]) -> dict[str, Any]:
-    """Render the prompt, run Imagen, check and save the image; return the response body."""
+async def generate_reference(app: web.Application, params: dict[str, Any], defaulted: list[str],
+                             abandoned: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """Render the prompt, run Imagen (canceled if ``abandoned()``), check and save the image; return the body."""
     config: Config = app[CONFIG]
     settings = config.images
     providers = app[PROVIDERS]
@@ -89,7 +90,8 @@ async def generate_reference(app: web.Application, params: dict[str, Any], defau
     debug_print(config.debug, f"generate_character_reference input for {settings.model}", inputs)
     started = time.monotonic()
     data, prediction = await providers.replicate.generate_image(
-        settings.model, inputs, timeout=settings.timeout_seconds, poll_interval=settings.poll_interval_seconds)
+        settings.model, inputs, timeout=settings.timeout_seconds, poll_interval=settings.poll_interval_seconds,
+        abandoned=abandoned)
     encoded = await asyncio.to_thread(checked_base64, data, params["output_format"])
     elapsed = round(time.monotonic() - started, 3)
     fmt = FORMATS[params["output_format"]]
@@ -147,7 +149,11 @@ async def load_image(app: web.Application, image_id: str) -> tuple[bytes, str]:
 async def generate_character_reference(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].image, config.debug)
-    return web.json_response(await generate_reference(request.app, body.model_dump(), defaulted))
+
+    def abandoned() -> bool:
+        return request.transport is None or request.transport.is_closing()
+
+    return web.json_response(await generate_reference(request.app, body.model_dump(), defaulted, abandoned))
 
 
 @routes.get("/api/mv/get_image/{image_id}")

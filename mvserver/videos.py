@@ -18,14 +18,14 @@ from .backends import PROVIDERS, VideoRequest
 from .config import CONFIG, Config
 from .debug import debug_print
 from .errors import ApiError
-from .images import load_image
+from .images import FORMATS, load_image
 from .jobs import JOBS, Job, job_urls, stream_events
 from .schemas import REQUEST_MODELS, parse_body
 from .storage import STORE, check_id
 
 routes = web.RouteTableDef()
 
-IMAGE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+IMAGE_TYPES = {fmt.pillow: fmt.mime_type for fmt in FORMATS.values()}  # Pillow format name -> MIME type
 RULES_VARIABLES = ("prompt", "aspect_ratio", "duration")
 _client_templates = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -304,3 +305,36 @@ async def test_load_image_returns_bytes_and_mime_type(client: TestClient) -> Non
     with pytest.raises(ApiError) as malformed:
         await load_image(client.app, "../../etc/passwd")
     assert malformed.value.status == 400 and malformed.value.info.field == "reference_image_id"
+
+
+
+async def test_an_abandoned_request_cancels_the_prediction_and_saves_nothing(sim: Simulator,
+                                                                            live_env: dict[str, str]) -> None:
+    """Served as ``python -m mvserver`` serves it (aiohttp does not cancel handlers when a client leaves)."""
+    import aiohttp
+    from aiohttp import web
+
+    from mvserver.app import create_app
+
+    sim.image_latency = 30
+    runner = web.AppRunner(create_app(live_env), handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.ensure_future(session.post(f"http://127.0.0.1:{port}/api/mv/generate_character_reference",
+                                                         json={"character_description": "a knight in a paper crown"}))
+            async with asyncio.timeout(5):
+                while not any(route == "replicate.get" for route, _ in sim.requests):
+                    await asyncio.sleep(0.02)
+            request.cancel()  # the client gives up and its connection closes
+        async with asyncio.timeout(5):
+            while not any(route == "replicate.cancel" for route, _ in sim.requests):
+                await asyncio.sleep(0.02)
+        prediction_id = next(path.split("/")[-2] for route, path in sim.requests if route == "replicate.cancel")
+        assert sim.load("predictions", prediction_id)["status"] == "canceled"
+        assert list((Path(live_env["MV_OUTPUT_DIR"]) / "images").iterdir()) == []
+    finally:
+        await runner.cleanup()

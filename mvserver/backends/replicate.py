@@ -10,7 +10,7 @@ import asyncio
 import io
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 import httpx
@@ -150,14 +150,19 @@ class ReplicateProvider:
 
     # -- images -------------------------------------------------------------------------------------------
 
-    async def generate_image(self, model: str, inputs: dict[str, Any], *, timeout: float, poll_interval: float) -> tuple[bytes, Prediction]:
-        """Run an image prediction to the end within ``timeout`` seconds; cancel it if we stop waiting."""
+    async def generate_image(self, model: str, inputs: dict[str, Any], *, timeout: float, poll_interval: float,
+                             abandoned: Callable[[], bool] = lambda: False) -> tuple[bytes, Prediction]:
+        """Run an image prediction to the end within ``timeout`` seconds; cancel it if we stop waiting (timeout,
+        cancellation, or ``abandoned()`` turning true because the client went away)."""
         prediction = await self.create(model, inputs)
         deadline = time.monotonic() + timeout
         try:
             while prediction.status not in ("succeeded", "failed", "canceled"):
                 if time.monotonic() >= deadline:
                     raise ApiError(504, "provider_timeout", f"{NAME} prediction {prediction.id} did not finish in {timeout:g} s",
+                                   provider=NAME, provider_status=prediction.status)
+                if abandoned():
+                    raise ApiError(499, "client_disconnected", "the client closed the connection; prediction canceled",
                                    provider=NAME, provider_status=prediction.status)
                 await asyncio.sleep(poll_interval)
                 prediction = await self.get(prediction.id)
