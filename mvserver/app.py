@@ -71,7 +71,6 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
             videos.jobs.request_timeout_seconds),
         session, store,
         video_model=videos.backends.replicate.model,
-        poll_interval=videos.jobs.poll_interval_seconds,
         request_timeout=videos.jobs.request_timeout_seconds,
         sandbox="replicate" in sandboxed,
     )

@@ -129,21 +129,13 @@ def from_exception(exc: BaseException, provider: str) -> ApiError:
         return error
     if isinstance(exc, json.JSONDecodeError):
         return ApiError(502, "provider_bad_response", f"{provider} answered with invalid JSON: {exc}", provider=provider)
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) or _is_httpx_timeout(exc):
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, httpx.TimeoutException)):
         return ApiError(504, "provider_timeout", f"{provider} did not answer in time", provider=provider)
-    if isinstance(exc, (aiohttp.ClientError, ConnectionError, OSError)) or _is_httpx_transport_error(exc):
+    if isinstance(exc, (aiohttp.ClientError, ConnectionError, OSError, httpx.TransportError)):
         return ApiError(502, "provider_unreachable", f"could not reach {provider}: {exc.__class__.__name__}: {exc}",
                         provider=provider)
     log.exception("unexpected %s failure", provider, exc_info=exc)
     return ApiError(502, "provider_error", f"{provider} call failed: {exc.__class__.__name__}", provider=provider)
-
-
-def _is_httpx_transport_error(exc: BaseException) -> bool:
-    return isinstance(exc, httpx.TransportError)
-
-
-def _is_httpx_timeout(exc: BaseException) -> bool:
-    return isinstance(exc, httpx.TimeoutException)
 
 
 def validation_error(exc: ValidationError) -> ApiError:

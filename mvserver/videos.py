@@ -14,7 +14,7 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
-from .backends import PROVIDERS, VideoRequest
+from .backends import VideoRequest
 from .config import CONFIG, Config
 from .debug import debug_print
 from .errors import ApiError
@@ -120,7 +120,6 @@ def full_prompt(config: Config, body: Any) -> str:
 async def generate_video(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, config.debug)
-    request.app[PROVIDERS].video_backend(body.backend)
     image, mime_type = await reference_image(request, body)
     if image is not None:
         check_reference_shape(config, body)

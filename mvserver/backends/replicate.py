@@ -45,12 +45,12 @@ def make_client(token: str, base_url: str | None, timeout: float = 30.0) -> repl
     The client's retry layer retries GETs on 429/503/504 up to ten times with its own waits; the job runner
     already retries with the configured attempts and delays, so that layer is told to try once.
     """
-    transport = AiohttpTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=100))
+    aiohttp_transport = AiohttpTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=100))
     client = replicate.Client(api_token=token, base_url=base_url, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-                              transport=transport, event_hooks={"response": [_raise_with_response]})
-    transport = getattr(client._async_client, "_transport", None)
-    if isinstance(transport, RetryTransport):
-        transport.max_attempts = 1
+                              transport=aiohttp_transport, event_hooks={"response": [_raise_with_response]})
+    retry_layer = getattr(client._async_client, "_transport", None)  # the client wraps our transport in its retries
+    if isinstance(retry_layer, RetryTransport):
+        retry_layer.max_attempts = 1
     return client
 
 
@@ -82,12 +82,11 @@ class ReplicateProvider:
     name = NAME
 
     def __init__(self, client: replicate.Client, session: aiohttp.ClientSession, store: OutputStore, *,
-                 video_model: str, poll_interval: float, request_timeout: float, sandbox: bool):
+                 video_model: str, request_timeout: float, sandbox: bool):
         self.client = client
         self.session = session
         self.store = store
         self.model = video_model
-        self.poll_interval = poll_interval
         self.request_timeout = request_timeout
         self.sandbox = sandbox
 
