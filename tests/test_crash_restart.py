@@ -150,7 +150,7 @@ async def test_kill_9_mid_job_resumes_the_same_prediction_after_restart(
     second, base = launch()
     await until_up(http, second, base)
     assert not any(path.exists() for path in stale)  # removed at start-up
-    assert "resumed 1 unfinished video job" in (tmp_path / "server-1.log").read_text()
+    assert "resuming 1 unfinished job" in (tmp_path / "server-1.log").read_text()
 
     final = await until(http, base, job_id, lambda s: s["status"] in ("succeeded", "failed", "canceled"))
     assert final["status"] == "succeeded", final["error"]
