@@ -289,6 +289,7 @@ class JobEngine:
         prediction_id = job.prediction_id
         assert prediction_id is not None
         snapshot: Snapshot | None = None
+        shown_logs: str | None = None  # a progress event carries the log tail only when it changed
         while True:
             if snapshot is None:
                 snapshot = await self._retry(lambda: driver.poll(prediction_id))
@@ -297,7 +298,9 @@ class JobEngine:
             if snapshot.progress is not None:
                 job.progress = round(snapshot.progress, 4)
             job.stage = "generating"
-            await self._publish(job, lease, "progress", extra={"logs": _tail(snapshot.logs)})
+            tail = _tail(snapshot.logs)
+            await self._publish(job, lease, "progress", extra={"logs": tail if tail != shown_logs else None})
+            shown_logs = tail or shown_logs
             snapshot = await self._next_update(job, driver)
 
     async def _next_update(self, job: Job, driver: Any) -> Snapshot | None:
@@ -377,7 +380,10 @@ class JobEngine:
 
     async def _publish(self, job: Job, lease: Lease, name: str, *, record: bool = False,
                        extra: dict[str, Any] | None = None) -> None:
-        data = _event_data(job)
+        """Write one event: a status or stage change (``record``) carries the full state, a per-poll ``progress``
+        event only what moves."""
+        full = record or name != "progress"
+        data = _event_data(job) if full else {**job.progress_state(), "event_time": time.time()}
         if extra:
             data.update({k: v for k, v in extra.items() if v is not None})
         event = Event(id=job.last_event_id + 1, event=name, data=data)
