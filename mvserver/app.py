@@ -8,7 +8,7 @@ from typing import AsyncIterator, Mapping
 import aiohttp
 from aiohttp import web
 
-from . import demo, images, meta, scenes, videos
+from . import demo, events, images, meta, scenes, videos
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
@@ -135,5 +135,6 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app.add_routes(scenes.routes)
     app.add_routes(images.routes)
     app.add_routes(videos.routes)
+    app.add_routes(events.routes)
     app.add_routes(demo.routes)
     return app
