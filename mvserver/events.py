@@ -18,7 +18,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     settings = request.app[CONFIG].videos.jobs
     job_ids = await _job_ids(request, settings.sse_max_jobs_per_stream)
     return await stream_many(request, request.app[JOBS], job_ids, ping_interval=settings.sse_ping_interval_seconds,
-                             retry_ms=settings.sse_retry_ms)
+                             retry_ms=settings.sse_retry_ms, after=request.query.get("after"))
 
 
 async def _job_ids(request: web.Request, limit: int) -> list[str]:

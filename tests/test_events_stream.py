@@ -62,6 +62,19 @@ async def test_a_reconnect_with_the_last_id_resumes_every_job_where_it_stood(cli
         assert combined[job_id] == [e["event"] for e in alone]  # nothing repeated, nothing missed
 
 
+async def test_a_new_stream_with_after_resumes_each_job_including_a_new_one(client: TestClient,
+                                                                               sim: Simulator) -> None:
+    sim.video_latency = 0.3
+    first_id = (await submit(client))["job_id"]
+    first = await stream(client, [first_id])
+    second_id = (await submit(client))["job_id"]
+    async with client.get("/api/mv/events", params={"jobs": f"{second_id},{first_id}",
+                                                    "after": f"0.{first[-1]['id']}"}) as response:
+        resumed = [event async for event in read_sse(response)]
+    assert set(by_job(resumed)) == {second_id}  # the finished first job sends nothing again
+    assert by_job(resumed)[second_id][-1] == "succeeded"
+
+
 async def test_finished_jobs_replay_and_the_stream_closes(client: TestClient, sim: Simulator) -> None:
     sim.video_latency = 0.2
     job_id = (await submit(client))["job_id"]

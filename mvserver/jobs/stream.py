@@ -49,15 +49,16 @@ def last_event_id(raw: str | None) -> int:
 
 
 async def stream_many(request: web.Request, engine: JobEngine, job_ids: list[str], *, ping_interval: float,
-                      retry_ms: int) -> web.StreamResponse:
+                      retry_ms: int, after: str | None = None) -> web.StreamResponse:
     """Serve several jobs' events on one connection (a browser allows about six per origin).
 
     The SSE id of each event is every job's position, in the order of ``job_ids``, joined by dots (``3.7.0``):
-    a reconnect with ``Last-Event-ID`` resumes each job where it stood. The stream ends when every job has
-    sent its final event, when the client goes, or at shutdown.
+    a reconnect with ``Last-Event-ID`` resumes each job where it stood. ``after`` (same form) does the same for
+    a client that opens a new stream itself (an EventSource cannot set that header). The stream ends when every
+    job has sent its final event, when the client goes, or at shutdown.
     """
     async with sse_response(request, ping_interval=ping_interval) as response:
-        positions = _positions(response.last_event_id, len(job_ids))
+        positions = _positions(response.last_event_id or after, len(job_ids))
         gone = asyncio.ensure_future(response.wait())
         assert engine.closing is not None
         open_jobs = await _unfinished(engine, job_ids, positions)
