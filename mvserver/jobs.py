@@ -28,6 +28,7 @@ from .backends import Providers, Snapshot, VideoRequest
 from .config import JobsSettings
 from .errors import ApiError, ErrorInfo
 from .storage import OutputStore, is_valid_id, new_id
+from .updates import PushedUpdates
 
 log = logging.getLogger("mvserver.jobs")
 
@@ -135,6 +136,7 @@ class JobManager:
         self._wakers: dict[str, asyncio.Future[None]] = {}  # one per job, shared by all its waiting subscribers
         self._write_locks: dict[str, asyncio.Lock] = {}
         self._cancel_requested: set[str] = set()
+        self.pushed = PushedUpdates(settings.webhook_safety_poll_seconds)  # provider webhooks (mvserver.updates)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -231,6 +233,14 @@ class JobManager:
         index = max(0, after - job.events[0].id + 1) if job.events else 0
         return job.events[index:]
 
+    def on_provider_update(self, job_id: str, prediction_id: str, snapshot: Snapshot) -> bool:
+        """A verified provider webhook: wake the job's poll loop with it (applied like a poll result).
+        False when the job is not running or the update is not newer than what it has seen."""
+        job = self.jobs.get(job_id)
+        if job is None or job.final or job_id not in self.tasks:
+            return False
+        return self.pushed.push(job_id, prediction_id, snapshot)
+
     def next_change(self, job: Job) -> asyncio.Future[None]:
         """A future resolved at the job's next event; every waiting subscriber shares it."""
         waker = self._wakers.get(job.id)
@@ -274,6 +284,7 @@ class JobManager:
             await self._finish(job, "failed", ErrorInfo("internal_error", f"{exc.__class__.__name__}: {exc}"))
         finally:
             self._cancel_requested.discard(job.id)
+            self.pushed.forget(job.id)
 
     async def _drive(self, job: Job, backend: Any) -> None:
         """Create (unless resuming) the prediction, poll it to the end, download the video."""
@@ -301,8 +312,9 @@ class JobManager:
         await self._finish(job, "succeeded", None)
 
     async def _poll_until_done(self, job: Job, backend: Any) -> Snapshot:
+        pushed: Snapshot | None = None  # a webhook's snapshot, applied exactly like a poll result
         while True:
-            snapshot = await self._retry(lambda: backend.poll(job.prediction_id))
+            snapshot = pushed or self.pushed.polled(job.id, await self._retry(lambda: backend.poll(job.prediction_id)))
             if snapshot.done:
                 return snapshot
             if snapshot.progress is not None:
@@ -310,7 +322,8 @@ class JobManager:
             job.stage = "generating"
             await self._publish(job, "progress", extra={"logs": _tail(snapshot.logs)})
             # +-10% jitter keeps jobs that started together (or resumed together) from polling in lockstep.
-            await asyncio.sleep(self.settings.poll_interval_seconds * random.uniform(0.9, 1.1))
+            pushed = await self.pushed.wait(job.id, job.prediction_id,
+                                            self.settings.poll_interval_seconds * random.uniform(0.9, 1.1))
 
     async def _retry(self, call: Callable[[], Awaitable[T]], *, create: bool = False) -> T:
         """Retry transient provider errors with capped exponential backoff and jitter, honouring Retry-After.
@@ -337,7 +350,8 @@ class JobManager:
             reference = await asyncio.to_thread(self.store.path("jobs", job.id, ".ref").read_bytes)
         fields = {k: job.request[k] for k in ("negative_prompt", "aspect_ratio", "duration", "generate_audio", "seed")}
         return VideoRequest(prompt=job.request["full_prompt"], reference_image=reference,
-                            reference_mime_type=job.reference_mime_type, **fields)
+                            reference_mime_type=job.reference_mime_type, **fields,
+                            webhook=self.pushed.webhook_url(job.id, job.backend))
 
     async def _cancel_provider(self, job: Job, backend: Any) -> None:
         if job.prediction_id is None:

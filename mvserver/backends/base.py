@@ -23,6 +23,7 @@ class VideoRequest:
     seed: int | None = None
     reference_image: bytes | None = field(default=None, repr=False)
     reference_mime_type: str | None = None
+    webhook: str | None = None  # where the provider should push updates (Replicate only; others poll)
 
 
 @dataclass(frozen=True)
