@@ -33,7 +33,7 @@ LIMITS = yaml.safe_load((PROJECT / "settings" / "videos.yaml").read_text())["lim
 
 
 def no_jobs(tmp_path: Path) -> bool:
-    return not list((tmp_path / "outputs" / "jobs").iterdir())
+    return not [path for path in (tmp_path / "outputs" / "jobs").rglob("*") if path.is_file()]
 
 
 async def error_of(response: Any, status: int = 400) -> dict[str, Any]:

@@ -23,7 +23,7 @@ BODY = {"prompt": "A getaway driver roller-skates through a neon disco.", "durat
 
 
 def nothing_happened(client: TestClient, sim: Simulator, tmp_path: Path) -> None:
-    assert not list((tmp_path / "outputs" / "jobs").iterdir())
+    assert not [path for path in (tmp_path / "outputs" / "jobs").rglob("*") if path.is_file()]
     assert sim.requests == []
 
 
