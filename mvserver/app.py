@@ -12,12 +12,13 @@ from . import demo, events, images, meta, scenes, videos, webhooks
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
-from .config import CONFIG, TEMPLATES, Config, EnvSettings, load_config, package_templates
+from .config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
 from .debug import debug_print
-from .errors import error_middleware
+from .errors import error_middleware, server_log
 from .jobs import JOBS, FileJobStore, JobEngine, JobStore, video_kind
 from .sandbox.simulator import Simulator, start_simulator
 from .schemas import REQUEST_MODELS, RequestModels
+from .security import security_middleware
 from .storage import STORE, OutputStore
 
 log = logging.getLogger("mvserver")
@@ -122,10 +123,16 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
         env = EnvSettings.from_env(env)
     config: Config = load_config(env)
     debug_print(config.debug, "config params loaded at start-up", config.summary())
-    app = web.Application(client_max_size=env.max_body_bytes, middlewares=[error_middleware])
+    try:
+        store = OutputStore(env.output_dir)
+    except OSError as exc:
+        raise ConfigError(f"environment: MV_OUTPUT_DIR={str(env.output_dir)!r}: cannot create the output "
+                          f"directories: {exc.strerror or exc}") from None
+    app = web.Application(client_max_size=env.max_body_bytes, handler_args={"logger": server_log()},
+                          middlewares=[error_middleware, security_middleware(env)])
     app[CONFIG] = config
     app[TEMPLATES] = package_templates()
-    app[STORE] = OutputStore(env.output_dir)
+    app[STORE] = store
     app[REQUEST_MODELS] = RequestModels.build(config)
     app[STORE].remove_stale_temporaries()
     app.cleanup_ctx.append(providers_context)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
+from urllib.parse import urlsplit
 
 import jinja2
 import yaml
@@ -133,7 +136,9 @@ class VideosAllowed(_Strict):
 
 class VideosLimits(_Strict):
     text_max_chars: PositiveInt
+    full_prompt_max_chars: PositiveInt
     reference_image_max_bytes: PositiveInt
+    reference_image_max_pixels: PositiveInt
 
 
 class JobsSettings(_Strict):
@@ -185,8 +190,17 @@ SETTINGS_FILES: dict[str, type[_Strict]] = {
     "sandbox": SandboxSettings,
 }
 
-# Settings keys that hold Jinja2 templates, compiled at start-up.
-TEMPLATE_KEYS = {("scenes", "prompt"), ("images", "prompt"), ("videos", "video_rules_template")}
+# Settings keys that hold Jinja2 templates, with sample values of the variables the code passes them: each template
+# is compiled and rendered once with these at start-up, so a template naming another variable stops the start-up.
+TEMPLATE_SAMPLES: dict[tuple[str, str], dict[str, Any]] = {
+    ("scenes", "prompt"): {
+        "idea": "an idea", "character_description": "a character", "character_characteristics": "calm",
+        "number_of_scenes": 3, "video_type": "music video", "video_characteristics": "cinematic",
+        "camera_angle": "eye level"},
+    ("images", "prompt"): {"character_description": "a character", "aspect_ratio": "1:1"},
+    ("videos", "video_rules_template"): {"prompt": "a scene", "aspect_ratio": "16:9", "duration": 8},
+}
+TEMPLATE_KEYS = set(TEMPLATE_SAMPLES)
 
 
 def _env_bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
@@ -200,7 +214,8 @@ def _env_bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
     raise ConfigError(f"environment: {name}={raw!r} is not a boolean (use true or false)")
 
 
-def _env_number(env: Mapping[str, str], name: str, default: float | None, kind: type = int) -> Any:
+def _env_number(env: Mapping[str, str], name: str, default: float | None, kind: type = int,
+                maximum: float | None = None) -> Any:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -208,8 +223,10 @@ def _env_number(env: Mapping[str, str], name: str, default: float | None, kind: 
         value = kind(raw)
     except ValueError:
         raise ConfigError(f"environment: {name}={raw!r} is not a {kind.__name__}") from None
-    if value < 0:
-        raise ConfigError(f"environment: {name} must not be negative")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"environment: {name}={raw!r} must be a finite number, not negative")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"environment: {name}={raw!r} must not exceed {maximum}")
     return value
 
 
@@ -220,6 +237,19 @@ def _public_base_url(raw: str | None) -> str | None:
     if not raw.startswith(("https://", "http://")) or " " in raw or "?" in raw or "#" in raw:
         raise ConfigError(f"environment: MV_PUBLIC_BASE_URL={raw!r} is not an http(s) base URL")
     return raw.rstrip("/")
+
+
+def _env_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list; blank items are dropped."""
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+def _origin(value: str) -> str:
+    """``scheme://host[:port]`` in lower case, the form browsers send in ``Origin``; ConfigError otherwise."""
+    match = re.fullmatch(r"(https?)://([^/?#@\s]+?)/?", value.strip(), re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"environment: MV_CORS_ORIGINS: {value!r} is not an origin such as http://localhost:3000")
+    return f"{match[1]}://{match[2]}".lower()
 
 
 @dataclass(frozen=True)
@@ -246,6 +276,8 @@ class EnvSettings:
     public_base_url: str | None = None
     replicate_webhook_signing_key: str | None = None
     sandbox_webhooks: bool = True
+    cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] | None = None  # None: the listen host, localhost, 127.0.0.1 and [::1]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EnvSettings":
@@ -265,7 +297,7 @@ class EnvSettings:
             debug=_env_bool(env, "MV_DEBUG_MODE"),
             sandbox=_env_bool(env, "MV_SANDBOX"),
             host=text("MV_HOST") or "127.0.0.1",
-            port=_env_number(env, "MV_PORT", 8080),
+            port=_env_number(env, "MV_PORT", 8080, maximum=65535),
             output_dir=Path(text("MV_OUTPUT_DIR") or DEFAULT_OUTPUT_DIR),
             settings_dir=Path(text("MV_SETTINGS_DIR") or DEFAULT_SETTINGS_DIR),
             max_body_bytes=int(_env_number(env, "MV_MAX_BODY_MB", 16.0, float) * 1024 * 1024),
@@ -277,7 +309,20 @@ class EnvSettings:
             public_base_url=_public_base_url(text("MV_PUBLIC_BASE_URL")),
             replicate_webhook_signing_key=text("MV_REPLICATE_WEBHOOK_SECRET"),
             sandbox_webhooks=_env_bool(env, "MV_SANDBOX_WEBHOOKS", True),
+            cors_origins=tuple(_origin(item) for item in _env_list(env, "MV_CORS_ORIGINS")),
+            allowed_hosts=tuple(item.lower() for item in _env_list(env, "MV_ALLOWED_HOSTS")) or None,
         )
+
+    @property
+    def host_names(self) -> frozenset[str]:
+        """Host names a request's ``Host`` header may name (without the port; IPv6 in brackets); the host of
+        ``MV_PUBLIC_BASE_URL`` always, since that is how Replicate's webhooks address this server."""
+        public = {urlsplit(self.public_base_url).hostname or ""} if self.public_base_url else set()
+        public = {f"[{name}]" if ":" in name else name for name in public if name}  # Replicate calls it by this name
+        if self.allowed_hosts is not None:
+            return frozenset(self.allowed_hosts) | public
+        listen = f"[{self.host}]" if ":" in self.host else self.host
+        return frozenset({listen.lower(), "localhost", "127.0.0.1", "[::1]"}) | public
 
     @property
     def gemini_video_configured(self) -> bool:
@@ -351,6 +396,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: settings file is missing") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the settings file: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -379,11 +428,19 @@ def load_config(env: EnvSettings | None = None) -> Config:
             raise ConfigError(f"{path}: {_describe(exc)}") from None
     templates: dict[str, jinja2.Template] = {}
     jinja = _template_environment()
-    for name, key in sorted(TEMPLATE_KEYS):
+    for (name, key), samples in sorted(TEMPLATE_SAMPLES.items()):
+        path = env.settings_dir / f"{name}.yaml"
         source = getattr(loaded[name], key)
         try:
-            templates[f"{name}.{key}"] = jinja.from_string(source)
+            template = jinja.from_string(source)
         except jinja2.TemplateSyntaxError as exc:
-            path = env.settings_dir / f"{name}.yaml"
             raise ConfigError(f"{path}: {key}: template does not compile: {exc.message} (line {exc.lineno})") from None
+        try:
+            template.render(**samples)
+        except jinja2.UndefinedError as exc:
+            raise ConfigError(f"{path}: {key}: template uses an unknown variable: {exc.message} "
+                              f"(known: {', '.join(samples)})") from None
+        except Exception as exc:  # noqa: BLE001 - any failure here would fail every request later
+            raise ConfigError(f"{path}: {key}: template does not render: {exc.__class__.__name__}: {exc}") from None
+        templates[f"{name}.{key}"] = template
     return Config(env=env, templates=templates, **loaded)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable
 
 import aiohttp
 import httpx
 import replicate.exceptions
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from google.genai import errors as genai_errors
 from pydantic import ValidationError
 
@@ -179,3 +180,20 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return web.json_response({"error": {"code": "internal_error", "message": "internal server error"}}, status=500)
+
+
+class ServerLog(logging.LoggerAdapter):
+    """aiohttp's server logger, except that a request its HTTP parser refuses (a malformed header or request line)
+    is logged as one warning line rather than a traceback: it is the client's mistake, answered with 400."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, http_exceptions.HttpProcessingError):
+            reason = " ".join(str(exc.message).split())[:200]
+            self.warning(f"{msg}: %s %s", *args, exc.code, reason)
+        else:
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+def server_log() -> ServerLog:
+    return ServerLog(logging.getLogger("aiohttp.server"), {})

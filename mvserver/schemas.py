@@ -10,7 +10,7 @@ import json
 from typing import Annotated, Any, Literal, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, create_model
 
 from . import __version__
 from .config import Config
@@ -18,13 +18,33 @@ from .debug import debug_print
 from .errors import ApiError, validation_error
 
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
-SEED = Annotated[int | None, Field(ge=0, le=2**31 - 1, description="Random seed; null lets the provider choose.")]
+# Unicode White_Space, the characters pydantic strips from text fields: a required text field must contain at least
+# one character outside this class. The class is spelled out because regex ``\s`` differs between engines.
+WHITESPACE_CLASS = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NOT_BLANK_PATTERN = f"[^{WHITESPACE_CLASS}]"
+INTEGER_RULE = "Integer fields accept a JSON number with no fractional part, so 8 and 8.0 are the same value."
+
+
+def _integral(value: Any) -> Any:
+    """A JSON number with no fractional part (``8.0``) is the integer it names, as JSON Schema counts it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+INTEGRAL = BeforeValidator(_integral)
+SEED = Annotated[Annotated[int, Field(ge=0, le=2**31 - 1), INTEGRAL] | None,
+                 Field(description="Random seed; null lets the provider choose.")]
 UUID4_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 Model = TypeVar("Model", bound=BaseModel)
 
 
 def _text(max_chars: int, *, blank: bool = False) -> Any:
-    return Annotated[str, StringConstraints(strip_whitespace=True, min_length=0 if blank else 1, max_length=max_chars)]
+    """Text, stripped of surrounding whitespace; unless ``blank``, it must not be only whitespace."""
+    constraints = StringConstraints(strip_whitespace=True, min_length=0 if blank else 1, max_length=max_chars)
+    if blank:
+        return Annotated[str, constraints]
+    return Annotated[str, constraints, Field(json_schema_extra={"pattern": NOT_BLANK_PATTERN})]
 
 
 def _choice(values: list[Any]) -> Any:
@@ -40,7 +60,7 @@ def scenes_request_model(config: Config) -> type[BaseModel]:
         idea=(text, Field(description="The concept or topic of the music video.")),
         character_description=(text, Field(description="Visual description of the main character.")),
         character_characteristics=(text, Field(d.character_characteristics, description="Personality.")),
-        number_of_scenes=(int, Field(d.number_of_scenes, ge=n.min, le=n.max, description="How many scenes.")),
+        number_of_scenes=(Annotated[int, INTEGRAL], Field(d.number_of_scenes, ge=n.min, le=n.max, description="How many scenes.")),
         video_type=(text, Field(d.video_type)),
         video_characteristics=(text, Field(d.video_characteristics, description="Style words.")),
         camera_angle=(text, Field(d.camera_angle, description="Primary camera angle.")),
@@ -66,19 +86,21 @@ def image_request_model(config: Config) -> type[BaseModel]:
 def video_request_model(config: Config) -> type[BaseModel]:
     s = config.videos
     d, a = s.defaults, s.allowed
-    base64_limit = s.limits.reference_image_max_bytes * 4 // 3 + 64
+    # base64 of the largest image, line-wrapped MIME-style (CRLF every 76 characters), plus a data: URI header
+    base64_limit = (s.limits.reference_image_max_bytes + 2) // 3 * 4 * 78 // 76 + 256
     return create_model(
         "GenerateVideoRequest",
         __config__=STRICT,
         prompt=(_text(s.limits.text_max_chars), Field(description="The scene description.")),
         negative_prompt=(_text(s.limits.text_max_chars, blank=True), d.negative_prompt),
         aspect_ratio=(_choice(a.aspect_ratio), d.aspect_ratio),
-        duration=(_choice(a.duration), Field(d.duration, description="Seconds.")),
+        duration=(Annotated[_choice(a.duration), INTEGRAL], Field(d.duration, description="Seconds.")),
         generate_audio=(bool, d.generate_audio),
         seed=(SEED, d.seed),
         reference_image_base64=(
             Annotated[str | None, StringConstraints(max_length=base64_limit)],
-            Field(None, description="A reference image, base64 or a data: URI (PNG, JPEG or WebP)."),
+            Field(None, description="A reference image (PNG, JPEG or WebP), base64 or a data: URI. The standard or "
+                                    "the URL-safe alphabet, padded or not; line breaks are ignored."),
         ),
         reference_image_id=(
             Annotated[str | None, StringConstraints(pattern=UUID4_PATTERN)],
@@ -156,11 +178,23 @@ def _json_body(name: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
 
 
-def _answers(ok: int, description: str, *errors: int, content: str = "application/json") -> dict[str, Any]:
-    answers: dict[str, Any] = {str(ok): {"description": description, "content": {content: {}}}}
-    for status in errors:
-        answers[str(status)] = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+def _answers(ok: int, description: str, *errors: int, content: str | tuple[str, ...] = "application/json"
+             ) -> dict[str, Any]:
+    """Responses: the success (with its media types) and JSON errors, plus the 403/421 every route may answer."""
+    kinds = (content,) if isinstance(content, str) else content
+    answers: dict[str, Any] = {str(ok): {"description": description, "content": {kind: {} for kind in kinds}}}
+    for status in (*errors, 403, 421):
+        answers[str(status)] = {"description": ERROR_DESCRIPTIONS.get(status, "error"),
+                                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     return answers
+
+
+ERROR_DESCRIPTIONS = {
+    403: "forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS",
+    415: "unsupported_media_type: a POST body must be sent as Content-Type: application/json",
+    421: "misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS",
+    416: "the Range header asks for bytes the video does not have",
+}
 
 
 def _id_parameter(name: str) -> dict[str, Any]:
@@ -177,22 +211,23 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
         "/api/mv/health": {"get": {"summary": "Version, sandbox/live mode per provider", "responses": _answers(200, "ok")}},
         "/api/mv/create_scenes": {"post": {
             "summary": "Write N scene prompts with Gemini", "requestBody": _json_body("CreateScenesRequest"),
-            "responses": _answers(200, "scenes", 400, 413, 422, 429, 502, 503, 504)}},
+            "responses": _answers(200, "scenes", 400, 413, 415, 422, 429, 502, 503, 504)}},
         "/api/mv/generate_character_reference": {"post": {
             "summary": "Render a character reference image with Replicate google/imagen-4",
             "requestBody": _json_body("CharacterReferenceRequest"),
-            "responses": _answers(200, "image", 400, 413, 422, 429, 502, 503, 504)}},
+            "responses": _answers(200, "image", 400, 413, 415, 422, 429, 502, 503, 504)}},
         "/api/mv/get_scenes/{scenes_id}.{ext}": {"get": {
             "summary": "Saved scenes as JSON or Markdown",
             "parameters": [_id_parameter("scenes_id"),
                            {"name": "ext", "in": "path", "required": True, "schema": {"type": "string", "enum": ["json", "md"]}}],
-            "responses": _answers(200, "scenes file", 400, 404)}},
+            "responses": _answers(200, "scenes file", 400, 404,
+                                  content=("application/json", "text/markdown"))}},
         "/api/mv/get_image/{image_id}": {"get": {
             "summary": "The saved image", "parameters": [_id_parameter("image_id")],
             "responses": _answers(200, "image bytes", 400, 404, content="image/*")}},
         "/api/mv/generate_video": {"post": {
             "summary": "Start a video job (answers 202 at once)", "requestBody": _json_body("GenerateVideoRequest"),
-            "responses": _answers(202, "job accepted", 400, 404, 413, 503)}},
+            "responses": _answers(202, "job accepted", 400, 404, 413, 415, 503)}},
         "/api/mv/jobs/{job_id}": {
             "get": {"summary": "Job state as JSON", "parameters": [_id_parameter("job_id")],
                     "responses": _answers(200, "job", *job_errors)},
@@ -200,7 +235,7 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
                        "responses": _answers(200, "job", *job_errors)}},
         "/api/mv/jobs/{job_id}/cancel": {"post": {
             "summary": "Cancel the job (same as DELETE /api/mv/jobs/{job_id})", "parameters": [_id_parameter("job_id")],
-            "responses": _answers(200, "job", *job_errors)}},
+            "responses": _answers(200, "job", *job_errors, 415)}},
         "/api/mv/jobs/{job_id}/events": {"get": {
             "summary": "Server-Sent Events: state, progress, final status", "parameters": [_id_parameter("job_id")],
             "responses": _answers(200, "event stream", *job_errors, content="text/event-stream")}},
@@ -217,7 +252,9 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
             "responses": _answers(200, "event stream", 400, 404, content="text/event-stream")}},
         "/api/mv/get_video/{video_id}": {"get": {
             "summary": "The finished MP4 (Range requests supported)", "parameters": [_id_parameter("video_id")],
-            "responses": _answers(200, "video", 400, 404, 409, 416, content="video/mp4")}},
+            "responses": {**_answers(200, "video", 400, 404, 409, 416, content="video/mp4"),
+                          "206": {"description": "the byte range asked for with a Range header",
+                                  "content": {"video/mp4": {}}}}}},
         "/api/mv/webhooks/replicate": {"post": {
             "summary": "Replicate prediction webhooks (called by Replicate, not by clients; signed, no API key)",
             "description": "Body: the prediction JSON, at most 2 MiB. Headers webhook-id, webhook-timestamp and "
@@ -231,7 +268,10 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "mvserver", "version": __version__,
-                 "description": "Music-video generation: scenes (Gemini), character images (Imagen 4), video jobs (Veo)."},
+                 "description": "Music-video generation: scenes (Gemini), character images (Imagen 4), video jobs (Veo). "
+                                "POST bodies are JSON sent as Content-Type: application/json. " + INTEGER_RULE
+                                + " Text fields are stripped of surrounding whitespace; a required one must not be "
+                                  "only whitespace (the pattern says so)."},
         "paths": paths,
         "components": {"schemas": schemas},
     }

@@ -19,6 +19,7 @@ from .errors import ApiError
 
 _UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 TEMP_SUFFIX = ".part"
+FILE_MODE = 0o644  # every file written under outputs/: owner read-write, everyone else read
 
 KINDS = ("scenes", "images", "videos", "jobs", "sandbox")
 
@@ -48,6 +49,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp creates 0600
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -94,6 +96,7 @@ class OutputStore:
                     await handle.write(chunk)
                     size += len(chunk)
                 await handle.flush()
+                await asyncio.to_thread(os.fchmod, handle.fileno(), FILE_MODE)  # whatever the umask
                 await asyncio.to_thread(os.fsync, handle.fileno())
             await aiofiles.os.replace(tmp, path)
         except BaseException:

@@ -30,26 +30,55 @@ RULES_VARIABLES = ("prompt", "aspect_ratio", "duration")
 _client_templates = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
 
 
-def sniff_image(data: bytes, field: str) -> str:
-    """The MIME type of a PNG, JPEG or WebP image; 400 naming ``field`` for anything else (runs in a thread)."""
+def sniff_image(data: bytes, field: str, max_pixels: int) -> str:
+    """The MIME type of a PNG, JPEG or WebP image of at most ``max_pixels``; 400 naming ``field`` otherwise.
+
+    Only the header is read (``Image.open`` is lazy and ``verify`` does not decode pixels), so an image of huge
+    dimensions is refused before anything allocates its pixels. Runs in a thread.
+    """
+    too_large = None
     try:
         with Image.open(io.BytesIO(data)) as image:
             kind = image.format
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            width, height = image.size
+            if width * height > max_pixels:
+                too_large = f"{width}x{height} pixels"
+            else:
+                image.verify()
+    except Image.DecompressionBombError:  # Pillow's own header check, far above ours
+        kind, too_large = None, f"over {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         kind = None
+    if too_large:
+        raise ApiError(400, "invalid_field", f"{field}: the image is {too_large}; at most {max_pixels} "
+                                             "pixels are accepted", field=field)
     if kind not in IMAGE_TYPES:
         raise ApiError(400, "invalid_field", f"{field}: not a PNG, JPEG or WebP image", field=field)
     return IMAGE_TYPES[kind]
 
 
+_BASE64_WHITESPACE = str.maketrans("", "", " \t\r\n")
+_URL_SAFE = str.maketrans("-_", "+/")
+
+
 def decode_base64_image(text: str, max_bytes: int) -> bytes:
-    """Decode plain base64 or a ``data:image/...;base64,`` URI."""
+    """Decode base64 or a ``data:image/...;base64,`` URI.
+
+    Accepted: the standard or the URL-safe alphabet (not both in one value), with or without ``=`` padding, with
+    line breaks and spaces anywhere (MIME-style wrapping). Anything else is refused rather than guessed at.
+    """
     field = "reference_image_base64"
     if text.startswith("data:"):
         header, _, text = text.partition(",")
         if not header.endswith(";base64"):
             raise ApiError(400, "invalid_field", f"{field}: a data: URI must be base64-encoded", field=field)
+    text = text.translate(_BASE64_WHITESPACE)
+    if ("-" in text or "_" in text) and ("+" in text or "/" in text):
+        raise ApiError(400, "invalid_field", f"{field}: mixes the standard and URL-safe base64 alphabets",
+                       field=field)
+    text = text.translate(_URL_SAFE)
+    if len(text) % 4 and "=" not in text:
+        text += "=" * (-len(text) % 4)
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -76,13 +105,16 @@ async def reference_image(request: web.Request, body: Any) -> tuple[bytes | None
     if body.reference_image_base64 and body.reference_image_id:
         raise ApiError(400, "invalid_field", "send reference_image_base64 or reference_image_id, not both",
                        field="reference_image_base64")
+    limits = request.app[CONFIG].videos.limits
     if body.reference_image_id:
-        return await load_image(request.app, body.reference_image_id)
+        data, mime_type = await load_image(request.app, body.reference_image_id)
+        await asyncio.to_thread(sniff_image, data, "reference_image_id", limits.reference_image_max_pixels)
+        return data, mime_type
     if not body.reference_image_base64:
         return None, None
-    limit = request.app[CONFIG].videos.limits.reference_image_max_bytes
-    data = decode_base64_image(body.reference_image_base64, limit)
-    return data, await asyncio.to_thread(sniff_image, data, "reference_image_base64")
+    data = decode_base64_image(body.reference_image_base64, limits.reference_image_max_bytes)
+    return data, await asyncio.to_thread(sniff_image, data, "reference_image_base64",
+                                         limits.reference_image_max_pixels)
 
 
 def render_client_rules(source: str, variables: dict[str, Any]) -> str:
@@ -107,13 +139,24 @@ def render_client_rules(source: str, variables: dict[str, Any]) -> str:
 
 
 def full_prompt(config: Config, body: Any) -> str:
-    """The scene prompt with the video rules appended (the client's own rules template, or the configured one)."""
+    """The scene prompt with the video rules appended (the client's own rules template, or the configured one).
+
+    The result is capped at ``limits.full_prompt_max_chars``: a rules template may repeat ``{{ prompt }}``, and the
+    whole prompt is what the provider takes (and what the job record keeps). 400 names ``video_rules_template``
+    when the client's template made it too long, ``prompt`` otherwise.
+    """
     variables = {"prompt": body.prompt, "aspect_ratio": body.aspect_ratio, "duration": body.duration}
     if body.video_rules_template is None:
         rules = config.render("videos.video_rules_template", **variables)
     else:
         rules = render_client_rules(body.video_rules_template, variables)
-    return f"{body.prompt}\n\n{rules}" if rules else body.prompt
+    prompt = f"{body.prompt}\n\n{rules}" if rules else body.prompt
+    limit = config.videos.limits.full_prompt_max_chars
+    if len(prompt) > limit:
+        field = "video_rules_template" if body.video_rules_template and len(body.prompt) <= limit else "prompt"
+        raise ApiError(400, "invalid_field", f"{field}: the full prompt (scene prompt + video rules) would be "
+                                             f"{len(prompt)} characters; at most {limit} are accepted", field=field)
+    return prompt
 
 
 @routes.post("/api/mv/generate_video")

@@ -292,7 +292,7 @@ LIMIT = SETTINGS["limits"]["text_max_chars"]
     pytest.param(body(idea=5), "invalid_field", "idea", id="idea-number"),
     pytest.param(body(idea=None), "invalid_field", "idea", id="idea-null"),
     pytest.param(body(number_of_scenes=True), "invalid_field", "number_of_scenes", id="count-bool"),
-    pytest.param(body(number_of_scenes=4.0), "invalid_field", "number_of_scenes", id="count-float"),
+    pytest.param(body(number_of_scenes=4.5), "invalid_field", "number_of_scenes", id="count-fraction"),
     pytest.param(body(number_of_scenes=0), "invalid_field", "number_of_scenes", id="count-zero"),
     pytest.param(body(number_of_scenes=13), "invalid_field", "number_of_scenes", id="count-13"),
     pytest.param(body(number_of_scenes=-1), "invalid_field", "number_of_scenes", id="count-negative"),

@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from ..storage import write_bytes_atomic
-from .render import RenderError, render_video
+from .render import MAX_REFERENCE_PIXELS, RenderError, oversized_image, render_video
 from .simulator import SIMULATOR, Simulator
 
 
@@ -170,6 +170,8 @@ def _reference_image(instance: dict[str, Any]) -> bytes | None:
         raise InvalidArgument("image.bytesBase64Encoded is not valid base64.") from None
     if not data:
         raise InvalidArgument("image.bytesBase64Encoded is empty.")
+    if size := oversized_image(data):
+        raise InvalidArgument(f"image: the image is {size} pixels; at most {MAX_REFERENCE_PIXELS} are supported.")
     return data
 
 

@@ -22,7 +22,8 @@ from functools import lru_cache
 import imageio_ffmpeg
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-__all__ = ["ASPECT_SIZES", "RenderError", "probe_media", "render_character_image", "render_video"]
+__all__ = ["ASPECT_SIZES", "MAX_REFERENCE_PIXELS", "RenderError", "oversized_image", "probe_media",
+           "render_character_image", "render_video"]
 
 ASPECT_SIZES: dict[str, tuple[int, int]] = {
     "16:9": (640, 360),
@@ -37,6 +38,9 @@ _BANNER_BG = (255, 204, 0)
 _BANNER_FG = (20, 20, 20)
 _STDERR_TAIL = 2000
 _MAX_TEXT = 4000  # characters considered for on-frame text
+# Reference images above this many pixels are refused from their header, before any decoding: a small PNG of
+# 13,000 x 13,000 pixels would otherwise take gigabytes to decode.
+MAX_REFERENCE_PIXELS = 40_000_000
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
@@ -253,12 +257,26 @@ def render_character_image(
 # --------------------------------------------------------------------------- video
 
 
+def oversized_image(data: bytes, max_pixels: int = MAX_REFERENCE_PIXELS) -> str | None:
+    """``"WxH"`` when the image header declares more than ``max_pixels`` pixels, else None (nothing is decoded)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except Image.DecompressionBombError:  # Pillow's own header check, far above ours
+        return f"over {2 * (Image.MAX_IMAGE_PIXELS or 0)}"
+    except Exception:  # noqa: BLE001 - unreadable headers are handled (drawn without) by the caller
+        return None
+    return f"{width}x{height}" if width * height > max_pixels else None
+
+
 def _decode_reference(data: bytes | None, max_size: tuple[int, int]) -> Image.Image | None:
-    """Open any Pillow-readable image; undecodable bytes yield None."""
+    """Open any Pillow-readable image of at most ``MAX_REFERENCE_PIXELS``; other bytes yield None."""
     if not data:
         return None
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_REFERENCE_PIXELS:
+                return None
             im.draft("RGB", max_size)  # cheap downscale while decoding large JPEGs
             im = ImageOps.exif_transpose(im)
             return im.convert("RGBA")

@@ -31,7 +31,7 @@ from aiohttp import web
 from yarl import URL
 
 from ..storage import write_bytes_atomic
-from .render import render_character_image, render_video
+from .render import MAX_REFERENCE_PIXELS, oversized_image, render_character_image, render_video
 from .simulator import SIMULATOR, Simulator
 from .webhooks import SENDER, fault_marker, invalid_webhook_fields
 
@@ -400,6 +400,8 @@ class ReplicateApi:
             return name
         references = inputs.get("reference_images") or ([inputs["image"]] if inputs.get("image") else [])
         reference = await self._reference(sim, references[0]) if references else None
+        if reference and (size := await asyncio.to_thread(oversized_image, reference)):
+            raise InputFileError(f"reference image is {size} pixels; at most {MAX_REFERENCE_PIXELS} are supported")
         name = "output.mp4"
         options = {"prompt": inputs["prompt"], "duration": inputs.get("duration", 8),
                    "aspect_ratio": inputs.get("aspect_ratio", "16:9"), "reference_image": reference,
