@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from PIL import Image
 
@@ -188,19 +189,64 @@ async def test_many_subscribers_all_see_the_same_events_and_leave_no_waiters(cli
     assert accepted["job_id"] not in client.app[JOBS].store._wakers
 
 
-async def test_a_disconnected_subscriber_is_released(client: TestClient, sim: Simulator) -> None:
-    sim.video_latency = 30
-    accepted = await submit(client)
-    await wait_for(client, accepted["job_id"], lambda s: s["provider_prediction_id"])
-    async with client.get(accepted["events_url"]) as response:
-        first = await anext(read_sse(response))
-        assert first["event"] == "queued"
-    manager = client.app[JOBS]
-    await asyncio.sleep(0.6)  # a few ping intervals: the server notices the gone client
-    handlers = [t for t in asyncio.all_tasks() if "stream_events" in repr(t.get_coro())]
-    assert handlers == []
-    await client.delete(accepted["status_url"])
-    assert manager.tasks == {}
+def waiting_subscribers(app: web.Application, job_id: str) -> int:
+    """How many SSE subscribers wait for the job's next event.
+
+    The one place that reads the job engine's internals (the file store's ``_wakers``: one future per job that
+    every waiting subscriber awaits), so that it is the only line to change if the store changes.
+    """
+    waker = app[JOBS].store._wakers.get(job_id)
+    return 0 if waker is None or waker.done() else len(waker._callbacks or ())
+
+
+def handler_tasks() -> list[asyncio.Task[Any]]:
+    """The tasks in which aiohttp runs request handlers (one per request in flight)."""
+    return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "RequestHandler._handle_request"]
+
+
+async def test_a_disconnected_subscriber_is_released(sim: Simulator, live_env: dict[str, str],
+                                                     settings_dir: Path) -> None:
+    """Served as ``python -m mvserver`` serves it: aiohttp does not cancel a handler when its client leaves, so the
+    stream itself has to notice, on a job that sends no event that could reveal the closed connection."""
+    import aiohttp
+    import yaml
+
+    from mvserver.app import create_app
+
+    videos = yaml.safe_load((settings_dir / "videos.yaml").read_text())
+    videos["jobs"].update(poll_interval_seconds=60, sse_ping_interval_seconds=0.2)  # one poll, then silence
+    (settings_dir / "videos.yaml").write_text(yaml.safe_dump(videos))
+    sim.video_latency = 120
+    app = create_app(live_env)
+    runner = web.AppRunner(app, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4}) as created:
+                accepted = await created.json()
+            job_id = accepted["job_id"]
+            async with asyncio.timeout(10):  # the one poll is done: no further event until the job ends
+                while not any(route == "replicate.get" for route, _ in sim.requests):
+                    await asyncio.sleep(0.02)
+            async with session.get(f"{base}{accepted['events_url']}") as response:
+                assert (await anext(read_sse(response)))["event"] == "queued"
+                async with asyncio.timeout(5):  # the history is sent and the handler waits for the next event
+                    while waiting_subscribers(app, job_id) != 1:
+                        await asyncio.sleep(0.02)
+                assert len(handler_tasks()) == 1
+            # The client has gone (the connection is closed when the response context exits).
+            async with asyncio.timeout(5):  # noticed at the next ping (0.2 s)
+                while handler_tasks() or waiting_subscribers(app, job_id):
+                    await asyncio.sleep(0.05)
+            async with session.get(f"{base}{accepted['status_url']}") as state:
+                assert (await state.json())["status"] == "running"  # the job itself goes on
+            async with session.delete(f"{base}{accepted['status_url']}") as canceled:
+                assert (await canceled.json())["status"] == "canceled"
+    finally:
+        await runner.cleanup()
 
 
 async def test_gemini_backend_runs_a_job_through_vertex(client: TestClient, sim: Simulator) -> None:
@@ -276,6 +322,8 @@ async def test_get_video_answers_not_ready_unknown_and_malformed(client: TestCli
     ({"reference_image_id": "../../etc/passwd"}, "reference_image_id"),
     ({"video_rules_template": "{{ missing_variable }}"}, "video_rules_template"),
     ({"video_rules_template": "{{ prompt.__class__.__mro__ }}"}, "video_rules_template"),
+    ({"video_rules_template": "{{ prompt "}, "video_rules_template"),  # does not parse
+    ({"video_rules_template": "{% if prompt %}x{% endif %}"}, "video_rules_template"),  # a statement
     ({"colour": "red"}, "colour"),
     ({"aspect_ratio": "1:1"}, "aspect_ratio"),
     ({"reference_image_base64": png_base64(), "duration": 4}, "duration"),
@@ -286,7 +334,27 @@ async def test_bad_video_requests_name_the_field(client: TestClient, body: dict[
     assert response.status == 400, await response.text()
     error = (await response.json())["error"]
     assert error["field"] == field
+    assert error["code"] == ("unknown_field" if field == "colour" else "invalid_field")
+    assert error["message"].startswith(field)
     assert not list((Path(client.app[STORE].root) / "jobs").glob("*.json"))
+
+
+async def test_a_rules_template_error_lists_the_variables_it_may_use(client: TestClient) -> None:
+    response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT,
+                                                                 "video_rules_template": "{{ prompt|upper }}"})
+    assert (await response.json())["error"]["message"] == \
+        "video_rules_template: only {{ prompt }}, {{ aspect_ratio }}, {{ duration }} may be used"
+
+
+async def test_a_reference_image_may_be_a_base64_data_uri(client: TestClient, sim: Simulator) -> None:
+    accepted = await submit(client, reference_image_base64=f"data:image/png;base64,{png_base64()}", duration=8)
+    state = await (await client.get(accepted["status_url"])).json()
+    assert state["request"]["has_reference_image"] is True
+    await client.delete(accepted["status_url"])
+    plain = await client.post("/api/mv/generate_video", json={
+        "prompt": PROMPT, "duration": 8, "reference_image_base64": f"data:image/png,{png_base64()}"})
+    error = (await plain.json())["error"]
+    assert plain.status == 400 and error["field"] == "reference_image_base64" and "base64-encoded" in error["message"]
 
 
 async def test_unknown_backend_lists_the_available_ones(client: TestClient) -> None:
