@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal
@@ -54,6 +55,7 @@ class Simulator:
     output_pad_bytes: int = 0  # bytes of MP4 ``free`` box appended to each rendered video (large-file benchmarks)
     faults: list[Fault] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (route name, path) seen, for tests
+    prompts: deque[str] = field(default_factory=lambda: deque(maxlen=100))  # last Gemini prompts received, for tests
 
     def __post_init__(self) -> None:
         for kind in ("predictions", "operations", "files"):
