@@ -29,7 +29,8 @@ import imageio_ffmpeg
 
 __all__ = [
     "AssemblyInputError", "AssemblyResult", "AudioStream", "Clip", "MediaError", "MediaInfo", "MediaTimeout",
-    "VideoStream", "assemble", "ffmpeg_exe", "parse_probe", "probe", "run_ffmpeg", "stream_duration",
+    "VideoStream", "assemble", "ffmpeg_exe", "parse_inputs", "parse_probe", "probe", "probe_clips", "run_ffmpeg",
+    "stream_duration",
 ]
 
 ProgressCallback = Callable[[float], None]
@@ -129,11 +130,12 @@ class MediaInfo:
         return self.audio[0] if self.audio else None
 
 
-_INPUT = re.compile(r"^Input #0, (?P<container>[\w,]+), from ", re.M)
+_INPUT = re.compile(r"^Input #(?P<input>\d+), (?P<container>[\w,]+), from ", re.M)
+_OUTPUT = re.compile(r"^Output #\d+, ", re.M)
 _DURATION = re.compile(r"^  Duration: (?:(?P<h>\d+):(?P<m>\d+):(?P<s>\d+(?:\.\d+)?)|N/A)(?:, start: (?P<start>-?\d+(?:\.\d+)?))?",
                        re.M)
 # A stream line starts at a fixed indent; metadata values (which a file controls) are printed after "key : ".
-_STREAM = re.compile(r"^  Stream #0:(?P<index>\d+)(?:\[0x[0-9a-f]+\])?(?:\([^)]*\))?: (?P<kind>Video|Audio|Subtitle|Data|Attachment): (?P<rest>.*)$",
+_STREAM = re.compile(r"^  Stream #\d+:(?P<index>\d+)(?:\[0x[0-9a-f]+\])?(?:\([^)]*\))?: (?P<kind>Video|Audio|Subtitle|Data|Attachment): (?P<rest>.*)$",
                      re.M)
 _VIDEO = re.compile(r"^(?P<codec>\w+)(?: \((?P<profile>[^)]*)\))?[^,]*, (?P<pix>\w+)(?:\([^)]*\))?, (?P<w>\d+)x(?P<h>\d+)"
                     r"(?: \[SAR (?P<sn>\d+):(?P<sd>\d+) DAR \d+:\d+\])?")
@@ -163,11 +165,24 @@ def _number(match: re.Match[str] | None, group: str) -> float | None:
     return round(value, 3)
 
 
+def parse_inputs(text: str) -> dict[int, MediaInfo]:
+    """Parse what ``ffmpeg -i A -i B ...`` prints about each input (output sections are left out), by input number."""
+    if (output := _OUTPUT.search(text)) is not None:
+        text = text[:output.start()]
+    headers = list(_INPUT.finditer(text))
+    ends = [h.start() for h in headers[1:]] + [len(text)]
+    return {int(h["input"]): parse_probe(text[h.start():end]) for h, end in zip(headers, ends)}
+
+
 def parse_probe(text: str) -> MediaInfo:
-    """Parse what ``ffmpeg -i FILE`` prints about its input; raise MediaError if it names no readable input."""
-    header = _INPUT.search(text)
-    if header is None:
+    """Parse what ``ffmpeg -i FILE`` prints about its (first) input; raise MediaError if it names no readable input."""
+    if (output := _OUTPUT.search(text)) is not None:
+        text = text[:output.start()]
+    headers = list(_INPUT.finditer(text))
+    if not headers:
         raise MediaError(f"not a readable media file: {text.strip()[-STDERR_TAIL:] or '(no output)'}")
+    header = headers[0]
+    text = text[header.start():headers[1].start() if len(headers) > 1 else len(text)]
     duration = start = None
     if (dur := _DURATION.search(text)) is not None:
         if dur["h"] is not None:
@@ -242,6 +257,41 @@ async def probe(path: Path, *, timeout: float = PROBE_TIMEOUT) -> MediaInfo:
     finally:
         await _kill(proc)
     return parse_probe(text)
+
+
+async def probe_clips(paths: Sequence[Path], *, timeout: float = PROBE_TIMEOUT) -> list[tuple[MediaInfo, int]]:
+    """Describe several video files with ONE ffmpeg run: each file's header and its video frame count.
+
+    The frames are counted by demuxing (``-c copy`` into ``framecrc``), so this costs one process start and no
+    decoding however many clips there are. Raises MediaError if any file is unreadable or has no video stream.
+    """
+    inputs = [arg for path in paths for arg in ("-i", str(path))]
+    maps = [arg for n in range(len(paths)) for arg in ("-map", f"{n}:v:0")]
+    proc = await _spawn([*inputs, *maps, "-c", "copy", "-f", "framecrc", "-"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        async with asyncio.timeout(timeout):
+            counted, text = await asyncio.gather(_count_packets(proc.stdout),
+                                                 _read_limited(proc.stderr, PROBE_OUTPUT_LIMIT))
+            await proc.wait()
+    except TimeoutError:
+        raise MediaTimeout(f"probing {len(paths)} files took longer than {timeout:g} s") from None
+    finally:
+        await _kill(proc)
+    if proc.returncode != 0:
+        raise MediaError(f"ffmpeg could not read every file: {text.strip()[-STDERR_TAIL:]}")
+    infos = parse_inputs(text)
+    return [(infos[n], counted.get(n, 0)) for n in range(len(paths))]
+
+
+async def _count_packets(stream: asyncio.StreamReader) -> dict[int, int]:
+    """Packets per output stream in ``framecrc`` lines (``stream_index, dts, pts, duration, size, crc``)."""
+    counts: dict[int, int] = {}
+    async for raw in stream:
+        if raw[:1].isdigit():
+            index = int(raw.split(b",", 1)[0])
+            counts[index] = counts.get(index, 0) + 1
+    return counts
 
 
 async def stream_duration(path: Path, stream: str = "v:0", *, decode: bool = False, fps: float | None = None,
@@ -358,31 +408,44 @@ def _temp(out: Path, tag: str) -> Path:
 
 
 async def _load_sources(clips: Sequence[Clip]) -> list[_Source]:
-    async def load(index: int, clip: Clip) -> _Source:
-        name = f"clips[{index}]"
-        try:
-            info = await probe(clip.path)
-        except MediaError as exc:
-            raise AssemblyInputError(name, f"{name} is not a readable video: {exc}") from None
-        video = info.first_video
-        if video is None:
-            raise AssemblyInputError(name, f"{name} has no video stream")
-        length = await stream_duration(clip.path, "v:0", fps=video.fps)
-        fps = video.fps or 24.0
-        trim_in = clip.trim_in or 0.0
-        trim_out = length if clip.trim_out is None else clip.trim_out
-        if trim_in < 0 or trim_in >= length:
-            raise AssemblyInputError(f"{name}.trim_in", f"{name}.trim_in must be in [0, {length:.3f}) seconds")
-        if trim_out > length + TRIM_TOLERANCE or trim_out <= trim_in:
-            raise AssemblyInputError(f"{name}.trim_out",
-                                     f"{name}.trim_out must be after trim_in and at most {length:.3f} seconds")
-        first = round(trim_in * fps)
-        frames = min(round(trim_out * fps), round(length * fps)) - first
-        if frames < 1:
-            raise AssemblyInputError(f"{name}.trim_out", f"{name} keeps less than one frame after trims")
-        return _Source(index, clip, info, video, length, first / fps, frames)
+    try:
+        described = await probe_clips([clip.path for clip in clips])
+    except MediaTimeout:
+        raise
+    except MediaError:
+        described = None
+    if described is None or any(info.first_video is None or frames < 1 for info, frames in described):
+        for index, clip in enumerate(clips):  # find the clip to blame, one at a time
+            name = f"clips[{index}]"
+            try:
+                info = await probe(clip.path)
+            except MediaError as exc:
+                raise AssemblyInputError(name, f"{name} is not a readable video: {exc}") from None
+            if info.first_video is None:
+                raise AssemblyInputError(name, f"{name} has no video stream")
+        raise MediaError("ffmpeg could not read the clips together")
+    return [_source(i, clip, info, frames) for i, (clip, (info, frames)) in enumerate(zip(clips, described))]
 
-    return list(await asyncio.gather(*(load(i, c) for i, c in enumerate(clips))))
+
+def _source(index: int, clip: Clip, info: MediaInfo, frame_count: int) -> _Source:
+    """Check a clip's trims against its measured length; snap them to whole frames."""
+    name = f"clips[{index}]"
+    video = info.first_video
+    assert video is not None
+    fps = video.fps or 24.0
+    length = frame_count / fps
+    trim_in = clip.trim_in or 0.0
+    trim_out = length if clip.trim_out is None else clip.trim_out
+    if trim_in < 0 or trim_in >= length:
+        raise AssemblyInputError(f"{name}.trim_in", f"{name}.trim_in must be in [0, {length:.3f}) seconds")
+    if trim_out > length + TRIM_TOLERANCE or trim_out <= trim_in:
+        raise AssemblyInputError(f"{name}.trim_out",
+                                 f"{name}.trim_out must be after trim_in and at most {length:.3f} seconds")
+    first = round(trim_in * fps)
+    frames = min(round(trim_out * fps), round(length * fps)) - first
+    if frames < 1:
+        raise AssemblyInputError(f"{name}.trim_out", f"{name} keeps less than one frame after trims")
+    return _Source(index, clip, info, video, length, first / fps, frames)
 
 
 def _fit_filter(source: VideoStream, width: int, height: int, fit: Fit | None) -> str:

@@ -312,3 +312,11 @@ async def test_a_cancelled_assembly_leaves_nothing_behind(clips: dict[str, Path]
         await task
     assert os.listdir(out_dir) == []
     assert ffmpeg_processes(str(out_dir)) == []
+
+
+async def test_probe_clips_reads_many_files_in_one_run(clips: dict[str, Path]) -> None:
+    described = await media.probe_clips([clips["a"], clips["tall"], clips["a"], clips["silent"]])
+    assert [frames for _, frames in described] == [6 * FPS, 4 * FPS, 6 * FPS, 4 * FPS]
+    assert [(i.first_video.width, i.first_video.height) for i, _ in described] == [(640, 360), (360, 640),
+                                                                                  (640, 360), (640, 360)]
+    assert [len(i.audio) for i, _ in described] == [1, 1, 1, 0]
