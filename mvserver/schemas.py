@@ -251,7 +251,8 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "mvserver", "version": __version__,
-                 "description": "Music-video generation: scenes (Gemini), character images (Imagen 4), video jobs (Veo)."},
+                 "description": "Music-video generation: scenes (Gemini), character images (Imagen 4), video jobs (Veo), "
+                                "songs."},
         "paths": paths,
         "components": {"schemas": schemas},
     }
