@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, ClientPayloadError, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import media
 from .config import CONFIG
@@ -198,6 +199,9 @@ async def _store_upload(request: web.Request) -> web.Response:
                 await _receive(request, upload, limit)
         except TimeoutError:
             raise ApiError(408, "request_timeout", f"the upload took longer than {UPLOAD_TIMEOUT_SECONDS:g} s",
+                           field="body") from None
+        except (ClientPayloadError, ConnectionError, HttpProcessingError):
+            raise ApiError(400, "incomplete_body", "the upload ended before the whole body arrived",
                            field="body") from None
         described = await identify(upload)
         size = (await asyncio.to_thread(upload.stat)).st_size

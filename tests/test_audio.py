@@ -211,6 +211,24 @@ async def test_get_audio_unknown_and_malformed(client: TestClient) -> None:
     assert bad.status == 400 and (await bad.json())["error"]["field"] == "audio_id"
 
 
+async def test_a_client_that_leaves_mid_upload_leaves_nothing(client: TestClient, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    data = make_audio(tmp_path / "s.wav").read_bytes()
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(f"POST {UPLOAD} HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:len(data) // 2])
+    await writer.drain()
+    async with asyncio.timeout(10):
+        while not any(p.name.endswith(".part") for p in (tmp_path / "outputs" / "audio").iterdir()):
+            await asyncio.sleep(0.01)
+    writer.close()
+    async with asyncio.timeout(10):
+        while stored(tmp_path):
+            await asyncio.sleep(0.02)
+    assert "unhandled error" not in caplog.text
+    assert (await upload(client, data, content_type="audio/wav"))["format"] == "wav"
+
+
 def test_a_crash_leftover_upload_is_removed_at_start(live_env: dict[str, str]) -> None:
     audio_dir = Path(live_env["MV_OUTPUT_DIR"]) / "audio"
     audio_dir.mkdir(parents=True)
