@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import AsyncIterator, Mapping
 
 import aiohttp
 from aiohttp import web
 
-from . import demo, events, images, meta, scenes, videos, webhooks
+from . import audio, demo, events, images, meta, scenes, videos, webhooks
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
@@ -144,5 +145,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app.add_routes(images.routes)
     app.add_routes(videos.routes)
     app.add_routes(events.routes)
+    app.add_routes(audio.routes)
+    app[audio.UPLOAD_SLOTS] = asyncio.Semaphore(audio.MAX_CONCURRENT_UPLOADS)
     app.add_routes(demo.routes)
     return app

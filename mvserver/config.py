@@ -45,6 +45,7 @@ class ScenesDefaults(_Strict):
     video_type: str
     video_characteristics: str
     camera_angle: str
+    style: str | None = None  # a preset name from settings/styles/, or none
 
 
 class ScenesLimits(_Strict):
@@ -70,6 +71,7 @@ class ScenesSettings(_Strict):
 
 
 class ImagesDefaults(_Strict):
+    number_of_images: int = 1
     aspect_ratio: str
     safety_filter_level: str
     person_generation: str
@@ -89,18 +91,25 @@ class TextLimits(_Strict):
     text_max_chars: PositiveInt
 
 
+class ImagesLimits(TextLimits):
+    number_of_images: Range = Range(min=1, max=4)
+
+
 class ImagesSettings(_Strict):
     model: str
     timeout_seconds: PositiveFloat
     poll_interval_seconds: PositiveFloat
     defaults: ImagesDefaults
     allowed: ImagesAllowed
-    limits: TextLimits
+    limits: ImagesLimits
     prompt: str
 
     @model_validator(mode="after")
     def _defaults_allowed(self) -> "ImagesSettings":
         _check_defaults_allowed(self.defaults, self.allowed)
+        bounds = self.limits.number_of_images
+        if not 1 <= bounds.min <= self.defaults.number_of_images <= bounds.max <= 4:
+            raise ValueError("defaults.number_of_images must lie inside limits.number_of_images, within 1..4")
         return self
 
 
@@ -168,6 +177,19 @@ class VideosSettings(_Strict):
     def _defaults_allowed(self) -> "VideosSettings":
         _check_defaults_allowed(self.defaults, self.allowed)
         return self
+
+
+class StylePreset(_Strict):
+    """A director/style preset (``settings/styles/<name>.yaml``); its words are rendered into the scenes prompt."""
+
+    label: str = Field(min_length=1, max_length=80)
+    description: str = Field(min_length=1, max_length=400)
+    camera: str = Field(min_length=1, max_length=600)
+    palette: str = Field(min_length=1, max_length=600)
+    pacing: str = Field(min_length=1, max_length=600)
+
+
+STYLE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 
 
 class SandboxSettings(_Strict):
@@ -268,6 +290,7 @@ class EnvSettings:
     output_dir: Path = DEFAULT_OUTPUT_DIR
     settings_dir: Path = DEFAULT_SETTINGS_DIR
     max_body_bytes: int = 16 * 1024 * 1024
+    max_audio_bytes: int = 50 * 1024 * 1024
     max_concurrent_jobs: int | None = None
     sandbox_video_latency: float | None = None
     gemini_base_url: str | None = None
@@ -301,6 +324,7 @@ class EnvSettings:
             output_dir=Path(text("MV_OUTPUT_DIR") or DEFAULT_OUTPUT_DIR),
             settings_dir=Path(text("MV_SETTINGS_DIR") or DEFAULT_SETTINGS_DIR),
             max_body_bytes=int(_env_number(env, "MV_MAX_BODY_MB", 16.0, float) * 1024 * 1024),
+            max_audio_bytes=int(_env_number(env, "MV_MAX_AUDIO_MB", 50.0, float) * 1024 * 1024),
             max_concurrent_jobs=_env_number(env, "MV_MAX_CONCURRENT_JOBS", None) or None,
             sandbox_video_latency=_env_number(env, "MV_SANDBOX_VIDEO_SECONDS", None, float),
             gemini_base_url=text("MV_GEMINI_BASE_URL"),
@@ -340,6 +364,7 @@ class Config:
     videos: VideosSettings
     sandbox: SandboxSettings
     templates: dict[str, jinja2.Template] = field(repr=False)
+    styles: dict[str, StylePreset] = field(default_factory=dict)  # name -> preset, sorted by name
 
     @property
     def debug(self) -> bool:
@@ -371,6 +396,7 @@ class Config:
             "images": self.images.model_dump(),
             "videos": self.videos.model_dump(),
             "sandbox": self.sandbox.model_dump(),
+            "styles": {name: preset.model_dump() for name, preset in self.styles.items()},
         }
 
 
@@ -443,4 +469,24 @@ def load_config(env: EnvSettings | None = None) -> Config:
         except Exception as exc:  # noqa: BLE001 - any failure here would fail every request later
             raise ConfigError(f"{path}: {key}: template does not render: {exc.__class__.__name__}: {exc}") from None
         templates[f"{name}.{key}"] = template
-    return Config(env=env, templates=templates, **loaded)
+    styles = load_styles(env.settings_dir / "styles")
+    default_style = loaded["scenes"].defaults.style
+    if default_style is not None and default_style not in styles:
+        raise ConfigError(f"{env.settings_dir / 'scenes.yaml'}: defaults.style: {default_style!r} is not one of the "
+                          f"presets in {env.settings_dir / 'styles'} {sorted(styles)}")
+    return Config(env=env, templates=templates, styles=styles, **loaded)
+
+
+def load_styles(directory: Path) -> dict[str, StylePreset]:
+    """Every ``<name>.yaml`` preset in ``directory`` (none if it does not exist); ConfigError names file and key."""
+    styles: dict[str, StylePreset] = {}
+    if not directory.is_dir():
+        return styles
+    for path in sorted(directory.glob("*.yaml")):
+        if not STYLE_NAME.fullmatch(path.stem):
+            raise ConfigError(f"{path}: a style file name must be 1-40 lower-case letters, digits, - or _")
+        try:
+            styles[path.stem] = StylePreset.model_validate(_read_yaml(path))
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: {_describe(exc)}") from None
+    return styles

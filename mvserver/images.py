@@ -77,22 +77,46 @@ def checked_base64(data: bytes, output_format: str) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+async def _predict_all(app: web.Application, prompt: str, params: dict[str, Any],
+                       abandoned: Callable[[], bool]) -> list[tuple[bytes, Any, int | None]]:
+    """Run ``number_of_images`` Imagen predictions at once; if one fails or the client leaves, cancel them all."""
+    config: Config = app[CONFIG]
+    settings = config.images
+    replicate = app[PROVIDERS].replicate
+    seeds = [None if params["seed"] is None else params["seed"] + i for i in range(params["number_of_images"])]
+
+    async def one(seed: int | None) -> tuple[bytes, Any, int | None]:
+        inputs = imagen_inputs(prompt, {**params, "seed": seed})
+        debug_print(config.debug, f"generate_character_reference input for {settings.model}", inputs)
+        data, prediction = await replicate.generate_image(
+            settings.model, inputs, timeout=settings.timeout_seconds, poll_interval=settings.poll_interval_seconds,
+            abandoned=abandoned)
+        return data, prediction, seed
+
+    tasks = [asyncio.ensure_future(one(seed)) for seed in seeds]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:  # each cancelled task cancels its own prediction on the way out
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 async def generate_reference(app: web.Application, params: dict[str, Any], defaulted: list[str],
                              abandoned: Callable[[], bool] = lambda: False) -> dict[str, Any]:
-    """Render the prompt, run Imagen (canceled if ``abandoned()``), check and save the image; return the body."""
+    """Render the prompt, run Imagen N times in parallel (all canceled if ``abandoned()``), check and save the
+    images only once every one has succeeded; return the body (the first image at the top level, all in ``images``)."""
     config: Config = app[CONFIG]
     settings = config.images
     providers = app[PROVIDERS]
     prompt = config.render("images.prompt", character_description=params["character_description"],
                            aspect_ratio=params["aspect_ratio"])
     debug_print(config.debug, "generate_character_reference prompt sent to Replicate", prompt)
-    inputs = imagen_inputs(prompt, params)
-    debug_print(config.debug, f"generate_character_reference input for {settings.model}", inputs)
     started = time.monotonic()
-    data, prediction = await providers.replicate.generate_image(
-        settings.model, inputs, timeout=settings.timeout_seconds, poll_interval=settings.poll_interval_seconds,
-        abandoned=abandoned)
-    encoded = await asyncio.to_thread(checked_base64, data, params["output_format"])
+    results = await _predict_all(app, prompt, params, abandoned)
+    encoded = await asyncio.gather(*(asyncio.to_thread(checked_base64, data, params["output_format"])
+                                     for data, _, _ in results))
     elapsed = round(time.monotonic() - started, 3)
     fmt = FORMATS[params["output_format"]]
     sandbox = PROVIDER in providers.sandboxed
@@ -101,24 +125,32 @@ async def generate_reference(app: web.Application, params: dict[str, Any], defau
         "prompt": prompt,
         "parameters": params,
         "defaults_applied": defaulted,
-        "prediction_id": prediction.id,
+        "prediction_id": results[0][1].id,
+        "prediction_ids": [prediction.id for _, prediction, _ in results],
         "elapsed_seconds": elapsed,
     }
-    image_id = new_id()
     store = app[STORE]
-    path = store.path("images", image_id, fmt.suffix)
-    await store.write_bytes(path, data)
-    # The sidecar is written last: an image counts as saved once its sidecar exists.
-    await store.write_json(store.path("images", image_id, ".json"),
-                           {"image_id": image_id, "mime_type": fmt.mime_type, "sandbox": sandbox, **metadata})
+    images = []
+    for data, prediction, seed in results:
+        image_id = new_id()
+        path = store.path("images", image_id, fmt.suffix)
+        await store.write_bytes(path, data)
+        # The sidecar is written last: an image counts as saved once its sidecar exists.
+        await store.write_json(store.path("images", image_id, ".json"),
+                               {"image_id": image_id, "mime_type": fmt.mime_type, "sandbox": sandbox, **metadata,
+                                "prediction_id": prediction.id, "seed": seed})
+        images.append({"image_id": image_id, "mime_type": fmt.mime_type, "output_file": store.relative(path),
+                       "image_url": f"/api/mv/get_image/{image_id}", "prediction_id": prediction.id, "seed": seed})
+    first = images[0]
     return {
-        "image_id": image_id,
-        "image_base64": encoded,
+        "image_id": first["image_id"],
+        "image_base64": encoded[0],
         "mime_type": fmt.mime_type,
-        "output_file": store.relative(path),
-        "image_url": f"/api/mv/get_image/{image_id}",
+        "output_file": first["output_file"],
+        "image_url": first["image_url"],
         "sandbox": sandbox,
         "metadata": metadata,
+        "images": images,
     }
 
 

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from . import __version__
 from .backends import PROVIDERS
+from .config import CONFIG
 from .schemas import REQUEST_MODELS, openapi_document
 
 routes = web.RouteTableDef()
@@ -22,6 +23,8 @@ async def health(request: web.Request) -> web.Response:
         "mode": "sandbox" if providers.sandboxed else "live",
         "sandbox": bool(providers.sandboxed),
         "providers": modes,
+        "styles": [{"name": name, "label": preset.label, "description": preset.description}
+                   for name, preset in request.app[CONFIG].styles.items()],
     })
 
 

@@ -29,6 +29,13 @@ class SceneList(BaseModel):
     scenes: list[Scene]
 
 
+def style_variables(config: Config, name: str | None) -> dict[str, str] | None:
+    """The preset a request named, as template variables (the request model only lets known names through)."""
+    if name is None:
+        return None
+    return {"name": name, **config.styles[name].model_dump()}
+
+
 def _valid_reply(parsed: BaseModel | None, count: int) -> list[Scene] | None:
     if not isinstance(parsed, SceneList) or len(parsed.scenes) != count:
         return None
@@ -42,7 +49,7 @@ async def write_scenes(request: web.Request, params: dict[str, Any], defaulted: 
     config: Config = request.app[CONFIG]
     settings = config.scenes
     gemini = request.app[PROVIDERS].gemini
-    prompt = config.render("scenes.prompt", **params)
+    prompt = config.render("scenes.prompt", **{**params, "style": style_variables(config, params.get("style"))})
     debug_print(config.debug, "create_scenes prompt sent to Gemini", prompt)
     started = time.monotonic()
     attempts = settings.malformed_reply_retries + 1

@@ -64,16 +64,22 @@ def scenes_request_model(config: Config) -> type[BaseModel]:
         video_type=(text, Field(d.video_type)),
         video_characteristics=(text, Field(d.video_characteristics, description="Style words.")),
         camera_angle=(text, Field(d.camera_angle, description="Primary camera angle.")),
+        style=(_choice(sorted(config.styles)) | None if config.styles else None,
+               Field(d.style, description="A director/style preset from settings/styles/ (its camera language, "
+                                          "palette and pacing words go into the prompt); null for none.")),
     )
 
 
 def image_request_model(config: Config) -> type[BaseModel]:
     s = config.images
-    d, a = s.defaults, s.allowed
+    d, a, n = s.defaults, s.allowed, s.limits.number_of_images
     return create_model(
         "CharacterReferenceRequest",
         __config__=STRICT,
         character_description=(_text(s.limits.text_max_chars), Field(description="Visual description of the character.")),
+        number_of_images=(int, Field(d.number_of_images, ge=n.min, le=n.max,
+                                     description="Candidate images rendered in parallel, each saved with its own "
+                                                 "image_id (listed in `images`); with a seed, image i uses seed + i.")),
         aspect_ratio=(_choice(a.aspect_ratio), d.aspect_ratio),
         safety_filter_level=(_choice(a.safety_filter_level), d.safety_filter_level),
         person_generation=(_choice(a.person_generation), d.person_generation),
@@ -174,6 +180,30 @@ ERROR_SCHEMA = {
 }
 
 
+AUDIO_BODY = {"required": True, "content": {
+    "audio/*": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
+}}
+AUDIO_SCHEMA = {
+    "type": "object",
+    "required": ["audio_id", "format", "mime_type", "codec", "duration", "sample_rate", "channels", "size_bytes",
+                 "audio_url"],
+    "properties": {
+        "audio_id": {"type": "string", "pattern": UUID4_PATTERN},
+        "format": {"type": "string", "enum": ["mp3", "wav", "m4a", "aac", "ogg", "flac"]},
+        "mime_type": {"type": "string"},
+        "codec": {"type": "string"},
+        "duration": {"type": "number", "description": "Seconds, from decoding the whole stream."},
+        "sample_rate": {"type": "integer"},
+        "channels": {"type": "integer", "minimum": 1, "maximum": 8},
+        "size_bytes": {"type": "integer"},
+        "audio_url": {"type": "string"},
+        "output_file": {"type": "string"},
+    },
+}
+
+
 def _json_body(name: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
 
@@ -264,12 +294,23 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
                             "schema": {"type": "string", "pattern": UUID4_PATTERN}}],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
             "responses": _answers(200, "acknowledged", 400, 401, 413, 415)}},
+        "/api/mv/upload_audio": {"post": {
+            "summary": "Upload a song (mp3, wav, m4a/aac, ogg, flac; identified from its content, at most "
+                       "MV_MAX_AUDIO_MB); answers its audio_id, duration, sample rate, channels and format",
+            "requestBody": AUDIO_BODY,
+            "responses": {**_answers(201, "audio saved", 400, 403, 408, 413, 415, 503),
+                          "201": {"description": "audio saved",
+                                  "content": {"application/json": {"schema": AUDIO_SCHEMA}}}}}},
+        "/api/mv/get_audio/{audio_id}": {"get": {
+            "summary": "The uploaded song (Range requests supported)", "parameters": [_id_parameter("audio_id")],
+            "responses": _answers(200, "audio", 400, 404, 416, content="audio/*")}},
     }
     return {
         "openapi": "3.1.0",
         "info": {"title": "mvserver", "version": __version__,
                  "description": "Music-video generation: scenes (Gemini), character images (Imagen 4), video jobs (Veo). "
-                                "POST bodies are JSON sent as Content-Type: application/json. " + INTEGER_RULE
+                                "POST bodies are JSON sent as Content-Type: application/json, except a song for "
+                                "upload_audio (an audio/* body or multipart/form-data). " + INTEGER_RULE
                                 + " Text fields are stripped of surrounding whitespace; a required one must not be "
                                   "only whitespace (the pattern says so)."},
         "paths": paths,

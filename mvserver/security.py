@@ -8,9 +8,12 @@ this, in this order:
   and ``[::1]``), any port: 421 ``misdirected_request`` otherwise. A rebound name is not on the list.
 - ``Origin``, when present, must be this server's own origin (scheme, host and port of the request) or one of
   ``MV_CORS_ORIGINS``: 403 ``forbidden_origin`` otherwise. Browsers send ``Origin`` on every POST, even a
-  same-origin one, and on cross-origin fetches of any method; a same-origin GET carries none.
+  same-origin one, and on cross-origin fetches of any method; a same-origin GET carries none. A request a browser
+  marks ``Sec-Fetch-Site: cross-site`` or ``same-site`` must carry such an ``Origin``.
 - A POST body must be ``application/json`` (a ``charset`` parameter is fine): 415 ``unsupported_media_type``
-  otherwise. An HTML form cannot send that type, and a fetch that does needs a preflight. A POST with an empty body
+  otherwise. An HTML form cannot send that type, and a fetch that does needs a preflight. A handler marked with
+  :func:`accepts` takes the types it names instead (a song upload: ``audio/*`` or a multipart form); a form post
+  of those from another site is still stopped by its ``Origin``. A POST with an empty body
   (``/jobs/{id}/cancel``) has nothing to parse and passes; a cross-site one is still stopped by its ``Origin``.
 """
 
@@ -22,6 +25,10 @@ from aiohttp import hdrs, web
 
 from .config import EnvSettings
 from .errors import ApiError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ACCEPTS = "_mv_accepts"  # the body types a handler marked with accepts() takes
+JSON_ONLY = ("application/json",)
 
 
 def split_host(value: str) -> tuple[str, str | None]:
@@ -64,6 +71,9 @@ def check_host(request: web.Request, allowed: frozenset[str]) -> None:
 def check_origin(request: web.Request, allowed: frozenset[str]) -> None:
     origin = request.headers.get(hdrs.ORIGIN)
     if origin is None:
+        if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
+            raise ApiError(403, "forbidden_origin", "a request from another site must carry an allowed Origin",
+                           field="Origin")
         return
     normal = normal_origin(origin)
     if normal != own_origin(request) and normal not in allowed:
@@ -76,10 +86,27 @@ def check_content_type(request: web.Request) -> None:
     if request.method != "POST" or not request.body_exists or request.match_info.http_exception is not None:
         return  # unknown routes and methods get their own 404/405
     raw = request.headers.get(hdrs.CONTENT_TYPE)
-    if raw is None or request.content_type != "application/json":
+    types = getattr(request.match_info.handler, ACCEPTS, JSON_ONLY)
+    if raw is None or not any(_matches(request.content_type, accepted) for accepted in types):
         sent = "none" if raw is None else repr(raw)
-        raise ApiError(415, "unsupported_media_type", f"Content-Type: send the body as application/json (got {sent})",
-                       field="Content-Type")
+        raise ApiError(415, "unsupported_media_type",
+                       f"Content-Type: send the body as {' or '.join(types)} (got {sent})", field="Content-Type")
+
+
+def _matches(content_type: str, accepted: str) -> bool:
+    if accepted.endswith("/*"):
+        return content_type.startswith(accepted[:-1])
+    return content_type == accepted
+
+
+def accepts(*types: str) -> Callable[[Handler], Handler]:
+    """Mark a POST handler that takes bodies of ``types`` (``audio/*`` matches every audio type) instead of JSON."""
+
+    def mark(handler: Handler) -> Handler:
+        setattr(handler, ACCEPTS, types)
+        return handler
+
+    return mark
 
 
 def guard_middleware(allowed_hosts: frozenset[str], allowed_origins: frozenset[str]

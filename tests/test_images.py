@@ -112,7 +112,7 @@ async def test_other_formats_and_the_optional_inputs(client: TestClient, sim: Si
     assert served.headers["Content-Type"] == mime
     inputs = sent_input(sim, body["metadata"]["prediction_id"])
     assert inputs["seed"] == 7 and inputs["negative_prompt"] == "blurry, text" and inputs["aspect_ratio"] == "16:9"
-    assert set(body["metadata"]["defaults_applied"]) == {"safety_filter_level", "person_generation"}
+    assert set(body["metadata"]["defaults_applied"]) == {"safety_filter_level", "person_generation", "number_of_images"}
 
 
 async def test_defaults_come_from_the_yaml(make_client: AppClient, sim: Simulator, tmp_path: Path) -> None:
@@ -124,7 +124,8 @@ async def test_defaults_come_from_the_yaml(make_client: AppClient, sim: Simulato
     parameters = body["metadata"]["parameters"]
     assert parameters["aspect_ratio"] == "9:16" and parameters["safety_filter_level"] == "block_only_high"
     assert set(body["metadata"]["defaults_applied"]) == {
-        "aspect_ratio", "safety_filter_level", "person_generation", "output_format", "negative_prompt", "seed"}
+        "aspect_ratio", "safety_filter_level", "person_generation", "output_format", "negative_prompt", "seed",
+        "number_of_images"}
     inputs = sent_input(sim, body["metadata"]["prediction_id"])
     assert (inputs["aspect_ratio"], inputs["output_format"]) == ("9:16", "webp")
 
@@ -308,6 +309,20 @@ async def test_load_image_returns_bytes_and_mime_type(client: TestClient) -> Non
 
 
 
+async def wait_canceled(sim: Simulator, count: int) -> set[str]:
+    """The predictions the service asked to cancel, once ``count`` of them are recorded as canceled.
+
+    The simulator logs a request before handling it, so the record is polled rather than read at once.
+    """
+    async with asyncio.timeout(5):
+        while True:
+            asked = {path.split("/")[-2] for route, path in sim.requests if route == "replicate.cancel"}
+            done = {p for p in asked if (sim.load("predictions", p) or {}).get("status") == "canceled"}
+            if len(done) >= count:
+                return asked
+            await asyncio.sleep(0.02)
+
+
 async def test_an_abandoned_request_cancels_the_prediction_and_saves_nothing(sim: Simulator,
                                                                             live_env: dict[str, str]) -> None:
     """Served as ``python -m mvserver`` serves it (aiohttp does not cancel handlers when a client leaves)."""
@@ -330,11 +345,92 @@ async def test_an_abandoned_request_cancels_the_prediction_and_saves_nothing(sim
                 while not any(route == "replicate.get" for route, _ in sim.requests):
                     await asyncio.sleep(0.02)
             request.cancel()  # the client gives up and its connection closes
-        async with asyncio.timeout(5):
-            while not any(route == "replicate.cancel" for route, _ in sim.requests):
-                await asyncio.sleep(0.02)
-        prediction_id = next(path.split("/")[-2] for route, path in sim.requests if route == "replicate.cancel")
-        assert sim.load("predictions", prediction_id)["status"] == "canceled"
+        canceled = await wait_canceled(sim, 1)
+        assert len(canceled) == 1
+        assert list((Path(live_env["MV_OUTPUT_DIR"]) / "images").iterdir()) == []
+    finally:
+        await runner.cleanup()
+
+
+# -- several candidate images ------------------------------------------------------------------------------------
+
+
+async def test_one_image_keeps_the_old_shape_and_lists_it_in_images(client: TestClient) -> None:
+    body = await generate(client)
+    assert [image["image_id"] for image in body["images"]] == [body["image_id"]]
+    only = body["images"][0]
+    assert only["image_url"] == body["image_url"] and only["output_file"] == body["output_file"]
+    assert only["prediction_id"] == body["metadata"]["prediction_id"] and only["seed"] is None
+
+
+async def test_candidate_images_run_in_parallel_each_saved_with_its_own_id(client: TestClient, sim: Simulator,
+                                                                           tmp_path: Path) -> None:
+    sim.image_latency = 1.0
+    body = await generate(client, number_of_images=4, seed=40)
+    ids = [image["image_id"] for image in body["images"]]
+    assert len(set(ids)) == 4 and ids[0] == body["image_id"]
+    predictions = [image["prediction_id"] for image in body["images"]]
+    assert len(set(predictions)) == 4 and body["metadata"]["prediction_ids"] == predictions
+    created = [sim.load("predictions", p)["created_at"] for p in predictions]
+    assert max(created) - min(created) < sim.image_latency  # one after another would be a latency apart
+    assert [sent_input(sim, p)["seed"] for p in predictions] == [40, 41, 42, 43]
+    assert [image["seed"] for image in body["images"]] == [40, 41, 42, 43]
+    for image in body["images"]:
+        served = await client.get(image["image_url"])
+        assert served.status == 200 and served.headers["Content-Type"] == "image/png"
+        sidecar = json.loads((tmp_path / "outputs" / "images" / f"{image['image_id']}.json").read_text())
+        assert sidecar["prediction_id"] == image["prediction_id"] and sidecar["seed"] == image["seed"]
+    assert len(saved_images(tmp_path)) == 8
+
+
+@pytest.mark.parametrize("count", [0, 5, "2", 2.5, None])
+async def test_number_of_images_outside_1_to_4_is_400(client: TestClient, sim: Simulator, count: Any) -> None:
+    error = (await generate(client, 400, number_of_images=count))["error"]
+    assert error["code"] == "invalid_field" and error["field"] == "number_of_images"
+    assert not any(route == "replicate.create" for route, _ in sim.requests)
+
+
+async def test_one_failed_candidate_cancels_the_others_and_saves_nothing(client: TestClient, sim: Simulator,
+                                                                         tmp_path: Path) -> None:
+    sim.image_latency = 30  # the others are still running when the first poll fails
+    sim.add_fault("replicate.get", status=401,
+                  body={"title": "Unauthenticated", "detail": "You did not pass a valid authentication token",
+                        "status": 401})
+    error = (await generate(client, 502, number_of_images=3))["error"]
+    assert error["code"] == "provider_auth_failed"
+    canceled = await wait_canceled(sim, 3)
+    assert len(canceled) == 3
+    assert saved_images(tmp_path) == []
+
+
+async def test_an_abandoned_request_cancels_every_candidate(sim: Simulator, live_env: dict[str, str]) -> None:
+    """Served as ``python -m mvserver`` serves it (aiohttp does not cancel handlers when a client leaves)."""
+    import aiohttp
+    from aiohttp import web
+
+    from mvserver.app import create_app
+
+    sim.image_latency = 30
+    runner = web.AppRunner(create_app(live_env), handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+
+    def routes(name: str) -> list[str]:
+        return [path for route, path in sim.requests if route == name]
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.ensure_future(session.post(
+                f"http://127.0.0.1:{port}/api/mv/generate_character_reference",
+                json={"character_description": "a knight in a paper crown", "number_of_images": 3}))
+            async with asyncio.timeout(5):
+                while len({p.split("/")[-1] for p in routes("replicate.get")}) < 3:
+                    await asyncio.sleep(0.02)
+            request.cancel()  # the client gives up and its connection closes
+        canceled = await wait_canceled(sim, 3)
+        assert len(canceled) == 3
         assert list((Path(live_env["MV_OUTPUT_DIR"]) / "images").iterdir()) == []
     finally:
         await runner.cleanup()

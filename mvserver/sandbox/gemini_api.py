@@ -82,6 +82,7 @@ async def generate_content(request: web.Request) -> web.StreamResponse:
         return google_error(401, "UNAUTHENTICATED", "API key not valid. Please pass a valid API key.")
     body = await request.json()
     prompt = _prompt_text(body)
+    sim.prompts.append(prompt)
     await asyncio.sleep(sim.scenes_latency)
     wants_json = body.get("generationConfig", {}).get("responseMimeType") == "application/json"
     text = json.dumps(simulated_scenes(prompt)) if wants_json else f"[sandbox] {prompt[:200]}"

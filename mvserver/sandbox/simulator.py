@@ -15,6 +15,7 @@ import collections
 import json
 import secrets
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal
@@ -68,6 +69,7 @@ class Simulator:
     webhook_deliveries: collections.deque[tuple[str, str | None, int | None]] = field(
         default_factory=lambda: collections.deque(maxlen=10_000))
     requests: list[tuple[str, str]] = field(default_factory=list)  # (route name, path) seen, for tests
+    prompts: deque[str] = field(default_factory=lambda: deque(maxlen=100))  # last Gemini prompts received, for tests
 
     def __post_init__(self) -> None:
         for kind in ("predictions", "operations", "files"):

@@ -1,0 +1,680 @@
+"""The ffmpeg toolkit: probing media files, running ffmpeg with progress and cancellation, and assembling clips.
+
+Everything runs the static ffmpeg bundled with imageio-ffmpeg (there is no ffprobe) as an asyncio subprocess in its
+own process group, so the event loop never blocks and a cancelled task leaves no ffmpeg behind. No HTTP, no jobs:
+the assembly job and the audio upload build on these functions.
+
+Assembly with cuts stream-copies the video of every clip that is used whole and whose codec parameters match the
+output (concat demuxer); only trimmed, rescaled or mismatching clips are re-encoded, each into its own segment.
+Crossfades decode and re-encode everything in one filter graph (xfade/acrossfade). The audio track (the song, clip
+audio, or silence) is always encoded as AAC, so the output is H.264 + AAC in an MP4 with ``+faststart``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import imageio_ffmpeg
+
+__all__ = [
+    "AssemblyInputError", "AssemblyResult", "AudioStream", "Clip", "MediaError", "MediaInfo", "MediaTimeout",
+    "VideoStream", "assemble", "ffmpeg_exe", "parse_inputs", "parse_probe", "probe", "probe_clips", "run_ffmpeg",
+    "stream_duration",
+]
+
+ProgressCallback = Callable[[float], None]
+Transition = Literal["cut", "crossfade"]
+ClipAudio = Literal["drop", "keep", "mix"]
+Fit = Literal["letterbox", "crop"]
+
+PROBE_TIMEOUT = 30.0
+PROBE_OUTPUT_LIMIT = 1 << 20  # bytes of ffmpeg's description kept; a file with endless metadata cannot grow memory
+STDERR_TAIL = 4000
+SONG_FADE_SECONDS = 1.0
+MIX_CLIP_VOLUME = 0.3  # clip audio "mixed under the song" sits about 10 dB below it
+AUDIO_RATE = 48000
+AUDIO_BITRATE = "192k"
+ASPECT_TOLERANCE = 0.01
+TRIM_TOLERANCE = 0.05  # seconds a trim may pass a clip's measured end (container rounding)
+X264 = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "20"]
+
+
+class MediaError(Exception):
+    """ffmpeg could not read or write a file; the message carries the end of ffmpeg's own words."""
+
+
+class MediaTimeout(MediaError):
+    """ffmpeg ran longer than allowed and was killed."""
+
+
+class AssemblyInputError(MediaError, ValueError):
+    """The assembly request does not fit the clips (bad trim, aspect ratio, offset...); ``field`` names the input."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@lru_cache(maxsize=1)
+def ffmpeg_exe() -> str:
+    """The bundled static ffmpeg (``IMAGEIO_FFMPEG_EXE`` overrides it)."""
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+# -- probing -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VideoStream:
+    index: int
+    codec: str
+    profile: str | None
+    width: int
+    height: int
+    pix_fmt: str
+    fps: float | None
+    time_base: str | None  # "1/12288": the container's timescale (``tbn``)
+    sar: tuple[int, int] = (1, 1)
+    attached_pic: bool = False  # cover art in an audio file, not a video
+
+    @property
+    def aspect(self) -> float:
+        """Display aspect ratio (width/height after the sample aspect ratio)."""
+        return self.width * self.sar[0] / (self.height * self.sar[1])
+
+    @property
+    def timescale(self) -> int | None:
+        return int(self.time_base.split("/")[1]) if self.time_base else None
+
+    def copy_key(self) -> tuple[object, ...]:
+        """Streams with equal keys can be joined by the concat demuxer without re-encoding."""
+        return (self.codec, self.profile, self.width, self.height, self.pix_fmt, self.fps, self.time_base, self.sar)
+
+
+@dataclass(frozen=True)
+class AudioStream:
+    index: int
+    codec: str
+    sample_rate: int
+    channels: int
+    layout: str
+    sample_fmt: str | None
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    container: str  # ffmpeg's demuxer name, e.g. "mp3" or "mov,mp4,m4a,3gp,3g2,mj2"
+    duration: float | None  # container duration from the header (None when ffmpeg does not know it)
+    start: float
+    video: tuple[VideoStream, ...] = ()
+    audio: tuple[AudioStream, ...] = ()
+    other_streams: int = 0  # subtitle, data and attachment streams
+
+    @property
+    def first_video(self) -> VideoStream | None:
+        return next((v for v in self.video if not v.attached_pic), None)
+
+    @property
+    def first_audio(self) -> AudioStream | None:
+        return self.audio[0] if self.audio else None
+
+
+_INPUT = re.compile(r"^Input #(?P<input>\d+), (?P<container>[\w,]+), from ", re.M)
+_OUTPUT = re.compile(r"^Output #\d+, ", re.M)
+_DURATION = re.compile(r"^  Duration: (?:(?P<h>\d+):(?P<m>\d+):(?P<s>\d+(?:\.\d+)?)|N/A)(?:, start: (?P<start>-?\d+(?:\.\d+)?))?",
+                       re.M)
+# A stream line starts at a fixed indent; metadata values (which a file controls) are printed after "key : ".
+_STREAM = re.compile(r"^  Stream #\d+:(?P<index>\d+)(?:\[0x[0-9a-f]+\])?(?:\([^)]*\))?: (?P<kind>Video|Audio|Subtitle|Data|Attachment): (?P<rest>.*)$",
+                     re.M)
+_VIDEO = re.compile(r"^(?P<codec>\w+)(?: \((?P<profile>[^)]*)\))?[^,]*, (?P<pix>\w+)(?:\([^)]*\))?, (?P<w>\d+)x(?P<h>\d+)"
+                    r"(?: \[SAR (?P<sn>\d+):(?P<sd>\d+) DAR \d+:\d+\])?")
+_FPS = re.compile(r", (?P<fps>\d+(?:\.\d+)?)(?P<k>k?) fps")
+_TBN = re.compile(r", (?P<tbn>\d+(?:\.\d+)?)(?P<k>k?) tbn")
+_AUDIO = re.compile(r"^(?P<codec>\w+)[^,]*, (?P<rate>\d+) Hz, (?P<layout>[^,]+)(?:, (?P<fmt>\w+))?")
+_NAMED_LAYOUTS = {"mono": 1, "stereo": 2, "downmix": 2, "binaural": 2, "quad": 4, "hexagonal": 6, "octagonal": 8,
+                  "cube": 8, "hexadecagonal": 16}
+
+
+def _channels(layout: str) -> int | None:
+    """Channel count from ffmpeg's layout name: "stereo", "5.1(side)", "7.1.4", "12 channels"."""
+    name = layout.split("(")[0].strip()
+    if name in _NAMED_LAYOUTS:
+        return _NAMED_LAYOUTS[name]
+    if match := re.fullmatch(r"(\d+) channels", name):
+        return int(match[1])
+    if re.fullmatch(r"\d+(?:\.\d+){1,2}", name):
+        return sum(int(part) for part in name.split("."))
+    return None
+
+
+def _number(match: re.Match[str] | None, group: str) -> float | None:
+    if match is None:
+        return None
+    value = float(match[group]) * (1000 if match["k"] else 1)
+    return round(value, 3)
+
+
+def parse_inputs(text: str) -> dict[int, MediaInfo]:
+    """Parse what ``ffmpeg -i A -i B ...`` prints about each input (output sections are left out), by input number."""
+    if (output := _OUTPUT.search(text)) is not None:
+        text = text[:output.start()]
+    headers = list(_INPUT.finditer(text))
+    ends = [h.start() for h in headers[1:]] + [len(text)]
+    return {int(h["input"]): parse_probe(text[h.start():end]) for h, end in zip(headers, ends)}
+
+
+def parse_probe(text: str) -> MediaInfo:
+    """Parse what ``ffmpeg -i FILE`` prints about its (first) input; raise MediaError if it names no readable input."""
+    if (output := _OUTPUT.search(text)) is not None:
+        text = text[:output.start()]
+    headers = list(_INPUT.finditer(text))
+    if not headers:
+        raise MediaError(f"not a readable media file: {text.strip()[-STDERR_TAIL:] or '(no output)'}")
+    header = headers[0]
+    text = text[header.start():headers[1].start() if len(headers) > 1 else len(text)]
+    duration = start = None
+    if (dur := _DURATION.search(text)) is not None:
+        if dur["h"] is not None:
+            duration = int(dur["h"]) * 3600 + int(dur["m"]) * 60 + float(dur["s"])
+        start = float(dur["start"]) if dur["start"] else None
+    video: list[VideoStream] = []
+    audio: list[AudioStream] = []
+    other = 0
+    for stream in _STREAM.finditer(text):
+        index, kind, rest = int(stream["index"]), stream["kind"], stream["rest"]
+        if kind == "Video" and (v := _VIDEO.match(rest)):
+            tbn = _number(_TBN.search(rest), "tbn")
+            video.append(VideoStream(
+                index=index, codec=v["codec"], profile=v["profile"], width=int(v["w"]), height=int(v["h"]),
+                pix_fmt=v["pix"], fps=_number(_FPS.search(rest), "fps"),
+                time_base=f"1/{int(tbn)}" if tbn else None,
+                sar=(int(v["sn"]), int(v["sd"])) if v["sn"] and int(v["sn"]) and int(v["sd"]) else (1, 1),
+                attached_pic="(attached pic)" in rest))
+        elif kind == "Audio" and (a := _AUDIO.match(rest)):
+            channels = _channels(a["layout"])
+            if channels is None:
+                raise MediaError(f"unknown channel layout {a['layout']!r} in stream {index}")
+            audio.append(AudioStream(index=index, codec=a["codec"], sample_rate=int(a["rate"]), channels=channels,
+                                     layout=a["layout"].strip(), sample_fmt=a["fmt"]))
+        else:
+            other += 1
+    return MediaInfo(container=header["container"], duration=duration, start=start or 0.0, video=tuple(video),
+                     audio=tuple(audio), other_streams=other)
+
+
+async def _spawn(args: Sequence[str], stdout: int = subprocess.DEVNULL) -> asyncio.subprocess.Process:
+    """Start ffmpeg in its own process group (``killpg`` then reaches anything it starts)."""
+    return await asyncio.create_subprocess_exec(
+        ffmpeg_exe(), "-nostdin", "-hide_banner", *args,
+        stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, start_new_session=True)
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    """Kill ffmpeg's whole process group and reap it."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    await proc.wait()
+
+
+async def _read_limited(stream: asyncio.StreamReader, limit: int, tail: bool = False) -> str:
+    """Read a pipe to its end, keeping at most ``limit`` bytes (the first ones, or the last ones with ``tail``)."""
+    kept = bytearray()
+    while chunk := await stream.read(1 << 16):
+        kept += chunk
+        if len(kept) > limit:
+            kept = kept[-limit:] if tail else kept[:limit]
+            if not tail:
+                while await stream.read(1 << 16):  # drain so ffmpeg never blocks on a full pipe
+                    pass
+                break
+    return kept.decode(errors="replace")
+
+
+async def probe(path: Path, *, timeout: float = PROBE_TIMEOUT) -> MediaInfo:
+    """Describe a media file from its header (``ffmpeg -i``): container, duration, streams and codec parameters."""
+    proc = await _spawn(["-i", str(path)])
+    try:
+        assert proc.stderr is not None
+        async with asyncio.timeout(timeout):
+            text = await _read_limited(proc.stderr, PROBE_OUTPUT_LIMIT)
+            await proc.wait()
+    except TimeoutError:
+        raise MediaTimeout(f"probing {path.name} took longer than {timeout:g} s") from None
+    finally:
+        await _kill(proc)
+    return parse_probe(text)
+
+
+async def probe_clips(paths: Sequence[Path], *, timeout: float = PROBE_TIMEOUT) -> list[tuple[MediaInfo, int]]:
+    """Describe several video files with ONE ffmpeg run: each file's header and its video frame count.
+
+    The frames are counted by demuxing (``-c copy`` into ``framecrc``), so this costs one process start and no
+    decoding however many clips there are. Raises MediaError if any file is unreadable or has no video stream.
+    """
+    inputs = [arg for path in paths for arg in ("-i", str(path))]
+    maps = [arg for n in range(len(paths)) for arg in ("-map", f"{n}:v:0")]
+    proc = await _spawn([*inputs, *maps, "-c", "copy", "-f", "framecrc", "-"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        async with asyncio.timeout(timeout):
+            counted, text = await asyncio.gather(_count_packets(proc.stdout),
+                                                 _read_limited(proc.stderr, PROBE_OUTPUT_LIMIT))
+            await proc.wait()
+    except TimeoutError:
+        raise MediaTimeout(f"probing {len(paths)} files took longer than {timeout:g} s") from None
+    finally:
+        await _kill(proc)
+    if proc.returncode != 0:
+        raise MediaError(f"ffmpeg could not read every file: {text.strip()[-STDERR_TAIL:]}")
+    infos = parse_inputs(text)
+    return [(infos[n], counted.get(n, 0)) for n in range(len(paths))]
+
+
+async def _count_packets(stream: asyncio.StreamReader) -> dict[int, int]:
+    """Packets per output stream in ``framecrc`` lines (``stream_index, dts, pts, duration, size, crc``)."""
+    counts: dict[int, int] = {}
+    async for raw in stream:
+        if raw[:1].isdigit():
+            index = int(raw.split(b",", 1)[0])
+            counts[index] = counts.get(index, 0) + 1
+    return counts
+
+
+async def stream_duration(path: Path, stream: str = "v:0", *, decode: bool = False, fps: float | None = None,
+                          timeout: float = PROBE_TIMEOUT) -> float:
+    """The length of one stream in seconds, from what ffmpeg counts while reading it (``-progress``), not the header.
+
+    ``decode=False`` only demuxes (milliseconds); ``decode=True`` decodes the stream, which also proves it is
+    readable to the end. For a video stream with a known ``fps`` the length is frames / fps.
+    """
+    args = ["-i", str(path), "-map", f"0:{stream}"]
+    if not decode:
+        args += ["-c", "copy"]
+    values: dict[str, str] = {}
+
+    def seen(key: str, value: str) -> None:
+        values[key] = value
+
+    await run_ffmpeg([*args, "-f", "null", "-"], on_field=seen, timeout=timeout)
+    try:
+        out_time = int(values["out_time_us"]) / 1e6
+        frames = int(values.get("frame", "0"))
+    except (KeyError, ValueError):
+        raise MediaError(f"ffmpeg reported no length for stream {stream} of {path.name}") from None
+    if stream.startswith("v") and fps and frames:
+        return frames / fps
+    return out_time
+
+
+# -- running ffmpeg ------------------------------------------------------------------------------------------------
+
+
+async def run_ffmpeg(args: Sequence[str], *, duration: float | None = None, progress: ProgressCallback | None = None,
+                     timeout: float | None = None,
+                     on_field: Callable[[str, str], None] | None = None) -> None:
+    """Run ``ffmpeg ARGS`` with ``-progress pipe:1 -nostats``; report 0..1 to ``progress`` as it goes.
+
+    The fraction is ``out_time_us / duration`` (clamped) and 1.0 on ``progress=end``. When the calling task is
+    cancelled or ``timeout`` passes, ffmpeg's whole process group is killed before this returns (MediaTimeout on a
+    timeout). A non-zero exit raises MediaError with the end of ffmpeg's error output.
+    """
+    proc = await _spawn(["-loglevel", "error", "-progress", "pipe:1", "-nostats", *args], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    errors = asyncio.ensure_future(_read_limited(proc.stderr, STDERR_TAIL, tail=True))
+    last = -1.0
+    try:
+        async with asyncio.timeout(timeout):
+            async for raw in proc.stdout:
+                key, _, value = raw.decode(errors="replace").strip().partition("=")
+                if on_field is not None:
+                    on_field(key, value)
+                if progress is None:
+                    continue
+                fraction = None
+                if key == "progress" and value == "end":
+                    fraction = 1.0
+                elif key == "out_time_us" and duration and value.lstrip("-").isdigit():
+                    fraction = min(max(int(value) / 1e6 / duration, 0.0), 0.999)
+                if fraction is not None and fraction > last:
+                    last = fraction
+                    progress(fraction)
+            await proc.wait()
+    except TimeoutError:
+        raise MediaTimeout(f"ffmpeg ran longer than {timeout:g} s and was stopped") from None
+    finally:
+        await _kill(proc)
+        stderr = await errors
+    if proc.returncode != 0:
+        raise MediaError(f"ffmpeg exited with status {proc.returncode}: {stderr.strip() or '(no output)'}")
+
+
+# -- assembly ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One clip of the edit: a file and the part of it to use (seconds; ``trim_out`` None means to the end)."""
+
+    path: Path
+    trim_in: float = 0.0
+    trim_out: float | None = None
+
+
+@dataclass
+class AssemblyResult:
+    path: Path
+    duration: float  # the expected length: clip lengths after trims, minus crossfade overlaps
+    copied: list[int] = field(default_factory=list)  # indices of clips whose video was stream-copied
+    reencoded: list[int] = field(default_factory=list)  # indices of clips that were decoded and encoded again
+    elapsed_seconds: float = 0.0
+
+
+@dataclass
+class _Source:
+    index: int
+    clip: Clip
+    info: MediaInfo
+    video: VideoStream
+    length: float  # measured video length of the whole file
+    start: float  # trim in, snapped to a frame
+    frames: int  # frames used after trims
+
+    @property
+    def duration(self) -> float:
+        return self.frames / (self.video.fps or 24.0)
+
+    @property
+    def trimmed(self) -> bool:
+        return self.start > 0 or self.frames < round(self.length * (self.video.fps or 24.0))
+
+
+def _temp(out: Path, tag: str) -> Path:
+    """A temporary file next to the output; the ``.part`` suffix lets start-up clean-up remove leftovers."""
+    return out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.{tag}.part")
+
+
+async def _load_sources(clips: Sequence[Clip]) -> list[_Source]:
+    try:
+        described = await probe_clips([clip.path for clip in clips])
+    except MediaTimeout:
+        raise
+    except MediaError:
+        described = None
+    if described is None or any(info.first_video is None or frames < 1 for info, frames in described):
+        for index, clip in enumerate(clips):  # find the clip to blame, one at a time
+            name = f"clips[{index}]"
+            try:
+                info = await probe(clip.path)
+            except MediaError as exc:
+                raise AssemblyInputError(name, f"{name} is not a readable video: {exc}") from None
+            if info.first_video is None:
+                raise AssemblyInputError(name, f"{name} has no video stream")
+        raise MediaError("ffmpeg could not read the clips together")
+    return [_source(i, clip, info, frames) for i, (clip, (info, frames)) in enumerate(zip(clips, described))]
+
+
+def _source(index: int, clip: Clip, info: MediaInfo, frame_count: int) -> _Source:
+    """Check a clip's trims against its measured length; snap them to whole frames."""
+    name = f"clips[{index}]"
+    video = info.first_video
+    assert video is not None
+    fps = video.fps or 24.0
+    length = frame_count / fps
+    trim_in = clip.trim_in or 0.0
+    trim_out = length if clip.trim_out is None else clip.trim_out
+    if trim_in < 0 or trim_in >= length:
+        raise AssemblyInputError(f"{name}.trim_in", f"{name}.trim_in must be in [0, {length:.3f}) seconds")
+    if trim_out > length + TRIM_TOLERANCE or trim_out <= trim_in:
+        raise AssemblyInputError(f"{name}.trim_out",
+                                 f"{name}.trim_out must be after trim_in and at most {length:.3f} seconds")
+    first = round(trim_in * fps)
+    frames = min(round(trim_out * fps), round(length * fps)) - first
+    if frames < 1:
+        raise AssemblyInputError(f"{name}.trim_out", f"{name} keeps less than one frame after trims")
+    return _Source(index, clip, info, video, length, first / fps, frames)
+
+
+def _fit_filter(source: VideoStream, width: int, height: int, fit: Fit | None) -> str:
+    """Scale a clip to the output size; letterbox or crop when its aspect ratio differs."""
+    if (source.width, source.height, source.sar) == (width, height, (1, 1)):
+        return "setsar=1"
+    if abs(source.aspect - width / height) <= ASPECT_TOLERANCE or fit is None:
+        return f"scale={width}:{height},setsar=1"
+    if fit == "letterbox":
+        return (f"scale={width}:{height}:force_original_aspect_ratio=decrease,"
+                f"pad={width}:{height}:(ow-iw)/2:(oh-ih)/2,setsar=1")
+    return f"scale={width}:{height}:force_original_aspect_ratio=increase,crop={width}:{height},setsar=1"
+
+
+def _check_aspects(sources: list[_Source], fit: Fit | None) -> None:
+    target = sources[0].video.aspect
+    for source in sources[1:]:
+        if fit is None and abs(source.video.aspect - target) > ASPECT_TOLERANCE:
+            v = source.video
+            raise AssemblyInputError(
+                f"clips[{source.index}]",
+                f"clips[{source.index}] is {v.width}x{v.height}, a different aspect ratio from clips[0] "
+                f"({sources[0].video.width}x{sources[0].video.height}); pass fit letterbox or crop")
+
+
+def _audio_graph(sources: list[_Source], first_input: int, song_input: int | None, total: float,
+                 clip_audio: ClipAudio, crossfade: float | None) -> str:
+    """The filter graph that ends in ``[aout]``: song, clip audio or silence, at 48 kHz stereo, ``total`` long."""
+    fmt = f"aresample={AUDIO_RATE},aformat=sample_fmts=fltp:sample_rates={AUDIO_RATE}:channel_layouts=stereo"
+    parts: list[str] = []
+    tracks: list[str] = []
+    if clip_audio != "drop":
+        labels = []
+        for n, source in enumerate(sources):
+            d = source.duration
+            if source.info.first_audio is not None:
+                parts.append(f"[{first_input + n}:a:0]{fmt},atrim=start={source.start:.6f},asetpts=PTS-STARTPTS,"
+                             f"apad,atrim=end={d:.6f}[ca{n}]")
+            else:
+                parts.append(f"anullsrc=r={AUDIO_RATE}:cl=stereo,aformat=sample_fmts=fltp,atrim=end={d:.6f}[ca{n}]")
+            labels.append(f"[ca{n}]")
+        if crossfade:
+            current = labels[0]
+            for n, label in enumerate(labels[1:], 1):
+                parts.append(f"{current}{label}acrossfade=d={crossfade:.6f}[cx{n}]")
+                current = f"[cx{n}]"
+            parts.append(f"{current}anull[clipmix]")
+        else:
+            parts.append(f"{''.join(labels)}concat=n={len(labels)}:v=0:a=1[clipmix]")
+        volume = MIX_CLIP_VOLUME if clip_audio == "mix" and song_input is not None else 1.0
+        parts.append(f"[clipmix]volume={volume}[clips]")
+        tracks.append("[clips]")
+    if song_input is not None:
+        fade = min(SONG_FADE_SECONDS, total / 4)
+        parts.append(f"[{song_input}:a:0]{fmt},apad,atrim=end={total:.6f},"
+                     f"afade=t=out:st={total - fade:.6f}:d={fade:.6f}[song]")
+        tracks.insert(0, "[song]")
+    if not tracks:
+        parts.append(f"anullsrc=r={AUDIO_RATE}:cl=stereo,atrim=end={total:.6f}[aout]")
+    elif len(tracks) == 1:
+        parts.append(f"{tracks[0]}anull[aout]")
+    else:
+        parts.append(f"{''.join(tracks)}amix=inputs=2:duration=first:normalize=0,atrim=end={total:.6f}[aout]")
+    return ";".join(parts)
+
+
+def _audio_inputs(sources: list[_Source], clip_audio: ClipAudio) -> list[str]:
+    return [arg for s in sources for arg in ("-i", str(s.clip.path))] if clip_audio != "drop" else []
+
+
+def _song_inputs(song: Path | None, offset: float) -> list[str]:
+    return ["-ss", f"{offset:.6f}", "-i", str(song)] if song is not None else []
+
+
+OUTPUT_ARGS = ["-c:a", "aac", "-b:a", AUDIO_BITRATE, "-movflags", "+faststart", "-f", "mp4"]
+
+
+async def _encode_segment(source: _Source, dest: Path, target: VideoStream, fit: Fit | None,
+                          progress: ProgressCallback | None) -> None:
+    """Re-encode one clip's used part into a video-only segment the concat demuxer can join to copied clips."""
+    fps = target.fps or 24.0
+    vf = f"{_fit_filter(source.video, target.width, target.height, fit)},fps={fps:g},format={target.pix_fmt}"
+    args = ["-ss", f"{source.start:.6f}", "-i", str(source.clip.path), "-map", "0:v:0", "-an", "-sn", "-dn",
+            "-vf", vf, "-frames:v", str(source.frames), *X264, "-pix_fmt", target.pix_fmt, "-r", f"{fps:g}"]
+    if target.timescale:
+        args += ["-video_track_timescale", str(target.timescale)]
+    await run_ffmpeg([*args, "-f", "mp4", "-y", str(dest)], duration=source.duration, progress=progress)
+
+
+def _concat_list(entries: list[tuple[Path, float]]) -> str:
+    def quoted(path: Path) -> str:
+        return "'" + str(path).replace("'", "'\\''") + "'"
+
+    return "ffconcat version 1.0\n" + "".join(f"file {quoted(p)}\nduration {d:.6f}\n" for p, d in entries)
+
+
+class _Progress:
+    """Maps the progress of each ffmpeg step onto one 0..1 fraction, weighted by the work each step does."""
+
+    def __init__(self, callback: ProgressCallback | None, weights: list[float]):
+        self.callback, self.weights = callback, weights
+        self.total = sum(weights) or 1.0
+
+    def step(self, n: int) -> ProgressCallback | None:
+        if self.callback is None:
+            return None
+        before = sum(self.weights[:n])
+        callback = self.callback
+        return lambda f: callback(min(1.0, (before + f * self.weights[n]) / self.total))
+
+
+async def _assemble_cuts(sources: list[_Source], tmp: Path, out: Path, song: Path | None, song_offset: float,
+                         clip_audio: ClipAudio, fit: Fit | None, progress: ProgressCallback | None,
+                         result: AssemblyResult, temps: list[Path]) -> None:
+    first = sources[0].video
+    # The output takes the first clip's parameters; clips that differ are encoded to match them.
+    if first.codec == "h264" and first.pix_fmt == "yuv420p" and first.fps and first.sar == (1, 1):
+        target = first
+    else:
+        target = VideoStream(0, "h264", "High", first.width, first.height, "yuv420p", first.fps or 24.0,
+                             first.time_base or "1/12288")
+    copyable = [not s.trimmed and s.video.copy_key() == target.copy_key() for s in sources]
+    encode = [s for s, ok in zip(sources, copyable) if not ok]
+    total = sum(s.duration for s in sources)
+    tracker = _Progress(progress, [4 * s.duration for s in encode] + [total])
+    entries: list[tuple[Path, float]] = []
+    segments: dict[int, Path] = {}
+    for n, source in enumerate(encode):
+        segments[source.index] = segment = _temp(out, f"seg{source.index}")
+        temps.append(segment)
+        await _encode_segment(source, segment, target, fit, tracker.step(n))
+    for source, ok in zip(sources, copyable):
+        entries.append((source.clip.path if ok else segments[source.index], source.duration))
+        (result.copied if ok else result.reencoded).append(source.index)
+    listing = _temp(out, "list")
+    temps.append(listing)
+    await asyncio.to_thread(listing.write_text, _concat_list(entries))
+    song_input = 1 if song is not None else None
+    first_clip_input = 2 if song is not None else 1
+    graph = _audio_graph(sources, first_clip_input, song_input, total, clip_audio, None)
+    args = ["-f", "concat", "-safe", "0", "-i", str(listing), *_song_inputs(song, song_offset),
+            *_audio_inputs(sources, clip_audio), "-filter_complex", graph,
+            "-map", "0:v:0", "-map", "[aout]", "-c:v", "copy", *OUTPUT_ARGS, "-t", f"{total:.6f}", "-y", str(tmp)]
+    await run_ffmpeg(args, duration=total, progress=tracker.step(len(encode)))
+
+
+async def _assemble_crossfade(sources: list[_Source], tmp: Path, song: Path | None, song_offset: float,
+                              crossfade: float, clip_audio: ClipAudio, fit: Fit | None,
+                              progress: ProgressCallback | None, result: AssemblyResult) -> float:
+    first = sources[0].video
+    fps = first.fps or 24.0
+    inputs: list[str] = []
+    parts: list[str] = []
+    for n, source in enumerate(sources):
+        inputs += ["-ss", f"{source.start:.6f}", "-t", f"{source.duration + 1 / fps:.6f}", "-i", str(source.clip.path)]
+        parts.append(f"[{n}:v:0]{_fit_filter(source.video, first.width, first.height, fit)},fps={fps:g},"
+                     f"format=yuv420p,trim=end_frame={source.frames},setpts=PTS-STARTPTS,settb=AVTB[v{n}]")
+    current, length = "[v0]", sources[0].duration
+    for n, source in enumerate(sources[1:], 1):
+        parts.append(f"{current}[v{n}]xfade=transition=fade:duration={crossfade:.6f}:offset={length - crossfade:.6f}[x{n}]")
+        current, length = f"[x{n}]", length + source.duration - crossfade
+    parts.append(f"{current}null[vout]")
+    song_input = len(sources) if song is not None else None
+    inputs += _song_inputs(song, song_offset)
+    # The trimmed clip inputs above carry their audio too: [n:a] is already cut to the clip's used part.
+    audio_sources = [_Source(s.index, s.clip, s.info, s.video, s.length, 0.0, s.frames) for s in sources]
+    parts.append(_audio_graph(audio_sources, 0, song_input, length, clip_audio, crossfade))
+    args = [*inputs, "-filter_complex", ";".join(parts), "-map", "[vout]", "-map", "[aout]", *X264,
+            "-pix_fmt", "yuv420p", "-r", f"{fps:g}", *OUTPUT_ARGS, "-t", f"{length:.6f}", "-y", str(tmp)]
+    await run_ffmpeg(args, duration=length, progress=progress)
+    result.reencoded.extend(s.index for s in sources)
+    return length
+
+
+async def assemble(clips: Sequence[Clip], out: Path, *, song: Path | None = None, song_offset: float = 0.0,
+                   transition: Transition = "cut", crossfade_seconds: float = 0.5, clip_audio: ClipAudio = "drop",
+                   fit: Fit | None = None, progress: ProgressCallback | None = None) -> AssemblyResult:
+    """Join ``clips`` into one H.264 + AAC MP4 at ``out`` (written atomically); return what was done.
+
+    Raises AssemblyInputError (with ``field``) for input that does not fit the clips, MediaError when ffmpeg fails.
+    Cancelling the task kills ffmpeg and removes every temporary file.
+    """
+    started = time.monotonic()
+    if not clips:
+        raise AssemblyInputError("clips", "clips must hold at least one clip")
+    if transition not in ("cut", "crossfade"):
+        raise AssemblyInputError("transition", "transition must be cut or crossfade")
+    if clip_audio not in ("drop", "keep", "mix"):
+        raise AssemblyInputError("clip_audio", "clip_audio must be drop, keep or mix")
+    if fit not in (None, "letterbox", "crop"):
+        raise AssemblyInputError("fit", "fit must be null, letterbox or crop")
+    sources = await _load_sources(clips)
+    _check_aspects(sources, fit)
+    if song is not None:
+        await _check_song(song, song_offset)
+    result = AssemblyResult(path=out, duration=0.0)
+    tmp = _temp(out, "out")
+    temps = [tmp]
+    try:
+        if transition == "crossfade" and len(sources) > 1:
+            shortest = min(s.duration for s in sources)
+            if not 0 < crossfade_seconds < shortest:
+                raise AssemblyInputError("crossfade_seconds",
+                                         f"crossfade_seconds must be above 0 and below the shortest clip ({shortest:.3f} s)")
+            result.duration = await _assemble_crossfade(sources, tmp, song, song_offset, crossfade_seconds,
+                                                        clip_audio, fit, progress, result)
+        else:
+            result.duration = sum(s.duration for s in sources)
+            await _assemble_cuts(sources, tmp, out, song, song_offset, clip_audio, fit, progress, result, temps)
+        await asyncio.to_thread(_fsync_replace, tmp, out)
+    finally:
+        for path in temps:
+            path.unlink(missing_ok=True)
+    result.elapsed_seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+async def _check_song(song: Path, offset: float) -> None:
+    try:
+        info = await probe(song)
+    except MediaError as exc:
+        raise AssemblyInputError("song", f"song is not a readable audio file: {exc}") from None
+    if info.first_audio is None:
+        raise AssemblyInputError("song", "song has no audio stream")
+    if offset < 0 or (info.duration is not None and offset >= info.duration):
+        raise AssemblyInputError("song_offset", f"song_offset must be in [0, {info.duration or 0:.3f}) seconds")
+
+
+def _fsync_replace(tmp: Path, out: Path) -> None:
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, out)

@@ -1,0 +1,322 @@
+"""The ffmpeg toolkit against real files: sandbox-rendered clips, lavfi songs, the bundled ffmpeg."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mvserver import media
+from mvserver.media import AssemblyInputError, Clip, MediaError, MediaTimeout
+from mvserver.sandbox.render import render_video
+
+FPS = 24
+
+
+def ffmpeg(*args: str) -> str:
+    proc = subprocess.run([media.ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args],
+                          capture_output=True, timeout=120, check=True)
+    return proc.stdout.decode()
+
+
+def make_song(path: Path, seconds: float, rate: int = 44100) -> Path:
+    ffmpeg("-f", "lavfi", "-i", f"sine=f=330:d={seconds}:r={rate}", "-ac", "2", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Sandbox clips: two 16:9 with audio (6 s, 4 s), one 16:9 without audio (4 s), one 9:16 (4 s)."""
+    root = tmp_path_factory.mktemp("clips")
+    specs = {"a": (6, "16:9", True), "b": (4, "16:9", True), "silent": (4, "16:9", False), "tall": (4, "9:16", True)}
+
+    async def render() -> None:
+        await asyncio.gather(*(render_video(root / f"{name}.mp4", prompt=f"clip {name}", duration=d, aspect_ratio=ar,
+                                            generate_audio=audio) for name, (d, ar, audio) in specs.items()))
+
+    asyncio.run(render())
+    return {name: root / f"{name}.mp4" for name in specs}
+
+
+@pytest.fixture(scope="module")
+def song(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_song(tmp_path_factory.mktemp("song") / "song.mp3", 30)
+
+
+def packet_hashes(path: Path, stream: str = "v:0") -> list[str]:
+    """One hash per video packet as stored (stream copy): equal lists mean byte-identical video.
+
+    The concat demuxer repeats the parameter sets (SPS/PPS) in the first keyframe of each file, so both sides are
+    put in Annex B form, which has them in every keyframe, before hashing.
+    """
+    out = ffmpeg("-i", str(path), "-map", f"0:{stream}", "-c", "copy", "-bsf:v", "h264_mp4toannexb",
+                 "-f", "framemd5", "-")
+    return [line.rsplit(",", 1)[1].strip() for line in out.splitlines() if line and not line.startswith("#")]
+
+
+def top_level_boxes(path: Path) -> list[str]:
+    names, data = [], path.read_bytes()
+    offset = 0
+    while offset + 8 <= len(data):
+        size, name = struct.unpack(">I4s", data[offset:offset + 8])
+        if size == 1:
+            size = struct.unpack(">Q", data[offset + 8:offset + 16])[0]
+        names.append(name.decode("latin-1"))
+        if size < 8:
+            break
+        offset += size
+    return names
+
+
+async def check_output(path: Path, expected: float) -> media.MediaInfo:
+    """H.264 + AAC, moov before mdat, and both streams within 0.1 s of ``expected``."""
+    info = await media.probe(path)
+    assert info.first_video is not None and info.first_video.codec == "h264"
+    assert info.first_audio is not None and info.first_audio.codec == "aac"
+    assert info.duration is not None and abs(info.duration - expected) <= 0.1, (info.duration, expected)
+    video = await media.stream_duration(path, "v:0", fps=info.first_video.fps)
+    audio = await media.stream_duration(path, "a:0", decode=True)
+    assert abs(video - expected) <= 0.1 and abs(audio - expected) <= 0.1, (video, audio, expected)
+    boxes = top_level_boxes(path)
+    assert boxes.index("moov") < boxes.index("mdat")  # +faststart
+    return info
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".part"))
+
+
+# -- probe ---------------------------------------------------------------------------------------------------------
+
+
+async def test_probe_describes_a_sandbox_clip(clips: dict[str, Path]) -> None:
+    info = await media.probe(clips["a"])
+    assert info.container.startswith("mov,mp4") and info.duration == pytest.approx(6.0, abs=0.05)
+    video = info.first_video
+    assert video is not None
+    assert (video.codec, video.width, video.height, video.pix_fmt, video.fps) == ("h264", 640, 360, "yuv420p", 24.0)
+    assert video.time_base == "1/12288" and video.sar == (1, 1) and video.aspect == pytest.approx(16 / 9)
+    audio = info.first_audio
+    assert audio is not None and (audio.codec, audio.sample_rate, audio.channels) == ("aac", 48000, 2)
+    assert (await media.probe(clips["silent"])).audio == ()
+    assert await media.stream_duration(clips["a"], "v:0", fps=video.fps) == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize(("layout", "channels"), [("mono", 1), ("stereo", 2), ("5.1(side)", 6), ("7.1", 8),
+                                                  ("24 channels", 24), ("quad", 4)])
+async def test_probe_counts_channels(tmp_path: Path, layout: str, channels: int) -> None:
+    path = tmp_path / "tone.wav"
+    if layout.endswith("channels"):
+        inputs = [arg for _ in range(channels) for arg in ("-f", "lavfi", "-i", "sine=d=0.2")]
+        ffmpeg(*inputs, "-filter_complex", f"amerge=inputs={channels}", str(path))
+    else:
+        ffmpeg("-f", "lavfi", "-i", "sine=d=0.2", "-af", f"aformat=channel_layouts={layout}", str(path))
+    audio = (await media.probe(path)).first_audio
+    assert audio is not None and audio.channels == channels
+
+
+async def test_stream_lines_hidden_in_metadata_are_not_streams(tmp_path: Path) -> None:
+    path = tmp_path / "tagged.mp3"
+    fake = "x\n  Stream #0:7: Video: h264 (High), yuv420p, 7680x4320, 60 fps, 90k tbn\n  Duration: 99:00:00.00"
+    ffmpeg("-f", "lavfi", "-i", "sine=d=1", "-metadata", f"title={fake}", str(path))
+    info = await media.probe(path)
+    assert info.video == () and len(info.audio) == 1
+    assert info.duration == pytest.approx(1.0, abs=0.1)
+
+
+async def test_probe_rejects_what_is_not_media(tmp_path: Path) -> None:
+    path = tmp_path / "notes.mp3"
+    path.write_text("this is text with an .mp3 name\n" * 100)
+    with pytest.raises(MediaError):
+        await media.probe(path)
+
+
+# -- run_ffmpeg ----------------------------------------------------------------------------------------------------
+
+
+async def test_run_ffmpeg_reports_progress_up_to_one(tmp_path: Path) -> None:
+    seen: list[float] = []
+    await media.run_ffmpeg(["-f", "lavfi", "-i", "testsrc=d=3:s=160x90:r=24", "-c:v", "libx264", "-preset",
+                            "ultrafast", "-y", str(tmp_path / "t.mp4")], duration=3.0, progress=seen.append)
+    assert seen and seen[-1] == 1.0 and seen == sorted(seen) and all(0 <= f <= 1 for f in seen)
+    assert (await media.probe(tmp_path / "t.mp4")).duration == pytest.approx(3.0, abs=0.05)
+
+
+async def test_run_ffmpeg_failure_carries_ffmpeg_words(tmp_path: Path) -> None:
+    with pytest.raises(MediaError, match="No such file"):
+        await media.run_ffmpeg(["-i", str(tmp_path / "missing.mp4"), "-f", "null", "-"])
+
+
+def ffmpeg_processes(marker: str) -> list[int]:
+    """Live processes whose command line contains ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+                status = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if marker.encode() in cmdline and ") Z" not in status:
+                found.append(int(entry.name))
+    return found
+
+
+async def test_cancel_kills_ffmpeg_and_leaves_no_process(tmp_path: Path) -> None:
+    marker = f"cancel-{uuid.uuid4().hex}"
+    out = tmp_path / f"{marker}.mp4"
+    started = asyncio.Event()
+
+    def seen(fraction: float) -> None:
+        started.set()
+
+    task = asyncio.ensure_future(media.run_ffmpeg(
+        ["-re", "-f", "lavfi", "-i", "testsrc=d=600:s=160x90:r=10", "-c:v", "libx264", "-preset", "ultrafast",
+         "-y", str(out)], duration=600, progress=seen))
+    async with asyncio.timeout(20):
+        await started.wait()
+    assert ffmpeg_processes(marker), "ffmpeg should be running"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ffmpeg_processes(marker) == []
+
+
+async def test_a_timeout_kills_ffmpeg(tmp_path: Path) -> None:
+    marker = f"timeout-{uuid.uuid4().hex}"
+    with pytest.raises(MediaTimeout):
+        await media.run_ffmpeg(["-re", "-f", "lavfi", "-i", "testsrc=d=600:s=160x90:r=10", "-f", "null",
+                                "-metadata", f"comment={marker}", "-"], timeout=0.5)
+    assert ffmpeg_processes(marker) == []
+
+
+# -- assemble: cuts ------------------------------------------------------------------------------------------------
+
+
+async def test_cuts_copy_whole_clips_and_encode_only_the_trimmed_one(clips: dict[str, Path], song: Path,
+                                                                     tmp_path: Path) -> None:
+    out = tmp_path / "final.mp4"
+    seen: list[float] = []
+    edit = [Clip(clips["a"]), Clip(clips["b"], trim_in=0.5, trim_out=3.0), Clip(clips["silent"])]
+    result = await media.assemble(edit, out, song=song, song_offset=2.0, progress=seen.append)
+    assert result.copied == [0, 2] and result.reencoded == [1]
+    assert result.duration == pytest.approx(6 + 2.5 + 4)
+    info = await check_output(out, 12.5)
+    assert info.first_video.width == 640 and info.first_video.height == 360
+    hashes = packet_hashes(out)
+    assert hashes[:6 * FPS] == packet_hashes(clips["a"])  # clip a's video is in the output byte for byte
+    assert hashes[-4 * FPS:] == packet_hashes(clips["silent"])
+    assert len(hashes) == round(12.5 * FPS)
+    assert seen and seen[-1] == 1.0 and seen == sorted(seen)
+    assert leftovers(tmp_path) == []
+
+
+async def test_cuts_without_trims_copy_everything(clips: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "copy.mp4"
+    result = await media.assemble([Clip(clips["b"]), Clip(clips["a"]), Clip(clips["b"])], out, clip_audio="keep")
+    assert result.copied == [0, 1, 2] and result.reencoded == []
+    await check_output(out, 14.0)
+    assert packet_hashes(out) == packet_hashes(clips["b"]) + packet_hashes(clips["a"]) + packet_hashes(clips["b"])
+
+
+async def test_without_song_or_clip_audio_the_audio_track_is_silent(clips: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "quiet.mp4"
+    await media.assemble([Clip(clips["b"]), Clip(clips["silent"])], out)
+    await check_output(out, 8.0)
+    volume = subprocess.run([media.ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(out), "-map", "0:a",
+                             "-af", "volumedetect", "-f", "null", "-"], capture_output=True, timeout=60).stderr.decode()
+    assert "max_volume: -91" in volume  # digital silence
+
+
+async def test_song_shorter_than_the_video_is_padded_with_silence(clips: dict[str, Path], tmp_path: Path) -> None:
+    short = make_song(tmp_path / "short.wav", 3)
+    out = tmp_path / "padded.mp4"
+    await media.assemble([Clip(clips["a"]), Clip(clips["b"])], out, song=short, clip_audio="mix")
+    await check_output(out, 10.0)
+
+
+# -- assemble: crossfade and fit -----------------------------------------------------------------------------------
+
+
+async def test_crossfade_overlaps_clips_and_mixes_clip_audio(clips: dict[str, Path], song: Path, tmp_path: Path) -> None:
+    out = tmp_path / "xfade.mp4"
+    edit = [Clip(clips["a"], trim_out=5.0), Clip(clips["silent"]), Clip(clips["b"], trim_in=1.0)]
+    result = await media.assemble(edit, out, song=song, transition="crossfade", crossfade_seconds=0.5,
+                                  clip_audio="mix")
+    assert result.reencoded == [0, 1, 2] and result.copied == []
+    assert result.duration == pytest.approx(5 + 4 + 3 - 2 * 0.5)
+    await check_output(out, 11.0)
+
+
+async def test_different_aspect_ratios_need_fit(clips: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "mixed.mp4"
+    with pytest.raises(AssemblyInputError) as error:
+        await media.assemble([Clip(clips["b"]), Clip(clips["tall"])], out)
+    assert error.value.field == "clips[1]" and "aspect ratio" in str(error.value)
+    assert not out.exists()
+    for fit in ("letterbox", "crop"):
+        result = await media.assemble([Clip(clips["b"]), Clip(clips["tall"])], out, fit=fit)
+        assert result.copied == [0] and result.reencoded == [1]
+        info = await check_output(out, 8.0)
+        assert (info.first_video.width, info.first_video.height) == (640, 360)
+    result = await media.assemble([Clip(clips["tall"]), Clip(clips["b"])], out, fit="crop", transition="crossfade")
+    info = await check_output(out, 7.5)
+    assert (info.first_video.width, info.first_video.height) == (360, 640)
+
+
+@pytest.mark.parametrize(("clip", "kwargs", "field"), [
+    (Clip(Path("a"), trim_in=-1), {}, "clips[0].trim_in"),
+    (Clip(Path("a"), trim_in=6.0), {}, "clips[0].trim_in"),
+    (Clip(Path("a"), trim_out=9.0), {}, "clips[0].trim_out"),
+    (Clip(Path("a"), trim_in=2.0, trim_out=1.0), {}, "clips[0].trim_out"),
+    (Clip(Path("a")), {"song_offset": 45.0}, "song_offset"),
+    (Clip(Path("a")), {"transition": "crossfade", "crossfade_seconds": 5.0}, "crossfade_seconds"),
+    (Clip(Path("a")), {"transition": "wipe"}, "transition"),
+])
+async def test_bad_input_names_the_field(clips: dict[str, Path], song: Path, tmp_path: Path, clip: Clip,
+                                         kwargs: dict, field: str) -> None:
+    first = Clip(clips["a"], clip.trim_in, clip.trim_out)
+    with pytest.raises(AssemblyInputError) as error:
+        await media.assemble([first, Clip(clips["b"])], tmp_path / "bad.mp4", song=song, **kwargs)
+    assert error.value.field == field
+    assert os.listdir(tmp_path) == []
+
+
+async def test_unreadable_clip_and_empty_list(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00" * 1000)
+    with pytest.raises(AssemblyInputError) as error:
+        await media.assemble([Clip(junk)], tmp_path / "out.mp4")
+    assert error.value.field == "clips[0]"
+    with pytest.raises(AssemblyInputError) as empty:
+        await media.assemble([], tmp_path / "out.mp4")
+    assert empty.value.field == "clips"
+
+
+async def test_a_cancelled_assembly_leaves_nothing_behind(clips: dict[str, Path], song: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    started = asyncio.Event()
+    task = asyncio.ensure_future(media.assemble(
+        [Clip(clips["a"], trim_in=0.1)] * 6, out_dir / "final.mp4", song=song, transition="crossfade",
+        progress=lambda f: started.set()))
+    async with asyncio.timeout(30):
+        await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert os.listdir(out_dir) == []
+    assert ffmpeg_processes(str(out_dir)) == []
+
+
+async def test_probe_clips_reads_many_files_in_one_run(clips: dict[str, Path]) -> None:
+    described = await media.probe_clips([clips["a"], clips["tall"], clips["a"], clips["silent"]])
+    assert [frames for _, frames in described] == [6 * FPS, 4 * FPS, 6 * FPS, 4 * FPS]
+    assert [(i.first_video.width, i.first_video.height) for i, _ in described] == [(640, 360), (360, 640),
+                                                                                  (640, 360), (640, 360)]
+    assert [len(i.audio) for i, _ in described] == [1, 1, 1, 0]
