@@ -37,6 +37,8 @@ SEED = Annotated[Annotated[int, Field(ge=0, le=2**31 - 1), INTEGRAL] | None,
                  Field(description="Random seed; null lets the provider choose.")]
 UUID4_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 Model = TypeVar("Model", bound=BaseModel)
+_UUID4 = UUID4_PATTERN.strip("^$")
+JOB_LIST_PATTERN = f"^{_UUID4}(,{_UUID4}){{0,499}}$"
 
 
 def _text(max_chars: int, *, blank: bool = False) -> Any:
@@ -77,7 +79,7 @@ def image_request_model(config: Config) -> type[BaseModel]:
         "CharacterReferenceRequest",
         __config__=STRICT,
         character_description=(_text(s.limits.text_max_chars), Field(description="Visual description of the character.")),
-        number_of_images=(int, Field(d.number_of_images, ge=n.min, le=n.max,
+        number_of_images=(Annotated[int, INTEGRAL], Field(d.number_of_images, ge=n.min, le=n.max,
                                      description="Candidate images rendered in parallel, each saved with its own "
                                                  "image_id (listed in `images`); with a seed, image i uses seed + i.")),
         aspect_ratio=(_choice(a.aspect_ratio), d.aspect_ratio),
@@ -182,7 +184,8 @@ ERROR_SCHEMA = {
 
 AUDIO_BODY = {"required": True, "content": {
     "audio/*": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "additionalProperties": False,
+                                       "properties": {
         "file": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
 }}
 AUDIO_SCHEMA = {
@@ -274,11 +277,11 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
                        "(dot-separated, in the order of `jobs`), so Last-Event-ID resumes them all",
             "parameters": [{"name": "jobs", "in": "query", "required": True,
                             "description": "Comma-separated job ids (at most jobs.sse_max_jobs_per_stream, 50)",
-                            "schema": {"type": "string", "minLength": 1}},
+                            "schema": {"type": "string", "pattern": JOB_LIST_PATTERN}},
                            {"name": "after", "in": "query", "required": False,
                             "description": "Positions to resume from, in the form of an event id (`3.7.0`); "
                                            "a Last-Event-ID header takes precedence",
-                            "schema": {"type": "string"}}],
+                            "schema": {"type": "string", "pattern": r"^[0-9]{1,9}(\.[0-9]{1,9}){0,499}$"}}],
             "responses": _answers(200, "event stream", 400, 404, content="text/event-stream")}},
         "/api/mv/get_video/{video_id}": {"get": {
             "summary": "The finished MP4 (Range requests supported)", "parameters": [_id_parameter("video_id")],
