@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -16,6 +18,33 @@ from mvserver.app import create_app
 from mvserver.sandbox.simulator import Simulator, create_simulator_app
 
 PROJECT = Path(__file__).resolve().parent.parent
+# The browser tests' Chromium; `.ci/run` reads this same constant (`python -c 'from conftest import CHROMIUM'`).
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def in_ci() -> bool:
+    """``CI=true`` (or 1/yes/on): a test that cannot run there is a failure, not a skip."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def require_or_skip(what: str, available: bool) -> None:
+    """Skip the calling test when ``what`` is unavailable; under CI fail it instead, so CI cannot pass by skipping.
+
+    Call it at the start of a test or fixture (e.g. ``require_or_skip(f"{CHROMIUM}", CHROMIUM.is_file())``).
+    """
+    if available:
+        return
+    if in_ci():
+        pytest.fail(f"{what} is required when CI=true", pytrace=False)
+    pytest.skip(f"{what} is missing")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A ``browser`` test needs Chromium and Playwright: skipped without them, failed under CI."""
+    if item.get_closest_marker("browser"):
+        require_or_skip(f"Chromium at {CHROMIUM} (apt-get install chromium)", CHROMIUM.is_file())
+        require_or_skip("the playwright package (pip install playwright)",
+                        importlib.util.find_spec("playwright") is not None)
 
 
 @pytest.fixture
@@ -91,8 +120,11 @@ async def client(make_client: AppClient) -> TestClient:
     return await make_client()
 
 
-async def read_sse(response: Any) -> AsyncIterator[dict[str, Any]]:
-    """Parse a text/event-stream body into ``{"id", "event", "data", "retry"}`` dicts (data JSON-decoded)."""
+async def read_sse(response: Any, *, comments: bool = False) -> AsyncIterator[dict[str, Any]]:
+    """Parse a text/event-stream body into ``{"id", "event", "data", "retry"}`` dicts (data JSON-decoded).
+
+    With ``comments=True`` each comment line (``: ping``) is yielded too, as ``{"comment": "ping"}``, in stream order.
+    """
     event: dict[str, Any] = {}
     data: list[str] = []
     async for raw in response.content:
@@ -103,7 +135,8 @@ async def read_sse(response: Any) -> AsyncIterator[dict[str, Any]]:
                 yield event
             event, data = {}, []
         elif line.startswith(":"):
-            continue
+            if comments:
+                yield {"comment": line[1:].strip()}
         else:
             name, _, value = line.partition(":")
             value = value[1:] if value.startswith(" ") else value

@@ -83,14 +83,15 @@ def wait_for_health(process: subprocess.Popen, url: str, log: Path, deadline: fl
 
 
 @contextlib.contextmanager
-def running_server(tmp_path: Path, stop: signal.Signals) -> Iterator[tuple[int, Path, list[int]]]:
-    """``python -m mvserver`` with no API keys on a free port; stopped with ``stop`` on exit, its code recorded."""
+def running_server(tmp_path: Path, stop: signal.Signals, **env: str) -> Iterator[tuple[int, Path, list[int]]]:
+    """``python -m mvserver`` with no API keys (plus ``env``) on a free port; stopped with ``stop`` on exit, its code
+    recorded."""
     port = free_port()
     log = tmp_path / "server.log"
     exit_code: list[int] = []
     with log.open("wb") as sink:
         process = subprocess.Popen([sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
-                                   env=keyless_env(tmp_path), cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+                                   env={**keyless_env(tmp_path), **env}, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
     try:
         wait_for_health(process, f"http://127.0.0.1:{port}/api/mv/health", log, time.monotonic() + 15)
         yield port, log, exit_code
@@ -121,6 +122,36 @@ def test_server_without_keys_starts_in_sandbox_mode(tmp_path: Path) -> None:
     assert all(f"{name}=sandbox" in providers_line for name in SERVICES), providers_line
     assert "Traceback" not in output and "Unclosed" not in output
     assert (tmp_path / "outputs" / "scenes").is_dir()
+
+
+def debug_record(output: str, title: str) -> Any:
+    """The JSON payload printed after the ``[MV_DEBUG] <title>:`` line of the server's output."""
+    marker = f"[MV_DEBUG] {title}:\n"
+    assert marker in output, output
+    return json.JSONDecoder().raw_decode(output, output.index(marker) + len(marker))[0]
+
+
+def test_debug_mode_prints_prefixed_records_on_the_server_output(tmp_path: Path) -> None:
+    """What an operator sees from ``MV_DEBUG_MODE=true python -m mvserver``: every record carries ``[MV_DEBUG]``,
+    and the Imagen input object is printed as sent."""
+    with running_server(tmp_path, signal.SIGTERM, MV_DEBUG_MODE="true") as (port, log, exit_code):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/mv/generate_character_reference", method="POST",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"character_description": "a knight in a paper crown", "aspect_ratio": "3:4",
+                             "seed": 7}).encode())
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = json.loads(response.read())
+    output = log.read_text()
+    assert exit_code == [0], output
+    debug_lines = [line for line in output.splitlines() if " mvserver.debug: " in line]
+    assert len(debug_lines) >= 5 and all(" mvserver.debug: [MV_DEBUG] " in line for line in debug_lines), debug_lines
+    assert debug_record(output, "config params loaded at start-up")["env"]["replicate_api_token"] == "unset"
+    sent = debug_record(output, "generate_character_reference input for google/imagen-4")
+    assert sent == {"prompt": body["metadata"]["prompt"], "aspect_ratio": "3:4", "seed": 7,
+                    "safety_filter_level": SETTINGS["images"]["defaults"]["safety_filter_level"],
+                    "person_generation": SETTINGS["images"]["defaults"]["person_generation"],
+                    "output_format": SETTINGS["images"]["defaults"]["output_format"]}
 
 
 def test_server_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from PIL import Image
 
@@ -188,19 +189,71 @@ async def test_many_subscribers_all_see_the_same_events_and_leave_no_waiters(cli
     assert accepted["job_id"] not in client.app[JOBS].store._wakers
 
 
-async def test_a_disconnected_subscriber_is_released(client: TestClient, sim: Simulator) -> None:
-    sim.video_latency = 30
-    accepted = await submit(client)
-    await wait_for(client, accepted["job_id"], lambda s: s["provider_prediction_id"])
-    async with client.get(accepted["events_url"]) as response:
-        first = await anext(read_sse(response))
-        assert first["event"] == "queued"
-    manager = client.app[JOBS]
-    await asyncio.sleep(0.6)  # a few ping intervals: the server notices the gone client
-    handlers = [t for t in asyncio.all_tasks() if "stream_events" in repr(t.get_coro())]
-    assert handlers == []
-    await client.delete(accepted["status_url"])
-    assert manager.tasks == {}
+def waiting_subscribers(app: web.Application, job_id: str) -> int:
+    """How many SSE subscribers wait for the job's next event.
+
+    The one place that reads the job manager's internals (``JobManager._wakers``: one future per job that every
+    waiting subscriber awaits), so that it is the only line to change if the manager changes.
+    """
+    waker = app[JOBS]._wakers.get(job_id)
+    return 0 if waker is None or waker.done() else len(waker._callbacks or ())
+
+
+def handler_tasks() -> list[asyncio.Task[Any]]:
+    """The tasks in which aiohttp runs request handlers (one per request in flight)."""
+    return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "RequestHandler._handle_request"]
+
+
+async def test_a_disconnected_subscriber_is_released(sim: Simulator, live_env: dict[str, str],
+                                                     settings_dir: Path) -> None:
+    """Served as ``python -m mvserver`` serves it: aiohttp does not cancel a handler when its client leaves, so the
+    stream itself has to notice, on a job that sends no event that could reveal the closed connection."""
+    import aiohttp
+    import yaml
+    from aiohttp import web
+
+    from mvserver.app import create_app
+
+    videos = yaml.safe_load((settings_dir / "videos.yaml").read_text())
+    videos["jobs"].update(poll_interval_seconds=60, sse_ping_interval_seconds=0.2)  # one poll, then silence
+    (settings_dir / "videos.yaml").write_text(yaml.safe_dump(videos))
+    sim.video_latency = 120
+    app = create_app(live_env)
+    runner = web.AppRunner(app, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4}) as created:
+                accepted = await created.json()
+            job_id = accepted["job_id"]
+            async with asyncio.timeout(10):  # the one poll is done: no further event until the job ends
+                while not any(route == "replicate.get" for route, _ in sim.requests):
+                    await asyncio.sleep(0.02)
+                while app[JOBS].get(job_id).events[-1].data["stage"] != "generating" or \
+                        len([e for e in app[JOBS].get(job_id).events if e.event == "progress"]) < 2:
+                    await asyncio.sleep(0.02)
+            history = len(app[JOBS].get(job_id).events)
+            async with session.get(f"{base}{accepted['events_url']}") as response:
+                stream = read_sse(response)
+                seen = [await anext(stream) for _ in range(history)]
+                assert [int(e["id"]) for e in seen] == list(range(1, history + 1))
+                async with asyncio.timeout(5):
+                    while waiting_subscribers(app, job_id) != 1:
+                        await asyncio.sleep(0.02)
+                assert len(handler_tasks()) == 1  # the stream's handler is running and waiting
+            # The client has gone (the connection is closed when the response context exits).
+            async with asyncio.timeout(5):  # noticed at the next ping (0.2 s)
+                while handler_tasks() or waiting_subscribers(app, job_id):
+                    await asyncio.sleep(0.05)
+            assert app[JOBS].get(job_id).status == "running"  # the job itself goes on
+            async with session.delete(f"{base}{accepted['status_url']}") as canceled:
+                assert (await canceled.json())["status"] == "canceled"
+        assert app[JOBS].tasks == {}
+    finally:
+        await runner.cleanup()
 
 
 async def test_gemini_backend_runs_a_job_through_vertex(client: TestClient, sim: Simulator) -> None:
