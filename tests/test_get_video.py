@@ -15,8 +15,8 @@ from test_videos import events_of, submit
 async def video(client: TestClient) -> dict[str, Any]:
     """A finished job's final state and the bytes of its video."""
     accepted = await submit(client)
-    final = (await events_of(client, accepted["job_id"]))[-1]["data"]
-    assert final["status"] == "succeeded"
+    assert (await events_of(client, accepted["job_id"]))[-1]["event"] == "succeeded"
+    final = await (await client.get(accepted["status_url"])).json()
     body = await (await client.get(final["video_url"])).read()
     assert len(body) == final["video_bytes"] > 1000
     return {"url": final["video_url"], "body": body, "size": len(body)}
@@ -79,7 +79,8 @@ async def test_a_matching_etag_is_answered_304_without_the_video(client: TestCli
 async def test_a_failed_job_answers_409_with_the_provider_fields(client: TestClient, sim: Simulator) -> None:
     sim.add_fault("replicate.create", "fail_prediction", error="E005: the input was flagged as sensitive")
     accepted = await submit(client)
-    final = (await events_of(client, accepted["job_id"]))[-1]["data"]
+    await events_of(client, accepted["job_id"])
+    final = await (await client.get(accepted["status_url"])).json()
     response = await client.get(f"/api/mv/get_video/{accepted['job_id']}")
     assert response.status == 409
     error = (await response.json())["error"]
@@ -87,6 +88,7 @@ async def test_a_failed_job_answers_409_with_the_provider_fields(client: TestCli
     assert error["provider"] == "replicate"
     assert error["provider_status"] == "failed"
     assert error["provider_error"] == "E005: the input was flagged as sensitive"
+    assert final["error"]["message"] == "replicate prediction failed: E005: the input was flagged as sensitive"
     assert error["message"] == f"job {accepted['job_id']} is failed: {final['error']['message']}"
 
 

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from mvserver.sandbox.simulator import Simulator
 from conftest import AppClient, read_sse
@@ -57,6 +58,22 @@ async def test_cancelling_a_queued_job_ends_it_without_creating_a_prediction(mak
     await client.delete(third["status_url"])
 
 
+async def test_a_prediction_canceled_at_the_provider_fails_the_job_as_provider_canceled(
+        client: TestClient, sim: Simulator, sim_server: TestServer) -> None:
+    sim.video_latency = 30
+    accepted = await submit(client)
+    running = await wait_for(client, accepted["job_id"], lambda s: s["provider_prediction_id"])
+    prediction_id = running["provider_prediction_id"]
+    async with aiohttp.ClientSession() as session:  # someone cancels it on the provider's side
+        url = sim_server.make_url(f"/replicate/v1/predictions/{prediction_id}/cancel")
+        async with session.post(url, headers={"Authorization": "Bearer r8_test"}) as response:
+            assert response.status == 200
+    assert (await events_of(client, accepted["job_id"]))[-1]["event"] == "failed"
+    error = (await (await client.get(accepted["status_url"])).json())["error"]
+    assert error == {"code": "provider_canceled", "message": "replicate prediction canceled: canceled",
+                     "provider": "replicate", "provider_status": "canceled"}
+
+
 # -- the job timeout starts when the job gets a slot ---------------------------------------------------------------
 
 
@@ -98,8 +115,8 @@ async def test_a_huge_retry_after_is_capped_by_retry_max_delay(make_client: AppC
         events = await events_of(client, accepted["job_id"])
     assert events[-1]["event"] == "succeeded"
     assert time.monotonic() - started < 30
-    rate_limited = sim.requests.count(("replicate.get", f"/replicate/v1/predictions/"
-                                                        f"{events[-1]['data']['provider_prediction_id']}"))
+    prediction_id = (await (await client.get(accepted["status_url"])).json())["provider_prediction_id"]
+    rate_limited = sim.requests.count(("replicate.get", f"/replicate/v1/predictions/{prediction_id}"))
     assert rate_limited >= 2  # the 429 was answered and the poll was repeated after it
 
 
