@@ -192,10 +192,10 @@ async def test_many_subscribers_all_see_the_same_events_and_leave_no_waiters(cli
 def waiting_subscribers(app: web.Application, job_id: str) -> int:
     """How many SSE subscribers wait for the job's next event.
 
-    The one place that reads the job manager's internals (``JobManager._wakers``: one future per job that every
-    waiting subscriber awaits), so that it is the only line to change if the manager changes.
+    The one place that reads the job engine's internals (the file store's ``_wakers``: one future per job that
+    every waiting subscriber awaits), so that it is the only line to change if the store changes.
     """
-    waker = app[JOBS]._wakers.get(job_id)
+    waker = app[JOBS].store._wakers.get(job_id)
     return 0 if waker is None or waker.done() else len(waker._callbacks or ())
 
 
