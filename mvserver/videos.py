@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from .backends import PROVIDERS
 from .config import CONFIG, Config
 from .debug import debug_print
-from .errors import ApiError
+from .errors import ApiError, ErrorInfo
 from .images import FORMATS, load_image
 from .jobs import JOBS, Job, job_urls, stream_events
 from .schemas import REQUEST_MODELS, parse_body
@@ -242,9 +242,9 @@ class VideoFileResponse(web.FileResponse):
         super().set_status(status, reason)
         if status == web.HTTPRequestRangeNotSatisfiable.status_code and not self.prepared:
             size = self.headers.get("Content-Range", "").rpartition("/")[2]
-            error = ApiError(416, "range_not_satisfiable", f"the Range header must be one byte range inside the "
-                                                           f"{size}-byte video", field="Range")
-            self._error_body = json.dumps({"error": error.info.to_dict()}).encode()
+            error = ErrorInfo("range_not_satisfiable", f"the Range header must be one byte range inside the "
+                                                       f"{size}-byte video", field="Range")
+            self._error_body = json.dumps({"error": error.to_dict()}).encode()
             self.content_type = "application/json"
             self.content_length = len(self._error_body)
 
