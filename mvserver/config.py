@@ -170,6 +170,20 @@ class SandboxSettings(_Strict):
     scenes_latency_seconds: float = Field(ge=0)
 
 
+class ProjectsLimits(_Strict):
+    scenes_max: PositiveInt
+    versions_per_scene_max: int = Field(ge=2)
+    text_max_chars: PositiveInt
+    style_max_chars: PositiveInt
+    min_scene_seconds: float = Field(gt=0)
+
+
+class ProjectsSettings(_Strict):
+    limits: ProjectsLimits
+    # Seconds of the scene every new scene gets (one of videos.allowed.duration).
+    default_scene_seconds: PositiveInt
+
+
 def _check_defaults_allowed(defaults: BaseModel, allowed: BaseModel) -> None:
     for name, choices in allowed:
         value = getattr(defaults, name)
@@ -182,6 +196,7 @@ SETTINGS_FILES: dict[str, type[_Strict]] = {
     "images": ImagesSettings,
     "videos": VideosSettings,
     "sandbox": SandboxSettings,
+    "projects": ProjectsSettings,
 }
 
 # Settings keys that hold Jinja2 templates, compiled at start-up.
@@ -233,6 +248,7 @@ class EnvSettings:
     gemini_base_url: str | None = None
     vertex_base_url: str | None = None
     replicate_base_url: str | None = None
+    redis_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EnvSettings":
@@ -261,6 +277,7 @@ class EnvSettings:
             gemini_base_url=text("MV_GEMINI_BASE_URL"),
             vertex_base_url=text("MV_VERTEX_BASE_URL"),
             replicate_base_url=text("MV_REPLICATE_BASE_URL"),
+            redis_url=text("MV_REDIS_URL"),
         )
 
     @property
@@ -278,6 +295,7 @@ class Config:
     images: ImagesSettings
     videos: VideosSettings
     sandbox: SandboxSettings
+    projects: ProjectsSettings
     templates: dict[str, jinja2.Template] = field(repr=False)
 
     @property
@@ -310,6 +328,7 @@ class Config:
             "images": self.images.model_dump(),
             "videos": self.videos.model_dump(),
             "sandbox": self.sandbox.model_dump(),
+            "projects": self.projects.model_dump(),
         }
 
 
@@ -370,4 +389,7 @@ def load_config(env: EnvSettings | None = None) -> Config:
         except jinja2.TemplateSyntaxError as exc:
             path = env.settings_dir / f"{name}.yaml"
             raise ConfigError(f"{path}: {key}: template does not compile: {exc.message} (line {exc.lineno})") from None
+    if loaded["projects"].default_scene_seconds not in loaded["videos"].allowed.duration:
+        raise ConfigError(f"{env.settings_dir / 'projects.yaml'}: default_scene_seconds: not one of "
+                          f"videos.allowed.duration {loaded['videos'].allowed.duration}")
     return Config(env=env, templates=templates, **loaded)
