@@ -25,12 +25,12 @@ log = logging.getLogger("mvserver.projects")
 
 
 class ClipVersion(BaseModel):
-    """One generated clip of a scene: a video job (its state is read from the job engine, never copied here)."""
+    """One generated clip of a scene: a video job (its state and prompt are read from the job engine, never copied
+    here, which keeps a record small)."""
 
     job_id: str
     created_at: float = Field(default_factory=time.time)
-    duration: int
-    prompt: str
+    duration: int  # seconds of the clip (the scene's duration when it was generated)
 
 
 class Scene(BaseModel):

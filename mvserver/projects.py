@@ -37,7 +37,6 @@ from .videos import accepted_job, check_reference_shape, submit_video_job
 routes = web.RouteTableDef()
 BASE = "/api/mv/projects"
 CAS_ATTEMPTS = 20
-FAILED = frozenset({"failed", "canceled"})
 
 JobStates = dict[str, Job | None]
 
@@ -51,6 +50,8 @@ async def song_duration(app: web.Application, audio_id: str, field: str) -> floa
     try:
         raw = await asyncio.to_thread(store.path("audio", check_id(audio_id, field), ".json").read_bytes)
         duration = float(json.loads(raw)["duration"])
+        if not (math.isfinite(duration) and duration > 0):
+            raise ValueError("no duration")
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         raise ApiError(400, "invalid_field", f"{field}: no uploaded song with id {audio_id}", field=field) from None
     return duration
@@ -80,8 +81,8 @@ def size_to_song(length: float, allowed: Iterable[int], scenes_max: int) -> list
 async def job_states(app: web.Application, project: Project) -> JobStates:
     """The job of every version of the project (None if the job store no longer has it)."""
     engine = app[JOBS]
-    ids = {v.job_id for scene in project.scenes for v in scene.versions}
-    return {job_id: await engine.get(job_id) for job_id in ids}
+    ids = list({v.job_id for scene in project.scenes for v in scene.versions})
+    return dict(zip(ids, await asyncio.gather(*(engine.get(job_id) for job_id in ids))))
 
 
 def _version(scene: Scene, job_id: str | None) -> ClipVersion | None:
@@ -232,9 +233,8 @@ def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
     place. ``etag`` is the version a PATCH must name in ``If-Match``."""
     project = project.model_copy(deep=True)
     settle(project, jobs)
-    body = project.model_dump()
-    body["etag"] = etag(project)
-    body["project_id"] = body.pop("id")
+    record = project.model_dump()
+    body = {"project_id": record.pop("id"), "etag": etag(project), **record}
     for scene, entry, raw in zip(project.scenes, project_timeline(project), body["scenes"]):
         raw["versions"] = [_version_view(v, jobs.get(v.job_id)) for v in scene.versions]
         raw["seconds"] = round(entry.seconds, 6)
@@ -473,7 +473,7 @@ async def generate_clips(app: web.Application, project_id: str, scene_ids: list[
             target = current.scene(scene.id)
             if target is None:
                 raise ApiError(409, "conflict", f"scene {scene.id} was removed meanwhile", field="scene_id")
-            version = ClipVersion(job_id=job.id, duration=job.request["duration"], prompt=job.request["prompt"])
+            version = ClipVersion(job_id=job.id, duration=job.request["duration"])
             add_version(target, version, states, limit)
 
     try:

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, Iterator
 
 import imageio_ffmpeg
 import pytest
@@ -157,7 +157,7 @@ def test_size_to_song_covers_the_song_with_the_fewest_scenes_and_least_overshoot
 def test_project_timeline_gives_each_scene_its_song_window_after_trims() -> None:
     from mvserver.project_store import ClipVersion, Song
 
-    short = ClipVersion(job_id=new_id(), duration=4, prompt="p")
+    short = ClipVersion(job_id=new_id(), duration=4)
     scenes = [
         Scene(id=new_id(), duration=8, trim_in=1.0, trim_out=7.0, chosen_job_id=None),
         Scene(id=new_id(), duration=8, trim_in=0.0, trim_out=8.0, versions=[short], chosen_job_id=short.job_id),
