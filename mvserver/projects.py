@@ -464,25 +464,34 @@ async def generate_clips(app: web.Application, project_id: str, scene_ids: list[
         field = f"scenes.{project.scenes.index(scene)}"
         check_room(scene, jobs, limit, field)
         bodies.append(_clip_body(app, project, scene, options, field))
-    links = {"project_id": project.id}
-    submitted = [await submit_video_job(app, body, defaulted, {**links, "scene_id": scene.id}, owner=project.owner)
-                 for scene, (body, defaulted) in zip(scenes, bodies)]
+    submitted: list[Job] = []
+    duplicates: list[Job] = []
 
     def link(current: Project, states: JobStates) -> None:
+        duplicates.clear()
         for scene, job in zip(scenes, submitted):
             target = current.scene(scene.id)
             if target is None:
                 raise ApiError(409, "conflict", f"scene {scene.id} was removed meanwhile", field="scene_id")
-            version = ClipVersion(job_id=job.id, duration=job.request["duration"])
-            add_version(target, version, states, limit)
+            if scene_ids is None and (target.chosen_job_id or target.awaited_job_id):
+                duplicates.append(job)  # another "all missing" request got there first (a double click)
+                continue
+            add_version(target, ClipVersion(job_id=job.id, duration=job.request["duration"]), states, limit)
 
     try:
+        for scene, (body, defaulted) in zip(scenes, bodies):
+            links = {"project_id": project.id, "scene_id": scene.id}
+            submitted.append(await submit_video_job(app, body, defaulted, links, owner=project.owner))
         project = await update(app, project_id, link)
     except BaseException:
-        for job in submitted:
+        for job in submitted:  # nothing was linked: none of them may run unseen
             await app[JOBS].cancel(job.id)
         raise
-    return project, await job_states(app, project), submitted
+    for job in duplicates:
+        await app[JOBS].cancel(job.id)
+    dropped = {job.id for job in duplicates}
+    started = [job for job in submitted if job.id not in dropped]
+    return project, await job_states(app, project), started
 
 
 async def write_project_scenes(request: web.Request, project_id: str, options: Any,

@@ -417,6 +417,22 @@ async def test_write_scenes_fills_an_empty_project_and_never_drops_scenes(app_cl
     assert response.status == 400 and error_of(await response.json()) == ("invalid_field", "number_of_scenes")
 
 
+async def test_two_generate_all_requests_at_once_start_each_clip_once(app_client: TestClient) -> None:
+    project, etag = await create(app_client, number_of_scenes=3)
+    pid, ids = project["project_id"], [s["id"] for s in project["scenes"]]
+    await patch(app_client, pid, {"scenes": [{"id": i, "prompt": f"scene {n}", "duration": 4}
+                                             for n, i in enumerate(ids)]}, etag)
+    responses = await asyncio.gather(*(app_client.post(f"{BASE}/{pid}/clips") for _ in range(2)))
+    assert [r.status for r in responses] == [202, 202]
+    started = [job for r in responses for job in (await r.json())["jobs"]]
+    assert sorted(job["scene_id"] for job in started) == sorted(ids)
+    project, _ = await get(app_client, pid)
+    assert [len(s["versions"]) for s in project["scenes"]] == [1, 1, 1]
+    assert {s["awaited_job_id"] for s in project["scenes"]} | {s["chosen_job_id"] for s in project["scenes"]} >= \
+        {job["job_id"] for job in started}
+    await wait_jobs(app_client, [job["job_id"] for job in started])
+
+
 async def test_concurrent_patches_with_one_etag_exactly_one_wins(app_client: TestClient) -> None:
     project, etag = await create(app_client, number_of_scenes=3)
     pid, ids = project["project_id"], [s["id"] for s in project["scenes"]]
