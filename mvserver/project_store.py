@@ -160,7 +160,8 @@ class RedisProjectStore:
     async def put(self, project: Project, expected_version: int) -> bool:
         record = project.model_copy(update={"version": expected_version + 1})
         try:
-            swapped = await self._cas(keys=[self.prefix + project.id], args=[expected_version, record.model_dump_json()])
+            swapped = await self._cas(keys=[self.prefix + project.id],
+                                      args=[expected_version, record.model_dump_json()])
         except redis.exceptions.RedisError as exc:
             raise _unavailable(exc) from None
         if swapped:

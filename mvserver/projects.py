@@ -110,9 +110,14 @@ def settle(project: Project, jobs: JobStates) -> None:
 def _prunable(scene: Scene, jobs: JobStates) -> list[ClipVersion]:
     """Versions that may go, in the order they go: failed (or forgotten) ones oldest first, then succeeded ones."""
     keep = {scene.chosen_job_id, scene.awaited_job_id}
-    finished = [v for v in scene.versions if v.job_id not in keep and (jobs.get(v.job_id) is None or jobs[v.job_id].final)]
-    return sorted(finished, key=lambda v: (jobs.get(v.job_id) is not None and jobs[v.job_id].status == "succeeded",
-                                           v.created_at))
+    finished = [v for v in scene.versions
+                if v.job_id not in keep and (jobs.get(v.job_id) is None or jobs[v.job_id].final)]
+
+    def succeeded(version: ClipVersion) -> bool:
+        job = jobs.get(version.job_id)
+        return job is not None and job.status == "succeeded"
+
+    return sorted(finished, key=lambda v: (succeeded(v), v.created_at))
 
 
 def check_room(scene: Scene, jobs: JobStates, limit: int, field: str) -> None:

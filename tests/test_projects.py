@@ -397,7 +397,8 @@ async def test_bad_input_is_a_400_naming_the_field(app_client: TestClient, live_
     # valid edits: remove, duration change resets trims, add, song removed
     edited = await patch(client, pid, {"remove_scenes": [ids[1]], "scenes": [{"id": ids[0], "duration": 6}],
                                        "add_scenes": [{"prompt": "an encore", "duration": 4}], "audio_id": None}, etag)
-    assert [(s["duration"], s["trim_out"], s["prompt"]) for s in edited["scenes"]] == [(6, 6.0, ""), (4, 4.0, "an encore")]
+    assert [(s["duration"], s["trim_out"], s["prompt"]) for s in edited["scenes"]] == [(6, 6.0, ""),
+                                                                                   (4, 4.0, "an encore")]
     assert edited["song"] is None and edited["scenes"][0]["song_start"] is None
 
 
