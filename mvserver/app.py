@@ -9,7 +9,7 @@ from typing import AsyncIterator, Mapping
 import aiohttp
 from aiohttp import web
 
-from . import audio, demo, events, images, meta, scenes, videos, webhooks
+from . import audio, demo, events, images, meta, projects, scenes, videos, webhooks
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
@@ -17,6 +17,7 @@ from .config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_co
 from .debug import debug_print
 from .errors import error_middleware, server_log
 from .jobs import JOBS, FileJobStore, JobEngine, JobStore, video_kind
+from .project_store import PROJECTS, open_project_store
 from .sandbox.simulator import Simulator, start_simulator
 from .schemas import REQUEST_MODELS, RequestModels
 from .security import security_middleware
@@ -112,6 +113,15 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
         await engine.close()
 
 
+async def projects_context(app: web.Application) -> AsyncIterator[None]:
+    """The project store: Redis when ``MV_REDIS_URL`` is set, else files under ``outputs/projects``."""
+    app[PROJECTS] = open_project_store(app[STORE], app[CONFIG].env.redis_url)
+    try:
+        yield
+    finally:
+        await app[PROJECTS].close()
+
+
 async def end_streams(app: web.Application) -> None:
     """At shutdown, before open requests are waited for: end every event stream so the server stops at once."""
     if JOBS in app:
@@ -138,6 +148,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app[STORE].remove_stale_temporaries()
     app.cleanup_ctx.append(providers_context)
     app.cleanup_ctx.append(jobs_context)
+    app.cleanup_ctx.append(projects_context)
     app.on_shutdown.append(end_streams)
     webhooks.setup(app, env, "replicate" in sandboxed_services(env))
     app.add_routes(meta.routes)
@@ -147,5 +158,6 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app.add_routes(events.routes)
     app.add_routes(audio.routes)
     app[audio.UPLOAD_SLOTS] = asyncio.Semaphore(audio.MAX_CONCURRENT_UPLOADS)
+    app.add_routes(projects.routes)
     app.add_routes(demo.routes)
     return app

@@ -198,6 +198,20 @@ class SandboxSettings(_Strict):
     scenes_latency_seconds: float = Field(ge=0)
 
 
+class ProjectsLimits(_Strict):
+    scenes_max: PositiveInt
+    versions_per_scene_max: int = Field(ge=2)
+    text_max_chars: PositiveInt
+    style_max_chars: PositiveInt
+    min_scene_seconds: float = Field(gt=0)
+
+
+class ProjectsSettings(_Strict):
+    limits: ProjectsLimits
+    # Seconds of the scene every new scene gets (one of videos.allowed.duration).
+    default_scene_seconds: PositiveInt
+
+
 def _check_defaults_allowed(defaults: BaseModel, allowed: BaseModel) -> None:
     for name, choices in allowed:
         value = getattr(defaults, name)
@@ -210,6 +224,7 @@ SETTINGS_FILES: dict[str, type[_Strict]] = {
     "images": ImagesSettings,
     "videos": VideosSettings,
     "sandbox": SandboxSettings,
+    "projects": ProjectsSettings,
 }
 
 # Settings keys that hold Jinja2 templates, with sample values of the variables the code passes them: each template
@@ -301,6 +316,7 @@ class EnvSettings:
     sandbox_webhooks: bool = True
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] | None = None  # None: the listen host, localhost, 127.0.0.1 and [::1]
+    redis_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EnvSettings":
@@ -335,6 +351,7 @@ class EnvSettings:
             sandbox_webhooks=_env_bool(env, "MV_SANDBOX_WEBHOOKS", True),
             cors_origins=tuple(_origin(item) for item in _env_list(env, "MV_CORS_ORIGINS")),
             allowed_hosts=tuple(item.lower() for item in _env_list(env, "MV_ALLOWED_HOSTS")) or None,
+            redis_url=text("MV_REDIS_URL"),
         )
 
     @property
@@ -363,6 +380,7 @@ class Config:
     images: ImagesSettings
     videos: VideosSettings
     sandbox: SandboxSettings
+    projects: ProjectsSettings
     templates: dict[str, jinja2.Template] = field(repr=False)
     styles: dict[str, StylePreset] = field(default_factory=dict)  # name -> preset, sorted by name
 
@@ -397,6 +415,7 @@ class Config:
             "videos": self.videos.model_dump(),
             "sandbox": self.sandbox.model_dump(),
             "styles": {name: preset.model_dump() for name, preset in self.styles.items()},
+            "projects": self.projects.model_dump(),
         }
 
 
@@ -490,3 +509,7 @@ def load_styles(directory: Path) -> dict[str, StylePreset]:
         except ValidationError as exc:
             raise ConfigError(f"{path}: {_describe(exc)}") from None
     return styles
+    if loaded["projects"].default_scene_seconds not in loaded["videos"].allowed.duration:
+        raise ConfigError(f"{env.settings_dir / 'projects.yaml'}: default_scene_seconds: not one of "
+                          f"videos.allowed.duration {loaded['videos'].allowed.duration}")
+    return Config(env=env, templates=templates, **loaded)

@@ -16,6 +16,7 @@ from . import __version__
 from .config import Config
 from .debug import debug_print
 from .errors import ApiError, validation_error
+from .project_schemas import ProjectModels
 
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 # Unicode White_Space, the characters pydantic strips from text fields: a required text field must contain at least
@@ -131,11 +132,12 @@ class RequestModels(BaseModel):
     scenes: type[BaseModel]
     image: type[BaseModel]
     video: type[BaseModel]
+    projects: ProjectModels
 
     @classmethod
     def build(cls, config: Config) -> "RequestModels":
         return cls(scenes=scenes_request_model(config), image=image_request_model(config),
-                   video=video_request_model(config))
+                   video=video_request_model(config), projects=ProjectModels.build(config))
 
 
 REQUEST_MODELS = web.AppKey("request_models", RequestModels)
@@ -234,11 +236,64 @@ def _id_parameter(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": UUID4_PATTERN}}
 
 
+def _if_match(required: bool) -> dict[str, Any]:
+    return {"name": "If-Match", "in": "header", "required": required, "schema": {"type": "string"},
+            "description": "The project's ETag as last read" + ("" if required else " (optional: 412 if it moved)")}
+
+
+def _options_body(description: str) -> dict[str, Any]:
+    return {"required": False, "description": description,
+            "content": {"application/json": {"schema": {"type": "object"}}}}
+
+
+def _project_paths() -> dict[str, Any]:
+    project = [_id_parameter("project_id")]
+    action = [*project, _if_match(False)]
+    return {
+        "/api/mv/projects": {"post": {
+            "summary": "Create a project (with audio_id: scenes sized to cover the song)",
+            "requestBody": _json_body("CreateProjectRequest"),
+            "responses": _answers(201, "the project (ETag, Location)", 400)}},
+        "/api/mv/projects/{project_id}": {
+            "get": {"summary": "The project, with every clip version's job state", "parameters": project,
+                    "responses": _answers(200, "the project (ETag)", 400, 404)},
+            "patch": {"summary": "Edit prompts, order, trims, chosen versions, song offset (If-Match required)",
+                      "parameters": [*project, _if_match(True)], "requestBody": _json_body("PatchProjectRequest"),
+                      "responses": _answers(200, "the project (new ETag)", 400, 404, 409, 412, 428)}},
+        "/api/mv/projects/{project_id}/write_scenes": {"post": {
+            "summary": "Write the scene prompts with Gemini from the project's idea, character and style",
+            "parameters": action, "requestBody": {**_json_body("WriteProjectScenesRequest"), "required": False},
+            "responses": _answers(200, "the project", 400, 404, 412, 429, 502, 503, 504)}},
+        "/api/mv/projects/{project_id}/character": {"post": {
+            "summary": "Render the character image (Imagen) and make it the project's reference image",
+            "parameters": action,
+            "requestBody": _options_body("Optional image options: aspect_ratio, safety_filter_level, "
+                                         "person_generation, output_format, negative_prompt, seed"),
+            "responses": _answers(200, "{image, project}", 400, 404, 412, 422, 429, 502, 503, 504)}},
+        "/api/mv/projects/{project_id}/clips": {"post": {
+            "summary": "Start a clip job for every scene without a chosen clip or one in progress",
+            "parameters": action,
+            "requestBody": _options_body("Optional: backend, seed, generate_audio, video_rules_template"),
+            "responses": _answers(202, "{jobs, project}", 400, 404, 409, 412)}},
+        "/api/mv/projects/{project_id}/scenes/{scene_id}/clips": {"post": {
+            "summary": "Start a new clip version of one scene (older versions are kept)",
+            "parameters": [*action, _id_parameter("scene_id")],
+            "requestBody": _options_body("Optional: backend, seed, generate_audio, video_rules_template"),
+            "responses": _answers(202, "{job, project}", 400, 404, 409, 412)}},
+        "/api/mv/projects/{project_id}/timeline": {"get": {
+            "summary": "Scenes in order with chosen clip, trims and song window start", "parameters": project,
+            "responses": _answers(200, "timeline", 400, 404)}},
+    }
+
+
 def openapi_document(models: RequestModels) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the public API."""
     schemas: dict[str, Any] = {"Error": ERROR_SCHEMA}
-    for model in (models.scenes, models.image, models.video):
-        schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for model in (models.scenes, models.image, models.video, models.projects.create, models.projects.patch,
+                  models.projects.write_scenes):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
     job_errors = (400, 404)
     paths = {
         "/api/mv/health": {"get": {"summary": "Version, sandbox/live mode per provider", "responses": _answers(200, "ok")}},
@@ -308,6 +363,7 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
             "summary": "The uploaded song (Range requests supported)", "parameters": [_id_parameter("audio_id")],
             "responses": _answers(200, "audio", 400, 404, 416, content="audio/*")}},
     }
+    paths.update(_project_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "mvserver", "version": __version__,

@@ -21,7 +21,7 @@ _UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0
 TEMP_SUFFIX = ".part"
 FILE_MODE = 0o644  # every file written under outputs/: owner read-write, everyone else read
 
-KINDS = ("scenes", "images", "videos", "jobs", "sandbox", "audio")
+KINDS = ("scenes", "images", "videos", "jobs", "sandbox", "audio", "projects")
 
 
 def new_id() -> str:

@@ -101,14 +101,14 @@ def check_reference_shape(config: Config, body: Any) -> None:
                                                  f"{allowed}", field=field)
 
 
-async def reference_image(request: web.Request, body: Any) -> tuple[bytes | None, str | None]:
+async def reference_image(app: web.Application, body: Any) -> tuple[bytes | None, str | None]:
     """The reference image sent inline or by ``image_id``, validated; (None, None) when there is none."""
     if body.reference_image_base64 and body.reference_image_id:
         raise ApiError(400, "invalid_field", "send reference_image_base64 or reference_image_id, not both",
                        field="reference_image_base64")
-    limits = request.app[CONFIG].videos.limits
+    limits = app[CONFIG].videos.limits
     if body.reference_image_id:
-        data, mime_type = await load_image(request.app, body.reference_image_id)
+        data, mime_type = await load_image(app, body.reference_image_id)
         await asyncio.to_thread(sniff_image, data, "reference_image_id", limits.reference_image_max_pixels)
         return data, mime_type
     if not body.reference_image_base64:
@@ -160,25 +160,37 @@ def full_prompt(config: Config, body: Any) -> str:
     return prompt
 
 
-@routes.post("/api/mv/generate_video")
-async def generate_video(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
-    body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, config.debug)
-    image, mime_type = await reference_image(request, body)
+async def submit_video_job(app: web.Application, body: Any, defaulted: list[str],
+                           links: dict[str, Any] | None = None, owner: str | None = None) -> Job:
+    """Validate the reference image, render the full prompt and submit a video job (the body is a video request
+    model). ``links`` (e.g. ``project_id``/``scene_id``) are kept in ``Job.request``."""
+    config = app[CONFIG]
+    image, mime_type = await reference_image(app, body)
     if image is not None:
         check_reference_shape(config, body)
     prompt = full_prompt(config, body)
     debug_print(config.debug, f"generate_video prompt sent to {body.backend}", prompt)
     summary = body.model_dump(exclude={"reference_image_base64"})
     summary.update(full_prompt=prompt, defaults_applied=defaulted, has_reference_image=image is not None)
-    backend = request.app[PROVIDERS].video_backend(body.backend)
+    summary.update(links or {})
+    backend = app[PROVIDERS].video_backend(body.backend)
     job = Job(id=new_id(), backend=body.backend, model=backend.model, sandbox=backend.sandbox, request=summary,
-              reference_mime_type=mime_type)
+              reference_mime_type=mime_type, owner=owner)
     if image is not None:
-        store = request.app[STORE]
+        store = app[STORE]
         await store.write_bytes(store.path("jobs", job.id, ".ref"), image)
-    await request.app[JOBS].submit(job)
-    payload = {"job_id": job.id, "status": job.status, "backend": job.backend, "sandbox": job.sandbox, **job_urls(job.id)}
+    return await app[JOBS].submit(job)
+
+
+def accepted_job(job: Job) -> dict[str, Any]:
+    """The 202 body of a submitted job."""
+    return {"job_id": job.id, "status": job.status, "backend": job.backend, "sandbox": job.sandbox, **job_urls(job.id)}
+
+
+@routes.post("/api/mv/generate_video")
+async def generate_video(request: web.Request) -> web.Response:
+    body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, request.app[CONFIG].debug)
+    payload = accepted_job(await submit_video_job(request.app, body, defaulted))
     return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
 
 

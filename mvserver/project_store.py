@@ -1,0 +1,188 @@
+"""Project records and where they live: files under ``outputs/projects`` (one process) or Redis (several).
+
+A store only keeps whole records and swaps them with a compare-and-set on ``version`` (the number behind the
+HTTP ``ETag``): a write that expected version *n* succeeds only if the stored record is still at *n*, and stores
+*n + 1*. That is all optimistic concurrency needs; the editing rules live in :mod:`mvserver.projects`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from typing import Protocol
+
+import redis.asyncio
+import redis.exceptions
+from aiohttp import web
+from pydantic import BaseModel, Field
+
+from .errors import ApiError
+from .storage import OutputStore
+
+log = logging.getLogger("mvserver.projects")
+
+
+class ClipVersion(BaseModel):
+    """One generated clip of a scene: a video job (its state and prompt are read from the job engine, never copied
+    here, which keeps a record small)."""
+
+    job_id: str
+    created_at: float = Field(default_factory=time.time)
+    duration: int  # seconds of the clip (the scene's duration when it was generated)
+
+
+class Scene(BaseModel):
+    id: str
+    prompt: str = ""
+    negative_prompt: str = ""
+    duration: int
+    trim_in: float = 0.0
+    trim_out: float
+    versions: list[ClipVersion] = []
+    # The clip the user chose (or the newest one that succeeded while ``awaited`` pointed at it).
+    chosen_job_id: str | None = None
+    # The newest generation, chosen automatically once it succeeds unless the user chooses another meanwhile.
+    awaited_job_id: str | None = None
+
+
+class Song(BaseModel):
+    audio_id: str
+    offset: float = 0.0
+    duration: float
+
+
+class Project(BaseModel):
+    """The storyboard. ``version`` counts writes: 1 after create, +1 per successful compare-and-set."""
+
+    id: str
+    version: int = 0
+    owner: str | None = None
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    idea: str
+    character_description: str
+    style: str | None = None
+    aspect_ratio: str
+    character_image_id: str | None = None
+    song: Song | None = None
+    scenes: list[Scene] = []
+
+    def scene(self, scene_id: str) -> Scene | None:
+        return next((s for s in self.scenes if s.id == scene_id), None)
+
+
+class ProjectStore(Protocol):
+    """Whole project records with an atomic compare-and-set on ``version``."""
+
+    async def get(self, project_id: str) -> Project | None:
+        """The record as last written, or None."""
+
+    async def put(self, project: Project, expected_version: int) -> bool:
+        """Store ``project`` with ``version = expected_version + 1`` if the stored version is still
+        ``expected_version`` (0: the record must not exist yet); False, and nothing written, otherwise."""
+
+    async def close(self) -> None: ...
+
+
+class FileProjectStore:
+    """``outputs/projects/<id>.json``, written atomically; a per-project lock makes the compare-and-set atomic
+    within one process (the only writer of this directory)."""
+
+    def __init__(self, outputs: OutputStore):
+        self.outputs = outputs
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def _read(self, project_id: str) -> Project | None:
+        path = self.outputs.path("projects", project_id, ".json")
+        try:
+            return Project.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            log.error("unreadable project record %s: %s", path.name, exc)
+            return None
+
+    async def get(self, project_id: str) -> Project | None:
+        return await asyncio.to_thread(self._read, project_id)
+
+    async def put(self, project: Project, expected_version: int) -> bool:
+        lock = self._locks.get(project.id)
+        if lock is None:
+            lock = self._locks[project.id] = asyncio.Lock()
+        async with lock:
+            current = await self.get(project.id)
+            if (current.version if current else 0) != expected_version:
+                return False
+            record = project.model_copy(update={"version": expected_version + 1})
+            data = record.model_dump_json(indent=1).encode()
+            await self.outputs.write_bytes(self.outputs.path("projects", project.id, ".json"), data)
+            project.version = record.version
+            return True
+
+    async def close(self) -> None:
+        pass
+
+
+# KEYS[1] = the record; ARGV[1] = expected version, ARGV[2] = the new record (JSON, version already set).
+_CAS_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+local version = 0
+if current then version = cjson.decode(current)['version'] end
+if version ~= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+class RedisProjectStore:
+    """One Redis string per project (``<prefix><id>``, the JSON record), swapped by a Lua compare-and-set."""
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str = "mv:project:"):
+        self.client = client
+        self.prefix = prefix
+        self._cas = client.register_script(_CAS_SCRIPT)
+
+    async def get(self, project_id: str) -> Project | None:
+        try:
+            raw = await self.client.get(self.prefix + project_id)
+        except redis.exceptions.RedisError as exc:
+            raise _unavailable(exc) from None
+        if raw is None:
+            return None
+        try:
+            return Project.model_validate_json(raw)
+        except ValueError as exc:
+            log.error("unreadable project record %s in Redis: %s", project_id, exc)
+            return None
+
+    async def put(self, project: Project, expected_version: int) -> bool:
+        record = project.model_copy(update={"version": expected_version + 1})
+        try:
+            swapped = await self._cas(keys=[self.prefix + project.id],
+                                      args=[expected_version, record.model_dump_json()])
+        except redis.exceptions.RedisError as exc:
+            raise _unavailable(exc) from None
+        if swapped:
+            project.version = record.version
+        return bool(swapped)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def _unavailable(exc: Exception) -> ApiError:
+    log.warning("project store: %s: %s", exc.__class__.__name__, exc)
+    return ApiError(503, "store_unavailable", "the project store (Redis) did not answer; try again", retry_after=1)
+
+
+def open_project_store(outputs: OutputStore, redis_url: str | None) -> ProjectStore:
+    """Redis when ``MV_REDIS_URL`` is set (records shared by every node), else files under ``outputs/projects``."""
+    if not redis_url:
+        return FileProjectStore(outputs)
+    return RedisProjectStore(redis.asyncio.from_url(redis_url))
+
+
+PROJECTS = web.AppKey("projects", ProjectStore)
+
