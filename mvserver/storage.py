@@ -20,7 +20,7 @@ from .errors import ApiError
 _UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 TEMP_SUFFIX = ".part"
 
-KINDS = ("scenes", "images", "videos", "jobs", "sandbox")
+KINDS = ("scenes", "images", "videos", "jobs", "sandbox", "audio")
 
 
 def new_id() -> str:
