@@ -210,6 +210,53 @@ class ProjectsSettings(_Strict):
     limits: ProjectsLimits
     # Seconds of the scene every new scene gets (one of videos.allowed.duration).
     default_scene_seconds: PositiveInt
+SyncMode = Literal["cut_off", "loop", "bounce", "silence", "remap"]  # sync/lipsync-2-pro's sync_mode values
+
+
+class UnitRange(_Strict):
+    min: float = Field(ge=0, le=1)
+    max: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "UnitRange":
+        if self.min > self.max:
+            raise ValueError("min must not exceed max")
+        return self
+
+
+class LipsyncDefaults(_Strict):
+    sync_mode: SyncMode
+    temperature: float
+    active_speaker: bool
+
+
+class LipsyncAllowed(_Strict):
+    sync_mode: list[SyncMode] = Field(min_length=1)
+    temperature: UnitRange
+
+
+class LipsyncLimits(_Strict):
+    max_clip_seconds: PositiveFloat
+    max_clip_bytes: PositiveInt
+    ffmpeg_timeout_seconds: PositiveFloat
+    ffmpeg_concurrency: int = Field(ge=1, le=32)
+
+
+class LipsyncSettings(_Strict):
+    model: str = Field(min_length=3)
+    defaults: LipsyncDefaults
+    allowed: LipsyncAllowed
+    limits: LipsyncLimits
+
+    @model_validator(mode="after")
+    def _defaults_allowed(self) -> "LipsyncSettings":
+        if self.defaults.sync_mode not in self.allowed.sync_mode:
+            raise ValueError(f"defaults.sync_mode = {self.defaults.sync_mode!r} is not one of allowed.sync_mode "
+                             f"{self.allowed.sync_mode}")
+        bounds = self.allowed.temperature
+        if not bounds.min <= self.defaults.temperature <= bounds.max:
+            raise ValueError("defaults.temperature lies outside allowed.temperature")
+        return self
 
 
 def _check_defaults_allowed(defaults: BaseModel, allowed: BaseModel) -> None:
@@ -225,6 +272,7 @@ SETTINGS_FILES: dict[str, type[_Strict]] = {
     "videos": VideosSettings,
     "sandbox": SandboxSettings,
     "projects": ProjectsSettings,
+    "lipsync": LipsyncSettings,
 }
 
 # Settings keys that hold Jinja2 templates, with sample values of the variables the code passes them: each template
@@ -381,6 +429,7 @@ class Config:
     videos: VideosSettings
     sandbox: SandboxSettings
     projects: ProjectsSettings
+    lipsync: LipsyncSettings
     templates: dict[str, jinja2.Template] = field(repr=False)
     styles: dict[str, StylePreset] = field(default_factory=dict)  # name -> preset, sorted by name
 
@@ -416,6 +465,7 @@ class Config:
             "sandbox": self.sandbox.model_dump(),
             "styles": {name: preset.model_dump() for name, preset in self.styles.items()},
             "projects": self.projects.model_dump(),
+            "lipsync": self.lipsync.model_dump(),
         }
 
 

@@ -125,6 +125,31 @@ def video_request_model(config: Config) -> type[BaseModel]:
     )
 
 
+UUID4_ID = Annotated[str, StringConstraints(pattern=UUID4_PATTERN)]
+SECONDS = Annotated[float, Field(ge=0, le=86400, allow_inf_nan=False)]
+
+
+def lipsync_request_model(config: Config) -> type[BaseModel]:
+    s = config.lipsync
+    d, a = s.defaults, s.allowed
+    return create_model(
+        "LipsyncRequest",
+        __config__=STRICT,
+        video_job_id=(UUID4_ID, Field(description="A finished clip: the id of a succeeded video (or lip-sync) job.")),
+        audio_id=(UUID4_ID, Field(description="The song: audio_id returned by upload_audio.")),
+        audio_start=(SECONDS, Field(0.0, description="Where the window starts in the song, in seconds.")),
+        audio_end=(SECONDS | None, Field(None, description="Where the window ends; null: audio_start plus the "
+                                                           "clip's length. A shorter window is padded with silence.")),
+        sync_mode=(_choice(a.sync_mode), d.sync_mode),
+        temperature=(float, Field(d.temperature, ge=a.temperature.min, le=a.temperature.max, allow_inf_nan=False,
+                                  description="How expressive the mouth movements may be.")),
+        active_speaker=(bool, Field(d.active_speaker, description="Follow whoever is speaking in the clip.")),
+        project_id=(UUID4_ID | None, Field(None, description="A project this job belongs to (kept in the job's "
+                                                             "request, unchanged).")),
+        scene_id=(UUID4_ID | None, Field(None, description="The project's scene this job is for (kept unchanged).")),
+    )
+
+
 class RequestModels(BaseModel):
     """The request models of one app, built from its config."""
 
@@ -133,11 +158,13 @@ class RequestModels(BaseModel):
     image: type[BaseModel]
     video: type[BaseModel]
     projects: ProjectModels
+    lipsync: type[BaseModel]
 
     @classmethod
     def build(cls, config: Config) -> "RequestModels":
         return cls(scenes=scenes_request_model(config), image=image_request_model(config),
-                   video=video_request_model(config), projects=ProjectModels.build(config))
+                   video=video_request_model(config), projects=ProjectModels.build(config),
+                   lipsync=lipsync_request_model(config))
 
 
 REQUEST_MODELS = web.AppKey("request_models", RequestModels)
@@ -289,7 +316,7 @@ def _project_paths() -> dict[str, Any]:
 def openapi_document(models: RequestModels) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the public API."""
     schemas: dict[str, Any] = {"Error": ERROR_SCHEMA}
-    for model in (models.scenes, models.image, models.video, models.projects.create, models.projects.patch,
+    for model in (models.scenes, models.image, models.video, models.lipsync, models.projects.create, models.projects.patch,
                   models.projects.write_scenes):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
@@ -315,6 +342,11 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
             "responses": _answers(200, "image bytes", 400, 404, content="image/*")}},
         "/api/mv/generate_video": {"post": {
             "summary": "Start a video job (answers 202 at once)", "requestBody": _json_body("GenerateVideoRequest"),
+            "responses": _answers(202, "job accepted", 400, 404, 413, 415, 503)}},
+        "/api/mv/lipsync": {"post": {
+            "summary": "Start a lip-sync job (answers 202 at once): a finished clip's mouth movements follow a window "
+                       "of a song (Replicate sync/lipsync-2-pro); the result is served by get_video/{job_id}",
+            "requestBody": _json_body("LipsyncRequest"),
             "responses": _answers(202, "job accepted", 400, 404, 413, 415, 503)}},
         "/api/mv/jobs/{job_id}": {
             "get": {"summary": "Job state as JSON", "parameters": [_id_parameter("job_id")],
@@ -367,7 +399,7 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "mvserver", "version": __version__,
-                 "description": "Music-video generation: scenes (Gemini), character images (Imagen 4), video jobs (Veo). "
+                 "description": "Music-video generation: scenes (Gemini), character images (Imagen 4), video jobs (Veo), lip-sync jobs (sync/lipsync-2-pro). "
                                 "POST bodies are JSON sent as Content-Type: application/json, except a song for "
                                 "upload_audio (an audio/* body or multipart/form-data). " + INTEGER_RULE
                                 + " Text fields are stripped of surrounding whitespace; a required one must not be "

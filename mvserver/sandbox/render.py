@@ -22,8 +22,8 @@ from functools import lru_cache
 import imageio_ffmpeg
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-__all__ = ["ASPECT_SIZES", "MAX_REFERENCE_PIXELS", "RenderError", "oversized_image", "probe_media",
-           "render_character_image", "render_video"]
+__all__ = ["ASPECT_SIZES", "LIPSYNC_LABEL", "MAX_REFERENCE_PIXELS", "RenderError", "oversized_image",
+           "probe_media", "render_character_image", "render_lipsync", "render_video"]
 
 ASPECT_SIZES: dict[str, tuple[int, int]] = {
     "16:9": (640, 360),
@@ -392,6 +392,93 @@ async def render_video(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# --------------------------------------------------------------------------- lip sync
+
+LIPSYNC_LABEL = "SANDBOX lip sync"
+
+
+def lipsync_label_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Where the label strip sits (x0, y0, x1, y1): across the frame, just above the progress bar of a sandbox clip."""
+    w, h = size
+    strip = max(18, min(w, h) // 10)
+    bottom = h - max(4, h // 45) - max(2, h // 60)
+    return 0, bottom - strip, w, bottom
+
+
+def _lipsync_label(size: tuple[int, int]) -> bytes:
+    """The yellow "SANDBOX lip sync" strip as a PNG the width of the frame."""
+    x0, y0, x1, y1 = lipsync_label_box(size)
+    img = Image.new("RGB", (x1 - x0, y1 - y0), _BANNER_BG)
+    font = _font(int((y1 - y0) * 0.6))
+    ImageDraw.Draw(img).text(((x1 - x0) // 2, (y1 - y0) // 2), LIPSYNC_LABEL, font=font, fill=_BANNER_FG, anchor="mm")
+    buf = io.BytesIO()
+    img.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _lipsync_timing(sync_mode: str, video_seconds: float, audio_seconds: float) -> tuple[float, str, bool]:
+    """(output seconds, extra video filter, loop the video input) for a ``sync_mode`` of sync/lipsync-2-pro:
+    ``cut_off`` ends with the shorter input, ``loop``/``bounce`` (simulated as a loop) and ``remap`` (the video
+    retimed) last as long as the audio, ``silence`` as long as the longer input (the last frame held, audio padded)."""
+    if sync_mode == "cut_off":
+        return min(video_seconds, audio_seconds), "", False
+    if sync_mode == "remap":
+        return audio_seconds, f",setpts=PTS*{audio_seconds / video_seconds:.6f}", False
+    if sync_mode == "silence":
+        total = max(video_seconds, audio_seconds)
+        hold = total - video_seconds
+        return total, (f",tpad=stop_mode=clone:stop_duration={hold:.6f}" if hold > 0 else ""), False
+    return audio_seconds, "", audio_seconds > video_seconds  # loop, bounce
+
+
+async def render_lipsync(dest: pathlib.Path, *, video: pathlib.Path, audio: pathlib.Path, sync_mode: str = "loop",
+                         fps: int = 24) -> None:
+    """Atomically write the ``video`` clip with ``audio`` muxed in and a visible "SANDBOX lip sync" strip (H.264 +
+    AAC MP4); its length follows ``sync_mode`` as the real model's does. RenderError if an input is unreadable."""
+    dest = pathlib.Path(dest)
+    try:
+        v, a = await asyncio.gather(asyncio.to_thread(probe_media, video), asyncio.to_thread(probe_media, audio))
+    except subprocess.TimeoutExpired as exc:
+        raise RenderError(f"probing an input took too long: {exc}") from None
+    if v["width"] is None or not v["duration"] > 0:
+        raise RenderError("the video input holds no video stream")
+    if a["audio_codec"] is None or not a["duration"] > 0:
+        raise RenderError("the audio input holds no audio stream")
+    size = (v["width"], v["height"])
+    total, retime, loop = _lipsync_timing(sync_mode, v["duration"], a["duration"])
+    x0, y0, _, _ = lipsync_label_box(size)
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    label = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.label.png")
+    try:
+        await asyncio.to_thread(label.write_bytes, await asyncio.to_thread(_lipsync_label, size))
+        graph = (f"[0:v]fps={fps}{retime}[clip];[clip][2:v]overlay=x={x0}:y={y0},format=yuv420p[v];"
+                 "[1:a]aformat=channel_layouts=stereo,apad[a]")
+        args = [
+            imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+            *(["-stream_loop", "-1"] if loop else []), "-i", str(video), "-i", str(audio),
+            "-loop", "1", "-framerate", str(fps), "-i", str(label),
+            "-filter_complex", graph, "-map", "[v]", "-map", "[a]", "-t", f"{total:.6f}",
+            "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", "-r", str(fps),
+            "-c:a", "aac", "-b:a", "128k", "-movflags", "+faststart", "-f", "mp4", str(tmp),
+        ]  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(*args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                    stderr=subprocess.PIPE)
+        try:
+            _, stderr = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if proc.returncode != 0:
+            tail = stderr.decode(errors="replace").strip()[-_STDERR_TAIL:]
+            raise RenderError(f"ffmpeg exited with status {proc.returncode}: {tail or '(no output)'}")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+        label.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- probing

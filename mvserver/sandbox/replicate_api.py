@@ -1,6 +1,8 @@
 """Simulated Replicate HTTP API: the subset the official ``replicate`` client uses, mounted under ``/replicate``.
 
-Predictions of ``google/imagen-4`` (an image) and ``google/veo-3.1`` (an MP4) are stored as JSON records; their
+Predictions of ``google/imagen-4`` (an image), ``google/veo-3.1`` (an MP4) and ``sync/lipsync-2-pro`` (the input
+clip with the input audio muxed in and a "SANDBOX lip sync" label; its inputs are read back from the simulated files
+API, as Replicate downloads URLs) are stored as JSON records; their
 status is derived from the time since creation (``starting``, ``processing`` with tqdm-style progress logs, then the
 end). The output is rendered once, when a prediction is first seen at its end, and served from ``/replicate/files``.
 A prediction created with a ``webhook`` URL also gets signed webhook deliveries (:mod:`.webhooks`).
@@ -31,7 +33,7 @@ from aiohttp import web
 from yarl import URL
 
 from ..storage import write_bytes_atomic
-from .render import MAX_REFERENCE_PIXELS, oversized_image, render_character_image, render_video
+from .render import MAX_REFERENCE_PIXELS, oversized_image, render_character_image, render_lipsync, render_video
 from .simulator import SIMULATOR, Simulator
 from .webhooks import SENDER, fault_marker, invalid_webhook_fields
 
@@ -79,19 +81,20 @@ def _authorized(request: web.Request) -> bool:
 class InputField:
     """One input property: JSON type, and optionally allowed values, bounds or a maximum item count."""
 
-    type: Literal["string", "integer", "boolean", "array"]
+    type: Literal["string", "integer", "number", "boolean", "array"]
     required: bool = False
     choices: tuple[Any, ...] | None = None
-    minimum: int | None = None
-    maximum: int | None = None
+    minimum: float | None = None
+    maximum: float | None = None
     max_items: int | None = None
+    uri: bool = False  # a file input: a URL (or data URI), as Cog's ``format: uri``
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """A simulated official model: what it produces and the inputs it reads (others are ignored, as on Replicate)."""
 
-    kind: Literal["image", "video"]
+    kind: Literal["image", "video", "lipsync"]
     fields: dict[str, InputField]
 
 
@@ -118,11 +121,21 @@ MODELS: dict[str, ModelSpec] = {
         "last_frame": InputField("string"),
         "reference_images": InputField("array", max_items=3),
     }),
+    # Replicate's API schema of sync/lipsync-2-pro: video (.mp4) and audio (.wav) files, sync_mode (default loop),
+    # temperature 0..1 (default 0.5), active_speaker (default false).
+    "sync/lipsync-2-pro": ModelSpec("lipsync", {
+        "video": InputField("string", required=True, uri=True),
+        "audio": InputField("string", required=True, uri=True),
+        "sync_mode": InputField("string", choices=("loop", "bounce", "cut_off", "silence", "remap")),
+        "temperature": InputField("number", minimum=0, maximum=1),
+        "active_speaker": InputField("boolean"),
+    }),
 }
 
 _JSON_TYPES: dict[str, Callable[[Any], bool]] = {
     "string": lambda v: isinstance(v, str),
     "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
     "boolean": lambda v: isinstance(v, bool),
     "array": lambda v: isinstance(v, list),
 }
@@ -149,6 +162,8 @@ def invalid_fields(spec: ModelSpec, inputs: dict[str, Any]) -> list[dict[str, st
         if not _JSON_TYPES[field.type](value):
             problems.append({"type": "invalid_type", "field": key,
                              "description": f"Invalid type. Expected: {field.type}, given: {_type_name(value)}"})
+        elif field.uri and not re.match(r"^(?:[a-z][a-z0-9+.-]*://\S+|data:)", value):
+            problems.append({"type": "format", "field": key, "description": "Does not match format 'uri'"})
         elif field.choices is not None and value not in field.choices:
             allowed = ", ".join(json.dumps(choice) for choice in field.choices)
             problems.append({"type": "enum", "field": key, "description": f"{key} must be one of the following: {allowed}"})
@@ -390,7 +405,14 @@ class ReplicateApi:
         inputs = record["input"]
         folder = sim.state_dir / "files" / record["id"]
         await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-        if MODELS[record["model"]].kind == "image":
+        kind = MODELS[record["model"]].kind
+        if kind == "lipsync":
+            video = await self._input_path(sim, inputs["video"], folder, "input-video")
+            audio = await self._input_path(sim, inputs["audio"], folder, "input-audio")
+            await render_lipsync(folder / "output.mp4", video=video, audio=audio,
+                                 sync_mode=inputs.get("sync_mode", "loop"))
+            return "output.mp4"
+        if kind == "image":
             fmt = _OUTPUT_FORMATS[inputs.get("output_format", "jpg")]
             data = await asyncio.to_thread(
                 render_character_image, inputs["prompt"], aspect_ratio=inputs.get("aspect_ratio", "1:1"),
@@ -428,17 +450,37 @@ class ReplicateApi:
         await asyncio.to_thread(_link_or_copy, cached, dest)
 
     @staticmethod
+    def _uploaded(sim: Simulator, value: str) -> Path | None:
+        """The stored file behind one of our file URLs (any host, so it survives a port change), or None."""
+        parts = URL(value).path.split("/")
+        if len(parts) == 5 and parts[1:3] == ["replicate", "files"] and _SAFE_ID.fullmatch(parts[3]) \
+                and _SAFE_NAME.fullmatch(parts[4]):
+            return sim.state_dir / "files" / parts[3] / parts[4]
+        return None
+
+    async def _input_path(self, sim: Simulator, value: Any, folder: Path, stem: str) -> Path:
+        """A file input as a local path for ffmpeg: a file uploaded to our files API, or a data URI written out.
+        Anything else (a ``file://`` URL, another host) cannot be downloaded, so the prediction fails."""
+        if isinstance(value, str) and value.startswith("data:"):
+            path = folder / stem
+            await asyncio.to_thread(write_bytes_atomic, path, _data_uri_bytes(value))
+            return path
+        path = self._uploaded(sim, value) if isinstance(value, str) and value.startswith(("http://", "https://")) else None
+        if path is None or not await asyncio.to_thread(path.is_file):
+            raise InputFileError(f"could not download file from {value}")
+        return path
+
+    @staticmethod
     async def _reference(sim: Simulator, value: Any) -> bytes:
         """A reference image input: one of our file URLs (any host, so it survives a port change) or a data URI."""
         if not isinstance(value, str):
             raise InputFileError("reference_images must contain URLs")
         if value.startswith("data:"):
             return _data_uri_bytes(value)
-        parts = URL(value).path.split("/")
-        if len(parts) == 5 and parts[1:3] == ["replicate", "files"] and _SAFE_ID.fullmatch(parts[3]) \
-                and _SAFE_NAME.fullmatch(parts[4]):
+        path = ReplicateApi._uploaded(sim, value)
+        if path is not None:
             try:
-                return await asyncio.to_thread((sim.state_dir / "files" / parts[3] / parts[4]).read_bytes)
+                return await asyncio.to_thread(path.read_bytes)
             except FileNotFoundError:
                 pass
         raise InputFileError(f"could not download file from {value}")
@@ -466,7 +508,7 @@ class ReplicateApi:
             return _validation_failed(problems)
         record = self._new_record(sim, model, spec, inputs)
         record.update(webhook=body.get("webhook"), webhook_events_filter=body.get("webhook_events_filter"),
-                      webhook_fault=fault_marker(inputs["prompt"]))
+                      webhook_fault=fault_marker(str(inputs.get("prompt", ""))))
         await self._save(sim, record)
         base = _base_url(request)  # the first delivery may arrive before this response, as on Replicate
         request.app[SENDER].schedule(record, lambda r: prediction_json(r, base), lambda r: self._current(sim, r))
@@ -482,7 +524,7 @@ class ReplicateApi:
         failure = None
         if fault is not None:
             failure = fault.error if fault.error is not None else FLAGGED_ERROR
-        elif FAIL_MARKER in inputs["prompt"]:
+        elif FAIL_MARKER in str(inputs.get("prompt", "")):
             failure = FLAGGED_ERROR
         return {
             "id": new_replicate_id(),
@@ -491,7 +533,7 @@ class ReplicateApi:
             "input": inputs,
             "status": "starting",
             "created_at": time.time(),
-            "latency": sim.image_latency if spec.kind == "image" else sim.video_latency,
+            "latency": sim.image_latency if spec.kind == "image" else sim.video_latency,  # lip sync takes a video's
             "failure": failure,
             "output": None,
             "completed_at": None,

@@ -1,0 +1,335 @@
+"""``POST /api/mv/lipsync``: a lip-sync job. A finished clip's mouth movements follow a window of a song.
+
+The job runs Replicate ``sync/lipsync-2-pro`` on the same job engine as videos (JSON status, SSE, cancel, resume with
+the same prediction id, ``get_video/{job_id}``). When the prediction is created, the window is cut from the song with
+the bundled ffmpeg (an asyncio subprocess) to the clip's length, as a WAV file, and the clip and the window are
+uploaded through Replicate's files API by the replicate client. The cut is redone whenever ``start`` runs again (a job
+resumed before its prediction existed), and removed once the prediction holds its copy.
+
+Every read of a song goes through :func:`song_file`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import imageio_ffmpeg
+from aiohttp import web
+
+from .audio import saved_audio
+from .backends import PROVIDERS, Snapshot
+from .backends.replicate import ReplicateProvider
+from .config import CONFIG, LipsyncLimits, LipsyncSettings
+from .debug import debug_print
+from .errors import ApiError
+from .jobs import JOBS, Job, job_urls
+from .schemas import REQUEST_MODELS, parse_body
+from .storage import STORE, OutputStore, check_id, new_id
+
+routes = web.RouteTableDef()
+
+KIND = "lipsync"
+WINDOW_SUFFIX = ".lipsync.wav"
+TOLERANCE_SECONDS = 0.05  # a window may pass the song's end by this much (rounding); the rest is silence
+COPY_PACKET_BYTES = 1024  # WAV packets this small make a stream-copied cut end within ~6 ms of the wanted length
+STDERR_LIMIT = 1 << 20  # bytes of ffmpeg's output kept; the rest is read and dropped
+AUDIO_SUFFIXES = {"mp3": ".mp3", "wav": ".wav", "m4a": ".m4a", "aac": ".aac", "ogg": ".ogg", "flac": ".flac"}
+COPY_MAX_CHANNELS = 2
+COPY_MAX_RATE = 48000
+
+FFMPEG_SLOTS = web.AppKey("lipsync_ffmpeg_slots", asyncio.Semaphore)
+
+
+# -- songs ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Song:
+    """A saved song, as far as lip sync needs it."""
+
+    path: Path
+    duration: float
+    format: str
+    sample_rate: int | None
+    channels: int | None
+
+
+async def song_file(app: web.Application, audio_id: str, field: str = "audio_id") -> Song:
+    """An uploaded song (:func:`mvserver.audio.saved_audio`) with what lip sync needs from its record. 400 for a
+    malformed id or a format lip sync cannot cut, 404 for a missing song or a record without its length."""
+    path, sidecar = await saved_audio(app, audio_id, field)
+    fmt, duration = sidecar.get("format"), sidecar.get("duration")
+    if duration is None:
+        raise ApiError(404, "not_found", f"audio {audio_id}: its record has no duration", field=field)
+    if fmt not in AUDIO_SUFFIXES:
+        raise ApiError(400, "invalid_audio", f"audio {audio_id} is {fmt!r}; lip sync takes {sorted(AUDIO_SUFFIXES)}",
+                       field=field)
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
+        raise ApiError(400, "invalid_audio", f"audio {audio_id} has no playable length ({duration!r})", field=field)
+    return Song(path, float(duration), fmt, _int_or_none(sidecar.get("sample_rate")), _int_or_none(sidecar.get("channels")))
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# -- ffmpeg (a probe and an audio cut; media.probe / media.run_ffmpeg do the same for assembly) -------------------------
+
+
+class FfmpegError(Exception):
+    """ffmpeg failed, timed out or could not read a file."""
+
+
+async def _read_head(stream: asyncio.StreamReader) -> bytes:
+    """The first STDERR_LIMIT bytes of a stream; the rest is read and dropped so ffmpeg never blocks on a full pipe."""
+    kept = bytearray()
+    while chunk := await stream.read(1 << 16):
+        if len(kept) < STDERR_LIMIT:
+            kept += chunk[: STDERR_LIMIT - len(kept)]
+    return bytes(kept)
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def run_ffmpeg(args: Sequence[str], timeout: float) -> tuple[int, str]:
+    """Run ffmpeg in its own process group without blocking the event loop; return its exit code and (the head of)
+    its stderr. On a timeout or cancellation the whole group is killed before this returns."""
+    proc = await asyncio.create_subprocess_exec(
+        imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", *args,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    assert proc.stderr is not None
+    try:
+        async with asyncio.timeout(timeout):
+            head = await _read_head(proc.stderr)
+            code = await proc.wait()
+    except BaseException as exc:
+        _kill_group(proc)
+        await asyncio.shield(proc.wait())
+        if isinstance(exc, TimeoutError):
+            raise FfmpegError(f"ffmpeg did not finish within {timeout:g} s") from None
+        raise
+    return code, head.decode(errors="replace")
+
+
+_DURATION = re.compile(r"^\s*Duration: (\d+):(\d+):(\d+(?:\.\d+)?)", re.M)
+_STREAM = re.compile(r"^\s*Stream #\d+:\d+\S*: (Video|Audio): ", re.M)
+
+
+@dataclass(frozen=True)
+class Probe:
+    duration: float
+    has_video: bool
+    has_audio: bool
+
+
+async def probe(path: Path, timeout: float) -> Probe:
+    """Length and stream kinds of a media file, from ``ffmpeg -i`` (imageio-ffmpeg ships no ffprobe)."""
+    _, text = await run_ffmpeg(["-i", str(path)], timeout)  # exits 1: no output named
+    match = _DURATION.search(text)
+    if match is None:
+        raise FfmpegError(f"cannot read {path.name}: {text.strip()[-300:]}")
+    kinds = set(_STREAM.findall(text))
+    seconds = int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3])
+    return Probe(seconds, "Video" in kinds, "Audio" in kinds)
+
+
+def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path) -> list[str]:
+    """ffmpeg arguments that write ``seconds`` of ``song`` from ``start``, padded with silence to ``length``, as WAV.
+
+    A PCM WAV song within two channels and 48 kHz whose window needs no padding is stream-copied (in small packets,
+    so the cut is exact to a few ms); anything else is decoded, trimmed to the sample and written as 16-bit PCM.
+    """
+    if (song.format == "wav" and (song.channels or 99) <= COPY_MAX_CHANNELS and (song.sample_rate or 1e9) <= COPY_MAX_RATE
+            and seconds >= length - 0.001):
+        return ["-loglevel", "error", "-y", "-max_size", str(COPY_PACKET_BYTES), "-ss", f"{start:.6f}",
+                "-t", f"{length:.6f}", "-i", str(song.path), "-map", "0:a:0", "-c", "copy", "-f", "wav", str(dest)]
+    args = ["-loglevel", "error", "-y", "-ss", f"{start:.6f}", "-i", str(song.path), "-map", "0:a:0",
+            "-af", f"atrim=duration={seconds:.6f},asetpts=N/SR/TB,apad=whole_dur={length:.6f}"]
+    if song.channels is None or song.channels > COPY_MAX_CHANNELS:
+        args += ["-ac", "2"]
+    if song.sample_rate is None or song.sample_rate > COPY_MAX_RATE:
+        args += ["-ar", str(COPY_MAX_RATE)]
+    return args + ["-c:a", "pcm_s16le", "-f", "wav", str(dest)]
+
+
+async def cut_window(song: Song, start: float, seconds: float, length: float, dest: Path, timeout: float) -> None:
+    """Write the window to ``dest`` atomically (a temporary file renamed into place; removed on any failure)."""
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    try:
+        code, text = await run_ffmpeg(cut_args(song, start, seconds, length, tmp), timeout)
+        if code != 0:
+            raise FfmpegError(f"ffmpeg exited with status {code}: {text.strip()[-500:] or '(no output)'}")
+        await asyncio.to_thread(os.replace, tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -- request checks ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """The song's seconds [start, end) laid under a clip of ``length`` seconds (padded with silence if shorter)."""
+
+    start: float
+    end: float
+    length: float
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+def plan_window(start: float, end: float | None, clip_seconds: float, song_seconds: float) -> Window:
+    """Check the window against the clip and the song (400 naming the field)."""
+    if start >= song_seconds:
+        raise ApiError(400, "song_too_short", f"audio_start: {start:g} s is not before the song's end "
+                                              f"({song_seconds:g} s)", field="audio_start")
+    if end is None:
+        end = start + clip_seconds
+        if end > song_seconds + TOLERANCE_SECONDS:
+            raise ApiError(400, "song_too_short", f"audio_start: a {clip_seconds:g} s window (the clip's length) from "
+                                                  f"{start:g} s ends at {end:g} s, after the song's end "
+                                                  f"({song_seconds:g} s)", field="audio_start")
+    else:
+        if end <= start:
+            raise ApiError(400, "invalid_field", "audio_end: must be greater than audio_start", field="audio_end")
+        if end - start > clip_seconds + TOLERANCE_SECONDS:
+            raise ApiError(400, "window_too_long", f"audio_end: the window ({end - start:g} s) is longer than the "
+                                                   f"clip ({clip_seconds:g} s)", field="audio_end")
+        if end > song_seconds + TOLERANCE_SECONDS:
+            raise ApiError(400, "song_too_short", f"audio_end: {end:g} s is after the song's end ({song_seconds:g} s)",
+                           field="audio_end")
+    return Window(start=start, end=min(end, start + clip_seconds, song_seconds), length=clip_seconds)
+
+
+async def finished_clip(app: web.Application, job_id: str, limits: LipsyncLimits) -> tuple[Path, Probe]:
+    """The MP4 of a succeeded job, probed (400 naming ``video_job_id`` otherwise)."""
+    field = "video_job_id"
+    job = await app[JOBS].get(job_id)
+    if job is None:
+        raise ApiError(400, "clip_not_found", f"{field}: no job with id {job_id}", field=field)
+    if job.status != "succeeded":
+        raise ApiError(400, "clip_not_ready", f"{field}: job {job_id} is {job.status}; lip sync needs a finished clip",
+                       field=field)
+    path = app[STORE].path("videos", job_id, ".mp4")
+    try:
+        size = (await asyncio.to_thread(path.stat)).st_size
+    except FileNotFoundError:
+        raise ApiError(400, "clip_not_found", f"{field}: the video of job {job_id} is gone", field=field) from None
+    if size > limits.max_clip_bytes:
+        raise ApiError(400, "clip_too_large", f"{field}: the clip has {size} bytes; at most {limits.max_clip_bytes}",
+                       field=field)
+    try:
+        async with app[FFMPEG_SLOTS]:
+            info = await probe(path, limits.ffmpeg_timeout_seconds)
+    except FfmpegError as exc:
+        raise ApiError(400, "invalid_clip", f"{field}: the clip cannot be read: {exc}", field=field) from None
+    if not info.has_video or not info.duration > 0:
+        raise ApiError(400, "invalid_clip", f"{field}: the file of job {job_id} holds no video", field=field)
+    if info.duration > limits.max_clip_seconds:
+        raise ApiError(400, "clip_too_long", f"{field}: the clip lasts {info.duration:g} s; lip sync takes at most "
+                                             f"{limits.max_clip_seconds:g} s", field=field)
+    return path, info
+
+
+# -- the handler ------------------------------------------------------------------------------------------------------
+
+
+@routes.post("/api/mv/lipsync")
+async def create_lipsync(request: web.Request) -> web.Response:
+    app = request.app
+    config = app[CONFIG]
+    settings = config.lipsync
+    body, defaulted = await parse_body(request, app[REQUEST_MODELS].lipsync, config.debug)
+    if body.scene_id is not None and body.project_id is None:
+        raise ApiError(400, "invalid_field", "scene_id: needs project_id", field="scene_id")
+    song = await song_file(app, body.audio_id)
+    _, clip = await finished_clip(app, body.video_job_id, settings.limits)
+    window = plan_window(body.audio_start, body.audio_end, clip.duration, song.duration)
+    summary = body.model_dump()
+    summary.update(window={"start": window.start, "end": window.end, "seconds": round(window.seconds, 6)},
+                   clip_seconds=clip.duration, song_seconds=song.duration, defaults_applied=defaulted)
+    debug_print(config.debug, f"lipsync job for {settings.model}", summary)
+    provider = app[PROVIDERS].replicate
+    job = Job(id=new_id(), backend=provider.name, model=settings.model, sandbox=provider.sandbox, request=summary,
+              kind=KIND)
+    await app[JOBS].submit(job)
+    payload = {"job_id": job.id, "kind": job.kind, "status": job.status, "backend": job.backend,
+               "sandbox": job.sandbox, **job_urls(job.id)}
+    return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
+
+
+# -- the job driver ---------------------------------------------------------------------------------------------------
+
+
+class LipsyncDriver:
+    """A lip-sync job as a Replicate prediction (a remote driver: the engine saves, polls, resumes and cancels it)."""
+
+    def __init__(self, app: web.Application, provider: ReplicateProvider, settings: LipsyncSettings):
+        self.app = app
+        self.provider = provider
+        self.settings = settings
+
+    def inputs(self, job: Job, clip: Path, window: Path) -> dict[str, Any]:
+        """The model's input; the two paths are uploaded through Replicate's files API by the client."""
+        request = job.request
+        return {"video": clip, "audio": window, "sync_mode": request["sync_mode"],
+                "temperature": request["temperature"], "active_speaker": request["active_speaker"]}
+
+    async def start(self, job: Job, webhook: str | None) -> str:
+        """Cut the window (again, if a restart came before the prediction existed) and create the prediction."""
+        outputs: OutputStore = self.app[STORE]
+        request = job.request
+        song = await song_file(self.app, request["audio_id"])
+        clip = outputs.path("videos", request["video_job_id"], ".mp4")
+        if not await asyncio.to_thread(clip.is_file):
+            raise ApiError(409, "clip_not_found", f"the clip {request['video_job_id']} is gone",
+                           field="video_job_id")
+        window = request["window"]
+        dest = outputs.path("jobs", job.id, WINDOW_SUFFIX)
+        try:
+            async with self.app[FFMPEG_SLOTS]:
+                await cut_window(song, window["start"], window["seconds"], request["clip_seconds"], dest,
+                                 self.settings.limits.ffmpeg_timeout_seconds)
+        except FfmpegError as exc:
+            raise ApiError(500, "audio_cut_failed", f"the audio window could not be cut: {exc}",
+                           field="audio_id") from None
+        try:
+            prediction = await self.provider.create(self.settings.model, self.inputs(job, clip, dest), webhook)
+        finally:
+            await asyncio.to_thread(dest.unlink, missing_ok=True)
+        return prediction.id
+
+    async def poll(self, prediction_id: str) -> Snapshot:
+        return await self.provider.poll(prediction_id)
+
+    async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
+        return await self.provider.download(snapshot, prediction_id, dest)
+
+    async def cancel(self, prediction_id: str) -> None:
+        await self.provider.cancel(prediction_id)
+
+
+def lipsync_kind(app: web.Application):  # type: ignore[no-untyped-def]
+    """The driver factory for ``lipsync`` jobs."""
+    return lambda job: LipsyncDriver(app, app[PROVIDERS].replicate, app[CONFIG].lipsync)
+
+
+def setup(app: web.Application) -> None:
+    """Routes and the per-app bound on concurrent ffmpeg processes."""
+    app[FFMPEG_SLOTS] = asyncio.Semaphore(app[CONFIG].lipsync.limits.ffmpeg_concurrency)
+    app.add_routes(routes)
