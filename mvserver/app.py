@@ -8,14 +8,14 @@ from typing import AsyncIterator, Mapping
 import aiohttp
 from aiohttp import web
 
-from . import demo, images, meta, scenes, videos
+from . import access, demo, images, meta, scenes, videos
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
 from .config import CONFIG, TEMPLATES, Config, EnvSettings, load_config, package_templates
 from .debug import debug_print
-from .errors import error_middleware
 from .jobs import JOBS, JobManager
+from .metrics import METRICS
 from .sandbox.simulator import Simulator, start_simulator
 from .schemas import REQUEST_MODELS, RequestModels
 from .storage import STORE, OutputStore
@@ -74,6 +74,8 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
         request_timeout=videos.jobs.request_timeout_seconds,
         sandbox="replicate" in sandboxed,
     )
+    if METRICS in app:
+        gemini.observe = replicate.observe = app[METRICS].observe_provider_call
     app[PROVIDERS] = Providers(gemini=gemini, replicate=replicate, sandboxed=sandboxed)
     modes = app[PROVIDERS].modes()
     log.info("providers: %s", ", ".join(f"{name}={mode}" for name, mode in modes.items()))
@@ -110,7 +112,8 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
         env = EnvSettings.from_env(env)
     config: Config = load_config(env)
     debug_print(config.debug, "config params loaded at start-up", config.summary())
-    app = web.Application(client_max_size=env.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(client_max_size=env.max_body_bytes)
+    access.setup(app, env)
     app[CONFIG] = config
     app[TEMPLATES] = package_templates()
     app[STORE] = OutputStore(env.output_dir)
@@ -123,4 +126,5 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app.add_routes(images.routes)
     app.add_routes(videos.routes)
     app.add_routes(demo.routes)
+    access.setup_cors(app, env)  # last: it covers every route added above
     return app

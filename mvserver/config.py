@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -211,6 +212,26 @@ def _env_number(env: Mapping[str, str], name: str, default: float | None, kind: 
     return value
 
 
+def _env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> Any:
+    raw = env.get(name, "").strip().lower() or choices[0]
+    if raw not in choices:
+        raise ConfigError(f"environment: {name}={raw!r} is not one of {', '.join(choices)}")
+    return raw
+
+
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?")
+
+
+def _env_origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list of exact origins (``scheme://host[:port]``); a wildcard is refused."""
+    origins = tuple(part.strip().rstrip("/") for part in env.get(name, "").split(",") if part.strip())
+    for origin in origins:
+        if not _ORIGIN.fullmatch(origin):
+            raise ConfigError(f"environment: {name}: {origin!r} is not an origin such as https://app.example.com "
+                              "(no wildcards, paths or trailing text)")
+    return origins
+
+
 @dataclass(frozen=True)
 class EnvSettings:
     """Secrets and knobs from the environment (``.env`` is loaded into it by ``python -m mvserver``)."""
@@ -232,6 +253,12 @@ class EnvSettings:
     gemini_base_url: str | None = None
     vertex_base_url: str | None = None
     replicate_base_url: str | None = None
+    api_keys_file: Path | None = None
+    url_signing_secret: str | None = field(default=None, repr=False)
+    signed_url_ttl_seconds: int = 3600
+    cors_origins: tuple[str, ...] = ()
+    metrics: bool = False
+    log_format: Literal["text", "json"] = "text"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EnvSettings":
@@ -260,6 +287,12 @@ class EnvSettings:
             gemini_base_url=text("MV_GEMINI_BASE_URL"),
             vertex_base_url=text("MV_VERTEX_BASE_URL"),
             replicate_base_url=text("MV_REPLICATE_BASE_URL"),
+            api_keys_file=Path(keys_file) if (keys_file := text("MV_API_KEYS_FILE")) else None,
+            url_signing_secret=text("MV_URL_SIGNING_SECRET"),
+            signed_url_ttl_seconds=_env_number(env, "MV_SIGNED_URL_TTL_SECONDS", 3600) or 3600,
+            cors_origins=_env_origins(env, "MV_CORS_ORIGINS"),
+            metrics=_env_bool(env, "MV_METRICS"),
+            log_format=_env_choice(env, "MV_LOG_FORMAT", ("text", "json")),
         )
 
     @property
@@ -301,7 +334,7 @@ class Config:
 
     def summary(self) -> dict[str, Any]:
         """The loaded parameters, for the start-up debug print (secrets shown only as set/unset)."""
-        secrets = {"gemini_api_key", "replicate_api_token", "vertex_api_key"}
+        secrets = {"gemini_api_key", "replicate_api_token", "vertex_api_key", "url_signing_secret"}
         env = {k: ("set" if v else "unset") if k in secrets else str(v) for k, v in vars(self.env).items()}
         return {
             "env": env,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import __version__
+from .auth import public
 from .backends import PROVIDERS
 from .schemas import REQUEST_MODELS, openapi_document
 
@@ -12,6 +13,7 @@ routes = web.RouteTableDef()
 
 
 @routes.get("/api/mv/health")
+@public
 async def health(request: web.Request) -> web.Response:
     """Version, and for each provider service whether it is live or answered by the sandbox simulator."""
     providers = request.app[PROVIDERS]

@@ -14,13 +14,16 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
+from .auth import key_id
 from .backends import VideoRequest
 from .config import CONFIG, Config
 from .debug import debug_print
 from .errors import ApiError
 from .images import FORMATS, load_image
 from .jobs import JOBS, Job, job_urls, stream_events
+from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
+from .signing import signed_urls
 from .storage import STORE, check_id
 
 routes = web.RouteTableDef()
@@ -77,7 +80,7 @@ async def reference_image(request: web.Request, body: Any) -> tuple[bytes | None
         raise ApiError(400, "invalid_field", "send reference_image_base64 or reference_image_id, not both",
                        field="reference_image_base64")
     if body.reference_image_id:
-        return await load_image(request.app, body.reference_image_id)
+        return await load_image(request.app, body.reference_image_id, key_id(request))
     if not body.reference_image_base64:
         return None, None
     limit = request.app[CONFIG].videos.limits.reference_image_max_bytes
@@ -130,9 +133,18 @@ async def generate_video(request: web.Request) -> web.Response:
                                  reference_image=image, reference_mime_type=mime_type)
     summary = body.model_dump(exclude={"reference_image_base64"})
     summary.update(full_prompt=prompt, defaults_applied=defaulted, has_reference_image=image is not None)
+    await charge(request, "jobs")
     job = await request.app[JOBS].submit(body.backend, video_request, summary)
     payload = {"job_id": job.id, "status": job.status, "backend": job.backend, "sandbox": job.sandbox, **job_urls(job.id)}
-    return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
+    return web.json_response(_with_signed_urls(request, payload), status=202,
+                             headers={"Location": payload["status_url"]})
+
+
+def _with_signed_urls(request: web.Request, payload: dict[str, Any]) -> dict[str, Any]:
+    """Add ``signed_urls`` (keys on) for the job's status, events and video, which browsers load without headers."""
+    names = ("status_url", "events_url", "video_url")
+    signed = signed_urls(request.app, key_id(request), {name: payload.get(name) for name in names})
+    return payload if signed is None else {**payload, "signed_urls": signed}
 
 
 def _job(request: web.Request) -> Job:
@@ -145,14 +157,14 @@ def _job(request: web.Request) -> Job:
 
 @routes.get("/api/mv/jobs/{job_id}")
 async def job_status(request: web.Request) -> web.Response:
-    return web.json_response(_job(request).public())
+    return web.json_response(_with_signed_urls(request, _job(request).public()))
 
 
 @routes.delete("/api/mv/jobs/{job_id}")
 @routes.post("/api/mv/jobs/{job_id}/cancel")
 async def cancel_job(request: web.Request) -> web.Response:
     job = await request.app[JOBS].cancel(_job(request).id)
-    return web.json_response(job.public())
+    return web.json_response(_with_signed_urls(request, job.public()))
 
 
 @routes.get("/api/mv/jobs/{job_id}/events")
