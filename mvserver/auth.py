@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import hmac
 import json
 import logging
@@ -73,7 +72,7 @@ class KeysFile(BaseModel):
 
 
 def hash_secret(key_id: str, secret: str) -> str:
-    return "hmac-sha256:" + hmac.new(key_id.encode(), secret.encode(), hashlib.sha256).hexdigest()
+    return "hmac-sha256:" + hmac.digest(key_id.encode(), secret.encode(), "sha256").hex()
 
 
 def read_keys(path: Path) -> KeysFile:
@@ -220,7 +219,9 @@ def key_id(request: web.Request) -> str | None:
 def protected(request: web.Request) -> bool:
     """Every ``/api/mv/*`` route and ``/metrics`` needs a key, except public routes and CORS preflights."""
     path = request.path
-    if not (path.startswith("/api/mv/") or path == "/metrics"):
+    resource = request.match_info.route.resource
+    canonical = resource.canonical if resource is not None else path  # the route matched, however it was spelled
+    if not any(p.startswith("/api/mv/") or p == "/metrics" for p in (path, canonical)):
         return False
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         return False

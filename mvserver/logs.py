@@ -12,7 +12,7 @@ import contextvars
 import json
 import logging
 import re
-import uuid
+import secrets
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
@@ -34,7 +34,7 @@ def redact(text: str) -> str:
 async def request_id_middleware(request: web.Request,
                                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if _CLIENT_ID.fullmatch(incoming) else uuid.uuid4().hex
+    request_id = incoming if incoming and _CLIENT_ID.fullmatch(incoming) else secrets.token_hex(16)
     request[REQUEST_ID] = request_id
     token = _current_request_id.set(request_id)
     try:

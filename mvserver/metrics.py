@@ -11,7 +11,7 @@ Labels are bounded: routes are route templates (never raw paths), statuses and c
 from __future__ import annotations
 
 import time
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -24,6 +24,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
+        self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         # HTTP
         self.http_requests = Counter("mv_http_requests", "HTTP requests answered, by route template and status",
                                      ["method", "route", "status"], registry=registry)
@@ -51,6 +52,16 @@ class Metrics:
         self.sse_subscribers = Gauge("mv_sse_subscribers", "Open Server-Sent Events connections", registry=registry)
         self.webhook_deliveries = Counter("mv_webhook_deliveries", "Provider webhook deliveries received, by outcome",
                                           ["provider", "outcome"], registry=registry)
+
+    def http_children(self, method: str, route: str, status: int) -> tuple[Any, Any]:
+        """The request counter and latency histogram of one (method, route, status); looked up once, then cached
+        (bounded: route templates and statuses are finite sets)."""
+        key = (method, route, status)
+        children = self._http_children.get(key)
+        if children is None:
+            children = (self.http_requests.labels(method, route, str(status)), self.http_latency.labels(method, route))
+            self._http_children[key] = children
+        return children
 
     def observe_provider_call(self, provider: str, operation: str, seconds: float, error_code: str | None) -> None:
         """Record one provider call (the hook the provider clients call around each API request)."""
@@ -82,10 +93,9 @@ async def metrics_middleware(request: web.Request,
         status = response.status
         return response
     finally:
-        metrics = request.app[METRICS]
-        route = route_name(request)
-        metrics.http_requests.labels(request.method, route, str(status)).inc()
-        metrics.http_latency.labels(request.method, route).observe(time.perf_counter() - started)
+        counter, histogram = request.app[METRICS].http_children(request.method, route_name(request), status)
+        counter.inc()
+        histogram.observe(time.perf_counter() - started)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -167,8 +167,47 @@ def _id_parameter(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": UUID4_PATTERN}}
 
 
-def openapi_document(models: RequestModels) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the public API."""
+SECURITY_SCHEMES = {
+    "bearerAuth": {
+        "type": "http", "scheme": "bearer",
+        "description": "An API key (mv_<key id>_<secret>) from `python -m mvserver keys create NAME`; required on "
+                       "every /api/mv route but health when MV_API_KEYS_FILE is set. GET routes a browser loads "
+                       "without headers also accept the signed links of a response's `signed_urls` "
+                       "(?kid=&exp=&sig=; 403 when tampered or expired).",
+    },
+}
+SIGNED_LINK_PARAMETERS = [
+    {"name": "kid", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "signed link: the key id it was made for"},
+    {"name": "exp", "in": "query", "required": False, "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"},
+     "description": "signed link: expiry, unix seconds"},
+    {"name": "sig", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "signed link: HMAC-SHA256 signature"},
+]
+
+
+def _with_access(paths: dict[str, Any], metrics: bool) -> None:
+    """With keys on: bearer auth on every operation but health, signed-link parameters on GETs, 401/403/429."""
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if path == "/api/mv/health":
+                operation["security"] = []
+                continue
+            answers = operation["responses"]
+            answers.setdefault("401", {"description": "missing or invalid API key",
+                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+            if method == "get" and path.startswith("/api/mv/") and path != "/api/mv/openapi.json":
+                operation["parameters"] = operation.get("parameters", []) + SIGNED_LINK_PARAMETERS
+                answers.setdefault("403", {"description": "signed link tampered, expired or revoked",
+                                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+            if method == "post" and path in ("/api/mv/create_scenes", "/api/mv/generate_character_reference",
+                                             "/api/mv/generate_video"):
+                answers.setdefault("429", {"description": "rate_limited or quota_exceeded (see Retry-After)",
+                                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+
+
+def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the public API (with the bearer scheme and /metrics when they are on)."""
     schemas: dict[str, Any] = {"Error": ERROR_SCHEMA}
     for model in (models.scenes, models.image, models.video):
         schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -208,10 +247,18 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
             "summary": "The finished MP4 (Range requests supported)", "parameters": [_id_parameter("video_id")],
             "responses": _answers(200, "video", 400, 404, 409, 416, content="video/mp4")}},
     }
-    return {
+    if metrics:
+        paths["/metrics"] = {"get": {"summary": "Prometheus metrics (text exposition format)",
+                                     "responses": _answers(200, "metrics", content="text/plain")}}
+    components: dict[str, Any] = {"schemas": schemas, "securitySchemes": SECURITY_SCHEMES}
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "mvserver", "version": __version__,
                  "description": "Music-video generation: scenes (Gemini), character images (Imagen 4), video jobs (Veo)."},
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": components,
     }
+    if keys:
+        _with_access(paths, metrics)
+        document["security"] = [{"bearerAuth": []}]
+    return document

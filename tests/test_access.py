@@ -531,3 +531,24 @@ async def test_key_id_is_on_the_request(live_env: dict[str, str], keys_file: Pat
     assert (await client.get("/api/mv/probe", headers=bearer(keys["alice"]))).status == 200
     kid = keys["alice"].split("_")[1]
     assert seen == [(kid, kid)]
+
+
+async def test_openapi_documents_the_bearer_scheme(keyed: AppClient, make_client: AppClient,
+                                                   keys: dict[str, str]) -> None:
+    client = await keyed(MV_METRICS="true")
+    doc = await (await client.get("/api/mv/openapi.json", headers=bearer(keys["alice"]))).json()
+    scheme = doc["components"]["securitySchemes"]["bearerAuth"]
+    assert scheme["type"] == "http" and scheme["scheme"] == "bearer"
+    assert doc["security"] == [{"bearerAuth": []}]
+    assert doc["paths"]["/api/mv/health"]["get"]["security"] == []
+    assert "/metrics" in doc["paths"]
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            if path != "/api/mv/health":
+                assert "401" in operation["responses"], (path, method)
+    image = doc["paths"]["/api/mv/get_image/{image_id}"]["get"]
+    assert {"kid", "exp", "sig"} <= {p["name"] for p in image["parameters"]} and "403" in image["responses"]
+    assert "429" in doc["paths"]["/api/mv/generate_video"]["post"]["responses"]
+    plain = await (await (await make_client()).get("/api/mv/openapi.json")).json()
+    assert "security" not in plain and "/metrics" not in plain["paths"]
+    assert "401" not in plain["paths"]["/api/mv/create_scenes"]["post"]["responses"]
