@@ -83,7 +83,7 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         line = redact(f"{request.method} {request.path_qs} HTTP/{request.version.major}.{request.version.minor}")
-        self.logger.info('"%s" %s %s %.6fs', line, response.status, response.body_length, time, extra={
+        self.logger.info("%s %s %s %06fs", line, response.status, response.body_length, time, extra={
             "request_id": request.get(REQUEST_ID), "method": request.method, "path": request.path,
             "status": response.status, "bytes": response.body_length, "seconds": round(time, 6)})
 

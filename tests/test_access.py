@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from mvserver.app import create_app
 from mvserver.auth import KEY_ID, KEYRING, KeyLimits, create_key, key_id, public, read_keys, revoke_key
 from mvserver.config import CONFIG, ConfigError
-from mvserver.logs import JsonFormatter, RequestIdFilter, redact
+from mvserver.logs import AccessLogger, JsonFormatter, RequestIdFilter, redact
 from mvserver.quotas import LocalRateLimiter, set_running_jobs_counter
 from mvserver.signing import SIGNER, signed_url
 
@@ -552,3 +552,23 @@ async def test_openapi_documents_the_bearer_scheme(keyed: AppClient, make_client
     plain = await (await (await make_client()).get("/api/mv/openapi.json")).json()
     assert "security" not in plain and "/metrics" not in plain["paths"]
     assert "401" not in plain["paths"]["/api/mv/create_scenes"]["post"]["responses"]
+
+
+async def test_access_log_lines_drop_signatures(live_env: dict[str, str], keys_file: Path, keys: dict[str, str],
+                                                aiohttp_client: Any, caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app({**live_env, "MV_API_KEYS_FILE": str(keys_file), "MV_URL_SIGNING_SECRET": SECRET})
+    server = TestServer(app)
+    await server.start_server(access_log_class=AccessLogger)  # as python -m mvserver runs it
+    client = await aiohttp_client(server)
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    kid = keys["alice"].split("_")[1]
+    link = signed_url(app, kid, f"/api/mv/get_image/{uuid.uuid4()}")
+    response = await client.get(link, headers={"X-Request-Id": "log-1"})
+    assert response.status == 404
+    await asyncio.sleep(0.05)
+    records = [r for r in caplog.records if r.name == "aiohttp.access" and getattr(r, "request_id", None) == "log-1"]
+    assert len(records) == 1
+    line = records[0].getMessage()
+    signature = link.split("sig=")[1]
+    assert signature not in line and "sig=REDACTED" in line
+    assert re.fullmatch(r"GET /api/mv/get_image/\S+ HTTP/1\.1 404 \d+ \d+\.\d{6}s", line)
