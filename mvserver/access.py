@@ -60,5 +60,4 @@ def setup_cors(app: web.Application, env: EnvSettings) -> None:
                                            allow_headers=CORS_ALLOW_HEADERS, max_age=CORS_MAX_AGE)
     cors = aiohttp_cors.setup(app, defaults={origin: options for origin in env.cors_origins})
     for route in list(app.router.routes()):
-        if route.method != "HEAD":  # aiohttp adds HEAD beside each GET; CORS covers the resource once
-            cors.add(route)
+        cors.add(route)

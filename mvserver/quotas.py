@@ -1,7 +1,8 @@
 """Per-key quotas (with keys on): token buckets on job creation and the blocking endpoints, a running-jobs cap.
 
-The buckets sit behind :class:`RateLimiter` (one method), so a Redis-backed limiter that shares counters across
-processes can replace :class:`LocalRateLimiter`. The running-jobs cap needs the job engine: it plugs a counter in
+The buckets sit behind :class:`RateLimiter` (one method): :class:`LocalRateLimiter` keeps them in the process,
+:class:`RedisRateLimiter` in Redis, shared by every process that uses the same server (plug it in with
+:func:`set_rate_limiter`). The running-jobs cap needs the job engine: it plugs a counter in
 with :func:`set_running_jobs_counter`.
 """
 
@@ -10,12 +11,15 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from typing import Awaitable, Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Protocol
 
 from aiohttp import web
 
 from .auth import API_KEY, KeyRecord
 from .errors import ApiError
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 Bucket = Literal["jobs", "blocking"]
 RunningJobs = Callable[[str], "int | Awaitable[int]"]
@@ -46,6 +50,35 @@ class LocalRateLimiter:
             return 0.0
         self._buckets[name] = (tokens, now)
         return (1 - tokens) / rate
+
+
+# One atomic take: refill by the time elapsed (Redis's own clock, so processes need not agree on time), then take a
+# token or answer the wait. The bucket expires once it would be full again, so idle keys cost no memory.
+_TAKE = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(state[1]) or burst
+local stamp = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
+
+class RedisRateLimiter:
+    """Token buckets in Redis (a hash per key and bucket, updated by one Lua script), shared across processes."""
+
+    def __init__(self, client: "Redis", prefix: str = "mv:bucket:"):
+        self.prefix = prefix
+        self._take: Any = client.register_script(_TAKE)
+
+    async def acquire(self, name: str, rate: float, burst: int) -> float:
+        return float(await self._take(keys=[self.prefix + name], args=[repr(float(rate)), burst]))
 
 
 class Quotas:

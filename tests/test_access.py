@@ -437,6 +437,9 @@ async def test_cors_preflight_from_an_allowed_and_a_refused_origin(keyed: AppCli
     assert "AUTHORIZATION" in ok.headers["Access-Control-Allow-Headers"].upper()
     assert "Access-Control-Allow-Credentials" not in ok.headers
 
+    video = await client.options(f"/api/mv/get_video/{uuid.uuid4()}", headers={
+        "Origin": allowed, "Access-Control-Request-Method": "HEAD", "Access-Control-Request-Headers": "authorization"})
+    assert video.status == 200 and video.headers["Access-Control-Allow-Origin"] == allowed
     refused = await client.options("/api/mv/create_scenes", headers={"Origin": "https://evil.example", **preflight})
     assert refused.status == 403
     assert "Access-Control-Allow-Origin" not in refused.headers
