@@ -34,7 +34,7 @@ def setup(app: web.Application, env: EnvSettings) -> None:
         app.router.add_get("/metrics", metrics_endpoint)
     middlewares.append(error_middleware)
     if env.api_keys_file is not None:
-        secret = env.url_signing_secret
+        secret = env.url_signing_key
         if not secret or len(secret) < MIN_SECRET_CHARS:
             raise ConfigError(f"environment: MV_API_KEYS_FILE is set, so MV_URL_SIGNING_SECRET must be set to at least "
                               f"{MIN_SECRET_CHARS} random characters (e.g. python -c 'import secrets; "

@@ -254,7 +254,7 @@ class EnvSettings:
     vertex_base_url: str | None = None
     replicate_base_url: str | None = None
     api_keys_file: Path | None = None
-    url_signing_secret: str | None = field(default=None, repr=False)
+    url_signing_key: str | None = field(default=None, repr=False)
     signed_url_ttl_seconds: int = 3600
     cors_origins: tuple[str, ...] = ()
     metrics: bool = False
@@ -288,7 +288,7 @@ class EnvSettings:
             vertex_base_url=text("MV_VERTEX_BASE_URL"),
             replicate_base_url=text("MV_REPLICATE_BASE_URL"),
             api_keys_file=Path(keys_file) if (keys_file := text("MV_API_KEYS_FILE")) else None,
-            url_signing_secret=text("MV_URL_SIGNING_SECRET"),
+            url_signing_key=text("MV_URL_SIGNING_SECRET"),
             signed_url_ttl_seconds=_env_number(env, "MV_SIGNED_URL_TTL_SECONDS", 3600) or 3600,
             cors_origins=_env_origins(env, "MV_CORS_ORIGINS"),
             metrics=_env_bool(env, "MV_METRICS"),
@@ -334,7 +334,7 @@ class Config:
 
     def summary(self) -> dict[str, Any]:
         """The loaded parameters, for the start-up debug print (secrets shown only as set/unset)."""
-        secrets = {"gemini_api_key", "replicate_api_token", "vertex_api_key", "url_signing_secret"}
+        secrets = {"gemini_api_key", "replicate_api_token", "vertex_api_key", "url_signing_key"}
         env = {k: ("set" if v else "unset") if k in secrets else str(v) for k, v in vars(self.env).items()}
         return {
             "env": env,
