@@ -38,13 +38,14 @@ async def timing_middleware(request: web.Request, handler: Callable[[web.Request
 
 async def stats(request: web.Request) -> web.Response:
     manager = request.app[JOBS]
-    statuses = collections.Counter(job.status for job in manager.jobs.values())
+    store = manager.store
+    statuses = collections.Counter(job.status for job in store._active.values())
     return web.json_response({
         "asyncio_tasks": len(asyncio.all_tasks()),
         "job_tasks": len(manager.tasks),
         "jobs": dict(statuses),
-        "wakers": len(manager._wakers),
-        "write_locks": len(manager._write_locks),
+        "wakers": len(store._wakers),
+        "write_locks": len(store._write_locks),
         "open_fds": len(os.listdir("/proc/self/fd")),
         "fds": dict(collections.Counter(_fd_kind(name) for name in os.listdir("/proc/self/fd"))),
     })

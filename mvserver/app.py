@@ -8,13 +8,13 @@ from typing import AsyncIterator, Mapping
 import aiohttp
 from aiohttp import web
 
-from . import access, demo, images, meta, scenes, videos
+from . import access, demo, events, images, meta, scenes, videos
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
 from .config import CONFIG, TEMPLATES, Config, EnvSettings, load_config, package_templates
 from .debug import debug_print
-from .jobs import JOBS, JobManager
+from .jobs import JOBS, FileJobStore, JobEngine, JobStore, video_kind
 from .metrics import METRICS
 from .sandbox.simulator import Simulator, start_simulator
 from .schemas import REQUEST_MODELS, RequestModels
@@ -92,18 +92,30 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
             await runner.cleanup()
 
 
+def job_store(app: web.Application) -> JobStore:
+    """The configured job store: files under ``MV_OUTPUT_DIR`` (the embedded default)."""
+    return FileJobStore(app[STORE])
+
+
 async def jobs_context(app: web.Application) -> AsyncIterator[None]:
-    """Start the job manager: reload persisted jobs and resume the unfinished ones; stop their tasks at exit."""
+    """Start the job engine: unfinished jobs resume; at exit their tasks stop (they resume at the next start)."""
     config = app[CONFIG]
-    manager = JobManager(app[STORE], app[PROVIDERS], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
-    app[JOBS] = manager
-    resumed = await manager.load()
+    kinds = {"video": video_kind(app[PROVIDERS], app[STORE])}
+    engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
+    app[JOBS] = engine
+    resumed = await engine.start()
     if resumed:
-        log.info("resumed %d unfinished video job(s)", resumed)
+        log.info("resuming %d unfinished job(s)", resumed)
     try:
         yield
     finally:
-        await manager.close()
+        await engine.close()
+
+
+async def end_streams(app: web.Application) -> None:
+    """At shutdown, before open requests are waited for: end every event stream so the server stops at once."""
+    if JOBS in app:
+        app[JOBS].begin_shutdown()
 
 
 def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Application:
@@ -121,10 +133,12 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app[STORE].remove_stale_temporaries()
     app.cleanup_ctx.append(providers_context)
     app.cleanup_ctx.append(jobs_context)
+    app.on_shutdown.append(end_streams)
     app.add_routes(meta.routes)
     app.add_routes(scenes.routes)
     app.add_routes(images.routes)
     app.add_routes(videos.routes)
+    app.add_routes(events.routes)
     app.add_routes(demo.routes)
     access.setup_cors(app, env)  # last: it covers every route added above
     return app

@@ -147,6 +147,7 @@ class JobsSettings(_Strict):
     retry_max_delay_seconds: PositiveFloat
     sse_ping_interval_seconds: PositiveFloat
     sse_retry_ms: int = Field(ge=0)
+    sse_max_jobs_per_stream: int = Field(default=50, ge=1, le=500)
 
 
 class VideosSettings(_Strict):

@@ -15,7 +15,7 @@ from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
 from .auth import key_id
-from .backends import VideoRequest
+from .backends import PROVIDERS
 from .config import CONFIG, Config
 from .debug import debug_print
 from .errors import ApiError
@@ -24,7 +24,7 @@ from .jobs import JOBS, Job, job_urls, stream_events
 from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
 from .signing import signed_urls
-from .storage import STORE, check_id
+from .storage import STORE, check_id, new_id
 
 routes = web.RouteTableDef()
 
@@ -128,13 +128,16 @@ async def generate_video(request: web.Request) -> web.Response:
         check_reference_shape(config, body)
     prompt = full_prompt(config, body)
     debug_print(config.debug, f"generate_video prompt sent to {body.backend}", prompt)
-    video_request = VideoRequest(prompt=prompt, negative_prompt=body.negative_prompt, aspect_ratio=body.aspect_ratio,
-                                 duration=body.duration, generate_audio=body.generate_audio, seed=body.seed,
-                                 reference_image=image, reference_mime_type=mime_type)
     summary = body.model_dump(exclude={"reference_image_base64"})
     summary.update(full_prompt=prompt, defaults_applied=defaulted, has_reference_image=image is not None)
     await charge(request, "jobs")
-    job = await request.app[JOBS].submit(body.backend, video_request, summary)
+    backend = request.app[PROVIDERS].video_backend(body.backend)
+    job = Job(id=new_id(), backend=body.backend, model=backend.model, sandbox=backend.sandbox, request=summary,
+              reference_mime_type=mime_type)
+    if image is not None:
+        store = request.app[STORE]
+        await store.write_bytes(store.path("jobs", job.id, ".ref"), image)
+    await request.app[JOBS].submit(job)
     payload = {"job_id": job.id, "status": job.status, "backend": job.backend, "sandbox": job.sandbox, **job_urls(job.id)}
     return web.json_response(_with_signed_urls(request, payload), status=202,
                              headers={"Location": payload["status_url"]})
@@ -147,9 +150,9 @@ def _with_signed_urls(request: web.Request, payload: dict[str, Any]) -> dict[str
     return payload if signed is None else {**payload, "signed_urls": signed}
 
 
-def _job(request: web.Request) -> Job:
+async def _job(request: web.Request) -> Job:
     job_id = check_id(request.match_info["job_id"], "job_id")
-    job = request.app[JOBS].get(job_id)
+    job = await request.app[JOBS].get(job_id)
     if job is None:
         raise ApiError(404, "not_found", f"no job with id {job_id}")
     return job
@@ -157,13 +160,14 @@ def _job(request: web.Request) -> Job:
 
 @routes.get("/api/mv/jobs/{job_id}")
 async def job_status(request: web.Request) -> web.Response:
-    return web.json_response(_with_signed_urls(request, _job(request).public()))
+    return web.json_response(_with_signed_urls(request, (await _job(request)).public()))
 
 
 @routes.delete("/api/mv/jobs/{job_id}")
 @routes.post("/api/mv/jobs/{job_id}/cancel")
 async def cancel_job(request: web.Request) -> web.Response:
-    job = await request.app[JOBS].cancel(_job(request).id)
+    job = await request.app[JOBS].cancel((await _job(request)).id)
+    assert job is not None
     return web.json_response(_with_signed_urls(request, job.public()))
 
 
@@ -171,7 +175,7 @@ async def cancel_job(request: web.Request) -> web.Response:
 async def job_events(request: web.Request) -> web.StreamResponse:
     jobs = request.app[JOBS]
     settings = request.app[CONFIG].videos.jobs
-    return await stream_events(request, jobs, _job(request), ping_interval=settings.sse_ping_interval_seconds,
+    return await stream_events(request, jobs, (await _job(request)).id, ping_interval=settings.sse_ping_interval_seconds,
                                retry_ms=settings.sse_retry_ms)
 
 
@@ -179,7 +183,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 async def get_video(request: web.Request) -> web.StreamResponse:
     video_id = check_id(request.match_info["video_id"], "video_id")
     path = request.app[STORE].path("videos", video_id, ".mp4")
-    job = request.app[JOBS].get(video_id)
+    job = await request.app[JOBS].get(video_id)
     if job is not None and job.status != "succeeded":
         code = {"failed": "job_failed", "canceled": "job_canceled"}.get(job.status, "video_not_ready")
         cause = job.error or {}

@@ -1,0 +1,43 @@
+"""Job kinds the engine knows by name, and the driver of each. Video jobs run on a provider backend."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from ..backends import Providers, Snapshot, VideoBackend, VideoRequest
+from ..storage import OutputStore
+from .model import Job
+
+VIDEO_REQUEST_FIELDS = ("negative_prompt", "aspect_ratio", "duration", "generate_audio", "seed")
+
+
+class VideoDriver:
+    """A video job on its provider backend (Replicate or Vertex Veo)."""
+
+    def __init__(self, backend: VideoBackend, outputs: OutputStore):
+        self.backend = backend
+        self.outputs = outputs
+
+    async def start(self, job: Job) -> str:
+        reference = None
+        if job.reference_mime_type:
+            reference = await asyncio.to_thread(self.outputs.path("jobs", job.id, ".ref").read_bytes)
+        fields = {name: job.request[name] for name in VIDEO_REQUEST_FIELDS}
+        request = VideoRequest(prompt=job.request["full_prompt"], reference_image=reference,
+                               reference_mime_type=job.reference_mime_type, **fields)
+        return await self.backend.start(request)
+
+    async def poll(self, prediction_id: str) -> Snapshot:
+        return await self.backend.poll(prediction_id)
+
+    async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
+        return await self.backend.download(snapshot, prediction_id, dest)
+
+    async def cancel(self, prediction_id: str) -> None:
+        await self.backend.cancel(prediction_id)
+
+
+def video_kind(providers: Providers, outputs: OutputStore):  # type: ignore[no-untyped-def]
+    """The driver factory for ``video`` jobs."""
+    return lambda job: VideoDriver(providers.video_backend(job.backend), outputs)

@@ -1,0 +1,413 @@
+"""The job engine: claims queued jobs while it has a free slot, drives each to its end, and answers handlers.
+
+A job is driven by the driver of its kind. A *remote* driver (a provider prediction: ``start``, ``poll``,
+``download``, ``cancel``) is created once (never twice: its id is saved first), polled (or woken early by a provider
+update such as a webhook) and downloaded. A *local* driver (``run``: work done on this machine, e.g. ffmpeg) is
+simply run again after a restart. Every change is an event written through the store, fenced by the job's lease:
+a node that lost its lease stops without writing or cancelling anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar, runtime_checkable
+
+from ..backends import Snapshot
+from ..config import JobsSettings
+from ..errors import ApiError, ErrorInfo
+from ..storage import OutputStore
+from .model import Event, Job, JobStatus, clip_text
+from .store import JobStore, Lease, LeaseLost
+
+log = logging.getLogger("mvserver.jobs")
+T = TypeVar("T")
+
+CANCEL_WAIT_SECONDS = 15.0
+LOCAL_PROGRESS_MIN_SECONDS = 0.25  # at most four progress events a second from a local driver
+LOG_TAIL_LINES = 3
+
+
+class RemoteDriver(Protocol):
+    """Runs a job as a provider prediction."""
+
+    async def start(self, job: Job) -> str:
+        """Create the prediction; return its id (saved before anything else, so a restart never creates another)."""
+
+    async def poll(self, prediction_id: str) -> Snapshot: ...
+
+    async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int: ...
+
+    async def cancel(self, prediction_id: str) -> None: ...
+
+
+Progress = Callable[[float | None, str], Awaitable[None]]  # (fraction 0..1 or None, stage)
+
+
+@runtime_checkable
+class LocalDriver(Protocol):
+    """Runs a job on this machine; after a restart it simply runs again."""
+
+    async def run(self, job: Job, dest: Path, progress: Progress) -> int:
+        """Write the output to ``dest`` atomically and return its size; report progress as it goes."""
+
+
+DriverFactory = Callable[[Job], "RemoteDriver | LocalDriver"]
+
+
+class JobEngine:
+    """The jobs of one app: submit, cancel, read and follow them; run the ones this node claims."""
+
+    def __init__(self, store: JobStore, kinds: Mapping[str, DriverFactory], outputs: OutputStore,
+                 settings: JobsSettings, *, max_concurrent: int):
+        self.store = store
+        self.kinds = kinds
+        self.outputs = outputs
+        self.settings = settings
+        self.max_concurrent = max_concurrent
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._cancel_requested: set[str] = set()
+        self._lost: set[str] = set()
+        self._started: set[str] = set()
+        self._updates: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._dispatcher: asyncio.Task[None] | None = None
+        self.closing: asyncio.Future[None] | None = None
+
+    # -- life cycle -------------------------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Open the store (it queues unfinished jobs again) and start claiming; returns how many will resume."""
+        self.closing = asyncio.get_running_loop().create_future()
+        self.store.on_signal(self._on_signal)
+        resumed = await self.store.open()
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name="job-dispatcher")
+        return resumed
+
+    def begin_shutdown(self) -> None:
+        """End every event stream now, so a server with open streams stops at once."""
+        if self.closing is not None and not self.closing.done():
+            self.closing.set_result(None)
+
+    async def close(self) -> None:
+        """Stop every task without marking jobs canceled: they resume at the next start (or on another node)."""
+        self.begin_shutdown()
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.store.close()
+
+    # -- what handlers call -----------------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job | None:
+        return await self.store.get(job_id)
+
+    async def submit(self, job: Job) -> Job:
+        """Persist a new job with its ``queued`` event and queue it for a slot."""
+        job.last_event_id = 1
+        await self.store.create(job, Event(id=1, event="queued", data=_event_data(job)))
+        return job
+
+    async def cancel(self, job_id: str) -> Job | None:
+        """Cancel a job and its provider prediction, from any node; a finished job is returned unchanged."""
+        job = await self.store.get(job_id)
+        if job is None or job.final:
+            return job
+        if job.status == "queued" and await self._cancel_unclaimed(job):
+            return await self.store.get(job_id)
+        await self.store.signal(job_id, "cancel", {})
+        task = self.tasks.get(job_id)
+        if task is not None:  # running here: wait for its task to end, not just for the final event
+            await asyncio.wait({task}, timeout=CANCEL_WAIT_SECONDS)
+            return await self.store.get(job_id)
+        return await self._wait_final(job_id)
+
+    async def _cancel_unclaimed(self, job: Job) -> bool:
+        final = Job.from_record(job.record())
+        _mark_final(final, "canceled", _canceled())
+        final.last_event_id += 1
+        return await self.store.finish_unclaimed(final, Event(final.last_event_id, "canceled", _event_data(final)))
+
+    async def _wait_final(self, job_id: str) -> Job | None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CANCEL_WAIT_SECONDS):
+                while True:
+                    job = await self.store.get(job_id)
+                    if job is None or job.final:
+                        return job
+                    await self.store.next_event(job_id, job.last_event_id)
+        return await self.store.get(job_id)
+
+    async def events(self, job_id: str, after: int) -> list[Event]:
+        return await self.store.events(job_id, after)
+
+    def next_event(self, job_id: str, after: int) -> asyncio.Future[None]:
+        return self.store.next_event(job_id, after)
+
+    async def provider_update(self, job_id: str, data: dict[str, Any]) -> None:
+        """A provider pushed news of a job's prediction (a webhook): hand it to the job's owner, wherever it runs."""
+        await self.store.signal(job_id, "update", data)
+
+    async def _on_signal(self, job_id: str, name: str, data: dict[str, Any]) -> None:
+        task = self.tasks.get(job_id)
+        if task is None:
+            return
+        if name == "cancel" and job_id not in self._cancel_requested:
+            self._cancel_requested.add(job_id)
+            if job_id in self._started:  # a task not yet started sees the request when it does
+                task.cancel()
+        elif name == "update":
+            waiting = self._updates.get(job_id)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(data)
+
+    # -- claiming ---------------------------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        """Claim a job whenever a slot is free, so a node never takes more than it can run."""
+        while True:
+            await self._slots.acquire()
+            try:
+                job, lease = await self.store.claim()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.get_running_loop().create_task(self._run(job, lease), name=f"job-{job.id}")
+            self.tasks[job.id] = task
+            task.add_done_callback(lambda _, job_id=job.id: self._task_done(job_id))
+
+    def _task_done(self, job_id: str) -> None:
+        self.tasks.pop(job_id, None)
+        self._cancel_requested.discard(job_id)
+        self._lost.discard(job_id)
+        self._started.discard(job_id)
+        self._updates.pop(job_id, None)
+        self._slots.release()
+
+    async def _keep_lease(self, lease: Lease) -> None:
+        """Renew the lease well before it lapses; once it is lost, stop the job without a word."""
+        assert self.store.lease_seconds is not None
+        while True:
+            await asyncio.sleep(self.store.lease_seconds / 3)
+            if not await self.store.renew(lease):
+                log.warning("job %s: lease lost; another node takes it over", lease.job_id)
+                self._lost.add(lease.job_id)
+                task = self.tasks.get(lease.job_id)
+                if task is not None:
+                    task.cancel()
+                return
+
+    # -- running ----------------------------------------------------------------------------------------------
+
+    async def _run(self, job: Job, lease: Lease) -> None:
+        self._started.add(job.id)
+        keeper = None
+        if self.store.lease_seconds is not None:
+            keeper = asyncio.get_running_loop().create_task(self._keep_lease(lease), name=f"lease-{job.id}")
+        driver = self.kinds[job.kind](job)
+        try:
+            await self._run_owned(job, lease, driver)
+        except LeaseLost:
+            log.warning("job %s: lease lost before a write; stopping here", job.id)
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+            if job.id not in self._lost:
+                with contextlib.suppress(Exception):
+                    await self.store.release(lease, done=job.final)
+
+    async def _run_owned(self, job: Job, lease: Lease, driver: Any) -> None:
+        try:
+            if job.cancel_requested or job.id in self._cancel_requested:
+                raise asyncio.CancelledError()
+            if job.started_at is None:
+                job.started_at = time.time()  # the timeout runs from here, not from the time in the queue
+            job.status = "running"
+            deadline = job.started_at + self.settings.timeout_seconds
+            async with asyncio.timeout(max(0.0, deadline - time.time())):
+                if isinstance(driver, LocalDriver):
+                    await self._drive_local(job, lease, driver)
+                else:
+                    await self._drive_remote(job, lease, driver)
+        except asyncio.CancelledError:
+            if job.id in self._lost:
+                raise
+            if job.id in self._cancel_requested or job.cancel_requested:
+                await self._cancel_provider(job, driver)
+                await self._finish(job, lease, "canceled", _canceled())
+                return
+            # shutdown: keep the record as it is so the job resumes at the next start
+            await self.store.write(lease, job, None, record=True)
+            raise
+        except TimeoutError:
+            await self._cancel_provider(job, driver)
+            await self._finish(job, lease, "failed", ErrorInfo(
+                "job_timeout", f"the job was not done after {self.settings.timeout_seconds:g} s",
+                provider=job.backend, provider_status=job.stage))
+        except LeaseLost:
+            raise
+        except ApiError as exc:
+            await self._finish(job, lease, "failed", exc.info)
+        except Exception as exc:  # a bug must still end the job, not leave it running forever
+            log.exception("job %s crashed", job.id)
+            await self._finish(job, lease, "failed", ErrorInfo("internal_error", f"{exc.__class__.__name__}: {exc}"))
+
+    async def _drive_remote(self, job: Job, lease: Lease, driver: RemoteDriver) -> None:
+        """Create (unless resuming) the prediction, poll it to the end, download the output."""
+        if job.prediction_id is None:
+            job.stage = "submitting"
+            await self._publish(job, lease, "running", record=True)
+            job.prediction_id = await self._retry(lambda: driver.start(job), create=True)
+            job.stage = "generating"
+            await self._publish(job, lease, "progress", record=True)
+        else:
+            job.stage = job.stage if job.stage in ("generating", "downloading") else "generating"
+            await self._publish(job, lease, "running", record=True)
+        snapshot = await self._poll_until_done(job, lease, driver)
+        if snapshot.status != "succeeded":
+            error = snapshot.error or ErrorInfo("provider_prediction_failed", f"prediction {snapshot.status}",
+                                                provider=job.backend, provider_status=snapshot.status)
+            await self._finish(job, lease, "failed", error)
+            return
+        job.stage = "downloading"
+        await self._publish(job, lease, "progress", record=True)
+        dest = self.outputs.path("videos", job.id, ".mp4")
+        prediction_id = job.prediction_id
+        job.video_bytes = await self._retry(lambda: driver.download(snapshot, prediction_id, dest))
+        job.progress = 1.0
+        await self._finish(job, lease, "succeeded", None)
+
+    async def _poll_until_done(self, job: Job, lease: Lease, driver: RemoteDriver) -> Snapshot:
+        prediction_id = job.prediction_id
+        assert prediction_id is not None
+        snapshot: Snapshot | None = None
+        shown_logs: str | None = None  # a progress event carries the log tail only when it changed
+        while True:
+            if snapshot is None:
+                snapshot = await self._retry(lambda: driver.poll(prediction_id))
+            if snapshot.done:
+                return snapshot
+            if snapshot.progress is not None:
+                job.progress = round(snapshot.progress, 4)
+            job.stage = "generating"
+            tail = _tail(snapshot.logs)
+            await self._publish(job, lease, "progress", extra={"logs": tail if tail != shown_logs else None})
+            shown_logs = tail or shown_logs
+            snapshot = await self._next_update(job, driver)
+
+    async def _next_update(self, job: Job, driver: Any) -> Snapshot | None:
+        """Wait one poll interval (+-10% jitter, so jobs started together do not poll in lockstep); a provider
+        update that arrives meanwhile is applied at once, exactly as a poll result."""
+        interval = self.settings.poll_interval_seconds * random.uniform(0.9, 1.1)
+        parse = getattr(driver, "parse_update", None)
+        if parse is None:
+            await asyncio.sleep(interval)
+            return None
+        waiting = self._updates[job.id] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(interval):
+                return parse(job, await waiting)
+        except TimeoutError:
+            return None
+        finally:
+            self._updates.pop(job.id, None)
+
+    async def _drive_local(self, job: Job, lease: Lease, driver: LocalDriver) -> None:
+        job.stage = "running"
+        job.progress = 0.0
+        await self._publish(job, lease, "running", record=True)
+        last = 0.0
+
+        async def progress(fraction: float | None, stage: str) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if stage == job.stage and now - last < LOCAL_PROGRESS_MIN_SECONDS:
+                return
+            last = now
+            stage_changed = stage != job.stage
+            job.stage = stage
+            if fraction is not None:
+                job.progress = round(min(1.0, max(0.0, fraction)), 4)
+            await self._publish(job, lease, "progress", record=stage_changed)
+
+        job.video_bytes = await driver.run(job, self.outputs.path("videos", job.id, ".mp4"), progress)
+        job.progress = 1.0
+        await self._finish(job, lease, "succeeded", None)
+
+    async def _retry(self, call: Callable[[], Awaitable[T]], *, create: bool = False) -> T:
+        """Retry transient provider errors with capped exponential backoff and jitter, honouring Retry-After.
+
+        A create is retried only when the provider certainly did not accept it (rate limit or 503).
+        """
+        delay = self.settings.retry_initial_delay_seconds
+        for attempt in range(self.settings.retry_attempts + 1):
+            try:
+                return await call()
+            except ApiError as exc:
+                retryable = exc.transient and (not create or exc.info.provider_status in (429, 503))
+                if not retryable or attempt == self.settings.retry_attempts:
+                    raise
+                wait = exc.retry_after if exc.retry_after else delay * (1 + random.random() / 2)
+                log.info("transient %s (%s), retry %d in %.1f s", exc.info.code, exc.info.provider_status, attempt + 1, wait)
+                await asyncio.sleep(min(wait, self.settings.retry_max_delay_seconds))
+                delay = min(delay * 2, self.settings.retry_max_delay_seconds)
+        raise AssertionError("unreachable")
+
+    async def _cancel_provider(self, job: Job, driver: Any) -> None:
+        """Ask the provider to stop; only a real failure is logged, with its reason."""
+        if job.prediction_id is None or isinstance(driver, LocalDriver):
+            return
+        call = asyncio.ensure_future(driver.cancel(job.prediction_id))
+        try:
+            await asyncio.shield(call)
+        except ApiError as exc:
+            log.warning("could not cancel %s prediction %s: %s", job.backend, job.prediction_id, exc.info.message)
+        except asyncio.CancelledError:
+            # cancelled again while waiting (shutdown): let the provider call finish on its own
+            pass
+
+    async def _finish(self, job: Job, lease: Lease, status: JobStatus, error: ErrorInfo | None) -> None:
+        _mark_final(job, status, error)
+        await self._publish(job, lease, status, record=True)
+
+    async def _publish(self, job: Job, lease: Lease, name: str, *, record: bool = False,
+                       extra: dict[str, Any] | None = None) -> None:
+        """Write one event: a status or stage change (``record``) carries the full state, a per-poll ``progress``
+        event only what moves."""
+        full = record or name != "progress"
+        data = _event_data(job) if full else {**job.progress_state(), "event_time": time.time()}
+        if extra:
+            data.update({k: v for k, v in extra.items() if v is not None})
+        event = Event(id=job.last_event_id + 1, event=name, data=data)
+        job.last_event_id = event.id
+        await self.store.write(lease, job, event, record=record)
+
+
+def _event_data(job: Job) -> dict[str, Any]:
+    return {**job.state(), "event_time": time.time()}
+
+
+def _mark_final(job: Job, status: JobStatus, error: ErrorInfo | None) -> None:
+    job.status = status
+    job.stage = "done"
+    job.error = error.to_dict() if error else None
+    job.finished_at = time.time()
+
+
+def _canceled() -> ErrorInfo:
+    return ErrorInfo("job_canceled", "canceled by the client")
+
+
+def _tail(logs: str | None, lines: int = LOG_TAIL_LINES) -> str | None:
+    """The last few log lines, clipped: enough for a progress display, never the whole log."""
+    if not logs or not logs.strip():
+        return None
+    return clip_text("\n".join(logs.strip().splitlines()[-lines:]), 500)

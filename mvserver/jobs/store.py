@@ -1,0 +1,74 @@
+"""The job store interface: what the job engine needs from wherever jobs live (files, or Redis for several nodes).
+
+A store keeps job records and their append-only event logs, hands queued jobs to nodes with a free slot (a claim
+comes with a lease), fences every write of the owner with that lease, lets any node follow a job's events, and
+carries signals (cancel, provider updates) to the node that owns a job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Protocol
+
+from .model import Event, Job
+
+SignalHandler = Callable[[str, str, dict[str, Any]], Awaitable[None]]  # (job_id, name, data)
+
+
+class LeaseLost(Exception):
+    """The lease on a job ran out or was taken over: the holder must stop without writing or cancelling."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The right to run and write one job, held by one node (``token`` is ``node:epoch`` on stores that fence)."""
+
+    job_id: str
+    token: str
+
+
+class JobStore(Protocol):
+    """Where jobs live. Event ids are 1..n per job; the owner of a lease is the only writer of its job."""
+
+    lease_seconds: float | None  # how long a lease lives without renewal; None for a single-process store
+
+    async def open(self) -> int:
+        """Connect and recover: queue unfinished jobs again. Returns how many were queued for resumption."""
+
+    async def close(self) -> None:
+        """Stop following and claiming; leases held by this node are released so jobs resume elsewhere or later."""
+
+    async def create(self, job: Job, event: Event) -> None:
+        """Persist a new queued job with its first event and queue it for claiming."""
+
+    async def get(self, job_id: str) -> Job | None:
+        """The job as last written, or None if there is none."""
+
+    async def claim(self) -> tuple[Job, Lease]:
+        """Wait for the next job to run (queued, or abandoned by a dead node) and take its lease."""
+
+    async def write(self, lease: Lease, job: Job, event: Event | None, *, record: bool) -> None:
+        """Append ``event`` (if any) and, if ``record``, save the record; raise :class:`LeaseLost` if not the owner."""
+
+    async def renew(self, lease: Lease) -> bool:
+        """Extend the lease; False once it is lost."""
+
+    async def release(self, lease: Lease, *, done: bool) -> None:
+        """Give the job up: ``done`` when it is final, else it stays claimable (resumed later or by another node)."""
+
+    async def finish_unclaimed(self, job: Job, event: Event) -> bool:
+        """Write a final state for a job nobody has claimed yet (cancel of a queued job); False if it was claimed."""
+
+    async def events(self, job_id: str, after: int) -> list[Event]:
+        """The job's events with id > ``after``, in order."""
+
+    def next_event(self, job_id: str, after: int) -> asyncio.Future[None]:
+        """A future done once the job has an event with id > ``after`` (or the store is closing); every subscriber
+        of a job on this node shares one, so waiting costs no task or connection per subscriber."""
+
+    async def signal(self, job_id: str, name: str, data: dict[str, Any]) -> None:
+        """Deliver a signal to the job's owner (``cancel`` also marks the record, so a later claimer sees it)."""
+
+    def on_signal(self, handler: SignalHandler) -> None:
+        """Register the engine's handler for signals to jobs this node owns."""
