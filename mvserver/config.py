@@ -148,6 +148,7 @@ class JobsSettings(_Strict):
     sse_ping_interval_seconds: PositiveFloat
     sse_retry_ms: int = Field(ge=0)
     sse_max_jobs_per_stream: int = Field(default=50, ge=1, le=500)
+    webhook_safety_poll_seconds: PositiveFloat = 30.0
 
 
 class VideosSettings(_Strict):
@@ -213,6 +214,15 @@ def _env_number(env: Mapping[str, str], name: str, default: float | None, kind: 
     return value
 
 
+def _public_base_url(raw: str | None) -> str | None:
+    """``MV_PUBLIC_BASE_URL``: an absolute http(s) URL, kept without its trailing slash."""
+    if raw is None:
+        return None
+    if not raw.startswith(("https://", "http://")) or " " in raw or "?" in raw or "#" in raw:
+        raise ConfigError(f"environment: MV_PUBLIC_BASE_URL={raw!r} is not an http(s) base URL")
+    return raw.rstrip("/")
+
+
 def _env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> Any:
     raw = env.get(name, "").strip().lower() or choices[0]
     if raw not in choices:
@@ -254,6 +264,9 @@ class EnvSettings:
     gemini_base_url: str | None = None
     vertex_base_url: str | None = None
     replicate_base_url: str | None = None
+    public_base_url: str | None = None
+    replicate_webhook_signing_key: str | None = None
+    sandbox_webhooks: bool = True
     api_keys_file: Path | None = None
     url_signing_key: str | None = field(default=None, repr=False)
     signed_url_ttl_seconds: int = 3600
@@ -288,6 +301,9 @@ class EnvSettings:
             gemini_base_url=text("MV_GEMINI_BASE_URL"),
             vertex_base_url=text("MV_VERTEX_BASE_URL"),
             replicate_base_url=text("MV_REPLICATE_BASE_URL"),
+            public_base_url=_public_base_url(text("MV_PUBLIC_BASE_URL")),
+            replicate_webhook_signing_key=text("MV_REPLICATE_WEBHOOK_SECRET"),
+            sandbox_webhooks=_env_bool(env, "MV_SANDBOX_WEBHOOKS", True),
             api_keys_file=Path(keys_file) if (keys_file := text("MV_API_KEYS_FILE")) else None,
             url_signing_key=text("MV_URL_SIGNING_SECRET"),
             signed_url_ttl_seconds=_env_number(env, "MV_SIGNED_URL_TTL_SECONDS", 3600) or 3600,
@@ -335,7 +351,8 @@ class Config:
 
     def summary(self) -> dict[str, Any]:
         """The loaded parameters, for the start-up debug print (secrets shown only as set/unset)."""
-        secrets = {"gemini_api_key", "replicate_api_token", "vertex_api_key", "url_signing_key"}
+        secrets = {"gemini_api_key", "replicate_api_token", "vertex_api_key", "replicate_webhook_signing_key",
+                   "url_signing_key"}
         env = {k: ("set" if v else "unset") if k in secrets else str(v) for k, v in vars(self.env).items()}
         return {
             "env": env,

@@ -257,6 +257,15 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
         "/api/mv/get_video/{video_id}": {"get": {
             "summary": "The finished MP4 (Range requests supported)", "parameters": [_id_parameter("video_id")],
             "responses": _answers(200, "video", 400, 404, 409, 416, content="video/mp4")}},
+        "/api/mv/webhooks/replicate": {"post": {
+            "summary": "Replicate prediction webhooks (called by Replicate, not by clients; signed, no API key)",
+            "description": "Body: the prediction JSON, at most 2 MiB. Headers webhook-id, webhook-timestamp and "
+                           "webhook-signature (Standard Webhooks, HMAC-SHA256, 300 s tolerance). Answers 200 with "
+                           '{"status": "accepted" | "duplicate" | "ignored"} at once; the job applies the update.',
+            "parameters": [{"name": "job", "in": "query", "required": True,
+                            "schema": {"type": "string", "pattern": UUID4_PATTERN}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+            "responses": _answers(200, "acknowledged", 400, 401, 413, 415)}},
     }
     if metrics:
         paths["/metrics"] = {"get": {"summary": "Prometheus metrics (text exposition format)",

@@ -204,8 +204,8 @@ async def public_webhook(request: web.Request) -> web.Response:
 
 
 def with_webhook(app: web.Application) -> web.Application:
-    """An app with a public route at the webhook receiver's place, as a signature-checked webhook would add."""
-    app.router.add_post("/api/mv/webhooks/replicate", public(public_webhook))
+    """An app with one more route marked public, as a route that authenticates some other way would be."""
+    app.router.add_post("/api/mv/public_probe", public(public_webhook))
     return app
 
 
@@ -227,9 +227,13 @@ async def test_with_keys_every_route_refuses_no_key_and_a_wrong_key(live_env: di
             bogus = await client.request(method, f"{path}?kid=k000000000000&exp=9999999999&sig=AAAA")
             assert bogus.status == 403, (method, path)
         checked += 1
-    assert checked >= 10  # every /api/mv route but health and the webhook, and /metrics
+    assert checked >= 11  # every /api/mv route but health and the webhook receiver, and /metrics
+    probe = await client.post("/api/mv/public_probe", json={})
+    assert probe.status == 200 and (await probe.json()) == {"received": True, "key_id": None}
+    # The Replicate webhook receiver checks Replicate's signature instead of a key.
     webhook = await client.post("/api/mv/webhooks/replicate", json={})
-    assert webhook.status == 200 and (await webhook.json()) == {"received": True, "key_id": None}
+    assert "WWW-Authenticate" not in webhook.headers
+    assert (await webhook.json())["error"]["code"] == "webhook_unverified"
     assert (await client.get("/")).status == 200  # the demo page itself holds nothing
     assert (await client.get("/metrics", headers=bearer(keys["bob"]))).status == 200
 
