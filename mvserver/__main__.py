@@ -1,39 +1,92 @@
-"""``python -m mvserver [--host H] [--port P]``: load ``.env``, validate settings, serve."""
+"""``python -m mvserver [--host H] [--port P]``: load ``.env``, validate settings, serve.
+
+``python -m mvserver keys create NAME | list | revoke ID`` manages the API keys file named by ``MV_API_KEYS_FILE``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import os
 import sys
+from pathlib import Path
 
 from aiohttp import web
 from dotenv import load_dotenv
 
 from .app import create_app
+from .auth import KeyLimits, create_key, read_keys, revoke_key
 from .config import ConfigError, EnvSettings
+from .logs import AccessLogger, configure_logging
+
+
+def keys_main(argv: list[str]) -> int:
+    """The ``keys`` subcommands; the new key is printed once, alone on the last line, and never stored."""
+    parser = argparse.ArgumentParser(prog="mvserver keys", description="Manage the API keys in MV_API_KEYS_FILE.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    create = commands.add_parser("create", help="add a key and print it once")
+    create.add_argument("name", help="who or what the key is for")
+    for name, field in KeyLimits.model_fields.items():
+        create.add_argument(f"--{name.replace('_', '-')}", type=float if "minute" in name else int,
+                            help=f"default {field.default}")
+    commands.add_parser("list", help="list the keys (ids, names, limits; never secrets)")
+    revoke = commands.add_parser("revoke", help="revoke a key by id (the server stops accepting it within a second)")
+    revoke.add_argument("key_id")
+    args = parser.parse_args(argv)
+    path_text = os.environ.get("MV_API_KEYS_FILE", "").strip()
+    if not path_text:
+        print("mvserver keys: set MV_API_KEYS_FILE to the keys file path (YAML, or JSON if it ends in .json)",
+              file=sys.stderr)
+        return 2
+    path = Path(path_text)
+    try:
+        if args.command == "create":
+            given = {name: getattr(args, name) for name in KeyLimits.model_fields if getattr(args, name) is not None}
+            record, key = create_key(path, args.name, KeyLimits(**given))
+            print(f"created key {record.id} ({record.name}) in {path}; limits: {record.limits.model_dump()}")
+            print("store this key now, it is not shown again:")
+            print(key)
+        elif args.command == "list":
+            for record in read_keys(path).keys:
+                state = f"revoked {record.revoked_at}" if record.revoked_at else "active"
+                print(f"{record.id}\t{record.name}\t{record.created_at}\t{state}\t{record.limits.model_dump()}")
+        else:
+            record = revoke_key(path, args.key_id)
+            if record is None:
+                print(f"mvserver keys: no active key {args.key_id} in {path}", file=sys.stderr)
+                return 1
+            print(f"revoked key {record.id} ({record.name})")
+    except (ConfigError, ValueError) as exc:
+        print(f"mvserver keys: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     load_dotenv()
-    parser = argparse.ArgumentParser(prog="mvserver", description="Music-video generation backend.")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        return keys_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="mvserver", description="Music-video generation backend "
+                                                                  "(python -m mvserver keys --help: API keys).")
     parser.add_argument("--host", help="interface to bind (default MV_HOST or 127.0.0.1)")
     parser.add_argument("--port", help="port to bind (default MV_PORT or 8080)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per provider poll is noise
     try:
         env = EnvSettings.from_env()
         # The command line wins over MV_HOST/MV_PORT; the settings carry the address actually used (debug print,
         # default allowed hosts).
         env = dataclasses.replace(env, host=args.host or env.host,
                                   port=env.port if args.port is None else _port(args.port))
+        configure_logging(env.log_format)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per provider poll is noise
         app = create_app(env)
     except ConfigError as exc:
         print(f"mvserver: configuration error: {exc}", file=sys.stderr)
         return 2
     try:
-        web.run_app(app, host=env.host, port=env.port, access_log_format='%r %s %b %Tfs')
+        web.run_app(app, host=env.host, port=env.port, access_log_class=AccessLogger)
     except OSError as exc:  # the address is in use, or cannot be bound
         print(f"mvserver: cannot listen on {env.host}:{env.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -9,14 +9,15 @@ from typing import AsyncIterator, Mapping
 import aiohttp
 from aiohttp import web
 
-from . import audio, demo, events, images, lipsync, meta, projects, scenes, videos, webhooks
+from . import access, audio, demo, events, images, lipsync, meta, projects, scenes, videos, webhooks
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
 from .config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
 from .debug import debug_print
-from .errors import error_middleware, server_log
+from .errors import server_log
 from .jobs import JOBS, FileJobStore, JobEngine, JobStore, video_kind
+from .metrics import METRICS
 from .project_store import PROJECTS, open_project_store
 from .sandbox.simulator import Simulator, start_simulator
 from .schemas import REQUEST_MODELS, RequestModels
@@ -77,6 +78,8 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
         request_timeout=videos.jobs.request_timeout_seconds,
         sandbox="replicate" in sandboxed,
     )
+    if METRICS in app:
+        gemini.observe = replicate.observe = app[METRICS].observe_provider_call
     app[PROVIDERS] = Providers(gemini=gemini, replicate=replicate, sandboxed=sandboxed)
     modes = app[PROVIDERS].modes()
     log.info("providers: %s", ", ".join(f"{name}={mode}" for name, mode in modes.items()))
@@ -139,8 +142,8 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     except OSError as exc:
         raise ConfigError(f"environment: MV_OUTPUT_DIR={str(env.output_dir)!r}: cannot create the output "
                           f"directories: {exc.strerror or exc}") from None
-    app = web.Application(client_max_size=env.max_body_bytes, handler_args={"logger": server_log()},
-                          middlewares=[error_middleware, security_middleware(env)])
+    app = web.Application(client_max_size=env.max_body_bytes, handler_args={"logger": server_log()})
+    access.setup(app, env, guard=security_middleware(env))
     app[CONFIG] = config
     app[TEMPLATES] = package_templates()
     app[STORE] = store
@@ -161,4 +164,5 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app[audio.UPLOAD_SLOTS] = asyncio.Semaphore(audio.MAX_CONCURRENT_UPLOADS)
     app.add_routes(projects.routes)
     app.add_routes(demo.routes)
+    access.setup_cors(app, env)  # last: it covers every route added above
     return app

@@ -329,12 +329,24 @@ def _env_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
 
-def _origin(value: str) -> str:
-    """``scheme://host[:port]`` in lower case, the form browsers send in ``Origin``; ConfigError otherwise."""
-    match = re.fullmatch(r"(https?)://([^/?#@\s]+?)/?", value.strip(), re.IGNORECASE)
-    if not match:
-        raise ConfigError(f"environment: MV_CORS_ORIGINS: {value!r} is not an origin such as http://localhost:3000")
-    return f"{match[1]}://{match[2]}".lower()
+def _env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> Any:
+    raw = env.get(name, "").strip().lower() or choices[0]
+    if raw not in choices:
+        raise ConfigError(f"environment: {name}={raw!r} is not one of {', '.join(choices)}")
+    return raw
+
+
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?")
+
+
+def _env_origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list of exact origins (``scheme://host[:port]``); a wildcard is refused."""
+    origins = tuple(part.rstrip("/").lower() for part in _env_list(env, name))
+    for origin in origins:
+        if not _ORIGIN.fullmatch(origin):
+            raise ConfigError(f"environment: {name}: {origin!r} is not an origin such as https://app.example.com "
+                              "(no wildcards, paths or trailing text)")
+    return origins
 
 
 @dataclass(frozen=True)
@@ -362,7 +374,12 @@ class EnvSettings:
     public_base_url: str | None = None
     replicate_webhook_signing_key: str | None = None
     sandbox_webhooks: bool = True
+    api_keys_file: Path | None = None
+    url_signing_key: str | None = field(default=None, repr=False)
+    signed_url_ttl_seconds: int = 3600
     cors_origins: tuple[str, ...] = ()
+    metrics: bool = False
+    log_format: Literal["text", "json"] = "text"
     allowed_hosts: tuple[str, ...] | None = None  # None: the listen host, localhost, 127.0.0.1 and [::1]
     redis_url: str | None = None
 
@@ -397,7 +414,12 @@ class EnvSettings:
             public_base_url=_public_base_url(text("MV_PUBLIC_BASE_URL")),
             replicate_webhook_signing_key=text("MV_REPLICATE_WEBHOOK_SECRET"),
             sandbox_webhooks=_env_bool(env, "MV_SANDBOX_WEBHOOKS", True),
-            cors_origins=tuple(_origin(item) for item in _env_list(env, "MV_CORS_ORIGINS")),
+            api_keys_file=Path(keys_file) if (keys_file := text("MV_API_KEYS_FILE")) else None,
+            url_signing_key=text("MV_URL_SIGNING_SECRET"),
+            signed_url_ttl_seconds=_env_number(env, "MV_SIGNED_URL_TTL_SECONDS", 3600) or 3600,
+            cors_origins=_env_origins(env, "MV_CORS_ORIGINS"),
+            metrics=_env_bool(env, "MV_METRICS"),
+            log_format=_env_choice(env, "MV_LOG_FORMAT", ("text", "json")),
             allowed_hosts=tuple(item.lower() for item in _env_list(env, "MV_ALLOWED_HOSTS")) or None,
             redis_url=text("MV_REDIS_URL"),
         )
@@ -455,7 +477,8 @@ class Config:
 
     def summary(self) -> dict[str, Any]:
         """The loaded parameters, for the start-up debug print (secrets shown only as set/unset)."""
-        secrets = {"gemini_api_key", "replicate_api_token", "vertex_api_key", "replicate_webhook_signing_key"}
+        secrets = {"gemini_api_key", "replicate_api_token", "vertex_api_key", "replicate_webhook_signing_key",
+                   "url_signing_key"}
         env = {k: ("set" if v else "unset") if k in secrets else str(v) for k, v in vars(self.env).items()}
         return {
             "env": env,
@@ -543,6 +566,9 @@ def load_config(env: EnvSettings | None = None) -> Config:
     if default_style is not None and default_style not in styles:
         raise ConfigError(f"{env.settings_dir / 'scenes.yaml'}: defaults.style: {default_style!r} is not one of the "
                           f"presets in {env.settings_dir / 'styles'} {sorted(styles)}")
+    if loaded["projects"].default_scene_seconds not in loaded["videos"].allowed.duration:
+        raise ConfigError(f"{env.settings_dir / 'projects.yaml'}: default_scene_seconds: not one of "
+                          f"videos.allowed.duration {loaded['videos'].allowed.duration}")
     return Config(env=env, templates=templates, styles=styles, **loaded)
 
 
@@ -559,7 +585,3 @@ def load_styles(directory: Path) -> dict[str, StylePreset]:
         except ValidationError as exc:
             raise ConfigError(f"{path}: {_describe(exc)}") from None
     return styles
-    if loaded["projects"].default_scene_seconds not in loaded["videos"].allowed.duration:
-        raise ConfigError(f"{env.settings_dir / 'projects.yaml'}: default_scene_seconds: not one of "
-                          f"videos.allowed.duration {loaded['videos'].allowed.duration}")
-    return Config(env=env, templates=templates, **loaded)

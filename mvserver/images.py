@@ -19,11 +19,14 @@ from typing import Any, Callable
 from aiohttp import web
 from PIL import Image
 
+from .auth import key_id
 from .backends import PROVIDERS
 from .config import CONFIG, Config
 from .debug import debug_print
 from .errors import ApiError
+from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
+from .signing import signed_urls
 from .storage import STORE, OutputStore, check_id, new_id
 
 routes = web.RouteTableDef()
@@ -104,9 +107,11 @@ async def _predict_all(app: web.Application, prompt: str, params: dict[str, Any]
 
 
 async def generate_reference(app: web.Application, params: dict[str, Any], defaulted: list[str],
-                             abandoned: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+                             abandoned: Callable[[], bool] = lambda: False, owner: str | None = None) -> dict[str, Any]:
     """Render the prompt, run Imagen N times in parallel (all canceled if ``abandoned()``), check and save the
-    images only once every one has succeeded; return the body (the first image at the top level, all in ``images``)."""
+    images only once every one has succeeded; return the body (the first image at the top level, all in ``images``).
+
+    ``owner`` (the caller's key id, with keys on) is recorded in each sidecar; only that key may read or use them."""
     config: Config = app[CONFIG]
     settings = config.images
     providers = app[PROVIDERS]
@@ -136,13 +141,15 @@ async def generate_reference(app: web.Application, params: dict[str, Any], defau
         path = store.path("images", image_id, fmt.suffix)
         await store.write_bytes(path, data)
         # The sidecar is written last: an image counts as saved once its sidecar exists.
-        await store.write_json(store.path("images", image_id, ".json"),
-                               {"image_id": image_id, "mime_type": fmt.mime_type, "sandbox": sandbox, **metadata,
-                                "prediction_id": prediction.id, "seed": seed})
+        sidecar = {"image_id": image_id, "mime_type": fmt.mime_type, "sandbox": sandbox, **metadata,
+                   "prediction_id": prediction.id, "seed": seed}
+        if owner is not None:
+            sidecar["owner_key_id"] = owner
+        await store.write_json(store.path("images", image_id, ".json"), sidecar)
         images.append({"image_id": image_id, "mime_type": fmt.mime_type, "output_file": store.relative(path),
                        "image_url": f"/api/mv/get_image/{image_id}", "prediction_id": prediction.id, "seed": seed})
     first = images[0]
-    return {
+    body = {
         "image_id": first["image_id"],
         "image_base64": encoded[0],
         "mime_type": fmt.mime_type,
@@ -152,14 +159,25 @@ async def generate_reference(app: web.Application, params: dict[str, Any], defau
         "metadata": metadata,
         "images": images,
     }
+    signed = signed_urls(app, owner, {"image_url": body["image_url"]})
+    if signed is not None:
+        body["signed_urls"] = signed
+    return body
 
 
-async def _saved_image(store: OutputStore, image_id: str, field: str) -> tuple[Path, str]:
-    """The path and mime type of a saved image; ``image_id`` must already be checked."""
+def visible_to(owner_key_id: Any, caller: str | None) -> bool:
+    """Whether the caller may see an artefact: keys off (``caller`` None), an unowned artefact, or its owner."""
+    return caller is None or owner_key_id is None or owner_key_id == caller
+
+
+async def _saved_image(store: OutputStore, image_id: str, field: str, caller: str | None = None) -> tuple[Path, str]:
+    """The path and mime type of a saved image; ``image_id`` must already be checked. Another key's image is 404."""
     try:
         sidecar = json.loads(await asyncio.to_thread(store.path("images", image_id, ".json").read_bytes))
         fmt = _BY_MIME[sidecar["mime_type"]]
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        if not visible_to(sidecar.get("owner_key_id"), caller):
+            raise KeyError("owner")
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
         raise ApiError(404, "not_found", f"no image with id {image_id}", field=field) from None
     path = store.path("images", image_id, fmt.suffix)
     if not await asyncio.to_thread(path.is_file):
@@ -167,10 +185,11 @@ async def _saved_image(store: OutputStore, image_id: str, field: str) -> tuple[P
     return path, fmt.mime_type
 
 
-async def load_image(app: web.Application, image_id: str) -> tuple[bytes, str]:
-    """The bytes and mime type of a saved image, for ``reference_image_id`` (ApiError 400 if malformed, 404 if missing)."""
+async def load_image(app: web.Application, image_id: str, caller: str | None = None) -> tuple[bytes, str]:
+    """The bytes and mime type of a saved image, for ``reference_image_id`` (ApiError 400 if malformed, 404 if missing
+    or another key's)."""
     field = "reference_image_id"
-    path, mime_type = await _saved_image(app[STORE], check_id(image_id, field), field)
+    path, mime_type = await _saved_image(app[STORE], check_id(image_id, field), field, caller)
     try:
         return await asyncio.to_thread(path.read_bytes), mime_type
     except FileNotFoundError:
@@ -181,15 +200,17 @@ async def load_image(app: web.Application, image_id: str) -> tuple[bytes, str]:
 async def generate_character_reference(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].image, config.debug)
+    await charge(request, "blocking")
 
     def abandoned() -> bool:
         return request.transport is None or request.transport.is_closing()
 
-    return web.json_response(await generate_reference(request.app, body.model_dump(), defaulted, abandoned))
+    return web.json_response(await generate_reference(request.app, body.model_dump(), defaulted, abandoned,
+                                                      owner=key_id(request)))
 
 
 @routes.get("/api/mv/get_image/{image_id}")
 async def get_image(request: web.Request) -> web.FileResponse:
     image_id = check_id(request.match_info["image_id"], "image_id")
-    path, mime_type = await _saved_image(request.app[STORE], image_id, "image_id")
+    path, mime_type = await _saved_image(request.app[STORE], image_id, "image_id", key_id(request))
     return web.FileResponse(path, headers={"Content-Type": mime_type})

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -34,7 +33,7 @@ from .debug import debug_print
 from .errors import ApiError
 from .jobs import JOBS, Job, job_urls
 from .schemas import REQUEST_MODELS, parse_body
-from .storage import STORE, OutputStore, check_id, new_id
+from .storage import STORE, OutputStore, new_id
 
 routes = web.RouteTableDef()
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import __version__
+from .auth import KEYRING, public
 from .backends import PROVIDERS
 from .config import CONFIG
+from .metrics import METRICS
 from .schemas import REQUEST_MODELS, openapi_document
 
 routes = web.RouteTableDef()
 
 
 @routes.get("/api/mv/health")
+@public
 async def health(request: web.Request) -> web.Response:
     """Version, and for each provider service whether it is live or answered by the sandbox simulator."""
     providers = request.app[PROVIDERS]
@@ -30,4 +33,5 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/api/mv/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document(request.app[REQUEST_MODELS]))
+    app = request.app
+    return web.json_response(openapi_document(app[REQUEST_MODELS], keys=KEYRING in app, metrics=METRICS in app))

@@ -600,7 +600,7 @@ async def character(request: web.Request) -> web.Response:
     def abandoned() -> bool:
         return request.transport is None or request.transport.is_closing()
 
-    image = await generate_reference(app, params.model_dump(), defaulted, abandoned)
+    image = await generate_reference(app, params.model_dump(), defaulted, abandoned, owner=project.owner)
 
     def pick(current: Project, _jobs: JobStates) -> None:
         current.character_image_id = image["image_id"]

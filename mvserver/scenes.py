@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 
+from .auth import key_id
 from .backends import PROVIDERS
 from .config import CONFIG, TEMPLATES, Config
 from .debug import debug_print
 from .errors import ApiError
+from .images import visible_to
+from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
+from .signing import signed_urls
 from .storage import STORE, check_id, new_id
 
 routes = web.RouteTableDef()
@@ -85,10 +92,14 @@ async def _save(request: web.Request, params: dict[str, Any], defaulted: list[st
     }
     json_path = store.path("scenes", scenes_id, ".json")
     md_path = store.path("scenes", scenes_id, ".md")
-    await store.write_json(json_path, {"scenes_id": scenes_id, "scenes": scenes, "metadata": metadata})
+    owner = key_id(request)
+    record = {"scenes_id": scenes_id, "scenes": scenes, "metadata": metadata}
+    if owner is not None:
+        record["owner_key_id"] = owner
+    await store.write_json(json_path, record)
     markdown = request.app[TEMPLATES].get_template("scenes.md.j2").render(scenes_id=scenes_id, scenes=scenes, metadata=metadata)
     await store.write_bytes(md_path, markdown.encode())
-    return {
+    body = {
         "scenes_id": scenes_id,
         "scenes": scenes,
         "sandbox": sandbox,
@@ -96,20 +107,37 @@ async def _save(request: web.Request, params: dict[str, Any], defaulted: list[st
         "urls": {"json": f"/api/mv/get_scenes/{scenes_id}.json", "markdown": f"/api/mv/get_scenes/{scenes_id}.md"},
         "metadata": metadata,
     }
+    signed = signed_urls(request.app, owner, body["urls"])
+    if signed is not None:
+        body["signed_urls"] = signed
+    return body
 
 
 @routes.post("/api/mv/create_scenes")
 async def create_scenes(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].scenes, config.debug)
+    await charge(request, "blocking")
     return web.json_response(await write_scenes(request, body.model_dump(), defaulted))
+
+
+async def _visible(json_path: Path, caller: str | None) -> bool:
+    """With keys on, only the key that wrote the scenes (or anyone, for scenes written without keys) may read them."""
+    if caller is None:
+        return True
+    try:
+        record = json.loads(await asyncio.to_thread(json_path.read_bytes))
+        return visible_to(record.get("owner_key_id"), caller)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @routes.get(r"/api/mv/get_scenes/{scenes_id}.{ext:json|md}")
 async def get_scenes(request: web.Request) -> web.FileResponse:
     scenes_id = check_id(request.match_info["scenes_id"], "scenes_id")
-    path = request.app[STORE].path("scenes", scenes_id, "." + request.match_info["ext"])
-    if not path.is_file():
+    store = request.app[STORE]
+    path = store.path("scenes", scenes_id, "." + request.match_info["ext"])
+    if not path.is_file() or not await _visible(store.path("scenes", scenes_id, ".json"), key_id(request)):
         raise ApiError(404, "not_found", f"no scenes with id {scenes_id}")
     content_type = "application/json" if path.suffix == ".json" else "text/markdown"
     return web.FileResponse(path, headers={"Content-Type": f"{content_type}; charset=utf-8"})

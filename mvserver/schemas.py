@@ -313,8 +313,47 @@ def _project_paths() -> dict[str, Any]:
     }
 
 
-def openapi_document(models: RequestModels) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the public API."""
+SECURITY_SCHEMES = {
+    "bearerAuth": {
+        "type": "http", "scheme": "bearer",
+        "description": "An API key (mv_<key id>_<secret>) from `python -m mvserver keys create NAME`; required on "
+                       "every /api/mv route but health when MV_API_KEYS_FILE is set. GET routes a browser loads "
+                       "without headers also accept the signed links of a response's `signed_urls` "
+                       "(?kid=&exp=&sig=; 403 when tampered or expired).",
+    },
+}
+SIGNED_LINK_PARAMETERS = [
+    {"name": "kid", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "signed link: the key id it was made for"},
+    {"name": "exp", "in": "query", "required": False, "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"},
+     "description": "signed link: expiry, unix seconds"},
+    {"name": "sig", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "signed link: HMAC-SHA256 signature"},
+]
+
+
+def _with_access(paths: dict[str, Any], metrics: bool) -> None:
+    """With keys on: bearer auth on every operation but health, signed-link parameters on GETs, 401/403/429."""
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if path == "/api/mv/health":
+                operation["security"] = []
+                continue
+            answers = operation["responses"]
+            answers.setdefault("401", {"description": "missing or invalid API key",
+                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+            if method == "get" and path.startswith("/api/mv/") and path != "/api/mv/openapi.json":
+                operation["parameters"] = operation.get("parameters", []) + SIGNED_LINK_PARAMETERS
+                answers.setdefault("403", {"description": "signed link tampered, expired or revoked",
+                                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+            if method == "post" and path in ("/api/mv/create_scenes", "/api/mv/generate_character_reference",
+                                             "/api/mv/generate_video"):
+                answers.setdefault("429", {"description": "rate_limited or quota_exceeded (see Retry-After)",
+                                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+
+
+def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the public API (with the bearer scheme and /metrics when they are on)."""
     schemas: dict[str, Any] = {"Error": ERROR_SCHEMA}
     for model in (models.scenes, models.image, models.video, models.lipsync, models.projects.create, models.projects.patch,
                   models.projects.write_scenes):
@@ -396,7 +435,11 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
             "responses": _answers(200, "audio", 400, 404, 416, content="audio/*")}},
     }
     paths.update(_project_paths())
-    return {
+    if metrics:
+        paths["/metrics"] = {"get": {"summary": "Prometheus metrics (text exposition format)",
+                                     "responses": _answers(200, "metrics", content="text/plain")}}
+    components: dict[str, Any] = {"schemas": schemas, "securitySchemes": SECURITY_SCHEMES}
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "mvserver", "version": __version__,
                  "description": "Music-video generation: scenes (Gemini), character images (Imagen 4), video jobs (Veo), lip-sync jobs (sync/lipsync-2-pro). "
@@ -405,5 +448,9 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
                                 + " Text fields are stripped of surrounding whitespace; a required one must not be "
                                   "only whitespace (the pattern says so)."},
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": components,
     }
+    if keys:
+        _with_access(paths, metrics)
+        document["security"] = [{"bearerAuth": []}]
+    return document

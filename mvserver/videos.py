@@ -7,7 +7,7 @@ import base64
 import binascii
 import io
 import json
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import jinja2
 import jinja2.nodes
@@ -15,13 +15,16 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
+from .auth import key_id
 from .backends import PROVIDERS
 from .config import CONFIG, Config
 from .debug import debug_print
 from .errors import ApiError, ErrorInfo
 from .images import FORMATS, load_image
 from .jobs import JOBS, Job, job_urls, stream_events
+from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
+from .signing import signed_urls
 from .storage import STORE, check_id, new_id
 
 routes = web.RouteTableDef()
@@ -101,14 +104,16 @@ def check_reference_shape(config: Config, body: Any) -> None:
                                                  f"{allowed}", field=field)
 
 
-async def reference_image(app: web.Application, body: Any) -> tuple[bytes | None, str | None]:
-    """The reference image sent inline or by ``image_id``, validated; (None, None) when there is none."""
+async def reference_image(app: web.Application, body: Any, owner: str | None = None
+                          ) -> tuple[bytes | None, str | None]:
+    """The reference image sent inline or by ``image_id`` (which ``owner`` must be allowed to use), validated;
+    (None, None) when there is none."""
     if body.reference_image_base64 and body.reference_image_id:
         raise ApiError(400, "invalid_field", "send reference_image_base64 or reference_image_id, not both",
                        field="reference_image_base64")
     limits = app[CONFIG].videos.limits
     if body.reference_image_id:
-        data, mime_type = await load_image(app, body.reference_image_id)
+        data, mime_type = await load_image(app, body.reference_image_id, owner)
         await asyncio.to_thread(sniff_image, data, "reference_image_id", limits.reference_image_max_pixels)
         return data, mime_type
     if not body.reference_image_base64:
@@ -161,11 +166,13 @@ def full_prompt(config: Config, body: Any) -> str:
 
 
 async def submit_video_job(app: web.Application, body: Any, defaulted: list[str],
-                           links: dict[str, Any] | None = None, owner: str | None = None) -> Job:
+                           links: dict[str, Any] | None = None, owner: str | None = None,
+                           charge: Callable[[], Awaitable[None]] | None = None) -> Job:
     """Validate the reference image, render the full prompt and submit a video job (the body is a video request
-    model). ``links`` (e.g. ``project_id``/``scene_id``) are kept in ``Job.request``."""
+    model). ``links`` (e.g. ``project_id``/``scene_id``) are kept in ``Job.request``; ``owner`` is the caller's key
+    id; ``charge`` takes the caller's quota once the request is known to be valid."""
     config = app[CONFIG]
-    image, mime_type = await reference_image(app, body)
+    image, mime_type = await reference_image(app, body, owner)
     if image is not None:
         check_reference_shape(config, body)
     prompt = full_prompt(config, body)
@@ -173,6 +180,8 @@ async def submit_video_job(app: web.Application, body: Any, defaulted: list[str]
     summary = body.model_dump(exclude={"reference_image_base64"})
     summary.update(full_prompt=prompt, defaults_applied=defaulted, has_reference_image=image is not None)
     summary.update(links or {})
+    if charge is not None:
+        await charge()  # only a request that got this far costs a token
     backend = app[PROVIDERS].video_backend(body.backend)
     job = Job(id=new_id(), backend=body.backend, model=backend.model, sandbox=backend.sandbox, request=summary,
               reference_mime_type=mime_type, owner=owner)
@@ -190,8 +199,18 @@ def accepted_job(job: Job) -> dict[str, Any]:
 @routes.post("/api/mv/generate_video")
 async def generate_video(request: web.Request) -> web.Response:
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, request.app[CONFIG].debug)
-    payload = accepted_job(await submit_video_job(request.app, body, defaulted))
-    return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
+    job = await submit_video_job(request.app, body, defaulted, owner=key_id(request),
+                                 charge=lambda: charge(request, "jobs"))
+    payload = accepted_job(job)
+    return web.json_response(_with_signed_urls(request, payload), status=202,
+                             headers={"Location": payload["status_url"]})
+
+
+def _with_signed_urls(request: web.Request, payload: dict[str, Any]) -> dict[str, Any]:
+    """Add ``signed_urls`` (keys on) for the job's status, events and video, which browsers load without headers."""
+    names = ("status_url", "events_url", "video_url")
+    signed = signed_urls(request.app, key_id(request), {name: payload.get(name) for name in names})
+    return payload if signed is None else {**payload, "signed_urls": signed}
 
 
 async def _job(request: web.Request) -> Job:
@@ -204,7 +223,7 @@ async def _job(request: web.Request) -> Job:
 
 @routes.get("/api/mv/jobs/{job_id}")
 async def job_status(request: web.Request) -> web.Response:
-    return web.json_response((await _job(request)).public())
+    return web.json_response(_with_signed_urls(request, (await _job(request)).public()))
 
 
 @routes.delete("/api/mv/jobs/{job_id}")
@@ -212,7 +231,7 @@ async def job_status(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     job = await request.app[JOBS].cancel((await _job(request)).id)
     assert job is not None
-    return web.json_response(job.public())
+    return web.json_response(_with_signed_urls(request, job.public()))
 
 
 @routes.get("/api/mv/jobs/{job_id}/events")

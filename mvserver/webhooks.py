@@ -23,6 +23,7 @@ from aiohttp import web
 from replicate.prediction import Prediction
 from replicate.webhook import WebhookSigningSecret, Webhooks
 
+from .auth import public
 from .backends import PROVIDERS
 from .backends.replicate import snapshot
 from .config import CONFIG, ConfigError, EnvSettings
@@ -160,6 +161,7 @@ def _ack(status: str) -> web.Response:
     return web.json_response({"status": status})
 
 
+@public  # authenticated by Replicate's signature, not by an API key
 async def receive_replicate(request: web.Request) -> web.Response:
     """Verify a delivery; hand a new, matching update to its job; acknowledge anything verified with 200."""
     receiver = request.app[RECEIVER]

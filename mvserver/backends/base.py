@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 from ..errors import ErrorInfo
 
+# (provider, operation, seconds, our error code or None): called after each provider API call (metrics).
+ProviderObserver = Callable[[str, str, float, "str | None"], None]
 ProviderStatus = Literal["starting", "processing", "succeeded", "failed", "canceled"]
 
 

@@ -7,6 +7,7 @@ google-genai 3.x serves Veo only in Vertex mode, so videos use a second client b
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from pydantic import BaseModel
 
 from ..errors import ApiError, ErrorInfo, from_exception, prediction_failed
 from ..storage import OutputStore
-from .base import Snapshot, VideoRequest
+from .base import ProviderObserver, Snapshot, VideoRequest
 
 NAME = "gemini"
 
@@ -53,6 +54,7 @@ class GeminiProvider:
     """Scene writing and Veo video operations; each client is optional (a missing key means not configured)."""
 
     name = NAME
+    observe: ProviderObserver | None = None  # set by the app when metrics are on
 
     def __init__(self, api_client: genai.Client | None, vertex_client: genai.Client | None, store: OutputStore, *,
                  video_model: str, person_generation: str, resolution: str, sandbox: bool, video_sandbox: bool):
@@ -70,13 +72,25 @@ class GeminiProvider:
             if client is not None:
                 await client.aio.aclose()
 
-    async def _call(self, coro: Any) -> Any:
+    async def _call(self, coro: Any, operation: str = "call") -> Any:
+        """Await one API call; map its failure to ApiError and report its time to ``observe`` (metrics)."""
+        started = time.perf_counter()
+        code: str | None = None
         try:
             return await coro
-        except (ApiError, asyncio.CancelledError):
+        except asyncio.CancelledError:
+            code = "canceled"
+            raise
+        except ApiError as exc:
+            code = exc.info.code
             raise
         except Exception as exc:
-            raise from_exception(exc, NAME) from exc
+            error = from_exception(exc, NAME)
+            code = error.info.code
+            raise error from exc
+        finally:
+            if self.observe is not None and code != "canceled":
+                self.observe(NAME, operation, time.perf_counter() - started, code)
 
     # -- text ------------------------------------------------------------------------------------------------
 
@@ -91,7 +105,8 @@ class GeminiProvider:
             temperature=temperature,
             http_options=types.HttpOptions(timeout=int(timeout * 1000)),
         )
-        response = await self._call(self.api_client.aio.models.generate_content(model=model, contents=prompt, config=config))
+        response = await self._call(self.api_client.aio.models.generate_content(model=model, contents=prompt, config=config),
+                                   "generate_content")
         parsed = response.parsed if isinstance(response.parsed, schema) else None
         return parsed, response.text or ""
 
@@ -117,11 +132,13 @@ class GeminiProvider:
             seed=request.seed,
         )
         operation = await self._call(self._video_client().aio.models.generate_videos(
-            model=self.model, source=types.GenerateVideosSource(prompt=request.prompt, image=image), config=config))
+            model=self.model, source=types.GenerateVideosSource(prompt=request.prompt, image=image), config=config),
+            "generate_videos")
         return operation.name
 
     async def _operation(self, name: str) -> types.GenerateVideosOperation:
-        return await self._call(self._video_client().aio.operations.get(types.GenerateVideosOperation(name=name)))
+        return await self._call(self._video_client().aio.operations.get(types.GenerateVideosOperation(name=name)),
+                                     "get_operation")
 
     async def poll(self, prediction_id: str) -> Snapshot:
         operation = await self._operation(prediction_id)

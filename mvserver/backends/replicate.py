@@ -22,7 +22,7 @@ from replicate.prediction import Prediction
 
 from ..errors import ApiError, from_exception, prediction_failed
 from ..storage import OutputStore
-from .base import Snapshot, VideoRequest
+from .base import ProviderObserver, Snapshot, VideoRequest
 
 NAME = "replicate"
 DOWNLOAD_CHUNK = 1 << 16
@@ -81,6 +81,7 @@ class ReplicateProvider:
     """Images and videos on Replicate, behind the :class:`~mvserver.backends.base.VideoBackend` interface."""
 
     name = NAME
+    observe: ProviderObserver | None = None  # set by the app when metrics are on
 
     def __init__(self, client: replicate.Client, session: aiohttp.ClientSession, store: OutputStore, *,
                  video_model: str, request_timeout: float, sandbox: bool):
@@ -94,29 +95,42 @@ class ReplicateProvider:
     async def aclose(self) -> None:
         await self.client._async_client.aclose()
 
-    async def _call(self, coro: Any) -> Any:
+    async def _call(self, coro: Any, operation: str = "call") -> Any:
+        """Await one API call; map its failure to ApiError and report its time to ``observe`` (metrics)."""
+        started = time.perf_counter()
+        code: str | None = None
         try:
             return await coro
-        except (ApiError, asyncio.CancelledError):
+        except asyncio.CancelledError:
+            code = "canceled"
+            raise
+        except ApiError as exc:
+            code = exc.info.code
             raise
         except Exception as exc:
-            raise from_exception(exc, NAME) from exc
+            error = from_exception(exc, NAME)
+            code = error.info.code
+            raise error from exc
+        finally:
+            if self.observe is not None and code != "canceled":
+                self.observe(NAME, operation, time.perf_counter() - started, code)
 
     async def create(self, model: str, inputs: dict[str, Any], webhook: str | None = None) -> Prediction:
         """Create a prediction of an official model (``owner/name``); POSTs are never retried by the client.
         With ``webhook``, Replicate pushes its start, logs and end there."""
         hook: dict[str, Any] = {"webhook": webhook, "webhook_events_filter": WEBHOOK_EVENTS} if webhook else {}
-        return await self._call(self.client.models.predictions.async_create(model=model, input=inputs, **hook))
+        return await self._call(self.client.models.predictions.async_create(model=model, input=inputs, **hook),
+                                "create")
 
     async def get(self, prediction_id: str) -> Prediction:
-        return await self._call(self.client.predictions.async_get(prediction_id))
+        return await self._call(self.client.predictions.async_get(prediction_id), "get")
 
     async def cancel(self, prediction_id: str) -> None:
-        await self._call(self.client.predictions.async_cancel(prediction_id))
+        await self._call(self.client.predictions.async_cancel(prediction_id), "cancel")
 
     async def webhook_secret(self) -> str:
         """The account's webhook signing secret (``whsec_...``)."""
-        return (await self._call(self.client.webhooks.default.async_secret())).key
+        return (await self._call(self.client.webhooks.default.async_secret(), "webhook_secret")).key
 
     async def fetch(self, url: str) -> aiohttp.ClientResponse:
         """Open an output URL for streaming; raises ApiError on an HTTP error."""

@@ -1,0 +1,68 @@
+"""Wiring of access control into the app: middlewares, keys, signed links, quotas, metrics, CORS.
+
+Everything here is off by default; the keyless quick start only gets request ids. The order of the middlewares
+(outermost first): request id, metrics (sees the final status of every answer), errors, auth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp_cors
+from aiohttp import web
+
+from .auth import KEYRING, KeyRing, make_auth_middleware
+from .config import ConfigError, EnvSettings
+from .errors import error_middleware
+from .logs import add_request_id_header, request_id_middleware
+from .metrics import METRICS, Metrics, metrics_endpoint, metrics_middleware
+from .quotas import QUOTAS, LocalRateLimiter, Quotas
+from .signing import MIN_SECRET_CHARS, SIGNER, UrlSigner
+
+CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "Range", "X-Request-Id")
+CORS_EXPOSE_HEADERS = ("Location", "Retry-After", "WWW-Authenticate", "X-Request-Id", "Content-Range", "Accept-Ranges")
+CORS_MAX_AGE = 600
+
+
+def setup(app: web.Application, env: EnvSettings, guard: Any = None) -> None:
+    """Install request ids, and when configured keys, signed links, quotas and metrics (before the routes).
+
+    ``guard`` (the cross-site checks) runs inside the error middleware, so its refusals are JSON errors, and after
+    the key check, so a request without a valid key learns nothing but 401."""
+    metrics = Metrics() if env.metrics else None
+    middlewares: list[Any] = [request_id_middleware]
+    if metrics is not None:
+        app[METRICS] = metrics
+        middlewares.append(metrics_middleware)
+        app.router.add_get("/metrics", metrics_endpoint)
+    middlewares.append(error_middleware)
+    if env.api_keys_file is not None:
+        secret = env.url_signing_key
+        if not secret or len(secret) < MIN_SECRET_CHARS:
+            raise ConfigError(f"environment: MV_API_KEYS_FILE is set, so MV_URL_SIGNING_SECRET must be set to at least "
+                              f"{MIN_SECRET_CHARS} random characters (e.g. python -c 'import secrets; "
+                              f"print(secrets.token_urlsafe(32))')")
+        app[KEYRING] = KeyRing(env.api_keys_file)
+        app[SIGNER] = UrlSigner(secret, env.signed_url_ttl_seconds)
+        on_refusal = (lambda bucket, code: metrics.rate_limit_refusals.labels(bucket, code).inc()) if metrics else None
+        app[QUOTAS] = Quotas(LocalRateLimiter(), on_refusal)
+        on_failure = (lambda code: metrics.auth_failures.labels(code).inc()) if metrics else None
+        middlewares.append(make_auth_middleware(on_failure))
+    if guard is not None:
+        middlewares.append(guard)
+    app.middlewares.extend(middlewares)
+    app.on_response_prepare.append(add_request_id_header)
+
+
+def setup_cors(app: web.Application, env: EnvSettings) -> None:
+    """CORS for the ``MV_CORS_ORIGINS`` allow-list on every route; call it after the last route is added.
+
+    No wildcard and no credentials: the API authenticates with a bearer header, not cookies.
+    """
+    if not env.cors_origins:
+        return
+    options = aiohttp_cors.ResourceOptions(allow_credentials=False, expose_headers=CORS_EXPOSE_HEADERS,
+                                           allow_headers=CORS_ALLOW_HEADERS, max_age=CORS_MAX_AGE)
+    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in env.cors_origins})
+    for route in list(app.router.routes()):
+        cors.add(route)

@@ -1,0 +1,104 @@
+"""Prometheus metrics (``MV_METRICS=true``): every metric of the service, in one registry per app.
+
+A per-app :class:`~prometheus_client.CollectorRegistry` (never the global default one) lets several apps live in one
+process, as in tests. Handlers and the job engine reach the metrics with ``request.app.get(METRICS)`` /
+``app.get(METRICS)`` (None when metrics are off) and count on the objects below, e.g.
+``metrics.jobs_finished.labels(kind="video", backend="replicate", status="succeeded").inc()``.
+
+Labels are bounded: routes are route templates (never raw paths), statuses and codes are our own small sets.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """The metric objects of one app."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        # HTTP
+        self.http_requests = Counter("mv_http_requests", "HTTP requests answered, by route template and status",
+                                     ["method", "route", "status"], registry=registry)
+        self.http_latency = Histogram("mv_http_request_duration_seconds",
+                                      "Time from the request reaching the app to the handler's return (an SSE "
+                                      "stream counts its whole length)", ["method", "route"],
+                                      buckets=LATENCY_BUCKETS, registry=registry)
+        # Providers
+        self.provider_latency = Histogram("mv_provider_call_duration_seconds",
+                                          "Provider API calls (create, get, cancel, generate...) by outcome",
+                                          ["provider", "operation", "outcome"], buckets=LATENCY_BUCKETS,
+                                          registry=registry)
+        self.provider_errors = Counter("mv_provider_errors", "Failed provider API calls by our error code",
+                                       ["provider", "operation", "code"], registry=registry)
+        # Access
+        self.rate_limit_refusals = Counter("mv_rate_limit_refusals", "Requests refused with 429 by the key quotas",
+                                           ["bucket", "code"], registry=registry)
+        self.auth_failures = Counter("mv_auth_failures", "Requests refused for a missing or bad key or link",
+                                     ["code"], registry=registry)
+        # Job engine (wired by the job engine)
+        self.jobs = Gauge("mv_jobs", "Jobs currently in each status", ["status", "kind", "backend"], registry=registry)
+        self.jobs_finished = Counter("mv_jobs_finished", "Jobs that reached a final status",
+                                     ["status", "kind", "backend"], registry=registry)
+        self.queue_depth = Gauge("mv_job_queue_depth", "Jobs waiting for a free provider slot", registry=registry)
+        self.sse_subscribers = Gauge("mv_sse_subscribers", "Open Server-Sent Events connections", registry=registry)
+        self.webhook_deliveries = Counter("mv_webhook_deliveries", "Provider webhook deliveries received, by outcome",
+                                          ["provider", "outcome"], registry=registry)
+
+    def http_children(self, method: str, route: str, status: int) -> tuple[Any, Any]:
+        """The request counter and latency histogram of one (method, route, status); looked up once, then cached
+        (bounded: route templates and statuses are finite sets)."""
+        key = (method, route, status)
+        children = self._http_children.get(key)
+        if children is None:
+            children = (self.http_requests.labels(method, route, str(status)), self.http_latency.labels(method, route))
+            self._http_children[key] = children
+        return children
+
+    def observe_provider_call(self, provider: str, operation: str, seconds: float, error_code: str | None) -> None:
+        """Record one provider call (the hook the provider clients call around each API request)."""
+        outcome = "ok" if error_code is None else "error"
+        self.provider_latency.labels(provider, operation, outcome).observe(seconds)
+        if error_code is not None:
+            self.provider_errors.labels(provider, operation, error_code).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request,
+                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Count every answer by route template and status, and time it (outside the error middleware)."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        counter, histogram = request.app[METRICS].http_children(request.method, route_name(request), status)
+        counter.inc()
+        histogram.observe(time.perf_counter() - started)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """``GET /metrics``: the Prometheus text exposition of this app's registry."""
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

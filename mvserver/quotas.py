@@ -1,0 +1,141 @@
+"""Per-key quotas (with keys on): token buckets on job creation and the blocking endpoints, a running-jobs cap.
+
+The buckets sit behind :class:`RateLimiter` (one method): :class:`LocalRateLimiter` keeps them in the process,
+:class:`RedisRateLimiter` in Redis, shared by every process that uses the same server (plug it in with
+:func:`set_rate_limiter`). The running-jobs cap needs the job engine: it plugs a counter in
+with :func:`set_running_jobs_counter`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Protocol
+
+from aiohttp import web
+
+from .auth import API_KEY, KeyRecord
+from .errors import ApiError
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+Bucket = Literal["jobs", "blocking"]
+RunningJobs = Callable[[str], "int | Awaitable[int]"]
+RUNNING_JOBS_RETRY_AFTER = 10.0  # seconds a client is told to wait when its running-jobs cap is reached
+
+
+class RateLimiter(Protocol):
+    async def acquire(self, name: str, rate: float, burst: int) -> float:
+        """Take one token from bucket ``name`` (refilled at ``rate`` tokens/s up to ``burst``).
+
+        Returns 0 when a token was taken, else the seconds until one will be available (nothing taken).
+        """
+
+
+class LocalRateLimiter:
+    """Token buckets in this process; one entry per key and bucket (keys come from the keys file, so few)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._clock = clock
+
+    async def acquire(self, name: str, rate: float, burst: int) -> float:
+        now = self._clock()
+        tokens, stamp = self._buckets.get(name, (float(burst), now))
+        tokens = min(float(burst), tokens + (now - stamp) * rate)
+        if tokens >= 1:
+            self._buckets[name] = (tokens - 1, now)
+            return 0.0
+        self._buckets[name] = (tokens, now)
+        return (1 - tokens) / rate
+
+
+# One atomic take: refill by the time elapsed (Redis's own clock, so processes need not agree on time), then take a
+# token or answer the wait. The bucket expires once it would be full again, so idle keys cost no memory.
+_TAKE = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(state[1]) or burst
+local stamp = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
+
+class RedisRateLimiter:
+    """Token buckets in Redis (a hash per key and bucket, updated by one Lua script), shared across processes."""
+
+    def __init__(self, client: "Redis", prefix: str = "mv:bucket:"):
+        self.prefix = prefix
+        self._take: Any = client.register_script(_TAKE)
+
+    async def acquire(self, name: str, rate: float, burst: int) -> float:
+        return float(await self._take(keys=[self.prefix + name], args=[repr(float(rate)), burst]))
+
+
+class Quotas:
+    """The limiter and the optional running-jobs counter of one app."""
+
+    def __init__(self, limiter: RateLimiter, on_refusal: Callable[[str, str], None] | None = None):
+        self.limiter = limiter
+        self.running_jobs: RunningJobs | None = None
+        self.on_refusal = on_refusal
+
+    def _refuse(self, bucket: str, code: str, message: str, retry_after: float) -> ApiError:
+        if self.on_refusal is not None:
+            self.on_refusal(bucket, code)
+        return ApiError(429, code, message, retry_after=max(1.0, math.ceil(retry_after)))
+
+    async def charge(self, key: KeyRecord, bucket: Bucket) -> None:
+        """Admit one request of ``bucket`` for ``key`` or raise ApiError 429 with Retry-After."""
+        limits = key.limits
+        if bucket == "jobs" and self.running_jobs is not None and limits.max_running_jobs is not None:
+            running = self.running_jobs(key.id)
+            if inspect.isawaitable(running):
+                running = await running
+            if running >= limits.max_running_jobs:
+                raise self._refuse(bucket, "quota_exceeded",
+                                   f"this key already runs {running} jobs (limit {limits.max_running_jobs})",
+                                   RUNNING_JOBS_RETRY_AFTER)
+        per_minute = limits.jobs_per_minute if bucket == "jobs" else limits.blocking_per_minute
+        burst = limits.jobs_burst if bucket == "jobs" else limits.blocking_burst
+        if per_minute is None:
+            return
+        wait = await self.limiter.acquire(f"{key.id}:{bucket}", per_minute / 60.0, burst)
+        if wait > 0:
+            raise self._refuse(bucket, "rate_limited",
+                               f"too many {bucket} requests for this key (limit {per_minute:g} per minute, "
+                               f"burst {burst}); retry in {math.ceil(wait)} s", wait)
+
+
+QUOTAS = web.AppKey("quotas", Quotas)
+
+
+def set_running_jobs_counter(app: web.Application, running_jobs: RunningJobs) -> None:
+    """Plug in the job engine's ``running_jobs(key_id) -> int`` (sync or async); no-op when keys are off."""
+    quotas = app.get(QUOTAS)
+    if quotas is not None:
+        quotas.running_jobs = running_jobs
+
+
+def set_rate_limiter(app: web.Application, limiter: RateLimiter) -> None:
+    """Replace the in-process token buckets (e.g. by a Redis-backed limiter); no-op when keys are off."""
+    quotas = app.get(QUOTAS)
+    if quotas is not None:
+        quotas.limiter = limiter
+
+
+async def charge(request: web.Request, bucket: Bucket) -> None:
+    """Charge the caller's key for one ``bucket`` request (429 when over quota); nothing when keys are off."""
+    key = request.get(API_KEY)
+    quotas = request.app.get(QUOTAS)
+    if key is not None and quotas is not None:
+        await quotas.charge(key, bucket)

@@ -1,0 +1,101 @@
+"""``GET /metrics`` (``MV_METRICS=true``): Prometheus text parsed by prometheus-client's own parser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import AppClient
+from mvserver.auth import KeyLimits, create_key
+from mvserver.metrics import METRICS
+from mvserver.sandbox.simulator import Simulator
+
+SECRET = "test-signing-secret-0123456789abcdefghij"
+SCENES = {"idea": "a drummer on a rooftop at dusk", "character_description": "a tall woman in a red coat",
+          "number_of_scenes": 2}
+
+
+async def scrape(client: TestClient, headers: dict[str, str] | None = None) -> dict[tuple[str, frozenset], float]:
+    """Every sample of ``/metrics`` keyed by (name, labels)."""
+    response = await client.get("/metrics", headers=headers)
+    assert response.status == 200, await response.text()
+    assert response.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(await response.text()):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_request_and_provider_metrics_move(make_client: AppClient, sim: Simulator) -> None:
+    client = await make_client(MV_METRICS="true")
+    before = await scrape(client)
+    route = {"method": "POST", "route": "/api/mv/create_scenes"}
+    assert value(before, "mv_http_requests_total", **route, status="200") == 0
+    for _ in range(2):
+        assert (await client.post("/api/mv/create_scenes", json=SCENES)).status == 200
+    assert (await client.post("/api/mv/create_scenes", json={})).status == 400
+    sim.add_fault("gemini.generate", status=503, times=1)
+    assert (await client.post("/api/mv/create_scenes", json=SCENES)).status == 502
+    after = await scrape(client)
+    assert value(after, "mv_http_requests_total", **route, status="200") == 2
+    assert value(after, "mv_http_requests_total", **route, status="400") == 1
+    assert value(after, "mv_http_requests_total", **route, status="502") == 1
+    assert value(after, "mv_http_request_duration_seconds_count", **route) == 4
+    call = {"provider": "gemini", "operation": "generate_content"}
+    assert value(after, "mv_provider_call_duration_seconds_count", **call, outcome="ok") == 2
+    assert value(after, "mv_provider_call_duration_seconds_count", **call, outcome="error") == 1
+    assert value(after, "mv_provider_errors_total", **call, code="provider_unavailable") == 1
+    # Unknown paths share one label: a client cannot grow the label set.
+    for n in range(3):
+        await client.get(f"/no/such/path/{n}")
+    unmatched = await scrape(client)
+    assert value(unmatched, "mv_http_requests_total", method="GET", route="unmatched", status="404") == 3
+    # The job-engine metrics exist already, for the job engine to move.
+    for name in ("mv_job_queue_depth", "mv_sse_subscribers"):
+        assert (name, frozenset()) in unmatched
+
+
+async def test_replicate_calls_are_timed(make_client: AppClient) -> None:
+    client = await make_client(MV_METRICS="true")
+    image = await client.post("/api/mv/generate_character_reference",
+                              json={"character_description": "a tall woman in a red coat"})
+    assert image.status == 200
+    samples = await scrape(client)
+    created = value(samples, "mv_provider_call_duration_seconds_count", provider="replicate", operation="create",
+                    outcome="ok")
+    polled = value(samples, "mv_provider_call_duration_seconds_count", provider="replicate", operation="get",
+                   outcome="ok")
+    assert created == 1 and polled >= 1
+
+
+async def test_each_app_has_its_own_registry(make_client: AppClient) -> None:
+    first = await make_client(MV_METRICS="true")
+    second = await make_client(MV_METRICS="true")
+    assert first.app[METRICS].registry is not second.app[METRICS].registry
+    await first.get("/api/mv/health")
+    health = {"method": "GET", "route": "/api/mv/health", "status": "200"}
+    assert value(await scrape(first), "mv_http_requests_total", **health) == 1
+    assert value(await scrape(second), "mv_http_requests_total", **health) == 0
+
+
+async def test_metrics_need_a_key_and_count_refusals(make_client: AppClient, tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.yaml"
+    _, key = create_key(keys_file, "tight", KeyLimits(blocking_per_minute=1, blocking_burst=1))
+    client = await make_client(MV_METRICS="true", MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET=SECRET)
+    auth = {"Authorization": f"Bearer {key}"}
+    assert (await client.get("/metrics")).status == 401
+    assert (await client.post("/api/mv/create_scenes", json=SCENES, headers=auth)).status == 200
+    for _ in range(2):
+        assert (await client.post("/api/mv/create_scenes", json=SCENES, headers=auth)).status == 429
+    samples = await scrape(client, auth)
+    assert value(samples, "mv_rate_limit_refusals_total", bucket="blocking", code="rate_limited") == 2
+    assert value(samples, "mv_auth_failures_total", code="auth_required") == 1
+    route = {"method": "POST", "route": "/api/mv/create_scenes"}
+    assert value(samples, "mv_http_requests_total", **route, status="429") == 2

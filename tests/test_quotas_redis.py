@@ -1,0 +1,96 @@
+"""Per-key token buckets in Redis: counters shared by every app (process) that uses the same Redis server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from conftest import AppClient
+from mvserver.auth import KeyLimits, create_key
+from mvserver.quotas import RedisRateLimiter, set_rate_limiter
+
+SECRET = "test-signing-secret-0123456789abcdefghij"
+SCENES = {"idea": "a drummer on a rooftop at dusk", "character_description": "a tall woman in a red coat",
+          "number_of_scenes": 2}
+REDIS_SERVER = shutil.which("redis-server")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A private redis-server on 127.0.0.1 (no persistence), stopped after the test."""
+    if REDIS_SERVER is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is missing (apt-get install redis-server)")
+        pytest.skip("redis-server is missing (apt-get install redis-server)")
+    port = _free_port()
+    proc = subprocess.Popen([REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+async def redis_clients(redis_url: str) -> AsyncIterator[list[Redis]]:
+    clients = [Redis.from_url(redis_url) for _ in range(2)]
+    try:
+        yield clients
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def test_buckets_are_shared_and_refill(redis_clients: list[Redis]) -> None:
+    first, second = (RedisRateLimiter(client) for client in redis_clients)
+    assert await first.acquire("k1:jobs", 2.0, 3) == 0
+    assert await second.acquire("k1:jobs", 2.0, 3) == 0
+    assert await first.acquire("k1:jobs", 2.0, 3) == 0
+    wait = await second.acquire("k1:jobs", 2.0, 3)  # the burst of 3 is spent across both
+    assert 0 < wait <= 0.5
+    assert await first.acquire("k2:jobs", 2.0, 3) == 0  # another bucket is untouched
+    await asyncio.sleep(wait + 0.05)
+    assert await second.acquire("k1:jobs", 2.0, 3) == 0  # refilled at 2 tokens/s
+    ttl = await redis_clients[0].pttl("mv:bucket:k1:jobs")
+    assert 0 < ttl <= 2500  # an idle bucket disappears once it would be full again
+
+
+async def test_two_apps_share_a_keys_quota(make_client: AppClient, tmp_path: Path, redis_clients: list[Redis]) -> None:
+    keys_file = tmp_path / "keys.yaml"
+    _, key = create_key(keys_file, "shared", KeyLimits(blocking_per_minute=1, blocking_burst=2))
+    env: dict[str, Any] = {"MV_API_KEYS_FILE": keys_file, "MV_URL_SIGNING_SECRET": SECRET}
+    apps = [await make_client(**env), await make_client(**env)]
+    for client, redis in zip(apps, redis_clients):
+        set_rate_limiter(client.app, RedisRateLimiter(redis))
+    auth = {"Authorization": f"Bearer {key}"}
+    assert (await apps[0].post("/api/mv/create_scenes", json=SCENES, headers=auth)).status == 200
+    assert (await apps[1].post("/api/mv/create_scenes", json=SCENES, headers=auth)).status == 200
+    for client in apps:
+        refused = await client.post("/api/mv/create_scenes", json=SCENES, headers=auth)
+        assert refused.status == 429 and (await refused.json())["error"]["code"] == "rate_limited"
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
