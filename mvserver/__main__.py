@@ -11,6 +11,7 @@ from dotenv import load_dotenv
 
 from .app import create_app
 from .config import ConfigError, EnvSettings
+from .jobs import StoreUnavailable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mvserver: configuration error: {exc}", file=sys.stderr)
         return 2
-    web.run_app(app, host=args.host or env.host, port=args.port or env.port, access_log_format='%r %s %b %Tfs')
+    try:
+        web.run_app(app, host=args.host or env.host, port=args.port or env.port, access_log_format='%r %s %b %Tfs')
+    except StoreUnavailable as exc:
+        print(f"mvserver: job store unavailable: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -146,6 +146,13 @@ class JobsSettings(_Strict):
     retry_max_delay_seconds: PositiveFloat
     sse_ping_interval_seconds: PositiveFloat
     sse_retry_ms: int = Field(ge=0)
+    # Several processes (Redis store): a running job's lease lives this long without renewal (renewed every third
+    # of it); a node looks for jobs abandoned by a dead node this often.
+    lease_seconds: PositiveFloat = 30.0
+    claim_interval_seconds: PositiveFloat = 5.0
+    # Finished jobs (record, events, reference image, video) and old images and scenes are removed after this many
+    # hours; 0 keeps everything. An expired job id answers 410 for as long again.
+    retention_hours: float = Field(default=720.0, ge=0)
 
 
 class VideosSettings(_Strict):
@@ -232,6 +239,8 @@ class EnvSettings:
     gemini_base_url: str | None = None
     vertex_base_url: str | None = None
     replicate_base_url: str | None = None
+    redis_url: str | None = None
+    redis_prefix: str = "mv:"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EnvSettings":
@@ -260,6 +269,8 @@ class EnvSettings:
             gemini_base_url=text("MV_GEMINI_BASE_URL"),
             vertex_base_url=text("MV_VERTEX_BASE_URL"),
             replicate_base_url=text("MV_REPLICATE_BASE_URL"),
+            redis_url=text("MV_REDIS_URL"),
+            redis_prefix=text("MV_REDIS_PREFIX") or "mv:",
         )
 
     @property
@@ -301,7 +312,7 @@ class Config:
 
     def summary(self) -> dict[str, Any]:
         """The loaded parameters, for the start-up debug print (secrets shown only as set/unset)."""
-        secrets = {"gemini_api_key", "replicate_api_token", "vertex_api_key"}
+        secrets = {"gemini_api_key", "replicate_api_token", "vertex_api_key", "redis_url"}
         env = {k: ("set" if v else "unset") if k in secrets else str(v) for k, v in vars(self.env).items()}
         return {
             "env": env,

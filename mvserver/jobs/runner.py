@@ -149,6 +149,10 @@ class JobEngine:
     async def events(self, job_id: str, after: int) -> list[Event]:
         return await self.store.events(job_id, after)
 
+    async def expired(self, job_id: str) -> bool:
+        """Whether the id belonged to a job removed by retention (answered 410 while its tombstone is kept)."""
+        return await self.store.expired(job_id)
+
     def next_event(self, job_id: str, after: int) -> asyncio.Future[None]:
         return self.store.next_event(job_id, after)
 
@@ -180,6 +184,10 @@ class JobEngine:
             except BaseException:
                 self._slots.release()
                 raise
+            previous = self.tasks.get(job.id)
+            if previous is not None:  # this node lost the lease and claimed the job again: the old task ends first
+                previous.cancel()
+                await asyncio.wait({previous})
             task = asyncio.get_running_loop().create_task(self._run(job, lease), name=f"job-{job.id}")
             self.tasks[job.id] = task
             task.add_done_callback(lambda _, job_id=job.id: self._task_done(job_id))
@@ -197,7 +205,12 @@ class JobEngine:
         assert self.store.lease_seconds is not None
         while True:
             await asyncio.sleep(self.store.lease_seconds / 3)
-            if not await self.store.renew(lease):
+            try:
+                renewed = await self.store.renew(lease)
+            except Exception:  # a store bug must not stop the renewals silently
+                log.exception("job %s: renewing the lease failed", lease.job_id)
+                continue
+            if not renewed:
                 log.warning("job %s: lease lost; another node takes it over", lease.job_id)
                 self._lost.add(lease.job_id)
                 task = self.tasks.get(lease.job_id)
