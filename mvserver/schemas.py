@@ -172,7 +172,7 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
     schemas: dict[str, Any] = {"Error": ERROR_SCHEMA}
     for model in (models.scenes, models.image, models.video):
         schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    job_errors = (400, 404)
+    job_errors = (400, 404, 410, 503)
     paths = {
         "/api/mv/health": {"get": {"summary": "Version, sandbox/live mode per provider", "responses": _answers(200, "ok")}},
         "/api/mv/create_scenes": {"post": {
@@ -206,7 +206,7 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
             "responses": _answers(200, "event stream", *job_errors, content="text/event-stream")}},
         "/api/mv/get_video/{video_id}": {"get": {
             "summary": "The finished MP4 (Range requests supported)", "parameters": [_id_parameter("video_id")],
-            "responses": _answers(200, "video", 400, 404, 409, 416, content="video/mp4")}},
+            "responses": _answers(200, "video", 400, 404, 409, 410, 416, content="video/mp4")}},
     }
     return {
         "openapi": "3.1.0",

@@ -233,9 +233,11 @@ class RedisJobStore:
                 break
             except UNAVAILABLE as exc:
                 if time.monotonic() > self._deadlines.get(lease.token, 0):
+                    self._deadlines.pop(lease.token, None)
                     raise LeaseLost(f"Redis unreachable past the lease: {exc}") from None
                 await asyncio.sleep(RETRY_PAUSE)
         if not written:
+            self._deadlines.pop(lease.token, None)
             raise LeaseLost(f"job {job.id}: lease {lease.token} is no longer held")
 
     # -- claiming ---------------------------------------------------------------------------------------------
