@@ -28,7 +28,7 @@ PROMPT = "Three drummers on three rooftops keep one beat across the city at nigh
 LEASE = 2.0
 CLAIM_INTERVAL = 0.5
 VIDEO_SECONDS = 4.0
-STARTUP_TIMEOUT = 30.0
+STARTUP_TIMEOUT = 90.0  # a loaded machine starts Python processes slowly
 
 
 class Cluster:
