@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import resource
 import signal
 import subprocess
 import sys
@@ -135,17 +135,20 @@ def main(argv: list[str] | None = None) -> int:
         sim_proc = started[1]
 
         before = [cpu_seconds(p.pid) for p in procs] + [cpu_seconds(redis_proc.pid), cpu_seconds(sim_proc.pid)]
+        client_before = resource.getrusage(resource.RUSAGE_SELF)
         wall, statuses, latencies = asyncio.run(throughput(nodes, args.n))
+        client_after = resource.getrusage(resource.RUSAGE_SELF)
+        client_cpu = (client_after.ru_utime + client_after.ru_stime) - (client_before.ru_utime + client_before.ru_stime)
         after = [cpu_seconds(p.pid) for p in procs] + [cpu_seconds(redis_proc.pid), cpu_seconds(sim_proc.pid)]
         node_cpu = sum(after[:NODES]) - sum(before[:NODES])
         succeeded = statuses.count("succeeded")
         print_table(f"Cluster: {NODES} nodes on one Redis, {args.n} jobs at L = {args.latency:g} s, poll {args.poll:g} s, "
                     "each followed over SSE on another node than it was submitted to",
-                    ["jobs", "succeeded", "wall", "wall / L", "node CPU per job", "Redis CPU", "simulator CPU",
+                    ["jobs", "succeeded", "wall", "wall / L", "node CPU per job", "Redis CPU", "simulator CPU", "client CPU",
                      "SSE events", "cross-node SSE p50", "p99", "max"],
                     [[args.n, succeeded, f"{wall:.2f} s", f"{wall / args.latency:.2f}",
                       f"{node_cpu / args.n * 1000:.1f} ms", f"{after[NODES] - before[NODES]:.1f} s",
-                      f"{after[-1] - before[-1]:.1f} s", len(latencies),
+                      f"{after[-1] - before[-1]:.1f} s", f"{client_cpu:.1f} s", len(latencies),
                       f"{percentile(latencies, 50) * 1000:.1f} ms", f"{percentile(latencies, 99) * 1000:.1f} ms",
                       f"{max(latencies) * 1000:.1f} ms"]])
 

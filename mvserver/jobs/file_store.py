@@ -157,16 +157,19 @@ class FileJobStore:
         self._queue.append(job_id)
         self._queued.set()
 
-    async def claim(self) -> tuple[Job, Lease]:
-        while True:
+    async def claim(self, limit: int = 1) -> list[tuple[Job, Lease]]:
+        claimed: list[tuple[Job, Lease]] = []
+        while not claimed:
             while not self._queue:
                 if self._closing:
                     raise asyncio.CancelledError()
                 self._queued.clear()
                 await self._queued.wait()
-            job = self._active.get(self._queue.popleft())
-            if job is not None and not job.final:
-                return job, Lease(job.id, LOCAL_LEASE)
+            while self._queue and len(claimed) < limit:
+                job = self._active.get(self._queue.popleft())
+                if job is not None and not job.final:
+                    claimed.append((job, Lease(job.id, LOCAL_LEASE)))
+        return claimed
 
     async def renew(self, lease: Lease) -> bool:
         return True

@@ -44,10 +44,11 @@ WATCH_IDLE_SECONDS = 60.0
 EXPIRE_BATCH = 500
 RETRY_PAUSE = 0.25
 
-# KEYS: lease, job, events, finished. ARGV: token, event id ('' none), name, data, rec, status, finished_at, job id
+# KEYS: lease, job, events, finished. ARGV: token, event id ('' none), name, data, rec, status, finished_at, job id.
+# An event id the log already has is the owner's own write retried after a lost reply: it is not appended twice.
 WRITE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] ~= '' then
+if ARGV[2] ~= '' and tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[2], 'last') or '0') then
   redis.call('XADD', KEYS[3], '0-' .. ARGV[2], 'e', ARGV[3], 'd', ARGV[4])
   redis.call('HSET', KEYS[2], 'last', ARGV[2])
 end
@@ -242,14 +243,14 @@ class RedisJobStore:
 
     # -- claiming ---------------------------------------------------------------------------------------------
 
-    async def claim(self) -> tuple[Job, Lease]:
-        """Wait for a job: a new dispatch entry, or (every claim interval) one a dead node left pending."""
+    async def claim(self, limit: int = 1) -> list[tuple[Job, Lease]]:
+        """Wait for jobs: new dispatch entries, or (every claim interval) ones a dead node left pending."""
         failures = 0
         while True:
             if self._closing:
                 raise asyncio.CancelledError()
             try:
-                claimed = await self._claim_once()
+                claimed = await self._claim_once(limit)
                 failures = 0
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
@@ -262,29 +263,31 @@ class RedisJobStore:
                     log.warning("job store: Redis unreachable (%s); retrying", exc)
                 await asyncio.sleep(min(2.0, RETRY_PAUSE * failures))
                 continue
-            if claimed is not None:
+            if claimed:
                 return claimed
 
-    async def _claim_once(self) -> tuple[Job, Lease] | None:
+    async def _claim_once(self, limit: int) -> list[tuple[Job, Lease]]:
         now = time.monotonic()
         if now >= self._autoclaim_at:
             self._autoclaim_at = now + self.claim_interval
             cursor, entries, *_ = await self.r.xautoclaim(self.k("dispatch"), GROUP, self.node, self._lease_ms,
-                                                          start_id=self._autoclaim_cursor, count=1)
+                                                          start_id=self._autoclaim_cursor, count=limit)
             self._autoclaim_cursor = cursor
-            for entry_id, fields in entries:
-                if cursor != "0-0":
-                    self._autoclaim_at = now  # there may be more: look again at once
-                claimed = await self._take(entry_id, fields)
-                if claimed is not None:
-                    log.info("job %s: taken over from a node whose lease lapsed", claimed[0].id)
-                    return claimed
+            if cursor != "0-0":
+                self._autoclaim_at = now  # there may be more: look again at once
+            claimed = await self._take_all(entries)
+            for job, _ in claimed:
+                log.info("job %s: taken over from a node whose lease lapsed", job.id)
+            if claimed:
+                return claimed
         block_ms = max(1, int((self._autoclaim_at - time.monotonic()) * 1000))
-        reply = await self.blocking.xreadgroup(GROUP, self.node, {self.k("dispatch"): ">"}, count=1, block=block_ms)
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                return await self._take(entry_id, fields)
-        return None
+        reply = await self.blocking.xreadgroup(GROUP, self.node, {self.k("dispatch"): ">"}, count=limit,
+                                               block=block_ms)
+        return await self._take_all([entry for _, entries in reply or [] for entry in entries])
+
+    async def _take_all(self, entries: list[tuple[str, dict[str, str] | None]]) -> list[tuple[Job, Lease]]:
+        taken = await asyncio.gather(*(self._take(entry_id, fields) for entry_id, fields in entries))
+        return [claim for claim in taken if claim is not None]
 
     async def _take(self, entry_id: str, fields: dict[str, str] | None) -> tuple[Job, Lease] | None:
         job_id = (fields or {}).get("j")

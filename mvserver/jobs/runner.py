@@ -28,6 +28,7 @@ log = logging.getLogger("mvserver.jobs")
 T = TypeVar("T")
 
 CANCEL_WAIT_SECONDS = 15.0
+CLAIM_BATCH = 8  # jobs claimed in one go at most: few round trips for a burst, and a burst still spreads over nodes
 LOCAL_PROGRESS_MIN_SECONDS = 0.25  # at most four progress events a second from a local driver
 LOG_TAIL_LINES = 3
 
@@ -176,21 +177,33 @@ class JobEngine:
     # -- claiming ---------------------------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        """Claim a job whenever a slot is free, so a node never takes more than it can run."""
+        """Claim jobs whenever slots are free (all free slots at once, up to a small batch), so a node never takes
+        more than it can run."""
         while True:
             await self._slots.acquire()
+            free = 1
+            while free < CLAIM_BATCH and not self._slots.locked():
+                await self._slots.acquire()  # free: returns at once
+                free += 1
             try:
-                job, lease = await self.store.claim()
+                claimed = await self.store.claim(free)
             except BaseException:
-                self._slots.release()
+                for _ in range(free):
+                    self._slots.release()
                 raise
-            previous = self.tasks.get(job.id)
-            if previous is not None:  # this node lost the lease and claimed the job again: the old task ends first
-                previous.cancel()
-                await asyncio.wait({previous})
-            task = asyncio.get_running_loop().create_task(self._run(job, lease), name=f"job-{job.id}")
-            self.tasks[job.id] = task
-            task.add_done_callback(lambda _, job_id=job.id: self._task_done(job_id))
+            for _ in range(free - len(claimed)):
+                self._slots.release()
+            for job, lease in claimed:
+                await self._start(job, lease)
+
+    async def _start(self, job: Job, lease: Lease) -> None:
+        previous = self.tasks.get(job.id)
+        if previous is not None:  # this node lost the lease and claimed the job again: the old task ends first
+            previous.cancel()
+            await asyncio.wait({previous})
+        task = asyncio.get_running_loop().create_task(self._run(job, lease), name=f"job-{job.id}")
+        self.tasks[job.id] = task
+        task.add_done_callback(lambda _, job_id=job.id: self._task_done(job_id))
 
     def _task_done(self, job_id: str) -> None:
         self.tasks.pop(job_id, None)

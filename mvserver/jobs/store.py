@@ -50,8 +50,9 @@ class JobStore(Protocol):
     async def get(self, job_id: str) -> Job | None:
         """The job as last written, or None if there is none."""
 
-    async def claim(self) -> tuple[Job, Lease]:
-        """Wait for the next job to run (queued, or abandoned by a dead node) and take its lease."""
+    async def claim(self, limit: int = 1) -> list[tuple[Job, Lease]]:
+        """Wait for jobs to run (queued, or abandoned by a dead node) and take their leases: at least one and at
+        most ``limit`` (the node's free slots), so a burst of jobs costs few round trips."""
 
     async def write(self, lease: Lease, job: Job, event: Event | None, *, record: bool) -> None:
         """Append ``event`` (if any) and, if ``record``, save the record; raise :class:`LeaseLost` if not the owner."""
