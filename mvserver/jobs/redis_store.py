@@ -167,15 +167,16 @@ class RedisJobStore:
             await self.r.ping()
             await self._ensure_group()
             self._wake_last = await self.r.xadd(self.k("wake", self.node), {"p": "1"}, maxlen=100, approximate=True)
-            abandoned = await self.r.xpending(self.k("dispatch"), GROUP)
+            unfinished = await self.r.xlen(self.k("dispatch"))
         except UNAVAILABLE as exc:
             await self._close_clients()
             raise StoreUnavailable(f"cannot reach Redis at {redacted(self.url)}: {exc}") from None
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read_events(), name="redis-event-reader"),
                        loop.create_task(self._listen(), name="redis-signals")]
-        log.info("job store: Redis at %s (node %s, prefix %r)", redacted(self.url), self.node, self.prefix)
-        return int(abandoned.get("pending", 0))
+        log.info("job store: Redis at %s (node %s, prefix %r); %d job(s) queued or running in the cluster",
+                 redacted(self.url), self.node, self.prefix, unfinished)
+        return 0  # nothing to queue again: unfinished jobs stay in the dispatch stream for whichever node is free
 
     async def _ensure_group(self) -> None:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
