@@ -148,9 +148,13 @@ def bench_settings(workdir: Path, **jobs: Any) -> Path:
 
 
 def start_server(started: list[Process], workdir: Path, sim_url: str, settings_dir: Path, *,
-                 cpus: set[int] | None = None, stats: bool = False, extra_env: dict[str, str] | None = None) -> str:
-    """Run mvserver (``python -m bench.run_server``, access log off) against the simulator; return its base URL."""
+                 cpus: set[int] | None = None, stats: bool = False, extra_env: dict[str, str] | None = None,
+                 webhooks: bool = False) -> str:
+    """Run mvserver (``python -m bench.run_server``, access log off) against the simulator; return its base URL.
+    With ``webhooks`` its own address is its public base URL, so the simulator sends Replicate webhooks to it."""
     port = free_port()
+    if webhooks:
+        extra_env = {**(extra_env or {}), "MV_PUBLIC_BASE_URL": f"http://{HOST}:{port}"}
     env = {
         **PROVIDER_ENV,
         "MV_GEMINI_BASE_URL": f"{sim_url}/gemini",

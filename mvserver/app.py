@@ -9,7 +9,7 @@ from typing import AsyncIterator, Mapping
 import aiohttp
 from aiohttp import web
 
-from . import demo, images, meta, scenes, videos
+from . import demo, events, images, meta, scenes, videos, webhooks
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
@@ -149,9 +149,11 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app.cleanup_ctx.append(providers_context)
     app.cleanup_ctx.append(jobs_context)
     app.on_shutdown.append(end_streams)
+    webhooks.setup(app, env, "replicate" in sandboxed_services(env))
     app.add_routes(meta.routes)
     app.add_routes(scenes.routes)
     app.add_routes(images.routes)
     app.add_routes(videos.routes)
+    app.add_routes(events.routes)
     app.add_routes(demo.routes)
     return app

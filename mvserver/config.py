@@ -146,6 +146,8 @@ class JobsSettings(_Strict):
     retry_max_delay_seconds: PositiveFloat
     sse_ping_interval_seconds: PositiveFloat
     sse_retry_ms: int = Field(ge=0)
+    sse_max_jobs_per_stream: int = Field(default=50, ge=1, le=500)
+    webhook_safety_poll_seconds: PositiveFloat = 30.0
     # Several processes (Redis store): a running job's lease lives this long without renewal (renewed every third
     # of it); a node looks for jobs abandoned by a dead node this often.
     lease_seconds: PositiveFloat = 30.0
@@ -218,6 +220,15 @@ def _env_number(env: Mapping[str, str], name: str, default: float | None, kind: 
     return value
 
 
+def _public_base_url(raw: str | None) -> str | None:
+    """``MV_PUBLIC_BASE_URL``: an absolute http(s) URL, kept without its trailing slash."""
+    if raw is None:
+        return None
+    if not raw.startswith(("https://", "http://")) or " " in raw or "?" in raw or "#" in raw:
+        raise ConfigError(f"environment: MV_PUBLIC_BASE_URL={raw!r} is not an http(s) base URL")
+    return raw.rstrip("/")
+
+
 @dataclass(frozen=True)
 class EnvSettings:
     """Secrets and knobs from the environment (``.env`` is loaded into it by ``python -m mvserver``)."""
@@ -239,6 +250,9 @@ class EnvSettings:
     gemini_base_url: str | None = None
     vertex_base_url: str | None = None
     replicate_base_url: str | None = None
+    public_base_url: str | None = None
+    replicate_webhook_signing_key: str | None = None
+    sandbox_webhooks: bool = True
     redis_url: str | None = None
     redis_prefix: str = "mv:"
 
@@ -269,6 +283,9 @@ class EnvSettings:
             gemini_base_url=text("MV_GEMINI_BASE_URL"),
             vertex_base_url=text("MV_VERTEX_BASE_URL"),
             replicate_base_url=text("MV_REPLICATE_BASE_URL"),
+            public_base_url=_public_base_url(text("MV_PUBLIC_BASE_URL")),
+            replicate_webhook_signing_key=text("MV_REPLICATE_WEBHOOK_SECRET"),
+            sandbox_webhooks=_env_bool(env, "MV_SANDBOX_WEBHOOKS", True),
             redis_url=text("MV_REDIS_URL"),
             redis_prefix=text("MV_REDIS_PREFIX") or "mv:",
         )
@@ -312,7 +329,8 @@ class Config:
 
     def summary(self) -> dict[str, Any]:
         """The loaded parameters, for the start-up debug print (secrets shown only as set/unset)."""
-        secrets = {"gemini_api_key", "replicate_api_token", "vertex_api_key", "redis_url"}
+        secrets = {"gemini_api_key", "replicate_api_token", "vertex_api_key", "replicate_webhook_signing_key",
+                   "redis_url"}
         env = {k: ("set" if v else "unset") if k in secrets else str(v) for k, v in vars(self.env).items()}
         return {
             "env": env,

@@ -204,9 +204,29 @@ def openapi_document(models: RequestModels) -> dict[str, Any]:
         "/api/mv/jobs/{job_id}/events": {"get": {
             "summary": "Server-Sent Events: state, progress, final status", "parameters": [_id_parameter("job_id")],
             "responses": _answers(200, "event stream", *job_errors, content="text/event-stream")}},
+        "/api/mv/events": {"get": {
+            "summary": "Server-Sent Events of several jobs on one connection; the event id is every job's position "
+                       "(dot-separated, in the order of `jobs`), so Last-Event-ID resumes them all",
+            "parameters": [{"name": "jobs", "in": "query", "required": True,
+                            "description": "Comma-separated job ids (at most jobs.sse_max_jobs_per_stream, 50)",
+                            "schema": {"type": "string", "minLength": 1}},
+                           {"name": "after", "in": "query", "required": False,
+                            "description": "Positions to resume from, in the form of an event id (`3.7.0`); "
+                                           "a Last-Event-ID header takes precedence",
+                            "schema": {"type": "string"}}],
+            "responses": _answers(200, "event stream", 400, 404, content="text/event-stream")}},
         "/api/mv/get_video/{video_id}": {"get": {
             "summary": "The finished MP4 (Range requests supported)", "parameters": [_id_parameter("video_id")],
             "responses": _answers(200, "video", 400, 404, 409, 410, 416, content="video/mp4")}},
+        "/api/mv/webhooks/replicate": {"post": {
+            "summary": "Replicate prediction webhooks (called by Replicate, not by clients; signed, no API key)",
+            "description": "Body: the prediction JSON, at most 2 MiB. Headers webhook-id, webhook-timestamp and "
+                           "webhook-signature (Standard Webhooks, HMAC-SHA256, 300 s tolerance). Answers 200 with "
+                           '{"status": "accepted" | "duplicate" | "ignored"} at once; the job applies the update.',
+            "parameters": [{"name": "job", "in": "query", "required": True,
+                            "schema": {"type": "string", "pattern": UUID4_PATTERN}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+            "responses": _answers(200, "acknowledged", 400, 401, 413, 415)}},
     }
     return {
         "openapi": "3.1.0",

@@ -165,3 +165,28 @@ async def test_kill_9_mid_job_resumes_the_same_prediction_after_restart(
     assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1))  # ids continue across the crash
     assert events[-1]["event"] == "succeeded"
     assert sorted(outputs.glob("*/.*.part")) == []
+
+
+async def test_sigterm_with_an_open_event_stream_stops_at_once_and_the_job_resumes(
+        launch: Callable[[], tuple[subprocess.Popen, str]], http: aiohttp.ClientSession, server_env: dict[str, str]) -> None:
+    server_env["MV_SANDBOX_VIDEO_SECONDS"] = "60"  # the job is still running when the server stops
+    process, base = launch()
+    await until_up(http, process, base)
+    job_id = await submit(http, base)
+    running = await until(http, base, job_id, lambda s: s["stage"] == "generating", timeout=5)
+    async with http.get(f"{base}/api/mv/jobs/{job_id}/events") as stream:
+        first = await anext(read_sse(stream))
+        assert first["event"] == "queued"
+        started = asyncio.get_running_loop().time()
+        process.send_signal(signal.SIGTERM)
+        rest = [event async for event in read_sse(stream)]  # the server ends the stream instead of holding it
+        ended = asyncio.get_running_loop().time() - started
+    exit_code = await asyncio.to_thread(process.wait, 20)
+    assert exit_code == 0
+    assert ended < 5, f"the stream stayed open {ended:.1f} s after SIGTERM"
+    assert all(event["event"] not in ("succeeded", "failed", "canceled") for event in rest)
+
+    second, base = launch()  # the job was not canceled by the shutdown: it resumes
+    await until_up(http, second, base)
+    state = await until(http, base, job_id, lambda s: s["status"] == "running")
+    assert state["provider_prediction_id"] == running["provider_prediction_id"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from ..errors import ErrorInfo
 
@@ -23,6 +23,7 @@ class VideoRequest:
     seed: int | None = None
     reference_image: bytes | None = field(default=None, repr=False)
     reference_mime_type: str | None = None
+    webhook: str | None = None  # where the provider should push updates (Replicate only; others poll)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,16 @@ class Snapshot:
     @property
     def done(self) -> bool:
         return self.status in ("succeeded", "failed", "canceled")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, to carry a pushed update to the node that owns the job."""
+        return {**asdict(self), "error": self.error.to_dict() if self.error else None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Snapshot":
+        error = data.get("error")
+        return cls(status=data["status"], progress=data.get("progress"), logs=data.get("logs"),
+                   output=data.get("output"), error=ErrorInfo(**error) if error else None)
 
 
 class VideoBackend(Protocol):

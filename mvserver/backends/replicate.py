@@ -27,6 +27,7 @@ from .base import Snapshot, VideoRequest
 NAME = "replicate"
 DOWNLOAD_CHUNK = 1 << 16
 _EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+WEBHOOK_EVENTS = ["start", "logs", "completed"]
 
 
 async def _raise_with_response(response: httpx.Response) -> None:
@@ -101,15 +102,21 @@ class ReplicateProvider:
         except Exception as exc:
             raise from_exception(exc, NAME) from exc
 
-    async def create(self, model: str, inputs: dict[str, Any]) -> Prediction:
-        """Create a prediction of an official model (``owner/name``); POSTs are never retried by the client."""
-        return await self._call(self.client.models.predictions.async_create(model=model, input=inputs))
+    async def create(self, model: str, inputs: dict[str, Any], webhook: str | None = None) -> Prediction:
+        """Create a prediction of an official model (``owner/name``); POSTs are never retried by the client.
+        With ``webhook``, Replicate pushes its start, logs and end there."""
+        hook: dict[str, Any] = {"webhook": webhook, "webhook_events_filter": WEBHOOK_EVENTS} if webhook else {}
+        return await self._call(self.client.models.predictions.async_create(model=model, input=inputs, **hook))
 
     async def get(self, prediction_id: str) -> Prediction:
         return await self._call(self.client.predictions.async_get(prediction_id))
 
     async def cancel(self, prediction_id: str) -> None:
         await self._call(self.client.predictions.async_cancel(prediction_id))
+
+    async def webhook_secret(self) -> str:
+        """The account's webhook signing secret (``whsec_...``)."""
+        return (await self._call(self.client.webhooks.default.async_secret())).key
 
     async def fetch(self, url: str) -> aiohttp.ClientResponse:
         """Open an output URL for streaming; raises ApiError on an HTTP error."""
@@ -203,7 +210,7 @@ class ReplicateProvider:
         return inputs
 
     async def start(self, request: VideoRequest) -> str:
-        prediction = await self.create(self.model, self.video_inputs(request))
+        prediction = await self.create(self.model, self.video_inputs(request), request.webhook)
         return prediction.id
 
     async def poll(self, prediction_id: str) -> Snapshot:

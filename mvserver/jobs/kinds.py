@@ -19,13 +19,13 @@ class VideoDriver:
         self.backend = backend
         self.outputs = outputs
 
-    async def start(self, job: Job) -> str:
+    async def start(self, job: Job, webhook: str | None) -> str:
         reference = None
         if job.reference_mime_type:
             reference = await asyncio.to_thread(self.outputs.path("jobs", job.id, ".ref").read_bytes)
         fields = {name: job.request[name] for name in VIDEO_REQUEST_FIELDS}
         request = VideoRequest(prompt=job.request["full_prompt"], reference_image=reference,
-                               reference_mime_type=job.reference_mime_type, **fields)
+                               reference_mime_type=job.reference_mime_type, webhook=webhook, **fields)
         return await self.backend.start(request)
 
     async def poll(self, prediction_id: str) -> Snapshot:

@@ -95,6 +95,12 @@ class Job:
             "video_bytes": self.video_bytes,
         }
 
+    def progress_state(self) -> dict[str, Any]:
+        """The body of a ``progress`` event: only what moves while a job runs (clients merge it onto the last
+        full state they received)."""
+        return {"job_id": self.id, "status": self.status, "stage": self.stage, "progress": self.progress,
+                "elapsed_seconds": self.elapsed()}
+
     def public(self) -> dict[str, Any]:
         """The full view for ``GET /jobs/{id}``: the state plus model, URLs, error and the request, once."""
         return {**self.state(), "error": self.error, **_public_urls(self.id),

@@ -21,6 +21,7 @@ from ..backends import Snapshot
 from ..config import JobsSettings
 from ..errors import ApiError, ErrorInfo
 from ..storage import OutputStore
+from ..updates import PushedUpdates
 from .model import Event, Job, JobStatus, clip_text
 from .store import JobStore, Lease, LeaseLost
 
@@ -36,8 +37,9 @@ LOG_TAIL_LINES = 3
 class RemoteDriver(Protocol):
     """Runs a job as a provider prediction."""
 
-    async def start(self, job: Job) -> str:
-        """Create the prediction; return its id (saved before anything else, so a restart never creates another)."""
+    async def start(self, job: Job, webhook: str | None) -> str:
+        """Create the prediction (asking the provider to push updates to ``webhook`` when given); return its id,
+        saved before anything else, so a restart never creates another."""
 
     async def poll(self, prediction_id: str) -> Snapshot: ...
 
@@ -75,7 +77,7 @@ class JobEngine:
         self._cancel_requested: set[str] = set()
         self._lost: set[str] = set()
         self._started: set[str] = set()
-        self._updates: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.pushed = PushedUpdates(settings.webhook_safety_poll_seconds)  # provider webhooks of jobs run here
         self._dispatcher: asyncio.Task[None] | None = None
         self.closing: asyncio.Future[None] | None = None
 
@@ -157,9 +159,10 @@ class JobEngine:
     def next_event(self, job_id: str, after: int) -> asyncio.Future[None]:
         return self.store.next_event(job_id, after)
 
-    async def provider_update(self, job_id: str, data: dict[str, Any]) -> None:
-        """A provider pushed news of a job's prediction (a webhook): hand it to the job's owner, wherever it runs."""
-        await self.store.signal(job_id, "update", data)
+    async def provider_update(self, job_id: str, prediction_id: str, snapshot: Snapshot) -> None:
+        """A provider pushed news of a job's prediction (a verified webhook): hand it to the job's owner, wherever
+        it runs; its poll loop applies it exactly like a poll result."""
+        await self.store.signal(job_id, "update", {"prediction_id": prediction_id, "snapshot": snapshot.to_dict()})
 
     async def _on_signal(self, job_id: str, name: str, data: dict[str, Any]) -> None:
         task = self.tasks.get(job_id)
@@ -170,9 +173,7 @@ class JobEngine:
             if job_id in self._started:  # a task not yet started sees the request when it does
                 task.cancel()
         elif name == "update":
-            waiting = self._updates.get(job_id)
-            if waiting is not None and not waiting.done():
-                waiting.set_result(data)
+            self.pushed.push(job_id, data["prediction_id"], Snapshot.from_dict(data["snapshot"]))
 
     # -- claiming ---------------------------------------------------------------------------------------------
 
@@ -210,7 +211,7 @@ class JobEngine:
         self._cancel_requested.discard(job_id)
         self._lost.discard(job_id)
         self._started.discard(job_id)
-        self._updates.pop(job_id, None)
+        self.pushed.forget(job_id)
         self._slots.release()
 
     async def _keep_lease(self, lease: Lease) -> None:
@@ -291,7 +292,8 @@ class JobEngine:
         if job.prediction_id is None:
             job.stage = "submitting"
             await self._publish(job, lease, "running", record=True)
-            job.prediction_id = await self._retry(lambda: driver.start(job), create=True)
+            webhook = self.pushed.webhook_url(job.id, job.backend)
+            job.prediction_id = await self._retry(lambda: driver.start(job, webhook), create=True)
             job.stage = "generating"
             await self._publish(job, lease, "progress", record=True)
         else:
@@ -314,34 +316,22 @@ class JobEngine:
     async def _poll_until_done(self, job: Job, lease: Lease, driver: RemoteDriver) -> Snapshot:
         prediction_id = job.prediction_id
         assert prediction_id is not None
-        snapshot: Snapshot | None = None
+        pushed: Snapshot | None = None  # a webhook's snapshot, applied exactly like a poll result
+        shown_logs: str | None = None  # a progress event carries the log tail only when it changed
         while True:
-            if snapshot is None:
-                snapshot = await self._retry(lambda: driver.poll(prediction_id))
+            snapshot = pushed or self.pushed.polled(job.id, await self._retry(lambda: driver.poll(prediction_id)))
             if snapshot.done:
                 return snapshot
             if snapshot.progress is not None:
                 job.progress = round(snapshot.progress, 4)
             job.stage = "generating"
-            await self._publish(job, lease, "progress", extra={"logs": _tail(snapshot.logs)})
-            snapshot = await self._next_update(job, driver)
-
-    async def _next_update(self, job: Job, driver: Any) -> Snapshot | None:
-        """Wait one poll interval (+-10% jitter, so jobs started together do not poll in lockstep); a provider
-        update that arrives meanwhile is applied at once, exactly as a poll result."""
-        interval = self.settings.poll_interval_seconds * random.uniform(0.9, 1.1)
-        parse = getattr(driver, "parse_update", None)
-        if parse is None:
-            await asyncio.sleep(interval)
-            return None
-        waiting = self._updates[job.id] = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(interval):
-                return parse(job, await waiting)
-        except TimeoutError:
-            return None
-        finally:
-            self._updates.pop(job.id, None)
+            tail = _tail(snapshot.logs)
+            await self._publish(job, lease, "progress", extra={"logs": tail if tail != shown_logs else None})
+            shown_logs = tail or shown_logs
+            # +-10% jitter keeps jobs that started together (or resumed together) from polling in lockstep; a job
+            # whose provider pushes updates waits the long safety interval instead, woken by each push.
+            pushed = await self.pushed.wait(job.id, prediction_id,
+                                            self.settings.poll_interval_seconds * random.uniform(0.9, 1.1))
 
     async def _drive_local(self, job: Job, lease: Lease, driver: LocalDriver) -> None:
         job.stage = "running"
@@ -403,7 +393,10 @@ class JobEngine:
 
     async def _publish(self, job: Job, lease: Lease, name: str, *, record: bool = False,
                        extra: dict[str, Any] | None = None) -> None:
-        data = _event_data(job)
+        """Write one event: a status or stage change (``record``) carries the full state, a per-poll ``progress``
+        event only what moves."""
+        full = record or name != "progress"
+        data = _event_data(job) if full else {**job.progress_state(), "event_time": time.time()}
         if extra:
             data.update({k: v for k, v in extra.items() if v is not None})
         event = Event(id=job.last_event_id + 1, event=name, data=data)

@@ -46,3 +46,59 @@ def last_event_id(raw: str | None) -> int:
         return max(0, int(raw)) if raw else 0
     except ValueError:
         return 0
+
+
+async def stream_many(request: web.Request, engine: JobEngine, job_ids: list[str], *, ping_interval: float,
+                      retry_ms: int, after: str | None = None) -> web.StreamResponse:
+    """Serve several jobs' events on one connection (a browser allows about six per origin).
+
+    The SSE id of each event is every job's position, in the order of ``job_ids``, joined by dots (``3.7.0``):
+    a reconnect with ``Last-Event-ID`` resumes each job where it stood. ``after`` (same form) does the same for
+    a client that opens a new stream itself (an EventSource cannot set that header). The stream ends when every
+    job has sent its final event, when the client goes, or at shutdown.
+    """
+    async with sse_response(request, ping_interval=ping_interval) as response:
+        positions = _positions(response.last_event_id or after, len(job_ids))
+        gone = asyncio.ensure_future(response.wait())
+        assert engine.closing is not None
+        open_jobs = await _unfinished(engine, job_ids, positions)
+        retry: int | None = retry_ms
+        try:
+            while open_jobs and not engine.closing.done():
+                for index in sorted(open_jobs):
+                    for event in await engine.events(job_ids[index], positions[index]):
+                        positions[index] = event.id
+                        await response.send(event.data_json, id=".".join(map(str, positions)), event=event.event,
+                                            retry=retry)
+                        retry = None
+                        if event.final:
+                            open_jobs.discard(index)
+                waiters = {engine.next_event(job_ids[i], positions[i]) for i in open_jobs}
+                if not waiters:
+                    break
+                await asyncio.wait(waiters | {gone, engine.closing}, return_when=asyncio.FIRST_COMPLETED)
+                if gone.done():
+                    break
+        except (ConnectionResetError, RuntimeError):
+            pass
+        finally:
+            gone.cancel()
+    return response
+
+
+async def _unfinished(engine: JobEngine, job_ids: list[str], positions: list[int]) -> set[int]:
+    """Indexes of the jobs with events still to send."""
+    open_jobs = set()
+    for index, job_id in enumerate(job_ids):
+        job = await engine.get(job_id)
+        if job is not None and not (job.final and positions[index] >= job.last_event_id):
+            open_jobs.add(index)
+    return open_jobs
+
+
+def _positions(raw: str | None, count: int) -> list[int]:
+    """Per-job positions from a ``Last-Event-ID`` written by :func:`stream_many`; anything else starts over."""
+    parts = (raw or "").split(".")
+    if len(parts) != count or not all(part.isdigit() and len(part) <= 9 for part in parts):
+        return [0] * count
+    return [int(part) for part in parts]

@@ -3,6 +3,7 @@
 Predictions of ``google/imagen-4`` (an image) and ``google/veo-3.1`` (an MP4) are stored as JSON records; their
 status is derived from the time since creation (``starting``, ``processing`` with tqdm-style progress logs, then the
 end). The output is rendered once, when a prediction is first seen at its end, and served from ``/replicate/files``.
+A prediction created with a ``webhook`` URL also gets signed webhook deliveries (:mod:`.webhooks`).
 Errors use Replicate's problem JSON: ``{"title", "detail", "status"}`` (plus ``invalid_fields`` for a 422).
 """
 
@@ -32,6 +33,7 @@ from yarl import URL
 from ..storage import write_bytes_atomic
 from .render import render_character_image, render_video
 from .simulator import SIMULATOR, Simulator
+from .webhooks import SENDER, fault_marker, invalid_webhook_fields
 
 log = logging.getLogger("mvserver.sandbox")
 
@@ -457,11 +459,15 @@ class ReplicateApi:
         inputs = body.get("input") if isinstance(body, dict) else None
         if not isinstance(inputs, dict):
             return _validation_failed([{"type": "required", "field": "(root)", "description": "input is required"}])
-        problems = invalid_fields(spec, inputs)
+        problems = invalid_fields(spec, inputs) + invalid_webhook_fields(body)
         if problems:
             return _validation_failed(problems)
         record = self._new_record(sim, model, spec, inputs)
+        record.update(webhook=body.get("webhook"), webhook_events_filter=body.get("webhook_events_filter"),
+                      webhook_fault=fault_marker(inputs["prompt"]))
         await self._save(sim, record)
+        base = _base_url(request)  # the first delivery may arrive before this response, as on Replicate
+        request.app[SENDER].schedule(record, lambda r: prediction_json(r, base), lambda r: self._current(sim, r))
         wait = _wait_seconds(request)
         if wait:
             await asyncio.sleep(max(0.0, min(wait, record["created_at"] + record["latency"] - time.time())))
@@ -516,10 +522,18 @@ class ReplicateApi:
                 record["status"] = "canceled"
                 record["completed_at"] = time.time()
                 await self._save(sim, record)
+                request.app[SENDER].wake(record["id"])
         if phase(record) in TERMINAL:
             self.locks.pop(record["id"], None)
         record = await self._current(sim, record)
         return web.json_response(prediction_json(record, _base_url(request)))
+
+    @staticmethod
+    async def webhook_secret(request: web.Request) -> web.Response:
+        """``GET /replicate/v1/webhooks/default/secret``: the key that signs every webhook delivery."""
+        if not _authorized(request):
+            return _unauthenticated()
+        return web.json_response({"key": request.app[SIMULATOR].webhook_secret})
 
     async def create_file(self, request: web.Request) -> web.Response:
         """``POST /replicate/v1/files``: multipart with the file in ``content`` and optional JSON ``metadata``."""
@@ -582,4 +596,5 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get(f"{PREFIX}/v1/predictions/{{prediction_id}}", api.get_prediction, name="replicate.get")
     router.add_post(f"{PREFIX}/v1/predictions/{{prediction_id}}/cancel", api.cancel_prediction, name="replicate.cancel")
     router.add_post(f"{PREFIX}/v1/files", api.create_file, name="replicate.files.create")
+    router.add_get(f"{PREFIX}/v1/webhooks/default/secret", api.webhook_secret, name="replicate.webhooks.secret")
     router.add_get(f"{PREFIX}/files/{{file_id}}/{{name}}", api.get_file, name="replicate.files.get")

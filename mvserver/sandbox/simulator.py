@@ -10,7 +10,10 @@ Faults are injected per route with :meth:`Simulator.add_fault` (in process) or `
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
 import json
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +23,9 @@ from aiohttp import web
 
 from ..storage import write_bytes_atomic
 
-FaultKind = Literal["status", "reset", "hang", "truncate", "invalid_json", "fail_prediction"]
+FaultKind = Literal["status", "reset", "hang", "truncate", "invalid_json", "fail_prediction",
+                    # webhook deliveries (route ``replicate.webhook``), see :mod:`mvserver.sandbox.webhooks`
+                    "duplicate", "out_of_order", "drop", "delay", "bad_signature", "old_timestamp"]
 SIMULATOR = web.AppKey("simulator", "Simulator")
 
 
@@ -31,6 +36,8 @@ class Fault:
     ``status``: answer ``status`` with ``body`` (and ``Retry-After`` when ``retry_after`` is set); ``reset``: drop
     the connection; ``hang``: never answer; ``truncate``: send half a body and close; ``invalid_json``: a 200 that is
     not JSON; ``fail_prediction``: the next prediction/operation created on ``route`` ends failed with ``error``.
+    Webhook kinds (route ``replicate.webhook``) hit the next ``times`` deliveries of ``event`` (any event when
+    unset); ``delay`` waits ``seconds``.
     """
 
     route: str
@@ -40,6 +47,8 @@ class Fault:
     retry_after: float | None = None
     error: Any = None
     times: int = 1
+    event: str | None = None
+    seconds: float = 1.0
 
 
 @dataclass
@@ -53,6 +62,11 @@ class Simulator:
     render_cache: bool = False  # identical video requests share one rendered MP4 (benchmarks)
     output_pad_bytes: int = 0  # bytes of MP4 ``free`` box appended to each rendered video (large-file benchmarks)
     faults: list[Fault] = field(default_factory=list)
+    webhook_secret: str = field(default_factory=lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+    webhook_retry_seconds: float = 60.0  # how long a terminal webhook that gets no 2xx is retried
+    # (event, fault, HTTP status) of the latest webhook deliveries, for tests
+    webhook_deliveries: collections.deque[tuple[str, str | None, int | None]] = field(
+        default_factory=lambda: collections.deque(maxlen=10_000))
     requests: list[tuple[str, str]] = field(default_factory=list)  # (route name, path) seen, for tests
 
     def __post_init__(self) -> None:
@@ -66,10 +80,11 @@ class Simulator:
         self.faults.append(fault)
         return fault
 
-    def take_fault(self, route: str, kinds: tuple[str, ...] | None = None) -> Fault | None:
-        """The first pending fault for ``route`` (optionally of the given kinds); it is used up."""
+    def take_fault(self, route: str, kinds: tuple[str, ...] | None = None, event: str | None = None) -> Fault | None:
+        """The first pending fault for ``route`` (optionally of the given kinds, or for ``event``); it is used up."""
         for fault in self.faults:
-            if fault.route in (route, "*") and (kinds is None or fault.kind in kinds):
+            if fault.route in (route, "*") and (kinds is None or fault.kind in kinds) \
+                    and fault.event in (None, event):
                 fault.times -= 1
                 if fault.times <= 0:
                     self.faults.remove(fault)
@@ -141,10 +156,12 @@ async def clear_faults_endpoint(request: web.Request) -> web.Response:
 
 def create_simulator_app(sim: Simulator) -> web.Application:
     """The simulator app: ``/gemini`` (Developer API), ``/vertex`` (Veo) and ``/replicate`` (Replicate API)."""
-    from . import gemini_api, replicate_api
+    from . import gemini_api, replicate_api, webhooks
 
     app = web.Application(middlewares=[fault_middleware], client_max_size=64 * 1024 * 1024)
     app[SIMULATOR] = sim
+    app[webhooks.SENDER] = sender = webhooks.WebhookSender(sim)
+    app.cleanup_ctx.append(sender.context)
     app.router.add_post("/_sim/faults", add_fault_endpoint, name="sim.faults")
     app.router.add_delete("/_sim/faults", clear_faults_endpoint, name="sim.faults.clear")
     gemini_api.add_routes(app.router)

@@ -279,15 +279,17 @@ function follow(scene, eventsUrl) {
   });
 }
 
-function onJobEvent(scene, name, job) {
+function onJobEvent(scene, name, update) {
   const { els } = scene;
+  // A status event carries the job's full state; a progress event only what moved: merge it onto the last state.
+  const job = { ...(scene.job.last || {}), ...update };
   scene.job.last = job;
   scene.job.receivedAt = performance.now();
   els.sandbox.hidden = !job.sandbox;
   setProgress(els.progress, job.progress);
   renderJobStatus(scene);
-  if (job.logs) {
-    els.logs.textContent = job.logs;
+  if (update.logs) {
+    els.logs.textContent = update.logs;
     els.logs.hidden = false;
   }
   if (!FINAL_EVENTS.includes(name)) return;
