@@ -39,13 +39,13 @@ async def timing_middleware(request: web.Request, handler: Callable[[web.Request
 async def stats(request: web.Request) -> web.Response:
     manager = request.app[JOBS]
     store = manager.store
-    statuses = collections.Counter(job.status for job in store._active.values())
+    statuses = collections.Counter(job.status for job in getattr(store, "_active", {}).values())
     return web.json_response({
         "asyncio_tasks": len(asyncio.all_tasks()),
         "job_tasks": len(manager.tasks),
         "jobs": dict(statuses),
         "wakers": len(store._wakers),
-        "write_locks": len(store._write_locks),
+        "write_locks": len(getattr(store, "_write_locks", {})),
         "open_fds": len(os.listdir("/proc/self/fd")),
         "fds": dict(collections.Counter(_fd_kind(name) for name in os.listdir("/proc/self/fd"))),
     })

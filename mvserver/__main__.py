@@ -18,6 +18,7 @@ from dotenv import load_dotenv
 from .app import create_app
 from .auth import KeyLimits, create_key, read_keys, revoke_key
 from .config import ConfigError, EnvSettings
+from .jobs import StoreUnavailable
 from .logs import AccessLogger, configure_logging
 
 
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         web.run_app(app, host=env.host, port=env.port, access_log_class=AccessLogger)
     except OSError as exc:  # the address is in use, or cannot be bound
         print(f"mvserver: cannot listen on {env.host}:{env.port}: {exc.strerror or exc}", file=sys.stderr)
+    except StoreUnavailable as exc:
+        print(f"mvserver: job store unavailable: {exc}", file=sys.stderr)
         return 2
     return 0
 

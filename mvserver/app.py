@@ -19,6 +19,7 @@ from .errors import server_log
 from .jobs import JOBS, FileJobStore, JobEngine, JobStore, video_kind
 from .metrics import METRICS
 from .project_store import PROJECTS, open_project_store
+from .jobs.retention import sweep_forever
 from .sandbox.simulator import Simulator, start_simulator
 from .schemas import REQUEST_MODELS, RequestModels
 from .security import security_middleware
@@ -97,7 +98,15 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
 
 
 def job_store(app: web.Application) -> JobStore:
-    """The configured job store: files under ``MV_OUTPUT_DIR`` (the embedded default)."""
+    """The configured job store: Redis when ``MV_REDIS_URL`` is set (several processes), else files under
+    ``MV_OUTPUT_DIR`` (the embedded default)."""
+    config = app[CONFIG]
+    if config.env.redis_url:
+        from .jobs.redis_store import RedisJobStore  # redis is imported only when it is used
+
+        jobs = config.videos.jobs
+        return RedisJobStore(config.env.redis_url, prefix=config.env.redis_prefix, lease_seconds=jobs.lease_seconds,
+                             claim_interval_seconds=jobs.claim_interval_seconds)
     return FileJobStore(app[STORE])
 
 
@@ -110,9 +119,17 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     resumed = await engine.start()
     if resumed:
         log.info("resuming %d unfinished job(s)", resumed)
+    sweeper = None
+    retention = config.videos.jobs.retention_hours * 3600
+    if retention > 0:
+        sweeper = asyncio.get_running_loop().create_task(sweep_forever(engine.store, app[STORE], retention),
+                                                         name="retention-sweeper")
     try:
         yield
     finally:
+        if sweeper is not None:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
         await engine.close()
 
 

@@ -162,6 +162,13 @@ class JobsSettings(_Strict):
     sse_retry_ms: int = Field(ge=0)
     sse_max_jobs_per_stream: int = Field(default=50, ge=1, le=500)
     webhook_safety_poll_seconds: PositiveFloat = 30.0
+    # Several processes (Redis store): a running job's lease lives this long without renewal (renewed every third
+    # of it); a node looks for jobs abandoned by a dead node this often.
+    lease_seconds: PositiveFloat = 30.0
+    claim_interval_seconds: PositiveFloat = 5.0
+    # Finished jobs (record, events, reference image, video) and old images and scenes are removed after this many
+    # hours; 0 keeps everything. An expired job id answers 410 for as long again.
+    retention_hours: float = Field(default=720.0, ge=0)
 
 
 class VideosSettings(_Strict):
@@ -382,6 +389,7 @@ class EnvSettings:
     log_format: Literal["text", "json"] = "text"
     allowed_hosts: tuple[str, ...] | None = None  # None: the listen host, localhost, 127.0.0.1 and [::1]
     redis_url: str | None = None
+    redis_prefix: str = "mv:"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EnvSettings":
@@ -422,6 +430,7 @@ class EnvSettings:
             log_format=_env_choice(env, "MV_LOG_FORMAT", ("text", "json")),
             allowed_hosts=tuple(item.lower() for item in _env_list(env, "MV_ALLOWED_HOSTS")) or None,
             redis_url=text("MV_REDIS_URL"),
+            redis_prefix=text("MV_REDIS_PREFIX") or "mv:",
         )
 
     @property
@@ -478,7 +487,7 @@ class Config:
     def summary(self) -> dict[str, Any]:
         """The loaded parameters, for the start-up debug print (secrets shown only as set/unset)."""
         secrets = {"gemini_api_key", "replicate_api_token", "vertex_api_key", "replicate_webhook_signing_key",
-                   "url_signing_key"}
+                   "url_signing_key", "redis_url"}
         env = {k: ("set" if v else "unset") if k in secrets else str(v) for k, v in vars(self.env).items()}
         return {
             "env": env,

@@ -360,7 +360,7 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
-    job_errors = (400, 404)
+    job_errors = (400, 404, 410, 503)
     paths = {
         "/api/mv/health": {"get": {"summary": "Version, sandbox/live mode per provider", "responses": _answers(200, "ok")}},
         "/api/mv/create_scenes": {"post": {
@@ -411,7 +411,7 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
             "responses": _answers(200, "event stream", 400, 404, content="text/event-stream")}},
         "/api/mv/get_video/{video_id}": {"get": {
             "summary": "The finished MP4 (Range requests supported)", "parameters": [_id_parameter("video_id")],
-            "responses": {**_answers(200, "video", 400, 404, 409, 416, content="video/mp4"),
+            "responses": {**_answers(200, "video", 400, 404, 409, 410, 416, content="video/mp4"),
                           "206": {"description": "the byte range asked for with a Range header",
                                   "content": {"video/mp4": {}}}}}},
         "/api/mv/webhooks/replicate": {"post": {

@@ -217,8 +217,14 @@ async def _job(request: web.Request) -> Job:
     job_id = check_id(request.match_info["job_id"], "job_id")
     job = await request.app[JOBS].get(job_id)
     if job is None:
+        await _not_expired(request, job_id)
         raise ApiError(404, "not_found", f"no job with id {job_id}")
     return job
+
+
+async def _not_expired(request: web.Request, job_id: str) -> None:
+    if await request.app[JOBS].expired(job_id):
+        raise ApiError(410, "expired", f"job {job_id} finished long ago and was removed (jobs.retention_hours)")
 
 
 @routes.get("/api/mv/jobs/{job_id}")
@@ -254,6 +260,7 @@ async def get_video(request: web.Request) -> web.StreamResponse:
         raise ApiError(409, code, message, provider=cause.get("provider"),
                        provider_status=cause.get("provider_status"), provider_error=cause.get("provider_error"))
     if not await asyncio.to_thread(path.is_file):
+        await _not_expired(request, video_id)
         raise ApiError(404, "not_found", f"no video with id {video_id}")
     return VideoFileResponse(path, headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
 

@@ -6,8 +6,12 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
+import subprocess
+import time
+import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import yaml
@@ -80,11 +84,102 @@ def settings_dir(tmp_path: Path) -> Path:
     return target
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RedisServer:
+    """A private ``redis-server`` on 127.0.0.1 (persistence off unless asked); ``restart()`` keeps its port."""
+
+    def __init__(self, workdir: Path, *, persistent: bool = False):
+        self.workdir = workdir
+        self.port = free_port()
+        self.persistent = persistent
+        self.process: subprocess.Popen | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else \
+            ["--appendonly", "no", "--save", ""]
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+             "--protected-mode", "yes", *persistence], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "redis-server exited at start-up"
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError("redis-server did not answer within 10 s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: a persistent server writes its data before it exits
+            self.process.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def redis_server_or_skip() -> None:
+    """Redis tests need Debian's redis-server; without it they skip, except on CI (CI=true), where they fail."""
+    if shutil.which("redis-server") is None:
+        message = "redis-server is not installed (apt-get install redis-server)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One private Redis for the session (or ``MV_TEST_REDIS_URL``); tests keep apart by key prefix."""
+    if os.environ.get("MV_TEST_REDIS_URL"):
+        yield os.environ["MV_TEST_REDIS_URL"]
+        return
+    redis_server_or_skip()
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Modules marked ``both_stores`` run every test on the file store and on Redis (one fixture, no copies)."""
+    if "job_store_kind" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_stores"):
+        kinds = ["file"] if metafunc.definition.get_closest_marker("file_store_only") else ["file", "redis"]
+        metafunc.parametrize("job_store_kind", kinds, indirect=True)
+
+
 @pytest.fixture
-def live_env(sim_server: TestServer, tmp_path: Path, settings_dir: Path) -> dict[str, str]:
-    """Environment of an app with every provider 'configured', all pointed at the simulator."""
+def job_store_kind(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", "file")
+
+
+@pytest.fixture
+def store_env(job_store_kind: str, request: pytest.FixtureRequest) -> dict[str, str]:
+    """The variables that select the job store: none for files; a Redis URL and a prefix of its own for Redis."""
+    if job_store_kind == "file":
+        return {}
+    url = request.getfixturevalue("redis_url")
+    return {"MV_REDIS_URL": url, "MV_REDIS_PREFIX": f"mvtest:{uuid.uuid4().hex[:10]}:"}
+
+
+@pytest.fixture
+def live_env(sim_server: TestServer, tmp_path: Path, settings_dir: Path, store_env: dict[str, str]) -> dict[str, str]:
+    """Environment of an app with every provider 'configured', all pointed at the simulator (and the job store
+    under test: files, or Redis in modules marked ``both_stores``)."""
     base = str(sim_server.make_url("")).rstrip("/")
     return {
+        **store_env,
         "GEMINI_API_KEY": "test-gemini-key",
         "REPLICATE_API_TOKEN": "r8_test",
         "GOOGLE_VERTEX_API_KEY": "test-vertex-key",

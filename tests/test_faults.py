@@ -20,6 +20,8 @@ from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator
 from conftest import AppClient, read_sse
 
+pytestmark = pytest.mark.both_stores
+
 PROMPT = "A lighthouse keeper plays a theremin on the gallery while the storm rolls in."
 HTTP_TIMEOUT = 1.5  # jobs.request_timeout_seconds for the hang tests: above a simulated render on a busy machine
 

@@ -1,4 +1,6 @@
-"""Video jobs through the real replicate and google-genai clients against the simulator: SSE, files, failures, restart."""
+"""Video jobs through the real replicate and google-genai clients against the simulator: SSE, files, failures, restart.
+
+Every test runs on both job stores (files and Redis)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from mvserver.jobs import JOBS
 from mvserver.storage import STORE
 from mvserver.sandbox.simulator import Simulator
 from conftest import read_sse
+
+pytestmark = pytest.mark.both_stores
 
 PROMPT = "A tabby cat DJ in neon headphones spins records on a rooftop at dusk."
 
@@ -439,6 +443,7 @@ async def test_sandbox_mode_renders_a_labelled_h264_clip_of_the_requested_shape(
         assert media["audio_codec"] is None
 
 
+@pytest.mark.file_store_only
 async def test_a_torn_last_event_line_is_cut_off_before_the_job_resumes(make_client: Any, sim: Simulator,
                                                                         live_env: dict[str, str]) -> None:
     sim.video_latency = 1.0

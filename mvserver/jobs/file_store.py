@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ log = logging.getLogger("mvserver.jobs")
 
 FINISHED_CACHE_SIZE = 256
 LOCAL_LEASE = "local"
+EXPIRE_BATCH = 500
 
 
 class FileJobStore:
@@ -35,6 +38,7 @@ class FileJobStore:
         self.outputs = outputs
         self.dir = outputs.root / "jobs"
         self.active_dir = self.dir / "active"
+        self.expired_dir = self.dir / "expired"
         self._active: dict[str, Job] = {}
         self._logs: dict[str, list[Event]] = {}
         self._finished: collections.OrderedDict[str, tuple[Job, list[Event] | None]] = collections.OrderedDict()
@@ -153,16 +157,19 @@ class FileJobStore:
         self._queue.append(job_id)
         self._queued.set()
 
-    async def claim(self) -> tuple[Job, Lease]:
-        while True:
+    async def claim(self, limit: int = 1) -> list[tuple[Job, Lease]]:
+        claimed: list[tuple[Job, Lease]] = []
+        while not claimed:
             while not self._queue:
                 if self._closing:
                     raise asyncio.CancelledError()
                 self._queued.clear()
                 await self._queued.wait()
-            job = self._active.get(self._queue.popleft())
-            if job is not None and not job.final:
-                return job, Lease(job.id, LOCAL_LEASE)
+            while self._queue and len(claimed) < limit:
+                job = self._active.get(self._queue.popleft())
+                if job is not None and not job.final:
+                    claimed.append((job, Lease(job.id, LOCAL_LEASE)))
+        return claimed
 
     async def renew(self, lease: Lease) -> bool:
         return True
@@ -244,6 +251,55 @@ class FileJobStore:
             job.cancel_requested = True
         if self._handler is not None:
             await self._handler(job_id, name, data)
+
+    # -- retention --------------------------------------------------------------------------------------------
+
+    async def expire(self, finished_before: float, tombstone_until: float) -> list[str]:
+        removed = await asyncio.to_thread(self._expire, finished_before, tombstone_until)
+        for job_id in removed:
+            self._finished.pop(job_id, None)
+        return removed
+
+    def _expire(self, finished_before: float, tombstone_until: float) -> list[str]:
+        """One pass over the records (a directory scan; a finished record is last written when the job ends, so its
+        mtime is its finish time) removing up to a batch of expired ones, then the tombstones that ran out."""
+        self.expired_dir.mkdir(parents=True, exist_ok=True)
+        removed: list[str] = []
+        with os.scandir(self.dir) as entries:
+            for entry in entries:
+                job_id = entry.name[:-5]
+                if not entry.name.endswith(".json") or not is_valid_id(job_id) or job_id in self._active:
+                    continue
+                try:
+                    if entry.stat().st_mtime >= finished_before:
+                        continue
+                except FileNotFoundError:
+                    continue
+                job = self._read_record(job_id)
+                if job is None or not job.final or (job.finished_at or 0) >= finished_before:
+                    continue
+                tombstone = self.expired_dir / job_id
+                tombstone.touch()
+                os.utime(tombstone, (tombstone_until, tombstone_until))
+                for suffix in (".json", ".events.jsonl"):
+                    self.outputs.path("jobs", job_id, suffix).unlink(missing_ok=True)
+                removed.append(job_id)
+                if len(removed) >= EXPIRE_BATCH:
+                    return removed
+        now = time.time()
+        with os.scandir(self.expired_dir) as tombstones:
+            for entry in tombstones:
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_mtime < now:
+                        os.unlink(entry.path)
+        return removed
+
+    async def expired(self, job_id: str) -> bool:
+        tombstone = self.expired_dir / job_id
+        try:
+            return (await asyncio.to_thread(tombstone.stat)).st_mtime >= time.time()
+        except FileNotFoundError:
+            return False
 
 
 def _append(path: Path, line: str) -> None:

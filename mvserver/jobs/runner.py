@@ -29,6 +29,7 @@ log = logging.getLogger("mvserver.jobs")
 T = TypeVar("T")
 
 CANCEL_WAIT_SECONDS = 15.0
+CLAIM_BATCH = 8  # jobs claimed in one go at most: few round trips for a burst, and a burst still spreads over nodes
 LOCAL_PROGRESS_MIN_SECONDS = 0.25  # at most four progress events a second from a local driver
 LOG_TAIL_LINES = 3
 
@@ -151,6 +152,10 @@ class JobEngine:
     async def events(self, job_id: str, after: int) -> list[Event]:
         return await self.store.events(job_id, after)
 
+    async def expired(self, job_id: str) -> bool:
+        """Whether the id belonged to a job removed by retention (answered 410 while its tombstone is kept)."""
+        return await self.store.expired(job_id)
+
     def next_event(self, job_id: str, after: int) -> asyncio.Future[None]:
         return self.store.next_event(job_id, after)
 
@@ -173,17 +178,33 @@ class JobEngine:
     # -- claiming ---------------------------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        """Claim a job whenever a slot is free, so a node never takes more than it can run."""
+        """Claim jobs whenever slots are free (all free slots at once, up to a small batch), so a node never takes
+        more than it can run."""
         while True:
             await self._slots.acquire()
+            free = 1
+            while free < CLAIM_BATCH and not self._slots.locked():
+                await self._slots.acquire()  # free: returns at once
+                free += 1
             try:
-                job, lease = await self.store.claim()
+                claimed = await self.store.claim(free)
             except BaseException:
-                self._slots.release()
+                for _ in range(free):
+                    self._slots.release()
                 raise
-            task = asyncio.get_running_loop().create_task(self._run(job, lease), name=f"job-{job.id}")
-            self.tasks[job.id] = task
-            task.add_done_callback(lambda _, job_id=job.id: self._task_done(job_id))
+            for _ in range(free - len(claimed)):
+                self._slots.release()
+            for job, lease in claimed:
+                await self._start(job, lease)
+
+    async def _start(self, job: Job, lease: Lease) -> None:
+        previous = self.tasks.get(job.id)
+        if previous is not None:  # this node lost the lease and claimed the job again: the old task ends first
+            previous.cancel()
+            await asyncio.wait({previous})
+        task = asyncio.get_running_loop().create_task(self._run(job, lease), name=f"job-{job.id}")
+        self.tasks[job.id] = task
+        task.add_done_callback(lambda _, job_id=job.id: self._task_done(job_id))
 
     def _task_done(self, job_id: str) -> None:
         self.tasks.pop(job_id, None)
@@ -198,7 +219,12 @@ class JobEngine:
         assert self.store.lease_seconds is not None
         while True:
             await asyncio.sleep(self.store.lease_seconds / 3)
-            if not await self.store.renew(lease):
+            try:
+                renewed = await self.store.renew(lease)
+            except Exception:  # a store bug must not stop the renewals silently
+                log.exception("job %s: renewing the lease failed", lease.job_id)
+                continue
+            if not renewed:
                 log.warning("job %s: lease lost; another node takes it over", lease.job_id)
                 self._lost.add(lease.job_id)
                 task = self.tasks.get(lease.job_id)

@@ -20,12 +20,17 @@ class LeaseLost(Exception):
     """The lease on a job ran out or was taken over: the holder must stop without writing or cancelling."""
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be reached at start-up (e.g. Redis is down): the server exits with one clear line."""
+
+
 @dataclass(frozen=True)
 class Lease:
     """The right to run and write one job, held by one node (``token`` is ``node:epoch`` on stores that fence)."""
 
     job_id: str
     token: str
+    ref: str = ""  # the store's handle on the claim (the dispatch entry id on Redis)
 
 
 class JobStore(Protocol):
@@ -45,8 +50,9 @@ class JobStore(Protocol):
     async def get(self, job_id: str) -> Job | None:
         """The job as last written, or None if there is none."""
 
-    async def claim(self) -> tuple[Job, Lease]:
-        """Wait for the next job to run (queued, or abandoned by a dead node) and take its lease."""
+    async def claim(self, limit: int = 1) -> list[tuple[Job, Lease]]:
+        """Wait for jobs to run (queued, or abandoned by a dead node) and take their leases: at least one and at
+        most ``limit`` (the node's free slots), so a burst of jobs costs few round trips."""
 
     async def write(self, lease: Lease, job: Job, event: Event | None, *, record: bool) -> None:
         """Append ``event`` (if any) and, if ``record``, save the record; raise :class:`LeaseLost` if not the owner."""
@@ -72,3 +78,10 @@ class JobStore(Protocol):
 
     def on_signal(self, handler: SignalHandler) -> None:
         """Register the engine's handler for signals to jobs this node owns."""
+
+    async def expire(self, finished_before: float, tombstone_until: float) -> list[str]:
+        """Remove the records and event logs of jobs finished before ``finished_before`` (a bounded batch per call),
+        leave a tombstone until ``tombstone_until`` and drop older tombstones; returns the ids removed now."""
+
+    async def expired(self, job_id: str) -> bool:
+        """Whether ``job_id`` belonged to a job removed by retention whose tombstone is still kept."""

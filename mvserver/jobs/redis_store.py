@@ -1,0 +1,477 @@
+"""The job store for several processes: records, event logs, claims, leases and signals in one Redis (>= 6.2).
+
+Keys (all under a prefix, ``mv:`` by default):
+
+- ``job:<id>``    hash: ``rec`` (the record as JSON), ``status``, ``last`` (last event id), ``cancel``, ``epoch``
+- ``ev:<id>``     stream: the job's events with explicit ids ``0-<n>``, so SSE ids stay 1..n and Redis itself
+  refuses a repeated or smaller id
+- ``lease:<id>``  ``node:epoch`` of the node running the job, with a TTL; renewed by a compare-and-renew script
+- ``dispatch``    stream + consumer group ``nodes``: one entry per job to run; a node reads one only with a free
+  slot, and takes over entries a dead node left pending (XAUTOCLAIM once idle longer than a lease)
+- ``finished``    sorted set of finished job ids by finish time (retention); ``tomb:<id>`` marks an expired id
+- channel ``node:<node>``: signals (cancel, provider updates) to the node that owns a job; ``wake:<node>`` a
+  stream that interrupts this node's one blocking event reader when it has a new job to follow
+
+Every write of an owner goes through one Lua script that checks the lease first, so a node that lost its lease
+(paused, partitioned) cannot write anything. Blocking reads use a client without a socket timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..errors import ApiError
+from .model import FINAL_STATUSES, Event, Job
+from .store import Lease, LeaseLost, SignalHandler, StoreUnavailable
+
+log = logging.getLogger("mvserver.jobs")
+
+GROUP = "nodes"
+UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+READER_BLOCK_MS = 10_000
+WATCH_IDLE_SECONDS = 60.0
+EXPIRE_BATCH = 500
+RETRY_PAUSE = 0.25
+
+# KEYS: lease, job, events, finished. ARGV: token, event id ('' none), name, data, rec, status, finished_at, job id.
+# An event id the log already has is the owner's own write retried after a lost reply: it is not appended twice.
+WRITE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' and tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[2], 'last') or '0') then
+  redis.call('XADD', KEYS[3], '0-' .. ARGV[2], 'e', ARGV[3], 'd', ARGV[4])
+  redis.call('HSET', KEYS[2], 'last', ARGV[2])
+end
+redis.call('HSET', KEYS[2], 'rec', ARGV[5], 'status', ARGV[6])
+if ARGV[7] ~= '' then redis.call('ZADD', KEYS[4], ARGV[7], ARGV[8]) end
+return 1
+"""
+
+# KEYS: lease, job, events, finished. ARGV: expected last id, event id, name, data, rec, status, finished_at, job id
+FINISH_UNCLAIMED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('HGET', KEYS[2], 'status') ~= 'queued' then return 0 end
+if redis.call('HGET', KEYS[2], 'last') ~= ARGV[1] then return 0 end
+redis.call('XADD', KEYS[3], '0-' .. ARGV[2], 'e', ARGV[3], 'd', ARGV[4])
+redis.call('HSET', KEYS[2], 'last', ARGV[2], 'rec', ARGV[5], 'status', ARGV[6])
+redis.call('ZADD', KEYS[4], ARGV[7], ARGV[8])
+return 1
+"""
+
+# KEYS: lease, job. ARGV: node, ttl ms. -> {0} gone or final, {1} owned by a live node, {2, token, rec, last, cancel}
+ACQUIRE = """
+local status = redis.call('HGET', KEYS[2], 'status')
+if not status or status == 'succeeded' or status == 'failed' or status == 'canceled' then return {0} end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {1} end
+local token = ARGV[1] .. ':' .. redis.call('HINCRBY', KEYS[2], 'epoch', 1)
+redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
+local job = redis.call('HMGET', KEYS[2], 'rec', 'last', 'cancel')
+return {2, token, job[1], job[2], job[3] or ''}
+"""
+
+# KEYS: lease, dispatch, job. ARGV: token, ttl ms, group, node, entry id. -> 0 lost, 1 renewed, 2 renewed + cancel
+RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[5] ~= '' then redis.call('XCLAIM', KEYS[2], ARGV[3], ARGV[4], 0, ARGV[5], 'JUSTID') end
+if redis.call('HGET', KEYS[3], 'cancel') == '1' then return 2 end
+return 1
+"""
+
+# KEYS: lease, dispatch. ARGV: token, group, entry id, done ('1'/'0'), job id
+RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if ARGV[3] ~= '' then
+  redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
+  redis.call('XDEL', KEYS[2], ARGV[3])
+end
+if ARGV[4] == '0' then redis.call('XADD', KEYS[2], '*', 'j', ARGV[5]) end
+return 1
+"""
+
+# KEYS: finished, job, events, tomb. ARGV: job id, tombstone expiry (unix ms)
+EXPIRE_ONE = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('SET', KEYS[4], '1', 'PXAT', ARGV[2])
+return 1
+"""
+
+
+def _event(entry_id: str, fields: dict[str, str]) -> Event:
+    return Event(id=int(entry_id.partition("-")[2]), event=fields["e"], data=json.loads(fields["d"]),
+                 data_json=fields["d"])
+
+
+def redacted(url: str) -> str:
+    """The URL without a password, for log and error lines."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return f"{scheme}{sep}{rest}"
+
+
+class RedisJobStore:
+    """Jobs shared by every node on one Redis; implements :class:`~mvserver.jobs.store.JobStore`."""
+
+    def __init__(self, url: str, *, prefix: str = "mv:", lease_seconds: float = 30.0,
+                 claim_interval_seconds: float = 5.0, node: str | None = None):
+        self.url = url
+        self.prefix = prefix
+        self.lease_seconds: float | None = lease_seconds
+        self.claim_interval = claim_interval_seconds
+        self.node = node or uuid.uuid4().hex[:12]
+        self._lease_ms = max(1, int(lease_seconds * 1000))
+        pool = aioredis.BlockingConnectionPool.from_url(url, decode_responses=True, protocol=2, max_connections=64,
+                                                        timeout=None, socket_timeout=5, socket_connect_timeout=3)
+        self.r = aioredis.Redis(connection_pool=pool)
+        # Blocking reads (claims, the event reader, signals) wait as long as they like: no socket timeout.
+        self.blocking = aioredis.Redis.from_url(url, decode_responses=True, protocol=2, socket_timeout=None,
+                                                socket_connect_timeout=3)
+        self._write = self.r.register_script(WRITE)
+        self._finish_unclaimed = self.r.register_script(FINISH_UNCLAIMED)
+        self._acquire = self.r.register_script(ACQUIRE)
+        self._renew = self.r.register_script(RENEW)
+        self._release = self.r.register_script(RELEASE)
+        self._expire_one = self.r.register_script(EXPIRE_ONE)
+        self._deadlines: dict[str, float] = {}  # lease token -> monotonic time it surely lapsed by
+        self._wakers: dict[str, asyncio.Future[None]] = {}
+        self._watch: dict[str, int] = {}  # job id -> last event id the reader has seen (reads after it)
+        self._wanted: dict[str, float] = {}  # job id -> when a subscriber last waited on it
+        self._wake_last = "0-0"
+        self._handler: SignalHandler | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._autoclaim_at = 0.0
+        self._autoclaim_cursor = "0-0"
+        self._closing = False
+        self._pokes: set[asyncio.Task[Any]] = set()
+
+    def k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    # -- life cycle -------------------------------------------------------------------------------------------
+
+    async def open(self) -> int:
+        try:
+            await self.r.ping()
+            await self._ensure_group()
+            self._wake_last = await self.r.xadd(self.k("wake", self.node), {"p": "1"}, maxlen=100, approximate=True)
+            unfinished = await self.r.xlen(self.k("dispatch"))
+        except UNAVAILABLE as exc:
+            await self._close_clients()
+            raise StoreUnavailable(f"cannot reach Redis at {redacted(self.url)}: {exc}") from None
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read_events(), name="redis-event-reader"),
+                       loop.create_task(self._listen(), name="redis-signals")]
+        log.info("job store: Redis at %s (node %s, prefix %r); %d job(s) queued or running in the cluster",
+                 redacted(self.url), self.node, self.prefix, unfinished)
+        return 0  # nothing to queue again: unfinished jobs stay in the dispatch stream for whichever node is free
+
+    async def _ensure_group(self) -> None:
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+            await self.r.xgroup_create(self.k("dispatch"), GROUP, id="0", mkstream=True)
+
+    async def close(self) -> None:
+        self._closing = True
+        for waker in self._wakers.values():
+            if not waker.done():
+                waker.set_result(None)
+        self._wakers.clear()
+        for task in [*self._tasks, *self._pokes]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._pokes, return_exceptions=True)
+        await self._close_clients()
+
+    async def _close_clients(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.blocking.aclose()
+        with contextlib.suppress(Exception):
+            await self.r.aclose()
+
+    # -- records ----------------------------------------------------------------------------------------------
+
+    async def create(self, job: Job, event: Event) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(self.k("job", job.id), mapping={"rec": json.dumps(job.record()), "status": job.status,
+                                                      "last": event.id})
+            pipe.xadd(self.k("ev", job.id), {"e": event.event, "d": event.data_json}, id=f"0-{event.id}")
+            pipe.xadd(self.k("dispatch"), {"j": job.id})
+            await _unavailable_as_503(pipe.execute())
+
+    async def get(self, job_id: str) -> Job | None:
+        rec, last, cancel = await _unavailable_as_503(self.r.hmget(self.k("job", job_id), "rec", "last", "cancel"))
+        return self._job(rec, last, cancel)
+
+    @staticmethod
+    def _job(rec: str | None, last: str | None, cancel: str | None) -> Job | None:
+        if rec is None:
+            return None
+        job = Job.from_record(json.loads(rec))
+        job.last_event_id = int(last or 0)
+        job.cancel_requested = job.cancel_requested or cancel == "1"
+        return job
+
+    async def write(self, lease: Lease, job: Job, event: Event | None, *, record: bool) -> None:
+        """Event and record in one fenced script (the record is always saved: it is one small hash field, and
+        every node then answers ``GET /jobs/{id}`` with the latest progress). Redis unreachable: retried until
+        the lease has surely lapsed, then :class:`LeaseLost`."""
+        args = ["" if event is None else event.id, event.event if event else "", event.data_json if event else "",
+                json.dumps(job.record()), job.status, job.finished_at or "" if job.final else "", job.id]
+        keys = [self.k("lease", job.id), self.k("job", job.id), self.k("ev", job.id), self.k("finished")]
+        while True:
+            try:
+                written = await self._write(keys=keys, args=[lease.token, *args])
+                break
+            except UNAVAILABLE as exc:
+                if time.monotonic() > self._deadlines.get(lease.token, 0):
+                    self._deadlines.pop(lease.token, None)
+                    raise LeaseLost(f"Redis unreachable past the lease: {exc}") from None
+                await asyncio.sleep(RETRY_PAUSE)
+        if not written:
+            self._deadlines.pop(lease.token, None)
+            raise LeaseLost(f"job {job.id}: lease {lease.token} is no longer held")
+
+    # -- claiming ---------------------------------------------------------------------------------------------
+
+    async def claim(self, limit: int = 1) -> list[tuple[Job, Lease]]:
+        """Wait for jobs: new dispatch entries, or (every claim interval) ones a dead node left pending."""
+        failures = 0
+        while True:
+            if self._closing:
+                raise asyncio.CancelledError()
+            try:
+                claimed = await self._claim_once(limit)
+                failures = 0
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._ensure_group()  # Redis restarted empty
+                continue
+            except UNAVAILABLE as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("job store: Redis unreachable (%s); retrying", exc)
+                await asyncio.sleep(min(2.0, RETRY_PAUSE * failures))
+                continue
+            if claimed:
+                return claimed
+
+    async def _claim_once(self, limit: int) -> list[tuple[Job, Lease]]:
+        now = time.monotonic()
+        if now >= self._autoclaim_at:
+            self._autoclaim_at = now + self.claim_interval
+            cursor, entries, *_ = await self.r.xautoclaim(self.k("dispatch"), GROUP, self.node, self._lease_ms,
+                                                          start_id=self._autoclaim_cursor, count=limit)
+            self._autoclaim_cursor = cursor
+            if cursor != "0-0":
+                self._autoclaim_at = now  # there may be more: look again at once
+            claimed = await self._take_all(entries)
+            for job, _ in claimed:
+                log.info("job %s: taken over from a node whose lease lapsed", job.id)
+            if claimed:
+                return claimed
+        block_ms = max(1, int((self._autoclaim_at - time.monotonic()) * 1000))
+        reply = await self.blocking.xreadgroup(GROUP, self.node, {self.k("dispatch"): ">"}, count=limit,
+                                               block=block_ms)
+        return await self._take_all([entry for _, entries in reply or [] for entry in entries])
+
+    async def _take_all(self, entries: list[tuple[str, dict[str, str] | None]]) -> list[tuple[Job, Lease]]:
+        taken = await asyncio.gather(*(self._take(entry_id, fields) for entry_id, fields in entries))
+        return [claim for claim in taken if claim is not None]
+
+    async def _take(self, entry_id: str, fields: dict[str, str] | None) -> tuple[Job, Lease] | None:
+        job_id = (fields or {}).get("j")
+        dispatch = self.k("dispatch")
+        if not job_id:
+            await self.r.xack(dispatch, GROUP, entry_id)
+            await self.r.xdel(dispatch, entry_id)
+            return None
+        reply = await self._acquire(keys=[self.k("lease", job_id), self.k("job", job_id)],
+                                    args=[self.node, self._lease_ms])
+        if reply[0] == 0:  # gone or already final: nothing to run
+            await self.r.xack(dispatch, GROUP, entry_id)
+            await self.r.xdel(dispatch, entry_id)
+            return None
+        if reply[0] == 1:  # its owner is alive (and will claim the entry back when it renews)
+            return None
+        _, token, rec, last, cancel = reply
+        job = self._job(rec, last, cancel)
+        assert job is not None
+        self._deadlines[token] = time.monotonic() + self.lease_seconds  # type: ignore[operator]
+        return job, Lease(job_id, token, entry_id)
+
+    async def renew(self, lease: Lease) -> bool:
+        try:
+            renewed = await self._renew(keys=[self.k("lease", lease.job_id), self.k("dispatch"),
+                                              self.k("job", lease.job_id)],
+                                        args=[lease.token, self._lease_ms, GROUP, self.node, lease.ref])
+        except UNAVAILABLE as exc:
+            alive = time.monotonic() < self._deadlines.get(lease.token, 0)
+            log.warning("job %s: cannot renew the lease (%s)%s", lease.job_id, exc, "" if alive else "; it lapsed")
+            return alive
+        if not renewed:
+            self._deadlines.pop(lease.token, None)
+            return False
+        self._deadlines[lease.token] = time.monotonic() + self.lease_seconds  # type: ignore[operator]
+        if renewed == 2 and self._handler is not None:  # a cancel whose notification was missed
+            await self._handler(lease.job_id, "cancel", {})
+        return True
+
+    async def release(self, lease: Lease, *, done: bool) -> None:
+        """Final: the dispatch entry is acknowledged and deleted. Not final (shutdown): the job is queued again at
+        once, so another node (or this one after a restart) resumes it."""
+        self._deadlines.pop(lease.token, None)
+        await self._release(keys=[self.k("lease", lease.job_id), self.k("dispatch")],
+                            args=[lease.token, GROUP, lease.ref, "1" if done else "0", lease.job_id])
+
+    async def finish_unclaimed(self, job: Job, event: Event) -> bool:
+        keys = [self.k("lease", job.id), self.k("job", job.id), self.k("ev", job.id), self.k("finished")]
+        args = [event.id - 1, event.id, event.event, event.data_json, json.dumps(job.record()), job.status,
+                job.finished_at or time.time(), job.id]
+        return bool(await _unavailable_as_503(self._finish_unclaimed(keys=keys, args=args)))
+
+    # -- events -----------------------------------------------------------------------------------------------
+
+    async def events(self, job_id: str, after: int) -> list[Event]:
+        entries = await _unavailable_as_503(self.r.xrange(self.k("ev", job_id), min=f"(0-{after}", max="+"))
+        return [_event(entry_id, fields) for entry_id, fields in entries]
+
+    def next_event(self, job_id: str, after: int) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        seen = self._watch.get(job_id)
+        if self._closing or (seen is not None and seen > after):
+            done = loop.create_future()
+            done.set_result(None)
+            return done
+        self._wanted[job_id] = time.monotonic()
+        waker = self._wakers.get(job_id)
+        if waker is None:
+            waker = self._wakers[job_id] = loop.create_future()
+        if seen is None:  # a job the reader does not follow yet: interrupt its blocking read
+            self._watch[job_id] = after
+            poke = loop.create_task(self._poke())
+            self._pokes.add(poke)
+            poke.add_done_callback(self._pokes.discard)
+        return waker
+
+    async def _poke(self) -> None:
+        with contextlib.suppress(*UNAVAILABLE):
+            await self.r.xadd(self.k("wake", self.node), {"p": "1"}, maxlen=100, approximate=True)
+
+    async def _read_events(self) -> None:
+        """The node's one reader of job events: a blocking XREAD over every followed job's stream (plus the wake
+        stream), resolving the shared future of each job that has news."""
+        wake = self.k("wake", self.node)
+        events_prefix = self.k("ev", "")
+        failures = 0
+        while not self._closing:
+            streams = {wake: self._wake_last, **{events_prefix + job_id: f"0-{seen}"
+                                                for job_id, seen in self._watch.items()}}
+            try:
+                reply = await self.blocking.xread(streams, block=READER_BLOCK_MS)
+                failures = 0
+            except UNAVAILABLE as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("job store: event reader lost Redis (%s); reconnecting", exc)
+                await asyncio.sleep(min(2.0, RETRY_PAUSE * failures))
+                continue
+            for key, entries in reply or []:
+                if key == wake:
+                    self._wake_last = entries[-1][0]
+                    continue
+                job_id = key[len(events_prefix):]
+                if job_id not in self._watch:
+                    continue
+                self._watch[job_id] = int(entries[-1][0].partition("-")[2])
+                waker = self._wakers.pop(job_id, None)
+                if waker is not None and not waker.done():
+                    waker.set_result(None)
+                if any(fields.get("e") in FINAL_STATUSES for _, fields in entries):
+                    self._forget(job_id)
+            self._forget_idle()
+
+    def _forget(self, job_id: str) -> None:
+        self._watch.pop(job_id, None)
+        self._wanted.pop(job_id, None)
+
+    def _forget_idle(self) -> None:
+        """Stop following jobs nobody waited on for a while (their subscribers left)."""
+        cutoff = time.monotonic() - WATCH_IDLE_SECONDS
+        for job_id in [j for j, at in self._wanted.items() if at < cutoff and j not in self._wakers]:
+            self._forget(job_id)
+
+    # -- signals ----------------------------------------------------------------------------------------------
+
+    def on_signal(self, handler: SignalHandler) -> None:
+        self._handler = handler
+
+    async def signal(self, job_id: str, name: str, data: dict[str, Any]) -> None:
+        if name == "cancel":
+            async with self.r.pipeline(transaction=True) as pipe:
+                pipe.exists(self.k("job", job_id))
+                pipe.hset(self.k("job", job_id), "cancel", "1")
+                exists, _ = await _unavailable_as_503(pipe.execute())
+            if not exists:
+                await self.r.delete(self.k("job", job_id))
+                return
+        token = await _unavailable_as_503(self.r.get(self.k("lease", job_id)))
+        if token is None:
+            return  # nobody runs it now: a later claimer sees the cancel flag
+        node = token.rpartition(":")[0]
+        if node == self.node:
+            if self._handler is not None:
+                await self._handler(job_id, name, data)
+            return
+        payload = json.dumps({"job": job_id, "name": name, "data": data})
+        await _unavailable_as_503(self.r.publish(self.k("node", node), payload))
+
+    async def _listen(self) -> None:
+        """Signals to this node, on its own channel; resubscribes after Redis comes back (a cancel missed meanwhile
+        is still seen at the next lease renewal, through the record's flag)."""
+        while not self._closing:
+            try:
+                async with self.blocking.pubsub() as pubsub:
+                    await pubsub.subscribe(self.k("node", self.node))
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message" or self._handler is None:
+                            continue
+                        signal = json.loads(message["data"])
+                        await self._handler(signal["job"], signal["name"], signal.get("data") or {})
+            except UNAVAILABLE:
+                await asyncio.sleep(0.5)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("job store: malformed signal ignored: %s", exc)
+
+    # -- retention --------------------------------------------------------------------------------------------
+
+    async def expire(self, finished_before: float, tombstone_until: float) -> list[str]:
+        ids = await self.r.zrangebyscore(self.k("finished"), "-inf", finished_before, start=0, num=EXPIRE_BATCH)
+        removed = []
+        for job_id in ids:
+            keys = [self.k("finished"), self.k("job", job_id), self.k("ev", job_id), self.k("tomb", job_id)]
+            if await self._expire_one(keys=keys, args=[job_id, int(tombstone_until * 1000)]):
+                removed.append(job_id)
+        return removed
+
+    async def expired(self, job_id: str) -> bool:
+        return bool(await _unavailable_as_503(self.r.exists(self.k("tomb", job_id))))
+
+
+async def _unavailable_as_503(call: Any) -> Any:
+    """A request that needs Redis while it is unreachable answers 503, not a stack trace."""
+    try:
+        return await call
+    except UNAVAILABLE as exc:
+        raise ApiError(503, "store_unavailable", f"the job store is unreachable: {exc}", retry_after=1) from None

@@ -1,0 +1,350 @@
+"""Several real ``python -m mvserver`` processes on one private Redis, all pointed at one standalone simulator.
+
+Short leases and claim intervals keep takeovers quick; the simulator's prediction records count creates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import aiohttp
+import pytest
+import yaml
+
+from mvserver.storage import write_bytes_atomic
+from conftest import PROJECT, RedisServer, free_port, read_sse, redis_server_or_skip
+
+pytestmark = pytest.mark.cluster
+
+PROMPT = "Three drummers on three rooftops keep one beat across the city at night."
+LEASE = 2.0
+CLAIM_INTERVAL = 0.5
+VIDEO_SECONDS = 4.0
+STARTUP_TIMEOUT = 90.0  # a loaded machine starts Python processes slowly
+
+
+class Cluster:
+    """A simulator process, a Redis and any number of nodes sharing one output directory."""
+
+    def __init__(self, tmp_path: Path, redis: RedisServer, settings_dir: Path):
+        self.video_seconds = VIDEO_SECONDS
+        self.tmp_path = tmp_path
+        self.redis = redis
+        self.settings_dir = settings_dir
+        self.processes: list[subprocess.Popen] = []
+        self.sim_dir = tmp_path / "simulator"
+        self.sim_port = free_port()
+        self.nodes: list[tuple[subprocess.Popen, str]] = []
+
+    def env(self) -> dict[str, str]:
+        sim = f"http://127.0.0.1:{self.sim_port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MV_", "GEMINI_", "REPLICATE_", "GOOGLE_"))}
+        env.update({
+            "GEMINI_API_KEY": "cluster-test", "REPLICATE_API_TOKEN": "r8_cluster", "GOOGLE_VERTEX_API_KEY": "cluster",
+            "MV_GEMINI_BASE_URL": f"{sim}/gemini", "MV_VERTEX_BASE_URL": f"{sim}/vertex",
+            "MV_REPLICATE_BASE_URL": f"{sim}/replicate",
+            "MV_REDIS_URL": self.redis.url, "MV_REDIS_PREFIX": "cluster:",
+            "MV_OUTPUT_DIR": str(self.tmp_path / "outputs"), "MV_SETTINGS_DIR": str(self.settings_dir),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
+        })
+        return env
+
+    def start_simulator(self) -> None:
+        log = (self.tmp_path / "simulator.log").open("wb")
+        self.processes.append(subprocess.Popen(
+            [sys.executable, "-m", "mvserver.sandbox", "--port", str(self.sim_port), "--state-dir", str(self.sim_dir),
+             "--video-latency", str(self.video_seconds), "--render-cache"], cwd=self.tmp_path, env=self.env(),
+            stdout=log, stderr=subprocess.STDOUT))
+
+    def start_node(self) -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        index = len(self.nodes)
+        with (self.tmp_path / f"node-{index}.log").open("wb") as log:
+            process = subprocess.Popen([sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
+                                       cwd=self.tmp_path, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        self.nodes.append((process, f"http://127.0.0.1:{port}"))
+        return process, f"http://127.0.0.1:{port}"
+
+    def log(self, index: int) -> str:
+        return (self.tmp_path / f"node-{index}.log").read_text(errors="replace")
+
+    def predictions(self) -> dict[str, dict[str, Any]]:
+        return {path.stem: json.loads(path.read_text()) for path in (self.sim_dir / "predictions").glob("*.json")}
+
+    def fast_forward(self, seconds_left: float = 0.5) -> None:
+        """Bring every running prediction's end near (the simulator reads its records from disk on each poll): long
+        predictions keep jobs mid-generation however slowly the nodes start, and still end soon after the check."""
+        for prediction_id, record in self.predictions().items():
+            if record.get("status") in ("starting", "processing"):
+                record["latency"] = time.time() - record["created_at"] + seconds_left
+                write_bytes_atomic(self.sim_dir / "predictions" / f"{prediction_id}.json", json.dumps(record).encode())
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                with_signal(process, signal.SIGCONT)
+                process.kill()
+                process.wait(timeout=10)
+
+
+def with_signal(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.kill(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def cluster_settings(settings_dir: Path) -> Path:
+    videos = yaml.safe_load((settings_dir / "videos.yaml").read_text())
+    videos["jobs"].update(poll_interval_seconds=0.1, lease_seconds=LEASE, claim_interval_seconds=CLAIM_INTERVAL)
+    (settings_dir / "videos.yaml").write_text(yaml.safe_dump(videos, sort_keys=False))
+    return settings_dir
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private Redis per test, with an append-only file so a restart keeps the data."""
+    redis_server_or_skip()
+    server = RedisServer(tmp_path / "redis", persistent=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, redis_server: RedisServer, cluster_settings: Path,
+                  request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+    """The simulator takes ``VIDEO_SECONDS`` per video, or what a ``video_seconds`` marker says."""
+    running = Cluster(tmp_path, redis_server, cluster_settings)
+    marker = request.node.get_closest_marker("video_seconds")
+    if marker is not None:
+        running.video_seconds = marker.args[0]
+    running.start_simulator()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+async def until_up(http: aiohttp.ClientSession, process: subprocess.Popen, url: str) -> None:
+    async with asyncio.timeout(STARTUP_TIMEOUT):
+        while True:
+            assert process.poll() is None, f"{url} exited with {process.returncode}"
+            try:
+                async with http.get(url) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+
+
+async def nodes_up(http: aiohttp.ClientSession, cluster: Cluster, count: int) -> list[str]:
+    started = [cluster.start_node() for _ in range(count)]
+    for process, base in started:
+        await until_up(http, process, f"{base}/api/mv/health")
+    return [base for _, base in started]
+
+
+async def sim_up(http: aiohttp.ClientSession, cluster: Cluster) -> None:
+    await until_up(http, cluster.processes[0], f"http://127.0.0.1:{cluster.sim_port}/_sim/health")
+
+
+async def submit(http: aiohttp.ClientSession, base: str) -> str:
+    async with http.post(f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4}) as response:
+        assert response.status == 202, await response.text()
+        return (await response.json())["job_id"]
+
+
+async def state(http: aiohttp.ClientSession, base: str, job_id: str) -> dict[str, Any]:
+    async with http.get(f"{base}/api/mv/jobs/{job_id}") as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def until(http: aiohttp.ClientSession, base: str, job_id: str, predicate: Callable[[dict[str, Any]], Any],
+                timeout: float = 30.0) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while True:
+            current = await state(http, base, job_id)
+            if predicate(current):
+                return current
+            await asyncio.sleep(0.05)
+
+
+def final(current: dict[str, Any]) -> bool:
+    return current["status"] in ("succeeded", "failed", "canceled")
+
+
+async def follow(http: aiohttp.ClientSession, base: str, job_id: str,
+                 received: list[tuple[float, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    """Every event of a job from ``base``'s SSE stream until the final one (with arrival times, if asked)."""
+    events = []
+    async with http.get(f"{base}/api/mv/jobs/{job_id}/events", timeout=aiohttp.ClientTimeout(total=90)) as response:
+        assert response.status == 200
+        async for event in read_sse(response):
+            events.append(event)
+            if received is not None:
+                received.append((time.monotonic(), event))
+    return events
+
+
+def assert_ids_exact(events: list[dict[str, Any]]) -> None:
+    ids = [int(e["id"]) for e in events]
+    assert ids == list(range(1, len(ids) + 1)), ids
+
+
+async def test_submit_on_a_stream_on_b_cancel_on_c_and_every_node_answers_the_same(
+        cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    await sim_up(http, cluster)
+    a, b, c = await nodes_up(http, cluster, 3)
+
+    job_id = await submit(http, a)
+    events = await follow(http, b, job_id)
+    assert events[-1]["event"] == "succeeded", events[-1]
+    assert_ids_exact(events)
+    views = [await state(http, base, job_id) for base in (a, b, c)]
+    assert views[0] == views[1] == views[2] and views[0]["status"] == "succeeded"
+    videos = []
+    for base in (a, b, c):
+        async with http.get(f"{base}/api/mv/get_video/{job_id}") as response:
+            assert response.status == 200
+            videos.append(await response.read())
+    assert videos[0][4:8] == b"ftyp" and videos[0] == videos[1] == videos[2]
+    assert len(videos[0]) == views[0]["video_bytes"]
+
+    doomed = await submit(http, a)
+    stream = asyncio.ensure_future(follow(http, b, doomed))
+    running = await until(http, c, doomed, lambda s: s["provider_prediction_id"] and s["stage"] == "generating")
+    async with http.delete(f"{c}/api/mv/jobs/{doomed}") as response:
+        assert response.status == 200
+        canceled = await response.json()
+    assert canceled["status"] == "canceled" and canceled["error"]["code"] == "job_canceled"
+    followed = await asyncio.wait_for(stream, 30)
+    assert followed[-1]["event"] == "canceled"
+    assert_ids_exact(followed)
+    assert cluster.predictions()[running["provider_prediction_id"]]["status"] == "canceled"
+    for base in (a, b, c):
+        assert (await state(http, base, doomed))["status"] == "canceled"
+        async with http.get(f"{base}/api/mv/get_video/{doomed}") as response:
+            assert response.status == 409 and (await response.json())["error"]["code"] == "job_canceled"
+
+
+@pytest.mark.video_seconds(300)
+async def test_kill_9_of_the_owner_hands_its_jobs_to_the_survivors_with_the_same_predictions(
+        cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    await sim_up(http, cluster)
+    [a] = await nodes_up(http, cluster, 1)
+    owner = cluster.nodes[0][0]
+    jobs = [await submit(http, a) for _ in range(10)]
+    before = {job_id: await until(http, a, job_id, lambda s: s["provider_prediction_id"] and s["stage"] == "generating")
+              for job_id in jobs}
+    b, c = await nodes_up(http, cluster, 2)
+    received: dict[str, list[tuple[float, dict[str, Any]]]] = {job_id: [] for job_id in jobs}
+    streams = [asyncio.ensure_future(follow(http, b, job_id, received[job_id])) for job_id in jobs]
+    await asyncio.sleep(0.3)  # the subscribers are following
+
+    with_signal(owner, signal.SIGKILL)
+    killed_at = time.monotonic()
+    owner.wait(timeout=10)
+    async with asyncio.timeout(LEASE + CLAIM_INTERVAL + 20):
+        while not all(any(at > killed_at and e["event"] == "running" for at, e in received[j]) for j in jobs):
+            await asyncio.sleep(0.05)
+    cluster.fast_forward()
+    followed = await asyncio.wait_for(asyncio.gather(*streams), 60)
+
+    predictions = cluster.predictions()
+    assert len(predictions) == len(jobs)  # exactly one create per job
+    takeovers = []
+    for job_id, events in zip(jobs, followed):
+        assert events[-1]["event"] == "succeeded", events[-1]
+        assert_ids_exact(events)  # none repeated, none skipped, each seen once by the subscriber on B
+        assert events[-1]["data"]["provider_prediction_id"] == before[job_id]["provider_prediction_id"]
+        resumed = [at for at, event in received[job_id] if at > killed_at and event["event"] == "running"]
+        assert resumed, f"{job_id} was not taken over"
+        takeovers.append(resumed[0] - killed_at)
+    assert max(takeovers) < LEASE + CLAIM_INTERVAL + 3.0, takeovers
+    for base in (b, c):
+        for job_id in jobs:
+            assert (await state(http, base, job_id))["provider_prediction_id"] == before[job_id]["provider_prediction_id"]
+    runners = "\n".join(cluster.log(i) for i in (1, 2))
+    assert runners.count("taken over from a node whose lease lapsed") == len(jobs)
+
+
+@pytest.mark.video_seconds(300)
+async def test_a_paused_owner_cannot_write_after_the_takeover(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    await sim_up(http, cluster)
+    [a] = await nodes_up(http, cluster, 1)
+    owner = cluster.nodes[0][0]
+    job_id = await submit(http, a)
+    first = await until(http, a, job_id, lambda s: s["provider_prediction_id"] and s["stage"] == "generating")
+    [b] = await nodes_up(http, cluster, 1)
+    received: list[tuple[float, dict[str, Any]]] = []
+    stream = asyncio.ensure_future(follow(http, b, job_id, received))
+    await asyncio.sleep(0.3)
+
+    with_signal(owner, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    async with asyncio.timeout(LEASE + CLAIM_INTERVAL + 5):
+        while not any(at > stopped_at and event["event"] == "running" for at, event in received):
+            await asyncio.sleep(0.05)
+    with_signal(owner, signal.SIGCONT)  # the paused owner wakes up believing it still runs the job
+    async with asyncio.timeout(20):
+        while "lease lost" not in cluster.log(0):
+            await asyncio.sleep(0.1)
+    cluster.fast_forward()
+    events = await asyncio.wait_for(stream, 30)
+
+    assert events[-1]["event"] == "succeeded"
+    assert_ids_exact(events)
+    assert [e["event"] for e in events].count("succeeded") == 1
+    assert events[-1]["data"]["provider_prediction_id"] == first["provider_prediction_id"]
+    assert len(cluster.predictions()) == 1
+    assert cluster.predictions()[first["provider_prediction_id"]]["status"] == "succeeded"  # nobody canceled it
+    assert owner.poll() is None  # it lives on, and serves
+    assert (await state(http, a, job_id))["status"] == "succeeded"
+
+
+async def test_a_redis_restart_mid_run_is_ridden_out(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    await sim_up(http, cluster)
+    a, b = await nodes_up(http, cluster, 2)
+    jobs = [await submit(http, base) for base in (a, b, a, b)]
+    for job_id in jobs:
+        await until(http, a, job_id, lambda s: s["provider_prediction_id"])
+    cluster.redis.restart()
+    finals = [await until(http, b, job_id, final, timeout=60) for job_id in jobs]
+    assert [f["status"] for f in finals] == ["succeeded"] * len(jobs), [f["error"] for f in finals]
+    assert len(cluster.predictions()) == len(jobs)
+    for job_id in jobs:
+        events = await follow(http, a, job_id)
+        assert_ids_exact(events)
+        assert events[-1]["event"] == "succeeded"
+
+
+def test_a_redis_that_is_down_at_start_up_is_one_clear_line_and_exit_2(tmp_path: Path, settings_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MV_")}
+    env.update(MV_REDIS_URL=f"redis://:secret@127.0.0.1:{free_port()}/0", MV_SANDBOX="true",
+               MV_OUTPUT_DIR=str(tmp_path / "outputs"), MV_SETTINGS_DIR=str(settings_dir),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "mvserver", "--port", str(free_port())], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if "unavailable" in line or "Traceback" in line]
+    assert len(errors) == 1 and errors[0].startswith("mvserver: job store unavailable: cannot reach Redis at")
+    assert "secret" not in done.stderr
