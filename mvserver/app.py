@@ -135,7 +135,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
 
 async def projects_context(app: web.Application) -> AsyncIterator[None]:
     """The project store: Redis when ``MV_REDIS_URL`` is set, else files under ``outputs/projects``."""
-    app[PROJECTS] = open_project_store(app[STORE], app[CONFIG].env.redis_url)
+    app[PROJECTS] = open_project_store(app[STORE], app[CONFIG].env.redis_url, app[CONFIG].env.redis_prefix)
     try:
         yield
     finally:

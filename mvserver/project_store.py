@@ -177,11 +177,12 @@ def _unavailable(exc: Exception) -> ApiError:
     return ApiError(503, "store_unavailable", "the project store (Redis) did not answer; try again", retry_after=1)
 
 
-def open_project_store(outputs: OutputStore, redis_url: str | None) -> ProjectStore:
-    """Redis when ``MV_REDIS_URL`` is set (records shared by every node), else files under ``outputs/projects``."""
+def open_project_store(outputs: OutputStore, redis_url: str | None, prefix: str = "mv:") -> ProjectStore:
+    """Redis when ``MV_REDIS_URL`` is set (records shared by every node, under ``MV_REDIS_PREFIX`` like the jobs),
+    else files under ``outputs/projects``."""
     if not redis_url:
         return FileProjectStore(outputs)
-    return RedisProjectStore(redis.asyncio.from_url(redis_url))
+    return RedisProjectStore(redis.asyncio.from_url(redis_url), prefix=f"{prefix}project:")
 
 
 PROJECTS = web.AppKey("projects", ProjectStore)
