@@ -13,6 +13,8 @@ from mvserver.sandbox.simulator import Simulator
 from conftest import read_sse
 from test_videos import events_of, submit
 
+pytestmark = pytest.mark.both_stores
+
 
 def by_job(events: list[dict[str, Any]]) -> dict[str, list[str]]:
     seen: dict[str, list[str]] = collections.defaultdict(list)

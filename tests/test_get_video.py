@@ -10,6 +10,8 @@ from aiohttp.test_utils import TestClient
 from mvserver.sandbox.simulator import Simulator
 from test_videos import events_of, submit
 
+pytestmark = pytest.mark.both_stores
+
 
 @pytest.fixture
 async def video(client: TestClient) -> dict[str, Any]:

@@ -3,6 +3,8 @@ SSE stream's ``retry:``, ``: ping`` comments and progress ``logs``."""
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import time
 from pathlib import Path
@@ -15,6 +17,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from mvserver.sandbox.simulator import Simulator
 from conftest import AppClient, read_sse
 from test_videos import events_of, statuses, submit, wait_for
+
+pytestmark = pytest.mark.both_stores
 
 
 def jobs_settings(settings_dir: Path, **changes: Any) -> None:

@@ -28,6 +28,8 @@ from mvserver.updates import PushedUpdates
 from mvserver.webhooks import RECEIVER, SeenIds
 from test_videos import events_of, statuses, submit
 
+pytestmark = pytest.mark.both_stores
+
 FINAL = {"succeeded", "failed", "canceled"}
 
 
