@@ -12,19 +12,15 @@ Every read of a song goes through :func:`song_file`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import re
 import secrets
-import signal
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import imageio_ffmpeg
 from aiohttp import web
 
+from . import media
 from .audio import saved_audio
 from .backends import PROVIDERS, Snapshot
 from .backends.replicate import ReplicateProvider
@@ -41,7 +37,6 @@ KIND = "lipsync"
 WINDOW_SUFFIX = ".lipsync.wav"
 TOLERANCE_SECONDS = 0.05  # a window may pass the song's end by this much (rounding); the rest is silence
 COPY_PACKET_BYTES = 1024  # WAV packets this small make a stream-copied cut end within ~6 ms of the wanted length
-STDERR_LIMIT = 1 << 20  # bytes of ffmpeg's output kept; the rest is read and dropped
 AUDIO_SUFFIXES = {"mp3": ".mp3", "wav": ".wav", "m4a": ".m4a", "aac": ".aac", "ogg": ".ogg", "flac": ".flac"}
 COPY_MAX_CHANNELS = 2
 COPY_MAX_RATE = 48000
@@ -82,67 +77,7 @@ def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-# -- ffmpeg (a probe and an audio cut; media.probe / media.run_ffmpeg do the same for assembly) -------------------------
-
-
-class FfmpegError(Exception):
-    """ffmpeg failed, timed out or could not read a file."""
-
-
-async def _read_head(stream: asyncio.StreamReader) -> bytes:
-    """The first STDERR_LIMIT bytes of a stream; the rest is read and dropped so ffmpeg never blocks on a full pipe."""
-    kept = bytearray()
-    while chunk := await stream.read(1 << 16):
-        if len(kept) < STDERR_LIMIT:
-            kept += chunk[: STDERR_LIMIT - len(kept)]
-    return bytes(kept)
-
-
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-async def run_ffmpeg(args: Sequence[str], timeout: float) -> tuple[int, str]:
-    """Run ffmpeg in its own process group without blocking the event loop; return its exit code and (the head of)
-    its stderr. On a timeout or cancellation the whole group is killed before this returns."""
-    proc = await asyncio.create_subprocess_exec(
-        imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", *args,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    assert proc.stderr is not None
-    try:
-        async with asyncio.timeout(timeout):
-            head = await _read_head(proc.stderr)
-            code = await proc.wait()
-    except BaseException as exc:
-        _kill_group(proc)
-        await asyncio.shield(proc.wait())
-        if isinstance(exc, TimeoutError):
-            raise FfmpegError(f"ffmpeg did not finish within {timeout:g} s") from None
-        raise
-    return code, head.decode(errors="replace")
-
-
-_DURATION = re.compile(r"^\s*Duration: (\d+):(\d+):(\d+(?:\.\d+)?)", re.M)
-_STREAM = re.compile(r"^\s*Stream #\d+:\d+\S*: (Video|Audio): ", re.M)
-
-
-@dataclass(frozen=True)
-class Probe:
-    duration: float
-    has_video: bool
-    has_audio: bool
-
-
-async def probe(path: Path, timeout: float) -> Probe:
-    """Length and stream kinds of a media file, from ``ffmpeg -i`` (imageio-ffmpeg ships no ffprobe)."""
-    _, text = await run_ffmpeg(["-i", str(path)], timeout)  # exits 1: no output named
-    match = _DURATION.search(text)
-    if match is None:
-        raise FfmpegError(f"cannot read {path.name}: {text.strip()[-300:]}")
-    kinds = set(_STREAM.findall(text))
-    seconds = int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3])
-    return Probe(seconds, "Video" in kinds, "Audio" in kinds)
+# -- the audio cut (probing and running ffmpeg: mvserver.media) -------------------------------------------------------
 
 
 def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path) -> list[str]:
@@ -168,9 +103,7 @@ async def cut_window(song: Song, start: float, seconds: float, length: float, de
     """Write the window to ``dest`` atomically (a temporary file renamed into place; removed on any failure)."""
     tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
     try:
-        code, text = await run_ffmpeg(cut_args(song, start, seconds, length, tmp), timeout)
-        if code != 0:
-            raise FfmpegError(f"ffmpeg exited with status {code}: {text.strip()[-500:] or '(no output)'}")
+        await media.run_ffmpeg(cut_args(song, start, seconds, length, tmp), timeout=timeout)
         await asyncio.to_thread(os.replace, tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -215,7 +148,7 @@ def plan_window(start: float, end: float | None, clip_seconds: float, song_secon
     return Window(start=start, end=min(end, start + clip_seconds, song_seconds), length=clip_seconds)
 
 
-async def finished_clip(app: web.Application, job_id: str, limits: LipsyncLimits) -> tuple[Path, Probe]:
+async def finished_clip(app: web.Application, job_id: str, limits: LipsyncLimits) -> tuple[Path, media.MediaInfo]:
     """The MP4 of a succeeded job, probed (400 naming ``video_job_id`` otherwise)."""
     field = "video_job_id"
     job = await app[JOBS].get(job_id)
@@ -234,10 +167,10 @@ async def finished_clip(app: web.Application, job_id: str, limits: LipsyncLimits
                        field=field)
     try:
         async with app[FFMPEG_SLOTS]:
-            info = await probe(path, limits.ffmpeg_timeout_seconds)
-    except FfmpegError as exc:
+            info = await media.probe(path, timeout=limits.ffmpeg_timeout_seconds)
+    except media.MediaError as exc:
         raise ApiError(400, "invalid_clip", f"{field}: the clip cannot be read: {exc}", field=field) from None
-    if not info.has_video or not info.duration > 0:
+    if info.first_video is None or not (info.duration or 0) > 0:
         raise ApiError(400, "invalid_clip", f"{field}: the file of job {job_id} holds no video", field=field)
     if info.duration > limits.max_clip_seconds:
         raise ApiError(400, "clip_too_long", f"{field}: the clip lasts {info.duration:g} s; lip sync takes at most "
@@ -304,7 +237,7 @@ class LipsyncDriver:
             async with self.app[FFMPEG_SLOTS]:
                 await cut_window(song, window["start"], window["seconds"], request["clip_seconds"], dest,
                                  self.settings.limits.ffmpeg_timeout_seconds)
-        except FfmpegError as exc:
+        except media.MediaError as exc:
             raise ApiError(500, "audio_cut_failed", f"the audio window could not be cut: {exc}",
                            field="audio_id") from None
         try:
