@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +29,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from .config import ConfigError
+from .storage import write_bytes_atomic
 from .errors import ApiError
 from .signing import SIGNER
 
@@ -96,18 +96,7 @@ def write_keys(path: Path, keys: KeysFile) -> None:
     """Write the keys file atomically with mode 0600 (temporary file in the same directory, fsync, rename)."""
     data = keys.model_dump(mode="json")
     text = json.dumps(data, indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, text.encode("utf-8"), mode=0o600)
 
 
 @contextlib.contextmanager

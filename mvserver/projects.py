@@ -30,7 +30,7 @@ from .jobs import JOBS, Job
 from .project_schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
 from .project_store import PROJECTS, ClipVersion, Project, Scene, Song
 from .scenes import write_scenes
-from .schemas import REQUEST_MODELS
+from .schemas import REQUEST_MODELS, json_object
 from .storage import STORE, check_id, new_id
 from .videos import accepted_job, check_reference_shape, submit_video_job
 
@@ -263,15 +263,7 @@ async def _json_object(request: web.Request, *, optional: bool = False) -> dict[
     raw = await request.read()
     if optional and not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ApiError(400, "invalid_json", "request body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_json", "request body must be a JSON object")
-    return body
+    return json_object(raw)
 
 
 def _validate(model: type[BaseModel], data: dict[str, Any], prefix: str = "") -> tuple[Any, list[str]]:

@@ -170,16 +170,22 @@ class RequestModels(BaseModel):
 REQUEST_MODELS = web.AppKey("request_models", RequestModels)
 
 
-async def parse_body(request: web.Request, model: type[Model], debug: bool) -> tuple[Model, list[str]]:
-    """Parse and validate a JSON body; return the model and the names of the fields filled from settings."""
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object; 400 ``invalid_json`` for anything else."""
     try:
-        body = json.loads(await request.read())
+        body = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, "invalid_json", "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "request body must be a JSON object")
+    return body
+
+
+async def parse_body(request: web.Request, model: type[Model], debug: bool) -> tuple[Model, list[str]]:
+    """Parse and validate a JSON body; return the model and the names of the fields filled from settings."""
+    body = json_object(await request.read())
     debug_print(debug, f"{request.path} request arguments received", body)
     try:
         parsed = model.model_validate(body)

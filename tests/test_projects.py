@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import imageio_ffmpeg
 import pytest
@@ -23,56 +19,14 @@ from mvserver.project_store import FileProjectStore, Project, RedisProjectStore,
 from mvserver.projects import TimelineEntry, project_timeline, size_to_song
 from mvserver.sandbox.simulator import Simulator
 from mvserver.storage import OutputStore, new_id
-from conftest import AppClient
+from conftest import AppClient, free_port
 
 BASE = "/api/mv/projects"
 IDEA = "A tabby cat DJ plays a rooftop party at dusk"
 CHARACTER = "an orange tabby cat in neon headphones and a silver bomber jacket"
 
 
-# -- a real redis-server for this module ---------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A throw-away redis-server on a free loopback port (no persistence); fails under CI=true if missing."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("redis-server is missing (apt-get install redis-server)")
-        pytest.skip("redis-server is missing (apt-get install redis-server)")
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-@pytest.fixture(params=["file", "redis"])
-def store_env(request: pytest.FixtureRequest) -> dict[str, str]:
-    """Environment overrides selecting the project store."""
-    if request.param == "file":
-        return {}
-    return {"MV_REDIS_URL": request.getfixturevalue("redis_url")}
+pytestmark = pytest.mark.both_stores  # projects and their clip jobs on files, then on a private Redis
 
 
 @pytest.fixture
@@ -489,7 +443,7 @@ async def test_the_openapi_document_describes_the_project_requests(app_client: T
 
 
 async def test_an_unreachable_redis_is_a_503_not_a_crash() -> None:
-    store = RedisProjectStore(redis.asyncio.from_url(f"redis://127.0.0.1:{_free_port()}/0"))
+    store = RedisProjectStore(redis.asyncio.from_url(f"redis://127.0.0.1:{free_port()}/0"))
     try:
         with pytest.raises(ApiError) as caught:
             await store.get(new_id())

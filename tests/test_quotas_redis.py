@@ -3,57 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 import pytest
 from redis.asyncio import Redis
 
-from conftest import AppClient
+from conftest import AppClient, RedisServer, redis_server_or_skip
 from mvserver.auth import KeyLimits, create_key
 from mvserver.quotas import RedisRateLimiter, set_rate_limiter
 
 SECRET = "test-signing-secret-0123456789abcdefghij"
 SCENES = {"idea": "a drummer on a rooftop at dusk", "character_description": "a tall woman in a red coat",
           "number_of_scenes": 2}
-REDIS_SERVER = shutil.which("redis-server")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
-    """A private redis-server on 127.0.0.1 (no persistence), stopped after the test."""
-    if REDIS_SERVER is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is missing (apt-get install redis-server)")
-        pytest.skip("redis-server is missing (apt-get install redis-server)")
-    port = _free_port()
-    proc = subprocess.Popen([REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    """A private redis-server for each test (buckets start empty); fails under CI=true if redis-server is missing."""
+    redis_server_or_skip()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture
