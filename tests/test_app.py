@@ -93,7 +93,8 @@ def running_server(tmp_path: Path, stop: signal.Signals, **env: str) -> Iterator
         process = subprocess.Popen([sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
                                    env={**keyless_env(tmp_path), **env}, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        wait_for_health(process, f"http://127.0.0.1:{port}/api/mv/health", log, time.monotonic() + 15)
+        # a busy machine imports the server slowly: wait up to a minute for it to answer
+        wait_for_health(process, f"http://127.0.0.1:{port}/api/mv/health", log, time.monotonic() + 60)
         yield port, log, exit_code
     finally:
         process.send_signal(stop)
