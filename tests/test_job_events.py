@@ -97,3 +97,17 @@ async def test_a_failed_provider_cancel_is_logged_with_its_reason(client: TestCl
     assert len(warnings) == 1 and "cancel backend down" in warnings[0]
 
 
+
+
+@pytest.mark.parametrize("length", [1000, 1001])
+async def test_event_errors_are_clipped_exactly_at_the_limit(client: TestClient, sim: Simulator,
+                                                              length: int) -> None:
+    sim.video_latency = 0.3
+    sim.add_fault("replicate.create", "fail_prediction", error="E" * length)
+    accepted = await submit(client)
+    events = await events_of(client, accepted["job_id"])
+    clipped = events[-1]["data"]["error"]["provider_error"]
+    assert clipped == ("E" * 1000 if length <= 1000 else "E" * 999 + "…")
+    state = await (await client.get(accepted["status_url"])).json()
+    assert state["error"]["provider_error"] == "E" * length
+

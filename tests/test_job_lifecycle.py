@@ -51,7 +51,11 @@ async def test_cancelling_a_queued_job_ends_it_without_creating_a_prediction(mak
     state = await response.json()
     assert state["status"] == "canceled" and state["error"]["code"] == "job_canceled"
     assert state["provider_prediction_id"] is None and state["started_at"] is None
-    assert statuses(await events_of(client, queued["job_id"])) == ["queued", "canceled"]
+    async with asyncio.timeout(10):  # a missing canceled event would leave the stream open
+        events = await events_of(client, queued["job_id"])
+    assert statuses(events) == ["queued", "canceled"]
+    assert [event["id"] for event in events] == ["1", "2"]  # the canceled event follows on, numbered once
+    assert events[-1]["data"]["status"] == "canceled" and events[-1]["data"]["error"]["code"] == "job_canceled"
 
     # Free the slot: the next job gets it and the canceled one never reaches the provider.
     await client.delete(first["status_url"])
