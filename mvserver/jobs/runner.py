@@ -113,6 +113,10 @@ class JobEngine:
     async def get(self, job_id: str) -> Job | None:
         return await self.store.get(job_id)
 
+    async def running_jobs(self, owner: str) -> int:
+        """How many jobs of the key ``owner`` are queued or running, on every node (its running-jobs quota)."""
+        return await self.store.count_active(owner)
+
     async def submit(self, job: Job) -> Job:
         """Persist a new job with its ``queued`` event and queue it for a slot."""
         job.last_event_id = 1
