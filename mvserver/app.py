@@ -118,6 +118,10 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
     app[JOBS] = engine
     set_running_jobs_counter(app, engine.running_jobs)  # no-op with keys off
+    if METRICS in app:
+        metrics = app[METRICS]
+        engine.hooks.finished = lambda job: metrics.jobs_finished.labels(job.status, job.kind, job.backend).inc()
+        engine.hooks.subscribers = metrics.sse_subscribers.inc
     resumed = await engine.start()
     if resumed:
         log.info("resuming %d unfinished job(s)", resumed)
