@@ -6,17 +6,17 @@ Everything here is off by default; the keyless quick start only gets request ids
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, AsyncIterator
 
 import aiohttp_cors
 from aiohttp import web
 
 from .auth import KEYRING, KeyRing, make_auth_middleware
-from .config import ConfigError, EnvSettings
+from .config import CONFIG, ConfigError, EnvSettings
 from .errors import error_middleware
 from .logs import add_request_id_header, request_id_middleware
 from .metrics import METRICS, Metrics, metrics_endpoint, metrics_middleware
-from .quotas import QUOTAS, LocalRateLimiter, Quotas
+from .quotas import QUOTAS, LocalRateLimiter, Quotas, RedisRateLimiter, set_rate_limiter
 from .signing import MIN_SECRET_CHARS, SIGNER, UrlSigner
 
 CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "Range", "X-Request-Id")
@@ -46,12 +46,28 @@ def setup(app: web.Application, env: EnvSettings, guard: Any = None) -> None:
         app[SIGNER] = UrlSigner(secret, env.signed_url_ttl_seconds)
         on_refusal = (lambda bucket, code: metrics.rate_limit_refusals.labels(bucket, code).inc()) if metrics else None
         app[QUOTAS] = Quotas(LocalRateLimiter(), on_refusal)
+        if env.redis_url:
+            app.cleanup_ctx.append(shared_buckets_context)
         on_failure = (lambda code: metrics.auth_failures.labels(code).inc()) if metrics else None
         middlewares.append(make_auth_middleware(on_failure))
     if guard is not None:
         middlewares.append(guard)
     app.middlewares.extend(middlewares)
     app.on_response_prepare.append(add_request_id_header)
+
+
+async def shared_buckets_context(app: web.Application) -> AsyncIterator[None]:
+    """With ``MV_REDIS_URL``, the quota buckets live in Redis (under ``MV_REDIS_PREFIX`` + ``bucket:``), so every
+    process sharing that Redis draws from the same buckets."""
+    from redis.asyncio import Redis  # redis is imported only when it is used
+
+    env = app[CONFIG].env
+    client = Redis.from_url(env.redis_url, decode_responses=True)
+    set_rate_limiter(app, RedisRateLimiter(client, prefix=f"{env.redis_prefix}bucket:"))
+    try:
+        yield
+    finally:
+        await client.aclose()
 
 
 def setup_cors(app: web.Application, env: EnvSettings) -> None:

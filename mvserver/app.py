@@ -20,6 +20,7 @@ from .jobs import JOBS, FileJobStore, JobEngine, JobStore, video_kind
 from .metrics import METRICS
 from .project_store import PROJECTS, open_project_store
 from .jobs.retention import sweep_forever
+from .quotas import set_running_jobs_counter
 from .sandbox.simulator import Simulator, start_simulator
 from .schemas import REQUEST_MODELS, RequestModels
 from .security import security_middleware
@@ -116,6 +117,11 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     kinds = {"video": video_kind(app[PROVIDERS], app[STORE]), lipsync.KIND: lipsync.lipsync_kind(app)}
     engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
     app[JOBS] = engine
+    set_running_jobs_counter(app, engine.running_jobs)  # no-op with keys off
+    if METRICS in app:
+        metrics = app[METRICS]
+        engine.hooks.finished = lambda job: metrics.jobs_finished.labels(job.status, job.kind, job.backend).inc()
+        engine.hooks.subscribers = metrics.sse_subscribers.inc
     resumed = await engine.start()
     if resumed:
         log.info("resuming %d unfinished job(s)", resumed)

@@ -20,6 +20,7 @@ from aiohttp import BodyPartReader, ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import media
+from .auth import key_id, visible_to
 from .config import CONFIG
 from .errors import ApiError
 from .security import accepts
@@ -199,8 +200,10 @@ async def _store_upload(request: web.Request) -> web.Response:
     finally:
         upload.unlink(missing_ok=True)
     body = {"audio_id": audio_id, **described, "size_bytes": size, "audio_url": f"/api/mv/get_audio/{audio_id}"}
+    owner = key_id(request)
     try:
-        await store.write_json(store.path("audio", audio_id, ".json"), body)
+        await store.write_json(store.path("audio", audio_id, ".json"),
+                               body if owner is None else {**body, "owner_key_id": owner})
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -208,13 +211,17 @@ async def _store_upload(request: web.Request) -> web.Response:
                              headers={"Location": body["audio_url"]})
 
 
-async def saved_audio(app: web.Application, audio_id: str, field: str = "audio_id") -> tuple[Path, dict[str, Any]]:
-    """The path and sidecar of a saved song (ApiError 400 for a malformed id, 404 if there is none)."""
+async def saved_audio(app: web.Application, audio_id: str, field: str = "audio_id",
+                      caller: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The path and sidecar of a saved song (ApiError 400 for a malformed id, 404 if there is none or it belongs to
+    another key than ``caller``)."""
     store: OutputStore = app[STORE]
     check_id(audio_id, field)
     try:
         sidecar = json.loads(await asyncio.to_thread(store.path("audio", audio_id, ".json").read_bytes))
         fmt = _BY_MIME[sidecar["mime_type"]]
+        if not visible_to(sidecar.get("owner_key_id"), caller):
+            raise KeyError("owner")
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         raise ApiError(404, "not_found", f"no audio with id {audio_id}", field=field) from None
     path = store.path("audio", audio_id, fmt.suffix)
@@ -225,6 +232,6 @@ async def saved_audio(app: web.Application, audio_id: str, field: str = "audio_i
 
 @routes.get("/api/mv/get_audio/{audio_id}")
 async def get_audio(request: web.Request) -> web.FileResponse:
-    path, sidecar = await saved_audio(request.app, request.match_info["audio_id"])
+    path, sidecar = await saved_audio(request.app, request.match_info["audio_id"], caller=key_id(request))
     return web.FileResponse(path, headers={"Content-Type": sidecar["mime_type"],
                                            "Cache-Control": "private, max-age=3600"})

@@ -253,3 +253,24 @@ def make_auth_middleware(on_failure: Callable[[str], None] | None = None) -> Cal
         return await handler(request)
 
     return auth_middleware
+
+
+# -- ownership -------------------------------------------------------------------------------------------------------
+
+
+def visible_to(owner_key_id: Any, caller: str | None) -> bool:
+    """Whether the caller may see or use a resource: keys off (``caller`` None), an unowned resource (made with
+    keys off), or its owner. The one ownership rule of every route (jobs, projects, songs, images, scenes)."""
+    return caller is None or owner_key_id is None or owner_key_id == caller
+
+
+def owned(request: web.Request, owner_key_id: Any) -> bool:
+    """:func:`visible_to` for the caller of ``request``."""
+    return visible_to(owner_key_id, key_id(request))
+
+
+def require_owner(owner_key_id: Any, caller: str | None, not_found: ApiError) -> None:
+    """Raise ``not_found`` (the exact error an unknown id gets: never 403, so ids do not leak) unless the caller
+    may see the resource."""
+    if not visible_to(owner_key_id, caller):
+        raise not_found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .auth import key_id, visible_to
 from .config import CONFIG
 from .errors import ApiError
 from .jobs import JOBS
@@ -22,7 +23,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 
 
 async def _job_ids(request: web.Request, limit: int) -> list[str]:
-    """The ``jobs`` parameter: 1..limit distinct, existing job ids, comma-separated, in the order given."""
+    """The ``jobs`` parameter: 1..limit distinct, existing job ids the caller may see, comma-separated, in the order given."""
     raw = request.query.get("jobs", "")
     parts = [part for part in raw.split(",") if part] if raw else []
     if not parts:
@@ -32,8 +33,10 @@ async def _job_ids(request: web.Request, limit: int) -> list[str]:
     if len(set(parts)) != len(parts):
         raise ApiError(400, "invalid_field", "jobs: a job id is listed twice", field="jobs")
     engine = request.app[JOBS]
+    caller = key_id(request)
     for job_id in parts:
         check_id(job_id, "jobs")
-        if await engine.get(job_id) is None:
+        job = await engine.get(job_id)
+        if job is None or not visible_to(job.owner, caller):
             raise ApiError(404, "not_found", f"no job with id {job_id}", field="jobs")
     return parts

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from aiohttp import web
 from PIL import Image
 
-from .auth import key_id
+from .auth import key_id, visible_to
 from .backends import PROVIDERS
 from .config import CONFIG, Config
 from .debug import debug_print
@@ -163,11 +163,6 @@ async def generate_reference(app: web.Application, params: dict[str, Any], defau
     if signed is not None:
         body["signed_urls"] = signed
     return body
-
-
-def visible_to(owner_key_id: Any, caller: str | None) -> bool:
-    """Whether the caller may see an artefact: keys off (``caller`` None), an unowned artefact, or its owner."""
-    return caller is None or owner_key_id is None or owner_key_id == caller
 
 
 async def _saved_image(store: OutputStore, image_id: str, field: str, caller: str | None = None) -> tuple[Path, str]:

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from . import media
 from .audio import saved_audio
+from .auth import key_id, visible_to
 from .backends import PROVIDERS, Snapshot
 from .backends.replicate import ReplicateProvider
 from .config import CONFIG, LipsyncLimits, LipsyncSettings
@@ -58,10 +59,10 @@ class Song:
     channels: int | None
 
 
-async def song_file(app: web.Application, audio_id: str, field: str = "audio_id") -> Song:
+async def song_file(app: web.Application, audio_id: str, field: str = "audio_id", caller: str | None = None) -> Song:
     """An uploaded song (:func:`mvserver.audio.saved_audio`) with what lip sync needs from its record. 400 for a
     malformed id or a format lip sync cannot cut, 404 for a missing song or a record without its length."""
-    path, sidecar = await saved_audio(app, audio_id, field)
+    path, sidecar = await saved_audio(app, audio_id, field, caller)
     fmt, duration = sidecar.get("format"), sidecar.get("duration")
     if duration is None:
         raise ApiError(404, "not_found", f"audio {audio_id}: its record has no duration", field=field)
@@ -148,11 +149,12 @@ def plan_window(start: float, end: float | None, clip_seconds: float, song_secon
     return Window(start=start, end=min(end, start + clip_seconds, song_seconds), length=clip_seconds)
 
 
-async def finished_clip(app: web.Application, job_id: str, limits: LipsyncLimits) -> tuple[Path, media.MediaInfo]:
-    """The MP4 of a succeeded job, probed (400 naming ``video_job_id`` otherwise)."""
+async def finished_clip(app: web.Application, job_id: str, limits: LipsyncLimits,
+                        caller: str | None = None) -> tuple[Path, media.MediaInfo]:
+    """The MP4 of a succeeded job, probed (400 naming ``video_job_id`` otherwise; another key's job is unknown)."""
     field = "video_job_id"
     job = await app[JOBS].get(job_id)
-    if job is None:
+    if job is None or not visible_to(job.owner, caller):
         raise ApiError(400, "clip_not_found", f"{field}: no job with id {job_id}", field=field)
     if job.status != "succeeded":
         raise ApiError(400, "clip_not_ready", f"{field}: job {job_id} is {job.status}; lip sync needs a finished clip",
@@ -189,8 +191,9 @@ async def create_lipsync(request: web.Request) -> web.Response:
     body, defaulted = await parse_body(request, app[REQUEST_MODELS].lipsync, config.debug)
     if body.scene_id is not None and body.project_id is None:
         raise ApiError(400, "invalid_field", "scene_id: needs project_id", field="scene_id")
-    song = await song_file(app, body.audio_id)
-    _, clip = await finished_clip(app, body.video_job_id, settings.limits)
+    caller = key_id(request)
+    song = await song_file(app, body.audio_id, caller=caller)
+    _, clip = await finished_clip(app, body.video_job_id, settings.limits, caller)
     window = plan_window(body.audio_start, body.audio_end, clip.duration, song.duration)
     summary = body.model_dump()
     summary.update(window={"start": window.start, "end": window.end, "seconds": round(window.seconds, 6)},
@@ -198,7 +201,7 @@ async def create_lipsync(request: web.Request) -> web.Response:
     debug_print(config.debug, f"lipsync job for {settings.model}", summary)
     provider = app[PROVIDERS].replicate
     job = Job(id=new_id(), backend=provider.name, model=settings.model, sandbox=provider.sandbox, request=summary,
-              kind=KIND)
+              kind=KIND, owner=caller)
     await app[JOBS].submit(job)
     payload = {"job_id": job.id, "kind": job.kind, "status": job.status, "backend": job.backend,
                "sandbox": job.sandbox, **job_urls(job.id)}

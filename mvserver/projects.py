@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable, Iterable, NamedTuple
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from .auth import key_id, visible_to
 from .config import CONFIG, Config
 from .errors import ApiError, validation_error
 from .images import _saved_image, generate_reference
@@ -44,15 +45,19 @@ JobStates = dict[str, Job | None]
 # -- the song ------------------------------------------------------------------------------------------------------
 
 
-async def song_duration(app: web.Application, audio_id: str, field: str) -> float:
-    """The duration of an uploaded song, from its sidecar ``audio/<id>.json`` (written last by the upload)."""
+async def song_duration(app: web.Application, audio_id: str, field: str, caller: str | None = None) -> float:
+    """The duration of an uploaded song, from its sidecar ``audio/<id>.json`` (written last by the upload); another
+    key's song than ``caller``'s is unknown."""
     store = app[STORE]
     try:
         raw = await asyncio.to_thread(store.path("audio", check_id(audio_id, field), ".json").read_bytes)
-        duration = float(json.loads(raw)["duration"])
+        sidecar = json.loads(raw)
+        if not visible_to(sidecar.get("owner_key_id"), caller):
+            raise KeyError("owner")
+        duration = float(sidecar["duration"])
         if not (math.isfinite(duration) and duration > 0):
             raise ValueError("no duration")
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
         raise ApiError(400, "invalid_field", f"{field}: no uploaded song with id {audio_id}", field=field) from None
     return duration
 
@@ -182,11 +187,18 @@ async def load_settled(app: web.Application, project_id: str) -> tuple[Project, 
 # -- reading and writing records -----------------------------------------------------------------------------------
 
 
-async def load(app: web.Application, project_id: str) -> Project:
+async def load(app: web.Application, project_id: str, caller: str | None = None) -> Project:
+    """The project (404 if there is none, or it belongs to another key than ``caller``)."""
     project = await app[PROJECTS].get(check_id(project_id, "project_id"))
-    if project is None:
+    if project is None or not visible_to(project.owner, caller):
         raise ApiError(404, "not_found", f"no project with id {project_id}")
     return project
+
+
+async def owned_project(request: web.Request) -> Project:
+    """The project of the route's ``{project_id}`` if the caller may see it (404 otherwise, as for an unknown id).
+    Every project route calls it first; a project's owner never changes, so later reads need no second check."""
+    return await load(request.app, _project_id(request), key_id(request))
 
 
 def etag(project: Project) -> str:
@@ -300,7 +312,7 @@ async def create_project(app: web.Application, body: Any, owner: str | None = No
     song = None
     durations = [settings.default_scene_seconds] * (body.number_of_scenes or 0)
     if body.audio_id is not None:
-        duration = await song_duration(app, body.audio_id, "audio_id")
+        duration = await song_duration(app, body.audio_id, "audio_id", owner)
         song = Song(audio_id=body.audio_id, offset=_offset(body.audio_offset, duration, "audio_offset"),
                     duration=duration)
         if body.number_of_scenes is None:
@@ -326,9 +338,9 @@ def _offset(offset: float, duration: float, field: str) -> float:
 # -- patch ---------------------------------------------------------------------------------------------------------
 
 
-async def _check_image(app: web.Application, image_id: str) -> None:
+async def _check_image(app: web.Application, image_id: str, caller: str | None) -> None:
     try:
-        await _saved_image(app[STORE], image_id, "character_image_id")
+        await _saved_image(app[STORE], image_id, "character_image_id", caller)
     except ApiError:
         raise ApiError(400, "invalid_field", f"character_image_id: no image with id {image_id}",
                        field="character_image_id") from None
@@ -537,20 +549,20 @@ def _project_id(request: web.Request) -> str:
 @routes.post(BASE)
 async def create(request: web.Request) -> web.Response:
     body, _ = _validate(request.app[REQUEST_MODELS].projects.create, await _json_object(request))
-    project = await create_project(request.app, body)
+    project = await create_project(request.app, body, owner=key_id(request))
     return _respond(project, {}, 201, headers={"Location": f"{BASE}/{project.id}"})
 
 
 @routes.get(BASE + "/{project_id}")
 async def get(request: web.Request) -> web.Response:
-    project = await load(request.app, _project_id(request))
+    project = await owned_project(request)
     return _respond(project, await job_states(request.app, project))
 
 
 @routes.patch(BASE + "/{project_id}")
 async def patch(request: web.Request) -> web.Response:
     app = request.app
-    project_id = _project_id(request)
+    project_id = (await owned_project(request)).id
     if_match = request.headers.get("If-Match")
     if if_match is None:
         raise ApiError(428, "precondition_required", "PATCH needs If-Match with the ETag of the project as read",
@@ -560,10 +572,10 @@ async def patch(request: web.Request) -> web.Response:
     if "audio_id" in body.model_fields_set:
         song = None
         if body.audio_id is not None:
-            duration = await song_duration(app, body.audio_id, "audio_id")
+            duration = await song_duration(app, body.audio_id, "audio_id", key_id(request))
             song = Song(audio_id=body.audio_id, duration=duration)
     if body.character_image_id is not None:
-        await _check_image(app, body.character_image_id)
+        await _check_image(app, body.character_image_id, key_id(request))
     project = await update(app, project_id, lambda p, jobs: apply_patch(app[CONFIG], p, jobs, body, song), if_match)
     return _respond(project, await job_states(app, project))
 
@@ -571,8 +583,9 @@ async def patch(request: web.Request) -> web.Response:
 @routes.post(BASE + "/{project_id}/write_scenes")
 async def write(request: web.Request) -> web.Response:
     app = request.app
+    project_id = (await owned_project(request)).id
     options, _ = _validate(app[REQUEST_MODELS].projects.write_scenes, await _json_object(request, optional=True))
-    project = await write_project_scenes(request, _project_id(request), options, request.headers.get("If-Match"))
+    project = await write_project_scenes(request, project_id, options, request.headers.get("If-Match"))
     return _respond(project, await job_states(app, project))
 
 
@@ -580,9 +593,9 @@ async def write(request: web.Request) -> web.Response:
 async def character(request: web.Request) -> web.Response:
     """Render the project's character (Imagen) and make it the chosen reference image of its clips."""
     app = request.app
-    project_id = _project_id(request)
+    project = await owned_project(request)
+    project_id = project.id
     options = _options(await _json_object(request, optional=True), CHARACTER_OPTIONS)
-    project = await load(app, project_id)
     if_match = request.headers.get("If-Match")
     if if_match is not None and not _matches(if_match, project):
         raise ApiError(412, "precondition_failed", f"the project is at version {etag(project)}", field="If-Match")
@@ -605,8 +618,9 @@ async def character(request: web.Request) -> web.Response:
 @routes.post(BASE + "/{project_id}/clips")
 async def generate_missing(request: web.Request) -> web.Response:
     """A clip job for every scene without a chosen clip and without one in progress."""
+    project_id = (await owned_project(request)).id
     options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
-    project, jobs, started = await generate_clips(request.app, _project_id(request), None, options,
+    project, jobs, started = await generate_clips(request.app, project_id, None, options,
                                                   request.headers.get("If-Match"))
     return _respond(project, jobs, 202, extra={"jobs": [accepted_job(j) | {"scene_id": j.request["scene_id"]}
                                                         for j in started]})
@@ -615,9 +629,10 @@ async def generate_missing(request: web.Request) -> web.Response:
 @routes.post(BASE + "/{project_id}/scenes/{scene_id}/clips")
 async def generate_one(request: web.Request) -> web.Response:
     """A new clip version of one scene (a regeneration keeps the old versions)."""
+    project_id = (await owned_project(request)).id
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
     options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
-    project, jobs, started = await generate_clips(request.app, _project_id(request), [scene_id], options,
+    project, jobs, started = await generate_clips(request.app, project_id, [scene_id], options,
                                                   request.headers.get("If-Match"))
     job = started[0]
     return _respond(project, jobs, 202, extra={"job": accepted_job(job) | {"scene_id": scene_id}},
@@ -627,7 +642,7 @@ async def generate_one(request: web.Request) -> web.Response:
 @routes.get(BASE + "/{project_id}/timeline")
 async def timeline(request: web.Request) -> web.Response:
     """The scenes in display order with their chosen clip, trims and song window."""
-    project, jobs = await load_settled(request.app, _project_id(request))
+    project, jobs = await load_settled(request.app, (await owned_project(request)).id)
     entries = [{"scene_id": e.scene.id, "job_id": e.job_id, "trim_in": e.trim_in, "trim_out": e.trim_out,
                 "seconds": round(e.seconds, 6), "song_start": e.song_start,
                 "status": jobs[e.job_id].status if e.job_id and jobs.get(e.job_id) else None}

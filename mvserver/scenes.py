@@ -11,12 +11,11 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from .auth import key_id
+from .auth import key_id, visible_to
 from .backends import PROVIDERS
 from .config import CONFIG, TEMPLATES, Config
 from .debug import debug_print
 from .errors import ApiError
-from .images import visible_to
 from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
 from .signing import signed_urls

@@ -15,7 +15,7 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
-from .auth import key_id
+from .auth import key_id, require_owner, visible_to
 from .backends import PROVIDERS
 from .config import CONFIG, Config
 from .debug import debug_print
@@ -218,6 +218,7 @@ async def _job(request: web.Request) -> Job:
     job = await request.app[JOBS].get(job_id)
     if job is None:
         await _not_expired(request, job_id)
+    if job is None or not visible_to(job.owner, key_id(request)):
         raise ApiError(404, "not_found", f"no job with id {job_id}")
     return job
 
@@ -253,6 +254,8 @@ async def get_video(request: web.Request) -> web.StreamResponse:
     video_id = check_id(request.match_info["video_id"], "video_id")
     path = request.app[STORE].path("videos", video_id, ".mp4")
     job = await request.app[JOBS].get(video_id)
+    if job is not None:
+        require_owner(job.owner, key_id(request), ApiError(404, "not_found", f"no video with id {video_id}"))
     if job is not None and job.status != "succeeded":
         code = {"failed": "job_failed", "canceled": "job_canceled"}.get(job.status, "video_not_ready")
         cause = job.error or {}

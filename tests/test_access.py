@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from imageio_ffmpeg import get_ffmpeg_exe as ffmpeg_exe
 
 from mvserver.app import create_app
 from mvserver.auth import KEY_ID, KEYRING, KeyLimits, create_key, key_id, public, read_keys, revoke_key
@@ -236,6 +237,109 @@ async def test_with_keys_every_route_refuses_no_key_and_a_wrong_key(live_env: di
     assert (await webhook.json())["error"]["code"] == "webhook_unverified"
     assert (await client.get("/")).status == 200  # the demo page itself holds nothing
     assert (await client.get("/metrics", headers=bearer(keys["bob"]))).status == 200
+
+
+async def _until_done(client: TestClient, job_id: str, headers: dict[str, str]) -> dict[str, Any]:
+    async with asyncio.timeout(30):
+        while True:
+            state = await (await client.get(f"/api/mv/jobs/{job_id}", headers=headers)).json()
+            if state["status"] in ("succeeded", "failed", "canceled"):
+                return state
+            await asyncio.sleep(0.05)
+
+
+async def _alices_resources(client: TestClient, alice: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """One of each kind of resource made with alice's key: a finished clip job, a song, an image, scenes and a
+    project with a scene (its id values fill the router's placeholders)."""
+    wav = tmp_path / "song.wav"
+    subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=f=440:d=6",
+                    str(wav)], check=True, capture_output=True, timeout=60)
+    song = await client.post("/api/mv/upload_audio", data=wav.read_bytes(),
+                             headers={**alice, "Content-Type": "audio/wav"})
+    assert song.status == 201, await song.text()
+    audio_id = (await song.json())["audio_id"]
+    job = await client.post("/api/mv/generate_video", json={**VIDEO, "duration": 4, "generate_audio": False},
+                            headers=alice)
+    assert job.status == 202, await job.text()
+    job_id = (await job.json())["job_id"]
+    assert (await _until_done(client, job_id, alice))["status"] == "succeeded"
+    image = await (await client.post("/api/mv/generate_character_reference", json=IMAGE, headers=alice)).json()
+    scenes = await (await client.post("/api/mv/create_scenes", json=SCENES, headers=alice)).json()
+    project = await client.post("/api/mv/projects", json={"idea": "a drummer", "character_description": "a woman",
+                                                          "number_of_scenes": 1, "audio_id": audio_id},
+                                headers=alice)
+    assert project.status == 201, await project.text()
+    project_body = await project.json()
+    return {"job_id": job_id, "video_id": job_id, "audio_id": audio_id, "image_id": image["image_id"],
+            "scenes_id": scenes["scenes_id"], "project_id": project_body["project_id"],
+            "scene_id": project_body["scenes"][0]["id"], "ext": "json"}
+
+
+async def test_with_keys_every_route_with_an_id_refuses_another_keys_resource(
+        live_env: dict[str, str], keys_file: Path, keys: dict[str, str], aiohttp_client: Any, sim: Any,
+        tmp_path: Path) -> None:
+    """Every route that takes an id answers 404 to another key, exactly as for an unknown id (never 403, so ids
+    do not leak); the owner gets something else than 404 on the same request."""
+    sim.video_latency = 0.2
+    env = {**live_env, "MV_API_KEYS_FILE": str(keys_file), "MV_URL_SIGNING_SECRET": SECRET}
+    client = await aiohttp_client(create_app(env))
+    alice, bob = bearer(keys["alice"]), bearer(keys["bob"])
+    ids = await _alices_resources(client, alice, tmp_path)
+    checked = []
+    for route in client.app.router.routes():
+        resource = route.resource
+        assert resource is not None
+        names = re.findall(r"\{(\w+)", resource.canonical)
+        if not names or not resource.canonical.startswith("/api/mv/"):
+            continue
+        path = str(resource.url_for(**{name: ids[name] for name in names}))
+        body = {} if route.method in ("POST", "PATCH") else None
+        headers = {**bob, "If-Match": "*"} if route.method == "PATCH" else bob
+        theirs = await client.request(route.method, path, json=body, headers=headers)
+        unknown = await client.request(route.method, path.replace(ids[names[0]], str(uuid.uuid4())), json=body,
+                                       headers=headers)
+        assert theirs.status == unknown.status == 404, (route.method, path, theirs.status, await theirs.text())
+        if route.method != "HEAD":
+            assert (await theirs.json())["error"] == {**(await unknown.json())["error"], "message":
+                                                      (await theirs.json())["error"]["message"]}
+        checked.append((route.method, path))
+    assert len(checked) >= 14, checked
+    # The owner is not refused by the same routes (reads here; a cancel last, as it ends the job).
+    for method, path in checked:
+        if method == "GET" and "/events" not in path:
+            mine = await client.get(path, headers=alice)
+            assert mine.status == 200, (path, mine.status, await mine.text())
+    # The multi-job stream: every listed job must be the caller's.
+    assert (await client.get(f"/api/mv/events?jobs={ids['job_id']}", headers=bob)).status == 404
+    async with client.get(f"/api/mv/events?jobs={ids['job_id']}", headers=alice) as stream:
+        assert stream.status == 200
+    # Using alice's things as inputs is refused as if they did not exist.
+    lipsync = {"video_job_id": ids["job_id"], "audio_id": ids["audio_id"]}
+    refused = await client.post("/api/mv/lipsync", json=lipsync, headers=bob)
+    assert refused.status == 404 and (await refused.json())["error"]["field"] == "audio_id"
+    bob_song = await client.post("/api/mv/upload_audio", data=(tmp_path / "song.wav").read_bytes(),
+                                 headers={**bob, "Content-Type": "audio/wav"})
+    refused = await client.post("/api/mv/lipsync", json={**lipsync, "audio_id": (await bob_song.json())["audio_id"]},
+                                headers=bob)
+    assert refused.status == 400 and (await refused.json())["error"]["code"] == "clip_not_found"
+    made = await client.post("/api/mv/lipsync", json=lipsync, headers=alice)
+    assert made.status == 202, await made.text()
+    lipsync_job = (await made.json())["job_id"]
+    assert (await client.get(f"/api/mv/jobs/{lipsync_job}", headers=bob)).status == 404
+    assert (await client.get(f"/api/mv/jobs/{lipsync_job}", headers=alice)).status == 200
+    project = await client.post("/api/mv/projects", json={"idea": "x", "character_description": "y",
+                                                          "audio_id": ids["audio_id"]}, headers=bob)
+    assert project.status == 400 and (await project.json())["error"]["field"] == "audio_id"
+    bobs = await (await client.post("/api/mv/projects", json={"idea": "x", "character_description": "y"},
+                                    headers=bob)).json()
+    patched = await client.patch(f"/api/mv/projects/{bobs['project_id']}", headers={**bob, "If-Match": "*"},
+                                 json={"character_image_id": ids["image_id"]})
+    assert patched.status == 400 and (await patched.json())["error"]["field"] == "character_image_id"
+    patched = await client.patch(f"/api/mv/projects/{bobs['project_id']}", headers={**bob, "If-Match": "*"},
+                                 json={"audio_id": ids["audio_id"]})
+    assert patched.status == 400 and (await patched.json())["error"]["field"] == "audio_id"
+    canceled = await client.post(f"/api/mv/jobs/{lipsync_job}/cancel", headers=alice)
+    assert canceled.status == 200
 
 
 async def test_without_keys_no_route_asks_for_one(live_env: dict[str, str], aiohttp_client: Any) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -99,3 +101,36 @@ async def test_metrics_need_a_key_and_count_refusals(make_client: AppClient, tmp
     assert value(samples, "mv_auth_failures_total", code="auth_required") == 1
     route = {"method": "POST", "route": "/api/mv/create_scenes"}
     assert value(samples, "mv_http_requests_total", **route, status="429") == 2
+
+
+async def scrape_until(client: TestClient, moved: Any, timeout: float = 5.0) -> dict[tuple[str, frozenset], float]:
+    """Scrape until ``moved(samples)`` (the counter is bumped just after the final event is written)."""
+    async with asyncio.timeout(timeout):
+        while not moved(samples := await scrape(client)):
+            await asyncio.sleep(0.02)
+    return samples
+
+
+async def test_job_metrics_move_when_jobs_run_and_streams_open(make_client: AppClient, sim: Simulator) -> None:
+    sim.video_latency = 0.3
+    client = await make_client(MV_METRICS="true")
+    video = {"prompt": "a drummer on a rooftop", "duration": 4, "generate_audio": False}
+    accepted = await (await client.post("/api/mv/generate_video", json=video)).json()
+    backend = accepted["backend"]
+    finished = {"status": "succeeded", "kind": "video", "backend": backend}
+    assert value(await scrape(client), "mv_jobs_finished_total", **finished) == 0
+    async with client.get(f"/api/mv/jobs/{accepted['job_id']}/events") as stream:
+        assert stream.status == 200
+        assert value(await scrape(client), "mv_sse_subscribers") == 1
+        await stream.read()  # the stream ends after the job's final event
+    after = await scrape_until(client, lambda samples: value(samples, "mv_jobs_finished_total", **finished) > 0)
+    assert value(after, "mv_jobs_finished_total", **finished) == 1
+    assert value(after, "mv_sse_subscribers") == 0
+    sim.video_latency = 60.0
+    second = await (await client.post("/api/mv/generate_video", json=video)).json()
+    canceled = await client.post(f"/api/mv/jobs/{second['job_id']}/cancel")
+    assert (await canceled.json())["status"] == "canceled"
+    final = await scrape_until(client, lambda samples: value(samples, "mv_jobs_finished_total", status="canceled",
+                                                             kind="video", backend=backend) > 0)
+    assert value(final, "mv_jobs_finished_total", status="canceled", kind="video", backend=backend) == 1
+    assert value(final, "mv_jobs_finished_total", **finished) == 1

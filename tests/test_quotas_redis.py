@@ -66,3 +66,20 @@ async def test_two_apps_share_a_keys_quota(make_client: AppClient, tmp_path: Pat
         refused = await client.post("/api/mv/create_scenes", json=SCENES, headers=auth)
         assert refused.status == 429 and (await refused.json())["error"]["code"] == "rate_limited"
         assert 1 <= int(refused.headers["Retry-After"]) <= 60
+
+
+async def test_with_a_redis_url_two_apps_share_a_keys_quota_by_themselves(make_client: AppClient, tmp_path: Path,
+                                                                        redis_url: str,
+                                                                        redis_clients: list[Redis]) -> None:
+    keys_file = tmp_path / "keys.yaml"
+    _, key = create_key(keys_file, "shared", KeyLimits(blocking_per_minute=1, blocking_burst=2))
+    env: dict[str, Any] = {"MV_API_KEYS_FILE": keys_file, "MV_URL_SIGNING_SECRET": SECRET,
+                           "MV_REDIS_URL": redis_url, "MV_REDIS_PREFIX": "mvq:"}
+    apps = [await make_client(**env), await make_client(**env)]
+    auth = {"Authorization": f"Bearer {key}"}
+    assert (await apps[0].post("/api/mv/create_scenes", json=SCENES, headers=auth)).status == 200
+    assert (await apps[1].post("/api/mv/create_scenes", json=SCENES, headers=auth)).status == 200
+    for client in apps:  # each app alone would still have a token: the burst of 2 is spent across both
+        refused = await client.post("/api/mv/create_scenes", json=SCENES, headers=auth)
+        assert refused.status == 429 and (await refused.json())["error"]["code"] == "rate_limited"
+    assert await redis_clients[0].keys("mvq:bucket:*") == [f"mvq:bucket:{key.split('_')[1]}:blocking".encode()]

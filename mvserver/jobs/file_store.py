@@ -254,6 +254,10 @@ class FileJobStore:
 
     # -- retention --------------------------------------------------------------------------------------------
 
+    async def count_active(self, owner: str) -> int:
+        """From the in-memory active set: every unfinished job of this single-process store is in it."""
+        return sum(1 for job in self._active.values() if job.owner == owner)
+
     async def expire(self, finished_before: float, tombstone_until: float) -> list[str]:
         removed = await asyncio.to_thread(self._expire, finished_before, tombstone_until)
         for job_id in removed:

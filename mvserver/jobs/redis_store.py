@@ -9,6 +9,7 @@ Keys (all under a prefix, ``mv:`` by default):
 - ``dispatch``    stream + consumer group ``nodes``: one entry per job to run; a node reads one only with a free
   slot, and takes over entries a dead node left pending (XAUTOCLAIM once idle longer than a lease)
 - ``finished``    sorted set of finished job ids by finish time (retention); ``tomb:<id>`` marks an expired id
+- ``active:<key id>`` set: ids of the jobs an API key created, pruned of finished ones when counted (quota)
 - channel ``node:<node>``: signals (cancel, provider updates) to the node that owns a job; ``wake:<node>`` a
   stream that interrupts this node's one blocking event reader when it has a new job to follow
 
@@ -207,6 +208,8 @@ class RedisJobStore:
                                                       "last": event.id})
             pipe.xadd(self.k("ev", job.id), {"e": event.event, "d": event.data_json}, id=f"0-{event.id}")
             pipe.xadd(self.k("dispatch"), {"j": job.id})
+            if job.owner is not None:
+                pipe.sadd(self.k("active", job.owner), job.id)
             await _unavailable_as_503(pipe.execute())
 
     async def get(self, job_id: str) -> Job | None:
@@ -241,6 +244,23 @@ class RedisJobStore:
         if not written:
             self._deadlines.pop(lease.token, None)
             raise LeaseLost(f"job {job.id}: lease {lease.token} is no longer held")
+
+    async def count_active(self, owner: str) -> int:
+        """From ``active:<owner>``, the set of the key's job ids added at creation: ids whose job is final (or
+        gone) are dropped on the way, so the set stays as small as the key's running jobs plus those finished
+        since its last count (each job creation of the key counts)."""
+        key = self.k("active", owner)
+        ids = await _unavailable_as_503(self.r.smembers(key))
+        if not ids:
+            return 0
+        async with self.r.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(self.k("job", job_id), "status")
+            statuses = await _unavailable_as_503(pipe.execute())
+        done = [job_id for job_id, status in zip(ids, statuses) if status not in ("queued", "running")]
+        if done:
+            await _unavailable_as_503(self.r.srem(key, *done))
+        return len(ids) - len(done)
 
     # -- claiming ---------------------------------------------------------------------------------------------
 

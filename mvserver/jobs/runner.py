@@ -62,6 +62,19 @@ class LocalDriver(Protocol):
 DriverFactory = Callable[[Job], "RemoteDriver | LocalDriver"]
 
 
+def _ignore(_: Any) -> None:
+    return None
+
+
+class EngineHooks:
+    """What the engine reports as it happens (the app plugs metrics in): ``finished(job)`` once per job this node
+    finished, ``subscribers(delta)`` as event streams open (+1) and close (-1)."""
+
+    def __init__(self) -> None:
+        self.finished: Callable[[Job], None] = _ignore
+        self.subscribers: Callable[[int], None] = _ignore
+
+
 class JobEngine:
     """The jobs of one app: submit, cancel, read and follow them; run the ones this node claims."""
 
@@ -80,6 +93,7 @@ class JobEngine:
         self.pushed = PushedUpdates(settings.webhook_safety_poll_seconds)  # provider webhooks of jobs run here
         self._dispatcher: asyncio.Task[None] | None = None
         self.closing: asyncio.Future[None] | None = None
+        self.hooks = EngineHooks()
 
     # -- life cycle -------------------------------------------------------------------------------------------
 
@@ -113,6 +127,10 @@ class JobEngine:
     async def get(self, job_id: str) -> Job | None:
         return await self.store.get(job_id)
 
+    async def running_jobs(self, owner: str) -> int:
+        """How many jobs of the key ``owner`` are queued or running, on every node (its running-jobs quota)."""
+        return await self.store.count_active(owner)
+
     async def submit(self, job: Job) -> Job:
         """Persist a new job with its ``queued`` event and queue it for a slot."""
         job.last_event_id = 1
@@ -137,7 +155,10 @@ class JobEngine:
         final = Job.from_record(job.record())
         _mark_final(final, "canceled", _canceled())
         final.last_event_id += 1
-        return await self.store.finish_unclaimed(final, Event(final.last_event_id, "canceled", _event_data(final)))
+        done = await self.store.finish_unclaimed(final, Event(final.last_event_id, "canceled", _event_data(final)))
+        if done:
+            self.hooks.finished(final)
+        return done
 
     async def _wait_final(self, job_id: str) -> Job | None:
         with contextlib.suppress(TimeoutError):
@@ -390,6 +411,7 @@ class JobEngine:
     async def _finish(self, job: Job, lease: Lease, status: JobStatus, error: ErrorInfo | None) -> None:
         _mark_final(job, status, error)
         await self._publish(job, lease, status, record=True)
+        self.hooks.finished(job)
 
     async def _publish(self, job: Job, lease: Lease, name: str, *, record: bool = False,
                        extra: dict[str, Any] | None = None) -> None:

@@ -79,6 +79,9 @@ class JobStore(Protocol):
     def on_signal(self, handler: SignalHandler) -> None:
         """Register the engine's handler for signals to jobs this node owns."""
 
+    async def count_active(self, owner: str) -> int:
+        """How many of ``owner``'s jobs are queued or running (the running-jobs quota of a key)."""
+
     async def expire(self, finished_before: float, tombstone_until: float) -> list[str]:
         """Remove the records and event logs of jobs finished before ``finished_before`` (a bounded batch per call),
         leave a tombstone until ``tombstone_until`` and drop older tombstones; returns the ids removed now."""

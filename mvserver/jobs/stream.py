@@ -18,6 +18,7 @@ async def stream_events(request: web.Request, engine: JobEngine, job_id: str, *,
         gone = asyncio.ensure_future(response.wait())  # done when a ping finds the client gone
         assert engine.closing is not None
         retry: int | None = retry_ms
+        engine.hooks.subscribers(1)
         try:
             while not engine.closing.done():
                 events = await engine.events(job_id, after)
@@ -37,6 +38,7 @@ async def stream_events(request: web.Request, engine: JobEngine, job_id: str, *,
         except (ConnectionResetError, RuntimeError):
             pass  # the client disconnected during a write
         finally:
+            engine.hooks.subscribers(-1)
             gone.cancel()
     return response
 
@@ -63,6 +65,7 @@ async def stream_many(request: web.Request, engine: JobEngine, job_ids: list[str
         assert engine.closing is not None
         open_jobs = await _unfinished(engine, job_ids, positions)
         retry: int | None = retry_ms
+        engine.hooks.subscribers(1)
         try:
             while open_jobs and not engine.closing.done():
                 for index in sorted(open_jobs):
@@ -82,6 +85,7 @@ async def stream_many(request: web.Request, engine: JobEngine, job_ids: list[str
         except (ConnectionResetError, RuntimeError):
             pass
         finally:
+            engine.hooks.subscribers(-1)
             gone.cancel()
     return response
 
