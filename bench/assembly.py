@@ -7,9 +7,10 @@ the full re-encode a MoviePy-style port does (decode every clip and encode the w
 speed-up it shows is a lower bound. Peak RSS growth of this process (which runs the asyncio side) is sampled every
 5 ms during each assembly; ffmpeg's own peak (a separate process) is read from ``getrusage`` of the children.
 
-Then the job engine part: a sandbox app (``create_app``, file job store) on 127.0.0.1 runs a crossfade assembly job
-of the same length while other video jobs stream their progress over SSE; the delay of each of their events
-(receipt time minus the event's ``event_time``) is measured with and without the assembly running.
+Then the job engine part: mvserver (file job store) and the provider simulator, each in its own process on
+127.0.0.1, run a crossfade assembly job of the same length while other video jobs stream their progress over SSE
+to this process; the delay of each of their events (receipt time minus the event's ``event_time``) is measured
+with and without the assembly running.
 
     python -m bench.assembly [--clips 12] [--seconds 8] [--repeat 3] [--sse-jobs 6] [--sse-only]
 """
@@ -27,10 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
+import aiohttp
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RssSampler, bench_settings, free_port, percentile, print_table, proc_status, read_sse, workdir
+from bench.common import (RssSampler, bench_settings, percentile, print_table, proc_status, processes, read_sse,
+                          start_server, start_simulator, workdir)
 from mvserver import media
 from mvserver.sandbox.render import render_video
 
@@ -157,7 +161,7 @@ async def bench(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-async def _wait(session: "aiohttp.ClientSession", base: str, job_id: str, timeout: float) -> dict:
+async def _wait(session: aiohttp.ClientSession, base: str, job_id: str, timeout: float) -> dict:
     async with asyncio.timeout(timeout):
         while True:
             async with session.get(f"{base}/api/mv/jobs/{job_id}") as response:
@@ -167,7 +171,7 @@ async def _wait(session: "aiohttp.ClientSession", base: str, job_id: str, timeou
             await asyncio.sleep(0.1)
 
 
-async def _video_jobs(session: "aiohttp.ClientSession", base: str, count: int) -> list[str]:
+async def _video_jobs(session: aiohttp.ClientSession, base: str, count: int) -> list[str]:
     ids = []
     for i in range(count):
         async with session.post(f"{base}/api/mv/generate_video",
@@ -177,7 +181,7 @@ async def _video_jobs(session: "aiohttp.ClientSession", base: str, count: int) -
     return ids
 
 
-async def _event_delays(session: "aiohttp.ClientSession", base: str, job_id: str, delays: list[float]) -> None:
+async def _event_delays(session: aiohttp.ClientSession, base: str, job_id: str, delays: list[float]) -> None:
     """Follow one job's events to its end; record how long each event written after the subscription took from
     its write to this client (events replayed from before the subscription are not counted)."""
     subscribed = time.time()
@@ -190,7 +194,7 @@ async def _event_delays(session: "aiohttp.ClientSession", base: str, job_id: str
                 return
 
 
-async def _follow_others(session: "aiohttp.ClientSession", base: str, count: int) -> list[float]:
+async def _follow_others(session: aiohttp.ClientSession, base: str, count: int) -> list[float]:
     delays: list[float] = []
     ids = await _video_jobs(session, base, count)
     async with asyncio.timeout(300):
@@ -200,22 +204,11 @@ async def _follow_others(session: "aiohttp.ClientSession", base: str, count: int
 
 async def sse_bench(args: argparse.Namespace) -> list[tuple[object, ...]]:
     """SSE delays of other jobs' events while an assembly job runs, and without it (same app, same load)."""
-    import aiohttp
-    from aiohttp import web
-
-    from mvserver.app import create_app
-
     work = workdir("assembly-sse")
     settings = bench_settings(work, poll_interval_seconds=0.2)
-    env = {"MV_SANDBOX": "true", "MV_OUTPUT_DIR": str(work / "outputs"), "MV_SETTINGS_DIR": str(settings),
-           "MV_SANDBOX_VIDEO_SECONDS": "8"}
-    runner = web.AppRunner(create_app(env))
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
+    with processes() as started:
+        sim = start_simulator(started, work, video_latency=8.0)
+        base = start_server(started, work, sim, settings)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
             inputs = await _video_jobs(session, base, 2)
             for job_id in inputs:
@@ -236,8 +229,6 @@ async def sse_bench(args: argparse.Namespace) -> list[tuple[object, ...]]:
             others_done = time.perf_counter() - busy_started
             state = await _wait(session, base, assembly_id, 600)
             assembly_seconds = state["finished_at"] - state["started_at"]
-    finally:
-        await runner.cleanup()
     return [
         ("assembly job (crossfade, mixed audio): status, run s", f"{state['status']}, {assembly_seconds:.1f}", "report"),
         ("other jobs' events followed while it ran: count, s", f"{len(busy)} in {others_done:.1f}", "report"),
