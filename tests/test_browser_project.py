@@ -5,6 +5,7 @@ assembly, and the same first steps with API keys on."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -14,7 +15,7 @@ from typing import Any, Iterator
 import imageio_ffmpeg
 import pytest
 
-from test_browser import PROJECT, _open_page, _server_env, _start_server, browser, requires_browser  # noqa: F401
+from test_browser import PROJECT, _open_page, _start_server, browser, requires_browser  # noqa: F401
 
 try:
     from playwright.sync_api import Browser, Page, expect
@@ -176,7 +177,7 @@ def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     keys = {"MV_API_KEYS_FILE": str(tmp / "keys.yaml"), "MV_URL_SIGNING_SECRET": "demo-signing-secret-" + "x" * 24,
             "MV_SANDBOX_VIDEO_SECONDS": "1"}
     created = subprocess.run([sys.executable, "-m", "mvserver", "keys", "create", "demo"], cwd=PROJECT,
-                             env={**_server_env(tmp), **keys}, capture_output=True, text=True, timeout=60, check=True)
+                             env={**os.environ, **keys}, capture_output=True, text=True, timeout=60, check=True)
     key = created.stdout.strip().splitlines()[-1]
     for base in _start_server(tmp, keys):
         yield base, key
