@@ -9,7 +9,7 @@ from typing import AsyncIterator, Mapping
 import aiohttp
 from aiohttp import web
 
-from . import access, audio, demo, events, images, lipsync, meta, projects, scenes, videos, webhooks
+from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, videos, webhooks
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
@@ -113,7 +113,8 @@ def job_store(app: web.Application) -> JobStore:
 async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     """Start the job engine: unfinished jobs resume; at exit their tasks stop (they resume at the next start)."""
     config = app[CONFIG]
-    kinds = {"video": video_kind(app[PROVIDERS], app[STORE]), lipsync.KIND: lipsync.lipsync_kind(app)}
+    kinds = {"video": video_kind(app[PROVIDERS], app[STORE]), lipsync.KIND: lipsync.lipsync_kind(app),
+             assembly.KIND: assembly.assembly_kind(app)}
     engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
     app[JOBS] = engine
     resumed = await engine.start()
@@ -176,6 +177,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app.add_routes(images.routes)
     app.add_routes(videos.routes)
     lipsync.setup(app)
+    assembly.setup(app)
     app.add_routes(events.routes)
     app.add_routes(audio.routes)
     app[audio.UPLOAD_SLOTS] = asyncio.Semaphore(audio.MAX_CONCURRENT_UPLOADS)

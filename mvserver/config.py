@@ -211,6 +211,8 @@ class ProjectsLimits(_Strict):
     text_max_chars: PositiveInt
     style_max_chars: PositiveInt
     min_scene_seconds: float = Field(gt=0)
+    # Clips one assembly job may join (POST /assemble and a project's assemble).
+    assembly_clips_max: PositiveInt = 48
 
 
 class ProjectsSettings(_Strict):

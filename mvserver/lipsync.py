@@ -27,13 +27,19 @@ from aiohttp import web
 
 from .audio import saved_audio
 from .backends import PROVIDERS, Snapshot
+from .auth import key_id
 from .backends.replicate import ReplicateProvider
 from .config import CONFIG, LipsyncLimits, LipsyncSettings
 from .debug import debug_print
 from .errors import ApiError
 from .jobs import JOBS, Job, job_urls
+from .project_store import ClipVersion, Project
+from .project_store import Song as ProjectSong
+from .projects import BASE as PROJECTS_BASE
+from .projects import (JobStates, TimelineEntry, _json_object, _options, _respond, _validate, add_version, check_room,
+                       job_states, load_settled, project_timeline, update)
 from .schemas import REQUEST_MODELS, parse_body
-from .storage import STORE, OutputStore, new_id
+from .storage import STORE, OutputStore, check_id, new_id
 
 routes = web.RouteTableDef()
 
@@ -252,10 +258,19 @@ async def finished_clip(app: web.Application, job_id: str, limits: LipsyncLimits
 async def create_lipsync(request: web.Request) -> web.Response:
     app = request.app
     config = app[CONFIG]
-    settings = config.lipsync
     body, defaulted = await parse_body(request, app[REQUEST_MODELS].lipsync, config.debug)
     if body.scene_id is not None and body.project_id is None:
         raise ApiError(400, "invalid_field", "scene_id: needs project_id", field="scene_id")
+    job = await submit_lipsync(app, body, defaulted, key_id(request))
+    payload = {"job_id": job.id, "kind": job.kind, "status": job.status, "backend": job.backend,
+               "sandbox": job.sandbox, **job_urls(job.id)}
+    return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
+
+
+async def submit_lipsync(app: web.Application, body: Any, defaulted: list[str], owner: str | None) -> Job:
+    """Check a lip-sync request against the clip and the song and queue its job (``owner``: the caller's key)."""
+    config = app[CONFIG]
+    settings = config.lipsync
     song = await song_file(app, body.audio_id)
     _, clip = await finished_clip(app, body.video_job_id, settings.limits)
     window = plan_window(body.audio_start, body.audio_end, clip.duration, song.duration)
@@ -265,11 +280,74 @@ async def create_lipsync(request: web.Request) -> web.Response:
     debug_print(config.debug, f"lipsync job for {settings.model}", summary)
     provider = app[PROVIDERS].replicate
     job = Job(id=new_id(), backend=provider.name, model=settings.model, sandbox=provider.sandbox, request=summary,
-              kind=KIND)
-    await app[JOBS].submit(job)
+              kind=KIND, owner=owner)
+    return await app[JOBS].submit(job)
+
+
+# -- a project's scene ----------------------------------------------------------------------------------------------
+
+SCENE_OPTIONS = frozenset({"sync_mode", "temperature", "active_speaker"})
+
+
+def scene_window(entry: TimelineEntry, song: ProjectSong, field: str) -> tuple[float, float]:
+    """The song under the scene's clip, from the clip's first frame: the kept part (from ``trim_in``) plays the song
+    from the timeline's ``song_start``, so the window starts ``trim_in`` earlier and lasts until the kept part ends
+    (cut at the song's end; the rest of the clip gets silence)."""
+    assert entry.song_start is not None
+    start = round(entry.song_start - entry.trim_in, 6)
+    if start < 0:
+        raise ApiError(400, "invalid_trim", f"{field}.trim_in: the scene's trim ({entry.trim_in:g} s) starts before the "
+                                            "song does; lower trim_in or raise the song offset", field=f"{field}.trim_in")
+    if start >= song.duration:
+        raise ApiError(400, "song_too_short", f"{field}: the scene starts at {start:g} s, after the song's end "
+                                              f"({song.duration:g} s)", field=field)
+    return start, min(round(entry.song_start + entry.seconds, 6), song.duration)
+
+
+@routes.post(PROJECTS_BASE + "/{project_id}/scenes/{scene_id}/lipsync")
+async def lipsync_scene(request: web.Request) -> web.Response:
+    """Lip-sync the scene's chosen clip to its slice of the project's song; the result becomes a new version of the
+    scene's clip (chosen once it succeeds, like a regeneration)."""
+    app = request.app
+    project_id = check_id(request.match_info["project_id"], "project_id")
+    scene_id = check_id(request.match_info["scene_id"], "scene_id")
+    options = _options(await _json_object(request, optional=True), SCENE_OPTIONS)
+    project, jobs = await load_settled(app, project_id)
+    index = next((i for i, s in enumerate(project.scenes) if s.id == scene_id), None)
+    if index is None:
+        raise ApiError(404, "not_found", f"the project has no scene {scene_id}", field="scene_id")
+    field = f"scenes.{index}"
+    if project.song is None:
+        raise ApiError(400, "missing_field", "audio_id: the project has no song to lip-sync to", field="audio_id")
+    entry = project_timeline(project)[index]
+    chosen = jobs.get(entry.job_id) if entry.job_id else None
+    if chosen is None or chosen.status != "succeeded":
+        raise ApiError(400, "clip_not_ready", f"{field}: scene {scene_id} has no finished chosen clip", field=field)
+    limit = app[CONFIG].projects.limits.versions_per_scene_max
+    check_room(entry.scene, jobs, limit, field)
+    start, end = scene_window(entry, project.song, field)
+    model = app[REQUEST_MODELS].lipsync
+    data = {"video_job_id": chosen.id, "audio_id": project.song.audio_id, "audio_start": start, "audio_end": end,
+            "project_id": project.id, "scene_id": scene_id, **options}
+    body, defaulted = _validate(model, data)
+    job = await submit_lipsync(app, body, defaulted, key_id(request))
+    duration = next(v.duration for v in entry.scene.versions if v.job_id == chosen.id)
+
+    def link(current: Project, states: JobStates) -> None:
+        target = current.scene(scene_id)
+        if target is None:
+            raise ApiError(409, "conflict", f"scene {scene_id} was removed meanwhile", field="scene_id")
+        add_version(target, ClipVersion(job_id=job.id, duration=duration), states, limit)
+
+    try:
+        project = await update(app, project_id, link)
+    except BaseException:
+        await app[JOBS].cancel(job.id)  # not linked: it must not run unseen
+        raise
     payload = {"job_id": job.id, "kind": job.kind, "status": job.status, "backend": job.backend,
-               "sandbox": job.sandbox, **job_urls(job.id)}
-    return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
+               "sandbox": job.sandbox, **job_urls(job.id), "scene_id": scene_id}
+    return _respond(project, await job_states(app, project), 202, extra={"job": payload},
+                    headers={"Location": payload["status_url"]})
 
 
 # -- the job driver ---------------------------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ class Project(BaseModel):
     character_image_id: str | None = None
     song: Song | None = None
     scenes: list[Scene] = []
+    # The newest assembly job started from this project (``POST .../assemble``).
+    assembly_job_id: str | None = None
 
     def scene(self, scene_id: str) -> Scene | None:
         return next((s for s in self.scenes if s.id == scene_id), None)

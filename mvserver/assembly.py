@@ -1,0 +1,281 @@
+"""Assembly jobs: finished clips joined into one music video with the song, on the same job engine as videos.
+
+``POST /api/mv/assemble`` takes an ordered list of clips (succeeded video or lip-sync jobs, with optional trims),
+an optional song, the transition and what to do with the clips' audio; ``POST /api/mv/projects/{id}/assemble``
+builds that list from the project's timeline. Everything is checked (clips probed) before the job is accepted, so a
+job fails only when its files changed meanwhile. The job is *local*: its driver runs :func:`mvserver.media.assemble`
+(ffmpeg in its own process group, killed when the job is cancelled) and is simply run again after a restart. The
+output is ``outputs/videos/<job_id>.mp4``, served by ``get_video`` like any clip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from . import media
+from .assembly_schemas import AssemblyOptions, assemble_request_model
+from .audio import saved_audio
+from .auth import key_id
+from .config import CONFIG
+from .errors import ApiError, validation_error
+from .jobs import JOBS, Job, job_urls
+from .jobs.runner import Progress
+from .lipsync import FFMPEG_SLOTS
+from .projects import BASE, _json_object, _respond, job_states, load_settled, project_timeline, update
+from .storage import STORE, check_id, new_id
+
+routes = web.RouteTableDef()
+
+KIND = "assembly"
+BACKEND = "ffmpeg"
+CLIP_KINDS = frozenset({"video", "lipsync"})  # jobs whose output is a clip
+TRIM_TOLERANCE = media.TRIM_TOLERANCE
+REQUEST_MODEL = web.AppKey("assemble_request_model", type)
+
+
+class PlannedClip(NamedTuple):
+    job_id: str
+    trim_in: float
+    trim_out: float
+
+
+# -- checks before a job is accepted ------------------------------------------------------------------------------
+
+
+async def _clip_file(app: web.Application, job_id: str, field: str) -> Path:
+    """The MP4 of a succeeded clip job (400 naming ``field`` otherwise)."""
+    job = await app[JOBS].get(job_id)
+    if job is None:
+        raise ApiError(400, "clip_not_found", f"{field}: no job with id {job_id}", field=field)
+    if job.kind not in CLIP_KINDS:
+        raise ApiError(400, "invalid_clip", f"{field}: job {job_id} is a {job.kind} job, not a clip", field=field)
+    if job.status != "succeeded":
+        raise ApiError(400, "clip_not_ready", f"{field}: job {job_id} is {job.status}; assembly needs finished clips",
+                       field=field)
+    path = app[STORE].path("videos", job_id, ".mp4")
+    if not await asyncio.to_thread(path.is_file):
+        raise ApiError(400, "clip_not_found", f"{field}: the video of job {job_id} is gone", field=field)
+    return path
+
+
+async def _probe(app: web.Application, paths: list[Path], fields: list[str]) -> list[tuple[media.MediaInfo, int]]:
+    """Every clip probed in one ffmpeg run (bounded like lip sync's probes); on failure, the culprit is named."""
+    async with app[FFMPEG_SLOTS]:
+        try:
+            described = await media.probe_clips(paths)
+        except media.MediaError:
+            described = None
+        if described is None or any(i.first_video is None or n < 1 for i, n in described):
+            for path, field in zip(paths, fields):
+                try:
+                    info = await media.probe(path)
+                except media.MediaError as exc:
+                    raise ApiError(400, "invalid_clip", f"{field}: the clip cannot be read: {exc}", field=field) from None
+                if info.first_video is None:
+                    raise ApiError(400, "invalid_clip", f"{field}: the clip holds no video", field=field)
+            raise ApiError(400, "invalid_clip", "clips: ffmpeg could not read the clips together", field="clips")
+    return described
+
+
+def _kept(index: int, trim_in: float | None, trim_out: float | None, length: float,
+          field: Callable[[int, str], str]) -> tuple[float, float]:
+    """The kept part of a clip of ``length`` seconds (400 naming the trim that does not fit)."""
+    start = trim_in or 0.0
+    end = length if trim_out is None else trim_out
+    if start >= length:
+        raise ApiError(400, "invalid_trim", f"{field(index, 'trim_in')}: {start:g} s is not before the clip's end "
+                                            f"({length:.3f} s)", field=field(index, "trim_in"))
+    if end > length + TRIM_TOLERANCE or end <= start:
+        raise ApiError(400, "invalid_trim", f"{field(index, 'trim_out')}: must be after trim_in ({start:g} s) and at "
+                                            f"most the clip's length ({length:.3f} s)", field=field(index, "trim_out"))
+    return start, min(end, length)
+
+
+def _clip_field(index: int, name: str) -> str:
+    return f"clips.{index}.{name}"
+
+
+async def plan(app: web.Application, clips: list[tuple[str, float | None, float | None]], options: AssemblyOptions,
+               audio_id: str | None, audio_offset: float,
+               field: Callable[[int, str], str] = _clip_field) -> dict[str, Any]:
+    """Check an assembly against the files (clips probed, the song's length) and return the job's request."""
+    paths = [await _clip_file(app, job_id, field(i, "job_id")) for i, (job_id, _, _) in enumerate(clips)]
+    described = await _probe(app, paths, [field(i, "job_id") for i in range(len(clips))])
+    planned: list[PlannedClip] = []
+    first = described[0][0].first_video
+    assert first is not None
+    for index, ((job_id, trim_in, trim_out), (info, frames)) in enumerate(zip(clips, described)):
+        video = info.first_video
+        assert video is not None
+        start, end = _kept(index, trim_in, trim_out, frames / (video.fps or 24.0), field)
+        planned.append(PlannedClip(job_id, start, end))
+        if options.fit is None and abs(video.aspect - first.aspect) > media.ASPECT_TOLERANCE:
+            name = field(index, "job_id")
+            raise ApiError(400, "aspect_mismatch", f"{name}: the clip is {video.width}x{video.height}, another aspect "
+                                                   f"ratio than the first ({first.width}x{first.height}); pass fit "
+                                                   "letterbox or crop", field=name)
+    seconds = [c.trim_out - c.trim_in for c in planned]
+    expected = sum(seconds)
+    if options.transition == "crossfade" and len(planned) > 1:
+        if options.crossfade_seconds >= min(seconds):
+            raise ApiError(400, "invalid_field", f"crossfade_seconds: must be shorter than the shortest clip "
+                                                 f"({min(seconds):.3f} s)", field="crossfade_seconds")
+        expected -= options.crossfade_seconds * (len(planned) - 1)
+    if audio_id is not None:
+        await _check_song(app, audio_id, audio_offset)
+    return {"clips": [c._asdict() for c in planned], "audio_id": audio_id, "audio_offset": audio_offset,
+            **options.model_dump(include=set(AssemblyOptions.model_fields)), "expected_seconds": round(expected, 6)}
+
+
+async def _check_song(app: web.Application, audio_id: str, offset: float) -> None:
+    try:
+        _, sidecar = await saved_audio(app, audio_id)
+    except ApiError as exc:
+        raise ApiError(400, "audio_not_found", exc.info.message, field="audio_id") from None
+    duration = sidecar.get("duration")
+    if isinstance(duration, (int, float)) and not isinstance(duration, bool) and offset >= duration:
+        raise ApiError(400, "invalid_field", f"audio_offset: {offset:g} s is not before the song's end "
+                                             f"({duration:g} s)", field="audio_offset")
+
+
+async def submit(app: web.Application, request: dict[str, Any], owner: str | None) -> Job:
+    job = Job(id=new_id(), backend=BACKEND, model="concat" if request["transition"] == "cut" else "xfade",
+              sandbox=False, request=request, kind=KIND, owner=owner)
+    return await app[JOBS].submit(job)
+
+
+def accepted(job: Job) -> dict[str, Any]:
+    """The 202 body: the job's id, kind, status and URLs."""
+    return {"job_id": job.id, "kind": job.kind, "status": job.status, "backend": job.backend,
+            "sandbox": job.sandbox, **job_urls(job.id)}
+
+
+# -- the job driver -------------------------------------------------------------------------------------------------
+
+
+_MEDIA_FIELD = re.compile(r"^clips\[(\d+)\]")
+
+
+def _field(name: str) -> str:
+    """media names fields ``clips[2].trim_in`` and ``song_offset``; the API says ``clips.2.trim_in``, ``audio_offset``."""
+    name = _MEDIA_FIELD.sub(lambda m: f"clips.{m[1]}", name)
+    return {"song": "audio_id", "song_offset": "audio_offset"}.get(name, name)
+
+
+class AssemblyDriver:
+    """Runs ffmpeg on this machine (a local driver: after a restart it simply runs again)."""
+
+    def __init__(self, app: web.Application):
+        self.app = app
+
+    async def run(self, job: Job, dest: Path, progress: Progress) -> int:
+        request = job.request
+        store = self.app[STORE]
+        clips = [media.Clip(store.path("videos", c["job_id"], ".mp4"), c["trim_in"], c["trim_out"])
+                 for c in request["clips"]]
+        song = (await saved_audio(self.app, request["audio_id"]))[0] if request.get("audio_id") else None
+        latest = [0.0]
+        moved = asyncio.Event()
+
+        def on_progress(fraction: float) -> None:
+            latest[0] = fraction
+            moved.set()
+
+        async def pump() -> None:
+            while True:
+                await moved.wait()
+                moved.clear()
+                await progress(latest[0], "assembling")
+
+        await progress(0.0, "assembling")
+        pumping = asyncio.get_running_loop().create_task(pump(), name=f"assembly-progress-{job.id}")
+        try:
+            result = await media.assemble(
+                clips, dest, song=song, song_offset=request["audio_offset"], transition=request["transition"],
+                crossfade_seconds=request["crossfade_seconds"], clip_audio=request["clip_audio"], fit=request["fit"],
+                progress=on_progress)
+        except media.AssemblyInputError as exc:
+            raise ApiError(400, "invalid_assembly", str(exc), field=_field(exc.field)) from None
+        except media.MediaError as exc:
+            raise ApiError(500, "assembly_failed", f"ffmpeg failed: {exc}") from None
+        finally:
+            pumping.cancel()
+            await asyncio.gather(pumping, return_exceptions=True)
+        request["result"] = {"seconds": round(result.duration, 6), "copied": result.copied,
+                             "reencoded": result.reencoded, "elapsed_seconds": result.elapsed_seconds}
+        return (await asyncio.to_thread(dest.stat)).st_size
+
+
+def assembly_kind(app: web.Application):  # type: ignore[no-untyped-def]
+    """The driver factory for ``assembly`` jobs."""
+    return lambda job: AssemblyDriver(app)
+
+
+# -- handlers -------------------------------------------------------------------------------------------------------
+
+
+def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+@routes.post("/api/mv/assemble")
+async def assemble(request: web.Request) -> web.Response:
+    app = request.app
+    body = _parse(app[REQUEST_MODEL], await _json_object(request))
+    clips = [(c.job_id, c.trim_in, c.trim_out) for c in body.clips]
+    planned = await plan(app, clips, body, body.audio_id, body.audio_offset)
+    job = await submit(app, planned, key_id(request))
+    payload = accepted(job)
+    return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
+
+
+@routes.post(BASE + "/{project_id}/assemble")
+async def assemble_project(request: web.Request) -> web.Response:
+    """The project's chosen clips in display order with their trims, and its song from its offset."""
+    app = request.app
+    project_id = check_id(request.match_info["project_id"], "project_id")
+    options = _parse(AssemblyOptions, await _json_object(request, optional=True))
+    project, jobs = await load_settled(app, project_id)
+    entries = project_timeline(project)
+    if not entries:
+        raise ApiError(400, "no_scenes", "scenes: the project has no scenes to assemble", field="scenes")
+    limit = app[CONFIG].projects.limits.assembly_clips_max
+    if len(entries) > limit:
+        raise ApiError(400, "too_many_clips", f"scenes: {len(entries)} scenes, more than the {limit} clips one "
+                                              "assembly may join", field="scenes")
+    for index, entry in enumerate(entries):
+        job = jobs.get(entry.job_id) if entry.job_id else None
+        if job is None or job.status != "succeeded":
+            raise ApiError(400, "clip_not_ready", f"scenes.{index}: scene {entry.scene.id} has no finished chosen "
+                                                  "clip", field=f"scenes.{index}")
+
+    def field(index: int, name: str) -> str:
+        return f"scenes.{index}" if name == "job_id" else f"scenes.{index}.{name}"
+
+    clips = [(e.job_id or "", e.trim_in, e.trim_out) for e in entries]
+    song = project.song
+    planned = await plan(app, clips, options, song.audio_id if song else None, song.offset if song else 0.0, field)
+    planned["project_id"] = project.id
+    job = await submit(app, planned, key_id(request))
+
+    def link(current: Any, _jobs: Any) -> None:
+        current.assembly_job_id = job.id
+
+    project = await update(app, project_id, link)
+    payload = accepted(job)
+    return _respond(project, await job_states(app, project), 202, extra=payload,
+                    headers={"Location": payload["status_url"]})
+
+
+def setup(app: web.Application) -> None:
+    app[REQUEST_MODEL] = assemble_request_model(app[CONFIG])
+    app.add_routes(routes)

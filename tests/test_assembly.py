@@ -1,0 +1,272 @@
+"""Assembly jobs with real ffmpeg over sandbox clips, on the file and the Redis job store: the final MP4 (H.264 +
+AAC, its length), stream copy, crossfades, every 400, cancel (no ffmpeg left), re-run after a restart, and the
+project flow (assemble from the timeline, lip-sync a scene into a new version that the next assembly uses)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from mvserver import media
+from mvserver.assembly import _field
+from mvserver.config import CONFIG
+from mvserver.sandbox.simulator import Simulator
+from mvserver.storage import STORE, new_id
+from conftest import AppClient, read_sse
+from test_lipsync import PROMPT, make_clip, make_song, wait_for
+
+pytestmark = pytest.mark.both_stores
+FINAL = ("succeeded", "failed", "canceled")
+PROJECTS = "/api/mv/projects"
+
+
+async def assemble(client: TestClient, **body: Any) -> dict[str, Any]:
+    response = await client.post("/api/mv/assemble", json=body)
+    assert response.status == 202, await response.text()
+    accepted = await response.json()
+    assert accepted["kind"] == "assembly" and response.headers["Location"] == accepted["status_url"]
+    assert set(accepted) >= {"job_id", "status_url", "events_url", "video_url"}
+    return accepted
+
+
+async def finished(client: TestClient, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    return await wait_for(client, job_id, lambda s: s["status"] in FINAL, timeout)
+
+
+async def output_of(client: TestClient, state: dict[str, Any]) -> media.MediaInfo:
+    """The served MP4, saved and probed with ffmpeg."""
+    assert state["status"] == "succeeded", state
+    data = await (await client.get(state["video_url"])).read()
+    path = client.app[STORE].root / f"probe-{state['job_id']}.mp4"
+    path.write_bytes(data)
+    return await media.probe(path)
+
+
+def assert_h264_aac(info: media.MediaInfo, seconds: float) -> None:
+    assert info.first_video is not None and info.first_video.codec == "h264"
+    assert info.first_audio is not None and info.first_audio.codec == "aac"
+    assert info.duration is not None and abs(info.duration - seconds) <= 0.1, (info.duration, seconds)
+
+
+async def error_of(response: Any) -> tuple[int, str | None]:
+    return response.status, (await response.json())["error"].get("field")
+
+
+def ffmpeg_writing(folder: Path) -> list[int]:
+    """Pids of processes whose command line names a file under ``folder`` (the assembly's ffmpeg)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "ffmpeg" in cmdline and str(folder) in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+# -- POST /api/mv/assemble ---------------------------------------------------------------------------------------------
+
+
+async def test_cut_assembly_of_whole_clips_is_stream_copied_with_the_song(client: TestClient, sim: Simulator) -> None:
+    first, second = await make_clip(client, sim, 4), await make_clip(client, sim, 4)
+    audio_id = make_song(client, 20.0, "mp3")
+    accepted = await assemble(client, clips=[{"job_id": first}, {"job_id": second}], audio_id=audio_id,
+                              audio_offset=3.0)
+    async with client.get(accepted["events_url"]) as response:
+        events = [e async for e in read_sse(response)]
+    assert events[-1]["event"] == "succeeded", events[-1]
+    assert any(e["event"] == "progress" and e["data"]["stage"] == "assembling" for e in events)
+    state = await (await client.get(accepted["status_url"])).json()
+    assert state["request"]["result"]["copied"] == [0, 1] and state["request"]["result"]["reencoded"] == []
+    assert state["request"]["expected_seconds"] == pytest.approx(8.0, abs=0.05)
+    assert_h264_aac(await output_of(client, state), 8.0)
+    ranged = await client.get(state["video_url"], headers={"Range": "bytes=0-99"})
+    assert ranged.status == 206 and len(await ranged.read()) == 100
+
+
+async def test_crossfade_with_trims_and_mixed_clip_audio(client: TestClient, sim: Simulator) -> None:
+    first, second = await make_clip(client, sim, 4), await make_clip(client, sim, 4)
+    audio_id = make_song(client, 20.0, "wav")
+    accepted = await assemble(client, clips=[{"job_id": first, "trim_in": 1.0}, {"job_id": second, "trim_out": 3.5}],
+                              audio_id=audio_id, transition="crossfade", crossfade_seconds=0.5, clip_audio="mix")
+    state = await finished(client, accepted["job_id"])
+    expected = 3.0 + 3.5 - 0.5
+    assert state["request"]["expected_seconds"] == pytest.approx(expected, abs=0.05)
+    assert state["request"]["result"]["reencoded"] == [0, 1]
+    assert_h264_aac(await output_of(client, state), expected)
+
+
+async def test_every_bad_assembly_is_a_400_naming_the_field(client: TestClient, sim: Simulator) -> None:
+    clip = await make_clip(client, sim, 4)
+    audio_id = make_song(client, 5.0, "mp3")
+    sim.video_latency = 0.2
+    response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4,
+                                                                 "aspect_ratio": "9:16", "generate_audio": False})
+    portrait = (await response.json())["job_id"]
+    assert (await finished(client, portrait))["status"] == "succeeded"
+    sim.video_latency = 60.0
+    running = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4})
+    running_id = (await running.json())["job_id"]
+    too_many = client.app[CONFIG].projects.limits.assembly_clips_max + 1
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"clips": []}, "clips"),
+        ({"clips": [{"job_id": clip}] * too_many}, "clips"),
+        ({"clips": [{"job_id": clip}, {"job_id": new_id()}]}, "clips.1.job_id"),
+        ({"clips": [{"job_id": clip}, {"job_id": running_id}]}, "clips.1.job_id"),
+        ({"clips": [{"job_id": "not-an-id"}]}, "clips.0.job_id"),
+        ({"clips": [{"job_id": clip, "trim_out": 9.0}]}, "clips.0.trim_out"),
+        ({"clips": [{"job_id": clip, "trim_in": 4.5}]}, "clips.0.trim_in"),
+        ({"clips": [{"job_id": clip, "trim_in": 2.0, "trim_out": 1.0}]}, "clips.0.trim_out"),
+        ({"clips": [{"job_id": clip}], "audio_id": audio_id, "audio_offset": 5.0}, "audio_offset"),
+        ({"clips": [{"job_id": clip}], "audio_id": new_id()}, "audio_id"),
+        ({"clips": [{"job_id": clip}, {"job_id": portrait}]}, "clips.1.job_id"),
+        ({"clips": [{"job_id": clip}] * 2, "transition": "crossfade", "crossfade_seconds": 4.5}, "crossfade_seconds"),
+        ({"clips": [{"job_id": clip}], "transition": "wipe"}, "transition"),
+        ({"clips": [{"job_id": clip}], "clip_audio": "loud"}, "clip_audio"),
+        ({"clips": [{"job_id": clip}], "fit": "stretch"}, "fit"),
+        ({"clips": [{"job_id": clip}], "extra": 1}, "extra"),
+    ]
+    for body, field in cases:
+        response = await client.post("/api/mv/assemble", json=body)
+        assert await error_of(response) == (400, field), (body, await response.text())
+    # the same mismatching clips are accepted with fit
+    accepted = await assemble(client, clips=[{"job_id": clip}, {"job_id": portrait}], fit="letterbox")
+    state = await finished(client, accepted["job_id"])
+    info = await output_of(client, state)
+    assert info.first_video is not None and abs(info.first_video.aspect - 16 / 9) < 0.01
+    await client.post(f"/api/mv/jobs/{running_id}/cancel")
+
+
+def test_media_field_names_become_api_field_names() -> None:
+    assert _field("clips[2].trim_in") == "clips.2.trim_in"
+    assert _field("clips[0]") == "clips.0"
+    assert _field("song_offset") == "audio_offset" and _field("song") == "audio_id"
+
+
+async def test_cancel_kills_ffmpeg_and_leaves_nothing(client: TestClient, sim: Simulator) -> None:
+    clip = await make_clip(client, sim, 8)
+    accepted = await assemble(client, clips=[{"job_id": clip}] * 24, transition="crossfade", crossfade_seconds=0.5)
+    videos = client.app[STORE].root / "videos"
+    await wait_for(client, accepted["job_id"], lambda s: s["status"] == "running", 30)
+    async with asyncio.timeout(30):
+        while not ffmpeg_writing(videos):
+            await asyncio.sleep(0.05)
+    response = await client.post(f"/api/mv/jobs/{accepted['job_id']}/cancel")
+    assert response.status == 200, await response.text()
+    assert (await response.json())["status"] == "canceled"
+    assert ffmpeg_writing(videos) == []
+    assert not list(videos.glob(f"*{accepted['job_id']}*"))  # no output, no temporaries
+
+
+async def test_a_running_assembly_is_run_again_after_a_restart(make_client: AppClient, sim: Simulator) -> None:
+    first = await make_client()
+    clip = await make_clip(first, sim, 4)
+    audio_id = make_song(first, 60.0, "mp3")
+    body = {"clips": [{"job_id": clip}] * 6, "transition": "crossfade", "crossfade_seconds": 0.5,
+            "audio_id": audio_id}
+    accepted = await assemble(first, **body)
+    videos = first.app[STORE].root / "videos"
+    await wait_for(first, accepted["job_id"], lambda s: s["status"] == "running", 30)
+    async with asyncio.timeout(30):
+        while not ffmpeg_writing(videos):
+            await asyncio.sleep(0.05)
+    await first.close()  # shutdown mid-run: the record stays running
+    assert ffmpeg_writing(videos) == []
+
+    second = await make_client()
+    state = await finished(second, accepted["job_id"], 180)
+    assert_h264_aac(await output_of(second, state), 6 * 4 - 5 * 0.5)
+
+
+# -- projects ------------------------------------------------------------------------------------------------------
+
+
+async def test_project_assembly_and_a_lipsynced_scene_version(client: TestClient, sim: Simulator) -> None:
+    audio_id = make_song(client, 12.0, "mp3")
+    response = await client.post(PROJECTS, json={"idea": "a song", "character_description": "a singer",
+                                                 "audio_id": audio_id, "audio_offset": 1.0, "number_of_scenes": 2})
+    assert response.status == 201, await response.text()
+    project = await response.json()
+    pid = project["project_id"]
+    scenes = [s["id"] for s in project["scenes"]]
+    etag = project["etag"]
+    patch = {"scenes": [{"id": s, "prompt": PROMPT, "duration": 4} for s in scenes]}
+    response = await client.patch(f"{PROJECTS}/{pid}", json=patch, headers={"If-Match": etag})
+    assert response.status == 200, await response.text()
+
+    # no clip yet: 400 naming the scene
+    response = await client.post(f"{PROJECTS}/{pid}/assemble", json={})
+    assert await error_of(response) == (400, "scenes.0")
+    response = await client.post(f"{PROJECTS}/{pid}/scenes/{scenes[0]}/lipsync", json={})
+    assert await error_of(response) == (400, "scenes.0")
+
+    sim.video_latency = 0.2
+    response = await client.post(f"{PROJECTS}/{pid}/clips", json={"generate_audio": False})
+    assert response.status == 202, await response.text()
+    clips = [j["job_id"] for j in (await response.json())["jobs"]]
+    for job_id in clips:
+        assert (await finished(client, job_id))["status"] == "succeeded"
+    project = await (await client.get(f"{PROJECTS}/{pid}")).json()
+    response = await client.patch(f"{PROJECTS}/{pid}", json={"scenes": [{"id": scenes[1], "trim_in": 0.5}]},
+                                  headers={"If-Match": project["etag"]})
+    assert response.status == 200, await response.text()
+
+    response = await client.post(f"{PROJECTS}/{pid}/assemble",
+                                 json={"transition": "cut", "crossfade_seconds": 0.5, "clip_audio": "drop"})
+    assert response.status == 202, await response.text()
+    body = await response.json()
+    assert set(body) >= {"job_id", "status_url", "events_url", "video_url", "project"}
+    assert body["project"]["assembly_job_id"] == body["job_id"]
+    state = await finished(client, body["job_id"])
+    assert state["request"]["project_id"] == pid
+    assert [c["job_id"] for c in state["request"]["clips"]] == clips
+    assert_h264_aac(await output_of(client, state), 4.0 + 3.5)
+
+    # lip-sync the second scene: its slice of the song starts at 1 + 4 = 5 s (trim_in 0.5 earlier for the clip)
+    response = await client.post(f"{PROJECTS}/{pid}/scenes/{scenes[1]}/lipsync", json={})
+    assert response.status == 202, await response.text()
+    body = await response.json()
+    lipsync_id = body["job"]["job_id"]
+    scene = body["project"]["scenes"][1]
+    assert [v["job_id"] for v in scene["versions"]] == [clips[1], lipsync_id]
+    assert scene["awaited_job_id"] == lipsync_id and scene["chosen_job_id"] == clips[1]
+    record = await (await client.get(f"/api/mv/jobs/{lipsync_id}")).json()
+    assert record["kind"] == "lipsync"
+    assert record["request"]["window"]["start"] == pytest.approx(4.5)
+    assert record["request"]["window"]["end"] == pytest.approx(8.5)
+    assert (record["request"]["project_id"], record["request"]["scene_id"]) == (pid, scenes[1])
+    assert (await finished(client, lipsync_id))["status"] == "succeeded"
+
+    project = await (await client.get(f"{PROJECTS}/{pid}")).json()
+    assert project["scenes"][1]["chosen_job_id"] == lipsync_id
+    response = await client.post(f"{PROJECTS}/{pid}/assemble", json={"transition": "crossfade",
+                                                                       "crossfade_seconds": 0.5, "clip_audio": "mix"})
+    assert response.status == 202, await response.text()
+    body = await response.json()
+    state = await finished(client, body["job_id"])
+    assert [c["job_id"] for c in state["request"]["clips"]] == [clips[0], lipsync_id]
+    assert state["request"]["clips"][1]["trim_in"] == pytest.approx(0.5)
+    assert_h264_aac(await output_of(client, state), 4.0 + 3.5 - 0.5)
+    assert body["project"]["assembly_job_id"] == body["job_id"]
+
+
+async def test_project_actions_refuse_unknown_options_and_ids(client: TestClient) -> None:
+    response = await client.post(PROJECTS, json={"idea": "a song", "character_description": "a singer",
+                                                 "number_of_scenes": 1})
+    project = await response.json()
+    pid, scene = project["project_id"], project["scenes"][0]["id"]
+    assert await error_of(await client.post(f"{PROJECTS}/{pid}/assemble", json={"clips": []})) == (400, "clips")
+    assert await error_of(await client.post(f"{PROJECTS}/{pid}/assemble", json={"transition": "x"})) == \
+        (400, "transition")
+    assert (await client.post(f"{PROJECTS}/{new_id()}/assemble", json={})).status == 404
+    assert await error_of(await client.post(f"{PROJECTS}/{pid}/scenes/{scene}/lipsync", json={})) == (400, "audio_id")
+    assert (await client.post(f"{PROJECTS}/{pid}/scenes/{new_id()}/lipsync", json={})).status == 404
+    assert await error_of(await client.post(f"{PROJECTS}/{pid}/scenes/{scene}/lipsync",
+                                            json={"audio_id": new_id()})) == (400, "audio_id")
