@@ -73,7 +73,7 @@ def _server_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def _wait_healthy(base: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
+def _wait_healthy(base: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

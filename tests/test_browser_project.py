@@ -4,6 +4,7 @@ assembly, and the same first steps with API keys on."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -170,6 +171,27 @@ def test_project_lipsync_one_scene_adds_a_version(project_page: Page, project_se
     page.get_by_test_id("lipsync-2").click()
     _wait_clip(page, 2, versions=2)
     expect(page.get_by_test_id("version-2").locator("option")).to_have_count(2)
+
+
+@requires_browser
+def test_project_edit_after_another_writer_reloads_and_reapplies(browser: Browser, project_server: str) -> None:
+    # The first PATCH is refused on purpose (412): Chromium logs it.
+    for page in _open_page(browser, project_server, "/", expected=("412 (Precondition Failed)",)):
+        _create_project(page, None)
+        project_id = page.get_by_test_id("project-summary").get_attribute("data-project-id")
+        before = _scene_ids(page)
+        request = urllib.request.Request(f"{project_server}/api/mv/projects/{project_id}", method="PATCH",
+                                         data=b'{"idea": "Another tab changed the idea"}',
+                                         headers={"Content-Type": "application/json", "If-Match": "*"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200
+        page.get_by_test_id("move-down-1").click()
+        expect(page.get_by_test_id("scene-1")).to_have_attribute("data-scene-id", before[1])
+        expect(page.get_by_test_id("status")).to_contain_text("changed elsewhere")
+        with urllib.request.urlopen(f"{project_server}/api/mv/projects/{project_id}", timeout=5) as response:
+            record = json.load(response)
+        assert record["idea"] == "Another tab changed the idea"
+        assert [scene["id"] for scene in record["scenes"]] == before[::-1]
 
 
 # -- keys on ----------------------------------------------------------------------------------------------------------

@@ -238,17 +238,20 @@ async function reloadProject() {
 }
 
 // PATCH built from the freshest record: on 412 (someone else wrote first) reload and reapply the change once.
+// Returns whether it had to.
 async function patchProject(build) {
   const url = `/api/mv/projects/${state.project.project_id}`;
   try {
     const { body } = await api("PATCH", url, build(state.project), { "If-Match": state.project.etag });
     setProject(body);
+    return false;
   } catch (err) {
     if (!(err instanceof RequestFailed) || err.status !== 412) throw err;
     announce("The project changed elsewhere; reloaded it and applied the change again.");
     const fresh = await reloadProject();
     const { body } = await api("PATCH", url, build(fresh), { "If-Match": fresh.etag });
     setProject(body);
+    return true;
   }
 }
 
@@ -338,6 +341,7 @@ function renderProject() {
   const summary = $("#project-summary");
   const song = project.song ? ` · song ${project.song.duration.toFixed(1)} s from ${project.song.offset} s` : "";
   summary.textContent = `project ${project.project_id} · ${project.scenes.length} scenes${song}`;
+  summary.dataset.projectId = project.project_id;
   summary.hidden = false;
   $("#scenes-empty").hidden = project.scenes.length > 0;
   $("#generate-characters").disabled = false;
@@ -428,14 +432,15 @@ async function sceneAction(els, work) {
 }
 
 async function move(sceneId, step) {
-  await patchProject((project) => {
+  const retried = await patchProject((project) => {
     const ids = project.scenes.map((s) => s.id);
     const at = ids.indexOf(sceneId);
     const to = Math.min(Math.max(at + step, 0), ids.length - 1);
     [ids[at], ids[to]] = [ids[to], ids[at]];
     return { order: ids };
   });
-  announce("Scene moved.");
+  announce(retried ? "Scene moved; the project had changed elsewhere, so it was reloaded and the move applied again."
+    : "Scene moved.");
 }
 
 // The scene's newest version (the one being made, else the chosen one) drives its bar, status and player.
