@@ -7,7 +7,12 @@ the full re-encode a MoviePy-style port does (decode every clip and encode the w
 speed-up it shows is a lower bound. Peak RSS growth of this process (which runs the asyncio side) is sampled every
 5 ms during each assembly; ffmpeg's own peak (a separate process) is read from ``getrusage`` of the children.
 
-    python -m bench.assembly [--clips 12] [--seconds 8] [--repeat 3]
+Then the job engine part: mvserver (file job store) and the provider simulator, each in its own process on
+127.0.0.1, run a crossfade assembly job of the same length while other video jobs stream their progress over SSE
+to this process; the delay of each of their events (receipt time minus the event's ``event_time``) is measured
+with and without the assembly running.
+
+    python -m bench.assembly [--clips 12] [--seconds 8] [--repeat 3] [--sse-jobs 6] [--sse-only]
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
+import aiohttp
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RssSampler, print_table, proc_status, workdir
+from bench.common import (RssSampler, bench_settings, percentile, print_table, proc_status, processes, read_sse,
+                          start_server, start_simulator, workdir)
 from mvserver import media
 from mvserver.sandbox.render import render_video
 
@@ -153,12 +161,100 @@ async def bench(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+async def _wait(session: aiohttp.ClientSession, base: str, job_id: str, timeout: float) -> dict:
+    async with asyncio.timeout(timeout):
+        while True:
+            async with session.get(f"{base}/api/mv/jobs/{job_id}") as response:
+                state = await response.json()
+            if state["status"] in ("succeeded", "failed", "canceled"):
+                return state
+            await asyncio.sleep(0.1)
+
+
+async def _video_jobs(session: aiohttp.ClientSession, base: str, count: int) -> list[str]:
+    ids = []
+    for i in range(count):
+        async with session.post(f"{base}/api/mv/generate_video",
+                                json={"prompt": f"bench scene {i}: the singer in the rain", "duration": 8}) as response:
+            assert response.status == 202, await response.text()
+            ids.append((await response.json())["job_id"])
+    return ids
+
+
+async def _event_delays(session: aiohttp.ClientSession, base: str, job_id: str, delays: list[float]) -> None:
+    """Follow one job's events to its end; record how long each event written after the subscription took from
+    its write to this client (events replayed from before the subscription are not counted)."""
+    subscribed = time.time()
+    async with session.get(f"{base}/api/mv/jobs/{job_id}/events") as response:
+        async for received, event in read_sse(response):
+            written = (event.get("data") or {}).get("event_time")
+            if written is not None and written >= subscribed:
+                delays.append((received - written) * 1000)
+            if event.get("event") in ("succeeded", "failed", "canceled"):
+                return
+
+
+async def _follow_others(session: aiohttp.ClientSession, base: str, count: int) -> list[float]:
+    delays: list[float] = []
+    ids = await _video_jobs(session, base, count)
+    async with asyncio.timeout(300):
+        await asyncio.gather(*(_event_delays(session, base, job_id, delays) for job_id in ids))
+    return delays
+
+
+async def sse_bench(args: argparse.Namespace) -> list[tuple[object, ...]]:
+    """SSE delays of other jobs' events while an assembly job runs, and without it (same app, same load)."""
+    work = workdir("assembly-sse")
+    settings = bench_settings(work, poll_interval_seconds=0.2)
+    with processes() as started:
+        sim = start_simulator(started, work, video_latency=8.0)
+        base = start_server(started, work, sim, settings)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+            inputs = await _video_jobs(session, base, 2)
+            for job_id in inputs:
+                assert (await _wait(session, base, job_id, 300))["status"] == "succeeded"
+            song = await make_song(work / "song.mp3", args.clips * args.seconds)
+            async with session.post(f"{base}/api/mv/upload_audio", data=song.read_bytes(),
+                                    headers={"Content-Type": "audio/mpeg"}) as response:
+                assert response.status == 201, await response.text()
+                audio_id = (await response.json())["audio_id"]
+            idle = await _follow_others(session, base, args.sse_jobs)
+            body = {"clips": [{"job_id": inputs[i % 2]} for i in range(args.clips)], "audio_id": audio_id,
+                    "transition": "crossfade", "crossfade_seconds": 0.5, "clip_audio": "mix"}
+            async with session.post(f"{base}/api/mv/assemble", json=body) as response:
+                assert response.status == 202, await response.text()
+                assembly_id = (await response.json())["job_id"]
+            busy_started = time.perf_counter()
+            busy = await _follow_others(session, base, args.sse_jobs)
+            others_done = time.perf_counter() - busy_started
+            state = await _wait(session, base, assembly_id, 600)
+            assembly_seconds = state["finished_at"] - state["started_at"]
+    return [
+        ("assembly job (crossfade, mixed audio): status, run s", f"{state['status']}, {assembly_seconds:.1f}", "report"),
+        ("other jobs' events followed while it ran: count, s", f"{len(busy)} in {others_done:.1f}", "report"),
+        ("SSE event delay of other jobs, idle: p50 / p99 / max ms",
+         f"{percentile(idle, 50):.1f} / {percentile(idle, 99):.1f} / {max(idle):.1f}", "report"),
+        ("SSE event delay of other jobs, assembly running: p50 / p99 / max ms",
+         f"{percentile(busy, 50):.1f} / {percentile(busy, 99):.1f} / {max(busy):.1f}", "p99 < 50"),
+    ]
+
+
+async def bench_all(args: argparse.Namespace) -> int:
+    code = 0 if args.sse_only else await bench(args)
+    rows = await sse_bench(args)
+    print_table(f"SSE of {args.sse_jobs} other jobs while an assembly job of {args.clips} x {args.seconds:g} s runs",
+                ["measure", "value", "goal"], rows)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.assembly", description=__doc__.split("\n")[0])
     parser.add_argument("--clips", type=int, default=12, help="number of clips (default 12)")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each clip (default 8)")
     parser.add_argument("--repeat", type=int, default=3, help="cut-only runs; the median is reported (default 3)")
-    return asyncio.run(bench(parser.parse_args(argv)))
+    parser.add_argument("--sse-jobs", type=int, default=6, help="other video jobs followed over SSE (default 6)")
+    parser.add_argument("--sse-only", action="store_true", help="only the job engine part (SSE delays)")
+    return asyncio.run(bench_all(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

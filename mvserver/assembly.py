@@ -19,7 +19,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from . import media
-from .assembly_schemas import AssemblyOptions, assemble_request_model
+from .assembly_schemas import AssemblyOptions
 from .audio import saved_audio
 from .auth import key_id
 from .config import CONFIG
@@ -28,6 +28,7 @@ from .jobs import JOBS, Job, job_urls
 from .jobs.runner import Progress
 from .lipsync import FFMPEG_SLOTS
 from .projects import BASE, _json_object, _respond, job_states, load_settled, project_timeline, update
+from .schemas import REQUEST_MODELS
 from .storage import STORE, check_id, new_id
 
 routes = web.RouteTableDef()
@@ -36,7 +37,6 @@ KIND = "assembly"
 BACKEND = "ffmpeg"
 CLIP_KINDS = frozenset({"video", "lipsync"})  # jobs whose output is a clip
 TRIM_TOLERANCE = media.TRIM_TOLERANCE
-REQUEST_MODEL = web.AppKey("assemble_request_model", type)
 
 
 class PlannedClip(NamedTuple):
@@ -230,7 +230,7 @@ def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
 @routes.post("/api/mv/assemble")
 async def assemble(request: web.Request) -> web.Response:
     app = request.app
-    body = _parse(app[REQUEST_MODEL], await _json_object(request))
+    body = _parse(app[REQUEST_MODELS].assemble, await _json_object(request))
     clips = [(c.job_id, c.trim_in, c.trim_out) for c in body.clips]
     planned = await plan(app, clips, body, body.audio_id, body.audio_offset)
     job = await submit(app, planned, key_id(request))
@@ -277,5 +277,4 @@ async def assemble_project(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    app[REQUEST_MODEL] = assemble_request_model(app[CONFIG])
     app.add_routes(routes)

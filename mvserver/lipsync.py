@@ -311,8 +311,8 @@ async def lipsync_scene(request: web.Request) -> web.Response:
     app = request.app
     project_id = check_id(request.match_info["project_id"], "project_id")
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
-    options = _options(await _json_object(request, optional=True), SCENE_OPTIONS)
     project, jobs = await load_settled(app, project_id)
+    options = _options(await _json_object(request, optional=True), SCENE_OPTIONS)
     index = next((i for i, s in enumerate(project.scenes) if s.id == scene_id), None)
     if index is None:
         raise ApiError(404, "not_found", f"the project has no scene {scene_id}", field="scene_id")

@@ -16,6 +16,7 @@ from . import __version__
 from .config import Config
 from .debug import debug_print
 from .errors import ApiError, validation_error
+from .assembly_schemas import AssemblyOptions, assemble_request_model
 from .project_schemas import ProjectModels
 
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -159,12 +160,13 @@ class RequestModels(BaseModel):
     video: type[BaseModel]
     projects: ProjectModels
     lipsync: type[BaseModel]
+    assemble: type[BaseModel]
 
     @classmethod
     def build(cls, config: Config) -> "RequestModels":
         return cls(scenes=scenes_request_model(config), image=image_request_model(config),
                    video=video_request_model(config), projects=ProjectModels.build(config),
-                   lipsync=lipsync_request_model(config))
+                   lipsync=lipsync_request_model(config), assemble=assemble_request_model(config))
 
 
 REQUEST_MODELS = web.AppKey("request_models", RequestModels)
@@ -307,6 +309,18 @@ def _project_paths() -> dict[str, Any]:
             "parameters": [*action, _id_parameter("scene_id")],
             "requestBody": _options_body("Optional: backend, seed, generate_audio, video_rules_template"),
             "responses": _answers(202, "{job, project}", 400, 404, 409, 412)}},
+        "/api/mv/projects/{project_id}/assemble": {"post": {
+            "summary": "Start an assembly job of the project's chosen clips (display order, trims) with its song from "
+                       "its offset; 400 naming scenes.N when a scene has no finished chosen clip",
+            "parameters": project, "requestBody": {**_json_body("AssemblyOptions"), "required": False},
+            "responses": _answers(202, "{job_id, kind, status, status_url, events_url, video_url, project}", 400,
+                                  404, 409)}},
+        "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync": {"post": {
+            "summary": "Lip-sync the scene's chosen clip to its slice of the project's song; the job becomes a new "
+                       "version of the scene's clip (chosen once it succeeds)",
+            "parameters": [*project, _id_parameter("scene_id")],
+            "requestBody": _options_body("Optional: sync_mode, temperature, active_speaker"),
+            "responses": _answers(202, "{job, project}", 400, 404, 409)}},
         "/api/mv/projects/{project_id}/timeline": {"get": {
             "summary": "Scenes in order with chosen clip, trims and song window start", "parameters": project,
             "responses": _answers(200, "timeline", 400, 404)}},
@@ -356,7 +370,7 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
     """The OpenAPI 3.1 document of the public API (with the bearer scheme and /metrics when they are on)."""
     schemas: dict[str, Any] = {"Error": ERROR_SCHEMA}
     for model in (models.scenes, models.image, models.video, models.lipsync, models.projects.create, models.projects.patch,
-                  models.projects.write_scenes):
+                  models.projects.write_scenes, models.assemble, AssemblyOptions):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -387,6 +401,12 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
                        "of a song (Replicate sync/lipsync-2-pro); the result is served by get_video/{job_id}",
             "requestBody": _json_body("LipsyncRequest"),
             "responses": _answers(202, "job accepted", 400, 404, 413, 415, 503)}},
+        "/api/mv/assemble": {"post": {
+            "summary": "Start an assembly job (answers 202 at once): finished clips (video or lip-sync jobs) joined "
+                       "with cuts (stream-copied where possible) or crossfades, with an optional song; the result "
+                       "is served by get_video/{job_id}",
+            "requestBody": _json_body("AssembleRequest"),
+            "responses": _answers(202, "job accepted", 400, 413, 415, 503)}},
         "/api/mv/jobs/{job_id}": {
             "get": {"summary": "Job state as JSON", "parameters": [_id_parameter("job_id")],
                     "responses": _answers(200, "job", *job_errors)},
@@ -442,7 +462,7 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "mvserver", "version": __version__,
-                 "description": "Music-video generation: scenes (Gemini), character images (Imagen 4), video jobs (Veo), lip-sync jobs (sync/lipsync-2-pro). "
+                 "description": "Music-video generation: scenes (Gemini), character images (Imagen 4), video jobs (Veo), lip-sync jobs (sync/lipsync-2-pro), assembly jobs (ffmpeg). "
                                 "POST bodies are JSON sent as Content-Type: application/json, except a song for "
                                 "upload_audio (an audio/* body or multipart/form-data). " + INTEGER_RULE
                                 + " Text fields are stripped of surrounding whitespace; a required one must not be "

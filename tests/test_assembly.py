@@ -5,7 +5,6 @@ project flow (assemble from the timeline, lip-sync a scene into a new version th
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,9 @@ from aiohttp.test_utils import TestClient
 
 from mvserver import media
 from mvserver.assembly import _field
+from mvserver.auth import create_key
 from mvserver.config import CONFIG
+from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator
 from mvserver.storage import STORE, new_id
 from conftest import AppClient, read_sse
@@ -270,3 +271,28 @@ async def test_project_actions_refuse_unknown_options_and_ids(client: TestClient
     assert (await client.post(f"{PROJECTS}/{pid}/scenes/{new_id()}/lipsync", json={})).status == 404
     assert await error_of(await client.post(f"{PROJECTS}/{pid}/scenes/{scene}/lipsync",
                                             json={"audio_id": new_id()})) == (400, "audio_id")
+
+
+async def test_the_callers_key_owns_the_assembly_and_lipsync_jobs(make_client: AppClient, tmp_path: Path,
+                                                                   sim: Simulator) -> None:
+    keys_file = tmp_path / "keys.yaml"
+    record, key = create_key(keys_file, "alice")
+    client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET="s" * 40)
+    auth = {"Authorization": f"Bearer {key}"}
+    sim.video_latency = 0.2
+    response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4}, headers=auth)
+    assert response.status == 202, await response.text()
+    clip = (await response.json())["job_id"]
+    async with asyncio.timeout(30):
+        while (await client.app[JOBS].get(clip)).status != "succeeded":  # type: ignore[union-attr]
+            await asyncio.sleep(0.05)
+    audio_id = make_song(client, 10.0, "mp3")
+    response = await client.post("/api/mv/assemble", json={"clips": [{"job_id": clip}]}, headers=auth)
+    assert response.status == 202, await response.text()
+    job = await client.app[JOBS].get((await response.json())["job_id"])
+    assert job is not None and job.owner == record.id and job.kind == "assembly"
+    response = await client.post("/api/mv/lipsync", json={"video_job_id": clip, "audio_id": audio_id}, headers=auth)
+    assert response.status == 202, await response.text()
+    job = await client.app[JOBS].get((await response.json())["job_id"])
+    assert job is not None and job.owner == record.id and job.kind == "lipsync"
+    await client.app[JOBS].cancel(job.id)

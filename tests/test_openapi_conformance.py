@@ -5,8 +5,9 @@ content type and body schema as documented, no 5xx, schema-valid requests accept
 The document cannot say two things, so a 400 naming one of these generate_video fields is accepted for a
 schema-valid body: a reference image must decode as a PNG, JPEG or WebP image (random base64 does not), a rules
 template must be valid substitution-only Jinja2, the whole prompt (scene prompt + rendered rules) is capped, and the
-replicate backend takes a reference image only for some shapes; and a song upload must be an audio file ffmpeg
-decodes. Any other 400 for generated data is a failure.
+replicate backend takes a reference image only for some shapes; a song upload must be an audio file ffmpeg
+decodes; and an assembly's clips must be finished jobs (the first one checked is ``clips.0``). Any other 400 for
+generated data is a failure.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from conftest import PROJECT
 EXAMPLES_PER_OPERATION = 10
 UNEXPRESSIBLE = {"/api/mv/generate_video": {"reference_image_base64", "reference_image_id", "video_rules_template",
                                             "prompt", "aspect_ratio", "duration"},
-                 "/api/mv/upload_audio": {"body"}}  # the bytes must be an audio file ffmpeg decodes
+                 "/api/mv/upload_audio": {"body"},  # the bytes must be an audio file ffmpeg decodes
+                 "/api/mv/assemble": {"clips.0.job_id"}}  # a clip must be a finished job (a random id is none)
 PROVIDER_KEYS = ("GEMINI_API_KEY", "REPLICATE_API_TOKEN", "GOOGLE_VERTEX_API_KEY", "GOOGLE_CLOUD_PROJECT")
 
 
