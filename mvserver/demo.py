@@ -37,9 +37,20 @@ EXAMPLE = {
 
 @routes.get("/")
 async def index(request: web.Request) -> web.Response:
-    """The demo page, prefilled with example text and the configured defaults and limits."""
+    """The music-video project page: song, project and scenes, character, clips, assembly."""
+    return _page(request, "index.html.j2")
+
+
+@routes.get("/single")
+async def single(request: web.Request) -> web.Response:
+    """The single-clip page: scenes, one character image and independent video jobs, without a project."""
+    return _page(request, "single.html.j2")
+
+
+def _page(request: web.Request, template: str) -> web.Response:
+    """A page prefilled with example text and the configured defaults and limits."""
     config = request.app[CONFIG]
-    page = request.app[TEMPLATES].get_template("index.html.j2").render(
+    page = request.app[TEMPLATES].get_template(template).render(
         version=__version__,
         example=EXAMPLE,
         scenes=config.scenes,

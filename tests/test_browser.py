@@ -73,7 +73,7 @@ def _server_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def _wait_healthy(base: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
+def _wait_healthy(base: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -87,15 +87,14 @@ def _wait_healthy(base: str, process: subprocess.Popen[bytes], log: Path, timeou
     pytest.fail(f"the server did not answer /api/mv/health within {timeout} s:\n{log.read_text()}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def _start_server(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """``python -m mvserver`` on a free loopback port, every provider answered by the built-in simulator."""
-    tmp = tmp_path_factory.mktemp("server")
     port = _free_port()
     log = tmp / "server.log"
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
-                                   cwd=PROJECT, env=_server_env(tmp), stdout=out, stderr=subprocess.STDOUT)
+                                   cwd=PROJECT, env={**_server_env(tmp), **(extra_env or {})}, stdout=out,
+                                   stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(base, process, log)
@@ -109,6 +108,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             process.wait()
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _start_server(tmp_path_factory.mktemp("server"))
+
+
 @pytest.fixture
 def browser() -> Iterator[Browser]:
     """Chromium for one test: the sync API's event loop must not outlive it, or the async tests cannot run."""
@@ -120,7 +124,13 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser: Browser, server: str) -> Iterator[Page]:
-    """A fresh page on the demo; fails the test on script or console errors and on requests to another origin."""
+    """A fresh page on the single-clip demo; fails the test on script or console errors and on requests to another origin."""
+    yield from _open_page(browser, server, "/single")
+
+
+def _open_page(browser: Browser, server: str, path: str, expected: tuple[str, ...] = ()) -> Iterator[Page]:
+    """A fresh page at ``path``; fails the test on script errors, unexpected console errors and requests to
+    another origin. ``expected`` are console error texts a test provokes on purpose."""
     context = browser.new_context(base_url=server, viewport={"width": 1100, "height": 900})
     page = context.new_page()
     page.set_default_timeout(15_000)
@@ -129,7 +139,8 @@ def page(browser: Browser, server: str) -> Iterator[Page]:
     origin = urlsplit(server).netloc
 
     def check_console(message: Any) -> None:
-        if message.type == "error" and not _expected_console_error(message.text):
+        if message.type == "error" and not _expected_console_error(message.text) and not any(
+                text in message.text for text in expected):
             problems.append(f"console error: {message.text}")
 
     def check_origin(request: Any) -> None:
@@ -139,7 +150,7 @@ def page(browser: Browser, server: str) -> Iterator[Page]:
 
     page.on("console", check_console)
     page.on("request", check_origin)
-    page.goto("/")
+    page.goto(path)
     yield page
     context.close()
     assert not problems, problems
@@ -272,7 +283,7 @@ async def demo_client(aiohttp_client: Any, tmp_path: Path) -> Any:
 
 async def test_page_is_served_with_form_defaults_and_a_same_origin_policy(demo_client: Any) -> None:
     settings = yaml.safe_load((PROJECT / "settings" / "scenes.yaml").read_text())
-    response = await demo_client.get("/")
+    response = await demo_client.get("/single")
     assert response.status == 200
     assert response.content_type == "text/html"
     policy = response.headers["Content-Security-Policy"]
@@ -290,7 +301,8 @@ async def test_page_is_served_with_form_defaults_and_a_same_origin_policy(demo_c
     assert "http://" not in html and "https://" not in html, "no external assets"
 
 
-@pytest.mark.parametrize(("name", "content_type"), [("demo.js", "javascript"), ("demo.css", "text/css")])
+@pytest.mark.parametrize(("name", "content_type"), [("demo.js", "javascript"), ("project.js", "javascript"),
+                                                    ("demo.css", "text/css")])
 async def test_static_files_are_served(demo_client: Any, name: str, content_type: str) -> None:
     response = await demo_client.get(f"/static/{name}")
     assert response.status == 200
