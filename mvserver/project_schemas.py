@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from .config import Config
+from .fields import INTEGRAL, UUID4_PATTERN, choice, text
 
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
-UUID4_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 Id = Annotated[str, StringConstraints(pattern=UUID4_PATTERN)]
 Seconds = Annotated[float, Field(ge=0, le=86400)]
 
 
-def _text(max_chars: int, *, blank: bool = False) -> Any:
-    return Annotated[str, StringConstraints(strip_whitespace=True, min_length=0 if blank else 1, max_length=max_chars)]
-
-
-def _choice(values: list[Any]) -> Any:
-    return Literal[tuple(values)]  # type: ignore[valid-type]
+_text, _choice = text, choice
 
 
 class ProjectModels(BaseModel):
@@ -46,7 +41,8 @@ class ProjectModels(BaseModel):
             audio_id=(Id | None, Field(None, description="An uploaded song; sizes the scenes to it unless "
                                                          "number_of_scenes is given.")),
             audio_offset=(Seconds, Field(0.0, description="Where in the song the video starts, in seconds.")),
-            number_of_scenes=(int | None, Field(None, ge=0, le=n, description="Empty scenes to start with.")),
+            number_of_scenes=(Annotated[int, Field(ge=0, le=n), INTEGRAL] | None,
+                              Field(None, description="Empty scenes to start with.")),
         )
         scene_patch = create_model(
             "ScenePatch", __config__=STRICT,
@@ -75,7 +71,7 @@ class ProjectModels(BaseModel):
         )
         write = create_model(
             "WriteProjectScenesRequest", __config__=STRICT,
-            number_of_scenes=(int | None, Field(None, ge=1, le=n, description="Default: the project's scene count "
+            number_of_scenes=(Annotated[int, Field(ge=1, le=n), INTEGRAL] | None, Field(None, description="Default: the project's scene count "
                                                                              "(or the create_scenes default).")),
             character_characteristics=(text | None, None),
             video_type=(text | None, None),

@@ -7,52 +7,31 @@ allowed-value lists become ``Literal`` types, and ``model_fields_set`` tells whi
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model
 
 from . import __version__
 from .config import Config
 from .debug import debug_print
 from .errors import ApiError, validation_error
 from .assembly_schemas import AssemblyOptions, assemble_request_model
+from .fields import INTEGRAL, UUID4_PATTERN, choice, text
 from .project_schemas import ProjectModels
 
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
-# Unicode White_Space, the characters pydantic strips from text fields: a required text field must contain at least
-# one character outside this class. The class is spelled out because regex ``\s`` differs between engines.
-WHITESPACE_CLASS = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-NOT_BLANK_PATTERN = f"[^{WHITESPACE_CLASS}]"
 INTEGER_RULE = "Integer fields accept a JSON number with no fractional part, so 8 and 8.0 are the same value."
 
 
-def _integral(value: Any) -> Any:
-    """A JSON number with no fractional part (``8.0``) is the integer it names, as JSON Schema counts it."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-INTEGRAL = BeforeValidator(_integral)
 SEED = Annotated[Annotated[int, Field(ge=0, le=2**31 - 1), INTEGRAL] | None,
                  Field(description="Random seed; null lets the provider choose.")]
-UUID4_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 Model = TypeVar("Model", bound=BaseModel)
 _UUID4 = UUID4_PATTERN.strip("^$")
 JOB_LIST_PATTERN = f"^{_UUID4}(,{_UUID4}){{0,499}}$"
 
 
-def _text(max_chars: int, *, blank: bool = False) -> Any:
-    """Text, stripped of surrounding whitespace; unless ``blank``, it must not be only whitespace."""
-    constraints = StringConstraints(strip_whitespace=True, min_length=0 if blank else 1, max_length=max_chars)
-    if blank:
-        return Annotated[str, constraints]
-    return Annotated[str, constraints, Field(json_schema_extra={"pattern": NOT_BLANK_PATTERN})]
-
-
-def _choice(values: list[Any]) -> Any:
-    return Literal[tuple(values)]  # type: ignore[valid-type]
+_text, _choice = text, choice
 
 
 def scenes_request_model(config: Config) -> type[BaseModel]:

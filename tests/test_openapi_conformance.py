@@ -34,7 +34,10 @@ EXAMPLES_PER_OPERATION = 10
 UNEXPRESSIBLE = {"/api/mv/generate_video": {"reference_image_base64", "reference_image_id", "video_rules_template",
                                             "prompt", "aspect_ratio", "duration"},
                  "/api/mv/upload_audio": {"body"},  # the bytes must be an audio file ffmpeg decodes
-                 "/api/mv/assemble": {"clips.0.job_id"}}  # a clip must be a finished job (a random id is none)
+                 "/api/mv/assemble": {"clips.0.job_id"},  # a clip must be a finished job (a random id is none)
+                 # one field needs another (the field descriptions say so; generation ignores such rules)
+                 "/api/mv/lipsync": {"scene_id", "video_job_id", "audio_id"},
+                 "/api/mv/projects": {"audio_offset", "audio_id", "character_image_id"}}
 PROVIDER_KEYS = ("GEMINI_API_KEY", "REPLICATE_API_TOKEN", "GOOGLE_VERTEX_API_KEY", "GOOGLE_CLOUD_PROJECT")
 
 
