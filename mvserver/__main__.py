@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         web.run_app(app, host=env.host, port=env.port, access_log_class=AccessLogger)
     except OSError as exc:  # the address is in use, or cannot be bound
         print(f"mvserver: cannot listen on {env.host}:{env.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except StoreUnavailable as exc:
         print(f"mvserver: job store unavailable: {exc}", file=sys.stderr)
         return 2
