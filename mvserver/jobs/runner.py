@@ -340,6 +340,11 @@ class JobEngine:
         pushed: Snapshot | None = None  # a webhook's snapshot, applied exactly like a poll result
         shown_logs: str | None = None  # a progress event carries the log tail only when it changed
         while True:
+            if job.id in self._cancel_requested:
+                # The cancel was delivered but swallowed on the way (Python 3.11's asyncio.wait_for, which redis-py
+                # uses for its socket timeout, can return a result and drop a cancellation that arrives as it
+                # finishes): act on it here, at the latest one poll interval later.
+                raise asyncio.CancelledError()
             snapshot = pushed or self.pushed.polled(job.id, await self._retry(lambda: driver.poll(prediction_id)))
             if snapshot.done:
                 return snapshot
@@ -372,6 +377,8 @@ class JobEngine:
                 job.progress = round(min(1.0, max(0.0, fraction)), 4)
             await self._publish(job, lease, "progress", record=stage_changed)
 
+        if job.id in self._cancel_requested:  # a cancel swallowed during the write above (see _poll_until_done)
+            raise asyncio.CancelledError()
         job.video_bytes = await driver.run(job, self.outputs.path("videos", job.id, ".mp4"), progress)
         job.progress = 1.0
         await self._finish(job, lease, "succeeded", None)
