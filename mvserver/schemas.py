@@ -331,6 +331,14 @@ SIGNED_LINK_PARAMETERS = [
 ]
 
 
+# POST routes that draw on the key's quotas (a job-creating one also counts against its running-jobs cap)
+CHARGED_POSTS = frozenset({
+    "/api/mv/create_scenes", "/api/mv/generate_character_reference", "/api/mv/generate_video", "/api/mv/lipsync",
+    "/api/mv/assemble", "/api/mv/projects/{project_id}/write_scenes", "/api/mv/projects/{project_id}/character",
+    "/api/mv/projects/{project_id}/clips", "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
+    "/api/mv/projects/{project_id}/assemble", "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync"})
+
+
 def _with_access(paths: dict[str, Any], metrics: bool) -> None:
     """With keys on: bearer auth on every operation but health, signed-link parameters on GETs, 401/403/429."""
     for path, operations in paths.items():
@@ -345,8 +353,7 @@ def _with_access(paths: dict[str, Any], metrics: bool) -> None:
                 operation["parameters"] = operation.get("parameters", []) + SIGNED_LINK_PARAMETERS
                 answers.setdefault("403", {"description": "signed link tampered, expired or revoked",
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
-            if method == "post" and path in ("/api/mv/create_scenes", "/api/mv/generate_character_reference",
-                                             "/api/mv/generate_video"):
+            if method == "post" and path in CHARGED_POSTS:
                 answers.setdefault("429", {"description": "rate_limited or quota_exceeded (see Retry-After)",
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
 

@@ -527,6 +527,10 @@ async def test_token_bucket_refills_at_its_rate() -> None:
     now[0] += 1000
     assert [await limiter.acquire("k:jobs", 0.5, 3) for _ in range(4)][-1] > 0  # refills up to the burst only
     assert await limiter.acquire("other:jobs", 0.5, 3) == 0  # buckets are independent
+    # A request of several jobs takes its tokens all or none.
+    assert await limiter.acquire("many:jobs", 0.5, 3, cost=2) == 0
+    assert await limiter.acquire("many:jobs", 0.5, 3, cost=2) == pytest.approx(2.0)  # 1 left: nothing taken
+    assert await limiter.acquire("many:jobs", 0.5, 3, cost=1) == 0
 
 
 def test_set_running_jobs_counter_without_keys_is_a_no_op(live_env: dict[str, str]) -> None:
