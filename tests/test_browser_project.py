@@ -234,3 +234,9 @@ def test_project_flow_with_api_keys(browser: Browser, keyed_server: tuple[str, s
         assert "sig=" in src and key not in src, src
         for img in page.locator("#candidates img").all():
             assert key not in (img.get_attribute("src") or "")
+        # Both clips were followed on one multi-job stream opened from a signed link, never by polling.
+        streams = _event_streams(page)
+        assert any(url.count(",") >= 1 and "sig=" in url for url in streams), streams
+        assert all(key not in url for url in streams)
+        assert page.evaluate("() => document.body.dataset.follow") == "stream"
+        assert page.evaluate("() => document.body.dataset.polled") is None
