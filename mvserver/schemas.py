@@ -312,6 +312,26 @@ def _project_paths() -> dict[str, Any]:
     }
 
 
+HEALTH_SCHEMA = {
+    "type": "object", "required": ["status", "version", "mode", "sandbox", "providers", "styles", "auth"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok"]},
+        "version": {"type": "string"},
+        "mode": {"type": "string", "enum": ["live", "sandbox"],
+                 "description": "sandbox when any provider service is answered by the built-in simulator"},
+        "sandbox": {"type": "boolean"},
+        "providers": {"type": "object", "additionalProperties": {"type": "string", "enum": ["live", "sandbox"]}},
+        "styles": {"type": "array", "items": {
+            "type": "object", "required": ["name", "label", "description"],
+            "properties": {"name": {"type": "string"}, "label": {"type": "string"},
+                           "description": {"type": "string"}}}},
+        "auth": {"type": "object", "required": ["keys_required"], "properties": {
+            "keys_required": {"type": "boolean",
+                              "description": "true when every other /api/mv route needs Authorization: Bearer "
+                                             "<API key> (MV_API_KEYS_FILE is set): a page should ask for a key "
+                                             "before its first call"}}},
+    },
+}
 EVENTS_LINK_SCHEMA = {
     "type": "object", "required": ["events_url", "expires_at", "jobs"],
     "properties": {
@@ -385,7 +405,11 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
                         "Last-Event-ID header takes precedence",
          "schema": {"type": "string", "pattern": r"^[0-9]{1,9}(\.[0-9]{1,9}){0,499}$"}}]
     paths = {
-        "/api/mv/health": {"get": {"summary": "Version, sandbox/live mode per provider", "responses": _answers(200, "ok")}},
+        "/api/mv/health": {"get": {
+            "summary": "Version, sandbox/live mode per provider, style presets, and whether the API needs a key "
+                       "(never behind auth)",
+            "responses": {**_answers(200, "ok"),
+                          "200": {"description": "ok", "content": {"application/json": {"schema": HEALTH_SCHEMA}}}}}},
         "/api/mv/create_scenes": {"post": {
             "summary": "Write N scene prompts with Gemini", "requestBody": _json_body("CreateScenesRequest"),
             "responses": _answers(200, "scenes", 400, 413, 415, 422, 429, 502, 503, 504)}},

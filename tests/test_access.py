@@ -133,7 +133,8 @@ def test_a_missing_or_broken_keys_file_stops_start_up(live_env: dict[str, str], 
 async def test_keys_on_need_a_bearer_key(keyed: AppClient, keys: dict[str, str]) -> None:
     client = await keyed()
     health = await client.get("/api/mv/health")
-    assert health.status == 200  # health stays open
+    assert health.status == 200  # health stays open, and says a key is needed
+    assert (await health.json())["auth"] == {"keys_required": True}
 
     missing = await client.post("/api/mv/create_scenes", json=SCENES)
     assert missing.status == 401

@@ -148,6 +148,10 @@ async function loadHealth() {
     $("#sandbox-badge").hidden = simulated.length === 0;
     $("#health").textContent = simulated.length ? `${health.mode} · simulated: ${simulated.join(", ")}`
       : "live · every provider is real";
+    if (health.auth && health.auth.keys_required && !apiKey()) {
+      $("#key-section").hidden = false;
+      announce("This server needs an API key: type it in above.");
+    }
     const select = $("#style");
     for (const style of health.styles || []) {
       const option = document.createElement("option");
