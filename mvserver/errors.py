@@ -190,19 +190,21 @@ class ServerLog(logging.LoggerAdapter):
     def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
         exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
         if isinstance(exc, http_exceptions.HttpProcessingError):
-            self.warning(f"{msg}: %s %s", *args, exc.code, _one_line(exc))
+            self.warning(f"{msg}: %s %s", *args, exc.code, one_line(str(exc.message)))
         else:
             super().exception(msg, *args, exc_info=exc_info, **kwargs)
 
     def debug(self, msg: object, *args: object, exc_info: Any = None, **kwargs: Any) -> None:
         if isinstance(exc_info, http_exceptions.HttpProcessingError):
-            super().debug(f"{msg}: %s %s", *args, exc_info.code, _one_line(exc_info), **kwargs)
+            super().debug(f"{msg}: %s %s", *args, exc_info.code, one_line(str(exc_info.message)), **kwargs)
         else:
             super().debug(msg, *args, exc_info=exc_info, **kwargs)
 
 
-def _one_line(exc: http_exceptions.HttpProcessingError) -> str:
-    return " ".join(str(exc.message).split())[:200]
+def one_line(text: str, limit: int = 200) -> str:
+    """``text`` with its white space folded to single spaces, cut to ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def server_log() -> ServerLog:

@@ -19,18 +19,12 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from .errors import ErrorInfo
+from .errors import ErrorInfo, one_line
 
 # llhttp's messages read ``<what>:\n\n  <the offending line as a bytes repr>\n  <caret>``.
 _PARSER_MESSAGE = re.compile(r"(?P<what>[^\n]*?):\n\n  (?P<line>b(?P<q>['\"]).*(?P=q))\n")
 _DUPLICATE = re.compile(r"Duplicate '(?P<name>[^']{1,100})' header found\.")
 _HEADER_WORDS = ("header", "content-length", "transfer-encoding")
-_MAX_TEXT = 200
-
-
-def _one_line(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT - 3] + "..."
 
 
 def parser_error(exc: HttpProcessingError) -> ErrorInfo:
@@ -47,18 +41,18 @@ def parser_error(exc: HttpProcessingError) -> ErrorInfo:
         if duplicate:
             return ErrorInfo("malformed_header", f"header '{duplicate['name']}' is sent twice", field=duplicate["name"])
         code = "malformed_header" if any(word in message.lower() for word in _HEADER_WORDS) else "malformed_request"
-        return ErrorInfo(code, _one_line(message) or "malformed request")
+        return ErrorInfo(code, one_line(message) or "malformed request")
     what = match["what"]
     if not any(word in what.lower() for word in _HEADER_WORDS):
-        return ErrorInfo("malformed_request", _one_line(f"{what}: {match['line']}"))
+        return ErrorInfo("malformed_request", one_line(f"{what}: {match['line']}"))
     try:
         line = ast.literal_eval(match["line"]).decode("latin-1")
     except (ValueError, SyntaxError, AttributeError):
         line = ""
     name = line.split(":", 1)[0]
     if not name or name[0] in " \t":  # a continuation line: the parser does not show which header it continued
-        return ErrorInfo("malformed_header", _one_line(f"{what}: {match['line']}"))
-    name = _one_line(name.encode("latin-1").decode("ascii", "backslashreplace"))
+        return ErrorInfo("malformed_header", one_line(f"{what}: {match['line']}"))
+    name = one_line(name.encode("latin-1").decode("ascii", "backslashreplace"))
     return ErrorInfo("malformed_header", f"malformed header '{name}': {what[:1].lower()}{what[1:]}", field=name)
 
 
@@ -77,7 +71,7 @@ class JsonErrorRequestHandler(RequestHandler):
         elif status >= 500:
             info = ErrorInfo("internal_error" if status == 500 else "http_error", HTTPStatus(status).phrase.lower())
         else:
-            info = ErrorInfo("http_error", _one_line(message or HTTPStatus(status).phrase))
+            info = ErrorInfo("http_error", one_line(message or HTTPStatus(status).phrase))
         response = web.json_response({"error": info.to_dict()}, status=status)
         response.force_close()
         return response
