@@ -451,7 +451,10 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
                                 "POST bodies are JSON sent as Content-Type: application/json, except a song for "
                                 "upload_audio (an audio/* body or multipart/form-data). " + INTEGER_RULE
                                 + " Text fields are stripped of surrounding whitespace; a required one must not be "
-                                  "only whitespace (the pattern says so)."},
+                                  "only whitespace (the pattern says so). A request the HTTP parser refuses (a "
+                                  "malformed header or request line, a line over 8190 bytes) is answered on any path "
+                                  "with 400 and the Error shape: malformed_header (field: the header, when known) or "
+                                  "malformed_request."},
         "paths": paths,
         "components": components,
     }
