@@ -384,6 +384,7 @@ async def test_signed_links_load_without_headers(keyed: AppClient, keys: dict[st
         f"{path}?kid={params['kid']}&exp={int(params['exp']) + 1}&sig={params['sig']}",
         f"{path}?kid={other_kid}&exp={params['exp']}&sig={params['sig']}",
         f"{path}?kid={params['kid']}&exp=soon&sig={params['sig']}",
+        f"{path}?kid={params['kid']}&exp=%C2%B2&sig={params['sig']}",  # a Unicode digit, not an ASCII one
         f"{path}?sig={params['sig']}",
     ]
     for url in tampered:

@@ -30,6 +30,7 @@ T = TypeVar("T")
 
 CANCEL_WAIT_SECONDS = 15.0
 CLAIM_BATCH = 8  # jobs claimed in one go at most: few round trips for a burst, and a burst still spreads over nodes
+CANCEL_RETRY_SECONDS = 0.5
 LOCAL_PROGRESS_MIN_SECONDS = 0.25  # at most four progress events a second from a local driver
 LOG_TAIL_LINES = 3
 
@@ -116,10 +117,13 @@ class JobEngine:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
-        tasks = list(self.tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        pending = set(self.tasks.values())
+        while pending:
+            # Cancelled again until done: a cancel that lands inside the HTTP client's shielded clean-up can be
+            # lost, and the job would otherwise run on to its end while the server waits.
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY_SECONDS)
         await self.store.close()
 
     # -- what handlers call -----------------------------------------------------------------------------------
@@ -353,6 +357,8 @@ class JobEngine:
             # whose provider pushes updates waits the long safety interval instead, woken by each push.
             pushed = await self.pushed.wait(job.id, prediction_id,
                                             self.settings.poll_interval_seconds * random.uniform(0.9, 1.1))
+            if job.id in self._cancel_requested:
+                raise asyncio.CancelledError()  # the cancel reached the task while a provider call swallowed it
 
     async def _drive_local(self, job: Job, lease: Lease, driver: LocalDriver) -> None:
         job.stage = "running"
