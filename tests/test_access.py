@@ -620,6 +620,34 @@ async def test_json_log_lines_carry_the_request_id(make_client: AppClient) -> No
     assert lines[-1]["message"] == "outside" and lines[-1]["job_id"] == "j-1" and "request_id" not in lines[-1]
 
 
+async def test_json_log_lines_of_a_job_carry_its_id(make_client: AppClient, sim: Any) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    logger = logging.getLogger("mvserver")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        client = await make_client()
+        sim.video_latency = 0.1
+        sim.add_fault("replicate.get", "invalid_json", times=1)  # one transient failure: the job logs its retry
+        response = await client.post("/api/mv/generate_video", json={"prompt": "a heron", "duration": 4},
+                                     headers={"X-Request-Id": "req-7"})
+        job_id = (await response.json())["job_id"]
+        async with asyncio.timeout(20):
+            while (await (await client.get(f"/api/mv/jobs/{job_id}")).json())["status"] != "succeeded":
+                await asyncio.sleep(0.05)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    retries = [line for line in lines if line["message"].startswith("transient")]
+    assert retries and all(line["job_id"] == job_id and "request_id" not in line for line in retries)
+    assert all("job_id" not in line for line in lines if line.get("request_id") == "req-7")
+
+
 def test_signatures_are_cut_from_logged_urls() -> None:
     assert redact("GET /api/mv/get_image/x?kid=k1&exp=9&sig=abc_DEF-1 HTTP/1.1") == \
         "GET /api/mv/get_image/x?kid=k1&exp=9&sig=REDACTED HTTP/1.1"

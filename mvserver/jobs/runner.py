@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar, runtime
 from ..backends import Snapshot
 from ..config import JobsSettings
 from ..errors import ApiError, ErrorInfo
+from ..logs import bind_job
 from ..storage import OutputStore
 from ..updates import PushedUpdates
 from .model import Event, Job, JobStatus, clip_text
@@ -260,6 +261,7 @@ class JobEngine:
     # -- running ----------------------------------------------------------------------------------------------
 
     async def _run(self, job: Job, lease: Lease) -> None:
+        bind_job(job.id)
         self._started.add(job.id)
         keeper = None
         if self.store.lease_seconds is not None:
