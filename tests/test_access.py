@@ -555,9 +555,20 @@ async def test_cors_preflight_from_an_allowed_and_a_refused_origin(keyed: AppCli
     assert refused.status == 403
     assert "Access-Control-Allow-Origin" not in refused.headers
 
+    # A project edit (If-Match) and an idempotent job POST may be sent cross-origin, and their headers read.
+    edit = await client.options(f"/api/mv/projects/{uuid.uuid4()}", headers={
+        "Origin": allowed, "Access-Control-Request-Method": "PATCH",
+        "Access-Control-Request-Headers": "authorization,content-type,if-match"})
+    assert edit.status == 200 and "IF-MATCH" in edit.headers["Access-Control-Allow-Headers"].upper()
+    keyed_post = await client.options("/api/mv/generate_video", headers={
+        "Origin": allowed, **preflight, "Access-Control-Request-Headers": "authorization,content-type,idempotency-key"})
+    assert keyed_post.status == 200
+
     # The actual request from the allowed origin: the answer (even a 401) is readable by the page.
     unauthorized = await client.post("/api/mv/create_scenes", json=SCENES, headers={"Origin": allowed})
     assert unauthorized.status == 401 and unauthorized.headers["Access-Control-Allow-Origin"] == allowed
+    exposed = unauthorized.headers["Access-Control-Expose-Headers"].upper()
+    assert all(name.upper() in exposed for name in ("ETag", "Location", "Retry-After", "Idempotent-Replayed"))
     assert "WWW-Authenticate" in unauthorized.headers["Access-Control-Expose-Headers"]
     answered = await client.post("/api/mv/create_scenes", json=SCENES, headers={"Origin": allowed, **bearer(keys["bob"])})
     assert answered.status == 200 and answered.headers["Access-Control-Allow-Origin"] == allowed
