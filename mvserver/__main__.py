@@ -12,7 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-from aiohttp import web
 from dotenv import load_dotenv
 
 from .app import create_app
@@ -20,6 +19,7 @@ from .auth import KeyLimits, create_key, read_keys, revoke_key
 from .config import ConfigError, EnvSettings
 from .jobs import StoreUnavailable
 from .logs import AccessLogger, configure_logging
+from .serving import run_app
 
 
 def keys_main(argv: list[str]) -> int:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mvserver: configuration error: {exc}", file=sys.stderr)
         return 2
     try:
-        web.run_app(app, host=env.host, port=env.port, access_log_class=AccessLogger)
+        run_app(app, host=env.host, port=env.port, access_log_class=AccessLogger)
     except OSError as exc:  # the address is in use, or cannot be bound
         print(f"mvserver: cannot listen on {env.host}:{env.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -19,8 +19,10 @@ from .metrics import METRICS, Metrics, metrics_endpoint, metrics_middleware
 from .quotas import QUOTAS, LocalRateLimiter, Quotas, RedisRateLimiter, set_rate_limiter
 from .signing import MIN_SECRET_CHARS, SIGNER, UrlSigner
 
-CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "Range", "X-Request-Id")
-CORS_EXPOSE_HEADERS = ("Location", "Retry-After", "WWW-Authenticate", "X-Request-Id", "Content-Range", "Accept-Ranges")
+CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "If-Match", "If-None-Match", "Last-Event-ID",
+                      "Range", "X-Request-Id")
+CORS_EXPOSE_HEADERS = ("Location", "Retry-After", "WWW-Authenticate", "X-Request-Id", "Content-Range", "Accept-Ranges",
+                       "ETag", "Idempotent-Replayed")
 CORS_MAX_AGE = 600
 
 

@@ -24,6 +24,7 @@ from .audio import saved_audio
 from .auth import key_id, visible_to
 from .config import CONFIG
 from .errors import ApiError, validation_error
+from .idempotency import idempotent
 from .jobs import JOBS, Job, job_urls
 from .jobs.runner import Progress
 from .lipsync import FFMPEG_SLOTS
@@ -231,6 +232,7 @@ def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
 
 
 @routes.post("/api/mv/assemble")
+@idempotent
 async def assemble(request: web.Request) -> web.Response:
     app = request.app
     body = _parse(app[REQUEST_MODELS].assemble, await _json_object(request))
@@ -243,6 +245,7 @@ async def assemble(request: web.Request) -> web.Response:
 
 
 @routes.post(BASE + "/{project_id}/assemble")
+@idempotent
 async def assemble_project(request: web.Request) -> web.Response:
     """The project's chosen clips in display order with their trims, and its song from its offset."""
     app = request.app

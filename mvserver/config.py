@@ -222,15 +222,9 @@ class ProjectsSettings(_Strict):
 SyncMode = Literal["cut_off", "loop", "bounce", "silence", "remap"]  # sync/lipsync-2-pro's sync_mode values
 
 
-class UnitRange(_Strict):
-    min: float = Field(ge=0, le=1)
-    max: float = Field(ge=0, le=1)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "UnitRange":
-        if self.min > self.max:
-            raise ValueError("min must not exceed max")
-        return self
+class UnitRange(Range):
+    min: float = Field(ge=0, le=1)  # type: ignore[assignment]
+    max: float = Field(ge=0, le=1)  # type: ignore[assignment]
 
 
 class LipsyncDefaults(_Strict):

@@ -184,15 +184,27 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
 
 class ServerLog(logging.LoggerAdapter):
     """aiohttp's server logger, except that a request its HTTP parser refuses (a malformed header or request line)
-    is logged as one warning line rather than a traceback: it is the client's mistake, answered with 400."""
+    is logged as one line rather than a traceback: it is the client's mistake, answered with 400. aiohttp logs it as
+    an exception (here a warning), or at debug level for a bad method in a connection's first request."""
 
     def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
         exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
         if isinstance(exc, http_exceptions.HttpProcessingError):
-            reason = " ".join(str(exc.message).split())[:200]
-            self.warning(f"{msg}: %s %s", *args, exc.code, reason)
+            self.warning(f"{msg}: %s %s", *args, exc.code, one_line(str(exc.message)))
         else:
             super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+    def debug(self, msg: object, *args: object, exc_info: Any = None, **kwargs: Any) -> None:
+        if isinstance(exc_info, http_exceptions.HttpProcessingError):
+            super().debug(f"{msg}: %s %s", *args, exc_info.code, one_line(str(exc_info.message)), **kwargs)
+        else:
+            super().debug(msg, *args, exc_info=exc_info, **kwargs)
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """``text`` with its white space folded to single spaces, cut to ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def server_log() -> ServerLog:

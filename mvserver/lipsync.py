@@ -28,6 +28,7 @@ from .backends.replicate import ReplicateProvider
 from .config import CONFIG, LipsyncLimits, LipsyncSettings
 from .debug import debug_print
 from .errors import ApiError
+from .idempotency import idempotent
 from .jobs import JOBS, Job, job_urls
 from .project_store import ClipVersion, Project
 from .project_store import Song as ProjectSong
@@ -190,6 +191,7 @@ async def finished_clip(app: web.Application, job_id: str, limits: LipsyncLimits
 
 
 @routes.post("/api/mv/lipsync")
+@idempotent
 async def create_lipsync(request: web.Request) -> web.Response:
     app = request.app
     config = app[CONFIG]
@@ -244,6 +246,7 @@ def scene_window(entry: TimelineEntry, song: ProjectSong, field: str) -> tuple[f
 
 
 @routes.post(PROJECTS_BASE + "/{project_id}/scenes/{scene_id}/lipsync")
+@idempotent
 async def lipsync_scene(request: web.Request) -> web.Response:
     """Lip-sync the scene's chosen clip to its slice of the project's song; the result becomes a new version of the
     scene's clip (chosen once it succeeds, like a regeneration)."""

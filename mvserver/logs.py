@@ -2,8 +2,8 @@
 
 Every request gets an id: the client's ``X-Request-Id`` when it is short and plain, a fresh one otherwise. It is
 echoed in the response and carried by every log line written while the request runs (JSON lines: ``request_id``).
-A log call may add ``extra={"job_id": ...}``; JSON lines carry it too. Signed-link signatures are cut from logged
-URLs.
+A job's task is bound to its job id (:func:`bind_job`), so every line it writes carries ``job_id`` as well; a log
+call may also pass ``extra={"job_id": ...}``. Signed-link signatures are cut from logged URLs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 REQUEST_ID = web.RequestKey("request_id", str)
 _current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+_current_job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _SIGNATURE = re.compile(r"(?<=[?&]sig=)[^&\s]+")
 EXTRA_FIELDS = ("job_id", "key_id")
@@ -43,6 +44,12 @@ async def request_id_middleware(request: web.Request,
         _current_request_id.reset(token)
 
 
+def bind_job(job_id: str) -> None:
+    """Mark the running task (and the tasks it starts) as working for ``job_id``: its log lines carry the id.
+    Call it at the top of the job's own task; each task runs in its own copy of the context."""
+    _current_job_id.set(job_id)
+
+
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: runs before the headers go out, so streamed answers (SSE, files) carry it too."""
     request_id = request.get(REQUEST_ID)
@@ -51,11 +58,13 @@ async def add_request_id_header(request: web.Request, response: web.StreamRespon
 
 
 class RequestIdFilter(logging.Filter):
-    """Puts the current request's id on every record (None outside a request)."""
+    """Puts the current request's id (None outside a request) and job id (None outside a job) on every record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = _current_request_id.get()
+        if getattr(record, "job_id", None) is None:
+            record.job_id = _current_job_id.get()
         return True
 
 

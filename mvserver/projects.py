@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from .auth import key_id, visible_to
 from .config import CONFIG, Config
 from .errors import ApiError, validation_error
+from .idempotency import idempotent
 from .images import _saved_image, generate_reference
 from .jobs import JOBS, Job
 from .project_schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
@@ -624,6 +625,7 @@ async def character(request: web.Request) -> web.Response:
 
 
 @routes.post(BASE + "/{project_id}/clips")
+@idempotent
 async def generate_missing(request: web.Request) -> web.Response:
     """A clip job for every scene without a chosen clip and without one in progress."""
     project_id = (await owned_project(request)).id
@@ -636,6 +638,7 @@ async def generate_missing(request: web.Request) -> web.Response:
 
 
 @routes.post(BASE + "/{project_id}/scenes/{scene_id}/clips")
+@idempotent
 async def generate_one(request: web.Request) -> web.Response:
     """A new clip version of one scene (a regeneration keeps the old versions)."""
     project_id = (await owned_project(request)).id

@@ -243,7 +243,32 @@ ERROR_DESCRIPTIONS = {
     415: "unsupported_media_type: a POST body must be sent as Content-Type: application/json",
     421: "misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS",
     416: "the Range header asks for bytes the video does not have",
+    409: "conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered)",
+    422: "unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request)",
 }
+
+# The POSTs that create jobs honour Idempotency-Key (see mvserver/idempotency.py).
+JOB_CREATING_PATHS = ("/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/assemble",
+                      "/api/mv/projects/{project_id}/clips", "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
+                      "/api/mv/projects/{project_id}/assemble",
+                      "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync")
+IDEMPOTENCY_PARAMETER = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "schema": {"type": "string", "pattern": r"^[\x21-\x7e][\x20-\x7e]{0,254}$"},
+    "description": "Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within "
+                   "24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; "
+                   "the same key with another body is 422 idempotency_key_reused. Scoped to the API key.",
+}
+
+
+def _with_idempotency(paths: dict[str, Any]) -> None:
+    for path in JOB_CREATING_PATHS:
+        operation = paths[path]["post"]
+        operation["parameters"] = [*operation.get("parameters", []), IDEMPOTENCY_PARAMETER]
+        for status in (409, 422):
+            operation["responses"].setdefault(str(status), {
+                "description": ERROR_DESCRIPTIONS[status],
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
 
 
 def _id_parameter(name: str) -> dict[str, Any]:
@@ -440,6 +465,24 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
                        "is served by get_video/{job_id}",
             "requestBody": _json_body("AssembleRequest"),
             "responses": _answers(202, "job accepted", 400, 413, 415, 503)}},
+        "/api/mv/jobs": {"get": {
+            "summary": "The caller's jobs, newest first, a page at a time (the jobs made with keys off when keys are "
+                       "off); each item is the job's state (no request) with its URLs",
+            "description": "Answers {jobs: [...], next_cursor}; pass next_cursor back as cursor for the next, older "
+                           "page (null: no more). A page looks at no more than 1,000 of the caller's jobs, so a rare "
+                           "filter may answer a short or empty page with a next_cursor.",
+            "parameters": [
+                {"name": "status", "in": "query", "required": False,
+                 "schema": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]}},
+                {"name": "kind", "in": "query", "required": False,
+                 "schema": {"type": "string", "enum": ["video", "lipsync", "assembly"]}},
+                {"name": "project_id", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": UUID4_PATTERN}},
+                {"name": "cursor", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": r"^[0-9]{16}-" + UUID4_PATTERN[1:]}},
+                {"name": "limit", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}}],
+            "responses": _answers(200, "a page of jobs", 400, 503)}},
         "/api/mv/jobs/{job_id}": {
             "get": {"summary": "Job state as JSON", "parameters": [_id_parameter("job_id")],
                     "responses": _answers(200, "job", *job_errors)},
@@ -491,6 +534,7 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
             "responses": _answers(200, "audio", 400, 404, 416, content="audio/*")}},
     }
     paths.update(_project_paths())
+    _with_idempotency(paths)
     if metrics:
         paths["/metrics"] = {"get": {"summary": "Prometheus metrics (text exposition format)",
                                      "responses": _answers(200, "metrics", content="text/plain")}}
@@ -502,7 +546,10 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
                                 "POST bodies are JSON sent as Content-Type: application/json, except a song for "
                                 "upload_audio (an audio/* body or multipart/form-data). " + INTEGER_RULE
                                 + " Text fields are stripped of surrounding whitespace; a required one must not be "
-                                  "only whitespace (the pattern says so)."},
+                                  "only whitespace (the pattern says so). A request the HTTP parser refuses (a "
+                                  "malformed header or request line, a line over 8190 bytes) is answered on any path "
+                                  "with 400 and the Error shape: malformed_header (field: the header, when known) or "
+                                  "malformed_request."},
         "paths": paths,
         "components": components,
     }

@@ -66,7 +66,7 @@ class UrlSigner:
         key_id, expires, signature = query.get("kid", ""), query.get("exp", ""), query.get("sig", "")
         if request.method not in ("GET", "HEAD"):
             raise ApiError(403, "invalid_signature", "signed links are valid for GET only")
-        if not (expires.isdigit() and len(expires) <= 12) or not key_id or len(key_id) > 64:
+        if not (expires.isascii() and expires.isdigit() and len(expires) <= 12) or not key_id or len(key_id) > 64:
             raise ApiError(403, "invalid_signature", "the signed link is malformed")
         expected = self._signature(key_id, request.path, int(expires), canonical_query(request.query.items()))
         if not hmac.compare_digest(expected.encode(), signature.encode()):

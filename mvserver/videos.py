@@ -20,8 +20,10 @@ from .backends import PROVIDERS
 from .config import CONFIG, Config
 from .debug import debug_print
 from .errors import ApiError, ErrorInfo
+from .idempotency import idempotent
 from .images import FORMATS, load_image
-from .jobs import JOBS, Job, job_urls, stream_events
+from .jobs import JOBS, Job, job_urls, listing, stream_events
+from .jobs.model import STATUSES
 from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
 from .signing import signed_urls
@@ -197,6 +199,7 @@ def accepted_job(job: Job) -> dict[str, Any]:
 
 
 @routes.post("/api/mv/generate_video")
+@idempotent
 async def generate_video(request: web.Request) -> web.Response:
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, request.app[CONFIG].debug)
     job = await submit_video_job(request.app, body, defaulted, owner=key_id(request),
@@ -213,6 +216,34 @@ def _with_signed_urls(request: web.Request, payload: dict[str, Any]) -> dict[str
     return payload if signed is None else {**payload, "signed_urls": signed}
 
 
+def listing_query(request: web.Request, owner: str | None, kinds: set[str]) -> listing.JobQuery:
+    """``status``, ``kind``, ``project_id``, ``cursor`` and ``limit`` (1..100, default 20) from the query string."""
+    params = request.query
+    status, kind = params.get("status"), params.get("kind")
+    if status is not None and status not in STATUSES:
+        raise ApiError(400, "invalid_field", f"status: one of {', '.join(STATUSES)}", field="status")
+    if kind is not None and kind not in kinds:
+        raise ApiError(400, "invalid_field", f"kind: one of {', '.join(sorted(kinds))}", field="kind")
+    project_id = params.get("project_id")
+    if project_id is not None:
+        check_id(project_id, "project_id")
+    cursor = params.get("cursor")
+    if cursor is not None and not listing.CURSOR.fullmatch(cursor):
+        raise ApiError(400, "invalid_field", "cursor: pass back a next_cursor value unchanged", field="cursor")
+    raw_limit = params.get("limit", "20")
+    if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= listing.MAX_LIMIT):
+        raise ApiError(400, "invalid_field", f"limit: an integer from 1 to {listing.MAX_LIMIT}", field="limit")
+    return listing.JobQuery(owner=owner, status=status, kind=kind, project_id=project_id, cursor=cursor,
+                            limit=int(raw_limit))
+
+
+def listing_item(job: Job) -> dict[str, Any]:
+    """A job as listed: its state (never the request, which can be large) and where to follow it."""
+    links = {name: job.request[name] for name in ("project_id", "scene_id") if isinstance(job.request.get(name), str)}
+    return {**job.state(), "status_url": job_urls(job.id)["status_url"], "events_url": job_urls(job.id)["events_url"],
+            **links}
+
+
 async def _job(request: web.Request) -> Job:
     job_id = check_id(request.match_info["job_id"], "job_id")
     job = await request.app[JOBS].get(job_id)
@@ -226,6 +257,15 @@ async def _job(request: web.Request) -> Job:
 async def _not_expired(request: web.Request, job_id: str) -> None:
     if await request.app[JOBS].expired(job_id):
         raise ApiError(410, "expired", f"job {job_id} finished long ago and was removed (jobs.retention_hours)")
+
+
+@routes.get("/api/mv/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    """The caller's jobs, newest first; ``next_cursor`` (when not null) fetches the next, older page."""
+    query = listing_query(request, key_id(request), set(request.app[JOBS].kinds))
+    page = await listing.list_jobs(request.app[JOBS].store, query)
+    items = [_with_signed_urls(request, listing_item(job)) for job in page.jobs]
+    return web.json_response({"jobs": items, "next_cursor": page.next_cursor})
 
 
 @routes.get("/api/mv/jobs/{job_id}")

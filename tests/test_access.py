@@ -385,6 +385,7 @@ async def test_signed_links_load_without_headers(keyed: AppClient, keys: dict[st
         f"{path}?kid={params['kid']}&exp={int(params['exp']) + 1}&sig={params['sig']}",
         f"{path}?kid={other_kid}&exp={params['exp']}&sig={params['sig']}",
         f"{path}?kid={params['kid']}&exp=soon&sig={params['sig']}",
+        f"{path}?kid={params['kid']}&exp=%C2%B2&sig={params['sig']}",  # a Unicode digit, not an ASCII one
         f"{path}?sig={params['sig']}",
     ]
     for url in tampered:
@@ -559,9 +560,20 @@ async def test_cors_preflight_from_an_allowed_and_a_refused_origin(keyed: AppCli
     assert refused.status == 403
     assert "Access-Control-Allow-Origin" not in refused.headers
 
+    # A project edit (If-Match) and an idempotent job POST may be sent cross-origin, and their headers read.
+    edit = await client.options(f"/api/mv/projects/{uuid.uuid4()}", headers={
+        "Origin": allowed, "Access-Control-Request-Method": "PATCH",
+        "Access-Control-Request-Headers": "authorization,content-type,if-match"})
+    assert edit.status == 200 and "IF-MATCH" in edit.headers["Access-Control-Allow-Headers"].upper()
+    keyed_post = await client.options("/api/mv/generate_video", headers={
+        "Origin": allowed, **preflight, "Access-Control-Request-Headers": "authorization,content-type,idempotency-key"})
+    assert keyed_post.status == 200
+
     # The actual request from the allowed origin: the answer (even a 401) is readable by the page.
     unauthorized = await client.post("/api/mv/create_scenes", json=SCENES, headers={"Origin": allowed})
     assert unauthorized.status == 401 and unauthorized.headers["Access-Control-Allow-Origin"] == allowed
+    exposed = unauthorized.headers["Access-Control-Expose-Headers"].upper()
+    assert all(name.upper() in exposed for name in ("ETag", "Location", "Retry-After", "Idempotent-Replayed"))
     assert "WWW-Authenticate" in unauthorized.headers["Access-Control-Expose-Headers"]
     answered = await client.post("/api/mv/create_scenes", json=SCENES, headers={"Origin": allowed, **bearer(keys["bob"])})
     assert answered.status == 200 and answered.headers["Access-Control-Allow-Origin"] == allowed
@@ -622,6 +634,34 @@ async def test_json_log_lines_carry_the_request_id(make_client: AppClient) -> No
     assert mine and all(line["level"] == "INFO" and "time" in line for line in mine)
     assert any("create_scenes prompt" in line["message"] for line in mine)
     assert lines[-1]["message"] == "outside" and lines[-1]["job_id"] == "j-1" and "request_id" not in lines[-1]
+
+
+async def test_json_log_lines_of_a_job_carry_its_id(make_client: AppClient, sim: Any) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    logger = logging.getLogger("mvserver")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        client = await make_client()
+        sim.video_latency = 0.1
+        sim.add_fault("replicate.get", "invalid_json", times=1)  # one transient failure: the job logs its retry
+        response = await client.post("/api/mv/generate_video", json={"prompt": "a heron", "duration": 4},
+                                     headers={"X-Request-Id": "req-7"})
+        job_id = (await response.json())["job_id"]
+        async with asyncio.timeout(20):
+            while (await (await client.get(f"/api/mv/jobs/{job_id}")).json())["status"] != "succeeded":
+                await asyncio.sleep(0.05)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    retries = [line for line in lines if line["message"].startswith("transient")]
+    assert retries and all(line["job_id"] == job_id and "request_id" not in line for line in retries)
+    assert all("job_id" not in line for line in lines if line.get("request_id") == "req-7")
 
 
 def test_signatures_are_cut_from_logged_urls() -> None:

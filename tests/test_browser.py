@@ -302,7 +302,7 @@ async def test_page_is_served_with_form_defaults_and_a_same_origin_policy(demo_c
 
 
 @pytest.mark.parametrize(("name", "content_type"), [("demo.js", "javascript"), ("project.js", "javascript"),
-                                                    ("demo.css", "text/css")])
+                                                    ("api.js", "javascript"), ("demo.css", "text/css")])
 async def test_static_files_are_served(demo_client: Any, name: str, content_type: str) -> None:
     response = await demo_client.get(f"/static/{name}")
     assert response.status == 200

@@ -8,6 +8,9 @@ template must be valid substitution-only Jinja2, the whole prompt (scene prompt 
 replicate backend takes a reference image only for some shapes; a song upload must be an audio file ffmpeg
 decodes; and an assembly's clips must be finished jobs (the first one checked is ``clips.0``). Any other 400 for
 generated data is a failure.
+
+It runs twice: as shipped (keys off), and with API keys, quotas (unlimited) and ``/metrics`` on, every call carrying a valid
+bearer key (the document then has the security scheme, the signed-link parameters and 401/403/429 answers).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 
+from mvserver.auth import KeyLimits, create_key
 from conftest import PROJECT
 
 EXAMPLES_PER_OPERATION = 10
@@ -41,9 +45,11 @@ UNEXPRESSIBLE = {"/api/mv/generate_video": {"reference_image_base64", "reference
 PROVIDER_KEYS = ("GEMINI_API_KEY", "REPLICATE_API_TOKEN", "GOOGLE_VERTEX_API_KEY", "GOOGLE_CLOUD_PROJECT")
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``python -m mvserver`` in sandbox mode on a free loopback port, with instant scenes and images."""
+@pytest.fixture(scope="module", params=["keys_off", "keys_on"])
+def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, str]]]:
+    """``python -m mvserver`` in sandbox mode on a free loopback port, with instant scenes and images; with
+    ``keys_on``, API keys (limits high enough never to refuse), signed links and metrics. Yields the URL and the
+    headers every call sends."""
     tmp = tmp_path_factory.mktemp("conformance")
     settings_dir = tmp / "settings"
     shutil.copytree(PROJECT / "settings", settings_dir)
@@ -57,6 +63,12 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env.update({key: "" for key in PROVIDER_KEYS})
     # videos never finish during the run: no ffmpeg work competes with the requests
     env.update(MV_OUTPUT_DIR=str(tmp / "outputs"), MV_SETTINGS_DIR=str(settings_dir), MV_SANDBOX_VIDEO_SECONDS="600")
+    headers: dict[str, str] = {}
+    if request.param == "keys_on":
+        unlimited = KeyLimits(jobs_per_minute=None, blocking_per_minute=None, max_running_jobs=None)
+        _, key = create_key(tmp / "keys.yaml", "conformance", unlimited)
+        env.update(MV_API_KEYS_FILE=str(tmp / "keys.yaml"), MV_URL_SIGNING_SECRET="s" * 40, MV_METRICS="true")
+        headers = {"Authorization": f"Bearer {key}"}
     log = (tmp / "server.log").open("w")
     process = subprocess.Popen([sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
                                cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -70,7 +82,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             except OSError:
                 assert process.poll() is None and time.monotonic() < deadline, (tmp / "server.log").read_text()
                 time.sleep(0.1)
-        yield url
+        yield url, headers
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -78,10 +90,16 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert "Traceback" not in (tmp / "server.log").read_text()
 
 
-def test_the_server_conforms_to_its_openapi_document(server_url: str) -> None:
-    schema = schemathesis.openapi.from_url(f"{server_url}/api/mv/openapi.json")
+def test_the_server_conforms_to_its_openapi_document(server: tuple[str, dict[str, str]]) -> None:
+    server_url, headers = server
+    schema = schemathesis.openapi.from_url(f"{server_url}/api/mv/openapi.json", headers=dict(headers))
+    if headers:
+        document = schema.raw_schema
+        assert document["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+        assert document["security"] == [{"bearerAuth": []}] and "/metrics" in document["paths"]
     failures: list[str] = []
     calls = 0
+    statuses: list[tuple[str, int]] = []
 
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -93,7 +111,8 @@ def test_the_server_conforms_to_its_openapi_document(server_url: str) -> None:
         def call(case: schemathesis.Case) -> None:
             nonlocal calls
             calls += 1
-            response = case.call_and_validate(excluded_checks=[positive_data_acceptance])
+            response = case.call_and_validate(headers=headers, excluded_checks=[positive_data_acceptance])
+            statuses.append((operation.path, response.status_code))
             if response.status_code == 400:
                 field = response.json()["error"].get("field")
                 assert field in allowed_fields, f"schema-valid request refused: {response.text}"
@@ -103,4 +122,7 @@ def test_the_server_conforms_to_its_openapi_document(server_url: str) -> None:
         except Exception as exc:  # noqa: BLE001 - collect every operation's failure, then report them all
             failures.append(f"{operation.label}:\n{exc}")
     assert calls >= EXAMPLES_PER_OPERATION, calls
+    assert sum(200 <= status < 300 for _, status in statuses) >= 20, sorted(set(statuses))
+    refused = {path for path, status in statuses if status == 401 and path != "/api/mv/webhooks/replicate"}
+    assert not refused, f"a call with a valid key (or with keys off) was refused: {refused}"
     assert not failures, "\n\n".join(failures)

@@ -206,6 +206,11 @@ async def test_project_flow_from_song_to_clips_edits_regeneration_and_restart(
         assert record["request"]["has_reference_image"] == (record["request"]["duration"] == 8)
         if record["request"]["has_reference_image"]:
             assert record["request"]["reference_image_id"] == image_id
+    # the project's jobs, listed by project (newest first: the last scene's clip first)
+    listed = (await (await client.get(f"/api/mv/jobs?project_id={pid}&kind=video")).json())["jobs"]
+    assert [j["job_id"] for j in listed] == [j["job_id"] for j in jobs][::-1]
+    assert all(j["project_id"] == pid for j in listed)
+    assert {j["scene_id"] for j in listed} == set(scene_ids)
     # nothing missing any more: a second call starts nothing
     again = await (await client.post(f"{BASE}/{pid}/clips")).json()
     assert again["jobs"] == []

@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Awaitable, Callable, Literal, Protocol, TypeVar
 
-from ..errors import ErrorInfo
+from ..errors import ApiError, ErrorInfo, from_exception
 
 # (provider, operation, seconds, our error code or None): called after each provider API call (metrics).
 ProviderObserver = Callable[[str, str, float, "str | None"], None]
 ProviderStatus = Literal["starting", "processing", "succeeded", "failed", "canceled"]
+T = TypeVar("T")
+
+
+async def observed_call(provider: str, observe: ProviderObserver | None, call: Awaitable[T], operation: str) -> T:
+    """Await one provider API call; map its failure to ApiError and report its time and outcome to ``observe``
+    (metrics). A canceled call is not reported: it says nothing about the provider."""
+    started = time.perf_counter()
+    code: str | None = None
+    try:
+        return await call
+    except asyncio.CancelledError:
+        code = "canceled"
+        raise
+    except ApiError as exc:
+        code = exc.info.code
+        raise
+    except Exception as exc:
+        error = from_exception(exc, provider)
+        code = error.info.code
+        raise error from exc
+    finally:
+        if observe is not None and code != "canceled":
+            observe(provider, operation, time.perf_counter() - started, code)
 
 
 @dataclass(frozen=True)

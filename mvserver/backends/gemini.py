@@ -6,8 +6,6 @@ google-genai 3.x serves Veo only in Vertex mode, so videos use a second client b
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +13,9 @@ from google import genai
 from google.genai import types
 from pydantic import BaseModel
 
-from ..errors import ApiError, ErrorInfo, from_exception, prediction_failed
+from ..errors import ApiError, ErrorInfo, prediction_failed
 from ..storage import OutputStore
-from .base import ProviderObserver, Snapshot, VideoRequest
+from .base import ProviderObserver, Snapshot, VideoRequest, observed_call
 
 NAME = "gemini"
 
@@ -74,23 +72,7 @@ class GeminiProvider:
 
     async def _call(self, coro: Any, operation: str = "call") -> Any:
         """Await one API call; map its failure to ApiError and report its time to ``observe`` (metrics)."""
-        started = time.perf_counter()
-        code: str | None = None
-        try:
-            return await coro
-        except asyncio.CancelledError:
-            code = "canceled"
-            raise
-        except ApiError as exc:
-            code = exc.info.code
-            raise
-        except Exception as exc:
-            error = from_exception(exc, NAME)
-            code = error.info.code
-            raise error from exc
-        finally:
-            if self.observe is not None and code != "canceled":
-                self.observe(NAME, operation, time.perf_counter() - started, code)
+        return await observed_call(NAME, self.observe, coro, operation)
 
     # -- text ------------------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from replicate.prediction import Prediction
 
 from ..errors import ApiError, from_exception, prediction_failed
 from ..storage import OutputStore
-from .base import ProviderObserver, Snapshot, VideoRequest
+from .base import ProviderObserver, Snapshot, VideoRequest, observed_call
 
 NAME = "replicate"
 DOWNLOAD_CHUNK = 1 << 16
@@ -97,23 +97,7 @@ class ReplicateProvider:
 
     async def _call(self, coro: Any, operation: str = "call") -> Any:
         """Await one API call; map its failure to ApiError and report its time to ``observe`` (metrics)."""
-        started = time.perf_counter()
-        code: str | None = None
-        try:
-            return await coro
-        except asyncio.CancelledError:
-            code = "canceled"
-            raise
-        except ApiError as exc:
-            code = exc.info.code
-            raise
-        except Exception as exc:
-            error = from_exception(exc, NAME)
-            code = error.info.code
-            raise error from exc
-        finally:
-            if self.observe is not None and code != "canceled":
-                self.observe(NAME, operation, time.perf_counter() - started, code)
+        return await observed_call(NAME, self.observe, coro, operation)
 
     async def create(self, model: str, inputs: dict[str, Any], webhook: str | None = None) -> Prediction:
         """Create a prediction of an official model (``owner/name``); POSTs are never retried by the client.

@@ -4,6 +4,11 @@
 line per event, appended before any subscriber sees it), and ``active/<id>`` marks an unfinished job, so start-up
 reads only those, however many finished jobs there are. Finished jobs are read from disk on demand and a few are
 kept in a small cache; nothing else about them stays in memory.
+
+``index/<key id>.idx`` (``-.idx`` with keys off) lists an owner's jobs, one sorted line per job (its
+:func:`~mvserver.jobs.store.index_entry`, 54 bytes): a listing page is a binary search for its cursor and a short
+read backwards, whatever the number of jobs; retention drops the lines of the jobs it removes.
+``idempotency/<hash>.json`` keeps what an ``Idempotency-Key`` answered, until it expires.
 """
 
 from __future__ import annotations
@@ -14,19 +19,22 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from ..storage import OutputStore, is_valid_id
+from ..storage import OutputStore, is_valid_id, write_bytes_atomic
 from .model import Event, Job
-from .store import Lease, SignalHandler
+from .store import Lease, Remembered, SignalHandler, index_entry, owner_slot
 
 log = logging.getLogger("mvserver.jobs")
 
 FINISHED_CACHE_SIZE = 256
 LOCAL_LEASE = "local"
 EXPIRE_BATCH = 500
+INDEX_LINE = re.compile(rb"^[0-9]{16}-[0-9a-f-]{36}$")
+READ_BLOCK = 8192
 
 
 class FileJobStore:
@@ -39,6 +47,11 @@ class FileJobStore:
         self.dir = outputs.root / "jobs"
         self.active_dir = self.dir / "active"
         self.expired_dir = self.dir / "expired"
+        self.index_dir = self.dir / "index"
+        self.remembered_dir = self.dir / "idempotency"
+        self._index_lock = asyncio.Lock()  # appends vs. the rewrite that drops expired jobs
+        self._last_stamp: dict[str, int] = {}  # owner slot -> newest index stamp, so each file stays sorted
+        self._remember_lock = asyncio.Lock()
         self._active: dict[str, Job] = {}
         self._logs: dict[str, list[Event]] = {}
         self._finished: collections.OrderedDict[str, tuple[Job, list[Event] | None]] = collections.OrderedDict()
@@ -98,7 +111,83 @@ class FileJobStore:
         self._logs[job.id] = []
         await asyncio.to_thread((self.active_dir / job.id).touch)
         await self.write(Lease(job.id, LOCAL_LEASE), job, event, record=True)
+        async with self._index_lock:
+            await asyncio.to_thread(self._add_to_index, job)
         self._enqueue(job.id)
+
+    # -- listing ----------------------------------------------------------------------------------------------
+
+    def _index_path(self, owner: str | None) -> Path:
+        return self.index_dir / f"{owner_slot(owner)}.idx"
+
+    def _add_to_index(self, job: Job) -> None:
+        """Append the job's entry; its stamp is the creation time, nudged past the owner's newest so lines stay
+        sorted even if the clock steps back."""
+        slot, path = owner_slot(job.owner), self._index_path(job.owner)
+        last = self._last_stamp.get(slot)
+        if last is None:
+            tail = _lines_before(path, None, 1)
+            last = int(tail[0][:16]) if tail else 0
+        stamp = max(int(job.created_at * 1_000_000), last + 1)
+        self._last_stamp[slot] = stamp
+        self.index_dir.mkdir(parents=True, exist_ok=True)
+        _append(path, index_entry(stamp, job.id) + "\n")
+
+    async def index(self, owner: str | None, before: str | None, count: int) -> list[str]:
+        return await asyncio.to_thread(_lines_before, self._index_path(owner), before, count)
+
+    async def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        found: dict[str, Job | None] = {}
+        for job_id in job_ids:
+            job = self._active.get(job_id) or (self._finished.get(job_id) or (None,))[0]
+            if job is not None:
+                found[job_id] = job
+        missing = [job_id for job_id in job_ids if job_id not in found]
+        if missing:
+            found.update(zip(missing, await asyncio.to_thread(lambda: [self._read_record(i) for i in missing])))
+        return [found[job_id] for job_id in job_ids]
+
+    # -- idempotency ------------------------------------------------------------------------------------------
+
+    def _remembered_path(self, key: str) -> Path:
+        assert re.fullmatch(r"[0-9a-f]{64}", key), key
+        return self.remembered_dir / f"{key}.json"
+
+    def _read_remembered(self, key: str) -> Remembered | None:
+        try:
+            raw = json.loads(self._remembered_path(key).read_bytes())
+            if raw["until"] < time.time():
+                return None
+            return Remembered.loads(raw["entry"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.error("unreadable idempotency record %s: %s", key, exc)
+            return None
+
+    def _write_remembered(self, key: str, entry: Remembered, seconds: float) -> None:
+        payload = {"until": time.time() + seconds, "entry": entry.dumps()}
+        write_bytes_atomic(self._remembered_path(key), json.dumps(payload).encode())
+
+    async def remember(self, key: str, entry: Remembered, pending_seconds: float) -> Remembered | None:
+        async with self._remember_lock:  # one process: the lock makes read-then-write atomic
+            kept = await asyncio.to_thread(self._read_remembered, key)
+            if kept is not None:
+                return kept
+            await asyncio.to_thread(self._write_remembered, key, entry, pending_seconds)
+            return None
+
+    async def complete(self, key: str, entry: Remembered, keep_seconds: float) -> None:
+        async with self._remember_lock:
+            kept = await asyncio.to_thread(self._read_remembered, key)
+            if kept is not None and kept.token == entry.token:
+                await asyncio.to_thread(self._write_remembered, key, entry, keep_seconds)
+
+    async def forget(self, key: str, token: str) -> None:
+        async with self._remember_lock:
+            kept = await asyncio.to_thread(self._read_remembered, key)
+            if kept is not None and kept.token == token:
+                await asyncio.to_thread(self._remembered_path(key).unlink, True)
 
     async def get(self, job_id: str) -> Job | None:
         job = self._active.get(job_id)
@@ -259,16 +348,44 @@ class FileJobStore:
         return sum(1 for job in self._active.values() if job.owner == owner)
 
     async def expire(self, finished_before: float, tombstone_until: float) -> list[str]:
-        removed = await asyncio.to_thread(self._expire, finished_before, tombstone_until)
+        removed, owners = await asyncio.to_thread(self._expire, finished_before, tombstone_until)
         for job_id in removed:
             self._finished.pop(job_id, None)
+        async with self._index_lock:
+            await asyncio.to_thread(self._drop_from_indexes, owners)
+        await asyncio.to_thread(self._expire_remembered)
         return removed
 
-    def _expire(self, finished_before: float, tombstone_until: float) -> list[str]:
+    def _drop_from_indexes(self, owners: dict[str | None, set[str]]) -> None:
+        """Rewrite (atomically) the index of each owner that lost jobs, without their lines."""
+        for owner, job_ids in owners.items():
+            path = self._index_path(owner)
+            try:
+                lines = path.read_bytes().splitlines(keepends=True)
+            except FileNotFoundError:
+                continue
+            kept = [line for line in lines if line.endswith(b"\n") and line[17:53].decode() not in job_ids]
+            write_bytes_atomic(path, b"".join(kept))
+
+    def _expire_remembered(self) -> None:
+        """Drop idempotency records past their time (a record is rewritten whenever its expiry changes)."""
+        if not self.remembered_dir.is_dir():
+            return
+        now = time.time()
+        with os.scandir(self.remembered_dir) as entries:
+            for entry in entries:
+                if entry.name.endswith(".json") and self._read_remembered(entry.name[:-5]) is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        if entry.stat().st_mtime < now - 60:  # not one being written right now
+                            os.unlink(entry.path)
+
+    def _expire(self, finished_before: float, tombstone_until: float) -> tuple[list[str], dict[str | None, set[str]]]:
         """One pass over the records (a directory scan; a finished record is last written when the job ends, so its
-        mtime is its finish time) removing up to a batch of expired ones, then the tombstones that ran out."""
+        mtime is its finish time) removing up to a batch of expired ones, then the tombstones that ran out.
+        Returns the ids removed and, by owner, the ids to drop from the listing indexes."""
         self.expired_dir.mkdir(parents=True, exist_ok=True)
         removed: list[str] = []
+        owners: dict[str | None, set[str]] = {}
         with os.scandir(self.dir) as entries:
             for entry in entries:
                 job_id = entry.name[:-5]
@@ -288,15 +405,16 @@ class FileJobStore:
                 for suffix in (".json", ".events.jsonl"):
                     self.outputs.path("jobs", job_id, suffix).unlink(missing_ok=True)
                 removed.append(job_id)
+                owners.setdefault(job.owner, set()).add(job_id)
                 if len(removed) >= EXPIRE_BATCH:
-                    return removed
+                    return removed, owners
         now = time.time()
         with os.scandir(self.expired_dir) as tombstones:
             for entry in tombstones:
                 with contextlib.suppress(FileNotFoundError):
                     if entry.stat().st_mtime < now:
                         os.unlink(entry.path)
-        return removed
+        return removed, owners
 
     async def expired(self, job_id: str) -> bool:
         tombstone = self.expired_dir / job_id
@@ -309,3 +427,54 @@ class FileJobStore:
 def _append(path: Path, line: str) -> None:
     with path.open("a", encoding="utf-8") as handle:
         handle.write(line)
+
+
+def _lines_before(path: Path, before: str | None, count: int) -> list[str]:
+    """Up to ``count`` index entries of a sorted index file, newest first, all smaller than ``before`` (from the
+    end when None). A torn or malformed line (a crash mid-append) is skipped."""
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return []
+    with handle:
+        size = handle.seek(0, os.SEEK_END)
+        end = size if before is None else _first_line_not_below(handle, size, before.encode())
+        found: list[str] = []
+        carry = b""
+        while end > 0 and len(found) < count:
+            start = max(0, end - READ_BLOCK)
+            handle.seek(start)
+            chunk = handle.read(end - start) + carry
+            lines = chunk.split(b"\n")
+            carry = lines.pop(0) if start > 0 else b""  # maybe the tail of a line that starts further back
+            for line in reversed(lines):
+                if INDEX_LINE.fullmatch(line) and (before is None or line < before.encode()):
+                    found.append(line.decode())
+                    if len(found) == count:
+                        break
+            end = start
+        return found
+
+
+def _first_line_not_below(handle: BinaryIO, size: int, key: bytes) -> int:
+    """Binary search of a sorted line file: the offset of the first line >= ``key`` (``size`` if none)."""
+    lo, hi = 0, size
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start, line = _line_from(handle, mid)
+        if start >= size or line >= key:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _line_from(handle, lo)[0] if lo < size else size
+
+
+def _line_from(handle: BinaryIO, offset: int) -> tuple[int, bytes]:
+    """The first line starting at or after ``offset``: (its offset, its text without the newline)."""
+    if offset > 0:
+        handle.seek(offset - 1)
+        handle.readline()  # to the end of the line ``offset`` falls in
+    else:
+        handle.seek(0)
+    start = handle.tell()
+    return start, handle.readline().rstrip(b"\n")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+STATUSES: tuple[str, ...] = JobStatus.__args__  # type: ignore[attr-defined]
 FINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 
 # Events are kept small whatever the request: free text in them is clipped (the whole request and error stay in

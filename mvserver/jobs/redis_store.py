@@ -10,6 +10,9 @@ Keys (all under a prefix, ``mv:`` by default):
   slot, and takes over entries a dead node left pending (XAUTOCLAIM once idle longer than a lease)
 - ``finished``    sorted set of finished job ids by finish time (retention); ``tomb:<id>`` marks an expired id
 - ``active:<key id>`` set: ids of the jobs an API key created, pruned of finished ones when counted (quota)
+- ``index:<key id>`` (``index:-`` with keys off) sorted set of the owner's job entries (creation time in
+  microseconds, then the id; all scores 0, so they sort as text): a listing page is one ZREVRANGEBYLEX
+- ``idem:<hash>``  what an ``Idempotency-Key`` answered (its reserving request's token first), with a TTL
 - channel ``node:<node>``: signals (cancel, provider updates) to the node that owns a job; ``wake:<node>`` a
   stream that interrupts this node's one blocking event reader when it has a new job to follow
 
@@ -34,7 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import ApiError
 from .model import FINAL_STATUSES, Event, Job
-from .store import Lease, LeaseLost, SignalHandler, StoreUnavailable
+from .store import Lease, LeaseLost, Remembered, SignalHandler, StoreUnavailable, index_entry, owner_slot
 
 log = logging.getLogger("mvserver.jobs")
 
@@ -101,11 +104,20 @@ if ARGV[4] == '0' then redis.call('XADD', KEYS[2], '*', 'j', ARGV[5]) end
 return 1
 """
 
-# KEYS: finished, job, events, tomb. ARGV: job id, tombstone expiry (unix ms)
+# KEYS: finished, job, events, tomb, owner index. ARGV: job id, tombstone expiry (unix ms), index entry
 EXPIRE_ONE = """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('SET', KEYS[4], '1', 'PXAT', ARGV[2])
+if ARGV[3] ~= '' then redis.call('ZREM', KEYS[5], ARGV[3]) end
+return 1
+"""
+
+# KEYS: idempotency record. ARGV: token (32 hex), new value, TTL ms. Replace or drop only the holder's reservation.
+COMPLETE = """
+local kept = redis.call('GET', KEYS[1])
+if not kept or string.sub(kept, 1, 32) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
 return 1
 """
 
@@ -146,6 +158,7 @@ class RedisJobStore:
         self._renew = self.r.register_script(RENEW)
         self._release = self.r.register_script(RELEASE)
         self._expire_one = self.r.register_script(EXPIRE_ONE)
+        self._complete = self.r.register_script(COMPLETE)
         self._deadlines: dict[str, float] = {}  # lease token -> monotonic time it surely lapsed by
         self._wakers: dict[str, asyncio.Future[None]] = {}
         self._watch: dict[str, int] = {}  # job id -> last event id the reader has seen (reads after it)
@@ -210,7 +223,37 @@ class RedisJobStore:
             pipe.xadd(self.k("dispatch"), {"j": job.id})
             if job.owner is not None:
                 pipe.sadd(self.k("active", job.owner), job.id)
+            pipe.zadd(self.k("index", owner_slot(job.owner)), {_entry(job): 0})
             await _unavailable_as_503(pipe.execute())
+
+    async def index(self, owner: str | None, before: str | None, count: int) -> list[str]:
+        top = "+" if before is None else "(" + before
+        return await _unavailable_as_503(self.r.zrevrangebylex(self.k("index", owner_slot(owner)), top, "-",
+                                                               start=0, num=count))
+
+    async def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        async with self.r.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(self.k("job", job_id), "rec", "last", "cancel")
+            replies = await _unavailable_as_503(pipe.execute())
+        return [self._job(*reply) for reply in replies]
+
+    async def remember(self, key: str, entry: Remembered, pending_seconds: float) -> Remembered | None:
+        name = self.k("idem", key)
+        while True:
+            if await _unavailable_as_503(self.r.set(name, _remembered(entry), nx=True,
+                                                    px=max(1, int(pending_seconds * 1000)))):
+                return None
+            kept = await _unavailable_as_503(self.r.get(name))
+            if kept is not None:  # else it lapsed in between: try again
+                return Remembered.loads(kept[32:])
+
+    async def complete(self, key: str, entry: Remembered, keep_seconds: float) -> None:
+        await _unavailable_as_503(self._complete(keys=[self.k("idem", key)],
+                                                 args=[entry.token, _remembered(entry), int(keep_seconds * 1000)]))
+
+    async def forget(self, key: str, token: str) -> None:
+        await _unavailable_as_503(self._complete(keys=[self.k("idem", key)], args=[token, "", 0]))
 
     async def get(self, job_id: str) -> Job | None:
         rec, last, cancel = await _unavailable_as_503(self.r.hmget(self.k("job", job_id), "rec", "last", "cancel"))
@@ -478,15 +521,28 @@ class RedisJobStore:
 
     async def expire(self, finished_before: float, tombstone_until: float) -> list[str]:
         ids = await self.r.zrangebyscore(self.k("finished"), "-inf", finished_before, start=0, num=EXPIRE_BATCH)
+        jobs = await self.get_many(ids) if ids else []
         removed = []
-        for job_id in ids:
-            keys = [self.k("finished"), self.k("job", job_id), self.k("ev", job_id), self.k("tomb", job_id)]
-            if await self._expire_one(keys=keys, args=[job_id, int(tombstone_until * 1000)]):
+        for job_id, job in zip(ids, jobs):
+            keys = [self.k("finished"), self.k("job", job_id), self.k("ev", job_id), self.k("tomb", job_id),
+                    self.k("index", owner_slot(job.owner if job else None))]
+            entry = _entry(job) if job is not None else ""
+            if await self._expire_one(keys=keys, args=[job_id, int(tombstone_until * 1000), entry]):
                 removed.append(job_id)
         return removed
 
     async def expired(self, job_id: str) -> bool:
         return bool(await _unavailable_as_503(self.r.exists(self.k("tomb", job_id))))
+
+
+def _entry(job: Job) -> str:
+    return index_entry(int(job.created_at * 1_000_000), job.id)
+
+
+def _remembered(entry: Remembered) -> str:
+    """The stored form: the holder's token (32 characters) first, so the scripts compare it without JSON."""
+    assert len(entry.token) == 32, "tokens are 32 hex characters"
+    return entry.token + entry.dumps()
 
 
 async def _unavailable_as_503(call: Any) -> Any:

@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar, runtime
 from ..backends import Snapshot
 from ..config import JobsSettings
 from ..errors import ApiError, ErrorInfo
+from ..logs import bind_job
 from ..storage import OutputStore
 from ..updates import PushedUpdates
 from .model import Event, Job, JobStatus, clip_text
@@ -30,6 +31,7 @@ T = TypeVar("T")
 
 CANCEL_WAIT_SECONDS = 15.0
 CLAIM_BATCH = 8  # jobs claimed in one go at most: few round trips for a burst, and a burst still spreads over nodes
+CANCEL_RETRY_SECONDS = 0.5
 LOCAL_PROGRESS_MIN_SECONDS = 0.25  # at most four progress events a second from a local driver
 LOG_TAIL_LINES = 3
 
@@ -116,10 +118,13 @@ class JobEngine:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
-        tasks = list(self.tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        pending = set(self.tasks.values())
+        while pending:
+            # Cancelled again until done: a cancel that lands inside the HTTP client's shielded clean-up can be
+            # lost, and the job would otherwise run on to its end while the server waits.
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY_SECONDS)
         await self.store.close()
 
     # -- what handlers call -----------------------------------------------------------------------------------
@@ -256,6 +261,7 @@ class JobEngine:
     # -- running ----------------------------------------------------------------------------------------------
 
     async def _run(self, job: Job, lease: Lease) -> None:
+        bind_job(job.id)
         self._started.add(job.id)
         keeper = None
         if self.store.lease_seconds is not None:
@@ -341,9 +347,10 @@ class JobEngine:
         shown_logs: str | None = None  # a progress event carries the log tail only when it changed
         while True:
             if job.id in self._cancel_requested:
-                # The cancel was delivered but swallowed on the way (Python 3.11's asyncio.wait_for, which redis-py
-                # uses for its socket timeout, can return a result and drop a cancellation that arrives as it
-                # finishes): act on it here, at the latest one poll interval later.
+                # The cancel reached the task but was swallowed on the way (in the HTTP client's shielded clean-up,
+                # or by Python 3.11's asyncio.wait_for, which redis-py uses for its socket timeout and which can
+                # return a result and drop a cancellation that arrives as it finishes): act on it here, before the
+                # first poll and after every wait.
                 raise asyncio.CancelledError()
             snapshot = pushed or self.pushed.polled(job.id, await self._retry(lambda: driver.poll(prediction_id)))
             if snapshot.done:

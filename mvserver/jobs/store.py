@@ -8,7 +8,8 @@ carries signals (cancel, provider updates) to the node that owns a job.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
 from .model import Event, Job
@@ -22,6 +23,40 @@ class LeaseLost(Exception):
 
 class StoreUnavailable(Exception):
     """The store cannot be reached at start-up (e.g. Redis is down): the server exits with one clear line."""
+
+
+@dataclass(frozen=True)
+class Remembered:
+    """What the store keeps for an ``Idempotency-Key``: the request's fingerprint and, once answered, the answer.
+
+    ``token`` identifies the request that reserved the key, so only it can complete or release the reservation."""
+
+    token: str
+    fingerprint: str
+    status: int | None = None  # None while the first request is still being answered
+    body: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def dumps(self) -> str:
+        return json.dumps({"token": self.token, "fingerprint": self.fingerprint, "status": self.status,
+                           "body": self.body, "headers": self.headers}, separators=(",", ":"))
+
+    @classmethod
+    def loads(cls, text: str | bytes) -> "Remembered":
+        raw = json.loads(text)
+        return cls(token=raw["token"], fingerprint=raw["fingerprint"], status=raw["status"], body=raw["body"],
+                   headers=raw["headers"])
+
+
+def index_entry(stamp_us: int, job_id: str) -> str:
+    """A job's entry in its owner's listing index: creation time in microseconds, then the id. Entries sort by
+    creation time as text, and an entry is also the cursor of a listing page that ends at that job."""
+    return f"{stamp_us:016d}-{job_id}"
+
+
+def owner_slot(owner: str | None) -> str:
+    """The index name of an owner: the key id, or ``-`` for jobs made with keys off."""
+    return owner or "-"
 
 
 @dataclass(frozen=True)
@@ -78,6 +113,23 @@ class JobStore(Protocol):
 
     def on_signal(self, handler: SignalHandler) -> None:
         """Register the engine's handler for signals to jobs this node owns."""
+
+    async def index(self, owner: str | None, before: str | None, count: int) -> list[str]:
+        """Up to ``count`` entries (:func:`index_entry`) of ``owner``'s jobs, newest first, all older than the entry
+        ``before`` (from the newest when None). Removed jobs may still have entries; readers skip them."""
+
+    async def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        """Several records at once, in order (None for a missing one), without disturbing any cache of hot jobs."""
+
+    async def remember(self, key: str, entry: Remembered, pending_seconds: float) -> Remembered | None:
+        """Reserve ``key`` for ``entry`` (not yet answered) if nobody holds it: None when reserved, else what is
+        kept. A reservation never completed lapses after ``pending_seconds`` (its request died)."""
+
+    async def complete(self, key: str, entry: Remembered, keep_seconds: float) -> None:
+        """Store the answer of the request holding the reservation (``entry.token``), kept ``keep_seconds``."""
+
+    async def forget(self, key: str, token: str) -> None:
+        """Drop the reservation held by ``token`` (its request failed: the key may be used again)."""
 
     async def count_active(self, owner: str) -> int:
         """How many of ``owner``'s jobs are queued or running (the running-jobs quota of a key)."""

@@ -375,23 +375,30 @@ async def render_video(
             caption += f" · seed {seed}"
         frame = await asyncio.to_thread(_compose_video_frame, size, prompt, seed, reference_image, caption, bar_h)
         args = _ffmpeg_args(str(tmp), size, duration, fps, generate_audio, bar_h, _palette(prompt, seed).accent)
-        proc = await asyncio.create_subprocess_exec(
-            *args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        try:
-            _, stderr = await proc.communicate(frame)
-        finally:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        if proc.returncode != 0:
-            tail = stderr.decode(errors="replace").strip()[-_STDERR_TAIL:]
-            raise RenderError(f"ffmpeg exited with status {proc.returncode}: {tail or '(no output)'}")
-        os.replace(tmp, dest)
+        await _run_ffmpeg(args, tmp, dest, stdin=frame)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+async def _run_ffmpeg(args: list[str], tmp: pathlib.Path, dest: pathlib.Path, *, stdin: bytes | None = None) -> None:
+    """Run ffmpeg (``args`` write ``tmp``; ``stdin`` fed to it) and move ``tmp`` onto ``dest``. ffmpeg is killed if
+    the caller is canceled; RenderError with the end of its stderr if it fails. The caller removes ``tmp``."""
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE
+    )
+    try:
+        _, stderr = await proc.communicate(stdin)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        tail = stderr.decode(errors="replace").strip()[-_STDERR_TAIL:]
+        raise RenderError(f"ffmpeg exited with status {proc.returncode}: {tail or '(no output)'}")
+    os.replace(tmp, dest)
 
 
 # --------------------------------------------------------------------------- lip sync
@@ -463,19 +470,7 @@ async def render_lipsync(dest: pathlib.Path, *, video: pathlib.Path, audio: path
             "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", "-r", str(fps),
             "-c:a", "aac", "-b:a", "128k", "-movflags", "+faststart", "-f", "mp4", str(tmp),
         ]  # fmt: skip
-        proc = await asyncio.create_subprocess_exec(*args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                                    stderr=subprocess.PIPE)
-        try:
-            _, stderr = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        if proc.returncode != 0:
-            tail = stderr.decode(errors="replace").strip()[-_STDERR_TAIL:]
-            raise RenderError(f"ffmpeg exited with status {proc.returncode}: {tail or '(no output)'}")
-        os.replace(tmp, dest)
+        await _run_ffmpeg(args, tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
         label.unlink(missing_ok=True)

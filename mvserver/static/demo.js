@@ -1,5 +1,7 @@
 // The demo page: scenes -> character reference -> video jobs followed over Server-Sent Events.
 
+import { asError, callApi } from "./api.js";
+
 const FINAL_EVENTS = ["succeeded", "failed", "canceled"];
 const JOB_EVENTS = ["queued", "running", "progress", ...FINAL_EVENTS];
 
@@ -12,42 +14,8 @@ const page = {
 
 // ---------------------------------------------------------------------------------------------- API helpers
 
-class RequestFailed extends Error {
-  constructor(error, status) {
-    super(error.message);
-    this.error = error; // {code, message, field?, provider?, provider_status?, provider_error?}
-    this.status = status;
-  }
-}
-
 async function api(method, url, body) {
-  const options = { method, headers: { Accept: "application/json" } };
-  if (body !== undefined) {
-    options.headers["Content-Type"] = "application/json";
-    options.body = JSON.stringify(body);
-  }
-  let response;
-  try {
-    response = await fetch(url, options);
-  } catch (err) {
-    throw new RequestFailed({ code: "network_error", message: `could not reach the server: ${err.message}` }, 0);
-  }
-  let payload = null;
-  try {
-    payload = await response.json();
-  } catch {
-    payload = null;
-  }
-  if (!response.ok) {
-    const error = payload && payload.error ? payload.error
-      : { code: "http_error", message: `${response.status} ${response.statusText}` };
-    throw new RequestFailed(error, response.status);
-  }
-  return payload;
-}
-
-function asError(err) {
-  return err instanceof RequestFailed ? err.error : { code: "client_error", message: String(err && err.message || err) };
+  return (await callApi(method, url, body)).body;
 }
 
 // ---------------------------------------------------------------------------------------------- rendering

@@ -1,6 +1,8 @@
 // The music-video project page: song -> project and scenes -> character -> clips -> lip sync -> assembly.
 // Every clip, lip-sync and assembly job is followed on ONE multi-job EventSource (/api/mv/events?jobs=…).
 
+import { RequestFailed, asError, callApi } from "./api.js";
+
 const FINAL = ["succeeded", "failed", "canceled"];
 const EVENTS = ["queued", "running", "progress", ...FINAL];
 const KEY_STORAGE = "mvKey";
@@ -19,51 +21,20 @@ const state = {
 
 // ---------------------------------------------------------------------------------------------- API
 
-class RequestFailed extends Error {
-  constructor(error, status) {
-    super(error.message);
-    this.error = error;
-    this.status = status;
-  }
-}
-
 function apiKey() {
   return sessionStorage.getItem(KEY_STORAGE);
 }
 
 async function api(method, url, body, headers = {}) {
-  const options = { method, headers: { Accept: "application/json", ...headers } };
   const key = apiKey();
-  if (key) options.headers.Authorization = `Bearer ${key}`;
-  if (body instanceof Blob || body instanceof FormData) {
-    options.body = body;
-  } else if (body !== undefined) {
-    options.headers["Content-Type"] = "application/json";
-    options.body = JSON.stringify(body);
-  }
-  let response;
   try {
-    response = await fetch(url, options);
+    const { body: payload, response } = await callApi(method, url, body,
+                                                      key ? { ...headers, Authorization: `Bearer ${key}` } : headers);
+    return { body: payload, etag: response.headers.get("ETag") };
   } catch (err) {
-    throw new RequestFailed({ code: "network_error", message: `could not reach the server: ${err.message}` }, 0);
+    if (err instanceof RequestFailed && err.status === 401) askForKey(err.error);
+    throw err;
   }
-  let payload = null;
-  try {
-    payload = await response.json();
-  } catch {
-    payload = null;
-  }
-  if (!response.ok) {
-    const error = payload && payload.error ? payload.error
-      : { code: "http_error", message: `${response.status} ${response.statusText}` };
-    if (response.status === 401) askForKey(error);
-    throw new RequestFailed(error, response.status);
-  }
-  return { body: payload, etag: response.headers.get("ETag") };
-}
-
-function asError(err) {
-  return err instanceof RequestFailed ? err.error : { code: "client_error", message: String(err && err.message || err) };
 }
 
 // ---------------------------------------------------------------------------------------------- rendering helpers

@@ -1,0 +1,86 @@
+"""The job engine stops a job even when a provider call swallows the task's cancellation (it happens: a cancel that
+lands in the HTTP client's shielded connection clean-up is lost). Shutdown must not wait for the job to end, and a
+client's cancel must still end the job as canceled."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from mvserver.backends import Snapshot
+from mvserver.config import EnvSettings, load_config
+from mvserver.jobs import FileJobStore, Job, JobEngine
+from mvserver.storage import OutputStore, new_id
+
+
+class SwallowingDriver:
+    """A remote driver whose ``start`` loses one cancellation, as an SDK call can; the prediction never ends."""
+
+    def __init__(self) -> None:
+        self.swallowed = asyncio.Event()
+        self.cancels: list[str] = []
+
+    async def start(self, job: Job, webhook: str | None) -> str:
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            self.swallowed.set()  # lost, and the call completes normally
+        return "prediction-1"
+
+    async def poll(self, prediction_id: str) -> Snapshot:
+        return Snapshot(status="processing", progress=0.1)
+
+    async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
+        raise AssertionError("never reached")
+
+    async def cancel(self, prediction_id: str) -> None:
+        self.cancels.append(prediction_id)
+
+
+def engine_with(driver: SwallowingDriver, tmp_path: Path, settings_dir: Path) -> JobEngine:
+    config = load_config(EnvSettings.from_env({"MV_SETTINGS_DIR": str(settings_dir),
+                                               "MV_OUTPUT_DIR": str(tmp_path / "outputs")}))
+    outputs = OutputStore(tmp_path / "outputs")
+    return JobEngine(FileJobStore(outputs), {"video": lambda job: driver}, outputs, config.videos.jobs,
+                     max_concurrent=2)
+
+
+def new_job() -> Job:
+    return Job(id=new_id(), backend="replicate", model="google/veo-3.1", sandbox=False, request={"prompt": "p"})
+
+
+async def running(engine: JobEngine, job_id: str) -> None:
+    async with asyncio.timeout(10):
+        while job_id not in engine.tasks:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # inside the driver's start
+
+
+async def test_shutdown_stops_a_job_whose_cancel_was_swallowed(tmp_path: Path, settings_dir: Path) -> None:
+    driver = SwallowingDriver()
+    engine = engine_with(driver, tmp_path, settings_dir)
+    await engine.start()
+    job = await engine.submit(new_job())
+    await running(engine, job.id)
+    async with asyncio.timeout(5):  # before the fix: as long as the prediction (forever here)
+        await engine.close()
+    assert driver.swallowed.is_set()
+    assert not engine.tasks
+    assert (await FileJobStore(OutputStore(tmp_path / "outputs")).get(job.id)).status == "running"  # resumes later
+
+
+async def test_a_cancel_swallowed_by_a_provider_call_still_cancels_the_job(tmp_path: Path,
+                                                                           settings_dir: Path) -> None:
+    driver = SwallowingDriver()
+    engine = engine_with(driver, tmp_path, settings_dir)
+    await engine.start()
+    try:
+        job = await engine.submit(new_job())
+        await running(engine, job.id)
+        await engine.cancel(job.id)
+        async with asyncio.timeout(10):
+            while (await engine.get(job.id)).status != "canceled":
+                await asyncio.sleep(0.02)
+        assert driver.swallowed.is_set() and driver.cancels == ["prediction-1"]
+    finally:
+        await engine.close()
