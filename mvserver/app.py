@@ -17,6 +17,7 @@ from .config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_co
 from .debug import debug_print
 from .errors import server_log
 from .jobs import JOBS, FileJobStore, JobEngine, JobStore, video_kind
+from .jobs.census import JobCensus
 from .metrics import METRICS
 from .project_store import PROJECTS, open_project_store
 from .jobs.retention import sweep_forever
@@ -123,6 +124,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
         metrics = app[METRICS]
         engine.hooks.finished = lambda job: metrics.jobs_finished.labels(job.status, job.kind, job.backend).inc()
         engine.hooks.subscribers = metrics.sse_subscribers.inc
+        metrics.census = JobCensus(engine).take  # mv_jobs and mv_job_queue_depth, counted at each scrape
     resumed = await engine.start()
     if resumed:
         log.info("resuming %d unfinished job(s)", resumed)

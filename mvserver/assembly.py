@@ -30,6 +30,7 @@ from .jobs.runner import Progress
 from .lipsync import FFMPEG_SLOTS
 from .projects import (BASE, _json_object, _respond, job_states, load_settled, owned_project, project_timeline,
                        update)
+from .quotas import charge
 from .schemas import REQUEST_MODELS
 from .storage import STORE, new_id
 
@@ -237,6 +238,7 @@ async def assemble(request: web.Request) -> web.Response:
     body = _parse(app[REQUEST_MODELS].assemble, await _json_object(request))
     clips = [(c.job_id, c.trim_in, c.trim_out) for c in body.clips]
     planned = await plan(app, clips, body, body.audio_id, body.audio_offset, caller=key_id(request))
+    await charge(request, "jobs")  # only a request that got this far costs a token
     job = await submit(app, planned, key_id(request))
     payload = accepted(job)
     return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
@@ -271,6 +273,7 @@ async def assemble_project(request: web.Request) -> web.Response:
     planned = await plan(app, clips, options, song.audio_id if song else None, song.offset if song else 0.0, field,
                          caller=key_id(request))
     planned["project_id"] = project.id
+    await charge(request, "jobs")
     job = await submit(app, planned, key_id(request))
 
     def link(current: Any, _jobs: Any) -> None:

@@ -1,6 +1,11 @@
-"""``GET /api/mv/events?jobs=<id>,<id>,…``: many jobs' events on one Server-Sent Events connection."""
+"""``GET /api/mv/events?jobs=<id>,<id>,…``: many jobs' events on one Server-Sent Events connection, and
+``GET /api/mv/events/link?jobs=…``: the URL a browser's ``EventSource`` opens for it (signed when keys are on, since
+an ``EventSource`` cannot send the key)."""
 
 from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
 
 from aiohttp import web
 
@@ -9,12 +14,15 @@ from .config import CONFIG
 from .errors import ApiError
 from .jobs import JOBS
 from .jobs.stream import stream_many
+from .signing import SIGNER
 from .storage import check_id
 
 routes = web.RouteTableDef()
+EVENTS_PATH = "/api/mv/events"
+AFTER = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9}){0,499}")
 
 
-@routes.get("/api/mv/events")
+@routes.get(EVENTS_PATH)
 async def job_events(request: web.Request) -> web.StreamResponse:
     settings = request.app[CONFIG].videos.jobs
     job_ids = await _job_ids(request, settings.sse_max_jobs_per_stream)
@@ -40,3 +48,25 @@ async def _job_ids(request: web.Request, limit: int) -> list[str]:
         if job is None or not visible_to(job.owner, caller):
             raise ApiError(404, "not_found", f"no job with id {job_id}", field="jobs")
     return parts
+
+
+@routes.get(EVENTS_PATH + "/link")
+async def events_link(request: web.Request) -> web.Response:
+    """The multi-job stream's URL for these jobs (and ``after`` positions): with keys on, signed for the caller's key
+    (the signature covers the exact job list, so it cannot be widened to other jobs) and valid until ``expires_at``;
+    with keys off, the plain URL."""
+    job_ids = await _job_ids(request, request.app[CONFIG].videos.jobs.sse_max_jobs_per_stream)
+    query = f"jobs={','.join(job_ids)}"
+    after = request.query.get("after")
+    if after is not None:
+        if not AFTER.fullmatch(after) or after.count(".") + 1 != len(job_ids):
+            raise ApiError(400, "invalid_field", "after: one position per job, dot-separated (as in an event id)",
+                           field="after")
+        query += f"&after={after}"
+    url, expires_at = f"{EVENTS_PATH}?{query}", None
+    signer, caller = request.app.get(SIGNER), key_id(request)
+    if signer is not None and caller is not None:
+        url, expires = signer.sign(caller, url)
+        expires_at = datetime.fromtimestamp(expires, timezone.utc).isoformat(timespec="seconds")
+    return web.json_response({"events_url": url, "expires_at": expires_at, "jobs": job_ids},
+                             headers={"Cache-Control": "no-store"})

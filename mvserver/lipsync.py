@@ -16,7 +16,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -35,6 +35,7 @@ from .project_store import Song as ProjectSong
 from .projects import BASE as PROJECTS_BASE
 from .projects import (JobStates, TimelineEntry, _json_object, _options, _respond, _validate, add_version, check_room,
                        job_states, load_settled, owned_project, project_timeline, update)
+from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
 from .storage import STORE, OutputStore, check_id, new_id
 
@@ -197,14 +198,16 @@ async def create_lipsync(request: web.Request) -> web.Response:
     body, defaulted = await parse_body(request, app[REQUEST_MODELS].lipsync, config.debug)
     if body.scene_id is not None and body.project_id is None:
         raise ApiError(400, "invalid_field", "scene_id: needs project_id", field="scene_id")
-    job = await submit_lipsync(app, body, defaulted, key_id(request))
+    job = await submit_lipsync(app, body, defaulted, key_id(request), charge=lambda: charge(request, "jobs"))
     payload = {"job_id": job.id, "kind": job.kind, "status": job.status, "backend": job.backend,
                "sandbox": job.sandbox, **job_urls(job.id)}
     return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
 
 
-async def submit_lipsync(app: web.Application, body: Any, defaulted: list[str], owner: str | None) -> Job:
-    """Check a lip-sync request against the clip and the song and queue its job (``owner``: the caller's key)."""
+async def submit_lipsync(app: web.Application, body: Any, defaulted: list[str], owner: str | None,
+                         charge: Callable[[], Awaitable[None]] | None = None) -> Job:
+    """Check a lip-sync request against the clip and the song and queue its job (``owner``: the caller's key;
+    ``charge`` takes the caller's quota once the request is known to be valid)."""
     config = app[CONFIG]
     settings = config.lipsync
     song = await song_file(app, body.audio_id, caller=owner)
@@ -214,6 +217,8 @@ async def submit_lipsync(app: web.Application, body: Any, defaulted: list[str], 
     summary.update(window={"start": window.start, "end": window.end, "seconds": round(window.seconds, 6)},
                    clip_seconds=clip.duration, song_seconds=song.duration, defaults_applied=defaulted)
     debug_print(config.debug, f"lipsync job for {settings.model}", summary)
+    if charge is not None:
+        await charge()  # only a request that got this far costs a token
     provider = app[PROVIDERS].replicate
     job = Job(id=new_id(), backend=provider.name, model=settings.model, sandbox=provider.sandbox, request=summary,
               kind=KIND, owner=owner)
@@ -267,7 +272,7 @@ async def lipsync_scene(request: web.Request) -> web.Response:
     data = {"video_job_id": chosen.id, "audio_id": project.song.audio_id, "audio_start": start, "audio_end": end,
             "project_id": project.id, "scene_id": scene_id, **options}
     body, defaulted = _validate(model, data)
-    job = await submit_lipsync(app, body, defaulted, key_id(request))
+    job = await submit_lipsync(app, body, defaulted, key_id(request), charge=lambda: charge(request, "jobs"))
     duration = next(v.duration for v in entry.scene.versions if v.job_id == chosen.id)
 
     def link(current: Project, states: JobStates) -> None:

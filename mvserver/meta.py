@@ -17,7 +17,8 @@ routes = web.RouteTableDef()
 @routes.get("/api/mv/health")
 @public
 async def health(request: web.Request) -> web.Response:
-    """Version, and for each provider service whether it is live or answered by the sandbox simulator."""
+    """Version, for each provider service whether it is live or answered by the sandbox simulator, and whether the
+    API needs a key (so a page knows to ask for one before its first call)."""
     providers = request.app[PROVIDERS]
     modes = providers.modes()
     return web.json_response({
@@ -28,6 +29,7 @@ async def health(request: web.Request) -> web.Response:
         "providers": modes,
         "styles": [{"name": name, "label": preset.label, "description": preset.description}
                    for name, preset in request.app[CONFIG].styles.items()],
+        "auth": {"keys_required": KEYRING in request.app},
     })
 
 

@@ -31,6 +31,7 @@ from .images import _saved_image, generate_reference
 from .jobs import JOBS, Job
 from .project_schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
 from .project_store import PROJECTS, ClipVersion, Project, Scene, Song
+from .quotas import charge
 from .scenes import write_scenes
 from .schemas import REQUEST_MODELS, json_object
 from .storage import STORE, check_id, new_id
@@ -455,9 +456,12 @@ def _clip_body(app: web.Application, project: Project, scene: Scene, options: di
 
 
 async def generate_clips(app: web.Application, project_id: str, scene_ids: list[str] | None,
-                         options: dict[str, Any], if_match: str | None = None) -> tuple[Project, JobStates, list[Job]]:
+                         options: dict[str, Any], if_match: str | None = None, *, owner: str | None = None,
+                         charge: Callable[[int], Awaitable[None]] | None = None
+                         ) -> tuple[Project, JobStates, list[Job]]:
     """Start a clip job for the given scenes (None: every scene with no chosen clip and none running) and link
-    each as a new version. Everything is checked before the first job starts."""
+    each as a new version. Everything is checked before the first job starts; then ``charge(n)`` takes the quota
+    of the n jobs at once (all or none). ``owner``: the caller's key, which owns the jobs."""
     config: Config = app[CONFIG]
     limit = config.projects.limits.versions_per_scene_max
     project, jobs = await load_settled(app, project_id)
@@ -474,6 +478,8 @@ async def generate_clips(app: web.Application, project_id: str, scene_ids: list[
         field = f"scenes.{project.scenes.index(scene)}"
         check_room(scene, jobs, limit, field)
         bodies.append(_clip_body(app, project, scene, options, field))
+    if charge is not None and bodies:
+        await charge(len(bodies))
     submitted: list[Job] = []
     duplicates: list[Job] = []
 
@@ -491,7 +497,7 @@ async def generate_clips(app: web.Application, project_id: str, scene_ids: list[
     try:
         for scene, (body, defaulted) in zip(scenes, bodies):
             links = {"project_id": project.id, "scene_id": scene.id}
-            submitted.append(await submit_video_job(app, body, defaulted, links, owner=project.owner))
+            submitted.append(await submit_video_job(app, body, defaulted, links, owner=owner))
         project = await update(app, project_id, link)
     except BaseException:
         for job in submitted:  # nothing was linked: none of them may run unseen
@@ -586,6 +592,7 @@ async def write(request: web.Request) -> web.Response:
     app = request.app
     project_id = (await owned_project(request)).id
     options, _ = _validate(app[REQUEST_MODELS].projects.write_scenes, await _json_object(request, optional=True))
+    await charge(request, "blocking")
     project = await write_project_scenes(request, project_id, options, request.headers.get("If-Match"))
     return _respond(project, await job_states(app, project))
 
@@ -602,6 +609,7 @@ async def character(request: web.Request) -> web.Response:
         raise ApiError(412, "precondition_failed", f"the project is at version {etag(project)}", field="If-Match")
     params, defaulted = _validate(app[REQUEST_MODELS].image,
                                   {"character_description": project.character_description, **options})
+    await charge(request, "blocking")
 
     def abandoned() -> bool:
         return request.transport is None or request.transport.is_closing()
@@ -623,7 +631,8 @@ async def generate_missing(request: web.Request) -> web.Response:
     project_id = (await owned_project(request)).id
     options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
     project, jobs, started = await generate_clips(request.app, project_id, None, options,
-                                                  request.headers.get("If-Match"))
+                                                  request.headers.get("If-Match"), owner=key_id(request),
+                                                  charge=lambda n: charge(request, "jobs", n))
     return _respond(project, jobs, 202, extra={"jobs": [accepted_job(j) | {"scene_id": j.request["scene_id"]}
                                                         for j in started]})
 
@@ -636,7 +645,8 @@ async def generate_one(request: web.Request) -> web.Response:
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
     options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
     project, jobs, started = await generate_clips(request.app, project_id, [scene_id], options,
-                                                  request.headers.get("If-Match"))
+                                                  request.headers.get("If-Match"), owner=key_id(request),
+                                                  charge=lambda n: charge(request, "jobs", n))
     job = started[0]
     return _respond(project, jobs, 202, extra={"job": accepted_job(job) | {"scene_id": scene_id}},
                     headers={"Location": f"/api/mv/jobs/{job.id}"})

@@ -27,10 +27,11 @@ RUNNING_JOBS_RETRY_AFTER = 10.0  # seconds a client is told to wait when its run
 
 
 class RateLimiter(Protocol):
-    async def acquire(self, name: str, rate: float, burst: int) -> float:
-        """Take one token from bucket ``name`` (refilled at ``rate`` tokens/s up to ``burst``).
+    async def acquire(self, name: str, rate: float, burst: int, cost: int = 1) -> float:
+        """Take ``cost`` tokens (at most ``burst``) from bucket ``name`` (refilled at ``rate`` tokens/s up to
+        ``burst``), all or none.
 
-        Returns 0 when a token was taken, else the seconds until one will be available (nothing taken).
+        Returns 0 when they were taken, else the seconds until they will be available (nothing taken).
         """
 
 
@@ -41,15 +42,15 @@ class LocalRateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._clock = clock
 
-    async def acquire(self, name: str, rate: float, burst: int) -> float:
+    async def acquire(self, name: str, rate: float, burst: int, cost: int = 1) -> float:
         now = self._clock()
         tokens, stamp = self._buckets.get(name, (float(burst), now))
         tokens = min(float(burst), tokens + (now - stamp) * rate)
-        if tokens >= 1:
-            self._buckets[name] = (tokens - 1, now)
+        if tokens >= cost:
+            self._buckets[name] = (tokens - cost, now)
             return 0.0
         self._buckets[name] = (tokens, now)
-        return (1 - tokens) / rate
+        return (cost - tokens) / rate
 
 
 # One atomic take: refill by the time elapsed (Redis's own clock, so processes need not agree on time), then take a
@@ -57,13 +58,13 @@ class LocalRateLimiter:
 _TAKE = """
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3] or '1')
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
 local tokens = tonumber(state[1]) or burst
 local stamp = tonumber(state[2]) or now
 tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
 local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+if tokens >= cost then tokens = tokens - cost else wait = (cost - tokens) / rate end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
 return tostring(wait)
@@ -77,8 +78,8 @@ class RedisRateLimiter:
         self.prefix = prefix
         self._take: Any = client.register_script(_TAKE)
 
-    async def acquire(self, name: str, rate: float, burst: int) -> float:
-        return float(await self._take(keys=[self.prefix + name], args=[repr(float(rate)), burst]))
+    async def acquire(self, name: str, rate: float, burst: int, cost: int = 1) -> float:
+        return float(await self._take(keys=[self.prefix + name], args=[repr(float(rate)), burst, cost]))
 
 
 class Quotas:
@@ -94,22 +95,30 @@ class Quotas:
             self.on_refusal(bucket, code)
         return ApiError(429, code, message, retry_after=max(1.0, math.ceil(retry_after)))
 
-    async def charge(self, key: KeyRecord, bucket: Bucket) -> None:
-        """Admit one request of ``bucket`` for ``key`` or raise ApiError 429 with Retry-After."""
+    async def charge(self, key: KeyRecord, bucket: Bucket, cost: int = 1) -> None:
+        """Admit a request of ``bucket`` for ``key`` that starts ``cost`` jobs (or makes ``cost`` blocking calls),
+        all or none, or raise ApiError 429 with Retry-After."""
         limits = key.limits
-        if bucket == "jobs" and self.running_jobs is not None and limits.max_running_jobs is not None:
+        per_minute = limits.jobs_per_minute if bucket == "jobs" else limits.blocking_per_minute
+        burst = limits.jobs_burst if bucket == "jobs" else limits.blocking_burst
+        cap = limits.max_running_jobs if bucket == "jobs" else None
+        if (per_minute is not None and cost > burst) or (cap is not None and cost > cap):
+            limit = f"jobs_burst {burst}" if per_minute is not None and cost > burst else f"max_running_jobs {cap}"
+            raise self._refuse(bucket, "quota_exceeded",
+                               f"this request would start {cost} jobs at once, more than this key ever may ({limit}); "
+                               "start them in smaller groups", RUNNING_JOBS_RETRY_AFTER)
+        if cap is not None and self.running_jobs is not None:
             running = self.running_jobs(key.id)
             if inspect.isawaitable(running):
                 running = await running
-            if running >= limits.max_running_jobs:
+            if running + cost > cap:
+                more = "" if cost == 1 else f" and this request would start {cost} more"
                 raise self._refuse(bucket, "quota_exceeded",
-                                   f"this key already runs {running} jobs (limit {limits.max_running_jobs})",
+                                   f"this key already runs {running} jobs{more} (limit {cap})",
                                    RUNNING_JOBS_RETRY_AFTER)
-        per_minute = limits.jobs_per_minute if bucket == "jobs" else limits.blocking_per_minute
-        burst = limits.jobs_burst if bucket == "jobs" else limits.blocking_burst
         if per_minute is None:
             return
-        wait = await self.limiter.acquire(f"{key.id}:{bucket}", per_minute / 60.0, burst)
+        wait = await self.limiter.acquire(f"{key.id}:{bucket}", per_minute / 60.0, burst, cost)
         if wait > 0:
             raise self._refuse(bucket, "rate_limited",
                                f"too many {bucket} requests for this key (limit {per_minute:g} per minute, "
@@ -133,9 +142,10 @@ def set_rate_limiter(app: web.Application, limiter: RateLimiter) -> None:
         quotas.limiter = limiter
 
 
-async def charge(request: web.Request, bucket: Bucket) -> None:
-    """Charge the caller's key for one ``bucket`` request (429 when over quota); nothing when keys are off."""
+async def charge(request: web.Request, bucket: Bucket, cost: int = 1) -> None:
+    """Charge the caller's key for a ``bucket`` request that starts ``cost`` jobs (429 when over quota); nothing
+    when keys are off. Call it once the request is known to be valid, just before the jobs are created."""
     key = request.get(API_KEY)
     quotas = request.app.get(QUOTAS)
-    if key is not None and quotas is not None:
-        await quotas.charge(key, bucket)
+    if key is not None and quotas is not None and cost > 0:
+        await quotas.charge(key, bucket, cost)

@@ -337,13 +337,42 @@ def _project_paths() -> dict[str, Any]:
     }
 
 
+HEALTH_SCHEMA = {
+    "type": "object", "required": ["status", "version", "mode", "sandbox", "providers", "styles", "auth"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok"]},
+        "version": {"type": "string"},
+        "mode": {"type": "string", "enum": ["live", "sandbox"],
+                 "description": "sandbox when any provider service is answered by the built-in simulator"},
+        "sandbox": {"type": "boolean"},
+        "providers": {"type": "object", "additionalProperties": {"type": "string", "enum": ["live", "sandbox"]}},
+        "styles": {"type": "array", "items": {
+            "type": "object", "required": ["name", "label", "description"],
+            "properties": {"name": {"type": "string"}, "label": {"type": "string"},
+                           "description": {"type": "string"}}}},
+        "auth": {"type": "object", "required": ["keys_required"], "properties": {
+            "keys_required": {"type": "boolean",
+                              "description": "true when every other /api/mv route needs Authorization: Bearer "
+                                             "<API key> (MV_API_KEYS_FILE is set): a page should ask for a key "
+                                             "before its first call"}}},
+    },
+}
+EVENTS_LINK_SCHEMA = {
+    "type": "object", "required": ["events_url", "expires_at", "jobs"],
+    "properties": {
+        "events_url": {"type": "string", "description": "GET /api/mv/events?jobs=…[&after=…][&kid=…&exp=…&sig=…]"},
+        "expires_at": {"type": ["string", "null"], "format": "date-time",
+                       "description": "when the signed link stops working (null with keys off)"},
+        "jobs": {"type": "array", "items": {"type": "string"}, "description": "the job ids, in stream order"}},
+}
 SECURITY_SCHEMES = {
     "bearerAuth": {
         "type": "http", "scheme": "bearer",
         "description": "An API key (mv_<key id>_<secret>) from `python -m mvserver keys create NAME`; required on "
                        "every /api/mv route but health when MV_API_KEYS_FILE is set. GET routes a browser loads "
                        "without headers also accept the signed links of a response's `signed_urls` "
-                       "(?kid=&exp=&sig=; 403 when tampered or expired).",
+                       "or of GET /api/mv/events/link (kid, exp, sig; the signature covers the path and every other "
+                       "query parameter; 403 when tampered or expired).",
     },
 }
 SIGNED_LINK_PARAMETERS = [
@@ -354,6 +383,14 @@ SIGNED_LINK_PARAMETERS = [
     {"name": "sig", "in": "query", "required": False, "schema": {"type": "string"},
      "description": "signed link: HMAC-SHA256 signature"},
 ]
+
+
+# POST routes that draw on the key's quotas (a job-creating one also counts against its running-jobs cap)
+CHARGED_POSTS = frozenset({
+    "/api/mv/create_scenes", "/api/mv/generate_character_reference", "/api/mv/generate_video", "/api/mv/lipsync",
+    "/api/mv/assemble", "/api/mv/projects/{project_id}/write_scenes", "/api/mv/projects/{project_id}/character",
+    "/api/mv/projects/{project_id}/clips", "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
+    "/api/mv/projects/{project_id}/assemble", "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync"})
 
 
 def _with_access(paths: dict[str, Any], metrics: bool) -> None:
@@ -370,8 +407,7 @@ def _with_access(paths: dict[str, Any], metrics: bool) -> None:
                 operation["parameters"] = operation.get("parameters", []) + SIGNED_LINK_PARAMETERS
                 answers.setdefault("403", {"description": "signed link tampered, expired or revoked",
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
-            if method == "post" and path in ("/api/mv/create_scenes", "/api/mv/generate_character_reference",
-                                             "/api/mv/generate_video"):
+            if method == "post" and path in CHARGED_POSTS:
                 answers.setdefault("429", {"description": "rate_limited or quota_exceeded (see Retry-After)",
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
 
@@ -385,8 +421,20 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
     job_errors = (400, 404, 410, 503)
+    stream_parameters = [
+        {"name": "jobs", "in": "query", "required": True,
+         "description": "Comma-separated job ids (at most jobs.sse_max_jobs_per_stream, 50)",
+         "schema": {"type": "string", "pattern": JOB_LIST_PATTERN}},
+        {"name": "after", "in": "query", "required": False,
+         "description": "Positions to resume from, in the form of an event id (`3.7.0`, one per job); on the stream a "
+                        "Last-Event-ID header takes precedence",
+         "schema": {"type": "string", "pattern": r"^[0-9]{1,9}(\.[0-9]{1,9}){0,499}$"}}]
     paths = {
-        "/api/mv/health": {"get": {"summary": "Version, sandbox/live mode per provider", "responses": _answers(200, "ok")}},
+        "/api/mv/health": {"get": {
+            "summary": "Version, sandbox/live mode per provider, style presets, and whether the API needs a key "
+                       "(never behind auth)",
+            "responses": {**_answers(200, "ok"),
+                          "200": {"description": "ok", "content": {"application/json": {"schema": HEALTH_SCHEMA}}}}}},
         "/api/mv/create_scenes": {"post": {
             "summary": "Write N scene prompts with Gemini", "requestBody": _json_body("CreateScenesRequest"),
             "responses": _answers(200, "scenes", 400, 413, 415, 422, 429, 502, 503, 504)}},
@@ -449,14 +497,17 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
         "/api/mv/events": {"get": {
             "summary": "Server-Sent Events of several jobs on one connection; the event id is every job's position "
                        "(dot-separated, in the order of `jobs`), so Last-Event-ID resumes them all",
-            "parameters": [{"name": "jobs", "in": "query", "required": True,
-                            "description": "Comma-separated job ids (at most jobs.sse_max_jobs_per_stream, 50)",
-                            "schema": {"type": "string", "pattern": JOB_LIST_PATTERN}},
-                           {"name": "after", "in": "query", "required": False,
-                            "description": "Positions to resume from, in the form of an event id (`3.7.0`); "
-                                           "a Last-Event-ID header takes precedence",
-                            "schema": {"type": "string", "pattern": r"^[0-9]{1,9}(\.[0-9]{1,9}){0,499}$"}}],
+            "parameters": stream_parameters,
             "responses": _answers(200, "event stream", 400, 404, content="text/event-stream")}},
+        "/api/mv/events/link": {"get": {
+            "summary": "The URL of the multi-job stream for these jobs (and positions), for an EventSource: with keys "
+                       "on signed for the caller's key (kid, exp, sig; the signature covers the exact job list and "
+                       "`after`, so a changed link gets 403) and valid until `expires_at`; with keys off the plain URL "
+                       "and `expires_at` null. 404 if a job is unknown (or another key's)",
+            "parameters": stream_parameters,
+            "responses": {**_answers(200, "the stream's URL", 400, 404),
+                          "200": {"description": "the stream's URL",
+                                  "content": {"application/json": {"schema": EVENTS_LINK_SCHEMA}}}}}},
         "/api/mv/get_video/{video_id}": {"get": {
             "summary": "The finished MP4 (Range requests supported)", "parameters": [_id_parameter("video_id")],
             "responses": {**_answers(200, "video", 400, 404, 409, 410, 416, content="video/mp4"),

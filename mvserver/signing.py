@@ -1,8 +1,9 @@
 """Signed links for what a browser loads without headers (``EventSource``, ``<video>``, ``<img>``).
 
-A link is the resource path plus ``?kid=<key id>&exp=<unix seconds>&sig=<HMAC-SHA256>`` over key id, expiry and
-path, with the server's ``MV_URL_SIGNING_SECRET``. It never carries the key itself, works only for GET/HEAD of that
-exact path until it expires, and dies with its key when the key is revoked. Signing happens in the handler layer
+A link is the resource path (and its query, if any) plus ``kid=<key id>&exp=<unix seconds>&sig=<HMAC-SHA256>`` over
+key id, expiry, path and query, with the server's ``MV_URL_SIGNING_SECRET``. It never carries the key itself, works
+only for GET/HEAD of that exact path with exactly those query parameters (e.g. the job list of the multi-job stream)
+until it expires, and dies with its key when the key is revoked. Signing happens in the handler layer
 (:func:`signed_url`, :func:`signed_urls`); the data models keep plain paths.
 """
 
@@ -13,8 +14,8 @@ import hashlib
 import hmac
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
+from typing import TYPE_CHECKING, Any, Iterable
+from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
 
@@ -24,6 +25,14 @@ if TYPE_CHECKING:
     from .auth import KeyRecord, KeyRing
 
 MIN_SECRET_CHARS = 32
+LINK_PARAMETERS = frozenset({"kid", "exp", "sig"})
+
+
+def canonical_query(pairs: Iterable[tuple[str, str]]) -> str:
+    """The signed form of a link's own query parameters: every pair but kid/exp/sig, decoded, sorted and encoded
+    again, so the signer and the checker agree however the client spells the encoding (a changed, added or removed
+    parameter changes it)."""
+    return urlencode(sorted((name, value) for name, value in pairs if name not in LINK_PARAMETERS))
 
 
 class UrlSigner:
@@ -36,16 +45,20 @@ class UrlSigner:
     def __repr__(self) -> str:
         return f"UrlSigner(ttl={self.ttl})"  # never the secret
 
-    def _signature(self, key_id: str, path: str, expires: int) -> str:
-        message = f"{key_id}\n{expires}\n{path}".encode()
+    def _signature(self, key_id: str, path: str, expires: int, query: str = "") -> str:
+        target = f"{path}?{query}" if query else path  # a link without a query signs what it always signed
+        message = f"{key_id}\n{expires}\n{target}".encode()
         digest = hmac.new(self._secret, message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
     def sign(self, key_id: str, path: str, ttl: int | None = None, now: float | None = None) -> tuple[str, int]:
-        """The signed link for ``path`` and its expiry (unix seconds)."""
+        """The signed link for ``path`` (which may carry a query, e.g. ``/api/mv/events?jobs=a,b``; the signature
+        covers it) and its expiry (unix seconds)."""
         expires = int(now if now is not None else time.time()) + (self.ttl if ttl is None else ttl)
-        query = urlencode({"kid": key_id, "exp": expires, "sig": self._signature(key_id, path, expires)})
-        return f"{path}?{query}", expires
+        path, _, own = path.partition("?")
+        signature = self._signature(key_id, path, expires, canonical_query(parse_qsl(own, keep_blank_values=True)))
+        query = urlencode({"kid": key_id, "exp": expires, "sig": signature})
+        return f"{path}?{own}&{query}" if own else f"{path}?{query}", expires
 
     def verify(self, request: web.Request, keyring: "KeyRing") -> "KeyRecord":
         """The key a signed link was made for; ApiError 403 when it is tampered, expired, revoked or not a GET."""
@@ -55,7 +68,7 @@ class UrlSigner:
             raise ApiError(403, "invalid_signature", "signed links are valid for GET only")
         if not (expires.isascii() and expires.isdigit() and len(expires) <= 12) or not key_id or len(key_id) > 64:
             raise ApiError(403, "invalid_signature", "the signed link is malformed")
-        expected = self._signature(key_id, request.path, int(expires))
+        expected = self._signature(key_id, request.path, int(expires), canonical_query(request.query.items()))
         if not hmac.compare_digest(expected.encode(), signature.encode()):
             raise ApiError(403, "invalid_signature", "the link's signature does not match")
         if int(expires) < time.time():

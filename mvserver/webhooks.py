@@ -29,6 +29,7 @@ from .backends.replicate import snapshot
 from .config import CONFIG, ConfigError, EnvSettings
 from .errors import ApiError
 from .jobs import JOBS
+from .metrics import METRICS, WEBHOOK_OUTCOMES
 from .storage import is_valid_id
 from .updates import WEBHOOK_PATH
 
@@ -94,6 +95,9 @@ def setup(app: web.Application, env: EnvSettings, replicate_sandboxed: bool) -> 
         check_secret(env.replicate_webhook_signing_key)
     loopback = env.public_base_url is None and replicate_sandboxed and env.sandbox_webhooks
     app[RECEIVER] = WebhookReceiver(loopback=loopback)
+    if METRICS in app:  # every outcome shows from the start (at 0), so a rate over it is defined
+        for outcome in WEBHOOK_OUTCOMES:
+            app[METRICS].webhook_deliveries.labels("replicate", outcome)
     app.router.add_post(WEBHOOK_PATH, receive_replicate, name="webhooks.replicate")
     if loopback:
         app.middlewares.append(loopback_base_middleware)
@@ -157,13 +161,36 @@ def _prediction(body: str) -> Prediction:
     return Prediction.construct(**data)
 
 
-def _ack(status: str) -> web.Response:
-    return web.json_response({"status": status})
+def _ack(status: str, outcome: str | None = None) -> tuple[web.Response, str]:
+    return web.json_response({"status": status}), outcome or status
+
+
+def _refusal(error: ApiError, receiver: WebhookReceiver) -> str:
+    """The ``mv_webhook_deliveries`` outcome of a refused delivery."""
+    status = error.status
+    if status == 401:
+        return "not_enabled" if receiver.secret is None else "bad_signature"
+    return "too_large" if status == 413 else "malformed" if status < 500 else "error"
 
 
 @public  # authenticated by Replicate's signature, not by an API key
 async def receive_replicate(request: web.Request) -> web.Response:
-    """Verify a delivery; hand a new, matching update to its job; acknowledge anything verified with 200."""
+    """Verify a delivery; hand a new, matching update to its job; acknowledge anything verified with 200. With
+    metrics on, every delivery is counted by outcome (``mv_webhook_deliveries_total``)."""
+    outcome = "error"
+    try:
+        response, outcome = await _receive(request)
+        return response
+    except ApiError as exc:
+        outcome = _refusal(exc, request.app[RECEIVER])
+        raise
+    finally:
+        metrics = request.app.get(METRICS)
+        if metrics is not None:
+            metrics.webhook_delivery("replicate", outcome)
+
+
+async def _receive(request: web.Request) -> tuple[web.Response, str]:
     receiver = request.app[RECEIVER]
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "a webhook body must be application/json", field="Content-Type")
@@ -188,6 +215,6 @@ async def receive_replicate(request: web.Request) -> web.Response:
     if job is None or job.final or (job.prediction_id is not None and job.prediction_id != prediction.id):
         log.info("webhook for job %s, prediction %s: no such running job or prediction; acknowledged", job_id,
                  prediction.id)
-        return _ack("ignored")
+        return _ack("ignored", "unknown_job" if job is None else "job_finished" if job.final else "other_prediction")
     await engine.provider_update(job_id, prediction.id, snapshot(prediction))
     return _ack("accepted")

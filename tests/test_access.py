@@ -133,7 +133,8 @@ def test_a_missing_or_broken_keys_file_stops_start_up(live_env: dict[str, str], 
 async def test_keys_on_need_a_bearer_key(keyed: AppClient, keys: dict[str, str]) -> None:
     client = await keyed()
     health = await client.get("/api/mv/health")
-    assert health.status == 200  # health stays open
+    assert health.status == 200  # health stays open, and says a key is needed
+    assert (await health.json())["auth"] == {"keys_required": True}
 
     missing = await client.post("/api/mv/create_scenes", json=SCENES)
     assert missing.status == 401
@@ -528,6 +529,10 @@ async def test_token_bucket_refills_at_its_rate() -> None:
     now[0] += 1000
     assert [await limiter.acquire("k:jobs", 0.5, 3) for _ in range(4)][-1] > 0  # refills up to the burst only
     assert await limiter.acquire("other:jobs", 0.5, 3) == 0  # buckets are independent
+    # A request of several jobs takes its tokens all or none.
+    assert await limiter.acquire("many:jobs", 0.5, 3, cost=2) == 0
+    assert await limiter.acquire("many:jobs", 0.5, 3, cost=2) == pytest.approx(2.0)  # 1 left: nothing taken
+    assert await limiter.acquire("many:jobs", 0.5, 3, cost=1) == 0
 
 
 def test_set_running_jobs_counter_without_keys_is_a_no_op(live_env: dict[str, str]) -> None:

@@ -171,6 +171,7 @@ async def test_health_with_every_key_is_live(client: TestClient) -> None:
     health = await response.json()
     assert health["mode"] == "live" and health["sandbox"] is False
     assert health["providers"] == {name: "live" for name in SERVICES}
+    assert health["auth"] == {"keys_required": False}
 
 
 async def test_mv_sandbox_forces_every_provider_into_sandbox(make_client) -> None:

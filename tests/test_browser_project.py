@@ -115,6 +115,7 @@ def test_project_flow_song_clips_reorder_trim_regenerate_assemble(project_page: 
                                                                   song: Path, tmp_path: Path) -> None:
     page = project_page
     _create_project(page, song)
+    expect(page.get_by_test_id("key-section")).to_be_hidden()  # health said no key is needed
     expect(page.get_by_test_id("project-summary")).to_contain_text(f"song {SONG_SECONDS:.1f} s")
     expect(page.get_by_test_id("scene-1")).to_contain_text("6.0 s")
     expect(page.get_by_test_id("scene-2")).to_contain_text("4.0 s")
@@ -215,6 +216,7 @@ def test_project_flow_with_api_keys(browser: Browser, keyed_server: tuple[str, s
     base, key = keyed_server
     # The first call without a key is refused on purpose: Chromium logs that 401.
     for page in _open_page(browser, base, "/", expected=("401 (Unauthorized)",)):
+        expect(page.get_by_test_id("key-section")).to_be_visible()  # health says a key is needed: asked at once
         page.get_by_label("Song file").set_input_files(str(song))
         page.get_by_test_id("upload-song").click()
         expect(page.get_by_test_id("song-error").locator(".error-code")).to_have_text("auth_required")
@@ -234,3 +236,9 @@ def test_project_flow_with_api_keys(browser: Browser, keyed_server: tuple[str, s
         assert "sig=" in src and key not in src, src
         for img in page.locator("#candidates img").all():
             assert key not in (img.get_attribute("src") or "")
+        # Both clips were followed on one multi-job stream opened from a signed link, never by polling.
+        streams = _event_streams(page)
+        assert any(url.count(",") >= 1 and "sig=" in url for url in streams), streams
+        assert all(key not in url for url in streams)
+        assert page.evaluate("() => document.body.dataset.follow") == "stream"
+        assert page.evaluate("() => document.body.dataset.polled") is None

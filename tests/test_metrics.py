@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import AppClient
 from mvserver.auth import KeyLimits, create_key
-from mvserver.metrics import METRICS
+from mvserver.metrics import METRICS, WEBHOOK_OUTCOMES
 from mvserver.sandbox.simulator import Simulator
+from test_webhooks import HookClient, delivery, hook_client, running_job  # noqa: F401 - hook_client is a fixture
 
 SECRET = "test-signing-secret-0123456789abcdefghij"
 SCENES = {"idea": "a drummer on a rooftop at dusk", "character_description": "a tall woman in a red coat",
@@ -59,7 +62,6 @@ async def test_request_and_provider_metrics_move(make_client: AppClient, sim: Si
         await client.get(f"/no/such/path/{n}")
     unmatched = await scrape(client)
     assert value(unmatched, "mv_http_requests_total", method="GET", route="unmatched", status="404") == 3
-    # The job-engine metrics exist already, for the job engine to move.
     for name in ("mv_job_queue_depth", "mv_sse_subscribers"):
         assert (name, frozenset()) in unmatched
 
@@ -134,3 +136,110 @@ async def test_job_metrics_move_when_jobs_run_and_streams_open(make_client: AppC
                                                              kind="video", backend=backend) > 0)
     assert value(final, "mv_jobs_finished_total", status="canceled", kind="video", backend=backend) == 1
     assert value(final, "mv_jobs_finished_total", **finished) == 1
+
+
+def job_gauges(samples: dict[tuple[str, frozenset], float]) -> dict[tuple[str, str, str], float]:
+    """The non-zero ``mv_jobs`` series as {(status, kind, backend): value}."""
+    gauges = {}
+    for (name, labels), number in samples.items():
+        if name == "mv_jobs" and number:
+            tags = dict(labels)
+            gauges[(tags["status"], tags["kind"], tags["backend"])] = number
+    return gauges
+
+
+@pytest.mark.both_stores
+async def test_job_gauges_count_the_stores_unfinished_jobs_at_each_scrape(make_client: AppClient, sim: Simulator,
+                                                                          job_store_kind: str) -> None:
+    sim.video_latency = 60.0  # the jobs stay running until they are canceled
+    client = await make_client(MV_METRICS="true", MV_MAX_CONCURRENT_JOBS="1")
+    before = await scrape(client)
+    assert job_gauges(before) == {} and value(before, "mv_job_queue_depth") == 0
+    video = {"prompt": "a drummer on a rooftop", "duration": 4, "generate_audio": False}
+    ids = []
+    for backend in ("replicate", "replicate", "gemini"):
+        response = await client.post("/api/mv/generate_video", json={**video, "backend": backend})
+        assert response.status == 202, await response.text()
+        ids.append((await response.json())["job_id"])
+    # One slot: the first job runs, the other two wait for it.
+    expected = {("running", "video", "replicate"): 1, ("queued", "video", "replicate"): 1,
+                ("queued", "video", "gemini"): 1}
+    samples = await scrape_until(client, lambda s: job_gauges(s) == expected)
+    assert value(samples, "mv_job_queue_depth") == 2
+    clients = [client]
+    if job_store_kind == "redis":
+        # A second process on the same Redis takes the next job; both report the same cluster-wide numbers.
+        other = await make_client(MV_METRICS="true", MV_MAX_CONCURRENT_JOBS="1")
+        clients.append(other)
+        expected = {("running", "video", "replicate"): 2, ("queued", "video", "gemini"): 1}
+        for each in clients:
+            samples = await scrape_until(each, lambda s: job_gauges(s) == expected, timeout=15)
+            assert value(samples, "mv_job_queue_depth") == 1
+    for job_id in ids:
+        canceled = await client.post(f"/api/mv/jobs/{job_id}/cancel")
+        assert (await canceled.json())["status"] == "canceled"
+    for each in clients:
+        after = await scrape_until(each, lambda s: job_gauges(s) == {})
+        assert value(after, "mv_job_queue_depth") == 0
+        assert ("mv_jobs", frozenset({"status": "queued", "kind": "video", "backend": "gemini"}.items())) in after
+    finished = 0.0
+    for each in clients:  # each process counts the jobs it finished
+        samples = await scrape(each)
+        finished += sum(value(samples, "mv_jobs_finished_total", status="canceled", kind="video", backend=backend)
+                        for backend in ("replicate", "gemini"))
+    assert finished == 3
+
+
+async def test_a_census_that_fails_shows_unknown_not_zero(make_client: AppClient, sim: Simulator) -> None:
+    sim.video_latency = 60.0
+    client = await make_client(MV_METRICS="true")
+    response = await client.post("/api/mv/generate_video", json={"prompt": "a drummer", "duration": 4})
+    assert response.status == 202
+    assert job_gauges(await scrape_until(client, lambda s: bool(job_gauges(s))))
+    metrics = client.app[METRICS]
+    working = metrics.census
+
+    async def unreachable() -> Any:
+        raise ConnectionError("store down")
+
+    metrics.census = unreachable
+    samples = await scrape(client)
+    assert job_gauges(samples) == {} and math.isnan(value(samples, "mv_job_queue_depth"))
+    assert value(samples, "mv_http_requests_total", method="POST", route="/api/mv/generate_video", status="202") == 1
+    metrics.census = working
+    assert job_gauges(await scrape(client)) == {("running", "video", "replicate"): 1}
+
+
+@pytest.mark.both_stores
+async def test_webhook_deliveries_are_counted_by_outcome(hook_client: HookClient, sim: Simulator) -> None:
+    client = await hook_client(MV_METRICS="true")
+
+    def deliveries(samples: dict[tuple[str, frozenset], float]) -> dict[str, float]:
+        return {outcome: value(samples, "mv_webhook_deliveries_total", provider="replicate", outcome=outcome)
+                for outcome in WEBHOOK_OUTCOMES}
+
+    before = await scrape(client)
+    assert all(("mv_webhook_deliveries_total", frozenset({"provider": "replicate", "outcome": o}.items())) in before
+               for o in WEBHOOK_OUTCOMES)
+    assert set(deliveries(before).values()) == {0}
+    # A real job: the simulator signs and sends its webhooks, and the job applies them.
+    job_id, forged = await running_job(client)
+    finished = await scrape_until(client, lambda s: value(s, "mv_jobs_finished_total", status="succeeded",
+                                                          kind="video", backend="replicate") == 1, timeout=15)
+    counted = deliveries(finished)
+    assert counted["accepted"] >= 2  # at least the start and the completed delivery
+    url = f"/api/mv/webhooks/replicate?job={job_id}"
+    raw, headers = delivery("whsec_" + "B" * 44, forged)
+    assert (await client.post(url, data=raw, headers=headers)).status == 401
+    raw, headers = delivery(sim.webhook_secret, forged, webhook_id="msg_twice")
+    for _ in range(2):
+        assert (await client.post(url, data=raw, headers=headers)).status == 200  # job finished, then a duplicate
+    raw, headers = delivery(sim.webhook_secret, forged)
+    unknown = "/api/mv/webhooks/replicate?job=00000000-0000-4000-8000-000000000000"
+    assert (await client.post(unknown, data=raw, headers=headers)).status == 200
+    raw, headers = delivery(sim.webhook_secret, {"not": "a prediction"})
+    assert (await client.post(unknown, data=raw, headers=headers)).status == 400
+    after = deliveries(await scrape(client))
+    moved = {outcome: after[outcome] - counted[outcome] for outcome in WEBHOOK_OUTCOMES}
+    assert moved == {**{o: 0 for o in WEBHOOK_OUTCOMES}, "bad_signature": 1, "job_finished": 1, "duplicate": 1,
+                     "unknown_job": 1, "malformed": 1}

@@ -52,6 +52,15 @@ async def test_buckets_are_shared_and_refill(redis_clients: list[Redis]) -> None
     assert 0 < ttl <= 2500  # an idle bucket disappears once it would be full again
 
 
+async def test_a_request_of_several_jobs_takes_its_tokens_all_or_none(redis_clients: list[Redis]) -> None:
+    limiter = RedisRateLimiter(redis_clients[0])
+    assert await limiter.acquire("k1:jobs", 0.01, 5, cost=3) == 0
+    wait = await limiter.acquire("k1:jobs", 0.01, 5, cost=3)  # 2 left: nothing taken
+    assert wait == pytest.approx(100, abs=1)
+    assert await limiter.acquire("k1:jobs", 0.01, 5, cost=2) == 0
+    assert await limiter.acquire("k1:jobs", 0.01, 5) > 0
+
+
 async def test_two_apps_share_a_keys_quota(make_client: AppClient, tmp_path: Path, redis_clients: list[Redis]) -> None:
     keys_file = tmp_path / "keys.yaml"
     _, key = create_key(keys_file, "shared", KeyLimits(blocking_per_minute=1, blocking_burst=2))

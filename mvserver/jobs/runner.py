@@ -346,6 +346,12 @@ class JobEngine:
         pushed: Snapshot | None = None  # a webhook's snapshot, applied exactly like a poll result
         shown_logs: str | None = None  # a progress event carries the log tail only when it changed
         while True:
+            if job.id in self._cancel_requested:
+                # The cancel reached the task but was swallowed on the way (in the HTTP client's shielded clean-up,
+                # or by Python 3.11's asyncio.wait_for, which redis-py uses for its socket timeout and which can
+                # return a result and drop a cancellation that arrives as it finishes): act on it here, before the
+                # first poll and after every wait.
+                raise asyncio.CancelledError()
             snapshot = pushed or self.pushed.polled(job.id, await self._retry(lambda: driver.poll(prediction_id)))
             if snapshot.done:
                 return snapshot
@@ -359,8 +365,6 @@ class JobEngine:
             # whose provider pushes updates waits the long safety interval instead, woken by each push.
             pushed = await self.pushed.wait(job.id, prediction_id,
                                             self.settings.poll_interval_seconds * random.uniform(0.9, 1.1))
-            if job.id in self._cancel_requested:
-                raise asyncio.CancelledError()  # the cancel reached the task while a provider call swallowed it
 
     async def _drive_local(self, job: Job, lease: Lease, driver: LocalDriver) -> None:
         job.stage = "running"
@@ -380,6 +384,8 @@ class JobEngine:
                 job.progress = round(min(1.0, max(0.0, fraction)), 4)
             await self._publish(job, lease, "progress", record=stage_changed)
 
+        if job.id in self._cancel_requested:  # a cancel swallowed during the write above (see _poll_until_done)
+            raise asyncio.CancelledError()
         job.video_bytes = await driver.run(job, self.outputs.path("videos", job.id, ".mp4"), progress)
         job.progress = 1.0
         await self._finish(job, lease, "succeeded", None)

@@ -14,7 +14,7 @@ const state = {
   project: null, // the project record as last read (its etag is what PATCH sends in If-Match)
   jobs: new Map(), // job_id -> latest known job state (merged events)
   assemblyId: null,
-  stream: { source: null, ids: [], positions: new Map() },
+  stream: { source: null, ids: [], positions: new Map(), opening: 0, relinked: false },
   poller: null,
   signed: new Map(), // job_id -> signed video link (keys on)
 };
@@ -119,6 +119,10 @@ async function loadHealth() {
     $("#sandbox-badge").hidden = simulated.length === 0;
     $("#health").textContent = simulated.length ? `${health.mode} · simulated: ${simulated.join(", ")}`
       : "live · every provider is real";
+    if (health.auth && health.auth.keys_required && !apiKey()) {
+      $("#key-section").hidden = false;
+      announce("This server needs an API key: type it in above.");
+    }
     const select = $("#style");
     for (const style of health.styles || []) {
       const option = document.createElement("option");
@@ -481,25 +485,41 @@ function isFinal(jobId) {
   return Boolean(job && FINAL.includes(job.status));
 }
 
-function openStream(ids) {
+async function openStream(ids) {
   const stream = state.stream;
   if (stream.source) stream.source.close();
   stream.source = null;
   stream.ids = ids;
+  const opening = ++stream.opening; // a later call supersedes this one while it waits for its link
   if (ids.length === 0) return;
-  if (apiKey()) {
-    // Keys on: an EventSource cannot send the key and the multi-job stream has no signed link: poll instead.
-    startPolling();
-    return;
-  }
   const after = ids.map((id) => stream.positions.get(id) || 0).join(".");
-  const source = new EventSource(`/api/mv/events?jobs=${ids.join(",")}&after=${after}`);
+  let url = `/api/mv/events?jobs=${ids.join(",")}&after=${after}`;
+  if (apiKey()) {
+    // Keys on: an EventSource cannot send the key, so ask (with the key) for a link signed for exactly these jobs.
+    try {
+      url = (await api("GET", `/api/mv/events/link?jobs=${ids.join(",")}&after=${after}`)).body.events_url;
+    } catch {
+      if (opening === stream.opening) startPolling();
+      return;
+    }
+    if (opening !== stream.opening) return;
+  }
+  const source = new EventSource(url);
   stream.source = source;
+  document.body.dataset.follow = "stream";
   for (const name of EVENTS) {
     source.addEventListener(name, (message) => onEvent(source, name, message));
   }
+  source.addEventListener("open", () => { stream.relinked = false; });
   source.addEventListener("error", () => {
-    if (source.readyState === EventSource.CLOSED && stream.source === source) startPolling();
+    if (source.readyState !== EventSource.CLOSED || stream.source !== source) return;
+    // Refused (e.g. the signed link expired): one fresh link, then the polling fallback.
+    if (apiKey() && !stream.relinked) {
+      stream.relinked = true;
+      openStream(stream.ids.filter((id) => !isFinal(id)));
+    } else {
+      startPolling();
+    }
   });
 }
 
@@ -528,9 +548,11 @@ function refreshScenes() {
   }
 }
 
-// Polling fallback (keys on, or the stream refused): read the jobs with the key until each one ends.
+// Polling fallback (the stream or its link refused): read the jobs (with the key, if any) until each one ends.
 function startPolling() {
   if (state.poller) return;
+  document.body.dataset.follow = "polling";
+  document.body.dataset.polled = "true";
   state.poller = setInterval(async () => {
     const running = state.stream.ids.filter((id) => !isFinal(id));
     if (running.length === 0) {
