@@ -53,7 +53,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
                         importlib.util.find_spec("playwright") is not None)
 
 
-SIM_DEFAULTS = {"video_latency": 1.0, "image_latency": 0.2, "scenes_latency": 0.0}
+SIM_DEFAULTS = {"video_latency": 0.2, "image_latency": 0.2, "scenes_latency": 0.0}
 # The simulator's own defaults of the other knobs tests change.
 SIM_KNOBS = {f.name: f.default for f in dataclasses.fields(Simulator) if f.name in ("render_cache", "output_pad_bytes",
                                                                                       "webhook_retry_seconds")}

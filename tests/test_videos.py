@@ -62,6 +62,7 @@ def statuses(events: list[dict[str, Any]]) -> list[str]:
 
 
 async def test_sse_reports_every_stage_and_the_video_is_served_with_ranges(client: TestClient, sim: Simulator) -> None:
+    sim.video_latency = 1.0  # long enough for progress events between the start and the end
     accepted = await submit(client, reference_image_base64=png_base64(), duration=8)
     assert accepted["status"] == "queued"
     events = await events_of(client, accepted["job_id"])
