@@ -24,7 +24,7 @@ from mvserver.images import load_image
 from mvserver.sandbox import replicate_api
 from mvserver.sandbox.simulator import Simulator
 from mvserver.storage import OutputStore
-from conftest import PROJECT, AppClient
+from conftest import PROJECT, AppClient, LiveApp, module_loop
 
 DESCRIPTION = "a wiry street violinist in a green velvet coat, round glasses and a red scarf"
 ENDPOINT = "/api/mv/generate_character_reference"
@@ -384,7 +384,9 @@ async def test_candidate_images_run_in_parallel_each_saved_with_its_own_id(clien
 
 
 @pytest.mark.parametrize("count", [0, 5, "2", 2.5, None])
-async def test_number_of_images_outside_1_to_4_is_400(client: TestClient, sim: Simulator, count: Any) -> None:
+@module_loop
+async def test_number_of_images_outside_1_to_4_is_400(module_live: LiveApp, count: Any) -> None:
+    client, sim = module_live
     error = (await generate(client, 400, number_of_images=count))["error"]
     assert error["code"] == "invalid_field" and error["field"] == "number_of_images"
     assert not any(route == "replicate.create" for route, _ in sim.requests)
