@@ -166,11 +166,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Modules marked ``both_stores`` run every test on the file store and on Redis (one fixture, no copies)."""
-    if "job_store_kind" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_stores"):
-        kinds = ["file"] if metafunc.definition.get_closest_marker("file_store_only") else ["file", "redis"]
+    if not metafunc.definition.get_closest_marker("both_stores"):
+        return
+    kinds = ["file"] if metafunc.definition.get_closest_marker("file_store_only") else ["file", "redis"]
+    if "job_store_kind" in metafunc.fixturenames:
         metafunc.parametrize("job_store_kind", kinds, indirect=True)
-    if "shared_store_kind" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_stores"):
-        metafunc.parametrize("shared_store_kind", ["file", "redis"], indirect=True, scope="module")
+    if "shared_store_kind" in metafunc.fixturenames:  # the store of the module's shared app (``module_app``)
+        metafunc.parametrize("shared_store_kind", kinds, indirect=True, scope="module")
 
 
 @pytest.fixture
@@ -255,7 +257,7 @@ async def module_app(shared_store_kind: str, request: pytest.FixtureRequest,
                      tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LiveApp]:
     """A client of an app like :func:`client`'s, and its simulator, built once for the module."""
     root = tmp_path_factory.mktemp("module_app")
-    store_env = {}
+    store_env: dict[str, str] = {}
     if shared_store_kind == "redis":
         store_env = {"MV_REDIS_URL": request.getfixturevalue("redis_url"),
                      "MV_REDIS_PREFIX": f"mvtest:{uuid.uuid4().hex[:10]}:"}
