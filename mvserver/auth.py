@@ -144,10 +144,12 @@ def revoke_key(path: Path, key_id: str) -> KeyRecord | None:
 
 
 class KeyRing:
-    """The active keys of the keys file, re-read when the file changes (checked at most once a second)."""
+    """The active keys of the keys file, re-read when the file changes (checked at most every ``reload_interval``
+    seconds, :data:`RELOAD_INTERVAL` by default)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, reload_interval: float = RELOAD_INTERVAL):
         self.path = path
+        self.reload_interval = reload_interval
         self._keys: dict[str, KeyRecord] = {}
         self._stamp: tuple[int, int] | None = None
         self._checked = 0.0
@@ -164,7 +166,7 @@ class KeyRing:
 
     def _refresh(self) -> None:
         now = time.monotonic()
-        if now - self._checked < RELOAD_INTERVAL:
+        if now - self._checked < self.reload_interval:
             return
         self._checked = now
         try:

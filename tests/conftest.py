@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
+import pytest_asyncio
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -51,10 +53,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
                         importlib.util.find_spec("playwright") is not None)
 
 
+SIM_DEFAULTS = {"video_latency": 0.2, "image_latency": 0.2, "scenes_latency": 0.0}
+# The simulator's own defaults of the other knobs tests change.
+SIM_KNOBS = {f.name: f.default for f in dataclasses.fields(Simulator) if f.name in ("render_cache", "output_pad_bytes",
+                                                                                      "webhook_retry_seconds")}
+
+
 @pytest.fixture
 def sim(tmp_path: Path) -> Simulator:
     """A fast simulator whose state lives in the test's temporary directory."""
-    return Simulator(tmp_path / "simulator", video_latency=1.0, image_latency=0.2, scenes_latency=0.0)
+    return Simulator(tmp_path / "simulator", **SIM_DEFAULTS)
 
 
 @pytest.fixture
@@ -73,7 +81,11 @@ FAST_JOBS = {
 @pytest.fixture
 def settings_dir(tmp_path: Path) -> Path:
     """A copy of the project's settings with fast polling, for tests that run video jobs."""
-    target = tmp_path / "settings"
+    return fast_settings(tmp_path / "settings")
+
+
+def fast_settings(target: Path) -> Path:
+    """Copy the project's settings to ``target`` with fast polling (see :func:`settings_dir`)."""
     shutil.copytree(PROJECT / "settings", target)
     videos = yaml.safe_load((target / "videos.yaml").read_text())
     videos["jobs"].update(FAST_JOBS)
@@ -154,9 +166,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Modules marked ``both_stores`` run every test on the file store and on Redis (one fixture, no copies)."""
-    if "job_store_kind" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_stores"):
-        kinds = ["file"] if metafunc.definition.get_closest_marker("file_store_only") else ["file", "redis"]
+    if not metafunc.definition.get_closest_marker("both_stores"):
+        return
+    kinds = ["file"] if metafunc.definition.get_closest_marker("file_store_only") else ["file", "redis"]
+    if "job_store_kind" in metafunc.fixturenames:
         metafunc.parametrize("job_store_kind", kinds, indirect=True)
+    if "shared_store_kind" in metafunc.fixturenames:  # the store of the module's shared app (``module_app``)
+        metafunc.parametrize("shared_store_kind", kinds, indirect=True, scope="module")
 
 
 @pytest.fixture
@@ -177,6 +193,12 @@ def store_env(job_store_kind: str, request: pytest.FixtureRequest) -> dict[str, 
 def live_env(sim_server: TestServer, tmp_path: Path, settings_dir: Path, store_env: dict[str, str]) -> dict[str, str]:
     """Environment of an app with every provider 'configured', all pointed at the simulator (and the job store
     under test: files, or Redis in modules marked ``both_stores``)."""
+    return provider_env(sim_server, tmp_path / "outputs", settings_dir, store_env)
+
+
+def provider_env(sim_server: TestServer, output_dir: Path, settings_dir: Path,
+                 store_env: dict[str, str]) -> dict[str, str]:
+    """The environment of :func:`live_env` for a given simulator, output directory, settings and job store."""
     base = str(sim_server.make_url("")).rstrip("/")
     return {
         **store_env,
@@ -186,7 +208,7 @@ def live_env(sim_server: TestServer, tmp_path: Path, settings_dir: Path, store_e
         "MV_GEMINI_BASE_URL": f"{base}/gemini",
         "MV_VERTEX_BASE_URL": f"{base}/vertex",
         "MV_REPLICATE_BASE_URL": f"{base}/replicate",
-        "MV_OUTPUT_DIR": str(tmp_path / "outputs"),
+        "MV_OUTPUT_DIR": str(output_dir),
         "MV_SETTINGS_DIR": str(settings_dir),
     }
 
@@ -213,6 +235,51 @@ def make_client(live_env: dict[str, str], aiohttp_client: Callable[..., Awaitabl
 @pytest.fixture
 async def client(make_client: AppClient) -> TestClient:
     return await make_client()
+
+
+# -- one app per module ---------------------------------------------------------------------------------------------
+# Building an app and its simulator costs a few tenths of a second. Tests that leave nothing another test could
+# see (they read, or make jobs of their own and look only at those) share one app per module (and per job store in
+# a ``both_stores`` module) through ``module_live``; they run on the module's event loop: ``@module_loop``.
+
+module_loop = pytest.mark.asyncio(loop_scope="module")
+LiveApp = tuple[TestClient, Simulator]
+
+
+@pytest.fixture(scope="module")
+def shared_store_kind(request: pytest.FixtureRequest) -> str:
+    """The job store of the module's shared app: in a ``both_stores`` module, each store in turn."""
+    return getattr(request, "param", "file")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def module_app(shared_store_kind: str, request: pytest.FixtureRequest,
+                     tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LiveApp]:
+    """A client of an app like :func:`client`'s, and its simulator, built once for the module."""
+    root = tmp_path_factory.mktemp("module_app")
+    store_env: dict[str, str] = {}
+    if shared_store_kind == "redis":
+        store_env = {"MV_REDIS_URL": request.getfixturevalue("redis_url"),
+                     "MV_REDIS_PREFIX": f"mvtest:{uuid.uuid4().hex[:10]}:"}
+    sim = Simulator(root / "simulator", **SIM_DEFAULTS)
+    async with TestServer(create_simulator_app(sim)) as sim_server:
+        env = provider_env(sim_server, root / "outputs", fast_settings(root / "settings"), store_env)
+        async with TestClient(TestServer(create_app(env))) as client:
+            yield client, sim
+
+
+@pytest.fixture
+def module_live(module_app: LiveApp) -> LiveApp:
+    """The module's app and its simulator, the simulator's knobs back to the defaults: no pending faults, no
+    recorded requests, the default latencies."""
+    client, sim = module_app
+    sim.faults.clear()
+    sim.requests.clear()
+    sim.prompts.clear()
+    sim.webhook_deliveries.clear()
+    for name, value in {**SIM_KNOBS, **SIM_DEFAULTS}.items():
+        setattr(sim, name, value)
+    return client, sim
 
 
 async def read_sse(response: Any, *, comments: bool = False) -> AsyncIterator[dict[str, Any]]:

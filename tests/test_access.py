@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from imageio_ffmpeg import get_ffmpeg_exe as ffmpeg_exe
 
+from mvserver.__main__ import keys_main
 from mvserver.app import create_app
 from mvserver.auth import KEY_ID, KEYRING, KeyLimits, create_key, key_id, public, read_keys, revoke_key
 from mvserver.config import CONFIG, ConfigError
@@ -76,10 +77,19 @@ def run_cli(*args: str, keys_path: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, timeout=60)
 
 
+def keys_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``mvserver keys ARGS`` in this process: (exit code, stdout, stderr), as the process would give them."""
+    capsys.readouterr()
+    code = keys_main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.parametrize("name", ["keys.yaml", "keys.json"])
-def test_cli_creates_lists_and_revokes_keys(tmp_path: Path, name: str) -> None:
+def test_cli_creates_lists_and_revokes_keys(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "new" / name
-    created = run_cli("create", "frontend", "--jobs-per-minute", "3", keys_path=path)
+    created = run_cli("create", "frontend", "--jobs-per-minute", "3", keys_path=path)  # the real entry point
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"mv_k[0-9a-f]{12}_[A-Za-z0-9_-]{43}", key)
@@ -89,18 +99,22 @@ def test_cli_creates_lists_and_revokes_keys(tmp_path: Path, name: str) -> None:
     assert key not in text and secret not in text  # only the hash is stored
     record = read_keys(path).keys[0]
     assert record.name == "frontend" and record.limits.jobs_per_minute == 3 and record.active
-    second = run_cli("create", "ops", keys_path=path).stdout.strip().splitlines()[-1]
+
+    monkeypatch.setenv("MV_API_KEYS_FILE", str(path))
+    code, out, err = keys_cli(capsys, "create", "ops")
+    assert code == 0, err
+    second = out.strip().splitlines()[-1]
     assert second != key and len(read_keys(path).keys) == 2
 
-    listed = run_cli("list", keys_path=path)
-    assert listed.returncode == 0 and record.id in listed.stdout and "frontend" in listed.stdout
-    assert "hmac-sha256" not in listed.stdout and secret not in listed.stdout
+    code, listed, _ = keys_cli(capsys, "list")
+    assert code == 0 and record.id in listed and "frontend" in listed
+    assert "hmac-sha256" not in listed and secret not in listed
 
-    revoked = run_cli("revoke", record.id, keys_path=path)
-    assert revoked.returncode == 0, revoked.stderr
+    code, _, err = keys_cli(capsys, "revoke", record.id)
+    assert code == 0, err
     assert read_keys(path).keys[0].revoked_at is not None
-    assert run_cli("revoke", record.id, keys_path=path).returncode == 1  # already revoked
-    assert run_cli("revoke", "k000000000000", keys_path=path).returncode == 1
+    assert keys_cli(capsys, "revoke", record.id)[0] == 1  # already revoked
+    assert keys_cli(capsys, "revoke", "k000000000000")[0] == 1
 
 
 def test_cli_needs_the_keys_file_variable() -> None:
@@ -416,8 +430,8 @@ async def test_a_signed_link_is_for_reading_only_and_dies_with_its_key(keyed: Ap
         assert refused.status in (401, 403), (method, refused.status)
     assert (await (await client.get(body["status_url"], headers=bearer(keys["alice"]))).json())["status"] != "canceled"
 
+    client.app[KEYRING].reload_interval = 0  # re-read the keys file at once, not within the next second
     revoke_key(keys_file, signed["status_url"].split("kid=")[1].split("&")[0])
-    await asyncio.sleep(1.1)  # the keys file is re-read at most once a second
     gone = await client.get(signed["status_url"])
     assert gone.status == 403
 
@@ -506,7 +520,7 @@ async def test_job_creation_is_rate_limited_and_capped_by_running_jobs(keyed: Ap
         asked.append(kid)
         return running.get(kid, 0)
 
-    await asyncio.sleep(1.1)  # the keys file is re-read at most once a second
+    client.app[KEYRING].reload_interval = 0  # the new key is seen at once, not within the next second
     set_running_jobs_counter(client.app, running_jobs)
     over = await client.post("/api/mv/generate_video", json=VIDEO, headers=bearer(capped))
     assert over.status == 429, await over.text()

@@ -12,13 +12,15 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 from urllib.parse import urlsplit
 
 import pytest
+import pytest_asyncio
 import yaml
+from aiohttp.test_utils import TestClient, TestServer
 
-from conftest import CHROMIUM
+from conftest import CHROMIUM, module_loop
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -273,14 +275,18 @@ def test_demo_shows_request_errors_failed_and_canceled_jobs(page: Page, tmp_path
 # -- the page as served (no browser needed) ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def demo_client(aiohttp_client: Any, tmp_path: Path) -> Any:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def demo_client(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestClient]:
+    """One sandboxed app for the module's tests of the page as served: they only read."""
     from mvserver.app import create_app
 
-    env = {"MV_SANDBOX": "true", "MV_OUTPUT_DIR": str(tmp_path / "outputs"), "MV_SETTINGS_DIR": str(PROJECT / "settings")}
-    return await aiohttp_client(create_app(env))
+    env = {"MV_SANDBOX": "true", "MV_OUTPUT_DIR": str(tmp_path_factory.mktemp("demo") / "outputs"),
+           "MV_SETTINGS_DIR": str(PROJECT / "settings")}
+    async with TestClient(TestServer(create_app(env))) as client:
+        yield client
 
 
+@module_loop
 async def test_page_is_served_with_form_defaults_and_a_same_origin_policy(demo_client: Any) -> None:
     settings = yaml.safe_load((PROJECT / "settings" / "scenes.yaml").read_text())
     response = await demo_client.get("/single")
@@ -303,6 +309,7 @@ async def test_page_is_served_with_form_defaults_and_a_same_origin_policy(demo_c
 
 @pytest.mark.parametrize(("name", "content_type"), [("demo.js", "javascript"), ("project.js", "javascript"),
                                                     ("api.js", "javascript"), ("demo.css", "text/css")])
+@module_loop
 async def test_static_files_are_served(demo_client: Any, name: str, content_type: str) -> None:
     response = await demo_client.get(f"/static/{name}")
     assert response.status == 200
@@ -311,6 +318,7 @@ async def test_static_files_are_served(demo_client: Any, name: str, content_type
 
 
 @pytest.mark.parametrize("name", ["nope.js", "..%2Fapp.py", "demo.js.map", ".hidden.css"])
+@module_loop
 async def test_missing_static_file_is_a_json_404(demo_client: Any, name: str) -> None:
     response = await demo_client.get(f"/static/{name}")
     assert response.status == 404

@@ -10,7 +10,7 @@ import yaml
 from aiohttp.test_utils import TestClient
 
 from mvserver.sandbox.simulator import Simulator
-from conftest import read_sse
+from conftest import LiveApp, module_loop, read_sse
 from test_videos import events_of, submit
 
 pytestmark = pytest.mark.both_stores
@@ -93,8 +93,10 @@ async def test_finished_jobs_replay_and_the_stream_closes(client: TestClient, si
     ("jobs=0b4e7c1e-3f5a-4c39-9d2a-5f0e7b8c9d10", 404, "not_found"),
     ("jobs=0b4e7c1e-3f5a-4c39-9d2a-5f0e7b8c9d10,0b4e7c1e-3f5a-4c39-9d2a-5f0e7b8c9d10", 400, "invalid_field"),
 ])
-async def test_bad_job_lists_are_refused_naming_the_field(client: TestClient, query: str, status: int,
+@module_loop
+async def test_bad_job_lists_are_refused_naming_the_field(module_live: LiveApp, query: str, status: int,
                                                           code: str) -> None:
+    client = module_live[0]
     response = await client.get(f"/api/mv/events?{query}")
     assert response.status == status
     error = (await response.json())["error"]

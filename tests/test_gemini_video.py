@@ -121,6 +121,7 @@ async def test_video_is_rendered_once_under_concurrent_fetches(provider: GeminiP
         await real(dest, **kwargs)
 
     monkeypatch.setattr(gemini_api, "render_video", counting)
+    sim.video_latency = 0.1  # the operation is done by the time the three fetches arrive
     name = await provider.start(_request())
     await asyncio.sleep(sim.video_latency)
     snapshots = await asyncio.gather(*(provider.poll(name) for _ in range(3)))

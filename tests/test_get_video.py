@@ -5,17 +5,31 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from aiohttp.test_utils import TestClient
 
 from mvserver.sandbox.simulator import Simulator
+from conftest import LiveApp, module_loop
 from test_videos import events_of, submit
 
-pytestmark = pytest.mark.both_stores
+pytestmark = [pytest.mark.both_stores, module_loop]
 
 
 @pytest.fixture
-async def video(client: TestClient) -> dict[str, Any]:
-    """A finished job's final state and the bytes of its video."""
+def client(module_live: LiveApp) -> TestClient:
+    """One app per job store for the module: each test makes its own jobs, or only reads the shared video."""
+    return module_live[0]
+
+
+@pytest.fixture
+def sim(module_live: LiveApp) -> Simulator:
+    return module_live[1]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def video(module_app: LiveApp) -> dict[str, Any]:
+    """A finished job's final state and the bytes of its video (made once; the tests only read it)."""
+    client = module_app[0]
     accepted = await submit(client)
     assert (await events_of(client, accepted["job_id"]))[-1]["event"] == "succeeded"
     final = await (await client.get(accepted["status_url"])).json()

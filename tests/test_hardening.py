@@ -25,7 +25,7 @@ from PIL import Image
 
 from mvserver.sandbox import gemini_api, render
 from mvserver.sandbox.simulator import Simulator
-from conftest import PROJECT, AppClient
+from conftest import PROJECT, AppClient, LiveApp, module_loop
 
 VIDEO = "/api/mv/generate_video"
 PROMPT = "A getaway driver roller-skates through a neon disco."
@@ -269,7 +269,9 @@ def png_bytes() -> bytes:
 
 @pytest.mark.parametrize("variant", ["standard", "unpadded", "url-safe", "url-safe unpadded", "wrapped at 76",
                                      "wrapped at 64 with LF", "data URI wrapped"])
-async def test_base64_variants_are_accepted(client: TestClient, variant: str) -> None:
+@module_loop
+async def test_base64_variants_are_accepted(module_live: LiveApp, variant: str) -> None:
+    client = module_live[0]
     data = png_bytes()
     text = base64.b64encode(data).decode()
     if "url-safe" in variant:
@@ -291,7 +293,9 @@ async def test_base64_variants_are_accepted(client: TestClient, variant: str) ->
 
 @pytest.mark.parametrize("text", ["a+b-" + base64.b64encode(b"x" * 30).decode(), "====", "YQ=", "Y", "YWJj$ZA==",
                                   base64.b64encode(b"x" * 30).decode() + "=="])
-async def test_malformed_base64_is_refused(client: TestClient, text: str) -> None:
+@module_loop
+async def test_malformed_base64_is_refused(module_live: LiveApp, text: str) -> None:
+    client = module_live[0]
     error = await error_of(await client.post(VIDEO, json={"prompt": PROMPT, "reference_image_base64": text}))
     assert error["field"] == "reference_image_base64"
 

@@ -14,7 +14,7 @@ from mvserver.auth import KeyLimits, create_key
 from mvserver.jobs import JOBS
 from mvserver.jobs.store import Remembered
 from mvserver.sandbox.simulator import Simulator
-from conftest import AppClient
+from conftest import AppClient, LiveApp, module_loop
 
 pytestmark = pytest.mark.both_stores
 
@@ -77,7 +77,9 @@ async def test_an_error_is_not_kept_so_the_key_can_be_retried(client: TestClient
 
 
 @pytest.mark.parametrize("key", ["", "   ", "x" * 256, "tab\there", "caf\u00e9"])
-async def test_a_malformed_key_is_400(client: TestClient, key: str) -> None:
+@module_loop
+async def test_a_malformed_key_is_400(module_live: LiveApp, key: str) -> None:
+    client = module_live[0]  # one app for the module's refusals: none of them may create a job
     response = await client.post("/api/mv/generate_video", json=VIDEO,
                                  headers={"Idempotency-Key": key.encode("utf-8").decode("latin-1")})
     assert response.status == 400

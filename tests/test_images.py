@@ -24,7 +24,7 @@ from mvserver.images import load_image
 from mvserver.sandbox import replicate_api
 from mvserver.sandbox.simulator import Simulator
 from mvserver.storage import OutputStore
-from conftest import PROJECT, AppClient
+from conftest import PROJECT, AppClient, LiveApp, module_loop
 
 DESCRIPTION = "a wiry street violinist in a green velvet coat, round glasses and a red scarf"
 ENDPOINT = "/api/mv/generate_character_reference"
@@ -102,8 +102,9 @@ async def test_png_is_returned_saved_and_served_byte_for_byte(client: TestClient
 
 
 @pytest.mark.parametrize(("fmt", "mime", "pillow"), [("jpg", "image/jpeg", "JPEG"), ("webp", "image/webp", "WEBP")])
-async def test_other_formats_and_the_optional_inputs(client: TestClient, sim: Simulator, fmt: str, mime: str,
-                                                     pillow: str) -> None:
+@module_loop
+async def test_other_formats_and_the_optional_inputs(module_live: LiveApp, fmt: str, mime: str, pillow: str) -> None:
+    client, sim = module_live
     body = await generate(client, output_format=fmt, aspect_ratio="16:9", seed=7, negative_prompt="blurry, text")
     assert body["mime_type"] == mime and body["output_file"].endswith(f".{fmt}")
     with Image.open(io.BytesIO(base64.b64decode(body["image_base64"]))) as image:
@@ -166,7 +167,9 @@ async def test_no_debug_output_when_debug_mode_is_off(client: TestClient, caplog
 # -- invalid requests --------------------------------------------------------------------------------------------
 
 
-async def test_unknown_enum_value_names_the_field_and_the_allowed_values(client: TestClient, sim: Simulator) -> None:
+@module_loop
+async def test_unknown_enum_value_names_the_field_and_the_allowed_values(module_live: LiveApp) -> None:
+    client, sim = module_live
     error = (await generate(client, 400, aspect_ratio="2:1"))["error"]
     assert error["code"] == "invalid_field" and error["field"] == "aspect_ratio"
     for allowed in ("1:1", "16:9", "9:16", "4:3", "3:4"):
@@ -174,13 +177,17 @@ async def test_unknown_enum_value_names_the_field_and_the_allowed_values(client:
     assert not any(route == "replicate.create" for route, _ in sim.requests)
 
 
-async def test_missing_description_is_400(client: TestClient) -> None:
+@module_loop
+async def test_missing_description_is_400(module_live: LiveApp) -> None:
+    client = module_live[0]
     response = await client.post(ENDPOINT, json={"aspect_ratio": "1:1"})
     error = (await response.json())["error"]
     assert response.status == 400 and error["code"] == "missing_field" and error["field"] == "character_description"
 
 
-async def test_a_body_over_the_limit_is_413(client: TestClient, sim: Simulator) -> None:
+@module_loop
+async def test_a_body_over_the_limit_is_413(module_live: LiveApp) -> None:
+    client, sim = module_live
     limit = 16 * 1024 * 1024  # MV_MAX_BODY_MB defaults to 16
     body = json.dumps({"character_description": "x" * (limit + 1024)})
     response = await client.post(ENDPOINT, data=body, headers={"Content-Type": "application/json"})
@@ -269,7 +276,9 @@ async def test_an_output_that_is_not_the_expected_image_is_502(client: TestClien
 # -- get_image and load_image ------------------------------------------------------------------------------------
 
 
-async def test_unknown_image_is_404(client: TestClient) -> None:
+@module_loop
+async def test_unknown_image_is_404(module_live: LiveApp) -> None:
+    client = module_live[0]
     response = await client.get(f"/api/mv/get_image/{uuid.uuid4()}")
     assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
 
@@ -296,7 +305,9 @@ async def test_malformed_ids_never_reach_the_filesystem(client: TestClient, monk
     assert touched == []
 
 
-async def test_load_image_returns_bytes_and_mime_type(client: TestClient) -> None:
+@module_loop
+async def test_load_image_returns_bytes_and_mime_type(module_live: LiveApp) -> None:
+    client = module_live[0]
     body = await generate(client, output_format="jpg")
     data, mime_type = await load_image(client.app, body["image_id"])
     assert mime_type == "image/jpeg" and data == base64.b64decode(body["image_base64"])
@@ -355,7 +366,9 @@ async def test_an_abandoned_request_cancels_the_prediction_and_saves_nothing(sim
 # -- several candidate images ------------------------------------------------------------------------------------
 
 
-async def test_one_image_keeps_the_old_shape_and_lists_it_in_images(client: TestClient) -> None:
+@module_loop
+async def test_one_image_keeps_the_old_shape_and_lists_it_in_images(module_live: LiveApp) -> None:
+    client = module_live[0]
     body = await generate(client)
     assert [image["image_id"] for image in body["images"]] == [body["image_id"]]
     only = body["images"][0]
@@ -384,7 +397,9 @@ async def test_candidate_images_run_in_parallel_each_saved_with_its_own_id(clien
 
 
 @pytest.mark.parametrize("count", [0, 5, "2", 2.5, None])
-async def test_number_of_images_outside_1_to_4_is_400(client: TestClient, sim: Simulator, count: Any) -> None:
+@module_loop
+async def test_number_of_images_outside_1_to_4_is_400(module_live: LiveApp, count: Any) -> None:
+    client, sim = module_live
     error = (await generate(client, 400, number_of_images=count))["error"]
     assert error["code"] == "invalid_field" and error["field"] == "number_of_images"
     assert not any(route == "replicate.create" for route, _ in sim.requests)

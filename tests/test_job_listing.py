@@ -17,7 +17,7 @@ from mvserver.jobs.listing import JobQuery, list_jobs
 from mvserver.jobs.store import index_entry
 from mvserver.sandbox.simulator import Simulator
 from mvserver.storage import new_id
-from conftest import AppClient
+from conftest import AppClient, LiveApp, module_loop
 from test_videos import submit, wait_for
 
 pytestmark = pytest.mark.both_stores
@@ -77,7 +77,9 @@ async def test_filters_by_status_kind_and_project(client: TestClient, sim: Simul
     ("?limit=ten", "limit"), ("?limit=%C2%B2", "limit"), ("?limit=-1", "limit"), ("?cursor=abc", "cursor"),
     ("?cursor=" + "9" * 16 + "-x", "cursor"), ("?project_id=../etc", "project_id"),
 ])
-async def test_bad_parameters_are_400_naming_the_field(client: TestClient, query: str, field: str) -> None:
+@module_loop
+async def test_bad_parameters_are_400_naming_the_field(module_live: LiveApp, query: str, field: str) -> None:
+    client = module_live[0]
     response = await client.get(f"/api/mv/jobs{query}")
     assert response.status == 400
     assert (await response.json())["error"]["field"] == field
@@ -120,6 +122,9 @@ async def test_retention_drops_the_index_entries_of_removed_jobs(client: TestCli
     sim.video_latency = 0.1
     job_id = (await submit(client))["job_id"]
     await wait_for(client, job_id, lambda state: state["status"] == "succeeded")
+    async with asyncio.timeout(5):  # the record is final a moment before the job's task lets go of it
+        while job_id in client.app[JOBS].tasks:
+            await asyncio.sleep(0.01)
     store = client.app[JOBS].store
     assert len(await store.index(None, None, 10)) == 1
     assert await store.expire(finished_before=10**10, tombstone_until=10**10) == [job_id]

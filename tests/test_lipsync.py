@@ -126,6 +126,7 @@ def count_routes(sim: Simulator, route: str) -> int:
 async def test_a_lipsync_job_uploads_the_window_and_serves_the_clip_with_the_song(client: TestClient, sim: Simulator,
                                                                                  tmp_path: Path) -> None:
     clip_id = await make_clip(client, sim, duration=4)
+    sim.video_latency = 1.0  # the lip-sync job: long enough for progress events between the start and the end
     clip_path = client.app[STORE].path("videos", clip_id, ".mp4")
     clip_seconds = probe_media(clip_path)["duration"]
     audio_id = make_song(client, 12.0, "mp3")

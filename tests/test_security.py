@@ -8,7 +8,6 @@ provider call, nothing written.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -16,14 +15,16 @@ from aiohttp.test_utils import TestClient
 
 from mvserver.config import ConfigError, EnvSettings
 from mvserver.sandbox.simulator import Simulator
-from conftest import AppClient
+from mvserver.storage import STORE
+from conftest import AppClient, LiveApp, module_loop
 
 VIDEO = "/api/mv/generate_video"
 BODY = {"prompt": "A getaway driver roller-skates through a neon disco.", "duration": 4}
 
 
-def nothing_happened(client: TestClient, sim: Simulator, tmp_path: Path) -> None:
-    assert not [path for path in (tmp_path / "outputs" / "jobs").rglob("*") if path.is_file()]
+def nothing_happened(client: TestClient, sim: Simulator) -> None:
+    """No job was written and no provider was called (the refusal tests share one app: none may leave a job)."""
+    assert not [path for path in (client.app[STORE].root / "jobs").rglob("*") if path.is_file()]
     assert sim.requests == []
 
 
@@ -38,44 +39,51 @@ async def refused(response: aiohttp.ClientResponse, status: int, code: str, fiel
     assert error["code"] == code and error["field"] == field, error
 
 
-async def test_an_html_form_post_is_refused(client: TestClient, sim: Simulator, tmp_path: Path) -> None:
+@module_loop
+async def test_an_html_form_post_is_refused(module_live: LiveApp) -> None:
+    client, sim = module_live
     # What <form method=post action=http://127.0.0.1:8080/api/mv/generate_video> sends (no Origin: old browsers).
     response = await client.post(VIDEO, data={"prompt": BODY["prompt"]})
     assert response.request_info.headers["Content-Type"] == "application/x-www-form-urlencoded"
     await refused(response, 415, "unsupported_media_type", "Content-Type")
-    nothing_happened(client, sim, tmp_path)
+    nothing_happened(client, sim)
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "text/plain;charset=UTF-8", "application/octet-stream",
                                           "application/x-www-form-urlencoded", "application/json-seq",
                                           "application/jsonx", None])
-async def test_a_json_body_with_another_type_is_refused(client: TestClient, sim: Simulator, tmp_path: Path,
-                                                        content_type: str | None) -> None:
+@module_loop
+async def test_a_json_body_with_another_type_is_refused(module_live: LiveApp, content_type: str | None) -> None:
     """fetch(url, {method: "POST", body: JSON.stringify(...)}) sends text/plain and needs no preflight."""
+    client, sim = module_live
     headers = {} if content_type is None else {"Content-Type": content_type}
     response = await client.post(VIDEO, data=json.dumps(BODY).encode(), headers=headers,
                                  skip_auto_headers=["Content-Type"])
     await refused(response, 415, "unsupported_media_type", "Content-Type")
-    nothing_happened(client, sim, tmp_path)
+    nothing_happened(client, sim)
 
 
-async def test_a_multipart_post_is_refused(client: TestClient, sim: Simulator, tmp_path: Path) -> None:
+@module_loop
+async def test_a_multipart_post_is_refused(module_live: LiveApp) -> None:
+    client, sim = module_live
     form = aiohttp.FormData()
     form.add_field("body", json.dumps(BODY), content_type="application/json")
     form.add_field("file", b"\x89PNG", filename="x.png", content_type="image/png")
     response = await client.post(VIDEO, data=form)
     await refused(response, 415, "unsupported_media_type", "Content-Type")
-    nothing_happened(client, sim, tmp_path)
+    nothing_happened(client, sim)
 
 
 @pytest.mark.parametrize("origin", ["http://evil.example", "http://evil.example:8080", "null", "https://127.0.0.1",
                                     "http://localhost.evil.example", "http://127.0.0.1:1"])
-async def test_a_foreign_origin_is_refused(client: TestClient, sim: Simulator, tmp_path: Path, origin: str) -> None:
+@module_loop
+async def test_a_foreign_origin_is_refused(module_live: LiveApp, origin: str) -> None:
+    client, sim = module_live
     response = await client.post(VIDEO, json=BODY, headers={"Origin": origin})
     await refused(response, 403, "forbidden_origin", "Origin")
     response = await client.get("/api/mv/health", headers={"Origin": origin})  # a cross-origin fetch() reading
     await refused(response, 403, "forbidden_origin", "Origin")
-    nothing_happened(client, sim, tmp_path)
+    nothing_happened(client, sim)
 
 
 async def test_a_foreign_origin_cannot_cancel(client: TestClient) -> None:
@@ -90,13 +98,15 @@ async def test_a_foreign_origin_cannot_cancel(client: TestClient) -> None:
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "127.0.0.1.nip.io", "localhost.", "[::2]",
                                   "rebind.127.0.0.1.example"])
-async def test_a_rebinding_host_is_refused(client: TestClient, sim: Simulator, tmp_path: Path, host: str) -> None:
+@module_loop
+async def test_a_rebinding_host_is_refused(module_live: LiveApp, host: str) -> None:
     """A page on evil.example whose name now resolves to 127.0.0.1: same-origin for the browser, wrong Host here."""
+    client, sim = module_live
     response = await client.post(VIDEO, json=BODY, headers={"Host": host, "Origin": f"http://{host}"})
     await refused(response, 421, "misdirected_request", "Host")
     response = await client.get("/api/mv/health", headers={"Host": host})
     await refused(response, 421, "misdirected_request", "Host")
-    nothing_happened(client, sim, tmp_path)
+    nothing_happened(client, sim)
 
 
 async def test_same_origin_and_allowed_requests_pass(make_client: AppClient) -> None:

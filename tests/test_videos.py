@@ -19,7 +19,7 @@ from PIL import Image
 from mvserver.jobs import JOBS
 from mvserver.storage import STORE
 from mvserver.sandbox.simulator import Simulator
-from conftest import read_sse
+from conftest import LiveApp, module_loop, read_sse
 
 pytestmark = pytest.mark.both_stores
 
@@ -62,6 +62,7 @@ def statuses(events: list[dict[str, Any]]) -> list[str]:
 
 
 async def test_sse_reports_every_stage_and_the_video_is_served_with_ranges(client: TestClient, sim: Simulator) -> None:
+    sim.video_latency = 1.0  # long enough for progress events between the start and the end
     accepted = await submit(client, reference_image_base64=png_base64(), duration=8)
     assert accepted["status"] == "queued"
     events = await events_of(client, accepted["job_id"])
@@ -333,7 +334,9 @@ async def test_get_video_answers_not_ready_unknown_and_malformed(client: TestCli
     ({"reference_image_base64": png_base64(), "duration": 4}, "duration"),
     ({"reference_image_base64": png_base64(), "duration": 8, "aspect_ratio": "9:16"}, "aspect_ratio"),
 ])
-async def test_bad_video_requests_name_the_field(client: TestClient, body: dict[str, Any], field: str) -> None:
+@module_loop
+async def test_bad_video_requests_name_the_field(module_live: LiveApp, body: dict[str, Any], field: str) -> None:
+    client = module_live[0]  # one app for the module's refusals: none of them may create a job
     response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, **body})
     assert response.status == 400, await response.text()
     error = (await response.json())["error"]

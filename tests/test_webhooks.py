@@ -23,7 +23,7 @@ from mvserver.backends.base import Snapshot
 from mvserver.config import ConfigError, EnvSettings
 from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator
-from mvserver.sandbox.webhooks import sign
+from mvserver.sandbox.webhooks import SENDER, sign
 from mvserver.updates import PushedUpdates
 from mvserver.webhooks import RECEIVER, SeenIds
 from test_videos import events_of, statuses, submit
@@ -75,7 +75,16 @@ def polls(sim: Simulator) -> int:
     return sum(1 for route, _ in sim.requests if route == "replicate.get")
 
 
+async def deliveries_done(sim_server: TestServer, timeout: float = 10.0) -> None:
+    """Wait until the simulator has nothing left to deliver: every webhook (late, delayed or retried) was answered."""
+    sender = sim_server.app[SENDER]
+    async with asyncio.timeout(timeout):
+        while sender.tasks:
+            await asyncio.sleep(0.02)
+
+
 async def test_a_job_finishes_by_webhooks_with_a_single_poll(hook_client: HookClient, sim: Simulator) -> None:
+    sim.video_latency = 1.0  # long enough for logs deliveries (one per 500 ms) between start and completed
     client = await hook_client()
     job = await submit(client)
     events = await events_of(client, job["job_id"])
@@ -96,7 +105,8 @@ async def test_a_job_finishes_by_webhooks_with_a_single_poll(hook_client: HookCl
     ("drop", {"event": "logs"}),
 ])
 async def test_each_webhook_fault_still_ends_the_job_once(hook_client: HookClient, sim: Simulator, kind: str,
-                                                          options: dict[str, Any]) -> None:
+                                                          options: dict[str, Any], sim_server: TestServer) -> None:
+    sim.video_latency = 1.0  # long enough for logs deliveries (one per 500 ms) between start and completed
     client = await hook_client()
     sim.add_fault("replicate.webhook", kind, times=100, **options)
     job = await submit(client)
@@ -107,17 +117,18 @@ async def test_each_webhook_fault_still_ends_the_job_once(hook_client: HookClien
     assert faulted, "the fault hit no delivery"
     if kind in ("bad_signature", "old_timestamp"):
         assert set(faulted) == {401}
-    await asyncio.sleep(0.3)  # late (out-of-order, delayed) deliveries arrive after the end and change nothing
+    await deliveries_done(sim_server)  # late (out-of-order, delayed) deliveries arrive after the end, change nothing
     assert await events_of(client, job["job_id"]) == events
 
 
 async def test_a_late_processing_webhook_after_the_end_is_acknowledged_and_ignored(
-        hook_client: HookClient, sim: Simulator) -> None:
+        hook_client: HookClient, sim: Simulator, sim_server: TestServer) -> None:
+    sim.video_latency = 1.0  # long enough for logs deliveries (one per 500 ms) between start and completed
     client = await hook_client()
     sim.add_fault("replicate.webhook", "out_of_order", times=100, event="logs")
     job = await submit(client)
     events = await events_of(client, job["job_id"])
-    await asyncio.sleep(0.3)
+    await deliveries_done(sim_server)
     # the last logs delivery was held back until after "completed": it was answered 200 and moved nothing
     assert [event for event, _, _ in sim.webhook_deliveries][-1] == "logs"
     assert sim.webhook_deliveries[-1][2] == 200
@@ -136,13 +147,13 @@ async def test_a_dropped_completed_webhook_is_covered_by_the_safety_poll(hook_cl
 
 
 async def test_a_bad_signature_on_the_completed_webhook_is_covered_by_the_safety_poll(
-        hook_client: HookClient, sim: Simulator) -> None:
+        hook_client: HookClient, sim: Simulator, sim_server: TestServer) -> None:
     sim.webhook_retry_seconds = 1.0
     client = await hook_client(safety=0.5)
     sim.add_fault("replicate.webhook", "bad_signature", event="completed")
     job = await submit(client)
     assert_sequence(await events_of(client, job["job_id"]))
-    await asyncio.sleep(1.5)  # the retries of the terminal webhook, all refused
+    await deliveries_done(sim_server)  # the retries of the terminal webhook, all refused
     refused = [status for event, _, status in sim.webhook_deliveries if event == "completed"]
     assert refused == [401] * len(refused) and len(refused) > 1
 
