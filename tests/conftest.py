@@ -6,14 +6,17 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
+import certifi
 import pytest
 import pytest_asyncio
 import yaml
@@ -43,6 +46,34 @@ def require_or_skip(what: str, available: bool) -> None:
     if in_ci():
         pytest.fail(f"{what} is required when CI=true", pytrace=False)
     pytest.skip(f"{what} is missing")
+
+
+_CA_BUNDLE = pytest.StashKey[tuple[Path, "str | None"]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every provider in the tests is the simulator on plain-HTTP 127.0.0.1, so the CA bundle that google-genai and
+    httpx load for each client they build (seven loads, about 0.3 s of every app's start-up) is never used. Point
+    ``SSL_CERT_FILE``, which both honour (and the server processes the tests start inherit), at a bundle of one
+    certificate from it: an app starts in milliseconds, and TLS, if a test ever used it, would still be verified."""
+    bundle = Path(tempfile.mkdtemp(prefix="mvtest-ca-")) / "one-ca.pem"
+    first = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n", Path(certifi.where()).read_text(),
+                      re.S)
+    assert first is not None, "certifi's bundle holds no certificate"
+    bundle.write_text(first.group(0))
+    config.stash[_CA_BUNDLE] = (bundle, os.environ.get("SSL_CERT_FILE"))
+    os.environ["SSL_CERT_FILE"] = str(bundle)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    bundle, previous = config.stash.get(_CA_BUNDLE, (None, None))
+    if bundle is None:
+        return
+    if previous is None:
+        os.environ.pop("SSL_CERT_FILE", None)
+    else:
+        os.environ["SSL_CERT_FILE"] = previous
+    shutil.rmtree(bundle.parent, ignore_errors=True)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

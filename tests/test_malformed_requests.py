@@ -18,7 +18,7 @@ from aiohttp import web
 
 from mvserver.app import create_app
 from mvserver.serving import AppRunner
-from conftest import PROJECT
+from conftest import PROJECT, module_loop
 from test_app import running_server
 
 HEAD = b"GET /api/mv/health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -72,10 +72,12 @@ async def send_raw(port: int, raw: bytes) -> bytes:
         writer.close()
 
 
-@pytest_asyncio.fixture
-async def served(tmp_path: Path) -> AsyncIterator[int]:
-    """The app behind the runner ``python -m mvserver`` uses, on a free port of 127.0.0.1."""
-    env = {"MV_SANDBOX": "true", "MV_OUTPUT_DIR": str(tmp_path / "outputs"), "MV_SETTINGS_DIR": str(PROJECT / "settings")}
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def served(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[int]:
+    """The app behind the runner ``python -m mvserver`` uses, on a free port of 127.0.0.1 (one for the module: each
+    test sends its request on a connection of its own)."""
+    outputs = tmp_path_factory.mktemp("served") / "outputs"
+    env = {"MV_SANDBOX": "true", "MV_OUTPUT_DIR": str(outputs), "MV_SETTINGS_DIR": str(PROJECT / "settings")}
     runner = AppRunner(create_app(env))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -87,6 +89,7 @@ async def served(tmp_path: Path) -> AsyncIterator[int]:
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
+@module_loop
 async def test_a_malformed_request_gets_the_json_error_shape(served: int, case: str,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     raw, code, field = MALFORMED[case]
@@ -98,6 +101,7 @@ async def test_a_malformed_request_gets_the_json_error_shape(served: int, case: 
     assert "Traceback" not in caplog.text
 
 
+@module_loop
 async def test_a_well_formed_request_still_reaches_the_app(served: int) -> None:
     answer = await send_raw(served, HEAD + b"Connection: close\r\n\r\n")
     status, headers, body = split_answer(answer)
