@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -14,7 +15,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from aiohttp import web
@@ -626,7 +627,9 @@ async def test_request_ids_in_and_out(make_client: AppClient) -> None:
     assert missing.status == 404 and missing.headers["X-Request-Id"] == "r-404"
 
 
-async def test_json_log_lines_carry_the_request_id(make_client: AppClient) -> None:
+@contextlib.contextmanager
+def json_log_lines() -> Iterator[list[dict[str, Any]]]:
+    """The JSON lines the ``mvserver`` loggers write inside the block (filled in when the block ends)."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
@@ -635,15 +638,21 @@ async def test_json_log_lines_carry_the_request_id(make_client: AppClient) -> No
     logger.addHandler(handler)
     previous = logger.level
     logger.setLevel(logging.INFO)
+    lines: list[dict[str, Any]] = []
     try:
-        client = await make_client(MV_DEBUG_MODE="true")
-        response = await client.post("/api/mv/create_scenes", json=SCENES, headers={"X-Request-Id": "req-42"})
-        assert response.status == 200
-        logger.info("outside", extra={"job_id": "j-1"})
+        yield lines
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous)
-    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        lines.extend(json.loads(line) for line in stream.getvalue().splitlines())
+
+
+async def test_json_log_lines_carry_the_request_id(make_client: AppClient) -> None:
+    with json_log_lines() as lines:
+        client = await make_client(MV_DEBUG_MODE="true")
+        response = await client.post("/api/mv/create_scenes", json=SCENES, headers={"X-Request-Id": "req-42"})
+        assert response.status == 200
+        logging.getLogger("mvserver").info("outside", extra={"job_id": "j-1"})
     mine = [line for line in lines if line.get("request_id") == "req-42"]
     assert mine and all(line["level"] == "INFO" and "time" in line for line in mine)
     assert any("create_scenes prompt" in line["message"] for line in mine)
@@ -651,15 +660,7 @@ async def test_json_log_lines_carry_the_request_id(make_client: AppClient) -> No
 
 
 async def test_json_log_lines_of_a_job_carry_its_id(make_client: AppClient, sim: Any) -> None:
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(RequestIdFilter())
-    logger = logging.getLogger("mvserver")
-    logger.addHandler(handler)
-    previous = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with json_log_lines() as lines:
         client = await make_client()
         sim.video_latency = 0.1
         sim.add_fault("replicate.get", "invalid_json", times=1)  # one transient failure: the job logs its retry
@@ -669,10 +670,6 @@ async def test_json_log_lines_of_a_job_carry_its_id(make_client: AppClient, sim:
         async with asyncio.timeout(20):
             while (await (await client.get(f"/api/mv/jobs/{job_id}")).json())["status"] != "succeeded":
                 await asyncio.sleep(0.05)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
-    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     retries = [line for line in lines if line["message"].startswith("transient")]
     assert retries and all(line["job_id"] == job_id and "request_id" not in line for line in retries)
     assert all("job_id" not in line for line in lines if line.get("request_id") == "req-7")
