@@ -337,3 +337,16 @@ async def read_sse(response: Any, *, comments: bool = False) -> AsyncIterator[di
                 data.append(value)
             else:
                 event[name] = value
+
+
+async def two_key_client(make_client: AppClient, tmp_path: Path) -> tuple[TestClient, str, str]:
+    """An app with API keys on and two keys, alice's and bob's, whose job quotas no test here reaches."""
+    from mvserver.auth import KeyLimits, create_key
+
+    keys_file = tmp_path / "keys.yaml"
+    limits = KeyLimits(jobs_per_minute=600, jobs_burst=50)
+    _, alice = create_key(keys_file, "alice", limits)
+    _, bob = create_key(keys_file, "bob", limits)
+    client = await make_client(MV_API_KEYS_FILE=keys_file,
+                               MV_URL_SIGNING_SECRET="test-signing-secret-0123456789abcdefghij")
+    return client, alice, bob

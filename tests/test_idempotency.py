@@ -10,15 +10,13 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mvserver.auth import KeyLimits, create_key
 from mvserver.jobs import JOBS
 from mvserver.jobs.store import Remembered
 from mvserver.sandbox.simulator import Simulator
-from conftest import AppClient, LiveApp, module_loop
+from conftest import AppClient, LiveApp, module_loop, two_key_client
 
 pytestmark = pytest.mark.both_stores
 
-SECRET = "test-signing-secret-0123456789abcdefghij"
 VIDEO = {"prompt": "a heron learns the trumpet", "duration": 4}
 
 
@@ -88,12 +86,8 @@ async def test_a_malformed_key_is_400(module_live: LiveApp, key: str) -> None:
 
 
 async def test_keys_are_scoped_to_the_api_key(make_client: AppClient, tmp_path: Path, sim: Simulator) -> None:
-    keys_file = tmp_path / "keys.yaml"
-    limits = KeyLimits(jobs_per_minute=600, jobs_burst=50)
-    _, alice = create_key(keys_file, "alice", limits)
-    _, bob = create_key(keys_file, "bob", limits)
     sim.video_latency = 30
-    client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET=SECRET)
+    client, alice, bob = await two_key_client(make_client, tmp_path)
     _, for_alice, _ = await post(client, "shared", VIDEO, Authorization=f"Bearer {alice}")
     status, for_bob, headers = await post(client, "shared", VIDEO, Authorization=f"Bearer {bob}")
     assert status == 202 and for_bob["job_id"] != for_alice["job_id"] and "Idempotent-Replayed" not in headers

@@ -10,19 +10,17 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mvserver.auth import KeyLimits, create_key
 from mvserver.jobs import JOBS, Job
 from mvserver.jobs.file_store import _lines_before
 from mvserver.jobs.listing import JobQuery, list_jobs
 from mvserver.jobs.store import index_entry
 from mvserver.sandbox.simulator import Simulator
 from mvserver.storage import new_id
-from conftest import AppClient, LiveApp, module_loop
+from conftest import AppClient, LiveApp, module_loop, two_key_client
 from test_videos import submit, wait_for
 
 pytestmark = pytest.mark.both_stores
 
-SECRET = "test-signing-secret-0123456789abcdefghij"
 
 
 async def listed(client: TestClient, query: str = "", headers: dict[str, str] | None = None) -> dict[str, Any]:
@@ -86,12 +84,8 @@ async def test_bad_parameters_are_400_naming_the_field(module_live: LiveApp, que
 
 
 async def test_each_key_lists_only_its_own_jobs(make_client: AppClient, tmp_path: Path, sim: Simulator) -> None:
-    keys_file = tmp_path / "keys.yaml"
-    limits = KeyLimits(jobs_per_minute=600, jobs_burst=50)
-    _, alice = create_key(keys_file, "alice", limits)
-    _, bob = create_key(keys_file, "bob", limits)
     sim.video_latency = 30
-    client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET=SECRET)
+    client, alice, bob = await two_key_client(make_client, tmp_path)
     mine = {}
     for name, key in (("alice", alice), ("bob", bob), ("alice", alice)):
         response = await client.post("/api/mv/generate_video", json={"prompt": "a heron", "duration": 4},
