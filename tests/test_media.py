@@ -136,6 +136,13 @@ async def test_probe_rejects_what_is_not_media(tmp_path: Path) -> None:
         await media.probe(path)
 
 
+def test_a_duration_that_rounds_to_zero_is_never_formatted() -> None:
+    assert media.duration_arg(0.5) == "0.500000" and media.duration_arg(1e-6) == "0.000001"
+    for bad in (1e-9, 4e-7, 0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(media.DurationError):
+            media.duration_arg(bad)
+
+
 # -- run_ffmpeg ----------------------------------------------------------------------------------------------------
 
 
