@@ -2,7 +2,8 @@
 
 The body (raw ``audio/*`` or multipart with one file) is streamed to a temporary file under a size cap
 (``MV_MAX_AUDIO_MB``), then identified by ffmpeg from its content, never its name: the header must name an accepted
-container and codec, and the whole stream must decode within a time limit (which also gives the exact duration).
+container and codec (read with an allow-listed demuxer from the local file only, so nothing named inside the upload
+is ever opened), and the whole stream must decode within a time limit (which also gives the exact duration).
 Only then is it renamed to ``audio/<id>.<ext>`` and its JSON sidecar written; the sidecar comes last, so a song
 counts as saved once its sidecar exists. Anything else leaves nothing on disk.
 """
@@ -43,6 +44,11 @@ class AudioFormat:
     name: str
     mime_type: str
     suffix: str
+
+    @property
+    def demuxer(self) -> str:
+        """The one ffmpeg demuxer every later read of a song in this format uses."""
+        return media.SONG_DEMUXERS[self.suffix]
 
 
 FORMATS = {fmt.name: fmt for fmt in (
@@ -145,12 +151,13 @@ async def _receive(request: web.Request, dest: Path, limit: int) -> None:
 async def identify(path: Path) -> dict[str, Any]:
     """Probe an uploaded file: its format, stream parameters and decoded duration (ApiError ``invalid_audio``)."""
     try:
-        info = await media.probe(path, timeout=HEADER_TIMEOUT_SECONDS)
-    except media.MediaError:
+        info = await media.probe(path, timeout=HEADER_TIMEOUT_SECONDS, demuxers=media.AUDIO_DEMUXERS)
+    except media.MediaError:  # one message for every refusal: it must not tell what the file names or whether it exists
         raise invalid("the file is not an audio file ffmpeg can read") from None
     fmt, stream = classify(info)
     try:
-        duration = await media.stream_duration(path, "a:0", decode=True, timeout=DECODE_TIMEOUT_SECONDS)
+        duration = await media.stream_duration(path, "a:0", decode=True, timeout=DECODE_TIMEOUT_SECONDS,
+                                               demuxers=[fmt.demuxer])
     except media.MediaTimeout:
         raise invalid(f"the audio did not decode within {DECODE_TIMEOUT_SECONDS:g} s") from None
     except media.MediaError:

@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from . import media
-from .audio import saved_audio
+from .audio import FORMATS, saved_audio
 from .auth import key_id, visible_to
 from .backends import PROVIDERS, Snapshot
 from .backends.replicate import ReplicateProvider
@@ -92,13 +92,15 @@ def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path
     """ffmpeg arguments that write ``seconds`` of ``song`` from ``start``, padded with silence to ``length``, as WAV.
 
     A PCM WAV song within two channels and 48 kHz whose window needs no padding is stream-copied (in small packets,
-    so the cut is exact to a few ms); anything else is decoded, trimmed to the sample and written as 16-bit PCM.
+    so the cut is exact to a few ms); anything else is decoded, trimmed to the sample and written as 16-bit PCM. The
+    song is read with the demuxer of its format, from the local file only.
     """
+    source = media.input_args(song.path, [FORMATS[song.format].demuxer])
     if (song.format == "wav" and (song.channels or 99) <= COPY_MAX_CHANNELS and (song.sample_rate or 1e9) <= COPY_MAX_RATE
             and seconds >= length - 0.001):
         return ["-loglevel", "error", "-y", "-max_size", str(COPY_PACKET_BYTES), "-ss", f"{start:.6f}",
-                "-t", f"{length:.6f}", "-i", str(song.path), "-map", "0:a:0", "-c", "copy", "-f", "wav", str(dest)]
-    args = ["-loglevel", "error", "-y", "-ss", f"{start:.6f}", "-i", str(song.path), "-map", "0:a:0",
+                "-t", f"{length:.6f}", *source, "-map", "0:a:0", "-c", "copy", "-f", "wav", str(dest)]
+    args = ["-loglevel", "error", "-y", "-ss", f"{start:.6f}", *source, "-map", "0:a:0",
             "-af", f"atrim=duration={seconds:.6f},asetpts=N/SR/TB,apad=whole_dur={length:.6f}"]
     if song.channels is None or song.channels > COPY_MAX_CHANNELS:
         args += ["-ac", "2"]

@@ -29,9 +29,10 @@ from typing import Callable, Literal, Sequence
 import imageio_ffmpeg
 
 __all__ = [
-    "AssemblyInputError", "AssemblyResult", "AudioStream", "Clip", "DurationError", "MediaError", "MediaInfo",
-    "MediaTimeout", "VideoStream", "assemble", "duration_arg", "ffmpeg_exe", "parse_inputs", "parse_probe", "probe",
-    "probe_clips", "run_ffmpeg", "stream_duration",
+    "AUDIO_DEMUXERS", "AssemblyInputError", "AssemblyResult", "AudioStream", "Clip", "DurationError", "MediaError",
+    "MediaInfo", "MediaTimeout", "SONG_DEMUXERS", "VideoStream", "assemble", "duration_arg", "ffmpeg_exe",
+    "input_args", "parse_inputs", "parse_probe", "probe", "probe_clips", "run_ffmpeg", "song_demuxer", "song_input_args",
+    "stream_duration",
 ]
 
 ProgressCallback = Callable[[float], None]
@@ -49,6 +50,11 @@ AUDIO_BITRATE = "192k"
 ASPECT_TOLERANCE = 0.01
 TRIM_TOLERANCE = 0.05  # seconds a trim may pass a clip's measured end (container rounding)
 X264 = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "20"]
+# Demuxers an uploaded song may be read with: each reads only the file it is given. Concat (ffconcat), HLS, DASH,
+# image sequences and the like open other files or URLs named inside the upload, so they are never allowed.
+AUDIO_DEMUXERS = ("mp3", "wav", "mov", "aac", "ogg", "flac")
+# The demuxer of a saved song, by the suffix it was saved under (the format was identified at upload).
+SONG_DEMUXERS = {".mp3": "mp3", ".wav": "wav", ".m4a": "mov", ".aac": "aac", ".ogg": "ogg", ".flac": "flac"}
 
 
 class MediaError(Exception):
@@ -73,6 +79,28 @@ def duration_arg(seconds: float) -> str:
     if not math.isfinite(seconds) or float(text) <= 0:
         raise DurationError(f"a duration of {seconds!r} s is not above 0 at ffmpeg's precision")
     return text
+
+
+def input_args(path: Path, demuxers: Sequence[str]) -> list[str]:
+    """``-i path`` for a file a client supplied: read from the local file only (no other protocol, so nothing named
+    inside it is fetched) and with one of ``demuxers`` (exactly that one when there is one)."""
+    if not demuxers or any(d not in AUDIO_DEMUXERS for d in demuxers):
+        raise MediaError(f"demuxers {list(demuxers)} are not all in the allow-list {list(AUDIO_DEMUXERS)}")
+    forced = ["-f", demuxers[0]] if len(demuxers) == 1 else []
+    return ["-protocol_whitelist", "file", "-format_whitelist", ",".join(demuxers), *forced, "-i", str(path)]
+
+
+def song_demuxer(song: Path) -> str:
+    """The demuxer of a saved song, from the suffix its identified format gave it (MediaError for another one)."""
+    demuxer = SONG_DEMUXERS.get(song.suffix)
+    if demuxer is None:
+        raise MediaError(f"{song.name} is not a saved song (unknown suffix)")
+    return demuxer
+
+
+def song_input_args(song: Path) -> list[str]:
+    """:func:`input_args` for a saved song, with the demuxer of the format it was saved as."""
+    return input_args(song, [song_demuxer(song)])
 
 
 class AssemblyInputError(MediaError, ValueError):
@@ -261,9 +289,12 @@ async def _read_limited(stream: asyncio.StreamReader, limit: int, tail: bool = F
     return kept.decode(errors="replace")
 
 
-async def probe(path: Path, *, timeout: float = PROBE_TIMEOUT) -> MediaInfo:
-    """Describe a media file from its header (``ffmpeg -i``): container, duration, streams and codec parameters."""
-    proc = await _spawn(["-i", str(path)])
+async def probe(path: Path, *, timeout: float = PROBE_TIMEOUT, demuxers: Sequence[str] | None = None) -> MediaInfo:
+    """Describe a media file from its header (``ffmpeg -i``): container, duration, streams and codec parameters.
+
+    ``demuxers``: read it as a client-supplied file (:func:`input_args`); anything else fails like an unreadable file.
+    """
+    proc = await _spawn(["-i", str(path)] if demuxers is None else input_args(path, demuxers))
     try:
         assert proc.stderr is not None
         async with asyncio.timeout(timeout):
@@ -312,13 +343,15 @@ async def _count_packets(stream: asyncio.StreamReader) -> dict[int, int]:
 
 
 async def stream_duration(path: Path, stream: str = "v:0", *, decode: bool = False, fps: float | None = None,
-                          timeout: float = PROBE_TIMEOUT) -> float:
+                          timeout: float = PROBE_TIMEOUT, demuxers: Sequence[str] | None = None) -> float:
     """The length of one stream in seconds, from what ffmpeg counts while reading it (``-progress``), not the header.
 
     ``decode=False`` only demuxes (milliseconds); ``decode=True`` decodes the stream, which also proves it is
-    readable to the end. For a video stream with a known ``fps`` the length is frames / fps.
+    readable to the end. For a video stream with a known ``fps`` the length is frames / fps. ``demuxers`` as for
+    :func:`probe`.
     """
-    args = ["-i", str(path), "-map", f"0:{stream}"]
+    args = ["-i", str(path)] if demuxers is None else input_args(path, demuxers)
+    args += ["-map", f"0:{stream}"]
     if not decode:
         args += ["-c", "copy"]
     values: dict[str, str] = {}
@@ -534,7 +567,7 @@ def _audio_inputs(sources: list[_Source], clip_audio: ClipAudio) -> list[str]:
 
 
 def _song_inputs(song: Path | None, offset: float) -> list[str]:
-    return ["-ss", f"{offset:.6f}", "-i", str(song)] if song is not None else []
+    return ["-ss", f"{offset:.6f}", *song_input_args(song)] if song is not None else []
 
 
 OUTPUT_ARGS = ["-c:a", "aac", "-b:a", AUDIO_BITRATE, "-movflags", "+faststart", "-f", "mp4"]
@@ -682,7 +715,7 @@ async def assemble(clips: Sequence[Clip], out: Path, *, song: Path | None = None
 
 async def _check_song(song: Path, offset: float) -> None:
     try:
-        info = await probe(song)
+        info = await probe(song, demuxers=[song_demuxer(song)])
     except MediaError as exc:
         raise AssemblyInputError("song", f"song is not a readable audio file: {exc}") from None
     if info.first_audio is None:

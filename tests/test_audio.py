@@ -236,3 +236,32 @@ def test_a_crash_leftover_upload_is_removed_at_start(live_env: dict[str, str]) -
     leftover.write_bytes(b"half a song")
     create_app(live_env)
     assert not leftover.exists()
+
+# -- files that name other files (ffconcat, HLS, image sequences) -----------------------------------------------------
+
+GENERIC = "the file is not an audio file ffmpeg can read"
+
+
+async def test_uploads_that_name_other_files_get_one_generic_error_whether_or_not_they_exist(
+        client: TestClient, tmp_path: Path) -> None:
+    """The probe reads an upload with an allowed demuxer only, so a listing is never followed: the answer is the
+    same for a sibling song that exists, one that does not, a playlist and an image sequence."""
+    existing = (await upload(client, make_audio(tmp_path / "s.mp3").read_bytes()))["audio_id"]
+    audio_dir = tmp_path / "outputs" / "audio"
+    for n in (1, 2, 3):
+        (audio_dir / f"frame-{n:03d}.png").write_bytes(render_character_image("a frame"))
+    before = stored(tmp_path)
+    uploads = {
+        "ffconcat naming an existing song": f"ffconcat version 1.0\nfile {existing}.mp3\n",
+        "ffconcat naming a missing song": f"ffconcat version 1.0\nfile {uuid.uuid4()}.mp3\n",
+        "HLS playlist": f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2.0,\n{existing}.mp3\n#EXT-X-ENDLIST\n",
+        "image2 pattern": "ffconcat version 1.0\nfile frame-%03d.png\n",
+        "an image": render_character_image("a singer"),
+    }
+    errors = {}
+    for name, data in uploads.items():
+        errors[name] = (await upload(client, data.encode() if isinstance(data, str) else data, status=400))["error"]
+    assert all(error == {"code": "invalid_audio", "message": GENERIC, "field": "body"} for error in errors.values()), \
+        errors
+    assert stored(tmp_path) == before
+

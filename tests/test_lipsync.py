@@ -21,7 +21,8 @@ from yarl import URL
 
 from mvserver.config import ConfigError, EnvSettings, load_config
 from mvserver.jobs import JOBS
-from mvserver.lipsync import Song, cut_args, plan_window
+from mvserver import media
+from mvserver.lipsync import Song, cut_args, cut_window, plan_window
 from mvserver.errors import ApiError
 from mvserver.sandbox.render import LIPSYNC_LABEL, lipsync_label_box, probe_media
 from mvserver.sandbox.simulator import Simulator
@@ -386,6 +387,19 @@ def test_plan_window_and_the_cut_it_makes() -> None:
     assert "copy" not in cut_args(song, 1.0, 2.0, 4.0, Path("w.wav"))  # padding needs a re-encode
     assert "copy" not in cut_args(Song(Path("s.wav"), 10.0, "wav", 96000, 2), 1.0, 4.0, 4.0, Path("w.wav"))
     assert "copy" not in cut_args(Song(Path("s.mp3"), 10.0, "mp3", 44100, 2), 1.0, 4.0, 4.0, Path("w.wav"))
+
+
+async def test_a_song_file_that_lists_another_file_is_not_followed_by_the_cut(tmp_path: Path) -> None:
+    """Every read of a saved song uses the demuxer of its format and the local file only: an ffconcat list saved under
+    a song's name fails to cut instead of cutting the file it names."""
+    real = tmp_path / "real.mp3"
+    subprocess.run([FFMPEG, "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=d=6", str(real)],
+                   check=True, timeout=60)
+    fake = tmp_path / "fake.mp3"
+    fake.write_text(f"ffconcat version 1.0\nfile {real.name}\n")
+    with pytest.raises(media.MediaError):
+        await cut_window(Song(fake, 6.0, "mp3", 44100, 1), 1.0, 4.0, 4.0, tmp_path / "w.wav", timeout=60)
+    assert not (tmp_path / "w.wav").exists()
 
 
 # -- the simulated model ----------------------------------------------------------------------------------------------
