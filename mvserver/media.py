@@ -343,17 +343,20 @@ async def _count_packets(stream: asyncio.StreamReader) -> dict[int, int]:
 
 
 async def stream_duration(path: Path, stream: str = "v:0", *, decode: bool = False, fps: float | None = None,
-                          timeout: float = PROBE_TIMEOUT, demuxers: Sequence[str] | None = None) -> float:
+                          timeout: float = PROBE_TIMEOUT, demuxers: Sequence[str] | None = None,
+                          limit: float | None = None) -> float:
     """The length of one stream in seconds, from what ffmpeg counts while reading it (``-progress``), not the header.
 
     ``decode=False`` only demuxes (milliseconds); ``decode=True`` decodes the stream, which also proves it is
     readable to the end. For a video stream with a known ``fps`` the length is frames / fps. ``demuxers`` as for
-    :func:`probe`.
+    :func:`probe`; ``limit`` stops reading after that many seconds (the result is then at most about ``limit``).
     """
     args = ["-i", str(path)] if demuxers is None else input_args(path, demuxers)
     args += ["-map", f"0:{stream}"]
     if not decode:
         args += ["-c", "copy"]
+    if limit is not None:
+        args += ["-t", duration_arg(limit)]
     values: dict[str, str] = {}
 
     def seen(key: str, value: str) -> None:
