@@ -243,6 +243,8 @@ class LipsyncLimits(_Strict):
     max_clip_bytes: PositiveInt
     ffmpeg_timeout_seconds: PositiveFloat
     ffmpeg_concurrency: int = Field(ge=1, le=32)
+    # The shortest song window a request may ask for (a window of ~0 s once made ffmpeg cut the whole song).
+    min_window_seconds: PositiveFloat = 0.5
 
 
 class LipsyncSettings(_Strict):
