@@ -486,3 +486,6 @@ async def test_openapi_describes_the_lipsync_request_with_the_settings_defaults(
     assert properties["sync_mode"]["default"] == "cut_off"
     assert set(properties["sync_mode"]["enum"]) == {"cut_off", "loop", "bounce", "silence", "remap"}
     assert properties["temperature"]["default"] == 0.5 and properties["temperature"]["maximum"] == 1.0
+    assert "window_too_short" in document["paths"]["/api/mv/lipsync"]["post"]["responses"]["400"]["description"]
+    upload_400 = document["paths"]["/api/mv/upload_audio"]["post"]["responses"]["400"]["description"]
+    assert "audio_too_long" in upload_400 and "MV_MAX_AUDIO_SECONDS" in upload_400
