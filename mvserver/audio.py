@@ -2,7 +2,9 @@
 
 The body (raw ``audio/*`` or multipart with one file) is streamed to a temporary file under a size cap
 (``MV_MAX_AUDIO_MB``), then identified by ffmpeg from its content, never its name: the header must name an accepted
-container and codec, and the whole stream must decode within a time limit (which also gives the exact duration).
+container and codec (read with an allow-listed demuxer from the local file only, so nothing named inside the upload
+is ever opened), last at most ``MV_MAX_AUDIO_SECONDS``, and the whole stream must decode within a time limit (which
+also gives the exact duration).
 Only then is it renamed to ``audio/<id>.<ext>`` and its JSON sidecar written; the sidecar comes last, so a song
 counts as saved once its sidecar exists. Anything else leaves nothing on disk.
 """
@@ -44,6 +46,11 @@ class AudioFormat:
     mime_type: str
     suffix: str
 
+    @property
+    def demuxer(self) -> str:
+        """The one ffmpeg demuxer every later read of a song in this format uses."""
+        return media.SONG_DEMUXERS[self.suffix]
+
 
 FORMATS = {fmt.name: fmt for fmt in (
     AudioFormat("mp3", "audio/mpeg", ".mp3"),
@@ -60,6 +67,11 @@ UPLOAD_SLOTS = web.AppKey("audio_upload_slots", asyncio.Semaphore)
 
 def invalid(message: str) -> ApiError:
     return ApiError(400, "invalid_audio", message, field="body")
+
+
+def _too_long(length: str, limit: float) -> ApiError:
+    return ApiError(400, "audio_too_long", f"the song lasts {length}; songs may last at most {limit:g} s "
+                                           "(MV_MAX_AUDIO_SECONDS)", field="body")
 
 
 def classify(info: media.MediaInfo) -> tuple[AudioFormat, media.AudioStream]:
@@ -142,21 +154,28 @@ async def _receive(request: web.Request, dest: Path, limit: int) -> None:
         raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc}", field="body") from None
 
 
-async def identify(path: Path) -> dict[str, Any]:
-    """Probe an uploaded file: its format, stream parameters and decoded duration (ApiError ``invalid_audio``)."""
+async def identify(path: Path, max_seconds: float) -> dict[str, Any]:
+    """Probe an uploaded file: its format, stream parameters and decoded duration (ApiError ``invalid_audio``, or
+    ``audio_too_long`` past ``max_seconds``: from the header before anything is decoded, and from the decode, which
+    stops just past the limit, for a header that understates the length)."""
     try:
-        info = await media.probe(path, timeout=HEADER_TIMEOUT_SECONDS)
-    except media.MediaError:
+        info = await media.probe(path, timeout=HEADER_TIMEOUT_SECONDS, demuxers=media.AUDIO_DEMUXERS)
+    except media.MediaError:  # one message for every refusal: it must not tell what the file names or whether it exists
         raise invalid("the file is not an audio file ffmpeg can read") from None
     fmt, stream = classify(info)
+    if info.duration is not None and info.duration > max_seconds:
+        raise _too_long(f"{info.duration:g} s", max_seconds)
     try:
-        duration = await media.stream_duration(path, "a:0", decode=True, timeout=DECODE_TIMEOUT_SECONDS)
+        duration = await media.stream_duration(path, "a:0", decode=True, timeout=DECODE_TIMEOUT_SECONDS,
+                                               demuxers=[fmt.demuxer], limit=max_seconds + 1)
     except media.MediaTimeout:
         raise invalid(f"the audio did not decode within {DECODE_TIMEOUT_SECONDS:g} s") from None
     except media.MediaError:
         raise invalid("the audio stream does not decode") from None
     if duration < MIN_SECONDS:
         raise invalid(f"the audio is shorter than {MIN_SECONDS} s")
+    if duration > max_seconds:  # the decode stopped at max_seconds + 1: the song may be longer still
+        raise _too_long(f"more than {max_seconds:g} s", max_seconds)
     return {
         "format": fmt.name,
         "mime_type": fmt.mime_type,
@@ -193,7 +212,7 @@ async def _store_upload(request: web.Request) -> web.Response:
         except (ClientPayloadError, ConnectionError, HttpProcessingError):
             raise ApiError(400, "incomplete_body", "the upload ended before the whole body arrived",
                            field="body") from None
-        described = await identify(upload)
+        described = await identify(upload, request.app[CONFIG].env.max_audio_seconds)
         size = (await asyncio.to_thread(upload.stat)).st_size
         path = store.path("audio", audio_id, FORMATS[described["format"]].suffix)
         await asyncio.to_thread(os.replace, upload, path)

@@ -243,6 +243,8 @@ class LipsyncLimits(_Strict):
     max_clip_bytes: PositiveInt
     ffmpeg_timeout_seconds: PositiveFloat
     ffmpeg_concurrency: int = Field(ge=1, le=32)
+    # The shortest song window a request may ask for (a window of ~0 s once made ffmpeg cut the whole song).
+    min_window_seconds: PositiveFloat = 0.5
 
 
 class LipsyncSettings(_Strict):
@@ -369,6 +371,7 @@ class EnvSettings:
     settings_dir: Path = DEFAULT_SETTINGS_DIR
     max_body_bytes: int = 16 * 1024 * 1024
     max_audio_bytes: int = 50 * 1024 * 1024
+    max_audio_seconds: float = 1200.0
     max_concurrent_jobs: int | None = None
     sandbox_video_latency: float | None = None
     gemini_base_url: str | None = None
@@ -410,6 +413,7 @@ class EnvSettings:
             settings_dir=Path(text("MV_SETTINGS_DIR") or DEFAULT_SETTINGS_DIR),
             max_body_bytes=int(_env_number(env, "MV_MAX_BODY_MB", 16.0, float) * 1024 * 1024),
             max_audio_bytes=int(_env_number(env, "MV_MAX_AUDIO_MB", 50.0, float) * 1024 * 1024),
+            max_audio_seconds=_env_number(env, "MV_MAX_AUDIO_SECONDS", 1200.0, float, maximum=86400) or 1200.0,
             max_concurrent_jobs=_env_number(env, "MV_MAX_CONCURRENT_JOBS", None) or None,
             sandbox_video_latency=_env_number(env, "MV_SANDBOX_VIDEO_SECONDS", None, float),
             gemini_base_url=text("MV_GEMINI_BASE_URL"),

@@ -12,6 +12,7 @@ Every read of a song goes through :func:`song_file`.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from . import media
-from .audio import saved_audio
+from .audio import FORMATS, saved_audio
 from .auth import key_id, visible_to
 from .backends import PROVIDERS, Snapshot
 from .backends.replicate import ReplicateProvider
@@ -48,6 +49,11 @@ COPY_PACKET_BYTES = 1024  # WAV packets this small make a stream-copied cut end 
 AUDIO_SUFFIXES = {"mp3": ".mp3", "wav": ".wav", "m4a": ".m4a", "aac": ".aac", "ogg": ".ogg", "flac": ".flac"}
 COPY_MAX_CHANNELS = 2
 COPY_MAX_RATE = 48000
+# Bytes per second a cut may write: a copied cut keeps the song's PCM samples (at most 8 bytes, pcm_f64le), a decoded
+# one writes 16-bit samples; both at most COPY_MAX_CHANNELS x COPY_MAX_RATE. Plus room for the header and a packet.
+COPY_BYTES_PER_SECOND = COPY_MAX_CHANNELS * COPY_MAX_RATE * 8
+DECODE_BYTES_PER_SECOND = COPY_MAX_CHANNELS * COPY_MAX_RATE * 2
+CUT_SLACK_BYTES = 1 << 16
 
 FFMPEG_SLOTS = web.AppKey("lipsync_ffmpeg_slots", asyncio.Semaphore)
 
@@ -92,19 +98,35 @@ def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path
     """ffmpeg arguments that write ``seconds`` of ``song`` from ``start``, padded with silence to ``length``, as WAV.
 
     A PCM WAV song within two channels and 48 kHz whose window needs no padding is stream-copied (in small packets,
-    so the cut is exact to a few ms); anything else is decoded, trimmed to the sample and written as 16-bit PCM.
+    so the cut is exact to a few ms); anything else is decoded, trimmed to the sample and written as 16-bit PCM. The
+    song is read with the demuxer of its format, from the local file only. Whatever the filters do, the output
+    stops at ``length`` seconds and at the bytes that many seconds may take (``-t``, ``-fs``); a duration that is 0
+    at ffmpeg's precision raises :class:`mvserver.media.DurationError` (ffmpeg would read it as "no limit").
     """
+    source = media.input_args(song.path, [FORMATS[song.format].demuxer])
     if (song.format == "wav" and (song.channels or 99) <= COPY_MAX_CHANNELS and (song.sample_rate or 1e9) <= COPY_MAX_RATE
             and seconds >= length - 0.001):
         return ["-loglevel", "error", "-y", "-max_size", str(COPY_PACKET_BYTES), "-ss", f"{start:.6f}",
-                "-t", f"{length:.6f}", "-i", str(song.path), "-map", "0:a:0", "-c", "copy", "-f", "wav", str(dest)]
-    args = ["-loglevel", "error", "-y", "-ss", f"{start:.6f}", "-i", str(song.path), "-map", "0:a:0",
-            "-af", f"atrim=duration={seconds:.6f},asetpts=N/SR/TB,apad=whole_dur={length:.6f}"]
+                "-t", media.duration_arg(length), *source, "-map", "0:a:0", "-c", "copy",
+                *_output_limits(length, COPY_BYTES_PER_SECOND), "-f", "wav", str(dest)]
+    args = ["-loglevel", "error", "-y", "-ss", f"{start:.6f}", *source, "-map", "0:a:0",
+            "-af", f"atrim=duration={media.duration_arg(seconds)},asetpts=N/SR/TB,"
+                   f"apad=whole_dur={media.duration_arg(length)}"]
     if song.channels is None or song.channels > COPY_MAX_CHANNELS:
         args += ["-ac", "2"]
     if song.sample_rate is None or song.sample_rate > COPY_MAX_RATE:
         args += ["-ar", str(COPY_MAX_RATE)]
-    return args + ["-c:a", "pcm_s16le", "-f", "wav", str(dest)]
+    return args + ["-c:a", "pcm_s16le", *_output_limits(length, DECODE_BYTES_PER_SECOND), "-f", "wav", str(dest)]
+
+
+def _output_limits(length: float, bytes_per_second: int) -> list[str]:
+    """Output options that end a cut at ``length`` seconds and at the size that many seconds may take."""
+    return ["-t", media.duration_arg(length), "-fs", str(max_cut_bytes(length, bytes_per_second))]
+
+
+def max_cut_bytes(length: float, bytes_per_second: int = COPY_BYTES_PER_SECOND) -> int:
+    """The most bytes a cut of ``length`` seconds may write (ffmpeg may pass ``-fs`` by one packet)."""
+    return math.ceil(length * bytes_per_second) + CUT_SLACK_BYTES
 
 
 async def cut_window(song: Song, start: float, seconds: float, length: float, dest: Path, timeout: float) -> None:
@@ -133,8 +155,10 @@ class Window:
         return self.end - self.start
 
 
-def plan_window(start: float, end: float | None, clip_seconds: float, song_seconds: float) -> Window:
-    """Check the window against the clip and the song (400 naming the field)."""
+def plan_window(start: float, end: float | None, clip_seconds: float, song_seconds: float,
+                min_seconds: float) -> Window:
+    """Check the window against the clip, the song and the shortest window allowed (400 naming the field)."""
+    sent_end = end
     if start >= song_seconds:
         raise ApiError(400, "song_too_short", f"audio_start: {start:g} s is not before the song's end "
                                               f"({song_seconds:g} s)", field="audio_start")
@@ -153,7 +177,12 @@ def plan_window(start: float, end: float | None, clip_seconds: float, song_secon
         if end > song_seconds + TOLERANCE_SECONDS:
             raise ApiError(400, "song_too_short", f"audio_end: {end:g} s is after the song's end ({song_seconds:g} s)",
                            field="audio_end")
-    return Window(start=start, end=min(end, start + clip_seconds, song_seconds), length=clip_seconds)
+    window = Window(start=start, end=min(end, start + clip_seconds, song_seconds), length=clip_seconds)
+    if window.seconds < min_seconds:  # ffmpeg would cut ~0 s as "no limit"; and no one can sing in it
+        field = "video_job_id" if clip_seconds < min_seconds else "audio_start" if sent_end is None else "audio_end"
+        raise ApiError(400, "window_too_short", f"{field}: the window ({window.seconds:g} s) is shorter than "
+                                                f"{min_seconds:g} s (lipsync.limits.min_window_seconds)", field=field)
+    return window
 
 
 async def finished_clip(app: web.Application, job_id: str, limits: LipsyncLimits,
@@ -212,7 +241,8 @@ async def submit_lipsync(app: web.Application, body: Any, defaulted: list[str], 
     settings = config.lipsync
     song = await song_file(app, body.audio_id, caller=owner)
     _, clip = await finished_clip(app, body.video_job_id, settings.limits, owner)
-    window = plan_window(body.audio_start, body.audio_end, clip.duration, song.duration)
+    window = plan_window(body.audio_start, body.audio_end, clip.duration, song.duration,
+                         settings.limits.min_window_seconds)
     summary = body.model_dump()
     summary.update(window={"start": window.start, "end": window.end, "seconds": round(window.seconds, 6)},
                    clip_seconds=clip.duration, song_seconds=song.duration, defaults_applied=defaulted)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import re
 import signal
@@ -28,8 +29,9 @@ from typing import Callable, Literal, Sequence
 import imageio_ffmpeg
 
 __all__ = [
-    "AssemblyInputError", "AssemblyResult", "AudioStream", "Clip", "MediaError", "MediaInfo", "MediaTimeout",
-    "VideoStream", "assemble", "ffmpeg_exe", "parse_inputs", "parse_probe", "probe", "probe_clips", "run_ffmpeg",
+    "AUDIO_DEMUXERS", "AssemblyInputError", "AssemblyResult", "AudioStream", "Clip", "DurationError", "MediaError",
+    "MediaInfo", "MediaTimeout", "SONG_DEMUXERS", "VideoStream", "assemble", "duration_arg", "ffmpeg_exe",
+    "input_args", "parse_inputs", "parse_probe", "probe", "probe_clips", "run_ffmpeg", "song_demuxer", "song_input_args",
     "stream_duration",
 ]
 
@@ -48,6 +50,11 @@ AUDIO_BITRATE = "192k"
 ASPECT_TOLERANCE = 0.01
 TRIM_TOLERANCE = 0.05  # seconds a trim may pass a clip's measured end (container rounding)
 X264 = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "20"]
+# Demuxers an uploaded song may be read with: each reads only the file it is given. Concat (ffconcat), HLS, DASH,
+# image sequences and the like open other files or URLs named inside the upload, so they are never allowed.
+AUDIO_DEMUXERS = ("mp3", "wav", "mov", "aac", "ogg", "flac")
+# The demuxer of a saved song, by the suffix it was saved under (the format was identified at upload).
+SONG_DEMUXERS = {".mp3": "mp3", ".wav": "wav", ".m4a": "mov", ".aac": "aac", ".ogg": "ogg", ".flac": "flac"}
 
 
 class MediaError(Exception):
@@ -56,6 +63,44 @@ class MediaError(Exception):
 
 class MediaTimeout(MediaError):
     """ffmpeg ran longer than allowed and was killed."""
+
+
+class DurationError(MediaError, ValueError):
+    """A duration for ffmpeg that is not above 0 once formatted (ffmpeg would read it as "no limit")."""
+
+
+def duration_arg(seconds: float) -> str:
+    """``seconds`` formatted for an ffmpeg option or filter that takes a duration (``-t``, ``atrim=duration``, ...).
+
+    ffmpeg reads a duration of 0 as "no limit" (``atrim=duration=0.000000`` keeps the whole input), so a value
+    that rounds to 0, or is negative, NaN or infinite, raises DurationError instead of being formatted.
+    """
+    text = f"{seconds:.6f}"
+    if not math.isfinite(seconds) or float(text) <= 0:
+        raise DurationError(f"a duration of {seconds!r} s is not above 0 at ffmpeg's precision")
+    return text
+
+
+def input_args(path: Path, demuxers: Sequence[str]) -> list[str]:
+    """``-i path`` for a file a client supplied: read from the local file only (no other protocol, so nothing named
+    inside it is fetched) and with one of ``demuxers`` (exactly that one when there is one)."""
+    if not demuxers or any(d not in AUDIO_DEMUXERS for d in demuxers):
+        raise MediaError(f"demuxers {list(demuxers)} are not all in the allow-list {list(AUDIO_DEMUXERS)}")
+    forced = ["-f", demuxers[0]] if len(demuxers) == 1 else []
+    return ["-protocol_whitelist", "file", "-format_whitelist", ",".join(demuxers), *forced, "-i", str(path)]
+
+
+def song_demuxer(song: Path) -> str:
+    """The demuxer of a saved song, from the suffix its identified format gave it (MediaError for another one)."""
+    demuxer = SONG_DEMUXERS.get(song.suffix)
+    if demuxer is None:
+        raise MediaError(f"{song.name} is not a saved song (unknown suffix)")
+    return demuxer
+
+
+def song_input_args(song: Path) -> list[str]:
+    """:func:`input_args` for a saved song, with the demuxer of the format it was saved as."""
+    return input_args(song, [song_demuxer(song)])
 
 
 class AssemblyInputError(MediaError, ValueError):
@@ -244,9 +289,12 @@ async def _read_limited(stream: asyncio.StreamReader, limit: int, tail: bool = F
     return kept.decode(errors="replace")
 
 
-async def probe(path: Path, *, timeout: float = PROBE_TIMEOUT) -> MediaInfo:
-    """Describe a media file from its header (``ffmpeg -i``): container, duration, streams and codec parameters."""
-    proc = await _spawn(["-i", str(path)])
+async def probe(path: Path, *, timeout: float = PROBE_TIMEOUT, demuxers: Sequence[str] | None = None) -> MediaInfo:
+    """Describe a media file from its header (``ffmpeg -i``): container, duration, streams and codec parameters.
+
+    ``demuxers``: read it as a client-supplied file (:func:`input_args`); anything else fails like an unreadable file.
+    """
+    proc = await _spawn(["-i", str(path)] if demuxers is None else input_args(path, demuxers))
     try:
         assert proc.stderr is not None
         async with asyncio.timeout(timeout):
@@ -295,15 +343,20 @@ async def _count_packets(stream: asyncio.StreamReader) -> dict[int, int]:
 
 
 async def stream_duration(path: Path, stream: str = "v:0", *, decode: bool = False, fps: float | None = None,
-                          timeout: float = PROBE_TIMEOUT) -> float:
+                          timeout: float = PROBE_TIMEOUT, demuxers: Sequence[str] | None = None,
+                          limit: float | None = None) -> float:
     """The length of one stream in seconds, from what ffmpeg counts while reading it (``-progress``), not the header.
 
     ``decode=False`` only demuxes (milliseconds); ``decode=True`` decodes the stream, which also proves it is
-    readable to the end. For a video stream with a known ``fps`` the length is frames / fps.
+    readable to the end. For a video stream with a known ``fps`` the length is frames / fps. ``demuxers`` as for
+    :func:`probe`; ``limit`` stops reading after that many seconds (the result is then at most about ``limit``).
     """
-    args = ["-i", str(path), "-map", f"0:{stream}"]
+    args = ["-i", str(path)] if demuxers is None else input_args(path, demuxers)
+    args += ["-map", f"0:{stream}"]
     if not decode:
         args += ["-c", "copy"]
+    if limit is not None:
+        args += ["-t", duration_arg(limit)]
     values: dict[str, str] = {}
 
     def seen(key: str, value: str) -> None:
@@ -483,14 +536,14 @@ def _audio_graph(sources: list[_Source], first_input: int, song_input: int | Non
             d = source.duration
             if source.info.first_audio is not None:
                 parts.append(f"[{first_input + n}:a:0]{fmt},atrim=start={source.start:.6f},asetpts=PTS-STARTPTS,"
-                             f"apad,atrim=end={d:.6f}[ca{n}]")
+                             f"apad,atrim=end={duration_arg(d)}[ca{n}]")
             else:
-                parts.append(f"anullsrc=r={AUDIO_RATE}:cl=stereo,aformat=sample_fmts=fltp,atrim=end={d:.6f}[ca{n}]")
+                parts.append(f"anullsrc=r={AUDIO_RATE}:cl=stereo,aformat=sample_fmts=fltp,atrim=end={duration_arg(d)}[ca{n}]")
             labels.append(f"[ca{n}]")
         if crossfade:
             current = labels[0]
             for n, label in enumerate(labels[1:], 1):
-                parts.append(f"{current}{label}acrossfade=d={crossfade:.6f}[cx{n}]")
+                parts.append(f"{current}{label}acrossfade=d={duration_arg(crossfade)}[cx{n}]")
                 current = f"[cx{n}]"
             parts.append(f"{current}anull[clipmix]")
         else:
@@ -500,15 +553,15 @@ def _audio_graph(sources: list[_Source], first_input: int, song_input: int | Non
         tracks.append("[clips]")
     if song_input is not None:
         fade = min(SONG_FADE_SECONDS, total / 4)
-        parts.append(f"[{song_input}:a:0]{fmt},apad,atrim=end={total:.6f},"
-                     f"afade=t=out:st={total - fade:.6f}:d={fade:.6f}[song]")
+        parts.append(f"[{song_input}:a:0]{fmt},apad,atrim=end={duration_arg(total)},"
+                     f"afade=t=out:st={total - fade:.6f}:d={duration_arg(fade)}[song]")
         tracks.insert(0, "[song]")
     if not tracks:
-        parts.append(f"anullsrc=r={AUDIO_RATE}:cl=stereo,atrim=end={total:.6f}[aout]")
+        parts.append(f"anullsrc=r={AUDIO_RATE}:cl=stereo,atrim=end={duration_arg(total)}[aout]")
     elif len(tracks) == 1:
         parts.append(f"{tracks[0]}anull[aout]")
     else:
-        parts.append(f"{''.join(tracks)}amix=inputs=2:duration=first:normalize=0,atrim=end={total:.6f}[aout]")
+        parts.append(f"{''.join(tracks)}amix=inputs=2:duration=first:normalize=0,atrim=end={duration_arg(total)}[aout]")
     return ";".join(parts)
 
 
@@ -517,7 +570,7 @@ def _audio_inputs(sources: list[_Source], clip_audio: ClipAudio) -> list[str]:
 
 
 def _song_inputs(song: Path | None, offset: float) -> list[str]:
-    return ["-ss", f"{offset:.6f}", "-i", str(song)] if song is not None else []
+    return ["-ss", f"{offset:.6f}", *song_input_args(song)] if song is not None else []
 
 
 OUTPUT_ARGS = ["-c:a", "aac", "-b:a", AUDIO_BITRATE, "-movflags", "+faststart", "-f", "mp4"]
@@ -539,7 +592,7 @@ def _concat_list(entries: list[tuple[Path, float]]) -> str:
     def quoted(path: Path) -> str:
         return "'" + str(path).replace("'", "'\\''") + "'"
 
-    return "ffconcat version 1.0\n" + "".join(f"file {quoted(p)}\nduration {d:.6f}\n" for p, d in entries)
+    return "ffconcat version 1.0\n" + "".join(f"file {quoted(p)}\nduration {duration_arg(d)}\n" for p, d in entries)
 
 
 class _Progress:
@@ -588,7 +641,7 @@ async def _assemble_cuts(sources: list[_Source], tmp: Path, out: Path, song: Pat
     graph = _audio_graph(sources, first_clip_input, song_input, total, clip_audio, None)
     args = ["-f", "concat", "-safe", "0", "-i", str(listing), *_song_inputs(song, song_offset),
             *_audio_inputs(sources, clip_audio), "-filter_complex", graph,
-            "-map", "0:v:0", "-map", "[aout]", "-c:v", "copy", *OUTPUT_ARGS, "-t", f"{total:.6f}", "-y", str(tmp)]
+            "-map", "0:v:0", "-map", "[aout]", "-c:v", "copy", *OUTPUT_ARGS, "-t", duration_arg(total), "-y", str(tmp)]
     await run_ffmpeg(args, duration=total, progress=tracker.step(len(encode)))
 
 
@@ -600,12 +653,12 @@ async def _assemble_crossfade(sources: list[_Source], tmp: Path, song: Path | No
     inputs: list[str] = []
     parts: list[str] = []
     for n, source in enumerate(sources):
-        inputs += ["-ss", f"{source.start:.6f}", "-t", f"{source.duration + 1 / fps:.6f}", "-i", str(source.clip.path)]
+        inputs += ["-ss", f"{source.start:.6f}", "-t", duration_arg(source.duration + 1 / fps), "-i", str(source.clip.path)]
         parts.append(f"[{n}:v:0]{_fit_filter(source.video, first.width, first.height, fit)},fps={fps:g},"
                      f"format=yuv420p,trim=end_frame={source.frames},setpts=PTS-STARTPTS,settb=AVTB[v{n}]")
     current, length = "[v0]", sources[0].duration
     for n, source in enumerate(sources[1:], 1):
-        parts.append(f"{current}[v{n}]xfade=transition=fade:duration={crossfade:.6f}:offset={length - crossfade:.6f}[x{n}]")
+        parts.append(f"{current}[v{n}]xfade=transition=fade:duration={duration_arg(crossfade)}:offset={length - crossfade:.6f}[x{n}]")
         current, length = f"[x{n}]", length + source.duration - crossfade
     parts.append(f"{current}null[vout]")
     song_input = len(sources) if song is not None else None
@@ -614,7 +667,7 @@ async def _assemble_crossfade(sources: list[_Source], tmp: Path, song: Path | No
     audio_sources = [_Source(s.index, s.clip, s.info, s.video, s.length, 0.0, s.frames) for s in sources]
     parts.append(_audio_graph(audio_sources, 0, song_input, length, clip_audio, crossfade))
     args = [*inputs, "-filter_complex", ";".join(parts), "-map", "[vout]", "-map", "[aout]", *X264,
-            "-pix_fmt", "yuv420p", "-r", f"{fps:g}", *OUTPUT_ARGS, "-t", f"{length:.6f}", "-y", str(tmp)]
+            "-pix_fmt", "yuv420p", "-r", f"{fps:g}", *OUTPUT_ARGS, "-t", duration_arg(length), "-y", str(tmp)]
     await run_ffmpeg(args, duration=length, progress=progress)
     result.reencoded.extend(s.index for s in sources)
     return length
@@ -665,7 +718,7 @@ async def assemble(clips: Sequence[Clip], out: Path, *, song: Path | None = None
 
 async def _check_song(song: Path, offset: float) -> None:
     try:
-        info = await probe(song)
+        info = await probe(song, demuxers=[song_demuxer(song)])
     except MediaError as exc:
         raise AssemblyInputError("song", f"song is not a readable audio file: {exc}") from None
     if info.first_audio is None:

@@ -238,6 +238,12 @@ def _answers(ok: int, description: str, *errors: int, content: str | tuple[str, 
     return answers
 
 
+def _described(answers: dict[str, Any], status: int, description: str) -> dict[str, Any]:
+    """``answers`` with the description of one error status replaced by what that route answers with it."""
+    answers[str(status)] = {**answers[str(status)], "description": description}
+    return answers
+
+
 ERROR_DESCRIPTIONS = {
     403: "forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS",
     415: "unsupported_media_type: a POST body must be sent as Content-Type: application/json",
@@ -458,7 +464,11 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
             "summary": "Start a lip-sync job (answers 202 at once): a finished clip's mouth movements follow a window "
                        "of a song (Replicate sync/lipsync-2-pro); the result is served by get_video/{job_id}",
             "requestBody": _json_body("LipsyncRequest"),
-            "responses": _answers(202, "job accepted", 400, 404, 413, 415, 503)}},
+            "responses": _described(_answers(202, "job accepted", 400, 404, 413, 415, 503), 400,
+                                    "invalid_field, clip_not_found, clip_not_ready, invalid_clip, clip_too_long, "
+                                    "clip_too_large, invalid_audio, song_too_short, window_too_long, "
+                                    "window_too_short (the window is shorter than the server's "
+                                    "lipsync.limits.min_window_seconds, 0.5 s by default)")}},
         "/api/mv/assemble": {"post": {
             "summary": "Start an assembly job (answers 202 at once): finished clips (video or lip-sync jobs) joined "
                        "with cuts (stream-copied where possible) or crossfades, with an optional song; the result "
@@ -526,7 +536,11 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
             "summary": "Upload a song (mp3, wav, m4a/aac, ogg, flac; identified from its content, at most "
                        "MV_MAX_AUDIO_MB); answers its audio_id, duration, sample rate, channels and format",
             "requestBody": AUDIO_BODY,
-            "responses": {**_answers(201, "audio saved", 400, 403, 408, 413, 415, 503),
+            "responses": {**_described(_answers(201, "audio saved", 400, 403, 408, 413, 415, 503), 400,
+                                       "invalid_audio (not an accepted audio file; one message for every file that "
+                                       "is not one, whatever it names), audio_too_long (the song lasts longer than "
+                                       "MV_MAX_AUDIO_SECONDS, 20 min by default), invalid_multipart, "
+                                       "incomplete_body"),
                           "201": {"description": "audio saved",
                                   "content": {"application/json": {"schema": AUDIO_SCHEMA}}}}}},
         "/api/mv/get_audio/{audio_id}": {"get": {

@@ -14,7 +14,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from mvserver.app import create_app
+from mvserver.config import ConfigError, EnvSettings
 from mvserver.audio import UPLOAD_SLOTS
+from mvserver import media
 from mvserver.media import ffmpeg_exe
 from mvserver.sandbox.render import render_character_image, render_video
 from conftest import AppClient
@@ -236,3 +238,96 @@ def test_a_crash_leftover_upload_is_removed_at_start(live_env: dict[str, str]) -
     leftover.write_bytes(b"half a song")
     create_app(live_env)
     assert not leftover.exists()
+
+
+# -- files that name other files (ffconcat, HLS, image sequences) -----------------------------------------------------
+
+GENERIC = "the file is not an audio file ffmpeg can read"
+
+
+async def test_uploads_that_name_other_files_get_one_generic_error_whether_or_not_they_exist(
+        client: TestClient, tmp_path: Path) -> None:
+    """The probe reads an upload with an allowed demuxer only, so a listing is never followed: the answer is the
+    same for a sibling song that exists, one that does not, a playlist and an image sequence."""
+    existing = (await upload(client, make_audio(tmp_path / "s.mp3").read_bytes()))["audio_id"]
+    audio_dir = tmp_path / "outputs" / "audio"
+    for n in (1, 2, 3):
+        (audio_dir / f"frame-{n:03d}.png").write_bytes(render_character_image("a frame"))
+    before = stored(tmp_path)
+    uploads = {
+        "ffconcat naming an existing song": f"ffconcat version 1.0\nfile {existing}.mp3\n",
+        "ffconcat naming a missing song": f"ffconcat version 1.0\nfile {uuid.uuid4()}.mp3\n",
+        "HLS playlist": f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2.0,\n{existing}.mp3\n#EXT-X-ENDLIST\n",
+        "image2 pattern": "ffconcat version 1.0\nfile frame-%03d.png\n",
+        "an image": render_character_image("a singer"),
+    }
+    errors = {}
+    for name, data in uploads.items():
+        errors[name] = (await upload(client, data.encode() if isinstance(data, str) else data, status=400))["error"]
+    assert all(error == {"code": "invalid_audio", "message": GENERIC, "field": "body"} for error in errors.values()), \
+        errors
+    assert stored(tmp_path) == before
+
+
+# -- the longest song ---------------------------------------------------------------------------------------------
+
+
+def silent_flac(path: Path, seconds: float) -> Path:
+    """Minutes of 8 kHz mono silence: a FLAC of a few kB per minute."""
+    subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                    "anullsrc=r=8000:cl=mono", "-t", str(seconds), "-c:a", "flac", str(path)],
+                   check=True, capture_output=True, timeout=60)
+    return path
+
+
+async def test_a_song_over_the_default_length_is_refused_from_its_header_before_any_decode(
+        client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = silent_flac(tmp_path / "long.flac", 25 * 60).read_bytes()
+    assert len(data) < 300_000  # a small file, a long song
+    decodes: list[Path] = []
+    real = media.stream_duration
+
+    async def counted(path: Path, *args: Any, **kwargs: Any) -> float:
+        decodes.append(path)
+        return await real(path, *args, **kwargs)
+
+    monkeypatch.setattr(media, "stream_duration", counted)
+    error = (await upload(client, data, content_type="audio/flac", status=400))["error"]
+    assert error["code"] == "audio_too_long" and error["field"] == "body"
+    assert "1500 s" in error["message"] and "1200 s" in error["message"] and "MV_MAX_AUDIO_SECONDS" in error["message"]
+    assert decodes == [] and stored(tmp_path) == []
+
+
+def understated_mp3(path: Path) -> Path:
+    """2 s at 320 kb/s, then 60 s at 32 kb/s, without a Xing header: ffmpeg estimates ~8 s from the first frames."""
+    parts = []
+    for n, (source, seconds, rate) in enumerate([("sine", 2, "320k"), ("anullsrc=r=44100:cl=mono", 60, "32k")]):
+        part = path.with_name(f"part{n}.mp3")
+        subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", source,
+                        "-t", str(seconds), "-ac", "1", "-ar", "44100", "-c:a", "libmp3lame", "-b:a", rate,
+                        "-write_xing", "0", "-id3v2_version", "0", str(part)], check=True, capture_output=True,
+                       timeout=60)
+        parts.append(part.read_bytes())
+    path.write_bytes(b"".join(parts))
+    return path
+
+
+async def test_a_header_that_understates_the_length_is_caught_by_a_bounded_decode(make_client: AppClient,
+                                                                                  tmp_path: Path) -> None:
+    song = understated_mp3(tmp_path / "lie.mp3")
+    assert (await media.probe(song)).duration < 10
+    assert await media.stream_duration(song, "a:0", decode=True, limit=31) == pytest.approx(31, abs=0.1)
+    client = await make_client(MV_MAX_AUDIO_SECONDS="30")
+    error = (await upload(client, song.read_bytes(), status=400))["error"]
+    assert error["code"] == "audio_too_long" and "more than 30 s" in error["message"]
+    assert stored(tmp_path) == []
+    short = make_audio(tmp_path / "short.flac", seconds=29.0, rate=8000, channels=1).read_bytes()
+    assert (await upload(client, short, content_type="audio/flac"))["duration"] == pytest.approx(29.0, abs=0.05)
+
+
+def test_the_longest_song_setting() -> None:
+    assert EnvSettings.from_env({}).max_audio_seconds == 1200.0
+    assert EnvSettings.from_env({"MV_MAX_AUDIO_SECONDS": "600"}).max_audio_seconds == 600.0
+    for bad in ("-1", "ten", "90000"):
+        with pytest.raises(ConfigError, match="MV_MAX_AUDIO_SECONDS"):
+            EnvSettings.from_env({"MV_MAX_AUDIO_SECONDS": bad})

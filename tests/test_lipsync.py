@@ -21,7 +21,8 @@ from yarl import URL
 
 from mvserver.config import ConfigError, EnvSettings, load_config
 from mvserver.jobs import JOBS
-from mvserver.lipsync import Song, cut_args, plan_window
+from mvserver import media
+from mvserver.lipsync import Song, cut_args, cut_window, max_cut_bytes, plan_window
 from mvserver.errors import ApiError
 from mvserver.sandbox.render import LIPSYNC_LABEL, lipsync_label_box, probe_media
 from mvserver.sandbox.simulator import Simulator
@@ -356,6 +357,9 @@ async def test_bad_lipsync_requests_name_the_field(client: TestClient, sim: Simu
         ({**ok, "audio_start": 3.0, "audio_end": 6.5}, 400, "song_too_short", "audio_end"),
         ({**ok, "audio_start": 0.5, "audio_end": 5.5}, 400, "window_too_long", "audio_end"),
         ({**ok, "audio_start": 2.0, "audio_end": 2.0}, 400, "invalid_field", "audio_end"),
+        ({**ok, "audio_start": 2.0, "audio_end": 2.0 + 1e-9}, 400, "window_too_short", "audio_end"),
+        ({**ok, "audio_start": 2.0, "audio_end": 2.49}, 400, "window_too_short", "audio_end"),
+        ({**ok, "audio_start": 5.7, "audio_end": 6.04}, 400, "window_too_short", "audio_end"),  # 0.3 s of song
         ({**ok, "sync_mode": "stretch"}, 400, "invalid_field", "sync_mode"),
         ({**ok, "temperature": 1.5}, 400, "invalid_field", "temperature"),
         ({**ok, "active_speaker": "yes"}, 400, "invalid_field", "active_speaker"),
@@ -372,20 +376,61 @@ async def test_bad_lipsync_requests_name_the_field(client: TestClient, sim: Simu
     # integers are fine where seconds are asked for
     accepted = await submit(client, **ok, audio_start=1, audio_end=3, temperature=1)
     await client.delete(accepted["status_url"])
+    shortest = await submit(client, **ok, audio_start=2.0, audio_end=2.5)  # exactly min_window_seconds
+    await client.delete(shortest["status_url"])
     await client.delete(pending["status_url"])
 
 
 def test_plan_window_and_the_cut_it_makes() -> None:
-    assert plan_window(1.0, None, 4.0, 10.0).end == 5.0
-    assert plan_window(6.02, None, 4.0, 10.0).end == 10.0  # within the tolerance: the last 20 ms are silence
+    assert plan_window(1.0, None, 4.0, 10.0, 0.5).end == 5.0
+    assert plan_window(6.02, None, 4.0, 10.0, 0.5).end == 10.0  # within the tolerance: the last 20 ms are silence
     with pytest.raises(ApiError) as caught:
-        plan_window(6.1, None, 4.0, 10.0)
+        plan_window(6.1, None, 4.0, 10.0, 0.5)
     assert caught.value.info.field == "audio_start"
     song = Song(Path("s.wav"), 10.0, "wav", 48000, 2)
     assert "copy" in cut_args(song, 1.0, 4.0, 4.0, Path("w.wav"))
     assert "copy" not in cut_args(song, 1.0, 2.0, 4.0, Path("w.wav"))  # padding needs a re-encode
     assert "copy" not in cut_args(Song(Path("s.wav"), 10.0, "wav", 96000, 2), 1.0, 4.0, 4.0, Path("w.wav"))
     assert "copy" not in cut_args(Song(Path("s.mp3"), 10.0, "mp3", 44100, 2), 1.0, 4.0, 4.0, Path("w.wav"))
+    with pytest.raises(ApiError) as short:
+        plan_window(2.0, 2.0 + 1e-9, 4.0, 10.0, 0.5)
+    assert (short.value.info.code, short.value.info.field) == ("window_too_short", "audio_end")
+    with pytest.raises(ApiError) as tiny_clip:
+        plan_window(0.0, None, 0.2, 10.0, 0.5)
+    assert tiny_clip.value.info.field == "video_job_id"
+    for seconds, length in ((1e-9, 4.0), (4.0, 1e-9), (4e-7, 4.0)):
+        with pytest.raises(media.DurationError):  # never "atrim=duration=0.000000", which ffmpeg reads as no limit
+            cut_args(Song(Path("s.mp3"), 10.0, "mp3", 44100, 2), 1.0, seconds, length, Path("w.wav"))
+
+
+@pytest.mark.parametrize(("fmt", "rate"), [("mp3", 44100), ("wav", 48000), ("wav", 96000)])
+async def test_a_cut_writes_no_more_than_its_window_whatever_it_is_asked(tmp_path: Path, fmt: str, rate: int) -> None:
+    """Even asked for 30 s of song under a 2 s clip (a planning bug), the cut stops at 2 s and its byte bound."""
+    path = tmp_path / f"song.{fmt}"
+    subprocess.run([FFMPEG, "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", f"sine=d=40:r={rate}",
+                    "-ac", "2", *_CODECS[fmt], str(path)], check=True, timeout=60)
+    song = Song(path, 40.0, fmt, rate, 2)
+    dest = tmp_path / "window.wav"
+    await cut_window(song, 1.0, 30.0, 2.0, dest, timeout=60)
+    params, frames = wav_frames(dest)
+    assert params.nframes / params.framerate == pytest.approx(2.0, abs=0.03)
+    assert dest.stat().st_size <= max_cut_bytes(2.0)
+    args = cut_args(song, 1.0, 30.0, 2.0, dest)
+    output = args[args.index("-i") + 2:]  # the options after the input file apply to the output
+    assert output[output.index("-t") + 1] == "2.000000" and int(output[output.index("-fs") + 1]) <= max_cut_bytes(2.0)
+
+
+async def test_a_song_file_that_lists_another_file_is_not_followed_by_the_cut(tmp_path: Path) -> None:
+    """Every read of a saved song uses the demuxer of its format and the local file only: an ffconcat list saved under
+    a song's name fails to cut instead of cutting the file it names."""
+    real = tmp_path / "real.mp3"
+    subprocess.run([FFMPEG, "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=d=6", str(real)],
+                   check=True, timeout=60)
+    fake = tmp_path / "fake.mp3"
+    fake.write_text(f"ffconcat version 1.0\nfile {real.name}\n")
+    with pytest.raises(media.MediaError):
+        await cut_window(Song(fake, 6.0, "mp3", 44100, 1), 1.0, 4.0, 4.0, tmp_path / "w.wav", timeout=60)
+    assert not (tmp_path / "w.wav").exists()
 
 
 # -- the simulated model ----------------------------------------------------------------------------------------------
@@ -420,6 +465,7 @@ async def test_the_simulated_model_checks_its_input_and_cannot_read_local_files(
     (lambda d: d["defaults"].update(temperature=0.9) or d["allowed"]["temperature"].update(max=0.8), "temperature"),
     (lambda d: d.update(voice="alto"), "voice"),
     (lambda d: d["limits"].update(ffmpeg_concurrency=0), "limits.ffmpeg_concurrency"),
+    (lambda d: d["limits"].update(min_window_seconds=0), "limits.min_window_seconds"),
 ])
 def test_invalid_lipsync_settings_name_the_file_and_key(settings_dir: Path, change: Any, key: str) -> None:
     path = settings_dir / "lipsync.yaml"
@@ -440,3 +486,6 @@ async def test_openapi_describes_the_lipsync_request_with_the_settings_defaults(
     assert properties["sync_mode"]["default"] == "cut_off"
     assert set(properties["sync_mode"]["enum"]) == {"cut_off", "loop", "bounce", "silence", "remap"}
     assert properties["temperature"]["default"] == 0.5 and properties["temperature"]["maximum"] == 1.0
+    assert "window_too_short" in document["paths"]["/api/mv/lipsync"]["post"]["responses"]["400"]["description"]
+    upload_400 = document["paths"]["/api/mv/upload_audio"]["post"]["responses"]["400"]["description"]
+    assert "audio_too_long" in upload_400 and "MV_MAX_AUDIO_SECONDS" in upload_400

@@ -136,6 +136,46 @@ async def test_probe_rejects_what_is_not_media(tmp_path: Path) -> None:
         await media.probe(path)
 
 
+def ffconcat_naming(listing: Path, target: Path) -> Path:
+    """A file with a song's name whose content is an ffconcat list naming another file beside it."""
+    listing.write_text(f"ffconcat version 1.0\nfile {target.name}\n")
+    return listing
+
+
+async def test_a_client_file_is_read_only_with_an_allowed_demuxer_and_never_opens_another(tmp_path: Path) -> None:
+    sibling = make_song(tmp_path / "sibling.mp3", 3)
+    listing = ffconcat_naming(tmp_path / "upload.part", sibling)
+    assert (await media.probe(listing)).container == "concat"  # what an unrestricted read does: it opens the sibling
+    with pytest.raises(MediaError):
+        await media.probe(listing, demuxers=media.AUDIO_DEMUXERS)
+    with pytest.raises(MediaError):
+        await media.stream_duration(listing, "a:0", decode=True, demuxers=media.AUDIO_DEMUXERS)
+    fake_song = ffconcat_naming(tmp_path / "fake.mp3", sibling)  # read as mp3, as every read of a saved song is
+    with pytest.raises(MediaError):
+        await media.stream_duration(fake_song, "a:0", decode=True, demuxers=[media.song_demuxer(fake_song)])
+    info = await media.probe(sibling, demuxers=media.AUDIO_DEMUXERS)  # a real song still reads
+    assert info.container == "mp3" and info.duration == pytest.approx(3.0, abs=0.1)
+    args = media.input_args(sibling, ["mp3"])
+    assert args[:6] == ["-protocol_whitelist", "file", "-format_whitelist", "mp3", "-f", "mp3"]
+    with pytest.raises(MediaError):
+        media.input_args(sibling, ["concat"])
+
+
+def test_a_duration_that_rounds_to_zero_is_never_formatted() -> None:
+    assert media.duration_arg(0.5) == "0.500000" and media.duration_arg(1e-6) == "0.000001"
+    for bad in (1e-9, 4e-7, 0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(media.DurationError):
+            media.duration_arg(bad)
+
+
+async def test_an_assembly_song_that_names_another_file_is_refused(clips: dict[str, Path], tmp_path: Path) -> None:
+    fake_song = ffconcat_naming(tmp_path / "song.mp3", make_song(tmp_path / "other.mp3", 10))
+    with pytest.raises(AssemblyInputError) as error:
+        await media.assemble([Clip(clips["b"])], tmp_path / "out.mp4", song=fake_song)
+    assert error.value.field == "song"
+    assert not (tmp_path / "out.mp4").exists()
+
+
 # -- run_ffmpeg ----------------------------------------------------------------------------------------------------
 
 
