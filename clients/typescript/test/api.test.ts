@@ -9,6 +9,7 @@ import { assertEveryEventOnce, droppingFetch, noStreamFetch, recordingFetch } fr
 
 let server: RunningServer;
 let mv: MvClient;
+const UNKNOWN_ID = "3f2b8a3e-9a5c-4d7e-8b1a-2c3d4e5f6a7b";
 const CHARACTER = "a woman with short silver hair, round glasses and a yellow raincoat";
 
 before(async () => {
@@ -138,11 +139,11 @@ describe("the client against a sandboxed server (keys off)", { concurrency: true
     assert.match(error.message, /number_of_scenes/);
     assert.equal(recorder.sent.length, 1);
 
-    const missing = await client.generateVideo({ prompt: "x", reference_image_id: "3f2b8a3e-9a5c-4d7e-8b1a-2c3d4e5f6a7b" })
+    const missing = await client.generateVideo({ prompt: "x", reference_image_id: UNKNOWN_ID })
       .then(() => assert.fail("no error"), (caught: unknown) => caught as MvApiError);
     assert.deepEqual([missing.status, missing.code, missing.field], [404, "not_found", "reference_image_id"]);
 
-    const unknownJob = await client.followJob("3f2b8a3e-9a5c-4d7e-8b1a-2c3d4e5f6a7b")
+    const unknownJob = await client.followJob(UNKNOWN_ID)
       .then(() => assert.fail("no error"), (caught: unknown) => caught as MvApiError);
     assert.deepEqual([unknownJob.status, unknownJob.code], [404, "not_found"]);
   });
@@ -210,6 +211,7 @@ describe("the client against a sandboxed server (keys off)", { concurrency: true
     refusals = 0;
     const error = await client.health({ retry: { retries: 0 } })
       .then(() => assert.fail("no error"), (caught: unknown) => caught as MvApiError);
-    assert.deepEqual([error.status, error.code, error.retryAfter, error.transient], [503, "store_unavailable", 1, true]);
+    assert.deepEqual([error.status, error.code, error.retryAfter, error.transient],
+      [503, "store_unavailable", 1, true]);
   });
 });

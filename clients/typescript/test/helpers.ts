@@ -52,7 +52,8 @@ export function droppingFetch(events: number, times = 1, inner: typeof fetch = f
         }
         const before = text.length;
         text += decoder.decode(value, { stream: true });
-        const ends = [...text.matchAll(/\r\n\r\n|\n\n|\r\r/g)].map((match) => (match.index as number) + match[0].length);
+        const ends = [...text.matchAll(/\r\n\r\n|\n\n|\r\r/g)]
+          .map((match) => (match.index as number) + match[0].length); // aiohttp-sse ends lines with \r\n
         if (ends.length <= events) {
           controller.enqueue(encoder.encode(text.slice(before)));
           return;
