@@ -369,6 +369,7 @@ class EnvSettings:
     settings_dir: Path = DEFAULT_SETTINGS_DIR
     max_body_bytes: int = 16 * 1024 * 1024
     max_audio_bytes: int = 50 * 1024 * 1024
+    header_timeout_seconds: float = 15.0  # a request's headers must arrive within this (0: no limit)
     max_concurrent_jobs: int | None = None
     sandbox_video_latency: float | None = None
     gemini_base_url: str | None = None
@@ -410,6 +411,7 @@ class EnvSettings:
             settings_dir=Path(text("MV_SETTINGS_DIR") or DEFAULT_SETTINGS_DIR),
             max_body_bytes=int(_env_number(env, "MV_MAX_BODY_MB", 16.0, float) * 1024 * 1024),
             max_audio_bytes=int(_env_number(env, "MV_MAX_AUDIO_MB", 50.0, float) * 1024 * 1024),
+            header_timeout_seconds=_env_number(env, "MV_HEADER_TIMEOUT_SECONDS", 15.0, float),
             max_concurrent_jobs=_env_number(env, "MV_MAX_CONCURRENT_JOBS", None) or None,
             sandbox_video_latency=_env_number(env, "MV_SANDBOX_VIDEO_SECONDS", None, float),
             gemini_base_url=text("MV_GEMINI_BASE_URL"),
