@@ -188,7 +188,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     assembly.setup(app)
     app.add_routes(events.routes)
     app.add_routes(audio.routes)
-    app[audio.UPLOAD_SLOTS] = asyncio.Semaphore(audio.MAX_CONCURRENT_UPLOADS)
+    app[audio.UPLOAD_SLOTS] = audio.UploadSlots(env.max_concurrent_uploads)
     app.add_routes(projects.routes)
     app.add_routes(demo.routes)
     access.setup_cors(app, env)  # last: it covers every route added above

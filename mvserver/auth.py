@@ -50,6 +50,9 @@ class KeyLimits(BaseModel):
     blocking_per_minute: float | None = Field(default=30, gt=0)
     blocking_burst: PositiveInt = 10
     max_running_jobs: PositiveInt | None = 4
+    uploads_per_minute: float | None = Field(default=10, gt=0)  # upload_audio requests (a token each)
+    uploads_burst: PositiveInt = 5
+    max_concurrent_uploads: PositiveInt | None = 2  # of this key at once, per process
 
 
 class KeyRecord(BaseModel):
