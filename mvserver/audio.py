@@ -306,8 +306,7 @@ async def _store_upload(request: web.Request) -> web.Response:
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    return web.json_response({**body, "output_file": store.relative(path)}, status=201,
-                             headers={"Location": body["audio_url"]})
+    return web.json_response(body, status=201, headers={"Location": body["audio_url"]})  # no server path
 
 
 async def saved_audio(app: web.Application, audio_id: str, field: str = "audio_id",

@@ -218,7 +218,6 @@ AUDIO_SCHEMA = {
         "channels": {"type": "integer", "minimum": 1, "maximum": 8},
         "size_bytes": {"type": "integer"},
         "audio_url": {"type": "string"},
-        "output_file": {"type": "string"},
     },
 }
 
