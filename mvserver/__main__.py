@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mvserver: configuration error: {exc}", file=sys.stderr)
         return 2
     try:
-        run_app(app, host=env.host, port=env.port, access_log_class=AccessLogger)
+        run_app(app, host=env.host, port=env.port, access_log_class=AccessLogger,
+                header_timeout=env.header_timeout_seconds or None)
     except OSError as exc:  # the address is in use, or cannot be bound
         print(f"mvserver: cannot listen on {env.host}:{env.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2

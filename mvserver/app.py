@@ -15,7 +15,7 @@ from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
 from .config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
 from .debug import debug_print
-from .errors import server_log
+from .errors import hide_paths_under, server_log
 from .jobs import JOBS, FileJobStore, JobEngine, JobStore, video_kind
 from .jobs.census import JobCensus
 from .metrics import METRICS
@@ -168,6 +168,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     except OSError as exc:
         raise ConfigError(f"environment: MV_OUTPUT_DIR={str(env.output_dir)!r}: cannot create the output "
                           f"directories: {exc.strerror or exc}") from None
+    hide_paths_under(env.output_dir, env.settings_dir)  # error texts name files, never where they are
     app = web.Application(client_max_size=env.max_body_bytes, handler_args={"logger": server_log()})
     access.setup(app, env, guard=security_middleware(env))
     app[CONFIG] = config
@@ -188,7 +189,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     assembly.setup(app)
     app.add_routes(events.routes)
     app.add_routes(audio.routes)
-    app[audio.UPLOAD_SLOTS] = asyncio.Semaphore(audio.MAX_CONCURRENT_UPLOADS)
+    app[audio.UPLOAD_SLOTS] = audio.UploadSlots(env.max_concurrent_uploads)
     app.add_routes(projects.routes)
     app.add_routes(demo.routes)
     access.setup_cors(app, env)  # last: it covers every route added above

@@ -7,6 +7,12 @@ is ever opened), last at most ``MV_MAX_AUDIO_SECONDS``, and the whole stream mus
 also gives the exact duration).
 Only then is it renamed to ``audio/<id>.<ext>`` and its JSON sidecar written; the sidecar comes last, so a song
 counts as saved once its sidecar exists. Anything else leaves nothing on disk.
+
+An upload holds one of the process's upload slots (``MV_MAX_CONCURRENT_UPLOADS``) and, with keys on, one of its
+key's (``max_concurrent_uploads``), and costs a token of the key's upload bucket (``uploads_per_minute``,
+``uploads_burst``). So that a slow client cannot hold a slot, the body must keep coming: no pause longer than
+``MV_UPLOAD_IDLE_SECONDS``, and on average at least ``MV_UPLOAD_MIN_BYTES_PER_SECOND`` once that much time has
+passed (:class:`UploadPace`); a trickle of a byte every few seconds is cut off with 408.
 """
 
 from __future__ import annotations
@@ -14,17 +20,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from aiohttp import BodyPartReader, ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import media
-from .auth import key_id, visible_to
+from .auth import API_KEY, KeyRecord, key_id, visible_to
 from .config import CONFIG
 from .errors import ApiError
+from .quotas import charge_upload
 from .security import accepts
 from .storage import STORE, OutputStore, check_id, new_id
 
@@ -34,10 +43,10 @@ CHUNK = 1 << 16
 MAX_CHANNELS = 8
 SAMPLE_RATES = range(8000, 192001)
 MIN_SECONDS = 0.1
-UPLOAD_TIMEOUT_SECONDS = 300.0  # a body that trickles in slower than this is cut off
+UPLOAD_TIMEOUT_SECONDS = 300.0  # the whole body must arrive within this, however steadily it comes
 HEADER_TIMEOUT_SECONDS = 10.0
 DECODE_TIMEOUT_SECONDS = 60.0  # decoding 50 MB of MP3 takes a few seconds; a file built to stall ffmpeg is stopped
-MAX_CONCURRENT_UPLOADS = 4
+KEY_SLOTS_RETRY_AFTER = 5.0  # seconds a key whose upload slots are all taken is told to wait
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,89 @@ FORMATS = {fmt.name: fmt for fmt in (
 )}
 _BY_MIME = {fmt.mime_type: fmt for fmt in FORMATS.values()}
 
-UPLOAD_SLOTS = web.AppKey("audio_upload_slots", asyncio.Semaphore)
+
+
+class UploadSlots:
+    """The uploads running on this process: at most ``total``, and at most a key's ``max_concurrent_uploads`` of
+    them, so one key cannot take every slot. Checked and taken without an ``await`` in between, so no two requests
+    can take the last slot."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.running = 0
+        self._per_key: Counter[str] = Counter()
+
+    def locked(self) -> bool:
+        """Every slot is taken (as ``asyncio.Semaphore.locked``)."""
+        return self.running >= self.total
+
+    def take(self, key: KeyRecord | None) -> None:
+        """Take a slot for ``key`` (None: keys off), or raise 429 ``quota_exceeded`` (the key's slots) or 503
+        ``busy`` (all slots)."""
+        cap = key.limits.max_concurrent_uploads if key is not None else None
+        if key is not None and cap is not None and self._per_key[key.id] >= cap:
+            raise ApiError(429, "quota_exceeded", f"this key already has {self._per_key[key.id]} uploads running "
+                                                  f"(limit max_concurrent_uploads {cap})",
+                           retry_after=KEY_SLOTS_RETRY_AFTER)
+        if self.locked():
+            raise ApiError(503, "busy", f"{self.total} uploads are already running; try again shortly", retry_after=2)
+        self.running += 1
+        if key is not None:
+            self._per_key[key.id] += 1
+
+    def give_back(self, key: KeyRecord | None) -> None:
+        self.running -= 1
+        if key is not None:
+            self._per_key[key.id] -= 1
+            if self._per_key[key.id] <= 0:
+                del self._per_key[key.id]
+
+
+UPLOAD_SLOTS = web.AppKey("audio_upload_slots", UploadSlots)
+
+
+@dataclass(frozen=True)
+class UploadPace:
+    """How steadily a body must arrive: never ``idle_seconds`` without a byte, and after ``idle_seconds`` (the
+    grace for a slow start) on average ``min_bytes_per_second`` (0: no minimum), all within ``total_seconds``.
+
+    Each read waits until the earliest of: the last byte + ``idle_seconds``; start + ``idle_seconds`` + received /
+    ``min_bytes_per_second`` (the time by which the bytes so far would have been due); start + ``total_seconds``."""
+
+    idle_seconds: float
+    min_bytes_per_second: float
+    total_seconds: float = UPLOAD_TIMEOUT_SECONDS
+
+    def deadline(self, start: float, last: float, received: int) -> tuple[float, str]:
+        """When the next bytes are due, and what is broken if they are not."""
+        due = [(last + self.idle_seconds, f"the upload stalled: no data for {self.idle_seconds:g} s "
+                                          "(MV_UPLOAD_IDLE_SECONDS)"),
+               (start + self.total_seconds, f"the upload took longer than {self.total_seconds:g} s")]
+        if self.min_bytes_per_second > 0:
+            due.append((start + self.idle_seconds + received / self.min_bytes_per_second,
+                        f"the upload is too slow: it must average at least {self.min_bytes_per_second:g} bytes/s "
+                        "(MV_UPLOAD_MIN_BYTES_PER_SECOND)"))
+        return min(due)
+
+
+async def _paced(chunks: AsyncIterator[bytes], pace: UploadPace,
+                 clock: Callable[[], float] = time.monotonic) -> AsyncIterator[bytes]:
+    """``chunks`` as they come, or ApiError 408 ``request_timeout`` as soon as they come too slowly (``pace``)."""
+    start = last = clock()
+    received = 0
+    source = chunks.__aiter__()
+    while True:
+        due, why = pace.deadline(start, last, received)
+        try:
+            async with asyncio.timeout(max(0.0, due - clock())):
+                chunk = await anext(source)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise ApiError(408, "request_timeout", why, field="body") from None
+        received += len(chunk)
+        last = clock()
+        yield chunk
 
 
 def invalid(message: str) -> ApiError:
@@ -129,14 +220,15 @@ async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _receive(request: web.Request, dest: Path, limit: int) -> None:
-    """Stream the body (or the one file of a multipart body) to ``dest``; 413 as soon as ``limit`` is passed."""
+async def _receive(request: web.Request, dest: Path, limit: int, pace: UploadPace) -> None:
+    """Stream the body (or the one file of a multipart body) to ``dest``; 413 as soon as ``limit`` is passed, 408
+    as soon as it comes too slowly (``pace``)."""
     store = request.app[STORE]
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     mime = request.content_type
     if mime.startswith("audio/"):
-        await store.write_stream(dest, _limited(_raw_chunks(request), limit))
+        await store.write_stream(dest, _limited(_paced(_raw_chunks(request), pace), limit))
         return
     if mime != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type",
@@ -144,11 +236,14 @@ async def _receive(request: web.Request, dest: Path, limit: int) -> None:
                        "with one file", field="Content-Type")
     try:
         reader = await request.multipart()
-        part = await reader.next()
+        async with asyncio.timeout(pace.idle_seconds):  # the part's headers
+            part = await reader.next()
         if not isinstance(part, BodyPartReader):
             raise invalid("the multipart body must hold exactly one file")
-        await store.write_stream(dest, _limited(_part_chunks(part), limit))
-        if await reader.next() is not None:
+        await store.write_stream(dest, _limited(_paced(_part_chunks(part), pace), limit))
+        async with asyncio.timeout(pace.idle_seconds):  # the closing boundary
+            more = await reader.next()
+        if more is not None:
             raise invalid("the multipart body must hold exactly one file")
     except (ValueError, AssertionError) as exc:  # how aiohttp's multipart parser reports a malformed body
         raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc}", field="body") from None
@@ -189,26 +284,30 @@ async def identify(path: Path, max_seconds: float) -> dict[str, Any]:
 @routes.post("/api/mv/upload_audio")
 @accepts("audio/*", "multipart/form-data")
 async def upload_audio(request: web.Request) -> web.Response:
-    slots = request.app[UPLOAD_SLOTS]
-    if slots.locked():
-        raise ApiError(503, "busy", f"{MAX_CONCURRENT_UPLOADS} uploads are already running; try again shortly",
-                       retry_after=2)
-    async with slots:
+    slots, key = request.app[UPLOAD_SLOTS], request.get(API_KEY)
+    limit = request.app[CONFIG].env.max_audio_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)  # costs nothing
+    slots.take(key)
+    try:
+        await charge_upload(request)  # 429 rate_limited when the key's upload bucket is empty
         return await _store_upload(request)
+    finally:
+        slots.give_back(key)
 
 
 async def _store_upload(request: web.Request) -> web.Response:
     store: OutputStore = request.app[STORE]
-    limit = request.app[CONFIG].env.max_audio_bytes
+    env = request.app[CONFIG].env
+    pace = UploadPace(env.upload_idle_seconds, env.upload_min_bytes_per_second)
     audio_id = new_id()
     upload = store.root / "audio" / f".{audio_id}.upload.part"  # a crash leaves it to the start-up clean-up
     try:
         try:
-            async with asyncio.timeout(UPLOAD_TIMEOUT_SECONDS):
-                await _receive(request, upload, limit)
-        except TimeoutError:
-            raise ApiError(408, "request_timeout", f"the upload took longer than {UPLOAD_TIMEOUT_SECONDS:g} s",
-                           field="body") from None
+            await _receive(request, upload, env.max_audio_bytes, pace)
+        except TimeoutError:  # the multipart part headers or closing boundary stalled
+            raise ApiError(408, "request_timeout", f"the upload stalled: no data for {pace.idle_seconds:g} s "
+                                                   "(MV_UPLOAD_IDLE_SECONDS)", field="body") from None
         except (ClientPayloadError, ConnectionError, HttpProcessingError):
             raise ApiError(400, "incomplete_body", "the upload ended before the whole body arrived",
                            field="body") from None
@@ -226,8 +325,7 @@ async def _store_upload(request: web.Request) -> web.Response:
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    return web.json_response({**body, "output_file": store.relative(path)}, status=201,
-                             headers={"Location": body["audio_url"]})
+    return web.json_response(body, status=201, headers={"Location": body["audio_url"]})  # no server path
 
 
 async def saved_audio(app: web.Application, audio_id: str, field: str = "audio_id",

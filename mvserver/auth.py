@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 from .config import ConfigError
 from .storage import write_bytes_atomic
 from .errors import ApiError
-from .signing import SIGNER
+from .signing import SIGNER, links_expire_by
 
 log = logging.getLogger("mvserver")
 
@@ -50,6 +50,9 @@ class KeyLimits(BaseModel):
     blocking_per_minute: float | None = Field(default=30, gt=0)
     blocking_burst: PositiveInt = 10
     max_running_jobs: PositiveInt | None = 4
+    uploads_per_minute: float | None = Field(default=10, gt=0)  # upload_audio requests (a token each)
+    uploads_burst: PositiveInt = 5
+    max_concurrent_uploads: PositiveInt | None = 2  # of this key at once, per process
 
 
 class KeyRecord(BaseModel):
@@ -242,6 +245,10 @@ def make_auth_middleware(on_failure: Callable[[str], None] | None = None) -> Cal
                 if on_failure is not None:
                     on_failure(exc.info.code)
                 raise
+            request[KEY_ID] = record.id
+            request[API_KEY] = record
+            with links_expire_by(int(request.query["exp"])):  # what it hands out must not outlive this link
+                return await handler(request)
         elif header is None:
             return _unauthorized("auth_required", "this route needs Authorization: Bearer <API key>", REALM, on_failure)
         else:

@@ -372,6 +372,10 @@ class EnvSettings:
     max_body_bytes: int = 16 * 1024 * 1024
     max_audio_bytes: int = 50 * 1024 * 1024
     max_audio_seconds: float = 1200.0
+    max_concurrent_uploads: int = 4  # upload_audio requests at once on this process
+    upload_idle_seconds: float = 10.0  # an upload body may pause at most this long (and this is its slow-start grace)
+    upload_min_bytes_per_second: float = 16384.0  # ... and must average at least this after the grace (0: no minimum)
+    header_timeout_seconds: float = 15.0  # a request's headers must arrive within this (0: no limit)
     max_concurrent_jobs: int | None = None
     sandbox_video_latency: float | None = None
     gemini_base_url: str | None = None
@@ -414,6 +418,10 @@ class EnvSettings:
             max_body_bytes=int(_env_number(env, "MV_MAX_BODY_MB", 16.0, float) * 1024 * 1024),
             max_audio_bytes=int(_env_number(env, "MV_MAX_AUDIO_MB", 50.0, float) * 1024 * 1024),
             max_audio_seconds=_env_number(env, "MV_MAX_AUDIO_SECONDS", 1200.0, float, maximum=86400) or 1200.0,
+            max_concurrent_uploads=_env_number(env, "MV_MAX_CONCURRENT_UPLOADS", 4) or 4,
+            upload_idle_seconds=_env_number(env, "MV_UPLOAD_IDLE_SECONDS", 10.0, float) or 10.0,
+            upload_min_bytes_per_second=_env_number(env, "MV_UPLOAD_MIN_BYTES_PER_SECOND", 16384.0, float),
+            header_timeout_seconds=_env_number(env, "MV_HEADER_TIMEOUT_SECONDS", 15.0, float),
             max_concurrent_jobs=_env_number(env, "MV_MAX_CONCURRENT_JOBS", None) or None,
             sandbox_video_latency=_env_number(env, "MV_SANDBOX_VIDEO_SECONDS", None, float),
             gemini_base_url=text("MV_GEMINI_BASE_URL"),

@@ -3,6 +3,11 @@
 Every error body is ``{"error": {"code", "message", "field"?, "provider"?, "provider_status"?, "provider_error"?}}``.
 A provider failure keeps the provider's own status (its HTTP code, or a prediction status such as ``failed``) in
 ``provider_status`` and its own words in ``provider_error``; ``code`` says what kind of failure it was.
+
+No error shows a server path: a message built from an exception or from ffmpeg's output can name a file
+(``/srv/mv/outputs/videos/<id>.mp4: Invalid data…``), so :class:`ErrorInfo` cuts every path under a directory of
+this server (the output and settings directories, the checkout, the Python installation, the temporary and home
+directories; :func:`hide_paths_under`) to its file name as it is made, for HTTP answers and job errors alike.
 """
 
 from __future__ import annotations
@@ -10,8 +15,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import re
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import aiohttp
@@ -24,9 +33,46 @@ from pydantic import ValidationError
 log = logging.getLogger("mvserver")
 
 
+_HIDDEN_DIRS: set[str] = set()
+_HIDDEN: re.Pattern[str] | None = None
+_PATH_TAIL = r"(?:/[^\s'\"`:,;()\[\]<>]*)*"  # the rest of a path, up to white space, quotes or punctuation
+
+
+def hide_paths_under(*directories: Path | str) -> None:
+    """Never show a path under these directories (as given and resolved) to a client: error texts name only the
+    file. The app adds its output and settings directories."""
+    global _HIDDEN
+    for directory in directories:
+        for form in {os.path.abspath(directory), os.path.realpath(directory)}:
+            if form.rstrip("/"):
+                _HIDDEN_DIRS.add(form.rstrip("/"))
+    names = "|".join(re.escape(d) for d in sorted(_HIDDEN_DIRS, key=len, reverse=True))
+    # Not inside a URL or a longer name (``host:8080/srv/…``): the path starts the text or follows a space, a quote,
+    # a bracket, ``=`` or ``:``, and its directory ends where the name ends.
+    _HIDDEN = re.compile(rf"(?<![\w.~%/-])(?:{names})(?![^/\s'\"`:,;()\[\]<>]){_PATH_TAIL}")
+
+
+def without_paths(value: Any) -> Any:
+    """``value`` (a text, or the strings inside a list or dict) with every server path cut to its last part."""
+    if isinstance(value, str):
+        if _HIDDEN is None or "/" not in value:
+            return value
+        return _HIDDEN.sub(lambda m: os.path.basename(m.group(0).rstrip("/")) or "/", value)
+    if isinstance(value, dict):
+        return {key: without_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_paths(item) for item in value]
+    return value
+
+
+hide_paths_under(Path(__file__).resolve().parent.parent, sys.prefix, sys.base_prefix, sys.exec_prefix,
+                 tempfile.gettempdir(), Path.home())
+
+
 @dataclass
 class ErrorInfo:
-    """What went wrong, in the shape clients see (HTTP body and failed-job event alike)."""
+    """What went wrong, in the shape clients see (HTTP body and failed-job event alike); its texts never carry a
+    server path (:func:`without_paths`)."""
 
     code: str
     message: str
@@ -34,6 +80,10 @@ class ErrorInfo:
     provider: str | None = None
     provider_status: int | str | None = None
     provider_error: Any = None
+
+    def __post_init__(self) -> None:
+        self.message = without_paths(self.message)
+        self.provider_error = without_paths(self.provider_error)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -146,14 +146,13 @@ async def generate_reference(app: web.Application, params: dict[str, Any], defau
         if owner is not None:
             sidecar["owner_key_id"] = owner
         await store.write_json(store.path("images", image_id, ".json"), sidecar)
-        images.append({"image_id": image_id, "mime_type": fmt.mime_type, "output_file": store.relative(path),
+        images.append({"image_id": image_id, "mime_type": fmt.mime_type,  # never the server path of the file
                        "image_url": f"/api/mv/get_image/{image_id}", "prediction_id": prediction.id, "seed": seed})
     first = images[0]
     body = {
         "image_id": first["image_id"],
         "image_base64": encoded[0],
         "mime_type": fmt.mime_type,
-        "output_file": first["output_file"],
         "image_url": first["image_url"],
         "sandbox": sandbox,
         "metadata": metadata,

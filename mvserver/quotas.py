@@ -1,4 +1,5 @@
-"""Per-key quotas (with keys on): token buckets on job creation and the blocking endpoints, a running-jobs cap.
+"""Per-key quotas (with keys on): token buckets on job creation, the blocking endpoints and uploads, a running-jobs
+cap.
 
 The buckets sit behind :class:`RateLimiter` (one method): :class:`LocalRateLimiter` keeps them in the process,
 :class:`RedisRateLimiter` in Redis, shared by every process that uses the same server (plug it in with
@@ -125,6 +126,20 @@ class Quotas:
                                f"burst {burst}); retry in {math.ceil(wait)} s", wait)
 
 
+    async def charge_upload(self, key: KeyRecord) -> None:
+        """Take a token from ``key``'s upload bucket (``uploads_per_minute``, ``uploads_burst``), or raise ApiError
+        429 ``rate_limited`` with Retry-After."""
+        per_minute = key.limits.uploads_per_minute
+        if per_minute is None:
+            return
+        burst = key.limits.uploads_burst
+        wait = await self.limiter.acquire(f"{key.id}:uploads", per_minute / 60.0, burst)
+        if wait > 0:
+            raise self._refuse("uploads", "rate_limited",
+                               f"too many uploads for this key (limit {per_minute:g} per minute, burst {burst}); "
+                               f"retry in {math.ceil(wait)} s", wait)
+
+
 QUOTAS = web.AppKey("quotas", Quotas)
 
 
@@ -140,6 +155,14 @@ def set_rate_limiter(app: web.Application, limiter: RateLimiter) -> None:
     quotas = app.get(QUOTAS)
     if quotas is not None:
         quotas.limiter = limiter
+
+
+async def charge_upload(request: web.Request) -> None:
+    """Charge the caller's key for an upload (429 when its upload bucket is empty); nothing when keys are off."""
+    key = request.get(API_KEY)
+    quotas = request.app.get(QUOTAS)
+    if key is not None and quotas is not None:
+        await quotas.charge_upload(key)
 
 
 async def charge(request: web.Request, bucket: Bucket, cost: int = 1) -> None:

@@ -102,7 +102,6 @@ async def _save(request: web.Request, params: dict[str, Any], defaulted: list[st
         "scenes_id": scenes_id,
         "scenes": scenes,
         "sandbox": sandbox,
-        "files": {"json": store.relative(json_path), "markdown": store.relative(md_path)},
         "urls": {"json": f"/api/mv/get_scenes/{scenes_id}.json", "markdown": f"/api/mv/get_scenes/{scenes_id}.md"},
         "metadata": metadata,
     }

@@ -218,7 +218,6 @@ AUDIO_SCHEMA = {
         "channels": {"type": "integer", "minimum": 1, "maximum": 8},
         "size_bytes": {"type": "integer"},
         "audio_url": {"type": "string"},
-        "output_file": {"type": "string"},
     },
 }
 
@@ -396,7 +395,8 @@ CHARGED_POSTS = frozenset({
     "/api/mv/create_scenes", "/api/mv/generate_character_reference", "/api/mv/generate_video", "/api/mv/lipsync",
     "/api/mv/assemble", "/api/mv/projects/{project_id}/write_scenes", "/api/mv/projects/{project_id}/character",
     "/api/mv/projects/{project_id}/clips", "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
-    "/api/mv/projects/{project_id}/assemble", "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync"})
+    "/api/mv/projects/{project_id}/assemble", "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync",
+    "/api/mv/upload_audio"})
 
 
 def _with_access(paths: dict[str, Any], metrics: bool) -> None:

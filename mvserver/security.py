@@ -8,8 +8,12 @@ this, in this order:
   and ``[::1]``), any port: 421 ``misdirected_request`` otherwise. A rebound name is not on the list.
 - ``Origin``, when present, must be this server's own origin (scheme, host and port of the request) or one of
   ``MV_CORS_ORIGINS``: 403 ``forbidden_origin`` otherwise. Browsers send ``Origin`` on every POST, even a
-  same-origin one, and on cross-origin fetches of any method; a same-origin GET carries none. A request a browser
-  marks ``Sec-Fetch-Site: cross-site`` or ``same-site`` must carry such an ``Origin``.
+  same-origin one, and on cross-origin fetches of any method; a same-origin GET carries none. A state-changing
+  request (any method but GET, HEAD and OPTIONS) a browser marks ``Sec-Fetch-Site: cross-site`` or ``same-site``
+  must carry such an ``Origin``. A safe request without ``Origin`` passes whatever its ``Sec-Fetch-Site``: that is
+  how browsers load ``<img>``, ``<video>`` and ``<audio>`` sources (and follow links), no GET changes anything, and
+  the page that sent it cannot read the answer (no CORS headers without an allowed ``Origin``); with keys on, it
+  still needs a valid signed link.
 - A POST body must be ``application/json`` (a ``charset`` parameter is fine): 415 ``unsupported_media_type``
   otherwise. An HTML form cannot send that type, and a fetch that does needs a preflight. A handler marked with
   :func:`accepts` takes the types it names instead (a song upload: ``audio/*`` or a multipart form); a form post
@@ -29,6 +33,7 @@ from .errors import ApiError
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACCEPTS = "_mv_accepts"  # the body types a handler marked with accepts() takes
 JSON_ONLY = ("application/json",)
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def split_host(value: str) -> tuple[str, str | None]:
@@ -71,7 +76,7 @@ def check_host(request: web.Request, allowed: frozenset[str]) -> None:
 def check_origin(request: web.Request, allowed: frozenset[str]) -> None:
     origin = request.headers.get(hdrs.ORIGIN)
     if origin is None:
-        if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
+        if request.method not in SAFE_METHODS and request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
             raise ApiError(403, "forbidden_origin", "a request from another site must carry an allowed Origin",
                            field="Origin")
         return

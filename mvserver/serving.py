@@ -1,14 +1,24 @@
 """Serving the app: ``web.run_app``'s loop, with a runner whose connections answer every request aiohttp's HTTP
-parser refuses (a malformed header or request line) with the JSON error shape instead of aiohttp's plain text.
+parser refuses (a malformed header or request line) with the JSON error shape instead of aiohttp's plain text, and
+close a connection whose request headers do not arrive in time.
 
 aiohttp answers such a request from ``RequestHandler.handle_error``, before any route or middleware runs, and offers
 no hook for its body; the only seam is the class of the connection handler, which ``web.Server`` builds.
+
+aiohttp's only timeout before a request's headers are complete is ``keepalive_timeout`` (75 s here), counted from
+the connection's start or its last response, so a client trickling header bytes held a connection (and its memory)
+that long. :class:`JsonErrorRequestHandler` adds a header timeout (``MV_HEADER_TIMEOUT_SECONDS``): from a new
+connection, or from the first byte of the next request on a kept-alive one, the headers must be complete within it;
+otherwise the connection gets ``408 request_timeout`` (or, if it sent nothing, is just closed). An idle kept-alive
+connection is still governed by ``keepalive_timeout`` alone. Request bodies have their own limits in the handlers
+that read them (``upload_audio``).
 """
 
 from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import re
 from contextlib import suppress
 from http import HTTPStatus
@@ -59,9 +69,58 @@ def parser_error(exc: HttpProcessingError) -> ErrorInfo:
 class JsonErrorRequestHandler(RequestHandler):
     """aiohttp's connection handler, answering the errors it handles itself with the JSON error shape. It still logs
     them through the server logger (one line for a parser error, see :class:`~mvserver.errors.ServerLog`) and closes
-    the connection; no traceback reaches the body, debug mode or not."""
+    the connection; no traceback reaches the body, debug mode or not. With ``header_timeout``, a request's headers
+    must arrive within that many seconds (see the module docstring)."""
 
-    __slots__ = ()
+    __slots__ = ("_header_timeout", "_header_timer", "_header_bytes")
+
+    def __init__(self, manager: web.Server, *, header_timeout: float | None = None, **kwargs: Any):
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_bytes = False  # some bytes of the awaited request arrived
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_header_timer()  # a new connection must send its first request in time
+
+    def data_received(self, data: bytes) -> None:
+        if data and not self._request_in_progress and not self._messages:
+            self._header_bytes = True
+            if self._header_timer is None:
+                self._arm_header_timer()  # the first bytes of the next request on a kept-alive connection
+        super().data_received(data)
+        if self._messages:  # a whole request line and header block arrived (or a parser error to answer)
+            self._cancel_header_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timeout is not None and self._header_timeout > 0:
+            self._header_timer = self._loop.call_later(self._header_timeout, self._headers_late)
+
+    def _cancel_header_timer(self) -> None:
+        self._header_bytes = False
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.transport is None or self._force_close or self._request_in_progress or self._messages:
+            return
+        if self._waiter is None:  # still finishing the last request (draining its unread body): look again later
+            self._arm_header_timer()
+            return
+        if self._header_bytes:
+            info = ErrorInfo("request_timeout", f"the request headers did not arrive within {self._header_timeout:g} s "
+                                                "(MV_HEADER_TIMEOUT_SECONDS)")
+            body = json.dumps({"error": info.to_dict()}).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json; charset=utf-8\r\n"
+                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        self.force_close()  # the transport sends what is buffered, then closes
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -78,19 +137,29 @@ class JsonErrorRequestHandler(RequestHandler):
 
 
 class JsonErrorServer(web.Server):
-    """``web.Server`` whose connections are :class:`JsonErrorRequestHandler`."""
+    """``web.Server`` whose connections are :class:`JsonErrorRequestHandler` (with ``header_timeout``)."""
+
+    def __init__(self, *args: Any, header_timeout: float | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
 
     def __call__(self) -> RequestHandler:
-        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+        return JsonErrorRequestHandler(self, loop=self._loop, header_timeout=self.header_timeout, **self._kwargs)
 
 
 class AppRunner(web.AppRunner):
-    """``web.AppRunner`` (app start-up, shutdown and clean-up as usual) serving through :class:`JsonErrorServer`."""
+    """``web.AppRunner`` (app start-up, shutdown and clean-up as usual) serving through :class:`JsonErrorServer`;
+    ``header_timeout`` (seconds, None for none) bounds how long a request's headers may take to arrive."""
+
+    def __init__(self, app: web.Application, *, header_timeout: float | None = None, **kwargs: Any):
+        super().__init__(app, **kwargs)
+        self.header_timeout = header_timeout
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         return JsonErrorServer(server.request_handler, request_factory=server.request_factory,
-                               handler_cancellation=server.handler_cancellation, **server._kwargs)
+                               handler_cancellation=server.handler_cancellation, header_timeout=self.header_timeout,
+                               **server._kwargs)
 
 
 async def _serve(app: web.Application, host: str, port: int, **runner_args: Any) -> None:
@@ -105,11 +174,13 @@ async def _serve(app: web.Application, host: str, port: int, **runner_args: Any)
         await runner.cleanup()
 
 
-def run_app(app: web.Application, *, host: str, port: int, access_log_class: type[AbstractAccessLogger]) -> None:
+def run_app(app: web.Application, *, host: str, port: int, access_log_class: type[AbstractAccessLogger],
+            header_timeout: float | None = None) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, as ``web.run_app`` does (same keep-alive and shutdown timeouts, tasks
-    left over canceled, the loop closed); start-up errors (an address in use, a store down) propagate."""
+    left over canceled, the loop closed), with a ``header_timeout`` on every request's headers; start-up errors (an
+    address in use, a store down) propagate."""
     loop = asyncio.new_event_loop()
-    main = loop.create_task(_serve(app, host, port, access_log_class=access_log_class,
+    main = loop.create_task(_serve(app, host, port, access_log_class=access_log_class, header_timeout=header_timeout,
                                    keepalive_timeout=75.0, shutdown_timeout=60.0))
     try:
         asyncio.set_event_loop(loop)

@@ -5,16 +5,22 @@ key id, expiry, path and query, with the server's ``MV_URL_SIGNING_SECRET``. It 
 only for GET/HEAD of that exact path with exactly those query parameters (e.g. the job list of the multi-job stream)
 until it expires, and dies with its key when the key is revoked. Signing happens in the handler layer
 (:func:`signed_url`, :func:`signed_urls`); the data models keep plain paths.
+
+A request admitted by a signed link gets links that expire no later than that link (:func:`links_expire_by`, set
+by the auth middleware for the request's task): otherwise a link would renew itself (``GET`` on a signed
+``status_url`` answers fresh ``signed_urls``), and a leaked link would never expire.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import time
+from contextvars import ContextVar
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
@@ -26,6 +32,19 @@ if TYPE_CHECKING:
 
 MIN_SECRET_CHARS = 32
 LINK_PARAMETERS = frozenset({"kid", "exp", "sig"})
+# The expiry of the signed link that admitted the current request (None: a bearer key, or keys off).
+_ADMITTED_UNTIL: ContextVar[int | None] = ContextVar("mv_signed_link_expiry", default=None)
+
+
+@contextlib.contextmanager
+def links_expire_by(expires: int) -> Iterator[None]:
+    """Within the block, every link signed expires at ``expires`` at the latest: the request was admitted by a
+    signed link that expires then, and what it hands out must not outlive it."""
+    token = _ADMITTED_UNTIL.set(expires)
+    try:
+        yield
+    finally:
+        _ADMITTED_UNTIL.reset(token)
 
 
 def canonical_query(pairs: Iterable[tuple[str, str]]) -> str:
@@ -53,15 +72,20 @@ class UrlSigner:
 
     def sign(self, key_id: str, path: str, ttl: int | None = None, now: float | None = None) -> tuple[str, int]:
         """The signed link for ``path`` (which may carry a query, e.g. ``/api/mv/events?jobs=a,b``; the signature
-        covers it) and its expiry (unix seconds)."""
+        covers it) and its expiry (unix seconds): ``ttl`` from now, but never later than the signed link that
+        admitted the current request (:func:`links_expire_by`)."""
         expires = int(now if now is not None else time.time()) + (self.ttl if ttl is None else ttl)
+        admitted_until = _ADMITTED_UNTIL.get()
+        if admitted_until is not None:
+            expires = min(expires, admitted_until)
         path, _, own = path.partition("?")
         signature = self._signature(key_id, path, expires, canonical_query(parse_qsl(own, keep_blank_values=True)))
         query = urlencode({"kid": key_id, "exp": expires, "sig": signature})
         return f"{path}?{own}&{query}" if own else f"{path}?{query}", expires
 
     def verify(self, request: web.Request, keyring: "KeyRing") -> "KeyRecord":
-        """The key a signed link was made for; ApiError 403 when it is tampered, expired, revoked or not a GET."""
+        """The key a signed link was made for; ApiError 403 when it is tampered, expired, revoked or not a GET.
+        (Its expiry is then ``int(request.query["exp"])``.)"""
         query = request.query
         key_id, expires, signature = query.get("kid", ""), query.get("exp", ""), query.get("sig", "")
         if request.method not in ("GET", "HEAD"):

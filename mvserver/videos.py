@@ -273,8 +273,8 @@ async def job_status(request: web.Request) -> web.Response:
     return web.json_response(_with_signed_urls(request, (await _job(request)).public()))
 
 
-@routes.delete("/api/mv/jobs/{job_id}")
 @routes.post("/api/mv/jobs/{job_id}/cancel")
+@routes.delete("/api/mv/jobs/{job_id}")  # registered first, next to GET: one resource per path (its CORS preflight)
 async def cancel_job(request: web.Request) -> web.Response:
     job = await request.app[JOBS].cancel((await _job(request)).id)
     assert job is not None

@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestClient
 
 from mvserver.app import create_app
 from mvserver.config import ConfigError, EnvSettings
-from mvserver.audio import UPLOAD_SLOTS
 from mvserver import media
+from mvserver.audio import FORMATS as AUDIO_FORMATS, UPLOAD_SLOTS
 from mvserver.media import ffmpeg_exe
 from mvserver.sandbox.render import render_character_image, render_video
 from conftest import AppClient
@@ -74,7 +74,7 @@ async def test_each_format_is_identified_by_content_and_served_back(client: Test
     assert body["size_bytes"] == len(data) and body["audio_url"] == f"/api/mv/get_audio/{audio_id}"
     sidecar = json.loads((tmp_path / "outputs" / "audio" / f"{audio_id}.json").read_text())
     assert sidecar["format"] == fmt and sidecar["duration"] == body["duration"]
-    assert stored(tmp_path) == sorted([f"{audio_id}.json", Path(body["output_file"]).name])
+    assert stored(tmp_path) == sorted([f"{audio_id}.json", f"{audio_id}{AUDIO_FORMATS[fmt].suffix}"])
 
     served = await client.get(body["audio_url"])
     assert served.status == 200 and served.headers["Content-Type"] == mime and await served.read() == data

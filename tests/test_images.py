@@ -78,12 +78,12 @@ async def test_png_is_returned_saved_and_served_byte_for_byte(client: TestClient
     assert uuid.UUID(image_id).version == 4
     assert body["mime_type"] == "image/png" and body["sandbox"] is False
     assert body["image_url"] == f"/api/mv/get_image/{image_id}"
-    assert body["output_file"] == f"outputs/images/{image_id}.png"
+    assert "output_file" not in body  # no server path in answers
     data = base64.b64decode(body["image_base64"])
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         assert image.format == "PNG" and image.width == image.height  # 1:1 by default
-    assert (tmp_path / body["output_file"]).read_bytes() == data
+    assert (tmp_path / "outputs" / "images" / f"{image_id}.png").read_bytes() == data
 
     served = await client.get(body["image_url"])
     assert served.status == 200 and served.headers["Content-Type"] == "image/png"
@@ -106,7 +106,7 @@ async def test_png_is_returned_saved_and_served_byte_for_byte(client: TestClient
 async def test_other_formats_and_the_optional_inputs(module_live: LiveApp, fmt: str, mime: str, pillow: str) -> None:
     client, sim = module_live
     body = await generate(client, output_format=fmt, aspect_ratio="16:9", seed=7, negative_prompt="blurry, text")
-    assert body["mime_type"] == mime and body["output_file"].endswith(f".{fmt}")
+    assert body["mime_type"] == mime
     with Image.open(io.BytesIO(base64.b64decode(body["image_base64"]))) as image:
         assert image.format == pillow and image.width > image.height
     served = await client.get(body["image_url"])
@@ -372,7 +372,7 @@ async def test_one_image_keeps_the_old_shape_and_lists_it_in_images(module_live:
     body = await generate(client)
     assert [image["image_id"] for image in body["images"]] == [body["image_id"]]
     only = body["images"][0]
-    assert only["image_url"] == body["image_url"] and only["output_file"] == body["output_file"]
+    assert only["image_url"] == body["image_url"] and only["mime_type"] == body["mime_type"]
     assert only["prediction_id"] == body["metadata"]["prediction_id"] and only["seed"] is None
 
 

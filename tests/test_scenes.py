@@ -151,7 +151,7 @@ async def test_happy_path_writes_scenes_files_and_metadata(make_client, recorder
     markdown = md_file.read_text()
     assert all(scene["description"] in markdown for scene in scenes)
     assert IDEA in markdown
-    assert data["files"] == {"json": f"outputs/scenes/{scenes_id}.json", "markdown": f"outputs/scenes/{scenes_id}.md"}
+    assert "files" not in data  # no server path in answers
 
     served = await client.get(data["urls"]["json"])
     assert served.status == 200 and served.content_type == "application/json"
