@@ -15,18 +15,19 @@ record, so a job ending does not change the ``ETag``; the effect is folded in at
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import time
 from typing import Any, Awaitable, Callable, Iterable, NamedTuple
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, create_model
 
 from .auth import key_id, visible_to
 from .config import CONFIG, Config
 from .errors import ApiError, validation_error
-from .idempotency import idempotent
+from .idempotency import idempotent, reserve
 from .images import _saved_image, generate_reference
 from .jobs import JOBS, Job
 from .project_schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
@@ -300,6 +301,21 @@ def _options(body: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
     return body
 
 
+@functools.lru_cache(maxsize=64)
+def _options_model(model: type[BaseModel], allowed: frozenset[str]) -> type[BaseModel]:
+    """The fields ``allowed`` of a request model, with their types, limits and defaults, as a model of their own."""
+    fields: dict[str, Any] = {name: (info.annotation, info) for name, info in model.model_fields.items()
+                              if name in allowed}
+    return create_model(f"{model.__name__}Options", __config__=model.model_config, **fields)
+
+
+def normal_options(model: type[BaseModel], options: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
+    """A project action's options as the request model they feed reads them (checked, text trimmed, defaults
+    filled): what an ``Idempotency-Key`` fingerprints, known before the project's state is read."""
+    checked, _ = _validate(_options_model(model, allowed), options)
+    return checked.model_dump(mode="json")
+
+
 # -- create --------------------------------------------------------------------------------------------------------
 
 
@@ -554,8 +570,10 @@ def _project_id(request: web.Request) -> str:
 
 
 @routes.post(BASE)
+@idempotent
 async def create(request: web.Request) -> web.Response:
     body, _ = _validate(request.app[REQUEST_MODELS].projects.create, await _json_object(request))
+    await reserve(request, body)
     project = await create_project(request.app, body, owner=key_id(request))
     return _respond(project, {}, 201, headers={"Location": f"{BASE}/{project.id}"})
 
@@ -588,27 +606,32 @@ async def patch(request: web.Request) -> web.Response:
 
 
 @routes.post(BASE + "/{project_id}/write_scenes")
+@idempotent
 async def write(request: web.Request) -> web.Response:
     app = request.app
     project_id = (await owned_project(request)).id
     options, _ = _validate(app[REQUEST_MODELS].projects.write_scenes, await _json_object(request, optional=True))
+    await reserve(request, options)
     await charge(request, "blocking")
     project = await write_project_scenes(request, project_id, options, request.headers.get("If-Match"))
     return _respond(project, await job_states(app, project))
 
 
 @routes.post(BASE + "/{project_id}/character")
+@idempotent
 async def character(request: web.Request) -> web.Response:
     """Render the project's character (Imagen) and make it the chosen reference image of its clips."""
     app = request.app
     project = await owned_project(request)
     project_id = project.id
     options = _options(await _json_object(request, optional=True), CHARACTER_OPTIONS)
+    params, defaulted = _validate(app[REQUEST_MODELS].image,
+                                  {"character_description": project.character_description, **options})
+    # Before If-Match: the retry of a request that went through (and moved the ETag) gets its answer, not a 412.
+    await reserve(request, {name: getattr(params, name) for name in CHARACTER_OPTIONS})
     if_match = request.headers.get("If-Match")
     if if_match is not None and not _matches(if_match, project):
         raise ApiError(412, "precondition_failed", f"the project is at version {etag(project)}", field="If-Match")
-    params, defaulted = _validate(app[REQUEST_MODELS].image,
-                                  {"character_description": project.character_description, **options})
     await charge(request, "blocking")
 
     def abandoned() -> bool:
@@ -630,6 +653,7 @@ async def generate_missing(request: web.Request) -> web.Response:
     """A clip job for every scene without a chosen clip and without one in progress."""
     project_id = (await owned_project(request)).id
     options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
+    await reserve(request, normal_options(request.app[REQUEST_MODELS].video, options, CLIP_OPTIONS))
     project, jobs, started = await generate_clips(request.app, project_id, None, options,
                                                   request.headers.get("If-Match"), owner=key_id(request),
                                                   charge=lambda n: charge(request, "jobs", n))
@@ -644,6 +668,7 @@ async def generate_one(request: web.Request) -> web.Response:
     project_id = (await owned_project(request)).id
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
     options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
+    await reserve(request, normal_options(request.app[REQUEST_MODELS].video, options, CLIP_OPTIONS))
     project, jobs, started = await generate_clips(request.app, project_id, [scene_id], options,
                                                   request.headers.get("If-Match"), owner=key_id(request),
                                                   charge=lambda n: charge(request, "jobs", n))

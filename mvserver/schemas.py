@@ -257,17 +257,22 @@ JOB_CREATING_PATHS = ("/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/asse
                       "/api/mv/projects/{project_id}/clips", "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
                       "/api/mv/projects/{project_id}/assemble",
                       "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync")
+# ... and so do the other POSTs that make something a retry must not make twice.
+IDEMPOTENT_PATHS = (*JOB_CREATING_PATHS, "/api/mv/projects", "/api/mv/upload_audio",
+                    "/api/mv/projects/{project_id}/write_scenes", "/api/mv/projects/{project_id}/character")
 IDEMPOTENCY_PARAMETER = {
     "name": "Idempotency-Key", "in": "header", "required": False,
     "schema": {"type": "string", "pattern": r"^[\x21-\x7e][\x20-\x7e]{0,254}$"},
-    "description": "Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within "
-                   "24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; "
-                   "the same key with another body is 422 idempotency_key_reused. Scoped to the API key.",
+    "description": "Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request "
+                   "within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; "
+                   "the same key with another request is 422 idempotency_key_reused. The request is compared as the "
+                   "server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is "
+                   "validated. Scoped to the API key.",
 }
 
 
 def _with_idempotency(paths: dict[str, Any]) -> None:
-    for path in JOB_CREATING_PATHS:
+    for path in IDEMPOTENT_PATHS:
         operation = paths[path]["post"]
         operation["parameters"] = [*operation.get("parameters", []), IDEMPOTENCY_PARAMETER]
         for status in (409, 422):

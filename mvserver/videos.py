@@ -20,7 +20,7 @@ from .backends import PROVIDERS
 from .config import CONFIG, Config
 from .debug import debug_print
 from .errors import ApiError, ErrorInfo
-from .idempotency import idempotent
+from .idempotency import idempotent, reserve
 from .images import FORMATS, load_image
 from .jobs import JOBS, Job, job_urls, listing, stream_events
 from .jobs.model import STATUSES
@@ -202,6 +202,7 @@ def accepted_job(job: Job) -> dict[str, Any]:
 @idempotent
 async def generate_video(request: web.Request) -> web.Response:
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, request.app[CONFIG].debug)
+    await reserve(request, body)
     job = await submit_video_job(request.app, body, defaulted, owner=key_id(request),
                                  charge=lambda: charge(request, "jobs"))
     payload = accepted_job(job)
