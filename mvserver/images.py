@@ -26,7 +26,6 @@ from .debug import debug_print
 from .errors import ApiError
 from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
-from .signing import signed_urls
 from .storage import STORE, OutputStore, check_id, new_id
 
 routes = web.RouteTableDef()
@@ -158,9 +157,6 @@ async def generate_reference(app: web.Application, params: dict[str, Any], defau
         "metadata": metadata,
         "images": images,
     }
-    signed = signed_urls(app, owner, {"image_url": body["image_url"]})
-    if signed is not None:
-        body["signed_urls"] = signed
     return body
 
 

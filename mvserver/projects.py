@@ -261,6 +261,11 @@ def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
         raw["song_start"] = entry.song_start
         raw["chosen_video_url"] = f"/api/mv/get_video/{scene.chosen_job_id}" if scene.chosen_job_id else None
     body["total_seconds"] = round(sum(e.seconds for e in project_timeline(project)), 6)
+    # What a page shows with the storyboard, by URL (with keys on each gets its signed twin on the way out).
+    body["character_image_url"] = (f"/api/mv/get_image/{project.character_image_id}"
+                                   if project.character_image_id else None)
+    if body["song"] is not None:
+        body["song"]["audio_url"] = f"/api/mv/get_audio/{project.song.audio_id}" if project.song else None
     return body
 
 
@@ -683,7 +688,10 @@ async def timeline(request: web.Request) -> web.Response:
     project, jobs = await load_settled(request.app, (await owned_project(request)).id)
     entries = [{"scene_id": e.scene.id, "job_id": e.job_id, "trim_in": e.trim_in, "trim_out": e.trim_out,
                 "seconds": round(e.seconds, 6), "song_start": e.song_start,
-                "status": jobs[e.job_id].status if e.job_id and jobs.get(e.job_id) else None}
+                "status": jobs[e.job_id].status if e.job_id and jobs.get(e.job_id) else None,
+                "video_url": f"/api/mv/get_video/{e.job_id}" if e.job_id else None}
                for e in project_timeline(project)]
-    return web.json_response({"project_id": project.id, "song": project.song.model_dump() if project.song else None,
+    song = project.song
+    song_view = {**song.model_dump(), "audio_url": f"/api/mv/get_audio/{song.audio_id}"} if song else None
+    return web.json_response({"project_id": project.id, "song": song_view,
                               "entries": entries}, headers={"ETag": etag(project), "Cache-Control": "no-store"})

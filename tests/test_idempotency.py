@@ -218,11 +218,11 @@ async def test_project_actions_and_uploads_replay_instead_of_calling_the_provide
     assert other.status == 422
 
 
-def song_bytes() -> bytes:
-    """Two seconds of MP3, made by the bundled ffmpeg."""
+def song_bytes(seconds: float = 2.0) -> bytes:
+    """A few seconds of MP3, made by the bundled ffmpeg."""
     from imageio_ffmpeg import get_ffmpeg_exe
 
     done = subprocess.run([get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
-                           "sine=frequency=440:duration=2", "-c:a", "libmp3lame", "-f", "mp3", "-"],
+                           f"sine=frequency=440:duration={seconds:g}", "-c:a", "libmp3lame", "-f", "mp3", "-"],
                           check=True, capture_output=True, timeout=60)
     return done.stdout
