@@ -115,8 +115,12 @@ class JobEngine:
     async def close(self) -> None:
         """Stop every task without marking jobs canceled: they resume at the next start (or on another node)."""
         self.begin_shutdown()
-        if self._dispatcher is not None:
+        # Cancelled again until done, like the job tasks below: a claim's store call can drop the cancellation
+        # (Python 3.11's asyncio.wait_for in redis-py, see _poll_until_done), and the claim loop would go on.
+        while self._dispatcher is not None and not self._dispatcher.done():
             self._dispatcher.cancel()
+            await asyncio.wait({self._dispatcher}, timeout=CANCEL_RETRY_SECONDS)
+        if self._dispatcher is not None:
             await asyncio.gather(self._dispatcher, return_exceptions=True)
         pending = set(self.tasks.values())
         while pending:
