@@ -1,30 +1,30 @@
-"""Per-key quotas (with keys on): token buckets on job creation, the blocking endpoints and uploads, a running-jobs
-cap.
+"""Per-key quotas (with keys on): token buckets on job creation, the blocking endpoints and uploads, and the key's
+running-jobs cap for the job engine.
 
-The buckets sit behind :class:`RateLimiter` (one method): :class:`LocalRateLimiter` keeps them in the process,
+The buckets sit behind :class:`RateLimiter`: :class:`LocalRateLimiter` keeps them in the process,
 :class:`RedisRateLimiter` in Redis, shared by every process that uses the same server (plug it in with
-:func:`set_rate_limiter`). The running-jobs cap needs the job engine: it plugs a counter in
-with :func:`set_running_jobs_counter`.
+:func:`set_rate_limiter`). A request takes one token per job it starts, at most the bucket's burst (a request of more
+jobs than the burst takes the whole burst and still passes), all or none; a refusal says when those tokens will be
+there (``Retry-After``), since they always come. The running-jobs cap (``max_running_jobs``) is not an admission
+check: the job engine runs at most that many of a key's jobs at once and keeps the others queued
+(:func:`running_cap_of`), so a request never has to be retried for it.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
 from aiohttp import web
 
-from .auth import API_KEY, KeyRecord
+from .auth import API_KEY, KEYRING, KeyRecord
 from .errors import ApiError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 Bucket = Literal["jobs", "blocking"]
-RunningJobs = Callable[[str], "int | Awaitable[int]"]
-RUNNING_JOBS_RETRY_AFTER = 10.0  # seconds a client is told to wait when its running-jobs cap is reached
 
 
 class RateLimiter(Protocol):
@@ -34,6 +34,9 @@ class RateLimiter(Protocol):
 
         Returns 0 when they were taken, else the seconds until they will be available (nothing taken).
         """
+
+    async def tokens(self, name: str, rate: float, burst: int) -> float:
+        """The tokens bucket ``name`` holds now (``burst`` for one never used), taking none."""
 
 
 class LocalRateLimiter:
@@ -53,6 +56,11 @@ class LocalRateLimiter:
         self._buckets[name] = (tokens, now)
         return (cost - tokens) / rate
 
+    async def tokens(self, name: str, rate: float, burst: int) -> float:
+        now = self._clock()
+        tokens, stamp = self._buckets.get(name, (float(burst), now))
+        return min(float(burst), tokens + (now - stamp) * rate)
+
 
 # One atomic take: refill by the time elapsed (Redis's own clock, so processes need not agree on time), then take a
 # token or answer the wait. The bucket expires once it would be full again, so idle keys cost no memory.
@@ -71,6 +79,17 @@ redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
 return tostring(wait)
 """
 
+# The same refill, read only.
+_PEEK = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(state[1]) or burst
+local stamp = tonumber(state[2]) or now
+return tostring(math.min(burst, tokens + math.max(0, now - stamp) * rate))
+"""
+
 
 class RedisRateLimiter:
     """Token buckets in Redis (a hash per key and bucket, updated by one Lua script), shared across processes."""
@@ -78,17 +97,20 @@ class RedisRateLimiter:
     def __init__(self, client: "Redis", prefix: str = "mv:bucket:"):
         self.prefix = prefix
         self._take: Any = client.register_script(_TAKE)
+        self._peek: Any = client.register_script(_PEEK)
 
     async def acquire(self, name: str, rate: float, burst: int, cost: int = 1) -> float:
         return float(await self._take(keys=[self.prefix + name], args=[repr(float(rate)), burst, cost]))
 
+    async def tokens(self, name: str, rate: float, burst: int) -> float:
+        return float(await self._peek(keys=[self.prefix + name], args=[repr(float(rate)), burst]))
+
 
 class Quotas:
-    """The limiter and the optional running-jobs counter of one app."""
+    """The limiter of one app."""
 
     def __init__(self, limiter: RateLimiter, on_refusal: Callable[[str, str], None] | None = None):
         self.limiter = limiter
-        self.running_jobs: RunningJobs | None = None
         self.on_refusal = on_refusal
 
     def _refuse(self, bucket: str, code: str, message: str, retry_after: float) -> ApiError:
@@ -97,34 +119,28 @@ class Quotas:
         return ApiError(429, code, message, retry_after=max(1.0, math.ceil(retry_after)))
 
     async def charge(self, key: KeyRecord, bucket: Bucket, cost: int = 1) -> None:
-        """Admit a request of ``bucket`` for ``key`` that starts ``cost`` jobs (or makes ``cost`` blocking calls),
-        all or none, or raise ApiError 429 with Retry-After."""
-        limits = key.limits
-        per_minute = limits.jobs_per_minute if bucket == "jobs" else limits.blocking_per_minute
-        burst = limits.jobs_burst if bucket == "jobs" else limits.blocking_burst
-        cap = limits.max_running_jobs if bucket == "jobs" else None
-        if (per_minute is not None and cost > burst) or (cap is not None and cost > cap):
-            limit = f"jobs_burst {burst}" if per_minute is not None and cost > burst else f"max_running_jobs {cap}"
-            raise self._refuse(bucket, "quota_exceeded",
-                               f"this request would start {cost} jobs at once, more than this key ever may ({limit}); "
-                               "start them in smaller groups", RUNNING_JOBS_RETRY_AFTER)
-        if cap is not None and self.running_jobs is not None:
-            running = self.running_jobs(key.id)
-            if inspect.isawaitable(running):
-                running = await running
-            if running + cost > cap:
-                more = "" if cost == 1 else f" and this request would start {cost} more"
-                raise self._refuse(bucket, "quota_exceeded",
-                                   f"this key already runs {running} jobs{more} (limit {cap})",
-                                   RUNNING_JOBS_RETRY_AFTER)
+        """Admit a request of ``bucket`` for ``key`` that starts ``cost`` jobs (or makes ``cost`` blocking calls): it
+        takes ``min(cost, burst)`` tokens, all or none, or raises ApiError 429 ``rate_limited`` with the wait for
+        them as Retry-After (always finite: they are never more than the bucket holds)."""
+        per_minute, burst = _bucket_limits(key, bucket)
         if per_minute is None:
             return
-        wait = await self.limiter.acquire(f"{key.id}:{bucket}", per_minute / 60.0, burst, cost)
+        needed = min(cost, burst)
+        wait = await self.limiter.acquire(f"{key.id}:{bucket}", per_minute / 60.0, burst, needed)
         if wait > 0:
+            what = f"this request needs {needed} tokens" if needed > 1 else "no token is left"
             raise self._refuse(bucket, "rate_limited",
-                               f"too many {bucket} requests for this key (limit {per_minute:g} per minute, "
-                               f"burst {burst}); retry in {math.ceil(wait)} s", wait)
+                               f"too many {bucket} requests for this key: {what} (one per job, at most the burst; "
+                               f"limit {per_minute:g} per minute, burst {burst}); retry in {math.ceil(wait)} s", wait)
 
+    async def tokens(self, key: KeyRecord) -> dict[str, float | None]:
+        """The tokens left in each of ``key``'s buckets (None: that bucket is unlimited), taking none."""
+        left: dict[str, float | None] = {}
+        for bucket in ("jobs", "blocking", "uploads"):
+            per_minute, burst = _bucket_limits(key, bucket)
+            left[bucket] = None if per_minute is None else round(
+                await self.limiter.tokens(f"{key.id}:{bucket}", per_minute / 60.0, burst), 2)
+        return left
 
     async def charge_upload(self, key: KeyRecord) -> None:
         """Take a token from ``key``'s upload bucket (``uploads_per_minute``, ``uploads_burst``), or raise ApiError
@@ -140,14 +156,31 @@ class Quotas:
                                f"retry in {math.ceil(wait)} s", wait)
 
 
+def _bucket_limits(key: KeyRecord, bucket: str) -> tuple[float | None, int]:
+    """(tokens per minute or None for unlimited, burst) of one of ``key``'s buckets."""
+    limits = key.limits
+    if bucket == "jobs":
+        return limits.jobs_per_minute, limits.jobs_burst
+    if bucket == "blocking":
+        return limits.blocking_per_minute, limits.blocking_burst
+    return limits.uploads_per_minute, limits.uploads_burst
+
+
 QUOTAS = web.AppKey("quotas", Quotas)
 
 
-def set_running_jobs_counter(app: web.Application, running_jobs: RunningJobs) -> None:
-    """Plug in the job engine's ``running_jobs(key_id) -> int`` (sync or async); no-op when keys are off."""
-    quotas = app.get(QUOTAS)
-    if quotas is not None:
-        quotas.running_jobs = running_jobs
+def running_cap_of(app: web.Application) -> Callable[[str], int | None] | None:
+    """For the job engine: a key's ``max_running_jobs`` (None for no cap, or a key no longer in the keys file);
+    None when keys are off."""
+    keyring = app.get(KEYRING)
+    if keyring is None:
+        return None
+
+    def cap(owner: str) -> int | None:
+        record = keyring.get(owner)
+        return record.limits.max_running_jobs if record is not None else None
+
+    return cap
 
 
 def set_rate_limiter(app: web.Application, limiter: RateLimiter) -> None:

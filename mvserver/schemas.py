@@ -367,6 +367,29 @@ HEALTH_SCHEMA = {
                                              "before its first call"}}},
     },
 }
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+ME_SCHEMA = {
+    "type": "object", "required": ["key_id", "name", "limits", "tokens", "jobs"],
+    "properties": {
+        "key_id": {"type": ["string", "null"], "description": "the caller's key id (null with keys off)"},
+        "name": {"type": ["string", "null"]},
+        "limits": {"type": ["object", "null"], "description": "the key's limits from the keys file (null: unlimited)",
+                   "properties": {name: _NUMBER_OR_NULL for name in (
+                       "jobs_per_minute", "jobs_burst", "blocking_per_minute", "blocking_burst", "max_running_jobs",
+                       "uploads_per_minute", "uploads_burst", "max_concurrent_uploads")}},
+        "tokens": {"type": ["object", "null"],
+                   "description": "tokens each bucket holds now (null: unlimited); a request takes one per job, at "
+                                  "most the burst",
+                   "properties": {name: _NUMBER_OR_NULL for name in ("jobs", "blocking", "uploads")}},
+        "jobs": {"type": ["object", "null"], "required": ["running", "waiting"], "properties": {
+            "running": {"type": "integer", "minimum": 0,
+                        "description": "the key's unfinished jobs that are not waiting: queued for a slot or "
+                                       "running (at most max_running_jobs of them hold its places)"},
+            "waiting": {"type": "integer", "minimum": 0,
+                        "description": "the key's jobs queued behind max_running_jobs; each starts as one of the "
+                                       "running ones ends"}}},
+    },
+}
 EVENTS_LINK_SCHEMA = {
     "type": "object", "required": ["events_url", "expires_at", "jobs"],
     "properties": {
@@ -419,7 +442,9 @@ def _with_access(paths: dict[str, Any], metrics: bool) -> None:
                 answers.setdefault("403", {"description": "signed link tampered, expired or revoked",
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
             if method == "post" and path in CHARGED_POSTS:
-                answers.setdefault("429", {"description": "rate_limited or quota_exceeded (see Retry-After)",
+                answers.setdefault("429", {"description": "rate_limited (Retry-After: when the tokens the request "
+                                                          "needs, one per job up to the burst, are there) or, for "
+                                                          "upload_audio, quota_exceeded (the key's uploads running)",
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
 
 
@@ -446,6 +471,12 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
                        "(never behind auth)",
             "responses": {**_answers(200, "ok"),
                           "200": {"description": "ok", "content": {"application/json": {"schema": HEALTH_SCHEMA}}}}}},
+        "/api/mv/me": {"get": {
+            "operationId": "getMe",
+            "summary": "The caller's API key: its id, name and limits, the tokens left in each bucket, and its jobs "
+                       "running and waiting behind max_running_jobs (every field null with keys off)",
+            "responses": {**_answers(200, "the key"),
+                          "200": {"description": "the key", "content": {"application/json": {"schema": ME_SCHEMA}}}}}},
         "/api/mv/create_scenes": {"post": {
             "summary": "Write N scene prompts with Gemini", "requestBody": _json_body("CreateScenesRequest"),
             "responses": _answers(200, "scenes", 400, 413, 415, 422, 429, 502, 503, 504)}},

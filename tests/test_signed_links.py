@@ -178,3 +178,5 @@ async def test_a_replayed_answer_carries_fresh_links_and_keys_off_answers_carry_
     plain = await make_client()
     answer = await ok(await plain.post("/api/mv/generate_video", json=body), 202)
     assert answer["video_url"] and "signed_urls" not in answer
+    assert await ok(await plain.get("/api/mv/me"), 200) == {"key_id": None, "name": None, "limits": None,
+                                                            "tokens": None, "jobs": None}

@@ -65,6 +65,7 @@ class Job:
     video_bytes: int | None = None
     last_event_id: int = 0
     cancel_requested: bool = False
+    running_cap: int | None = None  # the owner key's max_running_jobs when the job was made (None: no cap)
 
     @property
     def final(self) -> bool:

@@ -96,6 +96,8 @@ class JobEngine:
         self._dispatcher: asyncio.Task[None] | None = None
         self.closing: asyncio.Future[None] | None = None
         self.hooks = EngineHooks()
+        # The running-jobs cap of an owner (an API key's max_running_jobs; None: none), plugged in with keys on.
+        self.running_cap: Callable[[str], int | None] | None = None
 
     # -- life cycle -------------------------------------------------------------------------------------------
 
@@ -137,11 +139,19 @@ class JobEngine:
         return await self.store.get(job_id)
 
     async def running_jobs(self, owner: str) -> int:
-        """How many jobs of the key ``owner`` are queued or running, on every node (its running-jobs quota)."""
+        """How many jobs of the key ``owner`` are queued or running, on every node."""
         return await self.store.count_active(owner)
 
+    async def places(self, owner: str) -> tuple[int, int]:
+        """The key ``owner``'s jobs that hold one of its running places (queued for a slot or running), and those
+        waiting for one, on every node."""
+        return await self.store.count_places(owner)
+
     async def submit(self, job: Job) -> Job:
-        """Persist a new job with its ``queued`` event and queue it for a slot."""
+        """Persist a new job with its ``queued`` event and queue it for a slot; a job of a key with a running-jobs
+        cap waits (``queued``) while that many of the key's jobs are unfinished, and starts as they end."""
+        if job.owner is not None and self.running_cap is not None:
+            job.running_cap = self.running_cap(job.owner)
         job.last_event_id = 1
         await self.store.create(job, Event(id=1, event="queued", data=_event_data(job)))
         return job
