@@ -80,6 +80,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/mv/me": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The caller's API key: its id, name and limits, the tokens left in each bucket, and its jobs running and waiting behind max_running_jobs (every field null with keys off) */
+        get: operations["getMe"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/mv/create_scenes": {
         parameters: {
             query?: never;
@@ -554,7 +571,7 @@ export interface paths {
             parameters: {
                 query?: never;
                 header?: {
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
                     "Idempotency-Key"?: string;
                 };
                 path?: never;
@@ -656,7 +673,7 @@ export interface paths {
                         "application/json": components["schemas"]["Error"];
                     };
                 };
-                /** @description rate_limited or quota_exceeded (see Retry-After) */
+                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
                 429: {
                     headers: {
                         [name: string]: unknown;
@@ -696,7 +713,7 @@ export interface paths {
             parameters: {
                 query?: never;
                 header?: {
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
                     "Idempotency-Key"?: string;
                 };
                 path?: never;
@@ -717,7 +734,7 @@ export interface paths {
                         "application/json": unknown;
                     };
                 };
-                /** @description error */
+                /** @description invalid_field, clip_not_found, clip_not_ready, invalid_clip, clip_too_long, clip_too_large, invalid_audio, song_too_short, window_too_long, window_too_short (the window is shorter than the server's lipsync.limits.min_window_seconds, 0.5 s by default) */
                 400: {
                     headers: {
                         [name: string]: unknown;
@@ -798,7 +815,7 @@ export interface paths {
                         "application/json": components["schemas"]["Error"];
                     };
                 };
-                /** @description rate_limited or quota_exceeded (see Retry-After) */
+                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
                 429: {
                     headers: {
                         [name: string]: unknown;
@@ -838,7 +855,7 @@ export interface paths {
             parameters: {
                 query?: never;
                 header?: {
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
                     "Idempotency-Key"?: string;
                 };
                 path?: never;
@@ -931,7 +948,7 @@ export interface paths {
                         "application/json": components["schemas"]["Error"];
                     };
                 };
-                /** @description rate_limited or quota_exceeded (see Retry-After) */
+                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
                 429: {
                     headers: {
                         [name: string]: unknown;
@@ -1896,7 +1913,10 @@ export interface paths {
         post: {
             parameters: {
                 query?: never;
-                header?: never;
+                header?: {
+                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
+                    "Idempotency-Key"?: string;
+                };
                 path?: never;
                 cookie?: never;
             };
@@ -1927,11 +1947,10 @@ export interface paths {
                             channels: number;
                             size_bytes: number;
                             audio_url: string;
-                            output_file?: string;
                         };
                     };
                 };
-                /** @description error */
+                /** @description invalid_audio (not an accepted audio file; one message for every file that is not one, whatever it names), audio_too_long (the song lasts longer than MV_MAX_AUDIO_SECONDS, 20 min by default), invalid_multipart, incomplete_body */
                 400: {
                     headers: {
                         [name: string]: unknown;
@@ -1967,6 +1986,15 @@ export interface paths {
                         "application/json": components["schemas"]["Error"];
                     };
                 };
+                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+                409: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Error"];
+                    };
+                };
                 /** @description error */
                 413: {
                     headers: {
@@ -1987,6 +2015,24 @@ export interface paths {
                 };
                 /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
                 421: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Error"];
+                    };
+                };
+                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
+                422: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Error"];
+                    };
+                };
+                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
+                429: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -2123,7 +2169,10 @@ export interface paths {
         post: {
             parameters: {
                 query?: never;
-                header?: never;
+                header?: {
+                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
+                    "Idempotency-Key"?: string;
+                };
                 path?: never;
                 cookie?: never;
             };
@@ -2169,8 +2218,26 @@ export interface paths {
                         "application/json": components["schemas"]["Error"];
                     };
                 };
+                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+                409: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Error"];
+                    };
+                };
                 /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
                 421: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Error"];
+                    };
+                };
+                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
+                422: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -2393,6 +2460,8 @@ export interface paths {
                 header?: {
                     /** @description The project's ETag as last read (optional: 412 if it moved) */
                     "If-Match"?: string;
+                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
+                    "Idempotency-Key"?: string;
                 };
                 path: {
                     project_id: string;
@@ -2450,6 +2519,15 @@ export interface paths {
                         "application/json": components["schemas"]["Error"];
                     };
                 };
+                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+                409: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Error"];
+                    };
+                };
                 /** @description error */
                 412: {
                     headers: {
@@ -2461,6 +2539,15 @@ export interface paths {
                 };
                 /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
                 421: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Error"];
+                    };
+                };
+                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
+                422: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -2528,6 +2615,8 @@ export interface paths {
                 header?: {
                     /** @description The project's ETag as last read (optional: 412 if it moved) */
                     "If-Match"?: string;
+                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
+                    "Idempotency-Key"?: string;
                 };
                 path: {
                     project_id: string;
@@ -2579,6 +2668,15 @@ export interface paths {
                 };
                 /** @description error */
                 404: {
+                    headers: {
+                        [name: string]: unknown;
+                    };
+                    content: {
+                        "application/json": components["schemas"]["Error"];
+                    };
+                };
+                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+                409: {
                     headers: {
                         [name: string]: unknown;
                     };
@@ -2673,7 +2771,7 @@ export interface paths {
                 header?: {
                     /** @description The project's ETag as last read (optional: 412 if it moved) */
                     "If-Match"?: string;
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
                     "Idempotency-Key"?: string;
                 };
                 path: {
@@ -2769,7 +2867,7 @@ export interface paths {
                         "application/json": components["schemas"]["Error"];
                     };
                 };
-                /** @description rate_limited or quota_exceeded (see Retry-After) */
+                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
                 429: {
                     headers: {
                         [name: string]: unknown;
@@ -2802,7 +2900,7 @@ export interface paths {
                 header?: {
                     /** @description The project's ETag as last read (optional: 412 if it moved) */
                     "If-Match"?: string;
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
                     "Idempotency-Key"?: string;
                 };
                 path: {
@@ -2899,7 +2997,7 @@ export interface paths {
                         "application/json": components["schemas"]["Error"];
                     };
                 };
-                /** @description rate_limited or quota_exceeded (see Retry-After) */
+                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
                 429: {
                     headers: {
                         [name: string]: unknown;
@@ -2930,7 +3028,7 @@ export interface paths {
             parameters: {
                 query?: never;
                 header?: {
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
                     "Idempotency-Key"?: string;
                 };
                 path: {
@@ -3016,7 +3114,7 @@ export interface paths {
                         "application/json": components["schemas"]["Error"];
                     };
                 };
-                /** @description rate_limited or quota_exceeded (see Retry-After) */
+                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
                 429: {
                     headers: {
                         [name: string]: unknown;
@@ -3047,7 +3145,7 @@ export interface paths {
             parameters: {
                 query?: never;
                 header?: {
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
                     "Idempotency-Key"?: string;
                 };
                 path: {
@@ -3135,7 +3233,7 @@ export interface paths {
                         "application/json": components["schemas"]["Error"];
                     };
                 };
-                /** @description rate_limited or quota_exceeded (see Retry-After) */
+                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
                 429: {
                     headers: {
                         [name: string]: unknown;
@@ -3761,4 +3859,86 @@ export interface components {
     pathItems: never;
 }
 export type $defs = Record<string, never>;
-export type operations = Record<string, never>;
+export interface operations {
+    getMe: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the key */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        /** @description the caller's key id (null with keys off) */
+                        key_id: string | null;
+                        name: string | null;
+                        /** @description the key's limits from the keys file (null: unlimited) */
+                        limits: {
+                            jobs_per_minute?: number | null;
+                            jobs_burst?: number | null;
+                            blocking_per_minute?: number | null;
+                            blocking_burst?: number | null;
+                            max_running_jobs?: number | null;
+                            uploads_per_minute?: number | null;
+                            uploads_burst?: number | null;
+                            max_concurrent_uploads?: number | null;
+                        } | null;
+                        /** @description tokens each bucket holds now (null: unlimited); a request takes one per job, at most the burst */
+                        tokens: {
+                            jobs?: number | null;
+                            blocking?: number | null;
+                            uploads?: number | null;
+                        } | null;
+                        jobs: {
+                            /** @description the key's unfinished jobs that are not waiting: queued for a slot or running (at most max_running_jobs of them hold its places) */
+                            running: number;
+                            /** @description the key's jobs queued behind max_running_jobs; each starts as one of the running ones ends */
+                            waiting: number;
+                        } | null;
+                    };
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+}
