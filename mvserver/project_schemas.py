@@ -88,3 +88,4 @@ class ProjectModels(BaseModel):
 CHARACTER_OPTIONS = frozenset({"aspect_ratio", "safety_filter_level", "person_generation", "output_format",
                                "negative_prompt", "seed"})
 CLIP_OPTIONS = frozenset({"backend", "seed", "generate_audio", "video_rules_template"})
+SCENE_LIPSYNC_OPTIONS = frozenset({"sync_mode", "temperature", "active_speaker"})
