@@ -19,7 +19,7 @@ from .backends import PROVIDERS
 from .config import CONFIG, Config
 from .debug import debug_print
 from .errors import ApiError
-from .files import VideoFileResponse
+from .files import SavedFileResponse
 from .idempotency import idempotent
 from .images import FORMATS, load_image
 from .jobs import JOBS, Job, job_urls, listing, stream_events
@@ -305,4 +305,5 @@ async def get_video(request: web.Request) -> web.StreamResponse:
     if not await asyncio.to_thread(path.is_file):
         await _not_expired(request, video_id)
         raise ApiError(404, "not_found", f"no video with id {video_id}")
-    return VideoFileResponse(path, headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
+    return SavedFileResponse(path, noun="video",
+                             headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
