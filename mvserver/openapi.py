@@ -68,7 +68,8 @@ EXTRA_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     (PROJECT + "/write_scenes", "post"): (409, 422),
     (PROJECT + "/character", "post"): (409,),
 }
-FILES = ("/api/mv/get_video/{video_id}", "/api/mv/get_audio/{audio_id}", "/api/mv/get_image/{image_id}")
+FILES = ("/api/mv/get_video/{video_id}", "/api/mv/get_audio/{audio_id}", "/api/mv/get_image/{image_id}",
+         "/api/mv/get_scenes/{scenes_id}.{ext}")
 BODILESS = {("/api/mv/jobs/{job_id}/cancel", "post")}  # a POST whose body is never read (so never too large)
 STORE_PREFIXES = ("/api/mv/jobs", "/api/mv/events", "/api/mv/projects", "/api/mv/get_video/",
                   "/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/assemble", "/api/mv/webhooks/")

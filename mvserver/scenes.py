@@ -16,6 +16,7 @@ from .backends import PROVIDERS
 from .config import CONFIG, TEMPLATES, Config
 from .debug import debug_print
 from .errors import ApiError
+from .files import SavedFileResponse
 from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
 from .signing import signed_urls
@@ -143,4 +144,4 @@ async def get_scenes(request: web.Request) -> web.FileResponse:
     if not path.is_file() or not await _visible(store.path("scenes", scenes_id, ".json"), key_id(request)):
         raise ApiError(404, "not_found", f"no scenes with id {scenes_id}")
     content_type = "application/json" if path.suffix == ".json" else "text/markdown"
-    return web.FileResponse(path, headers={"Content-Type": f"{content_type}; charset=utf-8"})
+    return SavedFileResponse(path, noun="scene list", headers={"Content-Type": f"{content_type}; charset=utf-8"})

@@ -1,4 +1,5 @@
-"""Songs and images are served like videos: byte ranges, and a bad ``Range`` answered with the JSON error shape."""
+"""Songs, images and scene lists are served like videos: byte ranges, and a bad ``Range`` answered with the JSON
+error shape."""
 
 from __future__ import annotations
 
@@ -28,9 +29,19 @@ async def an_image(client: TestClient) -> tuple[str, bytes]:
     return url, await (await client.get(url)).read()
 
 
-@pytest.mark.parametrize("kind", ["song", "image"])
+async def a_scene_list(client: TestClient) -> tuple[str, bytes]:
+    response = await client.post("/api/mv/create_scenes", json={"idea": "a train", "character_description": "a cat",
+                                                                "number_of_scenes": 1})
+    assert response.status == 200, await response.text()
+    url = (await response.json())["urls"]["markdown"]
+    return url, await (await client.get(url)).read()
+
+
+@pytest.mark.parametrize("kind", ["song", "image", "scene list"])
 async def test_a_bad_range_is_a_json_416_and_a_good_one_a_206(client: TestClient, tmp_path: Path, kind: str) -> None:
-    url, data = await (a_song(client, tmp_path) if kind == "song" else an_image(client))
+    makers = {"song": lambda: a_song(client, tmp_path), "image": lambda: an_image(client),
+              "scene list": lambda: a_scene_list(client)}
+    url, data = await makers[kind]()
     size = len(data)
     part = await client.get(url, headers={"Range": "bytes=2-9"})
     assert part.status == 206 and await part.read() == data[2:10]
