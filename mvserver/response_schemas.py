@@ -162,7 +162,6 @@ SCENES_METADATA = obj({"model": text(), "parameters": ANY_OBJECT, "defaults_appl
 _SCENE_FILES = {"json": text(), "markdown": text()}
 SCENES = obj(
     {"scenes_id": ID, "scenes": {"type": "array", "items": ref("Scene")}, "sandbox": BOOLEAN,
-     "files": {**obj(_SCENE_FILES), "description": "server-side paths, for information only"},
      "urls": {**obj(_SCENE_FILES), "description": "GET the scenes as JSON or Markdown"},
      "metadata": ref("ScenesMetadata")},
     SIGNED, "Scene prompts written by Gemini, saved as JSON and Markdown.")
@@ -172,15 +171,14 @@ SAVED_SCENES = obj({"scenes_id": ID, "scenes": {"type": "array", "items": ref("S
 IMAGE_METADATA = obj({"model": text(), "prompt": text(), "parameters": ANY_OBJECT, "defaults_applied": STRINGS,
                       "prediction_id": text(), "prediction_ids": STRINGS, "elapsed_seconds": SECONDS})
 _IMAGE = {"image_id": ID, "mime_type": text(), "image_url": URL}
-_OUTPUT_FILE = {"output_file": text("server-side path, for information only")}
-CANDIDATE_IMAGE = obj({**_IMAGE, "prediction_id": text(), "seed": nullable(INTEGER)}, _OUTPUT_FILE,
-                      "One candidate image; send its image_id as reference_image_id.")
+CANDIDATE_IMAGE = obj({**_IMAGE, "prediction_id": text(), "seed": nullable(INTEGER)},
+                      description="One candidate image; send its image_id as reference_image_id.")
 _IMAGES = {**_IMAGE, "sandbox": BOOLEAN, "metadata": ref("ImageMetadata"),
            "images": {"type": "array", "items": ref("CandidateImage")}}
 CHARACTER_REFERENCE = obj(
-    {**_IMAGES, "image_base64": text("the first image, base64")}, {**_OUTPUT_FILE, **SIGNED},
+    {**_IMAGES, "image_base64": text("the first image, base64")}, SIGNED,
     "Character images: the first one at the top level (inlined as base64), every candidate in `images`.")
-PROJECT_IMAGE = obj(_IMAGES, {**_OUTPUT_FILE, **SIGNED}, "The project's new character image (no base64).")
+PROJECT_IMAGE = obj(_IMAGES, SIGNED, "The project's new character image (no base64).")
 
 PROJECT_CHARACTER = obj({"image": ref("ProjectImage"), "project": ref("Project")})
 PROJECT_CLIPS_STARTED = obj({"jobs": {"type": "array", "items": ref("SceneJobAccepted")}, "project": ref("Project")},
