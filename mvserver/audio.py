@@ -34,6 +34,7 @@ from .auth import API_KEY, KeyRecord, key_id, visible_to
 from .config import CONFIG
 from .errors import ApiError
 from .quotas import charge_upload
+from .files import SavedFileResponse
 from .security import accepts
 from .storage import STORE, OutputStore, check_id, new_id
 
@@ -350,5 +351,5 @@ async def saved_audio(app: web.Application, audio_id: str, field: str = "audio_i
 @routes.get("/api/mv/get_audio/{audio_id}")
 async def get_audio(request: web.Request) -> web.FileResponse:
     path, sidecar = await saved_audio(request.app, request.match_info["audio_id"], caller=key_id(request))
-    return web.FileResponse(path, headers={"Content-Type": sidecar["mime_type"],
-                                           "Cache-Control": "private, max-age=3600"})
+    return SavedFileResponse(path, noun="song", headers={"Content-Type": sidecar["mime_type"],
+                                                         "Cache-Control": "private, max-age=3600"})

@@ -31,6 +31,7 @@ from .debug import debug_print
 from .errors import ApiError
 from .idempotency import idempotent
 from .jobs import JOBS, Job, job_urls
+from .project_schemas import SCENE_LIPSYNC_OPTIONS
 from .project_store import ClipVersion, Project
 from .project_store import Song as ProjectSong
 from .projects import BASE as PROJECTS_BASE
@@ -257,8 +258,6 @@ async def submit_lipsync(app: web.Application, body: Any, defaulted: list[str], 
 
 # -- a project's scene ----------------------------------------------------------------------------------------------
 
-SCENE_OPTIONS = frozenset({"sync_mode", "temperature", "active_speaker"})
-
 
 def scene_window(entry: TimelineEntry, song: ProjectSong, field: str) -> tuple[float, float]:
     """The song under the scene's clip, from the clip's first frame: the kept part (from ``trim_in``) plays the song
@@ -284,7 +283,7 @@ async def lipsync_scene(request: web.Request) -> web.Response:
     project_id = (await owned_project(request)).id  # 404 for an unknown id or another key's project
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
     project, jobs = await load_settled(app, project_id)
-    options = _options(await _json_object(request, optional=True), SCENE_OPTIONS)
+    options = _options(await _json_object(request, optional=True), SCENE_LIPSYNC_OPTIONS)
     index = next((i for i, s in enumerate(project.scenes) if s.id == scene_id), None)
     if index is None:
         raise ApiError(404, "not_found", f"the project has no scene {scene_id}", field="scene_id")

@@ -36,7 +36,10 @@ class ProjectModels(BaseModel):
             "CreateProjectRequest", __config__=STRICT,
             idea=(text, Field(description="The concept or topic of the music video.")),
             character_description=(text, Field(description="Visual description of the main character.")),
-            style=(style, Field(None, description="Style words woven into the scenes.")),
+            style=(style, Field(None, description="A style preset's name from GET /api/mv/health `styles` (its "
+                                                  "camera, palette and pacing lines go into the scene prompt, as "
+                                                  "with create_scenes), or free style words woven into the "
+                                                  "scenes.")),
             aspect_ratio=(_choice(config.videos.allowed.aspect_ratio), config.videos.defaults.aspect_ratio),
             audio_id=(Id | None, Field(None, description="An uploaded song; sizes the scenes to it unless "
                                                          "number_of_scenes is given.")),
@@ -85,3 +88,4 @@ class ProjectModels(BaseModel):
 CHARACTER_OPTIONS = frozenset({"aspect_ratio", "safety_filter_level", "person_generation", "output_format",
                                "negative_prompt", "seed"})
 CLIP_OPTIONS = frozenset({"backend", "seed", "generate_audio", "video_rules_template"})
+SCENE_LIPSYNC_OPTIONS = frozenset({"sync_mode", "temperature", "active_speaker"})

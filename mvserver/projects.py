@@ -525,13 +525,16 @@ async def write_project_scenes(request: web.Request, project_id: str, options: A
                                              "remove scenes with PATCH first", field="number_of_scenes")
     params = {"idea": project.idea, "character_description": project.character_description,
               **{k: v for k, v in options.model_dump().items() if v is not None and k != "number_of_scenes"}}
-    if project.style:
-        params["video_characteristics"] = project.style
+    if project.style in config.styles:
+        params["style"] = project.style  # a preset: rendered by write_scenes as create_scenes renders it
+    elif project.style:
+        params["video_characteristics"] = project.style  # free style words
     scenes_body, defaulted = _validate(app[REQUEST_MODELS].scenes, {**params, "number_of_scenes": 1})
     params = {**scenes_body.model_dump(), "number_of_scenes": count}
     defaulted = [name for name in defaulted if name != "number_of_scenes"]
     ids = [s.id for s in project.scenes]
-    written = (await write_scenes(request, params, defaulted))["scenes"]
+    written = (await write_scenes(request, params, defaulted,
+                                  caller=f"project {project_id} write_scenes"))["scenes"]
     limit = config.projects.limits.text_max_chars
 
     def fill(current: Project, _jobs: JobStates) -> None:

@@ -16,6 +16,7 @@ from .backends import PROVIDERS
 from .config import CONFIG, TEMPLATES, Config
 from .debug import debug_print
 from .errors import ApiError
+from .files import SavedFileResponse
 from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
 from .signing import signed_urls
@@ -50,20 +51,24 @@ def _valid_reply(parsed: BaseModel | None, count: int) -> list[Scene] | None:
     return parsed.scenes
 
 
-async def write_scenes(request: web.Request, params: dict[str, Any], defaulted: list[str]) -> dict[str, Any]:
-    """Render the prompt, ask Gemini (again once if the reply is malformed), save JSON and Markdown copies."""
+async def write_scenes(request: web.Request, params: dict[str, Any], defaulted: list[str],
+                       caller: str = "create_scenes") -> dict[str, Any]:
+    """Render the prompt, ask Gemini (again once if the reply is malformed), save JSON and Markdown copies.
+
+    Every scene writer (``create_scenes``, a project's ``write_scenes``: ``caller`` in the debug records) comes
+    through here, so a style preset is rendered the same way for all of them."""
     config: Config = request.app[CONFIG]
     settings = config.scenes
     gemini = request.app[PROVIDERS].gemini
     prompt = config.render("scenes.prompt", **{**params, "style": style_variables(config, params.get("style"))})
-    debug_print(config.debug, "create_scenes prompt sent to Gemini", prompt)
+    debug_print(config.debug, f"{caller} prompt sent to Gemini", prompt)
     started = time.monotonic()
     attempts = settings.malformed_reply_retries + 1
     scenes: list[Scene] | None = None
     for attempt in range(1, attempts + 1):
         parsed, raw = await gemini.generate_json(settings.model, prompt, SceneList,
                                                  temperature=settings.temperature, timeout=settings.timeout_seconds)
-        debug_print(config.debug, f"create_scenes raw reply from Gemini (attempt {attempt})", raw)
+        debug_print(config.debug, f"{caller} raw reply from Gemini (attempt {attempt})", raw)
         scenes = _valid_reply(parsed, params["number_of_scenes"])
         if scenes is not None:
             break
@@ -138,4 +143,4 @@ async def get_scenes(request: web.Request) -> web.FileResponse:
     if not path.is_file() or not await _visible(store.path("scenes", scenes_id, ".json"), key_id(request)):
         raise ApiError(404, "not_found", f"no scenes with id {scenes_id}")
     content_type = "application/json" if path.suffix == ".json" else "text/markdown"
-    return web.FileResponse(path, headers={"Content-Type": f"{content_type}; charset=utf-8"})
+    return SavedFileResponse(path, noun="scene list", headers={"Content-Type": f"{content_type}; charset=utf-8"})

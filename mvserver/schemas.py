@@ -18,6 +18,7 @@ from .debug import debug_print
 from .errors import ApiError, validation_error
 from .assembly_schemas import AssemblyOptions, assemble_request_model
 from .fields import INTEGRAL, UUID4_PATTERN, choice, text
+from .openapi import complete
 from .project_schemas import ProjectModels
 
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -570,4 +571,5 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
     if keys:
         _with_access(paths, metrics)
         document["security"] = [{"bearerAuth": []}]
+    complete(document, models, keys=keys)
     return document

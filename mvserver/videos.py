@@ -6,7 +6,6 @@ import asyncio
 import base64
 import binascii
 import io
-import json
 from typing import Any, Awaitable, Callable
 
 import jinja2
@@ -19,7 +18,8 @@ from .auth import key_id, require_owner, visible_to
 from .backends import PROVIDERS
 from .config import CONFIG, Config
 from .debug import debug_print
-from .errors import ApiError, ErrorInfo
+from .errors import ApiError
+from .files import SavedFileResponse
 from .idempotency import idempotent
 from .images import FORMATS, load_image
 from .jobs import JOBS, Job, job_urls, listing, stream_events
@@ -305,32 +305,5 @@ async def get_video(request: web.Request) -> web.StreamResponse:
     if not await asyncio.to_thread(path.is_file):
         await _not_expired(request, video_id)
         raise ApiError(404, "not_found", f"no video with id {video_id}")
-    return VideoFileResponse(path, headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
-
-
-class VideoFileResponse(web.FileResponse):
-    """aiohttp's FileResponse (sendfile, single ranges, ETag/304, RFC 9110 precondition order), except that its
-    416 carries the JSON error body every other error has instead of an empty ``video/mp4`` one.
-
-    FileResponse decides on 416 (a range past the end, or a multi-range or malformed ``Range``) after the
-    conditional headers, sets ``Content-Range: bytes */<size>`` and the status, and only then sends the headers;
-    hooking ``set_status`` is what lets the body follow that exact decision rather than a second parse of it.
-    """
-
-    _error_body: bytes | None = None
-
-    def set_status(self, status: int, reason: str | None = None) -> None:
-        super().set_status(status, reason)
-        if status == web.HTTPRequestRangeNotSatisfiable.status_code and not self.prepared:
-            size = self.headers.get("Content-Range", "").rpartition("/")[2]
-            error = ErrorInfo("range_not_satisfiable", f"the Range header must be one byte range inside the "
-                                                       f"{size}-byte video", field="Range")
-            self._error_body = json.dumps({"error": error.to_dict()}).encode()
-            self.content_type = "application/json"
-            self.content_length = len(self._error_body)
-
-    async def prepare(self, request: web.BaseRequest) -> Any:
-        writer = await super().prepare(request)
-        if self._error_body is not None and request.method != "HEAD":
-            await self.write(self._error_body)
-        return writer
+    return SavedFileResponse(path, noun="video",
+                             headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
