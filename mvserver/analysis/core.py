@@ -36,6 +36,7 @@ HOP = 512
 N_FFT = 2048
 N_MELS = 128
 BLOCK_FRAMES = 2584  # ~60 s of frames per STFT block
+TEMPOGRAM_BLOCK = 2584
 
 # Beat evidence: songs with a beat measured 0.78-0.96, ambient and speech-like ones 0.09-0.14 (bench/README.md).
 MIN_PULSE_CLARITY = 0.25
@@ -59,26 +60,36 @@ class Features:
 
 
 def features(y: np.ndarray) -> Features:
-    """Log-mel, chroma and onset strength from one centred STFT (as ``librosa.stft(center=True)``), in blocks."""
+    """Log-mel, chroma and onset strength from one centred STFT (the same frames as ``librosa.stft(center=True)``),
+    taken a block at a time from ``y`` itself, so no padded copy of the whole signal is made."""
     import librosa
 
     frames = 1 + len(y) // HOP
-    padded = np.pad(y, N_FFT // 2)
-    padded = np.pad(padded, (0, max(0, (frames - 1) * HOP + N_FFT - len(padded))))
     mel_fb = librosa.filters.mel(sr=SR, n_fft=N_FFT, n_mels=N_MELS)
     chroma_fb = librosa.filters.chroma(sr=SR, n_fft=N_FFT, tuning=0.0)
     mel = np.empty((N_MELS, frames), dtype=np.float32)
     chroma = np.empty((12, frames), dtype=np.float32)
     for start in range(0, frames, BLOCK_FRAMES):
         stop = min(frames, start + BLOCK_FRAMES)
-        chunk = padded[start * HOP:(stop - 1) * HOP + N_FFT]
-        power = np.abs(librosa.stft(chunk, n_fft=N_FFT, hop_length=HOP, center=False)) ** 2
+        power = np.abs(librosa.stft(_block(y, start, stop), n_fft=N_FFT, hop_length=HOP, center=False)) ** 2
         mel[:, start:stop] = mel_fb @ power
         chroma[:, start:stop] = chroma_fb @ power
     chroma /= np.maximum(chroma.max(axis=0, keepdims=True), 1e-10)
     log_mel = librosa.power_to_db(mel)
     onset = librosa.onset.onset_strength(S=log_mel, sr=SR, hop_length=HOP, n_fft=N_FFT)
     return Features(log_mel=log_mel, chroma=chroma, onset=onset)
+
+
+def _block(y: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """The samples under frames ``start..stop-1`` of a centred STFT: frame k covers y[k*HOP - N_FFT/2, +N_FFT),
+    zeros outside the signal."""
+    first = start * HOP - N_FFT // 2
+    last = (stop - 1) * HOP + N_FFT // 2
+    block = np.zeros(last - first, dtype=np.float32)
+    a, b = max(0, first), min(len(y), last)
+    if b > a:
+        block[a - first:b - first] = y[a:b]
+    return block
 
 
 def analyse(y: np.ndarray, *, max_sections: int = 32) -> dict[str, Any]:
@@ -116,7 +127,8 @@ def beat_grid(y: np.ndarray, feats: Features) -> tuple[dict[str, Any] | None, st
     onset = feats.onset
     if not np.any(onset > 0):
         return None, "silent: no onsets"
-    _, frames = librosa.beat.beat_track(onset_envelope=onset, sr=SR, hop_length=HOP, trim=False)
+    _, frames = librosa.beat.beat_track(onset_envelope=onset, sr=SR, hop_length=HOP, trim=False,
+                                        bpm=global_tempo(onset))
     frames = _drop_silent_ends(frames, y)
     if len(frames) < MIN_BEATS:
         return None, f"too few beats ({len(frames)})"
@@ -143,6 +155,24 @@ def beat_grid(y: np.ndarray, feats: Features) -> tuple[dict[str, Any] | None, st
     }, None
 
 
+def global_tempo(onset: np.ndarray) -> float:
+    """librosa's tempo estimate (``librosa.feature.tempo``: the mean autocorrelation tempogram under a log-normal
+    prior), with the tempogram built a block of columns at a time. Whole, it is a (768 x frames) complex array:
+    0.4 GB of peak memory for a 10-minute song."""
+    import librosa
+
+    win = int(librosa.time_to_frames(8.0, sr=SR, hop_length=HOP))
+    padded = np.pad(onset, win // 2, mode="linear_ramp", end_values=0)  # as tempogram(center=True) pads
+    total = np.zeros(win)
+    for start in range(0, len(onset), TEMPOGRAM_BLOCK):
+        stop = min(len(onset), start + TEMPOGRAM_BLOCK)
+        block = librosa.feature.tempogram(onset_envelope=padded[start:stop + win - 1], sr=SR, hop_length=HOP,
+                                          win_length=win, center=False)
+        total += block.sum(axis=1)
+    mean = (total / len(onset))[:, None]
+    return float(librosa.feature.tempo(tg=mean, sr=SR, hop_length=HOP, aggregate=None)[0])
+
+
 def _drop_silent_ends(frames: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Without ``trim``, the tracker keeps ticking through silence; drop leading and trailing beats where the audio
     around the beat is silent (``SILENCE_DB`` below the loudest beat)."""
@@ -164,34 +194,39 @@ def refine_beats(y: np.ndarray, times: np.ndarray) -> np.ndarray:
     high-passed energy on a 2.9 ms grid; where no rise of ``REFINE_MIN_DB`` is found (a soft beat), shift the
     beat by the median correction of the others."""
     step, window = 64, 128
-    emphasised = np.empty_like(y)
-    emphasised[0] = y[0]
-    emphasised[1:] = y[1:] - 0.97 * y[:-1]
-    count = max(0, (len(y) - window) // step + 1)
-    if count < 3 or len(times) == 0:
-        return times
-    power = emphasised[: (count - 1) * step + window] ** 2
-    cumulative = np.concatenate([[0.0], np.cumsum(power, dtype=np.float64)])
-    starts = np.arange(count) * step
-    level = 10 * np.log10((cumulative[starts + window] - cumulative[starts]) / window + 1e-12)
-    rise = np.full(count, -np.inf)
-    rise[2:] = level[2:] - level[:-2]  # energy in [k*step, +window) over the window just before it
-    low = np.clip(((times - REFINE_BEFORE) * SR / step).astype(int), 2, count - 1)
-    high = np.clip(((times + REFINE_AFTER) * SR / step).astype(int), 3, count)
     refined = times.copy()
     found = np.zeros(len(times), dtype=bool)
-    for i, (a, b) in enumerate(zip(low, high)):
-        if b <= a:
-            continue
-        k = a + int(np.argmax(rise[a:b]))
-        if rise[k] >= REFINE_MIN_DB:
-            refined[i], found[i] = k * step / SR, True
+    for i, t in enumerate(times):
+        onset = _onset_near(y, t, step, window)
+        if onset is not None:
+            refined[i], found[i] = onset, True
     shift = float(np.median(refined[found] - times[found])) if found.any() else -REFINE_DEFAULT_SHIFT
     refined[~found] = times[~found] + shift
     for i in range(1, len(refined)):  # a refinement that would crowd or reorder beats is not taken
         if refined[i] - refined[i - 1] < 0.05:
             refined[i] = max(times[i] + shift, refined[i - 1] + 0.05)
     return np.maximum(refined, 0.0)
+
+
+def _onset_near(y: np.ndarray, t: float, step: int, window: int) -> float | None:
+    """The time of the sharpest rise of pre-emphasised energy between ``t - REFINE_BEFORE`` and
+    ``t + REFINE_AFTER``: energy in [k*step, +window) against the window just before it, on a ``step`` grid."""
+    first = int((t - REFINE_BEFORE) * SR) // step * step - window
+    last = int((t + REFINE_AFTER) * SR) + window
+    if first < 1 or last > len(y):
+        return None
+    segment = y[first - 1:last].astype(np.float64)
+    power = (segment[1:] - 0.97 * segment[:-1]) ** 2
+    cumulative = np.concatenate([[0.0], np.cumsum(power)])
+    starts = np.arange(0, len(power) - window + 1, step)
+    level = 10 * np.log10((cumulative[starts + window] - cumulative[starts]) / window + 1e-12)
+    rise = level[2:] - level[:-2]  # window k against the two steps (one window) before it
+    if len(rise) == 0:
+        return None
+    k = int(np.argmax(rise))
+    if rise[k] < REFINE_MIN_DB:
+        return None
+    return (first + starts[k + 2]) / SR
 
 
 def pulse_clarity(onset: np.ndarray, period: float) -> float:
@@ -392,17 +427,22 @@ def checkerboard_novelty(ssm: np.ndarray, half: int, min_side: int = 3) -> np.nd
 def energy_curve(y: np.ndarray) -> dict[str, Any]:
     """RMS per 1/``ENERGY_RATE`` s in dBFS, mapped from -60..0 dB to 0..1."""
     size = SR // ENERGY_RATE
-    count = max(1, math.ceil(len(y) / size))
-    padded = np.pad(y, (0, count * size - len(y)))
-    rms = np.sqrt(np.mean(padded.reshape(count, size) ** 2, axis=1) + 1e-20)
-    values = np.clip((20 * np.log10(rms) + 60) / 60, 0, 1)
+    means = _per_bucket(y, size, lambda v: np.einsum("ij,ij->i", v, v, dtype=np.float64) / size)
+    values = np.clip((10 * np.log10(means + 1e-20) + 60) / 60, 0, 1)
     return {"rate": ENERGY_RATE, "values": [round(float(v), 3) for v in values]}
 
 
 def waveform_peaks(y: np.ndarray) -> dict[str, Any]:
     """The largest |sample| per 1/``PEAKS_RATE`` s (0..1 of full scale), for drawing the waveform."""
     size = SR // PEAKS_RATE
-    count = max(1, math.ceil(len(y) / size))
-    padded = np.pad(np.abs(y), (0, count * size - len(y)))
-    values = np.clip(padded.reshape(count, size).max(axis=1), 0, 1)
+    values = np.clip(_per_bucket(y, size, lambda v: np.maximum(v.max(axis=1), -v.min(axis=1))), 0, 1)
     return {"rate": PEAKS_RATE, "values": [round(float(v), 3) for v in values]}
+
+
+def _per_bucket(y: np.ndarray, size: int, reduce: Any) -> np.ndarray:
+    """``reduce`` over rows of ``size`` samples (a view, no copy of the signal); the last partial row zero-padded."""
+    whole = len(y) // size
+    parts = [reduce(y[:whole * size].reshape(whole, size))] if whole else []
+    if len(y) > whole * size or not parts:
+        parts.append(reduce(np.pad(y[whole * size:], (0, size - (len(y) - whole * size)))[None, :]))
+    return np.concatenate(parts)
