@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from mvserver.analysis import (AnalysisError, AnalysisPool, AnalysisTimeout, PlanError, SongAnalysis, load,
-                               plan_scenes, snap)
+from mvserver.analysis import (AnalysisError, AnalysisPool, AnalysisTimeout, PlanError, SongAnalysis, analyse_song,
+                               load, plan_scenes, snap)
 from mvserver.analysis.model import ANALYSIS_VERSION
 
 SR = 22050
@@ -157,16 +157,17 @@ async def test_a_drum_song_gets_its_beats_downbeats_tempo_and_meter(
 
 
 @shared
-async def test_a_waltz_in_wav_is_three_four(pool: AnalysisPool, tmp_path: Path) -> None:
+async def test_a_waltz_in_wav_is_three_four(tmp_path: Path) -> None:
+    """Also the one-off path: without a pool, a worker is started for the song and stopped after it."""
     samples, beats, downbeats = drum_song(100, bars=8, meter=3)
-    analysis = await pool.analyse(write(tmp_path / "waltz.wav", samples), timeout=60)
+    analysis = await analyse_song(write(tmp_path / "waltz.wav", samples), timeout=60)
     assert analysis.grid is not None and analysis.grid.meter == 3
     assert matched(downbeats[1:-1], analysis.grid.downbeats) == 1.0
 
 
 @shared
 async def test_a_song_without_a_beat_reports_no_grid(pool: AnalysisPool, tmp_path: Path) -> None:
-    analysis = await pool.analyse(write(tmp_path / "ambient.flac", ambient_song(20.0)), timeout=60)
+    analysis = await analyse_song(write(tmp_path / "ambient.flac", ambient_song(20.0)), timeout=60, pool=pool)
     assert analysis.grid is None
     assert analysis.no_grid_reason and "weak beat evidence" in analysis.no_grid_reason
     assert analysis.sections[0].start == 0 and analysis.sections[-1].end == pytest.approx(20.0, abs=0.01)
