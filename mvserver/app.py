@@ -25,7 +25,7 @@ from .quotas import set_running_jobs_counter
 from .sandbox.simulator import Simulator, start_simulator
 from .schemas import REQUEST_MODELS, RequestModels
 from .security import security_middleware
-from .storage import STORE, OutputStore
+from .storage import STORE, OutputStore, node_context, start_node
 
 log = logging.getLogger("mvserver")
 SANDBOX_TOKEN = "sandbox"
@@ -164,7 +164,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     config: Config = load_config(env)
     debug_print(config.debug, "config params loaded at start-up", config.summary())
     try:
-        store = OutputStore(env.output_dir)
+        store = OutputStore(env.output_dir, env.stale_temp_seconds)
     except OSError as exc:
         raise ConfigError(f"environment: MV_OUTPUT_DIR={str(env.output_dir)!r}: cannot create the output "
                           f"directories: {exc.strerror or exc}") from None
@@ -174,7 +174,8 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app[TEMPLATES] = package_templates()
     app[STORE] = store
     app[REQUEST_MODELS] = RequestModels.build(config)
-    app[STORE].remove_stale_temporaries()
+    start_node(store)  # only what dead nodes left: other nodes may be writing in a shared MV_OUTPUT_DIR
+    app.cleanup_ctx.append(node_context)
     app.cleanup_ctx.append(providers_context)
     app.cleanup_ctx.append(jobs_context)
     app.cleanup_ctx.append(projects_context)

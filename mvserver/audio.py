@@ -24,7 +24,7 @@ from .auth import key_id, visible_to
 from .config import CONFIG
 from .errors import ApiError
 from .security import accepts
-from .storage import STORE, OutputStore, check_id, new_id
+from .storage import STORE, OutputStore, check_id, new_id, temp_path
 
 routes = web.RouteTableDef()
 
@@ -182,7 +182,7 @@ async def _store_upload(request: web.Request) -> web.Response:
     store: OutputStore = request.app[STORE]
     limit = request.app[CONFIG].env.max_audio_bytes
     audio_id = new_id()
-    upload = store.root / "audio" / f".{audio_id}.upload.part"  # a crash leaves it to the start-up clean-up
+    upload = temp_path(store.root / "audio" / audio_id, "upload")  # a crash leaves it to the clean-up
     try:
         try:
             async with asyncio.timeout(UPLOAD_TIMEOUT_SECONDS):

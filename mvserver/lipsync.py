@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -37,7 +36,7 @@ from .projects import (JobStates, TimelineEntry, _json_object, _options, _respon
                        job_states, load_settled, owned_project, project_timeline, update)
 from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
-from .storage import STORE, OutputStore, check_id, new_id
+from .storage import STORE, OutputStore, check_id, new_id, temp_path
 
 routes = web.RouteTableDef()
 
@@ -109,7 +108,7 @@ def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path
 
 async def cut_window(song: Song, start: float, seconds: float, length: float, dest: Path, timeout: float) -> None:
     """Write the window to ``dest`` atomically (a temporary file renamed into place; removed on any failure)."""
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    tmp = temp_path(dest)
     try:
         await media.run_ffmpeg(cut_args(song, start, seconds, length, tmp), timeout=timeout)
         await asyncio.to_thread(os.replace, tmp, dest)
