@@ -18,7 +18,7 @@ import redis.exceptions
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from .errors import ApiError
+from .errors import ApiError, store_unavailable
 from .storage import OutputStore
 
 log = logging.getLogger("mvserver.projects")
@@ -175,8 +175,7 @@ class RedisProjectStore:
 
 
 def _unavailable(exc: Exception) -> ApiError:
-    log.warning("project store: %s: %s", exc.__class__.__name__, exc)
-    return ApiError(503, "store_unavailable", "the project store (Redis) did not answer; try again", retry_after=1)
+    return store_unavailable(exc)
 
 
 def open_project_store(outputs: OutputStore, redis_url: str | None, prefix: str = "mv:") -> ProjectStore:

@@ -35,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import ApiError
+from ..errors import store_unavailable
 from .model import FINAL_STATUSES, Event, Job
 from .store import Lease, LeaseLost, Remembered, SignalHandler, StoreUnavailable, index_entry, owner_slot
 
@@ -550,4 +550,4 @@ async def _unavailable_as_503(call: Any) -> Any:
     try:
         return await call
     except UNAVAILABLE as exc:
-        raise ApiError(503, "store_unavailable", f"the job store is unreachable: {exc}", retry_after=1) from None
+        raise store_unavailable(exc) from None
