@@ -85,6 +85,9 @@ class ProjectStore(Protocol):
         """Store ``project`` with ``version = expected_version + 1`` if the stored version is still
         ``expected_version`` (0: the record must not exist yet); False, and nothing written, otherwise."""
 
+    async def ping(self) -> None:
+        """Raise unless the store answers now (readiness)."""
+
     async def close(self) -> None: ...
 
 
@@ -122,6 +125,9 @@ class FileProjectStore:
             await self.outputs.write_bytes(self.outputs.path("projects", project.id, ".json"), data)
             project.version = record.version
             return True
+
+    async def ping(self) -> None:
+        pass  # the output directory the job store checks
 
     async def close(self) -> None:
         pass
@@ -169,6 +175,9 @@ class RedisProjectStore:
         if swapped:
             project.version = record.version
         return bool(swapped)
+
+    async def ping(self) -> None:
+        await self.client.ping()
 
     async def close(self) -> None:
         await self.client.aclose()

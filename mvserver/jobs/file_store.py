@@ -96,6 +96,11 @@ class FileJobStore:
             if job is not None and not job.final:
                 (self.active_dir / job.id).touch()
 
+    async def ping(self) -> None:
+        """The jobs directory must be there and writable (a lost mount, a read-only disk: not ready)."""
+        if not await asyncio.to_thread(os.access, self.dir, os.W_OK | os.X_OK):
+            raise OSError(f"{self.dir} is not a writable directory")
+
     async def close(self) -> None:
         self._closing = True
         self._queued.set()

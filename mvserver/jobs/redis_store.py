@@ -14,7 +14,8 @@ Keys (all under a prefix, ``mv:`` by default):
   microseconds, then the id; all scores 0, so they sort as text): a listing page is one ZREVRANGEBYLEX
 - ``idem:<hash>``  what an ``Idempotency-Key`` answered (its reserving request's token first), with a TTL
 - channel ``node:<node>``: signals (cancel, provider updates) to the node that owns a job; ``wake:<node>`` a
-  stream that interrupts this node's one blocking event reader when it has a new job to follow
+  stream that interrupts this node's one blocking event reader when it has a new job to follow (it expires
+  ``WAKE_TTL_SECONDS`` after its last entry, so a dead node's stream goes; a live node's comes back with its next)
 
 Every write of an owner goes through one Lua script that checks the lease first, so a node that lost its lease
 (paused, partitioned) cannot write anything. Blocking reads use a client without a socket timeout.
@@ -47,6 +48,8 @@ READER_BLOCK_MS = 10_000
 WATCH_IDLE_SECONDS = 60.0
 EXPIRE_BATCH = 500
 RETRY_PAUSE = 0.25
+WAKE_TTL_SECONDS = 60.0  # a node's wake stream lives this long after its last entry
+IDLE_CONSUMER_SECONDS = 3600.0  # a dispatch consumer (a node) idle this long, with nothing pending, is dropped
 
 # KEYS: lease, job, events, finished. ARGV: token, event id ('' none), name, data, rec, status, finished_at, job id.
 # An event id the log already has is the owner's own write retried after a lost reply: it is not appended twice.
@@ -180,7 +183,8 @@ class RedisJobStore:
         try:
             await self.r.ping()
             await self._ensure_group()
-            self._wake_last = await self.r.xadd(self.k("wake", self.node), {"p": "1"}, maxlen=100, approximate=True)
+            await self._drop_dead_consumers()
+            self._wake_last = await self._wake()
             unfinished = await self.r.xlen(self.k("dispatch"))
         except UNAVAILABLE as exc:
             await self._close_clients()
@@ -191,6 +195,25 @@ class RedisJobStore:
         log.info("job store: Redis at %s (node %s, prefix %r); %d job(s) queued or running in the cluster",
                  redacted(self.url), self.node, self.prefix, unfinished)
         return 0  # nothing to queue again: unfinished jobs stay in the dispatch stream for whichever node is free
+
+    async def _wake(self) -> str:
+        """Add an entry to this node's wake stream (which then lives ``WAKE_TTL_SECONDS`` more); its id."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.k("wake", self.node), {"p": "1"}, maxlen=100, approximate=True)
+            pipe.pexpire(self.k("wake", self.node), int(WAKE_TTL_SECONDS * 1000))
+            entry_id, _ = await pipe.execute()
+        return entry_id
+
+    async def _drop_dead_consumers(self) -> None:
+        """Forget the dispatch consumers of nodes gone long ago (nothing pending: their entries were taken over). A
+        live node reads every claim interval, so it is never that idle; were it dropped, its next read recreates it."""
+        idle_ms = max(IDLE_CONSUMER_SECONDS, 10 * (self.lease_seconds or 0)) * 1000
+        for consumer in await self.r.xinfo_consumers(self.k("dispatch"), GROUP):
+            if consumer["pending"] == 0 and consumer["idle"] > idle_ms and consumer["name"] != self.node:
+                await self.r.xgroup_delconsumer(self.k("dispatch"), GROUP, consumer["name"])
+
+    async def ping(self) -> None:
+        await self.r.ping()
 
     async def _ensure_group(self) -> None:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
@@ -430,7 +453,7 @@ class RedisJobStore:
 
     async def _poke(self) -> None:
         with contextlib.suppress(*UNAVAILABLE):
-            await self.r.xadd(self.k("wake", self.node), {"p": "1"}, maxlen=100, approximate=True)
+            await self._wake()
 
     async def _read_events(self) -> None:
         """The node's one reader of job events: a blocking XREAD over every followed job's stream (plus the wake

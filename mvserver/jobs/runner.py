@@ -132,6 +132,10 @@ class JobEngine:
     async def get(self, job_id: str) -> Job | None:
         return await self.store.get(job_id)
 
+    async def ping(self) -> None:
+        """Raise unless the job store answers now (the node's readiness)."""
+        await self.store.ping()
+
     async def running_jobs(self, owner: str) -> int:
         """How many jobs of the key ``owner`` are queued or running, on every node (its running-jobs quota)."""
         return await self.store.count_active(owner)

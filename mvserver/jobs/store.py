@@ -79,6 +79,9 @@ class JobStore(Protocol):
     async def close(self) -> None:
         """Stop following and claiming; leases held by this node are released so jobs resume elsewhere or later."""
 
+    async def ping(self) -> None:
+        """Raise (OSError, a Redis connection error) unless the store answers now: the node's readiness."""
+
     async def create(self, job: Job, event: Event) -> None:
         """Persist a new queued job with its first event and queue it for claiming."""
 
