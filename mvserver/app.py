@@ -21,7 +21,7 @@ from .jobs.census import JobCensus
 from .metrics import METRICS
 from .project_store import PROJECTS, open_project_store
 from .jobs.retention import sweep_forever
-from .quotas import set_running_jobs_counter
+from .quotas import set_job_places
 from .sandbox.simulator import Simulator, start_simulator
 from .schemas import REQUEST_MODELS, RequestModels
 from .security import security_middleware
@@ -119,7 +119,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
              assembly.KIND: assembly.assembly_kind(app)}
     engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
     app[JOBS] = engine
-    set_running_jobs_counter(app, engine.running_jobs)  # no-op with keys off
+    set_job_places(app, engine)  # the running-jobs cap, counted and reserved atomically; no-op with keys off
     if METRICS in app:
         metrics = app[METRICS]
         engine.hooks.finished = lambda job: metrics.jobs_finished.labels(job.status, job.kind, job.backend).inc()

@@ -204,7 +204,7 @@ async def create_lipsync(request: web.Request) -> web.Response:
 
 
 async def submit_lipsync(app: web.Application, body: Any, defaulted: list[str], owner: str | None,
-                         charge: Callable[[], Awaitable[None]] | None = None) -> Job:
+                         charge: Callable[[], Awaitable[list[str]]] | None = None) -> Job:
     """Check a lip-sync request against the clip and the song and queue its job (``owner``: the caller's key;
     ``charge`` takes the caller's quota once the request is known to be valid)."""
     config = app[CONFIG]
@@ -216,10 +216,9 @@ async def submit_lipsync(app: web.Application, body: Any, defaulted: list[str], 
     summary.update(window={"start": window.start, "end": window.end, "seconds": round(window.seconds, 6)},
                    clip_seconds=clip.duration, song_seconds=song.duration, defaults_applied=defaulted)
     debug_print(config.debug, f"lipsync job for {settings.model}", summary)
-    if charge is not None:
-        await charge()  # only a request that got this far costs a token
+    [job_id] = await charge() if charge is not None else [new_id()]  # only a valid request costs a token
     provider = app[PROVIDERS].replicate
-    job = Job(id=new_id(), backend=provider.name, model=settings.model, sandbox=provider.sandbox, request=summary,
+    job = Job(id=job_id, backend=provider.name, model=settings.model, sandbox=provider.sandbox, request=summary,
               kind=KIND, owner=owner)
     return await app[JOBS].submit(job)
 

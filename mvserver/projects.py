@@ -457,7 +457,7 @@ def _clip_body(app: web.Application, project: Project, scene: Scene, options: di
 
 async def generate_clips(app: web.Application, project_id: str, scene_ids: list[str] | None,
                          options: dict[str, Any], if_match: str | None = None, *, owner: str | None = None,
-                         charge: Callable[[int], Awaitable[None]] | None = None
+                         charge: Callable[[int], Awaitable[list[str]]] | None = None
                          ) -> tuple[Project, JobStates, list[Job]]:
     """Start a clip job for the given scenes (None: every scene with no chosen clip and none running) and link
     each as a new version. Everything is checked before the first job starts; then ``charge(n)`` takes the quota
@@ -478,8 +478,9 @@ async def generate_clips(app: web.Application, project_id: str, scene_ids: list[
         field = f"scenes.{project.scenes.index(scene)}"
         check_room(scene, jobs, limit, field)
         bodies.append(_clip_body(app, project, scene, options, field))
+    job_ids = [new_id() for _ in bodies]
     if charge is not None and bodies:
-        await charge(len(bodies))
+        job_ids = await charge(len(bodies))  # the ids hold the key's places until the jobs exist
     submitted: list[Job] = []
     duplicates: list[Job] = []
 
@@ -495,9 +496,9 @@ async def generate_clips(app: web.Application, project_id: str, scene_ids: list[
             add_version(target, ClipVersion(job_id=job.id, duration=job.request["duration"]), states, limit)
 
     try:
-        for scene, (body, defaulted) in zip(scenes, bodies):
+        for scene, (body, defaulted), job_id in zip(scenes, bodies, job_ids):
             links = {"project_id": project.id, "scene_id": scene.id}
-            submitted.append(await submit_video_job(app, body, defaulted, links, owner=owner))
+            submitted.append(await submit_video_job(app, body, defaulted, links, owner=owner, job_id=job_id))
         project = await update(app, project_id, link)
     except BaseException:
         for job in submitted:  # nothing was linked: none of them may run unseen

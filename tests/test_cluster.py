@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 import yaml
 
+from mvserver.auth import KeyLimits, create_key
 from mvserver.storage import write_bytes_atomic
 from conftest import PROJECT, RedisServer, free_port, read_sse, redis_server_or_skip
 from test_audio import make_audio
@@ -380,6 +381,32 @@ async def test_a_starting_node_leaves_a_live_nodes_temporaries_and_removes_a_dea
     assert orphan.exists()
     await nodes_up(http, cluster, 1)  # C's start-up removes what the dead node left
     assert not orphan.exists()
+
+
+
+@pytest.mark.video_seconds(120)  # the admitted jobs stay running through the burst
+async def test_the_running_jobs_cap_holds_across_nodes_under_a_burst(cluster: Cluster, http: aiohttp.ClientSession,
+                                                                     tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.yaml"
+    _, key = create_key(keys_file, "burst", KeyLimits(jobs_per_minute=6000, jobs_burst=100, max_running_jobs=2))
+    cluster.extra_env = {"MV_API_KEYS_FILE": str(keys_file),
+                         "MV_URL_SIGNING_SECRET": "cluster-signing-secret-0123456789abcdef"}
+    await sim_up(http, cluster)
+    a, b = await nodes_up(http, cluster, 2)
+    auth = {"Authorization": f"Bearer {key}"}
+
+    async def post(base: str) -> tuple[int, dict[str, Any]]:
+        async with http.post(f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4},
+                             headers=auth) as response:
+            return response.status, await response.json()
+
+    answers = await asyncio.gather(*(post((a, b)[n % 2]) for n in range(30)))
+    statuses = sorted(status for status, _ in answers)
+    assert statuses == [202] * 2 + [429] * 28, statuses
+    assert {body["error"]["code"] for status, body in answers if status == 429} == {"quota_exceeded"}
+    async with http.get(f"{a}/api/mv/jobs", headers=auth) as response:
+        listed = (await response.json())["jobs"]
+    assert len(listed) == 2 and {job["status"] for job in listed} <= {"queued", "running"}
 
 
 def test_a_redis_that_is_down_at_start_up_is_one_clear_line_and_exit_2(tmp_path: Path, settings_dir: Path) -> None:
