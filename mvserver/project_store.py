@@ -33,6 +33,14 @@ class ClipVersion(BaseModel):
     duration: int  # seconds of the clip (the scene's duration when it was generated)
 
 
+class Claim(BaseModel):
+    """A request starting the scene's clip (``POST …/clips``): set before any job exists, so a concurrent request
+    (a double click) leaves the scene alone; dropped when the clip is linked, or ignored once ``until`` passes."""
+
+    token: str
+    until: float
+
+
 class Scene(BaseModel):
     id: str
     prompt: str = ""
@@ -45,6 +53,7 @@ class Scene(BaseModel):
     chosen_job_id: str | None = None
     # The newest generation, chosen automatically once it succeeds unless the user chooses another meanwhile.
     awaited_job_id: str | None = None
+    claim: Claim | None = None
 
 
 class Song(BaseModel):

@@ -15,6 +15,7 @@ record, so a job ending does not change the ``ETag``; the effect is folded in at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -30,7 +31,7 @@ from .idempotency import idempotent
 from .images import _saved_image, generate_reference
 from .jobs import JOBS, Job
 from .project_schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
-from .project_store import PROJECTS, ClipVersion, Project, Scene, Song
+from .project_store import PROJECTS, Claim, ClipVersion, Project, Scene, Song
 from .quotas import charge
 from .scenes import write_scenes
 from .schemas import REQUEST_MODELS, json_object
@@ -40,6 +41,7 @@ from .videos import accepted_job, check_reference_shape, submit_video_job
 routes = web.RouteTableDef()
 BASE = "/api/mv/projects"
 CAS_ATTEMPTS = 20
+CLAIM_SECONDS = 60.0  # a scene claimed by a clips request that died is free again after this long
 
 JobStates = dict[str, Job | None]
 
@@ -260,6 +262,8 @@ def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
         raw["song_start"] = entry.song_start
         raw["chosen_video_url"] = f"/api/mv/get_video/{scene.chosen_job_id}" if scene.chosen_job_id else None
     body["total_seconds"] = round(sum(e.seconds for e in project_timeline(project)), 6)
+    for raw in body["scenes"]:
+        raw.pop("claim", None)  # bookkeeping of a request in flight
     return body
 
 
@@ -455,32 +459,84 @@ def _clip_body(app: web.Application, project: Project, scene: Scene, options: di
     return body, defaulted
 
 
+def _claimed(scene: Scene, now: float) -> bool:
+    return scene.claim is not None and scene.claim.until > now
+
+
+class _NothingToClaim(Exception):
+    """Every scene a clips request wanted is taken already (a concurrent request claimed it): nothing to write."""
+
+
+async def _claim(app: web.Application, project_id: str, scene_ids: list[str], token: str) -> list[str]:
+    """Claim the scenes that still have no chosen clip, none awaited and no live claim, in one compare-and-set;
+    the ids claimed now (possibly none). Only then may jobs be created: a concurrent request finds them taken."""
+    got: list[str] = []
+
+    def claim(current: Project, _jobs: JobStates) -> None:
+        got.clear()
+        now = time.time()
+        for scene_id in scene_ids:
+            target = current.scene(scene_id)
+            if target is None or target.chosen_job_id or target.awaited_job_id or _claimed(target, now):
+                continue
+            target.claim = Claim(token=token, until=now + CLAIM_SECONDS)
+            got.append(scene_id)
+        if not got:
+            raise _NothingToClaim()
+
+    try:
+        await update(app, project_id, claim)
+    except _NothingToClaim:
+        return []
+    return got
+
+
+async def _release_claims(app: web.Application, project_id: str, token: str) -> None:
+    def release(current: Project, _jobs: JobStates) -> None:
+        for scene in current.scenes:
+            if scene.claim is not None and scene.claim.token == token:
+                scene.claim = None
+
+    await update(app, project_id, release)
+
+
 async def generate_clips(app: web.Application, project_id: str, scene_ids: list[str] | None,
                          options: dict[str, Any], if_match: str | None = None, *, owner: str | None = None,
-                         charge: Callable[[int], Awaitable[list[str]]] | None = None
+                         charge: Callable[[list[str]], Awaitable[list[str]]] | None = None
                          ) -> tuple[Project, JobStates, list[Job]]:
-    """Start a clip job for the given scenes (None: every scene with no chosen clip and none running) and link
-    each as a new version. Everything is checked before the first job starts; then ``charge(n)`` takes the quota
-    of the n jobs at once (all or none). ``owner``: the caller's key, which owns the jobs."""
+    """Start a clip job for the given scenes (None: every scene with no chosen clip and none running or being
+    started) and link each as a new version. Everything is checked before the first job starts. For "every
+    scene", the scenes are first claimed on the record (one compare-and-set), so of concurrent requests only the
+    claimer creates jobs; then ``charge(job_ids)`` takes the quota of the n jobs at once (all or none) and reserves
+    their ids. ``owner``: the caller's key, which owns the jobs."""
     config: Config = app[CONFIG]
     limit = config.projects.limits.versions_per_scene_max
     project, jobs = await load_settled(app, project_id)
     if if_match is not None and not _matches(if_match, project):
         raise ApiError(412, "precondition_failed", f"the project is at version {etag(project)}", field="If-Match")
     if scene_ids is None:
-        scenes = [s for s in project.scenes if s.chosen_job_id is None and s.awaited_job_id is None]
+        now = time.time()
+        scenes = [s for s in project.scenes if s.chosen_job_id is None and s.awaited_job_id is None
+                  and not _claimed(s, now)]
     else:
         scenes = [s for s in (project.scene(i) for i in scene_ids) if s is not None]
         if len(scenes) != len(scene_ids):
             raise ApiError(404, "not_found", f"the project has no scene {scene_ids[0]}", field="scene_id")
-    bodies = []
+    bodies = {}
     for scene in scenes:
         field = f"scenes.{project.scenes.index(scene)}"
         check_room(scene, jobs, limit, field)
-        bodies.append(_clip_body(app, project, scene, options, field))
-    job_ids = [new_id() for _ in bodies]
-    if charge is not None and bodies:
-        job_ids = await charge(len(bodies))  # the ids hold the key's places until the jobs exist
+        bodies[scene.id] = _clip_body(app, project, scene, options, field)
+    if not scenes:  # nothing is missing: nothing to write
+        return project, jobs, []
+    token = None
+    if scene_ids is None:
+        token = new_id()
+        claimed = set(await _claim(app, project_id, [s.id for s in scenes], token))
+        scenes = [s for s in scenes if s.id in claimed]
+        if not scenes:  # a concurrent request is starting them (a double click): nothing more to do
+            project, jobs = await load_settled(app, project_id)
+            return project, jobs, []
     submitted: list[Job] = []
     duplicates: list[Job] = []
 
@@ -490,19 +546,27 @@ async def generate_clips(app: web.Application, project_id: str, scene_ids: list[
             target = current.scene(scene.id)
             if target is None:
                 raise ApiError(409, "conflict", f"scene {scene.id} was removed meanwhile", field="scene_id")
-            if scene_ids is None and (target.chosen_job_id or target.awaited_job_id):
-                duplicates.append(job)  # another "all missing" request got there first (a double click)
+            if token is not None and (target.claim is None or target.claim.token != token):
+                duplicates.append(job)  # the claim lapsed and another request took the scene
                 continue
+            target.claim = None
             add_version(target, ClipVersion(job_id=job.id, duration=job.request["duration"]), states, limit)
 
     try:
-        for scene, (body, defaulted), job_id in zip(scenes, bodies, job_ids):
+        job_ids = [new_id() for _ in scenes]
+        if charge is not None:
+            job_ids = await charge(job_ids)  # the ids hold the key's places until the jobs exist
+        for scene, job_id in zip(scenes, job_ids):
+            body, defaulted = bodies[scene.id]
             links = {"project_id": project.id, "scene_id": scene.id}
             submitted.append(await submit_video_job(app, body, defaulted, links, owner=owner, job_id=job_id))
         project = await update(app, project_id, link)
     except BaseException:
         for job in submitted:  # nothing was linked: none of them may run unseen
             await app[JOBS].cancel(job.id)
+        if token is not None:
+            with contextlib.suppress(Exception):  # else the claim lapses by itself: the first error is the one to tell
+                await _release_claims(app, project_id, token)
         raise
     for job in duplicates:
         await app[JOBS].cancel(job.id)
@@ -633,7 +697,7 @@ async def generate_missing(request: web.Request) -> web.Response:
     options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
     project, jobs, started = await generate_clips(request.app, project_id, None, options,
                                                   request.headers.get("If-Match"), owner=key_id(request),
-                                                  charge=lambda n: charge(request, "jobs", n))
+                                                  charge=lambda ids: charge(request, "jobs", job_ids=ids))
     return _respond(project, jobs, 202, extra={"jobs": [accepted_job(j) | {"scene_id": j.request["scene_id"]}
                                                         for j in started]})
 
@@ -647,7 +711,7 @@ async def generate_one(request: web.Request) -> web.Response:
     options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
     project, jobs, started = await generate_clips(request.app, project_id, [scene_id], options,
                                                   request.headers.get("If-Match"), owner=key_id(request),
-                                                  charge=lambda n: charge(request, "jobs", n))
+                                                  charge=lambda ids: charge(request, "jobs", job_ids=ids))
     job = started[0]
     return _respond(project, jobs, 202, extra={"job": accepted_job(job) | {"scene_id": scene_id}},
                     headers={"Location": f"/api/mv/jobs/{job.id}"})

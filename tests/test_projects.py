@@ -393,6 +393,31 @@ async def test_two_generate_all_requests_at_once_start_each_clip_once(app_client
     await wait_jobs(app_client, [job["job_id"] for job in started])
 
 
+
+async def test_twenty_generate_all_requests_at_once_create_one_set_of_predictions(app_client: TestClient,
+                                                                                   sim: Simulator) -> None:
+    """A double (or twentyfold) click: the scenes are claimed before any job exists, so one request starts every
+    clip and the others start nothing: no duplicate job, no duplicate prediction to cancel."""
+    project, etag = await create(app_client, number_of_scenes=3)
+    pid, ids = project["project_id"], [s["id"] for s in project["scenes"]]
+    await patch(app_client, pid, {"scenes": [{"id": i, "prompt": f"scene {n}", "duration": 4}
+                                             for n, i in enumerate(ids)]}, etag)
+    responses = await asyncio.gather(*(app_client.post(f"{BASE}/{pid}/clips") for _ in range(20)))
+    assert [r.status for r in responses] == [202] * 20
+    bodies = [await r.json() for r in responses]
+    started = [job for body in bodies for job in body["jobs"]]
+    assert sorted(job["scene_id"] for job in started) == sorted(ids)
+    assert sorted(len(body["jobs"]) for body in bodies) == [0] * 19 + [3]
+    listed = await (await app_client.get(f"/api/mv/jobs?project_id={pid}&limit=100")).json()
+    assert sorted(job["job_id"] for job in listed["jobs"]) == sorted(job["job_id"] for job in started)
+    finals = await wait_jobs(app_client, [job["job_id"] for job in started])
+    assert [s["status"] for s in finals] == ["succeeded"] * 3
+    assert len(list((sim.state_dir / "predictions").glob("*.json"))) == 3
+    project, _ = await get(app_client, pid)
+    assert [len(s["versions"]) for s in project["scenes"]] == [1, 1, 1]
+    assert all("claim" not in s for s in project["scenes"])
+
+
 async def test_concurrent_patches_with_one_etag_exactly_one_wins(app_client: TestClient) -> None:
     project, etag = await create(app_client, number_of_scenes=3)
     pid, ids = project["project_id"], [s["id"] for s in project["scenes"]]
