@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import time
+from types import SimpleNamespace
 from typing import Any, Awaitable, Callable, Iterable, NamedTuple
 
 from aiohttp import web
@@ -36,7 +37,7 @@ from .quotas import charge
 from .scenes import write_scenes
 from .schemas import REQUEST_MODELS, json_object
 from .storage import STORE, check_id, new_id
-from .videos import accepted_job, check_reference_shape, submit_video_job
+from .videos import accepted_job, check_reference_shape, submit_video_job, whole_prompt
 
 routes = web.RouteTableDef()
 BASE = "/api/mv/projects"
@@ -379,6 +380,8 @@ def apply_patch(config: Config, project: Project, jobs: JobStates, patch: Any, s
                 400, "invalid_field", f"{field}.id: scene {change.id} is listed twice", field=f"{field}.id")
         seen.add(change.id)
         _patch_scene(config, scene, change, jobs, field)
+        if {"prompt", "duration"} & change.model_fields_set:
+            check_scene_prompt(config, project, scene, f"{field}.prompt")
     if patch.order is not None:
         ids = [s.id for s in project.scenes]
         if sorted(patch.order) != sorted(ids):
@@ -386,12 +389,41 @@ def apply_patch(config: Config, project: Project, jobs: JobStates, patch: Any, s
                                                  "exactly once", field="order")
         by_id = {s.id: s for s in project.scenes}
         project.scenes = [by_id[i] for i in patch.order]
-    for added in patch.add_scenes or []:
+    for index, added in enumerate(patch.add_scenes or []):
         project.scenes.append(new_scene(added.duration, added.prompt, added.negative_prompt))
+        check_scene_prompt(config, project, project.scenes[-1], f"add_scenes.{index}.prompt")
     limit = config.projects.limits.scenes_max
     if len(project.scenes) > limit:
         raise ApiError(400, "too_many_scenes", f"add_scenes: a project holds at most {limit} scenes",
                        field="add_scenes")
+
+
+def _scene_prompt_excess(config: Config, project: Project, scene: Scene) -> int:
+    """How many characters the scene's prompt, with the server's video rules for its shape, is over the whole-prompt
+    limit (``videos.limits.full_prompt_max_chars``); 0 or less when a clip of it would be accepted."""
+    shape = SimpleNamespace(prompt=scene.prompt, aspect_ratio=project.aspect_ratio, duration=scene.duration,
+                            video_rules_template=None)
+    return len(whole_prompt(config, shape)) - config.videos.limits.full_prompt_max_chars
+
+
+def check_scene_prompt(config: Config, project: Project, scene: Scene, field: str) -> None:
+    """Refuse (400 naming ``field``) a scene prompt that its clip request would refuse later: checked once, where
+    the prompt is written."""
+    excess = _scene_prompt_excess(config, project, scene)
+    if scene.prompt and excess > 0:
+        limit = config.videos.limits.full_prompt_max_chars
+        raise ApiError(400, "invalid_field", f"{field}: with the video rules appended the whole prompt would be "
+                                             f"{limit + excess} characters, at most {limit} are accepted: shorten it "
+                                             f"by {excess}", field=field)
+
+
+def fit_scene_prompt(config: Config, project: Project, scene: Scene) -> None:
+    """Cut a prompt the server wrote (Gemini's) so a clip of it is accepted."""
+    for _ in range(8):
+        excess = _scene_prompt_excess(config, project, scene)
+        if excess <= 0 or not scene.prompt:
+            return
+        scene.prompt = scene.prompt[:max(0, len(scene.prompt) - excess)].rstrip()
 
 
 def _unknown_scene(field: str, scene_id: str) -> ApiError:
@@ -450,6 +482,9 @@ def _clip_body(app: web.Application, project: Project, scene: Scene, options: di
     data = {"prompt": scene.prompt[:limit], "negative_prompt": scene.negative_prompt[:limit],
             "duration": scene.duration, "aspect_ratio": project.aspect_ratio, **options}
     body, defaulted = _validate(model, data)
+    if len(whole_prompt(app[CONFIG], body)) > app[CONFIG].videos.limits.full_prompt_max_chars \
+            and not body.video_rules_template:  # written before PATCH checked it: name the scene, not "prompt"
+        check_scene_prompt(app[CONFIG], project, scene, f"{field}.prompt")
     if project.character_image_id:
         try:
             check_reference_shape(app[CONFIG], body)
@@ -606,7 +641,10 @@ async def write_project_scenes(request: web.Request, project_id: str, options: A
             if scene is not None:
                 scene.prompt, scene.negative_prompt = prompt, negative
             elif index >= len(ids) and len(current.scenes) < config.projects.limits.scenes_max:
-                current.scenes.append(new_scene(config.projects.default_scene_seconds, prompt, negative))
+                scene = new_scene(config.projects.default_scene_seconds, prompt, negative)
+                current.scenes.append(scene)
+            if scene is not None:
+                fit_scene_prompt(config, current, scene)
 
     return await update(app, project_id, fill)
 

@@ -146,19 +146,23 @@ def render_client_rules(source: str, variables: dict[str, Any]) -> str:
     return _client_templates.from_string(source).render(**variables).strip()
 
 
-def full_prompt(config: Config, body: Any) -> str:
-    """The scene prompt with the video rules appended (the client's own rules template, or the configured one).
-
-    The result is capped at ``limits.full_prompt_max_chars``: a rules template may repeat ``{{ prompt }}``, and the
-    whole prompt is what the provider takes (and what the job record keeps). 400 names ``video_rules_template``
-    when the client's template made it too long, ``prompt`` otherwise.
-    """
+def whole_prompt(config: Config, body: Any) -> str:
+    """The scene prompt with the video rules appended (the client's own rules template, or the configured one);
+    ``body`` needs ``prompt``, ``aspect_ratio``, ``duration`` and ``video_rules_template``."""
     variables = {"prompt": body.prompt, "aspect_ratio": body.aspect_ratio, "duration": body.duration}
     if body.video_rules_template is None:
         rules = config.render("videos.video_rules_template", **variables)
     else:
         rules = render_client_rules(body.video_rules_template, variables)
-    prompt = f"{body.prompt}\n\n{rules}" if rules else body.prompt
+    return f"{body.prompt}\n\n{rules}" if rules else body.prompt
+
+
+def full_prompt(config: Config, body: Any) -> str:
+    """The :func:`whole_prompt`, capped at ``limits.full_prompt_max_chars``: a rules template may repeat
+    ``{{ prompt }}``, and the whole prompt is what the provider takes (and what the job record keeps). 400 names
+    ``video_rules_template`` when the client's template made it too long, ``prompt`` otherwise.
+    """
+    prompt = whole_prompt(config, body)
     limit = config.videos.limits.full_prompt_max_chars
     if len(prompt) > limit:
         field = "video_rules_template" if body.video_rules_template and len(body.prompt) <= limit else "prompt"
