@@ -482,8 +482,7 @@ def _clip_body(app: web.Application, project: Project, scene: Scene, options: di
     data = {"prompt": scene.prompt[:limit], "negative_prompt": scene.negative_prompt[:limit],
             "duration": scene.duration, "aspect_ratio": project.aspect_ratio, **options}
     body, defaulted = _validate(model, data)
-    if len(whole_prompt(app[CONFIG], body)) > app[CONFIG].videos.limits.full_prompt_max_chars \
-            and not body.video_rules_template:  # written before PATCH checked it: name the scene, not "prompt"
+    if not body.video_rules_template:  # a prompt written before PATCH checked it: name the scene, not "prompt"
         check_scene_prompt(app[CONFIG], project, scene, f"{field}.prompt")
     if project.character_image_id:
         try:
