@@ -21,11 +21,11 @@ from .jobs.census import JobCensus
 from .metrics import METRICS
 from .project_store import PROJECTS, open_project_store
 from .jobs.retention import sweep_forever
-from .quotas import set_running_jobs_counter
+from .quotas import set_job_places
 from .sandbox.simulator import Simulator, start_simulator
 from .schemas import REQUEST_MODELS, RequestModels
 from .security import security_middleware
-from .storage import STORE, OutputStore
+from .storage import STORE, OutputStore, node_context, start_node
 
 log = logging.getLogger("mvserver")
 SANDBOX_TOKEN = "sandbox"
@@ -119,7 +119,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
              assembly.KIND: assembly.assembly_kind(app)}
     engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
     app[JOBS] = engine
-    set_running_jobs_counter(app, engine.running_jobs)  # no-op with keys off
+    set_job_places(app, engine)  # the running-jobs cap, counted and reserved atomically; no-op with keys off
     if METRICS in app:
         metrics = app[METRICS]
         engine.hooks.finished = lambda job: metrics.jobs_finished.labels(job.status, job.kind, job.backend).inc()
@@ -164,7 +164,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     config: Config = load_config(env)
     debug_print(config.debug, "config params loaded at start-up", config.summary())
     try:
-        store = OutputStore(env.output_dir)
+        store = OutputStore(env.output_dir, env.stale_temp_seconds)
     except OSError as exc:
         raise ConfigError(f"environment: MV_OUTPUT_DIR={str(env.output_dir)!r}: cannot create the output "
                           f"directories: {exc.strerror or exc}") from None
@@ -175,7 +175,8 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app[TEMPLATES] = package_templates()
     app[STORE] = store
     app[REQUEST_MODELS] = RequestModels.build(config)
-    app[STORE].remove_stale_temporaries()
+    start_node(store)  # only what dead nodes left: other nodes may be writing in a shared MV_OUTPUT_DIR
+    app.cleanup_ctx.append(node_context)
     app.cleanup_ctx.append(providers_context)
     app.cleanup_ctx.append(jobs_context)
     app.cleanup_ctx.append(projects_context)

@@ -32,7 +32,7 @@ from .projects import (BASE, _json_object, _respond, job_states, load_settled, o
                        update)
 from .quotas import charge
 from .schemas import REQUEST_MODELS
-from .storage import STORE, new_id
+from .storage import STORE
 
 routes = web.RouteTableDef()
 
@@ -148,8 +148,9 @@ async def _check_song(app: web.Application, audio_id: str, offset: float, caller
                                              f"({duration:g} s)", field="audio_offset")
 
 
-async def submit(app: web.Application, request: dict[str, Any], owner: str | None) -> Job:
-    job = Job(id=new_id(), backend=BACKEND, model="concat" if request["transition"] == "cut" else "xfade",
+async def submit(app: web.Application, request: dict[str, Any], owner: str | None, job_id: str) -> Job:
+    """Queue the assembly job (``job_id``: the id the quota charge answered)."""
+    job = Job(id=job_id, backend=BACKEND, model="concat" if request["transition"] == "cut" else "xfade",
               sandbox=False, request=request, kind=KIND, owner=owner)
     return await app[JOBS].submit(job)
 
@@ -238,8 +239,8 @@ async def assemble(request: web.Request) -> web.Response:
     body = _parse(app[REQUEST_MODELS].assemble, await _json_object(request))
     clips = [(c.job_id, c.trim_in, c.trim_out) for c in body.clips]
     planned = await plan(app, clips, body, body.audio_id, body.audio_offset, caller=key_id(request))
-    await charge(request, "jobs")  # only a request that got this far costs a token
-    job = await submit(app, planned, key_id(request))
+    [job_id] = await charge(request, "jobs")  # only a request that got this far costs a token
+    job = await submit(app, planned, key_id(request), job_id)
     payload = accepted(job)
     return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
 
@@ -273,8 +274,8 @@ async def assemble_project(request: web.Request) -> web.Response:
     planned = await plan(app, clips, options, song.audio_id if song else None, song.offset if song else 0.0, field,
                          caller=key_id(request))
     planned["project_id"] = project.id
-    await charge(request, "jobs")
-    job = await submit(app, planned, key_id(request))
+    [job_id] = await charge(request, "jobs")
+    job = await submit(app, planned, key_id(request), job_id)
 
     def link(current: Any, _jobs: Any) -> None:
         current.assembly_job_id = job.id

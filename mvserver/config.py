@@ -320,6 +320,13 @@ def _env_number(env: Mapping[str, str], name: str, default: float | None, kind: 
     return value
 
 
+def _env_at_least(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    value = _env_number(env, name, default, float)
+    if value < minimum:
+        raise ConfigError(f"environment: {name}={env.get(name, '').strip()!r} must be at least {minimum:g}")
+    return value
+
+
 def _public_base_url(raw: str | None) -> str | None:
     """``MV_PUBLIC_BASE_URL``: an absolute http(s) URL, kept without its trailing slash."""
     if raw is None:
@@ -393,6 +400,7 @@ class EnvSettings:
     allowed_hosts: tuple[str, ...] | None = None  # None: the listen host, localhost, 127.0.0.1 and [::1]
     redis_url: str | None = None
     redis_prefix: str = "mv:"
+    stale_temp_seconds: float = 900.0  # an unowned temporary is removed only when older (and its node silent)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EnvSettings":
@@ -439,6 +447,7 @@ class EnvSettings:
             allowed_hosts=tuple(item.lower() for item in _env_list(env, "MV_ALLOWED_HOSTS")) or None,
             redis_url=text("MV_REDIS_URL"),
             redis_prefix=text("MV_REDIS_PREFIX") or "mv:",
+            stale_temp_seconds=_env_at_least(env, "MV_STALE_TEMP_SECONDS", 900.0, 1.0),
         )
 
     @property

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -39,7 +38,7 @@ from .projects import (JobStates, TimelineEntry, _json_object, _options, _respon
                        job_states, load_settled, owned_project, project_timeline, update)
 from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
-from .storage import STORE, OutputStore, check_id, new_id
+from .storage import STORE, OutputStore, check_id, new_id, temp_path
 
 routes = web.RouteTableDef()
 
@@ -132,7 +131,7 @@ def max_cut_bytes(length: float, bytes_per_second: int = COPY_BYTES_PER_SECOND) 
 
 async def cut_window(song: Song, start: float, seconds: float, length: float, dest: Path, timeout: float) -> None:
     """Write the window to ``dest`` atomically (a temporary file renamed into place; removed on any failure)."""
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    tmp = temp_path(dest)
     try:
         await media.run_ffmpeg(cut_args(song, start, seconds, length, tmp), timeout=timeout)
         await asyncio.to_thread(os.replace, tmp, dest)
@@ -235,7 +234,7 @@ async def create_lipsync(request: web.Request) -> web.Response:
 
 
 async def submit_lipsync(app: web.Application, body: Any, defaulted: list[str], owner: str | None,
-                         charge: Callable[[], Awaitable[None]] | None = None) -> Job:
+                         charge: Callable[[], Awaitable[list[str]]] | None = None) -> Job:
     """Check a lip-sync request against the clip and the song and queue its job (``owner``: the caller's key;
     ``charge`` takes the caller's quota once the request is known to be valid)."""
     config = app[CONFIG]
@@ -248,10 +247,9 @@ async def submit_lipsync(app: web.Application, body: Any, defaulted: list[str], 
     summary.update(window={"start": window.start, "end": window.end, "seconds": round(window.seconds, 6)},
                    clip_seconds=clip.duration, song_seconds=song.duration, defaults_applied=defaulted)
     debug_print(config.debug, f"lipsync job for {settings.model}", summary)
-    if charge is not None:
-        await charge()  # only a request that got this far costs a token
+    [job_id] = await charge() if charge is not None else [new_id()]  # only a valid request costs a token
     provider = app[PROVIDERS].replicate
-    job = Job(id=new_id(), backend=provider.name, model=settings.model, sandbox=provider.sandbox, request=summary,
+    job = Job(id=job_id, backend=provider.name, model=settings.model, sandbox=provider.sandbox, request=summary,
               kind=KIND, owner=owner)
     return await app[JOBS].submit(job)
 

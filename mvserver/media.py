@@ -20,13 +20,14 @@ import re
 import signal
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 import imageio_ffmpeg
+
+from .storage import temp_path
 
 __all__ = [
     "AUDIO_DEMUXERS", "AssemblyInputError", "AssemblyResult", "AudioStream", "Clip", "DurationError", "MediaError",
@@ -456,8 +457,8 @@ class _Source:
 
 
 def _temp(out: Path, tag: str) -> Path:
-    """A temporary file next to the output; the ``.part`` suffix lets start-up clean-up remove leftovers."""
-    return out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.{tag}.part")
+    """A temporary file next to the output, named by :func:`storage.temp_path` (the clean-up knows its node)."""
+    return temp_path(out, tag)
 
 
 async def _load_sources(clips: Sequence[Clip]) -> list[_Source]:

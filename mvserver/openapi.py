@@ -21,13 +21,16 @@ if TYPE_CHECKING:
     from .schemas import RequestModels
 
 Document = dict[str, Any]
-PUBLIC = ("/api/mv/health", "/api/mv/webhooks/replicate")  # no API key: open, or signed by Replicate
+HEALTH = ("/api/mv/health", "/api/mv/health/live", "/api/mv/health/ready")  # never behind a key
+PUBLIC = (*HEALTH, "/api/mv/webhooks/replicate")  # no API key: open, or signed by Replicate
 PROJECT = "/api/mv/projects/{project_id}"
 SCENE = PROJECT + "/scenes/{scene_id}"
 
 # (path, method) -> (operationId, schema of the success answer's JSON or event-stream body, by status)
 OPERATIONS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
     ("/api/mv/health", "get"): ("getHealth", {"200": "Health"}),
+    ("/api/mv/health/live", "get"): ("getLiveness", {"200": "Liveness"}),
+    ("/api/mv/health/ready", "get"): ("getReadiness", {"200": "Readiness"}),
     ("/api/mv/create_scenes", "post"): ("createScenes", {"200": "Scenes"}),
     ("/api/mv/get_scenes/{scenes_id}.{ext}", "get"): ("getScenes", {"200": "SavedScenes"}),
     ("/api/mv/generate_character_reference", "post"): ("generateCharacterReference", {"200": "CharacterReference"}),
@@ -62,6 +65,7 @@ OPERATIONS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
 # Errors a route answers beyond what its kind implies (see _statuses): provider conflicts and rejections, a
 # project that kept changing (409 conflict), a project id that already exists.
 EXTRA_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("/api/mv/health/ready", "get"): (503,),
     ("/api/mv/create_scenes", "post"): (409,),
     ("/api/mv/generate_character_reference", "post"): (409,),
     ("/api/mv/projects", "post"): (409,),
@@ -85,7 +89,7 @@ ACTION_OPTIONS = {
     (SCENE + "/lipsync", "post"): ("SceneLipsyncOptions", "lipsync", SCENE_LIPSYNC_OPTIONS),
 }
 # Inline success schemas the route table already spells out, made components under these names.
-LIFTED = {"Health", "EventsLink", "Audio"}
+LIFTED = {"Health", "Liveness", "Readiness", "EventsLink", "Audio"}
 
 STATUS_TEXT = {
     400: "invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's "
@@ -160,7 +164,7 @@ def _statuses(path: str, method: str, keys: bool) -> list[int]:
         statuses.append(503)
     if path in FILES:
         statuses += [206, 304, 416]
-    if keys and path != "/api/mv/health":
+    if keys and path not in HEALTH:
         statuses.append(401)
     return statuses + list(EXTRA_ERRORS.get((path, method), ()))
 

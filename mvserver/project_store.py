@@ -18,7 +18,7 @@ import redis.exceptions
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from .errors import ApiError
+from .errors import ApiError, store_unavailable
 from .storage import OutputStore
 
 log = logging.getLogger("mvserver.projects")
@@ -33,6 +33,14 @@ class ClipVersion(BaseModel):
     duration: int  # seconds of the clip (the scene's duration when it was generated)
 
 
+class Claim(BaseModel):
+    """A request starting the scene's clip (``POST …/clips``): set before any job exists, so a concurrent request
+    (a double click) leaves the scene alone; dropped when the clip is linked, or ignored once ``until`` passes."""
+
+    token: str
+    until: float
+
+
 class Scene(BaseModel):
     id: str
     prompt: str = ""
@@ -45,6 +53,7 @@ class Scene(BaseModel):
     chosen_job_id: str | None = None
     # The newest generation, chosen automatically once it succeeds unless the user chooses another meanwhile.
     awaited_job_id: str | None = None
+    claim: Claim | None = None
 
 
 class Song(BaseModel):
@@ -85,6 +94,9 @@ class ProjectStore(Protocol):
         """Store ``project`` with ``version = expected_version + 1`` if the stored version is still
         ``expected_version`` (0: the record must not exist yet); False, and nothing written, otherwise."""
 
+    async def ping(self) -> None:
+        """Raise unless the store answers now (readiness)."""
+
     async def close(self) -> None: ...
 
 
@@ -122,6 +134,9 @@ class FileProjectStore:
             await self.outputs.write_bytes(self.outputs.path("projects", project.id, ".json"), data)
             project.version = record.version
             return True
+
+    async def ping(self) -> None:
+        pass  # the output directory the job store checks
 
     async def close(self) -> None:
         pass
@@ -170,13 +185,15 @@ class RedisProjectStore:
             project.version = record.version
         return bool(swapped)
 
+    async def ping(self) -> None:
+        await self.client.ping()
+
     async def close(self) -> None:
         await self.client.aclose()
 
 
 def _unavailable(exc: Exception) -> ApiError:
-    log.warning("project store: %s: %s", exc.__class__.__name__, exc)
-    return ApiError(503, "store_unavailable", "the project store (Redis) did not answer; try again", retry_after=1)
+    return store_unavailable(exc)
 
 
 def open_project_store(outputs: OutputStore, redis_url: str | None, prefix: str = "mv:") -> ProjectStore:

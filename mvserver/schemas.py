@@ -344,9 +344,10 @@ def _project_paths() -> dict[str, Any]:
 
 
 HEALTH_SCHEMA = {
-    "type": "object", "required": ["status", "version", "mode", "sandbox", "providers", "styles", "auth"],
+    "type": "object", "required": ["status", "version", "mode", "sandbox", "providers", "styles", "auth", "store"],
     "properties": {
-        "status": {"type": "string", "enum": ["ok"]},
+        "status": {"type": "string", "enum": ["ok", "degraded"],
+                   "description": "degraded while the job and project store cannot be reached (see store)"},
         "version": {"type": "string"},
         "mode": {"type": "string", "enum": ["live", "sandbox"],
                  "description": "sandbox when any provider service is answered by the built-in simulator"},
@@ -361,8 +362,16 @@ HEALTH_SCHEMA = {
                               "description": "true when every other /api/mv route needs Authorization: Bearer "
                                              "<API key> (MV_API_KEYS_FILE is set): a page should ask for a key "
                                              "before its first call"}}},
+        "store": {"type": "object", "required": ["kind", "reachable"], "properties": {
+            "kind": {"type": "string", "enum": ["files", "redis"]},
+            "reachable": {"type": "boolean", "description": "false while the store does not answer a ping in 2 s"}}},
     },
 }
+STORE_UNAVAILABLE_ANSWER = {
+    "description": "store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+# Routes that never need the store (everything else may answer 503 store_unavailable while Redis is down).
+STORELESS_PATHS = frozenset({"/api/mv/health", "/api/mv/health/live", "/api/mv/openapi.json", "/metrics"})
 EVENTS_LINK_SCHEMA = {
     "type": "object", "required": ["events_url", "expires_at", "jobs"],
     "properties": {
@@ -404,7 +413,7 @@ def _with_access(paths: dict[str, Any], metrics: bool) -> None:
     """With keys on: bearer auth on every operation but health, signed-link parameters on GETs, 401/403/429."""
     for path, operations in paths.items():
         for method, operation in operations.items():
-            if path == "/api/mv/health":
+            if path.startswith("/api/mv/health"):
                 operation["security"] = []
                 continue
             answers = operation["responses"]
@@ -442,6 +451,19 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
                        "(never behind auth)",
             "responses": {**_answers(200, "ok"),
                           "200": {"description": "ok", "content": {"application/json": {"schema": HEALTH_SCHEMA}}}}}},
+        "/api/mv/health/live": {"get": {
+            "summary": "Liveness: 200 while the process serves requests, whether or not its store answers (never "
+                       "behind auth)",
+            "responses": {**_answers(200, "ok"), "200": {"description": "the process serves requests", "content": {
+                "application/json": {"schema": {"type": "object", "required": ["status"],
+                                                "properties": {"status": {"type": "string", "enum": ["ok"]}}}}}}}}},
+        "/api/mv/health/ready": {"get": {
+            "summary": "Readiness: 200 while the job and project store answer; 503 store_unavailable while they do "
+                       "not (never behind auth)",
+            "responses": {**_answers(200, "ready"), "200": {"description": "the store answers", "content": {
+                "application/json": {"schema": {"type": "object", "required": ["status", "store"], "properties": {
+                    "status": {"type": "string", "enum": ["ready"]},
+                    "store": {"type": "string", "enum": ["files", "redis"]}}}}}}}}},  # + 503, as below
         "/api/mv/create_scenes": {"post": {
             "summary": "Write N scene prompts with Gemini", "requestBody": _json_body("CreateScenesRequest"),
             "responses": _answers(200, "scenes", 400, 413, 415, 422, 429, 502, 503, 504)}},
@@ -550,6 +572,10 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
     }
     paths.update(_project_paths())
     _with_idempotency(paths)
+    for path, operations in paths.items():
+        for operation in operations.values():
+            if path not in STORELESS_PATHS:
+                operation["responses"].setdefault("503", STORE_UNAVAILABLE_ANSWER)
     if metrics:
         paths["/metrics"] = {"get": {"summary": "Prometheus metrics (text exposition format)",
                                      "responses": _answers(200, "metrics", content="text/plain")}}

@@ -146,19 +146,23 @@ def render_client_rules(source: str, variables: dict[str, Any]) -> str:
     return _client_templates.from_string(source).render(**variables).strip()
 
 
-def full_prompt(config: Config, body: Any) -> str:
-    """The scene prompt with the video rules appended (the client's own rules template, or the configured one).
-
-    The result is capped at ``limits.full_prompt_max_chars``: a rules template may repeat ``{{ prompt }}``, and the
-    whole prompt is what the provider takes (and what the job record keeps). 400 names ``video_rules_template``
-    when the client's template made it too long, ``prompt`` otherwise.
-    """
+def whole_prompt(config: Config, body: Any) -> str:
+    """The scene prompt with the video rules appended (the client's own rules template, or the configured one);
+    ``body`` needs ``prompt``, ``aspect_ratio``, ``duration`` and ``video_rules_template``."""
     variables = {"prompt": body.prompt, "aspect_ratio": body.aspect_ratio, "duration": body.duration}
     if body.video_rules_template is None:
         rules = config.render("videos.video_rules_template", **variables)
     else:
         rules = render_client_rules(body.video_rules_template, variables)
-    prompt = f"{body.prompt}\n\n{rules}" if rules else body.prompt
+    return f"{body.prompt}\n\n{rules}" if rules else body.prompt
+
+
+def full_prompt(config: Config, body: Any) -> str:
+    """The :func:`whole_prompt`, capped at ``limits.full_prompt_max_chars``: a rules template may repeat
+    ``{{ prompt }}``, and the whole prompt is what the provider takes (and what the job record keeps). 400 names
+    ``video_rules_template`` when the client's template made it too long, ``prompt`` otherwise.
+    """
+    prompt = whole_prompt(config, body)
     limit = config.videos.limits.full_prompt_max_chars
     if len(prompt) > limit:
         field = "video_rules_template" if body.video_rules_template and len(body.prompt) <= limit else "prompt"
@@ -169,10 +173,12 @@ def full_prompt(config: Config, body: Any) -> str:
 
 async def submit_video_job(app: web.Application, body: Any, defaulted: list[str],
                            links: dict[str, Any] | None = None, owner: str | None = None,
-                           charge: Callable[[], Awaitable[None]] | None = None) -> Job:
+                           charge: Callable[[], Awaitable[list[str]]] | None = None, job_id: str | None = None
+                           ) -> Job:
     """Validate the reference image, render the full prompt and submit a video job (the body is a video request
     model). ``links`` (e.g. ``project_id``/``scene_id``) are kept in ``Job.request``; ``owner`` is the caller's key
-    id; ``charge`` takes the caller's quota once the request is known to be valid."""
+    id; ``charge`` takes the caller's quota once the request is known to be valid and answers the job's id (else
+    ``job_id``, e.g. one a caller charged for already, or a new one)."""
     config = app[CONFIG]
     image, mime_type = await reference_image(app, body, owner)
     if image is not None:
@@ -183,9 +189,9 @@ async def submit_video_job(app: web.Application, body: Any, defaulted: list[str]
     summary.update(full_prompt=prompt, defaults_applied=defaulted, has_reference_image=image is not None)
     summary.update(links or {})
     if charge is not None:
-        await charge()  # only a request that got this far costs a token
+        [job_id] = await charge()  # only a request that got this far costs a token
     backend = app[PROVIDERS].video_backend(body.backend)
-    job = Job(id=new_id(), backend=body.backend, model=backend.model, sandbox=backend.sandbox, request=summary,
+    job = Job(id=job_id or new_id(), backend=body.backend, model=backend.model, sandbox=backend.sandbox, request=summary,
               reference_mime_type=mime_type, owner=owner)
     if image is not None:
         store = app[STORE]

@@ -141,9 +141,11 @@ async def test_kill_9_mid_job_resumes_the_same_prediction_after_restart(
 
     record = json.loads((outputs / "jobs" / f"{job_id}.json").read_text())
     assert record["status"] == "running" and record["prediction_id"] == prediction_id
-    # What a kill during a download or a record rewrite leaves behind: temporaries next to the real files.
-    stale = [outputs / "videos" / f".{job_id}.mp4.{uuid.uuid4().hex[:8]}.part",
-             outputs / "jobs" / f".{job_id}.json.{uuid.uuid4().hex[:8]}.part"]
+    # What a kill during a download or a record rewrite leaves behind: temporaries next to the real files, named by
+    # the dead node (whose heartbeat names its process, now gone).
+    [dead] = [path.stem for path in (outputs / "nodes").glob("*.json")]
+    stale = [outputs / "videos" / f".{job_id}.mp4.{dead}-{uuid.uuid4().hex[:8]}.part",
+             outputs / "jobs" / f".{job_id}.json.{dead}-{uuid.uuid4().hex[:8]}.part"]
     for path in stale:
         path.write_bytes(b"\x00" * 1000)
 

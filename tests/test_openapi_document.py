@@ -131,6 +131,8 @@ async def test_everything_the_old_document_described_is_still_served(documents: 
 # Pinned: a generated client's method names. Renaming one breaks every client built on it.
 OPERATION_IDS = {
     ("/api/mv/health", "get"): "getHealth",
+    ("/api/mv/health/live", "get"): "getLiveness",
+    ("/api/mv/health/ready", "get"): "getReadiness",
     ("/api/mv/create_scenes", "post"): "createScenes",
     ("/api/mv/get_scenes/{scenes_id}.{ext}", "get"): "getScenes",
     ("/api/mv/generate_character_reference", "post"): "generateCharacterReference",
@@ -163,7 +165,8 @@ OPERATION_IDS = {
 }
 VERBS = ("get", "list", "create", "update", "generate", "start", "cancel", "stream", "upload", "receive", "write")
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
-PUBLIC = {("/api/mv/health", "get"), ("/api/mv/webhooks/replicate", "post")}
+PUBLIC = {("/api/mv/health", "get"), ("/api/mv/health/live", "get"), ("/api/mv/health/ready", "get"),
+          ("/api/mv/webhooks/replicate", "post")}
 # POSTs that draw on a key's quotas: with keys on, each may answer 429
 CHARGED = {(path, "post") for path in (
     "/api/mv/create_scenes", "/api/mv/generate_character_reference", "/api/mv/generate_video", "/api/mv/lipsync",
@@ -198,7 +201,7 @@ async def test_every_operation_has_an_id_response_schemas_errors_and_security(do
     assert len(set(ids)) == len(ids), "operationIds are not unique"
     expected = {key: name for key, name in OPERATION_IDS.items() if key in found}
     assert {key: operation.get("operationId") for key, operation in found.items()} == expected
-    assert len(found) == 29 + keys  # every route (and /metrics with keys and metrics on) has its id pinned above
+    assert len(found) == len(OPERATION_IDS) - (not keys)  # every route (/metrics only with keys on) is pinned above
     for (path, method), operation in found.items():
         label = f"{method.upper()} {path}"
         name = operation["operationId"]
@@ -227,7 +230,7 @@ async def test_every_operation_has_an_id_response_schemas_errors_and_security(do
             security = [] if (path, method) in PUBLIC else [{"bearerAuth": []}]
             if operation.get("security") != security:
                 problems.append(f"{label}: security {operation.get('security')}, not {security}")
-            if (path, method) != ("/api/mv/health", "get") and "401" not in operation["responses"]:
+            if not path.startswith("/api/mv/health") and "401" not in operation["responses"]:
                 problems.append(f"{label}: no 401")
             if (path, method) in CHARGED and "429" not in operation["responses"]:
                 problems.append(f"{label}: no 429 for the key's quotas")
@@ -333,6 +336,8 @@ async def test_real_answers_of_the_whole_flow_match_the_document(make_client: Ap
     sim.video_latency = 0.1
 
     await api.call("GET", "/api/mv/health")
+    await api.call("GET", "/api/mv/health/live")
+    await api.call("GET", "/api/mv/health/ready")
     _, scenes = await api.call("POST", "/api/mv/create_scenes",
                                json={"idea": "a night train", "character_description": "a singer", "style": "noir"})
     await api.call("GET", "/api/mv/get_scenes/{scenes_id}.{ext}", path={"scenes_id": scenes["scenes_id"], "ext": "json"})

@@ -132,9 +132,20 @@ class JobEngine:
     async def get(self, job_id: str) -> Job | None:
         return await self.store.get(job_id)
 
+    async def ping(self) -> None:
+        """Raise unless the job store answers now (the node's readiness)."""
+        await self.store.ping()
+
     async def running_jobs(self, owner: str) -> int:
         """How many jobs of the key ``owner`` are queued or running, on every node (its running-jobs quota)."""
         return await self.store.count_active(owner)
+
+    async def reserve(self, owner: str, job_ids: list[str], cap: int, seconds: float) -> int | None:
+        """Count and reserve places on ``owner``'s running-jobs cap in one atomic step (``quotas.JobPlaces``)."""
+        return await self.store.reserve(owner, job_ids, cap, seconds)
+
+    async def unreserve(self, owner: str, job_ids: list[str]) -> None:
+        await self.store.unreserve(owner, job_ids)
 
     async def submit(self, job: Job) -> Job:
         """Persist a new job with its ``queued`` event and queue it for a slot."""

@@ -22,6 +22,8 @@ from functools import lru_cache
 import imageio_ffmpeg
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from ..storage import temp_path
+
 __all__ = ["ASPECT_SIZES", "LIPSYNC_LABEL", "MAX_REFERENCE_PIXELS", "RenderError", "oversized_image",
            "probe_media", "render_character_image", "render_lipsync", "render_video"]
 
@@ -364,7 +366,7 @@ async def render_video(
         raise ValueError(f"fps must be in [1, 120], got {fps!r}")
     dest = pathlib.Path(dest)
     bar_h = max(4, size[1] // 45)
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    tmp = temp_path(dest)
     try:  # reserve a unique temp name next to dest (normal umask-based permissions, unlike mkstemp)
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     except OSError as exc:
@@ -456,7 +458,7 @@ async def render_lipsync(dest: pathlib.Path, *, video: pathlib.Path, audio: path
     size = (v["width"], v["height"])
     total, retime, loop = _lipsync_timing(sync_mode, v["duration"], a["duration"])
     x0, y0, _, _ = lipsync_label_box(size)
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    tmp = temp_path(dest)
     label = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.label.png")
     try:
         await asyncio.to_thread(label.write_bytes, await asyncio.to_thread(_lipsync_label, size))

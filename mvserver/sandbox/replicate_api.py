@@ -32,7 +32,7 @@ from typing import Any, Callable, Literal
 from aiohttp import web
 from yarl import URL
 
-from ..storage import write_bytes_atomic
+from ..storage import temp_path, write_bytes_atomic
 from .render import MAX_REFERENCE_PIXELS, oversized_image, render_character_image, render_lipsync, render_video
 from .simulator import SIMULATOR, Simulator
 from .webhooks import SENDER, fault_marker, invalid_webhook_fields
@@ -319,7 +319,7 @@ def render_key(options: dict[str, Any], pad_bytes: int) -> str:
 
 def _link_or_copy(source: Path, dest: Path) -> None:
     """Put ``source`` at ``dest`` atomically: a hard link when the filesystem allows it, else a copy."""
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    tmp = temp_path(dest)
     try:
         os.link(source, tmp)
     except OSError:
