@@ -51,7 +51,8 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
     if sandboxed:
         simulator = Simulator(store.root / "sandbox", video_latency=config.sandbox_video_latency,
                               image_latency=config.sandbox.image_latency_seconds,
-                              scenes_latency=config.sandbox.scenes_latency_seconds)
+                              scenes_latency=config.sandbox.scenes_latency_seconds,
+                              max_concurrent_renders=config.sandbox.max_concurrent_renders)
         runner, sim_url = await start_simulator(simulator)
         for service, key in (("gemini_scenes", "gemini"), ("gemini_video", "vertex"), ("replicate", "replicate")):
             if service in sandboxed:

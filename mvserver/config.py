@@ -203,6 +203,8 @@ class SandboxSettings(_Strict):
     video_latency_seconds: float = Field(ge=0)
     image_latency_seconds: float = Field(ge=0)
     scenes_latency_seconds: float = Field(ge=0)
+    # Outputs the built-in simulator renders at once (each may decode a reference image of up to 40 MP)
+    max_concurrent_renders: int = Field(default=2, ge=1, le=32)
 
 
 class ProjectsLimits(_Strict):

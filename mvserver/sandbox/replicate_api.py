@@ -355,11 +355,13 @@ def _data_uri_bytes(uri: str) -> bytes:
 
 
 class ReplicateApi:
-    """Route handlers; one instance per simulator app, holding a render lock per prediction."""
+    """Route handlers; one instance per simulator app, holding a render lock per prediction and the app's render
+    slots (shared with the Vertex routes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, render_slots: asyncio.Semaphore) -> None:
         self.locks: dict[str, asyncio.Lock] = {}
         self.cache_locks: dict[str, asyncio.Lock] = {}
+        self.render_slots = render_slots
 
     # records
 
@@ -390,7 +392,8 @@ class ReplicateApi:
     async def _finish(self, sim: Simulator, record: dict[str, Any]) -> None:
         if record.get("failure") is None:
             try:
-                record["output"] = await self._render(sim, record)
+                async with self.render_slots:  # a render may decode a 40 MP reference: only a few at once
+                    record["output"] = await self._render(sim, record)
             except InputFileError as exc:
                 record["failure"] = str(exc)
             except Exception as exc:  # the model "crashed": the prediction fails with the reason
@@ -633,9 +636,10 @@ class ReplicateApi:
         return web.FileResponse(path, headers=headers)
 
 
-def add_routes(router: web.UrlDispatcher) -> None:
-    """Register the Replicate routes; their names are the ones fault injection uses."""
-    api = ReplicateApi()
+def add_routes(router: web.UrlDispatcher, render_slots: asyncio.Semaphore) -> None:
+    """Register the Replicate routes; their names are the ones fault injection uses. Renders wait for one of
+    ``render_slots``."""
+    api = ReplicateApi(render_slots)
     router.add_post(f"{PREFIX}/v1/models/{{owner}}/{{name}}/predictions", api.create_prediction, name="replicate.create")
     router.add_get(f"{PREFIX}/v1/predictions/{{prediction_id}}", api.get_prediction, name="replicate.get")
     router.add_post(f"{PREFIX}/v1/predictions/{{prediction_id}}/cancel", api.cancel_prediction, name="replicate.cancel")
