@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from typing import AsyncIterator, Mapping
 
 import aiohttp
@@ -48,8 +49,11 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
     sandboxed = sandboxed_services(env)
     runner = None
     urls = {"gemini": env.gemini_base_url, "vertex": env.vertex_base_url, "replicate": env.replicate_base_url}
+    # The built-in simulator answers its Replicate routes, and gives its webhook secret, only to this process.
+    replicate_token = secrets.token_urlsafe(24) if "replicate" in sandboxed else env.replicate_api_token or ""
     if sandboxed:
-        simulator = Simulator(store.root / "sandbox", video_latency=config.sandbox_video_latency,
+        simulator = Simulator(store.root / "sandbox", api_token=replicate_token,
+                              video_latency=config.sandbox_video_latency,
                               image_latency=config.sandbox.image_latency_seconds,
                               scenes_latency=config.sandbox.scenes_latency_seconds,
                               max_concurrent_renders=config.sandbox.max_concurrent_renders)
@@ -74,9 +78,7 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
         video_sandbox="gemini_video" in sandboxed,
     )
     replicate = replicate_backend.ReplicateProvider(
-        replicate_backend.make_client(
-            SANDBOX_TOKEN if "replicate" in sandboxed else env.replicate_api_token or "", urls["replicate"],
-            videos.jobs.request_timeout_seconds),
+        replicate_backend.make_client(replicate_token, urls["replicate"], videos.jobs.request_timeout_seconds),
         session, store,
         video_model=videos.backends.replicate.model,
         request_timeout=videos.jobs.request_timeout_seconds,

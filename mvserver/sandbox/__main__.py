@@ -2,13 +2,17 @@
 
 Point a server at it with ``MV_GEMINI_BASE_URL=http://HOST:PORT/gemini``, ``MV_VERTEX_BASE_URL=.../vertex`` and
 ``MV_REPLICATE_BASE_URL=.../replicate`` plus any non-empty provider keys. ``GET /_sim/health`` answers 200 once it
-is serving; faults are injected with ``POST /_sim/faults``.
+is serving; faults are injected with ``POST /_sim/faults``. With ``MV_SIM_API_TOKEN`` set (read from the environment,
+so it does not show in the process list), the Replicate routes answer only that token, and its holder alone gets the
+webhook signing secret: a server that wants webhooks from this simulator uses that token as its
+``REPLICATE_API_TOKEN``. Without it any token is taken and the secret is given to no one.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import sys
 from pathlib import Path
@@ -44,7 +48,8 @@ def make_simulator(args: argparse.Namespace) -> Simulator:
         raise ValueError("--max-concurrent-renders must be at least 1")
     return Simulator(args.state_dir, video_latency=args.video_latency, image_latency=args.image_latency,
                      scenes_latency=args.scenes_latency, render_cache=args.render_cache,
-                     output_pad_bytes=args.output_pad_bytes, max_concurrent_renders=args.max_concurrent_renders)
+                     output_pad_bytes=args.output_pad_bytes, max_concurrent_renders=args.max_concurrent_renders,
+                     api_token=os.environ.get("MV_SIM_API_TOKEN", "").strip() or None)
 
 
 async def health(request: web.Request) -> web.Response:

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import logging
 import mimetypes
@@ -70,7 +71,11 @@ def _not_found(what: str) -> web.Response:
 
 
 def _authorized(request: web.Request) -> bool:
+    """A bearer token: the simulator's own when it has one (as Replicate checks the account's), else any."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    expected = request.app[SIMULATOR].api_token
+    if expected is not None:
+        return scheme == "Bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
     return scheme == "Bearer" and bool(token.strip())
 
 
@@ -577,9 +582,15 @@ class ReplicateApi:
 
     @staticmethod
     async def webhook_secret(request: web.Request) -> web.Response:
-        """``GET /replicate/v1/webhooks/default/secret``: the key that signs every webhook delivery."""
+        """``GET /replicate/v1/webhooks/default/secret``: the key that signs every webhook delivery, for the holder of
+        the simulator's own token only. Whoever has the secret can sign a delivery that finishes any job, so a
+        simulator without a token of its own (``api_token``; ``MV_SIM_API_TOKEN`` for ``python -m mvserver.sandbox``)
+        gives it to no one."""
         if not _authorized(request):
             return _unauthenticated()
+        if request.app[SIMULATOR].api_token is None:
+            return problem(403, "Forbidden", "This simulator has no API token of its own, so it gives its webhook "
+                                             "secret to no one (set MV_SIM_API_TOKEN).")
         return web.json_response({"key": request.app[SIMULATOR].webhook_secret})
 
     async def create_file(self, request: web.Request) -> web.Response:

@@ -67,7 +67,11 @@ class Simulator:
     # 40 MP (about 40 MB for a 1-bit or palette PNG, 160 MB for an RGB one) and runs an ffmpeg.
     max_concurrent_renders: int = 2
     faults: list[Fault] = field(default_factory=list)
-    webhook_secret: str = field(default_factory=lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+    # The Replicate token this simulator answers (any other gets 401, as on Replicate) and the only caller its webhook
+    # secret is given to; None: any token is taken, and the secret is given to no one.
+    api_token: str | None = field(default=None, repr=False)
+    webhook_secret: str = field(default_factory=lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
+                                repr=False)
     webhook_retry_seconds: float = 60.0  # how long a terminal webhook that gets no 2xx is retried
     # (event, fault, HTTP status) of the latest webhook deliveries, for tests
     webhook_deliveries: collections.deque[tuple[str, str | None, int | None]] = field(
