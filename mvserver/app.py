@@ -9,11 +9,13 @@ from typing import AsyncIterator, Mapping
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, videos, webhooks
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
+from .backends.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts, url_origin
 from .config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
 from .debug import debug_print
 from .errors import server_log
@@ -40,6 +42,17 @@ def sandboxed_services(env: EnvSettings) -> frozenset[str]:
         "gemini_video": not env.gemini_video_configured,
     }
     return frozenset(name for name, absent in missing.items() if env.sandbox or absent)
+
+
+def replicate_output_hosts(env: EnvSettings, replicate_url: str | None, sandboxed: bool) -> OutputHosts:
+    """Where Replicate outputs may be fetched from: in sandbox mode only the built-in simulator; live, the hosts of
+    ``MV_REPLICATE_OUTPUT_HOSTS`` (default: Replicate's delivery hosts) and the origin of ``MV_REPLICATE_BASE_URL``
+    (an external simulator or proxy the deployer chose, which serves its own files)."""
+    base = url_origin(URL(replicate_url)) if replicate_url else None
+    if sandboxed:
+        return OutputHosts((base,) if base else ())
+    hosts = env.replicate_output_hosts or DEFAULT_REPLICATE_OUTPUT_HOSTS
+    return OutputHosts(hosts + ((base,) if base else ()))
 
 
 async def providers_context(app: web.Application) -> AsyncIterator[None]:
@@ -76,6 +89,7 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
         resolution=videos.backends.gemini.resolution,
         sandbox="gemini_scenes" in sandboxed,
         video_sandbox="gemini_video" in sandboxed,
+        video_max_bytes=videos.limits.output_max_bytes,
     )
     replicate = replicate_backend.ReplicateProvider(
         replicate_backend.make_client(replicate_token, urls["replicate"], videos.jobs.request_timeout_seconds),
@@ -83,6 +97,9 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
         video_model=videos.backends.replicate.model,
         request_timeout=videos.jobs.request_timeout_seconds,
         sandbox="replicate" in sandboxed,
+        output_hosts=replicate_output_hosts(env, urls["replicate"], "replicate" in sandboxed),
+        video_max_bytes=videos.limits.output_max_bytes,
+        image_max_bytes=config.images.limits.output_max_bytes,
     )
     if METRICS in app:
         gemini.observe = replicate.observe = app[METRICS].observe_provider_call
