@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable, Iterable, NamedTuple
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from .accepted import accepted_response
 from .auth import key_id, visible_to
 from .config import CONFIG, Config
 from .errors import ApiError, validation_error
@@ -35,7 +36,7 @@ from .quotas import charge
 from .scenes import write_scenes
 from .schemas import REQUEST_MODELS, json_object
 from .storage import STORE, check_id, new_id
-from .videos import accepted_job, check_reference_shape, submit_video_job
+from .videos import check_reference_shape, submit_video_job
 
 routes = web.RouteTableDef()
 BASE = "/api/mv/projects"
@@ -633,8 +634,7 @@ async def generate_missing(request: web.Request) -> web.Response:
     project, jobs, started = await generate_clips(request.app, project_id, None, options,
                                                   request.headers.get("If-Match"), owner=key_id(request),
                                                   charge=lambda n: charge(request, "jobs", n))
-    return _respond(project, jobs, 202, extra={"jobs": [accepted_job(j) | {"scene_id": j.request["scene_id"]}
-                                                        for j in started]})
+    return accepted_response(request, started, project=project_view(project, jobs), many=True)
 
 
 @routes.post(BASE + "/{project_id}/scenes/{scene_id}/clips")
@@ -647,9 +647,7 @@ async def generate_one(request: web.Request) -> web.Response:
     project, jobs, started = await generate_clips(request.app, project_id, [scene_id], options,
                                                   request.headers.get("If-Match"), owner=key_id(request),
                                                   charge=lambda n: charge(request, "jobs", n))
-    job = started[0]
-    return _respond(project, jobs, 202, extra={"job": accepted_job(job) | {"scene_id": scene_id}},
-                    headers={"Location": f"/api/mv/jobs/{job.id}"})
+    return accepted_response(request, started, project=project_view(project, jobs))
 
 
 @routes.get(BASE + "/{project_id}/timeline")

@@ -15,6 +15,7 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
+from .accepted import accepted_response
 from .auth import key_id, require_owner, visible_to
 from .backends import PROVIDERS
 from .config import CONFIG, Config
@@ -193,20 +194,13 @@ async def submit_video_job(app: web.Application, body: Any, defaulted: list[str]
     return await app[JOBS].submit(job)
 
 
-def accepted_job(job: Job) -> dict[str, Any]:
-    """The 202 body of a submitted job."""
-    return {"job_id": job.id, "status": job.status, "backend": job.backend, "sandbox": job.sandbox, **job_urls(job.id)}
-
-
 @routes.post("/api/mv/generate_video")
 @idempotent
 async def generate_video(request: web.Request) -> web.Response:
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, request.app[CONFIG].debug)
     job = await submit_video_job(request.app, body, defaulted, owner=key_id(request),
                                  charge=lambda: charge(request, "jobs"))
-    payload = accepted_job(job)
-    return web.json_response(_with_signed_urls(request, payload), status=202,
-                             headers={"Location": payload["status_url"]})
+    return accepted_response(request, [job])
 
 
 def _with_signed_urls(request: web.Request, payload: dict[str, Any]) -> dict[str, Any]:
