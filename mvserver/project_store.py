@@ -47,6 +47,16 @@ class Scene(BaseModel):
     awaited_job_id: str | None = None
 
 
+class CharacterCandidate(BaseModel):
+    """One image of the project's last character render (``POST .../character`` with ``number_of_images``): kept
+    so a page can show the candidates again after a reload and the user can pick another one."""
+
+    image_id: str
+    mime_type: str
+    seed: int | None = None
+    created_at: float = Field(default_factory=time.time)
+
+
 class Song(BaseModel):
     audio_id: str
     offset: float = 0.0
@@ -66,6 +76,8 @@ class Project(BaseModel):
     style: str | None = None
     aspect_ratio: str
     character_image_id: str | None = None
+    # The images of the last character render, first one first (it became character_image_id).
+    character_candidates: list[CharacterCandidate] = []
     song: Song | None = None
     scenes: list[Scene] = []
     # The newest assembly job started from this project (``POST .../assemble``).

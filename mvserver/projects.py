@@ -31,7 +31,7 @@ from .idempotency import idempotent
 from .images import _saved_image, generate_reference
 from .jobs import JOBS, Job
 from .project_schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
-from .project_store import PROJECTS, ClipVersion, Project, Scene, Song
+from .project_store import PROJECTS, CharacterCandidate, ClipVersion, Project, Scene, Song
 from .quotas import charge
 from .scenes import write_scenes
 from .schemas import REQUEST_MODELS, json_object
@@ -261,6 +261,8 @@ def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
         raw["song_start"] = entry.song_start
         raw["chosen_video_url"] = f"/api/mv/get_video/{scene.chosen_job_id}" if scene.chosen_job_id else None
     body["total_seconds"] = round(sum(e.seconds for e in project_timeline(project)), 6)
+    for candidate in body["character_candidates"]:
+        candidate["image_url"] = f"/api/mv/get_image/{candidate['image_id']}"
     return body
 
 
@@ -600,7 +602,8 @@ async def write(request: web.Request) -> web.Response:
 
 @routes.post(BASE + "/{project_id}/character")
 async def character(request: web.Request) -> web.Response:
-    """Render the project's character (Imagen) and make it the chosen reference image of its clips."""
+    """Render the project's character (Imagen): ``number_of_images`` candidates (within the images settings), the
+    first one the chosen reference image of its clips; all of them kept on the record until the next render."""
     app = request.app
     project = await owned_project(request)
     project_id = project.id
@@ -619,6 +622,8 @@ async def character(request: web.Request) -> web.Response:
 
     def pick(current: Project, _jobs: JobStates) -> None:
         current.character_image_id = image["image_id"]
+        current.character_candidates = [CharacterCandidate(image_id=i["image_id"], mime_type=i["mime_type"],
+                                                           seed=i["seed"]) for i in image["images"]]
 
     project = await update(app, project_id, pick)
     image = {k: v for k, v in image.items() if k != "image_base64"}
