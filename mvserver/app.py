@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, videos, webhooks
+from . import posters
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
@@ -119,6 +120,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
              assembly.KIND: assembly.assembly_kind(app)}
     engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
     app[JOBS] = engine
+    engine.hooks.stored = posters.stored_hook(app)  # every stored clip: its poster, length and size
     set_running_jobs_counter(app, engine.running_jobs)  # no-op with keys off
     if METRICS in app:
         metrics = app[METRICS]
@@ -184,6 +186,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app.add_routes(scenes.routes)
     app.add_routes(images.routes)
     app.add_routes(videos.routes)
+    app.add_routes(posters.routes)
     lipsync.setup(app)
     assembly.setup(app)
     app.add_routes(events.routes)

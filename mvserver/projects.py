@@ -240,12 +240,17 @@ async def update(app: web.Application, project_id: str, change: Change, if_match
 # -- the view ------------------------------------------------------------------------------------------------------
 
 
+# What a storyboard grid shows of a finished clip without loading it: its poster, length and frame size.
+CLIP_FACTS = ("poster_url", "video_seconds", "video_width", "video_height")
+
+
 def _version_view(version: ClipVersion, job: Job | None) -> dict[str, Any]:
     view: dict[str, Any] = {"job_id": version.job_id, "created_at": version.created_at, "duration": version.duration}
     if job is None:
-        return {**view, "status": "missing", "stage": None, "progress": None, "video_url": None, "error": None}
+        return {**view, "status": "missing", "stage": None, "progress": None, "video_url": None, "error": None,
+                **dict.fromkeys(CLIP_FACTS)}
     state = job.state()
-    return {**view, **{k: state[k] for k in ("status", "stage", "progress", "video_url", "error")}}
+    return {**view, **{k: state[k] for k in ("status", "stage", "progress", "video_url", "error", *CLIP_FACTS)}}
 
 
 def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
@@ -260,6 +265,8 @@ def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
         raw["seconds"] = round(entry.seconds, 6)
         raw["song_start"] = entry.song_start
         raw["chosen_video_url"] = f"/api/mv/get_video/{scene.chosen_job_id}" if scene.chosen_job_id else None
+        raw["chosen_poster_url"] = next((v["poster_url"] for v in raw["versions"]
+                                         if v["job_id"] == scene.chosen_job_id), None)
     body["total_seconds"] = round(sum(e.seconds for e in project_timeline(project)), 6)
     for candidate in body["character_candidates"]:
         candidate["image_url"] = f"/api/mv/get_image/{candidate['image_id']}"

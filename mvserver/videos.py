@@ -7,6 +7,7 @@ import base64
 import binascii
 import io
 import json
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import jinja2
@@ -204,8 +205,9 @@ async def generate_video(request: web.Request) -> web.Response:
 
 
 def _with_signed_urls(request: web.Request, payload: dict[str, Any]) -> dict[str, Any]:
-    """Add ``signed_urls`` (keys on) for the job's status, events and video, which browsers load without headers."""
-    names = ("status_url", "events_url", "video_url")
+    """Add ``signed_urls`` (keys on) for the job's status, events, video and poster, which browsers load without
+    headers."""
+    names = ("status_url", "events_url", "video_url", "poster_url")
     signed = signed_urls(request.app, key_id(request), {name: payload.get(name) for name in names})
     return payload if signed is None else {**payload, "signed_urls": signed}
 
@@ -285,11 +287,18 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/api/mv/get_video/{video_id}")
 async def get_video(request: web.Request) -> web.StreamResponse:
+    path = await job_output(request, ".mp4", "video")
+    return VideoFileResponse(path, headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
+
+
+async def job_output(request: web.Request, suffix: str, what: str) -> Path:
+    """The file ``videos/<video_id><suffix>`` of the route's succeeded job, with the video's access rules: another
+    key's job is unknown (404), an unfinished or unsuccessful one 409, an expired one 410, a missing file 404."""
     video_id = check_id(request.match_info["video_id"], "video_id")
-    path = request.app[STORE].path("videos", video_id, ".mp4")
+    path = request.app[STORE].path("videos", video_id, suffix)
     job = await request.app[JOBS].get(video_id)
     if job is not None:
-        require_owner(job.owner, key_id(request), ApiError(404, "not_found", f"no video with id {video_id}"))
+        require_owner(job.owner, key_id(request), ApiError(404, "not_found", f"no {what} with id {video_id}"))
     if job is not None and job.status != "succeeded":
         code = {"failed": "job_failed", "canceled": "job_canceled"}.get(job.status, "video_not_ready")
         cause = job.error or {}
@@ -298,8 +307,8 @@ async def get_video(request: web.Request) -> web.StreamResponse:
                        provider_status=cause.get("provider_status"), provider_error=cause.get("provider_error"))
     if not await asyncio.to_thread(path.is_file):
         await _not_expired(request, video_id)
-        raise ApiError(404, "not_found", f"no video with id {video_id}")
-    return VideoFileResponse(path, headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
+        raise ApiError(404, "not_found", f"no {what} with id {video_id}")
+    return path
 
 
 class VideoFileResponse(web.FileResponse):
