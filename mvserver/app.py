@@ -10,7 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, videos, webhooks
-from . import posters
+from . import posters, project_events
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
@@ -193,6 +193,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app.add_routes(audio.routes)
     app[audio.UPLOAD_SLOTS] = asyncio.Semaphore(audio.MAX_CONCURRENT_UPLOADS)
     app.add_routes(projects.routes)
+    app.add_routes(project_events.routes)
     app.add_routes(demo.routes)
     access.setup_cors(app, env)  # last: it covers every route added above
     return app

@@ -259,7 +259,8 @@ def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
     project = project.model_copy(deep=True)
     settle(project, jobs)
     record = project.model_dump()
-    body = {"project_id": record.pop("id"), "etag": etag(project), **record}
+    body = {"project_id": record.pop("id"), "etag": etag(project), **record,
+            "events_url": f"{BASE}/{project.id}/events"}
     for scene, entry, raw in zip(project.scenes, project_timeline(project), body["scenes"]):
         raw["versions"] = [_version_view(v, jobs.get(v.job_id)) for v in scene.versions]
         raw["seconds"] = round(entry.seconds, 6)
