@@ -277,6 +277,98 @@ def _with_idempotency(paths: dict[str, Any]) -> None:
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
 
 
+ACCEPTED_JOB_SCHEMA = {
+    "type": "object", "required": ["job_id", "kind", "status", "backend", "sandbox", "status_url", "events_url",
+                                   "video_url"],
+    "description": "A job a request started. URLs are absolute on MV_PUBLIC_BASE_URL when it is set.",
+    "properties": {
+        "job_id": {"type": "string", "pattern": UUID4_PATTERN},
+        "kind": {"type": "string", "enum": ["video", "lipsync", "assembly"]},
+        "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]},
+        "backend": {"type": "string"},
+        "sandbox": {"type": "boolean"},
+        "status_url": {"type": "string"},
+        "events_url": {"type": "string"},
+        "video_url": {"type": "string", "description": "serves the clip once the job succeeded (409 before)"},
+        "project_id": {"type": "string", "pattern": UUID4_PATTERN, "description": "a project's job"},
+        "scene_id": {"type": "string", "pattern": UUID4_PATTERN, "description": "a project scene's clip version"},
+        "signed_urls": {"type": "object", "description": "keys on: status_url, events_url and video_url signed for "
+                                                         "the caller's key, and expires_at",
+                        "additionalProperties": {"type": "string"}},
+    },
+}
+JOBS_ACCEPTED_SCHEMA = {
+    "type": "object", "required": ["jobs"],
+    "description": "The 202 of every request that starts jobs. `jobs`: every job it started (a project's clips may "
+                   "start none). `job`: the job, when the route starts exactly one; its fields are also repeated at "
+                   "the top level (as these routes always answered). `project`: the project as GET "
+                   "/api/mv/projects/{project_id} shows it, on a project's routes (its ETag in the header).",
+    "properties": {
+        "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/AcceptedJob"}},
+        "job": {"$ref": "#/components/schemas/AcceptedJob"},
+        "project": {"type": "object", "description": "the project, as GET /api/mv/projects/{project_id} answers"},
+    },
+    "additionalProperties": True,
+}
+
+
+def _with_job_envelope(paths: dict[str, Any]) -> None:
+    """Every job-creating POST answers its 202 in the one envelope (``mvserver/accepted.py``)."""
+    for path in JOB_CREATING_PATHS:
+        answer = paths[path]["post"]["responses"]["202"]
+        answer["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/JobsAccepted"}}}
+        if path != "/api/mv/projects/{project_id}/clips":
+            answer["headers"] = {"Location": {"description": "the job's status_url", "schema": {"type": "string"}}}
+
+
+PROJECT_EVENTS_DESCRIPTION = (
+    "Server-Sent Events that keep a page's project current; the stream stays open until the client goes. Events: "
+    "`project` (the project as GET shows it, with its etag: when the stream opens and after every write by anyone), "
+    "`version_added` {project_id, scene_id, job_id, kind, etag} (right after the `project` event that added it), "
+    "`version_chosen` {project_id, scene_id, job_id, previous_job_id, etag} (a scene's chosen clip changed: by a "
+    "write, or its awaited version succeeded, which moves no ETag), and the events of the project's unfinished jobs "
+    "exactly as on the job streams (queued, running, progress, succeeded, failed, canceled; data.job_id says whose). "
+    "The event id is the project version and each followed job's position (`7.736726c7-11`): Last-Event-ID (or "
+    "`after`) resumes the jobs while the project is at that version, and starts with a `project` event otherwise. "
+    "A `: ping` comment every jobs.sse_ping_interval_seconds.")
+PROJECT_EVENTS_AFTER = {"name": "after", "in": "query", "required": False,
+                        "description": "An event id of this stream to resume from (an EventSource cannot set "
+                                       "Last-Event-ID; the header takes precedence)",
+                        "schema": {"type": "string", "pattern": r"^[0-9]{1,9}(\.[0-9a-f]{8}-[0-9]{1,9}){0,1000}$"}}
+PROJECT_EVENTS_LINK_SCHEMA = {
+    "type": "object", "required": ["events_url", "expires_at"],
+    "properties": {
+        "events_url": {"type": "string",
+                       "description": "GET /api/mv/projects/{project_id}/events[?after=…][&kid=…&exp=…&sig=…]"},
+        "expires_at": {"type": ["string", "null"], "format": "date-time",
+                       "description": "when the signed link stops working (null with keys off)"}},
+}
+
+
+def _stream_and_poster_paths() -> dict[str, Any]:
+    project = [_id_parameter("project_id")]
+    return {
+        "/api/mv/get_poster/{video_id}": {"get": {
+            "summary": "The clip's first frame as a JPEG (its job's poster_url), under get_video's rules: 409 while "
+                       "the job has not succeeded, 404 for an unknown id, another key's job, or a clip without a "
+                       "poster, 410 once expired",
+            "parameters": [_id_parameter("video_id")],
+            "responses": _answers(200, "poster", 400, 404, 409, 410, content="image/jpeg")}},
+        "/api/mv/projects/{project_id}/events": {"get": {
+            "summary": "The project's event stream: its writes, versions added and chosen, and its jobs' events",
+            "description": PROJECT_EVENTS_DESCRIPTION, "parameters": [*project, PROJECT_EVENTS_AFTER],
+            "responses": _answers(200, "event stream", 400, 404, 503, content="text/event-stream")}},
+        "/api/mv/projects/{project_id}/events/link": {"get": {
+            "summary": "The URL of the project's event stream for an EventSource: with keys on signed for the "
+                       "caller's key (the signature covers `after`) and valid until `expires_at`; with keys off the "
+                       "plain URL and `expires_at` null",
+            "parameters": [*project, PROJECT_EVENTS_AFTER],
+            "responses": {**_answers(200, "the stream's URL", 400, 404),
+                          "200": {"description": "the stream's URL",
+                                  "content": {"application/json": {"schema": PROJECT_EVENTS_LINK_SCHEMA}}}}}},
+    }
+
+
 def _id_parameter(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": UUID4_PATTERN}}
 
@@ -312,8 +404,11 @@ def _project_paths() -> dict[str, Any]:
         "/api/mv/projects/{project_id}/character": {"post": {
             "summary": "Render the character image (Imagen) and make it the project's reference image",
             "parameters": action,
-            "requestBody": _options_body("Optional image options: aspect_ratio, safety_filter_level, "
-                                         "person_generation, output_format, negative_prompt, seed"),
+            "requestBody": _options_body("Optional image options: number_of_images (candidates, within the "
+                                         "images settings: the first becomes the reference image, all are kept "
+                                         "on the project as character_candidates until the next render), "
+                                         "aspect_ratio, safety_filter_level, person_generation, output_format, "
+                                         "negative_prompt, seed"),
             "responses": _answers(200, "{image, project}", 400, 404, 412, 422, 429, 502, 503, 504)}},
         "/api/mv/projects/{project_id}/clips": {"post": {
             "summary": "Start a clip job for every scene without a chosen clip or one in progress",
@@ -548,7 +643,10 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
             "responses": _answers(200, "audio", 400, 404, 416, content="audio/*")}},
     }
     paths.update(_project_paths())
+    paths.update(_stream_and_poster_paths())
     _with_idempotency(paths)
+    _with_job_envelope(paths)
+    schemas.update(AcceptedJob=ACCEPTED_JOB_SCHEMA, JobsAccepted=JOBS_ACCEPTED_SCHEMA)
     if metrics:
         paths["/metrics"] = {"get": {"summary": "Prometheus metrics (text exposition format)",
                                      "responses": _answers(200, "metrics", content="text/plain")}}

@@ -106,3 +106,15 @@ async def test_urls_are_absolute_on_the_public_base_url_signed_ones_too(make_cli
     status = await client.get(signed["status_url"].removeprefix(base))
     assert status.status == 200 and (await status.json())["job_id"] == job_id
     await client.delete(f"/api/mv/jobs/{job_id}", headers=headers)
+
+
+async def test_the_openapi_document_shares_one_envelope_schema(client: TestClient) -> None:
+    from mvserver.schemas import JOB_CREATING_PATHS
+
+    document = await (await client.get("/api/mv/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    assert set(schemas["AcceptedJob"]["required"]) == JOB_FIELDS
+    assert schemas["JobsAccepted"]["properties"]["job"] == {"$ref": "#/components/schemas/AcceptedJob"}
+    for path in JOB_CREATING_PATHS:
+        answer = document["paths"][path]["post"]["responses"]["202"]
+        assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/JobsAccepted"}, path
