@@ -12,6 +12,7 @@ from aiohttp import web
 from yarl import URL
 
 from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, videos, webhooks
+from . import posters, project_events
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
@@ -139,6 +140,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
              assembly.KIND: assembly.assembly_kind(app)}
     engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
     app[JOBS] = engine
+    engine.hooks.stored = posters.stored_hook(app)  # every stored clip: its poster, length and size
     set_job_places(app, engine)  # the running-jobs cap, counted and reserved atomically; no-op with keys off
     if METRICS in app:
         metrics = app[METRICS]
@@ -206,12 +208,14 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app.add_routes(scenes.routes)
     app.add_routes(images.routes)
     app.add_routes(videos.routes)
+    app.add_routes(posters.routes)
     lipsync.setup(app)
     assembly.setup(app)
     app.add_routes(events.routes)
     app.add_routes(audio.routes)
     app[audio.UPLOAD_SLOTS] = audio.UploadSlots(env.max_concurrent_uploads)
     app.add_routes(projects.routes)
+    app.add_routes(project_events.routes)
     app.add_routes(demo.routes)
     access.setup_cors(app, env)  # last: it covers every route added above
     return app

@@ -19,16 +19,17 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from . import media
+from .accepted import accepted_response
 from .assembly_schemas import AssemblyOptions
 from .audio import saved_audio
 from .auth import key_id, visible_to
 from .config import CONFIG
 from .errors import ApiError, validation_error
 from .idempotency import idempotent
-from .jobs import JOBS, Job, job_urls
+from .jobs import JOBS, Job
 from .jobs.runner import Progress
 from .lipsync import FFMPEG_SLOTS
-from .projects import (BASE, _json_object, _respond, job_states, load_settled, owned_project, project_timeline,
+from .projects import (BASE, _json_object, job_states, load_settled, owned_project, project_timeline, project_view,
                        update)
 from .quotas import charge
 from .schemas import REQUEST_MODELS
@@ -155,12 +156,6 @@ async def submit(app: web.Application, request: dict[str, Any], owner: str | Non
     return await app[JOBS].submit(job)
 
 
-def accepted(job: Job) -> dict[str, Any]:
-    """The 202 body: the job's id, kind, status and URLs."""
-    return {"job_id": job.id, "kind": job.kind, "status": job.status, "backend": job.backend,
-            "sandbox": job.sandbox, **job_urls(job.id)}
-
-
 # -- the job driver -------------------------------------------------------------------------------------------------
 
 
@@ -241,8 +236,7 @@ async def assemble(request: web.Request) -> web.Response:
     planned = await plan(app, clips, body, body.audio_id, body.audio_offset, caller=key_id(request))
     [job_id] = await charge(request, "jobs")  # only a request that got this far costs a token
     job = await submit(app, planned, key_id(request), job_id)
-    payload = accepted(job)
-    return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
+    return accepted_response(request, [job])
 
 
 @routes.post(BASE + "/{project_id}/assemble")
@@ -281,9 +275,7 @@ async def assemble_project(request: web.Request) -> web.Response:
         current.assembly_job_id = job.id
 
     project = await update(app, project_id, link)
-    payload = accepted(job)
-    return _respond(project, await job_states(app, project), 202, extra=payload,
-                    headers={"Location": payload["status_url"]})
+    return accepted_response(request, [job], project=project_view(project, await job_states(app, project)))
 
 
 def setup(app: web.Application) -> None:

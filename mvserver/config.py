@@ -175,6 +175,14 @@ class JobsSettings(_Strict):
     retention_hours: float = Field(default=720.0, ge=0)
 
 
+class PosterSettings(_Strict):
+    """The poster (first frame, JPEG) made once with ffmpeg when a clip is stored: bounded work per clip."""
+
+    max_side: int = Field(default=640, ge=16, le=4096)  # the poster fits in max_side x max_side pixels
+    timeout_seconds: PositiveFloat = 20.0  # probe + frame, each; a clip that takes longer gets no poster
+    concurrency: int = Field(default=2, ge=1, le=32)  # ffmpeg runs for posters at once per process
+
+
 class VideosSettings(_Strict):
     default_backend: Literal["replicate", "gemini"]
     backends: VideoBackends
@@ -182,6 +190,7 @@ class VideosSettings(_Strict):
     allowed: VideosAllowed
     limits: VideosLimits
     jobs: JobsSettings
+    posters: PosterSettings = PosterSettings()
     video_rules_template: str
 
     @model_validator(mode="after")

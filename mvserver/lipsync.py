@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from . import media
+from .accepted import accepted_response
 from .audio import FORMATS, saved_audio
 from .auth import key_id, visible_to
 from .backends import PROVIDERS, Snapshot
@@ -29,13 +30,13 @@ from .config import CONFIG, LipsyncLimits, LipsyncSettings
 from .debug import debug_print
 from .errors import ApiError
 from .idempotency import idempotent
-from .jobs import JOBS, Job, job_urls
+from .jobs import JOBS, Job
 from .project_schemas import SCENE_LIPSYNC_OPTIONS
 from .project_store import ClipVersion, Project
 from .project_store import Song as ProjectSong
 from .projects import BASE as PROJECTS_BASE
-from .projects import (JobStates, TimelineEntry, _json_object, _options, _respond, _validate, add_version, check_room,
-                       job_states, load_settled, owned_project, project_timeline, update)
+from .projects import (JobStates, TimelineEntry, _json_object, _options, _validate, add_version, check_room,
+                       job_states, load_settled, owned_project, project_timeline, project_view, update)
 from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
 from .storage import STORE, OutputStore, check_id, new_id, temp_path
@@ -228,9 +229,7 @@ async def create_lipsync(request: web.Request) -> web.Response:
     if body.scene_id is not None and body.project_id is None:
         raise ApiError(400, "invalid_field", "scene_id: needs project_id", field="scene_id")
     job = await submit_lipsync(app, body, defaulted, key_id(request), charge=lambda: charge(request, "jobs"))
-    payload = {"job_id": job.id, "kind": job.kind, "status": job.status, "backend": job.backend,
-               "sandbox": job.sandbox, **job_urls(job.id)}
-    return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
+    return accepted_response(request, [job])
 
 
 async def submit_lipsync(app: web.Application, body: Any, defaulted: list[str], owner: str | None,
@@ -313,10 +312,7 @@ async def lipsync_scene(request: web.Request) -> web.Response:
     except BaseException:
         await app[JOBS].cancel(job.id)  # not linked: it must not run unseen
         raise
-    payload = {"job_id": job.id, "kind": job.kind, "status": job.status, "backend": job.backend,
-               "sandbox": job.sandbox, **job_urls(job.id), "scene_id": scene_id}
-    return _respond(project, await job_states(app, project), 202, extra={"job": payload},
-                    headers={"Location": payload["status_url"]})
+    return accepted_response(request, [job], project=project_view(project, await job_states(app, project)))
 
 
 # -- the job driver ---------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ async def test_finished_jobs_and_old_files_expire_running_jobs_stay(make_client:
     events = await events_of(client, done["job_id"])
     assert events[-1]["event"] == "succeeded"
     job_id = done["job_id"]
-    files = [outputs / "videos" / f"{job_id}.mp4", outputs / "jobs" / f"{job_id}.ref"]
+    files = [outputs / "videos" / f"{job_id}.mp4", outputs / "videos" / f"{job_id}.jpg", outputs / "jobs" / f"{job_id}.ref"]
     assert all(path.exists() for path in files)
     image = await client.post("/api/mv/generate_character_reference", json={"character_description": "a heron"})
     assert image.status == 200
