@@ -39,7 +39,6 @@ routes = web.RouteTableDef()
 KIND = "assembly"
 BACKEND = "ffmpeg"
 CLIP_KINDS = frozenset({"video", "lipsync"})  # jobs whose output is a clip
-TRIM_TOLERANCE = media.TRIM_TOLERANCE
 
 
 class PlannedClip(NamedTuple):
@@ -87,18 +86,17 @@ async def _probe(app: web.Application, paths: list[Path], fields: list[str]) -> 
     return described
 
 
-def _kept(index: int, trim_in: float | None, trim_out: float | None, length: float,
-          field: Callable[[int, str], str]) -> tuple[float, float]:
-    """The kept part of a clip of ``length`` seconds (400 naming the trim that does not fit)."""
+def _kept(index: int, trim_in: float | None, trim_out: float | None, frames: int, fps: float, out_fps: float,
+          field: Callable[[int, str], str]) -> tuple[float, float, float]:
+    """The kept part of a clip of ``frames`` frames at ``fps``, snapped to whole frames as the run will snap it:
+    ``(trim_in, trim_out, kept seconds)``; 400 naming the trim that does not fit or keeps under one output frame."""
+    try:
+        first, kept = media.kept_frames(trim_in, trim_out, frames, fps, out_fps)
+    except media.AssemblyInputError as exc:
+        name = field(index, exc.field)
+        raise ApiError(400, "invalid_trim", f"{name}: {str(exc).partition(': ')[2]}", field=name) from None
     start = trim_in or 0.0
-    end = length if trim_out is None else trim_out
-    if start >= length:
-        raise ApiError(400, "invalid_trim", f"{field(index, 'trim_in')}: {start:g} s is not before the clip's end "
-                                            f"({length:.3f} s)", field=field(index, "trim_in"))
-    if end > length + TRIM_TOLERANCE or end <= start:
-        raise ApiError(400, "invalid_trim", f"{field(index, 'trim_out')}: must be after trim_in ({start:g} s) and at "
-                                            f"most the clip's length ({length:.3f} s)", field=field(index, "trim_out"))
-    return start, min(end, length)
+    return start, min(frames / fps, trim_out) if trim_out is not None else frames / fps, kept / fps
 
 
 def _clip_field(index: int, name: str) -> str:
@@ -112,20 +110,27 @@ async def plan(app: web.Application, clips: list[tuple[str, float | None, float 
     paths = [await _clip_file(app, job_id, field(i, "job_id"), caller) for i, (job_id, _, _) in enumerate(clips)]
     described = await _probe(app, paths, [field(i, "job_id") for i in range(len(clips))])
     planned: list[PlannedClip] = []
+    seconds: list[float] = []
     first = described[0][0].first_video
     assert first is not None
+    out_fps = media.output_fps(first)
     for index, ((job_id, trim_in, trim_out), (info, frames)) in enumerate(zip(clips, described)):
         video = info.first_video
         assert video is not None
-        start, end = _kept(index, trim_in, trim_out, frames / (video.fps or 24.0), field)
+        start, end, kept = _kept(index, trim_in, trim_out, frames, video.fps or 24.0, out_fps, field)
         planned.append(PlannedClip(job_id, start, end))
+        seconds.append(kept)
         if options.fit is None and abs(video.aspect - first.aspect) > media.ASPECT_TOLERANCE:
             name = field(index, "job_id")
             raise ApiError(400, "aspect_mismatch", f"{name}: the clip is {video.width}x{video.height}, another aspect "
                                                    f"ratio than the first ({first.width}x{first.height}); pass fit "
                                                    "letterbox or crop", field=name)
-    seconds = [c.trim_out - c.trim_in for c in planned]
     expected = sum(seconds)
+    if options.transition == "crossfade":
+        try:
+            media.crossfade_frames(options.crossfade_seconds, out_fps)
+        except media.AssemblyInputError as exc:
+            raise ApiError(400, "invalid_field", str(exc), field="crossfade_seconds") from None
     if options.transition == "crossfade" and len(planned) > 1:
         if options.crossfade_seconds >= min(seconds):
             raise ApiError(400, "invalid_field", f"crossfade_seconds: must be shorter than the shortest clip "

@@ -29,8 +29,8 @@ import imageio_ffmpeg
 
 __all__ = [
     "AssemblyInputError", "AssemblyResult", "AudioStream", "Clip", "MediaError", "MediaInfo", "MediaTimeout",
-    "VideoStream", "assemble", "ffmpeg_exe", "parse_inputs", "parse_probe", "probe", "probe_clips", "run_ffmpeg",
-    "stream_duration",
+    "VideoStream", "assemble", "crossfade_frames", "ffmpeg_exe", "kept_frames", "output_fps", "parse_inputs",
+    "parse_probe", "probe", "probe_clips", "run_ffmpeg", "stream_duration",
 ]
 
 ProgressCallback = Callable[[float], None]
@@ -424,28 +424,63 @@ async def _load_sources(clips: Sequence[Clip]) -> list[_Source]:
             if info.first_video is None:
                 raise AssemblyInputError(name, f"{name} has no video stream")
         raise MediaError("ffmpeg could not read the clips together")
-    return [_source(i, clip, info, frames) for i, (clip, (info, frames)) in enumerate(zip(clips, described))]
+    first = described[0][0].first_video
+    assert first is not None
+    out_fps = output_fps(first)
+    return [_source(i, clip, info, frames, out_fps) for i, (clip, (info, frames)) in enumerate(zip(clips, described))]
 
 
-def _source(index: int, clip: Clip, info: MediaInfo, frame_count: int) -> _Source:
+def output_fps(first: VideoStream) -> float:
+    """The output's frame rate: the first clip's (24 when ffmpeg does not say)."""
+    return first.fps or 24.0
+
+
+def kept_frames(trim_in: float | None, trim_out: float | None, frame_count: int, fps: float,
+                out_fps: float) -> tuple[int, int]:
+    """The first frame and the number of frames a clip of ``frame_count`` frames at ``fps`` keeps after its trims
+    (snapped to whole frames). At least one frame at the output's ``out_fps`` must be kept.
+
+    Raises AssemblyInputError naming ``trim_in`` or ``trim_out`` (without the clip's prefix: callers add it).
+    """
+    length = frame_count / fps
+    start = trim_in or 0.0
+    end = length if trim_out is None else trim_out
+    if start < 0 or start >= length:
+        raise AssemblyInputError("trim_in", f"trim_in: {start:g} s is not in [0, {length:.3f}) seconds, the clip's "
+                                            "length")
+    if end > length + TRIM_TOLERANCE or end <= start:
+        raise AssemblyInputError("trim_out", f"trim_out: must be after trim_in ({start:g} s) and at most the clip's "
+                                             f"length ({length:.3f} s)")
+    first = round(start * fps)
+    frames = min(round(end * fps), frame_count) - first
+    if frames * out_fps < fps - 1e-9:  # less than one frame of the output
+        name = "trim_out" if trim_out is not None else "trim_in"
+        raise AssemblyInputError(name, f"{name}: the trims keep {max(frames, 0) / fps:.4f} s, less than one frame at "
+                                       f"the output's {out_fps:g} fps ({1 / out_fps:.4f} s)")
+    return first, frames
+
+
+def crossfade_frames(seconds: float, out_fps: float) -> int:
+    """A crossfade in whole output frames; under one frame is refused (AssemblyInputError naming
+    ``crossfade_seconds``): formatted for ffmpeg it would run as no crossfade at all."""
+    if not seconds * out_fps >= 1 - 1e-9:
+        raise AssemblyInputError("crossfade_seconds", f"crossfade_seconds: {seconds:g} s is less than one frame at the "
+                                                      f"output's {out_fps:g} fps ({1 / out_fps:.4f} s); use "
+                                                      "transition cut for no crossfade")
+    return round(seconds * out_fps)
+
+
+def _source(index: int, clip: Clip, info: MediaInfo, frame_count: int, out_fps: float) -> _Source:
     """Check a clip's trims against its measured length; snap them to whole frames."""
     name = f"clips[{index}]"
     video = info.first_video
     assert video is not None
     fps = video.fps or 24.0
-    length = frame_count / fps
-    trim_in = clip.trim_in or 0.0
-    trim_out = length if clip.trim_out is None else clip.trim_out
-    if trim_in < 0 or trim_in >= length:
-        raise AssemblyInputError(f"{name}.trim_in", f"{name}.trim_in must be in [0, {length:.3f}) seconds")
-    if trim_out > length + TRIM_TOLERANCE or trim_out <= trim_in:
-        raise AssemblyInputError(f"{name}.trim_out",
-                                 f"{name}.trim_out must be after trim_in and at most {length:.3f} seconds")
-    first = round(trim_in * fps)
-    frames = min(round(trim_out * fps), round(length * fps)) - first
-    if frames < 1:
-        raise AssemblyInputError(f"{name}.trim_out", f"{name} keeps less than one frame after trims")
-    return _Source(index, clip, info, video, length, first / fps, frames)
+    try:
+        first, frames = kept_frames(clip.trim_in, clip.trim_out, frame_count, fps, out_fps)
+    except AssemblyInputError as exc:
+        raise AssemblyInputError(f"{name}.{exc.field}", f"{name}.{exc}") from None
+    return _Source(index, clip, info, video, frame_count / fps, first / fps, frames)
 
 
 def _fit_filter(source: VideoStream, width: int, height: int, fit: Fit | None) -> str:
@@ -647,9 +682,10 @@ async def assemble(clips: Sequence[Clip], out: Path, *, song: Path | None = None
     try:
         if transition == "crossfade" and len(sources) > 1:
             shortest = min(s.duration for s in sources)
-            if not 0 < crossfade_seconds < shortest:
+            crossfade_frames(crossfade_seconds, output_fps(sources[0].video))
+            if not crossfade_seconds < shortest:
                 raise AssemblyInputError("crossfade_seconds",
-                                         f"crossfade_seconds must be above 0 and below the shortest clip ({shortest:.3f} s)")
+                                         f"crossfade_seconds must be below the shortest clip ({shortest:.3f} s)")
             result.duration = await _assemble_crossfade(sources, tmp, song, song_offset, crossfade_seconds,
                                                         clip_audio, fit, progress, result)
         else:

@@ -145,6 +145,36 @@ async def test_every_bad_assembly_is_a_400_naming_the_field(client: TestClient, 
     await client.post(f"/api/mv/jobs/{running_id}/cancel")
 
 
+async def test_a_trim_or_crossfade_under_one_frame_is_a_400_and_one_frame_is_assembled(
+        client: TestClient, sim: Simulator) -> None:
+    """One frame at the output's frame rate (24 fps here) is the least a trim may keep and the least a crossfade
+    may last: less used to get a 202 and then fail (a trim) or run as no crossfade at all (1e-300)."""
+    clip = await make_clip(client, sim, 4)
+    frame = 1 / 24
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"clips": [{"job_id": clip, "trim_in": 1.0, "trim_out": 1.01}]}, "clips.0.trim_out"),
+        ({"clips": [{"job_id": clip, "trim_in": 4.0 - frame / 4}]}, "clips.0.trim_in"),
+        ({"clips": [{"job_id": clip}, {"job_id": clip, "trim_out": 1e-300}]}, "clips.1.trim_out"),
+        ({"clips": [{"job_id": clip}] * 2, "transition": "crossfade", "crossfade_seconds": 1e-300},
+         "crossfade_seconds"),
+        ({"clips": [{"job_id": clip}] * 2, "transition": "crossfade", "crossfade_seconds": frame * 0.9},
+         "crossfade_seconds"),
+        ({"clips": [{"job_id": clip}], "transition": "crossfade", "crossfade_seconds": 1e-300}, "crossfade_seconds"),
+    ]
+    for body, field in cases:
+        response = await client.post("/api/mv/assemble", json=body)
+        assert await error_of(response) == (400, field), (body, await response.text())
+    one_frame = await assemble(client, clips=[{"job_id": clip, "trim_in": 1.0, "trim_out": 1.0 + frame},
+                                              {"job_id": clip}])
+    one_frame_fade = await assemble(client, clips=[{"job_id": clip}] * 2, transition="crossfade",
+                                    crossfade_seconds=frame)
+    state = await finished(client, one_frame["job_id"])
+    assert_h264_aac(await output_of(client, state), 4.0 + frame)
+    state = await finished(client, one_frame_fade["job_id"])
+    assert state["request"]["expected_seconds"] == pytest.approx(8.0 - frame, abs=1e-6)
+    assert_h264_aac(await output_of(client, state), 8.0 - frame)
+
+
 def test_media_field_names_become_api_field_names() -> None:
     assert _field("clips[2].trim_in") == "clips.2.trim_in"
     assert _field("clips[0]") == "clips.0"
