@@ -76,8 +76,8 @@ THREAD_STACK_BYTES = 2 << 20  # glibc sizes thread stacks by RLIMIT_STACK: 2 MiB
 PR_SET_PDEATHSIG = 1
 LOCK_POLL_SECONDS = 0.25
 # What ffmpeg (and x264 inside it) print when an allocation or a thread's stack could not be had.
-_OUT_OF_MEMORY = re.compile(r"Cannot allocate memory|get_buffer\(\) failed|malloc of size \d+ failed|Resource temporarily unavailable|"
-                            r"[Oo]ut of memory")
+_OUT_OF_MEMORY = re.compile(r"Cannot allocate memory|get_buffer\(\) failed|malloc of size \d+ failed|"
+                            r"Resource temporarily unavailable|[Oo]ut of memory")
 
 
 @dataclass(frozen=True)
