@@ -279,6 +279,28 @@ class LipsyncSettings(_Strict):
         return self
 
 
+class FfmpegSettings(_Strict):
+    """The ffmpeg runs of jobs on one node (assembly runs; lip-sync cuts share the slots and limits)."""
+
+    concurrency: int = Field(default=2, ge=1, le=32)
+    memory_mb: int = Field(default=1024, ge=64)
+    threads: int = Field(default=2, ge=1, le=64)
+    timeout_base_seconds: PositiveFloat = 60.0
+    timeout_seconds_per_output_second: float = Field(default=2.0, ge=0, allow_inf_nan=False)
+
+
+class AssemblyLimits(_Strict):
+    """What one assembly request may ask besides its clip count (``projects.limits.assembly_clips_max``)."""
+
+    output_seconds_max: PositiveFloat = 600.0
+    graph_clips_max: int = Field(default=4, ge=2, le=64)
+
+
+class MediaSettings(_Strict):
+    ffmpeg: FfmpegSettings = FfmpegSettings()
+    assembly: AssemblyLimits = AssemblyLimits()
+
+
 def _check_defaults_allowed(defaults: BaseModel, allowed: BaseModel) -> None:
     for name, choices in allowed:
         value = getattr(defaults, name)
@@ -293,6 +315,7 @@ SETTINGS_FILES: dict[str, type[_Strict]] = {
     "sandbox": SandboxSettings,
     "projects": ProjectsSettings,
     "lipsync": LipsyncSettings,
+    "media": MediaSettings,
 }
 
 # Settings keys that hold Jinja2 templates, with sample values of the variables the code passes them: each template
@@ -527,6 +550,7 @@ class Config:
     sandbox: SandboxSettings
     projects: ProjectsSettings
     lipsync: LipsyncSettings
+    media: MediaSettings
     templates: dict[str, jinja2.Template] = field(repr=False)
     styles: dict[str, StylePreset] = field(default_factory=dict)  # name -> preset, sorted by name
 
@@ -564,6 +588,7 @@ class Config:
             "styles": {name: preset.model_dump() for name, preset in self.styles.items()},
             "projects": self.projects.model_dump(),
             "lipsync": self.lipsync.model_dump(),
+            "media": self.media.model_dump(),
         }
 
 

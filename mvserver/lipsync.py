@@ -57,6 +57,13 @@ DECODE_BYTES_PER_SECOND = COPY_MAX_CHANNELS * COPY_MAX_RATE * 2
 CUT_SLACK_BYTES = 1 << 16
 
 FFMPEG_SLOTS = web.AppKey("lipsync_ffmpeg_slots", asyncio.Semaphore)
+# ffmpeg-heavy job runs (assembly runs, lip-sync cuts) at once on this node: media.yaml ffmpeg.concurrency.
+HEAVY_FFMPEG_SLOTS = web.AppKey("heavy_ffmpeg_slots", asyncio.Semaphore)
+
+
+def ffmpeg_limits(app: web.Application) -> media.FfmpegLimits:
+    """The limits of every ffmpeg a job of this app runs (media.yaml ``ffmpeg``)."""
+    return media.FfmpegLimits(**app[CONFIG].media.ffmpeg.model_dump(exclude={"concurrency"}))
 
 
 # -- songs ------------------------------------------------------------------------------------------------------------
@@ -130,11 +137,12 @@ def max_cut_bytes(length: float, bytes_per_second: int = COPY_BYTES_PER_SECOND) 
     return math.ceil(length * bytes_per_second) + CUT_SLACK_BYTES
 
 
-async def cut_window(song: Song, start: float, seconds: float, length: float, dest: Path, timeout: float) -> None:
+async def cut_window(song: Song, start: float, seconds: float, length: float, dest: Path, timeout: float,
+                     limits: media.FfmpegLimits = media.DEFAULT_LIMITS) -> None:
     """Write the window to ``dest`` atomically (a temporary file renamed into place; removed on any failure)."""
     tmp = temp_path(dest)
     try:
-        await media.run_ffmpeg(cut_args(song, start, seconds, length, tmp), timeout=timeout)
+        await media.run_ffmpeg(cut_args(song, start, seconds, length, tmp), timeout=timeout, limits=limits)
         await asyncio.to_thread(os.replace, tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -344,9 +352,9 @@ class LipsyncDriver:
         window = request["window"]
         dest = outputs.path("jobs", job.id, WINDOW_SUFFIX)
         try:
-            async with self.app[FFMPEG_SLOTS]:
+            async with self.app[HEAVY_FFMPEG_SLOTS]:
                 await cut_window(song, window["start"], window["seconds"], request["clip_seconds"], dest,
-                                 self.settings.limits.ffmpeg_timeout_seconds)
+                                 self.settings.limits.ffmpeg_timeout_seconds, ffmpeg_limits(self.app))
         except media.MediaError as exc:
             raise ApiError(500, "audio_cut_failed", f"the audio window could not be cut: {exc}",
                            field="audio_id") from None
@@ -372,6 +380,7 @@ def lipsync_kind(app: web.Application):  # type: ignore[no-untyped-def]
 
 
 def setup(app: web.Application) -> None:
-    """Routes and the per-app bound on concurrent ffmpeg processes."""
+    """Routes and the per-app bounds on concurrent ffmpeg processes."""
     app[FFMPEG_SLOTS] = asyncio.Semaphore(app[CONFIG].lipsync.limits.ffmpeg_concurrency)
+    app[HEAVY_FFMPEG_SLOTS] = asyncio.Semaphore(app[CONFIG].media.ffmpeg.concurrency)
     app.add_routes(routes)

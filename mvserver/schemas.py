@@ -378,7 +378,8 @@ def _project_paths() -> dict[str, Any]:
             "responses": _answers(202, "{job, project}", 400, 404, 409, 412)}},
         "/api/mv/projects/{project_id}/assemble": {"post": {
             "summary": "Start an assembly job of the project's chosen clips (display order, trims) with its song from "
-                       "its offset; 400 naming scenes.N when a scene has no finished chosen clip",
+                       "its offset; 400 naming scenes.N when a scene has no finished chosen clip, scenes when the "
+                       "video would be too long (assembly_too_long), crossfade_seconds as for POST /assemble",
             "parameters": project, "requestBody": {**_json_body("AssemblyOptions"), "required": False},
             "responses": _answers(202, "{job_id, kind, status, status_url, events_url, video_url, project}", 400,
                                   404, 409)}},
@@ -546,7 +547,10 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
         "/api/mv/assemble": {"post": {
             "summary": "Start an assembly job (answers 202 at once): finished clips (video or lip-sync jobs) joined "
                        "with cuts (stream-copied where possible) or crossfades, with an optional song; the result "
-                       "is served by get_video/{job_id}",
+                       "is served by get_video/{job_id}. 400 names the field: clips (assembly_too_long past "
+                       "media.yaml assembly.output_seconds_max), clips.N.trim_in|trim_out (invalid_trim: outside "
+                       "the clip or keeping under one output frame), crossfade_seconds (under one frame, not "
+                       "shorter than every clip, or graph_too_large past assembly.graph_clips_max)",
             "requestBody": _json_body("AssembleRequest"),
             "responses": _answers(202, "job accepted", 400, 413, 415, 503)}},
         "/api/mv/jobs": {"get": {

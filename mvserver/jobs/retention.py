@@ -59,6 +59,7 @@ def _remove_job_files(outputs: OutputStore, job_ids: list[str]) -> None:
         outputs.path("videos", job_id, ".mp4").unlink(missing_ok=True)
         outputs.path("videos", job_id, ".jpg").unlink(missing_ok=True)  # its poster
         outputs.path("jobs", job_id, ".ref").unlink(missing_ok=True)
+        outputs.path("jobs", job_id, ".ffmpeg.lock").unlink(missing_ok=True)  # an assembly's run lock (assembly.py)
 
 
 def _remove_old_files(outputs: OutputStore, before: float) -> None:
