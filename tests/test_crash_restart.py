@@ -242,6 +242,12 @@ async def test_kill_9_mid_assembly_takes_its_ffmpeg_along_and_the_job_runs_again
         while not (running := ffmpeg_children(process.pid, str(outputs / "videos"), "-filter_complex")):
             await asyncio.sleep(0.05)
     try:
+        # the run is bounded as settings/media.yaml says: 1024 MiB of private memory, 2 threads per stage
+        limits = Path(f"/proc/{running[0]}/limits").read_text()
+        data = next(line.split()[3:5] for line in limits.splitlines() if line.startswith("Max data size"))
+        assert data == [str(1024 << 20)] * 2, limits
+        cmdline = Path(f"/proc/{running[0]}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[cmdline.index(b"-filter_complex_threads") + 1] == b"2"
         kill9(process)
         assert await exited(running[0], 5), "the assembly's ffmpeg outlived its server"
         assert ffmpeg_children(0, str(outputs)) == []
