@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Mapping
+from typing import AsyncIterator, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
 
 from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, videos, webhooks
+from .auth import KEYRING
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
@@ -120,6 +121,8 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
     app[JOBS] = engine
     set_job_places(app, engine)  # the running-jobs cap, counted and reserved atomically; no-op with keys off
+    engine.pricing = config.pricing
+    engine.budget_of = monthly_budget(app)
     if METRICS in app:
         metrics = app[METRICS]
         engine.hooks.finished = lambda job: metrics.jobs_finished.labels(job.status, job.kind, job.backend).inc()
@@ -140,6 +143,17 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
             sweeper.cancel()
             await asyncio.gather(sweeper, return_exceptions=True)
         await engine.close()
+
+
+def monthly_budget(app: web.Application) -> Callable[[str], float | None]:
+    """A key's monthly spending limit from the keys file (re-read as it changes); none with keys off."""
+    keyring = app.get(KEYRING)
+
+    def limit(owner: str) -> float | None:
+        record = keyring.get(owner) if keyring is not None else None
+        return record.limits.monthly_budget if record is not None else None
+
+    return limit
 
 
 async def projects_context(app: web.Application) -> AsyncIterator[None]:

@@ -53,6 +53,8 @@ class KeyLimits(BaseModel):
     uploads_per_minute: float | None = Field(default=10, gt=0)  # upload_audio requests (a token each)
     uploads_burst: PositiveInt = 5
     max_concurrent_uploads: PositiveInt | None = 2  # of this key at once, per process
+    # Spending per calendar month (UTC), in the price table's currency (settings/pricing.yaml); None: no limit
+    monthly_budget: float | None = Field(default=None, ge=0)
 
 
 class KeyRecord(BaseModel):
@@ -63,6 +65,7 @@ class KeyRecord(BaseModel):
     created_at: str
     revoked_at: str | None = None
     limits: KeyLimits = KeyLimits()
+    admin: bool = False  # may read every key's usage (GET /api/mv/usage)
 
     @property
     def active(self) -> bool:

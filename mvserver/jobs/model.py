@@ -65,6 +65,10 @@ class Job:
     video_bytes: int | None = None
     last_event_id: int = 0
     cancel_requested: bool = False
+    retries: int = 0  # provider calls retried after a transient error (usage)
+    provider_metrics: dict[str, Any] | None = None  # what the provider reported of its run (Replicate's metrics)
+    usage: dict[str, Any] | None = None  # measured when the job ends (jobs.usage.measure): null until then
+    held_micros: int = 0  # its estimated cost, held on its key's monthly budget when it was created
 
     @property
     def final(self) -> bool:
@@ -94,6 +98,7 @@ class Job:
             "error": _clip_error(self.error),
             "video_url": urls["video_url"] if self.status == "succeeded" else None,
             "video_bytes": self.video_bytes,
+            "usage": self.usage,
         }
 
     def progress_state(self) -> dict[str, Any]:
