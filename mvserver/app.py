@@ -9,7 +9,7 @@ from typing import AsyncIterator, Callable, Mapping
 import aiohttp
 from aiohttp import web
 
-from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, videos, webhooks
+from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, usage, videos, webhooks
 from .auth import KEYRING
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
@@ -200,6 +200,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app.add_routes(scenes.routes)
     app.add_routes(images.routes)
     app.add_routes(videos.routes)
+    app.add_routes(usage.routes)
     lipsync.setup(app)
     assembly.setup(app)
     app.add_routes(events.routes)

@@ -121,7 +121,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def create_key(path: Path, name: str, limits: KeyLimits | None = None) -> tuple[KeyRecord, str]:
+def create_key(path: Path, name: str, limits: KeyLimits | None = None, *, admin: bool = False
+               ) -> tuple[KeyRecord, str]:
     """Add a key to the file (created if missing); return its record and the key itself, which is not stored."""
     with _locked(path):
         keys = read_keys(path) if path.exists() else KeysFile()
@@ -131,7 +132,7 @@ def create_key(path: Path, name: str, limits: KeyLimits | None = None) -> tuple[
             key_id = "k" + secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
         record = KeyRecord(id=key_id, name=name, hash=hash_secret(key_id, secret), created_at=_now(),
-                           limits=limits or KeyLimits())
+                           limits=limits or KeyLimits(), admin=admin)
         keys.keys.append(record)
         write_keys(path, keys)
     return record, f"mv_{key_id}_{secret}"

@@ -281,6 +281,9 @@ class PricingSettings(_Strict):
     """``settings/pricing.yaml``: per model (``provider/name`` as jobs record it), its prices."""
 
     models: dict[str, ModelPrice] = Field(min_length=1)
+    # GET /api/mv/usage: the longest range one report covers, and the most jobs it lists (else 400)
+    report_max_days: int = Field(default=366, ge=1, le=3660)
+    report_max_jobs: int = Field(default=10000, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _one_currency(self) -> "PricingSettings":

@@ -44,6 +44,7 @@ OPERATIONS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
     ("/api/mv/jobs/{job_id}/cancel", "post"): ("cancelJobByPost", {"200": "Job"}),
     ("/api/mv/jobs/{job_id}/events", "get"): ("streamJobEvents", {"200": "JobStreamEvent"}),
     ("/api/mv/events", "get"): ("streamEvents", {"200": "JobStreamEvent"}),
+    ("/api/mv/usage", "get"): ("getUsage", {"200": "UsageReport"}),
     ("/api/mv/events/link", "get"): ("getEventsLink", {"200": "EventsLink"}),
     ("/api/mv/get_video/{video_id}", "get"): ("getVideo", {}),
     ("/api/mv/webhooks/replicate", "post"): ("receiveReplicateWebhook", {"200": "WebhookAck"}),
@@ -75,7 +76,7 @@ EXTRA_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
 FILES = ("/api/mv/get_video/{video_id}", "/api/mv/get_audio/{audio_id}", "/api/mv/get_image/{image_id}",
          "/api/mv/get_scenes/{scenes_id}.{ext}")
 BODILESS = {("/api/mv/jobs/{job_id}/cancel", "post")}  # a POST whose body is never read (so never too large)
-STORE_PREFIXES = ("/api/mv/jobs", "/api/mv/events", "/api/mv/projects", "/api/mv/get_video/",
+STORE_PREFIXES = ("/api/mv/jobs", "/api/mv/events", "/api/mv/projects", "/api/mv/get_video/", "/api/mv/usage",
                   "/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/assemble", "/api/mv/webhooks/")
 # A Location header on every success of these (the job's status URL, or the new resource)
 LOCATION = {("/api/mv/generate_video", "post"), ("/api/mv/lipsync", "post"), ("/api/mv/assemble", "post"),

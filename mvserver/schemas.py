@@ -532,6 +532,18 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
                        "(dot-separated, in the order of `jobs`), so Last-Event-ID resumes them all",
             "parameters": stream_parameters,
             "responses": _answers(200, "event stream", 400, 404, content="text/event-stream")}},
+        "/api/mv/usage": {"get": {
+            "summary": "Usage and estimated cost of the jobs that ended in [from, to): the caller's (every key's for "
+                       "an admin key), totals that are the sum of the jobs listed, grouped by model, kind or day",
+            "description": "from/to: ISO 8601 dates (midnight UTC) or date-times, or unix seconds; default this "
+                           "calendar month (UTC) up to now. With keys on, `budget` is the caller's monthly limit, "
+                           "spending and what is left.",
+            "parameters": [
+                {"name": "from", "in": "query", "required": False, "schema": {"type": "string"}},
+                {"name": "to", "in": "query", "required": False, "schema": {"type": "string"}},
+                {"name": "group_by", "in": "query", "required": False,
+                 "schema": {"type": "string", "enum": ["model", "kind", "day"], "default": "model"}}],
+            "responses": _answers(200, "usage report", 400, 503)}},
         "/api/mv/events/link": {"get": {
             "summary": "The URL of the multi-job stream for these jobs (and positions), for an EventSource: with keys "
                        "on signed for the caller's key (kid, exp, sig; the signature covers the exact job list and "

@@ -36,6 +36,7 @@ CLAIM_BATCH = 8  # jobs claimed in one go at most: few round trips for a burst, 
 CANCEL_RETRY_SECONDS = 0.5
 LOCAL_PROGRESS_MIN_SECONDS = 0.25  # at most four progress events a second from a local driver
 LOG_TAIL_LINES = 3
+UNLIMITED_MICROS = 1 << 62  # the spending cap of a key without a monthly_budget: its spending is still counted
 
 
 class RemoteDriver(Protocol):
@@ -168,17 +169,20 @@ class JobEngine:
         return job
 
     async def _hold_budget(self, job: Job) -> None:
-        limit = self.budget_of(job.owner) if job.owner is not None else None
-        if limit is None or self.pricing is None or job.owner is None:
+        """Every key's spending is counted (so a budget set mid-month knows what was spent); only a key with a
+        ``monthly_budget`` can be refused."""
+        if self.pricing is None or job.owner is None:
             return
+        limit = self.budget_of(job.owner)
         micros, month = estimate_micros(job, self.pricing), month_of(job.created_at)
-        limit_micros = round(limit * MICROS)
+        limit_micros = UNLIMITED_MICROS if limit is None else round(limit * MICROS)
         left = await self.book.hold(job.owner, month, micros, limit_micros)
         if left is None:
             job.held_micros = micros
             return
         await self.store.unreserve(job.owner, [job.id])  # its place on the running-jobs cap goes back too
         money = currency(self.pricing)
+        assert limit is not None
         raise ApiError(402, "budget_exceeded",
                        f"this job would cost about {micros / MICROS:g} {money}, more than is left of this key's "
                        f"budget for {month} ({left / MICROS:g} of {limit:g} {money})",
