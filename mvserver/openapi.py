@@ -113,6 +113,8 @@ STATUS_TEXT = {
     504: "provider_timeout: the provider did not answer in time",
 }
 KEYED_TEXT = {
+    402: "budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, "
+         "limit, spent, remaining, job_estimate, currency); nothing was started",
     403: "forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path "
          "or method, key revoked) or signature_expired",
     429: "rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's "

@@ -60,7 +60,10 @@ ERROR_DETAIL = obj(
      "provider": text("replicate or gemini"),
      "provider_status": {"type": ["integer", "string"],
                          "description": "the provider's own HTTP status, prediction status or RPC code"},
-     "provider_error": {"description": "the provider's own message or JSON body, unchanged"}},
+     "provider_error": {"description": "the provider's own message or JSON body, unchanged"},
+     "budget": {**obj({"month": text("YYYY-MM, UTC"), "limit": NUMBER, "spent": NUMBER, "remaining": NUMBER,
+                       "job_estimate": NUMBER, "currency": text()}),
+                "description": "402 budget_exceeded: the key's monthly budget and what is left of it"}},
     "The error object of the Error shape, also a failed or canceled job's `error`.")
 
 SIGNED_URLS = obj(

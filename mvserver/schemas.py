@@ -407,6 +407,11 @@ CHARGED_POSTS = frozenset({
     "/api/mv/projects/{project_id}/clips", "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
     "/api/mv/projects/{project_id}/assemble", "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync",
     "/api/mv/upload_audio"})
+# POST routes that create jobs: with keys on, each may answer 402 budget_exceeded (the key's monthly_budget)
+JOB_POSTS = frozenset({
+    "/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/assemble", "/api/mv/projects/{project_id}/clips",
+    "/api/mv/projects/{project_id}/scenes/{scene_id}/clips", "/api/mv/projects/{project_id}/assemble",
+    "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync"})
 
 
 def _with_access(paths: dict[str, Any], metrics: bool) -> None:
@@ -425,6 +430,10 @@ def _with_access(paths: dict[str, Any], metrics: bool) -> None:
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
             if method == "post" and path in CHARGED_POSTS:
                 answers.setdefault("429", {"description": "rate_limited or quota_exceeded (see Retry-After)",
+                                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+            if method == "post" and path in JOB_POSTS:
+                answers.setdefault("402", {"description": "budget_exceeded: the job's estimated cost would pass the "
+                                                          "key's monthly_budget; error.budget says what is left",
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
 
 
