@@ -45,6 +45,9 @@ async def settled(client: TestClient, job_id: str) -> None:
     async with asyncio.timeout(10):
         while not (job := await engine.get(job_id)).final:
             await engine.next_event(job_id, job.last_event_id)
+        task = engine.tasks.get(job_id)
+        if task is not None:  # the budget and the duration estimate are settled after the final event
+            await asyncio.wait({task})
 
 
 async def test_a_job_past_the_budget_is_refused_before_any_prediction(make_client: AppClient, tmp_path: Path,

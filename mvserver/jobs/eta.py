@@ -4,10 +4,15 @@ store's usage book (``usage_store``), turned into ``eta_seconds`` and, where the
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from statistics import NormalDist
 
 from .model import Job
+from .usage_store import Durations
+
+_NORMAL = NormalDist()
 
 PROGRESS_GUESS_MAX = 0.95  # a guessed progress never claims to be done: the job may simply run longer
 
@@ -28,19 +33,39 @@ def duration_key(job: Job) -> str:
 
 @dataclass(frozen=True)
 class EtaEstimate:
-    """(runs seen, mean run seconds) of a job's kind: from the job's start (``started_at``) to its end."""
+    """A job's time left from the run times of its kind (from the job's start, ``started_at``, to its end).
 
-    runs: int
-    mean_seconds: float
+    Run times are skewed and spread, so they are fitted as log-normal (mean and spread of their logarithm); the ETA
+    is the median of the time left *given the job has run this long*: a job past the typical run still gets an
+    honest, growing estimate instead of 0. With one run seen (no spread yet) it is the typical run minus the time
+    run. ``plain`` turns the conditioning off (the mean run minus the time run, the baseline of ``bench/eta.py``).
+    """
+
+    durations: Durations
+    plain: bool = False
 
     def elapsed(self, job: Job, now: float | None = None) -> float:
-        return max(0.0, (now or time.time()) - (job.started_at or job.created_at))
+        return max(0.0, (time.time() if now is None else now) - (job.started_at or job.created_at))
+
+    def total_seconds(self, elapsed: float) -> float:
+        """The median run time of a job that has run ``elapsed`` seconds so far."""
+        d = self.durations
+        if self.plain:
+            return d.mean_seconds
+        spread = math.sqrt(max(0.0, d.log_square_mean - d.log_mean ** 2))
+        if d.runs < 2 or spread < 1e-6 or elapsed <= 0:
+            return max(math.exp(d.log_mean), elapsed)
+        survived = 1.0 - _NORMAL.cdf((math.log(elapsed) - d.log_mean) / spread)  # P(a run lasts this long)
+        quantile = min(1.0 - 0.5 * survived, 1.0 - 1e-12)  # half of the runs this long end before it
+        return max(elapsed, math.exp(d.log_mean + spread * _NORMAL.inv_cdf(quantile)))
 
     def eta_seconds(self, job: Job, now: float | None = None) -> float:
-        """Seconds left if this run takes as long as the mean; 0 once past it (then the job is late, not done)."""
-        return round(max(0.0, self.mean_seconds - self.elapsed(job, now)), 1)
+        elapsed = self.elapsed(job, now)
+        return round(max(0.0, self.total_seconds(elapsed) - elapsed), 1)
 
     def progress(self, job: Job, now: float | None = None) -> float:
-        if self.mean_seconds <= 0:
+        elapsed = self.elapsed(job, now)
+        total = self.total_seconds(elapsed)
+        if total <= 0:
             return PROGRESS_GUESS_MAX
-        return round(min(PROGRESS_GUESS_MAX, self.elapsed(job, now) / self.mean_seconds), 4)
+        return round(min(PROGRESS_GUESS_MAX, elapsed / total), 4)

@@ -408,16 +408,16 @@ class JobEngine:
             if snapshot.done:
                 job.provider_metrics = snapshot.metrics
                 return snapshot
-            estimate = self._eta.get(job.id)
+            estimate, now = self._eta.get(job.id), time.time()  # the event's time is the ETA's "now"
             guessed = None
             if snapshot.progress is not None:
                 job.progress = round(snapshot.progress, 4)
             elif estimate is not None:
-                guessed = job.progress = estimate.progress(job)
+                guessed = job.progress = estimate.progress(job, now)
             job.stage = "generating"
             tail = _tail(snapshot.logs)
-            extra = {"logs": tail if tail != shown_logs else None,
-                     "eta_seconds": estimate.eta_seconds(job) if estimate is not None else None,
+            extra = {"logs": tail if tail != shown_logs else None, "event_time": now,
+                     "eta_seconds": estimate.eta_seconds(job, now) if estimate is not None else None,
                      "progress_estimated": True if guessed is not None else None}
             await self._publish(job, lease, "progress", extra=extra)
             shown_logs = tail or shown_logs
@@ -526,7 +526,7 @@ class JobEngine:
             log.warning("job %s: no duration estimate", job.id, exc_info=True)
             return
         if found is not None:
-            self._eta[job.id] = EtaEstimate(*found)
+            self._eta[job.id] = EtaEstimate(found)
 
     async def _publish(self, job: Job, lease: Lease, name: str, *, record: bool = False,
                        extra: dict[str, Any] | None = None) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
+from dataclasses import astuple, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,8 +45,31 @@ class UsageBook(Protocol):
     async def learn(self, key: str, seconds: float) -> None:
         """Fold one run's duration into the running estimate of ``key`` (model and kind of request)."""
 
-    async def estimate(self, key: str) -> tuple[int, float] | None:
-        """(runs seen, capped at :data:`DURATION_WINDOW`; mean seconds) for ``key``, or None before the first run."""
+    async def estimate(self, key: str) -> Durations | None:
+        """The running estimate of ``key``'s run times, or None before its first run."""
+
+
+@dataclass(frozen=True)
+class Durations:
+    """Running means over (roughly) the last :data:`DURATION_WINDOW` runs: of the seconds, and of their logarithm
+    and its square (run times are skewed: a log-normal fit gives the ETA of a job already running long)."""
+
+    runs: int
+    mean_seconds: float
+    log_mean: float
+    log_square_mean: float
+
+
+def fold(found: Durations | None, seconds: float) -> Durations:
+    """``found`` with one more run: each mean moves by 1/n of the difference, n capped at the window, so old runs
+    fade and a provider that slows down is followed within a few dozen runs."""
+    log = math.log(max(seconds, 1e-3))
+    if found is None:
+        return Durations(1, seconds, log, log * log)
+    count = min(found.runs + 1, DURATION_WINDOW)
+    return Durations(count, found.mean_seconds + (seconds - found.mean_seconds) / count,
+                     found.log_mean + (log - found.log_mean) / count,
+                     found.log_square_mean + (log * log - found.log_square_mean) / count)
 
 
 def _month_key(stamp: float) -> str:
@@ -156,15 +181,14 @@ class FileUsageBook:
     async def learn(self, key: str, seconds: float) -> None:
         async with self._lock:
             table = await self._duration_table()
-            count, mean = table.get(key, [0, 0.0])
-            count = min(int(count) + 1, DURATION_WINDOW)
-            table[key] = [count, mean + (seconds - mean) / count]
+            found = table.get(key)
+            table[key] = list(astuple(fold(Durations(*found) if found else None, seconds)))
             await asyncio.to_thread(self._save, "durations.json", table)
 
-    async def estimate(self, key: str) -> tuple[int, float] | None:
+    async def estimate(self, key: str) -> Durations | None:
         async with self._lock:
             found = (await self._duration_table()).get(key)
-        return (int(found[0]), float(found[1])) if found else None
+        return Durations(int(found[0]), *map(float, found[1:])) if found else None
 
 
 # KEYS: spending counter. ARGV: micros, limit micros, ttl seconds. -> -1 held, else what is left (>= 0)
@@ -177,12 +201,15 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return -1
 """
 
-# KEYS: estimate hash. ARGV: seconds, window. A running mean over (at most) the last `window` runs.
+# KEYS: estimate hash. ARGV: seconds, its log, window. Running means (see usage_store.fold) in one step, so runs
+# ending on several nodes at once are all folded in.
 LEARN = """
-local count = math.min(tonumber(redis.call('HGET', KEYS[1], 'n') or '0') + 1, tonumber(ARGV[2]))
-local mean = tonumber(redis.call('HGET', KEYS[1], 'mean') or '0')
-mean = mean + (tonumber(ARGV[1]) - mean) / count
-redis.call('HSET', KEYS[1], 'n', count, 'mean', tostring(mean))
+local count = math.min(tonumber(redis.call('HGET', KEYS[1], 'n') or '0') + 1, tonumber(ARGV[3]))
+local state = redis.call('HMGET', KEYS[1], 'mean', 'lmean', 'lsq')
+local x, lx = tonumber(ARGV[1]), tonumber(ARGV[2])
+local mean, lmean, lsq = tonumber(state[1] or ARGV[1]), tonumber(state[2] or ARGV[2]), tonumber(state[3] or (lx * lx))
+redis.call('HSET', KEYS[1], 'n', count, 'mean', tostring(mean + (x - mean) / count),
+           'lmean', tostring(lmean + (lx - lmean) / count), 'lsq', tostring(lsq + (lx * lx - lsq) / count))
 return 1
 """
 
@@ -190,7 +217,7 @@ return 1
 class RedisUsageBook:
     """The book in the job store's Redis: ``usage:rec`` (hash: job id -> entry), ``usage:<key id>`` and
     ``usage:*`` (sorted sets of job ids by finish time), ``spend:<key id>:<YYYY-MM>`` (micros, held and adjusted by
-    scripts), ``eta:<key>`` (hash: n, mean)."""
+    scripts), ``eta:<key>`` (hash: n, mean, lmean, lsq)."""
 
     def __init__(self, client: Any, prefix: str):
         self.r = client
@@ -235,8 +262,9 @@ class RedisUsageBook:
         return int(await self.r.get(self.k("spend", owner, month)) or 0)
 
     async def learn(self, key: str, seconds: float) -> None:
-        await self._learn(keys=[self.k("eta", key)], args=[repr(float(seconds)), DURATION_WINDOW])
+        await self._learn(keys=[self.k("eta", key)],
+                          args=[repr(float(seconds)), repr(math.log(max(seconds, 1e-3))), DURATION_WINDOW])
 
-    async def estimate(self, key: str) -> tuple[int, float] | None:
-        count, mean = await self.r.hmget(self.k("eta", key), "n", "mean")
-        return (int(count), float(mean)) if count else None
+    async def estimate(self, key: str) -> Durations | None:
+        count, mean, log_mean, log_square = await self.r.hmget(self.k("eta", key), "n", "mean", "lmean", "lsq")
+        return Durations(int(count), float(mean), float(log_mean), float(log_square)) if count else None
