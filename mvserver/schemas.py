@@ -407,6 +407,9 @@ CHARGED_POSTS = frozenset({
     "/api/mv/projects/{project_id}/clips", "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
     "/api/mv/projects/{project_id}/assemble", "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync",
     "/api/mv/upload_audio"})
+# A usage report's bound: a date (midnight UTC), a date-time (UTC unless it has an offset), or unix seconds
+USAGE_TIME = {"type": "string", "pattern": r"^([0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?"
+                                           r"(Z|[+-][0-9]{2}:[0-9]{2})?)?|[0-9]{1,12}(\.[0-9]{1,6})?)$"}
 # POST routes that create jobs: with keys on, each may answer 402 budget_exceeded (the key's monthly_budget)
 JOB_POSTS = frozenset({
     "/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/assemble", "/api/mv/projects/{project_id}/clips",
@@ -548,8 +551,9 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
                            "calendar month (UTC) up to now. With keys on, `budget` is the caller's monthly limit, "
                            "spending and what is left.",
             "parameters": [
-                {"name": "from", "in": "query", "required": False, "schema": {"type": "string"}},
-                {"name": "to", "in": "query", "required": False, "schema": {"type": "string"}},
+                {"name": "from", "in": "query", "required": False, "schema": USAGE_TIME},
+                {"name": "to", "in": "query", "required": False,
+                 "schema": {**USAGE_TIME, "description": "after `from`, at most report_max_days later"}},
                 {"name": "group_by", "in": "query", "required": False,
                  "schema": {"type": "string", "enum": ["model", "kind", "day"], "default": "model"}}],
             "responses": _answers(200, "usage report", 400, 503)}},

@@ -7,6 +7,7 @@ listed, so they always equal the sum of ``jobs``.
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import date, datetime, timezone
 from typing import Any
@@ -18,15 +19,19 @@ from .config import CONFIG
 from .errors import ApiError
 from .jobs import JOBS
 from .jobs.usage import MICROS, currency, day_of, month_of
+from .schemas import USAGE_TIME
 
 routes = web.RouteTableDef()
 
 GROUPS = ("model", "kind", "day")
+TIME = re.compile(USAGE_TIME["pattern"])
 
 
 def parse_time(text: str, field: str) -> float:
     """A report bound: an ISO 8601 date (midnight UTC) or date-time (UTC unless it names its offset), or unix
-    seconds; 400 naming ``field`` otherwise."""
+    seconds (the pattern of ``schemas.USAGE_TIME``); 400 naming ``field`` otherwise."""
+    if not TIME.fullmatch(text):
+        raise _bad_time(field)
     try:
         if text.replace(".", "", 1).isdigit():
             return float(text)
@@ -37,9 +42,13 @@ def parse_time(text: str, field: str) -> float:
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=timezone.utc)
         return parsed.timestamp()
-    except ValueError:
-        raise ApiError(400, "invalid_field", f"{field}: an ISO 8601 date or date-time (UTC unless an offset is "
-                                             "given), or unix seconds", field=field) from None
+    except (ValueError, OverflowError):  # no such day, or out of the datetime range with its offset
+        raise _bad_time(field) from None
+
+
+def _bad_time(field: str) -> ApiError:
+    return ApiError(400, "invalid_field", f"{field}: an ISO 8601 date or date-time (UTC unless an offset is given), "
+                                          "or unix seconds", field=field)
 
 
 def month_start(now: float) -> float:
