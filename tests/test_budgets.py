@@ -116,3 +116,27 @@ async def test_parallel_requests_never_pass_the_budget(make_client: AppClient, t
     assert statuses == [202] * 6 + [402] * 24, statuses
     assert {body["error"]["budget"]["remaining"] for status, body in answers if status == 402} == {0.4}
     assert (await budget(client, auth))["spent"] == 9.6
+
+
+async def test_a_project_clip_set_past_the_budget_starts_nothing(make_client: AppClient, tmp_path: Path,
+                                                                 sim: Simulator) -> None:
+    sim.video_latency = 30
+    client, auth = await keyed(make_client, tmp_path, budget=4.0)  # two clips of 1.60 fit, not three
+    response = await client.post("/api/mv/projects", headers=auth,
+                                 json={"idea": "a heron's day", "character_description": "a grey heron",
+                                       "number_of_scenes": 3})
+    assert response.status == 201, await response.text()
+    project = await response.json()
+    pid, ids = project["project_id"], [scene["id"] for scene in project["scenes"]]
+    response = await client.patch(f"/api/mv/projects/{pid}", headers={**auth, "If-Match": project["etag"]},
+                                  json={"scenes": [{"id": i, "prompt": f"scene {n}", "duration": 4}
+                                                   for n, i in enumerate(ids)]})
+    assert response.status == 200, await response.text()
+    response = await client.post(f"/api/mv/projects/{pid}/clips", headers=auth)
+    assert response.status == 402
+    assert (await response.json())["error"]["budget"]["remaining"] == pytest.approx(0.8)
+    project = await (await client.get(f"/api/mv/projects/{pid}", headers=auth)).json()
+    assert [len(scene["versions"]) for scene in project["scenes"]] == [0, 0, 0]
+    listed = (await (await client.get("/api/mv/jobs", headers=auth)).json())["jobs"]
+    assert {job["status"] for job in listed} <= {"canceled"}  # the two that fitted were canceled with the refusal
+    assert (await budget(client, auth))["spent"] == 0.0  # and their holds given back

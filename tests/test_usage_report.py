@@ -117,3 +117,19 @@ async def test_bad_parameters_are_400_naming_the_field(client: TestClient, query
     response = await client.get(f"/api/mv/usage{query}")
     assert response.status == 400
     assert (await response.json())["error"]["field"] == field
+
+
+async def test_a_job_entered_twice_counts_once(client: TestClient) -> None:
+    """A node that dies between a job's ledger entry and its final event leaves the job to run again: its second
+    entry replaces the first."""
+    book = client.app[JOBS].book
+    now = time.time()
+    entry = {"job_id": "0b9d3a8e-3a43-4a4e-9d59-2f8f3f6f9d11", "owner": None, "kind": "video", "backend": "replicate",
+             "model": "google/veo-3.1", "sandbox": False, "status": "succeeded", "created_at": now - 5,
+             "finished_at": now - 1, "output_seconds": 4.0, "predict_seconds": 3.0, "cost_micros": 1_600_000,
+             "currency": "USD", "basis": "price_table"}
+    await book.record(entry)
+    await book.record({**entry, "finished_at": now, "cost_micros": 1_700_000})
+    body = await report(client)
+    assert [(e["job_id"], e["cost_micros"]) for e in body["jobs"]] == [(entry["job_id"], 1_700_000)]
+    assert body["totals"]["cost_micros"] == 1_700_000
