@@ -23,10 +23,10 @@ from ..errors import ApiError, ErrorInfo
 from ..logs import bind_job
 from ..storage import OutputStore
 from ..updates import PushedUpdates
+from .eta import EtaEstimate, duration_key
 from .model import Event, Job, JobStatus, clip_text
 from .store import JobStore, Lease, LeaseLost
 from .usage import MICROS, currency, estimate_micros, ledger_entry, measure, month_of
-from .eta import EtaEstimate, duration_key
 
 log = logging.getLogger("mvserver.jobs")
 T = TypeVar("T")
