@@ -17,9 +17,9 @@ from .backends import replicate as replicate_backend
 from .config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
 from .debug import debug_print
 from .errors import hide_paths_under, server_log
-from .jobs import JOBS, FileJobStore, JobEngine, JobStore, video_kind
+from .jobs import JOBS, FileJobStore, Job, JobEngine, JobStore, video_kind
 from .jobs.census import JobCensus
-from .metrics import METRICS
+from .metrics import METRICS, Metrics
 from .project_store import PROJECTS, open_project_store
 from .jobs.retention import sweep_forever
 from .quotas import set_job_places
@@ -125,7 +125,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     engine.budget_of = monthly_budget(app)
     if METRICS in app:
         metrics = app[METRICS]
-        engine.hooks.finished = lambda job: metrics.jobs_finished.labels(job.status, job.kind, job.backend).inc()
+        engine.hooks.finished = lambda job: finished_metrics(metrics, job)
         engine.hooks.subscribers = metrics.sse_subscribers.inc
         metrics.census = JobCensus(engine).take  # mv_jobs and mv_job_queue_depth, counted at each scrape
     resumed = await engine.start()
@@ -143,6 +143,14 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
             sweeper.cancel()
             await asyncio.gather(sweeper, return_exceptions=True)
         await engine.close()
+
+
+def finished_metrics(metrics: Metrics, job: Job) -> None:
+    """A job this process finished: its final status, and its estimated cost by model (``usage.cost``)."""
+    metrics.jobs_finished.labels(job.status, job.kind, job.backend).inc()
+    cost = (job.usage or {}).get("cost")
+    if cost:
+        metrics.job_cost.labels(job.model, cost["basis"]).inc(cost["amount_micros"])
 
 
 def monthly_budget(app: web.Application) -> Callable[[str], float | None]:
