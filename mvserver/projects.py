@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable, Iterable, NamedTuple
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from .accepted import accepted_response
 from .auth import key_id, visible_to
 from .config import CONFIG, Config
 from .errors import ApiError, validation_error
@@ -32,12 +33,12 @@ from .idempotency import idempotent
 from .images import _saved_image, generate_reference
 from .jobs import JOBS, Job
 from .project_schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
-from .project_store import PROJECTS, Claim, ClipVersion, Project, Scene, Song
+from .project_store import PROJECTS, CharacterCandidate, Claim, ClipVersion, Project, Scene, Song
 from .quotas import charge
 from .scenes import write_scenes
 from .schemas import REQUEST_MODELS, json_object
 from .storage import STORE, check_id, new_id
-from .videos import accepted_job, check_reference_shape, submit_video_job, whole_prompt
+from .videos import check_reference_shape, submit_video_job, whole_prompt
 
 routes = web.RouteTableDef()
 BASE = "/api/mv/projects"
@@ -242,12 +243,17 @@ async def update(app: web.Application, project_id: str, change: Change, if_match
 # -- the view ------------------------------------------------------------------------------------------------------
 
 
+# What a storyboard grid shows of a finished clip without loading it: its poster, length and frame size.
+CLIP_FACTS = ("poster_url", "video_seconds", "video_width", "video_height")
+
+
 def _version_view(version: ClipVersion, job: Job | None) -> dict[str, Any]:
     view: dict[str, Any] = {"job_id": version.job_id, "created_at": version.created_at, "duration": version.duration}
     if job is None:
-        return {**view, "status": "missing", "stage": None, "progress": None, "video_url": None, "error": None}
+        return {**view, "status": "missing", "stage": None, "progress": None, "video_url": None, "error": None,
+                **dict.fromkeys(CLIP_FACTS)}
     state = job.state()
-    return {**view, **{k: state[k] for k in ("status", "stage", "progress", "video_url", "error")}}
+    return {**view, **{k: state[k] for k in ("status", "stage", "progress", "video_url", "error", *CLIP_FACTS)}}
 
 
 def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
@@ -256,15 +262,20 @@ def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
     project = project.model_copy(deep=True)
     settle(project, jobs)
     record = project.model_dump()
-    body = {"project_id": record.pop("id"), "etag": etag(project), **record}
+    body = {"project_id": record.pop("id"), "etag": etag(project), **record,
+            "events_url": f"{BASE}/{project.id}/events"}
     for scene, entry, raw in zip(project.scenes, project_timeline(project), body["scenes"]):
         raw["versions"] = [_version_view(v, jobs.get(v.job_id)) for v in scene.versions]
         raw["seconds"] = round(entry.seconds, 6)
         raw["song_start"] = entry.song_start
         raw["chosen_video_url"] = f"/api/mv/get_video/{scene.chosen_job_id}" if scene.chosen_job_id else None
+        raw["chosen_poster_url"] = next((v["poster_url"] for v in raw["versions"]
+                                         if v["job_id"] == scene.chosen_job_id), None)
     body["total_seconds"] = round(sum(e.seconds for e in project_timeline(project)), 6)
     for raw in body["scenes"]:
         raw.pop("claim", None)  # bookkeeping of a request in flight
+    for candidate in body["character_candidates"]:
+        candidate["image_url"] = f"/api/mv/get_image/{candidate['image_id']}"
     return body
 
 
@@ -704,7 +715,8 @@ async def write(request: web.Request) -> web.Response:
 
 @routes.post(BASE + "/{project_id}/character")
 async def character(request: web.Request) -> web.Response:
-    """Render the project's character (Imagen) and make it the chosen reference image of its clips."""
+    """Render the project's character (Imagen): ``number_of_images`` candidates (within the images settings), the
+    first one the chosen reference image of its clips; all of them kept on the record until the next render."""
     app = request.app
     project = await owned_project(request)
     project_id = project.id
@@ -723,6 +735,8 @@ async def character(request: web.Request) -> web.Response:
 
     def pick(current: Project, _jobs: JobStates) -> None:
         current.character_image_id = image["image_id"]
+        current.character_candidates = [CharacterCandidate(image_id=i["image_id"], mime_type=i["mime_type"],
+                                                           seed=i["seed"]) for i in image["images"]]
 
     project = await update(app, project_id, pick)
     image = {k: v for k, v in image.items() if k != "image_base64"}
@@ -738,8 +752,7 @@ async def generate_missing(request: web.Request) -> web.Response:
     project, jobs, started = await generate_clips(request.app, project_id, None, options,
                                                   request.headers.get("If-Match"), owner=key_id(request),
                                                   charge=lambda ids: charge(request, "jobs", job_ids=ids))
-    return _respond(project, jobs, 202, extra={"jobs": [accepted_job(j) | {"scene_id": j.request["scene_id"]}
-                                                        for j in started]})
+    return accepted_response(request, started, project=project_view(project, jobs), many=True)
 
 
 @routes.post(BASE + "/{project_id}/scenes/{scene_id}/clips")
@@ -752,9 +765,7 @@ async def generate_one(request: web.Request) -> web.Response:
     project, jobs, started = await generate_clips(request.app, project_id, [scene_id], options,
                                                   request.headers.get("If-Match"), owner=key_id(request),
                                                   charge=lambda ids: charge(request, "jobs", job_ids=ids))
-    job = started[0]
-    return _respond(project, jobs, 202, extra={"job": accepted_job(job) | {"scene_id": scene_id}},
-                    headers={"Location": f"/api/mv/jobs/{job.id}"})
+    return accepted_response(request, started, project=project_view(project, jobs))
 
 
 @routes.get(BASE + "/{project_id}/timeline")

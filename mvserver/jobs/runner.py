@@ -72,13 +72,19 @@ def _ignore(_: Any) -> None:
     return None
 
 
+async def _nothing(_: Job, __: Path) -> None:
+    return None
+
+
 class EngineHooks:
     """What the engine reports as it happens (the app plugs metrics in): ``finished(job)`` once per job this node
-    finished, ``subscribers(delta)`` as event streams open (+1) and close (-1)."""
+    finished, ``subscribers(delta)`` as event streams open (+1) and close (-1); ``stored(job, path)`` when a job's
+    output is in place, before its ``succeeded`` event (it may note facts about the file on the job: the poster)."""
 
     def __init__(self) -> None:
         self.finished: Callable[[Job], None] = _ignore
         self.subscribers: Callable[[int], None] = _ignore
+        self.stored: Callable[[Job, Path], Awaitable[None]] = _nothing
 
 
 class JobEngine:
@@ -487,6 +493,11 @@ class JobEngine:
             pass
 
     async def _finish(self, job: Job, lease: Lease, status: JobStatus, error: ErrorInfo | None) -> None:
+        if status == "succeeded":
+            try:
+                await self.hooks.stored(job, self.outputs.path("videos", job.id, ".mp4"))
+            except Exception:  # a poster is a nicety: the clip is there, the job succeeds without it
+                log.exception("job %s: describing the stored output failed", job.id)
         _mark_final(job, status, error)
         await self._account(job)
         await self._publish(job, lease, status, record=True)
