@@ -1,6 +1,6 @@
 """Usage and cost per job on both job stores: what a job used (provider, model, output seconds, Replicate's
 metrics, queue and wall time, retries) and its estimated cost from ``settings/pricing.yaml``, in the job JSON, its
-final event and the listing; sandbox jobs cost 0 and say so. (The price table's start-up checks: test_config.)"""
+final event (also on the project's stream) and the listing; sandbox jobs cost 0 and say so. (The price table's start-up checks: test_config.)"""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 from mvserver.config import CONFIG
 from mvserver.sandbox.simulator import Simulator
 from conftest import AppClient
+from test_project_events import finished as all_finished, named, new_project, read_until
 from test_videos import events_of, submit, wait_for
 
 pytestmark = pytest.mark.both_stores
@@ -47,6 +48,21 @@ async def test_a_job_records_its_usage_and_cost_in_json_final_event_and_listing(
     assert final["event"] == "succeeded" and final["data"]["usage"] == usage
     listed = (await (await client.get("/api/mv/jobs")).json())["jobs"]
     assert [item["usage"] for item in listed if item["job_id"] == job_id] == [usage]
+
+
+async def test_a_project_streams_each_clip_jobs_usage_with_its_final_event(client: TestClient, sim: Simulator) -> None:
+    sim.video_latency = 0.3
+    project = await new_project(client)
+    async with client.get(project["events_url"]) as stream:
+        events = await read_until(stream, [], lambda e: len(e) == 1)
+        response = await client.post(f"/api/mv/projects/{project['project_id']}/clips")
+        assert response.status == 202, await response.text()
+        job_ids = [job["job_id"] for job in (await response.json())["jobs"]]
+        await read_until(stream, events, all_finished(job_ids))
+    for event in named(events, "succeeded"):
+        job = await (await client.get(f"/api/mv/jobs/{event['data']['job_id']}")).json()
+        assert job["usage"]["output_seconds"] == 4 and event["data"]["usage"] == job["usage"]
+    assert sorted(e["data"]["job_id"] for e in named(events, "succeeded")) == sorted(job_ids)
 
 
 async def test_audio_costs_the_audio_rate_and_a_running_job_has_no_usage_yet(client: TestClient,
