@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import AsyncIterator, Mapping
+from typing import AsyncIterator, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, videos, webhooks
+from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, usage, videos, webhooks
 from . import posters, project_events
+from .auth import KEYRING
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
@@ -20,9 +21,9 @@ from .backends.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts, url_o
 from .config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
 from .debug import debug_print
 from .errors import hide_paths_under, server_log
-from .jobs import JOBS, FileJobStore, JobEngine, JobStore, video_kind
+from .jobs import JOBS, FileJobStore, Job, JobEngine, JobStore, video_kind
 from .jobs.census import JobCensus
-from .metrics import METRICS
+from .metrics import METRICS, Metrics
 from .project_store import PROJECTS, open_project_store
 from .jobs.retention import sweep_forever
 from .quotas import set_job_places
@@ -142,9 +143,11 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     app[JOBS] = engine
     engine.hooks.stored = posters.stored_hook(app)  # every stored clip: its poster, length and size
     set_job_places(app, engine)  # the running-jobs cap, counted and reserved atomically; no-op with keys off
+    engine.pricing = config.pricing
+    engine.budget_of = monthly_budget(app)
     if METRICS in app:
         metrics = app[METRICS]
-        engine.hooks.finished = lambda job: metrics.jobs_finished.labels(job.status, job.kind, job.backend).inc()
+        engine.hooks.finished = lambda job: finished_metrics(metrics, job)
         engine.hooks.subscribers = metrics.sse_subscribers.inc
         metrics.census = JobCensus(engine).take  # mv_jobs and mv_job_queue_depth, counted at each scrape
     resumed = await engine.start()
@@ -162,6 +165,25 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
             sweeper.cancel()
             await asyncio.gather(sweeper, return_exceptions=True)
         await engine.close()
+
+
+def finished_metrics(metrics: Metrics, job: Job) -> None:
+    """A job this process finished: its final status, and its estimated cost by model (``usage.cost``)."""
+    metrics.jobs_finished.labels(job.status, job.kind, job.backend).inc()
+    cost = (job.usage or {}).get("cost")
+    if cost:
+        metrics.job_cost.labels(job.model, cost["basis"]).inc(cost["amount_micros"])
+
+
+def monthly_budget(app: web.Application) -> Callable[[str], float | None]:
+    """A key's monthly spending limit from the keys file (re-read as it changes); none with keys off."""
+    keyring = app.get(KEYRING)
+
+    def limit(owner: str) -> float | None:
+        record = keyring.get(owner) if keyring is not None else None
+        return record.limits.monthly_budget if record is not None else None
+
+    return limit
 
 
 async def projects_context(app: web.Application) -> AsyncIterator[None]:
@@ -208,6 +230,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app.add_routes(scenes.routes)
     app.add_routes(images.routes)
     app.add_routes(videos.routes)
+    app.add_routes(usage.routes)
     app.add_routes(posters.routes)
     lipsync.setup(app)
     assembly.setup(app)

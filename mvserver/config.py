@@ -6,6 +6,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal, Mapping
 from urllib.parse import urlsplit
@@ -279,6 +280,34 @@ class LipsyncSettings(_Strict):
         return self
 
 
+class ModelPrice(_Strict):
+    """What one model costs: the provider's list prices, summed over what a job used (its estimated cost)."""
+
+    per_output_second: float = Field(default=0.0, ge=0)  # of video (or audio) produced
+    # Veo bills a clip without audio less: when set, used for jobs with generate_audio false
+    per_output_second_without_audio: float | None = Field(default=None, ge=0)
+    per_image: float = Field(default=0.0, ge=0)  # each image produced
+    per_prediction_second: float = Field(default=0.0, ge=0)  # the provider's reported run time (hardware billing)
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    as_of: date  # when these prices were read from the provider's pricing page
+
+
+class PricingSettings(_Strict):
+    """``settings/pricing.yaml``: per model (``provider/name`` as jobs record it), its prices."""
+
+    models: dict[str, ModelPrice] = Field(min_length=1)
+    # GET /api/mv/usage: the longest range one report covers, and the most jobs it lists (else 400)
+    report_max_days: int = Field(default=366, ge=1, le=3660)
+    report_max_jobs: int = Field(default=10000, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _one_currency(self) -> "PricingSettings":
+        currencies = sorted({price.currency for price in self.models.values()})
+        if len(currencies) > 1:  # budgets and usage totals add costs up: they must be in one currency
+            raise ValueError(f"every model must be priced in one currency (found {', '.join(currencies)})")
+        return self
+
+
 class FfmpegSettings(_Strict):
     """The ffmpeg runs of jobs on one node (assembly runs; lip-sync cuts share the slots and limits)."""
 
@@ -315,6 +344,7 @@ SETTINGS_FILES: dict[str, type[_Strict]] = {
     "sandbox": SandboxSettings,
     "projects": ProjectsSettings,
     "lipsync": LipsyncSettings,
+    "pricing": PricingSettings,
     "media": MediaSettings,
 }
 
@@ -550,6 +580,7 @@ class Config:
     sandbox: SandboxSettings
     projects: ProjectsSettings
     lipsync: LipsyncSettings
+    pricing: PricingSettings
     media: MediaSettings
     templates: dict[str, jinja2.Template] = field(repr=False)
     styles: dict[str, StylePreset] = field(default_factory=dict)  # name -> preset, sorted by name
@@ -588,6 +619,7 @@ class Config:
             "styles": {name: preset.model_dump() for name, preset in self.styles.items()},
             "projects": self.projects.model_dump(),
             "lipsync": self.lipsync.model_dump(),
+            "pricing": self.pricing.model_dump(mode="json"),
             "media": self.media.model_dump(),
         }
 
@@ -669,7 +701,17 @@ def load_config(env: EnvSettings | None = None) -> Config:
     if loaded["projects"].default_scene_seconds not in loaded["videos"].allowed.duration:
         raise ConfigError(f"{env.settings_dir / 'projects.yaml'}: default_scene_seconds: not one of "
                           f"videos.allowed.duration {loaded['videos'].allowed.duration}")
+    _check_priced(env.settings_dir / "pricing.yaml", loaded)
     return Config(env=env, templates=templates, styles=styles, **loaded)
+
+
+def _check_priced(path: Path, loaded: dict[str, Any]) -> None:
+    """Every model a job can run on needs a price, so no job's cost is unknown (local ffmpeg work costs nothing)."""
+    videos = loaded["videos"].backends
+    needed = {videos.replicate.model, videos.gemini.model, loaded["lipsync"].model}
+    missing = sorted(needed - set(loaded["pricing"].models))
+    if missing:
+        raise ConfigError(f"{path}: models: no price for {', '.join(missing)}")
 
 
 def load_styles(directory: Path) -> dict[str, StylePreset]:

@@ -370,8 +370,8 @@ class LipsyncDriver:
     async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
         return await self.provider.download(snapshot, prediction_id, dest)
 
-    async def cancel(self, prediction_id: str) -> None:
-        await self.provider.cancel(prediction_id)
+    async def cancel(self, prediction_id: str) -> Snapshot:
+        return await self.provider.cancel(prediction_id)
 
 
 def lipsync_kind(app: web.Application):  # type: ignore[no-untyped-def]

@@ -44,6 +44,7 @@ OPERATIONS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
     ("/api/mv/jobs/{job_id}/cancel", "post"): ("cancelJobByPost", {"200": "Job"}),
     ("/api/mv/jobs/{job_id}/events", "get"): ("streamJobEvents", {"200": "JobStreamEvent"}),
     ("/api/mv/events", "get"): ("streamEvents", {"200": "JobStreamEvent"}),
+    ("/api/mv/usage", "get"): ("getUsage", {"200": "UsageReport"}),
     ("/api/mv/events/link", "get"): ("getEventsLink", {"200": "EventsLink"}),
     ("/api/mv/get_poster/{video_id}", "get"): ("getPoster", {}),
     (PROJECT + "/events", "get"): ("streamProjectEvents", {"200": "ProjectStreamEvent"}),
@@ -80,6 +81,7 @@ FILES = ("/api/mv/get_video/{video_id}", "/api/mv/get_poster/{video_id}", "/api/
          "/api/mv/get_scenes/{scenes_id}.{ext}")
 BODILESS = {("/api/mv/jobs/{job_id}/cancel", "post")}  # a POST whose body is never read (so never too large)
 STORE_PREFIXES = ("/api/mv/jobs", "/api/mv/events", "/api/mv/projects", "/api/mv/get_video/", "/api/mv/get_poster/",
+                  "/api/mv/usage",
                   "/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/assemble", "/api/mv/webhooks/")
 # A Location header on every success of these (the job's status URL, or the new resource)
 LOCATION = {("/api/mv/generate_video", "post"), ("/api/mv/lipsync", "post"), ("/api/mv/assemble", "post"),
@@ -116,6 +118,8 @@ STATUS_TEXT = {
     504: "provider_timeout: the provider did not answer in time",
 }
 KEYED_TEXT = {
+    402: "budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, "
+         "limit, spent, remaining, job_estimate, currency); nothing was started",
     403: "forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path "
          "or method, key revoked) or signature_expired",
     429: "rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's "

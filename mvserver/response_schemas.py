@@ -60,7 +60,10 @@ ERROR_DETAIL = obj(
      "provider": text("replicate or gemini"),
      "provider_status": {"type": ["integer", "string"],
                          "description": "the provider's own HTTP status, prediction status or RPC code"},
-     "provider_error": {"description": "the provider's own message or JSON body, unchanged"}},
+     "provider_error": {"description": "the provider's own message or JSON body, unchanged"},
+     "budget": {**obj({"month": text("YYYY-MM, UTC"), "limit": NUMBER, "spent": NUMBER, "remaining": NUMBER,
+                       "job_estimate": NUMBER, "currency": text()}),
+                "description": "402 budget_exceeded: the key's monthly budget and what is left of it"}},
     "The error object of the Error shape, also a failed or canceled job's `error`.")
 
 SIGNED_URLS = obj(
@@ -70,6 +73,46 @@ SIGNED_URLS = obj(
     "Each URL of the answer that a browser loads without headers (<img>, <video>, EventSource), under the same "
     "name, signed for the caller's key (?kid=&exp=&sig=); only with API keys on.")
 SIGNED_URLS["additionalProperties"] = {"type": "string"}
+
+COST = obj(
+    {"amount": {**NUMBER, "minimum": 0, "description": "amount_micros / 1,000,000"},
+     "amount_micros": {**INTEGER, "minimum": 0, "description": "millionths of the currency: add these up"},
+     "currency": text("ISO 4217, from settings/pricing.yaml"),
+     "as_of": {**nullable(text()), "description": "the date of the prices used; null when nothing was priced"},
+     "basis": {"type": "string", "enum": ["price_table", "sandbox", "local", "unpriced"],
+               "description": "price_table: list prices x use; sandbox: simulated, costs 0; local: ffmpeg on this "
+                              "server, costs 0"},
+     "estimated": {"type": "boolean", "description": "always true: the provider's invoice is authoritative"}},
+    description="A job's estimated cost.")
+USAGE = obj(
+    {"provider": text(), "model": text(),
+     "output_seconds": {**nullable(SECONDS), "description": "seconds of media produced (null: nothing produced)"},
+     "images": {**INTEGER, "minimum": 0},
+     "provider_metrics": {**nullable(ANY_OBJECT),
+                          "description": "the provider's own numbers, unchanged (Replicate: predict_time, total_time)"},
+     "queue_seconds": SECONDS, "wall_seconds": SECONDS,
+     "retries": {**INTEGER, "minimum": 0, "description": "provider calls retried after a transient error"},
+     "cost": ref("Cost")},
+    description="What an ended job used and what it cost (null until the job ends).")
+USAGE_GROUP = obj(
+    {"key": text("the model, kind or day (YYYY-MM-DD, UTC) of the group"), "jobs": INTEGER,
+     "cost_micros": INTEGER, "cost": NUMBER, "output_seconds": SECONDS, "predict_seconds": SECONDS})
+USAGE_ENTRY = obj(
+    {"job_id": ID, "owner": nullable(text()), "kind": text(), "backend": text(), "model": text(), "sandbox": BOOLEAN,
+     "status": text(), "created_at": UNIX_TIME, "finished_at": UNIX_TIME, "output_seconds": nullable(SECONDS),
+     "predict_seconds": nullable(SECONDS), "cost_micros": INTEGER, "currency": nullable(text()),
+     "basis": nullable(text())},
+    description="One ended job in a usage report.")
+USAGE_REPORT = obj(
+    {"from": UNIX_TIME, "to": UNIX_TIME, "group_by": {"type": "string", "enum": ["model", "kind", "day"]},
+     "currency": text(), "all_keys": BOOLEAN,
+     "totals": obj({"jobs": INTEGER, "cost_micros": INTEGER, "cost": NUMBER, "output_seconds": SECONDS,
+                    "predict_seconds": SECONDS}),
+     "groups": {"type": "array", "items": ref("UsageGroup")},
+     "jobs": {"type": "array", "items": ref("UsageEntry")}},
+    {"budget": obj({"month": text(), "limit": nullable(NUMBER), "spent": NUMBER, "remaining": nullable(NUMBER)},
+                   description="The caller's budget this month (keys on)")},
+    "GET /api/mv/usage: jobs that ended in [from, to), their totals (exactly the sum of `jobs`) and groups.")
 
 _JOB_STATE = {
     "job_id": ID,
@@ -89,6 +132,7 @@ _JOB_STATE = {
     "error": nullable(ref("ErrorDetail")),
     "video_url": {**nullable(text()), "description": "set once the job succeeded"},
     "video_bytes": nullable(INTEGER),
+    "usage": nullable(ref("Usage")),
 }
 _FOLLOW = {"status_url": URL, "events_url": URL}
 
@@ -103,7 +147,11 @@ JOB_EVENT = obj(
     {name: _JOB_STATE[name] for name in ("job_id", "status", "stage", "progress", "elapsed_seconds")}
     | {"event_time": UNIX_TIME},
     {**{name: schema for name, schema in _JOB_STATE.items()},
-     "logs": text("progress events: the provider's last log lines, when they changed")},
+     "logs": text("progress events: the provider's last log lines, when they changed"),
+     "eta_seconds": {**SECONDS, "description": "progress events: seconds left if this run takes as long as "
+                                               "recent runs of its model and kind of request (0: running late)"},
+     "progress_estimated": {"type": "boolean", "description": "true: `progress` is guessed from recent run "
+                                                              "times (the provider reports none)"}},
     "The data of one event: a status event carries the job's whole state (errors clipped), a progress event only "
     "what moves. Merge each onto the last state held.")
 SSE_EVENT = obj(
@@ -209,4 +257,5 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
     "ImageMetadata": IMAGE_METADATA, "CandidateImage": CANDIDATE_IMAGE, "CharacterReference": CHARACTER_REFERENCE,
     "ProjectImage": PROJECT_IMAGE, "ProjectCharacter": PROJECT_CHARACTER,
     "WebhookAck": WEBHOOK_ACK,
+    "Cost": COST, "Usage": USAGE, "UsageGroup": USAGE_GROUP, "UsageEntry": USAGE_ENTRY, "UsageReport": USAGE_REPORT,
 }

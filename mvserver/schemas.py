@@ -459,6 +459,14 @@ CHARGED_POSTS = frozenset({
     "/api/mv/projects/{project_id}/clips", "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
     "/api/mv/projects/{project_id}/assemble", "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync",
     "/api/mv/upload_audio"})
+# A usage report's bound: a date (midnight UTC), a date-time (UTC unless it has an offset), or unix seconds
+USAGE_TIME = {"type": "string", "pattern": r"^([0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?"
+                                           r"(Z|[+-][0-9]{2}:[0-9]{2})?)?|[0-9]{1,12}(\.[0-9]{1,6})?)$"}
+# POST routes that create jobs: with keys on, each may answer 402 budget_exceeded (the key's monthly_budget)
+JOB_POSTS = frozenset({
+    "/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/assemble", "/api/mv/projects/{project_id}/clips",
+    "/api/mv/projects/{project_id}/scenes/{scene_id}/clips", "/api/mv/projects/{project_id}/assemble",
+    "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync"})
 
 
 def _with_access(paths: dict[str, Any], metrics: bool) -> None:
@@ -477,6 +485,10 @@ def _with_access(paths: dict[str, Any], metrics: bool) -> None:
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
             if method == "post" and path in CHARGED_POSTS:
                 answers.setdefault("429", {"description": "rate_limited or quota_exceeded (see Retry-After)",
+                                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+            if method == "post" and path in JOB_POSTS:
+                answers.setdefault("402", {"description": "budget_exceeded: the job's estimated cost would pass the "
+                                                          "key's monthly_budget; error.budget says what is left",
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
 
 
@@ -587,6 +599,19 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
                        "(dot-separated, in the order of `jobs`), so Last-Event-ID resumes them all",
             "parameters": stream_parameters,
             "responses": _answers(200, "event stream", 400, 404, content="text/event-stream")}},
+        "/api/mv/usage": {"get": {
+            "summary": "Usage and estimated cost of the jobs that ended in [from, to): the caller's (every key's for "
+                       "an admin key), totals that are the sum of the jobs listed, grouped by model, kind or day",
+            "description": "from/to: ISO 8601 dates (midnight UTC) or date-times, or unix seconds; default this "
+                           "calendar month (UTC) up to now. With keys on, `budget` is the caller's monthly limit, "
+                           "spending and what is left.",
+            "parameters": [
+                {"name": "from", "in": "query", "required": False, "schema": USAGE_TIME},
+                {"name": "to", "in": "query", "required": False,
+                 "schema": {**USAGE_TIME, "description": "after `from`, at most report_max_days later"}},
+                {"name": "group_by", "in": "query", "required": False,
+                 "schema": {"type": "string", "enum": ["model", "kind", "day"], "default": "model"}}],
+            "responses": _answers(200, "usage report", 400, 503)}},
         "/api/mv/events/link": {"get": {
             "summary": "The URL of the multi-job stream for these jobs (and positions), for an EventSource: with keys "
                        "on signed for the caller's key (kid, exp, sig; the signature covers the exact job list and "

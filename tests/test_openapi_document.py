@@ -146,6 +146,7 @@ OPERATION_IDS = {
     ("/api/mv/jobs/{job_id}/cancel", "post"): "cancelJobByPost",
     ("/api/mv/jobs/{job_id}/events", "get"): "streamJobEvents",
     ("/api/mv/events", "get"): "streamEvents",
+    ("/api/mv/usage", "get"): "getUsage",
     ("/api/mv/events/link", "get"): "getEventsLink",
     ("/api/mv/get_poster/{video_id}", "get"): "getPoster",
     ("/api/mv/projects/{project_id}/events", "get"): "streamProjectEvents",
@@ -431,6 +432,9 @@ async def test_real_answers_of_the_whole_flow_match_the_document(make_client: Ap
     await api.call("POST", "/api/mv/generate_video", json={"prompt": "x", "reference_image_id": unknown["job_id"]},
                    expect=404)
     await api.call("GET", "/api/mv/get_video/{video_id}", path={"video_id": assembled["job_id"]}, expect=409)
+    _, usage = await api.call("GET", "/api/mv/usage", query="group_by=kind")
+    assert usage["totals"]["jobs"] == len(usage["jobs"]) >= 1  # the canceled assembly, at least
+    await api.call("GET", "/api/mv/usage", query="group_by=week", expect=400)
     await api.call("POST", "/api/mv/generate_video", data="{}", headers={"Content-Type": "text/plain"}, expect=415)
     api.headers = {}
     await api.call("GET", "/api/mv/projects/{project_id}", path=pid, expect=401)

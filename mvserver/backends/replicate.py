@@ -90,7 +90,17 @@ def snapshot(prediction: Prediction) -> Snapshot:
         logs=prediction.logs,
         output=_output_url(prediction.output),
         error=error,
+        metrics=_metrics(getattr(prediction, "metrics", None)),  # absent from some webhook bodies
     )
+
+
+def _metrics(metrics: Any) -> dict[str, Any] | None:
+    """Replicate's numeric metrics (``predict_time``, ``total_time``, ...); None when it reported none."""
+    if not isinstance(metrics, dict):
+        return None
+    kept = {k: v for k, v in metrics.items() if isinstance(k, str) and isinstance(v, (int, float))
+            and not isinstance(v, bool)}
+    return kept or None
 
 
 class ReplicateProvider:
@@ -129,8 +139,9 @@ class ReplicateProvider:
     async def get(self, prediction_id: str) -> Prediction:
         return await self._call(self.client.predictions.async_get(prediction_id), "get")
 
-    async def cancel(self, prediction_id: str) -> None:
-        await self._call(self.client.predictions.async_cancel(prediction_id), "cancel")
+    async def cancel(self, prediction_id: str) -> Snapshot:
+        """Cancel; the answer is the prediction as it ended (its metrics say how long it ran, which it costs)."""
+        return snapshot(await self._call(self.client.predictions.async_cancel(prediction_id), "cancel"))
 
     async def webhook_secret(self) -> str:
         """The account's webhook signing secret (``whsec_...``)."""

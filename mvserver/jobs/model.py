@@ -70,6 +70,10 @@ class Job:
     poster: bool = False
     last_event_id: int = 0
     cancel_requested: bool = False
+    retries: int = 0  # provider calls retried after a transient error (usage)
+    provider_metrics: dict[str, Any] | None = None  # what the provider reported of its run (Replicate's metrics)
+    usage: dict[str, Any] | None = None  # measured when the job ends (jobs.usage.measure): null until then
+    held_micros: int = 0  # its estimated cost, held on its key's monthly budget when it was created
 
     @property
     def final(self) -> bool:
@@ -103,6 +107,7 @@ class Job:
             "video_width": self.video_width,
             "video_height": self.video_height,
             "poster_url": urls["poster_url"] if self.status == "succeeded" and self.poster else None,
+            "usage": self.usage,
         }
 
     def progress_state(self) -> dict[str, Any]:

@@ -279,11 +279,18 @@ def prediction_json(record: dict[str, Any], base: str) -> dict[str, Any]:
     if status == "succeeded":
         data["output"] = f"{base}/files/{prediction_id}/{record['output']}"
         data["logs"] += f"Generated output in {latency * (1 - STARTING_SHARE):.1f}s\n"
-        data["metrics"] = {"predict_time": round(latency * (1 - STARTING_SHARE), 3), "total_time": round(latency, 3)}
     elif status == "failed":
         data["error"] = record["failure"]
-        data["metrics"] = {"predict_time": round(latency * (1 - STARTING_SHARE), 3), "total_time": round(latency, 3)}
+    if status in TERMINAL:
+        data["metrics"] = run_metrics(created, started, completed if completed is not None else until)
     return data
+
+
+def run_metrics(created: float, started: float, completed: float) -> dict[str, float]:
+    """Replicate's ``metrics`` of an ended prediction: ``predict_time`` (seconds on the model's hardware, what
+    per-second models bill) and ``total_time`` (from creation, queueing included). A prediction canceled while
+    still starting ran for no time at all."""
+    return {"predict_time": round(max(0.0, completed - started), 3), "total_time": round(max(0.0, completed - created), 3)}
 
 
 def _base_url(request: web.Request) -> str:
