@@ -132,6 +132,10 @@ _JOB_STATE = {
     "error": nullable(ref("ErrorDetail")),
     "video_url": {**nullable(text()), "description": "set once the job succeeded"},
     "video_bytes": nullable(INTEGER),
+    "video_seconds": {**nullable(SECONDS), "description": "the stored clip's length (null until it is stored)"},
+    "video_width": nullable(INTEGER),
+    "video_height": nullable(INTEGER),
+    "poster_url": {**nullable(text()), "description": "the clip's first frame (JPEG), once the job succeeded"},
     "usage": nullable(ref("Usage")),
 }
 _FOLLOW = {"status_url": URL, "events_url": URL}
@@ -194,6 +198,7 @@ CLIP_VERSION = obj(
                 "description": "the job's status; missing: the job store no longer has it"},
      "stage": nullable(text()), "progress": _JOB_STATE["progress"], "video_url": nullable(text()),
      "error": nullable(ref("ErrorDetail"))},
+    {name: _JOB_STATE[name] for name in ("poster_url", "video_seconds", "video_width", "video_height")},
     description="One generated clip of a scene, with its job's live state.")
 PROJECT_SCENE = obj(
     {"id": ID, "prompt": text(), "negative_prompt": text(),
@@ -204,6 +209,7 @@ PROJECT_SCENE = obj(
      "seconds": {**SECONDS, "description": "trim_out - trim_in"},
      "song_start": {**nullable(SECONDS), "description": "where the kept part starts in the song; null: no song"},
      "chosen_video_url": nullable(text())},
+    {"chosen_poster_url": {**nullable(text()), "description": "the chosen clip's poster"}},
     description="A scene in display order.")
 PROJECT = obj(
     {"project_id": ID, "etag": text("the ETag a PATCH names in If-Match"), "version": INTEGER,
