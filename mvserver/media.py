@@ -7,7 +7,9 @@ the assembly job and the audio upload build on these functions.
 Assembly with cuts stream-copies the video of every clip that is used whole and whose codec parameters match the
 output (concat demuxer); only trimmed, rescaled or mismatching clips are re-encoded, each into its own segment.
 Crossfades decode and re-encode everything in one filter graph (xfade/acrossfade). The audio track (the song, clip
-audio, or silence) is always encoded as AAC, so the output is H.264 + AAC in an MP4 with ``+faststart``.
+audio, or silence) is AAC, so the output is H.264 + AAC in an MP4 with ``+faststart``: encoded in the final run, or,
+for a cut-only edit of the song alone with the song's AAC copy made at upload (:func:`encode_song_copies`), copied
+from that copy packet by packet with only the faded last second encoded again.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import imageio_ffmpeg
 
 __all__ = [
     "AUDIO_DEMUXERS", "AssemblyInputError", "AssemblyResult", "AudioStream", "Clip", "DurationError", "MediaError",
-    "MediaInfo", "MediaTimeout", "SONG_DEMUXERS", "VideoStream", "assemble", "duration_arg", "ffmpeg_exe",
+    "MediaInfo", "MediaTimeout", "SONG_DEMUXERS", "SongCopy", "VideoStream", "assemble", "duration_arg",
+    "encode_song_copies", "ffmpeg_exe",
     "input_args", "parse_inputs", "parse_probe", "probe", "probe_clips", "run_ffmpeg", "song_demuxer", "song_input_args",
     "stream_duration",
 ]
@@ -47,6 +50,9 @@ SONG_FADE_SECONDS = 1.0
 MIX_CLIP_VOLUME = 0.3  # clip audio "mixed under the song" sits about 10 dB below it
 AUDIO_RATE = 48000
 AUDIO_BITRATE = "192k"
+AAC_FRAME_SECONDS = 1024 / AUDIO_RATE  # one AAC packet: the copied song is cut on these
+PREVIEW_ARGS = ["-c:a", "libmp3lame", "-b:a", "32k", "-ar", "22050", "-ac", "1", "-f", "mp3"]  # what Gemini hears
+PREVIEW_MIME_TYPE = "audio/mp3"
 ASPECT_TOLERANCE = 0.01
 TRIM_TOLERANCE = 0.05  # seconds a trim may pass a clip's measured end (container rounding)
 X264 = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "20"]
@@ -415,7 +421,42 @@ async def run_ffmpeg(args: Sequence[str], *, duration: float | None = None, prog
         raise MediaError(f"ffmpeg exited with status {proc.returncode}: {stderr.strip() or '(no output)'}")
 
 
+# -- a saved song's copies ------------------------------------------------------------------------------------------
+
+
+async def encode_song_copies(song: Path, aac: Path, preview: Path, *, duration: float | None = None,
+                             timeout: float | None = None) -> None:
+    """Encode a saved song once, in one ffmpeg run (one decode, two encoders): ``aac``, AAC-LC at the assembly's
+    rate, channels and bitrate in an MP4, whose packets a cut-only assembly copies; and ``preview``, a small mono
+    MP3 (32 kb/s: 240 KB a minute) that goes inline to Gemini with the scene request. Both are written atomically
+    (a temporary ``.part`` first); on failure or cancellation neither exists."""
+    temps = [_temp(aac, "enc"), _temp(preview, "enc")]
+    try:
+        await run_ffmpeg([*song_input_args(song), "-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1",
+                          "-c:a", "aac", "-b:a", AUDIO_BITRATE, "-ar", str(AUDIO_RATE), "-ac", "2", "-f", "mp4",
+                          "-y", str(temps[0]),
+                          "-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1", *PREVIEW_ARGS,
+                          "-y", str(temps[1])], duration=duration, timeout=timeout)
+        await asyncio.to_thread(_fsync_replace, temps[0], aac)
+        await asyncio.to_thread(_fsync_replace, temps[1], preview)
+    except BaseException:
+        aac.unlink(missing_ok=True)
+        preview.unlink(missing_ok=True)
+        raise
+    finally:
+        for path in temps:
+            path.unlink(missing_ok=True)
+
+
 # -- assembly ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SongCopy:
+    """A song's AAC copy (:func:`encode_song_copies`) and the song's decoded length in seconds."""
+
+    path: Path
+    duration: float
 
 
 @dataclass(frozen=True)
@@ -434,6 +475,8 @@ class AssemblyResult:
     copied: list[int] = field(default_factory=list)  # indices of clips whose video was stream-copied
     reencoded: list[int] = field(default_factory=list)  # indices of clips that were decoded and encoded again
     elapsed_seconds: float = 0.0
+    # "copied": the song's AAC packets were copied (only the faded end encoded); "encoded": the audio was encoded
+    audio: Literal["copied", "encoded"] = "encoded"
 
 
 @dataclass
@@ -588,11 +631,13 @@ async def _encode_segment(source: _Source, dest: Path, target: VideoStream, fit:
     await run_ffmpeg([*args, "-f", "mp4", "-y", str(dest)], duration=source.duration, progress=progress)
 
 
-def _concat_list(entries: list[tuple[Path, float]]) -> str:
-    def quoted(path: Path) -> str:
-        return "'" + str(path).replace("'", "'\\''") + "'"
+def _quoted(path: Path) -> str:
+    """A path as an ffconcat ``file`` line takes it (single-quoted, quotes escaped)."""
+    return "'" + str(path).replace("'", "'\\''") + "'"
 
-    return "ffconcat version 1.0\n" + "".join(f"file {quoted(p)}\nduration {duration_arg(d)}\n" for p, d in entries)
+
+def _concat_list(entries: list[tuple[Path, float]]) -> str:
+    return "ffconcat version 1.0\n" + "".join(f"file {_quoted(p)}\nduration {duration_arg(d)}\n" for p, d in entries)
 
 
 class _Progress:
@@ -610,9 +655,34 @@ class _Progress:
         return lambda f: callback(min(1.0, (before + f * self.weights[n]) / self.total))
 
 
+async def _song_audio_list(song: SongCopy, offset: float, total: float, out: Path, temps: list[Path]) -> Path:
+    """An ffconcat list of the song's audio under a cut-only video: the AAC copy's packets from ``offset`` up to
+    the fade (a packet boundary), then the rest, faded out, decoded from the copy and encoded again. The copied
+    part starts with the packet that holds ``offset`` (at most one 21 ms AAC frame early), and the encoded part
+    begins with the encoder's one frame of priming: that is all the seam costs."""
+    fade = min(SONG_FADE_SECONDS, total / 4)
+    first = math.floor(offset / AAC_FRAME_SECONDS + 1e-9)
+    split = max(first + 1, round((offset + total - fade) / AAC_FRAME_SECONDS)) * AAC_FRAME_SECONDS
+    end = offset + total
+    tail = _temp(out, "tail")
+    temps.append(tail)
+    if split < end - 1e-6:
+        await run_ffmpeg(["-ss", f"{split:.6f}", *input_args(song.path, ["mov"]), "-t", duration_arg(end - split),
+                          "-map", "0:a:0", "-af", f"afade=t=out:st=0:d={duration_arg(end - split)}",
+                          "-c:a", "aac", "-b:a", AUDIO_BITRATE, "-ar", str(AUDIO_RATE), "-ac", "2", "-f", "mp4",
+                          "-y", str(tail)])
+    listing = _temp(out, "audio-list")
+    temps.append(listing)
+    text = f"ffconcat version 1.0\nfile {_quoted(song.path)}\ninpoint {offset:.6f}\noutpoint {min(split, end):.6f}\n"
+    if split < end - 1e-6:
+        text += f"file {_quoted(tail)}\n"
+    await asyncio.to_thread(listing.write_text, text)
+    return listing
+
+
 async def _assemble_cuts(sources: list[_Source], tmp: Path, out: Path, song: Path | None, song_offset: float,
                          clip_audio: ClipAudio, fit: Fit | None, progress: ProgressCallback | None,
-                         result: AssemblyResult, temps: list[Path]) -> None:
+                         result: AssemblyResult, temps: list[Path], song_copy: SongCopy | None = None) -> None:
     first = sources[0].video
     # The output takes the first clip's parameters; clips that differ are encoded to match them.
     if first.codec == "h264" and first.pix_fmt == "yuv420p" and first.fps and first.sar == (1, 1):
@@ -636,6 +706,14 @@ async def _assemble_cuts(sources: list[_Source], tmp: Path, out: Path, song: Pat
     listing = _temp(out, "list")
     temps.append(listing)
     await asyncio.to_thread(listing.write_text, _concat_list(entries))
+    if song_copy is not None and clip_audio == "drop" and song_copy.duration >= song_offset + total:
+        audio_list = await _song_audio_list(song_copy, song_offset, total, out, temps)
+        args = ["-f", "concat", "-safe", "0", "-i", str(listing), "-f", "concat", "-safe", "0", "-i", str(audio_list),
+                "-map", "0:v:0", "-map", "1:a:0", "-c", "copy", "-movflags", "+faststart", "-f", "mp4",
+                "-t", duration_arg(total), "-y", str(tmp)]
+        await run_ffmpeg(args, duration=total, progress=tracker.step(len(encode)))
+        result.audio = "copied"
+        return
     song_input = 1 if song is not None else None
     first_clip_input = 2 if song is not None else 1
     graph = _audio_graph(sources, first_clip_input, song_input, total, clip_audio, None)
@@ -675,8 +753,12 @@ async def _assemble_crossfade(sources: list[_Source], tmp: Path, song: Path | No
 
 async def assemble(clips: Sequence[Clip], out: Path, *, song: Path | None = None, song_offset: float = 0.0,
                    transition: Transition = "cut", crossfade_seconds: float = 0.5, clip_audio: ClipAudio = "drop",
-                   fit: Fit | None = None, progress: ProgressCallback | None = None) -> AssemblyResult:
+                   fit: Fit | None = None, progress: ProgressCallback | None = None,
+                   song_copy: SongCopy | None = None) -> AssemblyResult:
     """Join ``clips`` into one H.264 + AAC MP4 at ``out`` (written atomically); return what was done.
+
+    ``song_copy``: the song's AAC copy. A cut-only edit with the song alone (``clip_audio`` drop) that the song
+    covers then copies its packets instead of encoding the song (``result.audio`` says which was done).
 
     Raises AssemblyInputError (with ``field``) for input that does not fit the clips, MediaError when ffmpeg fails.
     Cancelling the task kills ffmpeg and removes every temporary file.
@@ -690,10 +772,14 @@ async def assemble(clips: Sequence[Clip], out: Path, *, song: Path | None = None
         raise AssemblyInputError("clip_audio", "clip_audio must be drop, keep or mix")
     if fit not in (None, "letterbox", "crop"):
         raise AssemblyInputError("fit", "fit must be null, letterbox or crop")
+    if song is None and song_copy is not None:
+        song = song_copy.path
     sources = await _load_sources(clips)
     _check_aspects(sources, fit)
-    if song is not None:
+    if song is not None and not (song_copy is not None and transition == "cut" and clip_audio == "drop"):
         await _check_song(song, song_offset)
+    elif song_copy is not None and not 0 <= song_offset < song_copy.duration:
+        raise AssemblyInputError("song_offset", f"song_offset must be in [0, {song_copy.duration:.3f}) seconds")
     result = AssemblyResult(path=out, duration=0.0)
     tmp = _temp(out, "out")
     temps = [tmp]
@@ -707,7 +793,8 @@ async def assemble(clips: Sequence[Clip], out: Path, *, song: Path | None = None
                                                         clip_audio, fit, progress, result)
         else:
             result.duration = sum(s.duration for s in sources)
-            await _assemble_cuts(sources, tmp, out, song, song_offset, clip_audio, fit, progress, result, temps)
+            await _assemble_cuts(sources, tmp, out, song, song_offset, clip_audio, fit, progress, result, temps,
+                                 song_copy)
         await asyncio.to_thread(_fsync_replace, tmp, out)
     finally:
         for path in temps:
