@@ -9,7 +9,7 @@ from typing import AsyncIterator, Mapping
 import aiohttp
 from aiohttp import web
 
-from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, videos, webhooks
+from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, songs, videos, webhooks
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
@@ -177,6 +177,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app[REQUEST_MODELS] = RequestModels.build(config)
     app[STORE].remove_stale_temporaries()
     app.cleanup_ctx.append(providers_context)
+    songs.setup(app)  # before the jobs: an assembly job reads a song's copy until the engine stops
     app.cleanup_ctx.append(jobs_context)
     app.cleanup_ctx.append(projects_context)
     app.on_shutdown.append(end_streams)

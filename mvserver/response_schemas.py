@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .analysis.model import SongAnalysis
 from .fields import UUID4_PATTERN
 
 JOB_STATUSES = ["queued", "running", "succeeded", "failed", "canceled"]
@@ -190,6 +191,41 @@ PROJECT_ASSEMBLY_STARTED = {**JOB_ACCEPTED,
                             "description": "The assembly job's fields and the project (its assembly_job_id)."}
 WEBHOOK_ACK = obj({"status": {"type": "string", "enum": ["accepted", "duplicate", "ignored"]}})
 
+# The song analysis (mvserver.analysis.model), its nested models named for the song.
+_ANALYSIS_NAMES = {"Grid": "SongGrid", "Section": "SongSection", "Curve": "SongCurve", "BeatEvidence": "BeatEvidence",
+                   "SongAnalysis": "SongAnalysis"}
+
+
+def _analysis_schemas() -> dict[str, Schema]:
+    raw = SongAnalysis.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = {**raw.pop("$defs", {}), "SongAnalysis": raw}
+
+    def renamed(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: (ref(_ANALYSIS_NAMES[v.rsplit("/", 1)[1]])["$ref"] if k == "$ref" else renamed(v))
+                    for k, v in node.items() if k != "additionalProperties"}  # answers stay open
+        return [renamed(v) for v in node] if isinstance(node, list) else node
+
+    schemas = {_ANALYSIS_NAMES[name]: renamed(schema) for name, schema in defs.items()}
+    schemas["SongAnalysis"]["description"] = (
+        "A song's analysis (version 1): tempo, beats, downbeats and meter (`grid`, null when the beat evidence is "
+        "too weak: `no_grid_reason` says why), sections, an energy curve and waveform peaks. Times are seconds from "
+        "the start of the song.")
+    return schemas
+
+
+ANALYSIS_STATUSES = ["ready", "pending", "failed", "off"]
+SONG_ANALYSIS_FIELDS = {
+    "song_url": {**URL, "description": "GET it for the analysis once it is ready"},
+    "analysis_status": {"type": "string", "enum": ANALYSIS_STATUSES,
+                        "description": "ready: `analysis` holds it; pending: still running (GET song_url again "
+                                       "shortly); failed: `analysis_error` says why; off: the server analyses no "
+                                       "songs (MV_ANALYSIS_WORKERS=0)"},
+    "analysis": nullable(ref("SongAnalysis")),
+    "analysis_error": {**nullable(obj({"code": text("analysis_failed or analysis_timeout"), "message": text()})),
+                       "description": "why the analysis failed"},
+}
+
 RESPONSE_SCHEMAS: dict[str, Schema] = {
     "ErrorDetail": ERROR_DETAIL, "SignedUrls": SIGNED_URLS,
     "JobState": JOB_STATE, "Job": JOB, "JobListItem": JOB_LIST_ITEM, "JobList": JOB_LIST, "JobEvent": JOB_EVENT,
@@ -200,5 +236,5 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
     "ImageMetadata": IMAGE_METADATA, "CandidateImage": CANDIDATE_IMAGE, "CharacterReference": CHARACTER_REFERENCE,
     "ProjectImage": PROJECT_IMAGE, "ProjectCharacter": PROJECT_CHARACTER, "ProjectClipsStarted": PROJECT_CLIPS_STARTED,
     "SceneJobStarted": SCENE_JOB_STARTED, "ProjectAssemblyStarted": PROJECT_ASSEMBLY_STARTED,
-    "WebhookAck": WEBHOOK_ACK,
+    "WebhookAck": WEBHOOK_ACK, **_analysis_schemas(),
 }

@@ -149,6 +149,7 @@ OPERATION_IDS = {
     ("/api/mv/webhooks/replicate", "post"): "receiveReplicateWebhook",
     ("/api/mv/upload_audio", "post"): "uploadAudio",
     ("/api/mv/get_audio/{audio_id}", "get"): "getAudio",
+    ("/api/mv/songs/{audio_id}", "get"): "getSong",
     ("/api/mv/projects", "post"): "createProject",
     ("/api/mv/projects/{project_id}", "get"): "getProject",
     ("/api/mv/projects/{project_id}", "patch"): "updateProject",
@@ -198,7 +199,7 @@ async def test_every_operation_has_an_id_response_schemas_errors_and_security(do
     assert len(set(ids)) == len(ids), "operationIds are not unique"
     expected = {key: name for key, name in OPERATION_IDS.items() if key in found}
     assert {key: operation.get("operationId") for key, operation in found.items()} == expected
-    assert len(found) == 29 + keys  # every route (and /metrics with keys and metrics on) has its id pinned above
+    assert len(found) == 30 + keys  # every route (and /metrics with keys and metrics on) has its id pinned above
     for (path, method), operation in found.items():
         label = f"{method.upper()} {path}"
         name = operation["operationId"]
@@ -348,6 +349,8 @@ async def test_real_answers_of_the_whole_flow_match_the_document(make_client: Ap
     _, song = await api.call("POST", "/api/mv/upload_audio", data=tone(tmp_path, 20.0),
                              headers={"Content-Type": "audio/wav"})
     song_path = {"audio_id": song["audio_id"]}
+    _, described = await api.call("GET", "/api/mv/songs/{audio_id}", path=song_path)
+    assert described["audio_id"] == song["audio_id"] and described["analysis_status"] == "off"  # the tests' default
     await api.call("GET", "/api/mv/get_audio/{audio_id}", path=song_path, headers={"Range": "bytes=0-99"}, expect=206)
     await api.call("GET", "/api/mv/get_audio/{audio_id}", path=song_path, headers={"Range": "bytes=99999999-"},
                    expect=416)
