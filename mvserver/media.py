@@ -655,20 +655,24 @@ class _Progress:
         return lambda f: callback(min(1.0, (before + f * self.weights[n]) / self.total))
 
 
-async def _song_audio_list(song: SongCopy, offset: float, total: float, out: Path, temps: list[Path]) -> Path:
+async def _song_audio_list(song: SongCopy, offset: float, total: float, out: Path,
+                           temps: list[Path]) -> Path | None:
     """An ffconcat list of the song's audio under a cut-only video: the AAC copy's packets from ``offset`` up to
-    the fade (a packet boundary), then the rest, faded out, decoded from the copy and encoded again. The copied
-    part starts with the packet that holds ``offset`` (at most one 21 ms AAC frame early), and the encoded part
-    begins with the encoder's one frame of priming: that is all the seam costs."""
+    the fade (a packet boundary), then the rest, faded out (and padded with silence where the song ends first),
+    decoded from the copy and encoded again. The copied part starts with the packet that holds ``offset`` (at most
+    one 21 ms AAC frame early), and the encoded part begins with the encoder's one frame of priming: that is all
+    the seam costs. None when the song ends before the fade (it is then encoded whole, padded)."""
     fade = min(SONG_FADE_SECONDS, total / 4)
     first = math.floor(offset / AAC_FRAME_SECONDS + 1e-9)
     split = max(first + 1, round((offset + total - fade) / AAC_FRAME_SECONDS)) * AAC_FRAME_SECONDS
     end = offset + total
+    if split > song.duration:
+        return None
     tail = _temp(out, "tail")
     temps.append(tail)
     if split < end - 1e-6:
         await run_ffmpeg(["-ss", f"{split:.6f}", *input_args(song.path, ["mov"]), "-t", duration_arg(end - split),
-                          "-map", "0:a:0", "-af", f"afade=t=out:st=0:d={duration_arg(end - split)}",
+                          "-map", "0:a:0", "-af", f"afade=t=out:st=0:d={duration_arg(end - split)},apad",
                           "-c:a", "aac", "-b:a", AUDIO_BITRATE, "-ar", str(AUDIO_RATE), "-ac", "2", "-f", "mp4",
                           "-y", str(tail)])
     listing = _temp(out, "audio-list")
@@ -706,8 +710,10 @@ async def _assemble_cuts(sources: list[_Source], tmp: Path, out: Path, song: Pat
     listing = _temp(out, "list")
     temps.append(listing)
     await asyncio.to_thread(listing.write_text, _concat_list(entries))
-    if song_copy is not None and clip_audio == "drop" and song_copy.duration >= song_offset + total:
+    audio_list = None
+    if song_copy is not None and clip_audio == "drop":
         audio_list = await _song_audio_list(song_copy, song_offset, total, out, temps)
+    if audio_list is not None:
         args = ["-f", "concat", "-safe", "0", "-i", str(listing), "-f", "concat", "-safe", "0", "-i", str(audio_list),
                 "-map", "0:v:0", "-map", "1:a:0", "-c", "copy", "-movflags", "+faststart", "-f", "mp4",
                 "-t", duration_arg(total), "-y", str(tmp)]

@@ -335,7 +335,11 @@ async def test_a_cut_only_edit_copies_the_song_s_aac_packets_and_encodes_only_th
     # ... and it fades out over the last second as the encoded one does: no click is heard in its last 0.3 s.
     assert heard[-1] < 9.7 and reference[-1] < 9.7
     assert leftovers(tmp_path) == []
-    # A song too short for the video, or clip audio mixed in, is encoded as before.
+    # A song that ends within the fade is copied up to it and padded with silence to the video's end.
+    padded = await media.assemble(edit, tmp_path / "padded.mp4", song=song, song_offset=10.5, song_copy=copy)
+    assert padded.audio == "copied"
+    await check_output(tmp_path / "padded.mp4", 10.0)
+    # A song that ends before the fade, or clip audio mixed in, is encoded as before.
     mixed = await media.assemble(edit, tmp_path / "mixed.mp4", song=song, song_offset=3.1, song_copy=copy,
                                  clip_audio="mix")
     late = await media.assemble(edit, tmp_path / "late.mp4", song=song, song_offset=15.0, song_copy=copy)
