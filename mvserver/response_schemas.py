@@ -124,7 +124,25 @@ SCENE_JOB_ACCEPTED = {**JOB_ACCEPTED, "required": [*JOB_ACCEPTED["required"], "s
                       "properties": {**JOB_ACCEPTED["properties"], "scene_id": ID},
                       "description": "A project scene's clip job was started (202)."}
 
-SONG = obj({"audio_id": ID, "offset": SECONDS, "duration": SECONDS}, description="The project's song.")
+SONG = obj({"audio_id": ID, "offset": SECONDS, "duration": SECONDS},
+           {"sized_by": {"type": ["string", "null"], "enum": ["bars", "length", None],
+                         "description": "how the scenes were sized to the song when the project was made: on its "
+                                        "bars (every cut on a downbeat), or by length; null: not sized to it"},
+            "sizing_note": {**nullable(text()), "description": "why not on bars: no beat grid (and why), the "
+                                                              "analysis off, failed or not ready"}},
+           description="The project's song.")
+CUT_KINDS = ["downbeat", "beat", "time", "end"]
+SONG_WINDOW = obj(
+    {"start": SECONDS, "end": SECONDS},
+    {"first_bar": {**nullable(INTEGER), "description": "bar of the start: 0 is the first downbeat's bar, -1 before "
+                                                       "it; null without a beat grid"},
+     "end_bar": {**nullable(INTEGER), "description": "the bar after the window's last one (exclusive)"},
+     "section": {**nullable(INTEGER), "description": "index in the song analysis' sections of the start"},
+     "section_label": nullable(text()),
+     "cut": {"type": "string", "enum": CUT_KINDS,
+             "description": "what the window's end (the cut) lands on within one frame: a downbeat, a beat, the "
+                            "song's end, or a plain time"}},
+    "Where a scene's kept part plays in the project's song (seconds), its bars and section, and its cut.")
 CLIP_VERSION = obj(
     {"job_id": ID, "created_at": UNIX_TIME, "duration": INTEGER,
      "status": {"type": "string", "enum": [*JOB_STATUSES, "missing"],
@@ -141,6 +159,7 @@ PROJECT_SCENE = obj(
      "seconds": {**SECONDS, "description": "trim_out - trim_in"},
      "song_start": {**nullable(SECONDS), "description": "where the kept part starts in the song; null: no song"},
      "chosen_video_url": nullable(text())},
+    {"window": nullable(ref("SongWindow"))},
     description="A scene in display order.")
 PROJECT = obj(
     {"project_id": ID, "etag": text("the ETag a PATCH names in If-Match"), "version": INTEGER,
@@ -236,5 +255,5 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
     "ImageMetadata": IMAGE_METADATA, "CandidateImage": CANDIDATE_IMAGE, "CharacterReference": CHARACTER_REFERENCE,
     "ProjectImage": PROJECT_IMAGE, "ProjectCharacter": PROJECT_CHARACTER, "ProjectClipsStarted": PROJECT_CLIPS_STARTED,
     "SceneJobStarted": SCENE_JOB_STARTED, "ProjectAssemblyStarted": PROJECT_ASSEMBLY_STARTED,
-    "WebhookAck": WEBHOOK_ACK, **_analysis_schemas(),
+    "WebhookAck": WEBHOOK_ACK, "SongWindow": SONG_WINDOW, **_analysis_schemas(),
 }

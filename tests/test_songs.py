@@ -1,5 +1,6 @@
 """Songs through the API with the analysis on: analysed at upload (or on first use), stored in the sidecar, served by
-``GET /api/mv/songs/{id}``.
+``GET /api/mv/songs/{id}``; a project sized on the song's bars; snapped trims; and the end to end check that the
+assembled MP4's cuts fall on the song's downbeats (in the decoded video).
 
 The songs are the benchmark's synthetic ones (``bench/songs.py``): drums, bass and chords with a known grid. One
 app with one warm analysis worker is shared by the module (a worker's start costs ~3 s of CPU)."""
@@ -7,7 +8,6 @@ app with one warm analysis worker is shared by the module (a worker's start cost
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import subprocess
@@ -167,3 +167,109 @@ async def test_unknown_and_malformed_song_ids(live: tuple[TestClient, Simulator]
     assert missing["error"]["code"] == "not_found"
     malformed = await song_of(client, "nope", 400)
     assert malformed["error"] == {**malformed["error"], "code": "invalid_id", "field": "audio_id"}
+
+
+async def test_without_analysis_the_song_says_off_and_a_project_is_sized_by_length(client: TestClient,
+                                                                                   tmp_path: Path) -> None:
+    song = drum_song("120 BPM", bpm=120, form="A", bars_per_section=4, seed=3)
+    soundfile.write(tmp_path / "s.wav", song.samples, SR)
+    uploaded = await upload(client, (tmp_path / "s.wav").read_bytes())
+    assert (uploaded["analysis_status"], uploaded["analysis"]) == ("off", None)
+    response = await client.post(BASE, json={"idea": "x", "character_description": "y",
+                                             "audio_id": uploaded["audio_id"]})
+    project = await response.json()
+    assert project["song"]["sized_by"] == "length"
+    assert project["song"]["sizing_note"] == "song analysis is off (MV_ANALYSIS_WORKERS=0)"
+    assert [s["duration"] for s in project["scenes"]] == [6, 4]  # 9 s: sized by length, whole clips
+    assert [s["window"]["start"] for s in project["scenes"]] == [0.0, 6.0]
+
+
+# -- a project on the song's grid, end to end ----------------------------------------------------------------------
+
+
+@shared
+async def test_a_project_on_the_song_s_bars_cuts_the_assembled_video_on_its_downbeats(
+        live: tuple[TestClient, Simulator], song_123: tuple[Song, bytes], tmp_path: Path) -> None:
+    client, sim = live
+    song, data = song_123
+    audio_id = (await upload(client, data))["audio_id"]
+    response = await client.post(BASE, json={"idea": "a lighthouse keeper learns to dance",
+                                             "character_description": "a tall man in yellow boots",
+                                             "audio_id": audio_id})
+    assert response.status == 201, await response.text()
+    project = await response.json()
+    pid, scenes = project["project_id"], project["scenes"]
+    assert project["song"]["sized_by"] == "bars" and project["song"]["sizing_note"] is None
+    assert all(s["duration"] in (4, 6, 8) for s in scenes)
+    # Every boundary between scenes is on a downbeat of the true grid, within one frame, and a whole frame.
+    boundaries = [s["song_start"] for s in scenes[1:]]
+    assert len(boundaries) >= 2 and not off_the_grid(boundaries, song.downbeats)
+    assert all(abs(b * FPS - round(b * FPS)) < 1e-3 for b in boundaries)
+    assert any(s["trim_out"] < s["duration"] - FRAME for s in scenes[:-1])  # 8 s clips trimmed to the bar line
+    assert scenes[-1]["window"]["end"] == pytest.approx(song.duration, abs=FRAME)
+    assert [s["window"]["cut"] for s in scenes] == ["downbeat"] * (len(scenes) - 1) + ["end"]
+    assert [s["window"]["section_label"] for s in scenes[:3]] == ["A", "B", "A"]
+    assert scenes[1]["window"]["first_bar"] == scenes[0]["window"]["end_bar"]
+
+    response = await client.post(f"{BASE}/{pid}/write_scenes")
+    assert response.status == 200, await response.text()
+
+    # Clips, then a cut-only assembly: the song's AAC packets are copied, and the video cuts where the plan cut.
+    response = await client.post(f"{BASE}/{pid}/clips", json={"generate_audio": False})
+    assert response.status == 202, await response.text()
+    for job in (await response.json())["jobs"]:
+        assert (await until_final(client, job["job_id"]))["status"] == "succeeded"
+    response = await client.post(f"{BASE}/{pid}/assemble", json={"transition": "cut"})
+    assert response.status == 202, await response.text()
+    state = await until_final(client, (await response.json())["job_id"])
+    assert state["status"] == "succeeded", state
+    assert state["request"]["result"]["audio"] == "copied"
+    out = tmp_path / "final.mp4"
+    out.write_bytes(await (await client.get(state["video_url"])).read())
+    cuts = [frame / FPS for frame in cut_frames(out)]
+    assert cuts == pytest.approx(boundaries, abs=FRAME + 1e-6), (cuts, boundaries)
+    assert not off_the_grid(cuts, song.downbeats)
+    info = await media.probe(out)
+    assert info.duration == pytest.approx(song.duration, abs=0.05)
+
+
+@shared
+async def test_a_trim_snaps_its_cut_to_a_bar_and_a_reorder_moves_the_windows(
+        live: tuple[TestClient, Simulator], song_123: tuple[Song, bytes]) -> None:
+    client, _ = live
+    song, data = song_123
+    audio_id = (await upload(client, data))["audio_id"]
+    project = await (await client.post(BASE, json={"idea": "x", "character_description": "y",
+                                                   "audio_id": audio_id})).json()
+    pid, first = project["project_id"], project["scenes"][0]
+    bar = 4 * 60 / 123
+
+    async def patch(body: dict[str, Any], status: int = 200) -> dict[str, Any]:
+        response = await client.patch(f"{BASE}/{pid}", json=body, headers={"If-Match": project["etag"]})
+        assert response.status == status, await response.text()
+        return await response.json()
+
+    # Ask for a cut at 6.0 s with snap "bar": it lands on the bar line at 5.85 s (three bars), a whole frame.
+    project = await patch({"scenes": [{"id": first["id"], "trim_out": 6.0, "snap": "bar"}]})
+    scene = project["scenes"][0]
+    assert scene["trim_out"] == pytest.approx(round(3 * bar * FPS) / FPS, abs=1e-6)
+    assert scene["window"]["cut"] == "downbeat" and scene["window"]["end_bar"] == 3
+    assert not off_the_grid([scene["window"]["end"]], song.downbeats)
+    assert project["scenes"][1]["song_start"] == pytest.approx(scene["trim_out"], abs=1e-6)
+    # "beat" snaps to a beat; "none" keeps the trim as sent (and the window says it is off the grid).
+    project = await patch({"scenes": [{"id": first["id"], "trim_out": 6.25, "snap": "beat"}]})
+    assert project["scenes"][0]["window"]["cut"] == "beat"
+    assert project["scenes"][0]["trim_out"] == pytest.approx(round(13 * bar / 4 * FPS) / FPS, abs=1e-6)
+    project = await patch({"scenes": [{"id": first["id"], "trim_out": 6.1, "snap": "none"}]})
+    assert project["scenes"][0]["trim_out"] == 6.1 and project["scenes"][0]["window"]["cut"] == "time"
+    # A cut the clip cannot reach on the grid is a 400 naming the field.
+    error = (await patch({"scenes": [{"id": first["id"], "trim_in": 7.5, "trim_out": 8.0, "snap": "bar"}]},
+                         400))["error"]
+    assert (error["code"], error["field"]) == ("invalid_field", "scenes.0.snap")
+    bad = (await patch({"scenes": [{"id": first["id"], "snap": "octave"}]}, 400))["error"]
+    assert bad["field"] == "scenes.0.snap"
+    # A reorder moves the windows with the scenes: the second scene now starts the song.
+    ids = [s["id"] for s in project["scenes"]]
+    project = await patch({"order": [ids[1], ids[0], *ids[2:]]})
+    assert project["scenes"][0]["id"] == ids[1] and project["scenes"][0]["window"]["start"] == 0.0
+    assert project["scenes"][1]["window"]["start"] == pytest.approx(project["scenes"][0]["window"]["end"])
