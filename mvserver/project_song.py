@@ -1,5 +1,5 @@
-"""A project's song and its scenes: sizing on the song's bars, where each scene plays in it, and trims snapped to its
-grid.
+"""A project's song and its scenes: sizing on the song's bars, where each scene plays in it, trims snapped to its
+grid, and the brief the scene writer sends Gemini with the song.
 
 :mod:`mvserver.projects` calls these at a few points (create, PATCH, write_scenes); they take the timeline it
 computes (:func:`mvserver.projects.project_timeline`) as an argument, so nothing here imports it.
@@ -7,19 +7,25 @@ computes (:func:`mvserver.projects.project_timeline`) as an argument, so nothing
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 from aiohttp import web
 
 from .analysis import PlanError, SongAnalysis, locate, plan_scenes
+from .audio import saved_audio
 from .errors import ApiError
+from .media import PREVIEW_MIME_TYPE
 from .project_store import Project, Song, SongWindow
-from .songs import read_sidecar, song_analysis
+from .scenes import SongBrief
+from .songs import SONGS, preview, read_sidecar, song_analysis
 from .storage import STORE
 
 log = logging.getLogger("mvserver.projects")
 
+INLINE_AUDIO_MAX_BYTES = 16 * 2**20  # a Gemini request with inline data must stay under 20 MB in all
+PREVIEW_WAIT_SECONDS = 60.0  # how long a scene request waits for a song's preview copy that is still being made
 SnapMode = Literal["beat", "bar", "none"]
 
 
@@ -93,3 +99,67 @@ def snap_trims(project: Project, snaps: list[tuple[str, SnapMode, str]], analysi
         kept = round((target - start) * fps) / fps
         scene.trim_in = entry.trim_in
         scene.trim_out = round(min(length, entry.trim_in + kept), 6)
+
+
+async def song_brief(app: web.Application, project: Project, analysis: SongAnalysis | None,
+                     entries: Sequence[Any], count: int) -> SongBrief | None:
+    """What the scene writer sends Gemini with the prompt for a project with a song: its small MP3 copy (inline;
+    made at upload, or now for a song saved before copies existed) and its timeline: sections, and the window of
+    the song each of the ``count`` scenes plays over."""
+    song = project.song
+    if song is None:
+        return None
+    audio = await _preview_bytes(app, song)
+    return SongBrief(text=brief_text(song, analysis, entries, count), audio=audio, mime_type=PREVIEW_MIME_TYPE,
+                     audio_id=song.audio_id)
+
+
+async def _preview_bytes(app: web.Application, song: Song) -> bytes | None:
+    path = preview(app[STORE], song.audio_id)
+    if not await asyncio.to_thread(path.is_file):
+        try:
+            song_path, _ = await saved_audio(app, song.audio_id)
+            made = app[SONGS].copies(song.audio_id, song_path, song.duration)
+            await asyncio.wait_for(asyncio.shield(made), PREVIEW_WAIT_SECONDS)
+        except (ApiError, asyncio.TimeoutError) as exc:
+            log.warning("song %s: no preview copy for Gemini: %s", song.audio_id, exc)
+            return None
+    try:
+        data = await asyncio.to_thread(path.read_bytes)
+    except OSError:
+        return None
+    if len(data) > INLINE_AUDIO_MAX_BYTES:
+        log.warning("song %s: its preview (%d bytes) is too large to send inline; Gemini gets the timeline only",
+                    song.audio_id, len(data))
+        return None
+    return data
+
+
+def brief_text(song: Song, analysis: SongAnalysis | None, entries: Sequence[Any], count: int) -> str:
+    """The song's timeline as Gemini reads it (and the simulator parses it: one ``Scene N: a-b s`` line each)."""
+    lines = ["The song of this music video is attached as audio. Write each scene for its window of the song "
+             "listed below: fit what is sung and felt in that window (its mood, its lyrics, its energy), and let "
+             "the scenes change where the song's sections change."]
+    if analysis is not None and analysis.grid is not None:
+        grid = analysis.grid
+        lines.append(f"Song: {song.duration:.1f} s, {grid.tempo:.1f} BPM, {grid.beats_per_bar} beats to the bar; "
+                     f"the video starts at {song.offset:.2f} s.")
+    else:
+        reason = analysis.no_grid_reason if analysis is not None else "not analysed"
+        lines.append(f"Song: {song.duration:.1f} s, no steady beat found ({reason}); the video starts at "
+                     f"{song.offset:.2f} s.")
+    if analysis is not None and analysis.sections:
+        lines.append("Sections (sections with the same letter sound alike):")
+        lines += [f"- {s.label}: {s.start:.2f}-{s.end:.2f} s" for s in analysis.sections]
+    lines.append("Scene windows:")
+    for index, entry in enumerate(list(entries)[:count], 1):
+        window = entry.scene.window
+        if window is None:
+            continue
+        bars = (f", bars {max(window.first_bar, 0) + 1}-{window.end_bar}"
+                if window.first_bar is not None and window.end_bar is not None and window.end_bar > 0 else "")
+        section = f", section {window.section_label}" if window.section_label else ""
+        lines.append(f"- Scene {index}: {window.start:.2f}-{window.end:.2f} s{bars}{section}")
+    for index in range(len(list(entries)) + 1, count + 1):
+        lines.append(f"- Scene {index}: after the windows above (a new scene)")
+    return "\n".join(lines)

@@ -553,11 +553,14 @@ async def write_project_scenes(request: web.Request, project_id: str, options: A
     defaulted = [name for name in defaulted if name != "number_of_scenes"]
     ids = [s.id for s in project.scenes]
     fps = config.projects.frame_rate
-    analysis = None
-    if project.song is not None:
-        analysis, _ = await project_song.load_analysis(app, project.song.audio_id, wait=0)
-    written = (await write_scenes(request, params, defaulted,
-                                  caller=f"project {project_id} write_scenes"))["scenes"]
+    analysis = brief = None
+    if project.song is not None:  # Gemini hears the song and reads its timeline
+        analysis, _ = await project_song.load_analysis(app, project.song.audio_id,
+                                                       wait=config.env.analysis_wait_seconds)
+        project_song.place_scenes(project_timeline(project), project.song, analysis, fps)
+        brief = await project_song.song_brief(app, project, analysis, project_timeline(project), count)
+    written = (await write_scenes(request, params, defaulted, caller=f"project {project_id} write_scenes",
+                                  song=brief))["scenes"]
     limit = config.projects.limits.text_max_chars
 
     def fill(current: Project, _jobs: JobStates) -> None:

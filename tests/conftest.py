@@ -309,6 +309,7 @@ def module_live(module_app: LiveApp) -> LiveApp:
     sim.faults.clear()
     sim.requests.clear()
     sim.prompts.clear()
+    sim.inline_parts.clear()
     sim.webhook_deliveries.clear()
     for name, value in {**SIM_KNOBS, **SIM_DEFAULTS}.items():
         setattr(sim, name, value)

@@ -1,6 +1,6 @@
 """Songs through the API with the analysis on: analysed at upload (or on first use), stored in the sidecar, served by
-``GET /api/mv/songs/{id}``; a project sized on the song's bars; snapped trims; and the end to end check that the
-assembled MP4's cuts fall on the song's downbeats (in the decoded video).
+``GET /api/mv/songs/{id}``; a project sized on the song's bars; Gemini hearing the song and its timeline; snapped
+trims; and the end to end check that the assembled MP4's cuts fall on the song's downbeats (in the decoded video).
 
 The songs are the benchmark's synthetic ones (``bench/songs.py``): drums, bass and chords with a known grid. One
 app with one warm analysis worker is shared by the module (a worker's start costs ~3 s of CPU)."""
@@ -8,6 +8,7 @@ app with one warm analysis worker is shared by the module (a worker's start cost
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import subprocess
@@ -211,8 +212,19 @@ async def test_a_project_on_the_song_s_bars_cuts_the_assembled_video_on_its_down
     assert [s["window"]["section_label"] for s in scenes[:3]] == ["A", "B", "A"]
     assert scenes[1]["window"]["first_bar"] == scenes[0]["window"]["end_bar"]
 
+    # Gemini hears the song (the small MP3 made at upload, inline) and reads each scene's window and section.
     response = await client.post(f"{BASE}/{pid}/write_scenes")
     assert response.status == 200, await response.text()
+    project = await response.json()
+    preview = client.app[STORE].path("audio", audio_id, ".preview.mp3").read_bytes()
+    [audio] = sim.inline_parts[-1]
+    assert audio == {"mime_type": "audio/mp3", "bytes": len(preview), "sha256": hashlib.sha256(preview).hexdigest()}
+    prompt = sim.prompts[-1]
+    assert "Sections (sections with the same letter sound alike):" in prompt
+    first = project["scenes"][0]["window"]
+    assert f"- Scene 1: {first['start']:.2f}-{first['end']:.2f} s, bars 1-{first['end_bar']}, section A" in prompt
+    for scene in project["scenes"]:  # the simulator names the section each window falls in
+        assert f"section {scene['window']['section_label']}, " in scene["prompt"], scene["prompt"]
 
     # Clips, then a cut-only assembly: the song's AAC packets are copied, and the video cuts where the plan cut.
     response = await client.post(f"{BASE}/{pid}/clips", json={"generate_audio": False})
