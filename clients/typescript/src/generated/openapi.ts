@@ -317,6 +317,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/mv/songs/{audio_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The uploaded song's description and analysis (tempo, beats, bars, sections, energy, waveform peaks): analysed at upload, or now for a song uploaded before; analysis_status pending: ask again shortly */
+        get: operations["getSong"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/mv/projects": {
         parameters: {
             query?: never;
@@ -801,6 +818,13 @@ export interface components {
              * @default null
              */
             chosen_job_id?: string | null;
+            /**
+             * Snap
+             * @description Move the scene's cut (where its kept part ends in the song) to the nearest beat or bar line its clip can reach, by setting trim_out; none or without a beat grid: the trims as sent.
+             * @default null
+             * @enum {string}
+             */
+            snap?: "beat" | "bar" | "none";
         };
         /** PatchProjectRequest */
         PatchProjectRequest: {
@@ -1223,6 +1247,13 @@ export interface components {
             audio_id: string;
             offset: number;
             duration: number;
+            /**
+             * @description how the scenes were sized to the song when the project was made: on its bars (every cut on a downbeat), or by length; null: not sized to it
+             * @enum {string|null}
+             */
+            sized_by?: "bars" | "length" | null;
+            /** @description why not on bars: no beat grid (and why), the analysis off, failed or not ready */
+            sizing_note?: string | null;
         };
         /** @description One generated clip of a scene, with its job's live state. */
         ClipVersion: {
@@ -1258,6 +1289,7 @@ export interface components {
             /** @description where the kept part starts in the song; null: no song */
             song_start: number | null;
             chosen_video_url: string | null;
+            window?: components["schemas"]["SongWindow"] | null;
         };
         /** @description A project (storyboard): the record, every clip version with its job's live state. */
         Project: {
@@ -1412,6 +1444,136 @@ export interface components {
             /** @enum {string} */
             status: "accepted" | "duplicate" | "ignored";
         };
+        /** @description Where a scene's kept part plays in the project's song (seconds), its bars and section, and its cut. */
+        SongWindow: {
+            start: number;
+            end: number;
+            /** @description bar of the start: 0 is the first downbeat's bar, -1 before it; null without a beat grid */
+            first_bar?: number | null;
+            /** @description the bar after the window's last one (exclusive) */
+            end_bar?: number | null;
+            /** @description index in the song analysis' sections of the start */
+            section?: number | null;
+            section_label?: string | null;
+            /**
+             * @description what the window's end (the cut) lands on within one frame: a downbeat, a beat, the song's end, or a plain time
+             * @enum {string}
+             */
+            cut?: "downbeat" | "beat" | "time" | "end";
+        };
+        /**
+         * BeatEvidence
+         * @description Why the grid was trusted: ``pulse_clarity`` is the onset envelope's normalised autocorrelation at the beat
+         *     period (the decision, needs >= 0.25); ``beat_contrast`` is the mean onset strength on beats over that between
+         *     them (reported only: speech has strong onsets too).
+         */
+        BeatEvidence: {
+            /** Pulse Clarity */
+            pulse_clarity: number;
+            /** Beat Contrast */
+            beat_contrast: number;
+        };
+        /**
+         * Curve
+         * @description Values sampled ``rate`` times a second from the start of the song, each in 0..1.
+         */
+        SongCurve: {
+            /** Rate */
+            rate: number;
+            /** Values */
+            values: number[];
+        };
+        /** Grid */
+        SongGrid: {
+            /**
+             * Tempo
+             * @description BPM, from a least-squares fit of beat time over beat index
+             */
+            tempo: number;
+            /**
+             * Beats
+             * @description every tracked beat, ascending
+             */
+            beats: number[];
+            /**
+             * Downbeats
+             * @description the beats that start a bar (a subset of beats)
+             */
+            downbeats: number[];
+            /**
+             * Meter
+             * @description beats per bar when it can be told apart, else None
+             */
+            meter: (3 | 4) | null;
+            /**
+             * Beats Per Bar
+             * @description the bar length used for the downbeats (4 when meter is None)
+             * @enum {integer}
+             */
+            beats_per_bar: 3 | 4;
+            /** Meter Confidence */
+            meter_confidence: number;
+            /** Downbeat Confidence */
+            downbeat_confidence: number;
+            evidence: components["schemas"]["BeatEvidence"];
+        };
+        /** Section */
+        SongSection: {
+            /** Start */
+            start: number;
+            /** End */
+            end: number;
+            /**
+             * Label
+             * @description the cluster as a letter: sections that sound alike share it (A, B, A, C, ...)
+             */
+            label: string;
+            /** Cluster */
+            cluster: number;
+        };
+        /**
+         * SongAnalysis
+         * @description A song's analysis (version 1): tempo, beats, downbeats and meter (`grid`, null when the beat evidence is too weak: `no_grid_reason` says why), sections, an energy curve and waveform peaks. Times are seconds from the start of the song.
+         */
+        SongAnalysis: {
+            /**
+             * Version
+             * @default 1
+             * @constant
+             */
+            version?: 1;
+            /**
+             * Analyser
+             * @description what produced it, e.g. 'librosa 0.11.0'
+             */
+            analyser: string;
+            /**
+             * Duration
+             * @description seconds analysed (the whole song unless truncated)
+             */
+            duration: number;
+            /**
+             * Truncated
+             * @description the song was longer than the analysis cap; the rest has no grid
+             * @default false
+             */
+            truncated?: boolean;
+            grid: components["schemas"]["SongGrid"] | null;
+            /**
+             * No Grid Reason
+             * @default null
+             */
+            no_grid_reason?: string | null;
+            /**
+             * Sections
+             * @description contiguous from 0 to duration; boundaries on downbeats with a grid
+             */
+            sections: components["schemas"]["SongSection"][];
+            /** @description loudness (RMS, -60..0 dBFS as 0..1) */
+            energy: components["schemas"]["SongCurve"];
+            /** @description waveform peaks (max |sample| per bucket, full scale 1) */
+            peaks: components["schemas"]["SongCurve"];
+        };
         Health: {
             /** @enum {string} */
             status: "ok";
@@ -1458,6 +1620,20 @@ export interface components {
             channels: number;
             size_bytes: number;
             audio_url: string;
+            /** @description GET it for the analysis once it is ready */
+            song_url?: string;
+            /**
+             * @description ready: `analysis` holds it; pending: still running (GET song_url again shortly); failed: `analysis_error` says why; off: the server analyses no songs (MV_ANALYSIS_WORKERS=0)
+             * @enum {string}
+             */
+            analysis_status?: "ready" | "pending" | "failed" | "off";
+            analysis?: components["schemas"]["SongAnalysis"] | null;
+            /** @description why the analysis failed */
+            analysis_error?: {
+                /** @description analysis_failed or analysis_timeout */
+                code: string;
+                message: string;
+            } | null;
         };
         /** @description Optional: aspect_ratio, safety_filter_level, person_generation, output_format, negative_prompt, seed; the rest comes from the project. */
         ProjectCharacterOptions: {
@@ -3722,6 +3898,91 @@ export interface operations {
                 headers: {
                     /** @description bytes start-end/size (206), or bytes *\/size (416) */
                     "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getSong: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                audio_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the song */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Audio"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
                     [name: string]: unknown;
                 };
                 content: {
