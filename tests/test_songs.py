@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -29,6 +29,7 @@ from mvserver.songs import SONGS
 from mvserver.storage import STORE
 from conftest import SIM_DEFAULTS, fast_settings, provider_env, read_sse
 
+pytestmark = pytest.mark.both_stores
 shared = pytest.mark.asyncio(loop_scope="module")
 FPS = 24.0
 FRAME = 1 / FPS
@@ -36,12 +37,18 @@ BASE = "/api/mv/projects"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def live(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[TestClient, Simulator]]:
-    """An app with the song analysis on (one worker) and providers answered by a fast simulator."""
+async def live(shared_store_kind: str, request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[TestClient, Simulator]]:
+    """An app with the song analysis on (one worker) and providers answered by a fast simulator, on the job and
+    project store under test."""
     root = tmp_path_factory.mktemp("songs")
+    store_env: dict[str, str] = {}
+    if shared_store_kind == "redis":
+        store_env = {"MV_REDIS_URL": request.getfixturevalue("redis_url"),
+                     "MV_REDIS_PREFIX": f"mvtest:{uuid.uuid4().hex[:10]}:"}
     sim = Simulator(root / "simulator", **{**SIM_DEFAULTS, "video_latency": 0.1})
     async with TestServer(create_simulator_app(sim)) as sim_server:
-        env = {**provider_env(sim_server, root / "outputs", fast_settings(root / "settings"), {}),
+        env = {**provider_env(sim_server, root / "outputs", fast_settings(root / "settings"), store_env),
                "MV_ANALYSIS_WORKERS": "1", "MV_ANALYSIS_WAIT_SECONDS": "30"}
         async with TestClient(TestServer(create_app(env))) as client:
             yield client, sim
@@ -170,8 +177,10 @@ async def test_unknown_and_malformed_song_ids(live: tuple[TestClient, Simulator]
     assert malformed["error"] == {**malformed["error"], "code": "invalid_id", "field": "audio_id"}
 
 
-async def test_without_analysis_the_song_says_off_and_a_project_is_sized_by_length(client: TestClient,
+async def test_without_analysis_the_song_says_off_and_a_project_is_sized_by_length(make_client: Any,
+                                                                                   store_env: dict[str, str],
                                                                                    tmp_path: Path) -> None:
+    client = await make_client(**store_env)
     song = drum_song("120 BPM", bpm=120, form="A", bars_per_section=4, seed=3)
     soundfile.write(tmp_path / "s.wav", song.samples, SR)
     uploaded = await upload(client, (tmp_path / "s.wav").read_bytes())
