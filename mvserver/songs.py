@@ -120,7 +120,7 @@ class SongWork:
             try:
                 await media.encode_song_copies(song, aac_copy(self.store, audio_id), preview(self.store, audio_id),
                                                duration=duration, timeout=120.0 + duration)
-            except media.MediaError as exc:
+            except (media.MediaError, OSError) as exc:
                 log.warning("song %s: its copies could not be made (assembly encodes it; Gemini does not hear it): "
                             "%s", audio_id, exc)
                 return False
@@ -157,7 +157,10 @@ class SongWork:
                     sidecar.pop(name, None)
                 else:
                     sidecar[name] = value
-            await self.store.write_json(path, sidecar)
+            try:
+                await self.store.write_json(path, sidecar)
+            except OSError as exc:  # the answer still carries it; the next use analyses the song again
+                log.warning("song %s: its analysis could not be stored: %s", audio_id, exc)
 
 
 SONGS = web.AppKey("songs", SongWork)
