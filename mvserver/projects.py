@@ -24,6 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from . import project_song
+from .analysis import SongAnalysis
 from .auth import key_id, visible_to
 from .config import CONFIG, Config
 from .errors import ApiError, validation_error
@@ -31,7 +32,6 @@ from .idempotency import idempotent
 from .images import _saved_image, generate_reference
 from .jobs import JOBS, Job
 from .project_schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
-from .analysis import SongAnalysis
 from .project_store import PROJECTS, ClipVersion, Project, Scene, Song
 from .quotas import charge
 from .scenes import write_scenes
