@@ -74,6 +74,10 @@ def _create_project(page: Page, song: Path | None) -> int:
         page.get_by_label("Song file").set_input_files(str(song))
         page.get_by_test_id("upload-song").click()
         expect(page.get_by_test_id("song-info")).to_contain_text(f"{SONG_SECONDS:.1f} s")
+        # The page follows the song's analysis (the server's first song also waits for its worker to start); a
+        # project made meanwhile would wait for it too.
+        expect(page.get_by_test_id("song-info")).not_to_have_attribute("data-analysis", "pending",
+                                                                        timeout=ANALYSIS_TIMEOUT_MS)
     page.get_by_label("Idea").fill("A synth-pop song about a lighthouse keeper who learns to dance")
     page.get_by_label("Character description").fill("a tall man with a red beard, a navy sweater and yellow boots")
     page.get_by_label("Style").select_option("synthwave")
