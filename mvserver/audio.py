@@ -36,7 +36,7 @@ from .errors import ApiError
 from .quotas import charge_upload
 from .files import SavedFileResponse
 from .security import accepts
-from .storage import STORE, OutputStore, check_id, new_id
+from .storage import STORE, OutputStore, check_id, new_id, temp_path
 
 routes = web.RouteTableDef()
 
@@ -306,7 +306,7 @@ async def _store_upload(request: web.Request) -> web.Response:
     env = request.app[CONFIG].env
     pace = UploadPace(env.upload_idle_seconds, env.upload_min_bytes_per_second)
     audio_id = new_id()
-    upload = store.root / "audio" / f".{audio_id}.upload.part"  # a crash leaves it to the start-up clean-up
+    upload = temp_path(store.root / "audio" / audio_id, "upload")  # a crash leaves it to the clean-up
     try:
         try:
             await _receive(request, upload, env.max_audio_bytes, pace)

@@ -93,6 +93,8 @@ class TextLimits(_Strict):
 
 class ImagesLimits(TextLimits):
     number_of_images: Range = Range(min=1, max=4)
+    # Largest image a provider may return; a larger download is cut off and the request fails.
+    output_max_bytes: PositiveInt = 20 * 1024 * 1024
 
 
 class ImagesSettings(_Strict):
@@ -148,6 +150,8 @@ class VideosLimits(_Strict):
     full_prompt_max_chars: PositiveInt
     reference_image_max_bytes: PositiveInt
     reference_image_max_pixels: PositiveInt
+    # Largest video (or lip-sync clip) a provider may return; a larger download is cut off and the job fails.
+    output_max_bytes: PositiveInt = 256 * 1024 * 1024
 
 
 class JobsSettings(_Strict):
@@ -171,6 +175,14 @@ class JobsSettings(_Strict):
     retention_hours: float = Field(default=720.0, ge=0)
 
 
+class PosterSettings(_Strict):
+    """The poster (first frame, JPEG) made once with ffmpeg when a clip is stored: bounded work per clip."""
+
+    max_side: int = Field(default=640, ge=16, le=4096)  # the poster fits in max_side x max_side pixels
+    timeout_seconds: PositiveFloat = 20.0  # probe + frame, each; a clip that takes longer gets no poster
+    concurrency: int = Field(default=2, ge=1, le=32)  # ffmpeg runs for posters at once per process
+
+
 class VideosSettings(_Strict):
     default_backend: Literal["replicate", "gemini"]
     backends: VideoBackends
@@ -178,6 +190,7 @@ class VideosSettings(_Strict):
     allowed: VideosAllowed
     limits: VideosLimits
     jobs: JobsSettings
+    posters: PosterSettings = PosterSettings()
     video_rules_template: str
 
     @model_validator(mode="after")
@@ -203,6 +216,8 @@ class SandboxSettings(_Strict):
     video_latency_seconds: float = Field(ge=0)
     image_latency_seconds: float = Field(ge=0)
     scenes_latency_seconds: float = Field(ge=0)
+    # Outputs the built-in simulator renders at once (each may decode a reference image of up to 40 MP)
+    max_concurrent_renders: int = Field(default=2, ge=1, le=32)
 
 
 class ProjectsLimits(_Strict):
@@ -266,6 +281,28 @@ class LipsyncSettings(_Strict):
         return self
 
 
+class FfmpegSettings(_Strict):
+    """The ffmpeg runs of jobs on one node (assembly runs; lip-sync cuts share the slots and limits)."""
+
+    concurrency: int = Field(default=2, ge=1, le=32)
+    memory_mb: int = Field(default=1024, ge=64)
+    threads: int = Field(default=2, ge=1, le=64)
+    timeout_base_seconds: PositiveFloat = 60.0
+    timeout_seconds_per_output_second: float = Field(default=2.0, ge=0, allow_inf_nan=False)
+
+
+class AssemblyLimits(_Strict):
+    """What one assembly request may ask besides its clip count (``projects.limits.assembly_clips_max``)."""
+
+    output_seconds_max: PositiveFloat = 600.0
+    graph_clips_max: int = Field(default=4, ge=2, le=64)
+
+
+class MediaSettings(_Strict):
+    ffmpeg: FfmpegSettings = FfmpegSettings()
+    assembly: AssemblyLimits = AssemblyLimits()
+
+
 def _check_defaults_allowed(defaults: BaseModel, allowed: BaseModel) -> None:
     for name, choices in allowed:
         value = getattr(defaults, name)
@@ -280,6 +317,7 @@ SETTINGS_FILES: dict[str, type[_Strict]] = {
     "sandbox": SandboxSettings,
     "projects": ProjectsSettings,
     "lipsync": LipsyncSettings,
+    "media": MediaSettings,
 }
 
 # Settings keys that hold Jinja2 templates, with sample values of the variables the code passes them: each template
@@ -322,6 +360,13 @@ def _env_number(env: Mapping[str, str], name: str, default: float | None, kind: 
     return value
 
 
+def _env_at_least(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    value = _env_number(env, name, default, float)
+    if value < minimum:
+        raise ConfigError(f"environment: {name}={env.get(name, '').strip()!r} must be at least {minimum:g}")
+    return value
+
+
 def _public_base_url(raw: str | None) -> str | None:
     """``MV_PUBLIC_BASE_URL``: an absolute http(s) URL, kept without its trailing slash."""
     if raw is None:
@@ -344,6 +389,38 @@ def _env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> 
 
 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?")
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_entry(scheme: str, host: str, port: int | None) -> str:
+    """The normal form of an allowed output host, shared by the setting and its matcher
+    (:mod:`mvserver.backends.outputs`): ``scheme://host:port`` (host lower-case, IPv6 in brackets, no trailing dot;
+    ``*.`` in front for every subdomain)."""
+    host = host.lower().rstrip(".")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{scheme.lower()}://{host}:{port if port is not None else DEFAULT_PORTS[scheme.lower()]}"
+
+
+_OUTPUT_HOST = re.compile(r"(?:(?P<scheme>https?)://)?(?P<host>(?:\*\.)?[a-z0-9-]+(?:\.[a-z0-9-]+)*\.?|\[[0-9a-f:.]+\])"
+                          r"(?::(?P<port>[0-9]{1,5}))?")
+
+
+def _env_output_hosts(env: Mapping[str, str], name: str) -> tuple[str, ...] | None:
+    """Comma-separated hosts provider outputs may be fetched from: ``replicate.delivery`` (https, port 443),
+    ``*.replicate.delivery`` (its subdomains) or an origin ``http://127.0.0.1:8090``; None when unset. Each entry is
+    normalised to ``scheme://host:port``."""
+    entries = []
+    for item in _env_list(env, name):
+        match = _OUTPUT_HOST.fullmatch(item.rstrip("/").lower())
+        port = int(match["port"]) if match and match["port"] else None
+        if match is None or (port is not None and not 0 < port < 65536):
+            raise ConfigError(f"environment: {name}: {item!r} is not a host such as replicate.delivery, "
+                              "*.replicate.delivery or http://127.0.0.1:8090")
+        entries.append(origin_entry(match["scheme"] or "https", match["host"], port))
+    return tuple(entries) or None
 
 
 def _env_origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
@@ -391,6 +468,7 @@ class EnvSettings:
     gemini_base_url: str | None = None
     vertex_base_url: str | None = None
     replicate_base_url: str | None = None
+    replicate_output_hosts: tuple[str, ...] | None = None  # None: Replicate's delivery hosts (backends/outputs.py)
     public_base_url: str | None = None
     replicate_webhook_signing_key: str | None = None
     sandbox_webhooks: bool = True
@@ -403,6 +481,7 @@ class EnvSettings:
     allowed_hosts: tuple[str, ...] | None = None  # None: the listen host, localhost, 127.0.0.1 and [::1]
     redis_url: str | None = None
     redis_prefix: str = "mv:"
+    stale_temp_seconds: float = 900.0  # an unowned temporary is removed only when older (and its node silent)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EnvSettings":
@@ -442,6 +521,7 @@ class EnvSettings:
             gemini_base_url=text("MV_GEMINI_BASE_URL"),
             vertex_base_url=text("MV_VERTEX_BASE_URL"),
             replicate_base_url=text("MV_REPLICATE_BASE_URL"),
+            replicate_output_hosts=_env_output_hosts(env, "MV_REPLICATE_OUTPUT_HOSTS"),
             public_base_url=_public_base_url(text("MV_PUBLIC_BASE_URL")),
             replicate_webhook_signing_key=text("MV_REPLICATE_WEBHOOK_SECRET"),
             sandbox_webhooks=_env_bool(env, "MV_SANDBOX_WEBHOOKS", True),
@@ -454,6 +534,7 @@ class EnvSettings:
             allowed_hosts=tuple(item.lower() for item in _env_list(env, "MV_ALLOWED_HOSTS")) or None,
             redis_url=text("MV_REDIS_URL"),
             redis_prefix=text("MV_REDIS_PREFIX") or "mv:",
+            stale_temp_seconds=_env_at_least(env, "MV_STALE_TEMP_SECONDS", 900.0, 1.0),
         )
 
     @property
@@ -484,6 +565,7 @@ class Config:
     sandbox: SandboxSettings
     projects: ProjectsSettings
     lipsync: LipsyncSettings
+    media: MediaSettings
     templates: dict[str, jinja2.Template] = field(repr=False)
     styles: dict[str, StylePreset] = field(default_factory=dict)  # name -> preset, sorted by name
 
@@ -521,6 +603,7 @@ class Config:
             "styles": {name: preset.model_dump() for name, preset in self.styles.items()},
             "projects": self.projects.model_dump(),
             "lipsync": self.lipsync.model_dump(),
+            "media": self.media.model_dump(),
         }
 
 

@@ -21,20 +21,23 @@ if TYPE_CHECKING:
     from .schemas import RequestModels
 
 Document = dict[str, Any]
-PUBLIC = ("/api/mv/health", "/api/mv/webhooks/replicate")  # no API key: open, or signed by Replicate
+HEALTH = ("/api/mv/health", "/api/mv/health/live", "/api/mv/health/ready")  # never behind a key
+PUBLIC = (*HEALTH, "/api/mv/webhooks/replicate")  # no API key: open, or signed by Replicate
 PROJECT = "/api/mv/projects/{project_id}"
 SCENE = PROJECT + "/scenes/{scene_id}"
 
 # (path, method) -> (operationId, schema of the success answer's JSON or event-stream body, by status)
 OPERATIONS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
     ("/api/mv/health", "get"): ("getHealth", {"200": "Health"}),
+    ("/api/mv/health/live", "get"): ("getLiveness", {"200": "Liveness"}),
+    ("/api/mv/health/ready", "get"): ("getReadiness", {"200": "Readiness"}),
     ("/api/mv/create_scenes", "post"): ("createScenes", {"200": "Scenes"}),
     ("/api/mv/get_scenes/{scenes_id}.{ext}", "get"): ("getScenes", {"200": "SavedScenes"}),
     ("/api/mv/generate_character_reference", "post"): ("generateCharacterReference", {"200": "CharacterReference"}),
     ("/api/mv/get_image/{image_id}", "get"): ("getImage", {}),
-    ("/api/mv/generate_video", "post"): ("generateVideo", {"202": "JobAccepted"}),
-    ("/api/mv/lipsync", "post"): ("startLipsync", {"202": "JobAccepted"}),
-    ("/api/mv/assemble", "post"): ("startAssembly", {"202": "JobAccepted"}),
+    ("/api/mv/generate_video", "post"): ("generateVideo", {"202": "JobsAccepted"}),
+    ("/api/mv/lipsync", "post"): ("startLipsync", {"202": "JobsAccepted"}),
+    ("/api/mv/assemble", "post"): ("startAssembly", {"202": "JobsAccepted"}),
     ("/api/mv/jobs", "get"): ("listJobs", {"200": "JobList"}),
     ("/api/mv/jobs/{job_id}", "get"): ("getJob", {"200": "Job"}),
     ("/api/mv/jobs/{job_id}", "delete"): ("cancelJob", {"200": "Job"}),
@@ -42,6 +45,9 @@ OPERATIONS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
     ("/api/mv/jobs/{job_id}/events", "get"): ("streamJobEvents", {"200": "JobStreamEvent"}),
     ("/api/mv/events", "get"): ("streamEvents", {"200": "JobStreamEvent"}),
     ("/api/mv/events/link", "get"): ("getEventsLink", {"200": "EventsLink"}),
+    ("/api/mv/get_poster/{video_id}", "get"): ("getPoster", {}),
+    (PROJECT + "/events", "get"): ("streamProjectEvents", {"200": "ProjectStreamEvent"}),
+    (PROJECT + "/events/link", "get"): ("getProjectEventsLink", {"200": "ProjectEventsLink"}),
     ("/api/mv/get_video/{video_id}", "get"): ("getVideo", {}),
     ("/api/mv/webhooks/replicate", "post"): ("receiveReplicateWebhook", {"200": "WebhookAck"}),
     ("/api/mv/upload_audio", "post"): ("uploadAudio", {"201": "Audio"}),
@@ -52,10 +58,10 @@ OPERATIONS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
     (PROJECT, "patch"): ("updateProject", {"200": "Project"}),
     (PROJECT + "/write_scenes", "post"): ("writeProjectScenes", {"200": "Project"}),
     (PROJECT + "/character", "post"): ("generateProjectCharacter", {"200": "ProjectCharacter"}),
-    (PROJECT + "/clips", "post"): ("startProjectClips", {"202": "ProjectClipsStarted"}),
-    (SCENE + "/clips", "post"): ("startSceneClip", {"202": "SceneJobStarted"}),
-    (PROJECT + "/assemble", "post"): ("startProjectAssembly", {"202": "ProjectAssemblyStarted"}),
-    (SCENE + "/lipsync", "post"): ("startSceneLipsync", {"202": "SceneJobStarted"}),
+    (PROJECT + "/clips", "post"): ("startProjectClips", {"202": "JobsAccepted"}),
+    (SCENE + "/clips", "post"): ("startSceneClip", {"202": "JobsAccepted"}),
+    (PROJECT + "/assemble", "post"): ("startProjectAssembly", {"202": "JobsAccepted"}),
+    (SCENE + "/lipsync", "post"): ("startSceneLipsync", {"202": "JobsAccepted"}),
     (PROJECT + "/timeline", "get"): ("getProjectTimeline", {"200": "Timeline"}),
     ("/metrics", "get"): ("getMetrics", {}),
 }
@@ -63,16 +69,18 @@ OPERATIONS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
 # Errors a route answers beyond what its kind implies (see _statuses): provider conflicts and rejections, a
 # project that kept changing (409 conflict), a project id that already exists.
 EXTRA_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("/api/mv/health/ready", "get"): (503,),
     ("/api/mv/create_scenes", "post"): (409,),
     ("/api/mv/generate_character_reference", "post"): (409,),
     ("/api/mv/projects", "post"): (409,),
     (PROJECT + "/write_scenes", "post"): (409, 422),
     (PROJECT + "/character", "post"): (409,),
 }
-FILES = ("/api/mv/get_video/{video_id}", "/api/mv/get_audio/{audio_id}", "/api/mv/get_image/{image_id}",
+FILES = ("/api/mv/get_video/{video_id}", "/api/mv/get_poster/{video_id}", "/api/mv/get_audio/{audio_id}",
+         "/api/mv/get_image/{image_id}",
          "/api/mv/get_scenes/{scenes_id}.{ext}")
 BODILESS = {("/api/mv/jobs/{job_id}/cancel", "post")}  # a POST whose body is never read (so never too large)
-STORE_PREFIXES = ("/api/mv/jobs", "/api/mv/events", "/api/mv/projects", "/api/mv/get_video/",
+STORE_PREFIXES = ("/api/mv/jobs", "/api/mv/events", "/api/mv/projects", "/api/mv/get_video/", "/api/mv/get_poster/",
                   "/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/assemble", "/api/mv/webhooks/")
 # A Location header on every success of these (the job's status URL, or the new resource)
 LOCATION = {("/api/mv/generate_video", "post"), ("/api/mv/lipsync", "post"), ("/api/mv/assemble", "post"),
@@ -86,7 +94,7 @@ ACTION_OPTIONS = {
     (SCENE + "/lipsync", "post"): ("SceneLipsyncOptions", "lipsync", SCENE_LIPSYNC_OPTIONS),
 }
 # Inline success schemas the route table already spells out, made components under these names.
-LIFTED = {"Health", "EventsLink", "Audio"}
+LIFTED = {"Health", "Liveness", "Readiness", "EventsLink", "ProjectEventsLink", "Audio"}
 
 STATUS_TEXT = {
     400: "invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's "
@@ -161,7 +169,7 @@ def _statuses(path: str, method: str, keys: bool) -> list[int]:
         statuses.append(503)
     if path in FILES:
         statuses += [206, 304, 416]
-    if keys and path != "/api/mv/health":
+    if keys and path not in HEALTH:
         statuses.append(401)
     return statuses + list(EXTRA_ERRORS.get((path, method), ()))
 
@@ -203,8 +211,8 @@ def _headers(answer: dict[str, Any], status: int, key: tuple[str, str], idempote
     if 200 <= status < 300:
         if key in LOCATION:
             names.append(("Location", True))
-        if path.startswith("/api/mv/projects"):
-            names.append(("ETag", True))
+        if path.startswith("/api/mv/projects") and not path.endswith(("/events", "/events/link")):
+            names.append(("ETag", True))  # the stream and its link carry the version in their events
         if idempotent:
             names.append(("Idempotent-Replayed", False))
     if status in (409, 429, 503):

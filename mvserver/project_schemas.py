@@ -91,6 +91,6 @@ class ProjectModels(BaseModel):
 # Options a client may pass when a project generates its character image or its clips; everything else comes
 # from the project.
 CHARACTER_OPTIONS = frozenset({"aspect_ratio", "safety_filter_level", "person_generation", "output_format",
-                               "negative_prompt", "seed"})
+                               "negative_prompt", "seed", "number_of_images"})
 CLIP_OPTIONS = frozenset({"backend", "seed", "generate_audio", "video_rules_template"})
 SCENE_LIPSYNC_OPTIONS = frozenset({"sync_mode", "temperature", "active_speaker"})

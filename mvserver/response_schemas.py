@@ -115,14 +115,30 @@ SSE_EVENT = obj(
      "retry": {"type": "integer", "description": "reconnect delay, milliseconds"}},
     "One Server-Sent Event; the stream is a sequence of them (OpenAPI 3.2's itemSchema), with `: ping` comments.")
 
-JOB_ACCEPTED = obj(
-    {"job_id": ID, "status": _JOB_STATE["status"], "backend": _JOB_STATE["backend"], "sandbox": BOOLEAN,
-     **_FOLLOW, "video_url": {**URL, "description": "where the result plays once the job succeeded"}},
-    {"kind": _JOB_STATE["kind"], **SIGNED},
-    "A job was started (202): follow it with events_url or status_url.")
-SCENE_JOB_ACCEPTED = {**JOB_ACCEPTED, "required": [*JOB_ACCEPTED["required"], "scene_id"],
-                      "properties": {**JOB_ACCEPTED["properties"], "scene_id": ID},
-                      "description": "A project scene's clip job was started (202)."}
+PROJECT_SSE_EVENT = obj(
+    {"event": {"type": "string", "enum": ["project", "version_added", "version_chosen", *EVENT_NAMES]},
+     "data": {"type": "string", "contentMediaType": "application/json",
+              "description": "project: the project as GET shows it; version_added: {project_id, scene_id, job_id, "
+                             "kind, etag}; version_chosen: {project_id, scene_id, job_id, previous_job_id, etag}; "
+                             "a job's event: its JobEvent"}},
+    {"id": text("the project's version, then the position of each job still followed; Last-Event-ID resumes"),
+     "retry": {"type": "integer", "description": "reconnect delay, milliseconds"}},
+    "One Server-Sent Event of a project's stream, with `: ping` comments.")
+
+ACCEPTED_JOB = obj(
+    {"job_id": ID, "kind": _JOB_STATE["kind"], "status": _JOB_STATE["status"], "backend": _JOB_STATE["backend"],
+     "sandbox": BOOLEAN, **_FOLLOW, "video_url": {**URL, "description": "serves the clip once the job succeeded (409 "
+                                                                       "before)"}},
+    {"project_id": {**ID, "description": "a project's job"},
+     "scene_id": {**ID, "description": "a project scene's clip version"}, **SIGNED},
+    "A job a request started. URLs are absolute on MV_PUBLIC_BASE_URL when it is set.")
+JOBS_ACCEPTED = obj(
+    {"jobs": {"type": "array", "items": ref("AcceptedJob")}},
+    {"job": ref("AcceptedJob"), "project": ref("Project")},
+    "The 202 of every request that starts jobs (one envelope, `mvserver/accepted.py`). `jobs`: every job it started "
+    "(a project's clips may start none). `job`: the job, when the route starts exactly one; its fields are also "
+    "repeated at the top level, as these routes always answered. `project`: the project as GET "
+    "/api/mv/projects/{project_id} shows it, on a project's routes (its ETag in the header).")
 
 SONG = obj({"audio_id": ID, "offset": SECONDS, "duration": SECONDS},
            {"sized_by": {"type": ["string", "null"], "enum": ["bars", "length", None],
@@ -201,13 +217,6 @@ CHARACTER_REFERENCE = obj(
 PROJECT_IMAGE = obj(_IMAGES, SIGNED, "The project's new character image (no base64).")
 
 PROJECT_CHARACTER = obj({"image": ref("ProjectImage"), "project": ref("Project")})
-PROJECT_CLIPS_STARTED = obj({"jobs": {"type": "array", "items": ref("SceneJobAccepted")}, "project": ref("Project")},
-                            description="One job per scene that had no chosen clip and none in progress.")
-SCENE_JOB_STARTED = obj({"job": ref("SceneJobAccepted"), "project": ref("Project")})
-PROJECT_ASSEMBLY_STARTED = {**JOB_ACCEPTED,
-                            "required": [*JOB_ACCEPTED["required"], "kind", "project"],
-                            "properties": {**JOB_ACCEPTED["properties"], "project": ref("Project")},
-                            "description": "The assembly job's fields and the project (its assembly_job_id)."}
 WEBHOOK_ACK = obj({"status": {"type": "string", "enum": ["accepted", "duplicate", "ignored"]}})
 
 # The song analysis (mvserver.analysis.model), its nested models named for the song.
@@ -248,12 +257,11 @@ SONG_ANALYSIS_FIELDS = {
 RESPONSE_SCHEMAS: dict[str, Schema] = {
     "ErrorDetail": ERROR_DETAIL, "SignedUrls": SIGNED_URLS,
     "JobState": JOB_STATE, "Job": JOB, "JobListItem": JOB_LIST_ITEM, "JobList": JOB_LIST, "JobEvent": JOB_EVENT,
-    "JobStreamEvent": SSE_EVENT, "JobAccepted": JOB_ACCEPTED, "SceneJobAccepted": SCENE_JOB_ACCEPTED,
+    "JobStreamEvent": SSE_EVENT, "ProjectStreamEvent": PROJECT_SSE_EVENT, "AcceptedJob": ACCEPTED_JOB, "JobsAccepted": JOBS_ACCEPTED,
     "ProjectSong": SONG, "ClipVersion": CLIP_VERSION, "ProjectScene": PROJECT_SCENE, "Project": PROJECT,
     "TimelineEntry": TIMELINE_ENTRY, "Timeline": TIMELINE,
     "Scene": SCENE, "ScenesMetadata": SCENES_METADATA, "Scenes": SCENES, "SavedScenes": SAVED_SCENES,
     "ImageMetadata": IMAGE_METADATA, "CandidateImage": CANDIDATE_IMAGE, "CharacterReference": CHARACTER_REFERENCE,
-    "ProjectImage": PROJECT_IMAGE, "ProjectCharacter": PROJECT_CHARACTER, "ProjectClipsStarted": PROJECT_CLIPS_STARTED,
-    "SceneJobStarted": SCENE_JOB_STARTED, "ProjectAssemblyStarted": PROJECT_ASSEMBLY_STARTED,
+    "ProjectImage": PROJECT_IMAGE, "ProjectCharacter": PROJECT_CHARACTER,
     "WebhookAck": WEBHOOK_ACK, "SongWindow": SONG_WINDOW, **_analysis_schemas(),
 }

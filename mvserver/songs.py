@@ -62,8 +62,9 @@ class AnalysisOutcome:
 class SongWork:
     """The background work on saved songs of one app (see the module's docstring). Close it with :meth:`close`."""
 
-    def __init__(self, store: OutputStore, env: EnvSettings, pool: AnalysisPool | None):
-        self.store, self.env, self.pool = store, env, pool
+    def __init__(self, store: OutputStore, env: EnvSettings, pool: AnalysisPool | None,
+                 limits: media.FfmpegLimits = media.DEFAULT_LIMITS):
+        self.store, self.env, self.pool, self.limits = store, env, pool, limits
         self._copies: dict[str, asyncio.Task[bool]] = {}
         self._analyses: dict[str, asyncio.Task[AnalysisOutcome]] = {}
         self._copy_slots = asyncio.Semaphore(COPY_SLOTS)
@@ -119,7 +120,7 @@ class SongWork:
         async with self._copy_slots:
             try:
                 await media.encode_song_copies(song, aac_copy(self.store, audio_id), preview(self.store, audio_id),
-                                               duration=duration, timeout=120.0 + duration)
+                                               duration=duration, timeout=120.0 + duration, limits=self.limits)
             except (media.MediaError, OSError) as exc:
                 log.warning("song %s: its copies could not be made (assembly encodes it; Gemini does not hear it): "
                             "%s", audio_id, exc)
@@ -244,13 +245,15 @@ async def get_song(request: web.Request) -> web.Response:
 
 
 async def songs_context(app: web.Application) -> AsyncIterator[None]:
-    """The app's analysis pool (none with ``MV_ANALYSIS_WORKERS=0``) and its song work; both stop at exit."""
+    """The app's analysis pool (none with ``MV_ANALYSIS_WORKERS=0``) and its song work; both stop at exit. The
+    copies' ffmpeg runs within the memory and thread limits of media.yaml ``ffmpeg`` (their time limit is their own)."""
     env = app[CONFIG].env
+    limits = media.FfmpegLimits(**app[CONFIG].media.ffmpeg.model_dump(exclude={"concurrency"}))
     pool = None
     if env.analysis_workers > 0:
         pool = AnalysisPool(env.analysis_workers, max_seconds=env.analysis_max_seconds,
                             memory_mb=env.analysis_memory_mb)
-    app[SONGS] = SongWork(app[STORE], env, pool)
+    app[SONGS] = SongWork(app[STORE], env, pool, limits)
     try:
         yield
     finally:

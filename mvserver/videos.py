@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import io
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import jinja2
@@ -14,6 +15,7 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
+from .accepted import accepted_response
 from .auth import key_id, require_owner, visible_to
 from .backends import PROVIDERS
 from .config import CONFIG, Config
@@ -146,19 +148,23 @@ def render_client_rules(source: str, variables: dict[str, Any]) -> str:
     return _client_templates.from_string(source).render(**variables).strip()
 
 
-def full_prompt(config: Config, body: Any) -> str:
-    """The scene prompt with the video rules appended (the client's own rules template, or the configured one).
-
-    The result is capped at ``limits.full_prompt_max_chars``: a rules template may repeat ``{{ prompt }}``, and the
-    whole prompt is what the provider takes (and what the job record keeps). 400 names ``video_rules_template``
-    when the client's template made it too long, ``prompt`` otherwise.
-    """
+def whole_prompt(config: Config, body: Any) -> str:
+    """The scene prompt with the video rules appended (the client's own rules template, or the configured one);
+    ``body`` needs ``prompt``, ``aspect_ratio``, ``duration`` and ``video_rules_template``."""
     variables = {"prompt": body.prompt, "aspect_ratio": body.aspect_ratio, "duration": body.duration}
     if body.video_rules_template is None:
         rules = config.render("videos.video_rules_template", **variables)
     else:
         rules = render_client_rules(body.video_rules_template, variables)
-    prompt = f"{body.prompt}\n\n{rules}" if rules else body.prompt
+    return f"{body.prompt}\n\n{rules}" if rules else body.prompt
+
+
+def full_prompt(config: Config, body: Any) -> str:
+    """The :func:`whole_prompt`, capped at ``limits.full_prompt_max_chars``: a rules template may repeat
+    ``{{ prompt }}``, and the whole prompt is what the provider takes (and what the job record keeps). 400 names
+    ``video_rules_template`` when the client's template made it too long, ``prompt`` otherwise.
+    """
+    prompt = whole_prompt(config, body)
     limit = config.videos.limits.full_prompt_max_chars
     if len(prompt) > limit:
         field = "video_rules_template" if body.video_rules_template and len(body.prompt) <= limit else "prompt"
@@ -169,10 +175,12 @@ def full_prompt(config: Config, body: Any) -> str:
 
 async def submit_video_job(app: web.Application, body: Any, defaulted: list[str],
                            links: dict[str, Any] | None = None, owner: str | None = None,
-                           charge: Callable[[], Awaitable[None]] | None = None) -> Job:
+                           charge: Callable[[], Awaitable[list[str]]] | None = None, job_id: str | None = None
+                           ) -> Job:
     """Validate the reference image, render the full prompt and submit a video job (the body is a video request
     model). ``links`` (e.g. ``project_id``/``scene_id``) are kept in ``Job.request``; ``owner`` is the caller's key
-    id; ``charge`` takes the caller's quota once the request is known to be valid."""
+    id; ``charge`` takes the caller's quota once the request is known to be valid and answers the job's id (else
+    ``job_id``, e.g. one a caller charged for already, or a new one)."""
     config = app[CONFIG]
     image, mime_type = await reference_image(app, body, owner)
     if image is not None:
@@ -183,19 +191,14 @@ async def submit_video_job(app: web.Application, body: Any, defaulted: list[str]
     summary.update(full_prompt=prompt, defaults_applied=defaulted, has_reference_image=image is not None)
     summary.update(links or {})
     if charge is not None:
-        await charge()  # only a request that got this far costs a token
+        [job_id] = await charge()  # only a request that got this far costs a token
     backend = app[PROVIDERS].video_backend(body.backend)
-    job = Job(id=new_id(), backend=body.backend, model=backend.model, sandbox=backend.sandbox, request=summary,
+    job = Job(id=job_id or new_id(), backend=body.backend, model=backend.model, sandbox=backend.sandbox, request=summary,
               reference_mime_type=mime_type, owner=owner)
     if image is not None:
         store = app[STORE]
         await store.write_bytes(store.path("jobs", job.id, ".ref"), image)
     return await app[JOBS].submit(job)
-
-
-def accepted_job(job: Job) -> dict[str, Any]:
-    """The 202 body of a submitted job."""
-    return {"job_id": job.id, "status": job.status, "backend": job.backend, "sandbox": job.sandbox, **job_urls(job.id)}
 
 
 @routes.post("/api/mv/generate_video")
@@ -204,14 +207,13 @@ async def generate_video(request: web.Request) -> web.Response:
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, request.app[CONFIG].debug)
     job = await submit_video_job(request.app, body, defaulted, owner=key_id(request),
                                  charge=lambda: charge(request, "jobs"))
-    payload = accepted_job(job)
-    return web.json_response(_with_signed_urls(request, payload), status=202,
-                             headers={"Location": payload["status_url"]})
+    return accepted_response(request, [job])
 
 
 def _with_signed_urls(request: web.Request, payload: dict[str, Any]) -> dict[str, Any]:
-    """Add ``signed_urls`` (keys on) for the job's status, events and video, which browsers load without headers."""
-    names = ("status_url", "events_url", "video_url")
+    """Add ``signed_urls`` (keys on) for the job's status, events, video and poster, which browsers load without
+    headers."""
+    names = ("status_url", "events_url", "video_url", "poster_url")
     signed = signed_urls(request.app, key_id(request), {name: payload.get(name) for name in names})
     return payload if signed is None else {**payload, "signed_urls": signed}
 
@@ -291,11 +293,19 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/api/mv/get_video/{video_id}")
 async def get_video(request: web.Request) -> web.StreamResponse:
+    path = await job_output(request, ".mp4", "video")
+    return SavedFileResponse(path, noun="video",
+                             headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
+
+
+async def job_output(request: web.Request, suffix: str, what: str) -> Path:
+    """The file ``videos/<video_id><suffix>`` of the route's succeeded job, with the video's access rules: another
+    key's job is unknown (404), an unfinished or unsuccessful one 409, an expired one 410, a missing file 404."""
     video_id = check_id(request.match_info["video_id"], "video_id")
-    path = request.app[STORE].path("videos", video_id, ".mp4")
+    path = request.app[STORE].path("videos", video_id, suffix)
     job = await request.app[JOBS].get(video_id)
     if job is not None:
-        require_owner(job.owner, key_id(request), ApiError(404, "not_found", f"no video with id {video_id}"))
+        require_owner(job.owner, key_id(request), ApiError(404, "not_found", f"no {what} with id {video_id}"))
     if job is not None and job.status != "succeeded":
         code = {"failed": "job_failed", "canceled": "job_canceled"}.get(job.status, "video_not_ready")
         cause = job.error or {}
@@ -304,6 +314,5 @@ async def get_video(request: web.Request) -> web.StreamResponse:
                        provider_status=cause.get("provider_status"), provider_error=cause.get("provider_error"))
     if not await asyncio.to_thread(path.is_file):
         await _not_expired(request, video_id)
-        raise ApiError(404, "not_found", f"no video with id {video_id}")
-    return SavedFileResponse(path, noun="video",
-                             headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
+        raise ApiError(404, "not_found", f"no {what} with id {video_id}")
+    return path

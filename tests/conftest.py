@@ -84,7 +84,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
                         importlib.util.find_spec("playwright") is not None)
 
 
-SIM_DEFAULTS = {"video_latency": 0.2, "image_latency": 0.2, "scenes_latency": 0.0}
+TEST_REPLICATE_TOKEN = "r8_test"  # the apps' REPLICATE_API_TOKEN; the simulators answer it (and give it the secret)
+SIM_DEFAULTS = {"video_latency": 0.2, "image_latency": 0.2, "scenes_latency": 0.0, "api_token": TEST_REPLICATE_TOKEN}
 # The simulator's own defaults of the other knobs tests change.
 SIM_KNOBS = {f.name: f.default for f in dataclasses.fields(Simulator) if f.name in ("render_cache", "output_pad_bytes",
                                                                                       "webhook_retry_seconds")}
@@ -234,7 +235,7 @@ def provider_env(sim_server: TestServer, output_dir: Path, settings_dir: Path,
     return {
         **store_env,
         "GEMINI_API_KEY": "test-gemini-key",
-        "REPLICATE_API_TOKEN": "r8_test",
+        "REPLICATE_API_TOKEN": TEST_REPLICATE_TOKEN,
         "GOOGLE_VERTEX_API_KEY": "test-vertex-key",
         "MV_GEMINI_BASE_URL": f"{base}/gemini",
         "MV_VERTEX_BASE_URL": f"{base}/vertex",

@@ -21,6 +21,7 @@ from mvserver.media import ffmpeg_exe, probe
 from mvserver.sandbox.render import render_character_image, render_video
 from mvserver.songs import SONGS
 from conftest import AppClient
+from test_temporaries import dead_pid, heartbeat
 
 UPLOAD = "/api/mv/upload_audio"
 
@@ -242,9 +243,11 @@ async def test_a_client_that_leaves_mid_upload_leaves_nothing(client: TestClient
 
 
 def test_a_crash_leftover_upload_is_removed_at_start(live_env: dict[str, str]) -> None:
-    audio_dir = Path(live_env["MV_OUTPUT_DIR"]) / "audio"
+    outputs = Path(live_env["MV_OUTPUT_DIR"])
+    audio_dir = outputs / "audio"
     audio_dir.mkdir(parents=True)
-    leftover = audio_dir / f".{uuid.uuid4()}.upload.part"
+    heartbeat(outputs, "0badc0de0bad", dead_pid())  # the node that crashed: its process is gone
+    leftover = audio_dir / f".{uuid.uuid4()}.0badc0de0bad-0123abcd.upload.part"
     leftover.write_bytes(b"half a song")
     create_app(live_env)
     assert not leftover.exists()

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from ..errors import ApiError, ErrorInfo, prediction_failed
 from ..storage import OutputStore
 from .base import ProviderObserver, Snapshot, VideoRequest, observed_call
+from .outputs import check_media, too_large
 
 NAME = "gemini"
 
@@ -55,7 +56,8 @@ class GeminiProvider:
     observe: ProviderObserver | None = None  # set by the app when metrics are on
 
     def __init__(self, api_client: genai.Client | None, vertex_client: genai.Client | None, store: OutputStore, *,
-                 video_model: str, person_generation: str, resolution: str, sandbox: bool, video_sandbox: bool):
+                 video_model: str, person_generation: str, resolution: str, sandbox: bool, video_sandbox: bool,
+                 video_max_bytes: int):
         self.api_client = api_client
         self.vertex_client = vertex_client
         self.store = store
@@ -64,6 +66,7 @@ class GeminiProvider:
         self.resolution = resolution
         self.scenes_sandbox = sandbox
         self.sandbox = video_sandbox
+        self.video_max_bytes = video_max_bytes
 
     async def aclose(self) -> None:
         for client in (self.api_client, self.vertex_client):
@@ -151,7 +154,8 @@ class GeminiProvider:
         return Snapshot(status="succeeded", output=videos[0].video.uri or "inline")
 
     async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
-        """Vertex returns the video inline (base64 in the operation); write it atomically."""
+        """Vertex returns the video inline (base64 in the operation); write it atomically, unless it is over the size
+        cap or not an MP4."""
         operation = await self._operation(prediction_id)
         videos = operation.response.generated_videos if operation.response else None
         video = videos[0].video if videos else None
@@ -160,6 +164,9 @@ class GeminiProvider:
             raise ApiError(502, "provider_bad_output",
                            f"{NAME} operation has no inline video (uri: {where}); set no output_gcs_uri",
                            provider=NAME, provider_status="succeeded")
+        if len(video.video_bytes) > self.video_max_bytes:
+            raise too_large(NAME, self.video_max_bytes)
+        check_media(video.video_bytes[:16], "mp4", NAME)
         await self.store.write_bytes(dest, video.video_bytes)
         return len(video.video_bytes)
 

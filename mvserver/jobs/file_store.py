@@ -53,6 +53,7 @@ class FileJobStore:
         self._last_stamp: dict[str, int] = {}  # owner slot -> newest index stamp, so each file stays sorted
         self._remember_lock = asyncio.Lock()
         self._active: dict[str, Job] = {}
+        self._reserved: dict[str, dict[str, float]] = {}  # owner -> reserved job id -> monotonic deadline
         self._logs: dict[str, list[Event]] = {}
         self._finished: collections.OrderedDict[str, tuple[Job, list[Event] | None]] = collections.OrderedDict()
         self._queue: collections.deque[str] = collections.deque()
@@ -96,6 +97,11 @@ class FileJobStore:
             if job is not None and not job.final:
                 (self.active_dir / job.id).touch()
 
+    async def ping(self) -> None:
+        """The jobs directory must be there and writable (a lost mount, a read-only disk: not ready)."""
+        if not await asyncio.to_thread(os.access, self.dir, os.W_OK | os.X_OK):
+            raise OSError(f"{self.dir} is not a writable directory")
+
     async def close(self) -> None:
         self._closing = True
         self._queued.set()
@@ -107,7 +113,8 @@ class FileJobStore:
     # -- records ----------------------------------------------------------------------------------------------
 
     async def create(self, job: Job, event: Event) -> None:
-        self._active[job.id] = job
+        self._active[job.id] = job  # before the first await: a reservation swapped for its job in one step
+        self._unreserve(job.owner, [job.id])
         self._logs[job.id] = []
         await asyncio.to_thread((self.active_dir / job.id).touch)
         await self.write(Lease(job.id, LOCAL_LEASE), job, event, record=True)
@@ -346,6 +353,31 @@ class FileJobStore:
     async def count_active(self, owner: str) -> int:
         """From the in-memory active set: every unfinished job of this single-process store is in it."""
         return sum(1 for job in self._active.values() if job.owner == owner)
+
+    async def reserve(self, owner: str, job_ids: list[str], cap: int, seconds: float) -> int | None:
+        """Atomic as it never awaits: the active set and the reservations are this process's memory."""
+        now = time.monotonic()
+        live = {job_id: until for job_id, until in self._reserved.get(owner, {}).items() if until > now}
+        count = sum(1 for job in self._active.values() if job.owner == owner) + len(live)
+        if count + len(job_ids) <= cap:
+            live.update((job_id, now + seconds) for job_id in job_ids)
+        if live:
+            self._reserved[owner] = live
+        else:
+            self._reserved.pop(owner, None)
+        return None if count + len(job_ids) <= cap else count
+
+    async def unreserve(self, owner: str, job_ids: list[str]) -> None:
+        self._unreserve(owner, job_ids)
+
+    def _unreserve(self, owner: str | None, job_ids: list[str]) -> None:
+        reserved = self._reserved.get(owner) if owner is not None else None
+        if reserved is None:
+            return
+        for job_id in job_ids:
+            reserved.pop(job_id, None)
+        if not reserved:
+            self._reserved.pop(owner, None)  # type: ignore[arg-type]
 
     async def expire(self, finished_before: float, tombstone_until: float) -> list[str]:
         removed, owners = await asyncio.to_thread(self._expire, finished_before, tombstone_until)

@@ -9,12 +9,15 @@ Keys (all under a prefix, ``mv:`` by default):
 - ``dispatch``    stream + consumer group ``nodes``: one entry per job to run; a node reads one only with a free
   slot, and takes over entries a dead node left pending (XAUTOCLAIM once idle longer than a lease)
 - ``finished``    sorted set of finished job ids by finish time (retention); ``tomb:<id>`` marks an expired id
-- ``active:<key id>`` set: ids of the jobs an API key created, pruned of finished ones when counted (quota)
+- ``active:<key id>`` set: ids of the jobs an API key created or reserved, pruned of finished ones when counted;
+  ``reserved:<key id>`` hash: reserved job id -> when the reservation lapses (unix ms). The running-jobs cap counts
+  and reserves in one script (RESERVE), and creating a job swaps its reservation for the job in one transaction
 - ``index:<key id>`` (``index:-`` with keys off) sorted set of the owner's job entries (creation time in
   microseconds, then the id; all scores 0, so they sort as text): a listing page is one ZREVRANGEBYLEX
 - ``idem:<hash>``  what an ``Idempotency-Key`` answered (its reserving request's token first), with a TTL
 - channel ``node:<node>``: signals (cancel, provider updates) to the node that owns a job; ``wake:<node>`` a
-  stream that interrupts this node's one blocking event reader when it has a new job to follow
+  stream that interrupts this node's one blocking event reader when it has a new job to follow (it expires
+  ``WAKE_TTL_SECONDS`` after its last entry, so a dead node's stream goes; a live node's comes back with its next)
 
 Every write of an owner goes through one Lua script that checks the lease first, so a node that lost its lease
 (paused, partitioned) cannot write anything. Blocking reads use a client without a socket timeout.
@@ -35,7 +38,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import ApiError
+from ..errors import store_unavailable
 from .model import FINAL_STATUSES, Event, Job
 from .store import Lease, LeaseLost, Remembered, SignalHandler, StoreUnavailable, index_entry, owner_slot
 
@@ -47,6 +50,8 @@ READER_BLOCK_MS = 10_000
 WATCH_IDLE_SECONDS = 60.0
 EXPIRE_BATCH = 500
 RETRY_PAUSE = 0.25
+WAKE_TTL_SECONDS = 60.0  # a node's wake stream lives this long after its last entry
+IDLE_CONSUMER_SECONDS = 3600.0  # a dispatch consumer (a node) idle this long, with nothing pending, is dropped
 
 # KEYS: lease, job, events, finished. ARGV: token, event id ('' none), name, data, rec, status, finished_at, job id.
 # An event id the log already has is the owner's own write retried after a lost reply: it is not appended twice.
@@ -113,6 +118,33 @@ if ARGV[3] ~= '' then redis.call('ZREM', KEYS[5], ARGV[3]) end
 return 1
 """
 
+# KEYS: active set, reservations. ARGV: job key prefix, cap, reservation ms, then the job ids to reserve.
+# Counts the owner's queued/running jobs and live reservations (pruning finished jobs and lapsed reservations) and
+# reserves the ids only if they fit under the cap: -1 reserved, else the count. One script: nodes cannot interleave.
+RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local count = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local status = redis.call('HGET', ARGV[1] .. id, 'status')
+  if status == 'queued' or status == 'running' then
+    count = count + 1
+  elseif not status and tonumber(redis.call('HGET', KEYS[2], id) or '0') > now then
+    count = count + 1
+  else
+    redis.call('SREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+  end
+end
+if count + #ARGV - 3 > tonumber(ARGV[2]) then return count end
+for i = 4, #ARGV do
+  redis.call('SADD', KEYS[1], ARGV[i])
+  redis.call('HSET', KEYS[2], ARGV[i], now + tonumber(ARGV[3]))
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return -1
+"""
+
 # KEYS: idempotency record. ARGV: token (32 hex), new value, TTL ms. Replace or drop only the holder's reservation.
 COMPLETE = """
 local kept = redis.call('GET', KEYS[1])
@@ -159,6 +191,7 @@ class RedisJobStore:
         self._release = self.r.register_script(RELEASE)
         self._expire_one = self.r.register_script(EXPIRE_ONE)
         self._complete = self.r.register_script(COMPLETE)
+        self._reserve = self.r.register_script(RESERVE)
         self._deadlines: dict[str, float] = {}  # lease token -> monotonic time it surely lapsed by
         self._wakers: dict[str, asyncio.Future[None]] = {}
         self._watch: dict[str, int] = {}  # job id -> last event id the reader has seen (reads after it)
@@ -180,7 +213,8 @@ class RedisJobStore:
         try:
             await self.r.ping()
             await self._ensure_group()
-            self._wake_last = await self.r.xadd(self.k("wake", self.node), {"p": "1"}, maxlen=100, approximate=True)
+            await self._drop_dead_consumers()
+            self._wake_last = await self._wake()
             unfinished = await self.r.xlen(self.k("dispatch"))
         except UNAVAILABLE as exc:
             await self._close_clients()
@@ -191,6 +225,25 @@ class RedisJobStore:
         log.info("job store: Redis at %s (node %s, prefix %r); %d job(s) queued or running in the cluster",
                  redacted(self.url), self.node, self.prefix, unfinished)
         return 0  # nothing to queue again: unfinished jobs stay in the dispatch stream for whichever node is free
+
+    async def _wake(self) -> str:
+        """Add an entry to this node's wake stream (which then lives ``WAKE_TTL_SECONDS`` more); its id."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.k("wake", self.node), {"p": "1"}, maxlen=100, approximate=True)
+            pipe.pexpire(self.k("wake", self.node), int(WAKE_TTL_SECONDS * 1000))
+            entry_id, _ = await pipe.execute()
+        return entry_id
+
+    async def _drop_dead_consumers(self) -> None:
+        """Forget the dispatch consumers of nodes gone long ago (nothing pending: their entries were taken over). A
+        live node reads every claim interval, so it is never that idle; were it dropped, its next read recreates it."""
+        idle_ms = max(IDLE_CONSUMER_SECONDS, 10 * (self.lease_seconds or 0)) * 1000
+        for consumer in await self.r.xinfo_consumers(self.k("dispatch"), GROUP):
+            if consumer["pending"] == 0 and consumer["idle"] > idle_ms and consumer["name"] != self.node:
+                await self.r.xgroup_delconsumer(self.k("dispatch"), GROUP, consumer["name"])
+
+    async def ping(self) -> None:
+        await self.r.ping()
 
     async def _ensure_group(self) -> None:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
@@ -223,6 +276,7 @@ class RedisJobStore:
             pipe.xadd(self.k("dispatch"), {"j": job.id})
             if job.owner is not None:
                 pipe.sadd(self.k("active", job.owner), job.id)
+                pipe.hdel(self.k("reserved", job.owner), job.id)  # its reservation, if any, is now the job
             pipe.zadd(self.k("index", owner_slot(job.owner)), {_entry(job): 0})
             await _unavailable_as_503(pipe.execute())
 
@@ -289,9 +343,9 @@ class RedisJobStore:
             raise LeaseLost(f"job {job.id}: lease {lease.token} is no longer held")
 
     async def count_active(self, owner: str) -> int:
-        """From ``active:<owner>``, the set of the key's job ids added at creation: ids whose job is final (or
-        gone) are dropped on the way, so the set stays as small as the key's running jobs plus those finished
-        since its last count (each job creation of the key counts)."""
+        """From ``active:<owner>``, the set of the key's job ids added at creation (or reservation): ids whose job
+        is final are dropped on the way, so the set stays as small as the key's running jobs plus those finished
+        since its last count (RESERVE, at each charge of the key, prunes too)."""
         key = self.k("active", owner)
         ids = await _unavailable_as_503(self.r.smembers(key))
         if not ids:
@@ -300,10 +354,24 @@ class RedisJobStore:
             for job_id in ids:
                 pipe.hget(self.k("job", job_id), "status")
             statuses = await _unavailable_as_503(pipe.execute())
-        done = [job_id for job_id, status in zip(ids, statuses) if status not in ("queued", "running")]
-        if done:
+        done = [job_id for job_id, status in zip(ids, statuses) if status not in (None, "queued", "running")]
+        if done:  # ids without a job are reservations: RESERVE drops them once they lapse
             await _unavailable_as_503(self.r.srem(key, *done))
-        return len(ids) - len(done)
+        return sum(1 for status in statuses if status in ("queued", "running"))
+
+    async def reserve(self, owner: str, job_ids: list[str], cap: int, seconds: float) -> int | None:
+        counted = await _unavailable_as_503(self._reserve(
+            keys=[self.k("active", owner), self.k("reserved", owner)],
+            args=[self.k("job", ""), cap, max(1, int(seconds * 1000)), *job_ids]))
+        return None if int(counted) < 0 else int(counted)
+
+    async def unreserve(self, owner: str, job_ids: list[str]) -> None:
+        if not job_ids:
+            return
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.srem(self.k("active", owner), *job_ids)
+            pipe.hdel(self.k("reserved", owner), *job_ids)
+            await _unavailable_as_503(pipe.execute())
 
     # -- claiming ---------------------------------------------------------------------------------------------
 
@@ -430,7 +498,7 @@ class RedisJobStore:
 
     async def _poke(self) -> None:
         with contextlib.suppress(*UNAVAILABLE):
-            await self.r.xadd(self.k("wake", self.node), {"p": "1"}, maxlen=100, approximate=True)
+            await self._wake()
 
     async def _read_events(self) -> None:
         """The node's one reader of job events: a blocking XREAD over every followed job's stream (plus the wake
@@ -550,4 +618,4 @@ async def _unavailable_as_503(call: Any) -> Any:
     try:
         return await call
     except UNAVAILABLE as exc:
-        raise ApiError(503, "store_unavailable", f"the job store is unreachable: {exc}", retry_after=1) from None
+        raise store_unavailable(exc) from None

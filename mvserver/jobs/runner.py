@@ -68,13 +68,19 @@ def _ignore(_: Any) -> None:
     return None
 
 
+async def _nothing(_: Job, __: Path) -> None:
+    return None
+
+
 class EngineHooks:
     """What the engine reports as it happens (the app plugs metrics in): ``finished(job)`` once per job this node
-    finished, ``subscribers(delta)`` as event streams open (+1) and close (-1)."""
+    finished, ``subscribers(delta)`` as event streams open (+1) and close (-1); ``stored(job, path)`` when a job's
+    output is in place, before its ``succeeded`` event (it may note facts about the file on the job: the poster)."""
 
     def __init__(self) -> None:
         self.finished: Callable[[Job], None] = _ignore
         self.subscribers: Callable[[int], None] = _ignore
+        self.stored: Callable[[Job, Path], Awaitable[None]] = _nothing
 
 
 class JobEngine:
@@ -132,9 +138,20 @@ class JobEngine:
     async def get(self, job_id: str) -> Job | None:
         return await self.store.get(job_id)
 
+    async def ping(self) -> None:
+        """Raise unless the job store answers now (the node's readiness)."""
+        await self.store.ping()
+
     async def running_jobs(self, owner: str) -> int:
         """How many jobs of the key ``owner`` are queued or running, on every node (its running-jobs quota)."""
         return await self.store.count_active(owner)
+
+    async def reserve(self, owner: str, job_ids: list[str], cap: int, seconds: float) -> int | None:
+        """Count and reserve places on ``owner``'s running-jobs cap in one atomic step (``quotas.JobPlaces``)."""
+        return await self.store.reserve(owner, job_ids, cap, seconds)
+
+    async def unreserve(self, owner: str, job_ids: list[str]) -> None:
+        await self.store.unreserve(owner, job_ids)
 
     async def submit(self, job: Job) -> Job:
         """Persist a new job with its ``queued`` event and queue it for a slot."""
@@ -423,6 +440,11 @@ class JobEngine:
             pass
 
     async def _finish(self, job: Job, lease: Lease, status: JobStatus, error: ErrorInfo | None) -> None:
+        if status == "succeeded":
+            try:
+                await self.hooks.stored(job, self.outputs.path("videos", job.id, ".mp4"))
+            except Exception:  # a poster is a nicety: the clip is there, the job succeeds without it
+                log.exception("job %s: describing the stored output failed", job.id)
         _mark_final(job, status, error)
         await self._publish(job, lease, status, record=True)
         self.hooks.finished(job)

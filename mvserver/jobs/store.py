@@ -79,6 +79,9 @@ class JobStore(Protocol):
     async def close(self) -> None:
         """Stop following and claiming; leases held by this node are released so jobs resume elsewhere or later."""
 
+    async def ping(self) -> None:
+        """Raise (OSError, a Redis connection error) unless the store answers now: the node's readiness."""
+
     async def create(self, job: Job, event: Event) -> None:
         """Persist a new queued job with its first event and queue it for claiming."""
 
@@ -133,6 +136,14 @@ class JobStore(Protocol):
 
     async def count_active(self, owner: str) -> int:
         """How many of ``owner``'s jobs are queued or running (the running-jobs quota of a key)."""
+
+    async def reserve(self, owner: str, job_ids: list[str], cap: int, seconds: float) -> int | None:
+        """The running-jobs cap in one atomic step: count ``owner``'s queued and running jobs and its live
+        reservations; if ``len(job_ids)`` more stay within ``cap``, reserve those ids (a reservation ends when
+        :meth:`create` makes its job, or after ``seconds``) and answer None, else answer the count."""
+
+    async def unreserve(self, owner: str, job_ids: list[str]) -> None:
+        """Drop reservations whose jobs will not be created."""
 
     async def expire(self, finished_before: float, tombstone_until: float) -> list[str]:
         """Remove the records and event logs of jobs finished before ``finished_before`` (a bounded batch per call),

@@ -289,10 +289,12 @@ def _read_base64(path: Path) -> str:
 
 
 class VertexVideos:
-    """Handlers for Veo operations; one instance per simulator app, holding the per-operation render locks."""
+    """Handlers for Veo operations; one instance per simulator app, holding the per-operation render locks and the
+    app's render slots (shared with the Replicate routes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, render_slots: asyncio.Semaphore) -> None:
         self._render_locks: dict[str, asyncio.Lock] = {}
+        self._render_slots = render_slots
 
     async def predict(self, request: web.Request) -> web.Response:
         """``:predictLongRunning``: validate, persist the operation, answer its name."""
@@ -373,7 +375,8 @@ class VertexVideos:
             try:
                 async with lock:
                     if not path.exists():
-                        await self._render(sim, record, path)
+                        async with self._render_slots:
+                            await self._render(sim, record, path)
             finally:
                 if self._render_locks.get(record["id"]) is lock:
                     del self._render_locks[record["id"]]
@@ -388,10 +391,11 @@ class VertexVideos:
                            generate_audio=record["generate_audio"], seed=record["seed"])
 
 
-def add_routes(router: web.UrlDispatcher) -> None:
-    """Gemini Developer API ``generateContent`` under ``/gemini``; Veo operations under ``/vertex``."""
+def add_routes(router: web.UrlDispatcher, render_slots: asyncio.Semaphore) -> None:
+    """Gemini Developer API ``generateContent`` under ``/gemini``; Veo operations under ``/vertex`` (their renders
+    wait for one of ``render_slots``)."""
     router.add_post("/gemini/{version}/models/{model_method}", generate_content, name="gemini.generate")
-    videos = VertexVideos()
+    videos = VertexVideos(render_slots)
     router.add_post(_MODEL_PATH + "{model_method:[^/:]+:predictLongRunning}", videos.predict, name="vertex.predict")
     router.add_post(_MODEL_PATH + "{model_method:[^/:]+:fetchPredictOperation}", videos.fetch, name="vertex.fetch")
     router.add_post(_MODEL_PATH + "{model_method}", videos.unsupported, name="vertex.unsupported")
