@@ -21,6 +21,40 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/mv/health/live": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Liveness: 200 while the process serves requests, whether or not its store answers (never behind auth) */
+        get: operations["getLiveness"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/health/ready": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Readiness: 200 while the job and project store answer; 503 store_unavailable while they do not (never behind auth) */
+        get: operations["getReadiness"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/mv/create_scenes": {
         parameters: {
             query?: never;
@@ -132,7 +166,7 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Start an assembly job (answers 202 at once): finished clips (video or lip-sync jobs) joined with cuts (stream-copied where possible) or crossfades, with an optional song; the result is served by get_video/{job_id} */
+        /** Start an assembly job (answers 202 at once): finished clips (video or lip-sync jobs) joined with cuts (stream-copied where possible) or crossfades, with an optional song; the result is served by get_video/{job_id}. 400 names the field: clips (assembly_too_long past media.yaml assembly.output_seconds_max), clips.N.trim_in|trim_out (invalid_trim: outside the clip or keeping under one output frame), crossfade_seconds (under one frame, not shorter than every clip, or graph_too_large past assembly.graph_clips_max) */
         post: operations["startAssembly"];
         delete?: never;
         options?: never;
@@ -446,7 +480,7 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Start an assembly job of the project's chosen clips (display order, trims) with its song from its offset; 400 naming scenes.N when a scene has no finished chosen clip */
+        /** Start an assembly job of the project's chosen clips (display order, trims) with its song from its offset; 400 naming scenes.N when a scene has no finished chosen clip, scenes when the video would be too long (assembly_too_long), crossfade_seconds as for POST /assemble */
         post: operations["startProjectAssembly"];
         delete?: never;
         options?: never;
@@ -480,6 +514,60 @@ export interface paths {
         };
         /** Scenes in order with chosen clip, trims and song window start */
         get: operations["getProjectTimeline"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/get_poster/{video_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The clip's first frame as a JPEG (its job's poster_url), under get_video's rules: 409 while the job has not succeeded, 404 for an unknown id, another key's job, or a clip without a poster, 410 once expired */
+        get: operations["getPoster"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/projects/{project_id}/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The project's event stream: its writes, versions added and chosen, and its jobs' events
+         * @description Server-Sent Events that keep a page's project current; the stream stays open until the client goes. Events: `project` (the project as GET shows it, with its etag: when the stream opens and after every write by anyone), `version_added` {project_id, scene_id, job_id, kind, etag} (right after the `project` event that added it), `version_chosen` {project_id, scene_id, job_id, previous_job_id, etag} (a scene's chosen clip changed: by a write, or its awaited version succeeded, which moves no ETag), and the events of the project's unfinished jobs exactly as on the job streams (queued, running, progress, succeeded, failed, canceled; data.job_id says whose). The event id is the project version and each followed job's position (`7.736726c7-11`): Last-Event-ID (or `after`) resumes the jobs while the project is at that version, and starts with a `project` event otherwise. A `: ping` comment every jobs.sse_ping_interval_seconds.
+         */
+        get: operations["streamProjectEvents"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/projects/{project_id}/events/link": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The URL of the project's event stream for an EventSource: with keys on signed for the caller's key (the signature covers `after`) and valid until `expires_at`; with keys off the plain URL and `expires_at` null */
+        get: operations["getProjectEventsLink"];
         put?: never;
         post?: never;
         delete?: never;
@@ -917,7 +1005,7 @@ export interface components {
             job_id: string;
             /**
              * Trim In
-             * @description Seconds cut from the start; null: none.
+             * @description Seconds cut from the start; null: none. The trims must keep at least one frame at the output's frame rate (400 otherwise).
              * @default null
              */
             trim_in?: number | null;
@@ -939,7 +1027,7 @@ export interface components {
             transition?: "cut" | "crossfade";
             /**
              * Crossfade Seconds
-             * @description Length of each crossfade (transition crossfade).
+             * @description Length of each crossfade (transition crossfade): at least one frame at the output's frame rate and shorter than the shortest kept clip (400 otherwise).
              * @default 0.5
              */
             crossfade_seconds?: number;
@@ -988,7 +1076,7 @@ export interface components {
             transition?: "cut" | "crossfade";
             /**
              * Crossfade Seconds
-             * @description Length of each crossfade (transition crossfade).
+             * @description Length of each crossfade (transition crossfade): at least one frame at the output's frame rate and shorter than the shortest kept clip (400 otherwise).
              * @default 0.5
              */
             crossfade_seconds?: number;
@@ -1197,9 +1285,22 @@ export interface components {
             /** @description reconnect delay, milliseconds */
             retry?: number;
         };
-        /** @description A job was started (202): follow it with events_url or status_url. */
-        JobAccepted: {
+        /** @description One Server-Sent Event of a project's stream, with `: ping` comments. */
+        ProjectStreamEvent: {
+            /** @enum {string} */
+            event: "project" | "version_added" | "version_chosen" | "queued" | "running" | "progress" | "succeeded" | "failed" | "canceled";
+            /** @description project: the project as GET shows it; version_added: {project_id, scene_id, job_id, kind, etag}; version_chosen: {project_id, scene_id, job_id, previous_job_id, etag}; a job's event: its JobEvent */
+            data: string;
+            /** @description the project's version, then the position of each job still followed; Last-Event-ID resumes */
+            id?: string;
+            /** @description reconnect delay, milliseconds */
+            retry?: number;
+        };
+        /** @description A job a request started. URLs are absolute on MV_PUBLIC_BASE_URL when it is set. */
+        AcceptedJob: {
             job_id: string;
+            /** @enum {string} */
+            kind: "video" | "lipsync" | "assembly";
             /**
              * @description succeeded, failed and canceled are final
              * @enum {string}
@@ -1212,35 +1313,20 @@ export interface components {
             status_url: string;
             /** @description a URL path under /api/mv */
             events_url: string;
-            /** @description where the result plays once the job succeeded */
+            /** @description serves the clip once the job succeeded (409 before) */
             video_url: string;
-            /** @enum {string} */
-            kind?: "video" | "lipsync" | "assembly";
+            /** @description a project's job */
+            project_id?: string;
+            /** @description a project scene's clip version */
+            scene_id?: string;
             /** @description With API keys on: the URLs of this answer, signed */
             signed_urls?: components["schemas"]["SignedUrls"];
         };
-        /** @description A project scene's clip job was started (202). */
-        SceneJobAccepted: {
-            job_id: string;
-            /**
-             * @description succeeded, failed and canceled are final
-             * @enum {string}
-             */
-            status: "queued" | "running" | "succeeded" | "failed" | "canceled";
-            /** @description replicate, gemini (Veo on Vertex) or ffmpeg (assembly) */
-            backend: string;
-            sandbox: boolean;
-            /** @description a URL path under /api/mv */
-            status_url: string;
-            /** @description a URL path under /api/mv */
-            events_url: string;
-            /** @description where the result plays once the job succeeded */
-            video_url: string;
-            /** @enum {string} */
-            kind?: "video" | "lipsync" | "assembly";
-            /** @description With API keys on: the URLs of this answer, signed */
-            signed_urls?: components["schemas"]["SignedUrls"];
-            scene_id: string;
+        /** @description The 202 of every request that starts jobs (one envelope, `mvserver/accepted.py`). `jobs`: every job it started (a project's clips may start none). `job`: the job, when the route starts exactly one; its fields are also repeated at the top level, as these routes always answered. `project`: the project as GET /api/mv/projects/{project_id} shows it, on a project's routes (its ETag in the header). */
+        JobsAccepted: {
+            jobs: components["schemas"]["AcceptedJob"][];
+            job?: components["schemas"]["AcceptedJob"];
+            project?: components["schemas"]["Project"];
         };
         /** @description The project's song. */
         ProjectSong: {
@@ -1408,38 +1494,6 @@ export interface components {
             image: components["schemas"]["ProjectImage"];
             project: components["schemas"]["Project"];
         };
-        /** @description One job per scene that had no chosen clip and none in progress. */
-        ProjectClipsStarted: {
-            jobs: components["schemas"]["SceneJobAccepted"][];
-            project: components["schemas"]["Project"];
-        };
-        SceneJobStarted: {
-            job: components["schemas"]["SceneJobAccepted"];
-            project: components["schemas"]["Project"];
-        };
-        /** @description The assembly job's fields and the project (its assembly_job_id). */
-        ProjectAssemblyStarted: {
-            job_id: string;
-            /**
-             * @description succeeded, failed and canceled are final
-             * @enum {string}
-             */
-            status: "queued" | "running" | "succeeded" | "failed" | "canceled";
-            /** @description replicate, gemini (Veo on Vertex) or ffmpeg (assembly) */
-            backend: string;
-            sandbox: boolean;
-            /** @description a URL path under /api/mv */
-            status_url: string;
-            /** @description a URL path under /api/mv */
-            events_url: string;
-            /** @description where the result plays once the job succeeded */
-            video_url: string;
-            /** @enum {string} */
-            kind: "video" | "lipsync" | "assembly";
-            /** @description With API keys on: the URLs of this answer, signed */
-            signed_urls?: components["schemas"]["SignedUrls"];
-            project: components["schemas"]["Project"];
-        };
         WebhookAck: {
             /** @enum {string} */
             status: "accepted" | "duplicate" | "ignored";
@@ -1575,8 +1629,11 @@ export interface components {
             peaks: components["schemas"]["SongCurve"];
         };
         Health: {
-            /** @enum {string} */
-            status: "ok";
+            /**
+             * @description degraded while the job and project store cannot be reached (see store)
+             * @enum {string}
+             */
+            status: "ok" | "degraded";
             version: string;
             /**
              * @description sandbox when any provider service is answered by the built-in simulator
@@ -1596,6 +1653,22 @@ export interface components {
                 /** @description true when every other /api/mv route needs Authorization: Bearer <API key> (MV_API_KEYS_FILE is set): a page should ask for a key before its first call */
                 keys_required: boolean;
             };
+            store: {
+                /** @enum {string} */
+                kind: "files" | "redis";
+                /** @description false while the store does not answer a ping in 2 s */
+                reachable: boolean;
+            };
+        };
+        Liveness: {
+            /** @enum {string} */
+            status: "ok";
+        };
+        Readiness: {
+            /** @enum {string} */
+            status: "ready";
+            /** @enum {string} */
+            store: "files" | "redis";
         };
         EventsLink: {
             /** @description GET /api/mv/events?jobs=…[&after=…][&kid=…&exp=…&sig=…] */
@@ -1635,8 +1708,14 @@ export interface components {
                 message: string;
             } | null;
         };
-        /** @description Optional: aspect_ratio, safety_filter_level, person_generation, output_format, negative_prompt, seed; the rest comes from the project. */
+        /** @description Optional: number_of_images, aspect_ratio, safety_filter_level, person_generation, output_format, negative_prompt, seed; the rest comes from the project. */
         ProjectCharacterOptions: {
+            /**
+             * Number Of Images
+             * @description Candidate images rendered in parallel, each saved with its own image_id (listed in `images`); with a seed, image i uses seed + i.
+             * @default 1
+             */
+            number_of_images?: number;
             /**
              * Aspect Ratio
              * @default 1:1
@@ -1720,6 +1799,15 @@ export interface components {
              */
             active_speaker?: boolean;
         };
+        ProjectEventsLink: {
+            /** @description GET /api/mv/projects/{project_id}/events[?after=…][&kid=…&exp=…&sig=…] */
+            events_url: string;
+            /**
+             * Format: date-time
+             * @description when the signed link stops working (null with keys off)
+             */
+            expires_at: string | null;
+        };
     };
     responses: never;
     parameters: never;
@@ -1768,6 +1856,111 @@ export interface operations {
             /** @description internal_error: a server bug (no details are given) */
             500: {
                 headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getLiveness: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the process serves requests */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Liveness"];
+                };
+            };
+            /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getReadiness: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the store answers */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Readiness"];
+                };
+            };
+            /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
                     [name: string]: unknown;
                 };
                 content: {
@@ -2189,6 +2382,17 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
         };
     };
     getImage: {
@@ -2303,6 +2507,17 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
         };
     };
     generateVideo: {
@@ -2331,7 +2546,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["JobAccepted"];
+                    "application/json": components["schemas"]["JobsAccepted"];
                 };
             };
             /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
@@ -2478,7 +2693,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["JobAccepted"];
+                    "application/json": components["schemas"]["JobsAccepted"];
                 };
             };
             /** @description invalid_field, clip_not_found, clip_not_ready, invalid_clip, clip_too_long, clip_too_large, invalid_audio, song_too_short, window_too_long, window_too_short (the window is shorter than the server's lipsync.limits.min_window_seconds, 0.5 s by default) */
@@ -2625,7 +2840,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["JobAccepted"];
+                    "application/json": components["schemas"]["JobsAccepted"];
                 };
             };
             /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
@@ -3327,7 +3542,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -3425,7 +3640,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -3570,7 +3785,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -3672,7 +3887,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -3922,6 +4137,17 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
         };
     };
     getSong: {
@@ -4001,6 +4227,17 @@ export interface operations {
             /** @description internal_error: a server bug (no details are given) */
             500: {
                 headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
                     [name: string]: unknown;
                 };
                 content: {
@@ -4111,7 +4348,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -4209,7 +4446,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -4345,7 +4582,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -4544,7 +4781,7 @@ export interface operations {
             };
             cookie?: never;
         };
-        /** @description Optional image options: aspect_ratio, safety_filter_level, person_generation, output_format, negative_prompt, seed */
+        /** @description Optional image options: number_of_images (candidates, within the images settings: the first becomes the reference image, all are kept on the project as character_candidates until the next render), aspect_ratio, safety_filter_level, person_generation, output_format, negative_prompt, seed */
         requestBody?: {
             content: {
                 "application/json": components["schemas"]["ProjectCharacterOptions"];
@@ -4738,7 +4975,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ProjectClipsStarted"];
+                    "application/json": components["schemas"]["JobsAccepted"];
                 };
             };
             /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
@@ -4855,7 +5092,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -4902,7 +5139,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["SceneJobStarted"];
+                    "application/json": components["schemas"]["JobsAccepted"];
                 };
             };
             /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
@@ -5019,7 +5256,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -5062,7 +5299,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ProjectAssemblyStarted"];
+                    "application/json": components["schemas"]["JobsAccepted"];
                 };
             };
             /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
@@ -5170,7 +5407,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -5215,7 +5452,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["SceneJobStarted"];
+                    "application/json": components["schemas"]["JobsAccepted"];
                 };
             };
             /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
@@ -5323,7 +5560,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -5421,7 +5658,348 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getPoster: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                video_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description poster */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "image/jpeg": string;
+                };
+            };
+            /** @description the byte range asked for with a Range header */
+            206: {
+                headers: {
+                    /** @description bytes start-end/size (206), or bytes *\/size (416) */
+                    "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "image/jpeg": string;
+                };
+            };
+            /** @description not modified: the If-None-Match ETag still matches (no body) */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description expired: the job finished longer ago than the server keeps jobs (jobs.retention_hours) */
+            410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description range_not_satisfiable: the Range header must be one byte range inside the file (Content-Range: bytes *\/size) */
+            416: {
+                headers: {
+                    /** @description bytes start-end/size (206), or bytes *\/size (416) */
+                    "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    streamProjectEvents: {
+        parameters: {
+            query?: {
+                /** @description An event id of this stream to resume from (an EventSource cannot set Last-Event-ID; the header takes precedence) */
+                after?: string;
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                project_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description event stream */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": components["schemas"]["ProjectStreamEvent"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
             /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getProjectEventsLink: {
+        parameters: {
+            query?: {
+                /** @description An event id of this stream to resume from (an EventSource cannot set Last-Event-ID; the header takes precedence) */
+                after?: string;
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                project_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the stream's URL */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProjectEventsLink"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
