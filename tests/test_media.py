@@ -516,6 +516,36 @@ async def test_a_cut_only_edit_copies_the_song_s_aac_packets_and_encodes_only_th
     assert (mixed.audio, late.audio) == ("encoded", "encoded")
 
 
+async def test_the_song_s_copies_and_its_packet_copy_run_within_the_limits_and_the_job_s_lock(
+        clips: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ffmpeg of the song's copies and of a cut-only edit that copies the song's packets gets the limits it
+    is given (memory, threads on each output, the job's run lock), as every other assembly run does."""
+    runs: list[tuple[list[str], FfmpegLimits, tuple[int, ...]]] = []
+    real = media.run_ffmpeg
+
+    async def recorded(args, **kwargs):  # type: ignore[no-untyped-def]
+        runs.append((list(args), kwargs.get("limits", media.DEFAULT_LIMITS), tuple(kwargs.get("hold", ()))))
+        await real(args, **kwargs)
+
+    monkeypatch.setattr(media, "run_ffmpeg", recorded)
+    limits = FfmpegLimits(memory_mb=900, threads=1)
+    song = clicks_song(tmp_path / "clicks.wav", 20.0)
+    aac, small = tmp_path / "song.aac.m4a", tmp_path / "song.preview.mp3"
+    await media.encode_song_copies(song, aac, small, duration=20.0, limits=limits)
+    [(args, used, _)] = runs
+    assert used == limits
+    first_output = args.index("-y")  # the AAC copy's temporary; the preview is the last output
+    assert args[first_output - 4:first_output - 2] == ["-threads", "1"]  # the AAC output's encoder too
+    runs.clear()
+    async with media.run_lock(tmp_path / "job.lock") as held:
+        result = await media.assemble([Clip(clips["a"]), Clip(clips["b"])], tmp_path / "out.mp4", song=song,
+                                      song_offset=3.1, song_copy=media.SongCopy(aac, 20.0), limits=limits,
+                                      hold=(held,))
+    assert result.audio == "copied"
+    assert len(runs) == 2  # the faded end, then the mux of the copied video and audio
+    assert all(used == limits and hold == (held,) for _, used, hold in runs), runs
+
+
 # -- assemble: crossfade and fit -----------------------------------------------------------------------------------
 
 
