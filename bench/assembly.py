@@ -1,7 +1,9 @@
 """Assembly: 12 sandbox clips of 8 s and a 96 s song joined into one MP4 with ``mvserver.media.assemble``.
 
 Measured in one run, on the same files: cut-only assembly (whole clips with matching codec parameters, so the
-video is stream-copied; only the song is encoded), crossfade assembly (everything decoded and encoded again), and
+video is stream-copied) twice, as before the song's AAC copy existed (the song encoded in the final run) and with
+the copy made at upload (its packets copied, only the faded last second encoded), with what making the copy costs
+(once per song, at upload); crossfade assembly (everything decoded and encoded again), and
 the full re-encode a MoviePy-style port does (decode every clip and encode the whole video again): here one ffmpeg
 ``concat`` filter re-encode at libx264's default preset, which is cheaper than MoviePy's Python frame pipe, so the
 speed-up it shows is a lower bound. Peak RSS growth of this process (which runs the asyncio side) is sampled every
@@ -19,7 +21,7 @@ with and without the assembly running.
 ffmpeg limits of the settings, so ``getrusage(RUSAGE_CHILDREN)`` gives the peak RSS of its largest ffmpeg; the
 private memory the limit counts (``VmData``) is sampled from /proc. ``--height 1080`` scales the clips first.
 
-    python -m bench.assembly [--clips 12] [--seconds 8] [--repeat 3] [--sse-jobs 6] [--sse-only]
+    python -m bench.assembly [--clips 12] [--seconds 8] [--repeat 3] [--sse-jobs 6] [--sse-only | --no-sse]
     python -m bench.assembly --worst [--height 360|720|1080] [--worst-clips N]
 """
 
@@ -129,19 +131,27 @@ async def bench(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - started:.1f} s", flush=True)
     edit = [media.Clip(path) for path in clips]
 
-    cut = await timed(lambda: media.assemble(edit, work / "cut.mp4", song=song), args.repeat)
+    aac, preview = work / "song.aac.m4a", work / "song.preview.mp3"
+    copies = await timed(lambda: media.encode_song_copies(song, aac, preview, duration=total), 1)
+    song_copy = media.SongCopy(aac, total)
+    load_before = os.getloadavg()
+    encoded = await timed(lambda: media.assemble(edit, work / "cut-encoded.mp4", song=song), args.repeat)
+    cut = await timed(lambda: media.assemble(edit, work / "cut.mp4", song=song, song_copy=song_copy), args.repeat)
     video_only = await timed(lambda: video_copy_only(clips, work / "video-only.mp4"), args.repeat)
     xfade = await timed(lambda: media.assemble(edit, work / "xfade.mp4", song=song, transition="crossfade",
                                                crossfade_seconds=0.5), 1)
     base = await timed(lambda: baseline(clips, song, work / "baseline.mp4", total), 1)
+    load_after = os.getloadavg()
     children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
     cut_info = await media.probe(work / "cut.mp4")
+    encoded_info = await media.probe(work / "cut-encoded.mp4")
     xfade_info = await media.probe(work / "xfade.mp4")
     base_info = await media.probe(work / "baseline.mp4")
     expected_xfade = total - (args.clips - 1) * 0.5
-    assembled, crossfaded = cut.result, xfade.result
+    assembled, crossfaded, before = cut.result, xfade.result, encoded.result
     assert isinstance(assembled, media.AssemblyResult) and isinstance(crossfaded, media.AssemblyResult)
+    assert isinstance(before, media.AssemblyResult)
 
     def streams(info: media.MediaInfo) -> str:
         v, a = info.first_video, info.first_audio
@@ -151,16 +161,24 @@ async def bench(args: argparse.Namespace) -> int:
         return f"{timing.median:.2f} ({', '.join(f'{t:.2f}' for t in timing.wall)}); ffmpeg CPU {timing.cpu:.2f}"
 
     rows = [
-        ("cut-only: wall s, median (runs); ffmpeg CPU s", runs(cut), "< 2"),
+        ("load average (1 min) before / after the measures", f"{load_before[0]:.1f} / {load_after[0]:.1f}",
+         f"report ({os.cpu_count()} CPUs)"),
+        ("the song's AAC + preview copies (once, at upload): wall s; ffmpeg CPU s", runs(copies), "report"),
+        ("cut-only, song encoded (before): wall s, median (runs); ffmpeg CPU s", runs(encoded), "report"),
+        ("cut-only, song's AAC copied (after): wall s, median (runs); ffmpeg CPU s", runs(cut), "< 0.5"),
+        ("  audio copied / encoded, before and after", f"{before.audio} / {assembled.audio}", "encoded / copied"),
         ("  of which the video concat copy alone", runs(video_only), "report"),
         ("cut-only: clips stream-copied / re-encoded", f"{len(assembled.copied)} / {len(assembled.reencoded)}",
          f"{args.clips} / 0"),
-        ("cut-only: output", streams(cut_info), f"h264 + aac, {total:g} s"),
+        ("cut-only: output, before / after", f"{streams(encoded_info)} / {streams(cut_info)}",
+         f"h264 + aac, {total:g} s"),
         ("crossfade 0.5 s: wall s; ffmpeg CPU s", runs(xfade), "report"),
         ("crossfade: output", streams(xfade_info), f"h264 + aac, {expected_xfade:g} s"),
         ("full re-encode baseline: wall s; ffmpeg CPU s", runs(base), "report"),
         ("baseline: output", streams(base_info), f"h264 + aac, {total:g} s"),
-        ("speed-up cut-only vs baseline, wall / ffmpeg CPU",
+        ("speed-up vs baseline, before: wall / ffmpeg CPU",
+         f"{base.median / encoded.median:.1f}x / {base.cpu / encoded.cpu:.1f}x", "report"),
+        ("speed-up vs baseline, after: wall / ffmpeg CPU",
          f"{base.median / cut.median:.1f}x / {base.cpu / cut.cpu:.1f}x", ">= 10x"),
         ("peak RSS growth of this process, cut / crossfade / baseline (MiB)",
          f"{cut.rss_growth_mib:.1f} / {xfade.rss_growth_mib:.1f} / {base.rss_growth_mib:.1f}", "< 64"),
@@ -169,6 +187,7 @@ async def bench(args: argparse.Namespace) -> int:
     print_table(f"Assembly: {args.clips} sandbox clips x {args.seconds:g} s + a {total:g} s song",
                 ["measure", "value", "goal"], rows)
     ok = (len(assembled.copied) == args.clips and abs(cut_info.duration - total) <= 0.1
+          and assembled.audio == "copied" and abs(encoded_info.duration - total) <= 0.1
           and abs(xfade_info.duration - expected_xfade) <= 0.1 and abs(crossfaded.duration - expected_xfade) <= 0.01)
     return 0 if ok else 1
 
@@ -369,6 +388,8 @@ async def bench_all(args: argparse.Namespace) -> int:
     if args.worst:
         return await worst(args)
     code = 0 if args.sse_only else await bench(args)
+    if args.no_sse:
+        return code
     rows = await sse_bench(args)
     print_table(f"SSE of {args.sse_jobs} other jobs while an assembly job of {args.clips} x {args.seconds:g} s runs",
                 ["measure", "value", "goal"], rows)
@@ -382,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="cut-only runs; the median is reported (default 3)")
     parser.add_argument("--sse-jobs", type=int, default=6, help="other video jobs followed over SSE (default 6)")
     parser.add_argument("--sse-only", action="store_true", help="only the job engine part (SSE delays)")
+    parser.add_argument("--no-sse", action="store_true", help="only the assembly part (no job engine)")
     parser.add_argument("--worst", action="store_true",
                         help="only the peak memory of the largest requests the settings accept")
     parser.add_argument("--height", type=int, default=360, choices=(360, 720, 1080),

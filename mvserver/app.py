@@ -11,7 +11,8 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, usage, videos, webhooks
+from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, songs, usage, videos
+from . import webhooks
 from . import posters, project_events
 from .auth import KEYRING
 from .backends import PROVIDERS, Providers
@@ -222,6 +223,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     start_node(store)  # only what dead nodes left: other nodes may be writing in a shared MV_OUTPUT_DIR
     app.cleanup_ctx.append(node_context)
     app.cleanup_ctx.append(providers_context)
+    songs.setup(app)  # before the jobs: an assembly job reads a song's copy until the engine stops
     app.cleanup_ctx.append(jobs_context)
     app.cleanup_ctx.append(projects_context)
     app.on_shutdown.append(end_streams)

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable, NamedTuple
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from . import media
+from . import media, songs
 from .accepted import accepted_response
 from .assembly_schemas import AssemblyOptions
 from .audio import saved_audio
@@ -207,11 +207,15 @@ class AssemblyDriver:
         store = self.app[STORE]
         clips = [media.Clip(store.path("videos", c["job_id"], ".mp4"), c["trim_in"], c["trim_out"])
                  for c in request["clips"]]
-        song = (await saved_audio(self.app, request["audio_id"]))[0] if request.get("audio_id") else None
+        song = song_copy = None
+        if request.get("audio_id"):
+            song, sidecar = await saved_audio(self.app, request["audio_id"])
+            song_copy = await _song_copy(self.app, request["audio_id"], song, sidecar)
         async with self._turn(job, progress) as held:
-            result = await self._assemble(request, clips, song, dest, progress, held)
+            result = await self._assemble(request, clips, song, song_copy, dest, progress, held)
         request["result"] = {"seconds": round(result.duration, 6), "copied": result.copied,
-                             "reencoded": result.reencoded, "elapsed_seconds": result.elapsed_seconds}
+                             "reencoded": result.reencoded, "audio": result.audio,
+                             "elapsed_seconds": result.elapsed_seconds}
         return (await asyncio.to_thread(dest.stat)).st_size
 
     @contextlib.asynccontextmanager
@@ -230,8 +234,9 @@ class AssemblyDriver:
             async with slots:
                 yield held
 
-    async def _assemble(self, request: dict[str, Any], clips: list[media.Clip], song: Path | None, dest: Path,
-                        progress: Progress, held: int) -> media.AssemblyResult:
+    async def _assemble(self, request: dict[str, Any], clips: list[media.Clip], song: Path | None,
+                        song_copy: media.SongCopy | None, dest: Path, progress: Progress,
+                        held: int) -> media.AssemblyResult:
         """``media.assemble`` within the limits of media.yaml, its progress pumped to the job, its failures as job
         errors (``invalid_assembly``, ``assembly_timeout``, ``assembly_too_large``, ``assembly_failed``)."""
         settings = self.app[CONFIG].media
@@ -255,7 +260,7 @@ class AssemblyDriver:
                 clips, dest, song=song, song_offset=request["audio_offset"], transition=request["transition"],
                 crossfade_seconds=request["crossfade_seconds"], clip_audio=request["clip_audio"], fit=request["fit"],
                 progress=on_progress, limits=ffmpeg_limits(self.app), hold=(held,),
-                graph_clips_max=settings.assembly.graph_clips_max)
+                graph_clips_max=settings.assembly.graph_clips_max, song_copy=song_copy)
         except media.AssemblyInputError as exc:
             raise ApiError(400, "invalid_assembly", str(exc), field=_field(exc.field)) from None
         except media.MediaTimeout as exc:
@@ -270,6 +275,20 @@ class AssemblyDriver:
         finally:
             pumping.cancel()
             await asyncio.gather(pumping, return_exceptions=True)
+
+
+async def _song_copy(app: web.Application, audio_id: str, song: Path,
+                     sidecar: dict[str, Any]) -> media.SongCopy | None:
+    """The song's AAC copy made at upload, whose packets a cut-only assembly copies; None (the song is encoded
+    instead) if it is not there yet, in which case it is made now for the next assembly."""
+    path = songs.aac_copy(app[STORE], audio_id)
+    duration = sidecar.get("duration")
+    if not isinstance(duration, (int, float)) or isinstance(duration, bool):
+        return None
+    if await asyncio.to_thread(path.is_file):
+        return media.SongCopy(path, float(duration))
+    app[songs.SONGS].copies(audio_id, song, float(duration))
+    return None
 
 
 def assembly_kind(app: web.Application):  # type: ignore[no-untyped-def]

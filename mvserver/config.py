@@ -235,6 +235,8 @@ class ProjectsSettings(_Strict):
     limits: ProjectsLimits
     # Seconds of the scene every new scene gets (one of videos.allowed.duration).
     default_scene_seconds: PositiveInt
+    # The output frame rate scene windows are planned in (Veo renders 24 fps): every cut is a whole frame.
+    frame_rate: float = Field(default=24.0, gt=0, le=120)
 SyncMode = Literal["cut_off", "loop", "bounce", "silence", "remap"]  # sync/lipsync-2-pro's sync_mode values
 
 
@@ -482,6 +484,14 @@ class EnvSettings:
     max_concurrent_uploads: int = 4  # upload_audio requests at once on this process
     upload_idle_seconds: float = 10.0  # an upload body may pause at most this long (and this is its slow-start grace)
     upload_min_bytes_per_second: float = 16384.0  # ... and must average at least this after the grace (0: no minimum)
+    # Song analysis (beats, bars, sections) in worker processes: how many (0: off, scenes sized by length), the
+    # seconds of a song analysed, each worker's address-space cap, the time limit per song, and how long an upload
+    # or GET /api/mv/songs/{id} waits for it before answering ``pending``.
+    analysis_workers: int = 1
+    analysis_max_seconds: float = 1200.0
+    analysis_memory_mb: int = 2048
+    analysis_timeout_seconds: float = 60.0
+    analysis_wait_seconds: float = 2.0
     header_timeout_seconds: float = 15.0  # a request's headers must arrive within this (0: no limit)
     max_concurrent_jobs: int | None = None
     sandbox_video_latency: float | None = None
@@ -530,6 +540,11 @@ class EnvSettings:
             max_concurrent_uploads=_env_number(env, "MV_MAX_CONCURRENT_UPLOADS", 4) or 4,
             upload_idle_seconds=_env_number(env, "MV_UPLOAD_IDLE_SECONDS", 10.0, float) or 10.0,
             upload_min_bytes_per_second=_env_number(env, "MV_UPLOAD_MIN_BYTES_PER_SECOND", 16384.0, float),
+            analysis_workers=_env_number(env, "MV_ANALYSIS_WORKERS", 1, maximum=16),
+            analysis_max_seconds=_env_number(env, "MV_ANALYSIS_MAX_SECONDS", 1200.0, float, maximum=86400) or 1200.0,
+            analysis_memory_mb=_env_number(env, "MV_ANALYSIS_MEMORY_MB", 2048, maximum=1 << 20) or 2048,
+            analysis_timeout_seconds=_env_number(env, "MV_ANALYSIS_TIMEOUT_SECONDS", 60.0, float) or 60.0,
+            analysis_wait_seconds=_env_number(env, "MV_ANALYSIS_WAIT_SECONDS", 2.0, float, maximum=600),
             header_timeout_seconds=_env_number(env, "MV_HEADER_TIMEOUT_SECONDS", 15.0, float),
             max_concurrent_jobs=_env_number(env, "MV_MAX_CONCURRENT_JOBS", None) or None,
             sandbox_video_latency=_env_number(env, "MV_SANDBOX_VIDEO_SECONDS", None, float),

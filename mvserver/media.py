@@ -13,7 +13,9 @@ output (concat demuxer); only trimmed, rescaled or mismatching clips are re-enco
 Crossfades re-encode everything, piece by piece (:func:`crossfade_pieces`): a clip's middle alone, each join
 with ``xfade`` from the two clips it joins, so one ffmpeg decodes two clips at a time however many there are; the
 pieces are then joined like cuts and the audio crossfaded (``acrossfade``). The audio track (the song, clip
-audio, or silence) is always encoded as AAC, so the output is H.264 + AAC in an MP4 with ``+faststart``.
+audio, or silence) is AAC, so the output is H.264 + AAC in an MP4 with ``+faststart``: encoded in the final run, or,
+for a cut-only edit of the song alone with the song's AAC copy made at upload (:func:`encode_song_copies`), copied
+from that copy packet by packet with only the faded last second encoded again.
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ from .storage import temp_path
 
 __all__ = [
     "assemble", "AssemblyInputError", "AssemblyResult", "AUDIO_DEMUXERS", "AudioStream", "check_graph_clips", "Clip",
-    "crossfade_frames", "crossfade_pieces", "DEFAULT_LIMITS", "duration_arg", "DurationError", "ffmpeg_exe",
-    "FfmpegLimits", "graph_clips", "input_args", "kept_frames", "MediaError", "MediaInfo", "MediaMemoryError",
-    "MediaTimeout", "output_fps", "output_frames", "parse_inputs", "parse_probe", "Piece", "probe", "probe_clips",
-    "run_ffmpeg", "run_lock", "song_demuxer", "SONG_DEMUXERS", "song_input_args", "stream_duration", "VideoStream",
+    "crossfade_frames", "crossfade_pieces", "DEFAULT_LIMITS", "duration_arg", "DurationError", "encode_song_copies",
+    "ffmpeg_exe", "FfmpegLimits", "graph_clips", "input_args", "kept_frames", "MediaError", "MediaInfo",
+    "MediaMemoryError", "MediaTimeout", "output_fps", "output_frames", "parse_inputs", "parse_probe", "Piece", "probe",
+    "probe_clips", "run_ffmpeg", "run_lock", "song_demuxer", "SONG_DEMUXERS", "song_input_args", "SongCopy",
+    "stream_duration", "VideoStream",
 ]
 
 ProgressCallback = Callable[[float], None]
@@ -58,6 +61,9 @@ SONG_FADE_SECONDS = 1.0
 MIX_CLIP_VOLUME = 0.3  # clip audio "mixed under the song" sits about 10 dB below it
 AUDIO_RATE = 48000
 AUDIO_BITRATE = "192k"
+AAC_FRAME_SECONDS = 1024 / AUDIO_RATE  # one AAC packet: the copied song is cut on these
+PREVIEW_ARGS = ["-c:a", "libmp3lame", "-b:a", "32k", "-ar", "22050", "-ac", "1", "-f", "mp3"]  # what Gemini hears
+PREVIEW_MIME_TYPE = "audio/mp3"
 ASPECT_TOLERANCE = 0.01
 TRIM_TOLERANCE = 0.05  # seconds a trim may pass a clip's measured end (container rounding)
 X264 = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "20"]
@@ -542,7 +548,43 @@ async def run_ffmpeg(args: Sequence[str], *, duration: float | None = None, prog
         raise MediaError(f"ffmpeg exited with status {proc.returncode}: {text}")
 
 
+# -- a saved song's copies ------------------------------------------------------------------------------------------
+
+
+async def encode_song_copies(song: Path, aac: Path, preview: Path, *, duration: float | None = None,
+                             timeout: float | None = None, limits: FfmpegLimits = DEFAULT_LIMITS) -> None:
+    """Encode a saved song once, in one ffmpeg run (one decode, two encoders) within ``limits``: ``aac``, AAC-LC at
+    the assembly's rate, channels and bitrate in an MP4, whose packets a cut-only assembly copies; and ``preview``, a
+    small mono MP3 (32 kb/s: 240 KB a minute) that goes inline to Gemini with the scene request. Both are written
+    atomically (a temporary ``.part`` first); on failure or cancellation neither exists."""
+    temps = [_temp(aac, "enc"), _temp(preview, "enc")]
+    threads = ["-threads", str(limits.threads)] if limits.threads is not None else []  # run_ffmpeg caps the last output
+    try:
+        await run_ffmpeg([*song_input_args(song), "-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1",
+                          "-c:a", "aac", "-b:a", AUDIO_BITRATE, "-ar", str(AUDIO_RATE), "-ac", "2", *threads,
+                          "-f", "mp4", "-y", str(temps[0]),
+                          "-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1", *PREVIEW_ARGS,
+                          "-y", str(temps[1])], duration=duration, timeout=timeout, limits=limits)
+        await asyncio.to_thread(_fsync_replace, temps[0], aac)
+        await asyncio.to_thread(_fsync_replace, temps[1], preview)
+    except BaseException:
+        aac.unlink(missing_ok=True)
+        preview.unlink(missing_ok=True)
+        raise
+    finally:
+        for path in temps:
+            path.unlink(missing_ok=True)
+
+
 # -- assembly ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SongCopy:
+    """A song's AAC copy (:func:`encode_song_copies`) and the song's decoded length in seconds."""
+
+    path: Path
+    duration: float
 
 
 @dataclass(frozen=True)
@@ -561,6 +603,8 @@ class AssemblyResult:
     copied: list[int] = field(default_factory=list)  # indices of clips whose video was stream-copied
     reencoded: list[int] = field(default_factory=list)  # indices of clips that were decoded and encoded again
     elapsed_seconds: float = 0.0
+    # "copied": the song's AAC packets were copied (only the faded end encoded); "encoded": the audio was encoded
+    audio: Literal["copied", "encoded"] = "encoded"
 
 
 @dataclass
@@ -776,11 +820,13 @@ async def _encode_segment(source: _Source, dest: Path, target: VideoStream, fit:
     await run(args, duration=source.duration, progress=progress)
 
 
-def _concat_list(entries: list[tuple[Path, float]]) -> str:
-    def quoted(path: Path) -> str:
-        return "'" + str(path).replace("'", "'\\''") + "'"
+def _quoted(path: Path) -> str:
+    """A path as an ffconcat ``file`` line takes it (single-quoted, quotes escaped)."""
+    return "'" + str(path).replace("'", "'\\''") + "'"
 
-    return "ffconcat version 1.0\n" + "".join(f"file {quoted(p)}\nduration {duration_arg(d)}\n" for p, d in entries)
+
+def _concat_list(entries: list[tuple[Path, float]]) -> str:
+    return "ffconcat version 1.0\n" + "".join(f"file {_quoted(p)}\nduration {duration_arg(d)}\n" for p, d in entries)
 
 
 class _Progress:
@@ -796,6 +842,35 @@ class _Progress:
         before = sum(self.weights[:n])
         callback = self.callback
         return lambda f: callback(min(1.0, (before + f * self.weights[n]) / self.total))
+
+
+async def _song_audio_list(song: SongCopy, offset: float, total: float, out: Path, temps: list[Path],
+                           run: _Runner) -> Path | None:
+    """An ffconcat list of the song's audio under a cut-only video: the AAC copy's packets from ``offset`` up to
+    the fade (a packet boundary), then the rest, faded out (and padded with silence where the song ends first),
+    decoded from the copy and encoded again. The copied part starts with the packet that holds ``offset`` (at most
+    one 21 ms AAC frame early), and the encoded part begins with the encoder's one frame of priming: that is all
+    the seam costs. None when the song ends before the fade (it is then encoded whole, padded)."""
+    fade = min(SONG_FADE_SECONDS, total / 4)
+    first = math.floor(offset / AAC_FRAME_SECONDS + 1e-9)
+    split = max(first + 1, round((offset + total - fade) / AAC_FRAME_SECONDS)) * AAC_FRAME_SECONDS
+    end = offset + total
+    if split > song.duration:
+        return None
+    tail = _temp(out, "tail")
+    temps.append(tail)
+    if split < end - 1e-6:
+        await run(["-ss", f"{split:.6f}", *input_args(song.path, ["mov"]), "-t", duration_arg(end - split),
+                   "-map", "0:a:0", "-af", f"afade=t=out:st=0:d={duration_arg(end - split)},apad",
+                   "-c:a", "aac", "-b:a", AUDIO_BITRATE, "-ar", str(AUDIO_RATE), "-ac", "2", "-f", "mp4",
+                   "-y", str(tail)], duration=end - split, progress=None)
+    listing = _temp(out, "audiolist")
+    temps.append(listing)
+    text = f"ffconcat version 1.0\nfile {_quoted(song.path)}\ninpoint {offset:.6f}\noutpoint {min(split, end):.6f}\n"
+    if split < end - 1e-6:
+        text += f"file {_quoted(tail)}\n"
+    await asyncio.to_thread(listing.write_text, text)
+    return listing
 
 
 async def _final_run(sources: list[_Source], entries: list[tuple[Path, float]], tmp: Path, out: Path,
@@ -817,7 +892,8 @@ async def _final_run(sources: list[_Source], entries: list[tuple[Path, float]], 
 
 async def _assemble_cuts(sources: list[_Source], tmp: Path, out: Path, song: Path | None, song_offset: float,
                          clip_audio: ClipAudio, fit: Fit | None, progress: ProgressCallback | None,
-                         result: AssemblyResult, temps: list[Path], run: _Runner) -> None:
+                         result: AssemblyResult, temps: list[Path], run: _Runner,
+                         song_copy: SongCopy | None = None) -> None:
     # The output takes the first clip's parameters; clips that differ are encoded to match them.
     target = _target(sources[0].video)
     copyable = [not s.trimmed and s.video.copy_key() == target.copy_key() for s in sources]
@@ -833,8 +909,21 @@ async def _assemble_cuts(sources: list[_Source], tmp: Path, out: Path, song: Pat
     for source, ok in zip(sources, copyable):
         entries.append((source.clip.path if ok else segments[source.index], source.duration))
         (result.copied if ok else result.reencoded).append(source.index)
-    await _final_run(sources, entries, tmp, out, song, song_offset, clip_audio, None, total,
-                     tracker.step(len(encode)), run, temps)
+    audio_list = None
+    if song_copy is not None and clip_audio == "drop":
+        audio_list = await _song_audio_list(song_copy, song_offset, total, out, temps, run)
+    if audio_list is None:
+        await _final_run(sources, entries, tmp, out, song, song_offset, clip_audio, None, total,
+                         tracker.step(len(encode)), run, temps)
+        return
+    listing = _temp(out, "list")
+    temps.append(listing)
+    await asyncio.to_thread(listing.write_text, _concat_list(entries))
+    args = ["-f", "concat", "-safe", "0", "-i", str(listing), "-f", "concat", "-safe", "0", "-i", str(audio_list),
+            "-map", "0:v:0", "-map", "1:a:0", "-c", "copy", "-movflags", "+faststart", "-f", "mp4",
+            "-t", duration_arg(total), "-y", str(tmp)]
+    await run(args, duration=total, progress=tracker.step(len(encode)))
+    result.audio = "copied"
 
 
 @dataclass(frozen=True)
@@ -942,8 +1031,11 @@ async def assemble(clips: Sequence[Clip], out: Path, *, song: Path | None = None
                    transition: Transition = "cut", crossfade_seconds: float = 0.5, clip_audio: ClipAudio = "drop",
                    fit: Fit | None = None, progress: ProgressCallback | None = None,
                    limits: FfmpegLimits = DEFAULT_LIMITS, hold: Sequence[int] = (),
-                   graph_clips_max: int | None = None) -> AssemblyResult:
+                   graph_clips_max: int | None = None, song_copy: SongCopy | None = None) -> AssemblyResult:
     """Join ``clips`` into one H.264 + AAC MP4 at ``out`` (written atomically); return what was done.
+
+    ``song_copy``: the song's AAC copy. A cut-only edit with the song alone (``clip_audio`` drop) that the song
+    covers then copies its packets instead of encoding the song (``result.audio`` says which was done).
 
     Every ffmpeg runs within ``limits`` and inherits ``hold`` (see :func:`run_lock`); a crossfade whose pieces would
     decode more than ``graph_clips_max`` clips in one filter graph is refused. Raises AssemblyInputError (with
@@ -959,10 +1051,14 @@ async def assemble(clips: Sequence[Clip], out: Path, *, song: Path | None = None
         raise AssemblyInputError("clip_audio", "clip_audio must be drop, keep or mix")
     if fit not in (None, "letterbox", "crop"):
         raise AssemblyInputError("fit", "fit must be null, letterbox or crop")
+    if song is None and song_copy is not None:
+        song = song_copy.path
     sources = await _load_sources(clips)
     _check_aspects(sources, fit)
-    if song is not None:
+    if song is not None and not (song_copy is not None and transition == "cut" and clip_audio == "drop"):
         await _check_song(song, song_offset)
+    elif song_copy is not None and not 0 <= song_offset < song_copy.duration:
+        raise AssemblyInputError("song_offset", f"song_offset must be in [0, {song_copy.duration:.3f}) seconds")
     result = AssemblyResult(path=out, duration=0.0)
     tmp = _temp(out, "out")
     temps = [tmp]
@@ -981,7 +1077,8 @@ async def assemble(clips: Sequence[Clip], out: Path, *, song: Path | None = None
                                                         progress, result, temps, run)
         else:
             result.duration = sum(s.duration for s in sources)
-            await _assemble_cuts(sources, tmp, out, song, song_offset, clip_audio, fit, progress, result, temps, run)
+            await _assemble_cuts(sources, tmp, out, song, song_offset, clip_audio, fit, progress, result, temps, run,
+                                 song_copy)
         await asyncio.to_thread(_fsync_replace, tmp, out)
     finally:
         for path in temps:

@@ -53,6 +53,7 @@ OPERATIONS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
     ("/api/mv/webhooks/replicate", "post"): ("receiveReplicateWebhook", {"200": "WebhookAck"}),
     ("/api/mv/upload_audio", "post"): ("uploadAudio", {"201": "Audio"}),
     ("/api/mv/get_audio/{audio_id}", "get"): ("getAudio", {}),
+    ("/api/mv/songs/{audio_id}", "get"): ("getSong", {"200": "Audio"}),
     ("/api/mv/projects", "post"): ("createProject", {"201": "Project"}),
     (PROJECT, "get"): ("getProject", {"200": "Project"}),
     (PROJECT, "patch"): ("updateProject", {"200": "Project"}),

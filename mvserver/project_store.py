@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import weakref
-from typing import Protocol
+from typing import Literal, Protocol
 
 import redis.asyncio
 import redis.exceptions
@@ -31,6 +31,21 @@ class ClipVersion(BaseModel):
     job_id: str
     created_at: float = Field(default_factory=time.time)
     duration: int  # seconds of the clip (the scene's duration when it was generated)
+
+
+class SongWindow(BaseModel):
+    """Where a scene's kept part plays in the project's song (seconds), its bars (``first_bar``, ``end_bar``
+    exclusive; 0 is the first downbeat's bar, -1 before it) and section, and what its end (the cut) lands on within
+    one frame: a downbeat, a beat, the song's end, or a plain time. Bars and section are None without an analysis
+    (bars also without a beat grid). Updated whenever the scenes change through the project's API."""
+
+    start: float
+    end: float
+    first_bar: int | None = None
+    end_bar: int | None = None
+    section: int | None = None
+    section_label: str | None = None
+    cut: Literal["downbeat", "beat", "time", "end"] = "time"
 
 
 class Claim(BaseModel):
@@ -53,6 +68,8 @@ class Scene(BaseModel):
     chosen_job_id: str | None = None
     # The newest generation, chosen automatically once it succeeds unless the user chooses another meanwhile.
     awaited_job_id: str | None = None
+    # Where it plays in the song (None without a song).
+    window: SongWindow | None = None
     claim: Claim | None = None
 
 
@@ -70,6 +87,10 @@ class Song(BaseModel):
     audio_id: str
     offset: float = 0.0
     duration: float
+    # How the scenes were sized to the song when the project was made: on its bars, or by length (None: not sized
+    # to it); and why not on bars (no analysis, no beat grid...).
+    sized_by: Literal["bars", "length"] | None = None
+    sizing_note: str | None = None
 
 
 class Project(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .analysis.model import SongAnalysis
 from .fields import UUID4_PATTERN
 
 JOB_STATUSES = ["queued", "running", "succeeded", "failed", "canceled"]
@@ -191,7 +192,25 @@ JOBS_ACCEPTED = obj(
     "repeated at the top level, as these routes always answered. `project`: the project as GET "
     "/api/mv/projects/{project_id} shows it, on a project's routes (its ETag in the header).")
 
-SONG = obj({"audio_id": ID, "offset": SECONDS, "duration": SECONDS}, description="The project's song.")
+SONG = obj({"audio_id": ID, "offset": SECONDS, "duration": SECONDS},
+           {"sized_by": {"type": ["string", "null"], "enum": ["bars", "length", None],
+                         "description": "how the scenes were sized to the song when the project was made: on its "
+                                        "bars (every cut on a downbeat), or by length; null: not sized to it"},
+            "sizing_note": {**nullable(text()), "description": "why not on bars: no beat grid (and why), the "
+                                                              "analysis off, failed or not ready"}},
+           description="The project's song.")
+CUT_KINDS = ["downbeat", "beat", "time", "end"]
+SONG_WINDOW = obj(
+    {"start": SECONDS, "end": SECONDS},
+    {"first_bar": {**nullable(INTEGER), "description": "bar of the start: 0 is the first downbeat's bar, -1 before "
+                                                       "it; null without a beat grid"},
+     "end_bar": {**nullable(INTEGER), "description": "the bar after the window's last one (exclusive)"},
+     "section": {**nullable(INTEGER), "description": "index in the song analysis' sections of the start"},
+     "section_label": nullable(text()),
+     "cut": {"type": "string", "enum": CUT_KINDS,
+             "description": "what the window's end (the cut) lands on within one frame: a downbeat, a beat, the "
+                            "song's end, or a plain time"}},
+    "Where a scene's kept part plays in the project's song (seconds), its bars and section, and its cut.")
 CLIP_VERSION = obj(
     {"job_id": ID, "created_at": UNIX_TIME, "duration": INTEGER,
      "status": {"type": "string", "enum": [*JOB_STATUSES, "missing"],
@@ -209,7 +228,8 @@ PROJECT_SCENE = obj(
      "seconds": {**SECONDS, "description": "trim_out - trim_in"},
      "song_start": {**nullable(SECONDS), "description": "where the kept part starts in the song; null: no song"},
      "chosen_video_url": nullable(text())},
-    {"chosen_poster_url": {**nullable(text()), "description": "the chosen clip's poster"}},
+    {"chosen_poster_url": {**nullable(text()), "description": "the chosen clip's poster"},
+     "window": nullable(ref("SongWindow"))},
     description="A scene in display order.")
 PROJECT = obj(
     {"project_id": ID, "etag": text("the ETag a PATCH names in If-Match"), "version": INTEGER,
@@ -253,6 +273,41 @@ PROJECT_IMAGE = obj(_IMAGES, SIGNED, "The project's new character image (no base
 PROJECT_CHARACTER = obj({"image": ref("ProjectImage"), "project": ref("Project")})
 WEBHOOK_ACK = obj({"status": {"type": "string", "enum": ["accepted", "duplicate", "ignored"]}})
 
+# The song analysis (mvserver.analysis.model), its nested models named for the song.
+_ANALYSIS_NAMES = {"Grid": "SongGrid", "Section": "SongSection", "Curve": "SongCurve", "BeatEvidence": "BeatEvidence",
+                   "SongAnalysis": "SongAnalysis"}
+
+
+def _analysis_schemas() -> dict[str, Schema]:
+    raw = SongAnalysis.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = {**raw.pop("$defs", {}), "SongAnalysis": raw}
+
+    def renamed(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: (ref(_ANALYSIS_NAMES[v.rsplit("/", 1)[1]])["$ref"] if k == "$ref" else renamed(v))
+                    for k, v in node.items() if k != "additionalProperties"}  # answers stay open
+        return [renamed(v) for v in node] if isinstance(node, list) else node
+
+    schemas = {_ANALYSIS_NAMES[name]: renamed(schema) for name, schema in defs.items()}
+    schemas["SongAnalysis"]["description"] = (
+        "A song's analysis (version 1): tempo, beats, downbeats and meter (`grid`, null when the beat evidence is "
+        "too weak: `no_grid_reason` says why), sections, an energy curve and waveform peaks. Times are seconds from "
+        "the start of the song.")
+    return schemas
+
+
+ANALYSIS_STATUSES = ["ready", "pending", "failed", "off"]
+SONG_ANALYSIS_FIELDS = {
+    "song_url": {**URL, "description": "GET it for the analysis once it is ready"},
+    "analysis_status": {"type": "string", "enum": ANALYSIS_STATUSES,
+                        "description": "ready: `analysis` holds it; pending: still running (GET song_url again "
+                                       "shortly); failed: `analysis_error` says why; off: the server analyses no "
+                                       "songs (MV_ANALYSIS_WORKERS=0)"},
+    "analysis": nullable(ref("SongAnalysis")),
+    "analysis_error": {**nullable(obj({"code": text("analysis_failed or analysis_timeout"), "message": text()})),
+                       "description": "why the analysis failed"},
+}
+
 RESPONSE_SCHEMAS: dict[str, Schema] = {
     "ErrorDetail": ERROR_DETAIL, "SignedUrls": SIGNED_URLS,
     "JobState": JOB_STATE, "Job": JOB, "JobListItem": JOB_LIST_ITEM, "JobList": JOB_LIST, "JobEvent": JOB_EVENT,
@@ -262,6 +317,6 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
     "Scene": SCENE, "ScenesMetadata": SCENES_METADATA, "Scenes": SCENES, "SavedScenes": SAVED_SCENES,
     "ImageMetadata": IMAGE_METADATA, "CandidateImage": CANDIDATE_IMAGE, "CharacterReference": CHARACTER_REFERENCE,
     "ProjectImage": PROJECT_IMAGE, "ProjectCharacter": PROJECT_CHARACTER,
-    "WebhookAck": WEBHOOK_ACK,
+    "WebhookAck": WEBHOOK_ACK, "SongWindow": SONG_WINDOW, **_analysis_schemas(),
     "Cost": COST, "Usage": USAGE, "UsageGroup": USAGE_GROUP, "UsageEntry": USAGE_ENTRY, "UsageReport": USAGE_REPORT,
 }

@@ -19,6 +19,7 @@ from .errors import ApiError, validation_error
 from .assembly_schemas import AssemblyOptions, assemble_request_model
 from .fields import INTEGRAL, UUID4_PATTERN, choice, text
 from .openapi import complete
+from .response_schemas import SONG_ANALYSIS_FIELDS
 from .project_schemas import ProjectModels
 
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -219,6 +220,7 @@ AUDIO_SCHEMA = {
         "channels": {"type": "integer", "minimum": 1, "maximum": 8},
         "size_bytes": {"type": "integer"},
         "audio_url": {"type": "string"},
+        **SONG_ANALYSIS_FIELDS,
     },
 }
 
@@ -649,6 +651,14 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
         "/api/mv/get_audio/{audio_id}": {"get": {
             "summary": "The uploaded song (Range requests supported)", "parameters": [_id_parameter("audio_id")],
             "responses": _answers(200, "audio", 400, 404, 416, content="audio/*")}},
+        "/api/mv/songs/{audio_id}": {"get": {
+            "summary": "The uploaded song's description and analysis (tempo, beats, bars, sections, energy, "
+                       "waveform peaks): analysed at upload, or now for a song uploaded before; analysis_status "
+                       "pending: ask again shortly",
+            "parameters": [_id_parameter("audio_id")],
+            "responses": {**_answers(200, "the song", 400, 404),
+                          "200": {"description": "the song",
+                                  "content": {"application/json": {"schema": AUDIO_SCHEMA}}}}}},
     }
     paths.update(_project_paths())
     paths.update(_stream_and_poster_paths())

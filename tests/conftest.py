@@ -242,6 +242,8 @@ def provider_env(sim_server: TestServer, output_dir: Path, settings_dir: Path,
         "MV_REPLICATE_BASE_URL": f"{base}/replicate",
         "MV_OUTPUT_DIR": str(output_dir),
         "MV_SETTINGS_DIR": str(settings_dir),
+        # No song analysis (a worker process costs ~3 s of CPU to start); the tests of it turn it on.
+        "MV_ANALYSIS_WORKERS": "0",
     }
 
 
@@ -308,6 +310,7 @@ def module_live(module_app: LiveApp) -> LiveApp:
     sim.faults.clear()
     sim.requests.clear()
     sim.prompts.clear()
+    sim.inline_parts.clear()
     sim.webhook_deliveries.clear()
     for name, value in {**SIM_KNOBS, **SIM_DEFAULTS}.items():
         setattr(sim, name, value)

@@ -450,6 +450,102 @@ async def test_song_shorter_than_the_video_is_padded_with_silence(clips: dict[st
     await check_output(out, 10.0)
 
 
+# -- assemble: the song's AAC copy ---------------------------------------------------------------------------------
+
+
+def clicks_song(path: Path, seconds: float) -> Path:
+    """A quiet tone with a loud 5 ms click every half second (at 0, 0.5, 1.0 ... s): the clicks mark song time."""
+    ffmpeg("-f", "lavfi", "-i", f"aevalsrc='0.05*sin(2*PI*330*t)+if(lt(mod(t\\,0.5)\\,0.005)\\,0.9\\,0)':s=44100:d={seconds}",
+           "-ac", "2", str(path))
+    return path
+
+
+def click_times(path: Path) -> list[float]:
+    """Where the clicks of :func:`clicks_song` are in a file's decoded audio (seconds from its start)."""
+    raw = subprocess.run([media.ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-ac", "1",
+                          "-ar", "48000", "-f", "s16le", "-"], capture_output=True, timeout=60, check=True).stdout
+    samples = struct.unpack(f"<{len(raw) // 2}h", raw)
+    times, last = [], -1.0
+    for index, value in enumerate(samples):
+        t = index / 48000
+        if abs(value) > 0.5 * 32768 and t - last > 0.25:
+            times.append(t)
+            last = t
+    return times
+
+
+def audio_packets(path: Path) -> list[str]:
+    out = ffmpeg("-i", str(path), "-map", "0:a:0", "-c", "copy", "-f", "framemd5", "-")
+    return [line.rsplit(",", 1)[1].strip() for line in out.splitlines() if line and not line.startswith("#")]
+
+
+async def test_a_cut_only_edit_copies_the_song_s_aac_packets_and_encodes_only_the_faded_end(
+        clips: dict[str, Path], tmp_path: Path) -> None:
+    song = clicks_song(tmp_path / "clicks.wav", 20.0)
+    aac, small = tmp_path / "song.aac.m4a", tmp_path / "song.preview.mp3"
+    await media.encode_song_copies(song, aac, small, duration=20.0)
+    copy = media.SongCopy(aac, 20.0)
+    edit = [Clip(clips["a"]), Clip(clips["b"])]
+    copied = await media.assemble(edit, tmp_path / "copied.mp4", song=song, song_offset=3.1, song_copy=copy)
+    encoded = await media.assemble(edit, tmp_path / "encoded.mp4", song=song, song_offset=3.1)
+    assert (copied.audio, encoded.audio) == ("copied", "encoded")
+    assert copied.copied == [0, 1]
+    await check_output(tmp_path / "copied.mp4", 10.0)
+    # Up to the last second the output's audio packets are the copy's, byte for byte, from the packet at 3.1 s.
+    packets, source = audio_packets(tmp_path / "copied.mp4"), audio_packets(aac)
+    first = source.index(packets[0])
+    body = round(9.0 / media.AAC_FRAME_SECONDS) - 2
+    assert packets[:body] == source[first:first + body]
+    assert abs(first * media.AAC_FRAME_SECONDS - 3.1) <= 2 * media.AAC_FRAME_SECONDS  # (the copy's first is priming)
+    # The song plays at the same times as when it is encoded: each click within one AAC frame (21 ms).
+    heard, reference = click_times(tmp_path / "copied.mp4"), click_times(tmp_path / "encoded.mp4")
+    assert len(heard) == len(reference) >= 18
+    assert max(abs(a - b) for a, b in zip(heard, reference)) <= media.AAC_FRAME_SECONDS + 1e-3
+    assert abs(heard[0] - 0.4) <= media.AAC_FRAME_SECONDS + 1e-3  # the click at 3.5 s of the song
+    # ... and it fades out over the last second as the encoded one does: no click is heard in its last 0.3 s.
+    assert heard[-1] < 9.7 and reference[-1] < 9.7
+    assert leftovers(tmp_path) == []
+    # A song that ends within the fade is copied up to it and padded with silence to the video's end.
+    padded = await media.assemble(edit, tmp_path / "padded.mp4", song=song, song_offset=10.5, song_copy=copy)
+    assert padded.audio == "copied"
+    await check_output(tmp_path / "padded.mp4", 10.0)
+    # A song that ends before the fade, or clip audio mixed in, is encoded as before.
+    mixed = await media.assemble(edit, tmp_path / "mixed.mp4", song=song, song_offset=3.1, song_copy=copy,
+                                 clip_audio="mix")
+    late = await media.assemble(edit, tmp_path / "late.mp4", song=song, song_offset=15.0, song_copy=copy)
+    assert (mixed.audio, late.audio) == ("encoded", "encoded")
+
+
+async def test_the_song_s_copies_and_its_packet_copy_run_within_the_limits_and_the_job_s_lock(
+        clips: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ffmpeg of the song's copies and of a cut-only edit that copies the song's packets gets the limits it
+    is given (memory, threads on each output, the job's run lock), as every other assembly run does."""
+    runs: list[tuple[list[str], FfmpegLimits, tuple[int, ...]]] = []
+    real = media.run_ffmpeg
+
+    async def recorded(args, **kwargs):  # type: ignore[no-untyped-def]
+        runs.append((list(args), kwargs.get("limits", media.DEFAULT_LIMITS), tuple(kwargs.get("hold", ()))))
+        await real(args, **kwargs)
+
+    monkeypatch.setattr(media, "run_ffmpeg", recorded)
+    limits = FfmpegLimits(memory_mb=900, threads=1)
+    song = clicks_song(tmp_path / "clicks.wav", 20.0)
+    aac, small = tmp_path / "song.aac.m4a", tmp_path / "song.preview.mp3"
+    await media.encode_song_copies(song, aac, small, duration=20.0, limits=limits)
+    [(args, used, _)] = runs
+    assert used == limits
+    first_output = args.index("-y")  # the AAC copy's temporary; the preview is the last output
+    assert args[first_output - 4:first_output - 2] == ["-threads", "1"]  # the AAC output's encoder too
+    runs.clear()
+    async with media.run_lock(tmp_path / "job.lock") as held:
+        result = await media.assemble([Clip(clips["a"]), Clip(clips["b"])], tmp_path / "out.mp4", song=song,
+                                      song_offset=3.1, song_copy=media.SongCopy(aac, 20.0), limits=limits,
+                                      hold=(held,))
+    assert result.audio == "copied"
+    assert len(runs) == 2  # the faded end, then the mux of the copied video and audio
+    assert all(used == limits and hold == (held,) for _, used, hold in runs), runs
+
+
 # -- assemble: crossfade and fit -----------------------------------------------------------------------------------
 
 

@@ -155,6 +155,7 @@ OPERATION_IDS = {
     ("/api/mv/webhooks/replicate", "post"): "receiveReplicateWebhook",
     ("/api/mv/upload_audio", "post"): "uploadAudio",
     ("/api/mv/get_audio/{audio_id}", "get"): "getAudio",
+    ("/api/mv/songs/{audio_id}", "get"): "getSong",
     ("/api/mv/projects", "post"): "createProject",
     ("/api/mv/projects/{project_id}", "get"): "getProject",
     ("/api/mv/projects/{project_id}", "patch"): "updateProject",
@@ -365,6 +366,8 @@ async def test_real_answers_of_the_whole_flow_match_the_document(make_client: Ap
     _, song = await api.call("POST", "/api/mv/upload_audio", data=tone(tmp_path, 20.0),
                              headers={"Content-Type": "audio/wav"})
     song_path = {"audio_id": song["audio_id"]}
+    _, described = await api.call("GET", "/api/mv/songs/{audio_id}", path=song_path)
+    assert described["audio_id"] == song["audio_id"] and described["analysis_status"] == "off"  # the tests' default
     await api.call("GET", "/api/mv/get_audio/{audio_id}", path=song_path, headers={"Range": "bytes=0-99"}, expect=206)
     await api.call("GET", "/api/mv/get_audio/{audio_id}", path=song_path, headers={"Range": "bytes=99999999-"},
                    expect=416)

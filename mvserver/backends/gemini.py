@@ -80,8 +80,13 @@ class GeminiProvider:
     # -- text ------------------------------------------------------------------------------------------------
 
     async def generate_json(self, model: str, prompt: str, schema: type[BaseModel], *, temperature: float,
-                            timeout: float) -> tuple[BaseModel | None, str]:
-        """Ask for JSON matching ``schema``; return the parsed reply (None if it does not validate) and its raw text."""
+                            timeout: float, context: str | None = None,
+                            audio: tuple[bytes, str] | None = None) -> tuple[BaseModel | None, str]:
+        """Ask for JSON matching ``schema``; return the parsed reply (None if it does not validate) and its raw text.
+
+        ``context`` is a second text part after the prompt; ``audio`` (bytes, MIME type) an inline audio part
+        (``Part.from_bytes``: inline data works on the Gemini API and on Vertex alike, while the Files API exists
+        only on the Gemini API), so a request must stay under the inline limit (20 MB in all)."""
         if self.api_client is None:
             raise ApiError(503, "missing_api_key", "GEMINI_API_KEY is not set", provider=NAME)
         config = types.GenerateContentConfig(
@@ -90,7 +95,15 @@ class GeminiProvider:
             temperature=temperature,
             http_options=types.HttpOptions(timeout=int(timeout * 1000)),
         )
-        response = await self._call(self.api_client.aio.models.generate_content(model=model, contents=prompt, config=config),
+        contents: Any = prompt
+        if context is not None or audio is not None:
+            parts = [types.Part.from_text(text=prompt)]
+            if context is not None:
+                parts.append(types.Part.from_text(text=context))
+            if audio is not None:
+                parts.append(types.Part.from_bytes(data=audio[0], mime_type=audio[1]))
+            contents = [types.Content(role="user", parts=parts)]
+        response = await self._call(self.api_client.aio.models.generate_content(model=model, contents=contents, config=config),
                                    "generate_content")
         parsed = response.parsed if isinstance(response.parsed, schema) else None
         return parsed, response.text or ""

@@ -78,6 +78,8 @@ class Simulator:
         default_factory=lambda: collections.deque(maxlen=10_000))
     requests: list[tuple[str, str]] = field(default_factory=list)  # (route name, path) seen, for tests
     prompts: deque[str] = field(default_factory=lambda: deque(maxlen=100))  # last Gemini prompts received, for tests
+    # the inline data parts (MIME type, size, SHA-256) of each of those Gemini requests, for tests
+    inline_parts: deque[list[dict[str, Any]]] = field(default_factory=lambda: deque(maxlen=100))
 
     def __post_init__(self) -> None:
         for kind in ("predictions", "operations", "files"):

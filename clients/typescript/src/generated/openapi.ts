@@ -263,26 +263,6 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
-    "/api/mv/usage": {
-        parameters: {
-            query?: never;
-            header?: never;
-            path?: never;
-            cookie?: never;
-        };
-        /**
-         * Usage and estimated cost of the jobs that ended in [from, to): the caller's (every key's for an admin key), totals that are the sum of the jobs listed, grouped by model, kind or day
-         * @description from/to: ISO 8601 dates (midnight UTC) or date-times, or unix seconds; default this calendar month (UTC) up to now. With keys on, `budget` is the caller's monthly limit, spending and what is left.
-         */
-        get: operations["getUsage"];
-        put?: never;
-        post?: never;
-        delete?: never;
-        options?: never;
-        head?: never;
-        patch?: never;
-        trace?: never;
-    };
     "/api/mv/events/link": {
         parameters: {
             query?: never;
@@ -363,6 +343,23 @@ export interface paths {
         };
         /** The uploaded song (Range requests supported) */
         get: operations["getAudio"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/songs/{audio_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The uploaded song's description and analysis (tempo, beats, bars, sections, energy, waveform peaks): analysed at upload, or now for a song uploaded before; analysis_status pending: ask again shortly */
+        get: operations["getSong"];
         put?: never;
         post?: never;
         delete?: never;
@@ -909,6 +906,13 @@ export interface components {
              * @default null
              */
             chosen_job_id?: string | null;
+            /**
+             * Snap
+             * @description Move the scene's cut (where its kept part ends in the song) to the nearest beat or bar line its clip can reach, by setting trim_out; none or without a beat grid: the trims as sent.
+             * @default null
+             * @enum {string}
+             */
+            snap?: "beat" | "bar" | "none";
         };
         /** PatchProjectRequest */
         PatchProjectRequest: {
@@ -1104,16 +1108,6 @@ export interface components {
             provider_status?: number | string;
             /** @description the provider's own message or JSON body, unchanged */
             provider_error?: unknown;
-            /** @description 402 budget_exceeded: the key's monthly budget and what is left of it */
-            budget?: {
-                /** @description YYYY-MM, UTC */
-                month: string;
-                limit: number;
-                spent: number;
-                remaining: number;
-                job_estimate: number;
-                currency: string;
-            };
         };
         /** @description Each URL of the answer that a browser loads without headers (<img>, <video>, EventSource), under the same name, signed for the caller's key (?kid=&exp=&sig=); only with API keys on. */
         SignedUrls: {
@@ -1162,7 +1156,6 @@ export interface components {
             /** @description set once the job succeeded */
             video_url: string | null;
             video_bytes: number | null;
-            usage: components["schemas"]["Usage"] | null;
         };
         /** @description GET /api/mv/jobs/{job_id}: the job's state, its URLs and its request. */
         Job: {
@@ -1194,7 +1187,6 @@ export interface components {
             /** @description set once the job succeeded */
             video_url: string | null;
             video_bytes: number | null;
-            usage: components["schemas"]["Usage"] | null;
             /** @description a URL path under /api/mv */
             status_url: string;
             /** @description a URL path under /api/mv */
@@ -1234,7 +1226,6 @@ export interface components {
             /** @description set once the job succeeded */
             video_url: string | null;
             video_bytes: number | null;
-            usage: components["schemas"]["Usage"] | null;
             /** @description a URL path under /api/mv */
             status_url: string;
             /** @description a URL path under /api/mv */
@@ -1281,13 +1272,8 @@ export interface components {
             /** @description set once the job succeeded */
             video_url?: string | null;
             video_bytes?: number | null;
-            usage?: components["schemas"]["Usage"] | null;
             /** @description progress events: the provider's last log lines, when they changed */
             logs?: string;
-            /** @description progress events: seconds left if this run takes as long as recent runs of its model and kind of request (0: running late) */
-            eta_seconds?: number;
-            /** @description true: `progress` is guessed from recent run times (the provider reports none) */
-            progress_estimated?: boolean;
         };
         /** @description One Server-Sent Event; the stream is a sequence of them (OpenAPI 3.2's itemSchema), with `: ping` comments. */
         JobStreamEvent: {
@@ -1347,6 +1333,13 @@ export interface components {
             audio_id: string;
             offset: number;
             duration: number;
+            /**
+             * @description how the scenes were sized to the song when the project was made: on its bars (every cut on a downbeat), or by length; null: not sized to it
+             * @enum {string|null}
+             */
+            sized_by?: "bars" | "length" | null;
+            /** @description why not on bars: no beat grid (and why), the analysis off, failed or not ready */
+            sizing_note?: string | null;
         };
         /** @description One generated clip of a scene, with its job's live state. */
         ClipVersion: {
@@ -1382,6 +1375,7 @@ export interface components {
             /** @description where the kept part starts in the song; null: no song */
             song_start: number | null;
             chosen_video_url: string | null;
+            window?: components["schemas"]["SongWindow"] | null;
         };
         /** @description A project (storyboard): the record, every clip version with its job's live state. */
         Project: {
@@ -1504,93 +1498,135 @@ export interface components {
             /** @enum {string} */
             status: "accepted" | "duplicate" | "ignored";
         };
-        /** @description A job's estimated cost. */
-        Cost: {
-            /** @description amount_micros / 1,000,000 */
-            amount: number;
-            /** @description millionths of the currency: add these up */
-            amount_micros: number;
-            /** @description ISO 4217, from settings/pricing.yaml */
-            currency: string;
-            /** @description the date of the prices used; null when nothing was priced */
-            as_of: string | null;
+        /** @description Where a scene's kept part plays in the project's song (seconds), its bars and section, and its cut. */
+        SongWindow: {
+            start: number;
+            end: number;
+            /** @description bar of the start: 0 is the first downbeat's bar, -1 before it; null without a beat grid */
+            first_bar?: number | null;
+            /** @description the bar after the window's last one (exclusive) */
+            end_bar?: number | null;
+            /** @description index in the song analysis' sections of the start */
+            section?: number | null;
+            section_label?: string | null;
             /**
-             * @description price_table: list prices x use; sandbox: simulated, costs 0; local: ffmpeg on this server, costs 0
+             * @description what the window's end (the cut) lands on within one frame: a downbeat, a beat, the song's end, or a plain time
              * @enum {string}
              */
-            basis: "price_table" | "sandbox" | "local" | "unpriced";
-            /** @description always true: the provider's invoice is authoritative */
-            estimated: boolean;
+            cut?: "downbeat" | "beat" | "time" | "end";
         };
-        /** @description What an ended job used and what it cost (null until the job ends). */
-        Usage: {
-            provider: string;
-            model: string;
-            /** @description seconds of media produced (null: nothing produced) */
-            output_seconds: number | null;
-            images: number;
-            /** @description the provider's own numbers, unchanged (Replicate: predict_time, total_time) */
-            provider_metrics: Record<string, never> | null;
-            queue_seconds: number;
-            wall_seconds: number;
-            /** @description provider calls retried after a transient error */
-            retries: number;
-            cost: components["schemas"]["Cost"];
+        /**
+         * BeatEvidence
+         * @description Why the grid was trusted: ``pulse_clarity`` is the onset envelope's normalised autocorrelation at the beat
+         *     period (the decision, needs >= 0.25); ``beat_contrast`` is the mean onset strength on beats over that between
+         *     them (reported only: speech has strong onsets too).
+         */
+        BeatEvidence: {
+            /** Pulse Clarity */
+            pulse_clarity: number;
+            /** Beat Contrast */
+            beat_contrast: number;
         };
-        UsageGroup: {
-            /** @description the model, kind or day (YYYY-MM-DD, UTC) of the group */
-            key: string;
-            jobs: number;
-            cost_micros: number;
-            cost: number;
-            output_seconds: number;
-            predict_seconds: number;
+        /**
+         * Curve
+         * @description Values sampled ``rate`` times a second from the start of the song, each in 0..1.
+         */
+        SongCurve: {
+            /** Rate */
+            rate: number;
+            /** Values */
+            values: number[];
         };
-        /** @description One ended job in a usage report. */
-        UsageEntry: {
-            job_id: string;
-            owner: string | null;
-            kind: string;
-            backend: string;
-            model: string;
-            sandbox: boolean;
-            status: string;
-            /** @description Unix time, seconds */
-            created_at: number;
-            /** @description Unix time, seconds */
-            finished_at: number;
-            output_seconds: number | null;
-            predict_seconds: number | null;
-            cost_micros: number;
-            currency: string | null;
-            basis: string | null;
+        /** Grid */
+        SongGrid: {
+            /**
+             * Tempo
+             * @description BPM, from a least-squares fit of beat time over beat index
+             */
+            tempo: number;
+            /**
+             * Beats
+             * @description every tracked beat, ascending
+             */
+            beats: number[];
+            /**
+             * Downbeats
+             * @description the beats that start a bar (a subset of beats)
+             */
+            downbeats: number[];
+            /**
+             * Meter
+             * @description beats per bar when it can be told apart, else None
+             */
+            meter: (3 | 4) | null;
+            /**
+             * Beats Per Bar
+             * @description the bar length used for the downbeats (4 when meter is None)
+             * @enum {integer}
+             */
+            beats_per_bar: 3 | 4;
+            /** Meter Confidence */
+            meter_confidence: number;
+            /** Downbeat Confidence */
+            downbeat_confidence: number;
+            evidence: components["schemas"]["BeatEvidence"];
         };
-        /** @description GET /api/mv/usage: jobs that ended in [from, to), their totals (exactly the sum of `jobs`) and groups. */
-        UsageReport: {
-            /** @description Unix time, seconds */
-            from: number;
-            /** @description Unix time, seconds */
-            to: number;
-            /** @enum {string} */
-            group_by: "model" | "kind" | "day";
-            currency: string;
-            all_keys: boolean;
-            totals: {
-                jobs: number;
-                cost_micros: number;
-                cost: number;
-                output_seconds: number;
-                predict_seconds: number;
-            };
-            groups: components["schemas"]["UsageGroup"][];
-            jobs: components["schemas"]["UsageEntry"][];
-            /** @description The caller's budget this month (keys on) */
-            budget?: {
-                month: string;
-                limit: number | null;
-                spent: number;
-                remaining: number | null;
-            };
+        /** Section */
+        SongSection: {
+            /** Start */
+            start: number;
+            /** End */
+            end: number;
+            /**
+             * Label
+             * @description the cluster as a letter: sections that sound alike share it (A, B, A, C, ...)
+             */
+            label: string;
+            /** Cluster */
+            cluster: number;
+        };
+        /**
+         * SongAnalysis
+         * @description A song's analysis (version 1): tempo, beats, downbeats and meter (`grid`, null when the beat evidence is too weak: `no_grid_reason` says why), sections, an energy curve and waveform peaks. Times are seconds from the start of the song.
+         */
+        SongAnalysis: {
+            /**
+             * Version
+             * @default 1
+             * @constant
+             */
+            version?: 1;
+            /**
+             * Analyser
+             * @description what produced it, e.g. 'librosa 0.11.0'
+             */
+            analyser: string;
+            /**
+             * Duration
+             * @description seconds analysed (the whole song unless truncated)
+             */
+            duration: number;
+            /**
+             * Truncated
+             * @description the song was longer than the analysis cap; the rest has no grid
+             * @default false
+             */
+            truncated?: boolean;
+            grid: components["schemas"]["SongGrid"] | null;
+            /**
+             * No Grid Reason
+             * @default null
+             */
+            no_grid_reason?: string | null;
+            /**
+             * Sections
+             * @description contiguous from 0 to duration; boundaries on downbeats with a grid
+             */
+            sections: components["schemas"]["SongSection"][];
+            /** @description loudness (RMS, -60..0 dBFS as 0..1) */
+            energy: components["schemas"]["SongCurve"];
+            /** @description waveform peaks (max |sample| per bucket, full scale 1) */
+            peaks: components["schemas"]["SongCurve"];
         };
         Health: {
             /**
@@ -1657,6 +1693,20 @@ export interface components {
             channels: number;
             size_bytes: number;
             audio_url: string;
+            /** @description GET it for the analysis once it is ready */
+            song_url?: string;
+            /**
+             * @description ready: `analysis` holds it; pending: still running (GET song_url again shortly); failed: `analysis_error` says why; off: the server analyses no songs (MV_ANALYSIS_WORKERS=0)
+             * @enum {string}
+             */
+            analysis_status?: "ready" | "pending" | "failed" | "off";
+            analysis?: components["schemas"]["SongAnalysis"] | null;
+            /** @description why the analysis failed */
+            analysis_error?: {
+                /** @description analysis_failed or analysis_timeout */
+                code: string;
+                message: string;
+            } | null;
         };
         /** @description Optional: number_of_images, aspect_ratio, safety_filter_level, person_generation, output_format, negative_prompt, seed; the rest comes from the project. */
         ProjectCharacterOptions: {
@@ -2519,15 +2569,6 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
-            402: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
             /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
             403: {
                 headers: {
@@ -2675,15 +2716,6 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
-            402: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
             /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
             403: {
                 headers: {
@@ -2825,15 +2857,6 @@ export interface operations {
                 headers: {
                     /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
                     "WWW-Authenticate": string;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
-            402: {
-                headers: {
                     [name: string]: unknown;
                 };
                 content: {
@@ -3532,94 +3555,6 @@ export interface operations {
             };
         };
     };
-    getUsage: {
-        parameters: {
-            query?: {
-                from?: string;
-                to?: string;
-                group_by?: "model" | "kind" | "day";
-                /** @description signed link: the key id it was made for */
-                kid?: string;
-                /** @description signed link: expiry, unix seconds */
-                exp?: string;
-                /** @description signed link: HMAC-SHA256 signature */
-                sig?: string;
-            };
-            header?: never;
-            path?: never;
-            cookie?: never;
-        };
-        requestBody?: never;
-        responses: {
-            /** @description usage report */
-            200: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["UsageReport"];
-                };
-            };
-            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description missing or invalid API key */
-            401: {
-                headers: {
-                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
-                    "WWW-Authenticate": string;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
-            403: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-            421: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description internal_error: a server bug (no details are given) */
-            500: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
-            503: {
-                headers: {
-                    /** @description seconds to wait before retrying */
-                    "Retry-After"?: string;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-        };
-    };
     getEventsLink: {
         parameters: {
             query: {
@@ -4178,6 +4113,102 @@ export interface operations {
                 headers: {
                     /** @description bytes start-end/size (206), or bytes *\/size (416) */
                     "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getSong: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                audio_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the song */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Audio"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
                     [name: string]: unknown;
                 };
                 content: {
@@ -4967,15 +4998,6 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
-            402: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
             /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
             403: {
                 headers: {
@@ -5134,15 +5156,6 @@ export interface operations {
                 headers: {
                     /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
                     "WWW-Authenticate": string;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
-            402: {
-                headers: {
                     [name: string]: unknown;
                 };
                 content: {
@@ -5309,15 +5322,6 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
-            402: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
             /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
             403: {
                 headers: {
@@ -5465,15 +5469,6 @@ export interface operations {
                 headers: {
                     /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
                     "WWW-Authenticate": string;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
-            402: {
-                headers: {
                     [name: string]: unknown;
                 };
                 content: {
