@@ -263,6 +263,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/mv/usage": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Usage and estimated cost of the jobs that ended in [from, to): the caller's (every key's for an admin key), totals that are the sum of the jobs listed, grouped by model, kind or day
+         * @description from/to: ISO 8601 dates (midnight UTC) or date-times, or unix seconds; default this calendar month (UTC) up to now. With keys on, `budget` is the caller's monthly limit, spending and what is left.
+         */
+        get: operations["getUsage"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/mv/events/link": {
         parameters: {
             query?: never;
@@ -1108,6 +1128,16 @@ export interface components {
             provider_status?: number | string;
             /** @description the provider's own message or JSON body, unchanged */
             provider_error?: unknown;
+            /** @description 402 budget_exceeded: the key's monthly budget and what is left of it */
+            budget?: {
+                /** @description YYYY-MM, UTC */
+                month: string;
+                limit: number;
+                spent: number;
+                remaining: number;
+                job_estimate: number;
+                currency: string;
+            };
         };
         /** @description Each URL of the answer that a browser loads without headers (<img>, <video>, EventSource), under the same name, signed for the caller's key (?kid=&exp=&sig=); only with API keys on. */
         SignedUrls: {
@@ -1156,6 +1186,13 @@ export interface components {
             /** @description set once the job succeeded */
             video_url: string | null;
             video_bytes: number | null;
+            /** @description the stored clip's length (null until it is stored) */
+            video_seconds: number | null;
+            video_width: number | null;
+            video_height: number | null;
+            /** @description the clip's first frame (JPEG), once the job succeeded */
+            poster_url: string | null;
+            usage: components["schemas"]["Usage"] | null;
         };
         /** @description GET /api/mv/jobs/{job_id}: the job's state, its URLs and its request. */
         Job: {
@@ -1187,6 +1224,13 @@ export interface components {
             /** @description set once the job succeeded */
             video_url: string | null;
             video_bytes: number | null;
+            /** @description the stored clip's length (null until it is stored) */
+            video_seconds: number | null;
+            video_width: number | null;
+            video_height: number | null;
+            /** @description the clip's first frame (JPEG), once the job succeeded */
+            poster_url: string | null;
+            usage: components["schemas"]["Usage"] | null;
             /** @description a URL path under /api/mv */
             status_url: string;
             /** @description a URL path under /api/mv */
@@ -1226,6 +1270,13 @@ export interface components {
             /** @description set once the job succeeded */
             video_url: string | null;
             video_bytes: number | null;
+            /** @description the stored clip's length (null until it is stored) */
+            video_seconds: number | null;
+            video_width: number | null;
+            video_height: number | null;
+            /** @description the clip's first frame (JPEG), once the job succeeded */
+            poster_url: string | null;
+            usage: components["schemas"]["Usage"] | null;
             /** @description a URL path under /api/mv */
             status_url: string;
             /** @description a URL path under /api/mv */
@@ -1272,8 +1323,19 @@ export interface components {
             /** @description set once the job succeeded */
             video_url?: string | null;
             video_bytes?: number | null;
+            /** @description the stored clip's length (null until it is stored) */
+            video_seconds?: number | null;
+            video_width?: number | null;
+            video_height?: number | null;
+            /** @description the clip's first frame (JPEG), once the job succeeded */
+            poster_url?: string | null;
+            usage?: components["schemas"]["Usage"] | null;
             /** @description progress events: the provider's last log lines, when they changed */
             logs?: string;
+            /** @description progress events: seconds left if this run takes as long as recent runs of its model and kind of request (0: running late) */
+            eta_seconds?: number;
+            /** @description true: `progress` is guessed from recent run times (the provider reports none) */
+            progress_estimated?: boolean;
         };
         /** @description One Server-Sent Event; the stream is a sequence of them (OpenAPI 3.2's itemSchema), with `: ping` comments. */
         JobStreamEvent: {
@@ -1357,6 +1419,12 @@ export interface components {
             progress: number | null;
             video_url: string | null;
             error: components["schemas"]["ErrorDetail"] | null;
+            /** @description the clip's first frame (JPEG), once the job succeeded */
+            poster_url?: string | null;
+            /** @description the stored clip's length (null until it is stored) */
+            video_seconds?: number | null;
+            video_width?: number | null;
+            video_height?: number | null;
         };
         /** @description A scene in display order. */
         ProjectScene: {
@@ -1375,6 +1443,8 @@ export interface components {
             /** @description where the kept part starts in the song; null: no song */
             song_start: number | null;
             chosen_video_url: string | null;
+            /** @description the chosen clip's poster */
+            chosen_poster_url?: string | null;
             window?: components["schemas"]["SongWindow"] | null;
         };
         /** @description A project (storyboard): the record, every clip version with its job's live state. */
@@ -1627,6 +1697,94 @@ export interface components {
             energy: components["schemas"]["SongCurve"];
             /** @description waveform peaks (max |sample| per bucket, full scale 1) */
             peaks: components["schemas"]["SongCurve"];
+        };
+        /** @description A job's estimated cost. */
+        Cost: {
+            /** @description amount_micros / 1,000,000 */
+            amount: number;
+            /** @description millionths of the currency: add these up */
+            amount_micros: number;
+            /** @description ISO 4217, from settings/pricing.yaml */
+            currency: string;
+            /** @description the date of the prices used; null when nothing was priced */
+            as_of: string | null;
+            /**
+             * @description price_table: list prices x use; sandbox: simulated, costs 0; local: ffmpeg on this server, costs 0
+             * @enum {string}
+             */
+            basis: "price_table" | "sandbox" | "local" | "unpriced";
+            /** @description always true: the provider's invoice is authoritative */
+            estimated: boolean;
+        };
+        /** @description What an ended job used and what it cost (null until the job ends). */
+        Usage: {
+            provider: string;
+            model: string;
+            /** @description seconds of media produced (null: nothing produced) */
+            output_seconds: number | null;
+            images: number;
+            /** @description the provider's own numbers, unchanged (Replicate: predict_time, total_time) */
+            provider_metrics: Record<string, never> | null;
+            queue_seconds: number;
+            wall_seconds: number;
+            /** @description provider calls retried after a transient error */
+            retries: number;
+            cost: components["schemas"]["Cost"];
+        };
+        UsageGroup: {
+            /** @description the model, kind or day (YYYY-MM-DD, UTC) of the group */
+            key: string;
+            jobs: number;
+            cost_micros: number;
+            cost: number;
+            output_seconds: number;
+            predict_seconds: number;
+        };
+        /** @description One ended job in a usage report. */
+        UsageEntry: {
+            job_id: string;
+            owner: string | null;
+            kind: string;
+            backend: string;
+            model: string;
+            sandbox: boolean;
+            status: string;
+            /** @description Unix time, seconds */
+            created_at: number;
+            /** @description Unix time, seconds */
+            finished_at: number;
+            output_seconds: number | null;
+            predict_seconds: number | null;
+            cost_micros: number;
+            currency: string | null;
+            basis: string | null;
+        };
+        /** @description GET /api/mv/usage: jobs that ended in [from, to), their totals (exactly the sum of `jobs`) and groups. */
+        UsageReport: {
+            /** @description Unix time, seconds */
+            from: number;
+            /** @description Unix time, seconds */
+            to: number;
+            /** @enum {string} */
+            group_by: "model" | "kind" | "day";
+            currency: string;
+            all_keys: boolean;
+            totals: {
+                jobs: number;
+                cost_micros: number;
+                cost: number;
+                output_seconds: number;
+                predict_seconds: number;
+            };
+            groups: components["schemas"]["UsageGroup"][];
+            jobs: components["schemas"]["UsageEntry"][];
+            /** @description The caller's budget this month (keys on) */
+            budget?: {
+                month: string;
+                limit: number | null;
+                spent: number;
+                remaining: number | null;
+            };
         };
         Health: {
             /**
@@ -2569,6 +2727,15 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
             /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
             403: {
                 headers: {
@@ -2716,6 +2883,15 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
             /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
             403: {
                 headers: {
@@ -2857,6 +3033,15 @@ export interface operations {
                 headers: {
                     /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
                     "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
                     [name: string]: unknown;
                 };
                 content: {
@@ -3543,6 +3728,94 @@ export interface operations {
                 };
             };
             /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getUsage: {
+        parameters: {
+            query?: {
+                from?: string;
+                to?: string;
+                group_by?: "model" | "kind" | "day";
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description usage report */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["UsageReport"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -4998,6 +5271,15 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
             /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
             403: {
                 headers: {
@@ -5156,6 +5438,15 @@ export interface operations {
                 headers: {
                     /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
                     "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
                     [name: string]: unknown;
                 };
                 content: {
@@ -5322,6 +5613,15 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
             /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
             403: {
                 headers: {
@@ -5469,6 +5769,15 @@ export interface operations {
                 headers: {
                     /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
                     "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
                     [name: string]: unknown;
                 };
                 content: {
