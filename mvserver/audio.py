@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import BodyPartReader, ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -36,8 +36,9 @@ from .config import CONFIG
 from .errors import ApiError
 from .idempotency import idempotent, reserve
 from .quotas import charge_upload
+from .files import SavedFileResponse
 from .security import accepts
-from .storage import STORE, OutputStore, check_id, new_id
+from .storage import STORE, OutputStore, check_id, new_id, temp_path
 
 routes = web.RouteTableDef()
 
@@ -112,6 +113,10 @@ class UploadSlots:
 
 
 UPLOAD_SLOTS = web.AppKey("audio_upload_slots", UploadSlots)
+# Called once a song is saved (its sidecar written): starts its analysis and copies and answers fields for the upload
+# answer (``mvserver.songs`` sets it; without it an upload answers the description alone).
+SongSaved = Callable[[web.Application, str, Path, dict[str, Any]], Awaitable[dict[str, Any]]]
+SONG_SAVED = web.AppKey("song_saved", SongSaved)
 
 
 @dataclass(frozen=True)
@@ -312,7 +317,7 @@ async def _store_upload(request: web.Request) -> web.Response:
     env = request.app[CONFIG].env
     pace = UploadPace(env.upload_idle_seconds, env.upload_min_bytes_per_second)
     audio_id = new_id()
-    upload = store.root / "audio" / f".{audio_id}.upload.part"  # a crash leaves it to the start-up clean-up
+    upload = temp_path(store.root / "audio" / audio_id, "upload")  # a crash leaves it to the clean-up
     try:
         try:
             digest = await _receive(request, upload, env.max_audio_bytes, pace)
@@ -338,6 +343,9 @@ async def _store_upload(request: web.Request) -> web.Response:
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+    saved = request.app.get(SONG_SAVED)
+    if saved is not None:
+        body.update(await saved(request.app, audio_id, path, body))
     return web.json_response(body, status=201, headers={"Location": body["audio_url"]})  # no server path
 
 
@@ -363,5 +371,5 @@ async def saved_audio(app: web.Application, audio_id: str, field: str = "audio_i
 @routes.get("/api/mv/get_audio/{audio_id}")
 async def get_audio(request: web.Request) -> web.FileResponse:
     path, sidecar = await saved_audio(request.app, request.match_info["audio_id"], caller=key_id(request))
-    return web.FileResponse(path, headers={"Content-Type": sidecar["mime_type"],
-                                           "Cache-Control": "private, max-age=3600"})
+    return SavedFileResponse(path, noun="song", headers={"Content-Type": sidecar["mime_type"],
+                                                         "Cache-Control": "private, max-age=3600"})

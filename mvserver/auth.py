@@ -53,6 +53,8 @@ class KeyLimits(BaseModel):
     uploads_per_minute: float | None = Field(default=10, gt=0)  # upload_audio requests (a token each)
     uploads_burst: PositiveInt = 5
     max_concurrent_uploads: PositiveInt | None = 2  # of this key at once, per process
+    # Spending per calendar month (UTC), in the price table's currency (settings/pricing.yaml); None: no limit
+    monthly_budget: float | None = Field(default=None, ge=0)
 
 
 class KeyRecord(BaseModel):
@@ -63,6 +65,7 @@ class KeyRecord(BaseModel):
     created_at: str
     revoked_at: str | None = None
     limits: KeyLimits = KeyLimits()
+    admin: bool = False  # may read every key's usage (GET /api/mv/usage)
 
     @property
     def active(self) -> bool:
@@ -118,7 +121,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def create_key(path: Path, name: str, limits: KeyLimits | None = None) -> tuple[KeyRecord, str]:
+def create_key(path: Path, name: str, limits: KeyLimits | None = None, *, admin: bool = False
+               ) -> tuple[KeyRecord, str]:
     """Add a key to the file (created if missing); return its record and the key itself, which is not stored."""
     with _locked(path):
         keys = read_keys(path) if path.exists() else KeysFile()
@@ -128,7 +132,7 @@ def create_key(path: Path, name: str, limits: KeyLimits | None = None) -> tuple[
             key_id = "k" + secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
         record = KeyRecord(id=key_id, name=name, hash=hash_secret(key_id, secret), created_at=_now(),
-                           limits=limits or KeyLimits())
+                           limits=limits or KeyLimits(), admin=admin)
         keys.keys.append(record)
         write_keys(path, keys)
     return record, f"mv_{key_id}_{secret}"

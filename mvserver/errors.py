@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 import httpx
+import redis.exceptions
 import replicate.exceptions
 from aiohttp import http_exceptions, web
 from google.genai import errors as genai_errors
@@ -80,6 +81,7 @@ class ErrorInfo:
     provider: str | None = None
     provider_status: int | str | None = None
     provider_error: Any = None
+    budget: dict[str, Any] | None = None  # 402 budget_exceeded: the key's monthly limit, what is spent and left
 
     def __post_init__(self) -> None:
         self.message = without_paths(self.message)
@@ -189,6 +191,18 @@ def from_exception(exc: BaseException, provider: str) -> ApiError:
     return ApiError(502, "provider_error", f"{provider} call failed: {exc.__class__.__name__}", provider=provider)
 
 
+STORE_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+"""What a Redis client raises while Redis is down or restarting (loading its data included)."""
+
+
+def store_unavailable(exc: BaseException) -> ApiError:
+    """503 ``store_unavailable``: a request needed Redis (jobs, projects, quota buckets) and could not reach it.
+    The detail (which may name the host) goes to the log, not to the client."""
+    log.warning("store unavailable: %s: %s", exc.__class__.__name__, one_line(str(exc)))
+    return ApiError(503, "store_unavailable", "the job and project store (Redis) is unreachable; try again shortly",
+                    retry_after=1)
+
+
 def validation_error(exc: ValidationError) -> ApiError:
     """A request body that does not fit its schema: 400 naming the first bad field."""
     first = exc.errors()[0]
@@ -227,6 +241,8 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
                                  headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     except asyncio.CancelledError:
         raise
+    except STORE_UNAVAILABLE as exc:  # wherever on the request's path Redis was needed
+        return store_unavailable(exc).response()
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return web.json_response({"error": {"code": "internal_error", "message": "internal server error"}}, status=500)

@@ -24,6 +24,7 @@ from .backends import PROVIDERS
 from .config import CONFIG, Config
 from .debug import debug_print
 from .errors import ApiError
+from .files import SavedFileResponse
 from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
 from .storage import STORE, OutputStore, check_id, new_id
@@ -203,4 +204,4 @@ async def generate_character_reference(request: web.Request) -> web.Response:
 async def get_image(request: web.Request) -> web.FileResponse:
     image_id = check_id(request.match_info["image_id"], "image_id")
     path, mime_type = await _saved_image(request.app[STORE], image_id, "image_id", key_id(request))
-    return web.FileResponse(path, headers={"Content-Type": mime_type})
+    return SavedFileResponse(path, noun="image", headers={"Content-Type": mime_type})

@@ -1,6 +1,10 @@
-"""Service endpoints: health, the OpenAPI document, and the caller's key (its limits and what is left)."""
+"""Service endpoints: health (with liveness and readiness for load balancers), the OpenAPI document, and the
+caller's key (its limits and what is left)."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
 
 from aiohttp import web
 
@@ -8,12 +12,40 @@ from . import __version__
 from .auth import API_KEY, KEYRING, public
 from .backends import PROVIDERS
 from .config import CONFIG
+from .errors import STORE_UNAVAILABLE, ApiError, one_line
 from .jobs import JOBS
+from .jobs.store import StoreUnavailable
 from .metrics import METRICS
+from .project_store import PROJECTS
 from .quotas import QUOTAS
 from .schemas import REQUEST_MODELS, openapi_document
 
 routes = web.RouteTableDef()
+log = logging.getLogger("mvserver")
+READY_TIMEOUT_SECONDS = 2.0  # a store that takes longer to answer a ping counts as unreachable
+
+
+async def store_problem(app: web.Application) -> str | None:
+    """Why the job or project store cannot be used now (None: both answer a ping within the time limit)."""
+    async def ping() -> None:
+        await app[JOBS].ping()
+        await app[PROJECTS].ping()
+
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+            try:
+                await ping()
+            except STORE_UNAVAILABLE:  # a pooled connection a Redis restart cut: once more, on a fresh one
+                await ping()
+    except TimeoutError:
+        return f"no answer within {READY_TIMEOUT_SECONDS:g} s"
+    except (OSError, StoreUnavailable, *STORE_UNAVAILABLE) as exc:
+        return f"{exc.__class__.__name__}: {one_line(str(exc))}"
+    return None
+
+
+def _store_kind(app: web.Application) -> str:
+    return "redis" if app[CONFIG].env.redis_url else "files"
 
 
 @routes.get("/api/mv/health")
@@ -23,8 +55,9 @@ async def health(request: web.Request) -> web.Response:
     API needs a key (so a page knows to ask for one before its first call)."""
     providers = request.app[PROVIDERS]
     modes = providers.modes()
+    problem = await store_problem(request.app)
     return web.json_response({
-        "status": "ok",
+        "status": "ok" if problem is None else "degraded",
         "version": __version__,
         "mode": "sandbox" if providers.sandboxed else "live",
         "sandbox": bool(providers.sandboxed),
@@ -32,7 +65,28 @@ async def health(request: web.Request) -> web.Response:
         "styles": [{"name": name, "label": preset.label, "description": preset.description}
                    for name, preset in request.app[CONFIG].styles.items()],
         "auth": {"keys_required": KEYRING in request.app},
+        "store": {"kind": _store_kind(request.app), "reachable": problem is None},
     })
+
+
+@routes.get("/api/mv/health/live")
+@public
+async def live(request: web.Request) -> web.Response:
+    """Liveness: the process serves requests (whatever its store does); a failure means restart it."""
+    return web.json_response({"status": "ok"}, headers={"Cache-Control": "no-store"})
+
+
+@routes.get("/api/mv/health/ready")
+@public
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: the job and project store answer, so requests can be served; 503 ``store_unavailable`` while they
+    do not (take the node out of the balancer, do not restart it: it reconnects by itself)."""
+    problem = await store_problem(request.app)
+    if problem is not None:
+        log.warning("not ready: the %s store is unreachable: %s", _store_kind(request.app), problem)
+        raise ApiError(503, "store_unavailable", f"the {_store_kind(request.app)} store is unreachable", retry_after=1)
+    return web.json_response({"status": "ready", "store": _store_kind(request.app)},
+                             headers={"Cache-Control": "no-store"})
 
 
 @routes.get("/api/mv/openapi.json")

@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import contextlib
 import json
 import math
 import time
+from types import SimpleNamespace
 from typing import Any, Awaitable, Callable, Iterable, NamedTuple
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError, create_model
 
+from . import project_song
+from .accepted import accepted_response
+from .analysis import SongAnalysis
 from .auth import key_id, visible_to
 from .config import CONFIG, Config
 from .errors import ApiError, validation_error
@@ -31,16 +36,17 @@ from .idempotency import idempotent, reserve
 from .images import _saved_image, generate_reference
 from .jobs import JOBS, Job
 from .project_schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
-from .project_store import PROJECTS, ClipVersion, Project, Scene, Song
+from .project_store import PROJECTS, CharacterCandidate, Claim, ClipVersion, Project, Scene, Song
 from .quotas import charge
 from .scenes import write_scenes
 from .schemas import REQUEST_MODELS, json_object
 from .storage import STORE, check_id, new_id
-from .videos import accepted_job, check_reference_shape, submit_video_job
+from .videos import check_reference_shape, submit_video_job, whole_prompt
 
 routes = web.RouteTableDef()
 BASE = "/api/mv/projects"
 CAS_ATTEMPTS = 20
+CLAIM_SECONDS = 60.0  # a scene claimed by a clips request that died is free again after this long
 
 JobStates = dict[str, Job | None]
 
@@ -240,12 +246,17 @@ async def update(app: web.Application, project_id: str, change: Change, if_match
 # -- the view ------------------------------------------------------------------------------------------------------
 
 
+# What a storyboard grid shows of a finished clip without loading it: its poster, length and frame size.
+CLIP_FACTS = ("poster_url", "video_seconds", "video_width", "video_height")
+
+
 def _version_view(version: ClipVersion, job: Job | None) -> dict[str, Any]:
     view: dict[str, Any] = {"job_id": version.job_id, "created_at": version.created_at, "duration": version.duration}
     if job is None:
-        return {**view, "status": "missing", "stage": None, "progress": None, "video_url": None, "error": None}
+        return {**view, "status": "missing", "stage": None, "progress": None, "video_url": None, "error": None,
+                **dict.fromkeys(CLIP_FACTS)}
     state = job.state()
-    return {**view, **{k: state[k] for k in ("status", "stage", "progress", "video_url", "error")}}
+    return {**view, **{k: state[k] for k in ("status", "stage", "progress", "video_url", "error", *CLIP_FACTS)}}
 
 
 def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
@@ -254,18 +265,25 @@ def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
     project = project.model_copy(deep=True)
     settle(project, jobs)
     record = project.model_dump()
-    body = {"project_id": record.pop("id"), "etag": etag(project), **record}
+    body = {"project_id": record.pop("id"), "etag": etag(project), **record,
+            "events_url": f"{BASE}/{project.id}/events"}
     for scene, entry, raw in zip(project.scenes, project_timeline(project), body["scenes"]):
         raw["versions"] = [_version_view(v, jobs.get(v.job_id)) for v in scene.versions]
         raw["seconds"] = round(entry.seconds, 6)
         raw["song_start"] = entry.song_start
         raw["chosen_video_url"] = f"/api/mv/get_video/{scene.chosen_job_id}" if scene.chosen_job_id else None
+        raw["chosen_poster_url"] = next((v["poster_url"] for v in raw["versions"]
+                                         if v["job_id"] == scene.chosen_job_id), None)
     body["total_seconds"] = round(sum(e.seconds for e in project_timeline(project)), 6)
     # What a page shows with the storyboard, by URL (with keys on each gets its signed twin on the way out).
     body["character_image_url"] = (f"/api/mv/get_image/{project.character_image_id}"
                                    if project.character_image_id else None)
     if body["song"] is not None:
         body["song"]["audio_url"] = f"/api/mv/get_audio/{project.song.audio_id}" if project.song else None
+    for raw in body["scenes"]:
+        raw.pop("claim", None)  # bookkeeping of a request in flight
+    for candidate in body["character_candidates"]:
+        candidate["image_url"] = f"/api/mv/get_image/{candidate['image_id']}"
     return body
 
 
@@ -324,28 +342,38 @@ def normal_options(model: type[BaseModel], options: dict[str, Any], allowed: fro
 # -- create --------------------------------------------------------------------------------------------------------
 
 
-def new_scene(duration: int, prompt: str = "", negative_prompt: str = "") -> Scene:
+def new_scene(duration: int, prompt: str = "", negative_prompt: str = "", trim_out: float | None = None) -> Scene:
     return Scene(id=new_id(), prompt=prompt, negative_prompt=negative_prompt, duration=duration,
-                 trim_out=float(duration))
+                 trim_out=float(duration) if trim_out is None else trim_out)
 
 
 async def create_project(app: web.Application, body: Any, owner: str | None = None) -> Project:
     config: Config = app[CONFIG]
     settings = config.projects
-    song = None
-    durations = [settings.default_scene_seconds] * (body.number_of_scenes or 0)
+    song = analysis = None
+    sized = [(settings.default_scene_seconds, float(settings.default_scene_seconds))] * (body.number_of_scenes or 0)
     if body.audio_id is not None:
         duration = await song_duration(app, body.audio_id, "audio_id", owner)
         song = Song(audio_id=body.audio_id, offset=_offset(body.audio_offset, duration, "audio_offset"),
                     duration=duration)
-        if body.number_of_scenes is None:
-            durations = size_to_song(duration - song.offset, config.videos.allowed.duration,
-                                     settings.limits.scenes_max)
+        sizing = body.number_of_scenes is None
+        # Sizing waits for the song's analysis (usually done at upload); otherwise only a finished one is used.
+        analysis, note = await project_song.load_analysis(
+            app, body.audio_id, wait=config.env.analysis_timeout_seconds if sizing else 0)
+        if sizing and analysis is not None and analysis.grid is not None:
+            sized = project_song.scenes_on_bars(analysis, song, config.videos.allowed.duration, settings.frame_rate,
+                                                settings.limits.scenes_max)
+            song.sized_by = "bars"
+        elif sizing:
+            sized = [(d, float(d)) for d in size_to_song(duration - song.offset, config.videos.allowed.duration,
+                                                        settings.limits.scenes_max)]
+            song.sized_by, song.sizing_note = "length", note
     elif body.audio_offset:
         raise ApiError(400, "invalid_field", "audio_offset: needs audio_id", field="audio_offset")
     project = Project(id=new_id(), owner=owner, idea=body.idea, character_description=body.character_description,
                       style=body.style, aspect_ratio=body.aspect_ratio, song=song,
-                      scenes=[new_scene(d) for d in durations])
+                      scenes=[new_scene(d, trim_out=kept) for d, kept in sized])
+    project_song.place_scenes(project_timeline(project), song, analysis, settings.frame_rate)
     if not await app[PROJECTS].put(project, 0):
         raise ApiError(409, "conflict", "a project with this id exists")  # a UUID4 collision: never in practice
     return project
@@ -369,9 +397,11 @@ async def _check_image(app: web.Application, image_id: str, caller: str | None) 
                        field="character_image_id") from None
 
 
-def apply_patch(config: Config, project: Project, jobs: JobStates, patch: Any, song: Song | None | bool) -> None:
-    """Apply a validated PATCH in place (remove, per-scene changes, order, add) or raise ApiError naming the field.
-    ``song`` is the new song when ``audio_id`` was sent (None removes it), False when it was not."""
+def apply_patch(config: Config, project: Project, jobs: JobStates, patch: Any, song: Song | None | bool,
+                analysis: SongAnalysis | None = None) -> None:
+    """Apply a validated PATCH in place (remove, per-scene changes, order, add, then snapped cuts) or raise ApiError
+    naming the field. ``song`` is the new song when ``audio_id`` was sent (None removes it), False when it was not;
+    ``analysis`` the song's (for snapping and the scenes' windows), if there is one."""
     sent = patch.model_fields_set
     for name in ("idea", "character_description", "style", "character_image_id"):
         if name in sent:
@@ -396,6 +426,8 @@ def apply_patch(config: Config, project: Project, jobs: JobStates, patch: Any, s
                 400, "invalid_field", f"{field}.id: scene {change.id} is listed twice", field=f"{field}.id")
         seen.add(change.id)
         _patch_scene(config, scene, change, jobs, field)
+        if {"prompt", "duration"} & change.model_fields_set:
+            check_scene_prompt(config, project, scene, f"{field}.prompt")
     if patch.order is not None:
         ids = [s.id for s in project.scenes]
         if sorted(patch.order) != sorted(ids):
@@ -403,12 +435,46 @@ def apply_patch(config: Config, project: Project, jobs: JobStates, patch: Any, s
                                                  "exactly once", field="order")
         by_id = {s.id: s for s in project.scenes}
         project.scenes = [by_id[i] for i in patch.order]
-    for added in patch.add_scenes or []:
+    for index, added in enumerate(patch.add_scenes or []):
         project.scenes.append(new_scene(added.duration, added.prompt, added.negative_prompt))
+        check_scene_prompt(config, project, project.scenes[-1], f"add_scenes.{index}.prompt")
     limit = config.projects.limits.scenes_max
     if len(project.scenes) > limit:
         raise ApiError(400, "too_many_scenes", f"add_scenes: a project holds at most {limit} scenes",
                        field="add_scenes")
+    settings = config.projects
+    snaps = [(c.id, c.snap, f"scenes.{i}") for i, c in enumerate(patch.scenes or []) if c.snap is not None]
+    project_song.snap_trims(project, snaps, analysis, settings.frame_rate, settings.limits.min_scene_seconds,
+                            project_timeline)
+    project_song.place_scenes(project_timeline(project), project.song, analysis, settings.frame_rate)
+
+
+def _scene_prompt_excess(config: Config, project: Project, scene: Scene) -> int:
+    """How many characters the scene's prompt, with the server's video rules for its shape, is over the whole-prompt
+    limit (``videos.limits.full_prompt_max_chars``); 0 or less when a clip of it would be accepted."""
+    shape = SimpleNamespace(prompt=scene.prompt, aspect_ratio=project.aspect_ratio, duration=scene.duration,
+                            video_rules_template=None)
+    return len(whole_prompt(config, shape)) - config.videos.limits.full_prompt_max_chars
+
+
+def check_scene_prompt(config: Config, project: Project, scene: Scene, field: str) -> None:
+    """Refuse (400 naming ``field``) a scene prompt that its clip request would refuse later: checked once, where
+    the prompt is written."""
+    excess = _scene_prompt_excess(config, project, scene)
+    if scene.prompt and excess > 0:
+        limit = config.videos.limits.full_prompt_max_chars
+        raise ApiError(400, "invalid_field", f"{field}: with the video rules appended the whole prompt would be "
+                                             f"{limit + excess} characters, at most {limit} are accepted: shorten it "
+                                             f"by {excess}", field=field)
+
+
+def fit_scene_prompt(config: Config, project: Project, scene: Scene) -> None:
+    """Cut a prompt the server wrote (Gemini's) so a clip of it is accepted."""
+    for _ in range(8):
+        excess = _scene_prompt_excess(config, project, scene)
+        if excess <= 0 or not scene.prompt:
+            return
+        scene.prompt = scene.prompt[:max(0, len(scene.prompt) - excess)].rstrip()
 
 
 def _unknown_scene(field: str, scene_id: str) -> ApiError:
@@ -467,6 +533,8 @@ def _clip_body(app: web.Application, project: Project, scene: Scene, options: di
     data = {"prompt": scene.prompt[:limit], "negative_prompt": scene.negative_prompt[:limit],
             "duration": scene.duration, "aspect_ratio": project.aspect_ratio, **options}
     body, defaulted = _validate(model, data)
+    if not body.video_rules_template:  # a prompt written before PATCH checked it: name the scene, not "prompt"
+        check_scene_prompt(app[CONFIG], project, scene, f"{field}.prompt")
     if project.character_image_id:
         try:
             check_reference_shape(app[CONFIG], body)
@@ -476,31 +544,84 @@ def _clip_body(app: web.Application, project: Project, scene: Scene, options: di
     return body, defaulted
 
 
+def _claimed(scene: Scene, now: float) -> bool:
+    return scene.claim is not None and scene.claim.until > now
+
+
+class _NothingToClaim(Exception):
+    """Every scene a clips request wanted is taken already (a concurrent request claimed it): nothing to write."""
+
+
+async def _claim(app: web.Application, project_id: str, scene_ids: list[str], token: str) -> list[str]:
+    """Claim the scenes that still have no chosen clip, none awaited and no live claim, in one compare-and-set;
+    the ids claimed now (possibly none). Only then may jobs be created: a concurrent request finds them taken."""
+    got: list[str] = []
+
+    def claim(current: Project, _jobs: JobStates) -> None:
+        got.clear()
+        now = time.time()
+        for scene_id in scene_ids:
+            target = current.scene(scene_id)
+            if target is None or target.chosen_job_id or target.awaited_job_id or _claimed(target, now):
+                continue
+            target.claim = Claim(token=token, until=now + CLAIM_SECONDS)
+            got.append(scene_id)
+        if not got:
+            raise _NothingToClaim()
+
+    try:
+        await update(app, project_id, claim)
+    except _NothingToClaim:
+        return []
+    return got
+
+
+async def _release_claims(app: web.Application, project_id: str, token: str) -> None:
+    def release(current: Project, _jobs: JobStates) -> None:
+        for scene in current.scenes:
+            if scene.claim is not None and scene.claim.token == token:
+                scene.claim = None
+
+    await update(app, project_id, release)
+
+
 async def generate_clips(app: web.Application, project_id: str, scene_ids: list[str] | None,
                          options: dict[str, Any], if_match: str | None = None, *, owner: str | None = None,
-                         charge: Callable[[int], Awaitable[None]] | None = None
+                         charge: Callable[[list[str]], Awaitable[list[str]]] | None = None
                          ) -> tuple[Project, JobStates, list[Job]]:
-    """Start a clip job for the given scenes (None: every scene with no chosen clip and none running) and link
-    each as a new version. Everything is checked before the first job starts; then ``charge(n)`` takes the quota
-    of the n jobs at once (all or none). ``owner``: the caller's key, which owns the jobs."""
+    """Start a clip job for the given scenes (None: every scene with no chosen clip and none running or being
+    started) and link each as a new version. Everything is checked before the first job starts. For "every
+    scene", the scenes are first claimed on the record (one compare-and-set), so of concurrent requests only the
+    claimer creates jobs; then ``charge(job_ids)`` takes the quota of the n jobs at once (all or none; jobs beyond the
+    key's running-jobs cap wait queued in the job store). ``owner``: the caller's key, which owns the jobs."""
     config: Config = app[CONFIG]
     limit = config.projects.limits.versions_per_scene_max
     project, jobs = await load_settled(app, project_id)
     if if_match is not None and not _matches(if_match, project):
         raise ApiError(412, "precondition_failed", f"the project is at version {etag(project)}", field="If-Match")
     if scene_ids is None:
-        scenes = [s for s in project.scenes if s.chosen_job_id is None and s.awaited_job_id is None]
+        now = time.time()
+        scenes = [s for s in project.scenes if s.chosen_job_id is None and s.awaited_job_id is None
+                  and not _claimed(s, now)]
     else:
         scenes = [s for s in (project.scene(i) for i in scene_ids) if s is not None]
         if len(scenes) != len(scene_ids):
             raise ApiError(404, "not_found", f"the project has no scene {scene_ids[0]}", field="scene_id")
-    bodies = []
+    bodies = {}
     for scene in scenes:
         field = f"scenes.{project.scenes.index(scene)}"
         check_room(scene, jobs, limit, field)
-        bodies.append(_clip_body(app, project, scene, options, field))
-    if charge is not None and bodies:
-        await charge(len(bodies))
+        bodies[scene.id] = _clip_body(app, project, scene, options, field)
+    if not scenes:  # nothing is missing: nothing to write
+        return project, jobs, []
+    token = None
+    if scene_ids is None:
+        token = new_id()
+        claimed = set(await _claim(app, project_id, [s.id for s in scenes], token))
+        scenes = [s for s in scenes if s.id in claimed]
+        if not scenes:  # a concurrent request is starting them (a double click): nothing more to do
+            project, jobs = await load_settled(app, project_id)
+            return project, jobs, []
     submitted: list[Job] = []
     duplicates: list[Job] = []
 
@@ -510,19 +631,27 @@ async def generate_clips(app: web.Application, project_id: str, scene_ids: list[
             target = current.scene(scene.id)
             if target is None:
                 raise ApiError(409, "conflict", f"scene {scene.id} was removed meanwhile", field="scene_id")
-            if scene_ids is None and (target.chosen_job_id or target.awaited_job_id):
-                duplicates.append(job)  # another "all missing" request got there first (a double click)
+            if token is not None and (target.claim is None or target.claim.token != token):
+                duplicates.append(job)  # the claim lapsed and another request took the scene
                 continue
+            target.claim = None
             add_version(target, ClipVersion(job_id=job.id, duration=job.request["duration"]), states, limit)
 
     try:
-        for scene, (body, defaulted) in zip(scenes, bodies):
+        job_ids = [new_id() for _ in scenes]
+        if charge is not None:
+            job_ids = await charge(job_ids)
+        for scene, job_id in zip(scenes, job_ids):
+            body, defaulted = bodies[scene.id]
             links = {"project_id": project.id, "scene_id": scene.id}
-            submitted.append(await submit_video_job(app, body, defaulted, links, owner=owner))
+            submitted.append(await submit_video_job(app, body, defaulted, links, owner=owner, job_id=job_id))
         project = await update(app, project_id, link)
     except BaseException:
         for job in submitted:  # nothing was linked: none of them may run unseen
             await app[JOBS].cancel(job.id)
+        if token is not None:
+            with contextlib.suppress(Exception):  # else the claim lapses by itself: the first error is the one to tell
+                await _release_claims(app, project_id, token)
         raise
     for job in duplicates:
         await app[JOBS].cancel(job.id)
@@ -546,13 +675,23 @@ async def write_project_scenes(request: web.Request, project_id: str, options: A
                                              "remove scenes with PATCH first", field="number_of_scenes")
     params = {"idea": project.idea, "character_description": project.character_description,
               **{k: v for k, v in options.model_dump().items() if v is not None and k != "number_of_scenes"}}
-    if project.style:
-        params["video_characteristics"] = project.style
+    if project.style in config.styles:
+        params["style"] = project.style  # a preset: rendered by write_scenes as create_scenes renders it
+    elif project.style:
+        params["video_characteristics"] = project.style  # free style words
     scenes_body, defaulted = _validate(app[REQUEST_MODELS].scenes, {**params, "number_of_scenes": 1})
     params = {**scenes_body.model_dump(), "number_of_scenes": count}
     defaulted = [name for name in defaulted if name != "number_of_scenes"]
     ids = [s.id for s in project.scenes]
-    written = (await write_scenes(request, params, defaulted))["scenes"]
+    fps = config.projects.frame_rate
+    analysis = brief = None
+    if project.song is not None:  # Gemini hears the song and reads its timeline
+        analysis, _ = await project_song.load_analysis(app, project.song.audio_id,
+                                                       wait=config.env.analysis_wait_seconds)
+        project_song.place_scenes(project_timeline(project), project.song, analysis, fps)
+        brief = await project_song.song_brief(app, project, analysis, project_timeline(project), count)
+    written = (await write_scenes(request, params, defaulted, caller=f"project {project_id} write_scenes",
+                                  song=brief))["scenes"]
     limit = config.projects.limits.text_max_chars
 
     def fill(current: Project, _jobs: JobStates) -> None:
@@ -562,7 +701,11 @@ async def write_project_scenes(request: web.Request, project_id: str, options: A
             if scene is not None:
                 scene.prompt, scene.negative_prompt = prompt, negative
             elif index >= len(ids) and len(current.scenes) < config.projects.limits.scenes_max:
-                current.scenes.append(new_scene(config.projects.default_scene_seconds, prompt, negative))
+                scene = new_scene(config.projects.default_scene_seconds, prompt, negative)
+                current.scenes.append(scene)
+            if scene is not None:
+                fit_scene_prompt(config, current, scene)
+        project_song.place_scenes(project_timeline(current), current.song, analysis, fps)
 
     return await update(app, project_id, fill)
 
@@ -592,7 +735,8 @@ async def get(request: web.Request) -> web.Response:
 @routes.patch(BASE + "/{project_id}")
 async def patch(request: web.Request) -> web.Response:
     app = request.app
-    project_id = (await owned_project(request)).id
+    current = await owned_project(request)
+    project_id = current.id
     if_match = request.headers.get("If-Match")
     if if_match is None:
         raise ApiError(428, "precondition_required", "PATCH needs If-Match with the ETag of the project as read",
@@ -606,7 +750,10 @@ async def patch(request: web.Request) -> web.Response:
             song = Song(audio_id=body.audio_id, duration=duration)
     if body.character_image_id is not None:
         await _check_image(app, body.character_image_id, key_id(request))
-    project = await update(app, project_id, lambda p, jobs: apply_patch(app[CONFIG], p, jobs, body, song), if_match)
+    audio_id = body.audio_id if "audio_id" in body.model_fields_set else current.song and current.song.audio_id
+    analysis = (await project_song.load_analysis(app, audio_id, wait=0))[0] if audio_id else None  # if ready
+    project = await update(app, project_id, lambda p, jobs: apply_patch(app[CONFIG], p, jobs, body, song, analysis),
+                           if_match)
     return _respond(project, await job_states(app, project))
 
 
@@ -625,7 +772,8 @@ async def write(request: web.Request) -> web.Response:
 @routes.post(BASE + "/{project_id}/character")
 @idempotent
 async def character(request: web.Request) -> web.Response:
-    """Render the project's character (Imagen) and make it the chosen reference image of its clips."""
+    """Render the project's character (Imagen): ``number_of_images`` candidates (within the images settings), the
+    first one the chosen reference image of its clips; all of them kept on the record until the next render."""
     app = request.app
     project = await owned_project(request)
     project_id = project.id
@@ -646,6 +794,8 @@ async def character(request: web.Request) -> web.Response:
 
     def pick(current: Project, _jobs: JobStates) -> None:
         current.character_image_id = image["image_id"]
+        current.character_candidates = [CharacterCandidate(image_id=i["image_id"], mime_type=i["mime_type"],
+                                                           seed=i["seed"]) for i in image["images"]]
 
     project = await update(app, project_id, pick)
     image = {k: v for k, v in image.items() if k != "image_base64"}
@@ -661,9 +811,8 @@ async def generate_missing(request: web.Request) -> web.Response:
     await reserve(request, normal_options(request.app[REQUEST_MODELS].video, options, CLIP_OPTIONS))
     project, jobs, started = await generate_clips(request.app, project_id, None, options,
                                                   request.headers.get("If-Match"), owner=key_id(request),
-                                                  charge=lambda n: charge(request, "jobs", n))
-    return _respond(project, jobs, 202, extra={"jobs": [accepted_job(j) | {"scene_id": j.request["scene_id"]}
-                                                        for j in started]})
+                                                  charge=lambda ids: charge(request, "jobs", job_ids=ids))
+    return accepted_response(request, started, project=project_view(project, jobs), many=True)
 
 
 @routes.post(BASE + "/{project_id}/scenes/{scene_id}/clips")
@@ -676,10 +825,8 @@ async def generate_one(request: web.Request) -> web.Response:
     await reserve(request, normal_options(request.app[REQUEST_MODELS].video, options, CLIP_OPTIONS))
     project, jobs, started = await generate_clips(request.app, project_id, [scene_id], options,
                                                   request.headers.get("If-Match"), owner=key_id(request),
-                                                  charge=lambda n: charge(request, "jobs", n))
-    job = started[0]
-    return _respond(project, jobs, 202, extra={"job": accepted_job(job) | {"scene_id": scene_id}},
-                    headers={"Location": f"/api/mv/jobs/{job.id}"})
+                                                  charge=lambda ids: charge(request, "jobs", job_ids=ids))
+    return accepted_response(request, started, project=project_view(project, jobs))
 
 
 @routes.get(BASE + "/{project_id}/timeline")

@@ -8,6 +8,9 @@ jobs than the burst takes the whole burst and still passes), all or none; a refu
 there (``Retry-After``), since they always come. The running-jobs cap (``max_running_jobs``) is not an admission
 check: the job engine runs at most that many of a key's jobs at once and keeps the others queued
 (:func:`running_cap_of`), so a request never has to be retried for it.
+
+A charge of the ``jobs`` bucket answers the ids the new jobs must be created with (the budget hold and the job
+records use them).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from aiohttp import web
 
 from .auth import API_KEY, KEYRING, KeyRecord
 from .errors import ApiError
+from .storage import new_id
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -118,13 +122,17 @@ class Quotas:
             self.on_refusal(bucket, code)
         return ApiError(429, code, message, retry_after=max(1.0, math.ceil(retry_after)))
 
-    async def charge(self, key: KeyRecord, bucket: Bucket, cost: int = 1) -> None:
+    async def charge(self, key: KeyRecord, bucket: Bucket, cost: int = 1, job_ids: list[str] | None = None
+                     ) -> list[str]:
         """Admit a request of ``bucket`` for ``key`` that starts ``cost`` jobs (or makes ``cost`` blocking calls): it
         takes ``min(cost, burst)`` tokens, all or none, or raises ApiError 429 ``rate_limited`` with the wait for
-        them as Retry-After (always finite: they are never more than the bucket holds)."""
+        them as Retry-After (always finite: they are never more than the bucket holds). For ``jobs``: answers the
+        ids to create the jobs with (``job_ids`` if given, which sets ``cost``)."""
+        ids = job_ids_for(bucket, cost, job_ids)
+        cost = len(ids) if job_ids is not None else cost
         per_minute, burst = _bucket_limits(key, bucket)
         if per_minute is None:
-            return
+            return ids
         needed = min(cost, burst)
         wait = await self.limiter.acquire(f"{key.id}:{bucket}", per_minute / 60.0, burst, needed)
         if wait > 0:
@@ -132,6 +140,7 @@ class Quotas:
             raise self._refuse(bucket, "rate_limited",
                                f"too many {bucket} requests for this key: {what} (one per job, at most the burst; "
                                f"limit {per_minute:g} per minute, burst {burst}); retry in {math.ceil(wait)} s", wait)
+        return ids
 
     async def tokens(self, key: KeyRecord) -> dict[str, float | None]:
         """The tokens left in each of ``key``'s buckets (None: that bucket is unlimited), taking none."""
@@ -198,10 +207,20 @@ async def charge_upload(request: web.Request) -> None:
         await quotas.charge_upload(key)
 
 
-async def charge(request: web.Request, bucket: Bucket, cost: int = 1) -> None:
+def job_ids_for(bucket: Bucket, cost: int, job_ids: list[str] | None = None) -> list[str]:
+    """The ids a ``jobs`` charge hands out: ``job_ids`` if the caller chose them, else ``cost`` new ones."""
+    if job_ids is not None:
+        return list(job_ids)
+    return [new_id() for _ in range(cost)] if bucket == "jobs" else []
+
+
+async def charge(request: web.Request, bucket: Bucket, cost: int = 1, job_ids: list[str] | None = None
+                 ) -> list[str]:
     """Charge the caller's key for a ``bucket`` request that starts ``cost`` jobs (429 when over quota); nothing
-    when keys are off. Call it once the request is known to be valid, just before the jobs are created."""
+    when keys are off. Call it once the request is known to be valid, just before the jobs are created, and
+    create them with the ids it answers (``jobs``: one per job; ``job_ids`` chooses them)."""
     key = request.get(API_KEY)
     quotas = request.app.get(QUOTAS)
-    if key is not None and quotas is not None and cost > 0:
-        await quotas.charge(key, bucket, cost)
+    if key is not None and quotas is not None and (cost > 0 or job_ids):
+        return await quotas.charge(key, bucket, cost, job_ids)
+    return job_ids_for(bucket, cost, job_ids)

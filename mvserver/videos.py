@@ -6,7 +6,7 @@ import asyncio
 import base64
 import binascii
 import io
-import json
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import jinja2
@@ -15,11 +15,13 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
+from .accepted import accepted_response
 from .auth import key_id, require_owner, visible_to
 from .backends import PROVIDERS
 from .config import CONFIG, Config
 from .debug import debug_print
-from .errors import ApiError, ErrorInfo
+from .errors import ApiError
+from .files import SavedFileResponse
 from .idempotency import idempotent, reserve
 from .images import FORMATS, load_image
 from .jobs import JOBS, Job, job_urls, listing, stream_events
@@ -146,19 +148,23 @@ def render_client_rules(source: str, variables: dict[str, Any]) -> str:
     return _client_templates.from_string(source).render(**variables).strip()
 
 
-def full_prompt(config: Config, body: Any) -> str:
-    """The scene prompt with the video rules appended (the client's own rules template, or the configured one).
-
-    The result is capped at ``limits.full_prompt_max_chars``: a rules template may repeat ``{{ prompt }}``, and the
-    whole prompt is what the provider takes (and what the job record keeps). 400 names ``video_rules_template``
-    when the client's template made it too long, ``prompt`` otherwise.
-    """
+def whole_prompt(config: Config, body: Any) -> str:
+    """The scene prompt with the video rules appended (the client's own rules template, or the configured one);
+    ``body`` needs ``prompt``, ``aspect_ratio``, ``duration`` and ``video_rules_template``."""
     variables = {"prompt": body.prompt, "aspect_ratio": body.aspect_ratio, "duration": body.duration}
     if body.video_rules_template is None:
         rules = config.render("videos.video_rules_template", **variables)
     else:
         rules = render_client_rules(body.video_rules_template, variables)
-    prompt = f"{body.prompt}\n\n{rules}" if rules else body.prompt
+    return f"{body.prompt}\n\n{rules}" if rules else body.prompt
+
+
+def full_prompt(config: Config, body: Any) -> str:
+    """The :func:`whole_prompt`, capped at ``limits.full_prompt_max_chars``: a rules template may repeat
+    ``{{ prompt }}``, and the whole prompt is what the provider takes (and what the job record keeps). 400 names
+    ``video_rules_template`` when the client's template made it too long, ``prompt`` otherwise.
+    """
+    prompt = whole_prompt(config, body)
     limit = config.videos.limits.full_prompt_max_chars
     if len(prompt) > limit:
         field = "video_rules_template" if body.video_rules_template and len(body.prompt) <= limit else "prompt"
@@ -169,10 +175,12 @@ def full_prompt(config: Config, body: Any) -> str:
 
 async def submit_video_job(app: web.Application, body: Any, defaulted: list[str],
                            links: dict[str, Any] | None = None, owner: str | None = None,
-                           charge: Callable[[], Awaitable[None]] | None = None) -> Job:
+                           charge: Callable[[], Awaitable[list[str]]] | None = None, job_id: str | None = None
+                           ) -> Job:
     """Validate the reference image, render the full prompt and submit a video job (the body is a video request
     model). ``links`` (e.g. ``project_id``/``scene_id``) are kept in ``Job.request``; ``owner`` is the caller's key
-    id; ``charge`` takes the caller's quota once the request is known to be valid."""
+    id; ``charge`` takes the caller's quota once the request is known to be valid and answers the job's id (else
+    ``job_id``, e.g. one a caller charged for already, or a new one)."""
     config = app[CONFIG]
     image, mime_type = await reference_image(app, body, owner)
     if image is not None:
@@ -183,19 +191,14 @@ async def submit_video_job(app: web.Application, body: Any, defaulted: list[str]
     summary.update(full_prompt=prompt, defaults_applied=defaulted, has_reference_image=image is not None)
     summary.update(links or {})
     if charge is not None:
-        await charge()  # only a request that got this far costs a token
+        [job_id] = await charge()  # only a request that got this far costs a token
     backend = app[PROVIDERS].video_backend(body.backend)
-    job = Job(id=new_id(), backend=body.backend, model=backend.model, sandbox=backend.sandbox, request=summary,
+    job = Job(id=job_id or new_id(), backend=body.backend, model=backend.model, sandbox=backend.sandbox, request=summary,
               reference_mime_type=mime_type, owner=owner)
     if image is not None:
         store = app[STORE]
         await store.write_bytes(store.path("jobs", job.id, ".ref"), image)
     return await app[JOBS].submit(job)
-
-
-def accepted_job(job: Job) -> dict[str, Any]:
-    """The 202 body of a submitted job."""
-    return {"job_id": job.id, "status": job.status, "backend": job.backend, "sandbox": job.sandbox, **job_urls(job.id)}
 
 
 @routes.post("/api/mv/generate_video")
@@ -205,8 +208,7 @@ async def generate_video(request: web.Request) -> web.Response:
     await reserve(request, body)
     job = await submit_video_job(request.app, body, defaulted, owner=key_id(request),
                                  charge=lambda: charge(request, "jobs"))
-    payload = accepted_job(job)
-    return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
+    return accepted_response(request, [job])
 
 
 def listing_query(request: web.Request, owner: str | None, kinds: set[str]) -> listing.JobQuery:
@@ -291,11 +293,19 @@ def event_links(request: web.Request) -> Callable[[Event], str]:
 
 @routes.get("/api/mv/get_video/{video_id}")
 async def get_video(request: web.Request) -> web.StreamResponse:
+    path = await job_output(request, ".mp4", "video")
+    return SavedFileResponse(path, noun="video",
+                             headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
+
+
+async def job_output(request: web.Request, suffix: str, what: str) -> Path:
+    """The file ``videos/<video_id><suffix>`` of the route's succeeded job, with the video's access rules: another
+    key's job is unknown (404), an unfinished or unsuccessful one 409, an expired one 410, a missing file 404."""
     video_id = check_id(request.match_info["video_id"], "video_id")
-    path = request.app[STORE].path("videos", video_id, ".mp4")
+    path = request.app[STORE].path("videos", video_id, suffix)
     job = await request.app[JOBS].get(video_id)
     if job is not None:
-        require_owner(job.owner, key_id(request), ApiError(404, "not_found", f"no video with id {video_id}"))
+        require_owner(job.owner, key_id(request), ApiError(404, "not_found", f"no {what} with id {video_id}"))
     if job is not None and job.status != "succeeded":
         code = {"failed": "job_failed", "canceled": "job_canceled"}.get(job.status, "video_not_ready")
         cause = job.error or {}
@@ -304,33 +314,5 @@ async def get_video(request: web.Request) -> web.StreamResponse:
                        provider_status=cause.get("provider_status"), provider_error=cause.get("provider_error"))
     if not await asyncio.to_thread(path.is_file):
         await _not_expired(request, video_id)
-        raise ApiError(404, "not_found", f"no video with id {video_id}")
-    return VideoFileResponse(path, headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
-
-
-class VideoFileResponse(web.FileResponse):
-    """aiohttp's FileResponse (sendfile, single ranges, ETag/304, RFC 9110 precondition order), except that its
-    416 carries the JSON error body every other error has instead of an empty ``video/mp4`` one.
-
-    FileResponse decides on 416 (a range past the end, or a multi-range or malformed ``Range``) after the
-    conditional headers, sets ``Content-Range: bytes */<size>`` and the status, and only then sends the headers;
-    hooking ``set_status`` is what lets the body follow that exact decision rather than a second parse of it.
-    """
-
-    _error_body: bytes | None = None
-
-    def set_status(self, status: int, reason: str | None = None) -> None:
-        super().set_status(status, reason)
-        if status == web.HTTPRequestRangeNotSatisfiable.status_code and not self.prepared:
-            size = self.headers.get("Content-Range", "").rpartition("/")[2]
-            error = ErrorInfo("range_not_satisfiable", f"the Range header must be one byte range inside the "
-                                                       f"{size}-byte video", field="Range")
-            self._error_body = json.dumps({"error": error.to_dict()}).encode()
-            self.content_type = "application/json"
-            self.content_length = len(self._error_body)
-
-    async def prepare(self, request: web.BaseRequest) -> Any:
-        writer = await super().prepare(request)
-        if self._error_body is not None and request.method != "HEAD":
-            await self.write(self._error_body)
-        return writer
+        raise ApiError(404, "not_found", f"no {what} with id {video_id}")
+    return path

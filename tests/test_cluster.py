@@ -19,8 +19,10 @@ import aiohttp
 import pytest
 import yaml
 
+from mvserver.auth import KeyLimits, create_key
 from mvserver.storage import write_bytes_atomic
 from conftest import PROJECT, RedisServer, free_port, read_sse, redis_server_or_skip
+from test_audio import make_audio
 
 pytestmark = pytest.mark.cluster
 
@@ -43,6 +45,7 @@ class Cluster:
         self.sim_dir = tmp_path / "simulator"
         self.sim_port = free_port()
         self.nodes: list[tuple[subprocess.Popen, str]] = []
+        self.extra_env: dict[str, str] = {}  # e.g. API keys for every node
 
     def env(self) -> dict[str, str]:
         sim = f"http://127.0.0.1:{self.sim_port}"
@@ -54,6 +57,7 @@ class Cluster:
             "MV_REDIS_URL": self.redis.url, "MV_REDIS_PREFIX": "cluster:",
             "MV_OUTPUT_DIR": str(self.tmp_path / "outputs"), "MV_SETTINGS_DIR": str(self.settings_dir),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
+            **self.extra_env,
         })
         return env
 
@@ -335,6 +339,98 @@ async def test_a_redis_restart_mid_run_is_ridden_out(cluster: Cluster, http: aio
         events = await follow(http, a, job_id)
         assert_ids_exact(events)
         assert events[-1]["event"] == "succeeded"
+
+
+
+async def half_an_upload(base: str, data: bytes, audio_dir: Path) -> tuple[asyncio.StreamWriter, asyncio.StreamReader,
+                                                                           Path]:
+    """An upload to ``base`` that has sent half its body: its temporary exists and the node is writing it."""
+    before = set(audio_dir.glob(".*.part"))
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST /api/mv/upload_audio HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/wav\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:len(data) // 2])
+    await writer.drain()
+    async with asyncio.timeout(30):
+        while not (set(audio_dir.glob(".*.part")) - before):
+            await asyncio.sleep(0.02)
+    [part] = set(audio_dir.glob(".*.part")) - before
+    return writer, reader, part
+
+
+async def test_a_starting_node_leaves_a_live_nodes_temporaries_and_removes_a_dead_ones(
+        cluster: Cluster, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    audio_dir = tmp_path / "outputs" / "audio"
+    data = make_audio(tmp_path / "song.wav", seconds=3.0).read_bytes()
+    [a] = await nodes_up(http, cluster, 1)
+    writer, reader, part = await half_an_upload(a, data, audio_dir)
+    await nodes_up(http, cluster, 1)  # B starts, and cleans up, while A writes its temporary
+    assert part.exists()
+    writer.write(data[len(data) // 2:])
+    await writer.drain()
+    async with asyncio.timeout(30):
+        status = await reader.readline()
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 201"), status
+    assert not part.exists() and len(list(audio_dir.glob("*.wav"))) == 1
+
+    _, _, orphan = await half_an_upload(a, data, audio_dir)
+    owner = cluster.nodes[0][0]
+    owner.kill()  # kill -9: its temporary stays behind, its process is gone
+    owner.wait(timeout=10)
+    assert orphan.exists()
+    await nodes_up(http, cluster, 1)  # C's start-up removes what the dead node left
+    assert not orphan.exists()
+
+
+
+@pytest.mark.video_seconds(120)  # the admitted jobs stay running through the burst
+async def test_the_running_jobs_cap_holds_across_nodes_under_a_burst(cluster: Cluster, http: aiohttp.ClientSession,
+                                                                     tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.yaml"
+    _, key = create_key(keys_file, "burst", KeyLimits(jobs_per_minute=6000, jobs_burst=100, max_running_jobs=2))
+    cluster.extra_env = {"MV_API_KEYS_FILE": str(keys_file),
+                         "MV_URL_SIGNING_SECRET": "cluster-signing-secret-0123456789abcdef"}
+    await sim_up(http, cluster)
+    a, b = await nodes_up(http, cluster, 2)
+    auth = {"Authorization": f"Bearer {key}"}
+
+    async def post(base: str) -> tuple[int, dict[str, Any]]:
+        async with http.post(f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4},
+                             headers=auth) as response:
+            return response.status, await response.json()
+
+    answers = await asyncio.gather(*(post((a, b)[n % 2]) for n in range(30)))
+    assert sorted(status for status, _ in answers) == [202] * 30, answers  # none refused: beyond the cap they wait
+    ids = {body["job_id"] for _, body in answers}
+
+    async def places(base: str) -> dict[str, int]:
+        async with http.get(f"{base}/api/mv/me", headers=auth) as response:
+            return (await response.json())["jobs"]
+
+    async def states() -> dict[str, str]:
+        async with http.get(f"{a}/api/mv/jobs?limit=50", headers=auth) as response:
+            return {job["job_id"]: job["status"] for job in (await response.json())["jobs"]}
+
+    # Both nodes see the one count in Redis: the cap's 2 hold places, 28 wait; never more than 2 run.
+    assert await places(a) == await places(b) == {"running": 2, "waiting": 28}
+    async with asyncio.timeout(30):
+        while list((await states()).values()).count("running") < 2:
+            await asyncio.sleep(0.1)
+    seen = await states()
+    assert set(seen) == ids and list(seen.values()).count("running") == 2
+    assert set(seen.values()) == {"queued", "running"}
+    # A running job ends (cancelled on the other node): exactly one waiting job takes its place.
+    first = next(job_id for job_id, status in seen.items() if status == "running")
+    async with http.delete(f"{b}/api/mv/jobs/{first}", headers=auth) as response:
+        assert response.status == 200
+    async with asyncio.timeout(30):
+        while await places(b) != {"running": 2, "waiting": 27}:
+            await asyncio.sleep(0.1)
+        while list((await states()).values()).count("running") < 2:
+            await asyncio.sleep(0.1)
+    after = await states()
+    assert list(after.values()).count("running") == 2 and list(after.values()).count("queued") == 27
 
 
 def test_a_redis_that_is_down_at_start_up_is_one_clear_line_and_exit_2(tmp_path: Path, settings_dir: Path) -> None:

@@ -15,7 +15,7 @@ import yaml
 from aiohttp.test_utils import TestClient
 
 from mvserver.errors import ApiError
-from mvserver.project_store import FileProjectStore, Project, RedisProjectStore, Scene
+from mvserver.project_store import PROJECTS, FileProjectStore, Project, RedisProjectStore, Scene
 from mvserver.projects import TimelineEntry, project_timeline, size_to_song
 from mvserver.sandbox.simulator import Simulator
 from mvserver.storage import OutputStore, new_id
@@ -166,7 +166,8 @@ async def test_project_flow_from_song_to_clips_edits_regeneration_and_restart(
     project, etag = await create(client, audio_id=audio_id, audio_offset=2.0, style="neon noir, slow dolly shots")
     pid = project["project_id"]
     assert [s["duration"] for s in project["scenes"]] == [8, 8, 8, 4]  # 28 s of song after the offset
-    assert project["song"] == {"audio_id": audio_id, "offset": 2.0, "duration": 30.0,
+    assert project["song"] == {"audio_id": audio_id, "offset": 2.0, "duration": 30.0, "sized_by": "length",
+                               "sizing_note": "song analysis is off (MV_ANALYSIS_WORKERS=0)",
                                "audio_url": f"/api/mv/get_audio/{audio_id}"}
     assert project["character_image_url"] is None
     assert project["total_seconds"] == 28.0
@@ -393,6 +394,80 @@ async def test_two_generate_all_requests_at_once_start_each_clip_once(app_client
     assert {s["awaited_job_id"] for s in project["scenes"]} | {s["chosen_job_id"] for s in project["scenes"]} >= \
         {job["job_id"] for job in started}
     await wait_jobs(app_client, [job["job_id"] for job in started])
+
+
+
+async def test_twenty_generate_all_requests_at_once_create_one_set_of_predictions(app_client: TestClient,
+                                                                                   sim: Simulator) -> None:
+    """A double (or twentyfold) click: the scenes are claimed before any job exists, so one request starts every
+    clip and the others start nothing: no duplicate job, no duplicate prediction to cancel."""
+    project, etag = await create(app_client, number_of_scenes=3)
+    pid, ids = project["project_id"], [s["id"] for s in project["scenes"]]
+    await patch(app_client, pid, {"scenes": [{"id": i, "prompt": f"scene {n}", "duration": 4}
+                                             for n, i in enumerate(ids)]}, etag)
+    responses = await asyncio.gather(*(app_client.post(f"{BASE}/{pid}/clips") for _ in range(20)))
+    assert [r.status for r in responses] == [202] * 20
+    bodies = [await r.json() for r in responses]
+    started = [job for body in bodies for job in body["jobs"]]
+    assert sorted(job["scene_id"] for job in started) == sorted(ids)
+    assert sorted(len(body["jobs"]) for body in bodies) == [0] * 19 + [3]
+    listed = await (await app_client.get(f"/api/mv/jobs?project_id={pid}&limit=100")).json()
+    assert sorted(job["job_id"] for job in listed["jobs"]) == sorted(job["job_id"] for job in started)
+    finals = await wait_jobs(app_client, [job["job_id"] for job in started])
+    assert [s["status"] for s in finals] == ["succeeded"] * 3
+    assert len(list((sim.state_dir / "predictions").glob("*.json"))) == 3
+    project, _ = await get(app_client, pid)
+    assert [len(s["versions"]) for s in project["scenes"]] == [1, 1, 1]
+    assert all("claim" not in s for s in project["scenes"])
+
+
+
+async def test_a_scene_prompt_too_long_for_its_clip_is_refused_at_patch_naming_the_scene(app_client: TestClient
+                                                                                        ) -> None:
+    """The video rules are appended to a scene's prompt when its clip starts: a prompt that leaves them no room is
+    refused when it is written (naming scenes.N.prompt), not later by the clips request."""
+    project, etag = await create(app_client, number_of_scenes=2)
+    pid, ids = project["project_id"], [s["id"] for s in project["scenes"]]
+    long = ("a slow dolly shot across a neon rooftop " * 100).strip()  # 3,999 characters: within the text limit
+    response = await app_client.patch(f"{BASE}/{pid}", json={"scenes": [{"id": ids[1], "prompt": long}]},
+                                      headers={"If-Match": etag})
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert (error["code"], error["field"]) == ("invalid_field", "scenes.0.prompt")
+    excess = int(error["message"].rsplit(" ", 1)[1])
+    response = await app_client.patch(f"{BASE}/{pid}", json={"add_scenes": [{"prompt": long}]},
+                                      headers={"If-Match": etag})
+    assert error_of(await response.json()) == ("invalid_field", "add_scenes.0.prompt")
+    assert (await get(app_client, pid))[1] == etag  # nothing was written
+
+    fitting = long[:len(long) - excess].rstrip()  # the longest prompt that leaves the rules their room
+    patched = await patch(app_client, pid, {"scenes": [{"id": i, "prompt": fitting} for i in ids]}, etag)
+    assert [s["prompt"] for s in patched["scenes"]] == [fitting, fitting]
+    started = await app_client.post(f"{BASE}/{pid}/clips")
+    assert started.status == 202, await started.text()
+    await wait_jobs(app_client, [job["job_id"] for job in (await started.json())["jobs"]])
+
+    # A record written before this check existed: its clip request names the scene too.
+    stored = await app_client.app[PROJECTS].get(pid)
+    stored.scenes[1].prompt, stored.scenes[1].chosen_job_id = long, None
+    assert await app_client.app[PROJECTS].put(stored, stored.version)
+    response = await app_client.post(f"{BASE}/{pid}/scenes/{ids[1]}/clips")
+    assert response.status == 400 and error_of(await response.json()) == ("invalid_field", "scenes.1.prompt")
+
+
+
+def test_a_prompt_the_server_writes_is_cut_to_leave_the_rules_their_room() -> None:
+    from mvserver.config import EnvSettings, load_config
+    from mvserver.projects import check_scene_prompt, fit_scene_prompt
+
+    config = load_config(EnvSettings.from_env({}))
+    project = Project(id=new_id(), idea="i", character_description="c", aspect_ratio="9:16")
+    scene = Scene(id=new_id(), prompt="rain on a platform " * 220, duration=4, trim_out=4.0)
+    with pytest.raises(ApiError):
+        check_scene_prompt(config, project, scene, "scenes.0.prompt")
+    fit_scene_prompt(config, project, scene)
+    check_scene_prompt(config, project, scene, "scenes.0.prompt")
+    assert scene.prompt.startswith("rain on a platform") and len(scene.prompt) > 3500
 
 
 async def test_concurrent_patches_with_one_etag_exactly_one_wins(app_client: TestClient) -> None:

@@ -19,13 +19,18 @@ SCENES = {"idea": "a drummer on a rooftop at dusk", "character_description": "a 
 
 
 @pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
+def redis_process(tmp_path: Path) -> Iterator[RedisServer]:
     """A private redis-server for each test (buckets start empty); fails under CI=true if redis-server is missing."""
     redis_server_or_skip()
     server = RedisServer(tmp_path / "redis")
     server.start()
-    yield server.url
+    yield server
     server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_process: RedisServer) -> str:
+    return redis_process.url
 
 
 @pytest.fixture
@@ -92,3 +97,38 @@ async def test_with_a_redis_url_two_apps_share_a_keys_quota_by_themselves(make_c
         refused = await client.post("/api/mv/create_scenes", json=SCENES, headers=auth)
         assert refused.status == 429 and (await refused.json())["error"]["code"] == "rate_limited"
     assert await redis_clients[0].keys("mvq:bucket:*") == [f"mvq:bucket:{key.split('_')[1]}:blocking".encode()]
+
+
+
+async def test_after_a_redis_restart_no_request_is_a_500(make_client: AppClient, tmp_path: Path,
+                                                         redis_process: RedisServer) -> None:
+    """A restart drops every pooled connection (the buckets', the job store's, the projects'): a request that meets
+    a dead one is answered 503 ``store_unavailable`` with Retry-After (or goes through), never 500; and while Redis
+    is down, every route that needs it says 503 ``store_unavailable``."""
+    keys_file = tmp_path / "keys.yaml"
+    _, key = create_key(keys_file, "restart", KeyLimits(jobs_per_minute=600, jobs_burst=50, blocking_per_minute=600,
+                                                        blocking_burst=50))
+    client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET=SECRET,
+                               MV_REDIS_URL=redis_process.url, MV_REDIS_PREFIX="mvr:")
+    auth = {"Authorization": f"Bearer {key}"}
+    video = {"prompt": "a drummer on a rooftop at dusk", "duration": 4}
+    requests = [("POST", "/api/mv/generate_video", video), ("POST", "/api/mv/create_scenes", SCENES),
+                ("POST", "/api/mv/projects", {"idea": "a song", "character_description": "a singer"})]
+
+    async def answers() -> list[tuple[int, str | None]]:
+        result = []
+        for method, path, body in requests:
+            response = await client.request(method, path, json=body, headers=auth)
+            code = (await response.json()).get("error", {}).get("code") if response.status >= 400 else None
+            if response.status == 503:
+                assert int(response.headers["Retry-After"]) >= 1
+            result.append((response.status, code))
+        return result
+
+    assert [status for status, _ in await answers()] == [202, 200, 201]
+    redis_process.stop()
+    assert await answers() == [(503, "store_unavailable")] * len(requests)
+    redis_process.start()
+    after = await answers()  # the first use of each dead pooled connection
+    assert all(status in (200, 201, 202) or code == "store_unavailable" for status, code in after), after
+    assert [status for status, _ in await answers()] == [202, 200, 201]

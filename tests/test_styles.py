@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -120,3 +121,27 @@ def test_the_server_refuses_to_start_with_a_broken_preset(tmp_path: Path) -> Non
     assert result.returncode == 2, result.stderr
     assert str(settings / "styles" / "broken.yaml") in result.stderr and "tempo" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_projects_preset_is_rendered_exactly_as_create_scenes_renders_it(
+        make_client: AppClient, sim: Simulator, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mvserver.debug")
+    client = await make_client(MV_DEBUG_MODE="true")
+    response = await client.post("/api/mv/projects", json={"idea": BODY["idea"], "style": "synthwave",
+                                                           "character_description": BODY["character_description"]})
+    assert response.status == 201, await response.text()
+    project_id = (await response.json())["project_id"]
+    response = await client.post(f"/api/mv/projects/{project_id}/write_scenes", json={"number_of_scenes": 2})
+    assert response.status == 200, await response.text()
+    project_prompt = sim.prompts[-1]
+    for key in ("label", "description", "camera", "palette", "pacing"):
+        assert PRESETS["synthwave"][key] in project_prompt, key
+    assert "Style: synthwave" not in project_prompt  # the preset's name is not mistaken for style words
+
+    debug = [r.getMessage() for r in caplog.records if r.name == "mvserver.debug"
+             and "write_scenes prompt sent to Gemini" in r.getMessage().split("\n", 1)[0]]
+    assert len(debug) == 1 and debug[0].split("\n", 1)[1] == project_prompt
+
+    response = await client.post(URL, json={**BODY, "style": "synthwave"})
+    assert response.status == 200, await response.text()
+    assert sim.prompts[-1] == project_prompt  # one code path: the very same prompt

@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 from ..storage import OutputStore, is_valid_id, write_bytes_atomic
 from .model import Event, Job
 from .store import Lease, Remembered, SignalHandler, index_entry, owner_slot
+from .usage_store import FileUsageBook
 
 log = logging.getLogger("mvserver.jobs")
 
@@ -67,6 +68,11 @@ class FileJobStore:
         self._write_locks: dict[str, asyncio.Lock] = {}
         self._handler: SignalHandler | None = None
         self._closing = False
+        self._book = FileUsageBook(self.dir / "usage")
+
+    def usage_book(self) -> FileUsageBook:
+        """The ledger, spending and duration estimates, under ``jobs/usage`` (kept by retention)."""
+        return self._book
 
     # -- life cycle -------------------------------------------------------------------------------------------
 
@@ -101,6 +107,11 @@ class FileJobStore:
             job = self._read_record(path.stem) if is_valid_id(path.stem) else None
             if job is not None and not job.final:
                 (self.active_dir / job.id).touch()
+
+    async def ping(self) -> None:
+        """The jobs directory must be there and writable (a lost mount, a read-only disk: not ready)."""
+        if not await asyncio.to_thread(os.access, self.dir, os.W_OK | os.X_OK):
+            raise OSError(f"{self.dir} is not a writable directory")
 
     async def close(self) -> None:
         self._closing = True

@@ -19,7 +19,8 @@ Keys (all under a prefix, ``mv:`` by default):
   microseconds, then the id; all scores 0, so they sort as text): a listing page is one ZREVRANGEBYLEX
 - ``idem:<hash>``  what an ``Idempotency-Key`` answered (its reserving request's token first), with a TTL
 - channel ``node:<node>``: signals (cancel, provider updates) to the node that owns a job; ``wake:<node>`` a
-  stream that interrupts this node's one blocking event reader when it has a new job to follow
+  stream that interrupts this node's one blocking event reader when it has a new job to follow (it expires
+  ``WAKE_TTL_SECONDS`` after its last entry, so a dead node's stream goes; a live node's comes back with its next)
 
 Every write of an owner goes through one Lua script that checks the lease first, so a node that lost its lease
 (paused, partitioned) cannot write anything. Blocking reads use a client without a socket timeout.
@@ -40,9 +41,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import ApiError
+from ..errors import store_unavailable
 from .model import FINAL_STATUSES, Event, Job
 from .store import Lease, LeaseLost, Remembered, SignalHandler, StoreUnavailable, index_entry, owner_slot
+from .usage_store import RedisUsageBook
 
 log = logging.getLogger("mvserver.jobs")
 
@@ -52,6 +54,8 @@ READER_BLOCK_MS = 10_000
 WATCH_IDLE_SECONDS = 60.0
 EXPIRE_BATCH = 500
 RETRY_PAUSE = 0.25
+WAKE_TTL_SECONDS = 60.0  # a node's wake stream lives this long after its last entry
+IDLE_CONSUMER_SECONDS = 3600.0  # a dispatch consumer (a node) idle this long, with nothing pending, is dropped
 
 # KEYS: lease, job, events, finished. ARGV: token, event id ('' none), name, data, rec, status, finished_at, job id.
 # An event id the log already has is the owner's own write retried after a lost reply: it is not appended twice.
@@ -215,6 +219,11 @@ class RedisJobStore:
         self._autoclaim_cursor = "0-0"
         self._closing = False
         self._pokes: set[asyncio.Task[Any]] = set()
+        self._book = RedisUsageBook(self.r, prefix)
+
+    def usage_book(self) -> RedisUsageBook:
+        """The ledger, spending and duration estimates in this Redis (``usage:*``, ``spend:*``, ``eta:*``)."""
+        return self._book
 
     def k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -225,7 +234,8 @@ class RedisJobStore:
         try:
             await self.r.ping()
             await self._ensure_group()
-            self._wake_last = await self.r.xadd(self.k("wake", self.node), {"p": "1"}, maxlen=100, approximate=True)
+            await self._drop_dead_consumers()
+            self._wake_last = await self._wake()
             unfinished = await self.r.xlen(self.k("dispatch"))
         except UNAVAILABLE as exc:
             await self._close_clients()
@@ -236,6 +246,25 @@ class RedisJobStore:
         log.info("job store: Redis at %s (node %s, prefix %r); %d job(s) queued or running in the cluster",
                  redacted(self.url), self.node, self.prefix, unfinished)
         return 0  # nothing to queue again: unfinished jobs stay in the dispatch stream for whichever node is free
+
+    async def _wake(self) -> str:
+        """Add an entry to this node's wake stream (which then lives ``WAKE_TTL_SECONDS`` more); its id."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.k("wake", self.node), {"p": "1"}, maxlen=100, approximate=True)
+            pipe.pexpire(self.k("wake", self.node), int(WAKE_TTL_SECONDS * 1000))
+            entry_id, _ = await pipe.execute()
+        return entry_id
+
+    async def _drop_dead_consumers(self) -> None:
+        """Forget the dispatch consumers of nodes gone long ago (nothing pending: their entries were taken over). A
+        live node reads every claim interval, so it is never that idle; were it dropped, its next read recreates it."""
+        idle_ms = max(IDLE_CONSUMER_SECONDS, 10 * (self.lease_seconds or 0)) * 1000
+        for consumer in await self.r.xinfo_consumers(self.k("dispatch"), GROUP):
+            if consumer["pending"] == 0 and consumer["idle"] > idle_ms and consumer["name"] != self.node:
+                await self.r.xgroup_delconsumer(self.k("dispatch"), GROUP, consumer["name"])
+
+    async def ping(self) -> None:
+        await self.r.ping()
 
     async def _ensure_group(self) -> None:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
@@ -515,7 +544,7 @@ class RedisJobStore:
 
     async def _poke(self) -> None:
         with contextlib.suppress(*UNAVAILABLE):
-            await self.r.xadd(self.k("wake", self.node), {"p": "1"}, maxlen=100, approximate=True)
+            await self._wake()
 
     async def _read_events(self) -> None:
         """The node's one reader of job events: a blocking XREAD over every followed job's stream (plus the wake
@@ -635,4 +664,4 @@ async def _unavailable_as_503(call: Any) -> Any:
     try:
         return await call
     except UNAVAILABLE as exc:
-        raise ApiError(503, "store_unavailable", f"the job store is unreachable: {exc}", retry_after=1) from None
+        raise store_unavailable(exc) from None

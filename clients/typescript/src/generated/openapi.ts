@@ -12,66 +12,7 @@ export interface paths {
             cookie?: never;
         };
         /** Version, sandbox/live mode per provider, style presets, and whether the API needs a key (never behind auth) */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description ok */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            /** @enum {string} */
-                            status: "ok";
-                            version: string;
-                            /**
-                             * @description sandbox when any provider service is answered by the built-in simulator
-                             * @enum {string}
-                             */
-                            mode: "live" | "sandbox";
-                            sandbox: boolean;
-                            providers: {
-                                [key: string]: "live" | "sandbox";
-                            };
-                            styles: {
-                                name: string;
-                                label: string;
-                                description: string;
-                            }[];
-                            auth: {
-                                /** @description true when every other /api/mv route needs Authorization: Bearer <API key> (MV_API_KEYS_FILE is set): a page should ask for a key before its first call */
-                                keys_required: boolean;
-                            };
-                        };
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getHealth"];
         put?: never;
         post?: never;
         delete?: never;
@@ -80,15 +21,32 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
-    "/api/mv/me": {
+    "/api/mv/health/live": {
         parameters: {
             query?: never;
             header?: never;
             path?: never;
             cookie?: never;
         };
-        /** The caller's API key: its id, name and limits, the tokens left in each bucket, and its jobs running and waiting behind max_running_jobs (every field null with keys off) */
-        get: operations["getMe"];
+        /** Liveness: 200 while the process serves requests, whether or not its store answers (never behind auth) */
+        get: operations["getLiveness"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/health/ready": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Readiness: 200 while the job and project store answer; 503 store_unavailable while they do not (never behind auth) */
+        get: operations["getReadiness"];
         put?: never;
         post?: never;
         delete?: never;
@@ -107,129 +65,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Write N scene prompts with Gemini */
-        post: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": components["schemas"]["CreateScenesRequest"];
-                };
-            };
-            responses: {
-                /** @description scenes */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                502: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                504: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        post: operations["createScenes"];
         delete?: never;
         options?: never;
         head?: never;
@@ -246,129 +82,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Render a character reference image with Replicate google/imagen-4 */
-        post: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": components["schemas"]["CharacterReferenceRequest"];
-                };
-            };
-            responses: {
-                /** @description image */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                502: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                504: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        post: operations["generateCharacterReference"];
         delete?: never;
         options?: never;
         head?: never;
@@ -383,82 +97,7 @@ export interface paths {
             cookie?: never;
         };
         /** Saved scenes as JSON or Markdown */
-        get: {
-            parameters: {
-                query?: {
-                    /** @description signed link: the key id it was made for */
-                    kid?: string;
-                    /** @description signed link: expiry, unix seconds */
-                    exp?: string;
-                    /** @description signed link: HMAC-SHA256 signature */
-                    sig?: string;
-                };
-                header?: never;
-                path: {
-                    scenes_id: string;
-                    ext: "json" | "md";
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description scenes file */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                        "text/markdown": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getScenes"];
         put?: never;
         post?: never;
         delete?: never;
@@ -475,80 +114,7 @@ export interface paths {
             cookie?: never;
         };
         /** The saved image */
-        get: {
-            parameters: {
-                query?: {
-                    /** @description signed link: the key id it was made for */
-                    kid?: string;
-                    /** @description signed link: expiry, unix seconds */
-                    exp?: string;
-                    /** @description signed link: HMAC-SHA256 signature */
-                    sig?: string;
-                };
-                header?: never;
-                path: {
-                    image_id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description image bytes */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "image/*": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getImage"];
         put?: never;
         post?: never;
         delete?: never;
@@ -567,132 +133,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Start a video job (answers 202 at once) */
-        post: {
-            parameters: {
-                query?: never;
-                header?: {
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
-                    "Idempotency-Key"?: string;
-                };
-                path?: never;
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": components["schemas"]["GenerateVideoRequest"];
-                };
-            };
-            responses: {
-                /** @description job accepted */
-                202: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        post: operations["generateVideo"];
         delete?: never;
         options?: never;
         head?: never;
@@ -709,132 +150,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Start a lip-sync job (answers 202 at once): a finished clip's mouth movements follow a window of a song (Replicate sync/lipsync-2-pro); the result is served by get_video/{job_id} */
-        post: {
-            parameters: {
-                query?: never;
-                header?: {
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
-                    "Idempotency-Key"?: string;
-                };
-                path?: never;
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": components["schemas"]["LipsyncRequest"];
-                };
-            };
-            responses: {
-                /** @description job accepted */
-                202: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description invalid_field, clip_not_found, clip_not_ready, invalid_clip, clip_too_long, clip_too_large, invalid_audio, song_too_short, window_too_long, window_too_short (the window is shorter than the server's lipsync.limits.min_window_seconds, 0.5 s by default) */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        post: operations["startLipsync"];
         delete?: never;
         options?: never;
         head?: never;
@@ -850,124 +166,8 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Start an assembly job (answers 202 at once): finished clips (video or lip-sync jobs) joined with cuts (stream-copied where possible) or crossfades, with an optional song; the result is served by get_video/{job_id} */
-        post: {
-            parameters: {
-                query?: never;
-                header?: {
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
-                    "Idempotency-Key"?: string;
-                };
-                path?: never;
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": components["schemas"]["AssembleRequest"];
-                };
-            };
-            responses: {
-                /** @description job accepted */
-                202: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        /** Start an assembly job (answers 202 at once): finished clips (video or lip-sync jobs) joined with cuts (stream-copied where possible) or crossfades, with an optional song; the result is served by get_video/{job_id}. 400 names the field: clips (assembly_too_long past media.yaml assembly.output_seconds_max), clips.N.trim_in|trim_out (invalid_trim: outside the clip or keeping under one output frame), crossfade_seconds (under one frame, not shorter than every clip, or graph_too_large past assembly.graph_clips_max) */
+        post: operations["startAssembly"];
         delete?: never;
         options?: never;
         head?: never;
@@ -985,83 +185,7 @@ export interface paths {
          * The caller's jobs, newest first, a page at a time (the jobs made with keys off when keys are off); each item is the job's state (no request) with its URLs
          * @description Answers {jobs: [...], next_cursor}; pass next_cursor back as cursor for the next, older page (null: no more). A page looks at no more than 1,000 of the caller's jobs, so a rare filter may answer a short or empty page with a next_cursor.
          */
-        get: {
-            parameters: {
-                query?: {
-                    status?: "queued" | "running" | "succeeded" | "failed" | "canceled";
-                    kind?: "video" | "lipsync" | "assembly";
-                    project_id?: string;
-                    cursor?: string;
-                    limit?: number;
-                    /** @description signed link: the key id it was made for */
-                    kid?: string;
-                    /** @description signed link: expiry, unix seconds */
-                    exp?: string;
-                    /** @description signed link: HMAC-SHA256 signature */
-                    sig?: string;
-                };
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description a page of jobs */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["listJobs"];
         put?: never;
         post?: never;
         delete?: never;
@@ -1078,186 +202,11 @@ export interface paths {
             cookie?: never;
         };
         /** Job state as JSON */
-        get: {
-            parameters: {
-                query?: {
-                    /** @description signed link: the key id it was made for */
-                    kid?: string;
-                    /** @description signed link: expiry, unix seconds */
-                    exp?: string;
-                    /** @description signed link: HMAC-SHA256 signature */
-                    sig?: string;
-                };
-                header?: never;
-                path: {
-                    job_id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description job */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                410: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getJob"];
         put?: never;
         post?: never;
         /** Cancel the job and its provider prediction */
-        delete: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    job_id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description job */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                410: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        delete: operations["cancelJob"];
         options?: never;
         head?: never;
         patch?: never;
@@ -1273,100 +222,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Cancel the job (same as DELETE /api/mv/jobs/{job_id}) */
-        post: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    job_id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description job */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                410: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        post: operations["cancelJobByPost"];
         delete?: never;
         options?: never;
         head?: never;
@@ -1381,98 +237,7 @@ export interface paths {
             cookie?: never;
         };
         /** Server-Sent Events: state, progress, final status */
-        get: {
-            parameters: {
-                query?: {
-                    /** @description signed link: the key id it was made for */
-                    kid?: string;
-                    /** @description signed link: expiry, unix seconds */
-                    exp?: string;
-                    /** @description signed link: HMAC-SHA256 signature */
-                    sig?: string;
-                };
-                header?: never;
-                path: {
-                    job_id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description event stream */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "text/event-stream": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                410: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["streamJobEvents"];
         put?: never;
         post?: never;
         delete?: never;
@@ -1489,82 +254,27 @@ export interface paths {
             cookie?: never;
         };
         /** Server-Sent Events of several jobs on one connection; the event id is every job's position (dot-separated, in the order of `jobs`), so Last-Event-ID resumes them all */
-        get: {
-            parameters: {
-                query: {
-                    /** @description Comma-separated job ids (at most jobs.sse_max_jobs_per_stream, 50) */
-                    jobs: string;
-                    /** @description Positions to resume from, in the form of an event id (`3.7.0`, one per job); on the stream a Last-Event-ID header takes precedence */
-                    after?: string;
-                    /** @description signed link: the key id it was made for */
-                    kid?: string;
-                    /** @description signed link: expiry, unix seconds */
-                    exp?: string;
-                    /** @description signed link: HMAC-SHA256 signature */
-                    sig?: string;
-                };
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description event stream */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "text/event-stream": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
+        get: operations["streamEvents"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/usage": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
         };
+        /**
+         * Usage and estimated cost of the jobs that ended in [from, to): the caller's (every key's for an admin key), totals that are the sum of the jobs listed, grouped by model, kind or day
+         * @description from/to: ISO 8601 dates (midnight UTC) or date-times, or unix seconds; default this calendar month (UTC) up to now. With keys on, `budget` is the caller's monthly limit, spending and what is left.
+         */
+        get: operations["getUsage"];
         put?: never;
         post?: never;
         delete?: never;
@@ -1581,92 +291,7 @@ export interface paths {
             cookie?: never;
         };
         /** The URL of the multi-job stream for these jobs (and positions), for an EventSource: with keys on signed for the caller's key (kid, exp, sig; the signature covers the exact job list and `after`, so a changed link gets 403) and valid until `expires_at`; with keys off the plain URL and `expires_at` null. 404 if a job is unknown (or another key's) */
-        get: {
-            parameters: {
-                query: {
-                    /** @description Comma-separated job ids (at most jobs.sse_max_jobs_per_stream, 50) */
-                    jobs: string;
-                    /** @description Positions to resume from, in the form of an event id (`3.7.0`, one per job); on the stream a Last-Event-ID header takes precedence */
-                    after?: string;
-                    /** @description signed link: the key id it was made for */
-                    kid?: string;
-                    /** @description signed link: expiry, unix seconds */
-                    exp?: string;
-                    /** @description signed link: HMAC-SHA256 signature */
-                    sig?: string;
-                };
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description the stream's URL */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            /** @description GET /api/mv/events?jobs=…[&after=…][&kid=…&exp=…&sig=…] */
-                            events_url: string;
-                            /**
-                             * Format: date-time
-                             * @description when the signed link stops working (null with keys off)
-                             */
-                            expires_at: string | null;
-                            /** @description the job ids, in stream order */
-                            jobs: string[];
-                        };
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getEventsLink"];
         put?: never;
         post?: never;
         delete?: never;
@@ -1683,116 +308,7 @@ export interface paths {
             cookie?: never;
         };
         /** The finished MP4 (Range requests supported) */
-        get: {
-            parameters: {
-                query?: {
-                    /** @description signed link: the key id it was made for */
-                    kid?: string;
-                    /** @description signed link: expiry, unix seconds */
-                    exp?: string;
-                    /** @description signed link: HMAC-SHA256 signature */
-                    sig?: string;
-                };
-                header?: never;
-                path: {
-                    video_id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description video */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "video/mp4": unknown;
-                    };
-                };
-                /** @description the byte range asked for with a Range header */
-                206: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "video/mp4": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                410: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description the Range header asks for bytes the video does not have */
-                416: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getVideo"];
         put?: never;
         post?: never;
         delete?: never;
@@ -1814,86 +330,7 @@ export interface paths {
          * Replicate prediction webhooks (called by Replicate, not by clients; signed, no API key)
          * @description Body: the prediction JSON, at most 2 MiB. Headers webhook-id, webhook-timestamp and webhook-signature (Standard Webhooks, HMAC-SHA256, 300 s tolerance). Answers 200 with {"status": "accepted" | "duplicate" | "ignored"} at once; the job applies the update.
          */
-        post: {
-            parameters: {
-                query: {
-                    job: string;
-                };
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": Record<string, never>;
-                };
-            };
-            responses: {
-                /** @description acknowledged */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        post: operations["receiveReplicateWebhook"];
         delete?: never;
         options?: never;
         head?: never;
@@ -1910,147 +347,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Upload a song (mp3, wav, m4a/aac, ogg, flac; identified from its content, at most MV_MAX_AUDIO_MB); answers its audio_id, duration, sample rate, channels and format */
-        post: {
-            parameters: {
-                query?: never;
-                header?: {
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
-                    "Idempotency-Key"?: string;
-                };
-                path?: never;
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "audio/*": string;
-                    "multipart/form-data": {
-                        file: string;
-                    };
-                };
-            };
-            responses: {
-                /** @description audio saved */
-                201: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            audio_id: string;
-                            /** @enum {string} */
-                            format: "mp3" | "wav" | "m4a" | "aac" | "ogg" | "flac";
-                            mime_type: string;
-                            codec: string;
-                            /** @description Seconds, from decoding the whole stream. */
-                            duration: number;
-                            sample_rate: number;
-                            channels: number;
-                            size_bytes: number;
-                            audio_url: string;
-                        };
-                    };
-                };
-                /** @description invalid_audio (not an accepted audio file; one message for every file that is not one, whatever it names), audio_too_long (the song lasts longer than MV_MAX_AUDIO_SECONDS, 20 min by default), invalid_multipart, incomplete_body */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                408: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        post: operations["uploadAudio"];
         delete?: never;
         options?: never;
         head?: never;
@@ -2065,89 +362,24 @@ export interface paths {
             cookie?: never;
         };
         /** The uploaded song (Range requests supported) */
-        get: {
-            parameters: {
-                query?: {
-                    /** @description signed link: the key id it was made for */
-                    kid?: string;
-                    /** @description signed link: expiry, unix seconds */
-                    exp?: string;
-                    /** @description signed link: HMAC-SHA256 signature */
-                    sig?: string;
-                };
-                header?: never;
-                path: {
-                    audio_id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description audio */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "audio/*": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description the Range header asks for bytes the video does not have */
-                416: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
+        get: operations["getAudio"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/songs/{audio_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
         };
+        /** The uploaded song's description and analysis (tempo, beats, bars, sections, energy, waveform peaks): analysed at upload, or now for a song uploaded before; analysis_status pending: ask again shortly */
+        get: operations["getSong"];
         put?: never;
         post?: never;
         delete?: never;
@@ -2166,87 +398,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Create a project (with audio_id: scenes sized to cover the song) */
-        post: {
-            parameters: {
-                query?: never;
-                header?: {
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
-                    "Idempotency-Key"?: string;
-                };
-                path?: never;
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": components["schemas"]["CreateProjectRequest"];
-                };
-            };
-            responses: {
-                /** @description the project (ETag, Location) */
-                201: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        post: operations["createProject"];
         delete?: never;
         options?: never;
         head?: never;
@@ -2261,187 +413,14 @@ export interface paths {
             cookie?: never;
         };
         /** The project, with every clip version's job state */
-        get: {
-            parameters: {
-                query?: {
-                    /** @description signed link: the key id it was made for */
-                    kid?: string;
-                    /** @description signed link: expiry, unix seconds */
-                    exp?: string;
-                    /** @description signed link: HMAC-SHA256 signature */
-                    sig?: string;
-                };
-                header?: never;
-                path: {
-                    project_id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description the project (ETag) */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        get: operations["getProject"];
         put?: never;
         post?: never;
         delete?: never;
         options?: never;
         head?: never;
         /** Edit prompts, order, trims, chosen versions, song offset (If-Match required) */
-        patch: {
-            parameters: {
-                query?: never;
-                header: {
-                    /** @description The project's ETag as last read */
-                    "If-Match": string;
-                };
-                path: {
-                    project_id: string;
-                };
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": components["schemas"]["PatchProjectRequest"];
-                };
-            };
-            responses: {
-                /** @description the project (new ETag) */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                412: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                428: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        patch: operations["updateProject"];
         trace?: never;
     };
     "/api/mv/projects/{project_id}/write_scenes": {
@@ -2454,145 +433,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Write the scene prompts with Gemini from the project's idea, character and style */
-        post: {
-            parameters: {
-                query?: never;
-                header?: {
-                    /** @description The project's ETag as last read (optional: 412 if it moved) */
-                    "If-Match"?: string;
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
-                    "Idempotency-Key"?: string;
-                };
-                path: {
-                    project_id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: {
-                content: {
-                    "application/json": components["schemas"]["WriteProjectScenesRequest"];
-                };
-            };
-            responses: {
-                /** @description the project */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                412: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                502: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                504: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        post: operations["writeProjectScenes"];
         delete?: never;
         options?: never;
         head?: never;
@@ -2609,146 +450,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Render the character image (Imagen) and make it the project's reference image */
-        post: {
-            parameters: {
-                query?: never;
-                header?: {
-                    /** @description The project's ETag as last read (optional: 412 if it moved) */
-                    "If-Match"?: string;
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
-                    "Idempotency-Key"?: string;
-                };
-                path: {
-                    project_id: string;
-                };
-                cookie?: never;
-            };
-            /** @description Optional image options: aspect_ratio, safety_filter_level, person_generation, output_format, negative_prompt, seed */
-            requestBody?: {
-                content: {
-                    "application/json": Record<string, never>;
-                };
-            };
-            responses: {
-                /** @description {image, project} */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                412: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                502: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                504: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        post: operations["generateProjectCharacter"];
         delete?: never;
         options?: never;
         head?: never;
@@ -2765,119 +467,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Start a clip job for every scene without a chosen clip or one in progress */
-        post: {
-            parameters: {
-                query?: never;
-                header?: {
-                    /** @description The project's ETag as last read (optional: 412 if it moved) */
-                    "If-Match"?: string;
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
-                    "Idempotency-Key"?: string;
-                };
-                path: {
-                    project_id: string;
-                };
-                cookie?: never;
-            };
-            /** @description Optional: backend, seed, generate_audio, video_rules_template */
-            requestBody?: {
-                content: {
-                    "application/json": Record<string, never>;
-                };
-            };
-            responses: {
-                /** @description {jobs, project} */
-                202: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                412: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        post: operations["startProjectClips"];
         delete?: never;
         options?: never;
         head?: never;
@@ -2894,120 +484,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Start a new clip version of one scene (older versions are kept) */
-        post: {
-            parameters: {
-                query?: never;
-                header?: {
-                    /** @description The project's ETag as last read (optional: 412 if it moved) */
-                    "If-Match"?: string;
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
-                    "Idempotency-Key"?: string;
-                };
-                path: {
-                    project_id: string;
-                    scene_id: string;
-                };
-                cookie?: never;
-            };
-            /** @description Optional: backend, seed, generate_audio, video_rules_template */
-            requestBody?: {
-                content: {
-                    "application/json": Record<string, never>;
-                };
-            };
-            responses: {
-                /** @description {job, project} */
-                202: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                412: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        post: operations["startSceneClip"];
         delete?: never;
         options?: never;
         head?: never;
@@ -3023,108 +500,8 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Start an assembly job of the project's chosen clips (display order, trims) with its song from its offset; 400 naming scenes.N when a scene has no finished chosen clip */
-        post: {
-            parameters: {
-                query?: never;
-                header?: {
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
-                    "Idempotency-Key"?: string;
-                };
-                path: {
-                    project_id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: {
-                content: {
-                    "application/json": components["schemas"]["AssemblyOptions"];
-                };
-            };
-            responses: {
-                /** @description {job_id, kind, status, status_url, events_url, video_url, project} */
-                202: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        /** Start an assembly job of the project's chosen clips (display order, trims) with its song from its offset; 400 naming scenes.N when a scene has no finished chosen clip, scenes when the video would be too long (assembly_too_long), crossfade_seconds as for POST /assemble */
+        post: operations["startProjectAssembly"];
         delete?: never;
         options?: never;
         head?: never;
@@ -3141,109 +518,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Lip-sync the scene's chosen clip to its slice of the project's song; the job becomes a new version of the scene's clip (chosen once it succeeds) */
-        post: {
-            parameters: {
-                query?: never;
-                header?: {
-                    /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
-                    "Idempotency-Key"?: string;
-                };
-                path: {
-                    project_id: string;
-                    scene_id: string;
-                };
-                cookie?: never;
-            };
-            /** @description Optional: sync_mode, temperature, active_speaker */
-            requestBody?: {
-                content: {
-                    "application/json": Record<string, never>;
-                };
-            };
-            responses: {
-                /** @description {job, project} */
-                202: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
-                422: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description rate_limited (Retry-After: when the tokens the request needs, one per job up to the burst, are there) or, for upload_audio, quota_exceeded (the key's uploads running) */
-                429: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
-        };
+        post: operations["startSceneLipsync"];
         delete?: never;
         options?: never;
         head?: never;
@@ -3258,80 +533,61 @@ export interface paths {
             cookie?: never;
         };
         /** Scenes in order with chosen clip, trims and song window start */
-        get: {
-            parameters: {
-                query?: {
-                    /** @description signed link: the key id it was made for */
-                    kid?: string;
-                    /** @description signed link: expiry, unix seconds */
-                    exp?: string;
-                    /** @description signed link: HMAC-SHA256 signature */
-                    sig?: string;
-                };
-                header?: never;
-                path: {
-                    project_id: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description timeline */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": unknown;
-                    };
-                };
-                /** @description error */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description missing or invalid API key */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description error */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-                /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-                421: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Error"];
-                    };
-                };
-            };
+        get: operations["getProjectTimeline"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/get_poster/{video_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
         };
+        /** The clip's first frame as a JPEG (its job's poster_url), under get_video's rules: 409 while the job has not succeeded, 404 for an unknown id, another key's job, or a clip without a poster, 410 once expired */
+        get: operations["getPoster"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/projects/{project_id}/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The project's event stream: its writes, versions added and chosen, and its jobs' events
+         * @description Server-Sent Events that keep a page's project current; the stream stays open until the client goes. Events: `project` (the project as GET shows it, with its etag: when the stream opens and after every write by anyone), `version_added` {project_id, scene_id, job_id, kind, etag} (right after the `project` event that added it), `version_chosen` {project_id, scene_id, job_id, previous_job_id, etag} (a scene's chosen clip changed: by a write, or its awaited version succeeded, which moves no ETag), and the events of the project's unfinished jobs exactly as on the job streams (queued, running, progress, succeeded, failed, canceled; data.job_id says whose). The event id is the project version and each followed job's position (`7.736726c7-11`): Last-Event-ID (or `after`) resumes the jobs while the project is at that version, and starts with a `project` event otherwise. A `: ping` comment every jobs.sse_ping_interval_seconds.
+         */
+        get: operations["streamProjectEvents"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/projects/{project_id}/events/link": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The URL of the project's event stream for an EventSource: with keys on signed for the caller's key (the signature covers `after`) and valid until `expires_at`; with keys off the plain URL and `expires_at` null */
+        get: operations["getProjectEventsLink"];
         put?: never;
         post?: never;
         delete?: never;
@@ -3581,7 +837,7 @@ export interface components {
             character_description: string;
             /**
              * Style
-             * @description Style words woven into the scenes.
+             * @description A style preset's name from GET /api/mv/health `styles` (its camera, palette and pacing lines go into the scene prompt, as with create_scenes), or free style words woven into the scenes.
              * @default null
              */
             style?: string | null;
@@ -3670,6 +926,13 @@ export interface components {
              * @default null
              */
             chosen_job_id?: string | null;
+            /**
+             * Snap
+             * @description Move the scene's cut (where its kept part ends in the song) to the nearest beat or bar line its clip can reach, by setting trim_out; none or without a beat grid: the trims as sent.
+             * @default null
+             * @enum {string}
+             */
+            snap?: "beat" | "bar" | "none";
         };
         /** PatchProjectRequest */
         PatchProjectRequest: {
@@ -3762,7 +1025,7 @@ export interface components {
             job_id: string;
             /**
              * Trim In
-             * @description Seconds cut from the start; null: none.
+             * @description Seconds cut from the start; null: none. The trims must keep at least one frame at the output's frame rate (400 otherwise).
              * @default null
              */
             trim_in?: number | null;
@@ -3784,7 +1047,7 @@ export interface components {
             transition?: "cut" | "crossfade";
             /**
              * Crossfade Seconds
-             * @description Length of each crossfade (transition crossfade).
+             * @description Length of each crossfade (transition crossfade): at least one frame at the output's frame rate and shorter than the shortest kept clip (400 otherwise).
              * @default 0.5
              */
             crossfade_seconds?: number;
@@ -3833,7 +1096,7 @@ export interface components {
             transition?: "cut" | "crossfade";
             /**
              * Crossfade Seconds
-             * @description Length of each crossfade (transition crossfade).
+             * @description Length of each crossfade (transition crossfade): at least one frame at the output's frame rate and shorter than the shortest kept clip (400 otherwise).
              * @default 0.5
              */
             crossfade_seconds?: number;
@@ -3851,6 +1114,858 @@ export interface components {
              */
             fit?: ("letterbox" | "crop") | null;
         };
+        /** @description The error object of the Error shape, also a failed or canceled job's `error`. */
+        ErrorDetail: {
+            /** @description what went wrong; branch on it */
+            code: string;
+            /** @description for people */
+            message: string;
+            /** @description the request field, header or parameter at fault, as a path (scenes.1.trim_out) */
+            field?: string;
+            /** @description replicate or gemini */
+            provider?: string;
+            /** @description the provider's own HTTP status, prediction status or RPC code */
+            provider_status?: number | string;
+            /** @description the provider's own message or JSON body, unchanged */
+            provider_error?: unknown;
+            /** @description 402 budget_exceeded: the key's monthly budget and what is left of it */
+            budget?: {
+                /** @description YYYY-MM, UTC */
+                month: string;
+                limit: number;
+                spent: number;
+                remaining: number;
+                job_estimate: number;
+                currency: string;
+            };
+        };
+        /** @description Each URL of the answer that a browser loads without headers (<img>, <video>, EventSource), under the same name, signed for the caller's key (?kid=&exp=&sig=); only with API keys on. */
+        SignedUrls: {
+            /**
+             * Format: date-time
+             * @description when the links stop working
+             */
+            expires_at: string;
+            status_url?: string;
+            events_url?: string;
+            video_url?: string;
+            image_url?: string;
+            audio_url?: string;
+            json?: string;
+            markdown?: string;
+        } & {
+            [key: string]: string;
+        };
+        /** @description A job's state: the data of its status events. */
+        JobState: {
+            job_id: string;
+            /** @enum {string} */
+            kind: "video" | "lipsync" | "assembly";
+            /**
+             * @description succeeded, failed and canceled are final
+             * @enum {string}
+             */
+            status: "queued" | "running" | "succeeded" | "failed" | "canceled";
+            /** @description queued, submitting, generating, downloading, running, assembling, done: for progress text */
+            stage: string;
+            /** @description null: unknown */
+            progress: number | null;
+            /** @description replicate, gemini (Veo on Vertex) or ffmpeg (assembly) */
+            backend: string;
+            model: string;
+            sandbox: boolean;
+            provider_prediction_id: string | null;
+            /** @description Unix time, seconds */
+            created_at: number;
+            /** @description Unix time, seconds */
+            started_at: number | null;
+            /** @description Unix time, seconds */
+            finished_at: number | null;
+            elapsed_seconds: number;
+            error: components["schemas"]["ErrorDetail"] | null;
+            /** @description set once the job succeeded */
+            video_url: string | null;
+            video_bytes: number | null;
+            /** @description the stored clip's length (null until it is stored) */
+            video_seconds: number | null;
+            video_width: number | null;
+            video_height: number | null;
+            /** @description the clip's first frame (JPEG), once the job succeeded */
+            poster_url: string | null;
+            usage: components["schemas"]["Usage"] | null;
+        };
+        /** @description GET /api/mv/jobs/{job_id}: the job's state, its URLs and its request. */
+        Job: {
+            job_id: string;
+            /** @enum {string} */
+            kind: "video" | "lipsync" | "assembly";
+            /**
+             * @description succeeded, failed and canceled are final
+             * @enum {string}
+             */
+            status: "queued" | "running" | "succeeded" | "failed" | "canceled";
+            /** @description queued, submitting, generating, downloading, running, assembling, done: for progress text */
+            stage: string;
+            /** @description null: unknown */
+            progress: number | null;
+            /** @description replicate, gemini (Veo on Vertex) or ffmpeg (assembly) */
+            backend: string;
+            model: string;
+            sandbox: boolean;
+            provider_prediction_id: string | null;
+            /** @description Unix time, seconds */
+            created_at: number;
+            /** @description Unix time, seconds */
+            started_at: number | null;
+            /** @description Unix time, seconds */
+            finished_at: number | null;
+            elapsed_seconds: number;
+            error: components["schemas"]["ErrorDetail"] | null;
+            /** @description set once the job succeeded */
+            video_url: string | null;
+            video_bytes: number | null;
+            /** @description the stored clip's length (null until it is stored) */
+            video_seconds: number | null;
+            video_width: number | null;
+            video_height: number | null;
+            /** @description the clip's first frame (JPEG), once the job succeeded */
+            poster_url: string | null;
+            usage: components["schemas"]["Usage"] | null;
+            /** @description a URL path under /api/mv */
+            status_url: string;
+            /** @description a URL path under /api/mv */
+            events_url: string;
+            /** @description what was sent to the provider */
+            request: Record<string, never>;
+            /** @description With API keys on: the URLs of this answer, signed */
+            signed_urls?: components["schemas"]["SignedUrls"];
+        };
+        /** @description A listed job: its state (no request) and URLs; project_id and scene_id for a project's clip. */
+        JobListItem: {
+            job_id: string;
+            /** @enum {string} */
+            kind: "video" | "lipsync" | "assembly";
+            /**
+             * @description succeeded, failed and canceled are final
+             * @enum {string}
+             */
+            status: "queued" | "running" | "succeeded" | "failed" | "canceled";
+            /** @description queued, submitting, generating, downloading, running, assembling, done: for progress text */
+            stage: string;
+            /** @description null: unknown */
+            progress: number | null;
+            /** @description replicate, gemini (Veo on Vertex) or ffmpeg (assembly) */
+            backend: string;
+            model: string;
+            sandbox: boolean;
+            provider_prediction_id: string | null;
+            /** @description Unix time, seconds */
+            created_at: number;
+            /** @description Unix time, seconds */
+            started_at: number | null;
+            /** @description Unix time, seconds */
+            finished_at: number | null;
+            elapsed_seconds: number;
+            error: components["schemas"]["ErrorDetail"] | null;
+            /** @description set once the job succeeded */
+            video_url: string | null;
+            video_bytes: number | null;
+            /** @description the stored clip's length (null until it is stored) */
+            video_seconds: number | null;
+            video_width: number | null;
+            video_height: number | null;
+            /** @description the clip's first frame (JPEG), once the job succeeded */
+            poster_url: string | null;
+            usage: components["schemas"]["Usage"] | null;
+            /** @description a URL path under /api/mv */
+            status_url: string;
+            /** @description a URL path under /api/mv */
+            events_url: string;
+            project_id?: string;
+            scene_id?: string;
+            /** @description With API keys on: the URLs of this answer, signed */
+            signed_urls?: components["schemas"]["SignedUrls"];
+        };
+        JobList: {
+            jobs: components["schemas"]["JobListItem"][];
+            /** @description pass back as cursor; null: no more pages */
+            next_cursor: string | null;
+        };
+        /** @description The data of one event: a status event carries the job's whole state (errors clipped), a progress event only what moves. Merge each onto the last state held. */
+        JobEvent: {
+            job_id: string;
+            /**
+             * @description succeeded, failed and canceled are final
+             * @enum {string}
+             */
+            status: "queued" | "running" | "succeeded" | "failed" | "canceled";
+            /** @description queued, submitting, generating, downloading, running, assembling, done: for progress text */
+            stage: string;
+            /** @description null: unknown */
+            progress: number | null;
+            elapsed_seconds: number;
+            /** @description Unix time, seconds */
+            event_time: number;
+            /** @enum {string} */
+            kind?: "video" | "lipsync" | "assembly";
+            /** @description replicate, gemini (Veo on Vertex) or ffmpeg (assembly) */
+            backend?: string;
+            model?: string;
+            sandbox?: boolean;
+            provider_prediction_id?: string | null;
+            /** @description Unix time, seconds */
+            created_at?: number;
+            /** @description Unix time, seconds */
+            started_at?: number | null;
+            /** @description Unix time, seconds */
+            finished_at?: number | null;
+            error?: components["schemas"]["ErrorDetail"] | null;
+            /** @description set once the job succeeded */
+            video_url?: string | null;
+            video_bytes?: number | null;
+            /** @description the stored clip's length (null until it is stored) */
+            video_seconds?: number | null;
+            video_width?: number | null;
+            video_height?: number | null;
+            /** @description the clip's first frame (JPEG), once the job succeeded */
+            poster_url?: string | null;
+            usage?: components["schemas"]["Usage"] | null;
+            /** @description progress events: the provider's last log lines, when they changed */
+            logs?: string;
+            /** @description progress events: seconds left if this run takes as long as recent runs of its model and kind of request (0: running late) */
+            eta_seconds?: number;
+            /** @description true: `progress` is guessed from recent run times (the provider reports none) */
+            progress_estimated?: boolean;
+        };
+        /** @description One Server-Sent Event; the stream is a sequence of them (OpenAPI 3.2's itemSchema), with `: ping` comments. */
+        JobStreamEvent: {
+            /** @enum {string} */
+            event: "queued" | "running" | "progress" | "succeeded" | "failed" | "canceled";
+            data: string;
+            /** @description the event's position (per job, or every job's position dot-separated on the multi-job stream); Last-Event-ID resumes after it */
+            id?: string;
+            /** @description reconnect delay, milliseconds */
+            retry?: number;
+        };
+        /** @description One Server-Sent Event of a project's stream, with `: ping` comments. */
+        ProjectStreamEvent: {
+            /** @enum {string} */
+            event: "project" | "version_added" | "version_chosen" | "queued" | "running" | "progress" | "succeeded" | "failed" | "canceled";
+            /** @description project: the project as GET shows it; version_added: {project_id, scene_id, job_id, kind, etag}; version_chosen: {project_id, scene_id, job_id, previous_job_id, etag}; a job's event: its JobEvent */
+            data: string;
+            /** @description the project's version, then the position of each job still followed; Last-Event-ID resumes */
+            id?: string;
+            /** @description reconnect delay, milliseconds */
+            retry?: number;
+        };
+        /** @description A job a request started. URLs are absolute on MV_PUBLIC_BASE_URL when it is set. */
+        AcceptedJob: {
+            job_id: string;
+            /** @enum {string} */
+            kind: "video" | "lipsync" | "assembly";
+            /**
+             * @description succeeded, failed and canceled are final
+             * @enum {string}
+             */
+            status: "queued" | "running" | "succeeded" | "failed" | "canceled";
+            /** @description replicate, gemini (Veo on Vertex) or ffmpeg (assembly) */
+            backend: string;
+            sandbox: boolean;
+            /** @description a URL path under /api/mv */
+            status_url: string;
+            /** @description a URL path under /api/mv */
+            events_url: string;
+            /** @description serves the clip once the job succeeded (409 before) */
+            video_url: string;
+            /** @description a project's job */
+            project_id?: string;
+            /** @description a project scene's clip version */
+            scene_id?: string;
+            /** @description With API keys on: the URLs of this answer, signed */
+            signed_urls?: components["schemas"]["SignedUrls"];
+        };
+        /** @description The 202 of every request that starts jobs (one envelope, `mvserver/accepted.py`). `jobs`: every job it started (a project's clips may start none). `job`: the job, when the route starts exactly one; its fields are also repeated at the top level, as these routes always answered. `project`: the project as GET /api/mv/projects/{project_id} shows it, on a project's routes (its ETag in the header). */
+        JobsAccepted: {
+            jobs: components["schemas"]["AcceptedJob"][];
+            job?: components["schemas"]["AcceptedJob"];
+            project?: components["schemas"]["Project"];
+        };
+        /** @description The project's song. */
+        ProjectSong: {
+            audio_id: string;
+            offset: number;
+            duration: number;
+            /**
+             * @description how the scenes were sized to the song when the project was made: on its bars (every cut on a downbeat), or by length; null: not sized to it
+             * @enum {string|null}
+             */
+            sized_by?: "bars" | "length" | null;
+            /** @description why not on bars: no beat grid (and why), the analysis off, failed or not ready */
+            sizing_note?: string | null;
+        };
+        /** @description One generated clip of a scene, with its job's live state. */
+        ClipVersion: {
+            job_id: string;
+            /** @description Unix time, seconds */
+            created_at: number;
+            duration: number;
+            /**
+             * @description the job's status; missing: the job store no longer has it
+             * @enum {string}
+             */
+            status: "queued" | "running" | "succeeded" | "failed" | "canceled" | "missing";
+            stage: string | null;
+            /** @description null: unknown */
+            progress: number | null;
+            video_url: string | null;
+            error: components["schemas"]["ErrorDetail"] | null;
+            /** @description the clip's first frame (JPEG), once the job succeeded */
+            poster_url?: string | null;
+            /** @description the stored clip's length (null until it is stored) */
+            video_seconds?: number | null;
+            video_width?: number | null;
+            video_height?: number | null;
+        };
+        /** @description A scene in display order. */
+        ProjectScene: {
+            id: string;
+            prompt: string;
+            negative_prompt: string;
+            /** @description seconds of the next clip generated for the scene */
+            duration: number;
+            trim_in: number;
+            trim_out: number;
+            versions: components["schemas"]["ClipVersion"][];
+            chosen_job_id: string | null;
+            awaited_job_id: string | null;
+            /** @description trim_out - trim_in */
+            seconds: number;
+            /** @description where the kept part starts in the song; null: no song */
+            song_start: number | null;
+            chosen_video_url: string | null;
+            /** @description the chosen clip's poster */
+            chosen_poster_url?: string | null;
+            window?: components["schemas"]["SongWindow"] | null;
+        };
+        /** @description A project (storyboard): the record, every clip version with its job's live state. */
+        Project: {
+            project_id: string;
+            /** @description the ETag a PATCH names in If-Match */
+            etag: string;
+            version: number;
+            owner: string | null;
+            /** @description Unix time, seconds */
+            created_at: number;
+            /** @description Unix time, seconds */
+            updated_at: number;
+            idea: string;
+            character_description: string;
+            style: string | null;
+            aspect_ratio: string;
+            character_image_id: string | null;
+            song: components["schemas"]["ProjectSong"] | null;
+            scenes: components["schemas"]["ProjectScene"][];
+            assembly_job_id: string | null;
+            total_seconds: number;
+        };
+        TimelineEntry: {
+            scene_id: string;
+            job_id: string | null;
+            trim_in: number;
+            trim_out: number;
+            seconds: number;
+            song_start: number | null;
+            /** @enum {string|null} */
+            status: "queued" | "running" | "succeeded" | "failed" | "canceled" | null;
+        };
+        /** @description The scenes in display order: chosen clip, trims, where each starts in the song. */
+        Timeline: {
+            project_id: string;
+            song: components["schemas"]["ProjectSong"] | null;
+            entries: components["schemas"]["TimelineEntry"][];
+        };
+        Scene: {
+            description: string;
+            negative_description: string;
+        };
+        ScenesMetadata: {
+            model: string;
+            parameters: Record<string, never>;
+            defaults_applied: string[];
+            elapsed_seconds: number;
+            attempts: number;
+            sandbox: boolean;
+        };
+        /** @description Scene prompts written by Gemini, saved as JSON and Markdown. */
+        Scenes: {
+            scenes_id: string;
+            scenes: components["schemas"]["Scene"][];
+            sandbox: boolean;
+            /** @description GET the scenes as JSON or Markdown */
+            urls: {
+                json: string;
+                markdown: string;
+            };
+            metadata: components["schemas"]["ScenesMetadata"];
+            /** @description With API keys on: the URLs of this answer, signed */
+            signed_urls?: components["schemas"]["SignedUrls"];
+        };
+        SavedScenes: {
+            scenes_id: string;
+            scenes: components["schemas"]["Scene"][];
+            metadata: components["schemas"]["ScenesMetadata"];
+            owner_key_id?: string;
+        };
+        ImageMetadata: {
+            model: string;
+            prompt: string;
+            parameters: Record<string, never>;
+            defaults_applied: string[];
+            prediction_id: string;
+            prediction_ids: string[];
+            elapsed_seconds: number;
+        };
+        /** @description One candidate image; send its image_id as reference_image_id. */
+        CandidateImage: {
+            image_id: string;
+            mime_type: string;
+            /** @description a URL path under /api/mv */
+            image_url: string;
+            prediction_id: string;
+            seed: number | null;
+        };
+        /** @description Character images: the first one at the top level (inlined as base64), every candidate in `images`. */
+        CharacterReference: {
+            image_id: string;
+            mime_type: string;
+            /** @description a URL path under /api/mv */
+            image_url: string;
+            sandbox: boolean;
+            metadata: components["schemas"]["ImageMetadata"];
+            images: components["schemas"]["CandidateImage"][];
+            /** @description the first image, base64 */
+            image_base64: string;
+            /** @description With API keys on: the URLs of this answer, signed */
+            signed_urls?: components["schemas"]["SignedUrls"];
+        };
+        /** @description The project's new character image (no base64). */
+        ProjectImage: {
+            image_id: string;
+            mime_type: string;
+            /** @description a URL path under /api/mv */
+            image_url: string;
+            sandbox: boolean;
+            metadata: components["schemas"]["ImageMetadata"];
+            images: components["schemas"]["CandidateImage"][];
+            /** @description With API keys on: the URLs of this answer, signed */
+            signed_urls?: components["schemas"]["SignedUrls"];
+        };
+        ProjectCharacter: {
+            image: components["schemas"]["ProjectImage"];
+            project: components["schemas"]["Project"];
+        };
+        WebhookAck: {
+            /** @enum {string} */
+            status: "accepted" | "duplicate" | "ignored";
+        };
+        /** @description Where a scene's kept part plays in the project's song (seconds), its bars and section, and its cut. */
+        SongWindow: {
+            start: number;
+            end: number;
+            /** @description bar of the start: 0 is the first downbeat's bar, -1 before it; null without a beat grid */
+            first_bar?: number | null;
+            /** @description the bar after the window's last one (exclusive) */
+            end_bar?: number | null;
+            /** @description index in the song analysis' sections of the start */
+            section?: number | null;
+            section_label?: string | null;
+            /**
+             * @description what the window's end (the cut) lands on within one frame: a downbeat, a beat, the song's end, or a plain time
+             * @enum {string}
+             */
+            cut?: "downbeat" | "beat" | "time" | "end";
+        };
+        /**
+         * BeatEvidence
+         * @description Why the grid was trusted: ``pulse_clarity`` is the onset envelope's normalised autocorrelation at the beat
+         *     period (the decision, needs >= 0.25); ``beat_contrast`` is the mean onset strength on beats over that between
+         *     them (reported only: speech has strong onsets too).
+         */
+        BeatEvidence: {
+            /** Pulse Clarity */
+            pulse_clarity: number;
+            /** Beat Contrast */
+            beat_contrast: number;
+        };
+        /**
+         * Curve
+         * @description Values sampled ``rate`` times a second from the start of the song, each in 0..1.
+         */
+        SongCurve: {
+            /** Rate */
+            rate: number;
+            /** Values */
+            values: number[];
+        };
+        /** Grid */
+        SongGrid: {
+            /**
+             * Tempo
+             * @description BPM, from a least-squares fit of beat time over beat index
+             */
+            tempo: number;
+            /**
+             * Beats
+             * @description every tracked beat, ascending
+             */
+            beats: number[];
+            /**
+             * Downbeats
+             * @description the beats that start a bar (a subset of beats)
+             */
+            downbeats: number[];
+            /**
+             * Meter
+             * @description beats per bar when it can be told apart, else None
+             */
+            meter: (3 | 4) | null;
+            /**
+             * Beats Per Bar
+             * @description the bar length used for the downbeats (4 when meter is None)
+             * @enum {integer}
+             */
+            beats_per_bar: 3 | 4;
+            /** Meter Confidence */
+            meter_confidence: number;
+            /** Downbeat Confidence */
+            downbeat_confidence: number;
+            evidence: components["schemas"]["BeatEvidence"];
+        };
+        /** Section */
+        SongSection: {
+            /** Start */
+            start: number;
+            /** End */
+            end: number;
+            /**
+             * Label
+             * @description the cluster as a letter: sections that sound alike share it (A, B, A, C, ...)
+             */
+            label: string;
+            /** Cluster */
+            cluster: number;
+        };
+        /**
+         * SongAnalysis
+         * @description A song's analysis (version 1): tempo, beats, downbeats and meter (`grid`, null when the beat evidence is too weak: `no_grid_reason` says why), sections, an energy curve and waveform peaks. Times are seconds from the start of the song.
+         */
+        SongAnalysis: {
+            /**
+             * Version
+             * @default 1
+             * @constant
+             */
+            version?: 1;
+            /**
+             * Analyser
+             * @description what produced it, e.g. 'librosa 0.11.0'
+             */
+            analyser: string;
+            /**
+             * Duration
+             * @description seconds analysed (the whole song unless truncated)
+             */
+            duration: number;
+            /**
+             * Truncated
+             * @description the song was longer than the analysis cap; the rest has no grid
+             * @default false
+             */
+            truncated?: boolean;
+            grid: components["schemas"]["SongGrid"] | null;
+            /**
+             * No Grid Reason
+             * @default null
+             */
+            no_grid_reason?: string | null;
+            /**
+             * Sections
+             * @description contiguous from 0 to duration; boundaries on downbeats with a grid
+             */
+            sections: components["schemas"]["SongSection"][];
+            /** @description loudness (RMS, -60..0 dBFS as 0..1) */
+            energy: components["schemas"]["SongCurve"];
+            /** @description waveform peaks (max |sample| per bucket, full scale 1) */
+            peaks: components["schemas"]["SongCurve"];
+        };
+        /** @description A job's estimated cost. */
+        Cost: {
+            /** @description amount_micros / 1,000,000 */
+            amount: number;
+            /** @description millionths of the currency: add these up */
+            amount_micros: number;
+            /** @description ISO 4217, from settings/pricing.yaml */
+            currency: string;
+            /** @description the date of the prices used; null when nothing was priced */
+            as_of: string | null;
+            /**
+             * @description price_table: list prices x use; sandbox: simulated, costs 0; local: ffmpeg on this server, costs 0
+             * @enum {string}
+             */
+            basis: "price_table" | "sandbox" | "local" | "unpriced";
+            /** @description always true: the provider's invoice is authoritative */
+            estimated: boolean;
+        };
+        /** @description What an ended job used and what it cost (null until the job ends). */
+        Usage: {
+            provider: string;
+            model: string;
+            /** @description seconds of media produced (null: nothing produced) */
+            output_seconds: number | null;
+            images: number;
+            /** @description the provider's own numbers, unchanged (Replicate: predict_time, total_time) */
+            provider_metrics: Record<string, never> | null;
+            queue_seconds: number;
+            wall_seconds: number;
+            /** @description provider calls retried after a transient error */
+            retries: number;
+            cost: components["schemas"]["Cost"];
+        };
+        UsageGroup: {
+            /** @description the model, kind or day (YYYY-MM-DD, UTC) of the group */
+            key: string;
+            jobs: number;
+            cost_micros: number;
+            cost: number;
+            output_seconds: number;
+            predict_seconds: number;
+        };
+        /** @description One ended job in a usage report. */
+        UsageEntry: {
+            job_id: string;
+            owner: string | null;
+            kind: string;
+            backend: string;
+            model: string;
+            sandbox: boolean;
+            status: string;
+            /** @description Unix time, seconds */
+            created_at: number;
+            /** @description Unix time, seconds */
+            finished_at: number;
+            output_seconds: number | null;
+            predict_seconds: number | null;
+            cost_micros: number;
+            currency: string | null;
+            basis: string | null;
+        };
+        /** @description GET /api/mv/usage: jobs that ended in [from, to), their totals (exactly the sum of `jobs`) and groups. */
+        UsageReport: {
+            /** @description Unix time, seconds */
+            from: number;
+            /** @description Unix time, seconds */
+            to: number;
+            /** @enum {string} */
+            group_by: "model" | "kind" | "day";
+            currency: string;
+            all_keys: boolean;
+            totals: {
+                jobs: number;
+                cost_micros: number;
+                cost: number;
+                output_seconds: number;
+                predict_seconds: number;
+            };
+            groups: components["schemas"]["UsageGroup"][];
+            jobs: components["schemas"]["UsageEntry"][];
+            /** @description The caller's budget this month (keys on) */
+            budget?: {
+                month: string;
+                limit: number | null;
+                spent: number;
+                remaining: number | null;
+            };
+        };
+        Health: {
+            /**
+             * @description degraded while the job and project store cannot be reached (see store)
+             * @enum {string}
+             */
+            status: "ok" | "degraded";
+            version: string;
+            /**
+             * @description sandbox when any provider service is answered by the built-in simulator
+             * @enum {string}
+             */
+            mode: "live" | "sandbox";
+            sandbox: boolean;
+            providers: {
+                [key: string]: "live" | "sandbox";
+            };
+            styles: {
+                name: string;
+                label: string;
+                description: string;
+            }[];
+            auth: {
+                /** @description true when every other /api/mv route needs Authorization: Bearer <API key> (MV_API_KEYS_FILE is set): a page should ask for a key before its first call */
+                keys_required: boolean;
+            };
+            store: {
+                /** @enum {string} */
+                kind: "files" | "redis";
+                /** @description false while the store does not answer a ping in 2 s */
+                reachable: boolean;
+            };
+        };
+        Liveness: {
+            /** @enum {string} */
+            status: "ok";
+        };
+        Readiness: {
+            /** @enum {string} */
+            status: "ready";
+            /** @enum {string} */
+            store: "files" | "redis";
+        };
+        EventsLink: {
+            /** @description GET /api/mv/events?jobs=…[&after=…][&kid=…&exp=…&sig=…] */
+            events_url: string;
+            /**
+             * Format: date-time
+             * @description when the signed link stops working (null with keys off)
+             */
+            expires_at: string | null;
+            /** @description the job ids, in stream order */
+            jobs: string[];
+        };
+        Audio: {
+            audio_id: string;
+            /** @enum {string} */
+            format: "mp3" | "wav" | "m4a" | "aac" | "ogg" | "flac";
+            mime_type: string;
+            codec: string;
+            /** @description Seconds, from decoding the whole stream. */
+            duration: number;
+            sample_rate: number;
+            channels: number;
+            size_bytes: number;
+            audio_url: string;
+            /** @description GET it for the analysis once it is ready */
+            song_url?: string;
+            /**
+             * @description ready: `analysis` holds it; pending: still running (GET song_url again shortly); failed: `analysis_error` says why; off: the server analyses no songs (MV_ANALYSIS_WORKERS=0)
+             * @enum {string}
+             */
+            analysis_status?: "ready" | "pending" | "failed" | "off";
+            analysis?: components["schemas"]["SongAnalysis"] | null;
+            /** @description why the analysis failed */
+            analysis_error?: {
+                /** @description analysis_failed or analysis_timeout */
+                code: string;
+                message: string;
+            } | null;
+        };
+        /** @description Optional: number_of_images, aspect_ratio, safety_filter_level, person_generation, output_format, negative_prompt, seed; the rest comes from the project. */
+        ProjectCharacterOptions: {
+            /**
+             * Number Of Images
+             * @description Candidate images rendered in parallel, each saved with its own image_id (listed in `images`); with a seed, image i uses seed + i.
+             * @default 1
+             */
+            number_of_images?: number;
+            /**
+             * Aspect Ratio
+             * @default 1:1
+             * @enum {string}
+             */
+            aspect_ratio?: "1:1" | "16:9" | "9:16" | "4:3" | "3:4";
+            /**
+             * Safety Filter Level
+             * @default block_medium_and_above
+             * @enum {string}
+             */
+            safety_filter_level?: "block_low_and_above" | "block_medium_and_above" | "block_only_high";
+            /**
+             * Person Generation
+             * @default allow_adult
+             * @enum {string}
+             */
+            person_generation?: "allow_adult" | "dont_allow";
+            /**
+             * Output Format
+             * @default png
+             * @enum {string}
+             */
+            output_format?: "png" | "jpg" | "webp";
+            /**
+             * Negative Prompt
+             * @default
+             */
+            negative_prompt?: string;
+            /**
+             * Seed
+             * @description Random seed; null lets the provider choose.
+             * @default null
+             */
+            seed?: number | null;
+        };
+        /** @description Optional: generate_audio, seed, video_rules_template, backend; the rest comes from the project. */
+        ProjectClipOptions: {
+            /**
+             * Generate Audio
+             * @default true
+             */
+            generate_audio?: boolean;
+            /**
+             * Seed
+             * @description Random seed; null lets the provider choose.
+             * @default null
+             */
+            seed?: number | null;
+            /**
+             * Video Rules Template
+             * @description Rules appended to the prompt, as a template that may substitute only {{ prompt }}, {{ aspect_ratio }} and {{ duration }}; null uses the rules from settings, an empty string appends none.
+             * @default null
+             */
+            video_rules_template?: string | null;
+            /**
+             * Backend
+             * @default replicate
+             * @enum {string}
+             */
+            backend?: "replicate" | "gemini";
+        };
+        /** @description Optional: sync_mode, temperature, active_speaker; the rest comes from the project. */
+        SceneLipsyncOptions: {
+            /**
+             * Sync Mode
+             * @default cut_off
+             * @enum {string}
+             */
+            sync_mode?: "cut_off" | "loop" | "bounce" | "silence" | "remap";
+            /**
+             * Temperature
+             * @description How expressive the mouth movements may be.
+             * @default 0.5
+             */
+            temperature?: number;
+            /**
+             * Active Speaker
+             * @description Follow whoever is speaking in the clip.
+             * @default false
+             */
+            active_speaker?: boolean;
+        };
+        ProjectEventsLink: {
+            /** @description GET /api/mv/projects/{project_id}/events[?after=…][&kid=…&exp=…&sig=…] */
+            events_url: string;
+            /**
+             * Format: date-time
+             * @description when the signed link stops working (null with keys off)
+             */
+            expires_at: string | null;
+        };
     };
     responses: never;
     parameters: never;
@@ -3860,9 +1975,1176 @@ export interface components {
 }
 export type $defs = Record<string, never>;
 export interface operations {
-    getMe: {
+    getHealth: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description ok */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Health"];
+                };
+            };
+            /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getLiveness: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the process serves requests */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Liveness"];
+                };
+            };
+            /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getReadiness: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the store answers */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Readiness"];
+                };
+            };
+            /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    createScenes: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CreateScenesRequest"];
+            };
+        };
+        responses: {
+            /** @description scenes */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Scenes"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict, or a provider's conflict (provider_conflict) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description provider_*: the provider failed, answered badly or could not be reached (see provider_status, provider_error) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description provider_timeout: the provider did not answer in time */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    generateCharacterReference: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CharacterReferenceRequest"];
+            };
+        };
+        responses: {
+            /** @description image */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CharacterReference"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict, or a provider's conflict (provider_conflict) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description provider_*: the provider failed, answered badly or could not be reached (see provider_status, provider_error) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description provider_timeout: the provider did not answer in time */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getScenes: {
         parameters: {
             query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                scenes_id: string;
+                ext: "json" | "md";
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description scenes file */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SavedScenes"];
+                    "text/markdown": string;
+                };
+            };
+            /** @description the byte range asked for with a Range header */
+            206: {
+                headers: {
+                    /** @description bytes start-end/size (206), or bytes *\/size (416) */
+                    "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": string;
+                    "text/markdown": string;
+                };
+            };
+            /** @description not modified: the If-None-Match ETag still matches (no body) */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description range_not_satisfiable: the Range header must be one byte range inside the file (Content-Range: bytes *\/size) */
+            416: {
+                headers: {
+                    /** @description bytes start-end/size (206), or bytes *\/size (416) */
+                    "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getImage: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                image_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description image bytes */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "image/*": string;
+                };
+            };
+            /** @description the byte range asked for with a Range header */
+            206: {
+                headers: {
+                    /** @description bytes start-end/size (206), or bytes *\/size (416) */
+                    "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "image/*": string;
+                };
+            };
+            /** @description not modified: the If-None-Match ETag still matches (no body) */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description range_not_satisfiable: the Range header must be one byte range inside the file (Content-Range: bytes *\/size) */
+            416: {
+                headers: {
+                    /** @description bytes start-end/size (206), or bytes *\/size (416) */
+                    "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    generateVideo: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                "Idempotency-Key"?: string;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["GenerateVideoRequest"];
+            };
+        };
+        responses: {
+            /** @description job accepted */
+            202: {
+                headers: {
+                    /** @description the new resource, or the started job's status URL */
+                    Location: string;
+                    /** @description true when this is the kept answer to an earlier request with the same Idempotency-Key */
+                    "Idempotent-Replayed"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobsAccepted"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    startLipsync: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                "Idempotency-Key"?: string;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["LipsyncRequest"];
+            };
+        };
+        responses: {
+            /** @description job accepted */
+            202: {
+                headers: {
+                    /** @description the new resource, or the started job's status URL */
+                    Location: string;
+                    /** @description true when this is the kept answer to an earlier request with the same Idempotency-Key */
+                    "Idempotent-Replayed"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobsAccepted"];
+                };
+            };
+            /** @description invalid_field, clip_not_found, clip_not_ready, invalid_clip, clip_too_long, clip_too_large, invalid_audio, song_too_short, window_too_long, window_too_short (the window is shorter than the server's lipsync.limits.min_window_seconds, 0.5 s by default) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    startAssembly: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                "Idempotency-Key"?: string;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["AssembleRequest"];
+            };
+        };
+        responses: {
+            /** @description job accepted */
+            202: {
+                headers: {
+                    /** @description the new resource, or the started job's status URL */
+                    Location: string;
+                    /** @description true when this is the kept answer to an earlier request with the same Idempotency-Key */
+                    "Idempotent-Replayed"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobsAccepted"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    listJobs: {
+        parameters: {
+            query?: {
+                status?: "queued" | "running" | "succeeded" | "failed" | "canceled";
+                kind?: "video" | "lipsync" | "assembly";
+                project_id?: string;
+                cursor?: string;
+                limit?: number;
                 /** @description signed link: the key id it was made for */
                 kid?: string;
                 /** @description signed link: expiry, unix seconds */
@@ -3876,45 +3158,957 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description the key */
+            /** @description a page of jobs */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": {
-                        /** @description the caller's key id (null with keys off) */
-                        key_id: string | null;
-                        name: string | null;
-                        /** @description the key's limits from the keys file (null: unlimited) */
-                        limits: {
-                            jobs_per_minute?: number | null;
-                            jobs_burst?: number | null;
-                            blocking_per_minute?: number | null;
-                            blocking_burst?: number | null;
-                            max_running_jobs?: number | null;
-                            uploads_per_minute?: number | null;
-                            uploads_burst?: number | null;
-                            max_concurrent_uploads?: number | null;
-                        } | null;
-                        /** @description tokens each bucket holds now (null: unlimited); a request takes one per job, at most the burst */
-                        tokens: {
-                            jobs?: number | null;
-                            blocking?: number | null;
-                            uploads?: number | null;
-                        } | null;
-                        jobs: {
-                            /** @description the key's unfinished jobs that are not waiting: queued for a slot or running (at most max_running_jobs of them hold its places) */
-                            running: number;
-                            /** @description the key's jobs queued behind max_running_jobs; each starts as one of the running ones ends */
-                            waiting: number;
-                        } | null;
-                    };
+                    "application/json": components["schemas"]["JobList"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
                 };
             };
             /** @description missing or invalid API key */
             401: {
                 headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getJob: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                job_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description job */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description expired: the job finished longer ago than the server keeps jobs (jobs.retention_hours) */
+            410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    cancelJob: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                job_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description job */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description expired: the job finished longer ago than the server keeps jobs (jobs.retention_hours) */
+            410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    cancelJobByPost: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                job_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description job */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description expired: the job finished longer ago than the server keeps jobs (jobs.retention_hours) */
+            410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    streamJobEvents: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                job_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description event stream */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": components["schemas"]["JobStreamEvent"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description expired: the job finished longer ago than the server keeps jobs (jobs.retention_hours) */
+            410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    streamEvents: {
+        parameters: {
+            query: {
+                /** @description Comma-separated job ids (at most jobs.sse_max_jobs_per_stream, 50) */
+                jobs: string;
+                /** @description Positions to resume from, in the form of an event id (`3.7.0`, one per job); on the stream a Last-Event-ID header takes precedence */
+                after?: string;
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description event stream */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": components["schemas"]["JobStreamEvent"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getUsage: {
+        parameters: {
+            query?: {
+                from?: string;
+                to?: string;
+                group_by?: "model" | "kind" | "day";
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description usage report */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["UsageReport"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getEventsLink: {
+        parameters: {
+            query: {
+                /** @description Comma-separated job ids (at most jobs.sse_max_jobs_per_stream, 50) */
+                jobs: string;
+                /** @description Positions to resume from, in the form of an event id (`3.7.0`, one per job); on the stream a Last-Event-ID header takes precedence */
+                after?: string;
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the stream's URL */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EventsLink"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getVideo: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                video_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description video */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "video/mp4": string;
+                };
+            };
+            /** @description the byte range asked for with a Range header */
+            206: {
+                headers: {
+                    /** @description bytes start-end/size (206), or bytes *\/size (416) */
+                    "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "video/mp4": string;
+                };
+            };
+            /** @description not modified: the If-None-Match ETag still matches (no body) */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description expired: the job finished longer ago than the server keeps jobs (jobs.retention_hours) */
+            410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description the Range header asks for bytes the video does not have */
+            416: {
+                headers: {
+                    /** @description bytes start-end/size (206), or bytes *\/size (416) */
+                    "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    receiveReplicateWebhook: {
+        parameters: {
+            query: {
+                job: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": Record<string, never>;
+            };
+        };
+        responses: {
+            /** @description acknowledged */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["WebhookAck"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description auth_required (no Authorization header) or invalid_api_key (WWW-Authenticate says which) */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate"?: string;
                     [name: string]: unknown;
                 };
                 content: {
@@ -3930,9 +4124,2195 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
             /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
             421: {
                 headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    uploadAudio: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "audio/*": string;
+                "multipart/form-data": {
+                    file: string;
+                };
+            };
+        };
+        responses: {
+            /** @description audio saved */
+            201: {
+                headers: {
+                    /** @description the new resource, or the started job's status URL */
+                    Location: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Audio"];
+                };
+            };
+            /** @description invalid_audio (not an accepted audio file; one message for every file that is not one, whatever it names), audio_too_long (the song lasts longer than MV_MAX_AUDIO_SECONDS, 20 min by default), invalid_multipart, incomplete_body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_timeout: the body took too long to arrive */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getAudio: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                audio_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description audio */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "audio/*": string;
+                };
+            };
+            /** @description the byte range asked for with a Range header */
+            206: {
+                headers: {
+                    /** @description bytes start-end/size (206), or bytes *\/size (416) */
+                    "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "audio/*": string;
+                };
+            };
+            /** @description not modified: the If-None-Match ETag still matches (no body) */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description the Range header asks for bytes the video does not have */
+            416: {
+                headers: {
+                    /** @description bytes start-end/size (206), or bytes *\/size (416) */
+                    "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getSong: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                audio_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the song */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Audio"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    createProject: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CreateProjectRequest"];
+            };
+        };
+        responses: {
+            /** @description the project (ETag, Location) */
+            201: {
+                headers: {
+                    /** @description the new resource, or the started job's status URL */
+                    Location: string;
+                    /** @description the project's version: send it as If-Match to change the project */
+                    ETag: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Project"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict, or a provider's conflict (provider_conflict) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description error */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getProject: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                project_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the project (ETag) */
+            200: {
+                headers: {
+                    /** @description the project's version: send it as If-Match to change the project */
+                    ETag: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Project"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    updateProject: {
+        parameters: {
+            query?: never;
+            header: {
+                /** @description The project's ETag as last read */
+                "If-Match": string;
+            };
+            path: {
+                project_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["PatchProjectRequest"];
+            };
+        };
+        responses: {
+            /** @description the project (new ETag) */
+            200: {
+                headers: {
+                    /** @description the project's version: send it as If-Match to change the project */
+                    ETag: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Project"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description precondition_failed: the project changed since the ETag sent in If-Match */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description precondition_required: this change needs If-Match */
+            428: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    writeProjectScenes: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description The project's ETag as last read (optional: 412 if it moved) */
+                "If-Match"?: string;
+            };
+            path: {
+                project_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["WriteProjectScenesRequest"];
+            };
+        };
+        responses: {
+            /** @description the project */
+            200: {
+                headers: {
+                    /** @description the project's version: send it as If-Match to change the project */
+                    ETag: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Project"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict, or a provider's conflict (provider_conflict) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description precondition_failed: the project changed since the ETag sent in If-Match */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description error */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description provider_rejected_input: the provider refused the input */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description provider_*: the provider failed, answered badly or could not be reached (see provider_status, provider_error) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description provider_timeout: the provider did not answer in time */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    generateProjectCharacter: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description The project's ETag as last read (optional: 412 if it moved) */
+                "If-Match"?: string;
+            };
+            path: {
+                project_id: string;
+            };
+            cookie?: never;
+        };
+        /** @description Optional image options: number_of_images (candidates, within the images settings: the first becomes the reference image, all are kept on the project as character_candidates until the next render), aspect_ratio, safety_filter_level, person_generation, output_format, negative_prompt, seed */
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["ProjectCharacterOptions"];
+            };
+        };
+        responses: {
+            /** @description {image, project} */
+            200: {
+                headers: {
+                    /** @description the project's version: send it as If-Match to change the project */
+                    ETag: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProjectCharacter"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict, or a provider's conflict (provider_conflict) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description precondition_failed: the project changed since the ETag sent in If-Match */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description error */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description provider_*: the provider failed, answered badly or could not be reached (see provider_status, provider_error) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description provider_timeout: the provider did not answer in time */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    startProjectClips: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description The project's ETag as last read (optional: 412 if it moved) */
+                "If-Match"?: string;
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                "Idempotency-Key"?: string;
+            };
+            path: {
+                project_id: string;
+            };
+            cookie?: never;
+        };
+        /** @description Optional: backend, seed, generate_audio, video_rules_template */
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["ProjectClipOptions"];
+            };
+        };
+        responses: {
+            /** @description {jobs, project} */
+            202: {
+                headers: {
+                    /** @description the project's version: send it as If-Match to change the project */
+                    ETag: string;
+                    /** @description true when this is the kept answer to an earlier request with the same Idempotency-Key */
+                    "Idempotent-Replayed"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobsAccepted"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description precondition_failed: the project changed since the ETag sent in If-Match */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description error */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    startSceneClip: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description The project's ETag as last read (optional: 412 if it moved) */
+                "If-Match"?: string;
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                "Idempotency-Key"?: string;
+            };
+            path: {
+                project_id: string;
+                scene_id: string;
+            };
+            cookie?: never;
+        };
+        /** @description Optional: backend, seed, generate_audio, video_rules_template */
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["ProjectClipOptions"];
+            };
+        };
+        responses: {
+            /** @description {job, project} */
+            202: {
+                headers: {
+                    /** @description the new resource, or the started job's status URL */
+                    Location: string;
+                    /** @description the project's version: send it as If-Match to change the project */
+                    ETag: string;
+                    /** @description true when this is the kept answer to an earlier request with the same Idempotency-Key */
+                    "Idempotent-Replayed"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobsAccepted"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description precondition_failed: the project changed since the ETag sent in If-Match */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description error */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    startProjectAssembly: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                "Idempotency-Key"?: string;
+            };
+            path: {
+                project_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["AssemblyOptions"];
+            };
+        };
+        responses: {
+            /** @description {job_id, kind, status, status_url, events_url, video_url, project} */
+            202: {
+                headers: {
+                    /** @description the new resource, or the started job's status URL */
+                    Location: string;
+                    /** @description the project's version: send it as If-Match to change the project */
+                    ETag: string;
+                    /** @description true when this is the kept answer to an earlier request with the same Idempotency-Key */
+                    "Idempotent-Replayed"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobsAccepted"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description error */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    startSceneLipsync: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                "Idempotency-Key"?: string;
+            };
+            path: {
+                project_id: string;
+                scene_id: string;
+            };
+            cookie?: never;
+        };
+        /** @description Optional: sync_mode, temperature, active_speaker */
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["SceneLipsyncOptions"];
+            };
+        };
+        responses: {
+            /** @description {job, project} */
+            202: {
+                headers: {
+                    /** @description the new resource, or the started job's status URL */
+                    Location: string;
+                    /** @description the project's version: send it as If-Match to change the project */
+                    ETag: string;
+                    /** @description true when this is the kept answer to an earlier request with the same Idempotency-Key */
+                    "Idempotent-Replayed"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobsAccepted"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description error */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getProjectTimeline: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                project_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description timeline */
+            200: {
+                headers: {
+                    /** @description the project's version: send it as If-Match to change the project */
+                    ETag: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Timeline"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getPoster: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                video_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description poster */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "image/jpeg": string;
+                };
+            };
+            /** @description the byte range asked for with a Range header */
+            206: {
+                headers: {
+                    /** @description bytes start-end/size (206), or bytes *\/size (416) */
+                    "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "image/jpeg": string;
+                };
+            };
+            /** @description not modified: the If-None-Match ETag still matches (no body) */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description expired: the job finished longer ago than the server keeps jobs (jobs.retention_hours) */
+            410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description range_not_satisfiable: the Range header must be one byte range inside the file (Content-Range: bytes *\/size) */
+            416: {
+                headers: {
+                    /** @description bytes start-end/size (206), or bytes *\/size (416) */
+                    "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    streamProjectEvents: {
+        parameters: {
+            query?: {
+                /** @description An event id of this stream to resume from (an EventSource cannot set Last-Event-ID; the header takes precedence) */
+                after?: string;
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                project_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description event stream */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": components["schemas"]["ProjectStreamEvent"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getProjectEventsLink: {
+        parameters: {
+            query?: {
+                /** @description An event id of this stream to resume from (an EventSource cannot set Last-Event-ID; the header takes precedence) */
+                after?: string;
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                project_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the stream's URL */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProjectEventsLink"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
                     [name: string]: unknown;
                 };
                 content: {
