@@ -435,7 +435,7 @@ ME_SCHEMA = {
         "limits": {"type": ["object", "null"], "description": "the key's limits from the keys file (null: unlimited)",
                    "properties": {name: _NUMBER_OR_NULL for name in (
                        "jobs_per_minute", "jobs_burst", "blocking_per_minute", "blocking_burst", "max_running_jobs",
-                       "uploads_per_minute", "uploads_burst", "max_concurrent_uploads")}},
+                       "uploads_per_minute", "uploads_burst", "max_concurrent_uploads", "monthly_budget")}},
         "tokens": {"type": ["object", "null"],
                    "description": "tokens each bucket holds now (null: unlimited); a request takes one per job, at "
                                   "most the burst",

@@ -33,6 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from aiohttp import web
 
+from .config import CONFIG
 from .errors import ApiError
 
 if TYPE_CHECKING:
@@ -129,38 +130,52 @@ LINKS = "signed_urls"
 _MAY_HOLD_LINKS = re.compile(rb'_url"\s*:\s*"|"urls"\s*:\s*\{')
 
 
-def _loadable(value: Any) -> bool:
+def _split(url: str, base: str | None) -> tuple[str, str]:
+    """(what comes before the path the server sees, that path and query): a URL on ``MV_PUBLIC_BASE_URL`` (which may
+    end in a path of its own, a proxy's prefix) drops the base, another absolute URL its origin."""
+    if base and url.startswith(base + "/"):
+        return base, url[len(base):]
+    parts = urlsplit(url)
+    target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+    return (f"{parts.scheme}://{parts.netloc}" if parts.netloc else ""), target
+
+
+def _loadable(value: Any, base: str | None = None) -> bool:
     """A path (or absolute URL) of a resource of this API, not signed yet."""
     if not isinstance(value, str):
         return False
-    parts = urlsplit(value)
+    parts = urlsplit(_split(value, base)[1])
     return parts.path.startswith(API_PREFIX) and not any(name == "sig" for name, _ in parse_qsl(parts.query))
 
 
-def _links_of(obj: dict[str, Any]) -> dict[str, str]:
+def _links_of(obj: dict[str, Any], base: str | None = None) -> dict[str, str]:
     """The links an object names: its ``*_url`` fields and the entries of its ``urls`` object."""
-    links = {name: value for name, value in obj.items() if name.endswith("_url") and _loadable(value)}
+    links = {name: value for name, value in obj.items() if name.endswith("_url") and _loadable(value, base)}
     urls = obj.get("urls")
     if isinstance(urls, dict):
-        links.update({name: value for name, value in urls.items() if _loadable(value)})
+        links.update({name: value for name, value in urls.items() if _loadable(value, base)})
     return links
 
 
-def has_links(value: Any) -> bool:
+def has_links(value: Any, base: str | None = None) -> bool:
     """Whether :func:`sign_links` would sign anything in ``value``."""
     if isinstance(value, dict):
-        return bool(_links_of(value)) or any(has_links(v) for k, v in value.items() if k != LINKS)
+        return bool(_links_of(value, base)) or any(has_links(v, base) for k, v in value.items() if k != LINKS)
     if isinstance(value, list):
-        return any(has_links(item) for item in value)
+        return any(has_links(item, base) for item in value)
     return False
 
 
-def _sign(signer: UrlSigner, key_id: str, url: str, now: float) -> tuple[str, int]:
-    """An absolute URL keeps its origin; the signature covers its path and query, as the checker sees them."""
-    parts = urlsplit(url)
-    target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+def _sign(signer: UrlSigner, key_id: str, url: str, now: float, base: str | None) -> tuple[str, int]:
+    """An absolute URL keeps its origin (or public base); the signature covers the path and query the checker sees."""
+    prefix, target = _split(url, base)
     signed, expires = signer.sign(key_id, target, now=now)
-    return (f"{parts.scheme}://{parts.netloc}{signed}" if parts.netloc else signed), expires
+    return prefix + signed, expires
+
+
+def _public_base(app: web.Application) -> str | None:
+    config = app.get(CONFIG)
+    return config.env.public_base_url if config is not None else None
 
 
 def sign_links(app: web.Application, key_id: str | None, value: Any) -> bool:
@@ -170,26 +185,26 @@ def sign_links(app: web.Application, key_id: str | None, value: Any) -> bool:
     signer = app.get(SIGNER)
     if signer is None or key_id is None:
         return False
-    return _sign_all(signer, key_id, value, time.time())
+    return _sign_all(signer, key_id, value, time.time(), _public_base(app))
 
 
-def _sign_all(signer: UrlSigner, key_id: str, value: Any, now: float) -> bool:
+def _sign_all(signer: UrlSigner, key_id: str, value: Any, now: float, base: str | None) -> bool:
     signed = False
     if isinstance(value, list):
         for item in value:
-            signed = _sign_all(signer, key_id, item, now) or signed
+            signed = _sign_all(signer, key_id, item, now, base) or signed
         return signed
     if not isinstance(value, dict):
         return False
     for name, item in value.items():
         if name != LINKS and isinstance(item, (dict, list)):
-            signed = _sign_all(signer, key_id, item, now) or signed
-    links = _links_of(value)
+            signed = _sign_all(signer, key_id, item, now, base) or signed
+    links = _links_of(value, base)
     if links:
         twins: dict[str, Any] = {}
         expires = int(now)
         for name, url in links.items():
-            twins[name], expires = _sign(signer, key_id, url, now)
+            twins[name], expires = _sign(signer, key_id, url, now, base)
         twins["expires_at"] = datetime.fromtimestamp(expires, timezone.utc).isoformat(timespec="seconds")
         value[LINKS] = twins
         signed = True
@@ -213,7 +228,7 @@ def signed_event_data(app: web.Application, key_id: str | None, data: dict[str, 
     """An event's ``data`` as sent to a subscriber of ``key_id``: with ``signed_urls`` when it names a resource (a
     ``succeeded`` event's ``video_url``), else the stored JSON unchanged. Events are stored once, for every
     subscriber; the links are made per subscriber, for its key and within its own link's lifetime."""
-    if app.get(SIGNER) is None or key_id is None or not has_links(data):
+    if app.get(SIGNER) is None or key_id is None or not has_links(data, _public_base(app)):
         return data_json
     parsed = json.loads(data_json)
     sign_links(app, key_id, parsed)

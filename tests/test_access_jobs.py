@@ -67,6 +67,7 @@ async def test_jobs_beyond_the_running_cap_wait_queued_and_start_as_the_keys_oth
     document = await (await client.get("/api/mv/openapi.json", headers=bearer(alice))).json()
     operation = document["paths"]["/api/mv/me"]["get"]
     schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    schema = document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema else schema
     assert operation["operationId"] == "getMe" and set(schema["required"]) == set(me)
     assert set(schema["properties"]["jobs"]["properties"]) == set(me["jobs"])
     assert set(schema["properties"]["tokens"]["properties"]) == set(me["tokens"])
