@@ -6,7 +6,8 @@ client reads them all the same way:
 
 - ``jobs``: every job the request started (a project's ``clips`` may start none), each an *accepted job*:
   ``job_id``, ``kind``, ``status``, ``backend``, ``sandbox``, ``status_url``, ``events_url``, ``video_url``,
-  ``project_id``/``scene_id`` for a project's job, and ``signed_urls`` when keys are on;
+  ``project_id``/``scene_id`` for a project's job, and ``signed_urls`` when keys are on (added on the way out by
+  the links middleware, :func:`signing.sign_links`, like every other answer's links);
 - ``job``: the job, when the route starts exactly one; its fields are also repeated at the top level, as the
   single-job routes always answered (older clients read ``job_id`` there);
 - ``project``: the project as ``GET /api/mv/projects/{id}`` shows it, on a project's routes (with its ``ETag``).
@@ -21,10 +22,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .auth import key_id
 from .config import CONFIG
 from .jobs import Job, job_urls
-from .signing import signed_urls
 
 URL_FIELDS = ("status_url", "events_url", "video_url")
 LINK_FIELDS = ("project_id", "scene_id")
@@ -37,16 +36,13 @@ def absolute(app: web.Application, path: str) -> str:
 
 
 def accepted_job(request: web.Request, job: Job) -> dict[str, Any]:
-    """One started job as every 202 lists it (signed links for the caller's key; absolute URLs when configured)."""
+    """One started job as every 202 lists it (absolute URLs when configured; their signed twins come from the links
+    middleware)."""
     app = request.app
     urls = job_urls(job.id)
     entry: dict[str, Any] = {"job_id": job.id, "kind": job.kind, "status": job.status, "backend": job.backend,
                              "sandbox": job.sandbox, **{name: absolute(app, urls[name]) for name in URL_FIELDS}}
     entry.update({name: job.request[name] for name in LINK_FIELDS if isinstance(job.request.get(name), str)})
-    signed = signed_urls(app, key_id(request), {name: urls[name] for name in URL_FIELDS})
-    if signed is not None:
-        entry["signed_urls"] = {name: value if name == "expires_at" else absolute(app, value)
-                                for name, value in signed.items()}
     return entry
 
 

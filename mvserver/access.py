@@ -1,23 +1,24 @@
 """Wiring of access control into the app: middlewares, keys, signed links, quotas, metrics, CORS.
 
 Everything here is off by default; the keyless quick start only gets request ids. The order of the middlewares
-(outermost first): request id, metrics (sees the final status of every answer), errors, auth.
+(outermost first): request id, metrics (sees the final status of every answer), errors, auth, signed links (inside
+auth, so links made for a request admitted by a signed link expire with it).
 """
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp_cors
 from aiohttp import web
 
-from .auth import KEYRING, KeyRing, make_auth_middleware
+from .auth import KEYRING, KeyRing, key_id, make_auth_middleware
 from .config import CONFIG, ConfigError, EnvSettings
 from .errors import error_middleware
 from .logs import add_request_id_header, request_id_middleware
 from .metrics import METRICS, Metrics, metrics_endpoint, metrics_middleware
 from .quotas import QUOTAS, LocalRateLimiter, Quotas, RedisRateLimiter, set_rate_limiter
-from .signing import MIN_SECRET_CHARS, SIGNER, UrlSigner
+from .signing import MIN_SECRET_CHARS, SIGNER, UrlSigner, sign_body
 
 CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "If-Match", "If-None-Match", "Last-Event-ID",
                       "Range", "X-Request-Id")
@@ -52,10 +53,26 @@ def setup(app: web.Application, env: EnvSettings, guard: Any = None) -> None:
             app.cleanup_ctx.append(shared_buckets_context)
         on_failure = (lambda code: metrics.auth_failures.labels(code).inc()) if metrics else None
         middlewares.append(make_auth_middleware(on_failure))
+        middlewares.append(links_middleware)
     if guard is not None:
         middlewares.append(guard)
     app.middlewares.extend(middlewares)
     app.on_response_prepare.append(add_request_id_header)
+
+
+@web.middleware
+async def links_middleware(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every successful JSON answer to a keyed request carries the signed twin of each link it holds
+    (:func:`signing.sign_links`): the one place that decides it, for every route, and after the idempotency layer
+    kept the answer, so a replay gets fresh links."""
+    response = await handler(request)
+    if (isinstance(response, web.Response) and 200 <= response.status < 300 and isinstance(response.body, bytes)
+            and response.content_type == "application/json"):
+        signed = sign_body(request.app, key_id(request), response.body)
+        if signed is not None:
+            response.body = signed
+    return response
 
 
 async def shared_buckets_context(app: web.Application) -> AsyncIterator[None]:

@@ -27,7 +27,7 @@ from .jobs.census import JobCensus
 from .metrics import METRICS, Metrics
 from .project_store import PROJECTS, open_project_store
 from .jobs.retention import sweep_forever
-from .quotas import set_job_places
+from .quotas import running_cap_of
 from .sandbox.simulator import Simulator, start_simulator
 from .schemas import REQUEST_MODELS, RequestModels
 from .security import security_middleware
@@ -142,8 +142,8 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
              assembly.KIND: assembly.assembly_kind(app)}
     engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
     app[JOBS] = engine
+    engine.running_cap = running_cap_of(app)  # a key's jobs beyond its max_running_jobs wait queued (keys on)
     engine.hooks.stored = posters.stored_hook(app)  # every stored clip: its poster, length and size
-    set_job_places(app, engine)  # the running-jobs cap, counted and reserved atomically; no-op with keys off
     engine.pricing = config.pricing
     engine.budget_of = monthly_budget(app)
     if METRICS in app:

@@ -28,7 +28,7 @@ from .audio import saved_audio
 from .auth import key_id, visible_to
 from .config import CONFIG, AssemblyLimits
 from .errors import ApiError, validation_error
-from .idempotency import idempotent
+from .idempotency import idempotent, reserve
 from .jobs import JOBS, Job
 from .jobs.runner import Progress
 from .lipsync import FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, ffmpeg_limits
@@ -311,6 +311,7 @@ def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
 async def assemble(request: web.Request) -> web.Response:
     app = request.app
     body = _parse(app[REQUEST_MODELS].assemble, await _json_object(request))
+    await reserve(request, body)
     clips = [(c.job_id, c.trim_in, c.trim_out) for c in body.clips]
     planned = await plan(app, clips, body, body.audio_id, body.audio_offset, caller=key_id(request))
     [job_id] = await charge(request, "jobs")  # only a request that got this far costs a token
@@ -325,6 +326,7 @@ async def assemble_project(request: web.Request) -> web.Response:
     app = request.app
     project_id = (await owned_project(request)).id  # 404 for an unknown id or another key's project
     options = _parse(AssemblyOptions, await _json_object(request, optional=True))
+    await reserve(request, options)
     project, jobs = await load_settled(app, project_id)
     entries = project_timeline(project)
     if not entries:

@@ -18,6 +18,7 @@ passed (:class:`UploadPace`); a trickle of a byte every few seconds is cut off w
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import time
@@ -33,6 +34,7 @@ from . import media
 from .auth import API_KEY, KeyRecord, key_id, visible_to
 from .config import CONFIG
 from .errors import ApiError
+from .idempotency import idempotent, reserve
 from .quotas import charge_upload
 from .files import SavedFileResponse
 from .security import accepts
@@ -225,16 +227,23 @@ async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _receive(request: web.Request, dest: Path, limit: int, pace: UploadPace) -> None:
+async def _hashed(chunks: AsyncIterator[bytes], digest: Any) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        digest.update(chunk)
+        yield chunk
+
+
+async def _receive(request: web.Request, dest: Path, limit: int, pace: UploadPace) -> str:
     """Stream the body (or the one file of a multipart body) to ``dest``; 413 as soon as ``limit`` is passed, 408
-    as soon as it comes too slowly (``pace``)."""
+    as soon as it comes too slowly (``pace``). Returns the SHA-256 of the file (hex), whatever its envelope."""
     store = request.app[STORE]
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     mime = request.content_type
+    digest = hashlib.sha256()
     if mime.startswith("audio/"):
-        await store.write_stream(dest, _limited(_paced(_raw_chunks(request), pace), limit))
-        return
+        await store.write_stream(dest, _hashed(_limited(_paced(_raw_chunks(request), pace), limit), digest))
+        return digest.hexdigest()
     if mime != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type",
                        "send the file as the raw body with an audio/* Content-Type, or as multipart/form-data "
@@ -245,13 +254,14 @@ async def _receive(request: web.Request, dest: Path, limit: int, pace: UploadPac
             part = await reader.next()
         if not isinstance(part, BodyPartReader):
             raise invalid("the multipart body must hold exactly one file")
-        await store.write_stream(dest, _limited(_paced(_part_chunks(part), pace), limit))
+        await store.write_stream(dest, _hashed(_limited(_paced(_part_chunks(part), pace), limit), digest))
         async with asyncio.timeout(pace.idle_seconds):  # the closing boundary
             more = await reader.next()
         if more is not None:
             raise invalid("the multipart body must hold exactly one file")
     except (ValueError, AssertionError) as exc:  # how aiohttp's multipart parser reports a malformed body
         raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc}", field="body") from None
+    return digest.hexdigest()
 
 
 async def identify(path: Path, max_seconds: float) -> dict[str, Any]:
@@ -288,6 +298,7 @@ async def identify(path: Path, max_seconds: float) -> dict[str, Any]:
 
 @routes.post("/api/mv/upload_audio")
 @accepts("audio/*", "multipart/form-data")
+@idempotent
 async def upload_audio(request: web.Request) -> web.Response:
     slots, key = request.app[UPLOAD_SLOTS], request.get(API_KEY)
     limit = request.app[CONFIG].env.max_audio_bytes
@@ -309,13 +320,15 @@ async def _store_upload(request: web.Request) -> web.Response:
     upload = temp_path(store.root / "audio" / audio_id, "upload")  # a crash leaves it to the clean-up
     try:
         try:
-            await _receive(request, upload, env.max_audio_bytes, pace)
+            digest = await _receive(request, upload, env.max_audio_bytes, pace)
         except TimeoutError:  # the multipart part headers or closing boundary stalled
             raise ApiError(408, "request_timeout", f"the upload stalled: no data for {pace.idle_seconds:g} s "
                                                    "(MV_UPLOAD_IDLE_SECONDS)", field="body") from None
         except (ClientPayloadError, ConnectionError, HttpProcessingError):
             raise ApiError(400, "incomplete_body", "the upload ended before the whole body arrived",
                            field="body") from None
+        # The file, not its envelope (a multipart boundary differs between retries), is the request.
+        await reserve(request, {"sha256": digest})
         described = await identify(upload, request.app[CONFIG].env.max_audio_seconds)
         size = (await asyncio.to_thread(upload.stat)).st_size
         path = store.path("audio", audio_id, FORMATS[described["format"]].suffix)

@@ -16,6 +16,7 @@ from .jobs import JOBS
 from .jobs.stream import stream_many
 from .signing import SIGNER
 from .storage import check_id
+from .videos import event_links
 
 routes = web.RouteTableDef()
 EVENTS_PATH = "/api/mv/events"
@@ -27,7 +28,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     settings = request.app[CONFIG].videos.jobs
     job_ids = await _job_ids(request, settings.sse_max_jobs_per_stream)
     return await stream_many(request, request.app[JOBS], job_ids, ping_interval=settings.sse_ping_interval_seconds,
-                             retry_ms=settings.sse_retry_ms, after=request.query.get("after"))
+                             retry_ms=settings.sse_retry_ms, after=request.query.get("after"),
+                             dress=event_links(request))
 
 
 async def _job_ids(request: web.Request, limit: int) -> list[str]:

@@ -27,7 +27,6 @@ from .errors import ApiError
 from .files import SavedFileResponse
 from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
-from .signing import signed_urls
 from .storage import STORE, OutputStore, check_id, new_id
 
 routes = web.RouteTableDef()
@@ -159,9 +158,6 @@ async def generate_reference(app: web.Application, params: dict[str, Any], defau
         "metadata": metadata,
         "images": images,
     }
-    signed = signed_urls(app, owner, {"image_url": body["image_url"]})
-    if signed is not None:
-        body["signed_urls"] = signed
     return body
 
 

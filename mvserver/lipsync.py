@@ -29,14 +29,15 @@ from .backends.replicate import ReplicateProvider
 from .config import CONFIG, LipsyncLimits, LipsyncSettings
 from .debug import debug_print
 from .errors import ApiError
-from .idempotency import idempotent
+from .idempotency import idempotent, reserve
 from .jobs import JOBS, Job
 from .project_schemas import SCENE_LIPSYNC_OPTIONS
 from .project_store import ClipVersion, Project
 from .project_store import Song as ProjectSong
 from .projects import BASE as PROJECTS_BASE
 from .projects import (JobStates, TimelineEntry, _json_object, _options, _validate, add_version, check_room,
-                       job_states, load_settled, owned_project, project_timeline, project_view, update)
+                       job_states, load_settled, normal_options, owned_project, project_timeline, project_view,
+                       update)
 from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
 from .storage import STORE, OutputStore, check_id, new_id, temp_path
@@ -236,6 +237,7 @@ async def create_lipsync(request: web.Request) -> web.Response:
     body, defaulted = await parse_body(request, app[REQUEST_MODELS].lipsync, config.debug)
     if body.scene_id is not None and body.project_id is None:
         raise ApiError(400, "invalid_field", "scene_id: needs project_id", field="scene_id")
+    await reserve(request, body)
     job = await submit_lipsync(app, body, defaulted, key_id(request), charge=lambda: charge(request, "jobs"))
     return accepted_response(request, [job])
 
@@ -287,8 +289,9 @@ async def lipsync_scene(request: web.Request) -> web.Response:
     app = request.app
     project_id = (await owned_project(request)).id  # 404 for an unknown id or another key's project
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
-    project, jobs = await load_settled(app, project_id)
     options = _options(await _json_object(request, optional=True), SCENE_LIPSYNC_OPTIONS)
+    await reserve(request, normal_options(app[REQUEST_MODELS].lipsync, options, SCENE_LIPSYNC_OPTIONS))
+    project, jobs = await load_settled(app, project_id)
     index = next((i for i, s in enumerate(project.scenes) if s.id == scene_id), None)
     if index is None:
         raise ApiError(404, "not_found", f"the project has no scene {scene_id}", field="scene_id")

@@ -1,4 +1,5 @@
-"""Service endpoints: health (with liveness and readiness for load balancers) and the OpenAPI document."""
+"""Service endpoints: health (with liveness and readiness for load balancers), the OpenAPI document, and the
+caller's key (its limits and what is left)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 from aiohttp import web
 
 from . import __version__
-from .auth import KEYRING, public
+from .auth import API_KEY, KEYRING, public
 from .backends import PROVIDERS
 from .config import CONFIG
 from .errors import STORE_UNAVAILABLE, ApiError, one_line
@@ -16,6 +17,7 @@ from .jobs import JOBS
 from .jobs.store import StoreUnavailable
 from .metrics import METRICS
 from .project_store import PROJECTS
+from .quotas import QUOTAS
 from .schemas import REQUEST_MODELS, openapi_document
 
 routes = web.RouteTableDef()
@@ -91,3 +93,21 @@ async def ready(request: web.Request) -> web.Response:
 async def openapi(request: web.Request) -> web.Response:
     app = request.app
     return web.json_response(openapi_document(app[REQUEST_MODELS], keys=KEYRING in app, metrics=METRICS in app))
+
+
+@routes.get("/api/mv/me")
+async def me(request: web.Request) -> web.Response:
+    """The caller's key: its id and name, its limits, the tokens left in each bucket and its jobs holding a running
+    place (queued for a slot or running) or waiting for one, so a page can pace itself instead of meeting 429s.
+    With keys off every field is null: nothing is limited."""
+    key = request.get(API_KEY)
+    if key is None:
+        return web.json_response({"key_id": None, "name": None, "limits": None, "tokens": None, "jobs": None},
+                                 headers={"Cache-Control": "no-store"})
+    quotas = request.app[QUOTAS]
+    engine = request.app[JOBS]
+    unfinished, (_, waiting) = await engine.running_jobs(key.id), await engine.places(key.id)
+    running = max(0, unfinished - waiting)
+    return web.json_response({"key_id": key.id, "name": key.name, "limits": key.limits.model_dump(),
+                              "tokens": await quotas.tokens(key), "jobs": {"running": running, "waiting": waiting}},
+                             headers={"Cache-Control": "no-store"})

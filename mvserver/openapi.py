@@ -31,6 +31,7 @@ OPERATIONS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
     ("/api/mv/health", "get"): ("getHealth", {"200": "Health"}),
     ("/api/mv/health/live", "get"): ("getLiveness", {"200": "Liveness"}),
     ("/api/mv/health/ready", "get"): ("getReadiness", {"200": "Readiness"}),
+    ("/api/mv/me", "get"): ("getMe", {"200": "Me"}),
     ("/api/mv/create_scenes", "post"): ("createScenes", {"200": "Scenes"}),
     ("/api/mv/get_scenes/{scenes_id}.{ext}", "get"): ("getScenes", {"200": "SavedScenes"}),
     ("/api/mv/generate_character_reference", "post"): ("generateCharacterReference", {"200": "CharacterReference"}),
@@ -96,7 +97,7 @@ ACTION_OPTIONS = {
     (SCENE + "/lipsync", "post"): ("SceneLipsyncOptions", "lipsync", SCENE_LIPSYNC_OPTIONS),
 }
 # Inline success schemas the route table already spells out, made components under these names.
-LIFTED = {"Health", "Liveness", "Readiness", "EventsLink", "ProjectEventsLink", "Audio"}
+LIFTED = {"Health", "Liveness", "Readiness", "Me", "EventsLink", "ProjectEventsLink", "Audio"}
 
 STATUS_TEXT = {
     400: "invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's "
@@ -123,8 +124,9 @@ KEYED_TEXT = {
          "limit, spent, remaining, job_estimate, currency); nothing was started",
     403: "forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path "
          "or method, key revoked) or signature_expired",
-    429: "rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's "
-         "running-jobs cap); for a call to a provider also provider_rate_limited",
+    429: "rate_limited (the key's token bucket lacks the tokens the request needs, one per job up to the burst: retry "
+         "after Retry-After) or, for upload_audio, quota_exceeded (the key's uploads running); for a call to a "
+         "provider also provider_rate_limited",
 }
 HEADERS = {
     "Location": "the new resource, or the started job's status URL",

@@ -38,7 +38,7 @@ from .errors import ApiError
 from .jobs import JOBS, Job
 from .project_store import PROJECTS, Project
 from .projects import BASE, JobStates, etag, job_states, load, owned_project, project_view
-from .signing import SIGNER
+from .signing import SIGNER, sign_links, signed_event_data
 
 log = logging.getLogger("mvserver")
 routes = web.RouteTableDef()
@@ -86,8 +86,10 @@ class ProjectStream:
     """What one stream has told its client: the project version, the chosen clips, the jobs it knows of and the
     position of every job it still follows."""
 
-    def __init__(self, app: web.Application, response: EventSourceResponse, project_id: str, retry_ms: int):
+    def __init__(self, app: web.Application, response: EventSourceResponse, project_id: str, retry_ms: int,
+                 caller: str | None = None):
         self.app = app
+        self.caller = caller  # the subscriber's key: every link sent is signed for it (keys on)
         self.engine = app[JOBS]
         self.response = response
         self.project_id = project_id
@@ -107,6 +109,7 @@ class ProjectStream:
         self.retry = None
 
     async def send_json(self, data: dict[str, Any], name: str) -> None:
+        sign_links(self.app, self.caller, data)  # the project view's links, as its GET answers them
         await self.send(json.dumps(data, separators=(",", ":")), name)
 
     # -- the project ------------------------------------------------------------------------------------------
@@ -176,7 +179,7 @@ class ProjectStream:
                     del self.followed[job_id]
                 else:
                     self.followed[job_id] = event.id
-                await self.send(event.data_json, event.event)
+                await self.send(signed_event_data(self.app, self.caller, event.data, event.data_json), event.event)
                 if event.final:
                     if event.event == "succeeded":
                         await self._settled(job_id)
@@ -212,7 +215,7 @@ async def stream_project(request: web.Request, project_id: str, *, ping_interval
     async with sse_response(request, ping_interval=ping_interval) as response:
         gone = asyncio.ensure_future(response.wait())  # done when a ping finds the client gone
         assert engine.closing is not None
-        stream = ProjectStream(app, response, project_id, retry_ms)
+        stream = ProjectStream(app, response, project_id, retry_ms, key_id(request))
         engine.hooks.subscribers(1)
         try:
             change = store.changed(project_id)  # taken before the first read: no write is missed

@@ -15,6 +15,7 @@ record, so a job ending does not change the ``ETag``; the effect is folded in at
 from __future__ import annotations
 
 import asyncio
+import functools
 import contextlib
 import json
 import math
@@ -23,7 +24,7 @@ from types import SimpleNamespace
 from typing import Any, Awaitable, Callable, Iterable, NamedTuple
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, create_model
 
 from . import project_song
 from .accepted import accepted_response
@@ -31,7 +32,7 @@ from .analysis import SongAnalysis
 from .auth import key_id, visible_to
 from .config import CONFIG, Config
 from .errors import ApiError, validation_error
-from .idempotency import idempotent
+from .idempotency import idempotent, reserve
 from .images import _saved_image, generate_reference
 from .jobs import JOBS, Job
 from .project_schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
@@ -274,6 +275,11 @@ def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
         raw["chosen_poster_url"] = next((v["poster_url"] for v in raw["versions"]
                                          if v["job_id"] == scene.chosen_job_id), None)
     body["total_seconds"] = round(sum(e.seconds for e in project_timeline(project)), 6)
+    # What a page shows with the storyboard, by URL (with keys on each gets its signed twin on the way out).
+    body["character_image_url"] = (f"/api/mv/get_image/{project.character_image_id}"
+                                   if project.character_image_id else None)
+    if body["song"] is not None:
+        body["song"]["audio_url"] = f"/api/mv/get_audio/{project.song.audio_id}" if project.song else None
     for raw in body["scenes"]:
         raw.pop("claim", None)  # bookkeeping of a request in flight
     for candidate in body["character_candidates"]:
@@ -316,6 +322,21 @@ def _options(body: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
             raise ApiError(400, "unknown_field", f"{name} is not a known field (this action takes "
                                                  f"{', '.join(sorted(allowed))})", field=name)
     return body
+
+
+@functools.lru_cache(maxsize=64)
+def _options_model(model: type[BaseModel], allowed: frozenset[str]) -> type[BaseModel]:
+    """The fields ``allowed`` of a request model, with their types, limits and defaults, as a model of their own."""
+    fields: dict[str, Any] = {name: (info.annotation, info) for name, info in model.model_fields.items()
+                              if name in allowed}
+    return create_model(f"{model.__name__}Options", __config__=model.model_config, **fields)
+
+
+def normal_options(model: type[BaseModel], options: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
+    """A project action's options as the request model they feed reads them (checked, text trimmed, defaults
+    filled): what an ``Idempotency-Key`` fingerprints, known before the project's state is read."""
+    checked, _ = _validate(_options_model(model, allowed), options)
+    return checked.model_dump(mode="json")
 
 
 # -- create --------------------------------------------------------------------------------------------------------
@@ -571,8 +592,8 @@ async def generate_clips(app: web.Application, project_id: str, scene_ids: list[
     """Start a clip job for the given scenes (None: every scene with no chosen clip and none running or being
     started) and link each as a new version. Everything is checked before the first job starts. For "every
     scene", the scenes are first claimed on the record (one compare-and-set), so of concurrent requests only the
-    claimer creates jobs; then ``charge(job_ids)`` takes the quota of the n jobs at once (all or none) and reserves
-    their ids. ``owner``: the caller's key, which owns the jobs."""
+    claimer creates jobs; then ``charge(job_ids)`` takes the quota of the n jobs at once (all or none; jobs beyond the
+    key's running-jobs cap wait queued in the job store). ``owner``: the caller's key, which owns the jobs."""
     config: Config = app[CONFIG]
     limit = config.projects.limits.versions_per_scene_max
     project, jobs = await load_settled(app, project_id)
@@ -619,7 +640,7 @@ async def generate_clips(app: web.Application, project_id: str, scene_ids: list[
     try:
         job_ids = [new_id() for _ in scenes]
         if charge is not None:
-            job_ids = await charge(job_ids)  # the ids hold the key's places until the jobs exist
+            job_ids = await charge(job_ids)
         for scene, job_id in zip(scenes, job_ids):
             body, defaulted = bodies[scene.id]
             links = {"project_id": project.id, "scene_id": scene.id}
@@ -697,8 +718,10 @@ def _project_id(request: web.Request) -> str:
 
 
 @routes.post(BASE)
+@idempotent
 async def create(request: web.Request) -> web.Response:
     body, _ = _validate(request.app[REQUEST_MODELS].projects.create, await _json_object(request))
+    await reserve(request, body)
     project = await create_project(request.app, body, owner=key_id(request))
     return _respond(project, {}, 201, headers={"Location": f"{BASE}/{project.id}"})
 
@@ -735,16 +758,19 @@ async def patch(request: web.Request) -> web.Response:
 
 
 @routes.post(BASE + "/{project_id}/write_scenes")
+@idempotent
 async def write(request: web.Request) -> web.Response:
     app = request.app
     project_id = (await owned_project(request)).id
     options, _ = _validate(app[REQUEST_MODELS].projects.write_scenes, await _json_object(request, optional=True))
+    await reserve(request, options)
     await charge(request, "blocking")
     project = await write_project_scenes(request, project_id, options, request.headers.get("If-Match"))
     return _respond(project, await job_states(app, project))
 
 
 @routes.post(BASE + "/{project_id}/character")
+@idempotent
 async def character(request: web.Request) -> web.Response:
     """Render the project's character (Imagen): ``number_of_images`` candidates (within the images settings), the
     first one the chosen reference image of its clips; all of them kept on the record until the next render."""
@@ -752,11 +778,13 @@ async def character(request: web.Request) -> web.Response:
     project = await owned_project(request)
     project_id = project.id
     options = _options(await _json_object(request, optional=True), CHARACTER_OPTIONS)
+    params, defaulted = _validate(app[REQUEST_MODELS].image,
+                                  {"character_description": project.character_description, **options})
+    # Before If-Match: the retry of a request that went through (and moved the ETag) gets its answer, not a 412.
+    await reserve(request, {name: getattr(params, name) for name in CHARACTER_OPTIONS})
     if_match = request.headers.get("If-Match")
     if if_match is not None and not _matches(if_match, project):
         raise ApiError(412, "precondition_failed", f"the project is at version {etag(project)}", field="If-Match")
-    params, defaulted = _validate(app[REQUEST_MODELS].image,
-                                  {"character_description": project.character_description, **options})
     await charge(request, "blocking")
 
     def abandoned() -> bool:
@@ -780,6 +808,7 @@ async def generate_missing(request: web.Request) -> web.Response:
     """A clip job for every scene without a chosen clip and without one in progress."""
     project_id = (await owned_project(request)).id
     options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
+    await reserve(request, normal_options(request.app[REQUEST_MODELS].video, options, CLIP_OPTIONS))
     project, jobs, started = await generate_clips(request.app, project_id, None, options,
                                                   request.headers.get("If-Match"), owner=key_id(request),
                                                   charge=lambda ids: charge(request, "jobs", job_ids=ids))
@@ -793,6 +822,7 @@ async def generate_one(request: web.Request) -> web.Response:
     project_id = (await owned_project(request)).id
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
     options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
+    await reserve(request, normal_options(request.app[REQUEST_MODELS].video, options, CLIP_OPTIONS))
     project, jobs, started = await generate_clips(request.app, project_id, [scene_id], options,
                                                   request.headers.get("If-Match"), owner=key_id(request),
                                                   charge=lambda ids: charge(request, "jobs", job_ids=ids))
@@ -805,7 +835,10 @@ async def timeline(request: web.Request) -> web.Response:
     project, jobs = await load_settled(request.app, (await owned_project(request)).id)
     entries = [{"scene_id": e.scene.id, "job_id": e.job_id, "trim_in": e.trim_in, "trim_out": e.trim_out,
                 "seconds": round(e.seconds, 6), "song_start": e.song_start,
-                "status": jobs[e.job_id].status if e.job_id and jobs.get(e.job_id) else None}
+                "status": jobs[e.job_id].status if e.job_id and jobs.get(e.job_id) else None,
+                "video_url": f"/api/mv/get_video/{e.job_id}" if e.job_id else None}
                for e in project_timeline(project)]
-    return web.json_response({"project_id": project.id, "song": project.song.model_dump() if project.song else None,
+    song = project.song
+    song_view = {**song.model_dump(), "audio_url": f"/api/mv/get_audio/{song.audio_id}"} if song else None
+    return web.json_response({"project_id": project.id, "song": song_view,
                               "entries": entries}, headers={"ETag": etag(project), "Cache-Control": "no-store"})

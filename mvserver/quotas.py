@@ -1,27 +1,27 @@
-"""Per-key quotas (with keys on): token buckets on job creation, the blocking endpoints and uploads, a running-jobs
-cap.
+"""Per-key quotas (with keys on): token buckets on job creation, the blocking endpoints and uploads, and the key's
+running-jobs cap for the job engine.
 
-The buckets sit behind :class:`RateLimiter` (one method): :class:`LocalRateLimiter` keeps them in the process,
+The buckets sit behind :class:`RateLimiter`: :class:`LocalRateLimiter` keeps them in the process,
 :class:`RedisRateLimiter` in Redis, shared by every process that uses the same server (plug it in with
-:func:`set_rate_limiter`). The running-jobs cap needs the job engine: it plugs in :class:`JobPlaces`, which counts
-and reserves in one atomic step (so requests racing on several nodes cannot all pass the cap) with
-:func:`set_job_places` (or a plain counter, not atomic, with :func:`set_running_jobs_counter`).
+:func:`set_rate_limiter`). A request takes one token per job it starts, at most the bucket's burst (a request of more
+jobs than the burst takes the whole burst and still passes), all or none; a refusal says when those tokens will be
+there (``Retry-After``), since they always come. The running-jobs cap (``max_running_jobs``) is not an admission
+check: the job engine runs at most that many of a key's jobs at once and keeps the others queued
+(:func:`running_cap_of`), so a request never has to be retried for it.
 
-A charge of the ``jobs`` bucket answers the ids the new jobs must be created with: on the cap, those ids hold the
-key's places from the check until their jobs exist (the store swaps a reservation for its job atomically), or until
-``RESERVATION_SECONDS`` pass (a request that died in between).
+A charge of the ``jobs`` bucket answers the ids the new jobs must be created with (the budget hold and the job
+records use them).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
 from aiohttp import web
 
-from .auth import API_KEY, KeyRecord
+from .auth import API_KEY, KEYRING, KeyRecord
 from .errors import ApiError
 from .storage import new_id
 
@@ -29,38 +29,6 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 Bucket = Literal["jobs", "blocking"]
-RunningJobs = Callable[[str], "int | Awaitable[int]"]
-RUNNING_JOBS_RETRY_AFTER = 10.0  # seconds a client is told to wait when its running-jobs cap is reached
-RESERVATION_SECONDS = 60.0  # a reserved job id holds its place this long unless its job is created sooner
-
-
-class JobPlaces(Protocol):
-    """The running-jobs cap's count and admission in one step (the job engine, on its store)."""
-
-    async def reserve(self, owner: str, job_ids: list[str], cap: int, seconds: float) -> int | None:
-        """If ``owner``'s queued and running jobs plus its live reservations, plus ``len(job_ids)``, stay within
-        ``cap``: reserve ``job_ids`` (each until its job is created, at most ``seconds``) and answer None; else
-        answer that count and reserve nothing. Atomic: concurrent calls on any node never pass ``cap`` together."""
-
-    async def unreserve(self, owner: str, job_ids: list[str]) -> None:
-        """Give back reservations whose jobs will not be created (the request was refused after all)."""
-
-
-class CountingPlaces:
-    """A plain ``running_jobs(key_id)`` counter as :class:`JobPlaces`: it counts, it does not reserve (so two
-    requests racing may pass the cap together); for counters other than the job engine's."""
-
-    def __init__(self, running_jobs: RunningJobs):
-        self.running_jobs = running_jobs
-
-    async def reserve(self, owner: str, job_ids: list[str], cap: int, seconds: float) -> int | None:
-        running = self.running_jobs(owner)
-        if inspect.isawaitable(running):
-            running = await running
-        return running if running + len(job_ids) > cap else None
-
-    async def unreserve(self, owner: str, job_ids: list[str]) -> None:
-        pass
 
 
 class RateLimiter(Protocol):
@@ -70,6 +38,9 @@ class RateLimiter(Protocol):
 
         Returns 0 when they were taken, else the seconds until they will be available (nothing taken).
         """
+
+    async def tokens(self, name: str, rate: float, burst: int) -> float:
+        """The tokens bucket ``name`` holds now (``burst`` for one never used), taking none."""
 
 
 class LocalRateLimiter:
@@ -89,6 +60,11 @@ class LocalRateLimiter:
         self._buckets[name] = (tokens, now)
         return (cost - tokens) / rate
 
+    async def tokens(self, name: str, rate: float, burst: int) -> float:
+        now = self._clock()
+        tokens, stamp = self._buckets.get(name, (float(burst), now))
+        return min(float(burst), tokens + (now - stamp) * rate)
+
 
 # One atomic take: refill by the time elapsed (Redis's own clock, so processes need not agree on time), then take a
 # token or answer the wait. The bucket expires once it would be full again, so idle keys cost no memory.
@@ -107,6 +83,17 @@ redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
 return tostring(wait)
 """
 
+# The same refill, read only.
+_PEEK = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(state[1]) or burst
+local stamp = tonumber(state[2]) or now
+return tostring(math.min(burst, tokens + math.max(0, now - stamp) * rate))
+"""
+
 
 class RedisRateLimiter:
     """Token buckets in Redis (a hash per key and bucket, updated by one Lua script), shared across processes."""
@@ -114,17 +101,20 @@ class RedisRateLimiter:
     def __init__(self, client: "Redis", prefix: str = "mv:bucket:"):
         self.prefix = prefix
         self._take: Any = client.register_script(_TAKE)
+        self._peek: Any = client.register_script(_PEEK)
 
     async def acquire(self, name: str, rate: float, burst: int, cost: int = 1) -> float:
         return float(await self._take(keys=[self.prefix + name], args=[repr(float(rate)), burst, cost]))
 
+    async def tokens(self, name: str, rate: float, burst: int) -> float:
+        return float(await self._peek(keys=[self.prefix + name], args=[repr(float(rate)), burst]))
+
 
 class Quotas:
-    """The limiter and the optional running-jobs counter of one app."""
+    """The limiter of one app."""
 
     def __init__(self, limiter: RateLimiter, on_refusal: Callable[[str, str], None] | None = None):
         self.limiter = limiter
-        self.places: JobPlaces | None = None
         self.on_refusal = on_refusal
 
     def _refuse(self, bucket: str, code: str, message: str, retry_after: float) -> ApiError:
@@ -134,44 +124,32 @@ class Quotas:
 
     async def charge(self, key: KeyRecord, bucket: Bucket, cost: int = 1, job_ids: list[str] | None = None
                      ) -> list[str]:
-        """Admit a request of ``bucket`` for ``key`` that starts ``cost`` jobs (or makes ``cost`` blocking calls),
-        all or none, or raise ApiError 429 with Retry-After. For ``jobs``: the ids to create the jobs with
-        (``job_ids`` if given, which sets ``cost``), reserved on the running-jobs cap."""
+        """Admit a request of ``bucket`` for ``key`` that starts ``cost`` jobs (or makes ``cost`` blocking calls): it
+        takes ``min(cost, burst)`` tokens, all or none, or raises ApiError 429 ``rate_limited`` with the wait for
+        them as Retry-After (always finite: they are never more than the bucket holds). For ``jobs``: answers the
+        ids to create the jobs with (``job_ids`` if given, which sets ``cost``)."""
         ids = job_ids_for(bucket, cost, job_ids)
         cost = len(ids) if job_ids is not None else cost
-        limits = key.limits
-        per_minute = limits.jobs_per_minute if bucket == "jobs" else limits.blocking_per_minute
-        burst = limits.jobs_burst if bucket == "jobs" else limits.blocking_burst
-        cap = limits.max_running_jobs if bucket == "jobs" else None
-        if (per_minute is not None and cost > burst) or (cap is not None and cost > cap):
-            limit = f"jobs_burst {burst}" if per_minute is not None and cost > burst else f"max_running_jobs {cap}"
-            raise self._refuse(bucket, "quota_exceeded",
-                               f"this request would start {cost} jobs at once, more than this key ever may ({limit}); "
-                               "start them in smaller groups", RUNNING_JOBS_RETRY_AFTER)
-        places = self.places if cap is not None else None
-        if places is not None:
-            running = await places.reserve(key.id, ids, cap, RESERVATION_SECONDS)  # type: ignore[arg-type]
-            if running is not None:
-                more = "" if cost == 1 else f" and this request would start {cost} more"
-                raise self._refuse(bucket, "quota_exceeded",
-                                   f"this key already runs {running} jobs{more} (limit {cap})",
-                                   RUNNING_JOBS_RETRY_AFTER)
+        per_minute, burst = _bucket_limits(key, bucket)
         if per_minute is None:
             return ids
-        try:
-            wait = await self.limiter.acquire(f"{key.id}:{bucket}", per_minute / 60.0, burst, cost)
-        except BaseException:
-            if places is not None:
-                await places.unreserve(key.id, ids)
-            raise
+        needed = min(cost, burst)
+        wait = await self.limiter.acquire(f"{key.id}:{bucket}", per_minute / 60.0, burst, needed)
         if wait > 0:
-            if places is not None:
-                await places.unreserve(key.id, ids)  # all or none: the places go back with the refusal
+            what = f"this request needs {needed} tokens" if needed > 1 else "no token is left"
             raise self._refuse(bucket, "rate_limited",
-                               f"too many {bucket} requests for this key (limit {per_minute:g} per minute, "
-                               f"burst {burst}); retry in {math.ceil(wait)} s", wait)
+                               f"too many {bucket} requests for this key: {what} (one per job, at most the burst; "
+                               f"limit {per_minute:g} per minute, burst {burst}); retry in {math.ceil(wait)} s", wait)
         return ids
 
+    async def tokens(self, key: KeyRecord) -> dict[str, float | None]:
+        """The tokens left in each of ``key``'s buckets (None: that bucket is unlimited), taking none."""
+        left: dict[str, float | None] = {}
+        for bucket in ("jobs", "blocking", "uploads"):
+            per_minute, burst = _bucket_limits(key, bucket)
+            left[bucket] = None if per_minute is None else round(
+                await self.limiter.tokens(f"{key.id}:{bucket}", per_minute / 60.0, burst), 2)
+        return left
 
     async def charge_upload(self, key: KeyRecord) -> None:
         """Take a token from ``key``'s upload bucket (``uploads_per_minute``, ``uploads_burst``), or raise ApiError
@@ -187,20 +165,31 @@ class Quotas:
                                f"retry in {math.ceil(wait)} s", wait)
 
 
+def _bucket_limits(key: KeyRecord, bucket: str) -> tuple[float | None, int]:
+    """(tokens per minute or None for unlimited, burst) of one of ``key``'s buckets."""
+    limits = key.limits
+    if bucket == "jobs":
+        return limits.jobs_per_minute, limits.jobs_burst
+    if bucket == "blocking":
+        return limits.blocking_per_minute, limits.blocking_burst
+    return limits.uploads_per_minute, limits.uploads_burst
+
+
 QUOTAS = web.AppKey("quotas", Quotas)
 
 
-def set_job_places(app: web.Application, places: JobPlaces) -> None:
-    """Plug in the job engine's atomic count-and-reserve for the running-jobs cap; no-op when keys are off."""
-    quotas = app.get(QUOTAS)
-    if quotas is not None:
-        quotas.places = places
+def running_cap_of(app: web.Application) -> Callable[[str], int | None] | None:
+    """For the job engine: a key's ``max_running_jobs`` (None for no cap, or a key no longer in the keys file);
+    None when keys are off."""
+    keyring = app.get(KEYRING)
+    if keyring is None:
+        return None
 
+    def cap(owner: str) -> int | None:
+        record = keyring.get(owner)
+        return record.limits.max_running_jobs if record is not None else None
 
-def set_running_jobs_counter(app: web.Application, running_jobs: RunningJobs) -> None:
-    """Plug in a plain ``running_jobs(key_id) -> int`` (sync or async) instead: counted, not reserved (see
-    :class:`CountingPlaces`); no-op when keys are off."""
-    set_job_places(app, CountingPlaces(running_jobs))
+    return cap
 
 
 def set_rate_limiter(app: web.Application, limiter: RateLimiter) -> None:
@@ -229,8 +218,7 @@ async def charge(request: web.Request, bucket: Bucket, cost: int = 1, job_ids: l
                  ) -> list[str]:
     """Charge the caller's key for a ``bucket`` request that starts ``cost`` jobs (429 when over quota); nothing
     when keys are off. Call it once the request is known to be valid, just before the jobs are created, and
-    create them with the ids it answers (``jobs``: one per job; ``job_ids`` chooses them): those ids hold the
-    key's places on its running-jobs cap until the jobs exist."""
+    create them with the ids it answers (``jobs``: one per job; ``job_ids`` chooses them)."""
     key = request.get(API_KEY)
     quotas = request.app.get(QUOTAS)
     if key is not None and quotas is not None and (cost > 0 or job_ids):

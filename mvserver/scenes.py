@@ -20,7 +20,6 @@ from .errors import ApiError
 from .files import SavedFileResponse
 from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
-from .signing import signed_urls
 from .storage import STORE, check_id, new_id
 
 routes = web.RouteTableDef()
@@ -131,9 +130,6 @@ async def _save(request: web.Request, params: dict[str, Any], defaulted: list[st
         "urls": {"json": f"/api/mv/get_scenes/{scenes_id}.json", "markdown": f"/api/mv/get_scenes/{scenes_id}.md"},
         "metadata": metadata,
     }
-    signed = signed_urls(request.app, owner, body["urls"])
-    if signed is not None:
-        body["signed_urls"] = signed
     return body
 
 

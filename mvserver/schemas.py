@@ -260,17 +260,22 @@ JOB_CREATING_PATHS = ("/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/asse
                       "/api/mv/projects/{project_id}/clips", "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
                       "/api/mv/projects/{project_id}/assemble",
                       "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync")
+# ... and so do the other POSTs that make something a retry must not make twice.
+IDEMPOTENT_PATHS = (*JOB_CREATING_PATHS, "/api/mv/projects", "/api/mv/upload_audio",
+                    "/api/mv/projects/{project_id}/write_scenes", "/api/mv/projects/{project_id}/character")
 IDEMPOTENCY_PARAMETER = {
     "name": "Idempotency-Key", "in": "header", "required": False,
     "schema": {"type": "string", "pattern": r"^[\x21-\x7e][\x20-\x7e]{0,254}$"},
-    "description": "Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within "
-                   "24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; "
-                   "the same key with another body is 422 idempotency_key_reused. Scoped to the API key.",
+    "description": "Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request "
+                   "within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; "
+                   "the same key with another request is 422 idempotency_key_reused. The request is compared as the "
+                   "server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is "
+                   "validated. Scoped to the API key.",
 }
 
 
 def _with_idempotency(paths: dict[str, Any]) -> None:
-    for path in JOB_CREATING_PATHS:
+    for path in IDEMPOTENT_PATHS:
         operation = paths[path]["post"]
         operation["parameters"] = [*operation.get("parameters", []), IDEMPOTENCY_PARAMETER]
         for status in (409, 422):
@@ -421,6 +426,29 @@ HEALTH_SCHEMA = {
             "reachable": {"type": "boolean", "description": "false while the store does not answer a ping in 2 s"}}},
     },
 }
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+ME_SCHEMA = {
+    "type": "object", "required": ["key_id", "name", "limits", "tokens", "jobs"],
+    "properties": {
+        "key_id": {"type": ["string", "null"], "description": "the caller's key id (null with keys off)"},
+        "name": {"type": ["string", "null"]},
+        "limits": {"type": ["object", "null"], "description": "the key's limits from the keys file (null: unlimited)",
+                   "properties": {name: _NUMBER_OR_NULL for name in (
+                       "jobs_per_minute", "jobs_burst", "blocking_per_minute", "blocking_burst", "max_running_jobs",
+                       "uploads_per_minute", "uploads_burst", "max_concurrent_uploads", "monthly_budget")}},
+        "tokens": {"type": ["object", "null"],
+                   "description": "tokens each bucket holds now (null: unlimited); a request takes one per job, at "
+                                  "most the burst",
+                   "properties": {name: _NUMBER_OR_NULL for name in ("jobs", "blocking", "uploads")}},
+        "jobs": {"type": ["object", "null"], "required": ["running", "waiting"], "properties": {
+            "running": {"type": "integer", "minimum": 0,
+                        "description": "the key's unfinished jobs that are not waiting: queued for a slot or "
+                                       "running (at most max_running_jobs of them hold its places)"},
+            "waiting": {"type": "integer", "minimum": 0,
+                        "description": "the key's jobs queued behind max_running_jobs; each starts as one of the "
+                                       "running ones ends"}}},
+    },
+}
 STORE_UNAVAILABLE_ANSWER = {
     "description": "store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -486,7 +514,9 @@ def _with_access(paths: dict[str, Any], metrics: bool) -> None:
                 answers.setdefault("403", {"description": "signed link tampered, expired or revoked",
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
             if method == "post" and path in CHARGED_POSTS:
-                answers.setdefault("429", {"description": "rate_limited or quota_exceeded (see Retry-After)",
+                answers.setdefault("429", {"description": "rate_limited (Retry-After: when the tokens the request "
+                                                          "needs, one per job up to the burst, are there) or, for "
+                                                          "upload_audio, quota_exceeded (the key's uploads running)",
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
             if method == "post" and path in JOB_POSTS:
                 answers.setdefault("402", {"description": "budget_exceeded: the job's estimated cost would pass the "
@@ -517,6 +547,11 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
                        "(never behind auth)",
             "responses": {**_answers(200, "ok"),
                           "200": {"description": "ok", "content": {"application/json": {"schema": HEALTH_SCHEMA}}}}}},
+        "/api/mv/me": {"get": {
+            "summary": "The caller's API key: its id, name and limits, the tokens left in each bucket, and its jobs "
+                       "running and waiting behind max_running_jobs (every field null with keys off)",
+            "responses": {**_answers(200, "the key"),
+                          "200": {"description": "the key", "content": {"application/json": {"schema": ME_SCHEMA}}}}}},
         "/api/mv/health/live": {"get": {
             "summary": "Liveness: 200 while the process serves requests, whether or not its store answers (never "
                        "behind auth)",

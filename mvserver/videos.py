@@ -22,13 +22,13 @@ from .config import CONFIG, Config
 from .debug import debug_print
 from .errors import ApiError
 from .files import SavedFileResponse
-from .idempotency import idempotent
+from .idempotency import idempotent, reserve
 from .images import FORMATS, load_image
 from .jobs import JOBS, Job, job_urls, listing, stream_events
-from .jobs.model import STATUSES
+from .jobs.model import STATUSES, Event
 from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
-from .signing import signed_urls
+from .signing import signed_event_data
 from .storage import STORE, check_id, new_id
 
 routes = web.RouteTableDef()
@@ -205,17 +205,10 @@ async def submit_video_job(app: web.Application, body: Any, defaulted: list[str]
 @idempotent
 async def generate_video(request: web.Request) -> web.Response:
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, request.app[CONFIG].debug)
+    await reserve(request, body)
     job = await submit_video_job(request.app, body, defaulted, owner=key_id(request),
                                  charge=lambda: charge(request, "jobs"))
     return accepted_response(request, [job])
-
-
-def _with_signed_urls(request: web.Request, payload: dict[str, Any]) -> dict[str, Any]:
-    """Add ``signed_urls`` (keys on) for the job's status, events, video and poster, which browsers load without
-    headers."""
-    names = ("status_url", "events_url", "video_url", "poster_url")
-    signed = signed_urls(request.app, key_id(request), {name: payload.get(name) for name in names})
-    return payload if signed is None else {**payload, "signed_urls": signed}
 
 
 def listing_query(request: web.Request, owner: str | None, kinds: set[str]) -> listing.JobQuery:
@@ -266,13 +259,13 @@ async def list_jobs(request: web.Request) -> web.Response:
     """The caller's jobs, newest first; ``next_cursor`` (when not null) fetches the next, older page."""
     query = listing_query(request, key_id(request), set(request.app[JOBS].kinds))
     page = await listing.list_jobs(request.app[JOBS].store, query)
-    items = [_with_signed_urls(request, listing_item(job)) for job in page.jobs]
+    items = [listing_item(job) for job in page.jobs]
     return web.json_response({"jobs": items, "next_cursor": page.next_cursor})
 
 
 @routes.get("/api/mv/jobs/{job_id}")
 async def job_status(request: web.Request) -> web.Response:
-    return web.json_response(_with_signed_urls(request, (await _job(request)).public()))
+    return web.json_response((await _job(request)).public())
 
 
 @routes.post("/api/mv/jobs/{job_id}/cancel")
@@ -280,7 +273,7 @@ async def job_status(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     job = await request.app[JOBS].cancel((await _job(request)).id)
     assert job is not None
-    return web.json_response(_with_signed_urls(request, job.public()))
+    return web.json_response(job.public())
 
 
 @routes.get("/api/mv/jobs/{job_id}/events")
@@ -288,7 +281,14 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     jobs = request.app[JOBS]
     settings = request.app[CONFIG].videos.jobs
     return await stream_events(request, jobs, (await _job(request)).id, ping_interval=settings.sse_ping_interval_seconds,
-                               retry_ms=settings.sse_retry_ms)
+                               retry_ms=settings.sse_retry_ms, dress=event_links(request))
+
+
+def event_links(request: web.Request) -> Callable[[Event], str]:
+    """How a subscriber gets each event: with the signed twin of every link in it (a ``succeeded`` event's
+    ``video_url``) when keys are on, made for its key (:func:`signing.signed_event_data`)."""
+    caller = key_id(request)
+    return lambda event: signed_event_data(request.app, caller, event.data, event.data_json)
 
 
 @routes.get("/api/mv/get_video/{video_id}")

@@ -24,10 +24,11 @@ from imageio_ffmpeg import get_ffmpeg_exe as ffmpeg_exe
 
 from mvserver.__main__ import keys_main
 from mvserver.app import create_app
-from mvserver.auth import KEY_ID, KEYRING, KeyLimits, create_key, key_id, public, read_keys, revoke_key
+from mvserver.auth import KEY_ID, KEYRING, KeyLimits, KeyRecord, create_key, key_id, public, read_keys, revoke_key
 from mvserver.config import CONFIG, ConfigError
+from mvserver.errors import ApiError
 from mvserver.logs import AccessLogger, JsonFormatter, RequestIdFilter, redact
-from mvserver.quotas import LocalRateLimiter, set_running_jobs_counter
+from mvserver.quotas import LocalRateLimiter, Quotas
 from mvserver.signing import SIGNER, signed_url
 
 from conftest import PROJECT, AppClient
@@ -503,7 +504,7 @@ async def test_blocking_endpoints_are_rate_limited_per_key(keyed: AppClient, key
     assert (await client.post("/api/mv/create_scenes", json=SCENES, headers=bearer(other))).status == 200
 
 
-async def test_job_creation_is_rate_limited_and_capped_by_running_jobs(keyed: AppClient, keys_file: Path) -> None:
+async def test_job_creation_is_rate_limited(keyed: AppClient, keys_file: Path) -> None:
     record, key = create_key(keys_file, "jobs", KeyLimits(jobs_per_minute=1, jobs_burst=2, max_running_jobs=3))
     client = await keyed()
     for _ in range(2):
@@ -512,24 +513,21 @@ async def test_job_creation_is_rate_limited_and_capped_by_running_jobs(keyed: Ap
     assert limited.status == 429 and (await limited.json())["error"]["code"] == "rate_limited"
     assert 50 <= int(limited.headers["Retry-After"]) <= 60
 
-    _, capped = create_key(keys_file, "capped", KeyLimits(max_running_jobs=2))
-    capped_id = capped.split("_")[1]
-    running: dict[str, int] = {capped_id: 2}
-    asked: list[str] = []
 
-    async def running_jobs(kid: str) -> int:
-        asked.append(kid)
-        return running.get(kid, 0)
-
-    client.app[KEYRING].reload_interval = 0  # the new key is seen at once, not within the next second
-    set_running_jobs_counter(client.app, running_jobs)
-    over = await client.post("/api/mv/generate_video", json=VIDEO, headers=bearer(capped))
-    assert over.status == 429, await over.text()
-    assert (await over.json())["error"]["code"] == "quota_exceeded" and int(over.headers["Retry-After"]) > 0
-    assert asked == [capped_id]
-    running[capped_id] = 1
-    set_running_jobs_counter(client.app, lambda kid: running.get(kid, 0))  # a plain function works too
-    assert (await client.post("/api/mv/generate_video", json=VIDEO, headers=bearer(capped))).status == 202
+async def test_a_request_of_more_jobs_than_the_burst_takes_the_burst_and_a_refusal_always_says_when() -> None:
+    now = [0.0]
+    quotas = Quotas(LocalRateLimiter(clock=lambda: now[0]))
+    key = KeyRecord(id="k0123456789ab", name="k", hash="hmac-sha256:" + "0" * 64, created_at="2026-01-01",
+                    limits=KeyLimits(jobs_per_minute=6, jobs_burst=5, max_running_jobs=4))
+    await quotas.charge(key, "jobs", cost=24)  # more jobs than the burst (and the running cap): the burst is taken
+    assert (await quotas.tokens(key))["jobs"] == 0
+    with pytest.raises(ApiError) as refused:
+        await quotas.charge(key, "jobs", cost=6)  # needs the whole burst again: 5 tokens at one per 10 s
+    assert refused.value.info.code == "rate_limited" and refused.value.retry_after == 50
+    assert "needs 5 tokens" in refused.value.info.message
+    now[0] += 50
+    await quotas.charge(key, "jobs", cost=6)  # waiting as told is enough
+    assert (await quotas.tokens(key)) == {"jobs": 0, "blocking": 10, "uploads": 5}
 
 
 async def test_token_bucket_refills_at_its_rate() -> None:
@@ -548,10 +546,6 @@ async def test_token_bucket_refills_at_its_rate() -> None:
     assert await limiter.acquire("many:jobs", 0.5, 3, cost=2) == 0
     assert await limiter.acquire("many:jobs", 0.5, 3, cost=2) == pytest.approx(2.0)  # 1 left: nothing taken
     assert await limiter.acquire("many:jobs", 0.5, 3, cost=1) == 0
-
-
-def test_set_running_jobs_counter_without_keys_is_a_no_op(live_env: dict[str, str]) -> None:
-    set_running_jobs_counter(create_app(live_env), lambda kid: 99)
 
 
 # -- CORS ----------------------------------------------------------------------------------------------------------

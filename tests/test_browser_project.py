@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -331,3 +332,7 @@ def test_project_flow_with_api_keys(browser: Browser, keyed_server: tuple[str, s
         assert all(key not in url for url in streams)
         assert page.evaluate("() => document.body.dataset.follow") == "stream"
         assert page.evaluate("() => document.body.dataset.polled") is None
+        # The project and the events carry every signed link: no request per clip or per candidate image.
+        fetched = page.evaluate("() => performance.getEntriesByType('resource').map((e) => e.name)")
+        assert not [url for url in fetched if re.search(r"/api/mv/jobs/[0-9a-f-]{36}$", url.split("?")[0])], fetched
+        assert all("sig=" in url for url in fetched if "/get_image/" in url or "/get_video/" in url), fetched

@@ -4,20 +4,24 @@ requests making one job, errors not kept, per-key scope, a restart, and a reserv
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
 from mvserver.jobs import JOBS
 from mvserver.jobs.store import Remembered
 from mvserver.sandbox.simulator import Simulator
+from mvserver.storage import STORE
 from conftest import AppClient, LiveApp, module_loop, two_key_client
 
 pytestmark = pytest.mark.both_stores
 
 VIDEO = {"prompt": "a heron learns the trumpet", "duration": 4}
+OTHER_ID = "3f2b8a3e-9a5c-4d7e-8b1a-2c3d4e5f6a7b"  # a well-formed id of nothing
 
 
 async def post(client: TestClient, key: str | None, body: dict[str, Any], **headers: str) -> tuple[int, Any, Any]:
@@ -51,8 +55,12 @@ async def test_the_same_key_with_another_body_is_422(client: TestClient, sim: Si
     assert status == 422
     assert body["error"]["code"] == "idempotency_key_reused" and body["error"]["field"] == "Idempotency-Key"
     # The same key on another route is another request too.
-    response = await client.post("/api/mv/lipsync", json={"video_id": "x"}, headers={"Idempotency-Key": "k"})
+    response = await client.post("/api/mv/lipsync", json={"video_job_id": OTHER_ID, "audio_id": OTHER_ID},
+                                 headers={"Idempotency-Key": "k"})
     assert response.status == 422 and (await response.json())["error"]["code"] == "idempotency_key_reused"
+    # A malformed body is refused as such: it never holds nor checks a key.
+    response = await client.post("/api/mv/lipsync", json={"video_id": "x"}, headers={"Idempotency-Key": "k"})
+    assert response.status == 400 and (await response.json())["error"]["code"] == "missing_field"
     assert await job_count(client) == 1
 
 
@@ -115,18 +123,106 @@ async def test_a_reservation_whose_request_died_lapses(client: TestClient) -> No
     assert await store.remember(key, Remembered("3" * 32, "fp"), pending_seconds=0.3) is None
 
 
-async def test_every_job_creating_route_honours_the_key(client: TestClient, sim: Simulator) -> None:
-    from mvserver.schemas import JOB_CREATING_PATHS
+async def test_every_idempotent_route_honours_the_key(client: TestClient, sim: Simulator) -> None:
+    """The same key on each of the other routes, with a valid request: 422, and nothing is made."""
+    from mvserver.schemas import IDEMPOTENT_PATHS
 
     sim.video_latency = 30
     assert (await post(client, "one-action", VIDEO))[0] == 202
-    ids = {"{project_id}": "0b6f2d0e-5b8f-4d5c-9a53-3f0f1a2b3c4d", "{scene_id}": "1c7f3e1f-6c9f-4e6d-8b64-4a1a2b3c4d5e"}
-    for template in JOB_CREATING_PATHS:
+    project = await (await client.post("/api/mv/projects", json={"idea": "a song", "character_description": "a singer",
+                                                                 "number_of_scenes": 1})).json()
+    ids = {"{project_id}": project["project_id"], "{scene_id}": project["scenes"][0]["id"]}
+    bodies = {"/api/mv/lipsync": {"video_job_id": OTHER_ID, "audio_id": OTHER_ID},
+              "/api/mv/assemble": {"clips": [{"job_id": OTHER_ID}]},
+              "/api/mv/projects": {"idea": "a song", "character_description": "a singer"}}
+
+    def provider_calls() -> list[tuple[str, str]]:
+        return [(route, path) for route, path in sim.requests if not route.endswith(".get")]  # not the job's polls
+
+    before = provider_calls()
+    for template in IDEMPOTENT_PATHS:
         if template == "/api/mv/generate_video":
             continue
         path = template
         for name, value in ids.items():
             path = path.replace(name, value)
-        response = await client.post(path, json={}, headers={"Idempotency-Key": "one-action"})
+        if template == "/api/mv/upload_audio":
+            response = await client.post(path, data=b"ID3 not really a song",
+                                         headers={"Idempotency-Key": "one-action", "Content-Type": "audio/mpeg"})
+        else:
+            response = await client.post(path, json=bodies.get(template, {}), headers={"Idempotency-Key": "one-action"})
         assert response.status == 422, (template, await response.text())
         assert (await response.json())["error"]["code"] == "idempotency_key_reused", template
+    assert await job_count(client) == 1 and provider_calls() == before
+    assert (await (await client.get(f"/api/mv/projects/{project['project_id']}")).json())["version"] == 1
+    assert not list((client.app[STORE].root / "audio").glob("*.json"))
+
+
+async def test_a_retry_that_differs_only_in_what_the_server_normalises_is_the_same_request(
+        client: TestClient, sim: Simulator) -> None:
+    sim.video_latency = 30
+    status, first, _ = await post(client, "spaces", VIDEO)
+    assert status == 202
+    padded = {**VIDEO, "prompt": f"  {VIDEO['prompt']}\n", "duration": 4.0, "aspect_ratio": "16:9"}  # trimmed, 4.0
+    status, again, headers = await post(client, "spaces", padded)  # is 4, and 16:9 is the default
+    assert status == 202 and again == first and headers["Idempotent-Replayed"] == "true"
+    assert await job_count(client) == 1
+
+    created = {"idea": "a rainy night", "character_description": "a singer", "number_of_scenes": 2}
+    first_project = await client.post("/api/mv/projects", json=created, headers={"Idempotency-Key": "project"})
+    assert first_project.status == 201
+    retry = await client.post("/api/mv/projects", json={**created, "idea": " a rainy night \t", "style": None},
+                              headers={"Idempotency-Key": "project"})
+    assert retry.status == 201 and retry.headers["Idempotent-Replayed"] == "true"
+    assert retry.headers["Location"] == first_project.headers["Location"]
+    assert retry.headers["ETag"] == first_project.headers["ETag"]
+    assert (await retry.json())["project_id"] == (await first_project.json())["project_id"]
+    other = await client.post("/api/mv/projects", json={**created, "idea": "a sunny day"},
+                              headers={"Idempotency-Key": "project"})
+    assert other.status == 422
+
+
+async def test_project_actions_and_uploads_replay_instead_of_calling_the_provider_again(
+        client: TestClient, sim: Simulator) -> None:
+    project = await (await client.post("/api/mv/projects", json={"idea": "a song", "character_description": "a singer",
+                                                                 "number_of_scenes": 2})).json()
+    base = f"/api/mv/projects/{project['project_id']}"
+    for action, body in (("write_scenes", {"camera_angle": "side"}), ("character", {"negative_prompt": "blurry"})):
+        calls = len(sim.requests)
+        project = await (await client.get(base)).json()
+        first = await client.post(f"{base}/{action}", json=body,
+                                  headers={"Idempotency-Key": action, "If-Match": project["etag"]})
+        assert first.status == 200, await first.text()
+        made = len(sim.requests)
+        assert made > calls
+        # The retry still names the ETag the first request moved on: it gets the first answer, not a 412.
+        retry = await client.post(f"{base}/{action}", json={k: f" {v} " for k, v in body.items()},
+                                  headers={"Idempotency-Key": action, "If-Match": project["etag"]})
+        assert retry.status == 200 and retry.headers["Idempotent-Replayed"] == "true", await retry.text()
+        assert await retry.json() == await first.json() and len(sim.requests) == made
+    final = await (await client.get(base)).json()
+    assert final["version"] == 3  # one write per action
+
+    song = song_bytes()
+    raw = await client.post("/api/mv/upload_audio", data=song,
+                            headers={"Idempotency-Key": "song", "Content-Type": "audio/mpeg"})
+    assert raw.status == 201, await raw.text()
+    form = aiohttp.FormData()
+    form.add_field("file", song, filename="song.mp3", content_type="audio/mpeg")
+    again = await client.post("/api/mv/upload_audio", data=form, headers={"Idempotency-Key": "song"})
+    assert again.status == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert (await again.json())["audio_id"] == (await raw.json())["audio_id"]
+    assert len(list((client.app[STORE].root / "audio").glob("*.json"))) == 1
+    other = await client.post("/api/mv/upload_audio", data=song + b"\0",
+                              headers={"Idempotency-Key": "song", "Content-Type": "audio/mpeg"})
+    assert other.status == 422
+
+
+def song_bytes(seconds: float = 2.0) -> bytes:
+    """A few seconds of MP3, made by the bundled ffmpeg."""
+    from imageio_ffmpeg import get_ffmpeg_exe
+
+    done = subprocess.run([get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                           f"sine=frequency=440:duration={seconds:g}", "-c:a", "libmp3lame", "-f", "mp3", "-"],
+                          check=True, capture_output=True, timeout=60)
+    return done.stdout

@@ -1,5 +1,6 @@
-"""The running-jobs cap at the job store: counting and reserving is one atomic step, a reservation turns into its
-job when the job is created, and lapses if it never is; on the file store and on a real Redis."""
+"""The running-jobs cap at the job store: a key's jobs created at once (racing) are admitted to the dispatch queue
+at most ``running_cap`` at a time, the others held in order; a job ending admits the next. On the file store and on
+a real Redis (where admission is one script, ``ADMIT``, run in the creating transaction)."""
 
 from __future__ import annotations
 
@@ -34,32 +35,29 @@ async def store(job_store_kind: str, tmp_path: Path, request: pytest.FixtureRequ
         await opened.close()
 
 
-async def create(store: JobStore, job_id: str) -> None:
-    job = Job(id=job_id, backend="replicate", model="m", sandbox=True, request={}, owner=OWNER)
+async def create(store: JobStore, owner: str = OWNER) -> Job:
+    job = Job(id=new_id(), backend="replicate", model="m", sandbox=True, request={}, owner=owner, running_cap=CAP)
     job.last_event_id = 1
     await store.create(job, Event(id=1, event="queued", data={}))
+    return job
 
 
-async def test_thirty_racing_reservations_admit_exactly_the_cap(store: JobStore) -> None:
-    asks = [[new_id()] for _ in range(30)]
-    answers = await asyncio.gather(*(store.reserve(OWNER, ids, CAP, 60) for ids in asks))
-    admitted = [ids for ids, answer in zip(asks, answers) if answer is None]
-    assert len(admitted) == CAP
-    assert sorted(answer for answer in answers if answer is not None) == [CAP] * (30 - CAP)
-    # A created job takes its reservation's place (not one more), so the cap still holds afterwards.
-    await create(store, admitted[0][0])
-    assert await store.count_active(OWNER) == 1
-    assert await store.reserve(OWNER, [new_id()], CAP, 60) == CAP
-    # A reservation given back frees its place; a request of two needs two.
-    await store.unreserve(OWNER, admitted[1])
-    assert await store.reserve(OWNER, [new_id(), new_id()], CAP, 60) == 1
-    assert await store.reserve(OWNER, [new_id()], CAP, 60) is None
-    assert await store.reserve("another-key", [new_id(), new_id()], CAP, 60) is None  # keys count apart
-
-
-async def test_a_reservation_whose_job_never_comes_lapses(store: JobStore) -> None:
-    assert await store.reserve(OWNER, [new_id(), new_id()], CAP, 0.2) is None
-    assert await store.reserve(OWNER, [new_id()], CAP, 60) == CAP
+async def test_thirty_racing_creations_admit_exactly_the_cap_and_an_end_admits_the_next(store: JobStore) -> None:
+    created = await asyncio.gather(*(create(store) for _ in range(30)))
+    ids = {job.id for job in created}
+    assert await store.count_places(OWNER) == (CAP, 30 - CAP)
     async with asyncio.timeout(10):
-        while await store.reserve(OWNER, [new_id()], CAP, 60) is not None:
-            await asyncio.sleep(0.05)
+        claimed = await store.claim(limit=30)
+    assert len(claimed) == CAP  # only the admitted ones reach a node
+    assert {job.id for job, _ in claimed} <= ids
+    other = await create(store, "another-key")  # keys count apart
+    assert await store.count_places("another-key") == (1, 0)
+    # One of the admitted jobs ends: exactly one held job gets its place.
+    job, lease = claimed[0]
+    job.status, job.finished_at = "succeeded", job.created_at + 1
+    job.last_event_id += 1
+    await store.write(lease, job, Event(id=job.last_event_id, event="succeeded", data={}), record=True)
+    assert await store.count_places(OWNER) == (CAP, 30 - CAP - 1)
+    async with asyncio.timeout(10):
+        more = await store.claim(limit=30)
+    assert len([j for j, _ in more if j.owner == OWNER]) == 1 and {j.id for j, _ in more} <= {other.id, *ids}

@@ -133,6 +133,7 @@ OPERATION_IDS = {
     ("/api/mv/health", "get"): "getHealth",
     ("/api/mv/health/live", "get"): "getLiveness",
     ("/api/mv/health/ready", "get"): "getReadiness",
+    ("/api/mv/me", "get"): "getMe",
     ("/api/mv/create_scenes", "post"): "createScenes",
     ("/api/mv/get_scenes/{scenes_id}.{ext}", "get"): "getScenes",
     ("/api/mv/generate_character_reference", "post"): "generateCharacterReference",
@@ -445,6 +446,8 @@ async def test_real_answers_of_the_whole_flow_match_the_document(make_client: Ap
     await api.call("POST", "/api/mv/generate_video", json={"prompt": "a train"})
     response, _ = await api.call("POST", "/api/mv/generate_video", json={"prompt": "a train"}, expect=429)
     assert response.headers["Retry-After"]  # over the key's job bucket
+    _, me = await api.call("GET", "/api/mv/me")
+    assert me["tokens"]["jobs"] < 1 and me["limits"]["jobs_burst"] >= 1
 
     covered = {(method.lower(), template) for method, template, _ in api.checked}
     missing = {key for key in operations(document) if (key[1], key[0]) not in covered}

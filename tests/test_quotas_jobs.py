@@ -1,9 +1,9 @@
 """Quotas on every job-creating POST (lip sync, project clips, assembly) and the blocking project actions: a token
-per job, nothing for a malformed request, 429 + Retry-After, and the running-jobs cap counting every kind of job."""
+per job (at most the burst), nothing for a malformed request, 429 + Retry-After, and the running-jobs cap queueing
+every kind of job."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +11,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from mvserver.auth import KeyLimits, create_key
+from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator
-from conftest import AppClient
+from conftest import AppClient, read_sse
 from test_lipsync import PROMPT, make_song, wait_for
 
 pytestmark = pytest.mark.both_stores
@@ -95,51 +96,86 @@ async def test_every_job_creating_post_is_charged_after_validation(make_client: 
         assert (await limited.json())["error"]["code"] == "rate_limited"
         assert int(limited.headers["Retry-After"]) >= 60, url  # half a token a minute
 
-    # A project's "all clips" takes a token per job, all or none.
+    # A project's "all clips" takes a token per job, at most the burst: the one token of `small` pays for both jobs.
     url = f"{PROJECTS}/{fresh}/clips"
-    refused = await client.post(url, json={}, headers=bearer(small))
-    assert refused.status == 429 and int(refused.headers["Retry-After"]) >= 1
-    error = (await refused.json())["error"]
-    assert error["code"] == "quota_exceeded" and "2 jobs" in error["message"] and "jobs_burst 1" in error["message"]
-    started = await ok(await client.post(url, json={}, headers=bearer(two)), 202)
+    started = await ok(await client.post(url, json={}, headers=bearer(small)), 202)
     assert len(started["jobs"]) == 2
     limited = await client.post(f"{PROJECTS}/{fresh}/scenes/{made['fresh_scene']}/clips", json={},
-                                headers=bearer(two))
+                                headers=bearer(small))
     assert limited.status == 429 and (await limited.json())["error"]["code"] == "rate_limited"
-    # The one token of `small` was not spent by the refusal above.
-    assert (await client.post("/api/mv/assemble", json={"clips": [{"job_id": made["clip"]}]},
-                              headers=bearer(small))).status == 202
+    assert int(limited.headers["Retry-After"]) >= 60  # waiting helps: the next token comes then
+    # A refusal takes nothing: `two` still has both tokens for the two jobs of a request after one it could not pay.
+    assert (await client.post(url, json={"seed": -1}, headers=bearer(two))).status == 400
+    me = await ok(await client.get("/api/mv/me", headers=bearer(two)), 200)
+    assert me["tokens"]["jobs"] == 2
 
 
-async def test_the_running_jobs_cap_counts_lipsync_clip_and_assembly_jobs(make_client: AppClient, sim: Simulator,
-                                                                           tmp_path: Path) -> None:
+async def test_the_running_jobs_cap_queues_lipsync_clip_and_assembly_jobs(make_client: AppClient, sim: Simulator,
+                                                                            tmp_path: Path) -> None:
     made = await keyless_setup(make_client, sim)
     sim.video_latency = 60.0
     keys_file = tmp_path / "keys.yaml"
     record, key = create_key(keys_file, "capped", KeyLimits(jobs_per_minute=600, jobs_burst=50, max_running_jobs=2))
     client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET=SECRET)
+    engine = client.app[JOBS]
     auth = bearer(key)
     lipsync = await ok(await client.post("/api/mv/lipsync", json={"video_job_id": made["clip"],
                                                                   "audio_id": made["audio_id"]}, headers=auth), 202)
     clip = await ok(await client.post(f"{PROJECTS}/{made['pid']}/scenes/{made['scene']}/clips", json={},
                                       headers=auth), 202)
-    refusals = [("/api/mv/assemble", {"clips": [{"job_id": made["clip"]}]}),
-                (f"{PROJECTS}/{made['pid']}/assemble", {}),
-                (f"{PROJECTS}/{made['fresh']}/clips", {}),
-                (f"{PROJECTS}/{made['pid']}/scenes/{made['scene']}/lipsync", {}),
-                ("/api/mv/lipsync", {"video_job_id": made["clip"], "audio_id": made["audio_id"]})]
-    for url, body in refusals:
-        refused = await client.post(url, json=body, headers=auth)
-        assert refused.status == 429, (url, await refused.text())
-        error = (await refused.json())["error"]
-        assert error["code"] == "quota_exceeded" and "limit 2" in error["message"], error
-        assert int(refused.headers["Retry-After"]) >= 1
-    # The jobs are the key's: a finished one frees its place.
-    assert (await client.get(f"/api/mv/jobs/{clip['job']['job_id']}", headers=auth)).status == 200
+    beyond = [("/api/mv/assemble", {"clips": [{"job_id": made["clip"]}]}),
+              (f"{PROJECTS}/{made['pid']}/assemble", {}),
+              (f"{PROJECTS}/{made['fresh']}/clips", {}),
+              ("/api/mv/lipsync", {"video_job_id": made["clip"], "audio_id": made["audio_id"]})]
+    waiting = []
+    for url, body in beyond:  # accepted, and queued behind the key's two running jobs
+        answer = await ok(await client.post(url, json=body, headers=auth), 202)
+        waiting += [job["job_id"] for job in answer.get("jobs", [answer])]
+    assert len(waiting) == 5 and await engine.places(record.id) == (2, 5)
+    for job_id in waiting:
+        job = await engine.get(job_id)
+        assert job is not None and job.status == "queued" and job.last_event_id == 1
+    # The jobs are the key's: a finished one lets the next in, in order (the assembly, which runs at once).
     await client.post(f"/api/mv/jobs/{lipsync['job_id']}/cancel", headers=auth)
-    async with asyncio.timeout(30):
-        while (await (await client.get(f"/api/mv/jobs/{lipsync['job_id']}", headers=auth)).json())["status"] \
-                not in FINAL:
-            await asyncio.sleep(0.05)
-    await ok(await client.post("/api/mv/assemble", json={"clips": [{"job_id": made["clip"]}]}, headers=auth), 202)
-    await client.post(f"/api/mv/jobs/{clip['job']['job_id']}/cancel", headers=auth)
+    async with client.get(f"/api/mv/jobs/{waiting[0]}/events", headers=auth) as stream:
+        assert "succeeded" in [event["event"] async for event in read_sse(stream)]
+    for job_id in [clip["job"]["job_id"], *waiting]:
+        await client.post(f"/api/mv/jobs/{job_id}/cancel", headers=auth)
+    assert await engine.places(record.id) == (0, 0)
+
+
+async def test_the_clips_of_a_six_scene_project_generate_with_default_limits(make_client: AppClient, sim: Simulator,
+                                                                             tmp_path: Path) -> None:
+    """jobs_burst 5 and 4 running: one request starts all six clips, four run at a time, two wait their turn."""
+    keys_file = tmp_path / "keys.yaml"
+    record, key = create_key(keys_file, "defaults")
+    assert (record.limits.jobs_burst, record.limits.max_running_jobs) == (5, 4)
+    client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET=SECRET)
+    auth = bearer(key)
+    project = await ok(await client.post(PROJECTS, headers=auth, json={
+        "idea": "a song", "character_description": "a singer", "number_of_scenes": 6}), 201)
+    pid = project["project_id"]
+    await ok(await client.patch(f"{PROJECTS}/{pid}", headers={**auth, "If-Match": project["etag"]}, json={
+        "scenes": [{"id": s["id"], "prompt": PROMPT, "duration": 4} for s in project["scenes"]]}), 200)
+    sim.video_latency = 2.0
+    started = await ok(await client.post(f"{PROJECTS}/{pid}/clips", headers=auth, json={"generate_audio": False}), 202)
+    jobs = [job["job_id"] for job in started["jobs"]]
+    assert len(jobs) == 6
+    me = await ok(await client.get("/api/mv/me", headers=auth), 200)
+    assert me["jobs"] == {"running": 4, "waiting": 2} and me["tokens"]["jobs"] < 1  # the burst, 5 tokens, taken
+    link = await ok(await client.get(f"/api/mv/events/link?jobs={','.join(jobs)}", headers=auth), 200)
+    ended = {}
+    async with client.get(link["events_url"], timeout=120) as stream:
+        async for event in read_sse(stream):
+            if event["event"] in FINAL:
+                ended[event["data"]["job_id"]] = event["event"]
+    assert ended == {job_id: "succeeded" for job_id in jobs}
+    records = [await client.app[JOBS].get(job_id) for job_id in jobs]
+    edges = sorted([(job.started_at, 1) for job in records if job] + [(job.finished_at, -1) for job in records if job])
+    at_once, most = 0, 0
+    for _, step in edges:
+        at_once += step
+        most = max(most, at_once)
+    assert most == 4  # never more than the key's four at once
+    me = await ok(await client.get("/api/mv/me", headers=auth), 200)
+    assert me["jobs"] == {"running": 0, "waiting": 0}

@@ -9,6 +9,10 @@ kept in a small cache; nothing else about them stays in memory.
 :func:`~mvserver.jobs.store.index_entry`, 54 bytes): a listing page is a binary search for its cursor and a short
 read backwards, whatever the number of jobs; retention drops the lines of the jobs it removes.
 ``idempotency/<hash>.json`` keeps what an ``Idempotency-Key`` answered, until it expires.
+
+A job with a ``running_cap`` (its key's ``max_running_jobs``) is *admitted* (queued for a slot) only while fewer
+than that many of its owner's jobs are admitted and unfinished; the others wait, in order, on the owner's held
+list, and the next one is admitted as soon as one of the owner's jobs finishes (:meth:`FileJobStore._admit`).
 """
 
 from __future__ import annotations
@@ -54,10 +58,11 @@ class FileJobStore:
         self._last_stamp: dict[str, int] = {}  # owner slot -> newest index stamp, so each file stays sorted
         self._remember_lock = asyncio.Lock()
         self._active: dict[str, Job] = {}
-        self._reserved: dict[str, dict[str, float]] = {}  # owner -> reserved job id -> monotonic deadline
         self._logs: dict[str, list[Event]] = {}
         self._finished: collections.OrderedDict[str, tuple[Job, list[Event] | None]] = collections.OrderedDict()
         self._queue: collections.deque[str] = collections.deque()
+        self._admitted: dict[str, set[str]] = {}  # owner -> its admitted unfinished jobs (those with a cap)
+        self._held: dict[str, collections.deque[str]] = {}  # owner -> its jobs waiting for one of its places
         self._queued = asyncio.Event()
         self._wakers: dict[str, asyncio.Future[None]] = {}
         self._write_locks: dict[str, asyncio.Lock] = {}
@@ -76,7 +81,7 @@ class FileJobStore:
         for job, events in sorted(jobs, key=lambda pair: pair[0].created_at):
             self._active[job.id] = job
             self._logs[job.id] = events
-            self._enqueue(job.id)
+            self._admit(job)
         return len(jobs)
 
     def _load_active(self) -> list[tuple[Job, list[Event]]]:
@@ -119,14 +124,56 @@ class FileJobStore:
     # -- records ----------------------------------------------------------------------------------------------
 
     async def create(self, job: Job, event: Event) -> None:
-        self._active[job.id] = job  # before the first await: a reservation swapped for its job in one step
-        self._unreserve(job.owner, [job.id])
+        self._active[job.id] = job
         self._logs[job.id] = []
         await asyncio.to_thread((self.active_dir / job.id).touch)
         await self.write(Lease(job.id, LOCAL_LEASE), job, event, record=True)
         async with self._index_lock:
             await asyncio.to_thread(self._add_to_index, job)
+        self._admit(job)
+
+    # -- a key's running places ---------------------------------------------------------------------------------
+
+    def _admit(self, job: Job) -> None:
+        """Queue the job for a slot, or hold it while its owner has ``running_cap`` jobs admitted."""
+        if job.owner is None or job.running_cap is None:
+            self._enqueue(job.id)
+            return
+        held = self._held.get(job.owner)
+        if held or len(self._admitted.get(job.owner, ())) >= job.running_cap:
+            self._held.setdefault(job.owner, collections.deque()).append(job.id)
+            return
+        self._admitted.setdefault(job.owner, set()).add(job.id)
         self._enqueue(job.id)
+
+    def _free_place(self, job: Job) -> None:
+        """A job ended: it leaves its owner's places (or held list), and the owner's next held jobs get in."""
+        if job.owner is None:
+            return
+        admitted = self._admitted.get(job.owner, set())
+        admitted.discard(job.id)
+        held = self._held.get(job.owner)
+        if held is not None and job.id in held:
+            held.remove(job.id)
+        while held:
+            head = self._active.get(held[0])
+            if head is not None and head.running_cap is not None and len(admitted) >= head.running_cap:
+                break
+            held.popleft()
+            if head is not None and not head.final:
+                admitted.add(head.id)
+                self._admitted[job.owner] = admitted
+                self._enqueue(head.id)
+        if not held:
+            self._held.pop(job.owner, None)
+        if not admitted:
+            self._admitted.pop(job.owner, None)
+
+    async def count_places(self, owner: str) -> tuple[int, int]:
+        def unfinished(ids: Any) -> int:  # a job's final event and state come a moment before it is retired
+            return sum(1 for job_id in ids if (job := self._active.get(job_id)) is not None and not job.final)
+
+        return unfinished(self._admitted.get(owner, ())), unfinished(self._held.get(owner, ()))
 
     # -- listing ----------------------------------------------------------------------------------------------
 
@@ -247,11 +294,12 @@ class FileJobStore:
                 self._retire(job)
 
     def _retire(self, job: Job) -> None:
-        """A finished job leaves the active set; its events move to the small cache."""
+        """A finished job leaves the active set (and its owner's places); its events move to the small cache."""
         (self.active_dir / job.id).unlink(missing_ok=True)
         self._active.pop(job.id, None)
         self._write_locks.pop(job.id, None)
         self._remember(job, self._logs.pop(job.id, None))
+        self._free_place(job)
 
     # -- claiming ---------------------------------------------------------------------------------------------
 
@@ -280,9 +328,11 @@ class FileJobStore:
         """Nothing to hand back in one process: an unfinished job keeps its marker and resumes at the next start."""
 
     async def finish_unclaimed(self, job: Job, event: Event) -> bool:
-        if job.id not in self._queue:
+        held = self._held.get(job.owner or "", ())
+        if job.id not in self._queue and job.id not in held:
             return False
-        self._queue.remove(job.id)
+        if job.id in self._queue:
+            self._queue.remove(job.id)
         await self.write(Lease(job.id, LOCAL_LEASE), job, event, record=True)
         return True
 
@@ -358,32 +408,7 @@ class FileJobStore:
 
     async def count_active(self, owner: str) -> int:
         """From the in-memory active set: every unfinished job of this single-process store is in it."""
-        return sum(1 for job in self._active.values() if job.owner == owner)
-
-    async def reserve(self, owner: str, job_ids: list[str], cap: int, seconds: float) -> int | None:
-        """Atomic as it never awaits: the active set and the reservations are this process's memory."""
-        now = time.monotonic()
-        live = {job_id: until for job_id, until in self._reserved.get(owner, {}).items() if until > now}
-        count = sum(1 for job in self._active.values() if job.owner == owner) + len(live)
-        if count + len(job_ids) <= cap:
-            live.update((job_id, now + seconds) for job_id in job_ids)
-        if live:
-            self._reserved[owner] = live
-        else:
-            self._reserved.pop(owner, None)
-        return None if count + len(job_ids) <= cap else count
-
-    async def unreserve(self, owner: str, job_ids: list[str]) -> None:
-        self._unreserve(owner, job_ids)
-
-    def _unreserve(self, owner: str | None, job_ids: list[str]) -> None:
-        reserved = self._reserved.get(owner) if owner is not None else None
-        if reserved is None:
-            return
-        for job_id in job_ids:
-            reserved.pop(job_id, None)
-        if not reserved:
-            self._reserved.pop(owner, None)  # type: ignore[arg-type]
+        return sum(1 for job in self._active.values() if job.owner == owner and not job.final)
 
     async def expire(self, finished_before: float, tombstone_until: float) -> list[str]:
         removed, owners = await asyncio.to_thread(self._expire, finished_before, tombstone_until)

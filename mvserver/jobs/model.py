@@ -70,6 +70,7 @@ class Job:
     poster: bool = False
     last_event_id: int = 0
     cancel_requested: bool = False
+    running_cap: int | None = None  # the owner key's max_running_jobs when the job was made (None: no cap)
     retries: int = 0  # provider calls retried after a transient error (usage)
     provider_metrics: dict[str, Any] | None = None  # what the provider reported of its run (Replicate's metrics)
     usage: dict[str, Any] | None = None  # measured when the job ends (jobs.usage.measure): null until then

@@ -9,9 +9,12 @@ Keys (all under a prefix, ``mv:`` by default):
 - ``dispatch``    stream + consumer group ``nodes``: one entry per job to run; a node reads one only with a free
   slot, and takes over entries a dead node left pending (XAUTOCLAIM once idle longer than a lease)
 - ``finished``    sorted set of finished job ids by finish time (retention); ``tomb:<id>`` marks an expired id
-- ``active:<key id>`` set: ids of the jobs an API key created or reserved, pruned of finished ones when counted;
-  ``reserved:<key id>`` hash: reserved job id -> when the reservation lapses (unix ms). The running-jobs cap counts
-  and reserves in one script (RESERVE), and creating a job swaps its reservation for the job in one transaction
+- ``active:<key id>`` set: ids of the jobs an API key created, pruned of finished ones when counted
+- ``running:<key id>`` set: the key's admitted unfinished jobs (a job with a ``running_cap``, ``cap`` in its hash);
+  ``held:<key id>`` list: its jobs waiting, in order, until fewer than their cap are admitted; ``holding`` set: the
+  keys with held jobs. One script (``ADMIT``) prunes finished jobs from ``running`` and moves held jobs to
+  ``dispatch`` while there is room: run in the creation transaction, after each such job ends, and for every key in
+  ``holding`` at each claim interval (so a process that died between a job's end and its script loses nothing)
 - ``index:<key id>`` (``index:-`` with keys off) sorted set of the owner's job entries (creation time in
   microseconds, then the id; all scores 0, so they sort as text): a listing page is one ZREVRANGEBYLEX
 - ``idem:<hash>``  what an ``Idempotency-Key`` answered (its reserving request's token first), with a TTL
@@ -119,31 +122,42 @@ if ARGV[3] ~= '' then redis.call('ZREM', KEYS[5], ARGV[3]) end
 return 1
 """
 
-# KEYS: active set, reservations. ARGV: job key prefix, cap, reservation ms, then the job ids to reserve.
-# Counts the owner's queued/running jobs and live reservations (pruning finished jobs and lapsed reservations) and
-# reserves the ids only if they fit under the cap: -1 reserved, else the count. One script: nodes cannot interleave.
-RESERVE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local count = 0
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+# KEYS: running, held, dispatch, holding. ARGV: job key prefix, owner. -> how many held jobs were admitted.
+ADMIT = """
+local function unfinished(id)
   local status = redis.call('HGET', ARGV[1] .. id, 'status')
-  if status == 'queued' or status == 'running' then
-    count = count + 1
-  elseif not status and tonumber(redis.call('HGET', KEYS[2], id) or '0') > now then
-    count = count + 1
-  else
-    redis.call('SREM', KEYS[1], id)
-    redis.call('HDEL', KEYS[2], id)
+  return status == 'queued' or status == 'running'
+end
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if not unfinished(id) then redis.call('SREM', KEYS[1], id) end
+end
+local admitted = 0
+while true do
+  local id = redis.call('LINDEX', KEYS[2], 0)
+  if not id then break end
+  if unfinished(id) then
+    local cap = tonumber(redis.call('HGET', ARGV[1] .. id, 'cap'))
+    if cap and redis.call('SCARD', KEYS[1]) >= cap then break end
+    redis.call('SADD', KEYS[1], id)
+    redis.call('XADD', KEYS[3], '*', 'j', id)
+    admitted = admitted + 1
   end
+  redis.call('LPOP', KEYS[2])
 end
-if count + #ARGV - 3 > tonumber(ARGV[2]) then return count end
-for i = 4, #ARGV do
-  redis.call('SADD', KEYS[1], ARGV[i])
-  redis.call('HSET', KEYS[2], ARGV[i], now + tonumber(ARGV[3]))
+if redis.call('LLEN', KEYS[2]) == 0 then redis.call('SREM', KEYS[4], ARGV[2]) end
+return admitted
+"""
+
+# KEYS: running, held. ARGV: job key prefix. -> {admitted unfinished, held unfinished}
+PLACES = """
+local function unfinished(id)
+  local status = redis.call('HGET', ARGV[1] .. id, 'status')
+  return status == 'queued' or status == 'running'
 end
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return -1
+local admitted, held = 0, 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do if unfinished(id) then admitted = admitted + 1 end end
+for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do if unfinished(id) then held = held + 1 end end
+return {admitted, held}
 """
 
 # KEYS: idempotency record. ARGV: token (32 hex), new value, TTL ms. Replace or drop only the holder's reservation.
@@ -192,7 +206,8 @@ class RedisJobStore:
         self._release = self.r.register_script(RELEASE)
         self._expire_one = self.r.register_script(EXPIRE_ONE)
         self._complete = self.r.register_script(COMPLETE)
-        self._reserve = self.r.register_script(RESERVE)
+        self._admit = self.r.register_script(ADMIT)
+        self._places = self.r.register_script(PLACES)
         self._deadlines: dict[str, float] = {}  # lease token -> monotonic time it surely lapsed by
         self._wakers: dict[str, asyncio.Future[None]] = {}
         self._watch: dict[str, int] = {}  # job id -> last event id the reader has seen (reads after it)
@@ -275,16 +290,49 @@ class RedisJobStore:
     # -- records ----------------------------------------------------------------------------------------------
 
     async def create(self, job: Job, event: Event) -> None:
+        capped = job.owner is not None and job.running_cap is not None
+        fields: dict[str, Any] = {"rec": json.dumps(job.record()), "status": job.status, "last": event.id}
+        if capped:
+            fields["cap"] = job.running_cap
         async with self.r.pipeline(transaction=True) as pipe:
-            pipe.hset(self.k("job", job.id), mapping={"rec": json.dumps(job.record()), "status": job.status,
-                                                      "last": event.id})
+            pipe.hset(self.k("job", job.id), mapping=fields)
             pipe.xadd(self.k("ev", job.id), {"e": event.event, "d": event.data_json}, id=f"0-{event.id}")
-            pipe.xadd(self.k("dispatch"), {"j": job.id})
             if job.owner is not None:
                 pipe.sadd(self.k("active", job.owner), job.id)
-                pipe.hdel(self.k("reserved", job.owner), job.id)  # its reservation, if any, is now the job
             pipe.zadd(self.k("index", owner_slot(job.owner)), {_entry(job): 0})
+            if capped:
+                assert job.owner is not None
+                pipe.rpush(self.k("held", job.owner), job.id)  # behind the key's held jobs, then admitted if
+                pipe.sadd(self.k("holding"), job.owner)  # there is room, in the same transaction
+                await self._admit(keys=self._place_keys(job.owner), args=[self.k("job", ""), job.owner], client=pipe)
+            else:
+                pipe.xadd(self.k("dispatch"), {"j": job.id})
             await _unavailable_as_503(pipe.execute())
+
+    # -- a key's running places ---------------------------------------------------------------------------------
+
+    def _place_keys(self, owner: str) -> list[str]:
+        return [self.k("running", owner), self.k("held", owner), self.k("dispatch"), self.k("holding")]
+
+    async def _free_place(self, job: Job) -> None:
+        """A capped job ended: the next held jobs of its owner get in (if this fails, the claim loop's sweep does
+        it within a claim interval)."""
+        if job.owner is None or job.running_cap is None:
+            return
+        try:
+            await self._admit(keys=self._place_keys(job.owner), args=[self.k("job", ""), job.owner])
+        except UNAVAILABLE as exc:
+            log.warning("job %s: could not admit its key's next job yet (%s)", job.id, exc)
+
+    async def _admit_held(self) -> None:
+        """Admit what can be admitted for every key with held jobs."""
+        for owner in await self.r.smembers(self.k("holding")):
+            await self._admit(keys=self._place_keys(owner), args=[self.k("job", ""), owner])
+
+    async def count_places(self, owner: str) -> tuple[int, int]:
+        admitted, held = await _unavailable_as_503(
+            self._places(keys=[self.k("running", owner), self.k("held", owner)], args=[self.k("job", "")]))
+        return int(admitted), int(held)
 
     async def index(self, owner: str | None, before: str | None, count: int) -> list[str]:
         top = "+" if before is None else "(" + before
@@ -347,11 +395,13 @@ class RedisJobStore:
         if not written:
             self._deadlines.pop(lease.token, None)
             raise LeaseLost(f"job {job.id}: lease {lease.token} is no longer held")
+        if job.final and record:
+            await self._free_place(job)
 
     async def count_active(self, owner: str) -> int:
-        """From ``active:<owner>``, the set of the key's job ids added at creation (or reservation): ids whose job
-        is final are dropped on the way, so the set stays as small as the key's running jobs plus those finished
-        since its last count (RESERVE, at each charge of the key, prunes too)."""
+        """From ``active:<owner>``, the set of the key's job ids added at creation: ids whose job is final (or
+        gone) are dropped on the way, so the set stays as small as the key's running jobs plus those finished
+        since its last count (each job creation of the key counts)."""
         key = self.k("active", owner)
         ids = await _unavailable_as_503(self.r.smembers(key))
         if not ids:
@@ -360,24 +410,10 @@ class RedisJobStore:
             for job_id in ids:
                 pipe.hget(self.k("job", job_id), "status")
             statuses = await _unavailable_as_503(pipe.execute())
-        done = [job_id for job_id, status in zip(ids, statuses) if status not in (None, "queued", "running")]
-        if done:  # ids without a job are reservations: RESERVE drops them once they lapse
+        done = [job_id for job_id, status in zip(ids, statuses) if status not in ("queued", "running")]
+        if done:
             await _unavailable_as_503(self.r.srem(key, *done))
-        return sum(1 for status in statuses if status in ("queued", "running"))
-
-    async def reserve(self, owner: str, job_ids: list[str], cap: int, seconds: float) -> int | None:
-        counted = await _unavailable_as_503(self._reserve(
-            keys=[self.k("active", owner), self.k("reserved", owner)],
-            args=[self.k("job", ""), cap, max(1, int(seconds * 1000)), *job_ids]))
-        return None if int(counted) < 0 else int(counted)
-
-    async def unreserve(self, owner: str, job_ids: list[str]) -> None:
-        if not job_ids:
-            return
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.srem(self.k("active", owner), *job_ids)
-            pipe.hdel(self.k("reserved", owner), *job_ids)
-            await _unavailable_as_503(pipe.execute())
+        return len(ids) - len(done)
 
     # -- claiming ---------------------------------------------------------------------------------------------
 
@@ -408,6 +444,7 @@ class RedisJobStore:
         now = time.monotonic()
         if now >= self._autoclaim_at:
             self._autoclaim_at = now + self.claim_interval
+            await self._admit_held()
             cursor, entries, *_ = await self.r.xautoclaim(self.k("dispatch"), GROUP, self.node, self._lease_ms,
                                                           start_id=self._autoclaim_cursor, count=limit)
             self._autoclaim_cursor = cursor
@@ -476,7 +513,10 @@ class RedisJobStore:
         keys = [self.k("lease", job.id), self.k("job", job.id), self.k("ev", job.id), self.k("finished")]
         args = [event.id - 1, event.id, event.event, event.data_json, json.dumps(job.record()), job.status,
                 job.finished_at or time.time(), job.id]
-        return bool(await _unavailable_as_503(self._finish_unclaimed(keys=keys, args=args)))
+        finished = bool(await _unavailable_as_503(self._finish_unclaimed(keys=keys, args=args)))
+        if finished:
+            await self._free_place(job)
+        return finished
 
     # -- events -----------------------------------------------------------------------------------------------
 

@@ -106,6 +106,8 @@ class JobEngine:
         self._dispatcher: asyncio.Task[None] | None = None
         self.closing: asyncio.Future[None] | None = None
         self.hooks = EngineHooks()
+        # The running-jobs cap of an owner (an API key's max_running_jobs; None: none), plugged in with keys on.
+        self.running_cap: Callable[[str], int | None] | None = None
         self.book = store.usage_book()
         self.pricing: PricingSettings | None = None  # the price table (the app sets it): usage and budgets
         self.budget_of: Callable[[str], float | None] = lambda owner: None  # a key's monthly limit (keys file)
@@ -129,8 +131,12 @@ class JobEngine:
     async def close(self) -> None:
         """Stop every task without marking jobs canceled: they resume at the next start (or on another node)."""
         self.begin_shutdown()
-        if self._dispatcher is not None:
+        # Cancelled again until done, like the job tasks below: a claim's store call can drop the cancellation
+        # (Python 3.11's asyncio.wait_for in redis-py, see _poll_until_done), and the claim loop would go on.
+        while self._dispatcher is not None and not self._dispatcher.done():
             self._dispatcher.cancel()
+            await asyncio.wait({self._dispatcher}, timeout=CANCEL_RETRY_SECONDS)
+        if self._dispatcher is not None:
             await asyncio.gather(self._dispatcher, return_exceptions=True)
         pending = set(self.tasks.values())
         while pending:
@@ -151,19 +157,21 @@ class JobEngine:
         await self.store.ping()
 
     async def running_jobs(self, owner: str) -> int:
-        """How many jobs of the key ``owner`` are queued or running, on every node (its running-jobs quota)."""
+        """How many jobs of the key ``owner`` are queued or running, on every node."""
         return await self.store.count_active(owner)
 
-    async def reserve(self, owner: str, job_ids: list[str], cap: int, seconds: float) -> int | None:
-        """Count and reserve places on ``owner``'s running-jobs cap in one atomic step (``quotas.JobPlaces``)."""
-        return await self.store.reserve(owner, job_ids, cap, seconds)
-
-    async def unreserve(self, owner: str, job_ids: list[str]) -> None:
-        await self.store.unreserve(owner, job_ids)
+    async def places(self, owner: str) -> tuple[int, int]:
+        """The key ``owner``'s jobs that hold one of its running places (queued for a slot or running), and those
+        waiting for one, on every node."""
+        return await self.store.count_places(owner)
 
     async def submit(self, job: Job) -> Job:
         """Hold the job's estimated cost on its key's monthly budget (402 ``budget_exceeded`` past it, before any
-        prediction exists), then persist it with its ``queued`` event and queue it for a slot."""
+        prediction exists), then persist it with its ``queued`` event and queue it for a slot; a job of a key with
+        a running-jobs cap waits (``queued``) while that many of the key's jobs are unfinished, and starts as they
+        end."""
+        if job.owner is not None and self.running_cap is not None:
+            job.running_cap = self.running_cap(job.owner)
         await self._hold_budget(job)
         job.last_event_id = 1
         try:
@@ -186,7 +194,6 @@ class JobEngine:
         if left is None:
             job.held_micros = micros
             return
-        await self.store.unreserve(job.owner, [job.id])  # its place on the running-jobs cap goes back too
         money = currency(self.pricing)
         assert limit is not None
         raise ApiError(402, "budget_exceeded",

@@ -84,7 +84,9 @@ class JobStore(Protocol):
         """Raise (OSError, a Redis connection error) unless the store answers now: the node's readiness."""
 
     async def create(self, job: Job, event: Event) -> None:
-        """Persist a new queued job with its first event and queue it for claiming."""
+        """Persist a new queued job with its first event and queue it for claiming; a job with a ``running_cap``
+        waits (still ``queued``) while that many of its owner's jobs are admitted and unfinished, and is admitted,
+        in order, as they finish."""
 
     async def get(self, job_id: str) -> Job | None:
         """The job as last written, or None if there is none."""
@@ -103,7 +105,8 @@ class JobStore(Protocol):
         """Give the job up: ``done`` when it is final, else it stays claimable (resumed later or by another node)."""
 
     async def finish_unclaimed(self, job: Job, event: Event) -> bool:
-        """Write a final state for a job nobody has claimed yet (cancel of a queued job); False if it was claimed."""
+        """Write a final state for a job nobody has claimed yet (cancel of a queued or held job); False if it was
+        claimed."""
 
     async def events(self, job_id: str, after: int) -> list[Event]:
         """The job's events with id > ``after``, in order."""
@@ -136,15 +139,11 @@ class JobStore(Protocol):
         """Drop the reservation held by ``token`` (its request failed: the key may be used again)."""
 
     async def count_active(self, owner: str) -> int:
-        """How many of ``owner``'s jobs are queued or running (the running-jobs quota of a key)."""
+        """How many of ``owner``'s jobs are queued or running."""
 
-    async def reserve(self, owner: str, job_ids: list[str], cap: int, seconds: float) -> int | None:
-        """The running-jobs cap in one atomic step: count ``owner``'s queued and running jobs and its live
-        reservations; if ``len(job_ids)`` more stay within ``cap``, reserve those ids (a reservation ends when
-        :meth:`create` makes its job, or after ``seconds``) and answer None, else answer the count."""
-
-    async def unreserve(self, owner: str, job_ids: list[str]) -> None:
-        """Drop reservations whose jobs will not be created."""
+    async def count_places(self, owner: str) -> tuple[int, int]:
+        """``owner``'s unfinished jobs with a ``running_cap``: (admitted: queued for a slot or running, held: waiting
+        until fewer than their cap of the owner's jobs are admitted)."""
 
     async def expire(self, finished_before: float, tombstone_until: float) -> list[str]:
         """Remove the records and event logs of jobs finished before ``finished_before`` (a bounded batch per call),

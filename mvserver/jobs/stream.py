@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 from aiohttp import web
 from aiohttp_sse import sse_response
 
+from .model import Event
 from .runner import JobEngine
+
+Dress = Callable[[Event], str]  # an event's data as this subscriber gets it (e.g. with its signed links)
+
+
+def _stored(event: Event) -> str:
+    return event.data_json
 
 
 async def stream_events(request: web.Request, engine: JobEngine, job_id: str, *, ping_interval: float,
-                        retry_ms: int) -> web.StreamResponse:
+                        retry_ms: int, dress: Dress = _stored) -> web.StreamResponse:
     """Serve one job's events; the stream ends after the final event, when the client goes, or at shutdown."""
     async with sse_response(request, ping_interval=ping_interval) as response:
         after = last_event_id(response.last_event_id)
@@ -23,7 +31,7 @@ async def stream_events(request: web.Request, engine: JobEngine, job_id: str, *,
             while not engine.closing.done():
                 events = await engine.events(job_id, after)
                 for event in events:
-                    await response.send(event.data_json, id=str(event.id), event=event.event, retry=retry)
+                    await response.send(dress(event), id=str(event.id), event=event.event, retry=retry)
                     after, retry = event.id, None
                     if event.final:
                         return response
@@ -51,7 +59,7 @@ def last_event_id(raw: str | None) -> int:
 
 
 async def stream_many(request: web.Request, engine: JobEngine, job_ids: list[str], *, ping_interval: float,
-                      retry_ms: int, after: str | None = None) -> web.StreamResponse:
+                      retry_ms: int, after: str | None = None, dress: Dress = _stored) -> web.StreamResponse:
     """Serve several jobs' events on one connection (a browser allows about six per origin).
 
     The SSE id of each event is every job's position, in the order of ``job_ids``, joined by dots (``3.7.0``):
@@ -71,7 +79,7 @@ async def stream_many(request: web.Request, engine: JobEngine, job_ids: list[str
                 for index in sorted(open_jobs):
                     for event in await engine.events(job_ids[index], positions[index]):
                         positions[index] = event.id
-                        await response.send(event.data_json, id=".".join(map(str, positions)), event=event.event,
+                        await response.send(dress(event), id=".".join(map(str, positions)), event=event.event,
                                             retry=retry)
                         retry = None
                         if event.final:

@@ -105,9 +105,11 @@ function useKey(event) {
   announce("API key saved for this tab. Try the step again.");
 }
 
-// A link the browser loads without headers: the plain path with keys off, the job's signed link with keys on.
-async function videoLink(jobId, plain) {
+// A link the browser loads without headers: the plain path with keys off, the job's signed link with keys on
+// (the one the answer or event carried, else read once from the job).
+async function videoLink(jobId, plain, signed) {
   if (!apiKey()) return plain;
+  if (signed) state.signed.set(jobId, signed);
   if (!state.signed.has(jobId)) {
     const { body } = await api("GET", `/api/mv/jobs/${jobId}`);
     state.signed.set(jobId, body.signed_urls && body.signed_urls.video_url || plain);
@@ -346,7 +348,7 @@ async function renderCandidates(result) {
     item.dataset.imageId = image.image_id;
     const img = document.createElement("img");
     img.alt = `Character candidate ${i + 1}`;
-    img.src = await imageLink(image, result);
+    img.src = await imageLink(image);
     const pick = document.createElement("button");
     pick.type = "button";
     pick.textContent = "Use this one";
@@ -359,19 +361,9 @@ async function renderCandidates(result) {
   markChosen();
 }
 
-// With keys on only the first image has a signed link: read the others with the key into data: URIs.
-async function imageLink(image, result) {
-  if (!apiKey()) return image.image_url;
-  if (image.image_id === result.image_id && result.signed_urls) return result.signed_urls.image_url;
-  const response = await fetch(image.image_url, { headers: { Authorization: `Bearer ${apiKey()}` } });
-  if (!response.ok) return "data:,";
-  const blob = await response.blob();
-  return new Promise((resolve) => {
-    const reader = new FileReader();
-    reader.onload = () => resolve(reader.result);
-    reader.onerror = () => resolve("data:,");
-    reader.readAsDataURL(blob);
-  });
+// With keys on every candidate carries its signed link.
+async function imageLink(image) {
+  return (apiKey() && image.signed_urls && image.signed_urls.image_url) || image.image_url;
 }
 
 async function pickCandidate(imageId, button) {
@@ -521,7 +513,8 @@ function renderSceneJob(root, scene) {
     ` · ${versions} version${versions === 1 ? "" : "s"}` + (scene.awaited_job_id && scene.chosen_job_id ? " · regenerating…" : "");
   els.status.dataset.versions = String(versions);
   if (scene.chosen_job_id && !els.video.getAttribute("src")) {
-    videoLink(scene.chosen_job_id, scene.chosen_video_url).then((link) => {
+    const signed = scene.signed_urls && scene.signed_urls.chosen_video_url;
+    videoLink(scene.chosen_job_id, scene.chosen_video_url, signed).then((link) => {
       els.video.src = link;
       els.video.hidden = false;
     }).catch(() => {});
@@ -619,6 +612,7 @@ function onEvent(source, name, message) {
     message.lastEventId.split(".").forEach((pos, i) => stream.positions.set(stream.ids[i], Number(pos)));
   }
   state.jobs.set(update.job_id, { ...(state.jobs.get(update.job_id) || {}), ...update });
+  if (apiKey() && update.signed_urls && update.signed_urls.video_url) state.signed.set(update.job_id, update.signed_urls.video_url);
   if (update.job_id === state.assemblyId) renderAssembly();
   else refreshScenes();
   if (FINAL.includes(name)) {

@@ -21,6 +21,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/mv/me": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The caller's API key: its id, name and limits, the tokens left in each bucket, and its jobs running and waiting behind max_running_jobs (every field null with keys off) */
+        get: operations["getMe"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/mv/health/live": {
         parameters: {
             query?: never;
@@ -1818,6 +1835,35 @@ export interface components {
                 reachable: boolean;
             };
         };
+        Me: {
+            /** @description the caller's key id (null with keys off) */
+            key_id: string | null;
+            name: string | null;
+            /** @description the key's limits from the keys file (null: unlimited) */
+            limits: {
+                jobs_per_minute?: number | null;
+                jobs_burst?: number | null;
+                blocking_per_minute?: number | null;
+                blocking_burst?: number | null;
+                max_running_jobs?: number | null;
+                uploads_per_minute?: number | null;
+                uploads_burst?: number | null;
+                max_concurrent_uploads?: number | null;
+                monthly_budget?: number | null;
+            } | null;
+            /** @description tokens each bucket holds now (null: unlimited); a request takes one per job, at most the burst */
+            tokens: {
+                jobs?: number | null;
+                blocking?: number | null;
+                uploads?: number | null;
+            } | null;
+            jobs: {
+                /** @description the key's unfinished jobs that are not waiting: queued for a slot or running (at most max_running_jobs of them hold its places) */
+                running: number;
+                /** @description the key's jobs queued behind max_running_jobs; each starts as one of the running ones ends */
+                waiting: number;
+            } | null;
+        };
         Liveness: {
             /** @enum {string} */
             status: "ok";
@@ -2014,6 +2060,82 @@ export interface operations {
             /** @description internal_error: a server bug (no details are given) */
             500: {
                 headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getMe: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the key */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Me"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
                     [name: string]: unknown;
                 };
                 content: {
@@ -2225,7 +2347,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            /** @description rate_limited (the key's token bucket lacks the tokens the request needs, one per job up to the burst: retry after Retry-After) or, for upload_audio, quota_exceeded (the key's uploads running); for a call to a provider also provider_rate_limited */
             429: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -2374,7 +2496,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            /** @description rate_limited (the key's token bucket lacks the tokens the request needs, one per job up to the burst: retry after Retry-After) or, for upload_audio, quota_exceeded (the key's uploads running); for a call to a provider also provider_rate_limited */
             429: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -2682,7 +2804,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
                 "Idempotency-Key"?: string;
             };
             path?: never;
@@ -2801,7 +2923,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            /** @description rate_limited (the key's token bucket lacks the tokens the request needs, one per job up to the burst: retry after Retry-After) or, for upload_audio, quota_exceeded (the key's uploads running); for a call to a provider also provider_rate_limited */
             429: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -2838,7 +2960,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
                 "Idempotency-Key"?: string;
             };
             path?: never;
@@ -2957,7 +3079,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            /** @description rate_limited (the key's token bucket lacks the tokens the request needs, one per job up to the burst: retry after Retry-After) or, for upload_audio, quota_exceeded (the key's uploads running); for a call to a provider also provider_rate_limited */
             429: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -2994,7 +3116,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
                 "Idempotency-Key"?: string;
             };
             path?: never;
@@ -3104,7 +3226,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            /** @description rate_limited (the key's token bucket lacks the tokens the request needs, one per job up to the burst: retry after Retry-After) or, for upload_audio, quota_exceeded (the key's uploads running); for a call to a provider also provider_rate_limited */
             429: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -4176,7 +4298,10 @@ export interface operations {
     uploadAudio: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
+                "Idempotency-Key"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -4194,6 +4319,8 @@ export interface operations {
                 headers: {
                     /** @description the new resource, or the started job's status URL */
                     Location: string;
+                    /** @description true when this is the kept answer to an earlier request with the same Idempotency-Key */
+                    "Idempotent-Replayed"?: string;
                     [name: string]: unknown;
                 };
                 content: {
@@ -4238,6 +4365,17 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
             /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
             413: {
                 headers: {
@@ -4265,7 +4403,16 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description rate_limited (the key's token bucket lacks the tokens the request needs, one per job up to the burst: retry after Retry-After) or, for upload_audio, quota_exceeded (the key's uploads running); for a call to a provider also provider_rate_limited */
             429: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -4522,7 +4669,10 @@ export interface operations {
     createProject: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
+                "Idempotency-Key"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -4539,6 +4689,8 @@ export interface operations {
                     Location: string;
                     /** @description the project's version: send it as If-Match to change the project */
                     ETag: string;
+                    /** @description true when this is the kept answer to an earlier request with the same Idempotency-Key */
+                    "Idempotent-Replayed"?: string;
                     [name: string]: unknown;
                 };
                 content: {
@@ -4574,7 +4726,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description conflict, or a provider's conflict (provider_conflict) */
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
             409: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -4605,6 +4757,15 @@ export interface operations {
             };
             /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
             421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
+            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4874,6 +5035,8 @@ export interface operations {
             header?: {
                 /** @description The project's ETag as last read (optional: 412 if it moved) */
                 "If-Match"?: string;
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
+                "Idempotency-Key"?: string;
             };
             path: {
                 project_id: string;
@@ -4891,6 +5054,8 @@ export interface operations {
                 headers: {
                     /** @description the project's version: send it as If-Match to change the project */
                     ETag: string;
+                    /** @description true when this is the kept answer to an earlier request with the same Idempotency-Key */
+                    "Idempotent-Replayed"?: string;
                     [name: string]: unknown;
                 };
                 content: {
@@ -4935,7 +5100,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description conflict, or a provider's conflict (provider_conflict) */
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
             409: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -4982,7 +5147,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description provider_rejected_input: the provider refused the input */
+            /** @description unprocessable (idempotency_key_reused: this Idempotency-Key was used with another request) */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -4991,7 +5156,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            /** @description rate_limited (the key's token bucket lacks the tokens the request needs, one per job up to the burst: retry after Retry-After) or, for upload_audio, quota_exceeded (the key's uploads running); for a call to a provider also provider_rate_limited */
             429: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -5048,6 +5213,8 @@ export interface operations {
             header?: {
                 /** @description The project's ETag as last read (optional: 412 if it moved) */
                 "If-Match"?: string;
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
+                "Idempotency-Key"?: string;
             };
             path: {
                 project_id: string;
@@ -5066,6 +5233,8 @@ export interface operations {
                 headers: {
                     /** @description the project's version: send it as If-Match to change the project */
                     ETag: string;
+                    /** @description true when this is the kept answer to an earlier request with the same Idempotency-Key */
+                    "Idempotent-Replayed"?: string;
                     [name: string]: unknown;
                 };
                 content: {
@@ -5110,7 +5279,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description conflict, or a provider's conflict (provider_conflict) */
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
             409: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -5166,7 +5335,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            /** @description rate_limited (the key's token bucket lacks the tokens the request needs, one per job up to the burst: retry after Retry-After) or, for upload_audio, quota_exceeded (the key's uploads running); for a call to a provider also provider_rate_limited */
             429: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -5223,7 +5392,7 @@ export interface operations {
             header?: {
                 /** @description The project's ETag as last read (optional: 412 if it moved) */
                 "If-Match"?: string;
-                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
                 "Idempotency-Key"?: string;
             };
             path: {
@@ -5354,7 +5523,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            /** @description rate_limited (the key's token bucket lacks the tokens the request needs, one per job up to the burst: retry after Retry-After) or, for upload_audio, quota_exceeded (the key's uploads running); for a call to a provider also provider_rate_limited */
             429: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -5393,7 +5562,7 @@ export interface operations {
             header?: {
                 /** @description The project's ETag as last read (optional: 412 if it moved) */
                 "If-Match"?: string;
-                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
                 "Idempotency-Key"?: string;
             };
             path: {
@@ -5527,7 +5696,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            /** @description rate_limited (the key's token bucket lacks the tokens the request needs, one per job up to the burst: retry after Retry-After) or, for upload_audio, quota_exceeded (the key's uploads running); for a call to a provider also provider_rate_limited */
             429: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -5564,7 +5733,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
                 "Idempotency-Key"?: string;
             };
             path: {
@@ -5687,7 +5856,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            /** @description rate_limited (the key's token bucket lacks the tokens the request needs, one per job up to the burst: retry after Retry-After) or, for upload_audio, quota_exceeded (the key's uploads running); for a call to a provider also provider_rate_limited */
             429: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -5724,7 +5893,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and body within 24 h return the first answer (header Idempotent-Replayed: true) instead of starting another job; the same key with another body is 422 idempotency_key_reused. Scoped to the API key. */
+                /** @description Any unique string (1-255 printable ASCII characters, e.g. a UUID). The same key and request within 24 h return the first answer (header Idempotent-Replayed: true) instead of doing it again; the same key with another request is 422 idempotency_key_reused. The request is compared as the server reads it (text trimmed, defaults filled; an upload by its file's bytes), after it is validated. Scoped to the API key. */
                 "Idempotency-Key"?: string;
             };
             path: {
@@ -5849,7 +6018,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's running-jobs cap); for a call to a provider also provider_rate_limited */
+            /** @description rate_limited (the key's token bucket lacks the tokens the request needs, one per job up to the burst: retry after Retry-After) or, for upload_audio, quota_exceeded (the key's uploads running); for a call to a provider also provider_rate_limited */
             429: {
                 headers: {
                     /** @description seconds to wait before retrying */
