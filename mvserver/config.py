@@ -162,6 +162,8 @@ class JobsSettings(_Strict):
     sse_retry_ms: int = Field(ge=0)
     sse_max_jobs_per_stream: int = Field(default=50, ge=1, le=500)
     webhook_safety_poll_seconds: PositiveFloat = 30.0
+    # The largest deadline_seconds a job-creating request may ask for.
+    max_deadline_seconds: PositiveFloat = 3600.0
     # Several processes (Redis store): a running job's lease lives this long without renewal (renewed every third
     # of it); a node looks for jobs abandoned by a dead node this often.
     lease_seconds: PositiveFloat = 30.0

@@ -87,5 +87,5 @@ class ProjectModels(BaseModel):
 # from the project.
 CHARACTER_OPTIONS = frozenset({"aspect_ratio", "safety_filter_level", "person_generation", "output_format",
                                "negative_prompt", "seed"})
-CLIP_OPTIONS = frozenset({"backend", "seed", "generate_audio", "video_rules_template"})
-SCENE_LIPSYNC_OPTIONS = frozenset({"sync_mode", "temperature", "active_speaker"})
+CLIP_OPTIONS = frozenset({"backend", "seed", "generate_audio", "video_rules_template", "deadline_seconds"})
+SCENE_LIPSYNC_OPTIONS = frozenset({"sync_mode", "temperature", "active_speaker", "deadline_seconds"})

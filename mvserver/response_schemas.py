@@ -93,7 +93,9 @@ _JOB_STATE = {
 _FOLLOW = {"status_url": URL, "events_url": URL}
 
 JOB_STATE = obj(_JOB_STATE, description="A job's state: the data of its status events.")
-JOB = obj({**_JOB_STATE, **_FOLLOW, "request": {**ANY_OBJECT, "description": "what was sent to the provider"}},
+JOB = obj({**_JOB_STATE, **_FOLLOW,
+           "deadline_at": {**nullable(UNIX_TIME), "description": "when the request's deadline_seconds ends the job"},
+           "request": {**ANY_OBJECT, "description": "what was sent to the provider"}},
           SIGNED, "GET /api/mv/jobs/{job_id}: the job's state, its URLs and its request.")
 JOB_LIST_ITEM = obj({**_JOB_STATE, **_FOLLOW}, {"project_id": ID, "scene_id": ID, **SIGNED},
                     "A listed job: its state (no request) and URLs; project_id and scene_id for a project's clip.")

@@ -16,8 +16,9 @@ from . import __version__
 from .config import Config
 from .debug import debug_print
 from .errors import ApiError, validation_error
-from .assembly_schemas import AssemblyOptions, assemble_request_model
+from .assembly_schemas import assemble_request_model, assembly_options_model
 from .fields import INTEGRAL, UUID4_PATTERN, choice, text
+from .job_options import option_fields
 from .openapi import complete
 from .project_schemas import ProjectModels
 
@@ -103,6 +104,7 @@ def video_request_model(config: Config) -> type[BaseModel]:
                                     "settings, an empty string appends none."),
         ),
         backend=(_choice(["replicate", "gemini"]), s.default_backend),
+        **option_fields(config),
     )
 
 
@@ -128,6 +130,7 @@ def lipsync_request_model(config: Config) -> type[BaseModel]:
         project_id=(UUID4_ID | None, Field(None, description="A project this job belongs to (kept in the job's "
                                                              "request, unchanged).")),
         scene_id=(UUID4_ID | None, Field(None, description="The project's scene this job is for (kept unchanged).")),
+        **option_fields(config),
     )
 
 
@@ -141,12 +144,14 @@ class RequestModels(BaseModel):
     projects: ProjectModels
     lipsync: type[BaseModel]
     assemble: type[BaseModel]
+    assembly_options: type[BaseModel]
 
     @classmethod
     def build(cls, config: Config) -> "RequestModels":
         return cls(scenes=scenes_request_model(config), image=image_request_model(config),
                    video=video_request_model(config), projects=ProjectModels.build(config),
-                   lipsync=lipsync_request_model(config), assemble=assemble_request_model(config))
+                   lipsync=lipsync_request_model(config), assemble=assemble_request_model(config),
+                   assembly_options=assembly_options_model(config))
 
 
 REQUEST_MODELS = web.AppKey("request_models", RequestModels)
@@ -432,7 +437,7 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
     """The OpenAPI 3.1 document of the public API (with the bearer scheme and /metrics when they are on)."""
     schemas: dict[str, Any] = {"Error": ERROR_SCHEMA}
     for model in (models.scenes, models.image, models.video, models.lipsync, models.projects.create, models.projects.patch,
-                  models.projects.write_scenes, models.assemble, AssemblyOptions):
+                  models.projects.write_scenes, models.assemble, models.assembly_options):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema

@@ -65,10 +65,22 @@ class Job:
     video_bytes: int | None = None
     last_event_id: int = 0
     cancel_requested: bool = False
+    deadline_seconds: float | None = None  # the client's deadline, counted from created_at (queue time included)
 
     @property
     def final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    @property
+    def deadline_at(self) -> float | None:
+        """When the job must be over (the client's ``deadline_seconds``), or None."""
+        return None if self.deadline_seconds is None else self.created_at + self.deadline_seconds
+
+    def seconds_left(self) -> float | None:
+        """Seconds until the client's deadline (0 once past), or None without one: what a provider that
+        enforces deadlines itself is given when its prediction is created."""
+        deadline = self.deadline_at
+        return None if deadline is None else max(0.0, deadline - time.time())
 
     def elapsed(self) -> float:
         end = self.finished_at or time.time()
@@ -105,6 +117,7 @@ class Job:
     def public(self) -> dict[str, Any]:
         """The full view for ``GET /jobs/{id}``: the state plus model, URLs, error and the request, once."""
         return {**self.state(), "error": self.error, **_public_urls(self.id),
+                "deadline_at": self.deadline_at,
                 "request": self.request}
 
     def record(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ CLAIM_BATCH = 8  # jobs claimed in one go at most: few round trips for a burst, 
 CANCEL_RETRY_SECONDS = 0.5
 LOCAL_PROGRESS_MIN_SECONDS = 0.25  # at most four progress events a second from a local driver
 LOG_TAIL_LINES = 3
+DEADLINE_SLACK_SECONDS = 1.0  # a provider that cancels at the deadline may do so this much before our own timer
 
 
 class RemoteDriver(Protocol):
@@ -297,6 +298,8 @@ class JobEngine:
                 job.started_at = time.time()  # the timeout runs from here, not from the time in the queue
             job.status = "running"
             deadline = job.started_at + self.settings.timeout_seconds
+            if job.deadline_at is not None:  # the client's deadline, when it comes first, ends the job instead
+                deadline = min(deadline, job.deadline_at)
             async with asyncio.timeout(max(0.0, deadline - time.time())):
                 if isinstance(driver, LocalDriver):
                     await self._drive_local(job, lease, driver)
@@ -314,9 +317,7 @@ class JobEngine:
             raise
         except TimeoutError:
             await self._cancel_provider(job, driver)
-            await self._finish(job, lease, "failed", ErrorInfo(
-                "job_timeout", f"the job was not done after {self.settings.timeout_seconds:g} s",
-                provider=job.backend, provider_status=job.stage))
+            await self._finish(job, lease, "failed", self._timed_out(job))
         except LeaseLost:
             raise
         except ApiError as exc:
@@ -324,6 +325,14 @@ class JobEngine:
         except Exception as exc:  # a bug must still end the job, not leave it running forever
             log.exception("job %s crashed", job.id)
             await self._finish(job, lease, "failed", ErrorInfo("internal_error", f"{exc.__class__.__name__}: {exc}"))
+
+    def _timed_out(self, job: Job) -> ErrorInfo:
+        """``deadline_exceeded`` when the client's deadline ended the job, else ``job_timeout``."""
+        assert job.started_at is not None
+        if job.deadline_at is not None and job.deadline_at <= job.started_at + self.settings.timeout_seconds:
+            return _deadline_exceeded(job)
+        return ErrorInfo("job_timeout", f"the job was not done after {self.settings.timeout_seconds:g} s",
+                         provider=job.backend, provider_status=job.stage)
 
     async def _drive_remote(self, job: Job, lease: Lease, driver: RemoteDriver) -> None:
         """Create (unless resuming) the prediction, poll it to the end, download the output."""
@@ -338,6 +347,9 @@ class JobEngine:
             job.stage = job.stage if job.stage in ("generating", "downloading") else "generating"
             await self._publish(job, lease, "running", record=True)
         snapshot = await self._poll_until_done(job, lease, driver)
+        if snapshot.status == "canceled" and _past_deadline(job):  # the provider's own deadline came first
+            await self._finish(job, lease, "failed", _deadline_exceeded(job))
+            return
         if snapshot.status != "succeeded":
             error = snapshot.error or ErrorInfo("provider_prediction_failed", f"prediction {snapshot.status}",
                                                 provider=job.backend, provider_status=snapshot.status)
@@ -460,6 +472,17 @@ def _mark_final(job: Job, status: JobStatus, error: ErrorInfo | None) -> None:
     job.stage = "done"
     job.error = error.to_dict() if error else None
     job.finished_at = time.time()
+
+
+def _past_deadline(job: Job) -> bool:
+    """Whether the client's deadline has come (within the provider's rounding of it to whole seconds)."""
+    return job.deadline_at is not None and time.time() >= job.deadline_at - DEADLINE_SLACK_SECONDS
+
+
+def _deadline_exceeded(job: Job) -> ErrorInfo:
+    return ErrorInfo("deadline_exceeded", f"the job was not done within its deadline_seconds "
+                                          f"({job.deadline_seconds:g} s from submission)",
+                     provider=job.backend, provider_status=job.stage)
 
 
 def _canceled() -> ErrorInfo:
