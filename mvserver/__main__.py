@@ -46,6 +46,8 @@ def keys_main(argv: list[str]) -> int:
             given = {name: getattr(args, name) for name in KeyLimits.model_fields if getattr(args, name) is not None}
             record, key = create_key(path, args.name, KeyLimits(**given))
             print(f"created key {record.id} ({record.name}) in {path}; limits: {record.limits.model_dump()}")
+            print(f"webhook signing secret of this key (verifies its webhooks; not shown again): "
+                  f"{record.webhook_secret}")
             print("store this key now, it is not shown again:")
             print(key)
         elif args.command == "list":

@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, videos, webhooks
+from . import webhooks_out
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
@@ -179,6 +180,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app.cleanup_ctx.append(node_context)
     app.cleanup_ctx.append(providers_context)
     app.cleanup_ctx.append(jobs_context)
+    webhooks_out.setup(app)  # its sender plugs into the job engine started just above
     app.cleanup_ctx.append(projects_context)
     app.on_shutdown.append(end_streams)
     webhooks.setup(app, env, "replicate" in sandboxed_services(env))

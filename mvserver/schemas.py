@@ -529,6 +529,16 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
         "/api/mv/jobs/{job_id}/cancel": {"post": {
             "summary": "Cancel the job (same as DELETE /api/mv/jobs/{job_id})", "parameters": [_id_parameter("job_id")],
             "responses": _answers(200, "job", *job_errors, 415)}},
+        "/api/mv/jobs/{job_id}/deliveries": {"get": {
+            "summary": "The job's webhook deliveries (webhook_url): each event sent, its status and attempts",
+            "parameters": [_id_parameter("job_id")],
+            "responses": _answers(200, "deliveries", *job_errors)}},
+        "/api/mv/jobs/{job_id}/redeliver": {"post": {
+            "summary": "Send the job's webhook again from event_id (default: its last event the webhook sends) on, "
+                       "in order; the same webhook-id as the first time",
+            "parameters": [_id_parameter("job_id")],
+            "requestBody": {**_json_body("RedeliverRequest"), "required": False},
+            "responses": _answers(202, "sent again from this event", *job_errors, 409, 415)}},
         "/api/mv/jobs/{job_id}/events": {"get": {
             "summary": "Server-Sent Events: state, progress, final status", "parameters": [_id_parameter("job_id")],
             "responses": _answers(200, "event stream", *job_errors, content="text/event-stream")}},

@@ -42,6 +42,12 @@ UNEXPRESSIBLE = {"/api/mv/generate_video": {"reference_image_base64", "reference
                  # one field needs another (the field descriptions say so; generation ignores such rules)
                  "/api/mv/lipsync": {"scene_id", "video_job_id", "audio_id"},
                  "/api/mv/projects": {"audio_offset", "audio_id", "character_image_id"}}
+# Every job-creating request: a webhook_url must name a public host (or an allowed network) and the server must have
+# a signing secret for it, neither of which a schema can say.
+for _path in ("/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/assemble", "/api/mv/projects/{project_id}/clips",
+              "/api/mv/projects/{project_id}/scenes/{scene_id}/clips", "/api/mv/projects/{project_id}/assemble",
+              "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync"):
+    UNEXPRESSIBLE[_path] = UNEXPRESSIBLE.get(_path, set()) | {"webhook_url"}
 PROVIDER_KEYS = ("GEMINI_API_KEY", "REPLICATE_API_TOKEN", "GOOGLE_VERTEX_API_KEY", "GOOGLE_CLOUD_PROJECT")
 
 

@@ -66,6 +66,8 @@ class Job:
     last_event_id: int = 0
     cancel_requested: bool = False
     deadline_seconds: float | None = None  # the client's deadline, counted from created_at (queue time included)
+    webhook_url: str | None = None  # where the job's status changes are sent (mvserver.webhooks_out)
+    webhook_events: str | None = None  # "completed" (the final event) or "all" (every status change)
 
     @property
     def final(self) -> bool:
@@ -118,6 +120,7 @@ class Job:
         """The full view for ``GET /jobs/{id}``: the state plus model, URLs, error and the request, once."""
         return {**self.state(), "error": self.error, **_public_urls(self.id),
                 "deadline_at": self.deadline_at,
+                "webhook_url": self.webhook_url, "webhook_events": self.webhook_events,
                 "request": self.request}
 
     def record(self) -> dict[str, Any]:

@@ -69,13 +69,25 @@ def _ignore(_: Any) -> None:
     return None
 
 
+def _ignore_event(_: Job, __: Event) -> None:
+    return None
+
+
+async def _nothing(_: Job) -> None:
+    return None
+
+
 class EngineHooks:
     """What the engine reports as it happens (the app plugs metrics in): ``finished(job)`` once per job this node
-    finished, ``subscribers(delta)`` as event streams open (+1) and close (-1)."""
+    finished, ``subscribers(delta)`` as event streams open (+1) and close (-1); ``before_create(job)`` is awaited
+    before a new job is stored (webhooks out write their record there) and ``published(job, event)`` follows every
+    event written."""
 
     def __init__(self) -> None:
         self.finished: Callable[[Job], None] = _ignore
         self.subscribers: Callable[[int], None] = _ignore
+        self.before_create: Callable[[Job], Awaitable[None]] = _nothing
+        self.published: Callable[[Job, Event], None] = _ignore_event
 
 
 class JobEngine:
@@ -151,7 +163,10 @@ class JobEngine:
     async def submit(self, job: Job) -> Job:
         """Persist a new job with its ``queued`` event and queue it for a slot."""
         job.last_event_id = 1
-        await self.store.create(job, Event(id=1, event="queued", data=_event_data(job)))
+        await self.hooks.before_create(job)
+        event = Event(id=1, event="queued", data=_event_data(job))
+        await self.store.create(job, event)
+        self.hooks.published(job, event)
         return job
 
     async def cancel(self, job_id: str) -> Job | None:
@@ -172,9 +187,11 @@ class JobEngine:
         final = Job.from_record(job.record())
         _mark_final(final, "canceled", _canceled())
         final.last_event_id += 1
-        done = await self.store.finish_unclaimed(final, Event(final.last_event_id, "canceled", _event_data(final)))
+        event = Event(final.last_event_id, "canceled", _event_data(final))
+        done = await self.store.finish_unclaimed(final, event)
         if done:
             self.hooks.finished(final)
+            self.hooks.published(final, event)
         return done
 
     async def _wait_final(self, job_id: str) -> Job | None:
@@ -461,6 +478,7 @@ class JobEngine:
         event = Event(id=job.last_event_id + 1, event=name, data=data)
         job.last_event_id = event.id
         await self.store.write(lease, job, event, record=record)
+        self.hooks.published(job, event)
 
 
 def _event_data(job: Job) -> dict[str, Any]:

@@ -21,6 +21,40 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/mv/health/live": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Liveness: 200 while the process serves requests, whether or not its store answers (never behind auth) */
+        get: operations["getLiveness"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/health/ready": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Readiness: 200 while the job and project store answer; 503 store_unavailable while they do not (never behind auth) */
+        get: operations["getReadiness"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/mv/create_scenes": {
         parameters: {
             query?: never;
@@ -189,6 +223,40 @@ export interface paths {
         put?: never;
         /** Cancel the job (same as DELETE /api/mv/jobs/{job_id}) */
         post: operations["cancelJobByPost"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/jobs/{job_id}/deliveries": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The job's webhook deliveries (webhook_url): each event sent, its status and attempts */
+        get: operations["listJobWebhookDeliveries"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/jobs/{job_id}/redeliver": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Send the job's webhook again from event_id (default: its last event the webhook sends) on, in order; the same webhook-id as the first time */
+        post: operations["startWebhookRedelivery"];
         delete?: never;
         options?: never;
         head?: never;
@@ -642,6 +710,24 @@ export interface components {
              * @enum {string}
              */
             backend?: "replicate" | "gemini";
+            /**
+             * Deadline Seconds
+             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
+             * @default null
+             */
+            deadline_seconds?: number | null;
+            /**
+             * Webhook Url
+             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
+             * @default null
+             */
+            webhook_url?: string | null;
+            /**
+             * Webhook Events
+             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
+             * @default null
+             */
+            webhook_events?: ("completed" | "all") | null;
         };
         /** LipsyncRequest */
         LipsyncRequest: {
@@ -697,6 +783,24 @@ export interface components {
              * @default null
              */
             scene_id?: string | null;
+            /**
+             * Deadline Seconds
+             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
+             * @default null
+             */
+            deadline_seconds?: number | null;
+            /**
+             * Webhook Url
+             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
+             * @default null
+             */
+            webhook_url?: string | null;
+            /**
+             * Webhook Events
+             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
+             * @default null
+             */
+            webhook_events?: ("completed" | "all") | null;
         };
         /** CreateProjectRequest */
         CreateProjectRequest: {
@@ -933,6 +1037,24 @@ export interface components {
              */
             fit?: ("letterbox" | "crop") | null;
             /**
+             * Deadline Seconds
+             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
+             * @default null
+             */
+            deadline_seconds?: number | null;
+            /**
+             * Webhook Url
+             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
+             * @default null
+             */
+            webhook_url?: string | null;
+            /**
+             * Webhook Events
+             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
+             * @default null
+             */
+            webhook_events?: ("completed" | "all") | null;
+            /**
              * Clips
              * @description The clips in playing order (1 to 48).
              */
@@ -950,10 +1072,7 @@ export interface components {
              */
             audio_offset?: number;
         };
-        /**
-         * AssemblyOptions
-         * @description How clips are joined: the options a project's assemble takes (the clips and song come from the project).
-         */
+        /** AssemblyOptions */
         AssemblyOptions: {
             /**
              * Transition
@@ -981,6 +1100,24 @@ export interface components {
              * @default null
              */
             fit?: ("letterbox" | "crop") | null;
+            /**
+             * Deadline Seconds
+             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
+             * @default null
+             */
+            deadline_seconds?: number | null;
+            /**
+             * Webhook Url
+             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
+             * @default null
+             */
+            webhook_url?: string | null;
+            /**
+             * Webhook Events
+             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
+             * @default null
+             */
+            webhook_events?: ("completed" | "all") | null;
         };
         /** @description The error object of the Error shape, also a failed or canceled job's `error`. */
         ErrorDetail: {
@@ -1079,6 +1216,12 @@ export interface components {
             status_url: string;
             /** @description a URL path under /api/mv */
             events_url: string;
+            /** @description when the request's deadline_seconds ends the job */
+            deadline_at: number | null;
+            /** @description where the job's status changes are sent (webhooks out) */
+            webhook_url: string | null;
+            /** @enum {string|null} */
+            webhook_events: "completed" | "all" | null;
             /** @description what was sent to the provider */
             request: Record<string, never>;
             /** @description With API keys on: the URLs of this answer, signed */
@@ -1412,9 +1555,55 @@ export interface components {
             /** @enum {string} */
             status: "accepted" | "duplicate" | "ignored";
         };
+        /** @description One POST: the receiver's HTTP status, or why none came. */
+        WebhookAttempt: {
+            /** @description Unix time, seconds */
+            at: number;
+            http_status: number | null;
+            error: string | null;
+            seconds: number;
+        };
+        WebhookDelivery: {
+            /** @description the webhook-id header: the same for every attempt and redelivery of the message */
+            webhook_id: string;
+            event_id: number;
+            /** @description job.<event>, e.g. job.succeeded */
+            type: string;
+            /**
+             * @description failed: given up after jobs.webhook_retry_seconds
+             * @enum {string}
+             */
+            status: "pending" | "delivered" | "failed";
+            attempt_count: number;
+            /** @description the first and the latest attempts (at most 20) */
+            attempts: components["schemas"]["WebhookAttempt"][];
+            /** @description Unix time, seconds */
+            first_attempt_at?: number;
+        };
+        /** @description GET /api/mv/jobs/{job_id}/deliveries: the job's webhook deliveries, in order. */
+        WebhookDeliveries: {
+            job_id: string;
+            /** @description null: no webhook */
+            webhook_url: string | null;
+            /** @enum {string|null} */
+            webhook_events: "completed" | "all" | null;
+            deliveries: components["schemas"]["WebhookDelivery"][];
+        };
+        /** @description The event from which the job's deliveries are sent again. */
+        Redelivery: {
+            job_id: string;
+            event_id: number;
+        };
+        RedeliverRequest: {
+            /** @description default: the last event the webhook sends */
+            event_id?: number;
+        };
         Health: {
-            /** @enum {string} */
-            status: "ok";
+            /**
+             * @description degraded while the job and project store cannot be reached (see store)
+             * @enum {string}
+             */
+            status: "ok" | "degraded";
             version: string;
             /**
              * @description sandbox when any provider service is answered by the built-in simulator
@@ -1434,6 +1623,22 @@ export interface components {
                 /** @description true when every other /api/mv route needs Authorization: Bearer <API key> (MV_API_KEYS_FILE is set): a page should ask for a key before its first call */
                 keys_required: boolean;
             };
+            store: {
+                /** @enum {string} */
+                kind: "files" | "redis";
+                /** @description false while the store does not answer a ping in 2 s */
+                reachable: boolean;
+            };
+        };
+        Liveness: {
+            /** @enum {string} */
+            status: "ok";
+        };
+        Readiness: {
+            /** @enum {string} */
+            status: "ready";
+            /** @enum {string} */
+            store: "files" | "redis";
         };
         EventsLink: {
             /** @description GET /api/mv/events?jobs=…[&after=…][&kid=…&exp=…&sig=…] */
@@ -1497,7 +1702,7 @@ export interface components {
              */
             seed?: number | null;
         };
-        /** @description Optional: generate_audio, seed, video_rules_template, backend; the rest comes from the project. */
+        /** @description Optional: generate_audio, seed, video_rules_template, backend, deadline_seconds, webhook_url, webhook_events; the rest comes from the project. */
         ProjectClipOptions: {
             /**
              * Generate Audio
@@ -1522,8 +1727,26 @@ export interface components {
              * @enum {string}
              */
             backend?: "replicate" | "gemini";
+            /**
+             * Deadline Seconds
+             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
+             * @default null
+             */
+            deadline_seconds?: number | null;
+            /**
+             * Webhook Url
+             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
+             * @default null
+             */
+            webhook_url?: string | null;
+            /**
+             * Webhook Events
+             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
+             * @default null
+             */
+            webhook_events?: ("completed" | "all") | null;
         };
-        /** @description Optional: sync_mode, temperature, active_speaker; the rest comes from the project. */
+        /** @description Optional: sync_mode, temperature, active_speaker, deadline_seconds, webhook_url, webhook_events; the rest comes from the project. */
         SceneLipsyncOptions: {
             /**
              * Sync Mode
@@ -1543,6 +1766,24 @@ export interface components {
              * @default false
              */
             active_speaker?: boolean;
+            /**
+             * Deadline Seconds
+             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
+             * @default null
+             */
+            deadline_seconds?: number | null;
+            /**
+             * Webhook Url
+             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
+             * @default null
+             */
+            webhook_url?: string | null;
+            /**
+             * Webhook Events
+             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
+             * @default null
+             */
+            webhook_events?: ("completed" | "all") | null;
         };
     };
     responses: never;
@@ -1592,6 +1833,111 @@ export interface operations {
             /** @description internal_error: a server bug (no details are given) */
             500: {
                 headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getLiveness: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the process serves requests */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Liveness"];
+                };
+            };
+            /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getReadiness: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the store answers */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Readiness"];
+                };
+            };
+            /** @description forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
                     [name: string]: unknown;
                 };
                 content: {
@@ -2013,6 +2359,17 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
         };
     };
     getImage: {
@@ -2121,6 +2478,17 @@ export interface operations {
             /** @description internal_error: a server bug (no details are given) */
             500: {
                 headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
                     [name: string]: unknown;
                 };
                 content: {
@@ -2961,6 +3329,242 @@ export interface operations {
             };
         };
     };
+    listJobWebhookDeliveries: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                job_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description deliveries */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["WebhookDeliveries"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description expired: the job finished longer ago than the server keeps jobs (jobs.retention_hours) */
+            410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    startWebhookRedelivery: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                job_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["RedeliverRequest"];
+            };
+        };
+        responses: {
+            /** @description sent again from this event */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Redelivery"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description expired: the job finished longer ago than the server keeps jobs (jobs.retention_hours) */
+            410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
     streamJobEvents: {
         parameters: {
             query?: {
@@ -3151,7 +3755,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -3249,7 +3853,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -3394,7 +3998,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -3496,7 +4100,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -3746,6 +4350,17 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
         };
     };
     createProject: {
@@ -3850,7 +4465,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -3948,7 +4563,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -4084,7 +4699,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -4594,7 +5209,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -4758,7 +5373,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -4909,7 +5524,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -5062,7 +5677,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -5160,7 +5775,7 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
