@@ -129,7 +129,9 @@ def start_simulator(started: list[Process], workdir: Path, *, video_latency: flo
             "--state-dir", str(workdir / "simulator"), "--video-latency", str(video_latency),
             "--image-latency", str(image_latency), "--scenes-latency", str(scenes_latency),
             "--output-pad-bytes", str(pad_bytes)] + (["--render-cache"] if render_cache else [])
-    proc = Process("simulator", args, workdir / "simulator.log", cpus=cpus)
+    # the servers' Replicate token: the simulator answers it and gives it its webhook secret (bench.concurrency --webhooks)
+    token = {"MV_SIM_API_TOKEN": PROVIDER_ENV["REPLICATE_API_TOKEN"]}
+    proc = Process("simulator", args, workdir / "simulator.log", env=token, cpus=cpus)
     started.append(proc)
     base = f"http://{HOST}:{port}"
     wait_http(f"{base}/_sim/health", proc)

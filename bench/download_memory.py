@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,6 +26,15 @@ from bench.common import (RssSampler, bench_settings, print_table, proc_status, 
 
 MB = 1024 * 1024
 TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
+
+
+def allow_output_size(settings: Path, size: int) -> Path:
+    """The settings with ``limits.output_max_bytes`` raised to ``size`` (the default cap, 256 MiB, refuses 500 MiB)."""
+    path = settings / "videos.yaml"
+    videos = yaml.safe_load(path.read_text())
+    videos["limits"]["output_max_bytes"] = max(videos["limits"].get("output_max_bytes", 0), size)
+    path.write_text(yaml.safe_dump(videos, sort_keys=False))
+    return settings
 
 
 async def generate(base: str) -> dict[str, Any]:
@@ -59,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     work = workdir("download")
     with processes() as started:
         sim = start_simulator(started, work, video_latency=1.0, pad_bytes=args.size_mb * MB)
-        base = start_server(started, work, sim, bench_settings(work, poll_interval_seconds=0.25))
+        settings = allow_output_size(bench_settings(work, poll_interval_seconds=0.25), args.size_mb * MB + MB)
+        base = start_server(started, work, sim, settings)
         pid = started[-1].pid
         time.sleep(1.0)
         before = proc_status(pid)

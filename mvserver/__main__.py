@@ -29,8 +29,9 @@ def keys_main(argv: list[str]) -> int:
     create = commands.add_parser("create", help="add a key and print it once")
     create.add_argument("name", help="who or what the key is for")
     for name, field in KeyLimits.model_fields.items():
-        create.add_argument(f"--{name.replace('_', '-')}", type=float if "minute" in name else int,
+        create.add_argument(f"--{name.replace('_', '-')}", type=float if "minute" in name or "budget" in name else int,
                             help=f"default {field.default}")
+    create.add_argument("--admin", action="store_true", help="may read every key's usage (GET /api/mv/usage)")
     commands.add_parser("list", help="list the keys (ids, names, limits; never secrets)")
     revoke = commands.add_parser("revoke", help="revoke a key by id (the server stops accepting it within a second)")
     revoke.add_argument("key_id")
@@ -44,8 +45,9 @@ def keys_main(argv: list[str]) -> int:
     try:
         if args.command == "create":
             given = {name: getattr(args, name) for name in KeyLimits.model_fields if getattr(args, name) is not None}
-            record, key = create_key(path, args.name, KeyLimits(**given))
-            print(f"created key {record.id} ({record.name}) in {path}; limits: {record.limits.model_dump()}")
+            record, key = create_key(path, args.name, KeyLimits(**given), admin=args.admin)
+            admin = "; admin" if record.admin else ""
+            print(f"created key {record.id} ({record.name}) in {path}; limits: {record.limits.model_dump()}{admin}")
             print(f"webhook signing secret of this key (verifies its webhooks; not shown again): "
                   f"{record.webhook_secret}")
             print("store this key now, it is not shown again:")

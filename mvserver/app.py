@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Mapping
+import secrets
+from typing import AsyncIterator, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
-from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, videos, webhooks
+from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, songs, usage, videos
+from . import webhooks
+from . import posters, project_events
+from .auth import KEYRING
 from . import webhooks_out
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
+from .backends.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts, url_origin
 from .config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
 from .debug import debug_print
 from .errors import hide_paths_under, server_log
-from .jobs import JOBS, FileJobStore, JobEngine, JobStore, video_kind
+from .jobs import JOBS, FileJobStore, Job, JobEngine, JobStore, video_kind
 from .jobs.census import JobCensus
-from .metrics import METRICS
+from .metrics import METRICS, Metrics
 from .project_store import PROJECTS, open_project_store
 from .jobs.retention import sweep_forever
 from .quotas import set_job_places
@@ -42,6 +48,17 @@ def sandboxed_services(env: EnvSettings) -> frozenset[str]:
     return frozenset(name for name, absent in missing.items() if env.sandbox or absent)
 
 
+def replicate_output_hosts(env: EnvSettings, replicate_url: str | None, sandboxed: bool) -> OutputHosts:
+    """Where Replicate outputs may be fetched from: in sandbox mode only the built-in simulator; live, the hosts of
+    ``MV_REPLICATE_OUTPUT_HOSTS`` (default: Replicate's delivery hosts) and the origin of ``MV_REPLICATE_BASE_URL``
+    (an external simulator or proxy the deployer chose, which serves its own files)."""
+    base = url_origin(URL(replicate_url)) if replicate_url else None
+    if sandboxed:
+        return OutputHosts((base,) if base else ())
+    hosts = env.replicate_output_hosts or DEFAULT_REPLICATE_OUTPUT_HOSTS
+    return OutputHosts(hosts + ((base,) if base else ()))
+
+
 async def providers_context(app: web.Application) -> AsyncIterator[None]:
     """Build the provider clients; start the built-in simulator for the services that run sandboxed."""
     config, store = app[CONFIG], app[STORE]
@@ -49,10 +66,14 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
     sandboxed = sandboxed_services(env)
     runner = None
     urls = {"gemini": env.gemini_base_url, "vertex": env.vertex_base_url, "replicate": env.replicate_base_url}
+    # The built-in simulator answers its Replicate routes, and gives its webhook secret, only to this process.
+    replicate_token = secrets.token_urlsafe(24) if "replicate" in sandboxed else env.replicate_api_token or ""
     if sandboxed:
-        simulator = Simulator(store.root / "sandbox", video_latency=config.sandbox_video_latency,
+        simulator = Simulator(store.root / "sandbox", api_token=replicate_token,
+                              video_latency=config.sandbox_video_latency,
                               image_latency=config.sandbox.image_latency_seconds,
-                              scenes_latency=config.sandbox.scenes_latency_seconds)
+                              scenes_latency=config.sandbox.scenes_latency_seconds,
+                              max_concurrent_renders=config.sandbox.max_concurrent_renders)
         runner, sim_url = await start_simulator(simulator)
         for service, key in (("gemini_scenes", "gemini"), ("gemini_video", "vertex"), ("replicate", "replicate")):
             if service in sandboxed:
@@ -72,15 +93,17 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
         resolution=videos.backends.gemini.resolution,
         sandbox="gemini_scenes" in sandboxed,
         video_sandbox="gemini_video" in sandboxed,
+        video_max_bytes=videos.limits.output_max_bytes,
     )
     replicate = replicate_backend.ReplicateProvider(
-        replicate_backend.make_client(
-            SANDBOX_TOKEN if "replicate" in sandboxed else env.replicate_api_token or "", urls["replicate"],
-            videos.jobs.request_timeout_seconds),
+        replicate_backend.make_client(replicate_token, urls["replicate"], videos.jobs.request_timeout_seconds),
         session, store,
         video_model=videos.backends.replicate.model,
         request_timeout=videos.jobs.request_timeout_seconds,
         sandbox="replicate" in sandboxed,
+        output_hosts=replicate_output_hosts(env, urls["replicate"], "replicate" in sandboxed),
+        video_max_bytes=videos.limits.output_max_bytes,
+        image_max_bytes=config.images.limits.output_max_bytes,
     )
     if METRICS in app:
         gemini.observe = replicate.observe = app[METRICS].observe_provider_call
@@ -120,10 +143,13 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
              assembly.KIND: assembly.assembly_kind(app)}
     engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
     app[JOBS] = engine
+    engine.hooks.stored = posters.stored_hook(app)  # every stored clip: its poster, length and size
     set_job_places(app, engine)  # the running-jobs cap, counted and reserved atomically; no-op with keys off
+    engine.pricing = config.pricing
+    engine.budget_of = monthly_budget(app)
     if METRICS in app:
         metrics = app[METRICS]
-        engine.hooks.finished = lambda job: metrics.jobs_finished.labels(job.status, job.kind, job.backend).inc()
+        engine.hooks.finished = lambda job: finished_metrics(metrics, job)
         engine.hooks.subscribers = metrics.sse_subscribers.inc
         metrics.census = JobCensus(engine).take  # mv_jobs and mv_job_queue_depth, counted at each scrape
     resumed = await engine.start()
@@ -141,6 +167,25 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
             sweeper.cancel()
             await asyncio.gather(sweeper, return_exceptions=True)
         await engine.close()
+
+
+def finished_metrics(metrics: Metrics, job: Job) -> None:
+    """A job this process finished: its final status, and its estimated cost by model (``usage.cost``)."""
+    metrics.jobs_finished.labels(job.status, job.kind, job.backend).inc()
+    cost = (job.usage or {}).get("cost")
+    if cost:
+        metrics.job_cost.labels(job.model, cost["basis"]).inc(cost["amount_micros"])
+
+
+def monthly_budget(app: web.Application) -> Callable[[str], float | None]:
+    """A key's monthly spending limit from the keys file (re-read as it changes); none with keys off."""
+    keyring = app.get(KEYRING)
+
+    def limit(owner: str) -> float | None:
+        record = keyring.get(owner) if keyring is not None else None
+        return record.limits.monthly_budget if record is not None else None
+
+    return limit
 
 
 async def projects_context(app: web.Application) -> AsyncIterator[None]:
@@ -179,6 +224,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     start_node(store)  # only what dead nodes left: other nodes may be writing in a shared MV_OUTPUT_DIR
     app.cleanup_ctx.append(node_context)
     app.cleanup_ctx.append(providers_context)
+    songs.setup(app)  # before the jobs: an assembly job reads a song's copy until the engine stops
     app.cleanup_ctx.append(jobs_context)
     webhooks_out.setup(app)  # its sender plugs into the job engine started just above
     app.cleanup_ctx.append(projects_context)
@@ -188,12 +234,15 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app.add_routes(scenes.routes)
     app.add_routes(images.routes)
     app.add_routes(videos.routes)
+    app.add_routes(usage.routes)
+    app.add_routes(posters.routes)
     lipsync.setup(app)
     assembly.setup(app)
     app.add_routes(events.routes)
     app.add_routes(audio.routes)
     app[audio.UPLOAD_SLOTS] = audio.UploadSlots(env.max_concurrent_uploads)
     app.add_routes(projects.routes)
+    app.add_routes(project_events.routes)
     app.add_routes(demo.routes)
     access.setup_cors(app, env)  # last: it covers every route added above
     return app

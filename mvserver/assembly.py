@@ -2,34 +2,38 @@
 
 ``POST /api/mv/assemble`` takes an ordered list of clips (succeeded video or lip-sync jobs, with optional trims),
 an optional song, the transition and what to do with the clips' audio; ``POST /api/mv/projects/{id}/assemble``
-builds that list from the project's timeline. Everything is checked (clips probed) before the job is accepted, so a
-job fails only when its files changed meanwhile. The job is *local*: its driver runs :func:`mvserver.media.assemble`
-(ffmpeg in its own process group, killed when the job is cancelled) and is simply run again after a restart. The
-output is ``outputs/videos/<job_id>.mp4``, served by ``get_video`` like any clip.
+builds that list from the project's timeline. Everything is checked (clips probed; the caps of
+``settings/media.yaml``) before the job is accepted, so a job fails only when its files changed meanwhile or ffmpeg
+passed its limits. The job is *local*: its driver runs :func:`mvserver.media.assemble` (ffmpeg in its own process
+group, killed when the job is cancelled or its server dies) and is simply run again after a restart, but never
+while an ffmpeg of an earlier run of the job is still alive (a lock each ffmpeg inherits), and only while one of the
+node's few ffmpeg slots is free. The output is ``outputs/videos/<job_id>.mp4``, served by ``get_video``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, AsyncIterator, Callable, NamedTuple
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from . import media
+from . import media, songs
+from .accepted import accepted_response
 from .assembly_schemas import AssemblyOptions
 from .audio import saved_audio
 from .auth import key_id, visible_to
-from .config import CONFIG
+from .config import CONFIG, AssemblyLimits
 from .errors import ApiError, validation_error
 from .idempotency import idempotent
 from .job_options import job_fields
-from .jobs import JOBS, Job, job_urls
+from .jobs import JOBS, Job
 from .jobs.runner import Progress
-from .lipsync import FFMPEG_SLOTS
-from .projects import (BASE, _json_object, _respond, job_states, load_settled, owned_project, project_timeline,
+from .lipsync import FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, ffmpeg_limits
+from .projects import (BASE, _json_object, job_states, load_settled, owned_project, project_timeline, project_view,
                        update)
 from .quotas import charge
 from .schemas import REQUEST_MODELS
@@ -39,8 +43,8 @@ routes = web.RouteTableDef()
 
 KIND = "assembly"
 BACKEND = "ffmpeg"
+LOCK_SUFFIX = ".ffmpeg.lock"  # outputs/jobs/<job_id>.ffmpeg.lock: held by every ffmpeg of a run of the job
 CLIP_KINDS = frozenset({"video", "lipsync"})  # jobs whose output is a clip
-TRIM_TOLERANCE = media.TRIM_TOLERANCE
 
 
 class PlannedClip(NamedTuple):
@@ -88,18 +92,17 @@ async def _probe(app: web.Application, paths: list[Path], fields: list[str]) -> 
     return described
 
 
-def _kept(index: int, trim_in: float | None, trim_out: float | None, length: float,
-          field: Callable[[int, str], str]) -> tuple[float, float]:
-    """The kept part of a clip of ``length`` seconds (400 naming the trim that does not fit)."""
+def _kept(index: int, trim_in: float | None, trim_out: float | None, frames: int, fps: float, out_fps: float,
+          field: Callable[[int, str], str]) -> tuple[float, float, float]:
+    """The kept part of a clip of ``frames`` frames at ``fps``, snapped to whole frames as the run will snap it:
+    ``(trim_in, trim_out, kept seconds)``; 400 naming the trim that does not fit or keeps under one output frame."""
+    try:
+        first, kept = media.kept_frames(trim_in, trim_out, frames, fps, out_fps)
+    except media.AssemblyInputError as exc:
+        name = field(index, exc.field)
+        raise ApiError(400, "invalid_trim", f"{name}: {str(exc).partition(': ')[2]}", field=name) from None
     start = trim_in or 0.0
-    end = length if trim_out is None else trim_out
-    if start >= length:
-        raise ApiError(400, "invalid_trim", f"{field(index, 'trim_in')}: {start:g} s is not before the clip's end "
-                                            f"({length:.3f} s)", field=field(index, "trim_in"))
-    if end > length + TRIM_TOLERANCE or end <= start:
-        raise ApiError(400, "invalid_trim", f"{field(index, 'trim_out')}: must be after trim_in ({start:g} s) and at "
-                                            f"most the clip's length ({length:.3f} s)", field=field(index, "trim_out"))
-    return start, min(end, length)
+    return start, min(frames / fps, trim_out) if trim_out is not None else frames / fps, kept / fps
 
 
 def _clip_field(index: int, name: str) -> str:
@@ -108,35 +111,61 @@ def _clip_field(index: int, name: str) -> str:
 
 async def plan(app: web.Application, clips: list[tuple[str, float | None, float | None]], options: AssemblyOptions,
                audio_id: str | None, audio_offset: float,
-               field: Callable[[int, str], str] = _clip_field, caller: str | None = None) -> dict[str, Any]:
-    """Check an assembly against the files (clips probed, the song's length) and return the job's request."""
+               field: Callable[[int, str], str] = _clip_field, caller: str | None = None,
+               clips_field: str = "clips") -> dict[str, Any]:
+    """Check an assembly against the files (clips probed, the song's length) and the caps of one request (output
+    seconds, clips per filter graph), and return the job's request."""
     paths = [await _clip_file(app, job_id, field(i, "job_id"), caller) for i, (job_id, _, _) in enumerate(clips)]
     described = await _probe(app, paths, [field(i, "job_id") for i in range(len(clips))])
     planned: list[PlannedClip] = []
+    seconds: list[float] = []
     first = described[0][0].first_video
     assert first is not None
+    out_fps = media.output_fps(first)
     for index, ((job_id, trim_in, trim_out), (info, frames)) in enumerate(zip(clips, described)):
         video = info.first_video
         assert video is not None
-        start, end = _kept(index, trim_in, trim_out, frames / (video.fps or 24.0), field)
+        start, end, kept = _kept(index, trim_in, trim_out, frames, video.fps or 24.0, out_fps, field)
         planned.append(PlannedClip(job_id, start, end))
+        seconds.append(kept)
         if options.fit is None and abs(video.aspect - first.aspect) > media.ASPECT_TOLERANCE:
             name = field(index, "job_id")
             raise ApiError(400, "aspect_mismatch", f"{name}: the clip is {video.width}x{video.height}, another aspect "
                                                    f"ratio than the first ({first.width}x{first.height}); pass fit "
                                                    "letterbox or crop", field=name)
-    seconds = [c.trim_out - c.trim_in for c in planned]
     expected = sum(seconds)
-    if options.transition == "crossfade" and len(planned) > 1:
-        if options.crossfade_seconds >= min(seconds):
-            raise ApiError(400, "invalid_field", f"crossfade_seconds: must be shorter than the shortest clip "
-                                                 f"({min(seconds):.3f} s)", field="crossfade_seconds")
-        expected -= options.crossfade_seconds * (len(planned) - 1)
+    if options.transition == "crossfade":
+        expected = _crossfaded_seconds(seconds, options.crossfade_seconds, out_fps, app[CONFIG].media.assembly)
+    cap = app[CONFIG].media.assembly.output_seconds_max
+    if expected > cap:
+        raise ApiError(400, "assembly_too_long", f"{clips_field}: the video would last {expected:.3f} s; one assembly "
+                                                 f"may make at most {cap:g} s", field=clips_field)
     if audio_id is not None:
         await _check_song(app, audio_id, audio_offset, caller)
     return {"clips": [c._asdict() for c in planned], "audio_id": audio_id, "audio_offset": audio_offset,
             **options.model_dump(include=set(AssemblyOptions.model_fields)), "expected_seconds": round(expected, 6),
             **job_fields(options)}
+
+
+def _crossfaded_seconds(seconds: list[float], crossfade: float, out_fps: float, limits: AssemblyLimits) -> float:
+    """The length of a crossfaded video, in whole output frames as the run makes it; 400 naming
+    ``crossfade_seconds`` for a crossfade under one frame, not shorter than every clip, or whose pieces would make
+    one ffmpeg decode more than ``graph_clips_max`` clips at once."""
+    frames = [media.output_frames(s, out_fps) for s in seconds]
+    try:
+        fade = media.crossfade_frames(crossfade, out_fps)
+    except media.AssemblyInputError as exc:
+        raise ApiError(400, "invalid_field", str(exc), field="crossfade_seconds") from None
+    if len(frames) < 2:
+        return sum(seconds)
+    if fade >= min(frames):
+        raise ApiError(400, "invalid_field", f"crossfade_seconds: must be shorter than the shortest clip "
+                                             f"({min(frames) / out_fps:.3f} s)", field="crossfade_seconds")
+    try:
+        media.check_graph_clips(frames, fade, limits.graph_clips_max)
+    except media.AssemblyInputError as exc:
+        raise ApiError(400, "graph_too_large", str(exc), field="crossfade_seconds") from None
+    return (sum(frames) - (len(frames) - 1) * fade) / out_fps
 
 
 async def _check_song(app: web.Application, audio_id: str, offset: float, caller: str | None) -> None:
@@ -155,12 +184,6 @@ async def submit(app: web.Application, request: dict[str, Any], owner: str | Non
     job = Job(id=job_id, backend=BACKEND, model="concat" if request["transition"] == "cut" else "xfade",
               sandbox=False, request=request, kind=KIND, owner=owner, **job_fields(request))
     return await app[JOBS].submit(job)
-
-
-def accepted(job: Job) -> dict[str, Any]:
-    """The 202 body: the job's id, kind, status and URLs."""
-    return {"job_id": job.id, "kind": job.kind, "status": job.status, "backend": job.backend,
-            "sandbox": job.sandbox, **job_urls(job.id)}
 
 
 # -- the job driver -------------------------------------------------------------------------------------------------
@@ -186,7 +209,39 @@ class AssemblyDriver:
         store = self.app[STORE]
         clips = [media.Clip(store.path("videos", c["job_id"], ".mp4"), c["trim_in"], c["trim_out"])
                  for c in request["clips"]]
-        song = (await saved_audio(self.app, request["audio_id"]))[0] if request.get("audio_id") else None
+        song = song_copy = None
+        if request.get("audio_id"):
+            song, sidecar = await saved_audio(self.app, request["audio_id"])
+            song_copy = await _song_copy(self.app, request["audio_id"], song, sidecar)
+        async with self._turn(job, progress) as held:
+            result = await self._assemble(request, clips, song, song_copy, dest, progress, held)
+        request["result"] = {"seconds": round(result.duration, 6), "copied": result.copied,
+                             "reencoded": result.reencoded, "audio": result.audio,
+                             "elapsed_seconds": result.elapsed_seconds}
+        return (await asyncio.to_thread(dest.stat)).st_size
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, job: Job, progress: Progress) -> AsyncIterator[int]:
+        """Wait (stage ``waiting``) until no ffmpeg of an earlier run of this job is alive (the job's run lock,
+        also held by an ffmpeg that outlived its server) and one of the node's ffmpeg slots is free; yield the lock
+        for the run's ffmpegs to inherit."""
+
+        async def waiting() -> None:
+            await progress(None, "waiting")
+
+        slots = self.app[HEAVY_FFMPEG_SLOTS]
+        async with media.run_lock(self.app[STORE].path("jobs", job.id, LOCK_SUFFIX), on_wait=waiting) as held:
+            if slots.locked():
+                await waiting()
+            async with slots:
+                yield held
+
+    async def _assemble(self, request: dict[str, Any], clips: list[media.Clip], song: Path | None,
+                        song_copy: media.SongCopy | None, dest: Path, progress: Progress,
+                        held: int) -> media.AssemblyResult:
+        """``media.assemble`` within the limits of media.yaml, its progress pumped to the job, its failures as job
+        errors (``invalid_assembly``, ``assembly_timeout``, ``assembly_too_large``, ``assembly_failed``)."""
+        settings = self.app[CONFIG].media
         latest = [0.0]
         moved = asyncio.Event()
 
@@ -201,22 +256,41 @@ class AssemblyDriver:
                 await progress(latest[0], "assembling")
 
         await progress(0.0, "assembling")
-        pumping = asyncio.get_running_loop().create_task(pump(), name=f"assembly-progress-{job.id}")
+        pumping = asyncio.get_running_loop().create_task(pump(), name="assembly-progress")
         try:
-            result = await media.assemble(
+            return await media.assemble(
                 clips, dest, song=song, song_offset=request["audio_offset"], transition=request["transition"],
                 crossfade_seconds=request["crossfade_seconds"], clip_audio=request["clip_audio"], fit=request["fit"],
-                progress=on_progress)
+                progress=on_progress, limits=ffmpeg_limits(self.app), hold=(held,),
+                graph_clips_max=settings.assembly.graph_clips_max, song_copy=song_copy)
         except media.AssemblyInputError as exc:
             raise ApiError(400, "invalid_assembly", str(exc), field=_field(exc.field)) from None
+        except media.MediaTimeout as exc:
+            limits = settings.ffmpeg
+            raise ApiError(500, "assembly_timeout", f"{exc} (each run may last {limits.timeout_base_seconds:g} s + "
+                                                    f"{limits.timeout_seconds_per_output_second:g} s per second it "
+                                                    "writes: media.yaml ffmpeg.timeout_*)") from None
+        except media.MediaMemoryError as exc:
+            raise ApiError(500, "assembly_too_large", f"{exc} (media.yaml ffmpeg.memory_mb)") from None
         except media.MediaError as exc:
             raise ApiError(500, "assembly_failed", f"ffmpeg failed: {exc}") from None
         finally:
             pumping.cancel()
             await asyncio.gather(pumping, return_exceptions=True)
-        request["result"] = {"seconds": round(result.duration, 6), "copied": result.copied,
-                             "reencoded": result.reencoded, "elapsed_seconds": result.elapsed_seconds}
-        return (await asyncio.to_thread(dest.stat)).st_size
+
+
+async def _song_copy(app: web.Application, audio_id: str, song: Path,
+                     sidecar: dict[str, Any]) -> media.SongCopy | None:
+    """The song's AAC copy made at upload, whose packets a cut-only assembly copies; None (the song is encoded
+    instead) if it is not there yet, in which case it is made now for the next assembly."""
+    path = songs.aac_copy(app[STORE], audio_id)
+    duration = sidecar.get("duration")
+    if not isinstance(duration, (int, float)) or isinstance(duration, bool):
+        return None
+    if await asyncio.to_thread(path.is_file):
+        return media.SongCopy(path, float(duration))
+    app[songs.SONGS].copies(audio_id, song, float(duration))
+    return None
 
 
 def assembly_kind(app: web.Application):  # type: ignore[no-untyped-def]
@@ -243,8 +317,7 @@ async def assemble(request: web.Request) -> web.Response:
     planned = await plan(app, clips, body, body.audio_id, body.audio_offset, caller=key_id(request))
     [job_id] = await charge(request, "jobs")  # only a request that got this far costs a token
     job = await submit(app, planned, key_id(request), job_id)
-    payload = accepted(job)
-    return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
+    return accepted_response(request, [job])
 
 
 @routes.post(BASE + "/{project_id}/assemble")
@@ -274,7 +347,7 @@ async def assemble_project(request: web.Request) -> web.Response:
     clips = [(e.job_id or "", e.trim_in, e.trim_out) for e in entries]
     song = project.song
     planned = await plan(app, clips, options, song.audio_id if song else None, song.offset if song else 0.0, field,
-                         caller=key_id(request))
+                         caller=key_id(request), clips_field="scenes")
     planned["project_id"] = project.id
     [job_id] = await charge(request, "jobs")
     job = await submit(app, planned, key_id(request), job_id)
@@ -283,9 +356,7 @@ async def assemble_project(request: web.Request) -> web.Response:
         current.assembly_job_id = job.id
 
     project = await update(app, project_id, link)
-    payload = accepted(job)
-    return _respond(project, await job_states(app, project), 202, extra=payload,
-                    headers={"Location": payload["status_url"]})
+    return accepted_response(request, [job], project=project_view(project, await job_states(app, project)))
 
 
 def setup(app: web.Application) -> None:

@@ -24,7 +24,8 @@ class AssemblyClip(BaseModel):
 
     model_config = STRICT
     job_id: Id
-    trim_in: Seconds | None = Field(None, description="Seconds cut from the start; null: none.")
+    trim_in: Seconds | None = Field(None, description="Seconds cut from the start; null: none. The trims must keep "
+                                                      "at least one frame at the output's frame rate (400 otherwise).")
     trim_out: Seconds | None = Field(None, description="Where the kept part ends; null: the clip's end.")
 
 
@@ -34,7 +35,9 @@ class AssemblyOptions(BaseModel):
     model_config = STRICT
     transition: Transition = Field("cut", description="cut: clips follow each other (stream-copied where they "
                                                       "can be); crossfade: each clip fades into the next.")
-    crossfade_seconds: CrossfadeSeconds = Field(0.5, description="Length of each crossfade (transition crossfade).")
+    crossfade_seconds: CrossfadeSeconds = Field(0.5, description="Length of each crossfade (transition crossfade): "
+                                                                 "at least one frame at the output's frame rate and "
+                                                                 "shorter than the shortest kept clip (400 otherwise).")
     clip_audio: ClipAudio = Field("drop", description="The clips' own audio: drop it, keep it (without a song), or "
                                                       "mix it under the song.")
     fit: Fit | None = Field(None, description="Clips of another aspect ratio than the first are letterboxed or "

@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import BodyPartReader, ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -111,6 +111,10 @@ class UploadSlots:
 
 
 UPLOAD_SLOTS = web.AppKey("audio_upload_slots", UploadSlots)
+# Called once a song is saved (its sidecar written): starts its analysis and copies and answers fields for the upload
+# answer (``mvserver.songs`` sets it; without it an upload answers the description alone).
+SongSaved = Callable[[web.Application, str, Path, dict[str, Any]], Awaitable[dict[str, Any]]]
+SONG_SAVED = web.AppKey("song_saved", SongSaved)
 
 
 @dataclass(frozen=True)
@@ -326,6 +330,9 @@ async def _store_upload(request: web.Request) -> web.Response:
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+    saved = request.app.get(SONG_SAVED)
+    if saved is not None:
+        body.update(await saved(request.app, audio_id, path, body))
     return web.json_response(body, status=201, headers={"Location": body["audio_url"]})  # no server path
 
 

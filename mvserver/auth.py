@@ -54,6 +54,8 @@ class KeyLimits(BaseModel):
     uploads_per_minute: float | None = Field(default=10, gt=0)  # upload_audio requests (a token each)
     uploads_burst: PositiveInt = 5
     max_concurrent_uploads: PositiveInt | None = 2  # of this key at once, per process
+    # Spending per calendar month (UTC), in the price table's currency (settings/pricing.yaml); None: no limit
+    monthly_budget: float | None = Field(default=None, ge=0)
 
 
 class KeyRecord(BaseModel):
@@ -69,6 +71,7 @@ class KeyRecord(BaseModel):
     webhook_secret: str | None = Field(default=None, pattern=r"^whsec_[A-Za-z0-9+/]{32,}={0,2}$")
     webhook_url: str | None = Field(default=None, pattern=r"^https?://", max_length=2048)
     webhook_events: Literal["completed", "all"] | None = None
+    admin: bool = False  # may read every key's usage (GET /api/mv/usage)
 
     @property
     def active(self) -> bool:
@@ -129,7 +132,8 @@ def new_webhook_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def create_key(path: Path, name: str, limits: KeyLimits | None = None) -> tuple[KeyRecord, str]:
+def create_key(path: Path, name: str, limits: KeyLimits | None = None, *, admin: bool = False
+               ) -> tuple[KeyRecord, str]:
     """Add a key to the file (created if missing); return its record and the key itself, which is not stored."""
     with _locked(path):
         keys = read_keys(path) if path.exists() else KeysFile()
@@ -139,7 +143,7 @@ def create_key(path: Path, name: str, limits: KeyLimits | None = None) -> tuple[
             key_id = "k" + secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
         record = KeyRecord(id=key_id, name=name, hash=hash_secret(key_id, secret), created_at=_now(),
-                           limits=limits or KeyLimits(), webhook_secret=new_webhook_secret())
+                           limits=limits or KeyLimits(), admin=admin, webhook_secret=new_webhook_secret())
         keys.keys.append(record)
         write_keys(path, keys)
     return record, f"mv_{key_id}_{secret}"

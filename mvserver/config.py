@@ -9,6 +9,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal, Mapping
 from urllib.parse import urlsplit
@@ -96,6 +97,8 @@ class TextLimits(_Strict):
 
 class ImagesLimits(TextLimits):
     number_of_images: Range = Range(min=1, max=4)
+    # Largest image a provider may return; a larger download is cut off and the request fails.
+    output_max_bytes: PositiveInt = 20 * 1024 * 1024
 
 
 class ImagesSettings(_Strict):
@@ -151,6 +154,8 @@ class VideosLimits(_Strict):
     full_prompt_max_chars: PositiveInt
     reference_image_max_bytes: PositiveInt
     reference_image_max_pixels: PositiveInt
+    # Largest video (or lip-sync clip) a provider may return; a larger download is cut off and the job fails.
+    output_max_bytes: PositiveInt = 256 * 1024 * 1024
 
 
 class JobsSettings(_Strict):
@@ -182,6 +187,14 @@ class JobsSettings(_Strict):
     retention_hours: float = Field(default=720.0, ge=0)
 
 
+class PosterSettings(_Strict):
+    """The poster (first frame, JPEG) made once with ffmpeg when a clip is stored: bounded work per clip."""
+
+    max_side: int = Field(default=640, ge=16, le=4096)  # the poster fits in max_side x max_side pixels
+    timeout_seconds: PositiveFloat = 20.0  # probe + frame, each; a clip that takes longer gets no poster
+    concurrency: int = Field(default=2, ge=1, le=32)  # ffmpeg runs for posters at once per process
+
+
 class VideosSettings(_Strict):
     default_backend: Literal["replicate", "gemini"]
     backends: VideoBackends
@@ -189,6 +202,7 @@ class VideosSettings(_Strict):
     allowed: VideosAllowed
     limits: VideosLimits
     jobs: JobsSettings
+    posters: PosterSettings = PosterSettings()
     video_rules_template: str
 
     @model_validator(mode="after")
@@ -214,6 +228,8 @@ class SandboxSettings(_Strict):
     video_latency_seconds: float = Field(ge=0)
     image_latency_seconds: float = Field(ge=0)
     scenes_latency_seconds: float = Field(ge=0)
+    # Outputs the built-in simulator renders at once (each may decode a reference image of up to 40 MP)
+    max_concurrent_renders: int = Field(default=2, ge=1, le=32)
 
 
 class ProjectsLimits(_Strict):
@@ -230,6 +246,8 @@ class ProjectsSettings(_Strict):
     limits: ProjectsLimits
     # Seconds of the scene every new scene gets (one of videos.allowed.duration).
     default_scene_seconds: PositiveInt
+    # The output frame rate scene windows are planned in (Veo renders 24 fps): every cut is a whole frame.
+    frame_rate: float = Field(default=24.0, gt=0, le=120)
 SyncMode = Literal["cut_off", "loop", "bounce", "silence", "remap"]  # sync/lipsync-2-pro's sync_mode values
 
 
@@ -275,6 +293,56 @@ class LipsyncSettings(_Strict):
         return self
 
 
+class ModelPrice(_Strict):
+    """What one model costs: the provider's list prices, summed over what a job used (its estimated cost)."""
+
+    per_output_second: float = Field(default=0.0, ge=0)  # of video (or audio) produced
+    # Veo bills a clip without audio less: when set, used for jobs with generate_audio false
+    per_output_second_without_audio: float | None = Field(default=None, ge=0)
+    per_image: float = Field(default=0.0, ge=0)  # each image produced
+    per_prediction_second: float = Field(default=0.0, ge=0)  # the provider's reported run time (hardware billing)
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    as_of: date  # when these prices were read from the provider's pricing page
+
+
+class PricingSettings(_Strict):
+    """``settings/pricing.yaml``: per model (``provider/name`` as jobs record it), its prices."""
+
+    models: dict[str, ModelPrice] = Field(min_length=1)
+    # GET /api/mv/usage: the longest range one report covers, and the most jobs it lists (else 400)
+    report_max_days: int = Field(default=366, ge=1, le=3660)
+    report_max_jobs: int = Field(default=10000, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _one_currency(self) -> "PricingSettings":
+        currencies = sorted({price.currency for price in self.models.values()})
+        if len(currencies) > 1:  # budgets and usage totals add costs up: they must be in one currency
+            raise ValueError(f"every model must be priced in one currency (found {', '.join(currencies)})")
+        return self
+
+
+class FfmpegSettings(_Strict):
+    """The ffmpeg runs of jobs on one node (assembly runs; lip-sync cuts share the slots and limits)."""
+
+    concurrency: int = Field(default=2, ge=1, le=32)
+    memory_mb: int = Field(default=1024, ge=64)
+    threads: int = Field(default=2, ge=1, le=64)
+    timeout_base_seconds: PositiveFloat = 60.0
+    timeout_seconds_per_output_second: float = Field(default=2.0, ge=0, allow_inf_nan=False)
+
+
+class AssemblyLimits(_Strict):
+    """What one assembly request may ask besides its clip count (``projects.limits.assembly_clips_max``)."""
+
+    output_seconds_max: PositiveFloat = 600.0
+    graph_clips_max: int = Field(default=4, ge=2, le=64)
+
+
+class MediaSettings(_Strict):
+    ffmpeg: FfmpegSettings = FfmpegSettings()
+    assembly: AssemblyLimits = AssemblyLimits()
+
+
 def _check_defaults_allowed(defaults: BaseModel, allowed: BaseModel) -> None:
     for name, choices in allowed:
         value = getattr(defaults, name)
@@ -289,6 +357,8 @@ SETTINGS_FILES: dict[str, type[_Strict]] = {
     "sandbox": SandboxSettings,
     "projects": ProjectsSettings,
     "lipsync": LipsyncSettings,
+    "pricing": PricingSettings,
+    "media": MediaSettings,
 }
 
 # Settings keys that hold Jinja2 templates, with sample values of the variables the code passes them: each template
@@ -386,6 +456,38 @@ def _env_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?")
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_entry(scheme: str, host: str, port: int | None) -> str:
+    """The normal form of an allowed output host, shared by the setting and its matcher
+    (:mod:`mvserver.backends.outputs`): ``scheme://host:port`` (host lower-case, IPv6 in brackets, no trailing dot;
+    ``*.`` in front for every subdomain)."""
+    host = host.lower().rstrip(".")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{scheme.lower()}://{host}:{port if port is not None else DEFAULT_PORTS[scheme.lower()]}"
+
+
+_OUTPUT_HOST = re.compile(r"(?:(?P<scheme>https?)://)?(?P<host>(?:\*\.)?[a-z0-9-]+(?:\.[a-z0-9-]+)*\.?|\[[0-9a-f:.]+\])"
+                          r"(?::(?P<port>[0-9]{1,5}))?")
+
+
+def _env_output_hosts(env: Mapping[str, str], name: str) -> tuple[str, ...] | None:
+    """Comma-separated hosts provider outputs may be fetched from: ``replicate.delivery`` (https, port 443),
+    ``*.replicate.delivery`` (its subdomains) or an origin ``http://127.0.0.1:8090``; None when unset. Each entry is
+    normalised to ``scheme://host:port``."""
+    entries = []
+    for item in _env_list(env, name):
+        match = _OUTPUT_HOST.fullmatch(item.rstrip("/").lower())
+        port = int(match["port"]) if match and match["port"] else None
+        if match is None or (port is not None and not 0 < port < 65536):
+            raise ConfigError(f"environment: {name}: {item!r} is not a host such as replicate.delivery, "
+                              "*.replicate.delivery or http://127.0.0.1:8090")
+        entries.append(origin_entry(match["scheme"] or "https", match["host"], port))
+    return tuple(entries) or None
+
+
 def _env_origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     """A comma-separated list of exact origins (``scheme://host[:port]``); a wildcard is refused."""
     origins = tuple(part.rstrip("/").lower() for part in _env_list(env, name))
@@ -417,12 +519,21 @@ class EnvSettings:
     max_concurrent_uploads: int = 4  # upload_audio requests at once on this process
     upload_idle_seconds: float = 10.0  # an upload body may pause at most this long (and this is its slow-start grace)
     upload_min_bytes_per_second: float = 16384.0  # ... and must average at least this after the grace (0: no minimum)
+    # Song analysis (beats, bars, sections) in worker processes: how many (0: off, scenes sized by length), the
+    # seconds of a song analysed, each worker's address-space cap, the time limit per song, and how long an upload
+    # or GET /api/mv/songs/{id} waits for it before answering ``pending``.
+    analysis_workers: int = 1
+    analysis_max_seconds: float = 1200.0
+    analysis_memory_mb: int = 2048
+    analysis_timeout_seconds: float = 60.0
+    analysis_wait_seconds: float = 2.0
     header_timeout_seconds: float = 15.0  # a request's headers must arrive within this (0: no limit)
     max_concurrent_jobs: int | None = None
     sandbox_video_latency: float | None = None
     gemini_base_url: str | None = None
     vertex_base_url: str | None = None
     replicate_base_url: str | None = None
+    replicate_output_hosts: tuple[str, ...] | None = None  # None: Replicate's delivery hosts (backends/outputs.py)
     public_base_url: str | None = None
     replicate_webhook_signing_key: str | None = None
     sandbox_webhooks: bool = True
@@ -466,12 +577,18 @@ class EnvSettings:
             max_concurrent_uploads=_env_number(env, "MV_MAX_CONCURRENT_UPLOADS", 4) or 4,
             upload_idle_seconds=_env_number(env, "MV_UPLOAD_IDLE_SECONDS", 10.0, float) or 10.0,
             upload_min_bytes_per_second=_env_number(env, "MV_UPLOAD_MIN_BYTES_PER_SECOND", 16384.0, float),
+            analysis_workers=_env_number(env, "MV_ANALYSIS_WORKERS", 1, maximum=16),
+            analysis_max_seconds=_env_number(env, "MV_ANALYSIS_MAX_SECONDS", 1200.0, float, maximum=86400) or 1200.0,
+            analysis_memory_mb=_env_number(env, "MV_ANALYSIS_MEMORY_MB", 2048, maximum=1 << 20) or 2048,
+            analysis_timeout_seconds=_env_number(env, "MV_ANALYSIS_TIMEOUT_SECONDS", 60.0, float) or 60.0,
+            analysis_wait_seconds=_env_number(env, "MV_ANALYSIS_WAIT_SECONDS", 2.0, float, maximum=600),
             header_timeout_seconds=_env_number(env, "MV_HEADER_TIMEOUT_SECONDS", 15.0, float),
             max_concurrent_jobs=_env_number(env, "MV_MAX_CONCURRENT_JOBS", None) or None,
             sandbox_video_latency=_env_number(env, "MV_SANDBOX_VIDEO_SECONDS", None, float),
             gemini_base_url=text("MV_GEMINI_BASE_URL"),
             vertex_base_url=text("MV_VERTEX_BASE_URL"),
             replicate_base_url=text("MV_REPLICATE_BASE_URL"),
+            replicate_output_hosts=_env_output_hosts(env, "MV_REPLICATE_OUTPUT_HOSTS"),
             public_base_url=_public_base_url(text("MV_PUBLIC_BASE_URL")),
             replicate_webhook_signing_key=text("MV_REPLICATE_WEBHOOK_SECRET"),
             sandbox_webhooks=_env_bool(env, "MV_SANDBOX_WEBHOOKS", True),
@@ -518,6 +635,8 @@ class Config:
     sandbox: SandboxSettings
     projects: ProjectsSettings
     lipsync: LipsyncSettings
+    pricing: PricingSettings
+    media: MediaSettings
     templates: dict[str, jinja2.Template] = field(repr=False)
     styles: dict[str, StylePreset] = field(default_factory=dict)  # name -> preset, sorted by name
 
@@ -555,6 +674,8 @@ class Config:
             "styles": {name: preset.model_dump() for name, preset in self.styles.items()},
             "projects": self.projects.model_dump(),
             "lipsync": self.lipsync.model_dump(),
+            "pricing": self.pricing.model_dump(mode="json"),
+            "media": self.media.model_dump(),
         }
 
 
@@ -635,7 +756,17 @@ def load_config(env: EnvSettings | None = None) -> Config:
     if loaded["projects"].default_scene_seconds not in loaded["videos"].allowed.duration:
         raise ConfigError(f"{env.settings_dir / 'projects.yaml'}: default_scene_seconds: not one of "
                           f"videos.allowed.duration {loaded['videos'].allowed.duration}")
+    _check_priced(env.settings_dir / "pricing.yaml", loaded)
     return Config(env=env, templates=templates, styles=styles, **loaded)
+
+
+def _check_priced(path: Path, loaded: dict[str, Any]) -> None:
+    """Every model a job can run on needs a price, so no job's cost is unknown (local ffmpeg work costs nothing)."""
+    videos = loaded["videos"].backends
+    needed = {videos.replicate.model, videos.gemini.model, loaded["lipsync"].model}
+    missing = sorted(needed - set(loaded["pricing"].models))
+    if missing:
+        raise ConfigError(f"{path}: models: no price for {', '.join(missing)}")
 
 
 def load_styles(directory: Path) -> dict[str, StylePreset]:

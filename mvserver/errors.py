@@ -81,6 +81,7 @@ class ErrorInfo:
     provider: str | None = None
     provider_status: int | str | None = None
     provider_error: Any = None
+    budget: dict[str, Any] | None = None  # 402 budget_exceeded: the key's monthly limit, what is spent and left
 
     def __post_init__(self) -> None:
         self.message = without_paths(self.message)

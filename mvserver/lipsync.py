@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from . import media
+from .accepted import accepted_response
 from .audio import FORMATS, saved_audio
 from .auth import key_id, visible_to
 from .backends import PROVIDERS, Snapshot
@@ -30,13 +31,13 @@ from .debug import debug_print
 from .errors import ApiError
 from .idempotency import idempotent
 from .job_options import job_fields
-from .jobs import JOBS, Job, job_urls
+from .jobs import JOBS, Job
 from .project_schemas import SCENE_LIPSYNC_OPTIONS
 from .project_store import ClipVersion, Project
 from .project_store import Song as ProjectSong
 from .projects import BASE as PROJECTS_BASE
-from .projects import (JobStates, TimelineEntry, _json_object, _options, _respond, _validate, add_version, check_room,
-                       job_states, load_settled, owned_project, project_timeline, update)
+from .projects import (JobStates, TimelineEntry, _json_object, _options, _validate, add_version, check_room,
+                       job_states, load_settled, owned_project, project_timeline, project_view, update)
 from .quotas import charge
 from .schemas import REQUEST_MODELS, parse_body
 from .storage import STORE, OutputStore, check_id, new_id, temp_path
@@ -57,6 +58,13 @@ DECODE_BYTES_PER_SECOND = COPY_MAX_CHANNELS * COPY_MAX_RATE * 2
 CUT_SLACK_BYTES = 1 << 16
 
 FFMPEG_SLOTS = web.AppKey("lipsync_ffmpeg_slots", asyncio.Semaphore)
+# ffmpeg-heavy job runs (assembly runs, lip-sync cuts) at once on this node: media.yaml ffmpeg.concurrency.
+HEAVY_FFMPEG_SLOTS = web.AppKey("heavy_ffmpeg_slots", asyncio.Semaphore)
+
+
+def ffmpeg_limits(app: web.Application) -> media.FfmpegLimits:
+    """The limits of every ffmpeg a job of this app runs (media.yaml ``ffmpeg``)."""
+    return media.FfmpegLimits(**app[CONFIG].media.ffmpeg.model_dump(exclude={"concurrency"}))
 
 
 # -- songs ------------------------------------------------------------------------------------------------------------
@@ -130,11 +138,12 @@ def max_cut_bytes(length: float, bytes_per_second: int = COPY_BYTES_PER_SECOND) 
     return math.ceil(length * bytes_per_second) + CUT_SLACK_BYTES
 
 
-async def cut_window(song: Song, start: float, seconds: float, length: float, dest: Path, timeout: float) -> None:
+async def cut_window(song: Song, start: float, seconds: float, length: float, dest: Path, timeout: float,
+                     limits: media.FfmpegLimits = media.DEFAULT_LIMITS) -> None:
     """Write the window to ``dest`` atomically (a temporary file renamed into place; removed on any failure)."""
     tmp = temp_path(dest)
     try:
-        await media.run_ffmpeg(cut_args(song, start, seconds, length, tmp), timeout=timeout)
+        await media.run_ffmpeg(cut_args(song, start, seconds, length, tmp), timeout=timeout, limits=limits)
         await asyncio.to_thread(os.replace, tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -229,9 +238,7 @@ async def create_lipsync(request: web.Request) -> web.Response:
     if body.scene_id is not None and body.project_id is None:
         raise ApiError(400, "invalid_field", "scene_id: needs project_id", field="scene_id")
     job = await submit_lipsync(app, body, defaulted, key_id(request), charge=lambda: charge(request, "jobs"))
-    payload = {"job_id": job.id, "kind": job.kind, "status": job.status, "backend": job.backend,
-               "sandbox": job.sandbox, **job_urls(job.id)}
-    return web.json_response(payload, status=202, headers={"Location": payload["status_url"]})
+    return accepted_response(request, [job])
 
 
 async def submit_lipsync(app: web.Application, body: Any, defaulted: list[str], owner: str | None,
@@ -314,10 +321,7 @@ async def lipsync_scene(request: web.Request) -> web.Response:
     except BaseException:
         await app[JOBS].cancel(job.id)  # not linked: it must not run unseen
         raise
-    payload = {"job_id": job.id, "kind": job.kind, "status": job.status, "backend": job.backend,
-               "sandbox": job.sandbox, **job_urls(job.id), "scene_id": scene_id}
-    return _respond(project, await job_states(app, project), 202, extra={"job": payload},
-                    headers={"Location": payload["status_url"]})
+    return accepted_response(request, [job], project=project_view(project, await job_states(app, project)))
 
 
 # -- the job driver ---------------------------------------------------------------------------------------------------
@@ -349,9 +353,9 @@ class LipsyncDriver:
         window = request["window"]
         dest = outputs.path("jobs", job.id, WINDOW_SUFFIX)
         try:
-            async with self.app[FFMPEG_SLOTS]:
+            async with self.app[HEAVY_FFMPEG_SLOTS]:
                 await cut_window(song, window["start"], window["seconds"], request["clip_seconds"], dest,
-                                 self.settings.limits.ffmpeg_timeout_seconds)
+                                 self.settings.limits.ffmpeg_timeout_seconds, ffmpeg_limits(self.app))
         except media.MediaError as exc:
             raise ApiError(500, "audio_cut_failed", f"the audio window could not be cut: {exc}",
                            field="audio_id") from None
@@ -368,8 +372,8 @@ class LipsyncDriver:
     async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
         return await self.provider.download(snapshot, prediction_id, dest)
 
-    async def cancel(self, prediction_id: str) -> None:
-        await self.provider.cancel(prediction_id)
+    async def cancel(self, prediction_id: str) -> Snapshot:
+        return await self.provider.cancel(prediction_id)
 
 
 def lipsync_kind(app: web.Application):  # type: ignore[no-untyped-def]
@@ -378,6 +382,7 @@ def lipsync_kind(app: web.Application):  # type: ignore[no-untyped-def]
 
 
 def setup(app: web.Application) -> None:
-    """Routes and the per-app bound on concurrent ffmpeg processes."""
+    """Routes and the per-app bounds on concurrent ffmpeg processes."""
     app[FFMPEG_SLOTS] = asyncio.Semaphore(app[CONFIG].lipsync.limits.ffmpeg_concurrency)
+    app[HEAVY_FFMPEG_SLOTS] = asyncio.Semaphore(app[CONFIG].media.ffmpeg.concurrency)
     app.add_routes(routes)

@@ -1,39 +1,52 @@
 """The ffmpeg toolkit: probing media files, running ffmpeg with progress and cancellation, and assembling clips.
 
 Everything runs the static ffmpeg bundled with imageio-ffmpeg (there is no ffprobe) as an asyncio subprocess in its
-own process group, so the event loop never blocks and a cancelled task leaves no ffmpeg behind. No HTTP, no jobs:
-the assembly job and the audio upload build on these functions.
+own process group, so the event loop never blocks and a cancelled task leaves no ffmpeg behind. Every ffmpeg is
+bounded (:class:`FfmpegLimits`): it dies with the process that started it (``PR_SET_PDEATHSIG``, also on kill -9),
+its private memory is capped (``RLIMIT_DATA``, with 2 MiB thread stacks so the cap tracks what it really uses), its
+threads are capped (``-threads`` on every input and the output, ``-filter_threads``, ``-filter_complex_threads``),
+and a run with an output length gets a time limit that grows with it. No HTTP, no jobs: the assembly job, lip sync
+and the audio upload build on these functions.
 
 Assembly with cuts stream-copies the video of every clip that is used whole and whose codec parameters match the
 output (concat demuxer); only trimmed, rescaled or mismatching clips are re-encoded, each into its own segment.
-Crossfades decode and re-encode everything in one filter graph (xfade/acrossfade). The audio track (the song, clip
-audio, or silence) is always encoded as AAC, so the output is H.264 + AAC in an MP4 with ``+faststart``.
+Crossfades re-encode everything, piece by piece (:func:`crossfade_pieces`): a clip's middle alone, each join
+with ``xfade`` from the two clips it joins, so one ffmpeg decodes two clips at a time however many there are; the
+pieces are then joined like cuts and the audio crossfaded (``acrossfade``). The audio track (the song, clip
+audio, or silence) is AAC, so the output is H.264 + AAC in an MP4 with ``+faststart``: encoded in the final run, or,
+for a cut-only edit of the song alone with the song's AAC copy made at upload (:func:`encode_song_copies`), copied
+from that copy packet by packet with only the faded last second encoded again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import fcntl
 import math
 import os
 import re
+import resource
 import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Literal, Sequence
 
 import imageio_ffmpeg
 
 from .storage import temp_path
 
 __all__ = [
-    "AUDIO_DEMUXERS", "AssemblyInputError", "AssemblyResult", "AudioStream", "Clip", "DurationError", "MediaError",
-    "MediaInfo", "MediaTimeout", "SONG_DEMUXERS", "VideoStream", "assemble", "duration_arg", "ffmpeg_exe",
-    "input_args", "parse_inputs", "parse_probe", "probe", "probe_clips", "run_ffmpeg", "song_demuxer", "song_input_args",
-    "stream_duration",
+    "assemble", "AssemblyInputError", "AssemblyResult", "AUDIO_DEMUXERS", "AudioStream", "check_graph_clips", "Clip",
+    "crossfade_frames", "crossfade_pieces", "DEFAULT_LIMITS", "duration_arg", "DurationError", "encode_song_copies",
+    "ffmpeg_exe", "FfmpegLimits", "graph_clips", "input_args", "kept_frames", "MediaError", "MediaInfo",
+    "MediaMemoryError", "MediaTimeout", "output_fps", "output_frames", "parse_inputs", "parse_probe", "Piece", "probe",
+    "probe_clips", "run_ffmpeg", "run_lock", "song_demuxer", "SONG_DEMUXERS", "song_input_args", "SongCopy",
+    "stream_duration", "VideoStream",
 ]
 
 ProgressCallback = Callable[[float], None]
@@ -48,6 +61,9 @@ SONG_FADE_SECONDS = 1.0
 MIX_CLIP_VOLUME = 0.3  # clip audio "mixed under the song" sits about 10 dB below it
 AUDIO_RATE = 48000
 AUDIO_BITRATE = "192k"
+AAC_FRAME_SECONDS = 1024 / AUDIO_RATE  # one AAC packet: the copied song is cut on these
+PREVIEW_ARGS = ["-c:a", "libmp3lame", "-b:a", "32k", "-ar", "22050", "-ac", "1", "-f", "mp3"]  # what Gemini hears
+PREVIEW_MIME_TYPE = "audio/mp3"
 ASPECT_TOLERANCE = 0.01
 TRIM_TOLERANCE = 0.05  # seconds a trim may pass a clip's measured end (container rounding)
 X264 = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "20"]
@@ -102,6 +118,47 @@ def song_demuxer(song: Path) -> str:
 def song_input_args(song: Path) -> list[str]:
     """:func:`input_args` for a saved song, with the demuxer of the format it was saved as."""
     return input_args(song, [song_demuxer(song)])
+
+
+class MediaMemoryError(MediaError):
+    """ffmpeg failed for want of memory under its ``RLIMIT_DATA`` (:attr:`FfmpegLimits.memory_mb`)."""
+
+
+THREAD_STACK_BYTES = 2 << 20  # glibc sizes thread stacks by RLIMIT_STACK: 2 MiB each instead of 8 MiB
+PR_SET_PDEATHSIG = 1
+LOCK_POLL_SECONDS = 0.25
+# What ffmpeg (and x264 inside it) print when an allocation or a thread's stack could not be had.
+_OUT_OF_MEMORY = re.compile(r"Cannot allocate memory|get_buffer\(\) failed|malloc of size \d+ failed|"
+                            r"Resource temporarily unavailable|[Oo]ut of memory")
+
+
+@dataclass(frozen=True)
+class FfmpegLimits:
+    """What one ffmpeg may use (the settings under ``ffmpeg`` in ``settings/media.yaml``).
+
+    ``memory_mb`` caps its private writable memory (``RLIMIT_DATA``: heap, buffers and thread stacks; the mapped
+    binary is not counted), ``threads`` the threads of each decoder, filter graph and encoder; ``None`` leaves
+    either unbounded. A run that knows its output length may last ``timeout_base_seconds`` +
+    ``timeout_seconds_per_output_second`` x that length (``timeout_base_seconds`` None: no time limit).
+    """
+
+    memory_mb: int | None = 1024
+    threads: int | None = 2
+    timeout_base_seconds: float | None = None
+    timeout_seconds_per_output_second: float = 0.0
+
+    def timeout(self, output_seconds: float | None) -> float | None:
+        """The time limit of a run writing ``output_seconds`` of media (None: none)."""
+        if self.timeout_base_seconds is None or output_seconds is None:
+            return None
+        return self.timeout_base_seconds + self.timeout_seconds_per_output_second * max(0.0, output_seconds)
+
+    def describe_timeout(self, output_seconds: float) -> str:
+        return (f"{self.timeout_base_seconds:g} s + {self.timeout_seconds_per_output_second:g} s per second of "
+                f"output x {output_seconds:g} s")
+
+
+DEFAULT_LIMITS = FfmpegLimits()  # probes and runs that are given no limits of their own
 
 
 class AssemblyInputError(MediaError, ValueError):
@@ -259,11 +316,77 @@ def parse_probe(text: str) -> MediaInfo:
                      audio=tuple(audio), other_streams=other)
 
 
-async def _spawn(args: Sequence[str], stdout: int = subprocess.DEVNULL) -> asyncio.subprocess.Process:
-    """Start ffmpeg in its own process group (``killpg`` then reaches anything it starts)."""
+@lru_cache(maxsize=1)
+def _prctl() -> Callable[..., int]:
+    """libc's prctl, looked up in the parent: the child between fork and exec should do as little as it can."""
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _child_setup(parent: int, memory_mb: int | None, prctl: Callable[..., int]) -> Callable[[], None]:
+    """What the child does between fork and exec: die with ``parent`` (SIGKILL when it exits, also on kill -9) and
+    take its memory limits. The signal follows the *thread* that forked, which is the event loop's."""
+
+    def setup() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above: never run as an orphan
+            os._exit(1)
+        if memory_mb is not None:
+            _, hard = resource.getrlimit(resource.RLIMIT_STACK)
+            stack = THREAD_STACK_BYTES if hard == resource.RLIM_INFINITY else min(THREAD_STACK_BYTES, hard)
+            resource.setrlimit(resource.RLIMIT_STACK, (stack, hard))
+            resource.setrlimit(resource.RLIMIT_DATA, (memory_mb << 20, memory_mb << 20))
+
+    return setup
+
+
+async def _spawn(args: Sequence[str], stdout: int = subprocess.DEVNULL, limits: FfmpegLimits = DEFAULT_LIMITS,
+                 hold: Sequence[int] = ()) -> asyncio.subprocess.Process:
+    """Start ffmpeg in its own process group (``killpg`` then reaches anything it starts), bound to this process's
+    life and to ``limits``; ``hold``: file descriptors it inherits (a run lock, see :func:`run_lock`)."""
     return await asyncio.create_subprocess_exec(
         ffmpeg_exe(), "-nostdin", "-hide_banner", *args,
-        stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, start_new_session=True)
+        stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, start_new_session=True,
+        preexec_fn=_child_setup(os.getpid(), limits.memory_mb, _prctl()), pass_fds=tuple(hold))
+
+
+def _bounded(args: Sequence[str], threads: int | None) -> list[str]:
+    """``args`` with every thread pool capped: ``-threads`` before each input and before the output (the last
+    argument), and the filter graphs' own thread counts."""
+    if threads is None:
+        return list(args)
+    count = str(threads)
+    bounded = ["-filter_threads", count, "-filter_complex_threads", count]
+    for arg in args[:-1]:
+        if arg == "-i":
+            bounded += ["-threads", count]
+        bounded.append(arg)
+    return [*bounded, "-threads", count, *args[-1:]]
+
+
+@contextlib.asynccontextmanager
+async def run_lock(path: Path, on_wait: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[int]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block, and yield its descriptor.
+
+    Pass it to :func:`run_ffmpeg` / :func:`assemble` as ``hold``: each ffmpeg inherits it, and a ``flock`` lives as
+    long as any process holds the open file, so the lock stays taken while an ffmpeg of the run is alive, even one
+    whose server was killed. Whoever takes the lock next (another run of the same job, on this or another process
+    of the machine) waits until then, polling every 0.25 s; ``on_wait`` is awaited once if it has to wait.
+    """
+    fd = await asyncio.to_thread(os.open, path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited and on_wait is not None:
+                    await on_wait()
+                waited = True
+                await asyncio.sleep(LOCK_POLL_SECONDS)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:
@@ -378,15 +501,20 @@ async def stream_duration(path: Path, stream: str = "v:0", *, decode: bool = Fal
 
 
 async def run_ffmpeg(args: Sequence[str], *, duration: float | None = None, progress: ProgressCallback | None = None,
-                     timeout: float | None = None,
-                     on_field: Callable[[str, str], None] | None = None) -> None:
+                     timeout: float | None = None, on_field: Callable[[str, str], None] | None = None,
+                     limits: FfmpegLimits = DEFAULT_LIMITS, hold: Sequence[int] = ()) -> None:
     """Run ``ffmpeg ARGS`` with ``-progress pipe:1 -nostats``; report 0..1 to ``progress`` as it goes.
 
-    The fraction is ``out_time_us / duration`` (clamped) and 1.0 on ``progress=end``. When the calling task is
-    cancelled or ``timeout`` passes, ffmpeg's whole process group is killed before this returns (MediaTimeout on a
-    timeout). A non-zero exit raises MediaError with the end of ffmpeg's error output.
+    The fraction is ``out_time_us / duration`` (clamped) and 1.0 on ``progress=end``. ffmpeg runs within ``limits``
+    (memory, threads; the last argument must be the output); the time limit is ``timeout``, or else the limits'
+    time for ``duration`` seconds of output. When the calling task is cancelled or the time limit passes, ffmpeg's
+    whole process group is killed before this returns (MediaTimeout on a timeout). A non-zero exit raises
+    MediaError with the end of ffmpeg's error output (MediaMemoryError when it ran out of memory).
     """
-    proc = await _spawn(["-loglevel", "error", "-progress", "pipe:1", "-nostats", *args], stdout=subprocess.PIPE)
+    if timeout is None:
+        timeout = limits.timeout(duration)
+    proc = await _spawn(_bounded(["-loglevel", "error", "-progress", "pipe:1", "-nostats", *args], limits.threads),
+                        stdout=subprocess.PIPE, limits=limits, hold=hold)
     assert proc.stdout is not None and proc.stderr is not None
     errors = asyncio.ensure_future(_read_limited(proc.stderr, STDERR_TAIL, tail=True))
     last = -1.0
@@ -408,15 +536,55 @@ async def run_ffmpeg(args: Sequence[str], *, duration: float | None = None, prog
                     progress(fraction)
             await proc.wait()
     except TimeoutError:
-        raise MediaTimeout(f"ffmpeg ran longer than {timeout:g} s and was stopped") from None
+        assert timeout is not None
+        raise MediaTimeout(f"ffmpeg ran longer than its limit of {timeout:g} s and was stopped") from None
     finally:
         await _kill(proc)
         stderr = await errors
     if proc.returncode != 0:
-        raise MediaError(f"ffmpeg exited with status {proc.returncode}: {stderr.strip() or '(no output)'}")
+        text = stderr.strip() or "(no output)"
+        if limits.memory_mb is not None and _OUT_OF_MEMORY.search(stderr):
+            raise MediaMemoryError(f"ffmpeg ran out of memory under its limit of {limits.memory_mb} MiB: {text}")
+        raise MediaError(f"ffmpeg exited with status {proc.returncode}: {text}")
+
+
+# -- a saved song's copies ------------------------------------------------------------------------------------------
+
+
+async def encode_song_copies(song: Path, aac: Path, preview: Path, *, duration: float | None = None,
+                             timeout: float | None = None, limits: FfmpegLimits = DEFAULT_LIMITS) -> None:
+    """Encode a saved song once, in one ffmpeg run (one decode, two encoders) within ``limits``: ``aac``, AAC-LC at
+    the assembly's rate, channels and bitrate in an MP4, whose packets a cut-only assembly copies; and ``preview``, a
+    small mono MP3 (32 kb/s: 240 KB a minute) that goes inline to Gemini with the scene request. Both are written
+    atomically (a temporary ``.part`` first); on failure or cancellation neither exists."""
+    temps = [_temp(aac, "enc"), _temp(preview, "enc")]
+    threads = ["-threads", str(limits.threads)] if limits.threads is not None else []  # run_ffmpeg caps the last output
+    try:
+        await run_ffmpeg([*song_input_args(song), "-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1",
+                          "-c:a", "aac", "-b:a", AUDIO_BITRATE, "-ar", str(AUDIO_RATE), "-ac", "2", *threads,
+                          "-f", "mp4", "-y", str(temps[0]),
+                          "-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1", *PREVIEW_ARGS,
+                          "-y", str(temps[1])], duration=duration, timeout=timeout, limits=limits)
+        await asyncio.to_thread(_fsync_replace, temps[0], aac)
+        await asyncio.to_thread(_fsync_replace, temps[1], preview)
+    except BaseException:
+        aac.unlink(missing_ok=True)
+        preview.unlink(missing_ok=True)
+        raise
+    finally:
+        for path in temps:
+            path.unlink(missing_ok=True)
 
 
 # -- assembly ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SongCopy:
+    """A song's AAC copy (:func:`encode_song_copies`) and the song's decoded length in seconds."""
+
+    path: Path
+    duration: float
 
 
 @dataclass(frozen=True)
@@ -435,6 +603,8 @@ class AssemblyResult:
     copied: list[int] = field(default_factory=list)  # indices of clips whose video was stream-copied
     reencoded: list[int] = field(default_factory=list)  # indices of clips that were decoded and encoded again
     elapsed_seconds: float = 0.0
+    # "copied": the song's AAC packets were copied (only the faded end encoded); "encoded": the audio was encoded
+    audio: Literal["copied", "encoded"] = "encoded"
 
 
 @dataclass
@@ -478,28 +648,63 @@ async def _load_sources(clips: Sequence[Clip]) -> list[_Source]:
             if info.first_video is None:
                 raise AssemblyInputError(name, f"{name} has no video stream")
         raise MediaError("ffmpeg could not read the clips together")
-    return [_source(i, clip, info, frames) for i, (clip, (info, frames)) in enumerate(zip(clips, described))]
+    first = described[0][0].first_video
+    assert first is not None
+    out_fps = output_fps(first)
+    return [_source(i, clip, info, frames, out_fps) for i, (clip, (info, frames)) in enumerate(zip(clips, described))]
 
 
-def _source(index: int, clip: Clip, info: MediaInfo, frame_count: int) -> _Source:
+def output_fps(first: VideoStream) -> float:
+    """The output's frame rate: the first clip's (24 when ffmpeg does not say)."""
+    return first.fps or 24.0
+
+
+def kept_frames(trim_in: float | None, trim_out: float | None, frame_count: int, fps: float,
+                out_fps: float) -> tuple[int, int]:
+    """The first frame and the number of frames a clip of ``frame_count`` frames at ``fps`` keeps after its trims
+    (snapped to whole frames). At least one frame at the output's ``out_fps`` must be kept.
+
+    Raises AssemblyInputError naming ``trim_in`` or ``trim_out`` (without the clip's prefix: callers add it).
+    """
+    length = frame_count / fps
+    start = trim_in or 0.0
+    end = length if trim_out is None else trim_out
+    if start < 0 or start >= length:
+        raise AssemblyInputError("trim_in", f"trim_in: {start:g} s is not in [0, {length:.3f}) seconds, the clip's "
+                                            "length")
+    if end > length + TRIM_TOLERANCE or end <= start:
+        raise AssemblyInputError("trim_out", f"trim_out: must be after trim_in ({start:g} s) and at most the clip's "
+                                             f"length ({length:.3f} s)")
+    first = round(start * fps)
+    frames = min(round(end * fps), frame_count) - first
+    if frames * out_fps < fps - 1e-9:  # less than one frame of the output
+        name = "trim_out" if trim_out is not None else "trim_in"
+        raise AssemblyInputError(name, f"{name}: the trims keep {max(frames, 0) / fps:.4f} s, less than one frame at "
+                                       f"the output's {out_fps:g} fps ({1 / out_fps:.4f} s)")
+    return first, frames
+
+
+def crossfade_frames(seconds: float, out_fps: float) -> int:
+    """A crossfade in whole output frames; under one frame is refused (AssemblyInputError naming
+    ``crossfade_seconds``): formatted for ffmpeg it would run as no crossfade at all."""
+    if not seconds * out_fps >= 1 - 1e-9:
+        raise AssemblyInputError("crossfade_seconds", f"crossfade_seconds: {seconds:g} s is less than one frame at the "
+                                                      f"output's {out_fps:g} fps ({1 / out_fps:.4f} s); use "
+                                                      "transition cut for no crossfade")
+    return round(seconds * out_fps)
+
+
+def _source(index: int, clip: Clip, info: MediaInfo, frame_count: int, out_fps: float) -> _Source:
     """Check a clip's trims against its measured length; snap them to whole frames."""
     name = f"clips[{index}]"
     video = info.first_video
     assert video is not None
     fps = video.fps or 24.0
-    length = frame_count / fps
-    trim_in = clip.trim_in or 0.0
-    trim_out = length if clip.trim_out is None else clip.trim_out
-    if trim_in < 0 or trim_in >= length:
-        raise AssemblyInputError(f"{name}.trim_in", f"{name}.trim_in must be in [0, {length:.3f}) seconds")
-    if trim_out > length + TRIM_TOLERANCE or trim_out <= trim_in:
-        raise AssemblyInputError(f"{name}.trim_out",
-                                 f"{name}.trim_out must be after trim_in and at most {length:.3f} seconds")
-    first = round(trim_in * fps)
-    frames = min(round(trim_out * fps), round(length * fps)) - first
-    if frames < 1:
-        raise AssemblyInputError(f"{name}.trim_out", f"{name} keeps less than one frame after trims")
-    return _Source(index, clip, info, video, length, first / fps, frames)
+    try:
+        first, frames = kept_frames(clip.trim_in, clip.trim_out, frame_count, fps, out_fps)
+    except AssemblyInputError as exc:
+        raise AssemblyInputError(f"{name}.{exc.field}", f"{name}.{exc}") from None
+    return _Source(index, clip, info, video, frame_count / fps, first / fps, frames)
 
 
 def _fit_filter(source: VideoStream, width: int, height: int, fit: Fit | None) -> str:
@@ -577,23 +782,51 @@ def _song_inputs(song: Path | None, offset: float) -> list[str]:
 OUTPUT_ARGS = ["-c:a", "aac", "-b:a", AUDIO_BITRATE, "-movflags", "+faststart", "-f", "mp4"]
 
 
+@dataclass(frozen=True)
+class _Runner:
+    """How every ffmpeg of one assembly runs: its limits and the descriptors it inherits (the job's run lock)."""
+
+    limits: FfmpegLimits = DEFAULT_LIMITS
+    hold: tuple[int, ...] = ()
+
+    async def __call__(self, args: Sequence[str], *, duration: float, progress: ProgressCallback | None) -> None:
+        await run_ffmpeg(args, duration=duration, progress=progress, limits=self.limits, hold=self.hold)
+
+
+def _target(first: VideoStream) -> VideoStream:
+    """The output's video parameters: the first clip's when they can be copied, else H.264 yuv420p of its size."""
+    if first.codec == "h264" and first.pix_fmt == "yuv420p" and first.fps and first.sar == (1, 1):
+        return first
+    return VideoStream(0, "h264", "High", first.width, first.height, "yuv420p", first.fps or 24.0,
+                       first.time_base or "1/12288")
+
+
+def _segment_output(target: VideoStream, frames: int, dest: Path) -> list[str]:
+    """Output arguments of a video-only segment the concat demuxer can join to others made alike."""
+    fps = target.fps or 24.0
+    args = ["-an", "-sn", "-dn", "-frames:v", str(frames), *X264, "-pix_fmt", target.pix_fmt, "-r", f"{fps:g}"]
+    if target.timescale:
+        args += ["-video_track_timescale", str(target.timescale)]
+    return [*args, "-f", "mp4", "-y", str(dest)]
+
+
 async def _encode_segment(source: _Source, dest: Path, target: VideoStream, fit: Fit | None,
-                          progress: ProgressCallback | None) -> None:
+                          progress: ProgressCallback | None, run: _Runner) -> None:
     """Re-encode one clip's used part into a video-only segment the concat demuxer can join to copied clips."""
     fps = target.fps or 24.0
     vf = f"{_fit_filter(source.video, target.width, target.height, fit)},fps={fps:g},format={target.pix_fmt}"
-    args = ["-ss", f"{source.start:.6f}", "-i", str(source.clip.path), "-map", "0:v:0", "-an", "-sn", "-dn",
-            "-vf", vf, "-frames:v", str(source.frames), *X264, "-pix_fmt", target.pix_fmt, "-r", f"{fps:g}"]
-    if target.timescale:
-        args += ["-video_track_timescale", str(target.timescale)]
-    await run_ffmpeg([*args, "-f", "mp4", "-y", str(dest)], duration=source.duration, progress=progress)
+    args = ["-ss", f"{source.start:.6f}", "-i", str(source.clip.path), "-map", "0:v:0", "-vf", vf,
+            *_segment_output(target, source.frames, dest)]
+    await run(args, duration=source.duration, progress=progress)
+
+
+def _quoted(path: Path) -> str:
+    """A path as an ffconcat ``file`` line takes it (single-quoted, quotes escaped)."""
+    return "'" + str(path).replace("'", "'\\''") + "'"
 
 
 def _concat_list(entries: list[tuple[Path, float]]) -> str:
-    def quoted(path: Path) -> str:
-        return "'" + str(path).replace("'", "'\\''") + "'"
-
-    return "ffconcat version 1.0\n" + "".join(f"file {quoted(p)}\nduration {duration_arg(d)}\n" for p, d in entries)
+    return "ffconcat version 1.0\n" + "".join(f"file {_quoted(p)}\nduration {duration_arg(d)}\n" for p, d in entries)
 
 
 class _Progress:
@@ -611,16 +844,58 @@ class _Progress:
         return lambda f: callback(min(1.0, (before + f * self.weights[n]) / self.total))
 
 
+async def _song_audio_list(song: SongCopy, offset: float, total: float, out: Path, temps: list[Path],
+                           run: _Runner) -> Path | None:
+    """An ffconcat list of the song's audio under a cut-only video: the AAC copy's packets from ``offset`` up to
+    the fade (a packet boundary), then the rest, faded out (and padded with silence where the song ends first),
+    decoded from the copy and encoded again. The copied part starts with the packet that holds ``offset`` (at most
+    one 21 ms AAC frame early), and the encoded part begins with the encoder's one frame of priming: that is all
+    the seam costs. None when the song ends before the fade (it is then encoded whole, padded)."""
+    fade = min(SONG_FADE_SECONDS, total / 4)
+    first = math.floor(offset / AAC_FRAME_SECONDS + 1e-9)
+    split = max(first + 1, round((offset + total - fade) / AAC_FRAME_SECONDS)) * AAC_FRAME_SECONDS
+    end = offset + total
+    if split > song.duration:
+        return None
+    tail = _temp(out, "tail")
+    temps.append(tail)
+    if split < end - 1e-6:
+        await run(["-ss", f"{split:.6f}", *input_args(song.path, ["mov"]), "-t", duration_arg(end - split),
+                   "-map", "0:a:0", "-af", f"afade=t=out:st=0:d={duration_arg(end - split)},apad",
+                   "-c:a", "aac", "-b:a", AUDIO_BITRATE, "-ar", str(AUDIO_RATE), "-ac", "2", "-f", "mp4",
+                   "-y", str(tail)], duration=end - split, progress=None)
+    listing = _temp(out, "audiolist")
+    temps.append(listing)
+    text = f"ffconcat version 1.0\nfile {_quoted(song.path)}\ninpoint {offset:.6f}\noutpoint {min(split, end):.6f}\n"
+    if split < end - 1e-6:
+        text += f"file {_quoted(tail)}\n"
+    await asyncio.to_thread(listing.write_text, text)
+    return listing
+
+
+async def _final_run(sources: list[_Source], entries: list[tuple[Path, float]], tmp: Path, out: Path,
+                     song: Path | None, song_offset: float, clip_audio: ClipAudio, crossfade: float | None,
+                     total: float, progress: ProgressCallback | None, run: _Runner, temps: list[Path]) -> None:
+    """The video segments joined by the concat demuxer (copied) and the audio track encoded: the song, the clips'
+    audio (cut to each clip's used part, joined by concat or acrossfade) or silence."""
+    listing = _temp(out, "list")
+    temps.append(listing)
+    await asyncio.to_thread(listing.write_text, _concat_list(entries))
+    song_input = 1 if song is not None else None
+    first_clip_input = 2 if song is not None else 1
+    graph = _audio_graph(sources, first_clip_input, song_input, total, clip_audio, crossfade)
+    args = ["-f", "concat", "-safe", "0", "-i", str(listing), *_song_inputs(song, song_offset),
+            *_audio_inputs(sources, clip_audio), "-filter_complex", graph,
+            "-map", "0:v:0", "-map", "[aout]", "-c:v", "copy", *OUTPUT_ARGS, "-t", duration_arg(total), "-y", str(tmp)]
+    await run(args, duration=total, progress=progress)
+
+
 async def _assemble_cuts(sources: list[_Source], tmp: Path, out: Path, song: Path | None, song_offset: float,
                          clip_audio: ClipAudio, fit: Fit | None, progress: ProgressCallback | None,
-                         result: AssemblyResult, temps: list[Path]) -> None:
-    first = sources[0].video
+                         result: AssemblyResult, temps: list[Path], run: _Runner,
+                         song_copy: SongCopy | None = None) -> None:
     # The output takes the first clip's parameters; clips that differ are encoded to match them.
-    if first.codec == "h264" and first.pix_fmt == "yuv420p" and first.fps and first.sar == (1, 1):
-        target = first
-    else:
-        target = VideoStream(0, "h264", "High", first.width, first.height, "yuv420p", first.fps or 24.0,
-                             first.time_base or "1/12288")
+    target = _target(sources[0].video)
     copyable = [not s.trimmed and s.video.copy_key() == target.copy_key() for s in sources]
     encode = [s for s, ok in zip(sources, copyable) if not ok]
     total = sum(s.duration for s in sources)
@@ -630,56 +905,141 @@ async def _assemble_cuts(sources: list[_Source], tmp: Path, out: Path, song: Pat
     for n, source in enumerate(encode):
         segments[source.index] = segment = _temp(out, f"seg{source.index}")
         temps.append(segment)
-        await _encode_segment(source, segment, target, fit, tracker.step(n))
+        await _encode_segment(source, segment, target, fit, tracker.step(n), run)
     for source, ok in zip(sources, copyable):
         entries.append((source.clip.path if ok else segments[source.index], source.duration))
         (result.copied if ok else result.reencoded).append(source.index)
+    audio_list = None
+    if song_copy is not None and clip_audio == "drop":
+        audio_list = await _song_audio_list(song_copy, song_offset, total, out, temps, run)
+    if audio_list is None:
+        await _final_run(sources, entries, tmp, out, song, song_offset, clip_audio, None, total,
+                         tracker.step(len(encode)), run, temps)
+        return
     listing = _temp(out, "list")
     temps.append(listing)
     await asyncio.to_thread(listing.write_text, _concat_list(entries))
-    song_input = 1 if song is not None else None
-    first_clip_input = 2 if song is not None else 1
-    graph = _audio_graph(sources, first_clip_input, song_input, total, clip_audio, None)
-    args = ["-f", "concat", "-safe", "0", "-i", str(listing), *_song_inputs(song, song_offset),
-            *_audio_inputs(sources, clip_audio), "-filter_complex", graph,
-            "-map", "0:v:0", "-map", "[aout]", "-c:v", "copy", *OUTPUT_ARGS, "-t", duration_arg(total), "-y", str(tmp)]
-    await run_ffmpeg(args, duration=total, progress=tracker.step(len(encode)))
+    args = ["-f", "concat", "-safe", "0", "-i", str(listing), "-f", "concat", "-safe", "0", "-i", str(audio_list),
+            "-map", "0:v:0", "-map", "1:a:0", "-c", "copy", "-movflags", "+faststart", "-f", "mp4",
+            "-t", duration_arg(total), "-y", str(tmp)]
+    await run(args, duration=total, progress=tracker.step(len(encode)))
+    result.audio = "copied"
 
 
-async def _assemble_crossfade(sources: list[_Source], tmp: Path, song: Path | None, song_offset: float,
-                              crossfade: float, clip_audio: ClipAudio, fit: Fit | None,
-                              progress: ProgressCallback | None, result: AssemblyResult) -> float:
-    first = sources[0].video
-    fps = first.fps or 24.0
+@dataclass(frozen=True)
+class Piece:
+    """A stretch of a crossfaded video, encoded by one ffmpeg run: one clip alone (a *body*), or a *blend*: the tail
+    of a clip, every following clip too short to have a body of its own, and the head of the next clip, joined by
+    ``xfade`` exactly as one long chain would join them. ``parts``: (clip, first frame used, frames used)."""
+
+    parts: tuple[tuple[int, int, int], ...]
+    frames: int  # output frames of the piece
+
+
+def crossfade_pieces(frames: Sequence[int], fade: int) -> list[Piece]:
+    """Cut a crossfade of clips of ``frames`` output frames each, ``fade`` frames per join, into pieces in playing
+    order. Each piece decodes only the clips it shows, so one ffmpeg never holds more than its piece's clips,
+    however many clips the video has; the pieces add up to ``sum(frames) - (len(frames) - 1) * fade`` frames."""
+    count = len(frames)
+
+    def body(k: int) -> Piece | None:
+        begin = fade if k > 0 else 0
+        end = frames[k] - fade if k < count - 1 else frames[k]
+        return Piece(((k, begin, end - begin),), end - begin) if end > begin else None
+
+    first = body(0)
+    pieces = [first] if first is not None else []
+    i = 0
+    while i < count - 1:
+        j = i + 1
+        while j < count - 1 and body(j) is None:
+            j += 1
+        parts = ((i, frames[i] - fade, fade), *((k, 0, frames[k]) for k in range(i + 1, j)), (j, 0, fade))
+        pieces.append(Piece(parts, fade + sum(frames[k] - fade for k in range(i + 1, j))))
+        if (after := body(j)) is not None:
+            pieces.append(after)
+        i = j
+    return pieces
+
+
+def graph_clips(frames: Sequence[int], fade: int | None) -> int:
+    """The most clips one ffmpeg filter graph of the assembly decodes at once (1 for cuts)."""
+    if fade is None or len(frames) < 2:
+        return 1
+    return max(len(piece.parts) for piece in crossfade_pieces(frames, fade))
+
+
+def output_frames(seconds: float, fps: float) -> int:
+    """A clip's used part (``seconds``) in frames of the output's frame rate."""
+    return round(seconds * fps)
+
+
+def _output_frames(source: _Source, fps: float) -> int:
+    return output_frames(source.duration, fps)
+
+
+async def _encode_piece(piece: Piece, sources: list[_Source], dest: Path, target: VideoStream, fit: Fit | None,
+                        fade: int, progress: ProgressCallback | None, run: _Runner) -> None:
+    """One piece of a crossfade, video only: its clips trimmed at input, fitted, resampled to the output's frame rate
+    and chained with ``xfade``."""
+    fps = target.fps or 24.0
     inputs: list[str] = []
-    parts: list[str] = []
-    for n, source in enumerate(sources):
-        inputs += ["-ss", f"{source.start:.6f}", "-t", duration_arg(source.duration + 1 / fps), "-i", str(source.clip.path)]
-        parts.append(f"[{n}:v:0]{_fit_filter(source.video, first.width, first.height, fit)},fps={fps:g},"
-                     f"format=yuv420p,trim=end_frame={source.frames},setpts=PTS-STARTPTS,settb=AVTB[v{n}]")
-    current, length = "[v0]", sources[0].duration
-    for n, source in enumerate(sources[1:], 1):
-        parts.append(f"{current}[v{n}]xfade=transition=fade:duration={duration_arg(crossfade)}:offset={length - crossfade:.6f}[x{n}]")
-        current, length = f"[x{n}]", length + source.duration - crossfade
-    parts.append(f"{current}null[vout]")
-    song_input = len(sources) if song is not None else None
-    inputs += _song_inputs(song, song_offset)
-    # The trimmed clip inputs above carry their audio too: [n:a] is already cut to the clip's used part.
-    audio_sources = [_Source(s.index, s.clip, s.info, s.video, s.length, 0.0, s.frames) for s in sources]
-    parts.append(_audio_graph(audio_sources, 0, song_input, length, clip_audio, crossfade))
-    args = [*inputs, "-filter_complex", ";".join(parts), "-map", "[vout]", "-map", "[aout]", *X264,
-            "-pix_fmt", "yuv420p", "-r", f"{fps:g}", *OUTPUT_ARGS, "-t", duration_arg(length), "-y", str(tmp)]
-    await run_ffmpeg(args, duration=length, progress=progress)
+    chains: list[str] = []
+    for n, (k, begin, count) in enumerate(piece.parts):
+        source = sources[k]
+        inputs += ["-ss", f"{source.start + begin / fps:.6f}", "-t", duration_arg((count + 1) / fps),
+                   "-i", str(source.clip.path)]
+        chains.append(f"[{n}:v:0]{_fit_filter(source.video, target.width, target.height, fit)},fps={fps:g},"
+                      f"format={target.pix_fmt},trim=end_frame={count},setpts=PTS-STARTPTS,settb=AVTB[v{n}]")
+    current, length = "[v0]", piece.parts[0][2]
+    for n, (_, _, count) in enumerate(piece.parts[1:], 1):
+        chains.append(f"{current}[v{n}]xfade=transition=fade:duration={duration_arg(fade / fps)}:"
+                      f"offset={(length - fade) / fps:.6f}[x{n}]")
+        current, length = f"[x{n}]", length + count - fade
+    chains.append(f"{current}null[vout]")
+    args = [*inputs, "-filter_complex", ";".join(chains), "-map", "[vout]",
+            *_segment_output(target, piece.frames, dest)]
+    await run(args, duration=piece.frames / fps, progress=progress)
+
+
+async def _assemble_crossfade(sources: list[_Source], tmp: Path, out: Path, song: Path | None, song_offset: float,
+                              fade: int, clip_audio: ClipAudio, fit: Fit | None, progress: ProgressCallback | None,
+                              result: AssemblyResult, temps: list[Path], run: _Runner) -> float:
+    """Crossfades piece by piece (:func:`crossfade_pieces`), each piece encoded on its own; the pieces are joined by
+    the concat demuxer (copied) in the final run, which also encodes the audio with ``acrossfade`` joins."""
+    first = _target(sources[0].video)
+    fps = output_fps(sources[0].video)
+    target = VideoStream(0, "h264", "High", first.width, first.height, "yuv420p", fps, first.time_base or "1/12288")
+    frames = [_output_frames(s, fps) for s in sources]
+    pieces = crossfade_pieces(frames, fade)
+    total_frames = sum(frames) - (len(frames) - 1) * fade
+    length = total_frames / fps
+    tracker = _Progress(progress, [4 * piece.frames / fps for piece in pieces] + [length])
+    entries: list[tuple[Path, float]] = []
+    for n, piece in enumerate(pieces):
+        segment = _temp(out, f"piece{n}")
+        temps.append(segment)
+        await _encode_piece(piece, sources, segment, target, fit, fade, tracker.step(n), run)
+        entries.append((segment, piece.frames / fps))
+    await _final_run(sources, entries, tmp, out, song, song_offset, clip_audio, fade / fps, length,
+                     tracker.step(len(pieces)), run, temps)
     result.reencoded.extend(s.index for s in sources)
     return length
 
 
 async def assemble(clips: Sequence[Clip], out: Path, *, song: Path | None = None, song_offset: float = 0.0,
                    transition: Transition = "cut", crossfade_seconds: float = 0.5, clip_audio: ClipAudio = "drop",
-                   fit: Fit | None = None, progress: ProgressCallback | None = None) -> AssemblyResult:
+                   fit: Fit | None = None, progress: ProgressCallback | None = None,
+                   limits: FfmpegLimits = DEFAULT_LIMITS, hold: Sequence[int] = (),
+                   graph_clips_max: int | None = None, song_copy: SongCopy | None = None) -> AssemblyResult:
     """Join ``clips`` into one H.264 + AAC MP4 at ``out`` (written atomically); return what was done.
 
-    Raises AssemblyInputError (with ``field``) for input that does not fit the clips, MediaError when ffmpeg fails.
+    ``song_copy``: the song's AAC copy. A cut-only edit with the song alone (``clip_audio`` drop) that the song
+    covers then copies its packets instead of encoding the song (``result.audio`` says which was done).
+
+    Every ffmpeg runs within ``limits`` and inherits ``hold`` (see :func:`run_lock`); a crossfade whose pieces would
+    decode more than ``graph_clips_max`` clips in one filter graph is refused. Raises AssemblyInputError (with
+    ``field``) for input that does not fit the clips, MediaError when ffmpeg fails (MediaTimeout, MediaMemoryError).
     Cancelling the task kills ffmpeg and removes every temporary file.
     """
     started = time.monotonic()
@@ -691,30 +1051,51 @@ async def assemble(clips: Sequence[Clip], out: Path, *, song: Path | None = None
         raise AssemblyInputError("clip_audio", "clip_audio must be drop, keep or mix")
     if fit not in (None, "letterbox", "crop"):
         raise AssemblyInputError("fit", "fit must be null, letterbox or crop")
+    if song is None and song_copy is not None:
+        song = song_copy.path
     sources = await _load_sources(clips)
     _check_aspects(sources, fit)
-    if song is not None:
+    if song is not None and not (song_copy is not None and transition == "cut" and clip_audio == "drop"):
         await _check_song(song, song_offset)
+    elif song_copy is not None and not 0 <= song_offset < song_copy.duration:
+        raise AssemblyInputError("song_offset", f"song_offset must be in [0, {song_copy.duration:.3f}) seconds")
     result = AssemblyResult(path=out, duration=0.0)
     tmp = _temp(out, "out")
     temps = [tmp]
+    run = _Runner(limits, tuple(hold))
     try:
         if transition == "crossfade" and len(sources) > 1:
-            shortest = min(s.duration for s in sources)
-            if not 0 < crossfade_seconds < shortest:
-                raise AssemblyInputError("crossfade_seconds",
-                                         f"crossfade_seconds must be above 0 and below the shortest clip ({shortest:.3f} s)")
-            result.duration = await _assemble_crossfade(sources, tmp, song, song_offset, crossfade_seconds,
-                                                        clip_audio, fit, progress, result)
+            fps = output_fps(sources[0].video)
+            fade = crossfade_frames(crossfade_seconds, fps)
+            frames = [_output_frames(s, fps) for s in sources]
+            if not fade < min(frames):
+                raise AssemblyInputError("crossfade_seconds", f"crossfade_seconds must be below the shortest clip "
+                                                              f"({min(frames) / fps:.3f} s)")
+            if graph_clips_max is not None:
+                check_graph_clips(frames, fade, graph_clips_max)
+            result.duration = await _assemble_crossfade(sources, tmp, out, song, song_offset, fade, clip_audio, fit,
+                                                        progress, result, temps, run)
         else:
             result.duration = sum(s.duration for s in sources)
-            await _assemble_cuts(sources, tmp, out, song, song_offset, clip_audio, fit, progress, result, temps)
+            await _assemble_cuts(sources, tmp, out, song, song_offset, clip_audio, fit, progress, result, temps, run,
+                                 song_copy)
         await asyncio.to_thread(_fsync_replace, tmp, out)
     finally:
         for path in temps:
             path.unlink(missing_ok=True)
     result.elapsed_seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def check_graph_clips(frames: Sequence[int], fade: int, limit: int) -> None:
+    """Refuse (AssemblyInputError naming ``crossfade_seconds``) a crossfade one of whose pieces would decode more
+    than ``limit`` clips at once: the clips in a row that are shorter than twice the crossfade."""
+    clips = graph_clips(frames, fade)
+    if clips > limit:
+        raise AssemblyInputError("crossfade_seconds", f"crossfade_seconds: {clips - 2} clips in a row are shorter than "
+                                                      f"twice the crossfade, so one ffmpeg would decode {clips} clips "
+                                                      f"at once; at most {limit} may be (shorten the crossfade or "
+                                                      "lengthen those clips)")
 
 
 async def _check_song(song: Path, offset: float) -> None:

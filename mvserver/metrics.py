@@ -65,6 +65,10 @@ class Metrics:
                           registry=registry)
         self.jobs_finished = Counter("mv_jobs_finished", "Jobs this process finished, by final status, kind and "
                                                          "backend", ["status", "kind", "backend"], registry=registry)
+        self.job_cost = Counter("mv_job_cost_micros", "Estimated cost of the jobs this process finished, in "
+                                                      "millionths of settings/pricing.yaml's currency, by model and "
+                                                      "basis (price_table, sandbox, local)", ["model", "basis"],
+                                registry=registry)
         self.queue_depth = Gauge("mv_job_queue_depth", "Unfinished jobs no process is running: waiting for a free "
                                                        "slot (jobs.max_concurrent per process); cluster-wide like "
                                                        "mv_jobs; NaN when the store cannot be read", registry=registry)

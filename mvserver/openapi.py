@@ -35,9 +35,9 @@ OPERATIONS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
     ("/api/mv/get_scenes/{scenes_id}.{ext}", "get"): ("getScenes", {"200": "SavedScenes"}),
     ("/api/mv/generate_character_reference", "post"): ("generateCharacterReference", {"200": "CharacterReference"}),
     ("/api/mv/get_image/{image_id}", "get"): ("getImage", {}),
-    ("/api/mv/generate_video", "post"): ("generateVideo", {"202": "JobAccepted"}),
-    ("/api/mv/lipsync", "post"): ("startLipsync", {"202": "JobAccepted"}),
-    ("/api/mv/assemble", "post"): ("startAssembly", {"202": "JobAccepted"}),
+    ("/api/mv/generate_video", "post"): ("generateVideo", {"202": "JobsAccepted"}),
+    ("/api/mv/lipsync", "post"): ("startLipsync", {"202": "JobsAccepted"}),
+    ("/api/mv/assemble", "post"): ("startAssembly", {"202": "JobsAccepted"}),
     ("/api/mv/jobs", "get"): ("listJobs", {"200": "JobList"}),
     ("/api/mv/jobs/{job_id}", "get"): ("getJob", {"200": "Job"}),
     ("/api/mv/jobs/{job_id}", "delete"): ("cancelJob", {"200": "Job"}),
@@ -46,20 +46,25 @@ OPERATIONS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
     ("/api/mv/jobs/{job_id}/deliveries", "get"): ("listJobWebhookDeliveries", {"200": "WebhookDeliveries"}),
     ("/api/mv/jobs/{job_id}/redeliver", "post"): ("startWebhookRedelivery", {"202": "Redelivery"}),
     ("/api/mv/events", "get"): ("streamEvents", {"200": "JobStreamEvent"}),
+    ("/api/mv/usage", "get"): ("getUsage", {"200": "UsageReport"}),
     ("/api/mv/events/link", "get"): ("getEventsLink", {"200": "EventsLink"}),
+    ("/api/mv/get_poster/{video_id}", "get"): ("getPoster", {}),
+    (PROJECT + "/events", "get"): ("streamProjectEvents", {"200": "ProjectStreamEvent"}),
+    (PROJECT + "/events/link", "get"): ("getProjectEventsLink", {"200": "ProjectEventsLink"}),
     ("/api/mv/get_video/{video_id}", "get"): ("getVideo", {}),
     ("/api/mv/webhooks/replicate", "post"): ("receiveReplicateWebhook", {"200": "WebhookAck"}),
     ("/api/mv/upload_audio", "post"): ("uploadAudio", {"201": "Audio"}),
     ("/api/mv/get_audio/{audio_id}", "get"): ("getAudio", {}),
+    ("/api/mv/songs/{audio_id}", "get"): ("getSong", {"200": "Audio"}),
     ("/api/mv/projects", "post"): ("createProject", {"201": "Project"}),
     (PROJECT, "get"): ("getProject", {"200": "Project"}),
     (PROJECT, "patch"): ("updateProject", {"200": "Project"}),
     (PROJECT + "/write_scenes", "post"): ("writeProjectScenes", {"200": "Project"}),
     (PROJECT + "/character", "post"): ("generateProjectCharacter", {"200": "ProjectCharacter"}),
-    (PROJECT + "/clips", "post"): ("startProjectClips", {"202": "ProjectClipsStarted"}),
-    (SCENE + "/clips", "post"): ("startSceneClip", {"202": "SceneJobStarted"}),
-    (PROJECT + "/assemble", "post"): ("startProjectAssembly", {"202": "ProjectAssemblyStarted"}),
-    (SCENE + "/lipsync", "post"): ("startSceneLipsync", {"202": "SceneJobStarted"}),
+    (PROJECT + "/clips", "post"): ("startProjectClips", {"202": "JobsAccepted"}),
+    (SCENE + "/clips", "post"): ("startSceneClip", {"202": "JobsAccepted"}),
+    (PROJECT + "/assemble", "post"): ("startProjectAssembly", {"202": "JobsAccepted"}),
+    (SCENE + "/lipsync", "post"): ("startSceneLipsync", {"202": "JobsAccepted"}),
     (PROJECT + "/timeline", "get"): ("getProjectTimeline", {"200": "Timeline"}),
     ("/metrics", "get"): ("getMetrics", {}),
 }
@@ -74,10 +79,12 @@ EXTRA_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     (PROJECT + "/write_scenes", "post"): (409, 422),
     (PROJECT + "/character", "post"): (409,),
 }
-FILES = ("/api/mv/get_video/{video_id}", "/api/mv/get_audio/{audio_id}", "/api/mv/get_image/{image_id}",
+FILES = ("/api/mv/get_video/{video_id}", "/api/mv/get_poster/{video_id}", "/api/mv/get_audio/{audio_id}",
+         "/api/mv/get_image/{image_id}",
          "/api/mv/get_scenes/{scenes_id}.{ext}")
 BODILESS = {("/api/mv/jobs/{job_id}/cancel", "post")}  # a POST whose body is never read (so never too large)
-STORE_PREFIXES = ("/api/mv/jobs", "/api/mv/events", "/api/mv/projects", "/api/mv/get_video/",
+STORE_PREFIXES = ("/api/mv/jobs", "/api/mv/events", "/api/mv/projects", "/api/mv/get_video/", "/api/mv/get_poster/",
+                  "/api/mv/usage",
                   "/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/assemble", "/api/mv/webhooks/")
 # A Location header on every success of these (the job's status URL, or the new resource)
 LOCATION = {("/api/mv/generate_video", "post"), ("/api/mv/lipsync", "post"), ("/api/mv/assemble", "post"),
@@ -91,7 +98,7 @@ ACTION_OPTIONS = {
     (SCENE + "/lipsync", "post"): ("SceneLipsyncOptions", "lipsync", SCENE_LIPSYNC_OPTIONS),
 }
 # Inline success schemas the route table already spells out, made components under these names.
-LIFTED = {"Health", "Liveness", "Readiness", "EventsLink", "Audio"}
+LIFTED = {"Health", "Liveness", "Readiness", "EventsLink", "ProjectEventsLink", "Audio"}
 
 STATUS_TEXT = {
     400: "invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's "
@@ -114,6 +121,8 @@ STATUS_TEXT = {
     504: "provider_timeout: the provider did not answer in time",
 }
 KEYED_TEXT = {
+    402: "budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, "
+         "limit, spent, remaining, job_estimate, currency); nothing was started",
     403: "forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path "
          "or method, key revoked) or signature_expired",
     429: "rate_limited (the key's token bucket is empty: retry after Retry-After) or quota_exceeded (the key's "
@@ -208,8 +217,8 @@ def _headers(answer: dict[str, Any], status: int, key: tuple[str, str], idempote
     if 200 <= status < 300:
         if key in LOCATION:
             names.append(("Location", True))
-        if path.startswith("/api/mv/projects"):
-            names.append(("ETag", True))
+        if path.startswith("/api/mv/projects") and not path.endswith(("/events", "/events/link")):
+            names.append(("ETag", True))  # the stream and its link carry the version in their events
         if idempotent:
             names.append(("Idempotent-Replayed", False))
     if status in (409, 429, 503):

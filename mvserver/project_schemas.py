@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
@@ -54,6 +54,11 @@ class ProjectModels(BaseModel):
             trim_in=(Seconds, Field(None, description="Seconds cut from the start of the clip.")),
             trim_out=(Seconds, Field(None, description="Where the kept part of the clip ends, in clip seconds.")),
             chosen_job_id=(Id | None, Field(None, description="A succeeded version of this scene; null: none.")),
+            snap=(Literal["beat", "bar", "none"], Field(None, description="Move the scene's cut (where its kept part "
+                                                                          "ends in the song) to the nearest beat or "
+                                                                          "bar line its clip can reach, by setting "
+                                                                          "trim_out; none or without a beat grid: "
+                                                                          "the trims as sent.")),
         )
         new_scene = create_model(
             "NewScene", __config__=STRICT,
@@ -86,7 +91,7 @@ class ProjectModels(BaseModel):
 # Options a client may pass when a project generates its character image or its clips; everything else comes
 # from the project.
 CHARACTER_OPTIONS = frozenset({"aspect_ratio", "safety_filter_level", "person_generation", "output_format",
-                               "negative_prompt", "seed"})
+                               "negative_prompt", "seed", "number_of_images"})
 JOB_OPTIONS = frozenset({"deadline_seconds", "webhook_url", "webhook_events"})  # job_options.option_fields
 CLIP_OPTIONS = frozenset({"backend", "seed", "generate_audio", "video_rules_template"}) | JOB_OPTIONS
 SCENE_LIPSYNC_OPTIONS = frozenset({"sync_mode", "temperature", "active_speaker"}) | JOB_OPTIONS

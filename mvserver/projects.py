@@ -25,6 +25,9 @@ from typing import Any, Awaitable, Callable, Iterable, NamedTuple
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from . import project_song
+from .accepted import accepted_response
+from .analysis import SongAnalysis
 from .auth import key_id, visible_to
 from .config import CONFIG, Config
 from .errors import ApiError, validation_error
@@ -32,12 +35,12 @@ from .idempotency import idempotent
 from .images import _saved_image, generate_reference
 from .jobs import JOBS, Job
 from .project_schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
-from .project_store import PROJECTS, Claim, ClipVersion, Project, Scene, Song
+from .project_store import PROJECTS, CharacterCandidate, Claim, ClipVersion, Project, Scene, Song
 from .quotas import charge
 from .scenes import write_scenes
 from .schemas import REQUEST_MODELS, json_object
 from .storage import STORE, check_id, new_id
-from .videos import accepted_job, check_reference_shape, submit_video_job, whole_prompt
+from .videos import check_reference_shape, submit_video_job, whole_prompt
 
 routes = web.RouteTableDef()
 BASE = "/api/mv/projects"
@@ -242,12 +245,17 @@ async def update(app: web.Application, project_id: str, change: Change, if_match
 # -- the view ------------------------------------------------------------------------------------------------------
 
 
+# What a storyboard grid shows of a finished clip without loading it: its poster, length and frame size.
+CLIP_FACTS = ("poster_url", "video_seconds", "video_width", "video_height")
+
+
 def _version_view(version: ClipVersion, job: Job | None) -> dict[str, Any]:
     view: dict[str, Any] = {"job_id": version.job_id, "created_at": version.created_at, "duration": version.duration}
     if job is None:
-        return {**view, "status": "missing", "stage": None, "progress": None, "video_url": None, "error": None}
+        return {**view, "status": "missing", "stage": None, "progress": None, "video_url": None, "error": None,
+                **dict.fromkeys(CLIP_FACTS)}
     state = job.state()
-    return {**view, **{k: state[k] for k in ("status", "stage", "progress", "video_url", "error")}}
+    return {**view, **{k: state[k] for k in ("status", "stage", "progress", "video_url", "error", *CLIP_FACTS)}}
 
 
 def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
@@ -256,15 +264,20 @@ def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
     project = project.model_copy(deep=True)
     settle(project, jobs)
     record = project.model_dump()
-    body = {"project_id": record.pop("id"), "etag": etag(project), **record}
+    body = {"project_id": record.pop("id"), "etag": etag(project), **record,
+            "events_url": f"{BASE}/{project.id}/events"}
     for scene, entry, raw in zip(project.scenes, project_timeline(project), body["scenes"]):
         raw["versions"] = [_version_view(v, jobs.get(v.job_id)) for v in scene.versions]
         raw["seconds"] = round(entry.seconds, 6)
         raw["song_start"] = entry.song_start
         raw["chosen_video_url"] = f"/api/mv/get_video/{scene.chosen_job_id}" if scene.chosen_job_id else None
+        raw["chosen_poster_url"] = next((v["poster_url"] for v in raw["versions"]
+                                         if v["job_id"] == scene.chosen_job_id), None)
     body["total_seconds"] = round(sum(e.seconds for e in project_timeline(project)), 6)
     for raw in body["scenes"]:
         raw.pop("claim", None)  # bookkeeping of a request in flight
+    for candidate in body["character_candidates"]:
+        candidate["image_url"] = f"/api/mv/get_image/{candidate['image_id']}"
     return body
 
 
@@ -308,28 +321,38 @@ def _options(body: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
 # -- create --------------------------------------------------------------------------------------------------------
 
 
-def new_scene(duration: int, prompt: str = "", negative_prompt: str = "") -> Scene:
+def new_scene(duration: int, prompt: str = "", negative_prompt: str = "", trim_out: float | None = None) -> Scene:
     return Scene(id=new_id(), prompt=prompt, negative_prompt=negative_prompt, duration=duration,
-                 trim_out=float(duration))
+                 trim_out=float(duration) if trim_out is None else trim_out)
 
 
 async def create_project(app: web.Application, body: Any, owner: str | None = None) -> Project:
     config: Config = app[CONFIG]
     settings = config.projects
-    song = None
-    durations = [settings.default_scene_seconds] * (body.number_of_scenes or 0)
+    song = analysis = None
+    sized = [(settings.default_scene_seconds, float(settings.default_scene_seconds))] * (body.number_of_scenes or 0)
     if body.audio_id is not None:
         duration = await song_duration(app, body.audio_id, "audio_id", owner)
         song = Song(audio_id=body.audio_id, offset=_offset(body.audio_offset, duration, "audio_offset"),
                     duration=duration)
-        if body.number_of_scenes is None:
-            durations = size_to_song(duration - song.offset, config.videos.allowed.duration,
-                                     settings.limits.scenes_max)
+        sizing = body.number_of_scenes is None
+        # Sizing waits for the song's analysis (usually done at upload); otherwise only a finished one is used.
+        analysis, note = await project_song.load_analysis(
+            app, body.audio_id, wait=config.env.analysis_timeout_seconds if sizing else 0)
+        if sizing and analysis is not None and analysis.grid is not None:
+            sized = project_song.scenes_on_bars(analysis, song, config.videos.allowed.duration, settings.frame_rate,
+                                                settings.limits.scenes_max)
+            song.sized_by = "bars"
+        elif sizing:
+            sized = [(d, float(d)) for d in size_to_song(duration - song.offset, config.videos.allowed.duration,
+                                                        settings.limits.scenes_max)]
+            song.sized_by, song.sizing_note = "length", note
     elif body.audio_offset:
         raise ApiError(400, "invalid_field", "audio_offset: needs audio_id", field="audio_offset")
     project = Project(id=new_id(), owner=owner, idea=body.idea, character_description=body.character_description,
                       style=body.style, aspect_ratio=body.aspect_ratio, song=song,
-                      scenes=[new_scene(d) for d in durations])
+                      scenes=[new_scene(d, trim_out=kept) for d, kept in sized])
+    project_song.place_scenes(project_timeline(project), song, analysis, settings.frame_rate)
     if not await app[PROJECTS].put(project, 0):
         raise ApiError(409, "conflict", "a project with this id exists")  # a UUID4 collision: never in practice
     return project
@@ -353,9 +376,11 @@ async def _check_image(app: web.Application, image_id: str, caller: str | None) 
                        field="character_image_id") from None
 
 
-def apply_patch(config: Config, project: Project, jobs: JobStates, patch: Any, song: Song | None | bool) -> None:
-    """Apply a validated PATCH in place (remove, per-scene changes, order, add) or raise ApiError naming the field.
-    ``song`` is the new song when ``audio_id`` was sent (None removes it), False when it was not."""
+def apply_patch(config: Config, project: Project, jobs: JobStates, patch: Any, song: Song | None | bool,
+                analysis: SongAnalysis | None = None) -> None:
+    """Apply a validated PATCH in place (remove, per-scene changes, order, add, then snapped cuts) or raise ApiError
+    naming the field. ``song`` is the new song when ``audio_id`` was sent (None removes it), False when it was not;
+    ``analysis`` the song's (for snapping and the scenes' windows), if there is one."""
     sent = patch.model_fields_set
     for name in ("idea", "character_description", "style", "character_image_id"):
         if name in sent:
@@ -396,6 +421,11 @@ def apply_patch(config: Config, project: Project, jobs: JobStates, patch: Any, s
     if len(project.scenes) > limit:
         raise ApiError(400, "too_many_scenes", f"add_scenes: a project holds at most {limit} scenes",
                        field="add_scenes")
+    settings = config.projects
+    snaps = [(c.id, c.snap, f"scenes.{i}") for i, c in enumerate(patch.scenes or []) if c.snap is not None]
+    project_song.snap_trims(project, snaps, analysis, settings.frame_rate, settings.limits.min_scene_seconds,
+                            project_timeline)
+    project_song.place_scenes(project_timeline(project), project.song, analysis, settings.frame_rate)
 
 
 def _scene_prompt_excess(config: Config, project: Project, scene: Scene) -> int:
@@ -632,8 +662,15 @@ async def write_project_scenes(request: web.Request, project_id: str, options: A
     params = {**scenes_body.model_dump(), "number_of_scenes": count}
     defaulted = [name for name in defaulted if name != "number_of_scenes"]
     ids = [s.id for s in project.scenes]
-    written = (await write_scenes(request, params, defaulted,
-                                  caller=f"project {project_id} write_scenes"))["scenes"]
+    fps = config.projects.frame_rate
+    analysis = brief = None
+    if project.song is not None:  # Gemini hears the song and reads its timeline
+        analysis, _ = await project_song.load_analysis(app, project.song.audio_id,
+                                                       wait=config.env.analysis_wait_seconds)
+        project_song.place_scenes(project_timeline(project), project.song, analysis, fps)
+        brief = await project_song.song_brief(app, project, analysis, project_timeline(project), count)
+    written = (await write_scenes(request, params, defaulted, caller=f"project {project_id} write_scenes",
+                                  song=brief))["scenes"]
     limit = config.projects.limits.text_max_chars
 
     def fill(current: Project, _jobs: JobStates) -> None:
@@ -647,6 +684,7 @@ async def write_project_scenes(request: web.Request, project_id: str, options: A
                 current.scenes.append(scene)
             if scene is not None:
                 fit_scene_prompt(config, current, scene)
+        project_song.place_scenes(project_timeline(current), current.song, analysis, fps)
 
     return await update(app, project_id, fill)
 
@@ -674,7 +712,8 @@ async def get(request: web.Request) -> web.Response:
 @routes.patch(BASE + "/{project_id}")
 async def patch(request: web.Request) -> web.Response:
     app = request.app
-    project_id = (await owned_project(request)).id
+    current = await owned_project(request)
+    project_id = current.id
     if_match = request.headers.get("If-Match")
     if if_match is None:
         raise ApiError(428, "precondition_required", "PATCH needs If-Match with the ETag of the project as read",
@@ -688,7 +727,10 @@ async def patch(request: web.Request) -> web.Response:
             song = Song(audio_id=body.audio_id, duration=duration)
     if body.character_image_id is not None:
         await _check_image(app, body.character_image_id, key_id(request))
-    project = await update(app, project_id, lambda p, jobs: apply_patch(app[CONFIG], p, jobs, body, song), if_match)
+    audio_id = body.audio_id if "audio_id" in body.model_fields_set else current.song and current.song.audio_id
+    analysis = (await project_song.load_analysis(app, audio_id, wait=0))[0] if audio_id else None  # if ready
+    project = await update(app, project_id, lambda p, jobs: apply_patch(app[CONFIG], p, jobs, body, song, analysis),
+                           if_match)
     return _respond(project, await job_states(app, project))
 
 
@@ -704,7 +746,8 @@ async def write(request: web.Request) -> web.Response:
 
 @routes.post(BASE + "/{project_id}/character")
 async def character(request: web.Request) -> web.Response:
-    """Render the project's character (Imagen) and make it the chosen reference image of its clips."""
+    """Render the project's character (Imagen): ``number_of_images`` candidates (within the images settings), the
+    first one the chosen reference image of its clips; all of them kept on the record until the next render."""
     app = request.app
     project = await owned_project(request)
     project_id = project.id
@@ -723,6 +766,8 @@ async def character(request: web.Request) -> web.Response:
 
     def pick(current: Project, _jobs: JobStates) -> None:
         current.character_image_id = image["image_id"]
+        current.character_candidates = [CharacterCandidate(image_id=i["image_id"], mime_type=i["mime_type"],
+                                                           seed=i["seed"]) for i in image["images"]]
 
     project = await update(app, project_id, pick)
     image = {k: v for k, v in image.items() if k != "image_base64"}
@@ -738,8 +783,7 @@ async def generate_missing(request: web.Request) -> web.Response:
     project, jobs, started = await generate_clips(request.app, project_id, None, options,
                                                   request.headers.get("If-Match"), owner=key_id(request),
                                                   charge=lambda ids: charge(request, "jobs", job_ids=ids))
-    return _respond(project, jobs, 202, extra={"jobs": [accepted_job(j) | {"scene_id": j.request["scene_id"]}
-                                                        for j in started]})
+    return accepted_response(request, started, project=project_view(project, jobs), many=True)
 
 
 @routes.post(BASE + "/{project_id}/scenes/{scene_id}/clips")
@@ -752,9 +796,7 @@ async def generate_one(request: web.Request) -> web.Response:
     project, jobs, started = await generate_clips(request.app, project_id, [scene_id], options,
                                                   request.headers.get("If-Match"), owner=key_id(request),
                                                   charge=lambda ids: charge(request, "jobs", job_ids=ids))
-    job = started[0]
-    return _respond(project, jobs, 202, extra={"job": accepted_job(job) | {"scene_id": scene_id}},
-                    headers={"Location": f"/api/mv/jobs/{job.id}"})
+    return accepted_response(request, started, project=project_view(project, jobs))
 
 
 @routes.get(BASE + "/{project_id}/timeline")

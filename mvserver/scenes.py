@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,17 @@ class SceneList(BaseModel):
     scenes: list[Scene]
 
 
+@dataclass(frozen=True)
+class SongBrief:
+    """What a project's scene writer sends Gemini after the prompt: the song's timeline (sections, each scene's
+    window) as text, and the song itself (a small compressed copy, inline; None if there is none)."""
+
+    text: str
+    audio: bytes | None = None
+    mime_type: str = "audio/mp3"
+    audio_id: str | None = None
+
+
 def style_variables(config: Config, name: str | None) -> dict[str, str] | None:
     """The preset a request named, as template variables (the request model only lets known names through)."""
     if name is None:
@@ -52,22 +64,28 @@ def _valid_reply(parsed: BaseModel | None, count: int) -> list[Scene] | None:
 
 
 async def write_scenes(request: web.Request, params: dict[str, Any], defaulted: list[str],
-                       caller: str = "create_scenes") -> dict[str, Any]:
+                       caller: str = "create_scenes", song: SongBrief | None = None) -> dict[str, Any]:
     """Render the prompt, ask Gemini (again once if the reply is malformed), save JSON and Markdown copies.
 
     Every scene writer (``create_scenes``, a project's ``write_scenes``: ``caller`` in the debug records) comes
-    through here, so a style preset is rendered the same way for all of them."""
+    through here, so a style preset is rendered the same way for all of them. ``song``: the project's song, sent
+    after the prompt (its timeline as text, the audio inline)."""
     config: Config = request.app[CONFIG]
     settings = config.scenes
     gemini = request.app[PROVIDERS].gemini
     prompt = config.render("scenes.prompt", **{**params, "style": style_variables(config, params.get("style"))})
     debug_print(config.debug, f"{caller} prompt sent to Gemini", prompt)
+    if song is not None:
+        debug_print(config.debug, f"{caller} song sent to Gemini ({len(song.audio or b'')} bytes of "
+                                  f"{song.mime_type})", song.text)
     started = time.monotonic()
     attempts = settings.malformed_reply_retries + 1
     scenes: list[Scene] | None = None
     for attempt in range(1, attempts + 1):
         parsed, raw = await gemini.generate_json(settings.model, prompt, SceneList,
-                                                 temperature=settings.temperature, timeout=settings.timeout_seconds)
+                                                 temperature=settings.temperature, timeout=settings.timeout_seconds,
+                                                 context=song.text if song else None,
+                                                 audio=(song.audio, song.mime_type) if song and song.audio else None)
         debug_print(config.debug, f"{caller} raw reply from Gemini (attempt {attempt})", raw)
         scenes = _valid_reply(parsed, params["number_of_scenes"])
         if scenes is not None:
@@ -77,11 +95,11 @@ async def write_scenes(request: web.Request, params: dict[str, Any], defaulted: 
                        f"Gemini did not return {params['number_of_scenes']} valid scenes as JSON after {attempts} attempts",
                        provider="gemini")
     elapsed = round(time.monotonic() - started, 3)
-    return await _save(request, params, defaulted, [s.model_dump() for s in scenes], elapsed, attempt)
+    return await _save(request, params, defaulted, [s.model_dump() for s in scenes], elapsed, attempt, song)
 
 
 async def _save(request: web.Request, params: dict[str, Any], defaulted: list[str], scenes: list[dict[str, Any]],
-                elapsed: float, attempts: int) -> dict[str, Any]:
+                elapsed: float, attempts: int, song: SongBrief | None = None) -> dict[str, Any]:
     config: Config = request.app[CONFIG]
     store = request.app[STORE]
     sandbox = "gemini_scenes" in request.app[PROVIDERS].sandboxed
@@ -94,6 +112,9 @@ async def _save(request: web.Request, params: dict[str, Any], defaulted: list[st
         "attempts": attempts,
         "sandbox": sandbox,
     }
+    if song is not None:  # what Gemini got with the prompt
+        metadata["song"] = {"audio_id": song.audio_id, "audio_bytes": len(song.audio or b""),
+                            "audio_mime_type": song.mime_type if song.audio else None, "timeline": song.text}
     json_path = store.path("scenes", scenes_id, ".json")
     md_path = store.path("scenes", scenes_id, ".md")
     owner = key_id(request)

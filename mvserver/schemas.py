@@ -20,6 +20,7 @@ from .assembly_schemas import assemble_request_model, assembly_options_model
 from .fields import INTEGRAL, UUID4_PATTERN, choice, text
 from .job_options import option_fields
 from .openapi import complete
+from .response_schemas import SONG_ANALYSIS_FIELDS
 from .project_schemas import ProjectModels
 
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -224,6 +225,7 @@ AUDIO_SCHEMA = {
         "channels": {"type": "integer", "minimum": 1, "maximum": 8},
         "size_bytes": {"type": "integer"},
         "audio_url": {"type": "string"},
+        **SONG_ANALYSIS_FIELDS,
     },
 }
 
@@ -282,6 +284,54 @@ def _with_idempotency(paths: dict[str, Any]) -> None:
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
 
 
+PROJECT_EVENTS_DESCRIPTION = (
+    "Server-Sent Events that keep a page's project current; the stream stays open until the client goes. Events: "
+    "`project` (the project as GET shows it, with its etag: when the stream opens and after every write by anyone), "
+    "`version_added` {project_id, scene_id, job_id, kind, etag} (right after the `project` event that added it), "
+    "`version_chosen` {project_id, scene_id, job_id, previous_job_id, etag} (a scene's chosen clip changed: by a "
+    "write, or its awaited version succeeded, which moves no ETag), and the events of the project's unfinished jobs "
+    "exactly as on the job streams (queued, running, progress, succeeded, failed, canceled; data.job_id says whose). "
+    "The event id is the project version and each followed job's position (`7.736726c7-11`): Last-Event-ID (or "
+    "`after`) resumes the jobs while the project is at that version, and starts with a `project` event otherwise. "
+    "A `: ping` comment every jobs.sse_ping_interval_seconds.")
+PROJECT_EVENTS_AFTER = {"name": "after", "in": "query", "required": False,
+                        "description": "An event id of this stream to resume from (an EventSource cannot set "
+                                       "Last-Event-ID; the header takes precedence)",
+                        "schema": {"type": "string", "pattern": r"^[0-9]{1,9}(\.[0-9a-f]{8}-[0-9]{1,9}){0,1000}$"}}
+PROJECT_EVENTS_LINK_SCHEMA = {
+    "type": "object", "required": ["events_url", "expires_at"],
+    "properties": {
+        "events_url": {"type": "string",
+                       "description": "GET /api/mv/projects/{project_id}/events[?after=…][&kid=…&exp=…&sig=…]"},
+        "expires_at": {"type": ["string", "null"], "format": "date-time",
+                       "description": "when the signed link stops working (null with keys off)"}},
+}
+
+
+def _stream_and_poster_paths() -> dict[str, Any]:
+    project = [_id_parameter("project_id")]
+    return {
+        "/api/mv/get_poster/{video_id}": {"get": {
+            "summary": "The clip's first frame as a JPEG (its job's poster_url), under get_video's rules: 409 while "
+                       "the job has not succeeded, 404 for an unknown id, another key's job, or a clip without a "
+                       "poster, 410 once expired",
+            "parameters": [_id_parameter("video_id")],
+            "responses": _answers(200, "poster", 400, 404, 409, 410, content="image/jpeg")}},
+        "/api/mv/projects/{project_id}/events": {"get": {
+            "summary": "The project's event stream: its writes, versions added and chosen, and its jobs' events",
+            "description": PROJECT_EVENTS_DESCRIPTION, "parameters": [*project, PROJECT_EVENTS_AFTER],
+            "responses": _answers(200, "event stream", 400, 404, 503, content="text/event-stream")}},
+        "/api/mv/projects/{project_id}/events/link": {"get": {
+            "summary": "The URL of the project's event stream for an EventSource: with keys on signed for the "
+                       "caller's key (the signature covers `after`) and valid until `expires_at`; with keys off the "
+                       "plain URL and `expires_at` null",
+            "parameters": [*project, PROJECT_EVENTS_AFTER],
+            "responses": {**_answers(200, "the stream's URL", 400, 404),
+                          "200": {"description": "the stream's URL",
+                                  "content": {"application/json": {"schema": PROJECT_EVENTS_LINK_SCHEMA}}}}}},
+    }
+
+
 def _id_parameter(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": UUID4_PATTERN}}
 
@@ -317,8 +367,11 @@ def _project_paths() -> dict[str, Any]:
         "/api/mv/projects/{project_id}/character": {"post": {
             "summary": "Render the character image (Imagen) and make it the project's reference image",
             "parameters": action,
-            "requestBody": _options_body("Optional image options: aspect_ratio, safety_filter_level, "
-                                         "person_generation, output_format, negative_prompt, seed"),
+            "requestBody": _options_body("Optional image options: number_of_images (candidates, within the "
+                                         "images settings: the first becomes the reference image, all are kept "
+                                         "on the project as character_candidates until the next render), "
+                                         "aspect_ratio, safety_filter_level, person_generation, output_format, "
+                                         "negative_prompt, seed"),
             "responses": _answers(200, "{image, project}", 400, 404, 412, 422, 429, 502, 503, 504)}},
         "/api/mv/projects/{project_id}/clips": {"post": {
             "summary": "Start a clip job for every scene without a chosen clip or one in progress",
@@ -332,7 +385,8 @@ def _project_paths() -> dict[str, Any]:
             "responses": _answers(202, "{job, project}", 400, 404, 409, 412)}},
         "/api/mv/projects/{project_id}/assemble": {"post": {
             "summary": "Start an assembly job of the project's chosen clips (display order, trims) with its song from "
-                       "its offset; 400 naming scenes.N when a scene has no finished chosen clip",
+                       "its offset; 400 naming scenes.N when a scene has no finished chosen clip, scenes when the "
+                       "video would be too long (assembly_too_long), crossfade_seconds as for POST /assemble",
             "parameters": project, "requestBody": {**_json_body("AssemblyOptions"), "required": False},
             "responses": _answers(202, "{job_id, kind, status, status_url, events_url, video_url, project}", 400,
                                   404, 409)}},
@@ -412,6 +466,14 @@ CHARGED_POSTS = frozenset({
     "/api/mv/projects/{project_id}/clips", "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
     "/api/mv/projects/{project_id}/assemble", "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync",
     "/api/mv/upload_audio"})
+# A usage report's bound: a date (midnight UTC), a date-time (UTC unless it has an offset), or unix seconds
+USAGE_TIME = {"type": "string", "pattern": r"^([0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?"
+                                           r"(Z|[+-][0-9]{2}:[0-9]{2})?)?|[0-9]{1,12}(\.[0-9]{1,6})?)$"}
+# POST routes that create jobs: with keys on, each may answer 402 budget_exceeded (the key's monthly_budget)
+JOB_POSTS = frozenset({
+    "/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/assemble", "/api/mv/projects/{project_id}/clips",
+    "/api/mv/projects/{project_id}/scenes/{scene_id}/clips", "/api/mv/projects/{project_id}/assemble",
+    "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync"})
 
 
 def _with_access(paths: dict[str, Any], metrics: bool) -> None:
@@ -430,6 +492,10 @@ def _with_access(paths: dict[str, Any], metrics: bool) -> None:
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
             if method == "post" and path in CHARGED_POSTS:
                 answers.setdefault("429", {"description": "rate_limited or quota_exceeded (see Retry-After)",
+                                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+            if method == "post" and path in JOB_POSTS:
+                answers.setdefault("402", {"description": "budget_exceeded: the job's estimated cost would pass the "
+                                                          "key's monthly_budget; error.budget says what is left",
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
 
 
@@ -500,7 +566,10 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
         "/api/mv/assemble": {"post": {
             "summary": "Start an assembly job (answers 202 at once): finished clips (video or lip-sync jobs) joined "
                        "with cuts (stream-copied where possible) or crossfades, with an optional song; the result "
-                       "is served by get_video/{job_id}",
+                       "is served by get_video/{job_id}. 400 names the field: clips (assembly_too_long past "
+                       "media.yaml assembly.output_seconds_max), clips.N.trim_in|trim_out (invalid_trim: outside "
+                       "the clip or keeping under one output frame), crossfade_seconds (under one frame, not "
+                       "shorter than every clip, or graph_too_large past assembly.graph_clips_max)",
             "requestBody": _json_body("AssembleRequest"),
             "responses": _answers(202, "job accepted", 400, 413, 415, 503)}},
         "/api/mv/jobs": {"get": {
@@ -547,6 +616,19 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
                        "(dot-separated, in the order of `jobs`), so Last-Event-ID resumes them all",
             "parameters": stream_parameters,
             "responses": _answers(200, "event stream", 400, 404, content="text/event-stream")}},
+        "/api/mv/usage": {"get": {
+            "summary": "Usage and estimated cost of the jobs that ended in [from, to): the caller's (every key's for "
+                       "an admin key), totals that are the sum of the jobs listed, grouped by model, kind or day",
+            "description": "from/to: ISO 8601 dates (midnight UTC) or date-times, or unix seconds; default this "
+                           "calendar month (UTC) up to now. With keys on, `budget` is the caller's monthly limit, "
+                           "spending and what is left.",
+            "parameters": [
+                {"name": "from", "in": "query", "required": False, "schema": USAGE_TIME},
+                {"name": "to", "in": "query", "required": False,
+                 "schema": {**USAGE_TIME, "description": "after `from`, at most report_max_days later"}},
+                {"name": "group_by", "in": "query", "required": False,
+                 "schema": {"type": "string", "enum": ["model", "kind", "day"], "default": "model"}}],
+            "responses": _answers(200, "usage report", 400, 503)}},
         "/api/mv/events/link": {"get": {
             "summary": "The URL of the multi-job stream for these jobs (and positions), for an EventSource: with keys "
                        "on signed for the caller's key (kid, exp, sig; the signature covers the exact job list and "
@@ -584,8 +666,17 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
         "/api/mv/get_audio/{audio_id}": {"get": {
             "summary": "The uploaded song (Range requests supported)", "parameters": [_id_parameter("audio_id")],
             "responses": _answers(200, "audio", 400, 404, 416, content="audio/*")}},
+        "/api/mv/songs/{audio_id}": {"get": {
+            "summary": "The uploaded song's description and analysis (tempo, beats, bars, sections, energy, "
+                       "waveform peaks): analysed at upload, or now for a song uploaded before; analysis_status "
+                       "pending: ask again shortly",
+            "parameters": [_id_parameter("audio_id")],
+            "responses": {**_answers(200, "the song", 400, 404),
+                          "200": {"description": "the song",
+                                  "content": {"application/json": {"schema": AUDIO_SCHEMA}}}}}},
     }
     paths.update(_project_paths())
+    paths.update(_stream_and_poster_paths())
     _with_idempotency(paths)
     for path, operations in paths.items():
         for operation in operations.values():

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import io
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import jinja2
@@ -14,6 +15,7 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
+from .accepted import accepted_response
 from .auth import key_id, require_owner, visible_to
 from .backends import PROVIDERS
 from .config import CONFIG, Config
@@ -200,25 +202,19 @@ async def submit_video_job(app: web.Application, body: Any, defaulted: list[str]
     return await app[JOBS].submit(job)
 
 
-def accepted_job(job: Job) -> dict[str, Any]:
-    """The 202 body of a submitted job."""
-    return {"job_id": job.id, "status": job.status, "backend": job.backend, "sandbox": job.sandbox, **job_urls(job.id)}
-
-
 @routes.post("/api/mv/generate_video")
 @idempotent
 async def generate_video(request: web.Request) -> web.Response:
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, request.app[CONFIG].debug)
     job = await submit_video_job(request.app, body, defaulted, owner=key_id(request),
                                  charge=lambda: charge(request, "jobs"))
-    payload = accepted_job(job)
-    return web.json_response(_with_signed_urls(request, payload), status=202,
-                             headers={"Location": payload["status_url"]})
+    return accepted_response(request, [job])
 
 
 def _with_signed_urls(request: web.Request, payload: dict[str, Any]) -> dict[str, Any]:
-    """Add ``signed_urls`` (keys on) for the job's status, events and video, which browsers load without headers."""
-    names = ("status_url", "events_url", "video_url")
+    """Add ``signed_urls`` (keys on) for the job's status, events, video and poster, which browsers load without
+    headers."""
+    names = ("status_url", "events_url", "video_url", "poster_url")
     signed = signed_urls(request.app, key_id(request), {name: payload.get(name) for name in names})
     return payload if signed is None else {**payload, "signed_urls": signed}
 
@@ -298,11 +294,19 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/api/mv/get_video/{video_id}")
 async def get_video(request: web.Request) -> web.StreamResponse:
+    path = await job_output(request, ".mp4", "video")
+    return SavedFileResponse(path, noun="video",
+                             headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
+
+
+async def job_output(request: web.Request, suffix: str, what: str) -> Path:
+    """The file ``videos/<video_id><suffix>`` of the route's succeeded job, with the video's access rules: another
+    key's job is unknown (404), an unfinished or unsuccessful one 409, an expired one 410, a missing file 404."""
     video_id = check_id(request.match_info["video_id"], "video_id")
-    path = request.app[STORE].path("videos", video_id, ".mp4")
+    path = request.app[STORE].path("videos", video_id, suffix)
     job = await request.app[JOBS].get(video_id)
     if job is not None:
-        require_owner(job.owner, key_id(request), ApiError(404, "not_found", f"no video with id {video_id}"))
+        require_owner(job.owner, key_id(request), ApiError(404, "not_found", f"no {what} with id {video_id}"))
     if job is not None and job.status != "succeeded":
         code = {"failed": "job_failed", "canceled": "job_canceled"}.get(job.status, "video_not_ready")
         cause = job.error or {}
@@ -311,6 +315,5 @@ async def get_video(request: web.Request) -> web.StreamResponse:
                        provider_status=cause.get("provider_status"), provider_error=cause.get("provider_error"))
     if not await asyncio.to_thread(path.is_file):
         await _not_expired(request, video_id)
-        raise ApiError(404, "not_found", f"no video with id {video_id}")
-    return SavedFileResponse(path, noun="video",
-                             headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
+        raise ApiError(404, "not_found", f"no {what} with id {video_id}")
+    return path

@@ -84,7 +84,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
                         importlib.util.find_spec("playwright") is not None)
 
 
-SIM_DEFAULTS = {"video_latency": 0.2, "image_latency": 0.2, "scenes_latency": 0.0}
+TEST_REPLICATE_TOKEN = "r8_test"  # the apps' REPLICATE_API_TOKEN; the simulators answer it (and give it the secret)
+SIM_DEFAULTS = {"video_latency": 0.2, "image_latency": 0.2, "scenes_latency": 0.0, "api_token": TEST_REPLICATE_TOKEN}
 # The simulator's own defaults of the other knobs tests change.
 SIM_KNOBS = {f.name: f.default for f in dataclasses.fields(Simulator) if f.name in ("render_cache", "output_pad_bytes",
                                                                                       "webhook_retry_seconds")}
@@ -234,13 +235,15 @@ def provider_env(sim_server: TestServer, output_dir: Path, settings_dir: Path,
     return {
         **store_env,
         "GEMINI_API_KEY": "test-gemini-key",
-        "REPLICATE_API_TOKEN": "r8_test",
+        "REPLICATE_API_TOKEN": TEST_REPLICATE_TOKEN,
         "GOOGLE_VERTEX_API_KEY": "test-vertex-key",
         "MV_GEMINI_BASE_URL": f"{base}/gemini",
         "MV_VERTEX_BASE_URL": f"{base}/vertex",
         "MV_REPLICATE_BASE_URL": f"{base}/replicate",
         "MV_OUTPUT_DIR": str(output_dir),
         "MV_SETTINGS_DIR": str(settings_dir),
+        # No song analysis (a worker process costs ~3 s of CPU to start); the tests of it turn it on.
+        "MV_ANALYSIS_WORKERS": "0",
     }
 
 
@@ -307,6 +310,7 @@ def module_live(module_app: LiveApp) -> LiveApp:
     sim.faults.clear()
     sim.requests.clear()
     sim.prompts.clear()
+    sim.inline_parts.clear()
     sim.webhook_deliveries.clear()
     for name, value in {**SIM_KNOBS, **SIM_DEFAULTS}.items():
         setattr(sim, name, value)

@@ -5,10 +5,14 @@ project flow (assemble from the timeline, lip-sync a scene into a new version th
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp.test_utils import TestClient
 
 from mvserver import media
@@ -19,7 +23,8 @@ from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator
 from mvserver.storage import STORE, new_id
 from conftest import AppClient, read_sse
-from test_lipsync import PROMPT, make_clip, make_song, wait_for
+from test_lipsync import PROMPT, events_of, make_clip, make_song, wait_for
+from test_media import HOLDER, proc_limit
 
 pytestmark = pytest.mark.both_stores
 FINAL = ("succeeded", "failed", "canceled")
@@ -145,6 +150,36 @@ async def test_every_bad_assembly_is_a_400_naming_the_field(client: TestClient, 
     await client.post(f"/api/mv/jobs/{running_id}/cancel")
 
 
+async def test_a_trim_or_crossfade_under_one_frame_is_a_400_and_one_frame_is_assembled(
+        client: TestClient, sim: Simulator) -> None:
+    """One frame at the output's frame rate (24 fps here) is the least a trim may keep and the least a crossfade
+    may last: less used to get a 202 and then fail (a trim) or run as no crossfade at all (1e-300)."""
+    clip = await make_clip(client, sim, 4)
+    frame = 1 / 24
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"clips": [{"job_id": clip, "trim_in": 1.0, "trim_out": 1.01}]}, "clips.0.trim_out"),
+        ({"clips": [{"job_id": clip, "trim_in": 4.0 - frame / 4}]}, "clips.0.trim_in"),
+        ({"clips": [{"job_id": clip}, {"job_id": clip, "trim_out": 1e-300}]}, "clips.1.trim_out"),
+        ({"clips": [{"job_id": clip}] * 2, "transition": "crossfade", "crossfade_seconds": 1e-300},
+         "crossfade_seconds"),
+        ({"clips": [{"job_id": clip}] * 2, "transition": "crossfade", "crossfade_seconds": frame * 0.9},
+         "crossfade_seconds"),
+        ({"clips": [{"job_id": clip}], "transition": "crossfade", "crossfade_seconds": 1e-300}, "crossfade_seconds"),
+    ]
+    for body, field in cases:
+        response = await client.post("/api/mv/assemble", json=body)
+        assert await error_of(response) == (400, field), (body, await response.text())
+    one_frame = await assemble(client, clips=[{"job_id": clip, "trim_in": 1.0, "trim_out": 1.0 + frame},
+                                              {"job_id": clip}])
+    one_frame_fade = await assemble(client, clips=[{"job_id": clip}] * 2, transition="crossfade",
+                                    crossfade_seconds=frame)
+    state = await finished(client, one_frame["job_id"])
+    assert_h264_aac(await output_of(client, state), 4.0 + frame)
+    state = await finished(client, one_frame_fade["job_id"])
+    assert state["request"]["expected_seconds"] == pytest.approx(8.0 - frame, abs=1e-6)
+    assert_h264_aac(await output_of(client, state), 8.0 - frame)
+
+
 def test_media_field_names_become_api_field_names() -> None:
     assert _field("clips[2].trim_in") == "clips.2.trim_in"
     assert _field("clips[0]") == "clips.0"
@@ -184,6 +219,154 @@ async def test_a_running_assembly_is_run_again_after_a_restart(make_client: AppC
     second = await make_client()
     state = await finished(second, accepted["job_id"], 180)
     assert_h264_aac(await output_of(second, state), 6 * 4 - 5 * 0.5)
+
+
+# -- limits: ffmpeg slots, request caps, what each ffmpeg may use, one run of a job at a time --------------------
+
+
+def media_settings(settings_dir: Path, **sections: dict[str, Any]) -> None:
+    """Change ``settings/media.yaml`` of the apps built afterwards (``ffmpeg={...}``, ``assembly={...}``)."""
+    path = settings_dir / "media.yaml"
+    data = yaml.safe_load(path.read_text())
+    for name, values in sections.items():
+        data[name].update(values)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def times(events: list[dict[str, Any]], stage: str | None = None, name: str | None = None) -> list[float]:
+    return [e["data"]["event_time"] for e in events
+            if (stage is None or e["data"].get("stage") == stage) and (name is None or e["event"] == name)]
+
+
+async def test_ffmpeg_heavy_runs_take_turns_in_the_nodes_slots_within_their_limits(
+        make_client: AppClient, settings_dir: Path, sim: Simulator) -> None:
+    """One slot: a second assembly and a lip-sync cut wait (stage "waiting") until the first assembly's ffmpeg is
+    done; every ffmpeg of a job runs with the memory and thread limits of media.yaml."""
+    media_settings(settings_dir, ffmpeg={"concurrency": 1, "memory_mb": 900, "threads": 1})
+    client = await make_client()
+    clip = await make_clip(client, sim, 8)
+    audio_id = make_song(client, 20.0, "mp3")
+    videos = client.app[STORE].root / "videos"
+    first = await assemble(client, clips=[{"job_id": clip}] * 8, transition="crossfade", crossfade_seconds=0.5,
+                           audio_id=audio_id, clip_audio="mix")
+    await wait_for(client, first["job_id"], lambda s: s["stage"] == "assembling", 30)
+    second = await assemble(client, clips=[{"job_id": clip}] * 2)
+    response = await client.post("/api/mv/lipsync", json={"video_job_id": clip, "audio_id": audio_id})
+    assert response.status == 202, await response.text()
+    lipsync_id = (await response.json())["job_id"]
+    await wait_for(client, second["job_id"], lambda s: s["stage"] == "waiting", 30)
+    checked = False
+    async with asyncio.timeout(60):
+        while not checked:  # the pieces are short-lived processes: read one that is still there
+            for pid in ffmpeg_writing(videos):
+                try:
+                    memory = proc_limit(pid, "Max data size")
+                    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+                except (OSError, AssertionError):
+                    continue
+                if "-progress" not in args:  # a probe of the clips, not a run
+                    continue
+                assert memory == (str(900 << 20),) * 2
+                assert args[args.index("-i") - 2:args.index("-i")] == ["-threads", "1"]
+                checked = True
+                break
+            await asyncio.sleep(0.02)
+    assert len(ffmpeg_writing(videos)) <= 1
+    states = [await finished(client, job_id) for job_id in (first["job_id"], second["job_id"], lipsync_id)]
+    assert [s["status"] for s in states] == ["succeeded"] * 3, states
+    before = max(times(await events_of(client, first["job_id"]), "assembling"))  # its ffmpeg's progress
+    later = await events_of(client, second["job_id"])
+    assert times(later, "waiting") and min(times(later, "assembling")) >= before
+    lipsync = await events_of(client, lipsync_id)
+    assert min(times(lipsync, "generating")) >= before  # its prediction exists only after its cut
+
+
+async def test_what_one_assembly_may_ask_is_capped_with_a_400_naming_the_field(
+        make_client: AppClient, settings_dir: Path, sim: Simulator) -> None:
+    media_settings(settings_dir, assembly={"output_seconds_max": 7.5, "graph_clips_max": 2})
+    client = await make_client()
+    clip = await make_clip(client, sim, 4)
+    long_cut = await client.post("/api/mv/assemble", json={"clips": [{"job_id": clip}] * 2})
+    assert await error_of(long_cut) == (400, "clips")
+    assert "7.5" in (await long_cut.json())["error"]["message"]
+    short_middle = [{"job_id": clip}, {"job_id": clip, "trim_out": 1.5}, {"job_id": clip}]
+    response = await client.post("/api/mv/assemble", json={"clips": short_middle, "transition": "crossfade",
+                                                            "crossfade_seconds": 1.0})
+    assert await error_of(response) == (400, "crossfade_seconds")  # 3 clips in one graph, 2 allowed
+    assert (await response.json())["error"]["code"] == "graph_too_large"
+    # just under both caps: two clips crossfaded by half a second last 7.5 s
+    accepted = await assemble(client, clips=[{"job_id": clip}] * 2, transition="crossfade", crossfade_seconds=0.5)
+    assert_h264_aac(await output_of(client, await finished(client, accepted["job_id"])), 7.5)
+
+    response = await client.post(PROJECTS, json={"idea": "a song", "character_description": "a singer",
+                                                 "number_of_scenes": 2})
+    project = await response.json()
+    patch = {"scenes": [{"id": s["id"], "prompt": PROMPT, "duration": 4} for s in project["scenes"]]}
+    response = await client.patch(f"{PROJECTS}/{project['project_id']}", json=patch,
+                                  headers={"If-Match": project["etag"]})
+    assert response.status == 200, await response.text()
+    sim.video_latency = 0.2
+    response = await client.post(f"{PROJECTS}/{project['project_id']}/clips", json={"generate_audio": False})
+    for job in (await response.json())["jobs"]:
+        assert (await finished(client, job["job_id"]))["status"] == "succeeded"
+    response = await client.post(f"{PROJECTS}/{project['project_id']}/assemble", json={})
+    assert await error_of(response) == (400, "scenes")
+
+
+async def test_an_ffmpeg_past_its_time_or_memory_limit_fails_the_job_clearly(
+        make_client: AppClient, settings_dir: Path, sim: Simulator) -> None:
+    media_settings(settings_dir, ffmpeg={"timeout_base_seconds": 0.05, "timeout_seconds_per_output_second": 0})
+    client = await make_client()
+    clip = await make_clip(client, sim, 4)
+    videos = client.app[STORE].root / "videos"
+    accepted = await assemble(client, clips=[{"job_id": clip}] * 4, transition="crossfade")
+    state = await finished(client, accepted["job_id"])
+    assert state["status"] == "failed" and state["error"]["code"] == "assembly_timeout", state
+    assert "0.05 s" in state["error"]["message"] and "timeout" in state["error"]["message"]
+    assert ffmpeg_writing(videos) == [] and not list(videos.glob(f"*{accepted['job_id']}*"))
+
+    await client.close()  # on Redis it would claim the next job too
+    media_settings(settings_dir, ffmpeg={"timeout_base_seconds": 60, "memory_mb": 64})
+    tight = await make_client()
+    accepted = await assemble(tight, clips=[{"job_id": clip}] * 2, transition="crossfade")
+    state = await finished(tight, accepted["job_id"])
+    assert state["status"] == "failed" and state["error"]["code"] == "assembly_too_large", state
+    assert "64 MiB" in state["error"]["message"] and "memory_mb" in state["error"]["message"]
+
+
+async def test_a_resumed_assembly_waits_while_an_earlier_runs_ffmpeg_is_alive(make_client: AppClient,
+                                                                               sim: Simulator) -> None:
+    """What an ffmpeg that outlived its server looks like to the next run of the job: the job's run lock held by
+    another process. The job waits (stage "waiting", no ffmpeg) until that process is gone, then runs."""
+    first = await make_client()
+    clip = await make_clip(first, sim, 4)
+    accepted = await assemble(first, clips=[{"job_id": clip}] * 6, transition="crossfade")
+    job_id = accepted["job_id"]
+    videos = first.app[STORE].root / "videos"
+    await wait_for(first, job_id, lambda s: s["stage"] == "assembling", 30)
+    lock = first.app[STORE].path("jobs", job_id, ".ffmpeg.lock")
+    await first.close()  # shutdown mid-run: the job resumes at the next start
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        assert await asyncio.to_thread(holder.stdout.readline) == b"holding\n"
+        second = await make_client()
+        await wait_for(second, job_id, lambda s: s["stage"] == "waiting", 30)
+        assert ffmpeg_writing(videos) == []
+        holder.stdin.close()  # type: ignore[union-attr]
+        released = holder.wait(timeout=10) == 0 and asyncio.get_running_loop().time()
+        state = await finished(second, job_id)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert state["status"] == "succeeded", state
+    assert_h264_aac(await output_of(second, state), 6 * 4 - 5 * 0.5)
+    events = await events_of(second, job_id)
+    waiting = [i for i, e in enumerate(events) if e["data"].get("stage") == "waiting"]
+    assert waiting and any(e["data"].get("stage") == "assembling" for e in events[waiting[-1]:])
+    assert released
 
 
 # -- projects ------------------------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from mvserver.app import create_app
 from mvserver.config import ConfigError, EnvSettings
 from mvserver import media
 from mvserver.audio import FORMATS as AUDIO_FORMATS, UPLOAD_SLOTS
-from mvserver.media import ffmpeg_exe
+from mvserver.media import ffmpeg_exe, probe
 from mvserver.sandbox.render import render_character_image, render_video
+from mvserver.songs import SONGS
 from conftest import AppClient
 from test_temporaries import dead_pid, heartbeat
 
@@ -75,7 +76,16 @@ async def test_each_format_is_identified_by_content_and_served_back(client: Test
     assert body["size_bytes"] == len(data) and body["audio_url"] == f"/api/mv/get_audio/{audio_id}"
     sidecar = json.loads((tmp_path / "outputs" / "audio" / f"{audio_id}.json").read_text())
     assert sidecar["format"] == fmt and sidecar["duration"] == body["duration"]
-    assert stored(tmp_path) == sorted([f"{audio_id}.json", f"{audio_id}{AUDIO_FORMATS[fmt].suffix}"])
+    # Once saved, the song is encoded once more: an AAC copy for assembly and a small MP3 for Gemini.
+    await client.app[SONGS].settled(audio_id)
+    assert stored(tmp_path) == sorted([f"{audio_id}.json", f"{audio_id}{AUDIO_FORMATS[fmt].suffix}",
+                                       f"{audio_id}.aac.m4a", f"{audio_id}.preview.mp3"])
+    copy = await probe(tmp_path / "outputs" / "audio" / f"{audio_id}.aac.m4a")
+    assert copy.first_audio is not None and (copy.first_audio.codec, copy.first_audio.sample_rate,
+                                             copy.first_audio.channels) == ("aac", 48000, 2)
+    assert copy.duration == pytest.approx(2.0, abs=0.06)
+    small = await probe(tmp_path / "outputs" / "audio" / f"{audio_id}.preview.mp3")
+    assert small.first_audio is not None and (small.first_audio.codec, small.first_audio.channels) == ("mp3", 1)
 
     served = await client.get(body["audio_url"])
     assert served.status == 200 and served.headers["Content-Type"] == mime and await served.read() == data
@@ -253,6 +263,7 @@ async def test_uploads_that_name_other_files_get_one_generic_error_whether_or_no
     """The probe reads an upload with an allowed demuxer only, so a listing is never followed: the answer is the
     same for a sibling song that exists, one that does not, a playlist and an image sequence."""
     existing = (await upload(client, make_audio(tmp_path / "s.mp3").read_bytes()))["audio_id"]
+    await client.app[SONGS].settled(existing)  # its copies are made
     audio_dir = tmp_path / "outputs" / "audio"
     for n in (1, 2, 3):
         (audio_dir / f"frame-{n:03d}.png").write_bytes(render_character_image("a frame"))

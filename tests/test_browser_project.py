@@ -1,6 +1,7 @@
 """The music-video project page at ``/`` driven in Debian's headless Chromium against a real sandboxed server:
 song upload, project, character candidates, clips on one multi-job stream, reorder, trim, regenerate, lip sync,
-assembly, and the same first steps with API keys on."""
+assembly, the song timeline (waveform, grid, sections, scenes, cuts that snap, the playhead), and the same first
+steps with API keys on."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import imageio_ffmpeg
+import numpy as np
 import pytest
+import soundfile
+
+from bench.songs import SR, Song, drum_song
 
 from test_browser import PROJECT, _open_page, _start_server, browser, requires_browser  # noqa: F401
 
@@ -25,6 +30,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 SONG_SECONDS = 10  # sized to it: scenes of 6 s and 4 s (as few as cover 10 s, shortened while they still do)
 CLIP_TIMEOUT_MS = 40_000
+ANALYSIS_TIMEOUT_MS = 60_000
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +74,10 @@ def _create_project(page: Page, song: Path | None) -> int:
         page.get_by_label("Song file").set_input_files(str(song))
         page.get_by_test_id("upload-song").click()
         expect(page.get_by_test_id("song-info")).to_contain_text(f"{SONG_SECONDS:.1f} s")
+        # The page follows the song's analysis (the server's first song also waits for its worker to start); a
+        # project made meanwhile would wait for it too.
+        expect(page.get_by_test_id("song-info")).not_to_have_attribute("data-analysis", "pending",
+                                                                        timeout=ANALYSIS_TIMEOUT_MS)
     page.get_by_label("Idea").fill("A synth-pop song about a lighthouse keeper who learns to dance")
     page.get_by_label("Character description").fill("a tall man with a red beard, a navy sweater and yellow boots")
     page.get_by_label("Style").select_option("synthwave")
@@ -157,7 +167,86 @@ def test_project_flow_song_clips_reorder_trim_regenerate_assemble(project_page: 
     duration = video.evaluate("v => v.duration")
     assert abs(duration - expected) < 0.25, (duration, expected)
     expect(page.get_by_test_id("assembly-status")).to_contain_text("succeeded")
+    # The song timeline: a sine has no beat grid, so no grid lines; the playhead follows the assembled video.
+    expect(page.get_by_test_id("timeline-info")).to_contain_text("no beat grid")
+    assert page.locator("#timeline .tl-bar").count() == 0
+    video.evaluate("v => { v.currentTime = 3; }")
+    page.wait_for_function("() => Math.abs(Number(document.querySelector('[data-testid=playhead]').dataset.time) - 3)"
+                           " < 0.05")
     page.screenshot(path=str(tmp_path / "project-flow.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def drum_song_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Song]:
+    """The benchmark's synthetic song: 12 bars of 4/4 at 123 BPM in sections A B A (four bars are 7.80 s)."""
+    song = drum_song("123 BPM", bpm=123, form="ABA", bars_per_section=4, seed=11)
+    path = tmp_path_factory.mktemp("drums") / "drums.wav"
+    soundfile.write(path, song.samples, SR)
+    return path, song
+
+
+def _api(base: str, path: str) -> dict[str, Any]:
+    with urllib.request.urlopen(base + path, timeout=10) as response:
+        return json.load(response)
+
+
+@requires_browser
+def test_the_song_timeline_shows_the_grid_and_a_moved_cut_snaps_to_a_bar(project_page: Page, project_server: str,
+                                                                         drum_song_file: tuple[Path, Song]) -> None:
+    page = project_page
+    path, song = drum_song_file
+    page.get_by_label("Song file").set_input_files(str(path))
+    page.get_by_test_id("upload-song").click()
+    # The upload answers within MV_ANALYSIS_WAIT_SECONDS; the page asks again until the analysis is there (the
+    # server's first song also waits for its analysis worker to start).
+    expect(page.get_by_test_id("song-info")).to_contain_text("BPM", timeout=ANALYSIS_TIMEOUT_MS)
+    page.get_by_label("Idea").fill("A lighthouse keeper learns to dance")
+    page.get_by_label("Character description").fill("a tall man with a red beard and yellow boots")
+    page.get_by_test_id("create-project").click()
+    expect(page.get_by_test_id("timeline-info")).to_contain_text("scenes cut on the bar lines")
+    expect(page.get_by_test_id("scene-1").locator(".scene-prompt")).to_contain_text("section A")  # Gemini heard it
+    project_id = page.get_by_test_id("project-summary").get_attribute("data-project-id")
+    project = _api(project_server, f"/api/mv/projects/{project_id}")
+    analysis = _api(project_server, f"/api/mv/songs/{project['song']['audio_id']}")["analysis"]
+    grid = analysis["grid"]
+    # Drawn: the waveform, a line per beat (the bar lines stronger), a band per section, a block per scene.
+    expect(page.locator("#timeline .tl-scene")).to_have_count(len(project["scenes"]))
+    assert page.locator("#timeline .tl-bar").count() == len(grid["downbeats"])
+    assert page.locator("#timeline .tl-beat").count() == len(grid["beats"]) - len(grid["downbeats"])
+    labels = page.eval_on_selector_all("#timeline .tl-section", "bands => bands.map((b) => b.dataset.label)")
+    assert labels == [s["label"] for s in analysis["sections"]] and labels[:3] == ["A", "B", "A"]
+    inked = page.evaluate("() => { const c = document.querySelector('#timeline .tl-wave');"
+                          " return c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
+                          ".filter((v, i) => i % 4 === 3 && v > 0).length; }")
+    assert inked > 1000
+    cut = page.get_by_test_id("cut-1")
+    before = float(cut.get_attribute("data-time"))
+    assert cut.get_attribute("data-cut") == "downbeat" and abs(before - 4 * 60 / 123 * 4) < 0.05
+
+    # Drag the first cut 1.5 s to the left: it snaps to the nearest bar line, three bars in.
+    track = page.get_by_test_id("timeline-track").bounding_box()
+    length = max(project["song"]["duration"], analysis["duration"])
+    handle = cut.bounding_box()
+    start_x, y = handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2
+    status = page.get_by_test_id("status")
+    page.mouse.move(start_x, y)
+    page.mouse.down()
+    page.mouse.move(start_x - track["width"] * 1.5 / length, y, steps=5)
+    page.mouse.up()
+    expect(status).to_contain_text("Cut moved to")  # the server's answer is drawn
+    project = _api(project_server, f"/api/mv/projects/{project_id}")
+    moved = project["scenes"][0]["window"]
+    assert moved["cut"] == "downbeat" and moved["end_bar"] == 3
+    assert np.min(np.abs(song.downbeats - moved["end"])) <= 1 / 24 + 1e-6  # on the true bar line, within a frame
+    assert project["scenes"][1]["window"]["start"] == moved["end"]
+    expect(page.get_by_test_id("cut-1")).to_have_attribute("data-time", str(moved["end"]))
+    # The keyboard moves it a bar later again.
+    page.evaluate("() => { document.getElementById('status').textContent = ''; }")
+    page.get_by_test_id("cut-1").focus()
+    page.keyboard.press("ArrowRight")
+    expect(status).to_contain_text("Cut moved to")
+    assert float(page.get_by_test_id("cut-1").get_attribute("data-time")) > 7
+    assert _api(project_server, f"/api/mv/projects/{project_id}")["scenes"][0]["window"]["end_bar"] == 4
 
 
 @requires_browser

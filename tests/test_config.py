@@ -253,3 +253,42 @@ def test_summary_never_shows_secrets() -> None:
     assert summary["env"]["gemini_api_key"] == "set"
     assert summary["env"]["vertex_api_key"] == "set"
     assert load_config(EnvSettings()).summary()["env"]["replicate_api_token"] == "unset"
+
+
+# -- the price table (settings/pricing.yaml) ----------------------------------------------------------------------
+
+
+def _pricing_settings(tmp_path: Path, pricing: dict[str, Any]) -> EnvSettings:
+    target = tmp_path / "settings"
+    shutil.copytree(PROJECT / "settings", target)
+    (target / "pricing.yaml").write_text(yaml.safe_dump(pricing))
+    return EnvSettings.from_env({"MV_SETTINGS_DIR": str(target)})
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p["models"].pop("google/veo-3.1"), "no price for google/veo-3.1"),
+    (lambda p: p["models"]["sync/lipsync-2-pro"].update(per_output_second=-1), "greater than or equal to 0"),
+    (lambda p: p["models"]["sync/lipsync-2-pro"].update(currency="EUR"), "one currency"),
+    (lambda p: p["models"]["sync/lipsync-2-pro"].update(as_of="last week"), "as_of"),
+    (lambda p: p["models"]["sync/lipsync-2-pro"].update(per_second=1), "unknown key"),
+])
+def test_a_bad_price_table_stops_the_start_up(tmp_path: Path, change: Any, message: str) -> None:
+    pricing = yaml.safe_load((PROJECT / "settings" / "pricing.yaml").read_text())
+    change(pricing)
+    with pytest.raises(ConfigError) as error:
+        load_config(_pricing_settings(tmp_path, pricing))
+    assert "pricing.yaml" in str(error.value) and message in str(error.value)
+
+
+def test_server_exits_2_with_a_bad_price_table(settings_copy: Path, tmp_path: Path) -> None:
+    pricing = yaml.safe_load((settings_copy / "pricing.yaml").read_text())
+    del pricing["models"]["google/veo-3.1"]["as_of"]
+    (settings_copy / "pricing.yaml").write_text(yaml.safe_dump(pricing))
+    result = subprocess.run(
+        [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", "0"],
+        env=_server_env(MV_SETTINGS_DIR=str(settings_copy), MV_OUTPUT_DIR=str(tmp_path / "out")),
+        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "pricing.yaml" in result.stderr and "models.google/veo-3.1.as_of" in result.stderr
+    assert "Traceback" not in result.stderr

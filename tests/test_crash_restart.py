@@ -1,4 +1,4 @@
-"""kill -9 in the middle of a video job, then a restart on the same output directory.
+"""kill -9 in the middle of a video job (or an assembly), then a restart on the same output directory.
 
 The server runs as a real ``python -m mvserver`` process in sandbox mode; its built-in simulator keeps its state
 under the output directory, so after the restart (on new ports) the provider prediction is still there to poll.
@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from conftest import PROJECT, read_sse
+from test_media import exited
 
 VIDEO_SECONDS = 3
 PROMPT = "A night-shift baker kneads dough to a slow bassline while the city sleeps."
@@ -192,3 +193,72 @@ async def test_sigterm_with_an_open_event_stream_stops_at_once_and_the_job_resum
     await until_up(http, second, base)
     state = await until(http, base, job_id, lambda s: s["status"] == "running")
     assert state["provider_prediction_id"] == running["provider_prediction_id"]
+
+
+def ffmpeg_children(parent: int, *markers: str) -> list[int]:
+    """Live ffmpeg processes whose parent is ``parent`` (0: any) and whose command line holds every marker."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            state, ppid = (entry / "stat").read_text().rpartition(")")[2].split()[:2]
+        except OSError:
+            continue
+        if "ffmpeg" in cmdline and all(m in cmdline for m in markers) and state != "Z" and parent in (0, int(ppid)):
+            found.append(int(entry.name))
+    return found
+
+
+async def test_kill_9_mid_assembly_takes_its_ffmpeg_along_and_the_job_runs_again(
+        launch: Callable[[], tuple[subprocess.Popen, str]], http: aiohttp.ClientSession, server_env: dict[str, str],
+        tmp_path: Path) -> None:
+    """A killed server's ffmpeg used to run on with parent 1 (the crossfade of 24 clips here for another 15-40 s,
+    while the restarted server ran the job again beside it). Now it dies with the server, at once."""
+    from mvserver import media
+
+    outputs = tmp_path / "outputs"
+    server_env["MV_SANDBOX_VIDEO_SECONDS"] = "1"
+    process, base = launch()
+    await until_up(http, process, base)
+    async with http.post(f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 8}) as response:
+        assert response.status == 202, await response.text()
+        clip = (await response.json())["job_id"]
+    await until(http, base, clip, lambda s: s["status"] == "succeeded", timeout=60)
+    song = tmp_path / "song.mp3"
+    subprocess.run([media.ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "sine=f=220:d=200", "-ac", "2", "-b:a", "64k", str(song)], check=True, timeout=120)
+    async with http.post(f"{base}/api/mv/upload_audio", data=song.read_bytes(),
+                         headers={"Content-Type": "audio/mpeg"}) as response:
+        assert response.status == 201, await response.text()
+        audio_id = (await response.json())["audio_id"]
+    body = {"clips": [{"job_id": clip}] * 24, "audio_id": audio_id, "clip_audio": "mix", "transition": "crossfade"}
+    async with http.post(f"{base}/api/mv/assemble", json=body) as response:
+        assert response.status == 202, await response.text()
+        job_id = (await response.json())["job_id"]
+    await until(http, base, job_id, lambda s: s["stage"] == "assembling", timeout=60)
+    async with asyncio.timeout(60):  # an encoding run (a probe has no filter graph)
+        while not (running := ffmpeg_children(process.pid, str(outputs / "videos"), "-filter_complex")):
+            await asyncio.sleep(0.05)
+    try:
+        # the run is bounded as settings/media.yaml says: 1024 MiB of private memory, 2 threads per stage
+        limits = Path(f"/proc/{running[0]}/limits").read_text()
+        data = next(line.split()[3:5] for line in limits.splitlines() if line.startswith("Max data size"))
+        assert data == [str(1024 << 20)] * 2, limits
+        cmdline = Path(f"/proc/{running[0]}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[cmdline.index(b"-filter_complex_threads") + 1] == b"2"
+        kill9(process)
+        assert await exited(running[0], 5), "the assembly's ffmpeg outlived its server"
+        assert ffmpeg_children(0, str(outputs)) == []
+    finally:
+        for pid in ffmpeg_children(0, str(outputs)):  # the old behaviour: orphans; end them
+            os.kill(pid, signal.SIGKILL)
+
+    second, base = launch()
+    await until_up(http, second, base)
+    final = await until(http, base, job_id, lambda s: s["status"] in ("succeeded", "failed", "canceled"),
+                        timeout=180)
+    assert final["status"] == "succeeded", final["error"]
+    assert final["request"]["result"]["reencoded"] == list(range(24))
+    assert final["request"]["expected_seconds"] == pytest.approx(24 * 8 - 23 * 0.5)

@@ -49,7 +49,7 @@ def _provider(server: TestServer, store: OutputStore, *, with_api_client: bool =
                                 base_url=f"{_base(server)}/vertex")
     api = make_api_client("test-gemini-key", f"{_base(server)}/gemini") if with_api_client else None
     return GeminiProvider(api, vertex, store, video_model=MODEL, person_generation="allow_all", resolution="720p",
-                          sandbox=False, video_sandbox=False)
+                          sandbox=False, video_sandbox=False, video_max_bytes=256 * 1024 * 1024)
 
 
 @pytest.fixture

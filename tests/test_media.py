@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
+import signal
 import struct
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
 from mvserver import media
-from mvserver.media import AssemblyInputError, Clip, MediaError, MediaTimeout
+from mvserver.media import AssemblyInputError, Clip, FfmpegLimits, MediaError, MediaMemoryError, MediaTimeout
 from mvserver.sandbox.render import render_video
 
 FPS = 24
@@ -235,6 +238,173 @@ async def test_a_timeout_kills_ffmpeg(tmp_path: Path) -> None:
     assert ffmpeg_processes(marker) == []
 
 
+# -- limits: what one ffmpeg may use, and its life ----------------------------------------------------------------
+
+PROJECT = Path(__file__).resolve().parent.parent
+SLOW = ["-re", "-f", "lavfi", "-i", "testsrc=d=600:s=160x90:r=10"]  # runs for 10 minutes unless stopped
+
+
+def children_of(parent: int, marker: str) -> list[int]:
+    """Live processes started by ``parent`` whose command line contains ``marker``."""
+    return [pid for pid in ffmpeg_processes(marker)
+            if int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1]) == parent]
+
+
+async def exited(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` (not necessarily a child) ends within ``timeout``: its pidfd becomes readable."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    ended = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(fd, ended.set)
+    try:
+        async with asyncio.timeout(timeout):
+            await ended.wait()
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+def proc_limit(pid: int, name: str) -> tuple[str, str]:
+    """The soft and hard value of one line of /proc/<pid>/limits (e.g. "Max data size")."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith(name):
+            soft, hard = line[len(name):].split()[:2]
+            return soft, hard
+    raise AssertionError(f"no {name} in /proc/{pid}/limits")
+
+
+async def test_every_ffmpeg_runs_within_its_memory_thread_and_stack_limits(tmp_path: Path) -> None:
+    marker = f"limits-{uuid.uuid4().hex}"
+    started = asyncio.Event()
+    task = asyncio.ensure_future(media.run_ffmpeg(
+        [*SLOW, "-vf", "scale=320:180", "-metadata", f"comment={marker}", "-f", "null", "-"], duration=600,
+        progress=lambda _: started.set(), limits=FfmpegLimits(memory_mb=300, threads=1)))
+    try:
+        async with asyncio.timeout(20):
+            await started.wait()
+        [pid] = children_of(os.getpid(), marker)
+        assert proc_limit(pid, "Max data size") == (str(300 << 20),) * 2
+        assert proc_limit(pid, "Max stack size")[0] == str(2 << 20)  # thread stacks of 2 MiB, not 8
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        assert args[args.index("-i") - 2:args.index("-i")] == ["-threads", "1"]  # the input's decoder
+        assert args[-4:-1] == ["-threads", "1", "-"]  # the encoder: -threads right before the output
+        assert {"-filter_threads", "-filter_complex_threads"} <= set(args)
+        assert args[args.index("-filter_threads") + 1] == "1"
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_an_ffmpeg_out_of_memory_is_a_memory_error(tmp_path: Path) -> None:
+    with pytest.raises(MediaMemoryError, match="limit of 64 MiB"):
+        await media.run_ffmpeg(["-f", "lavfi", "-i", "testsrc=d=2:s=1920x1080:r=24", "-c:v", "libx264",
+                                "-y", str(tmp_path / "big.mp4")], duration=2, limits=FfmpegLimits(memory_mb=64))
+
+
+async def test_the_time_limit_grows_with_the_output_and_kills_ffmpeg() -> None:
+    limits = FfmpegLimits(timeout_base_seconds=0.2, timeout_seconds_per_output_second=0.1)
+    assert limits.timeout(3.0) == pytest.approx(0.5) and limits.timeout(None) is None
+    assert FfmpegLimits().timeout(100.0) is None  # no base: no time limit
+    marker = f"slow-{uuid.uuid4().hex}"
+    with pytest.raises(MediaTimeout, match=r"limit of 0\.5 s"):
+        await media.run_ffmpeg([*SLOW, "-metadata", f"comment={marker}", "-f", "null", "-"], duration=3.0,
+                               limits=limits)
+    assert ffmpeg_processes(marker) == []
+
+
+CHILD = """
+import asyncio, sys
+from mvserver import media
+async def main():
+    task = asyncio.ensure_future(media.run_ffmpeg([*sys.argv[2:], "-metadata", "comment=" + sys.argv[1], "-f", "null",
+                                                   "-"], duration=600, progress=lambda f: print("running", flush=True)))
+    await task
+asyncio.run(main())
+"""
+
+
+async def test_ffmpeg_dies_with_the_process_that_started_it_even_on_kill_9(tmp_path: Path) -> None:
+    marker = f"orphan-{uuid.uuid4().hex}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
+    parent = subprocess.Popen([sys.executable, "-c", CHILD, marker, *SLOW], env=env, stdout=subprocess.PIPE)
+    ffmpeg_pid = None
+    try:
+        assert parent.stdout is not None
+        assert await asyncio.to_thread(parent.stdout.readline) == b"running\n"
+        [ffmpeg_pid] = children_of(parent.pid, marker)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        assert await exited(ffmpeg_pid, 10), "ffmpeg outlived the process that started it"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if ffmpeg_pid is not None and ffmpeg_processes(marker):  # the old behaviour: an orphan; end it
+            os.kill(ffmpeg_pid, signal.SIGKILL)
+
+
+HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+async def test_a_run_lock_waits_for_its_holder_in_another_process_and_ffmpeg_inherits_it(tmp_path: Path) -> None:
+    lock = tmp_path / "job.ffmpeg.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        assert await asyncio.to_thread(holder.stdout.readline) == b"holding\n"
+        waiting = asyncio.Event()
+
+        async def on_wait() -> None:
+            waiting.set()
+
+        async def take() -> None:
+            async with media.run_lock(lock, on_wait=on_wait) as fd:
+                marker = f"lock-{uuid.uuid4().hex}"
+                started = asyncio.Event()
+                run = asyncio.ensure_future(media.run_ffmpeg(
+                    [*SLOW, "-metadata", f"comment={marker}", "-f", "null", "-"], duration=600,
+                    progress=lambda _: started.set(), hold=(fd,)))
+                async with asyncio.timeout(20):
+                    await started.wait()
+                [pid] = children_of(os.getpid(), marker)
+                assert lock in {Path(os.readlink(f"/proc/{pid}/fd/{n}")) for n in os.listdir(f"/proc/{pid}/fd")}
+                probe = os.open(lock, os.O_RDWR)
+                try:
+                    with pytest.raises(BlockingIOError):  # held: by this run (and by its ffmpeg)
+                        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                finally:
+                    os.close(probe)
+                run.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await run
+
+        taking = asyncio.ensure_future(take())
+        async with asyncio.timeout(10):
+            await waiting.wait()
+        assert not taking.done()
+        holder.stdin.close()  # type: ignore[union-attr]
+        holder.wait(timeout=10)
+        async with asyncio.timeout(30):
+            await taking
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
 # -- assemble: cuts ------------------------------------------------------------------------------------------------
 
 
@@ -280,6 +450,102 @@ async def test_song_shorter_than_the_video_is_padded_with_silence(clips: dict[st
     await check_output(out, 10.0)
 
 
+# -- assemble: the song's AAC copy ---------------------------------------------------------------------------------
+
+
+def clicks_song(path: Path, seconds: float) -> Path:
+    """A quiet tone with a loud 5 ms click every half second (at 0, 0.5, 1.0 ... s): the clicks mark song time."""
+    ffmpeg("-f", "lavfi", "-i", f"aevalsrc='0.05*sin(2*PI*330*t)+if(lt(mod(t\\,0.5)\\,0.005)\\,0.9\\,0)':s=44100:d={seconds}",
+           "-ac", "2", str(path))
+    return path
+
+
+def click_times(path: Path) -> list[float]:
+    """Where the clicks of :func:`clicks_song` are in a file's decoded audio (seconds from its start)."""
+    raw = subprocess.run([media.ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-ac", "1",
+                          "-ar", "48000", "-f", "s16le", "-"], capture_output=True, timeout=60, check=True).stdout
+    samples = struct.unpack(f"<{len(raw) // 2}h", raw)
+    times, last = [], -1.0
+    for index, value in enumerate(samples):
+        t = index / 48000
+        if abs(value) > 0.5 * 32768 and t - last > 0.25:
+            times.append(t)
+            last = t
+    return times
+
+
+def audio_packets(path: Path) -> list[str]:
+    out = ffmpeg("-i", str(path), "-map", "0:a:0", "-c", "copy", "-f", "framemd5", "-")
+    return [line.rsplit(",", 1)[1].strip() for line in out.splitlines() if line and not line.startswith("#")]
+
+
+async def test_a_cut_only_edit_copies_the_song_s_aac_packets_and_encodes_only_the_faded_end(
+        clips: dict[str, Path], tmp_path: Path) -> None:
+    song = clicks_song(tmp_path / "clicks.wav", 20.0)
+    aac, small = tmp_path / "song.aac.m4a", tmp_path / "song.preview.mp3"
+    await media.encode_song_copies(song, aac, small, duration=20.0)
+    copy = media.SongCopy(aac, 20.0)
+    edit = [Clip(clips["a"]), Clip(clips["b"])]
+    copied = await media.assemble(edit, tmp_path / "copied.mp4", song=song, song_offset=3.1, song_copy=copy)
+    encoded = await media.assemble(edit, tmp_path / "encoded.mp4", song=song, song_offset=3.1)
+    assert (copied.audio, encoded.audio) == ("copied", "encoded")
+    assert copied.copied == [0, 1]
+    await check_output(tmp_path / "copied.mp4", 10.0)
+    # Up to the last second the output's audio packets are the copy's, byte for byte, from the packet at 3.1 s.
+    packets, source = audio_packets(tmp_path / "copied.mp4"), audio_packets(aac)
+    first = source.index(packets[0])
+    body = round(9.0 / media.AAC_FRAME_SECONDS) - 2
+    assert packets[:body] == source[first:first + body]
+    assert abs(first * media.AAC_FRAME_SECONDS - 3.1) <= 2 * media.AAC_FRAME_SECONDS  # (the copy's first is priming)
+    # The song plays at the same times as when it is encoded: each click within one AAC frame (21 ms).
+    heard, reference = click_times(tmp_path / "copied.mp4"), click_times(tmp_path / "encoded.mp4")
+    assert len(heard) == len(reference) >= 18
+    assert max(abs(a - b) for a, b in zip(heard, reference)) <= media.AAC_FRAME_SECONDS + 1e-3
+    assert abs(heard[0] - 0.4) <= media.AAC_FRAME_SECONDS + 1e-3  # the click at 3.5 s of the song
+    # ... and it fades out over the last second as the encoded one does: no click is heard in its last 0.3 s.
+    assert heard[-1] < 9.7 and reference[-1] < 9.7
+    assert leftovers(tmp_path) == []
+    # A song that ends within the fade is copied up to it and padded with silence to the video's end.
+    padded = await media.assemble(edit, tmp_path / "padded.mp4", song=song, song_offset=10.5, song_copy=copy)
+    assert padded.audio == "copied"
+    await check_output(tmp_path / "padded.mp4", 10.0)
+    # A song that ends before the fade, or clip audio mixed in, is encoded as before.
+    mixed = await media.assemble(edit, tmp_path / "mixed.mp4", song=song, song_offset=3.1, song_copy=copy,
+                                 clip_audio="mix")
+    late = await media.assemble(edit, tmp_path / "late.mp4", song=song, song_offset=15.0, song_copy=copy)
+    assert (mixed.audio, late.audio) == ("encoded", "encoded")
+
+
+async def test_the_song_s_copies_and_its_packet_copy_run_within_the_limits_and_the_job_s_lock(
+        clips: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ffmpeg of the song's copies and of a cut-only edit that copies the song's packets gets the limits it
+    is given (memory, threads on each output, the job's run lock), as every other assembly run does."""
+    runs: list[tuple[list[str], FfmpegLimits, tuple[int, ...]]] = []
+    real = media.run_ffmpeg
+
+    async def recorded(args, **kwargs):  # type: ignore[no-untyped-def]
+        runs.append((list(args), kwargs.get("limits", media.DEFAULT_LIMITS), tuple(kwargs.get("hold", ()))))
+        await real(args, **kwargs)
+
+    monkeypatch.setattr(media, "run_ffmpeg", recorded)
+    limits = FfmpegLimits(memory_mb=900, threads=1)
+    song = clicks_song(tmp_path / "clicks.wav", 20.0)
+    aac, small = tmp_path / "song.aac.m4a", tmp_path / "song.preview.mp3"
+    await media.encode_song_copies(song, aac, small, duration=20.0, limits=limits)
+    [(args, used, _)] = runs
+    assert used == limits
+    first_output = args.index("-y")  # the AAC copy's temporary; the preview is the last output
+    assert args[first_output - 4:first_output - 2] == ["-threads", "1"]  # the AAC output's encoder too
+    runs.clear()
+    async with media.run_lock(tmp_path / "job.lock") as held:
+        result = await media.assemble([Clip(clips["a"]), Clip(clips["b"])], tmp_path / "out.mp4", song=song,
+                                      song_offset=3.1, song_copy=media.SongCopy(aac, 20.0), limits=limits,
+                                      hold=(held,))
+    assert result.audio == "copied"
+    assert len(runs) == 2  # the faded end, then the mux of the copied video and audio
+    assert all(used == limits and hold == (held,) for _, used, hold in runs), runs
+
+
 # -- assemble: crossfade and fit -----------------------------------------------------------------------------------
 
 
@@ -291,6 +557,52 @@ async def test_crossfade_overlaps_clips_and_mixes_clip_audio(clips: dict[str, Pa
     assert result.reencoded == [0, 1, 2] and result.copied == []
     assert result.duration == pytest.approx(5 + 4 + 3 - 2 * 0.5)
     await check_output(out, 11.0)
+
+
+def test_crossfade_pieces_show_every_frame_once_and_decode_few_clips_at_a_time() -> None:
+    pieces = media.crossfade_pieces([96, 96, 96], 12)
+    assert [(p.parts, p.frames) for p in pieces] == [
+        (((0, 0, 84),), 84), (((0, 84, 12), (1, 0, 12)), 12), (((1, 12, 72),), 72), (((1, 84, 12), (2, 0, 12)), 12),
+        (((2, 12, 84),), 84)]
+    # a clip shorter than twice the crossfade has no stretch of its own: both its joins are one piece
+    pieces = media.crossfade_pieces([96, 20, 96], 12)
+    assert [p.parts for p in pieces][1] == ((0, 84, 12), (1, 0, 20), (2, 0, 12))
+    for frames, fade in (([96] * 48, 12), ([96, 20, 30, 96, 13, 96], 12), ([13, 13, 13], 12), ([50], 12)):
+        pieces = media.crossfade_pieces(frames, fade)
+        assert sum(p.frames for p in pieces) == sum(frames) - (len(frames) - 1) * fade
+        assert [k for p in pieces for k, _, _ in p.parts] == sorted(k for p in pieces for k, _, _ in p.parts)
+    assert media.graph_clips([96] * 48, 12) == 2 and media.graph_clips([96, 20, 30, 96], 12) == 3
+    assert media.graph_clips([96, 20, 24, 96], 12) == 4  # 24 frames = twice the crossfade: no stretch of its own
+    assert media.graph_clips([96] * 3, None) == 1
+    with pytest.raises(AssemblyInputError, match="at most 3") as error:
+        media.check_graph_clips([96, 20, 24, 96], 12, 3)
+    assert error.value.field == "crossfade_seconds"
+
+
+PEAK = """
+import asyncio, resource, sys
+from pathlib import Path
+from mvserver import media
+clips = [media.Clip(Path(p)) for p in sys.argv[3:]] * int(sys.argv[2])
+asyncio.run(media.assemble(clips, Path(sys.argv[1]), transition="crossfade", clip_audio="mix", fit="letterbox",
+                           limits=media.FfmpegLimits(memory_mb=None, threads=None)))
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+async def test_a_crossfade_needs_no_more_memory_for_more_clips(clips: dict[str, Path], tmp_path: Path) -> None:
+    """One filter graph over every clip held every clip's decoder and frames at once: 12 clips of 640x360 peaked
+    at ~410 MiB, 48 at ~1.05 GiB. Piece by piece, the peak of the largest ffmpeg does not grow with the clips."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
+
+    def peak_kib(repeat: int) -> int:
+        done = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path / f"x{repeat}.mp4"), str(repeat),
+                               str(clips["b"]), str(clips["tall"])], env=env, capture_output=True, timeout=300)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        return int(done.stdout)
+
+    few, many = await asyncio.gather(asyncio.to_thread(peak_kib, 2), asyncio.to_thread(peak_kib, 8))
+    assert many < few * 1.25, (few, many)  # 4 clips vs 16 clips
 
 
 async def test_different_aspect_ratios_need_fit(clips: dict[str, Path], tmp_path: Path) -> None:

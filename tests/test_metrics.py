@@ -127,6 +127,10 @@ async def test_job_metrics_move_when_jobs_run_and_streams_open(make_client: AppC
         await stream.read()  # the stream ends after the job's final event
     after = await scrape_until(client, lambda samples: value(samples, "mv_jobs_finished_total", **finished) > 0)
     assert value(after, "mv_jobs_finished_total", **finished) == 1
+    job = await (await client.get(f"/api/mv/jobs/{accepted['job_id']}")).json()
+    cost = job["usage"]["cost"]
+    assert cost["amount_micros"] > 0
+    assert value(after, "mv_job_cost_micros_total", model=job["model"], basis=cost["basis"]) == cost["amount_micros"]
     assert value(after, "mv_sse_subscribers") == 0
     sim.video_latency = 60.0
     second = await (await client.post("/api/mv/generate_video", json=video)).json()

@@ -41,7 +41,9 @@ UNEXPRESSIBLE = {"/api/mv/generate_video": {"reference_image_base64", "reference
                  "/api/mv/assemble": {"clips.0.job_id"},  # a clip must be a finished job (a random id is none)
                  # one field needs another (the field descriptions say so; generation ignores such rules)
                  "/api/mv/lipsync": {"scene_id", "video_job_id", "audio_id"},
-                 "/api/mv/projects": {"audio_offset", "audio_id", "character_image_id"}}
+                 "/api/mv/projects": {"audio_offset", "audio_id", "character_image_id"},
+                 # to after from, at most report_max_days apart; a date the pattern allows may not exist (02-30)
+                 "/api/mv/usage": {"from", "to"}}
 # Every job-creating request: a webhook_url must name a public host (or an allowed network) and the server must have
 # a signing secret for it, neither of which a schema can say.
 for _path in ("/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/assemble", "/api/mv/projects/{project_id}/clips",

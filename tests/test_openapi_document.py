@@ -148,11 +148,16 @@ OPERATION_IDS = {
     ("/api/mv/jobs/{job_id}/deliveries", "get"): "listJobWebhookDeliveries",
     ("/api/mv/jobs/{job_id}/redeliver", "post"): "startWebhookRedelivery",
     ("/api/mv/events", "get"): "streamEvents",
+    ("/api/mv/usage", "get"): "getUsage",
     ("/api/mv/events/link", "get"): "getEventsLink",
+    ("/api/mv/get_poster/{video_id}", "get"): "getPoster",
+    ("/api/mv/projects/{project_id}/events", "get"): "streamProjectEvents",
+    ("/api/mv/projects/{project_id}/events/link", "get"): "getProjectEventsLink",
     ("/api/mv/get_video/{video_id}", "get"): "getVideo",
     ("/api/mv/webhooks/replicate", "post"): "receiveReplicateWebhook",
     ("/api/mv/upload_audio", "post"): "uploadAudio",
     ("/api/mv/get_audio/{audio_id}", "get"): "getAudio",
+    ("/api/mv/songs/{audio_id}", "get"): "getSong",
     ("/api/mv/projects", "post"): "createProject",
     ("/api/mv/projects/{project_id}", "get"): "getProject",
     ("/api/mv/projects/{project_id}", "patch"): "updateProject",
@@ -292,21 +297,29 @@ class Documented:
         self.validate(content[documented[0]]["schema"], body, where)
         return response, body
 
-    async def events(self, template: str, path: dict[str, str] | None = None, query: str = "") -> list[dict[str, Any]]:
-        """Follow an event stream to its end; each event must fit the documented event schema."""
+    async def events(self, template: str, path: dict[str, str] | None = None, query: str = "",
+                     first: int | None = None) -> list[dict[str, Any]]:
+        """Follow an event stream to its end (or its ``first`` events, for a stream that stays open); each event
+        must fit the documented event schema."""
         url = template.format(**(path or {})) + (f"?{query}" if query else "")
         response = await self.client.get(url, headers=self.headers)
         assert response.status == 200, await response.text()
         schema = self.document["paths"][template]["get"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
         event_schema = resolve(self.document, schema["$ref"])
-        events = [event async for event in read_sse(response)]
+        events: list[dict[str, Any]] = []
+        async for event in read_sse(response):
+            events.append(event)
+            if len(events) == first:
+                response.close()
+                break
         for event in events:
             raw = {**event, "data": json.dumps(event["data"])}
             if "retry" in raw:
                 raw["retry"] = int(raw["retry"])
             self.validate(schema, raw, f"{template} event {event['event']}")
-            self.validate(event_schema["properties"]["data"]["contentSchema"], event["data"],
-                          f"{template} event {event['event']} data")
+            if "contentSchema" in event_schema["properties"]["data"]:
+                self.validate(event_schema["properties"]["data"]["contentSchema"], event["data"],
+                              f"{template} event {event['event']} data")
         self.checked.add(("GET", template, "200"))
         return events
 
@@ -355,6 +368,8 @@ async def test_real_answers_of_the_whole_flow_match_the_document(make_client: Ap
     _, song = await api.call("POST", "/api/mv/upload_audio", data=tone(tmp_path, 20.0),
                              headers={"Content-Type": "audio/wav"})
     song_path = {"audio_id": song["audio_id"]}
+    _, described = await api.call("GET", "/api/mv/songs/{audio_id}", path=song_path)
+    assert described["audio_id"] == song["audio_id"] and described["analysis_status"] == "off"  # the tests' default
     await api.call("GET", "/api/mv/get_audio/{audio_id}", path=song_path, headers={"Range": "bytes=0-99"}, expect=206)
     await api.call("GET", "/api/mv/get_audio/{audio_id}", path=song_path, headers={"Range": "bytes=99999999-"},
                    expect=416)
@@ -370,6 +385,7 @@ async def test_real_answers_of_the_whole_flow_match_the_document(make_client: Ap
     await api.call("GET", "/api/mv/jobs", query="limit=5")
     await api.events("/api/mv/events", query=link["events_url"].split("?", 1)[1])
     response, _ = await api.call("GET", "/api/mv/get_video/{video_id}", path={"video_id": video_id})
+    await api.call("GET", "/api/mv/get_poster/{video_id}", path={"video_id": video_id})
     await api.call("GET", "/api/mv/get_video/{video_id}", path={"video_id": video_id},
                    headers={"If-None-Match": response.headers["ETag"]}, expect=304)
 
@@ -396,6 +412,9 @@ async def test_real_answers_of_the_whole_flow_match_the_document(make_client: Ap
     await api.call("PATCH", "/api/mv/projects/{project_id}", path=pid, headers={"If-Match": project["etag"]},
                    json={"scenes": []}, expect=412)  # the project moved
     await api.call("GET", "/api/mv/projects/{project_id}/timeline", path=pid)
+    _, link = await api.call("GET", "/api/mv/projects/{project_id}/events/link", path=pid)
+    opened = await api.events("/api/mv/projects/{project_id}/events", pid, link["events_url"].split("?", 1)[1], first=1)
+    assert opened[0]["event"] == "project" and opened[0]["data"]["project_id"] == pid["project_id"]
     scene = {**pid, "scene_id": project["scenes"][1]["id"]}  # the first one's trim starts before the song
     _, lipsynced = await api.call("POST", "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync", path=scene,
                                   json={"temperature": 0.3})
@@ -421,6 +440,9 @@ async def test_real_answers_of_the_whole_flow_match_the_document(make_client: Ap
     await api.call("POST", "/api/mv/generate_video", json={"prompt": "x", "reference_image_id": unknown["job_id"]},
                    expect=404)
     await api.call("GET", "/api/mv/get_video/{video_id}", path={"video_id": assembled["job_id"]}, expect=409)
+    _, usage = await api.call("GET", "/api/mv/usage", query="group_by=kind")
+    assert usage["totals"]["jobs"] == len(usage["jobs"]) >= 1  # the canceled assembly, at least
+    await api.call("GET", "/api/mv/usage", query="group_by=week", expect=400)
     await api.call("POST", "/api/mv/generate_video", data="{}", headers={"Content-Type": "text/plain"}, expect=415)
     api.headers = {}
     await api.call("GET", "/api/mv/projects/{project_id}", path=pid, expect=401)

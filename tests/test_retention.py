@@ -52,7 +52,9 @@ async def test_finished_jobs_and_old_files_expire_running_jobs_stay(make_client:
     events = await events_of(client, done["job_id"])
     assert events[-1]["event"] == "succeeded"
     job_id = done["job_id"]
-    files = [outputs / "videos" / f"{job_id}.mp4", outputs / "jobs" / f"{job_id}.ref"]
+    files = [outputs / "videos" / f"{job_id}.mp4", outputs / "videos" / f"{job_id}.jpg", outputs / "jobs" / f"{job_id}.ref",
+             outputs / "jobs" / f"{job_id}.ffmpeg.lock"]  # the poster, and the run lock an assembly job leaves
+    files[-1].touch()
     assert all(path.exists() for path in files)
     image = await client.post("/api/mv/generate_character_reference", json={"character_description": "a heron"})
     assert image.status == 200

@@ -209,6 +209,7 @@ async def test_simulator_signs_deliveries_like_replicate_and_retries_only_the_en
     app.router.add_post("/hook", receiver)
     hook = await aiohttp_server(app)
     sim.webhook_retry_seconds = 3.0
+    sim.video_latency = 1.0  # the start delivery must leave before a tenth of the latency has passed, even under load
     client = make_client("r8_test", str(sim_server.make_url("/replicate")))
     try:
         secret = await client.webhooks.default.async_secret()

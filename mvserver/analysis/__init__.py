@@ -6,8 +6,9 @@ with a time limit; ``plan_scenes`` cuts a song into scene windows on its bars; `
 """
 
 from .model import ANALYSIS_VERSION, Grid, Section, SongAnalysis, load
-from .plan import PlanError, SceneWindow, plan_scenes, snap
+from .plan import Placement, PlanError, SceneWindow, locate, plan_scenes, snap
 from .pool import AnalysisError, AnalysisPool, AnalysisTimeout, analyse_song, numba_cache_dir
 
-__all__ = ["ANALYSIS_VERSION", "AnalysisError", "AnalysisPool", "AnalysisTimeout", "Grid", "PlanError",
-           "SceneWindow", "Section", "SongAnalysis", "analyse_song", "load", "numba_cache_dir", "plan_scenes", "snap"]
+__all__ = ["ANALYSIS_VERSION", "AnalysisError", "AnalysisPool", "AnalysisTimeout", "Grid", "Placement", "PlanError",
+           "SceneWindow", "Section", "SongAnalysis", "analyse_song", "load", "locate", "numba_cache_dir",
+           "plan_scenes", "snap"]

@@ -163,13 +163,22 @@ def _on_grid(analysis: SongAnalysis, total: int, allowed: list[int], fps: float,
     return [(nodes[a], nodes[b], kinds[b]) for a, b in zip(path, path[1:])]
 
 
-def _window(analysis: SongAnalysis | None, start_frame: int, end_frame: int, kind: CutKind, allowed: list[int],
-            fps: float, offset: float) -> SceneWindow:
-    start = offset + start_frame / fps
-    end = offset + end_frame / fps
-    section = None
-    label = None
-    first_bar = end_bar = None
+class Placement(BaseModel):
+    """Where a span of the song sits on its grid: its bars, its section, and what its end lands on."""
+    first_bar: int | None
+    end_bar: int | None
+    section: int | None
+    section_label: str | None
+    cut: CutKind
+
+
+def locate(analysis: SongAnalysis | None, start: float, end: float, fps: float = 24.0,
+           song_length: float | None = None) -> Placement:
+    """The bars (``first_bar``, ``end_bar`` exclusive; None without a grid) and section (of its start) of the span
+    ``start..end`` of the song, and what ``end`` lands on within one frame: a downbeat, a beat, the song's end
+    (``song_length``), or a plain time."""
+    section = label = first_bar = end_bar = None
+    cut: CutKind = "time"
     if analysis is not None:
         starts = [s.start for s in analysis.sections]
         if starts:
@@ -178,6 +187,25 @@ def _window(analysis: SongAnalysis | None, start_frame: int, end_frame: int, kin
         if analysis.grid is not None:
             first_bar = analysis.bar_of(start + 0.5 / fps)
             end_bar = analysis.bar_of(end - 0.5 / fps) + 1
+            if _near(analysis.grid.downbeats, end, 1 / fps):
+                cut = "downbeat"
+            elif _near(analysis.grid.beats, end, 1 / fps):
+                cut = "beat"
+    if cut == "time" and song_length is not None and end >= song_length - 1 / fps:
+        cut = "end"
+    return Placement(first_bar=first_bar, end_bar=end_bar, section=section, section_label=label, cut=cut)
+
+
+def _near(points: list[float], t: float, tolerance: float) -> bool:
+    i = bisect.bisect_left(points, t)
+    return any(abs(points[j] - t) <= tolerance + 1e-9 for j in (i - 1, i) if 0 <= j < len(points))
+
+
+def _window(analysis: SongAnalysis | None, start_frame: int, end_frame: int, kind: CutKind, allowed: list[int],
+            fps: float, offset: float) -> SceneWindow:
+    start = offset + start_frame / fps
+    end = offset + end_frame / fps
+    where = locate(analysis, start, end, fps)
     return SceneWindow(start=round(start, 6), end=round(end, 6), start_frame=start_frame, end_frame=end_frame,
-                       duration=_clip_for(end_frame - start_frame, allowed, fps), first_bar=first_bar,
-                       end_bar=end_bar, section=section, section_label=label, cut=kind)
+                       duration=_clip_for(end_frame - start_frame, allowed, fps), first_bar=where.first_bar,
+                       end_bar=where.end_bar, section=where.section, section_label=where.section_label, cut=kind)

@@ -63,6 +63,7 @@ class Snapshot:
     logs: str | None = None
     output: str | None = None  # where the finished video can be fetched (URL or provider file reference)
     error: ErrorInfo | None = None
+    metrics: dict[str, Any] | None = None  # the provider's own measures of its run (Replicate: predict_time, ...)
 
     @property
     def done(self) -> bool:
@@ -76,7 +77,8 @@ class Snapshot:
     def from_dict(cls, data: dict[str, Any]) -> "Snapshot":
         error = data.get("error")
         return cls(status=data["status"], progress=data.get("progress"), logs=data.get("logs"),
-                   output=data.get("output"), error=ErrorInfo(**error) if error else None)
+                   output=data.get("output"), error=ErrorInfo(**error) if error else None,
+                   metrics=data.get("metrics"))
 
 
 class VideoBackend(Protocol):
@@ -95,5 +97,6 @@ class VideoBackend(Protocol):
     async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
         """Stream the finished video to ``dest`` atomically; return its size in bytes."""
 
-    async def cancel(self, prediction_id: str) -> None:
-        """Ask the provider to stop the prediction (best effort)."""
+    async def cancel(self, prediction_id: str) -> "Snapshot | None":
+        """Ask the provider to stop the prediction (best effort); the ended prediction when the provider answers
+        with it (Replicate, whose metrics then say how long it ran)."""

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from ..errors import ApiError, ErrorInfo, prediction_failed
 from ..storage import OutputStore
 from .base import ProviderObserver, Snapshot, VideoRequest, observed_call
+from .outputs import check_media, too_large
 
 NAME = "gemini"
 
@@ -55,7 +56,8 @@ class GeminiProvider:
     observe: ProviderObserver | None = None  # set by the app when metrics are on
 
     def __init__(self, api_client: genai.Client | None, vertex_client: genai.Client | None, store: OutputStore, *,
-                 video_model: str, person_generation: str, resolution: str, sandbox: bool, video_sandbox: bool):
+                 video_model: str, person_generation: str, resolution: str, sandbox: bool, video_sandbox: bool,
+                 video_max_bytes: int):
         self.api_client = api_client
         self.vertex_client = vertex_client
         self.store = store
@@ -64,6 +66,7 @@ class GeminiProvider:
         self.resolution = resolution
         self.scenes_sandbox = sandbox
         self.sandbox = video_sandbox
+        self.video_max_bytes = video_max_bytes
 
     async def aclose(self) -> None:
         for client in (self.api_client, self.vertex_client):
@@ -77,8 +80,13 @@ class GeminiProvider:
     # -- text ------------------------------------------------------------------------------------------------
 
     async def generate_json(self, model: str, prompt: str, schema: type[BaseModel], *, temperature: float,
-                            timeout: float) -> tuple[BaseModel | None, str]:
-        """Ask for JSON matching ``schema``; return the parsed reply (None if it does not validate) and its raw text."""
+                            timeout: float, context: str | None = None,
+                            audio: tuple[bytes, str] | None = None) -> tuple[BaseModel | None, str]:
+        """Ask for JSON matching ``schema``; return the parsed reply (None if it does not validate) and its raw text.
+
+        ``context`` is a second text part after the prompt; ``audio`` (bytes, MIME type) an inline audio part
+        (``Part.from_bytes``: inline data works on the Gemini API and on Vertex alike, while the Files API exists
+        only on the Gemini API), so a request must stay under the inline limit (20 MB in all)."""
         if self.api_client is None:
             raise ApiError(503, "missing_api_key", "GEMINI_API_KEY is not set", provider=NAME)
         config = types.GenerateContentConfig(
@@ -87,7 +95,15 @@ class GeminiProvider:
             temperature=temperature,
             http_options=types.HttpOptions(timeout=int(timeout * 1000)),
         )
-        response = await self._call(self.api_client.aio.models.generate_content(model=model, contents=prompt, config=config),
+        contents: Any = prompt
+        if context is not None or audio is not None:
+            parts = [types.Part.from_text(text=prompt)]
+            if context is not None:
+                parts.append(types.Part.from_text(text=context))
+            if audio is not None:
+                parts.append(types.Part.from_bytes(data=audio[0], mime_type=audio[1]))
+            contents = [types.Content(role="user", parts=parts)]
+        response = await self._call(self.api_client.aio.models.generate_content(model=model, contents=contents, config=config),
                                    "generate_content")
         parsed = response.parsed if isinstance(response.parsed, schema) else None
         return parsed, response.text or ""
@@ -138,7 +154,8 @@ class GeminiProvider:
         return Snapshot(status="succeeded", output=videos[0].video.uri or "inline")
 
     async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
-        """Vertex returns the video inline (base64 in the operation); write it atomically."""
+        """Vertex returns the video inline (base64 in the operation); write it atomically, unless it is over the size
+        cap or not an MP4."""
         operation = await self._operation(prediction_id)
         videos = operation.response.generated_videos if operation.response else None
         video = videos[0].video if videos else None
@@ -147,6 +164,9 @@ class GeminiProvider:
             raise ApiError(502, "provider_bad_output",
                            f"{NAME} operation has no inline video (uri: {where}); set no output_gcs_uri",
                            provider=NAME, provider_status="succeeded")
+        if len(video.video_bytes) > self.video_max_bytes:
+            raise too_large(NAME, self.video_max_bytes)
+        check_media(video.video_bytes[:16], "mp4", NAME)
         await self.store.write_bytes(dest, video.video_bytes)
         return len(video.video_bytes)
 

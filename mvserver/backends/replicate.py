@@ -1,18 +1,20 @@
 """Replicate: ``google/imagen-4`` images and ``google/veo-3.1`` videos through the official async client.
 
 We create predictions and poll them ourselves (``async_run`` returns ``None`` for a video that is still
-processing), and fetch outputs with our own aiohttp session so the API token never reaches the file host.
+processing), and fetch outputs with our own aiohttp session so the API token never reaches the file host; only from
+the allowed output hosts, up to a size, and only when they are the expected media (:mod:`.outputs`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import io
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 import httpx
@@ -21,15 +23,20 @@ from httpx_aiohttp import AiohttpTransport
 from replicate.client import RetryTransport
 from replicate.exceptions import ReplicateError
 from replicate.prediction import Prediction
+from yarl import URL
 
-from ..errors import ApiError, from_exception, prediction_failed
+from ..errors import ApiError, from_exception, prediction_failed, provider_http_error
 from ..storage import OutputStore
 from .base import ProviderObserver, Snapshot, VideoRequest, observed_call
+from .outputs import Media, OutputHosts, checked_chunks, too_large
 
 NAME = "replicate"
 DOWNLOAD_CHUNK = 1 << 16
 _EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 WEBHOOK_EVENTS = ["start", "logs", "completed"]
+MAX_REDIRECTS = 5  # an output URL may redirect this often; each hop must be an allowed host too
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+ERROR_BODY_BYTES = 500  # of a failed download's body, kept for the error
 
 
 # The ``Cancel-After`` header of the prediction being created by this task (the client library takes no extra
@@ -56,6 +63,15 @@ async def _raise_with_response(response: httpx.Response) -> None:
         error = ReplicateError.from_response(response)
         error.response = response  # type: ignore[attr-defined]
         raise error
+
+
+def _parsed(url: str) -> URL:
+    """An output URL or redirect target as yarl parses it (the same object is checked and requested)."""
+    try:
+        return URL(url)
+    except (ValueError, TypeError):
+        raise ApiError(502, "provider_bad_output", f"{NAME} named an output that is not a URL", provider=NAME,
+                       provider_status="succeeded") from None
 
 
 def make_client(token: str, base_url: str | None, timeout: float = 30.0) -> replicate.Client:
@@ -100,7 +116,17 @@ def snapshot(prediction: Prediction) -> Snapshot:
         logs=prediction.logs,
         output=_output_url(prediction.output),
         error=error,
+        metrics=_metrics(getattr(prediction, "metrics", None)),  # absent from some webhook bodies
     )
+
+
+def _metrics(metrics: Any) -> dict[str, Any] | None:
+    """Replicate's numeric metrics (``predict_time``, ``total_time``, ...); None when it reported none."""
+    if not isinstance(metrics, dict):
+        return None
+    kept = {k: v for k, v in metrics.items() if isinstance(k, str) and isinstance(v, (int, float))
+            and not isinstance(v, bool)}
+    return kept or None
 
 
 class ReplicateProvider:
@@ -110,13 +136,17 @@ class ReplicateProvider:
     observe: ProviderObserver | None = None  # set by the app when metrics are on
 
     def __init__(self, client: replicate.Client, session: aiohttp.ClientSession, store: OutputStore, *,
-                 video_model: str, request_timeout: float, sandbox: bool):
+                 video_model: str, request_timeout: float, sandbox: bool, output_hosts: OutputHosts,
+                 video_max_bytes: int, image_max_bytes: int):
         self.client = client
         self.session = session
         self.store = store
         self.model = video_model
         self.request_timeout = request_timeout
         self.sandbox = sandbox
+        self.output_hosts = output_hosts
+        self.video_max_bytes = video_max_bytes
+        self.image_max_bytes = image_max_bytes
 
     async def aclose(self) -> None:
         await self.client._async_client.aclose()
@@ -147,33 +177,53 @@ class ReplicateProvider:
         response = await self.client._async_request("GET", f"/v1/predictions/{prediction_id}")
         return prediction_from(response.json())
 
-    async def cancel(self, prediction_id: str) -> None:
-        await self._call(self.client.predictions.async_cancel(prediction_id), "cancel")
+    async def cancel(self, prediction_id: str) -> Snapshot:
+        """Cancel; the answer is the prediction as it ended (its metrics say how long it ran, which it costs)."""
+        return snapshot(await self._call(self.client.predictions.async_cancel(prediction_id), "cancel"))
 
     async def webhook_secret(self) -> str:
         """The account's webhook signing secret (``whsec_...``)."""
         return (await self._call(self.client.webhooks.default.async_secret(), "webhook_secret")).key
 
-    async def fetch(self, url: str) -> aiohttp.ClientResponse:
-        """Open an output URL for streaming; raises ApiError on an HTTP error."""
-        try:
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout, sock_read=self.request_timeout)
-            response = await self.session.get(url, timeout=timeout)
-        except Exception as exc:
-            raise from_exception(exc, NAME) from exc
-        if response.status != 200:
-            text = (await response.text())[:500]
+    async def fetch(self, url: str, limit: int) -> aiohttp.ClientResponse:
+        """Open an output URL for streaming: only an allowed host is asked (and each redirect is checked before it
+        is followed), and a declared length over ``limit`` is refused; ApiError on an HTTP error."""
+        target = _parsed(url)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout, sock_read=self.request_timeout)
+        for _ in range(MAX_REDIRECTS + 1):
+            self.output_hosts.check(target, NAME)
+            try:
+                response = await self.session.get(target, timeout=timeout, allow_redirects=False)
+            except Exception as exc:
+                raise from_exception(exc, NAME) from exc
+            location = response.headers.get(aiohttp.hdrs.LOCATION) if response.status in _REDIRECTS else None
+            if location is None:
+                break
             response.release()
-            from ..errors import provider_http_error
-
+            target = target.join(_parsed(location))
+        else:
+            raise ApiError(502, "provider_bad_output", f"{NAME} output redirected more than {MAX_REDIRECTS} times",
+                           provider=NAME, provider_status="succeeded")
+        if response.status != 200:
+            try:
+                text = (await response.content.read(ERROR_BODY_BYTES)).decode(errors="replace")
+            except Exception:  # noqa: BLE001 - the status is what matters
+                text = ""
+            response.release()
             raise provider_http_error(NAME, response.status, f"output download failed: {text}")
+        if response.content_length is not None and response.content_length > limit:
+            response.release()
+            raise too_large(NAME, limit)
         return response
 
-    async def download_to(self, url: str, dest: Path) -> int:
-        """Stream an output file to ``dest`` atomically, chunk by chunk, never holding it whole."""
-        response = await self.fetch(url)
+    async def _chunks(self, url: str, limit: int, media: Media) -> AsyncIterator[bytes]:
+        """The output's bytes, checked as they arrive (:func:`~.outputs.checked_chunks`); transport failures as
+        ApiError."""
+        response = await self.fetch(url, limit)
         try:
-            return await self.store.write_stream(dest, response.content.iter_chunked(DOWNLOAD_CHUNK))
+            async for chunk in checked_chunks(response.content.iter_chunked(DOWNLOAD_CHUNK), limit=limit,
+                                              media=media, provider=NAME):
+                yield chunk
         except (ApiError, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -181,14 +231,16 @@ class ReplicateProvider:
         finally:
             response.release()
 
+    async def download_to(self, url: str, dest: Path) -> int:
+        """Stream an output video to ``dest`` atomically, chunk by chunk, never holding it whole; nothing is kept
+        when it is too large or not an MP4."""
+        async with contextlib.aclosing(self._chunks(url, self.video_max_bytes, "mp4")) as chunks:
+            return await self.store.write_stream(dest, chunks)
+
     async def read(self, url: str) -> bytes:
-        response = await self.fetch(url)
-        try:
-            return await response.read()
-        except Exception as exc:
-            raise from_exception(exc, NAME) from exc
-        finally:
-            response.release()
+        """An output image, whole (at most ``image_max_bytes``)."""
+        async with contextlib.aclosing(self._chunks(url, self.image_max_bytes, "image")) as chunks:
+            return b"".join([chunk async for chunk in chunks])
 
     # -- images -------------------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 from ..storage import OutputStore, is_valid_id, write_bytes_atomic
 from .model import Event, Job
 from .store import Lease, Remembered, SignalHandler, index_entry, owner_slot
+from .usage_store import FileUsageBook
 
 log = logging.getLogger("mvserver.jobs")
 
@@ -62,6 +63,11 @@ class FileJobStore:
         self._write_locks: dict[str, asyncio.Lock] = {}
         self._handler: SignalHandler | None = None
         self._closing = False
+        self._book = FileUsageBook(self.dir / "usage")
+
+    def usage_book(self) -> FileUsageBook:
+        """The ledger, spending and duration estimates, under ``jobs/usage`` (kept by retention)."""
+        return self._book
 
     # -- life cycle -------------------------------------------------------------------------------------------
 

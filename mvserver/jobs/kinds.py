@@ -35,8 +35,8 @@ class VideoDriver:
     async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
         return await self.backend.download(snapshot, prediction_id, dest)
 
-    async def cancel(self, prediction_id: str) -> None:
-        await self.backend.cancel(prediction_id)
+    async def cancel(self, prediction_id: str) -> Snapshot | None:
+        return await self.backend.cancel(prediction_id)  # type: ignore[func-returns-value]
 
 
 def video_kind(providers: Providers, outputs: OutputStore):  # type: ignore[no-untyped-def]

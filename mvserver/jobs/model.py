@@ -63,11 +63,20 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     video_bytes: int | None = None
+    # The stored clip as ffmpeg read it (length in seconds, frame size) and whether its poster was made.
+    video_seconds: float | None = None
+    video_width: int | None = None
+    video_height: int | None = None
+    poster: bool = False
     last_event_id: int = 0
     cancel_requested: bool = False
     deadline_seconds: float | None = None  # the client's deadline, counted from created_at (queue time included)
     webhook_url: str | None = None  # where the job's status changes are sent (mvserver.webhooks_out)
     webhook_events: str | None = None  # "completed" (the final event) or "all" (every status change)
+    retries: int = 0  # provider calls retried after a transient error (usage)
+    provider_metrics: dict[str, Any] | None = None  # what the provider reported of its run (Replicate's metrics)
+    usage: dict[str, Any] | None = None  # measured when the job ends (jobs.usage.measure): null until then
+    held_micros: int = 0  # its estimated cost, held on its key's monthly budget when it was created
 
     @property
     def final(self) -> bool:
@@ -108,6 +117,11 @@ class Job:
             "error": _clip_error(self.error),
             "video_url": urls["video_url"] if self.status == "succeeded" else None,
             "video_bytes": self.video_bytes,
+            "video_seconds": self.video_seconds,
+            "video_width": self.video_width,
+            "video_height": self.video_height,
+            "poster_url": urls["poster_url"] if self.status == "succeeded" and self.poster else None,
+            "usage": self.usage,
         }
 
     def progress_state(self) -> dict[str, Any]:
@@ -138,6 +152,7 @@ def job_urls(job_id: str) -> dict[str, str]:
         "status_url": f"/api/mv/jobs/{job_id}",
         "events_url": f"/api/mv/jobs/{job_id}/events",
         "video_url": f"/api/mv/get_video/{job_id}",
+        "poster_url": f"/api/mv/get_poster/{job_id}",
     }
 
 

@@ -41,6 +41,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..errors import store_unavailable
 from .model import FINAL_STATUSES, Event, Job
 from .store import Lease, LeaseLost, Remembered, SignalHandler, StoreUnavailable, index_entry, owner_slot
+from .usage_store import RedisUsageBook
 
 log = logging.getLogger("mvserver.jobs")
 
@@ -203,6 +204,11 @@ class RedisJobStore:
         self._autoclaim_cursor = "0-0"
         self._closing = False
         self._pokes: set[asyncio.Task[Any]] = set()
+        self._book = RedisUsageBook(self.r, prefix)
+
+    def usage_book(self) -> RedisUsageBook:
+        """The ledger, spending and duration estimates in this Redis (``usage:*``, ``spend:*``, ``eta:*``)."""
+        return self._book
 
     def k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)

@@ -1,4 +1,4 @@
-"""Retention: a background sweeper removes finished jobs (record, events, reference copy, video) and old images and
+"""Retention: a background sweeper removes finished jobs (record, events, reference copy, video, poster) and old images and
 scene files after ``jobs.retention_hours``. It works in batches, off the event loop for file work, so requests
 never wait for it; an expired job id keeps a tombstone (410 ``expired``) for one more retention period."""
 
@@ -57,7 +57,9 @@ async def sweep_forever(store: JobStore, outputs: OutputStore, retention_seconds
 def _remove_job_files(outputs: OutputStore, job_ids: list[str]) -> None:
     for job_id in job_ids:
         outputs.path("videos", job_id, ".mp4").unlink(missing_ok=True)
+        outputs.path("videos", job_id, ".jpg").unlink(missing_ok=True)  # its poster
         outputs.path("jobs", job_id, ".ref").unlink(missing_ok=True)
+        outputs.path("jobs", job_id, ".ffmpeg.lock").unlink(missing_ok=True)  # an assembly's run lock (assembly.py)
 
 
 def _remove_old_files(outputs: OutputStore, before: float) -> None:

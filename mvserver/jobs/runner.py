@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar, runtime_checkable
 
 from ..backends import Snapshot
-from ..config import JobsSettings
+from ..config import JobsSettings, PricingSettings
 from ..errors import ApiError, ErrorInfo
 from ..logs import bind_job
 from ..storage import OutputStore
 from ..updates import PushedUpdates
+from .eta import EtaEstimate, duration_key
 from .model import Event, Job, JobStatus, clip_text
 from .store import JobStore, Lease, LeaseLost
+from .usage import MICROS, currency, estimate_micros, ledger_entry, measure, month_of
 
 log = logging.getLogger("mvserver.jobs")
 T = TypeVar("T")
@@ -35,6 +37,7 @@ CANCEL_RETRY_SECONDS = 0.5
 LOCAL_PROGRESS_MIN_SECONDS = 0.25  # at most four progress events a second from a local driver
 LOG_TAIL_LINES = 3
 DEADLINE_SLACK_SECONDS = 1.0  # a provider that cancels at the deadline may do so this much before our own timer
+UNLIMITED_MICROS = 1 << 62  # the spending cap of a key without a monthly_budget: its spending is still counted
 
 
 class RemoteDriver(Protocol):
@@ -48,7 +51,8 @@ class RemoteDriver(Protocol):
 
     async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int: ...
 
-    async def cancel(self, prediction_id: str) -> None: ...
+    async def cancel(self, prediction_id: str) -> Snapshot | None:
+        """Stop the prediction; the ended prediction if the provider answers with it (its metrics: usage)."""
 
 
 Progress = Callable[[float | None, str], Awaitable[None]]  # (fraction 0..1 or None, stage)
@@ -77,15 +81,21 @@ async def _nothing(_: Job) -> None:
     return None
 
 
+async def _nothing_stored(_: Job, __: Path) -> None:
+    return None
+
+
 class EngineHooks:
     """What the engine reports as it happens (the app plugs metrics in): ``finished(job)`` once per job this node
-    finished, ``subscribers(delta)`` as event streams open (+1) and close (-1); ``before_create(job)`` is awaited
-    before a new job is stored (webhooks out write their record there) and ``published(job, event)`` follows every
-    event written."""
+    finished, ``subscribers(delta)`` as event streams open (+1) and close (-1); ``stored(job, path)`` when a job's
+    output is in place, before its ``succeeded`` event (it may note facts about the file on the job: the poster);
+    ``before_create(job)`` is awaited before a new job is stored (webhooks out write their record there) and
+    ``published(job, event)`` follows every event written."""
 
     def __init__(self) -> None:
         self.finished: Callable[[Job], None] = _ignore
         self.subscribers: Callable[[int], None] = _ignore
+        self.stored: Callable[[Job, Path], Awaitable[None]] = _nothing_stored
         self.before_create: Callable[[Job], Awaitable[None]] = _nothing
         self.published: Callable[[Job, Event], None] = _ignore_event
 
@@ -109,6 +119,10 @@ class JobEngine:
         self._dispatcher: asyncio.Task[None] | None = None
         self.closing: asyncio.Future[None] | None = None
         self.hooks = EngineHooks()
+        self.book = store.usage_book()
+        self.pricing: PricingSettings | None = None  # the price table (the app sets it): usage and budgets
+        self.budget_of: Callable[[str], float | None] = lambda owner: None  # a key's monthly limit (keys file)
+        self._eta: dict[str, EtaEstimate] = {}  # job id -> the duration estimate of a job running here
 
     # -- life cycle -------------------------------------------------------------------------------------------
 
@@ -161,13 +175,41 @@ class JobEngine:
         await self.store.unreserve(owner, job_ids)
 
     async def submit(self, job: Job) -> Job:
-        """Persist a new job with its ``queued`` event and queue it for a slot."""
+        """Hold the job's estimated cost on its key's monthly budget (402 ``budget_exceeded`` past it, before any
+        prediction exists), then persist it with its ``queued`` event and queue it for a slot."""
+        await self._hold_budget(job)
         job.last_event_id = 1
         await self.hooks.before_create(job)
         event = Event(id=1, event="queued", data=_event_data(job))
-        await self.store.create(job, event)
+        try:
+            await self.store.create(job, event)
+        except BaseException:
+            if job.held_micros and job.owner is not None:
+                await self.book.adjust(job.owner, month_of(job.created_at), -job.held_micros)
+            raise
         self.hooks.published(job, event)
         return job
+
+    async def _hold_budget(self, job: Job) -> None:
+        """Every key's spending is counted (so a budget set mid-month knows what was spent); only a key with a
+        ``monthly_budget`` can be refused."""
+        if self.pricing is None or job.owner is None:
+            return
+        limit = self.budget_of(job.owner)
+        micros, month = estimate_micros(job, self.pricing), month_of(job.created_at)
+        limit_micros = UNLIMITED_MICROS if limit is None else round(limit * MICROS)
+        left = await self.book.hold(job.owner, month, micros, limit_micros)
+        if left is None:
+            job.held_micros = micros
+            return
+        await self.store.unreserve(job.owner, [job.id])  # its place on the running-jobs cap goes back too
+        money = currency(self.pricing)
+        assert limit is not None
+        raise ApiError(402, "budget_exceeded",
+                       f"this job would cost about {micros / MICROS:g} {money}, more than is left of this key's "
+                       f"budget for {month} ({left / MICROS:g} of {limit:g} {money})",
+                       budget={"month": month, "limit": limit, "spent": (limit_micros - left) / MICROS,
+                               "remaining": left / MICROS, "job_estimate": micros / MICROS, "currency": money})
 
     async def cancel(self, job_id: str) -> Job | None:
         """Cancel a job and its provider prediction, from any node; a finished job is returned unchanged."""
@@ -186,10 +228,12 @@ class JobEngine:
     async def _cancel_unclaimed(self, job: Job) -> bool:
         final = Job.from_record(job.record())
         _mark_final(final, "canceled", _canceled())
+        await self._account(final)
         final.last_event_id += 1
         event = Event(final.last_event_id, "canceled", _event_data(final))
         done = await self.store.finish_unclaimed(final, event)
         if done:
+            await self._settle(final)
             self.hooks.finished(final)
             self.hooks.published(final, event)
         return done
@@ -263,6 +307,7 @@ class JobEngine:
 
     def _task_done(self, job_id: str) -> None:
         self.tasks.pop(job_id, None)
+        self._eta.pop(job_id, None)
         self._cancel_requested.discard(job_id)
         self._lost.discard(job_id)
         self._started.discard(job_id)
@@ -353,11 +398,12 @@ class JobEngine:
 
     async def _drive_remote(self, job: Job, lease: Lease, driver: RemoteDriver) -> None:
         """Create (unless resuming) the prediction, poll it to the end, download the output."""
+        await self._load_estimate(job)
         if job.prediction_id is None:
             job.stage = "submitting"
             await self._publish(job, lease, "running", record=True)
             webhook = self.pushed.webhook_url(job.id, job.backend)
-            job.prediction_id = await self._retry(lambda: driver.start(job, webhook), create=True)
+            job.prediction_id = await self._retry(lambda: driver.start(job, webhook), create=True, job=job)
             job.stage = "generating"
             await self._publish(job, lease, "progress", record=True)
         else:
@@ -376,7 +422,7 @@ class JobEngine:
         await self._publish(job, lease, "progress", record=True)
         dest = self.outputs.path("videos", job.id, ".mp4")
         prediction_id = job.prediction_id
-        job.video_bytes = await self._retry(lambda: driver.download(snapshot, prediction_id, dest))
+        job.video_bytes = await self._retry(lambda: driver.download(snapshot, prediction_id, dest), job=job)
         job.progress = 1.0
         await self._finish(job, lease, "succeeded", None)
 
@@ -392,14 +438,23 @@ class JobEngine:
                 # return a result and drop a cancellation that arrives as it finishes): act on it here, before the
                 # first poll and after every wait.
                 raise asyncio.CancelledError()
-            snapshot = pushed or self.pushed.polled(job.id, await self._retry(lambda: driver.poll(prediction_id)))
+            snapshot = pushed or self.pushed.polled(job.id, await self._retry(lambda: driver.poll(prediction_id),
+                                                                               job=job))
             if snapshot.done:
+                job.provider_metrics = snapshot.metrics
                 return snapshot
+            estimate, now = self._eta.get(job.id), time.time()  # the event's time is the ETA's "now"
+            guessed = None
             if snapshot.progress is not None:
                 job.progress = round(snapshot.progress, 4)
+            elif estimate is not None:
+                guessed = job.progress = estimate.progress(job, now)
             job.stage = "generating"
             tail = _tail(snapshot.logs)
-            await self._publish(job, lease, "progress", extra={"logs": tail if tail != shown_logs else None})
+            extra = {"logs": tail if tail != shown_logs else None, "event_time": now,
+                     "eta_seconds": estimate.eta_seconds(job, now) if estimate is not None else None,
+                     "progress_estimated": True if guessed is not None else None}
+            await self._publish(job, lease, "progress", extra=extra)
             shown_logs = tail or shown_logs
             # +-10% jitter keeps jobs that started together (or resumed together) from polling in lockstep; a job
             # whose provider pushes updates waits the long safety interval instead, woken by each push.
@@ -430,7 +485,7 @@ class JobEngine:
         job.progress = 1.0
         await self._finish(job, lease, "succeeded", None)
 
-    async def _retry(self, call: Callable[[], Awaitable[T]], *, create: bool = False) -> T:
+    async def _retry(self, call: Callable[[], Awaitable[T]], *, create: bool = False, job: Job | None = None) -> T:
         """Retry transient provider errors with capped exponential backoff and jitter, honouring Retry-After.
 
         A create is retried only when the provider certainly did not accept it (rate limit or 503).
@@ -444,6 +499,8 @@ class JobEngine:
                 if not retryable or attempt == self.settings.retry_attempts:
                     raise
                 wait = exc.retry_after if exc.retry_after else delay * (1 + random.random() / 2)
+                if job is not None:
+                    job.retries += 1
                 log.info("transient %s (%s), retry %d in %.1f s", exc.info.code, exc.info.provider_status, attempt + 1, wait)
                 await asyncio.sleep(min(wait, self.settings.retry_max_delay_seconds))
                 delay = min(delay * 2, self.settings.retry_max_delay_seconds)
@@ -455,7 +512,9 @@ class JobEngine:
             return
         call = asyncio.ensure_future(driver.cancel(job.prediction_id))
         try:
-            await asyncio.shield(call)
+            ended = await asyncio.shield(call)
+            if isinstance(ended, Snapshot) and ended.metrics:
+                job.provider_metrics = ended.metrics
         except ApiError as exc:
             log.warning("could not cancel %s prediction %s: %s", job.backend, job.prediction_id, exc.info.message)
         except asyncio.CancelledError:
@@ -463,9 +522,51 @@ class JobEngine:
             pass
 
     async def _finish(self, job: Job, lease: Lease, status: JobStatus, error: ErrorInfo | None) -> None:
+        if status == "succeeded":
+            try:
+                await self.hooks.stored(job, self.outputs.path("videos", job.id, ".mp4"))
+            except Exception:  # a poster is a nicety: the clip is there, the job succeeds without it
+                log.exception("job %s: describing the stored output failed", job.id)
         _mark_final(job, status, error)
+        await self._account(job)
         await self._publish(job, lease, status, record=True)
+        await self._settle(job)
         self.hooks.finished(job)
+
+    async def _account(self, job: Job) -> None:
+        """Measure an ended job's usage and enter it in the ledger before its final event: a node that dies in
+        between leaves the job to run again, and its second entry replaces the first."""
+        if self.pricing is None:
+            return
+        job.usage = measure(job, self.pricing)
+        try:
+            await self.book.record(ledger_entry(job))
+        except Exception:  # noqa: BLE001 - the job still ends; its usage stays on its record
+            log.exception("job %s: usage not entered in the ledger", job.id)
+
+    async def _settle(self, job: Job) -> None:
+        """After the final event: correct the budget hold by the final cost, and learn the run's duration. Neither
+        may fail the job (they are estimates)."""
+        try:
+            if job.owner is not None and job.held_micros and job.usage is not None:
+                delta = job.usage["cost"]["amount_micros"] - job.held_micros
+                await self.book.adjust(job.owner, month_of(job.created_at), delta)
+            if job.status == "succeeded" and job.started_at is not None and job.finished_at is not None:
+                await self.book.learn(duration_key(job), job.finished_at - job.started_at)
+        except Exception:  # noqa: BLE001 - a store hiccup here must not turn a finished job into a crash
+            log.exception("job %s: usage not settled", job.id)
+        finally:
+            self._eta.pop(job.id, None)
+
+    async def _load_estimate(self, job: Job) -> None:
+        """This job's model's running estimate of its duration, read once as it starts (ETA, progress)."""
+        try:
+            found = await self.book.estimate(duration_key(job))
+        except Exception:  # noqa: BLE001 - without an estimate a job runs on, with no ETA
+            log.warning("job %s: no duration estimate", job.id, exc_info=True)
+            return
+        if found is not None:
+            self._eta[job.id] = EtaEstimate(found)
 
     async def _publish(self, job: Job, lease: Lease, name: str, *, record: bool = False,
                        extra: dict[str, Any] | None = None) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
 from .model import Event, Job
+from .usage_store import UsageBook
 
 SignalHandler = Callable[[str, str, dict[str, Any]], Awaitable[None]]  # (job_id, name, data)
 
@@ -148,6 +149,9 @@ class JobStore(Protocol):
     async def expire(self, finished_before: float, tombstone_until: float) -> list[str]:
         """Remove the records and event logs of jobs finished before ``finished_before`` (a bounded batch per call),
         leave a tombstone until ``tombstone_until`` and drop older tombstones; returns the ids removed now."""
+
+    def usage_book(self) -> "UsageBook":
+        """Where ended jobs' usage, keys' monthly spending and duration estimates are kept (``usage_store``)."""
 
     async def expired(self, job_id: str) -> bool:
         """Whether ``job_id`` belonged to a job removed by retention whose tombstone is still kept."""

@@ -2,13 +2,17 @@
 
 Point a server at it with ``MV_GEMINI_BASE_URL=http://HOST:PORT/gemini``, ``MV_VERTEX_BASE_URL=.../vertex`` and
 ``MV_REPLICATE_BASE_URL=.../replicate`` plus any non-empty provider keys. ``GET /_sim/health`` answers 200 once it
-is serving; faults are injected with ``POST /_sim/faults``.
+is serving; faults are injected with ``POST /_sim/faults``. With ``MV_SIM_API_TOKEN`` set (read from the environment,
+so it does not show in the process list), the Replicate routes answer only that token, and its holder alone gets the
+webhook signing secret: a server that wants webhooks from this simulator uses that token as its
+``REPLICATE_API_TOKEN``. Without it any token is taken and the secret is given to no one.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import sys
 from pathlib import Path
@@ -30,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="identical video requests share one rendered MP4 (keeps ffmpeg out of benchmarks)")
     parser.add_argument("--output-pad-bytes", type=int, default=0,
                         help="append an MP4 free box of this many bytes to every rendered video")
+    parser.add_argument("--max-concurrent-renders", type=int, default=2,
+                        help="outputs rendered at once (each may decode a 40 MP reference image); default 2")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     return parser
 
@@ -38,9 +44,12 @@ def make_simulator(args: argparse.Namespace) -> Simulator:
     """The :class:`Simulator` the parsed command line describes."""
     if min(args.video_latency, args.image_latency, args.scenes_latency, args.output_pad_bytes) < 0:
         raise ValueError("latencies and --output-pad-bytes must not be negative")
+    if args.max_concurrent_renders < 1:
+        raise ValueError("--max-concurrent-renders must be at least 1")
     return Simulator(args.state_dir, video_latency=args.video_latency, image_latency=args.image_latency,
                      scenes_latency=args.scenes_latency, render_cache=args.render_cache,
-                     output_pad_bytes=args.output_pad_bytes)
+                     output_pad_bytes=args.output_pad_bytes, max_concurrent_renders=args.max_concurrent_renders,
+                     api_token=os.environ.get("MV_SIM_API_TOKEN", "").strip() or None)
 
 
 async def health(request: web.Request) -> web.Response:

@@ -39,6 +39,31 @@ def _prompt_text(body: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+INLINE_TYPES = ("audio/", "image/", "video/")
+
+
+def _inline_parts(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The inline data parts of a request (``inlineData``: base64 bytes and a MIME type), each described by its MIME
+    type, size and SHA-256; ValueError for one Gemini would refuse."""
+    found = []
+    for content in body.get("contents", []):
+        for part in content.get("parts", []):
+            inline = part.get("inlineData") or part.get("inline_data")
+            if inline is None:
+                continue
+            mime = inline.get("mimeType") or inline.get("mime_type") or ""
+            if not mime.startswith(INLINE_TYPES):
+                raise ValueError(f"Unsupported MIME type: {mime}")
+            try:  # protobuf's JSON takes standard and URL-safe base64 (google-genai sends the latter)
+                text = str(inline.get("data") or "").replace("-", "+").replace("_", "/")
+                data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+            except (binascii.Error, TypeError, ValueError):
+                raise ValueError("Invalid value at 'contents.parts.inline_data.data' (TYPE_BYTES), "
+                                 "Base64 decoding failed.") from None
+            found.append({"mime_type": mime, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    return found
+
+
 def _after(label: str, text: str) -> str | None:
     match = re.search(rf"{label}\s*(.+)", text)
     return match.group(1).strip() if match else None
@@ -53,9 +78,19 @@ BEATS = [
 ]
 
 
-def simulated_scenes(prompt: str) -> dict[str, Any]:
-    """Plausible scenes built from the words of the prompt (count, idea, character, style, angle)."""
+# A scene's window in a project's song timeline (``project_song.brief_text``): "- Scene 2: 7.80-15.61 s, bars 5-8,
+# section B"
+WINDOW = re.compile(r"^- Scene (?P<n>\d+): (?P<start>\d+(?:\.\d+)?)-(?P<end>\d+(?:\.\d+)?) s"
+                    r"(?:, bars (?P<bars>\d+-\d+))?(?:, section (?P<section>\w+))?", re.M)
+
+
+def simulated_scenes(prompt: str, heard: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Plausible scenes built from the words of the prompt (count, idea, character, style, angle); with a song's
+    timeline, each scene names the window of the song and the section it plays over, and says it heard the song
+    when audio came with the request (``heard``)."""
     count = int(_after(r"exactly", prompt).split()[0]) if _after(r"exactly", prompt) else 4
+    windows = {int(m["n"]): m for m in WINDOW.finditer(prompt)}
+    audio = next((part for part in heard or [] if part["mime_type"].startswith("audio/")), None)
     idea = _after(r"about:", prompt) or "a day in the life"
     character = _after(r"\(visual description\):", prompt) or "the main character"
     style = _after(r"Style:", prompt) or "cinematic"
@@ -64,9 +99,17 @@ def simulated_scenes(prompt: str) -> dict[str, Any]:
     for index in range(count):
         action, line = BEATS[index % len(BEATS)]
         shot = SHOTS[index % len(SHOTS)]
+        window = windows.get(index + 1)
+        where = ""
+        if window is not None:
+            section = f"section {window['section']}, " if window["section"] else ""
+            bars = f", bars {window['bars']}" if window["bars"] else ""
+            where = f" ({section}{window['start']}-{window['end']} s of the song{bars})"
+        if audio is not None:
+            where += f", to the song heard ({audio['bytes']} bytes of {audio['mime_type']})"
         scenes.append({
-            "description": f"[sandbox] Scene {index + 1} of {count}, {idea}. {shot} from the {angle}: {character} "
-                           f"{action}. Style: {style}. The character {line}",
+            "description": f"[sandbox] Scene {index + 1} of {count}{where}, {idea}. {shot} from the {angle}: "
+                           f"{character} {action}. Style: {style}. The character {line}",
             "negative_description": "blurry, distorted faces, extra limbs, extra people, text, subtitles, watermark",
         })
     return {"scenes": scenes}
@@ -82,10 +125,15 @@ async def generate_content(request: web.Request) -> web.StreamResponse:
         return google_error(401, "UNAUTHENTICATED", "API key not valid. Please pass a valid API key.")
     body = await request.json()
     prompt = _prompt_text(body)
+    try:
+        inline = _inline_parts(body)
+    except ValueError as exc:
+        return google_error(400, "INVALID_ARGUMENT", str(exc))
     sim.prompts.append(prompt)
+    sim.inline_parts.append(inline)
     await asyncio.sleep(sim.scenes_latency)
     wants_json = body.get("generationConfig", {}).get("responseMimeType") == "application/json"
-    text = json.dumps(simulated_scenes(prompt)) if wants_json else f"[sandbox] {prompt[:200]}"
+    text = json.dumps(simulated_scenes(prompt, inline)) if wants_json else f"[sandbox] {prompt[:200]}"
     fault = sim.take_fault("gemini.generate", ("fail_prediction",))
     if fault is not None:  # a reply that parses as text but not as the asked-for JSON
         text = fault.error if isinstance(fault.error, str) else '{"scenes": "not a list"'
@@ -241,10 +289,12 @@ def _read_base64(path: Path) -> str:
 
 
 class VertexVideos:
-    """Handlers for Veo operations; one instance per simulator app, holding the per-operation render locks."""
+    """Handlers for Veo operations; one instance per simulator app, holding the per-operation render locks and the
+    app's render slots (shared with the Replicate routes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, render_slots: asyncio.Semaphore) -> None:
         self._render_locks: dict[str, asyncio.Lock] = {}
+        self._render_slots = render_slots
 
     async def predict(self, request: web.Request) -> web.Response:
         """``:predictLongRunning``: validate, persist the operation, answer its name."""
@@ -325,7 +375,8 @@ class VertexVideos:
             try:
                 async with lock:
                     if not path.exists():
-                        await self._render(sim, record, path)
+                        async with self._render_slots:
+                            await self._render(sim, record, path)
             finally:
                 if self._render_locks.get(record["id"]) is lock:
                     del self._render_locks[record["id"]]
@@ -340,10 +391,11 @@ class VertexVideos:
                            generate_audio=record["generate_audio"], seed=record["seed"])
 
 
-def add_routes(router: web.UrlDispatcher) -> None:
-    """Gemini Developer API ``generateContent`` under ``/gemini``; Veo operations under ``/vertex``."""
+def add_routes(router: web.UrlDispatcher, render_slots: asyncio.Semaphore) -> None:
+    """Gemini Developer API ``generateContent`` under ``/gemini``; Veo operations under ``/vertex`` (their renders
+    wait for one of ``render_slots``)."""
     router.add_post("/gemini/{version}/models/{model_method}", generate_content, name="gemini.generate")
-    videos = VertexVideos()
+    videos = VertexVideos(render_slots)
     router.add_post(_MODEL_PATH + "{model_method:[^/:]+:predictLongRunning}", videos.predict, name="vertex.predict")
     router.add_post(_MODEL_PATH + "{model_method:[^/:]+:fetchPredictOperation}", videos.fetch, name="vertex.fetch")
     router.add_post(_MODEL_PATH + "{model_method}", videos.unsupported, name="vertex.unsupported")

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import logging
 import mimetypes
@@ -74,7 +75,11 @@ def _not_found(what: str) -> web.Response:
 
 
 def _authorized(request: web.Request) -> bool:
+    """A bearer token: the simulator's own when it has one (as Replicate checks the account's), else any."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    expected = request.app[SIMULATOR].api_token
+    if expected is not None:
+        return scheme == "Bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
     return scheme == "Bearer" and bool(token.strip())
 
 
@@ -300,11 +305,18 @@ def prediction_json(record: dict[str, Any], base: str) -> dict[str, Any]:
     if status == "succeeded":
         data["output"] = f"{base}/files/{prediction_id}/{record['output']}"
         data["logs"] += f"Generated output in {latency * (1 - STARTING_SHARE):.1f}s\n"
-        data["metrics"] = {"predict_time": round(latency * (1 - STARTING_SHARE), 3), "total_time": round(latency, 3)}
     elif status == "failed":
         data["error"] = record["failure"]
-        data["metrics"] = {"predict_time": round(latency * (1 - STARTING_SHARE), 3), "total_time": round(latency, 3)}
+    if status in TERMINAL:
+        data["metrics"] = run_metrics(created, started, completed if completed is not None else until)
     return data
+
+
+def run_metrics(created: float, started: float, completed: float) -> dict[str, float]:
+    """Replicate's ``metrics`` of an ended prediction: ``predict_time`` (seconds on the model's hardware, what
+    per-second models bill) and ``total_time`` (from creation, queueing included). A prediction canceled while
+    still starting ran for no time at all."""
+    return {"predict_time": round(max(0.0, completed - started), 3), "total_time": round(max(0.0, completed - created), 3)}
 
 
 def _base_url(request: web.Request) -> str:
@@ -381,11 +393,13 @@ def _data_uri_bytes(uri: str) -> bytes:
 
 
 class ReplicateApi:
-    """Route handlers; one instance per simulator app, holding a render lock per prediction."""
+    """Route handlers; one instance per simulator app, holding a render lock per prediction and the app's render
+    slots (shared with the Vertex routes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, render_slots: asyncio.Semaphore) -> None:
         self.locks: dict[str, asyncio.Lock] = {}
         self.cache_locks: dict[str, asyncio.Lock] = {}
+        self.render_slots = render_slots
 
     # records
 
@@ -416,7 +430,8 @@ class ReplicateApi:
     async def _finish(self, sim: Simulator, record: dict[str, Any]) -> None:
         if record.get("failure") is None:
             try:
-                record["output"] = await self._render(sim, record)
+                async with self.render_slots:  # a render may decode a 40 MP reference: only a few at once
+                    record["output"] = await self._render(sim, record)
             except InputFileError as exc:
                 record["failure"] = str(exc)
             except Exception as exc:  # the model "crashed": the prediction fails with the reason
@@ -607,9 +622,15 @@ class ReplicateApi:
 
     @staticmethod
     async def webhook_secret(request: web.Request) -> web.Response:
-        """``GET /replicate/v1/webhooks/default/secret``: the key that signs every webhook delivery."""
+        """``GET /replicate/v1/webhooks/default/secret``: the key that signs every webhook delivery, for the holder of
+        the simulator's own token only. Whoever has the secret can sign a delivery that finishes any job, so a
+        simulator without a token of its own (``api_token``; ``MV_SIM_API_TOKEN`` for ``python -m mvserver.sandbox``)
+        gives it to no one."""
         if not _authorized(request):
             return _unauthenticated()
+        if request.app[SIMULATOR].api_token is None:
+            return problem(403, "Forbidden", "This simulator has no API token of its own, so it gives its webhook "
+                                             "secret to no one (set MV_SIM_API_TOKEN).")
         return web.json_response({"key": request.app[SIMULATOR].webhook_secret})
 
     async def create_file(self, request: web.Request) -> web.Response:
@@ -666,9 +687,10 @@ class ReplicateApi:
         return web.FileResponse(path, headers=headers)
 
 
-def add_routes(router: web.UrlDispatcher) -> None:
-    """Register the Replicate routes; their names are the ones fault injection uses."""
-    api = ReplicateApi()
+def add_routes(router: web.UrlDispatcher, render_slots: asyncio.Semaphore) -> None:
+    """Register the Replicate routes; their names are the ones fault injection uses. Renders wait for one of
+    ``render_slots``."""
+    api = ReplicateApi(render_slots)
     router.add_post(f"{PREFIX}/v1/models/{{owner}}/{{name}}/predictions", api.create_prediction, name="replicate.create")
     router.add_get(f"{PREFIX}/v1/predictions/{{prediction_id}}", api.get_prediction, name="replicate.get")
     router.add_post(f"{PREFIX}/v1/predictions/{{prediction_id}}/cancel", api.cancel_prediction, name="replicate.cancel")

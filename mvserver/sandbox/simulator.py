@@ -28,6 +28,7 @@ FaultKind = Literal["status", "reset", "hang", "truncate", "invalid_json", "fail
                     # webhook deliveries (route ``replicate.webhook``), see :mod:`mvserver.sandbox.webhooks`
                     "duplicate", "out_of_order", "drop", "delay", "bad_signature", "old_timestamp"]
 SIMULATOR = web.AppKey("simulator", "Simulator")
+RENDER_SLOTS = web.AppKey("render_slots", asyncio.Semaphore)  # renders (image, video, lip sync) running at once
 
 
 @dataclass
@@ -62,14 +63,23 @@ class Simulator:
     scenes_latency: float = 0.5
     render_cache: bool = False  # identical video requests share one rendered MP4 (benchmarks)
     output_pad_bytes: int = 0  # bytes of MP4 ``free`` box appended to each rendered video (large-file benchmarks)
+    # Outputs rendered at once by one simulator app (the others wait): each may decode a reference image of up to
+    # 40 MP (about 40 MB for a 1-bit or palette PNG, 160 MB for an RGB one) and runs an ffmpeg.
+    max_concurrent_renders: int = 2
     faults: list[Fault] = field(default_factory=list)
-    webhook_secret: str = field(default_factory=lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+    # The Replicate token this simulator answers (any other gets 401, as on Replicate) and the only caller its webhook
+    # secret is given to; None: any token is taken, and the secret is given to no one.
+    api_token: str | None = field(default=None, repr=False)
+    webhook_secret: str = field(default_factory=lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
+                                repr=False)
     webhook_retry_seconds: float = 60.0  # how long a terminal webhook that gets no 2xx is retried
     # (event, fault, HTTP status) of the latest webhook deliveries, for tests
     webhook_deliveries: collections.deque[tuple[str, str | None, int | None]] = field(
         default_factory=lambda: collections.deque(maxlen=10_000))
     requests: list[tuple[str, str]] = field(default_factory=list)  # (route name, path) seen, for tests
     prompts: deque[str] = field(default_factory=lambda: deque(maxlen=100))  # last Gemini prompts received, for tests
+    # the inline data parts (MIME type, size, SHA-256) of each of those Gemini requests, for tests
+    inline_parts: deque[list[dict[str, Any]]] = field(default_factory=lambda: deque(maxlen=100))
 
     def __post_init__(self) -> None:
         for kind in ("predictions", "operations", "files"):
@@ -162,12 +172,13 @@ def create_simulator_app(sim: Simulator) -> web.Application:
 
     app = web.Application(middlewares=[fault_middleware], client_max_size=64 * 1024 * 1024)
     app[SIMULATOR] = sim
+    app[RENDER_SLOTS] = slots = asyncio.Semaphore(sim.max_concurrent_renders)
     app[webhooks.SENDER] = sender = webhooks.WebhookSender(sim)
     app.cleanup_ctx.append(sender.context)
     app.router.add_post("/_sim/faults", add_fault_endpoint, name="sim.faults")
     app.router.add_delete("/_sim/faults", clear_faults_endpoint, name="sim.faults.clear")
-    gemini_api.add_routes(app.router)
-    replicate_api.add_routes(app.router)
+    gemini_api.add_routes(app.router, slots)
+    replicate_api.add_routes(app.router, slots)
     return app
 
 

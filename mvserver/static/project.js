@@ -2,6 +2,7 @@
 // Every clip, lip-sync and assembly job is followed on ONE multi-job EventSource (/api/mv/events?jobs=…).
 
 import { RequestFailed, asError, callApi } from "./api.js";
+import { Timeline } from "./timeline.js";
 
 const FINAL = ["succeeded", "failed", "canceled"];
 const EVENTS = ["queued", "running", "progress", ...FINAL];
@@ -17,6 +18,10 @@ const state = {
   stream: { source: null, ids: [], positions: new Map(), opening: 0, relinked: false },
   poller: null,
   signed: new Map(), // job_id -> signed video link (keys on)
+  songInfo: null, // GET /api/mv/songs/{id} of the project's song: its analysis
+  songPoll: null,
+  songLoading: false,
+  timeline: null,
 };
 
 // ---------------------------------------------------------------------------------------------- API
@@ -151,17 +156,99 @@ async function uploadSong() {
   await busy($("#upload-song"), "Uploading…", async () => {
     try {
       const { body } = await api("POST", "/api/mv/upload_audio", form);
-      state.song = body;
+      state.song = { ...body, name: file.name };
+      state.songInfo = body;
       const info = $("#song-info");
-      info.textContent = `${file.name}: ${body.duration.toFixed(1)} s · ${body.format} · ${body.sample_rate} Hz`;
+      showSongInfo(body);
       info.dataset.duration = String(body.duration);
       info.hidden = false;
       announce(`Song uploaded (${body.duration.toFixed(1)} s); the project will be sized to it.`);
+      if (body.analysis_status === "pending") state.songPoll = setTimeout(() => loadSongInfo(body.audio_id), 1000);
     } catch (err) {
       showError(box, asError(err));
       announce("The song upload failed.");
     }
   });
+}
+
+function describeAnalysis(song) {
+  if (song.analysis_status === "pending") return "analysing…";
+  if (song.analysis_status === "off") return "not analysed (the server's analysis is off)";
+  if (song.analysis_status === "failed") return `analysis failed (${song.analysis_error.code})`;
+  const grid = song.analysis.grid;
+  if (!grid) return `no beat grid (${song.analysis.no_grid_reason})`;
+  return `${grid.tempo.toFixed(1)} BPM · ${grid.beats_per_bar} beats to the bar · ${song.analysis.sections.length} sections`;
+}
+
+// ---------------------------------------------------------------------------------------------- the song timeline
+
+function showSongInfo(song) {
+  const info = $("#song-info");
+  info.textContent = `${state.song.name}: ${song.duration.toFixed(1)} s · ${song.format} · ${song.sample_rate} Hz` +
+    ` · ${describeAnalysis(song)}`;
+  info.dataset.analysis = song.analysis_status;
+}
+
+// The song as GET /api/mv/songs/{id} describes it (the uploaded one, or the project's); while its analysis is
+// pending, asked again each second.
+async function loadSongInfo(audioId) {
+  clearTimeout(state.songPoll);
+  try {
+    const { body } = await api("GET", `/api/mv/songs/${audioId}`);
+    state.songInfo = body;
+    if (state.song && state.song.audio_id === audioId) showSongInfo(body);
+    if (state.project && state.project.song && state.project.song.audio_id === audioId) renderTimeline();
+    if (body.analysis_status === "pending") state.songPoll = setTimeout(() => loadSongInfo(audioId), 1000);
+  } catch (err) {
+    showError($("#timeline-error"), asError(err));
+  }
+}
+
+function renderTimeline() {
+  const project = state.project;
+  const section = $("#timeline-section");
+  section.hidden = !project || !project.song;
+  if (section.hidden) return;
+  const song = state.songInfo && state.songInfo.audio_id === project.song.audio_id ? state.songInfo : null;
+  if (!song && !state.songLoading) {
+    state.songLoading = true;
+    loadSongInfo(project.song.audio_id).finally(() => { state.songLoading = false; });
+  }
+  if (!state.timeline) state.timeline = new Timeline($("#timeline"), moveCut);
+  const sized = project.song.sized_by === "bars" ? "scenes cut on the bar lines"
+    : project.song.sized_by === "length" ? `scenes sized by length (${project.song.sizing_note})` : "";
+  const info = $("#timeline-info");
+  info.textContent = [song ? describeAnalysis(song) : "loading the song…", sized].filter(Boolean).join(" · ");
+  info.dataset.analysis = song ? song.analysis_status : "loading";
+  state.timeline.render(project, song);
+}
+
+// A cut moved on the timeline: the scene's kept part now ends at `time` (song seconds); the server snaps it.
+async function moveCut(sceneId, time, snap) {
+  showError($("#timeline-error"), null);
+  try {
+    await patchProject((project) => {
+      const scene = project.scenes.find((s) => s.id === sceneId);
+      const trimOut = Math.round((scene.trim_in + time - scene.window.start) * 1e6) / 1e6;
+      return { scenes: [{ id: sceneId, trim_out: trimOut, snap }] };
+    });
+    const moved = state.project.scenes.find((s) => s.id === sceneId);
+    announce(`Cut moved to ${moved.window.end.toFixed(2)} s (on a ${moved.window.cut}).`);
+  } catch (err) {
+    showError($("#timeline-error"), asError(err));
+    renderTimeline(); // the cut goes back where the project has it
+    announce(`Moving the cut failed: ${asError(err).code}.`);
+  }
+}
+
+function followPlayhead() {
+  const video = $("#final-video");
+  const update = () => {
+    if (state.timeline && state.project && state.project.song) {
+      state.timeline.setPlayhead(state.project.song.offset + video.currentTime);
+    }
+  };
+  for (const name of ["timeupdate", "seeked", "loadedmetadata"]) video.addEventListener(name, update);
 }
 
 // ---------------------------------------------------------------------------------------------- 2. project
@@ -329,6 +416,7 @@ function renderProject() {
   total.textContent = ready ? `The video will be ${project.total_seconds.toFixed(2)} s long.` : "Every scene needs a clip first.";
   total.dataset.seconds = String(project.total_seconds);
   markChosen();
+  renderTimeline();
 }
 
 function buildScene(scene, index, count) {
@@ -637,4 +725,5 @@ $("#project-form").addEventListener("submit", createProject);
 $("#generate-characters").addEventListener("click", generateCandidates);
 $("#generate-clips").addEventListener("click", generateClips);
 $("#assemble").addEventListener("click", assemble);
+followPlayhead();
 loadHealth();

@@ -6,5 +6,6 @@ export { JobFollower, parsePositions, type FollowContext, type FollowOptions, ty
 export { DEFAULT_RETRY, sleep, withRetries, type RetryMode, type RetryPolicy } from "./retry.js";
 export { readEventStream, type EventSourceMessage } from "./sse.js";
 export { FINAL_STATUSES, isFinalStatus, JOB_EVENT_NAMES, type EventsLink, type FinalStatus, type JobAccepted,
-  type JobEvent, type JobEventName, type JobState, type JobStatus, type SignedUrls } from "./types.js";
+  type JobCost, type JobEvent, type JobEventName, type JobState, type JobStatus, type JobUsage, type SignedUrls }
+  from "./types.js";
 export type { components, operations, paths } from "./generated/openapi.js";

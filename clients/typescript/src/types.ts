@@ -49,6 +49,12 @@ export interface JobState {
   video_bytes?: number | null;
   status_url?: string;
   events_url?: string;
+  /** What the job used and its estimated cost: null until it ends (then also on its final event). */
+  usage?: JobUsage | null;
+  /** `progress` events: seconds left, estimated from recent runs of the model and kind of request (0: late). */
+  eta_seconds?: number;
+  /** `progress` events: true when `progress` is guessed from recent run times (the provider reports none). */
+  progress_estimated?: boolean;
   /** The provider's last log lines (on `progress` events when they changed). */
   logs?: string;
   /** Server time (Unix seconds) an event was published. */
@@ -57,6 +63,31 @@ export interface JobState {
   project_id?: string;
   scene_id?: string;
   signed_urls?: SignedUrls;
+}
+
+/** A job's estimated cost (`usage.cost`); add `amount_micros` (integer millionths), not `amount`. */
+export interface JobCost {
+  amount: number;
+  amount_micros: number;
+  currency: string;
+  as_of: string | null;
+  /** `price_table`; `sandbox` and `local` (ffmpeg) cost 0; `unpriced`. */
+  basis: "price_table" | "sandbox" | "local" | "unpriced" | (string & {});
+  estimated: boolean;
+}
+
+/** What an ended job used (`usage`). */
+export interface JobUsage {
+  provider: string;
+  model: string;
+  output_seconds: number | null;
+  images: number;
+  /** The provider's own numbers, unchanged (Replicate: `predict_time`, `total_time`). */
+  provider_metrics: Record<string, number> | null;
+  queue_seconds: number;
+  wall_seconds: number;
+  retries: number;
+  cost: JobCost;
 }
 
 /** The 202 answer of a job-creating POST (`generate_video`, `lipsync`, `assemble`). */

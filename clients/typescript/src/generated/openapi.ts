@@ -166,7 +166,7 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Start an assembly job (answers 202 at once): finished clips (video or lip-sync jobs) joined with cuts (stream-copied where possible) or crossfades, with an optional song; the result is served by get_video/{job_id} */
+        /** Start an assembly job (answers 202 at once): finished clips (video or lip-sync jobs) joined with cuts (stream-copied where possible) or crossfades, with an optional song; the result is served by get_video/{job_id}. 400 names the field: clips (assembly_too_long past media.yaml assembly.output_seconds_max), clips.N.trim_in|trim_out (invalid_trim: outside the clip or keeping under one output frame), crossfade_seconds (under one frame, not shorter than every clip, or graph_too_large past assembly.graph_clips_max) */
         post: operations["startAssembly"];
         delete?: never;
         options?: never;
@@ -229,40 +229,6 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
-    "/api/mv/jobs/{job_id}/deliveries": {
-        parameters: {
-            query?: never;
-            header?: never;
-            path?: never;
-            cookie?: never;
-        };
-        /** The job's webhook deliveries (webhook_url): each event sent, its status and attempts */
-        get: operations["listJobWebhookDeliveries"];
-        put?: never;
-        post?: never;
-        delete?: never;
-        options?: never;
-        head?: never;
-        patch?: never;
-        trace?: never;
-    };
-    "/api/mv/jobs/{job_id}/redeliver": {
-        parameters: {
-            query?: never;
-            header?: never;
-            path?: never;
-            cookie?: never;
-        };
-        get?: never;
-        put?: never;
-        /** Send the job's webhook again from event_id (default: its last event the webhook sends) on, in order; the same webhook-id as the first time */
-        post: operations["startWebhookRedelivery"];
-        delete?: never;
-        options?: never;
-        head?: never;
-        patch?: never;
-        trace?: never;
-    };
     "/api/mv/jobs/{job_id}/events": {
         parameters: {
             query?: never;
@@ -289,6 +255,26 @@ export interface paths {
         };
         /** Server-Sent Events of several jobs on one connection; the event id is every job's position (dot-separated, in the order of `jobs`), so Last-Event-ID resumes them all */
         get: operations["streamEvents"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/usage": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Usage and estimated cost of the jobs that ended in [from, to): the caller's (every key's for an admin key), totals that are the sum of the jobs listed, grouped by model, kind or day
+         * @description from/to: ISO 8601 dates (midnight UTC) or date-times, or unix seconds; default this calendar month (UTC) up to now. With keys on, `budget` is the caller's monthly limit, spending and what is left.
+         */
+        get: operations["getUsage"];
         put?: never;
         post?: never;
         delete?: never;
@@ -377,6 +363,23 @@ export interface paths {
         };
         /** The uploaded song (Range requests supported) */
         get: operations["getAudio"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/songs/{audio_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The uploaded song's description and analysis (tempo, beats, bars, sections, energy, waveform peaks): analysed at upload, or now for a song uploaded before; analysis_status pending: ask again shortly */
+        get: operations["getSong"];
         put?: never;
         post?: never;
         delete?: never;
@@ -497,7 +500,7 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Start an assembly job of the project's chosen clips (display order, trims) with its song from its offset; 400 naming scenes.N when a scene has no finished chosen clip */
+        /** Start an assembly job of the project's chosen clips (display order, trims) with its song from its offset; 400 naming scenes.N when a scene has no finished chosen clip, scenes when the video would be too long (assembly_too_long), crossfade_seconds as for POST /assemble */
         post: operations["startProjectAssembly"];
         delete?: never;
         options?: never;
@@ -531,6 +534,60 @@ export interface paths {
         };
         /** Scenes in order with chosen clip, trims and song window start */
         get: operations["getProjectTimeline"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/get_poster/{video_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The clip's first frame as a JPEG (its job's poster_url), under get_video's rules: 409 while the job has not succeeded, 404 for an unknown id, another key's job, or a clip without a poster, 410 once expired */
+        get: operations["getPoster"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/projects/{project_id}/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The project's event stream: its writes, versions added and chosen, and its jobs' events
+         * @description Server-Sent Events that keep a page's project current; the stream stays open until the client goes. Events: `project` (the project as GET shows it, with its etag: when the stream opens and after every write by anyone), `version_added` {project_id, scene_id, job_id, kind, etag} (right after the `project` event that added it), `version_chosen` {project_id, scene_id, job_id, previous_job_id, etag} (a scene's chosen clip changed: by a write, or its awaited version succeeded, which moves no ETag), and the events of the project's unfinished jobs exactly as on the job streams (queued, running, progress, succeeded, failed, canceled; data.job_id says whose). The event id is the project version and each followed job's position (`7.736726c7-11`): Last-Event-ID (or `after`) resumes the jobs while the project is at that version, and starts with a `project` event otherwise. A `: ping` comment every jobs.sse_ping_interval_seconds.
+         */
+        get: operations["streamProjectEvents"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/projects/{project_id}/events/link": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The URL of the project's event stream for an EventSource: with keys on signed for the caller's key (the signature covers `after`) and valid until `expires_at`; with keys off the plain URL and `expires_at` null */
+        get: operations["getProjectEventsLink"];
         put?: never;
         post?: never;
         delete?: never;
@@ -710,24 +767,6 @@ export interface components {
              * @enum {string}
              */
             backend?: "replicate" | "gemini";
-            /**
-             * Deadline Seconds
-             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
-             * @default null
-             */
-            deadline_seconds?: number | null;
-            /**
-             * Webhook Url
-             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
-             * @default null
-             */
-            webhook_url?: string | null;
-            /**
-             * Webhook Events
-             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
-             * @default null
-             */
-            webhook_events?: ("completed" | "all") | null;
         };
         /** LipsyncRequest */
         LipsyncRequest: {
@@ -783,24 +822,6 @@ export interface components {
              * @default null
              */
             scene_id?: string | null;
-            /**
-             * Deadline Seconds
-             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
-             * @default null
-             */
-            deadline_seconds?: number | null;
-            /**
-             * Webhook Url
-             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
-             * @default null
-             */
-            webhook_url?: string | null;
-            /**
-             * Webhook Events
-             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
-             * @default null
-             */
-            webhook_events?: ("completed" | "all") | null;
         };
         /** CreateProjectRequest */
         CreateProjectRequest: {
@@ -905,6 +926,13 @@ export interface components {
              * @default null
              */
             chosen_job_id?: string | null;
+            /**
+             * Snap
+             * @description Move the scene's cut (where its kept part ends in the song) to the nearest beat or bar line its clip can reach, by setting trim_out; none or without a beat grid: the trims as sent.
+             * @default null
+             * @enum {string}
+             */
+            snap?: "beat" | "bar" | "none";
         };
         /** PatchProjectRequest */
         PatchProjectRequest: {
@@ -997,7 +1025,7 @@ export interface components {
             job_id: string;
             /**
              * Trim In
-             * @description Seconds cut from the start; null: none.
+             * @description Seconds cut from the start; null: none. The trims must keep at least one frame at the output's frame rate (400 otherwise).
              * @default null
              */
             trim_in?: number | null;
@@ -1019,7 +1047,7 @@ export interface components {
             transition?: "cut" | "crossfade";
             /**
              * Crossfade Seconds
-             * @description Length of each crossfade (transition crossfade).
+             * @description Length of each crossfade (transition crossfade): at least one frame at the output's frame rate and shorter than the shortest kept clip (400 otherwise).
              * @default 0.5
              */
             crossfade_seconds?: number;
@@ -1036,24 +1064,6 @@ export interface components {
              * @default null
              */
             fit?: ("letterbox" | "crop") | null;
-            /**
-             * Deadline Seconds
-             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
-             * @default null
-             */
-            deadline_seconds?: number | null;
-            /**
-             * Webhook Url
-             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
-             * @default null
-             */
-            webhook_url?: string | null;
-            /**
-             * Webhook Events
-             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
-             * @default null
-             */
-            webhook_events?: ("completed" | "all") | null;
             /**
              * Clips
              * @description The clips in playing order (1 to 48).
@@ -1072,7 +1082,10 @@ export interface components {
              */
             audio_offset?: number;
         };
-        /** AssemblyOptions */
+        /**
+         * AssemblyOptions
+         * @description How clips are joined: the options a project's assemble takes (the clips and song come from the project).
+         */
         AssemblyOptions: {
             /**
              * Transition
@@ -1083,7 +1096,7 @@ export interface components {
             transition?: "cut" | "crossfade";
             /**
              * Crossfade Seconds
-             * @description Length of each crossfade (transition crossfade).
+             * @description Length of each crossfade (transition crossfade): at least one frame at the output's frame rate and shorter than the shortest kept clip (400 otherwise).
              * @default 0.5
              */
             crossfade_seconds?: number;
@@ -1100,24 +1113,6 @@ export interface components {
              * @default null
              */
             fit?: ("letterbox" | "crop") | null;
-            /**
-             * Deadline Seconds
-             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
-             * @default null
-             */
-            deadline_seconds?: number | null;
-            /**
-             * Webhook Url
-             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
-             * @default null
-             */
-            webhook_url?: string | null;
-            /**
-             * Webhook Events
-             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
-             * @default null
-             */
-            webhook_events?: ("completed" | "all") | null;
         };
         /** @description The error object of the Error shape, also a failed or canceled job's `error`. */
         ErrorDetail: {
@@ -1133,6 +1128,16 @@ export interface components {
             provider_status?: number | string;
             /** @description the provider's own message or JSON body, unchanged */
             provider_error?: unknown;
+            /** @description 402 budget_exceeded: the key's monthly budget and what is left of it */
+            budget?: {
+                /** @description YYYY-MM, UTC */
+                month: string;
+                limit: number;
+                spent: number;
+                remaining: number;
+                job_estimate: number;
+                currency: string;
+            };
         };
         /** @description Each URL of the answer that a browser loads without headers (<img>, <video>, EventSource), under the same name, signed for the caller's key (?kid=&exp=&sig=); only with API keys on. */
         SignedUrls: {
@@ -1181,6 +1186,13 @@ export interface components {
             /** @description set once the job succeeded */
             video_url: string | null;
             video_bytes: number | null;
+            /** @description the stored clip's length (null until it is stored) */
+            video_seconds: number | null;
+            video_width: number | null;
+            video_height: number | null;
+            /** @description the clip's first frame (JPEG), once the job succeeded */
+            poster_url: string | null;
+            usage: components["schemas"]["Usage"] | null;
         };
         /** @description GET /api/mv/jobs/{job_id}: the job's state, its URLs and its request. */
         Job: {
@@ -1212,16 +1224,17 @@ export interface components {
             /** @description set once the job succeeded */
             video_url: string | null;
             video_bytes: number | null;
+            /** @description the stored clip's length (null until it is stored) */
+            video_seconds: number | null;
+            video_width: number | null;
+            video_height: number | null;
+            /** @description the clip's first frame (JPEG), once the job succeeded */
+            poster_url: string | null;
+            usage: components["schemas"]["Usage"] | null;
             /** @description a URL path under /api/mv */
             status_url: string;
             /** @description a URL path under /api/mv */
             events_url: string;
-            /** @description when the request's deadline_seconds ends the job */
-            deadline_at: number | null;
-            /** @description where the job's status changes are sent (webhooks out) */
-            webhook_url: string | null;
-            /** @enum {string|null} */
-            webhook_events: "completed" | "all" | null;
             /** @description what was sent to the provider */
             request: Record<string, never>;
             /** @description With API keys on: the URLs of this answer, signed */
@@ -1257,6 +1270,13 @@ export interface components {
             /** @description set once the job succeeded */
             video_url: string | null;
             video_bytes: number | null;
+            /** @description the stored clip's length (null until it is stored) */
+            video_seconds: number | null;
+            video_width: number | null;
+            video_height: number | null;
+            /** @description the clip's first frame (JPEG), once the job succeeded */
+            poster_url: string | null;
+            usage: components["schemas"]["Usage"] | null;
             /** @description a URL path under /api/mv */
             status_url: string;
             /** @description a URL path under /api/mv */
@@ -1303,8 +1323,19 @@ export interface components {
             /** @description set once the job succeeded */
             video_url?: string | null;
             video_bytes?: number | null;
+            /** @description the stored clip's length (null until it is stored) */
+            video_seconds?: number | null;
+            video_width?: number | null;
+            video_height?: number | null;
+            /** @description the clip's first frame (JPEG), once the job succeeded */
+            poster_url?: string | null;
+            usage?: components["schemas"]["Usage"] | null;
             /** @description progress events: the provider's last log lines, when they changed */
             logs?: string;
+            /** @description progress events: seconds left if this run takes as long as recent runs of its model and kind of request (0: running late) */
+            eta_seconds?: number;
+            /** @description true: `progress` is guessed from recent run times (the provider reports none) */
+            progress_estimated?: boolean;
         };
         /** @description One Server-Sent Event; the stream is a sequence of them (OpenAPI 3.2's itemSchema), with `: ping` comments. */
         JobStreamEvent: {
@@ -1316,9 +1347,22 @@ export interface components {
             /** @description reconnect delay, milliseconds */
             retry?: number;
         };
-        /** @description A job was started (202): follow it with events_url or status_url. */
-        JobAccepted: {
+        /** @description One Server-Sent Event of a project's stream, with `: ping` comments. */
+        ProjectStreamEvent: {
+            /** @enum {string} */
+            event: "project" | "version_added" | "version_chosen" | "queued" | "running" | "progress" | "succeeded" | "failed" | "canceled";
+            /** @description project: the project as GET shows it; version_added: {project_id, scene_id, job_id, kind, etag}; version_chosen: {project_id, scene_id, job_id, previous_job_id, etag}; a job's event: its JobEvent */
+            data: string;
+            /** @description the project's version, then the position of each job still followed; Last-Event-ID resumes */
+            id?: string;
+            /** @description reconnect delay, milliseconds */
+            retry?: number;
+        };
+        /** @description A job a request started. URLs are absolute on MV_PUBLIC_BASE_URL when it is set. */
+        AcceptedJob: {
             job_id: string;
+            /** @enum {string} */
+            kind: "video" | "lipsync" | "assembly";
             /**
              * @description succeeded, failed and canceled are final
              * @enum {string}
@@ -1331,41 +1375,33 @@ export interface components {
             status_url: string;
             /** @description a URL path under /api/mv */
             events_url: string;
-            /** @description where the result plays once the job succeeded */
+            /** @description serves the clip once the job succeeded (409 before) */
             video_url: string;
-            /** @enum {string} */
-            kind?: "video" | "lipsync" | "assembly";
+            /** @description a project's job */
+            project_id?: string;
+            /** @description a project scene's clip version */
+            scene_id?: string;
             /** @description With API keys on: the URLs of this answer, signed */
             signed_urls?: components["schemas"]["SignedUrls"];
         };
-        /** @description A project scene's clip job was started (202). */
-        SceneJobAccepted: {
-            job_id: string;
-            /**
-             * @description succeeded, failed and canceled are final
-             * @enum {string}
-             */
-            status: "queued" | "running" | "succeeded" | "failed" | "canceled";
-            /** @description replicate, gemini (Veo on Vertex) or ffmpeg (assembly) */
-            backend: string;
-            sandbox: boolean;
-            /** @description a URL path under /api/mv */
-            status_url: string;
-            /** @description a URL path under /api/mv */
-            events_url: string;
-            /** @description where the result plays once the job succeeded */
-            video_url: string;
-            /** @enum {string} */
-            kind?: "video" | "lipsync" | "assembly";
-            /** @description With API keys on: the URLs of this answer, signed */
-            signed_urls?: components["schemas"]["SignedUrls"];
-            scene_id: string;
+        /** @description The 202 of every request that starts jobs (one envelope, `mvserver/accepted.py`). `jobs`: every job it started (a project's clips may start none). `job`: the job, when the route starts exactly one; its fields are also repeated at the top level, as these routes always answered. `project`: the project as GET /api/mv/projects/{project_id} shows it, on a project's routes (its ETag in the header). */
+        JobsAccepted: {
+            jobs: components["schemas"]["AcceptedJob"][];
+            job?: components["schemas"]["AcceptedJob"];
+            project?: components["schemas"]["Project"];
         };
         /** @description The project's song. */
         ProjectSong: {
             audio_id: string;
             offset: number;
             duration: number;
+            /**
+             * @description how the scenes were sized to the song when the project was made: on its bars (every cut on a downbeat), or by length; null: not sized to it
+             * @enum {string|null}
+             */
+            sized_by?: "bars" | "length" | null;
+            /** @description why not on bars: no beat grid (and why), the analysis off, failed or not ready */
+            sizing_note?: string | null;
         };
         /** @description One generated clip of a scene, with its job's live state. */
         ClipVersion: {
@@ -1383,6 +1419,12 @@ export interface components {
             progress: number | null;
             video_url: string | null;
             error: components["schemas"]["ErrorDetail"] | null;
+            /** @description the clip's first frame (JPEG), once the job succeeded */
+            poster_url?: string | null;
+            /** @description the stored clip's length (null until it is stored) */
+            video_seconds?: number | null;
+            video_width?: number | null;
+            video_height?: number | null;
         };
         /** @description A scene in display order. */
         ProjectScene: {
@@ -1401,6 +1443,9 @@ export interface components {
             /** @description where the kept part starts in the song; null: no song */
             song_start: number | null;
             chosen_video_url: string | null;
+            /** @description the chosen clip's poster */
+            chosen_poster_url?: string | null;
+            window?: components["schemas"]["SongWindow"] | null;
         };
         /** @description A project (storyboard): the record, every clip version with its job's live state. */
         Project: {
@@ -1519,84 +1564,227 @@ export interface components {
             image: components["schemas"]["ProjectImage"];
             project: components["schemas"]["Project"];
         };
-        /** @description One job per scene that had no chosen clip and none in progress. */
-        ProjectClipsStarted: {
-            jobs: components["schemas"]["SceneJobAccepted"][];
-            project: components["schemas"]["Project"];
-        };
-        SceneJobStarted: {
-            job: components["schemas"]["SceneJobAccepted"];
-            project: components["schemas"]["Project"];
-        };
-        /** @description The assembly job's fields and the project (its assembly_job_id). */
-        ProjectAssemblyStarted: {
-            job_id: string;
-            /**
-             * @description succeeded, failed and canceled are final
-             * @enum {string}
-             */
-            status: "queued" | "running" | "succeeded" | "failed" | "canceled";
-            /** @description replicate, gemini (Veo on Vertex) or ffmpeg (assembly) */
-            backend: string;
-            sandbox: boolean;
-            /** @description a URL path under /api/mv */
-            status_url: string;
-            /** @description a URL path under /api/mv */
-            events_url: string;
-            /** @description where the result plays once the job succeeded */
-            video_url: string;
-            /** @enum {string} */
-            kind: "video" | "lipsync" | "assembly";
-            /** @description With API keys on: the URLs of this answer, signed */
-            signed_urls?: components["schemas"]["SignedUrls"];
-            project: components["schemas"]["Project"];
-        };
         WebhookAck: {
             /** @enum {string} */
             status: "accepted" | "duplicate" | "ignored";
         };
-        /** @description One POST: the receiver's HTTP status, or why none came. */
-        WebhookAttempt: {
-            /** @description Unix time, seconds */
-            at: number;
-            http_status: number | null;
-            error: string | null;
-            seconds: number;
-        };
-        WebhookDelivery: {
-            /** @description the webhook-id header: the same for every attempt and redelivery of the message */
-            webhook_id: string;
-            event_id: number;
-            /** @description job.<event>, e.g. job.succeeded */
-            type: string;
+        /** @description Where a scene's kept part plays in the project's song (seconds), its bars and section, and its cut. */
+        SongWindow: {
+            start: number;
+            end: number;
+            /** @description bar of the start: 0 is the first downbeat's bar, -1 before it; null without a beat grid */
+            first_bar?: number | null;
+            /** @description the bar after the window's last one (exclusive) */
+            end_bar?: number | null;
+            /** @description index in the song analysis' sections of the start */
+            section?: number | null;
+            section_label?: string | null;
             /**
-             * @description failed: given up after jobs.webhook_retry_seconds
+             * @description what the window's end (the cut) lands on within one frame: a downbeat, a beat, the song's end, or a plain time
              * @enum {string}
              */
-            status: "pending" | "delivered" | "failed";
-            attempt_count: number;
-            /** @description the first and the latest attempts (at most 20) */
-            attempts: components["schemas"]["WebhookAttempt"][];
+            cut?: "downbeat" | "beat" | "time" | "end";
+        };
+        /**
+         * BeatEvidence
+         * @description Why the grid was trusted: ``pulse_clarity`` is the onset envelope's normalised autocorrelation at the beat
+         *     period (the decision, needs >= 0.25); ``beat_contrast`` is the mean onset strength on beats over that between
+         *     them (reported only: speech has strong onsets too).
+         */
+        BeatEvidence: {
+            /** Pulse Clarity */
+            pulse_clarity: number;
+            /** Beat Contrast */
+            beat_contrast: number;
+        };
+        /**
+         * Curve
+         * @description Values sampled ``rate`` times a second from the start of the song, each in 0..1.
+         */
+        SongCurve: {
+            /** Rate */
+            rate: number;
+            /** Values */
+            values: number[];
+        };
+        /** Grid */
+        SongGrid: {
+            /**
+             * Tempo
+             * @description BPM, from a least-squares fit of beat time over beat index
+             */
+            tempo: number;
+            /**
+             * Beats
+             * @description every tracked beat, ascending
+             */
+            beats: number[];
+            /**
+             * Downbeats
+             * @description the beats that start a bar (a subset of beats)
+             */
+            downbeats: number[];
+            /**
+             * Meter
+             * @description beats per bar when it can be told apart, else None
+             */
+            meter: (3 | 4) | null;
+            /**
+             * Beats Per Bar
+             * @description the bar length used for the downbeats (4 when meter is None)
+             * @enum {integer}
+             */
+            beats_per_bar: 3 | 4;
+            /** Meter Confidence */
+            meter_confidence: number;
+            /** Downbeat Confidence */
+            downbeat_confidence: number;
+            evidence: components["schemas"]["BeatEvidence"];
+        };
+        /** Section */
+        SongSection: {
+            /** Start */
+            start: number;
+            /** End */
+            end: number;
+            /**
+             * Label
+             * @description the cluster as a letter: sections that sound alike share it (A, B, A, C, ...)
+             */
+            label: string;
+            /** Cluster */
+            cluster: number;
+        };
+        /**
+         * SongAnalysis
+         * @description A song's analysis (version 1): tempo, beats, downbeats and meter (`grid`, null when the beat evidence is too weak: `no_grid_reason` says why), sections, an energy curve and waveform peaks. Times are seconds from the start of the song.
+         */
+        SongAnalysis: {
+            /**
+             * Version
+             * @default 1
+             * @constant
+             */
+            version?: 1;
+            /**
+             * Analyser
+             * @description what produced it, e.g. 'librosa 0.11.0'
+             */
+            analyser: string;
+            /**
+             * Duration
+             * @description seconds analysed (the whole song unless truncated)
+             */
+            duration: number;
+            /**
+             * Truncated
+             * @description the song was longer than the analysis cap; the rest has no grid
+             * @default false
+             */
+            truncated?: boolean;
+            grid: components["schemas"]["SongGrid"] | null;
+            /**
+             * No Grid Reason
+             * @default null
+             */
+            no_grid_reason?: string | null;
+            /**
+             * Sections
+             * @description contiguous from 0 to duration; boundaries on downbeats with a grid
+             */
+            sections: components["schemas"]["SongSection"][];
+            /** @description loudness (RMS, -60..0 dBFS as 0..1) */
+            energy: components["schemas"]["SongCurve"];
+            /** @description waveform peaks (max |sample| per bucket, full scale 1) */
+            peaks: components["schemas"]["SongCurve"];
+        };
+        /** @description A job's estimated cost. */
+        Cost: {
+            /** @description amount_micros / 1,000,000 */
+            amount: number;
+            /** @description millionths of the currency: add these up */
+            amount_micros: number;
+            /** @description ISO 4217, from settings/pricing.yaml */
+            currency: string;
+            /** @description the date of the prices used; null when nothing was priced */
+            as_of: string | null;
+            /**
+             * @description price_table: list prices x use; sandbox: simulated, costs 0; local: ffmpeg on this server, costs 0
+             * @enum {string}
+             */
+            basis: "price_table" | "sandbox" | "local" | "unpriced";
+            /** @description always true: the provider's invoice is authoritative */
+            estimated: boolean;
+        };
+        /** @description What an ended job used and what it cost (null until the job ends). */
+        Usage: {
+            provider: string;
+            model: string;
+            /** @description seconds of media produced (null: nothing produced) */
+            output_seconds: number | null;
+            images: number;
+            /** @description the provider's own numbers, unchanged (Replicate: predict_time, total_time) */
+            provider_metrics: Record<string, never> | null;
+            queue_seconds: number;
+            wall_seconds: number;
+            /** @description provider calls retried after a transient error */
+            retries: number;
+            cost: components["schemas"]["Cost"];
+        };
+        UsageGroup: {
+            /** @description the model, kind or day (YYYY-MM-DD, UTC) of the group */
+            key: string;
+            jobs: number;
+            cost_micros: number;
+            cost: number;
+            output_seconds: number;
+            predict_seconds: number;
+        };
+        /** @description One ended job in a usage report. */
+        UsageEntry: {
+            job_id: string;
+            owner: string | null;
+            kind: string;
+            backend: string;
+            model: string;
+            sandbox: boolean;
+            status: string;
             /** @description Unix time, seconds */
-            first_attempt_at?: number;
+            created_at: number;
+            /** @description Unix time, seconds */
+            finished_at: number;
+            output_seconds: number | null;
+            predict_seconds: number | null;
+            cost_micros: number;
+            currency: string | null;
+            basis: string | null;
         };
-        /** @description GET /api/mv/jobs/{job_id}/deliveries: the job's webhook deliveries, in order. */
-        WebhookDeliveries: {
-            job_id: string;
-            /** @description null: no webhook */
-            webhook_url: string | null;
-            /** @enum {string|null} */
-            webhook_events: "completed" | "all" | null;
-            deliveries: components["schemas"]["WebhookDelivery"][];
-        };
-        /** @description The event from which the job's deliveries are sent again. */
-        Redelivery: {
-            job_id: string;
-            event_id: number;
-        };
-        RedeliverRequest: {
-            /** @description default: the last event the webhook sends */
-            event_id?: number;
+        /** @description GET /api/mv/usage: jobs that ended in [from, to), their totals (exactly the sum of `jobs`) and groups. */
+        UsageReport: {
+            /** @description Unix time, seconds */
+            from: number;
+            /** @description Unix time, seconds */
+            to: number;
+            /** @enum {string} */
+            group_by: "model" | "kind" | "day";
+            currency: string;
+            all_keys: boolean;
+            totals: {
+                jobs: number;
+                cost_micros: number;
+                cost: number;
+                output_seconds: number;
+                predict_seconds: number;
+            };
+            groups: components["schemas"]["UsageGroup"][];
+            jobs: components["schemas"]["UsageEntry"][];
+            /** @description The caller's budget this month (keys on) */
+            budget?: {
+                month: string;
+                limit: number | null;
+                spent: number;
+                remaining: number | null;
+            };
         };
         Health: {
             /**
@@ -1663,9 +1851,29 @@ export interface components {
             channels: number;
             size_bytes: number;
             audio_url: string;
+            /** @description GET it for the analysis once it is ready */
+            song_url?: string;
+            /**
+             * @description ready: `analysis` holds it; pending: still running (GET song_url again shortly); failed: `analysis_error` says why; off: the server analyses no songs (MV_ANALYSIS_WORKERS=0)
+             * @enum {string}
+             */
+            analysis_status?: "ready" | "pending" | "failed" | "off";
+            analysis?: components["schemas"]["SongAnalysis"] | null;
+            /** @description why the analysis failed */
+            analysis_error?: {
+                /** @description analysis_failed or analysis_timeout */
+                code: string;
+                message: string;
+            } | null;
         };
-        /** @description Optional: aspect_ratio, safety_filter_level, person_generation, output_format, negative_prompt, seed; the rest comes from the project. */
+        /** @description Optional: number_of_images, aspect_ratio, safety_filter_level, person_generation, output_format, negative_prompt, seed; the rest comes from the project. */
         ProjectCharacterOptions: {
+            /**
+             * Number Of Images
+             * @description Candidate images rendered in parallel, each saved with its own image_id (listed in `images`); with a seed, image i uses seed + i.
+             * @default 1
+             */
+            number_of_images?: number;
             /**
              * Aspect Ratio
              * @default 1:1
@@ -1702,7 +1910,7 @@ export interface components {
              */
             seed?: number | null;
         };
-        /** @description Optional: generate_audio, seed, video_rules_template, backend, deadline_seconds, webhook_url, webhook_events; the rest comes from the project. */
+        /** @description Optional: generate_audio, seed, video_rules_template, backend; the rest comes from the project. */
         ProjectClipOptions: {
             /**
              * Generate Audio
@@ -1727,26 +1935,8 @@ export interface components {
              * @enum {string}
              */
             backend?: "replicate" | "gemini";
-            /**
-             * Deadline Seconds
-             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
-             * @default null
-             */
-            deadline_seconds?: number | null;
-            /**
-             * Webhook Url
-             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
-             * @default null
-             */
-            webhook_url?: string | null;
-            /**
-             * Webhook Events
-             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
-             * @default null
-             */
-            webhook_events?: ("completed" | "all") | null;
         };
-        /** @description Optional: sync_mode, temperature, active_speaker, deadline_seconds, webhook_url, webhook_events; the rest comes from the project. */
+        /** @description Optional: sync_mode, temperature, active_speaker; the rest comes from the project. */
         SceneLipsyncOptions: {
             /**
              * Sync Mode
@@ -1766,24 +1956,15 @@ export interface components {
              * @default false
              */
             active_speaker?: boolean;
+        };
+        ProjectEventsLink: {
+            /** @description GET /api/mv/projects/{project_id}/events[?after=…][&kid=…&exp=…&sig=…] */
+            events_url: string;
             /**
-             * Deadline Seconds
-             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
-             * @default null
+             * Format: date-time
+             * @description when the signed link stops working (null with keys off)
              */
-            deadline_seconds?: number | null;
-            /**
-             * Webhook Url
-             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
-             * @default null
-             */
-            webhook_url?: string | null;
-            /**
-             * Webhook Events
-             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
-             * @default null
-             */
-            webhook_events?: ("completed" | "all") | null;
+            expires_at: string | null;
         };
     };
     responses: never;
@@ -2523,7 +2704,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["JobAccepted"];
+                    "application/json": components["schemas"]["JobsAccepted"];
                 };
             };
             /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
@@ -2540,6 +2721,15 @@ export interface operations {
                 headers: {
                     /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
                     "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
                     [name: string]: unknown;
                 };
                 content: {
@@ -2670,7 +2860,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["JobAccepted"];
+                    "application/json": components["schemas"]["JobsAccepted"];
                 };
             };
             /** @description invalid_field, clip_not_found, clip_not_ready, invalid_clip, clip_too_long, clip_too_large, invalid_audio, song_too_short, window_too_long, window_too_short (the window is shorter than the server's lipsync.limits.min_window_seconds, 0.5 s by default) */
@@ -2687,6 +2877,15 @@ export interface operations {
                 headers: {
                     /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
                     "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
                     [name: string]: unknown;
                 };
                 content: {
@@ -2817,7 +3016,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["JobAccepted"];
+                    "application/json": components["schemas"]["JobsAccepted"];
                 };
             };
             /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
@@ -2834,6 +3033,15 @@ export interface operations {
                 headers: {
                     /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
                     "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
                     [name: string]: unknown;
                 };
                 content: {
@@ -3329,242 +3537,6 @@ export interface operations {
             };
         };
     };
-    listJobWebhookDeliveries: {
-        parameters: {
-            query?: {
-                /** @description signed link: the key id it was made for */
-                kid?: string;
-                /** @description signed link: expiry, unix seconds */
-                exp?: string;
-                /** @description signed link: HMAC-SHA256 signature */
-                sig?: string;
-            };
-            header?: never;
-            path: {
-                job_id: string;
-            };
-            cookie?: never;
-        };
-        requestBody?: never;
-        responses: {
-            /** @description deliveries */
-            200: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["WebhookDeliveries"];
-                };
-            };
-            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description missing or invalid API key */
-            401: {
-                headers: {
-                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
-                    "WWW-Authenticate": string;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
-            403: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description expired: the job finished longer ago than the server keeps jobs (jobs.retention_hours) */
-            410: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-            421: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description internal_error: a server bug (no details are given) */
-            500: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
-            503: {
-                headers: {
-                    /** @description seconds to wait before retrying */
-                    "Retry-After"?: string;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-        };
-    };
-    startWebhookRedelivery: {
-        parameters: {
-            query?: never;
-            header?: never;
-            path: {
-                job_id: string;
-            };
-            cookie?: never;
-        };
-        requestBody?: {
-            content: {
-                "application/json": components["schemas"]["RedeliverRequest"];
-            };
-        };
-        responses: {
-            /** @description sent again from this event */
-            202: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Redelivery"];
-                };
-            };
-            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description missing or invalid API key */
-            401: {
-                headers: {
-                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
-                    "WWW-Authenticate": string;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
-            403: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
-            409: {
-                headers: {
-                    /** @description seconds to wait before retrying */
-                    "Retry-After"?: string;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description expired: the job finished longer ago than the server keeps jobs (jobs.retention_hours) */
-            410: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
-            413: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
-            415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
-            421: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description internal_error: a server bug (no details are given) */
-            500: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
-            503: {
-                headers: {
-                    /** @description seconds to wait before retrying */
-                    "Retry-After"?: string;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
-        };
-    };
     streamJobEvents: {
         parameters: {
             query?: {
@@ -3756,6 +3728,94 @@ export interface operations {
                 };
             };
             /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getUsage: {
+        parameters: {
+            query?: {
+                from?: string;
+                to?: string;
+                group_by?: "model" | "kind" | "day";
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description usage report */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["UsageReport"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
             503: {
                 headers: {
                     /** @description seconds to wait before retrying */
@@ -4363,6 +4423,102 @@ export interface operations {
             };
         };
     };
+    getSong: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                audio_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the song */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Audio"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
     createProject: {
         parameters: {
             query?: never;
@@ -4898,7 +5054,7 @@ export interface operations {
             };
             cookie?: never;
         };
-        /** @description Optional image options: aspect_ratio, safety_filter_level, person_generation, output_format, negative_prompt, seed */
+        /** @description Optional image options: number_of_images (candidates, within the images settings: the first becomes the reference image, all are kept on the project as character_candidates until the next render), aspect_ratio, safety_filter_level, person_generation, output_format, negative_prompt, seed */
         requestBody?: {
             content: {
                 "application/json": components["schemas"]["ProjectCharacterOptions"];
@@ -5092,7 +5248,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ProjectClipsStarted"];
+                    "application/json": components["schemas"]["JobsAccepted"];
                 };
             };
             /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
@@ -5109,6 +5265,15 @@ export interface operations {
                 headers: {
                     /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
                     "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
                     [name: string]: unknown;
                 };
                 content: {
@@ -5256,7 +5421,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["SceneJobStarted"];
+                    "application/json": components["schemas"]["JobsAccepted"];
                 };
             };
             /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
@@ -5273,6 +5438,15 @@ export interface operations {
                 headers: {
                     /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
                     "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
                     [name: string]: unknown;
                 };
                 content: {
@@ -5416,7 +5590,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ProjectAssemblyStarted"];
+                    "application/json": components["schemas"]["JobsAccepted"];
                 };
             };
             /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
@@ -5433,6 +5607,15 @@ export interface operations {
                 headers: {
                     /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
                     "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
                     [name: string]: unknown;
                 };
                 content: {
@@ -5569,7 +5752,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["SceneJobStarted"];
+                    "application/json": components["schemas"]["JobsAccepted"];
                 };
             };
             /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
@@ -5586,6 +5769,15 @@ export interface operations {
                 headers: {
                     /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
                     "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, limit, spent, remaining, job_estimate, currency); nothing was started */
+            402: {
+                headers: {
                     [name: string]: unknown;
                 };
                 content: {
@@ -5717,6 +5909,347 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["Timeline"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getPoster: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                video_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description poster */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "image/jpeg": string;
+                };
+            };
+            /** @description the byte range asked for with a Range header */
+            206: {
+                headers: {
+                    /** @description bytes start-end/size (206), or bytes *\/size (416) */
+                    "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "image/jpeg": string;
+                };
+            };
+            /** @description not modified: the If-None-Match ETag still matches (no body) */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description expired: the job finished longer ago than the server keeps jobs (jobs.retention_hours) */
+            410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description range_not_satisfiable: the Range header must be one byte range inside the file (Content-Range: bytes *\/size) */
+            416: {
+                headers: {
+                    /** @description bytes start-end/size (206), or bytes *\/size (416) */
+                    "Content-Range": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job and project store (Redis) is unreachable; retry after Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    streamProjectEvents: {
+        parameters: {
+            query?: {
+                /** @description An event id of this stream to resume from (an EventSource cannot set Last-Event-ID; the header takes precedence) */
+                after?: string;
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                project_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description event stream */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": components["schemas"]["ProjectStreamEvent"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getProjectEventsLink: {
+        parameters: {
+            query?: {
+                /** @description An event id of this stream to resume from (an EventSource cannot set Last-Event-ID; the header takes precedence) */
+                after?: string;
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                project_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the stream's URL */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProjectEventsLink"];
                 };
             };
             /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
