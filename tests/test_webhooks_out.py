@@ -132,6 +132,9 @@ async def test_every_status_change_arrives_signed_and_in_order(client: TestClien
     assert all(d["attempts"][-1]["http_status"] == 204 for d in made)
     job = await (await client.get(f"/api/mv/jobs/{job_id}")).json()
     assert job["webhook_url"] == hook_url(server) and job["webhook_events"] == "all"
+    # the final delivery carries the job's usage and cost, as its final event does; the earlier ones have none yet
+    assert final["data"]["usage"] == job["usage"] and job["usage"]["cost"]["amount_micros"] > 0
+    assert [d["data"]["usage"] for d in receiver.verified[:-1]] == [None, None]
 
 
 async def test_a_receiver_that_fails_the_first_attempts_gets_it_later(
