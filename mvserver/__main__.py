@@ -48,6 +48,8 @@ def keys_main(argv: list[str]) -> int:
             record, key = create_key(path, args.name, KeyLimits(**given), admin=args.admin)
             admin = "; admin" if record.admin else ""
             print(f"created key {record.id} ({record.name}) in {path}; limits: {record.limits.model_dump()}{admin}")
+            print(f"webhook signing secret of this key (verifies its webhooks; not shown again): "
+                  f"{record.webhook_secret}")
             print("store this key now, it is not shown again:")
             print(key)
         elif args.command == "list":

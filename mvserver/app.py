@@ -15,6 +15,7 @@ from . import access, assembly, audio, demo, events, images, lipsync, meta, proj
 from . import webhooks
 from . import posters, project_events
 from .auth import KEYRING
+from . import webhooks_out
 from .backends import PROVIDERS, Providers
 from .backends import gemini as gemini_backend
 from .backends import replicate as replicate_backend
@@ -225,6 +226,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app.cleanup_ctx.append(providers_context)
     songs.setup(app)  # before the jobs: an assembly job reads a song's copy until the engine stops
     app.cleanup_ctx.append(jobs_context)
+    webhooks_out.setup(app)  # its sender plugs into the job engine started just above
     app.cleanup_ctx.append(projects_context)
     app.on_shutdown.append(end_streams)
     webhooks.setup(app, env, "replicate" in sandboxed_services(env))

@@ -29,6 +29,7 @@ from .auth import key_id, visible_to
 from .config import CONFIG, AssemblyLimits
 from .errors import ApiError, validation_error
 from .idempotency import idempotent, reserve
+from .job_options import job_fields
 from .jobs import JOBS, Job
 from .jobs.runner import Progress
 from .lipsync import FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, ffmpeg_limits
@@ -142,7 +143,8 @@ async def plan(app: web.Application, clips: list[tuple[str, float | None, float 
     if audio_id is not None:
         await _check_song(app, audio_id, audio_offset, caller)
     return {"clips": [c._asdict() for c in planned], "audio_id": audio_id, "audio_offset": audio_offset,
-            **options.model_dump(include=set(AssemblyOptions.model_fields)), "expected_seconds": round(expected, 6)}
+            **options.model_dump(include=set(AssemblyOptions.model_fields)), "expected_seconds": round(expected, 6),
+            **job_fields(options)}
 
 
 def _crossfaded_seconds(seconds: list[float], crossfade: float, out_fps: float, limits: AssemblyLimits) -> float:
@@ -180,7 +182,7 @@ async def _check_song(app: web.Application, audio_id: str, offset: float, caller
 async def submit(app: web.Application, request: dict[str, Any], owner: str | None, job_id: str) -> Job:
     """Queue the assembly job (``job_id``: the id the quota charge answered)."""
     job = Job(id=job_id, backend=BACKEND, model="concat" if request["transition"] == "cut" else "xfade",
-              sandbox=False, request=request, kind=KIND, owner=owner)
+              sandbox=False, request=request, kind=KIND, owner=owner, **job_fields(request))
     return await app[JOBS].submit(job)
 
 
@@ -325,7 +327,7 @@ async def assemble_project(request: web.Request) -> web.Response:
     """The project's chosen clips in display order with their trims, and its song from its offset."""
     app = request.app
     project_id = (await owned_project(request)).id  # 404 for an unknown id or another key's project
-    options = _parse(AssemblyOptions, await _json_object(request, optional=True))
+    options = _parse(app[REQUEST_MODELS].assembly_options, await _json_object(request, optional=True))
     await reserve(request, options)
     project, jobs = await load_settled(app, project_id)
     entries = project_timeline(project)

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from .config import Config
+from .job_options import option_fields
 from .project_schemas import Id, Seconds
 
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -43,12 +44,17 @@ class AssemblyOptions(BaseModel):
                                               "cropped; null: such clips are refused (400).")
 
 
+def assembly_options_model(config: Config) -> type[AssemblyOptions]:
+    """The assembly options with the job options every job-creating request takes (bounded by the settings)."""
+    return create_model("AssemblyOptions", __base__=AssemblyOptions, **option_fields(config))
+
+
 def assemble_request_model(config: Config) -> type[BaseModel]:
     """``POST /api/mv/assemble``: at least one clip, at most ``projects.limits.assembly_clips_max``."""
     limit = config.projects.limits.assembly_clips_max
     return create_model(
         "AssembleRequest",
-        __base__=AssemblyOptions,
+        __base__=assembly_options_model(config),
         clips=(list[AssemblyClip], Field(min_length=1, max_length=limit,
                                          description=f"The clips in playing order (1 to {limit}).")),
         audio_id=(Id | None, Field(None, description="The song laid under the video (upload_audio); it is cut to "

@@ -11,6 +11,7 @@ A route opts out of bearer auth with the :func:`public` marker (health; a webhoo
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hmac
@@ -22,7 +23,7 @@ import secrets
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, Literal, TypeVar
 
 import yaml
 from aiohttp import web
@@ -65,6 +66,11 @@ class KeyRecord(BaseModel):
     created_at: str
     revoked_at: str | None = None
     limits: KeyLimits = KeyLimits()
+    # Webhooks out: the secret that signs this key's deliveries (printed once by ``keys create``), and the
+    # webhook_url / webhook_events its jobs get when a request names none.
+    webhook_secret: str | None = Field(default=None, pattern=r"^whsec_[A-Za-z0-9+/]{32,}={0,2}$")
+    webhook_url: str | None = Field(default=None, pattern=r"^https?://", max_length=2048)
+    webhook_events: Literal["completed", "all"] | None = None
     admin: bool = False  # may read every key's usage (GET /api/mv/usage)
 
     @property
@@ -121,6 +127,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def new_webhook_secret() -> str:
+    """A Standard Webhooks signing secret: ``whsec_`` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
 def create_key(path: Path, name: str, limits: KeyLimits | None = None, *, admin: bool = False
                ) -> tuple[KeyRecord, str]:
     """Add a key to the file (created if missing); return its record and the key itself, which is not stored."""
@@ -132,7 +143,7 @@ def create_key(path: Path, name: str, limits: KeyLimits | None = None, *, admin:
             key_id = "k" + secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
         record = KeyRecord(id=key_id, name=name, hash=hash_secret(key_id, secret), created_at=_now(),
-                           limits=limits or KeyLimits(), admin=admin)
+                           limits=limits or KeyLimits(), admin=admin, webhook_secret=new_webhook_secret())
         keys.keys.append(record)
         write_keys(path, keys)
     return record, f"mv_{key_id}_{secret}"

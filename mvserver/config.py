@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import math
 import os
 import re
@@ -167,6 +170,14 @@ class JobsSettings(_Strict):
     sse_retry_ms: int = Field(ge=0)
     sse_max_jobs_per_stream: int = Field(default=50, ge=1, le=500)
     webhook_safety_poll_seconds: PositiveFloat = 30.0
+    # The largest deadline_seconds a job-creating request may ask for.
+    max_deadline_seconds: PositiveFloat = 3600.0
+    # Webhooks out (a job's webhook_url): each POST may take this long; a failed one is tried again after
+    # retry_initial, doubling up to retry_max, until retry_seconds after the first attempt (then it is given up).
+    webhook_timeout_seconds: PositiveFloat = 10.0
+    webhook_retry_initial_seconds: PositiveFloat = 5.0
+    webhook_retry_max_delay_seconds: PositiveFloat = 3600.0
+    webhook_retry_seconds: PositiveFloat = 86400.0
     # Several processes (Redis store): a running job's lease lives this long without renewal (renewed every third
     # of it); a node looks for jobs abandoned by a dead node this often.
     lease_seconds: PositiveFloat = 30.0
@@ -406,6 +417,30 @@ def _public_base_url(raw: str | None) -> str | None:
     return raw.rstrip("/")
 
 
+def _whsec(value: str | None, name: str) -> str | None:
+    """A Standard Webhooks signing secret (``whsec_`` + base64 of at least 24 bytes), or ConfigError."""
+    if value is None:
+        return None
+    prefix, _, key = value.partition("_")
+    try:
+        ok = prefix == "whsec" and len(base64.b64decode(key, validate=True)) >= 24
+    except (ValueError, binascii.Error):
+        ok = False
+    if not ok:
+        raise ConfigError(f"environment: {name} is not a whsec_<base64> signing secret of at least 24 bytes")
+    return value
+
+
+def _networks(items: tuple[str, ...], name: str) -> tuple[str, ...]:
+    """CIDR networks (``10.0.0.0/8``, ``::1/128``), or ConfigError naming the bad one."""
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"environment: {name}: {item!r} is not a network (CIDR)") from None
+    return items
+
+
 def _env_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     """A comma-separated list; blank items are dropped."""
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
@@ -512,6 +547,8 @@ class EnvSettings:
     redis_url: str | None = None
     redis_prefix: str = "mv:"
     stale_temp_seconds: float = 900.0  # an unowned temporary is removed only when older (and its node silent)
+    webhook_signing_key: str | None = field(default=None, repr=False)  # signs webhooks out of keys-off jobs
+    webhook_allowed_networks: tuple[str, ...] = ()  # CIDRs webhooks out may reach though private or loopback
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "EnvSettings":
@@ -565,6 +602,9 @@ class EnvSettings:
             redis_url=text("MV_REDIS_URL"),
             redis_prefix=text("MV_REDIS_PREFIX") or "mv:",
             stale_temp_seconds=_env_at_least(env, "MV_STALE_TEMP_SECONDS", 900.0, 1.0),
+            webhook_signing_key=_whsec(text("MV_WEBHOOK_SECRET"), "MV_WEBHOOK_SECRET"),
+            webhook_allowed_networks=_networks(_env_list(env, "MV_WEBHOOK_ALLOWED_NETWORKS"),
+                                               "MV_WEBHOOK_ALLOWED_NETWORKS"),
         )
 
     @property
@@ -623,7 +663,7 @@ class Config:
     def summary(self) -> dict[str, Any]:
         """The loaded parameters, for the start-up debug print (secrets shown only as set/unset)."""
         secrets = {"gemini_api_key", "replicate_api_token", "vertex_api_key", "replicate_webhook_signing_key",
-                   "url_signing_key", "redis_url"}
+                   "url_signing_key", "redis_url", "webhook_signing_key"}
         env = {k: ("set" if v else "unset") if k in secrets else str(v) for k, v in vars(self.env).items()}
         return {
             "env": env,

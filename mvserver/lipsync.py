@@ -30,6 +30,7 @@ from .config import CONFIG, LipsyncLimits, LipsyncSettings
 from .debug import debug_print
 from .errors import ApiError
 from .idempotency import idempotent, reserve
+from .job_options import job_fields
 from .jobs import JOBS, Job
 from .project_schemas import SCENE_LIPSYNC_OPTIONS
 from .project_store import ClipVersion, Project
@@ -259,7 +260,7 @@ async def submit_lipsync(app: web.Application, body: Any, defaulted: list[str], 
     [job_id] = await charge() if charge is not None else [new_id()]  # only a valid request costs a token
     provider = app[PROVIDERS].replicate
     job = Job(id=job_id, backend=provider.name, model=settings.model, sandbox=provider.sandbox, request=summary,
-              kind=KIND, owner=owner)
+              kind=KIND, owner=owner, **job_fields(body))
     return await app[JOBS].submit(job)
 
 
@@ -362,7 +363,8 @@ class LipsyncDriver:
             raise ApiError(500, "audio_cut_failed", f"the audio window could not be cut: {exc}",
                            field="audio_id") from None
         try:
-            prediction = await self.provider.create(self.settings.model, self.inputs(job, clip, dest), webhook)
+            prediction = await self.provider.create(self.settings.model, self.inputs(job, clip, dest), webhook,
+                                                    cancel_after=job.seconds_left())
         finally:
             await asyncio.to_thread(dest.unlink, missing_ok=True)
         return prediction.id

@@ -44,6 +44,8 @@ OPERATIONS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
     ("/api/mv/jobs/{job_id}", "delete"): ("cancelJob", {"200": "Job"}),
     ("/api/mv/jobs/{job_id}/cancel", "post"): ("cancelJobByPost", {"200": "Job"}),
     ("/api/mv/jobs/{job_id}/events", "get"): ("streamJobEvents", {"200": "JobStreamEvent"}),
+    ("/api/mv/jobs/{job_id}/deliveries", "get"): ("listJobWebhookDeliveries", {"200": "WebhookDeliveries"}),
+    ("/api/mv/jobs/{job_id}/redeliver", "post"): ("startWebhookRedelivery", {"202": "Redelivery"}),
     ("/api/mv/events", "get"): ("streamEvents", {"200": "JobStreamEvent"}),
     ("/api/mv/usage", "get"): ("getUsage", {"200": "UsageReport"}),
     ("/api/mv/events/link", "get"): ("getEventsLink", {"200": "EventsLink"}),

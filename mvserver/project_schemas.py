@@ -92,5 +92,6 @@ class ProjectModels(BaseModel):
 # from the project.
 CHARACTER_OPTIONS = frozenset({"aspect_ratio", "safety_filter_level", "person_generation", "output_format",
                                "negative_prompt", "seed", "number_of_images"})
-CLIP_OPTIONS = frozenset({"backend", "seed", "generate_audio", "video_rules_template"})
-SCENE_LIPSYNC_OPTIONS = frozenset({"sync_mode", "temperature", "active_speaker"})
+JOB_OPTIONS = frozenset({"deadline_seconds", "webhook_url", "webhook_events"})  # job_options.option_fields
+CLIP_OPTIONS = frozenset({"backend", "seed", "generate_audio", "video_rules_template"}) | JOB_OPTIONS
+SCENE_LIPSYNC_OPTIONS = frozenset({"sync_mode", "temperature", "active_speaker"}) | JOB_OPTIONS

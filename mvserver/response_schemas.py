@@ -142,7 +142,11 @@ _JOB_STATE = {
 _FOLLOW = {"status_url": URL, "events_url": URL}
 
 JOB_STATE = obj(_JOB_STATE, description="A job's state: the data of its status events.")
-JOB = obj({**_JOB_STATE, **_FOLLOW, "request": {**ANY_OBJECT, "description": "what was sent to the provider"}},
+JOB = obj({**_JOB_STATE, **_FOLLOW,
+           "deadline_at": {**nullable(UNIX_TIME), "description": "when the request's deadline_seconds ends the job"},
+           "webhook_url": {**nullable(text()), "description": "where the job's status changes are sent (webhooks out)"},
+           "webhook_events": {"type": ["string", "null"], "enum": ["completed", "all", None]},
+           "request": {**ANY_OBJECT, "description": "what was sent to the provider"}},
           SIGNED, "GET /api/mv/jobs/{job_id}: the job's state, its URLs and its request.")
 JOB_LIST_ITEM = obj({**_JOB_STATE, **_FOLLOW}, {"project_id": ID, "scene_id": ID, **SIGNED},
                     "A listed job: its state (no request) and URLs; project_id and scene_id for a project's clip.")
@@ -272,6 +276,22 @@ PROJECT_IMAGE = obj(_IMAGES, SIGNED, "The project's new character image (no base
 
 PROJECT_CHARACTER = obj({"image": ref("ProjectImage"), "project": ref("Project")})
 WEBHOOK_ACK = obj({"status": {"type": "string", "enum": ["accepted", "duplicate", "ignored"]}})
+WEBHOOK_ATTEMPT = obj({"at": UNIX_TIME, "http_status": nullable(INTEGER), "error": nullable(text()),
+                       "seconds": SECONDS}, description="One POST: the receiver's HTTP status, or why none came.")
+WEBHOOK_DELIVERY = obj(
+    {"webhook_id": text("the webhook-id header: the same for every attempt and redelivery of the message"),
+     "event_id": INTEGER, "type": text("job.<event>, e.g. job.succeeded"),
+     "status": {"type": "string", "enum": ["pending", "delivered", "failed"],
+                "description": "failed: given up after jobs.webhook_retry_seconds"},
+     "attempt_count": INTEGER, "attempts": {"type": "array", "items": ref("WebhookAttempt"),
+                                            "description": "the first and the latest attempts (at most 20)"}},
+    {"first_attempt_at": UNIX_TIME})
+WEBHOOK_DELIVERIES = obj({"job_id": ID, "webhook_url": {**nullable(text()), "description": "null: no webhook"},
+                          "webhook_events": {"type": ["string", "null"], "enum": ["completed", "all", None]},
+                          "deliveries": {"type": "array", "items": ref("WebhookDelivery")}},
+                         description="GET /api/mv/jobs/{job_id}/deliveries: the job's webhook deliveries, in order.")
+REDELIVERY = obj({"job_id": ID, "event_id": INTEGER},
+                 description="The event from which the job's deliveries are sent again.")
 
 # The song analysis (mvserver.analysis.model), its nested models named for the song.
 _ANALYSIS_NAMES = {"Grid": "SongGrid", "Section": "SongSection", "Curve": "SongCurve", "BeatEvidence": "BeatEvidence",
@@ -319,4 +339,9 @@ RESPONSE_SCHEMAS: dict[str, Schema] = {
     "ProjectImage": PROJECT_IMAGE, "ProjectCharacter": PROJECT_CHARACTER,
     "WebhookAck": WEBHOOK_ACK, "SongWindow": SONG_WINDOW, **_analysis_schemas(),
     "Cost": COST, "Usage": USAGE, "UsageGroup": USAGE_GROUP, "UsageEntry": USAGE_ENTRY, "UsageReport": USAGE_REPORT,
+    "WebhookAttempt": WEBHOOK_ATTEMPT, "WebhookDelivery": WEBHOOK_DELIVERY, "WebhookDeliveries": WEBHOOK_DELIVERIES,
+    "Redelivery": REDELIVERY,
+    "RedeliverRequest": {"type": "object", "additionalProperties": False,
+                         "properties": {"event_id": {**INTEGER, "minimum": 1,
+                                                     "description": "default: the last event the webhook sends"}}},
 }

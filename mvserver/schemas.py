@@ -16,8 +16,9 @@ from . import __version__
 from .config import Config
 from .debug import debug_print
 from .errors import ApiError, validation_error
-from .assembly_schemas import AssemblyOptions, assemble_request_model
+from .assembly_schemas import assemble_request_model, assembly_options_model
 from .fields import INTEGRAL, UUID4_PATTERN, choice, text
+from .job_options import option_fields
 from .openapi import complete
 from .response_schemas import SONG_ANALYSIS_FIELDS
 from .project_schemas import ProjectModels
@@ -104,6 +105,7 @@ def video_request_model(config: Config) -> type[BaseModel]:
                                     "settings, an empty string appends none."),
         ),
         backend=(_choice(["replicate", "gemini"]), s.default_backend),
+        **option_fields(config),
     )
 
 
@@ -129,6 +131,7 @@ def lipsync_request_model(config: Config) -> type[BaseModel]:
         project_id=(UUID4_ID | None, Field(None, description="A project this job belongs to (kept in the job's "
                                                              "request, unchanged).")),
         scene_id=(UUID4_ID | None, Field(None, description="The project's scene this job is for (kept unchanged).")),
+        **option_fields(config),
     )
 
 
@@ -142,12 +145,14 @@ class RequestModels(BaseModel):
     projects: ProjectModels
     lipsync: type[BaseModel]
     assemble: type[BaseModel]
+    assembly_options: type[BaseModel]
 
     @classmethod
     def build(cls, config: Config) -> "RequestModels":
         return cls(scenes=scenes_request_model(config), image=image_request_model(config),
                    video=video_request_model(config), projects=ProjectModels.build(config),
-                   lipsync=lipsync_request_model(config), assemble=assemble_request_model(config))
+                   lipsync=lipsync_request_model(config), assemble=assemble_request_model(config),
+                   assembly_options=assembly_options_model(config))
 
 
 REQUEST_MODELS = web.AppKey("request_models", RequestModels)
@@ -528,7 +533,7 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
     """The OpenAPI 3.1 document of the public API (with the bearer scheme and /metrics when they are on)."""
     schemas: dict[str, Any] = {"Error": ERROR_SCHEMA}
     for model in (models.scenes, models.image, models.video, models.lipsync, models.projects.create, models.projects.patch,
-                  models.projects.write_scenes, models.assemble, AssemblyOptions):
+                  models.projects.write_scenes, models.assemble, models.assembly_options):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -628,6 +633,16 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
         "/api/mv/jobs/{job_id}/cancel": {"post": {
             "summary": "Cancel the job (same as DELETE /api/mv/jobs/{job_id})", "parameters": [_id_parameter("job_id")],
             "responses": _answers(200, "job", *job_errors, 415)}},
+        "/api/mv/jobs/{job_id}/deliveries": {"get": {
+            "summary": "The job's webhook deliveries (webhook_url): each event sent, its status and attempts",
+            "parameters": [_id_parameter("job_id")],
+            "responses": _answers(200, "deliveries", *job_errors)}},
+        "/api/mv/jobs/{job_id}/redeliver": {"post": {
+            "summary": "Send the job's webhook again from event_id (default: its last event the webhook sends) on, "
+                       "in order; the same webhook-id as the first time",
+            "parameters": [_id_parameter("job_id")],
+            "requestBody": {**_json_body("RedeliverRequest"), "required": False},
+            "responses": _answers(202, "sent again from this event", *job_errors, 409, 415)}},
         "/api/mv/jobs/{job_id}/events": {"get": {
             "summary": "Server-Sent Events: state, progress, final status", "parameters": [_id_parameter("job_id")],
             "responses": _answers(200, "event stream", *job_errors, content="text/event-stream")}},

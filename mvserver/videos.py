@@ -24,6 +24,7 @@ from .errors import ApiError
 from .files import SavedFileResponse
 from .idempotency import idempotent, reserve
 from .images import FORMATS, load_image
+from .job_options import job_fields
 from .jobs import JOBS, Job, job_urls, listing, stream_events
 from .jobs.model import STATUSES, Event
 from .quotas import charge
@@ -194,7 +195,7 @@ async def submit_video_job(app: web.Application, body: Any, defaulted: list[str]
         [job_id] = await charge()  # only a request that got this far costs a token
     backend = app[PROVIDERS].video_backend(body.backend)
     job = Job(id=job_id or new_id(), backend=body.backend, model=backend.model, sandbox=backend.sandbox, request=summary,
-              reference_mime_type=mime_type, owner=owner)
+              reference_mime_type=mime_type, owner=owner, **job_fields(body))
     if image is not None:
         store = app[STORE]
         await store.write_bytes(store.path("jobs", job.id, ".ref"), image)

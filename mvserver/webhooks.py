@@ -40,7 +40,7 @@ MAX_BODY_BYTES = 2 * 1024 * 1024  # a prediction with its logs; larger bodies ge
 SEEN_IDS_MAX = 20_000  # webhook-ids remembered for deduplication (~2 MB at most)
 SEEN_IDS_SECONDS = 2 * TOLERANCE_SECONDS  # older ids need not be kept: their timestamps fail the tolerance
 _CHUNK = 64 * 1024
-PREDICTION_STATUSES = frozenset({"starting", "processing", "succeeded", "failed", "canceled"})
+PREDICTION_STATUSES = frozenset({"starting", "processing", "succeeded", "failed", "canceled", "aborted"})
 
 
 class SeenIds:
@@ -158,6 +158,8 @@ def _prediction(body: str) -> Prediction:
     if not (isinstance(data, dict) and isinstance(data.get("id"), str) and data.get("status") in PREDICTION_STATUSES
             and isinstance(data.get("logs"), (str, type(None)))):
         raise ApiError(400, "invalid_body", "the webhook body is not a prediction")
+    if data["status"] == "aborted":  # a Cancel-After deadline reached before it ran: it ended unfinished
+        data["status"] = "canceled"
     return Prediction.construct(**data)
 
 

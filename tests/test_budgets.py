@@ -97,6 +97,24 @@ async def test_the_hold_is_corrected_by_the_final_cost(make_client: AppClient, t
     assert (await budget(client, auth))["spent"] == 1.6
 
 
+async def test_a_job_ended_by_its_deadline_is_accounted_and_its_hold_released(make_client: AppClient,
+                                                                              tmp_path: Path,
+                                                                              sim: Simulator) -> None:
+    sim.video_latency = 3600  # the prediction never finishes: the deadline ends the job
+    client, auth = await keyed(make_client, tmp_path, budget=2.0)
+    status, accepted = await post(client, auth, deadline_seconds=1)
+    assert status == 202, accepted
+    assert (await budget(client, auth))["spent"] == 1.6  # held while it runs
+    await settled(client, accepted["job_id"])
+    state = await (await client.get(accepted["status_url"], headers=auth)).json()
+    assert state["error"]["code"] == "deadline_exceeded", state["error"]
+    assert state["usage"]["cost"]["amount_micros"] == 0 and state["usage"]["output_seconds"] is None
+    assert state["usage"]["wall_seconds"] >= 1
+    assert (await budget(client, auth))["spent"] == 0.0  # the hold was settled by the final cost
+    listed = (await (await client.get("/api/mv/usage", headers=auth)).json())["jobs"]
+    assert [entry["job_id"] for entry in listed] == [accepted["job_id"]]
+
+
 async def test_a_key_without_a_budget_is_never_refused_but_its_spending_is_counted(
         make_client: AppClient, tmp_path: Path, sim: Simulator) -> None:
     sim.video_latency = 30

@@ -44,6 +44,12 @@ UNEXPRESSIBLE = {"/api/mv/generate_video": {"reference_image_base64", "reference
                  "/api/mv/projects": {"audio_offset", "audio_id", "character_image_id"},
                  # to after from, at most report_max_days apart; a date the pattern allows may not exist (02-30)
                  "/api/mv/usage": {"from", "to"}}
+# Every job-creating request: a webhook_url must name a public host (or an allowed network) and the server must have
+# a signing secret for it, neither of which a schema can say.
+for _path in ("/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/assemble", "/api/mv/projects/{project_id}/clips",
+              "/api/mv/projects/{project_id}/scenes/{scene_id}/clips", "/api/mv/projects/{project_id}/assemble",
+              "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync"):
+    UNEXPRESSIBLE[_path] = UNEXPRESSIBLE.get(_path, set()) | {"webhook_url"}
 PROVIDER_KEYS = ("GEMINI_API_KEY", "REPLICATE_API_TOKEN", "GOOGLE_VERTEX_API_KEY", "GOOGLE_CLOUD_PROJECT")
 
 

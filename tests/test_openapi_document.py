@@ -146,6 +146,8 @@ OPERATION_IDS = {
     ("/api/mv/jobs/{job_id}", "delete"): "cancelJob",
     ("/api/mv/jobs/{job_id}/cancel", "post"): "cancelJobByPost",
     ("/api/mv/jobs/{job_id}/events", "get"): "streamJobEvents",
+    ("/api/mv/jobs/{job_id}/deliveries", "get"): "listJobWebhookDeliveries",
+    ("/api/mv/jobs/{job_id}/redeliver", "post"): "startWebhookRedelivery",
     ("/api/mv/events", "get"): "streamEvents",
     ("/api/mv/usage", "get"): "getUsage",
     ("/api/mv/events/link", "get"): "getEventsLink",
@@ -425,6 +427,9 @@ async def test_real_answers_of_the_whole_flow_match_the_document(make_client: Ap
                                   json={"transition": "crossfade"})
     await api.call("DELETE", "/api/mv/jobs/{job_id}", path={"job_id": assembled["job_id"]})
     await api.call("POST", "/api/mv/jobs/{job_id}/cancel", path={"job_id": assembled["job_id"]})
+    # a job without a webhook (tests/test_webhooks_out.py covers the deliveries of one with a webhook)
+    await api.call("GET", "/api/mv/jobs/{job_id}/deliveries", path={"job_id": assembled["job_id"]})
+    await api.call("POST", "/api/mv/jobs/{job_id}/redeliver", path={"job_id": assembled["job_id"]}, expect=404)
 
     # errors: each in the one Error shape, with the status the document lists
     unknown = {"job_id": "4adfcc62-0cb0-44fc-9ab2-745c4c944eb4"}

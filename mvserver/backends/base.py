@@ -51,6 +51,7 @@ class VideoRequest:
     reference_image: bytes | None = field(default=None, repr=False)
     reference_mime_type: str | None = None
     webhook: str | None = None  # where the provider should push updates (Replicate only; others poll)
+    cancel_after: float | None = None  # seconds left of the client's deadline (the provider's own, where it has one)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import io
+import math
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -35,6 +37,23 @@ WEBHOOK_EVENTS = ["start", "logs", "completed"]
 MAX_REDIRECTS = 5  # an output URL may redirect this often; each hop must be an allowed host too
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 ERROR_BODY_BYTES = 500  # of a failed download's body, kept for the error
+
+
+# The ``Cancel-After`` header of the prediction being created by this task (the client library takes no extra
+# headers on a create): Replicate cancels the prediction itself at that deadline, even if we are gone by then.
+_CANCEL_AFTER: contextvars.ContextVar[str | None] = contextvars.ContextVar("replicate_cancel_after", default=None)
+
+
+def cancel_after_header(seconds: float) -> str:
+    """A ``Cancel-After`` duration in Replicate's format (Go-style, e.g. ``90s``): whole seconds, rounded up, so
+    the provider never stops a prediction before our own deadline does."""
+    return f"{max(1, math.ceil(seconds))}s"
+
+
+async def _add_cancel_after(request: httpx.Request) -> None:
+    value = _CANCEL_AFTER.get()
+    if value is not None and request.method == "POST" and request.url.path.endswith("/predictions"):
+        request.headers["Cancel-After"] = value
 
 
 async def _raise_with_response(response: httpx.Response) -> None:
@@ -64,7 +83,7 @@ def make_client(token: str, base_url: str | None, timeout: float = 30.0) -> repl
     """
     aiohttp_transport = AiohttpTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=100))
     client = replicate.Client(api_token=token, base_url=base_url, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-                              transport=aiohttp_transport, event_hooks={"response": [_raise_with_response]})
+                              transport=aiohttp_transport, event_hooks={"request": [_add_cancel_after], "response": [_raise_with_response]})
     retry_layer = getattr(client._async_client, "_transport", None)  # the client wraps our transport in its retries
     if isinstance(retry_layer, RetryTransport):
         retry_layer.max_attempts = 1
@@ -76,6 +95,13 @@ def _output_url(output: Any) -> str | None:
     if isinstance(output, list):
         output = output[0] if output else None
     return output if isinstance(output, str) else None
+
+
+def prediction_from(data: dict[str, Any]) -> Prediction:
+    """A prediction as the API sent it, ``aborted`` read as ``canceled`` (both end it unfinished)."""
+    if data.get("status") == "aborted":
+        data = {**data, "status": "canceled"}
+    return Prediction(**data)
 
 
 def snapshot(prediction: Prediction) -> Snapshot:
@@ -129,15 +155,27 @@ class ReplicateProvider:
         """Await one API call; map its failure to ApiError and report its time to ``observe`` (metrics)."""
         return await observed_call(NAME, self.observe, coro, operation)
 
-    async def create(self, model: str, inputs: dict[str, Any], webhook: str | None = None) -> Prediction:
+    async def create(self, model: str, inputs: dict[str, Any], webhook: str | None = None, *,
+                     cancel_after: float | None = None) -> Prediction:
         """Create a prediction of an official model (``owner/name``); POSTs are never retried by the client.
-        With ``webhook``, Replicate pushes its start, logs and end there."""
+        With ``webhook``, Replicate pushes its start, logs and end there; with ``cancel_after`` (seconds), Replicate
+        cancels the prediction itself at that deadline (its ``Cancel-After`` header)."""
         hook: dict[str, Any] = {"webhook": webhook, "webhook_events_filter": WEBHOOK_EVENTS} if webhook else {}
-        return await self._call(self.client.models.predictions.async_create(model=model, input=inputs, **hook),
-                                "create")
+        token = _CANCEL_AFTER.set(None if cancel_after is None else cancel_after_header(cancel_after))
+        try:
+            return await self._call(self.client.models.predictions.async_create(model=model, input=inputs, **hook),
+                                    "create")
+        finally:
+            _CANCEL_AFTER.reset(token)
 
     async def get(self, prediction_id: str) -> Prediction:
-        return await self._call(self.client.predictions.async_get(prediction_id), "get")
+        return await self._call(self._get(prediction_id), "get")
+
+    async def _get(self, prediction_id: str) -> Prediction:
+        """``predictions.async_get``, but reading ``aborted`` (a ``Cancel-After`` deadline reached before the
+        prediction ran, a status the client library's model does not know) as ``canceled``."""
+        response = await self.client._async_request("GET", f"/v1/predictions/{prediction_id}")
+        return prediction_from(response.json())
 
     async def cancel(self, prediction_id: str) -> Snapshot:
         """Cancel; the answer is the prediction as it ended (its metrics say how long it ran, which it costs)."""
@@ -260,7 +298,8 @@ class ReplicateProvider:
         return inputs
 
     async def start(self, request: VideoRequest) -> str:
-        prediction = await self.create(self.model, self.video_inputs(request), request.webhook)
+        prediction = await self.create(self.model, self.video_inputs(request), request.webhook,
+                                       cancel_after=request.cancel_after)
         return prediction.id
 
     async def poll(self, prediction_id: str) -> Snapshot:

@@ -71,6 +71,9 @@ class Job:
     last_event_id: int = 0
     cancel_requested: bool = False
     running_cap: int | None = None  # the owner key's max_running_jobs when the job was made (None: no cap)
+    deadline_seconds: float | None = None  # the client's deadline, counted from created_at (queue time included)
+    webhook_url: str | None = None  # where the job's status changes are sent (mvserver.webhooks_out)
+    webhook_events: str | None = None  # "completed" (the final event) or "all" (every status change)
     retries: int = 0  # provider calls retried after a transient error (usage)
     provider_metrics: dict[str, Any] | None = None  # what the provider reported of its run (Replicate's metrics)
     usage: dict[str, Any] | None = None  # measured when the job ends (jobs.usage.measure): null until then
@@ -79,6 +82,17 @@ class Job:
     @property
     def final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    @property
+    def deadline_at(self) -> float | None:
+        """When the job must be over (the client's ``deadline_seconds``), or None."""
+        return None if self.deadline_seconds is None else self.created_at + self.deadline_seconds
+
+    def seconds_left(self) -> float | None:
+        """Seconds until the client's deadline (0 once past), or None without one: what a provider that
+        enforces deadlines itself is given when its prediction is created."""
+        deadline = self.deadline_at
+        return None if deadline is None else max(0.0, deadline - time.time())
 
     def elapsed(self) -> float:
         end = self.finished_at or time.time()
@@ -120,6 +134,8 @@ class Job:
     def public(self) -> dict[str, Any]:
         """The full view for ``GET /jobs/{id}``: the state plus model, URLs, error and the request, once."""
         return {**self.state(), "error": self.error, **_public_urls(self.id),
+                "deadline_at": self.deadline_at,
+                "webhook_url": self.webhook_url, "webhook_events": self.webhook_events,
                 "request": self.request}
 
     def record(self) -> dict[str, Any]:

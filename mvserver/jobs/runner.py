@@ -36,6 +36,7 @@ CLAIM_BATCH = 8  # jobs claimed in one go at most: few round trips for a burst, 
 CANCEL_RETRY_SECONDS = 0.5
 LOCAL_PROGRESS_MIN_SECONDS = 0.25  # at most four progress events a second from a local driver
 LOG_TAIL_LINES = 3
+DEADLINE_SLACK_SECONDS = 1.0  # a provider that cancels at the deadline may do so this much before our own timer
 UNLIMITED_MICROS = 1 << 62  # the spending cap of a key without a monthly_budget: its spending is still counted
 
 
@@ -72,19 +73,31 @@ def _ignore(_: Any) -> None:
     return None
 
 
-async def _nothing(_: Job, __: Path) -> None:
+def _ignore_event(_: Job, __: Event) -> None:
+    return None
+
+
+async def _nothing(_: Job) -> None:
+    return None
+
+
+async def _nothing_stored(_: Job, __: Path) -> None:
     return None
 
 
 class EngineHooks:
     """What the engine reports as it happens (the app plugs metrics in): ``finished(job)`` once per job this node
     finished, ``subscribers(delta)`` as event streams open (+1) and close (-1); ``stored(job, path)`` when a job's
-    output is in place, before its ``succeeded`` event (it may note facts about the file on the job: the poster)."""
+    output is in place, before its ``succeeded`` event (it may note facts about the file on the job: the poster);
+    ``before_create(job)`` is awaited before a new job is stored (webhooks out write their record there) and
+    ``published(job, event)`` follows every event written."""
 
     def __init__(self) -> None:
         self.finished: Callable[[Job], None] = _ignore
         self.subscribers: Callable[[int], None] = _ignore
-        self.stored: Callable[[Job, Path], Awaitable[None]] = _nothing
+        self.stored: Callable[[Job, Path], Awaitable[None]] = _nothing_stored
+        self.before_create: Callable[[Job], Awaitable[None]] = _nothing
+        self.published: Callable[[Job, Event], None] = _ignore_event
 
 
 class JobEngine:
@@ -174,12 +187,15 @@ class JobEngine:
             job.running_cap = self.running_cap(job.owner)
         await self._hold_budget(job)
         job.last_event_id = 1
+        await self.hooks.before_create(job)
+        event = Event(id=1, event="queued", data=_event_data(job))
         try:
-            await self.store.create(job, Event(id=1, event="queued", data=_event_data(job)))
+            await self.store.create(job, event)
         except BaseException:
             if job.held_micros and job.owner is not None:
                 await self.book.adjust(job.owner, month_of(job.created_at), -job.held_micros)
             raise
+        self.hooks.published(job, event)
         return job
 
     async def _hold_budget(self, job: Job) -> None:
@@ -221,10 +237,12 @@ class JobEngine:
         _mark_final(final, "canceled", _canceled())
         await self._account(final)
         final.last_event_id += 1
-        done = await self.store.finish_unclaimed(final, Event(final.last_event_id, "canceled", _event_data(final)))
+        event = Event(final.last_event_id, "canceled", _event_data(final))
+        done = await self.store.finish_unclaimed(final, event)
         if done:
             await self._settle(final)
             self.hooks.finished(final)
+            self.hooks.published(final, event)
         return done
 
     async def _wait_final(self, job_id: str) -> Job | None:
@@ -349,6 +367,8 @@ class JobEngine:
                 job.started_at = time.time()  # the timeout runs from here, not from the time in the queue
             job.status = "running"
             deadline = job.started_at + self.settings.timeout_seconds
+            if job.deadline_at is not None:  # the client's deadline, when it comes first, ends the job instead
+                deadline = min(deadline, job.deadline_at)
             async with asyncio.timeout(max(0.0, deadline - time.time())):
                 if isinstance(driver, LocalDriver):
                     await self._drive_local(job, lease, driver)
@@ -366,9 +386,7 @@ class JobEngine:
             raise
         except TimeoutError:
             await self._cancel_provider(job, driver)
-            await self._finish(job, lease, "failed", ErrorInfo(
-                "job_timeout", f"the job was not done after {self.settings.timeout_seconds:g} s",
-                provider=job.backend, provider_status=job.stage))
+            await self._finish(job, lease, "failed", self._timed_out(job))
         except LeaseLost:
             raise
         except ApiError as exc:
@@ -376,6 +394,14 @@ class JobEngine:
         except Exception as exc:  # a bug must still end the job, not leave it running forever
             log.exception("job %s crashed", job.id)
             await self._finish(job, lease, "failed", ErrorInfo("internal_error", f"{exc.__class__.__name__}: {exc}"))
+
+    def _timed_out(self, job: Job) -> ErrorInfo:
+        """``deadline_exceeded`` when the client's deadline ended the job, else ``job_timeout``."""
+        assert job.started_at is not None
+        if job.deadline_at is not None and job.deadline_at <= job.started_at + self.settings.timeout_seconds:
+            return _deadline_exceeded(job)
+        return ErrorInfo("job_timeout", f"the job was not done after {self.settings.timeout_seconds:g} s",
+                         provider=job.backend, provider_status=job.stage)
 
     async def _drive_remote(self, job: Job, lease: Lease, driver: RemoteDriver) -> None:
         """Create (unless resuming) the prediction, poll it to the end, download the output."""
@@ -391,6 +417,9 @@ class JobEngine:
             job.stage = job.stage if job.stage in ("generating", "downloading") else "generating"
             await self._publish(job, lease, "running", record=True)
         snapshot = await self._poll_until_done(job, lease, driver)
+        if snapshot.status == "canceled" and _past_deadline(job):  # the provider's own deadline came first
+            await self._finish(job, lease, "failed", _deadline_exceeded(job))
+            return
         if snapshot.status != "succeeded":
             error = snapshot.error or ErrorInfo("provider_prediction_failed", f"prediction {snapshot.status}",
                                                 provider=job.backend, provider_status=snapshot.status)
@@ -557,6 +586,7 @@ class JobEngine:
         event = Event(id=job.last_event_id + 1, event=name, data=data)
         job.last_event_id = event.id
         await self.store.write(lease, job, event, record=record)
+        self.hooks.published(job, event)
 
 
 def _event_data(job: Job) -> dict[str, Any]:
@@ -568,6 +598,17 @@ def _mark_final(job: Job, status: JobStatus, error: ErrorInfo | None) -> None:
     job.stage = "done"
     job.error = error.to_dict() if error else None
     job.finished_at = time.time()
+
+
+def _past_deadline(job: Job) -> bool:
+    """Whether the client's deadline has come (within the provider's rounding of it to whole seconds)."""
+    return job.deadline_at is not None and time.time() >= job.deadline_at - DEADLINE_SLACK_SECONDS
+
+
+def _deadline_exceeded(job: Job) -> ErrorInfo:
+    return ErrorInfo("deadline_exceeded", f"the job was not done within its deadline_seconds "
+                                          f"({job.deadline_seconds:g} s from submission)",
+                     provider=job.backend, provider_status=job.stage)
 
 
 def _canceled() -> ErrorInfo:

@@ -47,7 +47,11 @@ STARTING_SHARE = 0.1  # the first tenth of a prediction's latency is spent "star
 PROGRESS_STEPS = 100
 MAX_WAIT_SECONDS = 60
 FILE_LIFETIME = timedelta(hours=24)
-TERMINAL = ("succeeded", "failed", "canceled")
+TERMINAL = ("succeeded", "failed", "canceled", "aborted")
+# ``Cancel-After``: a Go-style duration (``90s``, ``1m30s``, ``1.5h``); Replicate ends the prediction at it.
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(h|ms|m|s))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 _SAFE_ID = re.compile(r"^[a-z2-7]{26}$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -207,11 +211,31 @@ def iso(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def parse_duration(text: str) -> float | None:
+    """Seconds of a ``Cancel-After`` duration, or None when it is not one."""
+    if not _DURATION.fullmatch(text.strip()):
+        return None
+    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+def deadline_end(record: dict[str, Any]) -> float | None:
+    """When the prediction's ``Cancel-After`` deadline ends it, if it would not be done by then."""
+    cancel_after = record.get("cancel_after")
+    if cancel_after is None or cancel_after >= record["latency"]:
+        return None
+    return record["created_at"] + cancel_after
+
+
 def phase(record: dict[str, Any], now: float | None = None) -> str:
-    """``starting``, ``processing``, ``ended`` (due to finish, maybe not rendered yet) or a persisted final status."""
+    """``starting``, ``processing``, ``ended`` (due to finish, maybe not rendered yet) or a final status, persisted
+    or reached by the ``Cancel-After`` deadline (``aborted`` before it ran, ``canceled`` while it ran)."""
     if record["status"] in TERMINAL:
         return record["status"]
-    elapsed = (time.time() if now is None else now) - record["created_at"]
+    now = time.time() if now is None else now
+    deadline = deadline_end(record)
+    if deadline is not None and now >= deadline:
+        return "aborted" if record["cancel_after"] < record["latency"] * STARTING_SHARE else "canceled"
+    elapsed = now - record["created_at"]
     if elapsed >= record["latency"]:
         return "ended"
     return "starting" if elapsed < record["latency"] * STARTING_SHARE else "processing"
@@ -257,6 +281,8 @@ def prediction_json(record: dict[str, Any], base: str) -> dict[str, Any]:
     latency, created = record["latency"], record["created_at"]
     started = created + latency * STARTING_SHARE
     completed = record.get("completed_at")
+    if status in TERMINAL and completed is None:  # ended by its Cancel-After deadline
+        completed = deadline_end(record)
     until = completed if status in TERMINAL else time.time()
     logs = progress_logs(record, until)
     prediction_id = record["id"]
@@ -521,7 +547,14 @@ class ReplicateApi:
         problems = invalid_fields(spec, inputs) + invalid_webhook_fields(body)
         if problems:
             return _validation_failed(problems)
+        cancel_after = None
+        if "Cancel-After" in request.headers:
+            cancel_after = parse_duration(request.headers["Cancel-After"])
+            if cancel_after is None or cancel_after <= 0:
+                return problem(400, "Invalid Cancel-After header",
+                               "Cancel-After must be a duration such as 30s, 5m or 1h30m.")
         record = self._new_record(sim, model, spec, inputs)
+        record["cancel_after"] = cancel_after
         record.update(webhook=body.get("webhook"), webhook_events_filter=body.get("webhook_events_filter"),
                       webhook_fault=fault_marker(str(inputs.get("prompt", ""))))
         await self._save(sim, record)

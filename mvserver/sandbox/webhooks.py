@@ -20,6 +20,7 @@ import base64
 import hmac
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -135,7 +136,7 @@ class WebhookSender:
             waker.set()
 
     async def _run(self, record: dict[str, Any], render: Render, current: Current) -> None:
-        from .replicate_api import STARTING_SHARE, TERMINAL, phase
+        from .replicate_api import STARTING_SHARE, TERMINAL, deadline_end, phase
 
         events = set(record.get("webhook_events_filter") or DEFAULT_EVENTS)
         stream = _Stream(record["webhook"])
@@ -147,7 +148,7 @@ class WebhookSender:
             stage = phase(record)
             if stage in TERMINAL or stage == "ended":
                 break
-            wake_at = created + latency
+            wake_at = min(created + latency, deadline_end(record) or math.inf)
             if stage == "starting":
                 wake_at = created + latency * STARTING_SHARE
             elif "logs" in events:

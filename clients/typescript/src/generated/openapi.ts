@@ -246,6 +246,40 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/mv/jobs/{job_id}/deliveries": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The job's webhook deliveries (webhook_url): each event sent, its status and attempts */
+        get: operations["listJobWebhookDeliveries"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/mv/jobs/{job_id}/redeliver": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Send the job's webhook again from event_id (default: its last event the webhook sends) on, in order; the same webhook-id as the first time */
+        post: operations["startWebhookRedelivery"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/mv/jobs/{job_id}/events": {
         parameters: {
             query?: never;
@@ -784,6 +818,24 @@ export interface components {
              * @enum {string}
              */
             backend?: "replicate" | "gemini";
+            /**
+             * Deadline Seconds
+             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
+             * @default null
+             */
+            deadline_seconds?: number | null;
+            /**
+             * Webhook Url
+             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
+             * @default null
+             */
+            webhook_url?: string | null;
+            /**
+             * Webhook Events
+             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
+             * @default null
+             */
+            webhook_events?: ("completed" | "all") | null;
         };
         /** LipsyncRequest */
         LipsyncRequest: {
@@ -839,6 +891,24 @@ export interface components {
              * @default null
              */
             scene_id?: string | null;
+            /**
+             * Deadline Seconds
+             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
+             * @default null
+             */
+            deadline_seconds?: number | null;
+            /**
+             * Webhook Url
+             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
+             * @default null
+             */
+            webhook_url?: string | null;
+            /**
+             * Webhook Events
+             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
+             * @default null
+             */
+            webhook_events?: ("completed" | "all") | null;
         };
         /** CreateProjectRequest */
         CreateProjectRequest: {
@@ -1082,6 +1152,24 @@ export interface components {
              */
             fit?: ("letterbox" | "crop") | null;
             /**
+             * Deadline Seconds
+             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
+             * @default null
+             */
+            deadline_seconds?: number | null;
+            /**
+             * Webhook Url
+             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
+             * @default null
+             */
+            webhook_url?: string | null;
+            /**
+             * Webhook Events
+             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
+             * @default null
+             */
+            webhook_events?: ("completed" | "all") | null;
+            /**
              * Clips
              * @description The clips in playing order (1 to 48).
              */
@@ -1099,10 +1187,7 @@ export interface components {
              */
             audio_offset?: number;
         };
-        /**
-         * AssemblyOptions
-         * @description How clips are joined: the options a project's assemble takes (the clips and song come from the project).
-         */
+        /** AssemblyOptions */
         AssemblyOptions: {
             /**
              * Transition
@@ -1130,6 +1215,24 @@ export interface components {
              * @default null
              */
             fit?: ("letterbox" | "crop") | null;
+            /**
+             * Deadline Seconds
+             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
+             * @default null
+             */
+            deadline_seconds?: number | null;
+            /**
+             * Webhook Url
+             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
+             * @default null
+             */
+            webhook_url?: string | null;
+            /**
+             * Webhook Events
+             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
+             * @default null
+             */
+            webhook_events?: ("completed" | "all") | null;
         };
         /** @description The error object of the Error shape, also a failed or canceled job's `error`. */
         ErrorDetail: {
@@ -1252,6 +1355,12 @@ export interface components {
             status_url: string;
             /** @description a URL path under /api/mv */
             events_url: string;
+            /** @description when the request's deadline_seconds ends the job */
+            deadline_at: number | null;
+            /** @description where the job's status changes are sent (webhooks out) */
+            webhook_url: string | null;
+            /** @enum {string|null} */
+            webhook_events: "completed" | "all" | null;
             /** @description what was sent to the provider */
             request: Record<string, never>;
             /** @description With API keys on: the URLs of this answer, signed */
@@ -1803,6 +1912,49 @@ export interface components {
                 remaining: number | null;
             };
         };
+        /** @description One POST: the receiver's HTTP status, or why none came. */
+        WebhookAttempt: {
+            /** @description Unix time, seconds */
+            at: number;
+            http_status: number | null;
+            error: string | null;
+            seconds: number;
+        };
+        WebhookDelivery: {
+            /** @description the webhook-id header: the same for every attempt and redelivery of the message */
+            webhook_id: string;
+            event_id: number;
+            /** @description job.<event>, e.g. job.succeeded */
+            type: string;
+            /**
+             * @description failed: given up after jobs.webhook_retry_seconds
+             * @enum {string}
+             */
+            status: "pending" | "delivered" | "failed";
+            attempt_count: number;
+            /** @description the first and the latest attempts (at most 20) */
+            attempts: components["schemas"]["WebhookAttempt"][];
+            /** @description Unix time, seconds */
+            first_attempt_at?: number;
+        };
+        /** @description GET /api/mv/jobs/{job_id}/deliveries: the job's webhook deliveries, in order. */
+        WebhookDeliveries: {
+            job_id: string;
+            /** @description null: no webhook */
+            webhook_url: string | null;
+            /** @enum {string|null} */
+            webhook_events: "completed" | "all" | null;
+            deliveries: components["schemas"]["WebhookDelivery"][];
+        };
+        /** @description The event from which the job's deliveries are sent again. */
+        Redelivery: {
+            job_id: string;
+            event_id: number;
+        };
+        RedeliverRequest: {
+            /** @description default: the last event the webhook sends */
+            event_id?: number;
+        };
         Health: {
             /**
              * @description degraded while the job and project store cannot be reached (see store)
@@ -1956,7 +2108,7 @@ export interface components {
              */
             seed?: number | null;
         };
-        /** @description Optional: generate_audio, seed, video_rules_template, backend; the rest comes from the project. */
+        /** @description Optional: generate_audio, seed, video_rules_template, backend, deadline_seconds, webhook_url, webhook_events; the rest comes from the project. */
         ProjectClipOptions: {
             /**
              * Generate Audio
@@ -1981,8 +2133,26 @@ export interface components {
              * @enum {string}
              */
             backend?: "replicate" | "gemini";
+            /**
+             * Deadline Seconds
+             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
+             * @default null
+             */
+            deadline_seconds?: number | null;
+            /**
+             * Webhook Url
+             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
+             * @default null
+             */
+            webhook_url?: string | null;
+            /**
+             * Webhook Events
+             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
+             * @default null
+             */
+            webhook_events?: ("completed" | "all") | null;
         };
-        /** @description Optional: sync_mode, temperature, active_speaker; the rest comes from the project. */
+        /** @description Optional: sync_mode, temperature, active_speaker, deadline_seconds, webhook_url, webhook_events; the rest comes from the project. */
         SceneLipsyncOptions: {
             /**
              * Sync Mode
@@ -2002,6 +2172,24 @@ export interface components {
              * @default false
              */
             active_speaker?: boolean;
+            /**
+             * Deadline Seconds
+             * @description Seconds from submission (queue time included) within which the job must be over: at the deadline the provider prediction is canceled (Replicate is also given it as its own Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.
+             * @default null
+             */
+            deadline_seconds?: number | null;
+            /**
+             * Webhook Url
+             * @description Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is not a loopback, private or link-local address. null: the key's default webhook, if any.
+             * @default null
+             */
+            webhook_url?: string | null;
+            /**
+             * Webhook Events
+             * @description Which changes are sent: completed (the final event: succeeded, failed or canceled) or all (every status change: queued, running and the final one). null: the key's default, else completed.
+             * @default null
+             */
+            webhook_events?: ("completed" | "all") | null;
         };
         ProjectEventsLink: {
             /** @description GET /api/mv/projects/{project_id}/events[?after=…][&kid=…&exp=…&sig=…] */
@@ -3612,6 +3800,242 @@ export interface operations {
             };
             /** @description expired: the job finished longer ago than the server keeps jobs (jobs.retention_hours) */
             410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description unsupported_media_type: a POST body must be sent as Content-Type: application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    listJobWebhookDeliveries: {
+        parameters: {
+            query?: {
+                /** @description signed link: the key id it was made for */
+                kid?: string;
+                /** @description signed link: expiry, unix seconds */
+                exp?: string;
+                /** @description signed link: HMAC-SHA256 signature */
+                sig?: string;
+            };
+            header?: never;
+            path: {
+                job_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description deliveries */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["WebhookDeliveries"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description expired: the job finished longer ago than the server keeps jobs (jobs.retention_hours) */
+            410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description misdirected_request: the Host header names a host that is not in MV_ALLOWED_HOSTS */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description internal_error: a server bug (no details are given) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description store_unavailable: the job or project store (Redis) did not answer, or the server is busy; see Retry-After */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    startWebhookRedelivery: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                job_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["RedeliverRequest"];
+            };
+        };
+        responses: {
+            /** @description sent again from this event */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Redelivery"];
+                };
+            };
+            /** @description invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's own code; `field` names the field, header or parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description missing or invalid API key */
+            401: {
+                headers: {
+                    /** @description Bearer realm="mvserver" (with error="invalid_token" for a bad key) */
+                    "WWW-Authenticate": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path or method, key revoked) or signature_expired */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description not_found: no such id (or it belongs to another API key); `field` names the id when it was an input */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description conflict (idempotency_in_progress: a request with this Idempotency-Key is still being answered) */
+            409: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description expired: the job finished longer ago than the server keeps jobs (jobs.retention_hours) */
+            410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            /** @description request_too_large: the body is over MV_MAX_BODY_MB (a song: MV_MAX_AUDIO_MB) */
+            413: {
                 headers: {
                     [name: string]: unknown;
                 };
