@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.util
 import json
@@ -354,3 +355,18 @@ async def two_key_client(make_client: AppClient, tmp_path: Path) -> tuple[TestCl
     client = await make_client(MV_API_KEYS_FILE=keys_file,
                                MV_URL_SIGNING_SECRET="test-signing-secret-0123456789abcdefghij")
     return client, alice, bob
+
+
+async def settled(client: TestClient, job_id: str, *, timeout: float = 20) -> Any:
+    """The job once it is final and its task has let go: the budget and the duration estimate are settled after
+    the final event, by the job's own task."""
+    from mvserver.jobs import JOBS
+
+    engine = client.app[JOBS]
+    async with asyncio.timeout(timeout):
+        while not (job := await engine.get(job_id)).final:
+            await engine.next_event(job_id, job.last_event_id)
+        task = engine.tasks.get(job_id)
+        if task is not None:
+            await asyncio.wait({task})
+    return job

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from mvserver.auth import KeyLimits, create_key
 from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator
-from conftest import AppClient
+from conftest import AppClient, settled
 from test_faults import requests_to
 
 pytestmark = pytest.mark.both_stores
@@ -38,16 +38,6 @@ async def post(client: TestClient, headers: dict[str, str], **body: Any) -> tupl
 
 async def budget(client: TestClient, headers: dict[str, str]) -> dict[str, Any]:
     return (await (await client.get("/api/mv/usage", headers=headers)).json())["budget"]
-
-
-async def settled(client: TestClient, job_id: str) -> None:
-    engine = client.app[JOBS]
-    async with asyncio.timeout(10):
-        while not (job := await engine.get(job_id)).final:
-            await engine.next_event(job_id, job.last_event_id)
-        task = engine.tasks.get(job_id)
-        if task is not None:  # the budget and the duration estimate are settled after the final event
-            await asyncio.wait({task})
 
 
 async def test_a_job_past_the_budget_is_refused_before_any_prediction(make_client: AppClient, tmp_path: Path,
@@ -93,7 +83,7 @@ async def test_the_hold_is_corrected_by_the_final_cost(make_client: AppClient, t
     sim.video_latency = 0.1
     status, second = await post(client, auth)
     assert status == 202
-    await settled(client, second["job_id"])
+    await settled(client, second["job_id"], timeout=10)
     assert (await budget(client, auth))["spent"] == 1.6
 
 
@@ -105,7 +95,7 @@ async def test_a_job_ended_by_its_deadline_is_accounted_and_its_hold_released(ma
     status, accepted = await post(client, auth, deadline_seconds=1)
     assert status == 202, accepted
     assert (await budget(client, auth))["spent"] == 1.6  # held while it runs
-    await settled(client, accepted["job_id"])
+    await settled(client, accepted["job_id"], timeout=10)
     state = await (await client.get(accepted["status_url"], headers=auth)).json()
     assert state["error"]["code"] == "deadline_exceeded", state["error"]
     assert state["usage"]["cost"]["amount_micros"] == 0 and state["usage"]["output_seconds"] is None

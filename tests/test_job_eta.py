@@ -16,21 +16,10 @@ from mvserver.jobs.eta import EtaEstimate, duration_key
 from mvserver.jobs.model import Job
 from mvserver.jobs.usage_store import Durations
 from mvserver.sandbox.simulator import Simulator
-from conftest import AppClient, read_sse
+from conftest import AppClient, read_sse, settled
 from test_videos import submit
 
 pytestmark = pytest.mark.both_stores
-
-
-async def settled(client: TestClient, job_id: str) -> Job:
-    engine = client.app[JOBS]
-    async with asyncio.timeout(20):
-        while not (job := await engine.get(job_id)).final:
-            await engine.next_event(job_id, job.last_event_id)
-        task = engine.tasks.get(job_id)
-        if task is not None:  # the budget and the duration estimate are settled after the final event
-            await asyncio.wait({task})
-    return job
 
 
 async def progress_events(client: TestClient, job_id: str, count: int) -> list[dict[str, Any]]:
