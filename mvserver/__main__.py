@@ -14,12 +14,12 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 
-from .app import create_app
-from .auth import KeyLimits, create_key, read_keys, revoke_key
-from .config import ConfigError, EnvSettings
-from .jobs import StoreUnavailable
-from .logs import AccessLogger, configure_logging
-from .serving import run_app
+from mvserver.app import create_app
+from mvserver.auth import KeyLimits, create_key, read_keys, revoke_key
+from mvserver.config import ConfigError, EnvSettings
+from mvserver.jobs import StoreUnavailable
+from mvserver.logs import AccessLogger, configure_logging
+from mvserver.serving import run_app
 
 
 def keys_main(argv: list[str]) -> int:

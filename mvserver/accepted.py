@@ -22,8 +22,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .config import CONFIG
-from .jobs import Job, job_urls
+from mvserver.config import CONFIG
+from mvserver.jobs import Job, job_urls
 
 URL_FIELDS = ("status_url", "events_url", "video_url")
 LINK_FIELDS = ("project_id", "scene_id")

@@ -12,13 +12,13 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import aiohttp_cors
 from aiohttp import web
 
-from .auth import KEYRING, KeyRing, key_id, make_auth_middleware
-from .config import CONFIG, ConfigError, EnvSettings
-from .errors import error_middleware
-from .logs import add_request_id_header, request_id_middleware
-from .metrics import METRICS, Metrics, metrics_endpoint, metrics_middleware
-from .quotas import QUOTAS, LocalRateLimiter, Quotas, RedisRateLimiter, set_rate_limiter
-from .signing import MIN_SECRET_CHARS, SIGNER, UrlSigner, sign_body
+from mvserver.auth import KEYRING, KeyRing, key_id, make_auth_middleware
+from mvserver.config import CONFIG, ConfigError, EnvSettings
+from mvserver.errors import error_middleware
+from mvserver.logs import add_request_id_header, request_id_middleware
+from mvserver.metrics import METRICS, Metrics, metrics_endpoint, metrics_middleware
+from mvserver.quotas import QUOTAS, LocalRateLimiter, Quotas, RedisRateLimiter, set_rate_limiter
+from mvserver.signing import MIN_SECRET_CHARS, SIGNER, UrlSigner, sign_body
 
 CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "If-Match", "If-None-Match", "Last-Event-ID",
                       "Range", "X-Request-Id")

@@ -11,28 +11,28 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from . import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, songs, usage, videos
-from . import webhooks
-from . import posters, project_events
-from .auth import KEYRING
-from . import webhooks_out
-from .backends import PROVIDERS, Providers
-from .backends import gemini as gemini_backend
-from .backends import replicate as replicate_backend
-from .backends.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts, url_origin
-from .config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
-from .debug import debug_print
-from .errors import hide_paths_under, server_log
-from .jobs import JOBS, FileJobStore, Job, JobEngine, JobStore, video_kind
-from .jobs.census import JobCensus
-from .metrics import METRICS, Metrics
-from .project_store import PROJECTS, open_project_store
-from .jobs.retention import sweep_forever
-from .quotas import running_cap_of
-from .sandbox.simulator import Simulator, start_simulator
-from .schemas import REQUEST_MODELS, RequestModels
-from .security import security_middleware
-from .storage import STORE, OutputStore, node_context, start_node
+from mvserver import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, songs, usage, videos
+from mvserver import webhooks
+from mvserver import posters, project_events
+from mvserver.auth import KEYRING
+from mvserver import webhooks_out
+from mvserver.backends import PROVIDERS, Providers
+from mvserver.backends import gemini as gemini_backend
+from mvserver.backends import replicate as replicate_backend
+from mvserver.backends.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts, url_origin
+from mvserver.config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
+from mvserver.debug import debug_print
+from mvserver.errors import hide_paths_under, server_log
+from mvserver.jobs import JOBS, FileJobStore, Job, JobEngine, JobStore, video_kind
+from mvserver.jobs.census import JobCensus
+from mvserver.metrics import METRICS, Metrics
+from mvserver.project_store import PROJECTS, open_project_store
+from mvserver.jobs.retention import sweep_forever
+from mvserver.quotas import running_cap_of
+from mvserver.sandbox.simulator import Simulator, start_simulator
+from mvserver.schemas import REQUEST_MODELS, RequestModels
+from mvserver.security import security_middleware
+from mvserver.storage import STORE, OutputStore, node_context, start_node
 
 log = logging.getLogger("mvserver")
 SANDBOX_TOKEN = "sandbox"
@@ -128,7 +128,7 @@ def job_store(app: web.Application) -> JobStore:
     ``MV_OUTPUT_DIR`` (the embedded default)."""
     config = app[CONFIG]
     if config.env.redis_url:
-        from .jobs.redis_store import RedisJobStore  # redis is imported only when it is used
+        from mvserver.jobs.redis_store import RedisJobStore  # redis is imported only when it is used
 
         jobs = config.videos.jobs
         return RedisJobStore(config.env.redis_url, prefix=config.env.redis_prefix, lease_seconds=jobs.lease_seconds,

@@ -21,23 +21,22 @@ from typing import Any, AsyncIterator, Callable, NamedTuple
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from . import media, songs
-from .accepted import accepted_response
-from .assembly_schemas import AssemblyOptions
-from .audio import saved_audio
-from .auth import key_id, visible_to
-from .config import CONFIG, AssemblyLimits
-from .errors import ApiError, validation_error
-from .idempotency import idempotent, reserve
-from .job_options import job_fields
-from .jobs import JOBS, Job
-from .jobs.runner import Progress
-from .lipsync import FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, ffmpeg_limits
-from .projects import (BASE, _json_object, job_states, load_settled, owned_project, project_timeline, project_view,
-                       update)
-from .quotas import charge
-from .schemas import REQUEST_MODELS
-from .storage import STORE
+from mvserver import media, songs
+from mvserver.accepted import accepted_response
+from mvserver.assembly_schemas import AssemblyOptions
+from mvserver.audio import saved_audio
+from mvserver.auth import key_id, visible_to
+from mvserver.config import CONFIG, AssemblyLimits
+from mvserver.errors import ApiError, validation_error
+from mvserver.idempotency import idempotent, reserve
+from mvserver.job_options import job_fields
+from mvserver.jobs import JOBS, Job
+from mvserver.jobs.runner import Progress
+from mvserver.lipsync import FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, ffmpeg_limits
+from mvserver.projects import BASE, _json_object, job_states, load_settled, owned_project, project_timeline, project_view, update
+from mvserver.quotas import charge
+from mvserver.schemas import REQUEST_MODELS
+from mvserver.storage import STORE
 
 routes = web.RouteTableDef()
 

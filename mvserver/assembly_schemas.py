@@ -6,9 +6,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from .config import Config
-from .job_options import option_fields
-from .project_schemas import Id, Seconds
+from mvserver.config import Config
+from mvserver.job_options import option_fields
+from mvserver.project_schemas import Id, Seconds
 
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 CROSSFADE_MAX_SECONDS = 5.0

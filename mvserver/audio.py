@@ -30,15 +30,15 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from aiohttp import BodyPartReader, ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import media
-from .auth import API_KEY, KeyRecord, key_id, visible_to
-from .config import CONFIG
-from .errors import ApiError
-from .idempotency import idempotent, reserve
-from .quotas import charge_upload
-from .files import SavedFileResponse
-from .security import accepts
-from .storage import STORE, OutputStore, check_id, new_id, temp_path
+from mvserver import media
+from mvserver.auth import API_KEY, KeyRecord, key_id, visible_to
+from mvserver.config import CONFIG
+from mvserver.errors import ApiError
+from mvserver.idempotency import idempotent, reserve
+from mvserver.quotas import charge_upload
+from mvserver.files import SavedFileResponse
+from mvserver.security import accepts
+from mvserver.storage import STORE, OutputStore, check_id, new_id, temp_path
 
 routes = web.RouteTableDef()
 

@@ -29,10 +29,10 @@ import yaml
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
-from .config import ConfigError
-from .storage import write_bytes_atomic
-from .errors import ApiError
-from .signing import SIGNER, links_expire_by
+from mvserver.config import ConfigError
+from mvserver.storage import write_bytes_atomic
+from mvserver.errors import ApiError
+from mvserver.signing import SIGNER, links_expire_by
 
 log = logging.getLogger("mvserver")
 

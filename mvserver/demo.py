@@ -8,9 +8,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import __version__
-from .config import CONFIG, TEMPLATES
-from .errors import ApiError
+from mvserver import __version__
+from mvserver.config import CONFIG, TEMPLATES
+from mvserver.errors import ApiError
 
 routes = web.RouteTableDef()
 

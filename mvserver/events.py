@@ -9,14 +9,14 @@ from datetime import datetime, timezone
 
 from aiohttp import web
 
-from .auth import key_id, visible_to
-from .config import CONFIG
-from .errors import ApiError
-from .jobs import JOBS
-from .jobs.stream import stream_many
-from .signing import SIGNER
-from .storage import check_id
-from .videos import event_links
+from mvserver.auth import key_id, visible_to
+from mvserver.config import CONFIG
+from mvserver.errors import ApiError
+from mvserver.jobs import JOBS
+from mvserver.jobs.stream import stream_many
+from mvserver.signing import SIGNER
+from mvserver.storage import check_id
+from mvserver.videos import event_links
 
 routes = web.RouteTableDef()
 EVENTS_PATH = "/api/mv/events"

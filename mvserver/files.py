@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .errors import ErrorInfo
+from mvserver.errors import ErrorInfo
 
 
 class SavedFileResponse(web.FileResponse):

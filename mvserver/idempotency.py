@@ -32,10 +32,10 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel
 
-from .auth import key_id
-from .errors import ApiError
-from .jobs import JOBS, JobStore
-from .jobs.store import Remembered
+from mvserver.auth import key_id
+from mvserver.errors import ApiError
+from mvserver.jobs import JOBS, JobStore
+from mvserver.jobs.store import Remembered
 
 log = logging.getLogger("mvserver")
 

@@ -19,15 +19,15 @@ from typing import Any, Callable
 from aiohttp import web
 from PIL import Image
 
-from .auth import key_id, visible_to
-from .backends import PROVIDERS
-from .config import CONFIG, Config
-from .debug import debug_print
-from .errors import ApiError
-from .files import SavedFileResponse
-from .quotas import charge
-from .schemas import REQUEST_MODELS, parse_body
-from .storage import STORE, OutputStore, check_id, new_id
+from mvserver.auth import key_id, visible_to
+from mvserver.backends import PROVIDERS
+from mvserver.config import CONFIG, Config
+from mvserver.debug import debug_print
+from mvserver.errors import ApiError
+from mvserver.files import SavedFileResponse
+from mvserver.quotas import charge
+from mvserver.schemas import REQUEST_MODELS, parse_body
+from mvserver.storage import STORE, OutputStore, check_id, new_id
 
 routes = web.RouteTableDef()
 PROVIDER = "replicate"

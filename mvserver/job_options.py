@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, StringConstraints
 
-from .config import Config
+from mvserver.config import Config
 
 DEADLINE_MIN_SECONDS = 1.0
 WEBHOOK_URL_MAX_CHARS = 2048
@@ -33,7 +33,7 @@ EVENTS_DESCRIPTION = ("Which changes are sent: completed (the final event: succe
 
 def webhook_url_type(config: Config) -> Any:
     """An http(s) URL that webhooks may reach (checked again at every connection)."""
-    from .webhooks_out import allowed_networks, check_url  # the sender imports the job engine: load it late
+    from mvserver.webhooks_out import allowed_networks, check_url  # the sender imports the job engine: load it late
 
     allowed = allowed_networks(config.env)
     return Annotated[str, StringConstraints(min_length=1, max_length=WEBHOOK_URL_MAX_CHARS, pattern=r"^https?://"),

@@ -20,28 +20,26 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from . import media
-from .accepted import accepted_response
-from .audio import FORMATS, saved_audio
-from .auth import key_id, visible_to
-from .backends import PROVIDERS, Snapshot
-from .backends.replicate import ReplicateProvider
-from .config import CONFIG, LipsyncLimits, LipsyncSettings
-from .debug import debug_print
-from .errors import ApiError
-from .idempotency import idempotent, reserve
-from .job_options import job_fields
-from .jobs import JOBS, Job
-from .project_schemas import SCENE_LIPSYNC_OPTIONS
-from .project_store import ClipVersion, Project
-from .project_store import Song as ProjectSong
-from .projects import BASE as PROJECTS_BASE
-from .projects import (JobStates, TimelineEntry, _json_object, _options, _validate, add_version, check_room,
-                       job_states, load_settled, normal_options, owned_project, project_timeline, project_view,
-                       update)
-from .quotas import charge
-from .schemas import REQUEST_MODELS, parse_body
-from .storage import STORE, OutputStore, check_id, new_id, temp_path
+from mvserver import media
+from mvserver.accepted import accepted_response
+from mvserver.audio import FORMATS, saved_audio
+from mvserver.auth import key_id, visible_to
+from mvserver.backends import PROVIDERS, Snapshot
+from mvserver.backends.replicate import ReplicateProvider
+from mvserver.config import CONFIG, LipsyncLimits, LipsyncSettings
+from mvserver.debug import debug_print
+from mvserver.errors import ApiError
+from mvserver.idempotency import idempotent, reserve
+from mvserver.job_options import job_fields
+from mvserver.jobs import JOBS, Job
+from mvserver.project_schemas import SCENE_LIPSYNC_OPTIONS
+from mvserver.project_store import ClipVersion, Project
+from mvserver.project_store import Song as ProjectSong
+from mvserver.projects import BASE as PROJECTS_BASE
+from mvserver.projects import JobStates, TimelineEntry, _json_object, _options, _validate, add_version, check_room, job_states, load_settled, normal_options, owned_project, project_timeline, project_view, update
+from mvserver.quotas import charge
+from mvserver.schemas import REQUEST_MODELS, parse_body
+from mvserver.storage import STORE, OutputStore, check_id, new_id, temp_path
 
 routes = web.RouteTableDef()
 

@@ -38,7 +38,7 @@ from typing import AsyncIterator, Awaitable, Callable, Literal, Sequence
 
 import imageio_ffmpeg
 
-from .storage import temp_path
+from mvserver.storage import temp_path
 
 __all__ = [
     "assemble", "AssemblyInputError", "AssemblyResult", "AUDIO_DEMUXERS", "AudioStream", "check_graph_clips", "Clip",

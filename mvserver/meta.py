@@ -8,17 +8,17 @@ import logging
 
 from aiohttp import web
 
-from . import __version__
-from .auth import API_KEY, KEYRING, public
-from .backends import PROVIDERS
-from .config import CONFIG
-from .errors import STORE_UNAVAILABLE, ApiError, one_line
-from .jobs import JOBS
-from .jobs.store import StoreUnavailable
-from .metrics import METRICS
-from .project_store import PROJECTS
-from .quotas import QUOTAS
-from .schemas import REQUEST_MODELS, openapi_document
+from mvserver import __version__
+from mvserver.auth import API_KEY, KEYRING, public
+from mvserver.backends import PROVIDERS
+from mvserver.config import CONFIG
+from mvserver.errors import STORE_UNAVAILABLE, ApiError, one_line
+from mvserver.jobs import JOBS
+from mvserver.jobs.store import StoreUnavailable
+from mvserver.metrics import METRICS
+from mvserver.project_store import PROJECTS
+from mvserver.quotas import QUOTAS
+from mvserver.schemas import REQUEST_MODELS, openapi_document
 
 routes = web.RouteTableDef()
 log = logging.getLogger("mvserver")

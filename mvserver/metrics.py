@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from .jobs.census import Census
+    from mvserver.jobs.census import Census
 
 log = logging.getLogger("mvserver")
 

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from .project_schemas import CHARACTER_OPTIONS, CLIP_OPTIONS, SCENE_LIPSYNC_OPTIONS
-from .response_schemas import RESPONSE_SCHEMAS, ref
+from mvserver.project_schemas import CHARACTER_OPTIONS, CLIP_OPTIONS, SCENE_LIPSYNC_OPTIONS
+from mvserver.response_schemas import RESPONSE_SCHEMAS, ref
 
 if TYPE_CHECKING:
-    from .schemas import RequestModels
+    from mvserver.schemas import RequestModels
 
 Document = dict[str, Any]
 HEALTH = ("/api/mv/health", "/api/mv/health/live", "/api/mv/health/ready")  # never behind a key

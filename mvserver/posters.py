@@ -19,12 +19,12 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from . import media
-from .config import CONFIG, PosterSettings
-from .jobs import Job
-from .storage import temp_path
-from .files import SavedFileResponse
-from .videos import job_output
+from mvserver import media
+from mvserver.config import CONFIG, PosterSettings
+from mvserver.jobs import Job
+from mvserver.storage import temp_path
+from mvserver.files import SavedFileResponse
+from mvserver.videos import job_output
 
 log = logging.getLogger("mvserver.jobs")
 routes = web.RouteTableDef()

@@ -32,13 +32,13 @@ from typing import Any
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 
-from .auth import key_id
-from .config import CONFIG
-from .errors import ApiError
-from .jobs import JOBS, Job
-from .project_store import PROJECTS, Project
-from .projects import BASE, JobStates, etag, job_states, load, owned_project, project_view
-from .signing import SIGNER, sign_links, signed_event_data
+from mvserver.auth import key_id
+from mvserver.config import CONFIG
+from mvserver.errors import ApiError
+from mvserver.jobs import JOBS, Job
+from mvserver.project_store import PROJECTS, Project
+from mvserver.projects import BASE, JobStates, etag, job_states, load, owned_project, project_view
+from mvserver.signing import SIGNER, sign_links, signed_event_data
 
 log = logging.getLogger("mvserver")
 routes = web.RouteTableDef()

@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
-from .config import Config
-from .fields import INTEGRAL, UUID4_PATTERN, choice, text
+from mvserver.config import Config
+from mvserver.fields import INTEGRAL, UUID4_PATTERN, choice, text
 
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 Id = Annotated[str, StringConstraints(pattern=UUID4_PATTERN)]

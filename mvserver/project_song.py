@@ -13,14 +13,14 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 
 from aiohttp import web
 
-from .analysis import PlanError, SongAnalysis, locate, plan_scenes
-from .audio import saved_audio
-from .errors import ApiError
-from .media import PREVIEW_MIME_TYPE
-from .project_store import Project, Song, SongWindow
-from .scenes import SongBrief
-from .songs import SONGS, preview, read_sidecar, song_analysis
-from .storage import STORE
+from mvserver.analysis import PlanError, SongAnalysis, locate, plan_scenes
+from mvserver.audio import saved_audio
+from mvserver.errors import ApiError
+from mvserver.media import PREVIEW_MIME_TYPE
+from mvserver.project_store import Project, Song, SongWindow
+from mvserver.scenes import SongBrief
+from mvserver.songs import SONGS, preview, read_sidecar, song_analysis
+from mvserver.storage import STORE
 
 log = logging.getLogger("mvserver.projects")
 

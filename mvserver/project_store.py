@@ -18,8 +18,8 @@ import redis.exceptions
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from .errors import ApiError, store_unavailable
-from .storage import OutputStore
+from mvserver.errors import ApiError, store_unavailable
+from mvserver.storage import OutputStore
 
 log = logging.getLogger("mvserver.projects")
 

@@ -26,22 +26,22 @@ from typing import Any, Awaitable, Callable, Iterable, NamedTuple
 from aiohttp import web
 from pydantic import BaseModel, ValidationError, create_model
 
-from . import project_song
-from .accepted import accepted_response
-from .analysis import SongAnalysis
-from .auth import key_id, visible_to
-from .config import CONFIG, Config
-from .errors import ApiError, validation_error
-from .idempotency import idempotent, reserve
-from .images import _saved_image, generate_reference
-from .jobs import JOBS, Job
-from .project_schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
-from .project_store import PROJECTS, CharacterCandidate, Claim, ClipVersion, Project, Scene, Song
-from .quotas import charge
-from .scenes import write_scenes
-from .schemas import REQUEST_MODELS, json_object
-from .storage import STORE, check_id, new_id
-from .videos import check_reference_shape, submit_video_job, whole_prompt
+from mvserver import project_song
+from mvserver.accepted import accepted_response
+from mvserver.analysis import SongAnalysis
+from mvserver.auth import key_id, visible_to
+from mvserver.config import CONFIG, Config
+from mvserver.errors import ApiError, validation_error
+from mvserver.idempotency import idempotent, reserve
+from mvserver.images import _saved_image, generate_reference
+from mvserver.jobs import JOBS, Job
+from mvserver.project_schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
+from mvserver.project_store import PROJECTS, CharacterCandidate, Claim, ClipVersion, Project, Scene, Song
+from mvserver.quotas import charge
+from mvserver.scenes import write_scenes
+from mvserver.schemas import REQUEST_MODELS, json_object
+from mvserver.storage import STORE, check_id, new_id
+from mvserver.videos import check_reference_shape, submit_video_job, whole_prompt
 
 routes = web.RouteTableDef()
 BASE = "/api/mv/projects"

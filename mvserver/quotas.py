@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
 from aiohttp import web
 
-from .auth import API_KEY, KEYRING, KeyRecord
-from .errors import ApiError
-from .storage import new_id
+from mvserver.auth import API_KEY, KEYRING, KeyRecord
+from mvserver.errors import ApiError
+from mvserver.storage import new_id
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .analysis.model import SongAnalysis
-from .fields import UUID4_PATTERN
+from mvserver.analysis.model import SongAnalysis
+from mvserver.fields import UUID4_PATTERN
 
 JOB_STATUSES = ["queued", "running", "succeeded", "failed", "canceled"]
 JOB_KINDS = ["video", "lipsync", "assembly"]

@@ -12,15 +12,15 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from .auth import key_id, visible_to
-from .backends import PROVIDERS
-from .config import CONFIG, TEMPLATES, Config
-from .debug import debug_print
-from .errors import ApiError
-from .files import SavedFileResponse
-from .quotas import charge
-from .schemas import REQUEST_MODELS, parse_body
-from .storage import STORE, check_id, new_id
+from mvserver.auth import key_id, visible_to
+from mvserver.backends import PROVIDERS
+from mvserver.config import CONFIG, TEMPLATES, Config
+from mvserver.debug import debug_print
+from mvserver.errors import ApiError
+from mvserver.files import SavedFileResponse
+from mvserver.quotas import charge
+from mvserver.schemas import REQUEST_MODELS, parse_body
+from mvserver.storage import STORE, check_id, new_id
 
 routes = web.RouteTableDef()
 

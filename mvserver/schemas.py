@@ -12,16 +12,16 @@ from typing import Annotated, Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model
 
-from . import __version__
-from .config import Config
-from .debug import debug_print
-from .errors import ApiError, validation_error
-from .assembly_schemas import assemble_request_model, assembly_options_model
-from .fields import INTEGRAL, UUID4_PATTERN, choice, text
-from .job_options import option_fields
-from .openapi import complete
-from .response_schemas import SONG_ANALYSIS_FIELDS
-from .project_schemas import ProjectModels
+from mvserver import __version__
+from mvserver.config import Config
+from mvserver.debug import debug_print
+from mvserver.errors import ApiError, validation_error
+from mvserver.assembly_schemas import assemble_request_model, assembly_options_model
+from mvserver.fields import INTEGRAL, UUID4_PATTERN, choice, text
+from mvserver.job_options import option_fields
+from mvserver.openapi import complete
+from mvserver.response_schemas import SONG_ANALYSIS_FIELDS
+from mvserver.project_schemas import ProjectModels
 
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 INTEGER_RULE = "Integer fields accept a JSON number with no fractional part, so 8 and 8.0 are the same value."

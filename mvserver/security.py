@@ -27,8 +27,8 @@ from typing import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
-from .config import EnvSettings
-from .errors import ApiError
+from mvserver.config import EnvSettings
+from mvserver.errors import ApiError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACCEPTS = "_mv_accepts"  # the body types a handler marked with accepts() takes

@@ -29,7 +29,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from .errors import ErrorInfo, one_line
+from mvserver.errors import ErrorInfo, one_line
 
 # llhttp's messages read ``<what>:\n\n  <the offending line as a bytes repr>\n  <caret>``.
 _PARSER_MESSAGE = re.compile(r"(?P<what>[^\n]*?):\n\n  (?P<line>b(?P<q>['\"]).*(?P=q))\n")

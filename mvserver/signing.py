@@ -33,11 +33,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from aiohttp import web
 
-from .config import CONFIG
-from .errors import ApiError
+from mvserver.config import CONFIG
+from mvserver.errors import ApiError
 
 if TYPE_CHECKING:
-    from .auth import KeyRecord, KeyRing
+    from mvserver.auth import KeyRecord, KeyRing
 
 MIN_SECRET_CHARS = 32
 LINK_PARAMETERS = frozenset({"kid", "exp", "sig"})

@@ -25,12 +25,12 @@ from typing import Any, AsyncIterator, Literal
 
 from aiohttp import web
 
-from . import media
-from .analysis import (ANALYSIS_VERSION, AnalysisError, AnalysisPool, AnalysisTimeout, SongAnalysis, load)
-from .audio import FORMATS, SONG_SAVED, saved_audio
-from .auth import key_id
-from .config import CONFIG, EnvSettings
-from .storage import STORE, OutputStore, check_id
+from mvserver import media
+from mvserver.analysis import ANALYSIS_VERSION, AnalysisError, AnalysisPool, AnalysisTimeout, SongAnalysis, load
+from mvserver.audio import FORMATS, SONG_SAVED, saved_audio
+from mvserver.auth import key_id
+from mvserver.config import CONFIG, EnvSettings
+from mvserver.storage import STORE, OutputStore, check_id
 
 log = logging.getLogger("mvserver.songs")
 routes = web.RouteTableDef()

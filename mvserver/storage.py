@@ -26,7 +26,7 @@ import aiofiles
 import aiofiles.os
 from aiohttp import web
 
-from .errors import ApiError
+from mvserver.errors import ApiError
 
 log = logging.getLogger("mvserver")
 

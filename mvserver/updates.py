@@ -18,7 +18,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 
-from .backends import Snapshot
+from mvserver.backends import Snapshot
 
 log = logging.getLogger("mvserver.webhooks")
 

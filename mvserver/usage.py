@@ -14,12 +14,12 @@ from typing import Any
 
 from aiohttp import web
 
-from .auth import API_KEY, key_id
-from .config import CONFIG
-from .errors import ApiError
-from .jobs import JOBS
-from .jobs.usage import MICROS, currency, day_of, month_of
-from .schemas import USAGE_TIME
+from mvserver.auth import API_KEY, key_id
+from mvserver.config import CONFIG
+from mvserver.errors import ApiError
+from mvserver.jobs import JOBS
+from mvserver.jobs.usage import MICROS, currency, day_of, month_of
+from mvserver.schemas import USAGE_TIME
 
 routes = web.RouteTableDef()
 

@@ -15,22 +15,22 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
-from .accepted import accepted_response
-from .auth import key_id, require_owner, visible_to
-from .backends import PROVIDERS
-from .config import CONFIG, Config
-from .debug import debug_print
-from .errors import ApiError
-from .files import SavedFileResponse
-from .idempotency import idempotent, reserve
-from .images import FORMATS, load_image
-from .job_options import job_fields
-from .jobs import JOBS, Job, job_urls, listing, stream_events
-from .jobs.model import STATUSES, Event
-from .quotas import charge
-from .schemas import REQUEST_MODELS, parse_body
-from .signing import signed_event_data
-from .storage import STORE, check_id, new_id
+from mvserver.accepted import accepted_response
+from mvserver.auth import key_id, require_owner, visible_to
+from mvserver.backends import PROVIDERS
+from mvserver.config import CONFIG, Config
+from mvserver.debug import debug_print
+from mvserver.errors import ApiError
+from mvserver.files import SavedFileResponse
+from mvserver.idempotency import idempotent, reserve
+from mvserver.images import FORMATS, load_image
+from mvserver.job_options import job_fields
+from mvserver.jobs import JOBS, Job, job_urls, listing, stream_events
+from mvserver.jobs.model import STATUSES, Event
+from mvserver.quotas import charge
+from mvserver.schemas import REQUEST_MODELS, parse_body
+from mvserver.signing import signed_event_data
+from mvserver.storage import STORE, check_id, new_id
 
 routes = web.RouteTableDef()
 

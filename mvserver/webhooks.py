@@ -23,15 +23,15 @@ from aiohttp import web
 from replicate.prediction import Prediction
 from replicate.webhook import WebhookSigningSecret, Webhooks
 
-from .auth import public
-from .backends import PROVIDERS
-from .backends.replicate import snapshot
-from .config import CONFIG, ConfigError, EnvSettings
-from .errors import ApiError
-from .jobs import JOBS
-from .metrics import METRICS, WEBHOOK_OUTCOMES
-from .storage import is_valid_id
-from .updates import WEBHOOK_PATH
+from mvserver.auth import public
+from mvserver.backends import PROVIDERS
+from mvserver.backends.replicate import snapshot
+from mvserver.config import CONFIG, ConfigError, EnvSettings
+from mvserver.errors import ApiError
+from mvserver.jobs import JOBS
+from mvserver.metrics import METRICS, WEBHOOK_OUTCOMES
+from mvserver.storage import is_valid_id
+from mvserver.updates import WEBHOOK_PATH
 
 log = logging.getLogger("mvserver.webhooks")
 

@@ -30,13 +30,13 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from standardwebhooks import Webhook
 
-from .auth import KEYRING
-from .config import CONFIG, EnvSettings, JobsSettings
-from .errors import ApiError
-from .jobs import JOBS, JobEngine
-from .jobs.model import FINAL_STATUSES, Event, Job
-from .jobs.outbox import FileOutbox, Outbox, Record, RedisOutbox
-from .storage import STORE
+from mvserver.auth import KEYRING
+from mvserver.config import CONFIG, EnvSettings, JobsSettings
+from mvserver.errors import ApiError
+from mvserver.jobs import JOBS, JobEngine
+from mvserver.jobs.model import FINAL_STATUSES, Event, Job
+from mvserver.jobs.outbox import FileOutbox, Outbox, Record, RedisOutbox
+from mvserver.storage import STORE
 
 log = logging.getLogger("mvserver.webhooks_out")
 
@@ -369,7 +369,7 @@ def public_record(record: Record) -> dict[str, Any]:
 
 
 async def _owned_job(request: web.Request) -> Job:
-    from .videos import _job  # the job of the path, 404 unless the caller may see it
+    from mvserver.videos import _job  # the job of the path, 404 unless the caller may see it
 
     return await _job(request)
 
@@ -389,7 +389,7 @@ async def redeliver(request: web.Request) -> web.Response:
     job = await _owned_job(request)
     event_id = None
     if request.can_read_body:
-        from .schemas import json_object
+        from mvserver.schemas import json_object
 
         body = json_object(await request.read())
         unknown = set(body) - {"event_id"}

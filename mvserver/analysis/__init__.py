@@ -5,9 +5,9 @@ and numpy run in worker processes (``worker``, ``core``). ``analyse_song`` analy
 with a time limit; ``plan_scenes`` cuts a song into scene windows on its bars; ``snap`` moves a time to the grid.
 """
 
-from .model import ANALYSIS_VERSION, Grid, Section, SongAnalysis, load
-from .plan import Placement, PlanError, SceneWindow, locate, plan_scenes, snap
-from .pool import AnalysisError, AnalysisPool, AnalysisTimeout, analyse_song, numba_cache_dir
+from mvserver.analysis.model import ANALYSIS_VERSION, Grid, Section, SongAnalysis, load
+from mvserver.analysis.plan import Placement, PlanError, SceneWindow, locate, plan_scenes, snap
+from mvserver.analysis.pool import AnalysisError, AnalysisPool, AnalysisTimeout, analyse_song, numba_cache_dir
 
 __all__ = ["ANALYSIS_VERSION", "AnalysisError", "AnalysisPool", "AnalysisTimeout", "Grid", "Placement", "PlanError",
            "SceneWindow", "Section", "SongAnalysis", "analyse_song", "load", "locate", "numba_cache_dir",

@@ -25,7 +25,7 @@ from typing import Iterable, Literal
 
 from pydantic import BaseModel, Field
 
-from .model import SongAnalysis
+from mvserver.analysis.model import SongAnalysis
 
 SCENE_COST = 2.0
 SECTION_COST = 5.0

@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .model import SongAnalysis
+from mvserver.analysis.model import SongAnalysis
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ def decode(path: str, max_seconds: float, sr: int) -> np.ndarray:
 
 
 def analyse_file(path: str, max_seconds: float) -> dict[str, Any]:
-    from . import core
+    from mvserver.analysis import core
 
     samples = decode(path, max_seconds, core.SR)
     result = core.analyse(samples)
@@ -76,7 +76,7 @@ def analyse_file(path: str, max_seconds: float) -> dict[str, Any]:
 
 def _warm_up() -> None:
     """Analyse 12 s of clicks at 120 BPM with a chord change per bar, so every numba kernel is compiled now."""
-    from . import core
+    from mvserver.analysis import core
 
     t = np.arange(int(12 * core.SR)) / core.SR
     y = 0.1 * np.sin(2 * np.pi * np.where((t // 2) % 2 == 0, 220.0, 262.0) * t)

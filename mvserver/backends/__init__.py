@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..errors import ApiError
-from .base import Snapshot, VideoBackend, VideoRequest
-from .gemini import GeminiProvider
-from .replicate import ReplicateProvider
+from mvserver.errors import ApiError
+from mvserver.backends.base import Snapshot, VideoBackend, VideoRequest
+from mvserver.backends.gemini import GeminiProvider
+from mvserver.backends.replicate import ReplicateProvider
 
 __all__ = ["PROVIDERS", "Providers", "Snapshot", "VideoBackend", "VideoRequest"]
 

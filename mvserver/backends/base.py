@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal, Protocol, TypeVar
 
-from ..errors import ApiError, ErrorInfo, from_exception
+from mvserver.errors import ApiError, ErrorInfo, from_exception
 
 # (provider, operation, seconds, our error code or None): called after each provider API call (metrics).
 ProviderObserver = Callable[[str, str, float, "str | None"], None]

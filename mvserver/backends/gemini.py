@@ -13,10 +13,10 @@ from google import genai
 from google.genai import types
 from pydantic import BaseModel
 
-from ..errors import ApiError, ErrorInfo, prediction_failed
-from ..storage import OutputStore
-from .base import ProviderObserver, Snapshot, VideoRequest, observed_call
-from .outputs import check_media, too_large
+from mvserver.errors import ApiError, ErrorInfo, prediction_failed
+from mvserver.storage import OutputStore
+from mvserver.backends.base import ProviderObserver, Snapshot, VideoRequest, observed_call
+from mvserver.backends.outputs import check_media, too_large
 
 NAME = "gemini"
 

@@ -15,8 +15,8 @@ from typing import AsyncIterable, AsyncIterator, Literal
 
 from yarl import URL
 
-from ..config import DEFAULT_PORTS, origin_entry
-from ..errors import ApiError
+from mvserver.config import DEFAULT_PORTS, origin_entry
+from mvserver.errors import ApiError
 
 # Where Replicate serves prediction outputs (``https://replicate.delivery/...``, ``https://<x>.replicate.delivery``).
 DEFAULT_REPLICATE_OUTPUT_HOSTS = ("https://replicate.delivery:443", "https://*.replicate.delivery:443")

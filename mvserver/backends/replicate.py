@@ -25,10 +25,10 @@ from replicate.exceptions import ReplicateError
 from replicate.prediction import Prediction
 from yarl import URL
 
-from ..errors import ApiError, from_exception, prediction_failed, provider_http_error
-from ..storage import OutputStore
-from .base import ProviderObserver, Snapshot, VideoRequest, observed_call
-from .outputs import Media, OutputHosts, checked_chunks, too_large
+from mvserver.errors import ApiError, from_exception, prediction_failed, provider_http_error
+from mvserver.storage import OutputStore
+from mvserver.backends.base import ProviderObserver, Snapshot, VideoRequest, observed_call
+from mvserver.backends.outputs import Media, OutputHosts, checked_chunks, too_large
 
 NAME = "replicate"
 DOWNLOAD_CHUNK = 1 << 16

@@ -2,12 +2,12 @@
 
 from aiohttp import web
 
-from .file_store import FileJobStore
-from .kinds import video_kind
-from .model import FINAL_STATUSES, Event, Job, JobStatus, job_urls
-from .runner import JobEngine
-from .store import JobStore, Lease, LeaseLost, StoreUnavailable
-from .stream import stream_events
+from mvserver.jobs.file_store import FileJobStore
+from mvserver.jobs.kinds import video_kind
+from mvserver.jobs.model import FINAL_STATUSES, Event, Job, JobStatus, job_urls
+from mvserver.jobs.runner import JobEngine
+from mvserver.jobs.store import JobStore, Lease, LeaseLost, StoreUnavailable
+from mvserver.jobs.stream import stream_events
 
 JOBS = web.AppKey("jobs", JobEngine)
 

@@ -16,10 +16,10 @@ import collections
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .file_store import FileJobStore
+from mvserver.jobs.file_store import FileJobStore
 
 if TYPE_CHECKING:
-    from .runner import JobEngine
+    from mvserver.jobs.runner import JobEngine
 
 CENSUS_BATCH = 200  # dispatch entries read (and jobs looked up, in one script call) per round trip
 
@@ -71,7 +71,7 @@ class JobCensus:
         store = self.engine.store
         if isinstance(store, FileJobStore):
             return _file_census(store, set(self.engine.tasks))
-        from .redis_store import RedisJobStore  # redis is imported only when it is used
+        from mvserver.jobs.redis_store import RedisJobStore  # redis is imported only when it is used
 
         if isinstance(store, RedisJobStore):
             return await self._redis_census(store)

@@ -9,8 +9,8 @@ import time
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from .model import Job
-from .usage_store import Durations
+from mvserver.jobs.model import Job
+from mvserver.jobs.usage_store import Durations
 
 _NORMAL = NormalDist()
 

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..storage import OutputStore, is_valid_id, write_bytes_atomic
-from .model import Event, Job
-from .store import Lease, Remembered, SignalHandler, index_entry, owner_slot
-from .usage_store import FileUsageBook
+from mvserver.storage import OutputStore, is_valid_id, write_bytes_atomic
+from mvserver.jobs.model import Event, Job
+from mvserver.jobs.store import Lease, Remembered, SignalHandler, index_entry, owner_slot
+from mvserver.jobs.usage_store import FileUsageBook
 
 log = logging.getLogger("mvserver.jobs")
 

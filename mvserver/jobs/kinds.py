@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from ..backends import Providers, Snapshot, VideoBackend, VideoRequest
-from ..storage import OutputStore
-from .model import Job
+from mvserver.backends import Providers, Snapshot, VideoBackend, VideoRequest
+from mvserver.storage import OutputStore
+from mvserver.jobs.model import Job
 
 VIDEO_REQUEST_FIELDS = ("negative_prompt", "aspect_ratio", "duration", "generate_audio", "seed")
 

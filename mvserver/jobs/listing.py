@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .model import Job
-from .store import JobStore
+from mvserver.jobs.model import Job
+from mvserver.jobs.store import JobStore
 
 SCAN_BUDGET = 1000
 MAX_LIMIT = 100

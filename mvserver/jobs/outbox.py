@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from ..storage import OutputStore
+from mvserver.storage import OutputStore
 
 Record = dict[str, Any]
 

@@ -41,10 +41,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import store_unavailable
-from .model import FINAL_STATUSES, Event, Job
-from .store import Lease, LeaseLost, Remembered, SignalHandler, StoreUnavailable, index_entry, owner_slot
-from .usage_store import RedisUsageBook
+from mvserver.errors import store_unavailable
+from mvserver.jobs.model import FINAL_STATUSES, Event, Job
+from mvserver.jobs.store import Lease, LeaseLost, Remembered, SignalHandler, StoreUnavailable, index_entry, owner_slot
+from mvserver.jobs.usage_store import RedisUsageBook
 
 log = logging.getLogger("mvserver.jobs")
 

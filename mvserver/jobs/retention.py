@@ -10,8 +10,8 @@ import logging
 import os
 import time
 
-from ..storage import OutputStore, is_valid_id
-from .store import JobStore
+from mvserver.storage import OutputStore, is_valid_id
+from mvserver.jobs.store import JobStore
 
 log = logging.getLogger("mvserver.jobs")
 

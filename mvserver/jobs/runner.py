@@ -17,16 +17,16 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar, runtime_checkable
 
-from ..backends import Snapshot
-from ..config import JobsSettings, PricingSettings
-from ..errors import ApiError, ErrorInfo
-from ..logs import bind_job
-from ..storage import OutputStore
-from ..updates import PushedUpdates
-from .eta import EtaEstimate, duration_key
-from .model import Event, Job, JobStatus, clip_text
-from .store import JobStore, Lease, LeaseLost
-from .usage import MICROS, currency, estimate_micros, ledger_entry, measure, month_of
+from mvserver.backends import Snapshot
+from mvserver.config import JobsSettings, PricingSettings
+from mvserver.errors import ApiError, ErrorInfo
+from mvserver.logs import bind_job
+from mvserver.storage import OutputStore
+from mvserver.updates import PushedUpdates
+from mvserver.jobs.eta import EtaEstimate, duration_key
+from mvserver.jobs.model import Event, Job, JobStatus, clip_text
+from mvserver.jobs.store import JobStore, Lease, LeaseLost
+from mvserver.jobs.usage import MICROS, currency, estimate_micros, ledger_entry, measure, month_of
 
 log = logging.getLogger("mvserver.jobs")
 T = TypeVar("T")

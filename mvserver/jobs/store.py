@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
-from .model import Event, Job
-from .usage_store import UsageBook
+from mvserver.jobs.model import Event, Job
+from mvserver.jobs.usage_store import UsageBook
 
 SignalHandler = Callable[[str, str, dict[str, Any]], Awaitable[None]]  # (job_id, name, data)
 

@@ -8,8 +8,8 @@ from typing import Callable
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from .model import Event
-from .runner import JobEngine
+from mvserver.jobs.model import Event
+from mvserver.jobs.runner import JobEngine
 
 Dress = Callable[[Event], str]  # an event's data as this subscriber gets it (e.g. with its signed links)
 

@@ -13,8 +13,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from ..config import ModelPrice, PricingSettings
-from .model import Job
+from mvserver.config import ModelPrice, PricingSettings
+from mvserver.jobs.model import Job
 
 MICROS = 1_000_000
 

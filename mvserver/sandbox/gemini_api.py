@@ -24,9 +24,9 @@ from typing import Any
 
 from aiohttp import web
 
-from ..storage import write_bytes_atomic
-from .render import MAX_REFERENCE_PIXELS, RenderError, oversized_image, render_video
-from .simulator import SIMULATOR, Simulator
+from mvserver.storage import write_bytes_atomic
+from mvserver.sandbox.render import MAX_REFERENCE_PIXELS, RenderError, oversized_image, render_video
+from mvserver.sandbox.simulator import SIMULATOR, Simulator
 
 
 def google_error(status: int, code: str, message: str) -> web.Response:

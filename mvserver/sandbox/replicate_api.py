@@ -33,10 +33,10 @@ from typing import Any, Callable, Literal
 from aiohttp import web
 from yarl import URL
 
-from ..storage import temp_path, write_bytes_atomic
-from .render import MAX_REFERENCE_PIXELS, oversized_image, render_character_image, render_lipsync, render_video
-from .simulator import SIMULATOR, Simulator
-from .webhooks import SENDER, fault_marker, invalid_webhook_fields
+from mvserver.storage import temp_path, write_bytes_atomic
+from mvserver.sandbox.render import MAX_REFERENCE_PIXELS, oversized_image, render_character_image, render_lipsync, render_video
+from mvserver.sandbox.simulator import SIMULATOR, Simulator
+from mvserver.sandbox.webhooks import SENDER, fault_marker, invalid_webhook_fields
 
 log = logging.getLogger("mvserver.sandbox")
 

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Literal
 
 from aiohttp import web
 
-from ..storage import write_bytes_atomic
+from mvserver.storage import write_bytes_atomic
 
 FaultKind = Literal["status", "reset", "hang", "truncate", "invalid_json", "fail_prediction",
                     # webhook deliveries (route ``replicate.webhook``), see :mod:`mvserver.sandbox.webhooks`
@@ -168,7 +168,7 @@ async def clear_faults_endpoint(request: web.Request) -> web.Response:
 
 def create_simulator_app(sim: Simulator) -> web.Application:
     """The simulator app: ``/gemini`` (Developer API), ``/vertex`` (Veo) and ``/replicate`` (Replicate API)."""
-    from . import gemini_api, replicate_api, webhooks
+    from mvserver.sandbox import gemini_api, replicate_api, webhooks
 
     app = web.Application(middlewares=[fault_middleware], client_max_size=64 * 1024 * 1024)
     app[SIMULATOR] = sim

@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from .simulator import Simulator
+from mvserver.sandbox.simulator import Simulator
 
 log = logging.getLogger("mvserver.sandbox.webhooks")
 
@@ -136,7 +136,7 @@ class WebhookSender:
             waker.set()
 
     async def _run(self, record: dict[str, Any], render: Render, current: Current) -> None:
-        from .replicate_api import STARTING_SHARE, TERMINAL, deadline_end, phase
+        from mvserver.sandbox.replicate_api import STARTING_SHARE, TERMINAL, deadline_end, phase
 
         events = set(record.get("webhook_events_filter") or DEFAULT_EVENTS)
         stream = _Stream(record["webhook"])
