@@ -1,4 +1,4 @@
-"""Assembly: 12 sandbox clips of 8 s and a 96 s song joined into one MP4 with ``mvserver.media.assemble``.
+"""Assembly: 12 sandbox clips of 8 s and a 96 s song joined into one MP4 with ``mvserver.media.ffmpeg.assemble``.
 
 Measured in one run, on the same files: cut-only assembly (whole clips with matching codec parameters, so the
 video is stream-copied) twice, as before the song's AAC copy existed (the song encoded in the final run) and with
@@ -48,8 +48,8 @@ if __package__ in (None, ""):
 
 from bench.common import (ROOT, RssSampler, bench_settings, percentile, print_table, proc_status, processes,
                           read_sse, start_server, start_simulator, workdir)
-from mvserver import media
-from mvserver.config import EnvSettings, load_config
+from mvserver.media import ffmpeg as media
+from mvserver.core.config import EnvSettings, load_config
 from mvserver.sandbox.render import render_video
 
 
@@ -275,7 +275,7 @@ async def sse_bench(args: argparse.Namespace) -> list[tuple[object, ...]]:
 WORST_RUN = """
 import asyncio, json, resource, sys, time
 from pathlib import Path
-from mvserver import media
+from mvserver.media import ffmpeg as media
 spec = json.loads(sys.argv[1])
 clips = [media.Clip(Path(p)) for p in spec["clips"]]
 started = time.perf_counter()

@@ -28,7 +28,7 @@ import aiohttp
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mvserver.auth import KeyLimits, create_key
+from mvserver.web.access.auth import KeyLimits, create_key
 from bench.common import (bench_settings, cpu_seconds, percentile, print_table, processes, raise_open_files_limit,
                           start_server, start_simulator, workdir)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from dotenv import load_dotenv
 
 from mvserver.app import create_app
-from mvserver.auth import KeyLimits, create_key, read_keys, revoke_key
-from mvserver.config import ConfigError, EnvSettings
+from mvserver.web.access.auth import KeyLimits, create_key, read_keys, revoke_key
+from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.jobs import StoreUnavailable
-from mvserver.logs import AccessLogger, configure_logging
-from mvserver.serving import run_app
+from mvserver.core.logs import AccessLogger, configure_logging
+from mvserver.web.serving import run_app
 
 
 def keys_main(argv: list[str]) -> int:

@@ -11,28 +11,53 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from mvserver import access, assembly, audio, demo, events, images, lipsync, meta, projects, scenes, songs, usage, videos
-from mvserver import webhooks
-from mvserver import posters, project_events
-from mvserver.auth import KEYRING
-from mvserver import webhooks_out
-from mvserver.backends import PROVIDERS, Providers
-from mvserver.backends import gemini as gemini_backend
-from mvserver.backends import replicate as replicate_backend
-from mvserver.backends.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts, url_origin
-from mvserver.config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
-from mvserver.debug import debug_print
-from mvserver.errors import hide_paths_under, server_log
+from mvserver.web import middlewares as access
+
+from mvserver.assembly import routes as assembly
+
+from mvserver.audio import routes as audio
+
+from mvserver.web import demo
+
+from mvserver.jobs import events
+
+from mvserver.images import routes as images
+
+from mvserver.lipsync import routes as lipsync
+
+from mvserver.web import meta
+
+from mvserver.projects import routes as projects
+
+from mvserver.scenes import routes as scenes
+
+from mvserver.audio import songs
+
+from mvserver.usage import routes as usage
+
+from mvserver.videos import routes as videos
+from mvserver.providers import replicate_webhooks as webhooks
+from mvserver.videos import posters
+from mvserver.projects import events as project_events
+from mvserver.web.access.auth import KEYRING
+from mvserver.jobs import webhooks_out
+from mvserver.providers import PROVIDERS, Providers
+from mvserver.providers import gemini as gemini_backend
+from mvserver.providers import replicate as replicate_backend
+from mvserver.providers.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts, url_origin
+from mvserver.core.config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
+from mvserver.core.debug import debug_print
+from mvserver.core.errors import hide_paths_under, server_log
 from mvserver.jobs import JOBS, FileJobStore, Job, JobEngine, JobStore, video_kind
 from mvserver.jobs.census import JobCensus
-from mvserver.metrics import METRICS, Metrics
-from mvserver.project_store import PROJECTS, open_project_store
+from mvserver.web.metrics import METRICS, Metrics
+from mvserver.projects.store import PROJECTS, open_project_store
 from mvserver.jobs.retention import sweep_forever
-from mvserver.quotas import running_cap_of
+from mvserver.web.access.quotas import running_cap_of
 from mvserver.sandbox.simulator import Simulator, start_simulator
-from mvserver.schemas import REQUEST_MODELS, RequestModels
-from mvserver.security import security_middleware
-from mvserver.storage import STORE, OutputStore, node_context, start_node
+from mvserver.openapi.schemas import REQUEST_MODELS, RequestModels
+from mvserver.web.security import security_middleware
+from mvserver.core.storage import STORE, OutputStore, node_context, start_node
 
 log = logging.getLogger("mvserver")
 SANDBOX_TOKEN = "sandbox"

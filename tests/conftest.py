@@ -346,7 +346,7 @@ async def read_sse(response: Any, *, comments: bool = False) -> AsyncIterator[di
 
 async def two_key_client(make_client: AppClient, tmp_path: Path) -> tuple[TestClient, str, str]:
     """An app with API keys on and two keys, alice's and bob's, whose job quotas no test here reaches."""
-    from mvserver.auth import KeyLimits, create_key
+    from mvserver.web.access.auth import KeyLimits, create_key
 
     keys_file = tmp_path / "keys.yaml"
     limits = KeyLimits(jobs_per_minute=600, jobs_burst=50)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mvserver.auth import KeyLimits, create_key
+from mvserver.web.access.auth import KeyLimits, create_key
 from mvserver.jobs import JOBS
 
 from conftest import AppClient, read_sse

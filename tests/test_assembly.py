@@ -15,13 +15,13 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient
 
-from mvserver import media
-from mvserver.assembly import _field
-from mvserver.auth import create_key
-from mvserver.config import CONFIG
+from mvserver.media import ffmpeg as media
+from mvserver.assembly.routes import _field
+from mvserver.web.access.auth import create_key
+from mvserver.core.config import CONFIG
 from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator
-from mvserver.storage import STORE, new_id
+from mvserver.core.storage import STORE, new_id
 from conftest import AppClient, read_sse
 from test_lipsync import PROMPT, events_of, make_clip, make_song, wait_for
 from test_media import HOLDER, proc_limit

@@ -14,12 +14,12 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from mvserver.app import create_app
-from mvserver.config import ConfigError, EnvSettings
-from mvserver import media
-from mvserver.audio import FORMATS as AUDIO_FORMATS, UPLOAD_SLOTS
-from mvserver.media import ffmpeg_exe, probe
+from mvserver.core.config import ConfigError, EnvSettings
+from mvserver.media import ffmpeg as media
+from mvserver.audio.routes import FORMATS as AUDIO_FORMATS, UPLOAD_SLOTS
+from mvserver.media.ffmpeg import ffmpeg_exe, probe
 from mvserver.sandbox.render import render_character_image, render_video
-from mvserver.songs import SONGS
+from mvserver.audio.songs import SONGS
 from conftest import AppClient
 from test_temporaries import dead_pid, heartbeat
 

@@ -314,7 +314,7 @@ async def test_static_files_are_served(demo_client: Any, name: str, content_type
     response = await demo_client.get(f"/static/{name}")
     assert response.status == 200
     assert content_type in response.content_type
-    assert (await response.read()) == (PROJECT / "mvserver" / "static" / name).read_bytes()
+    assert (await response.read()) == (PROJECT / "mvserver" / "web" / "static" / name).read_bytes()
 
 
 @pytest.mark.parametrize("name", ["nope.js", "..%2Fapp.py", "demo.js.map", ".hidden.css"])

@@ -19,8 +19,8 @@ import aiohttp
 import pytest
 import yaml
 
-from mvserver.auth import KeyLimits, create_key
-from mvserver.storage import write_bytes_atomic
+from mvserver.web.access.auth import KeyLimits, create_key
+from mvserver.core.storage import write_bytes_atomic
 from conftest import PROJECT, RedisServer, free_port, read_sse, redis_server_or_skip
 from test_audio import make_audio
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from mvserver.config import DEFAULT_OUTPUT_DIR, DEFAULT_SETTINGS_DIR, ConfigError, EnvSettings, load_config
+from mvserver.core.config import DEFAULT_OUTPUT_DIR, DEFAULT_SETTINGS_DIR, ConfigError, EnvSettings, load_config
 
 PROJECT = Path(__file__).resolve().parent.parent
 

@@ -66,7 +66,7 @@ async def test_a_signed_media_get_from_another_site_passes_and_writes_stay_guard
     """What ``<video src=signed link>`` on a page of another site sends: no ``Origin``, ``Sec-Fetch-Site:
     cross-site``. It is a safe GET with a valid signature, so it passes; a state-changing request from another site
     is still refused, and a safe GET without a valid signature still needs one."""
-    from mvserver.auth import create_key
+    from mvserver.web.access.auth import create_key
 
     _, key = create_key(tmp_path / "keys.yaml", "page")
     client = await make_client(MV_API_KEYS_FILE=tmp_path / "keys.yaml", MV_CORS_ORIGINS=ALLOWED,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mvserver.config import EnvSettings
+from mvserver.core.config import EnvSettings
 
 PROJECT = Path(__file__).resolve().parent.parent
 README = (PROJECT / "README.md").read_text()
@@ -34,7 +34,7 @@ def settings_rows() -> list[str]:
 def test_the_readme_documents_every_setting_once() -> None:
     rows = settings_rows()
     assert len(rows) == len(set(rows)), sorted(name for name in rows if rows.count(name) > 1)
-    read = set(re.findall(r'"(MV_[A-Z_]+)"', (PROJECT / "mvserver" / "config.py").read_text()))
+    read = set(re.findall(r'"(MV_[A-Z_]+)"', (PROJECT / "mvserver" / "core" / "config.py").read_text()))
     assert read <= set(rows), sorted(read - set(rows))
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from mvserver.backends import Snapshot
-from mvserver.config import EnvSettings, load_config
+from mvserver.providers import Snapshot
+from mvserver.core.config import EnvSettings, load_config
 from mvserver.jobs import FileJobStore, Job, JobEngine
-from mvserver.storage import OutputStore, new_id
+from mvserver.core.storage import OutputStore, new_id
 
 
 class SwallowingDriver:

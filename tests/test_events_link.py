@@ -10,9 +10,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mvserver.auth import create_key
+from mvserver.web.access.auth import create_key
 from mvserver.sandbox.simulator import Simulator
-from mvserver.signing import SIGNER
+from mvserver.web.access.signing import SIGNER
 from conftest import AppClient, read_sse
 
 pytestmark = pytest.mark.both_stores

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient
 
-from mvserver.config import CONFIG
+from mvserver.core.config import CONFIG
 from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator
 from conftest import AppClient, read_sse

@@ -14,14 +14,14 @@ import pytest
 from aiohttp.test_utils import TestServer
 from PIL import Image
 
-from mvserver.backends.base import Snapshot, VideoRequest
-from mvserver.backends.gemini import GeminiProvider, make_api_client, make_vertex_client
-from mvserver.errors import ApiError
+from mvserver.providers.base import Snapshot, VideoRequest
+from mvserver.providers.gemini import GeminiProvider, make_api_client, make_vertex_client
+from mvserver.core.errors import ApiError
 from mvserver.sandbox import gemini_api
 from mvserver.sandbox.render import probe_media
 from mvserver.sandbox.simulator import Simulator, create_simulator_app
-from mvserver.scenes import SceneList
-from mvserver.storage import OutputStore, new_id
+from mvserver.scenes.routes import SceneList
+from mvserver.core.storage import OutputStore, new_id
 
 MODEL = "veo-3.1-fast-generate-preview"
 NAME_PREFIX = f"projects/sandbox/locations/us-central1/publishers/google/models/{MODEL}/operations/"

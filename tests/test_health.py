@@ -58,7 +58,7 @@ async def test_readiness_fails_while_redis_is_down_and_liveness_does_not(make_cl
 
 
 async def test_readiness_on_the_file_store_and_without_a_key(make_client: AppClient, tmp_path: Path) -> None:
-    from mvserver.auth import KeyLimits, create_key
+    from mvserver.web.access.auth import KeyLimits, create_key
 
     keys_file = tmp_path / "keys.yaml"
     create_key(keys_file, "someone", KeyLimits())

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from mvserver.jobs import JOBS
 from mvserver.jobs.store import Remembered
 from mvserver.sandbox.simulator import Simulator
-from mvserver.storage import STORE
+from mvserver.core.storage import STORE
 from conftest import AppClient, LiveApp, module_loop, two_key_client
 
 pytestmark = pytest.mark.both_stores
@@ -125,7 +125,7 @@ async def test_a_reservation_whose_request_died_lapses(client: TestClient) -> No
 
 async def test_every_idempotent_route_honours_the_key(client: TestClient, sim: Simulator) -> None:
     """The same key on each of the other routes, with a valid request: 422, and nothing is made."""
-    from mvserver.schemas import IDEMPOTENT_PATHS
+    from mvserver.openapi.schemas import IDEMPOTENT_PATHS
 
     sim.video_latency = 30
     assert (await post(client, "one-action", VIDEO))[0] == 202

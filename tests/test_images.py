@@ -18,12 +18,12 @@ from aiohttp.test_utils import TestClient
 from PIL import Image
 from yarl import URL
 
-from mvserver.config import CONFIG
-from mvserver.errors import ApiError
-from mvserver.images import load_image
+from mvserver.core.config import CONFIG
+from mvserver.core.errors import ApiError
+from mvserver.images.routes import load_image
 from mvserver.sandbox import replicate_api
 from mvserver.sandbox.simulator import Simulator
-from mvserver.storage import OutputStore
+from mvserver.core.storage import OutputStore
 from conftest import PROJECT, AppClient, LiveApp, module_loop
 
 DESCRIPTION = "a wiry street violinist in a green velvet coat, round glasses and a red scarf"

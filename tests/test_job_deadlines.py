@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from mvserver.sandbox.simulator import Simulator
-from mvserver.storage import STORE
+from mvserver.core.storage import STORE
 from conftest import AppClient
 from test_videos import events_of, statuses, submit
 

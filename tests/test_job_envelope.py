@@ -87,7 +87,7 @@ async def test_every_job_starting_route_answers_the_same_envelope(client: TestCl
 
 async def test_urls_are_absolute_on_the_public_base_url_signed_ones_too(make_client: AppClient,
                                                                          tmp_path: Path) -> None:
-    from mvserver.auth import KeyLimits, create_key
+    from mvserver.web.access.auth import KeyLimits, create_key
 
     _, key = create_key(tmp_path / "keys.yaml", "frontend", KeyLimits(jobs_per_minute=600, jobs_burst=50))
     base = f"http://127.0.0.1:{free_port()}/mv"  # nothing listens there: only the URLs are looked at
@@ -109,7 +109,7 @@ async def test_urls_are_absolute_on_the_public_base_url_signed_ones_too(make_cli
 
 
 async def test_the_openapi_document_shares_one_envelope_schema(client: TestClient) -> None:
-    from mvserver.schemas import JOB_CREATING_PATHS
+    from mvserver.openapi.schemas import JOB_CREATING_PATHS
 
     document = await (await client.get("/api/mv/openapi.json")).json()
     schemas = document["components"]["schemas"]

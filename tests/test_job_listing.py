@@ -15,7 +15,7 @@ from mvserver.jobs.file_store import _lines_before
 from mvserver.jobs.listing import JobQuery, list_jobs
 from mvserver.jobs.store import index_entry
 from mvserver.sandbox.simulator import Simulator
-from mvserver.storage import new_id
+from mvserver.core.storage import new_id
 from conftest import AppClient, LiveApp, module_loop, two_key_client
 from test_videos import submit, wait_for
 

@@ -15,7 +15,7 @@ from mvserver.jobs import FileJobStore, Job
 from mvserver.jobs.model import Event
 from mvserver.jobs.redis_store import RedisJobStore
 from mvserver.jobs.store import JobStore
-from mvserver.storage import OutputStore, new_id
+from mvserver.core.storage import OutputStore, new_id
 
 pytestmark = pytest.mark.both_stores
 CAP = 2

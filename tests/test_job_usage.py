@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mvserver.config import CONFIG
+from mvserver.core.config import CONFIG
 from mvserver.sandbox.simulator import Simulator
 from conftest import AppClient
 from test_project_events import finished as all_finished, named, new_project, read_until

@@ -19,15 +19,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 from yarl import URL
 
-from mvserver.config import ConfigError, EnvSettings, load_config
+from mvserver.core.config import ConfigError, EnvSettings, load_config
 from mvserver.jobs import JOBS
-from mvserver import media
-from mvserver.lipsync import Song, cut_args, cut_window, max_cut_bytes, plan_window
-from mvserver.errors import ApiError
+from mvserver.media import ffmpeg as media
+from mvserver.lipsync.routes import Song, cut_args, cut_window, max_cut_bytes, plan_window
+from mvserver.core.errors import ApiError
 from mvserver.sandbox.render import LIPSYNC_LABEL, lipsync_label_box, probe_media
 from mvserver.sandbox.simulator import Simulator
-from mvserver import audio
-from mvserver.storage import STORE, new_id
+from mvserver.audio import routes as audio
+from mvserver.core.storage import STORE, new_id
 from conftest import read_sse
 
 PROMPT = "A singer in a yellow raincoat sings on a rainy night platform."

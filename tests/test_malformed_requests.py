@@ -17,7 +17,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from mvserver.app import create_app
-from mvserver.serving import AppRunner
+from mvserver.web.serving import AppRunner
 from conftest import PROJECT, module_loop
 from test_app import running_server
 

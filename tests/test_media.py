@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mvserver import media
-from mvserver.media import AssemblyInputError, Clip, FfmpegLimits, MediaError, MediaMemoryError, MediaTimeout
+from mvserver.media import ffmpeg as media
+from mvserver.media.ffmpeg import AssemblyInputError, Clip, FfmpegLimits, MediaError, MediaMemoryError, MediaTimeout
 from mvserver.sandbox.render import render_video
 
 FPS = 24
@@ -321,7 +321,7 @@ async def test_the_time_limit_grows_with_the_output_and_kills_ffmpeg() -> None:
 
 CHILD = """
 import asyncio, sys
-from mvserver import media
+from mvserver.media import ffmpeg as media
 async def main():
     task = asyncio.ensure_future(media.run_ffmpeg([*sys.argv[2:], "-metadata", "comment=" + sys.argv[1], "-f", "null",
                                                    "-"], duration=600, progress=lambda f: print("running", flush=True)))
@@ -582,7 +582,7 @@ def test_crossfade_pieces_show_every_frame_once_and_decode_few_clips_at_a_time()
 PEAK = """
 import asyncio, resource, sys
 from pathlib import Path
-from mvserver import media
+from mvserver.media import ffmpeg as media
 clips = [media.Clip(Path(p)) for p in sys.argv[3:]] * int(sys.argv[2])
 asyncio.run(media.assemble(clips, Path(sys.argv[1]), transition="crossfade", clip_audio="mix", fit="letterbox",
                            limits=media.FfmpegLimits(memory_mb=None, threads=None)))

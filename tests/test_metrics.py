@@ -12,8 +12,8 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import AppClient
-from mvserver.auth import KeyLimits, create_key
-from mvserver.metrics import METRICS, WEBHOOK_OUTCOMES
+from mvserver.web.access.auth import KeyLimits, create_key
+from mvserver.web.metrics import METRICS, WEBHOOK_OUTCOMES
 from mvserver.sandbox.simulator import Simulator
 from test_webhooks import HookClient, delivery, hook_client, running_job  # noqa: F401 - hook_client is a fixture
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mvserver.errors import ErrorInfo
-from mvserver.schemas import AUDIO_SCHEMA
+from mvserver.core.errors import ErrorInfo
+from mvserver.openapi.schemas import AUDIO_SCHEMA
 
 from conftest import AppClient, read_sse
 from test_audio import make_audio
@@ -80,7 +80,7 @@ async def test_no_response_or_job_event_shows_a_server_path(make_client: AppClie
 
 def test_error_texts_name_files_but_never_where_they_are(tmp_path: Path) -> None:
     """Exception texts and ffmpeg output are cut at the source of every error (HTTP answers and job errors)."""
-    from mvserver.errors import hide_paths_under
+    from mvserver.core.errors import hide_paths_under
 
     hide_paths_under(tmp_path / "srv")
     where = tmp_path / "srv" / "videos" / ".clip.mp4.1a2b.part"

@@ -31,7 +31,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 
-from mvserver.auth import KeyLimits, create_key
+from mvserver.web.access.auth import KeyLimits, create_key
 from conftest import PROJECT
 
 EXAMPLES_PER_OPERATION = 10

@@ -22,7 +22,7 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
 from mvserver.app import create_app
-from mvserver.auth import KeyLimits, create_key
+from mvserver.web.access.auth import KeyLimits, create_key
 from mvserver.sandbox.simulator import Simulator
 from conftest import AppClient, read_sse
 

@@ -14,12 +14,12 @@ import yaml
 from aiohttp.test_utils import TestClient
 from PIL import Image, ImageChops, ImageStat
 
-from mvserver import media
-from mvserver.config import PosterSettings
+from mvserver.media import ffmpeg as media
+from mvserver.core.config import PosterSettings
 from mvserver.jobs import Job
-from mvserver.posters import describe, stored_hook
+from mvserver.videos.posters import describe, stored_hook
 from mvserver.sandbox.simulator import Simulator
-from mvserver.storage import STORE
+from mvserver.core.storage import STORE
 from conftest import AppClient, read_sse, two_key_client
 from test_videos import PROMPT, submit, wait_for
 

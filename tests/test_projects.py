@@ -14,11 +14,11 @@ import redis.asyncio
 import yaml
 from aiohttp.test_utils import TestClient
 
-from mvserver.errors import ApiError
-from mvserver.project_store import PROJECTS, FileProjectStore, Project, RedisProjectStore, Scene
-from mvserver.projects import TimelineEntry, project_timeline, size_to_song
+from mvserver.core.errors import ApiError
+from mvserver.projects.store import PROJECTS, FileProjectStore, Project, RedisProjectStore, Scene
+from mvserver.projects.routes import TimelineEntry, project_timeline, size_to_song
 from mvserver.sandbox.simulator import Simulator
-from mvserver.storage import OutputStore, new_id
+from mvserver.core.storage import OutputStore, new_id
 from conftest import AppClient, free_port
 
 BASE = "/api/mv/projects"
@@ -109,7 +109,7 @@ def test_size_to_song_covers_the_song_with_the_fewest_scenes_and_least_overshoot
 
 
 def test_project_timeline_gives_each_scene_its_song_window_after_trims() -> None:
-    from mvserver.project_store import ClipVersion, Song
+    from mvserver.projects.store import ClipVersion, Song
 
     short = ClipVersion(job_id=new_id(), duration=4)
     scenes = [
@@ -457,8 +457,8 @@ async def test_a_scene_prompt_too_long_for_its_clip_is_refused_at_patch_naming_t
 
 
 def test_a_prompt_the_server_writes_is_cut_to_leave_the_rules_their_room() -> None:
-    from mvserver.config import EnvSettings, load_config
-    from mvserver.projects import check_scene_prompt, fit_scene_prompt
+    from mvserver.core.config import EnvSettings, load_config
+    from mvserver.projects.routes import check_scene_prompt, fit_scene_prompt
 
     config = load_config(EnvSettings.from_env({}))
     project = Project(id=new_id(), idea="i", character_description="c", aspect_ratio="9:16")

@@ -18,8 +18,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from mvserver.app import replicate_output_hosts
-from mvserver.backends.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts
-from mvserver.config import ConfigError, EnvSettings
+from mvserver.providers.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts
+from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.jobs import JOBS
 from mvserver.sandbox import gemini_api, replicate_api
 from mvserver.sandbox.simulator import Simulator

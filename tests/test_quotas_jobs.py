@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mvserver.auth import KeyLimits, create_key
+from mvserver.web.access.auth import KeyLimits, create_key
 from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator
 from conftest import AppClient, read_sse

@@ -10,8 +10,8 @@ import pytest
 from redis.asyncio import Redis
 
 from conftest import AppClient, RedisServer, redis_server_or_skip
-from mvserver.auth import KeyLimits, create_key
-from mvserver.quotas import RedisRateLimiter, set_rate_limiter
+from mvserver.web.access.auth import KeyLimits, create_key
+from mvserver.web.access.quotas import RedisRateLimiter, set_rate_limiter
 
 SECRET = "test-signing-secret-0123456789abcdefghij"
 SCENES = {"idea": "a drummer on a rooftop at dusk", "character_description": "a tall woman in a red coat",

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from mvserver.app import create_app
 from mvserver.sandbox import gemini_api
 from mvserver.sandbox.simulator import SIMULATOR, Simulator, create_simulator_app
-from mvserver.storage import STORE
+from mvserver.core.storage import STORE
 
 PROJECT = Path(__file__).resolve().parent.parent
 URL = "/api/mv/create_scenes"

@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mvserver.config import ConfigError, EnvSettings
+from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.sandbox.simulator import Simulator
-from mvserver.storage import STORE
+from mvserver.core.storage import STORE
 from conftest import AppClient, LiveApp, module_loop
 
 VIDEO = "/api/mv/generate_video"

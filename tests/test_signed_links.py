@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mvserver.auth import KeyLimits, create_key
+from mvserver.web.access.auth import KeyLimits, create_key
 from mvserver.sandbox.simulator import Simulator
 
 from conftest import AppClient, read_sse

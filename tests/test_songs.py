@@ -22,11 +22,11 @@ import soundfile
 from aiohttp.test_utils import TestClient, TestServer
 
 from bench.songs import SR, Song, drum_song
-from mvserver import media
+from mvserver.media import ffmpeg as media
 from mvserver.app import create_app
 from mvserver.sandbox.simulator import Simulator, create_simulator_app
-from mvserver.songs import SONGS
-from mvserver.storage import STORE
+from mvserver.audio.songs import SONGS
+from mvserver.core.storage import STORE
 from conftest import SIM_DEFAULTS, fast_settings, provider_env, read_sse
 
 pytestmark = pytest.mark.both_stores

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from mvserver.app import create_app
-from mvserver.config import ConfigError
+from mvserver.core.config import ConfigError
 from conftest import PROJECT
 
 PROVIDER_KEYS = ("GEMINI_API_KEY", "REPLICATE_API_TOKEN", "GOOGLE_VERTEX_API_KEY", "GOOGLE_CLOUD_PROJECT")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient
 
-from mvserver.config import DEFAULT_SETTINGS_DIR, ConfigError, EnvSettings, load_config
+from mvserver.core.config import DEFAULT_SETTINGS_DIR, ConfigError, EnvSettings, load_config
 from mvserver.sandbox.simulator import Simulator
 from conftest import PROJECT, AppClient
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mvserver import storage
-from mvserver.storage import NODE_ID, OutputStore, start_node, temp_owner, temp_path, write_bytes_atomic
+from mvserver.core import storage
+from mvserver.core.storage import NODE_ID, OutputStore, start_node, temp_owner, temp_path, write_bytes_atomic
 from conftest import PROJECT
 
 STALE = 60.0
@@ -126,7 +126,7 @@ async def test_the_heartbeat_runs_with_the_app_and_goes_at_a_clean_exit(tmp_path
 
 
 def test_the_stale_age_is_a_setting(tmp_path: Path) -> None:
-    from mvserver.config import ConfigError, EnvSettings
+    from mvserver.core.config import ConfigError, EnvSettings
 
     assert EnvSettings.from_env({}).stale_temp_seconds == storage.STALE_TEMP_SECONDS == 900
     assert EnvSettings.from_env({"MV_STALE_TEMP_SECONDS": "30"}).stale_temp_seconds == 30

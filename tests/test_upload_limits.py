@@ -12,8 +12,8 @@ from typing import Any, AsyncIterator
 import pytest
 from aiohttp.test_utils import TestClient
 
-from mvserver.audio import UPLOAD_SLOTS
-from mvserver.auth import KeyLimits, create_key
+from mvserver.audio.routes import UPLOAD_SLOTS
+from mvserver.web.access.auth import KeyLimits, create_key
 
 from conftest import AppClient
 from test_audio import UPLOAD, make_audio, stored

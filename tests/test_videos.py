@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 from PIL import Image
 
 from mvserver.jobs import JOBS
-from mvserver.storage import STORE
+from mvserver.core.storage import STORE
 from mvserver.sandbox.simulator import Simulator
 from conftest import LiveApp, module_loop, read_sse
 

@@ -16,16 +16,16 @@ from aiohttp.test_utils import TestClient, TestServer
 from replicate.exceptions import ReplicateError
 from replicate.webhook import Webhooks
 
-from mvserver.backends.replicate import make_client
+from mvserver.providers.replicate import make_client
 
 from mvserver.app import create_app
-from mvserver.backends.base import Snapshot
-from mvserver.config import ConfigError, EnvSettings
+from mvserver.providers.base import Snapshot
+from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator
 from mvserver.sandbox.webhooks import SENDER, sign
-from mvserver.updates import PushedUpdates
-from mvserver.webhooks import RECEIVER, SeenIds
+from mvserver.jobs.updates import PushedUpdates
+from mvserver.providers.replicate_webhooks import RECEIVER, SeenIds
 from test_videos import events_of, statuses, submit
 
 pytestmark = pytest.mark.both_stores

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from mvserver.auth import KeyLimits, create_key, read_keys, write_keys
+from mvserver.web.access.auth import KeyLimits, create_key, read_keys, write_keys
 from mvserver.sandbox.simulator import Simulator
 from conftest import AppClient
 from test_job_lifecycle import jobs_settings

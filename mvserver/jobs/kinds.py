@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from mvserver.backends import Providers, Snapshot, VideoBackend, VideoRequest
-from mvserver.storage import OutputStore
+from mvserver.providers import Providers, Snapshot, VideoBackend, VideoRequest
+from mvserver.core.storage import OutputStore
 from mvserver.jobs.model import Job
 
 VIDEO_REQUEST_FIELDS = ("negative_prompt", "aspect_ratio", "duration", "generate_audio", "seed")

@@ -72,7 +72,7 @@ class Job:
     cancel_requested: bool = False
     running_cap: int | None = None  # the owner key's max_running_jobs when the job was made (None: no cap)
     deadline_seconds: float | None = None  # the client's deadline, counted from created_at (queue time included)
-    webhook_url: str | None = None  # where the job's status changes are sent (mvserver.webhooks_out)
+    webhook_url: str | None = None  # where the job's status changes are sent (mvserver.jobs.webhooks_out)
     webhook_events: str | None = None  # "completed" (the final event) or "all" (every status change)
     retries: int = 0  # provider calls retried after a transient error (usage)
     provider_metrics: dict[str, Any] | None = None  # what the provider reported of its run (Replicate's metrics)

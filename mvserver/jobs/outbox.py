@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from mvserver.storage import OutputStore
+from mvserver.core.storage import OutputStore
 
 Record = dict[str, Any]
 

@@ -41,7 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from mvserver.errors import store_unavailable
+from mvserver.core.errors import store_unavailable
 from mvserver.jobs.model import FINAL_STATUSES, Event, Job
 from mvserver.jobs.store import Lease, LeaseLost, Remembered, SignalHandler, StoreUnavailable, index_entry, owner_slot
 from mvserver.jobs.usage_store import RedisUsageBook

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar, runtime_checkable
 
-from mvserver.backends import Snapshot
-from mvserver.config import JobsSettings, PricingSettings
-from mvserver.errors import ApiError, ErrorInfo
-from mvserver.logs import bind_job
-from mvserver.storage import OutputStore
-from mvserver.updates import PushedUpdates
+from mvserver.providers import Snapshot
+from mvserver.core.config import JobsSettings, PricingSettings
+from mvserver.core.errors import ApiError, ErrorInfo
+from mvserver.core.logs import bind_job
+from mvserver.core.storage import OutputStore
+from mvserver.jobs.updates import PushedUpdates
 from mvserver.jobs.eta import EtaEstimate, duration_key
 from mvserver.jobs.model import Event, Job, JobStatus, clip_text
 from mvserver.jobs.store import JobStore, Lease, LeaseLost

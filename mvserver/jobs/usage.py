@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from mvserver.config import ModelPrice, PricingSettings
+from mvserver.core.config import ModelPrice, PricingSettings
 from mvserver.jobs.model import Job
 
 MICROS = 1_000_000

@@ -24,7 +24,7 @@ from typing import Callable
 import imageio_ffmpeg
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from mvserver.storage import temp_path
+from mvserver.core.storage import temp_path
 
 __all__ = ["ASPECT_SIZES", "LIPSYNC_LABEL", "MAX_REFERENCE_PIXELS", "RenderError", "oversized_image",
            "probe_media", "render_character_image", "render_lipsync", "render_video"]

@@ -33,7 +33,7 @@ from typing import Any, Callable, Literal
 from aiohttp import web
 from yarl import URL
 
-from mvserver.storage import temp_path, write_bytes_atomic
+from mvserver.core.storage import temp_path, write_bytes_atomic
 from mvserver.sandbox.render import MAX_REFERENCE_PIXELS, oversized_image, render_character_image, render_lipsync, render_video
 from mvserver.sandbox.simulator import SIMULATOR, Simulator
 from mvserver.sandbox.webhooks import SENDER, fault_marker, invalid_webhook_fields

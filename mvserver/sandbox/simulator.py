@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Literal
 
 from aiohttp import web
 
-from mvserver.storage import write_bytes_atomic
+from mvserver.core.storage import write_bytes_atomic
 
 FaultKind = Literal["status", "reset", "hang", "truncate", "invalid_json", "fail_prediction",
                     # webhook deliveries (route ``replicate.webhook``), see :mod:`mvserver.sandbox.webhooks`

@@ -1510,7 +1510,7 @@ export interface components {
             /** @description With API keys on: the URLs of this answer, signed */
             signed_urls?: components["schemas"]["SignedUrls"];
         };
-        /** @description The 202 of every request that starts jobs (one envelope, `mvserver/accepted.py`). `jobs`: every job it started (a project's clips may start none). `job`: the job, when the route starts exactly one; its fields are also repeated at the top level, as these routes always answered. `project`: the project as GET /api/mv/projects/{project_id} shows it, on a project's routes (its ETag in the header). */
+        /** @description The 202 of every request that starts jobs (one envelope, `mvserver/jobs/accepted.py`). `jobs`: every job it started (a project's clips may start none). `job`: the job, when the route starts exactly one; its fields are also repeated at the top level, as these routes always answered. `project`: the project as GET /api/mv/projects/{project_id} shows it, on a project's routes (its ETag in the header). */
         JobsAccepted: {
             jobs: components["schemas"]["AcceptedJob"][];
             job?: components["schemas"]["AcceptedJob"];

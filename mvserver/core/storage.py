@@ -1,0 +1,263 @@
+"""The ``outputs/`` directory: ids, paths and atomic writes (temporary file, fsync, rename).
+
+Several nodes may share one output directory (on Redis). Every temporary is named by :func:`temp_path` with the id
+of the node writing it, and every node keeps a heartbeat file ``nodes/<node id>.json`` (its host and process id,
+touched while it runs), so a node removes only temporaries that are provably abandoned: their node's process is gone
+(same host), or their node has not beaten and the file has not changed for ``MV_STALE_TEMP_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterable, AsyncIterator
+
+import aiofiles
+import aiofiles.os
+from aiohttp import web
+
+from mvserver.core.errors import ApiError
+
+log = logging.getLogger("mvserver")
+
+_UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+TEMP_SUFFIX = ".part"
+FILE_MODE = 0o644  # every file written under outputs/: owner read-write, everyone else read
+STALE_TEMP_SECONDS = 900.0  # MV_STALE_TEMP_SECONDS: how long an unowned temporary must be left alone
+MAX_BEAT_SECONDS = 60.0
+
+KINDS = ("scenes", "images", "videos", "jobs", "sandbox", "audio", "projects", "nodes")
+
+NODE_ID = uuid.uuid4().hex[:12]
+"""This process's node id (12 hex digits, like the Redis store's node names): in the name of every temporary it
+writes and of its heartbeat file. A new process is a new node, so a restarted server never mistakes a dead
+predecessor's files for its own."""
+
+_TEMP_TAG = re.compile(r"^[a-z0-9]{1,16}$")
+_TEMP_OWNER = re.compile(r"\.(?P<node>[0-9a-f]{12})-[0-9a-f]{8}(?:\.[a-z0-9]{1,16})?" + re.escape(TEMP_SUFFIX) + "$")
+
+
+def new_id() -> str:
+    """A fresh random id (UUID version 4, canonical lower-case form)."""
+    return str(uuid.uuid4())
+
+
+def is_valid_id(value: str) -> bool:
+    return bool(_UUID4.fullmatch(value))
+
+
+def check_id(value: str, field: str = "id") -> str:
+    """Reject anything but a canonical UUID4 before it comes near the filesystem."""
+    if not is_valid_id(value):
+        raise ApiError(400, "invalid_id", f"{field} must be a lower-case UUID4 such as {new_id()}", field=field)
+    return value
+
+
+def temp_path(path: Path, tag: str = "") -> Path:
+    """The one naming rule of temporaries: a hidden file next to ``path`` named
+    ``.<name>.<node id>-<8 random hex>[.<tag>].part``, so a clean-up can tell which node writes it (see
+    :meth:`OutputStore.remove_abandoned_temporaries`). ``tag`` (a few lower-case letters or digits) tells several
+    temporaries of one output apart."""
+    assert not tag or _TEMP_TAG.fullmatch(tag), tag
+    return path.with_name(f".{path.name}.{NODE_ID}-{secrets.token_hex(4)}{'.' + tag if tag else ''}{TEMP_SUFFIX}")
+
+
+def temp_owner(name: str) -> str | None:
+    """The node id in a temporary's name (None for a name without one, e.g. written by an older version)."""
+    found = _TEMP_OWNER.search(name)
+    return found.group("node") if found else None
+
+
+def write_bytes_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, mode)  # whatever the umask
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """What a node's ``nodes/<id>.json`` says: where it runs, and (the file's mtime) when it last beat."""
+
+    node: str
+    host: str
+    pid: int
+    beat: float
+
+    def gone(self) -> bool:
+        """Provably dead: it ran on this host and its process no longer exists (or its pid is now this process's,
+        which is not that node)."""
+        if self.host != socket.gethostname() or self.node == NODE_ID:
+            return False
+        if self.pid == os.getpid():
+            return True
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # e.g. another user's process: alive
+            return False
+        return False
+
+
+class OutputStore:
+    """Paths under the output directory, one sub-directory per kind of artefact."""
+
+    def __init__(self, root: Path, stale_temp_seconds: float = STALE_TEMP_SECONDS):
+        self.root = root.resolve()
+        self.node = NODE_ID
+        self.stale_temp_seconds = stale_temp_seconds
+        for kind in KINDS:
+            (self.root / kind).mkdir(parents=True, exist_ok=True)
+
+    def path(self, kind: str, file_id: str, suffix: str) -> Path:
+        """The file for an already validated id; the name is built here, never taken from a client."""
+        assert kind in KINDS and is_valid_id(file_id), (kind, file_id)
+        return self.root / kind / f"{file_id}{suffix}"
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root.parent).as_posix() if self.root.parent in path.parents else str(path)
+
+    async def write_bytes(self, path: Path, data: bytes) -> None:
+        await asyncio.to_thread(write_bytes_atomic, path, data)
+
+    async def write_json(self, path: Path, payload: Any) -> None:
+        data = json.dumps(payload, indent=2, ensure_ascii=False).encode()
+        await self.write_bytes(path, data)
+
+    async def write_stream(self, path: Path, chunks: AsyncIterable[bytes]) -> int:
+        """Stream chunks to a temporary file and rename it into place; returns the byte count.
+
+        The temporary file is removed when the stream fails or the task is cancelled.
+        """
+        tmp = temp_path(path)
+        size = 0
+        try:
+            async with aiofiles.open(tmp, "wb") as handle:
+                async for chunk in chunks:
+                    await handle.write(chunk)
+                    size += len(chunk)
+                await handle.flush()
+                await asyncio.to_thread(os.fchmod, handle.fileno(), FILE_MODE)  # whatever the umask
+                await asyncio.to_thread(os.fsync, handle.fileno())
+            await aiofiles.os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return size
+
+    # -- nodes and their temporaries -------------------------------------------------------------------------
+
+    @property
+    def heartbeat_path(self) -> Path:
+        return self.root / "nodes" / f"{self.node}.json"
+
+    def beat(self) -> None:
+        """Say this node is alive: write its heartbeat file (host, pid) the first time, then touch it."""
+        path = self.heartbeat_path
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            write_bytes_atomic(path, json.dumps({"node": self.node, "host": socket.gethostname(),
+                                                 "pid": os.getpid(), "started_at": time.time()}).encode())
+
+    def stop_beating(self) -> None:
+        """A clean exit: this node's heartbeat goes (its writers have removed their temporaries)."""
+        self.heartbeat_path.unlink(missing_ok=True)
+
+    def heartbeats(self) -> dict[str, Heartbeat]:
+        beats = {}
+        for path in (self.root / "nodes").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                raw = json.loads(path.read_bytes())
+                beats[path.stem] = Heartbeat(path.stem, str(raw["host"]), int(raw["pid"]), path.stat().st_mtime)
+        return beats
+
+    def abandoned(self, owner: str | None, mtime: float, beats: dict[str, Heartbeat], now: float) -> bool:
+        """Whether a temporary written by node ``owner`` (None: unknown) and last changed at ``mtime`` is provably
+        abandoned. Never this node's own (its writer removes it); at once when its node is gone from this host;
+        else only when it is older than ``stale_temp_seconds`` and its node has not beaten for as long."""
+        if owner == self.node:
+            return False
+        beat = beats.get(owner) if owner else None
+        if beat is not None and beat.gone():
+            return True
+        stale = now - self.stale_temp_seconds
+        return mtime < stale and (beat is None or beat.beat < stale)
+
+    def remove_abandoned_temporaries(self) -> int:
+        """Delete the temporaries no live node is writing (left by a crash, on any node sharing this directory),
+        and the heartbeats of nodes that are dead; at start-up and every ``stale_temp_seconds``."""
+        now = time.time()
+        beats = self.heartbeats()
+        count = 0
+        for path in self.root.glob(f"*/.*{TEMP_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                if self.abandoned(temp_owner(path.name), path.stat().st_mtime, beats, now):
+                    path.unlink(missing_ok=True)
+                    count += 1
+        for beat in beats.values():
+            if beat.node != self.node and (beat.gone() or beat.beat < now - self.stale_temp_seconds):
+                (self.root / "nodes" / f"{beat.node}.json").unlink(missing_ok=True)
+        if count:
+            log.info("removed %d abandoned temporary file(s)", count)
+        return count
+
+    @property
+    def beat_interval(self) -> float:
+        return max(0.05, min(MAX_BEAT_SECONDS, self.stale_temp_seconds / 4))
+
+    async def keep_beating(self) -> None:
+        """Touch the heartbeat every :attr:`beat_interval`; look for abandoned temporaries every
+        ``stale_temp_seconds`` (a node that died on another host is noticed without a restart here)."""
+        next_sweep = time.monotonic() + self.stale_temp_seconds
+        while True:
+            await asyncio.sleep(self.beat_interval)
+            try:
+                await asyncio.to_thread(self.beat)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self.stale_temp_seconds
+                    await asyncio.to_thread(self.remove_abandoned_temporaries)
+            except OSError as exc:  # a full or unreachable disk must not end the heartbeat
+                log.warning("node heartbeat failed: %s", exc)
+
+
+async def node_context(app: web.Application) -> AsyncIterator[None]:
+    """The node's heartbeat while the app runs (written at start-up by :func:`start_node`); gone at a clean exit."""
+    store = app[STORE]
+    task = asyncio.get_running_loop().create_task(store.keep_beating(), name="node-heartbeat")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.to_thread(store.stop_beating)
+
+
+def start_node(store: "OutputStore") -> int:
+    """At start-up: announce this node (its heartbeat), then remove what dead nodes left; returns how many."""
+    store.beat()
+    return store.remove_abandoned_temporaries()
+
+
+STORE = web.AppKey("store", OutputStore)

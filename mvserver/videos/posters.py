@@ -1,0 +1,85 @@
+"""Clip posters: the first frame of every stored clip as a JPEG, and the clip's length and frame size in its job.
+
+A storyboard grid of many clips should not load a ``<video>`` per clip to show a frame or a length. So when a job's
+output is in place (a downloaded video or lip sync, an assembled video), before its ``succeeded`` event, the
+engine's ``stored`` hook reads the clip's header (length, width, height) and cuts its first frame, scaled to fit
+``videos.posters.max_side``, into ``videos/<job_id>.jpg``: once, with the bundled ffmpeg, reading the file as an
+MP4 only, with a time limit and at most ``videos.posters.concurrency`` runs at once. A clip ffmpeg cannot read in
+time simply has no poster (``poster_url`` null); the job still succeeds. ``GET /api/mv/get_poster/{video_id}``
+serves it with the video's own access rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from mvserver.media import ffmpeg as media
+from mvserver.core.config import CONFIG, PosterSettings
+from mvserver.jobs import Job
+from mvserver.core.storage import temp_path
+from mvserver.web.files import SavedFileResponse
+from mvserver.videos.routes import job_output
+
+log = logging.getLogger("mvserver.jobs")
+routes = web.RouteTableDef()
+
+POSTER_SUFFIX = ".jpg"
+POSTER_MAX_BYTES = 4 << 20  # ffmpeg stops writing past this (a 640 px JPEG is ~50 KB)
+CLIP_DEMUXERS = ["mov"]  # every stored clip is an MP4; nothing else is read
+
+
+def frame_args(clip: Path, dest: Path, max_side: int) -> list[str]:
+    """ffmpeg arguments: the first frame of ``clip``, fitted into ``max_side`` square pixels, as one JPEG."""
+    fit = (f"scale=w='min(iw,{max_side})':h='min(ih,{max_side})':force_original_aspect_ratio=decrease:"
+           "force_divisible_by=2")
+    return [*media.input_args(clip, CLIP_DEMUXERS), "-map", "0:v:0", "-frames:v", "1", "-vf", fit,
+            "-c:v", "mjpeg", "-q:v", "4", "-fs", str(POSTER_MAX_BYTES), "-f", "mjpeg", "-y", str(dest)]
+
+
+async def describe(job: Job, clip: Path, settings: PosterSettings) -> None:
+    """Note the clip's length and frame size on ``job`` and make its poster next to it (``job.poster``)."""
+    info = await media.probe(clip, timeout=settings.timeout_seconds, demuxers=CLIP_DEMUXERS)
+    video = info.first_video
+    if video is None:
+        return  # not a clip: nothing to show
+    job.video_seconds = round(info.duration, 3) if info.duration is not None else None
+    job.video_width, job.video_height = video.width, video.height
+    dest = clip.with_suffix(POSTER_SUFFIX)
+    tmp = temp_path(dest)
+    try:
+        await media.run_ffmpeg(frame_args(clip, tmp, settings.max_side), timeout=settings.timeout_seconds)
+        if (await asyncio.to_thread(os.stat, tmp)).st_size == 0:
+            raise media.MediaError("ffmpeg wrote an empty poster")
+        await asyncio.to_thread(os.chmod, tmp, 0o644)
+        await asyncio.to_thread(os.replace, tmp, dest)
+    finally:
+        await asyncio.to_thread(tmp.unlink, missing_ok=True)
+    job.poster = True
+
+
+def stored_hook(app: web.Application) -> Callable[[Job, Path], Awaitable[None]]:
+    """The engine's ``stored`` hook of this app: :func:`describe`, bounded; a clip ffmpeg cannot read gets none."""
+    settings = app[CONFIG].videos.posters
+    slots = asyncio.Semaphore(settings.concurrency)
+
+    async def stored(job: Job, clip: Path) -> None:
+        async with slots:
+            try:
+                await describe(job, clip, settings)
+            except media.MediaError as exc:
+                log.warning("job %s: no poster: %s", job.id, exc)
+
+    return stored
+
+
+@routes.get("/api/mv/get_poster/{video_id}")
+async def get_poster(request: web.Request) -> web.FileResponse:
+    """The clip's first frame (JPEG), under the same rules as ``get_video``."""
+    path = await job_output(request, POSTER_SUFFIX, "poster")
+    return SavedFileResponse(path, noun="poster", headers={"Content-Type": "image/jpeg", "Cache-Control": "private, max-age=3600"})

@@ -1,0 +1,319 @@
+"""``POST /api/mv/generate_video``, the job endpoints (JSON, SSE, cancel) and ``GET /api/mv/get_video/{video_id}``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import jinja2
+import jinja2.nodes
+import jinja2.sandbox
+from aiohttp import web
+from PIL import Image, UnidentifiedImageError
+
+from mvserver.jobs.accepted import accepted_response
+from mvserver.web.access.auth import key_id, require_owner, visible_to
+from mvserver.providers import PROVIDERS
+from mvserver.core.config import CONFIG, Config
+from mvserver.core.debug import debug_print
+from mvserver.core.errors import ApiError
+from mvserver.web.files import SavedFileResponse
+from mvserver.web.access.idempotency import idempotent, reserve
+from mvserver.images.routes import FORMATS, load_image
+from mvserver.jobs.options import job_fields
+from mvserver.jobs import JOBS, Job, job_urls, listing, stream_events
+from mvserver.jobs.model import STATUSES, Event
+from mvserver.web.access.quotas import charge
+from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
+from mvserver.web.access.signing import signed_event_data
+from mvserver.core.storage import STORE, check_id, new_id
+
+routes = web.RouteTableDef()
+
+IMAGE_TYPES = {fmt.pillow: fmt.mime_type for fmt in FORMATS.values()}  # Pillow format name -> MIME type
+RULES_VARIABLES = ("prompt", "aspect_ratio", "duration")
+_client_templates = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+
+
+def sniff_image(data: bytes, field: str, max_pixels: int) -> str:
+    """The MIME type of a PNG, JPEG or WebP image of at most ``max_pixels``; 400 naming ``field`` otherwise.
+
+    Only the header is read (``Image.open`` is lazy and ``verify`` does not decode pixels), so an image of huge
+    dimensions is refused before anything allocates its pixels. Runs in a thread.
+    """
+    too_large = None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind = image.format
+            width, height = image.size
+            if width * height > max_pixels:
+                too_large = f"{width}x{height} pixels"
+            else:
+                image.verify()
+    except Image.DecompressionBombError:  # Pillow's own header check, far above ours
+        kind, too_large = None, f"over {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        kind = None
+    if too_large:
+        raise ApiError(400, "invalid_field", f"{field}: the image is {too_large}; at most {max_pixels} "
+                                             "pixels are accepted", field=field)
+    if kind not in IMAGE_TYPES:
+        raise ApiError(400, "invalid_field", f"{field}: not a PNG, JPEG or WebP image", field=field)
+    return IMAGE_TYPES[kind]
+
+
+_BASE64_WHITESPACE = str.maketrans("", "", " \t\r\n")
+_URL_SAFE = str.maketrans("-_", "+/")
+
+
+def decode_base64_image(text: str, max_bytes: int) -> bytes:
+    """Decode base64 or a ``data:image/...;base64,`` URI.
+
+    Accepted: the standard or the URL-safe alphabet (not both in one value), with or without ``=`` padding, with
+    line breaks and spaces anywhere (MIME-style wrapping). Anything else is refused rather than guessed at.
+    """
+    field = "reference_image_base64"
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise ApiError(400, "invalid_field", f"{field}: a data: URI must be base64-encoded", field=field)
+    text = text.translate(_BASE64_WHITESPACE)
+    if ("-" in text or "_" in text) and ("+" in text or "/" in text):
+        raise ApiError(400, "invalid_field", f"{field}: mixes the standard and URL-safe base64 alphabets",
+                       field=field)
+    text = text.translate(_URL_SAFE)
+    if len(text) % 4 and "=" not in text:
+        text += "=" * (-len(text) % 4)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "invalid_field", f"{field}: not valid base64", field=field) from None
+    if not data or len(data) > max_bytes:
+        raise ApiError(400, "invalid_field", f"{field}: the image must be 1 to {max_bytes} bytes", field=field)
+    return data
+
+
+def check_reference_shape(config: Config, body: Any) -> None:
+    """Replicate's Veo takes reference images only for some shapes; refuse the others before spending money."""
+    if body.backend != "replicate":
+        return
+    rules = config.videos.backends.replicate
+    for field, allowed in (("aspect_ratio", rules.reference_image_aspect_ratios),
+                           ("duration", rules.reference_image_durations)):
+        if getattr(body, field) not in allowed:
+            raise ApiError(400, "invalid_field", f"{field}: with a reference image the replicate backend accepts only "
+                                                 f"{allowed}", field=field)
+
+
+async def reference_image(app: web.Application, body: Any, owner: str | None = None
+                          ) -> tuple[bytes | None, str | None]:
+    """The reference image sent inline or by ``image_id`` (which ``owner`` must be allowed to use), validated;
+    (None, None) when there is none."""
+    if body.reference_image_base64 and body.reference_image_id:
+        raise ApiError(400, "invalid_field", "send reference_image_base64 or reference_image_id, not both",
+                       field="reference_image_base64")
+    limits = app[CONFIG].videos.limits
+    if body.reference_image_id:
+        data, mime_type = await load_image(app, body.reference_image_id, owner)
+        await asyncio.to_thread(sniff_image, data, "reference_image_id", limits.reference_image_max_pixels)
+        return data, mime_type
+    if not body.reference_image_base64:
+        return None, None
+    data = decode_base64_image(body.reference_image_base64, limits.reference_image_max_bytes)
+    return data, await asyncio.to_thread(sniff_image, data, "reference_image_base64",
+                                         limits.reference_image_max_pixels)
+
+
+def render_client_rules(source: str, variables: dict[str, Any]) -> str:
+    """Render a client's rules template, which may only substitute the known variables.
+
+    Statements, expressions and filters are refused: a loop or arithmetic in an untrusted template could spend
+    unbounded CPU or memory, and substitution is all rules need.
+    """
+    field = "video_rules_template"
+    allowed = ", ".join(f"{{{{ {name} }}}}" for name in RULES_VARIABLES)
+    try:
+        tree = _client_templates.parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ApiError(400, "invalid_field", f"{field}: {exc.message}", field=field) from None
+    for node in tree.body:
+        parts = node.nodes if isinstance(node, jinja2.nodes.Output) else [node]
+        for part in parts:
+            plain = isinstance(part, jinja2.nodes.TemplateData)
+            if not plain and not (isinstance(part, jinja2.nodes.Name) and part.name in RULES_VARIABLES):
+                raise ApiError(400, "invalid_field", f"{field}: only {allowed} may be used", field=field)
+    return _client_templates.from_string(source).render(**variables).strip()
+
+
+def whole_prompt(config: Config, body: Any) -> str:
+    """The scene prompt with the video rules appended (the client's own rules template, or the configured one);
+    ``body`` needs ``prompt``, ``aspect_ratio``, ``duration`` and ``video_rules_template``."""
+    variables = {"prompt": body.prompt, "aspect_ratio": body.aspect_ratio, "duration": body.duration}
+    if body.video_rules_template is None:
+        rules = config.render("videos.video_rules_template", **variables)
+    else:
+        rules = render_client_rules(body.video_rules_template, variables)
+    return f"{body.prompt}\n\n{rules}" if rules else body.prompt
+
+
+def full_prompt(config: Config, body: Any) -> str:
+    """The :func:`whole_prompt`, capped at ``limits.full_prompt_max_chars``: a rules template may repeat
+    ``{{ prompt }}``, and the whole prompt is what the provider takes (and what the job record keeps). 400 names
+    ``video_rules_template`` when the client's template made it too long, ``prompt`` otherwise.
+    """
+    prompt = whole_prompt(config, body)
+    limit = config.videos.limits.full_prompt_max_chars
+    if len(prompt) > limit:
+        field = "video_rules_template" if body.video_rules_template and len(body.prompt) <= limit else "prompt"
+        raise ApiError(400, "invalid_field", f"{field}: the full prompt (scene prompt + video rules) would be "
+                                             f"{len(prompt)} characters; at most {limit} are accepted", field=field)
+    return prompt
+
+
+async def submit_video_job(app: web.Application, body: Any, defaulted: list[str],
+                           links: dict[str, Any] | None = None, owner: str | None = None,
+                           charge: Callable[[], Awaitable[list[str]]] | None = None, job_id: str | None = None
+                           ) -> Job:
+    """Validate the reference image, render the full prompt and submit a video job (the body is a video request
+    model). ``links`` (e.g. ``project_id``/``scene_id``) are kept in ``Job.request``; ``owner`` is the caller's key
+    id; ``charge`` takes the caller's quota once the request is known to be valid and answers the job's id (else
+    ``job_id``, e.g. one a caller charged for already, or a new one)."""
+    config = app[CONFIG]
+    image, mime_type = await reference_image(app, body, owner)
+    if image is not None:
+        check_reference_shape(config, body)
+    prompt = full_prompt(config, body)
+    debug_print(config.debug, f"generate_video prompt sent to {body.backend}", prompt)
+    summary = body.model_dump(exclude={"reference_image_base64"})
+    summary.update(full_prompt=prompt, defaults_applied=defaulted, has_reference_image=image is not None)
+    summary.update(links or {})
+    if charge is not None:
+        [job_id] = await charge()  # only a request that got this far costs a token
+    backend = app[PROVIDERS].video_backend(body.backend)
+    job = Job(id=job_id or new_id(), backend=body.backend, model=backend.model, sandbox=backend.sandbox, request=summary,
+              reference_mime_type=mime_type, owner=owner, **job_fields(body))
+    if image is not None:
+        store = app[STORE]
+        await store.write_bytes(store.path("jobs", job.id, ".ref"), image)
+    return await app[JOBS].submit(job)
+
+
+@routes.post("/api/mv/generate_video")
+@idempotent
+async def generate_video(request: web.Request) -> web.Response:
+    body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, request.app[CONFIG].debug)
+    await reserve(request, body)
+    job = await submit_video_job(request.app, body, defaulted, owner=key_id(request),
+                                 charge=lambda: charge(request, "jobs"))
+    return accepted_response(request, [job])
+
+
+def listing_query(request: web.Request, owner: str | None, kinds: set[str]) -> listing.JobQuery:
+    """``status``, ``kind``, ``project_id``, ``cursor`` and ``limit`` (1..100, default 20) from the query string."""
+    params = request.query
+    status, kind = params.get("status"), params.get("kind")
+    if status is not None and status not in STATUSES:
+        raise ApiError(400, "invalid_field", f"status: one of {', '.join(STATUSES)}", field="status")
+    if kind is not None and kind not in kinds:
+        raise ApiError(400, "invalid_field", f"kind: one of {', '.join(sorted(kinds))}", field="kind")
+    project_id = params.get("project_id")
+    if project_id is not None:
+        check_id(project_id, "project_id")
+    cursor = params.get("cursor")
+    if cursor is not None and not listing.CURSOR.fullmatch(cursor):
+        raise ApiError(400, "invalid_field", "cursor: pass back a next_cursor value unchanged", field="cursor")
+    raw_limit = params.get("limit", "20")
+    if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= listing.MAX_LIMIT):
+        raise ApiError(400, "invalid_field", f"limit: an integer from 1 to {listing.MAX_LIMIT}", field="limit")
+    return listing.JobQuery(owner=owner, status=status, kind=kind, project_id=project_id, cursor=cursor,
+                            limit=int(raw_limit))
+
+
+def listing_item(job: Job) -> dict[str, Any]:
+    """A job as listed: its state (never the request, which can be large) and where to follow it."""
+    links = {name: job.request[name] for name in ("project_id", "scene_id") if isinstance(job.request.get(name), str)}
+    return {**job.state(), "status_url": job_urls(job.id)["status_url"], "events_url": job_urls(job.id)["events_url"],
+            **links}
+
+
+async def _job(request: web.Request) -> Job:
+    job_id = check_id(request.match_info["job_id"], "job_id")
+    job = await request.app[JOBS].get(job_id)
+    if job is None:
+        await _not_expired(request, job_id)
+    if job is None or not visible_to(job.owner, key_id(request)):
+        raise ApiError(404, "not_found", f"no job with id {job_id}")
+    return job
+
+
+async def _not_expired(request: web.Request, job_id: str) -> None:
+    if await request.app[JOBS].expired(job_id):
+        raise ApiError(410, "expired", f"job {job_id} finished long ago and was removed (jobs.retention_hours)")
+
+
+@routes.get("/api/mv/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    """The caller's jobs, newest first; ``next_cursor`` (when not null) fetches the next, older page."""
+    query = listing_query(request, key_id(request), set(request.app[JOBS].kinds))
+    page = await listing.list_jobs(request.app[JOBS].store, query)
+    items = [listing_item(job) for job in page.jobs]
+    return web.json_response({"jobs": items, "next_cursor": page.next_cursor})
+
+
+@routes.get("/api/mv/jobs/{job_id}")
+async def job_status(request: web.Request) -> web.Response:
+    return web.json_response((await _job(request)).public())
+
+
+@routes.post("/api/mv/jobs/{job_id}/cancel")
+@routes.delete("/api/mv/jobs/{job_id}")  # registered first, next to GET: one resource per path (its CORS preflight)
+async def cancel_job(request: web.Request) -> web.Response:
+    job = await request.app[JOBS].cancel((await _job(request)).id)
+    assert job is not None
+    return web.json_response(job.public())
+
+
+@routes.get("/api/mv/jobs/{job_id}/events")
+async def job_events(request: web.Request) -> web.StreamResponse:
+    jobs = request.app[JOBS]
+    settings = request.app[CONFIG].videos.jobs
+    return await stream_events(request, jobs, (await _job(request)).id, ping_interval=settings.sse_ping_interval_seconds,
+                               retry_ms=settings.sse_retry_ms, dress=event_links(request))
+
+
+def event_links(request: web.Request) -> Callable[[Event], str]:
+    """How a subscriber gets each event: with the signed twin of every link in it (a ``succeeded`` event's
+    ``video_url``) when keys are on, made for its key (:func:`signing.signed_event_data`)."""
+    caller = key_id(request)
+    return lambda event: signed_event_data(request.app, caller, event.data, event.data_json)
+
+
+@routes.get("/api/mv/get_video/{video_id}")
+async def get_video(request: web.Request) -> web.StreamResponse:
+    path = await job_output(request, ".mp4", "video")
+    return SavedFileResponse(path, noun="video",
+                             headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
+
+
+async def job_output(request: web.Request, suffix: str, what: str) -> Path:
+    """The file ``videos/<video_id><suffix>`` of the route's succeeded job, with the video's access rules: another
+    key's job is unknown (404), an unfinished or unsuccessful one 409, an expired one 410, a missing file 404."""
+    video_id = check_id(request.match_info["video_id"], "video_id")
+    path = request.app[STORE].path("videos", video_id, suffix)
+    job = await request.app[JOBS].get(video_id)
+    if job is not None:
+        require_owner(job.owner, key_id(request), ApiError(404, "not_found", f"no {what} with id {video_id}"))
+    if job is not None and job.status != "succeeded":
+        code = {"failed": "job_failed", "canceled": "job_canceled"}.get(job.status, "video_not_ready")
+        cause = job.error or {}
+        message = f"job {video_id} is {job.status}" + (f": {cause['message']}" if cause else f" ({job.stage})")
+        raise ApiError(409, code, message, provider=cause.get("provider"),
+                       provider_status=cause.get("provider_status"), provider_error=cause.get("provider_error"))
+    if not await asyncio.to_thread(path.is_file):
+        await _not_expired(request, video_id)
+        raise ApiError(404, "not_found", f"no {what} with id {video_id}")
+    return path
