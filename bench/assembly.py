@@ -37,19 +37,30 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import aiohttp
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (ROOT, RssSampler, bench_settings, percentile, print_table, proc_status, processes,
-                          read_sse, start_server, start_simulator, workdir)
-from mvserver.media import ffmpeg as media
+from bench.common import (
+    ROOT,
+    RssSampler,
+    bench_settings,
+    percentile,
+    print_table,
+    proc_status,
+    processes,
+    read_sse,
+    start_server,
+    start_simulator,
+    workdir,
+)
 from mvserver.core.config import EnvSettings, load_config
+from mvserver.media import ffmpeg as media
 from mvserver.sandbox.render import render_video
 
 

@@ -24,15 +24,28 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (HOST, PROVIDER_ENV, Process, bench_settings, cpu_seconds, free_port, percentile, print_table,
-                          processes, raise_open_files_limit, read_sse, start_simulator, wait_http, workdir)
+from bench.common import (
+    HOST,
+    PROVIDER_ENV,
+    Process,
+    bench_settings,
+    cpu_seconds,
+    free_port,
+    percentile,
+    print_table,
+    processes,
+    raise_open_files_limit,
+    read_sse,
+    start_simulator,
+    wait_http,
+    workdir,
+)
 
 BODY = {"prompt": "bench: three drummers on three rooftops", "duration": 4, "seed": 7}
 FINAL = {"succeeded", "failed", "canceled"}

@@ -24,8 +24,22 @@ import aiohttp
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (HOST, PROVIDER_ENV, Process, bench_settings, cpu_seconds, free_port, print_table, processes,
-                          raise_open_files_limit, read_sse, start_server, start_simulator, wait_http, workdir)
+from bench.common import (
+    HOST,
+    PROVIDER_ENV,
+    Process,
+    bench_settings,
+    cpu_seconds,
+    free_port,
+    print_table,
+    processes,
+    raise_open_files_limit,
+    read_sse,
+    start_server,
+    start_simulator,
+    wait_http,
+    workdir,
+)
 
 BODY = {"prompt": "bench: a drummer on a rooftop at dusk", "duration": 4, "seed": 7}
 FINAL = {"succeeded", "failed", "canceled"}

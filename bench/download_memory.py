@@ -21,8 +21,18 @@ import yaml
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (RssSampler, bench_settings, print_table, proc_status, processes, raise_open_files_limit,
-                          read_sse, start_server, start_simulator, workdir)
+from bench.common import (
+    RssSampler,
+    bench_settings,
+    print_table,
+    proc_status,
+    processes,
+    raise_open_files_limit,
+    read_sse,
+    start_server,
+    start_simulator,
+    workdir,
+)
 
 MB = 1024 * 1024
 TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)

@@ -28,9 +28,18 @@ import aiohttp
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import (
+    bench_settings,
+    cpu_seconds,
+    percentile,
+    print_table,
+    processes,
+    raise_open_files_limit,
+    start_server,
+    start_simulator,
+    workdir,
+)
 from mvserver.web.access.auth import KeyLimits, create_key
-from bench.common import (bench_settings, cpu_seconds, percentile, print_table, processes, raise_open_files_limit,
-                          start_server, start_simulator, workdir)
 
 SERVER_CPU, CLIENT_CPU = {0}, {1}
 ROUTE = "/api/mv/create_scenes"
@@ -127,7 +136,7 @@ def access_comparison(args: argparse.Namespace) -> int:
                     rows.append((target[0], concurrency, mode, ok, failed, ok / seconds, *p50[mode],
                                  f"{cpu / seconds * 100:.0f}%"))
                 overhead.append((target[0], concurrency,
-                                 *(f"{(on / off - 1) * 100:+.1f}%" for on, off in zip(p50["on"], p50["off"]))))
+                                 *(f"{(on / off - 1) * 100:+.1f}%" for on, off in zip(p50["on"], p50["off"], strict=False))))
     print_table(f"Request overhead of access control: POST {ROUTE} and GET {LIGHT_TARGET[2]} (404), keys + quotas "
                 f"+ metrics off vs on, {args.rounds} alternating rounds of {args.duration:g} s per level and mode; "
                 f"server on CPU 0, client and simulator on CPU 1",

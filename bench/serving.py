@@ -22,8 +22,19 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (HOST, Process, bench_settings, free_port, print_table, processes, raise_open_files_limit,
-                          start_server, start_simulator, wait_http, workdir)
+from bench.common import (
+    HOST,
+    Process,
+    bench_settings,
+    free_port,
+    print_table,
+    processes,
+    raise_open_files_limit,
+    start_server,
+    start_simulator,
+    wait_http,
+    workdir,
+)
 from mvserver.sandbox.render import render_video
 
 WRK = "/usr/bin/wrk"

@@ -25,8 +25,17 @@ import aiohttp
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (bench_settings, print_table, proc_status, processes, raise_open_files_limit, read_sse,
-                          start_server, start_simulator, workdir)
+from bench.common import (
+    bench_settings,
+    print_table,
+    proc_status,
+    processes,
+    raise_open_files_limit,
+    read_sse,
+    start_server,
+    start_simulator,
+    workdir,
+)
 
 TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=10)
 FAULTS: list[dict[str, Any]] = [
@@ -120,7 +129,7 @@ class Soak:
             while time.monotonic() < self.deadline:
                 try:
                     await self.rng.choice(actions)(session)
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     self.problems.append(f"client error: {exc!r}")
 
     async def inject(self, every: float) -> None:

@@ -25,8 +25,18 @@ import aiohttp
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (bench_settings, percentile, print_table, proc_status, processes, raise_open_files_limit,
-                          read_sse, start_server, start_simulator, workdir)
+from bench.common import (
+    bench_settings,
+    percentile,
+    print_table,
+    proc_status,
+    processes,
+    raise_open_files_limit,
+    read_sse,
+    start_server,
+    start_simulator,
+    workdir,
+)
 
 FINAL = {"succeeded", "failed", "canceled"}
 TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
@@ -88,7 +98,7 @@ async def history(base: str, job_ids: list[str]) -> dict[str, list[int]]:
         async def one(job_id: str) -> list[int]:
             async with session.get(f"{base}/api/mv/jobs/{job_id}/events") as response:
                 return [int(event["id"]) async for _, event in read_sse(response)]
-        return dict(zip(job_ids, await asyncio.gather(*(one(j) for j in job_ids))))
+        return dict(zip(job_ids, await asyncio.gather(*(one(j) for j in job_ids)), strict=False))
 
 
 async def wait_final(base: str, job_ids: list[str], timeout: float) -> None:

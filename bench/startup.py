@@ -30,8 +30,20 @@ import aiohttp
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (HOST, Process, bench_settings, cpu_seconds, free_port, percentile, print_table, processes,
-                          proc_status, start_simulator, wait_http, workdir)
+from bench.common import (
+    HOST,
+    Process,
+    bench_settings,
+    cpu_seconds,
+    free_port,
+    percentile,
+    print_table,
+    proc_status,
+    processes,
+    start_simulator,
+    wait_http,
+    workdir,
+)
 from mvserver.jobs.model import Event, Job
 
 PROMPT = "bench: a drummer on a rooftop at dusk\n\nRules: no subtitles, captions or on-screen text."

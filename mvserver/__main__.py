@@ -15,10 +15,10 @@ from pathlib import Path
 from dotenv import load_dotenv
 
 from mvserver.app import create_app
-from mvserver.web.access.auth import KeyLimits, create_key, read_keys, revoke_key
 from mvserver.core.config import ConfigError, EnvSettings
-from mvserver.jobs import StoreUnavailable
 from mvserver.core.logs import AccessLogger, configure_logging
+from mvserver.jobs import StoreUnavailable
+from mvserver.web.access.auth import KeyLimits, create_key, read_keys, revoke_key
 from mvserver.web.serving import run_app
 
 

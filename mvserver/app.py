@@ -5,59 +5,44 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from mvserver.web import middlewares as access
-
 from mvserver.assembly import routes as assembly
-
 from mvserver.audio import routes as audio
-
-from mvserver.web import demo
-
-from mvserver.jobs import events
-
-from mvserver.images import routes as images
-
-from mvserver.lipsync import routes as lipsync
-
-from mvserver.web import meta
-
-from mvserver.projects import routes as projects
-
-from mvserver.scenes import routes as scenes
-
 from mvserver.audio import songs
-
-from mvserver.usage import routes as usage
-
-from mvserver.videos import routes as videos
-from mvserver.providers import replicate_webhooks as webhooks
-from mvserver.videos import posters
-from mvserver.projects import events as project_events
-from mvserver.web.access.auth import KEYRING
-from mvserver.jobs import webhooks_out
-from mvserver.providers import PROVIDERS, Providers
-from mvserver.providers import gemini as gemini_backend
-from mvserver.providers import replicate as replicate_backend
-from mvserver.providers.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts, url_origin
 from mvserver.core.config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import hide_paths_under, server_log
-from mvserver.jobs import JOBS, FileJobStore, Job, JobEngine, JobStore, video_kind
-from mvserver.jobs.census import JobCensus
-from mvserver.web.metrics import METRICS, Metrics
-from mvserver.projects.store import PROJECTS, open_project_store
-from mvserver.jobs.retention import sweep_forever
-from mvserver.web.access.quotas import running_cap_of
-from mvserver.sandbox.simulator import Simulator, start_simulator
-from mvserver.openapi.schemas import REQUEST_MODELS, RequestModels
-from mvserver.web.security import security_middleware
 from mvserver.core.storage import STORE, OutputStore, node_context, start_node
+from mvserver.images import routes as images
+from mvserver.jobs import JOBS, FileJobStore, Job, JobEngine, JobStore, events, video_kind, webhooks_out
+from mvserver.jobs.census import JobCensus
+from mvserver.jobs.retention import sweep_forever
+from mvserver.lipsync import routes as lipsync
+from mvserver.openapi.schemas import REQUEST_MODELS, RequestModels
+from mvserver.projects import events as project_events
+from mvserver.projects import routes as projects
+from mvserver.projects.store import PROJECTS, open_project_store
+from mvserver.providers import PROVIDERS, Providers
+from mvserver.providers import gemini as gemini_backend
+from mvserver.providers import replicate as replicate_backend
+from mvserver.providers import replicate_webhooks as webhooks
+from mvserver.providers.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts, url_origin
+from mvserver.sandbox.simulator import Simulator, start_simulator
+from mvserver.scenes import routes as scenes
+from mvserver.usage import routes as usage
+from mvserver.videos import posters
+from mvserver.videos import routes as videos
+from mvserver.web import demo, meta
+from mvserver.web import middlewares as access
+from mvserver.web.access.auth import KEYRING
+from mvserver.web.access.quotas import running_cap_of
+from mvserver.web.metrics import METRICS, Metrics
+from mvserver.web.security import security_middleware
 
 log = logging.getLogger("mvserver")
 SANDBOX_TOKEN = "sandbox"

@@ -14,14 +14,14 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import certifi
 import pytest
 import pytest_asyncio
 import yaml
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from mvserver.app import create_app

@@ -14,24 +14,34 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import PROJECT, AppClient
 from imageio_ffmpeg import get_ffmpeg_exe as ffmpeg_exe
 
 from mvserver.__main__ import keys_main
 from mvserver.app import create_app
-from mvserver.web.access.auth import KEY_ID, KEYRING, KeyLimits, KeyRecord, create_key, key_id, public, read_keys, revoke_key
 from mvserver.core.config import CONFIG, ConfigError
 from mvserver.core.errors import ApiError
 from mvserver.core.logs import AccessLogger, JsonFormatter, RequestIdFilter, redact
+from mvserver.web.access.auth import (
+    KEY_ID,
+    KEYRING,
+    KeyLimits,
+    KeyRecord,
+    create_key,
+    key_id,
+    public,
+    read_keys,
+    revoke_key,
+)
 from mvserver.web.access.quotas import LocalRateLimiter, Quotas
 from mvserver.web.access.signing import SIGNER, signed_url
-
-from conftest import PROJECT, AppClient
 
 SECRET = "test-signing-secret-0123456789abcdefghij"
 SCENES = {"idea": "a drummer on a rooftop at dusk", "character_description": "a tall woman in a red coat",

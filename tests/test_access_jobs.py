@@ -3,16 +3,16 @@ wait queued and start as the key's other jobs end), and what ``GET /api/mv/me`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-
-from mvserver.web.access.auth import KeyLimits, create_key
-from mvserver.jobs import JOBS
-
 from conftest import AppClient, read_sse
+
+from mvserver.jobs import JOBS
+from mvserver.web.access.auth import KeyLimits, create_key
 
 pytestmark = pytest.mark.both_stores
 

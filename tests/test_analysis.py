@@ -13,15 +13,24 @@ import json
 import math
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import numpy as np
 import pytest
 import pytest_asyncio
 
-from mvserver.analysis import (AnalysisError, AnalysisPool, AnalysisTimeout, PlanError, SongAnalysis, analyse_song,
-                               load, plan_scenes, snap)
+from mvserver.analysis import (
+    AnalysisError,
+    AnalysisPool,
+    AnalysisTimeout,
+    PlanError,
+    SongAnalysis,
+    analyse_song,
+    load,
+    plan_scenes,
+    snap,
+)
 from mvserver.analysis.model import ANALYSIS_VERSION
 
 SR = 22050
@@ -150,7 +159,7 @@ async def test_a_drum_song_gets_its_beats_downbeats_tempo_and_meter(
     assert abs(analysis_123.duration - duration) < 0.05
     sections = analysis_123.sections
     assert sections[0].start == 0 and abs(sections[-1].end - analysis_123.duration) < 1e-3
-    assert all(a.end == b.start for a, b in zip(sections, sections[1:]))
+    assert all(a.end == b.start for a, b in zip(sections, sections[1:], strict=False))
     assert len(analysis_123.energy.values) == pytest.approx(duration * analysis_123.energy.rate, abs=1)
     assert len(analysis_123.peaks.values) == pytest.approx(duration * analysis_123.peaks.rate, abs=1)
     assert max(analysis_123.peaks.values) == pytest.approx(0.8, abs=0.02)
@@ -238,7 +247,7 @@ def test_planned_cuts_land_on_the_true_downbeats(analysis_123: SongAnalysis,
     windows = plan_scenes(analysis_123, duration, (4, 6, 8), fps)
     total = math.ceil(duration * fps - 1e-6)
     assert windows[0].start_frame == 0 and windows[-1].end_frame == total
-    assert all(a.end_frame == b.start_frame for a, b in zip(windows, windows[1:]))
+    assert all(a.end_frame == b.start_frame for a, b in zip(windows, windows[1:], strict=False))
     assert all(w.duration in (4, 6, 8) and w.frames <= w.duration * fps + 1e-6 for w in windows)
     cuts = [w.end_frame / fps for w in windows[:-1]]
     assert len(cuts) >= 2
@@ -260,7 +269,7 @@ def _analysis(bpm: float, bars: int, section_bars: list[int], meter: int = 4) ->
     duration = round(bars * meter * period, 3)
     starts = [downbeats[b] for b in section_bars]
     sections = [{"start": a, "end": b, "label": "AB"[i % 2], "cluster": i % 2}
-                for i, (a, b) in enumerate(zip(starts, starts[1:] + [duration]))]
+                for i, (a, b) in enumerate(zip(starts, starts[1:] + [duration], strict=False))]
     return SongAnalysis.model_validate({
         "analyser": "test", "duration": duration, "no_grid_reason": None, "sections": sections,
         "grid": {"tempo": bpm, "beats": beats, "downbeats": downbeats, "meter": meter, "beats_per_bar": meter,

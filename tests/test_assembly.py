@@ -5,7 +5,6 @@ project flow (assemble from the timeline, lip-sync a scene into a new version th
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,17 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-
-from mvserver.media import ffmpeg as media
-from mvserver.assembly.routes import _field
-from mvserver.web.access.auth import create_key
-from mvserver.core.config import CONFIG
-from mvserver.jobs import JOBS
-from mvserver.sandbox.simulator import Simulator
-from mvserver.core.storage import STORE, new_id
 from conftest import AppClient, read_sse
 from test_lipsync import PROMPT, events_of, make_clip, make_song, wait_for
 from test_media import HOLDER, proc_limit
+
+from mvserver.assembly.routes import _field
+from mvserver.core.config import CONFIG
+from mvserver.core.storage import STORE, new_id
+from mvserver.jobs import JOBS
+from mvserver.media import ffmpeg as media
+from mvserver.sandbox.simulator import Simulator
+from mvserver.web.access.auth import create_key
 
 pytestmark = pytest.mark.both_stores
 FINAL = ("succeeded", "failed", "canceled")

@@ -6,22 +6,24 @@ import asyncio
 import json
 import subprocess
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-
-from mvserver.app import create_app
-from mvserver.core.config import ConfigError, EnvSettings
-from mvserver.media import ffmpeg as media
-from mvserver.audio.routes import FORMATS as AUDIO_FORMATS, UPLOAD_SLOTS
-from mvserver.media.ffmpeg import ffmpeg_exe, probe
-from mvserver.sandbox.render import render_character_image, render_video
-from mvserver.audio.songs import SONGS
 from conftest import AppClient
 from test_temporaries import dead_pid, heartbeat
+
+from mvserver.app import create_app
+from mvserver.audio.routes import FORMATS as AUDIO_FORMATS
+from mvserver.audio.routes import UPLOAD_SLOTS
+from mvserver.audio.songs import SONGS
+from mvserver.core.config import ConfigError, EnvSettings
+from mvserver.media import ffmpeg as media
+from mvserver.media.ffmpeg import ffmpeg_exe, probe
+from mvserver.sandbox.render import render_character_image, render_video
 
 UPLOAD = "/api/mv/upload_audio"
 

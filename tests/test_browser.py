@@ -11,15 +11,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
-
 from conftest import CHROMIUM, module_loop
 
 try:

@@ -16,11 +16,11 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-
 from test_browser import PROJECT, _start_server, browser, requires_browser  # noqa: F401
 
 try:
@@ -41,7 +41,7 @@ class PageServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the http.server hook
+            def do_GET(self) -> None:
                 body, kind = owner.files.get(self.path, (b"", "text/plain"))
                 self.send_response(200 if body else 404)
                 self.send_header("Content-Type", kind)

@@ -12,17 +12,17 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import imageio_ffmpeg
 import numpy as np
 import pytest
 import soundfile
+from test_browser import PROJECT, _open_page, _start_server, browser, requires_browser  # noqa: F401
 
 from bench.songs import SR, Song, drum_song
-
-from test_browser import PROJECT, _open_page, _start_server, browser, requires_browser  # noqa: F401
 
 try:
     from playwright.sync_api import Browser, Page, expect

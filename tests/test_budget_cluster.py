@@ -9,9 +9,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from test_cluster import PROMPT, Cluster, cluster, cluster_settings, http, nodes_up, redis_server, sim_up  # noqa: F401
 
 from mvserver.web.access.auth import KeyLimits, create_key
-from test_cluster import PROMPT, Cluster, cluster, cluster_settings, http, nodes_up, redis_server, sim_up  # noqa: F401
 
 pytestmark = pytest.mark.cluster
 

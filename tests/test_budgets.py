@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-
-from mvserver.web.access.auth import KeyLimits, create_key
-from mvserver.jobs import JOBS
-from mvserver.sandbox.simulator import Simulator
 from conftest import AppClient, settled
 from test_faults import requests_to
+
+from mvserver.jobs import JOBS
+from mvserver.sandbox.simulator import Simulator
+from mvserver.web.access.auth import KeyLimits, create_key
 
 pytestmark = pytest.mark.both_stores
 

@@ -12,17 +12,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
 import yaml
-
-from mvserver.web.access.auth import KeyLimits, create_key
-from mvserver.core.storage import write_bytes_atomic
 from conftest import PROJECT, RedisServer, free_port, read_sse, redis_server_or_skip
 from test_audio import make_audio
+
+from mvserver.core.storage import write_bytes_atomic
+from mvserver.web.access.auth import KeyLimits, create_key
 
 pytestmark = pytest.mark.cluster
 
@@ -276,7 +277,7 @@ async def test_kill_9_of_the_owner_hands_its_jobs_to_the_survivors_with_the_same
     predictions = cluster.predictions()
     assert len(predictions) == len(jobs)  # exactly one create per job
     takeovers = []
-    for job_id, events in zip(jobs, followed):
+    for job_id, events in zip(jobs, followed, strict=False):
         assert events[-1]["event"] == "succeeded", events[-1]
         assert_ids_exact(events)  # none repeated, none skipped, each seen once by the subscriber on B
         assert events[-1]["data"]["provider_prediction_id"] == before[job_id]["provider_prediction_id"]

@@ -14,13 +14,13 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
 import yaml
-
 from conftest import PROJECT, read_sse
 from test_media import exited
 

@@ -7,7 +7,6 @@ import uuid
 
 import pytest
 from aiohttp.test_utils import TestClient
-
 from conftest import AppClient
 
 ALLOWED = "https://app.example.com"

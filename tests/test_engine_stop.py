@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from mvserver.providers import Snapshot
 from mvserver.core.config import EnvSettings, load_config
-from mvserver.jobs import FileJobStore, Job, JobEngine
 from mvserver.core.storage import OutputStore, new_id
+from mvserver.jobs import FileJobStore, Job, JobEngine
+from mvserver.providers import Snapshot
 
 
 class SwallowingDriver:

@@ -9,11 +9,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
 from aiohttp.test_utils import TestClient
-
-from mvserver.web.access.auth import create_key
-from mvserver.sandbox.simulator import Simulator
-from mvserver.web.access.signing import SIGNER
 from conftest import AppClient, read_sse
+
+from mvserver.sandbox.simulator import Simulator
+from mvserver.web.access.auth import create_key
+from mvserver.web.access.signing import SIGNER
 
 pytestmark = pytest.mark.both_stores
 

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-
-from mvserver.sandbox.simulator import Simulator
 from conftest import LiveApp, module_loop, read_sse
 from test_videos import events_of, submit
+
+from mvserver.sandbox.simulator import Simulator
 
 pytestmark = pytest.mark.both_stores
 

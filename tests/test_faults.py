@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
+from conftest import AppClient, read_sse
 
 from mvserver.core.config import CONFIG
 from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator
-from conftest import AppClient, read_sse
 
 pytestmark = pytest.mark.both_stores
 
@@ -122,7 +123,7 @@ async def failed(client: TestClient, outputs: Path, job_id: str, events: list[di
 
 def gaps(events: list[dict[str, Any]]) -> list[float]:
     times = [e["data"]["event_time"] for e in events]
-    return [later - earlier for earlier, later in zip(times, times[1:])]
+    return [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
 
 
 def output_file(sim: Simulator, prediction_id: str) -> bytes:

@@ -14,20 +14,21 @@ import io
 import json
 import math
 import re
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
+from conftest import PROJECT, AppClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator
-from conftest import PROJECT, AppClient
 
 ENDPOINTS = {
     "scenes": "/api/mv/create_scenes",

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient
-
-from mvserver.sandbox.simulator import Simulator
 from conftest import LiveApp, module_loop
 from test_videos import events_of, submit
+
+from mvserver.sandbox.simulator import Simulator
 
 pytestmark = [pytest.mark.both_stores, module_loop]
 

@@ -4,16 +4,16 @@ liveness does not; a node's wake stream and its dispatch consumer do not outlive
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+from conftest import AppClient, RedisServer, redis_server_or_skip
 from redis.asyncio import Redis
 
-from mvserver.jobs import JOBS
-from mvserver.jobs import redis_store
+from mvserver.jobs import JOBS, redis_store
 from mvserver.jobs.redis_store import GROUP, WAKE_TTL_SECONDS, RedisJobStore
-from conftest import AppClient, RedisServer, redis_server_or_skip
 
 
 @pytest.fixture

@@ -19,10 +19,10 @@ from urllib.parse import quote
 
 import pytest
 from aiohttp.test_utils import TestClient
+from conftest import PROJECT, AppClient
 from PIL import Image
 
 from mvserver.jobs import Job
-from conftest import PROJECT, AppClient
 
 SECRET = f"SECRET-{secrets.token_hex(16)}"
 ROUTES = [

@@ -11,12 +11,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from conftest import AppClient, LiveApp, module_loop, two_key_client
 
+from mvserver.core.storage import STORE
 from mvserver.jobs import JOBS
 from mvserver.jobs.store import Remembered
 from mvserver.sandbox.simulator import Simulator
-from mvserver.core.storage import STORE
-from conftest import AppClient, LiveApp, module_loop, two_key_client
 
 pytestmark = pytest.mark.both_stores
 

@@ -10,11 +10,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-
-from mvserver.sandbox.simulator import Simulator
-from mvserver.core.storage import STORE
 from conftest import AppClient
 from test_videos import events_of, statuses, submit
+
+from mvserver.core.storage import STORE
+from mvserver.sandbox.simulator import Simulator
 
 pytestmark = pytest.mark.both_stores
 

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
-
-from mvserver.sandbox.simulator import Simulator
 from conftest import AppClient, free_port
 from test_lipsync import PROMPT, make_song, wait_for
+
+from mvserver.sandbox.simulator import Simulator
 
 PROJECTS = "/api/mv/projects"
 FINAL = ("succeeded", "failed", "canceled")

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from test_videos import events_of, submit, wait_for
 
 from mvserver.sandbox.simulator import Simulator
-from test_videos import events_of, submit, wait_for
 
 pytestmark = pytest.mark.both_stores
 
@@ -35,10 +35,10 @@ async def test_events_stay_small_whatever_the_request(client: TestClient, sim: S
     sizes = event_sizes(events)
     assert max(sizes) < EVENT_MAX_BYTES
     assert not any("lighthouse keeper" in json.dumps(e["data"]) or "blurry" in json.dumps(e["data"]) for e in events)
-    progress = [size for size, event in zip(sizes, events) if event["event"] == "progress"]
+    progress = [size for size, event in zip(sizes, events, strict=False) if event["event"] == "progress"]
     assert len(progress) > 5
     # A 400 s job polled every 2 s writes ~200 progress events; with the status events it stays under budget.
-    status_bytes = sum(size for size, event in zip(sizes, events) if event["event"] != "progress")
+    status_bytes = sum(size for size, event in zip(sizes, events, strict=False) if event["event"] != "progress")
     projected = max(progress) * LONG_JOB_SECONDS / POLL_SECONDS + status_bytes
     assert projected < LOG_BUDGET_BYTES, projected
     state = await (await client.get(accepted["status_url"])).json()

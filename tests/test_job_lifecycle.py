@@ -3,20 +3,19 @@ SSE stream's ``retry:``, ``: ping`` comments and progress ``logs``."""
 
 from __future__ import annotations
 
-import pytest
-
 import asyncio
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
-
-from mvserver.sandbox.simulator import Simulator
 from conftest import AppClient, read_sse
 from test_videos import events_of, statuses, submit, wait_for
+
+from mvserver.sandbox.simulator import Simulator
 
 pytestmark = pytest.mark.both_stores
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 
+from mvserver.core.storage import OutputStore, new_id
 from mvserver.jobs import FileJobStore, Job
 from mvserver.jobs.model import Event
 from mvserver.jobs.redis_store import RedisJobStore
 from mvserver.jobs.store import JobStore
-from mvserver.core.storage import OutputStore, new_id
 
 pytestmark = pytest.mark.both_stores
 CAP = 2

@@ -16,19 +16,19 @@ import pytest
 import replicate
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import read_sse
 from PIL import Image
 from yarl import URL
 
+from mvserver.audio import routes as audio
 from mvserver.core.config import ConfigError, EnvSettings, load_config
-from mvserver.jobs import JOBS
-from mvserver.media import ffmpeg as media
-from mvserver.lipsync.routes import Song, cut_args, cut_window, max_cut_bytes, plan_window
 from mvserver.core.errors import ApiError
+from mvserver.core.storage import STORE, new_id
+from mvserver.jobs import JOBS
+from mvserver.lipsync.routes import Song, cut_args, cut_window, max_cut_bytes, plan_window
+from mvserver.media import ffmpeg as media
 from mvserver.sandbox.render import LIPSYNC_LABEL, lipsync_label_box, probe_media
 from mvserver.sandbox.simulator import Simulator
-from mvserver.audio import routes as audio
-from mvserver.core.storage import STORE, new_id
-from conftest import read_sse
 
 PROMPT = "A singer in a yellow raincoat sings on a rainy night platform."
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()

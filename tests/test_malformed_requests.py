@@ -9,17 +9,18 @@ import json
 import logging
 import signal
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from conftest import PROJECT, module_loop
+from test_app import running_server
 
 from mvserver.app import create_app
 from mvserver.web.serving import AppRunner
-from conftest import PROJECT, module_loop
-from test_app import running_server
 
 HEAD = b"GET /api/mv/health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 # (raw request, code, field); field None: the answer names no header

@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from conftest import AppClient, read_sse
+from test_audio import make_audio
 
 from mvserver.core.errors import ErrorInfo
 from mvserver.openapi.schemas import AUDIO_SCHEMA
-
-from conftest import AppClient, read_sse
-from test_audio import make_audio
 
 pytestmark = pytest.mark.both_stores
 

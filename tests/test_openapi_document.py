@@ -12,19 +12,20 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import imageio_ffmpeg
 import jsonschema_rs
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import AppClient, read_sse
 
 from mvserver.app import create_app
-from mvserver.web.access.auth import KeyLimits, create_key
 from mvserver.sandbox.simulator import Simulator
-from conftest import AppClient, read_sse
+from mvserver.web.access.auth import KeyLimits, create_key
 
 PROJECT = Path(__file__).resolve().parent.parent
 BEFORE = json.loads((PROJECT / "tests" / "data" / "openapi-before.json").read_text())

@@ -12,16 +12,16 @@ import imageio_ffmpeg
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from PIL import Image, ImageChops, ImageStat
-
-from mvserver.media import ffmpeg as media
-from mvserver.core.config import PosterSettings
-from mvserver.jobs import Job
-from mvserver.videos.posters import describe, stored_hook
-from mvserver.sandbox.simulator import Simulator
-from mvserver.core.storage import STORE
 from conftest import AppClient, read_sse, two_key_client
+from PIL import Image, ImageChops, ImageStat
 from test_videos import PROMPT, submit, wait_for
+
+from mvserver.core.config import PosterSettings
+from mvserver.core.storage import STORE
+from mvserver.jobs import Job
+from mvserver.media import ffmpeg as media
+from mvserver.sandbox.simulator import Simulator
+from mvserver.videos.posters import describe, stored_hook
 
 pytestmark = pytest.mark.both_stores
 FINAL = ("succeeded", "failed", "canceled")

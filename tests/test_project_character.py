@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from aiohttp.test_utils import TestClient
-
 from conftest import AppClient
 
 pytestmark = pytest.mark.both_stores

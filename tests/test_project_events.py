@@ -7,17 +7,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import AppClient, provider_env, read_sse, two_key_client
+from test_lipsync import PROMPT, wait_for
 
 from mvserver.app import create_app
 from mvserver.sandbox.simulator import Simulator
-from conftest import AppClient, provider_env, read_sse, two_key_client
-from test_lipsync import PROMPT, wait_for
 
 pytestmark = pytest.mark.both_stores
 BASE = "/api/mv/projects"
@@ -93,7 +94,7 @@ async def test_one_stream_follows_edits_versions_and_clip_jobs(client: TestClien
         await read_until(stream, events, lambda e: finished(job_ids)(e) and len(named(e, "version_chosen")) == 2)
     added = named(events, "version_added")
     assert [(e["data"]["scene_id"], e["data"]["job_id"], e["data"]["kind"]) for e in added] == \
-        [(s, j, "video") for s, j in zip(scene_ids, job_ids)]
+        [(s, j, "video") for s, j in zip(scene_ids, job_ids, strict=False)]
     assert all(e["data"]["etag"] == '"5"' for e in added)  # the clips' claim (4), then their versions (5)
     after_clips = named(events, "project")[-1]
     assert events.index(after_clips) < events.index(added[0])
@@ -103,7 +104,7 @@ async def test_one_stream_follows_edits_versions_and_clip_jobs(client: TestClien
         assert job_events(events)[job_id] == own[-len(job_events(events)[job_id]):]  # in order, none twice
     chosen = named(events, "version_chosen")
     assert {(e["data"]["scene_id"], e["data"]["job_id"], e["data"]["previous_job_id"]) for e in chosen} == \
-        {(s, j, None) for s, j in zip(scene_ids, job_ids)}
+        {(s, j, None) for s, j in zip(scene_ids, job_ids, strict=False)}
     for event in chosen:  # each comes right after its clip's succeeded event
         before = events[events.index(event) - 1]
         assert (before["event"], before["data"]["job_id"]) == ("succeeded", event["data"]["job_id"])

@@ -13,13 +13,13 @@ import pytest
 import redis.asyncio
 import yaml
 from aiohttp.test_utils import TestClient
+from conftest import AppClient, free_port
 
 from mvserver.core.errors import ApiError
-from mvserver.projects.store import PROJECTS, FileProjectStore, Project, RedisProjectStore, Scene
-from mvserver.projects.routes import TimelineEntry, project_timeline, size_to_song
-from mvserver.sandbox.simulator import Simulator
 from mvserver.core.storage import OutputStore, new_id
-from conftest import AppClient, free_port
+from mvserver.projects.routes import TimelineEntry, project_timeline, size_to_song
+from mvserver.projects.store import PROJECTS, FileProjectStore, Project, RedisProjectStore, Scene
+from mvserver.sandbox.simulator import Simulator
 
 BASE = "/api/mv/projects"
 IDEA = "A tabby cat DJ plays a rooftop party at dusk"
@@ -200,7 +200,7 @@ async def test_project_flow_from_song_to_clips_edits_regeneration_and_restart(
     jobs = body["jobs"]
     assert [j["scene_id"] for j in jobs] == scene_ids
     assert all(s["awaited_job_id"] == j["job_id"] and s["chosen_job_id"] is None
-               for s, j in zip(body["project"]["scenes"], jobs))
+               for s, j in zip(body["project"]["scenes"], jobs, strict=False))
     for job in jobs:
         record = await (await client.get(job["status_url"])).json()
         assert record["request"]["project_id"] == pid
@@ -221,7 +221,7 @@ async def test_project_flow_from_song_to_clips_edits_regeneration_and_restart(
     assert {s["status"] for s in states} == {"succeeded"}
 
     project, etag = await get(client, pid)
-    for scene, job in zip(project["scenes"], jobs):
+    for scene, job in zip(project["scenes"], jobs, strict=False):
         assert scene["chosen_job_id"] == job["job_id"]  # the awaited version became the chosen one
         assert scene["chosen_video_url"] == f"/api/mv/get_video/{job['job_id']}"
         assert [v["status"] for v in scene["versions"]] == ["succeeded"]

@@ -8,23 +8,24 @@ that loopback URL and serve what it got as the MP4, a 300 MB body included.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from test_videos import events_of, submit
+from test_webhooks import delivery, hook_client  # noqa: F401 - hook_client is a fixture
 from yarl import URL
 
 from mvserver.app import replicate_output_hosts
-from mvserver.providers.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts
 from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.jobs import JOBS
+from mvserver.providers.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts
 from mvserver.sandbox import gemini_api, replicate_api
 from mvserver.sandbox.simulator import Simulator
-from test_videos import events_of, submit
-from test_webhooks import delivery, hook_client  # noqa: F401 - hook_client is a fixture
 
 pytestmark = pytest.mark.both_stores
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-
-from mvserver.web.access.auth import KeyLimits, create_key
-from mvserver.jobs import JOBS
-from mvserver.sandbox.simulator import Simulator
 from conftest import AppClient, read_sse
 from test_lipsync import PROMPT, make_song, wait_for
+
+from mvserver.jobs import JOBS
+from mvserver.sandbox.simulator import Simulator
+from mvserver.web.access.auth import KeyLimits, create_key
 
 pytestmark = pytest.mark.both_stores
 
@@ -85,7 +85,7 @@ async def test_every_job_creating_post_is_charged_after_validation(make_client: 
     _, small = create_key(keys_file, "small", one_job)
     _, two = create_key(keys_file, "two", KeyLimits(jobs_per_minute=SLOW, jobs_burst=2, max_running_jobs=None))
     client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET=SECRET)
-    for (url, malformed, field, valid, _), key in zip(table, keys):
+    for (url, malformed, field, valid, _), key in zip(table, keys, strict=False):
         for _ in range(2):
             refused = await client.post(url, json=malformed, headers=bearer(key))
             assert refused.status == 400, (url, await refused.text())

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import pytest
+from conftest import AppClient, RedisServer, redis_server_or_skip
 from redis.asyncio import Redis
 
-from conftest import AppClient, RedisServer, redis_server_or_skip
 from mvserver.web.access.auth import KeyLimits, create_key
 from mvserver.web.access.quotas import RedisRateLimiter, set_rate_limiter
 
@@ -71,7 +72,7 @@ async def test_two_apps_share_a_keys_quota(make_client: AppClient, tmp_path: Pat
     _, key = create_key(keys_file, "shared", KeyLimits(blocking_per_minute=1, blocking_burst=2))
     env: dict[str, Any] = {"MV_API_KEYS_FILE": keys_file, "MV_URL_SIGNING_SECRET": SECRET}
     apps = [await make_client(**env), await make_client(**env)]
-    for client, redis in zip(apps, redis_clients):
+    for client, redis in zip(apps, redis_clients, strict=False):
         set_rate_limiter(client.app, RedisRateLimiter(redis))
     auth = {"Authorization": f"Bearer {key}"}
     assert (await apps[0].post("/api/mv/create_scenes", json=SCENES, headers=auth)).status == 200

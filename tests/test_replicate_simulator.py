@@ -6,8 +6,9 @@ import asyncio
 import base64
 import hashlib
 import io
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import httpx

@@ -21,9 +21,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from conftest import PROJECT, free_port
 from PIL import Image
 
-from conftest import PROJECT, free_port
 from mvserver.sandbox import render, replicate_api
 from mvserver.sandbox.simulator import RENDER_SLOTS, Simulator, create_simulator_app
 

@@ -6,8 +6,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import jinja2
 import pytest
@@ -17,9 +18,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from mvserver.app import create_app
+from mvserver.core.storage import STORE
 from mvserver.sandbox import gemini_api
 from mvserver.sandbox.simulator import SIMULATOR, Simulator, create_simulator_app
-from mvserver.core.storage import STORE
 
 PROJECT = Path(__file__).resolve().parent.parent
 URL = "/api/mv/create_scenes"

@@ -12,11 +12,11 @@ import json
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from conftest import AppClient, LiveApp, module_loop
 
 from mvserver.core.config import ConfigError, EnvSettings
-from mvserver.sandbox.simulator import Simulator
 from mvserver.core.storage import STORE
-from conftest import AppClient, LiveApp, module_loop
+from mvserver.sandbox.simulator import Simulator
 
 VIDEO = "/api/mv/generate_video"
 BODY = {"prompt": "A getaway driver roller-skates through a neon disco.", "duration": 4}

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from mvserver.web.access.auth import create_key
-
 from test_app import running_server
+
+from mvserver.web.access.auth import create_key
 
 TTL_SECONDS = 4
 SECRET = "expiry-test-signing-secret-0123456789abcdef"

@@ -7,18 +7,18 @@ may load. The walk below is the test's own, not the server's helper."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from aiohttp.test_utils import TestClient
-
-from mvserver.web.access.auth import KeyLimits, create_key
-from mvserver.sandbox.simulator import Simulator
-
 from conftest import AppClient, read_sse
 from test_idempotency import song_bytes
+
+from mvserver.sandbox.simulator import Simulator
+from mvserver.web.access.auth import KeyLimits, create_key
 
 SECRET = "test-signing-secret-0123456789abcdefghij"
 PROJECTS = "/api/mv/projects"

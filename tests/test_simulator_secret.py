@@ -12,12 +12,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from test_videos import events_of, submit
 
 from mvserver.providers import PROVIDERS
+from mvserver.providers.replicate_webhooks import RECEIVER
 from mvserver.sandbox.__main__ import build_parser, make_simulator
 from mvserver.sandbox.simulator import Simulator, create_simulator_app
-from mvserver.providers.replicate_webhooks import RECEIVER
-from test_videos import events_of, submit
 
 SECRET_PATH = "/v1/webhooks/default/secret"
 

@@ -12,14 +12,15 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
 import yaml
-
 from conftest import PROJECT, free_port
+
 from mvserver.lipsync.routes import max_cut_bytes
 from mvserver.media.ffmpeg import ffmpeg_exe
 

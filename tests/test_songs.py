@@ -12,22 +12,23 @@ import hashlib
 import json
 import subprocess
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
 import pytest_asyncio
 import soundfile
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import SIM_DEFAULTS, fast_settings, provider_env, read_sse
 
 from bench.songs import SR, Song, drum_song
-from mvserver.media import ffmpeg as media
 from mvserver.app import create_app
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
 from mvserver.audio.songs import SONGS
 from mvserver.core.storage import STORE
-from conftest import SIM_DEFAULTS, fast_settings, provider_env, read_sse
+from mvserver.media import ffmpeg as media
+from mvserver.sandbox.simulator import Simulator, create_simulator_app
 
 pytestmark = pytest.mark.both_stores
 shared = pytest.mark.asyncio(loop_scope="module")

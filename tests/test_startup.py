@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import PROJECT
 
 from mvserver.app import create_app
 from mvserver.core.config import ConfigError
-from conftest import PROJECT
 
 PROVIDER_KEYS = ("GEMINI_API_KEY", "REPLICATE_API_TOKEN", "GOOGLE_VERTEX_API_KEY", "GOOGLE_CLOUD_PROJECT")
 

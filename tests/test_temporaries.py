@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import PROJECT
 
 from mvserver.core import storage
 from mvserver.core.storage import NODE_ID, OutputStore, start_node, temp_owner, temp_path, write_bytes_atomic
-from conftest import PROJECT
 
 STALE = 60.0
 

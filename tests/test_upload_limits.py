@@ -6,17 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from conftest import AppClient
+from test_audio import UPLOAD, make_audio, stored
 
 from mvserver.audio.routes import UPLOAD_SLOTS
 from mvserver.web.access.auth import KeyLimits, create_key
-
-from conftest import AppClient
-from test_audio import UPLOAD, make_audio, stored
 
 SECRET = "upload-limits-signing-secret-0123456789ab"
 GLOBAL_SLOTS = 4  # MV_MAX_CONCURRENT_UPLOADS by default

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from conftest import LiveApp, module_loop, read_sse
 from PIL import Image
 
-from mvserver.jobs import JOBS
 from mvserver.core.storage import STORE
+from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator
-from conftest import LiveApp, module_loop, read_sse
 
 pytestmark = pytest.mark.both_stores
 

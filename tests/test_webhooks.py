@@ -6,8 +6,9 @@ import asyncio
 import json
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -15,18 +16,17 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from replicate.exceptions import ReplicateError
 from replicate.webhook import Webhooks
-
-from mvserver.providers.replicate import make_client
+from test_videos import events_of, submit
 
 from mvserver.app import create_app
-from mvserver.providers.base import Snapshot
 from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.jobs import JOBS
+from mvserver.jobs.updates import PushedUpdates
+from mvserver.providers.base import Snapshot
+from mvserver.providers.replicate import make_client
+from mvserver.providers.replicate_webhooks import RECEIVER, SeenIds
 from mvserver.sandbox.simulator import Simulator
 from mvserver.sandbox.webhooks import SENDER, sign
-from mvserver.jobs.updates import PushedUpdates
-from mvserver.providers.replicate_webhooks import RECEIVER, SeenIds
-from test_videos import events_of, statuses, submit
 
 pytestmark = pytest.mark.both_stores
 
@@ -228,9 +228,9 @@ async def test_simulator_signs_deliveries_like_replicate_and_retries_only_the_en
         Webhooks.validate(headers=headers, body=body, secret=secret, tolerance=300)  # raises if not valid
         assert headers["Content-Type"] == "application/json" and "Origin" not in headers
     assert bodies[0]["status"] == "starting" and bodies[-1] == final  # the terminal body is exactly the GET's
-    logs_times = [at for (at, _, _), body in zip(received, bodies) if body["status"] == "processing"]
-    assert logs_times and all(b - a >= 0.45 for a, b in zip(logs_times, logs_times[1:]))  # throttled
-    terminal = [headers["webhook-id"] for (_, headers, _), body in zip(received, bodies) if body["status"] == "succeeded"]
+    logs_times = [at for (at, _, _), body in zip(received, bodies, strict=False) if body["status"] == "processing"]
+    assert logs_times and all(b - a >= 0.45 for a, b in zip(logs_times, logs_times[1:], strict=False))  # throttled
+    terminal = [headers["webhook-id"] for (_, headers, _), body in zip(received, bodies, strict=False) if body["status"] == "succeeded"]
     assert len(terminal) == 3 and len(set(terminal)) == 1  # two refusals, retried under the same id
     assert len({headers["webhook-id"] for _, headers, _ in received}) == len(received) - 2
 

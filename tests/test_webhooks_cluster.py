@@ -4,17 +4,27 @@
 from __future__ import annotations
 
 import signal
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-
 from conftest import PROJECT  # noqa: F401  (the cluster module's own imports)
-from test_cluster import (PROMPT, Cluster, cluster, cluster_settings, http, nodes_up, redis_server,  # noqa: F401
-                          sim_up, until, final, with_signal)
+from test_cluster import (  # noqa: F401
+    PROMPT,
+    Cluster,
+    cluster,
+    cluster_settings,
+    final,
+    http,
+    nodes_up,
+    redis_server,
+    sim_up,
+    until,
+    with_signal,
+)
 from test_webhooks_out import SECRET, Receiver
 
 pytestmark = pytest.mark.cluster

@@ -6,21 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import secrets
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from standardwebhooks import Webhook, WebhookVerificationError
-
-from mvserver.web.access.auth import KeyLimits, create_key, read_keys, write_keys
-from mvserver.sandbox.simulator import Simulator
 from conftest import AppClient
+from standardwebhooks import Webhook, WebhookVerificationError
 from test_job_lifecycle import jobs_settings
 from test_videos import PROMPT, events_of
+
+from mvserver.sandbox.simulator import Simulator
+from mvserver.web.access.auth import KeyLimits, create_key, read_keys, write_keys
 
 pytestmark = pytest.mark.both_stores
 
@@ -147,7 +147,7 @@ async def test_a_receiver_that_fails_the_first_attempts_gets_it_later(
     [delivery] = await settled(client, job_id, 1)
     assert delivery["status"] == "delivered" and delivery["attempt_count"] == 4
     assert [a["http_status"] for a in delivery["attempts"]] == [500, 500, 500, 204]
-    gaps = [b["at"] - a["at"] for a, b in zip(delivery["attempts"], delivery["attempts"][1:])]
+    gaps = [b["at"] - a["at"] for a, b in zip(delivery["attempts"], delivery["attempts"][1:], strict=False)]
     assert gaps[1] > gaps[0] * 1.3  # exponential backoff
 
 

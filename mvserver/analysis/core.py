@@ -265,7 +265,7 @@ def fitted_tempo(times: np.ndarray) -> float:
 def chroma_change(chroma: np.ndarray, frames: np.ndarray, span: int = 2) -> np.ndarray:
     """For each beat, the cosine distance between the mean chroma of the ``span`` beats before it and after it."""
     edges = np.concatenate([frames, [chroma.shape[1]]])
-    per_beat = np.stack([chroma[:, a:max(a + 1, b)].mean(axis=1) for a, b in zip(edges[:-1], edges[1:])])
+    per_beat = np.stack([chroma[:, a:max(a + 1, b)].mean(axis=1) for a, b in zip(edges[:-1], edges[1:], strict=False)])
     per_beat /= np.maximum(np.linalg.norm(per_beat, axis=1, keepdims=True), 1e-9)
     cum = np.vstack([np.zeros(12), np.cumsum(per_beat, axis=0)])
     n = len(frames)
@@ -348,7 +348,7 @@ def sections(feats: Features, starts: np.ndarray, duration: float, *, half: int 
     peaks, _ = find_peaks(novelty, distance=half, height=max(0.05, novelty.mean() + 0.5 * novelty.std()))
     cut_units = sorted(int(p) for p in sorted(peaks, key=lambda p: -novelty[p])[:max_sections - 1])
     bounds = [0] + cut_units + [len(units)]
-    means = np.stack([units[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])])
+    means = np.stack([units[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:], strict=False)])
     if len(means) > 1:
         clusters = fcluster(linkage(means, method="average", metric="cosine"), t=0.5, criterion="distance")
     else:
@@ -365,7 +365,7 @@ def _labelled(times: list[float], clusters: np.ndarray) -> list[dict[str, Any]]:
     of first appearance."""
     order: dict[int, int] = {}
     result: list[dict[str, Any]] = []
-    for index, (a, b) in enumerate(zip(times[:-1], times[1:])):
+    for index, (a, b) in enumerate(zip(times[:-1], times[1:], strict=False)):
         cluster = order.setdefault(int(clusters[index]), len(order))
         if result and result[-1]["cluster"] == cluster:
             result[-1]["end"] = round(b, 3)
@@ -391,7 +391,7 @@ def unit_features(feats: Features, starts: np.ndarray) -> tuple[np.ndarray, np.n
         return np.zeros((0, 1)), starts
 
     def per_unit(feature: np.ndarray, weight: float) -> np.ndarray:
-        means = np.stack([feature[:, a:max(a + 1, b)].mean(axis=1) for a, b in zip(edges[:-1], edges[1:])])
+        means = np.stack([feature[:, a:max(a + 1, b)].mean(axis=1) for a, b in zip(edges[:-1], edges[1:], strict=False)])
         means = (means - means.mean(axis=0)) / np.maximum(means.std(axis=0), 1e-9)
         return weight * means / np.sqrt(feature.shape[0])
 

@@ -41,8 +41,8 @@ class Grid(_Model):
     evidence: BeatEvidence
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Grid":
-        if any(b <= a for a, b in zip(self.beats, self.beats[1:])):
+    def _ordered(self) -> Grid:
+        if any(b <= a for a, b in zip(self.beats, self.beats[1:], strict=False)):
             raise ValueError("beats must be strictly ascending")
         if not set(self.downbeats) <= set(self.beats):
             raise ValueError("every downbeat must be a beat")
@@ -74,7 +74,7 @@ class SongAnalysis(_Model):
     peaks: Curve = Field(description="waveform peaks (max |sample| per bucket, full scale 1)")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SongAnalysis":
+    def _consistent(self) -> SongAnalysis:
         if (self.grid is None) == (self.no_grid_reason is None):
             raise ValueError("exactly one of grid and no_grid_reason is set")
         return self

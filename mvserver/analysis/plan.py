@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -160,7 +161,7 @@ def _on_grid(analysis: SongAnalysis, total: int, allowed: list[int], fps: float,
     while path[-1] != 0:
         path.append(back[path[-1]])
     path.reverse()
-    return [(nodes[a], nodes[b], kinds[b]) for a, b in zip(path, path[1:])]
+    return [(nodes[a], nodes[b], kinds[b]) for a, b in zip(path, path[1:], strict=False)]
 
 
 class Placement(BaseModel):

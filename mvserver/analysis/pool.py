@@ -91,7 +91,7 @@ class _Worker:
             self.proc.stdin.close()
         try:
             await asyncio.wait_for(self.proc.wait(), 5.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.kill()
 
     async def read(self, timeout: float | None) -> dict[str, Any]:
@@ -135,7 +135,7 @@ class AnalysisPool:
         worker = _Worker(proc)
         try:
             ready = await worker.read(self.start_timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError, EOFError, ValueError) as exc:
+        except (TimeoutError, asyncio.CancelledError, EOFError, ValueError) as exc:
             await worker.kill()
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -184,7 +184,7 @@ class AnalysisPool:
             worker.proc.stdin.write(request.encode())
             await worker.proc.stdin.drain()
             return await worker.read(timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AnalysisTimeout(f"the analysis took longer than {timeout:g} s") from None
         except (EOFError, ConnectionError, ValueError) as exc:
             raise AnalysisError(f"the analysis worker failed: {exc}") from None

@@ -132,7 +132,7 @@ def serve(out: TextIO) -> None:
             message = {"ok": False, "error": str(exc), "kind": "decode"}
         except MemoryError:
             message = {"ok": False, "error": "the analysis ran out of memory", "kind": "memory"}
-        except Exception as exc:  # noqa: BLE001 - any failure is reported, the worker stays usable
+        except Exception as exc:
             message = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "kind": "internal"}
         message.update(cpu_seconds=round(_cpu() - started, 4), peak_rss_mb=round(_status_mb("VmHWM"), 1),
                        rss_mb=round(_status_mb("VmRSS"), 1))

@@ -15,30 +15,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from mvserver.media import ffmpeg as media
-
-from mvserver.audio import songs
-from mvserver.jobs.accepted import accepted_response
 from mvserver.assembly.schemas import AssemblyOptions
+from mvserver.audio import songs
 from mvserver.audio.routes import saved_audio
-from mvserver.web.access.auth import key_id, visible_to
 from mvserver.core.config import CONFIG, AssemblyLimits
 from mvserver.core.errors import ApiError, validation_error
-from mvserver.web.access.idempotency import idempotent, reserve
-from mvserver.jobs.options import job_fields
+from mvserver.core.storage import STORE
 from mvserver.jobs import JOBS, Job
+from mvserver.jobs.accepted import accepted_response
+from mvserver.jobs.options import job_fields
 from mvserver.jobs.runner import Progress
 from mvserver.lipsync.routes import FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, ffmpeg_limits
-from mvserver.projects.routes import BASE, _json_object, job_states, load_settled, owned_project, project_timeline, project_view, update
-from mvserver.web.access.quotas import charge
+from mvserver.media import ffmpeg as media
 from mvserver.openapi.schemas import REQUEST_MODELS
-from mvserver.core.storage import STORE
+from mvserver.projects.routes import (
+    BASE,
+    _json_object,
+    job_states,
+    load_settled,
+    owned_project,
+    project_timeline,
+    project_view,
+    update,
+)
+from mvserver.web.access.auth import key_id, visible_to
+from mvserver.web.access.idempotency import idempotent, reserve
+from mvserver.web.access.quotas import charge
 
 routes = web.RouteTableDef()
 
@@ -82,7 +91,7 @@ async def _probe(app: web.Application, paths: list[Path], fields: list[str]) -> 
         except media.MediaError:
             described = None
         if described is None or any(i.first_video is None or n < 1 for i, n in described):
-            for path, field in zip(paths, fields):
+            for path, field in zip(paths, fields, strict=False):
                 try:
                     info = await media.probe(path)
                 except media.MediaError as exc:
@@ -123,7 +132,7 @@ async def plan(app: web.Application, clips: list[tuple[str, float | None, float 
     first = described[0][0].first_video
     assert first is not None
     out_fps = media.output_fps(first)
-    for index, ((job_id, trim_in, trim_out), (info, frames)) in enumerate(zip(clips, described)):
+    for index, ((job_id, trim_in, trim_out), (info, frames)) in enumerate(zip(clips, described, strict=False)):
         video = info.first_video
         assert video is not None
         start, end, kept = _kept(index, trim_in, trim_out, frames, video.fps or 24.0, out_fps, field)

@@ -23,22 +23,23 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import BodyPartReader, ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from mvserver.media import ffmpeg as media
-from mvserver.web.access.auth import API_KEY, KeyRecord, key_id, visible_to
 from mvserver.core.config import CONFIG
 from mvserver.core.errors import ApiError
+from mvserver.core.storage import STORE, OutputStore, check_id, new_id, temp_path
+from mvserver.media import ffmpeg as media
+from mvserver.web.access.auth import API_KEY, KeyRecord, key_id, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge_upload
 from mvserver.web.files import SavedFileResponse
 from mvserver.web.security import accepts
-from mvserver.core.storage import STORE, OutputStore, check_id, new_id, temp_path
 
 routes = web.RouteTableDef()
 

@@ -20,17 +20,18 @@ import asyncio
 import json
 import logging
 import weakref
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Any, Literal
 
 from aiohttp import web
 
-from mvserver.media import ffmpeg as media
 from mvserver.analysis import ANALYSIS_VERSION, AnalysisError, AnalysisPool, AnalysisTimeout, SongAnalysis, load
 from mvserver.audio.routes import FORMATS, SONG_SAVED, saved_audio
-from mvserver.web.access.auth import key_id
 from mvserver.core.config import CONFIG, EnvSettings
 from mvserver.core.storage import STORE, OutputStore, check_id
+from mvserver.media import ffmpeg as media
+from mvserver.web.access.auth import key_id
 
 log = logging.getLogger("mvserver.songs")
 routes = web.RouteTableDef()
@@ -204,7 +205,7 @@ async def song_analysis(app: web.Application, audio_id: str, sidecar: dict[str, 
     if wait > 0:
         try:
             outcome = await asyncio.wait_for(asyncio.shield(task), wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return "pending", None, None
         if outcome.analysis is not None:
             return "ready", outcome.analysis, None

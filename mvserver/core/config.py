@@ -8,10 +8,11 @@ import ipaddress
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import jinja2
@@ -37,7 +38,7 @@ class Range(_Strict):
     max: int
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Range":
+    def _ordered(self) -> Range:
         if self.min > self.max:
             raise ValueError("min must not exceed max")
         return self
@@ -67,7 +68,7 @@ class ScenesSettings(_Strict):
     prompt: str
 
     @model_validator(mode="after")
-    def _default_in_range(self) -> "ScenesSettings":
+    def _default_in_range(self) -> ScenesSettings:
         bounds = self.limits.number_of_scenes
         if not bounds.min <= self.defaults.number_of_scenes <= bounds.max:
             raise ValueError("defaults.number_of_scenes lies outside limits.number_of_scenes")
@@ -111,7 +112,7 @@ class ImagesSettings(_Strict):
     prompt: str
 
     @model_validator(mode="after")
-    def _defaults_allowed(self) -> "ImagesSettings":
+    def _defaults_allowed(self) -> ImagesSettings:
         _check_defaults_allowed(self.defaults, self.allowed)
         bounds = self.limits.number_of_images
         if not 1 <= bounds.min <= self.defaults.number_of_images <= bounds.max <= 4:
@@ -206,7 +207,7 @@ class VideosSettings(_Strict):
     video_rules_template: str
 
     @model_validator(mode="after")
-    def _defaults_allowed(self) -> "VideosSettings":
+    def _defaults_allowed(self) -> VideosSettings:
         _check_defaults_allowed(self.defaults, self.allowed)
         return self
 
@@ -283,7 +284,7 @@ class LipsyncSettings(_Strict):
     limits: LipsyncLimits
 
     @model_validator(mode="after")
-    def _defaults_allowed(self) -> "LipsyncSettings":
+    def _defaults_allowed(self) -> LipsyncSettings:
         if self.defaults.sync_mode not in self.allowed.sync_mode:
             raise ValueError(f"defaults.sync_mode = {self.defaults.sync_mode!r} is not one of allowed.sync_mode "
                              f"{self.allowed.sync_mode}")
@@ -314,7 +315,7 @@ class PricingSettings(_Strict):
     report_max_jobs: int = Field(default=10000, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
-    def _one_currency(self) -> "PricingSettings":
+    def _one_currency(self) -> PricingSettings:
         currencies = sorted({price.currency for price in self.models.values()})
         if len(currencies) > 1:  # budgets and usage totals add costs up: they must be in one currency
             raise ValueError(f"every model must be priced in one currency (found {', '.join(currencies)})")
@@ -551,7 +552,7 @@ class EnvSettings:
     webhook_allowed_networks: tuple[str, ...] = ()  # CIDRs webhooks out may reach though private or loopback
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "EnvSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> EnvSettings:
         """Read every ``MV_*`` knob and provider secret; blank values count as unset."""
         env = os.environ if env is None else env
 
@@ -745,7 +746,7 @@ def load_config(env: EnvSettings | None = None) -> Config:
         except jinja2.UndefinedError as exc:
             raise ConfigError(f"{path}: {key}: template uses an unknown variable: {exc.message} "
                               f"(known: {', '.join(samples)})") from None
-        except Exception as exc:  # noqa: BLE001 - any failure here would fail every request later
+        except Exception as exc:
             raise ConfigError(f"{path}: {key}: template does not render: {exc.__class__.__name__}: {exc}") from None
         templates[f"{name}.{key}"] = template
     styles = load_styles(env.settings_dir / "styles")

@@ -39,6 +39,6 @@ def debug_print(enabled: bool, title: str, payload: Any) -> None:
             text = payload
         else:
             text = json.dumps(_shorten(payload), indent=2, default=str, ensure_ascii=False)
-    except Exception as exc:  # noqa: BLE001 - e.g. a value whose str() fails
+    except Exception as exc:
         text = f"(not printable: {exc.__class__.__name__})"
     log.info("[MV_DEBUG] %s:\n%s", title, text)

@@ -18,9 +18,10 @@ import secrets
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterable, AsyncIterator
+from typing import Any
 
 import aiofiles
 import aiofiles.os
@@ -254,7 +255,7 @@ async def node_context(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(store.stop_beating)
 
 
-def start_node(store: "OutputStore") -> int:
+def start_node(store: OutputStore) -> int:
     """At start-up: announce this node (its heartbeat), then remove what dead nodes left; returns how many."""
     store.beat()
     return store.remove_abandoned_temporaries()

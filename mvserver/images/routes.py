@@ -12,22 +12,23 @@ import base64
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 from PIL import Image
 
-from mvserver.web.access.auth import key_id, visible_to
-from mvserver.providers import PROVIDERS
 from mvserver.core.config import CONFIG, Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.web.files import SavedFileResponse
-from mvserver.web.access.quotas import charge
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
 from mvserver.core.storage import STORE, OutputStore, check_id, new_id
+from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
+from mvserver.providers import PROVIDERS
+from mvserver.web.access.auth import key_id, visible_to
+from mvserver.web.access.quotas import charge
+from mvserver.web.files import SavedFileResponse
 
 routes = web.RouteTableDef()
 PROVIDER = "replicate"

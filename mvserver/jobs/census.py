@@ -63,7 +63,7 @@ class JobCensus:
     """Takes censuses of one engine's store (every process's unfinished jobs, on Redis); ``take`` is what
     ``Metrics.census`` calls at each scrape."""
 
-    def __init__(self, engine: "JobEngine"):
+    def __init__(self, engine: JobEngine):
         self.engine = engine
         self._labels: dict[str, tuple[str, str]] = {}  # unfinished job id -> (kind, backend), Redis only
 
@@ -111,7 +111,7 @@ def _file_census(store: FileJobStore, running_here: set[str]) -> Census:
     """One process: its active set is every unfinished job, and a job without a task here waits for a slot."""
     counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
     waiting = 0
-    for job in list(store._active.values()):  # noqa: SLF001 - the store's own index of unfinished jobs
+    for job in list(store._active.values()):
         if job.final:
             continue
         counts[(job.status, job.kind, job.backend)] += 1

@@ -5,18 +5,18 @@ an ``EventSource`` cannot send the key)."""
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from aiohttp import web
 
-from mvserver.web.access.auth import key_id, visible_to
 from mvserver.core.config import CONFIG
 from mvserver.core.errors import ApiError
+from mvserver.core.storage import check_id
 from mvserver.jobs import JOBS
 from mvserver.jobs.stream import stream_many
-from mvserver.web.access.signing import SIGNER
-from mvserver.core.storage import check_id
 from mvserver.videos.routes import event_links
+from mvserver.web.access.auth import key_id, visible_to
+from mvserver.web.access.signing import SIGNER
 
 routes = web.RouteTableDef()
 EVENTS_PATH = "/api/mv/events"
@@ -69,6 +69,6 @@ async def events_link(request: web.Request) -> web.Response:
     signer, caller = request.app.get(SIGNER), key_id(request)
     if signer is not None and caller is not None:
         url, expires = signer.sign(caller, url)
-        expires_at = datetime.fromtimestamp(expires, timezone.utc).isoformat(timespec="seconds")
+        expires_at = datetime.fromtimestamp(expires, UTC).isoformat(timespec="seconds")
     return web.json_response({"events_url": url, "expires_at": expires_at, "jobs": job_ids},
                              headers={"Cache-Control": "no-store"})

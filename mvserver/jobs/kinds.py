@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from mvserver.providers import Providers, Snapshot, VideoBackend, VideoRequest
 from mvserver.core.storage import OutputStore
 from mvserver.jobs.model import Job
+from mvserver.providers import Providers, Snapshot, VideoBackend, VideoRequest
 
 VIDEO_REQUEST_FIELDS = ("negative_prompt", "aspect_ratio", "duration", "generate_audio", "seed")
 

@@ -54,7 +54,7 @@ async def list_jobs(store: JobStore, query: JobQuery, budget: int = SCAN_BUDGET)
         if not entries:
             return JobPage(found, None)
         jobs = await store.get_many([entry[17:] for entry in entries])
-        for entry, job in zip(entries, jobs):
+        for entry, job in zip(entries, jobs, strict=False):
             scanned += 1
             cursor = entry
             if job is not None and query.matches(job):

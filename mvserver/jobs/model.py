@@ -37,7 +37,7 @@ class Event:
         return f'{{"id":{self.id},"event":{json.dumps(self.event)},"data":{self.data_json}}}\n'
 
     @classmethod
-    def from_line(cls, line: bytes | str) -> "Event":
+    def from_line(cls, line: bytes | str) -> Event:
         raw = json.loads(line)
         return cls(id=raw["id"], event=raw["event"], data=raw["data"])
 
@@ -143,7 +143,7 @@ class Job:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> "Job":
+    def from_record(cls, record: dict[str, Any]) -> Job:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in record.items() if k in names})
 

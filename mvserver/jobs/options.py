@@ -33,7 +33,10 @@ EVENTS_DESCRIPTION = ("Which changes are sent: completed (the final event: succe
 
 def webhook_url_type(config: Config) -> Any:
     """An http(s) URL that webhooks may reach (checked again at every connection)."""
-    from mvserver.jobs.webhooks_out import allowed_networks, check_url  # the sender imports the job engine: load it late
+    from mvserver.jobs.webhooks_out import (  # the sender imports the job engine: load it late
+        allowed_networks,
+        check_url,
+    )
 
     allowed = allowed_networks(config.env)
     return Annotated[str, StringConstraints(min_length=1, max_length=WEBHOOK_URL_MAX_CHARS, pattern=r"^https?://"),

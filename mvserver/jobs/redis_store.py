@@ -410,7 +410,7 @@ class RedisJobStore:
             for job_id in ids:
                 pipe.hget(self.k("job", job_id), "status")
             statuses = await _unavailable_as_503(pipe.execute())
-        done = [job_id for job_id, status in zip(ids, statuses) if status not in ("queued", "running")]
+        done = [job_id for job_id, status in zip(ids, statuses, strict=False) if status not in ("queued", "running")]
         if done:
             await _unavailable_as_503(self.r.srem(key, *done))
         return len(ids) - len(done)
@@ -637,7 +637,7 @@ class RedisJobStore:
         ids = await self.r.zrangebyscore(self.k("finished"), "-inf", finished_before, start=0, num=EXPIRE_BATCH)
         jobs = await self.get_many(ids) if ids else []
         removed = []
-        for job_id, job in zip(ids, jobs):
+        for job_id, job in zip(ids, jobs, strict=False):
             keys = [self.k("finished"), self.k("job", job_id), self.k("ev", job_id), self.k("tomb", job_id),
                     self.k("index", owner_slot(job.owner if job else None))]
             entry = _entry(job) if job is not None else ""

@@ -14,19 +14,20 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from mvserver.providers import Snapshot
 from mvserver.core.config import JobsSettings, PricingSettings
 from mvserver.core.errors import ApiError, ErrorInfo
 from mvserver.core.logs import bind_job
 from mvserver.core.storage import OutputStore
-from mvserver.jobs.updates import PushedUpdates
 from mvserver.jobs.eta import EtaEstimate, duration_key
 from mvserver.jobs.model import Event, Job, JobStatus, clip_text
 from mvserver.jobs.store import JobStore, Lease, LeaseLost
+from mvserver.jobs.updates import PushedUpdates
 from mvserver.jobs.usage import MICROS, currency, estimate_micros, ledger_entry, measure, month_of
+from mvserver.providers import Snapshot
 
 log = logging.getLogger("mvserver.jobs")
 T = TypeVar("T")
@@ -548,7 +549,7 @@ class JobEngine:
         job.usage = measure(job, self.pricing)
         try:
             await self.book.record(ledger_entry(job))
-        except Exception:  # noqa: BLE001 - the job still ends; its usage stays on its record
+        except Exception:
             log.exception("job %s: usage not entered in the ledger", job.id)
 
     async def _settle(self, job: Job) -> None:
@@ -560,7 +561,7 @@ class JobEngine:
                 await self.book.adjust(job.owner, month_of(job.created_at), delta)
             if job.status == "succeeded" and job.started_at is not None and job.finished_at is not None:
                 await self.book.learn(duration_key(job), job.finished_at - job.started_at)
-        except Exception:  # noqa: BLE001 - a store hiccup here must not turn a finished job into a crash
+        except Exception:
             log.exception("job %s: usage not settled", job.id)
         finally:
             self._eta.pop(job.id, None)
@@ -569,7 +570,7 @@ class JobEngine:
         """This job's model's running estimate of its duration, read once as it starts (ETA, progress)."""
         try:
             found = await self.book.estimate(duration_key(job))
-        except Exception:  # noqa: BLE001 - without an estimate a job runs on, with no ETA
+        except Exception:
             log.warning("job %s: no duration estimate", job.id, exc_info=True)
             return
         if found is not None:

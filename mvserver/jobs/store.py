@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
 from mvserver.jobs.model import Event, Job
 from mvserver.jobs.usage_store import UsageBook
@@ -43,7 +44,7 @@ class Remembered:
                            "body": self.body, "headers": self.headers}, separators=(",", ":"))
 
     @classmethod
-    def loads(cls, text: str | bytes) -> "Remembered":
+    def loads(cls, text: str | bytes) -> Remembered:
         raw = json.loads(text)
         return cls(token=raw["token"], fingerprint=raw["fingerprint"], status=raw["status"], body=raw["body"],
                    headers=raw["headers"])
@@ -149,7 +150,7 @@ class JobStore(Protocol):
         """Remove the records and event logs of jobs finished before ``finished_before`` (a bounded batch per call),
         leave a tombstone until ``tombstone_until`` and drop older tombstones; returns the ids removed now."""
 
-    def usage_book(self) -> "UsageBook":
+    def usage_book(self) -> UsageBook:
         """Where ended jobs' usage, keys' monthly spending and duration estimates are kept (``usage_store``)."""
 
     async def expired(self, job_id: str) -> bool:

@@ -10,7 +10,7 @@ A sandbox job and local ffmpeg work cost 0, and say why in ``cost.basis``.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from mvserver.core.config import ModelPrice, PricingSettings
@@ -21,11 +21,11 @@ MICROS = 1_000_000
 
 def month_of(stamp: float) -> str:
     """The calendar month (UTC) a budget counts a job in: the month it was created."""
-    return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m")
+    return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m")
 
 
 def day_of(stamp: float) -> str:
-    return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%d")
+    return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%d")
 
 
 def output_seconds(job: Job) -> float | None:

@@ -14,7 +14,7 @@ import json
 import math
 import time
 from dataclasses import astuple, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -73,13 +73,13 @@ def fold(found: Durations | None, seconds: float) -> Durations:
 
 
 def _month_key(stamp: float) -> str:
-    return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m")
+    return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m")
 
 
 def _months(start: float, end: float) -> list[str]:
     """The UTC months that [start, end) touches, in order."""
-    first = datetime.fromtimestamp(max(start, 0), timezone.utc)
-    last = datetime.fromtimestamp(max(end, 0), timezone.utc)
+    first = datetime.fromtimestamp(max(start, 0), UTC)
+    last = datetime.fromtimestamp(max(end, 0), UTC)
     months, year, month = [], first.year, first.month
     while (year, month) <= (last.year, last.month):
         months.append(f"{year:04d}-{month:02d}")

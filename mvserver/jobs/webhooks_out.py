@@ -20,8 +20,9 @@ import logging
 import random
 import socket
 import time
-from datetime import datetime, timezone
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -30,13 +31,13 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from standardwebhooks import Webhook
 
-from mvserver.web.access.auth import KEYRING
 from mvserver.core.config import CONFIG, EnvSettings, JobsSettings
 from mvserver.core.errors import ApiError
+from mvserver.core.storage import STORE
 from mvserver.jobs import JOBS, JobEngine
 from mvserver.jobs.model import FINAL_STATUSES, Event, Job
 from mvserver.jobs.outbox import FileOutbox, Outbox, Record, RedisOutbox
-from mvserver.core.storage import STORE
+from mvserver.web.access.auth import KEYRING
 
 log = logging.getLogger("mvserver.webhooks_out")
 
@@ -114,7 +115,7 @@ def check_url(url: str, allowed: list[Any]) -> str:
 
 
 def _now_iso(stamp: float) -> str:
-    return datetime.fromtimestamp(stamp, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(stamp, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 def wanted(event: Event, events: str) -> bool:
@@ -319,7 +320,7 @@ class WebhookSender:
             if secret is None:
                 raise RuntimeError("no signing secret (the key has no webhook_secret and MV_WEBHOOK_SECRET is unset)")
             check_url(record["url"], self.allowed)  # an address in the URL itself bypasses the resolver
-            stamp = datetime.now(timezone.utc)
+            stamp = datetime.now(UTC)
             headers = {"webhook-id": delivery["webhook_id"], "webhook-timestamp": str(int(stamp.timestamp())),
                        "webhook-signature": Webhook(secret).sign(delivery["webhook_id"], stamp, delivery["body"]),
                        "Content-Type": "application/json"}

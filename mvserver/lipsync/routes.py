@@ -14,32 +14,48 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
-from mvserver.media import ffmpeg as media
-from mvserver.jobs.accepted import accepted_response
 from mvserver.audio.routes import FORMATS, saved_audio
-from mvserver.web.access.auth import key_id, visible_to
-from mvserver.providers import PROVIDERS, Snapshot
-from mvserver.providers.replicate import ReplicateProvider
 from mvserver.core.config import CONFIG, LipsyncLimits, LipsyncSettings
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.web.access.idempotency import idempotent, reserve
-from mvserver.jobs.options import job_fields
+from mvserver.core.storage import STORE, OutputStore, check_id, new_id, temp_path
 from mvserver.jobs import JOBS, Job
+from mvserver.jobs.accepted import accepted_response
+from mvserver.jobs.options import job_fields
+from mvserver.media import ffmpeg as media
+from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
+from mvserver.projects.routes import BASE as PROJECTS_BASE
+from mvserver.projects.routes import (
+    JobStates,
+    TimelineEntry,
+    _json_object,
+    _options,
+    _validate,
+    add_version,
+    check_room,
+    job_states,
+    load_settled,
+    normal_options,
+    owned_project,
+    project_timeline,
+    project_view,
+    update,
+)
 from mvserver.projects.schemas import SCENE_LIPSYNC_OPTIONS
 from mvserver.projects.store import ClipVersion, Project
 from mvserver.projects.store import Song as ProjectSong
-from mvserver.projects.routes import BASE as PROJECTS_BASE
-from mvserver.projects.routes import JobStates, TimelineEntry, _json_object, _options, _validate, add_version, check_room, job_states, load_settled, normal_options, owned_project, project_timeline, project_view, update
+from mvserver.providers import PROVIDERS, Snapshot
+from mvserver.providers.replicate import ReplicateProvider
+from mvserver.web.access.auth import key_id, visible_to
+from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
-from mvserver.core.storage import STORE, OutputStore, check_id, new_id, temp_path
 
 routes = web.RouteTableDef()
 

@@ -31,10 +31,11 @@ import resource
 import signal
 import subprocess
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Literal, Sequence
+from typing import Literal
 
 import imageio_ffmpeg
 
@@ -274,7 +275,7 @@ def parse_inputs(text: str) -> dict[int, MediaInfo]:
         text = text[:output.start()]
     headers = list(_INPUT.finditer(text))
     ends = [h.start() for h in headers[1:]] + [len(text)]
-    return {int(h["input"]): parse_probe(text[h.start():end]) for h, end in zip(headers, ends)}
+    return {int(h["input"]): parse_probe(text[h.start():end]) for h, end in zip(headers, ends, strict=False)}
 
 
 def parse_probe(text: str) -> MediaInfo:
@@ -651,7 +652,7 @@ async def _load_sources(clips: Sequence[Clip]) -> list[_Source]:
     first = described[0][0].first_video
     assert first is not None
     out_fps = output_fps(first)
-    return [_source(i, clip, info, frames, out_fps) for i, (clip, (info, frames)) in enumerate(zip(clips, described))]
+    return [_source(i, clip, info, frames, out_fps) for i, (clip, (info, frames)) in enumerate(zip(clips, described, strict=False))]
 
 
 def output_fps(first: VideoStream) -> float:
@@ -897,7 +898,7 @@ async def _assemble_cuts(sources: list[_Source], tmp: Path, out: Path, song: Pat
     # The output takes the first clip's parameters; clips that differ are encoded to match them.
     target = _target(sources[0].video)
     copyable = [not s.trimmed and s.video.copy_key() == target.copy_key() for s in sources]
-    encode = [s for s, ok in zip(sources, copyable) if not ok]
+    encode = [s for s, ok in zip(sources, copyable, strict=False) if not ok]
     total = sum(s.duration for s in sources)
     tracker = _Progress(progress, [4 * s.duration for s in encode] + [total])
     entries: list[tuple[Path, float]] = []
@@ -906,7 +907,7 @@ async def _assemble_cuts(sources: list[_Source], tmp: Path, out: Path, song: Pat
         segments[source.index] = segment = _temp(out, f"seg{source.index}")
         temps.append(segment)
         await _encode_segment(source, segment, target, fit, tracker.step(n), run)
-    for source, ok in zip(sources, copyable):
+    for source, ok in zip(sources, copyable, strict=False):
         entries.append((source.clip.path if ok else segments[source.index], source.duration))
         (result.copied if ok else result.reencoded).append(source.index)
     audio_list = None

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from mvserver.projects.schemas import CHARACTER_OPTIONS, CLIP_OPTIONS, SCENE_LIPSYNC_OPTIONS
 from mvserver.openapi.responses import RESPONSE_SCHEMAS, ref
+from mvserver.projects.schemas import CHARACTER_OPTIONS, CLIP_OPTIONS, SCENE_LIPSYNC_OPTIONS
 
 if TYPE_CHECKING:
     from mvserver.openapi.schemas import RequestModels
@@ -140,7 +140,7 @@ HEADERS = {
 }
 
 
-def complete(document: Document, models: "RequestModels", *, keys: bool) -> None:
+def complete(document: Document, models: RequestModels, *, keys: bool) -> None:
     """Finish ``document`` in place (see the module's docstring); ``models`` are the app's request models."""
     schemas = document["components"]["schemas"]
     schemas.update(RESPONSE_SCHEMAS)

@@ -13,10 +13,10 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model
 
 from mvserver import __version__
+from mvserver.assembly.schemas import assemble_request_model, assembly_options_model
 from mvserver.core.config import Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError, validation_error
-from mvserver.assembly.schemas import assemble_request_model, assembly_options_model
 from mvserver.core.fields import INTEGRAL, UUID4_PATTERN, choice, text
 from mvserver.jobs.options import option_fields
 from mvserver.openapi.document import complete
@@ -148,7 +148,7 @@ class RequestModels(BaseModel):
     assembly_options: type[BaseModel]
 
     @classmethod
-    def build(cls, config: Config) -> "RequestModels":
+    def build(cls, config: Config) -> RequestModels:
         return cls(scenes=scenes_request_model(config), image=image_request_model(config),
                    video=video_request_model(config), projects=ProjectModels.build(config),
                    lipsync=lipsync_request_model(config), assemble=assemble_request_model(config),

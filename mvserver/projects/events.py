@@ -26,18 +26,18 @@ import asyncio
 import json
 import logging
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 
-from mvserver.web.access.auth import key_id
 from mvserver.core.config import CONFIG
 from mvserver.core.errors import ApiError
 from mvserver.jobs import JOBS, Job
-from mvserver.projects.store import PROJECTS, Project
 from mvserver.projects.routes import BASE, JobStates, etag, job_states, load, owned_project, project_view
+from mvserver.projects.store import PROJECTS, Project
+from mvserver.web.access.auth import key_id
 from mvserver.web.access.signing import SIGNER, sign_links, signed_event_data
 
 log = logging.getLogger("mvserver")
@@ -265,5 +265,5 @@ async def project_events_link(request: web.Request) -> web.Response:
     signer, caller = request.app.get(SIGNER), key_id(request)
     if signer is not None and caller is not None:
         url, expires = signer.sign(caller, url)
-        expires_at = datetime.fromtimestamp(expires, timezone.utc).isoformat(timespec="seconds")
+        expires_at = datetime.fromtimestamp(expires, UTC).isoformat(timespec="seconds")
     return web.json_response({"events_url": url, "expires_at": expires_at}, headers={"Cache-Control": "no-store"})

@@ -15,33 +15,34 @@ record, so a job ending does not change the ``ETag``; the effect is folded in at
 from __future__ import annotations
 
 import asyncio
-import functools
 import contextlib
+import functools
 import json
 import math
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from types import SimpleNamespace
-from typing import Any, Awaitable, Callable, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError, create_model
 
-from mvserver.projects import song as project_song
-from mvserver.jobs.accepted import accepted_response
 from mvserver.analysis import SongAnalysis
-from mvserver.web.access.auth import key_id, visible_to
 from mvserver.core.config import CONFIG, Config
 from mvserver.core.errors import ApiError, validation_error
-from mvserver.web.access.idempotency import idempotent, reserve
+from mvserver.core.storage import STORE, check_id, new_id
 from mvserver.images.routes import _saved_image, generate_reference
 from mvserver.jobs import JOBS, Job
+from mvserver.jobs.accepted import accepted_response
+from mvserver.openapi.schemas import REQUEST_MODELS, json_object
+from mvserver.projects import song as project_song
 from mvserver.projects.schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
 from mvserver.projects.store import PROJECTS, CharacterCandidate, Claim, ClipVersion, Project, Scene, Song
-from mvserver.web.access.quotas import charge
 from mvserver.scenes.routes import write_scenes
-from mvserver.openapi.schemas import REQUEST_MODELS, json_object
-from mvserver.core.storage import STORE, check_id, new_id
 from mvserver.videos.routes import check_reference_shape, submit_video_job, whole_prompt
+from mvserver.web.access.auth import key_id, visible_to
+from mvserver.web.access.idempotency import idempotent, reserve
+from mvserver.web.access.quotas import charge
 
 routes = web.RouteTableDef()
 BASE = "/api/mv/projects"
@@ -96,7 +97,7 @@ async def job_states(app: web.Application, project: Project) -> JobStates:
     """The job of every version of the project (None if the job store no longer has it)."""
     engine = app[JOBS]
     ids = list({v.job_id for scene in project.scenes for v in scene.versions})
-    return dict(zip(ids, await asyncio.gather(*(engine.get(job_id) for job_id in ids))))
+    return dict(zip(ids, await asyncio.gather(*(engine.get(job_id) for job_id in ids)), strict=False))
 
 
 def _version(scene: Scene, job_id: str | None) -> ClipVersion | None:
@@ -267,7 +268,7 @@ def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
     record = project.model_dump()
     body = {"project_id": record.pop("id"), "etag": etag(project), **record,
             "events_url": f"{BASE}/{project.id}/events"}
-    for scene, entry, raw in zip(project.scenes, project_timeline(project), body["scenes"]):
+    for scene, entry, raw in zip(project.scenes, project_timeline(project), body["scenes"], strict=False):
         raw["versions"] = [_version_view(v, jobs.get(v.job_id)) for v in scene.versions]
         raw["seconds"] = round(entry.seconds, 6)
         raw["song_start"] = entry.song_start
@@ -627,7 +628,7 @@ async def generate_clips(app: web.Application, project_id: str, scene_ids: list[
 
     def link(current: Project, states: JobStates) -> None:
         duplicates.clear()
-        for scene, job in zip(scenes, submitted):
+        for scene, job in zip(scenes, submitted, strict=False):
             target = current.scene(scene.id)
             if target is None:
                 raise ApiError(409, "conflict", f"scene {scene.id} was removed meanwhile", field="scene_id")
@@ -641,7 +642,7 @@ async def generate_clips(app: web.Application, project_id: str, scene_ids: list[
         job_ids = [new_id() for _ in scenes]
         if charge is not None:
             job_ids = await charge(job_ids)
-        for scene, job_id in zip(scenes, job_ids):
+        for scene, job_id in zip(scenes, job_ids, strict=False):
             body, defaulted = bodies[scene.id]
             links = {"project_id": project.id, "scene_id": scene.id}
             submitted.append(await submit_video_job(app, body, defaulted, links, owner=owner, job_id=job_id))

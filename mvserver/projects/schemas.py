@@ -26,7 +26,7 @@ class ProjectModels(BaseModel):
     write_scenes: type[BaseModel]
 
     @classmethod
-    def build(cls, config: Config) -> "ProjectModels":
+    def build(cls, config: Config) -> ProjectModels:
         limits = config.projects.limits
         text, blank = _text(limits.text_max_chars), _text(limits.text_max_chars, blank=True)
         style = _text(limits.style_max_chars) | None

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Iterable, Literal, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
 
 from aiohttp import web
 
 from mvserver.analysis import PlanError, SongAnalysis, locate, plan_scenes
 from mvserver.audio.routes import saved_audio
+from mvserver.audio.songs import SONGS, preview, read_sidecar, song_analysis
 from mvserver.core.errors import ApiError
+from mvserver.core.storage import STORE
 from mvserver.media.ffmpeg import PREVIEW_MIME_TYPE
 from mvserver.projects.store import Project, Song, SongWindow
 from mvserver.scenes.routes import SongBrief
-from mvserver.audio.songs import SONGS, preview, read_sidecar, song_analysis
-from mvserver.core.storage import STORE
 
 log = logging.getLogger("mvserver.projects")
 
@@ -121,7 +122,7 @@ async def _preview_bytes(app: web.Application, song: Song) -> bytes | None:
             song_path, _ = await saved_audio(app, song.audio_id)
             made = app[SONGS].copies(song.audio_id, song_path, song.duration)
             await asyncio.wait_for(asyncio.shield(made), PREVIEW_WAIT_SECONDS)
-        except (ApiError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ApiError) as exc:
             log.warning("song %s: no preview copy for Gemini: %s", song.audio_id, exc)
             return None
     try:

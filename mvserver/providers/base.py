@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from mvserver.core.errors import ApiError, ErrorInfo, from_exception
 
@@ -74,7 +75,7 @@ class Snapshot:
         return {**asdict(self), "error": self.error.to_dict() if self.error else None}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Snapshot":
+    def from_dict(cls, data: dict[str, Any]) -> Snapshot:
         error = data.get("error")
         return cls(status=data["status"], progress=data.get("progress"), logs=data.get("logs"),
                    output=data.get("output"), error=ErrorInfo(**error) if error else None,
@@ -97,6 +98,6 @@ class VideoBackend(Protocol):
     async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
         """Stream the finished video to ``dest`` atomically; return its size in bytes."""
 
-    async def cancel(self, prediction_id: str) -> "Snapshot | None":
+    async def cancel(self, prediction_id: str) -> Snapshot | None:
         """Ask the provider to stop the prediction (best effort); the ended prediction when the provider answers
         with it (Replicate, whose metrics then say how long it ran)."""

@@ -10,8 +10,9 @@ videos.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterable, AsyncIterator, Literal
+from typing import Literal
 
 from yarl import URL
 

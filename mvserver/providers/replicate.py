@@ -13,8 +13,9 @@ import contextvars
 import io
 import math
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import httpx
@@ -207,7 +208,7 @@ class ReplicateProvider:
         if response.status != 200:
             try:
                 text = (await response.content.read(ERROR_BODY_BYTES)).decode(errors="replace")
-            except Exception:  # noqa: BLE001 - the status is what matters
+            except Exception:
                 text = ""
             response.release()
             raise provider_http_error(NAME, response.status, f"output download failed: {text}")

@@ -16,22 +16,22 @@ import collections
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from replicate.prediction import Prediction
-from replicate.webhook import WebhookSigningSecret, Webhooks
+from replicate.webhook import Webhooks, WebhookSigningSecret
 
-from mvserver.web.access.auth import public
-from mvserver.providers import PROVIDERS
-from mvserver.providers.replicate import snapshot
 from mvserver.core.config import CONFIG, ConfigError, EnvSettings
 from mvserver.core.errors import ApiError
-from mvserver.jobs import JOBS
-from mvserver.web.metrics import METRICS, WEBHOOK_OUTCOMES
 from mvserver.core.storage import is_valid_id
+from mvserver.jobs import JOBS
 from mvserver.jobs.updates import WEBHOOK_PATH
+from mvserver.providers import PROVIDERS
+from mvserver.providers.replicate import snapshot
+from mvserver.web.access.auth import public
+from mvserver.web.metrics import METRICS, WEBHOOK_OUTCOMES
 
 log = logging.getLogger("mvserver.webhooks")
 

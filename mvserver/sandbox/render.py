@@ -17,9 +17,9 @@ import pathlib
 import re
 import secrets
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import imageio_ffmpeg
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -144,7 +144,7 @@ def _gradient(size: tuple[int, int], top: tuple[int, int, int], bottom: tuple[in
     w, h = size
     column = Image.new("RGB", (1, h))
     column.putdata(
-        [tuple(round(a + (b - a) * y / max(h - 1, 1)) for a, b in zip(top, bottom)) for y in range(h)]
+        [tuple(round(a + (b - a) * y / max(h - 1, 1)) for a, b in zip(top, bottom, strict=False)) for y in range(h)]
     )
     return column.resize((w, h))
 
@@ -268,7 +268,7 @@ def oversized_image(data: bytes, max_pixels: int = MAX_REFERENCE_PIXELS) -> str 
             width, height = im.size
     except Image.DecompressionBombError:  # Pillow's own header check, far above ours
         return f"over {2 * (Image.MAX_IMAGE_PIXELS or 0)}"
-    except Exception:  # noqa: BLE001 - unreadable headers are handled (drawn without) by the caller
+    except Exception:
         return None
     return f"{width}x{height}" if width * height > max_pixels else None
 
@@ -318,7 +318,7 @@ def _decode_reference(data: bytes | None, max_size: tuple[int, int]) -> Image.Im
         if orientation in _ORIENTATIONS:
             small = small.transpose(_ORIENTATIONS[orientation])
         return small.convert("RGBA")
-    except Exception:  # noqa: BLE001 - any decode failure means "draw without it"
+    except Exception:
         return None
 
 

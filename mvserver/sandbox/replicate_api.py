@@ -25,16 +25,23 @@ import secrets
 import shutil
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from aiohttp import web
 from yarl import URL
 
 from mvserver.core.storage import temp_path, write_bytes_atomic
-from mvserver.sandbox.render import MAX_REFERENCE_PIXELS, oversized_image, render_character_image, render_lipsync, render_video
+from mvserver.sandbox.render import (
+    MAX_REFERENCE_PIXELS,
+    oversized_image,
+    render_character_image,
+    render_lipsync,
+    render_video,
+)
 from mvserver.sandbox.simulator import SIMULATOR, Simulator
 from mvserver.sandbox.webhooks import SENDER, fault_marker, invalid_webhook_fields
 
@@ -208,7 +215,7 @@ def new_replicate_id() -> str:
 def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_duration(text: str) -> float | None:

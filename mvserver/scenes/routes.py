@@ -12,15 +12,15 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from mvserver.web.access.auth import key_id, visible_to
-from mvserver.providers import PROVIDERS
 from mvserver.core.config import CONFIG, TEMPLATES, Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.web.files import SavedFileResponse
-from mvserver.web.access.quotas import charge
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
 from mvserver.core.storage import STORE, check_id, new_id
+from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
+from mvserver.providers import PROVIDERS
+from mvserver.web.access.auth import key_id, visible_to
+from mvserver.web.access.quotas import charge
+from mvserver.web.files import SavedFileResponse
 
 routes = web.RouteTableDef()
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 from aiohttp import web
 
-from mvserver.web.access.auth import API_KEY, key_id
 from mvserver.core.config import CONFIG
 from mvserver.core.errors import ApiError
 from mvserver.jobs import JOBS
 from mvserver.jobs.usage import MICROS, currency, day_of, month_of
 from mvserver.openapi.schemas import USAGE_TIME
+from mvserver.web.access.auth import API_KEY, key_id
 
 routes = web.RouteTableDef()
 
@@ -36,11 +36,11 @@ def parse_time(text: str, field: str) -> float:
         if text.replace(".", "", 1).isdigit():
             return float(text)
         if len(text) == 10:
-            parsed = datetime.combine(date.fromisoformat(text), datetime.min.time(), timezone.utc)
+            parsed = datetime.combine(date.fromisoformat(text), datetime.min.time(), UTC)
         else:
             parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
             if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=timezone.utc)
+                parsed = parsed.replace(tzinfo=UTC)
         return parsed.timestamp()
     except (ValueError, OverflowError):  # no such day, or out of the datetime range with its offset
         raise _bad_time(field) from None
@@ -52,7 +52,7 @@ def _bad_time(field: str) -> ApiError:
 
 
 def month_start(now: float) -> float:
-    moment = datetime.fromtimestamp(now, timezone.utc)
+    moment = datetime.fromtimestamp(now, UTC)
     return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
 
 

@@ -14,17 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from mvserver.media import ffmpeg as media
 from mvserver.core.config import CONFIG, PosterSettings
-from mvserver.jobs import Job
 from mvserver.core.storage import temp_path
-from mvserver.web.files import SavedFileResponse
+from mvserver.jobs import Job
+from mvserver.media import ffmpeg as media
 from mvserver.videos.routes import job_output
+from mvserver.web.files import SavedFileResponse
 
 log = logging.getLogger("mvserver.jobs")
 routes = web.RouteTableDef()

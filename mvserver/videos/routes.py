@@ -6,8 +6,9 @@ import asyncio
 import base64
 import binascii
 import io
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import jinja2
 import jinja2.nodes
@@ -15,22 +16,22 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
-from mvserver.jobs.accepted import accepted_response
-from mvserver.web.access.auth import key_id, require_owner, visible_to
-from mvserver.providers import PROVIDERS
 from mvserver.core.config import CONFIG, Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.web.files import SavedFileResponse
-from mvserver.web.access.idempotency import idempotent, reserve
-from mvserver.images.routes import FORMATS, load_image
-from mvserver.jobs.options import job_fields
-from mvserver.jobs import JOBS, Job, job_urls, listing, stream_events
-from mvserver.jobs.model import STATUSES, Event
-from mvserver.web.access.quotas import charge
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
-from mvserver.web.access.signing import signed_event_data
 from mvserver.core.storage import STORE, check_id, new_id
+from mvserver.images.routes import FORMATS, load_image
+from mvserver.jobs import JOBS, Job, job_urls, listing, stream_events
+from mvserver.jobs.accepted import accepted_response
+from mvserver.jobs.model import STATUSES, Event
+from mvserver.jobs.options import job_fields
+from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
+from mvserver.providers import PROVIDERS
+from mvserver.web.access.auth import key_id, require_owner, visible_to
+from mvserver.web.access.idempotency import idempotent, reserve
+from mvserver.web.access.quotas import charge
+from mvserver.web.access.signing import signed_event_data
+from mvserver.web.files import SavedFileResponse
 
 routes = web.RouteTableDef()
 

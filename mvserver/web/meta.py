@@ -9,16 +9,16 @@ import logging
 from aiohttp import web
 
 from mvserver import __version__
-from mvserver.web.access.auth import API_KEY, KEYRING, public
-from mvserver.providers import PROVIDERS
 from mvserver.core.config import CONFIG
 from mvserver.core.errors import STORE_UNAVAILABLE, ApiError, one_line
 from mvserver.jobs import JOBS
 from mvserver.jobs.store import StoreUnavailable
-from mvserver.web.metrics import METRICS
-from mvserver.projects.store import PROJECTS
-from mvserver.web.access.quotas import QUOTAS
 from mvserver.openapi.schemas import REQUEST_MODELS, openapi_document
+from mvserver.projects.store import PROJECTS
+from mvserver.providers import PROVIDERS
+from mvserver.web.access.auth import API_KEY, KEYRING, public
+from mvserver.web.access.quotas import QUOTAS
+from mvserver.web.metrics import METRICS
 
 routes = web.RouteTableDef()
 log = logging.getLogger("mvserver")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -77,7 +78,7 @@ class Metrics:
         self.webhook_deliveries = Counter("mv_webhook_deliveries", "Provider webhook deliveries received by this "
                                                                    "process, by outcome", ["provider", "outcome"],
                                           registry=registry)
-        self.census: Callable[[], Awaitable["Census"]] | None = None  # plugged in by the job engine
+        self.census: Callable[[], Awaitable[Census]] | None = None  # plugged in by the job engine
         self._census_labels: set[tuple[str, str, str]] = set()
         self._census_task: asyncio.Future[None] | None = None
 
@@ -98,7 +99,7 @@ class Metrics:
         if error_code is not None:
             self.provider_errors.labels(provider, operation, error_code).inc()
 
-    def set_census(self, census: "Census | None") -> None:
+    def set_census(self, census: Census | None) -> None:
         """Show a job census; series seen before and now empty go to 0. None (the store could not be read): the
         job series are dropped and the queue depth is NaN, so an outage never reads as an empty queue."""
         if census is None:
@@ -122,7 +123,7 @@ class Metrics:
             self._census_task = asyncio.ensure_future(self._take_census(self.census))
         await asyncio.shield(self._census_task)
 
-    async def _take_census(self, census: Callable[[], Awaitable["Census"]]) -> None:
+    async def _take_census(self, census: Callable[[], Awaitable[Census]]) -> None:
         try:
             async with asyncio.timeout(CENSUS_TIMEOUT_SECONDS):
                 self.set_census(await census())

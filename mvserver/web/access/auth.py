@@ -21,17 +21,18 @@ import os
 import re
 import secrets
 import time
-from datetime import datetime, timezone
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from mvserver.core.config import ConfigError
-from mvserver.core.storage import write_bytes_atomic
 from mvserver.core.errors import ApiError
+from mvserver.core.storage import write_bytes_atomic
 from mvserver.web.access.signing import SIGNER, links_expire_by
 
 log = logging.getLogger("mvserver")
@@ -124,7 +125,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def new_webhook_secret() -> str:

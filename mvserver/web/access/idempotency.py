@@ -26,16 +26,17 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 
-from mvserver.web.access.auth import key_id
 from mvserver.core.errors import ApiError
 from mvserver.jobs import JOBS, JobStore
 from mvserver.jobs.store import Remembered
+from mvserver.web.access.auth import key_id
 
 log = logging.getLogger("mvserver")
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from aiohttp import web
 
-from mvserver.web.access.auth import API_KEY, KEYRING, KeyRecord
 from mvserver.core.errors import ApiError
 from mvserver.core.storage import new_id
+from mvserver.web.access.auth import API_KEY, KEYRING, KeyRecord
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -98,7 +99,7 @@ return tostring(math.min(burst, tokens + math.max(0, now - stamp) * rate))
 class RedisRateLimiter:
     """Token buckets in Redis (a hash per key and bucket, updated by one Lua script), shared across processes."""
 
-    def __init__(self, client: "Redis", prefix: str = "mv:bucket:"):
+    def __init__(self, client: Redis, prefix: str = "mv:bucket:"):
         self.prefix = prefix
         self._take: Any = client.register_script(_TAKE)
         self._peek: Any = client.register_script(_PEEK)

@@ -26,9 +26,10 @@ import hmac
 import json
 import re
 import time
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from aiohttp import web
@@ -92,7 +93,7 @@ class UrlSigner:
         query = urlencode({"kid": key_id, "exp": expires, "sig": signature})
         return f"{path}?{own}&{query}" if own else f"{path}?{query}", expires
 
-    def verify(self, request: web.Request, keyring: "KeyRing") -> "KeyRecord":
+    def verify(self, request: web.Request, keyring: KeyRing) -> KeyRecord:
         """The key a signed link was made for; ApiError 403 when it is tampered, expired, revoked or not a GET.
         (Its expiry is then ``int(request.query["exp"])``.)"""
         query = request.query
@@ -205,7 +206,7 @@ def _sign_all(signer: UrlSigner, key_id: str, value: Any, now: float, base: str 
         expires = int(now)
         for name, url in links.items():
             twins[name], expires = _sign(signer, key_id, url, now, base)
-        twins["expires_at"] = datetime.fromtimestamp(expires, timezone.utc).isoformat(timespec="seconds")
+        twins["expires_at"] = datetime.fromtimestamp(expires, UTC).isoformat(timespec="seconds")
         value[LINKS] = twins
         signed = True
     return signed
