@@ -78,9 +78,26 @@ async def render_clips(directory: Path, count: int, seconds: float) -> list[Path
 
 
 async def make_song(path: Path, seconds: float) -> Path:
-    await media.run_ffmpeg(["-f", "lavfi", "-i", f"sine=f=220:d={seconds}:r=44100", "-f", "lavfi", "-i",
-                            f"sine=f=330:d={seconds}:r=44100", "-filter_complex", "amix=inputs=2", "-ac", "2",
-                            "-b:a", "192k", "-y", str(path)])
+    await media.run_ffmpeg(
+        [
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=f=220:d={seconds}:r=44100",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=f=330:d={seconds}:r=44100",
+            "-filter_complex",
+            "amix=inputs=2",
+            "-ac",
+            "2",
+            "-b:a",
+            "192k",
+            "-y",
+            str(path),
+        ]
+    )
     return path
 
 
@@ -88,10 +105,36 @@ async def baseline(clips: list[Path], song: Path, out: Path, total: float) -> No
     """Decode everything and encode it all again in one pass, as a MoviePy-style port does."""
     inputs = [arg for clip in clips for arg in ("-i", str(clip))]
     graph = "".join(f"[{i}:v]" for i in range(len(clips))) + f"concat=n={len(clips)}:v=1:a=0[v]"
-    await media.run_ffmpeg([*inputs, "-i", str(song), "-filter_complex", graph, "-map", "[v]",
-                            "-map", f"{len(clips)}:a", "-c:v", "libx264", "-preset", "medium", "-pix_fmt", "yuv420p",
-                            "-c:a", "aac", "-b:a", "192k", "-t", f"{total:.3f}", "-movflags", "+faststart",
-                            "-y", str(out)], duration=total)
+    await media.run_ffmpeg(
+        [
+            *inputs,
+            "-i",
+            str(song),
+            "-filter_complex",
+            graph,
+            "-map",
+            "[v]",
+            "-map",
+            f"{len(clips)}:a",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "medium",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-b:a",
+            "192k",
+            "-t",
+            f"{total:.3f}",
+            "-movflags",
+            "+faststart",
+            "-y",
+            str(out),
+        ],
+        duration=total,
+    )
 
 
 def children_cpu() -> float:
@@ -128,8 +171,24 @@ async def video_copy_only(clips: list[Path], out: Path) -> None:
     """The video part of a cut-only assembly alone: the concat demuxer copying every clip, no audio."""
     listing = out.with_suffix(".txt")
     listing.write_text("".join(f"file '{clip}'\n" for clip in clips))
-    await media.run_ffmpeg(["-f", "concat", "-safe", "0", "-i", str(listing), "-map", "0:v", "-c", "copy",
-                            "-movflags", "+faststart", "-y", str(out)])
+    await media.run_ffmpeg(
+        [
+            "-f",
+            "concat",
+            "-safe",
+            "0",
+            "-i",
+            str(listing),
+            "-map",
+            "0:v",
+            "-c",
+            "copy",
+            "-movflags",
+            "+faststart",
+            "-y",
+            str(out),
+        ]
+    )
 
 
 async def bench(args: argparse.Namespace) -> int:
@@ -138,8 +197,11 @@ async def bench(args: argparse.Namespace) -> int:
     clips = await render_clips(work, args.clips, args.seconds)
     total = args.clips * args.seconds
     song = await make_song(work / "song.mp3", total)
-    print(f"rendered {args.clips} clips of {args.seconds:g} s and a {total:g} s song in "
-          f"{time.perf_counter() - started:.1f} s", flush=True)
+    print(
+        f"rendered {args.clips} clips of {args.seconds:g} s and a {total:g} s song in "
+        f"{time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
     edit = [media.Clip(path) for path in clips]
 
     aac, preview = work / "song.aac.m4a", work / "song.preview.mp3"
@@ -149,8 +211,9 @@ async def bench(args: argparse.Namespace) -> int:
     encoded = await timed(lambda: media.assemble(edit, work / "cut-encoded.mp4", song=song), args.repeat)
     cut = await timed(lambda: media.assemble(edit, work / "cut.mp4", song=song, song_copy=song_copy), args.repeat)
     video_only = await timed(lambda: video_copy_only(clips, work / "video-only.mp4"), args.repeat)
-    xfade = await timed(lambda: media.assemble(edit, work / "xfade.mp4", song=song, transition="crossfade",
-                                               crossfade_seconds=0.5), 1)
+    xfade = await timed(
+        lambda: media.assemble(edit, work / "xfade.mp4", song=song, transition="crossfade", crossfade_seconds=0.5), 1
+    )
     base = await timed(lambda: baseline(clips, song, work / "baseline.mp4", total), 1)
     load_after = os.getloadavg()
     children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -172,34 +235,60 @@ async def bench(args: argparse.Namespace) -> int:
         return f"{timing.median:.2f} ({', '.join(f'{t:.2f}' for t in timing.wall)}); ffmpeg CPU {timing.cpu:.2f}"
 
     rows = [
-        ("load average (1 min) before / after the measures", f"{load_before[0]:.1f} / {load_after[0]:.1f}",
-         f"report ({os.cpu_count()} CPUs)"),
+        (
+            "load average (1 min) before / after the measures",
+            f"{load_before[0]:.1f} / {load_after[0]:.1f}",
+            f"report ({os.cpu_count()} CPUs)",
+        ),
         ("the song's AAC + preview copies (once, at upload): wall s; ffmpeg CPU s", runs(copies), "report"),
         ("cut-only, song encoded (before): wall s, median (runs); ffmpeg CPU s", runs(encoded), "report"),
         ("cut-only, song's AAC copied (after): wall s, median (runs); ffmpeg CPU s", runs(cut), "< 0.5"),
         ("  audio copied / encoded, before and after", f"{before.audio} / {assembled.audio}", "encoded / copied"),
         ("  of which the video concat copy alone", runs(video_only), "report"),
-        ("cut-only: clips stream-copied / re-encoded", f"{len(assembled.copied)} / {len(assembled.reencoded)}",
-         f"{args.clips} / 0"),
-        ("cut-only: output, before / after", f"{streams(encoded_info)} / {streams(cut_info)}",
-         f"h264 + aac, {total:g} s"),
+        (
+            "cut-only: clips stream-copied / re-encoded",
+            f"{len(assembled.copied)} / {len(assembled.reencoded)}",
+            f"{args.clips} / 0",
+        ),
+        (
+            "cut-only: output, before / after",
+            f"{streams(encoded_info)} / {streams(cut_info)}",
+            f"h264 + aac, {total:g} s",
+        ),
         ("crossfade 0.5 s: wall s; ffmpeg CPU s", runs(xfade), "report"),
         ("crossfade: output", streams(xfade_info), f"h264 + aac, {expected_xfade:g} s"),
         ("full re-encode baseline: wall s; ffmpeg CPU s", runs(base), "report"),
         ("baseline: output", streams(base_info), f"h264 + aac, {total:g} s"),
-        ("speed-up vs baseline, before: wall / ffmpeg CPU",
-         f"{base.median / encoded.median:.1f}x / {base.cpu / encoded.cpu:.1f}x", "report"),
-        ("speed-up vs baseline, after: wall / ffmpeg CPU",
-         f"{base.median / cut.median:.1f}x / {base.cpu / cut.cpu:.1f}x", ">= 10x"),
-        ("peak RSS growth of this process, cut / crossfade / baseline (MiB)",
-         f"{cut.rss_growth_mib:.1f} / {xfade.rss_growth_mib:.1f} / {base.rss_growth_mib:.1f}", "< 64"),
+        (
+            "speed-up vs baseline, before: wall / ffmpeg CPU",
+            f"{base.median / encoded.median:.1f}x / {base.cpu / encoded.cpu:.1f}x",
+            "report",
+        ),
+        (
+            "speed-up vs baseline, after: wall / ffmpeg CPU",
+            f"{base.median / cut.median:.1f}x / {base.cpu / cut.cpu:.1f}x",
+            ">= 10x",
+        ),
+        (
+            "peak RSS growth of this process, cut / crossfade / baseline (MiB)",
+            f"{cut.rss_growth_mib:.1f} / {xfade.rss_growth_mib:.1f} / {base.rss_growth_mib:.1f}",
+            "< 64",
+        ),
         ("peak RSS of the largest ffmpeg child (MiB)", children_peak, "report"),
     ]
-    print_table(f"Assembly: {args.clips} sandbox clips x {args.seconds:g} s + a {total:g} s song",
-                ["measure", "value", "goal"], rows)
-    ok = (len(assembled.copied) == args.clips and abs(cut_info.duration - total) <= 0.1
-          and assembled.audio == "copied" and abs(encoded_info.duration - total) <= 0.1
-          and abs(xfade_info.duration - expected_xfade) <= 0.1 and abs(crossfaded.duration - expected_xfade) <= 0.01)
+    print_table(
+        f"Assembly: {args.clips} sandbox clips x {args.seconds:g} s + a {total:g} s song",
+        ["measure", "value", "goal"],
+        rows,
+    )
+    ok = (
+        len(assembled.copied) == args.clips
+        and abs(cut_info.duration - total) <= 0.1
+        and assembled.audio == "copied"
+        and abs(encoded_info.duration - total) <= 0.1
+        and abs(xfade_info.duration - expected_xfade) <= 0.1
+        and abs(crossfaded.duration - expected_xfade) <= 0.01
+    )
     return 0 if ok else 1
 
 
@@ -216,8 +305,9 @@ async def _wait(session: aiohttp.ClientSession, base: str, job_id: str, timeout:
 async def _video_jobs(session: aiohttp.ClientSession, base: str, count: int) -> list[str]:
     ids = []
     for i in range(count):
-        async with session.post(f"{base}/api/mv/generate_video",
-                                json={"prompt": f"bench scene {i}: the singer in the rain", "duration": 8}) as response:
+        async with session.post(
+            f"{base}/api/mv/generate_video", json={"prompt": f"bench scene {i}: the singer in the rain", "duration": 8}
+        ) as response:
             assert response.status == 202, await response.text()
             ids.append((await response.json())["job_id"])
     return ids
@@ -256,13 +346,19 @@ async def sse_bench(args: argparse.Namespace) -> list[tuple[object, ...]]:
             for job_id in inputs:
                 assert (await _wait(session, base, job_id, 300))["status"] == "succeeded"
             song = await make_song(work / "song.mp3", args.clips * args.seconds)
-            async with session.post(f"{base}/api/mv/upload_audio", data=song.read_bytes(),
-                                    headers={"Content-Type": "audio/mpeg"}) as response:
+            async with session.post(
+                f"{base}/api/mv/upload_audio", data=song.read_bytes(), headers={"Content-Type": "audio/mpeg"}
+            ) as response:
                 assert response.status == 201, await response.text()
                 audio_id = (await response.json())["audio_id"]
             idle = await _follow_others(session, base, args.sse_jobs)
-            body = {"clips": [{"job_id": inputs[i % 2]} for i in range(args.clips)], "audio_id": audio_id,
-                    "transition": "crossfade", "crossfade_seconds": 0.5, "clip_audio": "mix"}
+            body = {
+                "clips": [{"job_id": inputs[i % 2]} for i in range(args.clips)],
+                "audio_id": audio_id,
+                "transition": "crossfade",
+                "crossfade_seconds": 0.5,
+                "clip_audio": "mix",
+            }
             async with session.post(f"{base}/api/mv/assemble", json=body) as response:
                 assert response.status == 202, await response.text()
                 assembly_id = (await response.json())["job_id"]
@@ -272,12 +368,22 @@ async def sse_bench(args: argparse.Namespace) -> list[tuple[object, ...]]:
             state = await _wait(session, base, assembly_id, 600)
             assembly_seconds = state["finished_at"] - state["started_at"]
     return [
-        ("assembly job (crossfade, mixed audio): status, run s", f"{state['status']}, {assembly_seconds:.1f}", "report"),
+        (
+            "assembly job (crossfade, mixed audio): status, run s",
+            f"{state['status']}, {assembly_seconds:.1f}",
+            "report",
+        ),
         ("other jobs' events followed while it ran: count, s", f"{len(busy)} in {others_done:.1f}", "report"),
-        ("SSE event delay of other jobs, idle: p50 / p99 / max ms",
-         f"{percentile(idle, 50):.1f} / {percentile(idle, 99):.1f} / {max(idle):.1f}", "report"),
-        ("SSE event delay of other jobs, assembly running: p50 / p99 / max ms",
-         f"{percentile(busy, 50):.1f} / {percentile(busy, 99):.1f} / {max(busy):.1f}", "p99 < 50"),
+        (
+            "SSE event delay of other jobs, idle: p50 / p99 / max ms",
+            f"{percentile(idle, 50):.1f} / {percentile(idle, 99):.1f} / {max(idle):.1f}",
+            "report",
+        ),
+        (
+            "SSE event delay of other jobs, assembly running: p50 / p99 / max ms",
+            f"{percentile(busy, 50):.1f} / {percentile(busy, 99):.1f} / {max(busy):.1f}",
+            "p99 < 50",
+        ),
     ]
 
 
@@ -353,8 +459,23 @@ async def _scaled(path: Path, height: int) -> Path:
     video = info.first_video
     assert video is not None
     size = f"-2:{height}" if video.width >= video.height else f"{height}:-2"
-    await media.run_ffmpeg(["-i", str(path), "-vf", f"scale={size}", "-c:v", "libx264", "-preset", "veryfast",
-                            "-c:a", "copy", "-y", str(out)], duration=8.0)
+    await media.run_ffmpeg(
+        [
+            "-i",
+            str(path),
+            "-vf",
+            f"scale={size}",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-c:a",
+            "copy",
+            "-y",
+            str(out),
+        ],
+        duration=8.0,
+    )
     return out
 
 
@@ -365,33 +486,57 @@ async def worst(args: argparse.Namespace) -> int:
     count = args.worst_clips or config.projects.limits.assembly_clips_max
     work = workdir("assembly-worst")
     wide, tall = work / "wide.mp4", work / "tall.mp4"
-    await asyncio.gather(render_video(wide, prompt="the widest request: a wide clip", duration=8.0),
-                         render_video(tall, prompt="the widest request: a tall clip", duration=8.0,
-                                      aspect_ratio="9:16"))
+    await asyncio.gather(
+        render_video(wide, prompt="the widest request: a wide clip", duration=8.0),
+        render_video(tall, prompt="the widest request: a tall clip", duration=8.0, aspect_ratio="9:16"),
+    )
     wide, tall = await _scaled(wide, args.height), await _scaled(tall, args.height)
     song = await make_song(work / "song.mp3", count * 8.0)
     cases = [
-        (f"{count} clips{' (the most)' if count == config.projects.limits.assembly_clips_max else ''}, crossfade "
-         "0.5 s, every other one letterboxed, clip audio mixed under a song",
-         [wide, tall] * (count // 2) + [wide] * (count % 2), 0.5),
-        (f"{caps.graph_clips_max} clips in one filter graph (the most): crossfade 4.5 s over 8 s clips",
-         [wide, tall] * (caps.graph_clips_max // 2) + [wide] * (caps.graph_clips_max % 2), 4.5),
+        (
+            f"{count} clips{' (the most)' if count == config.projects.limits.assembly_clips_max else ''}, crossfade "
+            "0.5 s, every other one letterboxed, clip audio mixed under a song",
+            [wide, tall] * (count // 2) + [wide] * (count % 2),
+            0.5,
+        ),
+        (
+            f"{caps.graph_clips_max} clips in one filter graph (the most): crossfade 4.5 s over 8 s clips",
+            [wide, tall] * (caps.graph_clips_max // 2) + [wide] * (caps.graph_clips_max % 2),
+            4.5,
+        ),
     ]
     rows = []
-    binary_mib = os.path.getsize(media.ffmpeg_exe()) / 2 ** 20
+    binary_mib = os.path.getsize(media.ffmpeg_exe()) / 2**20
     ok = True
     for name, clips, crossfade in cases:
-        spec = {"clips": [str(c) for c in clips], "out": str(work / "worst.mp4"), "song": str(song),
-                "crossfade": crossfade, "limits": limits, "graph_clips_max": caps.graph_clips_max}
+        spec = {
+            "clips": [str(c) for c in clips],
+            "out": str(work / "worst.mp4"),
+            "song": str(song),
+            "crossfade": crossfade,
+            "limits": limits,
+            "graph_clips_max": caps.graph_clips_max,
+        }
         measured = await asyncio.to_thread(_run_worst, spec)
         rss, data = measured["maxrss_kib"] / 1024, measured["vmdata_kib"] / 1024
         ok = ok and data <= ffmpeg.memory_mb and rss <= ffmpeg.memory_mb + binary_mib
-        rows.append((name, f"{measured['seconds']:.1f}", f"{measured['wall']:.1f}", f"{measured['cpu']:.1f}",
-                     f"{rss:.0f}", f"{data:.0f}"))
-    print_table(f"The largest accepted assembly requests, {args.height}p clips of 8 s: memory of the largest ffmpeg "
-                f"(limit: memory_mb {ffmpeg.memory_mb} MiB of VmData + the {binary_mib:.0f} MiB binary; threads "
-                f"{ffmpeg.threads}; at most {ffmpeg.concurrency} such runs per node)",
-                ["request", "output s", "wall s", "ffmpeg CPU s", "peak RSS MiB", "peak VmData MiB"], rows)
+        rows.append(
+            (
+                name,
+                f"{measured['seconds']:.1f}",
+                f"{measured['wall']:.1f}",
+                f"{measured['cpu']:.1f}",
+                f"{rss:.0f}",
+                f"{data:.0f}",
+            )
+        )
+    print_table(
+        f"The largest accepted assembly requests, {args.height}p clips of 8 s: memory of the largest ffmpeg "
+        f"(limit: memory_mb {ffmpeg.memory_mb} MiB of VmData + the {binary_mib:.0f} MiB binary; threads "
+        f"{ffmpeg.threads}; at most {ffmpeg.concurrency} such runs per node)",
+        ["request", "output s", "wall s", "ffmpeg CPU s", "peak RSS MiB", "peak VmData MiB"],
+        rows,
+    )
     return 0 if ok else 1
 
 
@@ -402,8 +547,11 @@ async def bench_all(args: argparse.Namespace) -> int:
     if args.no_sse:
         return code
     rows = await sse_bench(args)
-    print_table(f"SSE of {args.sse_jobs} other jobs while an assembly job of {args.clips} x {args.seconds:g} s runs",
-                ["measure", "value", "goal"], rows)
+    print_table(
+        f"SSE of {args.sse_jobs} other jobs while an assembly job of {args.clips} x {args.seconds:g} s runs",
+        ["measure", "value", "goal"],
+        rows,
+    )
     return code
 
 
@@ -415,12 +563,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sse-jobs", type=int, default=6, help="other video jobs followed over SSE (default 6)")
     parser.add_argument("--sse-only", action="store_true", help="only the job engine part (SSE delays)")
     parser.add_argument("--no-sse", action="store_true", help="only the assembly part (no job engine)")
-    parser.add_argument("--worst", action="store_true",
-                        help="only the peak memory of the largest requests the settings accept")
-    parser.add_argument("--height", type=int, default=360, choices=(360, 720, 1080),
-                        help="--worst: clip height (the sandbox renders 360; others are scaled first)")
-    parser.add_argument("--worst-clips", type=int, default=0,
-                        help="--worst: clips of the first request (default: projects.limits.assembly_clips_max)")
+    parser.add_argument(
+        "--worst", action="store_true", help="only the peak memory of the largest requests the settings accept"
+    )
+    parser.add_argument(
+        "--height",
+        type=int,
+        default=360,
+        choices=(360, 720, 1080),
+        help="--worst: clip height (the sandbox renders 360; others are scaled first)",
+    )
+    parser.add_argument(
+        "--worst-clips",
+        type=int,
+        default=0,
+        help="--worst: clips of the first request (default: projects.limits.assembly_clips_max)",
+    )
     return asyncio.run(bench_all(parser.parse_args(argv)))
 
 

@@ -81,8 +81,9 @@ async def run(args: argparse.Namespace) -> int:
     songs = suite(args.scale)
     if args.long_minutes > 0:
         bars = int(args.long_minutes * 60 / (4 * 60 / 124)) // 5
-        songs.append(drum_song(f"4/4 124 BPM, {args.long_minutes:g} min", bpm=124, form="ABCAB",
-                               bars_per_section=bars, seed=20))
+        songs.append(
+            drum_song(f"4/4 124 BPM, {args.long_minutes:g} min", bpm=124, form="ABCAB", bars_per_section=bars, seed=20)
+        )
     print(f"generated {len(songs)} songs in {time.process_time() - started:.1f} s CPU", flush=True)
     pool = AnalysisPool(workers=1, max_seconds=max(1200.0, args.long_minutes * 60 + 60))
     rows, failures = [], []
@@ -92,10 +93,16 @@ async def run(args: argparse.Namespace) -> int:
             analysis = await pool.analyse(path, timeout=120)
             cpu = pool.stats.cpu_seconds[-1]
             if index == 0:
-                print(f"worker start: {pool.stats.last_start_cpu_seconds:.2f} s CPU (import, numba cache, warm-up), "
-                      f"peak RSS {pool.stats.start_peak_rss_mb:.0f} MB")
-            row: list[object] = [song.name, f"{song.duration:.0f}", f"{cpu / song.duration * 60:.2f}",
-                                 f"{pool.stats.peak_rss_mb[-1]:.0f}"]
+                print(
+                    f"worker start: {pool.stats.last_start_cpu_seconds:.2f} s CPU (import, numba cache, warm-up), "
+                    f"peak RSS {pool.stats.start_peak_rss_mb:.0f} MB"
+                )
+            row: list[object] = [
+                song.name,
+                f"{song.duration:.0f}",
+                f"{cpu / song.duration * 60:.2f}",
+                f"{pool.stats.peak_rss_mb[-1]:.0f}",
+            ]
             if cpu / song.duration * 60 > GOALS["cpu_per_minute"]:
                 failures.append(f"{song.name}: CPU per minute")
             if song.tempo is None:
@@ -111,24 +118,49 @@ async def run(args: argparse.Namespace) -> int:
                 error = (analysis.grid.tempo - song.tempo) / song.tempo
                 cuts, off, worst = cuts_off_grid(song, analysis, args.fps)
                 meter = analysis.grid.meter
-                row += [f"{beat_f:.3f}", f"{down_f:.3f}", f"{analysis.grid.tempo:.2f} ({error * 100:+.2f} %)",
-                        f"{meter if meter else '?'} (true {song.meter})",
-                        f"pulse {analysis.grid.evidence.pulse_clarity:.2f}, downbeat conf "
-                        f"{analysis.grid.downbeat_confidence:.2f}",
-                        f"{cuts - off}/{cuts} (max {worst:.2f} fr)", section_hits(song, analysis)]
-                for ok, what in ((beat_f >= GOALS["beat_f"], "beat F"), (down_f >= GOALS["downbeat_f"], "downbeat F"),
-                                 (abs(error) <= GOALS["tempo_error"], "tempo"), (off == 0, "cuts off the downbeats"),
-                                 (meter == song.meter, "meter")):
+                row += [
+                    f"{beat_f:.3f}",
+                    f"{down_f:.3f}",
+                    f"{analysis.grid.tempo:.2f} ({error * 100:+.2f} %)",
+                    f"{meter if meter else '?'} (true {song.meter})",
+                    f"pulse {analysis.grid.evidence.pulse_clarity:.2f}, downbeat conf "
+                    f"{analysis.grid.downbeat_confidence:.2f}",
+                    f"{cuts - off}/{cuts} (max {worst:.2f} fr)",
+                    section_hits(song, analysis),
+                ]
+                for ok, what in (
+                    (beat_f >= GOALS["beat_f"], "beat F"),
+                    (down_f >= GOALS["downbeat_f"], "downbeat F"),
+                    (abs(error) <= GOALS["tempo_error"], "tempo"),
+                    (off == 0, "cuts off the downbeats"),
+                    (meter == song.meter, "meter"),
+                ):
                     if not ok:
                         failures.append(f"{song.name}: {what}")
             rows.append(row)
     finally:
         await pool.close()
-    print_table("Song analysis (one warm worker; CPU = worker + ffmpeg decode)",
-                ["song", "s", "CPU s/min", "peak RSS MB", "beat F", "downbeat F", "tempo BPM (error)", "meter",
-                 "evidence", f"cuts on a downbeat (±1 frame at {args.fps:g} fps)", "section bounds ±0.5 s"], rows)
-    print("\ngoals: beat F >= 0.95, downbeat F >= 0.90, tempo within 2 %, no-beat songs without a grid, "
-          "<= 1.5 s CPU per minute, every cut within one frame of a true downbeat")
+    print_table(
+        "Song analysis (one warm worker; CPU = worker + ffmpeg decode)",
+        [
+            "song",
+            "s",
+            "CPU s/min",
+            "peak RSS MB",
+            "beat F",
+            "downbeat F",
+            "tempo BPM (error)",
+            "meter",
+            "evidence",
+            f"cuts on a downbeat (±1 frame at {args.fps:g} fps)",
+            "section bounds ±0.5 s",
+        ],
+        rows,
+    )
+    print(
+        "\ngoals: beat F >= 0.95, downbeat F >= 0.90, tempo within 2 %, no-beat songs without a grid, "
+        "<= 1.5 s CPU per minute, every cut within one frame of a true downbeat"
+    )
     for failure in failures:
         print(f"MISSED: {failure}")
     return 1 if failures else 0

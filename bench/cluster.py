@@ -55,8 +55,11 @@ NODES = 3
 
 def start_redis(started: list[Process], work: Path) -> tuple[str, Process]:
     port = free_port()
-    proc = Process("redis", ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
-                             "--dir", str(work)], work / "redis.log")
+    proc = Process(
+        "redis",
+        ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no", "--dir", str(work)],
+        work / "redis.log",
+    )
     started.append(proc)
     deadline = time.monotonic() + 10
     while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() != b"PONG":
@@ -68,16 +71,25 @@ def start_redis(started: list[Process], work: Path) -> tuple[str, Process]:
 
 def start_node(started: list[Process], work: Path, index: int, env: dict[str, str]) -> tuple[str, Process]:
     port = free_port()
-    proc = Process(f"node-{index}", [sys.executable, "-m", "bench.run_server", "--host", HOST, "--port", str(port)],
-                   work / f"node-{index}.log", env=env)
+    proc = Process(
+        f"node-{index}",
+        [sys.executable, "-m", "bench.run_server", "--host", HOST, "--port", str(port)],
+        work / f"node-{index}.log",
+        env=env,
+    )
     started.append(proc)
     base = f"http://{HOST}:{port}"
     wait_http(f"{base}/api/mv/health", proc, timeout=60)
     return base, proc
 
 
-async def run_job(session: aiohttp.ClientSession, submit_to: str, follow_on: str,
-                  latencies: list[float], seen: dict[str, list[tuple[float, str]]] | None = None) -> tuple[str, float]:
+async def run_job(
+    session: aiohttp.ClientSession,
+    submit_to: str,
+    follow_on: str,
+    latencies: list[float],
+    seen: dict[str, list[tuple[float, str]]] | None = None,
+) -> tuple[str, float]:
     """Submit on one node, follow on another; record each event's cross-node latency."""
     async with session.post(f"{submit_to}/api/mv/generate_video", json=BODY) as response:
         if response.status != 202:
@@ -100,8 +112,9 @@ async def throughput(nodes: list[str], n: int) -> tuple[float, list[str], list[f
     latencies: list[float] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=NO_TIMEOUT) as session:
         started = time.time()
-        results = await asyncio.gather(*(run_job(session, nodes[i % NODES], nodes[(i + 1) % NODES], latencies)
-                                         for i in range(n)))
+        results = await asyncio.gather(
+            *(run_job(session, nodes[i % NODES], nodes[(i + 1) % NODES], latencies) for i in range(n))
+        )
     wall = max(at for _, at in results) - started
     return wall, [status for status, _ in results], latencies
 
@@ -138,11 +151,23 @@ def main(argv: list[str] | None = None) -> int:
     with processes() as started:
         redis_url, redis_proc = start_redis(started, work)
         sim = start_simulator(started, work, video_latency=args.latency)
-        settings = bench_settings(work, poll_interval_seconds=args.poll, max_concurrent=args.n,
-                                  lease_seconds=args.lease, claim_interval_seconds=args.claim_interval)
-        env = {**PROVIDER_ENV, "MV_GEMINI_BASE_URL": f"{sim}/gemini", "MV_VERTEX_BASE_URL": f"{sim}/vertex",
-               "MV_REPLICATE_BASE_URL": f"{sim}/replicate", "MV_OUTPUT_DIR": str(work / "outputs"),
-               "MV_SETTINGS_DIR": str(settings), "MV_REDIS_URL": redis_url, "MV_REDIS_PREFIX": "bench:"}
+        settings = bench_settings(
+            work,
+            poll_interval_seconds=args.poll,
+            max_concurrent=args.n,
+            lease_seconds=args.lease,
+            claim_interval_seconds=args.claim_interval,
+        )
+        env = {
+            **PROVIDER_ENV,
+            "MV_GEMINI_BASE_URL": f"{sim}/gemini",
+            "MV_VERTEX_BASE_URL": f"{sim}/vertex",
+            "MV_REPLICATE_BASE_URL": f"{sim}/replicate",
+            "MV_OUTPUT_DIR": str(work / "outputs"),
+            "MV_SETTINGS_DIR": str(settings),
+            "MV_REDIS_URL": redis_url,
+            "MV_REDIS_PREFIX": "bench:",
+        }
         started_nodes = [start_node(started, work, i, env) for i in range(NODES)]
         nodes, procs = [b for b, _ in started_nodes], [p for _, p in started_nodes]
         sim_proc = started[1]
@@ -155,33 +180,74 @@ def main(argv: list[str] | None = None) -> int:
         after = [cpu_seconds(p.pid) for p in procs] + [cpu_seconds(redis_proc.pid), cpu_seconds(sim_proc.pid)]
         node_cpu = sum(after[:NODES]) - sum(before[:NODES])
         succeeded = statuses.count("succeeded")
-        print_table(f"Cluster: {NODES} nodes on one Redis, {args.n} jobs at L = {args.latency:g} s, poll {args.poll:g} s, "
-                    "each followed over SSE on another node than it was submitted to",
-                    ["jobs", "succeeded", "wall", "wall / L", "node CPU per job", "Redis CPU", "simulator CPU", "client CPU",
-                     "SSE events", "cross-node SSE p50", "p99", "max"],
-                    [[args.n, succeeded, f"{wall:.2f} s", f"{wall / args.latency:.2f}",
-                      f"{node_cpu / args.n * 1000:.1f} ms", f"{after[NODES] - before[NODES]:.1f} s",
-                      f"{after[-1] - before[-1]:.1f} s", f"{client_cpu:.1f} s", len(latencies),
-                      f"{percentile(latencies, 50) * 1000:.1f} ms", f"{percentile(latencies, 99) * 1000:.1f} ms",
-                      f"{max(latencies) * 1000:.1f} ms"]])
+        print_table(
+            f"Cluster: {NODES} nodes on one Redis, {args.n} jobs at L = {args.latency:g} s, poll {args.poll:g} s, "
+            "each followed over SSE on another node than it was submitted to",
+            [
+                "jobs",
+                "succeeded",
+                "wall",
+                "wall / L",
+                "node CPU per job",
+                "Redis CPU",
+                "simulator CPU",
+                "client CPU",
+                "SSE events",
+                "cross-node SSE p50",
+                "p99",
+                "max",
+            ],
+            [
+                [
+                    args.n,
+                    succeeded,
+                    f"{wall:.2f} s",
+                    f"{wall / args.latency:.2f}",
+                    f"{node_cpu / args.n * 1000:.1f} ms",
+                    f"{after[NODES] - before[NODES]:.1f} s",
+                    f"{after[-1] - before[-1]:.1f} s",
+                    f"{client_cpu:.1f} s",
+                    len(latencies),
+                    f"{percentile(latencies, 50) * 1000:.1f} ms",
+                    f"{percentile(latencies, 99) * 1000:.1f} ms",
+                    f"{max(latencies) * 1000:.1f} ms",
+                ]
+            ],
+        )
 
         # A long latency keeps the jobs generating past the kill; the simulator's latency is set at start, so the
         # takeover run uses a second simulator.
         (work / "takeover").mkdir()
         sim2 = start_simulator(started, work / "takeover", video_latency=args.lease * 3)
-        env2 = {**env, "MV_GEMINI_BASE_URL": f"{sim2}/gemini", "MV_VERTEX_BASE_URL": f"{sim2}/vertex",
-                "MV_REPLICATE_BASE_URL": f"{sim2}/replicate", "MV_REDIS_PREFIX": "takeover:"}
+        env2 = {
+            **env,
+            "MV_GEMINI_BASE_URL": f"{sim2}/gemini",
+            "MV_VERTEX_BASE_URL": f"{sim2}/vertex",
+            "MV_REPLICATE_BASE_URL": f"{sim2}/replicate",
+            "MV_REDIS_PREFIX": "takeover:",
+        }
         second = [start_node(started, work / "takeover", i, env2) for i in range(NODES)]
         for proc in procs:
             proc.stop()
-        resumed, ok, total = asyncio.run(takeover([b for b, _ in second], [p for _, p in second],
-                                                  args.takeover_jobs, settle=2.0))
+        resumed, ok, total = asyncio.run(
+            takeover([b for b, _ in second], [p for _, p in second], args.takeover_jobs, settle=2.0)
+        )
         creates = len(list((work / "takeover" / "simulator" / "predictions").glob("*.json")))
-        print_table(f"Takeover after kill -9 of the node running {args.takeover_jobs} jobs (lease {args.lease:g} s, "
-                    f"claim interval {args.claim_interval:g} s)",
-                    ["jobs", "succeeded", "taken over", "predictions created", "takeover p50", "max"],
-                    [[total, ok, len(resumed), creates, f"{percentile(resumed, 50):.2f} s" if resumed else "-",
-                      f"{max(resumed):.2f} s" if resumed else "-"]])
+        print_table(
+            f"Takeover after kill -9 of the node running {args.takeover_jobs} jobs (lease {args.lease:g} s, "
+            f"claim interval {args.claim_interval:g} s)",
+            ["jobs", "succeeded", "taken over", "predictions created", "takeover p50", "max"],
+            [
+                [
+                    total,
+                    ok,
+                    len(resumed),
+                    creates,
+                    f"{percentile(resumed, 50):.2f} s" if resumed else "-",
+                    f"{max(resumed):.2f} s" if resumed else "-",
+                ]
+            ],
+        )
     return 0
 
 

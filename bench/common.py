@@ -52,14 +52,28 @@ def free_port() -> int:
 class Process:
     """A child process in its own process group, with its output in ``log``."""
 
-    def __init__(self, name: str, args: Sequence[str], log: Path, *, env: dict[str, str] | None = None,
-                 cpus: set[int] | None = None):
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str],
+        log: Path,
+        *,
+        env: dict[str, str] | None = None,
+        cpus: set[int] | None = None,
+    ):
         self.name, self.log = name, log
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         child_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
         with open(log, "wb") as out:
-            self.popen = subprocess.Popen(list(args), cwd=ROOT, env=child_env, stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+            self.popen = subprocess.Popen(
+                list(args),
+                cwd=ROOT,
+                env=child_env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         if cpus:
             os.sched_setaffinity(self.popen.pid, cpus)
 
@@ -121,15 +135,38 @@ def wait_http(url: str, proc: Process, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{proc.name} did not answer {url} within {timeout:g} s:\n{proc.tail()}")
 
 
-def start_simulator(started: list[Process], workdir: Path, *, video_latency: float, image_latency: float = 0.2,
-                    scenes_latency: float = 0.0, render_cache: bool = True, pad_bytes: int = 0,
-                    cpus: set[int] | None = None) -> str:
+def start_simulator(
+    started: list[Process],
+    workdir: Path,
+    *,
+    video_latency: float,
+    image_latency: float = 0.2,
+    scenes_latency: float = 0.0,
+    render_cache: bool = True,
+    pad_bytes: int = 0,
+    cpus: set[int] | None = None,
+) -> str:
     """Run ``python -m mvserver.sandbox`` on a free port; return its base URL."""
     port = free_port()
-    args = [sys.executable, "-m", "mvserver.sandbox", "--host", HOST, "--port", str(port),
-            "--state-dir", str(workdir / "simulator"), "--video-latency", str(video_latency),
-            "--image-latency", str(image_latency), "--scenes-latency", str(scenes_latency),
-            "--output-pad-bytes", str(pad_bytes)] + (["--render-cache"] if render_cache else [])
+    args = [
+        sys.executable,
+        "-m",
+        "mvserver.sandbox",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--state-dir",
+        str(workdir / "simulator"),
+        "--video-latency",
+        str(video_latency),
+        "--image-latency",
+        str(image_latency),
+        "--scenes-latency",
+        str(scenes_latency),
+        "--output-pad-bytes",
+        str(pad_bytes),
+    ] + (["--render-cache"] if render_cache else [])
     # the servers' Replicate token: the simulator answers it and gives it its webhook secret (bench.concurrency --webhooks)
     token = {"MV_SIM_API_TOKEN": PROVIDER_ENV["REPLICATE_API_TOKEN"]}
     proc = Process("simulator", args, workdir / "simulator.log", env=token, cpus=cpus)
@@ -150,9 +187,17 @@ def bench_settings(workdir: Path, **jobs: Any) -> Path:
     return target
 
 
-def start_server(started: list[Process], workdir: Path, sim_url: str, settings_dir: Path, *,
-                 cpus: set[int] | None = None, stats: bool = False, extra_env: dict[str, str] | None = None,
-                 webhooks: bool = False) -> str:
+def start_server(
+    started: list[Process],
+    workdir: Path,
+    sim_url: str,
+    settings_dir: Path,
+    *,
+    cpus: set[int] | None = None,
+    stats: bool = False,
+    extra_env: dict[str, str] | None = None,
+    webhooks: bool = False,
+) -> str:
     """Run mvserver (``python -m bench.run_server``, access log off) against the simulator; return its base URL.
     With ``webhooks`` its own address is its public base URL, so the simulator sends Replicate webhooks to it."""
     port = free_port()
@@ -167,7 +212,9 @@ def start_server(started: list[Process], workdir: Path, sim_url: str, settings_d
         "MV_SETTINGS_DIR": str(settings_dir),
         **(extra_env or {}),
     }
-    args = [sys.executable, "-m", "bench.run_server", "--host", HOST, "--port", str(port)] + (["--stats"] if stats else [])
+    args = [sys.executable, "-m", "bench.run_server", "--host", HOST, "--port", str(port)] + (
+        ["--stats"] if stats else []
+    )
     proc = Process("mvserver", args, workdir / "mvserver.log", env=env, cpus=cpus)
     started.append(proc)
     base = f"http://{HOST}:{port}"
@@ -202,7 +249,7 @@ def proc_status(pid: int) -> dict[str, int]:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far."""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -259,8 +306,10 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
     for row in cells:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + " |")
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"\n{os.cpu_count()} CPUs; load average 1/5/15 min at the end: {load} (other work on the machine shows here)",
-          flush=True)
+    print(
+        f"\n{os.cpu_count()} CPUs; load average 1/5/15 min at the end: {load} (other work on the machine shows here)",
+        flush=True,
+    )
 
 
 def _cell(value: Any) -> str:

@@ -77,7 +77,9 @@ async def run_mvserver(base: str, n: int, pid: int, sim_pid: int) -> Run:
         results = await asyncio.gather(*(watch_job(session, base) for _ in range(n)))
     ok = [at for status, at in results if status == "succeeded"]
     wall = max(at for _, at in results) - started
-    return Run("mvserver", n, wall, len(ok), cpu_seconds(pid) - cpu_before, cpu_seconds(sim_pid) - sim_before, "measured")
+    return Run(
+        "mvserver", n, wall, len(ok), cpu_seconds(pid) - cpu_before, cpu_seconds(sim_pid) - sim_before, "measured"
+    )
 
 
 async def naive_request(session: aiohttp.ClientSession, base: str) -> float:
@@ -104,14 +106,32 @@ async def run_naive(base: str, n: int, cap: float | None, pid: int, sim_pid: int
     if not finished:
         return Run("naive", n, float("nan"), 0, cpu, sim_cpu, f"none finished in {cap:g} s")
     per_job = finished[-1] / len(finished)
-    return Run("naive", n, n * per_job, len(finished), cpu, sim_cpu,
-               f"EXTRAPOLATED: {len(finished)}/{n} done in {finished[-1]:.1f} s -> {n} x {per_job:.2f} s")
+    return Run(
+        "naive",
+        n,
+        n * per_job,
+        len(finished),
+        cpu,
+        sim_cpu,
+        f"EXTRAPOLATED: {len(finished)}/{n} done in {finished[-1]:.1f} s -> {n} x {per_job:.2f} s",
+    )
 
 
 def start_naive(started: list[Process], work: Path, sim: str, poll: float) -> tuple[str, int]:
     port = free_port()
-    args = [sys.executable, "-m", "bench.naive_server", "--host", HOST, "--port", str(port),
-            "--output-dir", str(work / f"naive-{port}"), "--poll-seconds", str(poll)]
+    args = [
+        sys.executable,
+        "-m",
+        "bench.naive_server",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--output-dir",
+        str(work / f"naive-{port}"),
+        "--poll-seconds",
+        str(poll),
+    ]
     env = {**PROVIDER_ENV, "MV_REPLICATE_BASE_URL": f"{sim}/replicate"}
     proc = Process("naive", args, work / f"naive-{port}.log", env=env)
     started.append(proc)
@@ -128,8 +148,14 @@ async def main_async(args: argparse.Namespace) -> list[Run]:
         sim_pid = started[-1].pid
         settings = bench_settings(work, poll_interval_seconds=args.poll, max_concurrent=max(args.n))
         for webhooks in (False, True) if args.webhooks else (False,):
-            base = start_server(started, work, sim, settings, webhooks=webhooks,
-                                extra_env={"MV_OUTPUT_DIR": str(work / f"outputs-{int(webhooks)}")})
+            base = start_server(
+                started,
+                work,
+                sim,
+                settings,
+                webhooks=webhooks,
+                extra_env={"MV_OUTPUT_DIR": str(work / f"outputs-{int(webhooks)}")},
+            )
             server_pid = started[-1].pid
             await run_mvserver(base, 1, server_pid, sim_pid)  # warm-up: renders the cached clip, opens connections
             for n in args.n:
@@ -151,22 +177,55 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.concurrency", description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, nargs="+", default=[50, 200], help="job counts (default 50 200)")
     parser.add_argument("--latency", type=float, default=5.0, help="simulated video latency L in seconds (default 5)")
-    parser.add_argument("--poll", type=float, default=0.25, help="provider poll interval of both servers (default 0.25)")
-    parser.add_argument("--baseline-budget", type=float, default=300.0,
-                        help="run the baseline in full when N x L is at most this many seconds (default 300)")
-    parser.add_argument("--baseline-cap", type=float, default=30.0,
-                        help="otherwise run it this long and extrapolate (default 30)")
+    parser.add_argument(
+        "--poll", type=float, default=0.25, help="provider poll interval of both servers (default 0.25)"
+    )
+    parser.add_argument(
+        "--baseline-budget",
+        type=float,
+        default=300.0,
+        help="run the baseline in full when N x L is at most this many seconds (default 300)",
+    )
+    parser.add_argument(
+        "--baseline-cap", type=float, default=30.0, help="otherwise run it this long and extrapolate (default 30)"
+    )
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--webhooks", action="store_true", help="also run mvserver with Replicate webhooks on")
     args = parser.parse_args(argv)
     raise_open_files_limit()
     runs = asyncio.run(main_async(args))
-    rows = [(r.server, r.n, args.latency, r.wall, r.wall / args.latency, f"{r.succeeded}/{r.n}", r.cpu,
-             1000 * r.cpu / r.n, r.sim_cpu, r.how) for r in runs]
-    print_table(f"Concurrency: N jobs at once, simulated latency L = {args.latency:g} s, poll {args.poll:g} s "
-                "(goal: mvserver wall/L <= 1.2)",
-                ["server", "N", "L (s)", "wall (s)", "wall / L", "succeeded", "server CPU (s)", "CPU/job (ms)",
-                 "sim CPU (s)", "how"], rows)
+    rows = [
+        (
+            r.server,
+            r.n,
+            args.latency,
+            r.wall,
+            r.wall / args.latency,
+            f"{r.succeeded}/{r.n}",
+            r.cpu,
+            1000 * r.cpu / r.n,
+            r.sim_cpu,
+            r.how,
+        )
+        for r in runs
+    ]
+    print_table(
+        f"Concurrency: N jobs at once, simulated latency L = {args.latency:g} s, poll {args.poll:g} s "
+        "(goal: mvserver wall/L <= 1.2)",
+        [
+            "server",
+            "N",
+            "L (s)",
+            "wall (s)",
+            "wall / L",
+            "succeeded",
+            "server CPU (s)",
+            "CPU/job (ms)",
+            "sim CPU (s)",
+            "how",
+        ],
+        rows,
+    )
     return 0 if all(r.succeeded == r.n for r in runs if r.server.startswith("mvserver")) else 1
 
 

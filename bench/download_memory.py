@@ -50,7 +50,9 @@ def allow_output_size(settings: Path, size: int) -> Path:
 async def generate(base: str) -> dict[str, Any]:
     """Run one job to its end; the final event's data."""
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-        async with session.post(f"{base}/api/mv/generate_video", json={"prompt": "bench: big clip", "duration": 4}) as r:
+        async with session.post(
+            f"{base}/api/mv/generate_video", json={"prompt": "bench: big clip", "duration": 4}
+        ) as r:
             job = await r.json()
         async with session.get(base + job["events_url"]) as response:
             final = None
@@ -97,14 +99,25 @@ def main(argv: list[str] | None = None) -> int:
         ("job status / video bytes stored", f"{final.get('status')} / {stored}", ""),
         ("bytes served by get_video", f"{served} in {seconds:.2f} s ({served / MB / seconds:.0f} MiB/s)", "= stored"),
         ("server VmRSS before (MiB)", before["VmRSS"] / 1024, ""),
-        ("peak VmRSS while downloading (MiB), samples", f"{download_peak.peak_kb / 1024:.1f}, {download_peak.samples}", ""),
+        (
+            "peak VmRSS while downloading (MiB), samples",
+            f"{download_peak.peak_kb / 1024:.1f}, {download_peak.samples}",
+            "",
+        ),
         ("peak VmRSS while serving (MiB), samples", f"{serve_peak.peak_kb / 1024:.1f}, {serve_peak.samples}", ""),
-        ("VmHWM before / after download / after serving (MiB)",
-         f"{before['VmHWM'] / 1024:.1f} / {after_download['VmHWM'] / 1024:.1f} / {after['VmHWM'] / 1024:.1f}", ""),
+        (
+            "VmHWM before / after download / after serving (MiB)",
+            f"{before['VmHWM'] / 1024:.1f} / {after_download['VmHWM'] / 1024:.1f} / {after['VmHWM'] / 1024:.1f}",
+            "",
+        ),
         ("peak RSS growth, sampled (MiB)", growth / 1024, "< 64"),
         ("VmHWM after - VmRSS before (MiB, upper bound)", hwm_growth / 1024, "< 64"),
     ]
-    print_table(f"Download memory: one {args.size_mb} MiB video, provider download then get_video", ["measure", "value", "goal"], rows)
+    print_table(
+        f"Download memory: one {args.size_mb} MiB video, provider download then get_video",
+        ["measure", "value", "goal"],
+        rows,
+    )
     return 0 if final.get("status") == "succeeded" and served == stored else 1
 
 

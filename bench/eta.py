@@ -79,15 +79,30 @@ async def run(scenario: Scenario, jobs: int, rng: random.Random, directory: Path
         key = f"video|bench|{kind}"
         found = await book.estimate(key)
         if found is not None:
-            job = Job(id="bench", backend="replicate", model="bench", sandbox=False, request={},
-                      created_at=0.0, started_at=0.0)
+            job = Job(
+                id="bench",
+                backend="replicate",
+                model="bench",
+                sandbox=False,
+                request={},
+                created_at=0.0,
+                started_at=0.0,
+            )
             for method in METHODS:
                 estimate = EtaEstimate(found, plain=method == "plain mean")
                 for point in POINTS:
                     now = point * seconds
                     error = estimate.eta_seconds(job, now=now) - (seconds - now)
-                    samples.append(Sample(method, point, error, abs(error) / seconds,
-                                          abs(estimate.progress(job, now=now) - point), seen.get(kind, 0) < WARM_UP))
+                    samples.append(
+                        Sample(
+                            method,
+                            point,
+                            error,
+                            abs(error) / seconds,
+                            abs(estimate.progress(job, now=now) - point),
+                            seen.get(kind, 0) < WARM_UP,
+                        )
+                    )
         await book.learn(key, seconds)
         seen[kind] = seen.get(kind, 0) + 1
     return samples
@@ -105,10 +120,17 @@ def rows_of(name: str, samples: list[Sample], keep: Callable[[Sample], bool]) ->
 
 def row(name: str, method: str, point: float, chosen: list[Sample]) -> list[object]:
     absolute = [abs(s.error) for s in chosen]
-    return [name, method, f"{point:.0%}", len(chosen), f"{percentile(absolute, 50):.1f}",
-            f"{percentile(absolute, 90):.1f}", f"{percentile([s.relative for s in chosen], 50):.3f}",
-            f"{sum(s.error for s in chosen) / len(chosen):+.1f}",
-            f"{percentile([s.progress_error for s in chosen], 50):.3f}"]
+    return [
+        name,
+        method,
+        f"{point:.0%}",
+        len(chosen),
+        f"{percentile(absolute, 50):.1f}",
+        f"{percentile(absolute, 90):.1f}",
+        f"{percentile([s.relative for s in chosen], 50):.3f}",
+        f"{sum(s.error for s in chosen) / len(chosen):+.1f}",
+        f"{percentile([s.progress_error for s in chosen], 50):.3f}",
+    ]
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -121,9 +143,11 @@ async def main_async(args: argparse.Namespace) -> None:
             shutil.rmtree(directory, ignore_errors=True)
         rows += rows_of(scenario.name, samples, lambda s: not s.cold)
         rows += rows_of(scenario.name + " (cold)", samples, lambda s: s.cold)
-    print_table(f"ETA error over {args.jobs} simulated jobs per scenario (warm: after {WARM_UP} runs of a kind)",
-                ["scenario", "ETA", "at", "n", "|err| p50 s", "|err| p90 s", "|err|/run p50", "bias s",
-                 "|progress err| p50"], rows)
+    print_table(
+        f"ETA error over {args.jobs} simulated jobs per scenario (warm: after {WARM_UP} runs of a kind)",
+        ["scenario", "ETA", "at", "n", "|err| p50 s", "|err| p90 s", "|err|/run p50", "bias s", "|progress err| p50"],
+        rows,
+    )
 
 
 def main() -> None:

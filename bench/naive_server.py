@@ -27,8 +27,13 @@ POLL_SECONDS = web.AppKey("poll_seconds", float)
 async def generate_video(request: web.Request) -> web.Response:
     body = await request.json()
     client = replicate.Client(api_token=os.environ["REPLICATE_API_TOKEN"], base_url=os.environ["MV_REPLICATE_BASE_URL"])
-    inputs = {"prompt": body["prompt"], "duration": body.get("duration", 8), "aspect_ratio": "16:9",
-              "generate_audio": True, "seed": body.get("seed")}
+    inputs = {
+        "prompt": body["prompt"],
+        "duration": body.get("duration", 8),
+        "aspect_ratio": "16:9",
+        "generate_audio": True,
+        "seed": body.get("seed"),
+    }
     prediction = client.models.predictions.create(model="google/veo-3.1", input=inputs)
     while prediction.status not in ("succeeded", "failed", "canceled"):
         time.sleep(request.app[POLL_SECONDS])

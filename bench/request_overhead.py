@@ -47,12 +47,23 @@ BODY = {"idea": "a drummer who plays on rooftops at dusk", "character_descriptio
 # (label, method, path, body, expected status, route template for the server timings)
 SCENES_TARGET = ("create_scenes", "POST", ROUTE, BODY, 200, ROUTE)
 # A near-empty handler (an unknown job id: one dict lookup, 404), so the fixed cost per request shows fully.
-LIGHT_TARGET = ("job 404", "GET", "/api/mv/jobs/00000000-0000-4000-8000-000000000000", None, 404,
-                "/api/mv/jobs/{job_id}")
+LIGHT_TARGET = (
+    "job 404",
+    "GET",
+    "/api/mv/jobs/00000000-0000-4000-8000-000000000000",
+    None,
+    404,
+    "/api/mv/jobs/{job_id}",
+)
 
 
-async def load(base: str, concurrency: int, duration: float, headers: dict[str, str] | None = None,
-               target: tuple[Any, ...] = SCENES_TARGET) -> tuple[int, int, list[float]]:
+async def load(
+    base: str,
+    concurrency: int,
+    duration: float,
+    headers: dict[str, str] | None = None,
+    target: tuple[Any, ...] = SCENES_TARGET,
+) -> tuple[int, int, list[float]]:
     """Closed loop for ``duration`` seconds: (requests answered as expected, other answers, client latencies in s)."""
     _, method, path, body, expected, _ = target
     latencies: list[float] = []
@@ -88,12 +99,22 @@ def run_level(base: str, pid: int, concurrency: int, duration: float) -> tuple[A
     cpu = cpu_seconds(pid) - cpu_before
     server = asyncio.run(server_timings(base))
     ms = lambda values, p: percentile(values, p) * 1000  # noqa: E731
-    return (concurrency, ok, failed, ok / duration, ms(server, 50), ms(server, 99), ms(client, 50), ms(client, 99),
-            f"{cpu / duration * 100:.0f}%")
+    return (
+        concurrency,
+        ok,
+        failed,
+        ok / duration,
+        ms(server, 50),
+        ms(server, 99),
+        ms(client, 50),
+        ms(client, 99),
+        f"{cpu / duration * 100:.0f}%",
+    )
 
 
-def measure(base: str, pid: int, concurrency: int, duration: float, headers: dict[str, str] | None,
-            target: tuple[Any, ...]) -> tuple[int, int, list[float], list[float], float]:
+def measure(
+    base: str, pid: int, concurrency: int, duration: float, headers: dict[str, str] | None, target: tuple[Any, ...]
+) -> tuple[int, int, list[float], list[float], float]:
     """One measured round after a short warm-up: (ok, other, client latencies, server latencies, server CPU s)."""
     asyncio.run(load(base, concurrency, min(1.0, duration), headers, target))
     asyncio.run(server_timings(base, target[-1]))
@@ -109,16 +130,20 @@ def access_comparison(args: argparse.Namespace) -> int:
     keys_file = work / "keys.yaml"
     unlimited = KeyLimits(blocking_per_minute=6e9, blocking_burst=10**9, jobs_per_minute=6e9, jobs_burst=10**9)
     _, key = create_key(keys_file, "bench", unlimited)
-    access_env = {"MV_API_KEYS_FILE": str(keys_file), "MV_URL_SIGNING_SECRET": "bench-signing-secret-" + "x" * 32,
-                  "MV_METRICS": "true"}
+    access_env = {
+        "MV_API_KEYS_FILE": str(keys_file),
+        "MV_URL_SIGNING_SECRET": "bench-signing-secret-" + "x" * 32,
+        "MV_METRICS": "true",
+    }
     modes = {"off": (None, {}), "on": ({"Authorization": f"Bearer {key}"}, access_env)}
     rows, overhead = [], []
     with processes() as started:
         sim = start_simulator(started, work, video_latency=1.0, scenes_latency=0.0, cpus=CLIENT_CPU)
         servers = {}
         for mode, (_, env) in modes.items():
-            base = start_server(started, work / mode, sim, bench_settings(work / mode), cpus=SERVER_CPU, stats=True,
-                                extra_env=env)
+            base = start_server(
+                started, work / mode, sim, bench_settings(work / mode), cpus=SERVER_CPU, stats=True, extra_env=env
+            )
             servers[mode] = (base, started[-1].pid)
         for target in (SCENES_TARGET, LIGHT_TARGET):
             for concurrency in args.concurrency:
@@ -133,16 +158,49 @@ def access_comparison(args: argparse.Namespace) -> int:
                     seconds = args.duration * args.rounds
                     ms = lambda values, p: percentile(values, p) * 1000  # noqa: E731
                     p50[mode] = (ms(server, 50), ms(server, 99), ms(client, 50), ms(client, 99))
-                    rows.append((target[0], concurrency, mode, ok, failed, ok / seconds, *p50[mode],
-                                 f"{cpu / seconds * 100:.0f}%"))
-                overhead.append((target[0], concurrency,
-                                 *(f"{(on / off - 1) * 100:+.1f}%" for on, off in zip(p50["on"], p50["off"], strict=False))))
-    print_table(f"Request overhead of access control: POST {ROUTE} and GET {LIGHT_TARGET[2]} (404), keys + quotas "
-                f"+ metrics off vs on, {args.rounds} alternating rounds of {args.duration:g} s per level and mode; "
-                f"server on CPU 0, client and simulator on CPU 1",
-                ["request", "in flight", "access", "answered 200", "other", "requests/s", "server p50 (ms)", "server p99 (ms)",
-                 "client p50 (ms)", "client p99 (ms)", "server CPU"], rows)
-    print_table("Overhead (on vs off)", ["request", "in flight", "server p50", "server p99", "client p50", "client p99"], overhead)
+                    rows.append(
+                        (
+                            target[0],
+                            concurrency,
+                            mode,
+                            ok,
+                            failed,
+                            ok / seconds,
+                            *p50[mode],
+                            f"{cpu / seconds * 100:.0f}%",
+                        )
+                    )
+                overhead.append(
+                    (
+                        target[0],
+                        concurrency,
+                        *(f"{(on / off - 1) * 100:+.1f}%" for on, off in zip(p50["on"], p50["off"], strict=False)),
+                    )
+                )
+    print_table(
+        f"Request overhead of access control: POST {ROUTE} and GET {LIGHT_TARGET[2]} (404), keys + quotas "
+        f"+ metrics off vs on, {args.rounds} alternating rounds of {args.duration:g} s per level and mode; "
+        f"server on CPU 0, client and simulator on CPU 1",
+        [
+            "request",
+            "in flight",
+            "access",
+            "answered 200",
+            "other",
+            "requests/s",
+            "server p50 (ms)",
+            "server p99 (ms)",
+            "client p50 (ms)",
+            "client p99 (ms)",
+            "server CPU",
+        ],
+        rows,
+    )
+    print_table(
+        "Overhead (on vs off)",
+        ["request", "in flight", "server p50", "server p99", "client p50", "client p99"],
+        overhead,
+    )
     return 0
 
 
@@ -165,10 +223,22 @@ def main(argv: list[str] | None = None) -> int:
         pid = started[-1].pid
         for concurrency in args.concurrency:
             rows.append(run_level(base, pid, concurrency, args.duration))
-    print_table(f"Request overhead: POST {ROUTE} (4 scenes), simulator answers at once; server on CPU 0, client and "
-                f"simulator on CPU 1, {args.duration:g} s per level",
-                ["in flight", "answered 200", "other", "requests/s", "server p50 (ms)", "server p99 (ms)",
-                 "client p50 (ms)", "client p99 (ms)", "server CPU"], rows)
+    print_table(
+        f"Request overhead: POST {ROUTE} (4 scenes), simulator answers at once; server on CPU 0, client and "
+        f"simulator on CPU 1, {args.duration:g} s per level",
+        [
+            "in flight",
+            "answered 200",
+            "other",
+            "requests/s",
+            "server p50 (ms)",
+            "server p99 (ms)",
+            "client p50 (ms)",
+            "client p99 (ms)",
+            "server CPU",
+        ],
+        rows,
+    )
     return 0
 
 

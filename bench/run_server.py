@@ -26,7 +26,9 @@ TIMINGS = web.AppKey("bench_timings", dict)
 
 
 @web.middleware
-async def timing_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def timing_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     started = time.perf_counter()
     try:
         return await handler(request)
@@ -40,15 +42,17 @@ async def stats(request: web.Request) -> web.Response:
     manager = request.app[JOBS]
     store = manager.store
     statuses = collections.Counter(job.status for job in getattr(store, "_active", {}).values())
-    return web.json_response({
-        "asyncio_tasks": len(asyncio.all_tasks()),
-        "job_tasks": len(manager.tasks),
-        "jobs": dict(statuses),
-        "wakers": len(store._wakers),
-        "write_locks": len(getattr(store, "_write_locks", {})),
-        "open_fds": len(os.listdir("/proc/self/fd")),
-        "fds": dict(collections.Counter(_fd_kind(name) for name in os.listdir("/proc/self/fd"))),
-    })
+    return web.json_response(
+        {
+            "asyncio_tasks": len(asyncio.all_tasks()),
+            "job_tasks": len(manager.tasks),
+            "jobs": dict(statuses),
+            "wakers": len(store._wakers),
+            "write_locks": len(getattr(store, "_write_locks", {})),
+            "open_fds": len(os.listdir("/proc/self/fd")),
+            "fds": dict(collections.Counter(_fd_kind(name) for name in os.listdir("/proc/self/fd"))),
+        }
+    )
 
 
 def _fd_kind(name: str) -> str:

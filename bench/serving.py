@@ -82,8 +82,12 @@ def start_nginx(started: list[Process], work: Path, root: Path) -> str:
     conf_dir.mkdir()
     conf = conf_dir / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=conf_dir, host=HOST, port=port, root=root))
-    proc = Process("nginx", [NGINX, "-e", str(conf_dir / "error.log"), "-p", str(conf_dir), "-c", str(conf)],
-                   work / "nginx.log", cpus=SERVER_CPU)
+    proc = Process(
+        "nginx",
+        [NGINX, "-e", str(conf_dir / "error.log"), "-p", str(conf_dir), "-c", str(conf)],
+        work / "nginx.log",
+        cpus=SERVER_CPU,
+    )
     started.append(proc)
     base = f"http://{HOST}:{port}"
     wait_http(f"{base}/clip.mp4", proc)
@@ -100,8 +104,12 @@ def wrk(url: str, *, duration: float, connections: int, script: Path | None) -> 
     scale = {"B": 1 / MB, "KB": 1 / 1024, "MB": 1, "GB": 1024}[unit]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
-    return {"rps": rps, "mibps": float(value) * scale, "non2xx": int(errors.group(1)) if errors else 0,
-            "socket_errors": socket_errors.group(1) if socket_errors else ""}
+    return {
+        "rps": rps,
+        "mibps": float(value) * scale,
+        "non2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,11 +144,22 @@ def main(argv: list[str] | None = None) -> int:
     for request in dict.fromkeys(r for r, _ in results):
         mv, ng = results[request, "mvserver"], results[request, "nginx"]
         for server, r in (("mvserver", mv), ("nginx", ng)):
-            rows.append((request, server, r["rps"], r["mibps"], r["non2xx"] or r["socket_errors"] or 0,
-                         f"{mv['mibps'] / ng['mibps']:.2f}" if server == "mvserver" else ""))
-    print_table(f"Serving get_video: {size} byte MP4 ({size / MB:.1f} MiB), wrk -t1 -c{args.connections} "
-                f"-d{args.duration:g}s, servers on CPU 0, wrk on CPU 1 (goal: mvserver/nginx >= 0.7)",
-                ["request", "server", "requests/s", "MiB/s", "errors", "mvserver/nginx"], rows)
+            rows.append(
+                (
+                    request,
+                    server,
+                    r["rps"],
+                    r["mibps"],
+                    r["non2xx"] or r["socket_errors"] or 0,
+                    f"{mv['mibps'] / ng['mibps']:.2f}" if server == "mvserver" else "",
+                )
+            )
+    print_table(
+        f"Serving get_video: {size} byte MP4 ({size / MB:.1f} MiB), wrk -t1 -c{args.connections} "
+        f"-d{args.duration:g}s, servers on CPU 0, wrk on CPU 1 (goal: mvserver/nginx >= 0.7)",
+        ["request", "server", "requests/s", "MiB/s", "errors", "mvserver/nginx"],
+        rows,
+    )
     return 0
 
 

@@ -116,9 +116,12 @@ class Soak:
             await self.check(response, "create_scenes")
 
     async def invalid(self, session: aiohttp.ClientSession) -> None:
-        requests = [("GET", "/api/mv/jobs/not-an-id", None), ("POST", "/api/mv/generate_video", {"prompt": ""}),
-                    ("GET", f"/api/mv/get_video/{self.rng.choice(self.jobs or ['x'])}", None),
-                    ("GET", "/api/mv/health", None)]
+        requests = [
+            ("GET", "/api/mv/jobs/not-an-id", None),
+            ("POST", "/api/mv/generate_video", {"prompt": ""}),
+            ("GET", f"/api/mv/get_video/{self.rng.choice(self.jobs or ['x'])}", None),
+            ("GET", "/api/mv/health", None),
+        ]
         method, path, body = self.rng.choice(requests)
         async with session.request(method, self.base + path, json=body) as response:
             await self.check(response, f"{method} {path.split('/')[3]}")
@@ -208,21 +211,36 @@ def report(args: argparse.Namespace, soak: Soak, stats_: dict[str, Any], rss: li
         ("5xx answers (all provider_*)", fivexx, "only provider_*"),
         ("faults injected", sum(soak.faults.values()), ""),
         ("jobs: " + ", ".join(f"{k} {v}" for k, v in sorted(soak.final.items())), len(soak.jobs), "all final"),
-        ("job tasks / wakers / write locks after drain", f"{after['job_tasks']} / {after['wakers']} / {after['write_locks']}",
-         "0 / 0 / 0"),
+        (
+            "job tasks / wakers / write locks after drain",
+            f"{after['job_tasks']} / {after['wakers']} / {after['write_locks']}",
+            "0 / 0 / 0",
+        ),
         ("asyncio tasks idle -> after", f"{idle['asyncio_tasks']} -> {after['asyncio_tasks']}", "<= idle + 2"),
         ("open files idle -> after", f"{files[0]} -> {files[1]}", "<= idle"),
-        ("sockets idle -> after (kept-alive provider connections)",
-         f"{idle['fds'].get('socket', 0)} -> {after['fds'].get('socket', 0)}", ""),
-        ("server log: 'unexpected provider failure' tracebacks / other tracebacks",
-         f"{soak.tracebacks[0]} / {soak.tracebacks[1]}", "- / 0"),
-        ("RSS idle / first-quarter median / last-quarter median / end (MiB)",
-         f"{idle['rss_kb'] / 1024:.1f} / {early:.1f} / {late:.1f} / {after['rss_kb'] / 1024:.1f}", "stable"),
+        (
+            "sockets idle -> after (kept-alive provider connections)",
+            f"{idle['fds'].get('socket', 0)} -> {after['fds'].get('socket', 0)}",
+            "",
+        ),
+        (
+            "server log: 'unexpected provider failure' tracebacks / other tracebacks",
+            f"{soak.tracebacks[0]} / {soak.tracebacks[1]}",
+            "- / 0",
+        ),
+        (
+            "RSS idle / first-quarter median / last-quarter median / end (MiB)",
+            f"{idle['rss_kb'] / 1024:.1f} / {early:.1f} / {late:.1f} / {after['rss_kb'] / 1024:.1f}",
+            "stable",
+        ),
         ("RSS growth per job, late - early (KiB)", (late - early) * 1024 / max(1, len(soak.jobs)), ""),
         ("problems", len(soak.problems), "0"),
     ]
-    print_table(f"Soak: {args.seconds:g} s of mixed traffic with a provider fault every {args.fault_every:g} s",
-                ["measure", "value", "goal"], rows)
+    print_table(
+        f"Soak: {args.seconds:g} s of mixed traffic with a provider fault every {args.fault_every:g} s",
+        ["measure", "value", "goal"],
+        rows,
+    )
     print("answers:", dict(sorted(soak.answers.items())))
     print("faults:", dict(sorted(soak.faults.items())))
     for problem in soak.problems[:20]:
@@ -234,8 +252,11 @@ def count_tracebacks(log: str) -> tuple[int, int]:
     """Tracebacks logged right after "unexpected <provider> failure" (a provider answer the SDK could not parse,
     mapped to 502 provider_error), and all others."""
     lines = log.splitlines()
-    provider = sum(1 for i, line in enumerate(lines) if line.startswith("Traceback") and i
-                   and "unexpected" in lines[i - 1] and "failure" in lines[i - 1])
+    provider = sum(
+        1
+        for i, line in enumerate(lines)
+        if line.startswith("Traceback") and i and "unexpected" in lines[i - 1] and "failure" in lines[i - 1]
+    )
     return provider, sum(1 for line in lines if line.startswith("Traceback")) - provider
 
 
@@ -251,9 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     work = workdir("soak")
     with processes() as started:
         sim = start_simulator(started, work, video_latency=2.0, image_latency=0.2, scenes_latency=0.0)
-        settings = bench_settings(work, poll_interval_seconds=0.25, request_timeout_seconds=5, timeout_seconds=60,
-                                  retry_attempts=3, retry_initial_delay_seconds=0.1, retry_max_delay_seconds=2.0,
-                                  max_concurrent=50)
+        settings = bench_settings(
+            work,
+            poll_interval_seconds=0.25,
+            request_timeout_seconds=5,
+            timeout_seconds=60,
+            retry_attempts=3,
+            retry_initial_delay_seconds=0.1,
+            retry_max_delay_seconds=2.0,
+            max_concurrent=50,
+        )
         base = start_server(started, work, sim, settings, stats=True)
         soak, stats_, rss = asyncio.run(run(args, base, sim, started[-1].pid))
         server_log = started[-1].tail(200_000)

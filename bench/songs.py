@@ -18,9 +18,9 @@ import numpy as np
 SR = 44100
 # Chord roots (MIDI) and qualities per section; chords change each bar.
 PROGRESSIONS = {
-    "A": [(57, "m"), (53, "M"), (48, "M"), (55, "M")],      # Am F C G
-    "B": [(53, "M"), (55, "M"), (52, "m"), (57, "m")],      # F G Em Am
-    "C": [(50, "m"), (55, "M"), (48, "M"), (45, "m")],      # Dm G C Am (lower)
+    "A": [(57, "m"), (53, "M"), (48, "M"), (55, "M")],  # Am F C G
+    "B": [(53, "M"), (55, "M"), (52, "m"), (57, "m")],  # F G Em Am
+    "C": [(50, "m"), (55, "M"), (48, "M"), (45, "m")],  # Dm G C Am (lower)
 }
 QUALITY = {"M": (0, 4, 7), "m": (0, 3, 7)}
 # How each section sounds: verse-like "A" sparse, chorus-like "B" busy and bright with a lead, bridge-like "C" low
@@ -35,13 +35,14 @@ SECTION_STYLE = {
 @dataclass
 class Song:
     """A rendered song and its true grid (seconds)."""
+
     name: str
     samples: np.ndarray
-    tempo: float | None            # mean BPM of the true beats (None: no beat)
+    tempo: float | None  # mean BPM of the true beats (None: no beat)
     meter: int | None
     beats: np.ndarray = field(default_factory=lambda: np.zeros(0))
     downbeats: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    sections: np.ndarray = field(default_factory=lambda: np.zeros(0))   # section start times, first one included
+    sections: np.ndarray = field(default_factory=lambda: np.zeros(0))  # section start times, first one included
 
     @property
     def duration(self) -> float:
@@ -55,7 +56,7 @@ def _tone(freq: float, seconds: float, harmonics: int = 4, decay: float = 0.0) -
     attack = min(len(t), int(0.01 * SR))
     env[:attack] *= np.linspace(0, 1, attack)
     release = min(len(t), int(0.03 * SR))
-    env[len(t) - release:] *= np.linspace(1, 0, release)
+    env[len(t) - release :] *= np.linspace(1, 0, release)
     return wave * env
 
 
@@ -85,7 +86,7 @@ def _add(out: np.ndarray, at: float, sound: np.ndarray, gain: float) -> None:
     if start >= len(out):
         return
     end = min(len(out), start + len(sound))
-    out[start:end] += gain * sound[:end - start]
+    out[start:end] += gain * sound[: end - start]
 
 
 def beat_times(bars: int, meter: int, bpm: float, bpm_end: float | None, start: float) -> np.ndarray:
@@ -97,8 +98,18 @@ def beat_times(bars: int, meter: int, bpm: float, bpm_end: float | None, start: 
     return start + np.concatenate([[0.0], np.cumsum(periods[:-1])])
 
 
-def drum_song(name: str, *, bpm: float, meter: int = 4, form: str = "ABAB", bars_per_section: int = 8,
-              swing: float = 0.5, intro: float = 0.0, bpm_end: float | None = None, seed: int = 0) -> Song:
+def drum_song(
+    name: str,
+    *,
+    bpm: float,
+    meter: int = 4,
+    form: str = "ABAB",
+    bars_per_section: int = 8,
+    swing: float = 0.5,
+    intro: float = 0.0,
+    bpm_end: float | None = None,
+    seed: int = 0,
+) -> Song:
     """A song in ``meter`` at ``bpm`` (drifting to ``bpm_end``), sections in ``form`` of ``bars_per_section`` bars.
     ``swing`` is where the off-beat eighth falls within the beat (0.5 straight, 0.62-0.67 swung)."""
     rng = np.random.default_rng(seed)
@@ -112,8 +123,9 @@ def drum_song(name: str, *, bpm: float, meter: int = 4, form: str = "ABAB", bars
         style = SECTION_STYLE[part]
         root, quality = PROGRESSIONS[part][bar % 4]
         start, stop = times[bar * meter], times[(bar + 1) * meter]
-        chord = sum(_tone(_midi(root + style["octave"] + i), stop - start, style["harmonics"])
-                    for i in QUALITY[quality])
+        chord = sum(
+            _tone(_midi(root + style["octave"] + i), stop - start, style["harmonics"]) for i in QUALITY[quality]
+        )
         _add(out, start, chord, style["pad"])
         _add(out, start, _tone(_midi(root - 12), (stop - start) * 0.9, 3, decay=2.0), 0.35)
         for beat in range(meter):
@@ -130,8 +142,15 @@ def drum_song(name: str, *, bpm: float, meter: int = 4, form: str = "ABAB", bars
                 note = root + 24 + QUALITY[quality][beat % 3]
                 _add(out, at, _tone(_midi(note), period * 0.8, 5, decay=3.0), 0.08)
     beats = times[:-1]
-    return Song(name, _normalise(out), tempo=float(60.0 / np.mean(np.diff(times))), meter=meter, beats=beats,
-                downbeats=beats[::meter], sections=beats[::meter * bars_per_section])
+    return Song(
+        name,
+        _normalise(out),
+        tempo=float(60.0 / np.mean(np.diff(times))),
+        meter=meter,
+        beats=beats,
+        downbeats=beats[::meter],
+        sections=beats[:: meter * bars_per_section],
+    )
 
 
 def ambient_song(name: str, seconds: float = 60.0, seed: int = 1) -> Song:

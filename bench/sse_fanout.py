@@ -42,8 +42,9 @@ FINAL = {"succeeded", "failed", "canceled"}
 TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
 
 
-async def subscribe(session: aiohttp.ClientSession, url: str, connected: asyncio.Event, counter: list[int],
-                    total: int) -> dict[str, Any]:
+async def subscribe(
+    session: aiohttp.ClientSession, url: str, connected: asyncio.Event, counter: list[int], total: int
+) -> dict[str, Any]:
     """One EventSource: every event id received, and latencies of the events published after it connected."""
     ids, latencies = [], []
     async with session.get(url, headers={"Accept": "text/event-stream"}) as response:
@@ -95,9 +96,11 @@ async def submit_jobs(base: str, sim: str, n: int, hold: float, spread: float) -
 async def history(base: str, job_ids: list[str]) -> dict[str, list[int]]:
     """The full event-id list of each finished job, from a fresh subscription that replays it."""
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+
         async def one(job_id: str) -> list[int]:
             async with session.get(f"{base}/api/mv/jobs/{job_id}/events") as response:
                 return [int(event["id"]) async for _, event in read_sse(response)]
+
         return dict(zip(job_ids, await asyncio.gather(*(one(j) for j in job_ids)), strict=False))
 
 
@@ -127,8 +130,13 @@ def run(args: argparse.Namespace) -> list[tuple[Any, ...]]:
     work = workdir("sse")
     with processes() as started:
         sim = start_simulator(started, work, video_latency=args.latency)
-        settings = bench_settings(work, poll_interval_seconds=args.poll, max_concurrent=args.jobs,
-                                  retry_max_delay_seconds=max(30.0, args.hold + 5), sse_ping_interval_seconds=15)
+        settings = bench_settings(
+            work,
+            poll_interval_seconds=args.poll,
+            max_concurrent=args.jobs,
+            retry_max_delay_seconds=max(30.0, args.hold + 5),
+            sse_ping_interval_seconds=15,
+        )
         base = start_server(started, work, sim, settings)
         pid = started[-1].pid
         asyncio.run(warm_up(base))
@@ -140,7 +148,7 @@ def run(args: argparse.Namespace) -> list[tuple[Any, ...]]:
         pipes, workers = [], []
         for k in range(args.clients):
             parent, child = context.Pipe()
-            worker = context.Process(target=client_process, args=(urls[k::args.clients], child), daemon=True)
+            worker = context.Process(target=client_process, args=(urls[k :: args.clients], child), daemon=True)
             worker.start()
             pipes.append(parent)
             workers.append(worker)
@@ -167,16 +175,23 @@ def run(args: argparse.Namespace) -> list[tuple[Any, ...]]:
 async def warm_up(base: str) -> None:
     """One job end to end, so first-use costs (client set-up, cached render) are not in the numbers."""
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-        async with session.post(f"{base}/api/mv/generate_video", json={"prompt": "bench: fan-out clip", "duration": 4,
-                                                                         "seed": 3}) as response:
+        async with session.post(
+            f"{base}/api/mv/generate_video", json={"prompt": "bench: fan-out clip", "duration": 4, "seed": 3}
+        ) as response:
             job = await response.json()
         async with session.get(base + job["events_url"]) as response:
             async for _ in read_sse(response):
                 pass
 
 
-def summarize(args: argparse.Namespace, results: list[dict[str, Any]], expected: dict[str, list[int]],
-              rss_before: int, rss_with: int, connect_seconds: float) -> list[tuple[Any, ...]]:
+def summarize(
+    args: argparse.Namespace,
+    results: list[dict[str, Any]],
+    expected: dict[str, list[int]],
+    rss_before: int,
+    rss_with: int,
+    connect_seconds: float,
+) -> list[tuple[Any, ...]]:
     errors = [r["error"] for r in results if "error" in r]
     delivered = sum(len(r["ids"]) for r in results if "ids" in r)
     wanted = sum(len(expected[r["url"].split("/")[-2]]) for r in results if "ids" in r) + 0
@@ -185,8 +200,11 @@ def summarize(args: argparse.Namespace, results: list[dict[str, Any]], expected:
     per_sub = (rss_with - rss_before) / args.subscribers
     return [
         ("subscribers / jobs / client processes", f"{args.subscribers} / {args.jobs} / {args.clients}", ""),
-        ("subscribers with every event, in order", f"{complete}/{args.subscribers}" + (f" ({len(errors)} errors)" if errors else ""),
-         "all"),
+        (
+            "subscribers with every event, in order",
+            f"{complete}/{args.subscribers}" + (f" ({len(errors)} errors)" if errors else ""),
+            "all",
+        ),
         ("events delivered / expected", f"{delivered}/{wanted}", "all"),
         ("all connected, s after first submit", round(connect_seconds, 2), ""),
         ("live events timed", len(latencies), ""),
@@ -205,16 +223,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
     parser.add_argument("--latency", type=float, default=8.0, help="simulated video latency in seconds (default 8)")
     parser.add_argument("--poll", type=float, default=0.25, help="provider poll interval (default 0.25)")
-    parser.add_argument("--spread", type=float, default=1.0,
-                        help="submit the jobs evenly over this many seconds, so their polls are not in lockstep "
-                             "(default 1; 0 = all at once, the worst case)")
-    parser.add_argument("--hold", type=float, default=10.0,
-                        help="seconds the jobs are held (429 Retry-After) while subscribers connect (default 10)")
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=1.0,
+        help="submit the jobs evenly over this many seconds, so their polls are not in lockstep "
+        "(default 1; 0 = all at once, the worst case)",
+    )
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=10.0,
+        help="seconds the jobs are held (429 Retry-After) while subscribers connect (default 10)",
+    )
     args = parser.parse_args(argv)
     raise_open_files_limit()
     rows = run(args)
-    print_table(f"SSE fan-out: {args.subscribers} subscribers over {args.jobs} jobs, poll {args.poll:g} s, "
-                f"L = {args.latency:g} s, jobs submitted over {args.spread:g} s", ["measure", "value", "goal"], rows)
+    print_table(
+        f"SSE fan-out: {args.subscribers} subscribers over {args.jobs} jobs, poll {args.poll:g} s, "
+        f"L = {args.latency:g} s, jobs submitted over {args.spread:g} s",
+        ["measure", "value", "goal"],
+        rows,
+    )
     return 0
 
 

@@ -51,14 +51,34 @@ PROMPT = "bench: a drummer on a rooftop at dusk\n\nRules: no subtitles, captions
 
 def finished_job(created: float) -> tuple[Job, list[Event]]:
     """A finished job as the engine leaves it: record plus the usual queued/running/progress/.../succeeded events."""
-    job = Job(id=str(uuid.uuid4()), backend="replicate", model="google/veo-3.1", sandbox=False,
-              request={"prompt": PROMPT, "full_prompt": PROMPT, "duration": 8, "aspect_ratio": "16:9",
-                       "generate_audio": True, "seed": None, "negative_prompt": "", "defaults_applied": ["seed"]},
-              created_at=created, started_at=created + 0.01, prediction_id=uuid.uuid4().hex[:26])
+    job = Job(
+        id=str(uuid.uuid4()),
+        backend="replicate",
+        model="google/veo-3.1",
+        sandbox=False,
+        request={
+            "prompt": PROMPT,
+            "full_prompt": PROMPT,
+            "duration": 8,
+            "aspect_ratio": "16:9",
+            "generate_audio": True,
+            "seed": None,
+            "negative_prompt": "",
+            "defaults_applied": ["seed"],
+        },
+        created_at=created,
+        started_at=created + 0.01,
+        prediction_id=uuid.uuid4().hex[:26],
+    )
     events = []
-    for name, stage, progress in (("queued", "queued", None), ("running", "submitting", None),
-                                  ("progress", "generating", 0.3), ("progress", "generating", 0.8),
-                                  ("progress", "downloading", 1.0), ("succeeded", "done", 1.0)):
+    for name, stage, progress in (
+        ("queued", "queued", None),
+        ("running", "submitting", None),
+        ("progress", "generating", 0.3),
+        ("progress", "generating", 0.8),
+        ("progress", "downloading", 1.0),
+        ("succeeded", "done", 1.0),
+    ):
         job.stage, job.progress = stage, progress
         if name == "succeeded":
             job.status, job.finished_at, job.video_bytes = "succeeded", created + 60, 4_000_000
@@ -91,8 +111,10 @@ def fill_redis(url: str, prefix: str, count: int) -> list[str]:
     pipe = client.pipeline(transaction=False)
     for i in range(count):
         job, events = finished_job(now + i * 0.001)
-        pipe.hset(f"{prefix}job:{job.id}", mapping={"rec": json.dumps(job.record()), "status": job.status,
-                                                     "last": job.last_event_id})
+        pipe.hset(
+            f"{prefix}job:{job.id}",
+            mapping={"rec": json.dumps(job.record()), "status": job.status, "last": job.last_event_id},
+        )
         for event in events:
             pipe.xadd(f"{prefix}ev:{job.id}", {"e": event.event, "d": event.data_json}, id=f"0-{event.id}")
         pipe.zadd(f"{prefix}finished", {job.id: job.finished_at})
@@ -120,8 +142,11 @@ async def get_latencies(base: str, ids: list[str], gets: int) -> list[float]:
 
 def start_redis(started: list[Process], work: Path) -> str:
     port = free_port()
-    proc = Process("redis", ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
-                             "--dir", str(work)], work / "redis.log")
+    proc = Process(
+        "redis",
+        ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no", "--dir", str(work)],
+        work / "redis.log",
+    )
     started.append(proc)
     deadline = time.monotonic() + 10
     while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() != b"PONG":
@@ -136,10 +161,16 @@ def measure(store: str, count: int, gets: int) -> list[object]:
     with processes() as started:
         sim_url = start_simulator(started, work, video_latency=1.0)
         settings = bench_settings(work)
-        env = {"GEMINI_API_KEY": "b", "REPLICATE_API_TOKEN": "r8_b", "GOOGLE_VERTEX_API_KEY": "b",
-               "MV_GEMINI_BASE_URL": f"{sim_url}/gemini", "MV_VERTEX_BASE_URL": f"{sim_url}/vertex",
-               "MV_REPLICATE_BASE_URL": f"{sim_url}/replicate", "MV_OUTPUT_DIR": str(work / "outputs"),
-               "MV_SETTINGS_DIR": str(settings)}
+        env = {
+            "GEMINI_API_KEY": "b",
+            "REPLICATE_API_TOKEN": "r8_b",
+            "GOOGLE_VERTEX_API_KEY": "b",
+            "MV_GEMINI_BASE_URL": f"{sim_url}/gemini",
+            "MV_VERTEX_BASE_URL": f"{sim_url}/vertex",
+            "MV_REPLICATE_BASE_URL": f"{sim_url}/replicate",
+            "MV_OUTPUT_DIR": str(work / "outputs"),
+            "MV_SETTINGS_DIR": str(settings),
+        }
         filled = time.monotonic()
         if store == "redis":
             env["MV_REDIS_URL"] = start_redis(started, work)
@@ -150,8 +181,12 @@ def measure(store: str, count: int, gets: int) -> list[object]:
         print(f"{store}: {count} finished jobs written in {time.monotonic() - filled:.1f} s", flush=True)
         port = free_port()
         began = time.monotonic()
-        proc = Process("mvserver", [sys.executable, "-m", "bench.run_server", "--host", HOST, "--port", str(port)],
-                       work / "mvserver.log", env=env)
+        proc = Process(
+            "mvserver",
+            [sys.executable, "-m", "bench.run_server", "--host", HOST, "--port", str(port)],
+            work / "mvserver.log",
+            env=env,
+        )
         started.append(proc)
         base = f"http://{HOST}:{port}"
         wait_http(f"{base}/api/mv/health", proc, timeout=120)
@@ -162,8 +197,16 @@ def measure(store: str, count: int, gets: int) -> list[object]:
         rss_after = proc_status(proc.pid)["VmRSS"] / 1024
     if store == "file":
         shutil.rmtree(work / "outputs", ignore_errors=True)
-    return [store, count, f"{startup:.2f} s", f"{startup_cpu:.2f} s", f"{rss_start:.0f} MB", f"{rss_after:.0f} MB",
-            f"{percentile(latencies, 50) * 1000:.2f} ms", f"{percentile(latencies, 99) * 1000:.2f} ms"]
+    return [
+        store,
+        count,
+        f"{startup:.2f} s",
+        f"{startup_cpu:.2f} s",
+        f"{rss_start:.0f} MB",
+        f"{rss_after:.0f} MB",
+        f"{percentile(latencies, 50) * 1000:.2f} ms",
+        f"{percentile(latencies, 99) * 1000:.2f} ms",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,9 +216,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gets", type=int, default=2000)
     args = parser.parse_args(argv)
     rows = [measure(store, count, args.gets) for store in args.stores for count in (0, args.jobs)]
-    print_table(f"start-up with {args.jobs} finished jobs (goals: < 3 s, RSS < 150 MB, GET p50 < 5 ms)",
-                ["store", "jobs", "start-up (wall)", "start-up (server CPU)", "RSS at start", f"RSS after {args.gets} GETs", "GET p50", "GET p99"],
-                rows)
+    print_table(
+        f"start-up with {args.jobs} finished jobs (goals: < 3 s, RSS < 150 MB, GET p50 < 5 ms)",
+        [
+            "store",
+            "jobs",
+            "start-up (wall)",
+            "start-up (server CPU)",
+            "RSS at start",
+            f"RSS after {args.gets} GETs",
+            "GET p50",
+            "GET p99",
+        ],
+        rows,
+    )
     return 0
 
 

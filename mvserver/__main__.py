@@ -29,8 +29,11 @@ def keys_main(argv: list[str]) -> int:
     create = commands.add_parser("create", help="add a key and print it once")
     create.add_argument("name", help="who or what the key is for")
     for name, field in KeyLimits.model_fields.items():
-        create.add_argument(f"--{name.replace('_', '-')}", type=float if "minute" in name or "budget" in name else int,
-                            help=f"default {field.default}")
+        create.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=float if "minute" in name or "budget" in name else int,
+            help=f"default {field.default}",
+        )
     create.add_argument("--admin", action="store_true", help="may read every key's usage (GET /api/mv/usage)")
     commands.add_parser("list", help="list the keys (ids, names, limits; never secrets)")
     revoke = commands.add_parser("revoke", help="revoke a key by id (the server stops accepting it within a second)")
@@ -38,8 +41,10 @@ def keys_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     path_text = os.environ.get("MV_API_KEYS_FILE", "").strip()
     if not path_text:
-        print("mvserver keys: set MV_API_KEYS_FILE to the keys file path (YAML, or JSON if it ends in .json)",
-              file=sys.stderr)
+        print(
+            "mvserver keys: set MV_API_KEYS_FILE to the keys file path (YAML, or JSON if it ends in .json)",
+            file=sys.stderr,
+        )
         return 2
     path = Path(path_text)
     try:
@@ -48,8 +53,9 @@ def keys_main(argv: list[str]) -> int:
             record, key = create_key(path, args.name, KeyLimits(**given), admin=args.admin)
             admin = "; admin" if record.admin else ""
             print(f"created key {record.id} ({record.name}) in {path}; limits: {record.limits.model_dump()}{admin}")
-            print(f"webhook signing secret of this key (verifies its webhooks; not shown again): "
-                  f"{record.webhook_secret}")
+            print(
+                f"webhook signing secret of this key (verifies its webhooks; not shown again): {record.webhook_secret}"
+            )
             print("store this key now, it is not shown again:")
             print(key)
         elif args.command == "list":
@@ -73,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["keys"]:
         return keys_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="mvserver", description="Music-video generation backend "
-                                                                  "(python -m mvserver keys --help: API keys).")
+    parser = argparse.ArgumentParser(
+        prog="mvserver", description="Music-video generation backend (python -m mvserver keys --help: API keys)."
+    )
     parser.add_argument("--host", help="interface to bind (default MV_HOST or 127.0.0.1)")
     parser.add_argument("--port", help="port to bind (default MV_PORT or 8080)")
     args = parser.parse_args(argv)
@@ -82,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         env = EnvSettings.from_env()
         # The command line wins over MV_HOST/MV_PORT; the settings carry the address actually used (debug print,
         # default allowed hosts).
-        env = dataclasses.replace(env, host=args.host or env.host,
-                                  port=env.port if args.port is None else _port(args.port))
+        env = dataclasses.replace(
+            env, host=args.host or env.host, port=env.port if args.port is None else _port(args.port)
+        )
         configure_logging(env.log_format)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per provider poll is noise
         app = create_app(env)
@@ -91,8 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mvserver: configuration error: {exc}", file=sys.stderr)
         return 2
     try:
-        run_app(app, host=env.host, port=env.port, access_log_class=AccessLogger,
-                header_timeout=env.header_timeout_seconds or None)
+        run_app(
+            app,
+            host=env.host,
+            port=env.port,
+            access_log_class=AccessLogger,
+            header_timeout=env.header_timeout_seconds or None,
+        )
     except OSError as exc:  # the address is in use, or cannot be bound
         print(f"mvserver: cannot listen on {env.host}:{env.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2

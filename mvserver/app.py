@@ -79,11 +79,14 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
     # The built-in simulator answers its Replicate routes, and gives its webhook secret, only to this process.
     replicate_token = secrets.token_urlsafe(24) if "replicate" in sandboxed else env.replicate_api_token or ""
     if sandboxed:
-        simulator = Simulator(store.root / "sandbox", api_token=replicate_token,
-                              video_latency=config.sandbox_video_latency,
-                              image_latency=config.sandbox.image_latency_seconds,
-                              scenes_latency=config.sandbox.scenes_latency_seconds,
-                              max_concurrent_renders=config.sandbox.max_concurrent_renders)
+        simulator = Simulator(
+            store.root / "sandbox",
+            api_token=replicate_token,
+            video_latency=config.sandbox_video_latency,
+            image_latency=config.sandbox.image_latency_seconds,
+            scenes_latency=config.sandbox.scenes_latency_seconds,
+            max_concurrent_renders=config.sandbox.max_concurrent_renders,
+        )
         runner, sim_url = await start_simulator(simulator)
         for service, key in (("gemini_scenes", "gemini"), ("gemini_video", "vertex"), ("replicate", "replicate")):
             if service in sandboxed:
@@ -92,11 +95,15 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
     videos = config.videos
     gemini = gemini_backend.GeminiProvider(
         gemini_backend.make_api_client(
-            SANDBOX_TOKEN if "gemini_scenes" in sandboxed else env.gemini_api_key, urls["gemini"]),
+            SANDBOX_TOKEN if "gemini_scenes" in sandboxed else env.gemini_api_key, urls["gemini"]
+        ),
         gemini_backend.make_vertex_client(
             api_key=SANDBOX_TOKEN if "gemini_video" in sandboxed else env.vertex_api_key,
-            project=env.google_cloud_project, location=env.google_cloud_location, base_url=urls["vertex"],
-            timeout=videos.jobs.request_timeout_seconds),
+            project=env.google_cloud_project,
+            location=env.google_cloud_location,
+            base_url=urls["vertex"],
+            timeout=videos.jobs.request_timeout_seconds,
+        ),
         store,
         video_model=videos.backends.gemini.model,
         person_generation=videos.backends.gemini.person_generation,
@@ -107,7 +114,8 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
     )
     replicate = replicate_backend.ReplicateProvider(
         replicate_backend.make_client(replicate_token, urls["replicate"], videos.jobs.request_timeout_seconds),
-        session, store,
+        session,
+        store,
         video_model=videos.backends.replicate.model,
         request_timeout=videos.jobs.request_timeout_seconds,
         sandbox="replicate" in sandboxed,
@@ -121,8 +129,10 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
     modes = app[PROVIDERS].modes()
     log.info("providers: %s", ", ".join(f"{name}={mode}" for name, mode in modes.items()))
     if sandboxed:
-        log.info("sandbox mode: %s answered by the built-in simulator; outputs are labelled sandbox",
-                 ", ".join(sorted(sandboxed)))
+        log.info(
+            "sandbox mode: %s answered by the built-in simulator; outputs are labelled sandbox",
+            ", ".join(sorted(sandboxed)),
+        )
     try:
         yield
     finally:
@@ -141,16 +151,23 @@ def job_store(app: web.Application) -> JobStore:
         from mvserver.jobs.redis_store import RedisJobStore  # redis is imported only when it is used
 
         jobs = config.videos.jobs
-        return RedisJobStore(config.env.redis_url, prefix=config.env.redis_prefix, lease_seconds=jobs.lease_seconds,
-                             claim_interval_seconds=jobs.claim_interval_seconds)
+        return RedisJobStore(
+            config.env.redis_url,
+            prefix=config.env.redis_prefix,
+            lease_seconds=jobs.lease_seconds,
+            claim_interval_seconds=jobs.claim_interval_seconds,
+        )
     return FileJobStore(app[STORE])
 
 
 async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     """Start the job engine: unfinished jobs resume; at exit their tasks stop (they resume at the next start)."""
     config = app[CONFIG]
-    kinds = {"video": video_kind(app[PROVIDERS], app[STORE]), lipsync.KIND: lipsync.lipsync_kind(app),
-             assembly.KIND: assembly.assembly_kind(app)}
+    kinds = {
+        "video": video_kind(app[PROVIDERS], app[STORE]),
+        lipsync.KIND: lipsync.lipsync_kind(app),
+        assembly.KIND: assembly.assembly_kind(app),
+    }
     engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
     app[JOBS] = engine
     engine.running_cap = running_cap_of(app)  # a key's jobs beyond its max_running_jobs wait queued (keys on)
@@ -168,8 +185,9 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     sweeper = None
     retention = config.videos.jobs.retention_hours * 3600
     if retention > 0:
-        sweeper = asyncio.get_running_loop().create_task(sweep_forever(engine.store, app[STORE], retention),
-                                                         name="retention-sweeper")
+        sweeper = asyncio.get_running_loop().create_task(
+            sweep_forever(engine.store, app[STORE], retention), name="retention-sweeper"
+        )
     try:
         yield
     finally:
@@ -222,8 +240,10 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     try:
         store = OutputStore(env.output_dir, env.stale_temp_seconds)
     except OSError as exc:
-        raise ConfigError(f"environment: MV_OUTPUT_DIR={str(env.output_dir)!r}: cannot create the output "
-                          f"directories: {exc.strerror or exc}") from None
+        raise ConfigError(
+            f"environment: MV_OUTPUT_DIR={str(env.output_dir)!r}: cannot create the output "
+            f"directories: {exc.strerror or exc}"
+        ) from None
     hide_paths_under(env.output_dir, env.settings_dir)  # error texts name files, never where they are
     app = web.Application(client_max_size=env.max_body_bytes, handler_args={"logger": server_log()})
     access.setup(app, env, guard=security_middleware(env))

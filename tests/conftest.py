@@ -58,8 +58,9 @@ def pytest_configure(config: pytest.Config) -> None:
     ``SSL_CERT_FILE``, which both honour (and the server processes the tests start inherit), at a bundle of one
     certificate from it: an app starts in milliseconds, and TLS, if a test ever used it, would still be verified."""
     bundle = Path(tempfile.mkdtemp(prefix="mvtest-ca-")) / "one-ca.pem"
-    first = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n", Path(certifi.where()).read_text(),
-                      re.S)
+    first = re.search(
+        r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n", Path(certifi.where()).read_text(), re.S
+    )
     assert first is not None, "certifi's bundle holds no certificate"
     bundle.write_text(first.group(0))
     config.stash[_CA_BUNDLE] = (bundle, os.environ.get("SSL_CERT_FILE"))
@@ -81,15 +82,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """A ``browser`` test needs Chromium and Playwright: skipped without them, failed under CI."""
     if item.get_closest_marker("browser"):
         require_or_skip(f"Chromium at {CHROMIUM} (apt-get install chromium)", CHROMIUM.is_file())
-        require_or_skip("the playwright package (pip install playwright)",
-                        importlib.util.find_spec("playwright") is not None)
+        require_or_skip(
+            "the playwright package (pip install playwright)", importlib.util.find_spec("playwright") is not None
+        )
 
 
 TEST_REPLICATE_TOKEN = "r8_test"  # the apps' REPLICATE_API_TOKEN; the simulators answer it (and give it the secret)
 SIM_DEFAULTS = {"video_latency": 0.2, "image_latency": 0.2, "scenes_latency": 0.0, "api_token": TEST_REPLICATE_TOKEN}
 # The simulator's own defaults of the other knobs tests change.
-SIM_KNOBS = {f.name: f.default for f in dataclasses.fields(Simulator) if f.name in ("render_cache", "output_pad_bytes",
-                                                                                      "webhook_retry_seconds")}
+SIM_KNOBS = {
+    f.name: f.default
+    for f in dataclasses.fields(Simulator)
+    if f.name in ("render_cache", "output_pad_bytes", "webhook_retry_seconds")
+}
 
 
 @pytest.fixture
@@ -147,11 +152,27 @@ class RedisServer:
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else \
-            ["--appendonly", "no", "--save", ""]
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if self.persistent
+            else ["--appendonly", "no", "--save", ""]
+        )
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-             "--protected-mode", "yes", *persistence], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.workdir),
+                "--protected-mode",
+                "yes",
+                *persistence,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             assert self.process.poll() is None, "redis-server exited at start-up"
@@ -229,8 +250,9 @@ def live_env(sim_server: TestServer, tmp_path: Path, settings_dir: Path, store_e
     return provider_env(sim_server, tmp_path / "outputs", settings_dir, store_env)
 
 
-def provider_env(sim_server: TestServer, output_dir: Path, settings_dir: Path,
-                 store_env: dict[str, str]) -> dict[str, str]:
+def provider_env(
+    sim_server: TestServer, output_dir: Path, settings_dir: Path, store_env: dict[str, str]
+) -> dict[str, str]:
     """The environment of :func:`live_env` for a given simulator, output directory, settings and job store."""
     base = str(sim_server.make_url("")).rstrip("/")
     return {
@@ -288,14 +310,17 @@ def shared_store_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def module_app(shared_store_kind: str, request: pytest.FixtureRequest,
-                     tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LiveApp]:
+async def module_app(
+    shared_store_kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[LiveApp]:
     """A client of an app like :func:`client`'s, and its simulator, built once for the module."""
     root = tmp_path_factory.mktemp("module_app")
     store_env: dict[str, str] = {}
     if shared_store_kind == "redis":
-        store_env = {"MV_REDIS_URL": request.getfixturevalue("redis_url"),
-                     "MV_REDIS_PREFIX": f"mvtest:{uuid.uuid4().hex[:10]}:"}
+        store_env = {
+            "MV_REDIS_URL": request.getfixturevalue("redis_url"),
+            "MV_REDIS_PREFIX": f"mvtest:{uuid.uuid4().hex[:10]}:",
+        }
     sim = Simulator(root / "simulator", **SIM_DEFAULTS)
     async with TestServer(create_simulator_app(sim)) as sim_server:
         env = provider_env(sim_server, root / "outputs", fast_settings(root / "settings"), store_env)
@@ -352,8 +377,9 @@ async def two_key_client(make_client: AppClient, tmp_path: Path) -> tuple[TestCl
     limits = KeyLimits(jobs_per_minute=600, jobs_burst=50)
     _, alice = create_key(keys_file, "alice", limits)
     _, bob = create_key(keys_file, "bob", limits)
-    client = await make_client(MV_API_KEYS_FILE=keys_file,
-                               MV_URL_SIGNING_SECRET="test-signing-secret-0123456789abcdefghij")
+    client = await make_client(
+        MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET="test-signing-secret-0123456789abcdefghij"
+    )
     return client, alice, bob
 
 

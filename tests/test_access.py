@@ -44,8 +44,11 @@ from mvserver.web.access.quotas import LocalRateLimiter, Quotas
 from mvserver.web.access.signing import SIGNER, signed_url
 
 SECRET = "test-signing-secret-0123456789abcdefghij"
-SCENES = {"idea": "a drummer on a rooftop at dusk", "character_description": "a tall woman in a red coat",
-          "number_of_scenes": 2}
+SCENES = {
+    "idea": "a drummer on a rooftop at dusk",
+    "character_description": "a tall woman in a red coat",
+    "number_of_scenes": 2,
+}
 IMAGE = {"character_description": "a tall woman in a red coat"}
 VIDEO = {"prompt": "a drummer on a rooftop", "duration": 8}
 
@@ -85,8 +88,14 @@ def wrong_key(key: str) -> str:
 
 def run_cli(*args: str, keys_path: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MV_API_KEYS_FILE": str(keys_path)}
-    return subprocess.run([sys.executable, "-m", "mvserver", "keys", *args], cwd=PROJECT, env=env, text=True,
-                          capture_output=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "mvserver", "keys", *args],
+        cwd=PROJECT,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 def keys_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -98,8 +107,9 @@ def keys_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, 
 
 
 @pytest.mark.parametrize("name", ["keys.yaml", "keys.json"])
-def test_cli_creates_lists_and_revokes_keys(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_creates_lists_and_revokes_keys(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "new" / name
     created = run_cli("create", "frontend", "--jobs-per-minute", "3", keys_path=path)  # the real entry point
     assert created.returncode == 0, created.stderr
@@ -131,8 +141,14 @@ def test_cli_creates_lists_and_revokes_keys(tmp_path: Path, name: str, monkeypat
 
 def test_cli_needs_the_keys_file_variable() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MV_API_KEYS_FILE"}
-    result = subprocess.run([sys.executable, "-m", "mvserver", "keys", "list"], cwd=PROJECT, env=env, text=True,
-                            capture_output=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "mvserver", "keys", "list"],
+        cwd=PROJECT,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "MV_API_KEYS_FILE" in result.stderr
 
 
@@ -167,8 +183,13 @@ async def test_keys_on_need_a_bearer_key(keyed: AppClient, keys: dict[str, str])
     assert missing.headers["WWW-Authenticate"].startswith("Bearer")
     assert (await missing.json())["error"]["code"] == "auth_required"
 
-    for header in (bearer(wrong_key(keys["alice"])), bearer("mv_k000000000000_" + "A" * 43), bearer("nonsense"),
-                   {"Authorization": f"Basic {keys['alice']}"}, bearer("")):
+    for header in (
+        bearer(wrong_key(keys["alice"])),
+        bearer("mv_k000000000000_" + "A" * 43),
+        bearer("nonsense"),
+        {"Authorization": f"Basic {keys['alice']}"},
+        bearer(""),
+    ):
         wrong = await client.post("/api/mv/create_scenes", json=SCENES, headers=header)
         assert wrong.status == 401, header
         assert 'error="invalid_token"' in wrong.headers["WWW-Authenticate"]
@@ -183,8 +204,9 @@ async def test_keys_on_need_a_bearer_key(keyed: AppClient, keys: dict[str, str])
     assert lower.status == 200
 
 
-async def test_a_revoked_key_stops_working_without_a_restart(keyed: AppClient, keys_file: Path,
-                                                             keys: dict[str, str]) -> None:
+async def test_a_revoked_key_stops_working_without_a_restart(
+    keyed: AppClient, keys_file: Path, keys: dict[str, str]
+) -> None:
     client = await keyed()
     assert (await client.get("/api/mv/openapi.json", headers=bearer(keys["bob"]))).status == 200
     kid = keys["bob"].split("_")[1]
@@ -196,7 +218,9 @@ async def test_a_revoked_key_stops_working_without_a_restart(keyed: AppClient, k
     assert (await client.get("/api/mv/openapi.json", headers=bearer(keys["alice"]))).status == 200
 
 
-async def test_keys_never_reach_the_logs(keyed: AppClient, keys: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
+async def test_keys_never_reach_the_logs(
+    keyed: AppClient, keys: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     client = await keyed(MV_DEBUG_MODE="true")
     for key in (keys["alice"], wrong_key(keys["alice"])):
@@ -220,8 +244,9 @@ def concrete_paths(app: web.Application) -> list[tuple[str, str, web.AbstractRou
         resource = route.resource
         assert resource is not None
         names = re.findall(r"\{(\w+)", resource.canonical)
-        values = {name: "json" if name == "ext" else "static.js" if name == "name" else str(uuid.uuid4())
-                  for name in names}
+        values = {
+            name: "json" if name == "ext" else "static.js" if name == "name" else str(uuid.uuid4()) for name in names
+        }
         path = str(resource.url_for(**values)) if names else resource.canonical
         result.append((route.method, path, route))
     return result
@@ -237,8 +262,9 @@ def with_webhook(app: web.Application) -> web.Application:
     return app
 
 
-async def test_with_keys_every_route_refuses_no_key_and_a_wrong_key(live_env: dict[str, str], keys_file: Path,
-                                                                     keys: dict[str, str], aiohttp_client: Any) -> None:
+async def test_with_keys_every_route_refuses_no_key_and_a_wrong_key(
+    live_env: dict[str, str], keys_file: Path, keys: dict[str, str], aiohttp_client: Any
+) -> None:
     env = {**live_env, "MV_API_KEYS_FILE": str(keys_file), "MV_URL_SIGNING_SECRET": SECRET, "MV_METRICS": "true"}
     client = await aiohttp_client(with_webhook(create_app(env)))
     routes = concrete_paths(client.app)
@@ -279,32 +305,47 @@ async def _alices_resources(client: TestClient, alice: dict[str, str], tmp_path:
     """One of each kind of resource made with alice's key: a finished clip job, a song, an image, scenes and a
     project with a scene (its id values fill the router's placeholders)."""
     wav = tmp_path / "song.wav"
-    subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=f=440:d=6",
-                    str(wav)], check=True, capture_output=True, timeout=60)
-    song = await client.post("/api/mv/upload_audio", data=wav.read_bytes(),
-                             headers={**alice, "Content-Type": "audio/wav"})
+    subprocess.run(
+        [ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=f=440:d=6", str(wav)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    song = await client.post(
+        "/api/mv/upload_audio", data=wav.read_bytes(), headers={**alice, "Content-Type": "audio/wav"}
+    )
     assert song.status == 201, await song.text()
     audio_id = (await song.json())["audio_id"]
-    job = await client.post("/api/mv/generate_video", json={**VIDEO, "duration": 4, "generate_audio": False},
-                            headers=alice)
+    job = await client.post(
+        "/api/mv/generate_video", json={**VIDEO, "duration": 4, "generate_audio": False}, headers=alice
+    )
     assert job.status == 202, await job.text()
     job_id = (await job.json())["job_id"]
     assert (await _until_done(client, job_id, alice))["status"] == "succeeded"
     image = await (await client.post("/api/mv/generate_character_reference", json=IMAGE, headers=alice)).json()
     scenes = await (await client.post("/api/mv/create_scenes", json=SCENES, headers=alice)).json()
-    project = await client.post("/api/mv/projects", json={"idea": "a drummer", "character_description": "a woman",
-                                                          "number_of_scenes": 1, "audio_id": audio_id},
-                                headers=alice)
+    project = await client.post(
+        "/api/mv/projects",
+        json={"idea": "a drummer", "character_description": "a woman", "number_of_scenes": 1, "audio_id": audio_id},
+        headers=alice,
+    )
     assert project.status == 201, await project.text()
     project_body = await project.json()
-    return {"job_id": job_id, "video_id": job_id, "audio_id": audio_id, "image_id": image["image_id"],
-            "scenes_id": scenes["scenes_id"], "project_id": project_body["project_id"],
-            "scene_id": project_body["scenes"][0]["id"], "ext": "json"}
+    return {
+        "job_id": job_id,
+        "video_id": job_id,
+        "audio_id": audio_id,
+        "image_id": image["image_id"],
+        "scenes_id": scenes["scenes_id"],
+        "project_id": project_body["project_id"],
+        "scene_id": project_body["scenes"][0]["id"],
+        "ext": "json",
+    }
 
 
 async def test_with_keys_every_route_with_an_id_refuses_another_keys_resource(
-        live_env: dict[str, str], keys_file: Path, keys: dict[str, str], aiohttp_client: Any, sim: Any,
-        tmp_path: Path) -> None:
+    live_env: dict[str, str], keys_file: Path, keys: dict[str, str], aiohttp_client: Any, sim: Any, tmp_path: Path
+) -> None:
     """Every route that takes an id answers 404 to another key, exactly as for an unknown id (never 403, so ids
     do not leak); the owner gets something else than 404 on the same request."""
     sim.video_latency = 0.2
@@ -323,12 +364,15 @@ async def test_with_keys_every_route_with_an_id_refuses_another_keys_resource(
         body = {} if route.method in ("POST", "PATCH") else None
         headers = {**bob, "If-Match": "*"} if route.method == "PATCH" else bob
         theirs = await client.request(route.method, path, json=body, headers=headers)
-        unknown = await client.request(route.method, path.replace(ids[names[0]], str(uuid.uuid4())), json=body,
-                                       headers=headers)
+        unknown = await client.request(
+            route.method, path.replace(ids[names[0]], str(uuid.uuid4())), json=body, headers=headers
+        )
         assert theirs.status == unknown.status == 404, (route.method, path, theirs.status, await theirs.text())
         if route.method != "HEAD":
-            assert (await theirs.json())["error"] == {**(await unknown.json())["error"], "message":
-                                                      (await theirs.json())["error"]["message"]}
+            assert (await theirs.json())["error"] == {
+                **(await unknown.json())["error"],
+                "message": (await theirs.json())["error"]["message"],
+            }
         checked.append((route.method, path))
     assert len(checked) >= 14, checked
     # The owner is not refused by the same routes (reads here; a cancel last, as it ends the job).
@@ -344,26 +388,34 @@ async def test_with_keys_every_route_with_an_id_refuses_another_keys_resource(
     lipsync = {"video_job_id": ids["job_id"], "audio_id": ids["audio_id"]}
     refused = await client.post("/api/mv/lipsync", json=lipsync, headers=bob)
     assert refused.status == 404 and (await refused.json())["error"]["field"] == "audio_id"
-    bob_song = await client.post("/api/mv/upload_audio", data=(tmp_path / "song.wav").read_bytes(),
-                                 headers={**bob, "Content-Type": "audio/wav"})
-    refused = await client.post("/api/mv/lipsync", json={**lipsync, "audio_id": (await bob_song.json())["audio_id"]},
-                                headers=bob)
+    bob_song = await client.post(
+        "/api/mv/upload_audio", data=(tmp_path / "song.wav").read_bytes(), headers={**bob, "Content-Type": "audio/wav"}
+    )
+    refused = await client.post(
+        "/api/mv/lipsync", json={**lipsync, "audio_id": (await bob_song.json())["audio_id"]}, headers=bob
+    )
     assert refused.status == 400 and (await refused.json())["error"]["code"] == "clip_not_found"
     made = await client.post("/api/mv/lipsync", json=lipsync, headers=alice)
     assert made.status == 202, await made.text()
     lipsync_job = (await made.json())["job_id"]
     assert (await client.get(f"/api/mv/jobs/{lipsync_job}", headers=bob)).status == 404
     assert (await client.get(f"/api/mv/jobs/{lipsync_job}", headers=alice)).status == 200
-    project = await client.post("/api/mv/projects", json={"idea": "x", "character_description": "y",
-                                                          "audio_id": ids["audio_id"]}, headers=bob)
+    project = await client.post(
+        "/api/mv/projects", json={"idea": "x", "character_description": "y", "audio_id": ids["audio_id"]}, headers=bob
+    )
     assert project.status == 400 and (await project.json())["error"]["field"] == "audio_id"
-    bobs = await (await client.post("/api/mv/projects", json={"idea": "x", "character_description": "y"},
-                                    headers=bob)).json()
-    patched = await client.patch(f"/api/mv/projects/{bobs['project_id']}", headers={**bob, "If-Match": "*"},
-                                 json={"character_image_id": ids["image_id"]})
+    bobs = await (
+        await client.post("/api/mv/projects", json={"idea": "x", "character_description": "y"}, headers=bob)
+    ).json()
+    patched = await client.patch(
+        f"/api/mv/projects/{bobs['project_id']}",
+        headers={**bob, "If-Match": "*"},
+        json={"character_image_id": ids["image_id"]},
+    )
     assert patched.status == 400 and (await patched.json())["error"]["field"] == "character_image_id"
-    patched = await client.patch(f"/api/mv/projects/{bobs['project_id']}", headers={**bob, "If-Match": "*"},
-                                 json={"audio_id": ids["audio_id"]})
+    patched = await client.patch(
+        f"/api/mv/projects/{bobs['project_id']}", headers={**bob, "If-Match": "*"}, json={"audio_id": ids["audio_id"]}
+    )
     assert patched.status == 400 and (await patched.json())["error"]["field"] == "audio_id"
     canceled = await client.post(f"/api/mv/jobs/{lipsync_job}/cancel", headers=alice)
     assert canceled.status == 200
@@ -425,8 +477,9 @@ async def test_signed_links_load_without_headers(keyed: AppClient, keys: dict[st
     assert response.status == 403 and (await response.json())["error"]["code"] == "signature_expired"
 
 
-async def test_a_signed_link_is_for_reading_only_and_dies_with_its_key(keyed: AppClient, keys: dict[str, str],
-                                                                       keys_file: Path) -> None:
+async def test_a_signed_link_is_for_reading_only_and_dies_with_its_key(
+    keyed: AppClient, keys: dict[str, str], keys_file: Path
+) -> None:
     client = await keyed()
     started = await client.post("/api/mv/generate_video", json=VIDEO, headers=bearer(keys["alice"]))
     assert started.status == 202, await started.text()
@@ -460,8 +513,9 @@ async def test_signed_url_helper(keyed: AppClient, make_client: AppClient) -> No
 # -- ownership of images and scenes --------------------------------------------------------------------------------
 
 
-async def test_another_keys_images_and_scenes_are_not_found(keyed: AppClient, keys: dict[str, str],
-                                                            live_env: dict[str, str]) -> None:
+async def test_another_keys_images_and_scenes_are_not_found(
+    keyed: AppClient, keys: dict[str, str], live_env: dict[str, str]
+) -> None:
     client = await keyed()
     alice, bob = bearer(keys["alice"]), bearer(keys["bob"])
     image = await (await client.post("/api/mv/generate_character_reference", json=IMAGE, headers=alice)).json()
@@ -487,8 +541,9 @@ async def test_another_keys_images_and_scenes_are_not_found(keyed: AppClient, ke
     assert accepted.status == 202, await accepted.text()
 
 
-async def test_images_made_without_keys_stay_readable_with_keys(make_client: AppClient, keyed: AppClient,
-                                                               keys: dict[str, str]) -> None:
+async def test_images_made_without_keys_stay_readable_with_keys(
+    make_client: AppClient, keyed: AppClient, keys: dict[str, str]
+) -> None:
     open_client = await make_client()
     image = await (await open_client.post("/api/mv/generate_character_reference", json=IMAGE)).json()
     client = await keyed()
@@ -527,8 +582,13 @@ async def test_job_creation_is_rate_limited(keyed: AppClient, keys_file: Path) -
 async def test_a_request_of_more_jobs_than_the_burst_takes_the_burst_and_a_refusal_always_says_when() -> None:
     now = [0.0]
     quotas = Quotas(LocalRateLimiter(clock=lambda: now[0]))
-    key = KeyRecord(id="k0123456789ab", name="k", hash="hmac-sha256:" + "0" * 64, created_at="2026-01-01",
-                    limits=KeyLimits(jobs_per_minute=6, jobs_burst=5, max_running_jobs=4))
+    key = KeyRecord(
+        id="k0123456789ab",
+        name="k",
+        hash="hmac-sha256:" + "0" * 64,
+        created_at="2026-01-01",
+        limits=KeyLimits(jobs_per_minute=6, jobs_burst=5, max_running_jobs=4),
+    )
     await quotas.charge(key, "jobs", cost=24)  # more jobs than the burst (and the running cap): the burst is taken
     assert (await quotas.tokens(key))["jobs"] == 0
     with pytest.raises(ApiError) as refused:
@@ -564,7 +624,10 @@ async def test_token_bucket_refills_at_its_rate() -> None:
 async def test_cors_preflight_from_an_allowed_and_a_refused_origin(keyed: AppClient, keys: dict[str, str]) -> None:
     allowed = "https://app.example.com"
     client = await keyed(MV_CORS_ORIGINS=f"{allowed}, http://localhost:5173")
-    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     ok = await client.options("/api/mv/create_scenes", headers={"Origin": allowed, **preflight})
     assert ok.status == 200, await ok.text()
     assert ok.headers["Access-Control-Allow-Origin"] == allowed
@@ -572,20 +635,37 @@ async def test_cors_preflight_from_an_allowed_and_a_refused_origin(keyed: AppCli
     assert "AUTHORIZATION" in ok.headers["Access-Control-Allow-Headers"].upper()
     assert "Access-Control-Allow-Credentials" not in ok.headers
 
-    video = await client.options(f"/api/mv/get_video/{uuid.uuid4()}", headers={
-        "Origin": allowed, "Access-Control-Request-Method": "HEAD", "Access-Control-Request-Headers": "authorization"})
+    video = await client.options(
+        f"/api/mv/get_video/{uuid.uuid4()}",
+        headers={
+            "Origin": allowed,
+            "Access-Control-Request-Method": "HEAD",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
     assert video.status == 200 and video.headers["Access-Control-Allow-Origin"] == allowed
     refused = await client.options("/api/mv/create_scenes", headers={"Origin": "https://evil.example", **preflight})
     assert refused.status == 403
     assert "Access-Control-Allow-Origin" not in refused.headers
 
     # A project edit (If-Match) and an idempotent job POST may be sent cross-origin, and their headers read.
-    edit = await client.options(f"/api/mv/projects/{uuid.uuid4()}", headers={
-        "Origin": allowed, "Access-Control-Request-Method": "PATCH",
-        "Access-Control-Request-Headers": "authorization,content-type,if-match"})
+    edit = await client.options(
+        f"/api/mv/projects/{uuid.uuid4()}",
+        headers={
+            "Origin": allowed,
+            "Access-Control-Request-Method": "PATCH",
+            "Access-Control-Request-Headers": "authorization,content-type,if-match",
+        },
+    )
     assert edit.status == 200 and "IF-MATCH" in edit.headers["Access-Control-Allow-Headers"].upper()
-    keyed_post = await client.options("/api/mv/generate_video", headers={
-        "Origin": allowed, **preflight, "Access-Control-Request-Headers": "authorization,content-type,idempotency-key"})
+    keyed_post = await client.options(
+        "/api/mv/generate_video",
+        headers={
+            "Origin": allowed,
+            **preflight,
+            "Access-Control-Request-Headers": "authorization,content-type,idempotency-key",
+        },
+    )
     assert keyed_post.status == 200
 
     # The actual request from the allowed origin: the answer (even a 401) is readable by the page.
@@ -594,10 +674,13 @@ async def test_cors_preflight_from_an_allowed_and_a_refused_origin(keyed: AppCli
     exposed = unauthorized.headers["Access-Control-Expose-Headers"].upper()
     assert all(name.upper() in exposed for name in ("ETag", "Location", "Retry-After", "Idempotent-Replayed"))
     assert "WWW-Authenticate" in unauthorized.headers["Access-Control-Expose-Headers"]
-    answered = await client.post("/api/mv/create_scenes", json=SCENES, headers={"Origin": allowed, **bearer(keys["bob"])})
+    answered = await client.post(
+        "/api/mv/create_scenes", json=SCENES, headers={"Origin": allowed, **bearer(keys["bob"])}
+    )
     assert answered.status == 200 and answered.headers["Access-Control-Allow-Origin"] == allowed
-    foreign = await client.post("/api/mv/create_scenes", json=SCENES,
-                                headers={"Origin": "https://evil.example", **bearer(keys["bob"])})
+    foreign = await client.post(
+        "/api/mv/create_scenes", json=SCENES, headers={"Origin": "https://evil.example", **bearer(keys["bob"])}
+    )
     assert "Access-Control-Allow-Origin" not in foreign.headers
 
 
@@ -668,8 +751,9 @@ async def test_json_log_lines_of_a_job_carry_its_id(make_client: AppClient, sim:
         client = await make_client()
         sim.video_latency = 0.1
         sim.add_fault("replicate.get", "invalid_json", times=1)  # one transient failure: the job logs its retry
-        response = await client.post("/api/mv/generate_video", json={"prompt": "a heron", "duration": 4},
-                                     headers={"X-Request-Id": "req-7"})
+        response = await client.post(
+            "/api/mv/generate_video", json={"prompt": "a heron", "duration": 4}, headers={"X-Request-Id": "req-7"}
+        )
         job_id = (await response.json())["job_id"]
         async with asyncio.timeout(20):
             while (await (await client.get(f"/api/mv/jobs/{job_id}")).json())["status"] != "succeeded":
@@ -680,8 +764,10 @@ async def test_json_log_lines_of_a_job_carry_its_id(make_client: AppClient, sim:
 
 
 def test_signatures_are_cut_from_logged_urls() -> None:
-    assert redact("GET /api/mv/get_image/x?kid=k1&exp=9&sig=abc_DEF-1 HTTP/1.1") == \
-        "GET /api/mv/get_image/x?kid=k1&exp=9&sig=REDACTED HTTP/1.1"
+    assert (
+        redact("GET /api/mv/get_image/x?kid=k1&exp=9&sig=abc_DEF-1 HTTP/1.1")
+        == "GET /api/mv/get_image/x?kid=k1&exp=9&sig=REDACTED HTTP/1.1"
+    )
 
 
 def test_log_format_setting(live_env: dict[str, str]) -> None:
@@ -689,8 +775,9 @@ def test_log_format_setting(live_env: dict[str, str]) -> None:
         create_app({**live_env, "MV_LOG_FORMAT": "xml"})
 
 
-async def test_key_id_is_on_the_request(live_env: dict[str, str], keys_file: Path, keys: dict[str, str],
-                                        aiohttp_client: Any) -> None:
+async def test_key_id_is_on_the_request(
+    live_env: dict[str, str], keys_file: Path, keys: dict[str, str], aiohttp_client: Any
+) -> None:
     seen: list[Any] = []
 
     async def probe(request: web.Request) -> web.Response:
@@ -706,8 +793,9 @@ async def test_key_id_is_on_the_request(live_env: dict[str, str], keys_file: Pat
     assert seen == [(kid, kid)]
 
 
-async def test_openapi_documents_the_bearer_scheme(keyed: AppClient, make_client: AppClient,
-                                                   keys: dict[str, str]) -> None:
+async def test_openapi_documents_the_bearer_scheme(
+    keyed: AppClient, make_client: AppClient, keys: dict[str, str]
+) -> None:
     client = await keyed(MV_METRICS="true")
     doc = await (await client.get("/api/mv/openapi.json", headers=bearer(keys["alice"]))).json()
     scheme = doc["components"]["securitySchemes"]["bearerAuth"]
@@ -728,8 +816,13 @@ async def test_openapi_documents_the_bearer_scheme(keyed: AppClient, make_client
     assert "401" not in plain["paths"]["/api/mv/create_scenes"]["post"]["responses"]
 
 
-async def test_access_log_lines_drop_signatures(live_env: dict[str, str], keys_file: Path, keys: dict[str, str],
-                                                aiohttp_client: Any, caplog: pytest.LogCaptureFixture) -> None:
+async def test_access_log_lines_drop_signatures(
+    live_env: dict[str, str],
+    keys_file: Path,
+    keys: dict[str, str],
+    aiohttp_client: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     app = create_app({**live_env, "MV_API_KEYS_FILE": str(keys_file), "MV_URL_SIGNING_SECRET": SECRET})
     server = TestServer(app)
     await server.start_server(access_log_class=AccessLogger)  # as python -m mvserver runs it

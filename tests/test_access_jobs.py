@@ -44,10 +44,12 @@ def final(state: dict[str, Any]) -> bool:
 
 
 async def test_jobs_beyond_the_running_cap_wait_queued_and_start_as_the_keys_other_jobs_end(
-        make_client: AppClient, tmp_path: Path, sim: Any) -> None:
+    make_client: AppClient, tmp_path: Path, sim: Any
+) -> None:
     keys_file = tmp_path / "keys.yaml"
-    alice_record, alice = create_key(keys_file, "alice", KeyLimits(jobs_per_minute=0.6, jobs_burst=50,
-                                                                  max_running_jobs=2))
+    alice_record, alice = create_key(
+        keys_file, "alice", KeyLimits(jobs_per_minute=0.6, jobs_burst=50, max_running_jobs=2)
+    )
     _, bob = create_key(keys_file, "bob", KeyLimits(jobs_per_minute=600, jobs_burst=50, max_running_jobs=2))
     sim.video_latency = 60.0  # the jobs stay running until canceled
     client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET=SECRET)
@@ -100,8 +102,10 @@ async def test_held_jobs_keep_their_turn_across_a_restart(make_client: AppClient
     sim.video_latency = 60.0
     env = {"MV_API_KEYS_FILE": keys_file, "MV_URL_SIGNING_SECRET": SECRET}
     client = await make_client(**env)
-    jobs = [(await (await client.post("/api/mv/generate_video", json=VIDEO, headers=bearer(key))).json())["job_id"]
-            for _ in range(3)]
+    jobs = [
+        (await (await client.post("/api/mv/generate_video", json=VIDEO, headers=bearer(key))).json())["job_id"]
+        for _ in range(3)
+    ]
     await until(client, key, jobs[0], running)
     await client.close()  # the same outputs (or Redis prefix) for the next app: the jobs resume
     client = await make_client(**env)

@@ -104,7 +104,7 @@ def live_processes_of_group(pgid: int) -> list[int]:
                 stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            fields = stat[stat.rindex(")") + 2:].split()
+            fields = stat[stat.rindex(")") + 2 :].split()
             if int(fields[2]) == pgid and fields[0] != "Z":
                 alive.append(int(entry))
     return alive
@@ -148,7 +148,8 @@ async def analysis_123(pool: AnalysisPool, song_123: tuple[Path, np.ndarray, np.
 
 @shared
 async def test_a_drum_song_gets_its_beats_downbeats_tempo_and_meter(
-        analysis_123: SongAnalysis, song_123: tuple[Path, np.ndarray, np.ndarray, float]) -> None:
+    analysis_123: SongAnalysis, song_123: tuple[Path, np.ndarray, np.ndarray, float]
+) -> None:
     _, beats, downbeats, duration = song_123
     grid = analysis_123.grid
     assert grid is not None, analysis_123.no_grid_reason
@@ -240,9 +241,9 @@ def test_the_analysis_is_versioned_json(analysis_123: SongAnalysis) -> None:
 
 
 @pytest.mark.parametrize("fps", [24.0, 25.0, 30000 / 1001])
-def test_planned_cuts_land_on_the_true_downbeats(analysis_123: SongAnalysis,
-                                                 song_123: tuple[Path, np.ndarray, np.ndarray, float],
-                                                 fps: float) -> None:
+def test_planned_cuts_land_on_the_true_downbeats(
+    analysis_123: SongAnalysis, song_123: tuple[Path, np.ndarray, np.ndarray, float], fps: float
+) -> None:
     _, _, downbeats, duration = song_123
     windows = plan_scenes(analysis_123, duration, (4, 6, 8), fps)
     total = math.ceil(duration * fps - 1e-6)
@@ -268,14 +269,30 @@ def _analysis(bpm: float, bars: int, section_bars: list[int], meter: int = 4) ->
     downbeats = beats[::meter]
     duration = round(bars * meter * period, 3)
     starts = [downbeats[b] for b in section_bars]
-    sections = [{"start": a, "end": b, "label": "AB"[i % 2], "cluster": i % 2}
-                for i, (a, b) in enumerate(zip(starts, starts[1:] + [duration], strict=False))]
-    return SongAnalysis.model_validate({
-        "analyser": "test", "duration": duration, "no_grid_reason": None, "sections": sections,
-        "grid": {"tempo": bpm, "beats": beats, "downbeats": downbeats, "meter": meter, "beats_per_bar": meter,
-                 "meter_confidence": 1.0, "downbeat_confidence": 1.0,
-                 "evidence": {"pulse_clarity": 0.9, "beat_contrast": 5.0}},
-        "energy": {"rate": 4, "values": []}, "peaks": {"rate": 20, "values": []}})
+    sections = [
+        {"start": a, "end": b, "label": "AB"[i % 2], "cluster": i % 2}
+        for i, (a, b) in enumerate(zip(starts, starts[1:] + [duration], strict=False))
+    ]
+    return SongAnalysis.model_validate(
+        {
+            "analyser": "test",
+            "duration": duration,
+            "no_grid_reason": None,
+            "sections": sections,
+            "grid": {
+                "tempo": bpm,
+                "beats": beats,
+                "downbeats": downbeats,
+                "meter": meter,
+                "beats_per_bar": meter,
+                "meter_confidence": 1.0,
+                "downbeat_confidence": 1.0,
+                "evidence": {"pulse_clarity": 0.9, "beat_contrast": 5.0},
+            },
+            "energy": {"rate": 4, "values": []},
+            "peaks": {"rate": 20, "values": []},
+        }
+    )
 
 
 def test_the_plan_cuts_at_section_boundaries() -> None:

@@ -24,8 +24,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from mvserver.app import create_app
 
 PROJECT = Path(__file__).resolve().parent.parent
-SETTINGS = {name: yaml.safe_load((PROJECT / "settings" / f"{name}.yaml").read_text())
-            for name in ("scenes", "images", "videos")}
+SETTINGS = {
+    name: yaml.safe_load((PROJECT / "settings" / f"{name}.yaml").read_text()) for name in ("scenes", "images", "videos")
+}
 SERVICES = ("gemini_scenes", "replicate", "gemini_video")
 DOCUMENTED_PATHS = {
     "/api/mv/health": {"get"},
@@ -54,10 +55,26 @@ def keyless_env(tmp_path: Path) -> dict[str, str]:
     The credential variables are set to blank (which counts as unset) so a stray ``.env`` cannot fill them in.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_", "REPLICATE_", "MV_"))}
-    env.update({name: "" for name in ("GEMINI_API_KEY", "REPLICATE_API_TOKEN", "GOOGLE_VERTEX_API_KEY",
-                                      "GOOGLE_CLOUD_PROJECT", "GOOGLE_API_KEY", "MV_SANDBOX")})
-    env.update({"PYTHONPATH": str(PROJECT), "MV_OUTPUT_DIR": str(tmp_path / "outputs"),
-                "MV_SETTINGS_DIR": str(PROJECT / "settings")})
+    env.update(
+        {
+            name: ""
+            for name in (
+                "GEMINI_API_KEY",
+                "REPLICATE_API_TOKEN",
+                "GOOGLE_VERTEX_API_KEY",
+                "GOOGLE_CLOUD_PROJECT",
+                "GOOGLE_API_KEY",
+                "MV_SANDBOX",
+            )
+        }
+    )
+    env.update(
+        {
+            "PYTHONPATH": str(PROJECT),
+            "MV_OUTPUT_DIR": str(tmp_path / "outputs"),
+            "MV_SETTINGS_DIR": str(PROJECT / "settings"),
+        }
+    )
     return env
 
 
@@ -91,8 +108,13 @@ def running_server(tmp_path: Path, stop: signal.Signals, **env: str) -> Iterator
     log = tmp_path / "server.log"
     exit_code: list[int] = []
     with log.open("wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
-                                   env={**keyless_env(tmp_path), **env}, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
+            env={**keyless_env(tmp_path), **env},
+            cwd=tmp_path,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
         # a busy machine imports the server slowly: wait up to a minute for it to answer
         wait_for_health(process, f"http://127.0.0.1:{port}/api/mv/health", log, time.monotonic() + 60)
@@ -138,10 +160,13 @@ def test_debug_mode_prints_prefixed_records_on_the_server_output(tmp_path: Path)
     and the Imagen input object is printed as sent."""
     with running_server(tmp_path, signal.SIGTERM, MV_DEBUG_MODE="true") as (port, log, exit_code):
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/api/mv/generate_character_reference", method="POST",
+            f"http://127.0.0.1:{port}/api/mv/generate_character_reference",
+            method="POST",
             headers={"Content-Type": "application/json"},
-            data=json.dumps({"character_description": "a knight in a paper crown", "aspect_ratio": "3:4",
-                             "seed": 7}).encode())
+            data=json.dumps(
+                {"character_description": "a knight in a paper crown", "aspect_ratio": "3:4", "seed": 7}
+            ).encode(),
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             body = json.loads(response.read())
     output = log.read_text()
@@ -150,10 +175,14 @@ def test_debug_mode_prints_prefixed_records_on_the_server_output(tmp_path: Path)
     assert len(debug_lines) >= 5 and all(" mvserver.debug: [MV_DEBUG] " in line for line in debug_lines), debug_lines
     assert debug_record(output, "config params loaded at start-up")["env"]["replicate_api_token"] == "unset"
     sent = debug_record(output, "generate_character_reference input for google/imagen-4")
-    assert sent == {"prompt": body["metadata"]["prompt"], "aspect_ratio": "3:4", "seed": 7,
-                    "safety_filter_level": SETTINGS["images"]["defaults"]["safety_filter_level"],
-                    "person_generation": SETTINGS["images"]["defaults"]["person_generation"],
-                    "output_format": SETTINGS["images"]["defaults"]["output_format"]}
+    assert sent == {
+        "prompt": body["metadata"]["prompt"],
+        "aspect_ratio": "3:4",
+        "seed": 7,
+        "safety_filter_level": SETTINGS["images"]["defaults"]["safety_filter_level"],
+        "person_generation": SETTINGS["images"]["defaults"]["person_generation"],
+        "output_format": SETTINGS["images"]["defaults"]["output_format"],
+    }
 
 
 def test_server_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
@@ -190,8 +219,11 @@ shared = pytest.mark.asyncio(loop_scope="module")
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def app_client(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TestClient]:
     """One app (every provider sandboxed) for the tests that only read: building an app per test is slow."""
-    env = {"MV_SANDBOX": "true", "MV_OUTPUT_DIR": str(tmp_path_factory.mktemp("outputs")),
-           "MV_SETTINGS_DIR": str(PROJECT / "settings")}
+    env = {
+        "MV_SANDBOX": "true",
+        "MV_OUTPUT_DIR": str(tmp_path_factory.mktemp("outputs")),
+        "MV_SETTINGS_DIR": str(PROJECT / "settings"),
+    }
     async with TestClient(TestServer(create_app(env))) as client:
         yield client
 
@@ -255,7 +287,8 @@ def served_routes(client: TestClient) -> set[tuple[str, str]]:
         (resource.canonical, route.method.lower())
         for resource in client.app.router.resources()
         for route in resource
-        if resource.canonical.startswith("/api/mv/") and resource.canonical != "/api/mv/openapi.json"
+        if resource.canonical.startswith("/api/mv/")
+        and resource.canonical != "/api/mv/openapi.json"
         and route.method != "HEAD"
     }
 
@@ -270,8 +303,7 @@ async def test_every_documented_operation_is_served(app_client: TestClient, open
 async def test_openapi_documents_every_served_route(app_client: TestClient, openapi: dict[str, Any]) -> None:
     served = served_routes(app_client)
     assert served
-    undocumented = sorted((path, method) for path, method in served
-                          if method not in openapi["paths"].get(path, {}))
+    undocumented = sorted((path, method) for path, method in served if method not in openapi["paths"].get(path, {}))
     assert undocumented == [], undocumented
 
 
@@ -330,15 +362,18 @@ async def test_openapi_follows_the_settings_it_was_started_with(make_client, set
 # -- JSON error shape -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [
-    "/api/mv/nope",
-    "/nope",
-    "/api/mv/create_scenes/extra",
-    "/api/mv/health/",
-    "/api/mv/get_video",
-    "/static/nope.js",
-    "/static/..%2Fsettings%2Fscenes.yaml",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/mv/nope",
+        "/nope",
+        "/api/mv/create_scenes/extra",
+        "/api/mv/health/",
+        "/api/mv/get_video",
+        "/static/nope.js",
+        "/static/..%2Fsettings%2Fscenes.yaml",
+    ],
+)
 @shared
 async def test_unknown_route_is_404_json(app_client: TestClient, path: str) -> None:
     response = await app_client.get(path)
@@ -349,12 +384,15 @@ async def test_unknown_route_is_404_json(app_client: TestClient, path: str) -> N
     assert body["error"]["code"] == "not_found" and body["error"]["message"]
 
 
-@pytest.mark.parametrize(("method", "path", "allowed"), [
-    ("GET", "/api/mv/create_scenes", "POST"),
-    ("PUT", "/api/mv/create_scenes", "POST"),
-    ("DELETE", "/api/mv/health", "GET"),
-    ("POST", "/api/mv/openapi.json", "GET"),
-])
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("GET", "/api/mv/create_scenes", "POST"),
+        ("PUT", "/api/mv/create_scenes", "POST"),
+        ("DELETE", "/api/mv/health", "GET"),
+        ("POST", "/api/mv/openapi.json", "GET"),
+    ],
+)
 @shared
 async def test_wrong_method_is_405_json(app_client: TestClient, method: str, path: str, allowed: str) -> None:
     response = await app_client.request(method, path)

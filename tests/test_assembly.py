@@ -82,8 +82,9 @@ def ffmpeg_writing(folder: Path) -> list[int]:
 async def test_cut_assembly_of_whole_clips_is_stream_copied_with_the_song(client: TestClient, sim: Simulator) -> None:
     first, second = await make_clip(client, sim, 4), await make_clip(client, sim, 4)
     audio_id = make_song(client, 20.0, "mp3")
-    accepted = await assemble(client, clips=[{"job_id": first}, {"job_id": second}], audio_id=audio_id,
-                              audio_offset=3.0)
+    accepted = await assemble(
+        client, clips=[{"job_id": first}, {"job_id": second}], audio_id=audio_id, audio_offset=3.0
+    )
     async with client.get(accepted["events_url"]) as response:
         events = [e async for e in read_sse(response)]
     assert events[-1]["event"] == "succeeded", events[-1]
@@ -99,8 +100,14 @@ async def test_cut_assembly_of_whole_clips_is_stream_copied_with_the_song(client
 async def test_crossfade_with_trims_and_mixed_clip_audio(client: TestClient, sim: Simulator) -> None:
     first, second = await make_clip(client, sim, 4), await make_clip(client, sim, 4)
     audio_id = make_song(client, 20.0, "wav")
-    accepted = await assemble(client, clips=[{"job_id": first, "trim_in": 1.0}, {"job_id": second, "trim_out": 3.5}],
-                              audio_id=audio_id, transition="crossfade", crossfade_seconds=0.5, clip_audio="mix")
+    accepted = await assemble(
+        client,
+        clips=[{"job_id": first, "trim_in": 1.0}, {"job_id": second, "trim_out": 3.5}],
+        audio_id=audio_id,
+        transition="crossfade",
+        crossfade_seconds=0.5,
+        clip_audio="mix",
+    )
     state = await finished(client, accepted["job_id"])
     expected = 3.0 + 3.5 - 0.5
     assert state["request"]["expected_seconds"] == pytest.approx(expected, abs=0.05)
@@ -112,8 +119,10 @@ async def test_every_bad_assembly_is_a_400_naming_the_field(client: TestClient, 
     clip = await make_clip(client, sim, 4)
     audio_id = make_song(client, 5.0, "mp3")
     sim.video_latency = 0.2
-    response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4,
-                                                                 "aspect_ratio": "9:16", "generate_audio": False})
+    response = await client.post(
+        "/api/mv/generate_video",
+        json={"prompt": PROMPT, "duration": 4, "aspect_ratio": "9:16", "generate_audio": False},
+    )
     portrait = (await response.json())["job_id"]
     assert (await finished(client, portrait))["status"] == "succeeded"
     sim.video_latency = 60.0
@@ -150,7 +159,8 @@ async def test_every_bad_assembly_is_a_400_naming_the_field(client: TestClient, 
 
 
 async def test_a_trim_or_crossfade_under_one_frame_is_a_400_and_one_frame_is_assembled(
-        client: TestClient, sim: Simulator) -> None:
+    client: TestClient, sim: Simulator
+) -> None:
     """One frame at the output's frame rate (24 fps here) is the least a trim may keep and the least a crossfade
     may last: less used to get a 202 and then fail (a trim) or run as no crossfade at all (1e-300)."""
     clip = await make_clip(client, sim, 4)
@@ -159,19 +169,25 @@ async def test_a_trim_or_crossfade_under_one_frame_is_a_400_and_one_frame_is_ass
         ({"clips": [{"job_id": clip, "trim_in": 1.0, "trim_out": 1.01}]}, "clips.0.trim_out"),
         ({"clips": [{"job_id": clip, "trim_in": 4.0 - frame / 4}]}, "clips.0.trim_in"),
         ({"clips": [{"job_id": clip}, {"job_id": clip, "trim_out": 1e-300}]}, "clips.1.trim_out"),
-        ({"clips": [{"job_id": clip}] * 2, "transition": "crossfade", "crossfade_seconds": 1e-300},
-         "crossfade_seconds"),
-        ({"clips": [{"job_id": clip}] * 2, "transition": "crossfade", "crossfade_seconds": frame * 0.9},
-         "crossfade_seconds"),
+        (
+            {"clips": [{"job_id": clip}] * 2, "transition": "crossfade", "crossfade_seconds": 1e-300},
+            "crossfade_seconds",
+        ),
+        (
+            {"clips": [{"job_id": clip}] * 2, "transition": "crossfade", "crossfade_seconds": frame * 0.9},
+            "crossfade_seconds",
+        ),
         ({"clips": [{"job_id": clip}], "transition": "crossfade", "crossfade_seconds": 1e-300}, "crossfade_seconds"),
     ]
     for body, field in cases:
         response = await client.post("/api/mv/assemble", json=body)
         assert await error_of(response) == (400, field), (body, await response.text())
-    one_frame = await assemble(client, clips=[{"job_id": clip, "trim_in": 1.0, "trim_out": 1.0 + frame},
-                                              {"job_id": clip}])
-    one_frame_fade = await assemble(client, clips=[{"job_id": clip}] * 2, transition="crossfade",
-                                    crossfade_seconds=frame)
+    one_frame = await assemble(
+        client, clips=[{"job_id": clip, "trim_in": 1.0, "trim_out": 1.0 + frame}, {"job_id": clip}]
+    )
+    one_frame_fade = await assemble(
+        client, clips=[{"job_id": clip}] * 2, transition="crossfade", crossfade_seconds=frame
+    )
     state = await finished(client, one_frame["job_id"])
     assert_h264_aac(await output_of(client, state), 4.0 + frame)
     state = await finished(client, one_frame_fade["job_id"])
@@ -204,8 +220,7 @@ async def test_a_running_assembly_is_run_again_after_a_restart(make_client: AppC
     first = await make_client()
     clip = await make_clip(first, sim, 4)
     audio_id = make_song(first, 60.0, "mp3")
-    body = {"clips": [{"job_id": clip}] * 6, "transition": "crossfade", "crossfade_seconds": 0.5,
-            "audio_id": audio_id}
+    body = {"clips": [{"job_id": clip}] * 6, "transition": "crossfade", "crossfade_seconds": 0.5, "audio_id": audio_id}
     accepted = await assemble(first, **body)
     videos = first.app[STORE].root / "videos"
     await wait_for(first, accepted["job_id"], lambda s: s["status"] == "running", 30)
@@ -233,12 +248,16 @@ def media_settings(settings_dir: Path, **sections: dict[str, Any]) -> None:
 
 
 def times(events: list[dict[str, Any]], stage: str | None = None, name: str | None = None) -> list[float]:
-    return [e["data"]["event_time"] for e in events
-            if (stage is None or e["data"].get("stage") == stage) and (name is None or e["event"] == name)]
+    return [
+        e["data"]["event_time"]
+        for e in events
+        if (stage is None or e["data"].get("stage") == stage) and (name is None or e["event"] == name)
+    ]
 
 
 async def test_ffmpeg_heavy_runs_take_turns_in_the_nodes_slots_within_their_limits(
-        make_client: AppClient, settings_dir: Path, sim: Simulator) -> None:
+    make_client: AppClient, settings_dir: Path, sim: Simulator
+) -> None:
     """One slot: a second assembly and a lip-sync cut wait (stage "waiting") until the first assembly's ffmpeg is
     done; every ffmpeg of a job runs with the memory and thread limits of media.yaml."""
     media_settings(settings_dir, ffmpeg={"concurrency": 1, "memory_mb": 900, "threads": 1})
@@ -246,8 +265,14 @@ async def test_ffmpeg_heavy_runs_take_turns_in_the_nodes_slots_within_their_limi
     clip = await make_clip(client, sim, 8)
     audio_id = make_song(client, 20.0, "mp3")
     videos = client.app[STORE].root / "videos"
-    first = await assemble(client, clips=[{"job_id": clip}] * 8, transition="crossfade", crossfade_seconds=0.5,
-                           audio_id=audio_id, clip_audio="mix")
+    first = await assemble(
+        client,
+        clips=[{"job_id": clip}] * 8,
+        transition="crossfade",
+        crossfade_seconds=0.5,
+        audio_id=audio_id,
+        clip_audio="mix",
+    )
     await wait_for(client, first["job_id"], lambda s: s["stage"] == "assembling", 30)
     second = await assemble(client, clips=[{"job_id": clip}] * 2)
     response = await client.post("/api/mv/lipsync", json={"video_job_id": clip, "audio_id": audio_id})
@@ -266,7 +291,7 @@ async def test_ffmpeg_heavy_runs_take_turns_in_the_nodes_slots_within_their_limi
                 if "-progress" not in args:  # a probe of the clips, not a run
                     continue
                 assert memory == (str(900 << 20),) * 2
-                assert args[args.index("-i") - 2:args.index("-i")] == ["-threads", "1"]
+                assert args[args.index("-i") - 2 : args.index("-i")] == ["-threads", "1"]
                 checked = True
                 break
             await asyncio.sleep(0.02)
@@ -281,7 +306,8 @@ async def test_ffmpeg_heavy_runs_take_turns_in_the_nodes_slots_within_their_limi
 
 
 async def test_what_one_assembly_may_ask_is_capped_with_a_400_naming_the_field(
-        make_client: AppClient, settings_dir: Path, sim: Simulator) -> None:
+    make_client: AppClient, settings_dir: Path, sim: Simulator
+) -> None:
     media_settings(settings_dir, assembly={"output_seconds_max": 7.5, "graph_clips_max": 2})
     client = await make_client()
     clip = await make_clip(client, sim, 4)
@@ -289,20 +315,23 @@ async def test_what_one_assembly_may_ask_is_capped_with_a_400_naming_the_field(
     assert await error_of(long_cut) == (400, "clips")
     assert "7.5" in (await long_cut.json())["error"]["message"]
     short_middle = [{"job_id": clip}, {"job_id": clip, "trim_out": 1.5}, {"job_id": clip}]
-    response = await client.post("/api/mv/assemble", json={"clips": short_middle, "transition": "crossfade",
-                                                            "crossfade_seconds": 1.0})
+    response = await client.post(
+        "/api/mv/assemble", json={"clips": short_middle, "transition": "crossfade", "crossfade_seconds": 1.0}
+    )
     assert await error_of(response) == (400, "crossfade_seconds")  # 3 clips in one graph, 2 allowed
     assert (await response.json())["error"]["code"] == "graph_too_large"
     # just under both caps: two clips crossfaded by half a second last 7.5 s
     accepted = await assemble(client, clips=[{"job_id": clip}] * 2, transition="crossfade", crossfade_seconds=0.5)
     assert_h264_aac(await output_of(client, await finished(client, accepted["job_id"])), 7.5)
 
-    response = await client.post(PROJECTS, json={"idea": "a song", "character_description": "a singer",
-                                                 "number_of_scenes": 2})
+    response = await client.post(
+        PROJECTS, json={"idea": "a song", "character_description": "a singer", "number_of_scenes": 2}
+    )
     project = await response.json()
     patch = {"scenes": [{"id": s["id"], "prompt": PROMPT, "duration": 4} for s in project["scenes"]]}
-    response = await client.patch(f"{PROJECTS}/{project['project_id']}", json=patch,
-                                  headers={"If-Match": project["etag"]})
+    response = await client.patch(
+        f"{PROJECTS}/{project['project_id']}", json=patch, headers={"If-Match": project["etag"]}
+    )
     assert response.status == 200, await response.text()
     sim.video_latency = 0.2
     response = await client.post(f"{PROJECTS}/{project['project_id']}/clips", json={"generate_audio": False})
@@ -313,7 +342,8 @@ async def test_what_one_assembly_may_ask_is_capped_with_a_400_naming_the_field(
 
 
 async def test_an_ffmpeg_past_its_time_or_memory_limit_fails_the_job_clearly(
-        make_client: AppClient, settings_dir: Path, sim: Simulator) -> None:
+    make_client: AppClient, settings_dir: Path, sim: Simulator
+) -> None:
     media_settings(settings_dir, ffmpeg={"timeout_base_seconds": 0.05, "timeout_seconds_per_output_second": 0})
     client = await make_client()
     clip = await make_clip(client, sim, 4)
@@ -333,8 +363,9 @@ async def test_an_ffmpeg_past_its_time_or_memory_limit_fails_the_job_clearly(
     assert "64 MiB" in state["error"]["message"] and "memory_mb" in state["error"]["message"]
 
 
-async def test_a_resumed_assembly_waits_while_an_earlier_runs_ffmpeg_is_alive(make_client: AppClient,
-                                                                               sim: Simulator) -> None:
+async def test_a_resumed_assembly_waits_while_an_earlier_runs_ffmpeg_is_alive(
+    make_client: AppClient, sim: Simulator
+) -> None:
     """What an ffmpeg that outlived its server looks like to the next run of the job: the job's run lock held by
     another process. The job waits (stage "waiting", no ffmpeg) until that process is gone, then runs."""
     first = await make_client()
@@ -345,8 +376,7 @@ async def test_a_resumed_assembly_waits_while_an_earlier_runs_ffmpeg_is_alive(ma
     await wait_for(first, job_id, lambda s: s["stage"] == "assembling", 30)
     lock = first.app[STORE].path("jobs", job_id, ".ffmpeg.lock")
     await first.close()  # shutdown mid-run: the job resumes at the next start
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert holder.stdout is not None
         assert await asyncio.to_thread(holder.stdout.readline) == b"holding\n"
@@ -364,7 +394,7 @@ async def test_a_resumed_assembly_waits_while_an_earlier_runs_ffmpeg_is_alive(ma
     assert_h264_aac(await output_of(second, state), 6 * 4 - 5 * 0.5)
     events = await events_of(second, job_id)
     waiting = [i for i, e in enumerate(events) if e["data"].get("stage") == "waiting"]
-    assert waiting and any(e["data"].get("stage") == "assembling" for e in events[waiting[-1]:])
+    assert waiting and any(e["data"].get("stage") == "assembling" for e in events[waiting[-1] :])
     assert released
 
 
@@ -373,8 +403,16 @@ async def test_a_resumed_assembly_waits_while_an_earlier_runs_ffmpeg_is_alive(ma
 
 async def test_project_assembly_and_a_lipsynced_scene_version(client: TestClient, sim: Simulator) -> None:
     audio_id = make_song(client, 12.0, "mp3")
-    response = await client.post(PROJECTS, json={"idea": "a song", "character_description": "a singer",
-                                                 "audio_id": audio_id, "audio_offset": 1.0, "number_of_scenes": 2})
+    response = await client.post(
+        PROJECTS,
+        json={
+            "idea": "a song",
+            "character_description": "a singer",
+            "audio_id": audio_id,
+            "audio_offset": 1.0,
+            "number_of_scenes": 2,
+        },
+    )
     assert response.status == 201, await response.text()
     project = await response.json()
     pid = project["project_id"]
@@ -397,12 +435,14 @@ async def test_project_assembly_and_a_lipsynced_scene_version(client: TestClient
     for job_id in clips:
         assert (await finished(client, job_id))["status"] == "succeeded"
     project = await (await client.get(f"{PROJECTS}/{pid}")).json()
-    response = await client.patch(f"{PROJECTS}/{pid}", json={"scenes": [{"id": scenes[1], "trim_in": 0.5}]},
-                                  headers={"If-Match": project["etag"]})
+    response = await client.patch(
+        f"{PROJECTS}/{pid}", json={"scenes": [{"id": scenes[1], "trim_in": 0.5}]}, headers={"If-Match": project["etag"]}
+    )
     assert response.status == 200, await response.text()
 
-    response = await client.post(f"{PROJECTS}/{pid}/assemble",
-                                 json={"transition": "cut", "crossfade_seconds": 0.5, "clip_audio": "drop"})
+    response = await client.post(
+        f"{PROJECTS}/{pid}/assemble", json={"transition": "cut", "crossfade_seconds": 0.5, "clip_audio": "drop"}
+    )
     assert response.status == 202, await response.text()
     body = await response.json()
     assert set(body) >= {"job_id", "status_url", "events_url", "video_url", "project"}
@@ -429,8 +469,9 @@ async def test_project_assembly_and_a_lipsynced_scene_version(client: TestClient
 
     project = await (await client.get(f"{PROJECTS}/{pid}")).json()
     assert project["scenes"][1]["chosen_job_id"] == lipsync_id
-    response = await client.post(f"{PROJECTS}/{pid}/assemble", json={"transition": "crossfade",
-                                                                       "crossfade_seconds": 0.5, "clip_audio": "mix"})
+    response = await client.post(
+        f"{PROJECTS}/{pid}/assemble", json={"transition": "crossfade", "crossfade_seconds": 0.5, "clip_audio": "mix"}
+    )
     assert response.status == 202, await response.text()
     body = await response.json()
     state = await finished(client, body["job_id"])
@@ -441,22 +482,27 @@ async def test_project_assembly_and_a_lipsynced_scene_version(client: TestClient
 
 
 async def test_project_actions_refuse_unknown_options_and_ids(client: TestClient) -> None:
-    response = await client.post(PROJECTS, json={"idea": "a song", "character_description": "a singer",
-                                                 "number_of_scenes": 1})
+    response = await client.post(
+        PROJECTS, json={"idea": "a song", "character_description": "a singer", "number_of_scenes": 1}
+    )
     project = await response.json()
     pid, scene = project["project_id"], project["scenes"][0]["id"]
     assert await error_of(await client.post(f"{PROJECTS}/{pid}/assemble", json={"clips": []})) == (400, "clips")
-    assert await error_of(await client.post(f"{PROJECTS}/{pid}/assemble", json={"transition": "x"})) == \
-        (400, "transition")
+    assert await error_of(await client.post(f"{PROJECTS}/{pid}/assemble", json={"transition": "x"})) == (
+        400,
+        "transition",
+    )
     assert (await client.post(f"{PROJECTS}/{new_id()}/assemble", json={})).status == 404
     assert await error_of(await client.post(f"{PROJECTS}/{pid}/scenes/{scene}/lipsync", json={})) == (400, "audio_id")
     assert (await client.post(f"{PROJECTS}/{pid}/scenes/{new_id()}/lipsync", json={})).status == 404
-    assert await error_of(await client.post(f"{PROJECTS}/{pid}/scenes/{scene}/lipsync",
-                                            json={"audio_id": new_id()})) == (400, "audio_id")
+    assert await error_of(
+        await client.post(f"{PROJECTS}/{pid}/scenes/{scene}/lipsync", json={"audio_id": new_id()})
+    ) == (400, "audio_id")
 
 
-async def test_the_callers_key_owns_the_assembly_and_lipsync_jobs(make_client: AppClient, tmp_path: Path,
-                                                                   sim: Simulator) -> None:
+async def test_the_callers_key_owns_the_assembly_and_lipsync_jobs(
+    make_client: AppClient, tmp_path: Path, sim: Simulator
+) -> None:
     keys_file = tmp_path / "keys.yaml"
     record, key = create_key(keys_file, "alice")
     client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET="s" * 40)

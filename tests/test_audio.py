@@ -40,8 +40,21 @@ FORMATS = [
 
 
 def make_audio(path: Path, *options: str, seconds: float = 2.0, rate: int = 44100, channels: int = 2) -> Path:
-    args = [ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi",
-            "-i", f"sine=f=440:d={seconds}:r={rate}", "-ac", str(channels), *options, str(path)]
+    args = [
+        ffmpeg_exe(),
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-y",
+        "-f",
+        "lavfi",
+        "-i",
+        f"sine=f=440:d={seconds}:r={rate}",
+        "-ac",
+        str(channels),
+        *options,
+        str(path),
+    ]
     subprocess.run(args, check=True, capture_output=True, timeout=60)
     return path
 
@@ -51,8 +64,9 @@ def stored(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in (tmp_path / "outputs" / "audio").iterdir())
 
 
-async def upload(client: TestClient, data: Any, content_type: str = "audio/mpeg", status: int = 201,
-                 **headers: str) -> dict[str, Any]:
+async def upload(
+    client: TestClient, data: Any, content_type: str = "audio/mpeg", status: int = 201, **headers: str
+) -> dict[str, Any]:
     response = await client.post(UPLOAD, data=data, headers={"Content-Type": content_type, **headers})
     assert response.status == status, await response.text()
     return await response.json()
@@ -65,9 +79,9 @@ def form(data: bytes, filename: str = "song.mp3", content_type: str = "audio/mpe
 
 
 @pytest.mark.parametrize(("name", "options", "fmt", "mime", "codec"), FORMATS)
-async def test_each_format_is_identified_by_content_and_served_back(client: TestClient, tmp_path: Path, name: str,
-                                                                    options: list[str], fmt: str, mime: str,
-                                                                    codec: str) -> None:
+async def test_each_format_is_identified_by_content_and_served_back(
+    client: TestClient, tmp_path: Path, name: str, options: list[str], fmt: str, mime: str, codec: str
+) -> None:
     data = make_audio(tmp_path / name, *options).read_bytes()
     body = await upload(client, data, content_type="audio/x-anything")  # the declared type is not trusted
     audio_id = body["audio_id"]
@@ -80,11 +94,15 @@ async def test_each_format_is_identified_by_content_and_served_back(client: Test
     assert sidecar["format"] == fmt and sidecar["duration"] == body["duration"]
     # Once saved, the song is encoded once more: an AAC copy for assembly and a small MP3 for Gemini.
     await client.app[SONGS].settled(audio_id)
-    assert stored(tmp_path) == sorted([f"{audio_id}.json", f"{audio_id}{AUDIO_FORMATS[fmt].suffix}",
-                                       f"{audio_id}.aac.m4a", f"{audio_id}.preview.mp3"])
+    assert stored(tmp_path) == sorted(
+        [f"{audio_id}.json", f"{audio_id}{AUDIO_FORMATS[fmt].suffix}", f"{audio_id}.aac.m4a", f"{audio_id}.preview.mp3"]
+    )
     copy = await probe(tmp_path / "outputs" / "audio" / f"{audio_id}.aac.m4a")
-    assert copy.first_audio is not None and (copy.first_audio.codec, copy.first_audio.sample_rate,
-                                             copy.first_audio.channels) == ("aac", 48000, 2)
+    assert copy.first_audio is not None and (
+        copy.first_audio.codec,
+        copy.first_audio.sample_rate,
+        copy.first_audio.channels,
+    ) == ("aac", 48000, 2)
     assert copy.duration == pytest.approx(2.0, abs=0.06)
     small = await probe(tmp_path / "outputs" / "audio" / f"{audio_id}.preview.mp3")
     assert small.first_audio is not None and (small.first_audio.codec, small.first_audio.channels) == ("mp3", 1)
@@ -106,8 +124,9 @@ async def test_multipart_with_one_file(client: TestClient, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("kind", ["text", "png", "video", "wma", "tiny", "huge_claim"])
-async def test_what_is_not_an_accepted_song_is_400_and_leaves_nothing(client: TestClient, tmp_path: Path,
-                                                                      kind: str) -> None:
+async def test_what_is_not_an_accepted_song_is_400_and_leaves_nothing(
+    client: TestClient, tmp_path: Path, kind: str
+) -> None:
     if kind == "text":
         data = b"ID3 this is only text pretending to be an mp3\n" * 200
     elif kind == "png":
@@ -129,8 +148,22 @@ async def test_what_is_not_an_accepted_song_is_400_and_leaves_nothing(client: Te
 async def test_too_many_channels_is_400(client: TestClient, tmp_path: Path) -> None:
     inputs = [arg for _ in range(12) for arg in ("-f", "lavfi", "-i", "sine=d=0.5")]
     path = tmp_path / "many.wav"
-    subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", *inputs, "-filter_complex",
-                    "amerge=inputs=12", str(path)], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            ffmpeg_exe(),
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            *inputs,
+            "-filter_complex",
+            "amerge=inputs=12",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     error = (await upload(client, path.read_bytes(), status=400))["error"]
     assert error["code"] == "invalid_audio" and "12 channels" in error["message"]
     assert stored(tmp_path) == []
@@ -158,14 +191,18 @@ async def test_a_body_over_the_cap_is_413_with_or_without_a_length(make_client: 
     assert (await upload(client, small))["format"] == "mp3"  # the cap still lets small files through
 
 
-@pytest.mark.parametrize(("headers", "status"), [
-    ({"Sec-Fetch-Site": "cross-site"}, 403),
-    ({"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:3000"}, 403),
-    ({"Origin": "http://evil.example"}, 403),
-    ({"Sec-Fetch-Site": "same-origin"}, 201),
-])
-async def test_uploads_from_other_sites_are_refused(client: TestClient, tmp_path: Path, headers: dict[str, str],
-                                                    status: int) -> None:
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Sec-Fetch-Site": "cross-site"}, 403),
+        ({"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:3000"}, 403),
+        ({"Origin": "http://evil.example"}, 403),
+        ({"Sec-Fetch-Site": "same-origin"}, 201),
+    ],
+)
+async def test_uploads_from_other_sites_are_refused(
+    client: TestClient, tmp_path: Path, headers: dict[str, str], status: int
+) -> None:
     data = make_audio(tmp_path / "s.mp3", seconds=0.5).read_bytes()
     response = await client.post(UPLOAD, data=form(data), headers=headers)
     assert response.status == status, await response.text()
@@ -201,8 +238,9 @@ async def test_uploads_beyond_the_slots_get_503(client: TestClient, tmp_path: Pa
         yield b"\0" * 1024
         await release.wait()
 
-    pending = [asyncio.ensure_future(client.post(UPLOAD, data=held(), headers={"Content-Type": "audio/wav"}))
-               for _ in range(4)]
+    pending = [
+        asyncio.ensure_future(client.post(UPLOAD, data=held(), headers={"Content-Type": "audio/wav"})) for _ in range(4)
+    ]
     try:
         async with asyncio.timeout(10):
             while not client.app[UPLOAD_SLOTS].locked():
@@ -226,12 +264,16 @@ async def test_get_audio_unknown_and_malformed(client: TestClient) -> None:
     assert bad.status == 400 and (await bad.json())["error"]["field"] == "audio_id"
 
 
-async def test_a_client_that_leaves_mid_upload_leaves_nothing(client: TestClient, tmp_path: Path,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_client_that_leaves_mid_upload_leaves_nothing(
+    client: TestClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     data = make_audio(tmp_path / "s.wav").read_bytes()
     reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    writer.write(f"POST {UPLOAD} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/wav\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:len(data) // 2])
+    writer.write(
+        f"POST {UPLOAD} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/wav\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data[: len(data) // 2]
+    )
     await writer.drain()
     async with asyncio.timeout(10):
         while not any(p.name.endswith(".part") for p in (tmp_path / "outputs" / "audio").iterdir()):
@@ -261,7 +303,8 @@ GENERIC = "the file is not an audio file ffmpeg can read"
 
 
 async def test_uploads_that_name_other_files_get_one_generic_error_whether_or_not_they_exist(
-        client: TestClient, tmp_path: Path) -> None:
+    client: TestClient, tmp_path: Path
+) -> None:
     """The probe reads an upload with an allowed demuxer only, so a listing is never followed: the answer is the
     same for a sibling song that exists, one that does not, a playlist and an image sequence."""
     existing = (await upload(client, make_audio(tmp_path / "s.mp3").read_bytes()))["audio_id"]
@@ -280,8 +323,9 @@ async def test_uploads_that_name_other_files_get_one_generic_error_whether_or_no
     errors = {}
     for name, data in uploads.items():
         errors[name] = (await upload(client, data.encode() if isinstance(data, str) else data, status=400))["error"]
-    assert all(error == {"code": "invalid_audio", "message": GENERIC, "field": "body"} for error in errors.values()), \
+    assert all(error == {"code": "invalid_audio", "message": GENERIC, "field": "body"} for error in errors.values()), (
         errors
+    )
     assert stored(tmp_path) == before
 
 
@@ -290,14 +334,33 @@ async def test_uploads_that_name_other_files_get_one_generic_error_whether_or_no
 
 def silent_flac(path: Path, seconds: float) -> Path:
     """Minutes of 8 kHz mono silence: a FLAC of a few kB per minute."""
-    subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
-                    "anullsrc=r=8000:cl=mono", "-t", str(seconds), "-c:a", "flac", str(path)],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            ffmpeg_exe(),
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "anullsrc=r=8000:cl=mono",
+            "-t",
+            str(seconds),
+            "-c:a",
+            "flac",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return path
 
 
 async def test_a_song_over_the_default_length_is_refused_from_its_header_before_any_decode(
-        client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = silent_flac(tmp_path / "long.flac", 25 * 60).read_bytes()
     assert len(data) < 300_000  # a small file, a long song
     decodes: list[Path] = []
@@ -319,17 +382,45 @@ def understated_mp3(path: Path) -> Path:
     parts = []
     for n, (source, seconds, rate) in enumerate([("sine", 2, "320k"), ("anullsrc=r=44100:cl=mono", 60, "32k")]):
         part = path.with_name(f"part{n}.mp3")
-        subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", source,
-                        "-t", str(seconds), "-ac", "1", "-ar", "44100", "-c:a", "libmp3lame", "-b:a", rate,
-                        "-write_xing", "0", "-id3v2_version", "0", str(part)], check=True, capture_output=True,
-                       timeout=60)
+        subprocess.run(
+            [
+                ffmpeg_exe(),
+                "-nostdin",
+                "-loglevel",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+                source,
+                "-t",
+                str(seconds),
+                "-ac",
+                "1",
+                "-ar",
+                "44100",
+                "-c:a",
+                "libmp3lame",
+                "-b:a",
+                rate,
+                "-write_xing",
+                "0",
+                "-id3v2_version",
+                "0",
+                str(part),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         parts.append(part.read_bytes())
     path.write_bytes(b"".join(parts))
     return path
 
 
-async def test_a_header_that_understates_the_length_is_caught_by_a_bounded_decode(make_client: AppClient,
-                                                                                  tmp_path: Path) -> None:
+async def test_a_header_that_understates_the_length_is_caught_by_a_bounded_decode(
+    make_client: AppClient, tmp_path: Path
+) -> None:
     song = understated_mp3(tmp_path / "lie.mp3")
     assert (await media.probe(song)).duration < 10
     assert await media.stream_duration(song, "a:0", decode=True, limit=31) == pytest.approx(31, abs=0.1)

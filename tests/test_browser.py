@@ -29,8 +29,16 @@ except ImportError:  # pragma: no cover - depends on the environment
     sync_playwright = None
 
 PROJECT = Path(__file__).resolve().parent.parent
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 PROVIDER_KEYS = ("GEMINI_API_KEY", "REPLICATE_API_TOKEN", "GOOGLE_VERTEX_API_KEY", "GOOGLE_CLOUD_PROJECT")
 VIDEO_SECONDS = 3
 
@@ -66,12 +74,14 @@ def _server_env(tmp: Path) -> dict[str, str]:
     """This environment without provider credentials (blank, so a ``.env`` cannot supply them) or MV_* knobs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "MV_")) and k not in PROVIDER_KEYS}
     env.update({key: "" for key in PROVIDER_KEYS})
-    env.update({
-        "MV_OUTPUT_DIR": str(tmp / "outputs"),
-        "MV_SETTINGS_DIR": str(_fast_settings(tmp / "settings")),
-        "MV_SANDBOX_VIDEO_SECONDS": str(VIDEO_SECONDS),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "MV_OUTPUT_DIR": str(tmp / "outputs"),
+            "MV_SETTINGS_DIR": str(_fast_settings(tmp / "settings")),
+            "MV_SANDBOX_VIDEO_SECONDS": str(VIDEO_SECONDS),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -94,9 +104,13 @@ def _start_server(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterato
     port = _free_port()
     log = tmp / "server.log"
     with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
-                                   cwd=PROJECT, env={**_server_env(tmp), **(extra_env or {})}, stdout=out,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=PROJECT,
+            env={**_server_env(tmp), **(extra_env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(base, process, log)
@@ -141,8 +155,11 @@ def _open_page(browser: Browser, server: str, path: str, expected: tuple[str, ..
     origin = urlsplit(server).netloc
 
     def check_console(message: Any) -> None:
-        if message.type == "error" and not _expected_console_error(message.text) and not any(
-                text in message.text for text in expected):
+        if (
+            message.type == "error"
+            and not _expected_console_error(message.text)
+            and not any(text in message.text for text in expected)
+        ):
             problems.append(f"console error: {message.text}")
 
     def check_origin(request: Any) -> None:
@@ -194,11 +211,14 @@ def _wait_video_playable(page: Page, index: int) -> None:
     try:
         page.wait_for_function("s => document.querySelector(s).readyState >= 2", arg=selector, timeout=15_000)
     except PlaywrightError as exc:
-        diagnostics = page.eval_on_selector(selector, """v => ({
+        diagnostics = page.eval_on_selector(
+            selector,
+            """v => ({
             readyState: v.readyState, networkState: v.networkState, src: v.currentSrc,
             error: v.error && {code: v.error.code, message: v.error.message},
             h264: v.canPlayType('video/mp4; codecs="avc1.42E01E"'),
-            h264_aac: v.canPlayType('video/mp4; codecs="avc1.64001F, mp4a.40.2"')})""")
+            h264_aac: v.canPlayType('video/mp4; codecs="avc1.64001F, mp4a.40.2"')})""",
+        )
         pytest.fail(f"the video never reached HAVE_CURRENT_DATA: {diagnostics} ({exc})")
 
 
@@ -211,7 +231,8 @@ def test_demo_flow_scenes_character_video(page: Page, tmp_path: Path) -> None:
 
     page.get_by_test_id("generate-character").click()
     page.wait_for_function(
-        "() => { const i = document.getElementById('character-image'); return i.complete && i.naturalWidth > 0; }")
+        "() => { const i = document.getElementById('character-image'); return i.complete && i.naturalWidth > 0; }"
+    )
     assert page.get_by_test_id("character-image").get_attribute("src").startswith("data:image/png;base64,")
     expect(page.get_by_test_id("character-caption")).to_contain_text("sandbox image")
 
@@ -280,8 +301,11 @@ async def demo_client(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
     """One sandboxed app for the module's tests of the page as served: they only read."""
     from mvserver.app import create_app
 
-    env = {"MV_SANDBOX": "true", "MV_OUTPUT_DIR": str(tmp_path_factory.mktemp("demo") / "outputs"),
-           "MV_SETTINGS_DIR": str(PROJECT / "settings")}
+    env = {
+        "MV_SANDBOX": "true",
+        "MV_OUTPUT_DIR": str(tmp_path_factory.mktemp("demo") / "outputs"),
+        "MV_SETTINGS_DIR": str(PROJECT / "settings"),
+    }
     async with TestClient(TestServer(create_app(env))) as client:
         yield client
 
@@ -295,20 +319,35 @@ async def test_page_is_served_with_form_defaults_and_a_same_origin_policy(demo_c
     policy = response.headers["Content-Security-Policy"]
     assert "default-src 'self'" in policy and "img-src 'self' data:" in policy
     html = await response.text()
-    for element_id in ("scenes-form", "idea", "character-description", "number-of-scenes", "generate-character",
-                       "character-image", "backend", "generate-all", "scenes", "sandbox-badge", "status"):
+    for element_id in (
+        "scenes-form",
+        "idea",
+        "character-description",
+        "number-of-scenes",
+        "generate-character",
+        "character-image",
+        "backend",
+        "generate-all",
+        "scenes",
+        "sandbox-badge",
+        "status",
+    ):
         assert f'id="{element_id}"' in html, element_id
     limits = settings["limits"]["number_of_scenes"]
-    assert (f'min="{limits["min"]}" max="{limits["max"]}"\n                   '
-            f'value="{settings["defaults"]["number_of_scenes"]}"') in html
+    assert (
+        f'min="{limits["min"]}" max="{limits["max"]}"\n                   '
+        f'value="{settings["defaults"]["number_of_scenes"]}"'
+    ) in html
     assert 'aria-live="polite"' in html
     assert '<option value="replicate" selected>' in html and '<option value="gemini">' in html
     assert re.search(r'<textarea id="idea"[^>]*>[^<]{20,}</textarea>', html), "the idea is prefilled"
     assert "http://" not in html and "https://" not in html, "no external assets"
 
 
-@pytest.mark.parametrize(("name", "content_type"), [("demo.js", "javascript"), ("project.js", "javascript"),
-                                                    ("api.js", "javascript"), ("demo.css", "text/css")])
+@pytest.mark.parametrize(
+    ("name", "content_type"),
+    [("demo.js", "javascript"), ("project.js", "javascript"), ("api.js", "javascript"), ("demo.css", "text/css")],
+)
 @module_loop
 async def test_static_files_are_served(demo_client: Any, name: str, content_type: str) -> None:
     response = await demo_client.get(f"/static/{name}")

@@ -79,26 +79,39 @@ def page_server() -> Iterator[PageServer]:
 def api(tmp_path_factory: pytest.TempPathFactory, page_server: PageServer) -> Iterator[tuple[str, str]]:
     """The API with keys on and the page's origin in MV_CORS_ORIGINS: (base URL, key)."""
     tmp = tmp_path_factory.mktemp("cross-site-api")
-    env = {"MV_API_KEYS_FILE": str(tmp / "keys.yaml"), "MV_URL_SIGNING_SECRET": SECRET,
-           "MV_CORS_ORIGINS": page_server.origin, "MV_SANDBOX_VIDEO_SECONDS": "1"}
-    created = subprocess.run([sys.executable, "-m", "mvserver", "keys", "create", "page"], cwd=PROJECT,
-                             env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=True)
+    env = {
+        "MV_API_KEYS_FILE": str(tmp / "keys.yaml"),
+        "MV_URL_SIGNING_SECRET": SECRET,
+        "MV_CORS_ORIGINS": page_server.origin,
+        "MV_SANDBOX_VIDEO_SECONDS": "1",
+    }
+    created = subprocess.run(
+        [sys.executable, "-m", "mvserver", "keys", "create", "page"],
+        cwd=PROJECT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     key = created.stdout.strip().splitlines()[-1]
     for base in _start_server(tmp, env):
         yield base, key
 
 
 def call(base: str, key: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    request = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        base + path,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
 
 
 def wait_succeeded(base: str, key: str, job_id: str) -> None:
     """Follow the job's event stream until its final event."""
-    request = urllib.request.Request(f"{base}/api/mv/jobs/{job_id}/events",
-                                     headers={"Authorization": f"Bearer {key}"})
+    request = urllib.request.Request(f"{base}/api/mv/jobs/{job_id}/events", headers={"Authorization": f"Bearer {key}"})
     with urllib.request.urlopen(request, timeout=60) as stream:
         for raw in stream:
             line = raw.decode().strip()
@@ -110,12 +123,16 @@ def wait_succeeded(base: str, key: str, job_id: str) -> None:
 
 @requires_browser
 def test_a_page_on_another_site_shows_a_signed_image_and_plays_and_seeks_a_signed_video(
-        browser: Browser, api: tuple[str, str], page_server: PageServer) -> None:
+    browser: Browser, api: tuple[str, str], page_server: PageServer
+) -> None:
     base, key = api
-    image = call(base, key, "/api/mv/generate_character_reference",
-                 {"character_description": "a tall man with a red beard and yellow boots"})
-    job = call(base, key, "/api/mv/generate_video", {"prompt": "a lighthouse keeper dances on the pier",
-                                                    "duration": 8})
+    image = call(
+        base,
+        key,
+        "/api/mv/generate_character_reference",
+        {"character_description": "a tall man with a red beard and yellow boots"},
+    )
+    job = call(base, key, "/api/mv/generate_video", {"prompt": "a lighthouse keeper dances on the pier", "duration": 8})
     wait_succeeded(base, key, job["job_id"])
     video_url = call(base, key, f"/api/mv/jobs/{job['job_id']}")["signed_urls"]["video_url"]
     image_url = image["signed_urls"]["image_url"]
@@ -128,12 +145,15 @@ def test_a_page_on_another_site_shows_a_signed_image_and_plays_and_seeks_a_signe
     page = context.new_page()
     page.set_default_timeout(20_000)
     seen: list[tuple[str, int, dict[str, str]]] = []
-    page.on("response", lambda r: seen.append((r.url, r.status, r.request.all_headers()))
-            if r.url.startswith(base) else None)
+    page.on(
+        "response",
+        lambda r: seen.append((r.url, r.status, r.request.all_headers())) if r.url.startswith(base) else None,
+    )
     page.goto(page_server.origin + "/")
 
-    page.wait_for_function("() => { const i = document.getElementById('image'); "
-                           "return i.complete && i.naturalWidth > 0; }")
+    page.wait_for_function(
+        "() => { const i = document.getElementById('image'); return i.complete && i.naturalWidth > 0; }"
+    )
     page.evaluate("() => document.getElementById('video').play()")
     page.wait_for_function("() => document.getElementById('video').currentTime > 0.2")
     seeked = page.evaluate(f"""() => new Promise((resolve, reject) => {{
@@ -225,15 +245,34 @@ window.flow = (async () => {
 def song_mp3(seconds: float) -> bytes:
     from imageio_ffmpeg import get_ffmpeg_exe
 
-    done = subprocess.run([get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
-                           f"sine=frequency=330:duration={seconds:g}", "-c:a", "libmp3lame", "-f", "mp3", "-"],
-                          check=True, capture_output=True, timeout=60)
+    done = subprocess.run(
+        [
+            get_ffmpeg_exe(),
+            "-nostdin",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=330:duration={seconds:g}",
+            "-c:a",
+            "libmp3lame",
+            "-f",
+            "mp3",
+            "-",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return done.stdout
 
 
 @requires_browser
 def test_a_page_on_another_site_runs_the_project_flow_with_a_default_key_and_plays_everything_by_signed_links(
-        browser: Browser, api: tuple[str, str], page_server: PageServer) -> None:
+    browser: Browser, api: tuple[str, str], page_server: PageServer
+) -> None:
     base, key = api  # the key has the default limits: jobs_burst 5, 4 running
     page_server.serve("/song.mp3", song_mp3(24.0), "audio/mpeg")
     page_server.show(f"""<!doctype html><title>storyboard</title>
@@ -243,8 +282,10 @@ def test_a_page_on_another_site_runs_the_project_flow_with_a_default_key_and_pla
     page = context.new_page()
     page.set_default_timeout(240_000)
     seen: list[tuple[str, int, dict[str, str]]] = []
-    page.on("response", lambda r: seen.append((r.url, r.status, r.request.all_headers()))
-            if r.url.startswith(base) else None)
+    page.on(
+        "response",
+        lambda r: seen.append((r.url, r.status, r.request.all_headers())) if r.url.startswith(base) else None,
+    )
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(page_server.origin + "/")
@@ -254,10 +295,13 @@ def test_a_page_on_another_site_runs_the_project_flow_with_a_default_key_and_pla
 
     # Everything loads and plays from its signed link: the song, the three candidates, the six clips as their
     # final events named them, the storyboard's chosen clips, the character and the final video (seeked too).
-    page.wait_for_function("() => [...document.querySelectorAll('#candidates img')]"
-                           ".every((i) => i.complete && i.naturalWidth > 0) && "
-                           "document.querySelectorAll('#candidates img').length === 3")
-    played = page.evaluate("""async (extra) => {
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#candidates img')]"
+        ".every((i) => i.complete && i.naturalWidth > 0) && "
+        "document.querySelectorAll('#candidates img').length === 3"
+    )
+    played = page.evaluate(
+        """async (extra) => {
         const plays = async (element) => {
             await element.play();
             while (element.currentTime < 0.2) await new Promise((r) => setTimeout(r, 50));
@@ -278,7 +322,9 @@ def test_a_page_on_another_site_runs_the_project_flow_with_a_default_key_and_pla
         final.currentTime = 10;
         await new Promise((r) => final.addEventListener('seeked', r, {once: true}));
         return {count: elements.length, times, seeked: final.currentTime, duration: final.duration};
-    }""", result)
+    }""",
+        result,
+    )
     context.close()
     assert played["count"] == 1 + 6 + 1 and all(t > 0.1 for t in played["times"]), played
     assert abs(played["seeked"] - 10) < 0.5 and played["duration"] > 20, played
@@ -288,10 +334,18 @@ def test_a_page_on_another_site_runs_the_project_flow_with_a_default_key_and_pla
     assert seen and all(status < 400 or status == 429 for _, status, _ in seen), [(u, s) for u, s, _ in seen]
     clips = [status for url, status, _ in seen if url.endswith("/clips")]
     assert clips[-1] == 202 and set(clips[:-1]) <= {429}, clips
-    media = [(url, headers) for url, status, headers in seen
-             if any(part in url for part in ("/get_video/", "/get_image/", "/get_audio/"))]
-    assert {part for url, _ in media for part in ("/get_video/", "/get_image/", "/get_audio/") if part in url} == \
-        {"/get_video/", "/get_image/", "/get_audio/"}
-    assert all("sig=" in url and headers.get("sec-fetch-site") == "cross-site" and "origin" not in headers
-               for url, headers in media), media
+    media = [
+        (url, headers)
+        for url, status, headers in seen
+        if any(part in url for part in ("/get_video/", "/get_image/", "/get_audio/"))
+    ]
+    assert {part for url, _ in media for part in ("/get_video/", "/get_image/", "/get_audio/") if part in url} == {
+        "/get_video/",
+        "/get_image/",
+        "/get_audio/",
+    }
+    assert all(
+        "sig=" in url and headers.get("sec-fetch-site") == "cross-site" and "origin" not in headers
+        for url, headers in media
+    ), media
     assert not any(key in url for url, _, _ in seen)

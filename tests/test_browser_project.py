@@ -38,9 +38,25 @@ ANALYSIS_TIMEOUT_MS = 60_000
 def song(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real 10 s sine-wave song, made with the ffmpeg bundled in imageio-ffmpeg."""
     path = tmp_path_factory.mktemp("song") / "song.wav"
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-f", "lavfi",
-                    "-i", f"sine=frequency=440:duration={SONG_SECONDS}", "-ac", "2", "-ar", "44100", str(path)],
-                   check=True, timeout=30)
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:duration={SONG_SECONDS}",
+            "-ac",
+            "2",
+            "-ar",
+            "44100",
+            str(path),
+        ],
+        check=True,
+        timeout=30,
+    )
     return path
 
 
@@ -58,8 +74,12 @@ def project_page(browser: Browser, project_server: str) -> Iterator[Page]:
 def _has_route(base: str, path: str) -> bool:
     """Whether the running server has the POST route ``path`` (its ids filled with a malformed one): a missing route
     answers 404/405, an existing one refuses the id with a 400."""
-    request = urllib.request.Request(base + path.replace("{project_id}", "bad").replace("{scene_id}", "bad"),
-                                     data=b"{}", method="POST", headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        base + path.replace("{project_id}", "bad").replace("{scene_id}", "bad"),
+        data=b"{}",
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status < 400
@@ -77,8 +97,9 @@ def _create_project(page: Page, song: Path | None) -> int:
         expect(page.get_by_test_id("song-info")).to_contain_text(f"{SONG_SECONDS:.1f} s")
         # The page follows the song's analysis (the server's first song also waits for its worker to start); a
         # project made meanwhile would wait for it too.
-        expect(page.get_by_test_id("song-info")).not_to_have_attribute("data-analysis", "pending",
-                                                                        timeout=ANALYSIS_TIMEOUT_MS)
+        expect(page.get_by_test_id("song-info")).not_to_have_attribute(
+            "data-analysis", "pending", timeout=ANALYSIS_TIMEOUT_MS
+        )
     page.get_by_label("Idea").fill("A synth-pop song about a lighthouse keeper who learns to dance")
     page.get_by_label("Character description").fill("a tall man with a red beard, a navy sweater and yellow boots")
     page.get_by_label("Style").select_option("synthwave")
@@ -94,8 +115,9 @@ def _create_project(page: Page, song: Path | None) -> int:
 def _pick_second_candidate(page: Page) -> None:
     page.get_by_test_id("generate-characters").click()
     expect(page.get_by_test_id("candidates").locator("li")).to_have_count(3)
-    page.wait_for_function("() => [...document.querySelectorAll('#candidates img')]"
-                           ".every((i) => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#candidates img')].every((i) => i.complete && i.naturalWidth > 0)"
+    )
     page.get_by_test_id("pick-candidate-2").click()
     expect(page.get_by_test_id("candidate-2")).to_have_attribute("aria-current", "true")
     expect(page.get_by_test_id("candidate-1")).to_have_attribute("aria-current", "false")
@@ -108,8 +130,11 @@ def _wait_clip(page: Page, index: int, versions: int = 1) -> None:
     expect(status).to_have_attribute("data-versions", str(versions), timeout=CLIP_TIMEOUT_MS)
     expect(status).to_contain_text("succeeded", timeout=CLIP_TIMEOUT_MS)
     expect(status).not_to_contain_text("regenerating", timeout=CLIP_TIMEOUT_MS)
-    page.wait_for_function("s => { const v = document.querySelector(s); return v && v.readyState >= 1; }",
-                           arg=f'[data-testid="video-{index}"]', timeout=CLIP_TIMEOUT_MS)
+    page.wait_for_function(
+        "s => { const v = document.querySelector(s); return v && v.readyState >= 1; }",
+        arg=f'[data-testid="video-{index}"]',
+        timeout=CLIP_TIMEOUT_MS,
+    )
 
 
 def _scene_ids(page: Page) -> list[str]:
@@ -117,13 +142,15 @@ def _scene_ids(page: Page) -> list[str]:
 
 
 def _event_streams(page: Page) -> list[str]:
-    return page.evaluate("() => performance.getEntriesByType('resource').map((e) => e.name)"
-                         ".filter((n) => n.includes('/api/mv/events?'))")
+    return page.evaluate(
+        "() => performance.getEntriesByType('resource').map((e) => e.name).filter((n) => n.includes('/api/mv/events?'))"
+    )
 
 
 @requires_browser
-def test_project_flow_song_clips_reorder_trim_regenerate_assemble(project_page: Page, project_server: str,
-                                                                  song: Path, tmp_path: Path) -> None:
+def test_project_flow_song_clips_reorder_trim_regenerate_assemble(
+    project_page: Page, project_server: str, song: Path, tmp_path: Path
+) -> None:
     page = project_page
     _create_project(page, song)
     expect(page.get_by_test_id("key-section")).to_be_hidden()  # health said no key is needed
@@ -172,8 +199,9 @@ def test_project_flow_song_clips_reorder_trim_regenerate_assemble(project_page: 
     expect(page.get_by_test_id("timeline-info")).to_contain_text("no beat grid")
     assert page.locator("#timeline .tl-bar").count() == 0
     video.evaluate("v => { v.currentTime = 3; }")
-    page.wait_for_function("() => Math.abs(Number(document.querySelector('[data-testid=playhead]').dataset.time) - 3)"
-                           " < 0.05")
+    page.wait_for_function(
+        "() => Math.abs(Number(document.querySelector('[data-testid=playhead]').dataset.time) - 3) < 0.05"
+    )
     page.screenshot(path=str(tmp_path / "project-flow.png"), full_page=True)
 
 
@@ -192,8 +220,9 @@ def _api(base: str, path: str) -> dict[str, Any]:
 
 
 @requires_browser
-def test_the_song_timeline_shows_the_grid_and_a_moved_cut_snaps_to_a_bar(project_page: Page, project_server: str,
-                                                                         drum_song_file: tuple[Path, Song]) -> None:
+def test_the_song_timeline_shows_the_grid_and_a_moved_cut_snaps_to_a_bar(
+    project_page: Page, project_server: str, drum_song_file: tuple[Path, Song]
+) -> None:
     page = project_page
     path, song = drum_song_file
     page.get_by_label("Song file").set_input_files(str(path))
@@ -216,9 +245,11 @@ def test_the_song_timeline_shows_the_grid_and_a_moved_cut_snaps_to_a_bar(project
     assert page.locator("#timeline .tl-beat").count() == len(grid["beats"]) - len(grid["downbeats"])
     labels = page.eval_on_selector_all("#timeline .tl-section", "bands => bands.map((b) => b.dataset.label)")
     assert labels == [s["label"] for s in analysis["sections"]] and labels[:3] == ["A", "B", "A"]
-    inked = page.evaluate("() => { const c = document.querySelector('#timeline .tl-wave');"
-                          " return c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
-                          ".filter((v, i) => i % 4 === 3 && v > 0).length; }")
+    inked = page.evaluate(
+        "() => { const c = document.querySelector('#timeline .tl-wave');"
+        " return c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
+        ".filter((v, i) => i % 4 === 3 && v > 0).length; }"
+    )
     assert inked > 1000
     cut = page.get_by_test_id("cut-1")
     before = float(cut.get_attribute("data-time"))
@@ -271,9 +302,12 @@ def test_project_edit_after_another_writer_reloads_and_reapplies(browser: Browse
         _create_project(page, None)
         project_id = page.get_by_test_id("project-summary").get_attribute("data-project-id")
         before = _scene_ids(page)
-        request = urllib.request.Request(f"{project_server}/api/mv/projects/{project_id}", method="PATCH",
-                                         data=b'{"idea": "Another tab changed the idea"}',
-                                         headers={"Content-Type": "application/json", "If-Match": "*"})
+        request = urllib.request.Request(
+            f"{project_server}/api/mv/projects/{project_id}",
+            method="PATCH",
+            data=b'{"idea": "Another tab changed the idea"}',
+            headers={"Content-Type": "application/json", "If-Match": "*"},
+        )
         with urllib.request.urlopen(request, timeout=5) as response:
             assert response.status == 200
         page.get_by_test_id("move-down-1").click()
@@ -292,10 +326,20 @@ def test_project_edit_after_another_writer_reloads_and_reapplies(browser: Browse
 def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """A sandboxed server with API keys on and signed links; (base URL, the key)."""
     tmp = tmp_path_factory.mktemp("keyed-server")
-    keys = {"MV_API_KEYS_FILE": str(tmp / "keys.yaml"), "MV_URL_SIGNING_SECRET": "demo-signing-secret-" + "x" * 24,
-            "MV_SANDBOX_VIDEO_SECONDS": "1"}
-    created = subprocess.run([sys.executable, "-m", "mvserver", "keys", "create", "demo"], cwd=PROJECT,
-                             env={**os.environ, **keys}, capture_output=True, text=True, timeout=60, check=True)
+    keys = {
+        "MV_API_KEYS_FILE": str(tmp / "keys.yaml"),
+        "MV_URL_SIGNING_SECRET": "demo-signing-secret-" + "x" * 24,
+        "MV_SANDBOX_VIDEO_SECONDS": "1",
+    }
+    created = subprocess.run(
+        [sys.executable, "-m", "mvserver", "keys", "create", "demo"],
+        cwd=PROJECT,
+        env={**os.environ, **keys},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     key = created.stdout.strip().splitlines()[-1]
     for base in _start_server(tmp, keys):
         yield base, key

@@ -17,20 +17,24 @@ pytestmark = pytest.mark.cluster
 
 
 @pytest.mark.video_seconds(120)  # the admitted jobs stay running: their holds stay estimates through the burst
-async def test_a_budget_raced_on_two_nodes_never_goes_over(cluster: Cluster, http: aiohttp.ClientSession,
-                                                           tmp_path: Path) -> None:
+async def test_a_budget_raced_on_two_nodes_never_goes_over(
+    cluster: Cluster, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     keys_file = tmp_path / "keys.yaml"
     limits = KeyLimits(jobs_per_minute=6000, jobs_burst=100, max_running_jobs=100, monthly_budget=10.0)
     _, key = create_key(keys_file, "racer", limits)  # room for 6 clips of 4 s at 0.40/s
-    cluster.extra_env = {"MV_API_KEYS_FILE": str(keys_file),
-                         "MV_URL_SIGNING_SECRET": "cluster-signing-secret-0123456789abcdef"}
+    cluster.extra_env = {
+        "MV_API_KEYS_FILE": str(keys_file),
+        "MV_URL_SIGNING_SECRET": "cluster-signing-secret-0123456789abcdef",
+    }
     await sim_up(http, cluster)
     a, b = await nodes_up(http, cluster, 2)
     auth = {"Authorization": f"Bearer {key}"}
 
     async def post(base: str) -> tuple[int, dict[str, Any]]:
-        async with http.post(f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4},
-                             headers=auth) as response:
+        async with http.post(
+            f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4}, headers=auth
+        ) as response:
             return response.status, await response.json()
 
     answers = await asyncio.gather(*(post((a, b)[n % 2]) for n in range(30)))

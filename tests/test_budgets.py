@@ -40,8 +40,9 @@ async def budget(client: TestClient, headers: dict[str, str]) -> dict[str, Any]:
     return (await (await client.get("/api/mv/usage", headers=headers)).json())["budget"]
 
 
-async def test_a_job_past_the_budget_is_refused_before_any_prediction(make_client: AppClient, tmp_path: Path,
-                                                                      sim: Simulator) -> None:
+async def test_a_job_past_the_budget_is_refused_before_any_prediction(
+    make_client: AppClient, tmp_path: Path, sim: Simulator
+) -> None:
     sim.video_latency = 30
     client, auth = await keyed(make_client, tmp_path, budget=2.4)
     status, first = await post(client, auth)
@@ -51,8 +52,14 @@ async def test_a_job_past_the_budget_is_refused_before_any_prediction(make_clien
     error = refused["error"]
     assert error["code"] == "budget_exceeded" and "0.8 of 2.4 USD" in error["message"]
     month = (await budget(client, auth))["month"]
-    assert error["budget"] == {"month": month, "limit": 2.4, "spent": 1.6, "remaining": 0.8,
-                               "job_estimate": 1.6, "currency": "USD"}
+    assert error["budget"] == {
+        "month": month,
+        "limit": 2.4,
+        "spent": 1.6,
+        "remaining": 0.8,
+        "job_estimate": 1.6,
+        "currency": "USD",
+    }
     listed = (await (await client.get("/api/mv/jobs", headers=auth)).json())["jobs"]
     assert [job["job_id"] for job in listed] == [first["job_id"]]  # no job, so no prediction, for the refusal
     await settled_or_running(client, first["job_id"])
@@ -70,8 +77,7 @@ async def settled_or_running(client: TestClient, job_id: str) -> None:
             await engine.next_event(job_id, job.last_event_id)
 
 
-async def test_the_hold_is_corrected_by_the_final_cost(make_client: AppClient, tmp_path: Path,
-                                                       sim: Simulator) -> None:
+async def test_the_hold_is_corrected_by_the_final_cost(make_client: AppClient, tmp_path: Path, sim: Simulator) -> None:
     sim.video_latency = 30
     client, auth = await keyed(make_client, tmp_path, budget=2.0)
     status, first = await post(client, auth)
@@ -87,9 +93,9 @@ async def test_the_hold_is_corrected_by_the_final_cost(make_client: AppClient, t
     assert (await budget(client, auth))["spent"] == 1.6
 
 
-async def test_a_job_ended_by_its_deadline_is_accounted_and_its_hold_released(make_client: AppClient,
-                                                                              tmp_path: Path,
-                                                                              sim: Simulator) -> None:
+async def test_a_job_ended_by_its_deadline_is_accounted_and_its_hold_released(
+    make_client: AppClient, tmp_path: Path, sim: Simulator
+) -> None:
     sim.video_latency = 3600  # the prediction never finishes: the deadline ends the job
     client, auth = await keyed(make_client, tmp_path, budget=2.0)
     status, accepted = await post(client, auth, deadline_seconds=1)
@@ -106,17 +112,21 @@ async def test_a_job_ended_by_its_deadline_is_accounted_and_its_hold_released(ma
 
 
 async def test_a_key_without_a_budget_is_never_refused_but_its_spending_is_counted(
-        make_client: AppClient, tmp_path: Path, sim: Simulator) -> None:
+    make_client: AppClient, tmp_path: Path, sim: Simulator
+) -> None:
     sim.video_latency = 30
     client, auth = await keyed(make_client, tmp_path, budget=None)
     answers = await asyncio.gather(*(post(client, auth) for _ in range(5)))
     assert [status for status, _ in answers] == [202] * 5
-    assert await budget(client, auth) | {"month": None} == {"month": None, "limit": None, "spent": 8.0,
-                                                            "remaining": None}
+    assert await budget(client, auth) | {"month": None} == {
+        "month": None,
+        "limit": None,
+        "spent": 8.0,
+        "remaining": None,
+    }
 
 
-async def test_parallel_requests_never_pass_the_budget(make_client: AppClient, tmp_path: Path,
-                                                       sim: Simulator) -> None:
+async def test_parallel_requests_never_pass_the_budget(make_client: AppClient, tmp_path: Path, sim: Simulator) -> None:
     sim.video_latency = 30
     client, auth = await keyed(make_client, tmp_path, budget=10.0)  # room for 6 jobs of 1.60
     answers = await asyncio.gather(*(post(client, auth) for _ in range(30)))
@@ -126,19 +136,24 @@ async def test_parallel_requests_never_pass_the_budget(make_client: AppClient, t
     assert (await budget(client, auth))["spent"] == 9.6
 
 
-async def test_a_project_clip_set_past_the_budget_starts_nothing(make_client: AppClient, tmp_path: Path,
-                                                                 sim: Simulator) -> None:
+async def test_a_project_clip_set_past_the_budget_starts_nothing(
+    make_client: AppClient, tmp_path: Path, sim: Simulator
+) -> None:
     sim.video_latency = 30
     client, auth = await keyed(make_client, tmp_path, budget=4.0)  # two clips of 1.60 fit, not three
-    response = await client.post("/api/mv/projects", headers=auth,
-                                 json={"idea": "a heron's day", "character_description": "a grey heron",
-                                       "number_of_scenes": 3})
+    response = await client.post(
+        "/api/mv/projects",
+        headers=auth,
+        json={"idea": "a heron's day", "character_description": "a grey heron", "number_of_scenes": 3},
+    )
     assert response.status == 201, await response.text()
     project = await response.json()
     pid, ids = project["project_id"], [scene["id"] for scene in project["scenes"]]
-    response = await client.patch(f"/api/mv/projects/{pid}", headers={**auth, "If-Match": project["etag"]},
-                                  json={"scenes": [{"id": i, "prompt": f"scene {n}", "duration": 4}
-                                                   for n, i in enumerate(ids)]})
+    response = await client.patch(
+        f"/api/mv/projects/{pid}",
+        headers={**auth, "If-Match": project["etag"]},
+        json={"scenes": [{"id": i, "prompt": f"scene {n}", "duration": 4} for n, i in enumerate(ids)]},
+    )
     assert response.status == 200, await response.text()
     response = await client.post(f"/api/mv/projects/{pid}/clips", headers=auth)
     assert response.status == 402

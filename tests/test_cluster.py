@@ -51,30 +51,58 @@ class Cluster:
     def env(self) -> dict[str, str]:
         sim = f"http://127.0.0.1:{self.sim_port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MV_", "GEMINI_", "REPLICATE_", "GOOGLE_"))}
-        env.update({
-            "GEMINI_API_KEY": "cluster-test", "REPLICATE_API_TOKEN": "r8_cluster", "GOOGLE_VERTEX_API_KEY": "cluster",
-            "MV_GEMINI_BASE_URL": f"{sim}/gemini", "MV_VERTEX_BASE_URL": f"{sim}/vertex",
-            "MV_REPLICATE_BASE_URL": f"{sim}/replicate",
-            "MV_REDIS_URL": self.redis.url, "MV_REDIS_PREFIX": "cluster:",
-            "MV_OUTPUT_DIR": str(self.tmp_path / "outputs"), "MV_SETTINGS_DIR": str(self.settings_dir),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
-            **self.extra_env,
-        })
+        env.update(
+            {
+                "GEMINI_API_KEY": "cluster-test",
+                "REPLICATE_API_TOKEN": "r8_cluster",
+                "GOOGLE_VERTEX_API_KEY": "cluster",
+                "MV_GEMINI_BASE_URL": f"{sim}/gemini",
+                "MV_VERTEX_BASE_URL": f"{sim}/vertex",
+                "MV_REPLICATE_BASE_URL": f"{sim}/replicate",
+                "MV_REDIS_URL": self.redis.url,
+                "MV_REDIS_PREFIX": "cluster:",
+                "MV_OUTPUT_DIR": str(self.tmp_path / "outputs"),
+                "MV_SETTINGS_DIR": str(self.settings_dir),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
+                **self.extra_env,
+            }
+        )
         return env
 
     def start_simulator(self) -> None:
         log = (self.tmp_path / "simulator.log").open("wb")
-        self.processes.append(subprocess.Popen(
-            [sys.executable, "-m", "mvserver.sandbox", "--port", str(self.sim_port), "--state-dir", str(self.sim_dir),
-             "--video-latency", str(self.video_seconds), "--render-cache"], cwd=self.tmp_path, env=self.env(),
-            stdout=log, stderr=subprocess.STDOUT))
+        self.processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mvserver.sandbox",
+                    "--port",
+                    str(self.sim_port),
+                    "--state-dir",
+                    str(self.sim_dir),
+                    "--video-latency",
+                    str(self.video_seconds),
+                    "--render-cache",
+                ],
+                cwd=self.tmp_path,
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
 
     def start_node(self) -> tuple[subprocess.Popen, str]:
         port = free_port()
         index = len(self.nodes)
         with (self.tmp_path / f"node-{index}.log").open("wb") as log:
-            process = subprocess.Popen([sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
-                                       cwd=self.tmp_path, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
+                cwd=self.tmp_path,
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.processes.append(process)
         self.nodes.append((process, f"http://127.0.0.1:{port}"))
         return process, f"http://127.0.0.1:{port}"
@@ -127,8 +155,9 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path, redis_server: RedisServer, cluster_settings: Path,
-                  request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+async def cluster(
+    tmp_path: Path, redis_server: RedisServer, cluster_settings: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Cluster]:
     """The simulator takes ``VIDEO_SECONDS`` per video, or what a ``video_seconds`` marker says."""
     running = Cluster(tmp_path, redis_server, cluster_settings)
     marker = request.node.get_closest_marker("video_seconds")
@@ -183,8 +212,13 @@ async def state(http: aiohttp.ClientSession, base: str, job_id: str) -> dict[str
         return await response.json()
 
 
-async def until(http: aiohttp.ClientSession, base: str, job_id: str, predicate: Callable[[dict[str, Any]], Any],
-                timeout: float = 30.0) -> dict[str, Any]:
+async def until(
+    http: aiohttp.ClientSession,
+    base: str,
+    job_id: str,
+    predicate: Callable[[dict[str, Any]], Any],
+    timeout: float = 30.0,
+) -> dict[str, Any]:
     async with asyncio.timeout(timeout):
         while True:
             current = await state(http, base, job_id)
@@ -197,8 +231,9 @@ def final(current: dict[str, Any]) -> bool:
     return current["status"] in ("succeeded", "failed", "canceled")
 
 
-async def follow(http: aiohttp.ClientSession, base: str, job_id: str,
-                 received: list[tuple[float, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+async def follow(
+    http: aiohttp.ClientSession, base: str, job_id: str, received: list[tuple[float, dict[str, Any]]] | None = None
+) -> list[dict[str, Any]]:
     """Every event of a job from ``base``'s SSE stream until the final one (with arrival times, if asked)."""
     events = []
     async with http.get(f"{base}/api/mv/jobs/{job_id}/events", timeout=aiohttp.ClientTimeout(total=90)) as response:
@@ -216,7 +251,8 @@ def assert_ids_exact(events: list[dict[str, Any]]) -> None:
 
 
 async def test_submit_on_a_stream_on_b_cancel_on_c_and_every_node_answers_the_same(
-        cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
     await sim_up(http, cluster)
     a, b, c = await nodes_up(http, cluster, 3)
 
@@ -253,13 +289,16 @@ async def test_submit_on_a_stream_on_b_cancel_on_c_and_every_node_answers_the_sa
 
 @pytest.mark.video_seconds(300)
 async def test_kill_9_of_the_owner_hands_its_jobs_to_the_survivors_with_the_same_predictions(
-        cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
     await sim_up(http, cluster)
     [a] = await nodes_up(http, cluster, 1)
     owner = cluster.nodes[0][0]
     jobs = [await submit(http, a) for _ in range(10)]
-    before = {job_id: await until(http, a, job_id, lambda s: s["provider_prediction_id"] and s["stage"] == "generating")
-              for job_id in jobs}
+    before = {
+        job_id: await until(http, a, job_id, lambda s: s["provider_prediction_id"] and s["stage"] == "generating")
+        for job_id in jobs
+    }
     b, c = await nodes_up(http, cluster, 2)
     received: dict[str, list[tuple[float, dict[str, Any]]]] = {job_id: [] for job_id in jobs}
     streams = [asyncio.ensure_future(follow(http, b, job_id, received[job_id])) for job_id in jobs]
@@ -287,7 +326,9 @@ async def test_kill_9_of_the_owner_hands_its_jobs_to_the_survivors_with_the_same
     assert max(takeovers) < LEASE + CLAIM_INTERVAL + 3.0, takeovers
     for base in (b, c):
         for job_id in jobs:
-            assert (await state(http, base, job_id))["provider_prediction_id"] == before[job_id]["provider_prediction_id"]
+            assert (await state(http, base, job_id))["provider_prediction_id"] == before[job_id][
+                "provider_prediction_id"
+            ]
     runners = "\n".join(cluster.log(i) for i in (1, 2))
     assert runners.count("taken over from a node whose lease lapsed") == len(jobs)
 
@@ -342,15 +383,18 @@ async def test_a_redis_restart_mid_run_is_ridden_out(cluster: Cluster, http: aio
         assert events[-1]["event"] == "succeeded"
 
 
-
-async def half_an_upload(base: str, data: bytes, audio_dir: Path) -> tuple[asyncio.StreamWriter, asyncio.StreamReader,
-                                                                           Path]:
+async def half_an_upload(
+    base: str, data: bytes, audio_dir: Path
+) -> tuple[asyncio.StreamWriter, asyncio.StreamReader, Path]:
     """An upload to ``base`` that has sent half its body: its temporary exists and the node is writing it."""
     before = set(audio_dir.glob(".*.part"))
     host, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(f"POST /api/mv/upload_audio HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/wav\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:len(data) // 2])
+    writer.write(
+        f"POST /api/mv/upload_audio HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/wav\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data[: len(data) // 2]
+    )
     await writer.drain()
     async with asyncio.timeout(30):
         while not (set(audio_dir.glob(".*.part")) - before):
@@ -360,14 +404,15 @@ async def half_an_upload(base: str, data: bytes, audio_dir: Path) -> tuple[async
 
 
 async def test_a_starting_node_leaves_a_live_nodes_temporaries_and_removes_a_dead_ones(
-        cluster: Cluster, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    cluster: Cluster, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     audio_dir = tmp_path / "outputs" / "audio"
     data = make_audio(tmp_path / "song.wav", seconds=3.0).read_bytes()
     [a] = await nodes_up(http, cluster, 1)
     writer, reader, part = await half_an_upload(a, data, audio_dir)
     await nodes_up(http, cluster, 1)  # B starts, and cleans up, while A writes its temporary
     assert part.exists()
-    writer.write(data[len(data) // 2:])
+    writer.write(data[len(data) // 2 :])
     await writer.drain()
     async with asyncio.timeout(30):
         status = await reader.readline()
@@ -384,21 +429,24 @@ async def test_a_starting_node_leaves_a_live_nodes_temporaries_and_removes_a_dea
     assert not orphan.exists()
 
 
-
 @pytest.mark.video_seconds(120)  # the admitted jobs stay running through the burst
-async def test_the_running_jobs_cap_holds_across_nodes_under_a_burst(cluster: Cluster, http: aiohttp.ClientSession,
-                                                                     tmp_path: Path) -> None:
+async def test_the_running_jobs_cap_holds_across_nodes_under_a_burst(
+    cluster: Cluster, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     keys_file = tmp_path / "keys.yaml"
     _, key = create_key(keys_file, "burst", KeyLimits(jobs_per_minute=6000, jobs_burst=100, max_running_jobs=2))
-    cluster.extra_env = {"MV_API_KEYS_FILE": str(keys_file),
-                         "MV_URL_SIGNING_SECRET": "cluster-signing-secret-0123456789abcdef"}
+    cluster.extra_env = {
+        "MV_API_KEYS_FILE": str(keys_file),
+        "MV_URL_SIGNING_SECRET": "cluster-signing-secret-0123456789abcdef",
+    }
     await sim_up(http, cluster)
     a, b = await nodes_up(http, cluster, 2)
     auth = {"Authorization": f"Bearer {key}"}
 
     async def post(base: str) -> tuple[int, dict[str, Any]]:
-        async with http.post(f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4},
-                             headers=auth) as response:
+        async with http.post(
+            f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4}, headers=auth
+        ) as response:
             return response.status, await response.json()
 
     answers = await asyncio.gather(*(post((a, b)[n % 2]) for n in range(30)))
@@ -436,11 +484,21 @@ async def test_the_running_jobs_cap_holds_across_nodes_under_a_burst(cluster: Cl
 
 def test_a_redis_that_is_down_at_start_up_is_one_clear_line_and_exit_2(tmp_path: Path, settings_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MV_")}
-    env.update(MV_REDIS_URL=f"redis://:secret@127.0.0.1:{free_port()}/0", MV_SANDBOX="true",
-               MV_OUTPUT_DIR=str(tmp_path / "outputs"), MV_SETTINGS_DIR=str(settings_dir),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-m", "mvserver", "--port", str(free_port())], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    env.update(
+        MV_REDIS_URL=f"redis://:secret@127.0.0.1:{free_port()}/0",
+        MV_SANDBOX="true",
+        MV_OUTPUT_DIR=str(tmp_path / "outputs"),
+        MV_SETTINGS_DIR=str(settings_dir),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "mvserver", "--port", str(free_port())],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if "unavailable" in line or "Traceback" in line]
     assert len(errors) == 1 and errors[0].startswith("mvserver: job store unavailable: cannot reach Redis at")

@@ -51,8 +51,16 @@ def test_shipped_settings_load_and_match_the_reference_defaults() -> None:
     assert config.images.model == "google/imagen-4"
     assert config.videos.default_backend == "replicate"
     assert config.videos.backends.replicate.model == "google/veo-3.1"
-    prompt = config.render("scenes.prompt", idea="I", character_description="C", character_characteristics="P",
-                           number_of_scenes=3, video_type="T", video_characteristics="S", camera_angle="A")
+    prompt = config.render(
+        "scenes.prompt",
+        idea="I",
+        character_description="C",
+        character_characteristics="P",
+        number_of_scenes=3,
+        video_type="T",
+        video_characteristics="S",
+        camera_angle="A",
+    )
     assert "{{" not in prompt and "exactly 3" in prompt
 
 
@@ -82,30 +90,48 @@ def _delete(path: list[str]) -> Callable[[dict[str, Any]], None]:
     return change
 
 
-@pytest.mark.parametrize(("name", "change", "key"), [
-    pytest.param("scenes", _set(["defaults", "colour"], "red"), "defaults.colour", id="unknown-key"),
-    pytest.param("scenes", _set(["colour"], "red"), "colour", id="unknown-top-level-key"),
-    pytest.param("scenes", _set(["defaults", "number_of_scenes"], "four"), "defaults.number_of_scenes",
-                 id="wrong-type"),
-    pytest.param("scenes", _delete(["defaults", "camera_angle"]), "defaults.camera_angle", id="missing-key"),
-    pytest.param("scenes", _set(["temperature"], 3.5), "temperature", id="temperature-out-of-range"),
-    pytest.param("scenes", _set(["defaults", "number_of_scenes"], 20), "defaults.number_of_scenes",
-                 id="default-outside-range"),
-    pytest.param("scenes", _set(["limits", "number_of_scenes"], {"min": 5, "max": 2}), "limits.number_of_scenes",
-                 id="range-reversed"),
-    pytest.param("scenes", _set(["prompt"], "Write {{ idea "), "prompt", id="template-does-not-compile"),
-    pytest.param("scenes", _set(["prompt"], "{% for x in %}{% endfor %}"), "prompt", id="template-bad-tag"),
-    pytest.param("images", _set(["defaults", "aspect_ratio"], "2:1"), "defaults.aspect_ratio",
-                 id="image-default-not-allowed"),
-    pytest.param("images", _set(["allowed", "output_format"], ["png", "gif"]), "allowed.output_format",
-                 id="image-format-unsupported"),
-    pytest.param("images", _set(["prompt"], "{{ character_description }"), "prompt", id="image-template"),
-    pytest.param("videos", _set(["defaults", "duration"], 5), "defaults.duration", id="video-default-not-allowed"),
-    pytest.param("videos", _set(["default_backend"], "runway"), "default_backend", id="video-unknown-backend"),
-    pytest.param("videos", _set(["video_rules_template"], "{{ aspect_ratio"), "video_rules_template",
-                 id="rules-template"),
-    pytest.param("sandbox", _set(["video_latency_seconds"], -1), "video_latency_seconds", id="negative-latency"),
-])
+@pytest.mark.parametrize(
+    ("name", "change", "key"),
+    [
+        pytest.param("scenes", _set(["defaults", "colour"], "red"), "defaults.colour", id="unknown-key"),
+        pytest.param("scenes", _set(["colour"], "red"), "colour", id="unknown-top-level-key"),
+        pytest.param(
+            "scenes", _set(["defaults", "number_of_scenes"], "four"), "defaults.number_of_scenes", id="wrong-type"
+        ),
+        pytest.param("scenes", _delete(["defaults", "camera_angle"]), "defaults.camera_angle", id="missing-key"),
+        pytest.param("scenes", _set(["temperature"], 3.5), "temperature", id="temperature-out-of-range"),
+        pytest.param(
+            "scenes",
+            _set(["defaults", "number_of_scenes"], 20),
+            "defaults.number_of_scenes",
+            id="default-outside-range",
+        ),
+        pytest.param(
+            "scenes",
+            _set(["limits", "number_of_scenes"], {"min": 5, "max": 2}),
+            "limits.number_of_scenes",
+            id="range-reversed",
+        ),
+        pytest.param("scenes", _set(["prompt"], "Write {{ idea "), "prompt", id="template-does-not-compile"),
+        pytest.param("scenes", _set(["prompt"], "{% for x in %}{% endfor %}"), "prompt", id="template-bad-tag"),
+        pytest.param(
+            "images", _set(["defaults", "aspect_ratio"], "2:1"), "defaults.aspect_ratio", id="image-default-not-allowed"
+        ),
+        pytest.param(
+            "images",
+            _set(["allowed", "output_format"], ["png", "gif"]),
+            "allowed.output_format",
+            id="image-format-unsupported",
+        ),
+        pytest.param("images", _set(["prompt"], "{{ character_description }"), "prompt", id="image-template"),
+        pytest.param("videos", _set(["defaults", "duration"], 5), "defaults.duration", id="video-default-not-allowed"),
+        pytest.param("videos", _set(["default_backend"], "runway"), "default_backend", id="video-unknown-backend"),
+        pytest.param(
+            "videos", _set(["video_rules_template"], "{{ aspect_ratio"), "video_rules_template", id="rules-template"
+        ),
+        pytest.param("sandbox", _set(["video_latency_seconds"], -1), "video_latency_seconds", id="negative-latency"),
+    ],
+)
 def test_invalid_setting_names_file_and_key(settings_copy: Path, name: str, change: Callable, key: str) -> None:
     path = edit(settings_copy, name, change)
     with pytest.raises(ConfigError) as caught:
@@ -155,8 +181,15 @@ def test_every_problem_in_a_file_is_listed(settings_copy: Path) -> None:
 
 def _server_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_", "REPLICATE_", "MV_"))}
-    env.update({"PYTHONPATH": str(PROJECT), "GEMINI_API_KEY": "", "REPLICATE_API_TOKEN": "",
-                "GOOGLE_VERTEX_API_KEY": "", "GOOGLE_CLOUD_PROJECT": ""})
+    env.update(
+        {
+            "PYTHONPATH": str(PROJECT),
+            "GEMINI_API_KEY": "",
+            "REPLICATE_API_TOKEN": "",
+            "GOOGLE_VERTEX_API_KEY": "",
+            "GOOGLE_CLOUD_PROJECT": "",
+        }
+    )
     env.update(extra)
     return env
 
@@ -166,7 +199,10 @@ def test_server_refuses_to_start_with_broken_settings(settings_copy: Path, tmp_p
     result = subprocess.run(
         [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", "0"],
         env=_server_env(MV_SETTINGS_DIR=str(settings_copy), MV_OUTPUT_DIR=str(tmp_path / "out")),
-        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2, result.stderr
     assert str(path) in result.stderr
@@ -178,7 +214,10 @@ def test_server_refuses_to_start_with_a_bad_env_value(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "mvserver", "--port", "0"],
         env=_server_env(MV_DEBUG_MODE="maybe", MV_OUTPUT_DIR=str(tmp_path / "out")),
-        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2, result.stderr
     assert "MV_DEBUG_MODE" in result.stderr and "maybe" in result.stderr
@@ -187,34 +226,66 @@ def test_server_refuses_to_start_with_a_bad_env_value(tmp_path: Path) -> None:
 # -- environment -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("MV_DEBUG_MODE", "maybe"),
-    ("MV_SANDBOX", "2"),
-    ("MV_PORT", "eighty"),
-    ("MV_PORT", "-1"),
-    ("MV_MAX_BODY_MB", "lots"),
-    ("MV_MAX_CONCURRENT_JOBS", "1.5"),
-    ("MV_SANDBOX_VIDEO_SECONDS", "-3"),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MV_DEBUG_MODE", "maybe"),
+        ("MV_SANDBOX", "2"),
+        ("MV_PORT", "eighty"),
+        ("MV_PORT", "-1"),
+        ("MV_MAX_BODY_MB", "lots"),
+        ("MV_MAX_CONCURRENT_JOBS", "1.5"),
+        ("MV_SANDBOX_VIDEO_SECONDS", "-3"),
+    ],
+)
 def test_invalid_env_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         EnvSettings.from_env({name: value})
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("true", True), ("TRUE", True), (" yes ", True), ("1", True), ("on", True),
-    ("false", False), ("0", False), ("No", False), ("off", False), ("", False), ("   ", False),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("true", True),
+        ("TRUE", True),
+        (" yes ", True),
+        ("1", True),
+        ("on", True),
+        ("false", False),
+        ("0", False),
+        ("No", False),
+        ("off", False),
+        ("", False),
+        ("   ", False),
+    ],
+)
 def test_debug_mode_values(value: str, expected: bool) -> None:
     assert EnvSettings.from_env({"MV_DEBUG_MODE": value}).debug is expected
 
 
 def test_blank_values_count_as_unset() -> None:
-    blank = {name: "  " for name in (
-        "GEMINI_API_KEY", "REPLICATE_API_TOKEN", "GOOGLE_VERTEX_API_KEY", "GOOGLE_CLOUD_PROJECT",
-        "GOOGLE_CLOUD_LOCATION", "MV_DEBUG_MODE", "MV_SANDBOX", "MV_HOST", "MV_PORT", "MV_OUTPUT_DIR",
-        "MV_SETTINGS_DIR", "MV_MAX_BODY_MB", "MV_MAX_CONCURRENT_JOBS", "MV_SANDBOX_VIDEO_SECONDS",
-        "MV_GEMINI_BASE_URL", "MV_VERTEX_BASE_URL", "MV_REPLICATE_BASE_URL")}
+    blank = {
+        name: "  "
+        for name in (
+            "GEMINI_API_KEY",
+            "REPLICATE_API_TOKEN",
+            "GOOGLE_VERTEX_API_KEY",
+            "GOOGLE_CLOUD_PROJECT",
+            "GOOGLE_CLOUD_LOCATION",
+            "MV_DEBUG_MODE",
+            "MV_SANDBOX",
+            "MV_HOST",
+            "MV_PORT",
+            "MV_OUTPUT_DIR",
+            "MV_SETTINGS_DIR",
+            "MV_MAX_BODY_MB",
+            "MV_MAX_CONCURRENT_JOBS",
+            "MV_SANDBOX_VIDEO_SECONDS",
+            "MV_GEMINI_BASE_URL",
+            "MV_VERTEX_BASE_URL",
+            "MV_REPLICATE_BASE_URL",
+        )
+    }
     assert EnvSettings.from_env(blank) == EnvSettings.from_env({}) == EnvSettings()
     env = EnvSettings()
     assert env.gemini_api_key is None and env.replicate_api_token is None
@@ -224,11 +295,18 @@ def test_blank_values_count_as_unset() -> None:
 
 
 def test_env_values_are_read_and_trimmed(tmp_path: Path) -> None:
-    env = EnvSettings.from_env({
-        "GEMINI_API_KEY": " g-key ", "MV_PORT": "9000", "MV_DEBUG_MODE": "true", "MV_MAX_BODY_MB": "2",
-        "MV_OUTPUT_DIR": str(tmp_path), "MV_MAX_CONCURRENT_JOBS": "3", "MV_SANDBOX_VIDEO_SECONDS": "0.5",
-        "GOOGLE_CLOUD_PROJECT": "proj",
-    })
+    env = EnvSettings.from_env(
+        {
+            "GEMINI_API_KEY": " g-key ",
+            "MV_PORT": "9000",
+            "MV_DEBUG_MODE": "true",
+            "MV_MAX_BODY_MB": "2",
+            "MV_OUTPUT_DIR": str(tmp_path),
+            "MV_MAX_CONCURRENT_JOBS": "3",
+            "MV_SANDBOX_VIDEO_SECONDS": "0.5",
+            "GOOGLE_CLOUD_PROJECT": "proj",
+        }
+    )
     assert env.gemini_api_key == "g-key"
     assert env.port == 9000 and env.debug is True
     assert env.max_body_bytes == 2 * 1024 * 1024
@@ -247,8 +325,9 @@ def test_env_overrides_settings_for_jobs_and_latency() -> None:
 
 
 def test_summary_never_shows_secrets() -> None:
-    config = load_config(EnvSettings(gemini_api_key="secret-1", replicate_api_token="secret-2",
-                                     vertex_api_key="secret-3"))
+    config = load_config(
+        EnvSettings(gemini_api_key="secret-1", replicate_api_token="secret-2", vertex_api_key="secret-3")
+    )
     summary = config.summary()
     assert "secret" not in repr(summary)
     assert summary["env"]["gemini_api_key"] == "set"
@@ -266,13 +345,16 @@ def _pricing_settings(tmp_path: Path, pricing: dict[str, Any]) -> EnvSettings:
     return EnvSettings.from_env({"MV_SETTINGS_DIR": str(target)})
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda p: p["models"].pop("google/veo-3.1"), "no price for google/veo-3.1"),
-    (lambda p: p["models"]["sync/lipsync-2-pro"].update(per_output_second=-1), "greater than or equal to 0"),
-    (lambda p: p["models"]["sync/lipsync-2-pro"].update(currency="EUR"), "one currency"),
-    (lambda p: p["models"]["sync/lipsync-2-pro"].update(as_of="last week"), "as_of"),
-    (lambda p: p["models"]["sync/lipsync-2-pro"].update(per_second=1), "unknown key"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: p["models"].pop("google/veo-3.1"), "no price for google/veo-3.1"),
+        (lambda p: p["models"]["sync/lipsync-2-pro"].update(per_output_second=-1), "greater than or equal to 0"),
+        (lambda p: p["models"]["sync/lipsync-2-pro"].update(currency="EUR"), "one currency"),
+        (lambda p: p["models"]["sync/lipsync-2-pro"].update(as_of="last week"), "as_of"),
+        (lambda p: p["models"]["sync/lipsync-2-pro"].update(per_second=1), "unknown key"),
+    ],
+)
 def test_a_bad_price_table_stops_the_start_up(tmp_path: Path, change: Any, message: str) -> None:
     pricing = yaml.safe_load((PROJECT / "settings" / "pricing.yaml").read_text())
     change(pricing)
@@ -288,7 +370,10 @@ def test_server_exits_2_with_a_bad_price_table(settings_copy: Path, tmp_path: Pa
     result = subprocess.run(
         [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", "0"],
         env=_server_env(MV_SETTINGS_DIR=str(settings_copy), MV_OUTPUT_DIR=str(tmp_path / "out")),
-        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2, result.stderr
     assert "pricing.yaml" in result.stderr and "models.google/veo-3.1.as_of" in result.stderr

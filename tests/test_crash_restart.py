@@ -42,16 +42,24 @@ def server_env(tmp_path: Path, settings_dir: Path) -> dict[str, str]:
     videos["jobs"]["poll_interval_seconds"] = 0.1
     (settings_dir / "videos.yaml").write_text(yaml.safe_dump(videos, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MV_", "GEMINI_", "REPLICATE_", "GOOGLE_"))}
-    env.update({
-        "GEMINI_API_KEY": "", "REPLICATE_API_TOKEN": "", "GOOGLE_VERTEX_API_KEY": "", "GOOGLE_CLOUD_PROJECT": "",
-        "MV_GEMINI_BASE_URL": "", "MV_VERTEX_BASE_URL": "", "MV_REPLICATE_BASE_URL": "",
-        "MV_MAX_CONCURRENT_JOBS": "", "MV_DEBUG_MODE": "false",
-        "MV_SANDBOX": "true",
-        "MV_OUTPUT_DIR": str(tmp_path / "outputs"),
-        "MV_SETTINGS_DIR": str(settings_dir),
-        "MV_SANDBOX_VIDEO_SECONDS": str(VIDEO_SECONDS),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
-    })
+    env.update(
+        {
+            "GEMINI_API_KEY": "",
+            "REPLICATE_API_TOKEN": "",
+            "GOOGLE_VERTEX_API_KEY": "",
+            "GOOGLE_CLOUD_PROJECT": "",
+            "MV_GEMINI_BASE_URL": "",
+            "MV_VERTEX_BASE_URL": "",
+            "MV_REPLICATE_BASE_URL": "",
+            "MV_MAX_CONCURRENT_JOBS": "",
+            "MV_DEBUG_MODE": "false",
+            "MV_SANDBOX": "true",
+            "MV_OUTPUT_DIR": str(tmp_path / "outputs"),
+            "MV_SETTINGS_DIR": str(settings_dir),
+            "MV_SANDBOX_VIDEO_SECONDS": str(VIDEO_SECONDS),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
+        }
+    )
     return env
 
 
@@ -63,8 +71,13 @@ def launch(server_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[[], 
     def start() -> tuple[subprocess.Popen, str]:
         port = free_port()
         with (tmp_path / f"server-{len(started)}.log").open("wb") as log:
-            process = subprocess.Popen([sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
-                                       cwd=tmp_path, env=server_env, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
+                cwd=tmp_path,
+                env=server_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         started.append(process)
         return process, f"http://127.0.0.1:{port}"
 
@@ -100,8 +113,13 @@ async def submit(http: aiohttp.ClientSession, base: str) -> str:
         return (await response.json())["job_id"]
 
 
-async def until(http: aiohttp.ClientSession, base: str, job_id: str, predicate: Callable[[dict[str, Any]], bool],
-                timeout: float = 15.0) -> dict[str, Any]:
+async def until(
+    http: aiohttp.ClientSession,
+    base: str,
+    job_id: str,
+    predicate: Callable[[dict[str, Any]], bool],
+    timeout: float = 15.0,
+) -> dict[str, Any]:
     async with asyncio.timeout(timeout):
         while True:
             async with http.get(f"{base}/api/mv/jobs/{job_id}") as response:
@@ -123,7 +141,8 @@ def kill9(process: subprocess.Popen) -> None:
 
 
 async def test_kill_9_mid_job_resumes_the_same_prediction_after_restart(
-        launch: Callable[[], tuple[subprocess.Popen, str]], http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    launch: Callable[[], tuple[subprocess.Popen, str]], http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     outputs = tmp_path / "outputs"
     first, base = launch()
     health = await until_up(http, first, base)
@@ -135,8 +154,13 @@ async def test_kill_9_mid_job_resumes_the_same_prediction_after_restart(
     assert finished_video[4:8] == b"ftyp"
 
     job_id = await submit(http, base)
-    running = await until(http, base, job_id, lambda s: s["status"] == "running" and s["provider_prediction_id"]
-                          and s["stage"] == "generating", timeout=5)
+    running = await until(
+        http,
+        base,
+        job_id,
+        lambda s: s["status"] == "running" and s["provider_prediction_id"] and s["stage"] == "generating",
+        timeout=5,
+    )
     prediction_id = running["provider_prediction_id"]
     kill9(first)
 
@@ -145,8 +169,10 @@ async def test_kill_9_mid_job_resumes_the_same_prediction_after_restart(
     # What a kill during a download or a record rewrite leaves behind: temporaries next to the real files, named by
     # the dead node (whose heartbeat names its process, now gone).
     [dead] = [path.stem for path in (outputs / "nodes").glob("*.json")]
-    stale = [outputs / "videos" / f".{job_id}.mp4.{dead}-{uuid.uuid4().hex[:8]}.part",
-             outputs / "jobs" / f".{job_id}.json.{dead}-{uuid.uuid4().hex[:8]}.part"]
+    stale = [
+        outputs / "videos" / f".{job_id}.mp4.{dead}-{uuid.uuid4().hex[:8]}.part",
+        outputs / "jobs" / f".{job_id}.json.{dead}-{uuid.uuid4().hex[:8]}.part",
+    ]
     for path in stale:
         path.write_bytes(b"\x00" * 1000)
 
@@ -171,7 +197,8 @@ async def test_kill_9_mid_job_resumes_the_same_prediction_after_restart(
 
 
 async def test_sigterm_with_an_open_event_stream_stops_at_once_and_the_job_resumes(
-        launch: Callable[[], tuple[subprocess.Popen, str]], http: aiohttp.ClientSession, server_env: dict[str, str]) -> None:
+    launch: Callable[[], tuple[subprocess.Popen, str]], http: aiohttp.ClientSession, server_env: dict[str, str]
+) -> None:
     server_env["MV_SANDBOX_VIDEO_SECONDS"] = "60"  # the job is still running when the server stops
     process, base = launch()
     await until_up(http, process, base)
@@ -212,8 +239,11 @@ def ffmpeg_children(parent: int, *markers: str) -> list[int]:
 
 
 async def test_kill_9_mid_assembly_takes_its_ffmpeg_along_and_the_job_runs_again(
-        launch: Callable[[], tuple[subprocess.Popen, str]], http: aiohttp.ClientSession, server_env: dict[str, str],
-        tmp_path: Path) -> None:
+    launch: Callable[[], tuple[subprocess.Popen, str]],
+    http: aiohttp.ClientSession,
+    server_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
     """A killed server's ffmpeg used to run on with parent 1 (the crossfade of 24 clips here for another 15-40 s,
     while the restarted server ran the job again beside it). Now it dies with the server, at once."""
     from mvserver.media import ffmpeg as media
@@ -227,10 +257,28 @@ async def test_kill_9_mid_assembly_takes_its_ffmpeg_along_and_the_job_runs_again
         clip = (await response.json())["job_id"]
     await until(http, base, clip, lambda s: s["status"] == "succeeded", timeout=60)
     song = tmp_path / "song.mp3"
-    subprocess.run([media.ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
-                    "sine=f=220:d=200", "-ac", "2", "-b:a", "64k", str(song)], check=True, timeout=120)
-    async with http.post(f"{base}/api/mv/upload_audio", data=song.read_bytes(),
-                         headers={"Content-Type": "audio/mpeg"}) as response:
+    subprocess.run(
+        [
+            media.ffmpeg_exe(),
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=f=220:d=200",
+            "-ac",
+            "2",
+            "-b:a",
+            "64k",
+            str(song),
+        ],
+        check=True,
+        timeout=120,
+    )
+    async with http.post(
+        f"{base}/api/mv/upload_audio", data=song.read_bytes(), headers={"Content-Type": "audio/mpeg"}
+    ) as response:
         assert response.status == 201, await response.text()
         audio_id = (await response.json())["audio_id"]
     body = {"clips": [{"job_id": clip}] * 24, "audio_id": audio_id, "clip_audio": "mix", "transition": "crossfade"}
@@ -257,8 +305,7 @@ async def test_kill_9_mid_assembly_takes_its_ffmpeg_along_and_the_job_runs_again
 
     second, base = launch()
     await until_up(http, second, base)
-    final = await until(http, base, job_id, lambda s: s["status"] in ("succeeded", "failed", "canceled"),
-                        timeout=180)
+    final = await until(http, base, job_id, lambda s: s["status"] in ("succeeded", "failed", "canceled"), timeout=180)
     assert final["status"] == "succeeded", final["error"]
     assert final["request"]["result"]["reencoded"] == list(range(24))
     assert final["request"]["expected_seconds"] == pytest.approx(24 * 8 - 23 * 0.5)

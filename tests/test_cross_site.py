@@ -30,18 +30,27 @@ async def cors_client(make_client: AppClient) -> TestClient:
 async def test_every_route_and_method_answers_its_cors_preflight(cors_client: TestClient) -> None:
     """A browser preflights a DELETE, a PATCH or a POST with a bearer header; each route's method must be allowed
     for a listed origin (a path split over two router resources answered the second resource's methods 403)."""
-    routes = {(route.method, route.resource.canonical) for route in cors_client.app.router.routes()
-              if route.method not in ("OPTIONS", "HEAD", "*") and route.resource is not None}
+    routes = {
+        (route.method, route.resource.canonical)
+        for route in cors_client.app.router.routes()
+        if route.method not in ("OPTIONS", "HEAD", "*") and route.resource is not None
+    }
     assert ("DELETE", "/api/mv/jobs/{job_id}") in routes
     for method, path in sorted(routes):
-        response = await cors_client.options(_fill(path), headers={
-            "Origin": ALLOWED, "Access-Control-Request-Method": method,
-            "Access-Control-Request-Headers": "authorization,content-type"})
+        response = await cors_client.options(
+            _fill(path),
+            headers={
+                "Origin": ALLOWED,
+                "Access-Control-Request-Method": method,
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
         assert response.status == 200, (method, path, await response.text())
         assert response.headers["Access-Control-Allow-Origin"] == ALLOWED
         assert method in response.headers["Access-Control-Allow-Methods"]
-        refused = await cors_client.options(_fill(path), headers={
-            "Origin": "https://evil.example", "Access-Control-Request-Method": method})
+        refused = await cors_client.options(
+            _fill(path), headers={"Origin": "https://evil.example", "Access-Control-Request-Method": method}
+        )
         assert refused.status == 403 and "Access-Control-Allow-Origin" not in refused.headers
 
 
@@ -60,19 +69,26 @@ async def test_a_cross_origin_delete_cancels_the_job(cors_client: TestClient) ->
 MEDIA = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "video"}  # no Origin
 
 
-async def test_a_signed_media_get_from_another_site_passes_and_writes_stay_guarded(make_client: AppClient,
-                                                                                   tmp_path) -> None:
+async def test_a_signed_media_get_from_another_site_passes_and_writes_stay_guarded(
+    make_client: AppClient, tmp_path
+) -> None:
     """What ``<video src=signed link>`` on a page of another site sends: no ``Origin``, ``Sec-Fetch-Site:
     cross-site``. It is a safe GET with a valid signature, so it passes; a state-changing request from another site
     is still refused, and a safe GET without a valid signature still needs one."""
     from mvserver.web.access.auth import create_key
 
     _, key = create_key(tmp_path / "keys.yaml", "page")
-    client = await make_client(MV_API_KEYS_FILE=tmp_path / "keys.yaml", MV_CORS_ORIGINS=ALLOWED,
-                               MV_URL_SIGNING_SECRET="test-signing-secret-0123456789abcdefghij")
+    client = await make_client(
+        MV_API_KEYS_FILE=tmp_path / "keys.yaml",
+        MV_CORS_ORIGINS=ALLOWED,
+        MV_URL_SIGNING_SECRET="test-signing-secret-0123456789abcdefghij",
+    )
     bearer = {"Authorization": f"Bearer {key}"}
-    created = await client.post("/api/mv/generate_character_reference", headers=bearer,
-                                json={"character_description": "a tall woman in a red coat"})
+    created = await client.post(
+        "/api/mv/generate_character_reference",
+        headers=bearer,
+        json={"character_description": "a tall woman in a red coat"},
+    )
     assert created.status == 200, await created.text()
     signed = (await created.json())["signed_urls"]["image_url"]
     for method in ("GET", "HEAD"):
@@ -87,14 +103,17 @@ async def test_a_signed_media_get_from_another_site_passes_and_writes_stay_guard
     tampered = await client.get(signed.replace("sig=", "sig=A"), headers=MEDIA)
     assert tampered.status == 403 and (await tampered.json())["error"]["code"] == "invalid_signature"
 
-    job = await client.post("/api/mv/generate_video", json={"prompt": "a lighthouse at dusk", "duration": 4},
-                            headers=bearer)
+    job = await client.post(
+        "/api/mv/generate_video", json={"prompt": "a lighthouse at dusk", "duration": 4}, headers=bearer
+    )
     job_id = (await job.json())["job_id"]
     for method, path in (("DELETE", f"/api/mv/jobs/{job_id}"), ("POST", f"/api/mv/jobs/{job_id}/cancel")):
         response = await client.request(method, path, headers={**bearer, "Sec-Fetch-Site": "cross-site"})
         assert response.status == 403, (method, await response.text())
-        assert (await response.json())["error"] == {"code": "forbidden_origin", "field": "Origin",
-                                                    "message": "a request from another site must carry an allowed "
-                                                               "Origin"}
+        assert (await response.json())["error"] == {
+            "code": "forbidden_origin",
+            "field": "Origin",
+            "message": "a request from another site must carry an allowed Origin",
+        }
     assert (await (await client.get(f"/api/mv/jobs/{job_id}", headers=bearer)).json())["status"] != "canceled"
     assert (await client.delete(f"/api/mv/jobs/{job_id}", headers=bearer)).status == 200

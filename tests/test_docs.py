@@ -54,12 +54,21 @@ def test_examples_call_the_server_on_its_default_port() -> None:
 
 def test_every_error_code_a_client_can_meet_is_in_the_client_notes() -> None:
     source = "\n".join(path.read_text() for path in (PROJECT / "mvserver").rglob("*.py") if "sandbox" not in path.parts)
-    codes = set(re.findall(r'(?:ApiError\(\s*\d{3},|ErrorInfo\(|_refuse\(bucket,|_unauthorized\()\s*"([a-z_]+)"', source))
+    codes = set(
+        re.findall(r'(?:ApiError\(\s*\d{3},|ErrorInfo\(|_refuse\(bucket,|_unauthorized\()\s*"([a-z_]+)"', source)
+    )
     codes |= set(re.findall(r'(?:"code": |\d{3}: |\d{3}: \(\d{3}, )"([a-z_]+)"', source))  # also the status maps
     for line in re.findall(r"^.*\bcode = .*$", source, flags=re.M):  # code = "a" if ... else "b", or a mapping
         codes |= set(re.findall(r'"([a-z]+_[a-z_]+)"', line))
-    assert {"invalid_field", "quota_exceeded", "auth_required", "range_not_satisfiable", "internal_error",
-            "method_not_allowed", "provider_rate_limited"} <= codes  # the patterns above still find them
+    assert {
+        "invalid_field",
+        "quota_exceeded",
+        "auth_required",
+        "range_not_satisfiable",
+        "internal_error",
+        "method_not_allowed",
+        "provider_rate_limited",
+    } <= codes  # the patterns above still find them
     tables = "\n".join(line for line in CLIENT_NOTES.splitlines() if line.startswith("|"))
     missing = sorted(code for code in codes - NOT_FOR_CLIENTS if f"`{code}`" not in tables)
     assert not missing, missing

@@ -38,11 +38,13 @@ class SwallowingDriver:
 
 
 def engine_with(driver: SwallowingDriver, tmp_path: Path, settings_dir: Path) -> JobEngine:
-    config = load_config(EnvSettings.from_env({"MV_SETTINGS_DIR": str(settings_dir),
-                                               "MV_OUTPUT_DIR": str(tmp_path / "outputs")}))
+    config = load_config(
+        EnvSettings.from_env({"MV_SETTINGS_DIR": str(settings_dir), "MV_OUTPUT_DIR": str(tmp_path / "outputs")})
+    )
     outputs = OutputStore(tmp_path / "outputs")
-    return JobEngine(FileJobStore(outputs), {"video": lambda job: driver}, outputs, config.videos.jobs,
-                     max_concurrent=2)
+    return JobEngine(
+        FileJobStore(outputs), {"video": lambda job: driver}, outputs, config.videos.jobs, max_concurrent=2
+    )
 
 
 def new_job() -> Job:
@@ -69,8 +71,7 @@ async def test_shutdown_stops_a_job_whose_cancel_was_swallowed(tmp_path: Path, s
     assert (await FileJobStore(OutputStore(tmp_path / "outputs")).get(job.id)).status == "running"  # resumes later
 
 
-async def test_a_cancel_swallowed_by_a_provider_call_still_cancels_the_job(tmp_path: Path,
-                                                                           settings_dir: Path) -> None:
+async def test_a_cancel_swallowed_by_a_provider_call_still_cancels_the_job(tmp_path: Path, settings_dir: Path) -> None:
     driver = SwallowingDriver()
     engine = engine_with(driver, tmp_path, settings_dir)
     await engine.start()

@@ -44,8 +44,9 @@ async def error_code(response: Any) -> tuple[int, str]:
     return response.status, (await response.json())["error"]["code"]
 
 
-async def test_a_signed_link_opens_the_multi_job_stream_without_a_header(make_client: AppClient, sim: Simulator,
-                                                                         tmp_path: Path) -> None:
+async def test_a_signed_link_opens_the_multi_job_stream_without_a_header(
+    make_client: AppClient, sim: Simulator, tmp_path: Path
+) -> None:
     keys_file = tmp_path / "keys.yaml"
     alice, bob = (create_key(keys_file, name)[1] for name in ("alice", "bob"))
     client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET=SECRET)
@@ -98,8 +99,10 @@ async def test_a_signed_link_opens_the_multi_job_stream_without_a_header(make_cl
         resumed = [event async for event in read_sse(stream)]
     assert resumed and all(int(event["id"].split(".")[jobs.index(event["data"]["job_id"])]) >= 2 for event in resumed)
     assert len(resumed) == len(events) - 2  # each job's first event is not sent again
-    assert await error_code(await client.get(with_params(resume["events_url"], after="0.0"))) == \
-        (403, "invalid_signature")
+    assert await error_code(await client.get(with_params(resume["events_url"], after="0.0"))) == (
+        403,
+        "invalid_signature",
+    )
 
 
 @pytest.mark.parametrize(("query", "field"), [("", "jobs"), ("jobs=nope", "jobs"), ("after=1", "jobs")])
@@ -112,8 +115,7 @@ async def test_without_keys_the_link_is_the_plain_url(client: TestClient, sim: S
     sim.video_latency = 0.2
     jobs = [await start(client) for _ in range(2)]
     body = await (await client.get(f"/api/mv/events/link?jobs={','.join(jobs)}&after=0.1")).json()
-    assert body == {"events_url": f"/api/mv/events?jobs={','.join(jobs)}&after=0.1", "expires_at": None,
-                    "jobs": jobs}
+    assert body == {"events_url": f"/api/mv/events?jobs={','.join(jobs)}&after=0.1", "expires_at": None, "jobs": jobs}
     for after in ("1", "x.y", "1.2.3"):  # one position per job
         response = await client.get(f"/api/mv/events/link?jobs={','.join(jobs)}&after={after}")
         assert response.status == 400 and (await response.json())["error"]["field"] == "after"

@@ -23,8 +23,9 @@ def by_job(events: list[dict[str, Any]]) -> dict[str, list[str]]:
     return seen
 
 
-async def stream(client: TestClient, job_ids: list[str], last_event_id: str | None = None,
-                 stop_after: int | None = None) -> list[dict[str, Any]]:
+async def stream(
+    client: TestClient, job_ids: list[str], last_event_id: str | None = None, stop_after: int | None = None
+) -> list[dict[str, Any]]:
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     received = []
     async with client.get("/api/mv/events", params={"jobs": ",".join(job_ids)}, headers=headers) as response:
@@ -52,8 +53,9 @@ async def test_one_stream_carries_every_event_of_every_job_then_ends(client: Tes
     assert events[0]["retry"] == "3000"
 
 
-async def test_a_reconnect_with_the_last_id_resumes_every_job_where_it_stood(client: TestClient,
-                                                                             sim: Simulator) -> None:
+async def test_a_reconnect_with_the_last_id_resumes_every_job_where_it_stood(
+    client: TestClient, sim: Simulator
+) -> None:
     sim.video_latency = 1.0
     job_ids = [(await submit(client))["job_id"] for _ in range(3)]
     first = await stream(client, job_ids, stop_after=5)
@@ -64,14 +66,14 @@ async def test_a_reconnect_with_the_last_id_resumes_every_job_where_it_stood(cli
         assert combined[job_id] == [e["event"] for e in alone]  # nothing repeated, nothing missed
 
 
-async def test_a_new_stream_with_after_resumes_each_job_including_a_new_one(client: TestClient,
-                                                                               sim: Simulator) -> None:
+async def test_a_new_stream_with_after_resumes_each_job_including_a_new_one(client: TestClient, sim: Simulator) -> None:
     sim.video_latency = 0.3
     first_id = (await submit(client))["job_id"]
     first = await stream(client, [first_id])
     second_id = (await submit(client))["job_id"]
-    async with client.get("/api/mv/events", params={"jobs": f"{second_id},{first_id}",
-                                                    "after": f"0.{first[-1]['id']}"}) as response:
+    async with client.get(
+        "/api/mv/events", params={"jobs": f"{second_id},{first_id}", "after": f"0.{first[-1]['id']}"}
+    ) as response:
         resumed = [event async for event in read_sse(response)]
     assert set(by_job(resumed)) == {second_id}  # the finished first job sends nothing again
     assert by_job(resumed)[second_id][-1] == "succeeded"
@@ -86,16 +88,20 @@ async def test_finished_jobs_replay_and_the_stream_closes(client: TestClient, si
     assert await stream(client, [job_id], last_event_id=replay[-1]["id"]) == []
 
 
-@pytest.mark.parametrize(("query", "status", "code"), [
-    ("", 400, "missing_field"),
-    ("jobs=", 400, "missing_field"),
-    ("jobs=not-a-uuid", 400, "invalid_id"),
-    ("jobs=0b4e7c1e-3f5a-4c39-9d2a-5f0e7b8c9d10", 404, "not_found"),
-    ("jobs=0b4e7c1e-3f5a-4c39-9d2a-5f0e7b8c9d10,0b4e7c1e-3f5a-4c39-9d2a-5f0e7b8c9d10", 400, "invalid_field"),
-])
+@pytest.mark.parametrize(
+    ("query", "status", "code"),
+    [
+        ("", 400, "missing_field"),
+        ("jobs=", 400, "missing_field"),
+        ("jobs=not-a-uuid", 400, "invalid_id"),
+        ("jobs=0b4e7c1e-3f5a-4c39-9d2a-5f0e7b8c9d10", 404, "not_found"),
+        ("jobs=0b4e7c1e-3f5a-4c39-9d2a-5f0e7b8c9d10,0b4e7c1e-3f5a-4c39-9d2a-5f0e7b8c9d10", 400, "invalid_field"),
+    ],
+)
 @module_loop
-async def test_bad_job_lists_are_refused_naming_the_field(module_live: LiveApp, query: str, status: int,
-                                                          code: str) -> None:
+async def test_bad_job_lists_are_refused_naming_the_field(
+    module_live: LiveApp, query: str, status: int, code: str
+) -> None:
     client = module_live[0]
     response = await client.get(f"/api/mv/events?{query}")
     assert response.status == status

@@ -106,8 +106,9 @@ async def succeeded(client: TestClient, outputs: Path, job_id: str, events: list
     return video
 
 
-async def failed(client: TestClient, outputs: Path, job_id: str, events: list[dict[str, Any]], code: str,
-                 provider: str) -> dict[str, Any]:
+async def failed(
+    client: TestClient, outputs: Path, job_id: str, events: list[dict[str, Any]], code: str, provider: str
+) -> dict[str, Any]:
     """Check a failed job: the error names the code and provider, no video exists, get_video says job_failed."""
     final = events[-1]
     assert final["event"] == "failed", final["data"]
@@ -151,7 +152,8 @@ async def test_invalid_json_from_one_poll_is_retried(make_client: AppClient, sim
 
 
 async def test_polls_that_keep_answering_invalid_json_fail_the_job_cleanly(
-        make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None]) -> None:
+    make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None]
+) -> None:
     jobs_settings(retry_attempts=2)
     client = await make_client()
     sim.add_fault("replicate.get", "invalid_json", times=100)
@@ -166,8 +168,9 @@ async def test_polls_that_keep_answering_invalid_json_fail_the_job_cleanly(
 
 
 @pytest.mark.parametrize("status", [500, 503])
-async def test_a_storm_shorter_than_the_retries_is_ridden_out(make_client: AppClient, sim: Simulator, outputs: Path,
-                                                              jobs_settings: Callable[..., None], status: int) -> None:
+async def test_a_storm_shorter_than_the_retries_is_ridden_out(
+    make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None], status: int
+) -> None:
     jobs_settings(retry_attempts=2)
     client = await make_client()
     sim.add_fault("replicate.get", status=status, times=2)
@@ -176,12 +179,16 @@ async def test_a_storm_shorter_than_the_retries_is_ridden_out(make_client: AppCl
     assert not sim.faults  # every injected error was answered and then retried
 
 
-@pytest.mark.parametrize("status", [
-    500,
-    503,
-])
+@pytest.mark.parametrize(
+    "status",
+    [
+        500,
+        503,
+    ],
+)
 async def test_a_storm_longer_than_the_retries_fails_with_the_provider_status(
-        make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None], status: int) -> None:
+    make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None], status: int
+) -> None:
     jobs_settings(retry_attempts=2)
     client = await make_client()
     sim.add_fault("replicate.get", status=status, times=3)
@@ -191,8 +198,9 @@ async def test_a_storm_longer_than_the_retries_fails_with_the_provider_status(
     assert requests_to(sim, "replicate.get") == 3  # the first attempt and exactly retry_attempts retries
 
 
-async def test_429_on_a_poll_honours_retry_after(make_client: AppClient, sim: Simulator, outputs: Path,
-                                                jobs_settings: Callable[..., None]) -> None:
+async def test_429_on_a_poll_honours_retry_after(
+    make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None]
+) -> None:
     jobs_settings(retry_max_delay_seconds=3.0)
     client = await make_client()
     sim.add_fault("replicate.get", status=429, retry_after=1, times=1)
@@ -206,7 +214,8 @@ async def test_429_on_a_poll_honours_retry_after(make_client: AppClient, sim: Si
 
 
 async def test_429_on_create_honours_retry_after_and_creates_one_prediction(
-        make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None]) -> None:
+    make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None]
+) -> None:
     jobs_settings(retry_max_delay_seconds=3.0)
     client = await make_client()
     sim.add_fault("replicate.create", status=429, retry_after=1, times=1)
@@ -226,12 +235,16 @@ async def test_503_on_create_is_retried(make_client: AppClient, sim: Simulator, 
     assert requests_to(sim, "replicate.create") == 2 and len(records(sim, "predictions")) == 1
 
 
-@pytest.mark.parametrize(("kind", "code", "provider_status"), [
-    ("status", "provider_unavailable", 500),  # the provider may have accepted it: never created twice
-    ("reset", "provider_unreachable", None),
-])
-async def test_an_ambiguous_create_failure_is_not_retried(make_client: AppClient, sim: Simulator, outputs: Path,
-                                                          kind: str, code: str, provider_status: int | None) -> None:
+@pytest.mark.parametrize(
+    ("kind", "code", "provider_status"),
+    [
+        ("status", "provider_unavailable", 500),  # the provider may have accepted it: never created twice
+        ("reset", "provider_unreachable", None),
+    ],
+)
+async def test_an_ambiguous_create_failure_is_not_retried(
+    make_client: AppClient, sim: Simulator, outputs: Path, kind: str, code: str, provider_status: int | None
+) -> None:
     client = await make_client()
     sim.add_fault("replicate.create", kind, status=500, times=1)
     job_id, events = await run_job(client)
@@ -244,8 +257,9 @@ async def test_an_ambiguous_create_failure_is_not_retried(make_client: AppClient
 
 
 @pytest.mark.parametrize("kind", ["reset", "truncate"])
-async def test_a_broken_download_is_retried_and_the_video_is_whole(make_client: AppClient, sim: Simulator,
-                                                                   outputs: Path, kind: str) -> None:
+async def test_a_broken_download_is_retried_and_the_video_is_whole(
+    make_client: AppClient, sim: Simulator, outputs: Path, kind: str
+) -> None:
     client = await make_client()
     sim.add_fault("replicate.files.get", kind, times=2)
     job_id, events = await run_job(client)
@@ -256,7 +270,8 @@ async def test_a_broken_download_is_retried_and_the_video_is_whole(make_client: 
 
 @pytest.mark.parametrize("kind", ["reset", "truncate"])
 async def test_a_download_that_keeps_breaking_fails_with_provider_unreachable(
-        make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None], kind: str) -> None:
+    make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None], kind: str
+) -> None:
     jobs_settings(retry_attempts=2)
     client = await make_client()
     sim.add_fault("replicate.files.get", kind, times=100)
@@ -269,8 +284,9 @@ async def test_a_download_that_keeps_breaking_fails_with_provider_unreachable(
 # -- hangs past the per-request timeout ----------------------------------------------------------------------------
 
 
-async def test_a_poll_that_hangs_once_times_out_and_is_retried(make_client: AppClient, sim: Simulator, outputs: Path,
-                                                               jobs_settings: Callable[..., None]) -> None:
+async def test_a_poll_that_hangs_once_times_out_and_is_retried(
+    make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None]
+) -> None:
     jobs_settings(request_timeout_seconds=HTTP_TIMEOUT)
     client = await make_client()
     sim.add_fault("replicate.get", "hang", times=1)
@@ -282,7 +298,8 @@ async def test_a_poll_that_hangs_once_times_out_and_is_retried(make_client: AppC
 
 
 async def test_a_poll_that_hangs_forever_fails_with_provider_timeout(
-        make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None]) -> None:
+    make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None]
+) -> None:
     jobs_settings(request_timeout_seconds=HTTP_TIMEOUT, retry_attempts=1)
     client = await make_client()
     sim.add_fault("replicate.get", "hang", times=100)
@@ -293,7 +310,8 @@ async def test_a_poll_that_hangs_forever_fails_with_provider_timeout(
 
 
 async def test_a_download_that_hangs_forever_fails_with_provider_timeout(
-        make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None]) -> None:
+    make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None]
+) -> None:
     jobs_settings(request_timeout_seconds=HTTP_TIMEOUT, retry_attempts=1)
     client = await make_client()
     assert client.app[CONFIG].videos.jobs.timeout_seconds > 60
@@ -308,8 +326,9 @@ async def test_a_download_that_hangs_forever_fails_with_provider_timeout(
 # -- Veo on Vertex (backend "gemini") --------------------------------------------------------------------------------
 
 
-async def test_vertex_fetch_storm_within_the_retries_succeeds(make_client: AppClient, sim: Simulator, outputs: Path,
-                                                              jobs_settings: Callable[..., None]) -> None:
+async def test_vertex_fetch_storm_within_the_retries_succeeds(
+    make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None]
+) -> None:
     jobs_settings(retry_attempts=2)
     client = await make_client()
     sim.add_fault("vertex.fetch", status=500, times=2)
@@ -318,7 +337,8 @@ async def test_vertex_fetch_storm_within_the_retries_succeeds(make_client: AppCl
 
 
 async def test_vertex_fetch_storm_beyond_the_retries_fails_with_provider_unavailable(
-        make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None]) -> None:
+    make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None]
+) -> None:
     jobs_settings(retry_attempts=2)
     client = await make_client()
     sim.add_fault("vertex.fetch", status=500, times=100)
@@ -328,8 +348,9 @@ async def test_vertex_fetch_storm_beyond_the_retries_fails_with_provider_unavail
     assert requests_to(sim, "vertex.fetch") == 3
 
 
-async def test_vertex_predict_429_is_retried_and_creates_one_operation(make_client: AppClient, sim: Simulator,
-                                                                      outputs: Path) -> None:
+async def test_vertex_predict_429_is_retried_and_creates_one_operation(
+    make_client: AppClient, sim: Simulator, outputs: Path
+) -> None:
     client = await make_client()
     sim.add_fault("vertex.predict", status=429, times=2)
     job_id, events = await run_job(client, backend="gemini")
@@ -337,8 +358,9 @@ async def test_vertex_predict_429_is_retried_and_creates_one_operation(make_clie
     assert requests_to(sim, "vertex.predict") == 3 and len(records(sim, "operations")) == 1
 
 
-async def test_a_failed_vertex_operation_keeps_googles_code_and_words(make_client: AppClient, sim: Simulator,
-                                                                     outputs: Path) -> None:
+async def test_a_failed_vertex_operation_keeps_googles_code_and_words(
+    make_client: AppClient, sim: Simulator, outputs: Path
+) -> None:
     client = await make_client()
     sim.add_fault("vertex.predict", "fail_prediction", error={"code": 8, "message": "Quota exceeded"})
     job_id, events = await run_job(client, backend="gemini")
@@ -351,19 +373,32 @@ async def test_a_failed_vertex_operation_keeps_googles_code_and_words(make_clien
 # -- the image endpoint ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("route", "kind", "status", "code", "provider_status"), [
-    ("replicate.create", "reset", None, "provider_unreachable", None),
-    ("replicate.create", "status", 503, "provider_unavailable", 503),
-    ("replicate.files.get", "truncate", None, "provider_unreachable", None),
-])
+@pytest.mark.parametrize(
+    ("route", "kind", "status", "code", "provider_status"),
+    [
+        ("replicate.create", "reset", None, "provider_unreachable", None),
+        ("replicate.create", "status", 503, "provider_unavailable", 503),
+        ("replicate.files.get", "truncate", None, "provider_unreachable", None),
+    ],
+)
 async def test_image_provider_faults_answer_502_and_write_nothing(
-        make_client: AppClient, sim: Simulator, outputs: Path, settings_dir: Path, route: str, kind: str,
-        status: int | None, code: str, provider_status: int | None) -> None:
+    make_client: AppClient,
+    sim: Simulator,
+    outputs: Path,
+    settings_dir: Path,
+    route: str,
+    kind: str,
+    status: int | None,
+    code: str,
+    provider_status: int | None,
+) -> None:
     images_settings(settings_dir, poll_interval_seconds=0.02)
     client = await make_client()
     sim.add_fault(route, kind, **({"status": status} if status else {}), times=1)
-    response = await client.post("/api/mv/generate_character_reference",
-                                 json={"character_description": "a lighthouse keeper in a yellow oilskin"})
+    response = await client.post(
+        "/api/mv/generate_character_reference",
+        json={"character_description": "a lighthouse keeper in a yellow oilskin"},
+    )
     assert response.status == 502, await response.text()
     text = await response.text()
     assert "Traceback" not in text and 'File "' not in text
@@ -372,6 +407,8 @@ async def test_image_provider_faults_answer_502_and_write_nothing(
     assert error.get("provider_status") == provider_status
     assert sorted((outputs / "images").iterdir()) == []
     assert sorted(outputs.rglob("*.part")) == []
-    retry = await client.post("/api/mv/generate_character_reference",
-                              json={"character_description": "a lighthouse keeper in a yellow oilskin"})
+    retry = await client.post(
+        "/api/mv/generate_character_reference",
+        json={"character_description": "a lighthouse keeper in a yellow oilskin"},
+    )
     assert retry.status == 200  # the fault was one-off: the next request works

@@ -14,10 +14,12 @@ from aiohttp.test_utils import TestClient
 async def a_song(client: TestClient, tmp_path: Path) -> tuple[str, bytes]:
     """Upload a one-second WAV tone; its URL and bytes."""
     path = tmp_path / "tone.wav"
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=duration=1",
-                    str(path)], check=True, timeout=60)
-    response = await client.post("/api/mv/upload_audio", data=path.read_bytes(),
-                                 headers={"Content-Type": "audio/wav"})
+    subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=duration=1", str(path)],
+        check=True,
+        timeout=60,
+    )
+    response = await client.post("/api/mv/upload_audio", data=path.read_bytes(), headers={"Content-Type": "audio/wav"})
     assert response.status == 201, await response.text()
     return (await response.json())["audio_url"], path.read_bytes()
 
@@ -30,8 +32,9 @@ async def an_image(client: TestClient) -> tuple[str, bytes]:
 
 
 async def a_scene_list(client: TestClient) -> tuple[str, bytes]:
-    response = await client.post("/api/mv/create_scenes", json={"idea": "a train", "character_description": "a cat",
-                                                                "number_of_scenes": 1})
+    response = await client.post(
+        "/api/mv/create_scenes", json={"idea": "a train", "character_description": "a cat", "number_of_scenes": 1}
+    )
     assert response.status == 200, await response.text()
     url = (await response.json())["urls"]["markdown"]
     return url, await (await client.get(url)).read()
@@ -39,8 +42,11 @@ async def a_scene_list(client: TestClient) -> tuple[str, bytes]:
 
 @pytest.mark.parametrize("kind", ["song", "image", "scene list"])
 async def test_a_bad_range_is_a_json_416_and_a_good_one_a_206(client: TestClient, tmp_path: Path, kind: str) -> None:
-    makers = {"song": lambda: a_song(client, tmp_path), "image": lambda: an_image(client),
-              "scene list": lambda: a_scene_list(client)}
+    makers = {
+        "song": lambda: a_song(client, tmp_path),
+        "image": lambda: an_image(client),
+        "scene list": lambda: a_scene_list(client),
+    }
     url, data = await makers[kind]()
     size = len(data)
     part = await client.get(url, headers={"Range": "bytes=2-9"})
@@ -51,5 +57,8 @@ async def test_a_bad_range_is_a_json_416_and_a_good_one_a_206(client: TestClient
         assert response.headers["Content-Range"] == f"bytes */{size}"
         assert response.headers["Content-Type"].startswith("application/json")
         error = (await response.json())["error"]
-        assert error == {"code": "range_not_satisfiable", "field": "Range",
-                         "message": f"the Range header must be one byte range inside the {size}-byte {kind}"}
+        assert error == {
+            "code": "range_not_satisfiable",
+            "field": "Range",
+            "message": f"the Range header must be one byte range inside the {size}-byte {kind}",
+        }

@@ -39,16 +39,36 @@ SUCCESS = {"scenes": 200, "image": 200, "video": 202}
 SCHEMAS = {"scenes": "CreateScenesRequest", "image": "CharacterReferenceRequest", "video": "GenerateVideoRequest"}
 # A valid body with every field spelled out, so that any one of them can be broken.
 FULL = {
-    "scenes": {"idea": "a heist at a roller disco",
-               "character_description": "a teenage getaway driver in a gold jacket",
-               "character_characteristics": "nervous but brave", "number_of_scenes": 2, "video_type": "music video",
-               "video_characteristics": "neon, 35mm", "camera_angle": "low"},
-    "image": {"character_description": "a teenage getaway driver in a gold jacket", "aspect_ratio": "1:1",
-              "safety_filter_level": "block_only_high", "person_generation": "allow_adult", "output_format": "png",
-              "negative_prompt": "", "seed": 7},
-    "video": {"prompt": "A getaway driver roller-skates through a neon disco.", "negative_prompt": "",
-              "aspect_ratio": "16:9", "duration": 4, "generate_audio": True, "seed": 1, "reference_image_base64": None,
-              "reference_image_id": None, "video_rules_template": None, "backend": "replicate"},
+    "scenes": {
+        "idea": "a heist at a roller disco",
+        "character_description": "a teenage getaway driver in a gold jacket",
+        "character_characteristics": "nervous but brave",
+        "number_of_scenes": 2,
+        "video_type": "music video",
+        "video_characteristics": "neon, 35mm",
+        "camera_angle": "low",
+    },
+    "image": {
+        "character_description": "a teenage getaway driver in a gold jacket",
+        "aspect_ratio": "1:1",
+        "safety_filter_level": "block_only_high",
+        "person_generation": "allow_adult",
+        "output_format": "png",
+        "negative_prompt": "",
+        "seed": 7,
+    },
+    "video": {
+        "prompt": "A getaway driver roller-skates through a neon disco.",
+        "negative_prompt": "",
+        "aspect_ratio": "16:9",
+        "duration": 4,
+        "generate_audio": True,
+        "seed": 1,
+        "reference_image_base64": None,
+        "reference_image_id": None,
+        "video_rules_template": None,
+        "backend": "replicate",
+    },
 }
 REQUIRED = {"scenes": {"idea", "character_description"}, "image": {"character_description"}, "video": {"prompt"}}
 FIELD_CODES = {"missing_field", "unknown_field", "invalid_field", "invalid_id"}
@@ -57,9 +77,18 @@ LEAKS = ("Traceback", 'File "')
 UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 SKIP_DIRS = {".git", ".hypothesis", ".pytest_cache", "__pycache__", ".benchmarks", "node_modules"}
 
-FUZZ = settings(max_examples=75, deadline=None, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                       HealthCheck.data_too_large, HealthCheck.filter_too_much])
+FUZZ = settings(
+    max_examples=75,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
+)
 
 
 def encoded(image_format: str) -> str:
@@ -86,16 +115,48 @@ def text(**bounds: int) -> st.SearchStrategy[str]:
     return st.text(**bounds).map(lambda t: t.replace("[sandbox:", "[sandbox "))
 
 
-TRICKY_TEXT = ["", " ", "\t\n", "\x00", "NaN", "Infinity", "-0", "1e309", "null", "true", "4", "16:9 ", "REPLICATE",
-               "\ud800", "\udfff", "😀" * 3, "\u202egnp.exe", "../../etc/passwd", "{{ prompt }}", "{% raw %}",
-               "a" * 4001, "data:image/png;base64,", "data:text/plain;base64,aGk=", PNG[:40]]
+TRICKY_TEXT = [
+    "",
+    " ",
+    "\t\n",
+    "\x00",
+    "NaN",
+    "Infinity",
+    "-0",
+    "1e309",
+    "null",
+    "true",
+    "4",
+    "16:9 ",
+    "REPLICATE",
+    "\ud800",
+    "\udfff",
+    "😀" * 3,
+    "\u202egnp.exe",
+    "../../etc/passwd",
+    "{{ prompt }}",
+    "{% raw %}",
+    "a" * 4001,
+    "data:image/png;base64,",
+    "data:text/plain;base64,aGk=",
+    PNG[:40],
+]
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(min_value=2**31 - 2, max_value=2**31 + 1),
-    st.integers(min_value=-(10**300), max_value=10**300), st.floats(), st.sampled_from([4.0, -0.0, 1e308, 0.5]),
-    text(max_size=30), st.sampled_from(TRICKY_TEXT),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=2**31 - 2, max_value=2**31 + 1),
+    st.integers(min_value=-(10**300), max_value=10**300),
+    st.floats(),
+    st.sampled_from([4.0, -0.0, 1e308, 0.5]),
+    text(max_size=30),
+    st.sampled_from(TRICKY_TEXT),
 )
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(text(max_size=8), inner, max_size=4), max_leaves=12)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 def any_body(endpoint: str) -> st.SearchStrategy[Any]:
@@ -111,9 +172,22 @@ def raw_bodies(endpoint: str) -> st.SearchStrategy[bytes]:
         text(max_size=200).map(str.encode),
         st.integers(min_value=1, max_value=len(valid) - 1).map(lambda cut: valid[:cut]),
         st.binary(min_size=1, max_size=20).map(lambda tail: valid + tail),
-        st.sampled_from([b"", b"\xef\xbb\xbf" + valid, valid.decode().encode("utf-16"), b"{" * 50,
-                         b"[" * 200 + b"]" * 200, b'{"a": 1' + b"0" * 5000 + b"}", b"NaN", b"{}", b"[]", b"null",
-                         b'"text"', valid * 2]),
+        st.sampled_from(
+            [
+                b"",
+                b"\xef\xbb\xbf" + valid,
+                valid.decode().encode("utf-16"),
+                b"{" * 50,
+                b"[" * 200 + b"]" * 200,
+                b'{"a": 1' + b"0" * 5000 + b"}",
+                b"NaN",
+                b"{}",
+                b"[]",
+                b"null",
+                b'"text"',
+                valid * 2,
+            ]
+        ),
     )
 
 
@@ -125,8 +199,9 @@ def text_for(schema: dict[str, Any]) -> st.SearchStrategy[str]:
     return st.one_of(short, short, short, at_limit)
 
 
-def from_schema(schema: dict[str, Any], defs: dict[str, Any], overrides: dict[str, st.SearchStrategy[Any]]
-                ) -> st.SearchStrategy[Any]:
+def from_schema(
+    schema: dict[str, Any], defs: dict[str, Any], overrides: dict[str, st.SearchStrategy[Any]]
+) -> st.SearchStrategy[Any]:
     """Values valid against the subset of JSON Schema the app's OpenAPI document uses."""
     if "$ref" in schema:
         return from_schema(defs[schema["$ref"].rsplit("/", 1)[-1]], defs, overrides)
@@ -143,8 +218,10 @@ def from_schema(schema: dict[str, Any], defs: dict[str, Any], overrides: dict[st
         def prop(name: str) -> st.SearchStrategy[Any]:
             return overrides[name] if name in overrides else from_schema(properties[name], defs, overrides)
 
-        return st.fixed_dictionaries({name: prop(name) for name in properties if name in required},
-                                     optional={name: prop(name) for name in properties if name not in required})
+        return st.fixed_dictionaries(
+            {name: prop(name) for name in properties if name in required},
+            optional={name: prop(name) for name in properties if name not in required},
+        )
     if kind == "string":
         if "pattern" in schema:
             return st.from_regex(schema["pattern"], fullmatch=True)
@@ -183,13 +260,17 @@ class Fuzz:
 
 
 def project_files() -> list[Path]:
-    return [path for path in PROJECT.rglob("*")
-            if not SKIP_DIRS.intersection(path.relative_to(PROJECT).parts) and path.is_file()]
+    return [
+        path
+        for path in PROJECT.rglob("*")
+        if not SKIP_DIRS.intersection(path.relative_to(PROJECT).parts) and path.is_file()
+    ]
 
 
 @pytest.fixture
-async def fuzz(make_client: AppClient, sim: Simulator, settings_dir: Path, live_env: dict[str, str],
-               tmp_path: Path) -> AsyncIterator[Fuzz]:
+async def fuzz(
+    make_client: AppClient, sim: Simulator, settings_dir: Path, live_env: dict[str, str], tmp_path: Path
+) -> AsyncIterator[Fuzz]:
     """One app for all examples of a test; at the end its jobs are canceled and the project is checked untouched."""
     sim.video_latency = 120  # jobs stay running until they are canceled
     sim.image_latency = 0.0
@@ -292,9 +373,35 @@ async def test_any_bytes_get_a_clean_answer(fuzz: Fuzz, endpoint: str, data: st.
     assert status == 400 and payload["error"]["code"] == "invalid_json", payload
 
 
-EDGE_VALUES = [None, True, False, 0, -1, 1, 3, 8, 2**31 - 1, 2**31, 2**63, 10**100, 0.5, 4.0, math.nan, math.inf,
-               *TRICKY_TEXT, "16:9", "9:16", "gemini", "png", [], {}, ["x"], {"a": 1}, PNG,
-               "00000000-0000-4000-8000-000000000000"]
+EDGE_VALUES = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    3,
+    8,
+    2**31 - 1,
+    2**31,
+    2**63,
+    10**100,
+    0.5,
+    4.0,
+    math.nan,
+    math.inf,
+    *TRICKY_TEXT,
+    "16:9",
+    "9:16",
+    "gemini",
+    "png",
+    [],
+    {},
+    ["x"],
+    {"a": 1},
+    PNG,
+    "00000000-0000-4000-8000-000000000000",
+]
 
 
 @pytest.mark.parametrize("endpoint", sorted(ENDPOINTS))
@@ -374,15 +481,17 @@ async def check_schema_body(fuzz: Fuzz, endpoint: str, body: dict[str, Any]) -> 
 @pytest.mark.parametrize("endpoint", ["scenes", "video"])
 @settings(FUZZ, max_examples=25)
 @given(data=st.data())
-async def test_bodies_from_the_openapi_schema_are_accepted(fuzz: Fuzz, endpoint: str, data: st.DataObject,
-                                                           schema_bodies: Callable[[str], Any]) -> None:
+async def test_bodies_from_the_openapi_schema_are_accepted(
+    fuzz: Fuzz, endpoint: str, data: st.DataObject, schema_bodies: Callable[[str], Any]
+) -> None:
     await check_schema_body(fuzz, endpoint, data.draw(schema_bodies(endpoint), label="body"))
 
 
 @settings(FUZZ, max_examples=12)  # each one renders an image in the simulator
 @given(data=st.data())
-async def test_image_bodies_from_the_openapi_schema_are_accepted(fuzz: Fuzz, data: st.DataObject,
-                                                                 schema_bodies: Callable[[str], Any]) -> None:
+async def test_image_bodies_from_the_openapi_schema_are_accepted(
+    fuzz: Fuzz, data: st.DataObject, schema_bodies: Callable[[str], Any]
+) -> None:
     await check_schema_body(fuzz, "image", data.draw(schema_bodies("image"), label="body"))
 
 
@@ -404,9 +513,14 @@ TEMPLATE_OPERATORS = ["/", "//", "%", "+", "-", "*", "~", "in", "<", "|int(", "|
 @example(template="{{ 1/0 }}")
 @example(template="{{ '%d' % prompt }}")
 @example(template="{{ range(10**9)|list }}")
-@given(template=st.builds(lambda a, op, b: f"{{{{ {a} {op} {b}{')' if op.endswith('(') else ''} }}}}",
-                          st.sampled_from(TEMPLATE_OPERANDS), st.sampled_from(TEMPLATE_OPERATORS),
-                          st.sampled_from(TEMPLATE_OPERANDS)))
+@given(
+    template=st.builds(
+        lambda a, op, b: f"{{{{ {a} {op} {b}{')' if op.endswith('(') else ''} }}}}",
+        st.sampled_from(TEMPLATE_OPERANDS),
+        st.sampled_from(TEMPLATE_OPERATORS),
+        st.sampled_from(TEMPLATE_OPERANDS),
+    )
+)
 async def test_a_client_rules_template_that_fails_is_a_400(fuzz: Fuzz, template: str) -> None:
     status, payload = await post(fuzz, "video", dumps({**FULL["video"], "video_rules_template": template}))
     assert status == 202 or (status == 400 and payload["error"]["field"] == "video_rules_template"), payload

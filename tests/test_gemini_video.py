@@ -35,8 +35,9 @@ def _png() -> bytes:
 
 
 def _request(prompt: str = "A drummer on a rooftop at dawn", **changes: Any) -> VideoRequest:
-    values: dict[str, Any] = dict(prompt=prompt, negative_prompt="blurry", aspect_ratio="16:9", duration=4,
-                                  generate_audio=True, seed=7)
+    values: dict[str, Any] = dict(
+        prompt=prompt, negative_prompt="blurry", aspect_ratio="16:9", duration=4, generate_audio=True, seed=7
+    )
     values.update(changes)
     return VideoRequest(**values)
 
@@ -46,11 +47,21 @@ def _base(server: TestServer) -> str:
 
 
 def _provider(server: TestServer, store: OutputStore, *, with_api_client: bool = False) -> GeminiProvider:
-    vertex = make_vertex_client(api_key="test-vertex-key", project=None, location="us-central1",
-                                base_url=f"{_base(server)}/vertex")
+    vertex = make_vertex_client(
+        api_key="test-vertex-key", project=None, location="us-central1", base_url=f"{_base(server)}/vertex"
+    )
     api = make_api_client("test-gemini-key", f"{_base(server)}/gemini") if with_api_client else None
-    return GeminiProvider(api, vertex, store, video_model=MODEL, person_generation="allow_all", resolution="720p",
-                          sandbox=False, video_sandbox=False, video_max_bytes=256 * 1024 * 1024)
+    return GeminiProvider(
+        api,
+        vertex,
+        store,
+        video_model=MODEL,
+        person_generation="allow_all",
+        resolution="720p",
+        sandbox=False,
+        video_sandbox=False,
+        video_max_bytes=256 * 1024 * 1024,
+    )
 
 
 @pytest.fixture
@@ -112,8 +123,9 @@ async def test_lifecycle_with_reference_image(provider: GeminiProvider, sim: Sim
     assert {"vertex.predict", "vertex.fetch"} <= routes
 
 
-async def test_video_is_rendered_once_under_concurrent_fetches(provider: GeminiProvider, sim: Simulator,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_video_is_rendered_once_under_concurrent_fetches(
+    provider: GeminiProvider, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[Path] = []
     real = gemini_api.render_video
 
@@ -134,13 +146,20 @@ async def test_video_is_rendered_once_under_concurrent_fetches(provider: GeminiP
 # -- failures reported by the operation ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("error", "code", "message"), [
-    ({"code": 8, "message": "Quota exceeded for aiplatform.googleapis.com/online_prediction_requests"}, 8,
-     "Quota exceeded"),
-    ("the renderer fell over", 13, "the renderer fell over"),
-])
-async def test_failed_operation_keeps_google_code_and_message(provider: GeminiProvider, sim: Simulator, error: Any,
-                                                              code: int, message: str) -> None:
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (
+            {"code": 8, "message": "Quota exceeded for aiplatform.googleapis.com/online_prediction_requests"},
+            8,
+            "Quota exceeded",
+        ),
+        ("the renderer fell over", 13, "the renderer fell over"),
+    ],
+)
+async def test_failed_operation_keeps_google_code_and_message(
+    provider: GeminiProvider, sim: Simulator, error: Any, code: int, message: str
+) -> None:
     sim.add_fault("vertex.predict", "fail_prediction", error=error)
     name = await provider.start(_request())
     final = (await _finish(provider, name))[-1]
@@ -175,13 +194,17 @@ async def test_content_filtered(provider: GeminiProvider, sim: Simulator) -> Non
 # -- HTTP errors -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("status", "google_status", "ours", "code"), [
-    (401, "UNAUTHENTICATED", 502, "provider_auth_failed"),
-    (429, "RESOURCE_EXHAUSTED", 429, "provider_rate_limited"),
-    (500, "INTERNAL", 502, "provider_unavailable"),
-])
-async def test_http_errors_on_predict(provider: GeminiProvider, sim: Simulator, status: int, google_status: str,
-                                      ours: int, code: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "google_status", "ours", "code"),
+    [
+        (401, "UNAUTHENTICATED", 502, "provider_auth_failed"),
+        (429, "RESOURCE_EXHAUSTED", 429, "provider_rate_limited"),
+        (500, "INTERNAL", 502, "provider_unavailable"),
+    ],
+)
+async def test_http_errors_on_predict(
+    provider: GeminiProvider, sim: Simulator, status: int, google_status: str, ours: int, code: str
+) -> None:
     body = {"error": {"code": status, "message": f"simulated {google_status}", "status": google_status}}
     sim.add_fault("vertex.predict", "status", status=status, body=body, retry_after=3 if status == 429 else None)
     with pytest.raises(ApiError) as caught:
@@ -203,15 +226,19 @@ async def test_transport_fault_on_fetch_then_recovery(provider: GeminiProvider, 
     assert (await _finish(provider, name))[-1].status == "succeeded"
 
 
-@pytest.mark.parametrize(("changes", "mentions"), [
-    ({"duration": 9}, "durationSeconds"),
-    ({"duration": 2}, "durationSeconds"),
-    ({"aspect_ratio": "4:3"}, "aspectRatio"),
-    ({"prompt": ""}, "prompt"),
-    ({"seed": -1}, "seed"),
-])
-async def test_invalid_parameters_rejected_like_vertex(provider: GeminiProvider, sim: Simulator,
-                                                       changes: dict[str, Any], mentions: str) -> None:
+@pytest.mark.parametrize(
+    ("changes", "mentions"),
+    [
+        ({"duration": 9}, "durationSeconds"),
+        ({"duration": 2}, "durationSeconds"),
+        ({"aspect_ratio": "4:3"}, "aspectRatio"),
+        ({"prompt": ""}, "prompt"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+async def test_invalid_parameters_rejected_like_vertex(
+    provider: GeminiProvider, sim: Simulator, changes: dict[str, Any], mentions: str
+) -> None:
     with pytest.raises(ApiError) as caught:
         await provider.start(_request(**changes))
     error = caught.value
@@ -233,8 +260,11 @@ async def test_unknown_operation_is_not_found(provider: GeminiProvider) -> None:
 
 async def _post(server: TestServer, path: str, body: Any, headers: dict[str, str]) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as session:
-        async with session.post(server.make_url(path), data=body if isinstance(body, str) else json.dumps(body),
-                                headers={"Content-Type": "application/json", **headers}) as response:
+        async with session.post(
+            server.make_url(path),
+            data=body if isinstance(body, str) else json.dumps(body),
+            headers={"Content-Type": "application/json", **headers},
+        ) as response:
             return response.status, await response.json()
 
 
@@ -277,8 +307,12 @@ async def test_project_scoped_predict_and_running_metadata(sim: Simulator, sim_s
 
 
 async def test_operation_survives_simulator_restart(
-        sim: Simulator, sim_server: TestServer, provider: GeminiProvider, store: OutputStore,
-        aiohttp_server: Callable[..., Awaitable[TestServer]]) -> None:
+    sim: Simulator,
+    sim_server: TestServer,
+    provider: GeminiProvider,
+    store: OutputStore,
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> None:
     name = await provider.start(_request())
     await sim_server.close()
 

@@ -38,8 +38,9 @@ async def video(module_app: LiveApp) -> dict[str, Any]:
     return {"url": final["video_url"], "body": body, "size": len(body)}
 
 
-async def test_the_video_is_served_with_cache_control_ranges_and_validators(client: TestClient,
-                                                                            video: dict[str, Any]) -> None:
+async def test_the_video_is_served_with_cache_control_ranges_and_validators(
+    client: TestClient, video: dict[str, Any]
+) -> None:
     response = await client.get(video["url"])
     assert response.status == 200
     assert response.headers["Content-Type"] == "video/mp4"
@@ -52,14 +53,18 @@ async def test_the_video_is_served_with_cache_control_ranges_and_validators(clie
     assert tail.headers["Cache-Control"] == "private, max-age=3600"
 
 
-@pytest.mark.parametrize("range_header", [
-    "bytes={size}-",              # starts at the end
-    "bytes={size_plus}-{size_plus2}",  # entirely past the end
-    "bytes=0-1,5-9",              # multi-range: not served (RFC 9110 lets a server reject it)
-    "bytes=9-2",                  # last before first
-])
-async def test_an_unsatisfiable_range_is_a_json_416_with_the_size(client: TestClient, video: dict[str, Any],
-                                                                   range_header: str) -> None:
+@pytest.mark.parametrize(
+    "range_header",
+    [
+        "bytes={size}-",  # starts at the end
+        "bytes={size_plus}-{size_plus2}",  # entirely past the end
+        "bytes=0-1,5-9",  # multi-range: not served (RFC 9110 lets a server reject it)
+        "bytes=9-2",  # last before first
+    ],
+)
+async def test_an_unsatisfiable_range_is_a_json_416_with_the_size(
+    client: TestClient, video: dict[str, Any], range_header: str
+) -> None:
     size = video["size"]
     header = range_header.format(size=size, size_plus=size + 100, size_plus2=size + 200)
     response = await client.get(video["url"], headers={"Range": header})
@@ -108,10 +113,14 @@ async def test_a_failed_job_answers_409_with_the_provider_fields(client: TestCli
     assert error["message"] == f"job {accepted['job_id']} is failed: {final['error']['message']}"
 
 
-async def test_a_rejected_create_keeps_the_numeric_provider_status_in_the_409(client: TestClient,
-                                                                               sim: Simulator) -> None:
-    sim.add_fault("replicate.create", status=422, body={"title": "Input validation failed", "detail": "prompt too long",
-                                                        "status": 422})
+async def test_a_rejected_create_keeps_the_numeric_provider_status_in_the_409(
+    client: TestClient, sim: Simulator
+) -> None:
+    sim.add_fault(
+        "replicate.create",
+        status=422,
+        body={"title": "Input validation failed", "detail": "prompt too long", "status": 422},
+    )
     accepted = await submit(client)
     await events_of(client, accepted["job_id"])
     error = (await (await client.get(f"/api/mv/get_video/{accepted['job_id']}")).json())["error"]
@@ -119,8 +128,9 @@ async def test_a_rejected_create_keeps_the_numeric_provider_status_in_the_409(cl
     assert error["provider_error"]["detail"] == "prompt too long"
 
 
-async def test_a_canceled_or_unfinished_job_answers_409_without_provider_fields(client: TestClient,
-                                                                                 sim: Simulator) -> None:
+async def test_a_canceled_or_unfinished_job_answers_409_without_provider_fields(
+    client: TestClient, sim: Simulator
+) -> None:
     sim.video_latency = 30
     accepted = await submit(client)
     job_id = accepted["job_id"]

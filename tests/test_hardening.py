@@ -44,8 +44,9 @@ async def error_of(response: Any, status: int = 400) -> dict[str, Any]:
 # -- 1. the rendered full prompt is capped -------------------------------------------------------------------------
 
 
-async def test_a_rules_template_that_repeats_the_prompt_is_refused(client: TestClient, sim: Simulator,
-                                                                  tmp_path: Path) -> None:
+async def test_a_rules_template_that_repeats_the_prompt_is_refused(
+    client: TestClient, sim: Simulator, tmp_path: Path
+) -> None:
     template = "{{ prompt }}" * 300  # 3,600 characters of template -> ~16,000 of prompt
     response = await client.post(VIDEO, json={"prompt": PROMPT, "video_rules_template": template})
     error = await error_of(response)
@@ -80,6 +81,7 @@ BOMB_SIDE = 13_000  # 169 megapixels; a 1-bit PNG of zeros is ~20 KB
 
 def png_bomb(side: int = BOMB_SIDE) -> bytes:
     """A valid 1-bit greyscale PNG of side x side black pixels, built without allocating its pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -128,8 +130,10 @@ async def test_a_saved_image_id_that_is_a_bomb_is_refused(client: TestClient, tm
 async def test_an_image_within_the_pixel_limit_is_accepted(client: TestClient) -> None:
     buffer = io.BytesIO()
     Image.new("1", (8000, 4500)).save(buffer, "PNG")  # 36 MP, under the 40 MP limit
-    response = await client.post(VIDEO, json={"prompt": PROMPT, "duration": 8,
-                                              "reference_image_base64": base64.b64encode(buffer.getvalue()).decode()})
+    response = await client.post(
+        VIDEO,
+        json={"prompt": PROMPT, "duration": 8, "reference_image_base64": base64.b64encode(buffer.getvalue()).decode()},
+    )
     assert response.status == 202, await response.text()
     await client.delete(f"/api/mv/jobs/{(await response.json())['job_id']}")
 
@@ -137,8 +141,14 @@ async def test_an_image_within_the_pixel_limit_is_accepted(client: TestClient) -
 def test_the_simulator_refuses_a_bomb_from_its_header() -> None:
     assert render.oversized_image(BOMB) == f"{BOMB_SIDE}x{BOMB_SIDE}"
     assert render._decode_reference(BOMB, (640, 360)) is None
-    body = {"instances": [{"prompt": PROMPT, "image": {"bytesBase64Encoded": base64.b64encode(BOMB).decode(),
-                                                        "mimeType": "image/png"}}]}
+    body = {
+        "instances": [
+            {
+                "prompt": PROMPT,
+                "image": {"bytesBase64Encoded": base64.b64encode(BOMB).decode(), "mimeType": "image/png"},
+            }
+        ]
+    }
     with pytest.raises(gemini_api.InvalidArgument, match="pixels"):
         gemini_api.parse_video_request(body)
 
@@ -146,13 +156,16 @@ def test_the_simulator_refuses_a_bomb_from_its_header() -> None:
 async def test_the_replicate_simulator_fails_a_prediction_with_a_bomb(sim_server: TestServer, sim: Simulator) -> None:
     sim.video_latency = 0.1
     transport = httpx.AsyncHTTPTransport()
-    rc = replicate.Client(api_token="r8_test", base_url=f"{str(sim_server.make_url('')).rstrip('/')}/replicate",
-                          transport=transport)
+    rc = replicate.Client(
+        api_token="r8_test", base_url=f"{str(sim_server.make_url('')).rstrip('/')}/replicate", transport=transport
+    )
     rc.poll_interval = 0.05
     before = peak_rss_mib()
     try:
-        prediction = await rc.models.predictions.async_create(model="google/veo-3.1", input={
-            "prompt": PROMPT, "reference_images": ["data:image/png;base64," + base64.b64encode(BOMB).decode()]})
+        prediction = await rc.models.predictions.async_create(
+            model="google/veo-3.1",
+            input={"prompt": PROMPT, "reference_images": ["data:image/png;base64," + base64.b64encode(BOMB).decode()]},
+        )
         async with asyncio.timeout(20):
             await prediction.async_wait()
     finally:
@@ -165,8 +178,9 @@ async def test_the_replicate_simulator_fails_a_prediction_with_a_bomb(sim_server
 
 
 @pytest.mark.parametrize("debug", ["true", "false"])
-async def test_deep_json_is_a_400_with_or_without_debug_mode(make_client: AppClient, debug: str,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+async def test_deep_json_is_a_400_with_or_without_debug_mode(
+    make_client: AppClient, debug: str, caplog: pytest.LogCaptureFixture
+) -> None:
     client = await make_client(MV_DEBUG_MODE=debug)
     deep = {"prompt": PROMPT, "extra": json.loads("[" * 600 + "]" * 600)}
     with caplog.at_level("INFO"):
@@ -180,8 +194,14 @@ async def test_deep_json_is_a_400_with_or_without_debug_mode(make_client: AppCli
 
 
 async def test_integral_floats_are_integers_everywhere(client: TestClient) -> None:
-    response = await client.post("/api/mv/create_scenes", json={
-        "idea": "a heist at a roller disco", "character_description": "a getaway driver", "number_of_scenes": 2.0})
+    response = await client.post(
+        "/api/mv/create_scenes",
+        json={
+            "idea": "a heist at a roller disco",
+            "character_description": "a getaway driver",
+            "number_of_scenes": 2.0,
+        },
+    )
     assert response.status == 200, await response.text()
     assert len((await response.json())["scenes"]) == 2
     response = await client.post(VIDEO, json={"prompt": PROMPT, "seed": 256.0, "duration": 4.0})
@@ -210,6 +230,7 @@ async def test_the_openapi_document_states_the_rules(client: TestClient) -> None
 
 async def test_whitespace_only_text_matches_the_published_pattern(client: TestClient) -> None:
     import re
+
     document = await (await client.get("/api/mv/openapi.json")).json()
     pattern = re.compile(document["components"]["schemas"]["GenerateVideoRequest"]["properties"]["prompt"]["pattern"])
     for text in (" ", "\u3000\t\n", "\u2028\u00a0", "\x85 "):
@@ -223,10 +244,13 @@ async def test_whitespace_only_text_matches_the_published_pattern(client: TestCl
         await client.delete(f"/api/mv/jobs/{(await response.json())['job_id']}")
 
 
-async def test_a_malformed_header_is_a_400_without_a_traceback(client: TestClient,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
-    raw = (b"GET /api/mv/health HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\xff: x\r\n\r\n",
-           b"POST /api/mv/create_scenes HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n")
+async def test_a_malformed_header_is_a_400_without_a_traceback(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = (
+        b"GET /api/mv/health HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\xff: x\r\n\r\n",
+        b"POST /api/mv/create_scenes HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n",
+    )
     with caplog.at_level(logging.DEBUG):
         for request in raw:
             reader, writer = await asyncio.open_connection(client.host, client.port)
@@ -243,8 +267,9 @@ async def test_a_malformed_header_is_a_400_without_a_traceback(client: TestClien
 
 
 async def test_every_saved_file_is_0644(client: TestClient, tmp_path: Path) -> None:
-    response = await client.post("/api/mv/create_scenes", json={"idea": "a heist", "character_description": "a driver",
-                                                                "number_of_scenes": 1})
+    response = await client.post(
+        "/api/mv/create_scenes", json={"idea": "a heist", "character_description": "a driver", "number_of_scenes": 1}
+    )
     assert response.status == 200
     response = await client.post("/api/mv/generate_character_reference", json={"character_description": "a driver"})
     assert response.status == 200
@@ -254,8 +279,11 @@ async def test_every_saved_file_is_0644(client: TestClient, tmp_path: Path) -> N
         while (await (await client.get(f"/api/mv/jobs/{job_id}")).json())["status"] != "succeeded":
             await asyncio.sleep(0.05)
     outputs = tmp_path / "outputs"
-    files = {path: stat.S_IMODE(path.stat().st_mode) for kind in ("scenes", "images", "videos")
-             for path in (outputs / kind).iterdir()}
+    files = {
+        path: stat.S_IMODE(path.stat().st_mode)
+        for kind in ("scenes", "images", "videos")
+        for path in (outputs / kind).iterdir()
+    }
     files[outputs / "jobs" / f"{job_id}.json"] = stat.S_IMODE((outputs / "jobs" / f"{job_id}.json").stat().st_mode)
     assert {path.suffix for path in files} >= {".json", ".md", ".png", ".mp4"}
     assert set(files.values()) == {0o644}, {p.name: oct(m) for p, m in files.items()}
@@ -267,8 +295,18 @@ def png_bytes() -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("variant", ["standard", "unpadded", "url-safe", "url-safe unpadded", "wrapped at 76",
-                                     "wrapped at 64 with LF", "data URI wrapped"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "standard",
+        "unpadded",
+        "url-safe",
+        "url-safe unpadded",
+        "wrapped at 76",
+        "wrapped at 64 with LF",
+        "data URI wrapped",
+    ],
+)
 @module_loop
 async def test_base64_variants_are_accepted(module_live: LiveApp, variant: str) -> None:
     client = module_live[0]
@@ -283,7 +321,7 @@ async def test_base64_variants_are_accepted(module_live: LiveApp, variant: str) 
     if "wrapped" in variant:
         text = base64.encodebytes(data).decode().replace("\n", "\r\n")
         if "64" in variant:
-            text = "\n".join(text.replace("\r\n", "")[i:i + 64] for i in range(0, len(text), 64))
+            text = "\n".join(text.replace("\r\n", "")[i : i + 64] for i in range(0, len(text), 64))
     if "data URI" in variant:
         text = "data:image/png;base64," + text
     response = await client.post(VIDEO, json={"prompt": PROMPT, "duration": 8, "reference_image_base64": text})
@@ -291,8 +329,17 @@ async def test_base64_variants_are_accepted(module_live: LiveApp, variant: str) 
     await client.delete(f"/api/mv/jobs/{(await response.json())['job_id']}")
 
 
-@pytest.mark.parametrize("text", ["a+b-" + base64.b64encode(b"x" * 30).decode(), "====", "YQ=", "Y", "YWJj$ZA==",
-                                  base64.b64encode(b"x" * 30).decode() + "=="])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a+b-" + base64.b64encode(b"x" * 30).decode(),
+        "====",
+        "YQ=",
+        "Y",
+        "YWJj$ZA==",
+        base64.b64encode(b"x" * 30).decode() + "==",
+    ],
+)
 @module_loop
 async def test_malformed_base64_is_refused(module_live: LiveApp, text: str) -> None:
     client = module_live[0]
@@ -303,6 +350,8 @@ async def test_malformed_base64_is_refused(module_live: LiveApp, text: str) -> N
 async def test_an_image_beyond_pillows_own_limit_is_refused_naming_pixels(client: TestClient) -> None:
     huge = png_bomb(20_000)  # 400 MP: Pillow itself raises DecompressionBombError on open
     assert render.oversized_image(huge)
-    response = await client.post(VIDEO, json={"prompt": PROMPT, "reference_image_base64": base64.b64encode(huge).decode()})
+    response = await client.post(
+        VIDEO, json={"prompt": PROMPT, "reference_image_base64": base64.b64encode(huge).decode()}
+    )
     error = await error_of(response)
     assert error["field"] == "reference_image_base64" and "pixels" in error["message"]

@@ -34,8 +34,9 @@ async def answers(client: Any) -> dict[str, tuple[int, Any]]:
     return result
 
 
-async def test_readiness_fails_while_redis_is_down_and_liveness_does_not(make_client: AppClient,
-                                                                        redis_process: RedisServer) -> None:
+async def test_readiness_fails_while_redis_is_down_and_liveness_does_not(
+    make_client: AppClient, redis_process: RedisServer
+) -> None:
     client = await make_client(MV_REDIS_URL=redis_process.url, MV_REDIS_PREFIX="mvh:")
     up = await answers(client)
     assert up["health/live"] == (200, {"status": "ok"})
@@ -62,8 +63,9 @@ async def test_readiness_on_the_file_store_and_without_a_key(make_client: AppCli
 
     keys_file = tmp_path / "keys.yaml"
     create_key(keys_file, "someone", KeyLimits())
-    client = await make_client(MV_API_KEYS_FILE=keys_file,
-                               MV_URL_SIGNING_SECRET="test-signing-secret-0123456789abcdefghij")
+    client = await make_client(
+        MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET="test-signing-secret-0123456789abcdefghij"
+    )
     result = await answers(client)  # no Authorization header: probes carry no key
     assert result["health/ready"] == (200, {"status": "ready", "store": "files"})
     assert result["health/live"] == (200, {"status": "ok"})
@@ -97,8 +99,9 @@ async def test_a_nodes_wake_stream_expires(make_client: AppClient, redis_process
         await redis.aclose()
 
 
-async def test_dispatch_consumers_of_long_gone_nodes_are_dropped(redis_process: RedisServer,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_dispatch_consumers_of_long_gone_nodes_are_dropped(
+    redis_process: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(redis_store, "IDLE_CONSUMER_SECONDS", 0.2)
     redis = Redis.from_url(redis_process.url, decode_responses=True)
     first = RedisJobStore(redis_process.url, prefix="mvc:", lease_seconds=0.01, node="deadbeef0001")

@@ -58,8 +58,10 @@ async def send(client: TestClient, method: str, target: bytes) -> Answer:
     """Send ``method target`` exactly as given and read the whole answer (the connection is closed after it)."""
     reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
     try:
-        writer.write(method.encode() + b" " + target + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-                     b"Content-Length: 0\r\n\r\n")
+        writer.write(
+            method.encode() + b" " + target + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            b"Content-Length: 0\r\n\r\n"
+        )
         await writer.drain()
         async with asyncio.timeout(5):
             raw = await reader.read()
@@ -77,25 +79,72 @@ def png() -> bytes:
 def variants(good: str) -> list[str]:
     """Ways to spell, bend or wrap a valid id, as they appear in a request target (percent-encoded where needed)."""
     digit = next(i for i, c in enumerate(good) if c.isdigit())
-    fullwidth = good[:digit] + chr(0xFF10 + int(good[digit])) + good[digit + 1:]
+    fullwidth = good[:digit] + chr(0xFF10 + int(good[digit])) + good[digit + 1 :]
     version = lambda v: good[:14] + v + good[15:]  # noqa: E731
     return [
-        version("1"), version("3"), version("5"), "00000000-0000-0000-0000-000000000000",
-        good.upper(), good[:19] + "c" + good[20:], good.replace("-", ""), good + "0", good[:-1],
-        "%7B" + good + "%7D", "{" + good + "}", "urn:uuid:" + good, "urn%3Auuid%3A" + good,
-        good + ".mp4", good + ".json", good + "%2Emp4", good + "%00", good + "%00.mp4", "%00" + good,
-        good + "%0A", "%20" + good, good + "%2F", good + "%5C", good + "%3B", good + ";x", good + "%3F",
-        quote(fullwidth), quote(good.replace("-", "\u2010", 1)), quote(good.replace("-", "\u2212", 1)),
+        version("1"),
+        version("3"),
+        version("5"),
+        "00000000-0000-0000-0000-000000000000",
+        good.upper(),
+        good[:19] + "c" + good[20:],
+        good.replace("-", ""),
+        good + "0",
+        good[:-1],
+        "%7B" + good + "%7D",
+        "{" + good + "}",
+        "urn:uuid:" + good,
+        "urn%3Auuid%3A" + good,
+        good + ".mp4",
+        good + ".json",
+        good + "%2Emp4",
+        good + "%00",
+        good + "%00.mp4",
+        "%00" + good,
+        good + "%0A",
+        "%20" + good,
+        good + "%2F",
+        good + "%5C",
+        good + "%3B",
+        good + ";x",
+        good + "%3F",
+        quote(fullwidth),
+        quote(good.replace("-", "\u2010", 1)),
+        quote(good.replace("-", "\u2212", 1)),
     ]
 
 
 TRAVERSALS = [
-    "..", ".", "%2e", "%2e%2e", "..%2Fsecret.txt", "..%2F..%2Fsecret.txt", "%2e%2e%2fsecret.txt",
-    "%2E%2E%2F%2E%2E%2Fsecret.txt", "..%252F..%252Fsecret.txt", "%252e%252e%252fsecret.txt", "....%2F%2Fsecret.txt",
-    "..%5C..%5Csecret.txt", "..\\..\\secret.txt", "%2Fetc%2Fpasswd", "a%2Fb", "%2F", "%00", "..%00", "%C0%AE%C0%AE%2F",
-    "%E2%80%A5%2Fsecret.txt", "..%2F" * 40 + "etc%2Fpasswd", "a" * 4000, "%41" * 1300,
-    str(uuid.uuid1()), str(uuid.uuid3(uuid.NAMESPACE_URL, "mvserver")), str(uuid.uuid5(uuid.NAMESPACE_URL, "mvserver")),
-    str(uuid.UUID(int=0)), str(uuid.uuid4()).upper(), uuid.uuid4().urn, "{" + str(uuid.uuid4()) + "}",
+    "..",
+    ".",
+    "%2e",
+    "%2e%2e",
+    "..%2Fsecret.txt",
+    "..%2F..%2Fsecret.txt",
+    "%2e%2e%2fsecret.txt",
+    "%2E%2E%2F%2E%2E%2Fsecret.txt",
+    "..%252F..%252Fsecret.txt",
+    "%252e%252e%252fsecret.txt",
+    "....%2F%2Fsecret.txt",
+    "..%5C..%5Csecret.txt",
+    "..\\..\\secret.txt",
+    "%2Fetc%2Fpasswd",
+    "a%2Fb",
+    "%2F",
+    "%00",
+    "..%00",
+    "%C0%AE%C0%AE%2F",
+    "%E2%80%A5%2Fsecret.txt",
+    "..%2F" * 40 + "etc%2Fpasswd",
+    "a" * 4000,
+    "%41" * 1300,
+    str(uuid.uuid1()),
+    str(uuid.uuid3(uuid.NAMESPACE_URL, "mvserver")),
+    str(uuid.uuid5(uuid.NAMESPACE_URL, "mvserver")),
+    str(uuid.UUID(int=0)),
+    str(uuid.uuid4()).upper(),
+    uuid.uuid4().urn,
+    "{" + str(uuid.uuid4()) + "}",
 ]
 
 
@@ -118,17 +167,29 @@ def planted(tmp_path: Path, live_env: dict[str, str], ids: dict[str, str]) -> Pa
     (outputs / "images" / f"{image}.json").write_text(json.dumps({"image_id": image, "mime_type": "image/png"}))
     (outputs / "scenes" / f"{scenes}.json").write_text(json.dumps({"scenes_id": scenes, "scenes": []}))
     (outputs / "scenes" / f"{scenes}.md").write_text("# scenes\n")
-    record = Job(id=job, backend="replicate", model="google/veo-3.1", sandbox=True, request={"prompt": "x"},
-                 status="canceled", stage="done", finished_at=time.time(),
-                 error={"code": "job_canceled", "message": "canceled by the client"}).record()
+    record = Job(
+        id=job,
+        backend="replicate",
+        model="google/veo-3.1",
+        sandbox=True,
+        request={"prompt": "x"},
+        status="canceled",
+        stage="done",
+        finished_at=time.time(),
+        error={"code": "job_canceled", "message": "canceled by the client"},
+    ).record()
     (outputs / "jobs" / f"{job}.json").write_text(json.dumps(record))
 
     for folder in (tmp_path, outputs, outputs / "videos", outputs / "images", outputs / "scenes", outputs / "jobs"):
         (folder / "secret.txt").write_bytes(secret)
         (folder / "passwd").write_bytes(secret)
     canonical = {f"{video}.mp4", f"{image}.png", f"{image}.json", f"{scenes}.json", f"{scenes}.md"}
-    folders = {outputs / "videos": (".mp4",), outputs / "images": (".png", ".json"),
-               outputs / "scenes": (".json", ".md"), tmp_path: (".mp4", ".png", ".json", ".md")}
+    folders = {
+        outputs / "videos": (".mp4",),
+        outputs / "images": (".png", ".json"),
+        outputs / "scenes": (".json", ".md"),
+        tmp_path: (".mp4", ".png", ".json", ".md"),
+    }
     for name in (video, image, scenes, job):
         for lookalike in {*variants(name), name}:
             if "/" in lookalike or "%" in lookalike:

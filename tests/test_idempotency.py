@@ -55,8 +55,9 @@ async def test_the_same_key_with_another_body_is_422(client: TestClient, sim: Si
     assert status == 422
     assert body["error"]["code"] == "idempotency_key_reused" and body["error"]["field"] == "Idempotency-Key"
     # The same key on another route is another request too.
-    response = await client.post("/api/mv/lipsync", json={"video_job_id": OTHER_ID, "audio_id": OTHER_ID},
-                                 headers={"Idempotency-Key": "k"})
+    response = await client.post(
+        "/api/mv/lipsync", json={"video_job_id": OTHER_ID, "audio_id": OTHER_ID}, headers={"Idempotency-Key": "k"}
+    )
     assert response.status == 422 and (await response.json())["error"]["code"] == "idempotency_key_reused"
     # A malformed body is refused as such: it never holds nor checks a key.
     response = await client.post("/api/mv/lipsync", json={"video_id": "x"}, headers={"Idempotency-Key": "k"})
@@ -86,8 +87,9 @@ async def test_an_error_is_not_kept_so_the_key_can_be_retried(client: TestClient
 @module_loop
 async def test_a_malformed_key_is_400(module_live: LiveApp, key: str) -> None:
     client = module_live[0]  # one app for the module's refusals: none of them may create a job
-    response = await client.post("/api/mv/generate_video", json=VIDEO,
-                                 headers={"Idempotency-Key": key.encode("utf-8").decode("latin-1")})
+    response = await client.post(
+        "/api/mv/generate_video", json=VIDEO, headers={"Idempotency-Key": key.encode("utf-8").decode("latin-1")}
+    )
     assert response.status == 400
     assert (await response.json())["error"]["field"] == "Idempotency-Key"
     assert await job_count(client) == 0
@@ -129,12 +131,17 @@ async def test_every_idempotent_route_honours_the_key(client: TestClient, sim: S
 
     sim.video_latency = 30
     assert (await post(client, "one-action", VIDEO))[0] == 202
-    project = await (await client.post("/api/mv/projects", json={"idea": "a song", "character_description": "a singer",
-                                                                 "number_of_scenes": 1})).json()
+    project = await (
+        await client.post(
+            "/api/mv/projects", json={"idea": "a song", "character_description": "a singer", "number_of_scenes": 1}
+        )
+    ).json()
     ids = {"{project_id}": project["project_id"], "{scene_id}": project["scenes"][0]["id"]}
-    bodies = {"/api/mv/lipsync": {"video_job_id": OTHER_ID, "audio_id": OTHER_ID},
-              "/api/mv/assemble": {"clips": [{"job_id": OTHER_ID}]},
-              "/api/mv/projects": {"idea": "a song", "character_description": "a singer"}}
+    bodies = {
+        "/api/mv/lipsync": {"video_job_id": OTHER_ID, "audio_id": OTHER_ID},
+        "/api/mv/assemble": {"clips": [{"job_id": OTHER_ID}]},
+        "/api/mv/projects": {"idea": "a song", "character_description": "a singer"},
+    }
 
     def provider_calls() -> list[tuple[str, str]]:
         return [(route, path) for route, path in sim.requests if not route.endswith(".get")]  # not the job's polls
@@ -147,8 +154,11 @@ async def test_every_idempotent_route_honours_the_key(client: TestClient, sim: S
         for name, value in ids.items():
             path = path.replace(name, value)
         if template == "/api/mv/upload_audio":
-            response = await client.post(path, data=b"ID3 not really a song",
-                                         headers={"Idempotency-Key": "one-action", "Content-Type": "audio/mpeg"})
+            response = await client.post(
+                path,
+                data=b"ID3 not really a song",
+                headers={"Idempotency-Key": "one-action", "Content-Type": "audio/mpeg"},
+            )
         else:
             response = await client.post(path, json=bodies.get(template, {}), headers={"Idempotency-Key": "one-action"})
         assert response.status == 422, (template, await response.text())
@@ -159,7 +169,8 @@ async def test_every_idempotent_route_honours_the_key(client: TestClient, sim: S
 
 
 async def test_a_retry_that_differs_only_in_what_the_server_normalises_is_the_same_request(
-        client: TestClient, sim: Simulator) -> None:
+    client: TestClient, sim: Simulator
+) -> None:
     sim.video_latency = 30
     status, first, _ = await post(client, "spaces", VIDEO)
     assert status == 202
@@ -171,41 +182,54 @@ async def test_a_retry_that_differs_only_in_what_the_server_normalises_is_the_sa
     created = {"idea": "a rainy night", "character_description": "a singer", "number_of_scenes": 2}
     first_project = await client.post("/api/mv/projects", json=created, headers={"Idempotency-Key": "project"})
     assert first_project.status == 201
-    retry = await client.post("/api/mv/projects", json={**created, "idea": " a rainy night \t", "style": None},
-                              headers={"Idempotency-Key": "project"})
+    retry = await client.post(
+        "/api/mv/projects",
+        json={**created, "idea": " a rainy night \t", "style": None},
+        headers={"Idempotency-Key": "project"},
+    )
     assert retry.status == 201 and retry.headers["Idempotent-Replayed"] == "true"
     assert retry.headers["Location"] == first_project.headers["Location"]
     assert retry.headers["ETag"] == first_project.headers["ETag"]
     assert (await retry.json())["project_id"] == (await first_project.json())["project_id"]
-    other = await client.post("/api/mv/projects", json={**created, "idea": "a sunny day"},
-                              headers={"Idempotency-Key": "project"})
+    other = await client.post(
+        "/api/mv/projects", json={**created, "idea": "a sunny day"}, headers={"Idempotency-Key": "project"}
+    )
     assert other.status == 422
 
 
 async def test_project_actions_and_uploads_replay_instead_of_calling_the_provider_again(
-        client: TestClient, sim: Simulator) -> None:
-    project = await (await client.post("/api/mv/projects", json={"idea": "a song", "character_description": "a singer",
-                                                                 "number_of_scenes": 2})).json()
+    client: TestClient, sim: Simulator
+) -> None:
+    project = await (
+        await client.post(
+            "/api/mv/projects", json={"idea": "a song", "character_description": "a singer", "number_of_scenes": 2}
+        )
+    ).json()
     base = f"/api/mv/projects/{project['project_id']}"
     for action, body in (("write_scenes", {"camera_angle": "side"}), ("character", {"negative_prompt": "blurry"})):
         calls = len(sim.requests)
         project = await (await client.get(base)).json()
-        first = await client.post(f"{base}/{action}", json=body,
-                                  headers={"Idempotency-Key": action, "If-Match": project["etag"]})
+        first = await client.post(
+            f"{base}/{action}", json=body, headers={"Idempotency-Key": action, "If-Match": project["etag"]}
+        )
         assert first.status == 200, await first.text()
         made = len(sim.requests)
         assert made > calls
         # The retry still names the ETag the first request moved on: it gets the first answer, not a 412.
-        retry = await client.post(f"{base}/{action}", json={k: f" {v} " for k, v in body.items()},
-                                  headers={"Idempotency-Key": action, "If-Match": project["etag"]})
+        retry = await client.post(
+            f"{base}/{action}",
+            json={k: f" {v} " for k, v in body.items()},
+            headers={"Idempotency-Key": action, "If-Match": project["etag"]},
+        )
         assert retry.status == 200 and retry.headers["Idempotent-Replayed"] == "true", await retry.text()
         assert await retry.json() == await first.json() and len(sim.requests) == made
     final = await (await client.get(base)).json()
     assert final["version"] == 3  # one write per action
 
     song = song_bytes()
-    raw = await client.post("/api/mv/upload_audio", data=song,
-                            headers={"Idempotency-Key": "song", "Content-Type": "audio/mpeg"})
+    raw = await client.post(
+        "/api/mv/upload_audio", data=song, headers={"Idempotency-Key": "song", "Content-Type": "audio/mpeg"}
+    )
     assert raw.status == 201, await raw.text()
     form = aiohttp.FormData()
     form.add_field("file", song, filename="song.mp3", content_type="audio/mpeg")
@@ -213,8 +237,9 @@ async def test_project_actions_and_uploads_replay_instead_of_calling_the_provide
     assert again.status == 201 and again.headers["Idempotent-Replayed"] == "true"
     assert (await again.json())["audio_id"] == (await raw.json())["audio_id"]
     assert len(list((client.app[STORE].root / "audio").glob("*.json"))) == 1
-    other = await client.post("/api/mv/upload_audio", data=song + b"\0",
-                              headers={"Idempotency-Key": "song", "Content-Type": "audio/mpeg"})
+    other = await client.post(
+        "/api/mv/upload_audio", data=song + b"\0", headers={"Idempotency-Key": "song", "Content-Type": "audio/mpeg"}
+    )
     assert other.status == 422
 
 
@@ -222,7 +247,25 @@ def song_bytes(seconds: float = 2.0) -> bytes:
     """A few seconds of MP3, made by the bundled ffmpeg."""
     from imageio_ffmpeg import get_ffmpeg_exe
 
-    done = subprocess.run([get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
-                           f"sine=frequency=440:duration={seconds:g}", "-c:a", "libmp3lame", "-f", "mp3", "-"],
-                          check=True, capture_output=True, timeout=60)
+    done = subprocess.run(
+        [
+            get_ffmpeg_exe(),
+            "-nostdin",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:duration={seconds:g}",
+            "-c:a",
+            "libmp3lame",
+            "-f",
+            "mp3",
+            "-",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return done.stdout

@@ -72,7 +72,9 @@ def saved_images(tmp_path: Path) -> list[str]:
 # -- success -----------------------------------------------------------------------------------------------------
 
 
-async def test_png_is_returned_saved_and_served_byte_for_byte(client: TestClient, sim: Simulator, tmp_path: Path) -> None:
+async def test_png_is_returned_saved_and_served_byte_for_byte(
+    client: TestClient, sim: Simulator, tmp_path: Path
+) -> None:
     body = await generate(client)
     image_id = body["image_id"]
     assert uuid.UUID(image_id).version == 4
@@ -93,8 +95,12 @@ async def test_png_is_returned_saved_and_served_byte_for_byte(client: TestClient
     assert metadata["model"] == "google/imagen-4" and metadata["elapsed_seconds"] > 0
     assert DESCRIPTION in metadata["prompt"]
     assert sent_input(sim, metadata["prediction_id"]) == {
-        "prompt": metadata["prompt"], "aspect_ratio": "1:1", "safety_filter_level": "block_medium_and_above",
-        "person_generation": "allow_adult", "output_format": "png"}  # no empty negative prompt, no null seed
+        "prompt": metadata["prompt"],
+        "aspect_ratio": "1:1",
+        "safety_filter_level": "block_medium_and_above",
+        "person_generation": "allow_adult",
+        "output_format": "png",
+    }  # no empty negative prompt, no null seed
     sidecar = json.loads((tmp_path / "outputs" / "images" / f"{image_id}.json").read_text())
     assert sidecar["mime_type"] == "image/png" and sidecar["prediction_id"] == metadata["prediction_id"]
     assert sidecar["prompt"] == metadata["prompt"] and sidecar["sandbox"] is False
@@ -117,16 +123,24 @@ async def test_other_formats_and_the_optional_inputs(module_live: LiveApp, fmt: 
 
 
 async def test_defaults_come_from_the_yaml(make_client: AppClient, sim: Simulator, tmp_path: Path) -> None:
-    settings = settings_copy(tmp_path, {"defaults": {"aspect_ratio": "9:16", "output_format": "webp",
-                                                     "safety_filter_level": "block_only_high"}})
+    settings = settings_copy(
+        tmp_path,
+        {"defaults": {"aspect_ratio": "9:16", "output_format": "webp", "safety_filter_level": "block_only_high"}},
+    )
     client = await make_client(MV_SETTINGS_DIR=settings)
     body = await generate(client)
     assert body["mime_type"] == "image/webp"
     parameters = body["metadata"]["parameters"]
     assert parameters["aspect_ratio"] == "9:16" and parameters["safety_filter_level"] == "block_only_high"
     assert set(body["metadata"]["defaults_applied"]) == {
-        "aspect_ratio", "safety_filter_level", "person_generation", "output_format", "negative_prompt", "seed",
-        "number_of_images"}
+        "aspect_ratio",
+        "safety_filter_level",
+        "person_generation",
+        "output_format",
+        "negative_prompt",
+        "seed",
+        "number_of_images",
+    }
     inputs = sent_input(sim, body["metadata"]["prediction_id"])
     assert (inputs["aspect_ratio"], inputs["output_format"]) == ("9:16", "webp")
 
@@ -144,8 +158,9 @@ async def test_sandbox_mode_labels_the_image(make_client: AppClient, tmp_path: P
 # -- debug mode --------------------------------------------------------------------------------------------------
 
 
-async def test_debug_mode_logs_the_full_rendered_prompt(make_client: AppClient, tmp_path: Path,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+async def test_debug_mode_logs_the_full_rendered_prompt(
+    make_client: AppClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     client = await make_client(MV_SETTINGS_DIR=settings_copy(tmp_path), MV_DEBUG_MODE="true")
     caplog.set_level(logging.INFO, logger="mvserver.debug")
     caplog.clear()
@@ -206,36 +221,66 @@ async def test_the_body_limit_follows_the_environment(make_client: AppClient, tm
 # -- provider failures -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("status", "ours", "code", "problem"), [
-    (401, 502, "provider_auth_failed",
-     {"title": "Unauthenticated", "detail": "You did not pass a valid authentication token", "status": 401}),
-    (402, 502, "provider_payment_required",
-     {"title": "Insufficient credit", "detail": "You have insufficient credit to run this model.", "status": 402}),
-    (422, 422, "provider_rejected_input",
-     {"title": "Input validation failed", "detail": "- input.prompt: prompt is too long\n", "status": 422}),
-])
-async def test_provider_http_errors_keep_the_provider_status(client: TestClient, sim: Simulator, tmp_path: Path,
-                                                             status: int, ours: int, code: str,
-                                                             problem: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("status", "ours", "code", "problem"),
+    [
+        (
+            401,
+            502,
+            "provider_auth_failed",
+            {"title": "Unauthenticated", "detail": "You did not pass a valid authentication token", "status": 401},
+        ),
+        (
+            402,
+            502,
+            "provider_payment_required",
+            {
+                "title": "Insufficient credit",
+                "detail": "You have insufficient credit to run this model.",
+                "status": 402,
+            },
+        ),
+        (
+            422,
+            422,
+            "provider_rejected_input",
+            {"title": "Input validation failed", "detail": "- input.prompt: prompt is too long\n", "status": 422},
+        ),
+    ],
+)
+async def test_provider_http_errors_keep_the_provider_status(
+    client: TestClient, sim: Simulator, tmp_path: Path, status: int, ours: int, code: str, problem: dict[str, Any]
+) -> None:
     sim.add_fault("replicate.create", status=status, body=problem)
     error = (await generate(client, ours))["error"]
     assert error["code"] == code and error["provider"] == "replicate" and error["provider_status"] == status
-    assert error["provider_error"]["detail"] == problem["detail"] and error["provider_error"]["title"] == problem["title"]
+    assert (
+        error["provider_error"]["detail"] == problem["detail"] and error["provider_error"]["title"] == problem["title"]
+    )
     assert problem["detail"].strip() in error["message"]
     assert saved_images(tmp_path) == []
 
 
 async def test_rate_limit_is_429_with_retry_after(client: TestClient, sim: Simulator) -> None:
-    sim.add_fault("replicate.create", status=429, retry_after=7,
-                  body={"title": "Request was throttled.", "detail": "Request was throttled. Expected available in 7 seconds.",
-                        "status": 429})
+    sim.add_fault(
+        "replicate.create",
+        status=429,
+        retry_after=7,
+        body={
+            "title": "Request was throttled.",
+            "detail": "Request was throttled. Expected available in 7 seconds.",
+            "status": 429,
+        },
+    )
     response = await client.post(ENDPOINT, json={"character_description": DESCRIPTION})
     error = (await response.json())["error"]
     assert response.status == 429 and error["code"] == "provider_rate_limited" and error["provider_status"] == 429
     assert response.headers.get("Retry-After") == "7"
 
 
-async def test_a_failed_prediction_returns_the_provider_error(client: TestClient, sim: Simulator, tmp_path: Path) -> None:
+async def test_a_failed_prediction_returns_the_provider_error(
+    client: TestClient, sim: Simulator, tmp_path: Path
+) -> None:
     sim.add_fault("replicate.create", "fail_prediction", error="E005: the input was flagged as sensitive")
     error = (await generate(client, 502))["error"]
     assert error["code"] == "provider_prediction_failed" and error["provider_status"] == "failed"
@@ -245,7 +290,9 @@ async def test_a_failed_prediction_returns_the_provider_error(client: TestClient
     assert saved_images(tmp_path) == []
 
 
-async def test_a_slow_prediction_times_out_and_is_canceled(make_client: AppClient, sim: Simulator, tmp_path: Path) -> None:
+async def test_a_slow_prediction_times_out_and_is_canceled(
+    make_client: AppClient, sim: Simulator, tmp_path: Path
+) -> None:
     client = await make_client(MV_SETTINGS_DIR=settings_copy(tmp_path, {"timeout_seconds": 0.4}))
     sim.image_latency = 3600
     error = (await generate(client, 504))["error"]
@@ -257,11 +304,13 @@ async def test_a_slow_prediction_times_out_and_is_canceled(make_client: AppClien
     assert saved_images(tmp_path) == []
 
 
-@pytest.mark.parametrize(("output", "message"), [(b"<html>not an image</html>", "not a readable image"),
-                                                 ("jpeg", "JPEG image, expected png")])
-async def test_an_output_that_is_not_the_expected_image_is_502(client: TestClient, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch, output: Any,
-                                                               message: str) -> None:
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [(b"<html>not an image</html>", "not a readable image"), ("jpeg", "JPEG image, expected png")],
+)
+async def test_an_output_that_is_not_the_expected_image_is_502(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: Any, message: str
+) -> None:
     real = replicate_api.render_character_image
 
     def wrong(*args: Any, **kwargs: Any) -> bytes:
@@ -283,8 +332,16 @@ async def test_unknown_image_is_404(module_live: LiveApp) -> None:
     assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
 
 
-MALFORMED_IDS = ["../x", "%2e%2e%2fx", "..%2F..%2Fetc%2Fpasswd", str(uuid.uuid4()).upper(), str(uuid.uuid1()),
-                 "a" * 500, f"{uuid.uuid4()}.png", f"{uuid.uuid4()}%00"]
+MALFORMED_IDS = [
+    "../x",
+    "%2e%2e%2fx",
+    "..%2F..%2Fetc%2Fpasswd",
+    str(uuid.uuid4()).upper(),
+    str(uuid.uuid1()),
+    "a" * 500,
+    f"{uuid.uuid4()}.png",
+    f"{uuid.uuid4()}%00",
+]
 
 
 async def test_malformed_ids_never_reach_the_filesystem(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -319,7 +376,6 @@ async def test_load_image_returns_bytes_and_mime_type(module_live: LiveApp) -> N
     assert malformed.value.status == 400 and malformed.value.info.field == "reference_image_id"
 
 
-
 async def wait_canceled(sim: Simulator, count: int) -> set[str]:
     """The predictions the service asked to cancel, once ``count`` of them are recorded as canceled.
 
@@ -334,8 +390,9 @@ async def wait_canceled(sim: Simulator, count: int) -> set[str]:
             await asyncio.sleep(0.02)
 
 
-async def test_an_abandoned_request_cancels_the_prediction_and_saves_nothing(sim: Simulator,
-                                                                            live_env: dict[str, str]) -> None:
+async def test_an_abandoned_request_cancels_the_prediction_and_saves_nothing(
+    sim: Simulator, live_env: dict[str, str]
+) -> None:
     """Served as ``python -m mvserver`` serves it (aiohttp does not cancel handlers when a client leaves)."""
     import aiohttp
     from aiohttp import web
@@ -350,8 +407,12 @@ async def test_an_abandoned_request_cancels_the_prediction_and_saves_nothing(sim
     port = site._server.sockets[0].getsockname()[1]
     try:
         async with aiohttp.ClientSession() as session:
-            request = asyncio.ensure_future(session.post(f"http://127.0.0.1:{port}/api/mv/generate_character_reference",
-                                                         json={"character_description": "a knight in a paper crown"}))
+            request = asyncio.ensure_future(
+                session.post(
+                    f"http://127.0.0.1:{port}/api/mv/generate_character_reference",
+                    json={"character_description": "a knight in a paper crown"},
+                )
+            )
             async with asyncio.timeout(5):
                 while not any(route == "replicate.get" for route, _ in sim.requests):
                     await asyncio.sleep(0.02)
@@ -376,8 +437,9 @@ async def test_one_image_keeps_the_old_shape_and_lists_it_in_images(module_live:
     assert only["prediction_id"] == body["metadata"]["prediction_id"] and only["seed"] is None
 
 
-async def test_candidate_images_run_in_parallel_each_saved_with_its_own_id(client: TestClient, sim: Simulator,
-                                                                           tmp_path: Path) -> None:
+async def test_candidate_images_run_in_parallel_each_saved_with_its_own_id(
+    client: TestClient, sim: Simulator, tmp_path: Path
+) -> None:
     sim.image_latency = 1.0
     body = await generate(client, number_of_images=4, seed=40)
     ids = [image["image_id"] for image in body["images"]]
@@ -405,12 +467,15 @@ async def test_number_of_images_outside_1_to_4_is_400(module_live: LiveApp, coun
     assert not any(route == "replicate.create" for route, _ in sim.requests)
 
 
-async def test_one_failed_candidate_cancels_the_others_and_saves_nothing(client: TestClient, sim: Simulator,
-                                                                         tmp_path: Path) -> None:
+async def test_one_failed_candidate_cancels_the_others_and_saves_nothing(
+    client: TestClient, sim: Simulator, tmp_path: Path
+) -> None:
     sim.image_latency = 30  # the others are still running when the first poll fails
-    sim.add_fault("replicate.get", status=401,
-                  body={"title": "Unauthenticated", "detail": "You did not pass a valid authentication token",
-                        "status": 401})
+    sim.add_fault(
+        "replicate.get",
+        status=401,
+        body={"title": "Unauthenticated", "detail": "You did not pass a valid authentication token", "status": 401},
+    )
     error = (await generate(client, 502, number_of_images=3))["error"]
     assert error["code"] == "provider_auth_failed"
     canceled = await wait_canceled(sim, 3)
@@ -437,9 +502,12 @@ async def test_an_abandoned_request_cancels_every_candidate(sim: Simulator, live
 
     try:
         async with aiohttp.ClientSession() as session:
-            request = asyncio.ensure_future(session.post(
-                f"http://127.0.0.1:{port}/api/mv/generate_character_reference",
-                json={"character_description": "a knight in a paper crown", "number_of_images": 3}))
+            request = asyncio.ensure_future(
+                session.post(
+                    f"http://127.0.0.1:{port}/api/mv/generate_character_reference",
+                    json={"character_description": "a knight in a paper crown", "number_of_images": 3},
+                )
+            )
             async with asyncio.timeout(5):
                 while len({p.split("/")[-1] for p in routes("replicate.get")}) < 3:
                     await asyncio.sleep(0.02)

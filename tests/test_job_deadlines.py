@@ -26,8 +26,7 @@ def routes(sim: Simulator, name: str) -> list[str]:
     return [path for route, path in sim.requests if route == name]
 
 
-async def test_a_prediction_that_never_finishes_is_canceled_at_the_provider(client: TestClient,
-                                                                           sim: Simulator) -> None:
+async def test_a_prediction_that_never_finishes_is_canceled_at_the_provider(client: TestClient, sim: Simulator) -> None:
     sim.video_latency = 3600  # never finishes within the test
     started = time.time()
     accepted = await submit(client, deadline_seconds=1.5)
@@ -97,8 +96,9 @@ async def test_the_bound_is_a_setting(make_client: AppClient, settings_dir: Any)
     response = await client.post("/api/mv/generate_video", json={"prompt": "a cat", "deadline_seconds": 61})
     assert response.status == 400 and (await response.json())["error"]["field"] == "deadline_seconds"
     assert "60" in (await response.json())["error"]["message"]
-    response = await client.post("/api/mv/assemble", json={
-        "clips": [{"job_id": "00000000-0000-4000-8000-000000000000"}], "deadline_seconds": 61})
+    response = await client.post(
+        "/api/mv/assemble", json={"clips": [{"job_id": "00000000-0000-4000-8000-000000000000"}], "deadline_seconds": 61}
+    )
     assert response.status == 400 and (await response.json())["error"]["field"] == "deadline_seconds"
 
 
@@ -107,8 +107,11 @@ async def test_the_bound_is_a_setting(make_client: AppClient, settings_dir: Any)
 
 async def _create(sim_server: TestServer, cancel_after: str) -> aiohttp.ClientResponse:
     async with aiohttp.ClientSession() as session:
-        response = await session.post(sim_server.make_url(VEO), headers={**AUTH, "Cancel-After": cancel_after},
-                                      json={"input": {"prompt": "a cat", "duration": 4}})
+        response = await session.post(
+            sim_server.make_url(VEO),
+            headers={**AUTH, "Cancel-After": cancel_after},
+            json={"input": {"prompt": "a cat", "duration": 4}},
+        )
         await response.read()
         return response
 
@@ -116,8 +119,9 @@ async def _create(sim_server: TestServer, cancel_after: str) -> aiohttp.ClientRe
 async def _ended(sim_server: TestServer, prediction_id: str) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session, asyncio.timeout(10):
         while True:
-            async with session.get(sim_server.make_url(f"/replicate/v1/predictions/{prediction_id}"),
-                                   headers=AUTH) as response:
+            async with session.get(
+                sim_server.make_url(f"/replicate/v1/predictions/{prediction_id}"), headers=AUTH
+            ) as response:
                 body = await response.json()
             if body["status"] not in ("starting", "processing"):
                 return body
@@ -125,9 +129,9 @@ async def _ended(sim_server: TestServer, prediction_id: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("latency", "cancel_after", "status"), [(3600, "300ms", "aborted"), (2, "1s", "canceled")])
-async def test_the_simulator_ends_a_prediction_at_its_cancel_after(sim: Simulator, sim_server: TestServer,
-                                                                   latency: float, cancel_after: str,
-                                                                   status: str) -> None:
+async def test_the_simulator_ends_a_prediction_at_its_cancel_after(
+    sim: Simulator, sim_server: TestServer, latency: float, cancel_after: str, status: str
+) -> None:
     sim.video_latency = latency
     response = await _create(sim_server, cancel_after)
     assert response.status == 201

@@ -17,8 +17,9 @@ FINAL = ("succeeded", "failed", "canceled")
 JOB_FIELDS = {"job_id", "kind", "status", "backend", "sandbox", "status_url", "events_url", "video_url"}
 
 
-async def started(client: TestClient, path: str, body: dict[str, Any], *, many: bool = False,
-                  project: bool = False) -> dict[str, Any]:
+async def started(
+    client: TestClient, path: str, body: dict[str, Any], *, many: bool = False, project: bool = False
+) -> dict[str, Any]:
     """POST a job-starting route and check its envelope; returns the body."""
     response = await client.post(path, json=body)
     assert response.status == 202, await response.text()
@@ -51,8 +52,7 @@ async def finished(client: TestClient, job_id: str) -> dict[str, Any]:
 
 
 async def test_every_job_starting_route_answers_the_same_envelope(client: TestClient, sim: Simulator) -> None:
-    video = await started(client, "/api/mv/generate_video",
-                          {"prompt": PROMPT, "duration": 4, "generate_audio": False})
+    video = await started(client, "/api/mv/generate_video", {"prompt": PROMPT, "duration": 4, "generate_audio": False})
     assert video["kind"] == "video"
     await finished(client, video["job_id"])
     audio_id = make_song(client, 12.0, "mp3")
@@ -61,8 +61,10 @@ async def test_every_job_starting_route_answers_the_same_envelope(client: TestCl
     assembly = await started(client, "/api/mv/assemble", {"clips": [{"job_id": video["job_id"]}]})
     assert assembly["jobs"][0]["kind"] == "assembly"
 
-    response = await client.post(PROJECTS, json={"idea": "a song", "character_description": "a singer",
-                                                 "audio_id": audio_id, "number_of_scenes": 2})
+    response = await client.post(
+        PROJECTS,
+        json={"idea": "a song", "character_description": "a singer", "audio_id": audio_id, "number_of_scenes": 2},
+    )
     project = await response.json()
     pid, scenes = project["project_id"], [s["id"] for s in project["scenes"]]
     patch = {"scenes": [{"id": s, "prompt": PROMPT, "duration": 4} for s in scenes]}
@@ -85,14 +87,16 @@ async def test_every_job_starting_route_answers_the_same_envelope(client: TestCl
     assert assembled["project"]["assembly_job_id"] == assembled["job_id"]
 
 
-async def test_urls_are_absolute_on_the_public_base_url_signed_ones_too(make_client: AppClient,
-                                                                         tmp_path: Path) -> None:
+async def test_urls_are_absolute_on_the_public_base_url_signed_ones_too(make_client: AppClient, tmp_path: Path) -> None:
     from mvserver.web.access.auth import KeyLimits, create_key
 
     _, key = create_key(tmp_path / "keys.yaml", "frontend", KeyLimits(jobs_per_minute=600, jobs_burst=50))
     base = f"http://127.0.0.1:{free_port()}/mv"  # nothing listens there: only the URLs are looked at
-    client = await make_client(MV_PUBLIC_BASE_URL=base, MV_API_KEYS_FILE=tmp_path / "keys.yaml",
-                               MV_URL_SIGNING_SECRET="test-signing-secret-0123456789abcdefghij")
+    client = await make_client(
+        MV_PUBLIC_BASE_URL=base,
+        MV_API_KEYS_FILE=tmp_path / "keys.yaml",
+        MV_URL_SIGNING_SECRET="test-signing-secret-0123456789abcdefghij",
+    )
     headers = {"Authorization": f"Bearer {key}"}
     response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4}, headers=headers)
     assert response.status == 202, await response.text()

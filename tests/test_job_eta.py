@@ -28,16 +28,19 @@ async def progress_events(client: TestClient, job_id: str, count: int) -> list[d
     async with client.get(f"/api/mv/jobs/{job_id}/events") as response:
         async with asyncio.timeout(20):
             async for event in read_sse(response):
-                if event.get("event") == "progress" and "elapsed_seconds" in event["data"] \
-                        and event["data"].get("stage") == "generating" and "eta_seconds" in event["data"]:
+                if (
+                    event.get("event") == "progress"
+                    and "elapsed_seconds" in event["data"]
+                    and event["data"].get("stage") == "generating"
+                    and "eta_seconds" in event["data"]
+                ):
                     found.append(event["data"])
                     if len(found) == count:
                         return found
     return found
 
 
-async def test_progress_events_carry_an_eta_from_the_models_past_runs(make_client: AppClient,
-                                                                      sim: Simulator) -> None:
+async def test_progress_events_carry_an_eta_from_the_models_past_runs(make_client: AppClient, sim: Simulator) -> None:
     client = await make_client()
     sim.video_latency = 0.5
     first = await settled(client, (await submit(client, backend="gemini"))["job_id"])
@@ -57,10 +60,10 @@ async def test_progress_events_carry_an_eta_from_the_models_past_runs(make_clien
         assert 0 <= data["eta_seconds"] <= round(mean, 1)  # tenths of a second
         # Veo reports no progress: it is guessed from the elapsed share of the mean run, and said to be a guess
         assert data["progress_estimated"] is True and 0 <= data["progress"] <= 0.95
-        assert data["progress"] == pytest.approx(
-            EtaEstimate(learned).progress(job, now=data["event_time"]), abs=1e-4)
+        assert data["progress"] == pytest.approx(EtaEstimate(learned).progress(job, now=data["event_time"]), abs=1e-4)
         assert data["eta_seconds"] == pytest.approx(
-            EtaEstimate(learned).eta_seconds(job, now=data["event_time"]), abs=1e-6)
+            EtaEstimate(learned).eta_seconds(job, now=data["event_time"]), abs=1e-6
+        )
     await client.post(f"/api/mv/jobs/{job_id}/cancel")
 
 
@@ -77,8 +80,11 @@ async def test_an_estimate_is_per_kind_of_request(make_client: AppClient, sim: S
     async with client.get(f"/api/mv/jobs/{job_id}/events") as response:
         async with asyncio.timeout(10):
             async for event in read_sse(response):
-                if event.get("event") == "progress" and event["data"].get("stage") == "generating" \
-                        and "elapsed_seconds" in event["data"]:
+                if (
+                    event.get("event") == "progress"
+                    and event["data"].get("stage") == "generating"
+                    and "elapsed_seconds" in event["data"]
+                ):
                     assert "eta_seconds" not in event["data"]  # nothing learned yet: no ETA rather than a wrong one
                     break
     await client.post(f"/api/mv/jobs/{job_id}/cancel")
@@ -98,7 +104,7 @@ async def test_the_running_estimate_follows_recent_runs(client: TestClient) -> N
 
 
 def test_a_job_running_long_gets_a_growing_eta_not_zero() -> None:
-    spread = Durations(50, 45.0, math.log(45.0), math.log(45.0) ** 2 + 0.25 ** 2)  # median 45 s, sigma 0.25
+    spread = Durations(50, 45.0, math.log(45.0), math.log(45.0) ** 2 + 0.25**2)  # median 45 s, sigma 0.25
     job = Job(id="j", backend="replicate", model="m", sandbox=False, request={}, created_at=0.0, started_at=0.0)
     estimate = EtaEstimate(spread)
     assert estimate.eta_seconds(job, now=0.0) == pytest.approx(45.0, abs=0.1)

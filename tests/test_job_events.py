@@ -25,8 +25,9 @@ def event_sizes(events: list[dict[str, Any]]) -> list[int]:
     return [len(json.dumps(e["data"], separators=(",", ":"), ensure_ascii=False).encode()) for e in events]
 
 
-async def test_events_stay_small_whatever_the_request(client: TestClient, sim: Simulator,
-                                                      live_env: dict[str, str]) -> None:
+async def test_events_stay_small_whatever_the_request(
+    client: TestClient, sim: Simulator, live_env: dict[str, str]
+) -> None:
     sim.video_latency = 1.0
     prompt = "A lighthouse keeper sings to the fog. " * 100  # ~3,800 characters, within the request limit
     accepted = await submit(client, prompt=prompt[:3900], negative_prompt="blurry, " * 400)
@@ -46,7 +47,8 @@ async def test_events_stay_small_whatever_the_request(client: TestClient, sim: S
 
 
 async def test_a_long_provider_error_is_clipped_in_the_event_but_whole_in_the_record(
-        client: TestClient, sim: Simulator, live_env: dict[str, str]) -> None:
+    client: TestClient, sim: Simulator, live_env: dict[str, str]
+) -> None:
     sim.video_latency = 0.3
     sim.add_fault("replicate.create", "fail_prediction", error="E" * 20_000)
     accepted = await submit(client)
@@ -57,22 +59,25 @@ async def test_a_long_provider_error_is_clipped_in_the_event_but_whole_in_the_re
     assert "E" * 20_000 in json.dumps(state["error"])
 
 
-async def test_poll_events_carry_what_moves_and_status_events_the_full_state(client: TestClient,
-                                                                                 sim: Simulator) -> None:
+async def test_poll_events_carry_what_moves_and_status_events_the_full_state(
+    client: TestClient, sim: Simulator
+) -> None:
     sim.video_latency = 0.6
     accepted = await submit(client)
     events = await events_of(client, accepted["job_id"])
     progress = [e["data"] for e in events if e["event"] == "progress" and e["data"]["stage"] == "generating"][1:]
-    assert progress and all(set(p) <= {"job_id", "status", "stage", "progress", "elapsed_seconds", "event_time",
-                                       "logs"} for p in progress)
+    assert progress and all(
+        set(p) <= {"job_id", "status", "stage", "progress", "elapsed_seconds", "event_time", "logs"} for p in progress
+    )
     assert any("logs" in p for p in progress)
     final = events[-1]["data"]
     assert {"video_url", "sandbox", "backend", "model", "provider_prediction_id"} <= set(final)
     assert "request" not in final
 
 
-async def test_concurrent_cancels_log_no_false_warning(client: TestClient, sim: Simulator,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+async def test_concurrent_cancels_log_no_false_warning(
+    client: TestClient, sim: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:
     sim.video_latency = 30
     accepted = await submit(client)
     await wait_for(client, accepted["job_id"], lambda s: s["provider_prediction_id"])
@@ -84,8 +89,9 @@ async def test_concurrent_cancels_log_no_false_warning(client: TestClient, sim: 
     assert [r.getMessage() for r in caplog.records if "could not cancel" in r.getMessage()] == []
 
 
-async def test_a_failed_provider_cancel_is_logged_with_its_reason(client: TestClient, sim: Simulator,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_failed_provider_cancel_is_logged_with_its_reason(
+    client: TestClient, sim: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:
     sim.video_latency = 30
     accepted = await submit(client)
     await wait_for(client, accepted["job_id"], lambda s: s["provider_prediction_id"])
@@ -97,11 +103,8 @@ async def test_a_failed_provider_cancel_is_logged_with_its_reason(client: TestCl
     assert len(warnings) == 1 and "cancel backend down" in warnings[0]
 
 
-
-
 @pytest.mark.parametrize("length", [1000, 1001])
-async def test_event_errors_are_clipped_exactly_at_the_limit(client: TestClient, sim: Simulator,
-                                                              length: int) -> None:
+async def test_event_errors_are_clipped_exactly_at_the_limit(client: TestClient, sim: Simulator, length: int) -> None:
     sim.video_latency = 0.3
     sim.add_fault("replicate.create", "fail_prediction", error="E" * length)
     accepted = await submit(client)
@@ -110,4 +113,3 @@ async def test_event_errors_are_clipped_exactly_at_the_limit(client: TestClient,
     assert clipped == ("E" * 1000 if length <= 1000 else "E" * 999 + "…")
     state = await (await client.get(accepted["status_url"])).json()
     assert state["error"]["provider_error"] == "E" * length
-

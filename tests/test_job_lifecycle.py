@@ -36,8 +36,9 @@ def creates(sim: Simulator) -> int:
 # -- cancelling a job that is still queued ---------------------------------------------------------------------
 
 
-async def test_cancelling_a_queued_job_ends_it_without_creating_a_prediction(make_client: AppClient,
-                                                                             sim: Simulator) -> None:
+async def test_cancelling_a_queued_job_ends_it_without_creating_a_prediction(
+    make_client: AppClient, sim: Simulator
+) -> None:
     sim.video_latency = 30
     client = await make_client(MV_MAX_CONCURRENT_JOBS=1)
     first = await submit(client)
@@ -66,7 +67,8 @@ async def test_cancelling_a_queued_job_ends_it_without_creating_a_prediction(mak
 
 
 async def test_a_prediction_canceled_at_the_provider_fails_the_job_as_provider_canceled(
-        client: TestClient, sim: Simulator, sim_server: TestServer) -> None:
+    client: TestClient, sim: Simulator, sim_server: TestServer
+) -> None:
     sim.video_latency = 30
     accepted = await submit(client)
     running = await wait_for(client, accepted["job_id"], lambda s: s["provider_prediction_id"])
@@ -77,15 +79,20 @@ async def test_a_prediction_canceled_at_the_provider_fails_the_job_as_provider_c
             assert response.status == 200
     assert (await events_of(client, accepted["job_id"]))[-1]["event"] == "failed"
     error = (await (await client.get(accepted["status_url"])).json())["error"]
-    assert error == {"code": "provider_canceled", "message": "replicate prediction canceled: canceled",
-                     "provider": "replicate", "provider_status": "canceled"}
+    assert error == {
+        "code": "provider_canceled",
+        "message": "replicate prediction canceled: canceled",
+        "provider": "replicate",
+        "provider_status": "canceled",
+    }
 
 
 # -- the job timeout starts when the job gets a slot ---------------------------------------------------------------
 
 
-async def test_the_timeout_counts_from_the_slot_not_from_the_queue(make_client: AppClient, sim: Simulator,
-                                                                   settings_dir: Path) -> None:
+async def test_the_timeout_counts_from_the_slot_not_from_the_queue(
+    make_client: AppClient, sim: Simulator, settings_dir: Path
+) -> None:
     timeout = 1.5
     jobs_settings(settings_dir, timeout_seconds=timeout)
     sim.video_latency = 30
@@ -98,8 +105,9 @@ async def test_the_timeout_counts_from_the_slot_not_from_the_queue(make_client: 
     sim.video_latency = 0.2
     sim.add_fault("replicate.create", "fail_prediction", error="E005: flagged")
 
-    final = await wait_for(client, last["job_id"], lambda s: s["status"] in ("succeeded", "failed", "canceled"),
-                           timeout=30)  # two 1.5 s timeouts and their cancels first, on a loaded machine too
+    final = await wait_for(
+        client, last["job_id"], lambda s: s["status"] in ("succeeded", "failed", "canceled"), timeout=30
+    )  # two 1.5 s timeouts and their cancels first, on a loaded machine too
     assert final["started_at"] - final["created_at"] > timeout  # it spent longer than the timeout in the queue
     assert final["status"] == "failed"
     assert final["error"]["code"] == "provider_prediction_failed", final["error"]  # not job_timeout
@@ -111,8 +119,9 @@ async def test_the_timeout_counts_from_the_slot_not_from_the_queue(make_client: 
 # -- Retry-After is capped -------------------------------------------------------------------------------------
 
 
-async def test_a_huge_retry_after_is_capped_by_retry_max_delay(make_client: AppClient, sim: Simulator,
-                                                               settings_dir: Path) -> None:
+async def test_a_huge_retry_after_is_capped_by_retry_max_delay(
+    make_client: AppClient, sim: Simulator, settings_dir: Path
+) -> None:
     jobs_settings(settings_dir, retry_max_delay_seconds=0.2)
     sim.video_latency = 0.5
     sim.add_fault("replicate.get", status=429, retry_after=3600, times=1)
@@ -131,8 +140,9 @@ async def test_a_huge_retry_after_is_capped_by_retry_max_delay(make_client: AppC
 # -- SSE: retry, pings, logs ---------------------------------------------------------------------------------------
 
 
-async def test_the_first_event_carries_retry_and_pings_follow_the_interval(make_client: AppClient, sim: Simulator,
-                                                                           settings_dir: Path) -> None:
+async def test_the_first_event_carries_retry_and_pings_follow_the_interval(
+    make_client: AppClient, sim: Simulator, settings_dir: Path
+) -> None:
     interval = 0.25
     jobs_settings(settings_dir, sse_ping_interval_seconds=interval, sse_retry_ms=4321)
     sim.video_latency = 2.0

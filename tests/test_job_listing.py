@@ -22,7 +22,6 @@ from mvserver.sandbox.simulator import Simulator
 pytestmark = pytest.mark.both_stores
 
 
-
 async def listed(client: TestClient, query: str = "", headers: dict[str, str] | None = None) -> dict[str, Any]:
     response = await client.get(f"/api/mv/jobs{query}", headers=headers)
     assert response.status == 200, await response.text()
@@ -58,10 +57,18 @@ async def test_filters_by_status_kind_and_project(client: TestClient, sim: Simul
     sim.video_latency = 30
     running = (await submit(client))["job_id"]
     project_id = new_id()
-    linked = (await client.app[JOBS].submit(Job(id=new_id(), backend="replicate", model="google/veo-3.1",
-                                                 sandbox=False, request={"prompt": "p", "duration": 4,
-                                                                         "project_id": project_id},
-                                                 owner=None))).id
+    linked = (
+        await client.app[JOBS].submit(
+            Job(
+                id=new_id(),
+                backend="replicate",
+                model="google/veo-3.1",
+                sandbox=False,
+                request={"prompt": "p", "duration": 4, "project_id": project_id},
+                owner=None,
+            )
+        )
+    ).id
     assert [j["job_id"] for j in (await listed(client, "?status=succeeded"))["jobs"]] == [done]
     assert {j["job_id"] for j in (await listed(client, "?kind=video"))["jobs"]} == {done, running, linked}
     assert (await listed(client, "?kind=assembly"))["jobs"] == []
@@ -70,11 +77,21 @@ async def test_filters_by_status_kind_and_project(client: TestClient, sim: Simul
     assert (await listed(client, f"?project_id={new_id()}"))["jobs"] == []
 
 
-@pytest.mark.parametrize("query, field", [
-    ("?status=done", "status"), ("?kind=movie", "kind"), ("?limit=0", "limit"), ("?limit=101", "limit"),
-    ("?limit=ten", "limit"), ("?limit=%C2%B2", "limit"), ("?limit=-1", "limit"), ("?cursor=abc", "cursor"),
-    ("?cursor=" + "9" * 16 + "-x", "cursor"), ("?project_id=../etc", "project_id"),
-])
+@pytest.mark.parametrize(
+    "query, field",
+    [
+        ("?status=done", "status"),
+        ("?kind=movie", "kind"),
+        ("?limit=0", "limit"),
+        ("?limit=101", "limit"),
+        ("?limit=ten", "limit"),
+        ("?limit=%C2%B2", "limit"),
+        ("?limit=-1", "limit"),
+        ("?cursor=abc", "cursor"),
+        ("?cursor=" + "9" * 16 + "-x", "cursor"),
+        ("?project_id=../etc", "project_id"),
+    ],
+)
 @module_loop
 async def test_bad_parameters_are_400_naming_the_field(module_live: LiveApp, query: str, field: str) -> None:
     client = module_live[0]
@@ -88,8 +105,11 @@ async def test_each_key_lists_only_its_own_jobs(make_client: AppClient, tmp_path
     client, alice, bob = await two_key_client(make_client, tmp_path)
     mine = {}
     for name, key in (("alice", alice), ("bob", bob), ("alice", alice)):
-        response = await client.post("/api/mv/generate_video", json={"prompt": "a heron", "duration": 4},
-                                     headers={"Authorization": f"Bearer {key}"})
+        response = await client.post(
+            "/api/mv/generate_video",
+            json={"prompt": "a heron", "duration": 4},
+            headers={"Authorization": f"Bearer {key}"},
+        )
         assert response.status == 202
         mine.setdefault(name, []).append((await response.json())["job_id"])
     alice_jobs = (await listed(client, headers={"Authorization": f"Bearer {alice}"}))["jobs"]
@@ -137,8 +157,9 @@ async def test_concurrent_creation_keeps_the_index_sorted(client: TestClient, si
 
 
 @pytest.mark.file_store_only
-async def test_the_file_index_skips_torn_lines_and_finds_a_cursor_by_binary_search(tmp_path: Path,
-                                                                                   job_store_kind: str) -> None:
+async def test_the_file_index_skips_torn_lines_and_finds_a_cursor_by_binary_search(
+    tmp_path: Path, job_store_kind: str
+) -> None:
     entries = [index_entry(1_000_000 + n, new_id()) for n in range(3000)]
     path = tmp_path / "owner.idx"
     path.write_bytes(("\n".join(entries) + "\n").encode() + b"0000000002000000-torn")

@@ -27,8 +27,9 @@ async def finished(client: TestClient, job_id: str) -> dict[str, Any]:
     return await wait_for(client, job_id, lambda state: state["status"] in ("succeeded", "failed", "canceled"))
 
 
-async def test_a_job_records_its_usage_and_cost_in_json_final_event_and_listing(client: TestClient,
-                                                                              sim: Simulator) -> None:
+async def test_a_job_records_its_usage_and_cost_in_json_final_event_and_listing(
+    client: TestClient, sim: Simulator
+) -> None:
     sim.video_latency = 0.3
     job_id = (await submit(client, duration=6, generate_audio=False))["job_id"]
     job = await finished(client, job_id)
@@ -66,15 +67,18 @@ async def test_a_project_streams_each_clip_jobs_usage_with_its_final_event(clien
     assert sorted(e["data"]["job_id"] for e in named(events, "succeeded")) == sorted(job_ids)
 
 
-async def test_audio_costs_the_audio_rate_and_a_running_job_has_no_usage_yet(client: TestClient,
-                                                                           sim: Simulator) -> None:
+async def test_audio_costs_the_audio_rate_and_a_running_job_has_no_usage_yet(
+    client: TestClient, sim: Simulator
+) -> None:
     sim.video_latency = 30
     running = (await submit(client))["job_id"]
     state = await wait_for(client, running, lambda s: s["stage"] == "generating")
     assert state["usage"] is None
     sim.video_latency = 0.1
     job = await finished(client, (await submit(client, duration=4, generate_audio=True))["job_id"])
-    assert job["usage"]["cost"]["amount_micros"] == round(4 * price(client, "google/veo-3.1")["per_output_second"] * 1e6)
+    assert job["usage"]["cost"]["amount_micros"] == round(
+        4 * price(client, "google/veo-3.1")["per_output_second"] * 1e6
+    )
 
 
 async def test_retries_are_counted(client: TestClient, sim: Simulator) -> None:

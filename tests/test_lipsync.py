@@ -38,18 +38,50 @@ _CODECS = {"mp3": ["-c:a", "libmp3lame", "-b:a", "128k"], "wav": ["-c:a", "pcm_s
 # -- helpers ------------------------------------------------------------------------------------------------------
 
 
-def make_song(client: TestClient, seconds: float, fmt: str = "mp3", *, rate: int = 44100, channels: int = 2,
-              sidecar: dict[str, Any] | None = None) -> str:
+def make_song(
+    client: TestClient,
+    seconds: float,
+    fmt: str = "mp3",
+    *,
+    rate: int = 44100,
+    channels: int = 2,
+    sidecar: dict[str, Any] | None = None,
+) -> str:
     """Save a song as the upload does: ``outputs/audio/<id>.<ext>`` (a lavfi tone whose pitch rises every second,
     so windows differ), then its JSON sidecar, last."""
     store = client.app[STORE]
     audio_id = new_id()
     path = store.path("audio", audio_id, f".{fmt}")
     tone = f"aevalsrc='0.4*sin(2*PI*(220+40*floor(t))*t)':s={rate}:d={seconds}"
-    subprocess.run([FFMPEG, "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i", tone,
-                    "-ac", str(channels), *_CODECS[fmt], str(path)], check=True, timeout=60)
-    record = {"audio_id": audio_id, "format": fmt, "mime_type": audio.FORMATS[fmt].mime_type, "duration": seconds,
-              "sample_rate": rate, "channels": channels, **(sidecar or {})}
+    subprocess.run(
+        [
+            FFMPEG,
+            "-nostdin",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            tone,
+            "-ac",
+            str(channels),
+            *_CODECS[fmt],
+            str(path),
+        ],
+        check=True,
+        timeout=60,
+    )
+    record = {
+        "audio_id": audio_id,
+        "format": fmt,
+        "mime_type": audio.FORMATS[fmt].mime_type,
+        "duration": seconds,
+        "sample_rate": rate,
+        "channels": channels,
+        **(sidecar or {}),
+    }
     store.path("audio", audio_id, ".json").write_text(json.dumps(record))
     return audio_id
 
@@ -67,8 +99,9 @@ async def make_clip(client: TestClient, sim: Simulator, duration: int = 4) -> st
     """A finished sandbox video job (a real H.264 clip) to lip-sync."""
     latency, sim.video_latency = sim.video_latency, 0.2
     try:
-        response = await client.post("/api/mv/generate_video",
-                                     json={"prompt": PROMPT, "duration": duration, "generate_audio": False})
+        response = await client.post(
+            "/api/mv/generate_video", json={"prompt": PROMPT, "duration": duration, "generate_audio": False}
+        )
         assert response.status == 202, await response.text()
         job_id = (await response.json())["job_id"]
         state = await wait_for(client, job_id, lambda s: s["status"] in ("succeeded", "failed", "canceled"))
@@ -111,9 +144,28 @@ def wav_frames(path: Path) -> tuple[wave._wave_params, bytes]:
 
 
 def frame_at(path: Path, seconds: float) -> Image.Image:
-    png = subprocess.run([FFMPEG, "-nostdin", "-loglevel", "error", "-ss", str(seconds), "-i", str(path),
-                          "-frames:v", "1", "-f", "image2pipe", "-c:v", "png", "-"], capture_output=True, check=True,
-                         timeout=30).stdout
+    png = subprocess.run(
+        [
+            FFMPEG,
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-ss",
+            str(seconds),
+            "-i",
+            str(path),
+            "-frames:v",
+            "1",
+            "-f",
+            "image2pipe",
+            "-c:v",
+            "png",
+            "-",
+        ],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    ).stdout
     return Image.open(io.BytesIO(png)).convert("RGB")
 
 
@@ -124,8 +176,9 @@ def count_routes(sim: Simulator, route: str) -> int:
 # -- the job --------------------------------------------------------------------------------------------------------
 
 
-async def test_a_lipsync_job_uploads_the_window_and_serves_the_clip_with_the_song(client: TestClient, sim: Simulator,
-                                                                                 tmp_path: Path) -> None:
+async def test_a_lipsync_job_uploads_the_window_and_serves_the_clip_with_the_song(
+    client: TestClient, sim: Simulator, tmp_path: Path
+) -> None:
     clip_id = await make_clip(client, sim, duration=4)
     sim.video_latency = 1.0  # the lip-sync job: long enough for progress events between the start and the end
     clip_path = client.app[STORE].path("videos", clip_id, ".mp4")
@@ -173,7 +226,7 @@ async def test_a_lipsync_job_uploads_the_window_and_serves_the_clip_with_the_son
     frame = frame_at(out, 1.0)
     x0, y0, x1, y1 = lipsync_label_box(frame.size)
     strip = frame.crop((x0 + 2, y0 + 2, x0 + 20, y1 - 2)).tobytes()
-    pixels = [strip[i: i + 3] for i in range(0, len(strip), 3)]
+    pixels = [strip[i : i + 3] for i in range(0, len(strip), 3)]
     assert all(r > 200 and g > 160 and b < 90 for r, g, b in pixels), "the yellow label strip is missing"
     above = frame.crop((x0 + 2, y0 - 20, x0 + 20, y0 - 4)).tobytes()
     assert max(above[2::3]) < 120  # the clip itself shows above the strip (no yellow there)
@@ -187,8 +240,9 @@ async def test_a_wav_song_is_stream_copied_sample_exact(client: TestClient, sim:
     clip_seconds = probe_media(client.app[STORE].path("videos", clip_id, ".mp4"))["duration"]
     audio_id = make_song(client, 10.0, "wav", rate=48000)
     start = 3.0
-    accepted = await submit(client, video_job_id=clip_id, audio_id=audio_id, audio_start=start,
-                            audio_end=start + clip_seconds)
+    accepted = await submit(
+        client, video_job_id=clip_id, audio_id=audio_id, audio_start=start, audio_end=start + clip_seconds
+    )
     final = (await events_of(client, accepted["job_id"]))[-1]
     assert final["event"] == "succeeded", final
     window = uploaded(sim, prediction_inputs(sim, final["data"]["provider_prediction_id"])["audio"])
@@ -197,7 +251,7 @@ async def test_a_wav_song_is_stream_copied_sample_exact(client: TestClient, sim:
     assert (params.nchannels, params.sampwidth, params.framerate) == (2, 2, 48000)
     assert abs(params.nframes / 48000 - clip_seconds) < 0.05
     offset = int(start * 48000) * 4
-    assert frames == song[offset: offset + len(frames)]  # the very samples of the song, from audio_start
+    assert frames == song[offset : offset + len(frames)]  # the very samples of the song, from audio_start
 
 
 async def test_a_shorter_window_is_padded_with_silence_to_the_clip_length(client: TestClient, sim: Simulator) -> None:
@@ -211,7 +265,7 @@ async def test_a_shorter_window_is_padded_with_silence_to_the_clip_length(client
     params, frames = wav_frames(window)
     rate, step = params.framerate, params.nchannels * params.sampwidth
     assert abs(params.nframes / rate - clip_seconds) < 0.05
-    sound, tail = frames[: int(1.4 * rate) * step], frames[int(1.6 * rate) * step:]
+    sound, tail = frames[: int(1.4 * rate) * step], frames[int(1.6 * rate) * step :]
     assert max(sound) > 0 and tail and set(tail) == {0}  # the song for 1.5 s, then silence
 
 
@@ -238,8 +292,9 @@ async def test_a_running_job_resumes_with_the_same_prediction_after_a_restart(ma
     audio_id = make_song(first, 10.0)
     sim.video_latency = 1.5
     accepted = await submit(first, video_job_id=clip_id, audio_id=audio_id, audio_start=1.0)
-    running = await wait_for(first, accepted["job_id"],
-                             lambda s: s["provider_prediction_id"] and s["stage"] == "generating")
+    running = await wait_for(
+        first, accepted["job_id"], lambda s: s["provider_prediction_id"] and s["stage"] == "generating"
+    )
     creates = count_routes(sim, "replicate.create")
     await first.close()  # shutdown mid-job: the record stays "running" with its prediction id
 
@@ -252,8 +307,9 @@ async def test_a_running_job_resumes_with_the_same_prediction_after_a_restart(ma
     assert (await (await second.get(events[-1]["data"]["video_url"])).read())[4:8] == b"ftyp"
 
 
-async def test_a_job_stopped_before_its_prediction_existed_cuts_the_window_again(make_client: Any,
-                                                                                  sim: Simulator) -> None:
+async def test_a_job_stopped_before_its_prediction_existed_cuts_the_window_again(
+    make_client: Any, sim: Simulator
+) -> None:
     first = await make_client()
     clip_id = await make_clip(first, sim)
     audio_id = make_song(first, 10.0)
@@ -284,7 +340,9 @@ async def test_a_failed_prediction_fails_the_job_with_the_provider_error(client:
     final = (await events_of(client, accepted["job_id"]))[-1]
     assert final["event"] == "failed"
     error = final["data"]["error"]
-    assert error["code"] == "provider_prediction_failed" and error["provider_error"] == "E006: no face found in the video"
+    assert (
+        error["code"] == "provider_prediction_failed" and error["provider_error"] == "E006: no face found in the video"
+    )
 
 
 async def test_a_song_removed_before_the_start_fails_the_job_naming_it(make_client: Any, sim: Simulator) -> None:
@@ -313,9 +371,15 @@ async def test_project_and_scene_ids_pass_through_unchanged(client: TestClient, 
 
 
 async def test_sandbox_mode_lipsyncs_with_the_built_in_simulator(make_client: Any, tmp_path: Path) -> None:
-    client = await make_client(GEMINI_API_KEY=None, REPLICATE_API_TOKEN=None, GOOGLE_VERTEX_API_KEY=None,
-                               MV_REPLICATE_BASE_URL=None, MV_VERTEX_BASE_URL=None, MV_GEMINI_BASE_URL=None,
-                               MV_SANDBOX_VIDEO_SECONDS=0.3)
+    client = await make_client(
+        GEMINI_API_KEY=None,
+        REPLICATE_API_TOKEN=None,
+        GOOGLE_VERTEX_API_KEY=None,
+        MV_REPLICATE_BASE_URL=None,
+        MV_VERTEX_BASE_URL=None,
+        MV_GEMINI_BASE_URL=None,
+        MV_SANDBOX_VIDEO_SECONDS=0.3,
+    )
     response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4})
     clip = await wait_for(client, (await response.json())["job_id"], lambda s: s["status"] == "succeeded")
     audio_id = make_song(client, 6.0, "wav")
@@ -407,8 +471,25 @@ def test_plan_window_and_the_cut_it_makes() -> None:
 async def test_a_cut_writes_no_more_than_its_window_whatever_it_is_asked(tmp_path: Path, fmt: str, rate: int) -> None:
     """Even asked for 30 s of song under a 2 s clip (a planning bug), the cut stops at 2 s and its byte bound."""
     path = tmp_path / f"song.{fmt}"
-    subprocess.run([FFMPEG, "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", f"sine=d=40:r={rate}",
-                    "-ac", "2", *_CODECS[fmt], str(path)], check=True, timeout=60)
+    subprocess.run(
+        [
+            FFMPEG,
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=d=40:r={rate}",
+            "-ac",
+            "2",
+            *_CODECS[fmt],
+            str(path),
+        ],
+        check=True,
+        timeout=60,
+    )
     song = Song(path, 40.0, fmt, rate, 2)
     dest = tmp_path / "window.wav"
     await cut_window(song, 1.0, 30.0, 2.0, dest, timeout=60)
@@ -416,7 +497,7 @@ async def test_a_cut_writes_no_more_than_its_window_whatever_it_is_asked(tmp_pat
     assert params.nframes / params.framerate == pytest.approx(2.0, abs=0.03)
     assert dest.stat().st_size <= max_cut_bytes(2.0)
     args = cut_args(song, 1.0, 30.0, 2.0, dest)
-    output = args[args.index("-i") + 2:]  # the options after the input file apply to the output
+    output = args[args.index("-i") + 2 :]  # the options after the input file apply to the output
     assert output[output.index("-t") + 1] == "2.000000" and int(output[output.index("-fs") + 1]) <= max_cut_bytes(2.0)
 
 
@@ -424,8 +505,11 @@ async def test_a_song_file_that_lists_another_file_is_not_followed_by_the_cut(tm
     """Every read of a saved song uses the demuxer of its format and the local file only: an ffconcat list saved under
     a song's name fails to cut instead of cutting the file it names."""
     real = tmp_path / "real.mp3"
-    subprocess.run([FFMPEG, "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=d=6", str(real)],
-                   check=True, timeout=60)
+    subprocess.run(
+        [FFMPEG, "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=d=6", str(real)],
+        check=True,
+        timeout=60,
+    )
     fake = tmp_path / "fake.mp3"
     fake.write_text(f"ffconcat version 1.0\nfile {real.name}\n")
     with pytest.raises(media.MediaError):
@@ -436,20 +520,27 @@ async def test_a_song_file_that_lists_another_file_is_not_followed_by_the_cut(tm
 # -- the simulated model ----------------------------------------------------------------------------------------------
 
 
-async def test_the_simulated_model_checks_its_input_and_cannot_read_local_files(sim: Simulator,
-                                                                                sim_server: TestServer) -> None:
+async def test_the_simulated_model_checks_its_input_and_cannot_read_local_files(
+    sim: Simulator, sim_server: TestServer
+) -> None:
     client = replicate.Client(api_token="r8_test", base_url=str(sim_server.make_url("/replicate")))
     with pytest.raises(replicate.exceptions.ReplicateError) as caught:
-        await client.models.predictions.async_create(model="sync/lipsync-2-pro",
-                                                     input={"video": "not a url", "temperature": 2, "sync_mode": "x"})
+        await client.models.predictions.async_create(
+            model="sync/lipsync-2-pro", input={"video": "not a url", "temperature": 2, "sync_mode": "x"}
+        )
     assert caught.value.status == 422
     detail = caught.value.detail or ""
-    for text in ("audio is required", "input.video: Does not match format 'uri'",
-                 "input.temperature: Must be less than or equal to 1", "input.sync_mode must be one of"):
+    for text in (
+        "audio is required",
+        "input.video: Does not match format 'uri'",
+        "input.temperature: Must be less than or equal to 1",
+        "input.sync_mode must be one of",
+    ):
         assert text in detail, detail
     sim.video_latency = 0.1
     prediction = await client.models.predictions.async_create(
-        model="sync/lipsync-2-pro", input={"video": "file:///etc/hostname", "audio": "file:///tmp/song.wav"})
+        model="sync/lipsync-2-pro", input={"video": "file:///etc/hostname", "audio": "file:///tmp/song.wav"}
+    )
     await asyncio.sleep(0.15)
     prediction = await client.predictions.async_get(prediction.id)
     assert prediction.status == "failed" and "could not download file from file:///etc/hostname" in prediction.error
@@ -458,15 +549,18 @@ async def test_the_simulated_model_checks_its_input_and_cannot_read_local_files(
 # -- settings and docs ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("change", "key"), [
-    (lambda d: d["defaults"].update(sync_mode="remap") or d["allowed"].update(sync_mode=["cut_off"]), "sync_mode"),
-    (lambda d: d["allowed"].update(sync_mode=["stretch"]), "allowed.sync_mode"),
-    (lambda d: d["allowed"]["temperature"].update(max=2), "allowed.temperature.max"),
-    (lambda d: d["defaults"].update(temperature=0.9) or d["allowed"]["temperature"].update(max=0.8), "temperature"),
-    (lambda d: d.update(voice="alto"), "voice"),
-    (lambda d: d["limits"].update(ffmpeg_concurrency=0), "limits.ffmpeg_concurrency"),
-    (lambda d: d["limits"].update(min_window_seconds=0), "limits.min_window_seconds"),
-])
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (lambda d: d["defaults"].update(sync_mode="remap") or d["allowed"].update(sync_mode=["cut_off"]), "sync_mode"),
+        (lambda d: d["allowed"].update(sync_mode=["stretch"]), "allowed.sync_mode"),
+        (lambda d: d["allowed"]["temperature"].update(max=2), "allowed.temperature.max"),
+        (lambda d: d["defaults"].update(temperature=0.9) or d["allowed"]["temperature"].update(max=0.8), "temperature"),
+        (lambda d: d.update(voice="alto"), "voice"),
+        (lambda d: d["limits"].update(ffmpeg_concurrency=0), "limits.ffmpeg_concurrency"),
+        (lambda d: d["limits"].update(min_window_seconds=0), "limits.min_window_seconds"),
+    ],
+)
 def test_invalid_lipsync_settings_name_the_file_and_key(settings_dir: Path, change: Any, key: str) -> None:
     path = settings_dir / "lipsync.yaml"
     data = yaml.safe_load(path.read_text())

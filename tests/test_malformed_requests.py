@@ -31,18 +31,23 @@ MALFORMED = {
     "byte 0xff in the name": (HEAD + b"Bad\xffName: v\r\n\r\n", "malformed_header", "Bad\\xffName"),
     "control byte in a value": (HEAD + b"X-Mood: a\x01b\r\n\r\n", "malformed_header", "X-Mood"),
     "NUL in a value": (HEAD + b"X-Mood: a\x00b\r\n\r\n", "malformed_header", "X-Mood"),
-    "bad Content-Length": (b"POST /api/mv/create_scenes HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n",
-                           "malformed_header", "Content-Length"),
-    "two Content-Types": (HEAD + b"Content-Type: a/b\r\nContent-Type: c/d\r\n\r\n", "malformed_header",
-                          "Content-Type"),
+    "bad Content-Length": (
+        b"POST /api/mv/create_scenes HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n",
+        "malformed_header",
+        "Content-Length",
+    ),
+    "two Content-Types": (HEAD + b"Content-Type: a/b\r\nContent-Type: c/d\r\n\r\n", "malformed_header", "Content-Type"),
     "folded header": (HEAD + b"X-Mood: a\r\n b\r\n\r\n", "malformed_header", None),
     "too many headers": (HEAD + b"".join(b"X-%d: v\r\n" % i for i in range(200)) + b"\r\n", "malformed_header", None),
     "over-long header": (HEAD + b"X-Long: " + b"a" * 9000 + b"\r\n\r\n", "malformed_request", None),
     "over-long name": (HEAD + b"X" * 9000 + b": v\r\n\r\n", "malformed_request", None),
     "over-long URL": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "malformed_request", None),
     "bad method": (b"G@T / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "malformed_request", None),
-    "bad chunk size": (b"POST /api/mv/create_scenes HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-                       b"zz\r\n", "malformed_request", None),
+    "bad chunk size": (
+        b"POST /api/mv/create_scenes HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        "malformed_request",
+        None,
+    ),
 }
 
 
@@ -91,8 +96,9 @@ async def served(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[int]
 
 @pytest.mark.parametrize("case", list(MALFORMED))
 @module_loop
-async def test_a_malformed_request_gets_the_json_error_shape(served: int, case: str,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_malformed_request_gets_the_json_error_shape(
+    served: int, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
     raw, code, field = MALFORMED[case]
     with caplog.at_level(logging.DEBUG, logger="aiohttp"):
         assert_json_error(await send_raw(served, raw), code, field)
@@ -120,10 +126,12 @@ async def serve_once(runner: web.BaseRunner, raw: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("debug", [False, True])
-async def test_a_failure_outside_the_middlewares_is_json_without_a_traceback(debug: bool,
-                                                                             caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_failure_outside_the_middlewares_is_json_without_a_traceback(
+    debug: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     """The runner's own 500 (a failure no middleware caught: here an app without them) is the JSON shape too, and
     aiohttp's debug mode (the event loop's), which puts the traceback in aiohttp's own answer, does not here."""
+
     async def broken(request: web.Request) -> web.Response:
         raise RuntimeError("secret detail")
 

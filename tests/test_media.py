@@ -22,8 +22,12 @@ FPS = 24
 
 
 def ffmpeg(*args: str) -> str:
-    proc = subprocess.run([media.ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args],
-                          capture_output=True, timeout=120, check=True)
+    proc = subprocess.run(
+        [media.ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     return proc.stdout.decode()
 
 
@@ -39,8 +43,14 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     specs = {"a": (6, "16:9", True), "b": (4, "16:9", True), "silent": (4, "16:9", False), "tall": (4, "9:16", True)}
 
     async def render() -> None:
-        await asyncio.gather(*(render_video(root / f"{name}.mp4", prompt=f"clip {name}", duration=d, aspect_ratio=ar,
-                                            generate_audio=audio) for name, (d, ar, audio) in specs.items()))
+        await asyncio.gather(
+            *(
+                render_video(
+                    root / f"{name}.mp4", prompt=f"clip {name}", duration=d, aspect_ratio=ar, generate_audio=audio
+                )
+                for name, (d, ar, audio) in specs.items()
+            )
+        )
 
     asyncio.run(render())
     return {name: root / f"{name}.mp4" for name in specs}
@@ -57,8 +67,9 @@ def packet_hashes(path: Path, stream: str = "v:0") -> list[str]:
     The concat demuxer repeats the parameter sets (SPS/PPS) in the first keyframe of each file, so both sides are
     put in Annex B form, which has them in every keyframe, before hashing.
     """
-    out = ffmpeg("-i", str(path), "-map", f"0:{stream}", "-c", "copy", "-bsf:v", "h264_mp4toannexb",
-                 "-f", "framemd5", "-")
+    out = ffmpeg(
+        "-i", str(path), "-map", f"0:{stream}", "-c", "copy", "-bsf:v", "h264_mp4toannexb", "-f", "framemd5", "-"
+    )
     return [line.rsplit(",", 1)[1].strip() for line in out.splitlines() if line and not line.startswith("#")]
 
 
@@ -66,9 +77,9 @@ def top_level_boxes(path: Path) -> list[str]:
     names, data = [], path.read_bytes()
     offset = 0
     while offset + 8 <= len(data):
-        size, name = struct.unpack(">I4s", data[offset:offset + 8])
+        size, name = struct.unpack(">I4s", data[offset : offset + 8])
         if size == 1:
-            size = struct.unpack(">Q", data[offset + 8:offset + 16])[0]
+            size = struct.unpack(">Q", data[offset + 8 : offset + 16])[0]
         names.append(name.decode("latin-1"))
         if size < 8:
             break
@@ -110,8 +121,9 @@ async def test_probe_describes_a_sandbox_clip(clips: dict[str, Path]) -> None:
     assert await media.stream_duration(clips["a"], "v:0", fps=video.fps) == pytest.approx(6.0)
 
 
-@pytest.mark.parametrize(("layout", "channels"), [("mono", 1), ("stereo", 2), ("5.1(side)", 6), ("7.1", 8),
-                                                  ("24 channels", 24), ("quad", 4)])
+@pytest.mark.parametrize(
+    ("layout", "channels"), [("mono", 1), ("stereo", 2), ("5.1(side)", 6), ("7.1", 8), ("24 channels", 24), ("quad", 4)]
+)
 async def test_probe_counts_channels(tmp_path: Path, layout: str, channels: int) -> None:
     path = tmp_path / "tone.wav"
     if layout.endswith("channels"):
@@ -184,8 +196,22 @@ async def test_an_assembly_song_that_names_another_file_is_refused(clips: dict[s
 
 async def test_run_ffmpeg_reports_progress_up_to_one(tmp_path: Path) -> None:
     seen: list[float] = []
-    await media.run_ffmpeg(["-f", "lavfi", "-i", "testsrc=d=3:s=160x90:r=24", "-c:v", "libx264", "-preset",
-                            "ultrafast", "-y", str(tmp_path / "t.mp4")], duration=3.0, progress=seen.append)
+    await media.run_ffmpeg(
+        [
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=d=3:s=160x90:r=24",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-y",
+            str(tmp_path / "t.mp4"),
+        ],
+        duration=3.0,
+        progress=seen.append,
+    )
     assert seen and seen[-1] == 1.0 and seen == sorted(seen) and all(0 <= f <= 1 for f in seen)
     assert (await media.probe(tmp_path / "t.mp4")).duration == pytest.approx(3.0, abs=0.05)
 
@@ -218,9 +244,25 @@ async def test_cancel_kills_ffmpeg_and_leaves_no_process(tmp_path: Path) -> None
     def seen(fraction: float) -> None:
         started.set()
 
-    task = asyncio.ensure_future(media.run_ffmpeg(
-        ["-re", "-f", "lavfi", "-i", "testsrc=d=600:s=160x90:r=10", "-c:v", "libx264", "-preset", "ultrafast",
-         "-y", str(out)], duration=600, progress=seen))
+    task = asyncio.ensure_future(
+        media.run_ffmpeg(
+            [
+                "-re",
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc=d=600:s=160x90:r=10",
+                "-c:v",
+                "libx264",
+                "-preset",
+                "ultrafast",
+                "-y",
+                str(out),
+            ],
+            duration=600,
+            progress=seen,
+        )
+    )
     async with asyncio.timeout(20):
         await started.wait()
     assert ffmpeg_processes(marker), "ffmpeg should be running"
@@ -233,8 +275,21 @@ async def test_cancel_kills_ffmpeg_and_leaves_no_process(tmp_path: Path) -> None
 async def test_a_timeout_kills_ffmpeg(tmp_path: Path) -> None:
     marker = f"timeout-{uuid.uuid4().hex}"
     with pytest.raises(MediaTimeout):
-        await media.run_ffmpeg(["-re", "-f", "lavfi", "-i", "testsrc=d=600:s=160x90:r=10", "-f", "null",
-                                "-metadata", f"comment={marker}", "-"], timeout=0.5)
+        await media.run_ffmpeg(
+            [
+                "-re",
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc=d=600:s=160x90:r=10",
+                "-f",
+                "null",
+                "-metadata",
+                f"comment={marker}",
+                "-",
+            ],
+            timeout=0.5,
+        )
     assert ffmpeg_processes(marker) == []
 
 
@@ -246,8 +301,11 @@ SLOW = ["-re", "-f", "lavfi", "-i", "testsrc=d=600:s=160x90:r=10"]  # runs for 1
 
 def children_of(parent: int, marker: str) -> list[int]:
     """Live processes started by ``parent`` whose command line contains ``marker``."""
-    return [pid for pid in ffmpeg_processes(marker)
-            if int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1]) == parent]
+    return [
+        pid
+        for pid in ffmpeg_processes(marker)
+        if int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1]) == parent
+    ]
 
 
 async def exited(pid: int, timeout: float) -> bool:
@@ -274,7 +332,7 @@ def proc_limit(pid: int, name: str) -> tuple[str, str]:
     """The soft and hard value of one line of /proc/<pid>/limits (e.g. "Max data size")."""
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
         if line.startswith(name):
-            soft, hard = line[len(name):].split()[:2]
+            soft, hard = line[len(name) :].split()[:2]
             return soft, hard
     raise AssertionError(f"no {name} in /proc/{pid}/limits")
 
@@ -282,9 +340,14 @@ def proc_limit(pid: int, name: str) -> tuple[str, str]:
 async def test_every_ffmpeg_runs_within_its_memory_thread_and_stack_limits(tmp_path: Path) -> None:
     marker = f"limits-{uuid.uuid4().hex}"
     started = asyncio.Event()
-    task = asyncio.ensure_future(media.run_ffmpeg(
-        [*SLOW, "-vf", "scale=320:180", "-metadata", f"comment={marker}", "-f", "null", "-"], duration=600,
-        progress=lambda _: started.set(), limits=FfmpegLimits(memory_mb=300, threads=1)))
+    task = asyncio.ensure_future(
+        media.run_ffmpeg(
+            [*SLOW, "-vf", "scale=320:180", "-metadata", f"comment={marker}", "-f", "null", "-"],
+            duration=600,
+            progress=lambda _: started.set(),
+            limits=FfmpegLimits(memory_mb=300, threads=1),
+        )
+    )
     try:
         async with asyncio.timeout(20):
             await started.wait()
@@ -292,7 +355,7 @@ async def test_every_ffmpeg_runs_within_its_memory_thread_and_stack_limits(tmp_p
         assert proc_limit(pid, "Max data size") == (str(300 << 20),) * 2
         assert proc_limit(pid, "Max stack size")[0] == str(2 << 20)  # thread stacks of 2 MiB, not 8
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-        assert args[args.index("-i") - 2:args.index("-i")] == ["-threads", "1"]  # the input's decoder
+        assert args[args.index("-i") - 2 : args.index("-i")] == ["-threads", "1"]  # the input's decoder
         assert args[-4:-1] == ["-threads", "1", "-"]  # the encoder: -threads right before the output
         assert {"-filter_threads", "-filter_complex_threads"} <= set(args)
         assert args[args.index("-filter_threads") + 1] == "1"
@@ -304,8 +367,11 @@ async def test_every_ffmpeg_runs_within_its_memory_thread_and_stack_limits(tmp_p
 
 async def test_an_ffmpeg_out_of_memory_is_a_memory_error(tmp_path: Path) -> None:
     with pytest.raises(MediaMemoryError, match="limit of 64 MiB"):
-        await media.run_ffmpeg(["-f", "lavfi", "-i", "testsrc=d=2:s=1920x1080:r=24", "-c:v", "libx264",
-                                "-y", str(tmp_path / "big.mp4")], duration=2, limits=FfmpegLimits(memory_mb=64))
+        await media.run_ffmpeg(
+            ["-f", "lavfi", "-i", "testsrc=d=2:s=1920x1080:r=24", "-c:v", "libx264", "-y", str(tmp_path / "big.mp4")],
+            duration=2,
+            limits=FfmpegLimits(memory_mb=64),
+        )
 
 
 async def test_the_time_limit_grows_with_the_output_and_kills_ffmpeg() -> None:
@@ -314,8 +380,9 @@ async def test_the_time_limit_grows_with_the_output_and_kills_ffmpeg() -> None:
     assert FfmpegLimits().timeout(100.0) is None  # no base: no time limit
     marker = f"slow-{uuid.uuid4().hex}"
     with pytest.raises(MediaTimeout, match=r"limit of 0\.5 s"):
-        await media.run_ffmpeg([*SLOW, "-metadata", f"comment={marker}", "-f", "null", "-"], duration=3.0,
-                               limits=limits)
+        await media.run_ffmpeg(
+            [*SLOW, "-metadata", f"comment={marker}", "-f", "null", "-"], duration=3.0, limits=limits
+        )
     assert ffmpeg_processes(marker) == []
 
 
@@ -374,9 +441,14 @@ async def test_a_run_lock_waits_for_its_holder_in_another_process_and_ffmpeg_inh
             async with media.run_lock(lock, on_wait=on_wait) as fd:
                 marker = f"lock-{uuid.uuid4().hex}"
                 started = asyncio.Event()
-                run = asyncio.ensure_future(media.run_ffmpeg(
-                    [*SLOW, "-metadata", f"comment={marker}", "-f", "null", "-"], duration=600,
-                    progress=lambda _: started.set(), hold=(fd,)))
+                run = asyncio.ensure_future(
+                    media.run_ffmpeg(
+                        [*SLOW, "-metadata", f"comment={marker}", "-f", "null", "-"],
+                        duration=600,
+                        progress=lambda _: started.set(),
+                        hold=(fd,),
+                    )
+                )
                 async with asyncio.timeout(20):
                     await started.wait()
                 [pid] = children_of(os.getpid(), marker)
@@ -408,8 +480,9 @@ async def test_a_run_lock_waits_for_its_holder_in_another_process_and_ffmpeg_inh
 # -- assemble: cuts ------------------------------------------------------------------------------------------------
 
 
-async def test_cuts_copy_whole_clips_and_encode_only_the_trimmed_one(clips: dict[str, Path], song: Path,
-                                                                     tmp_path: Path) -> None:
+async def test_cuts_copy_whole_clips_and_encode_only_the_trimmed_one(
+    clips: dict[str, Path], song: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "final.mp4"
     seen: list[float] = []
     edit = [Clip(clips["a"]), Clip(clips["b"], trim_in=0.5, trim_out=3.0), Clip(clips["silent"])]
@@ -419,8 +492,8 @@ async def test_cuts_copy_whole_clips_and_encode_only_the_trimmed_one(clips: dict
     info = await check_output(out, 12.5)
     assert info.first_video.width == 640 and info.first_video.height == 360
     hashes = packet_hashes(out)
-    assert hashes[:6 * FPS] == packet_hashes(clips["a"])  # clip a's video is in the output byte for byte
-    assert hashes[-4 * FPS:] == packet_hashes(clips["silent"])
+    assert hashes[: 6 * FPS] == packet_hashes(clips["a"])  # clip a's video is in the output byte for byte
+    assert hashes[-4 * FPS :] == packet_hashes(clips["silent"])
     assert len(hashes) == round(12.5 * FPS)
     assert seen and seen[-1] == 1.0 and seen == sorted(seen)
     assert leftovers(tmp_path) == []
@@ -438,8 +511,24 @@ async def test_without_song_or_clip_audio_the_audio_track_is_silent(clips: dict[
     out = tmp_path / "quiet.mp4"
     await media.assemble([Clip(clips["b"]), Clip(clips["silent"])], out)
     await check_output(out, 8.0)
-    volume = subprocess.run([media.ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(out), "-map", "0:a",
-                             "-af", "volumedetect", "-f", "null", "-"], capture_output=True, timeout=60).stderr.decode()
+    volume = subprocess.run(
+        [
+            media.ffmpeg_exe(),
+            "-nostdin",
+            "-hide_banner",
+            "-i",
+            str(out),
+            "-map",
+            "0:a",
+            "-af",
+            "volumedetect",
+            "-f",
+            "null",
+            "-",
+        ],
+        capture_output=True,
+        timeout=60,
+    ).stderr.decode()
     assert "max_volume: -91" in volume  # digital silence
 
 
@@ -455,15 +544,42 @@ async def test_song_shorter_than_the_video_is_padded_with_silence(clips: dict[st
 
 def clicks_song(path: Path, seconds: float) -> Path:
     """A quiet tone with a loud 5 ms click every half second (at 0, 0.5, 1.0 ... s): the clicks mark song time."""
-    ffmpeg("-f", "lavfi", "-i", f"aevalsrc='0.05*sin(2*PI*330*t)+if(lt(mod(t\\,0.5)\\,0.005)\\,0.9\\,0)':s=44100:d={seconds}",
-           "-ac", "2", str(path))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        f"aevalsrc='0.05*sin(2*PI*330*t)+if(lt(mod(t\\,0.5)\\,0.005)\\,0.9\\,0)':s=44100:d={seconds}",
+        "-ac",
+        "2",
+        str(path),
+    )
     return path
 
 
 def click_times(path: Path) -> list[float]:
     """Where the clicks of :func:`clicks_song` are in a file's decoded audio (seconds from its start)."""
-    raw = subprocess.run([media.ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-ac", "1",
-                          "-ar", "48000", "-f", "s16le", "-"], capture_output=True, timeout=60, check=True).stdout
+    raw = subprocess.run(
+        [
+            media.ffmpeg_exe(),
+            "-nostdin",
+            "-v",
+            "error",
+            "-i",
+            str(path),
+            "-map",
+            "0:a:0",
+            "-ac",
+            "1",
+            "-ar",
+            "48000",
+            "-f",
+            "s16le",
+            "-",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    ).stdout
     samples = struct.unpack(f"<{len(raw) // 2}h", raw)
     times, last = [], -1.0
     for index, value in enumerate(samples):
@@ -480,7 +596,8 @@ def audio_packets(path: Path) -> list[str]:
 
 
 async def test_a_cut_only_edit_copies_the_song_s_aac_packets_and_encodes_only_the_faded_end(
-        clips: dict[str, Path], tmp_path: Path) -> None:
+    clips: dict[str, Path], tmp_path: Path
+) -> None:
     song = clicks_song(tmp_path / "clicks.wav", 20.0)
     aac, small = tmp_path / "song.aac.m4a", tmp_path / "song.preview.mp3"
     await media.encode_song_copies(song, aac, small, duration=20.0)
@@ -495,7 +612,7 @@ async def test_a_cut_only_edit_copies_the_song_s_aac_packets_and_encodes_only_th
     packets, source = audio_packets(tmp_path / "copied.mp4"), audio_packets(aac)
     first = source.index(packets[0])
     body = round(9.0 / media.AAC_FRAME_SECONDS) - 2
-    assert packets[:body] == source[first:first + body]
+    assert packets[:body] == source[first : first + body]
     assert abs(first * media.AAC_FRAME_SECONDS - 3.1) <= 2 * media.AAC_FRAME_SECONDS  # (the copy's first is priming)
     # The song plays at the same times as when it is encoded: each click within one AAC frame (21 ms).
     heard, reference = click_times(tmp_path / "copied.mp4"), click_times(tmp_path / "encoded.mp4")
@@ -510,14 +627,16 @@ async def test_a_cut_only_edit_copies_the_song_s_aac_packets_and_encodes_only_th
     assert padded.audio == "copied"
     await check_output(tmp_path / "padded.mp4", 10.0)
     # A song that ends before the fade, or clip audio mixed in, is encoded as before.
-    mixed = await media.assemble(edit, tmp_path / "mixed.mp4", song=song, song_offset=3.1, song_copy=copy,
-                                 clip_audio="mix")
+    mixed = await media.assemble(
+        edit, tmp_path / "mixed.mp4", song=song, song_offset=3.1, song_copy=copy, clip_audio="mix"
+    )
     late = await media.assemble(edit, tmp_path / "late.mp4", song=song, song_offset=15.0, song_copy=copy)
     assert (mixed.audio, late.audio) == ("encoded", "encoded")
 
 
 async def test_the_song_s_copies_and_its_packet_copy_run_within_the_limits_and_the_job_s_lock(
-        clips: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clips: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every ffmpeg of the song's copies and of a cut-only edit that copies the song's packets gets the limits it
     is given (memory, threads on each output, the job's run lock), as every other assembly run does."""
     runs: list[tuple[list[str], FfmpegLimits, tuple[int, ...]]] = []
@@ -535,12 +654,18 @@ async def test_the_song_s_copies_and_its_packet_copy_run_within_the_limits_and_t
     [(args, used, _)] = runs
     assert used == limits
     first_output = args.index("-y")  # the AAC copy's temporary; the preview is the last output
-    assert args[first_output - 4:first_output - 2] == ["-threads", "1"]  # the AAC output's encoder too
+    assert args[first_output - 4 : first_output - 2] == ["-threads", "1"]  # the AAC output's encoder too
     runs.clear()
     async with media.run_lock(tmp_path / "job.lock") as held:
-        result = await media.assemble([Clip(clips["a"]), Clip(clips["b"])], tmp_path / "out.mp4", song=song,
-                                      song_offset=3.1, song_copy=media.SongCopy(aac, 20.0), limits=limits,
-                                      hold=(held,))
+        result = await media.assemble(
+            [Clip(clips["a"]), Clip(clips["b"])],
+            tmp_path / "out.mp4",
+            song=song,
+            song_offset=3.1,
+            song_copy=media.SongCopy(aac, 20.0),
+            limits=limits,
+            hold=(held,),
+        )
     assert result.audio == "copied"
     assert len(runs) == 2  # the faded end, then the mux of the copied video and audio
     assert all(used == limits and hold == (held,) for _, used, hold in runs), runs
@@ -549,11 +674,12 @@ async def test_the_song_s_copies_and_its_packet_copy_run_within_the_limits_and_t
 # -- assemble: crossfade and fit -----------------------------------------------------------------------------------
 
 
-async def test_crossfade_overlaps_clips_and_mixes_clip_audio(clips: dict[str, Path], song: Path, tmp_path: Path) -> None:
+async def test_crossfade_overlaps_clips_and_mixes_clip_audio(
+    clips: dict[str, Path], song: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "xfade.mp4"
     edit = [Clip(clips["a"], trim_out=5.0), Clip(clips["silent"]), Clip(clips["b"], trim_in=1.0)]
-    result = await media.assemble(edit, out, song=song, transition="crossfade", crossfade_seconds=0.5,
-                                  clip_audio="mix")
+    result = await media.assemble(edit, out, song=song, transition="crossfade", crossfade_seconds=0.5, clip_audio="mix")
     assert result.reencoded == [0, 1, 2] and result.copied == []
     assert result.duration == pytest.approx(5 + 4 + 3 - 2 * 0.5)
     await check_output(out, 11.0)
@@ -562,8 +688,12 @@ async def test_crossfade_overlaps_clips_and_mixes_clip_audio(clips: dict[str, Pa
 def test_crossfade_pieces_show_every_frame_once_and_decode_few_clips_at_a_time() -> None:
     pieces = media.crossfade_pieces([96, 96, 96], 12)
     assert [(p.parts, p.frames) for p in pieces] == [
-        (((0, 0, 84),), 84), (((0, 84, 12), (1, 0, 12)), 12), (((1, 12, 72),), 72), (((1, 84, 12), (2, 0, 12)), 12),
-        (((2, 12, 84),), 84)]
+        (((0, 0, 84),), 84),
+        (((0, 84, 12), (1, 0, 12)), 12),
+        (((1, 12, 72),), 72),
+        (((1, 84, 12), (2, 0, 12)), 12),
+        (((2, 12, 84),), 84),
+    ]
     # a clip shorter than twice the crossfade has no stretch of its own: both its joins are one piece
     pieces = media.crossfade_pieces([96, 20, 96], 12)
     assert [p.parts for p in pieces][1] == ((0, 84, 12), (1, 0, 20), (2, 0, 12))
@@ -596,8 +726,20 @@ async def test_a_crossfade_needs_no_more_memory_for_more_clips(clips: dict[str, 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
 
     def peak_kib(repeat: int) -> int:
-        done = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path / f"x{repeat}.mp4"), str(repeat),
-                               str(clips["b"]), str(clips["tall"])], env=env, capture_output=True, timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                PEAK,
+                str(tmp_path / f"x{repeat}.mp4"),
+                str(repeat),
+                str(clips["b"]),
+                str(clips["tall"]),
+            ],
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr.decode()[-2000:]
         return int(done.stdout)
 
@@ -621,17 +763,21 @@ async def test_different_aspect_ratios_need_fit(clips: dict[str, Path], tmp_path
     assert (info.first_video.width, info.first_video.height) == (360, 640)
 
 
-@pytest.mark.parametrize(("clip", "kwargs", "field"), [
-    (Clip(Path("a"), trim_in=-1), {}, "clips[0].trim_in"),
-    (Clip(Path("a"), trim_in=6.0), {}, "clips[0].trim_in"),
-    (Clip(Path("a"), trim_out=9.0), {}, "clips[0].trim_out"),
-    (Clip(Path("a"), trim_in=2.0, trim_out=1.0), {}, "clips[0].trim_out"),
-    (Clip(Path("a")), {"song_offset": 45.0}, "song_offset"),
-    (Clip(Path("a")), {"transition": "crossfade", "crossfade_seconds": 5.0}, "crossfade_seconds"),
-    (Clip(Path("a")), {"transition": "wipe"}, "transition"),
-])
-async def test_bad_input_names_the_field(clips: dict[str, Path], song: Path, tmp_path: Path, clip: Clip,
-                                         kwargs: dict, field: str) -> None:
+@pytest.mark.parametrize(
+    ("clip", "kwargs", "field"),
+    [
+        (Clip(Path("a"), trim_in=-1), {}, "clips[0].trim_in"),
+        (Clip(Path("a"), trim_in=6.0), {}, "clips[0].trim_in"),
+        (Clip(Path("a"), trim_out=9.0), {}, "clips[0].trim_out"),
+        (Clip(Path("a"), trim_in=2.0, trim_out=1.0), {}, "clips[0].trim_out"),
+        (Clip(Path("a")), {"song_offset": 45.0}, "song_offset"),
+        (Clip(Path("a")), {"transition": "crossfade", "crossfade_seconds": 5.0}, "crossfade_seconds"),
+        (Clip(Path("a")), {"transition": "wipe"}, "transition"),
+    ],
+)
+async def test_bad_input_names_the_field(
+    clips: dict[str, Path], song: Path, tmp_path: Path, clip: Clip, kwargs: dict, field: str
+) -> None:
     first = Clip(clips["a"], clip.trim_in, clip.trim_out)
     with pytest.raises(AssemblyInputError) as error:
         await media.assemble([first, Clip(clips["b"])], tmp_path / "bad.mp4", song=song, **kwargs)
@@ -654,9 +800,15 @@ async def test_a_cancelled_assembly_leaves_nothing_behind(clips: dict[str, Path]
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     started = asyncio.Event()
-    task = asyncio.ensure_future(media.assemble(
-        [Clip(clips["a"], trim_in=0.1)] * 6, out_dir / "final.mp4", song=song, transition="crossfade",
-        progress=lambda f: started.set()))
+    task = asyncio.ensure_future(
+        media.assemble(
+            [Clip(clips["a"], trim_in=0.1)] * 6,
+            out_dir / "final.mp4",
+            song=song,
+            transition="crossfade",
+            progress=lambda f: started.set(),
+        )
+    )
     async with asyncio.timeout(30):
         await started.wait()
     task.cancel()
@@ -669,6 +821,10 @@ async def test_a_cancelled_assembly_leaves_nothing_behind(clips: dict[str, Path]
 async def test_probe_clips_reads_many_files_in_one_run(clips: dict[str, Path]) -> None:
     described = await media.probe_clips([clips["a"], clips["tall"], clips["a"], clips["silent"]])
     assert [frames for _, frames in described] == [6 * FPS, 4 * FPS, 6 * FPS, 4 * FPS]
-    assert [(i.first_video.width, i.first_video.height) for i, _ in described] == [(640, 360), (360, 640),
-                                                                                  (640, 360), (640, 360)]
+    assert [(i.first_video.width, i.first_video.height) for i, _ in described] == [
+        (640, 360),
+        (360, 640),
+        (640, 360),
+        (640, 360),
+    ]
     assert [len(i.audio) for i, _ in described] == [1, 1, 1, 0]

@@ -18,8 +18,11 @@ from mvserver.web.access.auth import KeyLimits, create_key
 from mvserver.web.metrics import METRICS, WEBHOOK_OUTCOMES
 
 SECRET = "test-signing-secret-0123456789abcdefghij"
-SCENES = {"idea": "a drummer on a rooftop at dusk", "character_description": "a tall woman in a red coat",
-          "number_of_scenes": 2}
+SCENES = {
+    "idea": "a drummer on a rooftop at dusk",
+    "character_description": "a tall woman in a red coat",
+    "number_of_scenes": 2,
+}
 
 
 async def scrape(client: TestClient, headers: dict[str, str] | None = None) -> dict[tuple[str, frozenset], float]:
@@ -68,14 +71,17 @@ async def test_request_and_provider_metrics_move(make_client: AppClient, sim: Si
 
 async def test_replicate_calls_are_timed(make_client: AppClient) -> None:
     client = await make_client(MV_METRICS="true")
-    image = await client.post("/api/mv/generate_character_reference",
-                              json={"character_description": "a tall woman in a red coat"})
+    image = await client.post(
+        "/api/mv/generate_character_reference", json={"character_description": "a tall woman in a red coat"}
+    )
     assert image.status == 200
     samples = await scrape(client)
-    created = value(samples, "mv_provider_call_duration_seconds_count", provider="replicate", operation="create",
-                    outcome="ok")
-    polled = value(samples, "mv_provider_call_duration_seconds_count", provider="replicate", operation="get",
-                   outcome="ok")
+    created = value(
+        samples, "mv_provider_call_duration_seconds_count", provider="replicate", operation="create", outcome="ok"
+    )
+    polled = value(
+        samples, "mv_provider_call_duration_seconds_count", provider="replicate", operation="get", outcome="ok"
+    )
     assert created == 1 and polled >= 1
 
 
@@ -136,8 +142,10 @@ async def test_job_metrics_move_when_jobs_run_and_streams_open(make_client: AppC
     second = await (await client.post("/api/mv/generate_video", json=video)).json()
     canceled = await client.post(f"/api/mv/jobs/{second['job_id']}/cancel")
     assert (await canceled.json())["status"] == "canceled"
-    final = await scrape_until(client, lambda samples: value(samples, "mv_jobs_finished_total", status="canceled",
-                                                             kind="video", backend=backend) > 0)
+    final = await scrape_until(
+        client,
+        lambda samples: value(samples, "mv_jobs_finished_total", status="canceled", kind="video", backend=backend) > 0,
+    )
     assert value(final, "mv_jobs_finished_total", status="canceled", kind="video", backend=backend) == 1
     assert value(final, "mv_jobs_finished_total", **finished) == 1
 
@@ -153,8 +161,9 @@ def job_gauges(samples: dict[tuple[str, frozenset], float]) -> dict[tuple[str, s
 
 
 @pytest.mark.both_stores
-async def test_job_gauges_count_the_stores_unfinished_jobs_at_each_scrape(make_client: AppClient, sim: Simulator,
-                                                                          job_store_kind: str) -> None:
+async def test_job_gauges_count_the_stores_unfinished_jobs_at_each_scrape(
+    make_client: AppClient, sim: Simulator, job_store_kind: str
+) -> None:
     sim.video_latency = 60.0  # the jobs stay running until they are canceled
     client = await make_client(MV_METRICS="true", MV_MAX_CONCURRENT_JOBS="1")
     before = await scrape(client)
@@ -166,8 +175,11 @@ async def test_job_gauges_count_the_stores_unfinished_jobs_at_each_scrape(make_c
         assert response.status == 202, await response.text()
         ids.append((await response.json())["job_id"])
     # One slot: the first job runs, the other two wait for it.
-    expected = {("running", "video", "replicate"): 1, ("queued", "video", "replicate"): 1,
-                ("queued", "video", "gemini"): 1}
+    expected = {
+        ("running", "video", "replicate"): 1,
+        ("queued", "video", "replicate"): 1,
+        ("queued", "video", "gemini"): 1,
+    }
     samples = await scrape_until(client, lambda s: job_gauges(s) == expected)
     assert value(samples, "mv_job_queue_depth") == 2
     clients = [client]
@@ -189,8 +201,10 @@ async def test_job_gauges_count_the_stores_unfinished_jobs_at_each_scrape(make_c
     finished = 0.0
     for each in clients:  # each process counts the jobs it finished
         samples = await scrape(each)
-        finished += sum(value(samples, "mv_jobs_finished_total", status="canceled", kind="video", backend=backend)
-                        for backend in ("replicate", "gemini"))
+        finished += sum(
+            value(samples, "mv_jobs_finished_total", status="canceled", kind="video", backend=backend)
+            for backend in ("replicate", "gemini")
+        )
     assert finished == 3
 
 
@@ -219,17 +233,24 @@ async def test_webhook_deliveries_are_counted_by_outcome(hook_client: HookClient
     client = await hook_client(MV_METRICS="true")
 
     def deliveries(samples: dict[tuple[str, frozenset], float]) -> dict[str, float]:
-        return {outcome: value(samples, "mv_webhook_deliveries_total", provider="replicate", outcome=outcome)
-                for outcome in WEBHOOK_OUTCOMES}
+        return {
+            outcome: value(samples, "mv_webhook_deliveries_total", provider="replicate", outcome=outcome)
+            for outcome in WEBHOOK_OUTCOMES
+        }
 
     before = await scrape(client)
-    assert all(("mv_webhook_deliveries_total", frozenset({"provider": "replicate", "outcome": o}.items())) in before
-               for o in WEBHOOK_OUTCOMES)
+    assert all(
+        ("mv_webhook_deliveries_total", frozenset({"provider": "replicate", "outcome": o}.items())) in before
+        for o in WEBHOOK_OUTCOMES
+    )
     assert set(deliveries(before).values()) == {0}
     # A real job: the simulator signs and sends its webhooks, and the job applies them.
     job_id, forged = await running_job(client)
-    finished = await scrape_until(client, lambda s: value(s, "mv_jobs_finished_total", status="succeeded",
-                                                          kind="video", backend="replicate") == 1, timeout=15)
+    finished = await scrape_until(
+        client,
+        lambda s: value(s, "mv_jobs_finished_total", status="succeeded", kind="video", backend="replicate") == 1,
+        timeout=15,
+    )
     counted = deliveries(finished)
     assert counted["accepted"] >= 2  # at least the start and the completed delivery
     url = f"/api/mv/webhooks/replicate?job={job_id}"
@@ -245,5 +266,11 @@ async def test_webhook_deliveries_are_counted_by_outcome(hook_client: HookClient
     assert (await client.post(unknown, data=raw, headers=headers)).status == 400
     after = deliveries(await scrape(client))
     moved = {outcome: after[outcome] - counted[outcome] for outcome in WEBHOOK_OUTCOMES}
-    assert moved == {**{o: 0 for o in WEBHOOK_OUTCOMES}, "bad_signature": 1, "job_finished": 1, "duplicate": 1,
-                     "unknown_job": 1, "malformed": 1}
+    assert moved == {
+        **{o: 0 for o in WEBHOOK_OUTCOMES},
+        "bad_signature": 1,
+        "job_finished": 1,
+        "duplicate": 1,
+        "unknown_job": 1,
+        "malformed": 1,
+    }

@@ -49,22 +49,34 @@ async def test_no_response_or_job_event_shows_a_server_path(make_client: AppClie
     song = make_audio(tmp_path / "song.wav", seconds=10.0).read_bytes()
     uploaded = await seen.json("POST", "/api/mv/upload_audio", 201, data=song, headers={"Content-Type": "audio/wav"})
     assert "output_file" not in uploaded
-    image = await seen.json("POST", "/api/mv/generate_character_reference", 200,
-                            json={"character_description": "a singer in a yellow raincoat", "number_of_images": 2})
+    image = await seen.json(
+        "POST",
+        "/api/mv/generate_character_reference",
+        200,
+        json={"character_description": "a singer in a yellow raincoat", "number_of_images": 2},
+    )
     assert "output_file" not in image and all("output_file" not in one for one in image["images"])
-    scenes = await seen.json("POST", "/api/mv/create_scenes", 200, json={
-        "idea": "a night train", "character_description": "a singer in a yellow raincoat", "number_of_scenes": 2})
+    scenes = await seen.json(
+        "POST",
+        "/api/mv/create_scenes",
+        200,
+        json={"idea": "a night train", "character_description": "a singer in a yellow raincoat", "number_of_scenes": 2},
+    )
     assert "files" not in scenes
-    video = await seen.json("POST", "/api/mv/generate_video", 202,
-                            json={"prompt": "a singer on a night platform", "duration": 8,
-                                  "reference_image_id": image["image_id"]})
+    video = await seen.json(
+        "POST",
+        "/api/mv/generate_video",
+        202,
+        json={"prompt": "a singer on a night platform", "duration": 8, "reference_image_id": image["image_id"]},
+    )
     assert (await seen.events(video["job_id"]))[-1]["event"] == "succeeded"
 
     # The song breaks on disk after its upload: the job's ffmpeg cut fails, and ffmpeg names the file it read.
     song_file = outputs / "audio" / f"{uploaded['audio_id']}.wav"
     song_file.write_bytes(b"RIFF not a wave file at all" * 100)
-    lipsync = await seen.json("POST", "/api/mv/lipsync", 202,
-                              json={"video_job_id": video["job_id"], "audio_id": uploaded["audio_id"]})
+    lipsync = await seen.json(
+        "POST", "/api/mv/lipsync", 202, json={"video_job_id": video["job_id"], "audio_id": uploaded["audio_id"]}
+    )
     final = (await seen.events(lipsync["job_id"]))[-1]
     assert final["event"] == "failed" and final["data"]["error"]["code"] == "audio_cut_failed", final
     job = await seen.json("GET", f"/api/mv/jobs/{lipsync['job_id']}", 200)
@@ -83,8 +95,11 @@ def test_error_texts_name_files_but_never_where_they_are(tmp_path: Path) -> None
 
     hide_paths_under(tmp_path / "srv")
     where = tmp_path / "srv" / "videos" / ".clip.mp4.1a2b.part"
-    info = ErrorInfo("internal_error", f"FileNotFoundError: [Errno 2] No such file or directory: '{where}'",
-                     provider_error={"detail": [f"Unable to re-open {where} output file"]})
+    info = ErrorInfo(
+        "internal_error",
+        f"FileNotFoundError: [Errno 2] No such file or directory: '{where}'",
+        provider_error={"detail": [f"Unable to re-open {where} output file"]},
+    )
     assert info.message == "FileNotFoundError: [Errno 2] No such file or directory: '.clip.mp4.1a2b.part'"
     assert info.provider_error == {"detail": ["Unable to re-open .clip.mp4.1a2b.part output file"]}
     url = f"see /api/mv/get_video/x or http://127.0.0.1:8080{where}"  # URLs and API paths stay as they are

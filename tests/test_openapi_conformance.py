@@ -34,26 +34,42 @@ from schemathesis.checks import positive_data_acceptance
 from mvserver.web.access.auth import KeyLimits, create_key
 
 EXAMPLES_PER_OPERATION = 10
-UNEXPRESSIBLE = {"/api/mv/generate_video": {"reference_image_base64", "reference_image_id", "video_rules_template",
-                                            "prompt", "aspect_ratio", "duration"},
-                 "/api/mv/upload_audio": {"body"},  # the bytes must be an audio file ffmpeg decodes
-                 "/api/mv/assemble": {"clips.0.job_id"},  # a clip must be a finished job (a random id is none)
-                 # one field needs another (the field descriptions say so; generation ignores such rules)
-                 "/api/mv/lipsync": {"scene_id", "video_job_id", "audio_id"},
-                 "/api/mv/projects": {"audio_offset", "audio_id", "character_image_id"},
-                 # to after from, at most report_max_days apart; a date the pattern allows may not exist (02-30)
-                 "/api/mv/usage": {"from", "to"}}
+UNEXPRESSIBLE = {
+    "/api/mv/generate_video": {
+        "reference_image_base64",
+        "reference_image_id",
+        "video_rules_template",
+        "prompt",
+        "aspect_ratio",
+        "duration",
+    },
+    "/api/mv/upload_audio": {"body"},  # the bytes must be an audio file ffmpeg decodes
+    "/api/mv/assemble": {"clips.0.job_id"},  # a clip must be a finished job (a random id is none)
+    # one field needs another (the field descriptions say so; generation ignores such rules)
+    "/api/mv/lipsync": {"scene_id", "video_job_id", "audio_id"},
+    "/api/mv/projects": {"audio_offset", "audio_id", "character_image_id"},
+    # to after from, at most report_max_days apart; a date the pattern allows may not exist (02-30)
+    "/api/mv/usage": {"from", "to"},
+}
 # Every job-creating request: a webhook_url must name a public host (or an allowed network) and the server must have
 # a signing secret for it, neither of which a schema can say.
-for _path in ("/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/assemble", "/api/mv/projects/{project_id}/clips",
-              "/api/mv/projects/{project_id}/scenes/{scene_id}/clips", "/api/mv/projects/{project_id}/assemble",
-              "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync"):
+for _path in (
+    "/api/mv/generate_video",
+    "/api/mv/lipsync",
+    "/api/mv/assemble",
+    "/api/mv/projects/{project_id}/clips",
+    "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
+    "/api/mv/projects/{project_id}/assemble",
+    "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync",
+):
     UNEXPRESSIBLE[_path] = UNEXPRESSIBLE.get(_path, set()) | {"webhook_url"}
 PROVIDER_KEYS = ("GEMINI_API_KEY", "REPLICATE_API_TOKEN", "GOOGLE_VERTEX_API_KEY", "GOOGLE_CLOUD_PROJECT")
 
 
 @pytest.fixture(scope="module", params=["keys_off", "keys_on"])
-def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, str]]]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[tuple[str, dict[str, str]]]:
     """``python -m mvserver`` in sandbox mode on a free loopback port, with instant scenes and images; with
     ``keys_on``, API keys (limits high enough never to refuse), signed links and metrics. Yields the URL and the
     headers every call sends."""
@@ -77,8 +93,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
         env.update(MV_API_KEYS_FILE=str(tmp / "keys.yaml"), MV_URL_SIGNING_SECRET="s" * 40, MV_METRICS="true")
         headers = {"Authorization": f"Bearer {key}"}
     log = (tmp / "server.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=PROJECT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -113,8 +134,9 @@ def test_the_server_conforms_to_its_openapi_document(server: tuple[str, dict[str
         allowed_fields = UNEXPRESSIBLE.get(operation.path, set())
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         def call(case: schemathesis.Case) -> None:
             nonlocal calls
             calls += 1

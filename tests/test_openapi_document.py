@@ -40,8 +40,12 @@ async def documents(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[d
     tmp = tmp_path_factory.mktemp("openapi")
     base = {"MV_SANDBOX": "true", "MV_OUTPUT_DIR": str(tmp / "outputs"), "MV_SETTINGS_DIR": str(PROJECT / "settings")}
     _, key = create_key(tmp / "keys.yaml", "openapi", KeyLimits())
-    keyed = {**base, "MV_API_KEYS_FILE": str(tmp / "keys.yaml"), "MV_URL_SIGNING_SECRET": "s" * 40,
-             "MV_METRICS": "true"}
+    keyed = {
+        **base,
+        "MV_API_KEYS_FILE": str(tmp / "keys.yaml"),
+        "MV_URL_SIGNING_SECRET": "s" * 40,
+        "MV_METRICS": "true",
+    }
     served: dict[str, dict[str, Any]] = {}
     for name, env, headers in (("keys_off", base, {}), ("keys_on", keyed, {"Authorization": f"Bearer {key}"})):
         async with TestClient(TestServer(create_app(env))) as client:
@@ -52,8 +56,12 @@ async def documents(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[d
 
 
 def operations(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(path, method): operation for path, item in document["paths"].items()
-            for method, operation in item.items() if method in METHODS}
+    return {
+        (path, method): operation
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+        if method in METHODS
+    }
 
 
 def without_descriptions(node: Any) -> Any:
@@ -67,8 +75,9 @@ def without_descriptions(node: Any) -> Any:
 
 @shared
 @pytest.mark.parametrize("variant", ["keys_off", "keys_on"])
-async def test_everything_the_old_document_described_is_still_served(documents: dict[str, dict[str, Any]],
-                                                                    variant: str) -> None:
+async def test_everything_the_old_document_described_is_still_served(
+    documents: dict[str, dict[str, Any]], variant: str
+) -> None:
     before, now = BEFORE[variant], documents[variant]
     missing: list[str] = []
     now_operations = operations(now)
@@ -83,8 +92,9 @@ async def test_everything_the_old_document_described_is_still_served(documents: 
             current = new_parameters.get((parameter["name"], parameter["in"]))
             if current is None:
                 missing.append(f"{label}: parameter {parameter['name']}")
-            elif (current.get("required", False) != parameter.get("required", False)
-                  or without_descriptions(current["schema"]) != without_descriptions(parameter["schema"])):
+            elif current.get("required", False) != parameter.get("required", False) or without_descriptions(
+                current["schema"]
+            ) != without_descriptions(parameter["schema"]):
                 missing.append(f"{label}: parameter {parameter['name']} changed")
         if "requestBody" in old:
             body = new.get("requestBody")
@@ -93,15 +103,19 @@ async def test_everything_the_old_document_described_is_still_served(documents: 
             else:
                 if body.get("required", False) and not old["requestBody"].get("required", False):
                     missing.append(f"{label}: request body became required")
-                missing += [f"{label}: request body {kind}" for kind in old["requestBody"]["content"]
-                            if kind not in body["content"]]
+                missing += [
+                    f"{label}: request body {kind}"
+                    for kind in old["requestBody"]["content"]
+                    if kind not in body["content"]
+                ]
         for status, answer in old["responses"].items():
             if status not in new["responses"]:
                 missing.append(f"{label}: response {status}")
                 continue
             content = new["responses"][status].get("content", {})
-            missing += [f"{label}: response {status} {kind}" for kind in answer.get("content", {})
-                        if kind not in content]
+            missing += [
+                f"{label}: response {status} {kind}" for kind in answer.get("content", {}) if kind not in content
+            ]
         if "security" in old and old["security"] != new.get("security"):
             missing.append(f"{label}: security")
     if "security" in before and before["security"] != now.get("security"):
@@ -174,14 +188,29 @@ OPERATION_IDS = {
 }
 VERBS = ("get", "list", "create", "update", "generate", "start", "cancel", "stream", "upload", "receive", "write")
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
-PUBLIC = {("/api/mv/health", "get"), ("/api/mv/health/live", "get"), ("/api/mv/health/ready", "get"),
-          ("/api/mv/webhooks/replicate", "post")}
+PUBLIC = {
+    ("/api/mv/health", "get"),
+    ("/api/mv/health/live", "get"),
+    ("/api/mv/health/ready", "get"),
+    ("/api/mv/webhooks/replicate", "post"),
+}
 # POSTs that draw on a key's quotas: with keys on, each may answer 429
-CHARGED = {(path, "post") for path in (
-    "/api/mv/create_scenes", "/api/mv/generate_character_reference", "/api/mv/generate_video", "/api/mv/lipsync",
-    "/api/mv/assemble", "/api/mv/projects/{project_id}/write_scenes", "/api/mv/projects/{project_id}/character",
-    "/api/mv/projects/{project_id}/clips", "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
-    "/api/mv/projects/{project_id}/assemble", "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync")}
+CHARGED = {
+    (path, "post")
+    for path in (
+        "/api/mv/create_scenes",
+        "/api/mv/generate_character_reference",
+        "/api/mv/generate_video",
+        "/api/mv/lipsync",
+        "/api/mv/assemble",
+        "/api/mv/projects/{project_id}/write_scenes",
+        "/api/mv/projects/{project_id}/character",
+        "/api/mv/projects/{project_id}/clips",
+        "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
+        "/api/mv/projects/{project_id}/assemble",
+        "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync",
+    )
+}
 
 
 def resolve(document: dict[str, Any], ref: str) -> Any:
@@ -201,8 +230,9 @@ def refs(node: Any) -> list[str]:
 
 @shared
 @pytest.mark.parametrize("variant", ["keys_off", "keys_on"])
-async def test_every_operation_has_an_id_response_schemas_errors_and_security(documents: dict[str, dict[str, Any]],
-                                                                             variant: str) -> None:
+async def test_every_operation_has_an_id_response_schemas_errors_and_security(
+    documents: dict[str, dict[str, Any]], variant: str
+) -> None:
     document, keys = documents[variant], variant == "keys_on"
     problems: list[str] = []
     found = operations(document)
@@ -270,9 +300,17 @@ class Documented:
         errors = [str(error) for error in jsonschema_rs.Draft202012Validator(root).iter_errors(instance)]
         assert not errors, f"{where}: {errors[:3]}"
 
-    async def call(self, method: str, template: str, *, path: dict[str, str] | None = None, query: str = "",
-                   headers: dict[str, str] | None = None, expect: int | None = None, **kwargs: Any
-                   ) -> tuple[Any, Any]:
+    async def call(
+        self,
+        method: str,
+        template: str,
+        *,
+        path: dict[str, str] | None = None,
+        query: str = "",
+        headers: dict[str, str] | None = None,
+        expect: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
         """The answer (and its body) to a request of the operation at ``template``; ``expect``: its status (by
         default any success)."""
         url = template.format(**(path or {})) + (f"?{query}" if query else "")
@@ -288,8 +326,9 @@ class Documented:
         if not raw and not content:
             return response, None
         media_type = response.content_type
-        documented = [kind for kind in content if kind == media_type
-                      or (kind.endswith("/*") and media_type.startswith(kind[:-1]))]
+        documented = [
+            kind for kind in content if kind == media_type or (kind.endswith("/*") and media_type.startswith(kind[:-1]))
+        ]
         assert documented, f"{where}: {media_type} is not one of {list(content)}"
         self.checked.add((method, template, str(response.status)))
         if media_type != "application/json":
@@ -299,8 +338,9 @@ class Documented:
         self.validate(content[documented[0]]["schema"], body, where)
         return response, body
 
-    async def events(self, template: str, path: dict[str, str] | None = None, query: str = "",
-                     first: int | None = None) -> list[dict[str, Any]]:
+    async def events(
+        self, template: str, path: dict[str, str] | None = None, query: str = "", first: int | None = None
+    ) -> list[dict[str, Any]]:
         """Follow an event stream to its end (or its ``first`` events, for a stream that stays open); each event
         must fit the documented event schema."""
         url = template.format(**(path or {})) + (f"?{query}" if query else "")
@@ -320,8 +360,11 @@ class Documented:
                 raw["retry"] = int(raw["retry"])
             self.validate(schema, raw, f"{template} event {event['event']}")
             if "contentSchema" in event_schema["properties"]["data"]:
-                self.validate(event_schema["properties"]["data"]["contentSchema"], event["data"],
-                              f"{template} event {event['event']} data")
+                self.validate(
+                    event_schema["properties"]["data"]["contentSchema"],
+                    event["data"],
+                    f"{template} event {event['event']} data",
+                )
         self.checked.add(("GET", template, "200"))
         return events
 
@@ -336,13 +379,27 @@ async def until_final(api: Documented, job_id: str) -> dict[str, Any]:
 
 def tone(tmp_path: Path, seconds: float) -> bytes:
     path = tmp_path / "song.wav"
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i",
-                    f"sine=frequency=330:duration={seconds}", str(path)], check=True, timeout=60)
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=330:duration={seconds}",
+            str(path),
+        ],
+        check=True,
+        timeout=60,
+    )
     return path.read_bytes()
 
 
-async def test_real_answers_of_the_whole_flow_match_the_document(make_client: AppClient, sim: Simulator,
-                                                                 tmp_path: Path) -> None:
+async def test_real_answers_of_the_whole_flow_match_the_document(
+    make_client: AppClient, sim: Simulator, tmp_path: Path
+) -> None:
     """Every operation's success (and the usual errors) with keys on, so the signed links are in the answers too."""
     keys_file = tmp_path / "keys.yaml"
     _, key = create_key(keys_file, "flow", KeyLimits(jobs_per_minute=600, jobs_burst=50, max_running_jobs=50))
@@ -355,31 +412,49 @@ async def test_real_answers_of_the_whole_flow_match_the_document(make_client: Ap
     await api.call("GET", "/api/mv/health")
     await api.call("GET", "/api/mv/health/live")
     await api.call("GET", "/api/mv/health/ready")
-    _, scenes = await api.call("POST", "/api/mv/create_scenes",
-                               json={"idea": "a night train", "character_description": "a singer", "style": "noir"})
-    await api.call("GET", "/api/mv/get_scenes/{scenes_id}.{ext}", path={"scenes_id": scenes["scenes_id"], "ext": "json"})
+    _, scenes = await api.call(
+        "POST",
+        "/api/mv/create_scenes",
+        json={"idea": "a night train", "character_description": "a singer", "style": "noir"},
+    )
+    await api.call(
+        "GET", "/api/mv/get_scenes/{scenes_id}.{ext}", path={"scenes_id": scenes["scenes_id"], "ext": "json"}
+    )
     await api.call("GET", "/api/mv/get_scenes/{scenes_id}.{ext}", path={"scenes_id": scenes["scenes_id"], "ext": "md"})
-    _, image = await api.call("POST", "/api/mv/generate_character_reference",
-                              json={"character_description": "a singer", "number_of_images": 2})
+    _, image = await api.call(
+        "POST",
+        "/api/mv/generate_character_reference",
+        json={"character_description": "a singer", "number_of_images": 2},
+    )
     image_path = {"image_id": image["image_id"]}
     await api.call("GET", "/api/mv/get_image/{image_id}", path=image_path)
-    await api.call("GET", "/api/mv/get_image/{image_id}", path=image_path, headers={"Range": "bytes=0-9"},
-                   expect=206)
-    await api.call("GET", "/api/mv/get_image/{image_id}", path=image_path, headers={"Range": "bytes=0-1,4-5"},
-                   expect=416)
-    _, song = await api.call("POST", "/api/mv/upload_audio", data=tone(tmp_path, 20.0),
-                             headers={"Content-Type": "audio/wav"})
+    await api.call("GET", "/api/mv/get_image/{image_id}", path=image_path, headers={"Range": "bytes=0-9"}, expect=206)
+    await api.call(
+        "GET", "/api/mv/get_image/{image_id}", path=image_path, headers={"Range": "bytes=0-1,4-5"}, expect=416
+    )
+    _, song = await api.call(
+        "POST", "/api/mv/upload_audio", data=tone(tmp_path, 20.0), headers={"Content-Type": "audio/wav"}
+    )
     song_path = {"audio_id": song["audio_id"]}
     _, described = await api.call("GET", "/api/mv/songs/{audio_id}", path=song_path)
     assert described["audio_id"] == song["audio_id"] and described["analysis_status"] == "off"  # the tests' default
     await api.call("GET", "/api/mv/get_audio/{audio_id}", path=song_path, headers={"Range": "bytes=0-99"}, expect=206)
-    await api.call("GET", "/api/mv/get_audio/{audio_id}", path=song_path, headers={"Range": "bytes=99999999-"},
-                   expect=416)
+    await api.call(
+        "GET", "/api/mv/get_audio/{audio_id}", path=song_path, headers={"Range": "bytes=99999999-"}, expect=416
+    )
 
-    _, accepted = await api.call("POST", "/api/mv/generate_video", headers={"Idempotency-Key": "flow-1"},
-                                 json={"prompt": "she runs for the train", "reference_image_id": image["image_id"]})
-    await api.call("POST", "/api/mv/generate_video", headers={"Idempotency-Key": "flow-1"},
-                   json={"prompt": "she runs for the train", "reference_image_id": image["image_id"]})  # replayed
+    _, accepted = await api.call(
+        "POST",
+        "/api/mv/generate_video",
+        headers={"Idempotency-Key": "flow-1"},
+        json={"prompt": "she runs for the train", "reference_image_id": image["image_id"]},
+    )
+    await api.call(
+        "POST",
+        "/api/mv/generate_video",
+        headers={"Idempotency-Key": "flow-1"},
+        json={"prompt": "she runs for the train", "reference_image_id": image["image_id"]},
+    )  # replayed
     video_id = accepted["job_id"]
     await api.call("GET", "/api/mv/jobs/{job_id}", path={"job_id": video_id})
     assert (await until_final(api, video_id))["status"] == "succeeded"
@@ -388,19 +463,33 @@ async def test_real_answers_of_the_whole_flow_match_the_document(make_client: Ap
     await api.events("/api/mv/events", query=link["events_url"].split("?", 1)[1])
     response, _ = await api.call("GET", "/api/mv/get_video/{video_id}", path={"video_id": video_id})
     await api.call("GET", "/api/mv/get_poster/{video_id}", path={"video_id": video_id})
-    await api.call("GET", "/api/mv/get_video/{video_id}", path={"video_id": video_id},
-                   headers={"If-None-Match": response.headers["ETag"]}, expect=304)
+    await api.call(
+        "GET",
+        "/api/mv/get_video/{video_id}",
+        path={"video_id": video_id},
+        headers={"If-None-Match": response.headers["ETag"]},
+        expect=304,
+    )
 
-    _, lipsync = await api.call("POST", "/api/mv/lipsync", json={"video_job_id": video_id,
-                                                                 "audio_id": song["audio_id"]})
-    _, assembly = await api.call("POST", "/api/mv/assemble", json={"clips": [{"job_id": video_id}],
-                                                                   "audio_id": song["audio_id"]})
+    _, lipsync = await api.call(
+        "POST", "/api/mv/lipsync", json={"video_job_id": video_id, "audio_id": song["audio_id"]}
+    )
+    _, assembly = await api.call(
+        "POST", "/api/mv/assemble", json={"clips": [{"job_id": video_id}], "audio_id": song["audio_id"]}
+    )
     for job_id in (lipsync["job_id"], assembly["job_id"]):
         assert (await until_final(api, job_id))["status"] == "succeeded"
 
-    _, project = await api.call("POST", "/api/mv/projects",
-                                json={"idea": "a night train", "character_description": "a singer",
-                                      "style": "synthwave", "audio_id": song["audio_id"]})
+    _, project = await api.call(
+        "POST",
+        "/api/mv/projects",
+        json={
+            "idea": "a night train",
+            "character_description": "a singer",
+            "style": "synthwave",
+            "audio_id": song["audio_id"],
+        },
+    )
     pid = {"project_id": project["project_id"]}
     await api.call("GET", "/api/mv/projects/{project_id}", path=pid)
     _, project = await api.call("POST", "/api/mv/projects/{project_id}/write_scenes", path=pid)
@@ -409,23 +498,40 @@ async def test_real_answers_of_the_whole_flow_match_the_document(make_client: Ap
     for job in started["jobs"]:
         assert (await until_final(api, job["job_id"]))["status"] == "succeeded"
     _, project = await api.call("GET", "/api/mv/projects/{project_id}", path=pid)
-    await api.call("PATCH", "/api/mv/projects/{project_id}", path=pid, headers={"If-Match": project["etag"]},
-                   json={"scenes": [{"id": project["scenes"][0]["id"], "trim_in": 0.5}]})
-    await api.call("PATCH", "/api/mv/projects/{project_id}", path=pid, headers={"If-Match": project["etag"]},
-                   json={"scenes": []}, expect=412)  # the project moved
+    await api.call(
+        "PATCH",
+        "/api/mv/projects/{project_id}",
+        path=pid,
+        headers={"If-Match": project["etag"]},
+        json={"scenes": [{"id": project["scenes"][0]["id"], "trim_in": 0.5}]},
+    )
+    await api.call(
+        "PATCH",
+        "/api/mv/projects/{project_id}",
+        path=pid,
+        headers={"If-Match": project["etag"]},
+        json={"scenes": []},
+        expect=412,
+    )  # the project moved
     await api.call("GET", "/api/mv/projects/{project_id}/timeline", path=pid)
     _, link = await api.call("GET", "/api/mv/projects/{project_id}/events/link", path=pid)
     opened = await api.events("/api/mv/projects/{project_id}/events", pid, link["events_url"].split("?", 1)[1], first=1)
     assert opened[0]["event"] == "project" and opened[0]["data"]["project_id"] == pid["project_id"]
     scene = {**pid, "scene_id": project["scenes"][1]["id"]}  # the first one's trim starts before the song
-    _, lipsynced = await api.call("POST", "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync", path=scene,
-                                  json={"temperature": 0.3})
-    _, regenerated = await api.call("POST", "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
-                                    path={**pid, "scene_id": project["scenes"][2]["id"]}, json={"seed": 3})
+    _, lipsynced = await api.call(
+        "POST", "/api/mv/projects/{project_id}/scenes/{scene_id}/lipsync", path=scene, json={"temperature": 0.3}
+    )
+    _, regenerated = await api.call(
+        "POST",
+        "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
+        path={**pid, "scene_id": project["scenes"][2]["id"]},
+        json={"seed": 3},
+    )
     for job_id in (lipsynced["job"]["job_id"], regenerated["job"]["job_id"]):
         await until_final(api, job_id)
-    _, assembled = await api.call("POST", "/api/mv/projects/{project_id}/assemble", path=pid,
-                                  json={"transition": "crossfade"})
+    _, assembled = await api.call(
+        "POST", "/api/mv/projects/{project_id}/assemble", path=pid, json={"transition": "crossfade"}
+    )
     await api.call("DELETE", "/api/mv/jobs/{job_id}", path={"job_id": assembled["job_id"]})
     await api.call("POST", "/api/mv/jobs/{job_id}/cancel", path={"job_id": assembled["job_id"]})
     # a job without a webhook (tests/test_webhooks_out.py covers the deliveries of one with a webhook)
@@ -437,10 +543,16 @@ async def test_real_answers_of_the_whole_flow_match_the_document(make_client: Ap
     await api.call("GET", "/api/mv/jobs/{job_id}", path=unknown, expect=404)
     await api.call("GET", "/api/mv/jobs/{job_id}", path={"job_id": "abc"}, expect=400)
     await api.call("POST", "/api/mv/generate_video", json={"prompt": "x", "duration": 5}, expect=400)
-    await api.call("POST", "/api/mv/projects/{project_id}/scenes/{scene_id}/clips", path=scene,
-                   json={"backend": "nope"}, expect=400)
-    await api.call("POST", "/api/mv/generate_video", json={"prompt": "x", "reference_image_id": unknown["job_id"]},
-                   expect=404)
+    await api.call(
+        "POST",
+        "/api/mv/projects/{project_id}/scenes/{scene_id}/clips",
+        path=scene,
+        json={"backend": "nope"},
+        expect=400,
+    )
+    await api.call(
+        "POST", "/api/mv/generate_video", json={"prompt": "x", "reference_image_id": unknown["job_id"]}, expect=404
+    )
     await api.call("GET", "/api/mv/get_video/{video_id}", path={"video_id": assembled["job_id"]}, expect=409)
     _, usage = await api.call("GET", "/api/mv/usage", query="group_by=kind")
     assert usage["totals"]["jobs"] == len(usage["jobs"]) >= 1  # the canceled assembly, at least

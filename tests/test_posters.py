@@ -38,8 +38,11 @@ def first_frame(video: bytes, tmp: Path) -> Image.Image:
     """Frame 0 of an MP4, decoded by ffmpeg itself."""
     source, frame = tmp / "clip.mp4", tmp / "frame.png"
     source.write_bytes(video)
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(source), "-frames:v", "1",
-                    str(frame)], check=True, timeout=60)
+    subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(source), "-frames:v", "1", str(frame)],
+        check=True,
+        timeout=60,
+    )
     return Image.open(frame).convert("RGB")
 
 
@@ -48,16 +51,18 @@ def difference(a: Image.Image, b: Image.Image) -> float:
     return sum(ImageStat.Stat(ImageChops.difference(a, b.resize(a.size))).mean) / 3
 
 
-async def test_a_finished_clip_has_its_first_frame_length_and_size(client: TestClient, sim: Simulator,
-                                                                    tmp_path: Path) -> None:
+async def test_a_finished_clip_has_its_first_frame_length_and_size(
+    client: TestClient, sim: Simulator, tmp_path: Path
+) -> None:
     job_id = (await submit(client, duration=4))["job_id"]
     final = await finished(client, job_id)  # the succeeded event carries it all
     assert final["poster_url"] == f"/api/mv/get_poster/{job_id}"
     assert (final["video_width"], final["video_height"]) == (640, 360)
     assert final["video_seconds"] == pytest.approx(4.0, abs=0.1)
     state = await (await client.get(f"/api/mv/jobs/{job_id}")).json()
-    assert {k: state[k] for k in ("poster_url", "video_seconds", "video_width", "video_height")} == \
-        {k: final[k] for k in ("poster_url", "video_seconds", "video_width", "video_height")}
+    assert {k: state[k] for k in ("poster_url", "video_seconds", "video_width", "video_height")} == {
+        k: final[k] for k in ("poster_url", "video_seconds", "video_width", "video_height")
+    }
 
     response = await client.get(final["poster_url"])
     assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg"
@@ -88,8 +93,7 @@ async def test_a_portrait_poster_fits_the_configured_size(make_client: AppClient
     assert poster.size == (72, 128)
 
 
-async def test_the_poster_has_the_videos_access_rules(make_client: AppClient, tmp_path: Path,
-                                                      sim: Simulator) -> None:
+async def test_the_poster_has_the_videos_access_rules(make_client: AppClient, tmp_path: Path, sim: Simulator) -> None:
     client, alice, bob = await two_key_client(make_client, tmp_path)
     as_alice, as_bob = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
     sim.video_latency = 1.0
@@ -110,8 +114,9 @@ async def test_the_poster_has_the_videos_access_rules(make_client: AppClient, tm
     assert (await client.get(signed.replace("sig=", "sig=x"))).status == 403
 
 
-async def test_a_clip_ffmpeg_cannot_read_has_no_poster_and_the_job_is_unharmed(client: TestClient,
-                                                                               tmp_path: Path) -> None:
+async def test_a_clip_ffmpeg_cannot_read_has_no_poster_and_the_job_is_unharmed(
+    client: TestClient, tmp_path: Path
+) -> None:
     clip = tmp_path / "broken.mp4"
     clip.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 1000)
     job = Job(id="0" * 8 + "-0000-4000-8000-" + "0" * 12, backend="replicate", model="m", sandbox=True, request={})
@@ -127,12 +132,16 @@ async def test_a_clip_ffmpeg_cannot_read_has_no_poster_and_the_job_is_unharmed(c
 
 
 async def test_project_versions_show_posters_and_sizes(client: TestClient) -> None:
-    response = await client.post("/api/mv/projects", json={"idea": "a rooftop party", "character_description": "a DJ",
-                                                           "number_of_scenes": 1})
+    response = await client.post(
+        "/api/mv/projects", json={"idea": "a rooftop party", "character_description": "a DJ", "number_of_scenes": 1}
+    )
     project = await response.json()
     pid, scene_id = project["project_id"], project["scenes"][0]["id"]
-    response = await client.patch(f"/api/mv/projects/{pid}", headers={"If-Match": project["etag"]},
-                                  json={"scenes": [{"id": scene_id, "prompt": PROMPT, "duration": 4}]})
+    response = await client.patch(
+        f"/api/mv/projects/{pid}",
+        headers={"If-Match": project["etag"]},
+        json={"scenes": [{"id": scene_id, "prompt": PROMPT, "duration": 4}]},
+    )
     assert response.status == 200, await response.text()
     job_id = (await (await client.post(f"/api/mv/projects/{pid}/clips")).json())["jobs"][0]["job_id"]
     queued = (await (await client.get(f"/api/mv/projects/{pid}")).json())["scenes"][0]

@@ -36,14 +36,16 @@ async def test_candidates_are_kept_on_the_project_and_listed_on_reload(app_clien
     candidates = project["character_candidates"]
     assert [c["image_id"] for c in candidates] == ids
     assert [c["seed"] for c in candidates] == [11, 12, 13]
-    assert all(c["image_url"] == f"/api/mv/get_image/{c['image_id']}" and c["mime_type"] == "image/png"
-               for c in candidates)
+    assert all(
+        c["image_url"] == f"/api/mv/get_image/{c['image_id']}" and c["mime_type"] == "image/png" for c in candidates
+    )
     for candidate in candidates:
         assert (await app_client.get(candidate["image_url"])).status == 200
 
     # the user picks the second one; the candidates stay for the next reload
-    response = await app_client.patch(f"{BASE}/{pid}", json={"character_image_id": ids[1]},
-                                      headers={"If-Match": project["etag"]})
+    response = await app_client.patch(
+        f"{BASE}/{pid}", json={"character_image_id": ids[1]}, headers={"If-Match": project["etag"]}
+    )
     assert response.status == 200, await response.text()
     picked = await response.json()
     assert picked["character_image_id"] == ids[1]

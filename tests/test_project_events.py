@@ -29,19 +29,28 @@ Events = list[dict[str, Any]]
 
 async def new_project(client: TestClient, scenes: int = 2, **headers: str) -> dict[str, Any]:
     """A project whose scenes have prompts (4 s clips), ready for clips."""
-    response = await client.post(BASE, json={"idea": "a rooftop party", "character_description": "a tabby cat DJ",
-                                             "number_of_scenes": scenes}, headers=headers)
+    response = await client.post(
+        BASE,
+        json={"idea": "a rooftop party", "character_description": "a tabby cat DJ", "number_of_scenes": scenes},
+        headers=headers,
+    )
     assert response.status == 201, await response.text()
     project = await response.json()
     patch = {"scenes": [{"id": s["id"], "prompt": PROMPT, "duration": 4} for s in project["scenes"]]}
-    response = await client.patch(f"{BASE}/{project['project_id']}", json=patch,
-                                  headers={"If-Match": project["etag"], **headers})
+    response = await client.patch(
+        f"{BASE}/{project['project_id']}", json=patch, headers={"If-Match": project["etag"], **headers}
+    )
     assert response.status == 200, await response.text()
     return await response.json()
 
 
-async def read_until(response: ClientResponse, events: Events, done: Callable[[Events], bool],
-                     timeout: float = 30.0, comments: bool = False) -> Events:
+async def read_until(
+    response: ClientResponse,
+    events: Events,
+    done: Callable[[Events], bool],
+    timeout: float = 30.0,
+    comments: bool = False,
+) -> Events:
     """Append the stream's events to ``events`` until ``done(events)``; the stream itself never ends."""
     if done(events):
         return events
@@ -81,8 +90,9 @@ async def test_one_stream_follows_edits_versions_and_clip_jobs(client: TestClien
         assert first["id"] == "2"  # the project's version, no job followed yet
 
         # another tab edits: the new record arrives, with its ETag
-        response = await client.patch(f"{BASE}/{pid}", json={"idea": "a rooftop party at dawn"},
-                                      headers={"If-Match": project["etag"]})
+        response = await client.patch(
+            f"{BASE}/{pid}", json={"idea": "a rooftop party at dawn"}, headers={"If-Match": project["etag"]}
+        )
         await read_until(stream, events, lambda e: len(named(e, "project")) == 2)
         edited = named(events, "project")[-1]["data"]
         assert edited["idea"] == "a rooftop party at dawn" and edited["etag"] == response.headers["ETag"] == '"3"'
@@ -93,18 +103,20 @@ async def test_one_stream_follows_edits_versions_and_clip_jobs(client: TestClien
         job_ids = [j["job_id"] for j in (await response.json())["jobs"]]
         await read_until(stream, events, lambda e: finished(job_ids)(e) and len(named(e, "version_chosen")) == 2)
     added = named(events, "version_added")
-    assert [(e["data"]["scene_id"], e["data"]["job_id"], e["data"]["kind"]) for e in added] == \
-        [(s, j, "video") for s, j in zip(scene_ids, job_ids, strict=False)]
+    assert [(e["data"]["scene_id"], e["data"]["job_id"], e["data"]["kind"]) for e in added] == [
+        (s, j, "video") for s, j in zip(scene_ids, job_ids, strict=False)
+    ]
     assert all(e["data"]["etag"] == '"5"' for e in added)  # the clips' claim (4), then their versions (5)
     after_clips = named(events, "project")[-1]
     assert events.index(after_clips) < events.index(added[0])
     for job_id in job_ids:
         assert job_events(events)[job_id][-1] == "succeeded"
         own = [e["event"] async for e in _job_stream(client, job_id)]
-        assert job_events(events)[job_id] == own[-len(job_events(events)[job_id]):]  # in order, none twice
+        assert job_events(events)[job_id] == own[-len(job_events(events)[job_id]) :]  # in order, none twice
     chosen = named(events, "version_chosen")
-    assert {(e["data"]["scene_id"], e["data"]["job_id"], e["data"]["previous_job_id"]) for e in chosen} == \
-        {(s, j, None) for s, j in zip(scene_ids, job_ids, strict=False)}
+    assert {(e["data"]["scene_id"], e["data"]["job_id"], e["data"]["previous_job_id"]) for e in chosen} == {
+        (s, j, None) for s, j in zip(scene_ids, job_ids, strict=False)
+    }
     for event in chosen:  # each comes right after its clip's succeeded event
         before = events[events.index(event) - 1]
         assert (before["event"], before["data"]["job_id"]) == ("succeeded", event["data"]["job_id"])
@@ -123,8 +135,7 @@ async def _job_stream(client: TestClient, job_id: str):  # type: ignore[no-untyp
             yield event
 
 
-async def test_last_event_id_resumes_the_jobs_or_starts_over_after_a_write(client: TestClient,
-                                                                             sim: Simulator) -> None:
+async def test_last_event_id_resumes_the_jobs_or_starts_over_after_a_write(client: TestClient, sim: Simulator) -> None:
     project = await new_project(client)
     pid = project["project_id"]
     sim.video_latency = 1.5
@@ -141,14 +152,15 @@ async def test_last_event_id_resumes_the_jobs_or_starts_over_after_a_write(clien
     for job_id in job_ids:
         own = [e["event"] async for e in _job_stream(client, job_id)]
         combined = job_events(first + rest)[job_id]
-        assert combined == own[len(own) - len(combined):] and combined[-1] == "succeeded"  # nothing twice or lost
+        assert combined == own[len(own) - len(combined) :] and combined[-1] == "succeeded"  # nothing twice or lost
         assert state_shown[job_id] in ("queued", "running")
     assert len(named(rest, "version_chosen")) == 2  # told once the clips succeeded
 
     # ?after= does the same for a new EventSource; an id of an older version starts with the project again
     async with client.get(f"{BASE}/{pid}/events", params={"after": rest[-1]["id"]}) as stream:
-        response = await client.patch(f"{BASE}/{pid}", json={"style": "neon"},
-                                      headers={"If-Match": first[0]["data"]["etag"]})
+        response = await client.patch(
+            f"{BASE}/{pid}", json={"style": "neon"}, headers={"If-Match": first[0]["data"]["etag"]}
+        )
         assert response.status == 200, await response.text()
         again = await read_until(stream, [], lambda e: len(e) >= 1)
     assert again[0]["event"] == "project" and again[0]["data"]["style"] == "neon"
@@ -177,8 +189,9 @@ async def test_the_stream_pings_and_reports_bad_input(client: TestClient) -> Non
     assert await response.json() == {"events_url": f"{BASE}/{pid}/events", "expires_at": None}
 
 
-async def test_keys_another_keys_project_is_unknown_and_a_signed_link_opens_it(make_client: AppClient,
-                                                                               tmp_path: Path) -> None:
+async def test_keys_another_keys_project_is_unknown_and_a_signed_link_opens_it(
+    make_client: AppClient, tmp_path: Path
+) -> None:
     client, alice, bob = await two_key_client(make_client, tmp_path)
     as_alice, as_bob = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
     pid = (await new_project(client, scenes=1, **as_alice))["project_id"]
@@ -199,7 +212,8 @@ async def test_keys_another_keys_project_is_unknown_and_a_signed_link_opens_it(m
 
 
 async def test_two_nodes_on_one_redis_see_each_others_writes_and_jobs(
-        redis_url: str, sim_server: TestServer, tmp_path: Path, settings_dir: Path, aiohttp_client: Any) -> None:
+    redis_url: str, sim_server: TestServer, tmp_path: Path, settings_dir: Path, aiohttp_client: Any
+) -> None:
     """Node A streams what node B writes and runs (in one test process: two apps, one Redis, one output dir)."""
     store = {"MV_REDIS_URL": redis_url, "MV_REDIS_PREFIX": f"mvtest:{uuid.uuid4().hex[:10]}:"}
     env = provider_env(sim_server, tmp_path / "outputs", settings_dir, store)

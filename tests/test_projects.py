@@ -43,8 +43,22 @@ def make_song(output_dir: Path, seconds: float) -> str:
     folder = output_dir / "audio"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{audio_id}.m4a"
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i",
-                    f"sine=frequency=440:duration={seconds}", "-c:a", "aac", str(path)], check=True, timeout=60)
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:duration={seconds}",
+            "-c:a",
+            "aac",
+            str(path),
+        ],
+        check=True,
+        timeout=60,
+    )
     (folder / f"{audio_id}.json").write_text(json.dumps({"audio_id": audio_id, "duration": seconds, "format": "m4a"}))
     return audio_id
 
@@ -64,8 +78,9 @@ async def get(client: TestClient, project_id: str) -> tuple[dict[str, Any], str]
     return await response.json(), response.headers["ETag"]
 
 
-async def patch(client: TestClient, project_id: str, body: dict[str, Any], etag: str | None,
-                status: int = 200) -> dict[str, Any]:
+async def patch(
+    client: TestClient, project_id: str, body: dict[str, Any], etag: str | None, status: int = 200
+) -> dict[str, Any]:
     headers = {"If-Match": etag} if etag is not None else {}
     response = await client.patch(f"{BASE}/{project_id}", json=body, headers=headers)
     assert response.status == status, await response.text()
@@ -117,12 +132,21 @@ def test_project_timeline_gives_each_scene_its_song_window_after_trims() -> None
         Scene(id=new_id(), duration=8, trim_in=0.0, trim_out=8.0, versions=[short], chosen_job_id=short.job_id),
         Scene(id=new_id(), duration=6, trim_in=0.5, trim_out=6.0),
     ]
-    project = Project(id=new_id(), idea="i", character_description="c", aspect_ratio="16:9", scenes=scenes,
-                      song=Song(audio_id=new_id(), offset=2.5, duration=60.0))
+    project = Project(
+        id=new_id(),
+        idea="i",
+        character_description="c",
+        aspect_ratio="16:9",
+        scenes=scenes,
+        song=Song(audio_id=new_id(), offset=2.5, duration=60.0),
+    )
     timeline = project_timeline(project)
     assert [type(e) for e in timeline] == [TimelineEntry] * 3
-    assert [(e.scene.id, e.job_id) for e in timeline] == [(scenes[0].id, None), (scenes[1].id, short.job_id),
-                                                         (scenes[2].id, None)]
+    assert [(e.scene.id, e.job_id) for e in timeline] == [
+        (scenes[0].id, None),
+        (scenes[1].id, short.job_id),
+        (scenes[2].id, None),
+    ]
     # the second scene's chosen clip is 4 s long: its trims are cut to the clip
     assert [(e.trim_in, e.trim_out) for e in timeline] == [(1.0, 7.0), (0.0, 4.0), (0.5, 6.0)]
     assert [e.song_start for e in timeline] == [2.5, 8.5, 12.5]
@@ -134,8 +158,9 @@ def test_project_timeline_gives_each_scene_its_song_window_after_trims() -> None
 
 
 @pytest.mark.parametrize("kind", ["file", "redis"])
-async def test_store_compare_and_set_lets_exactly_one_of_concurrent_writers_win(kind: str, tmp_path: Path,
-                                                                               request: pytest.FixtureRequest) -> None:
+async def test_store_compare_and_set_lets_exactly_one_of_concurrent_writers_win(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     if kind == "file":
         store: Any = FileProjectStore(OutputStore(tmp_path / "outputs"))
     else:
@@ -159,16 +184,22 @@ async def test_store_compare_and_set_lets_exactly_one_of_concurrent_writers_win(
 
 
 async def test_project_flow_from_song_to_clips_edits_regeneration_and_restart(
-        make_client: AppClient, store_env: dict[str, str], live_env: dict[str, str], sim: Simulator) -> None:
+    make_client: AppClient, store_env: dict[str, str], live_env: dict[str, str], sim: Simulator
+) -> None:
     client = await make_client(**store_env)
     audio_id = make_song(Path(live_env["MV_OUTPUT_DIR"]), 30.0)
 
     project, etag = await create(client, audio_id=audio_id, audio_offset=2.0, style="neon noir, slow dolly shots")
     pid = project["project_id"]
     assert [s["duration"] for s in project["scenes"]] == [8, 8, 8, 4]  # 28 s of song after the offset
-    assert project["song"] == {"audio_id": audio_id, "offset": 2.0, "duration": 30.0, "sized_by": "length",
-                               "sizing_note": "song analysis is off (MV_ANALYSIS_WORKERS=0)",
-                               "audio_url": f"/api/mv/get_audio/{audio_id}"}
+    assert project["song"] == {
+        "audio_id": audio_id,
+        "offset": 2.0,
+        "duration": 30.0,
+        "sized_by": "length",
+        "sizing_note": "song analysis is off (MV_ANALYSIS_WORKERS=0)",
+        "audio_url": f"/api/mv/get_audio/{audio_id}",
+    }
     assert project["character_image_url"] is None
     assert project["total_seconds"] == 28.0
     assert [s["song_start"] for s in project["scenes"]] == [2.0, 10.0, 18.0, 26.0]
@@ -183,8 +214,10 @@ async def test_project_flow_from_song_to_clips_edits_regeneration_and_restart(
     assert project["etag"] == response.headers["ETag"] == '"2"'
     scene_files = list((Path(live_env["MV_OUTPUT_DIR"]) / "scenes").glob("*.json"))
     assert len(scene_files) == 1
-    assert json.loads(scene_files[0].read_text())["metadata"]["parameters"]["video_characteristics"] == \
-        "neon noir, slow dolly shots"
+    assert (
+        json.loads(scene_files[0].read_text())["metadata"]["parameters"]["video_characteristics"]
+        == "neon noir, slow dolly shots"
+    )
 
     response = await client.post(f"{BASE}/{pid}/character", json={"output_format": "png"})
     assert response.status == 200, await response.text()
@@ -199,8 +232,10 @@ async def test_project_flow_from_song_to_clips_edits_regeneration_and_restart(
     body = await response.json()
     jobs = body["jobs"]
     assert [j["scene_id"] for j in jobs] == scene_ids
-    assert all(s["awaited_job_id"] == j["job_id"] and s["chosen_job_id"] is None
-               for s, j in zip(body["project"]["scenes"], jobs, strict=False))
+    assert all(
+        s["awaited_job_id"] == j["job_id"] and s["chosen_job_id"] is None
+        for s, j in zip(body["project"]["scenes"], jobs, strict=False)
+    )
     for job in jobs:
         record = await (await client.get(job["status_url"])).json()
         assert record["request"]["project_id"] == pid
@@ -228,14 +263,17 @@ async def test_project_flow_from_song_to_clips_edits_regeneration_and_restart(
     assert etag == '"5"'  # write_scenes, character, clips: a job ending does not move the ETag
 
     # editing: PATCH needs If-Match; two editors from the same version: the second gets 412 and loses nothing
-    reorder = {"order": [scene_ids[3], scene_ids[0], scene_ids[1], scene_ids[2]],
-               "scenes": [{"id": scene_ids[0], "trim_in": 1.0, "trim_out": 7.5}]}
+    reorder = {
+        "order": [scene_ids[3], scene_ids[0], scene_ids[1], scene_ids[2]],
+        "scenes": [{"id": scene_ids[0], "trim_in": 1.0, "trim_out": 7.5}],
+    }
     assert error_of(await patch(client, pid, reorder, None, status=428)) == ("precondition_required", "If-Match")
     edited = await patch(client, pid, reorder, etag)
     assert [s["id"] for s in edited["scenes"]] == reorder["order"]
     assert edited["etag"] == '"6"'
-    conflict = await patch(client, pid, {"scenes": [{"id": scene_ids[1], "prompt": "another editor"}]}, etag,
-                           status=412)
+    conflict = await patch(
+        client, pid, {"scenes": [{"id": scene_ids[1], "prompt": "another editor"}]}, etag, status=412
+    )
     assert error_of(conflict) == ("precondition_failed", "If-Match")
     project, etag = await get(client, pid)
     assert [s["id"] for s in project["scenes"]] == reorder["order"]
@@ -288,8 +326,11 @@ async def test_project_flow_from_song_to_clips_edits_regeneration_and_restart(
 
     timeline = await (await client.get(f"{BASE}/{pid}/timeline")).json()
     assert [(e["scene_id"], e["job_id"], e["song_start"]) for e in timeline["entries"]] == [
-        (scene_ids[3], jobs[3]["job_id"], 2.0), (scene_ids[0], second, 6.0), (scene_ids[1], jobs[1]["job_id"], 12.5),
-        (scene_ids[2], jobs[2]["job_id"], 20.5)]
+        (scene_ids[3], jobs[3]["job_id"], 2.0),
+        (scene_ids[0], second, 6.0),
+        (scene_ids[1], jobs[1]["job_id"], 12.5),
+        (scene_ids[2], jobs[2]["job_id"], 20.5),
+    ]
     assert {e["status"] for e in timeline["entries"]} == {"succeeded"}
 
     # a restart: the record (and its versions' jobs) survive
@@ -357,10 +398,21 @@ async def test_bad_input_is_a_400_naming_the_field(app_client: TestClient, live_
     assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_json"
 
     # valid edits: remove, duration change resets trims, add, song removed
-    edited = await patch(client, pid, {"remove_scenes": [ids[1]], "scenes": [{"id": ids[0], "duration": 6}],
-                                       "add_scenes": [{"prompt": "an encore", "duration": 4}], "audio_id": None}, etag)
-    assert [(s["duration"], s["trim_out"], s["prompt"]) for s in edited["scenes"]] == [(6, 6.0, ""),
-                                                                                   (4, 4.0, "an encore")]
+    edited = await patch(
+        client,
+        pid,
+        {
+            "remove_scenes": [ids[1]],
+            "scenes": [{"id": ids[0], "duration": 6}],
+            "add_scenes": [{"prompt": "an encore", "duration": 4}],
+            "audio_id": None,
+        },
+        etag,
+    )
+    assert [(s["duration"], s["trim_out"], s["prompt"]) for s in edited["scenes"]] == [
+        (6, 6.0, ""),
+        (4, 4.0, "an encore"),
+    ]
     assert edited["song"] is None and edited["scenes"][0]["song_start"] is None
 
 
@@ -383,28 +435,31 @@ async def test_write_scenes_fills_an_empty_project_and_never_drops_scenes(app_cl
 async def test_two_generate_all_requests_at_once_start_each_clip_once(app_client: TestClient) -> None:
     project, etag = await create(app_client, number_of_scenes=3)
     pid, ids = project["project_id"], [s["id"] for s in project["scenes"]]
-    await patch(app_client, pid, {"scenes": [{"id": i, "prompt": f"scene {n}", "duration": 4}
-                                             for n, i in enumerate(ids)]}, etag)
+    await patch(
+        app_client, pid, {"scenes": [{"id": i, "prompt": f"scene {n}", "duration": 4} for n, i in enumerate(ids)]}, etag
+    )
     responses = await asyncio.gather(*(app_client.post(f"{BASE}/{pid}/clips") for _ in range(2)))
     assert [r.status for r in responses] == [202, 202]
     started = [job for r in responses for job in (await r.json())["jobs"]]
     assert sorted(job["scene_id"] for job in started) == sorted(ids)
     project, _ = await get(app_client, pid)
     assert [len(s["versions"]) for s in project["scenes"]] == [1, 1, 1]
-    assert {s["awaited_job_id"] for s in project["scenes"]} | {s["chosen_job_id"] for s in project["scenes"]} >= \
-        {job["job_id"] for job in started}
+    assert {s["awaited_job_id"] for s in project["scenes"]} | {s["chosen_job_id"] for s in project["scenes"]} >= {
+        job["job_id"] for job in started
+    }
     await wait_jobs(app_client, [job["job_id"] for job in started])
 
 
-
-async def test_twenty_generate_all_requests_at_once_create_one_set_of_predictions(app_client: TestClient,
-                                                                                   sim: Simulator) -> None:
+async def test_twenty_generate_all_requests_at_once_create_one_set_of_predictions(
+    app_client: TestClient, sim: Simulator
+) -> None:
     """A double (or twentyfold) click: the scenes are claimed before any job exists, so one request starts every
     clip and the others start nothing: no duplicate job, no duplicate prediction to cancel."""
     project, etag = await create(app_client, number_of_scenes=3)
     pid, ids = project["project_id"], [s["id"] for s in project["scenes"]]
-    await patch(app_client, pid, {"scenes": [{"id": i, "prompt": f"scene {n}", "duration": 4}
-                                             for n, i in enumerate(ids)]}, etag)
+    await patch(
+        app_client, pid, {"scenes": [{"id": i, "prompt": f"scene {n}", "duration": 4} for n, i in enumerate(ids)]}, etag
+    )
     responses = await asyncio.gather(*(app_client.post(f"{BASE}/{pid}/clips") for _ in range(20)))
     assert [r.status for r in responses] == [202] * 20
     bodies = [await r.json() for r in responses]
@@ -421,26 +476,28 @@ async def test_twenty_generate_all_requests_at_once_create_one_set_of_prediction
     assert all("claim" not in s for s in project["scenes"])
 
 
-
-async def test_a_scene_prompt_too_long_for_its_clip_is_refused_at_patch_naming_the_scene(app_client: TestClient
-                                                                                        ) -> None:
+async def test_a_scene_prompt_too_long_for_its_clip_is_refused_at_patch_naming_the_scene(
+    app_client: TestClient,
+) -> None:
     """The video rules are appended to a scene's prompt when its clip starts: a prompt that leaves them no room is
     refused when it is written (naming scenes.N.prompt), not later by the clips request."""
     project, etag = await create(app_client, number_of_scenes=2)
     pid, ids = project["project_id"], [s["id"] for s in project["scenes"]]
     long = ("a slow dolly shot across a neon rooftop " * 100).strip()  # 3,999 characters: within the text limit
-    response = await app_client.patch(f"{BASE}/{pid}", json={"scenes": [{"id": ids[1], "prompt": long}]},
-                                      headers={"If-Match": etag})
+    response = await app_client.patch(
+        f"{BASE}/{pid}", json={"scenes": [{"id": ids[1], "prompt": long}]}, headers={"If-Match": etag}
+    )
     assert response.status == 400
     error = (await response.json())["error"]
     assert (error["code"], error["field"]) == ("invalid_field", "scenes.0.prompt")
     excess = int(error["message"].rsplit(" ", 1)[1])
-    response = await app_client.patch(f"{BASE}/{pid}", json={"add_scenes": [{"prompt": long}]},
-                                      headers={"If-Match": etag})
+    response = await app_client.patch(
+        f"{BASE}/{pid}", json={"add_scenes": [{"prompt": long}]}, headers={"If-Match": etag}
+    )
     assert error_of(await response.json()) == ("invalid_field", "add_scenes.0.prompt")
     assert (await get(app_client, pid))[1] == etag  # nothing was written
 
-    fitting = long[:len(long) - excess].rstrip()  # the longest prompt that leaves the rules their room
+    fitting = long[: len(long) - excess].rstrip()  # the longest prompt that leaves the rules their room
     patched = await patch(app_client, pid, {"scenes": [{"id": i, "prompt": fitting} for i in ids]}, etag)
     assert [s["prompt"] for s in patched["scenes"]] == [fitting, fitting]
     started = await app_client.post(f"{BASE}/{pid}/clips")
@@ -453,7 +510,6 @@ async def test_a_scene_prompt_too_long_for_its_clip_is_refused_at_patch_naming_t
     assert await app_client.app[PROJECTS].put(stored, stored.version)
     response = await app_client.post(f"{BASE}/{pid}/scenes/{ids[1]}/clips")
     assert response.status == 400 and error_of(await response.json()) == ("invalid_field", "scenes.1.prompt")
-
 
 
 def test_a_prompt_the_server_writes_is_cut_to_leave_the_rules_their_room() -> None:
@@ -474,8 +530,9 @@ async def test_concurrent_patches_with_one_etag_exactly_one_wins(app_client: Tes
     project, etag = await create(app_client, number_of_scenes=3)
     pid, ids = project["project_id"], [s["id"] for s in project["scenes"]]
     bodies = [{"scenes": [{"id": ids[n % 3], "prompt": f"editor {n}"}]} for n in range(12)]
-    responses = await asyncio.gather(*(app_client.patch(f"{BASE}/{pid}", json=b, headers={"If-Match": etag})
-                                       for b in bodies))
+    responses = await asyncio.gather(
+        *(app_client.patch(f"{BASE}/{pid}", json=b, headers={"If-Match": etag}) for b in bodies)
+    )
     statuses = sorted(r.status for r in responses)
     assert statuses == [200] + [412] * 11
     winner = bodies[[r.status for r in responses].index(200)]["scenes"][0]
@@ -486,8 +543,9 @@ async def test_concurrent_patches_with_one_etag_exactly_one_wins(app_client: Tes
     await patch(app_client, pid, {"idea": "a new idea"}, "*")
 
 
-async def test_versions_are_bounded_pruning_the_oldest_unchosen(make_client: AppClient, store_env: dict[str, str],
-                                                                settings_dir: Path) -> None:
+async def test_versions_are_bounded_pruning_the_oldest_unchosen(
+    make_client: AppClient, store_env: dict[str, str], settings_dir: Path
+) -> None:
     path = settings_dir / "projects.yaml"
     settings = yaml.safe_load(path.read_text())
     settings["limits"]["versions_per_scene_max"] = 2

@@ -119,8 +119,17 @@ async def end_with_output(client: TestClient, sim: Simulator, via: str, output: 
     next poll answers) and return the job's events to its end."""
     job_id = (await submit(client))["job_id"]
     prediction_id = await prediction_of(client, job_id)
-    body = {"id": prediction_id, "model": "google/veo-3.1", "version": "v", "status": "succeeded", "input": {},
-            "logs": "", "output": output, "error": None, "created_at": None}
+    body = {
+        "id": prediction_id,
+        "model": "google/veo-3.1",
+        "version": "v",
+        "status": "succeeded",
+        "input": {},
+        "logs": "",
+        "output": output,
+        "error": None,
+        "created_at": None,
+    }
     if via == "webhook":
         raw, headers = delivery(sim.webhook_secret, body)
         response = await client.post(f"/api/mv/webhooks/replicate?job={job_id}", data=raw, headers=headers)
@@ -143,8 +152,14 @@ VIAS = ["webhook", "poll"]
 @pytest.mark.parametrize("via", VIAS)
 @pytest.mark.parametrize("spelling", ["127.0.0.1", "localhost"])
 async def test_an_output_on_a_foreign_host_fails_the_job_without_a_request(
-        via: str, spelling: str, hook_client: Any, make_client: Any, sim: Simulator, tmp_path: Path,
-        file_hosts: tuple[FileHost, FileHost]) -> None:
+    via: str,
+    spelling: str,
+    hook_client: Any,
+    make_client: Any,
+    sim: Simulator,
+    tmp_path: Path,
+    file_hosts: tuple[FileHost, FileHost],
+) -> None:
     allowed, foreign = file_hosts
     client = await app_for(via, hook_client, make_client, sim, allowed)
     output = foreign.url("/x").replace("127.0.0.1", spelling)
@@ -155,8 +170,8 @@ async def test_an_output_on_a_foreign_host_fails_the_job_without_a_request(
 
 @pytest.mark.parametrize("via", VIAS)
 async def test_a_redirect_to_a_foreign_host_is_not_followed(
-        via: str, hook_client: Any, make_client: Any, sim: Simulator, tmp_path: Path,
-        file_hosts: tuple[FileHost, FileHost]) -> None:
+    via: str, hook_client: Any, make_client: Any, sim: Simulator, tmp_path: Path, file_hosts: tuple[FileHost, FileHost]
+) -> None:
     allowed, foreign = file_hosts
     allowed.redirect_to = foreign.url("/x")
     client = await app_for(via, hook_client, make_client, sim, allowed)
@@ -168,8 +183,15 @@ async def test_a_redirect_to_a_foreign_host_is_not_followed(
 @pytest.mark.parametrize("via", VIAS)
 @pytest.mark.parametrize("kind", ["stream", "declared"])
 async def test_an_oversized_output_is_cut_off_and_fails_the_job(
-        via: str, kind: str, hook_client: Any, make_client: Any, sim: Simulator, tmp_path: Path,
-        settings_dir: Path, file_hosts: tuple[FileHost, FileHost]) -> None:
+    via: str,
+    kind: str,
+    hook_client: Any,
+    make_client: Any,
+    sim: Simulator,
+    tmp_path: Path,
+    settings_dir: Path,
+    file_hosts: tuple[FileHost, FileHost],
+) -> None:
     allowed, _ = file_hosts
     set_output_cap(settings_dir, CAP)
     client = await app_for(via, hook_client, make_client, sim, allowed)
@@ -181,8 +203,8 @@ async def test_an_oversized_output_is_cut_off_and_fails_the_job(
 
 @pytest.mark.parametrize("via", VIAS)
 async def test_an_output_that_is_not_an_mp4_fails_the_job(
-        via: str, hook_client: Any, make_client: Any, sim: Simulator, tmp_path: Path,
-        file_hosts: tuple[FileHost, FileHost]) -> None:
+    via: str, hook_client: Any, make_client: Any, sim: Simulator, tmp_path: Path, file_hosts: tuple[FileHost, FileHost]
+) -> None:
     allowed, _ = file_hosts
     client = await app_for(via, hook_client, make_client, sim, allowed)
     error = failure(await end_with_output(client, sim, via, allowed.url("/html")), tmp_path / "outputs")
@@ -200,8 +222,13 @@ async def test_the_simulators_own_output_still_downloads(client: TestClient, tmp
 @pytest.mark.file_store_only
 @pytest.mark.parametrize("case", ["foreign", "too_large"])
 async def test_an_image_output_goes_through_the_same_checks(
-        case: str, make_client: Any, sim: Simulator, settings_dir: Path, file_hosts: tuple[FileHost, FileHost],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    case: str,
+    make_client: Any,
+    sim: Simulator,
+    settings_dir: Path,
+    file_hosts: tuple[FileHost, FileHost],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     _, foreign = file_hosts
     path = settings_dir / "images.yaml"
     images = yaml.safe_load(path.read_text())
@@ -210,8 +237,14 @@ async def test_an_image_output_goes_through_the_same_checks(
     client = await make_client()
     if case == "foreign":  # the prediction, polled at its end, names an output on the foreign host
         real = replicate_api.prediction_json
-        monkeypatch.setattr(replicate_api, "prediction_json", lambda record, base: {
-            **real(record, base), **({"output": foreign.url("/x")} if record["status"] == "succeeded" else {})})
+        monkeypatch.setattr(
+            replicate_api,
+            "prediction_json",
+            lambda record, base: {
+                **real(record, base),
+                **({"output": foreign.url("/x")} if record["status"] == "succeeded" else {}),
+            },
+        )
     response = await client.post("/api/mv/generate_character_reference", json={"character_description": "a keeper"})
     error = (await response.json())["error"]
     assert response.status == 502
@@ -220,7 +253,8 @@ async def test_an_image_output_goes_through_the_same_checks(
 
 
 async def test_an_inline_vertex_video_over_the_cap_or_not_an_mp4_fails_the_job(
-        make_client: Any, settings_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_client: Any, settings_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     set_output_cap(settings_dir, 1000)  # a sandbox clip is tens of KB
     client = await make_client()
     events = await events_of(client, (await submit(client, backend="gemini"))["job_id"])
@@ -239,15 +273,27 @@ async def test_an_inline_vertex_video_over_the_cap_or_not_an_mp4_fails_the_job(
 
 
 def test_the_output_hosts_setting_is_normalised_and_checked() -> None:
-    env = EnvSettings.from_env({"MV_REPLICATE_OUTPUT_HOSTS": "Replicate.Delivery, *.replicate.delivery,"
-                                                             "http://10.0.0.5:8090/,http://[::1]:80"})
+    env = EnvSettings.from_env(
+        {"MV_REPLICATE_OUTPUT_HOSTS": "Replicate.Delivery, *.replicate.delivery,http://10.0.0.5:8090/,http://[::1]:80"}
+    )
     hosts = OutputHosts(env.replicate_output_hosts or ())
-    allowed = ["https://replicate.delivery/a.mp4", "https://pbxt.replicate.delivery/b/c.mp4",
-               "http://10.0.0.5:8090/replicate/files/x/output.mp4", "http://[::1]/x"]
-    refused = ["http://replicate.delivery/a.mp4", "https://replicate.delivery:8443/a.mp4",
-               "https://evilreplicate.delivery/a.mp4", "https://replicate.delivery.evil.example/a.mp4",
-               "http://10.0.0.5:8091/x", "https://replicate.delivery@127.0.0.1/x", "http://2130706433:8090/x",
-               "file:///etc/passwd", "x.mp4"]
+    allowed = [
+        "https://replicate.delivery/a.mp4",
+        "https://pbxt.replicate.delivery/b/c.mp4",
+        "http://10.0.0.5:8090/replicate/files/x/output.mp4",
+        "http://[::1]/x",
+    ]
+    refused = [
+        "http://replicate.delivery/a.mp4",
+        "https://replicate.delivery:8443/a.mp4",
+        "https://evilreplicate.delivery/a.mp4",
+        "https://replicate.delivery.evil.example/a.mp4",
+        "http://10.0.0.5:8091/x",
+        "https://replicate.delivery@127.0.0.1/x",
+        "http://2130706433:8090/x",
+        "file:///etc/passwd",
+        "x.mp4",
+    ]
     assert [hosts.allows(URL(url)) for url in allowed] == [True] * len(allowed)
     assert [hosts.allows(URL(url)) for url in refused] == [False] * len(refused)
     for bad in ("ftp://replicate.delivery", "http://a:99999", "*", "http://*:80", "a b"):
@@ -260,4 +306,6 @@ def test_the_list_is_the_simulator_alone_in_sandbox_mode_and_adds_the_base_url_l
     assert replicate_output_hosts(env, "http://127.0.0.1:4321/replicate", True).entries == ("http://127.0.0.1:4321",)
     assert replicate_output_hosts(env, None, False).entries == DEFAULT_REPLICATE_OUTPUT_HOSTS
     assert replicate_output_hosts(env, "http://sim:8090/replicate", False).entries == (
-        *DEFAULT_REPLICATE_OUTPUT_HOSTS, "http://sim:8090")
+        *DEFAULT_REPLICATE_OUTPUT_HOSTS,
+        "http://sim:8090",
+    )

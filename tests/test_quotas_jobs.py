@@ -39,8 +39,10 @@ async def project_with_prompts(client: TestClient, scenes: int, audio_id: str | 
         body["audio_id"] = audio_id
     project = await ok(await client.post(PROJECTS, json=body), 201)
     patch = {"scenes": [{"id": s["id"], "prompt": PROMPT, "duration": 4} for s in project["scenes"]]}
-    return await ok(await client.patch(f"{PROJECTS}/{project['project_id']}", json=patch,
-                                       headers={"If-Match": project["etag"]}), 200)
+    return await ok(
+        await client.patch(f"{PROJECTS}/{project['project_id']}", json=patch, headers={"If-Match": project["etag"]}),
+        200,
+    )
 
 
 async def keyless_setup(make_client: AppClient, sim: Simulator) -> dict[str, Any]:
@@ -57,12 +59,19 @@ async def keyless_setup(make_client: AppClient, sim: Simulator) -> dict[str, Any
         assert (await wait_for(client, job_id, lambda s: s["status"] in FINAL, 60))["status"] == "succeeded"
     fresh = await project_with_prompts(client, 2)
     await client.close()  # the keyed app below takes over the same outputs (and Redis prefix)
-    return {"audio_id": audio_id, "clip": clips[0], "pid": pid, "scene": done["scenes"][0]["id"],
-            "fresh": fresh["project_id"], "fresh_scene": fresh["scenes"][0]["id"]}
+    return {
+        "audio_id": audio_id,
+        "clip": clips[0],
+        "pid": pid,
+        "scene": done["scenes"][0]["id"],
+        "fresh": fresh["project_id"],
+        "fresh_scene": fresh["scenes"][0]["id"],
+    }
 
 
-async def test_every_job_creating_post_is_charged_after_validation(make_client: AppClient, sim: Simulator,
-                                                                   tmp_path: Path) -> None:
+async def test_every_job_creating_post_is_charged_after_validation(
+    make_client: AppClient, sim: Simulator, tmp_path: Path
+) -> None:
     made = await keyless_setup(make_client, sim)
     sim.video_latency = 60.0  # jobs started below stay running
     pid, fresh = made["pid"], made["fresh"]
@@ -71,8 +80,13 @@ async def test_every_job_creating_post_is_charged_after_validation(make_client: 
     # (route, malformed body and its field, valid body, limits): the malformed request costs nothing, the valid one
     # takes the only token, the same valid request again is refused.
     table = [
-        ("/api/mv/lipsync", {"video_job_id": made["clip"]}, "audio_id",
-         {"video_job_id": made["clip"], "audio_id": made["audio_id"]}, one_job),
+        (
+            "/api/mv/lipsync",
+            {"video_job_id": made["clip"]},
+            "audio_id",
+            {"video_job_id": made["clip"], "audio_id": made["audio_id"]},
+            one_job,
+        ),
         ("/api/mv/assemble", {"clips": []}, "clips", {"clips": [{"job_id": made["clip"]}]}, one_job),
         (f"{PROJECTS}/{pid}/scenes/{made['scene']}/clips", {"seed": "x"}, "seed", {"generate_audio": False}, one_job),
         (f"{PROJECTS}/{pid}/scenes/{made['scene']}/lipsync", {"sync_mode": 3}, "sync_mode", {}, one_job),
@@ -100,8 +114,9 @@ async def test_every_job_creating_post_is_charged_after_validation(make_client: 
     url = f"{PROJECTS}/{fresh}/clips"
     started = await ok(await client.post(url, json={}, headers=bearer(small)), 202)
     assert len(started["jobs"]) == 2
-    limited = await client.post(f"{PROJECTS}/{fresh}/scenes/{made['fresh_scene']}/clips", json={},
-                                headers=bearer(small))
+    limited = await client.post(
+        f"{PROJECTS}/{fresh}/scenes/{made['fresh_scene']}/clips", json={}, headers=bearer(small)
+    )
     assert limited.status == 429 and (await limited.json())["error"]["code"] == "rate_limited"
     assert int(limited.headers["Retry-After"]) >= 60  # waiting helps: the next token comes then
     # A refusal takes nothing: `two` still has both tokens for the two jobs of a request after one it could not pay.
@@ -110,8 +125,9 @@ async def test_every_job_creating_post_is_charged_after_validation(make_client: 
     assert me["tokens"]["jobs"] == 2
 
 
-async def test_the_running_jobs_cap_queues_lipsync_clip_and_assembly_jobs(make_client: AppClient, sim: Simulator,
-                                                                            tmp_path: Path) -> None:
+async def test_the_running_jobs_cap_queues_lipsync_clip_and_assembly_jobs(
+    make_client: AppClient, sim: Simulator, tmp_path: Path
+) -> None:
     made = await keyless_setup(make_client, sim)
     sim.video_latency = 60.0
     keys_file = tmp_path / "keys.yaml"
@@ -119,14 +135,21 @@ async def test_the_running_jobs_cap_queues_lipsync_clip_and_assembly_jobs(make_c
     client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET=SECRET)
     engine = client.app[JOBS]
     auth = bearer(key)
-    lipsync = await ok(await client.post("/api/mv/lipsync", json={"video_job_id": made["clip"],
-                                                                  "audio_id": made["audio_id"]}, headers=auth), 202)
-    clip = await ok(await client.post(f"{PROJECTS}/{made['pid']}/scenes/{made['scene']}/clips", json={},
-                                      headers=auth), 202)
-    beyond = [("/api/mv/assemble", {"clips": [{"job_id": made["clip"]}]}),
-              (f"{PROJECTS}/{made['pid']}/assemble", {}),
-              (f"{PROJECTS}/{made['fresh']}/clips", {}),
-              ("/api/mv/lipsync", {"video_job_id": made["clip"], "audio_id": made["audio_id"]})]
+    lipsync = await ok(
+        await client.post(
+            "/api/mv/lipsync", json={"video_job_id": made["clip"], "audio_id": made["audio_id"]}, headers=auth
+        ),
+        202,
+    )
+    clip = await ok(
+        await client.post(f"{PROJECTS}/{made['pid']}/scenes/{made['scene']}/clips", json={}, headers=auth), 202
+    )
+    beyond = [
+        ("/api/mv/assemble", {"clips": [{"job_id": made["clip"]}]}),
+        (f"{PROJECTS}/{made['pid']}/assemble", {}),
+        (f"{PROJECTS}/{made['fresh']}/clips", {}),
+        ("/api/mv/lipsync", {"video_job_id": made["clip"], "audio_id": made["audio_id"]}),
+    ]
     waiting = []
     for url, body in beyond:  # accepted, and queued behind the key's two running jobs
         answer = await ok(await client.post(url, json=body, headers=auth), 202)
@@ -144,19 +167,30 @@ async def test_the_running_jobs_cap_queues_lipsync_clip_and_assembly_jobs(make_c
     assert await engine.places(record.id) == (0, 0)
 
 
-async def test_the_clips_of_a_six_scene_project_generate_with_default_limits(make_client: AppClient, sim: Simulator,
-                                                                             tmp_path: Path) -> None:
+async def test_the_clips_of_a_six_scene_project_generate_with_default_limits(
+    make_client: AppClient, sim: Simulator, tmp_path: Path
+) -> None:
     """jobs_burst 5 and 4 running: one request starts all six clips, four run at a time, two wait their turn."""
     keys_file = tmp_path / "keys.yaml"
     record, key = create_key(keys_file, "defaults")
     assert (record.limits.jobs_burst, record.limits.max_running_jobs) == (5, 4)
     client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET=SECRET)
     auth = bearer(key)
-    project = await ok(await client.post(PROJECTS, headers=auth, json={
-        "idea": "a song", "character_description": "a singer", "number_of_scenes": 6}), 201)
+    project = await ok(
+        await client.post(
+            PROJECTS, headers=auth, json={"idea": "a song", "character_description": "a singer", "number_of_scenes": 6}
+        ),
+        201,
+    )
     pid = project["project_id"]
-    await ok(await client.patch(f"{PROJECTS}/{pid}", headers={**auth, "If-Match": project["etag"]}, json={
-        "scenes": [{"id": s["id"], "prompt": PROMPT, "duration": 4} for s in project["scenes"]]}), 200)
+    await ok(
+        await client.patch(
+            f"{PROJECTS}/{pid}",
+            headers={**auth, "If-Match": project["etag"]},
+            json={"scenes": [{"id": s["id"], "prompt": PROMPT, "duration": 4} for s in project["scenes"]]},
+        ),
+        200,
+    )
     sim.video_latency = 2.0
     started = await ok(await client.post(f"{PROJECTS}/{pid}/clips", headers=auth, json={"generate_audio": False}), 202)
     jobs = [job["job_id"] for job in started["jobs"]]

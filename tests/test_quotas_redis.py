@@ -15,8 +15,11 @@ from mvserver.web.access.auth import KeyLimits, create_key
 from mvserver.web.access.quotas import RedisRateLimiter, set_rate_limiter
 
 SECRET = "test-signing-secret-0123456789abcdefghij"
-SCENES = {"idea": "a drummer on a rooftop at dusk", "character_description": "a tall woman in a red coat",
-          "number_of_scenes": 2}
+SCENES = {
+    "idea": "a drummer on a rooftop at dusk",
+    "character_description": "a tall woman in a red coat",
+    "number_of_scenes": 2,
+}
 
 
 @pytest.fixture
@@ -83,13 +86,17 @@ async def test_two_apps_share_a_keys_quota(make_client: AppClient, tmp_path: Pat
         assert 1 <= int(refused.headers["Retry-After"]) <= 60
 
 
-async def test_with_a_redis_url_two_apps_share_a_keys_quota_by_themselves(make_client: AppClient, tmp_path: Path,
-                                                                        redis_url: str,
-                                                                        redis_clients: list[Redis]) -> None:
+async def test_with_a_redis_url_two_apps_share_a_keys_quota_by_themselves(
+    make_client: AppClient, tmp_path: Path, redis_url: str, redis_clients: list[Redis]
+) -> None:
     keys_file = tmp_path / "keys.yaml"
     _, key = create_key(keys_file, "shared", KeyLimits(blocking_per_minute=1, blocking_burst=2))
-    env: dict[str, Any] = {"MV_API_KEYS_FILE": keys_file, "MV_URL_SIGNING_SECRET": SECRET,
-                           "MV_REDIS_URL": redis_url, "MV_REDIS_PREFIX": "mvq:"}
+    env: dict[str, Any] = {
+        "MV_API_KEYS_FILE": keys_file,
+        "MV_URL_SIGNING_SECRET": SECRET,
+        "MV_REDIS_URL": redis_url,
+        "MV_REDIS_PREFIX": "mvq:",
+    }
     apps = [await make_client(**env), await make_client(**env)]
     auth = {"Authorization": f"Bearer {key}"}
     assert (await apps[0].post("/api/mv/create_scenes", json=SCENES, headers=auth)).status == 200
@@ -100,21 +107,26 @@ async def test_with_a_redis_url_two_apps_share_a_keys_quota_by_themselves(make_c
     assert await redis_clients[0].keys("mvq:bucket:*") == [f"mvq:bucket:{key.split('_')[1]}:blocking".encode()]
 
 
-
-async def test_after_a_redis_restart_no_request_is_a_500(make_client: AppClient, tmp_path: Path,
-                                                         redis_process: RedisServer) -> None:
+async def test_after_a_redis_restart_no_request_is_a_500(
+    make_client: AppClient, tmp_path: Path, redis_process: RedisServer
+) -> None:
     """A restart drops every pooled connection (the buckets', the job store's, the projects'): a request that meets
     a dead one is answered 503 ``store_unavailable`` with Retry-After (or goes through), never 500; and while Redis
     is down, every route that needs it says 503 ``store_unavailable``."""
     keys_file = tmp_path / "keys.yaml"
-    _, key = create_key(keys_file, "restart", KeyLimits(jobs_per_minute=600, jobs_burst=50, blocking_per_minute=600,
-                                                        blocking_burst=50))
-    client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET=SECRET,
-                               MV_REDIS_URL=redis_process.url, MV_REDIS_PREFIX="mvr:")
+    _, key = create_key(
+        keys_file, "restart", KeyLimits(jobs_per_minute=600, jobs_burst=50, blocking_per_minute=600, blocking_burst=50)
+    )
+    client = await make_client(
+        MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET=SECRET, MV_REDIS_URL=redis_process.url, MV_REDIS_PREFIX="mvr:"
+    )
     auth = {"Authorization": f"Bearer {key}"}
     video = {"prompt": "a drummer on a rooftop at dusk", "duration": 4}
-    requests = [("POST", "/api/mv/generate_video", video), ("POST", "/api/mv/create_scenes", SCENES),
-                ("POST", "/api/mv/projects", {"idea": "a song", "character_description": "a singer"})]
+    requests = [
+        ("POST", "/api/mv/generate_video", video),
+        ("POST", "/api/mv/create_scenes", SCENES),
+        ("POST", "/api/mv/projects", {"idea": "a song", "character_description": "a singer"}),
+    ]
 
     async def answers() -> list[tuple[int, str | None]]:
         result = []

@@ -77,7 +77,8 @@ async def create_image(rc: replicate.Client, **inputs: Any) -> Prediction:
 
 
 async def test_prediction_goes_starting_processing_succeeded_with_parsed_progress(
-        rc: replicate.Client, sim: Simulator, sim_server: TestServer) -> None:
+    rc: replicate.Client, sim: Simulator, sim_server: TestServer
+) -> None:
     sim.image_latency = 0.8
     prediction = await create_image(rc, output_format="png", aspect_ratio="16:9")
     assert prediction.status == "starting" and prediction.logs == "" and prediction.progress is None
@@ -124,8 +125,9 @@ async def test_prefer_wait_holds_the_create_until_the_output_exists(rc: replicat
     assert [route for route, _ in sim.requests] == ["replicate.create"]  # no polling was needed
 
 
-async def test_output_is_rendered_once_for_concurrent_polls(rc: replicate.Client, sim: Simulator,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_output_is_rendered_once_for_concurrent_polls(
+    rc: replicate.Client, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = []
     real = replicate_api.render_character_image
 
@@ -146,7 +148,8 @@ async def test_output_is_rendered_once_for_concurrent_polls(rc: replicate.Client
 
 
 async def test_veo_renders_an_mp4_from_a_reference_uploaded_through_the_files_api(
-        rc: replicate.Client, sim: Simulator, sim_server: TestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    rc: replicate.Client, sim: Simulator, sim_server: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[dict[str, Any]] = []
     real = replicate_api.render_video
 
@@ -160,8 +163,14 @@ async def test_veo_renders_an_mp4_from_a_reference_uploaded_through_the_files_ap
     reference.name = "reference.png"
     prediction = await rc.models.predictions.async_create(
         model="google/veo-3.1",
-        input={"prompt": VIDEO_PROMPT, "duration": 2, "aspect_ratio": "9:16", "generate_audio": False,
-               "reference_images": [reference]})
+        input={
+            "prompt": VIDEO_PROMPT,
+            "duration": 2,
+            "aspect_ratio": "9:16",
+            "generate_audio": False,
+            "reference_images": [reference],
+        },
+    )
     assert ("replicate.files.create", "/replicate/v1/files") in sim.requests
     uploaded = prediction.input["reference_images"][0]
     assert uploaded.startswith(f"{base_url(sim_server)}/files/") and uploaded.endswith("/reference.png")
@@ -170,12 +179,21 @@ async def test_veo_renders_an_mp4_from_a_reference_uploaded_through_the_files_ap
     assert prediction.status == "succeeded" and prediction.output.endswith(".mp4")
     status, headers, body = await download(prediction.output)
     assert status == 200 and headers["Content-Type"] == "video/mp4" and body[4:8] == b"ftyp"
-    assert seen == [{"prompt": VIDEO_PROMPT, "duration": 2, "aspect_ratio": "9:16", "reference_image": png_bytes(),
-                     "generate_audio": False, "seed": None}]
+    assert seen == [
+        {
+            "prompt": VIDEO_PROMPT,
+            "duration": 2,
+            "aspect_ratio": "9:16",
+            "reference_image": png_bytes(),
+            "generate_audio": False,
+            "seed": None,
+        }
+    ]
 
 
-async def test_veo_reads_a_data_uri_reference(rc: replicate.Client, sim: Simulator,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_veo_reads_a_data_uri_reference(
+    rc: replicate.Client, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[bytes | None] = []
 
     async def fake_render(dest: Path, **kwargs: Any) -> None:
@@ -187,8 +205,10 @@ async def test_veo_reads_a_data_uri_reference(rc: replicate.Client, sim: Simulat
     reference = io.BytesIO(png_bytes("red"))
     reference.name = "red.png"
     prediction = await rc.models.predictions.async_create(
-        model="google/veo-3.1", input={"prompt": VIDEO_PROMPT, "reference_images": [reference]},
-        file_encoding_strategy="base64")
+        model="google/veo-3.1",
+        input={"prompt": VIDEO_PROMPT, "reference_images": [reference]},
+        file_encoding_strategy="base64",
+    )
     assert prediction.input["reference_images"][0].startswith("data:image/png;base64,")
     assert not any(route == "replicate.files.create" for route, _ in sim.requests)
     assert (await finish(rc, prediction)).status == "succeeded"
@@ -198,7 +218,8 @@ async def test_veo_reads_a_data_uri_reference(rc: replicate.Client, sim: Simulat
 async def test_an_unreadable_reference_fails_the_prediction(rc: replicate.Client, sim: Simulator) -> None:
     sim.video_latency = 0.1
     prediction = await rc.models.predictions.async_create(
-        model="google/veo-3.1", input={"prompt": VIDEO_PROMPT, "reference_images": ["https://example.invalid/a.png"]})
+        model="google/veo-3.1", input={"prompt": VIDEO_PROMPT, "reference_images": ["https://example.invalid/a.png"]}
+    )
     prediction = await finish(rc, prediction)
     assert prediction.status == "failed" and "could not download" in prediction.error
 
@@ -215,8 +236,15 @@ async def test_files_api_stores_and_serves_an_upload(rc: replicate.Client) -> No
     assert status == 200 and body == data and headers["Content-Type"] == "image/png"
 
 
-@pytest.mark.parametrize("path", ["/replicate/files/aaaaaaaaaaaaaaaaaaaaaaaaaa/x.png", "/replicate/files/../../etc/passwd",
-                                  "/replicate/files/%2e%2e/simulator.json", "/replicate/files/ABC/x.png"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/replicate/files/aaaaaaaaaaaaaaaaaaaaaaaaaa/x.png",
+        "/replicate/files/../../etc/passwd",
+        "/replicate/files/%2e%2e/simulator.json",
+        "/replicate/files/ABC/x.png",
+    ],
+)
 async def test_file_urls_outside_the_store_are_not_found(sim_server: TestServer, path: str) -> None:
     status, _, _ = await download(f"{str(sim_server.make_url('')).rstrip('/')}{path}")
     assert status == 404
@@ -255,8 +283,11 @@ async def test_fail_prediction_fault_ends_the_next_prediction_failed(rc: replica
 
 
 async def test_state_survives_a_simulator_restart(
-        rc: replicate.Client, sim: Simulator, make_replicate: ClientFactory,
-        aiohttp_server: Callable[..., Awaitable[TestServer]]) -> None:
+    rc: replicate.Client,
+    sim: Simulator,
+    make_replicate: ClientFactory,
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> None:
     sim.image_latency = 0.3
     finished = await finish(rc, await create_image(rc))
     pending = await create_image(rc)
@@ -276,7 +307,9 @@ async def test_state_survives_a_simulator_restart(
 # -- errors ------------------------------------------------------------------------------------------------------
 
 
-async def test_invalid_input_is_rejected_with_replicate_problem_json(rc: replicate.Client, sim_server: TestServer) -> None:
+async def test_invalid_input_is_rejected_with_replicate_problem_json(
+    rc: replicate.Client, sim_server: TestServer
+) -> None:
     with pytest.raises(ReplicateError) as missing:
         await rc.models.predictions.async_create(model="google/imagen-4", input={"aspect_ratio": "1:1"})
     assert missing.value.status == 422 and missing.value.title == "Input validation failed"
@@ -284,7 +317,9 @@ async def test_invalid_input_is_rejected_with_replicate_problem_json(rc: replica
 
     async with aiohttp.ClientSession(headers={"Authorization": "Bearer r8_test"}) as session:
         url = f"{base_url(sim_server)}/v1/models/google/veo-3.1/predictions"
-        async with session.post(url, json={"input": {"prompt": "x", "aspect_ratio": "2:1", "duration": "8"}}) as response:
+        async with session.post(
+            url, json={"input": {"prompt": "x", "aspect_ratio": "2:1", "duration": "8"}}
+        ) as response:
             assert response.status == 422
             body = await response.json()
     assert body["status"] == 422 and body["title"] == "Input validation failed"
@@ -309,7 +344,11 @@ async def test_requests_without_a_token_are_401(sim_server: TestServer) -> None:
         async with session.post(url, json={"input": {"prompt": "x"}}) as response:
             assert response.status == 401
             body = await response.json()
-    assert body == {"title": "Unauthenticated", "detail": "You did not pass a valid authentication token", "status": 401}
+    assert body == {
+        "title": "Unauthenticated",
+        "detail": "You did not pass a valid authentication token",
+        "status": 401,
+    }
 
 
 async def test_transport_faults_apply_by_route_name(rc: replicate.Client, sim: Simulator) -> None:
@@ -318,7 +357,9 @@ async def test_transport_faults_apply_by_route_name(rc: replicate.Client, sim: S
     prediction = await finish(rc, await create_image(rc))
     assert prediction.status == "succeeded"
     assert sum(route == "replicate.get" for route, _ in sim.requests) >= 3
-    sim.add_fault("replicate.files.create", status=500, body={"title": "Internal error", "detail": "boom", "status": 500})
+    sim.add_fault(
+        "replicate.files.create", status=500, body={"title": "Internal error", "detail": "boom", "status": 500}
+    )
     with pytest.raises(ReplicateError) as raised:
         await rc.files.async_create(io.BytesIO(b"x"))
     assert raised.value.status == 500 and raised.value.detail == "boom"

@@ -43,8 +43,9 @@ async def stored(client: TestClient, job_id: str) -> bool:
     return any(store.outputs.path("jobs", job_id, suffix).exists() for suffix in (".json", ".events.jsonl"))
 
 
-async def test_finished_jobs_and_old_files_expire_running_jobs_stay(make_client: AppClient, sim: Simulator,
-                                                                    short_retention: None, live_env: dict[str, str]) -> None:
+async def test_finished_jobs_and_old_files_expire_running_jobs_stay(
+    make_client: AppClient, sim: Simulator, short_retention: None, live_env: dict[str, str]
+) -> None:
     outputs = Path(live_env["MV_OUTPUT_DIR"])
     client = await make_client()
     sim.video_latency = 0.2
@@ -52,14 +53,19 @@ async def test_finished_jobs_and_old_files_expire_running_jobs_stay(make_client:
     events = await events_of(client, done["job_id"])
     assert events[-1]["event"] == "succeeded"
     job_id = done["job_id"]
-    files = [outputs / "videos" / f"{job_id}.mp4", outputs / "videos" / f"{job_id}.jpg", outputs / "jobs" / f"{job_id}.ref",
-             outputs / "jobs" / f"{job_id}.ffmpeg.lock"]  # the poster, and the run lock an assembly job leaves
+    files = [
+        outputs / "videos" / f"{job_id}.mp4",
+        outputs / "videos" / f"{job_id}.jpg",
+        outputs / "jobs" / f"{job_id}.ref",
+        outputs / "jobs" / f"{job_id}.ffmpeg.lock",
+    ]  # the poster, and the run lock an assembly job leaves
     files[-1].touch()
     assert all(path.exists() for path in files)
     image = await client.post("/api/mv/generate_character_reference", json={"character_description": "a heron"})
     assert image.status == 200
-    scenes = await client.post("/api/mv/create_scenes", json={"idea": "a heron learns jazz",
-                                                               "character_description": "a grey heron"})
+    scenes = await client.post(
+        "/api/mv/create_scenes", json={"idea": "a heron learns jazz", "character_description": "a grey heron"}
+    )
     assert scenes.status == 200
     assert list((outputs / "images").iterdir()) and list((outputs / "scenes").iterdir())
 

@@ -40,6 +40,7 @@ RETAINED_MB = 40  # what may stay once every render is done (allocator slack, th
 def huge_png(width: int, height: int, rgb: bool = False) -> bytes:
     """A PNG, 1-bit greyscale (white with black stripes) or 8-bit RGB (one colour with stripes), compressed row by
     row: never held decoded, a few KB (1-bit) or about 130 KB (RGB) for 40 MP."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -50,8 +51,9 @@ def huge_png(width: int, height: int, rgb: bool = False) -> bytes:
     compressor = zlib.compressobj(9)
     body = b"".join(compressor.compress(stripe if y % 500 < 20 else plain) for y in range(height))
     header = struct.pack(">IIBBBBB", width, height, 8 if rgb else 1, 2 if rgb else 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body + compressor.flush())
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body + compressor.flush()) + chunk(b"IEND", b"")
+    )
 
 
 def data_uri(png: bytes) -> str:
@@ -71,8 +73,9 @@ def vm_kb(pid: int) -> dict[str, int]:
 async def run_prediction(session: aiohttp.ClientSession, base: str, reference: str, seed: int) -> dict[str, Any]:
     """Create a veo prediction with ``reference`` and poll it to its end."""
     inputs = {"prompt": "memory", "duration": 1, "generate_audio": False, "seed": seed, "reference_images": [reference]}
-    async with session.post(f"{base}/replicate/v1/models/google/veo-3.1/predictions", json={"input": inputs},
-                            headers=AUTH) as response:
+    async with session.post(
+        f"{base}/replicate/v1/models/google/veo-3.1/predictions", json={"input": inputs}, headers=AUTH
+    ) as response:
         assert response.status == 201, await response.text()
         prediction = await response.json()
     async with asyncio.timeout(60):
@@ -113,9 +116,23 @@ async def test_six_39_mp_references_at_once_keep_the_simulator_process_small(tmp
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen(
-        [sys.executable, "-m", "mvserver.sandbox", "--port", str(port), "--state-dir", str(tmp_path / "sim"),
-         "--video-latency", "0.05", "--max-concurrent-renders", str(SLOTS)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "mvserver.sandbox",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(tmp_path / "sim"),
+            "--video-latency",
+            "0.05",
+            "--max-concurrent-renders",
+            str(SLOTS),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
@@ -145,8 +162,9 @@ async def test_six_39_mp_references_at_once_keep_the_simulator_process_small(tmp
     assert retained_mb < RETAINED_MB  # the decoded images were handed back to the system
 
 
-async def test_renders_run_at_most_max_concurrent_renders_at_once(tmp_path: Path, aiohttp_client: Any,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_renders_run_at_most_max_concurrent_renders_at_once(
+    tmp_path: Path, aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     running, peak = 0, 0
     real = replicate_api.render_video
 

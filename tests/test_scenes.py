@@ -30,8 +30,9 @@ SETTINGS = yaml.safe_load((PROJECT / "settings" / "scenes.yaml").read_text())
 DEFAULTS: dict[str, Any] = SETTINGS["defaults"]
 OPTIONAL = list(DEFAULTS)
 GOOGLE_429 = {"error": {"code": 429, "message": "Resource has been exhausted", "status": "RESOURCE_EXHAUSTED"}}
-GOOGLE_401 = {"error": {"code": 401, "message": "API key not valid. Please pass a valid API key.",
-                        "status": "UNAUTHENTICATED"}}
+GOOGLE_401 = {
+    "error": {"code": 401, "message": "API key not valid. Please pass a valid API key.", "status": "UNAUTHENTICATED"}
+}
 GOOGLE_500 = {"error": {"code": 500, "message": "Internal error encountered.", "status": "INTERNAL"}}
 
 
@@ -84,10 +85,16 @@ async def shared_app(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
     sim = Simulator(root / "simulator", scenes_latency=0.0)
     async with TestServer(create_simulator_app(sim)) as sim_server:
         base = str(sim_server.make_url("")).rstrip("/")
-        env = {"GEMINI_API_KEY": "test-gemini-key", "REPLICATE_API_TOKEN": "r8_test",
-               "GOOGLE_VERTEX_API_KEY": "test-vertex-key", "MV_GEMINI_BASE_URL": f"{base}/gemini",
-               "MV_VERTEX_BASE_URL": f"{base}/vertex", "MV_REPLICATE_BASE_URL": f"{base}/replicate",
-               "MV_OUTPUT_DIR": str(root / "outputs"), "MV_SETTINGS_DIR": str(PROJECT / "settings")}
+        env = {
+            "GEMINI_API_KEY": "test-gemini-key",
+            "REPLICATE_API_TOKEN": "r8_test",
+            "GOOGLE_VERTEX_API_KEY": "test-vertex-key",
+            "MV_GEMINI_BASE_URL": f"{base}/gemini",
+            "MV_VERTEX_BASE_URL": f"{base}/vertex",
+            "MV_REPLICATE_BASE_URL": f"{base}/replicate",
+            "MV_OUTPUT_DIR": str(root / "outputs"),
+            "MV_SETTINGS_DIR": str(PROJECT / "settings"),
+        }
         async with TestClient(TestServer(create_app(env))) as client:
             yield client, sim
 
@@ -106,8 +113,9 @@ def app(shared_app: Shared) -> Shared:
 
 
 @pytest.fixture
-async def recorder(sim: Simulator,
-                   aiohttp_server: Callable[..., Awaitable[TestServer]]) -> tuple[TestServer, list[dict[str, Any]]]:
+async def recorder(
+    sim: Simulator, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> tuple[TestServer, list[dict[str, Any]]]:
     """A Gemini stand-in that records each request body and answers with the simulator's ``generate_content``."""
     bodies: list[dict[str, Any]] = []
 
@@ -138,8 +146,13 @@ async def test_happy_path_writes_scenes_files_and_metadata(make_client, recorder
 
     meta = data["metadata"]
     assert meta["model"] == SETTINGS["model"]
-    assert meta["parameters"] == {**DEFAULTS, "idea": IDEA, "character_description": CHARACTER,
-                                  "number_of_scenes": 3, "camera_angle": "low angle"}
+    assert meta["parameters"] == {
+        **DEFAULTS,
+        "idea": IDEA,
+        "character_description": CHARACTER,
+        "number_of_scenes": 3,
+        "camera_angle": "low angle",
+    }
     assert sorted(meta["defaults_applied"]) == sorted(set(OPTIONAL) - {"number_of_scenes", "camera_angle"})
     assert isinstance(meta["elapsed_seconds"], (int, float)) and meta["elapsed_seconds"] >= 0
     assert meta["attempts"] == 1
@@ -185,10 +198,13 @@ async def test_all_defaults_applied_when_only_required_fields_sent(app: Shared) 
     assert f"/models/{SETTINGS['model']}:generateContent" in generate_calls(sim)[0]
 
 
-@pytest.mark.parametrize("path", [
-    "/api/mv/get_scenes/00000000-0000-4000-8000-000000000000.json",
-    "/api/mv/get_scenes/00000000-0000-4000-8000-000000000000.md",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/mv/get_scenes/00000000-0000-4000-8000-000000000000.json",
+        "/api/mv/get_scenes/00000000-0000-4000-8000-000000000000.md",
+    ],
+)
 @shared
 async def test_get_scenes_unknown_id_is_404(app: Shared, path: str) -> None:
     client, _ = app
@@ -225,8 +241,14 @@ async def test_debug_mode_logs_arguments_defaults_config_prompt_and_reply(make_c
 
     prompt = debug_entry(messages, "prompt sent to Gemini")
     assert "{{" not in prompt and "{%" not in prompt
-    for value in [IDEA, CHARACTER, "music video", DEFAULTS["character_characteristics"],
-                  DEFAULTS["video_characteristics"], DEFAULTS["camera_angle"]]:
+    for value in [
+        IDEA,
+        CHARACTER,
+        "music video",
+        DEFAULTS["character_characteristics"],
+        DEFAULTS["video_characteristics"],
+        DEFAULTS["camera_angle"],
+    ]:
         assert value in prompt, value
     assert prompt == render_prompt(SETTINGS["prompt"], data["metadata"]["parameters"])
     assert data["metadata"]["parameters"]["number_of_scenes"] == 2
@@ -243,8 +265,9 @@ async def test_debug_off_logs_nothing_to_debug_logger(make_client, caplog) -> No
     assert debug_messages(caplog) == []
 
 
-async def test_every_default_and_the_prompt_come_from_yaml(make_client, sim: Simulator, caplog,
-                                                           settings_dir: Path) -> None:
+async def test_every_default_and_the_prompt_come_from_yaml(
+    make_client, sim: Simulator, caplog, settings_dir: Path
+) -> None:
     """``settings_dir`` (conftest) is the copy of ``settings/`` the app under test loads."""
     scenes = yaml.safe_load((settings_dir / "scenes.yaml").read_text())
     scenes["model"] = "gemini-test-model"
@@ -279,30 +302,35 @@ async def test_every_default_and_the_prompt_come_from_yaml(make_client, sim: Sim
 LIMIT = SETTINGS["limits"]["text_max_chars"]
 
 
-@pytest.mark.parametrize(("payload", "code", "field"), [
-    pytest.param(b'{"idea": "x",', "invalid_json", None, id="invalid-json"),
-    pytest.param(b"\xff\xfe not utf-8", "invalid_json", None, id="not-utf8"),
-    pytest.param(b"", "invalid_json", None, id="empty-body"),
-    pytest.param(json.dumps([body()]).encode(), "invalid_json", None, id="json-array"),
-    pytest.param({"character_description": CHARACTER}, "missing_field", "idea", id="missing-idea"),
-    pytest.param({"idea": IDEA}, "missing_field", "character_description", id="missing-character"),
-    pytest.param(body(character_description="   \n\t "), "invalid_field", "character_description",
-                 id="blank-character"),
-    pytest.param(body(character_description=""), "invalid_field", "character_description", id="empty-character"),
-    pytest.param(body(number_of_scenes="4"), "invalid_field", "number_of_scenes", id="count-string"),
-    pytest.param(body(idea=5), "invalid_field", "idea", id="idea-number"),
-    pytest.param(body(idea=None), "invalid_field", "idea", id="idea-null"),
-    pytest.param(body(number_of_scenes=True), "invalid_field", "number_of_scenes", id="count-bool"),
-    pytest.param(body(number_of_scenes=4.5), "invalid_field", "number_of_scenes", id="count-fraction"),
-    pytest.param(body(number_of_scenes=0), "invalid_field", "number_of_scenes", id="count-zero"),
-    pytest.param(body(number_of_scenes=13), "invalid_field", "number_of_scenes", id="count-13"),
-    pytest.param(body(number_of_scenes=-1), "invalid_field", "number_of_scenes", id="count-negative"),
-    pytest.param(body(camera_angle=["front"]), "invalid_field", "camera_angle", id="angle-list"),
-    pytest.param(body(mood="happy"), "unknown_field", "mood", id="unknown-field"),
-    pytest.param(body(idea="x" * (LIMIT + 1)), "invalid_field", "idea", id="idea-too-long"),
-    pytest.param(body(video_characteristics="y" * (LIMIT + 1)), "invalid_field", "video_characteristics",
-                 id="style-too-long"),
-])
+@pytest.mark.parametrize(
+    ("payload", "code", "field"),
+    [
+        pytest.param(b'{"idea": "x",', "invalid_json", None, id="invalid-json"),
+        pytest.param(b"\xff\xfe not utf-8", "invalid_json", None, id="not-utf8"),
+        pytest.param(b"", "invalid_json", None, id="empty-body"),
+        pytest.param(json.dumps([body()]).encode(), "invalid_json", None, id="json-array"),
+        pytest.param({"character_description": CHARACTER}, "missing_field", "idea", id="missing-idea"),
+        pytest.param({"idea": IDEA}, "missing_field", "character_description", id="missing-character"),
+        pytest.param(
+            body(character_description="   \n\t "), "invalid_field", "character_description", id="blank-character"
+        ),
+        pytest.param(body(character_description=""), "invalid_field", "character_description", id="empty-character"),
+        pytest.param(body(number_of_scenes="4"), "invalid_field", "number_of_scenes", id="count-string"),
+        pytest.param(body(idea=5), "invalid_field", "idea", id="idea-number"),
+        pytest.param(body(idea=None), "invalid_field", "idea", id="idea-null"),
+        pytest.param(body(number_of_scenes=True), "invalid_field", "number_of_scenes", id="count-bool"),
+        pytest.param(body(number_of_scenes=4.5), "invalid_field", "number_of_scenes", id="count-fraction"),
+        pytest.param(body(number_of_scenes=0), "invalid_field", "number_of_scenes", id="count-zero"),
+        pytest.param(body(number_of_scenes=13), "invalid_field", "number_of_scenes", id="count-13"),
+        pytest.param(body(number_of_scenes=-1), "invalid_field", "number_of_scenes", id="count-negative"),
+        pytest.param(body(camera_angle=["front"]), "invalid_field", "camera_angle", id="angle-list"),
+        pytest.param(body(mood="happy"), "unknown_field", "mood", id="unknown-field"),
+        pytest.param(body(idea="x" * (LIMIT + 1)), "invalid_field", "idea", id="idea-too-long"),
+        pytest.param(
+            body(video_characteristics="y" * (LIMIT + 1)), "invalid_field", "video_characteristics", id="style-too-long"
+        ),
+    ],
+)
 @shared
 async def test_bad_input_is_400_naming_the_field(app: Shared, payload: Any, code: str, field: str | None) -> None:
     client, sim = app
@@ -341,19 +369,41 @@ async def test_wrong_method_is_405_json(app: Shared) -> None:
 # -- provider failures ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("status", "google_body", "ours", "code"), [
-    (401, GOOGLE_401, 502, "provider_auth_failed"),
-    (403, {"error": {"code": 403, "message": "Permission denied on resource project.", "status": "PERMISSION_DENIED"}},
-     502, "provider_auth_failed"),
-    (400, {"error": {"code": 400, "message": "Request contains an invalid argument.", "status": "INVALID_ARGUMENT"}},
-     422, "provider_rejected_input"),
-    (500, GOOGLE_500, 502, "provider_unavailable"),
-    (503, {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}},
-     502, "provider_unavailable"),
-])
+@pytest.mark.parametrize(
+    ("status", "google_body", "ours", "code"),
+    [
+        (401, GOOGLE_401, 502, "provider_auth_failed"),
+        (
+            403,
+            {
+                "error": {
+                    "code": 403,
+                    "message": "Permission denied on resource project.",
+                    "status": "PERMISSION_DENIED",
+                }
+            },
+            502,
+            "provider_auth_failed",
+        ),
+        (
+            400,
+            {"error": {"code": 400, "message": "Request contains an invalid argument.", "status": "INVALID_ARGUMENT"}},
+            422,
+            "provider_rejected_input",
+        ),
+        (500, GOOGLE_500, 502, "provider_unavailable"),
+        (
+            503,
+            {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}},
+            502,
+            "provider_unavailable",
+        ),
+    ],
+)
 @shared
-async def test_provider_http_errors_keep_status_and_words(app: Shared, status: int, google_body: dict, ours: int,
-                                                          code: str) -> None:
+async def test_provider_http_errors_keep_status_and_words(
+    app: Shared, status: int, google_body: dict, ours: int, code: str
+) -> None:
     client, sim = app
     sim.add_fault("gemini.generate", "status", status=status, body=google_body)
     response = await client.post(URL, json=body())
@@ -382,10 +432,20 @@ async def test_provider_rate_limit_is_429_with_retry_after(app: Shared) -> None:
 async def test_a_rejected_api_key_is_an_auth_failure_not_bad_input(app: Shared) -> None:
     """Google answers an invalid key with 400 INVALID_ARGUMENT and reason API_KEY_INVALID."""
     client, sim = app
-    google_400 = {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
-                            "status": "INVALID_ARGUMENT",
-                            "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
-                                         "domain": "googleapis.com"}]}}
+    google_400 = {
+        "error": {
+            "code": 400,
+            "message": "API key not valid. Please pass a valid API key.",
+            "status": "INVALID_ARGUMENT",
+            "details": [
+                {
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "API_KEY_INVALID",
+                    "domain": "googleapis.com",
+                }
+            ],
+        }
+    }
     sim.add_fault("gemini.generate", "status", status=400, body=google_400)
     response = await client.post(URL, json=body())
     error = await assert_error(response, 502, "provider_auth_failed")
@@ -482,8 +542,9 @@ async def test_concurrent_requests_do_not_block_each_other(app: Shared) -> None:
     client, sim = app
     sim.scenes_latency = 0.5
     started = time.monotonic()
-    responses = await asyncio.gather(*(client.post(URL, json=body(number_of_scenes=1, idea=f"idea {i}"))
-                                       for i in range(20)))
+    responses = await asyncio.gather(
+        *(client.post(URL, json=body(number_of_scenes=1, idea=f"idea {i}")) for i in range(20))
+    )
     elapsed = time.monotonic() - started
     assert [r.status for r in responses] == [200] * 20
     ids = {(await r.json())["scenes_id"] for r in responses}

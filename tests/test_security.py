@@ -49,16 +49,26 @@ async def test_an_html_form_post_is_refused(module_live: LiveApp) -> None:
     nothing_happened(client, sim)
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "text/plain;charset=UTF-8", "application/octet-stream",
-                                          "application/x-www-form-urlencoded", "application/json-seq",
-                                          "application/jsonx", None])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "text/plain;charset=UTF-8",
+        "application/octet-stream",
+        "application/x-www-form-urlencoded",
+        "application/json-seq",
+        "application/jsonx",
+        None,
+    ],
+)
 @module_loop
 async def test_a_json_body_with_another_type_is_refused(module_live: LiveApp, content_type: str | None) -> None:
     """fetch(url, {method: "POST", body: JSON.stringify(...)}) sends text/plain and needs no preflight."""
     client, sim = module_live
     headers = {} if content_type is None else {"Content-Type": content_type}
-    response = await client.post(VIDEO, data=json.dumps(BODY).encode(), headers=headers,
-                                 skip_auto_headers=["Content-Type"])
+    response = await client.post(
+        VIDEO, data=json.dumps(BODY).encode(), headers=headers, skip_auto_headers=["Content-Type"]
+    )
     await refused(response, 415, "unsupported_media_type", "Content-Type")
     nothing_happened(client, sim)
 
@@ -74,8 +84,17 @@ async def test_a_multipart_post_is_refused(module_live: LiveApp) -> None:
     nothing_happened(client, sim)
 
 
-@pytest.mark.parametrize("origin", ["http://evil.example", "http://evil.example:8080", "null", "https://127.0.0.1",
-                                    "http://localhost.evil.example", "http://127.0.0.1:1"])
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://evil.example",
+        "http://evil.example:8080",
+        "null",
+        "https://127.0.0.1",
+        "http://localhost.evil.example",
+        "http://127.0.0.1:1",
+    ],
+)
 @module_loop
 async def test_a_foreign_origin_is_refused(module_live: LiveApp, origin: str) -> None:
     client, sim = module_live
@@ -96,8 +115,9 @@ async def test_a_foreign_origin_cannot_cancel(client: TestClient) -> None:
     assert (await client.delete(f"/api/mv/jobs/{job_id}")).status == 200
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "127.0.0.1.nip.io", "localhost.", "[::2]",
-                                  "rebind.127.0.0.1.example"])
+@pytest.mark.parametrize(
+    "host", ["evil.example", "evil.example:8080", "127.0.0.1.nip.io", "localhost.", "[::2]", "rebind.127.0.0.1.example"]
+)
 @module_loop
 async def test_a_rebinding_host_is_refused(module_live: LiveApp, host: str) -> None:
     """A page on evil.example whose name now resolves to 127.0.0.1: same-origin for the browser, wrong Host here."""
@@ -121,7 +141,9 @@ async def test_same_origin_and_allowed_requests_pass(make_client: AppClient) -> 
         origin = f"http://{host}"
         response = await client.post(VIDEO, json=BODY, headers={"Host": host, "Origin": origin})
         assert response.status == 202, (host, await response.text())
-    response = await client.post(VIDEO, data=json.dumps(BODY), headers={"Content-Type": "application/json; charset=utf-8"})
+    response = await client.post(
+        VIDEO, data=json.dumps(BODY), headers={"Content-Type": "application/json; charset=utf-8"}
+    )
     assert response.status == 202
     # a page on localhost:3000 (allowed) talking to 127.0.0.1:<port>, and a GET with no Origin at all
     response = await client.get("/api/mv/health", headers={"Origin": "http://localhost:3000"})
@@ -153,8 +175,11 @@ async def test_the_public_base_url_host_is_allowed_for_webhook_deliveries(make_c
     client = await make_client(MV_PUBLIC_BASE_URL="https://mv.example.com/base")
     response = await client.get("/api/mv/health", headers={"Host": "mv.example.com"})
     assert response.status == 200
-    response = await client.post("/api/mv/webhooks/replicate?job=0b4e7c1e-3f5a-4c39-9d2a-5f0e7b8c9d10",
-                                 data=b"{}", headers={"Host": "mv.example.com", "Content-Type": "application/json"})
+    response = await client.post(
+        "/api/mv/webhooks/replicate?job=0b4e7c1e-3f5a-4c39-9d2a-5f0e7b8c9d10",
+        data=b"{}",
+        headers={"Host": "mv.example.com", "Content-Type": "application/json"},
+    )
     assert response.status == 401  # past the guard: refused only for its missing signature
     other = await make_client()
     response = await other.get("/api/mv/health", headers={"Host": "mv.example.com"})

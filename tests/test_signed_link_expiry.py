@@ -24,8 +24,9 @@ def fetch(base: str, path: str, key: str | None = None, body: dict[str, Any] | N
     headers = {"Content-Type": "application/json"} if body is not None else {}
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(base + path, headers=headers,
-                                     data=None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(
+        base + path, headers=headers, data=None if body is None else json.dumps(body).encode()
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.load(response)
@@ -50,8 +51,12 @@ def wait_finished(base: str, key: str, job_id: str) -> None:
 def test_links_handed_out_through_a_signed_link_expire_with_it(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.yaml"
     _, key = create_key(keys_file, "frontend")
-    env = {"MV_API_KEYS_FILE": str(keys_file), "MV_URL_SIGNING_SECRET": SECRET,
-           "MV_SIGNED_URL_TTL_SECONDS": str(TTL_SECONDS), "MV_SANDBOX_VIDEO_SECONDS": "0.5"}
+    env = {
+        "MV_API_KEYS_FILE": str(keys_file),
+        "MV_URL_SIGNING_SECRET": SECRET,
+        "MV_SIGNED_URL_TTL_SECONDS": str(TTL_SECONDS),
+        "MV_SANDBOX_VIDEO_SECONDS": "0.5",
+    }
     with running_server(tmp_path, signal.SIGTERM, **env) as (port, log, _):
         base = f"http://127.0.0.1:{port}"
         status, job = fetch(base, "/api/mv/generate_video", key, {"prompt": "a lighthouse at dusk", "duration": 4})

@@ -83,8 +83,9 @@ async def ok(response: Any, status: int) -> Any:
 
 @pytest.fixture
 async def keyed(make_client: AppClient, tmp_path: Path) -> tuple[TestClient, dict[str, str], str]:
-    record, key = create_key(tmp_path / "keys.yaml", "page", KeyLimits(jobs_per_minute=600, jobs_burst=50,
-                                                                       max_running_jobs=10))
+    record, key = create_key(
+        tmp_path / "keys.yaml", "page", KeyLimits(jobs_per_minute=600, jobs_burst=50, max_running_jobs=10)
+    )
     client = await make_client(MV_API_KEYS_FILE=tmp_path / "keys.yaml", MV_URL_SIGNING_SECRET=SECRET)
     return client, {"Authorization": f"Bearer {key}"}, record.id
 
@@ -100,26 +101,54 @@ async def finals(client: TestClient, url: str) -> dict[str, dict[str, Any]]:
     return ended
 
 
-async def test_every_link_of_the_project_flow_has_a_signed_twin(keyed: tuple[TestClient, dict[str, str], str],
-                                                                sim: Simulator) -> None:
+async def test_every_link_of_the_project_flow_has_a_signed_twin(
+    keyed: tuple[TestClient, dict[str, str], str], sim: Simulator
+) -> None:
     client, auth, key_id = keyed
     check = Checker(client, key_id).check
-    song = await check("upload", await ok(await client.post("/api/mv/upload_audio", data=song_bytes(10.0),
-                                                            headers={**auth, "Content-Type": "audio/mpeg"}), 201))
-    project = await check("create", await ok(await client.post(PROJECTS, headers=auth, json={
-        "idea": "a night train", "character_description": "a singer", "audio_id": song["audio_id"]}), 201))
+    song = await check(
+        "upload",
+        await ok(
+            await client.post(
+                "/api/mv/upload_audio", data=song_bytes(10.0), headers={**auth, "Content-Type": "audio/mpeg"}
+            ),
+            201,
+        ),
+    )
+    project = await check(
+        "create",
+        await ok(
+            await client.post(
+                PROJECTS,
+                headers=auth,
+                json={"idea": "a night train", "character_description": "a singer", "audio_id": song["audio_id"]},
+            ),
+            201,
+        ),
+    )
     pid = project["project_id"]
     assert project["song"]["audio_url"] == song["audio_url"]
     await check("write_scenes", await ok(await client.post(f"{PROJECTS}/{pid}/write_scenes", headers=auth), 200))
-    candidates = await check("candidates", await ok(await client.post(
-        "/api/mv/generate_character_reference", headers=auth,
-        json={"character_description": "a singer", "number_of_images": 3}), 200), minimum=4)
+    candidates = await check(
+        "candidates",
+        await ok(
+            await client.post(
+                "/api/mv/generate_character_reference",
+                headers=auth,
+                json={"character_description": "a singer", "number_of_images": 3},
+            ),
+            200,
+        ),
+        minimum=4,
+    )
     assert all(image["signed_urls"]["image_url"] for image in candidates["images"])
-    character = await check("character", await ok(await client.post(f"{PROJECTS}/{pid}/character", headers=auth),
-                                                  200))
+    character = await check("character", await ok(await client.post(f"{PROJECTS}/{pid}/character", headers=auth), 200))
     assert character["project"]["signed_urls"]["character_image_url"]
-    started = await check("clips", await ok(await client.post(f"{PROJECTS}/{pid}/clips", headers=auth,
-                                                              json={"generate_audio": False}), 202), minimum=6)
+    started = await check(
+        "clips",
+        await ok(await client.post(f"{PROJECTS}/{pid}/clips", headers=auth, json={"generate_audio": False}), 202),
+        minimum=6,
+    )
     jobs = [job["job_id"] for job in started["jobs"]]
     assert jobs and all(job["signed_urls"]["video_url"] for job in started["jobs"])
 
@@ -137,33 +166,53 @@ async def test_every_link_of_the_project_flow_has_a_signed_twin(keyed: tuple[Tes
     one = await finals(client, (started["jobs"][0]["signed_urls"]["events_url"]))  # a job's own stream too
     await check("final event of one job", one[jobs[0]]["data"])
 
-    current = await check("project", await ok(await client.get(f"{PROJECTS}/{pid}", headers=auth), 200),
-                          minimum=2 * len(jobs) + 2)
+    current = await check(
+        "project", await ok(await client.get(f"{PROJECTS}/{pid}", headers=auth), 200), minimum=2 * len(jobs) + 2
+    )
     assert all(scene["signed_urls"]["chosen_video_url"] for scene in current["scenes"])
     assert all(version["signed_urls"]["video_url"] for scene in current["scenes"] for version in scene["versions"])
     scene = current["scenes"][0]["id"]
-    again = await check("regenerate", await ok(await client.post(f"{PROJECTS}/{pid}/scenes/{scene}/clips",
-                                                                 headers=auth, json={"generate_audio": False}), 202))
+    again = await check(
+        "regenerate",
+        await ok(
+            await client.post(f"{PROJECTS}/{pid}/scenes/{scene}/clips", headers=auth, json={"generate_audio": False}),
+            202,
+        ),
+    )
     await finals(client, again["job"]["signed_urls"]["events_url"])
-    synced = await check("lipsync", await ok(await client.post(f"{PROJECTS}/{pid}/scenes/{scene}/lipsync",
-                                                               headers=auth, json={}), 202))
+    synced = await check(
+        "lipsync", await ok(await client.post(f"{PROJECTS}/{pid}/scenes/{scene}/lipsync", headers=auth, json={}), 202)
+    )
     await finals(client, synced["job"]["signed_urls"]["events_url"])
     await check("timeline", await ok(await client.get(f"{PROJECTS}/{pid}/timeline", headers=auth), 200))
-    assembly = await check("assemble", await ok(await client.post(f"{PROJECTS}/{pid}/assemble", headers=auth,
-                                                                  json={}), 202))
+    assembly = await check(
+        "assemble", await ok(await client.post(f"{PROJECTS}/{pid}/assemble", headers=auth, json={}), 202)
+    )
     final = await finals(client, assembly["signed_urls"]["events_url"])
     video = await check("final video", final[assembly["job_id"]]["data"])
     async with client.get(video["signed_urls"]["video_url"], headers={"Range": "bytes=0-99"}) as part:
         assert part.status == 206
     await check("job", await ok(await client.get(f"/api/mv/jobs/{assembly['job_id']}", headers=auth), 200))
-    await check("listing", await ok(await client.get("/api/mv/jobs?limit=100", headers=auth), 200),
-                minimum=3 * (len(jobs) + 3))
-    await check("scenes", await ok(await client.post("/api/mv/create_scenes", headers=auth, json={
-        "idea": "a night train", "character_description": "a singer", "number_of_scenes": 1}), 200), minimum=2)
+    await check(
+        "listing", await ok(await client.get("/api/mv/jobs?limit=100", headers=auth), 200), minimum=3 * (len(jobs) + 3)
+    )
+    await check(
+        "scenes",
+        await ok(
+            await client.post(
+                "/api/mv/create_scenes",
+                headers=auth,
+                json={"idea": "a night train", "character_description": "a singer", "number_of_scenes": 1},
+            ),
+            200,
+        ),
+        minimum=2,
+    )
 
 
 async def test_a_replayed_answer_carries_fresh_links_and_keys_off_answers_carry_none(
-        keyed: tuple[TestClient, dict[str, str], str], make_client: AppClient, sim: Simulator) -> None:
+    keyed: tuple[TestClient, dict[str, str], str], make_client: AppClient, sim: Simulator
+) -> None:
     client, auth, key_id = keyed
     sim.video_latency = 30
     body = {"prompt": "a heron learns the trumpet", "duration": 4}
@@ -178,5 +227,10 @@ async def test_a_replayed_answer_carries_fresh_links_and_keys_off_answers_carry_
     plain = await make_client()
     answer = await ok(await plain.post("/api/mv/generate_video", json=body), 202)
     assert answer["video_url"] and "signed_urls" not in answer
-    assert await ok(await plain.get("/api/mv/me"), 200) == {"key_id": None, "name": None, "limits": None,
-                                                            "tokens": None, "jobs": None}
+    assert await ok(await plain.get("/api/mv/me"), 200) == {
+        "key_id": None,
+        "name": None,
+        "limits": None,
+        "tokens": None,
+        "jobs": None,
+    }

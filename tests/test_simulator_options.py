@@ -44,10 +44,21 @@ def test_pad_mp4_uses_a_64_bit_size_past_4_gib_and_ignores_zero(tmp_path: Path) 
 
 
 def test_render_key_covers_every_option_and_the_reference_bytes() -> None:
-    base = {"prompt": "p", "duration": 4, "aspect_ratio": "16:9", "reference_image": None, "generate_audio": True,
-            "seed": 1}
-    keys = {render_key(base, 0), render_key(base, 10), render_key({**base, "seed": 2}, 0),
-            render_key({**base, "reference_image": b"a"}, 0), render_key({**base, "reference_image": b"b"}, 0)}
+    base = {
+        "prompt": "p",
+        "duration": 4,
+        "aspect_ratio": "16:9",
+        "reference_image": None,
+        "generate_audio": True,
+        "seed": 1,
+    }
+    keys = {
+        render_key(base, 0),
+        render_key(base, 10),
+        render_key({**base, "seed": 2}, 0),
+        render_key({**base, "reference_image": b"a"}, 0),
+        render_key({**base, "reference_image": b"b"}, 0),
+    }
     assert len(keys) == 5
     assert render_key(dict(base), 0) == render_key(base, 0)
 
@@ -66,18 +77,21 @@ async def _run_prediction(client: Any, inputs: dict[str, Any]) -> str:
     raise AssertionError("prediction did not finish")
 
 
-async def test_render_cache_shares_one_padded_file_between_identical_requests(tmp_path: Path, aiohttp_client: Any) -> None:
+async def test_render_cache_shares_one_padded_file_between_identical_requests(
+    tmp_path: Path, aiohttp_client: Any
+) -> None:
     sim = Simulator(tmp_path / "sim", video_latency=0.05, render_cache=True, output_pad_bytes=4096)
     client = await aiohttp_client(create_simulator_app(sim))
     inputs = {"prompt": "cached", "duration": 1, "generate_audio": False, "seed": 5}
-    first, second, other = await asyncio.gather(_run_prediction(client, inputs), _run_prediction(client, inputs),
-                                                _run_prediction(client, {**inputs, "seed": 6}))
+    first, second, other = await asyncio.gather(
+        _run_prediction(client, inputs), _run_prediction(client, inputs), _run_prediction(client, {**inputs, "seed": 6})
+    )
     paths = [tmp_path / "sim" / "files" / Path(url).parent.name / "output.mp4" for url in (first, second, other)]
     assert paths[0].stat().st_ino == paths[1].stat().st_ino != paths[2].stat().st_ino
     assert len(list((tmp_path / "sim" / "cache").glob("*.mp4"))) == 2
     async with client.get(first.split(str(client.make_url("")).rstrip("/"))[-1]) as response:
         data = await response.read()
-    assert len(data) == paths[0].stat().st_size and data[-4096 + 4:-4096 + 8] == b"free"
+    assert len(data) == paths[0].stat().st_size and data[-4096 + 4 : -4096 + 8] == b"free"
 
 
 async def test_without_the_cache_each_prediction_renders_its_own_file(tmp_path: Path, aiohttp_client: Any) -> None:
@@ -91,8 +105,19 @@ async def test_without_the_cache_each_prediction_renders_its_own_file(tmp_path: 
 
 
 def test_command_line_builds_the_simulator(tmp_path: Path) -> None:
-    args = build_parser().parse_args(["--state-dir", str(tmp_path), "--video-latency", "5", "--scenes-latency", "0",
-                                      "--render-cache", "--output-pad-bytes", "1024"])
+    args = build_parser().parse_args(
+        [
+            "--state-dir",
+            str(tmp_path),
+            "--video-latency",
+            "5",
+            "--scenes-latency",
+            "0",
+            "--render-cache",
+            "--output-pad-bytes",
+            "1024",
+        ]
+    )
     sim = make_simulator(args)
     assert (sim.video_latency, sim.scenes_latency, sim.image_latency) == (5.0, 0.0, 1.5)
     assert sim.render_cache and sim.output_pad_bytes == 1024

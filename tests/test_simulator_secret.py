@@ -27,8 +27,12 @@ async def test_the_built_in_simulator_gives_its_secret_to_no_other_caller(make_c
     assert (client.app[RECEIVER].secret or "").startswith("whsec_")  # the server itself got it, unconfigured
     base = client.app[PROVIDERS].replicate.client._base_url
     session = client.session
-    for headers in ({}, {"Authorization": "Bearer sandbox"}, {"Authorization": "Bearer r8_test"},
-                    {"Authorization": "Bearer " + "x" * 32}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer sandbox"},
+        {"Authorization": "Bearer r8_test"},
+        {"Authorization": "Bearer " + "x" * 32},
+    ):
         async with session.get(base + SECRET_PATH, headers=headers) as response:
             assert response.status == 401, headers
             assert "whsec_" not in await response.text()
@@ -38,7 +42,8 @@ async def test_the_built_in_simulator_gives_its_secret_to_no_other_caller(make_c
 
 
 async def test_a_simulator_without_a_token_of_its_own_gives_its_secret_to_no_one(
-        tmp_path: Path, aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sim = Simulator(tmp_path / "sim")
     client = await aiohttp_client(create_simulator_app(sim))
     response = await client.get("/replicate" + SECRET_PATH, headers={"Authorization": "Bearer r8_anyone"})

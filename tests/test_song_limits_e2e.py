@@ -29,8 +29,27 @@ PROMPT = "A singer on a rooftop at dusk, mouthing the words of a slow song."
 
 
 def make_flac(path: Path, seconds: float, source: str = "sine=f=440:r=44100") -> bytes:
-    subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", source,
-                    "-t", str(seconds), "-c:a", "flac", str(path)], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            ffmpeg_exe(),
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            source,
+            "-t",
+            str(seconds),
+            "-c:a",
+            "flac",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return path.read_bytes()
 
 
@@ -41,16 +60,28 @@ def server(tmp_path: Path, settings_dir: Path) -> Iterator[tuple[subprocess.Pope
     videos["jobs"]["poll_interval_seconds"] = 0.1
     (settings_dir / "videos.yaml").write_text(yaml.safe_dump(videos, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MV_", "GEMINI_", "REPLICATE_", "GOOGLE_"))}
-    env.update({
-        "GEMINI_API_KEY": "", "REPLICATE_API_TOKEN": "", "GOOGLE_VERTEX_API_KEY": "", "GOOGLE_CLOUD_PROJECT": "",
-        "MV_SANDBOX": "true", "MV_SANDBOX_VIDEO_SECONDS": "1", "MV_OUTPUT_DIR": str(tmp_path / "outputs"),
-        "MV_SETTINGS_DIR": str(settings_dir),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
-    })
+    env.update(
+        {
+            "GEMINI_API_KEY": "",
+            "REPLICATE_API_TOKEN": "",
+            "GOOGLE_VERTEX_API_KEY": "",
+            "GOOGLE_CLOUD_PROJECT": "",
+            "MV_SANDBOX": "true",
+            "MV_SANDBOX_VIDEO_SECONDS": "1",
+            "MV_OUTPUT_DIR": str(tmp_path / "outputs"),
+            "MV_SETTINGS_DIR": str(settings_dir),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
+        }
+    )
     port = free_port()
     with (tmp_path / "server.log").open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
-                                   cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         yield process, f"http://127.0.0.1:{port}"
     finally:
@@ -94,23 +125,29 @@ async def finished(http: aiohttp.ClientSession, base: str, job_id: str) -> dict[
 
 
 async def test_a_zero_length_window_a_listing_and_an_over_long_song_are_400_and_write_nothing(
-        server: tuple[subprocess.Popen, str], http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    server: tuple[subprocess.Popen, str], http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     process, base = server
     outputs = tmp_path / "outputs"
     await until_up(http, process, base)
     flac = {"headers": {"Content-Type": "audio/flac"}}
     song = await post(http, f"{base}/api/mv/upload_audio", 201, data=make_flac(tmp_path / "song.flac", 30), **flac)
-    clip = await post(http, f"{base}/api/mv/generate_video", 202,
-                      json={"prompt": PROMPT, "duration": 4, "generate_audio": False})
+    clip = await post(
+        http, f"{base}/api/mv/generate_video", 202, json={"prompt": PROMPT, "duration": 4, "generate_audio": False}
+    )
     assert (await finished(http, base, clip["job_id"]))["status"] == "succeeded"
-    jobs_before = sorted(p.name for p in (outputs / "jobs").iterdir() if not p.name.startswith("."))  # not a write in flight
+    jobs_before = sorted(
+        p.name for p in (outputs / "jobs").iterdir() if not p.name.startswith(".")
+    )  # not a write in flight
 
     # 1. the window of the attack, and one just under the minimum
     window = {"video_job_id": clip["job_id"], "audio_id": song["audio_id"], "audio_start": 10.0}
     for end in (10.0 + 1e-9, 10.49):
         error = (await post(http, f"{base}/api/mv/lipsync", 400, json={**window, "audio_end": end}))["error"]
         assert (error["code"], error["field"]) == ("window_too_short", "audio_end") and "0.5 s" in error["message"]
-    assert sorted(p.name for p in (outputs / "jobs").iterdir() if not p.name.startswith(".")) == jobs_before  # no job, no cut
+    assert (
+        sorted(p.name for p in (outputs / "jobs").iterdir() if not p.name.startswith(".")) == jobs_before
+    )  # no job, no cut
 
     # 11. an ffconcat list naming the song just uploaded reads as no audio at all, like one naming nothing
     audio_before = sorted(p.name for p in (outputs / "audio").iterdir())

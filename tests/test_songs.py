@@ -38,19 +38,25 @@ BASE = "/api/mv/projects"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def live(shared_store_kind: str, request: pytest.FixtureRequest,
-               tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[TestClient, Simulator]]:
+async def live(
+    shared_store_kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[TestClient, Simulator]]:
     """An app with the song analysis on (one worker) and providers answered by a fast simulator, on the job and
     project store under test."""
     root = tmp_path_factory.mktemp("songs")
     store_env: dict[str, str] = {}
     if shared_store_kind == "redis":
-        store_env = {"MV_REDIS_URL": request.getfixturevalue("redis_url"),
-                     "MV_REDIS_PREFIX": f"mvtest:{uuid.uuid4().hex[:10]}:"}
+        store_env = {
+            "MV_REDIS_URL": request.getfixturevalue("redis_url"),
+            "MV_REDIS_PREFIX": f"mvtest:{uuid.uuid4().hex[:10]}:",
+        }
     sim = Simulator(root / "simulator", **{**SIM_DEFAULTS, "video_latency": 0.1})
     async with TestServer(create_simulator_app(sim)) as sim_server:
-        env = {**provider_env(sim_server, root / "outputs", fast_settings(root / "settings"), store_env),
-               "MV_ANALYSIS_WORKERS": "1", "MV_ANALYSIS_WAIT_SECONDS": "30"}
+        env = {
+            **provider_env(sim_server, root / "outputs", fast_settings(root / "settings"), store_env),
+            "MV_ANALYSIS_WORKERS": "1",
+            "MV_ANALYSIS_WAIT_SECONDS": "30",
+        }
         async with TestClient(TestServer(create_app(env))) as client:
             yield client, sim
 
@@ -93,9 +99,26 @@ async def until_final(client: TestClient, job_id: str) -> dict[str, Any]:
 def cut_frames(path: Path) -> list[int]:
     """The frames where the decoded picture changes at once (a cut): each frame, shrunk to 32x18 grey, against the
     one before; a cut changes it many times more than the sandbox clips' progress bar moving within a clip."""
-    raw = subprocess.run([media.ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0", "-vf",
-                          "scale=32:18:flags=area,format=gray", "-f", "rawvideo", "-"],
-                         capture_output=True, timeout=120, check=True).stdout
+    raw = subprocess.run(
+        [
+            media.ffmpeg_exe(),
+            "-nostdin",
+            "-v",
+            "error",
+            "-i",
+            str(path),
+            "-map",
+            "0:v:0",
+            "-vf",
+            "scale=32:18:flags=area,format=gray",
+            "-f",
+            "rawvideo",
+            "-",
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    ).stdout
     frames = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 18 * 32).astype(np.float32)
     change = np.abs(np.diff(frames, axis=0)).mean(axis=1)
     threshold = max(8.0, 10 * float(np.median(change)))
@@ -106,8 +129,9 @@ def cut_frames(path: Path) -> list[int]:
 
 
 @shared
-async def test_an_upload_is_analysed_stored_with_the_song_and_served(live: tuple[TestClient, Simulator],
-                                                                     song_123: tuple[Song, bytes]) -> None:
+async def test_an_upload_is_analysed_stored_with_the_song_and_served(
+    live: tuple[TestClient, Simulator], song_123: tuple[Song, bytes]
+) -> None:
     client, _ = live
     song, data = song_123
     uploaded = await upload(client, data)
@@ -127,7 +151,8 @@ async def test_an_upload_is_analysed_stored_with_the_song_and_served(live: tuple
 
 @shared
 async def test_a_song_saved_before_analysis_existed_is_analysed_on_first_use(
-        live: tuple[TestClient, Simulator], song_123: tuple[Song, bytes]) -> None:
+    live: tuple[TestClient, Simulator], song_123: tuple[Song, bytes]
+) -> None:
     client, _ = live
     audio_id = (await upload(client, song_123[1]))["audio_id"]
     await client.app[SONGS].settled(audio_id)
@@ -148,12 +173,15 @@ async def test_a_song_saved_before_analysis_existed_is_analysed_on_first_use(
     await work.settled(audio_id)
     again = await song_of(client, audio_id)
     assert again["analysis_status"] == "ready" and again["analysis"] == sidecar["analysis"]
-    assert store.path("audio", audio_id, ".aac.m4a").is_file() and store.path("audio", audio_id, ".preview.mp3").is_file()
+    assert (
+        store.path("audio", audio_id, ".aac.m4a").is_file() and store.path("audio", audio_id, ".preview.mp3").is_file()
+    )
 
 
 @shared
 async def test_an_analysis_that_times_out_is_stored_as_failed_and_not_run_again(
-        live: tuple[TestClient, Simulator], song_123: tuple[Song, bytes]) -> None:
+    live: tuple[TestClient, Simulator], song_123: tuple[Song, bytes]
+) -> None:
     client, _ = live
     work = client.app[SONGS]
     work.env = dataclasses.replace(work.env, analysis_timeout_seconds=0.001)
@@ -178,16 +206,17 @@ async def test_unknown_and_malformed_song_ids(live: tuple[TestClient, Simulator]
     assert malformed["error"] == {**malformed["error"], "code": "invalid_id", "field": "audio_id"}
 
 
-async def test_without_analysis_the_song_says_off_and_a_project_is_sized_by_length(make_client: Any,
-                                                                                   store_env: dict[str, str],
-                                                                                   tmp_path: Path) -> None:
+async def test_without_analysis_the_song_says_off_and_a_project_is_sized_by_length(
+    make_client: Any, store_env: dict[str, str], tmp_path: Path
+) -> None:
     client = await make_client(**store_env)
     song = drum_song("120 BPM", bpm=120, form="A", bars_per_section=4, seed=3)
     soundfile.write(tmp_path / "s.wav", song.samples, SR)
     uploaded = await upload(client, (tmp_path / "s.wav").read_bytes())
     assert (uploaded["analysis_status"], uploaded["analysis"]) == ("off", None)
-    response = await client.post(BASE, json={"idea": "x", "character_description": "y",
-                                             "audio_id": uploaded["audio_id"]})
+    response = await client.post(
+        BASE, json={"idea": "x", "character_description": "y", "audio_id": uploaded["audio_id"]}
+    )
     project = await response.json()
     assert project["song"]["sized_by"] == "length"
     assert project["song"]["sizing_note"] == "song analysis is off (MV_ANALYSIS_WORKERS=0)"
@@ -200,13 +229,19 @@ async def test_without_analysis_the_song_says_off_and_a_project_is_sized_by_leng
 
 @shared
 async def test_a_project_on_the_song_s_bars_cuts_the_assembled_video_on_its_downbeats(
-        live: tuple[TestClient, Simulator], song_123: tuple[Song, bytes], tmp_path: Path) -> None:
+    live: tuple[TestClient, Simulator], song_123: tuple[Song, bytes], tmp_path: Path
+) -> None:
     client, sim = live
     song, data = song_123
     audio_id = (await upload(client, data))["audio_id"]
-    response = await client.post(BASE, json={"idea": "a lighthouse keeper learns to dance",
-                                             "character_description": "a tall man in yellow boots",
-                                             "audio_id": audio_id})
+    response = await client.post(
+        BASE,
+        json={
+            "idea": "a lighthouse keeper learns to dance",
+            "character_description": "a tall man in yellow boots",
+            "audio_id": audio_id,
+        },
+    )
     assert response.status == 201, await response.text()
     project = await response.json()
     pid, scenes = project["project_id"], project["scenes"]
@@ -257,12 +292,14 @@ async def test_a_project_on_the_song_s_bars_cuts_the_assembled_video_on_its_down
 
 @shared
 async def test_a_trim_snaps_its_cut_to_a_bar_and_a_reorder_moves_the_windows(
-        live: tuple[TestClient, Simulator], song_123: tuple[Song, bytes]) -> None:
+    live: tuple[TestClient, Simulator], song_123: tuple[Song, bytes]
+) -> None:
     client, _ = live
     song, data = song_123
     audio_id = (await upload(client, data))["audio_id"]
-    project = await (await client.post(BASE, json={"idea": "x", "character_description": "y",
-                                                   "audio_id": audio_id})).json()
+    project = await (
+        await client.post(BASE, json={"idea": "x", "character_description": "y", "audio_id": audio_id})
+    ).json()
     pid, first = project["project_id"], project["scenes"][0]
     bar = 4 * 60 / 123
 
@@ -285,8 +322,9 @@ async def test_a_trim_snaps_its_cut_to_a_bar_and_a_reorder_moves_the_windows(
     project = await patch({"scenes": [{"id": first["id"], "trim_out": 6.1, "snap": "none"}]})
     assert project["scenes"][0]["trim_out"] == 6.1 and project["scenes"][0]["window"]["cut"] == "time"
     # A cut the clip cannot reach on the grid is a 400 naming the field.
-    error = (await patch({"scenes": [{"id": first["id"], "trim_in": 7.5, "trim_out": 8.0, "snap": "bar"}]},
-                         400))["error"]
+    error = (await patch({"scenes": [{"id": first["id"], "trim_in": 7.5, "trim_out": 8.0, "snap": "bar"}]}, 400))[
+        "error"
+    ]
     assert (error["code"], error["field"]) == ("invalid_field", "scenes.0.snap")
     bad = (await patch({"scenes": [{"id": first["id"], "snap": "octave"}]}, 400))["error"]
     assert bad["field"] == "scenes.0.snap"

@@ -28,14 +28,21 @@ def server_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """This environment without provider keys (blank, so a ``.env`` cannot supply them) or MV_* knobs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "MV_")) and k not in PROVIDER_KEYS}
     env.update({key: "" for key in PROVIDER_KEYS})
-    env.update({"MV_OUTPUT_DIR": str(tmp_path / "outputs"), "MV_SETTINGS_DIR": str(PROJECT / "settings"),
-                "PYTHONUNBUFFERED": "1", **extra})
+    env.update(
+        {
+            "MV_OUTPUT_DIR": str(tmp_path / "outputs"),
+            "MV_SETTINGS_DIR": str(PROJECT / "settings"),
+            "PYTHONUNBUFFERED": "1",
+            **extra,
+        }
+    )
     return env
 
 
 def run(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mvserver", *args], env=env, cwd=PROJECT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mvserver", *args], env=env, cwd=PROJECT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_one_line_exit_2(result: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -100,14 +107,18 @@ def test_max_body_mb_must_be_finite(tmp_path: Path) -> None:
         create_app({"MV_MAX_BODY_MB": "inf", "MV_OUTPUT_DIR": str(tmp_path / "outputs")})
 
 
-@pytest.mark.parametrize(("name", "key", "template"), [
-    ("scenes", "prompt", "Write {{ number_of_scenes }} scenes in a {{ mood }} mood about {{ idea }}."),
-    ("images", "prompt", "{{ character_description }} with {{ prompt }}"),
-    ("videos", "video_rules_template", "Keep {{ aspect_ratio }}; {{ seconds }} seconds."),
-    ("videos", "video_rules_template", "{{ duration.minutes }}"),
-])
-def test_a_template_with_an_unknown_variable_stops_the_start_up(tmp_path: Path, name: str, key: str,
-                                                                 template: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "key", "template"),
+    [
+        ("scenes", "prompt", "Write {{ number_of_scenes }} scenes in a {{ mood }} mood about {{ idea }}."),
+        ("images", "prompt", "{{ character_description }} with {{ prompt }}"),
+        ("videos", "video_rules_template", "Keep {{ aspect_ratio }}; {{ seconds }} seconds."),
+        ("videos", "video_rules_template", "{{ duration.minutes }}"),
+    ],
+)
+def test_a_template_with_an_unknown_variable_stops_the_start_up(
+    tmp_path: Path, name: str, key: str, template: str
+) -> None:
     settings = settings_copy(tmp_path)
     path = settings / f"{name}.yaml"
     data = yaml.safe_load(path.read_text())
@@ -132,8 +143,14 @@ def test_debug_mode_reports_the_port_given_on_the_command_line(tmp_path: Path) -
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = server_env(tmp_path, MV_DEBUG_MODE="true", MV_PORT="8080")
-    process = subprocess.Popen([sys.executable, "-m", "mvserver", "--port", str(port)], env=env, cwd=PROJECT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mvserver", "--port", str(port)],
+        env=env,
+        cwd=PROJECT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         output = ""
         deadline = time.monotonic() + 60

@@ -19,9 +19,14 @@ from mvserver.core.config import DEFAULT_SETTINGS_DIR, ConfigError, EnvSettings,
 from mvserver.sandbox.simulator import Simulator
 
 URL = "/api/mv/create_scenes"
-BODY = {"idea": "a lighthouse keeper who learns to dance", "character_description": "an old man in a yellow slicker",
-        "number_of_scenes": 2}
-PRESETS = {path.stem: yaml.safe_load(path.read_text()) for path in sorted((DEFAULT_SETTINGS_DIR / "styles").glob("*.yaml"))}
+BODY = {
+    "idea": "a lighthouse keeper who learns to dance",
+    "character_description": "an old man in a yellow slicker",
+    "number_of_scenes": 2,
+}
+PRESETS = {
+    path.stem: yaml.safe_load(path.read_text()) for path in sorted((DEFAULT_SETTINGS_DIR / "styles").glob("*.yaml"))
+}
 
 
 def test_the_shipped_presets_load() -> None:
@@ -76,13 +81,16 @@ def settings_with(tmp_path: Path, **styles: Any) -> Path:
     return target
 
 
-@pytest.mark.parametrize(("name", "data", "expected"), [
-    ("bad", {**PRESETS["noir"], "colour": "red"}, "colour: unknown key"),
-    ("bad", {k: v for k, v in PRESETS["noir"].items() if k != "palette"}, "palette: Field required"),
-    ("bad", {**PRESETS["noir"], "pacing": ""}, "pacing:"),
-    ("bad", "- just\n- a list\n", "mapping"),
-    ("Bad Name", PRESETS["noir"], "file name"),
-])
+@pytest.mark.parametrize(
+    ("name", "data", "expected"),
+    [
+        ("bad", {**PRESETS["noir"], "colour": "red"}, "colour: unknown key"),
+        ("bad", {k: v for k, v in PRESETS["noir"].items() if k != "palette"}, "palette: Field required"),
+        ("bad", {**PRESETS["noir"], "pacing": ""}, "pacing:"),
+        ("bad", "- just\n- a list\n", "mapping"),
+        ("Bad Name", PRESETS["noir"], "file name"),
+    ],
+)
 def test_a_broken_preset_names_file_and_key(tmp_path: Path, name: str, data: Any, expected: str) -> None:
     settings = settings_with(tmp_path, **{name: data})
     with pytest.raises(ConfigError) as caught:
@@ -102,8 +110,9 @@ def test_the_default_style_must_exist(tmp_path: Path) -> None:
     assert load_config(EnvSettings(settings_dir=settings)).scenes.defaults.style == "dreamy"
 
 
-async def test_without_a_styles_directory_style_must_be_null(make_client: AppClient, settings_dir: Path,
-                                                             sim: Simulator) -> None:
+async def test_without_a_styles_directory_style_must_be_null(
+    make_client: AppClient, settings_dir: Path, sim: Simulator
+) -> None:
     shutil.rmtree(settings_dir / "styles")
     client = await make_client()
     response = await client.post(URL, json={**BODY, "style": "noir"})
@@ -116,19 +125,28 @@ def test_the_server_refuses_to_start_with_a_broken_preset(tmp_path: Path) -> Non
     settings = settings_with(tmp_path, broken={**PRESETS["noir"], "tempo": "fast"})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_", "REPLICATE_", "MV_"))}
     env.update({"PYTHONPATH": str(PROJECT), "MV_SETTINGS_DIR": str(settings), "MV_OUTPUT_DIR": str(tmp_path / "out")})
-    result = subprocess.run([sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", "0"], env=env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", "0"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 2, result.stderr
     assert str(settings / "styles" / "broken.yaml") in result.stderr and "tempo" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 async def test_a_projects_preset_is_rendered_exactly_as_create_scenes_renders_it(
-        make_client: AppClient, sim: Simulator, caplog: pytest.LogCaptureFixture) -> None:
+    make_client: AppClient, sim: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="mvserver.debug")
     client = await make_client(MV_DEBUG_MODE="true")
-    response = await client.post("/api/mv/projects", json={"idea": BODY["idea"], "style": "synthwave",
-                                                           "character_description": BODY["character_description"]})
+    response = await client.post(
+        "/api/mv/projects",
+        json={"idea": BODY["idea"], "style": "synthwave", "character_description": BODY["character_description"]},
+    )
     assert response.status == 201, await response.text()
     project_id = (await response.json())["project_id"]
     response = await client.post(f"/api/mv/projects/{project_id}/write_scenes", json={"number_of_scenes": 2})
@@ -138,8 +156,11 @@ async def test_a_projects_preset_is_rendered_exactly_as_create_scenes_renders_it
         assert PRESETS["synthwave"][key] in project_prompt, key
     assert "Style: synthwave" not in project_prompt  # the preset's name is not mistaken for style words
 
-    debug = [r.getMessage() for r in caplog.records if r.name == "mvserver.debug"
-             and "write_scenes prompt sent to Gemini" in r.getMessage().split("\n", 1)[0]]
+    debug = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "mvserver.debug" and "write_scenes prompt sent to Gemini" in r.getMessage().split("\n", 1)[0]
+    ]
     assert len(debug) == 1 and debug[0].split("\n", 1)[1] == project_prompt
 
     response = await client.post(URL, json={**BODY, "style": "synthwave"})

@@ -26,8 +26,11 @@ async def trickle(client: TestClient, first: bytes, every: float, limit: float) 
     """Send an upload's headers (announcing 100 kB) and ``first``, then one byte every ``every`` seconds, until the
     server answers and closes; (the answer, seconds until it came)."""
     reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    writer.write(f"POST {UPLOAD} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/wav\r\n"
-                 f"Content-Length: 100000\r\n\r\n".encode() + first)
+    writer.write(
+        f"POST {UPLOAD} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/wav\r\n"
+        f"Content-Length: 100000\r\n\r\n".encode()
+        + first
+    )
     started = time.monotonic()
 
     async def drip() -> None:
@@ -44,8 +47,9 @@ async def trickle(client: TestClient, first: bytes, every: float, limit: float) 
         async with asyncio.timeout(limit):
             head = await reader.readuntil(b"\r\n\r\n")
             elapsed = time.monotonic() - started
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:")))
+            length = int(
+                next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+            )
             return head + await reader.readexactly(length), elapsed
     finally:
         dripping.cancel()
@@ -58,13 +62,16 @@ def error_of(answer: bytes, status: int) -> dict[str, Any]:
     return json.loads(body)["error"]
 
 
-@pytest.mark.parametrize(("min_rate", "first", "every", "setting"), [
-    ("1000", b"RIFF", 0.25, "MV_UPLOAD_MIN_BYTES_PER_SECOND"),  # a byte every 0.25 s: alive, but far too slow
-    ("0", b"RIFF" * 64, 30.0, "MV_UPLOAD_IDLE_SECONDS"),  # 256 bytes, then nothing
-])
-async def test_a_trickling_upload_is_cut_off_with_a_clear_error(make_client: AppClient, tmp_path: Path,
-                                                                min_rate: str, first: bytes, every: float,
-                                                                setting: str) -> None:
+@pytest.mark.parametrize(
+    ("min_rate", "first", "every", "setting"),
+    [
+        ("1000", b"RIFF", 0.25, "MV_UPLOAD_MIN_BYTES_PER_SECOND"),  # a byte every 0.25 s: alive, but far too slow
+        ("0", b"RIFF" * 64, 30.0, "MV_UPLOAD_IDLE_SECONDS"),  # 256 bytes, then nothing
+    ],
+)
+async def test_a_trickling_upload_is_cut_off_with_a_clear_error(
+    make_client: AppClient, tmp_path: Path, min_rate: str, first: bytes, every: float, setting: str
+) -> None:
     client = await make_client(MV_UPLOAD_IDLE_SECONDS="1", MV_UPLOAD_MIN_BYTES_PER_SECOND=min_rate)
     answer, elapsed = await trickle(client, first, every, limit=10)
     error = error_of(answer, 408)
@@ -83,8 +90,9 @@ def two_keys(tmp_path: Path) -> tuple[Path, str, str]:
     return keys_file, create_key(keys_file, "hog", limits)[1], create_key(keys_file, "other", limits)[1]
 
 
-async def test_one_keys_full_upload_slots_do_not_block_another_key(make_client: AppClient, tmp_path: Path,
-                                                                   two_keys: tuple[Path, str, str]) -> None:
+async def test_one_keys_full_upload_slots_do_not_block_another_key(
+    make_client: AppClient, tmp_path: Path, two_keys: tuple[Path, str, str]
+) -> None:
     keys_file, hog, other = two_keys
     client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET=SECRET)
     release = asyncio.Event()

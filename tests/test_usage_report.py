@@ -46,8 +46,7 @@ def assert_adds_up(body: dict[str, Any]) -> None:
         assert sum(group[name] for group in body["groups"]) == totals[name]
 
 
-async def test_the_report_survives_a_restart_and_adds_up_to_its_jobs(make_client: AppClient,
-                                                                     sim: Simulator) -> None:
+async def test_the_report_survives_a_restart_and_adds_up_to_its_jobs(make_client: AppClient, sim: Simulator) -> None:
     client = await make_client()
     sim.video_latency = 0.2
     finished = {}
@@ -82,8 +81,9 @@ async def test_the_report_survives_a_restart_and_adds_up_to_its_jobs(make_client
     assert (await report(client))["totals"] == body["totals"]
 
 
-async def test_a_key_sees_its_own_usage_and_an_admin_key_every_key(make_client: AppClient, tmp_path: Path,
-                                                                   sim: Simulator) -> None:
+async def test_a_key_sees_its_own_usage_and_an_admin_key_every_key(
+    make_client: AppClient, tmp_path: Path, sim: Simulator
+) -> None:
     keys_file = tmp_path / "keys.yaml"
     limits = KeyLimits(jobs_per_minute=600, jobs_burst=50)
     _, alice = create_key(keys_file, "alice", limits)
@@ -94,8 +94,9 @@ async def test_a_key_sees_its_own_usage_and_an_admin_key_every_key(make_client: 
     owners = {}
     for name, key in (("alice", alice), ("bob", bob), ("alice", alice)):
         headers = {"Authorization": f"Bearer {key}"}
-        response = await client.post("/api/mv/generate_video", json={"prompt": "a heron", "duration": 4},
-                                     headers=headers)
+        response = await client.post(
+            "/api/mv/generate_video", json={"prompt": "a heron", "duration": 4}, headers=headers
+        )
         job_id = (await response.json())["job_id"]
         await settled(client, job_id)
         owners[job_id] = name
@@ -109,10 +110,16 @@ async def test_a_key_sees_its_own_usage_and_an_admin_key_every_key(make_client: 
     assert (await client.get("/api/mv/usage")).status == 401
 
 
-@pytest.mark.parametrize("query, field", [
-    ("?group_by=week", "group_by"), ("?from=yesterday", "from"), ("?to=2026-13-01", "to"),
-    ("?from=2026-02-01&to=2026-01-01", "to"), ("?from=2000-01-01&to=2026-01-01", "from"),
-])
+@pytest.mark.parametrize(
+    "query, field",
+    [
+        ("?group_by=week", "group_by"),
+        ("?from=yesterday", "from"),
+        ("?to=2026-13-01", "to"),
+        ("?from=2026-02-01&to=2026-01-01", "to"),
+        ("?from=2000-01-01&to=2026-01-01", "from"),
+    ],
+)
 async def test_bad_parameters_are_400_naming_the_field(client: TestClient, query: str, field: str) -> None:
     response = await client.get(f"/api/mv/usage{query}")
     assert response.status == 400
@@ -124,10 +131,22 @@ async def test_a_job_entered_twice_counts_once(client: TestClient) -> None:
     entry replaces the first."""
     book = client.app[JOBS].book
     now = time.time()
-    entry = {"job_id": "0b9d3a8e-3a43-4a4e-9d59-2f8f3f6f9d11", "owner": None, "kind": "video", "backend": "replicate",
-             "model": "google/veo-3.1", "sandbox": False, "status": "succeeded", "created_at": now - 5,
-             "finished_at": now - 1, "output_seconds": 4.0, "predict_seconds": 3.0, "cost_micros": 1_600_000,
-             "currency": "USD", "basis": "price_table"}
+    entry = {
+        "job_id": "0b9d3a8e-3a43-4a4e-9d59-2f8f3f6f9d11",
+        "owner": None,
+        "kind": "video",
+        "backend": "replicate",
+        "model": "google/veo-3.1",
+        "sandbox": False,
+        "status": "succeeded",
+        "created_at": now - 5,
+        "finished_at": now - 1,
+        "output_seconds": 4.0,
+        "predict_seconds": 3.0,
+        "cost_micros": 1_600_000,
+        "currency": "USD",
+        "basis": "price_table",
+    }
     await book.record(entry)
     await book.record({**entry, "finished_at": now, "cost_micros": 1_700_000})
     body = await report(client)

@@ -98,7 +98,9 @@ async def test_job_status_json_matches_the_final_event(client: TestClient) -> No
     assert set(state["request"]["defaults_applied"]) >= {"aspect_ratio", "generate_audio", "backend"}
 
 
-async def test_a_failed_prediction_reaches_sse_and_json_with_the_provider_error(client: TestClient, sim: Simulator) -> None:
+async def test_a_failed_prediction_reaches_sse_and_json_with_the_provider_error(
+    client: TestClient, sim: Simulator
+) -> None:
     sim.add_fault("replicate.create", "fail_prediction", error="E005: the input was flagged as sensitive")
     accepted = await submit(client)
     events = await events_of(client, accepted["job_id"])
@@ -113,10 +115,13 @@ async def test_a_failed_prediction_reaches_sse_and_json_with_the_provider_error(
     assert not_ready.status == 409 and (await not_ready.json())["error"]["code"] == "job_failed"
 
 
-@pytest.mark.parametrize(("status", "code"), [(401, "provider_auth_failed"), (422, "provider_rejected_input"),
-                                              (402, "provider_payment_required")])
-async def test_a_rejected_create_fails_the_job_with_the_provider_status(client: TestClient, sim: Simulator, status: int,
-                                                                        code: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(401, "provider_auth_failed"), (422, "provider_rejected_input"), (402, "provider_payment_required")],
+)
+async def test_a_rejected_create_fails_the_job_with_the_provider_status(
+    client: TestClient, sim: Simulator, status: int, code: str
+) -> None:
     detail = {"title": "Input validation failed", "detail": "- input.prompt: too long", "status": status}
     sim.add_fault("replicate.create", status=status, body=detail)
     accepted = await submit(client)
@@ -209,8 +214,9 @@ def handler_tasks() -> list[asyncio.Task[Any]]:
     return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "RequestHandler._handle_request"]
 
 
-async def test_a_disconnected_subscriber_is_released(sim: Simulator, live_env: dict[str, str],
-                                                     settings_dir: Path) -> None:
+async def test_a_disconnected_subscriber_is_released(
+    sim: Simulator, live_env: dict[str, str], settings_dir: Path
+) -> None:
     """Served as ``python -m mvserver`` serves it: aiohttp does not cancel a handler when its client leaves, so the
     stream itself has to notice, on a job that sends no event that could reveal the closed connection."""
     import aiohttp
@@ -283,7 +289,9 @@ async def test_a_running_job_resumes_polling_after_a_restart(make_client: Any, s
     sim.video_latency = 1.5
     first = await make_client()
     accepted = await submit(first)
-    running = await wait_for(first, accepted["job_id"], lambda s: s["provider_prediction_id"] and s["stage"] == "generating")
+    running = await wait_for(
+        first, accepted["job_id"], lambda s: s["provider_prediction_id"] and s["stage"] == "generating"
+    )
     creates = sum(1 for route, _ in sim.requests if route == "replicate.create")
     seen_before = [(e.id, e.event) for e in await first.app[JOBS].events(accepted["job_id"], 0)]
     await first.close()  # shutdown mid-job: the record stays "running"
@@ -306,34 +314,42 @@ async def test_get_video_answers_not_ready_unknown_and_malformed(client: TestCli
     assert not_ready.status == 409 and (await not_ready.json())["error"]["code"] == "video_not_ready"
     unknown = await client.get("/api/mv/get_video/0b4e7c1e-3f5a-4c39-9d2a-5f0e7b8c9d10")
     assert unknown.status == 404
-    for bad in ("..%2F..%2Fetc%2Fpasswd", "not-a-uuid", "0B4E7C1E-3F5A-4C39-9D2A-5F0E7B8C9D10",
-                "0b4e7c1e-3f5a-1c39-9d2a-5f0e7b8c9d10", "a" * 300):
+    for bad in (
+        "..%2F..%2Fetc%2Fpasswd",
+        "not-a-uuid",
+        "0B4E7C1E-3F5A-4C39-9D2A-5F0E7B8C9D10",
+        "0b4e7c1e-3f5a-1c39-9d2a-5f0e7b8c9d10",
+        "a" * 300,
+    ):
         response = await client.get(f"/api/mv/get_video/{bad}")
         assert response.status in (400, 404)
         assert "error" in await response.json()
     await client.delete(accepted["status_url"])
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"backend": "sora"}, "backend"),
-    ({"duration": 5}, "duration"),
-    ({"duration": "8"}, "duration"),
-    ({"aspect_ratio": "4:3"}, "aspect_ratio"),
-    ({"generate_audio": "yes"}, "generate_audio"),
-    ({"seed": -1}, "seed"),
-    ({"prompt": "   "}, "prompt"),
-    ({"reference_image_base64": "not base64!"}, "reference_image_base64"),
-    ({"reference_image_base64": base64.b64encode(b"plain text, not an image").decode()}, "reference_image_base64"),
-    ({"reference_image_id": "../../etc/passwd"}, "reference_image_id"),
-    ({"video_rules_template": "{{ missing_variable }}"}, "video_rules_template"),
-    ({"video_rules_template": "{{ prompt.__class__.__mro__ }}"}, "video_rules_template"),
-    ({"video_rules_template": "{{ prompt "}, "video_rules_template"),  # does not parse
-    ({"video_rules_template": "{% if prompt %}x{% endif %}"}, "video_rules_template"),  # a statement
-    ({"colour": "red"}, "colour"),
-    ({"aspect_ratio": "1:1"}, "aspect_ratio"),
-    ({"reference_image_base64": png_base64(), "duration": 4}, "duration"),
-    ({"reference_image_base64": png_base64(), "duration": 8, "aspect_ratio": "9:16"}, "aspect_ratio"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"backend": "sora"}, "backend"),
+        ({"duration": 5}, "duration"),
+        ({"duration": "8"}, "duration"),
+        ({"aspect_ratio": "4:3"}, "aspect_ratio"),
+        ({"generate_audio": "yes"}, "generate_audio"),
+        ({"seed": -1}, "seed"),
+        ({"prompt": "   "}, "prompt"),
+        ({"reference_image_base64": "not base64!"}, "reference_image_base64"),
+        ({"reference_image_base64": base64.b64encode(b"plain text, not an image").decode()}, "reference_image_base64"),
+        ({"reference_image_id": "../../etc/passwd"}, "reference_image_id"),
+        ({"video_rules_template": "{{ missing_variable }}"}, "video_rules_template"),
+        ({"video_rules_template": "{{ prompt.__class__.__mro__ }}"}, "video_rules_template"),
+        ({"video_rules_template": "{{ prompt "}, "video_rules_template"),  # does not parse
+        ({"video_rules_template": "{% if prompt %}x{% endif %}"}, "video_rules_template"),  # a statement
+        ({"colour": "red"}, "colour"),
+        ({"aspect_ratio": "1:1"}, "aspect_ratio"),
+        ({"reference_image_base64": png_base64(), "duration": 4}, "duration"),
+        ({"reference_image_base64": png_base64(), "duration": 8, "aspect_ratio": "9:16"}, "aspect_ratio"),
+    ],
+)
 @module_loop
 async def test_bad_video_requests_name_the_field(module_live: LiveApp, body: dict[str, Any], field: str) -> None:
     client = module_live[0]  # one app for the module's refusals: none of them may create a job
@@ -347,10 +363,12 @@ async def test_bad_video_requests_name_the_field(module_live: LiveApp, body: dic
 
 
 async def test_a_rules_template_error_lists_the_variables_it_may_use(client: TestClient) -> None:
-    response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT,
-                                                                 "video_rules_template": "{{ prompt|upper }}"})
-    assert (await response.json())["error"]["message"] == \
-        "video_rules_template: only {{ prompt }}, {{ aspect_ratio }}, {{ duration }} may be used"
+    response = await client.post(
+        "/api/mv/generate_video", json={"prompt": PROMPT, "video_rules_template": "{{ prompt|upper }}"}
+    )
+    assert (await response.json())["error"][
+        "message"
+    ] == "video_rules_template: only {{ prompt }}, {{ aspect_ratio }}, {{ duration }} may be used"
 
 
 async def test_a_reference_image_may_be_a_base64_data_uri(client: TestClient, sim: Simulator) -> None:
@@ -358,8 +376,10 @@ async def test_a_reference_image_may_be_a_base64_data_uri(client: TestClient, si
     state = await (await client.get(accepted["status_url"])).json()
     assert state["request"]["has_reference_image"] is True
     await client.delete(accepted["status_url"])
-    plain = await client.post("/api/mv/generate_video", json={
-        "prompt": PROMPT, "duration": 8, "reference_image_base64": f"data:image/png,{png_base64()}"})
+    plain = await client.post(
+        "/api/mv/generate_video",
+        json={"prompt": PROMPT, "duration": 8, "reference_image_base64": f"data:image/png,{png_base64()}"},
+    )
     error = (await plain.json())["error"]
     assert plain.status == 400 and error["field"] == "reference_image_base64" and "base64-encoded" in error["message"]
 
@@ -408,8 +428,9 @@ async def test_jobs_beyond_the_concurrency_limit_queue_in_order(make_client: Any
     assert finals[1]["started_at"] >= finals[0]["finished_at"] - 0.01
 
 
-async def test_a_job_past_its_timeout_fails_and_cancels_the_prediction(make_client: Any, sim: Simulator,
-                                                                       settings_dir: Path) -> None:
+async def test_a_job_past_its_timeout_fails_and_cancels_the_prediction(
+    make_client: Any, sim: Simulator, settings_dir: Path
+) -> None:
     import yaml
 
     videos = yaml.safe_load((settings_dir / "videos.yaml").read_text())
@@ -424,12 +445,20 @@ async def test_a_job_past_its_timeout_fails_and_cancels_the_prediction(make_clie
     assert any(route == "replicate.cancel" for route, _ in sim.requests)
 
 
-async def test_sandbox_mode_renders_a_labelled_h264_clip_of_the_requested_shape(make_client: Any, tmp_path: Path) -> None:
+async def test_sandbox_mode_renders_a_labelled_h264_clip_of_the_requested_shape(
+    make_client: Any, tmp_path: Path
+) -> None:
     from mvserver.sandbox.render import probe_media
 
-    client = await make_client(GEMINI_API_KEY=None, REPLICATE_API_TOKEN=None, GOOGLE_VERTEX_API_KEY=None,
-                               MV_REPLICATE_BASE_URL=None, MV_VERTEX_BASE_URL=None, MV_GEMINI_BASE_URL=None,
-                               MV_SANDBOX_VIDEO_SECONDS=0.5)
+    client = await make_client(
+        GEMINI_API_KEY=None,
+        REPLICATE_API_TOKEN=None,
+        GOOGLE_VERTEX_API_KEY=None,
+        MV_REPLICATE_BASE_URL=None,
+        MV_VERTEX_BASE_URL=None,
+        MV_GEMINI_BASE_URL=None,
+        MV_SANDBOX_VIDEO_SECONDS=0.5,
+    )
     health = await (await client.get("/api/mv/health")).json()
     assert health["mode"] == "sandbox"
     for backend in ("replicate", "gemini"):
@@ -447,8 +476,9 @@ async def test_sandbox_mode_renders_a_labelled_h264_clip_of_the_requested_shape(
 
 
 @pytest.mark.file_store_only
-async def test_a_torn_last_event_line_is_cut_off_before_the_job_resumes(make_client: Any, sim: Simulator,
-                                                                        live_env: dict[str, str]) -> None:
+async def test_a_torn_last_event_line_is_cut_off_before_the_job_resumes(
+    make_client: Any, sim: Simulator, live_env: dict[str, str]
+) -> None:
     sim.video_latency = 1.0
     first = await make_client()
     accepted = await submit(first)

@@ -96,16 +96,20 @@ async def test_a_job_finishes_by_webhooks_with_a_single_poll(hook_client: HookCl
     assert any(e["data"].get("logs") for e in events if e["event"] == "progress")
 
 
-@pytest.mark.parametrize("kind, options", [
-    ("duplicate", {}),
-    ("out_of_order", {"event": "logs"}),  # every logs delivery goes out after the next one, the last after the end
-    ("delay", {"seconds": 0.3}),
-    ("bad_signature", {"event": "logs"}),
-    ("old_timestamp", {"event": "logs"}),
-    ("drop", {"event": "logs"}),
-])
-async def test_each_webhook_fault_still_ends_the_job_once(hook_client: HookClient, sim: Simulator, kind: str,
-                                                          options: dict[str, Any], sim_server: TestServer) -> None:
+@pytest.mark.parametrize(
+    "kind, options",
+    [
+        ("duplicate", {}),
+        ("out_of_order", {"event": "logs"}),  # every logs delivery goes out after the next one, the last after the end
+        ("delay", {"seconds": 0.3}),
+        ("bad_signature", {"event": "logs"}),
+        ("old_timestamp", {"event": "logs"}),
+        ("drop", {"event": "logs"}),
+    ],
+)
+async def test_each_webhook_fault_still_ends_the_job_once(
+    hook_client: HookClient, sim: Simulator, kind: str, options: dict[str, Any], sim_server: TestServer
+) -> None:
     sim.video_latency = 1.0  # long enough for logs deliveries (one per 500 ms) between start and completed
     client = await hook_client()
     sim.add_fault("replicate.webhook", kind, times=100, **options)
@@ -122,7 +126,8 @@ async def test_each_webhook_fault_still_ends_the_job_once(hook_client: HookClien
 
 
 async def test_a_late_processing_webhook_after_the_end_is_acknowledged_and_ignored(
-        hook_client: HookClient, sim: Simulator, sim_server: TestServer) -> None:
+    hook_client: HookClient, sim: Simulator, sim_server: TestServer
+) -> None:
     sim.video_latency = 1.0  # long enough for logs deliveries (one per 500 ms) between start and completed
     client = await hook_client()
     sim.add_fault("replicate.webhook", "out_of_order", times=100, event="logs")
@@ -136,7 +141,9 @@ async def test_a_late_processing_webhook_after_the_end_is_acknowledged_and_ignor
     assert (await (await client.get(f"/api/mv/jobs/{job['job_id']}")).json())["status"] == "succeeded"
 
 
-async def test_a_dropped_completed_webhook_is_covered_by_the_safety_poll(hook_client: HookClient, sim: Simulator) -> None:
+async def test_a_dropped_completed_webhook_is_covered_by_the_safety_poll(
+    hook_client: HookClient, sim: Simulator
+) -> None:
     client = await hook_client(safety=0.5)
     sim.add_fault("replicate.webhook", "drop", event="completed")
     job = await submit(client)
@@ -147,7 +154,8 @@ async def test_a_dropped_completed_webhook_is_covered_by_the_safety_poll(hook_cl
 
 
 async def test_a_bad_signature_on_the_completed_webhook_is_covered_by_the_safety_poll(
-        hook_client: HookClient, sim: Simulator, sim_server: TestServer) -> None:
+    hook_client: HookClient, sim: Simulator, sim_server: TestServer
+) -> None:
     sim.webhook_retry_seconds = 1.0
     client = await hook_client(safety=0.5)
     sim.add_fault("replicate.webhook", "bad_signature", event="completed")
@@ -159,7 +167,8 @@ async def test_a_bad_signature_on_the_completed_webhook_is_covered_by_the_safety
 
 
 async def test_when_no_webhook_arrives_the_safety_poll_finishes_the_job_and_new_jobs_poll_normally(
-        hook_client: HookClient, sim: Simulator) -> None:
+    hook_client: HookClient, sim: Simulator
+) -> None:
     client = await hook_client(safety=0.5)
     job = await submit(client, prompt="Every webhook of this one is lost [sandbox:webhook-drop]")
     assert_sequence(await events_of(client, job["job_id"]))
@@ -169,12 +178,17 @@ async def test_when_no_webhook_arrives_the_safety_poll_finishes_the_job_and_new_
     second = await submit(client)
     assert_sequence(await events_of(client, second["job_id"]))
     assert len(sim.webhook_deliveries) == before  # created without a webhook
-    prediction = json.loads((sim.state_dir / "predictions" / f"{(await client.app[JOBS].get(second['job_id'])).prediction_id}.json").read_text())
+    prediction = json.loads(
+        (
+            sim.state_dir / "predictions" / f"{(await client.app[JOBS].get(second['job_id'])).prediction_id}.json"
+        ).read_text()
+    )
     assert prediction["webhook"] is None
 
 
 async def test_a_wrong_secret_refuses_every_delivery_and_polling_takes_over(
-        hook_client: HookClient, sim: Simulator) -> None:
+    hook_client: HookClient, sim: Simulator
+) -> None:
     client = await hook_client(safety=0.5, MV_REPLICATE_WEBHOOK_SECRET="whsec_" + "A" * 44)
     job = await submit(client)
     assert_sequence(await events_of(client, job["job_id"]))
@@ -194,7 +208,8 @@ async def test_the_secret_from_the_environment_is_used(hook_client: HookClient, 
 
 
 async def test_simulator_signs_deliveries_like_replicate_and_retries_only_the_end(
-        sim: Simulator, sim_server: TestServer, aiohttp_server: Any) -> None:
+    sim: Simulator, sim_server: TestServer, aiohttp_server: Any
+) -> None:
     received: list[tuple[float, dict[str, str], str]] = []
     refusals = [500, 503]  # the first two attempts at the terminal delivery fail
 
@@ -215,8 +230,11 @@ async def test_simulator_signs_deliveries_like_replicate_and_retries_only_the_en
         secret = await client.webhooks.default.async_secret()
         assert secret.key == sim.webhook_secret and secret.key.startswith("whsec_")
         prediction = await client.models.predictions.async_create(
-            model="google/veo-3.1", input={"prompt": "a lighthouse at night", "duration": 4},
-            webhook=str(hook.make_url("/hook?job=1")), webhook_events_filter=["start", "logs", "completed"])
+            model="google/veo-3.1",
+            input={"prompt": "a lighthouse at night", "duration": 4},
+            webhook=str(hook.make_url("/hook?job=1")),
+            webhook_events_filter=["start", "logs", "completed"],
+        )
         async with asyncio.timeout(10):
             while sum(json.loads(body)["status"] == "succeeded" for _, _, body in received) < 3:
                 await asyncio.sleep(0.05)
@@ -230,7 +248,11 @@ async def test_simulator_signs_deliveries_like_replicate_and_retries_only_the_en
     assert bodies[0]["status"] == "starting" and bodies[-1] == final  # the terminal body is exactly the GET's
     logs_times = [at for (at, _, _), body in zip(received, bodies, strict=False) if body["status"] == "processing"]
     assert logs_times and all(b - a >= 0.45 for a, b in zip(logs_times, logs_times[1:], strict=False))  # throttled
-    terminal = [headers["webhook-id"] for (_, headers, _), body in zip(received, bodies, strict=False) if body["status"] == "succeeded"]
+    terminal = [
+        headers["webhook-id"]
+        for (_, headers, _), body in zip(received, bodies, strict=False)
+        if body["status"] == "succeeded"
+    ]
     assert len(terminal) == 3 and len(set(terminal)) == 1  # two refusals, retried under the same id
     assert len({headers["webhook-id"] for _, headers, _ in received}) == len(received) - 2
 
@@ -239,8 +261,12 @@ async def test_simulator_rejects_a_malformed_webhook_request(sim_server: TestSer
     client = make_client("r8_test", str(sim_server.make_url("/replicate")))
     try:
         with pytest.raises(ReplicateError) as raised:
-            await client.models.predictions.async_create(model="google/veo-3.1", input={"prompt": "x"},
-                                                         webhook="not a url", webhook_events_filter=["start", "all"])
+            await client.models.predictions.async_create(
+                model="google/veo-3.1",
+                input={"prompt": "x"},
+                webhook="not a url",
+                webhook_events_filter=["start", "all"],
+            )
     finally:
         await client._async_client.aclose()
     assert raised.value.status == 422
@@ -251,12 +277,18 @@ async def test_simulator_rejects_a_malformed_webhook_request(sim_server: TestSer
 # -- the receiver -----------------------------------------------------------------------------------------------
 
 
-def delivery(secret: str, body: dict[str, Any], *, age: int = 0, webhook_id: str | None = None) -> tuple[bytes, dict[str, str]]:
+def delivery(
+    secret: str, body: dict[str, Any], *, age: int = 0, webhook_id: str | None = None
+) -> tuple[bytes, dict[str, str]]:
     raw = json.dumps(body).encode()
     webhook_id = webhook_id or f"msg_{time.monotonic_ns()}"
     timestamp = int(time.time()) - age
-    return raw, {"Content-Type": "application/json", "webhook-id": webhook_id, "webhook-timestamp": str(timestamp),
-                 "webhook-signature": sign(secret, webhook_id, timestamp, raw)}
+    return raw, {
+        "Content-Type": "application/json",
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, webhook_id, timestamp, raw),
+    }
 
 
 async def running_job(client: TestClient) -> tuple[str, dict[str, Any]]:
@@ -266,12 +298,23 @@ async def running_job(client: TestClient) -> tuple[str, dict[str, Any]]:
         while (await client.app[JOBS].get(job["job_id"])).prediction_id is None:
             await asyncio.sleep(0.01)
     prediction_id = (await client.app[JOBS].get(job["job_id"])).prediction_id
-    body = {"id": prediction_id, "model": "google/veo-3.1", "version": "v", "status": "failed", "input": {},
-            "logs": "", "output": None, "error": "forged", "created_at": None}
+    body = {
+        "id": prediction_id,
+        "model": "google/veo-3.1",
+        "version": "v",
+        "status": "failed",
+        "input": {},
+        "logs": "",
+        "output": None,
+        "error": "forged",
+        "created_at": None,
+    }
     return job["job_id"], body
 
 
-async def test_forged_and_replayed_deliveries_get_401_and_change_nothing(hook_client: HookClient, sim: Simulator) -> None:
+async def test_forged_and_replayed_deliveries_get_401_and_change_nothing(
+    hook_client: HookClient, sim: Simulator
+) -> None:
     client = await hook_client()
     job_id, forged = await running_job(client)
     url = f"/api/mv/webhooks/replicate?job={job_id}"
@@ -295,7 +338,8 @@ async def test_forged_and_replayed_deliveries_get_401_and_change_nothing(hook_cl
 
 
 async def test_receiver_acknowledges_duplicates_unknown_jobs_and_other_predictions(
-        hook_client: HookClient, sim: Simulator) -> None:
+    hook_client: HookClient, sim: Simulator
+) -> None:
     client = await hook_client()
     job_id, body = await running_job(client)
     starting = {**body, "status": "starting", "error": None}
@@ -340,14 +384,15 @@ async def test_receiver_rejects_malformed_requests_naming_the_problem(hook_clien
 
 async def _chunks(raw: bytes) -> Any:
     for start in range(0, len(raw), 256 * 1024):
-        yield raw[start:start + 256 * 1024]
+        yield raw[start : start + 256 * 1024]
 
 
 async def test_without_webhooks_the_route_refuses_and_jobs_poll(make_client: Any, sim: Simulator) -> None:
     client = await make_client()
     raw, headers = delivery(sim.webhook_secret, {"id": "x", "model": "m", "version": "v", "status": "processing"})
-    response = await client.post("/api/mv/webhooks/replicate?job=00000000-0000-4000-8000-000000000000", data=raw,
-                                 headers=headers)
+    response = await client.post(
+        "/api/mv/webhooks/replicate?job=00000000-0000-4000-8000-000000000000", data=raw, headers=headers
+    )
     assert response.status == 401
     job = await submit(client)
     assert_sequence(await events_of(client, job["job_id"]))
@@ -381,7 +426,10 @@ def test_settings_reject_a_bad_base_url_or_secret(live_env: dict[str, str]) -> N
         EnvSettings.from_env({"MV_PUBLIC_BASE_URL": "example.com"})
     with pytest.raises(ConfigError, match="MV_REPLICATE_WEBHOOK_SECRET"):
         create_app({**live_env, "MV_REPLICATE_WEBHOOK_SECRET": "secret"})
-    assert EnvSettings.from_env({"MV_PUBLIC_BASE_URL": "https://mv.example.com/"}).public_base_url == "https://mv.example.com"
+    assert (
+        EnvSettings.from_env({"MV_PUBLIC_BASE_URL": "https://mv.example.com/"}).public_base_url
+        == "https://mv.example.com"
+    )
 
 
 def test_seen_ids_are_bounded_in_count_and_time() -> None:

@@ -39,20 +39,24 @@ async def receiver_server() -> AsyncIterator[tuple[Receiver, TestServer]]:
         yield receiver, server
 
 
-async def test_a_node_killed_mid_retry_loses_no_delivery(cluster: Cluster, http: aiohttp.ClientSession,
-                                                         receiver_server: tuple[Receiver, TestServer]) -> None:
+async def test_a_node_killed_mid_retry_loses_no_delivery(
+    cluster: Cluster, http: aiohttp.ClientSession, receiver_server: tuple[Receiver, TestServer]
+) -> None:
     receiver, server = receiver_server
     path = cluster.settings_dir / "videos.yaml"
     videos = yaml.safe_load(path.read_text())
-    videos["jobs"].update(webhook_retry_initial_seconds=0.2, webhook_retry_max_delay_seconds=0.5,
-                          webhook_timeout_seconds=0.5)
+    videos["jobs"].update(
+        webhook_retry_initial_seconds=0.2, webhook_retry_max_delay_seconds=0.5, webhook_timeout_seconds=0.5
+    )
     path.write_text(yaml.safe_dump(videos, sort_keys=False))
     cluster.extra_env = {"MV_WEBHOOK_SECRET": SECRET, "MV_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8"}
     await sim_up(http, cluster)
     [first] = await nodes_up(http, cluster, 1)
     url = f"http://127.0.0.1:{server.port}/hook"
-    async with http.post(f"{first}/api/mv/generate_video",
-                         json={"prompt": PROMPT, "duration": 4, "webhook_url": url, "webhook_events": "all"}) as response:
+    async with http.post(
+        f"{first}/api/mv/generate_video",
+        json={"prompt": PROMPT, "duration": 4, "webhook_url": url, "webhook_events": "all"},
+    ) as response:
         assert response.status == 202, await response.text()
         job_id = (await response.json())["job_id"]
     await until(http, first, job_id, final)

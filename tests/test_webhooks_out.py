@@ -25,8 +25,11 @@ from mvserver.web.access.auth import KeyLimits, create_key, read_keys, write_key
 pytestmark = pytest.mark.both_stores
 
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-FAST_RETRIES = {"webhook_retry_initial_seconds": 0.05, "webhook_retry_max_delay_seconds": 0.2,
-                "webhook_timeout_seconds": 2}
+FAST_RETRIES = {
+    "webhook_retry_initial_seconds": 0.05,
+    "webhook_retry_max_delay_seconds": 0.2,
+    "webhook_timeout_seconds": 2,
+}
 
 
 class Receiver:
@@ -111,8 +114,9 @@ async def settled(client: TestClient, job_id: str, count: int) -> list[dict[str,
             await asyncio.sleep(0.05)
 
 
-async def test_every_status_change_arrives_signed_and_in_order(client: TestClient, sim: Simulator,
-                                                               receiver_server: tuple[Receiver, TestServer]) -> None:
+async def test_every_status_change_arrives_signed_and_in_order(
+    client: TestClient, sim: Simulator, receiver_server: tuple[Receiver, TestServer]
+) -> None:
     receiver, server = receiver_server
     sim.video_latency = 0.3
     job_id = await submit(client, webhook_url=hook_url(server), webhook_events="all")
@@ -138,7 +142,8 @@ async def test_every_status_change_arrives_signed_and_in_order(client: TestClien
 
 
 async def test_a_receiver_that_fails_the_first_attempts_gets_it_later(
-        client: TestClient, receiver_server: tuple[Receiver, TestServer]) -> None:
+    client: TestClient, receiver_server: tuple[Receiver, TestServer]
+) -> None:
     receiver, server = receiver_server
     receiver.fail = 3
     job_id = await submit(client, webhook_url=hook_url(server))  # completed: the final event only
@@ -151,8 +156,9 @@ async def test_a_receiver_that_fails_the_first_attempts_gets_it_later(
     assert gaps[1] > gaps[0] * 1.3  # exponential backoff
 
 
-async def test_redeliver_sends_the_last_event_again(client: TestClient,
-                                                    receiver_server: tuple[Receiver, TestServer]) -> None:
+async def test_redeliver_sends_the_last_event_again(
+    client: TestClient, receiver_server: tuple[Receiver, TestServer]
+) -> None:
     receiver, server = receiver_server
     job_id = await submit(client, webhook_url=hook_url(server))
     await receiver.until(lambda: receiver.types(job_id))
@@ -165,8 +171,17 @@ async def test_redeliver_sends_the_last_event_again(client: TestClient,
     assert response.status == 400 and (await response.json())["error"]["field"] == "event_id"
 
 
-@pytest.mark.parametrize("url", ["http://10.1.2.3/hook", "http://169.254.169.254/latest", "http://[::1]:9/x",
-                                 "http://192.168.0.1/", "ftp://example.com/x", "http://user:pw@example.com/"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.1.2.3/hook",
+        "http://169.254.169.254/latest",
+        "http://[::1]:9/x",
+        "http://192.168.0.1/",
+        "ftp://example.com/x",
+        "http://user:pw@example.com/",
+    ],
+)
 async def test_a_private_or_bad_url_is_refused_at_submit(make_client: AppClient, url: str) -> None:
     client = await make_client(MV_WEBHOOK_SECRET=SECRET)
     response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "webhook_url": url})
@@ -175,7 +190,8 @@ async def test_a_private_or_bad_url_is_refused_at_submit(make_client: AppClient,
 
 
 async def test_a_name_that_resolves_to_loopback_is_refused_when_connecting(
-        make_client: AppClient, settings_dir: Path, receiver_server: tuple[Receiver, TestServer]) -> None:
+    make_client: AppClient, settings_dir: Path, receiver_server: tuple[Receiver, TestServer]
+) -> None:
     receiver, server = receiver_server
     jobs_settings(settings_dir, **FAST_RETRIES)
     client = await make_client(MV_WEBHOOK_SECRET=SECRET)  # no allow-list: loopback is not for webhooks
@@ -192,8 +208,9 @@ async def test_a_name_that_resolves_to_loopback_is_refused_when_connecting(
     assert receiver.attempts == 0
 
 
-async def test_without_a_secret_a_webhook_is_refused(make_client: AppClient,
-                                                     receiver_server: tuple[Receiver, TestServer]) -> None:
+async def test_without_a_secret_a_webhook_is_refused(
+    make_client: AppClient, receiver_server: tuple[Receiver, TestServer]
+) -> None:
     _, server = receiver_server
     client = await make_client(MV_WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8")
     response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "webhook_url": hook_url(server)})
@@ -201,8 +218,8 @@ async def test_without_a_secret_a_webhook_is_refused(make_client: AppClient,
 
 
 async def test_a_keys_secret_signs_and_its_default_url_applies(
-        make_client: AppClient, settings_dir: Path, tmp_path: Path,
-        receiver_server: tuple[Receiver, TestServer]) -> None:
+    make_client: AppClient, settings_dir: Path, tmp_path: Path, receiver_server: tuple[Receiver, TestServer]
+) -> None:
     receiver, server = receiver_server
     keys_file = tmp_path / "keys.yaml"
     record, key = create_key(keys_file, "alice", KeyLimits(jobs_per_minute=600, jobs_burst=50))
@@ -212,18 +229,23 @@ async def test_a_keys_secret_signs_and_its_default_url_applies(
     write_keys(keys_file, keys)
     receiver.webhook = Webhook(record.webhook_secret)
     jobs_settings(settings_dir, **FAST_RETRIES)
-    client = await make_client(MV_API_KEYS_FILE=keys_file, MV_WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",
-                               MV_URL_SIGNING_SECRET="test-signing-secret-0123456789abcdefghij")
-    response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT},
-                                 headers={"Authorization": f"Bearer {key}"})
+    client = await make_client(
+        MV_API_KEYS_FILE=keys_file,
+        MV_WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",
+        MV_URL_SIGNING_SECRET="test-signing-secret-0123456789abcdefghij",
+    )
+    response = await client.post(
+        "/api/mv/generate_video", json={"prompt": PROMPT}, headers={"Authorization": f"Bearer {key}"}
+    )
     assert response.status == 202, await response.text()
     job_id = (await response.json())["job_id"]
     await receiver.until(lambda: receiver.types(job_id))
     assert receiver.types(job_id) == ["job.succeeded"] and receiver.refused == 0
 
 
-async def test_deliveries_survive_a_restart(make_client: AppClient, settings_dir: Path, live_env: dict[str, str],
-                                            receiver_server: tuple[Receiver, TestServer]) -> None:
+async def test_deliveries_survive_a_restart(
+    make_client: AppClient, settings_dir: Path, live_env: dict[str, str], receiver_server: tuple[Receiver, TestServer]
+) -> None:
     """The receiver is down while the job ends; the app restarts; the delivery still arrives."""
     receiver, server = receiver_server
     receiver.fail = 10**6

@@ -9,6 +9,21 @@ from mvserver.analysis.model import ANALYSIS_VERSION, Grid, Section, SongAnalysi
 from mvserver.analysis.plan import Placement, PlanError, SceneWindow, locate, plan_scenes, snap
 from mvserver.analysis.pool import AnalysisError, AnalysisPool, AnalysisTimeout, analyse_song, numba_cache_dir
 
-__all__ = ["ANALYSIS_VERSION", "AnalysisError", "AnalysisPool", "AnalysisTimeout", "Grid", "Placement", "PlanError",
-           "SceneWindow", "Section", "SongAnalysis", "analyse_song", "load", "locate", "numba_cache_dir",
-           "plan_scenes", "snap"]
+__all__ = [
+    "ANALYSIS_VERSION",
+    "AnalysisError",
+    "AnalysisPool",
+    "AnalysisTimeout",
+    "Grid",
+    "Placement",
+    "PlanError",
+    "SceneWindow",
+    "Section",
+    "SongAnalysis",
+    "analyse_song",
+    "load",
+    "locate",
+    "numba_cache_dir",
+    "plan_scenes",
+    "snap",
+]

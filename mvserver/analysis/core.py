@@ -54,9 +54,9 @@ PREROLL_SECONDS = 2.0  # an intro this long before the first downbeat becomes a 
 
 @dataclass
 class Features:
-    log_mel: np.ndarray   # (N_MELS, frames) in dB
-    chroma: np.ndarray    # (12, frames), each frame max-normalised
-    onset: np.ndarray     # (frames,)
+    log_mel: np.ndarray  # (N_MELS, frames) in dB
+    chroma: np.ndarray  # (12, frames), each frame max-normalised
+    onset: np.ndarray  # (frames,)
 
 
 def features(y: np.ndarray) -> Features:
@@ -88,7 +88,7 @@ def _block(y: np.ndarray, start: int, stop: int) -> np.ndarray:
     block = np.zeros(last - first, dtype=np.float32)
     a, b = max(0, first), min(len(y), last)
     if b > a:
-        block[a - first:b - first] = y[a:b]
+        block[a - first : b - first] = y[a:b]
     return block
 
 
@@ -127,8 +127,9 @@ def beat_grid(y: np.ndarray, feats: Features) -> tuple[dict[str, Any] | None, st
     onset = feats.onset
     if not np.any(onset > 0):
         return None, "silent: no onsets"
-    _, frames = librosa.beat.beat_track(onset_envelope=onset, sr=SR, hop_length=HOP, trim=False,
-                                        bpm=global_tempo(onset))
+    _, frames = librosa.beat.beat_track(
+        onset_envelope=onset, sr=SR, hop_length=HOP, trim=False, bpm=global_tempo(onset)
+    )
     frames = _drop_silent_ends(frames, y)
     if len(frames) < MIN_BEATS:
         return None, f"too few beats ({len(frames)})"
@@ -166,8 +167,9 @@ def global_tempo(onset: np.ndarray) -> float:
     total = np.zeros(win)
     for start in range(0, len(onset), TEMPOGRAM_BLOCK):
         stop = min(len(onset), start + TEMPOGRAM_BLOCK)
-        block = librosa.feature.tempogram(onset_envelope=padded[start:stop + win - 1], sr=SR, hop_length=HOP,
-                                          win_length=win, center=False)
+        block = librosa.feature.tempogram(
+            onset_envelope=padded[start : stop + win - 1], sr=SR, hop_length=HOP, win_length=win, center=False
+        )
         total += block.sum(axis=1)
     mean = (total / len(onset))[:, None]
     return float(librosa.feature.tempo(tg=mean, sr=SR, hop_length=HOP, aggregate=None)[0])
@@ -179,12 +181,12 @@ def _drop_silent_ends(frames: np.ndarray, y: np.ndarray) -> np.ndarray:
     if len(frames) == 0:
         return frames
     half = int(0.1 * SR)
-    levels = np.array([np.sqrt(np.mean(y[max(0, f * HOP - half):f * HOP + half] ** 2) + 1e-20) for f in frames])
+    levels = np.array([np.sqrt(np.mean(y[max(0, f * HOP - half) : f * HOP + half] ** 2) + 1e-20) for f in frames])
     db = 20 * np.log10(levels / levels.max())
     loud = np.flatnonzero(db > SILENCE_DB)
     if len(loud) == 0:
         return frames[:0]
-    return frames[loud[0]:loud[-1] + 1]
+    return frames[loud[0] : loud[-1] + 1]
 
 
 def refine_beats(y: np.ndarray, times: np.ndarray) -> np.ndarray:
@@ -215,7 +217,7 @@ def _onset_near(y: np.ndarray, t: float, step: int, window: int) -> float | None
     last = int((t + REFINE_AFTER) * SR) + window
     if first < 1 or last > len(y):
         return None
-    segment = y[first - 1:last].astype(np.float64)
+    segment = y[first - 1 : last].astype(np.float64)
     power = (segment[1:] - 0.97 * segment[:-1]) ** 2
     cumulative = np.concatenate([[0.0], np.cumsum(power)])
     starts = np.arange(0, len(power) - window + 1, step)
@@ -246,7 +248,7 @@ def pulse_clarity(onset: np.ndarray, period: float) -> float:
 
 def beat_contrast(onset: np.ndarray, frames: np.ndarray) -> float:
     """Mean onset strength at the tracked beats (max within one frame) over the mean at the off-beat midpoints."""
-    on = [onset[max(0, f - 1):f + 2].max() for f in frames]
+    on = [onset[max(0, f - 1) : f + 2].max() for f in frames]
     mids = ((frames[:-1] + frames[1:]) // 2).astype(int)
     off = onset[mids]
     return float(np.mean(on) / max(float(np.mean(off)), 1e-6))
@@ -265,7 +267,9 @@ def fitted_tempo(times: np.ndarray) -> float:
 def chroma_change(chroma: np.ndarray, frames: np.ndarray, span: int = 2) -> np.ndarray:
     """For each beat, the cosine distance between the mean chroma of the ``span`` beats before it and after it."""
     edges = np.concatenate([frames, [chroma.shape[1]]])
-    per_beat = np.stack([chroma[:, a:max(a + 1, b)].mean(axis=1) for a, b in zip(edges[:-1], edges[1:], strict=False)])
+    per_beat = np.stack(
+        [chroma[:, a : max(a + 1, b)].mean(axis=1) for a, b in zip(edges[:-1], edges[1:], strict=False)]
+    )
     per_beat /= np.maximum(np.linalg.norm(per_beat, axis=1, keepdims=True), 1e-9)
     cum = np.vstack([np.zeros(12), np.cumsum(per_beat, axis=0)])
     n = len(frames)
@@ -334,8 +338,9 @@ def _block_bounds(duration: float, seconds: float) -> np.ndarray:
     return np.arange(0.0, duration, seconds)
 
 
-def sections(feats: Features, starts: np.ndarray, duration: float, *, half: int = 4,
-             max_sections: int = 32) -> list[dict[str, Any]]:
+def sections(
+    feats: Features, starts: np.ndarray, duration: float, *, half: int = 4, max_sections: int = 32
+) -> list[dict[str, Any]]:
     """Sections from units starting at ``starts`` (bars, or fixed blocks without a grid): boundaries at peaks of
     checkerboard novelty on the units' self-similarity, labelled by clustering the sections' mean features."""
     from scipy.cluster.hierarchy import fcluster, linkage
@@ -346,7 +351,7 @@ def sections(feats: Features, starts: np.ndarray, duration: float, *, half: int 
         return [{"start": 0.0, "end": round(duration, 3), "label": "A", "cluster": 0}]
     novelty = checkerboard_novelty(units @ units.T, half)
     peaks, _ = find_peaks(novelty, distance=half, height=max(0.05, novelty.mean() + 0.5 * novelty.std()))
-    cut_units = sorted(int(p) for p in sorted(peaks, key=lambda p: -novelty[p])[:max_sections - 1])
+    cut_units = sorted(int(p) for p in sorted(peaks, key=lambda p: -novelty[p])[: max_sections - 1])
     bounds = [0] + cut_units + [len(units)]
     means = np.stack([units[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:], strict=False)])
     if len(means) > 1:
@@ -391,7 +396,9 @@ def unit_features(feats: Features, starts: np.ndarray) -> tuple[np.ndarray, np.n
         return np.zeros((0, 1)), starts
 
     def per_unit(feature: np.ndarray, weight: float) -> np.ndarray:
-        means = np.stack([feature[:, a:max(a + 1, b)].mean(axis=1) for a, b in zip(edges[:-1], edges[1:], strict=False)])
+        means = np.stack(
+            [feature[:, a : max(a + 1, b)].mean(axis=1) for a, b in zip(edges[:-1], edges[1:], strict=False)]
+        )
         means = (means - means.mean(axis=0)) / np.maximum(means.std(axis=0), 1e-9)
         return weight * means / np.sqrt(feature.shape[0])
 
@@ -442,7 +449,7 @@ def waveform_peaks(y: np.ndarray) -> dict[str, Any]:
 def _per_bucket(y: np.ndarray, size: int, reduce: Any) -> np.ndarray:
     """``reduce`` over rows of ``size`` samples (a view, no copy of the signal); the last partial row zero-padded."""
     whole = len(y) // size
-    parts = [reduce(y[:whole * size].reshape(whole, size))] if whole else []
+    parts = [reduce(y[: whole * size].reshape(whole, size))] if whole else []
     if len(y) > whole * size or not parts:
-        parts.append(reduce(np.pad(y[whole * size:], (0, size - (len(y) - whole * size)))[None, :]))
+        parts.append(reduce(np.pad(y[whole * size :], (0, size - (len(y) - whole * size)))[None, :]))
     return np.concatenate(parts)

@@ -26,6 +26,7 @@ class BeatEvidence(_Model):
     """Why the grid was trusted: ``pulse_clarity`` is the onset envelope's normalised autocorrelation at the beat
     period (the decision, needs >= 0.25); ``beat_contrast`` is the mean onset strength on beats over that between
     them (reported only: speech has strong onsets too)."""
+
     pulse_clarity: float
     beat_contrast: float
 
@@ -58,6 +59,7 @@ class Section(_Model):
 
 class Curve(_Model):
     """Values sampled ``rate`` times a second from the start of the song, each in 0..1."""
+
     rate: int = Field(gt=0)
     values: list[float]
 

@@ -50,8 +50,9 @@ class SceneWindow(BaseModel):
     start_frame: int = Field(ge=0, description="first output frame (frames counted from the plan's offset)")
     end_frame: int = Field(description="frame after the last one: the next window's start_frame")
     duration: int = Field(description="the clip length to generate (an allowed one); the clip is trimmed to the window")
-    first_bar: int | None = Field(description="bar of the start (0: the first downbeat's bar, -1: before it); "
-                                              "None without a grid")
+    first_bar: int | None = Field(
+        description="bar of the start (0: the first downbeat's bar, -1: before it); None without a grid"
+    )
     end_bar: int | None = Field(description="bar index after the window's last bar (exclusive); None without a grid")
     section: int | None = Field(description="index in the analysis' sections of the window's start")
     section_label: str | None = None
@@ -74,9 +75,16 @@ def snap(t: float, analysis: SongAnalysis | None, mode: Literal["beat", "bar", "
     return min(near, key=lambda p: abs(p - t))
 
 
-def plan_scenes(analysis: SongAnalysis | None, song_length: float, allowed: Iterable[int] = (4, 6, 8),
-                fps: float = 24.0, *, offset: float = 0.0, scenes_max: int | None = None,
-                min_seconds: float = 1.0) -> list[SceneWindow]:
+def plan_scenes(
+    analysis: SongAnalysis | None,
+    song_length: float,
+    allowed: Iterable[int] = (4, 6, 8),
+    fps: float = 24.0,
+    *,
+    offset: float = 0.0,
+    scenes_max: int | None = None,
+    min_seconds: float = 1.0,
+) -> list[SceneWindow]:
     """Scene windows covering the song from ``offset`` to ``song_length`` (seconds) at ``fps`` output frames a
     second. Raises :class:`PlanError` when more than ``scenes_max`` scenes are needed."""
     allowed = sorted(set(allowed))
@@ -90,8 +98,10 @@ def plan_scenes(analysis: SongAnalysis | None, song_length: float, allowed: Iter
         frames = _on_grid(analysis, total, allowed, fps, offset, min_seconds)
     windows = [_window(analysis, a, b, kind, allowed, fps, offset) for a, b, kind in frames]
     if scenes_max is not None and len(windows) > scenes_max:
-        raise PlanError(f"the song needs {len(windows)} scenes from the offset, more than the limit of {scenes_max}",
-                        needed=len(windows))
+        raise PlanError(
+            f"the song needs {len(windows)} scenes from the offset, more than the limit of {scenes_max}",
+            needed=len(windows),
+        )
     return windows
 
 
@@ -123,8 +133,11 @@ def _candidates(analysis: SongAnalysis, total: int, fps: float, offset: float) -
     """Frames where a cut may fall, each with its kind (a downbeat wins over a beat over a whole second)."""
     assert analysis.grid is not None
     cuts: dict[int, CutKind] = {}
-    for kind, times in (("time", [float(s) + offset for s in range(1, math.ceil(total / fps))]),
-                        ("beat", analysis.grid.beats), ("downbeat", analysis.grid.downbeats)):
+    for kind, times in (
+        ("time", [float(s) + offset for s in range(1, math.ceil(total / fps))]),
+        ("beat", analysis.grid.beats),
+        ("downbeat", analysis.grid.downbeats),
+    ):
         for t in times:
             frame = round((t - offset) * fps)
             if 0 < frame < total:
@@ -132,8 +145,9 @@ def _candidates(analysis: SongAnalysis, total: int, fps: float, offset: float) -
     return cuts
 
 
-def _on_grid(analysis: SongAnalysis, total: int, allowed: list[int], fps: float, offset: float,
-             min_seconds: float) -> list[tuple[int, int, CutKind]]:
+def _on_grid(
+    analysis: SongAnalysis, total: int, allowed: list[int], fps: float, offset: float, min_seconds: float
+) -> list[tuple[int, int, CutKind]]:
     cuts = _candidates(analysis, total, fps, offset)
     nodes = [0, *sorted(cuts), total]
     kinds: list[CutKind] = ["end", *(cuts[f] for f in nodes[1:-1]), "end"]
@@ -151,8 +165,9 @@ def _on_grid(analysis: SongAnalysis, total: int, allowed: list[int], fps: float,
             if length < shortest or best[i] == math.inf:
                 continue
             crossed = bisect.bisect_left(boundaries, nodes[j]) - bisect.bisect_right(boundaries, nodes[i])
-            cost = (best[i] + SCENE_COST + _clip_for(length, allowed, fps) + _KIND_COST[kinds[j]]
-                    + SECTION_COST * crossed)
+            cost = (
+                best[i] + SCENE_COST + _clip_for(length, allowed, fps) + _KIND_COST[kinds[j]] + SECTION_COST * crossed
+            )
             if cost < best[j]:
                 best[j], back[j] = cost, i
     if best[-1] == math.inf:  # no cut sequence fits (cannot happen with a cut every second); size by length
@@ -166,6 +181,7 @@ def _on_grid(analysis: SongAnalysis, total: int, allowed: list[int], fps: float,
 
 class Placement(BaseModel):
     """Where a span of the song sits on its grid: its bars, its section, and what its end lands on."""
+
     first_bar: int | None
     end_bar: int | None
     section: int | None
@@ -173,8 +189,9 @@ class Placement(BaseModel):
     cut: CutKind
 
 
-def locate(analysis: SongAnalysis | None, start: float, end: float, fps: float = 24.0,
-           song_length: float | None = None) -> Placement:
+def locate(
+    analysis: SongAnalysis | None, start: float, end: float, fps: float = 24.0, song_length: float | None = None
+) -> Placement:
     """The bars (``first_bar``, ``end_bar`` exclusive; None without a grid) and section (of its start) of the span
     ``start..end`` of the song, and what ``end`` lands on within one frame: a downbeat, a beat, the song's end
     (``song_length``), or a plain time."""
@@ -202,11 +219,27 @@ def _near(points: list[float], t: float, tolerance: float) -> bool:
     return any(abs(points[j] - t) <= tolerance + 1e-9 for j in (i - 1, i) if 0 <= j < len(points))
 
 
-def _window(analysis: SongAnalysis | None, start_frame: int, end_frame: int, kind: CutKind, allowed: list[int],
-            fps: float, offset: float) -> SceneWindow:
+def _window(
+    analysis: SongAnalysis | None,
+    start_frame: int,
+    end_frame: int,
+    kind: CutKind,
+    allowed: list[int],
+    fps: float,
+    offset: float,
+) -> SceneWindow:
     start = offset + start_frame / fps
     end = offset + end_frame / fps
     where = locate(analysis, start, end, fps)
-    return SceneWindow(start=round(start, 6), end=round(end, 6), start_frame=start_frame, end_frame=end_frame,
-                       duration=_clip_for(end_frame - start_frame, allowed, fps), first_bar=where.first_bar,
-                       end_bar=where.end_bar, section=where.section, section_label=where.section_label, cut=kind)
+    return SceneWindow(
+        start=round(start, 6),
+        end=round(end, 6),
+        start_frame=start_frame,
+        end_frame=end_frame,
+        duration=_clip_for(end_frame - start_frame, allowed, fps),
+        first_bar=where.first_bar,
+        end_bar=where.end_bar,
+        section=where.section,
+        section_label=where.section_label,
+        cut=kind,
+    )

@@ -105,9 +105,17 @@ class _Worker:
 class AnalysisPool:
     """Up to ``workers`` analysis processes; :meth:`analyse` waits for a free one. Close it with :meth:`close`."""
 
-    def __init__(self, workers: int = 1, *, max_seconds: float = 1200.0, memory_mb: int = 2048,
-                 recycle_rss_mb: int = 1024, jobs_per_worker: int = 200, start_timeout: float = 120.0,
-                 cache_dir: str | None = None):
+    def __init__(
+        self,
+        workers: int = 1,
+        *,
+        max_seconds: float = 1200.0,
+        memory_mb: int = 2048,
+        recycle_rss_mb: int = 1024,
+        jobs_per_worker: int = 200,
+        start_timeout: float = 120.0,
+        cache_dir: str | None = None,
+    ):
         self.max_seconds = max_seconds
         self.memory_mb = memory_mb
         self.recycle_rss_mb = recycle_rss_mb
@@ -125,13 +133,27 @@ class AnalysisPool:
 
     async def _start(self) -> _Worker:
         os.makedirs(self.cache_dir, exist_ok=True)
-        env = {**os.environ, "NUMBA_CACHE_DIR": self.cache_dir,
-               # one thread each: the worker is one of several processes on few cores, and its CPU time is measured
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "NUMBA_CACHE_DIR": self.cache_dir,
+            # one thread each: the worker is one of several processes on few cores, and its CPU time is measured
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "NUMBA_NUM_THREADS": "1",
+        }
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mvserver.analysis.worker", "--memory-mb", str(self.memory_mb),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True,
-            limit=ANSWER_LIMIT)
+            sys.executable,
+            "-m",
+            "mvserver.analysis.worker",
+            "--memory-mb",
+            str(self.memory_mb),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+            limit=ANSWER_LIMIT,
+        )
         worker = _Worker(proc)
         try:
             ready = await worker.read(self.start_timeout)
@@ -143,8 +165,9 @@ class AnalysisPool:
         self.stats.started += 1
         self.stats.last_start_cpu_seconds = ready.get("start_cpu_seconds")
         self.stats.start_peak_rss_mb = ready.get("peak_rss_mb")
-        log.info("analysis worker %s ready in %.1f s (%s)", proc.pid, ready.get("start_seconds", 0),
-                 ready.get("librosa"))
+        log.info(
+            "analysis worker %s ready in %.1f s (%s)", proc.pid, ready.get("start_seconds", 0), ready.get("librosa")
+        )
         return worker
 
     async def analyse(self, path: str | os.PathLike[str], *, timeout: float) -> SongAnalysis:
@@ -191,8 +214,12 @@ class AnalysisPool:
 
     async def _release(self, worker: _Worker, answer: dict[str, Any]) -> None:
         worker.jobs += 1
-        if (self._closed or worker.jobs >= self.jobs_per_worker or answer.get("kind") == "memory"
-                or float(answer.get("rss_mb", 0)) > self.recycle_rss_mb):
+        if (
+            self._closed
+            or worker.jobs >= self.jobs_per_worker
+            or answer.get("kind") == "memory"
+            or float(answer.get("rss_mb", 0)) > self.recycle_rss_mb
+        ):
             self.stats.retired += 1
             await worker.retire()
         else:
@@ -205,8 +232,9 @@ class AnalysisPool:
         await asyncio.gather(*(w.retire() for w in idle), *(w.kill() for w in list(self._busy)))
 
 
-async def analyse_song(path: str | os.PathLike[str], *, timeout: float,
-                       pool: AnalysisPool | None = None) -> SongAnalysis:
+async def analyse_song(
+    path: str | os.PathLike[str], *, timeout: float, pool: AnalysisPool | None = None
+) -> SongAnalysis:
     """Analyse one song: in ``pool`` (the app's, warm), or in a worker started for this song and stopped after it
     (a cold start of a few seconds, not counted in ``timeout``)."""
     if pool is not None:

@@ -37,16 +37,35 @@ def decode(path: str, max_seconds: float, sr: int) -> np.ndarray:
     is bounded by the cap whatever the file claims, and no second copy is made."""
     import imageio_ffmpeg
 
-    args = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", path, "-map", "0:a:0", "-t",
-            f"{max_seconds:.3f}", "-ac", "1", "-ar", str(sr), "-f", "f32le", "pipe:1"]
+    args = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-nostdin",
+        "-v",
+        "error",
+        "-i",
+        path,
+        "-map",
+        "0:a:0",
+        "-t",
+        f"{max_seconds:.3f}",
+        "-ac",
+        "1",
+        "-ar",
+        str(sr),
+        "-f",
+        "f32le",
+        "pipe:1",
+    ]
     samples = np.empty(int(max_seconds * sr) + sr, dtype=np.float32)
     view = memoryview(samples).cast("B")
     filled = 0
-    with tempfile.TemporaryFile() as errors, subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                                              stderr=errors) as proc:
+    with (
+        tempfile.TemporaryFile() as errors,
+        subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors) as proc,
+    ):
         assert proc.stdout is not None
         while filled < len(view):
-            count = proc.stdout.readinto(view[filled:filled + (1 << 20)])
+            count = proc.stdout.readinto(view[filled : filled + (1 << 20)])
             if not count:
                 break
             filled += count
@@ -134,8 +153,11 @@ def serve(out: TextIO) -> None:
             message = {"ok": False, "error": "the analysis ran out of memory", "kind": "memory"}
         except Exception as exc:
             message = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "kind": "internal"}
-        message.update(cpu_seconds=round(_cpu() - started, 4), peak_rss_mb=round(_status_mb("VmHWM"), 1),
-                       rss_mb=round(_status_mb("VmRSS"), 1))
+        message.update(
+            cpu_seconds=round(_cpu() - started, 4),
+            peak_rss_mb=round(_status_mb("VmHWM"), 1),
+            rss_mb=round(_status_mb("VmRSS"), 1),
+        )
         _answer(out, message)
 
 
@@ -155,9 +177,18 @@ def main(argv: list[str] | None = None) -> None:
     _warm_up()
     import librosa
 
-    _answer(out, {"ready": True, "pid": os.getpid(), "librosa": librosa.__version__,
-                  "start_seconds": round(time.monotonic() - started, 3), "start_cpu_seconds": round(_cpu() - cpu, 3),
-                  "peak_rss_mb": round(_status_mb("VmHWM"), 1), "rss_mb": round(_status_mb("VmRSS"), 1)})
+    _answer(
+        out,
+        {
+            "ready": True,
+            "pid": os.getpid(),
+            "librosa": librosa.__version__,
+            "start_seconds": round(time.monotonic() - started, 3),
+            "start_cpu_seconds": round(_cpu() - cpu, 3),
+            "peak_rss_mb": round(_status_mb("VmHWM"), 1),
+            "rss_mb": round(_status_mb("VmRSS"), 1),
+        },
+    )
     serve(out)
 
 

@@ -75,8 +75,9 @@ async def _clip_file(app: web.Application, job_id: str, field: str, caller: str 
     if job.kind not in CLIP_KINDS:
         raise ApiError(400, "invalid_clip", f"{field}: job {job_id} is a {job.kind} job, not a clip", field=field)
     if job.status != "succeeded":
-        raise ApiError(400, "clip_not_ready", f"{field}: job {job_id} is {job.status}; assembly needs finished clips",
-                       field=field)
+        raise ApiError(
+            400, "clip_not_ready", f"{field}: job {job_id} is {job.status}; assembly needs finished clips", field=field
+        )
     path = app[STORE].path("videos", job_id, ".mp4")
     if not await asyncio.to_thread(path.is_file):
         raise ApiError(400, "clip_not_found", f"{field}: the video of job {job_id} is gone", field=field)
@@ -95,15 +96,24 @@ async def _probe(app: web.Application, paths: list[Path], fields: list[str]) -> 
                 try:
                     info = await media.probe(path)
                 except media.MediaError as exc:
-                    raise ApiError(400, "invalid_clip", f"{field}: the clip cannot be read: {exc}", field=field) from None
+                    raise ApiError(
+                        400, "invalid_clip", f"{field}: the clip cannot be read: {exc}", field=field
+                    ) from None
                 if info.first_video is None:
                     raise ApiError(400, "invalid_clip", f"{field}: the clip holds no video", field=field)
             raise ApiError(400, "invalid_clip", "clips: ffmpeg could not read the clips together", field="clips")
     return described
 
 
-def _kept(index: int, trim_in: float | None, trim_out: float | None, frames: int, fps: float, out_fps: float,
-          field: Callable[[int, str], str]) -> tuple[float, float, float]:
+def _kept(
+    index: int,
+    trim_in: float | None,
+    trim_out: float | None,
+    frames: int,
+    fps: float,
+    out_fps: float,
+    field: Callable[[int, str], str],
+) -> tuple[float, float, float]:
     """The kept part of a clip of ``frames`` frames at ``fps``, snapped to whole frames as the run will snap it:
     ``(trim_in, trim_out, kept seconds)``; 400 naming the trim that does not fit or keeps under one output frame."""
     try:
@@ -119,10 +129,16 @@ def _clip_field(index: int, name: str) -> str:
     return f"clips.{index}.{name}"
 
 
-async def plan(app: web.Application, clips: list[tuple[str, float | None, float | None]], options: AssemblyOptions,
-               audio_id: str | None, audio_offset: float,
-               field: Callable[[int, str], str] = _clip_field, caller: str | None = None,
-               clips_field: str = "clips") -> dict[str, Any]:
+async def plan(
+    app: web.Application,
+    clips: list[tuple[str, float | None, float | None]],
+    options: AssemblyOptions,
+    audio_id: str | None,
+    audio_offset: float,
+    field: Callable[[int, str], str] = _clip_field,
+    caller: str | None = None,
+    clips_field: str = "clips",
+) -> dict[str, Any]:
     """Check an assembly against the files (clips probed, the song's length) and the caps of one request (output
     seconds, clips per filter graph), and return the job's request."""
     paths = [await _clip_file(app, job_id, field(i, "job_id"), caller) for i, (job_id, _, _) in enumerate(clips)]
@@ -140,21 +156,35 @@ async def plan(app: web.Application, clips: list[tuple[str, float | None, float 
         seconds.append(kept)
         if options.fit is None and abs(video.aspect - first.aspect) > media.ASPECT_TOLERANCE:
             name = field(index, "job_id")
-            raise ApiError(400, "aspect_mismatch", f"{name}: the clip is {video.width}x{video.height}, another aspect "
-                                                   f"ratio than the first ({first.width}x{first.height}); pass fit "
-                                                   "letterbox or crop", field=name)
+            raise ApiError(
+                400,
+                "aspect_mismatch",
+                f"{name}: the clip is {video.width}x{video.height}, another aspect "
+                f"ratio than the first ({first.width}x{first.height}); pass fit "
+                "letterbox or crop",
+                field=name,
+            )
     expected = sum(seconds)
     if options.transition == "crossfade":
         expected = _crossfaded_seconds(seconds, options.crossfade_seconds, out_fps, app[CONFIG].media.assembly)
     cap = app[CONFIG].media.assembly.output_seconds_max
     if expected > cap:
-        raise ApiError(400, "assembly_too_long", f"{clips_field}: the video would last {expected:.3f} s; one assembly "
-                                                 f"may make at most {cap:g} s", field=clips_field)
+        raise ApiError(
+            400,
+            "assembly_too_long",
+            f"{clips_field}: the video would last {expected:.3f} s; one assembly may make at most {cap:g} s",
+            field=clips_field,
+        )
     if audio_id is not None:
         await _check_song(app, audio_id, audio_offset, caller)
-    return {"clips": [c._asdict() for c in planned], "audio_id": audio_id, "audio_offset": audio_offset,
-            **options.model_dump(include=set(AssemblyOptions.model_fields)), "expected_seconds": round(expected, 6),
-            **job_fields(options)}
+    return {
+        "clips": [c._asdict() for c in planned],
+        "audio_id": audio_id,
+        "audio_offset": audio_offset,
+        **options.model_dump(include=set(AssemblyOptions.model_fields)),
+        "expected_seconds": round(expected, 6),
+        **job_fields(options),
+    }
 
 
 def _crossfaded_seconds(seconds: list[float], crossfade: float, out_fps: float, limits: AssemblyLimits) -> float:
@@ -169,8 +199,12 @@ def _crossfaded_seconds(seconds: list[float], crossfade: float, out_fps: float, 
     if len(frames) < 2:
         return sum(seconds)
     if fade >= min(frames):
-        raise ApiError(400, "invalid_field", f"crossfade_seconds: must be shorter than the shortest clip "
-                                             f"({min(frames) / out_fps:.3f} s)", field="crossfade_seconds")
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"crossfade_seconds: must be shorter than the shortest clip ({min(frames) / out_fps:.3f} s)",
+            field="crossfade_seconds",
+        )
     try:
         media.check_graph_clips(frames, fade, limits.graph_clips_max)
     except media.AssemblyInputError as exc:
@@ -185,14 +219,26 @@ async def _check_song(app: web.Application, audio_id: str, offset: float, caller
         raise ApiError(400, "audio_not_found", exc.info.message, field="audio_id") from None
     duration = sidecar.get("duration")
     if isinstance(duration, (int, float)) and not isinstance(duration, bool) and offset >= duration:
-        raise ApiError(400, "invalid_field", f"audio_offset: {offset:g} s is not before the song's end "
-                                             f"({duration:g} s)", field="audio_offset")
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"audio_offset: {offset:g} s is not before the song's end ({duration:g} s)",
+            field="audio_offset",
+        )
 
 
 async def submit(app: web.Application, request: dict[str, Any], owner: str | None, job_id: str) -> Job:
     """Queue the assembly job (``job_id``: the id the quota charge answered)."""
-    job = Job(id=job_id, backend=BACKEND, model="concat" if request["transition"] == "cut" else "xfade",
-              sandbox=False, request=request, kind=KIND, owner=owner, **job_fields(request))
+    job = Job(
+        id=job_id,
+        backend=BACKEND,
+        model="concat" if request["transition"] == "cut" else "xfade",
+        sandbox=False,
+        request=request,
+        kind=KIND,
+        owner=owner,
+        **job_fields(request),
+    )
     return await app[JOBS].submit(job)
 
 
@@ -217,17 +263,22 @@ class AssemblyDriver:
     async def run(self, job: Job, dest: Path, progress: Progress) -> int:
         request = job.request
         store = self.app[STORE]
-        clips = [media.Clip(store.path("videos", c["job_id"], ".mp4"), c["trim_in"], c["trim_out"])
-                 for c in request["clips"]]
+        clips = [
+            media.Clip(store.path("videos", c["job_id"], ".mp4"), c["trim_in"], c["trim_out"]) for c in request["clips"]
+        ]
         song = song_copy = None
         if request.get("audio_id"):
             song, sidecar = await saved_audio(self.app, request["audio_id"])
             song_copy = await _song_copy(self.app, request["audio_id"], song, sidecar)
         async with self._turn(job, progress) as held:
             result = await self._assemble(request, clips, song, song_copy, dest, progress, held)
-        request["result"] = {"seconds": round(result.duration, 6), "copied": result.copied,
-                             "reencoded": result.reencoded, "audio": result.audio,
-                             "elapsed_seconds": result.elapsed_seconds}
+        request["result"] = {
+            "seconds": round(result.duration, 6),
+            "copied": result.copied,
+            "reencoded": result.reencoded,
+            "audio": result.audio,
+            "elapsed_seconds": result.elapsed_seconds,
+        }
         return (await asyncio.to_thread(dest.stat)).st_size
 
     @contextlib.asynccontextmanager
@@ -246,9 +297,16 @@ class AssemblyDriver:
             async with slots:
                 yield held
 
-    async def _assemble(self, request: dict[str, Any], clips: list[media.Clip], song: Path | None,
-                        song_copy: media.SongCopy | None, dest: Path, progress: Progress,
-                        held: int) -> media.AssemblyResult:
+    async def _assemble(
+        self,
+        request: dict[str, Any],
+        clips: list[media.Clip],
+        song: Path | None,
+        song_copy: media.SongCopy | None,
+        dest: Path,
+        progress: Progress,
+        held: int,
+    ) -> media.AssemblyResult:
         """``media.assemble`` within the limits of media.yaml, its progress pumped to the job, its failures as job
         errors (``invalid_assembly``, ``assembly_timeout``, ``assembly_too_large``, ``assembly_failed``)."""
         settings = self.app[CONFIG].media
@@ -269,17 +327,31 @@ class AssemblyDriver:
         pumping = asyncio.get_running_loop().create_task(pump(), name="assembly-progress")
         try:
             return await media.assemble(
-                clips, dest, song=song, song_offset=request["audio_offset"], transition=request["transition"],
-                crossfade_seconds=request["crossfade_seconds"], clip_audio=request["clip_audio"], fit=request["fit"],
-                progress=on_progress, limits=ffmpeg_limits(self.app), hold=(held,),
-                graph_clips_max=settings.assembly.graph_clips_max, song_copy=song_copy)
+                clips,
+                dest,
+                song=song,
+                song_offset=request["audio_offset"],
+                transition=request["transition"],
+                crossfade_seconds=request["crossfade_seconds"],
+                clip_audio=request["clip_audio"],
+                fit=request["fit"],
+                progress=on_progress,
+                limits=ffmpeg_limits(self.app),
+                hold=(held,),
+                graph_clips_max=settings.assembly.graph_clips_max,
+                song_copy=song_copy,
+            )
         except media.AssemblyInputError as exc:
             raise ApiError(400, "invalid_assembly", str(exc), field=_field(exc.field)) from None
         except media.MediaTimeout as exc:
             limits = settings.ffmpeg
-            raise ApiError(500, "assembly_timeout", f"{exc} (each run may last {limits.timeout_base_seconds:g} s + "
-                                                    f"{limits.timeout_seconds_per_output_second:g} s per second it "
-                                                    "writes: media.yaml ffmpeg.timeout_*)") from None
+            raise ApiError(
+                500,
+                "assembly_timeout",
+                f"{exc} (each run may last {limits.timeout_base_seconds:g} s + "
+                f"{limits.timeout_seconds_per_output_second:g} s per second it "
+                "writes: media.yaml ffmpeg.timeout_*)",
+            ) from None
         except media.MediaMemoryError as exc:
             raise ApiError(500, "assembly_too_large", f"{exc} (media.yaml ffmpeg.memory_mb)") from None
         except media.MediaError as exc:
@@ -289,8 +361,7 @@ class AssemblyDriver:
             await asyncio.gather(pumping, return_exceptions=True)
 
 
-async def _song_copy(app: web.Application, audio_id: str, song: Path,
-                     sidecar: dict[str, Any]) -> media.SongCopy | None:
+async def _song_copy(app: web.Application, audio_id: str, song: Path, sidecar: dict[str, Any]) -> media.SongCopy | None:
     """The song's AAC copy made at upload, whose packets a cut-only assembly copies; None (the song is encoded
     instead) if it is not there yet, in which case it is made now for the next assembly."""
     path = songs.aac_copy(app[STORE], audio_id)
@@ -345,21 +416,37 @@ async def assemble_project(request: web.Request) -> web.Response:
         raise ApiError(400, "no_scenes", "scenes: the project has no scenes to assemble", field="scenes")
     limit = app[CONFIG].projects.limits.assembly_clips_max
     if len(entries) > limit:
-        raise ApiError(400, "too_many_clips", f"scenes: {len(entries)} scenes, more than the {limit} clips one "
-                                              "assembly may join", field="scenes")
+        raise ApiError(
+            400,
+            "too_many_clips",
+            f"scenes: {len(entries)} scenes, more than the {limit} clips one assembly may join",
+            field="scenes",
+        )
     for index, entry in enumerate(entries):
         job = jobs.get(entry.job_id) if entry.job_id else None
         if job is None or job.status != "succeeded":
-            raise ApiError(400, "clip_not_ready", f"scenes.{index}: scene {entry.scene.id} has no finished chosen "
-                                                  "clip", field=f"scenes.{index}")
+            raise ApiError(
+                400,
+                "clip_not_ready",
+                f"scenes.{index}: scene {entry.scene.id} has no finished chosen clip",
+                field=f"scenes.{index}",
+            )
 
     def field(index: int, name: str) -> str:
         return f"scenes.{index}" if name == "job_id" else f"scenes.{index}.{name}"
 
     clips = [(e.job_id or "", e.trim_in, e.trim_out) for e in entries]
     song = project.song
-    planned = await plan(app, clips, options, song.audio_id if song else None, song.offset if song else 0.0, field,
-                         caller=key_id(request), clips_field="scenes")
+    planned = await plan(
+        app,
+        clips,
+        options,
+        song.audio_id if song else None,
+        song.offset if song else 0.0,
+        field,
+        caller=key_id(request),
+        clips_field="scenes",
+    )
     planned["project_id"] = project.id
     [job_id] = await charge(request, "jobs")
     job = await submit(app, planned, key_id(request), job_id)

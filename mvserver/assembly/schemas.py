@@ -24,8 +24,11 @@ class AssemblyClip(BaseModel):
 
     model_config = STRICT
     job_id: Id
-    trim_in: Seconds | None = Field(None, description="Seconds cut from the start; null: none. The trims must keep "
-                                                      "at least one frame at the output's frame rate (400 otherwise).")
+    trim_in: Seconds | None = Field(
+        None,
+        description="Seconds cut from the start; null: none. The trims must keep "
+        "at least one frame at the output's frame rate (400 otherwise).",
+    )
     trim_out: Seconds | None = Field(None, description="Where the kept part ends; null: the clip's end.")
 
 
@@ -33,15 +36,25 @@ class AssemblyOptions(BaseModel):
     """How clips are joined: the options a project's assemble takes (the clips and song come from the project)."""
 
     model_config = STRICT
-    transition: Transition = Field("cut", description="cut: clips follow each other (stream-copied where they "
-                                                      "can be); crossfade: each clip fades into the next.")
-    crossfade_seconds: CrossfadeSeconds = Field(0.5, description="Length of each crossfade (transition crossfade): "
-                                                                 "at least one frame at the output's frame rate and "
-                                                                 "shorter than the shortest kept clip (400 otherwise).")
-    clip_audio: ClipAudio = Field("drop", description="The clips' own audio: drop it, keep it (without a song), or "
-                                                      "mix it under the song.")
-    fit: Fit | None = Field(None, description="Clips of another aspect ratio than the first are letterboxed or "
-                                              "cropped; null: such clips are refused (400).")
+    transition: Transition = Field(
+        "cut",
+        description="cut: clips follow each other (stream-copied where they "
+        "can be); crossfade: each clip fades into the next.",
+    )
+    crossfade_seconds: CrossfadeSeconds = Field(
+        0.5,
+        description="Length of each crossfade (transition crossfade): "
+        "at least one frame at the output's frame rate and "
+        "shorter than the shortest kept clip (400 otherwise).",
+    )
+    clip_audio: ClipAudio = Field(
+        "drop", description="The clips' own audio: drop it, keep it (without a song), or mix it under the song."
+    )
+    fit: Fit | None = Field(
+        None,
+        description="Clips of another aspect ratio than the first are letterboxed or "
+        "cropped; null: such clips are refused (400).",
+    )
 
 
 def assembly_options_model(config: Config) -> type[AssemblyOptions]:
@@ -55,9 +68,17 @@ def assemble_request_model(config: Config) -> type[BaseModel]:
     return create_model(
         "AssembleRequest",
         __base__=assembly_options_model(config),
-        clips=(list[AssemblyClip], Field(min_length=1, max_length=limit,
-                                         description=f"The clips in playing order (1 to {limit}).")),
-        audio_id=(Id | None, Field(None, description="The song laid under the video (upload_audio); it is cut to "
-                                                     "the video's length with a short fade-out.")),
+        clips=(
+            list[AssemblyClip],
+            Field(min_length=1, max_length=limit, description=f"The clips in playing order (1 to {limit})."),
+        ),
+        audio_id=(
+            Id | None,
+            Field(
+                None,
+                description="The song laid under the video (upload_audio); it is cut to "
+                "the video's length with a short fade-out.",
+            ),
+        ),
         audio_offset=(Seconds, Field(0.0, description="Where in the song the video starts, in seconds.")),
     )

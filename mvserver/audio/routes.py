@@ -65,16 +65,18 @@ class AudioFormat:
         return media.SONG_DEMUXERS[self.suffix]
 
 
-FORMATS = {fmt.name: fmt for fmt in (
-    AudioFormat("mp3", "audio/mpeg", ".mp3"),
-    AudioFormat("wav", "audio/wav", ".wav"),
-    AudioFormat("m4a", "audio/mp4", ".m4a"),
-    AudioFormat("aac", "audio/aac", ".aac"),
-    AudioFormat("ogg", "audio/ogg", ".ogg"),
-    AudioFormat("flac", "audio/flac", ".flac"),
-)}
+FORMATS = {
+    fmt.name: fmt
+    for fmt in (
+        AudioFormat("mp3", "audio/mpeg", ".mp3"),
+        AudioFormat("wav", "audio/wav", ".wav"),
+        AudioFormat("m4a", "audio/mp4", ".m4a"),
+        AudioFormat("aac", "audio/aac", ".aac"),
+        AudioFormat("ogg", "audio/ogg", ".ogg"),
+        AudioFormat("flac", "audio/flac", ".flac"),
+    )
+}
 _BY_MIME = {fmt.mime_type: fmt for fmt in FORMATS.values()}
-
 
 
 class UploadSlots:
@@ -96,9 +98,12 @@ class UploadSlots:
         ``busy`` (all slots)."""
         cap = key.limits.max_concurrent_uploads if key is not None else None
         if key is not None and cap is not None and self._per_key[key.id] >= cap:
-            raise ApiError(429, "quota_exceeded", f"this key already has {self._per_key[key.id]} uploads running "
-                                                  f"(limit max_concurrent_uploads {cap})",
-                           retry_after=KEY_SLOTS_RETRY_AFTER)
+            raise ApiError(
+                429,
+                "quota_exceeded",
+                f"this key already has {self._per_key[key.id]} uploads running (limit max_concurrent_uploads {cap})",
+                retry_after=KEY_SLOTS_RETRY_AFTER,
+            )
         if self.locked():
             raise ApiError(503, "busy", f"{self.total} uploads are already running; try again shortly", retry_after=2)
         self.running += 1
@@ -134,18 +139,27 @@ class UploadPace:
 
     def deadline(self, start: float, last: float, received: int) -> tuple[float, str]:
         """When the next bytes are due, and what is broken if they are not."""
-        due = [(last + self.idle_seconds, f"the upload stalled: no data for {self.idle_seconds:g} s "
-                                          "(MV_UPLOAD_IDLE_SECONDS)"),
-               (start + self.total_seconds, f"the upload took longer than {self.total_seconds:g} s")]
+        due = [
+            (
+                last + self.idle_seconds,
+                f"the upload stalled: no data for {self.idle_seconds:g} s (MV_UPLOAD_IDLE_SECONDS)",
+            ),
+            (start + self.total_seconds, f"the upload took longer than {self.total_seconds:g} s"),
+        ]
         if self.min_bytes_per_second > 0:
-            due.append((start + self.idle_seconds + received / self.min_bytes_per_second,
-                        f"the upload is too slow: it must average at least {self.min_bytes_per_second:g} bytes/s "
-                        "(MV_UPLOAD_MIN_BYTES_PER_SECOND)"))
+            due.append(
+                (
+                    start + self.idle_seconds + received / self.min_bytes_per_second,
+                    f"the upload is too slow: it must average at least {self.min_bytes_per_second:g} bytes/s "
+                    "(MV_UPLOAD_MIN_BYTES_PER_SECOND)",
+                )
+            )
         return min(due)
 
 
-async def _paced(chunks: AsyncIterator[bytes], pace: UploadPace,
-                 clock: Callable[[], float] = time.monotonic) -> AsyncIterator[bytes]:
+async def _paced(
+    chunks: AsyncIterator[bytes], pace: UploadPace, clock: Callable[[], float] = time.monotonic
+) -> AsyncIterator[bytes]:
     """``chunks`` as they come, or ApiError 408 ``request_timeout`` as soon as they come too slowly (``pace``)."""
     start = last = clock()
     received = 0
@@ -169,8 +183,12 @@ def invalid(message: str) -> ApiError:
 
 
 def _too_long(length: str, limit: float) -> ApiError:
-    return ApiError(400, "audio_too_long", f"the song lasts {length}; songs may last at most {limit:g} s "
-                                           "(MV_MAX_AUDIO_SECONDS)", field="body")
+    return ApiError(
+        400,
+        "audio_too_long",
+        f"the song lasts {length}; songs may last at most {limit:g} s (MV_MAX_AUDIO_SECONDS)",
+        field="body",
+    )
 
 
 def classify(info: media.MediaInfo) -> tuple[AudioFormat, media.AudioStream]:
@@ -195,8 +213,9 @@ def classify(info: media.MediaInfo) -> tuple[AudioFormat, media.AudioStream]:
     elif container == "flac" and codec == "flac":
         name = "flac"
     if name is None:
-        raise invalid(f"{codec} audio in a {container.split(',')[0]} file is not accepted; "
-                      "send mp3, wav, m4a/aac, ogg or flac")
+        raise invalid(
+            f"{codec} audio in a {container.split(',')[0]} file is not accepted; send mp3, wav, m4a/aac, ogg or flac"
+        )
     if stream.channels > MAX_CHANNELS:
         raise invalid(f"the audio has {stream.channels} channels; at most {MAX_CHANNELS} are accepted")
     if stream.sample_rate not in SAMPLE_RATES:
@@ -214,8 +233,9 @@ async def _limited(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
 
 
 def _too_large(limit: int) -> ApiError:
-    return ApiError(413, "request_too_large", f"audio files may be at most {limit} bytes (MV_MAX_AUDIO_MB)",
-                    field="body")
+    return ApiError(
+        413, "request_too_large", f"audio files may be at most {limit} bytes (MV_MAX_AUDIO_MB)", field="body"
+    )
 
 
 async def _raw_chunks(request: web.Request) -> AsyncIterator[bytes]:
@@ -246,9 +266,12 @@ async def _receive(request: web.Request, dest: Path, limit: int, pace: UploadPac
         await store.write_stream(dest, _hashed(_limited(_paced(_raw_chunks(request), pace), limit), digest))
         return digest.hexdigest()
     if mime != "multipart/form-data":
-        raise ApiError(415, "unsupported_media_type",
-                       "send the file as the raw body with an audio/* Content-Type, or as multipart/form-data "
-                       "with one file", field="Content-Type")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send the file as the raw body with an audio/* Content-Type, or as multipart/form-data with one file",
+            field="Content-Type",
+        )
     try:
         reader = await request.multipart()
         async with asyncio.timeout(pace.idle_seconds):  # the part's headers
@@ -277,8 +300,9 @@ async def identify(path: Path, max_seconds: float) -> dict[str, Any]:
     if info.duration is not None and info.duration > max_seconds:
         raise _too_long(f"{info.duration:g} s", max_seconds)
     try:
-        duration = await media.stream_duration(path, "a:0", decode=True, timeout=DECODE_TIMEOUT_SECONDS,
-                                               demuxers=[fmt.demuxer], limit=max_seconds + 1)
+        duration = await media.stream_duration(
+            path, "a:0", decode=True, timeout=DECODE_TIMEOUT_SECONDS, demuxers=[fmt.demuxer], limit=max_seconds + 1
+        )
     except media.MediaTimeout:
         raise invalid(f"the audio did not decode within {DECODE_TIMEOUT_SECONDS:g} s") from None
     except media.MediaError:
@@ -323,11 +347,16 @@ async def _store_upload(request: web.Request) -> web.Response:
         try:
             digest = await _receive(request, upload, env.max_audio_bytes, pace)
         except TimeoutError:  # the multipart part headers or closing boundary stalled
-            raise ApiError(408, "request_timeout", f"the upload stalled: no data for {pace.idle_seconds:g} s "
-                                                   "(MV_UPLOAD_IDLE_SECONDS)", field="body") from None
+            raise ApiError(
+                408,
+                "request_timeout",
+                f"the upload stalled: no data for {pace.idle_seconds:g} s (MV_UPLOAD_IDLE_SECONDS)",
+                field="body",
+            ) from None
         except (ClientPayloadError, ConnectionError, HttpProcessingError):
-            raise ApiError(400, "incomplete_body", "the upload ended before the whole body arrived",
-                           field="body") from None
+            raise ApiError(
+                400, "incomplete_body", "the upload ended before the whole body arrived", field="body"
+            ) from None
         # The file, not its envelope (a multipart boundary differs between retries), is the request.
         await reserve(request, {"sha256": digest})
         described = await identify(upload, request.app[CONFIG].env.max_audio_seconds)
@@ -339,8 +368,9 @@ async def _store_upload(request: web.Request) -> web.Response:
     body = {"audio_id": audio_id, **described, "size_bytes": size, "audio_url": f"/api/mv/get_audio/{audio_id}"}
     owner = key_id(request)
     try:
-        await store.write_json(store.path("audio", audio_id, ".json"),
-                               body if owner is None else {**body, "owner_key_id": owner})
+        await store.write_json(
+            store.path("audio", audio_id, ".json"), body if owner is None else {**body, "owner_key_id": owner}
+        )
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -350,8 +380,9 @@ async def _store_upload(request: web.Request) -> web.Response:
     return web.json_response(body, status=201, headers={"Location": body["audio_url"]})  # no server path
 
 
-async def saved_audio(app: web.Application, audio_id: str, field: str = "audio_id",
-                      caller: str | None = None) -> tuple[Path, dict[str, Any]]:
+async def saved_audio(
+    app: web.Application, audio_id: str, field: str = "audio_id", caller: str | None = None
+) -> tuple[Path, dict[str, Any]]:
     """The path and sidecar of a saved song (ApiError 400 for a malformed id, 404 if there is none or it belongs to
     another key than ``caller``)."""
     store: OutputStore = app[STORE]
@@ -372,5 +403,6 @@ async def saved_audio(app: web.Application, audio_id: str, field: str = "audio_i
 @routes.get("/api/mv/get_audio/{audio_id}")
 async def get_audio(request: web.Request) -> web.FileResponse:
     path, sidecar = await saved_audio(request.app, request.match_info["audio_id"], caller=key_id(request))
-    return SavedFileResponse(path, noun="song", headers={"Content-Type": sidecar["mime_type"],
-                                                         "Cache-Control": "private, max-age=3600"})
+    return SavedFileResponse(
+        path, noun="song", headers={"Content-Type": sidecar["mime_type"], "Cache-Control": "private, max-age=3600"}
+    )

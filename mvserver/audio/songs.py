@@ -41,8 +41,17 @@ PREVIEW_SUFFIX = ".preview.mp3"
 COPY_SLOTS = 2  # song copies encoded at once per process (each is one ffmpeg)
 STORED_FAILURES = {"decode", "timeout", "memory"}  # failures that would happen again: not retried
 Status = Literal["ready", "pending", "failed", "off"]
-PUBLIC_FIELDS = ("audio_id", "format", "mime_type", "codec", "duration", "sample_rate", "channels", "size_bytes",
-                 "audio_url")
+PUBLIC_FIELDS = (
+    "audio_id",
+    "format",
+    "mime_type",
+    "codec",
+    "duration",
+    "sample_rate",
+    "channels",
+    "size_bytes",
+    "audio_url",
+)
 
 
 def aac_copy(store: OutputStore, audio_id: str) -> Path:
@@ -63,8 +72,13 @@ class AnalysisOutcome:
 class SongWork:
     """The background work on saved songs of one app (see the module's docstring). Close it with :meth:`close`."""
 
-    def __init__(self, store: OutputStore, env: EnvSettings, pool: AnalysisPool | None,
-                 limits: media.FfmpegLimits = media.DEFAULT_LIMITS):
+    def __init__(
+        self,
+        store: OutputStore,
+        env: EnvSettings,
+        pool: AnalysisPool | None,
+        limits: media.FfmpegLimits = media.DEFAULT_LIMITS,
+    ):
         self.store, self.env, self.pool, self.limits = store, env, pool, limits
         self._copies: dict[str, asyncio.Task[bool]] = {}
         self._analyses: dict[str, asyncio.Task[AnalysisOutcome]] = {}
@@ -120,11 +134,20 @@ class SongWork:
     async def _make_copies(self, audio_id: str, song: Path, duration: float) -> bool:
         async with self._copy_slots:
             try:
-                await media.encode_song_copies(song, aac_copy(self.store, audio_id), preview(self.store, audio_id),
-                                               duration=duration, timeout=120.0 + duration, limits=self.limits)
+                await media.encode_song_copies(
+                    song,
+                    aac_copy(self.store, audio_id),
+                    preview(self.store, audio_id),
+                    duration=duration,
+                    timeout=120.0 + duration,
+                    limits=self.limits,
+                )
             except (media.MediaError, OSError) as exc:
-                log.warning("song %s: its copies could not be made (assembly encodes it; Gemini does not hear it): "
-                            "%s", audio_id, exc)
+                log.warning(
+                    "song %s: its copies could not be made (assembly encodes it; Gemini does not hear it): %s",
+                    audio_id,
+                    exc,
+                )
                 return False
         return True
 
@@ -139,8 +162,9 @@ class SongWork:
                 await self._update_sidecar(audio_id, {"analysis_error": {**error, "version": ANALYSIS_VERSION}})
             log.warning("song %s: the analysis failed (%s): %s", audio_id, exc.kind, exc)
             return AnalysisOutcome(error=error)
-        await self._update_sidecar(audio_id, {"analysis": json.loads(analysis.model_dump_json()),
-                                              "analysis_error": None})
+        await self._update_sidecar(
+            audio_id, {"analysis": json.loads(analysis.model_dump_json()), "analysis_error": None}
+        )
         return AnalysisOutcome(analysis=analysis)
 
     async def _update_sidecar(self, audio_id: str, fields: dict[str, Any]) -> None:
@@ -190,8 +214,9 @@ async def read_sidecar(store: OutputStore, audio_id: str) -> dict[str, Any] | No
     return sidecar if isinstance(sidecar, dict) else None
 
 
-async def song_analysis(app: web.Application, audio_id: str, sidecar: dict[str, Any], *,
-                        wait: float) -> tuple[Status, SongAnalysis | None, dict | None]:
+async def song_analysis(
+    app: web.Application, audio_id: str, sidecar: dict[str, Any], *, wait: float
+) -> tuple[Status, SongAnalysis | None, dict | None]:
     """The song's analysis state, starting the analysis if it is due and waiting up to ``wait`` seconds for it."""
     work = app[SONGS]
     status, analysis, error = analysis_state(sidecar, work)
@@ -213,13 +238,17 @@ async def song_analysis(app: web.Application, audio_id: str, sidecar: dict[str, 
     return "pending", None, None
 
 
-def song_body(sidecar: dict[str, Any], status: Status, analysis: SongAnalysis | None,
-              error: dict | None) -> dict[str, Any]:
+def song_body(
+    sidecar: dict[str, Any], status: Status, analysis: SongAnalysis | None, error: dict | None
+) -> dict[str, Any]:
     """The upload's answer and the GET's: the song's description and its analysis."""
     body = {name: sidecar[name] for name in PUBLIC_FIELDS if name in sidecar}
-    body.update(song_url=f"/api/mv/songs/{sidecar['audio_id']}", analysis_status=status,
-                analysis=json.loads(analysis.model_dump_json()) if analysis is not None else None,
-                analysis_error=error)
+    body.update(
+        song_url=f"/api/mv/songs/{sidecar['audio_id']}",
+        analysis_status=status,
+        analysis=json.loads(analysis.model_dump_json()) if analysis is not None else None,
+        analysis_error=error,
+    )
     return body
 
 
@@ -252,8 +281,9 @@ async def songs_context(app: web.Application) -> AsyncIterator[None]:
     limits = media.FfmpegLimits(**app[CONFIG].media.ffmpeg.model_dump(exclude={"concurrency"}))
     pool = None
     if env.analysis_workers > 0:
-        pool = AnalysisPool(env.analysis_workers, max_seconds=env.analysis_max_seconds,
-                            memory_mb=env.analysis_memory_mb)
+        pool = AnalysisPool(
+            env.analysis_workers, max_seconds=env.analysis_max_seconds, memory_mb=env.analysis_memory_mb
+        )
     app[SONGS] = SongWork(app[STORE], env, pool, limits)
     try:
         yield

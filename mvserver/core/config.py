@@ -249,6 +249,8 @@ class ProjectsSettings(_Strict):
     default_scene_seconds: PositiveInt
     # The output frame rate scene windows are planned in (Veo renders 24 fps): every cut is a whole frame.
     frame_rate: float = Field(default=24.0, gt=0, le=120)
+
+
 SyncMode = Literal["cut_off", "loop", "bounce", "silence", "remap"]  # sync/lipsync-2-pro's sync_mode values
 
 
@@ -286,8 +288,10 @@ class LipsyncSettings(_Strict):
     @model_validator(mode="after")
     def _defaults_allowed(self) -> LipsyncSettings:
         if self.defaults.sync_mode not in self.allowed.sync_mode:
-            raise ValueError(f"defaults.sync_mode = {self.defaults.sync_mode!r} is not one of allowed.sync_mode "
-                             f"{self.allowed.sync_mode}")
+            raise ValueError(
+                f"defaults.sync_mode = {self.defaults.sync_mode!r} is not one of allowed.sync_mode "
+                f"{self.allowed.sync_mode}"
+            )
         bounds = self.allowed.temperature
         if not bounds.min <= self.defaults.temperature <= bounds.max:
             raise ValueError("defaults.temperature lies outside allowed.temperature")
@@ -366,9 +370,14 @@ SETTINGS_FILES: dict[str, type[_Strict]] = {
 # is compiled and rendered once with these at start-up, so a template naming another variable stops the start-up.
 TEMPLATE_SAMPLES: dict[tuple[str, str], dict[str, Any]] = {
     ("scenes", "prompt"): {
-        "idea": "an idea", "character_description": "a character", "character_characteristics": "calm",
-        "number_of_scenes": 3, "video_type": "music video", "video_characteristics": "cinematic",
-        "camera_angle": "eye level"},
+        "idea": "an idea",
+        "character_description": "a character",
+        "character_characteristics": "calm",
+        "number_of_scenes": 3,
+        "video_type": "music video",
+        "video_characteristics": "cinematic",
+        "camera_angle": "eye level",
+    },
     ("images", "prompt"): {"character_description": "a character", "aspect_ratio": "1:1"},
     ("videos", "video_rules_template"): {"prompt": "a scene", "aspect_ratio": "16:9", "duration": 8},
 }
@@ -386,8 +395,9 @@ def _env_bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
     raise ConfigError(f"environment: {name}={raw!r} is not a boolean (use true or false)")
 
 
-def _env_number(env: Mapping[str, str], name: str, default: float | None, kind: type = int,
-                maximum: float | None = None) -> Any:
+def _env_number(
+    env: Mapping[str, str], name: str, default: float | None, kind: type = int, maximum: float | None = None
+) -> Any:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -470,8 +480,10 @@ def origin_entry(scheme: str, host: str, port: int | None) -> str:
     return f"{scheme.lower()}://{host}:{port if port is not None else DEFAULT_PORTS[scheme.lower()]}"
 
 
-_OUTPUT_HOST = re.compile(r"(?:(?P<scheme>https?)://)?(?P<host>(?:\*\.)?[a-z0-9-]+(?:\.[a-z0-9-]+)*\.?|\[[0-9a-f:.]+\])"
-                          r"(?::(?P<port>[0-9]{1,5}))?")
+_OUTPUT_HOST = re.compile(
+    r"(?:(?P<scheme>https?)://)?(?P<host>(?:\*\.)?[a-z0-9-]+(?:\.[a-z0-9-]+)*\.?|\[[0-9a-f:.]+\])"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+)
 
 
 def _env_output_hosts(env: Mapping[str, str], name: str) -> tuple[str, ...] | None:
@@ -483,8 +495,10 @@ def _env_output_hosts(env: Mapping[str, str], name: str) -> tuple[str, ...] | No
         match = _OUTPUT_HOST.fullmatch(item.rstrip("/").lower())
         port = int(match["port"]) if match and match["port"] else None
         if match is None or (port is not None and not 0 < port < 65536):
-            raise ConfigError(f"environment: {name}: {item!r} is not a host such as replicate.delivery, "
-                              "*.replicate.delivery or http://127.0.0.1:8090")
+            raise ConfigError(
+                f"environment: {name}: {item!r} is not a host such as replicate.delivery, "
+                "*.replicate.delivery or http://127.0.0.1:8090"
+            )
         entries.append(origin_entry(match["scheme"] or "https", match["host"], port))
     return tuple(entries) or None
 
@@ -494,8 +508,10 @@ def _env_origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     origins = tuple(part.rstrip("/").lower() for part in _env_list(env, name))
     for origin in origins:
         if not _ORIGIN.fullmatch(origin):
-            raise ConfigError(f"environment: {name}: {origin!r} is not an origin such as https://app.example.com "
-                              "(no wildcards, paths or trailing text)")
+            raise ConfigError(
+                f"environment: {name}: {origin!r} is not an origin such as https://app.example.com "
+                "(no wildcards, paths or trailing text)"
+            )
     return origins
 
 
@@ -604,8 +620,9 @@ class EnvSettings:
             redis_prefix=text("MV_REDIS_PREFIX") or "mv:",
             stale_temp_seconds=_env_at_least(env, "MV_STALE_TEMP_SECONDS", 900.0, 1.0),
             webhook_signing_key=_whsec(text("MV_WEBHOOK_SECRET"), "MV_WEBHOOK_SECRET"),
-            webhook_allowed_networks=_networks(_env_list(env, "MV_WEBHOOK_ALLOWED_NETWORKS"),
-                                               "MV_WEBHOOK_ALLOWED_NETWORKS"),
+            webhook_allowed_networks=_networks(
+                _env_list(env, "MV_WEBHOOK_ALLOWED_NETWORKS"), "MV_WEBHOOK_ALLOWED_NETWORKS"
+            ),
         )
 
     @property
@@ -663,8 +680,15 @@ class Config:
 
     def summary(self) -> dict[str, Any]:
         """The loaded parameters, for the start-up debug print (secrets shown only as set/unset)."""
-        secrets = {"gemini_api_key", "replicate_api_token", "vertex_api_key", "replicate_webhook_signing_key",
-                   "url_signing_key", "redis_url", "webhook_signing_key"}
+        secrets = {
+            "gemini_api_key",
+            "replicate_api_token",
+            "vertex_api_key",
+            "replicate_webhook_signing_key",
+            "url_signing_key",
+            "redis_url",
+            "webhook_signing_key",
+        }
         env = {k: ("set" if v else "unset") if k in secrets else str(v) for k, v in vars(self.env).items()}
         return {
             "env": env,
@@ -744,19 +768,24 @@ def load_config(env: EnvSettings | None = None) -> Config:
         try:
             template.render(**samples)
         except jinja2.UndefinedError as exc:
-            raise ConfigError(f"{path}: {key}: template uses an unknown variable: {exc.message} "
-                              f"(known: {', '.join(samples)})") from None
+            raise ConfigError(
+                f"{path}: {key}: template uses an unknown variable: {exc.message} (known: {', '.join(samples)})"
+            ) from None
         except Exception as exc:
             raise ConfigError(f"{path}: {key}: template does not render: {exc.__class__.__name__}: {exc}") from None
         templates[f"{name}.{key}"] = template
     styles = load_styles(env.settings_dir / "styles")
     default_style = loaded["scenes"].defaults.style
     if default_style is not None and default_style not in styles:
-        raise ConfigError(f"{env.settings_dir / 'scenes.yaml'}: defaults.style: {default_style!r} is not one of the "
-                          f"presets in {env.settings_dir / 'styles'} {sorted(styles)}")
+        raise ConfigError(
+            f"{env.settings_dir / 'scenes.yaml'}: defaults.style: {default_style!r} is not one of the "
+            f"presets in {env.settings_dir / 'styles'} {sorted(styles)}"
+        )
     if loaded["projects"].default_scene_seconds not in loaded["videos"].allowed.duration:
-        raise ConfigError(f"{env.settings_dir / 'projects.yaml'}: default_scene_seconds: not one of "
-                          f"videos.allowed.duration {loaded['videos'].allowed.duration}")
+        raise ConfigError(
+            f"{env.settings_dir / 'projects.yaml'}: default_scene_seconds: not one of "
+            f"videos.allowed.duration {loaded['videos'].allowed.duration}"
+        )
     _check_priced(env.settings_dir / "pricing.yaml", loaded)
     return Config(env=env, templates=templates, styles=styles, **loaded)
 

@@ -67,8 +67,14 @@ def without_paths(value: Any) -> Any:
     return value
 
 
-hide_paths_under(Path(__file__).resolve().parents[2], sys.prefix, sys.base_prefix, sys.exec_prefix,
-                 tempfile.gettempdir(), Path.home())
+hide_paths_under(
+    Path(__file__).resolve().parents[2],
+    sys.prefix,
+    sys.base_prefix,
+    sys.exec_prefix,
+    tempfile.gettempdir(),
+    Path.home(),
+)
 
 
 @dataclass
@@ -111,8 +117,13 @@ class ApiError(Exception):
         return web.json_response({"error": self.info.to_dict()}, status=self.status, headers=headers)
 
 
-TRANSIENT_CODES = {"provider_rate_limited", "provider_unavailable", "provider_unreachable", "provider_timeout",
-                   "provider_bad_response"}
+TRANSIENT_CODES = {
+    "provider_rate_limited",
+    "provider_unavailable",
+    "provider_unreachable",
+    "provider_timeout",
+    "provider_bad_response",
+}
 
 # Provider HTTP status -> (our HTTP status, our code). Anything else 4xx is a rejection, anything 5xx an outage.
 _PROVIDER_STATUS_CODES = {
@@ -128,9 +139,13 @@ _PROVIDER_STATUS_CODES = {
 }
 
 
-def provider_http_error(provider: str, status: int, message: str, detail: Any = None, retry_after: float | None = None) -> ApiError:
+def provider_http_error(
+    provider: str, status: int, message: str, detail: Any = None, retry_after: float | None = None
+) -> ApiError:
     """Map an HTTP error answered by a provider, keeping its status and words."""
-    ours, code = _PROVIDER_STATUS_CODES.get(status, (502, "provider_unavailable" if status >= 500 else "provider_error"))
+    ours, code = _PROVIDER_STATUS_CODES.get(
+        status, (502, "provider_unavailable" if status >= 500 else "provider_error")
+    )
     if status == 504:
         ours, code = 504, "provider_timeout"
     return ApiError(
@@ -148,8 +163,14 @@ def prediction_failed(provider: str, status: str, error: Any) -> ApiError:
     """A prediction or operation the provider accepted but then failed or canceled."""
     code = "provider_canceled" if status == "canceled" else "provider_prediction_failed"
     text = error if isinstance(error, str) else json.dumps(error) if error else status
-    return ApiError(502, code, f"{provider} prediction {status}: {text}", provider=provider,
-                    provider_status=status, provider_error=error)
+    return ApiError(
+        502,
+        code,
+        f"{provider} prediction {status}: {text}",
+        provider=provider,
+        provider_status=status,
+        provider_error=error,
+    )
 
 
 def _retry_after(response: Any) -> float | None:
@@ -169,8 +190,9 @@ def from_exception(exc: BaseException, provider: str) -> ApiError:
     if isinstance(exc, replicate.exceptions.ReplicateError):
         detail = {k: v for k, v in {"title": exc.title, "detail": exc.detail, "type": exc.type}.items() if v}
         message = exc.detail or exc.title or "error"
-        return provider_http_error(provider, exc.status or 502, message, detail or None,
-                                   _retry_after(getattr(exc, "response", None)))
+        return provider_http_error(
+            provider, exc.status or 502, message, detail or None, _retry_after(getattr(exc, "response", None))
+        )
     if isinstance(exc, replicate.exceptions.ModelError):
         prediction = exc.prediction
         return prediction_failed(provider, prediction.status, prediction.error)
@@ -182,12 +204,18 @@ def from_exception(exc: BaseException, provider: str) -> ApiError:
             error.status, error.info.code = 502, "provider_auth_failed"
         return error
     if isinstance(exc, json.JSONDecodeError):
-        return ApiError(502, "provider_bad_response", f"{provider} answered with invalid JSON: {exc}", provider=provider)
+        return ApiError(
+            502, "provider_bad_response", f"{provider} answered with invalid JSON: {exc}", provider=provider
+        )
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError, httpx.TimeoutException)):
         return ApiError(504, "provider_timeout", f"{provider} did not answer in time", provider=provider)
     if isinstance(exc, (aiohttp.ClientError, ConnectionError, OSError, httpx.TransportError)):
-        return ApiError(502, "provider_unreachable", f"could not reach {provider}: {exc.__class__.__name__}: {exc}",
-                        provider=provider)
+        return ApiError(
+            502,
+            "provider_unreachable",
+            f"could not reach {provider}: {exc.__class__.__name__}: {exc}",
+            provider=provider,
+        )
     log.exception("unexpected %s failure", provider, exc_info=exc)
     return ApiError(502, "provider_error", f"{provider} call failed: {exc.__class__.__name__}", provider=provider)
 
@@ -200,8 +228,9 @@ def store_unavailable(exc: BaseException) -> ApiError:
     """503 ``store_unavailable``: a request needed Redis (jobs, projects, quota buckets) and could not reach it.
     The detail (which may name the host) goes to the log, not to the client."""
     log.warning("store unavailable: %s: %s", exc.__class__.__name__, one_line(str(exc)))
-    return ApiError(503, "store_unavailable", "the job and project store (Redis) is unreachable; try again shortly",
-                    retry_after=1)
+    return ApiError(
+        503, "store_unavailable", "the job and project store (Redis) is unreachable; try again shortly", retry_after=1
+    )
 
 
 def validation_error(exc: ValidationError) -> ApiError:
@@ -227,7 +256,9 @@ _HTTP_CODES = {
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Answer every failure with the JSON error shape; never leak a traceback."""
     try:
         return await handler(request)
@@ -238,8 +269,11 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
         message = exc.text if exc.status == 413 and exc.text else exc.reason
-        return web.json_response({"error": {"code": code, "message": message}}, status=exc.status,
-                                 headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+        return web.json_response(
+            {"error": {"code": code, "message": message}},
+            status=exc.status,
+            headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
+        )
     except asyncio.CancelledError:
         raise
     except STORE_UNAVAILABLE as exc:  # wherever on the request's path Redis was needed
@@ -271,7 +305,7 @@ class ServerLog(logging.LoggerAdapter):
 def one_line(text: str, limit: int = 200) -> str:
     """``text`` with its white space folded to single spaces, cut to ``limit`` characters."""
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def server_log() -> ServerLog:

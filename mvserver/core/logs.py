@@ -33,8 +33,9 @@ def redact(text: str) -> str:
 
 
 @web.middleware
-async def request_id_middleware(request: web.Request,
-                                handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def request_id_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-Id", "")
     request_id = incoming if incoming and _CLIENT_ID.fullmatch(incoming) else secrets.token_hex(16)
     request[REQUEST_ID] = request_id
@@ -93,9 +94,21 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         line = redact(f"{request.method} {request.path_qs} HTTP/{request.version.major}.{request.version.minor}")
-        self.logger.info("%s %s %s %06fs", line, response.status, response.body_length, time, extra={
-            "request_id": request.get(REQUEST_ID), "method": request.method, "path": request.path,
-            "status": response.status, "bytes": response.body_length, "seconds": round(time, 6)})
+        self.logger.info(
+            "%s %s %s %06fs",
+            line,
+            response.status,
+            response.body_length,
+            time,
+            extra={
+                "request_id": request.get(REQUEST_ID),
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "bytes": response.body_length,
+                "seconds": round(time, 6),
+            },
+        )
 
 
 def configure_logging(log_format: str) -> None:

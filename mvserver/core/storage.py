@@ -179,8 +179,12 @@ class OutputStore:
         try:
             os.utime(path)
         except FileNotFoundError:
-            write_bytes_atomic(path, json.dumps({"node": self.node, "host": socket.gethostname(),
-                                                 "pid": os.getpid(), "started_at": time.time()}).encode())
+            write_bytes_atomic(
+                path,
+                json.dumps(
+                    {"node": self.node, "host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()}
+                ).encode(),
+            )
 
     def stop_beating(self) -> None:
         """A clean exit: this node's heartbeat goes (its writers have removed their temporaries)."""

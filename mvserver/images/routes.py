@@ -73,16 +73,27 @@ def checked_base64(data: bytes, output_format: str) -> str:
             actual = image.format
             image.verify()
     except Exception as exc:  # Pillow raises many kinds of errors for a broken file
-        raise ApiError(502, "provider_bad_output", f"{PROVIDER} returned an output that is not a readable image: {exc}",
-                       provider=PROVIDER, provider_status="succeeded") from None
+        raise ApiError(
+            502,
+            "provider_bad_output",
+            f"{PROVIDER} returned an output that is not a readable image: {exc}",
+            provider=PROVIDER,
+            provider_status="succeeded",
+        ) from None
     if actual != expected:
-        raise ApiError(502, "provider_bad_output", f"{PROVIDER} returned a {actual} image, expected {output_format}",
-                       provider=PROVIDER, provider_status="succeeded")
+        raise ApiError(
+            502,
+            "provider_bad_output",
+            f"{PROVIDER} returned a {actual} image, expected {output_format}",
+            provider=PROVIDER,
+            provider_status="succeeded",
+        )
     return base64.b64encode(data).decode("ascii")
 
 
-async def _predict_all(app: web.Application, prompt: str, params: dict[str, Any],
-                       abandoned: Callable[[], bool]) -> list[tuple[bytes, Any, int | None]]:
+async def _predict_all(
+    app: web.Application, prompt: str, params: dict[str, Any], abandoned: Callable[[], bool]
+) -> list[tuple[bytes, Any, int | None]]:
     """Run ``number_of_images`` Imagen predictions at once; if one fails or the client leaves, cancel them all."""
     config: Config = app[CONFIG]
     settings = config.images
@@ -93,8 +104,12 @@ async def _predict_all(app: web.Application, prompt: str, params: dict[str, Any]
         inputs = imagen_inputs(prompt, {**params, "seed": seed})
         debug_print(config.debug, f"generate_character_reference input for {settings.model}", inputs)
         data, prediction = await replicate.generate_image(
-            settings.model, inputs, timeout=settings.timeout_seconds, poll_interval=settings.poll_interval_seconds,
-            abandoned=abandoned)
+            settings.model,
+            inputs,
+            timeout=settings.timeout_seconds,
+            poll_interval=settings.poll_interval_seconds,
+            abandoned=abandoned,
+        )
         return data, prediction, seed
 
     tasks = [asyncio.ensure_future(one(seed)) for seed in seeds]
@@ -107,8 +122,13 @@ async def _predict_all(app: web.Application, prompt: str, params: dict[str, Any]
         raise
 
 
-async def generate_reference(app: web.Application, params: dict[str, Any], defaulted: list[str],
-                             abandoned: Callable[[], bool] = lambda: False, owner: str | None = None) -> dict[str, Any]:
+async def generate_reference(
+    app: web.Application,
+    params: dict[str, Any],
+    defaulted: list[str],
+    abandoned: Callable[[], bool] = lambda: False,
+    owner: str | None = None,
+) -> dict[str, Any]:
     """Render the prompt, run Imagen N times in parallel (all canceled if ``abandoned()``), check and save the
     images only once every one has succeeded; return the body (the first image at the top level, all in ``images``).
 
@@ -116,13 +136,15 @@ async def generate_reference(app: web.Application, params: dict[str, Any], defau
     config: Config = app[CONFIG]
     settings = config.images
     providers = app[PROVIDERS]
-    prompt = config.render("images.prompt", character_description=params["character_description"],
-                           aspect_ratio=params["aspect_ratio"])
+    prompt = config.render(
+        "images.prompt", character_description=params["character_description"], aspect_ratio=params["aspect_ratio"]
+    )
     debug_print(config.debug, "generate_character_reference prompt sent to Replicate", prompt)
     started = time.monotonic()
     results = await _predict_all(app, prompt, params, abandoned)
-    encoded = await asyncio.gather(*(asyncio.to_thread(checked_base64, data, params["output_format"])
-                                     for data, _, _ in results))
+    encoded = await asyncio.gather(
+        *(asyncio.to_thread(checked_base64, data, params["output_format"]) for data, _, _ in results)
+    )
     elapsed = round(time.monotonic() - started, 3)
     fmt = FORMATS[params["output_format"]]
     sandbox = PROVIDER in providers.sandboxed
@@ -142,13 +164,26 @@ async def generate_reference(app: web.Application, params: dict[str, Any], defau
         path = store.path("images", image_id, fmt.suffix)
         await store.write_bytes(path, data)
         # The sidecar is written last: an image counts as saved once its sidecar exists.
-        sidecar = {"image_id": image_id, "mime_type": fmt.mime_type, "sandbox": sandbox, **metadata,
-                   "prediction_id": prediction.id, "seed": seed}
+        sidecar = {
+            "image_id": image_id,
+            "mime_type": fmt.mime_type,
+            "sandbox": sandbox,
+            **metadata,
+            "prediction_id": prediction.id,
+            "seed": seed,
+        }
         if owner is not None:
             sidecar["owner_key_id"] = owner
         await store.write_json(store.path("images", image_id, ".json"), sidecar)
-        images.append({"image_id": image_id, "mime_type": fmt.mime_type,  # never the server path of the file
-                       "image_url": f"/api/mv/get_image/{image_id}", "prediction_id": prediction.id, "seed": seed})
+        images.append(
+            {
+                "image_id": image_id,
+                "mime_type": fmt.mime_type,  # never the server path of the file
+                "image_url": f"/api/mv/get_image/{image_id}",
+                "prediction_id": prediction.id,
+                "seed": seed,
+            }
+        )
     first = images[0]
     body = {
         "image_id": first["image_id"],
@@ -197,8 +232,9 @@ async def generate_character_reference(request: web.Request) -> web.Response:
     def abandoned() -> bool:
         return request.transport is None or request.transport.is_closing()
 
-    return web.json_response(await generate_reference(request.app, body.model_dump(), defaulted, abandoned,
-                                                      owner=key_id(request)))
+    return web.json_response(
+        await generate_reference(request.app, body.model_dump(), defaulted, abandoned, owner=key_id(request))
+    )
 
 
 @routes.get("/api/mv/get_image/{image_id}")

@@ -11,5 +11,19 @@ from mvserver.jobs.stream import stream_events
 
 JOBS = web.AppKey("jobs", JobEngine)
 
-__all__ = ["FINAL_STATUSES", "JOBS", "Event", "FileJobStore", "Job", "JobEngine", "JobStatus", "JobStore", "Lease",
-           "LeaseLost", "StoreUnavailable", "job_urls", "stream_events", "video_kind"]
+__all__ = [
+    "FINAL_STATUSES",
+    "JOBS",
+    "Event",
+    "FileJobStore",
+    "Job",
+    "JobEngine",
+    "JobStatus",
+    "JobStore",
+    "Lease",
+    "LeaseLost",
+    "StoreUnavailable",
+    "job_urls",
+    "stream_events",
+    "video_kind",
+]

@@ -40,14 +40,21 @@ def accepted_job(request: web.Request, job: Job) -> dict[str, Any]:
     middleware)."""
     app = request.app
     urls = job_urls(job.id)
-    entry: dict[str, Any] = {"job_id": job.id, "kind": job.kind, "status": job.status, "backend": job.backend,
-                             "sandbox": job.sandbox, **{name: absolute(app, urls[name]) for name in URL_FIELDS}}
+    entry: dict[str, Any] = {
+        "job_id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "backend": job.backend,
+        "sandbox": job.sandbox,
+        **{name: absolute(app, urls[name]) for name in URL_FIELDS},
+    }
     entry.update({name: job.request[name] for name in LINK_FIELDS if isinstance(job.request.get(name), str)})
     return entry
 
 
-def accepted_response(request: web.Request, jobs: list[Job], *, project: dict[str, Any] | None = None,
-                      many: bool = False) -> web.Response:
+def accepted_response(
+    request: web.Request, jobs: list[Job], *, project: dict[str, Any] | None = None, many: bool = False
+) -> web.Response:
     """The 202 of a request that started ``jobs``. ``many``: the route may start any number (no ``job``, no
     top-level job fields, no ``Location``); otherwise it started exactly one. ``project``: the project view."""
     entries = [accepted_job(request, job) for job in jobs]

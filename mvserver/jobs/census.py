@@ -95,7 +95,7 @@ class JobCensus:
                 wanted = ["0" if job_id in self._labels else "1" for job_id in ids]
                 found = await lookup(keys=keys, args=wanted)
                 for index, job_id in enumerate(ids):
-                    status, kind, backend, leased = (_text(v) for v in found[4 * index:4 * index + 4])
+                    status, kind, backend, leased = (_text(v) for v in found[4 * index : 4 * index + 4])
                     if not status:
                         continue
                     labels[job_id] = self._labels.get(job_id) or (kind, backend)

@@ -23,8 +23,11 @@ def duration_key(job: Job) -> str:
     request = job.request
     parts = [job.kind, job.model]
     if job.kind == "video":
-        parts += [f"{request.get('duration')}s", str(request.get("aspect_ratio")),
-                  "audio" if request.get("generate_audio") else "mute"]
+        parts += [
+            f"{request.get('duration')}s",
+            str(request.get("aspect_ratio")),
+            "audio" if request.get("generate_audio") else "mute",
+        ]
     elif job.kind == "lipsync":
         window = request.get("window") or {}
         parts.append(f"{5 * round(float(window.get('seconds') or 0) / 5)}s")
@@ -52,7 +55,7 @@ class EtaEstimate:
         d = self.durations
         if self.plain:
             return d.mean_seconds
-        spread = math.sqrt(max(0.0, d.log_square_mean - d.log_mean ** 2))
+        spread = math.sqrt(max(0.0, d.log_square_mean - d.log_mean**2))
         if d.runs < 2 or spread < 1e-6 or elapsed <= 0:
             return max(math.exp(d.log_mean), elapsed)
         survived = 1.0 - _NORMAL.cdf((math.log(elapsed) - d.log_mean) / spread)  # P(a run lasts this long)

@@ -27,9 +27,15 @@ AFTER = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9}){0,499}")
 async def job_events(request: web.Request) -> web.StreamResponse:
     settings = request.app[CONFIG].videos.jobs
     job_ids = await _job_ids(request, settings.sse_max_jobs_per_stream)
-    return await stream_many(request, request.app[JOBS], job_ids, ping_interval=settings.sse_ping_interval_seconds,
-                             retry_ms=settings.sse_retry_ms, after=request.query.get("after"),
-                             dress=event_links(request))
+    return await stream_many(
+        request,
+        request.app[JOBS],
+        job_ids,
+        ping_interval=settings.sse_ping_interval_seconds,
+        retry_ms=settings.sse_retry_ms,
+        after=request.query.get("after"),
+        dress=event_links(request),
+    )
 
 
 async def _job_ids(request: web.Request, limit: int) -> list[str]:
@@ -62,13 +68,15 @@ async def events_link(request: web.Request) -> web.Response:
     after = request.query.get("after")
     if after is not None:
         if not AFTER.fullmatch(after) or after.count(".") + 1 != len(job_ids):
-            raise ApiError(400, "invalid_field", "after: one position per job, dot-separated (as in an event id)",
-                           field="after")
+            raise ApiError(
+                400, "invalid_field", "after: one position per job, dot-separated (as in an event id)", field="after"
+            )
         query += f"&after={after}"
     url, expires_at = f"{EVENTS_PATH}?{query}", None
     signer, caller = request.app.get(SIGNER), key_id(request)
     if signer is not None and caller is not None:
         url, expires = signer.sign(caller, url)
         expires_at = datetime.fromtimestamp(expires, UTC).isoformat(timespec="seconds")
-    return web.json_response({"events_url": url, "expires_at": expires_at, "jobs": job_ids},
-                             headers={"Cache-Control": "no-store"})
+    return web.json_response(
+        {"events_url": url, "expires_at": expires_at, "jobs": job_ids}, headers={"Cache-Control": "no-store"}
+    )

@@ -204,7 +204,9 @@ class FileJobStore:
                 found[job_id] = job
         missing = [job_id for job_id in job_ids if job_id not in found]
         if missing:
-            found.update(zip(missing, await asyncio.to_thread(lambda: [self._read_record(i) for i in missing]), strict=False))
+            found.update(
+                zip(missing, await asyncio.to_thread(lambda: [self._read_record(i) for i in missing]), strict=False)
+            )
         return [found[job_id] for job_id in job_ids]
 
     # -- idempotency ------------------------------------------------------------------------------------------

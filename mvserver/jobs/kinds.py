@@ -24,9 +24,14 @@ class VideoDriver:
         if job.reference_mime_type:
             reference = await asyncio.to_thread(self.outputs.path("jobs", job.id, ".ref").read_bytes)
         fields = {name: job.request[name] for name in VIDEO_REQUEST_FIELDS}
-        request = VideoRequest(prompt=job.request["full_prompt"], reference_image=reference,
-                               reference_mime_type=job.reference_mime_type, webhook=webhook,
-                               cancel_after=job.seconds_left(), **fields)
+        request = VideoRequest(
+            prompt=job.request["full_prompt"],
+            reference_image=reference,
+            reference_mime_type=job.reference_mime_type,
+            webhook=webhook,
+            cancel_after=job.seconds_left(),
+            **fields,
+        )
         return await self.backend.start(request)
 
     async def poll(self, prediction_id: str) -> Snapshot:

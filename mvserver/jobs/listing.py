@@ -31,10 +31,12 @@ class JobQuery:
     limit: int = 20
 
     def matches(self, job: Job) -> bool:
-        return (job.owner == self.owner
-                and (self.status is None or job.status == self.status)
-                and (self.kind is None or job.kind == self.kind)
-                and (self.project_id is None or job.request.get("project_id") == self.project_id))
+        return (
+            job.owner == self.owner
+            and (self.status is None or job.status == self.status)
+            and (self.kind is None or job.kind == self.kind)
+            and (self.project_id is None or job.request.get("project_id") == self.project_id)
+        )
 
 
 @dataclass(frozen=True)

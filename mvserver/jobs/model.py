@@ -128,15 +128,25 @@ class Job:
     def progress_state(self) -> dict[str, Any]:
         """The body of a ``progress`` event: only what moves while a job runs (clients merge it onto the last
         full state they received)."""
-        return {"job_id": self.id, "status": self.status, "stage": self.stage, "progress": self.progress,
-                "elapsed_seconds": self.elapsed()}
+        return {
+            "job_id": self.id,
+            "status": self.status,
+            "stage": self.stage,
+            "progress": self.progress,
+            "elapsed_seconds": self.elapsed(),
+        }
 
     def public(self) -> dict[str, Any]:
         """The full view for ``GET /jobs/{id}``: the state plus model, URLs, error and the request, once."""
-        return {**self.state(), "error": self.error, **_public_urls(self.id),
-                "deadline_at": self.deadline_at,
-                "webhook_url": self.webhook_url, "webhook_events": self.webhook_events,
-                "request": self.request}
+        return {
+            **self.state(),
+            "error": self.error,
+            **_public_urls(self.id),
+            "deadline_at": self.deadline_at,
+            "webhook_url": self.webhook_url,
+            "webhook_events": self.webhook_events,
+            "request": self.request,
+        }
 
     def record(self) -> dict[str, Any]:
         """The persisted fields; events live in their own log."""

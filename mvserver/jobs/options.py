@@ -12,10 +12,12 @@ from mvserver.core.config import Config
 
 DEADLINE_MIN_SECONDS = 1.0
 WEBHOOK_URL_MAX_CHARS = 2048
-DEADLINE_DESCRIPTION = ("Seconds from submission (queue time included) within which the job must be over: at the "
-                        "deadline the provider prediction is canceled (Replicate is also given it as its own "
-                        "Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded "
-                        "after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies.")
+DEADLINE_DESCRIPTION = (
+    "Seconds from submission (queue time included) within which the job must be over: at the "
+    "deadline the provider prediction is canceled (Replicate is also given it as its own "
+    "Cancel-After deadline) and the job fails with deadline_exceeded; nothing is downloaded "
+    "after it. At most jobs.max_deadline_seconds; null: only jobs.timeout_seconds applies."
+)
 
 
 def deadline_type(max_seconds: float) -> Any:
@@ -23,12 +25,16 @@ def deadline_type(max_seconds: float) -> Any:
     return Annotated[float, Field(ge=DEADLINE_MIN_SECONDS, le=max_seconds, allow_inf_nan=False)] | None
 
 
-WEBHOOK_DESCRIPTION = ("Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, "
-                       "webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is "
-                       "not a loopback, private or link-local address. null: the key's default webhook, if any.")
-EVENTS_DESCRIPTION = ("Which changes are sent: completed (the final event: succeeded, failed or canceled) or all "
-                      "(every status change: queued, running and the final one). null: the key's default, else "
-                      "completed.")
+WEBHOOK_DESCRIPTION = (
+    "Where the job's status changes are POSTed, signed per Standard Webhooks (webhook-id, "
+    "webhook-timestamp, webhook-signature) and retried for a day; an http(s) URL whose host is "
+    "not a loopback, private or link-local address. null: the key's default webhook, if any."
+)
+EVENTS_DESCRIPTION = (
+    "Which changes are sent: completed (the final event: succeeded, failed or canceled) or all "
+    "(every status change: queued, running and the final one). null: the key's default, else "
+    "completed."
+)
 
 
 def webhook_url_type(config: Config) -> Any:
@@ -39,16 +45,26 @@ def webhook_url_type(config: Config) -> Any:
     )
 
     allowed = allowed_networks(config.env)
-    return Annotated[str, StringConstraints(min_length=1, max_length=WEBHOOK_URL_MAX_CHARS, pattern=r"^https?://"),
-                     AfterValidator(lambda url: check_url(url, allowed))] | None
+    return (
+        Annotated[
+            str,
+            StringConstraints(min_length=1, max_length=WEBHOOK_URL_MAX_CHARS, pattern=r"^https?://"),
+            AfterValidator(lambda url: check_url(url, allowed)),
+        ]
+        | None
+    )
 
 
 def option_fields(config: Config) -> dict[str, Any]:
     """The job options as ``create_model`` fields, bounded by this server's settings."""
-    return {"deadline_seconds": (deadline_type(config.videos.jobs.max_deadline_seconds),
-                                 Field(None, description=DEADLINE_DESCRIPTION)),
-            "webhook_url": (webhook_url_type(config), Field(None, description=WEBHOOK_DESCRIPTION)),
-            "webhook_events": (Literal["completed", "all"] | None, Field(None, description=EVENTS_DESCRIPTION))}
+    return {
+        "deadline_seconds": (
+            deadline_type(config.videos.jobs.max_deadline_seconds),
+            Field(None, description=DEADLINE_DESCRIPTION),
+        ),
+        "webhook_url": (webhook_url_type(config), Field(None, description=WEBHOOK_DESCRIPTION)),
+        "webhook_events": (Literal["completed", "all"] | None, Field(None, description=EVENTS_DESCRIPTION)),
+    }
 
 
 def job_fields(body: Any) -> dict[str, Any]:

@@ -168,9 +168,10 @@ class RedisOutbox:
 
     async def put(self, job_id: str, record: Record, due: float | None) -> None:
         record["due"] = due
-        await self._put(keys=[self.k(job_id), self.k("due"), self.k("again")],
-                        args=[json.dumps(record), "" if due is None else due, time.time(), int(self.keep_seconds),
-                              job_id])
+        await self._put(
+            keys=[self.k(job_id), self.k("due"), self.k("again")],
+            args=[json.dumps(record), "" if due is None else due, time.time(), int(self.keep_seconds), job_id],
+        )
 
     async def get(self, job_id: str) -> Record | None:
         text = await self.r.get(self.k(job_id))

@@ -170,8 +170,9 @@ return 1
 
 
 def _event(entry_id: str, fields: dict[str, str]) -> Event:
-    return Event(id=int(entry_id.partition("-")[2]), event=fields["e"], data=json.loads(fields["d"]),
-                 data_json=fields["d"])
+    return Event(
+        id=int(entry_id.partition("-")[2]), event=fields["e"], data=json.loads(fields["d"]), data_json=fields["d"]
+    )
 
 
 def redacted(url: str) -> str:
@@ -185,20 +186,35 @@ def redacted(url: str) -> str:
 class RedisJobStore:
     """Jobs shared by every node on one Redis; implements :class:`~mvserver.jobs.store.JobStore`."""
 
-    def __init__(self, url: str, *, prefix: str = "mv:", lease_seconds: float = 30.0,
-                 claim_interval_seconds: float = 5.0, node: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "mv:",
+        lease_seconds: float = 30.0,
+        claim_interval_seconds: float = 5.0,
+        node: str | None = None,
+    ):
         self.url = url
         self.prefix = prefix
         self.lease_seconds: float | None = lease_seconds
         self.claim_interval = claim_interval_seconds
         self.node = node or uuid.uuid4().hex[:12]
         self._lease_ms = max(1, int(lease_seconds * 1000))
-        pool = aioredis.BlockingConnectionPool.from_url(url, decode_responses=True, protocol=2, max_connections=64,
-                                                        timeout=None, socket_timeout=5, socket_connect_timeout=3)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            decode_responses=True,
+            protocol=2,
+            max_connections=64,
+            timeout=None,
+            socket_timeout=5,
+            socket_connect_timeout=3,
+        )
         self.r = aioredis.Redis(connection_pool=pool)
         # Blocking reads (claims, the event reader, signals) wait as long as they like: no socket timeout.
-        self.blocking = aioredis.Redis.from_url(url, decode_responses=True, protocol=2, socket_timeout=None,
-                                                socket_connect_timeout=3)
+        self.blocking = aioredis.Redis.from_url(
+            url, decode_responses=True, protocol=2, socket_timeout=None, socket_connect_timeout=3
+        )
         self._write = self.r.register_script(WRITE)
         self._finish_unclaimed = self.r.register_script(FINISH_UNCLAIMED)
         self._acquire = self.r.register_script(ACQUIRE)
@@ -241,10 +257,17 @@ class RedisJobStore:
             await self._close_clients()
             raise StoreUnavailable(f"cannot reach Redis at {redacted(self.url)}: {exc}") from None
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read_events(), name="redis-event-reader"),
-                       loop.create_task(self._listen(), name="redis-signals")]
-        log.info("job store: Redis at %s (node %s, prefix %r); %d job(s) queued or running in the cluster",
-                 redacted(self.url), self.node, self.prefix, unfinished)
+        self._tasks = [
+            loop.create_task(self._read_events(), name="redis-event-reader"),
+            loop.create_task(self._listen(), name="redis-signals"),
+        ]
+        log.info(
+            "job store: Redis at %s (node %s, prefix %r); %d job(s) queued or running in the cluster",
+            redacted(self.url),
+            self.node,
+            self.prefix,
+            unfinished,
+        )
         return 0  # nothing to queue again: unfinished jobs stay in the dispatch stream for whichever node is free
 
     async def _wake(self) -> str:
@@ -331,13 +354,15 @@ class RedisJobStore:
 
     async def count_places(self, owner: str) -> tuple[int, int]:
         admitted, held = await _unavailable_as_503(
-            self._places(keys=[self.k("running", owner), self.k("held", owner)], args=[self.k("job", "")]))
+            self._places(keys=[self.k("running", owner), self.k("held", owner)], args=[self.k("job", "")])
+        )
         return int(admitted), int(held)
 
     async def index(self, owner: str | None, before: str | None, count: int) -> list[str]:
         top = "+" if before is None else "(" + before
-        return await _unavailable_as_503(self.r.zrevrangebylex(self.k("index", owner_slot(owner)), top, "-",
-                                                               start=0, num=count))
+        return await _unavailable_as_503(
+            self.r.zrevrangebylex(self.k("index", owner_slot(owner)), top, "-", start=0, num=count)
+        )
 
     async def get_many(self, job_ids: list[str]) -> list[Job | None]:
         async with self.r.pipeline(transaction=False) as pipe:
@@ -349,16 +374,18 @@ class RedisJobStore:
     async def remember(self, key: str, entry: Remembered, pending_seconds: float) -> Remembered | None:
         name = self.k("idem", key)
         while True:
-            if await _unavailable_as_503(self.r.set(name, _remembered(entry), nx=True,
-                                                    px=max(1, int(pending_seconds * 1000)))):
+            if await _unavailable_as_503(
+                self.r.set(name, _remembered(entry), nx=True, px=max(1, int(pending_seconds * 1000)))
+            ):
                 return None
             kept = await _unavailable_as_503(self.r.get(name))
             if kept is not None:  # else it lapsed in between: try again
                 return Remembered.loads(kept[32:])
 
     async def complete(self, key: str, entry: Remembered, keep_seconds: float) -> None:
-        await _unavailable_as_503(self._complete(keys=[self.k("idem", key)],
-                                                 args=[entry.token, _remembered(entry), int(keep_seconds * 1000)]))
+        await _unavailable_as_503(
+            self._complete(keys=[self.k("idem", key)], args=[entry.token, _remembered(entry), int(keep_seconds * 1000)])
+        )
 
     async def forget(self, key: str, token: str) -> None:
         await _unavailable_as_503(self._complete(keys=[self.k("idem", key)], args=[token, "", 0]))
@@ -380,8 +407,15 @@ class RedisJobStore:
         """Event and record in one fenced script (the record is always saved: it is one small hash field, and
         every node then answers ``GET /jobs/{id}`` with the latest progress). Redis unreachable: retried until
         the lease has surely lapsed, then :class:`LeaseLost`."""
-        args = ["" if event is None else event.id, event.event if event else "", event.data_json if event else "",
-                json.dumps(job.record()), job.status, job.finished_at or "" if job.final else "", job.id]
+        args = [
+            "" if event is None else event.id,
+            event.event if event else "",
+            event.data_json if event else "",
+            json.dumps(job.record()),
+            job.status,
+            job.finished_at or "" if job.final else "",
+            job.id,
+        ]
         keys = [self.k("lease", job.id), self.k("job", job.id), self.k("ev", job.id), self.k("finished")]
         while True:
             try:
@@ -445,8 +479,9 @@ class RedisJobStore:
         if now >= self._autoclaim_at:
             self._autoclaim_at = now + self.claim_interval
             await self._admit_held()
-            cursor, entries, *_ = await self.r.xautoclaim(self.k("dispatch"), GROUP, self.node, self._lease_ms,
-                                                          start_id=self._autoclaim_cursor, count=limit)
+            cursor, entries, *_ = await self.r.xautoclaim(
+                self.k("dispatch"), GROUP, self.node, self._lease_ms, start_id=self._autoclaim_cursor, count=limit
+            )
             self._autoclaim_cursor = cursor
             if cursor != "0-0":
                 self._autoclaim_at = now  # there may be more: look again at once
@@ -456,8 +491,7 @@ class RedisJobStore:
             if claimed:
                 return claimed
         block_ms = max(1, int((self._autoclaim_at - time.monotonic()) * 1000))
-        reply = await self.blocking.xreadgroup(GROUP, self.node, {self.k("dispatch"): ">"}, count=limit,
-                                               block=block_ms)
+        reply = await self.blocking.xreadgroup(GROUP, self.node, {self.k("dispatch"): ">"}, count=limit, block=block_ms)
         return await self._take_all([entry for _, entries in reply or [] for entry in entries])
 
     async def _take_all(self, entries: list[tuple[str, dict[str, str] | None]]) -> list[tuple[Job, Lease]]:
@@ -471,8 +505,9 @@ class RedisJobStore:
             await self.r.xack(dispatch, GROUP, entry_id)
             await self.r.xdel(dispatch, entry_id)
             return None
-        reply = await self._acquire(keys=[self.k("lease", job_id), self.k("job", job_id)],
-                                    args=[self.node, self._lease_ms])
+        reply = await self._acquire(
+            keys=[self.k("lease", job_id), self.k("job", job_id)], args=[self.node, self._lease_ms]
+        )
         if reply[0] == 0:  # gone or already final: nothing to run
             await self.r.xack(dispatch, GROUP, entry_id)
             await self.r.xdel(dispatch, entry_id)
@@ -487,9 +522,10 @@ class RedisJobStore:
 
     async def renew(self, lease: Lease) -> bool:
         try:
-            renewed = await self._renew(keys=[self.k("lease", lease.job_id), self.k("dispatch"),
-                                              self.k("job", lease.job_id)],
-                                        args=[lease.token, self._lease_ms, GROUP, self.node, lease.ref])
+            renewed = await self._renew(
+                keys=[self.k("lease", lease.job_id), self.k("dispatch"), self.k("job", lease.job_id)],
+                args=[lease.token, self._lease_ms, GROUP, self.node, lease.ref],
+            )
         except UNAVAILABLE as exc:
             alive = time.monotonic() < self._deadlines.get(lease.token, 0)
             log.warning("job %s: cannot renew the lease (%s)%s", lease.job_id, exc, "" if alive else "; it lapsed")
@@ -506,13 +542,23 @@ class RedisJobStore:
         """Final: the dispatch entry is acknowledged and deleted. Not final (shutdown): the job is queued again at
         once, so another node (or this one after a restart) resumes it."""
         self._deadlines.pop(lease.token, None)
-        await self._release(keys=[self.k("lease", lease.job_id), self.k("dispatch")],
-                            args=[lease.token, GROUP, lease.ref, "1" if done else "0", lease.job_id])
+        await self._release(
+            keys=[self.k("lease", lease.job_id), self.k("dispatch")],
+            args=[lease.token, GROUP, lease.ref, "1" if done else "0", lease.job_id],
+        )
 
     async def finish_unclaimed(self, job: Job, event: Event) -> bool:
         keys = [self.k("lease", job.id), self.k("job", job.id), self.k("ev", job.id), self.k("finished")]
-        args = [event.id - 1, event.id, event.event, event.data_json, json.dumps(job.record()), job.status,
-                job.finished_at or time.time(), job.id]
+        args = [
+            event.id - 1,
+            event.id,
+            event.event,
+            event.data_json,
+            json.dumps(job.record()),
+            job.status,
+            job.finished_at or time.time(),
+            job.id,
+        ]
         finished = bool(await _unavailable_as_503(self._finish_unclaimed(keys=keys, args=args)))
         if finished:
             await self._free_place(job)
@@ -553,8 +599,10 @@ class RedisJobStore:
         events_prefix = self.k("ev", "")
         failures = 0
         while not self._closing:
-            streams = {wake: self._wake_last, **{events_prefix + job_id: f"0-{seen}"
-                                                for job_id, seen in self._watch.items()}}
+            streams = {
+                wake: self._wake_last,
+                **{events_prefix + job_id: f"0-{seen}" for job_id, seen in self._watch.items()},
+            }
             try:
                 reply = await self.blocking.xread(streams, block=READER_BLOCK_MS)
                 failures = 0
@@ -568,7 +616,7 @@ class RedisJobStore:
                 if key == wake:
                     self._wake_last = entries[-1][0]
                     continue
-                job_id = key[len(events_prefix):]
+                job_id = key[len(events_prefix) :]
                 if job_id not in self._watch:
                     continue
                 self._watch[job_id] = int(entries[-1][0].partition("-")[2])
@@ -638,8 +686,13 @@ class RedisJobStore:
         jobs = await self.get_many(ids) if ids else []
         removed = []
         for job_id, job in zip(ids, jobs, strict=False):
-            keys = [self.k("finished"), self.k("job", job_id), self.k("ev", job_id), self.k("tomb", job_id),
-                    self.k("index", owner_slot(job.owner if job else None))]
+            keys = [
+                self.k("finished"),
+                self.k("job", job_id),
+                self.k("ev", job_id),
+                self.k("tomb", job_id),
+                self.k("index", owner_slot(job.owner if job else None)),
+            ]
             entry = _entry(job) if job is not None else ""
             if await self._expire_one(keys=keys, args=[job_id, int(tombstone_until * 1000), entry]):
                 removed.append(job_id)

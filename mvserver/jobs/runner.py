@@ -104,8 +104,15 @@ class EngineHooks:
 class JobEngine:
     """The jobs of one app: submit, cancel, read and follow them; run the ones this node claims."""
 
-    def __init__(self, store: JobStore, kinds: Mapping[str, DriverFactory], outputs: OutputStore,
-                 settings: JobsSettings, *, max_concurrent: int):
+    def __init__(
+        self,
+        store: JobStore,
+        kinds: Mapping[str, DriverFactory],
+        outputs: OutputStore,
+        settings: JobsSettings,
+        *,
+        max_concurrent: int,
+    ):
         self.store = store
         self.kinds = kinds
         self.outputs = outputs
@@ -213,11 +220,20 @@ class JobEngine:
             return
         money = currency(self.pricing)
         assert limit is not None
-        raise ApiError(402, "budget_exceeded",
-                       f"this job would cost about {micros / MICROS:g} {money}, more than is left of this key's "
-                       f"budget for {month} ({left / MICROS:g} of {limit:g} {money})",
-                       budget={"month": month, "limit": limit, "spent": (limit_micros - left) / MICROS,
-                               "remaining": left / MICROS, "job_estimate": micros / MICROS, "currency": money})
+        raise ApiError(
+            402,
+            "budget_exceeded",
+            f"this job would cost about {micros / MICROS:g} {money}, more than is left of this key's "
+            f"budget for {month} ({left / MICROS:g} of {limit:g} {money})",
+            budget={
+                "month": month,
+                "limit": limit,
+                "spent": (limit_micros - left) / MICROS,
+                "remaining": left / MICROS,
+                "job_estimate": micros / MICROS,
+                "currency": money,
+            },
+        )
 
     async def cancel(self, job_id: str) -> Job | None:
         """Cancel a job and its provider prediction, from any node; a finished job is returned unchanged."""
@@ -401,8 +417,12 @@ class JobEngine:
         assert job.started_at is not None
         if job.deadline_at is not None and job.deadline_at <= job.started_at + self.settings.timeout_seconds:
             return _deadline_exceeded(job)
-        return ErrorInfo("job_timeout", f"the job was not done after {self.settings.timeout_seconds:g} s",
-                         provider=job.backend, provider_status=job.stage)
+        return ErrorInfo(
+            "job_timeout",
+            f"the job was not done after {self.settings.timeout_seconds:g} s",
+            provider=job.backend,
+            provider_status=job.stage,
+        )
 
     async def _drive_remote(self, job: Job, lease: Lease, driver: RemoteDriver) -> None:
         """Create (unless resuming) the prediction, poll it to the end, download the output."""
@@ -422,8 +442,12 @@ class JobEngine:
             await self._finish(job, lease, "failed", _deadline_exceeded(job))
             return
         if snapshot.status != "succeeded":
-            error = snapshot.error or ErrorInfo("provider_prediction_failed", f"prediction {snapshot.status}",
-                                                provider=job.backend, provider_status=snapshot.status)
+            error = snapshot.error or ErrorInfo(
+                "provider_prediction_failed",
+                f"prediction {snapshot.status}",
+                provider=job.backend,
+                provider_status=snapshot.status,
+            )
             await self._finish(job, lease, "failed", error)
             return
         job.stage = "downloading"
@@ -446,8 +470,9 @@ class JobEngine:
                 # return a result and drop a cancellation that arrives as it finishes): act on it here, before the
                 # first poll and after every wait.
                 raise asyncio.CancelledError()
-            snapshot = pushed or self.pushed.polled(job.id, await self._retry(lambda: driver.poll(prediction_id),
-                                                                               job=job))
+            snapshot = pushed or self.pushed.polled(
+                job.id, await self._retry(lambda: driver.poll(prediction_id), job=job)
+            )
             if snapshot.done:
                 job.provider_metrics = snapshot.metrics
                 return snapshot
@@ -459,15 +484,19 @@ class JobEngine:
                 guessed = job.progress = estimate.progress(job, now)
             job.stage = "generating"
             tail = _tail(snapshot.logs)
-            extra = {"logs": tail if tail != shown_logs else None, "event_time": now,
-                     "eta_seconds": estimate.eta_seconds(job, now) if estimate is not None else None,
-                     "progress_estimated": True if guessed is not None else None}
+            extra = {
+                "logs": tail if tail != shown_logs else None,
+                "event_time": now,
+                "eta_seconds": estimate.eta_seconds(job, now) if estimate is not None else None,
+                "progress_estimated": True if guessed is not None else None,
+            }
             await self._publish(job, lease, "progress", extra=extra)
             shown_logs = tail or shown_logs
             # +-10% jitter keeps jobs that started together (or resumed together) from polling in lockstep; a job
             # whose provider pushes updates waits the long safety interval instead, woken by each push.
-            pushed = await self.pushed.wait(job.id, prediction_id,
-                                            self.settings.poll_interval_seconds * random.uniform(0.9, 1.1))
+            pushed = await self.pushed.wait(
+                job.id, prediction_id, self.settings.poll_interval_seconds * random.uniform(0.9, 1.1)
+            )
 
     async def _drive_local(self, job: Job, lease: Lease, driver: LocalDriver) -> None:
         job.stage = "running"
@@ -509,7 +538,9 @@ class JobEngine:
                 wait = exc.retry_after if exc.retry_after else delay * (1 + random.random() / 2)
                 if job is not None:
                     job.retries += 1
-                log.info("transient %s (%s), retry %d in %.1f s", exc.info.code, exc.info.provider_status, attempt + 1, wait)
+                log.info(
+                    "transient %s (%s), retry %d in %.1f s", exc.info.code, exc.info.provider_status, attempt + 1, wait
+                )
                 await asyncio.sleep(min(wait, self.settings.retry_max_delay_seconds))
                 delay = min(delay * 2, self.settings.retry_max_delay_seconds)
         raise AssertionError("unreachable")
@@ -576,8 +607,9 @@ class JobEngine:
         if found is not None:
             self._eta[job.id] = EtaEstimate(found)
 
-    async def _publish(self, job: Job, lease: Lease, name: str, *, record: bool = False,
-                       extra: dict[str, Any] | None = None) -> None:
+    async def _publish(
+        self, job: Job, lease: Lease, name: str, *, record: bool = False, extra: dict[str, Any] | None = None
+    ) -> None:
         """Write one event: a status or stage change (``record``) carries the full state, a per-poll ``progress``
         event only what moves."""
         full = record or name != "progress"
@@ -607,9 +639,12 @@ def _past_deadline(job: Job) -> bool:
 
 
 def _deadline_exceeded(job: Job) -> ErrorInfo:
-    return ErrorInfo("deadline_exceeded", f"the job was not done within its deadline_seconds "
-                                          f"({job.deadline_seconds:g} s from submission)",
-                     provider=job.backend, provider_status=job.stage)
+    return ErrorInfo(
+        "deadline_exceeded",
+        f"the job was not done within its deadline_seconds ({job.deadline_seconds:g} s from submission)",
+        provider=job.backend,
+        provider_status=job.stage,
+    )
 
 
 def _canceled() -> ErrorInfo:

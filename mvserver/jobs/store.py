@@ -40,14 +40,27 @@ class Remembered:
     headers: dict[str, str] = field(default_factory=dict)
 
     def dumps(self) -> str:
-        return json.dumps({"token": self.token, "fingerprint": self.fingerprint, "status": self.status,
-                           "body": self.body, "headers": self.headers}, separators=(",", ":"))
+        return json.dumps(
+            {
+                "token": self.token,
+                "fingerprint": self.fingerprint,
+                "status": self.status,
+                "body": self.body,
+                "headers": self.headers,
+            },
+            separators=(",", ":"),
+        )
 
     @classmethod
     def loads(cls, text: str | bytes) -> Remembered:
         raw = json.loads(text)
-        return cls(token=raw["token"], fingerprint=raw["fingerprint"], status=raw["status"], body=raw["body"],
-                   headers=raw["headers"])
+        return cls(
+            token=raw["token"],
+            fingerprint=raw["fingerprint"],
+            status=raw["status"],
+            body=raw["body"],
+            headers=raw["headers"],
+        )
 
 
 def index_entry(stamp_us: int, job_id: str) -> str:

@@ -18,8 +18,9 @@ def _stored(event: Event) -> str:
     return event.data_json
 
 
-async def stream_events(request: web.Request, engine: JobEngine, job_id: str, *, ping_interval: float,
-                        retry_ms: int, dress: Dress = _stored) -> web.StreamResponse:
+async def stream_events(
+    request: web.Request, engine: JobEngine, job_id: str, *, ping_interval: float, retry_ms: int, dress: Dress = _stored
+) -> web.StreamResponse:
     """Serve one job's events; the stream ends after the final event, when the client goes, or at shutdown."""
     async with sse_response(request, ping_interval=ping_interval) as response:
         after = last_event_id(response.last_event_id)
@@ -39,8 +40,9 @@ async def stream_events(request: web.Request, engine: JobEngine, job_id: str, *,
                     job = await engine.get(job_id)
                     if job is None or (job.final and after >= job.last_event_id):
                         return response
-                await asyncio.wait({engine.next_event(job_id, after), gone, engine.closing},
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {engine.next_event(job_id, after), gone, engine.closing}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if gone.done():
                     break
         except (ConnectionResetError, RuntimeError):
@@ -58,8 +60,16 @@ def last_event_id(raw: str | None) -> int:
         return 0
 
 
-async def stream_many(request: web.Request, engine: JobEngine, job_ids: list[str], *, ping_interval: float,
-                      retry_ms: int, after: str | None = None, dress: Dress = _stored) -> web.StreamResponse:
+async def stream_many(
+    request: web.Request,
+    engine: JobEngine,
+    job_ids: list[str],
+    *,
+    ping_interval: float,
+    retry_ms: int,
+    after: str | None = None,
+    dress: Dress = _stored,
+) -> web.StreamResponse:
     """Serve several jobs' events on one connection (a browser allows about six per origin).
 
     The SSE id of each event is every job's position, in the order of ``job_ids``, joined by dots (``3.7.0``):
@@ -79,8 +89,9 @@ async def stream_many(request: web.Request, engine: JobEngine, job_ids: list[str
                 for index in sorted(open_jobs):
                     for event in await engine.events(job_ids[index], positions[index]):
                         positions[index] = event.id
-                        await response.send(dress(event), id=".".join(map(str, positions)), event=event.event,
-                                            retry=retry)
+                        await response.send(
+                            dress(event), id=".".join(map(str, positions)), event=event.event, retry=retry
+                        )
                         retry = None
                         if event.final:
                             open_jobs.discard(index)

@@ -86,8 +86,13 @@ class PushedUpdates:
         inbox.seen = max(inbox.seen, rank(snapshot))
         if inbox.safety_poll and not inbox.reached and snapshot.status != "starting" and job_id in self._webhook_jobs:
             if not self.unreachable:
-                log.warning("no webhook reached job %s although its prediction is %s: webhooks to %s do not get "
-                            "through; new jobs poll every poll_interval_seconds", job_id, snapshot.status, self.base_url)
+                log.warning(
+                    "no webhook reached job %s although its prediction is %s: webhooks to %s do not get "
+                    "through; new jobs poll every poll_interval_seconds",
+                    job_id,
+                    snapshot.status,
+                    self.base_url,
+                )
             self.unreachable = True
             self._webhook_jobs.discard(job_id)  # this job polls normally too
         inbox.safety_poll = False
@@ -110,8 +115,9 @@ class PushedUpdates:
         if pending is None:
             return None
         if pending[0] != prediction_id:
-            log.warning("job %s: ignored a pushed update of prediction %s (the job's is %s)", job_id, pending[0],
-                        prediction_id)
+            log.warning(
+                "job %s: ignored a pushed update of prediction %s (the job's is %s)", job_id, pending[0], prediction_id
+            )
             return None
         return pending[1]
 

@@ -63,8 +63,9 @@ def _micros(job: Job, price: ModelPrice, seconds: float | None, predict_time: fl
     return round(amount * MICROS)
 
 
-def cost_micros(job: Job, pricing: PricingSettings, *, seconds: float | None, predict_time: float | None,
-                images: int = 0) -> tuple[int, str]:
+def cost_micros(
+    job: Job, pricing: PricingSettings, *, seconds: float | None, predict_time: float | None, images: int = 0
+) -> tuple[int, str]:
     """The cost in millionths and its basis (``price_table``, ``sandbox``, ``local`` or ``unpriced``)."""
     price = price_of(job, pricing)
     basis = _basis(job, price)

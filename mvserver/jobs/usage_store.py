@@ -28,8 +28,9 @@ class UsageBook(Protocol):
     async def record(self, entry: dict[str, Any]) -> None:
         """Keep an ended job's ledger entry (``usage.ledger_entry``); a second entry for the same job replaces it."""
 
-    async def entries(self, owner: str | None, start: float, end: float, *, every_owner: bool = False
-                      ) -> list[dict[str, Any]]:
+    async def entries(
+        self, owner: str | None, start: float, end: float, *, every_owner: bool = False
+    ) -> list[dict[str, Any]]:
         """Entries of jobs of ``owner`` (of every owner with ``every_owner``) finished in [start, end), oldest
         first."""
 
@@ -67,9 +68,12 @@ def fold(found: Durations | None, seconds: float) -> Durations:
     if found is None:
         return Durations(1, seconds, log, log * log)
     count = min(found.runs + 1, DURATION_WINDOW)
-    return Durations(count, found.mean_seconds + (seconds - found.mean_seconds) / count,
-                     found.log_mean + (log - found.log_mean) / count,
-                     found.log_square_mean + (log * log - found.log_square_mean) / count)
+    return Durations(
+        count,
+        found.mean_seconds + (seconds - found.mean_seconds) / count,
+        found.log_mean + (log - found.log_mean) / count,
+        found.log_square_mean + (log * log - found.log_square_mean) / count,
+    )
 
 
 def _month_key(stamp: float) -> str:
@@ -125,8 +129,9 @@ class FileUsageBook:
         async with self._lock:
             await asyncio.to_thread(append)
 
-    async def entries(self, owner: str | None, start: float, end: float, *, every_owner: bool = False
-                      ) -> list[dict[str, Any]]:
+    async def entries(
+        self, owner: str | None, start: float, end: float, *, every_owner: bool = False
+    ) -> list[dict[str, Any]]:
         def read() -> list[dict[str, Any]]:
             found: dict[str, dict[str, Any]] = {}
             for month in _months(start, end):
@@ -236,8 +241,9 @@ class RedisUsageBook:
             pipe.zadd(self.k("usage", "*"), {job_id: finished})
             await pipe.execute()
 
-    async def entries(self, owner: str | None, start: float, end: float, *, every_owner: bool = False
-                      ) -> list[dict[str, Any]]:
+    async def entries(
+        self, owner: str | None, start: float, end: float, *, every_owner: bool = False
+    ) -> list[dict[str, Any]]:
         index = self.k("usage", "*" if every_owner else (owner or "-"))
         ids = await self.r.zrangebyscore(index, start, f"({end}")
         if not ids:
@@ -250,8 +256,9 @@ class RedisUsageBook:
         return sorted(found, key=lambda e: (e["finished_at"], e["job_id"]))
 
     async def hold(self, owner: str, month: str, micros: int, limit_micros: int) -> int | None:
-        left = int(await self._hold(keys=[self.k("spend", owner, month)],
-                                    args=[micros, limit_micros, BUDGET_TTL_SECONDS]))
+        left = int(
+            await self._hold(keys=[self.k("spend", owner, month)], args=[micros, limit_micros, BUDGET_TTL_SECONDS])
+        )
         return None if left < 0 else left
 
     async def adjust(self, owner: str, month: str, delta_micros: int) -> None:
@@ -262,8 +269,9 @@ class RedisUsageBook:
         return int(await self.r.get(self.k("spend", owner, month)) or 0)
 
     async def learn(self, key: str, seconds: float) -> None:
-        await self._learn(keys=[self.k("eta", key)],
-                          args=[repr(float(seconds)), repr(math.log(max(seconds, 1e-3))), DURATION_WINDOW])
+        await self._learn(
+            keys=[self.k("eta", key)], args=[repr(float(seconds)), repr(math.log(max(seconds, 1e-3))), DURATION_WINDOW]
+        )
 
     async def estimate(self, key: str) -> Durations | None:
         count, mean, log_mean, log_square = await self.r.hmget(self.k("eta", key), "n", "mean", "lmean", "lsq")

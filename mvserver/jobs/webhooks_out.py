@@ -82,8 +82,9 @@ class GuardedResolver(AbstractResolver):
         self.allowed = allowed
         self.inner = DefaultResolver()
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-                      ) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         results = await self.inner.resolve(host, port, family)
         for result in results:
             if refused_address(result["host"], self.allowed):
@@ -126,13 +127,27 @@ def wanted(event: Event, events: str) -> bool:
 def payload(job_id: str, event: Event) -> str:
     """The body: ``{"type": "job.<event>", "timestamp", "data": <the event's job state>}``."""
     stamp = event.data.get("event_time") or time.time()
-    return json.dumps({"type": f"job.{event.event}", "timestamp": _now_iso(stamp), "job_id": job_id,
-                       "event_id": event.id, "data": event.data}, separators=(",", ":"))
+    return json.dumps(
+        {
+            "type": f"job.{event.event}",
+            "timestamp": _now_iso(stamp),
+            "job_id": job_id,
+            "event_id": event.id,
+            "data": event.data,
+        },
+        separators=(",", ":"),
+    )
 
 
 def new_record(job: Job) -> Record:
-    return {"job_id": job.id, "url": job.webhook_url, "events": job.webhook_events or "completed",
-            "owner": job.owner, "cursor": 0, "deliveries": []}
+    return {
+        "job_id": job.id,
+        "url": job.webhook_url,
+        "events": job.webhook_events or "completed",
+        "owner": job.owner,
+        "cursor": 0,
+        "deliveries": [],
+    }
 
 
 class WebhookSender:
@@ -188,8 +203,13 @@ class WebhookSender:
         if not job.webhook_url:
             return
         if self._secret(job.owner) is None:
-            raise ApiError(400, "webhooks_not_configured", "webhook_url: this server has no signing secret for "
-                           "this key's webhooks (a key from keys create, or MV_WEBHOOK_SECRET)", field="webhook_url")
+            raise ApiError(
+                400,
+                "webhooks_not_configured",
+                "webhook_url: this server has no signing secret for "
+                "this key's webhooks (a key from keys create, or MV_WEBHOOK_SECRET)",
+                field="webhook_url",
+            )
         await self.outbox.put(job.id, new_record(job), time.time())
 
     def published(self, job: Job, event: Event) -> None:
@@ -281,13 +301,22 @@ class WebhookSender:
         again = await self.outbox.take_ask(job_id)
         if again is not None:  # redeliver: from that event on, as new deliveries after the ones pending
             record["cursor"] = min(record["cursor"], again - 1)
-            record["deliveries"] = [d for d in record["deliveries"] if d["status"] != "pending"
-                                    or d["event_id"] < again]
+            record["deliveries"] = [
+                d for d in record["deliveries"] if d["status"] != "pending" or d["event_id"] < again
+            ]
         for event in await self.engine.events(job_id, record["cursor"]):
             if wanted(event, record["events"]):
-                record["deliveries"].append({"webhook_id": f"msg_{job_id}_{event.id}", "event_id": event.id,
-                                             "type": f"job.{event.event}", "status": "pending", "attempts": [],
-                                             "attempt_count": 0, "body": payload(job_id, event)})
+                record["deliveries"].append(
+                    {
+                        "webhook_id": f"msg_{job_id}_{event.id}",
+                        "event_id": event.id,
+                        "type": f"job.{event.event}",
+                        "status": "pending",
+                        "attempts": [],
+                        "attempt_count": 0,
+                        "body": payload(job_id, event),
+                    }
+                )
             record["cursor"] = event.id
         for delivery in record["deliveries"]:
             if delivery["status"] != "pending":
@@ -321,12 +350,16 @@ class WebhookSender:
                 raise RuntimeError("no signing secret (the key has no webhook_secret and MV_WEBHOOK_SECRET is unset)")
             check_url(record["url"], self.allowed)  # an address in the URL itself bypasses the resolver
             stamp = datetime.now(UTC)
-            headers = {"webhook-id": delivery["webhook_id"], "webhook-timestamp": str(int(stamp.timestamp())),
-                       "webhook-signature": Webhook(secret).sign(delivery["webhook_id"], stamp, delivery["body"]),
-                       "Content-Type": "application/json"}
+            headers = {
+                "webhook-id": delivery["webhook_id"],
+                "webhook-timestamp": str(int(stamp.timestamp())),
+                "webhook-signature": Webhook(secret).sign(delivery["webhook_id"], stamp, delivery["body"]),
+                "Content-Type": "application/json",
+            }
             timeout = aiohttp.ClientTimeout(total=self.settings.webhook_timeout_seconds)
-            async with self.session.post(record["url"], data=delivery["body"].encode(), headers=headers,
-                                         timeout=timeout, allow_redirects=False) as response:
+            async with self.session.post(
+                record["url"], data=delivery["body"].encode(), headers=headers, timeout=timeout, allow_redirects=False
+            ) as response:
                 result["http_status"] = response.status
                 await response.content.read(1024)  # a little of the answer, then the connection is let go
         except asyncio.CancelledError:
@@ -338,19 +371,26 @@ class WebhookSender:
         result["seconds"] = round(time.time() - now, 3)
         delivery["attempt_count"] += 1
         attempts = delivery["attempts"] + [result]
-        delivery["attempts"] = attempts if len(attempts) <= ATTEMPTS_KEPT else attempts[:1] + attempts[-ATTEMPTS_KEPT + 1:]
+        delivery["attempts"] = (
+            attempts if len(attempts) <= ATTEMPTS_KEPT else attempts[:1] + attempts[-ATTEMPTS_KEPT + 1 :]
+        )
         status = result["http_status"]
         if status is not None and 200 <= status < 300:
             delivery["status"] = "delivered"
             return None
         if time.time() - delivery["first_attempt_at"] >= self.settings.webhook_retry_seconds:
             delivery["status"] = "failed"  # given up; the next delivery of the job may go
-            log.warning("job %s: webhook %s given up after %d attempts", record["job_id"], delivery["webhook_id"],
-                        delivery["attempt_count"])
+            log.warning(
+                "job %s: webhook %s given up after %d attempts",
+                record["job_id"],
+                delivery["webhook_id"],
+                delivery["attempt_count"],
+            )
             return None
         s = self.settings
-        delay = min(s.webhook_retry_initial_seconds * 2 ** (delivery["attempt_count"] - 1),
-                    s.webhook_retry_max_delay_seconds)
+        delay = min(
+            s.webhook_retry_initial_seconds * 2 ** (delivery["attempt_count"] - 1), s.webhook_retry_max_delay_seconds
+        )
         return time.time() + delay * random.uniform(0.9, 1.1)
 
 
@@ -365,8 +405,12 @@ routes = web.RouteTableDef()
 def public_record(record: Record) -> dict[str, Any]:
     """A record as ``GET .../deliveries`` shows it: every delivery and its attempts, without the bodies."""
     deliveries = [{k: v for k, v in d.items() if k != "body"} for d in record["deliveries"]]
-    return {"job_id": record["job_id"], "webhook_url": record["url"], "webhook_events": record["events"],
-            "deliveries": deliveries}
+    return {
+        "job_id": record["job_id"],
+        "webhook_url": record["url"],
+        "webhook_events": record["events"],
+        "deliveries": deliveries,
+    }
 
 
 async def _owned_job(request: web.Request) -> Job:
@@ -396,8 +440,9 @@ async def redeliver(request: web.Request) -> web.Response:
         unknown = set(body) - {"event_id"}
         if unknown:
             name = sorted(unknown)[0]
-            raise ApiError(400, "unknown_field", f"{name} is not a known field (this action takes event_id)",
-                           field=name)
+            raise ApiError(
+                400, "unknown_field", f"{name} is not a known field (this action takes event_id)", field=name
+            )
         event_id = body.get("event_id")
         if event_id is not None and (not isinstance(event_id, int) or isinstance(event_id, bool)):
             raise ApiError(400, "invalid_field", "event_id: an integer", field="event_id")
@@ -428,4 +473,3 @@ def setup(app: web.Application) -> None:
     """Routes and the sender (after the job engine's context, which it plugs into)."""
     app.add_routes(routes)
     app.cleanup_ctx.append(sender_context)
-

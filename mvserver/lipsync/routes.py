@@ -104,11 +104,14 @@ async def song_file(app: web.Application, audio_id: str, field: str = "audio_id"
     if duration is None:
         raise ApiError(404, "not_found", f"audio {audio_id}: its record has no duration", field=field)
     if fmt not in AUDIO_SUFFIXES:
-        raise ApiError(400, "invalid_audio", f"audio {audio_id} is {fmt!r}; lip sync takes {sorted(AUDIO_SUFFIXES)}",
-                       field=field)
+        raise ApiError(
+            400, "invalid_audio", f"audio {audio_id} is {fmt!r}; lip sync takes {sorted(AUDIO_SUFFIXES)}", field=field
+        )
     if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
         raise ApiError(400, "invalid_audio", f"audio {audio_id} has no playable length ({duration!r})", field=field)
-    return Song(path, float(duration), fmt, _int_or_none(sidecar.get("sample_rate")), _int_or_none(sidecar.get("channels")))
+    return Song(
+        path, float(duration), fmt, _int_or_none(sidecar.get("sample_rate")), _int_or_none(sidecar.get("channels"))
+    )
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -128,14 +131,44 @@ def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path
     at ffmpeg's precision raises :class:`mvserver.media.ffmpeg.DurationError` (ffmpeg would read it as "no limit").
     """
     source = media.input_args(song.path, [FORMATS[song.format].demuxer])
-    if (song.format == "wav" and (song.channels or 99) <= COPY_MAX_CHANNELS and (song.sample_rate or 1e9) <= COPY_MAX_RATE
-            and seconds >= length - 0.001):
-        return ["-loglevel", "error", "-y", "-max_size", str(COPY_PACKET_BYTES), "-ss", f"{start:.6f}",
-                "-t", media.duration_arg(length), *source, "-map", "0:a:0", "-c", "copy",
-                *_output_limits(length, COPY_BYTES_PER_SECOND), "-f", "wav", str(dest)]
-    args = ["-loglevel", "error", "-y", "-ss", f"{start:.6f}", *source, "-map", "0:a:0",
-            "-af", f"atrim=duration={media.duration_arg(seconds)},asetpts=N/SR/TB,"
-                   f"apad=whole_dur={media.duration_arg(length)}"]
+    if (
+        song.format == "wav"
+        and (song.channels or 99) <= COPY_MAX_CHANNELS
+        and (song.sample_rate or 1e9) <= COPY_MAX_RATE
+        and seconds >= length - 0.001
+    ):
+        return [
+            "-loglevel",
+            "error",
+            "-y",
+            "-max_size",
+            str(COPY_PACKET_BYTES),
+            "-ss",
+            f"{start:.6f}",
+            "-t",
+            media.duration_arg(length),
+            *source,
+            "-map",
+            "0:a:0",
+            "-c",
+            "copy",
+            *_output_limits(length, COPY_BYTES_PER_SECOND),
+            "-f",
+            "wav",
+            str(dest),
+        ]
+    args = [
+        "-loglevel",
+        "error",
+        "-y",
+        "-ss",
+        f"{start:.6f}",
+        *source,
+        "-map",
+        "0:a:0",
+        "-af",
+        f"atrim=duration={media.duration_arg(seconds)},asetpts=N/SR/TB,apad=whole_dur={media.duration_arg(length)}",
+    ]
     if song.channels is None or song.channels > COPY_MAX_CHANNELS:
         args += ["-ac", "2"]
     if song.sample_rate is None or song.sample_rate > COPY_MAX_RATE:
@@ -153,8 +186,15 @@ def max_cut_bytes(length: float, bytes_per_second: int = COPY_BYTES_PER_SECOND) 
     return math.ceil(length * bytes_per_second) + CUT_SLACK_BYTES
 
 
-async def cut_window(song: Song, start: float, seconds: float, length: float, dest: Path, timeout: float,
-                     limits: media.FfmpegLimits = media.DEFAULT_LIMITS) -> None:
+async def cut_window(
+    song: Song,
+    start: float,
+    seconds: float,
+    length: float,
+    dest: Path,
+    timeout: float,
+    limits: media.FfmpegLimits = media.DEFAULT_LIMITS,
+) -> None:
     """Write the window to ``dest`` atomically (a temporary file renamed into place; removed on any failure)."""
     tmp = temp_path(dest)
     try:
@@ -180,54 +220,80 @@ class Window:
         return self.end - self.start
 
 
-def plan_window(start: float, end: float | None, clip_seconds: float, song_seconds: float,
-                min_seconds: float) -> Window:
+def plan_window(
+    start: float, end: float | None, clip_seconds: float, song_seconds: float, min_seconds: float
+) -> Window:
     """Check the window against the clip, the song and the shortest window allowed (400 naming the field)."""
     sent_end = end
     if start >= song_seconds:
-        raise ApiError(400, "song_too_short", f"audio_start: {start:g} s is not before the song's end "
-                                              f"({song_seconds:g} s)", field="audio_start")
+        raise ApiError(
+            400,
+            "song_too_short",
+            f"audio_start: {start:g} s is not before the song's end ({song_seconds:g} s)",
+            field="audio_start",
+        )
     if end is None:
         end = start + clip_seconds
         if end > song_seconds + TOLERANCE_SECONDS:
-            raise ApiError(400, "song_too_short", f"audio_start: a {clip_seconds:g} s window (the clip's length) from "
-                                                  f"{start:g} s ends at {end:g} s, after the song's end "
-                                                  f"({song_seconds:g} s)", field="audio_start")
+            raise ApiError(
+                400,
+                "song_too_short",
+                f"audio_start: a {clip_seconds:g} s window (the clip's length) from "
+                f"{start:g} s ends at {end:g} s, after the song's end "
+                f"({song_seconds:g} s)",
+                field="audio_start",
+            )
     else:
         if end <= start:
             raise ApiError(400, "invalid_field", "audio_end: must be greater than audio_start", field="audio_end")
         if end - start > clip_seconds + TOLERANCE_SECONDS:
-            raise ApiError(400, "window_too_long", f"audio_end: the window ({end - start:g} s) is longer than the "
-                                                   f"clip ({clip_seconds:g} s)", field="audio_end")
+            raise ApiError(
+                400,
+                "window_too_long",
+                f"audio_end: the window ({end - start:g} s) is longer than the clip ({clip_seconds:g} s)",
+                field="audio_end",
+            )
         if end > song_seconds + TOLERANCE_SECONDS:
-            raise ApiError(400, "song_too_short", f"audio_end: {end:g} s is after the song's end ({song_seconds:g} s)",
-                           field="audio_end")
+            raise ApiError(
+                400,
+                "song_too_short",
+                f"audio_end: {end:g} s is after the song's end ({song_seconds:g} s)",
+                field="audio_end",
+            )
     window = Window(start=start, end=min(end, start + clip_seconds, song_seconds), length=clip_seconds)
     if window.seconds < min_seconds:  # ffmpeg would cut ~0 s as "no limit"; and no one can sing in it
         field = "video_job_id" if clip_seconds < min_seconds else "audio_start" if sent_end is None else "audio_end"
-        raise ApiError(400, "window_too_short", f"{field}: the window ({window.seconds:g} s) is shorter than "
-                                                f"{min_seconds:g} s (lipsync.limits.min_window_seconds)", field=field)
+        raise ApiError(
+            400,
+            "window_too_short",
+            f"{field}: the window ({window.seconds:g} s) is shorter than "
+            f"{min_seconds:g} s (lipsync.limits.min_window_seconds)",
+            field=field,
+        )
     return window
 
 
-async def finished_clip(app: web.Application, job_id: str, limits: LipsyncLimits,
-                        caller: str | None = None) -> tuple[Path, media.MediaInfo]:
+async def finished_clip(
+    app: web.Application, job_id: str, limits: LipsyncLimits, caller: str | None = None
+) -> tuple[Path, media.MediaInfo]:
     """The MP4 of a succeeded job, probed (400 naming ``video_job_id`` otherwise; another key's job is unknown)."""
     field = "video_job_id"
     job = await app[JOBS].get(job_id)
     if job is None or not visible_to(job.owner, caller):
         raise ApiError(400, "clip_not_found", f"{field}: no job with id {job_id}", field=field)
     if job.status != "succeeded":
-        raise ApiError(400, "clip_not_ready", f"{field}: job {job_id} is {job.status}; lip sync needs a finished clip",
-                       field=field)
+        raise ApiError(
+            400, "clip_not_ready", f"{field}: job {job_id} is {job.status}; lip sync needs a finished clip", field=field
+        )
     path = app[STORE].path("videos", job_id, ".mp4")
     try:
         size = (await asyncio.to_thread(path.stat)).st_size
     except FileNotFoundError:
         raise ApiError(400, "clip_not_found", f"{field}: the video of job {job_id} is gone", field=field) from None
     if size > limits.max_clip_bytes:
-        raise ApiError(400, "clip_too_large", f"{field}: the clip has {size} bytes; at most {limits.max_clip_bytes}",
-                       field=field)
+        raise ApiError(
+            400, "clip_too_large", f"{field}: the clip has {size} bytes; at most {limits.max_clip_bytes}", field=field
+        )
     try:
         async with app[FFMPEG_SLOTS]:
             info = await media.probe(path, timeout=limits.ffmpeg_timeout_seconds)
@@ -236,8 +302,12 @@ async def finished_clip(app: web.Application, job_id: str, limits: LipsyncLimits
     if info.first_video is None or not (info.duration or 0) > 0:
         raise ApiError(400, "invalid_clip", f"{field}: the file of job {job_id} holds no video", field=field)
     if info.duration > limits.max_clip_seconds:
-        raise ApiError(400, "clip_too_long", f"{field}: the clip lasts {info.duration:g} s; lip sync takes at most "
-                                             f"{limits.max_clip_seconds:g} s", field=field)
+        raise ApiError(
+            400,
+            "clip_too_long",
+            f"{field}: the clip lasts {info.duration:g} s; lip sync takes at most {limits.max_clip_seconds:g} s",
+            field=field,
+        )
     return path, info
 
 
@@ -257,24 +327,42 @@ async def create_lipsync(request: web.Request) -> web.Response:
     return accepted_response(request, [job])
 
 
-async def submit_lipsync(app: web.Application, body: Any, defaulted: list[str], owner: str | None,
-                         charge: Callable[[], Awaitable[list[str]]] | None = None) -> Job:
+async def submit_lipsync(
+    app: web.Application,
+    body: Any,
+    defaulted: list[str],
+    owner: str | None,
+    charge: Callable[[], Awaitable[list[str]]] | None = None,
+) -> Job:
     """Check a lip-sync request against the clip and the song and queue its job (``owner``: the caller's key;
     ``charge`` takes the caller's quota once the request is known to be valid)."""
     config = app[CONFIG]
     settings = config.lipsync
     song = await song_file(app, body.audio_id, caller=owner)
     _, clip = await finished_clip(app, body.video_job_id, settings.limits, owner)
-    window = plan_window(body.audio_start, body.audio_end, clip.duration, song.duration,
-                         settings.limits.min_window_seconds)
+    window = plan_window(
+        body.audio_start, body.audio_end, clip.duration, song.duration, settings.limits.min_window_seconds
+    )
     summary = body.model_dump()
-    summary.update(window={"start": window.start, "end": window.end, "seconds": round(window.seconds, 6)},
-                   clip_seconds=clip.duration, song_seconds=song.duration, defaults_applied=defaulted)
+    summary.update(
+        window={"start": window.start, "end": window.end, "seconds": round(window.seconds, 6)},
+        clip_seconds=clip.duration,
+        song_seconds=song.duration,
+        defaults_applied=defaulted,
+    )
     debug_print(config.debug, f"lipsync job for {settings.model}", summary)
     [job_id] = await charge() if charge is not None else [new_id()]  # only a valid request costs a token
     provider = app[PROVIDERS].replicate
-    job = Job(id=job_id, backend=provider.name, model=settings.model, sandbox=provider.sandbox, request=summary,
-              kind=KIND, owner=owner, **job_fields(body))
+    job = Job(
+        id=job_id,
+        backend=provider.name,
+        model=settings.model,
+        sandbox=provider.sandbox,
+        request=summary,
+        kind=KIND,
+        owner=owner,
+        **job_fields(body),
+    )
     return await app[JOBS].submit(job)
 
 
@@ -288,11 +376,20 @@ def scene_window(entry: TimelineEntry, song: ProjectSong, field: str) -> tuple[f
     assert entry.song_start is not None
     start = round(entry.song_start - entry.trim_in, 6)
     if start < 0:
-        raise ApiError(400, "invalid_trim", f"{field}.trim_in: the scene's trim ({entry.trim_in:g} s) starts before the "
-                                            "song does; lower trim_in or raise the song offset", field=f"{field}.trim_in")
+        raise ApiError(
+            400,
+            "invalid_trim",
+            f"{field}.trim_in: the scene's trim ({entry.trim_in:g} s) starts before the "
+            "song does; lower trim_in or raise the song offset",
+            field=f"{field}.trim_in",
+        )
     if start >= song.duration:
-        raise ApiError(400, "song_too_short", f"{field}: the scene starts at {start:g} s, after the song's end "
-                                              f"({song.duration:g} s)", field=field)
+        raise ApiError(
+            400,
+            "song_too_short",
+            f"{field}: the scene starts at {start:g} s, after the song's end ({song.duration:g} s)",
+            field=field,
+        )
     return start, min(round(entry.song_start + entry.seconds, 6), song.duration)
 
 
@@ -321,8 +418,15 @@ async def lipsync_scene(request: web.Request) -> web.Response:
     check_room(entry.scene, jobs, limit, field)
     start, end = scene_window(entry, project.song, field)
     model = app[REQUEST_MODELS].lipsync
-    data = {"video_job_id": chosen.id, "audio_id": project.song.audio_id, "audio_start": start, "audio_end": end,
-            "project_id": project.id, "scene_id": scene_id, **options}
+    data = {
+        "video_job_id": chosen.id,
+        "audio_id": project.song.audio_id,
+        "audio_start": start,
+        "audio_end": end,
+        "project_id": project.id,
+        "scene_id": scene_id,
+        **options,
+    }
     body, defaulted = _validate(model, data)
     job = await submit_lipsync(app, body, defaulted, key_id(request), charge=lambda: charge(request, "jobs"))
     duration = next(v.duration for v in entry.scene.versions if v.job_id == chosen.id)
@@ -355,8 +459,13 @@ class LipsyncDriver:
     def inputs(self, job: Job, clip: Path, window: Path) -> dict[str, Any]:
         """The model's input; the two paths are uploaded through Replicate's files API by the client."""
         request = job.request
-        return {"video": clip, "audio": window, "sync_mode": request["sync_mode"],
-                "temperature": request["temperature"], "active_speaker": request["active_speaker"]}
+        return {
+            "video": clip,
+            "audio": window,
+            "sync_mode": request["sync_mode"],
+            "temperature": request["temperature"],
+            "active_speaker": request["active_speaker"],
+        }
 
     async def start(self, job: Job, webhook: str | None) -> str:
         """Cut the window (again, if a restart came before the prediction existed) and create the prediction."""
@@ -365,20 +474,28 @@ class LipsyncDriver:
         song = await song_file(self.app, request["audio_id"])
         clip = outputs.path("videos", request["video_job_id"], ".mp4")
         if not await asyncio.to_thread(clip.is_file):
-            raise ApiError(409, "clip_not_found", f"the clip {request['video_job_id']} is gone",
-                           field="video_job_id")
+            raise ApiError(409, "clip_not_found", f"the clip {request['video_job_id']} is gone", field="video_job_id")
         window = request["window"]
         dest = outputs.path("jobs", job.id, WINDOW_SUFFIX)
         try:
             async with self.app[HEAVY_FFMPEG_SLOTS]:
-                await cut_window(song, window["start"], window["seconds"], request["clip_seconds"], dest,
-                                 self.settings.limits.ffmpeg_timeout_seconds, ffmpeg_limits(self.app))
+                await cut_window(
+                    song,
+                    window["start"],
+                    window["seconds"],
+                    request["clip_seconds"],
+                    dest,
+                    self.settings.limits.ffmpeg_timeout_seconds,
+                    ffmpeg_limits(self.app),
+                )
         except media.MediaError as exc:
-            raise ApiError(500, "audio_cut_failed", f"the audio window could not be cut: {exc}",
-                           field="audio_id") from None
+            raise ApiError(
+                500, "audio_cut_failed", f"the audio window could not be cut: {exc}", field="audio_id"
+            ) from None
         try:
-            prediction = await self.provider.create(self.settings.model, self.inputs(job, clip, dest), webhook,
-                                                    cancel_after=job.seconds_left())
+            prediction = await self.provider.create(
+                self.settings.model, self.inputs(job, clip, dest), webhook, cancel_after=job.seconds_left()
+            )
         finally:
             await asyncio.to_thread(dest.unlink, missing_ok=True)
         return prediction.id

@@ -42,12 +42,43 @@ import imageio_ffmpeg
 from mvserver.core.storage import temp_path
 
 __all__ = [
-    "assemble", "AssemblyInputError", "AssemblyResult", "AUDIO_DEMUXERS", "AudioStream", "check_graph_clips", "Clip",
-    "crossfade_frames", "crossfade_pieces", "DEFAULT_LIMITS", "duration_arg", "DurationError", "encode_song_copies",
-    "ffmpeg_exe", "FfmpegLimits", "graph_clips", "input_args", "kept_frames", "MediaError", "MediaInfo",
-    "MediaMemoryError", "MediaTimeout", "output_fps", "output_frames", "parse_inputs", "parse_probe", "Piece", "probe",
-    "probe_clips", "run_ffmpeg", "run_lock", "song_demuxer", "SONG_DEMUXERS", "song_input_args", "SongCopy",
-    "stream_duration", "VideoStream",
+    "assemble",
+    "AssemblyInputError",
+    "AssemblyResult",
+    "AUDIO_DEMUXERS",
+    "AudioStream",
+    "check_graph_clips",
+    "Clip",
+    "crossfade_frames",
+    "crossfade_pieces",
+    "DEFAULT_LIMITS",
+    "duration_arg",
+    "DurationError",
+    "encode_song_copies",
+    "ffmpeg_exe",
+    "FfmpegLimits",
+    "graph_clips",
+    "input_args",
+    "kept_frames",
+    "MediaError",
+    "MediaInfo",
+    "MediaMemoryError",
+    "MediaTimeout",
+    "output_fps",
+    "output_frames",
+    "parse_inputs",
+    "parse_probe",
+    "Piece",
+    "probe",
+    "probe_clips",
+    "run_ffmpeg",
+    "run_lock",
+    "song_demuxer",
+    "SONG_DEMUXERS",
+    "song_input_args",
+    "SongCopy",
+    "stream_duration",
+    "VideoStream",
 ]
 
 ProgressCallback = Callable[[float], None]
@@ -129,8 +160,10 @@ THREAD_STACK_BYTES = 2 << 20  # glibc sizes thread stacks by RLIMIT_STACK: 2 MiB
 PR_SET_PDEATHSIG = 1
 LOCK_POLL_SECONDS = 0.25
 # What ffmpeg (and x264 inside it) print when an allocation or a thread's stack could not be had.
-_OUT_OF_MEMORY = re.compile(r"Cannot allocate memory|get_buffer\(\) failed|malloc of size \d+ failed|"
-                            r"Resource temporarily unavailable|[Oo]ut of memory")
+_OUT_OF_MEMORY = re.compile(
+    r"Cannot allocate memory|get_buffer\(\) failed|malloc of size \d+ failed|"
+    r"Resource temporarily unavailable|[Oo]ut of memory"
+)
 
 
 @dataclass(frozen=True)
@@ -155,8 +188,10 @@ class FfmpegLimits:
         return self.timeout_base_seconds + self.timeout_seconds_per_output_second * max(0.0, output_seconds)
 
     def describe_timeout(self, output_seconds: float) -> str:
-        return (f"{self.timeout_base_seconds:g} s + {self.timeout_seconds_per_output_second:g} s per second of "
-                f"output x {output_seconds:g} s")
+        return (
+            f"{self.timeout_base_seconds:g} s + {self.timeout_seconds_per_output_second:g} s per second of "
+            f"output x {output_seconds:g} s"
+        )
 
 
 DEFAULT_LIMITS = FfmpegLimits()  # probes and runs that are given no limits of their own
@@ -236,18 +271,32 @@ class MediaInfo:
 
 _INPUT = re.compile(r"^Input #(?P<input>\d+), (?P<container>[\w,]+), from ", re.M)
 _OUTPUT = re.compile(r"^Output #\d+, ", re.M)
-_DURATION = re.compile(r"^  Duration: (?:(?P<h>\d+):(?P<m>\d+):(?P<s>\d+(?:\.\d+)?)|N/A)(?:, start: (?P<start>-?\d+(?:\.\d+)?))?",
-                       re.M)
+_DURATION = re.compile(
+    r"^  Duration: (?:(?P<h>\d+):(?P<m>\d+):(?P<s>\d+(?:\.\d+)?)|N/A)(?:, start: (?P<start>-?\d+(?:\.\d+)?))?", re.M
+)
 # A stream line starts at a fixed indent; metadata values (which a file controls) are printed after "key : ".
-_STREAM = re.compile(r"^  Stream #\d+:(?P<index>\d+)(?:\[0x[0-9a-f]+\])?(?:\([^)]*\))?: (?P<kind>Video|Audio|Subtitle|Data|Attachment): (?P<rest>.*)$",
-                     re.M)
-_VIDEO = re.compile(r"^(?P<codec>\w+)(?: \((?P<profile>[^)]*)\))?[^,]*, (?P<pix>\w+)(?:\([^)]*\))?, (?P<w>\d+)x(?P<h>\d+)"
-                    r"(?: \[SAR (?P<sn>\d+):(?P<sd>\d+) DAR \d+:\d+\])?")
+_STREAM = re.compile(
+    r"^  Stream #\d+:(?P<index>\d+)(?:\[0x[0-9a-f]+\])?(?:\([^)]*\))?: (?P<kind>Video|Audio|Subtitle|Data|Attachment): (?P<rest>.*)$",
+    re.M,
+)
+_VIDEO = re.compile(
+    r"^(?P<codec>\w+)(?: \((?P<profile>[^)]*)\))?[^,]*, (?P<pix>\w+)(?:\([^)]*\))?, (?P<w>\d+)x(?P<h>\d+)"
+    r"(?: \[SAR (?P<sn>\d+):(?P<sd>\d+) DAR \d+:\d+\])?"
+)
 _FPS = re.compile(r", (?P<fps>\d+(?:\.\d+)?)(?P<k>k?) fps")
 _TBN = re.compile(r", (?P<tbn>\d+(?:\.\d+)?)(?P<k>k?) tbn")
 _AUDIO = re.compile(r"^(?P<codec>\w+)[^,]*, (?P<rate>\d+) Hz, (?P<layout>[^,]+)(?:, (?P<fmt>\w+))?")
-_NAMED_LAYOUTS = {"mono": 1, "stereo": 2, "downmix": 2, "binaural": 2, "quad": 4, "hexagonal": 6, "octagonal": 8,
-                  "cube": 8, "hexadecagonal": 16}
+_NAMED_LAYOUTS = {
+    "mono": 1,
+    "stereo": 2,
+    "downmix": 2,
+    "binaural": 2,
+    "quad": 4,
+    "hexagonal": 6,
+    "octagonal": 8,
+    "cube": 8,
+    "hexadecagonal": 16,
+}
 
 
 def _channels(layout: str) -> int | None:
@@ -272,21 +321,21 @@ def _number(match: re.Match[str] | None, group: str) -> float | None:
 def parse_inputs(text: str) -> dict[int, MediaInfo]:
     """Parse what ``ffmpeg -i A -i B ...`` prints about each input (output sections are left out), by input number."""
     if (output := _OUTPUT.search(text)) is not None:
-        text = text[:output.start()]
+        text = text[: output.start()]
     headers = list(_INPUT.finditer(text))
     ends = [h.start() for h in headers[1:]] + [len(text)]
-    return {int(h["input"]): parse_probe(text[h.start():end]) for h, end in zip(headers, ends, strict=False)}
+    return {int(h["input"]): parse_probe(text[h.start() : end]) for h, end in zip(headers, ends, strict=False)}
 
 
 def parse_probe(text: str) -> MediaInfo:
     """Parse what ``ffmpeg -i FILE`` prints about its (first) input; raise MediaError if it names no readable input."""
     if (output := _OUTPUT.search(text)) is not None:
-        text = text[:output.start()]
+        text = text[: output.start()]
     headers = list(_INPUT.finditer(text))
     if not headers:
         raise MediaError(f"not a readable media file: {text.strip()[-STDERR_TAIL:] or '(no output)'}")
     header = headers[0]
-    text = text[header.start():headers[1].start() if len(headers) > 1 else len(text)]
+    text = text[header.start() : headers[1].start() if len(headers) > 1 else len(text)]
     duration = start = None
     if (dur := _DURATION.search(text)) is not None:
         if dur["h"] is not None:
@@ -299,22 +348,44 @@ def parse_probe(text: str) -> MediaInfo:
         index, kind, rest = int(stream["index"]), stream["kind"], stream["rest"]
         if kind == "Video" and (v := _VIDEO.match(rest)):
             tbn = _number(_TBN.search(rest), "tbn")
-            video.append(VideoStream(
-                index=index, codec=v["codec"], profile=v["profile"], width=int(v["w"]), height=int(v["h"]),
-                pix_fmt=v["pix"], fps=_number(_FPS.search(rest), "fps"),
-                time_base=f"1/{int(tbn)}" if tbn else None,
-                sar=(int(v["sn"]), int(v["sd"])) if v["sn"] and int(v["sn"]) and int(v["sd"]) else (1, 1),
-                attached_pic="(attached pic)" in rest))
+            video.append(
+                VideoStream(
+                    index=index,
+                    codec=v["codec"],
+                    profile=v["profile"],
+                    width=int(v["w"]),
+                    height=int(v["h"]),
+                    pix_fmt=v["pix"],
+                    fps=_number(_FPS.search(rest), "fps"),
+                    time_base=f"1/{int(tbn)}" if tbn else None,
+                    sar=(int(v["sn"]), int(v["sd"])) if v["sn"] and int(v["sn"]) and int(v["sd"]) else (1, 1),
+                    attached_pic="(attached pic)" in rest,
+                )
+            )
         elif kind == "Audio" and (a := _AUDIO.match(rest)):
             channels = _channels(a["layout"])
             if channels is None:
                 raise MediaError(f"unknown channel layout {a['layout']!r} in stream {index}")
-            audio.append(AudioStream(index=index, codec=a["codec"], sample_rate=int(a["rate"]), channels=channels,
-                                     layout=a["layout"].strip(), sample_fmt=a["fmt"]))
+            audio.append(
+                AudioStream(
+                    index=index,
+                    codec=a["codec"],
+                    sample_rate=int(a["rate"]),
+                    channels=channels,
+                    layout=a["layout"].strip(),
+                    sample_fmt=a["fmt"],
+                )
+            )
         else:
             other += 1
-    return MediaInfo(container=header["container"], duration=duration, start=start or 0.0, video=tuple(video),
-                     audio=tuple(audio), other_streams=other)
+    return MediaInfo(
+        container=header["container"],
+        duration=duration,
+        start=start or 0.0,
+        video=tuple(video),
+        audio=tuple(audio),
+        other_streams=other,
+    )
 
 
 @lru_cache(maxsize=1)
@@ -340,14 +411,26 @@ def _child_setup(parent: int, memory_mb: int | None, prctl: Callable[..., int]) 
     return setup
 
 
-async def _spawn(args: Sequence[str], stdout: int = subprocess.DEVNULL, limits: FfmpegLimits = DEFAULT_LIMITS,
-                 hold: Sequence[int] = ()) -> asyncio.subprocess.Process:
+async def _spawn(
+    args: Sequence[str],
+    stdout: int = subprocess.DEVNULL,
+    limits: FfmpegLimits = DEFAULT_LIMITS,
+    hold: Sequence[int] = (),
+) -> asyncio.subprocess.Process:
     """Start ffmpeg in its own process group (``killpg`` then reaches anything it starts), bound to this process's
     life and to ``limits``; ``hold``: file descriptors it inherits (a run lock, see :func:`run_lock`)."""
     return await asyncio.create_subprocess_exec(
-        ffmpeg_exe(), "-nostdin", "-hide_banner", *args,
-        stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, start_new_session=True,
-        preexec_fn=_child_setup(os.getpid(), limits.memory_mb, _prctl()), pass_fds=tuple(hold))
+        ffmpeg_exe(),
+        "-nostdin",
+        "-hide_banner",
+        *args,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_child_setup(os.getpid(), limits.memory_mb, _prctl()),
+        pass_fds=tuple(hold),
+    )
 
 
 def _bounded(args: Sequence[str], threads: int | None) -> list[str]:
@@ -444,8 +527,9 @@ async def probe_clips(paths: Sequence[Path], *, timeout: float = PROBE_TIMEOUT) 
     assert proc.stdout is not None and proc.stderr is not None
     try:
         async with asyncio.timeout(timeout):
-            counted, text = await asyncio.gather(_count_packets(proc.stdout),
-                                                 _read_limited(proc.stderr, PROBE_OUTPUT_LIMIT))
+            counted, text = await asyncio.gather(
+                _count_packets(proc.stdout), _read_limited(proc.stderr, PROBE_OUTPUT_LIMIT)
+            )
             await proc.wait()
     except TimeoutError:
         raise MediaTimeout(f"probing {len(paths)} files took longer than {timeout:g} s") from None
@@ -467,9 +551,16 @@ async def _count_packets(stream: asyncio.StreamReader) -> dict[int, int]:
     return counts
 
 
-async def stream_duration(path: Path, stream: str = "v:0", *, decode: bool = False, fps: float | None = None,
-                          timeout: float = PROBE_TIMEOUT, demuxers: Sequence[str] | None = None,
-                          limit: float | None = None) -> float:
+async def stream_duration(
+    path: Path,
+    stream: str = "v:0",
+    *,
+    decode: bool = False,
+    fps: float | None = None,
+    timeout: float = PROBE_TIMEOUT,
+    demuxers: Sequence[str] | None = None,
+    limit: float | None = None,
+) -> float:
     """The length of one stream in seconds, from what ffmpeg counts while reading it (``-progress``), not the header.
 
     ``decode=False`` only demuxes (milliseconds); ``decode=True`` decodes the stream, which also proves it is
@@ -501,9 +592,16 @@ async def stream_duration(path: Path, stream: str = "v:0", *, decode: bool = Fal
 # -- running ffmpeg ------------------------------------------------------------------------------------------------
 
 
-async def run_ffmpeg(args: Sequence[str], *, duration: float | None = None, progress: ProgressCallback | None = None,
-                     timeout: float | None = None, on_field: Callable[[str, str], None] | None = None,
-                     limits: FfmpegLimits = DEFAULT_LIMITS, hold: Sequence[int] = ()) -> None:
+async def run_ffmpeg(
+    args: Sequence[str],
+    *,
+    duration: float | None = None,
+    progress: ProgressCallback | None = None,
+    timeout: float | None = None,
+    on_field: Callable[[str, str], None] | None = None,
+    limits: FfmpegLimits = DEFAULT_LIMITS,
+    hold: Sequence[int] = (),
+) -> None:
     """Run ``ffmpeg ARGS`` with ``-progress pipe:1 -nostats``; report 0..1 to ``progress`` as it goes.
 
     The fraction is ``out_time_us / duration`` (clamped) and 1.0 on ``progress=end``. ffmpeg runs within ``limits``
@@ -514,8 +612,12 @@ async def run_ffmpeg(args: Sequence[str], *, duration: float | None = None, prog
     """
     if timeout is None:
         timeout = limits.timeout(duration)
-    proc = await _spawn(_bounded(["-loglevel", "error", "-progress", "pipe:1", "-nostats", *args], limits.threads),
-                        stdout=subprocess.PIPE, limits=limits, hold=hold)
+    proc = await _spawn(
+        _bounded(["-loglevel", "error", "-progress", "pipe:1", "-nostats", *args], limits.threads),
+        stdout=subprocess.PIPE,
+        limits=limits,
+        hold=hold,
+    )
     assert proc.stdout is not None and proc.stderr is not None
     errors = asyncio.ensure_future(_read_limited(proc.stderr, STDERR_TAIL, tail=True))
     last = -1.0
@@ -552,8 +654,15 @@ async def run_ffmpeg(args: Sequence[str], *, duration: float | None = None, prog
 # -- a saved song's copies ------------------------------------------------------------------------------------------
 
 
-async def encode_song_copies(song: Path, aac: Path, preview: Path, *, duration: float | None = None,
-                             timeout: float | None = None, limits: FfmpegLimits = DEFAULT_LIMITS) -> None:
+async def encode_song_copies(
+    song: Path,
+    aac: Path,
+    preview: Path,
+    *,
+    duration: float | None = None,
+    timeout: float | None = None,
+    limits: FfmpegLimits = DEFAULT_LIMITS,
+) -> None:
     """Encode a saved song once, in one ffmpeg run (one decode, two encoders) within ``limits``: ``aac``, AAC-LC at
     the assembly's rate, channels and bitrate in an MP4, whose packets a cut-only assembly copies; and ``preview``, a
     small mono MP3 (32 kb/s: 240 KB a minute) that goes inline to Gemini with the scene request. Both are written
@@ -561,11 +670,44 @@ async def encode_song_copies(song: Path, aac: Path, preview: Path, *, duration: 
     temps = [_temp(aac, "enc"), _temp(preview, "enc")]
     threads = ["-threads", str(limits.threads)] if limits.threads is not None else []  # run_ffmpeg caps the last output
     try:
-        await run_ffmpeg([*song_input_args(song), "-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1",
-                          "-c:a", "aac", "-b:a", AUDIO_BITRATE, "-ar", str(AUDIO_RATE), "-ac", "2", *threads,
-                          "-f", "mp4", "-y", str(temps[0]),
-                          "-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1", *PREVIEW_ARGS,
-                          "-y", str(temps[1])], duration=duration, timeout=timeout, limits=limits)
+        await run_ffmpeg(
+            [
+                *song_input_args(song),
+                "-map",
+                "0:a:0",
+                "-vn",
+                "-sn",
+                "-dn",
+                "-map_metadata",
+                "-1",
+                "-c:a",
+                "aac",
+                "-b:a",
+                AUDIO_BITRATE,
+                "-ar",
+                str(AUDIO_RATE),
+                "-ac",
+                "2",
+                *threads,
+                "-f",
+                "mp4",
+                "-y",
+                str(temps[0]),
+                "-map",
+                "0:a:0",
+                "-vn",
+                "-sn",
+                "-dn",
+                "-map_metadata",
+                "-1",
+                *PREVIEW_ARGS,
+                "-y",
+                str(temps[1]),
+            ],
+            duration=duration,
+            timeout=timeout,
+            limits=limits,
+        )
         await asyncio.to_thread(_fsync_replace, temps[0], aac)
         await asyncio.to_thread(_fsync_replace, temps[1], preview)
     except BaseException:
@@ -652,7 +794,10 @@ async def _load_sources(clips: Sequence[Clip]) -> list[_Source]:
     first = described[0][0].first_video
     assert first is not None
     out_fps = output_fps(first)
-    return [_source(i, clip, info, frames, out_fps) for i, (clip, (info, frames)) in enumerate(zip(clips, described, strict=False))]
+    return [
+        _source(i, clip, info, frames, out_fps)
+        for i, (clip, (info, frames)) in enumerate(zip(clips, described, strict=False))
+    ]
 
 
 def output_fps(first: VideoStream) -> float:
@@ -660,8 +805,9 @@ def output_fps(first: VideoStream) -> float:
     return first.fps or 24.0
 
 
-def kept_frames(trim_in: float | None, trim_out: float | None, frame_count: int, fps: float,
-                out_fps: float) -> tuple[int, int]:
+def kept_frames(
+    trim_in: float | None, trim_out: float | None, frame_count: int, fps: float, out_fps: float
+) -> tuple[int, int]:
     """The first frame and the number of frames a clip of ``frame_count`` frames at ``fps`` keeps after its trims
     (snapped to whole frames). At least one frame at the output's ``out_fps`` must be kept.
 
@@ -671,17 +817,22 @@ def kept_frames(trim_in: float | None, trim_out: float | None, frame_count: int,
     start = trim_in or 0.0
     end = length if trim_out is None else trim_out
     if start < 0 or start >= length:
-        raise AssemblyInputError("trim_in", f"trim_in: {start:g} s is not in [0, {length:.3f}) seconds, the clip's "
-                                            "length")
+        raise AssemblyInputError(
+            "trim_in", f"trim_in: {start:g} s is not in [0, {length:.3f}) seconds, the clip's length"
+        )
     if end > length + TRIM_TOLERANCE or end <= start:
-        raise AssemblyInputError("trim_out", f"trim_out: must be after trim_in ({start:g} s) and at most the clip's "
-                                             f"length ({length:.3f} s)")
+        raise AssemblyInputError(
+            "trim_out", f"trim_out: must be after trim_in ({start:g} s) and at most the clip's length ({length:.3f} s)"
+        )
     first = round(start * fps)
     frames = min(round(end * fps), frame_count) - first
     if frames * out_fps < fps - 1e-9:  # less than one frame of the output
         name = "trim_out" if trim_out is not None else "trim_in"
-        raise AssemblyInputError(name, f"{name}: the trims keep {max(frames, 0) / fps:.4f} s, less than one frame at "
-                                       f"the output's {out_fps:g} fps ({1 / out_fps:.4f} s)")
+        raise AssemblyInputError(
+            name,
+            f"{name}: the trims keep {max(frames, 0) / fps:.4f} s, less than one frame at "
+            f"the output's {out_fps:g} fps ({1 / out_fps:.4f} s)",
+        )
     return first, frames
 
 
@@ -689,9 +840,12 @@ def crossfade_frames(seconds: float, out_fps: float) -> int:
     """A crossfade in whole output frames; under one frame is refused (AssemblyInputError naming
     ``crossfade_seconds``): formatted for ffmpeg it would run as no crossfade at all."""
     if not seconds * out_fps >= 1 - 1e-9:
-        raise AssemblyInputError("crossfade_seconds", f"crossfade_seconds: {seconds:g} s is less than one frame at the "
-                                                      f"output's {out_fps:g} fps ({1 / out_fps:.4f} s); use "
-                                                      "transition cut for no crossfade")
+        raise AssemblyInputError(
+            "crossfade_seconds",
+            f"crossfade_seconds: {seconds:g} s is less than one frame at the "
+            f"output's {out_fps:g} fps ({1 / out_fps:.4f} s); use "
+            "transition cut for no crossfade",
+        )
     return round(seconds * out_fps)
 
 
@@ -715,8 +869,10 @@ def _fit_filter(source: VideoStream, width: int, height: int, fit: Fit | None) -
     if abs(source.aspect - width / height) <= ASPECT_TOLERANCE or fit is None:
         return f"scale={width}:{height},setsar=1"
     if fit == "letterbox":
-        return (f"scale={width}:{height}:force_original_aspect_ratio=decrease,"
-                f"pad={width}:{height}:(ow-iw)/2:(oh-ih)/2,setsar=1")
+        return (
+            f"scale={width}:{height}:force_original_aspect_ratio=decrease,"
+            f"pad={width}:{height}:(ow-iw)/2:(oh-ih)/2,setsar=1"
+        )
     return f"scale={width}:{height}:force_original_aspect_ratio=increase,crop={width}:{height},setsar=1"
 
 
@@ -728,11 +884,18 @@ def _check_aspects(sources: list[_Source], fit: Fit | None) -> None:
             raise AssemblyInputError(
                 f"clips[{source.index}]",
                 f"clips[{source.index}] is {v.width}x{v.height}, a different aspect ratio from clips[0] "
-                f"({sources[0].video.width}x{sources[0].video.height}); pass fit letterbox or crop")
+                f"({sources[0].video.width}x{sources[0].video.height}); pass fit letterbox or crop",
+            )
 
 
-def _audio_graph(sources: list[_Source], first_input: int, song_input: int | None, total: float,
-                 clip_audio: ClipAudio, crossfade: float | None) -> str:
+def _audio_graph(
+    sources: list[_Source],
+    first_input: int,
+    song_input: int | None,
+    total: float,
+    clip_audio: ClipAudio,
+    crossfade: float | None,
+) -> str:
     """The filter graph that ends in ``[aout]``: song, clip audio or silence, at 48 kHz stereo, ``total`` long."""
     fmt = f"aresample={AUDIO_RATE},aformat=sample_fmts=fltp:sample_rates={AUDIO_RATE}:channel_layouts=stereo"
     parts: list[str] = []
@@ -742,10 +905,14 @@ def _audio_graph(sources: list[_Source], first_input: int, song_input: int | Non
         for n, source in enumerate(sources):
             d = source.duration
             if source.info.first_audio is not None:
-                parts.append(f"[{first_input + n}:a:0]{fmt},atrim=start={source.start:.6f},asetpts=PTS-STARTPTS,"
-                             f"apad,atrim=end={duration_arg(d)}[ca{n}]")
+                parts.append(
+                    f"[{first_input + n}:a:0]{fmt},atrim=start={source.start:.6f},asetpts=PTS-STARTPTS,"
+                    f"apad,atrim=end={duration_arg(d)}[ca{n}]"
+                )
             else:
-                parts.append(f"anullsrc=r={AUDIO_RATE}:cl=stereo,aformat=sample_fmts=fltp,atrim=end={duration_arg(d)}[ca{n}]")
+                parts.append(
+                    f"anullsrc=r={AUDIO_RATE}:cl=stereo,aformat=sample_fmts=fltp,atrim=end={duration_arg(d)}[ca{n}]"
+                )
             labels.append(f"[ca{n}]")
         if crossfade:
             current = labels[0]
@@ -760,8 +927,10 @@ def _audio_graph(sources: list[_Source], first_input: int, song_input: int | Non
         tracks.append("[clips]")
     if song_input is not None:
         fade = min(SONG_FADE_SECONDS, total / 4)
-        parts.append(f"[{song_input}:a:0]{fmt},apad,atrim=end={duration_arg(total)},"
-                     f"afade=t=out:st={total - fade:.6f}:d={duration_arg(fade)}[song]")
+        parts.append(
+            f"[{song_input}:a:0]{fmt},apad,atrim=end={duration_arg(total)},"
+            f"afade=t=out:st={total - fade:.6f}:d={duration_arg(fade)}[song]"
+        )
         tracks.insert(0, "[song]")
     if not tracks:
         parts.append(f"anullsrc=r={AUDIO_RATE}:cl=stereo,atrim=end={duration_arg(total)}[aout]")
@@ -798,8 +967,9 @@ def _target(first: VideoStream) -> VideoStream:
     """The output's video parameters: the first clip's when they can be copied, else H.264 yuv420p of its size."""
     if first.codec == "h264" and first.pix_fmt == "yuv420p" and first.fps and first.sar == (1, 1):
         return first
-    return VideoStream(0, "h264", "High", first.width, first.height, "yuv420p", first.fps or 24.0,
-                       first.time_base or "1/12288")
+    return VideoStream(
+        0, "h264", "High", first.width, first.height, "yuv420p", first.fps or 24.0, first.time_base or "1/12288"
+    )
 
 
 def _segment_output(target: VideoStream, frames: int, dest: Path) -> list[str]:
@@ -811,13 +981,23 @@ def _segment_output(target: VideoStream, frames: int, dest: Path) -> list[str]:
     return [*args, "-f", "mp4", "-y", str(dest)]
 
 
-async def _encode_segment(source: _Source, dest: Path, target: VideoStream, fit: Fit | None,
-                          progress: ProgressCallback | None, run: _Runner) -> None:
+async def _encode_segment(
+    source: _Source, dest: Path, target: VideoStream, fit: Fit | None, progress: ProgressCallback | None, run: _Runner
+) -> None:
     """Re-encode one clip's used part into a video-only segment the concat demuxer can join to copied clips."""
     fps = target.fps or 24.0
     vf = f"{_fit_filter(source.video, target.width, target.height, fit)},fps={fps:g},format={target.pix_fmt}"
-    args = ["-ss", f"{source.start:.6f}", "-i", str(source.clip.path), "-map", "0:v:0", "-vf", vf,
-            *_segment_output(target, source.frames, dest)]
+    args = [
+        "-ss",
+        f"{source.start:.6f}",
+        "-i",
+        str(source.clip.path),
+        "-map",
+        "0:v:0",
+        "-vf",
+        vf,
+        *_segment_output(target, source.frames, dest),
+    ]
     await run(args, duration=source.duration, progress=progress)
 
 
@@ -845,8 +1025,9 @@ class _Progress:
         return lambda f: callback(min(1.0, (before + f * self.weights[n]) / self.total))
 
 
-async def _song_audio_list(song: SongCopy, offset: float, total: float, out: Path, temps: list[Path],
-                           run: _Runner) -> Path | None:
+async def _song_audio_list(
+    song: SongCopy, offset: float, total: float, out: Path, temps: list[Path], run: _Runner
+) -> Path | None:
     """An ffconcat list of the song's audio under a cut-only video: the AAC copy's packets from ``offset`` up to
     the fade (a packet boundary), then the rest, faded out (and padded with silence where the song ends first),
     decoded from the copy and encoded again. The copied part starts with the packet that holds ``offset`` (at most
@@ -861,10 +1042,33 @@ async def _song_audio_list(song: SongCopy, offset: float, total: float, out: Pat
     tail = _temp(out, "tail")
     temps.append(tail)
     if split < end - 1e-6:
-        await run(["-ss", f"{split:.6f}", *input_args(song.path, ["mov"]), "-t", duration_arg(end - split),
-                   "-map", "0:a:0", "-af", f"afade=t=out:st=0:d={duration_arg(end - split)},apad",
-                   "-c:a", "aac", "-b:a", AUDIO_BITRATE, "-ar", str(AUDIO_RATE), "-ac", "2", "-f", "mp4",
-                   "-y", str(tail)], duration=end - split, progress=None)
+        await run(
+            [
+                "-ss",
+                f"{split:.6f}",
+                *input_args(song.path, ["mov"]),
+                "-t",
+                duration_arg(end - split),
+                "-map",
+                "0:a:0",
+                "-af",
+                f"afade=t=out:st=0:d={duration_arg(end - split)},apad",
+                "-c:a",
+                "aac",
+                "-b:a",
+                AUDIO_BITRATE,
+                "-ar",
+                str(AUDIO_RATE),
+                "-ac",
+                "2",
+                "-f",
+                "mp4",
+                "-y",
+                str(tail),
+            ],
+            duration=end - split,
+            progress=None,
+        )
     listing = _temp(out, "audiolist")
     temps.append(listing)
     text = f"ffconcat version 1.0\nfile {_quoted(song.path)}\ninpoint {offset:.6f}\noutpoint {min(split, end):.6f}\n"
@@ -874,9 +1078,20 @@ async def _song_audio_list(song: SongCopy, offset: float, total: float, out: Pat
     return listing
 
 
-async def _final_run(sources: list[_Source], entries: list[tuple[Path, float]], tmp: Path, out: Path,
-                     song: Path | None, song_offset: float, clip_audio: ClipAudio, crossfade: float | None,
-                     total: float, progress: ProgressCallback | None, run: _Runner, temps: list[Path]) -> None:
+async def _final_run(
+    sources: list[_Source],
+    entries: list[tuple[Path, float]],
+    tmp: Path,
+    out: Path,
+    song: Path | None,
+    song_offset: float,
+    clip_audio: ClipAudio,
+    crossfade: float | None,
+    total: float,
+    progress: ProgressCallback | None,
+    run: _Runner,
+    temps: list[Path],
+) -> None:
     """The video segments joined by the concat demuxer (copied) and the audio track encoded: the song, the clips'
     audio (cut to each clip's used part, joined by concat or acrossfade) or silence."""
     listing = _temp(out, "list")
@@ -885,16 +1100,46 @@ async def _final_run(sources: list[_Source], entries: list[tuple[Path, float]], 
     song_input = 1 if song is not None else None
     first_clip_input = 2 if song is not None else 1
     graph = _audio_graph(sources, first_clip_input, song_input, total, clip_audio, crossfade)
-    args = ["-f", "concat", "-safe", "0", "-i", str(listing), *_song_inputs(song, song_offset),
-            *_audio_inputs(sources, clip_audio), "-filter_complex", graph,
-            "-map", "0:v:0", "-map", "[aout]", "-c:v", "copy", *OUTPUT_ARGS, "-t", duration_arg(total), "-y", str(tmp)]
+    args = [
+        "-f",
+        "concat",
+        "-safe",
+        "0",
+        "-i",
+        str(listing),
+        *_song_inputs(song, song_offset),
+        *_audio_inputs(sources, clip_audio),
+        "-filter_complex",
+        graph,
+        "-map",
+        "0:v:0",
+        "-map",
+        "[aout]",
+        "-c:v",
+        "copy",
+        *OUTPUT_ARGS,
+        "-t",
+        duration_arg(total),
+        "-y",
+        str(tmp),
+    ]
     await run(args, duration=total, progress=progress)
 
 
-async def _assemble_cuts(sources: list[_Source], tmp: Path, out: Path, song: Path | None, song_offset: float,
-                         clip_audio: ClipAudio, fit: Fit | None, progress: ProgressCallback | None,
-                         result: AssemblyResult, temps: list[Path], run: _Runner,
-                         song_copy: SongCopy | None = None) -> None:
+async def _assemble_cuts(
+    sources: list[_Source],
+    tmp: Path,
+    out: Path,
+    song: Path | None,
+    song_offset: float,
+    clip_audio: ClipAudio,
+    fit: Fit | None,
+    progress: ProgressCallback | None,
+    result: AssemblyResult,
+    temps: list[Path],
+    run: _Runner,
+    song_copy: SongCopy | None = None,
+) -> None:
     # The output takes the first clip's parameters; clips that differ are encoded to match them.
     target = _target(sources[0].video)
     copyable = [not s.trimmed and s.video.copy_key() == target.copy_key() for s in sources]
@@ -914,15 +1159,52 @@ async def _assemble_cuts(sources: list[_Source], tmp: Path, out: Path, song: Pat
     if song_copy is not None and clip_audio == "drop":
         audio_list = await _song_audio_list(song_copy, song_offset, total, out, temps, run)
     if audio_list is None:
-        await _final_run(sources, entries, tmp, out, song, song_offset, clip_audio, None, total,
-                         tracker.step(len(encode)), run, temps)
+        await _final_run(
+            sources,
+            entries,
+            tmp,
+            out,
+            song,
+            song_offset,
+            clip_audio,
+            None,
+            total,
+            tracker.step(len(encode)),
+            run,
+            temps,
+        )
         return
     listing = _temp(out, "list")
     temps.append(listing)
     await asyncio.to_thread(listing.write_text, _concat_list(entries))
-    args = ["-f", "concat", "-safe", "0", "-i", str(listing), "-f", "concat", "-safe", "0", "-i", str(audio_list),
-            "-map", "0:v:0", "-map", "1:a:0", "-c", "copy", "-movflags", "+faststart", "-f", "mp4",
-            "-t", duration_arg(total), "-y", str(tmp)]
+    args = [
+        "-f",
+        "concat",
+        "-safe",
+        "0",
+        "-i",
+        str(listing),
+        "-f",
+        "concat",
+        "-safe",
+        "0",
+        "-i",
+        str(audio_list),
+        "-map",
+        "0:v:0",
+        "-map",
+        "1:a:0",
+        "-c",
+        "copy",
+        "-movflags",
+        "+faststart",
+        "-f",
+        "mp4",
+        "-t",
+        duration_arg(total),
+        "-y",
+        str(tmp),
+    ]
     await run(args, duration=total, progress=tracker.step(len(encode)))
     result.audio = "copied"
 
@@ -979,8 +1261,16 @@ def _output_frames(source: _Source, fps: float) -> int:
     return output_frames(source.duration, fps)
 
 
-async def _encode_piece(piece: Piece, sources: list[_Source], dest: Path, target: VideoStream, fit: Fit | None,
-                        fade: int, progress: ProgressCallback | None, run: _Runner) -> None:
+async def _encode_piece(
+    piece: Piece,
+    sources: list[_Source],
+    dest: Path,
+    target: VideoStream,
+    fit: Fit | None,
+    fade: int,
+    progress: ProgressCallback | None,
+    run: _Runner,
+) -> None:
     """One piece of a crossfade, video only: its clips trimmed at input, fitted, resampled to the output's frame rate
     and chained with ``xfade``."""
     fps = target.fps or 24.0
@@ -988,24 +1278,51 @@ async def _encode_piece(piece: Piece, sources: list[_Source], dest: Path, target
     chains: list[str] = []
     for n, (k, begin, count) in enumerate(piece.parts):
         source = sources[k]
-        inputs += ["-ss", f"{source.start + begin / fps:.6f}", "-t", duration_arg((count + 1) / fps),
-                   "-i", str(source.clip.path)]
-        chains.append(f"[{n}:v:0]{_fit_filter(source.video, target.width, target.height, fit)},fps={fps:g},"
-                      f"format={target.pix_fmt},trim=end_frame={count},setpts=PTS-STARTPTS,settb=AVTB[v{n}]")
+        inputs += [
+            "-ss",
+            f"{source.start + begin / fps:.6f}",
+            "-t",
+            duration_arg((count + 1) / fps),
+            "-i",
+            str(source.clip.path),
+        ]
+        chains.append(
+            f"[{n}:v:0]{_fit_filter(source.video, target.width, target.height, fit)},fps={fps:g},"
+            f"format={target.pix_fmt},trim=end_frame={count},setpts=PTS-STARTPTS,settb=AVTB[v{n}]"
+        )
     current, length = "[v0]", piece.parts[0][2]
     for n, (_, _, count) in enumerate(piece.parts[1:], 1):
-        chains.append(f"{current}[v{n}]xfade=transition=fade:duration={duration_arg(fade / fps)}:"
-                      f"offset={(length - fade) / fps:.6f}[x{n}]")
+        chains.append(
+            f"{current}[v{n}]xfade=transition=fade:duration={duration_arg(fade / fps)}:"
+            f"offset={(length - fade) / fps:.6f}[x{n}]"
+        )
         current, length = f"[x{n}]", length + count - fade
     chains.append(f"{current}null[vout]")
-    args = [*inputs, "-filter_complex", ";".join(chains), "-map", "[vout]",
-            *_segment_output(target, piece.frames, dest)]
+    args = [
+        *inputs,
+        "-filter_complex",
+        ";".join(chains),
+        "-map",
+        "[vout]",
+        *_segment_output(target, piece.frames, dest),
+    ]
     await run(args, duration=piece.frames / fps, progress=progress)
 
 
-async def _assemble_crossfade(sources: list[_Source], tmp: Path, out: Path, song: Path | None, song_offset: float,
-                              fade: int, clip_audio: ClipAudio, fit: Fit | None, progress: ProgressCallback | None,
-                              result: AssemblyResult, temps: list[Path], run: _Runner) -> float:
+async def _assemble_crossfade(
+    sources: list[_Source],
+    tmp: Path,
+    out: Path,
+    song: Path | None,
+    song_offset: float,
+    fade: int,
+    clip_audio: ClipAudio,
+    fit: Fit | None,
+    progress: ProgressCallback | None,
+    result: AssemblyResult,
+    temps: list[Path],
+    run: _Runner,
+) -> float:
     """Crossfades piece by piece (:func:`crossfade_pieces`), each piece encoded on its own; the pieces are joined by
     the concat demuxer (copied) in the final run, which also encodes the audio with ``acrossfade`` joins."""
     first = _target(sources[0].video)
@@ -1022,17 +1339,40 @@ async def _assemble_crossfade(sources: list[_Source], tmp: Path, out: Path, song
         temps.append(segment)
         await _encode_piece(piece, sources, segment, target, fit, fade, tracker.step(n), run)
         entries.append((segment, piece.frames / fps))
-    await _final_run(sources, entries, tmp, out, song, song_offset, clip_audio, fade / fps, length,
-                     tracker.step(len(pieces)), run, temps)
+    await _final_run(
+        sources,
+        entries,
+        tmp,
+        out,
+        song,
+        song_offset,
+        clip_audio,
+        fade / fps,
+        length,
+        tracker.step(len(pieces)),
+        run,
+        temps,
+    )
     result.reencoded.extend(s.index for s in sources)
     return length
 
 
-async def assemble(clips: Sequence[Clip], out: Path, *, song: Path | None = None, song_offset: float = 0.0,
-                   transition: Transition = "cut", crossfade_seconds: float = 0.5, clip_audio: ClipAudio = "drop",
-                   fit: Fit | None = None, progress: ProgressCallback | None = None,
-                   limits: FfmpegLimits = DEFAULT_LIMITS, hold: Sequence[int] = (),
-                   graph_clips_max: int | None = None, song_copy: SongCopy | None = None) -> AssemblyResult:
+async def assemble(
+    clips: Sequence[Clip],
+    out: Path,
+    *,
+    song: Path | None = None,
+    song_offset: float = 0.0,
+    transition: Transition = "cut",
+    crossfade_seconds: float = 0.5,
+    clip_audio: ClipAudio = "drop",
+    fit: Fit | None = None,
+    progress: ProgressCallback | None = None,
+    limits: FfmpegLimits = DEFAULT_LIMITS,
+    hold: Sequence[int] = (),
+    graph_clips_max: int | None = None,
+    song_copy: SongCopy | None = None,
+) -> AssemblyResult:
     """Join ``clips`` into one H.264 + AAC MP4 at ``out`` (written atomically); return what was done.
 
     ``song_copy``: the song's AAC copy. A cut-only edit with the song alone (``clip_audio`` drop) that the song
@@ -1070,16 +1410,20 @@ async def assemble(clips: Sequence[Clip], out: Path, *, song: Path | None = None
             fade = crossfade_frames(crossfade_seconds, fps)
             frames = [_output_frames(s, fps) for s in sources]
             if not fade < min(frames):
-                raise AssemblyInputError("crossfade_seconds", f"crossfade_seconds must be below the shortest clip "
-                                                              f"({min(frames) / fps:.3f} s)")
+                raise AssemblyInputError(
+                    "crossfade_seconds",
+                    f"crossfade_seconds must be below the shortest clip ({min(frames) / fps:.3f} s)",
+                )
             if graph_clips_max is not None:
                 check_graph_clips(frames, fade, graph_clips_max)
-            result.duration = await _assemble_crossfade(sources, tmp, out, song, song_offset, fade, clip_audio, fit,
-                                                        progress, result, temps, run)
+            result.duration = await _assemble_crossfade(
+                sources, tmp, out, song, song_offset, fade, clip_audio, fit, progress, result, temps, run
+            )
         else:
             result.duration = sum(s.duration for s in sources)
-            await _assemble_cuts(sources, tmp, out, song, song_offset, clip_audio, fit, progress, result, temps, run,
-                                 song_copy)
+            await _assemble_cuts(
+                sources, tmp, out, song, song_offset, clip_audio, fit, progress, result, temps, run, song_copy
+            )
         await asyncio.to_thread(_fsync_replace, tmp, out)
     finally:
         for path in temps:
@@ -1093,10 +1437,13 @@ def check_graph_clips(frames: Sequence[int], fade: int, limit: int) -> None:
     than ``limit`` clips at once: the clips in a row that are shorter than twice the crossfade."""
     clips = graph_clips(frames, fade)
     if clips > limit:
-        raise AssemblyInputError("crossfade_seconds", f"crossfade_seconds: {clips - 2} clips in a row are shorter than "
-                                                      f"twice the crossfade, so one ffmpeg would decode {clips} clips "
-                                                      f"at once; at most {limit} may be (shorten the crossfade or "
-                                                      "lengthen those clips)")
+        raise AssemblyInputError(
+            "crossfade_seconds",
+            f"crossfade_seconds: {clips - 2} clips in a row are shorter than "
+            f"twice the crossfade, so one ffmpeg would decode {clips} clips "
+            f"at once; at most {limit} may be (shorten the crossfade or "
+            "lengthen those clips)",
+        )
 
 
 async def _check_song(song: Path, offset: float) -> None:

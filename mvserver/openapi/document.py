@@ -80,17 +80,37 @@ EXTRA_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     (PROJECT + "/write_scenes", "post"): (409, 422),
     (PROJECT + "/character", "post"): (409,),
 }
-FILES = ("/api/mv/get_video/{video_id}", "/api/mv/get_poster/{video_id}", "/api/mv/get_audio/{audio_id}",
-         "/api/mv/get_image/{image_id}",
-         "/api/mv/get_scenes/{scenes_id}.{ext}")
+FILES = (
+    "/api/mv/get_video/{video_id}",
+    "/api/mv/get_poster/{video_id}",
+    "/api/mv/get_audio/{audio_id}",
+    "/api/mv/get_image/{image_id}",
+    "/api/mv/get_scenes/{scenes_id}.{ext}",
+)
 BODILESS = {("/api/mv/jobs/{job_id}/cancel", "post")}  # a POST whose body is never read (so never too large)
-STORE_PREFIXES = ("/api/mv/jobs", "/api/mv/events", "/api/mv/projects", "/api/mv/get_video/", "/api/mv/get_poster/",
-                  "/api/mv/usage",
-                  "/api/mv/generate_video", "/api/mv/lipsync", "/api/mv/assemble", "/api/mv/webhooks/")
+STORE_PREFIXES = (
+    "/api/mv/jobs",
+    "/api/mv/events",
+    "/api/mv/projects",
+    "/api/mv/get_video/",
+    "/api/mv/get_poster/",
+    "/api/mv/usage",
+    "/api/mv/generate_video",
+    "/api/mv/lipsync",
+    "/api/mv/assemble",
+    "/api/mv/webhooks/",
+)
 # A Location header on every success of these (the job's status URL, or the new resource)
-LOCATION = {("/api/mv/generate_video", "post"), ("/api/mv/lipsync", "post"), ("/api/mv/assemble", "post"),
-            ("/api/mv/upload_audio", "post"), ("/api/mv/projects", "post"), (SCENE + "/clips", "post"),
-            (PROJECT + "/assemble", "post"), (SCENE + "/lipsync", "post")}
+LOCATION = {
+    ("/api/mv/generate_video", "post"),
+    ("/api/mv/lipsync", "post"),
+    ("/api/mv/assemble", "post"),
+    ("/api/mv/upload_audio", "post"),
+    ("/api/mv/projects", "post"),
+    (SCENE + "/clips", "post"),
+    (PROJECT + "/assemble", "post"),
+    (SCENE + "/lipsync", "post"),
+}
 # Request bodies of project actions: the options of the request model they fill (the rest comes from the project)
 ACTION_OPTIONS = {
     (PROJECT + "/character", "post"): ("ProjectCharacterOptions", "image", CHARACTER_OPTIONS),
@@ -103,7 +123,7 @@ LIFTED = {"Health", "Liveness", "Readiness", "Me", "EventsLink", "ProjectEventsL
 
 STATUS_TEXT = {
     400: "invalid request: invalid_json, missing_field, unknown_field, invalid_field, invalid_id or an endpoint's "
-         "own code; `field` names the field, header or parameter",
+    "own code; `field` names the field, header or parameter",
     401: "auth_required (no Authorization header) or invalid_api_key (WWW-Authenticate says which)",
     403: "forbidden_origin: the Origin header names a site that is neither this server nor in MV_CORS_ORIGINS",
     404: "not_found: no such id (or it belongs to another API key); `field` names the id when it was an input",
@@ -123,12 +143,12 @@ STATUS_TEXT = {
 }
 KEYED_TEXT = {
     402: "budget_exceeded: the job's estimated cost would pass the key's monthly_budget (error.budget: month, "
-         "limit, spent, remaining, job_estimate, currency); nothing was started",
+    "limit, spent, remaining, job_estimate, currency); nothing was started",
     403: "forbidden_origin (Origin not allowed), or for a signed link: invalid_signature (tampered, another path "
-         "or method, key revoked) or signature_expired",
+    "or method, key revoked) or signature_expired",
     429: "rate_limited (the key's token bucket lacks the tokens the request needs, one per job up to the burst: retry "
-         "after Retry-After) or, for upload_audio, quota_exceeded (the key's uploads running); for a call to a "
-         "provider also provider_rate_limited",
+    "after Retry-After) or, for upload_audio, quota_exceeded (the key's uploads running); for a call to a "
+    "provider also provider_rate_limited",
 }
 HEADERS = {
     "Location": "the new resource, or the started job's status URL",
@@ -185,8 +205,10 @@ def _statuses(path: str, method: str, keys: bool) -> list[int]:
 def _error(status: int, responses: dict[str, Any]) -> dict[str, Any]:
     """The answer of a status the route table did not list: the Error shape, or for a file its part or nothing."""
     if status == 206:
-        return {"description": "the byte range asked for with a Range header",
-                "content": {kind: {} for kind in responses["200"]["content"]}}
+        return {
+            "description": "the byte range asked for with a Range header",
+            "content": {kind: {} for kind in responses["200"]["content"]},
+        }
     if status == 304:
         return {"description": "not modified: the If-None-Match ETag still matches (no body)"}
     return {"description": "error", "content": {"application/json": {"schema": ref("Error")}}}
@@ -230,15 +252,21 @@ def _headers(answer: dict[str, Any], status: int, key: tuple[str, str], idempote
     if status in (206, 416) and path in FILES:
         names.append(("Content-Range", True))
     for name, required in names:
-        answer.setdefault("headers", {})[name] = {"description": HEADERS[name], "required": required,
-                                                  "schema": {"type": "string"}}
+        answer.setdefault("headers", {})[name] = {
+            "description": HEADERS[name],
+            "required": required,
+            "schema": {"type": "string"},
+        }
 
 
 def _options_schema(model: type[BaseModel], names: frozenset[str]) -> dict[str, Any]:
     """The options a project action takes: those fields of the request model it fills, each optional (the project
     supplies the rest); any other field is 400 unknown_field."""
     full = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    return {"type": "object", "additionalProperties": False,
-            "properties": {name: schema for name, schema in full["properties"].items() if name in names},
-            "description": f"Optional: {', '.join(name for name in full['properties'] if name in names)}; the "
-                           "rest comes from the project."}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {name: schema for name, schema in full["properties"].items() if name in names},
+        "description": f"Optional: {', '.join(name for name in full['properties'] if name in names)}; the "
+        "rest comes from the project.",
+    }

@@ -56,8 +56,9 @@ def project_jobs(project: Project) -> dict[str, str | None]:
     return jobs
 
 
-def chosen(project: Project, jobs: JobStates, pending: frozenset[str] | set[str] = frozenset()
-           ) -> dict[str, str | None]:
+def chosen(
+    project: Project, jobs: JobStates, pending: frozenset[str] | set[str] = frozenset()
+) -> dict[str, str | None]:
     """Each scene's chosen clip as a client has seen it: the record's choice, or its awaited version once that
     succeeded, unless the client has not yet been told that it finished (``pending``)."""
     result = {}
@@ -86,8 +87,14 @@ class ProjectStream:
     """What one stream has told its client: the project version, the chosen clips, the jobs it knows of and the
     position of every job it still follows."""
 
-    def __init__(self, app: web.Application, response: EventSourceResponse, project_id: str, retry_ms: int,
-                 caller: str | None = None):
+    def __init__(
+        self,
+        app: web.Application,
+        response: EventSourceResponse,
+        project_id: str,
+        retry_ms: int,
+        caller: str | None = None,
+    ):
         self.app = app
         self.caller = caller  # the subscriber's key: every link sent is signed for it (keys on)
         self.engine = app[JOBS]
@@ -101,8 +108,12 @@ class ProjectStream:
         self.known: set[str] = set()
 
     def event_id(self) -> str:
-        return ".".join([str(self.version), *(f"{job_id[:PREFIX_CHARS]}-{position}"
-                                              for job_id, position in sorted(self.followed.items()))])
+        return ".".join(
+            [
+                str(self.version),
+                *(f"{job_id[:PREFIX_CHARS]}-{position}" for job_id, position in sorted(self.followed.items())),
+            ]
+        )
 
     async def send(self, data: str, name: str) -> None:
         await self.response.send(data, id=self.event_id(), event=name, retry=self.retry)
@@ -145,16 +156,27 @@ class ProjectStream:
         (the view supersedes their older events)."""
         view = project_view(project, jobs)
         self.project, self.version = project, project.version
-        self.followed = {job_id: job.last_event_id for job_id in project_jobs(project)
-                         if (job := jobs.get(job_id)) is not None and not job.final}
+        self.followed = {
+            job_id: job.last_event_id
+            for job_id in project_jobs(project)
+            if (job := jobs.get(job_id)) is not None and not job.final
+        }
         await self.send_json(view, "project")
         members = project_jobs(project)
         tag = etag(project)
         for job_id, scene_id in members.items():
             if not first and job_id not in self.known and scene_id is not None:
                 job = jobs.get(job_id)
-                await self.send_json({"project_id": project.id, "scene_id": scene_id, "job_id": job_id,
-                                      "kind": job.kind if job else None, "etag": tag}, "version_added")
+                await self.send_json(
+                    {
+                        "project_id": project.id,
+                        "scene_id": scene_id,
+                        "job_id": job_id,
+                        "kind": job.kind if job else None,
+                        "etag": tag,
+                    },
+                    "version_added",
+                )
         now = chosen(project, jobs)
         if not first:
             for scene_id, job_id in now.items():
@@ -164,9 +186,16 @@ class ProjectStream:
 
     async def _chosen(self, scene_id: str, job_id: str | None) -> None:
         assert self.project is not None
-        await self.send_json({"project_id": self.project.id, "scene_id": scene_id, "job_id": job_id,
-                              "previous_job_id": self.shown.get(scene_id), "etag": etag(self.project)},
-                             "version_chosen")
+        await self.send_json(
+            {
+                "project_id": self.project.id,
+                "scene_id": scene_id,
+                "job_id": job_id,
+                "previous_job_id": self.shown.get(scene_id),
+                "etag": etag(self.project),
+            },
+            "version_chosen",
+        )
         self.shown[scene_id] = job_id
 
     # -- the jobs ---------------------------------------------------------------------------------------------
@@ -207,8 +236,9 @@ class ProjectStream:
         return futures
 
 
-async def stream_project(request: web.Request, project_id: str, *, ping_interval: float, retry_ms: int,
-                         after: str | None = None) -> web.StreamResponse:
+async def stream_project(
+    request: web.Request, project_id: str, *, ping_interval: float, retry_ms: int, after: str | None = None
+) -> web.StreamResponse:
     """Serve one project's stream until the client goes or the server stops."""
     app = request.app
     engine, store = app[JOBS], app[PROJECTS]
@@ -225,8 +255,9 @@ async def stream_project(request: web.Request, project_id: str, *, ping_interval
                     change = store.changed(project_id)
                     await stream.reread()
                 await stream.pump()
-                await asyncio.wait({*await stream.waiters(), change, gone, engine.closing},
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {*await stream.waiters(), change, gone, engine.closing}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if gone.done():
                     break
         except (ConnectionResetError, RuntimeError):
@@ -246,8 +277,13 @@ async def project_events(request: web.Request) -> web.StreamResponse:
     if after is not None and not CURSOR.fullmatch(after):
         raise ApiError(400, "invalid_field", "after: an event id of this stream", field="after")
     settings = request.app[CONFIG].videos.jobs
-    return await stream_project(request, project.id, ping_interval=settings.sse_ping_interval_seconds,
-                                retry_ms=settings.sse_retry_ms, after=after)
+    return await stream_project(
+        request,
+        project.id,
+        ping_interval=settings.sse_ping_interval_seconds,
+        retry_ms=settings.sse_retry_ms,
+        after=after,
+    )
 
 
 @routes.get(BASE + "/{project_id}/events/link")

@@ -79,8 +79,13 @@ def size_to_song(length: float, allowed: Iterable[int], scenes_max: int) -> list
     longest = allowed[-1]
     count = max(1, math.ceil(length / longest - 1e-9))
     if count > scenes_max:
-        raise ApiError(400, "too_many_scenes", f"audio_id: the song needs {count} scenes of {longest} s from the "
-                                               f"offset, more than the limit of {scenes_max}", field="audio_id")
+        raise ApiError(
+            400,
+            "too_many_scenes",
+            f"audio_id: the song needs {count} scenes of {longest} s from the "
+            f"offset, more than the limit of {scenes_max}",
+            field="audio_id",
+        )
     durations = [longest] * count
     total = longest * count
     for index in reversed(range(count)):
@@ -125,8 +130,9 @@ def settle(project: Project, jobs: JobStates) -> None:
 def _prunable(scene: Scene, jobs: JobStates) -> list[ClipVersion]:
     """Versions that may go, in the order they go: failed (or forgotten) ones oldest first, then succeeded ones."""
     keep = {scene.chosen_job_id, scene.awaited_job_id}
-    finished = [v for v in scene.versions
-                if v.job_id not in keep and (jobs.get(v.job_id) is None or jobs[v.job_id].final)]
+    finished = [
+        v for v in scene.versions if v.job_id not in keep and (jobs.get(v.job_id) is None or jobs[v.job_id].final)
+    ]
 
     def succeeded(version: ClipVersion) -> bool:
         job = jobs.get(version.job_id)
@@ -137,16 +143,20 @@ def _prunable(scene: Scene, jobs: JobStates) -> list[ClipVersion]:
 
 def check_room(scene: Scene, jobs: JobStates, limit: int, field: str) -> None:
     if len(scene.versions) >= limit and not _prunable(scene, jobs):
-        raise ApiError(409, "too_many_versions", f"{field}: the scene has {len(scene.versions)} clip versions still "
-                                                 "running or chosen (the limit); wait for one to finish",
-                       field=field)
+        raise ApiError(
+            409,
+            "too_many_versions",
+            f"{field}: the scene has {len(scene.versions)} clip versions still "
+            "running or chosen (the limit); wait for one to finish",
+            field=field,
+        )
 
 
 def add_version(scene: Scene, version: ClipVersion, jobs: JobStates, limit: int) -> None:
     """Append a version (awaited from now on), pruning the oldest prunable ones beyond ``limit``."""
     check_room(scene, jobs, limit, "scene_id")
     excess = len(scene.versions) + 1 - limit
-    gone = {v.job_id for v in _prunable(scene, jobs)[:max(0, excess)]}
+    gone = {v.job_id for v in _prunable(scene, jobs)[: max(0, excess)]}
     scene.versions = [v for v in scene.versions if v.job_id not in gone] + [version]
     scene.awaited_job_id = version.job_id
 
@@ -230,9 +240,12 @@ async def update(app: web.Application, project_id: str, change: Change, if_match
     for _ in range(CAS_ATTEMPTS):
         project = await load(app, project_id)
         if if_match is not None and not _matches(if_match, project):
-            raise ApiError(412, "precondition_failed", f"the project is at version {etag(project)}, not "
-                                                       f"{if_match}: read it again and reapply the change",
-                           field="If-Match")
+            raise ApiError(
+                412,
+                "precondition_failed",
+                f"the project is at version {etag(project)}, not {if_match}: read it again and reapply the change",
+                field="If-Match",
+            )
         jobs = await job_states(app, project)
         settle(project, jobs)
         result = change(project, jobs)
@@ -254,8 +267,15 @@ CLIP_FACTS = ("poster_url", "video_seconds", "video_width", "video_height")
 def _version_view(version: ClipVersion, job: Job | None) -> dict[str, Any]:
     view: dict[str, Any] = {"job_id": version.job_id, "created_at": version.created_at, "duration": version.duration}
     if job is None:
-        return {**view, "status": "missing", "stage": None, "progress": None, "video_url": None, "error": None,
-                **dict.fromkeys(CLIP_FACTS)}
+        return {
+            **view,
+            "status": "missing",
+            "stage": None,
+            "progress": None,
+            "video_url": None,
+            "error": None,
+            **dict.fromkeys(CLIP_FACTS),
+        }
     state = job.state()
     return {**view, **{k: state[k] for k in ("status", "stage", "progress", "video_url", "error", *CLIP_FACTS)}}
 
@@ -266,19 +286,25 @@ def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
     project = project.model_copy(deep=True)
     settle(project, jobs)
     record = project.model_dump()
-    body = {"project_id": record.pop("id"), "etag": etag(project), **record,
-            "events_url": f"{BASE}/{project.id}/events"}
+    body = {
+        "project_id": record.pop("id"),
+        "etag": etag(project),
+        **record,
+        "events_url": f"{BASE}/{project.id}/events",
+    }
     for scene, entry, raw in zip(project.scenes, project_timeline(project), body["scenes"], strict=False):
         raw["versions"] = [_version_view(v, jobs.get(v.job_id)) for v in scene.versions]
         raw["seconds"] = round(entry.seconds, 6)
         raw["song_start"] = entry.song_start
         raw["chosen_video_url"] = f"/api/mv/get_video/{scene.chosen_job_id}" if scene.chosen_job_id else None
-        raw["chosen_poster_url"] = next((v["poster_url"] for v in raw["versions"]
-                                         if v["job_id"] == scene.chosen_job_id), None)
+        raw["chosen_poster_url"] = next(
+            (v["poster_url"] for v in raw["versions"] if v["job_id"] == scene.chosen_job_id), None
+        )
     body["total_seconds"] = round(sum(e.seconds for e in project_timeline(project)), 6)
     # What a page shows with the storyboard, by URL (with keys on each gets its signed twin on the way out).
-    body["character_image_url"] = (f"/api/mv/get_image/{project.character_image_id}"
-                                   if project.character_image_id else None)
+    body["character_image_url"] = (
+        f"/api/mv/get_image/{project.character_image_id}" if project.character_image_id else None
+    )
     if body["song"] is not None:
         body["song"]["audio_url"] = f"/api/mv/get_audio/{project.song.audio_id}" if project.song else None
     for raw in body["scenes"]:
@@ -288,11 +314,17 @@ def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
     return body
 
 
-def _respond(project: Project, jobs: JobStates, status: int = 200, extra: dict[str, Any] | None = None,
-             headers: dict[str, str] | None = None) -> web.Response:
+def _respond(
+    project: Project,
+    jobs: JobStates,
+    status: int = 200,
+    extra: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     body = project_view(project, jobs) if extra is None else {**extra, "project": project_view(project, jobs)}
-    return web.json_response(body, status=status, headers={"ETag": etag(project), "Cache-Control": "no-store",
-                                                           **(headers or {})})
+    return web.json_response(
+        body, status=status, headers={"ETag": etag(project), "Cache-Control": "no-store", **(headers or {})}
+    )
 
 
 # -- request bodies ------------------------------------------------------------------------------------------------
@@ -320,16 +352,21 @@ def _options(body: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
     """Only the options a project action takes; the rest of the request comes from the project."""
     for name in body:
         if name not in allowed:
-            raise ApiError(400, "unknown_field", f"{name} is not a known field (this action takes "
-                                                 f"{', '.join(sorted(allowed))})", field=name)
+            raise ApiError(
+                400,
+                "unknown_field",
+                f"{name} is not a known field (this action takes {', '.join(sorted(allowed))})",
+                field=name,
+            )
     return body
 
 
 @functools.lru_cache(maxsize=64)
 def _options_model(model: type[BaseModel], allowed: frozenset[str]) -> type[BaseModel]:
     """The fields ``allowed`` of a request model, with their types, limits and defaults, as a model of their own."""
-    fields: dict[str, Any] = {name: (info.annotation, info) for name, info in model.model_fields.items()
-                              if name in allowed}
+    fields: dict[str, Any] = {
+        name: (info.annotation, info) for name, info in model.model_fields.items() if name in allowed
+    }
     return create_model(f"{model.__name__}Options", __config__=model.model_config, **fields)
 
 
@@ -344,8 +381,13 @@ def normal_options(model: type[BaseModel], options: dict[str, Any], allowed: fro
 
 
 def new_scene(duration: int, prompt: str = "", negative_prompt: str = "", trim_out: float | None = None) -> Scene:
-    return Scene(id=new_id(), prompt=prompt, negative_prompt=negative_prompt, duration=duration,
-                 trim_out=float(duration) if trim_out is None else trim_out)
+    return Scene(
+        id=new_id(),
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        duration=duration,
+        trim_out=float(duration) if trim_out is None else trim_out,
+    )
 
 
 async def create_project(app: web.Application, body: Any, owner: str | None = None) -> Project:
@@ -355,25 +397,39 @@ async def create_project(app: web.Application, body: Any, owner: str | None = No
     sized = [(settings.default_scene_seconds, float(settings.default_scene_seconds))] * (body.number_of_scenes or 0)
     if body.audio_id is not None:
         duration = await song_duration(app, body.audio_id, "audio_id", owner)
-        song = Song(audio_id=body.audio_id, offset=_offset(body.audio_offset, duration, "audio_offset"),
-                    duration=duration)
+        song = Song(
+            audio_id=body.audio_id, offset=_offset(body.audio_offset, duration, "audio_offset"), duration=duration
+        )
         sizing = body.number_of_scenes is None
         # Sizing waits for the song's analysis (usually done at upload); otherwise only a finished one is used.
         analysis, note = await project_song.load_analysis(
-            app, body.audio_id, wait=config.env.analysis_timeout_seconds if sizing else 0)
+            app, body.audio_id, wait=config.env.analysis_timeout_seconds if sizing else 0
+        )
         if sizing and analysis is not None and analysis.grid is not None:
-            sized = project_song.scenes_on_bars(analysis, song, config.videos.allowed.duration, settings.frame_rate,
-                                                settings.limits.scenes_max)
+            sized = project_song.scenes_on_bars(
+                analysis, song, config.videos.allowed.duration, settings.frame_rate, settings.limits.scenes_max
+            )
             song.sized_by = "bars"
         elif sizing:
-            sized = [(d, float(d)) for d in size_to_song(duration - song.offset, config.videos.allowed.duration,
-                                                        settings.limits.scenes_max)]
+            sized = [
+                (d, float(d))
+                for d in size_to_song(
+                    duration - song.offset, config.videos.allowed.duration, settings.limits.scenes_max
+                )
+            ]
             song.sized_by, song.sizing_note = "length", note
     elif body.audio_offset:
         raise ApiError(400, "invalid_field", "audio_offset: needs audio_id", field="audio_offset")
-    project = Project(id=new_id(), owner=owner, idea=body.idea, character_description=body.character_description,
-                      style=body.style, aspect_ratio=body.aspect_ratio, song=song,
-                      scenes=[new_scene(d, trim_out=kept) for d, kept in sized])
+    project = Project(
+        id=new_id(),
+        owner=owner,
+        idea=body.idea,
+        character_description=body.character_description,
+        style=body.style,
+        aspect_ratio=body.aspect_ratio,
+        song=song,
+        scenes=[new_scene(d, trim_out=kept) for d, kept in sized],
+    )
     project_song.place_scenes(project_timeline(project), song, analysis, settings.frame_rate)
     if not await app[PROJECTS].put(project, 0):
         raise ApiError(409, "conflict", "a project with this id exists")  # a UUID4 collision: never in practice
@@ -382,8 +438,9 @@ async def create_project(app: web.Application, body: Any, owner: str | None = No
 
 def _offset(offset: float, duration: float, field: str) -> float:
     if offset >= duration:
-        raise ApiError(400, "invalid_field", f"{field}: {offset:g} s is past the end of the song ({duration:g} s)",
-                       field=field)
+        raise ApiError(
+            400, "invalid_field", f"{field}: {offset:g} s is past the end of the song ({duration:g} s)", field=field
+        )
     return offset
 
 
@@ -394,12 +451,19 @@ async def _check_image(app: web.Application, image_id: str, caller: str | None) 
     try:
         await _saved_image(app[STORE], image_id, "character_image_id", caller)
     except ApiError:
-        raise ApiError(400, "invalid_field", f"character_image_id: no image with id {image_id}",
-                       field="character_image_id") from None
+        raise ApiError(
+            400, "invalid_field", f"character_image_id: no image with id {image_id}", field="character_image_id"
+        ) from None
 
 
-def apply_patch(config: Config, project: Project, jobs: JobStates, patch: Any, song: Song | None | bool,
-                analysis: SongAnalysis | None = None) -> None:
+def apply_patch(
+    config: Config,
+    project: Project,
+    jobs: JobStates,
+    patch: Any,
+    song: Song | None | bool,
+    analysis: SongAnalysis | None = None,
+) -> None:
     """Apply a validated PATCH in place (remove, per-scene changes, order, add, then snapped cuts) or raise ApiError
     naming the field. ``song`` is the new song when ``audio_id`` was sent (None removes it), False when it was not;
     ``analysis`` the song's (for snapping and the scenes' windows), if there is one."""
@@ -423,8 +487,13 @@ def apply_patch(config: Config, project: Project, jobs: JobStates, patch: Any, s
         field = f"scenes.{index}"
         scene = project.scene(change.id)
         if scene is None or change.id in seen:
-            raise _unknown_scene(f"{field}.id", change.id) if scene is None else ApiError(
-                400, "invalid_field", f"{field}.id: scene {change.id} is listed twice", field=f"{field}.id")
+            raise (
+                _unknown_scene(f"{field}.id", change.id)
+                if scene is None
+                else ApiError(
+                    400, "invalid_field", f"{field}.id: scene {change.id} is listed twice", field=f"{field}.id"
+                )
+            )
         seen.add(change.id)
         _patch_scene(config, scene, change, jobs, field)
         if {"prompt", "duration"} & change.model_fields_set:
@@ -432,8 +501,12 @@ def apply_patch(config: Config, project: Project, jobs: JobStates, patch: Any, s
     if patch.order is not None:
         ids = [s.id for s in project.scenes]
         if sorted(patch.order) != sorted(ids):
-            raise ApiError(400, "invalid_field", f"order: must list each of the project's {len(ids)} scene ids "
-                                                 "exactly once", field="order")
+            raise ApiError(
+                400,
+                "invalid_field",
+                f"order: must list each of the project's {len(ids)} scene ids exactly once",
+                field="order",
+            )
         by_id = {s.id: s for s in project.scenes}
         project.scenes = [by_id[i] for i in patch.order]
     for index, added in enumerate(patch.add_scenes or []):
@@ -441,20 +514,23 @@ def apply_patch(config: Config, project: Project, jobs: JobStates, patch: Any, s
         check_scene_prompt(config, project, project.scenes[-1], f"add_scenes.{index}.prompt")
     limit = config.projects.limits.scenes_max
     if len(project.scenes) > limit:
-        raise ApiError(400, "too_many_scenes", f"add_scenes: a project holds at most {limit} scenes",
-                       field="add_scenes")
+        raise ApiError(
+            400, "too_many_scenes", f"add_scenes: a project holds at most {limit} scenes", field="add_scenes"
+        )
     settings = config.projects
     snaps = [(c.id, c.snap, f"scenes.{i}") for i, c in enumerate(patch.scenes or []) if c.snap is not None]
-    project_song.snap_trims(project, snaps, analysis, settings.frame_rate, settings.limits.min_scene_seconds,
-                            project_timeline)
+    project_song.snap_trims(
+        project, snaps, analysis, settings.frame_rate, settings.limits.min_scene_seconds, project_timeline
+    )
     project_song.place_scenes(project_timeline(project), project.song, analysis, settings.frame_rate)
 
 
 def _scene_prompt_excess(config: Config, project: Project, scene: Scene) -> int:
     """How many characters the scene's prompt, with the server's video rules for its shape, is over the whole-prompt
     limit (``videos.limits.full_prompt_max_chars``); 0 or less when a clip of it would be accepted."""
-    shape = SimpleNamespace(prompt=scene.prompt, aspect_ratio=project.aspect_ratio, duration=scene.duration,
-                            video_rules_template=None)
+    shape = SimpleNamespace(
+        prompt=scene.prompt, aspect_ratio=project.aspect_ratio, duration=scene.duration, video_rules_template=None
+    )
     return len(whole_prompt(config, shape)) - config.videos.limits.full_prompt_max_chars
 
 
@@ -464,9 +540,14 @@ def check_scene_prompt(config: Config, project: Project, scene: Scene, field: st
     excess = _scene_prompt_excess(config, project, scene)
     if scene.prompt and excess > 0:
         limit = config.videos.limits.full_prompt_max_chars
-        raise ApiError(400, "invalid_field", f"{field}: with the video rules appended the whole prompt would be "
-                                             f"{limit + excess} characters, at most {limit} are accepted: shorten it "
-                                             f"by {excess}", field=field)
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"{field}: with the video rules appended the whole prompt would be "
+            f"{limit + excess} characters, at most {limit} are accepted: shorten it "
+            f"by {excess}",
+            field=field,
+        )
 
 
 def fit_scene_prompt(config: Config, project: Project, scene: Scene) -> None:
@@ -475,7 +556,7 @@ def fit_scene_prompt(config: Config, project: Project, scene: Scene) -> None:
         excess = _scene_prompt_excess(config, project, scene)
         if excess <= 0 or not scene.prompt:
             return
-        scene.prompt = scene.prompt[:max(0, len(scene.prompt) - excess)].rstrip()
+        scene.prompt = scene.prompt[: max(0, len(scene.prompt) - excess)].rstrip()
 
 
 def _unknown_scene(field: str, scene_id: str) -> ApiError:
@@ -493,9 +574,12 @@ def _patch_scene(config: Config, scene: Scene, change: Any, jobs: JobStates, fie
             job = jobs.get(change.chosen_job_id)
             if version is None or job is None or job.status != "succeeded":
                 state = "not a version of this scene" if version is None else f"{job.status if job else 'missing'}"
-                raise ApiError(400, "invalid_field", f"{field}.chosen_job_id: {change.chosen_job_id} is {state}; "
-                                                     "only a succeeded version can be chosen",
-                               field=f"{field}.chosen_job_id")
+                raise ApiError(
+                    400,
+                    "invalid_field",
+                    f"{field}.chosen_job_id: {change.chosen_job_id} is {state}; only a succeeded version can be chosen",
+                    field=f"{field}.chosen_job_id",
+                )
         _choose(scene, version)
         scene.awaited_job_id = None  # the user's choice stands over a running regeneration
     if "duration" in sent and change.duration != scene.duration:
@@ -510,29 +594,47 @@ def _patch_scene(config: Config, scene: Scene, change: Any, jobs: JobStates, fie
     length = float(chosen.duration if chosen else scene.duration)
     shortest = config.projects.limits.min_scene_seconds
     if scene.trim_out > length:
-        raise ApiError(400, "invalid_field", f"{field}.trim_out: {scene.trim_out:g} s is past the end of the "
-                                             f"{length:g} s clip", field=f"{field}.trim_out")
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"{field}.trim_out: {scene.trim_out:g} s is past the end of the {length:g} s clip",
+            field=f"{field}.trim_out",
+        )
     if scene.trim_out - scene.trim_in < shortest:
         bad = "trim_in" if "trim_in" in sent else "trim_out"
-        raise ApiError(400, "invalid_field", f"{field}.{bad}: the trims must keep at least {shortest:g} s "
-                                             f"(trim_in {scene.trim_in:g}, trim_out {scene.trim_out:g})",
-                       field=f"{field}.{bad}")
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"{field}.{bad}: the trims must keep at least {shortest:g} s "
+            f"(trim_in {scene.trim_in:g}, trim_out {scene.trim_out:g})",
+            field=f"{field}.{bad}",
+        )
 
 
 # -- actions -------------------------------------------------------------------------------------------------------
 
 
-def _clip_body(app: web.Application, project: Project, scene: Scene, options: dict[str, Any],
-               field: str) -> tuple[Any, list[str]]:
+def _clip_body(
+    app: web.Application, project: Project, scene: Scene, options: dict[str, Any], field: str
+) -> tuple[Any, list[str]]:
     """The video request of a scene's clip: prompt, duration and shape from the project; the character image as
     the reference when the backend takes one for this shape (Replicate: 16:9, 8 s), else none."""
     if not scene.prompt:
-        raise ApiError(400, "missing_field", f"{field}.prompt: the scene has no prompt yet (write scenes or PATCH "
-                                             "it)", field=f"{field}.prompt")
+        raise ApiError(
+            400,
+            "missing_field",
+            f"{field}.prompt: the scene has no prompt yet (write scenes or PATCH it)",
+            field=f"{field}.prompt",
+        )
     model = app[REQUEST_MODELS].video
     limit = app[CONFIG].videos.limits.text_max_chars
-    data = {"prompt": scene.prompt[:limit], "negative_prompt": scene.negative_prompt[:limit],
-            "duration": scene.duration, "aspect_ratio": project.aspect_ratio, **options}
+    data = {
+        "prompt": scene.prompt[:limit],
+        "negative_prompt": scene.negative_prompt[:limit],
+        "duration": scene.duration,
+        "aspect_ratio": project.aspect_ratio,
+        **options,
+    }
     body, defaulted = _validate(model, data)
     if not body.video_rules_template:  # a prompt written before PATCH checked it: name the scene, not "prompt"
         check_scene_prompt(app[CONFIG], project, scene, f"{field}.prompt")
@@ -586,10 +688,16 @@ async def _release_claims(app: web.Application, project_id: str, token: str) -> 
     await update(app, project_id, release)
 
 
-async def generate_clips(app: web.Application, project_id: str, scene_ids: list[str] | None,
-                         options: dict[str, Any], if_match: str | None = None, *, owner: str | None = None,
-                         charge: Callable[[list[str]], Awaitable[list[str]]] | None = None
-                         ) -> tuple[Project, JobStates, list[Job]]:
+async def generate_clips(
+    app: web.Application,
+    project_id: str,
+    scene_ids: list[str] | None,
+    options: dict[str, Any],
+    if_match: str | None = None,
+    *,
+    owner: str | None = None,
+    charge: Callable[[list[str]], Awaitable[list[str]]] | None = None,
+) -> tuple[Project, JobStates, list[Job]]:
     """Start a clip job for the given scenes (None: every scene with no chosen clip and none running or being
     started) and link each as a new version. Everything is checked before the first job starts. For "every
     scene", the scenes are first claimed on the record (one compare-and-set), so of concurrent requests only the
@@ -602,8 +710,9 @@ async def generate_clips(app: web.Application, project_id: str, scene_ids: list[
         raise ApiError(412, "precondition_failed", f"the project is at version {etag(project)}", field="If-Match")
     if scene_ids is None:
         now = time.time()
-        scenes = [s for s in project.scenes if s.chosen_job_id is None and s.awaited_job_id is None
-                  and not _claimed(s, now)]
+        scenes = [
+            s for s in project.scenes if s.chosen_job_id is None and s.awaited_job_id is None and not _claimed(s, now)
+        ]
     else:
         scenes = [s for s in (project.scene(i) for i in scene_ids) if s is not None]
         if len(scenes) != len(scene_ids):
@@ -661,8 +770,7 @@ async def generate_clips(app: web.Application, project_id: str, scene_ids: list[
     return project, await job_states(app, project), started
 
 
-async def write_project_scenes(request: web.Request, project_id: str, options: Any,
-                               if_match: str | None) -> Project:
+async def write_project_scenes(request: web.Request, project_id: str, options: Any, if_match: str | None) -> Project:
     """Ask Gemini for the scene prompts (the project's idea, character and style) and write them into the scenes
     that existed when the request came, by id (a reorder meanwhile does not mix them up); more scenes are added."""
     app = request.app
@@ -672,10 +780,17 @@ async def write_project_scenes(request: web.Request, project_id: str, options: A
         raise ApiError(412, "precondition_failed", f"the project is at version {etag(project)}", field="If-Match")
     count = options.number_of_scenes or len(project.scenes) or config.scenes.defaults.number_of_scenes
     if count < len(project.scenes):
-        raise ApiError(400, "invalid_field", f"number_of_scenes: the project has {len(project.scenes)} scenes; "
-                                             "remove scenes with PATCH first", field="number_of_scenes")
-    params = {"idea": project.idea, "character_description": project.character_description,
-              **{k: v for k, v in options.model_dump().items() if v is not None and k != "number_of_scenes"}}
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"number_of_scenes: the project has {len(project.scenes)} scenes; remove scenes with PATCH first",
+            field="number_of_scenes",
+        )
+    params = {
+        "idea": project.idea,
+        "character_description": project.character_description,
+        **{k: v for k, v in options.model_dump().items() if v is not None and k != "number_of_scenes"},
+    }
     if project.style in config.styles:
         params["style"] = project.style  # a preset: rendered by write_scenes as create_scenes renders it
     elif project.style:
@@ -687,12 +802,14 @@ async def write_project_scenes(request: web.Request, project_id: str, options: A
     fps = config.projects.frame_rate
     analysis = brief = None
     if project.song is not None:  # Gemini hears the song and reads its timeline
-        analysis, _ = await project_song.load_analysis(app, project.song.audio_id,
-                                                       wait=config.env.analysis_wait_seconds)
+        analysis, _ = await project_song.load_analysis(
+            app, project.song.audio_id, wait=config.env.analysis_wait_seconds
+        )
         project_song.place_scenes(project_timeline(project), project.song, analysis, fps)
         brief = await project_song.song_brief(app, project, analysis, project_timeline(project), count)
-    written = (await write_scenes(request, params, defaulted, caller=f"project {project_id} write_scenes",
-                                  song=brief))["scenes"]
+    written = (await write_scenes(request, params, defaulted, caller=f"project {project_id} write_scenes", song=brief))[
+        "scenes"
+    ]
     limit = config.projects.limits.text_max_chars
 
     def fill(current: Project, _jobs: JobStates) -> None:
@@ -740,8 +857,9 @@ async def patch(request: web.Request) -> web.Response:
     project_id = current.id
     if_match = request.headers.get("If-Match")
     if if_match is None:
-        raise ApiError(428, "precondition_required", "PATCH needs If-Match with the ETag of the project as read",
-                       field="If-Match")
+        raise ApiError(
+            428, "precondition_required", "PATCH needs If-Match with the ETag of the project as read", field="If-Match"
+        )
     body, _ = _validate(app[REQUEST_MODELS].projects.patch, await _json_object(request))
     song: Song | None | bool = False
     if "audio_id" in body.model_fields_set:
@@ -753,8 +871,9 @@ async def patch(request: web.Request) -> web.Response:
         await _check_image(app, body.character_image_id, key_id(request))
     audio_id = body.audio_id if "audio_id" in body.model_fields_set else current.song and current.song.audio_id
     analysis = (await project_song.load_analysis(app, audio_id, wait=0))[0] if audio_id else None  # if ready
-    project = await update(app, project_id, lambda p, jobs: apply_patch(app[CONFIG], p, jobs, body, song, analysis),
-                           if_match)
+    project = await update(
+        app, project_id, lambda p, jobs: apply_patch(app[CONFIG], p, jobs, body, song, analysis), if_match
+    )
     return _respond(project, await job_states(app, project))
 
 
@@ -779,8 +898,9 @@ async def character(request: web.Request) -> web.Response:
     project = await owned_project(request)
     project_id = project.id
     options = _options(await _json_object(request, optional=True), CHARACTER_OPTIONS)
-    params, defaulted = _validate(app[REQUEST_MODELS].image,
-                                  {"character_description": project.character_description, **options})
+    params, defaulted = _validate(
+        app[REQUEST_MODELS].image, {"character_description": project.character_description, **options}
+    )
     # Before If-Match: the retry of a request that went through (and moved the ETag) gets its answer, not a 412.
     await reserve(request, {name: getattr(params, name) for name in CHARACTER_OPTIONS})
     if_match = request.headers.get("If-Match")
@@ -795,8 +915,10 @@ async def character(request: web.Request) -> web.Response:
 
     def pick(current: Project, _jobs: JobStates) -> None:
         current.character_image_id = image["image_id"]
-        current.character_candidates = [CharacterCandidate(image_id=i["image_id"], mime_type=i["mime_type"],
-                                                           seed=i["seed"]) for i in image["images"]]
+        current.character_candidates = [
+            CharacterCandidate(image_id=i["image_id"], mime_type=i["mime_type"], seed=i["seed"])
+            for i in image["images"]
+        ]
 
     project = await update(app, project_id, pick)
     image = {k: v for k, v in image.items() if k != "image_base64"}
@@ -810,9 +932,15 @@ async def generate_missing(request: web.Request) -> web.Response:
     project_id = (await owned_project(request)).id
     options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
     await reserve(request, normal_options(request.app[REQUEST_MODELS].video, options, CLIP_OPTIONS))
-    project, jobs, started = await generate_clips(request.app, project_id, None, options,
-                                                  request.headers.get("If-Match"), owner=key_id(request),
-                                                  charge=lambda ids: charge(request, "jobs", job_ids=ids))
+    project, jobs, started = await generate_clips(
+        request.app,
+        project_id,
+        None,
+        options,
+        request.headers.get("If-Match"),
+        owner=key_id(request),
+        charge=lambda ids: charge(request, "jobs", job_ids=ids),
+    )
     return accepted_response(request, started, project=project_view(project, jobs), many=True)
 
 
@@ -824,9 +952,15 @@ async def generate_one(request: web.Request) -> web.Response:
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
     options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
     await reserve(request, normal_options(request.app[REQUEST_MODELS].video, options, CLIP_OPTIONS))
-    project, jobs, started = await generate_clips(request.app, project_id, [scene_id], options,
-                                                  request.headers.get("If-Match"), owner=key_id(request),
-                                                  charge=lambda ids: charge(request, "jobs", job_ids=ids))
+    project, jobs, started = await generate_clips(
+        request.app,
+        project_id,
+        [scene_id],
+        options,
+        request.headers.get("If-Match"),
+        owner=key_id(request),
+        charge=lambda ids: charge(request, "jobs", job_ids=ids),
+    )
     return accepted_response(request, started, project=project_view(project, jobs))
 
 
@@ -834,12 +968,22 @@ async def generate_one(request: web.Request) -> web.Response:
 async def timeline(request: web.Request) -> web.Response:
     """The scenes in display order with their chosen clip, trims and song window."""
     project, jobs = await load_settled(request.app, (await owned_project(request)).id)
-    entries = [{"scene_id": e.scene.id, "job_id": e.job_id, "trim_in": e.trim_in, "trim_out": e.trim_out,
-                "seconds": round(e.seconds, 6), "song_start": e.song_start,
-                "status": jobs[e.job_id].status if e.job_id and jobs.get(e.job_id) else None,
-                "video_url": f"/api/mv/get_video/{e.job_id}" if e.job_id else None}
-               for e in project_timeline(project)]
+    entries = [
+        {
+            "scene_id": e.scene.id,
+            "job_id": e.job_id,
+            "trim_in": e.trim_in,
+            "trim_out": e.trim_out,
+            "seconds": round(e.seconds, 6),
+            "song_start": e.song_start,
+            "status": jobs[e.job_id].status if e.job_id and jobs.get(e.job_id) else None,
+            "video_url": f"/api/mv/get_video/{e.job_id}" if e.job_id else None,
+        }
+        for e in project_timeline(project)
+    ]
     song = project.song
     song_view = {**song.model_dump(), "audio_url": f"/api/mv/get_audio/{song.audio_id}"} if song else None
-    return web.json_response({"project_id": project.id, "song": song_view,
-                              "entries": entries}, headers={"ETag": etag(project), "Cache-Control": "no-store"})
+    return web.json_response(
+        {"project_id": project.id, "song": song_view, "entries": entries},
+        headers={"ETag": etag(project), "Cache-Control": "no-store"},
+    )

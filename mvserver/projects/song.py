@@ -43,21 +43,28 @@ async def load_analysis(app: web.Application, audio_id: str, *, wait: float) -> 
     status, analysis, error = await song_analysis(app, audio_id, sidecar, wait=wait)
     if analysis is not None:
         return analysis, None if analysis.grid is not None else f"no beat grid: {analysis.no_grid_reason}"
-    return None, {"off": "song analysis is off (MV_ANALYSIS_WORKERS=0)",
-                  "pending": f"the song's analysis was not ready within {wait:g} s",
-                  "failed": f"the song's analysis failed: {(error or {}).get('message')}"}.get(status, status)
+    return None, {
+        "off": "song analysis is off (MV_ANALYSIS_WORKERS=0)",
+        "pending": f"the song's analysis was not ready within {wait:g} s",
+        "failed": f"the song's analysis failed: {(error or {}).get('message')}",
+    }.get(status, status)
 
 
-def scenes_on_bars(analysis: SongAnalysis, song: Song, allowed: Iterable[int], fps: float,
-                   scenes_max: int) -> list[tuple[int, float]]:
+def scenes_on_bars(
+    analysis: SongAnalysis, song: Song, allowed: Iterable[int], fps: float, scenes_max: int
+) -> list[tuple[int, float]]:
     """Scenes that cover the song from its offset on its bars, as (clip duration, kept seconds): each cut on a
     downbeat and each kept part a whole number of frames at ``fps`` (:func:`mvserver.analysis.plan_scenes`); 400
     when more than ``scenes_max`` scenes are needed."""
     try:
         windows = plan_scenes(analysis, song.duration, allowed, fps, offset=song.offset, scenes_max=scenes_max)
     except PlanError as exc:
-        raise ApiError(400, "too_many_scenes", f"audio_id: the song needs {exc.needed} scenes from the offset, more "
-                                               f"than the limit of {scenes_max}", field="audio_id") from None
+        raise ApiError(
+            400,
+            "too_many_scenes",
+            f"audio_id: the song needs {exc.needed} scenes from the offset, more than the limit of {scenes_max}",
+            field="audio_id",
+        ) from None
     return [(w.duration, round(w.frames / fps, 6)) for w in windows]
 
 
@@ -73,8 +80,14 @@ def place_scenes(entries: Iterable[Any], song: Song | None, analysis: SongAnalys
         entry.scene.window = SongWindow(start=round(start, 6), end=round(end, 6), **where.model_dump())
 
 
-def snap_trims(project: Project, snaps: list[tuple[str, SnapMode, str]], analysis: SongAnalysis | None, fps: float,
-               min_seconds: float, timeline: Timeline) -> None:
+def snap_trims(
+    project: Project,
+    snaps: list[tuple[str, SnapMode, str]],
+    analysis: SongAnalysis | None,
+    fps: float,
+    min_seconds: float,
+    timeline: Timeline,
+) -> None:
     """Move the end (the cut) of each scene in ``snaps`` (scene id, mode, request field) to the nearest beat
     (``beat``) or bar line (``bar``) its clip can reach, by setting ``trim_out``; the kept part stays a whole
     number of frames at ``fps``. Scenes are done in display order, so a cut moved earlier shifts the later ones
@@ -86,15 +99,20 @@ def snap_trims(project: Project, snaps: list[tuple[str, SnapMode, str]], analysi
     for scene_id, mode, field in sorted((s for s in snaps if s[1] != "none"), key=lambda s: order.get(s[0], 0)):
         entry = next(e for e in timeline(project) if e.scene.id == scene_id)
         scene, start = entry.scene, entry.song_start
-        length = next((float(v.duration) for v in scene.versions if v.job_id == scene.chosen_job_id),
-                      float(scene.duration))
+        length = next(
+            (float(v.duration) for v in scene.versions if v.job_id == scene.chosen_job_id), float(scene.duration)
+        )
         low, high = start + min_seconds, start + length - entry.trim_in
         points = grid.beats if mode == "beat" else grid.downbeats
         reachable = [p for p in points if low - 1e-6 <= p <= high + 1e-6]
         if not reachable:
             noun = "beat" if mode == "beat" else "bar line"
-            raise ApiError(400, "invalid_field", f"{field}.snap: no {noun} of the song between {low:.3f} and "
-                                                 f"{high:.3f} s, where this clip's cut can go", field=f"{field}.snap")
+            raise ApiError(
+                400,
+                "invalid_field",
+                f"{field}.snap: no {noun} of the song between {low:.3f} and {high:.3f} s, where this clip's cut can go",
+                field=f"{field}.snap",
+            )
         end = start + entry.seconds
         target = min(reachable, key=lambda p: abs(p - end))
         kept = round((target - start) * fps) / fps
@@ -102,8 +120,9 @@ def snap_trims(project: Project, snaps: list[tuple[str, SnapMode, str]], analysi
         scene.trim_out = round(min(length, entry.trim_in + kept), 6)
 
 
-async def song_brief(app: web.Application, project: Project, analysis: SongAnalysis | None,
-                     entries: Sequence[Any], count: int) -> SongBrief | None:
+async def song_brief(
+    app: web.Application, project: Project, analysis: SongAnalysis | None, entries: Sequence[Any], count: int
+) -> SongBrief | None:
     """What the scene writer sends Gemini with the prompt for a project with a song: its small MP3 copy (inline;
     made at upload, or now for a song saved before copies existed) and its timeline: sections, and the window of
     the song each of the ``count`` scenes plays over."""
@@ -111,8 +130,12 @@ async def song_brief(app: web.Application, project: Project, analysis: SongAnaly
     if song is None:
         return None
     audio = await _preview_bytes(app, song)
-    return SongBrief(text=brief_text(song, analysis, entries, count), audio=audio, mime_type=PREVIEW_MIME_TYPE,
-                     audio_id=song.audio_id)
+    return SongBrief(
+        text=brief_text(song, analysis, entries, count),
+        audio=audio,
+        mime_type=PREVIEW_MIME_TYPE,
+        audio_id=song.audio_id,
+    )
 
 
 async def _preview_bytes(app: web.Application, song: Song) -> bytes | None:
@@ -130,25 +153,33 @@ async def _preview_bytes(app: web.Application, song: Song) -> bytes | None:
     except OSError:
         return None
     if len(data) > INLINE_AUDIO_MAX_BYTES:
-        log.warning("song %s: its preview (%d bytes) is too large to send inline; Gemini gets the timeline only",
-                    song.audio_id, len(data))
+        log.warning(
+            "song %s: its preview (%d bytes) is too large to send inline; Gemini gets the timeline only",
+            song.audio_id,
+            len(data),
+        )
         return None
     return data
 
 
 def brief_text(song: Song, analysis: SongAnalysis | None, entries: Sequence[Any], count: int) -> str:
     """The song's timeline as Gemini reads it (and the simulator parses it: one ``Scene N: a-b s`` line each)."""
-    lines = ["The song of this music video is attached as audio. Write each scene for its window of the song "
-             "listed below: fit what is sung and felt in that window (its mood, its lyrics, its energy), and let "
-             "the scenes change where the song's sections change."]
+    lines = [
+        "The song of this music video is attached as audio. Write each scene for its window of the song "
+        "listed below: fit what is sung and felt in that window (its mood, its lyrics, its energy), and let "
+        "the scenes change where the song's sections change."
+    ]
     if analysis is not None and analysis.grid is not None:
         grid = analysis.grid
-        lines.append(f"Song: {song.duration:.1f} s, {grid.tempo:.1f} BPM, {grid.beats_per_bar} beats to the bar; "
-                     f"the video starts at {song.offset:.2f} s.")
+        lines.append(
+            f"Song: {song.duration:.1f} s, {grid.tempo:.1f} BPM, {grid.beats_per_bar} beats to the bar; "
+            f"the video starts at {song.offset:.2f} s."
+        )
     else:
         reason = analysis.no_grid_reason if analysis is not None else "not analysed"
-        lines.append(f"Song: {song.duration:.1f} s, no steady beat found ({reason}); the video starts at "
-                     f"{song.offset:.2f} s.")
+        lines.append(
+            f"Song: {song.duration:.1f} s, no steady beat found ({reason}); the video starts at {song.offset:.2f} s."
+        )
     if analysis is not None and analysis.sections:
         lines.append("Sections (sections with the same letter sound alike):")
         lines += [f"- {s.label}: {s.start:.2f}-{s.end:.2f} s" for s in analysis.sections]
@@ -157,8 +188,11 @@ def brief_text(song: Song, analysis: SongAnalysis | None, entries: Sequence[Any]
         window = entry.scene.window
         if window is None:
             continue
-        bars = (f", bars {max(window.first_bar, 0) + 1}-{window.end_bar}"
-                if window.first_bar is not None and window.end_bar is not None and window.end_bar > 0 else "")
+        bars = (
+            f", bars {max(window.first_bar, 0) + 1}-{window.end_bar}"
+            if window.first_bar is not None and window.end_bar is not None and window.end_bar > 0
+            else ""
+        )
         section = f", section {window.section_label}" if window.section_label else ""
         lines.append(f"- Scene {index}: {window.start:.2f}-{window.end:.2f} s{bars}{section}")
     for index in range(len(list(entries)) + 1, count + 1):

@@ -129,6 +129,7 @@ class ProjectStore(Protocol):
 
     async def ping(self) -> None:
         """Raise unless the store answers now (readiness)."""
+
     def changed(self, project_id: str) -> asyncio.Future[None]:
         """A future done once the record may have been written since this call (or the store is closing): a
         follower takes it *before* it reads the record, then waits on it. Every follower of a project on this
@@ -201,6 +202,7 @@ class FileProjectStore:
 
     async def ping(self) -> None:
         pass  # the output directory the job store checks
+
     def changed(self, project_id: str) -> asyncio.Future[None]:
         return self._changes.get(project_id)
 
@@ -253,8 +255,10 @@ class RedisProjectStore:
     async def put(self, project: Project, expected_version: int) -> bool:
         record = project.model_copy(update={"version": expected_version + 1})
         try:
-            swapped = await self._cas(keys=[self.prefix + project.id, self.channel],
-                                      args=[expected_version, record.model_dump_json(), project.id])
+            swapped = await self._cas(
+                keys=[self.prefix + project.id, self.channel],
+                args=[expected_version, record.model_dump_json(), project.id],
+            )
         except redis.exceptions.RedisError as exc:
             raise _unavailable(exc) from None
         if swapped:
@@ -263,6 +267,7 @@ class RedisProjectStore:
 
     async def ping(self) -> None:
         await self.client.ping()
+
     def changed(self, project_id: str) -> asyncio.Future[None]:
         if self._listener is None and not self._changes.closing:
             self._listener = asyncio.get_running_loop().create_task(self._listen(), name="redis-project-changes")
@@ -306,4 +311,3 @@ def open_project_store(outputs: OutputStore, redis_url: str | None, prefix: str 
 
 
 PROJECTS = web.AppKey("projects", ProjectStore)
-

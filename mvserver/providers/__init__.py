@@ -27,7 +27,9 @@ class Providers:
         try:
             return backends[name]
         except KeyError:
-            raise ApiError(400, "invalid_field", f"backend must be one of {sorted(backends)}", field="backend") from None
+            raise ApiError(
+                400, "invalid_field", f"backend must be one of {sorted(backends)}", field="backend"
+            ) from None
 
     def modes(self) -> dict[str, str]:
         """``live`` or ``sandbox`` for each provider service."""

@@ -77,9 +77,14 @@ class Snapshot:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Snapshot:
         error = data.get("error")
-        return cls(status=data["status"], progress=data.get("progress"), logs=data.get("logs"),
-                   output=data.get("output"), error=ErrorInfo(**error) if error else None,
-                   metrics=data.get("metrics"))
+        return cls(
+            status=data["status"],
+            progress=data.get("progress"),
+            logs=data.get("logs"),
+            output=data.get("output"),
+            error=ErrorInfo(**error) if error else None,
+            metrics=data.get("metrics"),
+        )
 
 
 class VideoBackend(Protocol):

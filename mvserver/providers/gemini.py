@@ -32,8 +32,9 @@ def make_api_client(api_key: str, base_url: str | None) -> genai.Client:
     return genai.Client(api_key=api_key, http_options=options)
 
 
-def make_vertex_client(*, api_key: str | None, project: str | None, location: str, base_url: str | None,
-                       timeout: float = 30.0) -> genai.Client:
+def make_vertex_client(
+    *, api_key: str | None, project: str | None, location: str, base_url: str | None, timeout: float = 30.0
+) -> genai.Client:
     """Client for Vertex AI (Veo): an express-mode API key, or project + location with default credentials."""
     options = types.HttpOptions(base_url=base_url, timeout=int(timeout * 1000), retry_options=NO_SDK_RETRY)
     if api_key:
@@ -55,9 +56,19 @@ class GeminiProvider:
     name = NAME
     observe: ProviderObserver | None = None  # set by the app when metrics are on
 
-    def __init__(self, api_client: genai.Client | None, vertex_client: genai.Client | None, store: OutputStore, *,
-                 video_model: str, person_generation: str, resolution: str, sandbox: bool, video_sandbox: bool,
-                 video_max_bytes: int):
+    def __init__(
+        self,
+        api_client: genai.Client | None,
+        vertex_client: genai.Client | None,
+        store: OutputStore,
+        *,
+        video_model: str,
+        person_generation: str,
+        resolution: str,
+        sandbox: bool,
+        video_sandbox: bool,
+        video_max_bytes: int,
+    ):
         self.api_client = api_client
         self.vertex_client = vertex_client
         self.store = store
@@ -79,9 +90,17 @@ class GeminiProvider:
 
     # -- text ------------------------------------------------------------------------------------------------
 
-    async def generate_json(self, model: str, prompt: str, schema: type[BaseModel], *, temperature: float,
-                            timeout: float, context: str | None = None,
-                            audio: tuple[bytes, str] | None = None) -> tuple[BaseModel | None, str]:
+    async def generate_json(
+        self,
+        model: str,
+        prompt: str,
+        schema: type[BaseModel],
+        *,
+        temperature: float,
+        timeout: float,
+        context: str | None = None,
+        audio: tuple[bytes, str] | None = None,
+    ) -> tuple[BaseModel | None, str]:
         """Ask for JSON matching ``schema``; return the parsed reply (None if it does not validate) and its raw text.
 
         ``context`` is a second text part after the prompt; ``audio`` (bytes, MIME type) an inline audio part
@@ -103,8 +122,10 @@ class GeminiProvider:
             if audio is not None:
                 parts.append(types.Part.from_bytes(data=audio[0], mime_type=audio[1]))
             contents = [types.Content(role="user", parts=parts)]
-        response = await self._call(self.api_client.aio.models.generate_content(model=model, contents=contents, config=config),
-                                   "generate_content")
+        response = await self._call(
+            self.api_client.aio.models.generate_content(model=model, contents=contents, config=config),
+            "generate_content",
+        )
         parsed = response.parsed if isinstance(response.parsed, schema) else None
         return parsed, response.text or ""
 
@@ -112,13 +133,17 @@ class GeminiProvider:
 
     def _video_client(self) -> genai.Client:
         if self.vertex_client is None:
-            raise ApiError(503, "missing_api_key", "Veo needs GOOGLE_VERTEX_API_KEY or GOOGLE_CLOUD_PROJECT", provider=NAME)
+            raise ApiError(
+                503, "missing_api_key", "Veo needs GOOGLE_VERTEX_API_KEY or GOOGLE_CLOUD_PROJECT", provider=NAME
+            )
         return self.vertex_client
 
     async def start(self, request: VideoRequest) -> str:
         image = None
         if request.reference_image is not None:
-            image = types.Image(image_bytes=request.reference_image, mime_type=request.reference_mime_type or "image/png")
+            image = types.Image(
+                image_bytes=request.reference_image, mime_type=request.reference_mime_type or "image/png"
+            )
         config = types.GenerateVideosConfig(
             number_of_videos=1,
             duration_seconds=request.duration,
@@ -129,14 +154,18 @@ class GeminiProvider:
             negative_prompt=request.negative_prompt or None,
             seed=request.seed,
         )
-        operation = await self._call(self._video_client().aio.models.generate_videos(
-            model=self.model, source=types.GenerateVideosSource(prompt=request.prompt, image=image), config=config),
-            "generate_videos")
+        operation = await self._call(
+            self._video_client().aio.models.generate_videos(
+                model=self.model, source=types.GenerateVideosSource(prompt=request.prompt, image=image), config=config
+            ),
+            "generate_videos",
+        )
         return operation.name
 
     async def _operation(self, name: str) -> types.GenerateVideosOperation:
-        return await self._call(self._video_client().aio.operations.get(types.GenerateVideosOperation(name=name)),
-                                     "get_operation")
+        return await self._call(
+            self._video_client().aio.operations.get(types.GenerateVideosOperation(name=name)), "get_operation"
+        )
 
     async def poll(self, prediction_id: str) -> Snapshot:
         operation = await self._operation(prediction_id)
@@ -161,9 +190,13 @@ class GeminiProvider:
         video = videos[0].video if videos else None
         if video is None or not video.video_bytes:
             where = video.uri if video else None
-            raise ApiError(502, "provider_bad_output",
-                           f"{NAME} operation has no inline video (uri: {where}); set no output_gcs_uri",
-                           provider=NAME, provider_status="succeeded")
+            raise ApiError(
+                502,
+                "provider_bad_output",
+                f"{NAME} operation has no inline video (uri: {where}); set no output_gcs_uri",
+                provider=NAME,
+                provider_status="succeeded",
+            )
         if len(video.video_bytes) > self.video_max_bytes:
             raise too_large(NAME, self.video_max_bytes)
         check_media(video.video_bytes[:16], "mp4", NAME)

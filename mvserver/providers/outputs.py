@@ -59,9 +59,14 @@ class OutputHosts:
     def check(self, url: URL, provider: str) -> None:
         """ApiError (``provider_output_refused``) unless ``url`` may be fetched."""
         if not self.allows(url):
-            raise ApiError(502, "provider_output_refused",
-                           f"{provider} named an output at {url_origin(url) or url.scheme + ':'}, which is not an "
-                           "allowed output host; nothing was fetched", provider=provider, provider_status="succeeded")
+            raise ApiError(
+                502,
+                "provider_output_refused",
+                f"{provider} named an output at {url_origin(url) or url.scheme + ':'}, which is not an "
+                "allowed output host; nothing was fetched",
+                provider=provider,
+                provider_status="succeeded",
+            )
 
 
 def _is_mp4(head: bytes) -> bool:
@@ -71,29 +76,45 @@ def _is_mp4(head: bytes) -> bool:
 
 def _is_image(head: bytes) -> bool:
     """PNG, JPEG or WebP, by signature."""
-    return (head.startswith(b"\x89PNG\r\n\x1a\n") or head.startswith(b"\xff\xd8\xff")
-            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"))
+    return (
+        head.startswith(b"\x89PNG\r\n\x1a\n")
+        or head.startswith(b"\xff\xd8\xff")
+        or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    )
 
 
-_CHECKS = {"mp4": (_is_mp4, "an MP4 (no ftyp box at the start)"),
-           "image": (_is_image, "a readable image (PNG, JPEG or WebP)")}
+_CHECKS = {
+    "mp4": (_is_mp4, "an MP4 (no ftyp box at the start)"),
+    "image": (_is_image, "a readable image (PNG, JPEG or WebP)"),
+}
 
 
 def check_media(head: bytes, media: Media, provider: str) -> None:
     """ApiError (``provider_bad_output``) unless ``head``, the file's first bytes, is the expected media."""
     test, what = _CHECKS[media]
     if not test(head):
-        raise ApiError(502, "provider_bad_output", f"{provider} output is not {what}", provider=provider,
-                       provider_status="succeeded")
+        raise ApiError(
+            502,
+            "provider_bad_output",
+            f"{provider} output is not {what}",
+            provider=provider,
+            provider_status="succeeded",
+        )
 
 
 def too_large(provider: str, limit: int) -> ApiError:
-    return ApiError(502, "provider_output_too_large", f"{provider} output is larger than {limit} bytes; not kept",
-                    provider=provider, provider_status="succeeded")
+    return ApiError(
+        502,
+        "provider_output_too_large",
+        f"{provider} output is larger than {limit} bytes; not kept",
+        provider=provider,
+        provider_status="succeeded",
+    )
 
 
-async def checked_chunks(chunks: AsyncIterable[bytes], *, limit: int, media: Media,
-                         provider: str) -> AsyncIterator[bytes]:
+async def checked_chunks(
+    chunks: AsyncIterable[bytes], *, limit: int, media: Media, provider: str
+) -> AsyncIterator[bytes]:
     """``chunks`` passed on while they stay within ``limit`` bytes (ApiError as soon as they pass it); at their end,
     ApiError unless the first bytes show the expected ``media``, so a caller that writes them (``write_stream``) keeps
     nothing. The media is judged on the whole transfer: a transfer cut short is reported as the transport error it
@@ -105,6 +126,6 @@ async def checked_chunks(chunks: AsyncIterable[bytes], *, limit: int, media: Med
         if size > limit:
             raise too_large(provider, limit)
         if len(head) < HEAD_BYTES:
-            head += chunk[:HEAD_BYTES - len(head)]
+            head += chunk[: HEAD_BYTES - len(head)]
         yield chunk
     check_media(head, media, provider)

@@ -71,8 +71,13 @@ def _parsed(url: str) -> URL:
     try:
         return URL(url)
     except (ValueError, TypeError):
-        raise ApiError(502, "provider_bad_output", f"{NAME} named an output that is not a URL", provider=NAME,
-                       provider_status="succeeded") from None
+        raise ApiError(
+            502,
+            "provider_bad_output",
+            f"{NAME} named an output that is not a URL",
+            provider=NAME,
+            provider_status="succeeded",
+        ) from None
 
 
 def make_client(token: str, base_url: str | None, timeout: float = 30.0) -> replicate.Client:
@@ -83,8 +88,13 @@ def make_client(token: str, base_url: str | None, timeout: float = 30.0) -> repl
     already retries with the configured attempts and delays, so that layer is told to try once.
     """
     aiohttp_transport = AiohttpTransport(limits=httpx.Limits(max_connections=None, max_keepalive_connections=100))
-    client = replicate.Client(api_token=token, base_url=base_url, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-                              transport=aiohttp_transport, event_hooks={"request": [_add_cancel_after], "response": [_raise_with_response]})
+    client = replicate.Client(
+        api_token=token,
+        base_url=base_url,
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+        transport=aiohttp_transport,
+        event_hooks={"request": [_add_cancel_after], "response": [_raise_with_response]},
+    )
     retry_layer = getattr(client._async_client, "_transport", None)  # the client wraps our transport in its retries
     if isinstance(retry_layer, RetryTransport):
         retry_layer.max_attempts = 1
@@ -125,8 +135,11 @@ def _metrics(metrics: Any) -> dict[str, Any] | None:
     """Replicate's numeric metrics (``predict_time``, ``total_time``, ...); None when it reported none."""
     if not isinstance(metrics, dict):
         return None
-    kept = {k: v for k, v in metrics.items() if isinstance(k, str) and isinstance(v, (int, float))
-            and not isinstance(v, bool)}
+    kept = {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     return kept or None
 
 
@@ -136,9 +149,19 @@ class ReplicateProvider:
     name = NAME
     observe: ProviderObserver | None = None  # set by the app when metrics are on
 
-    def __init__(self, client: replicate.Client, session: aiohttp.ClientSession, store: OutputStore, *,
-                 video_model: str, request_timeout: float, sandbox: bool, output_hosts: OutputHosts,
-                 video_max_bytes: int, image_max_bytes: int):
+    def __init__(
+        self,
+        client: replicate.Client,
+        session: aiohttp.ClientSession,
+        store: OutputStore,
+        *,
+        video_model: str,
+        request_timeout: float,
+        sandbox: bool,
+        output_hosts: OutputHosts,
+        video_max_bytes: int,
+        image_max_bytes: int,
+    ):
         self.client = client
         self.session = session
         self.store = store
@@ -156,16 +179,18 @@ class ReplicateProvider:
         """Await one API call; map its failure to ApiError and report its time to ``observe`` (metrics)."""
         return await observed_call(NAME, self.observe, coro, operation)
 
-    async def create(self, model: str, inputs: dict[str, Any], webhook: str | None = None, *,
-                     cancel_after: float | None = None) -> Prediction:
+    async def create(
+        self, model: str, inputs: dict[str, Any], webhook: str | None = None, *, cancel_after: float | None = None
+    ) -> Prediction:
         """Create a prediction of an official model (``owner/name``); POSTs are never retried by the client.
         With ``webhook``, Replicate pushes its start, logs and end there; with ``cancel_after`` (seconds), Replicate
         cancels the prediction itself at that deadline (its ``Cancel-After`` header)."""
         hook: dict[str, Any] = {"webhook": webhook, "webhook_events_filter": WEBHOOK_EVENTS} if webhook else {}
         token = _CANCEL_AFTER.set(None if cancel_after is None else cancel_after_header(cancel_after))
         try:
-            return await self._call(self.client.models.predictions.async_create(model=model, input=inputs, **hook),
-                                    "create")
+            return await self._call(
+                self.client.models.predictions.async_create(model=model, input=inputs, **hook), "create"
+            )
         finally:
             _CANCEL_AFTER.reset(token)
 
@@ -203,8 +228,13 @@ class ReplicateProvider:
             response.release()
             target = target.join(_parsed(location))
         else:
-            raise ApiError(502, "provider_bad_output", f"{NAME} output redirected more than {MAX_REDIRECTS} times",
-                           provider=NAME, provider_status="succeeded")
+            raise ApiError(
+                502,
+                "provider_bad_output",
+                f"{NAME} output redirected more than {MAX_REDIRECTS} times",
+                provider=NAME,
+                provider_status="succeeded",
+            )
         if response.status != 200:
             try:
                 text = (await response.content.read(ERROR_BODY_BYTES)).decode(errors="replace")
@@ -222,8 +252,9 @@ class ReplicateProvider:
         ApiError."""
         response = await self.fetch(url, limit)
         try:
-            async for chunk in checked_chunks(response.content.iter_chunked(DOWNLOAD_CHUNK), limit=limit,
-                                              media=media, provider=NAME):
+            async for chunk in checked_chunks(
+                response.content.iter_chunked(DOWNLOAD_CHUNK), limit=limit, media=media, provider=NAME
+            ):
                 yield chunk
         except (ApiError, asyncio.CancelledError):
             raise
@@ -245,8 +276,15 @@ class ReplicateProvider:
 
     # -- images -------------------------------------------------------------------------------------------
 
-    async def generate_image(self, model: str, inputs: dict[str, Any], *, timeout: float, poll_interval: float,
-                             abandoned: Callable[[], bool] = lambda: False) -> tuple[bytes, Prediction]:
+    async def generate_image(
+        self,
+        model: str,
+        inputs: dict[str, Any],
+        *,
+        timeout: float,
+        poll_interval: float,
+        abandoned: Callable[[], bool] = lambda: False,
+    ) -> tuple[bytes, Prediction]:
         """Run an image prediction to the end within ``timeout`` seconds; cancel it if we stop waiting (timeout,
         cancellation, or ``abandoned()`` turning true because the client went away)."""
         prediction = await self.create(model, inputs)
@@ -254,11 +292,21 @@ class ReplicateProvider:
         try:
             while prediction.status not in ("succeeded", "failed", "canceled"):
                 if time.monotonic() >= deadline:
-                    raise ApiError(504, "provider_timeout", f"{NAME} prediction {prediction.id} did not finish in {timeout:g} s",
-                                   provider=NAME, provider_status=prediction.status)
+                    raise ApiError(
+                        504,
+                        "provider_timeout",
+                        f"{NAME} prediction {prediction.id} did not finish in {timeout:g} s",
+                        provider=NAME,
+                        provider_status=prediction.status,
+                    )
                 if abandoned():
-                    raise ApiError(499, "client_disconnected", "the client closed the connection; prediction canceled",
-                                   provider=NAME, provider_status=prediction.status)
+                    raise ApiError(
+                        499,
+                        "client_disconnected",
+                        "the client closed the connection; prediction canceled",
+                        provider=NAME,
+                        provider_status=prediction.status,
+                    )
                 await asyncio.sleep(poll_interval)
                 prediction = await self.get(prediction.id)
         except BaseException:
@@ -268,8 +316,13 @@ class ReplicateProvider:
             raise prediction_failed(NAME, prediction.status, prediction.error)
         url = _output_url(prediction.output)
         if not url:
-            raise ApiError(502, "provider_bad_output", f"{NAME} prediction {prediction.id} succeeded without an output file",
-                           provider=NAME, provider_status=prediction.status)
+            raise ApiError(
+                502,
+                "provider_bad_output",
+                f"{NAME} prediction {prediction.id} succeeded without an output file",
+                provider=NAME,
+                provider_status=prediction.status,
+            )
         return await self.read(url), prediction
 
     async def _cancel_quietly(self, prediction_id: str) -> None:
@@ -299,8 +352,9 @@ class ReplicateProvider:
         return inputs
 
     async def start(self, request: VideoRequest) -> str:
-        prediction = await self.create(self.model, self.video_inputs(request), request.webhook,
-                                       cancel_after=request.cancel_after)
+        prediction = await self.create(
+            self.model, self.video_inputs(request), request.webhook, cancel_after=request.cancel_after
+        )
         return prediction.id
 
     async def poll(self, prediction_id: str) -> Snapshot:
@@ -308,6 +362,11 @@ class ReplicateProvider:
 
     async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
         if not snapshot.output:
-            raise ApiError(502, "provider_bad_output", f"{NAME} prediction {prediction_id} succeeded without a video",
-                           provider=NAME, provider_status=snapshot.status)
+            raise ApiError(
+                502,
+                "provider_bad_output",
+                f"{NAME} prediction {prediction_id} succeeded without a video",
+                provider=NAME,
+                provider_status=snapshot.status,
+            )
         return await self.download_to(snapshot.output, dest)

@@ -155,8 +155,12 @@ def _prediction(body: str) -> Prediction:
         data = json.loads(body)
     except ValueError:
         data = None
-    if not (isinstance(data, dict) and isinstance(data.get("id"), str) and data.get("status") in PREDICTION_STATUSES
-            and isinstance(data.get("logs"), (str, type(None)))):
+    if not (
+        isinstance(data, dict)
+        and isinstance(data.get("id"), str)
+        and data.get("status") in PREDICTION_STATUSES
+        and isinstance(data.get("logs"), (str, type(None)))
+    ):
         raise ApiError(400, "invalid_body", "the webhook body is not a prediction")
     if data["status"] == "aborted":  # a Cancel-After deadline reached before it ran: it ended unfinished
         data["status"] = "canceled"
@@ -201,8 +205,12 @@ async def _receive(request: web.Request) -> tuple[web.Response, str]:
         raise ApiError(401, "webhook_unverified", "Replicate webhooks are not enabled on this server")
     try:
         body = raw.decode("utf-8")
-        Webhooks.validate(headers=dict(request.headers), body=body, secret=WebhookSigningSecret(key=receiver.secret),
-                          tolerance=TOLERANCE_SECONDS)
+        Webhooks.validate(
+            headers=dict(request.headers),
+            body=body,
+            secret=WebhookSigningSecret(key=receiver.secret),
+            tolerance=TOLERANCE_SECONDS,
+        )
     except ValueError as exc:  # every WebhookValidationError, bad base64, a non-numeric timestamp, bad UTF-8
         log.warning("refused a webhook (%s) from %s", exc.__class__.__name__, request.remote)
         raise ApiError(401, "webhook_unverified", "missing or invalid webhook signature, or stale timestamp") from None
@@ -215,8 +223,9 @@ async def _receive(request: web.Request) -> tuple[web.Response, str]:
     engine = request.app[JOBS]
     job = await engine.get(job_id)
     if job is None or job.final or (job.prediction_id is not None and job.prediction_id != prediction.id):
-        log.info("webhook for job %s, prediction %s: no such running job or prediction; acknowledged", job_id,
-                 prediction.id)
+        log.info(
+            "webhook for job %s, prediction %s: no such running job or prediction; acknowledged", job_id, prediction.id
+        )
         return _ack("ignored", "unknown_job" if job is None else "job_finished" if job.final else "other_prediction")
     await engine.provider_update(job_id, prediction.id, snapshot(prediction))
     return _ack("accepted")

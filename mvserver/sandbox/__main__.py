@@ -30,12 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--video-latency", type=float, default=12.0, help="seconds a video prediction takes")
     parser.add_argument("--image-latency", type=float, default=1.5, help="seconds an image prediction takes")
     parser.add_argument("--scenes-latency", type=float, default=0.5, help="seconds a generateContent call takes")
-    parser.add_argument("--render-cache", action="store_true",
-                        help="identical video requests share one rendered MP4 (keeps ffmpeg out of benchmarks)")
-    parser.add_argument("--output-pad-bytes", type=int, default=0,
-                        help="append an MP4 free box of this many bytes to every rendered video")
-    parser.add_argument("--max-concurrent-renders", type=int, default=2,
-                        help="outputs rendered at once (each may decode a 40 MP reference image); default 2")
+    parser.add_argument(
+        "--render-cache",
+        action="store_true",
+        help="identical video requests share one rendered MP4 (keeps ffmpeg out of benchmarks)",
+    )
+    parser.add_argument(
+        "--output-pad-bytes",
+        type=int,
+        default=0,
+        help="append an MP4 free box of this many bytes to every rendered video",
+    )
+    parser.add_argument(
+        "--max-concurrent-renders",
+        type=int,
+        default=2,
+        help="outputs rendered at once (each may decode a 40 MP reference image); default 2",
+    )
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     return parser
 
@@ -46,10 +57,16 @@ def make_simulator(args: argparse.Namespace) -> Simulator:
         raise ValueError("latencies and --output-pad-bytes must not be negative")
     if args.max_concurrent_renders < 1:
         raise ValueError("--max-concurrent-renders must be at least 1")
-    return Simulator(args.state_dir, video_latency=args.video_latency, image_latency=args.image_latency,
-                     scenes_latency=args.scenes_latency, render_cache=args.render_cache,
-                     output_pad_bytes=args.output_pad_bytes, max_concurrent_renders=args.max_concurrent_renders,
-                     api_token=os.environ.get("MV_SIM_API_TOKEN", "").strip() or None)
+    return Simulator(
+        args.state_dir,
+        video_latency=args.video_latency,
+        image_latency=args.image_latency,
+        scenes_latency=args.scenes_latency,
+        render_cache=args.render_cache,
+        output_pad_bytes=args.output_pad_bytes,
+        max_concurrent_renders=args.max_concurrent_renders,
+        api_token=os.environ.get("MV_SIM_API_TOKEN", "").strip() or None,
+    )
 
 
 async def health(request: web.Request) -> web.Response:

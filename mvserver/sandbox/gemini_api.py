@@ -58,8 +58,9 @@ def _inline_parts(body: dict[str, Any]) -> list[dict[str, Any]]:
                 text = str(inline.get("data") or "").replace("-", "+").replace("_", "/")
                 data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
             except (binascii.Error, TypeError, ValueError):
-                raise ValueError("Invalid value at 'contents.parts.inline_data.data' (TYPE_BYTES), "
-                                 "Base64 decoding failed.") from None
+                raise ValueError(
+                    "Invalid value at 'contents.parts.inline_data.data' (TYPE_BYTES), Base64 decoding failed."
+                ) from None
             found.append({"mime_type": mime, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     return found
 
@@ -69,7 +70,14 @@ def _after(label: str, text: str) -> str | None:
     return match.group(1).strip() if match else None
 
 
-SHOTS = ["Wide establishing shot", "Medium shot", "Close-up", "Over-the-shoulder shot", "Low-angle shot", "Tracking shot"]
+SHOTS = [
+    "Wide establishing shot",
+    "Medium shot",
+    "Close-up",
+    "Over-the-shoulder shot",
+    "Low-angle shot",
+    "Tracking shot",
+]
 BEATS = [
     ("arrives and takes in the scene", 'sighs dramatically: "Of course it had to be today."'),
     ("tries something bold and it goes sideways", 'laughs nervously: "That was totally on purpose."'),
@@ -80,8 +88,11 @@ BEATS = [
 
 # A scene's window in a project's song timeline (``project_song.brief_text``): "- Scene 2: 7.80-15.61 s, bars 5-8,
 # section B"
-WINDOW = re.compile(r"^- Scene (?P<n>\d+): (?P<start>\d+(?:\.\d+)?)-(?P<end>\d+(?:\.\d+)?) s"
-                    r"(?:, bars (?P<bars>\d+-\d+))?(?:, section (?P<section>\w+))?", re.M)
+WINDOW = re.compile(
+    r"^- Scene (?P<n>\d+): (?P<start>\d+(?:\.\d+)?)-(?P<end>\d+(?:\.\d+)?) s"
+    r"(?:, bars (?P<bars>\d+-\d+))?(?:, section (?P<section>\w+))?",
+    re.M,
+)
 
 
 def simulated_scenes(prompt: str, heard: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -107,11 +118,13 @@ def simulated_scenes(prompt: str, heard: list[dict[str, Any]] | None = None) -> 
             where = f" ({section}{window['start']}-{window['end']} s of the song{bars})"
         if audio is not None:
             where += f", to the song heard ({audio['bytes']} bytes of {audio['mime_type']})"
-        scenes.append({
-            "description": f"[sandbox] Scene {index + 1} of {count}{where}, {idea}. {shot} from the {angle}: "
-                           f"{character} {action}. Style: {style}. The character {line}",
-            "negative_description": "blurry, distorted faces, extra limbs, extra people, text, subtitles, watermark",
-        })
+        scenes.append(
+            {
+                "description": f"[sandbox] Scene {index + 1} of {count}{where}, {idea}. {shot} from the {angle}: "
+                f"{character} {action}. Style: {style}. The character {line}",
+                "negative_description": "blurry, distorted faces, extra limbs, extra people, text, subtitles, watermark",
+            }
+        )
     return {"scenes": scenes}
 
 
@@ -138,13 +151,20 @@ async def generate_content(request: web.Request) -> web.StreamResponse:
     if fault is not None:  # a reply that parses as text but not as the asked-for JSON
         text = fault.error if isinstance(fault.error, str) else '{"scenes": "not a list"'
     tokens = len(prompt.split())
-    return web.json_response({
-        "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP", "index": 0}],
-        "usageMetadata": {"promptTokenCount": tokens, "candidatesTokenCount": len(text.split()),
-                          "totalTokenCount": tokens + len(text.split())},
-        "modelVersion": model,
-        "responseId": hashlib.sha1(prompt.encode()).hexdigest()[:16],
-    })
+    return web.json_response(
+        {
+            "candidates": [
+                {"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP", "index": 0}
+            ],
+            "usageMetadata": {
+                "promptTokenCount": tokens,
+                "candidatesTokenCount": len(text.split()),
+                "totalTokenCount": tokens + len(text.split()),
+            },
+            "modelVersion": model,
+            "responseId": hashlib.sha1(prompt.encode()).hexdigest()[:16],
+        }
+    )
 
 
 # -- Veo on Vertex: long-running operations ------------------------------------------------------------------------
@@ -158,10 +178,14 @@ ASPECT_RATIOS = ("16:9", "9:16", "1:1")  # Vertex takes 16:9 and 9:16; the simul
 RESOLUTIONS = ("720p", "1080p", "4k")
 PERSON_GENERATION = ("allow_all", "allow_adult", "dont_allow")
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
-FILTERED_REASON = ("[sandbox] Veo could not generate videos because the input prompt may violate the usage "
-                   "guidelines. You will not be charged for blocked videos. Support codes: 00000000")
-OPERATION_NAME = re.compile(r"projects/[^/]+/locations/[^/]+/publishers/google/models/(?P<model>[^/:]+)/operations/"
-                            r"(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+FILTERED_REASON = (
+    "[sandbox] Veo could not generate videos because the input prompt may violate the usage "
+    "guidelines. You will not be charged for blocked videos. Support codes: 00000000"
+)
+OPERATION_NAME = re.compile(
+    r"projects/[^/]+/locations/[^/]+/publishers/google/models/(?P<model>[^/:]+)/operations/"
+    r"(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
+)
 _MODEL_PATH = "/vertex/{version}/{scope:(?:projects/[^/]+/locations/[^/]+/)?}publishers/google/models/"
 _SCOPE = re.compile(r"projects/([^/]+)/locations/([^/]+)/")
 
@@ -173,8 +197,12 @@ class InvalidArgument(Exception):
 def _unauthenticated(request: web.Request) -> web.Response | None:
     if request.headers.get("x-goog-api-key") or request.headers.get("Authorization"):
         return None
-    return google_error(401, "UNAUTHENTICATED", "Request is missing required authentication credential. "
-                        "Expected an API key (x-goog-api-key) or an OAuth 2 access token.")
+    return google_error(
+        401,
+        "UNAUTHENTICATED",
+        "Request is missing required authentication credential. "
+        "Expected an API key (x-goog-api-key) or an OAuth 2 access token.",
+    )
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
@@ -199,8 +227,9 @@ def _integer(parameters: dict[str, Any], key: str, allowed: range, default: int 
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
-        raise InvalidArgument(f"Unsupported {key}: {value!r}. It must be an integer from {allowed.start} "
-                              f"to {allowed.stop - 1}.")
+        raise InvalidArgument(
+            f"Unsupported {key}: {value!r}. It must be an integer from {allowed.start} to {allowed.stop - 1}."
+        )
     return value
 
 
@@ -211,8 +240,9 @@ def _reference_image(instance: dict[str, Any]) -> bytes | None:
     if not isinstance(image, dict) or "gcsUri" in image:
         raise InvalidArgument("image: the simulator takes inline images only (bytesBase64Encoded + mimeType).")
     if image.get("mimeType") not in IMAGE_TYPES:
-        raise InvalidArgument(f"image.mimeType {image.get('mimeType')!r} is not supported; "
-                              f"use one of {list(IMAGE_TYPES)}.")
+        raise InvalidArgument(
+            f"image.mimeType {image.get('mimeType')!r} is not supported; use one of {list(IMAGE_TYPES)}."
+        )
     try:
         data = base64.b64decode(image.get("bytesBase64Encoded") or "", validate=True)
     except (binascii.Error, TypeError, ValueError):
@@ -312,8 +342,15 @@ class VertexVideos:
         name = f"projects/{project}/locations/{location}/publishers/google/models/{model}/operations/{operation_id}"
         if image is not None:
             await asyncio.to_thread(write_bytes_atomic, self._reference_path(sim, operation_id), image)
-        record = {"id": operation_id, "name": name, "model": model, "created_at": time.time(),
-                  "has_reference": image is not None, **settings, **_outcome(sim, settings["prompt"])}
+        record = {
+            "id": operation_id,
+            "name": name,
+            "model": model,
+            "created_at": time.time(),
+            "has_reference": image is not None,
+            **settings,
+            **_outcome(sim, settings["prompt"]),
+        }
         await asyncio.to_thread(sim.save, "operations", operation_id, record)
         return web.json_response({"name": name})
 
@@ -345,8 +382,11 @@ class VertexVideos:
     async def _operation(self, sim: Simulator, record: dict[str, Any]) -> dict[str, Any]:
         name = record["name"]
         if sim.elapsed(record) < sim.video_latency:
-            metadata = {"@type": METADATA_TYPE, "createTime": _timestamp(record["created_at"]),
-                        "updateTime": _timestamp(time.time())}
+            metadata = {
+                "@type": METADATA_TYPE,
+                "createTime": _timestamp(record["created_at"]),
+                "updateTime": _timestamp(time.time()),
+            }
             return {"name": name, "done": False, "metadata": metadata}
         if record.get("error"):
             return {"name": name, "done": True, "error": record["error"]}
@@ -356,8 +396,9 @@ class VertexVideos:
             response.update(raiMediaFilteredCount=count, raiMediaFilteredReasons=record["filtered_reasons"])
         elif record.get("storage_uri"):
             base = record["storage_uri"].rstrip("/")
-            response["videos"] = [{"gcsUri": f"{base}/{record['id']}/sample_{i}.mp4", "mimeType": "video/mp4"}
-                                  for i in range(count)]
+            response["videos"] = [
+                {"gcsUri": f"{base}/{record['id']}/sample_{i}.mp4", "mimeType": "video/mp4"} for i in range(count)
+            ]
         else:
             video = {"bytesBase64Encoded": await self._video(sim, record), "mimeType": "video/mp4"}
             response["videos"] = [video] * count
@@ -386,9 +427,15 @@ class VertexVideos:
         reference = None
         if record.get("has_reference"):
             reference = await asyncio.to_thread(self._reference_path(sim, record["id"]).read_bytes)
-        await render_video(path, prompt=record["prompt"], duration=record["duration"],
-                           aspect_ratio=record["aspect_ratio"], reference_image=reference,
-                           generate_audio=record["generate_audio"], seed=record["seed"])
+        await render_video(
+            path,
+            prompt=record["prompt"],
+            duration=record["duration"],
+            aspect_ratio=record["aspect_ratio"],
+            reference_image=reference,
+            generate_audio=record["generate_audio"],
+            seed=record["seed"],
+        )
 
 
 def add_routes(router: web.UrlDispatcher, render_slots: asyncio.Semaphore) -> None:

@@ -26,8 +26,17 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from mvserver.core.storage import temp_path
 
-__all__ = ["ASPECT_SIZES", "LIPSYNC_LABEL", "MAX_REFERENCE_PIXELS", "RenderError", "oversized_image",
-           "probe_media", "render_character_image", "render_lipsync", "render_video"]
+__all__ = [
+    "ASPECT_SIZES",
+    "LIPSYNC_LABEL",
+    "MAX_REFERENCE_PIXELS",
+    "RenderError",
+    "oversized_image",
+    "probe_media",
+    "render_character_image",
+    "render_lipsync",
+    "render_video",
+]
 
 ASPECT_SIZES: dict[str, tuple[int, int]] = {
     "16:9": (640, 360),
@@ -274,9 +283,15 @@ def oversized_image(data: bytes, max_pixels: int = MAX_REFERENCE_PIXELS) -> str 
 
 
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose does it)
-_ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-                 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                 8: Image.Transpose.ROTATE_90}
+_ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _EXIF_ORIENTATION = 0x0112
 _REDUCIBLE_MODES = ("L", "RGB")  # modes Image.reduce averages without a full-size premultiplied copy
 
@@ -443,8 +458,10 @@ async def _run_ffmpeg(args: list[str], tmp: pathlib.Path, dest: pathlib.Path, *,
     """Run ffmpeg (``args`` write ``tmp``; ``stdin`` fed to it) and move ``tmp`` onto ``dest``. ffmpeg is killed if
     the caller is canceled; RenderError with the end of its stderr if it fails. The caller removes ``tmp``."""
     proc = await asyncio.create_subprocess_exec(
-        *args, stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE
+        *args,
+        stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         _, stderr = await proc.communicate(stdin)
@@ -498,8 +515,9 @@ def _lipsync_timing(sync_mode: str, video_seconds: float, audio_seconds: float) 
     return audio_seconds, "", audio_seconds > video_seconds  # loop, bounce
 
 
-async def render_lipsync(dest: pathlib.Path, *, video: pathlib.Path, audio: pathlib.Path, sync_mode: str = "loop",
-                         fps: int = 24) -> None:
+async def render_lipsync(
+    dest: pathlib.Path, *, video: pathlib.Path, audio: pathlib.Path, sync_mode: str = "loop", fps: int = 24
+) -> None:
     """Atomically write the ``video`` clip with ``audio`` muxed in and a visible "SANDBOX lip sync" strip (H.264 +
     AAC MP4); its length follows ``sync_mode`` as the real model's does. RenderError if an input is unreadable."""
     dest = pathlib.Path(dest)
@@ -518,8 +536,10 @@ async def render_lipsync(dest: pathlib.Path, *, video: pathlib.Path, audio: path
     label = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.label.png")
     try:
         await asyncio.to_thread(label.write_bytes, await asyncio.to_thread(_lipsync_label, size))
-        graph = (f"[0:v]fps={fps}{retime}[clip];[clip][2:v]overlay=x={x0}:y={y0},format=yuv420p[v];"
-                 "[1:a]aformat=channel_layouts=stereo,apad[a]")
+        graph = (
+            f"[0:v]fps={fps}{retime}[clip];[clip][2:v]overlay=x={x0}:y={y0},format=yuv420p[v];"
+            "[1:a]aformat=channel_layouts=stereo,apad[a]"
+        )
         args = [
             imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
             *(["-stream_loop", "-1"] if loop else []), "-i", str(video), "-i", str(audio),

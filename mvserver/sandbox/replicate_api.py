@@ -115,37 +115,47 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "google/imagen-4": ModelSpec("image", {
-        "prompt": InputField("string", required=True),
-        "aspect_ratio": InputField("string", choices=("1:1", "9:16", "16:9", "3:4", "4:3")),
-        "safety_filter_level": InputField("string", choices=("block_low_and_above", "block_medium_and_above",
-                                                        "block_only_high")),
-        "output_format": InputField("string", choices=tuple(_OUTPUT_FORMATS)),
-        "negative_prompt": InputField("string"),
-        "seed": InputField("integer"),
-    }),
-    "google/veo-3.1": ModelSpec("video", {
-        "prompt": InputField("string", required=True),
-        "aspect_ratio": InputField("string", choices=("16:9", "9:16", "1:1")),
-        # The real model takes 4, 6 or 8 seconds; the simulator also takes shorter clips so tests stay fast.
-        "duration": InputField("integer", minimum=1, maximum=8),
-        "resolution": InputField("string", choices=("720p", "1080p")),
-        "generate_audio": InputField("boolean"),
-        "negative_prompt": InputField("string"),
-        "seed": InputField("integer"),
-        "image": InputField("string"),
-        "last_frame": InputField("string"),
-        "reference_images": InputField("array", max_items=3),
-    }),
+    "google/imagen-4": ModelSpec(
+        "image",
+        {
+            "prompt": InputField("string", required=True),
+            "aspect_ratio": InputField("string", choices=("1:1", "9:16", "16:9", "3:4", "4:3")),
+            "safety_filter_level": InputField(
+                "string", choices=("block_low_and_above", "block_medium_and_above", "block_only_high")
+            ),
+            "output_format": InputField("string", choices=tuple(_OUTPUT_FORMATS)),
+            "negative_prompt": InputField("string"),
+            "seed": InputField("integer"),
+        },
+    ),
+    "google/veo-3.1": ModelSpec(
+        "video",
+        {
+            "prompt": InputField("string", required=True),
+            "aspect_ratio": InputField("string", choices=("16:9", "9:16", "1:1")),
+            # The real model takes 4, 6 or 8 seconds; the simulator also takes shorter clips so tests stay fast.
+            "duration": InputField("integer", minimum=1, maximum=8),
+            "resolution": InputField("string", choices=("720p", "1080p")),
+            "generate_audio": InputField("boolean"),
+            "negative_prompt": InputField("string"),
+            "seed": InputField("integer"),
+            "image": InputField("string"),
+            "last_frame": InputField("string"),
+            "reference_images": InputField("array", max_items=3),
+        },
+    ),
     # Replicate's API schema of sync/lipsync-2-pro: video (.mp4) and audio (.wav) files, sync_mode (default loop),
     # temperature 0..1 (default 0.5), active_speaker (default false).
-    "sync/lipsync-2-pro": ModelSpec("lipsync", {
-        "video": InputField("string", required=True, uri=True),
-        "audio": InputField("string", required=True, uri=True),
-        "sync_mode": InputField("string", choices=("loop", "bounce", "cut_off", "silence", "remap")),
-        "temperature": InputField("number", minimum=0, maximum=1),
-        "active_speaker": InputField("boolean"),
-    }),
+    "sync/lipsync-2-pro": ModelSpec(
+        "lipsync",
+        {
+            "video": InputField("string", required=True, uri=True),
+            "audio": InputField("string", required=True, uri=True),
+            "sync_mode": InputField("string", choices=("loop", "bounce", "cut_off", "silence", "remap")),
+            "temperature": InputField("number", minimum=0, maximum=1),
+            "active_speaker": InputField("boolean"),
+        },
+    ),
 }
 
 _JSON_TYPES: dict[str, Callable[[Any], bool]] = {
@@ -176,26 +186,46 @@ def invalid_fields(spec: ModelSpec, inputs: dict[str, Any]) -> list[dict[str, st
             continue
         value = inputs[name]
         if not _JSON_TYPES[field.type](value):
-            problems.append({"type": "invalid_type", "field": key,
-                             "description": f"Invalid type. Expected: {field.type}, given: {_type_name(value)}"})
+            problems.append(
+                {
+                    "type": "invalid_type",
+                    "field": key,
+                    "description": f"Invalid type. Expected: {field.type}, given: {_type_name(value)}",
+                }
+            )
         elif field.uri and not re.match(r"^(?:[a-z][a-z0-9+.-]*://\S+|data:)", value):
             problems.append({"type": "format", "field": key, "description": "Does not match format 'uri'"})
         elif field.choices is not None and value not in field.choices:
             allowed = ", ".join(json.dumps(choice) for choice in field.choices)
-            problems.append({"type": "enum", "field": key, "description": f"{key} must be one of the following: {allowed}"})
+            problems.append(
+                {"type": "enum", "field": key, "description": f"{key} must be one of the following: {allowed}"}
+            )
         elif field.minimum is not None and value < field.minimum:
-            problems.append({"type": "number_gte", "field": key,
-                             "description": f"Must be greater than or equal to {field.minimum}"})
+            problems.append(
+                {"type": "number_gte", "field": key, "description": f"Must be greater than or equal to {field.minimum}"}
+            )
         elif field.maximum is not None and value > field.maximum:
-            problems.append({"type": "number_lte", "field": key,
-                             "description": f"Must be less than or equal to {field.maximum}"})
+            problems.append(
+                {"type": "number_lte", "field": key, "description": f"Must be less than or equal to {field.maximum}"}
+            )
         elif field.max_items is not None and len(value) > field.max_items:
-            problems.append({"type": "array_max_items", "field": key,
-                             "description": f"Array must have at most {field.max_items} items"})
+            problems.append(
+                {
+                    "type": "array_max_items",
+                    "field": key,
+                    "description": f"Array must have at most {field.max_items} items",
+                }
+            )
         elif field.type == "array":
-            problems += [{"type": "invalid_type", "field": f"{key}.{index}",
-                          "description": f"Invalid type. Expected: string, given: {_type_name(item)}"}
-                         for index, item in enumerate(value) if not isinstance(item, str)]
+            problems += [
+                {
+                    "type": "invalid_type",
+                    "field": f"{key}.{index}",
+                    "description": f"Invalid type. Expected: string, given: {_type_name(item)}",
+                }
+                for index, item in enumerate(value)
+                if not isinstance(item, str)
+            ]
     return problems
 
 
@@ -307,7 +337,10 @@ def prediction_json(record: dict[str, Any], base: str) -> dict[str, Any]:
         "created_at": iso(created),
         "started_at": iso(started) if until >= started else None,
         "completed_at": iso(completed) if status in TERMINAL else None,
-        "urls": {"get": f"{base}/v1/predictions/{prediction_id}", "cancel": f"{base}/v1/predictions/{prediction_id}/cancel"},
+        "urls": {
+            "get": f"{base}/v1/predictions/{prediction_id}",
+            "cancel": f"{base}/v1/predictions/{prediction_id}/cancel",
+        },
     }
     if status == "succeeded":
         data["output"] = f"{base}/files/{prediction_id}/{record['output']}"
@@ -323,7 +356,10 @@ def run_metrics(created: float, started: float, completed: float) -> dict[str, f
     """Replicate's ``metrics`` of an ended prediction: ``predict_time`` (seconds on the model's hardware, what
     per-second models bill) and ``total_time`` (from creation, queueing included). A prediction canceled while
     still starting ran for no time at all."""
-    return {"predict_time": round(max(0.0, completed - started), 3), "total_time": round(max(0.0, completed - created), 3)}
+    return {
+        "predict_time": round(max(0.0, completed - started), 3),
+        "total_time": round(max(0.0, completed - created), 3),
+    }
 
 
 def _base_url(request: web.Request) -> str:
@@ -357,8 +393,11 @@ def pad_mp4(path: Path, pad_bytes: int) -> None:
 def render_key(options: dict[str, Any], pad_bytes: int) -> str:
     """Content address of a video render: every render option (the reference image by digest) and the padding."""
     reference = options.get("reference_image")
-    described = {**options, "reference_image": hashlib.sha256(reference).hexdigest() if reference else None,
-                 "pad_bytes": pad_bytes}
+    described = {
+        **options,
+        "reference_image": hashlib.sha256(reference).hexdigest() if reference else None,
+        "pad_bytes": pad_bytes,
+    }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
@@ -457,14 +496,20 @@ class ReplicateApi:
         if kind == "lipsync":
             video = await self._input_path(sim, inputs["video"], folder, "input-video")
             audio = await self._input_path(sim, inputs["audio"], folder, "input-audio")
-            await render_lipsync(folder / "output.mp4", video=video, audio=audio,
-                                 sync_mode=inputs.get("sync_mode", "loop"))
+            await render_lipsync(
+                folder / "output.mp4", video=video, audio=audio, sync_mode=inputs.get("sync_mode", "loop")
+            )
             return "output.mp4"
         if kind == "image":
             fmt = _OUTPUT_FORMATS[inputs.get("output_format", "jpg")]
             data = await asyncio.to_thread(
-                render_character_image, inputs["prompt"], aspect_ratio=inputs.get("aspect_ratio", "1:1"),
-                output_format=fmt, seed=inputs.get("seed"), negative_prompt=inputs.get("negative_prompt"))
+                render_character_image,
+                inputs["prompt"],
+                aspect_ratio=inputs.get("aspect_ratio", "1:1"),
+                output_format=fmt,
+                seed=inputs.get("seed"),
+                negative_prompt=inputs.get("negative_prompt"),
+            )
             name = f"output.{fmt}"
             await asyncio.to_thread(write_bytes_atomic, folder / name, data)
             return name
@@ -473,9 +518,14 @@ class ReplicateApi:
         if reference and (size := await asyncio.to_thread(oversized_image, reference)):
             raise InputFileError(f"reference image is {size} pixels; at most {MAX_REFERENCE_PIXELS} are supported")
         name = "output.mp4"
-        options = {"prompt": inputs["prompt"], "duration": inputs.get("duration", 8),
-                   "aspect_ratio": inputs.get("aspect_ratio", "16:9"), "reference_image": reference,
-                   "generate_audio": inputs.get("generate_audio", True), "seed": inputs.get("seed")}
+        options = {
+            "prompt": inputs["prompt"],
+            "duration": inputs.get("duration", 8),
+            "aspect_ratio": inputs.get("aspect_ratio", "16:9"),
+            "reference_image": reference,
+            "generate_audio": inputs.get("generate_audio", True),
+            "seed": inputs.get("seed"),
+        }
         await self._render_video(sim, folder / name, options)
         return name
 
@@ -501,8 +551,12 @@ class ReplicateApi:
     def _uploaded(sim: Simulator, value: str) -> Path | None:
         """The stored file behind one of our file URLs (any host, so it survives a port change), or None."""
         parts = URL(value).path.split("/")
-        if len(parts) == 5 and parts[1:3] == ["replicate", "files"] and _SAFE_ID.fullmatch(parts[3]) \
-                and _SAFE_NAME.fullmatch(parts[4]):
+        if (
+            len(parts) == 5
+            and parts[1:3] == ["replicate", "files"]
+            and _SAFE_ID.fullmatch(parts[3])
+            and _SAFE_NAME.fullmatch(parts[4])
+        ):
             return sim.state_dir / "files" / parts[3] / parts[4]
         return None
 
@@ -513,7 +567,9 @@ class ReplicateApi:
             path = folder / stem
             await asyncio.to_thread(write_bytes_atomic, path, _data_uri_bytes(value))
             return path
-        path = self._uploaded(sim, value) if isinstance(value, str) and value.startswith(("http://", "https://")) else None
+        path = (
+            self._uploaded(sim, value) if isinstance(value, str) and value.startswith(("http://", "https://")) else None
+        )
         if path is None or not await asyncio.to_thread(path.is_file):
             raise InputFileError(f"could not download file from {value}")
         return path
@@ -558,12 +614,16 @@ class ReplicateApi:
         if "Cancel-After" in request.headers:
             cancel_after = parse_duration(request.headers["Cancel-After"])
             if cancel_after is None or cancel_after <= 0:
-                return problem(400, "Invalid Cancel-After header",
-                               "Cancel-After must be a duration such as 30s, 5m or 1h30m.")
+                return problem(
+                    400, "Invalid Cancel-After header", "Cancel-After must be a duration such as 30s, 5m or 1h30m."
+                )
         record = self._new_record(sim, model, spec, inputs)
         record["cancel_after"] = cancel_after
-        record.update(webhook=body.get("webhook"), webhook_events_filter=body.get("webhook_events_filter"),
-                      webhook_fault=fault_marker(str(inputs.get("prompt", ""))))
+        record.update(
+            webhook=body.get("webhook"),
+            webhook_events_filter=body.get("webhook_events_filter"),
+            webhook_fault=fault_marker(str(inputs.get("prompt", ""))),
+        )
         await self._save(sim, record)
         base = _base_url(request)  # the first delivery may arrive before this response, as on Replicate
         request.app[SENDER].schedule(record, lambda r: prediction_json(r, base), lambda r: self._current(sim, r))
@@ -636,8 +696,12 @@ class ReplicateApi:
         if not _authorized(request):
             return _unauthenticated()
         if request.app[SIMULATOR].api_token is None:
-            return problem(403, "Forbidden", "This simulator has no API token of its own, so it gives its webhook "
-                                             "secret to no one (set MV_SIM_API_TOKEN).")
+            return problem(
+                403,
+                "Forbidden",
+                "This simulator has no API token of its own, so it gives its webhook "
+                "secret to no one (set MV_SIM_API_TOKEN).",
+            )
         return web.json_response({"key": request.app[SIMULATOR].webhook_secret})
 
     async def create_file(self, request: web.Request) -> web.Response:
@@ -698,7 +762,9 @@ def add_routes(router: web.UrlDispatcher, render_slots: asyncio.Semaphore) -> No
     """Register the Replicate routes; their names are the ones fault injection uses. Renders wait for one of
     ``render_slots``."""
     api = ReplicateApi(render_slots)
-    router.add_post(f"{PREFIX}/v1/models/{{owner}}/{{name}}/predictions", api.create_prediction, name="replicate.create")
+    router.add_post(
+        f"{PREFIX}/v1/models/{{owner}}/{{name}}/predictions", api.create_prediction, name="replicate.create"
+    )
     router.add_get(f"{PREFIX}/v1/predictions/{{prediction_id}}", api.get_prediction, name="replicate.get")
     router.add_post(f"{PREFIX}/v1/predictions/{{prediction_id}}/cancel", api.cancel_prediction, name="replicate.cancel")
     router.add_post(f"{PREFIX}/v1/files", api.create_file, name="replicate.files.create")

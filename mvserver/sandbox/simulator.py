@@ -25,9 +25,21 @@ from aiohttp import web
 
 from mvserver.core.storage import write_bytes_atomic
 
-FaultKind = Literal["status", "reset", "hang", "truncate", "invalid_json", "fail_prediction",
-                    # webhook deliveries (route ``replicate.webhook``), see :mod:`mvserver.sandbox.webhooks`
-                    "duplicate", "out_of_order", "drop", "delay", "bad_signature", "old_timestamp"]
+FaultKind = Literal[
+    "status",
+    "reset",
+    "hang",
+    "truncate",
+    "invalid_json",
+    "fail_prediction",
+    # webhook deliveries (route ``replicate.webhook``), see :mod:`mvserver.sandbox.webhooks`
+    "duplicate",
+    "out_of_order",
+    "drop",
+    "delay",
+    "bad_signature",
+    "old_timestamp",
+]
 SIMULATOR = web.AppKey("simulator", "Simulator")
 RENDER_SLOTS = web.AppKey("render_slots", asyncio.Semaphore)  # renders (image, video, lip sync) running at once
 
@@ -71,12 +83,14 @@ class Simulator:
     # The Replicate token this simulator answers (any other gets 401, as on Replicate) and the only caller its webhook
     # secret is given to; None: any token is taken, and the secret is given to no one.
     api_token: str | None = field(default=None, repr=False)
-    webhook_secret: str = field(default_factory=lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
-                                repr=False)
+    webhook_secret: str = field(
+        default_factory=lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(), repr=False
+    )
     webhook_retry_seconds: float = 60.0  # how long a terminal webhook that gets no 2xx is retried
     # (event, fault, HTTP status) of the latest webhook deliveries, for tests
     webhook_deliveries: collections.deque[tuple[str, str | None, int | None]] = field(
-        default_factory=lambda: collections.deque(maxlen=10_000))
+        default_factory=lambda: collections.deque(maxlen=10_000)
+    )
     requests: list[tuple[str, str]] = field(default_factory=list)  # (route name, path) seen, for tests
     prompts: deque[str] = field(default_factory=lambda: deque(maxlen=100))  # last Gemini prompts received, for tests
     # the inline data parts (MIME type, size, SHA-256) of each of those Gemini requests, for tests
@@ -96,8 +110,7 @@ class Simulator:
     def take_fault(self, route: str, kinds: tuple[str, ...] | None = None, event: str | None = None) -> Fault | None:
         """The first pending fault for ``route`` (optionally of the given kinds, or for ``event``); it is used up."""
         for fault in self.faults:
-            if fault.route in (route, "*") and (kinds is None or fault.kind in kinds) \
-                    and fault.event in (None, event):
+            if fault.route in (route, "*") and (kinds is None or fault.kind in kinds) and fault.event in (None, event):
                 fault.times -= 1
                 if fault.times <= 0:
                     self.faults.remove(fault)

@@ -67,8 +67,13 @@ def invalid_webhook_fields(body: dict[str, Any]) -> list[dict[str, str]]:
     events = body.get("webhook_events_filter")
     if events is not None and not (isinstance(events, list) and all(e in EVENTS for e in events)):
         allowed = ", ".join(json.dumps(e) for e in EVENTS)
-        problems.append({"type": "enum", "field": "webhook_events_filter",
-                         "description": f"webhook_events_filter items must be one of the following: {allowed}"})
+        problems.append(
+            {
+                "type": "enum",
+                "field": "webhook_events_filter",
+                "description": f"webhook_events_filter items must be one of the following: {allowed}",
+            }
+        )
     return problems
 
 
@@ -126,7 +131,9 @@ class WebhookSender:
             return
         prediction_id = record["id"]
         self.wakers[prediction_id] = asyncio.Event()
-        task = asyncio.get_running_loop().create_task(self._run(record, render, current), name=f"webhooks-{prediction_id}")
+        task = asyncio.get_running_loop().create_task(
+            self._run(record, render, current), name=f"webhooks-{prediction_id}"
+        )
         self.tasks[prediction_id] = task
         task.add_done_callback(lambda _: (self.tasks.pop(prediction_id, None), self.wakers.pop(prediction_id, None)))
 
@@ -176,12 +183,17 @@ class WebhookSender:
         waker.clear()
         return True
 
-    async def _deliver(self, stream: _Stream, record: dict[str, Any], event: str, body: dict[str, Any], *,
-                       terminal: bool = False) -> None:
+    async def _deliver(
+        self, stream: _Stream, record: dict[str, Any], event: str, body: dict[str, Any], *, terminal: bool = False
+    ) -> None:
         fault = self.sim.take_fault(ROUTE, FAULT_KINDS, event)
-        delivery = _Delivery(event, "msg_" + secrets.token_urlsafe(18), json.dumps(body).encode(),
-                             fault=fault.kind if fault else record.get("webhook_fault"),
-                             delay=fault.seconds if fault else 1.0)
+        delivery = _Delivery(
+            event,
+            "msg_" + secrets.token_urlsafe(18),
+            json.dumps(body).encode(),
+            fault=fault.kind if fault else record.get("webhook_fault"),
+            delay=fault.seconds if fault else 1.0,
+        )
         if delivery.fault == "drop":
             self._note(delivery, None)
             return
@@ -214,9 +226,13 @@ class WebhookSender:
         secret = self.sim.webhook_secret
         if delivery.fault == "bad_signature":
             secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-        headers = {"Content-Type": "application/json", "User-Agent": "Replicate-Webhook/1.0",
-                   "webhook-id": delivery.webhook_id, "webhook-timestamp": str(timestamp),
-                   "webhook-signature": sign(secret, delivery.webhook_id, timestamp, delivery.body)}
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "Replicate-Webhook/1.0",
+            "webhook-id": delivery.webhook_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(secret, delivery.webhook_id, timestamp, delivery.body),
+        }
         status = None
         assert self.session is not None
         try:

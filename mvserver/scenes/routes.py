@@ -62,8 +62,13 @@ def _valid_reply(parsed: BaseModel | None, count: int) -> list[Scene] | None:
     return parsed.scenes
 
 
-async def write_scenes(request: web.Request, params: dict[str, Any], defaulted: list[str],
-                       caller: str = "create_scenes", song: SongBrief | None = None) -> dict[str, Any]:
+async def write_scenes(
+    request: web.Request,
+    params: dict[str, Any],
+    defaulted: list[str],
+    caller: str = "create_scenes",
+    song: SongBrief | None = None,
+) -> dict[str, Any]:
     """Render the prompt, ask Gemini (again once if the reply is malformed), save JSON and Markdown copies.
 
     Every scene writer (``create_scenes``, a project's ``write_scenes``: ``caller`` in the debug records) comes
@@ -75,30 +80,48 @@ async def write_scenes(request: web.Request, params: dict[str, Any], defaulted: 
     prompt = config.render("scenes.prompt", **{**params, "style": style_variables(config, params.get("style"))})
     debug_print(config.debug, f"{caller} prompt sent to Gemini", prompt)
     if song is not None:
-        debug_print(config.debug, f"{caller} song sent to Gemini ({len(song.audio or b'')} bytes of "
-                                  f"{song.mime_type})", song.text)
+        debug_print(
+            config.debug,
+            f"{caller} song sent to Gemini ({len(song.audio or b'')} bytes of {song.mime_type})",
+            song.text,
+        )
     started = time.monotonic()
     attempts = settings.malformed_reply_retries + 1
     scenes: list[Scene] | None = None
     for attempt in range(1, attempts + 1):
-        parsed, raw = await gemini.generate_json(settings.model, prompt, SceneList,
-                                                 temperature=settings.temperature, timeout=settings.timeout_seconds,
-                                                 context=song.text if song else None,
-                                                 audio=(song.audio, song.mime_type) if song and song.audio else None)
+        parsed, raw = await gemini.generate_json(
+            settings.model,
+            prompt,
+            SceneList,
+            temperature=settings.temperature,
+            timeout=settings.timeout_seconds,
+            context=song.text if song else None,
+            audio=(song.audio, song.mime_type) if song and song.audio else None,
+        )
         debug_print(config.debug, f"{caller} raw reply from Gemini (attempt {attempt})", raw)
         scenes = _valid_reply(parsed, params["number_of_scenes"])
         if scenes is not None:
             break
     if scenes is None:
-        raise ApiError(502, "provider_malformed_output",
-                       f"Gemini did not return {params['number_of_scenes']} valid scenes as JSON after {attempts} attempts",
-                       provider="gemini")
+        raise ApiError(
+            502,
+            "provider_malformed_output",
+            f"Gemini did not return {params['number_of_scenes']} valid scenes as JSON after {attempts} attempts",
+            provider="gemini",
+        )
     elapsed = round(time.monotonic() - started, 3)
     return await _save(request, params, defaulted, [s.model_dump() for s in scenes], elapsed, attempt, song)
 
 
-async def _save(request: web.Request, params: dict[str, Any], defaulted: list[str], scenes: list[dict[str, Any]],
-                elapsed: float, attempts: int, song: SongBrief | None = None) -> dict[str, Any]:
+async def _save(
+    request: web.Request,
+    params: dict[str, Any],
+    defaulted: list[str],
+    scenes: list[dict[str, Any]],
+    elapsed: float,
+    attempts: int,
+    song: SongBrief | None = None,
+) -> dict[str, Any]:
     config: Config = request.app[CONFIG]
     store = request.app[STORE]
     sandbox = "gemini_scenes" in request.app[PROVIDERS].sandboxed
@@ -112,8 +135,12 @@ async def _save(request: web.Request, params: dict[str, Any], defaulted: list[st
         "sandbox": sandbox,
     }
     if song is not None:  # what Gemini got with the prompt
-        metadata["song"] = {"audio_id": song.audio_id, "audio_bytes": len(song.audio or b""),
-                            "audio_mime_type": song.mime_type if song.audio else None, "timeline": song.text}
+        metadata["song"] = {
+            "audio_id": song.audio_id,
+            "audio_bytes": len(song.audio or b""),
+            "audio_mime_type": song.mime_type if song.audio else None,
+            "timeline": song.text,
+        }
     json_path = store.path("scenes", scenes_id, ".json")
     md_path = store.path("scenes", scenes_id, ".md")
     owner = key_id(request)
@@ -121,7 +148,11 @@ async def _save(request: web.Request, params: dict[str, Any], defaulted: list[st
     if owner is not None:
         record["owner_key_id"] = owner
     await store.write_json(json_path, record)
-    markdown = request.app[TEMPLATES].get_template("scenes.md.j2").render(scenes_id=scenes_id, scenes=scenes, metadata=metadata)
+    markdown = (
+        request.app[TEMPLATES]
+        .get_template("scenes.md.j2")
+        .render(scenes_id=scenes_id, scenes=scenes, metadata=metadata)
+    )
     await store.write_bytes(md_path, markdown.encode())
     body = {
         "scenes_id": scenes_id,

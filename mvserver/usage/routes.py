@@ -47,8 +47,12 @@ def parse_time(text: str, field: str) -> float:
 
 
 def _bad_time(field: str) -> ApiError:
-    return ApiError(400, "invalid_field", f"{field}: an ISO 8601 date or date-time (UTC unless an offset is given), "
-                                          "or unix seconds", field=field)
+    return ApiError(
+        400,
+        "invalid_field",
+        f"{field}: an ISO 8601 date or date-time (UTC unless an offset is given), or unix seconds",
+        field=field,
+    )
 
 
 def month_start(now: float) -> float:
@@ -64,9 +68,13 @@ def _group_key(entry: dict[str, Any], group_by: str) -> str:
 
 def _sums(entries: list[dict[str, Any]]) -> dict[str, Any]:
     micros = sum(int(e.get("cost_micros") or 0) for e in entries)
-    return {"jobs": len(entries), "cost_micros": micros, "cost": micros / MICROS,
-            "output_seconds": round(sum(e.get("output_seconds") or 0 for e in entries), 3),
-            "predict_seconds": round(sum(e.get("predict_seconds") or 0 for e in entries), 3)}
+    return {
+        "jobs": len(entries),
+        "cost_micros": micros,
+        "cost": micros / MICROS,
+        "output_seconds": round(sum(e.get("output_seconds") or 0 for e in entries), 3),
+        "predict_seconds": round(sum(e.get("predict_seconds") or 0 for e in entries), 3),
+    }
 
 
 def report(entries: list[dict[str, Any]], group_by: str) -> dict[str, Any]:
@@ -74,8 +82,10 @@ def report(entries: list[dict[str, Any]], group_by: str) -> dict[str, Any]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for entry in entries:
         groups.setdefault(_group_key(entry, group_by), []).append(entry)
-    return {"totals": _sums(entries),
-            "groups": [{"key": key, **_sums(members)} for key, members in sorted(groups.items())]}
+    return {
+        "totals": _sums(entries),
+        "groups": [{"key": key, **_sums(members)} for key, members in sorted(groups.items())],
+    }
 
 
 @routes.get("/api/mv/usage")
@@ -93,17 +103,33 @@ async def usage_report(request: web.Request) -> web.Response:
     if end <= start:
         raise ApiError(400, "invalid_field", "to: must be after from", field="to")
     if end - start > limits.report_max_days * 86400:
-        raise ApiError(400, "invalid_field", f"from: a report covers at most {limits.report_max_days} days "
-                                             "(pricing.yaml report_max_days)", field="from")
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"from: a report covers at most {limits.report_max_days} days (pricing.yaml report_max_days)",
+            field="from",
+        )
     key = request.get(API_KEY)
     every_owner = key is not None and key.admin
     entries = await request.app[JOBS].book.entries(key_id(request), start, end, every_owner=every_owner)
     if len(entries) > limits.report_max_jobs:
-        raise ApiError(400, "invalid_field", f"from: {len(entries)} jobs ended in this range, more than a report "
-                                             f"lists ({limits.report_max_jobs}, pricing.yaml report_max_jobs); ask "
-                                             "for a shorter range", field="from")
-    body: dict[str, Any] = {"from": start, "to": end, "group_by": group_by, "currency": currency(limits),
-                            "all_keys": every_owner, **report(entries, group_by), "jobs": entries}
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"from: {len(entries)} jobs ended in this range, more than a report "
+            f"lists ({limits.report_max_jobs}, pricing.yaml report_max_jobs); ask "
+            "for a shorter range",
+            field="from",
+        )
+    body: dict[str, Any] = {
+        "from": start,
+        "to": end,
+        "group_by": group_by,
+        "currency": currency(limits),
+        "all_keys": every_owner,
+        **report(entries, group_by),
+        "jobs": entries,
+    }
     if key is not None:
         body["budget"] = await budget_state(request, key.id, key.limits.monthly_budget, now)
     return web.json_response(body)

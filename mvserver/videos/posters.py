@@ -36,10 +36,28 @@ CLIP_DEMUXERS = ["mov"]  # every stored clip is an MP4; nothing else is read
 
 def frame_args(clip: Path, dest: Path, max_side: int) -> list[str]:
     """ffmpeg arguments: the first frame of ``clip``, fitted into ``max_side`` square pixels, as one JPEG."""
-    fit = (f"scale=w='min(iw,{max_side})':h='min(ih,{max_side})':force_original_aspect_ratio=decrease:"
-           "force_divisible_by=2")
-    return [*media.input_args(clip, CLIP_DEMUXERS), "-map", "0:v:0", "-frames:v", "1", "-vf", fit,
-            "-c:v", "mjpeg", "-q:v", "4", "-fs", str(POSTER_MAX_BYTES), "-f", "mjpeg", "-y", str(dest)]
+    fit = (
+        f"scale=w='min(iw,{max_side})':h='min(ih,{max_side})':force_original_aspect_ratio=decrease:force_divisible_by=2"
+    )
+    return [
+        *media.input_args(clip, CLIP_DEMUXERS),
+        "-map",
+        "0:v:0",
+        "-frames:v",
+        "1",
+        "-vf",
+        fit,
+        "-c:v",
+        "mjpeg",
+        "-q:v",
+        "4",
+        "-fs",
+        str(POSTER_MAX_BYTES),
+        "-f",
+        "mjpeg",
+        "-y",
+        str(dest),
+    ]
 
 
 async def describe(job: Job, clip: Path, settings: PosterSettings) -> None:
@@ -82,4 +100,6 @@ def stored_hook(app: web.Application) -> Callable[[Job, Path], Awaitable[None]]:
 async def get_poster(request: web.Request) -> web.FileResponse:
     """The clip's first frame (JPEG), under the same rules as ``get_video``."""
     path = await job_output(request, POSTER_SUFFIX, "poster")
-    return SavedFileResponse(path, noun="poster", headers={"Content-Type": "image/jpeg", "Cache-Control": "private, max-age=3600"})
+    return SavedFileResponse(
+        path, noun="poster", headers={"Content-Type": "image/jpeg", "Cache-Control": "private, max-age=3600"}
+    )

@@ -60,8 +60,12 @@ def sniff_image(data: bytes, field: str, max_pixels: int) -> str:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         kind = None
     if too_large:
-        raise ApiError(400, "invalid_field", f"{field}: the image is {too_large}; at most {max_pixels} "
-                                             "pixels are accepted", field=field)
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"{field}: the image is {too_large}; at most {max_pixels} pixels are accepted",
+            field=field,
+        )
     if kind not in IMAGE_TYPES:
         raise ApiError(400, "invalid_field", f"{field}: not a PNG, JPEG or WebP image", field=field)
     return IMAGE_TYPES[kind]
@@ -84,8 +88,7 @@ def decode_base64_image(text: str, max_bytes: int) -> bytes:
             raise ApiError(400, "invalid_field", f"{field}: a data: URI must be base64-encoded", field=field)
     text = text.translate(_BASE64_WHITESPACE)
     if ("-" in text or "_" in text) and ("+" in text or "/" in text):
-        raise ApiError(400, "invalid_field", f"{field}: mixes the standard and URL-safe base64 alphabets",
-                       field=field)
+        raise ApiError(400, "invalid_field", f"{field}: mixes the standard and URL-safe base64 alphabets", field=field)
     text = text.translate(_URL_SAFE)
     if len(text) % 4 and "=" not in text:
         text += "=" * (-len(text) % 4)
@@ -103,20 +106,29 @@ def check_reference_shape(config: Config, body: Any) -> None:
     if body.backend != "replicate":
         return
     rules = config.videos.backends.replicate
-    for field, allowed in (("aspect_ratio", rules.reference_image_aspect_ratios),
-                           ("duration", rules.reference_image_durations)):
+    for field, allowed in (
+        ("aspect_ratio", rules.reference_image_aspect_ratios),
+        ("duration", rules.reference_image_durations),
+    ):
         if getattr(body, field) not in allowed:
-            raise ApiError(400, "invalid_field", f"{field}: with a reference image the replicate backend accepts only "
-                                                 f"{allowed}", field=field)
+            raise ApiError(
+                400,
+                "invalid_field",
+                f"{field}: with a reference image the replicate backend accepts only {allowed}",
+                field=field,
+            )
 
 
-async def reference_image(app: web.Application, body: Any, owner: str | None = None
-                          ) -> tuple[bytes | None, str | None]:
+async def reference_image(app: web.Application, body: Any, owner: str | None = None) -> tuple[bytes | None, str | None]:
     """The reference image sent inline or by ``image_id`` (which ``owner`` must be allowed to use), validated;
     (None, None) when there is none."""
     if body.reference_image_base64 and body.reference_image_id:
-        raise ApiError(400, "invalid_field", "send reference_image_base64 or reference_image_id, not both",
-                       field="reference_image_base64")
+        raise ApiError(
+            400,
+            "invalid_field",
+            "send reference_image_base64 or reference_image_id, not both",
+            field="reference_image_base64",
+        )
     limits = app[CONFIG].videos.limits
     if body.reference_image_id:
         data, mime_type = await load_image(app, body.reference_image_id, owner)
@@ -125,8 +137,7 @@ async def reference_image(app: web.Application, body: Any, owner: str | None = N
     if not body.reference_image_base64:
         return None, None
     data = decode_base64_image(body.reference_image_base64, limits.reference_image_max_bytes)
-    return data, await asyncio.to_thread(sniff_image, data, "reference_image_base64",
-                                         limits.reference_image_max_pixels)
+    return data, await asyncio.to_thread(sniff_image, data, "reference_image_base64", limits.reference_image_max_pixels)
 
 
 def render_client_rules(source: str, variables: dict[str, Any]) -> str:
@@ -170,15 +181,25 @@ def full_prompt(config: Config, body: Any) -> str:
     limit = config.videos.limits.full_prompt_max_chars
     if len(prompt) > limit:
         field = "video_rules_template" if body.video_rules_template and len(body.prompt) <= limit else "prompt"
-        raise ApiError(400, "invalid_field", f"{field}: the full prompt (scene prompt + video rules) would be "
-                                             f"{len(prompt)} characters; at most {limit} are accepted", field=field)
+        raise ApiError(
+            400,
+            "invalid_field",
+            f"{field}: the full prompt (scene prompt + video rules) would be "
+            f"{len(prompt)} characters; at most {limit} are accepted",
+            field=field,
+        )
     return prompt
 
 
-async def submit_video_job(app: web.Application, body: Any, defaulted: list[str],
-                           links: dict[str, Any] | None = None, owner: str | None = None,
-                           charge: Callable[[], Awaitable[list[str]]] | None = None, job_id: str | None = None
-                           ) -> Job:
+async def submit_video_job(
+    app: web.Application,
+    body: Any,
+    defaulted: list[str],
+    links: dict[str, Any] | None = None,
+    owner: str | None = None,
+    charge: Callable[[], Awaitable[list[str]]] | None = None,
+    job_id: str | None = None,
+) -> Job:
     """Validate the reference image, render the full prompt and submit a video job (the body is a video request
     model). ``links`` (e.g. ``project_id``/``scene_id``) are kept in ``Job.request``; ``owner`` is the caller's key
     id; ``charge`` takes the caller's quota once the request is known to be valid and answers the job's id (else
@@ -195,8 +216,16 @@ async def submit_video_job(app: web.Application, body: Any, defaulted: list[str]
     if charge is not None:
         [job_id] = await charge()  # only a request that got this far costs a token
     backend = app[PROVIDERS].video_backend(body.backend)
-    job = Job(id=job_id or new_id(), backend=body.backend, model=backend.model, sandbox=backend.sandbox, request=summary,
-              reference_mime_type=mime_type, owner=owner, **job_fields(body))
+    job = Job(
+        id=job_id or new_id(),
+        backend=body.backend,
+        model=backend.model,
+        sandbox=backend.sandbox,
+        request=summary,
+        reference_mime_type=mime_type,
+        owner=owner,
+        **job_fields(body),
+    )
     if image is not None:
         store = app[STORE]
         await store.write_bytes(store.path("jobs", job.id, ".ref"), image)
@@ -208,8 +237,9 @@ async def submit_video_job(app: web.Application, body: Any, defaulted: list[str]
 async def generate_video(request: web.Request) -> web.Response:
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, request.app[CONFIG].debug)
     await reserve(request, body)
-    job = await submit_video_job(request.app, body, defaulted, owner=key_id(request),
-                                 charge=lambda: charge(request, "jobs"))
+    job = await submit_video_job(
+        request.app, body, defaulted, owner=key_id(request), charge=lambda: charge(request, "jobs")
+    )
     return accepted_response(request, [job])
 
 
@@ -230,15 +260,20 @@ def listing_query(request: web.Request, owner: str | None, kinds: set[str]) -> l
     raw_limit = params.get("limit", "20")
     if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= listing.MAX_LIMIT):
         raise ApiError(400, "invalid_field", f"limit: an integer from 1 to {listing.MAX_LIMIT}", field="limit")
-    return listing.JobQuery(owner=owner, status=status, kind=kind, project_id=project_id, cursor=cursor,
-                            limit=int(raw_limit))
+    return listing.JobQuery(
+        owner=owner, status=status, kind=kind, project_id=project_id, cursor=cursor, limit=int(raw_limit)
+    )
 
 
 def listing_item(job: Job) -> dict[str, Any]:
     """A job as listed: its state (never the request, which can be large) and where to follow it."""
     links = {name: job.request[name] for name in ("project_id", "scene_id") if isinstance(job.request.get(name), str)}
-    return {**job.state(), "status_url": job_urls(job.id)["status_url"], "events_url": job_urls(job.id)["events_url"],
-            **links}
+    return {
+        **job.state(),
+        "status_url": job_urls(job.id)["status_url"],
+        "events_url": job_urls(job.id)["events_url"],
+        **links,
+    }
 
 
 async def _job(request: web.Request) -> Job:
@@ -282,8 +317,14 @@ async def cancel_job(request: web.Request) -> web.Response:
 async def job_events(request: web.Request) -> web.StreamResponse:
     jobs = request.app[JOBS]
     settings = request.app[CONFIG].videos.jobs
-    return await stream_events(request, jobs, (await _job(request)).id, ping_interval=settings.sse_ping_interval_seconds,
-                               retry_ms=settings.sse_retry_ms, dress=event_links(request))
+    return await stream_events(
+        request,
+        jobs,
+        (await _job(request)).id,
+        ping_interval=settings.sse_ping_interval_seconds,
+        retry_ms=settings.sse_retry_ms,
+        dress=event_links(request),
+    )
 
 
 def event_links(request: web.Request) -> Callable[[Event], str]:
@@ -296,8 +337,9 @@ def event_links(request: web.Request) -> Callable[[Event], str]:
 @routes.get("/api/mv/get_video/{video_id}")
 async def get_video(request: web.Request) -> web.StreamResponse:
     path = await job_output(request, ".mp4", "video")
-    return SavedFileResponse(path, noun="video",
-                             headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"})
+    return SavedFileResponse(
+        path, noun="video", headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"}
+    )
 
 
 async def job_output(request: web.Request, suffix: str, what: str) -> Path:
@@ -312,8 +354,14 @@ async def job_output(request: web.Request, suffix: str, what: str) -> Path:
         code = {"failed": "job_failed", "canceled": "job_canceled"}.get(job.status, "video_not_ready")
         cause = job.error or {}
         message = f"job {video_id} is {job.status}" + (f": {cause['message']}" if cause else f" ({job.stage})")
-        raise ApiError(409, code, message, provider=cause.get("provider"),
-                       provider_status=cause.get("provider_status"), provider_error=cause.get("provider_error"))
+        raise ApiError(
+            409,
+            code,
+            message,
+            provider=cause.get("provider"),
+            provider_status=cause.get("provider_status"),
+            provider_error=cause.get("provider_error"),
+        )
     if not await asyncio.to_thread(path.is_file):
         await _not_expired(request, video_id)
         raise ApiError(404, "not_found", f"no {what} with id {video_id}")

@@ -17,21 +17,23 @@ routes = web.RouteTableDef()
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_NAME = re.compile(r"[A-Za-z0-9_-]+\.(?:js|css)")
 # Everything the page loads comes from this origin; images are data: URIs.
-CONTENT_SECURITY_POLICY = "; ".join([
-    "default-src 'self'",
-    "img-src 'self' data:",
-    "media-src 'self'",
-    "connect-src 'self'",
-    "object-src 'none'",
-    "base-uri 'none'",
-    "form-action 'none'",
-    "frame-ancestors 'none'",
-])
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'self'",
+        "img-src 'self' data:",
+        "media-src 'self'",
+        "connect-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    ]
+)
 
 EXAMPLE = {
     "idea": "A synth-pop song about missing the last train home and walking across the rainy city at night",
     "character_description": "a woman in her late twenties with short silver hair, round glasses, a yellow raincoat "
-                             "over a black hoodie, dark jeans and white sneakers",
+    "over a black hoodie, dark jeans and white sneakers",
 }
 
 
@@ -50,17 +52,25 @@ async def single(request: web.Request) -> web.Response:
 def _page(request: web.Request, template: str) -> web.Response:
     """A page prefilled with example text and the configured defaults and limits."""
     config = request.app[CONFIG]
-    page = request.app[TEMPLATES].get_template(template).render(
-        version=__version__,
-        example=EXAMPLE,
-        scenes=config.scenes,
-        default_backend=config.videos.default_backend,
-        backends=list(type(config.videos.backends).model_fields),
+    page = (
+        request.app[TEMPLATES]
+        .get_template(template)
+        .render(
+            version=__version__,
+            example=EXAMPLE,
+            scenes=config.scenes,
+            default_backend=config.videos.default_backend,
+            backends=list(type(config.videos.backends).model_fields),
+        )
     )
-    return web.Response(text=page, content_type="text/html", headers={
-        "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-        "Cache-Control": "no-store",
-    })
+    return web.Response(
+        text=page,
+        content_type="text/html",
+        headers={
+            "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+            "Cache-Control": "no-store",
+        },
+    )
 
 
 @routes.get("/static/{name}")

@@ -31,8 +31,11 @@ class SavedFileResponse(web.FileResponse):
         super().set_status(status, reason)
         if status == web.HTTPRequestRangeNotSatisfiable.status_code and not self.prepared:
             size = self.headers.get("Content-Range", "").rpartition("/")[2]
-            error = ErrorInfo("range_not_satisfiable", f"the Range header must be one byte range inside the "
-                                                       f"{size}-byte {self._noun}", field="Range")
+            error = ErrorInfo(
+                "range_not_satisfiable",
+                f"the Range header must be one byte range inside the {size}-byte {self._noun}",
+                field="Range",
+            )
             self._error_body = json.dumps({"error": error.to_dict()}).encode()
             self.content_type = "application/json"
             self.content_length = len(self._error_body)

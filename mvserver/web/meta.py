@@ -27,6 +27,7 @@ READY_TIMEOUT_SECONDS = 2.0  # a store that takes longer to answer a ping counts
 
 async def store_problem(app: web.Application) -> str | None:
     """Why the job or project store cannot be used now (None: both answer a ping within the time limit)."""
+
     async def ping() -> None:
         await app[JOBS].ping()
         await app[PROJECTS].ping()
@@ -56,17 +57,21 @@ async def health(request: web.Request) -> web.Response:
     providers = request.app[PROVIDERS]
     modes = providers.modes()
     problem = await store_problem(request.app)
-    return web.json_response({
-        "status": "ok" if problem is None else "degraded",
-        "version": __version__,
-        "mode": "sandbox" if providers.sandboxed else "live",
-        "sandbox": bool(providers.sandboxed),
-        "providers": modes,
-        "styles": [{"name": name, "label": preset.label, "description": preset.description}
-                   for name, preset in request.app[CONFIG].styles.items()],
-        "auth": {"keys_required": KEYRING in request.app},
-        "store": {"kind": _store_kind(request.app), "reachable": problem is None},
-    })
+    return web.json_response(
+        {
+            "status": "ok" if problem is None else "degraded",
+            "version": __version__,
+            "mode": "sandbox" if providers.sandboxed else "live",
+            "sandbox": bool(providers.sandboxed),
+            "providers": modes,
+            "styles": [
+                {"name": name, "label": preset.label, "description": preset.description}
+                for name, preset in request.app[CONFIG].styles.items()
+            ],
+            "auth": {"keys_required": KEYRING in request.app},
+            "store": {"kind": _store_kind(request.app), "reachable": problem is None},
+        }
+    )
 
 
 @routes.get("/api/mv/health/live")
@@ -85,8 +90,9 @@ async def ready(request: web.Request) -> web.Response:
     if problem is not None:
         log.warning("not ready: the %s store is unreachable: %s", _store_kind(request.app), problem)
         raise ApiError(503, "store_unavailable", f"the {_store_kind(request.app)} store is unreachable", retry_after=1)
-    return web.json_response({"status": "ready", "store": _store_kind(request.app)},
-                             headers={"Cache-Control": "no-store"})
+    return web.json_response(
+        {"status": "ready", "store": _store_kind(request.app)}, headers={"Cache-Control": "no-store"}
+    )
 
 
 @routes.get("/api/mv/openapi.json")
@@ -102,12 +108,21 @@ async def me(request: web.Request) -> web.Response:
     With keys off every field is null: nothing is limited."""
     key = request.get(API_KEY)
     if key is None:
-        return web.json_response({"key_id": None, "name": None, "limits": None, "tokens": None, "jobs": None},
-                                 headers={"Cache-Control": "no-store"})
+        return web.json_response(
+            {"key_id": None, "name": None, "limits": None, "tokens": None, "jobs": None},
+            headers={"Cache-Control": "no-store"},
+        )
     quotas = request.app[QUOTAS]
     engine = request.app[JOBS]
     unfinished, (_, waiting) = await engine.running_jobs(key.id), await engine.places(key.id)
     running = max(0, unfinished - waiting)
-    return web.json_response({"key_id": key.id, "name": key.name, "limits": key.limits.model_dump(),
-                              "tokens": await quotas.tokens(key), "jobs": {"running": running, "waiting": waiting}},
-                             headers={"Cache-Control": "no-store"})
+    return web.json_response(
+        {
+            "key_id": key.id,
+            "name": key.name,
+            "limits": key.limits.model_dump(),
+            "tokens": await quotas.tokens(key),
+            "jobs": {"running": running, "waiting": waiting},
+        },
+        headers={"Cache-Control": "no-store"},
+    )

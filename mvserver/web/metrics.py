@@ -28,8 +28,18 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 CENSUS_TIMEOUT_SECONDS = 5.0  # a job census that takes longer answers "unknown" (NaN) rather than hold the scrape
 # accepted: handed to its job; duplicate: a webhook-id seen before; unknown_job / job_finished / other_prediction:
 # verified but for no running job or another prediction (acknowledged, ignored); the rest were refused
-WEBHOOK_OUTCOMES = ("accepted", "duplicate", "unknown_job", "job_finished", "other_prediction", "bad_signature",
-                    "not_enabled", "malformed", "too_large", "error")
+WEBHOOK_OUTCOMES = (
+    "accepted",
+    "duplicate",
+    "unknown_job",
+    "job_finished",
+    "other_prediction",
+    "bad_signature",
+    "not_enabled",
+    "malformed",
+    "too_large",
+    "error",
+)
 
 
 class Metrics:
@@ -39,45 +49,84 @@ class Metrics:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         # HTTP
-        self.http_requests = Counter("mv_http_requests", "HTTP requests answered, by route template and status",
-                                     ["method", "route", "status"], registry=registry)
-        self.http_latency = Histogram("mv_http_request_duration_seconds",
-                                      "Time from the request reaching the app to the handler's return (an SSE "
-                                      "stream counts its whole length)", ["method", "route"],
-                                      buckets=LATENCY_BUCKETS, registry=registry)
+        self.http_requests = Counter(
+            "mv_http_requests",
+            "HTTP requests answered, by route template and status",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.http_latency = Histogram(
+            "mv_http_request_duration_seconds",
+            "Time from the request reaching the app to the handler's return (an SSE stream counts its whole length)",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         # Providers
-        self.provider_latency = Histogram("mv_provider_call_duration_seconds",
-                                          "Provider API calls (create, get, cancel, generate...) by outcome",
-                                          ["provider", "operation", "outcome"], buckets=LATENCY_BUCKETS,
-                                          registry=registry)
-        self.provider_errors = Counter("mv_provider_errors", "Failed provider API calls by our error code",
-                                       ["provider", "operation", "code"], registry=registry)
+        self.provider_latency = Histogram(
+            "mv_provider_call_duration_seconds",
+            "Provider API calls (create, get, cancel, generate...) by outcome",
+            ["provider", "operation", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.provider_errors = Counter(
+            "mv_provider_errors",
+            "Failed provider API calls by our error code",
+            ["provider", "operation", "code"],
+            registry=registry,
+        )
         # Access
-        self.rate_limit_refusals = Counter("mv_rate_limit_refusals", "Requests refused with 429 by the key quotas",
-                                           ["bucket", "code"], registry=registry)
-        self.auth_failures = Counter("mv_auth_failures", "Requests refused for a missing or bad key or link",
-                                     ["code"], registry=registry)
+        self.rate_limit_refusals = Counter(
+            "mv_rate_limit_refusals",
+            "Requests refused with 429 by the key quotas",
+            ["bucket", "code"],
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "mv_auth_failures", "Requests refused for a missing or bad key or link", ["code"], registry=registry
+        )
         # Job engine (wired by the job engine): the gauges of unfinished jobs are a census of the job store taken at
         # each scrape (jobs/census.py), the same cluster-wide values on every process sharing a Redis
-        self.jobs = Gauge("mv_jobs", "Unfinished jobs (queued, running) by status, kind and backend, counted in the "
-                                     "job store at each scrape; on Redis every process reports the whole cluster "
-                                     "(aggregate with max, not sum); no series while the store cannot be read; "
-                                     "finished jobs: mv_jobs_finished_total", ["status", "kind", "backend"],
-                          registry=registry)
-        self.jobs_finished = Counter("mv_jobs_finished", "Jobs this process finished, by final status, kind and "
-                                                         "backend", ["status", "kind", "backend"], registry=registry)
-        self.job_cost = Counter("mv_job_cost_micros", "Estimated cost of the jobs this process finished, in "
-                                                      "millionths of settings/pricing.yaml's currency, by model and "
-                                                      "basis (price_table, sandbox, local)", ["model", "basis"],
-                                registry=registry)
-        self.queue_depth = Gauge("mv_job_queue_depth", "Unfinished jobs no process is running: waiting for a free "
-                                                       "slot (jobs.max_concurrent per process); cluster-wide like "
-                                                       "mv_jobs; NaN when the store cannot be read", registry=registry)
-        self.sse_subscribers = Gauge("mv_sse_subscribers", "Open Server-Sent Events connections of this process",
-                                     registry=registry)
-        self.webhook_deliveries = Counter("mv_webhook_deliveries", "Provider webhook deliveries received by this "
-                                                                   "process, by outcome", ["provider", "outcome"],
-                                          registry=registry)
+        self.jobs = Gauge(
+            "mv_jobs",
+            "Unfinished jobs (queued, running) by status, kind and backend, counted in the "
+            "job store at each scrape; on Redis every process reports the whole cluster "
+            "(aggregate with max, not sum); no series while the store cannot be read; "
+            "finished jobs: mv_jobs_finished_total",
+            ["status", "kind", "backend"],
+            registry=registry,
+        )
+        self.jobs_finished = Counter(
+            "mv_jobs_finished",
+            "Jobs this process finished, by final status, kind and backend",
+            ["status", "kind", "backend"],
+            registry=registry,
+        )
+        self.job_cost = Counter(
+            "mv_job_cost_micros",
+            "Estimated cost of the jobs this process finished, in "
+            "millionths of settings/pricing.yaml's currency, by model and "
+            "basis (price_table, sandbox, local)",
+            ["model", "basis"],
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "mv_job_queue_depth",
+            "Unfinished jobs no process is running: waiting for a free "
+            "slot (jobs.max_concurrent per process); cluster-wide like "
+            "mv_jobs; NaN when the store cannot be read",
+            registry=registry,
+        )
+        self.sse_subscribers = Gauge(
+            "mv_sse_subscribers", "Open Server-Sent Events connections of this process", registry=registry
+        )
+        self.webhook_deliveries = Counter(
+            "mv_webhook_deliveries",
+            "Provider webhook deliveries received by this process, by outcome",
+            ["provider", "outcome"],
+            registry=registry,
+        )
         self.census: Callable[[], Awaitable[Census]] | None = None  # plugged in by the job engine
         self._census_labels: set[tuple[str, str, str]] = set()
         self._census_task: asyncio.Future[None] | None = None
@@ -147,8 +196,9 @@ def route_name(request: web.Request) -> str:
 
 
 @web.middleware
-async def metrics_middleware(request: web.Request,
-                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def metrics_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Count every answer by route template and status, and time it (outside the error middleware)."""
     started = time.perf_counter()
     status = 500

@@ -21,10 +21,26 @@ from mvserver.web.access.quotas import QUOTAS, LocalRateLimiter, Quotas, RedisRa
 from mvserver.web.access.signing import MIN_SECRET_CHARS, SIGNER, UrlSigner, sign_body
 from mvserver.web.metrics import METRICS, Metrics, metrics_endpoint, metrics_middleware
 
-CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "If-Match", "If-None-Match", "Last-Event-ID",
-                      "Range", "X-Request-Id")
-CORS_EXPOSE_HEADERS = ("Location", "Retry-After", "WWW-Authenticate", "X-Request-Id", "Content-Range", "Accept-Ranges",
-                       "ETag", "Idempotent-Replayed")
+CORS_ALLOW_HEADERS = (
+    "Authorization",
+    "Content-Type",
+    "Idempotency-Key",
+    "If-Match",
+    "If-None-Match",
+    "Last-Event-ID",
+    "Range",
+    "X-Request-Id",
+)
+CORS_EXPOSE_HEADERS = (
+    "Location",
+    "Retry-After",
+    "WWW-Authenticate",
+    "X-Request-Id",
+    "Content-Range",
+    "Accept-Ranges",
+    "ETag",
+    "Idempotent-Replayed",
+)
 CORS_MAX_AGE = 600
 
 
@@ -43,9 +59,11 @@ def setup(app: web.Application, env: EnvSettings, guard: Any = None) -> None:
     if env.api_keys_file is not None:
         secret = env.url_signing_key
         if not secret or len(secret) < MIN_SECRET_CHARS:
-            raise ConfigError(f"environment: MV_API_KEYS_FILE is set, so MV_URL_SIGNING_SECRET must be set to at least "
-                              f"{MIN_SECRET_CHARS} random characters (e.g. python -c 'import secrets; "
-                              f"print(secrets.token_urlsafe(32))')")
+            raise ConfigError(
+                f"environment: MV_API_KEYS_FILE is set, so MV_URL_SIGNING_SECRET must be set to at least "
+                f"{MIN_SECRET_CHARS} random characters (e.g. python -c 'import secrets; "
+                f"print(secrets.token_urlsafe(32))')"
+            )
         app[KEYRING] = KeyRing(env.api_keys_file)
         app[SIGNER] = UrlSigner(secret, env.signed_url_ttl_seconds)
         on_refusal = (lambda bucket, code: metrics.rate_limit_refusals.labels(bucket, code).inc()) if metrics else None
@@ -62,14 +80,19 @@ def setup(app: web.Application, env: EnvSettings, guard: Any = None) -> None:
 
 
 @web.middleware
-async def links_middleware(request: web.Request,
-                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def links_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Every successful JSON answer to a keyed request carries the signed twin of each link it holds
     (:func:`signing.sign_links`): the one place that decides it, for every route, and after the idempotency layer
     kept the answer, so a replay gets fresh links."""
     response = await handler(request)
-    if (isinstance(response, web.Response) and 200 <= response.status < 300 and isinstance(response.body, bytes)
-            and response.content_type == "application/json"):
+    if (
+        isinstance(response, web.Response)
+        and 200 <= response.status < 300
+        and isinstance(response.body, bytes)
+        and response.content_type == "application/json"
+    ):
         signed = sign_body(request.app, key_id(request), response.body)
         if signed is not None:
             response.body = signed
@@ -97,8 +120,12 @@ def setup_cors(app: web.Application, env: EnvSettings) -> None:
     """
     if not env.cors_origins:
         return
-    options = aiohttp_cors.ResourceOptions(allow_credentials=False, expose_headers=CORS_EXPOSE_HEADERS,
-                                           allow_headers=CORS_ALLOW_HEADERS, max_age=CORS_MAX_AGE)
+    options = aiohttp_cors.ResourceOptions(
+        allow_credentials=False,
+        expose_headers=CORS_EXPOSE_HEADERS,
+        allow_headers=CORS_ALLOW_HEADERS,
+        max_age=CORS_MAX_AGE,
+    )
     cors = aiohttp_cors.setup(app, defaults={origin: options for origin in env.cors_origins})
     for route in list(app.router.routes()):
         cors.add(route)

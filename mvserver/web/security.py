@@ -69,21 +69,27 @@ def check_host(request: web.Request, allowed: frozenset[str]) -> None:
         return  # HTTP/1.0 clients may omit it; browsers never do
     host, _ = split_host(raw)
     if host not in allowed:
-        raise ApiError(421, "misdirected_request", f"Host: {host!r} is not a host name this server answers to "
-                                                   "(MV_ALLOWED_HOSTS)", field="Host")
+        raise ApiError(
+            421,
+            "misdirected_request",
+            f"Host: {host!r} is not a host name this server answers to (MV_ALLOWED_HOSTS)",
+            field="Host",
+        )
 
 
 def check_origin(request: web.Request, allowed: frozenset[str]) -> None:
     origin = request.headers.get(hdrs.ORIGIN)
     if origin is None:
         if request.method not in SAFE_METHODS and request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
-            raise ApiError(403, "forbidden_origin", "a request from another site must carry an allowed Origin",
-                           field="Origin")
+            raise ApiError(
+                403, "forbidden_origin", "a request from another site must carry an allowed Origin", field="Origin"
+            )
         return
     normal = normal_origin(origin)
     if normal != own_origin(request) and normal not in allowed:
-        raise ApiError(403, "forbidden_origin", f"Origin: {origin!r} may not call this server (MV_CORS_ORIGINS)",
-                       field="Origin")
+        raise ApiError(
+            403, "forbidden_origin", f"Origin: {origin!r} may not call this server (MV_CORS_ORIGINS)", field="Origin"
+        )
 
 
 def check_content_type(request: web.Request) -> None:
@@ -94,8 +100,12 @@ def check_content_type(request: web.Request) -> None:
     types = getattr(request.match_info.handler, ACCEPTS, JSON_ONLY)
     if raw is None or not any(_matches(request.content_type, accepted) for accepted in types):
         sent = "none" if raw is None else repr(raw)
-        raise ApiError(415, "unsupported_media_type",
-                       f"Content-Type: send the body as {' or '.join(types)} (got {sent})", field="Content-Type")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type: send the body as {' or '.join(types)} (got {sent})",
+            field="Content-Type",
+        )
 
 
 def _matches(content_type: str, accepted: str) -> bool:
@@ -114,13 +124,15 @@ def accepts(*types: str) -> Callable[[Handler], Handler]:
     return mark
 
 
-def guard_middleware(allowed_hosts: frozenset[str], allowed_origins: frozenset[str]
-                     ) -> Callable[..., Awaitable[web.StreamResponse]]:
+def guard_middleware(
+    allowed_hosts: frozenset[str], allowed_origins: frozenset[str]
+) -> Callable[..., Awaitable[web.StreamResponse]]:
     """The middleware that runs the three checks before any handler (and so before any body is read)."""
 
     @web.middleware
-    async def guard(request: web.Request,
-                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def guard(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         check_host(request, allowed_hosts)
         check_origin(request, allowed_origins)
         check_content_type(request)

@@ -115,15 +115,20 @@ class JsonErrorRequestHandler(RequestHandler):
             self._arm_header_timer()
             return
         if self._header_bytes:
-            info = ErrorInfo("request_timeout", f"the request headers did not arrive within {self._header_timeout:g} s "
-                                                "(MV_HEADER_TIMEOUT_SECONDS)")
+            info = ErrorInfo(
+                "request_timeout",
+                f"the request headers did not arrive within {self._header_timeout:g} s (MV_HEADER_TIMEOUT_SECONDS)",
+            )
             body = json.dumps({"error": info.to_dict()}).encode()
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json; charset=utf-8\r\n"
-                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json; charset=utf-8\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
         self.force_close()  # the transport sends what is buffered, then closes
 
-    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs; raises if part of a response went out already
         if status == HTTPStatus.BAD_REQUEST and isinstance(exc, HttpProcessingError):
             info = parser_error(exc)
@@ -157,9 +162,13 @@ class AppRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        return JsonErrorServer(server.request_handler, request_factory=server.request_factory,
-                               handler_cancellation=server.handler_cancellation, header_timeout=self.header_timeout,
-                               **server._kwargs)
+        return JsonErrorServer(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            header_timeout=self.header_timeout,
+            **server._kwargs,
+        )
 
 
 async def _serve(app: web.Application, host: str, port: int, **runner_args: Any) -> None:
@@ -174,14 +183,29 @@ async def _serve(app: web.Application, host: str, port: int, **runner_args: Any)
         await runner.cleanup()
 
 
-def run_app(app: web.Application, *, host: str, port: int, access_log_class: type[AbstractAccessLogger],
-            header_timeout: float | None = None) -> None:
+def run_app(
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    access_log_class: type[AbstractAccessLogger],
+    header_timeout: float | None = None,
+) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, as ``web.run_app`` does (same keep-alive and shutdown timeouts, tasks
     left over canceled, the loop closed), with a ``header_timeout`` on every request's headers; start-up errors (an
     address in use, a store down) propagate."""
     loop = asyncio.new_event_loop()
-    main = loop.create_task(_serve(app, host, port, access_log_class=access_log_class, header_timeout=header_timeout,
-                                   keepalive_timeout=75.0, shutdown_timeout=60.0))
+    main = loop.create_task(
+        _serve(
+            app,
+            host,
+            port,
+            access_log_class=access_log_class,
+            header_timeout=header_timeout,
+            keepalive_timeout=75.0,
+            shutdown_timeout=60.0,
+        )
+    )
     try:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(main)
@@ -206,5 +230,6 @@ def _cancel_tasks(loop: asyncio.AbstractEventLoop) -> None:
     loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
     for task in tasks:
         if not task.cancelled() and task.exception() is not None:
-            loop.call_exception_handler({"message": "unhandled exception during shutdown",
-                                         "exception": task.exception(), "task": task})
+            loop.call_exception_handler(
+                {"message": "unhandled exception during shutdown", "exception": task.exception(), "task": task}
+            )

@@ -93,7 +93,9 @@ def read_keys(path: Path) -> KeysFile:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: keys file is missing (create a key with: python -m mvserver keys create NAME)") from None
+        raise ConfigError(
+            f"{path}: keys file is missing (create a key with: python -m mvserver keys create NAME)"
+        ) from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         return KeysFile.model_validate(data if data is not None else {})
@@ -133,8 +135,7 @@ def new_webhook_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def create_key(path: Path, name: str, limits: KeyLimits | None = None, *, admin: bool = False
-               ) -> tuple[KeyRecord, str]:
+def create_key(path: Path, name: str, limits: KeyLimits | None = None, *, admin: bool = False) -> tuple[KeyRecord, str]:
     """Add a key to the file (created if missing); return its record and the key itself, which is not stored."""
     with _locked(path):
         keys = read_keys(path) if path.exists() else KeysFile()
@@ -143,8 +144,15 @@ def create_key(path: Path, name: str, limits: KeyLimits | None = None, *, admin:
         while key_id in taken:
             key_id = "k" + secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
-        record = KeyRecord(id=key_id, name=name, hash=hash_secret(key_id, secret), created_at=_now(),
-                           limits=limits or KeyLimits(), admin=admin, webhook_secret=new_webhook_secret())
+        record = KeyRecord(
+            id=key_id,
+            name=name,
+            hash=hash_secret(key_id, secret),
+            created_at=_now(),
+            limits=limits or KeyLimits(),
+            admin=admin,
+            webhook_secret=new_webhook_secret(),
+        )
         keys.keys.append(record)
         write_keys(path, keys)
     return record, f"mv_{key_id}_{secret}"
@@ -241,15 +249,18 @@ def protected(request: web.Request) -> bool:
 def _unauthorized(code: str, message: str, challenge: str, metrics_hook: Callable[[str], None] | None) -> web.Response:
     if metrics_hook is not None:
         metrics_hook(code)
-    return web.json_response({"error": {"code": code, "message": message}}, status=401,
-                             headers={"WWW-Authenticate": challenge})
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=401, headers={"WWW-Authenticate": challenge}
+    )
 
 
 def make_auth_middleware(on_failure: Callable[[str], None] | None = None) -> Callable[..., Any]:
     """The middleware that admits a request with a valid bearer key or signed link (installed only with keys on)."""
+
     @web.middleware
-    async def auth_middleware(request: web.Request,
-                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def auth_middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         if not protected(request):
             return await handler(request)
         keyring = request.app[KEYRING]
@@ -271,8 +282,12 @@ def make_auth_middleware(on_failure: Callable[[str], None] | None = None) -> Cal
             scheme, _, token = header.partition(" ")
             record = keyring.authenticate(token.strip()) if scheme.lower() == "bearer" else None
             if record is None:
-                return _unauthorized("invalid_api_key", "the API key is not valid (or has been revoked)",
-                                     f'{REALM}, error="invalid_token"', on_failure)
+                return _unauthorized(
+                    "invalid_api_key",
+                    "the API key is not valid (or has been revoked)",
+                    f'{REALM}, error="invalid_token"',
+                    on_failure,
+                )
         request[KEY_ID] = record.id
         request[API_KEY] = record
         return await handler(request)

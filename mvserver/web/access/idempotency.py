@@ -141,17 +141,30 @@ async def _reserve(store: JobStore, scope: str, mine: Remembered) -> Remembered 
         if kept is None:
             return None
         if kept.fingerprint != mine.fingerprint:
-            raise ApiError(422, "idempotency_key_reused", f"{HEADER} was already used with another request "
-                                                         "(method, path or body) in the last 24 hours", field=HEADER)
+            raise ApiError(
+                422,
+                "idempotency_key_reused",
+                f"{HEADER} was already used with another request (method, path or body) in the last 24 hours",
+                field=HEADER,
+            )
         if kept.status is not None:
             return kept
         if asyncio.get_running_loop().time() > deadline:
-            raise ApiError(409, "idempotency_in_progress", f"a request with this {HEADER} is still being answered; "
-                                                           "retry shortly", field=HEADER, retry_after=1)
+            raise ApiError(
+                409,
+                "idempotency_in_progress",
+                f"a request with this {HEADER} is still being answered; retry shortly",
+                field=HEADER,
+                retry_after=1,
+            )
         await asyncio.sleep(POLL_SECONDS)
 
 
 def _replay(kept: Remembered) -> web.Response:
     assert kept.status is not None
-    return web.Response(status=kept.status, text=kept.body, content_type="application/json",
-                        headers={**kept.headers, "Idempotent-Replayed": "true"})
+    return web.Response(
+        status=kept.status,
+        text=kept.body,
+        content_type="application/json",
+        headers={**kept.headers, "Idempotent-Replayed": "true"},
+    )

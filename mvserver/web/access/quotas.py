@@ -123,8 +123,9 @@ class Quotas:
             self.on_refusal(bucket, code)
         return ApiError(429, code, message, retry_after=max(1.0, math.ceil(retry_after)))
 
-    async def charge(self, key: KeyRecord, bucket: Bucket, cost: int = 1, job_ids: list[str] | None = None
-                     ) -> list[str]:
+    async def charge(
+        self, key: KeyRecord, bucket: Bucket, cost: int = 1, job_ids: list[str] | None = None
+    ) -> list[str]:
         """Admit a request of ``bucket`` for ``key`` that starts ``cost`` jobs (or makes ``cost`` blocking calls): it
         takes ``min(cost, burst)`` tokens, all or none, or raises ApiError 429 ``rate_limited`` with the wait for
         them as Retry-After (always finite: they are never more than the bucket holds). For ``jobs``: answers the
@@ -138,9 +139,13 @@ class Quotas:
         wait = await self.limiter.acquire(f"{key.id}:{bucket}", per_minute / 60.0, burst, needed)
         if wait > 0:
             what = f"this request needs {needed} tokens" if needed > 1 else "no token is left"
-            raise self._refuse(bucket, "rate_limited",
-                               f"too many {bucket} requests for this key: {what} (one per job, at most the burst; "
-                               f"limit {per_minute:g} per minute, burst {burst}); retry in {math.ceil(wait)} s", wait)
+            raise self._refuse(
+                bucket,
+                "rate_limited",
+                f"too many {bucket} requests for this key: {what} (one per job, at most the burst; "
+                f"limit {per_minute:g} per minute, burst {burst}); retry in {math.ceil(wait)} s",
+                wait,
+            )
         return ids
 
     async def tokens(self, key: KeyRecord) -> dict[str, float | None]:
@@ -148,8 +153,11 @@ class Quotas:
         left: dict[str, float | None] = {}
         for bucket in ("jobs", "blocking", "uploads"):
             per_minute, burst = _bucket_limits(key, bucket)
-            left[bucket] = None if per_minute is None else round(
-                await self.limiter.tokens(f"{key.id}:{bucket}", per_minute / 60.0, burst), 2)
+            left[bucket] = (
+                None
+                if per_minute is None
+                else round(await self.limiter.tokens(f"{key.id}:{bucket}", per_minute / 60.0, burst), 2)
+            )
         return left
 
     async def charge_upload(self, key: KeyRecord) -> None:
@@ -161,9 +169,13 @@ class Quotas:
         burst = key.limits.uploads_burst
         wait = await self.limiter.acquire(f"{key.id}:uploads", per_minute / 60.0, burst)
         if wait > 0:
-            raise self._refuse("uploads", "rate_limited",
-                               f"too many uploads for this key (limit {per_minute:g} per minute, burst {burst}); "
-                               f"retry in {math.ceil(wait)} s", wait)
+            raise self._refuse(
+                "uploads",
+                "rate_limited",
+                f"too many uploads for this key (limit {per_minute:g} per minute, burst {burst}); "
+                f"retry in {math.ceil(wait)} s",
+                wait,
+            )
 
 
 def _bucket_limits(key: KeyRecord, bucket: str) -> tuple[float | None, int]:
@@ -215,8 +227,7 @@ def job_ids_for(bucket: Bucket, cost: int, job_ids: list[str] | None = None) -> 
     return [new_id() for _ in range(cost)] if bucket == "jobs" else []
 
 
-async def charge(request: web.Request, bucket: Bucket, cost: int = 1, job_ids: list[str] | None = None
-                 ) -> list[str]:
+async def charge(request: web.Request, bucket: Bucket, cost: int = 1, job_ids: list[str] | None = None) -> list[str]:
     """Charge the caller's key for a ``bucket`` request that starts ``cost`` jobs (429 when over quota); nothing
     when keys are off. Call it once the request is known to be valid, just before the jobs are created, and
     create them with the ids it answers (``jobs``: one per job; ``job_ids`` chooses them)."""

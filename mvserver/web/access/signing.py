@@ -135,7 +135,7 @@ def _split(url: str, base: str | None) -> tuple[str, str]:
     """(what comes before the path the server sees, that path and query): a URL on ``MV_PUBLIC_BASE_URL`` (which may
     end in a path of its own, a proxy's prefix) drops the base, another absolute URL its origin."""
     if base and url.startswith(base + "/"):
-        return base, url[len(base):]
+        return base, url[len(base) :]
     parts = urlsplit(url)
     target = f"{parts.path}?{parts.query}" if parts.query else parts.path
     return (f"{parts.scheme}://{parts.netloc}" if parts.netloc else ""), target
