@@ -23,6 +23,7 @@ import pytest
 import pytest_asyncio
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
+from object_store import s3_bucket, s3_env, s3_server  # noqa: F401  (fixtures: moto's S3 server, a bucket per test)
 
 from mvserver.app import create_app
 from mvserver.sandbox.simulator import Simulator, create_simulator_app
