@@ -428,6 +428,24 @@ def _public_base_url(raw: str | None) -> str | None:
     return raw.rstrip("/")
 
 
+STORAGE_SCHEMES = ("s3", "s3a", "gs", "az", "azure", "abfs", "abfss")
+MAX_LINK_TTL_SECONDS = 7 * 86400  # SigV4 presigned URLs live at most 7 days
+
+
+def _storage_url(raw: str | None) -> str | None:
+    """``MV_STORAGE_URL``: ``s3://bucket[/prefix]``, ``gs://bucket[/prefix]`` or ``az://container[/prefix]`` (the
+    schemes obstore builds a store from); refused at start-up rather than at the first write."""
+    if raw is None:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme.lower() not in STORAGE_SCHEMES or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(
+            f"environment: MV_STORAGE_URL={raw!r} is not a storage URL such as s3://bucket/prefix, gs://bucket or "
+            "az://container"
+        )
+    return raw.rstrip("/")
+
+
 def _whsec(value: str | None, name: str) -> str | None:
     """A Standard Webhooks signing secret (``whsec_`` + base64 of at least 24 bytes), or ConfigError."""
     if value is None:
@@ -529,6 +547,14 @@ class EnvSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     output_dir: Path = DEFAULT_OUTPUT_DIR
+    # Object storage instead of output_dir (None: the local directory): the store's URL; this node's scratch
+    # directory for what ffmpeg must read as a local file (a size cap, least recently used out first); the lifetime
+    # of presigned links; and whether artefacts are served by a redirect to such a link or through this server.
+    storage_url: str | None = None
+    scratch_dir: Path | None = None  # None: <temporary directory>/mvserver-scratch-<uid>-<port>
+    scratch_max_bytes: int = 2048 * 1024 * 1024
+    storage_link_ttl_seconds: int = 21600
+    storage_delivery: Literal["redirect", "proxy"] = "redirect"
     settings_dir: Path = DEFAULT_SETTINGS_DIR
     max_body_bytes: int = 16 * 1024 * 1024
     max_audio_bytes: int = 50 * 1024 * 1024
@@ -587,6 +613,14 @@ class EnvSettings:
             host=text("MV_HOST") or "127.0.0.1",
             port=_env_number(env, "MV_PORT", 8080, maximum=65535),
             output_dir=Path(text("MV_OUTPUT_DIR") or DEFAULT_OUTPUT_DIR),
+            storage_url=_storage_url(text("MV_STORAGE_URL")),
+            scratch_dir=Path(scratch) if (scratch := text("MV_SCRATCH_DIR")) else None,
+            scratch_max_bytes=int(_env_at_least(env, "MV_SCRATCH_MAX_MB", 2048.0, 1.0) * 1024 * 1024),
+            storage_link_ttl_seconds=_env_number(
+                env, "MV_STORAGE_LINK_TTL_SECONDS", 21600, maximum=MAX_LINK_TTL_SECONDS
+            )
+            or 21600,
+            storage_delivery=_env_choice(env, "MV_STORAGE_DELIVERY", ("redirect", "proxy")),
             settings_dir=Path(text("MV_SETTINGS_DIR") or DEFAULT_SETTINGS_DIR),
             max_body_bytes=int(_env_number(env, "MV_MAX_BODY_MB", 16.0, float) * 1024 * 1024),
             max_audio_bytes=int(_env_number(env, "MV_MAX_AUDIO_MB", 50.0, float) * 1024 * 1024),
