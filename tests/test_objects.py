@@ -116,6 +116,33 @@ async def test_a_long_local_file_goes_up_create_only(storage: ObjectStorage, tmp
     assert (await storage.stat("videos/a.mp4")).size == 11 * MiB
 
 
+async def test_an_overwriting_put_replaces_whole_objects(storage: ObjectStorage) -> None:
+    await storage.put("audio/s.json", b"old", content_type="application/json")
+    await storage.put("audio/s.json", b"new", content_type="application/json", overwrite=True)
+    assert (await storage.read_bytes("audio/s.json"))[0] == b"new"
+    size = 11 * MiB
+    await storage.put_stream("videos/o.mp4", pattern(10), content_type="video/mp4")
+    assert await storage.put_stream("videos/o.mp4", pattern(size), content_type="video/mp4", create_only=False) == size
+    assert (await storage.stat("videos/o.mp4")).size == size
+
+
+async def failing(size: int) -> AsyncIterator[bytes]:
+    async for chunk in pattern(size):
+        yield chunk
+    raise ConnectionError("the provider hung up")
+
+
+@pytest.mark.parametrize("create_only", [True, False])
+@pytest.mark.parametrize("size", [100_000, 12 * MiB], ids=["one-put", "parts"])
+async def test_a_stream_that_fails_stores_nothing(
+    storage: ObjectStorage, s3_server: S3Server, s3_bucket: str, size: int, create_only: bool
+) -> None:
+    with pytest.raises(ConnectionError, match="hung up"):
+        await storage.put_stream("videos/f.mp4", failing(size), content_type="video/mp4", create_only=create_only)
+    assert not s3_server.client.list_objects_v2(Bucket=s3_bucket).get("Contents")
+    assert not s3_server.client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")  # aborted, not left
+
+
 STREAMING_PUT = """
 import asyncio, json, re, sys
 from pathlib import Path

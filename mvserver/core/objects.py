@@ -191,10 +191,12 @@ class ObjectStorage:
         content_type: str,
         filename: str | None = None,
         if_match: str | None = None,
+        overwrite: bool = False,
     ) -> str | None:
         """Write ``data`` in one request: create-only (FileExistsError when ``path`` exists), or, with ``if_match``,
-        only over the version with that ETag (PreconditionFailed otherwise). Returns the new ETag."""
-        mode: Any = "create" if if_match is None else {"e_tag": if_match}
+        only over the version with that ETag (PreconditionFailed otherwise), or with ``overwrite`` over whatever is
+        there (still atomic: a reader sees the old object or the new one). Returns the new ETag."""
+        mode: Any = "overwrite" if overwrite else "create" if if_match is None else {"e_tag": if_match}
         try:
             result = await obstore.put_async(
                 self.store, path, data, mode=mode, attributes=attributes(content_type, filename)
@@ -206,28 +208,57 @@ class ObjectStorage:
         return result.get("e_tag")
 
     async def put_stream(
-        self, path: str, chunks: AsyncIterable[bytes], *, content_type: str, filename: str | None = None
+        self,
+        path: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        content_type: str,
+        filename: str | None = None,
+        create_only: bool = True,
     ) -> int:
-        """Write a stream create-only without holding it in memory; returns its length. FileExistsError when
-        ``path`` exists (found once the stream is read to its end)."""
+        """Write a stream without holding it in memory; returns its length. Create-only: FileExistsError when
+        ``path`` exists (found once the stream is read to its end). A stream that fails stores nothing."""
         iterator = aiter(chunks)
         head, size, ended = await _first_part(iterator, self.part_size)
         if ended:
-            await self.put(path, b"".join(head), content_type=content_type, filename=filename)
+            await self.put(
+                path, b"".join(head), content_type=content_type, filename=filename, overwrite=not create_only
+            )
             return size
         counted = _Counted(_chained(head, iterator))
-        await self._put_staged(path, counted, content_type=content_type, filename=filename)
+        if create_only:
+            await self._put_staged(path, counted, content_type=content_type, filename=filename)
+        else:
+            await self._put_parts(path, counted, content_type=content_type, filename=filename)
         return counted.bytes  # the first part too: it passes through again
 
-    async def put_file(self, path: str, local: Path, *, content_type: str, filename: str | None = None) -> int:
-        """Write a local file (an ffmpeg output in scratch) create-only; returns its length."""
+    async def put_file(
+        self, path: str, local: Path, *, content_type: str, filename: str | None = None, create_only: bool = True
+    ) -> int:
+        """Write a local file (an ffmpeg output in scratch), create-only unless told; returns its length."""
         size = (await asyncio.to_thread(local.stat)).st_size
         if size <= self.part_size:
             data = await asyncio.to_thread(local.read_bytes)
-            await self.put(path, data, content_type=content_type, filename=filename)
-        else:
+            await self.put(path, data, content_type=content_type, filename=filename, overwrite=not create_only)
+        elif create_only:
             await self._put_staged(path, local, content_type=content_type, filename=filename)
+        else:
+            await self._put_parts(path, local, content_type=content_type, filename=filename)
         return size
+
+    async def _put_parts(
+        self, path: str, source: AsyncIterable[bytes] | Path, *, content_type: str, filename: str | None
+    ) -> None:
+        """A multipart upload to ``path`` (atomic: the object appears when the upload completes)."""
+        await obstore.put_async(
+            self.store,
+            path,
+            source,
+            attributes=attributes(content_type, filename),
+            use_multipart=True,
+            chunk_size=self.part_size,
+            max_concurrency=self.put_concurrency,
+        )
 
     async def _put_staged(
         self, path: str, source: AsyncIterable[bytes] | Path, *, content_type: str, filename: str | None
@@ -235,15 +266,7 @@ class ObjectStorage:
         """Multipart upload to a staging key, then a server-side copy into place (see the module's docstring)."""
         staged = staging_path()
         try:
-            await obstore.put_async(
-                self.store,
-                staged,
-                source,
-                attributes=attributes(content_type, filename),
-                use_multipart=True,
-                chunk_size=self.part_size,
-                max_concurrency=self.put_concurrency,
-            )
+            await self._put_parts(staged, source, content_type=content_type, filename=filename)
             await self._copy_create(staged, path)
         finally:
             await asyncio.shield(self._delete_quietly(staged))
