@@ -220,7 +220,15 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Modules marked ``both_stores`` run every test on the file store and on Redis (one fixture, no copies)."""
+    """Modules marked ``both_stores`` run every test on the file store and on Redis, modules marked
+    ``both_backends`` on the local output directory and on object storage (one fixture each, no copies)."""
+    if metafunc.definition.get_closest_marker("both_backends"):
+        chosen = metafunc.definition.get_closest_marker("artefact_backends")
+        backends = list(chosen.args) if chosen else ["local", "s3"]
+        if "artefact_backend" in metafunc.fixturenames:
+            metafunc.parametrize("artefact_backend", backends, indirect=True)
+        if "shared_artefact_backend" in metafunc.fixturenames:
+            metafunc.parametrize("shared_artefact_backend", backends, indirect=True, scope="module")
     if not metafunc.definition.get_closest_marker("both_stores"):
         return
     kinds = ["file"] if metafunc.definition.get_closest_marker("file_store_only") else ["file", "redis"]
@@ -245,10 +253,37 @@ def store_env(job_store_kind: str, request: pytest.FixtureRequest) -> dict[str, 
 
 
 @pytest.fixture
-def live_env(sim_server: TestServer, tmp_path: Path, settings_dir: Path, store_env: dict[str, str]) -> dict[str, str]:
+def artefact_backend(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", "local")
+
+
+@pytest.fixture
+def artefact_env(artefact_backend: str, request: pytest.FixtureRequest) -> dict[str, str]:
+    """The variables that select where artefacts go: none for the output directory; a bucket of the test's own
+    (moto's S3 server) and a scratch directory for object storage, served by redirect (``s3``) or through the
+    server (``s3-proxy``)."""
+    return object_env(artefact_backend, lambda: request.getfixturevalue("s3_env"))
+
+
+def object_env(backend: str, bucket_env: Callable[[], dict[str, str]]) -> dict[str, str]:
+    if backend == "local":
+        return {}
+    assert backend in ("s3", "s3-proxy"), backend
+    return {**bucket_env(), "MV_STORAGE_DELIVERY": "proxy" if backend == "s3-proxy" else "redirect"}
+
+
+@pytest.fixture
+def live_env(
+    sim_server: TestServer,
+    tmp_path: Path,
+    settings_dir: Path,
+    store_env: dict[str, str],
+    artefact_env: dict[str, str],
+) -> dict[str, str]:
     """Environment of an app with every provider 'configured', all pointed at the simulator (and the job store
-    under test: files, or Redis in modules marked ``both_stores``)."""
-    return provider_env(sim_server, tmp_path / "outputs", settings_dir, store_env)
+    under test: files, or Redis in modules marked ``both_stores``; artefacts in ``outputs/``, or also in object
+    storage in modules marked ``both_backends``)."""
+    return provider_env(sim_server, tmp_path / "outputs", settings_dir, {**store_env, **artefact_env})
 
 
 def provider_env(
@@ -310,9 +345,18 @@ def shared_store_kind(request: pytest.FixtureRequest) -> str:
     return getattr(request, "param", "file")
 
 
+@pytest.fixture(scope="module")
+def shared_artefact_backend(request: pytest.FixtureRequest) -> str:
+    """Where the module's shared app keeps artefacts: in a ``both_backends`` module, each backend in turn."""
+    return getattr(request, "param", "local")
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def module_app(
-    shared_store_kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    shared_store_kind: str,
+    shared_artefact_backend: str,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[LiveApp]:
     """A client of an app like :func:`client`'s, and its simulator, built once for the module."""
     root = tmp_path_factory.mktemp("module_app")
@@ -322,11 +366,24 @@ async def module_app(
             "MV_REDIS_URL": request.getfixturevalue("redis_url"),
             "MV_REDIS_PREFIX": f"mvtest:{uuid.uuid4().hex[:10]}:",
         }
+    bucket = None
+    if shared_artefact_backend != "local":
+        server = request.getfixturevalue("s3_server")
+        bucket = server.new_bucket()
+        store_env.update(
+            object_env(
+                shared_artefact_backend, lambda: {**server.bucket_env(bucket), "MV_SCRATCH_DIR": str(root / "s")}
+            )
+        )
     sim = Simulator(root / "simulator", **SIM_DEFAULTS)
-    async with TestServer(create_simulator_app(sim)) as sim_server:
-        env = provider_env(sim_server, root / "outputs", fast_settings(root / "settings"), store_env)
-        async with TestClient(TestServer(create_app(env))) as client:
-            yield client, sim
+    try:
+        async with TestServer(create_simulator_app(sim)) as sim_server:
+            env = provider_env(sim_server, root / "outputs", fast_settings(root / "settings"), store_env)
+            async with TestClient(TestServer(create_app(env))) as client:
+                yield client, sim
+    finally:
+        if bucket is not None:
+            server.drop_bucket(bucket)
 
 
 @pytest.fixture

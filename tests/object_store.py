@@ -13,6 +13,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -50,6 +51,30 @@ class S3Server:
         name = f"mvtest-{uuid.uuid4().hex[:16]}"
         self.client.create_bucket(Bucket=name)
         return name
+
+    def age(self, bucket: str, key: str, seconds: float) -> None:
+        """Make an object look ``seconds`` older. S3 has no call for it; moto runs in this process, so its record
+        of the object is changed directly."""
+        from datetime import timedelta
+
+        from moto.s3.models import s3_backends
+
+        for regions in s3_backends.values():
+            found = regions["global"].buckets.get(bucket)
+            if found is not None:
+                for version in found.keys.getlist(key):
+                    version.last_modified -= timedelta(seconds=seconds)
+                return
+        raise KeyError(bucket)
+
+    def leftovers(self, bucket: str) -> list[str]:
+        """What unfinished writes left in the bucket: staging objects and multipart uploads never completed."""
+        staged = self.client.list_objects_v2(Bucket=bucket).get("Contents", [])
+        uploads = self.client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        return sorted(
+            [item["Key"] for item in staged if "/.staging/" in f"/{item['Key']}"]
+            + [f"upload:{item['Key']}" for item in uploads]
+        )
 
     def drop_bucket(self, name: str) -> None:
         """Delete every object, unfinished multipart upload and the bucket (moto keeps them in this process)."""
@@ -103,6 +128,7 @@ def s3_bucket(s3_server: S3Server) -> Iterator[str]:
 
 
 @pytest.fixture
-def s3_env(s3_server: S3Server, s3_bucket: str) -> dict[str, str]:
-    """The environment of an app storing its artefacts in the test's own bucket (under the prefix ``mv``)."""
-    return s3_server.bucket_env(s3_bucket)
+def s3_env(s3_server: S3Server, s3_bucket: str, tmp_path: Path) -> dict[str, str]:
+    """The environment of an app storing its artefacts in the test's own bucket (under the prefix ``mv``), with a
+    scratch directory of its own."""
+    return {**s3_server.bucket_env(s3_bucket), "MV_SCRATCH_DIR": str(tmp_path / "scratch")}
