@@ -187,9 +187,9 @@ def test_a_long_stream_is_never_held_in_memory(s3_env: dict[str, str]) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["size"] == size
-    # Measured: 10.8 MiB with parts of 5 MiB, two in flight; obstore's default of 12 in flight took 61 MiB, and the
+    # Measured: 10.8-11.2 MiB with parts of 5 MiB, two in flight (the bound leaves room for a loaded machine); obstore's default of 12 in flight took 61 MiB, and the
     # stream held whole (one PUT) 192 MiB.
-    assert result["growth_kib"] < 24 * 1024, result
+    assert result["growth_kib"] < 32 * 1024, result
 
 
 # -- reads -----------------------------------------------------------------------------------------------------------
