@@ -202,6 +202,9 @@ async def test_a_ranged_read_gives_those_bytes_only(storage: ObjectStorage) -> N
     assert (opened.start, opened.end, opened.length, opened.info.size) == (1000, 1100, 100, size)
     assert opened.attributes["Content-Type"] == "video/mp4"
     assert b"".join([bytes(c) async for c in opened.chunks]) == pattern_bytes(1000, 100)
+    head = await storage.read("videos/r.mp4", end=10)
+    assert (head.start, head.end) == (0, 10)
+    assert b"".join([bytes(c) async for c in head.chunks]) == pattern_bytes(0, 10)
     tail = await storage.read("videos/r.mp4", size - 10)
     assert (tail.start, tail.end) == (size - 10, size)
     assert b"".join([bytes(c) async for c in tail.chunks]) == pattern_bytes(size - 10, 10)

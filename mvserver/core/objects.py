@@ -303,9 +303,9 @@ class ObjectStorage:
         """Open the object, or bytes ``start``..``end`` (end exclusive; None: to the end) of it, as a stream.
         FileNotFoundError when it does not exist; a range past its end is clipped to it by the store."""
         options: dict[str, Any] = {}
-        if start is not None and end is not None:
-            options["range"] = (start, end)
-        elif start is not None:
+        if end is not None:
+            options["range"] = (start or 0, end)
+        elif start:
             options["range"] = {"offset": start}
         try:
             result = await obstore.get_async(self.store, path, options=options or None)
