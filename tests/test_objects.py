@@ -385,11 +385,12 @@ async def test_a_failed_fetch_leaves_nothing_and_a_restart_clears_unfinished_one
             pass
     assert cached(scratch) == set()
     (root / "0123.abcd.part").write_bytes(b"left by a killed process")
+    (root / "out-0123abcd.mp4").write_bytes(b"half an ffmpeg output")
     with pytest.raises(ScratchBusy, match="MV_SCRATCH_DIR"):  # one process per scratch directory
         Scratch(root, max_bytes=MiB).open()
     scratch.close()
     again = Scratch(root, max_bytes=MiB)
-    assert again.open() == 1
+    assert again.open() == 2
     assert cached(again) == set()
     async with again.output(".mp4") as out:
         out.write_bytes(b"ffmpeg output")

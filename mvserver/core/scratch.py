@@ -9,7 +9,7 @@ and leaving its context) is never removed, so the cap may be passed while more t
 A copy is named by a hash of its key, which callers make from the object's path *and* ETag, so a changed object is
 fetched again and an old copy just ages out. Recency is the file's mtime, touched at each use, so it survives a
 restart. The directory belongs to one process (an exclusive lock on ``.lock``): nodes never share scratch, and a
-process starting on it removes only its own directory's unfinished downloads.
+process starting on it removes the unfinished downloads and outputs a dead predecessor left there, nothing else.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 log = logging.getLogger("mvserver")
 
 TEMP_SUFFIX = ".part"
+OUTPUT_PREFIX = "out-"
 LOCK_NAME = ".lock"
 
 
@@ -66,8 +67,8 @@ class Scratch:
             ) from None
         self._lock_fd = fd
         removed = 0
-        for path in self.root.glob(f"*{TEMP_SUFFIX}"):
-            path.unlink(missing_ok=True)
+        for path in [*self.root.glob(f"*{TEMP_SUFFIX}"), *self.root.glob(f"{OUTPUT_PREFIX}*")]:
+            path.unlink(missing_ok=True)  # a dead process's unfinished download or ffmpeg output
             removed += 1
         return removed + self.evict()
 
@@ -114,7 +115,7 @@ class Scratch:
     @contextlib.asynccontextmanager
     async def output(self, suffix: str = "") -> AsyncIterator[Path]:
         """A fresh path in scratch for a file to be written (an ffmpeg output) and stored; removed at the end."""
-        name = f"out-{secrets.token_hex(8)}{suffix}"
+        name = f"{OUTPUT_PREFIX}{secrets.token_hex(8)}{suffix}"
         path = self.root / name
         self._pin(name)
         try:
@@ -137,7 +138,7 @@ class Scratch:
         for mtime, name, size in sorted(files):
             if total <= self.max_bytes:
                 break
-            if name in self._pins or name.endswith(TEMP_SUFFIX) or name.startswith("out-"):
+            if name in self._pins or name.endswith(TEMP_SUFFIX) or name.startswith(OUTPUT_PREFIX):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 (self.root / name).unlink()
