@@ -30,13 +30,18 @@ from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiofiles
 import obstore
 from obstore.exceptions import AlreadyExistsError, NotFoundError, NotSupportedError, PreconditionError
-from obstore.store import ObjectStore, from_url
+from obstore.store import AzureStore, GCSStore, S3Store
+
+if TYPE_CHECKING:
+    from obstore import GetOptions
+
+SignableStore = S3Store | GCSStore | AzureStore  # the stores obstore can presign for
 
 PART_SIZE = 8 * 1024 * 1024  # a stream up to this is one create-only PUT; longer ones go up in parts of this size
 PUT_CONCURRENCY = 2  # parts of one multipart upload in flight at once
@@ -104,17 +109,21 @@ class ObjectRead:
         return self.end - self.start
 
 
-def build_store(url: str, env: Mapping[str, str]) -> ObjectStore:
+def build_store(url: str, env: Mapping[str, str]) -> SignableStore:
     """The obstore store of ``url`` (``s3://bucket/prefix``, ``gs://…``, ``az://…``), its credentials and endpoint
     from ``env``; an ``http://`` endpoint (a local S3 such as moto or MinIO) is allowed plain HTTP."""
     family = _FAMILY[urlsplit(url).scheme.lower()]
-    config: dict[str, str] = {}
+    config: Any = {}  # the cloud's own TypedDict of settings
     for name, key in _ENV_KEYS[family]:
         value = env.get(name, "").strip()
         if value and key not in config:
             config[key] = value
-    client_options = {"allow_http": True} if config.get("endpoint", "").startswith("http://") else None
-    return from_url(url, config=config, client_options=client_options)
+    client_options: Any = {"allow_http": True} if config.get("endpoint", "").startswith("http://") else None
+    if family == "s3":
+        return S3Store.from_url(url, config=config, client_options=client_options)
+    if family == "gs":
+        return GCSStore.from_url(url, config=config, client_options=client_options)
+    return AzureStore.from_url(url, config=config, client_options=client_options)
 
 
 def staging_path(tag: str = "") -> str:
@@ -166,7 +175,7 @@ class ObjectStorage:
 
     def __init__(
         self,
-        store: ObjectStore,
+        store: SignableStore,
         *,
         link_ttl_seconds: int = 21600,
         part_size: int = PART_SIZE,
@@ -302,7 +311,7 @@ class ObjectStorage:
     async def read(self, path: str, start: int | None = None, end: int | None = None) -> ObjectRead:
         """Open the object, or bytes ``start``..``end`` (end exclusive; None: to the end) of it, as a stream.
         FileNotFoundError when it does not exist; a range past its end is clipped to it by the store."""
-        options: dict[str, Any] = {}
+        options: GetOptions = {}
         if end is not None:
             options["range"] = (start or 0, end)
         elif start:
@@ -345,7 +354,7 @@ class ObjectStorage:
     async def link(self, path: str, ttl_seconds: int | None = None) -> str:
         """A presigned GET URL of the object (SigV4 on S3), valid for ``ttl_seconds`` or ``MV_STORAGE_LINK_TTL``."""
         ttl = self.link_ttl if ttl_seconds is None else timedelta(seconds=ttl_seconds)
-        return await obstore.sign_async(self.store, "GET", path, ttl)  # type: ignore[arg-type]
+        return await obstore.sign_async(self.store, "GET", path, ttl)
 
     # -- deletion ------------------------------------------------------------------------------------------------
 
