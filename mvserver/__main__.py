@@ -14,7 +14,6 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 
-from mvserver.app import create_app
 from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.core.logs import AccessLogger, configure_logging
 from mvserver.jobs import StoreUnavailable
@@ -94,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         configure_logging(env.log_format)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per provider poll is noise
+        from mvserver.app import create_app  # here: the keys commands and --help need neither the app nor its SDKs
+
         app = create_app(env)
     except ConfigError as exc:
         print(f"mvserver: configuration error: {exc}", file=sys.stderr)

@@ -27,9 +27,7 @@ from typing import Any
 import aiohttp
 import httpx
 import redis.exceptions
-import replicate.exceptions
 from aiohttp import http_exceptions, web
-from google.genai import errors as genai_errors
 from pydantic import ValidationError
 
 log = logging.getLogger("mvserver")
@@ -187,16 +185,20 @@ def from_exception(exc: BaseException, provider: str) -> ApiError:
         return exc
     if isinstance(exc, httpx.HTTPError) and isinstance(exc.__cause__, aiohttp.ClientError):
         exc = exc.__cause__  # the aiohttp transport reports every dropped connection as a connect timeout
-    if isinstance(exc, replicate.exceptions.ReplicateError):
+    # The provider SDKs are looked up, not imported: an exception of an SDK that no module has imported cannot be
+    # raised, and importing them here would cost every process (the keys CLI, the simulator) about a second.
+    replicate_errors = sys.modules.get("replicate.exceptions")
+    genai_errors = sys.modules.get("google.genai.errors")
+    if replicate_errors is not None and isinstance(exc, replicate_errors.ReplicateError):
         detail = {k: v for k, v in {"title": exc.title, "detail": exc.detail, "type": exc.type}.items() if v}
         message = exc.detail or exc.title or "error"
         return provider_http_error(
             provider, exc.status or 502, message, detail or None, _retry_after(getattr(exc, "response", None))
         )
-    if isinstance(exc, replicate.exceptions.ModelError):
+    if replicate_errors is not None and isinstance(exc, replicate_errors.ModelError):
         prediction = exc.prediction
         return prediction_failed(provider, prediction.status, prediction.error)
-    if isinstance(exc, genai_errors.APIError):
+    if genai_errors is not None and isinstance(exc, genai_errors.APIError):
         detail = exc.details if exc.details else exc.message
         message = f"{exc.status}: {exc.message}" if exc.status else str(exc.message)
         error = provider_http_error(provider, exc.code, message, detail, _retry_after(exc.response))

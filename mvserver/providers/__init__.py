@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from mvserver.core.errors import ApiError
 from mvserver.providers.base import Snapshot, VideoBackend, VideoRequest
-from mvserver.providers.gemini import GeminiProvider
-from mvserver.providers.replicate import ReplicateProvider
+
+if TYPE_CHECKING:  # the SDKs load with the app that builds the providers, not with every importer of this package
+    from mvserver.providers.gemini import GeminiProvider
+    from mvserver.providers.replicate import ReplicateProvider
 
 __all__ = ["PROVIDERS", "Providers", "Snapshot", "VideoBackend", "VideoRequest"]
 
