@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import PROJECT, AppClient
+from helpers import PROJECT, AppClient
 from imageio_ffmpeg import get_ffmpeg_exe as ffmpeg_exe
 
 from mvserver.__main__ import keys_main

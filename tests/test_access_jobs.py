@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, read_sse
+from helpers import AppClient, read_sse
 
 from mvserver.jobs import JOBS
 from mvserver.web.access.auth import KeyLimits, create_key

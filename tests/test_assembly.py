@@ -13,9 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, read_sse
-from test_lipsync import PROMPT, events_of, make_clip, make_song, wait_for
-from test_media import HOLDER, proc_limit
+from helpers import HOLDER, SINGER_PROMPT, AppClient, events_of, make_clip, make_song, proc_limit, read_sse, wait_for
 
 from mvserver.assembly.routes import _field
 from mvserver.core.config import CONFIG
@@ -121,12 +119,12 @@ async def test_every_bad_assembly_is_a_400_naming_the_field(client: TestClient, 
     sim.video_latency = 0.2
     response = await client.post(
         "/api/mv/generate_video",
-        json={"prompt": PROMPT, "duration": 4, "aspect_ratio": "9:16", "generate_audio": False},
+        json={"prompt": SINGER_PROMPT, "duration": 4, "aspect_ratio": "9:16", "generate_audio": False},
     )
     portrait = (await response.json())["job_id"]
     assert (await finished(client, portrait))["status"] == "succeeded"
     sim.video_latency = 60.0
-    running = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4})
+    running = await client.post("/api/mv/generate_video", json={"prompt": SINGER_PROMPT, "duration": 4})
     running_id = (await running.json())["job_id"]
     too_many = client.app[CONFIG].projects.limits.assembly_clips_max + 1
     cases: list[tuple[dict[str, Any], str]] = [
@@ -328,7 +326,7 @@ async def test_what_one_assembly_may_ask_is_capped_with_a_400_naming_the_field(
         PROJECTS, json={"idea": "a song", "character_description": "a singer", "number_of_scenes": 2}
     )
     project = await response.json()
-    patch = {"scenes": [{"id": s["id"], "prompt": PROMPT, "duration": 4} for s in project["scenes"]]}
+    patch = {"scenes": [{"id": s["id"], "prompt": SINGER_PROMPT, "duration": 4} for s in project["scenes"]]}
     response = await client.patch(
         f"{PROJECTS}/{project['project_id']}", json=patch, headers={"If-Match": project["etag"]}
     )
@@ -418,7 +416,7 @@ async def test_project_assembly_and_a_lipsynced_scene_version(client: TestClient
     pid = project["project_id"]
     scenes = [s["id"] for s in project["scenes"]]
     etag = project["etag"]
-    patch = {"scenes": [{"id": s, "prompt": PROMPT, "duration": 4} for s in scenes]}
+    patch = {"scenes": [{"id": s, "prompt": SINGER_PROMPT, "duration": 4} for s in scenes]}
     response = await client.patch(f"{PROJECTS}/{pid}", json=patch, headers={"If-Match": etag})
     assert response.status == 200, await response.text()
 
@@ -508,7 +506,7 @@ async def test_the_callers_key_owns_the_assembly_and_lipsync_jobs(
     client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET="s" * 40)
     auth = {"Authorization": f"Bearer {key}"}
     sim.video_latency = 0.2
-    response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4}, headers=auth)
+    response = await client.post("/api/mv/generate_video", json={"prompt": SINGER_PROMPT, "duration": 4}, headers=auth)
     assert response.status == 202, await response.text()
     clip = (await response.json())["job_id"]
     async with asyncio.timeout(30):

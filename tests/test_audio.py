@@ -13,8 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient
-from test_temporaries import dead_pid, heartbeat
+from helpers import UPLOAD, AppClient, dead_pid, heartbeat, make_audio, stored
 
 from mvserver.app import create_app
 from mvserver.audio.routes import FORMATS as AUDIO_FORMATS
@@ -24,8 +23,6 @@ from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.media import ffmpeg as media
 from mvserver.media.ffmpeg import ffmpeg_exe, probe
 from mvserver.sandbox.render import render_character_image, render_video
-
-UPLOAD = "/api/mv/upload_audio"
 
 # (file name, ffmpeg output options, expected format, expected mime type, expected codec)
 FORMATS = [
@@ -37,31 +34,6 @@ FORMATS = [
     ("song.opus", ["-c:a", "libopus", "-f", "ogg"], "ogg", "audio/ogg", "opus"),
     ("song.flac", [], "flac", "audio/flac", "flac"),
 ]
-
-
-def make_audio(path: Path, *options: str, seconds: float = 2.0, rate: int = 44100, channels: int = 2) -> Path:
-    args = [
-        ffmpeg_exe(),
-        "-nostdin",
-        "-loglevel",
-        "error",
-        "-y",
-        "-f",
-        "lavfi",
-        "-i",
-        f"sine=f=440:d={seconds}:r={rate}",
-        "-ac",
-        str(channels),
-        *options,
-        str(path),
-    ]
-    subprocess.run(args, check=True, capture_output=True, timeout=60)
-    return path
-
-
-def stored(tmp_path: Path) -> list[str]:
-    """Everything in outputs/audio, temporaries included."""
-    return sorted(p.name for p in (tmp_path / "outputs" / "audio").iterdir())
 
 
 async def upload(

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, settled
-from test_faults import requests_to
+from helpers import AppClient, requests_to, settled
 
 from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator

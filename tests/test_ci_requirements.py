@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CHROMIUM, in_ci, require_or_skip
+from helpers import CHROMIUM, in_ci, require_or_skip
 
 
 @pytest.mark.parametrize("value", ["true", "1", "yes", "ON"])

@@ -21,8 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from conftest import PROJECT, read_sse
-from test_media import exited
+from helpers import PROJECT, exited, read_sse
 
 VIDEO_SECONDS = 3
 PROMPT = "A night-shift baker kneads dough to a slow bassline while the city sleeps."

@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, read_sse
+from helpers import AppClient, read_sse
 
 from mvserver.sandbox.simulator import Simulator
 from mvserver.web.access.auth import create_key

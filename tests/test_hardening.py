@@ -21,7 +21,7 @@ import pytest
 import replicate
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import PROJECT, AppClient, LiveApp, module_loop
+from helpers import PROJECT, AppClient, LiveApp, module_loop
 from PIL import Image
 
 from mvserver.sandbox import gemini_api, render

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AppClient, RedisServer, redis_server_or_skip
+from helpers import AppClient, RedisServer, redis_server_or_skip
 from redis.asyncio import Redis
 
 from mvserver.jobs import JOBS, redis_store

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from conftest import PROJECT, AppClient, LiveApp, module_loop
+from helpers import PROJECT, AppClient, LiveApp, module_loop
 from PIL import Image
 from yarl import URL
 

@@ -10,8 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import AppClient
-from test_videos import events_of, statuses, submit
+from helpers import AppClient, events_of, statuses, submit
 
 from mvserver.core.storage import STORE
 from mvserver.sandbox.simulator import Simulator
@@ -89,7 +88,7 @@ async def test_deadline_seconds_out_of_bounds_is_refused_naming_the_field(client
 
 
 async def test_the_bound_is_a_setting(make_client: AppClient, settings_dir: Any) -> None:
-    from test_job_lifecycle import jobs_settings
+    from helpers import jobs_settings
 
     jobs_settings(settings_dir, max_deadline_seconds=60)
     client = await make_client()

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, read_sse, settled
-from test_videos import submit
+from helpers import AppClient, read_sse, settled, submit
 
 from mvserver.jobs import JOBS
 from mvserver.jobs.eta import EtaEstimate, duration_key

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from test_videos import events_of, submit, wait_for
+from helpers import events_of, submit, wait_for
 
 from mvserver.sandbox.simulator import Simulator
 

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, LiveApp, module_loop, two_key_client
-from test_videos import submit, wait_for
+from helpers import AppClient, LiveApp, module_loop, submit, two_key_client, wait_for
 
 from mvserver.core.storage import new_id
 from mvserver.jobs import JOBS, Job

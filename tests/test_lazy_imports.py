@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import PROJECT
+from helpers import PROJECT
 
 CHECK = """
 import sys

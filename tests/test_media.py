@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import HOLDER, exited, proc_limit
 
 from mvserver.media import ffmpeg as media
 from mvserver.media.ffmpeg import AssemblyInputError, Clip, FfmpegLimits, MediaError, MediaMemoryError, MediaTimeout
@@ -308,35 +309,6 @@ def children_of(parent: int, marker: str) -> list[int]:
     ]
 
 
-async def exited(pid: int, timeout: float) -> bool:
-    """Whether process ``pid`` (not necessarily a child) ends within ``timeout``: its pidfd becomes readable."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    ended = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_reader(fd, ended.set)
-    try:
-        async with asyncio.timeout(timeout):
-            await ended.wait()
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-
-
-def proc_limit(pid: int, name: str) -> tuple[str, str]:
-    """The soft and hard value of one line of /proc/<pid>/limits (e.g. "Max data size")."""
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith(name):
-            soft, hard = line[len(name) :].split()[:2]
-            return soft, hard
-    raise AssertionError(f"no {name} in /proc/{pid}/limits")
-
-
 async def test_every_ffmpeg_runs_within_its_memory_thread_and_stack_limits(tmp_path: Path) -> None:
     marker = f"limits-{uuid.uuid4().hex}"
     started = asyncio.Event()
@@ -415,15 +387,6 @@ async def test_ffmpeg_dies_with_the_process_that_started_it_even_on_kill_9(tmp_p
             parent.wait()
         if ffmpeg_pid is not None and ffmpeg_processes(marker):  # the old behaviour: an orphan; end it
             os.kill(ffmpeg_pid, signal.SIGKILL)
-
-
-HOLDER = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("holding", flush=True)
-sys.stdin.read()
-"""
 
 
 async def test_a_run_lock_waits_for_its_holder_in_another_process_and_ffmpeg_inherits_it(tmp_path: Path) -> None:

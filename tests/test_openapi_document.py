@@ -21,7 +21,7 @@ import jsonschema_rs
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import AppClient, read_sse
+from helpers import AppClient, read_sse
 
 from mvserver.app import create_app
 from mvserver.sandbox.simulator import Simulator

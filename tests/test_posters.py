@@ -12,9 +12,8 @@ import imageio_ffmpeg
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, read_sse, two_key_client
+from helpers import PROMPT, AppClient, read_sse, submit, two_key_client, wait_for
 from PIL import Image, ImageChops, ImageStat
-from test_videos import PROMPT, submit, wait_for
 
 from mvserver.core.config import PosterSettings
 from mvserver.core.storage import STORE

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio
 import yaml
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, free_port
+from helpers import AppClient, free_port
 
 from mvserver.core.errors import ApiError
 from mvserver.core.storage import OutputStore, new_id

@@ -16,8 +16,7 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from test_videos import events_of, submit
-from test_webhooks import delivery, hook_client  # noqa: F401 - hook_client is a fixture
+from helpers import delivery, events_of, submit
 from yarl import URL
 
 from mvserver.app import replicate_output_hosts

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AppClient, RedisServer, redis_server_or_skip
+from helpers import AppClient, RedisServer, redis_server_or_skip
 from redis.asyncio import Redis
 
 from mvserver.web.access.auth import KeyLimits, create_key

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import PROJECT, free_port
+from helpers import PROJECT, free_port
 from PIL import Image
 
 from mvserver.sandbox import render, replicate_api

@@ -12,7 +12,7 @@ import json
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, LiveApp, module_loop
+from helpers import AppClient, LiveApp, module_loop
 
 from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.core.storage import STORE

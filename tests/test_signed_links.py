@@ -14,8 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, read_sse
-from test_idempotency import song_bytes
+from helpers import AppClient, read_sse, song_bytes
 
 from mvserver.sandbox.simulator import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key

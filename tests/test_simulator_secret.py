@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from test_videos import events_of, submit
+from helpers import events_of, submit
 
 from mvserver.providers import PROVIDERS
 from mvserver.providers.replicate_webhooks import RECEIVER

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from conftest import PROJECT, free_port
+from helpers import PROJECT, free_port
 
 from mvserver.lipsync.routes import max_cut_bytes
 from mvserver.media.ffmpeg import ffmpeg_exe

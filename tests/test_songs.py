@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 import soundfile
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import SIM_DEFAULTS, fast_settings, provider_env, read_sse
+from helpers import SIM_DEFAULTS, fast_settings, provider_env, read_sse
 
 from bench.songs import SR, Song, drum_song
 from mvserver.app import create_app

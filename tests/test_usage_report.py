@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient
-from test_videos import submit, wait_for
+from helpers import AppClient, submit, wait_for
 
 from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import LiveApp, module_loop, read_sse
+from helpers import PROMPT, LiveApp, events_of, module_loop, png_base64, read_sse, statuses, submit, wait_for
 from PIL import Image
 
 from mvserver.core.storage import STORE
@@ -22,43 +22,6 @@ from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator
 
 pytestmark = pytest.mark.both_stores
-
-PROMPT = "A tabby cat DJ in neon headphones spins records on a rooftop at dusk."
-
-
-def png_base64(color: str = "orange", size: tuple[int, int] = (64, 64)) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-async def submit(client: TestClient, **body: Any) -> dict[str, Any]:
-    response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4, **body})
-    assert response.status == 202, await response.text()
-    accepted = await response.json()
-    assert response.headers["Location"] == accepted["status_url"]
-    return accepted
-
-
-async def events_of(client: TestClient, job_id: str, last_event_id: str | None = None) -> list[dict[str, Any]]:
-    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    async with client.get(f"/api/mv/jobs/{job_id}/events", headers=headers) as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/event-stream")
-        return [event async for event in read_sse(response)]
-
-
-async def wait_for(client: TestClient, job_id: str, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        while True:
-            state = await (await client.get(f"/api/mv/jobs/{job_id}")).json()
-            if predicate(state):
-                return state
-            await asyncio.sleep(0.02)
-
-
-def statuses(events: list[dict[str, Any]]) -> list[str]:
-    return [e["event"] for e in events]
 
 
 async def test_sse_reports_every_stage_and_the_video_is_served_with_ranges(client: TestClient, sim: Simulator) -> None:
