@@ -531,17 +531,18 @@ class ReplicateApi:
 
     async def _render_video(self, sim: Simulator, dest: Path, options: dict[str, Any]) -> None:
         """Render the MP4, padded by ``sim.output_pad_bytes``; with ``sim.render_cache`` identical requests share
-        one file (content-addressed under ``state_dir/cache``, hard-linked into place)."""
+        one file (content-addressed under ``sim.render_cache_dir`` or ``state_dir/cache``, hard-linked into place;
+        renders race to one atomic rename, so several processes may share the directory)."""
         if not sim.render_cache:
             await render_video(dest, **options)
             await asyncio.to_thread(pad_mp4, dest, sim.output_pad_bytes)
             return
         key = render_key(options, sim.output_pad_bytes)
-        cached = sim.state_dir / "cache" / f"{key}.mp4"
+        cached = (sim.render_cache_dir or sim.state_dir / "cache") / f"{key}.mp4"
         async with self.cache_locks.setdefault(key, asyncio.Lock()):
             if not await asyncio.to_thread(cached.is_file):
                 await asyncio.to_thread(cached.parent.mkdir, parents=True, exist_ok=True)
-                rendering = cached.with_suffix(".rendering.mp4")
+                rendering = temp_path(cached, "render")
                 await render_video(rendering, **options)
                 await asyncio.to_thread(pad_mp4, rendering, sim.output_pad_bytes)
                 await asyncio.to_thread(os.replace, rendering, cached)

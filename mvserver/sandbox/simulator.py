@@ -75,6 +75,8 @@ class Simulator:
     image_latency: float = 1.5
     scenes_latency: float = 0.5
     render_cache: bool = False  # identical video requests share one rendered MP4 (benchmarks)
+    # where render_cache keeps the MP4s (default state_dir/cache); simulators, also in other processes, may share one
+    render_cache_dir: Path | None = None
     output_pad_bytes: int = 0  # bytes of MP4 ``free`` box appended to each rendered video (large-file benchmarks)
     # Outputs rendered at once by one simulator app (the others wait): each may decode a reference image of up to
     # 40 MP (about 40 MB for a 1-bit or palette PNG, 160 MB for an RGB one) and runs an ffmpeg.
