@@ -23,6 +23,8 @@ from helpers import (
     CHROMIUM_ARGS,
     CLAIM_INTERVAL,
     LEASE,
+    RENDER_CACHE,
+    RENDER_CACHE_OWNED,
     SIM_DEFAULTS,
     SIM_KNOBS,
     AppClient,
@@ -64,6 +66,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if RENDER_CACHE_OWNED:  # in the process that made it (the xdist workers inherit the variable)
+        shutil.rmtree(RENDER_CACHE, ignore_errors=True)
     bundle, previous = config.stash.get(_CA_BUNDLE, (None, None))
     if bundle is None:
         return

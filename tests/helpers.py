@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -78,8 +79,23 @@ def require_or_skip(what: str, available: bool) -> None:
 TEST_REPLICATE_TOKEN = "r8_test"  # the apps' REPLICATE_API_TOKEN; the simulators answer it (and give it the secret)
 
 
-SIM_DEFAULTS = {"video_latency": 0.2, "image_latency": 0.2, "scenes_latency": 0.0, "api_token": TEST_REPLICATE_TOKEN}
-
+# One directory of rendered clips for the whole test run: every simulator (in this process, in the pytest-xdist
+# workers, which inherit the variable from the process that starts them, and in the cluster tests' simulator
+# processes) renders a clip of one prompt, duration and options once. The process that made it removes it at the end
+# (conftest); a directory named by the variable beforehand is kept.
+RENDER_CACHE_VARIABLE = "MVTEST_RENDER_CACHE"
+RENDER_CACHE_OWNED = not os.environ.get(RENDER_CACHE_VARIABLE)
+if RENDER_CACHE_OWNED:
+    os.environ[RENDER_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="mvtest-renders-")
+RENDER_CACHE = Path(os.environ[RENDER_CACHE_VARIABLE])
+SIM_DEFAULTS = {
+    "video_latency": 0.2,
+    "image_latency": 0.2,
+    "scenes_latency": 0.0,
+    "api_token": TEST_REPLICATE_TOKEN,
+    "render_cache": True,
+    "render_cache_dir": RENDER_CACHE,
+}
 
 # The simulator's own defaults of the other knobs tests change.
 SIM_KNOBS = {
@@ -815,6 +831,8 @@ class Cluster:
                     "--video-latency",
                     str(self.video_seconds),
                     "--render-cache",
+                    "--render-cache-dir",
+                    str(RENDER_CACHE),
                 ],
                 cwd=self.tmp_path,
                 env=self.env(),
