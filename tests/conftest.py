@@ -250,6 +250,17 @@ def cluster_settings(settings_dir: Path) -> Path:
 
 
 @pytest.fixture
+def redis_process(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server for one test, empty at the start, which the test may stop and start again (the
+    session's ``redis_url`` is shared); fails under CI=true if redis-server is missing."""
+    redis_server_or_skip()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A private Redis per test, with an append-only file so a restart keeps the data."""
     redis_server_or_skip()

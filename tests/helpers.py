@@ -842,19 +842,10 @@ class Cluster:
         )
 
     def start_node(self) -> tuple[subprocess.Popen, str]:
-        port = free_port()
-        index = len(self.nodes)
-        with (self.tmp_path / f"node-{index}.log").open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
-                cwd=self.tmp_path,
-                env=self.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        process, base = spawn_server(self.env(), self.tmp_path, self.tmp_path / f"node-{len(self.nodes)}.log")
         self.processes.append(process)
-        self.nodes.append((process, f"http://127.0.0.1:{port}"))
-        return process, f"http://127.0.0.1:{port}"
+        self.nodes.append((process, base))
+        return process, base
 
     def log(self, index: int) -> str:
         return (self.tmp_path / f"node-{index}.log").read_text(errors="replace")
@@ -885,17 +876,53 @@ def with_signal(process: subprocess.Popen, sig: int) -> None:
         pass
 
 
-async def until_up(http: aiohttp.ClientSession, process: subprocess.Popen, url: str) -> None:
+async def until_up(http: aiohttp.ClientSession, process: subprocess.Popen, url: str) -> dict[str, Any]:
+    """The health answer at ``url`` once it is 200, waiting up to ``STARTUP_TIMEOUT`` while ``process`` lives."""
     async with asyncio.timeout(STARTUP_TIMEOUT):
         while True:
             assert process.poll() is None, f"{url} exited with {process.returncode}"
             try:
                 async with http.get(url) as response:
                     if response.status == 200:
-                        return
+                        return await response.json()
             except aiohttp.ClientConnectionError:
                 pass
             await asyncio.sleep(0.05)
+
+
+def spawn_server(env: dict[str, str], cwd: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """``python -m mvserver`` with ``env`` on a free loopback port, its output in ``log``; the caller waits for it
+    (:func:`until_up`) and stops it. Returns the process and its base URL."""
+    port = free_port()
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=cwd,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def sandbox_env(tmp_path: Path, settings_dir: Path, **extra: str) -> dict[str, str]:
+    """A server process's environment in sandbox mode: this one without provider credentials or ``MV_*`` knobs
+    (the credentials blank, so a ``.env`` cannot supply them), outputs in ``tmp_path``, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MV_", "GEMINI_", "REPLICATE_", "GOOGLE_"))}
+    env.update(
+        {
+            "GEMINI_API_KEY": "",
+            "REPLICATE_API_TOKEN": "",
+            "GOOGLE_VERTEX_API_KEY": "",
+            "GOOGLE_CLOUD_PROJECT": "",
+            "MV_SANDBOX": "true",
+            "MV_OUTPUT_DIR": str(tmp_path / "outputs"),
+            "MV_SETTINGS_DIR": str(settings_dir),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
+            **extra,
+        }
+    )
+    return env
 
 
 async def nodes_up(http: aiohttp.ClientSession, cluster: Cluster, count: int) -> list[str]:
