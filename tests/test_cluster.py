@@ -221,6 +221,9 @@ async def test_a_starting_node_leaves_a_live_nodes_temporaries_and_removes_a_dea
 ) -> None:
     audio_dir = tmp_path / "outputs" / "audio"
     data = make_audio(tmp_path / "song.wav", seconds=3.0).read_bytes()
+    # A half-sent upload must outlast B's start-up, which takes tens of seconds on a loaded machine: past the
+    # default 10 s idle limit, A drops the upload and its temporary, and there is nothing left for B to leave alone.
+    cluster.extra_env.update(MV_UPLOAD_IDLE_SECONDS="600", MV_UPLOAD_MIN_BYTES_PER_SECOND="0")
     [a] = await nodes_up(http, cluster, 1)
     writer, reader, part = await half_an_upload(a, data, audio_dir)
     await nodes_up(http, cluster, 1)  # B starts, and cleans up, while A writes its temporary
