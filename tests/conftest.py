@@ -118,10 +118,15 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Modules marked ``both_stores`` run every test on the file store and on Redis (one fixture, no copies)."""
+    """Modules marked ``both_stores`` run every test on the file store and on Redis (one fixture, no copies), but
+    for the tests that touch no store (``store_independent``: refused before any store access, settings,
+    documents), which run once, on files."""
     if not metafunc.definition.get_closest_marker("both_stores"):
         return
-    kinds = ["file"] if metafunc.definition.get_closest_marker("file_store_only") else ["file", "redis"]
+    one = metafunc.definition.get_closest_marker("file_store_only") or metafunc.definition.get_closest_marker(
+        "store_independent"
+    )
+    kinds = ["file"] if one else ["file", "redis"]
     if "job_store_kind" in metafunc.fixturenames:
         metafunc.parametrize("job_store_kind", kinds, indirect=True)
     if "shared_store_kind" in metafunc.fixturenames:  # the store of the module's shared app (``module_app``)

@@ -105,6 +105,7 @@ async def test_a_signed_link_opens_the_multi_job_stream_without_a_header(
     )
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize(("query", "field"), [("", "jobs"), ("jobs=nope", "jobs"), ("after=1", "jobs")])
 async def test_bad_link_requests_name_the_field(client: TestClient, query: str, field: str) -> None:
     response = await client.get(f"/api/mv/events/link?{query}")

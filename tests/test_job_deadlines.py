@@ -80,6 +80,7 @@ async def test_without_a_deadline_no_cancel_after_is_sent(client: TestClient, si
     assert sim.load("predictions", state["provider_prediction_id"])["cancel_after"] is None
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize("value", [0, 0.5, -1, 3601, "10", True])
 async def test_deadline_seconds_out_of_bounds_is_refused_naming_the_field(client: TestClient, value: Any) -> None:
     response = await client.post("/api/mv/generate_video", json={"prompt": "a cat", "deadline_seconds": value})

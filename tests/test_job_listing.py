@@ -76,6 +76,7 @@ async def test_filters_by_status_kind_and_project(client: TestClient, sim: Simul
     assert (await listed(client, f"?project_id={new_id()}"))["jobs"] == []
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize(
     "query, field",
     [

@@ -573,6 +573,7 @@ async def test_versions_are_bounded_pruning_the_oldest_unchosen(
     await wait_jobs(client, [v3])
 
 
+@pytest.mark.store_independent
 async def test_the_openapi_document_describes_the_project_requests(app_client: TestClient) -> None:
     document = await (await app_client.get("/api/mv/openapi.json")).json()
     schemas = document["components"]["schemas"]

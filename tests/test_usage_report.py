@@ -109,6 +109,7 @@ async def test_a_key_sees_its_own_usage_and_an_admin_key_every_key(
     assert (await client.get("/api/mv/usage")).status == 401
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize(
     "query, field",
     [

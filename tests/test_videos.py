@@ -290,6 +290,7 @@ async def test_get_video_answers_not_ready_unknown_and_malformed(client: TestCli
     await client.delete(accepted["status_url"])
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -325,6 +326,7 @@ async def test_bad_video_requests_name_the_field(module_live: LiveApp, body: dic
     assert not list((Path(client.app[STORE].root) / "jobs").glob("*.json"))
 
 
+@pytest.mark.store_independent
 async def test_a_rules_template_error_lists_the_variables_it_may_use(client: TestClient) -> None:
     response = await client.post(
         "/api/mv/generate_video", json={"prompt": PROMPT, "video_rules_template": "{{ prompt|upper }}"}
@@ -347,6 +349,7 @@ async def test_a_reference_image_may_be_a_base64_data_uri(client: TestClient, si
     assert plain.status == 400 and error["field"] == "reference_image_base64" and "base64-encoded" in error["message"]
 
 
+@pytest.mark.store_independent
 async def test_unknown_backend_lists_the_available_ones(client: TestClient) -> None:
     response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "backend": "sora"})
     message = (await response.json())["error"]["message"]

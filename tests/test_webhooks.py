@@ -353,6 +353,7 @@ async def test_sandbox_webhooks_can_be_turned_off(make_client: Any) -> None:
 # -- parts -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.store_independent
 def test_settings_reject_a_bad_base_url_or_secret(live_env: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match="MV_PUBLIC_BASE_URL"):
         EnvSettings.from_env({"MV_PUBLIC_BASE_URL": "example.com"})

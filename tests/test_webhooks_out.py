@@ -125,6 +125,7 @@ async def test_redeliver_sends_the_last_event_again(
     assert response.status == 400 and (await response.json())["error"]["field"] == "event_id"
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize(
     "url",
     [
@@ -162,6 +163,7 @@ async def test_a_name_that_resolves_to_loopback_is_refused_when_connecting(
     assert receiver.attempts == 0
 
 
+@pytest.mark.store_independent
 async def test_without_a_secret_a_webhook_is_refused(
     make_client: AppClient, receiver_server: tuple[Receiver, TestServer]
 ) -> None:
