@@ -36,6 +36,7 @@ from helpers import (
     free_port,
     provider_env,
     redis_server_or_skip,
+    remove_fast_settings,
     require_or_skip,
     set_safety_poll,
     sync_playwright,
@@ -66,6 +67,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    remove_fast_settings()
     if RENDER_CACHE_OWNED:  # in the process that made it (the xdist workers inherit the variable)
         shutil.rmtree(RENDER_CACHE, ignore_errors=True)
     bundle, previous = config.stash.get(_CA_BUNDLE, (None, None))

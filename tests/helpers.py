@@ -5,7 +5,6 @@ or from a test module, so any of them can import it."""
 from __future__ import annotations
 
 import asyncio
-import atexit
 import base64
 import collections
 import contextlib
@@ -117,13 +116,19 @@ FAST_JOBS = {
 _FAST_SETTINGS: list[Path] = []  # this process's fast settings, written once (see fast_settings)
 
 
+def remove_fast_settings() -> None:
+    """Remove this process's fast settings template (conftest, at the end of each pytest process: xdist workers
+    may end without running ``atexit`` handlers)."""
+    while _FAST_SETTINGS:
+        shutil.rmtree(_FAST_SETTINGS.pop().parent, ignore_errors=True)
+
+
 def fast_settings(target: Path) -> Path:
     """Copy the project's settings to ``target`` with fast polling (see :func:`settings_dir`). The YAML is read and
     rewritten once per process, then copied: parsing and dumping it for every test cost tens of milliseconds each
     (far more on a loaded machine), copying eight small files costs about two."""
     if not _FAST_SETTINGS:
         template = Path(tempfile.mkdtemp(prefix="mvtest-settings-")) / "settings"
-        atexit.register(shutil.rmtree, template.parent, True)
         shutil.copytree(PROJECT / "settings", template)
         videos = yaml.safe_load((template / "videos.yaml").read_text())
         videos["jobs"].update(FAST_JOBS)
