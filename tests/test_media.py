@@ -11,20 +11,34 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from mvserver.core.storage import temp_path
+from mvserver.media import assemble as assembling
 from mvserver.media.args import AUDIO_DEMUXERS, duration_arg, input_args, song_demuxer
-from mvserver.media.assemble import Clip, assemble
+from mvserver.media.assemble import AssemblyResult, Clip
 from mvserver.media.errors import AssemblyInputError, DurationError, MediaError, MediaMemoryError, MediaTimeout
 from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
 from mvserver.media.probe import MediaInfo, probe, probe_clips, stream_duration
 from mvserver.media.run import ffmpeg_exe, run_ffmpeg, run_lock
-from mvserver.media.song import AAC_FRAME_SECONDS, SongCopy, encode_song_copies
+from mvserver.media.song import AAC_FRAME_SECONDS, SongCopy
+from mvserver.media.song import encode_song_copies as encode_copies
 from mvserver.media.timeline import check_graph_clips, crossfade_pieces, graph_clips
 from mvserver.sandbox.render import render_video
 
 FPS = 24
+
+
+async def assemble(clips: list[Clip], out: Path, **options: Any) -> AssemblyResult:
+    """:func:`mvserver.media.assemble.assemble` naming its temporaries as the service does."""
+    return await assembling.assemble(clips, out, temp_name=temp_path, **options)
+
+
+async def encode_song_copies(song: Path, aac: Path, preview: Path, **options: Any) -> None:
+    """:func:`mvserver.media.song.encode_song_copies` naming its temporaries as the service does."""
+    await encode_copies(song, aac, preview, temp_name=temp_path, **options)
 
 
 def ffmpeg(*args: str) -> str:
@@ -715,10 +729,11 @@ def test_crossfade_pieces_show_every_frame_once_and_decode_few_clips_at_a_time()
 PEAK = """
 import asyncio, resource, sys
 from pathlib import Path
+from mvserver.core.storage import temp_path
 from mvserver.media.assemble import Clip, assemble
 from mvserver.media.limits import FfmpegLimits
 clips = [Clip(Path(p)) for p in sys.argv[3:]] * int(sys.argv[2])
-asyncio.run(assemble(clips, Path(sys.argv[1]), transition="crossfade", clip_audio="mix", fit="letterbox",
+asyncio.run(assemble(clips, Path(sys.argv[1]), temp_name=temp_path, transition="crossfade", clip_audio="mix", fit="letterbox",
                            limits=FfmpegLimits(memory_mb=None, threads=None)))
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """

@@ -27,7 +27,7 @@ from mvserver.audio import songs
 from mvserver.audio.routes import saved_audio
 from mvserver.core.config import CONFIG, AssemblyLimits
 from mvserver.core.errors import ApiError, validation_error
-from mvserver.core.storage import STORE
+from mvserver.core.storage import STORE, temp_path
 from mvserver.jobs import JOBS, Job
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields
@@ -340,6 +340,7 @@ class AssemblyDriver:
             return await assemble_clips(
                 clips,
                 dest,
+                temp_name=temp_path,
                 song=song,
                 song_offset=request["audio_offset"],
                 transition=request["transition"],

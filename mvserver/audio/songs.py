@@ -29,7 +29,7 @@ from aiohttp import web
 from mvserver.analysis import ANALYSIS_VERSION, AnalysisError, AnalysisPool, AnalysisTimeout, SongAnalysis, load
 from mvserver.audio.routes import FORMATS, SONG_SAVED, saved_audio
 from mvserver.core.config import CONFIG, EnvSettings
-from mvserver.core.storage import STORE, OutputStore, check_id
+from mvserver.core.storage import STORE, OutputStore, check_id, temp_path
 from mvserver.media.errors import MediaError
 from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
 from mvserver.media.song import encode_song_copies
@@ -140,6 +140,7 @@ class SongWork:
                     song,
                     aac_copy(self.store, audio_id),
                     preview(self.store, audio_id),
+                    temp_name=temp_path,
                     duration=duration,
                     timeout=120.0 + duration,
                     limits=self.limits,

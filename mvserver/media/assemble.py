@@ -25,7 +25,7 @@ from mvserver.media.args import duration_arg, input_args, song_demuxer, song_inp
 from mvserver.media.errors import AssemblyInputError, MediaError, MediaTimeout
 from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
 from mvserver.media.probe import MediaInfo, VideoStream, probe, probe_clips
-from mvserver.media.run import ProgressCallback, fsync_replace, run_ffmpeg, temp_file
+from mvserver.media.run import ProgressCallback, TempName, fsync_replace, run_ffmpeg
 from mvserver.media.song import AAC_FRAME_SECONDS, AUDIO_BITRATE, AUDIO_RATE, SongCopy
 from mvserver.media.timeline import (
     ASPECT_TOLERANCE,
@@ -226,8 +226,10 @@ OUTPUT_ARGS = ["-c:a", "aac", "-b:a", AUDIO_BITRATE, "-movflags", "+faststart", 
 
 @dataclass(frozen=True)
 class _Runner:
-    """How every ffmpeg of one assembly runs: its limits and the descriptors it inherits (the job's run lock)."""
+    """How every ffmpeg of one assembly runs: its limits, the descriptors it inherits (the job's run lock), and how
+    the temporaries it writes are named (the caller's rule)."""
 
+    temp: TempName
     limits: FfmpegLimits = DEFAULT_LIMITS
     hold: tuple[int, ...] = ()
 
@@ -311,7 +313,7 @@ async def _song_audio_list(
     end = offset + total
     if split > song.duration:
         return None
-    tail = temp_file(out, "tail")
+    tail = run.temp(out, "tail")
     temps.append(tail)
     if split < end - 1e-6:
         await run(
@@ -341,7 +343,7 @@ async def _song_audio_list(
             duration=end - split,
             progress=None,
         )
-    listing = temp_file(out, "audiolist")
+    listing = run.temp(out, "audiolist")
     temps.append(listing)
     text = f"ffconcat version 1.0\nfile {_quoted(song.path)}\ninpoint {offset:.6f}\noutpoint {min(split, end):.6f}\n"
     if split < end - 1e-6:
@@ -366,7 +368,7 @@ async def _final_run(
 ) -> None:
     """The video segments joined by the concat demuxer (copied) and the audio track encoded: the song, the clips'
     audio (cut to each clip's used part, joined by concat or acrossfade) or silence."""
-    listing = temp_file(out, "list")
+    listing = run.temp(out, "list")
     temps.append(listing)
     await asyncio.to_thread(listing.write_text, _concat_list(entries))
     song_input = 1 if song is not None else None
@@ -421,7 +423,7 @@ async def _assemble_cuts(
     entries: list[tuple[Path, float]] = []
     segments: dict[int, Path] = {}
     for n, source in enumerate(encode):
-        segments[source.index] = segment = temp_file(out, f"seg{source.index}")
+        segments[source.index] = segment = run.temp(out, f"seg{source.index}")
         temps.append(segment)
         await _encode_segment(source, segment, target, fit, tracker.step(n), run)
     for source, ok in zip(sources, copyable, strict=False):
@@ -446,7 +448,7 @@ async def _assemble_cuts(
             temps,
         )
         return
-    listing = temp_file(out, "list")
+    listing = run.temp(out, "list")
     temps.append(listing)
     await asyncio.to_thread(listing.write_text, _concat_list(entries))
     args = [
@@ -559,7 +561,7 @@ async def _assemble_crossfade(
     tracker = _Progress(progress, [4 * piece.frames / fps for piece in pieces] + [length])
     entries: list[tuple[Path, float]] = []
     for n, piece in enumerate(pieces):
-        segment = temp_file(out, f"piece{n}")
+        segment = run.temp(out, f"piece{n}")
         temps.append(segment)
         await _encode_piece(piece, sources, segment, target, fit, fade, tracker.step(n), run)
         entries.append((segment, piece.frames / fps))
@@ -585,6 +587,7 @@ async def assemble(
     clips: Sequence[Clip],
     out: Path,
     *,
+    temp_name: TempName,
     song: Path | None = None,
     song_offset: float = 0.0,
     transition: Transition = "cut",
@@ -605,7 +608,7 @@ async def assemble(
     Every ffmpeg runs within ``limits`` and inherits ``hold`` (see :func:`run_lock`); a crossfade whose pieces would
     decode more than ``graph_clips_max`` clips in one filter graph is refused. Raises AssemblyInputError (with
     ``field``) for input that does not fit the clips, MediaError when ffmpeg fails (MediaTimeout, MediaMemoryError).
-    Cancelling the task kills ffmpeg and removes every temporary file.
+    Cancelling the task kills ffmpeg and removes every temporary file (each named by ``temp_name``, next to ``out``).
     """
     started = time.monotonic()
     if not clips:
@@ -625,9 +628,9 @@ async def assemble(
     elif song_copy is not None and not 0 <= song_offset < song_copy.duration:
         raise AssemblyInputError("song_offset", f"song_offset must be in [0, {song_copy.duration:.3f}) seconds")
     result = AssemblyResult(path=out, duration=0.0)
-    tmp = temp_file(out, "out")
+    run = _Runner(temp_name, limits, tuple(hold))
+    tmp = run.temp(out, "out")
     temps = [tmp]
-    run = _Runner(limits, tuple(hold))
     try:
         if transition == "crossfade" and len(sources) > 1:
             fps = output_fps(sources[0].video)

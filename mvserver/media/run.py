@@ -21,7 +21,6 @@ from pathlib import Path
 
 import imageio_ffmpeg
 
-from mvserver.core.storage import temp_path
 from mvserver.media.errors import MediaError, MediaMemoryError, MediaTimeout
 from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits, bounded_args, child_setup, libc_prctl
 
@@ -178,9 +177,10 @@ async def run_ffmpeg(
         raise MediaError(f"ffmpeg exited with status {proc.returncode}: {text}")
 
 
-def temp_file(out: Path, tag: str) -> Path:
-    """A temporary file next to the output, named by :func:`storage.temp_path` (the clean-up knows its node)."""
-    return temp_path(out, tag)
+TempName = Callable[[Path, str], Path]
+"""How a caller names a temporary file next to an output: ``(output, tag) -> path`` (mvserver passes
+:func:`mvserver.core.storage.temp_path`, so its clean-up knows which node writes each one). media spells no name of
+its own: the naming rule, and what may be removed when, belong to whoever owns the directory."""
 
 
 def fsync_replace(tmp: Path, out: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mvserver.media.args import song_input_args
 from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
-from mvserver.media.run import fsync_replace, run_ffmpeg, temp_file
+from mvserver.media.run import TempName, fsync_replace, run_ffmpeg
 
 AUDIO_RATE = 48000
 
@@ -32,6 +32,7 @@ async def encode_song_copies(
     aac: Path,
     preview: Path,
     *,
+    temp_name: TempName,
     duration: float | None = None,
     timeout: float | None = None,
     limits: FfmpegLimits = DEFAULT_LIMITS,
@@ -39,8 +40,8 @@ async def encode_song_copies(
     """Encode a saved song once, in one ffmpeg run (one decode, two encoders) within ``limits``: ``aac``, AAC-LC at
     the assembly's rate, channels and bitrate in an MP4, whose packets a cut-only assembly copies; and ``preview``, a
     small mono MP3 (32 kb/s: 240 KB a minute) that goes inline to Gemini with the scene request. Both are written
-    atomically (a temporary ``.part`` first); on failure or cancellation neither exists."""
-    temps = [temp_file(aac, "enc"), temp_file(preview, "enc")]
+    atomically (a temporary named by ``temp_name`` first); on failure or cancellation neither exists."""
+    temps = [temp_name(aac, "enc"), temp_name(preview, "enc")]
     threads = ["-threads", str(limits.threads)] if limits.threads is not None else []  # run_ffmpeg caps the last output
     try:
         await run_ffmpeg(
