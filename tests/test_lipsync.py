@@ -16,7 +16,7 @@ import pytest
 import replicate
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import read_sse
+from conftest import probe_media, read_sse
 from PIL import Image
 from yarl import URL
 
@@ -27,7 +27,7 @@ from mvserver.core.storage import STORE, new_id
 from mvserver.jobs import JOBS
 from mvserver.lipsync.routes import Song, cut_args, cut_window, max_cut_bytes, plan_window
 from mvserver.media.errors import DurationError, MediaError
-from mvserver.sandbox.render import LIPSYNC_LABEL, lipsync_label_box, probe_media
+from mvserver.sandbox.render import LIPSYNC_LABEL, lipsync_label_box
 from mvserver.sandbox.simulator import Simulator
 
 PROMPT = "A singer in a yellow raincoat sings on a rainy night platform."

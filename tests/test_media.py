@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import io
 import os
 import signal
 import struct
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from mvserver.core.storage import temp_path
 from mvserver.media import assemble as assembling
@@ -239,6 +241,21 @@ async def test_run_ffmpeg_reports_progress_up_to_one(tmp_path: Path) -> None:
 async def test_run_ffmpeg_failure_carries_ffmpeg_words(tmp_path: Path) -> None:
     with pytest.raises(MediaError, match="No such file"):
         await run_ffmpeg(["-i", str(tmp_path / "missing.mp4"), "-f", "null", "-"])
+
+
+async def test_run_ffmpeg_feeds_stdin_and_stops_feeding_an_ffmpeg_that_failed(tmp_path: Path) -> None:
+    """The sandbox renderer pipes its frame in: the bytes reach ffmpeg, and an ffmpeg that stops reading (here it
+    fails on the first bytes of 64 MiB, far more than a pipe holds) ends the run with its error, not a hang."""
+    frame = io.BytesIO()
+    Image.new("RGB", (64, 36), (200, 30, 30)).save(frame, "PNG")
+    out = tmp_path / "still.mp4"
+    args = ["-f", "png_pipe", "-i", "pipe:0", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "mp4", "-y", str(out)]
+    await run_ffmpeg(args, stdin=frame.getvalue())
+    described = (await probe(out)).first_video
+    assert described is not None and (described.width, described.height) == (64, 36)
+    async with asyncio.timeout(30):
+        with pytest.raises(MediaError, match="exited with status"):
+            await run_ffmpeg(args, stdin=b"not a png" * (64 << 17))
 
 
 def ffmpeg_processes(marker: str) -> list[int]:

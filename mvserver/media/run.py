@@ -51,6 +51,7 @@ async def spawn_ffmpeg(
     stdout: int = subprocess.DEVNULL,
     limits: FfmpegLimits = DEFAULT_LIMITS,
     hold: Sequence[int] = (),
+    stdin: int = subprocess.DEVNULL,
 ) -> asyncio.subprocess.Process:
     """Start ffmpeg in its own process group (``killpg`` then reaches anything it starts), bound to this process's
     life and to ``limits``; ``hold``: file descriptors it inherits (a run lock, see :func:`run_lock`)."""
@@ -59,7 +60,7 @@ async def spawn_ffmpeg(
         "-nostdin",
         "-hide_banner",
         *args,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=stdout,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -127,6 +128,7 @@ async def run_ffmpeg(
     on_field: Callable[[str, str], None] | None = None,
     limits: FfmpegLimits = DEFAULT_LIMITS,
     hold: Sequence[int] = (),
+    stdin: bytes | None = None,
 ) -> None:
     """Run ``ffmpeg ARGS`` with ``-progress pipe:1 -nostats``; report 0..1 to ``progress`` as it goes.
 
@@ -134,7 +136,8 @@ async def run_ffmpeg(
     (memory, threads; the last argument must be the output); the time limit is ``timeout``, or else the limits'
     time for ``duration`` seconds of output. When the calling task is cancelled or the time limit passes, ffmpeg's
     whole process group is killed before this returns (MediaTimeout on a timeout). A non-zero exit raises
-    MediaError with the end of ffmpeg's error output (MediaMemoryError when it ran out of memory).
+    MediaError with the end of ffmpeg's error output (MediaMemoryError when it ran out of memory). ``stdin``: bytes
+    fed to ffmpeg's standard input (an input of ``pipe:0``), which is then closed.
     """
     if timeout is None:
         timeout = limits.timeout(duration)
@@ -143,9 +146,11 @@ async def run_ffmpeg(
         stdout=subprocess.PIPE,
         limits=limits,
         hold=hold,
+        stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stderr is not None
     errors = asyncio.ensure_future(read_limited(proc.stderr, STDERR_TAIL, tail=True))
+    feeding = asyncio.ensure_future(_feed(proc, stdin)) if stdin is not None else None
     last = -1.0
     try:
         async with asyncio.timeout(timeout):
@@ -169,12 +174,25 @@ async def run_ffmpeg(
         raise MediaTimeout(f"ffmpeg ran longer than its limit of {timeout:g} s and was stopped") from None
     finally:
         await kill_ffmpeg(proc)
+        if feeding is not None:
+            feeding.cancel()
+            await asyncio.gather(feeding, return_exceptions=True)
         stderr = await errors
     if proc.returncode != 0:
         text = stderr.strip() or "(no output)"
         if limits.memory_mb is not None and _OUT_OF_MEMORY.search(stderr):
             raise MediaMemoryError(f"ffmpeg ran out of memory under its limit of {limits.memory_mb} MiB: {text}")
         raise MediaError(f"ffmpeg exited with status {proc.returncode}: {text}")
+
+
+async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
+    """Write ``data`` to ffmpeg's standard input and close it; an ffmpeg that stopped reading (it failed, or has all
+    it needs) just ends the writing, its exit status tells the rest."""
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+        proc.stdin.close()
 
 
 TempName = Callable[[Path, str], Path]
