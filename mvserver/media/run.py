@@ -2,8 +2,8 @@
 
 Everything runs the static ffmpeg bundled with imageio-ffmpeg (there is no ffprobe) as an asyncio subprocess in its
 own process group, so the event loop never blocks and a cancelled task leaves no ffmpeg behind; every run is bounded
-by :mod:`mvserver.media.limits`. No HTTP, no jobs: the assembly job, lip sync, posters and the audio upload build on
-these functions.
+by :mod:`mvserver.media.limits`. No HTTP, no jobs: the assembly job, lip sync, posters, the audio upload and the
+sandbox renderer build on these functions.
 """
 
 from __future__ import annotations
