@@ -21,7 +21,7 @@ from mvserver.assembly.routes import _field
 from mvserver.core.config import CONFIG
 from mvserver.core.storage import STORE, new_id
 from mvserver.jobs import JOBS
-from mvserver.media import ffmpeg as media
+from mvserver.media.probe import MediaInfo, probe
 from mvserver.sandbox.simulator import Simulator
 from mvserver.web.access.auth import create_key
 
@@ -43,16 +43,16 @@ async def finished(client: TestClient, job_id: str, timeout: float = 120.0) -> d
     return await wait_for(client, job_id, lambda s: s["status"] in FINAL, timeout)
 
 
-async def output_of(client: TestClient, state: dict[str, Any]) -> media.MediaInfo:
+async def output_of(client: TestClient, state: dict[str, Any]) -> MediaInfo:
     """The served MP4, saved and probed with ffmpeg."""
     assert state["status"] == "succeeded", state
     data = await (await client.get(state["video_url"])).read()
     path = client.app[STORE].root / f"probe-{state['job_id']}.mp4"
     path.write_bytes(data)
-    return await media.probe(path)
+    return await probe(path)
 
 
-def assert_h264_aac(info: media.MediaInfo, seconds: float) -> None:
+def assert_h264_aac(info: MediaInfo, seconds: float) -> None:
     assert info.first_video is not None and info.first_video.codec == "h264"
     assert info.first_audio is not None and info.first_audio.codec == "aac"
     assert info.duration is not None and abs(info.duration - seconds) <= 0.1, (info.duration, seconds)

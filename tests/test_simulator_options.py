@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import probe_media
 
 from mvserver.sandbox.__main__ import build_parser, make_simulator
-from mvserver.sandbox.render import probe_media, render_video
+from mvserver.sandbox.render import render_video
 from mvserver.sandbox.replicate_api import pad_mp4, render_key
 from mvserver.sandbox.simulator import Simulator, create_simulator_app
 

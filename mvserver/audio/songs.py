@@ -29,8 +29,10 @@ from aiohttp import web
 from mvserver.analysis import ANALYSIS_VERSION, AnalysisError, AnalysisPool, AnalysisTimeout, SongAnalysis, load
 from mvserver.audio.routes import FORMATS, SONG_SAVED, saved_audio
 from mvserver.core.config import CONFIG, EnvSettings
-from mvserver.core.storage import STORE, OutputStore, check_id
-from mvserver.media import ffmpeg as media
+from mvserver.core.storage import STORE, OutputStore, check_id, temp_path
+from mvserver.media.errors import MediaError
+from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
+from mvserver.media.song import encode_song_copies
 from mvserver.web.access.auth import key_id
 
 log = logging.getLogger("mvserver.songs")
@@ -77,7 +79,7 @@ class SongWork:
         store: OutputStore,
         env: EnvSettings,
         pool: AnalysisPool | None,
-        limits: media.FfmpegLimits = media.DEFAULT_LIMITS,
+        limits: FfmpegLimits = DEFAULT_LIMITS,
     ):
         self.store, self.env, self.pool, self.limits = store, env, pool, limits
         self._copies: dict[str, asyncio.Task[bool]] = {}
@@ -134,15 +136,16 @@ class SongWork:
     async def _make_copies(self, audio_id: str, song: Path, duration: float) -> bool:
         async with self._copy_slots:
             try:
-                await media.encode_song_copies(
+                await encode_song_copies(
                     song,
                     aac_copy(self.store, audio_id),
                     preview(self.store, audio_id),
+                    temp_name=temp_path,
                     duration=duration,
                     timeout=120.0 + duration,
                     limits=self.limits,
                 )
-            except (media.MediaError, OSError) as exc:
+            except (MediaError, OSError) as exc:
                 log.warning(
                     "song %s: its copies could not be made (assembly encodes it; Gemini does not hear it): %s",
                     audio_id,
@@ -278,7 +281,7 @@ async def songs_context(app: web.Application) -> AsyncIterator[None]:
     """The app's analysis pool (none with ``MV_ANALYSIS_WORKERS=0``) and its song work; both stop at exit. The
     copies' ffmpeg runs within the memory and thread limits of media.yaml ``ffmpeg`` (their time limit is their own)."""
     env = app[CONFIG].env
-    limits = media.FfmpegLimits(**app[CONFIG].media.ffmpeg.model_dump(exclude={"concurrency"}))
+    limits = FfmpegLimits(**app[CONFIG].media.ffmpeg.model_dump(exclude={"concurrency"}))
     pool = None
     if env.analysis_workers > 0:
         pool = AnalysisPool(

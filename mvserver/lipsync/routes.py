@@ -29,7 +29,11 @@ from mvserver.core.storage import STORE, OutputStore, check_id, new_id, temp_pat
 from mvserver.jobs import JOBS, Job
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields
-from mvserver.media import ffmpeg as media
+from mvserver.media.args import duration_arg, input_args
+from mvserver.media.errors import MediaError
+from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
+from mvserver.media.probe import MediaInfo, probe
+from mvserver.media.run import run_ffmpeg
 from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
 from mvserver.projects.routes import BASE as PROJECTS_BASE
 from mvserver.projects.routes import (
@@ -77,9 +81,9 @@ FFMPEG_SLOTS = web.AppKey("lipsync_ffmpeg_slots", asyncio.Semaphore)
 HEAVY_FFMPEG_SLOTS = web.AppKey("heavy_ffmpeg_slots", asyncio.Semaphore)
 
 
-def ffmpeg_limits(app: web.Application) -> media.FfmpegLimits:
+def ffmpeg_limits(app: web.Application) -> FfmpegLimits:
     """The limits of every ffmpeg a job of this app runs (media.yaml ``ffmpeg``)."""
-    return media.FfmpegLimits(**app[CONFIG].media.ffmpeg.model_dump(exclude={"concurrency"}))
+    return FfmpegLimits(**app[CONFIG].media.ffmpeg.model_dump(exclude={"concurrency"}))
 
 
 # -- songs ------------------------------------------------------------------------------------------------------------
@@ -118,7 +122,7 @@ def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-# -- the audio cut (probing and running ffmpeg: mvserver.media.ffmpeg) -------------------------------------------------------
+# -- the audio cut (probing and running ffmpeg: mvserver.media.run and .probe) -------------------------------------------------------
 
 
 def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path) -> list[str]:
@@ -128,9 +132,9 @@ def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path
     so the cut is exact to a few ms); anything else is decoded, trimmed to the sample and written as 16-bit PCM. The
     song is read with the demuxer of its format, from the local file only. Whatever the filters do, the output
     stops at ``length`` seconds and at the bytes that many seconds may take (``-t``, ``-fs``); a duration that is 0
-    at ffmpeg's precision raises :class:`mvserver.media.ffmpeg.DurationError` (ffmpeg would read it as "no limit").
+    at ffmpeg's precision raises :class:`mvserver.media.errors.DurationError` (ffmpeg would read it as "no limit").
     """
-    source = media.input_args(song.path, [FORMATS[song.format].demuxer])
+    source = input_args(song.path, [FORMATS[song.format].demuxer])
     if (
         song.format == "wav"
         and (song.channels or 99) <= COPY_MAX_CHANNELS
@@ -146,7 +150,7 @@ def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path
             "-ss",
             f"{start:.6f}",
             "-t",
-            media.duration_arg(length),
+            duration_arg(length),
             *source,
             "-map",
             "0:a:0",
@@ -167,7 +171,7 @@ def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path
         "-map",
         "0:a:0",
         "-af",
-        f"atrim=duration={media.duration_arg(seconds)},asetpts=N/SR/TB,apad=whole_dur={media.duration_arg(length)}",
+        f"atrim=duration={duration_arg(seconds)},asetpts=N/SR/TB,apad=whole_dur={duration_arg(length)}",
     ]
     if song.channels is None or song.channels > COPY_MAX_CHANNELS:
         args += ["-ac", "2"]
@@ -178,7 +182,7 @@ def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path
 
 def _output_limits(length: float, bytes_per_second: int) -> list[str]:
     """Output options that end a cut at ``length`` seconds and at the size that many seconds may take."""
-    return ["-t", media.duration_arg(length), "-fs", str(max_cut_bytes(length, bytes_per_second))]
+    return ["-t", duration_arg(length), "-fs", str(max_cut_bytes(length, bytes_per_second))]
 
 
 def max_cut_bytes(length: float, bytes_per_second: int = COPY_BYTES_PER_SECOND) -> int:
@@ -193,12 +197,12 @@ async def cut_window(
     length: float,
     dest: Path,
     timeout: float,
-    limits: media.FfmpegLimits = media.DEFAULT_LIMITS,
+    limits: FfmpegLimits = DEFAULT_LIMITS,
 ) -> None:
     """Write the window to ``dest`` atomically (a temporary file renamed into place; removed on any failure)."""
     tmp = temp_path(dest)
     try:
-        await media.run_ffmpeg(cut_args(song, start, seconds, length, tmp), timeout=timeout, limits=limits)
+        await run_ffmpeg(cut_args(song, start, seconds, length, tmp), timeout=timeout, limits=limits)
         await asyncio.to_thread(os.replace, tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -275,7 +279,7 @@ def plan_window(
 
 async def finished_clip(
     app: web.Application, job_id: str, limits: LipsyncLimits, caller: str | None = None
-) -> tuple[Path, media.MediaInfo]:
+) -> tuple[Path, MediaInfo]:
     """The MP4 of a succeeded job, probed (400 naming ``video_job_id`` otherwise; another key's job is unknown)."""
     field = "video_job_id"
     job = await app[JOBS].get(job_id)
@@ -296,8 +300,8 @@ async def finished_clip(
         )
     try:
         async with app[FFMPEG_SLOTS]:
-            info = await media.probe(path, timeout=limits.ffmpeg_timeout_seconds)
-    except media.MediaError as exc:
+            info = await probe(path, timeout=limits.ffmpeg_timeout_seconds)
+    except MediaError as exc:
         raise ApiError(400, "invalid_clip", f"{field}: the clip cannot be read: {exc}", field=field) from None
     if info.first_video is None or not (info.duration or 0) > 0:
         raise ApiError(400, "invalid_clip", f"{field}: the file of job {job_id} holds no video", field=field)
@@ -488,7 +492,7 @@ class LipsyncDriver:
                     self.settings.limits.ffmpeg_timeout_seconds,
                     ffmpeg_limits(self.app),
                 )
-        except media.MediaError as exc:
+        except MediaError as exc:
             raise ApiError(
                 500, "audio_cut_failed", f"the audio window could not be cut: {exc}", field="audio_id"
             ) from None

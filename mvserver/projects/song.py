@@ -19,7 +19,7 @@ from mvserver.audio.routes import saved_audio
 from mvserver.audio.songs import SONGS, preview, read_sidecar, song_analysis
 from mvserver.core.errors import ApiError
 from mvserver.core.storage import STORE
-from mvserver.media.ffmpeg import PREVIEW_MIME_TYPE
+from mvserver.media.song import PREVIEW_MIME_TYPE
 from mvserver.projects.store import Project, Song, SongWindow
 from mvserver.scenes.routes import SongBrief
 
