@@ -11,23 +11,35 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from mvserver.appkeys import (
+    CONFIG,
+    JOBS,
+    KEYRING,
+    METRICS,
+    PROJECTS,
+    PROVIDERS,
+    REQUEST_MODELS,
+    STORE,
+    TEMPLATES,
+    UPLOAD_SLOTS,
+)
 from mvserver.assembly import routes as assembly
 from mvserver.audio import routes as audio
 from mvserver.audio import songs
-from mvserver.core.config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
+from mvserver.core.config import Config, ConfigError, EnvSettings, load_config, package_templates
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import hide_paths_under, server_log
-from mvserver.core.storage import STORE, OutputStore, node_context, start_node
+from mvserver.core.storage import OutputStore, node_context, start_node
 from mvserver.images import routes as images
-from mvserver.jobs import JOBS, FileJobStore, Job, JobEngine, JobStore, events, video_kind, webhooks_out
+from mvserver.jobs import FileJobStore, Job, JobEngine, JobStore, events, video_kind, webhooks_out
 from mvserver.jobs.census import JobCensus
 from mvserver.jobs.retention import sweep_forever
 from mvserver.lipsync import routes as lipsync
-from mvserver.openapi.schemas import REQUEST_MODELS, RequestModels
+from mvserver.openapi.schemas import RequestModels
 from mvserver.projects import events as project_events
 from mvserver.projects import routes as projects
-from mvserver.projects.store import PROJECTS, open_project_store
-from mvserver.providers import PROVIDERS, Providers
+from mvserver.projects.store import open_project_store
+from mvserver.providers import Providers
 from mvserver.providers import gemini as gemini_backend
 from mvserver.providers import replicate as replicate_backend
 from mvserver.providers import replicate_webhooks as webhooks
@@ -39,9 +51,8 @@ from mvserver.videos import posters
 from mvserver.videos import routes as videos
 from mvserver.web import demo, meta
 from mvserver.web import middlewares as access
-from mvserver.web.access.auth import KEYRING
 from mvserver.web.access.quotas import running_cap_of
-from mvserver.web.metrics import METRICS, Metrics
+from mvserver.web.metrics import Metrics
 from mvserver.web.security import security_middleware
 
 log = logging.getLogger("mvserver")
@@ -270,7 +281,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     assembly.setup(app)
     app.add_routes(events.routes)
     app.add_routes(audio.routes)
-    app[audio.UPLOAD_SLOTS] = audio.UploadSlots(env.max_concurrent_uploads)
+    app[UPLOAD_SLOTS] = audio.UploadSlots(env.max_concurrent_uploads)
     app.add_routes(projects.routes)
     app.add_routes(project_events.routes)
     app.add_routes(demo.routes)

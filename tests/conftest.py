@@ -386,7 +386,7 @@ async def two_key_client(make_client: AppClient, tmp_path: Path) -> tuple[TestCl
 async def settled(client: TestClient, job_id: str, *, timeout: float = 20) -> Any:
     """The job once it is final and its task has let go: the budget and the duration estimate are settled after
     the final event, by the job's own task."""
-    from mvserver.jobs import JOBS
+    from mvserver.appkeys import JOBS
 
     engine = client.app[JOBS]
     async with asyncio.timeout(timeout):

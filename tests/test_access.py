@@ -26,22 +26,13 @@ from imageio_ffmpeg import get_ffmpeg_exe as ffmpeg_exe
 
 from mvserver.__main__ import keys_main
 from mvserver.app import create_app
-from mvserver.core.config import CONFIG, ConfigError
+from mvserver.appkeys import CONFIG, KEYRING, SIGNER
+from mvserver.core.config import ConfigError
 from mvserver.core.errors import ApiError
 from mvserver.core.logs import AccessLogger, JsonFormatter, RequestIdFilter, redact
-from mvserver.web.access.auth import (
-    KEY_ID,
-    KEYRING,
-    KeyLimits,
-    KeyRecord,
-    create_key,
-    key_id,
-    public,
-    read_keys,
-    revoke_key,
-)
+from mvserver.web.access.auth import KEY_ID, KeyLimits, KeyRecord, create_key, key_id, public, read_keys, revoke_key
 from mvserver.web.access.quotas import LocalRateLimiter, Quotas
-from mvserver.web.access.signing import SIGNER, signed_url
+from mvserver.web.access.signing import signed_url
 
 SECRET = "test-signing-secret-0123456789abcdefghij"
 SCENES = {

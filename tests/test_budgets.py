@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 from conftest import AppClient, settled
 from test_faults import requests_to
 
-from mvserver.jobs import JOBS
+from mvserver.appkeys import JOBS
 from mvserver.sandbox.simulator import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key
 

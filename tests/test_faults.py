@@ -17,8 +17,7 @@ import yaml
 from aiohttp.test_utils import TestClient
 from conftest import AppClient, read_sse
 
-from mvserver.core.config import CONFIG
-from mvserver.jobs import JOBS
+from mvserver.appkeys import CONFIG, JOBS
 from mvserver.sandbox.simulator import Simulator
 
 pytestmark = pytest.mark.both_stores

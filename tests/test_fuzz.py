@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mvserver.jobs import JOBS
+from mvserver.appkeys import JOBS
 from mvserver.sandbox.simulator import Simulator
 
 ENDPOINTS = {

@@ -19,7 +19,7 @@ from conftest import PROJECT, AppClient, LiveApp, module_loop
 from PIL import Image
 from yarl import URL
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG
 from mvserver.core.errors import ApiError
 from mvserver.core.storage import OutputStore
 from mvserver.images.routes import load_image

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 from conftest import AppClient, read_sse
 from test_lipsync import PROMPT, make_song, wait_for
 
-from mvserver.jobs import JOBS
+from mvserver.appkeys import JOBS
 from mvserver.sandbox.simulator import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key
 

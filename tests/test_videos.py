@@ -17,8 +17,7 @@ from aiohttp.test_utils import TestClient
 from conftest import LiveApp, module_loop, read_sse
 from PIL import Image
 
-from mvserver.core.storage import STORE
-from mvserver.jobs import JOBS
+from mvserver.appkeys import JOBS, STORE
 from mvserver.sandbox.simulator import Simulator
 
 pytestmark = pytest.mark.both_stores

@@ -22,19 +22,18 @@ from typing import Any, NamedTuple
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from mvserver.appkeys import CONFIG, FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, JOBS, REQUEST_MODELS, SONGS, STORE
 from mvserver.assembly.schemas import AssemblyOptions
 from mvserver.audio import songs
 from mvserver.audio.routes import saved_audio
-from mvserver.core.config import CONFIG, AssemblyLimits
+from mvserver.core.config import AssemblyLimits
 from mvserver.core.errors import ApiError, validation_error
-from mvserver.core.storage import STORE
-from mvserver.jobs import JOBS, Job
+from mvserver.jobs import Job
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields
 from mvserver.jobs.runner import Progress
-from mvserver.lipsync.routes import FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, ffmpeg_limits
+from mvserver.lipsync.routes import ffmpeg_limits
 from mvserver.media import ffmpeg as media
-from mvserver.openapi.schemas import REQUEST_MODELS
 from mvserver.projects.routes import (
     BASE,
     _json_object,
@@ -370,7 +369,7 @@ async def _song_copy(app: web.Application, audio_id: str, song: Path, sidecar: d
         return None
     if await asyncio.to_thread(path.is_file):
         return media.SongCopy(path, float(duration))
-    app[songs.SONGS].copies(audio_id, song, float(duration))
+    app[SONGS].copies(audio_id, song, float(duration))
     return None
 
 

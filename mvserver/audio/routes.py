@@ -31,9 +31,9 @@ from typing import Any
 from aiohttp import BodyPartReader, ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG, SONG_SAVED, STORE, UPLOAD_SLOTS
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, OutputStore, check_id, new_id, temp_path
+from mvserver.core.storage import OutputStore, check_id, new_id, temp_path
 from mvserver.media import ffmpeg as media
 from mvserver.web.access.auth import API_KEY, KeyRecord, key_id, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
@@ -118,11 +118,9 @@ class UploadSlots:
                 del self._per_key[key.id]
 
 
-UPLOAD_SLOTS = web.AppKey("audio_upload_slots", UploadSlots)
 # Called once a song is saved (its sidecar written): starts its analysis and copies and answers fields for the upload
 # answer (``mvserver.audio.songs`` sets it; without it an upload answers the description alone).
 SongSaved = Callable[[web.Application, str, Path, dict[str, Any]], Awaitable[dict[str, Any]]]
-SONG_SAVED = web.AppKey("song_saved", SongSaved)
 
 
 @dataclass(frozen=True)

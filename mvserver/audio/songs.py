@@ -27,9 +27,10 @@ from typing import Any, Literal
 from aiohttp import web
 
 from mvserver.analysis import ANALYSIS_VERSION, AnalysisError, AnalysisPool, AnalysisTimeout, SongAnalysis, load
-from mvserver.audio.routes import FORMATS, SONG_SAVED, saved_audio
-from mvserver.core.config import CONFIG, EnvSettings
-from mvserver.core.storage import STORE, OutputStore, check_id
+from mvserver.appkeys import CONFIG, SONG_SAVED, SONGS, STORE
+from mvserver.audio.routes import FORMATS, saved_audio
+from mvserver.core.config import EnvSettings
+from mvserver.core.storage import OutputStore, check_id
 from mvserver.media import ffmpeg as media
 from mvserver.web.access.auth import key_id
 
@@ -187,9 +188,6 @@ class SongWork:
                 await self.store.write_json(path, sidecar)
             except OSError as exc:  # the answer still carries it; the next use analyses the song again
                 log.warning("song %s: its analysis could not be stored: %s", audio_id, exc)
-
-
-SONGS = web.AppKey("songs", SongWork)
 
 
 def analysis_state(sidecar: dict[str, Any], work: SongWork) -> tuple[Status, SongAnalysis | None, dict | None]:

@@ -9,14 +9,12 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG, JOBS, SIGNER
 from mvserver.core.errors import ApiError
 from mvserver.core.storage import check_id
-from mvserver.jobs import JOBS
 from mvserver.jobs.stream import stream_many
 from mvserver.videos.routes import event_links
 from mvserver.web.access.auth import key_id, visible_to
-from mvserver.web.access.signing import SIGNER
 
 routes = web.RouteTableDef()
 EVENTS_PATH = "/api/mv/events"

@@ -21,16 +21,17 @@ from typing import Any
 
 from aiohttp import web
 
+from mvserver.appkeys import CONFIG, FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, JOBS, PROVIDERS, REQUEST_MODELS, STORE
 from mvserver.audio.routes import FORMATS, saved_audio
-from mvserver.core.config import CONFIG, LipsyncLimits, LipsyncSettings
+from mvserver.core.config import LipsyncLimits, LipsyncSettings
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, OutputStore, check_id, new_id, temp_path
-from mvserver.jobs import JOBS, Job
+from mvserver.core.storage import OutputStore, check_id, new_id, temp_path
+from mvserver.jobs import Job
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields
 from mvserver.media import ffmpeg as media
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
+from mvserver.openapi.schemas import parse_body
 from mvserver.projects.routes import BASE as PROJECTS_BASE
 from mvserver.projects.routes import (
     JobStates,
@@ -51,7 +52,7 @@ from mvserver.projects.routes import (
 from mvserver.projects.schemas import SCENE_LIPSYNC_OPTIONS
 from mvserver.projects.store import ClipVersion, Project
 from mvserver.projects.store import Song as ProjectSong
-from mvserver.providers import PROVIDERS, Snapshot
+from mvserver.providers import Snapshot
 from mvserver.providers.replicate import ReplicateProvider
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
@@ -72,9 +73,7 @@ COPY_BYTES_PER_SECOND = COPY_MAX_CHANNELS * COPY_MAX_RATE * 8
 DECODE_BYTES_PER_SECOND = COPY_MAX_CHANNELS * COPY_MAX_RATE * 2
 CUT_SLACK_BYTES = 1 << 16
 
-FFMPEG_SLOTS = web.AppKey("lipsync_ffmpeg_slots", asyncio.Semaphore)
 # ffmpeg-heavy job runs (assembly runs, lip-sync cuts) at once on this node: media.yaml ffmpeg.concurrency.
-HEAVY_FFMPEG_SLOTS = web.AppKey("heavy_ffmpeg_slots", asyncio.Semaphore)
 
 
 def ffmpeg_limits(app: web.Application) -> media.FfmpegLimits:

@@ -202,9 +202,6 @@ class RequestModels(BaseModel):
         )
 
 
-REQUEST_MODELS = web.AppKey("request_models", RequestModels)
-
-
 def json_object(raw: bytes) -> dict[str, Any]:
     """A request body that must be a JSON object; 400 ``invalid_json`` for anything else."""
     try:

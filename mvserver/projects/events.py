@@ -32,13 +32,13 @@ from typing import Any
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG, JOBS, PROJECTS, SIGNER
 from mvserver.core.errors import ApiError
-from mvserver.jobs import JOBS, Job
+from mvserver.jobs import Job
 from mvserver.projects.routes import BASE, JobStates, etag, job_states, load, owned_project, project_view
-from mvserver.projects.store import PROJECTS, Project
+from mvserver.projects.store import Project
 from mvserver.web.access.auth import key_id
-from mvserver.web.access.signing import SIGNER, sign_links, signed_event_data
+from mvserver.web.access.signing import sign_links, signed_event_data
 
 log = logging.getLogger("mvserver")
 routes = web.RouteTableDef()

@@ -28,16 +28,17 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError, create_model
 
 from mvserver.analysis import SongAnalysis
-from mvserver.core.config import CONFIG, Config
+from mvserver.appkeys import CONFIG, JOBS, PROJECTS, REQUEST_MODELS, STORE
+from mvserver.core.config import Config
 from mvserver.core.errors import ApiError, validation_error
-from mvserver.core.storage import STORE, check_id, new_id
+from mvserver.core.storage import check_id, new_id
 from mvserver.images.routes import _saved_image, generate_reference
-from mvserver.jobs import JOBS, Job
+from mvserver.jobs import Job
 from mvserver.jobs.accepted import accepted_response
-from mvserver.openapi.schemas import REQUEST_MODELS, json_object
+from mvserver.openapi.schemas import json_object
 from mvserver.projects import song as project_song
 from mvserver.projects.schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
-from mvserver.projects.store import PROJECTS, CharacterCandidate, Claim, ClipVersion, Project, Scene, Song
+from mvserver.projects.store import CharacterCandidate, Claim, ClipVersion, Project, Scene, Song
 from mvserver.scenes.routes import write_scenes
 from mvserver.videos.routes import check_reference_shape, submit_video_job, whole_prompt
 from mvserver.web.access.auth import key_id, visible_to

@@ -12,12 +12,12 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from mvserver.core.config import CONFIG, TEMPLATES, Config
+from mvserver.appkeys import CONFIG, PROVIDERS, REQUEST_MODELS, STORE, TEMPLATES
+from mvserver.core.config import Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, check_id, new_id
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
-from mvserver.providers import PROVIDERS
+from mvserver.core.storage import check_id, new_id
+from mvserver.openapi.schemas import parse_body
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.quotas import charge
 from mvserver.web.files import SavedFileResponse

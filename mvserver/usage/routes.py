@@ -14,9 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG, JOBS
 from mvserver.core.errors import ApiError
-from mvserver.jobs import JOBS
 from mvserver.jobs.usage import MICROS, currency, day_of, month_of
 from mvserver.openapi.schemas import USAGE_TIME
 from mvserver.web.access.auth import API_KEY, key_id

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mvserver.core.config import CONFIG, PosterSettings
+from mvserver.appkeys import CONFIG
+from mvserver.core.config import PosterSettings
 from mvserver.core.storage import temp_path
 from mvserver.jobs import Job
 from mvserver.media import ffmpeg as media

@@ -16,17 +16,17 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
-from mvserver.core.config import CONFIG, Config
+from mvserver.appkeys import CONFIG, JOBS, PROVIDERS, REQUEST_MODELS, STORE
+from mvserver.core.config import Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, check_id, new_id
+from mvserver.core.storage import check_id, new_id
 from mvserver.images.routes import FORMATS, load_image
-from mvserver.jobs import JOBS, Job, job_urls, listing, stream_events
+from mvserver.jobs import Job, job_urls, listing, stream_events
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.model import STATUSES, Event
 from mvserver.jobs.options import job_fields
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
-from mvserver.providers import PROVIDERS
+from mvserver.openapi.schemas import parse_body
 from mvserver.web.access.auth import key_id, require_owner, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge

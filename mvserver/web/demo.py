@@ -9,7 +9,7 @@ from pathlib import Path
 from aiohttp import web
 
 from mvserver import __version__
-from mvserver.core.config import CONFIG, TEMPLATES
+from mvserver.appkeys import CONFIG, TEMPLATES
 from mvserver.core.errors import ApiError
 
 routes = web.RouteTableDef()

@@ -9,16 +9,11 @@ import logging
 from aiohttp import web
 
 from mvserver import __version__
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG, JOBS, KEYRING, METRICS, PROJECTS, PROVIDERS, QUOTAS, REQUEST_MODELS
 from mvserver.core.errors import STORE_UNAVAILABLE, ApiError, one_line
-from mvserver.jobs import JOBS
 from mvserver.jobs.store import StoreUnavailable
-from mvserver.openapi.schemas import REQUEST_MODELS, openapi_document
-from mvserver.projects.store import PROJECTS
-from mvserver.providers import PROVIDERS
-from mvserver.web.access.auth import API_KEY, KEYRING, public
-from mvserver.web.access.quotas import QUOTAS
-from mvserver.web.metrics import METRICS
+from mvserver.openapi.schemas import openapi_document
+from mvserver.web.access.auth import API_KEY, public
 
 routes = web.RouteTableDef()
 log = logging.getLogger("mvserver")

@@ -33,8 +33,9 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
+from mvserver.appkeys import JOBS
 from mvserver.core.errors import ApiError
-from mvserver.jobs import JOBS, JobStore
+from mvserver.jobs import JobStore
 from mvserver.jobs.store import Remembered
 from mvserver.web.access.auth import key_id
 

@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from aiohttp import web
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG, SIGNER
 from mvserver.core.errors import ApiError
 
 if TYPE_CHECKING:
@@ -111,9 +111,6 @@ class UrlSigner:
         if record is None:
             raise ApiError(403, "invalid_signature", "the key this link was made for has been revoked")
         return record
-
-
-SIGNER = web.AppKey("url_signer", UrlSigner)
 
 
 def signed_url(app: web.Application, key_id: str | None, path: str, ttl: int | None = None) -> str:
