@@ -44,7 +44,7 @@ from mvserver.providers import gemini as gemini_backend
 from mvserver.providers import replicate as replicate_backend
 from mvserver.providers import replicate_webhooks as webhooks
 from mvserver.providers.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts, url_origin
-from mvserver.sandbox.simulator import Simulator, start_simulator
+from mvserver.sandbox.app import Simulator, start_simulator
 from mvserver.scenes import routes as scenes
 from mvserver.usage import routes as usage
 from mvserver.videos import posters

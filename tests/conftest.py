@@ -25,7 +25,7 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from mvserver.app import create_app
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
 
 PROJECT = Path(__file__).resolve().parent.parent
 # The browser tests' Chromium; `.ci/run` reads this same constant (`python -c 'from conftest import CHROMIUM'`).

@@ -21,7 +21,7 @@ from mvserver.appkeys import CONFIG, JOBS, STORE
 from mvserver.assembly.routes import _field
 from mvserver.core.storage import new_id
 from mvserver.media import ffmpeg as media
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import create_key
 
 pytestmark = pytest.mark.both_stores

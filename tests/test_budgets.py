@@ -14,7 +14,7 @@ from conftest import AppClient, settled
 from test_faults import requests_to
 
 from mvserver.appkeys import JOBS
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key
 
 pytestmark = pytest.mark.both_stores

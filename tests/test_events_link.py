@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 from conftest import AppClient, read_sse
 
 from mvserver.appkeys import SIGNER
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import create_key
 
 pytestmark = pytest.mark.both_stores

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from conftest import AppClient, read_sse
 
 from mvserver.appkeys import CONFIG, JOBS
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

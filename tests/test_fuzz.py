@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mvserver.appkeys import JOBS
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 ENDPOINTS = {
     "scenes": "/api/mv/create_scenes",

@@ -15,7 +15,7 @@ from conftest import AppClient, LiveApp, module_loop, two_key_client
 
 from mvserver.appkeys import JOBS, STORE
 from mvserver.jobs.store import Remembered
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

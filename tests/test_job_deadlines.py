@@ -14,7 +14,7 @@ from conftest import AppClient
 from test_videos import events_of, statuses, submit
 
 from mvserver.appkeys import STORE
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

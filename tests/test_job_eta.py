@@ -17,7 +17,7 @@ from mvserver.appkeys import JOBS
 from mvserver.jobs.eta import EtaEstimate, duration_key
 from mvserver.jobs.model import Job
 from mvserver.jobs.usage_store import Durations
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

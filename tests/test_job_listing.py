@@ -18,7 +18,7 @@ from mvserver.jobs import Job
 from mvserver.jobs.file_store import _lines_before
 from mvserver.jobs.listing import JobQuery, list_jobs
 from mvserver.jobs.store import index_entry
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

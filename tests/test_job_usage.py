@@ -14,7 +14,7 @@ from test_project_events import named, new_project, read_until
 from test_videos import events_of, submit, wait_for
 
 from mvserver.appkeys import CONFIG
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

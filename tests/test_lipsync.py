@@ -27,8 +27,8 @@ from mvserver.core.errors import ApiError
 from mvserver.core.storage import new_id
 from mvserver.lipsync.routes import Song, cut_args, cut_window, max_cut_bytes, plan_window
 from mvserver.media import ffmpeg as media
+from mvserver.sandbox.app import Simulator
 from mvserver.sandbox.render import LIPSYNC_LABEL, lipsync_label_box, probe_media
-from mvserver.sandbox.simulator import Simulator
 
 PROMPT = "A singer in a yellow raincoat sings on a rainy night platform."
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()

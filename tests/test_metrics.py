@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_webhooks import HookClient, delivery, hook_client, running_job  # noqa: F401 - hook_client is a fixture
 
 from mvserver.appkeys import METRICS
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key
 from mvserver.web.metrics import WEBHOOK_OUTCOMES
 

@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import AppClient, read_sse
 
 from mvserver.app import create_app
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key
 
 PROJECT = Path(__file__).resolve().parent.parent

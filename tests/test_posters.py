@@ -20,7 +20,7 @@ from mvserver.appkeys import STORE
 from mvserver.core.config import PosterSettings
 from mvserver.jobs import Job
 from mvserver.media import ffmpeg as media
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 from mvserver.videos.posters import describe, stored_hook
 
 pytestmark = pytest.mark.both_stores

@@ -20,7 +20,7 @@ from mvserver.core.errors import ApiError
 from mvserver.core.storage import OutputStore, new_id
 from mvserver.projects.routes import TimelineEntry, project_timeline, size_to_song
 from mvserver.projects.store import FileProjectStore, Project, RedisProjectStore, Scene
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 BASE = "/api/mv/projects"
 IDEA = "A tabby cat DJ plays a rooftop party at dusk"

@@ -25,7 +25,7 @@ from mvserver.appkeys import JOBS
 from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.providers.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts
 from mvserver.sandbox import gemini_api, replicate_api
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

@@ -15,7 +15,7 @@ from test_videos import events_of, png_base64, submit, wait_for
 
 from mvserver.appkeys import JOBS
 from mvserver.jobs.retention import sweep_interval
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

@@ -16,7 +16,7 @@ from test_videos import events_of, submit
 
 from mvserver.appkeys import PROVIDERS, WEBHOOK_RECEIVER
 from mvserver.sandbox.__main__ import build_parser, make_simulator
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
 
 SECRET_PATH = "/v1/webhooks/default/secret"
 

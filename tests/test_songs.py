@@ -27,7 +27,7 @@ from bench.songs import SR, Song, drum_song
 from mvserver.app import create_app
 from mvserver.appkeys import SONGS, STORE
 from mvserver.media import ffmpeg as media
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
 
 pytestmark = pytest.mark.both_stores
 shared = pytest.mark.asyncio(loop_scope="module")

@@ -18,7 +18,7 @@ from conftest import LiveApp, module_loop, read_sse
 from PIL import Image
 
 from mvserver.appkeys import JOBS, STORE
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

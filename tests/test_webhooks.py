@@ -25,8 +25,9 @@ from mvserver.jobs.updates import PushedUpdates
 from mvserver.providers.base import Snapshot
 from mvserver.providers.replicate import make_client
 from mvserver.providers.replicate_webhooks import SeenIds
-from mvserver.sandbox.simulator import Simulator
-from mvserver.sandbox.webhooks import SENDER, sign
+from mvserver.sandbox.app import Simulator
+from mvserver.sandbox.state import SENDER
+from mvserver.sandbox.webhooks import sign
 
 pytestmark = pytest.mark.both_stores
 

@@ -42,8 +42,8 @@ from mvserver.sandbox.render import (
     render_lipsync,
     render_video,
 )
-from mvserver.sandbox.simulator import SIMULATOR, Simulator
-from mvserver.sandbox.webhooks import SENDER, fault_marker, invalid_webhook_fields
+from mvserver.sandbox.state import SENDER, SIMULATOR, Simulator
+from mvserver.sandbox.webhooks import fault_marker, invalid_webhook_fields
 
 log = logging.getLogger("mvserver.sandbox")
 
