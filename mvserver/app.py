@@ -32,6 +32,7 @@ from mvserver.core.errors import hide_paths_under, server_log
 from mvserver.core.storage import OutputStore, node_context, start_node
 from mvserver.images import routes as images
 from mvserver.jobs import FileJobStore, Job, JobEngine, JobStore, events, video_kind, webhooks_out
+from mvserver.jobs import routes as jobs
 from mvserver.jobs.census import JobCensus
 from mvserver.jobs.retention import sweep_forever
 from mvserver.lipsync import routes as lipsync
@@ -275,6 +276,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app.add_routes(scenes.routes)
     app.add_routes(images.routes)
     app.add_routes(videos.routes)
+    app.add_routes(jobs.routes)
     app.add_routes(usage.routes)
     app.add_routes(posters.routes)
     lipsync.setup(app)

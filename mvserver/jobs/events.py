@@ -12,8 +12,8 @@ from aiohttp import web
 from mvserver.appkeys import CONFIG, JOBS, SIGNER
 from mvserver.core.errors import ApiError
 from mvserver.core.storage import check_id
+from mvserver.jobs.routes import event_links
 from mvserver.jobs.stream import stream_many
-from mvserver.videos.routes import event_links
 from mvserver.web.access.auth import key_id, visible_to
 
 routes = web.RouteTableDef()

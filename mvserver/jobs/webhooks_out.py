@@ -410,7 +410,7 @@ def public_record(record: Record) -> dict[str, Any]:
 
 
 async def _owned_job(request: web.Request) -> Job:
-    from mvserver.videos.routes import _job  # the job of the path, 404 unless the caller may see it
+    from mvserver.jobs.routes import _job  # the job of the path, 404 unless the caller may see it
 
     return await _job(request)
 

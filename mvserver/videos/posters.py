@@ -23,8 +23,8 @@ from mvserver.appkeys import CONFIG
 from mvserver.core.config import PosterSettings
 from mvserver.core.storage import temp_path
 from mvserver.jobs import Job
+from mvserver.jobs.routes import job_output
 from mvserver.media import ffmpeg as media
-from mvserver.videos.routes import job_output
 from mvserver.web.files import SavedFileResponse
 
 log = logging.getLogger("mvserver.jobs")
