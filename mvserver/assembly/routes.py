@@ -35,7 +35,6 @@ from mvserver.jobs.runner import Progress
 from mvserver.lipsync.routes import ffmpeg_limits
 from mvserver.media import ffmpeg as media
 from mvserver.projects.routes import (
-    BASE,
     _json_object,
     job_states,
     load_settled,
@@ -47,8 +46,6 @@ from mvserver.projects.routes import (
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
-
-routes = web.RouteTableDef()
 
 KIND = "assembly"
 BACKEND = "ffmpeg"
@@ -388,7 +385,6 @@ def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
         raise validation_error(exc) from None
 
 
-@routes.post("/api/mv/assemble")
 @idempotent
 async def assemble(request: web.Request) -> web.Response:
     app = request.app
@@ -401,7 +397,6 @@ async def assemble(request: web.Request) -> web.Response:
     return accepted_response(request, [job])
 
 
-@routes.post(BASE + "/{project_id}/assemble")
 @idempotent
 async def assemble_project(request: web.Request) -> web.Response:
     """The project's chosen clips in display order with their trims, and its song from its offset."""
@@ -455,7 +450,3 @@ async def assemble_project(request: web.Request) -> web.Response:
 
     project = await update(app, project_id, link)
     return accepted_response(request, [job], project=project_view(project, await job_states(app, project)))
-
-
-def setup(app: web.Application) -> None:
-    app.add_routes(routes)

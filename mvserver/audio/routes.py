@@ -41,8 +41,6 @@ from mvserver.web.access.quotas import charge_upload
 from mvserver.web.files import SavedFileResponse
 from mvserver.web.security import accepts
 
-routes = web.RouteTableDef()
-
 CHUNK = 1 << 16
 MAX_CHANNELS = 8
 SAMPLE_RATES = range(8000, 192001)
@@ -319,7 +317,6 @@ async def identify(path: Path, max_seconds: float) -> dict[str, Any]:
     }
 
 
-@routes.post("/api/mv/upload_audio")
 @accepts("audio/*", "multipart/form-data")
 @idempotent
 async def upload_audio(request: web.Request) -> web.Response:
@@ -398,7 +395,6 @@ async def saved_audio(
     return path, sidecar
 
 
-@routes.get("/api/mv/get_audio/{audio_id}")
 async def get_audio(request: web.Request) -> web.FileResponse:
     path, sidecar = await saved_audio(request.app, request.match_info["audio_id"], caller=key_id(request))
     return SavedFileResponse(

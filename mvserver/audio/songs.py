@@ -27,7 +27,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from mvserver.analysis import ANALYSIS_VERSION, AnalysisError, AnalysisPool, AnalysisTimeout, SongAnalysis, load
-from mvserver.appkeys import CONFIG, SONG_SAVED, SONGS, STORE
+from mvserver.appkeys import CONFIG, SONGS, STORE
 from mvserver.audio.routes import FORMATS, saved_audio
 from mvserver.core.config import EnvSettings
 from mvserver.core.storage import OutputStore, check_id
@@ -35,8 +35,6 @@ from mvserver.media import ffmpeg as media
 from mvserver.web.access.auth import key_id
 
 log = logging.getLogger("mvserver.songs")
-routes = web.RouteTableDef()
-
 AAC_SUFFIX = ".aac.m4a"
 PREVIEW_SUFFIX = ".preview.mp3"
 COPY_SLOTS = 2  # song copies encoded at once per process (each is one ffmpeg)
@@ -260,7 +258,6 @@ async def on_song_saved(app: web.Application, audio_id: str, song: Path, sidecar
     return {name: body[name] for name in ("song_url", "analysis_status", "analysis", "analysis_error")}
 
 
-@routes.get("/api/mv/songs/{audio_id}")
 async def get_song(request: web.Request) -> web.Response:
     """The song's description and analysis (``analysis_status`` pending: ask again shortly)."""
     app = request.app
@@ -287,9 +284,3 @@ async def songs_context(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await app[SONGS].close()
-
-
-def setup(app: web.Application) -> None:
-    app.cleanup_ctx.append(songs_context)
-    app[SONG_SAVED] = on_song_saved
-    app.add_routes(routes)

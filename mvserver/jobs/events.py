@@ -16,12 +16,10 @@ from mvserver.jobs.routes import event_links
 from mvserver.jobs.stream import stream_many
 from mvserver.web.access.auth import key_id, visible_to
 
-routes = web.RouteTableDef()
 EVENTS_PATH = "/api/mv/events"
 AFTER = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9}){0,499}")
 
 
-@routes.get(EVENTS_PATH)
 async def job_events(request: web.Request) -> web.StreamResponse:
     settings = request.app[CONFIG].videos.jobs
     job_ids = await _job_ids(request, settings.sse_max_jobs_per_stream)
@@ -56,7 +54,6 @@ async def _job_ids(request: web.Request, limit: int) -> list[str]:
     return parts
 
 
-@routes.get(EVENTS_PATH + "/link")
 async def events_link(request: web.Request) -> web.Response:
     """The multi-job stream's URL for these jobs (and ``after`` positions): with keys on, signed for the caller's key
     (the signature covers the exact job list, so it cannot be widened to other jobs) and valid until ``expires_at``;

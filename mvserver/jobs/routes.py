@@ -18,8 +18,6 @@ from mvserver.web.access.auth import key_id, require_owner, visible_to
 from mvserver.web.access.signing import signed_event_data
 from mvserver.web.files import SavedFileResponse
 
-routes = web.RouteTableDef()
-
 
 def listing_query(request: web.Request, owner: str | None, kinds: set[str]) -> listing.JobQuery:
     """``status``, ``kind``, ``project_id``, ``cursor`` and ``limit`` (1..100, default 20) from the query string."""
@@ -69,7 +67,6 @@ async def _not_expired(request: web.Request, job_id: str) -> None:
         raise ApiError(410, "expired", f"job {job_id} finished long ago and was removed (jobs.retention_hours)")
 
 
-@routes.get("/api/mv/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
     """The caller's jobs, newest first; ``next_cursor`` (when not null) fetches the next, older page."""
     query = listing_query(request, key_id(request), set(request.app[JOBS].kinds))
@@ -78,20 +75,16 @@ async def list_jobs(request: web.Request) -> web.Response:
     return web.json_response({"jobs": items, "next_cursor": page.next_cursor})
 
 
-@routes.get("/api/mv/jobs/{job_id}")
 async def job_status(request: web.Request) -> web.Response:
     return web.json_response((await _job(request)).public())
 
 
-@routes.post("/api/mv/jobs/{job_id}/cancel")
-@routes.delete("/api/mv/jobs/{job_id}")  # registered first, next to GET: one resource per path (its CORS preflight)
 async def cancel_job(request: web.Request) -> web.Response:
     job = await request.app[JOBS].cancel((await _job(request)).id)
     assert job is not None
     return web.json_response(job.public())
 
 
-@routes.get("/api/mv/jobs/{job_id}/events")
 async def job_events(request: web.Request) -> web.StreamResponse:
     jobs = request.app[JOBS]
     settings = request.app[CONFIG].videos.jobs
@@ -112,7 +105,6 @@ def event_links(request: web.Request) -> Callable[[Event], str]:
     return lambda event: signed_event_data(request.app, caller, event.data, event.data_json)
 
 
-@routes.get("/api/mv/get_video/{video_id}")
 async def get_video(request: web.Request) -> web.StreamResponse:
     path = await job_output(request, ".mp4", "video")
     return SavedFileResponse(

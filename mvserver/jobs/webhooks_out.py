@@ -395,8 +395,6 @@ class WebhookSender:
 
 # -- routes --------------------------------------------------------------------------------------------------------
 
-routes = web.RouteTableDef()
-
 
 def public_record(record: Record) -> dict[str, Any]:
     """A record as ``GET .../deliveries`` shows it: every delivery and its attempts, without the bodies."""
@@ -415,7 +413,6 @@ async def _owned_job(request: web.Request) -> Job:
     return await _job(request)
 
 
-@routes.get("/api/mv/jobs/{job_id}/deliveries")
 async def job_deliveries(request: web.Request) -> web.Response:
     job = await _owned_job(request)
     record = await request.app[WEBHOOK_SENDER].outbox.get(job.id)
@@ -424,7 +421,6 @@ async def job_deliveries(request: web.Request) -> web.Response:
     return web.json_response(public_record(record))
 
 
-@routes.post("/api/mv/jobs/{job_id}/redeliver")
 async def redeliver(request: web.Request) -> web.Response:
     """Send again from ``event_id`` (optional body ``{"event_id": n}``; default the last delivery's event)."""
     job = await _owned_job(request)
@@ -463,9 +459,3 @@ async def sender_context(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await sender.close()
-
-
-def setup(app: web.Application) -> None:
-    """Routes and the sender (after the job engine's context, which it plugs into)."""
-    app.add_routes(routes)
-    app.cleanup_ctx.append(sender_context)

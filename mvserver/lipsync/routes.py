@@ -32,7 +32,6 @@ from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields
 from mvserver.media import ffmpeg as media
 from mvserver.openapi.schemas import parse_body
-from mvserver.projects.routes import BASE as PROJECTS_BASE
 from mvserver.projects.routes import (
     JobStates,
     TimelineEntry,
@@ -57,8 +56,6 @@ from mvserver.providers.replicate import ReplicateProvider
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
-
-routes = web.RouteTableDef()
 
 KIND = "lipsync"
 WINDOW_SUFFIX = ".lipsync.wav"
@@ -313,7 +310,6 @@ async def finished_clip(
 # -- the handler ------------------------------------------------------------------------------------------------------
 
 
-@routes.post("/api/mv/lipsync")
 @idempotent
 async def create_lipsync(request: web.Request) -> web.Response:
     app = request.app
@@ -392,7 +388,6 @@ def scene_window(entry: TimelineEntry, song: ProjectSong, field: str) -> tuple[f
     return start, min(round(entry.song_start + entry.seconds, 6), song.duration)
 
 
-@routes.post(PROJECTS_BASE + "/{project_id}/scenes/{scene_id}/lipsync")
 @idempotent
 async def lipsync_scene(request: web.Request) -> web.Response:
     """Lip-sync the scene's chosen clip to its slice of the project's song; the result becomes a new version of the
@@ -512,10 +507,3 @@ class LipsyncDriver:
 def lipsync_kind(app: web.Application):  # type: ignore[no-untyped-def]
     """The driver factory for ``lipsync`` jobs."""
     return lambda job: LipsyncDriver(app, app[PROVIDERS].replicate, app[CONFIG].lipsync)
-
-
-def setup(app: web.Application) -> None:
-    """Routes and the per-app bounds on concurrent ffmpeg processes."""
-    app[FFMPEG_SLOTS] = asyncio.Semaphore(app[CONFIG].lipsync.limits.ffmpeg_concurrency)
-    app[HEAVY_FFMPEG_SLOTS] = asyncio.Semaphore(app[CONFIG].media.ffmpeg.concurrency)
-    app.add_routes(routes)

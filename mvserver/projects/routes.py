@@ -45,7 +45,6 @@ from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
 
-routes = web.RouteTableDef()
 BASE = "/api/mv/projects"
 CAS_ATTEMPTS = 20
 CLAIM_SECONDS = 60.0  # a scene claimed by a clips request that died is free again after this long
@@ -836,7 +835,6 @@ def _project_id(request: web.Request) -> str:
     return check_id(request.match_info["project_id"], "project_id")
 
 
-@routes.post(BASE)
 @idempotent
 async def create(request: web.Request) -> web.Response:
     body, _ = _validate(request.app[REQUEST_MODELS].projects.create, await _json_object(request))
@@ -845,13 +843,11 @@ async def create(request: web.Request) -> web.Response:
     return _respond(project, {}, 201, headers={"Location": f"{BASE}/{project.id}"})
 
 
-@routes.get(BASE + "/{project_id}")
 async def get(request: web.Request) -> web.Response:
     project = await owned_project(request)
     return _respond(project, await job_states(request.app, project))
 
 
-@routes.patch(BASE + "/{project_id}")
 async def patch(request: web.Request) -> web.Response:
     app = request.app
     current = await owned_project(request)
@@ -878,7 +874,6 @@ async def patch(request: web.Request) -> web.Response:
     return _respond(project, await job_states(app, project))
 
 
-@routes.post(BASE + "/{project_id}/write_scenes")
 @idempotent
 async def write(request: web.Request) -> web.Response:
     app = request.app
@@ -890,7 +885,6 @@ async def write(request: web.Request) -> web.Response:
     return _respond(project, await job_states(app, project))
 
 
-@routes.post(BASE + "/{project_id}/character")
 @idempotent
 async def character(request: web.Request) -> web.Response:
     """Render the project's character (Imagen): ``number_of_images`` candidates (within the images settings), the
@@ -926,7 +920,6 @@ async def character(request: web.Request) -> web.Response:
     return _respond(project, await job_states(app, project), extra={"image": image})
 
 
-@routes.post(BASE + "/{project_id}/clips")
 @idempotent
 async def generate_missing(request: web.Request) -> web.Response:
     """A clip job for every scene without a chosen clip and without one in progress."""
@@ -945,7 +938,6 @@ async def generate_missing(request: web.Request) -> web.Response:
     return accepted_response(request, started, project=project_view(project, jobs), many=True)
 
 
-@routes.post(BASE + "/{project_id}/scenes/{scene_id}/clips")
 @idempotent
 async def generate_one(request: web.Request) -> web.Response:
     """A new clip version of one scene (a regeneration keeps the old versions)."""
@@ -965,7 +957,6 @@ async def generate_one(request: web.Request) -> web.Response:
     return accepted_response(request, started, project=project_view(project, jobs))
 
 
-@routes.get(BASE + "/{project_id}/timeline")
 async def timeline(request: web.Request) -> web.Response:
     """The scenes in display order with their chosen clip, trims and song window."""
     project, jobs = await load_settled(request.app, (await owned_project(request)).id)

@@ -94,7 +94,6 @@ def setup(app: web.Application, env: EnvSettings, replicate_sandboxed: bool) -> 
     if METRICS in app:  # every outcome shows from the start (at 0), so a rate over it is defined
         for outcome in WEBHOOK_OUTCOMES:
             app[METRICS].webhook_deliveries.labels("replicate", outcome)
-    app.router.add_post(WEBHOOK_PATH, receive_replicate, name="webhooks.replicate")
     if loopback:
         app.middlewares.append(loopback_base_middleware)
     if env.public_base_url or loopback:

@@ -22,8 +22,6 @@ from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.quotas import charge
 from mvserver.web.files import SavedFileResponse
 
-routes = web.RouteTableDef()
-
 
 class Scene(BaseModel):
     description: str
@@ -164,7 +162,6 @@ async def _save(
     return body
 
 
-@routes.post("/api/mv/create_scenes")
 async def create_scenes(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].scenes, config.debug)
@@ -183,7 +180,6 @@ async def _visible(json_path: Path, caller: str | None) -> bool:
         return False
 
 
-@routes.get(r"/api/mv/get_scenes/{scenes_id}.{ext:json|md}")
 async def get_scenes(request: web.Request) -> web.FileResponse:
     scenes_id = check_id(request.match_info["scenes_id"], "scenes_id")
     store = request.app[STORE]

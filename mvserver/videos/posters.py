@@ -28,8 +28,6 @@ from mvserver.media import ffmpeg as media
 from mvserver.web.files import SavedFileResponse
 
 log = logging.getLogger("mvserver.jobs")
-routes = web.RouteTableDef()
-
 POSTER_SUFFIX = ".jpg"
 POSTER_MAX_BYTES = 4 << 20  # ffmpeg stops writing past this (a 640 px JPEG is ~50 KB)
 CLIP_DEMUXERS = ["mov"]  # every stored clip is an MP4; nothing else is read
@@ -97,7 +95,6 @@ def stored_hook(app: web.Application) -> Callable[[Job, Path], Awaitable[None]]:
     return stored
 
 
-@routes.get("/api/mv/get_poster/{video_id}")
 async def get_poster(request: web.Request) -> web.FileResponse:
     """The clip's first frame (JPEG), under the same rules as ``get_video``."""
     path = await job_output(request, POSTER_SUFFIX, "poster")

@@ -30,8 +30,6 @@ from mvserver.web.access.auth import key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
 
-routes = web.RouteTableDef()
-
 IMAGE_TYPES = {fmt.pillow: fmt.mime_type for fmt in FORMATS.values()}  # Pillow format name -> MIME type
 RULES_VARIABLES = ("prompt", "aspect_ratio", "duration")
 _client_templates = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
@@ -229,7 +227,6 @@ async def submit_video_job(
     return await app[JOBS].submit(job)
 
 
-@routes.post("/api/mv/generate_video")
 @idempotent
 async def generate_video(request: web.Request) -> web.Response:
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, request.app[CONFIG].debug)
