@@ -267,7 +267,9 @@ def make_auth_middleware(on_failure: Callable[[str], None] | None = None) -> Cal
         header = request.headers.get("Authorization")
         if header is None and "sig" in request.query:
             try:
-                record = request.app[SIGNER].verify(request, keyring)
+                record = keyring.get(request.app[SIGNER].verify(request))
+                if record is None:
+                    raise ApiError(403, "invalid_signature", "the key this link was made for has been revoked")
             except ApiError as exc:  # 403: tampered, expired, or the key is revoked
                 if on_failure is not None:
                     on_failure(exc.info.code)
