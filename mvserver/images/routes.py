@@ -25,9 +25,9 @@ from mvserver.core.config import Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
 from mvserver.core.storage import OutputStore, check_id, new_id
-from mvserver.openapi.schemas import parse_body
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.quotas import charge
+from mvserver.web.body import parse_body
 from mvserver.web.files import SavedFileResponse
 
 PROVIDER = "replicate"

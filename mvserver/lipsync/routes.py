@@ -31,7 +31,6 @@ from mvserver.jobs import Job
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields
 from mvserver.media import ffmpeg as media
-from mvserver.openapi.schemas import parse_body
 from mvserver.projects.routes import (
     JobStates,
     TimelineEntry,
@@ -56,6 +55,7 @@ from mvserver.providers.replicate import ReplicateProvider
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
+from mvserver.web.body import parse_body
 
 KIND = "lipsync"
 WINDOW_SUFFIX = ".lipsync.wav"

@@ -35,7 +35,6 @@ from mvserver.core.storage import check_id, new_id
 from mvserver.images.routes import _saved_image, generate_reference
 from mvserver.jobs import Job
 from mvserver.jobs.accepted import accepted_response
-from mvserver.openapi.schemas import json_object
 from mvserver.projects import song as project_song
 from mvserver.projects.schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
 from mvserver.projects.store import CharacterCandidate, Claim, ClipVersion, Project, Scene, Song
@@ -44,6 +43,7 @@ from mvserver.videos.routes import check_reference_shape, submit_video_job, whol
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
+from mvserver.web.body import json_object
 
 BASE = "/api/mv/projects"
 CAS_ATTEMPTS = 20

@@ -25,10 +25,10 @@ from mvserver.images.routes import FORMATS, load_image
 from mvserver.jobs import Job
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields
-from mvserver.openapi.schemas import parse_body
 from mvserver.web.access.auth import key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
+from mvserver.web.body import parse_body
 
 IMAGE_TYPES = {fmt.pillow: fmt.mime_type for fmt in FORMATS.values()}  # Pillow format name -> MIME type
 RULES_VARIABLES = ("prompt", "aspect_ratio", "duration")
