@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
 
 from mvserver.appkeys import CONFIG, FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, JOBS, REQUEST_MODELS, SONGS, STORE
 from mvserver.assembly.schemas import AssemblyOptions
 from mvserver.audio import songs
 from mvserver.audio.routes import saved_audio
 from mvserver.core.config import AssemblyLimits
-from mvserver.core.errors import ApiError, validation_error
+from mvserver.core.errors import ApiError
+from mvserver.core.validation import validate
 from mvserver.jobs import Job
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields
@@ -35,7 +35,6 @@ from mvserver.jobs.runner import Progress
 from mvserver.lipsync.routes import ffmpeg_limits
 from mvserver.media import ffmpeg as media
 from mvserver.projects.routes import (
-    _json_object,
     job_states,
     load_settled,
     owned_project,
@@ -46,6 +45,7 @@ from mvserver.projects.routes import (
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
+from mvserver.web.body import read_json_object
 
 KIND = "assembly"
 BACKEND = "ffmpeg"
@@ -378,17 +378,10 @@ def assembly_kind(app: web.Application):  # type: ignore[no-untyped-def]
 # -- handlers -------------------------------------------------------------------------------------------------------
 
 
-def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-
-
 @idempotent
 async def assemble(request: web.Request) -> web.Response:
     app = request.app
-    body = _parse(app[REQUEST_MODELS].assemble, await _json_object(request))
+    body, _ = validate(app[REQUEST_MODELS].assemble, await read_json_object(request))
     await reserve(request, body)
     clips = [(c.job_id, c.trim_in, c.trim_out) for c in body.clips]
     planned = await plan(app, clips, body, body.audio_id, body.audio_offset, caller=key_id(request))
@@ -402,7 +395,7 @@ async def assemble_project(request: web.Request) -> web.Response:
     """The project's chosen clips in display order with their trims, and its song from its offset."""
     app = request.app
     project_id = (await owned_project(request)).id  # 404 for an unknown id or another key's project
-    options = _parse(app[REQUEST_MODELS].assembly_options, await _json_object(request, optional=True))
+    options, _ = validate(app[REQUEST_MODELS].assembly_options, await read_json_object(request, optional=True))
     await reserve(request, options)
     project, jobs = await load_settled(app, project_id)
     entries = project_timeline(project)

@@ -426,7 +426,7 @@ async def redeliver(request: web.Request) -> web.Response:
     job = await _owned_job(request)
     event_id = None
     if request.can_read_body:
-        from mvserver.web.body import json_object
+        from mvserver.core.validation import json_object
 
         body = json_object(await request.read())
         unknown = set(body) - {"event_id"}

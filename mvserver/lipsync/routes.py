@@ -27,6 +27,7 @@ from mvserver.core.config import LipsyncLimits, LipsyncSettings
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
 from mvserver.core.storage import OutputStore, check_id, new_id, temp_path
+from mvserver.core.validation import validate
 from mvserver.jobs import Job
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields
@@ -34,9 +35,7 @@ from mvserver.media import ffmpeg as media
 from mvserver.projects.routes import (
     JobStates,
     TimelineEntry,
-    _json_object,
     _options,
-    _validate,
     add_version,
     check_room,
     job_states,
@@ -55,7 +54,7 @@ from mvserver.providers.replicate import ReplicateProvider
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
-from mvserver.web.body import parse_body
+from mvserver.web.body import parse_body, read_json_object
 
 KIND = "lipsync"
 WINDOW_SUFFIX = ".lipsync.wav"
@@ -395,7 +394,7 @@ async def lipsync_scene(request: web.Request) -> web.Response:
     app = request.app
     project_id = (await owned_project(request)).id  # 404 for an unknown id or another key's project
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
-    options = _options(await _json_object(request, optional=True), SCENE_LIPSYNC_OPTIONS)
+    options = _options(await read_json_object(request, optional=True), SCENE_LIPSYNC_OPTIONS)
     await reserve(request, normal_options(app[REQUEST_MODELS].lipsync, options, SCENE_LIPSYNC_OPTIONS))
     project, jobs = await load_settled(app, project_id)
     index = next((i for i, s in enumerate(project.scenes) if s.id == scene_id), None)
@@ -421,7 +420,7 @@ async def lipsync_scene(request: web.Request) -> web.Response:
         "scene_id": scene_id,
         **options,
     }
-    body, defaulted = _validate(model, data)
+    body, defaulted = validate(model, data)
     job = await submit_lipsync(app, body, defaulted, key_id(request), charge=lambda: charge(request, "jobs"))
     duration = next(v.duration for v in entry.scene.versions if v.job_id == chosen.id)
 
