@@ -29,9 +29,10 @@ def json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def validate(model: type[Model], data: dict[str, Any], prefix: str = "") -> tuple[Model, list[str]]:
+def validate(model: type[BaseModel], data: dict[str, Any], prefix: str = "") -> tuple[Any, list[str]]:
     """``data`` as ``model`` and the names of the fields filled from defaults (the settings); a refusal names the
-    first bad field (under ``prefix``, for a nested object)."""
+    first bad field (under ``prefix``, for a nested object). The models are built at start-up from the settings
+    (``create_model``), so their fields are known only at run time: the parsed body is ``Any`` to the type checker."""
     try:
         parsed = model.model_validate(data)
     except ValidationError as exc:

@@ -22,6 +22,7 @@ async def parse_body(request: web.Request, model: type[Model], debug: bool) -> t
     """Parse and validate a JSON body; return the model and the names of the fields filled from settings."""
     body = json_object(await request.read())
     debug_print(debug, f"{request.path} request arguments received", body)
+    parsed: Model
     parsed, defaulted = validate(model, body)
     debug_print(
         debug, f"{request.path} defaults applied from settings", {name: getattr(parsed, name) for name in defaulted}
