@@ -19,6 +19,7 @@ from mvserver.jobs import events as job_events
 from mvserver.jobs import routes as jobs
 from mvserver.jobs import webhooks_out
 from mvserver.lipsync import routes as lipsync
+from mvserver.openapi import routes as openapi
 from mvserver.projects import events as project_events
 from mvserver.projects import routes as projects
 from mvserver.providers import replicate_webhooks
@@ -45,7 +46,7 @@ ROUTES: list[web.RouteDef] = [
     web.get(API + "/health", meta.health),
     web.get(API + "/health/live", meta.live),
     web.get(API + "/health/ready", meta.ready),
-    web.get(API + "/openapi.json", meta.openapi),
+    web.get(API + "/openapi.json", openapi.openapi),
     web.get(API + "/me", meta.me),
     # scenes, images, videos
     web.post(API + "/create_scenes", scenes.create_scenes),

@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestClient
 from conftest import AppClient, LiveApp, module_loop, two_key_client
 
 from mvserver.appkeys import JOBS, STORE
-from mvserver.jobs.store import Remembered
 from mvserver.sandbox.app import Simulator
+from mvserver.web.access.idempotency import Remembered
 
 pytestmark = pytest.mark.both_stores
 

@@ -98,6 +98,10 @@ class ErrorInfo:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be reached at start-up (e.g. Redis is down): the server exits with one clear line."""
+
+
 class ApiError(Exception):
     """An error answered to the client: an HTTP status plus an :class:`ErrorInfo`."""
 

@@ -16,6 +16,7 @@ from mvserver.openapi.document import complete
 from mvserver.openapi.responses import SONG_ANALYSIS_FIELDS
 from mvserver.projects.schemas import ProjectModels
 from mvserver.scenes.schemas import scenes_request_model
+from mvserver.usage.schemas import USAGE_TIME
 from mvserver.videos.schemas import video_request_model
 
 INTEGER_RULE = "Integer fields accept a JSON number with no fractional part, so 8 and 8.0 are the same value."
@@ -554,11 +555,6 @@ CHARGED_POSTS = frozenset(
     }
 )
 # A usage report's bound: a date (midnight UTC), a date-time (UTC unless it has an offset), or unix seconds
-USAGE_TIME = {
-    "type": "string",
-    "pattern": r"^([0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?"
-    r"(Z|[+-][0-9]{2}:[0-9]{2})?)?|[0-9]{1,12}(\.[0-9]{1,6})?)$",
-}
 # POST routes that create jobs: with keys on, each may answer 402 budget_exceeded (the key's monthly_budget)
 JOB_POSTS = frozenset(
     {

@@ -27,7 +27,7 @@ from mvserver.appkeys import CONFIG, JOBS, METRICS, PROVIDERS, WEBHOOK_RECEIVER
 from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.core.errors import ApiError
 from mvserver.core.storage import is_valid_id
-from mvserver.jobs.updates import WEBHOOK_PATH
+from mvserver.providers.base import WEBHOOK_PATH
 from mvserver.providers.replicate import snapshot
 from mvserver.web.access.auth import public
 from mvserver.web.metrics import WEBHOOK_OUTCOMES

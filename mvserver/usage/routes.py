@@ -17,7 +17,7 @@ from aiohttp import web
 from mvserver.appkeys import CONFIG, JOBS
 from mvserver.core.errors import ApiError
 from mvserver.jobs.usage import MICROS, currency, day_of, month_of
-from mvserver.openapi.schemas import USAGE_TIME
+from mvserver.usage.schemas import USAGE_TIME
 from mvserver.web.access.auth import API_KEY, key_id
 
 GROUPS = ("model", "kind", "day")

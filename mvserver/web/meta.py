@@ -9,10 +9,8 @@ import logging
 from aiohttp import web
 
 from mvserver import __version__
-from mvserver.appkeys import CONFIG, JOBS, KEYRING, METRICS, PROJECTS, PROVIDERS, QUOTAS, REQUEST_MODELS
-from mvserver.core.errors import STORE_UNAVAILABLE, ApiError, one_line
-from mvserver.jobs.store import StoreUnavailable
-from mvserver.openapi.schemas import openapi_document
+from mvserver.appkeys import CONFIG, JOBS, KEYRING, PROJECTS, PROVIDERS, QUOTAS
+from mvserver.core.errors import STORE_UNAVAILABLE, ApiError, StoreUnavailable, one_line
 from mvserver.web.access.auth import API_KEY, public
 
 log = logging.getLogger("mvserver")
@@ -84,11 +82,6 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response(
         {"status": "ready", "store": _store_kind(request.app)}, headers={"Cache-Control": "no-store"}
     )
-
-
-async def openapi(request: web.Request) -> web.Response:
-    app = request.app
-    return web.json_response(openapi_document(app[REQUEST_MODELS], keys=KEYRING in app, metrics=METRICS in app))
 
 
 async def me(request: web.Request) -> web.Response:
