@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from mvserver.appkeys import CONFIG, JOBS, STORE
+from mvserver.appkeys import CONFIG, JOBS
 from mvserver.core.errors import ApiError
 from mvserver.core.storage import check_id
 from mvserver.jobs import Job, job_urls, listing, stream_events
 from mvserver.jobs.model import STATUSES, Event
-from mvserver.web.access.auth import key_id, require_owner, visible_to
+from mvserver.jobs.outputs import job_output, not_expired
+from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.signing import signed_event_data
 from mvserver.web.files import SavedFileResponse
 
@@ -56,15 +55,10 @@ async def _job(request: web.Request) -> Job:
     job_id = check_id(request.match_info["job_id"], "job_id")
     job = await request.app[JOBS].get(job_id)
     if job is None:
-        await _not_expired(request, job_id)
+        await not_expired(request, job_id)
     if job is None or not visible_to(job.owner, key_id(request)):
         raise ApiError(404, "not_found", f"no job with id {job_id}")
     return job
-
-
-async def _not_expired(request: web.Request, job_id: str) -> None:
-    if await request.app[JOBS].expired(job_id):
-        raise ApiError(410, "expired", f"job {job_id} finished long ago and was removed (jobs.retention_hours)")
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -110,29 +104,3 @@ async def get_video(request: web.Request) -> web.StreamResponse:
     return SavedFileResponse(
         path, noun="video", headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"}
     )
-
-
-async def job_output(request: web.Request, suffix: str, what: str) -> Path:
-    """The file ``videos/<video_id><suffix>`` of the route's succeeded job, with the video's access rules: another
-    key's job is unknown (404), an unfinished or unsuccessful one 409, an expired one 410, a missing file 404."""
-    video_id = check_id(request.match_info["video_id"], "video_id")
-    path = request.app[STORE].path("videos", video_id, suffix)
-    job = await request.app[JOBS].get(video_id)
-    if job is not None:
-        require_owner(job.owner, key_id(request), ApiError(404, "not_found", f"no {what} with id {video_id}"))
-    if job is not None and job.status != "succeeded":
-        code = {"failed": "job_failed", "canceled": "job_canceled"}.get(job.status, "video_not_ready")
-        cause = job.error or {}
-        message = f"job {video_id} is {job.status}" + (f": {cause['message']}" if cause else f" ({job.stage})")
-        raise ApiError(
-            409,
-            code,
-            message,
-            provider=cause.get("provider"),
-            provider_status=cause.get("provider_status"),
-            provider_error=cause.get("provider_error"),
-        )
-    if not await asyncio.to_thread(path.is_file):
-        await _not_expired(request, video_id)
-        raise ApiError(404, "not_found", f"no {what} with id {video_id}")
-    return path

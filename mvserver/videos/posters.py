@@ -23,7 +23,7 @@ from mvserver.appkeys import CONFIG
 from mvserver.core.config import PosterSettings
 from mvserver.core.storage import temp_path
 from mvserver.jobs import Job
-from mvserver.jobs.routes import job_output
+from mvserver.jobs.outputs import job_output
 from mvserver.media import ffmpeg as media
 from mvserver.web.files import SavedFileResponse
 
