@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from mvserver.sandbox.predictions import STARTING_SHARE, TERMINAL, deadline_end, phase
 from mvserver.sandbox.state import Simulator
 
 log = logging.getLogger("mvserver.sandbox.webhooks")
@@ -143,8 +144,6 @@ class WebhookSender:
             waker.set()
 
     async def _run(self, record: dict[str, Any], render: Render, current: Current) -> None:
-        from mvserver.sandbox.replicate_api import STARTING_SHARE, TERMINAL, deadline_end, phase
-
         events = set(record.get("webhook_events_filter") or DEFAULT_EVENTS)
         stream = _Stream(record["webhook"])
         prediction_id, created, latency = record["id"], record["created_at"], record["latency"]
