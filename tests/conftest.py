@@ -25,7 +25,7 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from mvserver.app import create_app
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
 
 PROJECT = Path(__file__).resolve().parent.parent
 # The browser tests' Chromium; `.ci/run` reads this same constant (`python -c 'from conftest import CHROMIUM'`).
@@ -386,7 +386,7 @@ async def two_key_client(make_client: AppClient, tmp_path: Path) -> tuple[TestCl
 async def settled(client: TestClient, job_id: str, *, timeout: float = 20) -> Any:
     """The job once it is final and its task has let go: the budget and the duration estimate are settled after
     the final event, by the job's own task."""
-    from mvserver.jobs import JOBS
+    from mvserver.appkeys import JOBS
 
     engine = client.app[JOBS]
     async with asyncio.timeout(timeout):

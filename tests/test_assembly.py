@@ -17,12 +17,11 @@ from conftest import AppClient, read_sse
 from test_lipsync import PROMPT, events_of, make_clip, make_song, wait_for
 from test_media import HOLDER, proc_limit
 
+from mvserver.appkeys import CONFIG, JOBS, STORE
 from mvserver.assembly.routes import _field
-from mvserver.core.config import CONFIG
-from mvserver.core.storage import STORE, new_id
-from mvserver.jobs import JOBS
+from mvserver.core.storage import new_id
 from mvserver.media.probe import MediaInfo, probe
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import create_key
 
 pytestmark = pytest.mark.both_stores

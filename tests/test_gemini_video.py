@@ -21,7 +21,7 @@ from mvserver.core.storage import OutputStore, new_id
 from mvserver.providers.base import Snapshot, VideoRequest
 from mvserver.providers.gemini import GeminiProvider, make_api_client, make_vertex_client
 from mvserver.sandbox import gemini_api
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
 from mvserver.scenes.routes import SceneList
 
 MODEL = "veo-3.1-fast-generate-preview"

@@ -13,8 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import AppClient
 from test_videos import events_of, statuses, submit
 
-from mvserver.core.storage import STORE
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import STORE
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import AppClient, read_sse
 from test_videos import events_of, statuses, submit, wait_for
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

@@ -20,15 +20,15 @@ from conftest import probe_media, read_sse
 from PIL import Image
 from yarl import URL
 
+from mvserver.appkeys import JOBS, STORE
 from mvserver.audio import routes as audio
 from mvserver.core.config import ConfigError, EnvSettings, load_config
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, new_id
-from mvserver.jobs import JOBS
+from mvserver.core.storage import new_id
 from mvserver.lipsync.routes import Song, cut_args, cut_window, max_cut_bytes, plan_window
 from mvserver.media.errors import DurationError, MediaError
+from mvserver.sandbox.app import Simulator
 from mvserver.sandbox.render import LIPSYNC_LABEL, lipsync_label_box
-from mvserver.sandbox.simulator import Simulator
 
 PROMPT = "A singer in a yellow raincoat sings on a rainy night platform."
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()

@@ -16,11 +16,11 @@ from conftest import AppClient, read_sse, two_key_client
 from PIL import Image, ImageChops, ImageStat
 from test_videos import PROMPT, submit, wait_for
 
+from mvserver.appkeys import STORE
 from mvserver.core.config import PosterSettings
-from mvserver.core.storage import STORE
 from mvserver.jobs import Job
 from mvserver.media.errors import MediaError
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 from mvserver.videos.posters import describe, stored_hook
 
 pytestmark = pytest.mark.both_stores

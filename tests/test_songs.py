@@ -25,11 +25,10 @@ from conftest import SIM_DEFAULTS, fast_settings, provider_env, read_sse
 
 from bench.songs import SR, Song, drum_song
 from mvserver.app import create_app
-from mvserver.audio.songs import SONGS
-from mvserver.core.storage import STORE
+from mvserver.appkeys import SONGS, STORE
 from mvserver.media.probe import probe
 from mvserver.media.run import ffmpeg_exe
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
 
 pytestmark = pytest.mark.both_stores
 shared = pytest.mark.asyncio(loop_scope="module")

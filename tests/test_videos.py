@@ -17,9 +17,8 @@ from aiohttp.test_utils import TestClient
 from conftest import LiveApp, module_loop, read_sse
 from PIL import Image
 
-from mvserver.core.storage import STORE
-from mvserver.jobs import JOBS
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import JOBS, STORE
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

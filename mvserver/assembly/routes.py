@@ -20,19 +20,20 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
 
+from mvserver.appkeys import CONFIG, FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, JOBS, REQUEST_MODELS, SONGS, STORE
 from mvserver.assembly.schemas import AssemblyOptions
 from mvserver.audio import songs
 from mvserver.audio.routes import saved_audio
-from mvserver.core.config import CONFIG, AssemblyLimits
-from mvserver.core.errors import ApiError, validation_error
-from mvserver.core.storage import STORE, temp_path
-from mvserver.jobs import JOBS, Job
+from mvserver.core.config import AssemblyLimits
+from mvserver.core.errors import ApiError
+from mvserver.core.storage import temp_path
+from mvserver.core.validation import validate
+from mvserver.jobs import Job
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields
 from mvserver.jobs.runner import Progress
-from mvserver.lipsync.routes import FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, ffmpeg_limits
+from mvserver.lipsync.routes import ffmpeg_limits
 from mvserver.media.assemble import AssemblyResult, Clip
 from mvserver.media.assemble import assemble as assemble_clips
 from mvserver.media.errors import AssemblyInputError, MediaError, MediaMemoryError, MediaTimeout
@@ -47,10 +48,7 @@ from mvserver.media.timeline import (
     output_fps,
     output_frames,
 )
-from mvserver.openapi.schemas import REQUEST_MODELS
 from mvserver.projects.routes import (
-    BASE,
-    _json_object,
     job_states,
     load_settled,
     owned_project,
@@ -61,8 +59,7 @@ from mvserver.projects.routes import (
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
-
-routes = web.RouteTableDef()
+from mvserver.web.body import read_json_object
 
 KIND = "assembly"
 BACKEND = "ffmpeg"
@@ -382,7 +379,7 @@ async def _song_copy(app: web.Application, audio_id: str, song: Path, sidecar: d
         return None
     if await asyncio.to_thread(path.is_file):
         return SongCopy(path, float(duration))
-    app[songs.SONGS].copies(audio_id, song, float(duration))
+    app[SONGS].copies(audio_id, song, float(duration))
     return None
 
 
@@ -394,18 +391,10 @@ def assembly_kind(app: web.Application):  # type: ignore[no-untyped-def]
 # -- handlers -------------------------------------------------------------------------------------------------------
 
 
-def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-
-
-@routes.post("/api/mv/assemble")
 @idempotent
 async def assemble(request: web.Request) -> web.Response:
     app = request.app
-    body = _parse(app[REQUEST_MODELS].assemble, await _json_object(request))
+    body, _ = validate(app[REQUEST_MODELS].assemble, await read_json_object(request))
     await reserve(request, body)
     clips = [(c.job_id, c.trim_in, c.trim_out) for c in body.clips]
     planned = await plan(app, clips, body, body.audio_id, body.audio_offset, caller=key_id(request))
@@ -414,13 +403,12 @@ async def assemble(request: web.Request) -> web.Response:
     return accepted_response(request, [job])
 
 
-@routes.post(BASE + "/{project_id}/assemble")
 @idempotent
 async def assemble_project(request: web.Request) -> web.Response:
     """The project's chosen clips in display order with their trims, and its song from its offset."""
     app = request.app
     project_id = (await owned_project(request)).id  # 404 for an unknown id or another key's project
-    options = _parse(app[REQUEST_MODELS].assembly_options, await _json_object(request, optional=True))
+    options, _ = validate(app[REQUEST_MODELS].assembly_options, await read_json_object(request, optional=True))
     await reserve(request, options)
     project, jobs = await load_settled(app, project_id)
     entries = project_timeline(project)
@@ -468,7 +456,3 @@ async def assemble_project(request: web.Request) -> web.Response:
 
     project = await update(app, project_id, link)
     return accepted_response(request, [job], project=project_view(project, await job_states(app, project)))
-
-
-def setup(app: web.Application) -> None:
-    app.add_routes(routes)

@@ -31,9 +31,9 @@ from typing import Any
 from aiohttp import BodyPartReader, ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG, SONG_SAVED, STORE, UPLOAD_SLOTS
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, OutputStore, check_id, new_id, temp_path
+from mvserver.core.storage import OutputStore, check_id, new_id, temp_path
 from mvserver.media.args import AUDIO_DEMUXERS, SONG_DEMUXERS
 from mvserver.media.errors import MediaError, MediaTimeout
 from mvserver.media.probe import AudioStream, MediaInfo, probe, stream_duration
@@ -42,8 +42,6 @@ from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge_upload
 from mvserver.web.files import SavedFileResponse
 from mvserver.web.security import accepts
-
-routes = web.RouteTableDef()
 
 CHUNK = 1 << 16
 MAX_CHANNELS = 8
@@ -120,11 +118,9 @@ class UploadSlots:
                 del self._per_key[key.id]
 
 
-UPLOAD_SLOTS = web.AppKey("audio_upload_slots", UploadSlots)
 # Called once a song is saved (its sidecar written): starts its analysis and copies and answers fields for the upload
 # answer (``mvserver.audio.songs`` sets it; without it an upload answers the description alone).
 SongSaved = Callable[[web.Application, str, Path, dict[str, Any]], Awaitable[dict[str, Any]]]
-SONG_SAVED = web.AppKey("song_saved", SongSaved)
 
 
 @dataclass(frozen=True)
@@ -323,7 +319,6 @@ async def identify(path: Path, max_seconds: float) -> dict[str, Any]:
     }
 
 
-@routes.post("/api/mv/upload_audio")
 @accepts("audio/*", "multipart/form-data")
 @idempotent
 async def upload_audio(request: web.Request) -> web.Response:
@@ -402,7 +397,6 @@ async def saved_audio(
     return path, sidecar
 
 
-@routes.get("/api/mv/get_audio/{audio_id}")
 async def get_audio(request: web.Request) -> web.FileResponse:
     path, sidecar = await saved_audio(request.app, request.match_info["audio_id"], caller=key_id(request))
     return SavedFileResponse(

@@ -27,17 +27,16 @@ from typing import Any, Literal
 from aiohttp import web
 
 from mvserver.analysis import ANALYSIS_VERSION, AnalysisError, AnalysisPool, AnalysisTimeout, SongAnalysis, load
-from mvserver.audio.routes import FORMATS, SONG_SAVED, saved_audio
-from mvserver.core.config import CONFIG, EnvSettings
-from mvserver.core.storage import STORE, OutputStore, check_id, temp_path
+from mvserver.appkeys import CONFIG, SONGS, STORE
+from mvserver.audio.routes import FORMATS, saved_audio
+from mvserver.core.config import EnvSettings
+from mvserver.core.storage import OutputStore, check_id, temp_path
 from mvserver.media.errors import MediaError
 from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
 from mvserver.media.song import encode_song_copies
 from mvserver.web.access.auth import key_id
 
 log = logging.getLogger("mvserver.songs")
-routes = web.RouteTableDef()
-
 AAC_SUFFIX = ".aac.m4a"
 PREVIEW_SUFFIX = ".preview.mp3"
 COPY_SLOTS = 2  # song copies encoded at once per process (each is one ffmpeg)
@@ -192,9 +191,6 @@ class SongWork:
                 log.warning("song %s: its analysis could not be stored: %s", audio_id, exc)
 
 
-SONGS = web.AppKey("songs", SongWork)
-
-
 def analysis_state(sidecar: dict[str, Any], work: SongWork) -> tuple[Status, SongAnalysis | None, dict | None]:
     """What the sidecar says about the song's analysis: ready (with it), failed (with the error), off or pending."""
     analysis = load(sidecar.get("analysis"))
@@ -265,7 +261,6 @@ async def on_song_saved(app: web.Application, audio_id: str, song: Path, sidecar
     return {name: body[name] for name in ("song_url", "analysis_status", "analysis", "analysis_error")}
 
 
-@routes.get("/api/mv/songs/{audio_id}")
 async def get_song(request: web.Request) -> web.Response:
     """The song's description and analysis (``analysis_status`` pending: ask again shortly)."""
     app = request.app
@@ -292,9 +287,3 @@ async def songs_context(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await app[SONGS].close()
-
-
-def setup(app: web.Application) -> None:
-    app.cleanup_ctx.append(songs_context)
-    app[SONG_SAVED] = on_song_saved
-    app.add_routes(routes)

@@ -21,12 +21,14 @@ from typing import Any
 
 from aiohttp import web
 
+from mvserver.appkeys import CONFIG, FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, JOBS, PROVIDERS, REQUEST_MODELS, STORE
 from mvserver.audio.routes import FORMATS, saved_audio
-from mvserver.core.config import CONFIG, LipsyncLimits, LipsyncSettings
+from mvserver.core.config import LipsyncLimits, LipsyncSettings
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, OutputStore, check_id, new_id, temp_path
-from mvserver.jobs import JOBS, Job
+from mvserver.core.storage import OutputStore, check_id, new_id, temp_path
+from mvserver.core.validation import validate
+from mvserver.jobs import Job
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields
 from mvserver.media.args import duration_arg, input_args
@@ -34,14 +36,10 @@ from mvserver.media.errors import MediaError
 from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
 from mvserver.media.probe import MediaInfo, probe
 from mvserver.media.run import run_ffmpeg
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
-from mvserver.projects.routes import BASE as PROJECTS_BASE
 from mvserver.projects.routes import (
     JobStates,
     TimelineEntry,
-    _json_object,
     _options,
-    _validate,
     add_version,
     check_room,
     job_states,
@@ -55,13 +53,12 @@ from mvserver.projects.routes import (
 from mvserver.projects.schemas import SCENE_LIPSYNC_OPTIONS
 from mvserver.projects.store import ClipVersion, Project
 from mvserver.projects.store import Song as ProjectSong
-from mvserver.providers import PROVIDERS, Snapshot
+from mvserver.providers import Snapshot
 from mvserver.providers.replicate import ReplicateProvider
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
-
-routes = web.RouteTableDef()
+from mvserver.web.body import parse_body, read_json_object
 
 KIND = "lipsync"
 WINDOW_SUFFIX = ".lipsync.wav"
@@ -76,9 +73,7 @@ COPY_BYTES_PER_SECOND = COPY_MAX_CHANNELS * COPY_MAX_RATE * 8
 DECODE_BYTES_PER_SECOND = COPY_MAX_CHANNELS * COPY_MAX_RATE * 2
 CUT_SLACK_BYTES = 1 << 16
 
-FFMPEG_SLOTS = web.AppKey("lipsync_ffmpeg_slots", asyncio.Semaphore)
 # ffmpeg-heavy job runs (assembly runs, lip-sync cuts) at once on this node: media.yaml ffmpeg.concurrency.
-HEAVY_FFMPEG_SLOTS = web.AppKey("heavy_ffmpeg_slots", asyncio.Semaphore)
 
 
 def ffmpeg_limits(app: web.Application) -> FfmpegLimits:
@@ -318,7 +313,6 @@ async def finished_clip(
 # -- the handler ------------------------------------------------------------------------------------------------------
 
 
-@routes.post("/api/mv/lipsync")
 @idempotent
 async def create_lipsync(request: web.Request) -> web.Response:
     app = request.app
@@ -397,7 +391,6 @@ def scene_window(entry: TimelineEntry, song: ProjectSong, field: str) -> tuple[f
     return start, min(round(entry.song_start + entry.seconds, 6), song.duration)
 
 
-@routes.post(PROJECTS_BASE + "/{project_id}/scenes/{scene_id}/lipsync")
 @idempotent
 async def lipsync_scene(request: web.Request) -> web.Response:
     """Lip-sync the scene's chosen clip to its slice of the project's song; the result becomes a new version of the
@@ -405,7 +398,7 @@ async def lipsync_scene(request: web.Request) -> web.Response:
     app = request.app
     project_id = (await owned_project(request)).id  # 404 for an unknown id or another key's project
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
-    options = _options(await _json_object(request, optional=True), SCENE_LIPSYNC_OPTIONS)
+    options = _options(await read_json_object(request, optional=True), SCENE_LIPSYNC_OPTIONS)
     await reserve(request, normal_options(app[REQUEST_MODELS].lipsync, options, SCENE_LIPSYNC_OPTIONS))
     project, jobs = await load_settled(app, project_id)
     index = next((i for i, s in enumerate(project.scenes) if s.id == scene_id), None)
@@ -431,7 +424,7 @@ async def lipsync_scene(request: web.Request) -> web.Response:
         "scene_id": scene_id,
         **options,
     }
-    body, defaulted = _validate(model, data)
+    body, defaulted = validate(model, data)
     job = await submit_lipsync(app, body, defaulted, key_id(request), charge=lambda: charge(request, "jobs"))
     duration = next(v.duration for v in entry.scene.versions if v.job_id == chosen.id)
 
@@ -517,10 +510,3 @@ class LipsyncDriver:
 def lipsync_kind(app: web.Application):  # type: ignore[no-untyped-def]
     """The driver factory for ``lipsync`` jobs."""
     return lambda job: LipsyncDriver(app, app[PROVIDERS].replicate, app[CONFIG].lipsync)
-
-
-def setup(app: web.Application) -> None:
-    """Routes and the per-app bounds on concurrent ffmpeg processes."""
-    app[FFMPEG_SLOTS] = asyncio.Semaphore(app[CONFIG].lipsync.limits.ffmpeg_concurrency)
-    app[HEAVY_FFMPEG_SLOTS] = asyncio.Semaphore(app[CONFIG].media.ffmpeg.concurrency)
-    app.add_routes(routes)

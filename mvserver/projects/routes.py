@@ -25,26 +25,27 @@ from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError, create_model
+from pydantic import BaseModel, create_model
 
 from mvserver.analysis import SongAnalysis
-from mvserver.core.config import CONFIG, Config
-from mvserver.core.errors import ApiError, validation_error
-from mvserver.core.storage import STORE, check_id, new_id
+from mvserver.appkeys import CONFIG, JOBS, PROJECTS, REQUEST_MODELS, STORE
+from mvserver.core.config import Config
+from mvserver.core.errors import ApiError
+from mvserver.core.storage import check_id, new_id
+from mvserver.core.validation import validate
 from mvserver.images.routes import _saved_image, generate_reference
-from mvserver.jobs import JOBS, Job
+from mvserver.jobs import Job
 from mvserver.jobs.accepted import accepted_response
-from mvserver.openapi.schemas import REQUEST_MODELS, json_object
 from mvserver.projects import song as project_song
 from mvserver.projects.schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
-from mvserver.projects.store import PROJECTS, CharacterCandidate, Claim, ClipVersion, Project, Scene, Song
+from mvserver.projects.store import CharacterCandidate, Claim, ClipVersion, Project, Scene, Song
 from mvserver.scenes.routes import write_scenes
 from mvserver.videos.routes import check_reference_shape, submit_video_job, whole_prompt
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
+from mvserver.web.body import read_json_object
 
-routes = web.RouteTableDef()
 BASE = "/api/mv/projects"
 CAS_ATTEMPTS = 20
 CLAIM_SECONDS = 60.0  # a scene claimed by a clips request that died is free again after this long
@@ -330,24 +331,6 @@ def _respond(
 # -- request bodies ------------------------------------------------------------------------------------------------
 
 
-async def _json_object(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
-    raw = await request.read()
-    if optional and not raw.strip():
-        return {}
-    return json_object(raw)
-
-
-def _validate(model: type[BaseModel], data: dict[str, Any], prefix: str = "") -> tuple[Any, list[str]]:
-    try:
-        parsed = model.model_validate(data)
-    except ValidationError as exc:
-        error = validation_error(exc)
-        if prefix and error.info.field:
-            error.info.field = f"{prefix}.{error.info.field}"
-        raise error from None
-    return parsed, [name for name in model.model_fields if name not in parsed.model_fields_set]
-
-
 def _options(body: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
     """Only the options a project action takes; the rest of the request comes from the project."""
     for name in body:
@@ -373,7 +356,7 @@ def _options_model(model: type[BaseModel], allowed: frozenset[str]) -> type[Base
 def normal_options(model: type[BaseModel], options: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
     """A project action's options as the request model they feed reads them (checked, text trimmed, defaults
     filled): what an ``Idempotency-Key`` fingerprints, known before the project's state is read."""
-    checked, _ = _validate(_options_model(model, allowed), options)
+    checked, _ = validate(_options_model(model, allowed), options)
     return checked.model_dump(mode="json")
 
 
@@ -635,7 +618,7 @@ def _clip_body(
         "aspect_ratio": project.aspect_ratio,
         **options,
     }
-    body, defaulted = _validate(model, data)
+    body, defaulted = validate(model, data)
     if not body.video_rules_template:  # a prompt written before PATCH checked it: name the scene, not "prompt"
         check_scene_prompt(app[CONFIG], project, scene, f"{field}.prompt")
     if project.character_image_id:
@@ -643,7 +626,7 @@ def _clip_body(
             check_reference_shape(app[CONFIG], body)
         except ApiError:
             return body, defaulted
-        body, defaulted = _validate(model, {**data, "reference_image_id": project.character_image_id})
+        body, defaulted = validate(model, {**data, "reference_image_id": project.character_image_id})
     return body, defaulted
 
 
@@ -795,7 +778,7 @@ async def write_project_scenes(request: web.Request, project_id: str, options: A
         params["style"] = project.style  # a preset: rendered by write_scenes as create_scenes renders it
     elif project.style:
         params["video_characteristics"] = project.style  # free style words
-    scenes_body, defaulted = _validate(app[REQUEST_MODELS].scenes, {**params, "number_of_scenes": 1})
+    scenes_body, defaulted = validate(app[REQUEST_MODELS].scenes, {**params, "number_of_scenes": 1})
     params = {**scenes_body.model_dump(), "number_of_scenes": count}
     defaulted = [name for name in defaulted if name != "number_of_scenes"]
     ids = [s.id for s in project.scenes]
@@ -835,22 +818,19 @@ def _project_id(request: web.Request) -> str:
     return check_id(request.match_info["project_id"], "project_id")
 
 
-@routes.post(BASE)
 @idempotent
 async def create(request: web.Request) -> web.Response:
-    body, _ = _validate(request.app[REQUEST_MODELS].projects.create, await _json_object(request))
+    body, _ = validate(request.app[REQUEST_MODELS].projects.create, await read_json_object(request))
     await reserve(request, body)
     project = await create_project(request.app, body, owner=key_id(request))
     return _respond(project, {}, 201, headers={"Location": f"{BASE}/{project.id}"})
 
 
-@routes.get(BASE + "/{project_id}")
 async def get(request: web.Request) -> web.Response:
     project = await owned_project(request)
     return _respond(project, await job_states(request.app, project))
 
 
-@routes.patch(BASE + "/{project_id}")
 async def patch(request: web.Request) -> web.Response:
     app = request.app
     current = await owned_project(request)
@@ -860,7 +840,7 @@ async def patch(request: web.Request) -> web.Response:
         raise ApiError(
             428, "precondition_required", "PATCH needs If-Match with the ETag of the project as read", field="If-Match"
         )
-    body, _ = _validate(app[REQUEST_MODELS].projects.patch, await _json_object(request))
+    body, _ = validate(app[REQUEST_MODELS].projects.patch, await read_json_object(request))
     song: Song | None | bool = False
     if "audio_id" in body.model_fields_set:
         song = None
@@ -877,19 +857,17 @@ async def patch(request: web.Request) -> web.Response:
     return _respond(project, await job_states(app, project))
 
 
-@routes.post(BASE + "/{project_id}/write_scenes")
 @idempotent
 async def write(request: web.Request) -> web.Response:
     app = request.app
     project_id = (await owned_project(request)).id
-    options, _ = _validate(app[REQUEST_MODELS].projects.write_scenes, await _json_object(request, optional=True))
+    options, _ = validate(app[REQUEST_MODELS].projects.write_scenes, await read_json_object(request, optional=True))
     await reserve(request, options)
     await charge(request, "blocking")
     project = await write_project_scenes(request, project_id, options, request.headers.get("If-Match"))
     return _respond(project, await job_states(app, project))
 
 
-@routes.post(BASE + "/{project_id}/character")
 @idempotent
 async def character(request: web.Request) -> web.Response:
     """Render the project's character (Imagen): ``number_of_images`` candidates (within the images settings), the
@@ -897,8 +875,8 @@ async def character(request: web.Request) -> web.Response:
     app = request.app
     project = await owned_project(request)
     project_id = project.id
-    options = _options(await _json_object(request, optional=True), CHARACTER_OPTIONS)
-    params, defaulted = _validate(
+    options = _options(await read_json_object(request, optional=True), CHARACTER_OPTIONS)
+    params, defaulted = validate(
         app[REQUEST_MODELS].image, {"character_description": project.character_description, **options}
     )
     # Before If-Match: the retry of a request that went through (and moved the ETag) gets its answer, not a 412.
@@ -925,12 +903,11 @@ async def character(request: web.Request) -> web.Response:
     return _respond(project, await job_states(app, project), extra={"image": image})
 
 
-@routes.post(BASE + "/{project_id}/clips")
 @idempotent
 async def generate_missing(request: web.Request) -> web.Response:
     """A clip job for every scene without a chosen clip and without one in progress."""
     project_id = (await owned_project(request)).id
-    options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
+    options = _options(await read_json_object(request, optional=True), CLIP_OPTIONS)
     await reserve(request, normal_options(request.app[REQUEST_MODELS].video, options, CLIP_OPTIONS))
     project, jobs, started = await generate_clips(
         request.app,
@@ -944,13 +921,12 @@ async def generate_missing(request: web.Request) -> web.Response:
     return accepted_response(request, started, project=project_view(project, jobs), many=True)
 
 
-@routes.post(BASE + "/{project_id}/scenes/{scene_id}/clips")
 @idempotent
 async def generate_one(request: web.Request) -> web.Response:
     """A new clip version of one scene (a regeneration keeps the old versions)."""
     project_id = (await owned_project(request)).id
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
-    options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
+    options = _options(await read_json_object(request, optional=True), CLIP_OPTIONS)
     await reserve(request, normal_options(request.app[REQUEST_MODELS].video, options, CLIP_OPTIONS))
     project, jobs, started = await generate_clips(
         request.app,
@@ -964,7 +940,6 @@ async def generate_one(request: web.Request) -> web.Response:
     return accepted_response(request, started, project=project_view(project, jobs))
 
 
-@routes.get(BASE + "/{project_id}/timeline")
 async def timeline(request: web.Request) -> web.Response:
     """The scenes in display order with their chosen clip, trims and song window."""
     project, jobs = await load_settled(request.app, (await owned_project(request)).id)

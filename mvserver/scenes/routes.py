@@ -12,17 +12,15 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from mvserver.core.config import CONFIG, TEMPLATES, Config
+from mvserver.appkeys import CONFIG, PROVIDERS, REQUEST_MODELS, STORE, TEMPLATES
+from mvserver.core.config import Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, check_id, new_id
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
-from mvserver.providers import PROVIDERS
+from mvserver.core.storage import check_id, new_id
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.quotas import charge
+from mvserver.web.body import parse_body
 from mvserver.web.files import SavedFileResponse
-
-routes = web.RouteTableDef()
 
 
 class Scene(BaseModel):
@@ -164,7 +162,6 @@ async def _save(
     return body
 
 
-@routes.post("/api/mv/create_scenes")
 async def create_scenes(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].scenes, config.debug)
@@ -183,7 +180,6 @@ async def _visible(json_path: Path, caller: str | None) -> bool:
         return False
 
 
-@routes.get(r"/api/mv/get_scenes/{scenes_id}.{ext:json|md}")
 async def get_scenes(request: web.Request) -> web.FileResponse:
     scenes_id = check_id(request.match_info["scenes_id"], "scenes_id")
     store = request.app[STORE]

@@ -19,19 +19,18 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mvserver.core.config import CONFIG, PosterSettings
+from mvserver.appkeys import CONFIG
+from mvserver.core.config import PosterSettings
 from mvserver.core.storage import temp_path
 from mvserver.jobs import Job
+from mvserver.jobs.outputs import job_output
 from mvserver.media.args import input_args
 from mvserver.media.errors import MediaError
 from mvserver.media.probe import probe
 from mvserver.media.run import run_ffmpeg
-from mvserver.videos.routes import job_output
 from mvserver.web.files import SavedFileResponse
 
 log = logging.getLogger("mvserver.jobs")
-routes = web.RouteTableDef()
-
 POSTER_SUFFIX = ".jpg"
 POSTER_MAX_BYTES = 4 << 20  # ffmpeg stops writing past this (a 640 px JPEG is ~50 KB)
 CLIP_DEMUXERS = ["mov"]  # every stored clip is an MP4; nothing else is read
@@ -99,7 +98,6 @@ def stored_hook(app: web.Application) -> Callable[[Job, Path], Awaitable[None]]:
     return stored
 
 
-@routes.get("/api/mv/get_poster/{video_id}")
 async def get_poster(request: web.Request) -> web.FileResponse:
     """The clip's first frame (JPEG), under the same rules as ``get_video``."""
     path = await job_output(request, POSTER_SUFFIX, "poster")
