@@ -164,7 +164,9 @@ class GeminiProvider:
 
     async def _operation(self, name: str) -> types.GenerateVideosOperation:
         return await self._call(
-            self._video_client().aio.operations.get(types.GenerateVideosOperation(name=name)), "get_operation"
+            # google-genai declares ``name`` on its Operation mixin, which pydantic's typing does not see as a field
+            self._video_client().aio.operations.get(types.GenerateVideosOperation(name=name)),  # type: ignore[call-arg]
+            "get_operation",
         )
 
     async def poll(self, prediction_id: str) -> Snapshot:
