@@ -40,7 +40,7 @@ FaultKind = Literal[
     "bad_signature",
     "old_timestamp",
 ]
-SIMULATOR = web.AppKey("simulator", "Simulator")
+SIMULATOR: web.AppKey[Simulator] = web.AppKey("simulator")
 RENDER_SLOTS = web.AppKey("render_slots", asyncio.Semaphore)  # renders (image, video, lip sync) running at once
 
 
@@ -155,7 +155,8 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
         body = fault.body if fault.body is not None else {"detail": f"simulated {fault.status}", "status": fault.status}
         return web.json_response(body, status=fault.status, headers=headers)
     if fault.kind == "reset":
-        request.transport.close()  # type: ignore[union-attr]
+        if request.transport is not None:  # None once the client has gone
+            request.transport.close()
         raise asyncio.CancelledError()
     if fault.kind == "hang":
         await asyncio.sleep(3600)
@@ -165,7 +166,8 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
     response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "2000"})
     await response.prepare(request)
     await response.write(b'{"truncated": "' + b"x" * 900)
-    request.transport.close()  # type: ignore[union-attr]
+    if request.transport is not None:
+        request.transport.close()
     return response
 
 
@@ -202,5 +204,5 @@ async def start_simulator(sim: Simulator, host: str = "127.0.0.1", port: int = 0
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    bound = runner.addresses[0][1]
     return runner, f"http://{host}:{bound}"

@@ -36,7 +36,7 @@ from mvserver.sandbox.simulator import Simulator
 
 log = logging.getLogger("mvserver.sandbox.webhooks")
 
-SENDER = web.AppKey("webhook_sender", "WebhookSender")
+SENDER: web.AppKey[WebhookSender] = web.AppKey("webhook_sender")
 ROUTE = "replicate.webhook"
 EVENTS = ("start", "output", "logs", "completed")
 DEFAULT_EVENTS = ("output", "completed")  # Replicate's default: new outputs and the end (outputs come at the end here)
@@ -166,7 +166,8 @@ class WebhookSender:
                     last_logs = body["logs"]
                 wake_at = min(wake_at, time.time() + LOGS_THROTTLE_SECONDS)
             if await self._sleep_until(prediction_id, wake_at):
-                record = await asyncio.to_thread(self.sim.load, "predictions", prediction_id) or record
+                stored = await asyncio.to_thread(self.sim.load, "predictions", prediction_id)
+                record = stored or record
         record = await current(record)
         if "completed" in events or "output" in events:
             await self._deliver(stream, record, "completed", render(record), terminal=True)
