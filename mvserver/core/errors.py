@@ -175,8 +175,9 @@ def prediction_failed(provider: str, status: str, error: Any) -> ApiError:
 
 def _retry_after(response: Any) -> float | None:
     headers = getattr(response, "headers", None) or {}
+    value = headers.get("retry-after") or headers.get("Retry-After")
     try:
-        return float(headers.get("retry-after") or headers.get("Retry-After"))
+        return float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
 
@@ -197,10 +198,10 @@ def from_exception(exc: BaseException, provider: str) -> ApiError:
         prediction = exc.prediction
         return prediction_failed(provider, prediction.status, prediction.error)
     if isinstance(exc, genai_errors.APIError):
-        detail = exc.details if exc.details else exc.message
+        reported = exc.details if exc.details else exc.message
         message = f"{exc.status}: {exc.message}" if exc.status else str(exc.message)
-        error = provider_http_error(provider, exc.code, message, detail, _retry_after(exc.response))
-        if "API_KEY_INVALID" in json.dumps(detail, default=str):  # Google answers a bad key with 400
+        error = provider_http_error(provider, exc.code, message, reported, _retry_after(exc.response))
+        if "API_KEY_INVALID" in json.dumps(reported, default=str):  # Google answers a bad key with 400
             error.status, error.info.code = 502, "provider_auth_failed"
         return error
     if isinstance(exc, json.JSONDecodeError):
