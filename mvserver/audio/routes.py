@@ -122,7 +122,7 @@ UPLOAD_SLOTS = web.AppKey("audio_upload_slots", UploadSlots)
 # Called once a song is saved (its sidecar written): starts its analysis and copies and answers fields for the upload
 # answer (``mvserver.audio.songs`` sets it; without it an upload answers the description alone).
 SongSaved = Callable[[web.Application, str, Path, dict[str, Any]], Awaitable[dict[str, Any]]]
-SONG_SAVED = web.AppKey("song_saved", SongSaved)
+SONG_SAVED: web.AppKey[SongSaved] = web.AppKey("song_saved")
 
 
 @dataclass(frozen=True)
