@@ -106,7 +106,7 @@ def video_request_model(config: Config) -> type[BaseModel]:
         prompt=(_text(s.limits.text_max_chars), Field(description="The scene description.")),
         negative_prompt=(_text(s.limits.text_max_chars, blank=True), d.negative_prompt),
         aspect_ratio=(_choice(a.aspect_ratio), d.aspect_ratio),
-        duration=(Annotated[_choice(a.duration), INTEGRAL], Field(d.duration, description="Seconds.")),
+        duration=(Annotated[_choice(a.duration), INTEGRAL], Field(d.duration, description="Seconds.")),  # type: ignore[arg-type]  # made at run time
         generate_audio=(bool, d.generate_audio),
         seed=(SEED, d.seed),
         reference_image_base64=(
@@ -836,7 +836,7 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
             "schema": {"type": "string", "pattern": r"^[0-9]{1,9}(\.[0-9]{1,9}){0,499}$"},
         },
     ]
-    paths = {
+    paths: dict[str, Any] = {
         "/api/mv/health": {
             "get": {
                 "summary": "Version, sandbox/live mode per provider, style presets, and whether the API needs a key "
