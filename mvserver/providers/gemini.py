@@ -26,7 +26,7 @@ NAME = "gemini"
 NO_SDK_RETRY = types.HttpRetryOptions(attempts=1)
 
 
-def make_api_client(api_key: str, base_url: str | None) -> genai.Client:
+def make_api_client(api_key: str | None, base_url: str | None) -> genai.Client:
     """Client for the Gemini Developer API (scene writing)."""
     options = types.HttpOptions(base_url=base_url, retry_options=NO_SDK_RETRY)
     return genai.Client(api_key=api_key, http_options=options)
