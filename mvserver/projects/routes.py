@@ -131,7 +131,7 @@ def _prunable(scene: Scene, jobs: JobStates) -> list[ClipVersion]:
     """Versions that may go, in the order they go: failed (or forgotten) ones oldest first, then succeeded ones."""
     keep = {scene.chosen_job_id, scene.awaited_job_id}
     finished = [
-        v for v in scene.versions if v.job_id not in keep and (jobs.get(v.job_id) is None or jobs[v.job_id].final)
+        v for v in scene.versions if v.job_id not in keep and ((job := jobs.get(v.job_id)) is None or job.final)
     ]
 
     def succeeded(version: ClipVersion) -> bool:
@@ -976,7 +976,7 @@ async def timeline(request: web.Request) -> web.Response:
             "trim_out": e.trim_out,
             "seconds": round(e.seconds, 6),
             "song_start": e.song_start,
-            "status": jobs[e.job_id].status if e.job_id and jobs.get(e.job_id) else None,
+            "status": job.status if e.job_id and (job := jobs.get(e.job_id)) else None,
             "video_url": f"/api/mv/get_video/{e.job_id}" if e.job_id else None,
         }
         for e in project_timeline(project)
