@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,7 +31,7 @@ from mvserver.core.storage import STORE
 from mvserver.jobs import JOBS, Job
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields
-from mvserver.jobs.runner import Progress
+from mvserver.jobs.runner import DriverFactory, Progress
 from mvserver.lipsync.routes import FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, ffmpeg_limits
 from mvserver.media import ffmpeg as media
 from mvserver.openapi.schemas import REQUEST_MODELS
@@ -131,7 +131,7 @@ def _clip_field(index: int, name: str) -> str:
 
 async def plan(
     app: web.Application,
-    clips: list[tuple[str, float | None, float | None]],
+    clips: Sequence[tuple[str, float | None, float | None]],
     options: AssemblyOptions,
     audio_id: str | None,
     audio_offset: float,
@@ -374,7 +374,7 @@ async def _song_copy(app: web.Application, audio_id: str, song: Path, sidecar: d
     return None
 
 
-def assembly_kind(app: web.Application):  # type: ignore[no-untyped-def]
+def assembly_kind(app: web.Application) -> DriverFactory:
     """The driver factory for ``assembly`` jobs."""
     return lambda job: AssemblyDriver(app)
 
