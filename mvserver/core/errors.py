@@ -284,7 +284,7 @@ async def error_middleware(
         return web.json_response({"error": {"code": "internal_error", "message": "internal server error"}}, status=500)
 
 
-class ServerLog(logging.LoggerAdapter):
+class ServerLog(logging.LoggerAdapter[logging.Logger]):
     """aiohttp's server logger, except that a request its HTTP parser refuses (a malformed header or request line)
     is logged as one line rather than a traceback: it is the client's mistake, answered with 400. aiohttp logs it as
     an exception (here a warning), or at debug level for a bad method in a connection's first request."""

@@ -20,6 +20,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import imageio_ffmpeg
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -564,7 +565,7 @@ _FPS_RE = re.compile(r"Stream #\S+: Video: .*?(\d+(?:\.\d+)?) (?:fps|tbr)")
 _AUDIO_RE = re.compile(r"Stream #\S+: Audio: (\w+)")
 
 
-def probe_media(path: pathlib.Path) -> dict:
+def probe_media(path: pathlib.Path) -> dict[str, Any]:
     """Describe a media file by parsing ``ffmpeg -i`` output (there is no ffprobe).
 
     Returns ``{"duration", "video_codec", "width", "height", "pix_fmt", "fps", "audio_codec"}``;
