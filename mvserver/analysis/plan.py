@@ -132,15 +132,16 @@ def _candidates(analysis: SongAnalysis, total: int, fps: float, offset: float) -
     """Frames where a cut may fall, each with its kind (a downbeat wins over a beat over a whole second)."""
     assert analysis.grid is not None
     cuts: dict[int, CutKind] = {}
-    for kind, times in (
+    sources: tuple[tuple[CutKind, list[float]], ...] = (
         ("time", [float(s) + offset for s in range(1, math.ceil(total / fps))]),
         ("beat", analysis.grid.beats),
         ("downbeat", analysis.grid.downbeats),
-    ):
+    )
+    for kind, times in sources:
         for t in times:
             frame = round((t - offset) * fps)
             if 0 < frame < total:
-                cuts[frame] = kind  # type: ignore[assignment]
+                cuts[frame] = kind
     return cuts
 
 
