@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from types import SimpleNamespace
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError, create_model
@@ -461,7 +461,7 @@ def apply_patch(
     project: Project,
     jobs: JobStates,
     patch: Any,
-    song: Song | None | bool,
+    song: Song | None | Literal[False],
     analysis: SongAnalysis | None = None,
 ) -> None:
     """Apply a validated PATCH in place (remove, per-scene changes, order, add, then snapped cuts) or raise ApiError
@@ -472,7 +472,7 @@ def apply_patch(
         if name in sent:
             setattr(project, name, getattr(patch, name))
     if song is not False:
-        project.song = song  # type: ignore[assignment]
+        project.song = song
     if "audio_offset" in sent:
         if project.song is None:
             raise ApiError(400, "invalid_field", "audio_offset: the project has no song", field="audio_offset")
@@ -861,7 +861,7 @@ async def patch(request: web.Request) -> web.Response:
             428, "precondition_required", "PATCH needs If-Match with the ETag of the project as read", field="If-Match"
         )
     body, _ = _validate(app[REQUEST_MODELS].projects.patch, await _json_object(request))
-    song: Song | None | bool = False
+    song: Song | None | Literal[False] = False
     if "audio_id" in body.model_fields_set:
         song = None
         if body.audio_id is not None:
