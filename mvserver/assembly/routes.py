@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,7 +32,7 @@ from mvserver.core.validation import validate
 from mvserver.jobs import Job
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields
-from mvserver.jobs.runner import Progress
+from mvserver.jobs.runner import DriverFactory, Progress
 from mvserver.lipsync.routes import ffmpeg_limits
 from mvserver.media.assemble import AssemblyResult, Clip
 from mvserver.media.assemble import assemble as assemble_clips
@@ -141,7 +141,7 @@ def _clip_field(index: int, name: str) -> str:
 
 async def plan(
     app: web.Application,
-    clips: list[tuple[str, float | None, float | None]],
+    clips: Sequence[tuple[str, float | None, float | None]],
     options: AssemblyOptions,
     audio_id: str | None,
     audio_offset: float,
@@ -383,7 +383,7 @@ async def _song_copy(app: web.Application, audio_id: str, song: Path, sidecar: d
     return None
 
 
-def assembly_kind(app: web.Application):  # type: ignore[no-untyped-def]
+def assembly_kind(app: web.Application) -> DriverFactory:
     """The driver factory for ``assembly`` jobs."""
     return lambda job: AssemblyDriver(app)
 

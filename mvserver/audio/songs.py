@@ -191,7 +191,9 @@ class SongWork:
                 log.warning("song %s: its analysis could not be stored: %s", audio_id, exc)
 
 
-def analysis_state(sidecar: dict[str, Any], work: SongWork) -> tuple[Status, SongAnalysis | None, dict | None]:
+def analysis_state(
+    sidecar: dict[str, Any], work: SongWork
+) -> tuple[Status, SongAnalysis | None, dict[str, Any] | None]:
     """What the sidecar says about the song's analysis: ready (with it), failed (with the error), off or pending."""
     analysis = load(sidecar.get("analysis"))
     if analysis is not None:
@@ -215,7 +217,7 @@ async def read_sidecar(store: OutputStore, audio_id: str) -> dict[str, Any] | No
 
 async def song_analysis(
     app: web.Application, audio_id: str, sidecar: dict[str, Any], *, wait: float
-) -> tuple[Status, SongAnalysis | None, dict | None]:
+) -> tuple[Status, SongAnalysis | None, dict[str, Any] | None]:
     """The song's analysis state, starting the analysis if it is due and waiting up to ``wait`` seconds for it."""
     work = app[SONGS]
     status, analysis, error = analysis_state(sidecar, work)
@@ -238,7 +240,7 @@ async def song_analysis(
 
 
 def song_body(
-    sidecar: dict[str, Any], status: Status, analysis: SongAnalysis | None, error: dict | None
+    sidecar: dict[str, Any], status: Status, analysis: SongAnalysis | None, error: dict[str, Any] | None
 ) -> dict[str, Any]:
     """The upload's answer and the GET's: the song's description and its analysis."""
     body = {name: sidecar[name] for name in PUBLIC_FIELDS if name in sidecar}

@@ -320,8 +320,9 @@ def prediction_failed(provider: str, status: str, error: Any) -> ApiError:
 
 def _retry_after(response: Any) -> float | None:
     headers = getattr(response, "headers", None) or {}
+    value = headers.get("retry-after") or headers.get("Retry-After")
     try:
-        return float(headers.get("retry-after") or headers.get("Retry-After"))
+        return float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
 
@@ -342,10 +343,10 @@ def from_exception(exc: BaseException, provider: str) -> ApiError:
         prediction = exc.prediction
         return prediction_failed(provider, prediction.status, prediction.error)
     if isinstance(exc, genai_errors.APIError):
-        detail = exc.details if exc.details else exc.message
+        reported = exc.details if exc.details else exc.message
         message = f"{exc.status}: {exc.message}" if exc.status else str(exc.message)
-        error = provider_http_error(provider, exc.code, message, detail, _retry_after(exc.response))
-        if "API_KEY_INVALID" in json.dumps(detail, default=str):  # Google answers a bad key with 400
+        error = provider_http_error(provider, exc.code, message, reported, _retry_after(exc.response))
+        if "API_KEY_INVALID" in json.dumps(reported, default=str):  # Google answers a bad key with 400
             error.status, error.info.code = 502, "provider_auth_failed"
         return error
     if isinstance(exc, json.JSONDecodeError):
@@ -428,7 +429,7 @@ async def error_middleware(
         return web.json_response({"error": {"code": "internal_error", "message": "internal server error"}}, status=500)
 
 
-class ServerLog(logging.LoggerAdapter):
+class ServerLog(logging.LoggerAdapter[logging.Logger]):
     """aiohttp's server logger, except that a request its HTTP parser refuses (a malformed header or request line)
     is logged as one line rather than a traceback: it is the client's mistake, answered with 400. aiohttp logs it as
     an exception (here a warning), or at debug level for a bad method in a connection's first request."""

@@ -35,7 +35,7 @@ def text(max_chars: int, *, blank: bool = False) -> Any:
 
 
 def choice(values: list[Any]) -> Any:
-    return Literal[tuple(values)]  # type: ignore[valid-type]
+    return Literal[tuple(values)]
 
 
 SEED = Annotated[

@@ -46,7 +46,9 @@ class Lease:
 class JobStore(Protocol):
     """Where jobs live. Event ids are 1..n per job; the owner of a lease is the only writer of its job."""
 
-    lease_seconds: float | None  # how long a lease lives without renewal; None for a single-process store
+    @property
+    def lease_seconds(self) -> float | None:
+        """How long a lease lives without renewal; None for a single-process store."""
 
     async def open(self) -> int:
         """Connect and recover: queue unfinished jobs again. Returns how many were queued for resumption."""

@@ -257,7 +257,11 @@ class WebhookSender:
                 await self._slots.acquire()
                 task = asyncio.get_running_loop().create_task(self._work(job_id), name=f"webhooks-{job_id}")
                 self.running[job_id] = task
-                task.add_done_callback(lambda _, job_id=job_id: self._worked(job_id))
+
+                def worked(_: asyncio.Task[None], job_id: str = job_id) -> None:
+                    self._worked(job_id)
+
+                task.add_done_callback(worked)
             if len(ids) == CONCURRENCY:
                 continue
             await self._sleep()
@@ -447,7 +451,10 @@ async def sender_context(app: web.Application) -> AsyncIterator[None]:
     engine = app[JOBS]
     config = app[CONFIG]
     if config.env.redis_url:
-        outbox: Outbox = RedisOutbox(engine.store.r, config.env.redis_prefix, KEEP_SECONDS)  # type: ignore[attr-defined]
+        from mvserver.jobs.redis_store import RedisJobStore  # what app.job_store makes with a Redis URL
+
+        assert isinstance(engine.store, RedisJobStore)
+        outbox: Outbox = RedisOutbox(engine.store.r, config.env.redis_prefix, KEEP_SECONDS)
     else:
         outbox = FileOutbox(app[STORE])
     sender = WebhookSender(app, engine, outbox, config.videos.jobs)

@@ -31,6 +31,7 @@ from mvserver.core.validation import validate
 from mvserver.jobs import Job
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields
+from mvserver.jobs.runner import DriverFactory
 from mvserver.media.args import duration_arg, input_args
 from mvserver.media.errors import MediaError
 from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
@@ -298,7 +299,7 @@ async def finished_clip(
             info = await probe(path, timeout=limits.ffmpeg_timeout_seconds)
     except MediaError as exc:
         raise ApiError(400, "invalid_clip", f"{field}: the clip cannot be read: {exc}", field=field) from None
-    if info.first_video is None or not (info.duration or 0) > 0:
+    if info.first_video is None or info.duration is None or not info.duration > 0:
         raise ApiError(400, "invalid_clip", f"{field}: the file of job {job_id} holds no video", field=field)
     if info.duration > limits.max_clip_seconds:
         raise ApiError(
@@ -317,6 +318,7 @@ async def finished_clip(
 async def create_lipsync(request: web.Request) -> web.Response:
     app = request.app
     config = app[CONFIG]
+    body: Any  # a model made from the settings at run time
     body, defaulted = await parse_body(request, app[REQUEST_MODELS].lipsync, config.debug)
     if body.scene_id is not None and body.project_id is None:
         raise ApiError(400, "invalid_field", "scene_id: needs project_id", field="scene_id")
@@ -338,6 +340,7 @@ async def submit_lipsync(
     settings = config.lipsync
     song = await song_file(app, body.audio_id, caller=owner)
     _, clip = await finished_clip(app, body.video_job_id, settings.limits, owner)
+    assert clip.duration is not None  # finished_clip refuses a clip without one
     window = plan_window(
         body.audio_start, body.audio_end, clip.duration, song.duration, settings.limits.min_window_seconds
     )
@@ -507,6 +510,6 @@ class LipsyncDriver:
         return await self.provider.cancel(prediction_id)
 
 
-def lipsync_kind(app: web.Application):  # type: ignore[no-untyped-def]
+def lipsync_kind(app: web.Application) -> DriverFactory:
     """The driver factory for ``lipsync`` jobs."""
     return lambda job: LipsyncDriver(app, app[PROVIDERS].replicate, app[CONFIG].lipsync)

@@ -649,7 +649,7 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
             "schema": {"type": "string", "pattern": r"^[0-9]{1,9}(\.[0-9]{1,9}){0,499}$"},
         },
     ]
-    paths = {
+    paths: dict[str, Any] = {
         "/api/mv/health": {
             "get": {
                 "summary": "Version, sandbox/live mode per provider, style presets, and whether the API needs a key "

@@ -177,9 +177,9 @@ class ProjectStream:
                 )
         now = chosen(project, jobs)
         if not first:
-            for scene_id, job_id in now.items():
-                if scene_id in self.shown and self.shown[scene_id] != job_id:
-                    await self._chosen(scene_id, job_id)
+            for scene_id, chosen_id in now.items():
+                if scene_id in self.shown and self.shown[scene_id] != chosen_id:
+                    await self._chosen(scene_id, chosen_id)
         self.known, self.shown = set(members), now
 
     async def _chosen(self, scene_id: str, job_id: str | None) -> None:

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from types import SimpleNamespace
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from aiohttp import web
 from pydantic import BaseModel, create_model
@@ -132,7 +132,7 @@ def _prunable(scene: Scene, jobs: JobStates) -> list[ClipVersion]:
     """Versions that may go, in the order they go: failed (or forgotten) ones oldest first, then succeeded ones."""
     keep = {scene.chosen_job_id, scene.awaited_job_id}
     finished = [
-        v for v in scene.versions if v.job_id not in keep and (jobs.get(v.job_id) is None or jobs[v.job_id].final)
+        v for v in scene.versions if v.job_id not in keep and ((job := jobs.get(v.job_id)) is None or job.final)
     ]
 
     def succeeded(version: ClipVersion) -> bool:
@@ -444,7 +444,7 @@ def apply_patch(
     project: Project,
     jobs: JobStates,
     patch: Any,
-    song: Song | None | bool,
+    song: Song | None | Literal[False],
     analysis: SongAnalysis | None = None,
 ) -> None:
     """Apply a validated PATCH in place (remove, per-scene changes, order, add, then snapped cuts) or raise ApiError
@@ -455,7 +455,7 @@ def apply_patch(
         if name in sent:
             setattr(project, name, getattr(patch, name))
     if song is not False:
-        project.song = song  # type: ignore[assignment]
+        project.song = song
     if "audio_offset" in sent:
         if project.song is None:
             raise ApiError(400, "invalid_field", "audio_offset: the project has no song", field="audio_offset")
@@ -841,7 +841,7 @@ async def patch(request: web.Request) -> web.Response:
             428, "precondition_required", "PATCH needs If-Match with the ETag of the project as read", field="If-Match"
         )
     body, _ = validate(app[REQUEST_MODELS].projects.patch, await read_json_object(request))
-    song: Song | None | bool = False
+    song: Song | None | Literal[False] = False
     if "audio_id" in body.model_fields_set:
         song = None
         if body.audio_id is not None:
@@ -951,7 +951,7 @@ async def timeline(request: web.Request) -> web.Response:
             "trim_out": e.trim_out,
             "seconds": round(e.seconds, 6),
             "song_start": e.song_start,
-            "status": jobs[e.job_id].status if e.job_id and jobs.get(e.job_id) else None,
+            "status": job.status if e.job_id and (job := jobs.get(e.job_id)) else None,
             "video_url": f"/api/mv/get_video/{e.job_id}" if e.job_id else None,
         }
         for e in project_timeline(project)

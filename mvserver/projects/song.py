@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import web
 
@@ -20,6 +20,7 @@ from mvserver.audio.routes import saved_audio
 from mvserver.audio.songs import preview, read_sidecar, song_analysis
 from mvserver.core.errors import ApiError
 from mvserver.media.song import PREVIEW_MIME_TYPE
+from mvserver.projects.schemas import SnapMode
 from mvserver.projects.store import Project, Song, SongWindow
 from mvserver.scenes.routes import SongBrief
 
@@ -27,7 +28,6 @@ log = logging.getLogger("mvserver.projects")
 
 INLINE_AUDIO_MAX_BYTES = 16 * 2**20  # a Gemini request with inline data must stay under 20 MB in all
 PREVIEW_WAIT_SECONDS = 60.0  # how long a scene request waits for a song's preview copy that is still being made
-SnapMode = Literal["beat", "bar", "none"]
 
 
 # The project's timeline: ``projects.project_timeline`` (entries with scene, trim_in, trim_out, song_start, seconds)

@@ -173,7 +173,9 @@ def _draw_banner(img: Image.Image, label: str) -> int:
     return bh
 
 
-def _draw_text_block(img: Image.Image, box: tuple[int, int, int, int], text: str, colour=(240, 240, 240)) -> None:
+def _draw_text_block(
+    img: Image.Image, box: tuple[int, int, int, int], text: str, colour: tuple[int, int, int] = (240, 240, 240)
+) -> None:
     """Wrap ``text`` into ``box`` (x0, y0, x1, y1) with a font sized to the box."""
     x0, y0, x1, y1 = box
     size = max(10, min(img.size) // 22)

@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
 from aiohttp import web
 from yarl import URL
 
@@ -296,7 +297,7 @@ def prediction_json(record: dict[str, Any], base: str) -> dict[str, Any]:
     completed = record.get("completed_at")
     if status in TERMINAL and completed is None:  # ended by its Cancel-After deadline
         completed = deadline_end(record)
-    until = completed if status in TERMINAL else time.time()
+    until = completed if status in TERMINAL and completed is not None else time.time()
     logs = progress_logs(record, until)
     prediction_id = record["id"]
     data: dict[str, Any] = {
@@ -543,12 +544,12 @@ class ReplicateApi:
             path = folder / stem
             await asyncio.to_thread(write_bytes_atomic, path, _data_uri_bytes(value))
             return path
-        path = (
+        uploaded = (
             self._uploaded(sim, value) if isinstance(value, str) and value.startswith(("http://", "https://")) else None
         )
-        if path is None or not await asyncio.to_thread(path.is_file):
+        if uploaded is None or not await asyncio.to_thread(uploaded.is_file):
             raise InputFileError(f"could not download file from {value}")
-        return path
+        return uploaded
 
     @staticmethod
     async def _reference(sim: Simulator, value: Any) -> bytes:
@@ -691,6 +692,8 @@ class ReplicateApi:
         metadata: Any = {}
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
+            if isinstance(part, aiohttp.MultipartReader):  # a nested multipart is no form field
+                continue
             if part.name == "content":
                 content = (_safe_name(part.filename), part.headers.get("Content-Type"), await part.read())
             elif part.name == "metadata":

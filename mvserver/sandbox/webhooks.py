@@ -164,7 +164,8 @@ class WebhookSender:
                     last_logs = body["logs"]
                 wake_at = min(wake_at, time.time() + LOGS_THROTTLE_SECONDS)
             if await self._sleep_until(prediction_id, wake_at):
-                record = await asyncio.to_thread(self.sim.load, "predictions", prediction_id) or record
+                stored = await asyncio.to_thread(self.sim.load, "predictions", prediction_id)
+                record = stored or record
         record = await current(record)
         if "completed" in events or "output" in events:
             await self._deliver(stream, record, "completed", render(record), terminal=True)

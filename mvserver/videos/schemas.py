@@ -28,7 +28,7 @@ def video_request_model(config: Config) -> type[BaseModel]:
         prompt=(_text(s.limits.text_max_chars), Field(description="The scene description.")),
         negative_prompt=(_text(s.limits.text_max_chars, blank=True), d.negative_prompt),
         aspect_ratio=(_choice(a.aspect_ratio), d.aspect_ratio),
-        duration=(Annotated[_choice(a.duration), INTEGRAL], Field(d.duration, description="Seconds.")),
+        duration=(Annotated[_choice(a.duration), INTEGRAL], Field(d.duration, description="Seconds.")),  # type: ignore[arg-type]  # made at run time
         generate_audio=(bool, d.generate_audio),
         seed=(SEED, d.seed),
         reference_image_base64=(

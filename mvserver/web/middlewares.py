@@ -105,6 +105,7 @@ async def shared_buckets_context(app: web.Application) -> AsyncIterator[None]:
     from redis.asyncio import Redis  # redis is imported only when it is used
 
     env = app[CONFIG].env
+    assert env.redis_url is not None  # the context is added only with one
     client = Redis.from_url(env.redis_url, decode_responses=True)
     set_rate_limiter(app, RedisRateLimiter(client, prefix=f"{env.redis_prefix}bucket:"))
     try:

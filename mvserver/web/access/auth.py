@@ -282,14 +282,15 @@ def make_auth_middleware(on_failure: Callable[[str], None] | None = None) -> Cal
             return _unauthorized("auth_required", "this route needs Authorization: Bearer <API key>", REALM, on_failure)
         else:
             scheme, _, token = header.partition(" ")
-            record = keyring.authenticate(token.strip()) if scheme.lower() == "bearer" else None
-            if record is None:
+            found = keyring.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+            if found is None:
                 return _unauthorized(
                     "invalid_api_key",
                     "the API key is not valid (or has been revoked)",
                     f'{REALM}, error="invalid_token"',
                     on_failure,
                 )
+            record = found
         request[KEY_ID] = record.id
         request[API_KEY] = record
         return await handler(request)
