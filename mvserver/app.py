@@ -12,6 +12,7 @@ from aiohttp import web
 from yarl import URL
 
 from mvserver.assembly import routes as assembly
+from mvserver.assembly.service import KIND as ASSEMBLY
 from mvserver.audio import routes as audio
 from mvserver.audio import songs
 from mvserver.core.config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
@@ -166,7 +167,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     kinds = {
         "video": video_kind(app[PROVIDERS], app[STORE]),
         lipsync.KIND: lipsync.lipsync_kind(app),
-        assembly.KIND: assembly.assembly_kind(app),
+        ASSEMBLY: assembly.assembly_kind(app),
     }
     engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
     app[JOBS] = engine

@@ -17,7 +17,7 @@ from conftest import AppClient, read_sse
 from test_lipsync import PROMPT, events_of, make_clip, make_song, wait_for
 from test_media import HOLDER, proc_limit
 
-from mvserver.assembly.routes import _field
+from mvserver.assembly.service import _field
 from mvserver.core.config import CONFIG
 from mvserver.core.storage import STORE, new_id
 from mvserver.jobs import JOBS

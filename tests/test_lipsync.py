@@ -25,7 +25,7 @@ from mvserver.core.config import ConfigError, EnvSettings, load_config
 from mvserver.core.errors import ApiError
 from mvserver.core.storage import STORE, new_id
 from mvserver.jobs import JOBS
-from mvserver.lipsync.routes import Song, cut_args, cut_window, max_cut_bytes, plan_window
+from mvserver.lipsync.service import Song, cut_args, cut_window, max_cut_bytes, plan_window
 from mvserver.media import ffmpeg as media
 from mvserver.sandbox.render import LIPSYNC_LABEL, lipsync_label_box, probe_media
 from mvserver.sandbox.simulator import Simulator

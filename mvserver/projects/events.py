@@ -7,7 +7,7 @@ It carries, in order:
 - ``version_added`` ``{project_id, scene_id, job_id, kind, etag}``: a clip version that was not in the previous
   ``project`` event (sent right after it);
 - ``version_chosen`` ``{project_id, scene_id, job_id, previous_job_id, etag}``: a scene's chosen clip changed,
-  by a write or because its awaited version succeeded (which changes no ``ETag``: see :mod:`mvserver.projects.routes`);
+  by a write or because its awaited version succeeded (which changes no ``ETag``: see :mod:`mvserver.projects.service`);
 - the events of the project's unfinished jobs (clip versions and the assembly job), exactly as on the job streams
   (``queued``, ``running``, ``progress``, ``succeeded``, ``failed``, ``canceled``; ``data.job_id`` says whose).
 
@@ -35,7 +35,8 @@ from aiohttp_sse import EventSourceResponse, sse_response
 from mvserver.core.config import CONFIG
 from mvserver.core.errors import ApiError
 from mvserver.jobs import JOBS, Job
-from mvserver.projects.routes import BASE, JobStates, etag, job_states, load, owned_project, project_view
+from mvserver.projects.routes import owned_project
+from mvserver.projects.service import BASE, JobStates, etag, job_states, load, project_view
 from mvserver.projects.store import PROJECTS, Project
 from mvserver.web.access.auth import key_id
 from mvserver.web.access.signing import SIGNER, sign_links, signed_event_data
