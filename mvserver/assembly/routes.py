@@ -6,15 +6,22 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
 
 from mvserver.assembly.service import AssemblyDriver, plan, submit
 from mvserver.core.config import CONFIG
-from mvserver.core.errors import ApiError, validation_error
+from mvserver.core.errors import ApiError, validate
 from mvserver.jobs.accepted import accepted_response
-from mvserver.openapi.schemas import REQUEST_MODELS
-from mvserver.projects.routes import _json_object, owned_project
-from mvserver.projects.service import BASE, job_states, load_settled, project_timeline, project_view, update
+from mvserver.openapi.schemas import REQUEST_MODELS, read_json_object
+from mvserver.projects.routes import owned_project
+from mvserver.projects.service import (
+    BASE,
+    chosen_clip,
+    job_states,
+    load_settled,
+    project_timeline,
+    project_view,
+    update,
+)
 from mvserver.web.access.auth import key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
@@ -30,18 +37,11 @@ def assembly_kind(app: web.Application):  # type: ignore[no-untyped-def]
 # -- handlers -------------------------------------------------------------------------------------------------------
 
 
-def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-
-
 @routes.post("/api/mv/assemble")
 @idempotent
 async def assemble(request: web.Request) -> web.Response:
     app = request.app
-    body = _parse(app[REQUEST_MODELS].assemble, await _json_object(request))
+    body, _ = validate(app[REQUEST_MODELS].assemble, await read_json_object(request))
     await reserve(request, body)
     clips = [(c.job_id, c.trim_in, c.trim_out) for c in body.clips]
     planned = await plan(app, clips, body, body.audio_id, body.audio_offset, caller=key_id(request))
@@ -56,7 +56,7 @@ async def assemble_project(request: web.Request) -> web.Response:
     """The project's chosen clips in display order with their trims, and its song from its offset."""
     app = request.app
     project_id = (await owned_project(request)).id  # 404 for an unknown id or another key's project
-    options = _parse(app[REQUEST_MODELS].assembly_options, await _json_object(request, optional=True))
+    options, _ = validate(app[REQUEST_MODELS].assembly_options, await read_json_object(request, optional=True))
     await reserve(request, options)
     project, jobs = await load_settled(app, project_id)
     entries = project_timeline(project)
@@ -71,14 +71,7 @@ async def assemble_project(request: web.Request) -> web.Response:
             field="scenes",
         )
     for index, entry in enumerate(entries):
-        job = jobs.get(entry.job_id) if entry.job_id else None
-        if job is None or job.status != "succeeded":
-            raise ApiError(
-                400,
-                "clip_not_ready",
-                f"scenes.{index}: scene {entry.scene.id} has no finished chosen clip",
-                field=f"scenes.{index}",
-            )
+        chosen_clip(entry, jobs, f"scenes.{index}")
 
     def field(index: int, name: str) -> str:
         return f"scenes.{index}" if name == "job_id" else f"scenes.{index}.{name}"

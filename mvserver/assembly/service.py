@@ -28,16 +28,15 @@ from mvserver.core.config import CONFIG, AssemblyLimits
 from mvserver.core.errors import ApiError
 from mvserver.core.storage import STORE
 from mvserver.jobs import JOBS, Job
+from mvserver.jobs.clips import CLIP_KINDS, finished_clip
 from mvserver.jobs.options import job_fields
 from mvserver.jobs.runner import Progress
 from mvserver.lipsync.routes import FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, ffmpeg_limits
 from mvserver.media import ffmpeg as media
-from mvserver.web.access.auth import visible_to
 
 KIND = "assembly"
 BACKEND = "ffmpeg"
 LOCK_SUFFIX = ".ffmpeg.lock"  # outputs/jobs/<job_id>.ffmpeg.lock: held by every ffmpeg of a run of the job
-CLIP_KINDS = frozenset({"video", "lipsync"})  # jobs whose output is a clip
 
 
 class PlannedClip(NamedTuple):
@@ -53,17 +52,9 @@ async def _clip_file(app: web.Application, job_id: str, field: str, caller: str 
     """The MP4 of a succeeded clip job the caller may use (400 naming ``field`` otherwise; another key's job is
     as unknown as a missing one)."""
     job = await app[JOBS].get(job_id)
-    if job is None or not visible_to(job.owner, caller):
-        raise ApiError(400, "clip_not_found", f"{field}: no job with id {job_id}", field=field)
-    if job.kind not in CLIP_KINDS:
-        raise ApiError(400, "invalid_clip", f"{field}: job {job_id} is a {job.kind} job, not a clip", field=field)
-    if job.status != "succeeded":
-        raise ApiError(
-            400, "clip_not_ready", f"{field}: job {job_id} is {job.status}; assembly needs finished clips", field=field
-        )
-    path = app[STORE].path("videos", job_id, ".mp4")
-    if not await asyncio.to_thread(path.is_file):
-        raise ApiError(400, "clip_not_found", f"{field}: the video of job {job_id} is gone", field=field)
+    path, _ = await finished_clip(
+        job, job_id, app[STORE], field, caller, "assembly needs finished clips", kinds=CLIP_KINDS
+    )
     return path
 
 

@@ -12,23 +12,23 @@ from aiohttp import web
 
 from mvserver.core.config import CONFIG, LipsyncLimits, LipsyncSettings
 from mvserver.core.debug import debug_print
-from mvserver.core.errors import ApiError
+from mvserver.core.errors import ApiError, validate
 from mvserver.core.storage import STORE, OutputStore, check_id, new_id
-from mvserver.jobs import JOBS, Job
+from mvserver.jobs import JOBS, Job, clips
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields
 from mvserver.lipsync.service import KIND, WINDOW_SUFFIX, cut_window, plan_window, scene_window, song_file
 from mvserver.media import ffmpeg as media
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
-from mvserver.projects.routes import _json_object, owned_project
+from mvserver.openapi.schemas import REQUEST_MODELS, parse_body, read_json_object
+from mvserver.projects.routes import owned_project
 from mvserver.projects.schemas import SCENE_LIPSYNC_OPTIONS
 from mvserver.projects.service import BASE as PROJECTS_BASE
 from mvserver.projects.service import (
     JobStates,
-    _options,
-    _validate,
+    action_options,
     add_version,
     check_room,
+    chosen_clip,
     job_states,
     load_settled,
     normal_options,
@@ -39,7 +39,7 @@ from mvserver.projects.service import (
 from mvserver.projects.store import ClipVersion, Project
 from mvserver.providers import PROVIDERS, Snapshot
 from mvserver.providers.replicate import ReplicateProvider
-from mvserver.web.access.auth import key_id, visible_to
+from mvserver.web.access.auth import key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
 
@@ -61,17 +61,7 @@ async def finished_clip(
     """The MP4 of a succeeded job, probed (400 naming ``video_job_id`` otherwise; another key's job is unknown)."""
     field = "video_job_id"
     job = await app[JOBS].get(job_id)
-    if job is None or not visible_to(job.owner, caller):
-        raise ApiError(400, "clip_not_found", f"{field}: no job with id {job_id}", field=field)
-    if job.status != "succeeded":
-        raise ApiError(
-            400, "clip_not_ready", f"{field}: job {job_id} is {job.status}; lip sync needs a finished clip", field=field
-        )
-    path = app[STORE].path("videos", job_id, ".mp4")
-    try:
-        size = (await asyncio.to_thread(path.stat)).st_size
-    except FileNotFoundError:
-        raise ApiError(400, "clip_not_found", f"{field}: the video of job {job_id} is gone", field=field) from None
+    path, size = await clips.finished_clip(job, job_id, app[STORE], field, caller, "lip sync needs a finished clip")
     if size > limits.max_clip_bytes:
         raise ApiError(
             400, "clip_too_large", f"{field}: the clip has {size} bytes; at most {limits.max_clip_bytes}", field=field
@@ -156,7 +146,7 @@ async def lipsync_scene(request: web.Request) -> web.Response:
     app = request.app
     project_id = (await owned_project(request)).id  # 404 for an unknown id or another key's project
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
-    options = _options(await _json_object(request, optional=True), SCENE_LIPSYNC_OPTIONS)
+    options = action_options(await read_json_object(request, optional=True), SCENE_LIPSYNC_OPTIONS)
     await reserve(request, normal_options(app[REQUEST_MODELS].lipsync, options, SCENE_LIPSYNC_OPTIONS))
     project, jobs = await load_settled(app, project_id)
     index = next((i for i, s in enumerate(project.scenes) if s.id == scene_id), None)
@@ -166,9 +156,7 @@ async def lipsync_scene(request: web.Request) -> web.Response:
     if project.song is None:
         raise ApiError(400, "missing_field", "audio_id: the project has no song to lip-sync to", field="audio_id")
     entry = project_timeline(project)[index]
-    chosen = jobs.get(entry.job_id) if entry.job_id else None
-    if chosen is None or chosen.status != "succeeded":
-        raise ApiError(400, "clip_not_ready", f"{field}: scene {scene_id} has no finished chosen clip", field=field)
+    chosen = chosen_clip(entry, jobs, field)
     limit = app[CONFIG].projects.limits.versions_per_scene_max
     check_room(entry.scene, jobs, limit, field)
     start, end = scene_window(entry, project.song, field)
@@ -182,7 +170,7 @@ async def lipsync_scene(request: web.Request) -> web.Response:
         "scene_id": scene_id,
         **options,
     }
-    body, defaulted = _validate(model, data)
+    body, defaulted = validate(model, data)
     job = await submit_lipsync(app, body, defaulted, key_id(request), charge=lambda: charge(request, "jobs"))
     duration = next(v.duration for v in entry.scene.versions if v.job_id == chosen.id)
 

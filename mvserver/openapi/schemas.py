@@ -10,13 +10,13 @@ import json
 from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from mvserver import __version__
 from mvserver.assembly.schemas import assemble_request_model, assembly_options_model
 from mvserver.core.config import Config
 from mvserver.core.debug import debug_print
-from mvserver.core.errors import ApiError, validation_error
+from mvserver.core.errors import ApiError, validate
 from mvserver.core.fields import INTEGRAL, UUID4_PATTERN, choice, text
 from mvserver.jobs.options import option_fields
 from mvserver.openapi.document import complete
@@ -218,15 +218,19 @@ def json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+async def read_json_object(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+    """The request's body as a JSON object (:func:`json_object`); ``optional``: an empty body is ``{}``."""
+    raw = await request.read()
+    if optional and not raw.strip():
+        return {}
+    return json_object(raw)
+
+
 async def parse_body(request: web.Request, model: type[Model], debug: bool) -> tuple[Model, list[str]]:
     """Parse and validate a JSON body; return the model and the names of the fields filled from settings."""
-    body = json_object(await request.read())
+    body = await read_json_object(request)
     debug_print(debug, f"{request.path} request arguments received", body)
-    try:
-        parsed = model.model_validate(body)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-    defaulted = [name for name in model.model_fields if name not in parsed.model_fields_set]
+    parsed, defaulted = validate(model, body)
     debug_print(
         debug, f"{request.path} defaults applied from settings", {name: getattr(parsed, name) for name in defaulted}
     )

@@ -8,21 +8,20 @@ from typing import Any
 from aiohttp import web
 
 from mvserver.core.config import CONFIG
-from mvserver.core.errors import ApiError
+from mvserver.core.errors import ApiError, validate
 from mvserver.core.storage import check_id
 from mvserver.images.routes import generate_reference
 from mvserver.jobs.accepted import accepted_response
-from mvserver.openapi.schemas import REQUEST_MODELS, json_object
+from mvserver.openapi.schemas import REQUEST_MODELS, read_json_object
 from mvserver.projects import song as project_song
 from mvserver.projects.schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
 from mvserver.projects.service import (
     BASE,
     JobStates,
     _check_image,
-    _matches,
-    _options,
-    _validate,
+    action_options,
     apply_patch,
+    check_if_match,
     create_project,
     etag,
     generate_clips,
@@ -63,13 +62,6 @@ def _respond(
     )
 
 
-async def _json_object(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
-    raw = await request.read()
-    if optional and not raw.strip():
-        return {}
-    return json_object(raw)
-
-
 # -- handlers ------------------------------------------------------------------------------------------------------
 
 
@@ -80,7 +72,7 @@ def _project_id(request: web.Request) -> str:
 @routes.post(BASE)
 @idempotent
 async def create(request: web.Request) -> web.Response:
-    body, _ = _validate(request.app[REQUEST_MODELS].projects.create, await _json_object(request))
+    body, _ = validate(request.app[REQUEST_MODELS].projects.create, await read_json_object(request))
     await reserve(request, body)
     project = await create_project(request.app, body, owner=key_id(request))
     return _respond(project, {}, 201, headers={"Location": f"{BASE}/{project.id}"})
@@ -102,7 +94,7 @@ async def patch(request: web.Request) -> web.Response:
         raise ApiError(
             428, "precondition_required", "PATCH needs If-Match with the ETag of the project as read", field="If-Match"
         )
-    body, _ = _validate(app[REQUEST_MODELS].projects.patch, await _json_object(request))
+    body, _ = validate(app[REQUEST_MODELS].projects.patch, await read_json_object(request))
     song: Song | None | bool = False
     if "audio_id" in body.model_fields_set:
         song = None
@@ -124,7 +116,7 @@ async def patch(request: web.Request) -> web.Response:
 async def write(request: web.Request) -> web.Response:
     app = request.app
     project_id = (await owned_project(request)).id
-    options, _ = _validate(app[REQUEST_MODELS].projects.write_scenes, await _json_object(request, optional=True))
+    options, _ = validate(app[REQUEST_MODELS].projects.write_scenes, await read_json_object(request, optional=True))
     await reserve(request, options)
     await charge(request, "blocking")
     project = await write_project_scenes(request, project_id, options, request.headers.get("If-Match"))
@@ -139,15 +131,13 @@ async def character(request: web.Request) -> web.Response:
     app = request.app
     project = await owned_project(request)
     project_id = project.id
-    options = _options(await _json_object(request, optional=True), CHARACTER_OPTIONS)
-    params, defaulted = _validate(
+    options = action_options(await read_json_object(request, optional=True), CHARACTER_OPTIONS)
+    params, defaulted = validate(
         app[REQUEST_MODELS].image, {"character_description": project.character_description, **options}
     )
     # Before If-Match: the retry of a request that went through (and moved the ETag) gets its answer, not a 412.
     await reserve(request, {name: getattr(params, name) for name in CHARACTER_OPTIONS})
-    if_match = request.headers.get("If-Match")
-    if if_match is not None and not _matches(if_match, project):
-        raise ApiError(412, "precondition_failed", f"the project is at version {etag(project)}", field="If-Match")
+    check_if_match(project, request.headers.get("If-Match"))
     await charge(request, "blocking")
 
     def abandoned() -> bool:
@@ -172,7 +162,7 @@ async def character(request: web.Request) -> web.Response:
 async def generate_missing(request: web.Request) -> web.Response:
     """A clip job for every scene without a chosen clip and without one in progress."""
     project_id = (await owned_project(request)).id
-    options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
+    options = action_options(await read_json_object(request, optional=True), CLIP_OPTIONS)
     await reserve(request, normal_options(request.app[REQUEST_MODELS].video, options, CLIP_OPTIONS))
     project, jobs, started = await generate_clips(
         request.app,
@@ -192,7 +182,7 @@ async def generate_one(request: web.Request) -> web.Response:
     """A new clip version of one scene (a regeneration keeps the old versions)."""
     project_id = (await owned_project(request)).id
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
-    options = _options(await _json_object(request, optional=True), CLIP_OPTIONS)
+    options = action_options(await read_json_object(request, optional=True), CLIP_OPTIONS)
     await reserve(request, normal_options(request.app[REQUEST_MODELS].video, options, CLIP_OPTIONS))
     project, jobs, started = await generate_clips(
         request.app,

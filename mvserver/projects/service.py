@@ -25,11 +25,11 @@ from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError, create_model
+from pydantic import BaseModel, create_model
 
 from mvserver.analysis import SongAnalysis
 from mvserver.core.config import CONFIG, Config
-from mvserver.core.errors import ApiError, validation_error
+from mvserver.core.errors import ApiError, validate
 from mvserver.core.storage import STORE, check_id, new_id
 from mvserver.images.routes import _saved_image
 from mvserver.jobs import JOBS, Job
@@ -191,6 +191,17 @@ def project_timeline(project: Project) -> list[TimelineEntry]:
     return entries
 
 
+def chosen_clip(entry: TimelineEntry, jobs: JobStates, field: str) -> Job:
+    """The succeeded job of the scene's chosen clip (what assembly and lip sync take); 400 ``clip_not_ready`` naming
+    ``field`` when the scene has none."""
+    job = jobs.get(entry.job_id) if entry.job_id else None
+    if job is None or job.status != "succeeded":
+        raise ApiError(
+            400, "clip_not_ready", f"{field}: scene {entry.scene.id} has no finished chosen clip", field=field
+        )
+    return job
+
+
 async def load_settled(app: web.Application, project_id: str) -> tuple[Project, JobStates]:
     """The project with finished awaited versions folded in (in memory), and the jobs of its versions."""
     project = await load(app, project_id)
@@ -219,6 +230,15 @@ def _matches(if_match: str, project: Project) -> bool:
     return "*" in tags or etag(project) in tags
 
 
+def check_if_match(project: Project, if_match: str | None, advice: str = "") -> None:
+    """412 ``precondition_failed`` when the client named a version (``If-Match``) that the project is no longer at;
+    ``advice`` follows the message. The one ``If-Match`` check of every project write."""
+    if if_match is not None and not _matches(if_match, project):
+        raise ApiError(
+            412, "precondition_failed", f"the project is at version {etag(project)}{advice}", field="If-Match"
+        )
+
+
 Change = Callable[[Project, JobStates], Awaitable[None] | None]
 
 
@@ -228,13 +248,7 @@ async def update(app: web.Application, project_id: str, change: Change, if_match
     store = app[PROJECTS]
     for _ in range(CAS_ATTEMPTS):
         project = await load(app, project_id)
-        if if_match is not None and not _matches(if_match, project):
-            raise ApiError(
-                412,
-                "precondition_failed",
-                f"the project is at version {etag(project)}, not {if_match}: read it again and reapply the change",
-                field="If-Match",
-            )
+        check_if_match(project, if_match, f", not {if_match}: read it again and reapply the change")
         jobs = await job_states(app, project)
         settle(project, jobs)
         result = change(project, jobs)
@@ -306,18 +320,7 @@ def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
 # -- request bodies ------------------------------------------------------------------------------------------------
 
 
-def _validate(model: type[BaseModel], data: dict[str, Any], prefix: str = "") -> tuple[Any, list[str]]:
-    try:
-        parsed = model.model_validate(data)
-    except ValidationError as exc:
-        error = validation_error(exc)
-        if prefix and error.info.field:
-            error.info.field = f"{prefix}.{error.info.field}"
-        raise error from None
-    return parsed, [name for name in model.model_fields if name not in parsed.model_fields_set]
-
-
-def _options(body: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
+def action_options(body: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
     """Only the options a project action takes; the rest of the request comes from the project."""
     for name in body:
         if name not in allowed:
@@ -342,7 +345,7 @@ def _options_model(model: type[BaseModel], allowed: frozenset[str]) -> type[Base
 def normal_options(model: type[BaseModel], options: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
     """A project action's options as the request model they feed reads them (checked, text trimmed, defaults
     filled): what an ``Idempotency-Key`` fingerprints, known before the project's state is read."""
-    checked, _ = _validate(_options_model(model, allowed), options)
+    checked, _ = validate(_options_model(model, allowed), options)
     return checked.model_dump(mode="json")
 
 
@@ -604,7 +607,7 @@ def _clip_body(
         "aspect_ratio": project.aspect_ratio,
         **options,
     }
-    body, defaulted = _validate(model, data)
+    body, defaulted = validate(model, data)
     if not body.video_rules_template:  # a prompt written before PATCH checked it: name the scene, not "prompt"
         check_scene_prompt(app[CONFIG], project, scene, f"{field}.prompt")
     if project.character_image_id:
@@ -612,7 +615,7 @@ def _clip_body(
             check_reference_shape(app[CONFIG], body)
         except ApiError:
             return body, defaulted
-        body, defaulted = _validate(model, {**data, "reference_image_id": project.character_image_id})
+        body, defaulted = validate(model, {**data, "reference_image_id": project.character_image_id})
     return body, defaulted
 
 
@@ -675,8 +678,7 @@ async def generate_clips(
     config: Config = app[CONFIG]
     limit = config.projects.limits.versions_per_scene_max
     project, jobs = await load_settled(app, project_id)
-    if if_match is not None and not _matches(if_match, project):
-        raise ApiError(412, "precondition_failed", f"the project is at version {etag(project)}", field="If-Match")
+    check_if_match(project, if_match)
     if scene_ids is None:
         now = time.time()
         scenes = [
@@ -745,8 +747,7 @@ async def write_project_scenes(request: web.Request, project_id: str, options: A
     app = request.app
     config: Config = app[CONFIG]
     project = await load(app, project_id)
-    if if_match is not None and not _matches(if_match, project):
-        raise ApiError(412, "precondition_failed", f"the project is at version {etag(project)}", field="If-Match")
+    check_if_match(project, if_match)
     count = options.number_of_scenes or len(project.scenes) or config.scenes.defaults.number_of_scenes
     if count < len(project.scenes):
         raise ApiError(
@@ -764,7 +765,7 @@ async def write_project_scenes(request: web.Request, project_id: str, options: A
         params["style"] = project.style  # a preset: rendered by write_scenes as create_scenes renders it
     elif project.style:
         params["video_characteristics"] = project.style  # free style words
-    scenes_body, defaulted = _validate(app[REQUEST_MODELS].scenes, {**params, "number_of_scenes": 1})
+    scenes_body, defaulted = validate(app[REQUEST_MODELS].scenes, {**params, "number_of_scenes": 1})
     params = {**scenes_body.model_dump(), "number_of_scenes": count}
     defaulted = [name for name in defaulted if name != "number_of_scenes"]
     ids = [s.id for s in project.scenes]
