@@ -36,7 +36,7 @@ from mvserver.jobs import JOBS, Job
 from mvserver.openapi.schemas import REQUEST_MODELS
 from mvserver.projects import song as project_song
 from mvserver.projects.store import PROJECTS, Claim, ClipVersion, Project, Scene, Song
-from mvserver.scenes.routes import write_scenes
+from mvserver.scenes.service import write_scenes
 from mvserver.videos.routes import check_reference_shape, submit_video_job, whole_prompt
 from mvserver.web.access.auth import visible_to
 

@@ -21,7 +21,7 @@ from mvserver.core.errors import ApiError
 from mvserver.core.storage import STORE
 from mvserver.media.ffmpeg import PREVIEW_MIME_TYPE
 from mvserver.projects.store import Project, Song, SongWindow
-from mvserver.scenes.routes import SongBrief
+from mvserver.scenes.service import SongBrief
 
 log = logging.getLogger("mvserver.projects")
 
