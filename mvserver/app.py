@@ -24,6 +24,7 @@ from mvserver.jobs import JOBS, FileJobStore, Job, JobEngine, JobStore, events, 
 from mvserver.jobs.census import JobCensus
 from mvserver.jobs.retention import sweep_forever
 from mvserver.lipsync import routes as lipsync
+from mvserver.lipsync.service import KIND as LIPSYNC
 from mvserver.openapi.schemas import REQUEST_MODELS, RequestModels
 from mvserver.projects import events as project_events
 from mvserver.projects import routes as projects
@@ -166,7 +167,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     kinds = {
         "video": video_kind(app[PROVIDERS], app[STORE]),
-        lipsync.KIND: lipsync.lipsync_kind(app),
+        LIPSYNC: lipsync.lipsync_kind(app),
         ASSEMBLY: assembly.assembly_kind(app),
     }
     engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)

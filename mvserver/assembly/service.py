@@ -15,24 +15,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from aiohttp import web
-
 from mvserver.assembly.schemas import AssemblyOptions
 from mvserver.audio import songs
-from mvserver.audio.routes import saved_audio
-from mvserver.core.config import CONFIG, AssemblyLimits
+from mvserver.core.config import AssemblyLimits, Config
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE
-from mvserver.jobs import JOBS, Job
+from mvserver.core.storage import OutputStore
+from mvserver.jobs import Job, JobEngine
 from mvserver.jobs.clips import CLIP_KINDS, finished_clip
 from mvserver.jobs.options import job_fields
 from mvserver.jobs.runner import Progress
-from mvserver.lipsync.routes import FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, ffmpeg_limits
+from mvserver.lipsync.service import ffmpeg_limits
 from mvserver.media import ffmpeg as media
+from mvserver.projects.service import JobStates, ProjectDeps, chosen_clip, project_timeline, settled, update_loaded
+from mvserver.projects.store import Project
 
 KIND = "assembly"
 BACKEND = "ffmpeg"
@@ -45,22 +45,39 @@ class PlannedClip(NamedTuple):
     trim_out: float
 
 
+@dataclass(frozen=True)
+class AssemblyDeps:
+    """What assembly works with, so that its plan and its job driver never see a request or the app (the routes
+    build it: :func:`mvserver.assembly.routes.assembly_deps`): the settings, the job engine, the output files, the
+    songs' copies, the slots bounding probes and the node's ffmpeg-heavy runs, and the saved songs."""
+
+    config: Config
+    jobs: JobEngine
+    outputs: OutputStore
+    songs: songs.SongWork
+    probe_slots: asyncio.Semaphore  # lipsync.limits.ffmpeg_concurrency, shared with lip sync's probes
+    heavy_slots: asyncio.Semaphore  # media.yaml ffmpeg.concurrency, shared with lip-sync cuts
+    saved_audio: Callable[..., Awaitable[tuple[Path, dict[str, Any]]]]  # audio: (audio_id, field, caller)
+
+
 # -- checks before a job is accepted ------------------------------------------------------------------------------
 
 
-async def _clip_file(app: web.Application, job_id: str, field: str, caller: str | None) -> Path:
+async def _clip_file(
+    deps: AssemblyDeps, job_id: str, field: str, caller: str | None, known: dict[str, Job | None]
+) -> Path:
     """The MP4 of a succeeded clip job the caller may use (400 naming ``field`` otherwise; another key's job is
-    as unknown as a missing one)."""
-    job = await app[JOBS].get(job_id)
+    as unknown as a missing one). ``known``: jobs the request has read already."""
+    job = known[job_id] if job_id in known else await deps.jobs.get(job_id)
     path, _ = await finished_clip(
-        job, job_id, app[STORE], field, caller, "assembly needs finished clips", kinds=CLIP_KINDS
+        job, job_id, deps.outputs, field, caller, "assembly needs finished clips", kinds=CLIP_KINDS
     )
     return path
 
 
-async def _probe(app: web.Application, paths: list[Path], fields: list[str]) -> list[tuple[media.MediaInfo, int]]:
+async def _probe(deps: AssemblyDeps, paths: list[Path], fields: list[str]) -> list[tuple[media.MediaInfo, int]]:
     """Every clip probed in one ffmpeg run (bounded like lip sync's probes); on failure, the culprit is named."""
-    async with app[FFMPEG_SLOTS]:
+    async with deps.probe_slots:
         try:
             described = await media.probe_clips(paths)
         except media.MediaError:
@@ -104,7 +121,7 @@ def _clip_field(index: int, name: str) -> str:
 
 
 async def plan(
-    app: web.Application,
+    deps: AssemblyDeps,
     clips: list[tuple[str, float | None, float | None]],
     options: AssemblyOptions,
     audio_id: str | None,
@@ -112,11 +129,16 @@ async def plan(
     field: Callable[[int, str], str] = _clip_field,
     caller: str | None = None,
     clips_field: str = "clips",
+    known: dict[str, Job | None] | None = None,
 ) -> dict[str, Any]:
     """Check an assembly against the files (clips probed, the song's length) and the caps of one request (output
-    seconds, clips per filter graph), and return the job's request."""
-    paths = [await _clip_file(app, job_id, field(i, "job_id"), caller) for i, (job_id, _, _) in enumerate(clips)]
-    described = await _probe(app, paths, [field(i, "job_id") for i in range(len(clips))])
+    seconds, clips per filter graph), and return the job's request: what the job runs. ``known``: the clips' jobs
+    when the request has read them already (a project's), so that none is read twice."""
+    known = dict(known or {})
+    paths = []
+    for i, (job_id, _, _) in enumerate(clips):
+        paths.append(await _clip_file(deps, job_id, field(i, "job_id"), caller, known))
+    described = await _probe(deps, paths, [field(i, "job_id") for i in range(len(clips))])
     planned: list[PlannedClip] = []
     seconds: list[float] = []
     first = described[0][0].first_video
@@ -140,8 +162,8 @@ async def plan(
             )
     expected = sum(seconds)
     if options.transition == "crossfade":
-        expected = _crossfaded_seconds(seconds, options.crossfade_seconds, out_fps, app[CONFIG].media.assembly)
-    cap = app[CONFIG].media.assembly.output_seconds_max
+        expected = _crossfaded_seconds(seconds, options.crossfade_seconds, out_fps, deps.config.media.assembly)
+    cap = deps.config.media.assembly.output_seconds_max
     if expected > cap:
         raise ApiError(
             400,
@@ -150,7 +172,7 @@ async def plan(
             field=clips_field,
         )
     if audio_id is not None:
-        await _check_song(app, audio_id, audio_offset, caller)
+        await _check_song(deps, audio_id, audio_offset, caller)
     return {
         "clips": [c._asdict() for c in planned],
         "audio_id": audio_id,
@@ -186,9 +208,9 @@ def _crossfaded_seconds(seconds: list[float], crossfade: float, out_fps: float, 
     return (sum(frames) - (len(frames) - 1) * fade) / out_fps
 
 
-async def _check_song(app: web.Application, audio_id: str, offset: float, caller: str | None) -> None:
+async def _check_song(deps: AssemblyDeps, audio_id: str, offset: float, caller: str | None) -> None:
     try:
-        _, sidecar = await saved_audio(app, audio_id, caller=caller)
+        _, sidecar = await deps.saved_audio(audio_id, caller=caller)
     except ApiError as exc:
         raise ApiError(400, "audio_not_found", exc.info.message, field="audio_id") from None
     duration = sidecar.get("duration")
@@ -201,7 +223,7 @@ async def _check_song(app: web.Application, audio_id: str, offset: float, caller
         )
 
 
-async def submit(app: web.Application, request: dict[str, Any], owner: str | None, job_id: str) -> Job:
+async def submit(deps: AssemblyDeps, request: dict[str, Any], owner: str | None, job_id: str) -> Job:
     """Queue the assembly job (``job_id``: the id the quota charge answered)."""
     job = Job(
         id=job_id,
@@ -213,7 +235,72 @@ async def submit(app: web.Application, request: dict[str, Any], owner: str | Non
         owner=owner,
         **job_fields(request),
     )
-    return await app[JOBS].submit(job)
+    return await deps.jobs.submit(job)
+
+
+async def assemble(
+    deps: AssemblyDeps, body: Any, caller: str | None, charge: Callable[[], Awaitable[list[str]]]
+) -> Job:
+    """``POST /api/mv/assemble``: plan the clips of a validated request and queue the job that runs that plan
+    (``charge`` takes the caller's quota once the plan holds)."""
+    clips = [(c.job_id, c.trim_in, c.trim_out) for c in body.clips]
+    planned = await plan(deps, clips, body, body.audio_id, body.audio_offset, caller=caller)
+    [job_id] = await charge()  # only a request that got this far costs a token
+    return await submit(deps, planned, caller, job_id)
+
+
+async def assemble_project(
+    deps: AssemblyDeps,
+    projects: ProjectDeps,
+    project: Project,
+    options: AssemblyOptions,
+    caller: str | None,
+    charge: Callable[[], Awaitable[list[str]]],
+) -> tuple[Job, Project, JobStates]:
+    """The project's chosen clips in display order with their trims, and its song from its offset, planned and
+    queued; the job recorded as the project's assembly. ``project``: as the request loaded it. The project is
+    settled once, its versions' jobs read once (the plan reuses them) and the link's compare-and-set reuses both;
+    the job, the project as written and the job states it was settled with."""
+    project, jobs = await settled(projects, project)
+    entries = project_timeline(project)
+    if not entries:
+        raise ApiError(400, "no_scenes", "scenes: the project has no scenes to assemble", field="scenes")
+    limit = projects.config.projects.limits.assembly_clips_max
+    if len(entries) > limit:
+        raise ApiError(
+            400,
+            "too_many_clips",
+            f"scenes: {len(entries)} scenes, more than the {limit} clips one assembly may join",
+            field="scenes",
+        )
+    for index, entry in enumerate(entries):
+        chosen_clip(entry, jobs, f"scenes.{index}")
+
+    def field(index: int, name: str) -> str:
+        return f"scenes.{index}" if name == "job_id" else f"scenes.{index}.{name}"
+
+    clips = [(e.job_id or "", e.trim_in, e.trim_out) for e in entries]
+    song = project.song
+    planned = await plan(
+        deps,
+        clips,
+        options,
+        song.audio_id if song else None,
+        song.offset if song else 0.0,
+        field,
+        caller=caller,
+        clips_field="scenes",
+        known=jobs,
+    )
+    planned["project_id"] = project.id
+    [job_id] = await charge()
+    job = await submit(deps, planned, caller, job_id)
+
+    def link(current: Project, _jobs: JobStates) -> None:
+        current.assembly_job_id = job.id
+
+    project, jobs = await update_loaded(projects, project, jobs, link)
+    return job, project, jobs
 
 
 # -- the job driver -------------------------------------------------------------------------------------------------
@@ -231,19 +318,19 @@ def _field(name: str) -> str:
 class AssemblyDriver:
     """Runs ffmpeg on this machine (a local driver: after a restart it simply runs again)."""
 
-    def __init__(self, app: web.Application):
-        self.app = app
+    def __init__(self, deps: AssemblyDeps):
+        self.deps = deps
 
     async def run(self, job: Job, dest: Path, progress: Progress) -> int:
         request = job.request
-        store = self.app[STORE]
+        store = self.deps.outputs
         clips = [
             media.Clip(store.path("videos", c["job_id"], ".mp4"), c["trim_in"], c["trim_out"]) for c in request["clips"]
         ]
         song = song_copy = None
         if request.get("audio_id"):
-            song, sidecar = await saved_audio(self.app, request["audio_id"])
-            song_copy = await _song_copy(self.app, request["audio_id"], song, sidecar)
+            song, sidecar = await self.deps.saved_audio(request["audio_id"])
+            song_copy = await _song_copy(self.deps, request["audio_id"], song, sidecar)
         async with self._turn(job, progress) as held:
             result = await self._assemble(request, clips, song, song_copy, dest, progress, held)
         request["result"] = {
@@ -264,8 +351,8 @@ class AssemblyDriver:
         async def waiting() -> None:
             await progress(None, "waiting")
 
-        slots = self.app[HEAVY_FFMPEG_SLOTS]
-        async with media.run_lock(self.app[STORE].path("jobs", job.id, LOCK_SUFFIX), on_wait=waiting) as held:
+        slots = self.deps.heavy_slots
+        async with media.run_lock(self.deps.outputs.path("jobs", job.id, LOCK_SUFFIX), on_wait=waiting) as held:
             if slots.locked():
                 await waiting()
             async with slots:
@@ -283,7 +370,7 @@ class AssemblyDriver:
     ) -> media.AssemblyResult:
         """``media.assemble`` within the limits of media.yaml, its progress pumped to the job, its failures as job
         errors (``invalid_assembly``, ``assembly_timeout``, ``assembly_too_large``, ``assembly_failed``)."""
-        settings = self.app[CONFIG].media
+        settings = self.deps.config.media
         latest = [0.0]
         moved = asyncio.Event()
 
@@ -310,7 +397,7 @@ class AssemblyDriver:
                 clip_audio=request["clip_audio"],
                 fit=request["fit"],
                 progress=on_progress,
-                limits=ffmpeg_limits(self.app),
+                limits=ffmpeg_limits(self.deps.config),
                 hold=(held,),
                 graph_clips_max=settings.assembly.graph_clips_max,
                 song_copy=song_copy,
@@ -335,14 +422,14 @@ class AssemblyDriver:
             await asyncio.gather(pumping, return_exceptions=True)
 
 
-async def _song_copy(app: web.Application, audio_id: str, song: Path, sidecar: dict[str, Any]) -> media.SongCopy | None:
+async def _song_copy(deps: AssemblyDeps, audio_id: str, song: Path, sidecar: dict[str, Any]) -> media.SongCopy | None:
     """The song's AAC copy made at upload, whose packets a cut-only assembly copies; None (the song is encoded
     instead) if it is not there yet, in which case it is made now for the next assembly."""
-    path = songs.aac_copy(app[STORE], audio_id)
+    path = songs.aac_copy(deps.outputs, audio_id)
     duration = sidecar.get("duration")
     if not isinstance(duration, (int, float)) or isinstance(duration, bool):
         return None
     if await asyncio.to_thread(path.is_file):
         return media.SongCopy(path, float(duration))
-    app[songs.SONGS].copies(audio_id, song, float(duration))
+    deps.songs.copies(audio_id, song, float(duration))
     return None

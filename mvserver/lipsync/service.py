@@ -14,20 +14,34 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
-from mvserver.audio.routes import FORMATS, saved_audio
-from mvserver.core.errors import ApiError
-from mvserver.core.storage import temp_path
+from mvserver.audio.routes import FORMATS
+from mvserver.core.config import Config, LipsyncLimits, LipsyncSettings
+from mvserver.core.debug import debug_print
+from mvserver.core.errors import ApiError, validate
+from mvserver.core.storage import OutputStore, new_id, temp_path
+from mvserver.jobs import Job, JobEngine, clips
+from mvserver.jobs.options import job_fields
 from mvserver.media import ffmpeg as media
 from mvserver.projects.service import (
+    JobStates,
+    ProjectDeps,
     TimelineEntry,
+    add_version,
+    check_room,
+    chosen_clip,
+    project_timeline,
+    settled,
+    update_loaded,
 )
+from mvserver.projects.store import ClipVersion, Project
 from mvserver.projects.store import Song as ProjectSong
+from mvserver.providers import Providers, Snapshot
+from mvserver.providers.replicate import ReplicateProvider
 
 KIND = "lipsync"
 WINDOW_SUFFIX = ".lipsync.wav"
@@ -41,6 +55,27 @@ COPY_MAX_RATE = 48000
 COPY_BYTES_PER_SECOND = COPY_MAX_CHANNELS * COPY_MAX_RATE * 8
 DECODE_BYTES_PER_SECOND = COPY_MAX_CHANNELS * COPY_MAX_RATE * 2
 CUT_SLACK_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class LipsyncDeps:
+    """What lip sync works with, so that its checks and its job driver never see a request or the app (the routes
+    build it: :func:`mvserver.lipsync.routes.lipsync_deps`): the settings, the job engine, the output files, the
+    providers (Replicate), the slots bounding its probes and the node's ffmpeg-heavy runs, and the saved songs."""
+
+    config: Config
+    jobs: JobEngine
+    outputs: OutputStore
+    providers: Providers
+    probe_slots: asyncio.Semaphore  # lipsync.limits.ffmpeg_concurrency
+    heavy_slots: asyncio.Semaphore  # media.yaml ffmpeg.concurrency, shared with assembly runs
+    saved_audio: Callable[..., Awaitable[tuple[Path, dict[str, Any]]]]  # audio: (audio_id, field, caller)
+
+
+def ffmpeg_limits(config: Config) -> media.FfmpegLimits:
+    """The limits of every ffmpeg a job runs (media.yaml ``ffmpeg``)."""
+    return media.FfmpegLimits(**config.media.ffmpeg.model_dump(exclude={"concurrency"}))
+
 
 # -- songs ------------------------------------------------------------------------------------------------------------
 
@@ -56,10 +91,10 @@ class Song:
     channels: int | None
 
 
-async def song_file(app: web.Application, audio_id: str, field: str = "audio_id", caller: str | None = None) -> Song:
+async def song_file(deps: LipsyncDeps, audio_id: str, field: str = "audio_id", caller: str | None = None) -> Song:
     """An uploaded song (:func:`mvserver.audio.routes.saved_audio`) with what lip sync needs from its record. 400 for a
     malformed id or a format lip sync cannot cut, 404 for a missing song or a record without its length."""
-    path, sidecar = await saved_audio(app, audio_id, field, caller)
+    path, sidecar = await deps.saved_audio(audio_id, field, caller)
     fmt, duration = sidecar.get("format"), sidecar.get("duration")
     if duration is None:
         raise ApiError(404, "not_found", f"audio {audio_id}: its record has no duration", field=field)
@@ -258,3 +293,189 @@ def scene_window(entry: TimelineEntry, song: ProjectSong, field: str) -> tuple[f
             field=field,
         )
     return start, min(round(entry.song_start + entry.seconds, 6), song.duration)
+
+
+async def finished_clip(
+    deps: LipsyncDeps, job_id: str, limits: LipsyncLimits, caller: str | None = None, known: Job | None = None
+) -> tuple[Path, media.MediaInfo]:
+    """The MP4 of a succeeded job, probed (400 naming ``video_job_id`` otherwise; another key's job is unknown).
+    ``known``: the job, when the request has read it already."""
+    field = "video_job_id"
+    job = known if known is not None and known.id == job_id else await deps.jobs.get(job_id)
+    path, size = await clips.finished_clip(job, job_id, deps.outputs, field, caller, "lip sync needs a finished clip")
+    if size > limits.max_clip_bytes:
+        raise ApiError(
+            400, "clip_too_large", f"{field}: the clip has {size} bytes; at most {limits.max_clip_bytes}", field=field
+        )
+    try:
+        async with deps.probe_slots:
+            info = await media.probe(path, timeout=limits.ffmpeg_timeout_seconds)
+    except media.MediaError as exc:
+        raise ApiError(400, "invalid_clip", f"{field}: the clip cannot be read: {exc}", field=field) from None
+    if info.first_video is None or not (info.duration or 0) > 0:
+        raise ApiError(400, "invalid_clip", f"{field}: the file of job {job_id} holds no video", field=field)
+    if info.duration > limits.max_clip_seconds:
+        raise ApiError(
+            400,
+            "clip_too_long",
+            f"{field}: the clip lasts {info.duration:g} s; lip sync takes at most {limits.max_clip_seconds:g} s",
+            field=field,
+        )
+    return path, info
+
+
+async def submit_lipsync(
+    deps: LipsyncDeps,
+    body: Any,
+    defaulted: list[str],
+    owner: str | None,
+    charge: Callable[[], Awaitable[list[str]]] | None = None,
+    clip_job: Job | None = None,
+) -> Job:
+    """Check a lip-sync request against the clip and the song and queue its job (``owner``: the caller's key;
+    ``charge`` takes the caller's quota once the request is known to be valid; ``clip_job``: the clip's job, when
+    the request has read it already)."""
+    config = deps.config
+    settings = config.lipsync
+    song = await song_file(deps, body.audio_id, caller=owner)
+    _, clip = await finished_clip(deps, body.video_job_id, settings.limits, owner, clip_job)
+    window = plan_window(
+        body.audio_start, body.audio_end, clip.duration, song.duration, settings.limits.min_window_seconds
+    )
+    summary = body.model_dump()
+    summary.update(
+        window={"start": window.start, "end": window.end, "seconds": round(window.seconds, 6)},
+        clip_seconds=clip.duration,
+        song_seconds=song.duration,
+        defaults_applied=defaulted,
+    )
+    debug_print(config.debug, f"lipsync job for {settings.model}", summary)
+    [job_id] = await charge() if charge is not None else [new_id()]  # only a valid request costs a token
+    provider = deps.providers.replicate
+    job = Job(
+        id=job_id,
+        backend=provider.name,
+        model=settings.model,
+        sandbox=provider.sandbox,
+        request=summary,
+        kind=KIND,
+        owner=owner,
+        **job_fields(body),
+    )
+    return await deps.jobs.submit(job)
+
+
+async def submit_scene_lipsync(
+    deps: LipsyncDeps,
+    projects: ProjectDeps,
+    project: Project,
+    scene_id: str,
+    options: dict[str, Any],
+    owner: str | None,
+    charge: Callable[[], Awaitable[list[str]]] | None = None,
+) -> tuple[Job, Project, JobStates]:
+    """Lip-sync the scene's chosen clip to its slice of the project's song (``project``: as the request loaded it)
+    and link the job as a new version of the scene's clip; the job, the project as written and its versions' jobs.
+    The project is settled and its jobs read once; the link's compare-and-set reuses them."""
+    project, jobs = await settled(projects, project)
+    index = next((i for i, s in enumerate(project.scenes) if s.id == scene_id), None)
+    if index is None:
+        raise ApiError(404, "not_found", f"the project has no scene {scene_id}", field="scene_id")
+    field = f"scenes.{index}"
+    if project.song is None:
+        raise ApiError(400, "missing_field", "audio_id: the project has no song to lip-sync to", field="audio_id")
+    entry = project_timeline(project)[index]
+    chosen = chosen_clip(entry, jobs, field)
+    limit = projects.config.projects.limits.versions_per_scene_max
+    check_room(entry.scene, jobs, limit, field)
+    start, end = scene_window(entry, project.song, field)
+    data = {
+        "video_job_id": chosen.id,
+        "audio_id": project.song.audio_id,
+        "audio_start": start,
+        "audio_end": end,
+        "project_id": project.id,
+        "scene_id": scene_id,
+        **options,
+    }
+    body, defaulted = validate(projects.models.lipsync, data)
+    job = await submit_lipsync(deps, body, defaulted, owner, charge, clip_job=chosen)
+    duration = next(v.duration for v in entry.scene.versions if v.job_id == chosen.id)
+
+    def link(current: Project, states: JobStates) -> None:
+        target = current.scene(scene_id)
+        if target is None:
+            raise ApiError(409, "conflict", f"scene {scene_id} was removed meanwhile", field="scene_id")
+        add_version(target, ClipVersion(job_id=job.id, duration=duration), states, limit)
+
+    try:
+        project, jobs = await update_loaded(projects, project, jobs, link)
+    except BaseException:
+        await deps.jobs.cancel(job.id)  # not linked: it must not run unseen
+        raise
+    return job, project, {**jobs, job.id: job}
+
+
+# -- the job driver ---------------------------------------------------------------------------------------------------
+
+
+class LipsyncDriver:
+    """A lip-sync job as a Replicate prediction (a remote driver: the engine saves, polls, resumes and cancels it)."""
+
+    def __init__(self, deps: LipsyncDeps):
+        self.deps = deps
+        self.provider: ReplicateProvider = deps.providers.replicate
+        self.settings: LipsyncSettings = deps.config.lipsync
+
+    def inputs(self, job: Job, clip: Path, window: Path) -> dict[str, Any]:
+        """The model's input; the two paths are uploaded through Replicate's files API by the client."""
+        request = job.request
+        return {
+            "video": clip,
+            "audio": window,
+            "sync_mode": request["sync_mode"],
+            "temperature": request["temperature"],
+            "active_speaker": request["active_speaker"],
+        }
+
+    async def start(self, job: Job, webhook: str | None) -> str:
+        """Cut the window (again, if a restart came before the prediction existed) and create the prediction."""
+        outputs = self.deps.outputs
+        request = job.request
+        song = await song_file(self.deps, request["audio_id"])
+        clip = outputs.path("videos", request["video_job_id"], ".mp4")
+        if not await asyncio.to_thread(clip.is_file):
+            raise ApiError(409, "clip_not_found", f"the clip {request['video_job_id']} is gone", field="video_job_id")
+        window = request["window"]
+        dest = outputs.path("jobs", job.id, WINDOW_SUFFIX)
+        try:
+            async with self.deps.heavy_slots:
+                await cut_window(
+                    song,
+                    window["start"],
+                    window["seconds"],
+                    request["clip_seconds"],
+                    dest,
+                    self.settings.limits.ffmpeg_timeout_seconds,
+                    ffmpeg_limits(self.deps.config),
+                )
+        except media.MediaError as exc:
+            raise ApiError(
+                500, "audio_cut_failed", f"the audio window could not be cut: {exc}", field="audio_id"
+            ) from None
+        try:
+            prediction = await self.provider.create(
+                self.settings.model, self.inputs(job, clip, dest), webhook, cancel_after=job.seconds_left()
+            )
+        finally:
+            await asyncio.to_thread(dest.unlink, missing_ok=True)
+        return prediction.id
+
+    async def poll(self, prediction_id: str) -> Snapshot:
+        return await self.provider.poll(prediction_id)
+
+    async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
+        return await self.provider.download(snapshot, prediction_id, dest)
+
+    async def cancel(self, prediction_id: str) -> Snapshot:
+        return await self.provider.cancel(prediction_id)

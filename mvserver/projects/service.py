@@ -21,23 +21,23 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
-from aiohttp import web
 from pydantic import BaseModel, create_model
 
 from mvserver.analysis import SongAnalysis
-from mvserver.core.config import CONFIG, Config
+from mvserver.core.config import Config
 from mvserver.core.errors import ApiError, validate
-from mvserver.core.storage import STORE, check_id, new_id
+from mvserver.core.storage import OutputStore, check_id, new_id
 from mvserver.images.routes import _saved_image
-from mvserver.jobs import JOBS, Job
-from mvserver.openapi.schemas import REQUEST_MODELS
+from mvserver.jobs import Job, JobEngine
+from mvserver.openapi.schemas import RequestModels
 from mvserver.projects import song as project_song
-from mvserver.projects.store import PROJECTS, Claim, ClipVersion, Project, Scene, Song
-from mvserver.scenes.service import write_scenes
-from mvserver.videos.routes import check_reference_shape, submit_video_job, whole_prompt
+from mvserver.projects.store import CharacterCandidate, Claim, ClipVersion, Project, ProjectStore, Scene, Song
+from mvserver.scenes.service import SongBrief
+from mvserver.videos.routes import check_reference_shape, whole_prompt
 from mvserver.web.access.auth import visible_to
 
 BASE = "/api/mv/projects"
@@ -47,13 +47,31 @@ CLAIM_SECONDS = 60.0  # a scene claimed by a clips request that died is free aga
 JobStates = dict[str, Job | None]
 
 
+@dataclass(frozen=True)
+class ProjectDeps:
+    """What the project service works with, so that it never sees a request or the app (the routes build it:
+    :func:`mvserver.projects.routes.project_deps`): the settings, the project and job stores, the output files, the
+    request models a clip or scene request is checked with, and the other features it calls."""
+
+    config: Config
+    projects: ProjectStore
+    jobs: JobEngine
+    outputs: OutputStore
+    models: RequestModels
+    submit_video: Callable[..., Awaitable[Job]]  # videos: a clip job (body, defaulted, links, owner=, job_id=)
+    write_scenes: Callable[..., Awaitable[dict[str, Any]]]  # scenes: a scene list (params, defaulted, caller=, ...)
+    load_analysis: Callable[..., Awaitable[tuple[SongAnalysis | None, str | None]]]  # (audio_id, wait=)
+    song_brief: Callable[..., Awaitable[SongBrief | None]]  # (project, analysis, timeline, count)
+    generate_reference: Callable[..., Awaitable[dict[str, Any]]]  # images: (params, defaulted, abandoned, owner=)
+
+
 # -- the song ------------------------------------------------------------------------------------------------------
 
 
-async def song_duration(app: web.Application, audio_id: str, field: str, caller: str | None = None) -> float:
+async def song_duration(deps: ProjectDeps, audio_id: str, field: str, caller: str | None = None) -> float:
     """The duration of an uploaded song, from its sidecar ``audio/<id>.json`` (written last by the upload); another
     key's song than ``caller``'s is unknown."""
-    store = app[STORE]
+    store = deps.outputs
     try:
         raw = await asyncio.to_thread(store.path("audio", check_id(audio_id, field), ".json").read_bytes)
         sidecar = json.loads(raw)
@@ -93,9 +111,9 @@ def size_to_song(length: float, allowed: Iterable[int], scenes_max: int) -> list
 # -- versions ------------------------------------------------------------------------------------------------------
 
 
-async def job_states(app: web.Application, project: Project) -> JobStates:
+async def job_states(deps: ProjectDeps, project: Project) -> JobStates:
     """The job of every version of the project (None if the job store no longer has it)."""
-    engine = app[JOBS]
+    engine = deps.jobs
     ids = list({v.job_id for scene in project.scenes for v in scene.versions})
     return dict(zip(ids, await asyncio.gather(*(engine.get(job_id) for job_id in ids)), strict=False))
 
@@ -202,10 +220,15 @@ def chosen_clip(entry: TimelineEntry, jobs: JobStates, field: str) -> Job:
     return job
 
 
-async def load_settled(app: web.Application, project_id: str) -> tuple[Project, JobStates]:
+async def load_settled(deps: ProjectDeps, project_id: str) -> tuple[Project, JobStates]:
     """The project with finished awaited versions folded in (in memory), and the jobs of its versions."""
-    project = await load(app, project_id)
-    jobs = await job_states(app, project)
+    return await settled(deps, await load(deps, project_id))
+
+
+async def settled(deps: ProjectDeps, project: Project) -> tuple[Project, JobStates]:
+    """A project the request has loaded, with finished awaited versions folded in (in memory; the record is the
+    same object), and the jobs of its versions."""
+    jobs = await job_states(deps, project)
     settle(project, jobs)
     return project, jobs
 
@@ -213,9 +236,9 @@ async def load_settled(app: web.Application, project_id: str) -> tuple[Project, 
 # -- reading and writing records -----------------------------------------------------------------------------------
 
 
-async def load(app: web.Application, project_id: str, caller: str | None = None) -> Project:
+async def load(deps: ProjectDeps, project_id: str, caller: str | None = None) -> Project:
     """The project (404 if there is none, or it belongs to another key than ``caller``)."""
-    project = await app[PROJECTS].get(check_id(project_id, "project_id"))
+    project = await deps.projects.get(check_id(project_id, "project_id"))
     if project is None or not visible_to(project.owner, caller):
         raise ApiError(404, "not_found", f"no project with id {project_id}")
     return project
@@ -242,21 +265,43 @@ def check_if_match(project: Project, if_match: str | None, advice: str = "") -> 
 Change = Callable[[Project, JobStates], Awaitable[None] | None]
 
 
-async def update(app: web.Application, project_id: str, change: Change, if_match: str | None = None) -> Project:
+async def update(deps: ProjectDeps, project_id: str, change: Change, if_match: str | None = None) -> Project:
     """Read, check ``If-Match``, settle, apply ``change`` (which may raise ApiError: nothing is written) and
     compare-and-set; a write that lost a race is redone on the new record unless the client named a version."""
-    store = app[PROJECTS]
+    project, _ = await _update(deps, project_id, change, if_match)
+    return project
+
+
+async def update_loaded(
+    deps: ProjectDeps, project: Project, jobs: JobStates, change: Change
+) -> tuple[Project, JobStates]:
+    """:func:`update` of a project the request has loaded and settled already (``jobs``: its versions' jobs): the
+    first compare-and-set writes it without reading it again; one that lost a race is redone on a fresh read. The
+    project as written and the job states it was settled with."""
+    return await _update(deps, project.id, change, None, (project, jobs))
+
+
+async def _update(
+    deps: ProjectDeps,
+    project_id: str,
+    change: Change,
+    if_match: str | None,
+    loaded: tuple[Project, JobStates] | None = None,
+) -> tuple[Project, JobStates]:
+    store = deps.projects
     for _ in range(CAS_ATTEMPTS):
-        project = await load(app, project_id)
-        check_if_match(project, if_match, f", not {if_match}: read it again and reapply the change")
-        jobs = await job_states(app, project)
-        settle(project, jobs)
+        if loaded is not None:
+            (project, jobs), loaded = loaded, None
+        else:
+            project = await load(deps, project_id)
+            check_if_match(project, if_match, f", not {if_match}: read it again and reapply the change")
+            project, jobs = await settled(deps, project)
         result = change(project, jobs)
         if result is not None:
             await result
         project.updated_at = time.time()
         if await store.put(project, project.version):
-            return project
+            return project, jobs
     raise ApiError(409, "conflict", "the project kept changing while this change was applied; try again")
 
 
@@ -317,6 +362,26 @@ def project_view(project: Project, jobs: JobStates) -> dict[str, Any]:
     return body
 
 
+def timeline_view(project: Project, jobs: JobStates) -> dict[str, Any]:
+    """``GET …/timeline``: the scenes in display order with their chosen clip, trims and song window."""
+    entries = [
+        {
+            "scene_id": e.scene.id,
+            "job_id": e.job_id,
+            "trim_in": e.trim_in,
+            "trim_out": e.trim_out,
+            "seconds": round(e.seconds, 6),
+            "song_start": e.song_start,
+            "status": jobs[e.job_id].status if e.job_id and jobs.get(e.job_id) else None,
+            "video_url": f"/api/mv/get_video/{e.job_id}" if e.job_id else None,
+        }
+        for e in project_timeline(project)
+    ]
+    song = project.song
+    song_view = {**song.model_dump(), "audio_url": f"/api/mv/get_audio/{song.audio_id}"} if song else None
+    return {"project_id": project.id, "song": song_view, "entries": entries}
+
+
 # -- request bodies ------------------------------------------------------------------------------------------------
 
 
@@ -362,20 +427,20 @@ def new_scene(duration: int, prompt: str = "", negative_prompt: str = "", trim_o
     )
 
 
-async def create_project(app: web.Application, body: Any, owner: str | None = None) -> Project:
-    config: Config = app[CONFIG]
+async def create_project(deps: ProjectDeps, body: Any, owner: str | None = None) -> Project:
+    config = deps.config
     settings = config.projects
     song = analysis = None
     sized = [(settings.default_scene_seconds, float(settings.default_scene_seconds))] * (body.number_of_scenes or 0)
     if body.audio_id is not None:
-        duration = await song_duration(app, body.audio_id, "audio_id", owner)
+        duration = await song_duration(deps, body.audio_id, "audio_id", owner)
         song = Song(
             audio_id=body.audio_id, offset=_offset(body.audio_offset, duration, "audio_offset"), duration=duration
         )
         sizing = body.number_of_scenes is None
         # Sizing waits for the song's analysis (usually done at upload); otherwise only a finished one is used.
-        analysis, note = await project_song.load_analysis(
-            app, body.audio_id, wait=config.env.analysis_timeout_seconds if sizing else 0
+        analysis, note = await deps.load_analysis(
+            body.audio_id, wait=config.env.analysis_timeout_seconds if sizing else 0
         )
         if sizing and analysis is not None and analysis.grid is not None:
             sized = project_song.scenes_on_bars(
@@ -403,7 +468,7 @@ async def create_project(app: web.Application, body: Any, owner: str | None = No
         scenes=[new_scene(d, trim_out=kept) for d, kept in sized],
     )
     project_song.place_scenes(project_timeline(project), song, analysis, settings.frame_rate)
-    if not await app[PROJECTS].put(project, 0):
+    if not await deps.projects.put(project, 0):
         raise ApiError(409, "conflict", "a project with this id exists")  # a UUID4 collision: never in practice
     return project
 
@@ -419,13 +484,33 @@ def _offset(offset: float, duration: float, field: str) -> float:
 # -- patch ---------------------------------------------------------------------------------------------------------
 
 
-async def _check_image(app: web.Application, image_id: str, caller: str | None) -> None:
+async def check_image(deps: ProjectDeps, image_id: str, caller: str | None) -> None:
     try:
-        await _saved_image(app[STORE], image_id, "character_image_id", caller)
+        await _saved_image(deps.outputs, image_id, "character_image_id", caller)
     except ApiError:
         raise ApiError(
             400, "invalid_field", f"character_image_id: no image with id {image_id}", field="character_image_id"
         ) from None
+
+
+async def patch_project(
+    deps: ProjectDeps, current: Project, body: Any, if_match: str, caller: str | None = None
+) -> Project:
+    """Apply a validated PATCH: a new song is checked and measured, a character image checked, the song's analysis
+    used if it is ready (never waited for); then :func:`apply_patch` in a compare-and-set at ``if_match``."""
+    song: Song | None | bool = False
+    if "audio_id" in body.model_fields_set:
+        song = None
+        if body.audio_id is not None:
+            duration = await song_duration(deps, body.audio_id, "audio_id", caller)
+            song = Song(audio_id=body.audio_id, duration=duration)
+    if body.character_image_id is not None:
+        await check_image(deps, body.character_image_id, caller)
+    audio_id = body.audio_id if "audio_id" in body.model_fields_set else current.song and current.song.audio_id
+    analysis = (await deps.load_analysis(audio_id, wait=0))[0] if audio_id else None  # if ready
+    return await update(
+        deps, current.id, lambda p, jobs: apply_patch(deps.config, p, jobs, body, song, analysis), if_match
+    )
 
 
 def apply_patch(
@@ -586,8 +671,26 @@ def _patch_scene(config: Config, scene: Scene, change: Any, jobs: JobStates, fie
 # -- actions -------------------------------------------------------------------------------------------------------
 
 
+async def render_character(
+    deps: ProjectDeps, project: Project, params: Any, defaulted: list[str], abandoned: Callable[[], bool]
+) -> tuple[Project, dict[str, Any]]:
+    """Render the project's character (``params``: the checked image request) and keep every candidate on the
+    record, the first one chosen; the project and the images' answer (without their bytes)."""
+    image = await deps.generate_reference(params.model_dump(), defaulted, abandoned, owner=project.owner)
+
+    def pick(current: Project, _jobs: JobStates) -> None:
+        current.character_image_id = image["image_id"]
+        current.character_candidates = [
+            CharacterCandidate(image_id=i["image_id"], mime_type=i["mime_type"], seed=i["seed"])
+            for i in image["images"]
+        ]
+
+    project = await update(deps, project.id, pick)
+    return project, {k: v for k, v in image.items() if k != "image_base64"}
+
+
 def _clip_body(
-    app: web.Application, project: Project, scene: Scene, options: dict[str, Any], field: str
+    deps: ProjectDeps, project: Project, scene: Scene, options: dict[str, Any], field: str
 ) -> tuple[Any, list[str]]:
     """The video request of a scene's clip: prompt, duration and shape from the project; the character image as
     the reference when the backend takes one for this shape (Replicate: 16:9, 8 s), else none."""
@@ -598,8 +701,8 @@ def _clip_body(
             f"{field}.prompt: the scene has no prompt yet (write scenes or PATCH it)",
             field=f"{field}.prompt",
         )
-    model = app[REQUEST_MODELS].video
-    limit = app[CONFIG].videos.limits.text_max_chars
+    model = deps.models.video
+    limit = deps.config.videos.limits.text_max_chars
     data = {
         "prompt": scene.prompt[:limit],
         "negative_prompt": scene.negative_prompt[:limit],
@@ -609,10 +712,10 @@ def _clip_body(
     }
     body, defaulted = validate(model, data)
     if not body.video_rules_template:  # a prompt written before PATCH checked it: name the scene, not "prompt"
-        check_scene_prompt(app[CONFIG], project, scene, f"{field}.prompt")
+        check_scene_prompt(deps.config, project, scene, f"{field}.prompt")
     if project.character_image_id:
         try:
-            check_reference_shape(app[CONFIG], body)
+            check_reference_shape(deps.config, body)
         except ApiError:
             return body, defaulted
         body, defaulted = validate(model, {**data, "reference_image_id": project.character_image_id})
@@ -627,7 +730,7 @@ class _NothingToClaim(Exception):
     """Every scene a clips request wanted is taken already (a concurrent request claimed it): nothing to write."""
 
 
-async def _claim(app: web.Application, project_id: str, scene_ids: list[str], token: str) -> list[str]:
+async def _claim(deps: ProjectDeps, project_id: str, scene_ids: list[str], token: str) -> list[str]:
     """Claim the scenes that still have no chosen clip, none awaited and no live claim, in one compare-and-set;
     the ids claimed now (possibly none). Only then may jobs be created: a concurrent request finds them taken."""
     got: list[str] = []
@@ -645,23 +748,23 @@ async def _claim(app: web.Application, project_id: str, scene_ids: list[str], to
             raise _NothingToClaim()
 
     try:
-        await update(app, project_id, claim)
+        await update(deps, project_id, claim)
     except _NothingToClaim:
         return []
     return got
 
 
-async def _release_claims(app: web.Application, project_id: str, token: str) -> None:
+async def _release_claims(deps: ProjectDeps, project_id: str, token: str) -> None:
     def release(current: Project, _jobs: JobStates) -> None:
         for scene in current.scenes:
             if scene.claim is not None and scene.claim.token == token:
                 scene.claim = None
 
-    await update(app, project_id, release)
+    await update(deps, project_id, release)
 
 
 async def generate_clips(
-    app: web.Application,
+    deps: ProjectDeps,
     project_id: str,
     scene_ids: list[str] | None,
     options: dict[str, Any],
@@ -675,9 +778,9 @@ async def generate_clips(
     scene", the scenes are first claimed on the record (one compare-and-set), so of concurrent requests only the
     claimer creates jobs; then ``charge(job_ids)`` takes the quota of the n jobs at once (all or none; jobs beyond the
     key's running-jobs cap wait queued in the job store). ``owner``: the caller's key, which owns the jobs."""
-    config: Config = app[CONFIG]
+    config = deps.config
     limit = config.projects.limits.versions_per_scene_max
-    project, jobs = await load_settled(app, project_id)
+    project, jobs = await load_settled(deps, project_id)
     check_if_match(project, if_match)
     if scene_ids is None:
         now = time.time()
@@ -692,16 +795,16 @@ async def generate_clips(
     for scene in scenes:
         field = f"scenes.{project.scenes.index(scene)}"
         check_room(scene, jobs, limit, field)
-        bodies[scene.id] = _clip_body(app, project, scene, options, field)
+        bodies[scene.id] = _clip_body(deps, project, scene, options, field)
     if not scenes:  # nothing is missing: nothing to write
         return project, jobs, []
     token = None
     if scene_ids is None:
         token = new_id()
-        claimed = set(await _claim(app, project_id, [s.id for s in scenes], token))
+        claimed = set(await _claim(deps, project_id, [s.id for s in scenes], token))
         scenes = [s for s in scenes if s.id in claimed]
         if not scenes:  # a concurrent request is starting them (a double click): nothing more to do
-            project, jobs = await load_settled(app, project_id)
+            project, jobs = await load_settled(deps, project_id)
             return project, jobs, []
     submitted: list[Job] = []
     duplicates: list[Job] = []
@@ -725,28 +828,30 @@ async def generate_clips(
         for scene, job_id in zip(scenes, job_ids, strict=False):
             body, defaulted = bodies[scene.id]
             links = {"project_id": project.id, "scene_id": scene.id}
-            submitted.append(await submit_video_job(app, body, defaulted, links, owner=owner, job_id=job_id))
-        project = await update(app, project_id, link)
+            submitted.append(await deps.submit_video(body, defaulted, links, owner=owner, job_id=job_id))
+        project = await update(deps, project_id, link)
     except BaseException:
         for job in submitted:  # nothing was linked: none of them may run unseen
-            await app[JOBS].cancel(job.id)
+            await deps.jobs.cancel(job.id)
         if token is not None:
             with contextlib.suppress(Exception):  # else the claim lapses by itself: the first error is the one to tell
-                await _release_claims(app, project_id, token)
+                await _release_claims(deps, project_id, token)
         raise
     for job in duplicates:
-        await app[JOBS].cancel(job.id)
+        await deps.jobs.cancel(job.id)
     dropped = {job.id for job in duplicates}
     started = [job for job in submitted if job.id not in dropped]
-    return project, await job_states(app, project), started
+    return project, await job_states(deps, project), started
 
 
-async def write_project_scenes(request: web.Request, project_id: str, options: Any, if_match: str | None) -> Project:
+async def write_project_scenes(
+    deps: ProjectDeps, project_id: str, options: Any, if_match: str | None, owner: str | None = None
+) -> Project:
     """Ask Gemini for the scene prompts (the project's idea, character and style) and write them into the scenes
-    that existed when the request came, by id (a reorder meanwhile does not mix them up); more scenes are added."""
-    app = request.app
-    config: Config = app[CONFIG]
-    project = await load(app, project_id)
+    that existed when the request came, by id (a reorder meanwhile does not mix them up); more scenes are added.
+    ``owner``: the caller's key, which owns the scene list written."""
+    config = deps.config
+    project = await load(deps, project_id)
     check_if_match(project, if_match)
     count = options.number_of_scenes or len(project.scenes) or config.scenes.defaults.number_of_scenes
     if count < len(project.scenes):
@@ -765,21 +870,18 @@ async def write_project_scenes(request: web.Request, project_id: str, options: A
         params["style"] = project.style  # a preset: rendered by write_scenes as create_scenes renders it
     elif project.style:
         params["video_characteristics"] = project.style  # free style words
-    scenes_body, defaulted = validate(app[REQUEST_MODELS].scenes, {**params, "number_of_scenes": 1})
+    scenes_body, defaulted = validate(deps.models.scenes, {**params, "number_of_scenes": 1})
     params = {**scenes_body.model_dump(), "number_of_scenes": count}
     defaulted = [name for name in defaulted if name != "number_of_scenes"]
     ids = [s.id for s in project.scenes]
     fps = config.projects.frame_rate
     analysis = brief = None
     if project.song is not None:  # Gemini hears the song and reads its timeline
-        analysis, _ = await project_song.load_analysis(
-            app, project.song.audio_id, wait=config.env.analysis_wait_seconds
-        )
+        analysis, _ = await deps.load_analysis(project.song.audio_id, wait=config.env.analysis_wait_seconds)
         project_song.place_scenes(project_timeline(project), project.song, analysis, fps)
-        brief = await project_song.song_brief(app, project, analysis, project_timeline(project), count)
-    written = (await write_scenes(request, params, defaulted, caller=f"project {project_id} write_scenes", song=brief))[
-        "scenes"
-    ]
+        brief = await deps.song_brief(project, analysis, project_timeline(project), count)
+    caller = f"project {project_id} write_scenes"
+    written = (await deps.write_scenes(params, defaulted, caller=caller, song=brief, owner=owner))["scenes"]
     limit = config.projects.limits.text_max_chars
 
     def fill(current: Project, _jobs: JobStates) -> None:
@@ -795,4 +897,4 @@ async def write_project_scenes(request: web.Request, project_id: str, options: A
                 fit_scene_prompt(config, current, scene)
         project_song.place_scenes(project_timeline(current), current.song, analysis, fps)
 
-    return await update(app, project_id, fill)
+    return await update(deps, project_id, fill)

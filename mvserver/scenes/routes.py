@@ -8,11 +8,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mvserver.core.config import CONFIG
+from mvserver.core.config import CONFIG, TEMPLATES
 from mvserver.core.errors import ApiError
 from mvserver.core.storage import STORE, check_id
 from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
-from mvserver.scenes.service import write_scenes
+from mvserver.providers import PROVIDERS
+from mvserver.scenes.service import SceneDeps, write_scenes
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.quotas import charge
 from mvserver.web.files import SavedFileResponse
@@ -20,12 +21,18 @@ from mvserver.web.files import SavedFileResponse
 routes = web.RouteTableDef()
 
 
+def scene_deps(app: web.Application) -> SceneDeps:
+    """The scene writer's dependencies, from the app."""
+    return SceneDeps(app[CONFIG], app[PROVIDERS], app[STORE], app[TEMPLATES])
+
+
 @routes.post("/api/mv/create_scenes")
 async def create_scenes(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].scenes, config.debug)
     await charge(request, "blocking")
-    return web.json_response(await write_scenes(request, body.model_dump(), defaulted))
+    scenes = await write_scenes(scene_deps(request.app), body.model_dump(), defaulted, owner=key_id(request))
+    return web.json_response(scenes)
 
 
 async def _visible(json_path: Path, caller: str | None) -> bool:

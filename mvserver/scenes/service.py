@@ -7,15 +7,25 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+import jinja2
 from pydantic import BaseModel
 
-from mvserver.core.config import CONFIG, TEMPLATES, Config
+from mvserver.core.config import Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, new_id
-from mvserver.providers import PROVIDERS
-from mvserver.web.access.auth import key_id
+from mvserver.core.storage import OutputStore, new_id
+from mvserver.providers import Providers
+
+
+@dataclass(frozen=True)
+class SceneDeps:
+    """What the scene writer needs: the settings, the providers (Gemini, and whether it is the simulator), where the
+    scene lists are saved and the templates their Markdown copy is rendered with."""
+
+    config: Config
+    providers: Providers
+    outputs: OutputStore
+    templates: jinja2.Environment
 
 
 class Scene(BaseModel):
@@ -56,20 +66,21 @@ def _valid_reply(parsed: BaseModel | None, count: int) -> list[Scene] | None:
 
 
 async def write_scenes(
-    request: web.Request,
+    deps: SceneDeps,
     params: dict[str, Any],
     defaulted: list[str],
     caller: str = "create_scenes",
     song: SongBrief | None = None,
+    owner: str | None = None,
 ) -> dict[str, Any]:
     """Render the prompt, ask Gemini (again once if the reply is malformed), save JSON and Markdown copies.
 
     Every scene writer (``create_scenes``, a project's ``write_scenes``: ``caller`` in the debug records) comes
     through here, so a style preset is rendered the same way for all of them. ``song``: the project's song, sent
-    after the prompt (its timeline as text, the audio inline)."""
-    config: Config = request.app[CONFIG]
+    after the prompt (its timeline as text, the audio inline); ``owner``: the caller's key, which owns the list."""
+    config = deps.config
     settings = config.scenes
-    gemini = request.app[PROVIDERS].gemini
+    gemini = deps.providers.gemini
     prompt = config.render("scenes.prompt", **{**params, "style": style_variables(config, params.get("style"))})
     debug_print(config.debug, f"{caller} prompt sent to Gemini", prompt)
     if song is not None:
@@ -103,21 +114,22 @@ async def write_scenes(
             provider="gemini",
         )
     elapsed = round(time.monotonic() - started, 3)
-    return await _save(request, params, defaulted, [s.model_dump() for s in scenes], elapsed, attempt, song)
+    return await _save(deps, params, defaulted, [s.model_dump() for s in scenes], elapsed, attempt, song, owner)
 
 
 async def _save(
-    request: web.Request,
+    deps: SceneDeps,
     params: dict[str, Any],
     defaulted: list[str],
     scenes: list[dict[str, Any]],
     elapsed: float,
     attempts: int,
     song: SongBrief | None = None,
+    owner: str | None = None,
 ) -> dict[str, Any]:
-    config: Config = request.app[CONFIG]
-    store = request.app[STORE]
-    sandbox = "gemini_scenes" in request.app[PROVIDERS].sandboxed
+    config = deps.config
+    store = deps.outputs
+    sandbox = "gemini_scenes" in deps.providers.sandboxed
     scenes_id = new_id()
     metadata = {
         "model": config.scenes.model,
@@ -136,16 +148,11 @@ async def _save(
         }
     json_path = store.path("scenes", scenes_id, ".json")
     md_path = store.path("scenes", scenes_id, ".md")
-    owner = key_id(request)
     record = {"scenes_id": scenes_id, "scenes": scenes, "metadata": metadata}
     if owner is not None:
         record["owner_key_id"] = owner
     await store.write_json(json_path, record)
-    markdown = (
-        request.app[TEMPLATES]
-        .get_template("scenes.md.j2")
-        .render(scenes_id=scenes_id, scenes=scenes, metadata=metadata)
-    )
+    markdown = deps.templates.get_template("scenes.md.j2").render(scenes_id=scenes_id, scenes=scenes, metadata=metadata)
     await store.write_bytes(md_path, markdown.encode())
     body = {
         "scenes_id": scenes_id,
