@@ -633,3 +633,17 @@ async def test_a_scene_lipsync_loads_settles_and_reads_the_clip_once(
     scene = body["project"]["scenes"][1]
     assert [v["job_id"] for v in scene["versions"]] == [clips[1], body["job_id"]]
     assert scene["awaited_job_id"] == body["job_id"] and scene["chosen_job_id"] == clips[1]
+
+
+async def test_an_assembly_reads_each_clips_job_once_and_probes_once(
+    client: TestClient, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clip listed several times is read from the job store once; all of them are probed in one run."""
+    clip = await make_clip(client, sim, 4)
+    reads = Reads(client, monkeypatch)
+    async with ffmpeg_slots_taken(client):
+        accepted = await assemble(client, clips=[{"job_id": clip}] * 3)
+        counts = dict(reads.counts)
+    assert counts == {"project_reads": 0, "settles": 0, "job_reads": 1, "probes": 1}
+    state = await finished(client, accepted["job_id"])
+    assert state["status"] == "succeeded" and [c["job_id"] for c in state["request"]["clips"]] == [clip] * 3

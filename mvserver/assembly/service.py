@@ -67,8 +67,10 @@ async def _clip_file(
     deps: AssemblyDeps, job_id: str, field: str, caller: str | None, known: dict[str, Job | None]
 ) -> Path:
     """The MP4 of a succeeded clip job the caller may use (400 naming ``field`` otherwise; another key's job is
-    as unknown as a missing one). ``known``: jobs the request has read already."""
-    job = known[job_id] if job_id in known else await deps.jobs.get(job_id)
+    as unknown as a missing one). ``known``: jobs the request has read already (a clip listed twice is read once)."""
+    if job_id not in known:
+        known[job_id] = await deps.jobs.get(job_id)
+    job = known[job_id]
     path, _ = await finished_clip(
         job, job_id, deps.outputs, field, caller, "assembly needs finished clips", kinds=CLIP_KINDS
     )
