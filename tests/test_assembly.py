@@ -19,15 +19,15 @@ from conftest import AppClient, read_sse
 from test_lipsync import PROMPT, events_of, make_clip, make_song, wait_for
 from test_media import HOLDER, proc_limit
 
+from mvserver.appkeys import CONFIG, HEAVY_FFMPEG_SLOTS, JOBS, STORE
+from mvserver.appkeys import PROJECTS as PROJECT_STORE
+from mvserver.assembly import service as assembly_service
 from mvserver.assembly.service import _field
-from mvserver.core.config import CONFIG
-from mvserver.core.storage import STORE, new_id
-from mvserver.jobs import JOBS
-from mvserver.lipsync.routes import HEAVY_FFMPEG_SLOTS
-from mvserver.media import ffmpeg as media
+from mvserver.core.storage import new_id
+from mvserver.lipsync import service as lipsync_service
+from mvserver.media.probe import MediaInfo, probe
 from mvserver.projects import service as project_service
-from mvserver.projects.store import PROJECTS as PROJECT_STORE
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import create_key
 
 pytestmark = pytest.mark.both_stores
@@ -48,16 +48,16 @@ async def finished(client: TestClient, job_id: str, timeout: float = 120.0) -> d
     return await wait_for(client, job_id, lambda s: s["status"] in FINAL, timeout)
 
 
-async def output_of(client: TestClient, state: dict[str, Any]) -> media.MediaInfo:
+async def output_of(client: TestClient, state: dict[str, Any]) -> MediaInfo:
     """The served MP4, saved and probed with ffmpeg."""
     assert state["status"] == "succeeded", state
     data = await (await client.get(state["video_url"])).read()
     path = client.app[STORE].root / f"probe-{state['job_id']}.mp4"
     path.write_bytes(data)
-    return await media.probe(path)
+    return await probe(path)
 
 
-def assert_h264_aac(info: media.MediaInfo, seconds: float) -> None:
+def assert_h264_aac(info: MediaInfo, seconds: float) -> None:
     assert info.first_video is not None and info.first_video.codec == "h264"
     assert info.first_audio is not None and info.first_audio.codec == "aac"
     assert info.duration is not None and abs(info.duration - seconds) <= 0.1, (info.duration, seconds)
@@ -569,8 +569,10 @@ class Reads:
         self._inside_put = inside
         self._count(monkeypatch, engine, "get", "job_reads")
         self._count(monkeypatch, project_service, "settle", "settles")
-        self._count(monkeypatch, media, "probe_clips", "probes")
-        self._count(monkeypatch, media, "probe", "probes")
+        # the probes of mvserver.media, counted in the services that call them
+        self._count(monkeypatch, assembly_service, "probe_clips", "probes")
+        self._count(monkeypatch, assembly_service, "probe", "probes")
+        self._count(monkeypatch, lipsync_service, "probe", "probes")
 
     def _count(self, monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, counter: str) -> None:
         original = getattr(owner, name)

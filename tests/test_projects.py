@@ -15,11 +15,12 @@ import yaml
 from aiohttp.test_utils import TestClient
 from conftest import AppClient, free_port
 
+from mvserver.appkeys import PROJECTS
 from mvserver.core.errors import ApiError
 from mvserver.core.storage import OutputStore, new_id
 from mvserver.projects.service import TimelineEntry, project_timeline, size_to_song
-from mvserver.projects.store import PROJECTS, FileProjectStore, Project, RedisProjectStore, Scene
-from mvserver.sandbox.simulator import Simulator
+from mvserver.projects.store import FileProjectStore, Project, RedisProjectStore, Scene
+from mvserver.sandbox.app import Simulator
 
 BASE = "/api/mv/projects"
 IDEA = "A tabby cat DJ plays a rooftop party at dusk"

@@ -20,7 +20,7 @@ from replicate.exceptions import ModelError, ReplicateError
 from replicate.prediction import Prediction
 
 from mvserver.sandbox import replicate_api
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
 
 IMAGE_PROMPT = "Full-body character reference of a lanky lighthouse keeper in a yellow raincoat"
 VIDEO_PROMPT = "The lighthouse keeper waves from the gallery as the beam sweeps over a stormy sea"

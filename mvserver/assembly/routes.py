@@ -7,24 +7,18 @@ import functools
 
 from aiohttp import web
 
+from mvserver.appkeys import CONFIG, FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, JOBS, REQUEST_MODELS, SONGS, STORE
 from mvserver.assembly import service
 from mvserver.assembly.service import AssemblyDeps, AssemblyDriver
 from mvserver.audio.routes import saved_audio
-from mvserver.audio.songs import SONGS
-from mvserver.core.config import CONFIG
-from mvserver.core.errors import validate
-from mvserver.core.storage import STORE
-from mvserver.jobs import JOBS
+from mvserver.core.validation import validate
 from mvserver.jobs.accepted import accepted_response
-from mvserver.lipsync.routes import FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS
-from mvserver.openapi.schemas import REQUEST_MODELS, read_json_object
 from mvserver.projects.routes import owned_project, project_deps
-from mvserver.projects.service import BASE, project_view
+from mvserver.projects.service import project_view
 from mvserver.web.access.auth import key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
-
-routes = web.RouteTableDef()
+from mvserver.web.body import read_json_object
 
 
 def assembly_deps(app: web.Application) -> AssemblyDeps:
@@ -48,7 +42,6 @@ def assembly_kind(app: web.Application):  # type: ignore[no-untyped-def]
 # -- handlers -------------------------------------------------------------------------------------------------------
 
 
-@routes.post("/api/mv/assemble")
 @idempotent
 async def assemble(request: web.Request) -> web.Response:
     body, _ = validate(request.app[REQUEST_MODELS].assemble, await read_json_object(request))
@@ -57,7 +50,6 @@ async def assemble(request: web.Request) -> web.Response:
     return accepted_response(request, [job])
 
 
-@routes.post(BASE + "/{project_id}/assemble")
 @idempotent
 async def assemble_project(request: web.Request) -> web.Response:
     """The project's chosen clips in display order with their trims, and its song from its offset."""
@@ -69,7 +61,3 @@ async def assemble_project(request: web.Request) -> web.Response:
         assembly_deps(app), project_deps(app), project, options, key_id(request), lambda: charge(request, "jobs")
     )
     return accepted_response(request, [job], project=project_view(project, jobs))
-
-
-def setup(app: web.Application) -> None:
-    app.add_routes(routes)

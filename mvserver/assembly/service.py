@@ -4,7 +4,7 @@
 an optional song, the transition and what to do with the clips' audio; ``POST /api/mv/projects/{id}/assemble``
 builds that list from the project's timeline. Everything is checked (clips probed; the caps of
 ``settings/media.yaml``) before the job is accepted, so a job fails only when its files changed meanwhile or ffmpeg
-passed its limits. The job is *local*: its driver runs :func:`mvserver.media.ffmpeg.assemble` (ffmpeg in its own process
+passed its limits. The job is *local*: its driver runs :func:`mvserver.media.assemble.assemble` (ffmpeg in its own process
 group, killed when the job is cancelled or its server dies) and is simply run again after a restart, but never
 while an ffmpeg of an earlier run of the job is still alive (a lock each ffmpeg inherits), and only while one of the
 node's few ffmpeg slots is free. The output is ``outputs/videos/<job_id>.mp4``, served by ``get_video``.
@@ -24,13 +24,26 @@ from mvserver.assembly.schemas import AssemblyOptions
 from mvserver.audio import songs
 from mvserver.core.config import AssemblyLimits, Config
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import OutputStore
+from mvserver.core.storage import OutputStore, temp_path
 from mvserver.jobs import Job, JobEngine
 from mvserver.jobs.clips import CLIP_KINDS, finished_clip
 from mvserver.jobs.options import job_fields
 from mvserver.jobs.runner import Progress
 from mvserver.lipsync.service import ffmpeg_limits
-from mvserver.media import ffmpeg as media
+from mvserver.media.assemble import AssemblyResult, Clip
+from mvserver.media.assemble import assemble as assemble_clips
+from mvserver.media.errors import AssemblyInputError, MediaError, MediaMemoryError, MediaTimeout
+from mvserver.media.probe import MediaInfo, probe, probe_clips
+from mvserver.media.run import run_lock
+from mvserver.media.song import SongCopy
+from mvserver.media.timeline import (
+    ASPECT_TOLERANCE,
+    check_graph_clips,
+    crossfade_frames,
+    kept_frames,
+    output_fps,
+    output_frames,
+)
 from mvserver.projects.service import JobStates, ProjectDeps, chosen_clip, project_timeline, settled, update_loaded
 from mvserver.projects.store import Project
 
@@ -77,18 +90,18 @@ async def _clip_file(
     return path
 
 
-async def _probe(deps: AssemblyDeps, paths: list[Path], fields: list[str]) -> list[tuple[media.MediaInfo, int]]:
+async def _probe(deps: AssemblyDeps, paths: list[Path], fields: list[str]) -> list[tuple[MediaInfo, int]]:
     """Every clip probed in one ffmpeg run (bounded like lip sync's probes); on failure, the culprit is named."""
     async with deps.probe_slots:
         try:
-            described = await media.probe_clips(paths)
-        except media.MediaError:
+            described = await probe_clips(paths)
+        except MediaError:
             described = None
         if described is None or any(i.first_video is None or n < 1 for i, n in described):
             for path, field in zip(paths, fields, strict=False):
                 try:
-                    info = await media.probe(path)
-                except media.MediaError as exc:
+                    info = await probe(path)
+                except MediaError as exc:
                     raise ApiError(
                         400, "invalid_clip", f"{field}: the clip cannot be read: {exc}", field=field
                     ) from None
@@ -110,8 +123,8 @@ def _kept(
     """The kept part of a clip of ``frames`` frames at ``fps``, snapped to whole frames as the run will snap it:
     ``(trim_in, trim_out, kept seconds)``; 400 naming the trim that does not fit or keeps under one output frame."""
     try:
-        first, kept = media.kept_frames(trim_in, trim_out, frames, fps, out_fps)
-    except media.AssemblyInputError as exc:
+        first, kept = kept_frames(trim_in, trim_out, frames, fps, out_fps)
+    except AssemblyInputError as exc:
         name = field(index, exc.field)
         raise ApiError(400, "invalid_trim", f"{name}: {str(exc).partition(': ')[2]}", field=name) from None
     start = trim_in or 0.0
@@ -145,14 +158,14 @@ async def plan(
     seconds: list[float] = []
     first = described[0][0].first_video
     assert first is not None
-    out_fps = media.output_fps(first)
+    out_fps = output_fps(first)
     for index, ((job_id, trim_in, trim_out), (info, frames)) in enumerate(zip(clips, described, strict=False)):
         video = info.first_video
         assert video is not None
         start, end, kept = _kept(index, trim_in, trim_out, frames, video.fps or 24.0, out_fps, field)
         planned.append(PlannedClip(job_id, start, end))
         seconds.append(kept)
-        if options.fit is None and abs(video.aspect - first.aspect) > media.ASPECT_TOLERANCE:
+        if options.fit is None and abs(video.aspect - first.aspect) > ASPECT_TOLERANCE:
             name = field(index, "job_id")
             raise ApiError(
                 400,
@@ -189,10 +202,10 @@ def _crossfaded_seconds(seconds: list[float], crossfade: float, out_fps: float, 
     """The length of a crossfaded video, in whole output frames as the run makes it; 400 naming
     ``crossfade_seconds`` for a crossfade under one frame, not shorter than every clip, or whose pieces would make
     one ffmpeg decode more than ``graph_clips_max`` clips at once."""
-    frames = [media.output_frames(s, out_fps) for s in seconds]
+    frames = [output_frames(s, out_fps) for s in seconds]
     try:
-        fade = media.crossfade_frames(crossfade, out_fps)
-    except media.AssemblyInputError as exc:
+        fade = crossfade_frames(crossfade, out_fps)
+    except AssemblyInputError as exc:
         raise ApiError(400, "invalid_field", str(exc), field="crossfade_seconds") from None
     if len(frames) < 2:
         return sum(seconds)
@@ -204,8 +217,8 @@ def _crossfaded_seconds(seconds: list[float], crossfade: float, out_fps: float, 
             field="crossfade_seconds",
         )
     try:
-        media.check_graph_clips(frames, fade, limits.graph_clips_max)
-    except media.AssemblyInputError as exc:
+        check_graph_clips(frames, fade, limits.graph_clips_max)
+    except AssemblyInputError as exc:
         raise ApiError(400, "graph_too_large", str(exc), field="crossfade_seconds") from None
     return (sum(frames) - (len(frames) - 1) * fade) / out_fps
 
@@ -326,9 +339,7 @@ class AssemblyDriver:
     async def run(self, job: Job, dest: Path, progress: Progress) -> int:
         request = job.request
         store = self.deps.outputs
-        clips = [
-            media.Clip(store.path("videos", c["job_id"], ".mp4"), c["trim_in"], c["trim_out"]) for c in request["clips"]
-        ]
+        clips = [Clip(store.path("videos", c["job_id"], ".mp4"), c["trim_in"], c["trim_out"]) for c in request["clips"]]
         song = song_copy = None
         if request.get("audio_id"):
             song, sidecar = await self.deps.saved_audio(request["audio_id"])
@@ -354,7 +365,7 @@ class AssemblyDriver:
             await progress(None, "waiting")
 
         slots = self.deps.heavy_slots
-        async with media.run_lock(self.deps.outputs.path("jobs", job.id, LOCK_SUFFIX), on_wait=waiting) as held:
+        async with run_lock(self.deps.outputs.path("jobs", job.id, LOCK_SUFFIX), on_wait=waiting) as held:
             if slots.locked():
                 await waiting()
             async with slots:
@@ -363,14 +374,14 @@ class AssemblyDriver:
     async def _assemble(
         self,
         request: dict[str, Any],
-        clips: list[media.Clip],
+        clips: list[Clip],
         song: Path | None,
-        song_copy: media.SongCopy | None,
+        song_copy: SongCopy | None,
         dest: Path,
         progress: Progress,
         held: int,
-    ) -> media.AssemblyResult:
-        """``media.assemble`` within the limits of media.yaml, its progress pumped to the job, its failures as job
+    ) -> AssemblyResult:
+        """``assemble_clips`` within the limits of media.yaml, its progress pumped to the job, its failures as job
         errors (``invalid_assembly``, ``assembly_timeout``, ``assembly_too_large``, ``assembly_failed``)."""
         settings = self.deps.config.media
         latest = [0.0]
@@ -389,9 +400,10 @@ class AssemblyDriver:
         await progress(0.0, "assembling")
         pumping = asyncio.get_running_loop().create_task(pump(), name="assembly-progress")
         try:
-            return await media.assemble(
+            return await assemble_clips(
                 clips,
                 dest,
+                temp_name=temp_path,
                 song=song,
                 song_offset=request["audio_offset"],
                 transition=request["transition"],
@@ -404,9 +416,9 @@ class AssemblyDriver:
                 graph_clips_max=settings.assembly.graph_clips_max,
                 song_copy=song_copy,
             )
-        except media.AssemblyInputError as exc:
+        except AssemblyInputError as exc:
             raise ApiError(400, "invalid_assembly", str(exc), field=_field(exc.field)) from None
-        except media.MediaTimeout as exc:
+        except MediaTimeout as exc:
             limits = settings.ffmpeg
             raise ApiError(
                 500,
@@ -415,16 +427,16 @@ class AssemblyDriver:
                 f"{limits.timeout_seconds_per_output_second:g} s per second it "
                 "writes: media.yaml ffmpeg.timeout_*)",
             ) from None
-        except media.MediaMemoryError as exc:
+        except MediaMemoryError as exc:
             raise ApiError(500, "assembly_too_large", f"{exc} (media.yaml ffmpeg.memory_mb)") from None
-        except media.MediaError as exc:
+        except MediaError as exc:
             raise ApiError(500, "assembly_failed", f"ffmpeg failed: {exc}") from None
         finally:
             pumping.cancel()
             await asyncio.gather(pumping, return_exceptions=True)
 
 
-async def _song_copy(deps: AssemblyDeps, audio_id: str, song: Path, sidecar: dict[str, Any]) -> media.SongCopy | None:
+async def _song_copy(deps: AssemblyDeps, audio_id: str, song: Path, sidecar: dict[str, Any]) -> SongCopy | None:
     """The song's AAC copy made at upload, whose packets a cut-only assembly copies; None (the song is encoded
     instead) if it is not there yet, in which case it is made now for the next assembly."""
     path = songs.aac_copy(deps.outputs, audio_id)
@@ -432,6 +444,6 @@ async def _song_copy(deps: AssemblyDeps, audio_id: str, song: Path, sidecar: dic
     if not isinstance(duration, (int, float)) or isinstance(duration, bool):
         return None
     if await asyncio.to_thread(path.is_file):
-        return media.SongCopy(path, float(duration))
+        return SongCopy(path, float(duration))
     deps.songs.copies(audio_id, song, float(duration))
     return None

@@ -41,10 +41,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from mvserver.core.errors import store_unavailable
+from mvserver.core.errors import StoreUnavailable, store_unavailable
 from mvserver.jobs.model import FINAL_STATUSES, Event, Job
-from mvserver.jobs.store import Lease, LeaseLost, Remembered, SignalHandler, StoreUnavailable, index_entry, owner_slot
+from mvserver.jobs.store import Lease, LeaseLost, SignalHandler, index_entry, owner_slot
 from mvserver.jobs.usage_store import RedisUsageBook
+from mvserver.web.access.idempotency import Remembered
 
 log = logging.getLogger("mvserver.jobs")
 

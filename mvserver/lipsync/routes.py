@@ -3,33 +3,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 
 from aiohttp import web
 
+from mvserver.appkeys import CONFIG, FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, JOBS, PROVIDERS, REQUEST_MODELS, STORE
 from mvserver.audio.routes import saved_audio
-from mvserver.core.config import CONFIG
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, check_id
-from mvserver.jobs import JOBS
+from mvserver.core.storage import check_id
 from mvserver.jobs.accepted import accepted_response
 from mvserver.lipsync.service import LipsyncDeps, LipsyncDriver, submit_lipsync, submit_scene_lipsync
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body, read_json_object
 from mvserver.projects.routes import owned_project, project_deps
 from mvserver.projects.schemas import SCENE_LIPSYNC_OPTIONS
-from mvserver.projects.service import BASE as PROJECTS_BASE
 from mvserver.projects.service import action_options, normal_options, project_view
-from mvserver.providers import PROVIDERS
 from mvserver.web.access.auth import key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
-
-routes = web.RouteTableDef()
-
-FFMPEG_SLOTS = web.AppKey("lipsync_ffmpeg_slots", asyncio.Semaphore)
-# ffmpeg-heavy job runs (assembly runs, lip-sync cuts) at once on this node: media.yaml ffmpeg.concurrency.
-HEAVY_FFMPEG_SLOTS = web.AppKey("heavy_ffmpeg_slots", asyncio.Semaphore)
+from mvserver.web.body import parse_body, read_json_object
 
 
 def lipsync_deps(app: web.Application) -> LipsyncDeps:
@@ -48,7 +38,6 @@ def lipsync_deps(app: web.Application) -> LipsyncDeps:
 # -- the handler ------------------------------------------------------------------------------------------------------
 
 
-@routes.post("/api/mv/lipsync")
 @idempotent
 async def create_lipsync(request: web.Request) -> web.Response:
     app = request.app
@@ -63,7 +52,6 @@ async def create_lipsync(request: web.Request) -> web.Response:
     return accepted_response(request, [job])
 
 
-@routes.post(PROJECTS_BASE + "/{project_id}/scenes/{scene_id}/lipsync")
 @idempotent
 async def lipsync_scene(request: web.Request) -> web.Response:
     """Lip-sync the scene's chosen clip to its slice of the project's song; the result becomes a new version of the
@@ -88,10 +76,3 @@ async def lipsync_scene(request: web.Request) -> web.Response:
 def lipsync_kind(app: web.Application):  # type: ignore[no-untyped-def]
     """The driver factory for ``lipsync`` jobs."""
     return lambda job: LipsyncDriver(lipsync_deps(app))
-
-
-def setup(app: web.Application) -> None:
-    """Routes and the per-app bounds on concurrent ffmpeg processes."""
-    app[FFMPEG_SLOTS] = asyncio.Semaphore(app[CONFIG].lipsync.limits.ffmpeg_concurrency)
-    app[HEAVY_FFMPEG_SLOTS] = asyncio.Semaphore(app[CONFIG].media.ffmpeg.concurrency)
-    app.add_routes(routes)

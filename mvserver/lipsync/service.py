@@ -22,11 +22,16 @@ from typing import Any
 from mvserver.audio.routes import FORMATS
 from mvserver.core.config import Config, LipsyncLimits, LipsyncSettings
 from mvserver.core.debug import debug_print
-from mvserver.core.errors import ApiError, validate
+from mvserver.core.errors import ApiError
 from mvserver.core.storage import OutputStore, new_id, temp_path
+from mvserver.core.validation import validate
 from mvserver.jobs import Job, JobEngine, clips
 from mvserver.jobs.options import job_fields
-from mvserver.media import ffmpeg as media
+from mvserver.media.args import duration_arg, input_args
+from mvserver.media.errors import MediaError
+from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
+from mvserver.media.probe import MediaInfo, probe
+from mvserver.media.run import run_ffmpeg
 from mvserver.projects.service import (
     JobStates,
     ProjectDeps,
@@ -72,9 +77,9 @@ class LipsyncDeps:
     saved_audio: Callable[..., Awaitable[tuple[Path, dict[str, Any]]]]  # audio: (audio_id, field, caller)
 
 
-def ffmpeg_limits(config: Config) -> media.FfmpegLimits:
+def ffmpeg_limits(config: Config) -> FfmpegLimits:
     """The limits of every ffmpeg a job runs (media.yaml ``ffmpeg``)."""
-    return media.FfmpegLimits(**config.media.ffmpeg.model_dump(exclude={"concurrency"}))
+    return FfmpegLimits(**config.media.ffmpeg.model_dump(exclude={"concurrency"}))
 
 
 # -- songs ------------------------------------------------------------------------------------------------------------
@@ -113,7 +118,7 @@ def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-# -- the audio cut (probing and running ffmpeg: mvserver.media.ffmpeg) -------------------------------------------------------
+# -- the audio cut (probing and running ffmpeg: mvserver.media.run and .probe) -------------------------------------------------------
 
 
 def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path) -> list[str]:
@@ -123,9 +128,9 @@ def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path
     so the cut is exact to a few ms); anything else is decoded, trimmed to the sample and written as 16-bit PCM. The
     song is read with the demuxer of its format, from the local file only. Whatever the filters do, the output
     stops at ``length`` seconds and at the bytes that many seconds may take (``-t``, ``-fs``); a duration that is 0
-    at ffmpeg's precision raises :class:`mvserver.media.ffmpeg.DurationError` (ffmpeg would read it as "no limit").
+    at ffmpeg's precision raises :class:`mvserver.media.errors.DurationError` (ffmpeg would read it as "no limit").
     """
-    source = media.input_args(song.path, [FORMATS[song.format].demuxer])
+    source = input_args(song.path, [FORMATS[song.format].demuxer])
     if (
         song.format == "wav"
         and (song.channels or 99) <= COPY_MAX_CHANNELS
@@ -141,7 +146,7 @@ def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path
             "-ss",
             f"{start:.6f}",
             "-t",
-            media.duration_arg(length),
+            duration_arg(length),
             *source,
             "-map",
             "0:a:0",
@@ -162,7 +167,7 @@ def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path
         "-map",
         "0:a:0",
         "-af",
-        f"atrim=duration={media.duration_arg(seconds)},asetpts=N/SR/TB,apad=whole_dur={media.duration_arg(length)}",
+        f"atrim=duration={duration_arg(seconds)},asetpts=N/SR/TB,apad=whole_dur={duration_arg(length)}",
     ]
     if song.channels is None or song.channels > COPY_MAX_CHANNELS:
         args += ["-ac", "2"]
@@ -173,7 +178,7 @@ def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path
 
 def _output_limits(length: float, bytes_per_second: int) -> list[str]:
     """Output options that end a cut at ``length`` seconds and at the size that many seconds may take."""
-    return ["-t", media.duration_arg(length), "-fs", str(max_cut_bytes(length, bytes_per_second))]
+    return ["-t", duration_arg(length), "-fs", str(max_cut_bytes(length, bytes_per_second))]
 
 
 def max_cut_bytes(length: float, bytes_per_second: int = COPY_BYTES_PER_SECOND) -> int:
@@ -188,12 +193,12 @@ async def cut_window(
     length: float,
     dest: Path,
     timeout: float,
-    limits: media.FfmpegLimits = media.DEFAULT_LIMITS,
+    limits: FfmpegLimits = DEFAULT_LIMITS,
 ) -> None:
     """Write the window to ``dest`` atomically (a temporary file renamed into place; removed on any failure)."""
     tmp = temp_path(dest)
     try:
-        await media.run_ffmpeg(cut_args(song, start, seconds, length, tmp), timeout=timeout, limits=limits)
+        await run_ffmpeg(cut_args(song, start, seconds, length, tmp), timeout=timeout, limits=limits)
         await asyncio.to_thread(os.replace, tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -297,7 +302,7 @@ def scene_window(entry: TimelineEntry, song: ProjectSong, field: str) -> tuple[f
 
 async def finished_clip(
     deps: LipsyncDeps, job_id: str, limits: LipsyncLimits, caller: str | None = None, known: Job | None = None
-) -> tuple[Path, media.MediaInfo]:
+) -> tuple[Path, MediaInfo]:
     """The MP4 of a succeeded job, probed (400 naming ``video_job_id`` otherwise; another key's job is unknown).
     ``known``: the job, when the request has read it already."""
     field = "video_job_id"
@@ -309,8 +314,8 @@ async def finished_clip(
         )
     try:
         async with deps.probe_slots:
-            info = await media.probe(path, timeout=limits.ffmpeg_timeout_seconds)
-    except media.MediaError as exc:
+            info = await probe(path, timeout=limits.ffmpeg_timeout_seconds)
+    except MediaError as exc:
         raise ApiError(400, "invalid_clip", f"{field}: the clip cannot be read: {exc}", field=field) from None
     if info.first_video is None or not (info.duration or 0) > 0:
         raise ApiError(400, "invalid_clip", f"{field}: the file of job {job_id} holds no video", field=field)
@@ -459,7 +464,7 @@ class LipsyncDriver:
                     self.settings.limits.ffmpeg_timeout_seconds,
                     ffmpeg_limits(self.deps.config),
                 )
-        except media.MediaError as exc:
+        except MediaError as exc:
             raise ApiError(
                 500, "audio_cut_failed", f"the audio window could not be cut: {exc}", field="audio_id"
             ) from None

@@ -32,18 +32,16 @@ from typing import Any
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG, JOBS, PROJECTS, SIGNER
 from mvserver.core.errors import ApiError
-from mvserver.jobs import JOBS, Job
+from mvserver.jobs import Job
 from mvserver.projects.routes import owned_project, project_deps
 from mvserver.projects.service import BASE, JobStates, etag, job_states, load, project_view
-from mvserver.projects.store import PROJECTS, Project
+from mvserver.projects.store import Project
 from mvserver.web.access.auth import key_id
-from mvserver.web.access.signing import SIGNER, sign_links, signed_event_data
+from mvserver.web.access.signing import sign_links, signed_event_data
 
 log = logging.getLogger("mvserver")
-routes = web.RouteTableDef()
-
 PREFIX_CHARS = 8
 MAX_RESUME_JOBS = 1000
 CURSOR = re.compile(rf"[0-9]{{1,9}}(\.[0-9a-f]{{{PREFIX_CHARS}}}-[0-9]{{1,9}}){{0,{MAX_RESUME_JOBS}}}")
@@ -272,7 +270,6 @@ async def stream_project(
     return response
 
 
-@routes.get(BASE + "/{project_id}/events")
 async def project_events(request: web.Request) -> web.StreamResponse:
     project = await owned_project(request)  # 404 for an unknown id or another key's project
     after = request.query.get("after")
@@ -288,7 +285,6 @@ async def project_events(request: web.Request) -> web.StreamResponse:
     )
 
 
-@routes.get(BASE + "/{project_id}/events/link")
 async def project_events_link(request: web.Request) -> web.Response:
     """The stream's URL for an ``EventSource`` (and ``after``, to resume): with keys on signed for the caller's key
     (the signature covers ``after``) and valid until ``expires_at``; with keys off the plain URL."""

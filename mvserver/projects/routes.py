@@ -8,13 +8,12 @@ from typing import Any
 
 from aiohttp import web
 
-from mvserver.core.config import CONFIG
-from mvserver.core.errors import ApiError, validate
-from mvserver.core.storage import STORE, check_id
+from mvserver.appkeys import CONFIG, JOBS, PROJECTS, REQUEST_MODELS, STORE
+from mvserver.core.errors import ApiError
+from mvserver.core.storage import check_id
+from mvserver.core.validation import validate
 from mvserver.images.routes import generate_reference
-from mvserver.jobs import JOBS
 from mvserver.jobs.accepted import accepted_response
-from mvserver.openapi.schemas import REQUEST_MODELS, read_json_object
 from mvserver.projects import song as project_song
 from mvserver.projects.schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
 from mvserver.projects.service import (
@@ -36,15 +35,14 @@ from mvserver.projects.service import (
     timeline_view,
     write_project_scenes,
 )
-from mvserver.projects.store import PROJECTS, Project
+from mvserver.projects.store import Project
 from mvserver.scenes.routes import scene_deps
 from mvserver.scenes.service import write_scenes
 from mvserver.videos.routes import submit_video_job
 from mvserver.web.access.auth import key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
-
-routes = web.RouteTableDef()
+from mvserver.web.body import read_json_object
 
 
 def project_deps(app: web.Application) -> ProjectDeps:
@@ -89,7 +87,6 @@ def _project_id(request: web.Request) -> str:
     return check_id(request.match_info["project_id"], "project_id")
 
 
-@routes.post(BASE)
 @idempotent
 async def create(request: web.Request) -> web.Response:
     deps = project_deps(request.app)
@@ -99,13 +96,11 @@ async def create(request: web.Request) -> web.Response:
     return _respond(project, {}, 201, headers={"Location": f"{BASE}/{project.id}"})
 
 
-@routes.get(BASE + "/{project_id}")
 async def get(request: web.Request) -> web.Response:
     project = await owned_project(request)
     return _respond(project, await job_states(project_deps(request.app), project))
 
 
-@routes.patch(BASE + "/{project_id}")
 async def patch(request: web.Request) -> web.Response:
     deps = project_deps(request.app)
     current = await owned_project(request)
@@ -119,7 +114,6 @@ async def patch(request: web.Request) -> web.Response:
     return _respond(project, await job_states(deps, project))
 
 
-@routes.post(BASE + "/{project_id}/write_scenes")
 @idempotent
 async def write(request: web.Request) -> web.Response:
     deps = project_deps(request.app)
@@ -132,7 +126,6 @@ async def write(request: web.Request) -> web.Response:
     return _respond(project, await job_states(deps, project))
 
 
-@routes.post(BASE + "/{project_id}/character")
 @idempotent
 async def character(request: web.Request) -> web.Response:
     """Render the project's character (Imagen): ``number_of_images`` candidates (within the images settings), the
@@ -153,7 +146,6 @@ async def character(request: web.Request) -> web.Response:
     return _respond(project, await job_states(deps, project), extra={"image": image})
 
 
-@routes.post(BASE + "/{project_id}/clips")
 @idempotent
 async def generate_missing(request: web.Request) -> web.Response:
     """A clip job for every scene without a chosen clip and without one in progress."""
@@ -173,7 +165,6 @@ async def generate_missing(request: web.Request) -> web.Response:
     return accepted_response(request, started, project=project_view(project, jobs), many=True)
 
 
-@routes.post(BASE + "/{project_id}/scenes/{scene_id}/clips")
 @idempotent
 async def generate_one(request: web.Request) -> web.Response:
     """A new clip version of one scene (a regeneration keeps the old versions)."""
@@ -194,7 +185,6 @@ async def generate_one(request: web.Request) -> web.Response:
     return accepted_response(request, started, project=project_view(project, jobs))
 
 
-@routes.get(BASE + "/{project_id}/timeline")
 async def timeline(request: web.Request) -> web.Response:
     """The scenes in display order with their chosen clip, trims and song window."""
     project, jobs = await settled(project_deps(request.app), await owned_project(request))

@@ -29,8 +29,9 @@ from pydantic import BaseModel, create_model
 
 from mvserver.analysis import SongAnalysis
 from mvserver.core.config import Config
-from mvserver.core.errors import ApiError, validate
+from mvserver.core.errors import ApiError
 from mvserver.core.storage import OutputStore, check_id, new_id
+from mvserver.core.validation import validate
 from mvserver.images.routes import _saved_image
 from mvserver.jobs import Job, JobEngine
 from mvserver.openapi.schemas import RequestModels

@@ -15,7 +15,6 @@ from typing import Literal, Protocol
 
 import redis.asyncio
 import redis.exceptions
-from aiohttp import web
 from pydantic import BaseModel, Field
 
 from mvserver.core.errors import ApiError, store_unavailable
@@ -308,6 +307,3 @@ def open_project_store(outputs: OutputStore, redis_url: str | None, prefix: str 
     if not redis_url:
         return FileProjectStore(outputs)
     return RedisProjectStore(redis.asyncio.from_url(redis_url), prefix=f"{prefix}project:")
-
-
-PROJECTS = web.AppKey("projects", ProjectStore)

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from mvserver.core.storage import write_bytes_atomic
 from mvserver.sandbox.render import MAX_REFERENCE_PIXELS, RenderError, oversized_image, render_video
-from mvserver.sandbox.simulator import SIMULATOR, Simulator
+from mvserver.sandbox.state import SIMULATOR, Simulator
 
 
 def google_error(status: int, code: str, message: str) -> web.Response:

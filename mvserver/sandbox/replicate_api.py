@@ -35,6 +35,7 @@ from aiohttp import web
 from yarl import URL
 
 from mvserver.core.storage import temp_path, write_bytes_atomic
+from mvserver.sandbox.predictions import STARTING_SHARE, TERMINAL, deadline_end, phase
 from mvserver.sandbox.render import (
     MAX_REFERENCE_PIXELS,
     oversized_image,
@@ -42,19 +43,17 @@ from mvserver.sandbox.render import (
     render_lipsync,
     render_video,
 )
-from mvserver.sandbox.simulator import SIMULATOR, Simulator
-from mvserver.sandbox.webhooks import SENDER, fault_marker, invalid_webhook_fields
+from mvserver.sandbox.state import SENDER, SIMULATOR, Simulator
+from mvserver.sandbox.webhooks import fault_marker, invalid_webhook_fields
 
 log = logging.getLogger("mvserver.sandbox")
 
 PREFIX = "/replicate"
 FAIL_MARKER = "[sandbox:fail]"
 FLAGGED_ERROR = "The input or output was flagged as sensitive. Please try again with different inputs. (E005)"
-STARTING_SHARE = 0.1  # the first tenth of a prediction's latency is spent "starting"
 PROGRESS_STEPS = 100
 MAX_WAIT_SECONDS = 60
 FILE_LIFETIME = timedelta(hours=24)
-TERMINAL = ("succeeded", "failed", "canceled", "aborted")
 # ``Cancel-After``: a Go-style duration (``90s``, ``1m30s``, ``1.5h``); Replicate ends the prediction at it.
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(h|ms|m|s))+$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
@@ -253,29 +252,6 @@ def parse_duration(text: str) -> float | None:
     if not _DURATION.fullmatch(text.strip()):
         return None
     return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
-
-
-def deadline_end(record: dict[str, Any]) -> float | None:
-    """When the prediction's ``Cancel-After`` deadline ends it, if it would not be done by then."""
-    cancel_after = record.get("cancel_after")
-    if cancel_after is None or cancel_after >= record["latency"]:
-        return None
-    return record["created_at"] + cancel_after
-
-
-def phase(record: dict[str, Any], now: float | None = None) -> str:
-    """``starting``, ``processing``, ``ended`` (due to finish, maybe not rendered yet) or a final status, persisted
-    or reached by the ``Cancel-After`` deadline (``aborted`` before it ran, ``canceled`` while it ran)."""
-    if record["status"] in TERMINAL:
-        return record["status"]
-    now = time.time() if now is None else now
-    deadline = deadline_end(record)
-    if deadline is not None and now >= deadline:
-        return "aborted" if record["cancel_after"] < record["latency"] * STARTING_SHARE else "canceled"
-    elapsed = now - record["created_at"]
-    if elapsed >= record["latency"]:
-        return "ended"
-    return "starting" if elapsed < record["latency"] * STARTING_SHARE else "processing"
 
 
 def _clock(seconds: float) -> str:

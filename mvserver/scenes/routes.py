@@ -8,17 +8,14 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mvserver.core.config import CONFIG, TEMPLATES
+from mvserver.appkeys import CONFIG, PROVIDERS, REQUEST_MODELS, STORE, TEMPLATES
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, check_id
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
-from mvserver.providers import PROVIDERS
+from mvserver.core.storage import check_id
 from mvserver.scenes.service import SceneDeps, write_scenes
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.quotas import charge
+from mvserver.web.body import parse_body
 from mvserver.web.files import SavedFileResponse
-
-routes = web.RouteTableDef()
 
 
 def scene_deps(app: web.Application) -> SceneDeps:
@@ -26,7 +23,6 @@ def scene_deps(app: web.Application) -> SceneDeps:
     return SceneDeps(app[CONFIG], app[PROVIDERS], app[STORE], app[TEMPLATES])
 
 
-@routes.post("/api/mv/create_scenes")
 async def create_scenes(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].scenes, config.debug)
@@ -46,7 +42,6 @@ async def _visible(json_path: Path, caller: str | None) -> bool:
         return False
 
 
-@routes.get(r"/api/mv/get_scenes/{scenes_id}.{ext:json|md}")
 async def get_scenes(request: web.Request) -> web.FileResponse:
     scenes_id = check_id(request.match_info["scenes_id"], "scenes_id")
     store = request.app[STORE]
