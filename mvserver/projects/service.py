@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import BaseModel, create_model
 
@@ -34,12 +34,14 @@ from mvserver.core.storage import OutputStore, check_id, new_id
 from mvserver.core.validation import validate
 from mvserver.images.routes import _saved_image
 from mvserver.jobs import Job, JobEngine
-from mvserver.openapi.schemas import RequestModels
 from mvserver.projects import song as project_song
 from mvserver.projects.store import CharacterCandidate, Claim, ClipVersion, Project, ProjectStore, Scene, Song
 from mvserver.scenes.service import SongBrief
 from mvserver.videos.routes import check_reference_shape, whole_prompt
 from mvserver.web.access.auth import visible_to
+
+if TYPE_CHECKING:  # the request models are built by openapi/, a layer above: the service only reads them
+    from mvserver.openapi.schemas import RequestModels
 
 BASE = "/api/mv/projects"
 CAS_ATTEMPTS = 20
