@@ -27,6 +27,7 @@ from mvserver.appkeys import (
     UPLOAD_SLOTS,
 )
 from mvserver.assembly import routes as assembly
+from mvserver.assembly.service import KIND as ASSEMBLY
 from mvserver.audio import songs
 from mvserver.audio.routes import UploadSlots
 from mvserver.core.config import Config, ConfigError, EnvSettings, load_config, package_templates
@@ -37,6 +38,7 @@ from mvserver.jobs import FileJobStore, Job, JobEngine, JobStore, video_kind, we
 from mvserver.jobs.census import JobCensus
 from mvserver.jobs.retention import sweep_forever
 from mvserver.lipsync import routes as lipsync
+from mvserver.lipsync.service import KIND as LIPSYNC
 from mvserver.openapi.schemas import RequestModels
 from mvserver.projects.store import open_project_store
 from mvserver.providers import Providers
@@ -173,8 +175,8 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     kinds = {
         "video": video_kind(app[PROVIDERS], app[STORE]),
-        lipsync.KIND: lipsync.lipsync_kind(app),
-        assembly.KIND: assembly.assembly_kind(app),
+        LIPSYNC: lipsync.lipsync_kind(app),
+        ASSEMBLY: assembly.assembly_kind(app),
     }
     engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
     app[JOBS] = engine

@@ -22,7 +22,7 @@ from mvserver.providers.base import Snapshot, VideoRequest
 from mvserver.providers.gemini import GeminiProvider, make_api_client, make_vertex_client
 from mvserver.sandbox import gemini_api
 from mvserver.sandbox.app import Simulator, create_simulator_app
-from mvserver.scenes.routes import SceneList
+from mvserver.scenes.service import SceneList
 
 MODEL = "veo-3.1-fast-generate-preview"
 NAME_PREFIX = f"projects/sandbox/locations/us-central1/publishers/google/models/{MODEL}/operations/"

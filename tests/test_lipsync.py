@@ -25,7 +25,7 @@ from mvserver.audio import routes as audio
 from mvserver.core.config import ConfigError, EnvSettings, load_config
 from mvserver.core.errors import ApiError
 from mvserver.core.storage import new_id
-from mvserver.lipsync.routes import Song, cut_args, cut_window, max_cut_bytes, plan_window
+from mvserver.lipsync.service import Song, cut_args, cut_window, max_cut_bytes, plan_window
 from mvserver.media.errors import DurationError, MediaError
 from mvserver.sandbox.app import Simulator
 from mvserver.sandbox.render import LIPSYNC_LABEL, lipsync_label_box

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import PROJECT, free_port
 
-from mvserver.lipsync.routes import max_cut_bytes
+from mvserver.lipsync.service import max_cut_bytes
 from mvserver.media.run import ffmpeg_exe
 
 STARTUP_TIMEOUT = 60.0  # a busy machine imports slowly

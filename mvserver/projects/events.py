@@ -7,7 +7,7 @@ It carries, in order:
 - ``version_added`` ``{project_id, scene_id, job_id, kind, etag}``: a clip version that was not in the previous
   ``project`` event (sent right after it);
 - ``version_chosen`` ``{project_id, scene_id, job_id, previous_job_id, etag}``: a scene's chosen clip changed,
-  by a write or because its awaited version succeeded (which changes no ``ETag``: see :mod:`mvserver.projects.routes`);
+  by a write or because its awaited version succeeded (which changes no ``ETag``: see :mod:`mvserver.projects.service`);
 - the events of the project's unfinished jobs (clip versions and the assembly job), exactly as on the job streams
   (``queued``, ``running``, ``progress``, ``succeeded``, ``failed``, ``canceled``; ``data.job_id`` says whose).
 
@@ -35,7 +35,8 @@ from aiohttp_sse import EventSourceResponse, sse_response
 from mvserver.appkeys import CONFIG, JOBS, PROJECTS, SIGNER
 from mvserver.core.errors import ApiError
 from mvserver.jobs import Job
-from mvserver.projects.routes import BASE, JobStates, etag, job_states, load, owned_project, project_view
+from mvserver.projects.routes import owned_project, project_deps
+from mvserver.projects.service import BASE, JobStates, etag, job_states, load, project_view
 from mvserver.projects.store import Project
 from mvserver.web.access.auth import key_id
 from mvserver.web.access.signing import sign_links, signed_event_data
@@ -96,6 +97,7 @@ class ProjectStream:
         self.app = app
         self.caller = caller  # the subscriber's key: every link sent is signed for it (keys on)
         self.engine = app[JOBS]
+        self.projects = project_deps(app)
         self.response = response
         self.project_id = project_id
         self.retry: int | None = retry_ms
@@ -125,8 +127,8 @@ class ProjectStream:
 
     async def open(self, cursor: tuple[int, dict[str, int]] | None) -> None:
         """Resume from ``cursor`` when the project is still at its version, else send the project as it is."""
-        project = await load(self.app, self.project_id)
-        jobs = await job_states(self.app, project)
+        project = await load(self.projects, self.project_id)
+        jobs = await job_states(self.projects, project)
         if cursor is not None and cursor[0] == project.version and self._resume(project, jobs, cursor[1]):
             return
         await self.show(project, jobs, first=True)
@@ -145,9 +147,9 @@ class ProjectStream:
 
     async def reread(self) -> None:
         """After a change notification: show the project again if its version moved."""
-        project = await load(self.app, self.project_id)
+        project = await load(self.projects, self.project_id)
         if project.version != self.version:
-            await self.show(project, await job_states(self.app, project))
+            await self.show(project, await job_states(self.projects, project))
 
     async def show(self, project: Project, jobs: JobStates, first: bool = False) -> None:
         """Send ``project``, then what changed since the last one; follow its unfinished jobs from the state shown

@@ -1,8 +1,8 @@
 """A project's song and its scenes: sizing on the song's bars, where each scene plays in it, trims snapped to its
 grid, and the brief the scene writer sends Gemini with the song.
 
-:mod:`mvserver.projects.routes` calls these at a few points (create, PATCH, write_scenes); they take the timeline it
-computes (:func:`mvserver.projects.routes.project_timeline`) as an argument, so nothing here imports it.
+:mod:`mvserver.projects.service` calls these at a few points (create, PATCH, write_scenes); they take the timeline it
+computes (:func:`mvserver.projects.service.project_timeline`) as an argument, so nothing here imports it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from mvserver.core.errors import ApiError
 from mvserver.media.song import PREVIEW_MIME_TYPE
 from mvserver.projects.schemas import SnapMode
 from mvserver.projects.store import Project, Song, SongWindow
-from mvserver.scenes.routes import SongBrief
+from mvserver.scenes.service import SongBrief
 
 log = logging.getLogger("mvserver.projects")
 

@@ -2,7 +2,7 @@
 
 A store only keeps whole records and swaps them with a compare-and-set on ``version`` (the number behind the
 HTTP ``ETag``): a write that expected version *n* succeeds only if the stored record is still at *n*, and stores
-*n + 1*. That is all optimistic concurrency needs; the editing rules live in :mod:`mvserver.projects.routes`.
+*n + 1*. That is all optimistic concurrency needs; the editing rules live in :mod:`mvserver.projects.service`.
 """
 
 from __future__ import annotations
