@@ -43,7 +43,7 @@ from helpers import (
 )
 
 from mvserver.app import create_app
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser

@@ -36,11 +36,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from mvserver.appkeys import JOBS, STORE
 from mvserver.audio import routes as audio
-from mvserver.core.storage import STORE, OutputStore, new_id, write_bytes_atomic
-from mvserver.jobs import JOBS
-from mvserver.media.ffmpeg import ffmpeg_exe
-from mvserver.sandbox.simulator import Simulator
+from mvserver.core.storage import OutputStore, new_id, write_bytes_atomic
+from mvserver.media.probe import parse_probe
+from mvserver.media.run import ffmpeg_exe
+from mvserver.sandbox.state import Simulator
 from mvserver.sandbox.webhooks import sign
 from mvserver.web.access.auth import KeyLimits, create_key
 
@@ -283,8 +284,6 @@ async def two_key_client(make_client: AppClient, tmp_path: Path) -> tuple[TestCl
 async def settled(client: TestClient, job_id: str, *, timeout: float = 20) -> Any:
     """The job once it is final and its task has let go: the budget and the duration estimate are settled after
     the final event, by the job's own task."""
-    from mvserver.jobs import JOBS
-
     engine = client.app[JOBS]
     async with asyncio.timeout(timeout):
         while not (job := await engine.get(job_id)).final:
@@ -426,6 +425,30 @@ async def make_clip(client: TestClient, sim: Simulator, duration: int = 4) -> st
         return job_id
     finally:
         sim.video_latency = latency
+
+
+def probe_media(path: Path) -> dict[str, Any]:
+    """A media file described for assertions, by ``ffmpeg -i`` read with media's own parser: its duration, the first
+    video stream's codec, size, pixel format and frame rate (None for an audio file) and the first audio codec.
+    Raises :class:`mvserver.media.errors.MediaError` for a file ffmpeg cannot read."""
+    done = subprocess.run(
+        [ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    info = parse_probe(done.stderr.decode(errors="replace"))
+    video, audio_stream = info.first_video, info.first_audio
+    return {
+        "duration": info.duration,
+        "video_codec": video.codec if video else None,
+        "width": video.width if video else None,
+        "height": video.height if video else None,
+        "pix_fmt": video.pix_fmt if video else None,
+        "fps": video.fps if video else None,
+        "audio_codec": audio_stream.codec if audio_stream else None,
+    }
 
 
 # -- audio files ------------------------------------------------------------------------------------------------------

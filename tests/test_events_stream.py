@@ -10,7 +10,7 @@ import yaml
 from aiohttp.test_utils import TestClient
 from helpers import LiveApp, events_of, module_loop, read_sse, submit
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

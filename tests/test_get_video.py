@@ -9,7 +9,7 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient
 from helpers import LiveApp, events_of, module_loop, submit
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = [pytest.mark.both_stores, module_loop]
 

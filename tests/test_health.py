@@ -11,7 +11,8 @@ import pytest
 from helpers import AppClient, RedisServer
 from redis.asyncio import Redis
 
-from mvserver.jobs import JOBS, redis_store
+from mvserver.appkeys import JOBS
+from mvserver.jobs import redis_store
 from mvserver.jobs.redis_store import GROUP, WAKE_TTL_SECONDS, RedisJobStore
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 from helpers import SINGER_PROMPT, AppClient, free_port, make_song, wait_for
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 PROJECTS = "/api/mv/projects"
 FINAL = ("succeeded", "failed", "canceled")

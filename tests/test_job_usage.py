@@ -11,8 +11,8 @@ from aiohttp.test_utils import TestClient
 from helpers import AppClient, events_of, named, new_project, read_until, submit, wait_for
 from helpers import finished as all_finished
 
-from mvserver.core.config import CONFIG
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import CONFIG
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

@@ -12,9 +12,10 @@ from aiohttp.test_utils import TestClient
 from helpers import AppClient, HookClient, delivery, running_job
 from prometheus_client.parser import text_string_to_metric_families
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import METRICS
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key
-from mvserver.web.metrics import METRICS, WEBHOOK_OUTCOMES
+from mvserver.web.metrics import WEBHOOK_OUTCOMES
 
 SECRET = "test-signing-secret-0123456789abcdefghij"
 SCENES = {

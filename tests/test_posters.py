@@ -15,11 +15,11 @@ from aiohttp.test_utils import TestClient
 from helpers import PROMPT, AppClient, read_sse, submit, two_key_client, wait_for
 from PIL import Image, ImageChops, ImageStat
 
+from mvserver.appkeys import STORE
 from mvserver.core.config import PosterSettings
-from mvserver.core.storage import STORE
 from mvserver.jobs import Job
-from mvserver.media import ffmpeg as media
-from mvserver.sandbox.simulator import Simulator
+from mvserver.media.errors import MediaError
+from mvserver.sandbox.app import Simulator
 from mvserver.videos.posters import describe, stored_hook
 
 pytestmark = pytest.mark.both_stores
@@ -125,7 +125,7 @@ async def test_a_clip_ffmpeg_cannot_read_has_no_poster_and_the_job_is_unharmed(
     # the same clip is read as an MP4 only: a file of another format is not opened with its own demuxer
     png = tmp_path / "image.mp4"
     Image.new("RGB", (32, 32), "red").save(png, "PNG")
-    with pytest.raises(media.MediaError):
+    with pytest.raises(MediaError):
         await describe(job, png, PosterSettings())
     assert not list(client.app[STORE].root.glob("videos/.*"))  # no temporary left behind
 

@@ -24,7 +24,7 @@ from helpers import (
 )
 
 from mvserver.app import create_app
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 BASE = "/api/mv/projects"

@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from helpers import AppClient, read_sse, song_bytes
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key
 
 SECRET = "test-signing-secret-0123456789abcdefghij"

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from helpers import final, sandbox_env, spawn_server, until, until_up
 
-from mvserver.lipsync.routes import max_cut_bytes
-from mvserver.media.ffmpeg import ffmpeg_exe
+from mvserver.lipsync.service import max_cut_bytes
+from mvserver.media.run import ffmpeg_exe
 
 PROMPT = "A singer on a rooftop at dusk, mouthing the words of a slow song."
 

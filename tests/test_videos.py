@@ -14,12 +14,22 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from helpers import PROMPT, LiveApp, events_of, module_loop, png_base64, read_sse, statuses, submit, wait_for
+from helpers import (
+    PROMPT,
+    LiveApp,
+    events_of,
+    module_loop,
+    png_base64,
+    probe_media,
+    read_sse,
+    statuses,
+    submit,
+    wait_for,
+)
 from PIL import Image
 
-from mvserver.core.storage import STORE
-from mvserver.jobs import JOBS
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import JOBS, STORE
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 
@@ -414,8 +424,6 @@ async def test_a_job_past_its_timeout_fails_and_cancels_the_prediction(
 async def test_sandbox_mode_renders_a_labelled_h264_clip_of_the_requested_shape(
     make_client: Any, tmp_path: Path
 ) -> None:
-    from mvserver.sandbox.render import probe_media
-
     client = await make_client(
         GEMINI_API_KEY=None,
         REPLICATE_API_TOKEN=None,

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from helpers import PROMPT, SECRET, AppClient, Receiver, events_of, jobs_settings
 from standardwebhooks import Webhook
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key, read_keys, write_keys
 
 pytestmark = pytest.mark.both_stores

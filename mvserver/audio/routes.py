@@ -31,17 +31,17 @@ from typing import Any
 from aiohttp import BodyPartReader, ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG, SONG_SAVED, STORE, UPLOAD_SLOTS
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, OutputStore, check_id, new_id, temp_path
-from mvserver.media import ffmpeg as media
+from mvserver.core.storage import OutputStore, check_id, new_id, temp_path
+from mvserver.media.args import AUDIO_DEMUXERS, SONG_DEMUXERS
+from mvserver.media.errors import MediaError, MediaTimeout
+from mvserver.media.probe import AudioStream, MediaInfo, probe, stream_duration
 from mvserver.web.access.auth import API_KEY, KeyRecord, key_id, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge_upload
 from mvserver.web.files import SavedFileResponse
 from mvserver.web.security import accepts
-
-routes = web.RouteTableDef()
 
 CHUNK = 1 << 16
 MAX_CHANNELS = 8
@@ -62,7 +62,7 @@ class AudioFormat:
     @property
     def demuxer(self) -> str:
         """The one ffmpeg demuxer every later read of a song in this format uses."""
-        return media.SONG_DEMUXERS[self.suffix]
+        return SONG_DEMUXERS[self.suffix]
 
 
 FORMATS = {
@@ -118,11 +118,9 @@ class UploadSlots:
                 del self._per_key[key.id]
 
 
-UPLOAD_SLOTS = web.AppKey("audio_upload_slots", UploadSlots)
 # Called once a song is saved (its sidecar written): starts its analysis and copies and answers fields for the upload
 # answer (``mvserver.audio.songs`` sets it; without it an upload answers the description alone).
 SongSaved = Callable[[web.Application, str, Path, dict[str, Any]], Awaitable[dict[str, Any]]]
-SONG_SAVED = web.AppKey("song_saved", SongSaved)
 
 
 @dataclass(frozen=True)
@@ -191,7 +189,7 @@ def _too_long(length: str, limit: float) -> ApiError:
     )
 
 
-def classify(info: media.MediaInfo) -> tuple[AudioFormat, media.AudioStream]:
+def classify(info: MediaInfo) -> tuple[AudioFormat, AudioStream]:
     """The accepted format of a probed file: container and codec must both fit (ApiError ``invalid_audio``)."""
     stream = info.first_audio
     if stream is None:
@@ -293,19 +291,19 @@ async def identify(path: Path, max_seconds: float) -> dict[str, Any]:
     ``audio_too_long`` past ``max_seconds``: from the header before anything is decoded, and from the decode, which
     stops just past the limit, for a header that understates the length)."""
     try:
-        info = await media.probe(path, timeout=HEADER_TIMEOUT_SECONDS, demuxers=media.AUDIO_DEMUXERS)
-    except media.MediaError:  # one message for every refusal: it must not tell what the file names or whether it exists
+        info = await probe(path, timeout=HEADER_TIMEOUT_SECONDS, demuxers=AUDIO_DEMUXERS)
+    except MediaError:  # one message for every refusal: it must not tell what the file names or whether it exists
         raise invalid("the file is not an audio file ffmpeg can read") from None
     fmt, stream = classify(info)
     if info.duration is not None and info.duration > max_seconds:
         raise _too_long(f"{info.duration:g} s", max_seconds)
     try:
-        duration = await media.stream_duration(
+        duration = await stream_duration(
             path, "a:0", decode=True, timeout=DECODE_TIMEOUT_SECONDS, demuxers=[fmt.demuxer], limit=max_seconds + 1
         )
-    except media.MediaTimeout:
+    except MediaTimeout:
         raise invalid(f"the audio did not decode within {DECODE_TIMEOUT_SECONDS:g} s") from None
-    except media.MediaError:
+    except MediaError:
         raise invalid("the audio stream does not decode") from None
     if duration < MIN_SECONDS:
         raise invalid(f"the audio is shorter than {MIN_SECONDS} s")
@@ -321,7 +319,6 @@ async def identify(path: Path, max_seconds: float) -> dict[str, Any]:
     }
 
 
-@routes.post("/api/mv/upload_audio")
 @accepts("audio/*", "multipart/form-data")
 @idempotent
 async def upload_audio(request: web.Request) -> web.Response:
@@ -400,7 +397,6 @@ async def saved_audio(
     return path, sidecar
 
 
-@routes.get("/api/mv/get_audio/{audio_id}")
 async def get_audio(request: web.Request) -> web.FileResponse:
     path, sidecar = await saved_audio(request.app, request.match_info["audio_id"], caller=key_id(request))
     return SavedFileResponse(

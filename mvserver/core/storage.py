@@ -27,6 +27,7 @@ import aiofiles
 import aiofiles.os
 from aiohttp import web
 
+from mvserver.appkeys import STORE
 from mvserver.core.errors import ApiError
 
 log = logging.getLogger("mvserver")
@@ -263,6 +264,3 @@ def start_node(store: OutputStore) -> int:
     """At start-up: announce this node (its heartbeat), then remove what dead nodes left; returns how many."""
     store.beat()
     return store.remove_abandoned_temporaries()
-
-
-STORE = web.AppKey("store", OutputStore)

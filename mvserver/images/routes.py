@@ -20,17 +20,16 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
-from mvserver.core.config import CONFIG, Config
+from mvserver.appkeys import CONFIG, PROVIDERS, REQUEST_MODELS, STORE
+from mvserver.core.config import Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, OutputStore, check_id, new_id
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
-from mvserver.providers import PROVIDERS
+from mvserver.core.storage import OutputStore, check_id, new_id
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.quotas import charge
+from mvserver.web.body import parse_body
 from mvserver.web.files import SavedFileResponse
 
-routes = web.RouteTableDef()
 PROVIDER = "replicate"
 
 
@@ -223,7 +222,6 @@ async def load_image(app: web.Application, image_id: str, caller: str | None = N
         raise ApiError(404, "not_found", f"no image with id {image_id}", field=field) from None
 
 
-@routes.post("/api/mv/generate_character_reference")
 async def generate_character_reference(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].image, config.debug)
@@ -237,7 +235,6 @@ async def generate_character_reference(request: web.Request) -> web.Response:
     )
 
 
-@routes.get("/api/mv/get_image/{image_id}")
 async def get_image(request: web.Request) -> web.FileResponse:
     image_id = check_id(request.match_info["image_id"], "image_id")
     path, mime_type = await _saved_image(request.app[STORE], image_id, "image_id", key_id(request))

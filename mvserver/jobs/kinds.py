@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mvserver.core.storage import OutputStore
 from mvserver.jobs.model import Job
+from mvserver.jobs.runner import DriverFactory
 from mvserver.providers import Providers, Snapshot, VideoBackend, VideoRequest
 
 VIDEO_REQUEST_FIELDS = ("negative_prompt", "aspect_ratio", "duration", "generate_audio", "seed")
@@ -41,9 +42,9 @@ class VideoDriver:
         return await self.backend.download(snapshot, prediction_id, dest)
 
     async def cancel(self, prediction_id: str) -> Snapshot | None:
-        return await self.backend.cancel(prediction_id)  # type: ignore[func-returns-value]
+        return await self.backend.cancel(prediction_id)
 
 
-def video_kind(providers: Providers, outputs: OutputStore):  # type: ignore[no-untyped-def]
+def video_kind(providers: Providers, outputs: OutputStore) -> DriverFactory:
     """The driver factory for ``video`` jobs."""
     return lambda job: VideoDriver(providers.video_backend(job.backend), outputs)
