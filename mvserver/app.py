@@ -14,10 +14,10 @@ from yarl import URL
 from mvserver.assembly import routes as assembly
 from mvserver.audio import routes as audio
 from mvserver.audio import songs
+from mvserver.core.artefacts import STORE, OutputStore, node_context, start_node
 from mvserver.core.config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import hide_paths_under, server_log
-from mvserver.core.storage import STORE, OutputStore, node_context, start_node
 from mvserver.images import routes as images
 from mvserver.jobs import JOBS, FileJobStore, Job, JobEngine, JobStore, events, video_kind, webhooks_out
 from mvserver.jobs.census import JobCensus

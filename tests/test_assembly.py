@@ -18,8 +18,8 @@ from test_lipsync import PROMPT, events_of, make_clip, make_song, wait_for
 from test_media import HOLDER, proc_limit
 
 from mvserver.assembly.routes import _field
+from mvserver.core.artefacts import STORE, new_id
 from mvserver.core.config import CONFIG
-from mvserver.core.storage import STORE, new_id
 from mvserver.jobs import JOBS
 from mvserver.media import ffmpeg as media
 from mvserver.sandbox.simulator import Simulator

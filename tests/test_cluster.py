@@ -22,7 +22,7 @@ import yaml
 from conftest import PROJECT, RedisServer, free_port, read_sse, redis_server_or_skip
 from test_audio import make_audio
 
-from mvserver.core.storage import write_bytes_atomic
+from mvserver.core.artefacts import write_bytes_atomic
 from mvserver.web.access.auth import KeyLimits, create_key
 
 pytestmark = pytest.mark.cluster

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from mvserver.core.artefacts import OutputStore, new_id
 from mvserver.core.config import EnvSettings, load_config
-from mvserver.core.storage import OutputStore, new_id
 from mvserver.jobs import FileJobStore, Job, JobEngine
 from mvserver.providers import Snapshot
 

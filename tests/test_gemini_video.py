@@ -15,8 +15,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from PIL import Image
 
+from mvserver.core.artefacts import OutputStore, new_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import OutputStore, new_id
 from mvserver.providers.base import Snapshot, VideoRequest
 from mvserver.providers.gemini import GeminiProvider, make_api_client, make_vertex_client
 from mvserver.sandbox import gemini_api

@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import AppClient, LiveApp, module_loop, two_key_client
 
-from mvserver.core.storage import STORE
+from mvserver.core.artefacts import STORE
 from mvserver.jobs import JOBS
 from mvserver.jobs.store import Remembered
 from mvserver.sandbox.simulator import Simulator

@@ -19,9 +19,9 @@ from conftest import PROJECT, AppClient, LiveApp, module_loop
 from PIL import Image
 from yarl import URL
 
+from mvserver.core.artefacts import OutputStore
 from mvserver.core.config import CONFIG
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import OutputStore
 from mvserver.images.routes import load_image
 from mvserver.sandbox import replicate_api
 from mvserver.sandbox.simulator import Simulator

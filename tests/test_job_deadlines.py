@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import AppClient
 from test_videos import events_of, statuses, submit
 
-from mvserver.core.storage import STORE
+from mvserver.core.artefacts import STORE
 from mvserver.sandbox.simulator import Simulator
 
 pytestmark = pytest.mark.both_stores

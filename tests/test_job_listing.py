@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 from conftest import AppClient, LiveApp, module_loop, two_key_client
 from test_videos import submit, wait_for
 
-from mvserver.core.storage import new_id
+from mvserver.core.artefacts import new_id
 from mvserver.jobs import JOBS, Job
 from mvserver.jobs.file_store import _lines_before
 from mvserver.jobs.listing import JobQuery, list_jobs

@@ -21,9 +21,9 @@ from PIL import Image
 from yarl import URL
 
 from mvserver.audio import routes as audio
+from mvserver.core.artefacts import STORE, new_id
 from mvserver.core.config import ConfigError, EnvSettings, load_config
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, new_id
 from mvserver.jobs import JOBS
 from mvserver.lipsync.routes import Song, cut_args, cut_window, max_cut_bytes, plan_window
 from mvserver.media import ffmpeg as media

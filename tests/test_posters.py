@@ -16,8 +16,8 @@ from conftest import AppClient, read_sse, two_key_client
 from PIL import Image, ImageChops, ImageStat
 from test_videos import PROMPT, submit, wait_for
 
+from mvserver.core.artefacts import STORE
 from mvserver.core.config import PosterSettings
-from mvserver.core.storage import STORE
 from mvserver.jobs import Job
 from mvserver.media import ffmpeg as media
 from mvserver.sandbox.simulator import Simulator

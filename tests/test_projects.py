@@ -15,8 +15,8 @@ import yaml
 from aiohttp.test_utils import TestClient
 from conftest import AppClient, free_port
 
+from mvserver.core.artefacts import OutputStore, new_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import OutputStore, new_id
 from mvserver.projects.routes import TimelineEntry, project_timeline, size_to_song
 from mvserver.projects.store import PROJECTS, FileProjectStore, Project, RedisProjectStore, Scene
 from mvserver.sandbox.simulator import Simulator

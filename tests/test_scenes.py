@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from mvserver.app import create_app
-from mvserver.core.storage import STORE
+from mvserver.core.artefacts import STORE
 from mvserver.sandbox import gemini_api
 from mvserver.sandbox.simulator import SIMULATOR, Simulator, create_simulator_app
 

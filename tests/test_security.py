@@ -14,8 +14,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import AppClient, LiveApp, module_loop
 
+from mvserver.core.artefacts import STORE
 from mvserver.core.config import ConfigError, EnvSettings
-from mvserver.core.storage import STORE
 from mvserver.sandbox.simulator import Simulator
 
 VIDEO = "/api/mv/generate_video"

@@ -26,7 +26,7 @@ from conftest import SIM_DEFAULTS, fast_settings, provider_env, read_sse
 from bench.songs import SR, Song, drum_song
 from mvserver.app import create_app
 from mvserver.audio.songs import SONGS
-from mvserver.core.storage import STORE
+from mvserver.core.artefacts import STORE
 from mvserver.media import ffmpeg as media
 from mvserver.sandbox.simulator import Simulator, create_simulator_app
 

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 from conftest import LiveApp, module_loop, read_sse
 from PIL import Image
 
-from mvserver.core.storage import STORE
+from mvserver.core.artefacts import STORE
 from mvserver.jobs import JOBS
 from mvserver.sandbox.simulator import Simulator
 

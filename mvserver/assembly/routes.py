@@ -25,9 +25,9 @@ from pydantic import BaseModel, ValidationError
 from mvserver.assembly.schemas import AssemblyOptions
 from mvserver.audio import songs
 from mvserver.audio.routes import saved_audio
+from mvserver.core.artefacts import STORE
 from mvserver.core.config import CONFIG, AssemblyLimits
 from mvserver.core.errors import ApiError, validation_error
-from mvserver.core.storage import STORE
 from mvserver.jobs import JOBS, Job
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields

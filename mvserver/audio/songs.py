@@ -28,8 +28,8 @@ from aiohttp import web
 
 from mvserver.analysis import ANALYSIS_VERSION, AnalysisError, AnalysisPool, AnalysisTimeout, SongAnalysis, load
 from mvserver.audio.routes import FORMATS, SONG_SAVED, saved_audio
+from mvserver.core.artefacts import STORE, OutputStore, check_id
 from mvserver.core.config import CONFIG, EnvSettings
-from mvserver.core.storage import STORE, OutputStore, check_id
 from mvserver.media import ffmpeg as media
 from mvserver.web.access.auth import key_id
 

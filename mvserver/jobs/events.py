@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from mvserver.core.artefacts import check_id
 from mvserver.core.config import CONFIG
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import check_id
 from mvserver.jobs import JOBS
 from mvserver.jobs.stream import stream_many
 from mvserver.videos.routes import event_links

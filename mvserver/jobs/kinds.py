@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from mvserver.core.storage import OutputStore
+from mvserver.core.artefacts import OutputStore
 from mvserver.jobs.model import Job
 from mvserver.providers import Providers, Snapshot, VideoBackend, VideoRequest
 

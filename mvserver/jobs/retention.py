@@ -10,7 +10,7 @@ import logging
 import os
 import time
 
-from mvserver.core.storage import OutputStore, is_valid_id
+from mvserver.core.artefacts import OutputStore, is_valid_id
 from mvserver.jobs.store import JobStore
 
 log = logging.getLogger("mvserver.jobs")

@@ -18,10 +18,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from mvserver.core.artefacts import OutputStore
 from mvserver.core.config import JobsSettings, PricingSettings
 from mvserver.core.errors import ApiError, ErrorInfo
 from mvserver.core.logs import bind_job
-from mvserver.core.storage import OutputStore
 from mvserver.jobs.eta import EtaEstimate, duration_key
 from mvserver.jobs.model import Event, Job, JobStatus, clip_text
 from mvserver.jobs.store import JobStore, Lease, LeaseLost

@@ -31,9 +31,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from standardwebhooks import Webhook
 
+from mvserver.core.artefacts import STORE
 from mvserver.core.config import CONFIG, EnvSettings, JobsSettings
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE
 from mvserver.jobs import JOBS, JobEngine
 from mvserver.jobs.model import FINAL_STATUSES, Event, Job
 from mvserver.jobs.outbox import FileOutbox, Outbox, Record, RedisOutbox

@@ -22,10 +22,10 @@ from typing import Any
 from aiohttp import web
 
 from mvserver.audio.routes import FORMATS, saved_audio
+from mvserver.core.artefacts import STORE, OutputStore, check_id, new_id, temp_path
 from mvserver.core.config import CONFIG, LipsyncLimits, LipsyncSettings
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, OutputStore, check_id, new_id, temp_path
 from mvserver.jobs import JOBS, Job
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.options import job_fields

@@ -39,7 +39,7 @@ from typing import Literal
 
 import imageio_ffmpeg
 
-from mvserver.core.storage import temp_path
+from mvserver.core.artefacts import temp_path
 
 __all__ = [
     "assemble",
@@ -770,7 +770,7 @@ class _Source:
 
 
 def _temp(out: Path, tag: str) -> Path:
-    """A temporary file next to the output, named by :func:`storage.temp_path` (the clean-up knows its node)."""
+    """A temporary file next to the output, named by :func:`artefacts.temp_path` (the clean-up knows its node)."""
     return temp_path(out, tag)
 
 

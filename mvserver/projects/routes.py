@@ -28,9 +28,9 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError, create_model
 
 from mvserver.analysis import SongAnalysis
+from mvserver.core.artefacts import STORE, check_id, new_id
 from mvserver.core.config import CONFIG, Config
 from mvserver.core.errors import ApiError, validation_error
-from mvserver.core.storage import STORE, check_id, new_id
 from mvserver.images.routes import _saved_image, generate_reference
 from mvserver.jobs import JOBS, Job
 from mvserver.jobs.accepted import accepted_response

@@ -17,8 +17,8 @@ from aiohttp import web
 from mvserver.analysis import PlanError, SongAnalysis, locate, plan_scenes
 from mvserver.audio.routes import saved_audio
 from mvserver.audio.songs import SONGS, preview, read_sidecar, song_analysis
+from mvserver.core.artefacts import STORE
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE
 from mvserver.media.ffmpeg import PREVIEW_MIME_TYPE
 from mvserver.projects.store import Project, Song, SongWindow
 from mvserver.scenes.routes import SongBrief

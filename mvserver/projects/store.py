@@ -18,8 +18,8 @@ import redis.exceptions
 from aiohttp import web
 from pydantic import BaseModel, Field
 
+from mvserver.core.artefacts import OutputStore
 from mvserver.core.errors import ApiError, store_unavailable
-from mvserver.core.storage import OutputStore
 
 log = logging.getLogger("mvserver.projects")
 

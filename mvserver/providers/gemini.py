@@ -13,8 +13,8 @@ from google import genai
 from google.genai import types
 from pydantic import BaseModel
 
+from mvserver.core.artefacts import OutputStore
 from mvserver.core.errors import ApiError, ErrorInfo, prediction_failed
-from mvserver.core.storage import OutputStore
 from mvserver.providers.base import ProviderObserver, Snapshot, VideoRequest, observed_call
 from mvserver.providers.outputs import check_media, too_large
 

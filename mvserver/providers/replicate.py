@@ -26,8 +26,8 @@ from replicate.exceptions import ReplicateError
 from replicate.prediction import Prediction
 from yarl import URL
 
+from mvserver.core.artefacts import OutputStore
 from mvserver.core.errors import ApiError, from_exception, prediction_failed, provider_http_error
-from mvserver.core.storage import OutputStore
 from mvserver.providers.base import ProviderObserver, Snapshot, VideoRequest, observed_call
 from mvserver.providers.outputs import Media, OutputHosts, checked_chunks, too_large
 

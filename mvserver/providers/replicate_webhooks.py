@@ -23,9 +23,9 @@ from aiohttp import web
 from replicate.prediction import Prediction
 from replicate.webhook import Webhooks, WebhookSigningSecret
 
+from mvserver.core.artefacts import is_valid_id
 from mvserver.core.config import CONFIG, ConfigError, EnvSettings
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import is_valid_id
 from mvserver.jobs import JOBS
 from mvserver.jobs.updates import WEBHOOK_PATH
 from mvserver.providers import PROVIDERS

@@ -24,7 +24,7 @@ from functools import lru_cache
 import imageio_ffmpeg
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from mvserver.core.storage import temp_path
+from mvserver.core.artefacts import temp_path
 
 __all__ = [
     "ASPECT_SIZES",

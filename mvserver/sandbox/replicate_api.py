@@ -34,7 +34,7 @@ from typing import Any, Literal
 from aiohttp import web
 from yarl import URL
 
-from mvserver.core.storage import temp_path, write_bytes_atomic
+from mvserver.core.artefacts import temp_path, write_bytes_atomic
 from mvserver.sandbox.render import (
     MAX_REFERENCE_PIXELS,
     oversized_image,

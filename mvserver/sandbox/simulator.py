@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from mvserver.core.storage import write_bytes_atomic
+from mvserver.core.artefacts import write_bytes_atomic
 
 FaultKind = Literal[
     "status",

@@ -12,10 +12,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
+from mvserver.core.artefacts import STORE, check_id, new_id
 from mvserver.core.config import CONFIG, TEMPLATES, Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, check_id, new_id
 from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
 from mvserver.providers import PROVIDERS
 from mvserver.web.access.auth import key_id, visible_to

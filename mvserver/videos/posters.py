@@ -19,8 +19,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from mvserver.core.artefacts import temp_path
 from mvserver.core.config import CONFIG, PosterSettings
-from mvserver.core.storage import temp_path
 from mvserver.jobs import Job
 from mvserver.media import ffmpeg as media
 from mvserver.videos.routes import job_output

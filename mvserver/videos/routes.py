@@ -16,10 +16,10 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
+from mvserver.core.artefacts import STORE, check_id, new_id
 from mvserver.core.config import CONFIG, Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, check_id, new_id
 from mvserver.images.routes import FORMATS, load_image
 from mvserver.jobs import JOBS, Job, job_urls, listing, stream_events
 from mvserver.jobs.accepted import accepted_response

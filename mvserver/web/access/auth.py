@@ -30,9 +30,9 @@ import yaml
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
+from mvserver.core.artefacts import write_bytes_atomic
 from mvserver.core.config import ConfigError
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import write_bytes_atomic
 from mvserver.web.access.signing import SIGNER, links_expire_by
 
 log = logging.getLogger("mvserver")
