@@ -31,14 +31,13 @@ from typing import Any
 from aiohttp import BodyPartReader, ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from mvserver.core.artefacts import STORE, OutputStore, check_id, new_id, temp_path
+from mvserver.core.artefacts import STORE, OutputStore, SavedFileResponse, check_id, new_id, temp_path
 from mvserver.core.config import CONFIG
 from mvserver.core.errors import ApiError
 from mvserver.media import ffmpeg as media
 from mvserver.web.access.auth import API_KEY, KeyRecord, key_id, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge_upload
-from mvserver.web.files import SavedFileResponse
 from mvserver.web.security import accepts
 
 routes = web.RouteTableDef()

@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
-from mvserver.core.artefacts import STORE, OutputStore, check_id, new_id
+from mvserver.core.artefacts import STORE, OutputStore, SavedFileResponse, check_id, new_id
 from mvserver.core.config import CONFIG, Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
@@ -28,7 +28,6 @@ from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
 from mvserver.providers import PROVIDERS
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.quotas import charge
-from mvserver.web.files import SavedFileResponse
 
 routes = web.RouteTableDef()
 PROVIDER = "replicate"

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from mvserver.core.artefacts import STORE, check_id, new_id
+from mvserver.core.artefacts import STORE, SavedFileResponse, check_id, new_id
 from mvserver.core.config import CONFIG, TEMPLATES, Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
@@ -20,7 +20,6 @@ from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
 from mvserver.providers import PROVIDERS
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.quotas import charge
-from mvserver.web.files import SavedFileResponse
 
 routes = web.RouteTableDef()
 

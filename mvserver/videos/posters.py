@@ -19,12 +19,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mvserver.core.artefacts import temp_path
+from mvserver.core.artefacts import SavedFileResponse, temp_path
 from mvserver.core.config import CONFIG, PosterSettings
 from mvserver.jobs import Job
 from mvserver.media import ffmpeg as media
 from mvserver.videos.routes import job_output
-from mvserver.web.files import SavedFileResponse
 
 log = logging.getLogger("mvserver.jobs")
 routes = web.RouteTableDef()

@@ -16,7 +16,7 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
-from mvserver.core.artefacts import STORE, check_id, new_id
+from mvserver.core.artefacts import STORE, SavedFileResponse, check_id, new_id
 from mvserver.core.config import CONFIG, Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
@@ -31,7 +31,6 @@ from mvserver.web.access.auth import key_id, require_owner, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
 from mvserver.web.access.signing import signed_event_data
-from mvserver.web.files import SavedFileResponse
 
 routes = web.RouteTableDef()
 
