@@ -14,7 +14,7 @@ from yarl import URL
 from mvserver.assembly import routes as assembly
 from mvserver.audio import routes as audio
 from mvserver.audio import songs
-from mvserver.core.artefacts import STORE, OutputStore, node_context, start_node
+from mvserver.core.artefacts import ARTEFACTS, STORE, LocalArtefacts, OutputStore, node_context, start_node
 from mvserver.core.config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import hide_paths_under, server_log
@@ -250,6 +250,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app[CONFIG] = config
     app[TEMPLATES] = package_templates()
     app[STORE] = store
+    app[ARTEFACTS] = LocalArtefacts(store)
     app[REQUEST_MODELS] = RequestModels.build(config)
     start_node(store)  # only what dead nodes left: other nodes may be writing in a shared MV_OUTPUT_DIR
     app.cleanup_ctx.append(node_context)

@@ -1,4 +1,10 @@
-"""The ``outputs/`` directory: ids, paths and atomic writes (temporary file, fsync, rename).
+"""The artefact layer: every file the service writes or serves, named by a key such as ``videos/<id>.mp4``.
+
+:class:`Artefacts` is the one interface (write atomically, create-only writes, open as a stream, read JSON, stat,
+serve, delete, list old, a local file for ffmpeg); :class:`LocalArtefacts` is its implementation on today's
+``outputs/`` directory (:class:`OutputStore`, which also holds the records of jobs and projects). An object store
+implements the same interface: its keys are object names, its ``response`` a redirect or a proxied stream, its
+``local_file`` a scratch copy.
 
 Several nodes may share one output directory (on Redis). Every temporary is named by :func:`temp_path` with the id
 of the node writing it, and every node keeps a heartbeat file ``nodes/<node id>.json`` (its host and process id,
@@ -18,13 +24,12 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiofiles
-import aiofiles.os
 from aiohttp import web
 
 from mvserver.core.errors import ApiError, ErrorInfo
@@ -79,8 +84,13 @@ def temp_owner(name: str) -> str | None:
     return found.group("node") if found else None
 
 
-def write_bytes_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one, never a part."""
+class ArtefactExists(FileExistsError):
+    """A create-only write found the artefact already there (a finished artefact is never overwritten)."""
+
+
+def write_bytes_atomic(path: Path, data: bytes, mode: int = FILE_MODE, *, create_only: bool = False) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one, never a part (``create_only``:
+    :class:`ArtefactExists` if ``path`` exists, which is left as it is)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -90,10 +100,35 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        commit(tmp, path, create_only=create_only)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def commit(tmp: Path, path: Path, *, create_only: bool = False) -> None:
+    """Put the finished (synced) temporary ``tmp`` in place as ``path`` in one step. ``create_only`` links instead
+    of renaming, which fails if ``path`` exists: :class:`ArtefactExists`, and ``tmp`` is removed either way."""
+    if not create_only:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise ArtefactExists(f"{path.name} exists") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sync_file(path: Path, mode: int = FILE_MODE) -> int:
+    """Give a file another process wrote (ffmpeg) the mode of every output and flush it to disk; its size."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -145,27 +180,6 @@ class OutputStore:
     async def write_json(self, path: Path, payload: Any) -> None:
         data = json.dumps(payload, indent=2, ensure_ascii=False).encode()
         await self.write_bytes(path, data)
-
-    async def write_stream(self, path: Path, chunks: AsyncIterable[bytes]) -> int:
-        """Stream chunks to a temporary file and rename it into place; returns the byte count.
-
-        The temporary file is removed when the stream fails or the task is cancelled.
-        """
-        tmp = temp_path(path)
-        size = 0
-        try:
-            async with aiofiles.open(tmp, "wb") as handle:
-                async for chunk in chunks:
-                    await handle.write(chunk)
-                    size += len(chunk)
-                await handle.flush()
-                await asyncio.to_thread(os.fchmod, handle.fileno(), FILE_MODE)  # whatever the umask
-                await asyncio.to_thread(os.fsync, handle.fileno())
-            await aiofiles.os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return size
 
     # -- nodes and their temporaries -------------------------------------------------------------------------
 
@@ -247,6 +261,222 @@ class OutputStore:
                 log.warning("node heartbeat failed: %s", exc)
 
 
+# -- the artefact layer ---------------------------------------------------------------------------------------------
+
+_KEY = re.compile(r"^(?P<kind>[a-z]+)/(?P<id>[0-9a-f-]{36})(?P<suffix>(?:\.[a-z0-9]+)*)$")
+CHUNK_BYTES = 256 << 10  # what :meth:`Artefacts.open` reads at a time
+
+
+def artefact_key(kind: str, file_id: str, suffix: str = "") -> str:
+    """The key of an artefact: ``<kind>/<id><suffix>`` (``videos/<id>.mp4``), for an already validated id; the
+    name is built here, never taken from a client."""
+    key = f"{kind}/{file_id}{suffix}"
+    assert kind in KINDS and is_valid_id(file_id) and _KEY.fullmatch(key), key
+    return key
+
+
+def split_key(key: str) -> tuple[str, str, str]:
+    """``(kind, id, suffix)`` of a key made by :func:`artefact_key` (ValueError for anything else)."""
+    found = _KEY.fullmatch(key)
+    if found is None or found["kind"] not in KINDS or not is_valid_id(found["id"]):
+        raise ValueError(f"not an artefact key: {key!r}")
+    return found["kind"], found["id"], found["suffix"]
+
+
+@dataclass(frozen=True)
+class ArtefactStat:
+    """What a reader may know of a stored artefact without reading it."""
+
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch of the last write
+    etag: str  # changes whenever the content may have (the local store's is aiohttp's FileResponse ETag)
+
+
+class Artefacts(Protocol):
+    """Every file the service writes or serves, by key. Writes are atomic (a reader sees the whole artefact or
+    none); ``create_only`` writes raise :class:`ArtefactExists` instead of replacing one (a retried or taken-over
+    job never overwrites a finished artefact). Reads of a missing artefact raise FileNotFoundError, except
+    :meth:`get_json` and :meth:`stat`, which answer None."""
+
+    async def put_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> int:
+        """Store ``data``; its size."""
+        ...
+
+    async def put_json(self, key: str, payload: Any, *, create_only: bool = False) -> int:
+        """Store ``payload`` as indented UTF-8 JSON (a sidecar); its size."""
+        ...
+
+    async def put_stream(self, key: str, chunks: AsyncIterable[bytes], *, create_only: bool = False) -> int:
+        """Store the chunks as they come (never all in memory); nothing is stored if the stream fails or the task is
+        cancelled. Its size."""
+        ...
+
+    def scratch(self, key: str, tag: str = "") -> contextlib.AbstractAsyncContextManager[Path]:
+        """A local temporary file for an artefact to be (``key`` may lack its suffix, e.g. ``audio/<id>``: an upload
+        whose format is not known yet), named so the clean-up knows its node; removed at the block's end unless
+        :meth:`put_file` took it."""
+        ...
+
+    async def put_file(self, key: str, path: Path, *, create_only: bool = False) -> int:
+        """Store the finished local file ``path`` (from :meth:`scratch`, written by this process or by ffmpeg) as
+        ``key``; the file is taken (moved or uploaded and removed). Its size."""
+        ...
+
+    def writing(
+        self, key: str, *, create_only: bool = False, tag: str = ""
+    ) -> contextlib.AbstractAsyncContextManager[Path]:
+        """A scratch file to fill (ffmpeg's output), stored as ``key`` when the block ends without an error and
+        removed otherwise."""
+        ...
+
+    async def get_bytes(self, key: str) -> bytes: ...
+
+    async def get_json(self, key: str) -> Any:
+        """The parsed JSON (a sidecar), or None when it is missing or unreadable."""
+        ...
+
+    def open(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """The bytes ``[start, end)`` as a stream of chunks."""
+        ...
+
+    async def stat(self, key: str) -> ArtefactStat | None: ...
+
+    async def response(self, key: str, *, noun: str, headers: dict[str, str]) -> web.StreamResponse:
+        """The HTTP answer serving it (single Range, ETag/304, the JSON 416 naming ``noun``); checks of access come
+        before. Locally a FileResponse; an object store answers a presigned redirect or proxies the stream."""
+        ...
+
+    async def delete(self, *keys: str) -> None:
+        """Remove artefacts; a missing one is no error."""
+        ...
+
+    async def list_old(self, kind: str, before: float) -> list[str]:
+        """Keys of ``kind`` last written before ``before`` (epoch seconds); temporaries are not artefacts."""
+        ...
+
+    def local_file(self, key: str) -> contextlib.AbstractAsyncContextManager[Path]:
+        """A local file holding the artefact for the block (ffmpeg's input): the local store's own file, an object
+        store's scratch copy. FileNotFoundError when it is missing."""
+        ...
+
+
+class LocalArtefacts:
+    """:class:`Artefacts` in today's ``outputs/`` directory: key ``<kind>/<name>`` is the file ``outputs/<kind>/<name>``,
+    every temporary sits next to its artefact and is named by :func:`temp_path`."""
+
+    def __init__(self, outputs: OutputStore):
+        self.outputs = outputs
+
+    def file(self, key: str) -> Path:
+        kind, file_id, suffix = split_key(key)
+        return self.outputs.path(kind, file_id, suffix)
+
+    async def put_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> int:
+        await asyncio.to_thread(write_bytes_atomic, self.file(key), data, create_only=create_only)
+        return len(data)
+
+    async def put_json(self, key: str, payload: Any, *, create_only: bool = False) -> int:
+        data = json.dumps(payload, indent=2, ensure_ascii=False).encode()
+        return await self.put_bytes(key, data, create_only=create_only)
+
+    async def put_stream(self, key: str, chunks: AsyncIterable[bytes], *, create_only: bool = False) -> int:
+        async with self.scratch(key) as tmp:
+            async with aiofiles.open(tmp, "wb") as handle:
+                async for chunk in chunks:
+                    await handle.write(chunk)
+            return await self.put_file(key, tmp, create_only=create_only)
+
+    @contextlib.asynccontextmanager
+    async def scratch(self, key: str, tag: str = "") -> AsyncIterator[Path]:
+        kind, file_id, suffix = split_key(key)
+        tmp = temp_path(self.outputs.root / kind / f"{file_id}{suffix}", tag)
+        try:
+            yield tmp
+        finally:
+            await asyncio.to_thread(tmp.unlink, missing_ok=True)
+
+    async def put_file(self, key: str, path: Path, *, create_only: bool = False) -> int:
+        dest = self.file(key)
+
+        def store() -> int:
+            size = sync_file(path)
+            commit(path, dest, create_only=create_only)
+            return size
+
+        return await asyncio.to_thread(store)
+
+    @contextlib.asynccontextmanager
+    async def writing(self, key: str, *, create_only: bool = False, tag: str = "") -> AsyncIterator[Path]:
+        async with self.scratch(key, tag) as tmp:
+            yield tmp
+            await self.put_file(key, tmp, create_only=create_only)
+
+    async def get_bytes(self, key: str) -> bytes:
+        return await asyncio.to_thread(self.file(key).read_bytes)
+
+    async def get_json(self, key: str) -> Any:
+        try:
+            return json.loads(await self.get_bytes(key))
+        except (OSError, ValueError):
+            return None
+
+    async def open(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        async with aiofiles.open(self.file(key), "rb") as handle:
+            await handle.seek(start)
+            left = None if end is None else max(0, end - start)
+            while left is None or left > 0:
+                chunk = await handle.read(CHUNK_BYTES if left is None else min(CHUNK_BYTES, left))
+                if not chunk:
+                    return
+                if left is not None:
+                    left -= len(chunk)
+                yield chunk
+
+    async def stat(self, key: str) -> ArtefactStat | None:
+        try:
+            st = await asyncio.to_thread(self.file(key).stat)
+        except FileNotFoundError:
+            return None
+        return ArtefactStat(key, st.st_size, st.st_mtime, f"{st.st_mtime_ns:x}-{st.st_size:x}")
+
+    async def response(self, key: str, *, noun: str, headers: dict[str, str]) -> web.StreamResponse:
+        return SavedFileResponse(self.file(key), noun=noun, headers=headers)
+
+    async def delete(self, *keys: str) -> None:
+        await asyncio.to_thread(_unlink_all, [self.file(key) for key in keys])
+
+    async def list_old(self, kind: str, before: float) -> list[str]:
+        assert kind in KINDS, kind
+        return await asyncio.to_thread(_old_names, self.outputs.root / kind, kind, before)
+
+    @contextlib.asynccontextmanager
+    async def local_file(self, key: str) -> AsyncIterator[Path]:
+        path = self.file(key)
+        if not await asyncio.to_thread(path.is_file):
+            raise FileNotFoundError(key)
+        yield path
+
+
+def _unlink_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _old_names(folder: Path, kind: str, before: float) -> list[str]:
+    """Keys of the files in ``folder`` named by an id (not temporaries) last changed before ``before``."""
+    keys = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+        for entry in entries:
+            key = f"{kind}/{entry.name}"
+            if entry.name.startswith(".") or not _KEY.fullmatch(key) or not is_valid_id(entry.name[:36]):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file() and entry.stat().st_mtime < before:
+                    keys.append(key)
+    return keys
+
+
 async def node_context(app: web.Application) -> AsyncIterator[None]:
     """The node's heartbeat while the app runs (written at start-up by :func:`start_node`); gone at a clean exit."""
     store = app[STORE]
@@ -302,3 +532,4 @@ class SavedFileResponse(web.FileResponse):
 
 
 STORE = web.AppKey("store", OutputStore)
+ARTEFACTS = web.AppKey("artefacts", Artefacts)
