@@ -104,7 +104,7 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
             base_url=urls["vertex"],
             timeout=videos.jobs.request_timeout_seconds,
         ),
-        store,
+        app[ARTEFACTS],
         video_model=videos.backends.gemini.model,
         person_generation=videos.backends.gemini.person_generation,
         resolution=videos.backends.gemini.resolution,
@@ -115,7 +115,7 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
     replicate = replicate_backend.ReplicateProvider(
         replicate_backend.make_client(replicate_token, urls["replicate"], videos.jobs.request_timeout_seconds),
         session,
-        store,
+        app[ARTEFACTS],
         video_model=videos.backends.replicate.model,
         request_timeout=videos.jobs.request_timeout_seconds,
         sandbox="replicate" in sandboxed,
@@ -164,11 +164,13 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     """Start the job engine: unfinished jobs resume; at exit their tasks stop (they resume at the next start)."""
     config = app[CONFIG]
     kinds = {
-        "video": video_kind(app[PROVIDERS], app[STORE]),
+        "video": video_kind(app[PROVIDERS], app[ARTEFACTS]),
         lipsync.KIND: lipsync.lipsync_kind(app),
         assembly.KIND: assembly.assembly_kind(app),
     }
-    engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
+    engine = JobEngine(
+        job_store(app), kinds, app[ARTEFACTS], config.videos.jobs, max_concurrent=config.max_concurrent_jobs
+    )
     app[JOBS] = engine
     engine.running_cap = running_cap_of(app)  # a key's jobs beyond its max_running_jobs wait queued (keys on)
     engine.hooks.stored = posters.stored_hook(app)  # every stored clip: its poster, length and size
@@ -186,7 +188,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     retention = config.videos.jobs.retention_hours * 3600
     if retention > 0:
         sweeper = asyncio.get_running_loop().create_task(
-            sweep_forever(engine.store, app[STORE], retention), name="retention-sweeper"
+            sweep_forever(engine.store, app[ARTEFACTS], retention), name="retention-sweeper"
         )
     try:
         yield

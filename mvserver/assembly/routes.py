@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from mvserver.assembly.schemas import AssemblyOptions
 from mvserver.audio import songs
 from mvserver.audio.routes import saved_audio
-from mvserver.core.artefacts import STORE
+from mvserver.core.artefacts import ARTEFACTS, STORE, artefact_key
 from mvserver.core.config import CONFIG, AssemblyLimits
 from mvserver.core.errors import ApiError, validation_error
 from mvserver.jobs import JOBS, Job
@@ -66,8 +66,8 @@ class PlannedClip(NamedTuple):
 # -- checks before a job is accepted ------------------------------------------------------------------------------
 
 
-async def _clip_file(app: web.Application, job_id: str, field: str, caller: str | None) -> Path:
-    """The MP4 of a succeeded clip job the caller may use (400 naming ``field`` otherwise; another key's job is
+async def _clip_file(app: web.Application, job_id: str, field: str, caller: str | None) -> str:
+    """The MP4 (its key) of a succeeded clip job the caller may use (400 naming ``field`` otherwise; another key's job is
     as unknown as a missing one)."""
     job = await app[JOBS].get(job_id)
     if job is None or not visible_to(job.owner, caller):
@@ -78,10 +78,10 @@ async def _clip_file(app: web.Application, job_id: str, field: str, caller: str 
         raise ApiError(
             400, "clip_not_ready", f"{field}: job {job_id} is {job.status}; assembly needs finished clips", field=field
         )
-    path = app[STORE].path("videos", job_id, ".mp4")
-    if not await asyncio.to_thread(path.is_file):
+    key = artefact_key("videos", job_id, ".mp4")
+    if await app[ARTEFACTS].stat(key) is None:
         raise ApiError(400, "clip_not_found", f"{field}: the video of job {job_id} is gone", field=field)
-    return path
+    return key
 
 
 async def _probe(app: web.Application, paths: list[Path], fields: list[str]) -> list[tuple[media.MediaInfo, int]]:
@@ -141,8 +141,10 @@ async def plan(
 ) -> dict[str, Any]:
     """Check an assembly against the files (clips probed, the song's length) and the caps of one request (output
     seconds, clips per filter graph), and return the job's request."""
-    paths = [await _clip_file(app, job_id, field(i, "job_id"), caller) for i, (job_id, _, _) in enumerate(clips)]
-    described = await _probe(app, paths, [field(i, "job_id") for i in range(len(clips))])
+    keys = [await _clip_file(app, job_id, field(i, "job_id"), caller) for i, (job_id, _, _) in enumerate(clips)]
+    async with contextlib.AsyncExitStack() as files:
+        paths = [await files.enter_async_context(app[ARTEFACTS].local_file(key)) for key in keys]
+        described = await _probe(app, paths, [field(i, "job_id") for i in range(len(clips))])
     planned: list[PlannedClip] = []
     seconds: list[float] = []
     first = described[0][0].first_video
@@ -260,18 +262,28 @@ class AssemblyDriver:
     def __init__(self, app: web.Application):
         self.app = app
 
-    async def run(self, job: Job, dest: Path, progress: Progress) -> int:
+    async def run(self, job: Job, dest: str, progress: Progress) -> int:
         request = job.request
-        store = self.app[STORE]
-        clips = [
-            media.Clip(store.path("videos", c["job_id"], ".mp4"), c["trim_in"], c["trim_out"]) for c in request["clips"]
-        ]
-        song = song_copy = None
-        if request.get("audio_id"):
-            song, sidecar = await saved_audio(self.app, request["audio_id"])
-            song_copy = await _song_copy(self.app, request["audio_id"], song, sidecar)
-        async with self._turn(job, progress) as held:
-            result = await self._assemble(request, clips, song, song_copy, dest, progress, held)
+        store = self.app[ARTEFACTS]
+        async with contextlib.AsyncExitStack() as files:
+            clips = []
+            for clip in request["clips"]:
+                try:
+                    path = await files.enter_async_context(
+                        store.local_file(artefact_key("videos", clip["job_id"], ".mp4"))
+                    )
+                except FileNotFoundError:
+                    raise ApiError(500, "assembly_failed", f"the clip {clip['job_id']} is gone") from None
+                clips.append(media.Clip(path, clip["trim_in"], clip["trim_out"]))
+            song: Path | None = None
+            song_copy: media.SongCopy | None = None
+            if request.get("audio_id"):
+                song_key, sidecar = await saved_audio(self.app, request["audio_id"])
+                song = await files.enter_async_context(store.local_file(song_key))
+                song_copy = await _song_copy(self.app, request["audio_id"], song_key, sidecar, files)
+            async with self._turn(job, progress) as held, store.writing(dest, tag="out") as out:
+                result = await self._assemble(request, clips, song, song_copy, out, progress, held)
+                size = (await asyncio.to_thread(out.stat)).st_size
         request["result"] = {
             "seconds": round(result.duration, 6),
             "copied": result.copied,
@@ -279,7 +291,7 @@ class AssemblyDriver:
             "audio": result.audio,
             "elapsed_seconds": result.elapsed_seconds,
         }
-        return (await asyncio.to_thread(dest.stat)).st_size
+        return size
 
     @contextlib.asynccontextmanager
     async def _turn(self, job: Job, progress: Progress) -> AsyncIterator[int]:
@@ -361,17 +373,20 @@ class AssemblyDriver:
             await asyncio.gather(pumping, return_exceptions=True)
 
 
-async def _song_copy(app: web.Application, audio_id: str, song: Path, sidecar: dict[str, Any]) -> media.SongCopy | None:
-    """The song's AAC copy made at upload, whose packets a cut-only assembly copies; None (the song is encoded
-    instead) if it is not there yet, in which case it is made now for the next assembly."""
-    path = songs.aac_copy(app[STORE], audio_id)
+async def _song_copy(
+    app: web.Application, audio_id: str, song: str, sidecar: dict[str, Any], files: contextlib.AsyncExitStack
+) -> media.SongCopy | None:
+    """The song's AAC copy made at upload, whose packets a cut-only assembly copies, held open in ``files``; None
+    (the song is encoded instead) if it is not there yet, in which case it is made now for the next assembly."""
     duration = sidecar.get("duration")
     if not isinstance(duration, (int, float)) or isinstance(duration, bool):
         return None
-    if await asyncio.to_thread(path.is_file):
-        return media.SongCopy(path, float(duration))
-    app[songs.SONGS].copies(audio_id, song, float(duration))
-    return None
+    try:
+        path = await files.enter_async_context(app[ARTEFACTS].local_file(songs.aac_copy(audio_id)))
+    except FileNotFoundError:
+        app[songs.SONGS].copies(audio_id, song, float(duration))
+        return None
+    return media.SongCopy(path, float(duration))
 
 
 def assembly_kind(app: web.Application):  # type: ignore[no-untyped-def]

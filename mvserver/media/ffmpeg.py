@@ -666,8 +666,9 @@ async def encode_song_copies(
     """Encode a saved song once, in one ffmpeg run (one decode, two encoders) within ``limits``: ``aac``, AAC-LC at
     the assembly's rate, channels and bitrate in an MP4, whose packets a cut-only assembly copies; and ``preview``, a
     small mono MP3 (32 kb/s: 240 KB a minute) that goes inline to Gemini with the scene request. Both are written
-    atomically (a temporary ``.part`` first); on failure or cancellation neither exists."""
-    temps = [_temp(aac, "enc"), _temp(preview, "enc")]
+    in place (the caller's scratch files: the artefact layer stores them whole); on failure or cancellation neither
+    exists."""
+    temps = [aac, preview]
     threads = ["-threads", str(limits.threads)] if limits.threads is not None else []  # run_ffmpeg caps the last output
     try:
         await run_ffmpeg(
@@ -708,15 +709,10 @@ async def encode_song_copies(
             timeout=timeout,
             limits=limits,
         )
-        await asyncio.to_thread(_fsync_replace, temps[0], aac)
-        await asyncio.to_thread(_fsync_replace, temps[1], preview)
     except BaseException:
         aac.unlink(missing_ok=True)
         preview.unlink(missing_ok=True)
         raise
-    finally:
-        for path in temps:
-            path.unlink(missing_ok=True)
 
 
 # -- assembly ------------------------------------------------------------------------------------------------------
@@ -1373,7 +1369,8 @@ async def assemble(
     graph_clips_max: int | None = None,
     song_copy: SongCopy | None = None,
 ) -> AssemblyResult:
-    """Join ``clips`` into one H.264 + AAC MP4 at ``out`` (written atomically); return what was done.
+    """Join ``clips`` into one H.264 + AAC MP4 written in place at ``out`` (a scratch file of the artefact layer, which
+    stores it whole; removed on failure); return what was done.
 
     ``song_copy``: the song's AAC copy. A cut-only edit with the song alone (``clip_audio`` drop) that the song
     covers then copies its packets instead of encoding the song (``result.audio`` says which was done).
@@ -1401,8 +1398,8 @@ async def assemble(
     elif song_copy is not None and not 0 <= song_offset < song_copy.duration:
         raise AssemblyInputError("song_offset", f"song_offset must be in [0, {song_copy.duration:.3f}) seconds")
     result = AssemblyResult(path=out, duration=0.0)
-    tmp = _temp(out, "out")
-    temps = [tmp]
+    tmp = out  # written in place: the caller's scratch file (the artefact layer stores it whole)
+    temps: list[Path] = []
     run = _Runner(limits, tuple(hold))
     try:
         if transition == "crossfade" and len(sources) > 1:
@@ -1424,7 +1421,9 @@ async def assemble(
             await _assemble_cuts(
                 sources, tmp, out, song, song_offset, clip_audio, fit, progress, result, temps, run, song_copy
             )
-        await asyncio.to_thread(_fsync_replace, tmp, out)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
     finally:
         for path in temps:
             path.unlink(missing_ok=True)
@@ -1455,9 +1454,3 @@ async def _check_song(song: Path, offset: float) -> None:
         raise AssemblyInputError("song", "song has no audio stream")
     if offset < 0 or (info.duration is not None and offset >= info.duration):
         raise AssemblyInputError("song_offset", f"song_offset must be in [0, {info.duration or 0:.3f}) seconds")
-
-
-def _fsync_replace(tmp: Path, out: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, out)

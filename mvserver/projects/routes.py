@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -28,7 +27,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError, create_model
 
 from mvserver.analysis import SongAnalysis
-from mvserver.core.artefacts import STORE, check_id, new_id
+from mvserver.core.artefacts import ARTEFACTS, artefact_key, check_id, new_id
 from mvserver.core.config import CONFIG, Config
 from mvserver.core.errors import ApiError, validation_error
 from mvserver.images.routes import _saved_image, generate_reference
@@ -40,7 +39,7 @@ from mvserver.projects.schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
 from mvserver.projects.store import PROJECTS, CharacterCandidate, Claim, ClipVersion, Project, Scene, Song
 from mvserver.scenes.routes import write_scenes
 from mvserver.videos.routes import check_reference_shape, submit_video_job, whole_prompt
-from mvserver.web.access.auth import key_id, visible_to
+from mvserver.web.access.auth import key_id, owned_sidecar, visible_to
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
 
@@ -58,12 +57,10 @@ JobStates = dict[str, Job | None]
 async def song_duration(app: web.Application, audio_id: str, field: str, caller: str | None = None) -> float:
     """The duration of an uploaded song, from its sidecar ``audio/<id>.json`` (written last by the upload); another
     key's song than ``caller``'s is unknown."""
-    store = app[STORE]
+    sidecar = await owned_sidecar(app[ARTEFACTS], artefact_key("audio", check_id(audio_id, field), ".json"), caller)
     try:
-        raw = await asyncio.to_thread(store.path("audio", check_id(audio_id, field), ".json").read_bytes)
-        sidecar = json.loads(raw)
-        if not visible_to(sidecar.get("owner_key_id"), caller):
-            raise KeyError("owner")
+        if sidecar is None:
+            raise KeyError("song")
         duration = float(sidecar["duration"])
         if not (math.isfinite(duration) and duration > 0):
             raise ValueError("no duration")
@@ -449,7 +446,7 @@ def _offset(offset: float, duration: float, field: str) -> float:
 
 async def _check_image(app: web.Application, image_id: str, caller: str | None) -> None:
     try:
-        await _saved_image(app[STORE], image_id, "character_image_id", caller)
+        await _saved_image(app[ARTEFACTS], image_id, "character_image_id", caller)
     except ApiError:
         raise ApiError(
             400, "invalid_field", f"character_image_id: no image with id {image_id}", field="character_image_id"

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 
-from mvserver.core.artefacts import STORE, SavedFileResponse, check_id, new_id
+from mvserver.core.artefacts import ARTEFACTS, artefact_key, check_id, new_id
 from mvserver.core.config import CONFIG, TEMPLATES, Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
 from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
 from mvserver.providers import PROVIDERS
-from mvserver.web.access.auth import key_id, visible_to
+from mvserver.web.access.auth import key_id, owned_sidecar
 from mvserver.web.access.quotas import charge
 
 routes = web.RouteTableDef()
@@ -122,7 +119,7 @@ async def _save(
     song: SongBrief | None = None,
 ) -> dict[str, Any]:
     config: Config = request.app[CONFIG]
-    store = request.app[STORE]
+    store = request.app[ARTEFACTS]
     sandbox = "gemini_scenes" in request.app[PROVIDERS].sandboxed
     scenes_id = new_id()
     metadata = {
@@ -140,19 +137,17 @@ async def _save(
             "audio_mime_type": song.mime_type if song.audio else None,
             "timeline": song.text,
         }
-    json_path = store.path("scenes", scenes_id, ".json")
-    md_path = store.path("scenes", scenes_id, ".md")
     owner = key_id(request)
     record = {"scenes_id": scenes_id, "scenes": scenes, "metadata": metadata}
     if owner is not None:
         record["owner_key_id"] = owner
-    await store.write_json(json_path, record)
+    await store.put_json(artefact_key("scenes", scenes_id, ".json"), record, create_only=True)
     markdown = (
         request.app[TEMPLATES]
         .get_template("scenes.md.j2")
         .render(scenes_id=scenes_id, scenes=scenes, metadata=metadata)
     )
-    await store.write_bytes(md_path, markdown.encode())
+    await store.put_bytes(artefact_key("scenes", scenes_id, ".md"), markdown.encode(), create_only=True)
     body = {
         "scenes_id": scenes_id,
         "scenes": scenes,
@@ -171,23 +166,18 @@ async def create_scenes(request: web.Request) -> web.Response:
     return web.json_response(await write_scenes(request, body.model_dump(), defaulted))
 
 
-async def _visible(json_path: Path, caller: str | None) -> bool:
-    """With keys on, only the key that wrote the scenes (or anyone, for scenes written without keys) may read them."""
-    if caller is None:
-        return True
-    try:
-        record = json.loads(await asyncio.to_thread(json_path.read_bytes))
-        return visible_to(record.get("owner_key_id"), caller)
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 @routes.get(r"/api/mv/get_scenes/{scenes_id}.{ext:json|md}")
-async def get_scenes(request: web.Request) -> web.FileResponse:
+async def get_scenes(request: web.Request) -> web.StreamResponse:
+    """The scene list as JSON or Markdown; with keys on, only the key that wrote it (or anyone, for scenes written
+    without keys) may read it."""
     scenes_id = check_id(request.match_info["scenes_id"], "scenes_id")
-    store = request.app[STORE]
-    path = store.path("scenes", scenes_id, "." + request.match_info["ext"])
-    if not path.is_file() or not await _visible(store.path("scenes", scenes_id, ".json"), key_id(request)):
+    store = request.app[ARTEFACTS]
+    ext = request.match_info["ext"]
+    key = artefact_key("scenes", scenes_id, "." + ext)
+    if await store.stat(key) is None or (
+        key_id(request) is not None
+        and await owned_sidecar(store, artefact_key("scenes", scenes_id, ".json"), key_id(request)) is None
+    ):
         raise ApiError(404, "not_found", f"no scenes with id {scenes_id}")
-    content_type = "application/json" if path.suffix == ".json" else "text/markdown"
-    return SavedFileResponse(path, noun="scene list", headers={"Content-Type": f"{content_type}; charset=utf-8"})
+    content_type = "application/json" if ext == "json" else "text/markdown"
+    return await store.response(key, noun="scene list", headers={"Content-Type": f"{content_type}; charset=utf-8"})

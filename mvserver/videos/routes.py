@@ -7,7 +7,6 @@ import base64
 import binascii
 import io
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -16,7 +15,7 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
-from mvserver.core.artefacts import STORE, SavedFileResponse, check_id, new_id
+from mvserver.core.artefacts import ARTEFACTS, artefact_key, check_id, new_id
 from mvserver.core.config import CONFIG, Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
@@ -226,8 +225,7 @@ async def submit_video_job(
         **job_fields(body),
     )
     if image is not None:
-        store = app[STORE]
-        await store.write_bytes(store.path("jobs", job.id, ".ref"), image)
+        await app[ARTEFACTS].put_bytes(artefact_key("jobs", job.id, ".ref"), image)
     return await app[JOBS].submit(job)
 
 
@@ -335,17 +333,18 @@ def event_links(request: web.Request) -> Callable[[Event], str]:
 
 @routes.get("/api/mv/get_video/{video_id}")
 async def get_video(request: web.Request) -> web.StreamResponse:
-    path = await job_output(request, ".mp4", "video")
-    return SavedFileResponse(
-        path, noun="video", headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"}
+    key = await job_output(request, ".mp4", "video")
+    return await request.app[ARTEFACTS].response(
+        key, noun="video", headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"}
     )
 
 
-async def job_output(request: web.Request, suffix: str, what: str) -> Path:
-    """The file ``videos/<video_id><suffix>`` of the route's succeeded job, with the video's access rules: another
-    key's job is unknown (404), an unfinished or unsuccessful one 409, an expired one 410, a missing file 404."""
+async def job_output(request: web.Request, suffix: str, what: str) -> str:
+    """The artefact ``videos/<video_id><suffix>`` of the route's succeeded job, with the video's access rules:
+    another key's job is unknown (404), an unfinished or unsuccessful one 409, an expired one 410, a missing file
+    404."""
     video_id = check_id(request.match_info["video_id"], "video_id")
-    path = request.app[STORE].path("videos", video_id, suffix)
+    key = artefact_key("videos", video_id, suffix)
     job = await request.app[JOBS].get(video_id)
     if job is not None:
         require_owner(job.owner, key_id(request), ApiError(404, "not_found", f"no {what} with id {video_id}"))
@@ -361,7 +360,7 @@ async def job_output(request: web.Request, suffix: str, what: str) -> Path:
             provider_status=cause.get("provider_status"),
             provider_error=cause.get("provider_error"),
         )
-    if not await asyncio.to_thread(path.is_file):
+    if await request.app[ARTEFACTS].stat(key) is None:
         await _not_expired(request, video_id)
         raise ApiError(404, "not_found", f"no {what} with id {video_id}")
-    return path
+    return key
