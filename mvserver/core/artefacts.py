@@ -157,7 +157,9 @@ class Heartbeat:
 
 
 class OutputStore:
-    """Paths under the output directory, one sub-directory per kind of artefact."""
+    """The output directory, one sub-directory per kind: paths and atomic writes of the records kept there (jobs,
+    projects, the outbox), node heartbeats and the clean-up of temporaries. Artefacts go through
+    :class:`LocalArtefacts`, built on it."""
 
     def __init__(self, root: Path, stale_temp_seconds: float = STALE_TEMP_SECONDS):
         self.root = root.resolve()
