@@ -396,7 +396,7 @@ class LocalArtefacts:
         try:
             yield tmp
         finally:
-            await asyncio.to_thread(tmp.unlink, missing_ok=True)
+            tmp.unlink(missing_ok=True)  # at once, even in a task cancelled twice
 
     async def put_file(self, key: str, path: Path, *, create_only: bool = False) -> int:
         dest = self.file(key)
