@@ -63,11 +63,11 @@ def keys_main(argv: list[str]) -> int:
                 state = f"revoked {record.revoked_at}" if record.revoked_at else "active"
                 print(f"{record.id}\t{record.name}\t{record.created_at}\t{state}\t{record.limits.model_dump()}")
         else:
-            record = revoke_key(path, args.key_id)
-            if record is None:
+            revoked = revoke_key(path, args.key_id)
+            if revoked is None:
                 print(f"mvserver keys: no active key {args.key_id} in {path}", file=sys.stderr)
                 return 1
-            print(f"revoked key {record.id} ({record.name})")
+            print(f"revoked key {revoked.id} ({revoked.name})")
     except (ConfigError, ValueError) as exc:
         print(f"mvserver keys: {exc}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from mvserver.app import create_app
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
 
 PROJECT = Path(__file__).resolve().parent.parent
 # The browser tests' Chromium; `.ci/run` reads this same constant (`python -c 'from conftest import CHROMIUM'`).
@@ -386,7 +386,7 @@ async def two_key_client(make_client: AppClient, tmp_path: Path) -> tuple[TestCl
 async def settled(client: TestClient, job_id: str, *, timeout: float = 20) -> Any:
     """The job once it is final and its task has let go: the budget and the duration estimate are settled after
     the final event, by the job's own task."""
-    from mvserver.jobs import JOBS
+    from mvserver.appkeys import JOBS
 
     engine = client.app[JOBS]
     async with asyncio.timeout(timeout):
@@ -396,3 +396,30 @@ async def settled(client: TestClient, job_id: str, *, timeout: float = 20) -> An
         if task is not None:
             await asyncio.wait({task})
     return job
+
+
+def probe_media(path: Path) -> dict[str, Any]:
+    """A media file described for assertions, by ``ffmpeg -i`` read with media's own parser: its duration, the first
+    video stream's codec, size, pixel format and frame rate (None for an audio file) and the first audio codec.
+    Raises :class:`mvserver.media.errors.MediaError` for a file ffmpeg cannot read."""
+    from mvserver.media.probe import parse_probe
+    from mvserver.media.run import ffmpeg_exe
+
+    done = subprocess.run(
+        [ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    info = parse_probe(done.stderr.decode(errors="replace"))
+    video, audio = info.first_video, info.first_audio
+    return {
+        "duration": info.duration,
+        "video_codec": video.codec if video else None,
+        "width": video.width if video else None,
+        "height": video.height if video else None,
+        "pix_fmt": video.pix_fmt if video else None,
+        "fps": video.fps if video else None,
+        "audio_codec": audio.codec if audio else None,
+    }

@@ -17,12 +17,11 @@ from conftest import AppClient
 from test_temporaries import dead_pid, heartbeat
 
 from mvserver.app import create_app
+from mvserver.appkeys import SONGS, UPLOAD_SLOTS
 from mvserver.audio.routes import FORMATS as AUDIO_FORMATS
-from mvserver.audio.routes import UPLOAD_SLOTS
-from mvserver.audio.songs import SONGS
 from mvserver.core.config import ConfigError, EnvSettings
-from mvserver.media import ffmpeg as media
-from mvserver.media.ffmpeg import ffmpeg_exe, probe
+from mvserver.media.probe import probe, stream_duration
+from mvserver.media.run import ffmpeg_exe
 from mvserver.sandbox.render import render_character_image, render_video
 
 UPLOAD = "/api/mv/upload_audio"
@@ -364,13 +363,13 @@ async def test_a_song_over_the_default_length_is_refused_from_its_header_before_
     data = silent_flac(tmp_path / "long.flac", 25 * 60).read_bytes()
     assert len(data) < 300_000  # a small file, a long song
     decodes: list[Path] = []
-    real = media.stream_duration
+    real = stream_duration
 
     async def counted(path: Path, *args: Any, **kwargs: Any) -> float:
         decodes.append(path)
         return await real(path, *args, **kwargs)
 
-    monkeypatch.setattr(media, "stream_duration", counted)
+    monkeypatch.setattr("mvserver.audio.routes.stream_duration", counted)
     error = (await upload(client, data, content_type="audio/flac", status=400))["error"]
     assert error["code"] == "audio_too_long" and error["field"] == "body"
     assert "1500 s" in error["message"] and "1200 s" in error["message"] and "MV_MAX_AUDIO_SECONDS" in error["message"]
@@ -422,8 +421,8 @@ async def test_a_header_that_understates_the_length_is_caught_by_a_bounded_decod
     make_client: AppClient, tmp_path: Path
 ) -> None:
     song = understated_mp3(tmp_path / "lie.mp3")
-    assert (await media.probe(song)).duration < 10
-    assert await media.stream_duration(song, "a:0", decode=True, limit=31) == pytest.approx(31, abs=0.1)
+    assert (await probe(song)).duration < 10
+    assert await stream_duration(song, "a:0", decode=True, limit=31) == pytest.approx(31, abs=0.1)
     client = await make_client(MV_MAX_AUDIO_SECONDS="30")
     error = (await upload(client, song.read_bytes(), status=400))["error"]
     assert error["code"] == "audio_too_long" and "more than 30 s" in error["message"]

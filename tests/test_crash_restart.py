@@ -246,7 +246,7 @@ async def test_kill_9_mid_assembly_takes_its_ffmpeg_along_and_the_job_runs_again
 ) -> None:
     """A killed server's ffmpeg used to run on with parent 1 (the crossfade of 24 clips here for another 15-40 s,
     while the restarted server ran the job again beside it). Now it dies with the server, at once."""
-    from mvserver.media import ffmpeg as media
+    from mvserver.media.run import ffmpeg_exe
 
     outputs = tmp_path / "outputs"
     server_env["MV_SANDBOX_VIDEO_SECONDS"] = "1"
@@ -259,7 +259,7 @@ async def test_kill_9_mid_assembly_takes_its_ffmpeg_along_and_the_job_runs_again
     song = tmp_path / "song.mp3"
     subprocess.run(
         [
-            media.ffmpeg_exe(),
+            ffmpeg_exe(),
             "-nostdin",
             "-loglevel",
             "error",

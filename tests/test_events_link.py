@@ -11,9 +11,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import AppClient, read_sse
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import SIGNER
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import create_key
-from mvserver.web.access.signing import SIGNER
 
 pytestmark = pytest.mark.both_stores
 

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 from conftest import LiveApp, module_loop, read_sse
 from test_videos import events_of, submit
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

@@ -17,9 +17,8 @@ import yaml
 from aiohttp.test_utils import TestClient
 from conftest import AppClient, read_sse
 
-from mvserver.core.config import CONFIG
-from mvserver.jobs import JOBS
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import CONFIG, JOBS
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mvserver.jobs import JOBS
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import JOBS
+from mvserver.sandbox.app import Simulator
 
 ENDPOINTS = {
     "scenes": "/api/mv/create_scenes",

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from conftest import probe_media
 from PIL import Image
 
 from mvserver.core.artefacts import ArtefactExists, LocalArtefacts, OutputStore, artefact_key, new_id
@@ -20,9 +21,8 @@ from mvserver.core.errors import ApiError
 from mvserver.providers.base import Snapshot, VideoRequest
 from mvserver.providers.gemini import GeminiProvider, make_api_client, make_vertex_client
 from mvserver.sandbox import gemini_api
-from mvserver.sandbox.render import probe_media
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
-from mvserver.scenes.routes import SceneList
+from mvserver.sandbox.app import Simulator, create_simulator_app
+from mvserver.scenes.service import SceneList
 
 MODEL = "veo-3.1-fast-generate-preview"
 NAME_PREFIX = f"projects/sandbox/locations/us-central1/publishers/google/models/{MODEL}/operations/"

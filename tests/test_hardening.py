@@ -25,7 +25,7 @@ from conftest import PROJECT, AppClient, LiveApp, module_loop
 from PIL import Image
 
 from mvserver.sandbox import gemini_api, render
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 VIDEO = "/api/mv/generate_video"
 PROMPT = "A getaway driver roller-skates through a neon disco."

@@ -12,7 +12,8 @@ import pytest
 from conftest import AppClient, RedisServer, redis_server_or_skip
 from redis.asyncio import Redis
 
-from mvserver.jobs import JOBS, redis_store
+from mvserver.appkeys import JOBS
+from mvserver.jobs import redis_store
 from mvserver.jobs.redis_store import GROUP, WAKE_TTL_SECONDS, RedisJobStore
 
 

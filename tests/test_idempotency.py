@@ -13,10 +13,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import AppClient, LiveApp, module_loop, two_key_client
 
-from mvserver.core.artefacts import STORE
-from mvserver.jobs import JOBS
-from mvserver.jobs.store import Remembered
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import JOBS, STORE
+from mvserver.sandbox.app import Simulator
+from mvserver.web.access.idempotency import Remembered
 
 pytestmark = pytest.mark.both_stores
 

@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 from conftest import AppClient, free_port
 from test_lipsync import PROMPT, make_song, wait_for
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 PROJECTS = "/api/mv/projects"
 FINAL = ("succeeded", "failed", "canceled")

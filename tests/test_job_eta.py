@@ -13,11 +13,11 @@ from aiohttp.test_utils import TestClient
 from conftest import AppClient, read_sse, settled
 from test_videos import submit
 
-from mvserver.jobs import JOBS
+from mvserver.appkeys import JOBS
 from mvserver.jobs.eta import EtaEstimate, duration_key
 from mvserver.jobs.model import Job
 from mvserver.jobs.usage_store import Durations
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

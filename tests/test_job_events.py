@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from test_videos import events_of, submit, wait_for
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

@@ -12,12 +12,13 @@ from aiohttp.test_utils import TestClient
 from conftest import AppClient, LiveApp, module_loop, two_key_client
 from test_videos import submit, wait_for
 
+from mvserver.appkeys import JOBS
 from mvserver.core.artefacts import new_id
-from mvserver.jobs import JOBS, Job
+from mvserver.jobs import Job
 from mvserver.jobs.file_store import _lines_before
 from mvserver.jobs.listing import JobQuery, list_jobs
 from mvserver.jobs.store import index_entry
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

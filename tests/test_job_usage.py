@@ -13,8 +13,8 @@ from test_project_events import finished as all_finished
 from test_project_events import named, new_project, read_until
 from test_videos import events_of, submit, wait_for
 
-from mvserver.core.config import CONFIG
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import CONFIG
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

@@ -16,19 +16,19 @@ import pytest
 import replicate
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import read_sse
+from conftest import probe_media, read_sse
 from PIL import Image
 from yarl import URL
 
+from mvserver.appkeys import JOBS, STORE
 from mvserver.audio import routes as audio
-from mvserver.core.artefacts import STORE, new_id
+from mvserver.core.artefacts import new_id
 from mvserver.core.config import ConfigError, EnvSettings, load_config
 from mvserver.core.errors import ApiError
-from mvserver.jobs import JOBS
-from mvserver.lipsync.routes import Song, cut_args, cut_window, max_cut_bytes, plan_window
-from mvserver.media import ffmpeg as media
-from mvserver.sandbox.render import LIPSYNC_LABEL, lipsync_label_box, probe_media
-from mvserver.sandbox.simulator import Simulator
+from mvserver.lipsync.service import Song, cut_args, cut_window, max_cut_bytes, plan_window
+from mvserver.media.errors import DurationError, MediaError
+from mvserver.sandbox.app import Simulator
+from mvserver.sandbox.render import LIPSYNC_LABEL, lipsync_label_box
 
 PROMPT = "A singer in a yellow raincoat sings on a rainy night platform."
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
@@ -463,7 +463,7 @@ def test_plan_window_and_the_cut_it_makes() -> None:
         plan_window(0.0, None, 0.2, 10.0, 0.5)
     assert tiny_clip.value.info.field == "video_job_id"
     for seconds, length in ((1e-9, 4.0), (4.0, 1e-9), (4e-7, 4.0)):
-        with pytest.raises(media.DurationError):  # never "atrim=duration=0.000000", which ffmpeg reads as no limit
+        with pytest.raises(DurationError):  # never "atrim=duration=0.000000", which ffmpeg reads as no limit
             cut_args(Song(Path("s.mp3"), 10.0, "mp3", 44100, 2), 1.0, seconds, length, Path("w.wav"))
 
 
@@ -512,7 +512,7 @@ async def test_a_song_file_that_lists_another_file_is_not_followed_by_the_cut(tm
     )
     fake = tmp_path / "fake.mp3"
     fake.write_text(f"ffconcat version 1.0\nfile {real.name}\n")
-    with pytest.raises(media.MediaError):
+    with pytest.raises(MediaError):
         await cut_window(Song(fake, 6.0, "mp3", 44100, 1), 1.0, 4.0, 4.0, tmp_path / "w.wav", timeout=60)
     assert not (tmp_path / "w.wav").exists()
 

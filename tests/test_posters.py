@@ -16,11 +16,12 @@ from conftest import AppClient, read_sse, two_key_client
 from PIL import Image, ImageChops, ImageStat
 from test_videos import PROMPT, submit, wait_for
 
-from mvserver.core.artefacts import ARTEFACTS, STORE, artefact_key
+from mvserver.appkeys import ARTEFACTS, STORE
+from mvserver.core.artefacts import artefact_key
 from mvserver.core.config import PosterSettings
 from mvserver.jobs import Job
-from mvserver.media import ffmpeg as media
-from mvserver.sandbox.simulator import Simulator
+from mvserver.media.errors import MediaError
+from mvserver.sandbox.app import Simulator
 from mvserver.videos.posters import describe, stored_hook
 
 pytestmark = pytest.mark.both_stores
@@ -128,7 +129,7 @@ async def test_a_clip_ffmpeg_cannot_read_has_no_poster_and_the_job_is_unharmed(
     png = tmp_path / "image.png"
     Image.new("RGB", (32, 32), "red").save(png, "PNG")
     await store.put_bytes(clip, png.read_bytes())
-    with pytest.raises(media.MediaError):
+    with pytest.raises(MediaError):
         await describe(job, store, clip, PosterSettings())
     assert await store.stat(poster) is None
     assert not list(client.app[STORE].root.glob("videos/.*"))  # no temporary left behind

@@ -18,7 +18,7 @@ from conftest import AppClient, provider_env, read_sse, two_key_client
 from test_lipsync import PROMPT, wait_for
 
 from mvserver.app import create_app
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 BASE = "/api/mv/projects"

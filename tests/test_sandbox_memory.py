@@ -25,7 +25,8 @@ from conftest import PROJECT, free_port
 from PIL import Image
 
 from mvserver.sandbox import render, replicate_api
-from mvserver.sandbox.simulator import RENDER_SLOTS, Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
+from mvserver.sandbox.state import RENDER_SLOTS
 
 AUTH = {"Authorization": "Bearer r8_test"}
 HUGE = (7040, 5625)  # 39.6 MP

@@ -21,8 +21,8 @@ import pytest
 import yaml
 from conftest import PROJECT, free_port
 
-from mvserver.lipsync.routes import max_cut_bytes
-from mvserver.media.ffmpeg import ffmpeg_exe
+from mvserver.lipsync.service import max_cut_bytes
+from mvserver.media.run import ffmpeg_exe
 
 STARTUP_TIMEOUT = 60.0  # a busy machine imports slowly
 PROMPT = "A singer on a rooftop at dusk, mouthing the words of a slow song."

@@ -13,8 +13,8 @@ from aiohttp.test_utils import TestClient
 from conftest import AppClient
 from test_videos import submit, wait_for
 
-from mvserver.jobs import JOBS
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import JOBS
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key
 
 pytestmark = pytest.mark.both_stores

@@ -17,9 +17,9 @@ from aiohttp.test_utils import TestClient
 from conftest import LiveApp, module_loop, read_sse
 from PIL import Image
 
-from mvserver.core.artefacts import ARTEFACTS, STORE, artefact_key
-from mvserver.jobs import JOBS
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import ARTEFACTS, JOBS, STORE
+from mvserver.core.artefacts import artefact_key
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 
@@ -460,7 +460,7 @@ async def test_a_job_past_its_timeout_fails_and_cancels_the_prediction(
 async def test_sandbox_mode_renders_a_labelled_h264_clip_of_the_requested_shape(
     make_client: Any, tmp_path: Path
 ) -> None:
-    from mvserver.sandbox.render import probe_media
+    from conftest import probe_media
 
     client = await make_client(
         GEMINI_API_KEY=None,

@@ -19,14 +19,15 @@ from replicate.webhook import Webhooks
 from test_videos import events_of, submit
 
 from mvserver.app import create_app
+from mvserver.appkeys import JOBS, WEBHOOK_RECEIVER
 from mvserver.core.config import ConfigError, EnvSettings
-from mvserver.jobs import JOBS
 from mvserver.jobs.updates import PushedUpdates
 from mvserver.providers.base import Snapshot
 from mvserver.providers.replicate import make_client
-from mvserver.providers.replicate_webhooks import RECEIVER, SeenIds
-from mvserver.sandbox.simulator import Simulator
-from mvserver.sandbox.webhooks import SENDER, sign
+from mvserver.providers.replicate_webhooks import SeenIds
+from mvserver.sandbox.app import Simulator
+from mvserver.sandbox.state import SENDER
+from mvserver.sandbox.webhooks import sign
 
 pytestmark = pytest.mark.both_stores
 
@@ -198,7 +199,7 @@ async def test_a_wrong_secret_refuses_every_delivery_and_polling_takes_over(
 
 async def test_the_secret_from_the_environment_is_used(hook_client: HookClient, sim: Simulator) -> None:
     client = await hook_client(MV_REPLICATE_WEBHOOK_SECRET=sim.webhook_secret)
-    assert client.app[RECEIVER].secret == sim.webhook_secret
+    assert client.app[WEBHOOK_RECEIVER].secret == sim.webhook_secret
     job = await submit(client)
     assert_sequence(await events_of(client, job["job_id"]))
     assert polls(sim) == 1
@@ -407,7 +408,7 @@ async def test_sandbox_mode_uses_webhooks_to_its_own_address(make_client: Any) -
     job = await submit(client)
     assert_sequence(await events_of(client, job["job_id"]))
     assert client.app[JOBS].pushed.base_url == f"http://127.0.0.1:{client.port}"
-    assert len(client.app[RECEIVER].seen) >= 2  # start and completed at least
+    assert len(client.app[WEBHOOK_RECEIVER].seen) >= 2  # start and completed at least
 
 
 async def test_sandbox_webhooks_can_be_turned_off(make_client: Any) -> None:
@@ -415,7 +416,7 @@ async def test_sandbox_webhooks_can_be_turned_off(make_client: Any) -> None:
     job = await submit(client)
     assert_sequence(await events_of(client, job["job_id"]))
     assert client.app[JOBS].pushed.base_url is None
-    assert len(client.app[RECEIVER].seen) == 0
+    assert len(client.app[WEBHOOK_RECEIVER].seen) == 0
 
 
 # -- parts -------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from test_job_lifecycle import jobs_settings
 from test_videos import PROMPT, events_of
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key, read_keys, write_keys
 
 pytestmark = pytest.mark.both_stores

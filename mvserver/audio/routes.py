@@ -30,16 +30,16 @@ import aiofiles
 from aiohttp import BodyPartReader, ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from mvserver.core.artefacts import ARTEFACTS, artefact_key, check_id, new_id
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import ARTEFACTS, CONFIG, SONG_SAVED, UPLOAD_SLOTS
+from mvserver.core.artefacts import artefact_key, check_id, new_id
 from mvserver.core.errors import ApiError
-from mvserver.media import ffmpeg as media
+from mvserver.media.args import AUDIO_DEMUXERS, SONG_DEMUXERS
+from mvserver.media.errors import MediaError, MediaTimeout
+from mvserver.media.probe import AudioStream, MediaInfo, probe, stream_duration
 from mvserver.web.access.auth import API_KEY, KeyRecord, key_id, owned_sidecar
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge_upload
 from mvserver.web.security import accepts
-
-routes = web.RouteTableDef()
 
 CHUNK = 1 << 16
 MAX_CHANNELS = 8
@@ -60,7 +60,7 @@ class AudioFormat:
     @property
     def demuxer(self) -> str:
         """The one ffmpeg demuxer every later read of a song in this format uses."""
-        return media.SONG_DEMUXERS[self.suffix]
+        return SONG_DEMUXERS[self.suffix]
 
 
 FORMATS = {
@@ -116,11 +116,9 @@ class UploadSlots:
                 del self._per_key[key.id]
 
 
-UPLOAD_SLOTS = web.AppKey("audio_upload_slots", UploadSlots)
 # Called once a song is saved (its sidecar written): starts its analysis and copies and answers fields for the upload
 # answer (``mvserver.audio.songs`` sets it; without it an upload answers the description alone).
 SongSaved = Callable[[web.Application, str, str, dict[str, Any]], Awaitable[dict[str, Any]]]  # (app, id, key, sidecar)
-SONG_SAVED = web.AppKey("song_saved", SongSaved)
 
 
 @dataclass(frozen=True)
@@ -189,7 +187,7 @@ def _too_long(length: str, limit: float) -> ApiError:
     )
 
 
-def classify(info: media.MediaInfo) -> tuple[AudioFormat, media.AudioStream]:
+def classify(info: MediaInfo) -> tuple[AudioFormat, AudioStream]:
     """The accepted format of a probed file: container and codec must both fit (ApiError ``invalid_audio``)."""
     stream = info.first_audio
     if stream is None:
@@ -297,19 +295,19 @@ async def identify(path: Path, max_seconds: float) -> dict[str, Any]:
     ``audio_too_long`` past ``max_seconds``: from the header before anything is decoded, and from the decode, which
     stops just past the limit, for a header that understates the length)."""
     try:
-        info = await media.probe(path, timeout=HEADER_TIMEOUT_SECONDS, demuxers=media.AUDIO_DEMUXERS)
-    except media.MediaError:  # one message for every refusal: it must not tell what the file names or whether it exists
+        info = await probe(path, timeout=HEADER_TIMEOUT_SECONDS, demuxers=AUDIO_DEMUXERS)
+    except MediaError:  # one message for every refusal: it must not tell what the file names or whether it exists
         raise invalid("the file is not an audio file ffmpeg can read") from None
     fmt, stream = classify(info)
     if info.duration is not None and info.duration > max_seconds:
         raise _too_long(f"{info.duration:g} s", max_seconds)
     try:
-        duration = await media.stream_duration(
+        duration = await stream_duration(
             path, "a:0", decode=True, timeout=DECODE_TIMEOUT_SECONDS, demuxers=[fmt.demuxer], limit=max_seconds + 1
         )
-    except media.MediaTimeout:
+    except MediaTimeout:
         raise invalid(f"the audio did not decode within {DECODE_TIMEOUT_SECONDS:g} s") from None
-    except media.MediaError:
+    except MediaError:
         raise invalid("the audio stream does not decode") from None
     if duration < MIN_SECONDS:
         raise invalid(f"the audio is shorter than {MIN_SECONDS} s")
@@ -325,7 +323,6 @@ async def identify(path: Path, max_seconds: float) -> dict[str, Any]:
     }
 
 
-@routes.post("/api/mv/upload_audio")
 @accepts("audio/*", "multipart/form-data")
 @idempotent
 async def upload_audio(request: web.Request) -> web.Response:
@@ -396,7 +393,6 @@ async def saved_audio(
     return artefact_key("audio", audio_id, fmt.suffix), sidecar
 
 
-@routes.get("/api/mv/get_audio/{audio_id}")
 async def get_audio(request: web.Request) -> web.StreamResponse:
     key, sidecar = await saved_audio(request.app, request.match_info["audio_id"], caller=key_id(request))
     return await request.app[ARTEFACTS].response(

@@ -26,15 +26,16 @@ from typing import Any, Literal
 from aiohttp import web
 
 from mvserver.analysis import ANALYSIS_VERSION, AnalysisError, AnalysisPool, AnalysisTimeout, SongAnalysis, load
-from mvserver.audio.routes import FORMATS, SONG_SAVED, saved_audio
-from mvserver.core.artefacts import ARTEFACTS, Artefacts, artefact_key, check_id
-from mvserver.core.config import CONFIG, EnvSettings
-from mvserver.media import ffmpeg as media
+from mvserver.appkeys import ARTEFACTS, CONFIG, SONGS
+from mvserver.audio.routes import FORMATS, saved_audio
+from mvserver.core.artefacts import Artefacts, artefact_key, check_id, temp_path
+from mvserver.core.config import EnvSettings
+from mvserver.media.errors import MediaError
+from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
+from mvserver.media.song import encode_song_copies
 from mvserver.web.access.auth import key_id
 
 log = logging.getLogger("mvserver.songs")
-routes = web.RouteTableDef()
-
 AAC_SUFFIX = ".aac.m4a"
 PREVIEW_SUFFIX = ".preview.mp3"
 COPY_SLOTS = 2  # song copies encoded at once per process (each is one ffmpeg)
@@ -78,7 +79,7 @@ class SongWork:
         store: Artefacts,
         env: EnvSettings,
         pool: AnalysisPool | None,
-        limits: media.FfmpegLimits = media.DEFAULT_LIMITS,
+        limits: FfmpegLimits = DEFAULT_LIMITS,
     ):
         self.store, self.env, self.pool, self.limits = store, env, pool, limits
         self._copies: dict[str, asyncio.Task[bool]] = {}
@@ -141,10 +142,16 @@ class SongWork:
                     store.writing(aac_copy(audio_id), tag="enc") as aac,
                     store.writing(preview(audio_id), tag="enc") as small,
                 ):
-                    await media.encode_song_copies(
-                        source, aac, small, duration=duration, timeout=120.0 + duration, limits=self.limits
+                    await encode_song_copies(
+                        source,
+                        aac,
+                        small,
+                        temp_name=temp_path,
+                        duration=duration,
+                        timeout=120.0 + duration,
+                        limits=self.limits,
                     )
-            except (media.MediaError, OSError) as exc:
+            except (MediaError, OSError) as exc:
                 log.warning(
                     "song %s: its copies could not be made (assembly encodes it; Gemini does not hear it): %s",
                     audio_id,
@@ -191,10 +198,9 @@ class SongWork:
                 log.warning("song %s: its analysis could not be stored: %s", audio_id, exc)
 
 
-SONGS = web.AppKey("songs", SongWork)
-
-
-def analysis_state(sidecar: dict[str, Any], work: SongWork) -> tuple[Status, SongAnalysis | None, dict | None]:
+def analysis_state(
+    sidecar: dict[str, Any], work: SongWork
+) -> tuple[Status, SongAnalysis | None, dict[str, Any] | None]:
     """What the sidecar says about the song's analysis: ready (with it), failed (with the error), off or pending."""
     analysis = load(sidecar.get("analysis"))
     if analysis is not None:
@@ -215,7 +221,7 @@ async def read_sidecar(store: Artefacts, audio_id: str) -> dict[str, Any] | None
 
 async def song_analysis(
     app: web.Application, audio_id: str, sidecar: dict[str, Any], *, wait: float
-) -> tuple[Status, SongAnalysis | None, dict | None]:
+) -> tuple[Status, SongAnalysis | None, dict[str, Any] | None]:
     """The song's analysis state, starting the analysis if it is due and waiting up to ``wait`` seconds for it."""
     work = app[SONGS]
     status, analysis, error = analysis_state(sidecar, work)
@@ -238,7 +244,7 @@ async def song_analysis(
 
 
 def song_body(
-    sidecar: dict[str, Any], status: Status, analysis: SongAnalysis | None, error: dict | None
+    sidecar: dict[str, Any], status: Status, analysis: SongAnalysis | None, error: dict[str, Any] | None
 ) -> dict[str, Any]:
     """The upload's answer and the GET's: the song's description and its analysis."""
     body = {name: sidecar[name] for name in PUBLIC_FIELDS if name in sidecar}
@@ -261,7 +267,6 @@ async def on_song_saved(app: web.Application, audio_id: str, song: str, sidecar:
     return {name: body[name] for name in ("song_url", "analysis_status", "analysis", "analysis_error")}
 
 
-@routes.get("/api/mv/songs/{audio_id}")
 async def get_song(request: web.Request) -> web.Response:
     """The song's description and analysis (``analysis_status`` pending: ask again shortly)."""
     app = request.app
@@ -277,7 +282,7 @@ async def songs_context(app: web.Application) -> AsyncIterator[None]:
     """The app's analysis pool (none with ``MV_ANALYSIS_WORKERS=0``) and its song work; both stop at exit. The
     copies' ffmpeg runs within the memory and thread limits of media.yaml ``ffmpeg`` (their time limit is their own)."""
     env = app[CONFIG].env
-    limits = media.FfmpegLimits(**app[CONFIG].media.ffmpeg.model_dump(exclude={"concurrency"}))
+    limits = FfmpegLimits(**app[CONFIG].media.ffmpeg.model_dump(exclude={"concurrency"}))
     pool = None
     if env.analysis_workers > 0:
         pool = AnalysisPool(
@@ -288,9 +293,3 @@ async def songs_context(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await app[SONGS].close()
-
-
-def setup(app: web.Application) -> None:
-    app.cleanup_ctx.append(songs_context)
-    app[SONG_SAVED] = on_song_saved
-    app.add_routes(routes)

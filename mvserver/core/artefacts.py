@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import aiofiles
 from aiohttp import web
 
+from mvserver.appkeys import STORE
 from mvserver.core.errors import ApiError, ErrorInfo
 
 log = logging.getLogger("mvserver")
@@ -531,7 +532,3 @@ class SavedFileResponse(web.FileResponse):
         if self._error_body is not None and request.method != "HEAD":
             await self.write(self._error_body)
         return writer
-
-
-STORE = web.AppKey("store", OutputStore)
-ARTEFACTS = web.AppKey("artefacts", Artefacts)

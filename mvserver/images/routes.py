@@ -18,16 +18,15 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
-from mvserver.core.artefacts import ARTEFACTS, Artefacts, artefact_key, check_id, new_id
-from mvserver.core.config import CONFIG, Config
+from mvserver.appkeys import ARTEFACTS, CONFIG, PROVIDERS, REQUEST_MODELS
+from mvserver.core.artefacts import Artefacts, artefact_key, check_id, new_id
+from mvserver.core.config import Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
-from mvserver.providers import PROVIDERS
 from mvserver.web.access.auth import key_id, owned_sidecar
 from mvserver.web.access.quotas import charge
+from mvserver.web.body import parse_body
 
-routes = web.RouteTableDef()
 PROVIDER = "replicate"
 
 
@@ -213,7 +212,6 @@ async def load_image(app: web.Application, image_id: str, caller: str | None = N
         raise ApiError(404, "not_found", f"no image with id {image_id}", field=field) from None
 
 
-@routes.post("/api/mv/generate_character_reference")
 async def generate_character_reference(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].image, config.debug)
@@ -227,7 +225,6 @@ async def generate_character_reference(request: web.Request) -> web.Response:
     )
 
 
-@routes.get("/api/mv/get_image/{image_id}")
 async def get_image(request: web.Request) -> web.StreamResponse:
     image_id = check_id(request.match_info["image_id"], "image_id")
     key, mime_type = await _saved_image(request.app[ARTEFACTS], image_id, "image_id", key_id(request))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mvserver.core.artefacts import Artefacts, artefact_key
 from mvserver.jobs.model import Job
+from mvserver.jobs.runner import DriverFactory
 from mvserver.providers import Providers, Snapshot, VideoBackend, VideoRequest
 
 VIDEO_REQUEST_FIELDS = ("negative_prompt", "aspect_ratio", "duration", "generate_audio", "seed")
@@ -38,9 +39,9 @@ class VideoDriver:
         return await self.backend.download(snapshot, prediction_id, dest)
 
     async def cancel(self, prediction_id: str) -> Snapshot | None:
-        return await self.backend.cancel(prediction_id)  # type: ignore[func-returns-value]
+        return await self.backend.cancel(prediction_id)
 
 
-def video_kind(providers: Providers, outputs: Artefacts):  # type: ignore[no-untyped-def]
+def video_kind(providers: Providers, outputs: Artefacts) -> DriverFactory:
     """The driver factory for ``video`` jobs."""
     return lambda job: VideoDriver(providers.video_backend(job.backend), outputs)

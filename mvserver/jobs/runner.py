@@ -329,7 +329,7 @@ class JobEngine:
             await asyncio.wait({previous})
         task = asyncio.get_running_loop().create_task(self._run(job, lease), name=f"job-{job.id}")
         self.tasks[job.id] = task
-        task.add_done_callback(lambda _, job_id=job.id: self._task_done(job_id))
+        task.add_done_callback(lambda _: self._task_done(job.id))
 
     def _task_done(self, job_id: str) -> None:
         self.tasks.pop(job_id, None)

@@ -1,8 +1,8 @@
 """A project's song and its scenes: sizing on the song's bars, where each scene plays in it, trims snapped to its
 grid, and the brief the scene writer sends Gemini with the song.
 
-:mod:`mvserver.projects.routes` calls these at a few points (create, PATCH, write_scenes); they take the timeline it
-computes (:func:`mvserver.projects.routes.project_timeline`) as an argument, so nothing here imports it.
+:mod:`mvserver.projects.service` calls these at a few points (create, PATCH, write_scenes); they take the timeline it
+computes (:func:`mvserver.projects.service.project_timeline`) as an argument, so nothing here imports it.
 """
 
 from __future__ import annotations
@@ -10,24 +10,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import web
 
 from mvserver.analysis import PlanError, SongAnalysis, locate, plan_scenes
+from mvserver.appkeys import ARTEFACTS, SONGS
 from mvserver.audio.routes import saved_audio
-from mvserver.audio.songs import SONGS, preview, read_sidecar, song_analysis
-from mvserver.core.artefacts import ARTEFACTS
+from mvserver.audio.songs import preview, read_sidecar, song_analysis
 from mvserver.core.errors import ApiError
-from mvserver.media.ffmpeg import PREVIEW_MIME_TYPE
+from mvserver.media.song import PREVIEW_MIME_TYPE
+from mvserver.projects.schemas import SnapMode
 from mvserver.projects.store import Project, Song, SongWindow
-from mvserver.scenes.routes import SongBrief
+from mvserver.scenes.service import SongBrief
 
 log = logging.getLogger("mvserver.projects")
 
 INLINE_AUDIO_MAX_BYTES = 16 * 2**20  # a Gemini request with inline data must stay under 20 MB in all
 PREVIEW_WAIT_SECONDS = 60.0  # how long a scene request waits for a song's preview copy that is still being made
-SnapMode = Literal["beat", "bar", "none"]
 
 
 # The project's timeline: ``projects.project_timeline`` (entries with scene, trim_in, trim_out, song_start, seconds)

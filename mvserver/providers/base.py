@@ -10,6 +10,10 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from mvserver.core.errors import ApiError, ErrorInfo, from_exception
 
+# Where a provider sends a job's updates (``?job=<id>``): Replicate's webhooks, received by
+# :mod:`mvserver.providers.replicate_webhooks` and handed to the job engine's inbox (:mod:`mvserver.jobs.updates`).
+WEBHOOK_PATH = "/api/mv/webhooks/replicate"
+
 # (provider, operation, seconds, our error code or None): called after each provider API call (metrics).
 ProviderObserver = Callable[[str, str, float, "str | None"], None]
 ProviderStatus = Literal["starting", "processing", "succeeded", "failed", "canceled"]

@@ -25,7 +25,7 @@ NAME = "gemini"
 NO_SDK_RETRY = types.HttpRetryOptions(attempts=1)
 
 
-def make_api_client(api_key: str, base_url: str | None) -> genai.Client:
+def make_api_client(api_key: str | None, base_url: str | None) -> genai.Client:
     """Client for the Gemini Developer API (scene writing)."""
     options = types.HttpOptions(base_url=base_url, retry_options=NO_SDK_RETRY)
     return genai.Client(api_key=api_key, http_options=options)
@@ -163,7 +163,9 @@ class GeminiProvider:
 
     async def _operation(self, name: str) -> types.GenerateVideosOperation:
         return await self._call(
-            self._video_client().aio.operations.get(types.GenerateVideosOperation(name=name)), "get_operation"
+            # google-genai declares ``name`` on its Operation mixin, which pydantic's typing does not see as a field
+            self._video_client().aio.operations.get(types.GenerateVideosOperation(name=name)),  # type: ignore[call-arg]
+            "get_operation",
         )
 
     async def poll(self, prediction_id: str) -> Snapshot:

@@ -13,7 +13,7 @@ import contextvars
 import io
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import aiohttp
@@ -121,7 +121,7 @@ def snapshot(prediction: Prediction) -> Snapshot:
     if prediction.status in ("failed", "canceled"):
         error = prediction_failed(NAME, prediction.status, prediction.error).info
     return Snapshot(
-        status=prediction.status,  # type: ignore[arg-type]
+        status=prediction.status,
         progress=progress.percentage if progress else None,
         logs=prediction.logs,
         output=_output_url(prediction.output),
@@ -246,7 +246,7 @@ class ReplicateProvider:
             raise too_large(NAME, limit)
         return response
 
-    async def _chunks(self, url: str, limit: int, media: Media) -> AsyncIterator[bytes]:
+    async def _chunks(self, url: str, limit: int, media: Media) -> AsyncGenerator[bytes, None]:
         """The output's bytes, checked as they arrive (:func:`~.outputs.checked_chunks`); transport failures as
         ApiError."""
         response = await self.fetch(url, limit)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
 
 
 def build_parser() -> argparse.ArgumentParser:
