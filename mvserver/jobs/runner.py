@@ -340,16 +340,21 @@ class JobEngine:
         self.pushed.forget(job_id)
         self._slots.release()
 
-    async def _keep_lease(self, lease: Lease) -> None:
-        """Renew the lease well before it lapses; once it is lost, stop the job without a word."""
+    async def _keep_lease(self, lease: Lease, stopped: asyncio.Event) -> None:
+        """Renew the lease well before it lapses; once it is lost, stop the job without a word. ``stopped`` (set when
+        the run ends) ends the renewals even when the cancel that came with it was swallowed by the store call (a
+        Redis call can lose one, see :meth:`close`): a keeper that went on would renew a stopped node's lease for
+        ever, and no other node could take the job over."""
         assert self.store.lease_seconds is not None
-        while True:
+        while not stopped.is_set():
             await asyncio.sleep(self.store.lease_seconds / 3)
             try:
                 renewed = await self.store.renew(lease)
             except Exception:  # a store bug must not stop the renewals silently
                 log.exception("job %s: renewing the lease failed", lease.job_id)
                 continue
+            if stopped.is_set():
+                return
             if not renewed:
                 log.warning("job %s: lease lost; another node takes it over", lease.job_id)
                 self._lost.add(lease.job_id)
@@ -364,14 +369,16 @@ class JobEngine:
         bind_job(job.id)
         self._started.add(job.id)
         keeper = None
+        stopped = asyncio.Event()
         if self.store.lease_seconds is not None:
-            keeper = asyncio.get_running_loop().create_task(self._keep_lease(lease), name=f"lease-{job.id}")
+            keeper = asyncio.get_running_loop().create_task(self._keep_lease(lease, stopped), name=f"lease-{job.id}")
         driver = self.kinds[job.kind](job)
         try:
             await self._run_owned(job, lease, driver)
         except LeaseLost:
             log.warning("job %s: lease lost before a write; stopping here", job.id)
         finally:
+            stopped.set()
             if keeper is not None:
                 keeper.cancel()
             if job.id not in self._lost:
