@@ -59,8 +59,8 @@ from bench.common import (
     start_simulator,
     workdir,
 )
+from mvserver.core.artefacts import temp_path
 from mvserver.core.config import EnvSettings, load_config
-from mvserver.core.storage import temp_path
 from mvserver.media.assemble import AssemblyResult, Clip, assemble
 from mvserver.media.probe import MediaInfo, probe
 from mvserver.media.run import ffmpeg_exe, run_ffmpeg
@@ -401,7 +401,7 @@ async def sse_bench(args: argparse.Namespace) -> list[tuple[object, ...]]:
 WORST_RUN = """
 import asyncio, json, resource, sys, time
 from pathlib import Path
-from mvserver.core.storage import temp_path
+from mvserver.core.artefacts import temp_path
 from mvserver.media.assemble import Clip, assemble
 from mvserver.media.limits import FfmpegLimits
 spec = json.loads(sys.argv[1])

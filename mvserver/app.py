@@ -12,6 +12,7 @@ from aiohttp import web
 from yarl import URL
 
 from mvserver.appkeys import (
+    ARTEFACTS,
     CONFIG,
     FFMPEG_SLOTS,
     HEAVY_FFMPEG_SLOTS,
@@ -30,10 +31,10 @@ from mvserver.assembly import routes as assembly
 from mvserver.assembly.service import KIND as ASSEMBLY
 from mvserver.audio import songs
 from mvserver.audio.routes import UploadSlots
+from mvserver.core.artefacts import LocalArtefacts, OutputStore, node_context, start_node
 from mvserver.core.config import Config, ConfigError, EnvSettings, load_config, package_templates
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import hide_paths_under, server_log
-from mvserver.core.storage import OutputStore, node_context, start_node
 from mvserver.jobs import FileJobStore, Job, JobEngine, JobStore, video_kind, webhooks_out
 from mvserver.jobs.census import JobCensus
 from mvserver.jobs.retention import sweep_forever
@@ -114,7 +115,7 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
             base_url=urls["vertex"],
             timeout=videos.jobs.request_timeout_seconds,
         ),
-        store,
+        app[ARTEFACTS],
         video_model=videos.backends.gemini.model,
         person_generation=videos.backends.gemini.person_generation,
         resolution=videos.backends.gemini.resolution,
@@ -125,7 +126,7 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
     replicate = replicate_backend.ReplicateProvider(
         replicate_backend.make_client(replicate_token, urls["replicate"], videos.jobs.request_timeout_seconds),
         session,
-        store,
+        app[ARTEFACTS],
         video_model=videos.backends.replicate.model,
         request_timeout=videos.jobs.request_timeout_seconds,
         sandbox="replicate" in sandboxed,
@@ -174,11 +175,13 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     """Start the job engine: unfinished jobs resume; at exit their tasks stop (they resume at the next start)."""
     config = app[CONFIG]
     kinds = {
-        "video": video_kind(app[PROVIDERS], app[STORE]),
+        "video": video_kind(app[PROVIDERS], app[ARTEFACTS]),
         LIPSYNC: lipsync.lipsync_kind(app),
         ASSEMBLY: assembly.assembly_kind(app),
     }
-    engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
+    engine = JobEngine(
+        job_store(app), kinds, app[ARTEFACTS], config.videos.jobs, max_concurrent=config.max_concurrent_jobs
+    )
     app[JOBS] = engine
     engine.running_cap = running_cap_of(app)  # a key's jobs beyond its max_running_jobs wait queued (keys on)
     engine.hooks.stored = posters.stored_hook(app)  # every stored clip: its poster, length and size
@@ -196,7 +199,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     retention = config.videos.jobs.retention_hours * 3600
     if retention > 0:
         sweeper = asyncio.get_running_loop().create_task(
-            sweep_forever(engine.store, app[STORE], retention), name="retention-sweeper"
+            sweep_forever(engine.store, app[ARTEFACTS], retention), name="retention-sweeper"
         )
     try:
         yield
@@ -260,6 +263,7 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app[CONFIG] = config
     app[TEMPLATES] = package_templates()
     app[STORE] = store
+    app[ARTEFACTS] = LocalArtefacts(store)
     app[REQUEST_MODELS] = RequestModels.build(config)
     start_node(store)  # only what dead nodes left: other nodes may be writing in a shared MV_OUTPUT_DIR
     app.cleanup_ctx.append(node_context)

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
     from mvserver.audio.routes import SongSaved, UploadSlots
     from mvserver.audio.songs import SongWork
+    from mvserver.core.artefacts import Artefacts, OutputStore
     from mvserver.core.config import Config
-    from mvserver.core.storage import OutputStore
     from mvserver.jobs.runner import JobEngine
     from mvserver.jobs.webhooks_out import WebhookSender
     from mvserver.openapi.schemas import RequestModels
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 TEMPLATES: web.AppKey[jinja2.Environment] = web.AppKey("templates")
 STORE: web.AppKey[OutputStore] = web.AppKey("store")
+# Every artefact the service writes or serves (images, scene lists, songs, clips, windows, videos): the one artefact layer.
+ARTEFACTS: web.AppKey[Artefacts] = web.AppKey("artefacts")
 REQUEST_MODELS: web.AppKey[RequestModels] = web.AppKey("request_models")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 

@@ -38,7 +38,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from mvserver.appkeys import JOBS, STORE
 from mvserver.audio import routes as audio
-from mvserver.core.storage import OutputStore, new_id, write_bytes_atomic
+from mvserver.core.artefacts import OutputStore, new_id, write_bytes_atomic
 from mvserver.media.probe import parse_probe
 from mvserver.media.run import ffmpeg_exe
 from mvserver.sandbox.state import Simulator

@@ -21,7 +21,7 @@ from mvserver.appkeys import CONFIG, HEAVY_FFMPEG_SLOTS, JOBS, STORE
 from mvserver.appkeys import PROJECTS as PROJECT_STORE
 from mvserver.assembly import service as assembly_service
 from mvserver.assembly.service import _field
-from mvserver.core.storage import new_id
+from mvserver.core.artefacts import new_id
 from mvserver.lipsync import service as lipsync_service
 from mvserver.media.probe import MediaInfo, probe
 from mvserver.projects import service as project_service

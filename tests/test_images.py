@@ -20,8 +20,8 @@ from PIL import Image
 from yarl import URL
 
 from mvserver.appkeys import CONFIG
+from mvserver.core.artefacts import OutputStore
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import OutputStore
 from mvserver.images.routes import load_image
 from mvserver.sandbox import replicate_api
 from mvserver.sandbox.app import Simulator

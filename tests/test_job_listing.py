@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 from helpers import AppClient, LiveApp, module_loop, submit, two_key_client, wait_for
 
 from mvserver.appkeys import JOBS
-from mvserver.core.storage import new_id
+from mvserver.core.artefacts import new_id
 from mvserver.jobs import Job
 from mvserver.jobs.file_store import _lines_before
 from mvserver.jobs.listing import JobQuery, list_jobs

@@ -20,9 +20,9 @@ from PIL import Image
 from yarl import URL
 
 from mvserver.appkeys import JOBS, STORE
+from mvserver.core.artefacts import new_id
 from mvserver.core.config import ConfigError, EnvSettings, load_config
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import new_id
 from mvserver.lipsync.service import Song, cut_args, cut_window, max_cut_bytes, plan_window
 from mvserver.media.errors import DurationError, MediaError
 from mvserver.sandbox.app import Simulator

@@ -18,7 +18,7 @@ import pytest
 from helpers import HOLDER, exited, proc_limit
 from PIL import Image
 
-from mvserver.core.storage import temp_path
+from mvserver.core.artefacts import temp_path
 from mvserver.media import assemble as assembling
 from mvserver.media.args import AUDIO_DEMUXERS, duration_arg, input_args, song_demuxer
 from mvserver.media.assemble import AssemblyResult, Clip
@@ -709,7 +709,7 @@ def test_crossfade_pieces_show_every_frame_once_and_decode_few_clips_at_a_time()
 PEAK = """
 import asyncio, resource, sys
 from pathlib import Path
-from mvserver.core.storage import temp_path
+from mvserver.core.artefacts import temp_path
 from mvserver.media.assemble import Clip, assemble
 from mvserver.media.limits import FfmpegLimits
 clips = [Clip(Path(p)) for p in sys.argv[3:]] * int(sys.argv[2])

@@ -16,8 +16,8 @@ from aiohttp.test_utils import TestClient
 from helpers import AppClient, free_port
 
 from mvserver.appkeys import PROJECTS
+from mvserver.core.artefacts import OutputStore, new_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import OutputStore, new_id
 from mvserver.projects.service import TimelineEntry, project_timeline, size_to_song
 from mvserver.projects.store import FileProjectStore, Project, RedisProjectStore, Scene
 from mvserver.sandbox.app import Simulator

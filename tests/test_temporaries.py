@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import PROJECT, dead_pid, heartbeat
 
-from mvserver.core import storage
-from mvserver.core.storage import NODE_ID, OutputStore, start_node, temp_owner, temp_path, write_bytes_atomic
+from mvserver.core import artefacts as storage
+from mvserver.core.artefacts import NODE_ID, OutputStore, start_node, temp_owner, temp_path, write_bytes_atomic
 
 STALE = 60.0
 
@@ -40,7 +40,7 @@ def test_writers_name_their_temporaries_through_the_one_helper() -> None:
     """No module spells a temporary's name itself: a new writer that did would be invisible to the clean-up rules."""
     spelled = []
     for path in sorted((PROJECT / "mvserver").rglob("*.py")):
-        if path.name == "storage.py":
+        if path.name == "artefacts.py":
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if re.search(r"""\.part["'}]|mkstemp\(|NamedTemporaryFile\(""", line):

@@ -28,10 +28,23 @@ from helpers import (
 )
 from PIL import Image
 
-from mvserver.appkeys import JOBS, STORE
+from mvserver.appkeys import ARTEFACTS, JOBS, STORE
+from mvserver.core.artefacts import artefact_key
 from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
+
+
+async def test_a_video_an_earlier_run_stored_is_never_overwritten(client: TestClient, sim: Simulator) -> None:
+    """A job taken over after an earlier run stored its video (and died before saying so) downloads again: the
+    create-only write keeps the stored video, and the job succeeds with it."""
+    sim.video_latency = 1.0
+    job_id = (await submit(client))["job_id"]
+    stored = b"\x00\x00\x00\x18ftypmp42 stored by the earlier run"
+    await client.app[ARTEFACTS].put_bytes(artefact_key("videos", job_id, ".mp4"), stored)
+    state = await wait_for(client, job_id, lambda s: s["status"] not in ("queued", "running"), timeout=60)
+    assert state["status"] == "succeeded" and state["video_bytes"] == len(stored), state
+    assert await (await client.get(f"/api/mv/get_video/{job_id}")).read() == stored
 
 
 async def test_sse_reports_every_stage_and_the_video_is_served_with_ranges(client: TestClient, sim: Simulator) -> None:

@@ -7,7 +7,7 @@ import functools
 
 from aiohttp import web
 
-from mvserver.appkeys import CONFIG, FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, JOBS, REQUEST_MODELS, SONGS, STORE
+from mvserver.appkeys import ARTEFACTS, CONFIG, FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, JOBS, REQUEST_MODELS, SONGS, STORE
 from mvserver.assembly import service
 from mvserver.assembly.service import AssemblyDeps, AssemblyDriver
 from mvserver.audio.routes import saved_audio
@@ -28,6 +28,7 @@ def assembly_deps(app: web.Application) -> AssemblyDeps:
         config=app[CONFIG],
         jobs=app[JOBS],
         outputs=app[STORE],
+        artefacts=app[ARTEFACTS],
         songs=app[SONGS],
         probe_slots=app[FFMPEG_SLOTS],
         heavy_slots=app[HEAVY_FFMPEG_SLOTS],

@@ -22,9 +22,9 @@ from typing import Any, NamedTuple
 
 from mvserver.assembly.schemas import AssemblyOptions
 from mvserver.audio import songs
+from mvserver.core.artefacts import Artefacts, OutputStore, artefact_key, temp_path
 from mvserver.core.config import AssemblyLimits, Config
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import OutputStore, temp_path
 from mvserver.jobs import Job, JobEngine
 from mvserver.jobs.clips import CLIP_KINDS, finished_clip
 from mvserver.jobs.options import job_fields
@@ -61,16 +61,20 @@ class PlannedClip(NamedTuple):
 @dataclass(frozen=True)
 class AssemblyDeps:
     """What assembly works with, so that its plan and its job driver never see a request or the app (the routes
-    build it: :func:`mvserver.assembly.routes.assembly_deps`): the settings, the job engine, the output files, the
-    songs' copies, the slots bounding probes and the node's ffmpeg-heavy runs, and the saved songs."""
+    build it: :func:`mvserver.assembly.routes.assembly_deps`): the settings, the job engine, the records next to the
+    outputs (the runs' locks), the artefacts (clips, songs, the video made), the songs' copies, the slots bounding
+    probes and the node's ffmpeg-heavy runs, and the saved songs."""
 
     config: Config
     jobs: JobEngine
     outputs: OutputStore
+    artefacts: Artefacts
     songs: songs.SongWork
     probe_slots: asyncio.Semaphore  # lipsync.limits.ffmpeg_concurrency, shared with lip sync's probes
     heavy_slots: asyncio.Semaphore  # media.yaml ffmpeg.concurrency, shared with lip-sync cuts
-    saved_audio: Callable[..., Awaitable[tuple[Path, dict[str, Any]]]]  # audio: (audio_id, field, caller)
+    saved_audio: Callable[
+        ..., Awaitable[tuple[str, dict[str, Any]]]
+    ]  # audio: (audio_id, field, caller) -> (key, sidecar)
 
 
 # -- checks before a job is accepted ------------------------------------------------------------------------------
@@ -78,16 +82,16 @@ class AssemblyDeps:
 
 async def _clip_file(
     deps: AssemblyDeps, job_id: str, field: str, caller: str | None, known: dict[str, Job | None]
-) -> Path:
-    """The MP4 of a succeeded clip job the caller may use (400 naming ``field`` otherwise; another key's job is
-    as unknown as a missing one). ``known``: jobs the request has read already (a clip listed twice is read once)."""
+) -> str:
+    """The MP4 (its key) of a succeeded clip job the caller may use (400 naming ``field`` otherwise; another key's
+    job is as unknown as a missing one). ``known``: jobs the request has read already (a clip listed twice is read once)."""
     if job_id not in known:
         known[job_id] = await deps.jobs.get(job_id)
     job = known[job_id]
-    path, _ = await finished_clip(
-        job, job_id, deps.outputs, field, caller, "assembly needs finished clips", kinds=CLIP_KINDS
+    key, _ = await finished_clip(
+        job, job_id, deps.artefacts, field, caller, "assembly needs finished clips", kinds=CLIP_KINDS
     )
-    return path
+    return key
 
 
 async def _probe(deps: AssemblyDeps, paths: list[Path], fields: list[str]) -> list[tuple[MediaInfo, int]]:
@@ -150,10 +154,12 @@ async def plan(
     seconds, clips per filter graph), and return the job's request: what the job runs. ``known``: the clips' jobs
     when the request has read them already (a project's), so that none is read twice."""
     known = dict(known or {})
-    paths = []
+    keys = []
     for i, (job_id, _, _) in enumerate(clips):
-        paths.append(await _clip_file(deps, job_id, field(i, "job_id"), caller, known))
-    described = await _probe(deps, paths, [field(i, "job_id") for i in range(len(clips))])
+        keys.append(await _clip_file(deps, job_id, field(i, "job_id"), caller, known))
+    async with contextlib.AsyncExitStack() as files:
+        paths = [await files.enter_async_context(deps.artefacts.local_file(key)) for key in keys]
+        described = await _probe(deps, paths, [field(i, "job_id") for i in range(len(clips))])
     planned: list[PlannedClip] = []
     seconds: list[float] = []
     first = described[0][0].first_video
@@ -336,16 +342,28 @@ class AssemblyDriver:
     def __init__(self, deps: AssemblyDeps):
         self.deps = deps
 
-    async def run(self, job: Job, dest: Path, progress: Progress) -> int:
+    async def run(self, job: Job, dest: str, progress: Progress) -> int:
         request = job.request
-        store = self.deps.outputs
-        clips = [Clip(store.path("videos", c["job_id"], ".mp4"), c["trim_in"], c["trim_out"]) for c in request["clips"]]
-        song = song_copy = None
-        if request.get("audio_id"):
-            song, sidecar = await self.deps.saved_audio(request["audio_id"])
-            song_copy = await _song_copy(self.deps, request["audio_id"], song, sidecar)
-        async with self._turn(job, progress) as held:
-            result = await self._assemble(request, clips, song, song_copy, dest, progress, held)
+        store = self.deps.artefacts
+        async with contextlib.AsyncExitStack() as files:
+            clips = []
+            for clip in request["clips"]:
+                try:
+                    path = await files.enter_async_context(
+                        store.local_file(artefact_key("videos", clip["job_id"], ".mp4"))
+                    )
+                except FileNotFoundError:
+                    raise ApiError(500, "assembly_failed", f"the clip {clip['job_id']} is gone") from None
+                clips.append(Clip(path, clip["trim_in"], clip["trim_out"]))
+            song: Path | None = None
+            song_copy: SongCopy | None = None
+            if request.get("audio_id"):
+                song_key, sidecar = await self.deps.saved_audio(request["audio_id"])
+                song = await files.enter_async_context(store.local_file(song_key))
+                song_copy = await _song_copy(self.deps, request["audio_id"], song_key, sidecar, files)
+            async with self._turn(job, progress) as held, store.writing(dest, tag="out") as out:
+                result = await self._assemble(request, clips, song, song_copy, out, progress, held)
+                size = (await asyncio.to_thread(out.stat)).st_size
         request["result"] = {
             "seconds": round(result.duration, 6),
             "copied": result.copied,
@@ -353,7 +371,7 @@ class AssemblyDriver:
             "audio": result.audio,
             "elapsed_seconds": result.elapsed_seconds,
         }
-        return (await asyncio.to_thread(dest.stat)).st_size
+        return size
 
     @contextlib.asynccontextmanager
     async def _turn(self, job: Job, progress: Progress) -> AsyncIterator[int]:
@@ -436,14 +454,17 @@ class AssemblyDriver:
             await asyncio.gather(pumping, return_exceptions=True)
 
 
-async def _song_copy(deps: AssemblyDeps, audio_id: str, song: Path, sidecar: dict[str, Any]) -> SongCopy | None:
-    """The song's AAC copy made at upload, whose packets a cut-only assembly copies; None (the song is encoded
-    instead) if it is not there yet, in which case it is made now for the next assembly."""
-    path = songs.aac_copy(deps.outputs, audio_id)
+async def _song_copy(
+    deps: AssemblyDeps, audio_id: str, song: str, sidecar: dict[str, Any], files: contextlib.AsyncExitStack
+) -> SongCopy | None:
+    """The song's AAC copy made at upload, whose packets a cut-only assembly copies, held open in ``files``; None
+    (the song is encoded instead) if it is not there yet, in which case it is made now for the next assembly."""
     duration = sidecar.get("duration")
     if not isinstance(duration, (int, float)) or isinstance(duration, bool):
         return None
-    if await asyncio.to_thread(path.is_file):
-        return SongCopy(path, float(duration))
-    deps.songs.copies(audio_id, song, float(duration))
-    return None
+    try:
+        path = await files.enter_async_context(deps.artefacts.local_file(songs.aac_copy(audio_id)))
+    except FileNotFoundError:
+        deps.songs.copies(audio_id, song, float(duration))
+        return None
+    return SongCopy(path, float(duration))

@@ -21,16 +21,15 @@ import json
 import logging
 import weakref
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, Literal
 
 from aiohttp import web
 
 from mvserver.analysis import ANALYSIS_VERSION, AnalysisError, AnalysisPool, AnalysisTimeout, SongAnalysis, load
-from mvserver.appkeys import CONFIG, SONGS, STORE
+from mvserver.appkeys import ARTEFACTS, CONFIG, SONGS
 from mvserver.audio.routes import FORMATS, saved_audio
+from mvserver.core.artefacts import Artefacts, artefact_key, check_id, temp_path
 from mvserver.core.config import EnvSettings
-from mvserver.core.storage import OutputStore, check_id, temp_path
 from mvserver.media.errors import MediaError
 from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
 from mvserver.media.song import encode_song_copies
@@ -55,12 +54,14 @@ PUBLIC_FIELDS = (
 )
 
 
-def aac_copy(store: OutputStore, audio_id: str) -> Path:
-    return store.path("audio", audio_id, AAC_SUFFIX)
+def aac_copy(audio_id: str) -> str:
+    """The key of the song's AAC copy."""
+    return artefact_key("audio", audio_id, AAC_SUFFIX)
 
 
-def preview(store: OutputStore, audio_id: str) -> Path:
-    return store.path("audio", audio_id, PREVIEW_SUFFIX)
+def preview(audio_id: str) -> str:
+    """The key of the song's small MP3 preview (what Gemini hears)."""
+    return artefact_key("audio", audio_id, PREVIEW_SUFFIX)
 
 
 class AnalysisOutcome:
@@ -75,7 +76,7 @@ class SongWork:
 
     def __init__(
         self,
-        store: OutputStore,
+        store: Artefacts,
         env: EnvSettings,
         pool: AnalysisPool | None,
         limits: FfmpegLimits = DEFAULT_LIMITS,
@@ -89,17 +90,17 @@ class SongWork:
 
     # -- starting work ------------------------------------------------------------------------------------------
 
-    def start(self, audio_id: str, song: Path, duration: float) -> None:
+    def start(self, audio_id: str, song: str, duration: float) -> None:
         """Everything a new song needs: its copies and its analysis."""
         self.copies(audio_id, song, duration)
         self.analysis(audio_id, song)
 
-    def copies(self, audio_id: str, song: Path, duration: float) -> asyncio.Task[bool]:
-        """The task making the song's AAC and preview copies (the running one, if any); it answers whether they
-        exist."""
+    def copies(self, audio_id: str, song: str, duration: float) -> asyncio.Task[bool]:
+        """The task making the copies of the song (its key) in AAC and preview (the running one, if any); it answers
+        whether they exist."""
         return self._task(self._copies, audio_id, lambda: self._make_copies(audio_id, song, duration))
 
-    def analysis(self, audio_id: str, song: Path) -> asyncio.Task[AnalysisOutcome] | None:
+    def analysis(self, audio_id: str, song: str) -> asyncio.Task[AnalysisOutcome] | None:
         """The task analysing the song (the running one, if any); None when analysis is off."""
         if self.pool is None:
             return None
@@ -132,18 +133,24 @@ class SongWork:
 
     # -- the work -----------------------------------------------------------------------------------------------
 
-    async def _make_copies(self, audio_id: str, song: Path, duration: float) -> bool:
+    async def _make_copies(self, audio_id: str, song: str, duration: float) -> bool:
+        store = self.store
         async with self._copy_slots:
             try:
-                await encode_song_copies(
-                    song,
-                    aac_copy(self.store, audio_id),
-                    preview(self.store, audio_id),
-                    temp_name=temp_path,
-                    duration=duration,
-                    timeout=120.0 + duration,
-                    limits=self.limits,
-                )
+                async with (
+                    store.local_file(song) as source,
+                    store.writing(aac_copy(audio_id), tag="enc") as aac,
+                    store.writing(preview(audio_id), tag="enc") as small,
+                ):
+                    await encode_song_copies(
+                        source,
+                        aac,
+                        small,
+                        temp_name=temp_path,
+                        duration=duration,
+                        timeout=120.0 + duration,
+                        limits=self.limits,
+                    )
             except (MediaError, OSError) as exc:
                 log.warning(
                     "song %s: its copies could not be made (assembly encodes it; Gemini does not hear it): %s",
@@ -153,10 +160,11 @@ class SongWork:
                 return False
         return True
 
-    async def _analyse(self, audio_id: str, song: Path) -> AnalysisOutcome:
+    async def _analyse(self, audio_id: str, song: str) -> AnalysisOutcome:
         assert self.pool is not None
         try:
-            analysis = await self.pool.analyse(song, timeout=self.env.analysis_timeout_seconds)
+            async with self.store.local_file(song) as path:
+                analysis = await self.pool.analyse(path, timeout=self.env.analysis_timeout_seconds)
         except AnalysisError as exc:
             code = "analysis_timeout" if isinstance(exc, AnalysisTimeout) else "analysis_failed"
             error = {"code": code, "message": str(exc), "kind": exc.kind}
@@ -174,11 +182,10 @@ class SongWork:
         lock = self._sidecar_locks.get(audio_id)
         if lock is None:
             lock = self._sidecar_locks[audio_id] = asyncio.Lock()
-        path = self.store.path("audio", audio_id, ".json")
+        key = artefact_key("audio", audio_id, ".json")
         async with lock:
-            try:
-                sidecar = json.loads(await asyncio.to_thread(path.read_bytes))
-            except (OSError, ValueError):
+            sidecar = await self.store.get_json(key)
+            if not isinstance(sidecar, dict):
                 return  # the song is gone
             for name, value in fields.items():
                 if value is None:
@@ -186,7 +193,7 @@ class SongWork:
                 else:
                     sidecar[name] = value
             try:
-                await self.store.write_json(path, sidecar)
+                await self.store.put_json(key, sidecar)
             except OSError as exc:  # the answer still carries it; the next use analyses the song again
                 log.warning("song %s: its analysis could not be stored: %s", audio_id, exc)
 
@@ -206,12 +213,9 @@ def analysis_state(
     return "pending", None, None
 
 
-async def read_sidecar(store: OutputStore, audio_id: str) -> dict[str, Any] | None:
+async def read_sidecar(store: Artefacts, audio_id: str) -> dict[str, Any] | None:
     """The song's sidecar (None if there is none or it is unreadable)."""
-    try:
-        sidecar = json.loads(await asyncio.to_thread(store.path("audio", audio_id, ".json").read_bytes))
-    except (OSError, ValueError):
-        return None
+    sidecar = await store.get_json(artefact_key("audio", audio_id, ".json"))
     return sidecar if isinstance(sidecar, dict) else None
 
 
@@ -226,7 +230,7 @@ async def song_analysis(
     fmt = FORMATS.get(sidecar.get("format", ""))
     if fmt is None:
         return "failed", None, {"code": "analysis_failed", "message": "the song's format is unknown"}
-    task = work.analysis(audio_id, app[STORE].path("audio", audio_id, fmt.suffix))
+    task = work.analysis(audio_id, artefact_key("audio", audio_id, fmt.suffix))
     assert task is not None
     if wait > 0:
         try:
@@ -253,7 +257,7 @@ def song_body(
     return body
 
 
-async def on_song_saved(app: web.Application, audio_id: str, song: Path, sidecar: dict[str, Any]) -> dict[str, Any]:
+async def on_song_saved(app: web.Application, audio_id: str, song: str, sidecar: dict[str, Any]) -> dict[str, Any]:
     """The upload's hook: start the song's copies and analysis; the answer's extra fields (the analysis, if it is
     ready within ``MV_ANALYSIS_WAIT_SECONDS``)."""
     work = app[SONGS]
@@ -267,9 +271,9 @@ async def get_song(request: web.Request) -> web.Response:
     """The song's description and analysis (``analysis_status`` pending: ask again shortly)."""
     app = request.app
     audio_id = check_id(request.match_info["audio_id"], "audio_id")
-    path, sidecar = await saved_audio(app, audio_id, caller=key_id(request))
-    if not await asyncio.to_thread(aac_copy(app[STORE], audio_id).is_file):  # saved before copies existed
-        app[SONGS].copies(audio_id, path, float(sidecar["duration"]))
+    key, sidecar = await saved_audio(app, audio_id, caller=key_id(request))
+    if await app[ARTEFACTS].stat(aac_copy(audio_id)) is None:  # saved before copies existed
+        app[SONGS].copies(audio_id, key, float(sidecar["duration"]))
     state = await song_analysis(app, audio_id, sidecar, wait=app[SONGS].env.analysis_wait_seconds)
     return web.json_response(song_body(sidecar, *state), headers={"Cache-Control": "no-store"})
 
@@ -284,7 +288,7 @@ async def songs_context(app: web.Application) -> AsyncIterator[None]:
         pool = AnalysisPool(
             env.analysis_workers, max_seconds=env.analysis_max_seconds, memory_mb=env.analysis_memory_mb
         )
-    app[SONGS] = SongWork(app[STORE], env, pool, limits)
+    app[SONGS] = SongWork(app[ARTEFACTS], env, pool, limits)
     try:
         yield
     finally:

@@ -7,13 +7,10 @@ request's field.
 
 from __future__ import annotations
 
-import asyncio
-import stat
 from collections.abc import Collection
-from pathlib import Path
 
+from mvserver.core.artefacts import Artefacts, artefact_key
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import OutputStore
 from mvserver.jobs.model import Job
 from mvserver.web.access.auth import visible_to
 
@@ -23,13 +20,13 @@ CLIP_KINDS = frozenset({"video", "lipsync"})  # jobs whose output is a clip
 async def finished_clip(
     job: Job | None,
     job_id: str,
-    outputs: OutputStore,
+    artefacts: Artefacts,
     field: str,
     caller: str | None,
     needs: str,
     kinds: Collection[str] | None = None,
-) -> tuple[Path, int]:
-    """The path and size of the MP4 of ``job`` (the job ``job_id``, None if the store has none) if it is a succeeded
+) -> tuple[str, int]:
+    """The artefact key and size of the MP4 of ``job`` (the job ``job_id``, None if the store has none) if it is a succeeded
     clip the caller may use; 400 naming ``field`` otherwise (another key's job is as unknown as a missing one).
     ``needs`` ends the message for an unfinished job; ``kinds``: the job kinds accepted (None: any)."""
     if job is None or not visible_to(job.owner, caller):
@@ -38,11 +35,8 @@ async def finished_clip(
         raise ApiError(400, "invalid_clip", f"{field}: job {job_id} is a {job.kind} job, not a clip", field=field)
     if job.status != "succeeded":
         raise ApiError(400, "clip_not_ready", f"{field}: job {job_id} is {job.status}; {needs}", field=field)
-    path = outputs.path("videos", job_id, ".mp4")
-    try:
-        found = await asyncio.to_thread(path.stat)
-    except FileNotFoundError:
-        found = None
-    if found is None or not stat.S_ISREG(found.st_mode):
+    key = artefact_key("videos", job_id, ".mp4")
+    found = await artefacts.stat(key)
+    if found is None:
         raise ApiError(400, "clip_not_found", f"{field}: the video of job {job_id} is gone", field=field)
-    return path, found.st_size
+    return key, found.size

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from mvserver.appkeys import CONFIG, JOBS, SIGNER
+from mvserver.core.artefacts import check_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import check_id
 from mvserver.jobs.routes import event_links
 from mvserver.jobs.stream import stream_many
 from mvserver.web.access.auth import key_id, visible_to

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
-
 from aiohttp import web
 
-from mvserver.appkeys import JOBS, STORE
+from mvserver.appkeys import ARTEFACTS, JOBS
+from mvserver.core.artefacts import artefact_key, check_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import check_id
 from mvserver.web.access.auth import key_id, require_owner
 
 
@@ -19,11 +16,12 @@ async def not_expired(request: web.Request, job_id: str) -> None:
         raise ApiError(410, "expired", f"job {job_id} finished long ago and was removed (jobs.retention_hours)")
 
 
-async def job_output(request: web.Request, suffix: str, what: str) -> Path:
-    """The file ``videos/<video_id><suffix>`` of the route's succeeded job, with the video's access rules: another
-    key's job is unknown (404), an unfinished or unsuccessful one 409, an expired one 410, a missing file 404."""
+async def job_output(request: web.Request, suffix: str, what: str) -> str:
+    """The artefact ``videos/<video_id><suffix>`` of the route's succeeded job, with the video's access rules:
+    another key's job is unknown (404), an unfinished or unsuccessful one 409, an expired one 410, a missing file
+    404."""
     video_id = check_id(request.match_info["video_id"], "video_id")
-    path = request.app[STORE].path("videos", video_id, suffix)
+    key = artefact_key("videos", video_id, suffix)
     job = await request.app[JOBS].get(video_id)
     if job is not None:
         require_owner(job.owner, key_id(request), ApiError(404, "not_found", f"no {what} with id {video_id}"))
@@ -39,7 +37,7 @@ async def job_output(request: web.Request, suffix: str, what: str) -> Path:
             provider_status=cause.get("provider_status"),
             provider_error=cause.get("provider_error"),
         )
-    if not await asyncio.to_thread(path.is_file):
+    if await request.app[ARTEFACTS].stat(key) is None:
         await not_expired(request, video_id)
         raise ApiError(404, "not_found", f"no {what} with id {video_id}")
-    return path
+    return key

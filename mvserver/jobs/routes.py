@@ -7,15 +7,14 @@ from typing import Any
 
 from aiohttp import web
 
-from mvserver.appkeys import CONFIG, JOBS
+from mvserver.appkeys import ARTEFACTS, CONFIG, JOBS
+from mvserver.core.artefacts import check_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import check_id
 from mvserver.jobs import Job, job_urls, listing, stream_events
 from mvserver.jobs.model import STATUSES, Event
 from mvserver.jobs.outputs import job_output, not_expired
 from mvserver.web.access.auth import key_id, visible_to
 from mvserver.web.access.signing import signed_event_data
-from mvserver.web.files import SavedFileResponse
 
 
 def listing_query(request: web.Request, owner: str | None, kinds: set[str]) -> listing.JobQuery:
@@ -100,7 +99,7 @@ def event_links(request: web.Request) -> Callable[[Event], str]:
 
 
 async def get_video(request: web.Request) -> web.StreamResponse:
-    path = await job_output(request, ".mp4", "video")
-    return SavedFileResponse(
-        path, noun="video", headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"}
+    key = await job_output(request, ".mp4", "video")
+    return await request.app[ARTEFACTS].response(
+        key, noun="video", headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"}
     )

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from mvserver.core.storage import write_bytes_atomic
+from mvserver.core.artefacts import write_bytes_atomic
 
 DURATION_WINDOW = 50  # an estimate follows roughly the last this-many runs (a running mean that forgets)
 BUDGET_TTL_SECONDS = 62 * 86400  # a month's spending counter outlives its month by a month, then goes

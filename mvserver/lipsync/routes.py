@@ -8,10 +8,10 @@ from typing import Any
 
 from aiohttp import web
 
-from mvserver.appkeys import CONFIG, FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, JOBS, PROVIDERS, REQUEST_MODELS, STORE
+from mvserver.appkeys import ARTEFACTS, CONFIG, FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, JOBS, PROVIDERS, REQUEST_MODELS
 from mvserver.audio.routes import saved_audio
+from mvserver.core.artefacts import check_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import check_id
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.runner import DriverFactory
 from mvserver.lipsync.service import LipsyncDeps, LipsyncDriver, submit_lipsync, submit_scene_lipsync
@@ -29,7 +29,7 @@ def lipsync_deps(app: web.Application) -> LipsyncDeps:
     return LipsyncDeps(
         config=app[CONFIG],
         jobs=app[JOBS],
-        outputs=app[STORE],
+        artefacts=app[ARTEFACTS],
         providers=app[PROVIDERS],
         probe_slots=app[FFMPEG_SLOTS],
         heavy_slots=app[HEAVY_FFMPEG_SLOTS],

@@ -12,18 +12,18 @@ Every read of a song goes through :func:`song_file`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from mvserver.audio.routes import FORMATS
+from mvserver.core.artefacts import Artefacts, artefact_key, new_id
 from mvserver.core.config import Config, LipsyncLimits, LipsyncSettings
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import OutputStore, new_id, temp_path
 from mvserver.core.validation import validate
 from mvserver.jobs import Job, JobEngine, clips
 from mvserver.jobs.options import job_fields
@@ -70,11 +70,13 @@ class LipsyncDeps:
 
     config: Config
     jobs: JobEngine
-    outputs: OutputStore
+    artefacts: Artefacts
     providers: Providers
     probe_slots: asyncio.Semaphore  # lipsync.limits.ffmpeg_concurrency
     heavy_slots: asyncio.Semaphore  # media.yaml ffmpeg.concurrency, shared with assembly runs
-    saved_audio: Callable[..., Awaitable[tuple[Path, dict[str, Any]]]]  # audio: (audio_id, field, caller)
+    saved_audio: Callable[
+        ..., Awaitable[tuple[str, dict[str, Any]]]
+    ]  # audio: (audio_id, field, caller) -> (key, sidecar)
 
 
 def ffmpeg_limits(config: Config) -> FfmpegLimits:
@@ -87,19 +89,21 @@ def ffmpeg_limits(config: Config) -> FfmpegLimits:
 
 @dataclass(frozen=True)
 class Song:
-    """A saved song, as far as lip sync needs it."""
+    """A saved song, as far as lip sync needs it: ``path`` is the local file ffmpeg cuts (None until a job holds one
+    of the artefact ``key``)."""
 
-    path: Path
+    path: Path | None
     duration: float
     format: str
     sample_rate: int | None
     channels: int | None
+    key: str = ""  # the artefact, e.g. audio/<id>.mp3
 
 
 async def song_file(deps: LipsyncDeps, audio_id: str, field: str = "audio_id", caller: str | None = None) -> Song:
     """An uploaded song (:func:`mvserver.audio.routes.saved_audio`) with what lip sync needs from its record. 400 for a
     malformed id or a format lip sync cannot cut, 404 for a missing song or a record without its length."""
-    path, sidecar = await deps.saved_audio(audio_id, field, caller)
+    key, sidecar = await deps.saved_audio(audio_id, field, caller)
     fmt, duration = sidecar.get("format"), sidecar.get("duration")
     if duration is None:
         raise ApiError(404, "not_found", f"audio {audio_id}: its record has no duration", field=field)
@@ -109,9 +113,8 @@ async def song_file(deps: LipsyncDeps, audio_id: str, field: str = "audio_id", c
         )
     if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
         raise ApiError(400, "invalid_audio", f"audio {audio_id} has no playable length ({duration!r})", field=field)
-    return Song(
-        path, float(duration), fmt, _int_or_none(sidecar.get("sample_rate")), _int_or_none(sidecar.get("channels"))
-    )
+    rate, channels = _int_or_none(sidecar.get("sample_rate")), _int_or_none(sidecar.get("channels"))
+    return Song(None, float(duration), fmt, rate, channels, key=key)
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -130,6 +133,7 @@ def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path
     stops at ``length`` seconds and at the bytes that many seconds may take (``-t``, ``-fs``); a duration that is 0
     at ffmpeg's precision raises :class:`mvserver.media.errors.DurationError` (ffmpeg would read it as "no limit").
     """
+    assert song.path is not None, song
     source = input_args(song.path, [FORMATS[song.format].demuxer])
     if (
         song.format == "wav"
@@ -195,13 +199,13 @@ async def cut_window(
     timeout: float,
     limits: FfmpegLimits = DEFAULT_LIMITS,
 ) -> None:
-    """Write the window to ``dest`` atomically (a temporary file renamed into place; removed on any failure)."""
-    tmp = temp_path(dest)
+    """Write the window to ``dest`` (a file of :meth:`Artefacts.writing`, stored whole or not at all); removed on any
+    failure."""
     try:
-        await run_ffmpeg(cut_args(song, start, seconds, length, tmp), timeout=timeout, limits=limits)
-        await asyncio.to_thread(os.replace, tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+        await run_ffmpeg(cut_args(song, start, seconds, length, dest), timeout=timeout, limits=limits)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
 
 
 # -- request checks ---------------------------------------------------------------------------------------------------
@@ -302,19 +306,21 @@ def scene_window(entry: TimelineEntry, song: ProjectSong, field: str) -> tuple[f
 
 async def finished_clip(
     deps: LipsyncDeps, job_id: str, limits: LipsyncLimits, caller: str | None = None, known: Job | None = None
-) -> tuple[Path, MediaInfo]:
-    """The MP4 of a succeeded job, probed (400 naming ``video_job_id`` otherwise; another key's job is unknown).
+) -> tuple[str, MediaInfo]:
+    """The MP4 (its artefact key) of a succeeded job, probed (400 naming ``video_job_id`` otherwise; another key's job is unknown).
     ``known``: the job, when the request has read it already."""
     field = "video_job_id"
     job = known if known is not None and known.id == job_id else await deps.jobs.get(job_id)
-    path, size = await clips.finished_clip(job, job_id, deps.outputs, field, caller, "lip sync needs a finished clip")
+    key, size = await clips.finished_clip(job, job_id, deps.artefacts, field, caller, "lip sync needs a finished clip")
     if size > limits.max_clip_bytes:
         raise ApiError(
             400, "clip_too_large", f"{field}: the clip has {size} bytes; at most {limits.max_clip_bytes}", field=field
         )
     try:
-        async with deps.probe_slots:
+        async with deps.probe_slots, deps.artefacts.local_file(key) as path:
             info = await probe(path, timeout=limits.ffmpeg_timeout_seconds)
+    except FileNotFoundError:
+        raise ApiError(400, "clip_not_found", f"{field}: the video of job {job_id} is gone", field=field) from None
     except MediaError as exc:
         raise ApiError(400, "invalid_clip", f"{field}: the clip cannot be read: {exc}", field=field) from None
     if info.first_video is None or info.duration is None or not info.duration > 0:
@@ -326,7 +332,7 @@ async def finished_clip(
             f"{field}: the clip lasts {info.duration:g} s; lip sync takes at most {limits.max_clip_seconds:g} s",
             field=field,
         )
-    return path, info
+    return key, info
 
 
 async def submit_lipsync(
@@ -446,41 +452,49 @@ class LipsyncDriver:
 
     async def start(self, job: Job, webhook: str | None) -> str:
         """Cut the window (again, if a restart came before the prediction existed) and create the prediction."""
-        outputs = self.deps.outputs
+        store = self.deps.artefacts
         request = job.request
         song = await song_file(self.deps, request["audio_id"])
-        clip = outputs.path("videos", request["video_job_id"], ".mp4")
-        if not await asyncio.to_thread(clip.is_file):
-            raise ApiError(409, "clip_not_found", f"the clip {request['video_job_id']} is gone", field="video_job_id")
         window = request["window"]
-        dest = outputs.path("jobs", job.id, WINDOW_SUFFIX)
-        try:
-            async with self.deps.heavy_slots:
-                await cut_window(
-                    song,
-                    window["start"],
-                    window["seconds"],
-                    request["clip_seconds"],
-                    dest,
-                    self.settings.limits.ffmpeg_timeout_seconds,
-                    ffmpeg_limits(self.deps.config),
+        dest = artefact_key("jobs", job.id, WINDOW_SUFFIX)
+        async with contextlib.AsyncExitStack() as files:
+            try:
+                clip = await files.enter_async_context(
+                    store.local_file(artefact_key("videos", request["video_job_id"], ".mp4"))
                 )
-        except MediaError as exc:
-            raise ApiError(
-                500, "audio_cut_failed", f"the audio window could not be cut: {exc}", field="audio_id"
-            ) from None
-        try:
-            prediction = await self.provider.create(
-                self.settings.model, self.inputs(job, clip, dest), webhook, cancel_after=job.seconds_left()
-            )
-        finally:
-            await asyncio.to_thread(dest.unlink, missing_ok=True)
+            except FileNotFoundError:
+                raise ApiError(
+                    409, "clip_not_found", f"the clip {request['video_job_id']} is gone", field="video_job_id"
+                ) from None
+            song = replace(song, path=await files.enter_async_context(store.local_file(song.key)))
+            try:
+                async with self.deps.heavy_slots, store.writing(dest) as out:
+                    await cut_window(
+                        song,
+                        window["start"],
+                        window["seconds"],
+                        request["clip_seconds"],
+                        out,
+                        self.settings.limits.ffmpeg_timeout_seconds,
+                        ffmpeg_limits(self.deps.config),
+                    )
+            except MediaError as exc:
+                raise ApiError(
+                    500, "audio_cut_failed", f"the audio window could not be cut: {exc}", field="audio_id"
+                ) from None
+            try:
+                cut = await files.enter_async_context(store.local_file(dest))
+                prediction = await self.provider.create(
+                    self.settings.model, self.inputs(job, clip, cut), webhook, cancel_after=job.seconds_left()
+                )
+            finally:
+                await store.delete(dest)
         return prediction.id
 
     async def poll(self, prediction_id: str) -> Snapshot:
         return await self.provider.poll(prediction_id)
 
-    async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
+    async def download(self, snapshot: Snapshot, prediction_id: str, dest: str) -> int:
         return await self.provider.download(snapshot, prediction_id, dest)
 
     async def cancel(self, prediction_id: str) -> Snapshot:

@@ -197,7 +197,7 @@ async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
 
 TempName = Callable[[Path, str], Path]
 """How a caller names a temporary file next to an output: ``(output, tag) -> path`` (mvserver passes
-:func:`mvserver.core.storage.temp_path`, so its clean-up knows which node writes each one). media spells no name of
+:func:`mvserver.core.artefacts.temp_path`, so its clean-up knows which node writes each one). media spells no name of
 its own: the naming rule, and what may be removed when, belong to whoever owns the directory."""
 
 

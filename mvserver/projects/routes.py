@@ -8,9 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from mvserver.appkeys import CONFIG, JOBS, PROJECTS, REQUEST_MODELS, STORE
+from mvserver.appkeys import ARTEFACTS, CONFIG, JOBS, PROJECTS, REQUEST_MODELS
+from mvserver.core.artefacts import check_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import check_id
 from mvserver.core.validation import validate
 from mvserver.images.routes import generate_reference
 from mvserver.jobs.accepted import accepted_response
@@ -51,7 +51,7 @@ def project_deps(app: web.Application) -> ProjectDeps:
         config=app[CONFIG],
         projects=app[PROJECTS],
         jobs=app[JOBS],
-        outputs=app[STORE],
+        artefacts=app[ARTEFACTS],
         models=app[REQUEST_MODELS],
         submit_video=functools.partial(submit_video_job, app),
         write_scenes=functools.partial(write_scenes, scene_deps(app)),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -28,9 +27,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from pydantic import BaseModel, create_model
 
 from mvserver.analysis import SongAnalysis
+from mvserver.core.artefacts import Artefacts, artefact_key, check_id, new_id
 from mvserver.core.config import Config
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import OutputStore, check_id, new_id
 from mvserver.core.validation import validate
 from mvserver.images.routes import _saved_image
 from mvserver.jobs import Job, JobEngine
@@ -38,7 +37,7 @@ from mvserver.projects import song as project_song
 from mvserver.projects.store import CharacterCandidate, Claim, ClipVersion, Project, ProjectStore, Scene, Song
 from mvserver.scenes.service import SongBrief
 from mvserver.videos.routes import check_reference_shape, whole_prompt
-from mvserver.web.access.auth import visible_to
+from mvserver.web.access.auth import owned_sidecar, visible_to
 
 if TYPE_CHECKING:  # the request models are built by openapi/, a layer above: the service only reads them
     from mvserver.openapi.schemas import RequestModels
@@ -53,13 +52,13 @@ JobStates = dict[str, Job | None]
 @dataclass(frozen=True)
 class ProjectDeps:
     """What the project service works with, so that it never sees a request or the app (the routes build it:
-    :func:`mvserver.projects.routes.project_deps`): the settings, the project and job stores, the output files, the
+    :func:`mvserver.projects.routes.project_deps`): the settings, the project and job stores, the artefacts, the
     request models a clip or scene request is checked with, and the other features it calls."""
 
     config: Config
     projects: ProjectStore
     jobs: JobEngine
-    outputs: OutputStore
+    artefacts: Artefacts
     models: RequestModels
     submit_video: Callable[..., Awaitable[Job]]  # videos: a clip job (body, defaulted, links, owner=, job_id=)
     write_scenes: Callable[..., Awaitable[dict[str, Any]]]  # scenes: a scene list (params, defaulted, caller=, ...)
@@ -74,12 +73,10 @@ class ProjectDeps:
 async def song_duration(deps: ProjectDeps, audio_id: str, field: str, caller: str | None = None) -> float:
     """The duration of an uploaded song, from its sidecar ``audio/<id>.json`` (written last by the upload); another
     key's song than ``caller``'s is unknown."""
-    store = deps.outputs
+    sidecar = await owned_sidecar(deps.artefacts, artefact_key("audio", check_id(audio_id, field), ".json"), caller)
     try:
-        raw = await asyncio.to_thread(store.path("audio", check_id(audio_id, field), ".json").read_bytes)
-        sidecar = json.loads(raw)
-        if not visible_to(sidecar.get("owner_key_id"), caller):
-            raise KeyError("owner")
+        if sidecar is None:
+            raise KeyError("song")
         duration = float(sidecar["duration"])
         if not (math.isfinite(duration) and duration > 0):
             raise ValueError("no duration")
@@ -489,7 +486,7 @@ def _offset(offset: float, duration: float, field: str) -> float:
 
 async def check_image(deps: ProjectDeps, image_id: str, caller: str | None) -> None:
     try:
-        await _saved_image(deps.outputs, image_id, "character_image_id", caller)
+        await _saved_image(deps.artefacts, image_id, "character_image_id", caller)
     except ApiError:
         raise ApiError(
             400, "invalid_field", f"character_image_id: no image with id {image_id}", field="character_image_id"

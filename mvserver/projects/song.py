@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from mvserver.analysis import PlanError, SongAnalysis, locate, plan_scenes
-from mvserver.appkeys import SONGS, STORE
+from mvserver.appkeys import ARTEFACTS, SONGS
 from mvserver.audio.routes import saved_audio
 from mvserver.audio.songs import preview, read_sidecar, song_analysis
 from mvserver.core.errors import ApiError
@@ -37,7 +37,7 @@ Timeline = Callable[[Project], Sequence[Any]]
 async def load_analysis(app: web.Application, audio_id: str, *, wait: float) -> tuple[SongAnalysis | None, str | None]:
     """The song's analysis, started if it is due and waited for up to ``wait`` seconds; and, when there is none
     or it has no beat grid, why (for ``sizing_note``)."""
-    sidecar = await read_sidecar(app[STORE], audio_id)
+    sidecar = await read_sidecar(app[ARTEFACTS], audio_id)
     if sidecar is None:
         return None, "the song is gone"
     status, analysis, error = await song_analysis(app, audio_id, sidecar, wait=wait)
@@ -139,17 +139,17 @@ async def song_brief(
 
 
 async def _preview_bytes(app: web.Application, song: Song) -> bytes | None:
-    path = preview(app[STORE], song.audio_id)
-    if not await asyncio.to_thread(path.is_file):
+    store, key = app[ARTEFACTS], preview(song.audio_id)
+    if await store.stat(key) is None:
         try:
-            song_path, _ = await saved_audio(app, song.audio_id)
-            made = app[SONGS].copies(song.audio_id, song_path, song.duration)
+            song_key, _ = await saved_audio(app, song.audio_id)
+            made = app[SONGS].copies(song.audio_id, song_key, song.duration)
             await asyncio.wait_for(asyncio.shield(made), PREVIEW_WAIT_SECONDS)
         except (TimeoutError, ApiError) as exc:
             log.warning("song %s: no preview copy for Gemini: %s", song.audio_id, exc)
             return None
     try:
-        data = await asyncio.to_thread(path.read_bytes)
+        data = await store.get_bytes(key)
     except OSError:
         return None
     if len(data) > INLINE_AUDIO_MAX_BYTES:

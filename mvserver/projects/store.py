@@ -17,8 +17,8 @@ import redis.asyncio
 import redis.exceptions
 from pydantic import BaseModel, Field
 
+from mvserver.core.artefacts import OutputStore
 from mvserver.core.errors import ApiError, store_unavailable
-from mvserver.core.storage import OutputStore
 
 log = logging.getLogger("mvserver.projects")
 

@@ -6,15 +6,14 @@ google-genai 3.x serves Veo only in Vertex mode, so videos use a second client b
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from google import genai
 from google.genai import types
 from pydantic import BaseModel
 
+from mvserver.core.artefacts import Artefacts
 from mvserver.core.errors import ApiError, ErrorInfo, prediction_failed
-from mvserver.core.storage import OutputStore
 from mvserver.providers.base import ProviderObserver, Snapshot, VideoRequest, observed_call
 from mvserver.providers.outputs import check_media, too_large
 
@@ -60,7 +59,7 @@ class GeminiProvider:
         self,
         api_client: genai.Client | None,
         vertex_client: genai.Client | None,
-        store: OutputStore,
+        store: Artefacts,
         *,
         video_model: str,
         person_generation: str,
@@ -184,7 +183,7 @@ class GeminiProvider:
             return Snapshot(status="failed", error=info)
         return Snapshot(status="succeeded", output=videos[0].video.uri or "inline")
 
-    async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
+    async def download(self, snapshot: Snapshot, prediction_id: str, dest: str) -> int:
         """Vertex returns the video inline (base64 in the operation); write it atomically, unless it is over the size
         cap or not an MP4."""
         operation = await self._operation(prediction_id)
@@ -202,7 +201,7 @@ class GeminiProvider:
         if len(video.video_bytes) > self.video_max_bytes:
             raise too_large(NAME, self.video_max_bytes)
         check_media(video.video_bytes[:16], "mp4", NAME)
-        await self.store.write_bytes(dest, video.video_bytes)
+        await self.store.put_bytes(dest, video.video_bytes, create_only=True)
         return len(video.video_bytes)
 
     async def cancel(self, prediction_id: str) -> None:

@@ -24,9 +24,9 @@ from replicate.prediction import Prediction
 from replicate.webhook import Webhooks, WebhookSigningSecret
 
 from mvserver.appkeys import CONFIG, JOBS, METRICS, PROVIDERS, WEBHOOK_RECEIVER
+from mvserver.core.artefacts import is_valid_id
 from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import is_valid_id
 from mvserver.providers.base import WEBHOOK_PATH
 from mvserver.providers.replicate import snapshot
 from mvserver.web.access.auth import public

@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mvserver.core.storage import write_bytes_atomic
+from mvserver.core.artefacts import write_bytes_atomic
 from mvserver.sandbox.render import MAX_REFERENCE_PIXELS, RenderError, oversized_image, render_video
 from mvserver.sandbox.state import SIMULATOR, Simulator
 

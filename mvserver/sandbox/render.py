@@ -20,7 +20,7 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from mvserver.core.storage import temp_path
+from mvserver.core.artefacts import temp_path
 from mvserver.media.errors import MediaError, MediaTimeout
 from mvserver.media.limits import FfmpegLimits
 from mvserver.media.probe import MediaInfo, probe

@@ -35,7 +35,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from mvserver.core.storage import temp_path, write_bytes_atomic
+from mvserver.core.artefacts import temp_path, write_bytes_atomic
 from mvserver.sandbox.predictions import STARTING_SHARE, TERMINAL, deadline_end, phase
 from mvserver.sandbox.render import (
     MAX_REFERENCE_PIXELS,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
 
-from mvserver.core.storage import write_bytes_atomic
+from mvserver.core.artefacts import write_bytes_atomic
 
 if TYPE_CHECKING:
     from mvserver.sandbox.webhooks import WebhookSender

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-from pathlib import Path
-
 from aiohttp import web
 
-from mvserver.appkeys import CONFIG, PROVIDERS, REQUEST_MODELS, STORE, TEMPLATES
+from mvserver.appkeys import ARTEFACTS, CONFIG, PROVIDERS, REQUEST_MODELS, TEMPLATES
+from mvserver.core.artefacts import artefact_key, check_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import check_id
 from mvserver.scenes.service import SceneDeps, write_scenes
-from mvserver.web.access.auth import key_id, visible_to
+from mvserver.web.access.auth import key_id, owned_sidecar
 from mvserver.web.access.quotas import charge
 from mvserver.web.body import parse_body
-from mvserver.web.files import SavedFileResponse
 
 
 def scene_deps(app: web.Application) -> SceneDeps:
     """The scene writer's dependencies, from the app."""
-    return SceneDeps(app[CONFIG], app[PROVIDERS], app[STORE], app[TEMPLATES])
+    return SceneDeps(app[CONFIG], app[PROVIDERS], app[ARTEFACTS], app[TEMPLATES])
 
 
 async def create_scenes(request: web.Request) -> web.Response:
@@ -31,22 +26,17 @@ async def create_scenes(request: web.Request) -> web.Response:
     return web.json_response(scenes)
 
 
-async def _visible(json_path: Path, caller: str | None) -> bool:
-    """With keys on, only the key that wrote the scenes (or anyone, for scenes written without keys) may read them."""
-    if caller is None:
-        return True
-    try:
-        record = json.loads(await asyncio.to_thread(json_path.read_bytes))
-        return visible_to(record.get("owner_key_id"), caller)
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-async def get_scenes(request: web.Request) -> web.FileResponse:
+async def get_scenes(request: web.Request) -> web.StreamResponse:
+    """The scene list as JSON or Markdown; with keys on, only the key that wrote it (or anyone, for scenes written
+    without keys) may read it."""
     scenes_id = check_id(request.match_info["scenes_id"], "scenes_id")
-    store = request.app[STORE]
-    path = store.path("scenes", scenes_id, "." + request.match_info["ext"])
-    if not path.is_file() or not await _visible(store.path("scenes", scenes_id, ".json"), key_id(request)):
+    store = request.app[ARTEFACTS]
+    ext = request.match_info["ext"]
+    key = artefact_key("scenes", scenes_id, "." + ext)
+    if await store.stat(key) is None or (
+        key_id(request) is not None
+        and await owned_sidecar(store, artefact_key("scenes", scenes_id, ".json"), key_id(request)) is None
+    ):
         raise ApiError(404, "not_found", f"no scenes with id {scenes_id}")
-    content_type = "application/json" if path.suffix == ".json" else "text/markdown"
-    return SavedFileResponse(path, noun="scene list", headers={"Content-Type": f"{content_type}; charset=utf-8"})
+    content_type = "application/json" if ext == "json" else "text/markdown"
+    return await store.response(key, noun="scene list", headers={"Content-Type": f"{content_type}; charset=utf-8"})

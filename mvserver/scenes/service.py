@@ -10,10 +10,10 @@ from typing import Any
 import jinja2
 from pydantic import BaseModel
 
+from mvserver.core.artefacts import Artefacts, artefact_key, new_id
 from mvserver.core.config import Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import OutputStore, new_id
 from mvserver.providers import Providers
 
 
@@ -24,7 +24,7 @@ class SceneDeps:
 
     config: Config
     providers: Providers
-    outputs: OutputStore
+    artefacts: Artefacts
     templates: jinja2.Environment
 
 
@@ -128,7 +128,7 @@ async def _save(
     owner: str | None = None,
 ) -> dict[str, Any]:
     config = deps.config
-    store = deps.outputs
+    store = deps.artefacts
     sandbox = "gemini_scenes" in deps.providers.sandboxed
     scenes_id = new_id()
     metadata = {
@@ -146,14 +146,12 @@ async def _save(
             "audio_mime_type": song.mime_type if song.audio else None,
             "timeline": song.text,
         }
-    json_path = store.path("scenes", scenes_id, ".json")
-    md_path = store.path("scenes", scenes_id, ".md")
     record = {"scenes_id": scenes_id, "scenes": scenes, "metadata": metadata}
     if owner is not None:
         record["owner_key_id"] = owner
-    await store.write_json(json_path, record)
+    await store.put_json(artefact_key("scenes", scenes_id, ".json"), record, create_only=True)
     markdown = deps.templates.get_template("scenes.md.j2").render(scenes_id=scenes_id, scenes=scenes, metadata=metadata)
-    await store.write_bytes(md_path, markdown.encode())
+    await store.put_bytes(artefact_key("scenes", scenes_id, ".md"), markdown.encode(), create_only=True)
     body = {
         "scenes_id": scenes_id,
         "scenes": scenes,

@@ -16,11 +16,11 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
-from mvserver.appkeys import CONFIG, JOBS, PROVIDERS, REQUEST_MODELS, STORE
+from mvserver.appkeys import ARTEFACTS, CONFIG, JOBS, PROVIDERS, REQUEST_MODELS
+from mvserver.core.artefacts import artefact_key, new_id
 from mvserver.core.config import Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import new_id
 from mvserver.images.routes import FORMATS, load_image
 from mvserver.jobs import Job
 from mvserver.jobs.accepted import accepted_response
@@ -222,8 +222,7 @@ async def submit_video_job(
         **job_fields(body),
     )
     if image is not None:
-        store = app[STORE]
-        await store.write_bytes(store.path("jobs", job.id, ".ref"), image)
+        await app[ARTEFACTS].put_bytes(artefact_key("jobs", job.id, ".ref"), image)
     return await app[JOBS].submit(job)
 
 

@@ -31,9 +31,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from mvserver.appkeys import KEYRING, SIGNER
+from mvserver.core.artefacts import Artefacts, write_bytes_atomic
 from mvserver.core.config import ConfigError
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import write_bytes_atomic
 from mvserver.web.access.signing import links_expire_by
 
 log = logging.getLogger("mvserver")
@@ -305,6 +305,16 @@ def visible_to(owner_key_id: Any, caller: str | None) -> bool:
     """Whether the caller may see or use a resource: keys off (``caller`` None), an unowned resource (made with
     keys off), or its owner. The one ownership rule of every route (jobs, projects, songs, images, scenes)."""
     return caller is None or owner_key_id is None or owner_key_id == caller
+
+
+async def owned_sidecar(artefacts: Artefacts, key: str, caller: str | None) -> dict[str, Any] | None:
+    """The JSON sidecar ``key`` of a saved artefact (a song's, an image's, a scene list's) if it is there, is an
+    object and ``caller`` may see it (:func:`visible_to`); None otherwise: a missing, an unreadable and another key's
+    artefact look the same."""
+    sidecar = await artefacts.get_json(key)
+    if not isinstance(sidecar, dict) or not visible_to(sidecar.get("owner_key_id"), caller):
+        return None
+    return sidecar
 
 
 def owned(request: web.Request, owner_key_id: Any) -> bool:

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from aiohttp import web
 
 from mvserver.appkeys import KEYRING, QUOTAS
+from mvserver.core.artefacts import new_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import new_id
 from mvserver.web.access.auth import API_KEY, KeyRecord
 
 if TYPE_CHECKING:
