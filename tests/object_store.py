@@ -94,7 +94,7 @@ def moto_available() -> bool:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """moto's ``ThreadedMotoServer`` on a free port of 127.0.0.1, started once per test run (on first use)."""
-    from conftest import require_or_skip
+    from helpers import require_or_skip
 
     require_or_skip('moto with its server (pip install "moto[s3]" flask flask-cors)', moto_available())
     import boto3

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from test_browser import PROJECT, _start_server, browser, requires_browser  # noqa: F401
+from helpers import PROJECT, requires_browser, start_server
 
 try:
     from playwright.sync_api import Browser
@@ -95,7 +95,7 @@ def api(tmp_path_factory: pytest.TempPathFactory, page_server: PageServer) -> It
         check=True,
     )
     key = created.stdout.strip().splitlines()[-1]
-    for base in _start_server(tmp, env):
+    for base in start_server(tmp, env):
         yield base, key
 
 

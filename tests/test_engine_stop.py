@@ -5,11 +5,13 @@ client's cancel must still end the job as canceled."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from mvserver.core.artefacts import LocalArtefacts, OutputStore, new_id
 from mvserver.core.config import EnvSettings, load_config
-from mvserver.core.storage import OutputStore, new_id
 from mvserver.jobs import FileJobStore, Job, JobEngine
+from mvserver.jobs.store import Lease
 from mvserver.providers import Snapshot
 
 
@@ -85,3 +87,55 @@ async def test_a_cancel_swallowed_by_a_provider_call_still_cancels_the_job(tmp_p
         assert driver.swallowed.is_set() and driver.cancels == ["prediction-1"]
     finally:
         await engine.close()
+
+
+class SwallowingLeaseStore(FileJobStore):
+    """A store with leases whose ``renew`` loses one cancellation, as a Redis call can on Python 3.11 (redis-py's
+    ``asyncio.wait_for``): the renewal completes and the keeper would go on renewing the lease of a stopped node,
+    so no other node could ever take the job over."""
+
+    lease_seconds = 0.06
+
+    def __init__(self, outputs: OutputStore) -> None:
+        super().__init__(outputs)
+        self.swallowed = asyncio.Event()
+        self.renewing = asyncio.Event()
+
+    async def renew(self, lease: Lease) -> bool:
+        self.renewing.set()
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            if self.swallowed.is_set():
+                raise
+            self.swallowed.set()  # lost, and the renewal completes normally
+        return True
+
+
+class WaitingDriver:
+    """A local driver that runs until it is cancelled."""
+
+    async def run(self, job: Job, dest: str, progress: Callable[[float | None, str], Awaitable[None]]) -> int:
+        await asyncio.Event().wait()
+        raise AssertionError("never reached")
+
+
+async def test_shutdown_stops_a_lease_keeper_whose_cancel_was_swallowed(tmp_path: Path, settings_dir: Path) -> None:
+    config = load_config(
+        EnvSettings.from_env({"MV_SETTINGS_DIR": str(settings_dir), "MV_OUTPUT_DIR": str(tmp_path / "outputs")})
+    )
+    outputs = OutputStore(tmp_path / "outputs")
+    store = SwallowingLeaseStore(outputs)
+    engine = JobEngine(
+        store, {"local": lambda job: WaitingDriver()}, LocalArtefacts(outputs), config.videos.jobs, max_concurrent=2
+    )
+    await engine.start()
+    job = Job(id=new_id(), backend="ffmpeg", model="concat", sandbox=False, request={}, kind="local")
+    job = await engine.submit(job)
+    async with asyncio.timeout(10):
+        await store.renewing.wait()  # the keeper is inside a renewal: where the cancel lands
+    async with asyncio.timeout(5):
+        await engine.close()
+    assert store.swallowed.is_set()
+    keepers = [t for t in asyncio.all_tasks() if t.get_name() == f"lease-{job.id}" and not t.done()]
+    assert keepers == []  # before the fix: the keeper renewed the stopped node's lease on and on

@@ -10,22 +10,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import AppClient, read_sse
-from test_videos import events_of, statuses, submit, wait_for
+from helpers import AppClient, events_of, jobs_settings, read_sse, statuses, submit, wait_for
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
-
-
-def jobs_settings(settings_dir: Path, **changes: Any) -> None:
-    """Rewrite ``jobs`` keys of the test's copy of ``videos.yaml`` (before the app is created)."""
-    path = settings_dir / "videos.yaml"
-    videos = yaml.safe_load(path.read_text())
-    videos["jobs"].update(changes)
-    path.write_text(yaml.safe_dump(videos, sort_keys=False))
 
 
 def creates(sim: Simulator) -> int:
@@ -100,7 +90,9 @@ async def test_the_timeout_counts_from_the_slot_not_from_the_queue(
     # Two jobs hold the only slot in turn until each times out; the last one waits for both (about 2 x 1.5 s).
     holders = [await submit(client) for _ in range(2)]
     last = await submit(client)
-    await wait_for(client, holders[1]["job_id"], lambda s: s["provider_prediction_id"])
+    await wait_for(
+        client, holders[1]["job_id"], lambda s: s["provider_prediction_id"], timeout=30
+    )  # after a 1.5 s timeout
     # The last job's prediction ends at once (failed, so nothing is rendered), far within its own timeout.
     sim.video_latency = 0.2
     sim.add_fault("replicate.create", "fail_prediction", error="E005: flagged")

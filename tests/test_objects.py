@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 import aiohttp
 import pytest
-from conftest import PROJECT
+from helpers import PROJECT
 from object_store import REGION, SECRET_ACCESS_KEY, S3Server
 
 from mvserver.core.objects import STAGING, ObjectStorage, PreconditionFailed, staging_path

@@ -10,27 +10,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from PIL import Image
 
-from mvserver.core.config import CONFIG, Config
+from mvserver.appkeys import ARTEFACTS, CONFIG, PROVIDERS, REQUEST_MODELS
+from mvserver.core.artefacts import Artefacts, artefact_key, check_id, new_id
+from mvserver.core.config import Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, OutputStore, check_id, new_id
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
-from mvserver.providers import PROVIDERS
-from mvserver.web.access.auth import key_id, visible_to
+from mvserver.web.access.auth import key_id, owned_sidecar
 from mvserver.web.access.quotas import charge
-from mvserver.web.files import SavedFileResponse
+from mvserver.web.body import parse_body
 
-routes = web.RouteTableDef()
 PROVIDER = "replicate"
 
 
@@ -157,12 +153,11 @@ async def generate_reference(
         "prediction_ids": [prediction.id for _, prediction, _ in results],
         "elapsed_seconds": elapsed,
     }
-    store = app[STORE]
+    store = app[ARTEFACTS]
     images = []
     for data, prediction, seed in results:
         image_id = new_id()
-        path = store.path("images", image_id, fmt.suffix)
-        await store.write_bytes(path, data)
+        await store.put_bytes(artefact_key("images", image_id, fmt.suffix), data, create_only=True)
         # The sidecar is written last: an image counts as saved once its sidecar exists.
         sidecar = {
             "image_id": image_id,
@@ -174,7 +169,7 @@ async def generate_reference(
         }
         if owner is not None:
             sidecar["owner_key_id"] = owner
-        await store.write_json(store.path("images", image_id, ".json"), sidecar)
+        await store.put_json(artefact_key("images", image_id, ".json"), sidecar, create_only=True)
         images.append(
             {
                 "image_id": image_id,
@@ -197,33 +192,26 @@ async def generate_reference(
     return body
 
 
-async def _saved_image(store: OutputStore, image_id: str, field: str, caller: str | None = None) -> tuple[Path, str]:
-    """The path and mime type of a saved image; ``image_id`` must already be checked. Another key's image is 404."""
-    try:
-        sidecar = json.loads(await asyncio.to_thread(store.path("images", image_id, ".json").read_bytes))
-        fmt = _BY_MIME[sidecar["mime_type"]]
-        if not visible_to(sidecar.get("owner_key_id"), caller):
-            raise KeyError("owner")
-    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
-        raise ApiError(404, "not_found", f"no image with id {image_id}", field=field) from None
-    path = store.path("images", image_id, fmt.suffix)
-    if not await asyncio.to_thread(path.is_file):
+async def _saved_image(store: Artefacts, image_id: str, field: str, caller: str | None = None) -> tuple[str, str]:
+    """The key and mime type of a saved image; ``image_id`` must already be checked. Another key's image is 404."""
+    sidecar = await owned_sidecar(store, artefact_key("images", image_id, ".json"), caller)
+    fmt = _BY_MIME.get(str(sidecar.get("mime_type"))) if sidecar is not None else None
+    if fmt is None or await store.stat(artefact_key("images", image_id, fmt.suffix)) is None:
         raise ApiError(404, "not_found", f"no image with id {image_id}", field=field)
-    return path, fmt.mime_type
+    return artefact_key("images", image_id, fmt.suffix), fmt.mime_type
 
 
 async def load_image(app: web.Application, image_id: str, caller: str | None = None) -> tuple[bytes, str]:
     """The bytes and mime type of a saved image, for ``reference_image_id`` (ApiError 400 if malformed, 404 if missing
     or another key's)."""
     field = "reference_image_id"
-    path, mime_type = await _saved_image(app[STORE], check_id(image_id, field), field, caller)
+    key, mime_type = await _saved_image(app[ARTEFACTS], check_id(image_id, field), field, caller)
     try:
-        return await asyncio.to_thread(path.read_bytes), mime_type
+        return await app[ARTEFACTS].get_bytes(key), mime_type
     except FileNotFoundError:
         raise ApiError(404, "not_found", f"no image with id {image_id}", field=field) from None
 
 
-@routes.post("/api/mv/generate_character_reference")
 async def generate_character_reference(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].image, config.debug)
@@ -237,8 +225,7 @@ async def generate_character_reference(request: web.Request) -> web.Response:
     )
 
 
-@routes.get("/api/mv/get_image/{image_id}")
-async def get_image(request: web.Request) -> web.FileResponse:
+async def get_image(request: web.Request) -> web.StreamResponse:
     image_id = check_id(request.match_info["image_id"], "image_id")
-    path, mime_type = await _saved_image(request.app[STORE], image_id, "image_id", key_id(request))
-    return SavedFileResponse(path, noun="image", headers={"Content-Type": mime_type})
+    key, mime_type = await _saved_image(request.app[ARTEFACTS], image_id, "image_id", key_id(request))
+    return await request.app[ARTEFACTS].response(key, noun="image", headers={"Content-Type": mime_type})

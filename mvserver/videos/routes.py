@@ -1,4 +1,5 @@
-"""``POST /api/mv/generate_video``, the job endpoints (JSON, SSE, cancel) and ``GET /api/mv/get_video/{video_id}``."""
+"""``POST /api/mv/generate_video``: a video job from a prompt, an optional reference image and the client's rules
+(the job API, for jobs of every kind, is in :mod:`mvserver.jobs.routes`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import base64
 import binascii
 import io
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -16,24 +16,19 @@ import jinja2.sandbox
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
-from mvserver.core.config import CONFIG, Config
+from mvserver.appkeys import ARTEFACTS, CONFIG, JOBS, PROVIDERS, REQUEST_MODELS
+from mvserver.core.artefacts import artefact_key, new_id
+from mvserver.core.config import Config
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, check_id, new_id
 from mvserver.images.routes import FORMATS, load_image
-from mvserver.jobs import JOBS, Job, job_urls, listing, stream_events
+from mvserver.jobs import Job
 from mvserver.jobs.accepted import accepted_response
-from mvserver.jobs.model import STATUSES, Event
 from mvserver.jobs.options import job_fields
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
-from mvserver.providers import PROVIDERS
-from mvserver.web.access.auth import key_id, require_owner, visible_to
+from mvserver.web.access.auth import key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
-from mvserver.web.access.signing import signed_event_data
-from mvserver.web.files import SavedFileResponse
-
-routes = web.RouteTableDef()
+from mvserver.web.body import parse_body
 
 IMAGE_TYPES = {fmt.pillow: fmt.mime_type for fmt in FORMATS.values()}  # Pillow format name -> MIME type
 RULES_VARIABLES = ("prompt", "aspect_ratio", "duration")
@@ -227,12 +222,10 @@ async def submit_video_job(
         **job_fields(body),
     )
     if image is not None:
-        store = app[STORE]
-        await store.write_bytes(store.path("jobs", job.id, ".ref"), image)
+        await app[ARTEFACTS].put_bytes(artefact_key("jobs", job.id, ".ref"), image)
     return await app[JOBS].submit(job)
 
 
-@routes.post("/api/mv/generate_video")
 @idempotent
 async def generate_video(request: web.Request) -> web.Response:
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].video, request.app[CONFIG].debug)
@@ -241,128 +234,3 @@ async def generate_video(request: web.Request) -> web.Response:
         request.app, body, defaulted, owner=key_id(request), charge=lambda: charge(request, "jobs")
     )
     return accepted_response(request, [job])
-
-
-def listing_query(request: web.Request, owner: str | None, kinds: set[str]) -> listing.JobQuery:
-    """``status``, ``kind``, ``project_id``, ``cursor`` and ``limit`` (1..100, default 20) from the query string."""
-    params = request.query
-    status, kind = params.get("status"), params.get("kind")
-    if status is not None and status not in STATUSES:
-        raise ApiError(400, "invalid_field", f"status: one of {', '.join(STATUSES)}", field="status")
-    if kind is not None and kind not in kinds:
-        raise ApiError(400, "invalid_field", f"kind: one of {', '.join(sorted(kinds))}", field="kind")
-    project_id = params.get("project_id")
-    if project_id is not None:
-        check_id(project_id, "project_id")
-    cursor = params.get("cursor")
-    if cursor is not None and not listing.CURSOR.fullmatch(cursor):
-        raise ApiError(400, "invalid_field", "cursor: pass back a next_cursor value unchanged", field="cursor")
-    raw_limit = params.get("limit", "20")
-    if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= listing.MAX_LIMIT):
-        raise ApiError(400, "invalid_field", f"limit: an integer from 1 to {listing.MAX_LIMIT}", field="limit")
-    return listing.JobQuery(
-        owner=owner, status=status, kind=kind, project_id=project_id, cursor=cursor, limit=int(raw_limit)
-    )
-
-
-def listing_item(job: Job) -> dict[str, Any]:
-    """A job as listed: its state (never the request, which can be large) and where to follow it."""
-    links = {name: job.request[name] for name in ("project_id", "scene_id") if isinstance(job.request.get(name), str)}
-    return {
-        **job.state(),
-        "status_url": job_urls(job.id)["status_url"],
-        "events_url": job_urls(job.id)["events_url"],
-        **links,
-    }
-
-
-async def _job(request: web.Request) -> Job:
-    job_id = check_id(request.match_info["job_id"], "job_id")
-    job = await request.app[JOBS].get(job_id)
-    if job is None:
-        await _not_expired(request, job_id)
-    if job is None or not visible_to(job.owner, key_id(request)):
-        raise ApiError(404, "not_found", f"no job with id {job_id}")
-    return job
-
-
-async def _not_expired(request: web.Request, job_id: str) -> None:
-    if await request.app[JOBS].expired(job_id):
-        raise ApiError(410, "expired", f"job {job_id} finished long ago and was removed (jobs.retention_hours)")
-
-
-@routes.get("/api/mv/jobs")
-async def list_jobs(request: web.Request) -> web.Response:
-    """The caller's jobs, newest first; ``next_cursor`` (when not null) fetches the next, older page."""
-    query = listing_query(request, key_id(request), set(request.app[JOBS].kinds))
-    page = await listing.list_jobs(request.app[JOBS].store, query)
-    items = [listing_item(job) for job in page.jobs]
-    return web.json_response({"jobs": items, "next_cursor": page.next_cursor})
-
-
-@routes.get("/api/mv/jobs/{job_id}")
-async def job_status(request: web.Request) -> web.Response:
-    return web.json_response((await _job(request)).public())
-
-
-@routes.post("/api/mv/jobs/{job_id}/cancel")
-@routes.delete("/api/mv/jobs/{job_id}")  # registered first, next to GET: one resource per path (its CORS preflight)
-async def cancel_job(request: web.Request) -> web.Response:
-    job = await request.app[JOBS].cancel((await _job(request)).id)
-    assert job is not None
-    return web.json_response(job.public())
-
-
-@routes.get("/api/mv/jobs/{job_id}/events")
-async def job_events(request: web.Request) -> web.StreamResponse:
-    jobs = request.app[JOBS]
-    settings = request.app[CONFIG].videos.jobs
-    return await stream_events(
-        request,
-        jobs,
-        (await _job(request)).id,
-        ping_interval=settings.sse_ping_interval_seconds,
-        retry_ms=settings.sse_retry_ms,
-        dress=event_links(request),
-    )
-
-
-def event_links(request: web.Request) -> Callable[[Event], str]:
-    """How a subscriber gets each event: with the signed twin of every link in it (a ``succeeded`` event's
-    ``video_url``) when keys are on, made for its key (:func:`signing.signed_event_data`)."""
-    caller = key_id(request)
-    return lambda event: signed_event_data(request.app, caller, event.data, event.data_json)
-
-
-@routes.get("/api/mv/get_video/{video_id}")
-async def get_video(request: web.Request) -> web.StreamResponse:
-    path = await job_output(request, ".mp4", "video")
-    return SavedFileResponse(
-        path, noun="video", headers={"Content-Type": "video/mp4", "Cache-Control": "private, max-age=3600"}
-    )
-
-
-async def job_output(request: web.Request, suffix: str, what: str) -> Path:
-    """The file ``videos/<video_id><suffix>`` of the route's succeeded job, with the video's access rules: another
-    key's job is unknown (404), an unfinished or unsuccessful one 409, an expired one 410, a missing file 404."""
-    video_id = check_id(request.match_info["video_id"], "video_id")
-    path = request.app[STORE].path("videos", video_id, suffix)
-    job = await request.app[JOBS].get(video_id)
-    if job is not None:
-        require_owner(job.owner, key_id(request), ApiError(404, "not_found", f"no {what} with id {video_id}"))
-    if job is not None and job.status != "succeeded":
-        code = {"failed": "job_failed", "canceled": "job_canceled"}.get(job.status, "video_not_ready")
-        cause = job.error or {}
-        message = f"job {video_id} is {job.status}" + (f": {cause['message']}" if cause else f" ({job.stage})")
-        raise ApiError(
-            409,
-            code,
-            message,
-            provider=cause.get("provider"),
-            provider_status=cause.get("provider_status"),
-            provider_error=cause.get("provider_error"),
-        )
-    if not await asyncio.to_thread(path.is_file):
-        await _not_expired(request, video_id)
-        raise ApiError(404, "not_found", f"no {what} with id {video_id}")
-    return path
