@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Mapping
 
@@ -35,6 +36,7 @@ from mvserver.core.artefacts import LocalArtefacts, OutputStore, node_context, s
 from mvserver.core.config import Config, ConfigError, EnvSettings, load_config, package_templates
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import hide_paths_under, server_log
+from mvserver.core.object_artefacts import object_artefacts, object_storage_context
 from mvserver.jobs import FileJobStore, Job, JobEngine, JobStore, video_kind, webhooks_out
 from mvserver.jobs.census import JobCensus
 from mvserver.jobs.retention import sweep_forever
@@ -246,6 +248,7 @@ async def end_streams(app: web.Application) -> None:
 
 def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Application:
     """Build the application; settings are loaded and validated here, once (ConfigError if they are wrong)."""
+    environ = os.environ if env is None or isinstance(env, EnvSettings) else env  # each cloud's own variables
     if not isinstance(env, EnvSettings):
         env = EnvSettings.from_env(env)
     config: Config = load_config(env)
@@ -263,10 +266,11 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app[CONFIG] = config
     app[TEMPLATES] = package_templates()
     app[STORE] = store
-    app[ARTEFACTS] = LocalArtefacts(store)
+    app[ARTEFACTS] = object_artefacts(env, environ) if env.storage_url else LocalArtefacts(store)
     app[REQUEST_MODELS] = RequestModels.build(config)
     start_node(store)  # only what dead nodes left: other nodes may be writing in a shared MV_OUTPUT_DIR
     app.cleanup_ctx.append(node_context)
+    app.cleanup_ctx.append(object_storage_context)  # staging sweep; this node's scratch let go at exit
     app.cleanup_ctx.append(providers_context)
     app.cleanup_ctx.append(songs.songs_context)  # before the jobs: an assembly job reads a song's copy until they stop
     app[SONG_SAVED] = songs.on_song_saved
