@@ -11,7 +11,7 @@ from helpers import LiveApp, events_of, module_loop, submit
 
 from mvserver.sandbox.app import Simulator
 
-pytestmark = [pytest.mark.both_stores, module_loop]
+pytestmark = [pytest.mark.both_stores, pytest.mark.both_backends, module_loop]
 
 
 @pytest.fixture
@@ -37,6 +37,7 @@ async def video(module_app: LiveApp) -> dict[str, Any]:
     return {"url": final["video_url"], "body": body, "size": len(body)}
 
 
+@pytest.mark.artefact_backends("local", "s3-proxy")  # the server serves the bytes itself
 async def test_the_video_is_served_with_cache_control_ranges_and_validators(
     client: TestClient, video: dict[str, Any]
 ) -> None:
@@ -52,6 +53,7 @@ async def test_the_video_is_served_with_cache_control_ranges_and_validators(
     assert tail.headers["Cache-Control"] == "private, max-age=3600"
 
 
+@pytest.mark.artefact_backends("local", "s3-proxy")  # the server serves the bytes itself
 @pytest.mark.parametrize(
     "range_header",
     [
@@ -76,6 +78,7 @@ async def test_an_unsatisfiable_range_is_a_json_416_with_the_size(
     assert int(response.headers["Content-Length"]) == len(await response.read())
 
 
+@pytest.mark.artefact_backends("local", "s3-proxy")  # the server serves the bytes itself
 async def test_a_head_request_for_an_unsatisfiable_range_has_no_body(client: TestClient, video: dict[str, Any]) -> None:
     response = await client.head(video["url"], headers={"Range": f"bytes={video['size']}-"})
     assert response.status == 416
@@ -83,6 +86,7 @@ async def test_a_head_request_for_an_unsatisfiable_range_has_no_body(client: Tes
     assert await response.read() == b""
 
 
+@pytest.mark.artefact_backends("local", "s3-proxy")  # the server serves the bytes itself
 async def test_a_matching_etag_is_answered_304_without_the_video(client: TestClient, video: dict[str, Any]) -> None:
     etag = (await client.get(video["url"])).headers["ETag"]
     cached = await client.get(video["url"], headers={"If-None-Match": etag})
