@@ -3,7 +3,7 @@
 :func:`mvserver.openapi.schemas.openapi_document` describes the routes (paths, parameters, request bodies, statuses);
 :func:`complete` then gives every operation its stable ``operationId``, a schema for every JSON answer (the bodies
 in :mod:`mvserver.openapi.responses`, the errors all ``Error``), the statuses every route of its kind may answer
-(500, 413 and 415 for bodies, 503 where a store is read, 206/304/416 for files), the headers a client reads
+(500, 413 and 415 for bodies, 503 where a store is read, 206/302/304/416 for files), the headers a client reads
 (``Location``, ``ETag``, ``Retry-After``, ...), the request schemas of the project actions' option bodies and, with
 API keys on, its ``security``. A route without an entry in :data:`OPERATIONS` fails the document's test.
 """
@@ -196,7 +196,7 @@ def _statuses(path: str, method: str, keys: bool) -> list[int]:
     if path.startswith(STORE_PREFIXES):
         statuses.append(503)
     if path in FILES:
-        statuses += [206, 304, 416]
+        statuses += [206, 302, 304, 416]  # 302: with MV_STORAGE_URL, a presigned link of the object
     if keys and path not in HEALTH:
         statuses.append(401)
     return statuses + list(EXTRA_ERRORS.get((path, method), ()))
@@ -208,6 +208,11 @@ def _error(status: int, responses: dict[str, Any]) -> dict[str, Any]:
         return {
             "description": "the byte range asked for with a Range header",
             "content": {kind: {} for kind in responses["200"]["content"]},
+        }
+    if status == 302:
+        return {
+            "description": "with object storage (MV_STORAGE_URL): a presigned link of the object in Location "
+            "(Cache-Control: no-store), after the same checks; the store answers ranges itself"
         }
     if status == 304:
         return {"description": "not modified: the If-None-Match ETag still matches (no body)"}
@@ -251,6 +256,8 @@ def _headers(answer: dict[str, Any], status: int, key: tuple[str, str], idempote
         names.append(("WWW-Authenticate", path != "/api/mv/webhooks/replicate"))
     if status in (206, 416) and path in FILES:
         names.append(("Content-Range", True))
+    if status == 302 and path in FILES:
+        names.append(("Location", True))
     for name, required in names:
         answer.setdefault("headers", {})[name] = {
             "description": HEADERS[name],
