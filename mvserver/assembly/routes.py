@@ -10,7 +10,7 @@ from aiohttp import web
 from mvserver.appkeys import ARTEFACTS, CONFIG, FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, JOBS, REQUEST_MODELS, SONGS, STORE
 from mvserver.assembly import service
 from mvserver.assembly.service import AssemblyDeps, AssemblyDriver
-from mvserver.audio.routes import saved_audio
+from mvserver.audio.service import saved_audio
 from mvserver.core.validation import validate
 from mvserver.jobs.accepted import accepted_response
 from mvserver.jobs.runner import DriverFactory

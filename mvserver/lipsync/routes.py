@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from mvserver.appkeys import ARTEFACTS, CONFIG, FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, JOBS, PROVIDERS, REQUEST_MODELS
-from mvserver.audio.routes import saved_audio
+from mvserver.audio.service import saved_audio
 from mvserver.core.artefacts import check_id
 from mvserver.core.errors import ApiError
 from mvserver.jobs.accepted import accepted_response
