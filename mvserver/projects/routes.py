@@ -12,7 +12,7 @@ from mvserver.appkeys import ARTEFACTS, CONFIG, JOBS, PROJECTS, REQUEST_MODELS
 from mvserver.core.artefacts import check_id
 from mvserver.core.errors import ApiError
 from mvserver.core.validation import validate
-from mvserver.images.routes import generate_reference
+from mvserver.images.service import generate_reference
 from mvserver.jobs.accepted import accepted_response
 from mvserver.projects import song as project_song
 from mvserver.projects.schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
@@ -38,7 +38,7 @@ from mvserver.projects.service import (
 from mvserver.projects.store import Project
 from mvserver.scenes.routes import scene_deps
 from mvserver.scenes.service import write_scenes
-from mvserver.videos.routes import submit_video_job
+from mvserver.videos.service import submit_video_job
 from mvserver.web.access.auth import key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge

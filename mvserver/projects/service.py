@@ -31,12 +31,12 @@ from mvserver.core.artefacts import Artefacts, artefact_key, check_id, new_id
 from mvserver.core.config import Config
 from mvserver.core.errors import ApiError
 from mvserver.core.validation import validate
-from mvserver.images.routes import _saved_image
+from mvserver.images.service import _saved_image
 from mvserver.jobs import Job, JobEngine
 from mvserver.projects import song as project_song
 from mvserver.projects.store import CharacterCandidate, Claim, ClipVersion, Project, ProjectStore, Scene, Song
 from mvserver.scenes.service import SongBrief
-from mvserver.videos.routes import check_reference_shape, whole_prompt
+from mvserver.videos.service import check_reference_shape, whole_prompt
 from mvserver.web.access.auth import owned_sidecar, visible_to
 
 if TYPE_CHECKING:  # the request models are built by openapi/, a layer above: the service only reads them
