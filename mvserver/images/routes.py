@@ -11,7 +11,7 @@ from aiohttp import web
 
 from mvserver.appkeys import ARTEFACTS, CONFIG, REQUEST_MODELS
 from mvserver.core.artefacts import check_id
-from mvserver.images.service import _saved_image, generate_reference
+from mvserver.images.service import generate_reference, saved_image
 from mvserver.web.access.auth import key_id
 from mvserver.web.access.quotas import charge
 from mvserver.web.body import parse_body
@@ -32,5 +32,5 @@ async def generate_character_reference(request: web.Request) -> web.Response:
 
 async def get_image(request: web.Request) -> web.StreamResponse:
     image_id = check_id(request.match_info["image_id"], "image_id")
-    key, mime_type = await _saved_image(request.app[ARTEFACTS], image_id, "image_id", key_id(request))
+    key, mime_type = await saved_image(request.app[ARTEFACTS], image_id, "image_id", key_id(request))
     return await request.app[ARTEFACTS].response(key, noun="image", headers={"Content-Type": mime_type})

@@ -186,7 +186,7 @@ async def generate_reference(
     return body
 
 
-async def _saved_image(store: Artefacts, image_id: str, field: str, caller: str | None = None) -> tuple[str, str]:
+async def saved_image(store: Artefacts, image_id: str, field: str, caller: str | None = None) -> tuple[str, str]:
     """The key and mime type of a saved image; ``image_id`` must already be checked. Another key's image is 404."""
     sidecar = await owned_sidecar(store, artefact_key("images", image_id, ".json"), caller)
     fmt = _BY_MIME.get(str(sidecar.get("mime_type"))) if sidecar is not None else None
@@ -199,7 +199,7 @@ async def load_image(app: web.Application, image_id: str, caller: str | None = N
     """The bytes and mime type of a saved image, for ``reference_image_id`` (ApiError 400 if malformed, 404 if missing
     or another key's)."""
     field = "reference_image_id"
-    key, mime_type = await _saved_image(app[ARTEFACTS], check_id(image_id, field), field, caller)
+    key, mime_type = await saved_image(app[ARTEFACTS], check_id(image_id, field), field, caller)
     try:
         return await app[ARTEFACTS].get_bytes(key), mime_type
     except FileNotFoundError:

@@ -31,7 +31,7 @@ from mvserver.core.artefacts import Artefacts, artefact_key, check_id, new_id
 from mvserver.core.config import Config
 from mvserver.core.errors import ApiError
 from mvserver.core.validation import validate
-from mvserver.images.service import _saved_image
+from mvserver.images.service import saved_image
 from mvserver.jobs import Job, JobEngine
 from mvserver.projects import song as project_song
 from mvserver.projects.store import CharacterCandidate, Claim, ClipVersion, Project, ProjectStore, Scene, Song
@@ -486,7 +486,7 @@ def _offset(offset: float, duration: float, field: str) -> float:
 
 async def check_image(deps: ProjectDeps, image_id: str, caller: str | None) -> None:
     try:
-        await _saved_image(deps.artefacts, image_id, "character_image_id", caller)
+        await saved_image(deps.artefacts, image_id, "character_image_id", caller)
     except ApiError:
         raise ApiError(
             400, "invalid_field", f"character_image_id: no image with id {image_id}", field="character_image_id"
