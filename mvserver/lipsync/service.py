@@ -65,7 +65,7 @@ CUT_SLACK_BYTES = 1 << 16
 @dataclass(frozen=True)
 class LipsyncDeps:
     """What lip sync works with, so that its checks and its job driver never see a request or the app (the routes
-    build it: :func:`mvserver.lipsync.routes.lipsync_deps`): the settings, the job engine, the output files, the
+    build it: :func:`mvserver.app.lipsync_deps`): the settings, the job engine, the output files, the
     providers (Replicate), the slots bounding its probes and the node's ffmpeg-heavy runs, and the saved songs."""
 
     config: Config

@@ -52,7 +52,7 @@ JobStates = dict[str, Job | None]
 @dataclass(frozen=True)
 class ProjectDeps:
     """What the project service works with, so that it never sees a request or the app (the routes build it:
-    :func:`mvserver.projects.routes.project_deps`): the settings, the project and job stores, the artefacts, the
+    :func:`mvserver.app.project_deps`): the settings, the project and job stores, the artefacts, the
     request models a clip or scene request is checked with, and the other features it calls."""
 
     config: Config
