@@ -9,8 +9,7 @@ from mvserver.appkeys import ASSEMBLY_DEPS, PROJECT_DEPS, REQUEST_MODELS
 from mvserver.assembly import service
 from mvserver.core.validation import validate
 from mvserver.jobs.accepted import accepted_response
-from mvserver.projects.routes import owned_project
-from mvserver.projects.service import project_view
+from mvserver.projects.service import load, project_view
 from mvserver.web.access.auth import key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
@@ -31,7 +30,8 @@ async def assemble(request: web.Request) -> web.Response:
 async def assemble_project(request: web.Request) -> web.Response:
     """The project's chosen clips in display order with their trims, and its song from its offset."""
     app = request.app
-    project = await owned_project(request)  # 404 for an unknown id or another key's project
+    # The projects service, not their routes: 404 for an unknown id or another key's project.
+    project = await load(app[PROJECT_DEPS], request.match_info["project_id"], key_id(request))
     options, _ = validate(app[REQUEST_MODELS].assembly_options, await read_json_object(request, optional=True))
     await reserve(request, options)
     job, project, jobs = await service.assemble_project(

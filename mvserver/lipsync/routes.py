@@ -12,9 +12,8 @@ from mvserver.core.artefacts import check_id
 from mvserver.core.errors import ApiError
 from mvserver.jobs.accepted import accepted_response
 from mvserver.lipsync.service import submit_lipsync, submit_scene_lipsync
-from mvserver.projects.routes import owned_project
 from mvserver.projects.schemas import SCENE_LIPSYNC_OPTIONS
-from mvserver.projects.service import action_options, normal_options, project_view
+from mvserver.projects.service import action_options, load, normal_options, project_view
 from mvserver.web.access.auth import key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
@@ -43,7 +42,8 @@ async def lipsync_scene(request: web.Request) -> web.Response:
     """Lip-sync the scene's chosen clip to its slice of the project's song; the result becomes a new version of the
     scene's clip (chosen once it succeeds, like a regeneration)."""
     projects = request.app[PROJECT_DEPS]
-    project = await owned_project(request)  # 404 for an unknown id or another key's project
+    # The projects service, not their routes: 404 for an unknown id or another key's project.
+    project = await load(projects, request.match_info["project_id"], key_id(request))
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
     options = action_options(await read_json_object(request, optional=True), SCENE_LIPSYNC_OPTIONS)
     await reserve(request, normal_options(projects.models.lipsync, options, SCENE_LIPSYNC_OPTIONS))
