@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -14,35 +15,44 @@ from yarl import URL
 
 from mvserver.appkeys import (
     ARTEFACTS,
+    ASSEMBLY_DEPS,
     CONFIG,
     FFMPEG_SLOTS,
     HEAVY_FFMPEG_SLOTS,
     JOBS,
     KEYRING,
+    LIPSYNC_DEPS,
     METRICS,
+    PROJECT_DEPS,
     PROJECTS,
     PROVIDERS,
     REQUEST_MODELS,
+    SCENE_DEPS,
     SONG_SAVED,
+    SONGS,
     STORE,
     TEMPLATES,
     UPLOAD_SLOTS,
 )
-from mvserver.assembly import routes as assembly
 from mvserver.assembly.service import KIND as ASSEMBLY
+from mvserver.assembly.service import AssemblyDeps, AssemblyDriver
 from mvserver.audio import songs
 from mvserver.audio.routes import UploadSlots
+from mvserver.audio.service import saved_audio
 from mvserver.core.artefacts import LocalArtefacts, OutputStore, node_context, start_node
 from mvserver.core.config import Config, ConfigError, EnvSettings, load_config, package_templates
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import hide_paths_under, server_log
 from mvserver.core.object_artefacts import object_artefacts, object_storage_context
+from mvserver.images.service import generate_reference
 from mvserver.jobs import FileJobStore, Job, JobEngine, JobStore, video_kind, webhooks_out
 from mvserver.jobs.census import JobCensus
 from mvserver.jobs.retention import sweep_forever
-from mvserver.lipsync import routes as lipsync
 from mvserver.lipsync.service import KIND as LIPSYNC
+from mvserver.lipsync.service import LipsyncDeps, LipsyncDriver
 from mvserver.openapi.schemas import RequestModels
+from mvserver.projects import song as project_song
+from mvserver.projects.service import ProjectDeps
 from mvserver.projects.store import open_project_store
 from mvserver.providers import Providers
 from mvserver.providers import gemini as gemini_backend
@@ -51,7 +61,9 @@ from mvserver.providers import replicate_webhooks as webhooks
 from mvserver.providers.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts, url_origin
 from mvserver.routes import add_routes
 from mvserver.sandbox.app import Simulator, start_simulator
+from mvserver.scenes.service import SceneDeps, write_scenes
 from mvserver.videos import posters
+from mvserver.videos.service import submit_video_job
 from mvserver.web import middlewares as access
 from mvserver.web.access.quotas import running_cap_of
 from mvserver.web.metrics import Metrics
@@ -178,13 +190,16 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     kinds = {
         "video": video_kind(app[PROVIDERS], app[ARTEFACTS]),
-        LIPSYNC: lipsync.lipsync_kind(app),
-        ASSEMBLY: assembly.assembly_kind(app),
+        LIPSYNC: lambda job: LipsyncDriver(app[LIPSYNC_DEPS]),
+        ASSEMBLY: lambda job: AssemblyDriver(app[ASSEMBLY_DEPS]),
     }
     engine = JobEngine(
         job_store(app), kinds, app[ARTEFACTS], config.videos.jobs, max_concurrent=config.max_concurrent_jobs
     )
     app[JOBS] = engine
+    # Before the engine starts: a job it resumes may be a lip sync or an assembly, whose driver uses these.
+    app[LIPSYNC_DEPS] = lipsync_deps(app)
+    app[ASSEMBLY_DEPS] = assembly_deps(app)
     engine.running_cap = running_cap_of(app)  # a key's jobs beyond its max_running_jobs wait queued (keys on)
     engine.hooks.stored = posters.stored_hook(app)  # every stored clip: its poster, length and size
     engine.pricing = config.pricing
@@ -234,10 +249,64 @@ def monthly_budget(app: web.Application) -> Callable[[str], float | None]:
 async def projects_context(app: web.Application) -> AsyncIterator[None]:
     """The project store: Redis when ``MV_REDIS_URL`` is set, else files under ``outputs/projects``."""
     app[PROJECTS] = open_project_store(app[STORE], app[CONFIG].env.redis_url, app[CONFIG].env.redis_prefix)
+    app[SCENE_DEPS] = scene_deps(app)
+    app[PROJECT_DEPS] = project_deps(app)  # needs the job engine and the providers, started before
     try:
         yield
     finally:
         await app[PROJECTS].close()
+
+
+# -- the features' dependencies, built once at start-up (stored under their app keys) --------------------------------
+
+
+def scene_deps(app: web.Application) -> SceneDeps:
+    """The scene writer's dependencies (needs the providers)."""
+    return SceneDeps(app[CONFIG], app[PROVIDERS], app[ARTEFACTS], app[TEMPLATES])
+
+
+def project_deps(app: web.Application) -> ProjectDeps:
+    """The project service's dependencies (needs the project store, the job engine and the scene deps); lip sync's
+    and assembly's project routes use them too."""
+    return ProjectDeps(
+        config=app[CONFIG],
+        projects=app[PROJECTS],
+        jobs=app[JOBS],
+        artefacts=app[ARTEFACTS],
+        models=app[REQUEST_MODELS],
+        submit_video=functools.partial(submit_video_job, app),
+        write_scenes=functools.partial(write_scenes, app[SCENE_DEPS]),
+        load_analysis=functools.partial(project_song.load_analysis, app),
+        song_brief=functools.partial(project_song.song_brief, app),
+        generate_reference=functools.partial(generate_reference, app),
+    )
+
+
+def lipsync_deps(app: web.Application) -> LipsyncDeps:
+    """Lip sync's dependencies (needs the job engine and the providers)."""
+    return LipsyncDeps(
+        config=app[CONFIG],
+        jobs=app[JOBS],
+        artefacts=app[ARTEFACTS],
+        providers=app[PROVIDERS],
+        probe_slots=app[FFMPEG_SLOTS],
+        heavy_slots=app[HEAVY_FFMPEG_SLOTS],
+        saved_audio=functools.partial(saved_audio, app),
+    )
+
+
+def assembly_deps(app: web.Application) -> AssemblyDeps:
+    """Assembly's dependencies (needs the job engine and the songs' work)."""
+    return AssemblyDeps(
+        config=app[CONFIG],
+        jobs=app[JOBS],
+        outputs=app[STORE],
+        artefacts=app[ARTEFACTS],
+        songs=app[SONGS],
+        probe_slots=app[FFMPEG_SLOTS],
+        heavy_slots=app[HEAVY_FFMPEG_SLOTS],
+        saved_audio=functools.partial(saved_audio, app),
+    )
 
 
 async def end_streams(app: web.Application) -> None:

@@ -15,16 +15,20 @@ from aiohttp import web
 if TYPE_CHECKING:
     import jinja2
 
+    from mvserver.assembly.service import AssemblyDeps
     from mvserver.audio.routes import SongSaved, UploadSlots
     from mvserver.audio.songs import SongWork
     from mvserver.core.artefacts import Artefacts, OutputStore
     from mvserver.core.config import Config
     from mvserver.jobs.runner import JobEngine
     from mvserver.jobs.webhooks_out import WebhookSender
+    from mvserver.lipsync.service import LipsyncDeps
     from mvserver.openapi.schemas import RequestModels
+    from mvserver.projects.service import ProjectDeps
     from mvserver.projects.store import ProjectStore
     from mvserver.providers import Providers
     from mvserver.providers.replicate_webhooks import WebhookReceiver
+    from mvserver.scenes.service import SceneDeps
     from mvserver.web.access.auth import KeyRing
     from mvserver.web.access.quotas import Quotas
     from mvserver.web.access.signing import UrlSigner
@@ -60,3 +64,10 @@ SONGS: web.AppKey[SongWork] = web.AppKey("songs")
 FFMPEG_SLOTS: web.AppKey[asyncio.Semaphore] = web.AppKey("lipsync_ffmpeg_slots")
 # ffmpeg-heavy job runs (assembly runs, lip-sync cuts) at once on this node: media.yaml ffmpeg.concurrency.
 HEAVY_FFMPEG_SLOTS: web.AppKey[asyncio.Semaphore] = web.AppKey("heavy_ffmpeg_slots")
+# The features' dependency objects, built once by the composition root (:mod:`mvserver.app`) when what they hold
+# exists: lip sync's and assembly's before the job engine starts (their job drivers use them), the projects' and
+# scenes' with the project store.
+SCENE_DEPS: web.AppKey[SceneDeps] = web.AppKey("scene_deps")
+PROJECT_DEPS: web.AppKey[ProjectDeps] = web.AppKey("project_deps")
+LIPSYNC_DEPS: web.AppKey[LipsyncDeps] = web.AppKey("lipsync_deps")
+ASSEMBLY_DEPS: web.AppKey[AssemblyDeps] = web.AppKey("assembly_deps")

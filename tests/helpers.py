@@ -481,8 +481,8 @@ def stored(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in (tmp_path / "outputs" / "audio").iterdir())
 
 
-def song_bytes(seconds: float = 2.0) -> bytes:
-    """A few seconds of MP3, made by the bundled ffmpeg."""
+def song_bytes(seconds: float = 2.0, frequency: int = 440) -> bytes:
+    """A few seconds of MP3 (a sine of ``frequency`` Hz), made by the bundled ffmpeg."""
     from imageio_ffmpeg import get_ffmpeg_exe
 
     done = subprocess.run(
@@ -495,7 +495,7 @@ def song_bytes(seconds: float = 2.0) -> bytes:
             "-f",
             "lavfi",
             "-i",
-            f"sine=frequency=440:duration={seconds:g}",
+            f"sine=frequency={frequency}:duration={seconds:g}",
             "-c:a",
             "libmp3lame",
             "-f",

@@ -17,7 +17,7 @@ from helpers import UPLOAD, AppClient, dead_pid, heartbeat, make_audio, stored
 
 from mvserver.app import create_app
 from mvserver.appkeys import SONGS, UPLOAD_SLOTS
-from mvserver.audio.routes import FORMATS as AUDIO_FORMATS
+from mvserver.audio.service import FORMATS as AUDIO_FORMATS
 from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.media.probe import probe, stream_duration
 from mvserver.media.run import ffmpeg_exe

@@ -139,3 +139,27 @@ async def test_shutdown_stops_a_lease_keeper_whose_cancel_was_swallowed(tmp_path
     assert store.swallowed.is_set()
     keepers = [t for t in asyncio.all_tasks() if t.get_name() == f"lease-{job.id}" and not t.done()]
     assert keepers == []  # before the fix: the keeper renewed the stopped node's lease on and on
+
+
+async def test_a_timeout_whose_cancel_was_swallowed_still_ends_the_job(tmp_path: Path, settings_dir: Path) -> None:
+    """The timeout's cancel lands in the provider call that swallows it (as a Redis call can on Python 3.11): the poll
+    loop still ends the job as timed out instead of letting it run on to the prediction's end (forever here)."""
+    driver = SwallowingDriver()  # its start takes 0.5 s and loses the one cancel that arrives meanwhile
+    config = load_config(
+        EnvSettings.from_env({"MV_SETTINGS_DIR": str(settings_dir), "MV_OUTPUT_DIR": str(tmp_path / "outputs")})
+    )
+    outputs = OutputStore(tmp_path / "outputs")
+    settings = config.videos.jobs.model_copy(update={"timeout_seconds": 0.2})
+    engine = JobEngine(FileJobStore(outputs), {"video": lambda job: driver}, outputs, settings, max_concurrent=2)
+    await engine.start()
+    try:
+        job = await engine.submit(new_job())
+        async with asyncio.timeout(10):  # before the fix: never (the prediction never ends)
+            while (await engine.get(job.id)).status in ("queued", "running"):
+                await asyncio.sleep(0.02)
+        ended = await engine.get(job.id)
+        assert driver.swallowed.is_set()  # the timeout's cancel was really lost in the provider call
+        assert ended.status == "failed" and ended.error is not None and ended.error["code"] == "job_timeout"
+        assert driver.cancels == ["prediction-1"]  # and the prediction was canceled at the provider
+    finally:
+        await engine.close()

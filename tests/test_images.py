@@ -22,7 +22,7 @@ from yarl import URL
 from mvserver.appkeys import CONFIG
 from mvserver.core.artefacts import OutputStore
 from mvserver.core.errors import ApiError
-from mvserver.images.routes import load_image
+from mvserver.images.service import load_image
 from mvserver.sandbox import replicate_api
 from mvserver.sandbox.app import Simulator
 

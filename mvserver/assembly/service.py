@@ -61,7 +61,7 @@ class PlannedClip(NamedTuple):
 @dataclass(frozen=True)
 class AssemblyDeps:
     """What assembly works with, so that its plan and its job driver never see a request or the app (the routes
-    build it: :func:`mvserver.assembly.routes.assembly_deps`): the settings, the job engine, the records next to the
+    build it: :func:`mvserver.app.assembly_deps`): the settings, the job engine, the records next to the
     outputs (the runs' locks), the artefacts (clips, songs, the video made), the songs' copies, the slots bounding
     probes and the node's ffmpeg-heavy runs, and the saved songs."""
 

@@ -31,12 +31,13 @@ from aiohttp import BodyPartReader, ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from mvserver.appkeys import ARTEFACTS, CONFIG, SONG_SAVED, UPLOAD_SLOTS
-from mvserver.core.artefacts import artefact_key, check_id, new_id
+from mvserver.audio.service import FORMATS, AudioFormat, saved_audio
+from mvserver.core.artefacts import artefact_key, new_id
 from mvserver.core.errors import ApiError
-from mvserver.media.args import AUDIO_DEMUXERS, SONG_DEMUXERS
+from mvserver.media.args import AUDIO_DEMUXERS
 from mvserver.media.errors import MediaError, MediaTimeout
 from mvserver.media.probe import AudioStream, MediaInfo, probe, stream_duration
-from mvserver.web.access.auth import API_KEY, KeyRecord, key_id, owned_sidecar
+from mvserver.web.access.auth import API_KEY, KeyRecord, key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge_upload
 from mvserver.web.security import accepts
@@ -49,32 +50,6 @@ UPLOAD_TIMEOUT_SECONDS = 300.0  # the whole body must arrive within this, howeve
 HEADER_TIMEOUT_SECONDS = 10.0
 DECODE_TIMEOUT_SECONDS = 60.0  # decoding 50 MB of MP3 takes a few seconds; a file built to stall ffmpeg is stopped
 KEY_SLOTS_RETRY_AFTER = 5.0  # seconds a key whose upload slots are all taken is told to wait
-
-
-@dataclass(frozen=True)
-class AudioFormat:
-    name: str
-    mime_type: str
-    suffix: str
-
-    @property
-    def demuxer(self) -> str:
-        """The one ffmpeg demuxer every later read of a song in this format uses."""
-        return SONG_DEMUXERS[self.suffix]
-
-
-FORMATS = {
-    fmt.name: fmt
-    for fmt in (
-        AudioFormat("mp3", "audio/mpeg", ".mp3"),
-        AudioFormat("wav", "audio/wav", ".wav"),
-        AudioFormat("m4a", "audio/mp4", ".m4a"),
-        AudioFormat("aac", "audio/aac", ".aac"),
-        AudioFormat("ogg", "audio/ogg", ".ogg"),
-        AudioFormat("flac", "audio/flac", ".flac"),
-    )
-}
-_BY_MIME = {fmt.mime_type: fmt for fmt in FORMATS.values()}
 
 
 class UploadSlots:
@@ -377,20 +352,6 @@ async def _store_upload(request: web.Request) -> web.Response:
     if saved is not None:
         body.update(await saved(request.app, audio_id, key, body))
     return web.json_response(body, status=201, headers={"Location": body["audio_url"]})  # no server path
-
-
-async def saved_audio(
-    app: web.Application, audio_id: str, field: str = "audio_id", caller: str | None = None
-) -> tuple[str, dict[str, Any]]:
-    """The artefact key and sidecar of a saved song (ApiError 400 for a malformed id, 404 if there is none or it
-    belongs to another key than ``caller``)."""
-    store = app[ARTEFACTS]
-    check_id(audio_id, field)
-    sidecar = await owned_sidecar(store, artefact_key("audio", audio_id, ".json"), caller)
-    fmt = _BY_MIME.get(str(sidecar.get("mime_type"))) if sidecar is not None else None
-    if sidecar is None or fmt is None or await store.stat(artefact_key("audio", audio_id, fmt.suffix)) is None:
-        raise ApiError(404, "not_found", f"no audio with id {audio_id}", field=field)
-    return artefact_key("audio", audio_id, fmt.suffix), sidecar
 
 
 async def get_audio(request: web.Request) -> web.StreamResponse:

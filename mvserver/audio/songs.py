@@ -27,7 +27,7 @@ from aiohttp import web
 
 from mvserver.analysis import ANALYSIS_VERSION, AnalysisError, AnalysisPool, AnalysisTimeout, SongAnalysis, load
 from mvserver.appkeys import ARTEFACTS, CONFIG, SONGS
-from mvserver.audio.routes import FORMATS, saved_audio
+from mvserver.audio.service import FORMATS, saved_audio
 from mvserver.core.artefacts import Artefacts, artefact_key, check_id, temp_path
 from mvserver.core.config import EnvSettings
 from mvserver.media.errors import MediaError

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -123,6 +124,7 @@ class JobEngine:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(max_concurrent)
         self._cancel_requested: set[str] = set()
+        self._deadlines: dict[str, float] = {}  # when each running job's timeout (or its client's deadline) ends it
         self._lost: set[str] = set()
         self._started: set[str] = set()
         self.pushed = PushedUpdates(settings.webhook_safety_poll_seconds)  # provider webhooks of jobs run here
@@ -338,6 +340,7 @@ class JobEngine:
         self._lost.discard(job_id)
         self._started.discard(job_id)
         self.pushed.forget(job_id)
+        self._deadlines.pop(job_id, None)
         self._slots.release()
 
     async def _keep_lease(self, lease: Lease, stopped: asyncio.Event) -> None:
@@ -395,6 +398,7 @@ class JobEngine:
             deadline = job.started_at + self.settings.timeout_seconds
             if job.deadline_at is not None:  # the client's deadline, when it comes first, ends the job instead
                 deadline = min(deadline, job.deadline_at)
+            self._deadlines[job.id] = deadline
             async with asyncio.timeout(max(0.0, deadline - time.time())):
                 if isinstance(driver, LocalDriver):
                     await self._drive_local(job, lease, driver)
@@ -483,6 +487,9 @@ class JobEngine:
                 # return a result and drop a cancellation that arrives as it finishes): act on it here, before the
                 # first poll and after every wait.
                 raise asyncio.CancelledError()
+            if time.time() >= self._deadlines.get(job.id, math.inf):
+                # The same for the timeout: its cancel can be swallowed the same way, and the job would outlive it.
+                raise TimeoutError()
             snapshot = pushed or self.pushed.polled(
                 job.id, await self._retry(lambda: driver.poll(prediction_id), job=job)
             )

@@ -3,39 +3,21 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from aiohttp import web
 
-from mvserver.appkeys import ARTEFACTS, CONFIG, FFMPEG_SLOTS, HEAVY_FFMPEG_SLOTS, JOBS, PROVIDERS, REQUEST_MODELS
-from mvserver.audio.routes import saved_audio
+from mvserver.appkeys import CONFIG, LIPSYNC_DEPS, PROJECT_DEPS, REQUEST_MODELS
 from mvserver.core.artefacts import check_id
 from mvserver.core.errors import ApiError
 from mvserver.jobs.accepted import accepted_response
-from mvserver.jobs.runner import DriverFactory
-from mvserver.lipsync.service import LipsyncDeps, LipsyncDriver, submit_lipsync, submit_scene_lipsync
-from mvserver.projects.routes import owned_project, project_deps
+from mvserver.lipsync.service import submit_lipsync, submit_scene_lipsync
 from mvserver.projects.schemas import SCENE_LIPSYNC_OPTIONS
-from mvserver.projects.service import action_options, normal_options, project_view
+from mvserver.projects.service import action_options, load, normal_options, project_view
 from mvserver.web.access.auth import key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
 from mvserver.web.body import parse_body, read_json_object
-
-
-def lipsync_deps(app: web.Application) -> LipsyncDeps:
-    """Lip sync's dependencies, from the app."""
-    return LipsyncDeps(
-        config=app[CONFIG],
-        jobs=app[JOBS],
-        artefacts=app[ARTEFACTS],
-        providers=app[PROVIDERS],
-        probe_slots=app[FFMPEG_SLOTS],
-        heavy_slots=app[HEAVY_FFMPEG_SLOTS],
-        saved_audio=functools.partial(saved_audio, app),
-    )
-
 
 # -- the handler ------------------------------------------------------------------------------------------------------
 
@@ -50,7 +32,7 @@ async def create_lipsync(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_field", "scene_id: needs project_id", field="scene_id")
     await reserve(request, body)
     job = await submit_lipsync(
-        lipsync_deps(app), body, defaulted, key_id(request), charge=lambda: charge(request, "jobs")
+        app[LIPSYNC_DEPS], body, defaulted, key_id(request), charge=lambda: charge(request, "jobs")
     )
     return accepted_response(request, [job])
 
@@ -59,13 +41,14 @@ async def create_lipsync(request: web.Request) -> web.Response:
 async def lipsync_scene(request: web.Request) -> web.Response:
     """Lip-sync the scene's chosen clip to its slice of the project's song; the result becomes a new version of the
     scene's clip (chosen once it succeeds, like a regeneration)."""
-    projects = project_deps(request.app)
-    project = await owned_project(request)  # 404 for an unknown id or another key's project
+    projects = request.app[PROJECT_DEPS]
+    # The projects service, not their routes: 404 for an unknown id or another key's project.
+    project = await load(projects, request.match_info["project_id"], key_id(request))
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
     options = action_options(await read_json_object(request, optional=True), SCENE_LIPSYNC_OPTIONS)
     await reserve(request, normal_options(projects.models.lipsync, options, SCENE_LIPSYNC_OPTIONS))
     job, project, jobs = await submit_scene_lipsync(
-        lipsync_deps(request.app),
+        request.app[LIPSYNC_DEPS],
         projects,
         project,
         scene_id,
@@ -74,8 +57,3 @@ async def lipsync_scene(request: web.Request) -> web.Response:
         charge=lambda: charge(request, "jobs"),
     )
     return accepted_response(request, [job], project=project_view(project, jobs))
-
-
-def lipsync_kind(app: web.Application) -> DriverFactory:
-    """The driver factory for ``lipsync`` jobs."""
-    return lambda job: LipsyncDriver(lipsync_deps(app))

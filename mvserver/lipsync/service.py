@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mvserver.audio.routes import FORMATS
+from mvserver.audio.service import FORMATS
 from mvserver.core.artefacts import Artefacts, artefact_key, new_id
 from mvserver.core.config import Config, LipsyncLimits, LipsyncSettings
 from mvserver.core.debug import debug_print
@@ -65,7 +65,7 @@ CUT_SLACK_BYTES = 1 << 16
 @dataclass(frozen=True)
 class LipsyncDeps:
     """What lip sync works with, so that its checks and its job driver never see a request or the app (the routes
-    build it: :func:`mvserver.lipsync.routes.lipsync_deps`): the settings, the job engine, the output files, the
+    build it: :func:`mvserver.app.lipsync_deps`): the settings, the job engine, the output files, the
     providers (Replicate), the slots bounding its probes and the node's ffmpeg-heavy runs, and the saved songs."""
 
     config: Config
@@ -101,7 +101,7 @@ class Song:
 
 
 async def song_file(deps: LipsyncDeps, audio_id: str, field: str = "audio_id", caller: str | None = None) -> Song:
-    """An uploaded song (:func:`mvserver.audio.routes.saved_audio`) with what lip sync needs from its record. 400 for a
+    """An uploaded song (:func:`mvserver.audio.service.saved_audio`) with what lip sync needs from its record. 400 for a
     malformed id or a format lip sync cannot cut, 404 for a missing song or a record without its length."""
     key, sidecar = await deps.saved_audio(audio_id, field, caller)
     fmt, duration = sidecar.get("format"), sidecar.get("duration")

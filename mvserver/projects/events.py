@@ -32,10 +32,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 
-from mvserver.appkeys import CONFIG, JOBS, PROJECTS, SIGNER
+from mvserver.appkeys import CONFIG, JOBS, PROJECT_DEPS, PROJECTS, SIGNER
 from mvserver.core.errors import ApiError
 from mvserver.jobs import Job
-from mvserver.projects.routes import owned_project, project_deps
+from mvserver.projects.routes import owned_project
 from mvserver.projects.service import BASE, JobStates, etag, job_states, load, project_view
 from mvserver.projects.store import Project
 from mvserver.web.access.auth import key_id
@@ -97,7 +97,7 @@ class ProjectStream:
         self.app = app
         self.caller = caller  # the subscriber's key: every link sent is signed for it (keys on)
         self.engine = app[JOBS]
-        self.projects = project_deps(app)
+        self.projects = app[PROJECT_DEPS]
         self.response = response
         self.project_id = project_id
         self.retry: int | None = retry_ms

@@ -3,23 +3,19 @@ service (:mod:`mvserver.projects.service`) and answers with the project as clien
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from aiohttp import web
 
-from mvserver.appkeys import ARTEFACTS, CONFIG, JOBS, PROJECTS, REQUEST_MODELS
+from mvserver.appkeys import PROJECT_DEPS
 from mvserver.core.artefacts import check_id
 from mvserver.core.errors import ApiError
 from mvserver.core.validation import validate
-from mvserver.images.routes import generate_reference
 from mvserver.jobs.accepted import accepted_response
-from mvserver.projects import song as project_song
 from mvserver.projects.schemas import CHARACTER_OPTIONS, CLIP_OPTIONS
 from mvserver.projects.service import (
     BASE,
     JobStates,
-    ProjectDeps,
     action_options,
     check_if_match,
     create_project,
@@ -36,35 +32,16 @@ from mvserver.projects.service import (
     write_project_scenes,
 )
 from mvserver.projects.store import Project
-from mvserver.scenes.routes import scene_deps
-from mvserver.scenes.service import write_scenes
-from mvserver.videos.routes import submit_video_job
 from mvserver.web.access.auth import key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
 from mvserver.web.body import read_json_object
 
 
-def project_deps(app: web.Application) -> ProjectDeps:
-    """The project service's dependencies, from the app (the routes of lip sync and assembly use them too)."""
-    return ProjectDeps(
-        config=app[CONFIG],
-        projects=app[PROJECTS],
-        jobs=app[JOBS],
-        artefacts=app[ARTEFACTS],
-        models=app[REQUEST_MODELS],
-        submit_video=functools.partial(submit_video_job, app),
-        write_scenes=functools.partial(write_scenes, scene_deps(app)),
-        load_analysis=functools.partial(project_song.load_analysis, app),
-        song_brief=functools.partial(project_song.song_brief, app),
-        generate_reference=functools.partial(generate_reference, app),
-    )
-
-
 async def owned_project(request: web.Request) -> Project:
     """The project of the route's ``{project_id}`` if the caller may see it (404 otherwise, as for an unknown id).
     Every project route calls it first; a project's owner never changes, so later reads need no second check."""
-    return await load(project_deps(request.app), _project_id(request), key_id(request))
+    return await load(request.app[PROJECT_DEPS], _project_id(request), key_id(request))
 
 
 def _respond(
@@ -89,7 +66,7 @@ def _project_id(request: web.Request) -> str:
 
 @idempotent
 async def create(request: web.Request) -> web.Response:
-    deps = project_deps(request.app)
+    deps = request.app[PROJECT_DEPS]
     body, _ = validate(deps.models.projects.create, await read_json_object(request))
     await reserve(request, body)
     project = await create_project(deps, body, owner=key_id(request))
@@ -98,11 +75,11 @@ async def create(request: web.Request) -> web.Response:
 
 async def get(request: web.Request) -> web.Response:
     project = await owned_project(request)
-    return _respond(project, await job_states(project_deps(request.app), project))
+    return _respond(project, await job_states(request.app[PROJECT_DEPS], project))
 
 
 async def patch(request: web.Request) -> web.Response:
-    deps = project_deps(request.app)
+    deps = request.app[PROJECT_DEPS]
     current = await owned_project(request)
     if_match = request.headers.get("If-Match")
     if if_match is None:
@@ -116,7 +93,7 @@ async def patch(request: web.Request) -> web.Response:
 
 @idempotent
 async def write(request: web.Request) -> web.Response:
-    deps = project_deps(request.app)
+    deps = request.app[PROJECT_DEPS]
     project_id = (await owned_project(request)).id
     options, _ = validate(deps.models.projects.write_scenes, await read_json_object(request, optional=True))
     await reserve(request, options)
@@ -130,7 +107,7 @@ async def write(request: web.Request) -> web.Response:
 async def character(request: web.Request) -> web.Response:
     """Render the project's character (Imagen): ``number_of_images`` candidates (within the images settings), the
     first one the chosen reference image of its clips; all of them kept on the record until the next render."""
-    deps = project_deps(request.app)
+    deps = request.app[PROJECT_DEPS]
     project = await owned_project(request)
     options = action_options(await read_json_object(request, optional=True), CHARACTER_OPTIONS)
     params, defaulted = validate(deps.models.image, {"character_description": project.character_description, **options})
@@ -149,7 +126,7 @@ async def character(request: web.Request) -> web.Response:
 @idempotent
 async def generate_missing(request: web.Request) -> web.Response:
     """A clip job for every scene without a chosen clip and without one in progress."""
-    deps = project_deps(request.app)
+    deps = request.app[PROJECT_DEPS]
     project_id = (await owned_project(request)).id
     options = action_options(await read_json_object(request, optional=True), CLIP_OPTIONS)
     await reserve(request, normal_options(deps.models.video, options, CLIP_OPTIONS))
@@ -168,7 +145,7 @@ async def generate_missing(request: web.Request) -> web.Response:
 @idempotent
 async def generate_one(request: web.Request) -> web.Response:
     """A new clip version of one scene (a regeneration keeps the old versions)."""
-    deps = project_deps(request.app)
+    deps = request.app[PROJECT_DEPS]
     project_id = (await owned_project(request)).id
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
     options = action_options(await read_json_object(request, optional=True), CLIP_OPTIONS)
@@ -187,5 +164,5 @@ async def generate_one(request: web.Request) -> web.Response:
 
 async def timeline(request: web.Request) -> web.Response:
     """The scenes in display order with their chosen clip, trims and song window."""
-    project, jobs = await settled(project_deps(request.app), await owned_project(request))
+    project, jobs = await settled(request.app[PROJECT_DEPS], await owned_project(request))
     return web.json_response(timeline_view(project, jobs), headers={"ETag": etag(project), "Cache-Control": "no-store"})

@@ -31,12 +31,12 @@ from mvserver.core.artefacts import Artefacts, artefact_key, check_id, new_id
 from mvserver.core.config import Config
 from mvserver.core.errors import ApiError
 from mvserver.core.validation import validate
-from mvserver.images.routes import _saved_image
+from mvserver.images.service import saved_image
 from mvserver.jobs import Job, JobEngine
 from mvserver.projects import song as project_song
 from mvserver.projects.store import CharacterCandidate, Claim, ClipVersion, Project, ProjectStore, Scene, Song
 from mvserver.scenes.service import SongBrief
-from mvserver.videos.routes import check_reference_shape, whole_prompt
+from mvserver.videos.service import check_reference_shape, whole_prompt
 from mvserver.web.access.auth import owned_sidecar, visible_to
 
 if TYPE_CHECKING:  # the request models are built by openapi/, a layer above: the service only reads them
@@ -52,7 +52,7 @@ JobStates = dict[str, Job | None]
 @dataclass(frozen=True)
 class ProjectDeps:
     """What the project service works with, so that it never sees a request or the app (the routes build it:
-    :func:`mvserver.projects.routes.project_deps`): the settings, the project and job stores, the artefacts, the
+    :func:`mvserver.app.project_deps`): the settings, the project and job stores, the artefacts, the
     request models a clip or scene request is checked with, and the other features it calls."""
 
     config: Config
@@ -486,7 +486,7 @@ def _offset(offset: float, duration: float, field: str) -> float:
 
 async def check_image(deps: ProjectDeps, image_id: str, caller: str | None) -> None:
     try:
-        await _saved_image(deps.artefacts, image_id, "character_image_id", caller)
+        await saved_image(deps.artefacts, image_id, "character_image_id", caller)
     except ApiError:
         raise ApiError(
             400, "invalid_field", f"character_image_id: no image with id {image_id}", field="character_image_id"

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from mvserver.analysis import PlanError, SongAnalysis, locate, plan_scenes
 from mvserver.appkeys import ARTEFACTS, SONGS
-from mvserver.audio.routes import saved_audio
+from mvserver.audio.service import saved_audio
 from mvserver.audio.songs import preview, read_sidecar, song_analysis
 from mvserver.core.errors import ApiError
 from mvserver.media.song import PREVIEW_MIME_TYPE

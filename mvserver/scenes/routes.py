@@ -4,25 +4,20 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from mvserver.appkeys import ARTEFACTS, CONFIG, PROVIDERS, REQUEST_MODELS, TEMPLATES
+from mvserver.appkeys import ARTEFACTS, CONFIG, REQUEST_MODELS, SCENE_DEPS
 from mvserver.core.artefacts import artefact_key, check_id
 from mvserver.core.errors import ApiError
-from mvserver.scenes.service import SceneDeps, write_scenes
+from mvserver.scenes.service import write_scenes
 from mvserver.web.access.auth import key_id, owned_sidecar
 from mvserver.web.access.quotas import charge
 from mvserver.web.body import parse_body
-
-
-def scene_deps(app: web.Application) -> SceneDeps:
-    """The scene writer's dependencies, from the app."""
-    return SceneDeps(app[CONFIG], app[PROVIDERS], app[ARTEFACTS], app[TEMPLATES])
 
 
 async def create_scenes(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body, defaulted = await parse_body(request, request.app[REQUEST_MODELS].scenes, config.debug)
     await charge(request, "blocking")
-    scenes = await write_scenes(scene_deps(request.app), body.model_dump(), defaulted, owner=key_id(request))
+    scenes = await write_scenes(request.app[SCENE_DEPS], body.model_dump(), defaulted, owner=key_id(request))
     return web.json_response(scenes)
 
 
