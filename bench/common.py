@@ -253,6 +253,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the children a process has waited for (its finished ffmpeg runs)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Set the process's VmHWM back to its VmRSS (``5`` into /proc/<pid>/clear_refs), so VmHWM afterwards is the
+    peak of what follows, however short it was; sampling alone may miss one."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def loadavg() -> str:
+    """The 1/5/15-minute load average, as /proc/loadavg shows it, to print next to a number."""
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
