@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
@@ -287,3 +288,161 @@ async def test_an_object_store_redirects_to_a_presigned_link_never_cached(
     followed = await client.get("/clip", headers={"Range": "bytes=10-19"})  # as a <video> does: Range on the link
     assert followed.status == 206 and await followed.read() == data[10:20]
     assert followed.headers["Content-Type"] == "video/mp4"  # the object's own, set at put
+
+
+# -- what a node stores, it keeps in scratch (object storage) --------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class Watched:
+    store: ObjectArtefacts
+    reads: list[str]  # keys read from the bucket (GETs), in order
+
+
+def watched_store(tmp_path: Path, request: pytest.FixtureRequest, max_bytes: int = 64 * MiB) -> Watched:
+    """An object backend (parts of 5 MiB) whose reads from the bucket are noted, with a scratch cap of ``max_bytes``."""
+    store = object_backend(tmp_path, request, "proxy").store
+    assert isinstance(store, ObjectArtefacts)
+    store.scratch_dir.max_bytes = max_bytes
+    reads: list[str] = []
+    read = store.storage.read
+
+    async def noted(path: str, start: int | None = None, end: int | None = None) -> Any:
+        reads.append(path)
+        return await read(path, start, end)
+
+    store.storage.read = noted  # type: ignore[method-assign]
+    return Watched(store, reads)
+
+
+def data_of(size: int, seed: int = 0) -> bytes:
+    """``size`` bytes of a pattern of its own for each ``seed`` (0-255)."""
+    block = bytes((i + seed) % 256 for i in range(256))
+    return (block * (size // 256 + 1))[:size]
+
+
+def in_scratch(store: ObjectArtefacts) -> list[str]:
+    return sorted(p.name for p in store.scratch_dir.root.iterdir() if p.name != ".lock")
+
+
+async def test_a_stored_file_is_kept_in_scratch_not_fetched_back(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """An ffmpeg output (``writing``) or an upload (``put_file``), in one PUT or in parts, create-only or not: the
+    next ``local_file`` of its key is the written file itself (same inode), with no GET."""
+    watched = watched_store(tmp_path, request)
+    store = watched.store
+    for size in (1000, 6 * MiB):  # one PUT; a staged copy (create-only) or a multipart upload (overwrite)
+        for create_only in (True, False):
+            key, data = video_key(), data_of(size, int(create_only))
+            async with store.writing(key, create_only=create_only) as out:
+                out.write_bytes(data)
+                inode = out.stat().st_ino
+            async with store.local_file(key) as path:
+                assert path.stat().st_ino == inode and path.read_bytes() == data
+    key = artefact_key("audio", new_id(), ".wav")
+    async with store.scratch(key, "upload") as upload:
+        upload.write_bytes(b"RIFF....WAVE")
+        inode = upload.stat().st_ino
+        await store.put_file(key, upload, create_only=True)
+        assert not upload.exists()
+    async with store.local_file(key) as path:
+        assert path.stat().st_ino == inode and path.read_bytes() == b"RIFF....WAVE"
+    assert watched.reads == []
+
+
+async def test_a_losing_create_only_put_keeps_the_winners_copy(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    watched = watched_store(tmp_path, request)
+    store = watched.store
+    for size in (1000, 6 * MiB):
+        key, won, lost = video_key(), data_of(size, 1), data_of(size, 2)
+        async with store.writing(key, create_only=True) as out:
+            out.write_bytes(won)
+            inode = out.stat().st_ino
+        with pytest.raises(ArtefactExists):
+            async with store.writing(key, create_only=True) as out:
+                out.write_bytes(lost)
+        with pytest.raises(ArtefactExists):
+            await store.put_stream(key, chunks(lost), create_only=True)
+        async with store.local_file(key) as path:
+            assert path.stat().st_ino == inode and path.read_bytes() == won
+    assert watched.reads == []
+    assert [name for name in in_scratch(store) if name.endswith(".part") or name.startswith("out-")] == []
+
+
+async def test_an_object_overwritten_elsewhere_is_fetched_not_read_from_the_old_copy(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """An overwriting put keeps its file as the copy of its own version only: once another node overwrites the
+    object, ``local_file`` fetches the new one."""
+    watched = watched_store(tmp_path, request)
+    store = watched.store
+    for size in (1000, 6 * MiB):
+        key = video_key()
+        async with store.writing(key) as out:
+            out.write_bytes(data_of(size, 3))
+        newer = data_of(size, 4)
+        elsewhere = _written(tmp_path / "elsewhere", newer)  # another node's write
+        await store.storage.put_file(key, elsewhere, content_type="video/mp4", create_only=False)
+        async with store.local_file(key) as path:
+            assert path.read_bytes() == newer
+        assert watched.reads == [key]
+        watched.reads.clear()
+
+
+def _written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+async def test_a_stored_stream_is_kept_in_scratch_within_its_cap(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A provider output streamed in create-only is copied into scratch on its way (never more than the cap on
+    disk) and found there; a longer stream is stored without a copy; an overwriting stream keeps nothing."""
+    cap = 8 * MiB
+    watched = watched_store(tmp_path, request, max_bytes=cap)
+    store = watched.store
+    peak = 0
+
+    async def clip(data: bytes, fail: bool = False) -> AsyncIterator[bytes]:
+        nonlocal peak
+        for start in range(0, len(data), 256 * 1024):
+            yield data[start : start + 256 * 1024]
+            peak = max(peak, store.scratch_dir.usage())
+        if fail:
+            raise ConnectionError("the provider hung up")
+
+    short, shorter = video_key(), video_key()
+    await store.put_stream(short, clip(data_of(6 * MiB, 5)), create_only=True)  # in parts, staged
+    await store.put_stream(shorter, clip(data_of(1000, 6)), create_only=True)  # one PUT
+    for key, data in ((short, data_of(6 * MiB, 5)), (shorter, data_of(1000, 6))):
+        async with store.local_file(key) as path:
+            assert path.read_bytes() == data
+    assert watched.reads == []
+    kept = in_scratch(store)
+    assert len(kept) == 2 and not any(name.endswith(".part") for name in kept)
+
+    long = video_key()
+    peak = 0
+    assert await store.put_stream(long, clip(data_of(cap + MiB, 7)), create_only=True) == cap + MiB
+    assert peak <= cap  # older copies made room, then the copy stopped at the cap
+    left = in_scratch(store)
+    assert not any(name.endswith(".part") for name in left) and len(left) <= 2
+    stat = await store.stat(long)
+    assert stat is not None and stat.size == cap + MiB
+    async with store.local_file(long) as path:
+        assert path.read_bytes() == data_of(cap + MiB, 7)
+    assert watched.reads == [long]
+    kept = in_scratch(store)
+
+    with pytest.raises(ConnectionError):
+        await store.put_stream(video_key(), clip(data_of(MiB, 8), fail=True), create_only=True)
+    overwritten = video_key()
+    await store.put_stream(overwritten, clip(data_of(1000, 9)))
+    assert in_scratch(store) == kept
+    async with store.local_file(overwritten) as path:
+        assert path.read_bytes() == data_of(1000, 9)
+    assert watched.reads == [long, overwritten]

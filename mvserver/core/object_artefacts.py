@@ -57,8 +57,17 @@ def content_type(key: str) -> str:
 def _etag_value(info: ObjectInfo) -> str:
     """The store's ETag without its quotes (aiohttp quotes it again), or one made of the size and time."""
     if info.etag:
-        return info.etag.strip('"').removeprefix("W/").strip('"')
+        return _unquoted(info.etag)
     return f"{int(info.modified * 1000):x}-{info.size:x}"
+
+
+def _unquoted(etag: str) -> str:
+    return etag.strip('"').removeprefix("W/").strip('"')
+
+
+def _scratch_key(key: str, version: str) -> str:
+    """The name of an object's version in scratch: a changed object is another copy."""
+    return f"{key}@{version}"
 
 
 class ObjectArtefacts:
@@ -88,6 +97,17 @@ class ObjectArtefacts:
         return await self.put_bytes(key, data, create_only=create_only)
 
     async def put_stream(self, key: str, chunks: AsyncIterable[bytes], *, create_only: bool = False) -> int:
+        """A create-only stream (a provider's output) is copied into scratch as it goes up and kept there once
+        stored, so its probe and poster read it without fetching it back."""
+        if not create_only:
+            return await self._put_stream(key, chunks, create_only=False)
+        async with self.scratch_dir.tee(chunks) as copy:
+            size = await self._put_stream(key, copy, create_only=True)
+            if copy.complete:
+                await self._keep(key, copy.path, size, None, create_only=True)
+            return size
+
+    async def _put_stream(self, key: str, chunks: AsyncIterable[bytes], *, create_only: bool) -> int:
         try:
             return await self.storage.put_stream(key, chunks, create_only=create_only, **self._headers(key))
         except FileExistsError:
@@ -100,12 +120,39 @@ class ObjectArtefacts:
             yield path
 
     async def put_file(self, key: str, path: Path, *, create_only: bool = False) -> int:
+        """The file is kept in scratch as the copy of the version it became (:meth:`_keep`), not fetched back."""
         try:
-            return await self.storage.put_file(key, path, create_only=create_only, **self._headers(key))
+            size, etag = await self.storage.put_file_version(key, path, create_only=create_only, **self._headers(key))
         except FileExistsError:
             raise ArtefactExists(f"{PurePosixPath(key).name} exists") from None
+        else:
+            await self._keep(key, path, size, etag, create_only=create_only)
+            return size
         finally:
             path.unlink(missing_ok=True)  # taken, stored or not
+
+    async def _keep(self, key: str, path: Path, size: int, etag: str | None, *, create_only: bool) -> None:
+        """Keep the file ``key`` was just stored from as this node's scratch copy of that version, so the next
+        :meth:`local_file` of it (a clip's probe and poster, an assembled film's poster) fetches nothing. The copy
+        is named by the version's ETag: the one the store answered for this write, else, after a create-only write,
+        the object's now (a create-only object is never replaced, so that is the version written here; a losing
+        writer got ArtefactExists and keeps nothing). An overwrite whose ETag the store did not answer keeps
+        nothing: another writer's version may be there by now. Failing here only costs a later fetch."""
+        if etag is not None:
+            version = _unquoted(etag)
+        elif create_only:
+            try:
+                info = await self.storage.stat(key)
+            except Exception as exc:  # the object is stored; only the copy is lost
+                log.debug("scratch: %s not kept: %s", key, exc)
+                return
+            if info.size != size:
+                return
+            version = _etag_value(info)
+        else:
+            return
+        suffix = PurePosixPath(key).suffix
+        await asyncio.to_thread(self.scratch_dir.keep, _scratch_key(key, version), path, suffix)
 
     @contextlib.asynccontextmanager
     async def writing(self, key: str, *, create_only: bool = False, tag: str = "") -> AsyncIterator[Path]:
@@ -152,7 +199,7 @@ class ObjectArtefacts:
             await self.storage.download(key, path)
 
         suffix = PurePosixPath(key).suffix
-        async with self.scratch_dir.local(f"{key}@{_etag_value(info)}", fetch, suffix) as path:
+        async with self.scratch_dir.local(_scratch_key(key, _etag_value(info)), fetch, suffix) as path:
             yield path
 
     # -- deletion ----------------------------------------------------------------------------------------------

@@ -245,21 +245,32 @@ class ObjectStorage:
         self, path: str, local: Path, *, content_type: str, filename: str | None = None, create_only: bool = True
     ) -> int:
         """Write a local file (an ffmpeg output in scratch), create-only unless told; returns its length."""
+        found = await self.put_file_version(
+            path, local, content_type=content_type, filename=filename, create_only=create_only
+        )
+        return found[0]
+
+    async def put_file_version(
+        self, path: str, local: Path, *, content_type: str, filename: str | None = None, create_only: bool = True
+    ) -> tuple[int, str | None]:
+        """:meth:`put_file`, with the ETag of the version it wrote as the store answered the write (None after a
+        staged copy: the copy does not answer it)."""
         size = (await asyncio.to_thread(local.stat)).st_size
+        etag = None
         if size <= self.part_size:
             data = await asyncio.to_thread(local.read_bytes)
-            await self.put(path, data, content_type=content_type, filename=filename, overwrite=not create_only)
+            etag = await self.put(path, data, content_type=content_type, filename=filename, overwrite=not create_only)
         elif create_only:
             await self._put_staged(path, local, content_type=content_type, filename=filename)
         else:
-            await self._put_parts(path, local, content_type=content_type, filename=filename)
-        return size
+            etag = await self._put_parts(path, local, content_type=content_type, filename=filename)
+        return size, etag
 
     async def _put_parts(
         self, path: str, source: AsyncIterable[bytes] | Path, *, content_type: str, filename: str | None
-    ) -> None:
-        """A multipart upload to ``path`` (atomic: the object appears when the upload completes)."""
-        await obstore.put_async(
+    ) -> str | None:
+        """A multipart upload to ``path`` (atomic: the object appears when the upload completes); its ETag."""
+        result = await obstore.put_async(
             self.store,
             path,
             source,
@@ -268,6 +279,7 @@ class ObjectStorage:
             chunk_size=self.part_size,
             max_concurrency=self.put_concurrency,
         )
+        return result.get("e_tag")
 
     async def _put_staged(
         self, path: str, source: AsyncIterable[bytes] | Path, *, content_type: str, filename: str | None

@@ -2,7 +2,9 @@
 
 With artefacts in object storage, ffmpeg still reads local files (clips for an assembly, a song for a lip-sync
 cut) and writes one. :meth:`Scratch.local` fetches an object into ``MV_SCRATCH_DIR`` once and hands out its path
-while a caller uses it; :meth:`Scratch.output` gives a path for a file to be written and then stored. The directory
+while a caller uses it; :meth:`Scratch.output` gives a path for a file to be written and then stored, and
+:meth:`Scratch.keep` makes a file just stored (an output, or a :meth:`Scratch.tee` copy of a stream) the local copy
+of its object, so this node never fetches back what it wrote. The directory
 is kept under ``MV_SCRATCH_MAX_MB`` by removing the least recently used files first; a file in use (between entering
 and leaving its context) is never removed, so the cap may be passed while more than the cap is in use.
 
@@ -22,8 +24,9 @@ import logging
 import os
 import secrets
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger("mvserver")
 
@@ -124,19 +127,48 @@ class Scratch:
             self._unpin(name)
             path.unlink(missing_ok=True)
 
+    def keep(self, key: str, path: Path, suffix: str = "") -> bool:
+        """Make the finished file ``path`` (a scratch output or :meth:`tee` copy) the local copy of ``key`` by
+        renaming it, no copy, so what this node has just stored is not fetched back. A file larger than the cap, or
+        one on another file system, is not kept; ``path`` is gone either way. Whether it was kept. Blocking."""
+        target = self.root / self.name(key, suffix)
+        try:
+            if path.stat().st_size > self.max_bytes:
+                return False
+            os.replace(path, target)
+        except OSError as exc:
+            log.debug("scratch: %s not kept: %s", path, exc)
+            return False
+        finally:
+            path.unlink(missing_ok=True)
+        _touch(target)
+        self.evict()
+        return True
+
+    @contextlib.asynccontextmanager
+    async def tee(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[Tee]:
+        """``chunks`` passed through while they are copied into a temporary here (see :class:`Tee`), for
+        :meth:`keep` once the stream has been stored; removed at the end unless kept."""
+        copy = Tee(chunks, self.root / f"tee-{secrets.token_hex(8)}{TEMP_SUFFIX}", self._make_room)
+        try:
+            yield copy
+        finally:
+            copy.drop()  # at once, even in a task cancelled twice
+
     # -- size ----------------------------------------------------------------------------------------------------
 
     def usage(self) -> int:
         """Bytes of the files in the directory (unfinished downloads included)."""
         return sum(size for _, _, size in self._files(include_temporaries=True))
 
-    def evict(self) -> int:
-        """Remove least recently used files not in use until the directory fits the cap; returns how many."""
+    def evict(self, reserve: int = 0) -> int:
+        """Remove least recently used files not in use until the directory fits the cap with ``reserve`` bytes to
+        spare; returns how many."""
         files = self._files(include_temporaries=True)
         total = sum(size for _, _, size in files)
         removed = 0
         for mtime, name, size in sorted(files):
-            if total <= self.max_bytes:
+            if total + reserve <= self.max_bytes:
                 break
             if name in self._pins or name.endswith(TEMP_SUFFIX) or name.startswith(OUTPUT_PREFIX):
                 continue
@@ -146,6 +178,12 @@ class Scratch:
                 removed += 1
                 log.debug("scratch: evicted %s (%d bytes, last used %.0f)", name, size, mtime)
         return removed
+
+    def _make_room(self, size: int) -> int:
+        """Evict until ``size`` more bytes fit under the cap; the bytes that fit then (less than ``size`` when files
+        in use fill it)."""
+        self.evict(size)
+        return self.max_bytes - self.usage()
 
     def _files(self, *, include_temporaries: bool) -> list[tuple[float, str, int]]:
         found = []
@@ -169,6 +207,75 @@ class Scratch:
             self._pins[name] = left
         else:
             del self._pins[name]
+
+
+class Tee:
+    """A stream passed on unchanged while its chunks are written to a file in scratch, within the cap: when the room
+    it last found is used up it asks ``make_room`` (which evicts least recently used copies) for the next chunk;
+    when there is none (a stream longer than the cap, or files in use fill it) the copy is dropped at once and the
+    rest passes uncopied, and so is a copy that cannot be written (a full disk): the copy never fails the stream."""
+
+    def __init__(self, chunks: AsyncIterable[bytes], path: Path, make_room: Callable[[int], int]):
+        self._chunks = aiter(chunks)
+        self.path = path
+        self._make_room = make_room
+        self._room = 0  # bytes the copy may reach before it asks for more
+        self.written = 0
+        self._file: BinaryIO | None = None
+        self._ended = False
+        self._dropped = False
+
+    @property
+    def complete(self) -> bool:
+        """Whether the stream has ended and the file holds all of it."""
+        return self._ended and not self._dropped
+
+    def __aiter__(self) -> Tee:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await anext(self._chunks)
+        except StopAsyncIteration:
+            self._ended = True
+            if not self._dropped:
+                await asyncio.to_thread(self._close)
+            raise
+        if chunk and not self._dropped:
+            await self._write(chunk)
+        return chunk
+
+    async def _write(self, chunk: bytes) -> None:
+        if self.written + len(chunk) > self._room:
+            free = await asyncio.to_thread(self._make_room, len(chunk))
+            if free < len(chunk):
+                self.drop()
+                return
+            self._room = self.written + free
+        try:
+            if self._file is None:
+                self._file = await asyncio.to_thread(open, self.path, "xb")
+            await asyncio.to_thread(self._file.write, chunk)
+            self.written += len(chunk)
+        except OSError as exc:
+            log.warning("scratch: the copy of a stored stream was dropped: %s", exc)
+            self.drop()
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        else:
+            self.path.touch()  # an empty stream: an empty copy
+
+    def drop(self) -> None:
+        """Stop copying and remove the copy (a no-op once :meth:`Scratch.keep` took it)."""
+        self._dropped = True
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        self.path.unlink(missing_ok=True)
 
 
 def _touch(path: Path) -> bool:
