@@ -13,7 +13,8 @@ from aiohttp.test_utils import TestClient
 from helpers import AppClient, events_of, submit, two_key_client
 from object_store import S3Server
 
-from mvserver.appkeys import ARTEFACTS
+from mvserver.appkeys import ARTEFACTS, ASSEMBLY_DEPS, JOBS
+from mvserver.assembly.service import AssemblyDriver
 from mvserver.core.config import ConfigError
 from mvserver.core.object_artefacts import ObjectArtefacts
 
@@ -106,3 +107,26 @@ async def test_a_busy_scratch_directory_stops_the_start_up(make_client: AppClien
     await make_client()  # holds MV_SCRATCH_DIR
     with pytest.raises(ConfigError, match="MV_SCRATCH_DIR"):
         await make_client()
+
+
+async def test_an_assembly_run_again_keeps_the_film_its_earlier_run_stored(client: TestClient) -> None:
+    """The film is stored create-only: a run of the same job again (its node lost after the put, before the job's
+    record said so) assembles, finds the film there and keeps it, so nobody ever sees it replaced."""
+    clip = await submit(client)
+    assert (await events_of(client, clip["job_id"]))[-1]["event"] == "succeeded"
+    response = await client.post("/api/mv/assemble", json={"clips": [{"job_id": clip["job_id"]}]})
+    assert response.status == 202, await response.text()
+    job_id = (await response.json())["job_id"]
+    assert (await events_of(client, job_id))[-1]["event"] == "succeeded"
+    store, key = client.app[ARTEFACTS], f"videos/{job_id}.mp4"
+    before = await store.stat(key)
+    assert before is not None
+    job = await client.app[JOBS].store.get(job_id)
+    assert job is not None
+
+    async def progress(fraction: float | None, stage: str) -> None:
+        pass
+
+    size = await AssemblyDriver(client.app[ASSEMBLY_DEPS]).run(job, key, progress)
+    after = await store.stat(key)
+    assert after is not None and size == before.size and (after.etag, after.mtime) == (before.etag, before.mtime)

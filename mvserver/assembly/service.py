@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from mvserver.assembly.schemas import AssemblyOptions
 from mvserver.audio import songs
-from mvserver.core.artefacts import Artefacts, OutputStore, artefact_key, temp_path
+from mvserver.core.artefacts import ArtefactExists, Artefacts, OutputStore, artefact_key, temp_path
 from mvserver.core.config import AssemblyLimits, Config
 from mvserver.core.errors import ApiError
 from mvserver.jobs import Job, JobEngine
@@ -361,9 +361,16 @@ class AssemblyDriver:
                 song_key, sidecar = await self.deps.saved_audio(request["audio_id"])
                 song = await files.enter_async_context(store.local_file(song_key))
                 song_copy = await _song_copy(self.deps, request["audio_id"], song_key, sidecar, files)
-            async with self._turn(job, progress) as held, store.writing(dest, tag="out") as out:
-                result = await self._assemble(request, clips, song, song_copy, out, progress, held)
-                size = (await asyncio.to_thread(out.stat)).st_size
+            async with self._turn(job, progress) as held:
+                try:
+                    async with store.writing(dest, create_only=True, tag="out") as out:
+                        result = await self._assemble(request, clips, song, song_copy, out, progress, held)
+                        size = (await asyncio.to_thread(out.stat)).st_size
+                except ArtefactExists:  # an earlier run of this job stored its film, then lost its node: that stays
+                    stored = await store.stat(dest)
+                    if stored is None:  # removed since (retention): nothing to keep, nothing to serve
+                        raise ApiError(500, "assembly_failed", "the assembled video is gone") from None
+                    size = stored.size
         request["result"] = {
             "seconds": round(result.duration, 6),
             "copied": result.copied,
