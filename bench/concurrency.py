@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,8 @@ async def watch_job(session: aiohttp.ClientSession, base: str) -> tuple[str, flo
         if response.status != 202:
             return f"http {response.status}", time.time()
         job = await response.json()
-    async with session.get(base + job["events_url"]) as response:
+    # with webhooks on, the server's public base URL makes its links absolute
+    async with session.get(urllib.parse.urljoin(base, job["events_url"])) as response:
         async for received, event in read_sse(response):
             if event.get("event") in FINAL:
                 return event["event"], received
@@ -147,7 +149,7 @@ async def main_async(args: argparse.Namespace) -> list[Run]:
         sim = start_simulator(started, work, video_latency=args.latency)
         sim_pid = started[-1].pid
         settings = bench_settings(work, poll_interval_seconds=args.poll, max_concurrent=max(args.n))
-        for webhooks in (False, True) if args.webhooks else (False,):
+        for webhooks in ((False,) if not args.skip_polling else ()) + ((True,) if args.webhooks else ()):
             base = start_server(
                 started,
                 work,
@@ -191,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--webhooks", action="store_true", help="also run mvserver with Replicate webhooks on")
+    parser.add_argument("--skip-polling", action="store_true", help="with --webhooks: run only the webhooks server")
     args = parser.parse_args(argv)
     raise_open_files_limit()
     runs = asyncio.run(main_async(args))
