@@ -291,7 +291,7 @@ class FileJobStore:
         if record:
             lock = self._write_locks.setdefault(job.id, asyncio.Lock())
             async with lock:
-                await self.outputs.write_json(self.outputs.path("jobs", job.id, ".json"), job.record())
+                await self.outputs.write_bytes(self.outputs.path("jobs", job.id, ".json"), _record_bytes(job))
             if job.final and job.id in self._active:
                 self._retire(job)
 
@@ -487,6 +487,12 @@ class FileJobStore:
             return (await asyncio.to_thread(tombstone.stat)).st_mtime >= time.time()
         except FileNotFoundError:
             return False
+
+
+def _record_bytes(job: Job) -> bytes:
+    """The record as compact JSON: json's C encoder, where an indented dump runs the pure-Python one (a tenth of a
+    millisecond or more of the event loop per write, five writes a job)."""
+    return json.dumps(job.record(), separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _append(path: Path, line: str) -> None:
