@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import time
@@ -20,6 +21,7 @@ from test_videos import events_of, submit
 
 from mvserver.app import create_app
 from mvserver.core.config import ConfigError, EnvSettings
+from mvserver.core.errors import ErrorInfo
 from mvserver.jobs import JOBS
 from mvserver.jobs.updates import PushedUpdates
 from mvserver.providers.base import Snapshot
@@ -457,3 +459,19 @@ async def test_a_start_webhook_before_the_prediction_id_is_saved_is_applied_once
     assert not pushed.push("job", "pred1", newer)  # never backwards after the end
     assert pushed.push("other", "predX", newer)
     assert await pushed.wait("other", "pred2", 0.01) is None  # another prediction's update is not applied
+
+
+def test_a_pushed_snapshot_reaches_the_owner_whole() -> None:
+    """A webhook's snapshot travels to the job's owner as JSON (``to_dict``, written field by field): every field
+    of :class:`Snapshot` makes the trip."""
+    sent = Snapshot(
+        status="failed",
+        progress=0.5,
+        logs="12%|#",
+        output="https://replicate.delivery/x.mp4",
+        error=ErrorInfo("provider_prediction_failed", "out of credit", provider="replicate"),
+        metrics={"predict_time": 4.2},
+    )
+    payload = sent.to_dict()
+    assert set(payload) == {f.name for f in dataclasses.fields(Snapshot)}
+    assert Snapshot.from_dict(json.loads(json.dumps(payload))) == sent
