@@ -1,4 +1,4 @@
-"""Assembly: 12 sandbox clips of 8 s and a 96 s song joined into one MP4 with ``mvserver.media.ffmpeg.assemble``.
+"""Assembly: 12 sandbox clips of 8 s and a 96 s song joined into one MP4 with ``mvserver.media.assemble.assemble``.
 
 Measured in one run, on the same files: cut-only assembly (whole clips with matching codec parameters, so the
 video is stream-copied) twice, as before the song's AAC copy existed (the song encoded in the final run) and with
@@ -59,8 +59,12 @@ from bench.common import (
     start_simulator,
     workdir,
 )
+from mvserver.core.artefacts import temp_path
 from mvserver.core.config import EnvSettings, load_config
-from mvserver.media import ffmpeg as media
+from mvserver.media.assemble import AssemblyResult, Clip, assemble
+from mvserver.media.probe import MediaInfo, probe
+from mvserver.media.run import ffmpeg_exe, run_ffmpeg
+from mvserver.media.song import SongCopy, encode_song_copies
 from mvserver.sandbox.render import render_video
 
 
@@ -78,7 +82,7 @@ async def render_clips(directory: Path, count: int, seconds: float) -> list[Path
 
 
 async def make_song(path: Path, seconds: float) -> Path:
-    await media.run_ffmpeg(
+    await run_ffmpeg(
         [
             "-f",
             "lavfi",
@@ -105,7 +109,7 @@ async def baseline(clips: list[Path], song: Path, out: Path, total: float) -> No
     """Decode everything and encode it all again in one pass, as a MoviePy-style port does."""
     inputs = [arg for clip in clips for arg in ("-i", str(clip))]
     graph = "".join(f"[{i}:v]" for i in range(len(clips))) + f"concat=n={len(clips)}:v=1:a=0[v]"
-    await media.run_ffmpeg(
+    await run_ffmpeg(
         [
             *inputs,
             "-i",
@@ -171,7 +175,7 @@ async def video_copy_only(clips: list[Path], out: Path) -> None:
     """The video part of a cut-only assembly alone: the concat demuxer copying every clip, no audio."""
     listing = out.with_suffix(".txt")
     listing.write_text("".join(f"file '{clip}'\n" for clip in clips))
-    await media.run_ffmpeg(
+    await run_ffmpeg(
         [
             "-f",
             "concat",
@@ -202,32 +206,37 @@ async def bench(args: argparse.Namespace) -> int:
         f"{time.perf_counter() - started:.1f} s",
         flush=True,
     )
-    edit = [media.Clip(path) for path in clips]
+    edit = [Clip(path) for path in clips]
 
     aac, preview = work / "song.aac.m4a", work / "song.preview.mp3"
-    copies = await timed(lambda: media.encode_song_copies(song, aac, preview, duration=total), 1)
-    song_copy = media.SongCopy(aac, total)
+    copies = await timed(lambda: encode_song_copies(song, aac, preview, temp_name=temp_path, duration=total), 1)
+    song_copy = SongCopy(aac, total)
     load_before = os.getloadavg()
-    encoded = await timed(lambda: media.assemble(edit, work / "cut-encoded.mp4", song=song), args.repeat)
-    cut = await timed(lambda: media.assemble(edit, work / "cut.mp4", song=song, song_copy=song_copy), args.repeat)
+    encoded = await timed(lambda: assemble(edit, work / "cut-encoded.mp4", temp_name=temp_path, song=song), args.repeat)
+    cut = await timed(
+        lambda: assemble(edit, work / "cut.mp4", temp_name=temp_path, song=song, song_copy=song_copy), args.repeat
+    )
     video_only = await timed(lambda: video_copy_only(clips, work / "video-only.mp4"), args.repeat)
     xfade = await timed(
-        lambda: media.assemble(edit, work / "xfade.mp4", song=song, transition="crossfade", crossfade_seconds=0.5), 1
+        lambda: assemble(
+            edit, work / "xfade.mp4", temp_name=temp_path, song=song, transition="crossfade", crossfade_seconds=0.5
+        ),
+        1,
     )
     base = await timed(lambda: baseline(clips, song, work / "baseline.mp4", total), 1)
     load_after = os.getloadavg()
     children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
-    cut_info = await media.probe(work / "cut.mp4")
-    encoded_info = await media.probe(work / "cut-encoded.mp4")
-    xfade_info = await media.probe(work / "xfade.mp4")
-    base_info = await media.probe(work / "baseline.mp4")
+    cut_info = await probe(work / "cut.mp4")
+    encoded_info = await probe(work / "cut-encoded.mp4")
+    xfade_info = await probe(work / "xfade.mp4")
+    base_info = await probe(work / "baseline.mp4")
     expected_xfade = total - (args.clips - 1) * 0.5
     assembled, crossfaded, before = cut.result, xfade.result, encoded.result
-    assert isinstance(assembled, media.AssemblyResult) and isinstance(crossfaded, media.AssemblyResult)
-    assert isinstance(before, media.AssemblyResult)
+    assert isinstance(assembled, AssemblyResult) and isinstance(crossfaded, AssemblyResult)
+    assert isinstance(before, AssemblyResult)
 
-    def streams(info: media.MediaInfo) -> str:
+    def streams(info: MediaInfo) -> str:
         v, a = info.first_video, info.first_audio
         return f"{v.codec if v else '-'} + {a.codec if a else '-'}, {info.duration:.2f} s"
 
@@ -392,13 +401,15 @@ async def sse_bench(args: argparse.Namespace) -> list[tuple[object, ...]]:
 WORST_RUN = """
 import asyncio, json, resource, sys, time
 from pathlib import Path
-from mvserver.media import ffmpeg as media
+from mvserver.core.artefacts import temp_path
+from mvserver.media.assemble import Clip, assemble
+from mvserver.media.limits import FfmpegLimits
 spec = json.loads(sys.argv[1])
-clips = [media.Clip(Path(p)) for p in spec["clips"]]
+clips = [Clip(Path(p)) for p in spec["clips"]]
 started = time.perf_counter()
-result = asyncio.run(media.assemble(
-    clips, Path(spec["out"]), song=Path(spec["song"]), transition="crossfade", crossfade_seconds=spec["crossfade"],
-    clip_audio="mix", fit="letterbox", limits=media.FfmpegLimits(**spec["limits"]),
+result = asyncio.run(assemble(
+    clips, Path(spec["out"]), temp_name=temp_path, song=Path(spec["song"]), transition="crossfade",
+    crossfade_seconds=spec["crossfade"], clip_audio="mix", fit="letterbox", limits=FfmpegLimits(**spec["limits"]),
     graph_clips_max=spec["graph_clips_max"]))
 usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(json.dumps({"wall": time.perf_counter() - started, "cpu": usage.ru_utime + usage.ru_stime,
@@ -455,11 +466,11 @@ async def _scaled(path: Path, height: int) -> Path:
     if height == 360:
         return path
     out = path.with_name(f"{path.stem}-{height}.mp4")
-    info = await media.probe(path)
+    info = await probe(path)
     video = info.first_video
     assert video is not None
     size = f"-2:{height}" if video.width >= video.height else f"{height}:-2"
-    await media.run_ffmpeg(
+    await run_ffmpeg(
         [
             "-i",
             str(path),
@@ -506,7 +517,7 @@ async def worst(args: argparse.Namespace) -> int:
         ),
     ]
     rows = []
-    binary_mib = os.path.getsize(media.ffmpeg_exe()) / 2**20
+    binary_mib = os.path.getsize(ffmpeg_exe()) / 2**20
     ok = True
     for name, clips, crossfade in cases:
         spec = {

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from mvserver.app import create_app
-from mvserver.jobs import JOBS
+from mvserver.appkeys import JOBS
 
 TIMINGS = web.AppKey("bench_timings", dict)
 

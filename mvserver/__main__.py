@@ -14,7 +14,6 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 
-from mvserver.app import create_app
 from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.core.logs import AccessLogger, configure_logging
 from mvserver.jobs import StoreUnavailable
@@ -63,11 +62,11 @@ def keys_main(argv: list[str]) -> int:
                 state = f"revoked {record.revoked_at}" if record.revoked_at else "active"
                 print(f"{record.id}\t{record.name}\t{record.created_at}\t{state}\t{record.limits.model_dump()}")
         else:
-            record = revoke_key(path, args.key_id)
-            if record is None:
+            revoked = revoke_key(path, args.key_id)
+            if revoked is None:
                 print(f"mvserver keys: no active key {args.key_id} in {path}", file=sys.stderr)
                 return 1
-            print(f"revoked key {record.id} ({record.name})")
+            print(f"revoked key {revoked.id} ({revoked.name})")
     except (ConfigError, ValueError) as exc:
         print(f"mvserver keys: {exc}", file=sys.stderr)
         return 2
@@ -94,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         configure_logging(env.log_format)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per provider poll is noise
+        from mvserver.app import create_app  # here: the keys commands and --help need neither the app nor its SDKs
+
         app = create_app(env)
     except ConfigError as exc:
         print(f"mvserver: configuration error: {exc}", file=sys.stderr)

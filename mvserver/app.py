@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -11,37 +12,59 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from mvserver.assembly import routes as assembly
-from mvserver.audio import routes as audio
+from mvserver.appkeys import (
+    ARTEFACTS,
+    ASSEMBLY_DEPS,
+    CONFIG,
+    FFMPEG_SLOTS,
+    HEAVY_FFMPEG_SLOTS,
+    JOBS,
+    KEYRING,
+    LIPSYNC_DEPS,
+    METRICS,
+    PROJECT_DEPS,
+    PROJECTS,
+    PROVIDERS,
+    REQUEST_MODELS,
+    SCENE_DEPS,
+    SONG_SAVED,
+    SONGS,
+    STORE,
+    TEMPLATES,
+    UPLOAD_SLOTS,
+)
+from mvserver.assembly.service import KIND as ASSEMBLY
+from mvserver.assembly.service import AssemblyDeps, AssemblyDriver
 from mvserver.audio import songs
-from mvserver.core.config import CONFIG, TEMPLATES, Config, ConfigError, EnvSettings, load_config, package_templates
+from mvserver.audio.routes import UploadSlots
+from mvserver.audio.service import saved_audio
+from mvserver.core.artefacts import LocalArtefacts, OutputStore, node_context, start_node
+from mvserver.core.config import Config, ConfigError, EnvSettings, load_config, package_templates
 from mvserver.core.debug import debug_print
 from mvserver.core.errors import hide_paths_under, server_log
-from mvserver.core.storage import STORE, OutputStore, node_context, start_node
-from mvserver.images import routes as images
-from mvserver.jobs import JOBS, FileJobStore, Job, JobEngine, JobStore, events, video_kind, webhooks_out
+from mvserver.images.service import generate_reference
+from mvserver.jobs import FileJobStore, Job, JobEngine, JobStore, video_kind, webhooks_out
 from mvserver.jobs.census import JobCensus
 from mvserver.jobs.retention import sweep_forever
-from mvserver.lipsync import routes as lipsync
-from mvserver.openapi.schemas import REQUEST_MODELS, RequestModels
-from mvserver.projects import events as project_events
-from mvserver.projects import routes as projects
-from mvserver.projects.store import PROJECTS, open_project_store
-from mvserver.providers import PROVIDERS, Providers
+from mvserver.lipsync.service import KIND as LIPSYNC
+from mvserver.lipsync.service import LipsyncDeps, LipsyncDriver
+from mvserver.openapi.schemas import RequestModels
+from mvserver.projects import song as project_song
+from mvserver.projects.service import ProjectDeps
+from mvserver.projects.store import open_project_store
+from mvserver.providers import Providers
 from mvserver.providers import gemini as gemini_backend
 from mvserver.providers import replicate as replicate_backend
 from mvserver.providers import replicate_webhooks as webhooks
 from mvserver.providers.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts, url_origin
-from mvserver.sandbox.simulator import Simulator, start_simulator
-from mvserver.scenes import routes as scenes
-from mvserver.usage import routes as usage
+from mvserver.routes import add_routes
+from mvserver.sandbox.app import Simulator, start_simulator
+from mvserver.scenes.service import SceneDeps, write_scenes
 from mvserver.videos import posters
-from mvserver.videos import routes as videos
-from mvserver.web import demo, meta
+from mvserver.videos.service import submit_video_job
 from mvserver.web import middlewares as access
-from mvserver.web.access.auth import KEYRING
 from mvserver.web.access.quotas import running_cap_of
-from mvserver.web.metrics import METRICS, Metrics
+from mvserver.web.metrics import Metrics
 from mvserver.web.security import security_middleware
 
 log = logging.getLogger("mvserver")
@@ -104,7 +127,7 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
             base_url=urls["vertex"],
             timeout=videos.jobs.request_timeout_seconds,
         ),
-        store,
+        app[ARTEFACTS],
         video_model=videos.backends.gemini.model,
         person_generation=videos.backends.gemini.person_generation,
         resolution=videos.backends.gemini.resolution,
@@ -115,7 +138,7 @@ async def providers_context(app: web.Application) -> AsyncIterator[None]:
     replicate = replicate_backend.ReplicateProvider(
         replicate_backend.make_client(replicate_token, urls["replicate"], videos.jobs.request_timeout_seconds),
         session,
-        store,
+        app[ARTEFACTS],
         video_model=videos.backends.replicate.model,
         request_timeout=videos.jobs.request_timeout_seconds,
         sandbox="replicate" in sandboxed,
@@ -164,12 +187,17 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     """Start the job engine: unfinished jobs resume; at exit their tasks stop (they resume at the next start)."""
     config = app[CONFIG]
     kinds = {
-        "video": video_kind(app[PROVIDERS], app[STORE]),
-        lipsync.KIND: lipsync.lipsync_kind(app),
-        assembly.KIND: assembly.assembly_kind(app),
+        "video": video_kind(app[PROVIDERS], app[ARTEFACTS]),
+        LIPSYNC: lambda job: LipsyncDriver(app[LIPSYNC_DEPS]),
+        ASSEMBLY: lambda job: AssemblyDriver(app[ASSEMBLY_DEPS]),
     }
-    engine = JobEngine(job_store(app), kinds, app[STORE], config.videos.jobs, max_concurrent=config.max_concurrent_jobs)
+    engine = JobEngine(
+        job_store(app), kinds, app[ARTEFACTS], config.videos.jobs, max_concurrent=config.max_concurrent_jobs
+    )
     app[JOBS] = engine
+    # Before the engine starts: a job it resumes may be a lip sync or an assembly, whose driver uses these.
+    app[LIPSYNC_DEPS] = lipsync_deps(app)
+    app[ASSEMBLY_DEPS] = assembly_deps(app)
     engine.running_cap = running_cap_of(app)  # a key's jobs beyond its max_running_jobs wait queued (keys on)
     engine.hooks.stored = posters.stored_hook(app)  # every stored clip: its poster, length and size
     engine.pricing = config.pricing
@@ -186,7 +214,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     retention = config.videos.jobs.retention_hours * 3600
     if retention > 0:
         sweeper = asyncio.get_running_loop().create_task(
-            sweep_forever(engine.store, app[STORE], retention), name="retention-sweeper"
+            sweep_forever(engine.store, app[ARTEFACTS], retention), name="retention-sweeper"
         )
     try:
         yield
@@ -219,10 +247,64 @@ def monthly_budget(app: web.Application) -> Callable[[str], float | None]:
 async def projects_context(app: web.Application) -> AsyncIterator[None]:
     """The project store: Redis when ``MV_REDIS_URL`` is set, else files under ``outputs/projects``."""
     app[PROJECTS] = open_project_store(app[STORE], app[CONFIG].env.redis_url, app[CONFIG].env.redis_prefix)
+    app[SCENE_DEPS] = scene_deps(app)
+    app[PROJECT_DEPS] = project_deps(app)  # needs the job engine and the providers, started before
     try:
         yield
     finally:
         await app[PROJECTS].close()
+
+
+# -- the features' dependencies, built once at start-up (stored under their app keys) --------------------------------
+
+
+def scene_deps(app: web.Application) -> SceneDeps:
+    """The scene writer's dependencies (needs the providers)."""
+    return SceneDeps(app[CONFIG], app[PROVIDERS], app[ARTEFACTS], app[TEMPLATES])
+
+
+def project_deps(app: web.Application) -> ProjectDeps:
+    """The project service's dependencies (needs the project store, the job engine and the scene deps); lip sync's
+    and assembly's project routes use them too."""
+    return ProjectDeps(
+        config=app[CONFIG],
+        projects=app[PROJECTS],
+        jobs=app[JOBS],
+        artefacts=app[ARTEFACTS],
+        models=app[REQUEST_MODELS],
+        submit_video=functools.partial(submit_video_job, app),
+        write_scenes=functools.partial(write_scenes, app[SCENE_DEPS]),
+        load_analysis=functools.partial(project_song.load_analysis, app),
+        song_brief=functools.partial(project_song.song_brief, app),
+        generate_reference=functools.partial(generate_reference, app),
+    )
+
+
+def lipsync_deps(app: web.Application) -> LipsyncDeps:
+    """Lip sync's dependencies (needs the job engine and the providers)."""
+    return LipsyncDeps(
+        config=app[CONFIG],
+        jobs=app[JOBS],
+        artefacts=app[ARTEFACTS],
+        providers=app[PROVIDERS],
+        probe_slots=app[FFMPEG_SLOTS],
+        heavy_slots=app[HEAVY_FFMPEG_SLOTS],
+        saved_audio=functools.partial(saved_audio, app),
+    )
+
+
+def assembly_deps(app: web.Application) -> AssemblyDeps:
+    """Assembly's dependencies (needs the job engine and the songs' work)."""
+    return AssemblyDeps(
+        config=app[CONFIG],
+        jobs=app[JOBS],
+        outputs=app[STORE],
+        artefacts=app[ARTEFACTS],
+        songs=app[SONGS],
+        probe_slots=app[FFMPEG_SLOTS],
+        heavy_slots=app[HEAVY_FFMPEG_SLOTS],
+        saved_audio=functools.partial(saved_audio, app),
+    )
 
 
 async def end_streams(app: web.Application) -> None:
@@ -250,29 +332,22 @@ def create_app(env: EnvSettings | Mapping[str, str] | None = None) -> web.Applic
     app[CONFIG] = config
     app[TEMPLATES] = package_templates()
     app[STORE] = store
+    app[ARTEFACTS] = LocalArtefacts(store)
     app[REQUEST_MODELS] = RequestModels.build(config)
     start_node(store)  # only what dead nodes left: other nodes may be writing in a shared MV_OUTPUT_DIR
     app.cleanup_ctx.append(node_context)
     app.cleanup_ctx.append(providers_context)
-    songs.setup(app)  # before the jobs: an assembly job reads a song's copy until the engine stops
+    app.cleanup_ctx.append(songs.songs_context)  # before the jobs: an assembly job reads a song's copy until they stop
+    app[SONG_SAVED] = songs.on_song_saved
     app.cleanup_ctx.append(jobs_context)
-    webhooks_out.setup(app)  # its sender plugs into the job engine started just above
+    app.cleanup_ctx.append(webhooks_out.sender_context)  # its sender plugs into the job engine started just above
     app.cleanup_ctx.append(projects_context)
     app.on_shutdown.append(end_streams)
     webhooks.setup(app, env, "replicate" in sandboxed_services(env))
-    app.add_routes(meta.routes)
-    app.add_routes(scenes.routes)
-    app.add_routes(images.routes)
-    app.add_routes(videos.routes)
-    app.add_routes(usage.routes)
-    app.add_routes(posters.routes)
-    lipsync.setup(app)
-    assembly.setup(app)
-    app.add_routes(events.routes)
-    app.add_routes(audio.routes)
-    app[audio.UPLOAD_SLOTS] = audio.UploadSlots(env.max_concurrent_uploads)
-    app.add_routes(projects.routes)
-    app.add_routes(project_events.routes)
-    app.add_routes(demo.routes)
+    # per-node bounds: lip-sync probes, ffmpeg-heavy job runs (assembly, lip-sync cuts), uploads at once
+    app[FFMPEG_SLOTS] = asyncio.Semaphore(config.lipsync.limits.ffmpeg_concurrency)
+    app[HEAVY_FFMPEG_SLOTS] = asyncio.Semaphore(config.media.ffmpeg.concurrency)
+    app[UPLOAD_SLOTS] = UploadSlots(env.max_concurrent_uploads)
+    add_routes(app, env)
     access.setup_cors(app, env)  # last: it covers every route added above
     return app

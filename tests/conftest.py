@@ -2,52 +2,51 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import importlib.util
-import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import certifi
 import pytest
 import pytest_asyncio
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
+from helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    CLAIM_INTERVAL,
+    LEASE,
+    RENDER_CACHE,
+    RENDER_CACHE_OWNED,
+    SIM_DEFAULTS,
+    SIM_KNOBS,
+    AppClient,
+    Cluster,
+    HookClient,
+    LiveApp,
+    RedisServer,
+    fast_settings,
+    free_port,
+    provider_env,
+    redis_server_or_skip,
+    remove_fast_settings,
+    require_or_skip,
+    set_safety_poll,
+    sync_playwright,
+)
 
 from mvserver.app import create_app
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
 
-PROJECT = Path(__file__).resolve().parent.parent
-# The browser tests' Chromium; `.ci/run` reads this same constant (`python -c 'from conftest import CHROMIUM'`).
-CHROMIUM = Path("/usr/bin/chromium")
-
-
-def in_ci() -> bool:
-    """``CI=true`` (or 1/yes/on): a test that cannot run there is a failure, not a skip."""
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def require_or_skip(what: str, available: bool) -> None:
-    """Skip the calling test when ``what`` is unavailable; under CI fail it instead, so CI cannot pass by skipping.
-
-    Call it at the start of a test or fixture (e.g. ``require_or_skip(f"{CHROMIUM}", CHROMIUM.is_file())``).
-    """
-    if available:
-        return
-    if in_ci():
-        pytest.fail(f"{what} is required when CI=true", pytrace=False)
-    pytest.skip(f"{what} is missing")
-
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 _CA_BUNDLE = pytest.StashKey[tuple[Path, "str | None"]]()
 
@@ -68,6 +67,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    remove_fast_settings()
+    if RENDER_CACHE_OWNED:  # in the process that made it (the xdist workers inherit the variable)
+        shutil.rmtree(RENDER_CACHE, ignore_errors=True)
     bundle, previous = config.stash.get(_CA_BUNDLE, (None, None))
     if bundle is None:
         return
@@ -87,16 +89,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         )
 
 
-TEST_REPLICATE_TOKEN = "r8_test"  # the apps' REPLICATE_API_TOKEN; the simulators answer it (and give it the secret)
-SIM_DEFAULTS = {"video_latency": 0.2, "image_latency": 0.2, "scenes_latency": 0.0, "api_token": TEST_REPLICATE_TOKEN}
-# The simulator's own defaults of the other knobs tests change.
-SIM_KNOBS = {
-    f.name: f.default
-    for f in dataclasses.fields(Simulator)
-    if f.name in ("render_cache", "output_pad_bytes", "webhook_retry_seconds")
-}
-
-
 @pytest.fixture
 def sim(tmp_path: Path) -> Simulator:
     """A fast simulator whose state lives in the test's temporary directory."""
@@ -108,101 +100,10 @@ async def sim_server(sim: Simulator, aiohttp_server: Callable[..., Awaitable[Tes
     return await aiohttp_server(create_simulator_app(sim))
 
 
-FAST_JOBS = {
-    "poll_interval_seconds": 0.05,
-    "retry_initial_delay_seconds": 0.05,
-    "retry_max_delay_seconds": 0.2,
-    "sse_ping_interval_seconds": 0.2,
-}
-
-
 @pytest.fixture
 def settings_dir(tmp_path: Path) -> Path:
     """A copy of the project's settings with fast polling, for tests that run video jobs."""
     return fast_settings(tmp_path / "settings")
-
-
-def fast_settings(target: Path) -> Path:
-    """Copy the project's settings to ``target`` with fast polling (see :func:`settings_dir`)."""
-    shutil.copytree(PROJECT / "settings", target)
-    videos = yaml.safe_load((target / "videos.yaml").read_text())
-    videos["jobs"].update(FAST_JOBS)
-    (target / "videos.yaml").write_text(yaml.safe_dump(videos, sort_keys=False))
-    images = yaml.safe_load((target / "images.yaml").read_text())
-    images["poll_interval_seconds"] = 0.05
-    (target / "images.yaml").write_text(yaml.safe_dump(images, sort_keys=False))
-    return target
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class RedisServer:
-    """A private ``redis-server`` on 127.0.0.1 (persistence off unless asked); ``restart()`` keeps its port."""
-
-    def __init__(self, workdir: Path, *, persistent: bool = False):
-        self.workdir = workdir
-        self.port = free_port()
-        self.persistent = persistent
-        self.process: subprocess.Popen | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        persistence = (
-            ["--appendonly", "yes", "--appendfsync", "always"]
-            if self.persistent
-            else ["--appendonly", "no", "--save", ""]
-        )
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.workdir),
-                "--protected-mode",
-                "yes",
-                *persistence,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "redis-server exited at start-up"
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not answer within 10 s")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: a persistent server writes its data before it exits
-            self.process.wait(timeout=10)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-
-def redis_server_or_skip() -> None:
-    """Redis tests need Debian's redis-server; without it they skip, except on CI (CI=true), where they fail."""
-    if shutil.which("redis-server") is None:
-        message = "redis-server is not installed (apt-get install redis-server)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
@@ -219,10 +120,15 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Modules marked ``both_stores`` run every test on the file store and on Redis (one fixture, no copies)."""
+    """Modules marked ``both_stores`` run every test on the file store and on Redis (one fixture, no copies), but
+    for the tests that touch no store (``store_independent``: refused before any store access, settings,
+    documents), which run once, on files."""
     if not metafunc.definition.get_closest_marker("both_stores"):
         return
-    kinds = ["file"] if metafunc.definition.get_closest_marker("file_store_only") else ["file", "redis"]
+    one = metafunc.definition.get_closest_marker("file_store_only") or metafunc.definition.get_closest_marker(
+        "store_independent"
+    )
+    kinds = ["file"] if one else ["file", "redis"]
     if "job_store_kind" in metafunc.fixturenames:
         metafunc.parametrize("job_store_kind", kinds, indirect=True)
     if "shared_store_kind" in metafunc.fixturenames:  # the store of the module's shared app (``module_app``)
@@ -250,29 +156,6 @@ def live_env(sim_server: TestServer, tmp_path: Path, settings_dir: Path, store_e
     return provider_env(sim_server, tmp_path / "outputs", settings_dir, store_env)
 
 
-def provider_env(
-    sim_server: TestServer, output_dir: Path, settings_dir: Path, store_env: dict[str, str]
-) -> dict[str, str]:
-    """The environment of :func:`live_env` for a given simulator, output directory, settings and job store."""
-    base = str(sim_server.make_url("")).rstrip("/")
-    return {
-        **store_env,
-        "GEMINI_API_KEY": "test-gemini-key",
-        "REPLICATE_API_TOKEN": TEST_REPLICATE_TOKEN,
-        "GOOGLE_VERTEX_API_KEY": "test-vertex-key",
-        "MV_GEMINI_BASE_URL": f"{base}/gemini",
-        "MV_VERTEX_BASE_URL": f"{base}/vertex",
-        "MV_REPLICATE_BASE_URL": f"{base}/replicate",
-        "MV_OUTPUT_DIR": str(output_dir),
-        "MV_SETTINGS_DIR": str(settings_dir),
-        # No song analysis (a worker process costs ~3 s of CPU to start); the tests of it turn it on.
-        "MV_ANALYSIS_WORKERS": "0",
-    }
-
-
-AppClient = Callable[..., Awaitable[TestClient]]
-
-
 @pytest.fixture
 def make_client(live_env: dict[str, str], aiohttp_client: Callable[..., Awaitable[TestClient]]) -> AppClient:
     """``await make_client(**env_overrides)``: a test client of a fresh app (None removes a variable)."""
@@ -298,9 +181,6 @@ async def client(make_client: AppClient) -> TestClient:
 # Building an app and its simulator costs a few tenths of a second. Tests that leave nothing another test could
 # see (they read, or make jobs of their own and look only at those) share one app per module (and per job store in
 # a ``both_stores`` module) through ``module_live``; they run on the module's event loop: ``@module_loop``.
-
-module_loop = pytest.mark.asyncio(loop_scope="module")
-LiveApp = tuple[TestClient, Simulator]
 
 
 @pytest.fixture(scope="module")
@@ -343,56 +223,77 @@ def module_live(module_app: LiveApp) -> LiveApp:
     return client, sim
 
 
-async def read_sse(response: Any, *, comments: bool = False) -> AsyncIterator[dict[str, Any]]:
-    """Parse a text/event-stream body into ``{"id", "event", "data", "retry"}`` dicts (data JSON-decoded).
-
-    With ``comments=True`` each comment line (``: ping``) is yielded too, as ``{"comment": "ping"}``, in stream order.
-    """
-    event: dict[str, Any] = {}
-    data: list[str] = []
-    async for raw in response.content:
-        line = raw.decode().rstrip("\r\n")
-        if not line:
-            if data:
-                event["data"] = json.loads("\n".join(data))
-                yield event
-            event, data = {}, []
-        elif line.startswith(":"):
-            if comments:
-                yield {"comment": line[1:].strip()}
-        else:
-            name, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if name == "data":
-                data.append(value)
-            else:
-                event[name] = value
+# -- shared by several modules: webhooks, browsers, clusters ---------------------------------------------------------
 
 
-async def two_key_client(make_client: AppClient, tmp_path: Path) -> tuple[TestClient, str, str]:
-    """An app with API keys on and two keys, alice's and bob's, whose job quotas no test here reaches."""
-    from mvserver.web.access.auth import KeyLimits, create_key
+@pytest.fixture
+def hook_client(live_env: dict[str, str], settings_dir: Path, aiohttp_client: Any) -> HookClient:
+    """``await hook_client(safety=..., **env)``: an app with webhooks on, its public base URL its own address."""
 
-    keys_file = tmp_path / "keys.yaml"
-    limits = KeyLimits(jobs_per_minute=600, jobs_burst=50)
-    _, alice = create_key(keys_file, "alice", limits)
-    _, bob = create_key(keys_file, "bob", limits)
-    client = await make_client(
-        MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET="test-signing-secret-0123456789abcdefghij"
-    )
-    return client, alice, bob
+    async def build(safety: float = 30.0, **overrides: str) -> TestClient:
+        set_safety_poll(settings_dir, safety)
+        port = free_port()
+        env = {**live_env, "MV_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}", **overrides}
+        return await aiohttp_client(create_app(env), server_kwargs={"port": port})
+
+    return build
 
 
-async def settled(client: TestClient, job_id: str, *, timeout: float = 20) -> Any:
-    """The job once it is final and its task has let go: the budget and the duration estimate are settled after
-    the final event, by the job's own task."""
-    from mvserver.jobs import JOBS
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """Chromium for one test: the sync API's event loop must not outlive it, or the async tests cannot run."""
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
 
-    engine = client.app[JOBS]
-    async with asyncio.timeout(timeout):
-        while not (job := await engine.get(job_id)).final:
-            await engine.next_event(job_id, job.last_event_id)
-        task = engine.tasks.get(job_id)
-        if task is not None:
-            await asyncio.wait({task})
-    return job
+
+@pytest.fixture
+def cluster_settings(settings_dir: Path) -> Path:
+    videos = yaml.safe_load((settings_dir / "videos.yaml").read_text())
+    videos["jobs"].update(poll_interval_seconds=0.1, lease_seconds=LEASE, claim_interval_seconds=CLAIM_INTERVAL)
+    (settings_dir / "videos.yaml").write_text(yaml.safe_dump(videos, sort_keys=False))
+    return settings_dir
+
+
+@pytest.fixture
+def redis_process(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server for one test, empty at the start, which the test may stop and start again (the
+    session's ``redis_url`` is shared); fails under CI=true if redis-server is missing."""
+    redis_server_or_skip()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private Redis per test, with an append-only file so a restart keeps the data."""
+    redis_server_or_skip()
+    server = RedisServer(tmp_path / "redis", persistent=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def cluster(
+    tmp_path: Path, redis_server: RedisServer, cluster_settings: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Cluster]:
+    """The simulator takes ``VIDEO_SECONDS`` per video, or what a ``video_seconds`` marker says."""
+    running = Cluster(tmp_path, redis_server, cluster_settings)
+    marker = request.node.get_closest_marker("video_seconds")
+    if marker is not None:
+        running.video_seconds = marker.args[0]
+    running.start_simulator()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session

@@ -20,28 +20,19 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-from conftest import PROJECT, AppClient
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+from helpers import PROJECT, AppClient
 from imageio_ffmpeg import get_ffmpeg_exe as ffmpeg_exe
 
 from mvserver.__main__ import keys_main
 from mvserver.app import create_app
-from mvserver.core.config import CONFIG, ConfigError
+from mvserver.appkeys import CONFIG, KEYRING, SIGNER
+from mvserver.core.config import ConfigError
 from mvserver.core.errors import ApiError
 from mvserver.core.logs import AccessLogger, JsonFormatter, RequestIdFilter, redact
-from mvserver.web.access.auth import (
-    KEY_ID,
-    KEYRING,
-    KeyLimits,
-    KeyRecord,
-    create_key,
-    key_id,
-    public,
-    read_keys,
-    revoke_key,
-)
+from mvserver.web.access.auth import KEY_ID, KeyLimits, KeyRecord, create_key, key_id, public, read_keys, revoke_key
 from mvserver.web.access.quotas import LocalRateLimiter, Quotas
-from mvserver.web.access.signing import SIGNER, signed_url
+from mvserver.web.access.signing import UrlSigner, signed_url
 
 SECRET = "test-signing-secret-0123456789abcdefghij"
 SCENES = {
@@ -499,6 +490,7 @@ async def test_a_signed_link_is_for_reading_only_and_dies_with_its_key(
     revoke_key(keys_file, signed["status_url"].split("kid=")[1].split("&")[0])
     gone = await client.get(signed["status_url"])
     assert gone.status == 403
+    assert (await gone.json())["error"]["code"] == "invalid_signature"
 
 
 async def test_signed_url_helper(keyed: AppClient, make_client: AppClient) -> None:
@@ -508,6 +500,18 @@ async def test_signed_url_helper(keyed: AppClient, make_client: AppClient) -> No
     assert int(link.split("exp=")[1].split("&")[0]) - time.time() == pytest.approx(60, abs=2)
     plain = await make_client()
     assert signed_url(plain.app, None, "/api/mv/jobs/x", ttl=60) == "/api/mv/jobs/x"
+
+
+def test_the_signer_verifies_a_link_and_answers_its_key_id_without_knowing_keys() -> None:
+    """Signing knows nothing of keys: it checks the signature and expiry and names the key; the auth middleware
+    looks the key up (a revoked key's link is refused there, test above)."""
+    signer = UrlSigner(SECRET, 60)
+    link, _ = signer.sign("k0123456789ab", "/api/mv/jobs/x")
+    assert signer.verify(make_mocked_request("GET", link)) == "k0123456789ab"
+    tampered = link.replace("/jobs/x", "/jobs/y")
+    with pytest.raises(ApiError) as refused:
+        signer.verify(make_mocked_request("GET", tampered))
+    assert (refused.value.status, refused.value.info.code) == (403, "invalid_signature")
 
 
 # -- ownership of images and scenes --------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, read_sse
+from helpers import AppClient, read_sse
 
-from mvserver.jobs import JOBS
+from mvserver.appkeys import JOBS
 from mvserver.web.access.auth import KeyLimits, create_key
 
 pytestmark = pytest.mark.both_stores

@@ -312,7 +312,7 @@ def test_bars_longer_than_the_longest_clip_are_cut_on_beats() -> None:
 
 
 def test_plain_sizing_without_a_grid_matches_the_length_sizing() -> None:
-    from mvserver.projects.routes import size_to_song
+    from mvserver.projects.service import size_to_song
 
     for length in (3.0, 8.0, 20.0, 23.5, 61.2):
         windows = plan_scenes(None, length, (4, 6, 8), 24)

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +14,7 @@ import pytest
 import pytest_asyncio
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
+from helpers import get_json, running_server
 
 from mvserver.app import create_app
 
@@ -41,92 +36,6 @@ DOCUMENTED_PATHS = {
 
 
 # -- python -m mvserver ----------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def keyless_env(tmp_path: Path) -> dict[str, str]:
-    """The current environment without provider credentials or ``MV_*`` knobs.
-
-    The credential variables are set to blank (which counts as unset) so a stray ``.env`` cannot fill them in.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_", "REPLICATE_", "MV_"))}
-    env.update(
-        {
-            name: ""
-            for name in (
-                "GEMINI_API_KEY",
-                "REPLICATE_API_TOKEN",
-                "GOOGLE_VERTEX_API_KEY",
-                "GOOGLE_CLOUD_PROJECT",
-                "GOOGLE_API_KEY",
-                "MV_SANDBOX",
-            )
-        }
-    )
-    env.update(
-        {
-            "PYTHONPATH": str(PROJECT),
-            "MV_OUTPUT_DIR": str(tmp_path / "outputs"),
-            "MV_SETTINGS_DIR": str(PROJECT / "settings"),
-        }
-    )
-    return env
-
-
-def get_json(url: str) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def wait_for_health(process: subprocess.Popen, url: str, log: Path, deadline: float) -> dict[str, Any]:
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            status, body = get_json(url)
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.1)
-            continue
-        assert status == 200, body
-        return body
-    pytest.fail(f"server did not answer {url} in time:\n{log.read_text()}")
-
-
-@contextlib.contextmanager
-def running_server(tmp_path: Path, stop: signal.Signals, **env: str) -> Iterator[tuple[int, Path, list[int]]]:
-    """``python -m mvserver`` with no API keys (plus ``env``) on a free port; stopped with ``stop`` on exit, its code
-    recorded."""
-    port = free_port()
-    log = tmp_path / "server.log"
-    exit_code: list[int] = []
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
-            env={**keyless_env(tmp_path), **env},
-            cwd=tmp_path,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        # a busy machine imports the server slowly: wait up to a minute for it to answer
-        wait_for_health(process, f"http://127.0.0.1:{port}/api/mv/health", log, time.monotonic() + 60)
-        yield port, log, exit_code
-    finally:
-        process.send_signal(stop)
-        try:
-            exit_code.append(process.wait(timeout=10))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise
 
 
 def test_server_without_keys_starts_in_sandbox_mode(tmp_path: Path) -> None:

@@ -5,24 +5,27 @@ project flow (assemble from the timeline, lip-sync a scene into a new version th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, read_sse
-from test_lipsync import PROMPT, events_of, make_clip, make_song, wait_for
-from test_media import HOLDER, proc_limit
+from helpers import HOLDER, SINGER_PROMPT, AppClient, events_of, make_clip, make_song, proc_limit, read_sse, wait_for
 
-from mvserver.assembly.routes import _field
-from mvserver.core.config import CONFIG
-from mvserver.core.storage import STORE, new_id
-from mvserver.jobs import JOBS
-from mvserver.media import ffmpeg as media
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import CONFIG, HEAVY_FFMPEG_SLOTS, JOBS, STORE
+from mvserver.appkeys import PROJECTS as PROJECT_STORE
+from mvserver.assembly import service as assembly_service
+from mvserver.assembly.service import _field
+from mvserver.core.artefacts import new_id
+from mvserver.lipsync import service as lipsync_service
+from mvserver.media.probe import MediaInfo, probe
+from mvserver.projects import service as project_service
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import create_key
 
 pytestmark = pytest.mark.both_stores
@@ -43,16 +46,16 @@ async def finished(client: TestClient, job_id: str, timeout: float = 120.0) -> d
     return await wait_for(client, job_id, lambda s: s["status"] in FINAL, timeout)
 
 
-async def output_of(client: TestClient, state: dict[str, Any]) -> media.MediaInfo:
+async def output_of(client: TestClient, state: dict[str, Any]) -> MediaInfo:
     """The served MP4, saved and probed with ffmpeg."""
     assert state["status"] == "succeeded", state
     data = await (await client.get(state["video_url"])).read()
     path = client.app[STORE].root / f"probe-{state['job_id']}.mp4"
     path.write_bytes(data)
-    return await media.probe(path)
+    return await probe(path)
 
 
-def assert_h264_aac(info: media.MediaInfo, seconds: float) -> None:
+def assert_h264_aac(info: MediaInfo, seconds: float) -> None:
     assert info.first_video is not None and info.first_video.codec == "h264"
     assert info.first_audio is not None and info.first_audio.codec == "aac"
     assert info.duration is not None and abs(info.duration - seconds) <= 0.1, (info.duration, seconds)
@@ -121,12 +124,12 @@ async def test_every_bad_assembly_is_a_400_naming_the_field(client: TestClient, 
     sim.video_latency = 0.2
     response = await client.post(
         "/api/mv/generate_video",
-        json={"prompt": PROMPT, "duration": 4, "aspect_ratio": "9:16", "generate_audio": False},
+        json={"prompt": SINGER_PROMPT, "duration": 4, "aspect_ratio": "9:16", "generate_audio": False},
     )
     portrait = (await response.json())["job_id"]
     assert (await finished(client, portrait))["status"] == "succeeded"
     sim.video_latency = 60.0
-    running = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4})
+    running = await client.post("/api/mv/generate_video", json={"prompt": SINGER_PROMPT, "duration": 4})
     running_id = (await running.json())["job_id"]
     too_many = client.app[CONFIG].projects.limits.assembly_clips_max + 1
     cases: list[tuple[dict[str, Any], str]] = [
@@ -328,7 +331,7 @@ async def test_what_one_assembly_may_ask_is_capped_with_a_400_naming_the_field(
         PROJECTS, json={"idea": "a song", "character_description": "a singer", "number_of_scenes": 2}
     )
     project = await response.json()
-    patch = {"scenes": [{"id": s["id"], "prompt": PROMPT, "duration": 4} for s in project["scenes"]]}
+    patch = {"scenes": [{"id": s["id"], "prompt": SINGER_PROMPT, "duration": 4} for s in project["scenes"]]}
     response = await client.patch(
         f"{PROJECTS}/{project['project_id']}", json=patch, headers={"If-Match": project["etag"]}
     )
@@ -418,7 +421,7 @@ async def test_project_assembly_and_a_lipsynced_scene_version(client: TestClient
     pid = project["project_id"]
     scenes = [s["id"] for s in project["scenes"]]
     etag = project["etag"]
-    patch = {"scenes": [{"id": s, "prompt": PROMPT, "duration": 4} for s in scenes]}
+    patch = {"scenes": [{"id": s, "prompt": SINGER_PROMPT, "duration": 4} for s in scenes]}
     response = await client.patch(f"{PROJECTS}/{pid}", json=patch, headers={"If-Match": etag})
     assert response.status == 200, await response.text()
 
@@ -508,7 +511,7 @@ async def test_the_callers_key_owns_the_assembly_and_lipsync_jobs(
     client = await make_client(MV_API_KEYS_FILE=keys_file, MV_URL_SIGNING_SECRET="s" * 40)
     auth = {"Authorization": f"Bearer {key}"}
     sim.video_latency = 0.2
-    response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4}, headers=auth)
+    response = await client.post("/api/mv/generate_video", json={"prompt": SINGER_PROMPT, "duration": 4}, headers=auth)
     assert response.status == 202, await response.text()
     clip = (await response.json())["job_id"]
     async with asyncio.timeout(30):
@@ -524,3 +527,123 @@ async def test_the_callers_key_owns_the_assembly_and_lipsync_jobs(
     job = await client.app[JOBS].get((await response.json())["job_id"])
     assert job is not None and job.owner == record.id and job.kind == "lipsync"
     await client.app[JOBS].cancel(job.id)
+
+
+async def project_with_clips(client: TestClient, sim: Simulator) -> tuple[str, list[str], list[str]]:
+    """A project with a song and two scenes whose clips have just finished (not yet folded into the record)."""
+    audio_id = make_song(client, 12.0, "mp3")
+    body = {"idea": "a song", "character_description": "a singer", "audio_id": audio_id, "number_of_scenes": 2}
+    project = await (await client.post(PROJECTS, json=body)).json()
+    pid, scenes = project["project_id"], [s["id"] for s in project["scenes"]]
+    patch = {"scenes": [{"id": s, "prompt": SINGER_PROMPT, "duration": 4} for s in scenes]}
+    response = await client.patch(f"{PROJECTS}/{pid}", json=patch, headers={"If-Match": project["etag"]})
+    assert response.status == 200, await response.text()
+    sim.video_latency = 0.2
+    response = await client.post(f"{PROJECTS}/{pid}/clips", json={"generate_audio": False})
+    assert response.status == 202, await response.text()
+    clips = [j["job_id"] for j in (await response.json())["jobs"]]
+    for job_id in clips:
+        assert (await finished(client, job_id))["status"] == "succeeded"
+    return pid, scenes, clips
+
+
+class Reads:
+    """Counts, while a request is answered, the project reads, settles, job-store reads and clip probes."""
+
+    def __init__(self, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.counts = dict.fromkeys(("project_reads", "settles", "job_reads", "probes"), 0)
+        store, engine = client.app[PROJECT_STORE], client.app[JOBS]
+        self._count(monkeypatch, store, "get", "project_reads")
+        put, inside = store.put, []
+
+        async def put_reading_its_own(*args: Any, **kwargs: Any) -> Any:
+            inside.append(True)  # a store's compare-and-set may read the record: that is the write, not a load
+            try:
+                return await put(*args, **kwargs)
+            finally:
+                inside.pop()
+
+        monkeypatch.setattr(store, "put", put_reading_its_own)
+        self._inside_put = inside
+        self._count(monkeypatch, engine, "get", "job_reads")
+        self._count(monkeypatch, project_service, "settle", "settles")
+        # the probes of mvserver.media, counted in the services that call them
+        self._count(monkeypatch, assembly_service, "probe_clips", "probes")
+        self._count(monkeypatch, assembly_service, "probe", "probes")
+        self._count(monkeypatch, lipsync_service, "probe", "probes")
+
+    def _count(self, monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, counter: str) -> None:
+        original = getattr(owner, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if not (counter == "project_reads" and self._inside_put):
+                self.counts[counter] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
+@contextlib.asynccontextmanager
+async def ffmpeg_slots_taken(client: TestClient) -> AsyncIterator[None]:
+    """Every heavy ffmpeg slot held, so a job accepted meanwhile waits before it probes anything."""
+    slots, held = client.app[HEAVY_FFMPEG_SLOTS], 0
+    while not slots.locked():
+        await slots.acquire()
+        held += 1
+    try:
+        yield
+    finally:
+        for _ in range(held):
+            slots.release()
+
+
+async def test_a_project_assembly_loads_settles_and_probes_once(
+    client: TestClient, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``POST …/assemble`` reads the project once (the compare-and-set of its link reuses it), settles it once (and
+    its view once), reads each clip's job once and probes the clips once; the job runs the plan it was given."""
+    pid, _, clips = await project_with_clips(client, sim)
+    reads = Reads(client, monkeypatch)
+    async with ffmpeg_slots_taken(client):
+        response = await client.post(f"{PROJECTS}/{pid}/assemble", json={})
+        assert response.status == 202, await response.text()
+        counts = dict(reads.counts)
+    assert counts == {"project_reads": 1, "settles": 2, "job_reads": len(clips), "probes": 1}
+    body = await response.json()
+    assert body["project"]["assembly_job_id"] == body["job_id"]
+    assert [s["chosen_job_id"] for s in body["project"]["scenes"]] == clips
+    state = await finished(client, body["job_id"])
+    assert state["status"] == "succeeded" and [c["job_id"] for c in state["request"]["clips"]] == clips
+
+
+async def test_a_scene_lipsync_loads_settles_and_reads_the_clip_once(
+    client: TestClient, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``POST …/scenes/{id}/lipsync`` reads the project once, settles it once (and its view once), reads each
+    version's job once (the clip check reuses the chosen one) and probes the clip once."""
+    pid, scenes, clips = await project_with_clips(client, sim)
+    reads = Reads(client, monkeypatch)
+    async with ffmpeg_slots_taken(client):
+        response = await client.post(f"{PROJECTS}/{pid}/scenes/{scenes[1]}/lipsync", json={})
+        assert response.status == 202, await response.text()
+        counts = dict(reads.counts)
+        body = await response.json()
+        await client.app[JOBS].cancel(body["job_id"])
+    assert counts == {"project_reads": 1, "settles": 2, "job_reads": len(clips), "probes": 1}
+    scene = body["project"]["scenes"][1]
+    assert [v["job_id"] for v in scene["versions"]] == [clips[1], body["job_id"]]
+    assert scene["awaited_job_id"] == body["job_id"] and scene["chosen_job_id"] == clips[1]
+
+
+async def test_an_assembly_reads_each_clips_job_once_and_probes_once(
+    client: TestClient, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clip listed several times is read from the job store once; all of them are probed in one run."""
+    clip = await make_clip(client, sim, 4)
+    reads = Reads(client, monkeypatch)
+    async with ffmpeg_slots_taken(client):
+        accepted = await assemble(client, clips=[{"job_id": clip}] * 3)
+        counts = dict(reads.counts)
+    assert counts == {"project_reads": 0, "settles": 0, "job_reads": 1, "probes": 1}
+    state = await finished(client, accepted["job_id"])
+    assert state["status"] == "succeeded" and [c["job_id"] for c in state["request"]["clips"]] == [clip] * 3

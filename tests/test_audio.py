@@ -13,19 +13,15 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient
-from test_temporaries import dead_pid, heartbeat
+from helpers import UPLOAD, AppClient, dead_pid, heartbeat, make_audio, stored
 
 from mvserver.app import create_app
-from mvserver.audio.routes import FORMATS as AUDIO_FORMATS
-from mvserver.audio.routes import UPLOAD_SLOTS
-from mvserver.audio.songs import SONGS
+from mvserver.appkeys import SONGS, UPLOAD_SLOTS
+from mvserver.audio.service import FORMATS as AUDIO_FORMATS
 from mvserver.core.config import ConfigError, EnvSettings
-from mvserver.media import ffmpeg as media
-from mvserver.media.ffmpeg import ffmpeg_exe, probe
+from mvserver.media.probe import probe, stream_duration
+from mvserver.media.run import ffmpeg_exe
 from mvserver.sandbox.render import render_character_image, render_video
-
-UPLOAD = "/api/mv/upload_audio"
 
 # (file name, ffmpeg output options, expected format, expected mime type, expected codec)
 FORMATS = [
@@ -37,31 +33,6 @@ FORMATS = [
     ("song.opus", ["-c:a", "libopus", "-f", "ogg"], "ogg", "audio/ogg", "opus"),
     ("song.flac", [], "flac", "audio/flac", "flac"),
 ]
-
-
-def make_audio(path: Path, *options: str, seconds: float = 2.0, rate: int = 44100, channels: int = 2) -> Path:
-    args = [
-        ffmpeg_exe(),
-        "-nostdin",
-        "-loglevel",
-        "error",
-        "-y",
-        "-f",
-        "lavfi",
-        "-i",
-        f"sine=f=440:d={seconds}:r={rate}",
-        "-ac",
-        str(channels),
-        *options,
-        str(path),
-    ]
-    subprocess.run(args, check=True, capture_output=True, timeout=60)
-    return path
-
-
-def stored(tmp_path: Path) -> list[str]:
-    """Everything in outputs/audio, temporaries included."""
-    return sorted(p.name for p in (tmp_path / "outputs" / "audio").iterdir())
 
 
 async def upload(
@@ -364,13 +335,13 @@ async def test_a_song_over_the_default_length_is_refused_from_its_header_before_
     data = silent_flac(tmp_path / "long.flac", 25 * 60).read_bytes()
     assert len(data) < 300_000  # a small file, a long song
     decodes: list[Path] = []
-    real = media.stream_duration
+    real = stream_duration
 
     async def counted(path: Path, *args: Any, **kwargs: Any) -> float:
         decodes.append(path)
         return await real(path, *args, **kwargs)
 
-    monkeypatch.setattr(media, "stream_duration", counted)
+    monkeypatch.setattr("mvserver.audio.routes.stream_duration", counted)
     error = (await upload(client, data, content_type="audio/flac", status=400))["error"]
     assert error["code"] == "audio_too_long" and error["field"] == "body"
     assert "1500 s" in error["message"] and "1200 s" in error["message"] and "MV_MAX_AUDIO_SECONDS" in error["message"]
@@ -422,8 +393,8 @@ async def test_a_header_that_understates_the_length_is_caught_by_a_bounded_decod
     make_client: AppClient, tmp_path: Path
 ) -> None:
     song = understated_mp3(tmp_path / "lie.mp3")
-    assert (await media.probe(song)).duration < 10
-    assert await media.stream_duration(song, "a:0", decode=True, limit=31) == pytest.approx(31, abs=0.1)
+    assert (await probe(song)).duration < 10
+    assert await stream_duration(song, "a:0", decode=True, limit=31) == pytest.approx(31, abs=0.1)
     client = await make_client(MV_MAX_AUDIO_SECONDS="30")
     error = (await upload(client, song.read_bytes(), status=400))["error"]
     assert error["code"] == "audio_too_long" and "more than 30 s" in error["message"]

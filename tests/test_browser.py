@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import CHROMIUM, module_loop
+from helpers import BROWSER_VIDEO_SECONDS, PROJECT, module_loop, open_page, requires_browser, start_server
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -28,156 +20,16 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     sync_playwright = None
 
-PROJECT = Path(__file__).resolve().parent.parent
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-PROVIDER_KEYS = ("GEMINI_API_KEY", "REPLICATE_API_TOKEN", "GOOGLE_VERTEX_API_KEY", "GOOGLE_CLOUD_PROJECT")
-VIDEO_SECONDS = 3
-
-
-def requires_browser(test: Any) -> Any:
-    """Mark a test ``browser``: conftest skips it without Chromium or Playwright, and fails it under ``CI=true``."""
-    return pytest.mark.browser(test)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _fast_settings(target: Path) -> Path:
-    """The project's settings with quick polling, so a 3 s sandbox video reports progress several times."""
-    shutil.copytree(PROJECT / "settings", target)
-    for name, changes in {
-        "videos": {"jobs": {"poll_interval_seconds": 0.2}},
-        "images": {"poll_interval_seconds": 0.1},
-        "sandbox": {"image_latency_seconds": 0.3, "scenes_latency_seconds": 0.1},
-    }.items():
-        path = target / f"{name}.yaml"
-        data = yaml.safe_load(path.read_text())
-        for key, value in changes.items():
-            data[key] = {**data[key], **value} if isinstance(value, dict) else value
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return target
-
-
-def _server_env(tmp: Path) -> dict[str, str]:
-    """This environment without provider credentials (blank, so a ``.env`` cannot supply them) or MV_* knobs."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "MV_")) and k not in PROVIDER_KEYS}
-    env.update({key: "" for key in PROVIDER_KEYS})
-    env.update(
-        {
-            "MV_OUTPUT_DIR": str(tmp / "outputs"),
-            "MV_SETTINGS_DIR": str(_fast_settings(tmp / "settings")),
-            "MV_SANDBOX_VIDEO_SECONDS": str(VIDEO_SECONDS),
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    return env
-
-
-def _wait_healthy(base: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{base}/api/mv/health", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.1)
-    pytest.fail(f"the server did not answer /api/mv/health within {timeout} s:\n{log.read_text()}")
-
-
-def _start_server(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator[str]:
-    """``python -m mvserver`` on a free loopback port, every provider answered by the built-in simulator."""
-    port = _free_port()
-    log = tmp / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=PROJECT,
-            env={**_server_env(tmp), **(extra_env or {})},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(base, process, log)
-        yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    yield from _start_server(tmp_path_factory.mktemp("server"))
-
-
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    """Chromium for one test: the sync API's event loop must not outlive it, or the async tests cannot run."""
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+    yield from start_server(tmp_path_factory.mktemp("server"))
 
 
 @pytest.fixture
 def page(browser: Browser, server: str) -> Iterator[Page]:
     """A fresh page on the single-clip demo; fails the test on script or console errors and on requests to another origin."""
-    yield from _open_page(browser, server, "/single")
-
-
-def _open_page(browser: Browser, server: str, path: str, expected: tuple[str, ...] = ()) -> Iterator[Page]:
-    """A fresh page at ``path``; fails the test on script errors, unexpected console errors and requests to
-    another origin. ``expected`` are console error texts a test provokes on purpose."""
-    context = browser.new_context(base_url=server, viewport={"width": 1100, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    problems: list[str] = []
-    page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
-    origin = urlsplit(server).netloc
-
-    def check_console(message: Any) -> None:
-        if (
-            message.type == "error"
-            and not _expected_console_error(message.text)
-            and not any(text in message.text for text in expected)
-        ):
-            problems.append(f"console error: {message.text}")
-
-    def check_origin(request: Any) -> None:
-        url = urlsplit(request.url)
-        if url.scheme != "data" and url.netloc != origin:
-            problems.append(f"request to another origin: {request.url}")
-
-    page.on("console", check_console)
-    page.on("request", check_origin)
-    page.goto(path)
-    yield page
-    context.close()
-    assert not problems, problems
-
-
-def _expected_console_error(text: str) -> bool:
-    """Chromium logs every 4xx answer to fetch; the error test provokes a 400 on purpose."""
-    return "status of 400 (Bad Request)" in text
+    yield from open_page(browser, server, "/single")
 
 
 def _create_scenes(page: Page, count: int) -> None:
@@ -239,14 +91,14 @@ def test_demo_flow_scenes_character_video(page: Page, tmp_path: Path) -> None:
     started = time.monotonic()
     page.get_by_test_id("generate-video-1").click()
     expect(page.get_by_test_id("cancel-video-1")).to_be_visible()
-    samples = _sample_progress(page, 1, timeout=VIDEO_SECONDS + 15)
+    samples = _sample_progress(page, 1, timeout=BROWSER_VIDEO_SECONDS + 15)
     _wait_video_playable(page, 1)
 
     determinate = [value for value in samples if value is not None]
     assert len(set(determinate)) >= 3, f"the bar should move through several values: {samples}"
     assert determinate == sorted(determinate), f"progress went backwards: {samples}"
     assert determinate[0] < 0.5 < determinate[-1], samples
-    assert time.monotonic() - started >= VIDEO_SECONDS * 0.8
+    assert time.monotonic() - started >= BROWSER_VIDEO_SECONDS * 0.8
 
     video = page.get_by_test_id("video-1")
     assert video.get_attribute("src").startswith("/api/mv/get_video/")
@@ -277,7 +129,7 @@ def test_demo_shows_request_errors_failed_and_canceled_jobs(page: Page, tmp_path
     page.get_by_test_id("cancel-video-2").click()
 
     error = page.get_by_test_id("job-error-1")
-    expect(error).to_be_visible(timeout=VIDEO_SECONDS * 1000 + 15_000)
+    expect(error).to_be_visible(timeout=BROWSER_VIDEO_SECONDS * 1000 + 15_000)
     expect(error.locator(".error-code")).to_have_text("provider_prediction_failed")
     expect(error.locator('dd[data-field="provider"]')).to_have_text("replicate")
     expect(error.locator('dd[data-field="provider_status"]')).to_have_text("failed")

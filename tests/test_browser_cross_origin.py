@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from test_browser import PROJECT, _start_server, browser, requires_browser  # noqa: F401
+from helpers import PROJECT, requires_browser, song_bytes, start_server
 
 try:
     from playwright.sync_api import Browser
@@ -95,7 +95,7 @@ def api(tmp_path_factory: pytest.TempPathFactory, page_server: PageServer) -> It
         check=True,
     )
     key = created.stdout.strip().splitlines()[-1]
-    for base in _start_server(tmp, env):
+    for base in start_server(tmp, env):
         yield base, key
 
 
@@ -242,39 +242,12 @@ window.flow = (async () => {
 """
 
 
-def song_mp3(seconds: float) -> bytes:
-    from imageio_ffmpeg import get_ffmpeg_exe
-
-    done = subprocess.run(
-        [
-            get_ffmpeg_exe(),
-            "-nostdin",
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            f"sine=frequency=330:duration={seconds:g}",
-            "-c:a",
-            "libmp3lame",
-            "-f",
-            "mp3",
-            "-",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return done.stdout
-
-
 @requires_browser
 def test_a_page_on_another_site_runs_the_project_flow_with_a_default_key_and_plays_everything_by_signed_links(
     browser: Browser, api: tuple[str, str], page_server: PageServer
 ) -> None:
     base, key = api  # the key has the default limits: jobs_burst 5, 4 running
-    page_server.serve("/song.mp3", song_mp3(24.0), "audio/mpeg")
+    page_server.serve("/song.mp3", song_bytes(24.0, frequency=330), "audio/mpeg")
     page_server.show(f"""<!doctype html><title>storyboard</title>
 <div id="song"></div><div id="candidates"></div><div id="clips"></div><div id="final"></div>
 <script>{FLOW % {"base": json.dumps(base), "key": json.dumps(key)}}</script>""")

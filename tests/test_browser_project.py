@@ -20,7 +20,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import soundfile
-from test_browser import PROJECT, _open_page, _start_server, browser, requires_browser  # noqa: F401
+from helpers import PROJECT, open_page, requires_browser, start_server
 
 from bench.songs import SR, Song, drum_song
 
@@ -63,12 +63,12 @@ def song(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def project_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A sandboxed server whose simulated clips take about a second each."""
-    yield from _start_server(tmp_path_factory.mktemp("project-server"), {"MV_SANDBOX_VIDEO_SECONDS": "1"})
+    yield from start_server(tmp_path_factory.mktemp("project-server"), {"MV_SANDBOX_VIDEO_SECONDS": "1"})
 
 
 @pytest.fixture
 def project_page(browser: Browser, project_server: str) -> Iterator[Page]:
-    yield from _open_page(browser, project_server, "/")
+    yield from open_page(browser, project_server, "/")
 
 
 def _has_route(base: str, path: str) -> bool:
@@ -298,7 +298,7 @@ def test_project_lipsync_one_scene_adds_a_version(project_page: Page, project_se
 @requires_browser
 def test_project_edit_after_another_writer_reloads_and_reapplies(browser: Browser, project_server: str) -> None:
     # The first PATCH is refused on purpose (412): Chromium logs it.
-    for page in _open_page(browser, project_server, "/", expected=("412 (Precondition Failed)",)):
+    for page in open_page(browser, project_server, "/", expected=("412 (Precondition Failed)",)):
         _create_project(page, None)
         project_id = page.get_by_test_id("project-summary").get_attribute("data-project-id")
         before = _scene_ids(page)
@@ -341,7 +341,7 @@ def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
         check=True,
     )
     key = created.stdout.strip().splitlines()[-1]
-    for base in _start_server(tmp, keys):
+    for base in start_server(tmp, keys):
         yield base, key
 
 
@@ -349,7 +349,7 @@ def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
 def test_project_flow_with_api_keys(browser: Browser, keyed_server: tuple[str, str], song: Path) -> None:
     base, key = keyed_server
     # The first call without a key is refused on purpose: Chromium logs that 401.
-    for page in _open_page(browser, base, "/", expected=("401 (Unauthorized)",)):
+    for page in open_page(browser, base, "/", expected=("401 (Unauthorized)",)):
         expect(page.get_by_test_id("key-section")).to_be_visible()  # health says a key is needed: asked at once
         page.get_by_label("Song file").set_input_files(str(song))
         page.get_by_test_id("upload-song").click()

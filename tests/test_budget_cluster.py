@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_cluster import PROMPT, Cluster, cluster, cluster_settings, http, nodes_up, redis_server, sim_up  # noqa: F401
+from helpers import CLUSTER_PROMPT, Cluster, nodes_up, sim_up
 
 from mvserver.web.access.auth import KeyLimits, create_key
 
@@ -33,7 +33,7 @@ async def test_a_budget_raced_on_two_nodes_never_goes_over(
 
     async def post(base: str) -> tuple[int, dict[str, Any]]:
         async with http.post(
-            f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4}, headers=auth
+            f"{base}/api/mv/generate_video", json={"prompt": CLUSTER_PROMPT, "duration": 4}, headers=auth
         ) as response:
             return response.status, await response.json()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CHROMIUM, in_ci, require_or_skip
+from helpers import CHROMIUM, PROJECT, in_ci, require_or_skip
 
 
 @pytest.mark.parametrize("value", ["true", "1", "yes", "ON"])
@@ -30,8 +30,6 @@ def test_an_available_requirement_neither_skips_nor_fails(monkeypatch: pytest.Mo
 
 
 def test_ci_installs_the_chromium_the_browser_tests_check() -> None:
-    """``.ci/run`` takes the path from ``conftest.CHROMIUM`` rather than spelling it again."""
-    from conftest import PROJECT
-
+    """``.ci/run`` takes the path from ``helpers.CHROMIUM`` rather than spelling it again."""
     script = (PROJECT / ".ci" / "run").read_text()
-    assert "from conftest import CHROMIUM" in script and str(CHROMIUM) not in script
+    assert "from helpers import CHROMIUM" in script and str(CHROMIUM) not in script

@@ -6,230 +6,43 @@ Short leases and claim intervals keep takeovers quick; the simulator's predictio
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
-from conftest import PROJECT, RedisServer, free_port, read_sse, redis_server_or_skip
+from helpers import (
+    CLAIM_INTERVAL,
+    CLUSTER_PROMPT,
+    LEASE,
+    PROJECT,
+    Cluster,
+    final,
+    free_port,
+    make_audio,
+    nodes_up,
+    read_sse,
+    sim_up,
+    state,
+    until,
+    with_signal,
+)
 from redis.asyncio import Redis
-from test_audio import make_audio
 
-from mvserver.core.storage import write_bytes_atomic
 from mvserver.web.access.auth import KeyLimits, create_key
 
 pytestmark = pytest.mark.cluster
 
-PROMPT = "Three drummers on three rooftops keep one beat across the city at night."
-LEASE = 2.0
-CLAIM_INTERVAL = 0.5
-VIDEO_SECONDS = 4.0
-STARTUP_TIMEOUT = 90.0  # a loaded machine starts Python processes slowly
-
-
-class Cluster:
-    """A simulator process, a Redis and any number of nodes sharing one output directory."""
-
-    def __init__(self, tmp_path: Path, redis: RedisServer, settings_dir: Path):
-        self.video_seconds = VIDEO_SECONDS
-        self.tmp_path = tmp_path
-        self.redis = redis
-        self.settings_dir = settings_dir
-        self.processes: list[subprocess.Popen] = []
-        self.sim_dir = tmp_path / "simulator"
-        self.sim_port = free_port()
-        self.nodes: list[tuple[subprocess.Popen, str]] = []
-        self.extra_env: dict[str, str] = {}  # e.g. API keys for every node
-
-    def env(self) -> dict[str, str]:
-        sim = f"http://127.0.0.1:{self.sim_port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MV_", "GEMINI_", "REPLICATE_", "GOOGLE_"))}
-        env.update(
-            {
-                "GEMINI_API_KEY": "cluster-test",
-                "REPLICATE_API_TOKEN": "r8_cluster",
-                "GOOGLE_VERTEX_API_KEY": "cluster",
-                "MV_GEMINI_BASE_URL": f"{sim}/gemini",
-                "MV_VERTEX_BASE_URL": f"{sim}/vertex",
-                "MV_REPLICATE_BASE_URL": f"{sim}/replicate",
-                "MV_REDIS_URL": self.redis.url,
-                "MV_REDIS_PREFIX": "cluster:",
-                "MV_OUTPUT_DIR": str(self.tmp_path / "outputs"),
-                "MV_SETTINGS_DIR": str(self.settings_dir),
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
-                **self.extra_env,
-            }
-        )
-        return env
-
-    def start_simulator(self) -> None:
-        log = (self.tmp_path / "simulator.log").open("wb")
-        self.processes.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "mvserver.sandbox",
-                    "--port",
-                    str(self.sim_port),
-                    "--state-dir",
-                    str(self.sim_dir),
-                    "--video-latency",
-                    str(self.video_seconds),
-                    "--render-cache",
-                ],
-                cwd=self.tmp_path,
-                env=self.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-
-    def start_node(self) -> tuple[subprocess.Popen, str]:
-        port = free_port()
-        index = len(self.nodes)
-        with (self.tmp_path / f"node-{index}.log").open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
-                cwd=self.tmp_path,
-                env=self.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.processes.append(process)
-        self.nodes.append((process, f"http://127.0.0.1:{port}"))
-        return process, f"http://127.0.0.1:{port}"
-
-    def log(self, index: int) -> str:
-        return (self.tmp_path / f"node-{index}.log").read_text(errors="replace")
-
-    def predictions(self) -> dict[str, dict[str, Any]]:
-        return {path.stem: json.loads(path.read_text()) for path in (self.sim_dir / "predictions").glob("*.json")}
-
-    def fast_forward(self, seconds_left: float = 0.5) -> None:
-        """Bring every running prediction's end near (the simulator reads its records from disk on each poll): long
-        predictions keep jobs mid-generation however slowly the nodes start, and still end soon after the check."""
-        for prediction_id, record in self.predictions().items():
-            if record.get("status") in ("starting", "processing"):
-                record["latency"] = time.time() - record["created_at"] + seconds_left
-                write_bytes_atomic(self.sim_dir / "predictions" / f"{prediction_id}.json", json.dumps(record).encode())
-
-    def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                with_signal(process, signal.SIGCONT)
-                process.kill()
-                process.wait(timeout=10)
-
-
-def with_signal(process: subprocess.Popen, sig: int) -> None:
-    try:
-        os.kill(process.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-@pytest.fixture
-def cluster_settings(settings_dir: Path) -> Path:
-    videos = yaml.safe_load((settings_dir / "videos.yaml").read_text())
-    videos["jobs"].update(poll_interval_seconds=0.1, lease_seconds=LEASE, claim_interval_seconds=CLAIM_INTERVAL)
-    (settings_dir / "videos.yaml").write_text(yaml.safe_dump(videos, sort_keys=False))
-    return settings_dir
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A private Redis per test, with an append-only file so a restart keeps the data."""
-    redis_server_or_skip()
-    server = RedisServer(tmp_path / "redis", persistent=True)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def cluster(
-    tmp_path: Path, redis_server: RedisServer, cluster_settings: Path, request: pytest.FixtureRequest
-) -> AsyncIterator[Cluster]:
-    """The simulator takes ``VIDEO_SECONDS`` per video, or what a ``video_seconds`` marker says."""
-    running = Cluster(tmp_path, redis_server, cluster_settings)
-    marker = request.node.get_closest_marker("video_seconds")
-    if marker is not None:
-        running.video_seconds = marker.args[0]
-    running.start_simulator()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
-async def until_up(http: aiohttp.ClientSession, process: subprocess.Popen, url: str) -> None:
-    async with asyncio.timeout(STARTUP_TIMEOUT):
-        while True:
-            assert process.poll() is None, f"{url} exited with {process.returncode}"
-            try:
-                async with http.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-
-
-async def nodes_up(http: aiohttp.ClientSession, cluster: Cluster, count: int) -> list[str]:
-    started = [cluster.start_node() for _ in range(count)]
-    for process, base in started:
-        await until_up(http, process, f"{base}/api/mv/health")
-    return [base for _, base in started]
-
-
-async def sim_up(http: aiohttp.ClientSession, cluster: Cluster) -> None:
-    await until_up(http, cluster.processes[0], f"http://127.0.0.1:{cluster.sim_port}/_sim/health")
-
 
 async def submit(http: aiohttp.ClientSession, base: str) -> str:
-    async with http.post(f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4}) as response:
+    async with http.post(f"{base}/api/mv/generate_video", json={"prompt": CLUSTER_PROMPT, "duration": 4}) as response:
         assert response.status == 202, await response.text()
         return (await response.json())["job_id"]
-
-
-async def state(http: aiohttp.ClientSession, base: str, job_id: str) -> dict[str, Any]:
-    async with http.get(f"{base}/api/mv/jobs/{job_id}") as response:
-        assert response.status == 200, await response.text()
-        return await response.json()
-
-
-async def until(
-    http: aiohttp.ClientSession,
-    base: str,
-    job_id: str,
-    predicate: Callable[[dict[str, Any]], Any],
-    timeout: float = 30.0,
-) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        while True:
-            current = await state(http, base, job_id)
-            if predicate(current):
-                return current
-            await asyncio.sleep(0.05)
-
-
-def final(current: dict[str, Any]) -> bool:
-    return current["status"] in ("succeeded", "failed", "canceled")
 
 
 async def follow(
@@ -445,6 +258,9 @@ async def test_a_starting_node_leaves_a_live_nodes_temporaries_and_removes_a_dea
 ) -> None:
     audio_dir = tmp_path / "outputs" / "audio"
     data = make_audio(tmp_path / "song.wav", seconds=3.0).read_bytes()
+    # A half-sent upload must outlast B's start-up, which takes tens of seconds on a loaded machine: past the
+    # default 10 s idle limit, A drops the upload and its temporary, and there is nothing left for B to leave alone.
+    cluster.extra_env.update(MV_UPLOAD_IDLE_SECONDS="600", MV_UPLOAD_MIN_BYTES_PER_SECOND="0")
     [a] = await nodes_up(http, cluster, 1)
     writer, reader, part = await half_an_upload(a, data, audio_dir)
     await nodes_up(http, cluster, 1)  # B starts, and cleans up, while A writes its temporary
@@ -482,7 +298,7 @@ async def test_the_running_jobs_cap_holds_across_nodes_under_a_burst(
 
     async def post(base: str) -> tuple[int, dict[str, Any]]:
         async with http.post(
-            f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4}, headers=auth
+            f"{base}/api/mv/generate_video", json={"prompt": CLUSTER_PROMPT, "duration": 4}, headers=auth
         ) as response:
             return response.status, await response.json()
 

@@ -10,29 +10,18 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 import yaml
-from conftest import PROJECT, read_sse
-from test_media import exited
+from helpers import exited, read_sse, sandbox_env, spawn_server, until, until_up
 
 VIDEO_SECONDS = 3
 PROMPT = "A night-shift baker kneads dough to a slow bassline while the city sleeps."
-STARTUP_TIMEOUT = 60.0  # a busy machine imports slowly
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -41,26 +30,7 @@ def server_env(tmp_path: Path, settings_dir: Path) -> dict[str, str]:
     videos = yaml.safe_load((settings_dir / "videos.yaml").read_text())
     videos["jobs"]["poll_interval_seconds"] = 0.1
     (settings_dir / "videos.yaml").write_text(yaml.safe_dump(videos, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MV_", "GEMINI_", "REPLICATE_", "GOOGLE_"))}
-    env.update(
-        {
-            "GEMINI_API_KEY": "",
-            "REPLICATE_API_TOKEN": "",
-            "GOOGLE_VERTEX_API_KEY": "",
-            "GOOGLE_CLOUD_PROJECT": "",
-            "MV_GEMINI_BASE_URL": "",
-            "MV_VERTEX_BASE_URL": "",
-            "MV_REPLICATE_BASE_URL": "",
-            "MV_MAX_CONCURRENT_JOBS": "",
-            "MV_DEBUG_MODE": "false",
-            "MV_SANDBOX": "true",
-            "MV_OUTPUT_DIR": str(tmp_path / "outputs"),
-            "MV_SETTINGS_DIR": str(settings_dir),
-            "MV_SANDBOX_VIDEO_SECONDS": str(VIDEO_SECONDS),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
-        }
-    )
-    return env
+    return sandbox_env(tmp_path, settings_dir, MV_DEBUG_MODE="false", MV_SANDBOX_VIDEO_SECONDS=str(VIDEO_SECONDS))
 
 
 @pytest.fixture
@@ -69,17 +39,9 @@ def launch(server_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[[], 
     started: list[subprocess.Popen] = []
 
     def start() -> tuple[subprocess.Popen, str]:
-        port = free_port()
-        with (tmp_path / f"server-{len(started)}.log").open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
-                cwd=tmp_path,
-                env=server_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        process, base = spawn_server(server_env, tmp_path, tmp_path / f"server-{len(started)}.log")
         started.append(process)
-        return process, f"http://127.0.0.1:{port}"
+        return process, base
 
     yield start
     for process in started:
@@ -88,45 +50,10 @@ def launch(server_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[[], 
             process.wait(timeout=10)
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        yield session
-
-
-async def until_up(http: aiohttp.ClientSession, process: subprocess.Popen, base: str) -> dict[str, Any]:
-    async with asyncio.timeout(STARTUP_TIMEOUT):
-        while True:
-            assert process.poll() is None, f"the server exited with {process.returncode}"
-            try:
-                async with http.get(f"{base}/api/mv/health") as response:
-                    if response.status == 200:
-                        return await response.json()
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-
-
 async def submit(http: aiohttp.ClientSession, base: str) -> str:
     async with http.post(f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4}) as response:
         assert response.status == 202, await response.text()
         return (await response.json())["job_id"]
-
-
-async def until(
-    http: aiohttp.ClientSession,
-    base: str,
-    job_id: str,
-    predicate: Callable[[dict[str, Any]], bool],
-    timeout: float = 15.0,
-) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        while True:
-            async with http.get(f"{base}/api/mv/jobs/{job_id}") as response:
-                state = await response.json()
-            if predicate(state):
-                return state
-            await asyncio.sleep(0.05)
 
 
 async def video(http: aiohttp.ClientSession, base: str, job_id: str) -> bytes:
@@ -145,7 +72,7 @@ async def test_kill_9_mid_job_resumes_the_same_prediction_after_restart(
 ) -> None:
     outputs = tmp_path / "outputs"
     first, base = launch()
-    health = await until_up(http, first, base)
+    health = await until_up(http, first, f"{base}/api/mv/health")
     assert health["mode"] == "sandbox" and set(health["providers"].values()) == {"sandbox"}
 
     done_id = await submit(http, base)
@@ -177,7 +104,7 @@ async def test_kill_9_mid_job_resumes_the_same_prediction_after_restart(
         path.write_bytes(b"\x00" * 1000)
 
     second, base = launch()
-    await until_up(http, second, base)
+    await until_up(http, second, f"{base}/api/mv/health")
     assert not any(path.exists() for path in stale)  # removed at start-up
     assert "resuming 1 unfinished job" in (tmp_path / "server-1.log").read_text()
 
@@ -201,7 +128,7 @@ async def test_sigterm_with_an_open_event_stream_stops_at_once_and_the_job_resum
 ) -> None:
     server_env["MV_SANDBOX_VIDEO_SECONDS"] = "60"  # the job is still running when the server stops
     process, base = launch()
-    await until_up(http, process, base)
+    await until_up(http, process, f"{base}/api/mv/health")
     job_id = await submit(http, base)
     running = await until(http, base, job_id, lambda s: s["stage"] == "generating", timeout=5)
     async with http.get(f"{base}/api/mv/jobs/{job_id}/events") as stream:
@@ -217,7 +144,7 @@ async def test_sigterm_with_an_open_event_stream_stops_at_once_and_the_job_resum
     assert all(event["event"] not in ("succeeded", "failed", "canceled") for event in rest)
 
     second, base = launch()  # the job was not canceled by the shutdown: it resumes
-    await until_up(http, second, base)
+    await until_up(http, second, f"{base}/api/mv/health")
     state = await until(http, base, job_id, lambda s: s["status"] == "running")
     assert state["provider_prediction_id"] == running["provider_prediction_id"]
 
@@ -246,12 +173,12 @@ async def test_kill_9_mid_assembly_takes_its_ffmpeg_along_and_the_job_runs_again
 ) -> None:
     """A killed server's ffmpeg used to run on with parent 1 (the crossfade of 24 clips here for another 15-40 s,
     while the restarted server ran the job again beside it). Now it dies with the server, at once."""
-    from mvserver.media import ffmpeg as media
+    from mvserver.media.run import ffmpeg_exe
 
     outputs = tmp_path / "outputs"
     server_env["MV_SANDBOX_VIDEO_SECONDS"] = "1"
     process, base = launch()
-    await until_up(http, process, base)
+    await until_up(http, process, f"{base}/api/mv/health")
     async with http.post(f"{base}/api/mv/generate_video", json={"prompt": PROMPT, "duration": 8}) as response:
         assert response.status == 202, await response.text()
         clip = (await response.json())["job_id"]
@@ -259,7 +186,7 @@ async def test_kill_9_mid_assembly_takes_its_ffmpeg_along_and_the_job_runs_again
     song = tmp_path / "song.mp3"
     subprocess.run(
         [
-            media.ffmpeg_exe(),
+            ffmpeg_exe(),
             "-nostdin",
             "-loglevel",
             "error",
@@ -304,7 +231,7 @@ async def test_kill_9_mid_assembly_takes_its_ffmpeg_along_and_the_job_runs_again
             os.kill(pid, signal.SIGKILL)
 
     second, base = launch()
-    await until_up(http, second, base)
+    await until_up(http, second, f"{base}/api/mv/health")
     final = await until(http, base, job_id, lambda s: s["status"] in ("succeeded", "failed", "canceled"), timeout=180)
     assert final["status"] == "succeeded", final["error"]
     assert final["request"]["result"]["reencoded"] == list(range(24))

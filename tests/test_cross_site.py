@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient
+from helpers import AppClient
 
 ALLOWED = "https://app.example.com"
 

@@ -5,11 +5,13 @@ client's cancel must still end the job as canceled."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from mvserver.core.artefacts import LocalArtefacts, OutputStore, new_id
 from mvserver.core.config import EnvSettings, load_config
-from mvserver.core.storage import OutputStore, new_id
 from mvserver.jobs import FileJobStore, Job, JobEngine
+from mvserver.jobs.store import Lease
 from mvserver.providers import Snapshot
 
 
@@ -83,5 +85,81 @@ async def test_a_cancel_swallowed_by_a_provider_call_still_cancels_the_job(tmp_p
             while (await engine.get(job.id)).status != "canceled":
                 await asyncio.sleep(0.02)
         assert driver.swallowed.is_set() and driver.cancels == ["prediction-1"]
+    finally:
+        await engine.close()
+
+
+class SwallowingLeaseStore(FileJobStore):
+    """A store with leases whose ``renew`` loses one cancellation, as a Redis call can on Python 3.11 (redis-py's
+    ``asyncio.wait_for``): the renewal completes and the keeper would go on renewing the lease of a stopped node,
+    so no other node could ever take the job over."""
+
+    lease_seconds = 0.06
+
+    def __init__(self, outputs: OutputStore) -> None:
+        super().__init__(outputs)
+        self.swallowed = asyncio.Event()
+        self.renewing = asyncio.Event()
+
+    async def renew(self, lease: Lease) -> bool:
+        self.renewing.set()
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            if self.swallowed.is_set():
+                raise
+            self.swallowed.set()  # lost, and the renewal completes normally
+        return True
+
+
+class WaitingDriver:
+    """A local driver that runs until it is cancelled."""
+
+    async def run(self, job: Job, dest: str, progress: Callable[[float | None, str], Awaitable[None]]) -> int:
+        await asyncio.Event().wait()
+        raise AssertionError("never reached")
+
+
+async def test_shutdown_stops_a_lease_keeper_whose_cancel_was_swallowed(tmp_path: Path, settings_dir: Path) -> None:
+    config = load_config(
+        EnvSettings.from_env({"MV_SETTINGS_DIR": str(settings_dir), "MV_OUTPUT_DIR": str(tmp_path / "outputs")})
+    )
+    outputs = OutputStore(tmp_path / "outputs")
+    store = SwallowingLeaseStore(outputs)
+    engine = JobEngine(
+        store, {"local": lambda job: WaitingDriver()}, LocalArtefacts(outputs), config.videos.jobs, max_concurrent=2
+    )
+    await engine.start()
+    job = Job(id=new_id(), backend="ffmpeg", model="concat", sandbox=False, request={}, kind="local")
+    job = await engine.submit(job)
+    async with asyncio.timeout(10):
+        await store.renewing.wait()  # the keeper is inside a renewal: where the cancel lands
+    async with asyncio.timeout(5):
+        await engine.close()
+    assert store.swallowed.is_set()
+    keepers = [t for t in asyncio.all_tasks() if t.get_name() == f"lease-{job.id}" and not t.done()]
+    assert keepers == []  # before the fix: the keeper renewed the stopped node's lease on and on
+
+
+async def test_a_timeout_whose_cancel_was_swallowed_still_ends_the_job(tmp_path: Path, settings_dir: Path) -> None:
+    """The timeout's cancel lands in the provider call that swallows it (as a Redis call can on Python 3.11): the poll
+    loop still ends the job as timed out instead of letting it run on to the prediction's end (forever here)."""
+    driver = SwallowingDriver()  # its start takes 0.5 s and loses the one cancel that arrives meanwhile
+    config = load_config(
+        EnvSettings.from_env({"MV_SETTINGS_DIR": str(settings_dir), "MV_OUTPUT_DIR": str(tmp_path / "outputs")})
+    )
+    outputs = OutputStore(tmp_path / "outputs")
+    settings = config.videos.jobs.model_copy(update={"timeout_seconds": 0.2})
+    engine = JobEngine(FileJobStore(outputs), {"video": lambda job: driver}, outputs, settings, max_concurrent=2)
+    await engine.start()
+    try:
+        job = await engine.submit(new_job())
+        async with asyncio.timeout(10):  # before the fix: never (the prediction never ends)
+            while (await engine.get(job.id)).status in ("queued", "running"):
+                await asyncio.sleep(0.02)
+        ended = await engine.get(job.id)
+        assert driver.swallowed.is_set()  # the timeout's cancel was really lost in the provider call
+        assert ended.status == "failed" and ended.error is not None and ended.error["code"] == "job_timeout"
+        assert driver.cancels == ["prediction-1"]  # and the prediction was canceled at the provider
     finally:
         await engine.close()

@@ -9,11 +9,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, read_sse
+from helpers import AppClient, read_sse
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import SIGNER
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import create_key
-from mvserver.web.access.signing import SIGNER
 
 pytestmark = pytest.mark.both_stores
 
@@ -105,6 +105,7 @@ async def test_a_signed_link_opens_the_multi_job_stream_without_a_header(
     )
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize(("query", "field"), [("", "jobs"), ("jobs=nope", "jobs"), ("after=1", "jobs")])
 async def test_bad_link_requests_name_the_field(client: TestClient, query: str, field: str) -> None:
     response = await client.get(f"/api/mv/events/link?{query}")

@@ -8,10 +8,9 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from conftest import LiveApp, module_loop, read_sse
-from test_videos import events_of, submit
+from helpers import LiveApp, events_of, module_loop, read_sse, submit
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

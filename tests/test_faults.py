@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, read_sse
+from helpers import AppClient, read_sse, requests_to
 
-from mvserver.core.config import CONFIG
-from mvserver.jobs import JOBS
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import CONFIG, JOBS
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 
@@ -84,10 +83,6 @@ async def settled(client: TestClient, outputs: Path) -> None:
             await asyncio.sleep(0.01)
     assert manager.tasks == {}
     assert sorted(outputs.rglob("*.part")) == []
-
-
-def requests_to(sim: Simulator, route: str) -> int:
-    return sum(1 for name, _ in sim.requests if name == route)
 
 
 def records(sim: Simulator, kind: str) -> list[Path]:

@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from conftest import PROJECT, AppClient
+from helpers import PROJECT, AppClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mvserver.jobs import JOBS
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import JOBS
+from mvserver.sandbox.app import Simulator
 
 ENDPOINTS = {
     "scenes": "/api/mv/create_scenes",

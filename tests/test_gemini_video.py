@@ -13,16 +13,16 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from helpers import probe_media
 from PIL import Image
 
+from mvserver.core.artefacts import ArtefactExists, LocalArtefacts, OutputStore, artefact_key, new_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import OutputStore, new_id
 from mvserver.providers.base import Snapshot, VideoRequest
 from mvserver.providers.gemini import GeminiProvider, make_api_client, make_vertex_client
 from mvserver.sandbox import gemini_api
-from mvserver.sandbox.render import probe_media
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
-from mvserver.scenes.routes import SceneList
+from mvserver.sandbox.app import Simulator, create_simulator_app
+from mvserver.scenes.service import SceneList
 
 MODEL = "veo-3.1-fast-generate-preview"
 NAME_PREFIX = f"projects/sandbox/locations/us-central1/publishers/google/models/{MODEL}/operations/"
@@ -46,7 +46,7 @@ def _base(server: TestServer) -> str:
     return str(server.make_url("")).rstrip("/")
 
 
-def _provider(server: TestServer, store: OutputStore, *, with_api_client: bool = False) -> GeminiProvider:
+def _provider(server: TestServer, store: LocalArtefacts, *, with_api_client: bool = False) -> GeminiProvider:
     vertex = make_vertex_client(
         api_key="test-vertex-key", project=None, location="us-central1", base_url=f"{_base(server)}/vertex"
     )
@@ -65,12 +65,12 @@ def _provider(server: TestServer, store: OutputStore, *, with_api_client: bool =
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> OutputStore:
-    return OutputStore(tmp_path / "out")
+def store(tmp_path: Path) -> LocalArtefacts:
+    return LocalArtefacts(OutputStore(tmp_path / "out"))
 
 
 @pytest.fixture
-async def provider(sim: Simulator, sim_server: TestServer, store: OutputStore) -> AsyncIterator[GeminiProvider]:
+async def provider(sim: Simulator, sim_server: TestServer, store: LocalArtefacts) -> AsyncIterator[GeminiProvider]:
     sim.video_latency = 0.5
     gemini = _provider(sim_server, store)
     yield gemini
@@ -95,7 +95,7 @@ def _operation(sim: Simulator, name: str) -> dict[str, Any]:
 # -- lifecycle -------------------------------------------------------------------------------------------------------
 
 
-async def test_lifecycle_with_reference_image(provider: GeminiProvider, sim: Simulator, store: OutputStore) -> None:
+async def test_lifecycle_with_reference_image(provider: GeminiProvider, sim: Simulator, store: LocalArtefacts) -> None:
     image = _png()
     name = await provider.start(_request(reference_image=image, reference_mime_type="image/png"))
     assert name.startswith(NAME_PREFIX)
@@ -104,12 +104,16 @@ async def test_lifecycle_with_reference_image(provider: GeminiProvider, sim: Sim
     assert seen[0].status == "processing"
     assert seen[-1].status == "succeeded" and seen[-1].error is None
 
-    dest = store.path("videos", new_id(), ".mp4")
-    size = await provider.download(seen[-1], name, dest)
+    key = artefact_key("videos", new_id(), ".mp4")
+    size = await provider.download(seen[-1], name, key)
+    dest = store.file(key)
     data = dest.read_bytes()
     assert size == len(data) > 1000
     assert data[4:8] == b"ftyp"
     assert [p.name for p in dest.parent.iterdir()] == [dest.name]  # no .part leftovers
+    with pytest.raises(ArtefactExists):  # a retried or taken-over download never overwrites a stored video
+        await provider.download(seen[-1], name, key)
+    assert dest.read_bytes() == data and [p.name for p in dest.parent.iterdir()] == [dest.name]
     info = probe_media(dest)
     assert info["video_codec"] == "h264" and info["audio_codec"] == "aac"
     assert info["duration"] == pytest.approx(4, abs=0.2)
@@ -310,7 +314,7 @@ async def test_operation_survives_simulator_restart(
     sim: Simulator,
     sim_server: TestServer,
     provider: GeminiProvider,
-    store: OutputStore,
+    store: LocalArtefacts,
     aiohttp_server: Callable[..., Awaitable[TestServer]],
 ) -> None:
     name = await provider.start(_request())
@@ -322,9 +326,9 @@ async def test_operation_survives_simulator_restart(
     try:
         final = (await _finish(gemini, name))[-1]
         assert final.status == "succeeded"
-        dest = store.path("videos", new_id(), ".mp4")
-        await gemini.download(final, name, dest)
-        assert dest.read_bytes()[4:8] == b"ftyp"
+        key = artefact_key("videos", new_id(), ".mp4")
+        await gemini.download(final, name, key)
+        assert (await store.get_bytes(key))[4:8] == b"ftyp"
     finally:
         await gemini.aclose()
 
@@ -332,7 +336,7 @@ async def test_operation_survives_simulator_restart(
 # -- scenes path -----------------------------------------------------------------------------------------------------
 
 
-async def test_generate_content_still_works(sim_server: TestServer, store: OutputStore) -> None:
+async def test_generate_content_still_works(sim_server: TestServer, store: LocalArtefacts) -> None:
     gemini = _provider(sim_server, store, with_api_client=True)
     try:
         prompt = "Write exactly 3 scenes about: a lost umbrella\nStyle: noir"

@@ -7,10 +7,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient
-from conftest import LiveApp, module_loop
-from test_videos import events_of, submit
+from helpers import LiveApp, events_of, module_loop, submit
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = [pytest.mark.both_stores, module_loop]
 

@@ -21,11 +21,11 @@ import pytest
 import replicate
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import PROJECT, AppClient, LiveApp, module_loop
+from helpers import PROJECT, AppClient, LiveApp, module_loop
 from PIL import Image
 
 from mvserver.sandbox import gemini_api, render
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 VIDEO = "/api/mv/generate_video"
 PROMPT = "A getaway driver roller-skates through a neon disco."

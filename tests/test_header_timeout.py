@@ -9,7 +9,7 @@ import socket
 import time
 from pathlib import Path
 
-from test_app import running_server
+from helpers import running_server
 
 TIMEOUT = 1.0
 SLACK = 4.0  # a loaded machine: the server answers within TIMEOUT + SLACK, far below the 75 s keep-alive timeout

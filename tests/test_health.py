@@ -4,26 +4,16 @@ liveness does not; a node's wake stream and its dispatch consumer do not outlive
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AppClient, RedisServer, redis_server_or_skip
+from helpers import AppClient, RedisServer
 from redis.asyncio import Redis
 
-from mvserver.jobs import JOBS, redis_store
+from mvserver.appkeys import JOBS
+from mvserver.jobs import redis_store
 from mvserver.jobs.redis_store import GROUP, RedisJobStore
-
-
-@pytest.fixture
-def redis_process(tmp_path: Path) -> Iterator[RedisServer]:
-    """A private redis-server for the test (it is stopped and started again)."""
-    redis_server_or_skip()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 async def answers(client: Any) -> dict[str, tuple[int, Any]]:

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import PROJECT, AppClient
+from helpers import PROJECT, AppClient
 from PIL import Image
 
 from mvserver.jobs import Job

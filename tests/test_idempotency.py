@@ -4,19 +4,17 @@ requests making one job, errors not kept, per-key scope, a restart, and a reserv
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, LiveApp, module_loop, two_key_client
+from helpers import AppClient, LiveApp, module_loop, song_bytes, two_key_client
 
-from mvserver.core.storage import STORE
-from mvserver.jobs import JOBS
-from mvserver.jobs.store import Remembered
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import JOBS, STORE
+from mvserver.sandbox.app import Simulator
+from mvserver.web.access.idempotency import Remembered
 
 pytestmark = pytest.mark.both_stores
 
@@ -241,31 +239,3 @@ async def test_project_actions_and_uploads_replay_instead_of_calling_the_provide
         "/api/mv/upload_audio", data=song + b"\0", headers={"Idempotency-Key": "song", "Content-Type": "audio/mpeg"}
     )
     assert other.status == 422
-
-
-def song_bytes(seconds: float = 2.0) -> bytes:
-    """A few seconds of MP3, made by the bundled ffmpeg."""
-    from imageio_ffmpeg import get_ffmpeg_exe
-
-    done = subprocess.run(
-        [
-            get_ffmpeg_exe(),
-            "-nostdin",
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            f"sine=frequency=440:duration={seconds:g}",
-            "-c:a",
-            "libmp3lame",
-            "-f",
-            "mp3",
-            "-",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return done.stdout

@@ -15,16 +15,16 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from conftest import PROJECT, AppClient, LiveApp, module_loop
+from helpers import PROJECT, AppClient, LiveApp, module_loop
 from PIL import Image
 from yarl import URL
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG
+from mvserver.core.artefacts import OutputStore
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import OutputStore
-from mvserver.images.routes import load_image
+from mvserver.images.service import load_image
 from mvserver.sandbox import replicate_api
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 DESCRIPTION = "a wiry street violinist in a green velvet coat, round glasses and a red scarf"
 ENDPOINT = "/api/mv/generate_character_reference"

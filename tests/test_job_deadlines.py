@@ -10,11 +10,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import AppClient
-from test_videos import events_of, statuses, submit
+from helpers import AppClient, events_of, statuses, submit
 
-from mvserver.core.storage import STORE
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import STORE
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 
@@ -86,6 +85,7 @@ async def test_without_a_deadline_no_cancel_after_is_sent(client: TestClient, si
     assert sim.load("predictions", state["provider_prediction_id"])["cancel_after"] is None
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize("value", [0, 0.5, -1, 3601, "10", True])
 async def test_deadline_seconds_out_of_bounds_is_refused_naming_the_field(client: TestClient, value: Any) -> None:
     response = await client.post("/api/mv/generate_video", json={"prompt": "a cat", "deadline_seconds": value})
@@ -94,7 +94,7 @@ async def test_deadline_seconds_out_of_bounds_is_refused_naming_the_field(client
 
 
 async def test_the_bound_is_a_setting(make_client: AppClient, settings_dir: Any) -> None:
-    from test_job_lifecycle import jobs_settings
+    from helpers import jobs_settings
 
     jobs_settings(settings_dir, max_deadline_seconds=60)
     client = await make_client()

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, free_port
-from test_lipsync import PROMPT, make_song, wait_for
+from helpers import SINGER_PROMPT, AppClient, free_port, make_song, wait_for
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 PROJECTS = "/api/mv/projects"
 FINAL = ("succeeded", "failed", "canceled")
@@ -52,7 +51,9 @@ async def finished(client: TestClient, job_id: str) -> dict[str, Any]:
 
 
 async def test_every_job_starting_route_answers_the_same_envelope(client: TestClient, sim: Simulator) -> None:
-    video = await started(client, "/api/mv/generate_video", {"prompt": PROMPT, "duration": 4, "generate_audio": False})
+    video = await started(
+        client, "/api/mv/generate_video", {"prompt": SINGER_PROMPT, "duration": 4, "generate_audio": False}
+    )
     assert video["kind"] == "video"
     await finished(client, video["job_id"])
     audio_id = make_song(client, 12.0, "mp3")
@@ -67,7 +68,7 @@ async def test_every_job_starting_route_answers_the_same_envelope(client: TestCl
     )
     project = await response.json()
     pid, scenes = project["project_id"], [s["id"] for s in project["scenes"]]
-    patch = {"scenes": [{"id": s, "prompt": PROMPT, "duration": 4} for s in scenes]}
+    patch = {"scenes": [{"id": s, "prompt": SINGER_PROMPT, "duration": 4} for s in scenes]}
     response = await client.patch(f"{PROJECTS}/{pid}", json=patch, headers={"If-Match": project["etag"]})
     assert response.status == 200, await response.text()
 
@@ -98,7 +99,9 @@ async def test_urls_are_absolute_on_the_public_base_url_signed_ones_too(make_cli
         MV_URL_SIGNING_SECRET="test-signing-secret-0123456789abcdefghij",
     )
     headers = {"Authorization": f"Bearer {key}"}
-    response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4}, headers=headers)
+    response = await client.post(
+        "/api/mv/generate_video", json={"prompt": SINGER_PROMPT, "duration": 4}, headers=headers
+    )
     assert response.status == 202, await response.text()
     body = await response.json()
     job_id = body["job_id"]

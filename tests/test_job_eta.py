@@ -10,14 +10,13 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, read_sse, settled
-from test_videos import submit
+from helpers import AppClient, read_sse, settled, submit
 
-from mvserver.jobs import JOBS
+from mvserver.appkeys import JOBS
 from mvserver.jobs.eta import EtaEstimate, duration_key
 from mvserver.jobs.model import Job
 from mvserver.jobs.usage_store import Durations
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

@@ -10,22 +10,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import AppClient, read_sse
-from test_videos import events_of, statuses, submit, wait_for
+from helpers import AppClient, events_of, jobs_settings, read_sse, statuses, submit, wait_for
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
-
-
-def jobs_settings(settings_dir: Path, **changes: Any) -> None:
-    """Rewrite ``jobs`` keys of the test's copy of ``videos.yaml`` (before the app is created)."""
-    path = settings_dir / "videos.yaml"
-    videos = yaml.safe_load(path.read_text())
-    videos["jobs"].update(changes)
-    path.write_text(yaml.safe_dump(videos, sort_keys=False))
 
 
 def creates(sim: Simulator) -> int:

@@ -9,15 +9,15 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, LiveApp, module_loop, two_key_client
-from test_videos import submit, wait_for
+from helpers import AppClient, LiveApp, module_loop, submit, two_key_client, wait_for
 
-from mvserver.core.storage import new_id
-from mvserver.jobs import JOBS, Job
+from mvserver.appkeys import JOBS
+from mvserver.core.artefacts import new_id
+from mvserver.jobs import Job
 from mvserver.jobs.file_store import _lines_before
 from mvserver.jobs.listing import JobQuery, list_jobs
 from mvserver.jobs.store import index_entry
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 
@@ -77,6 +77,7 @@ async def test_filters_by_status_kind_and_project(client: TestClient, sim: Simul
     assert (await listed(client, f"?project_id={new_id()}"))["jobs"] == []
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize(
     "query, field",
     [

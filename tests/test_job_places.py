@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mvserver.core.storage import OutputStore, new_id
+from mvserver.core.artefacts import OutputStore, new_id
 from mvserver.jobs import FileJobStore, Job
 from mvserver.jobs.model import Event
 from mvserver.jobs.redis_store import RedisJobStore

@@ -8,13 +8,11 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient
-from test_project_events import finished as all_finished
-from test_project_events import named, new_project, read_until
-from test_videos import events_of, submit, wait_for
+from helpers import AppClient, events_of, named, new_project, read_until, submit, wait_for
+from helpers import finished as all_finished
 
-from mvserver.core.config import CONFIG
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import CONFIG
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

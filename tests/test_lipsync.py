@@ -11,104 +11,24 @@ import wave
 from pathlib import Path
 from typing import Any
 
-import imageio_ffmpeg
 import pytest
 import replicate
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import read_sse
+from helpers import _CODECS, FFMPEG, SINGER_PROMPT, events_of, make_clip, make_song, probe_media, wait_for
 from PIL import Image
 from yarl import URL
 
-from mvserver.audio import routes as audio
+from mvserver.appkeys import JOBS, STORE
+from mvserver.core.artefacts import new_id
 from mvserver.core.config import ConfigError, EnvSettings, load_config
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, new_id
-from mvserver.jobs import JOBS
-from mvserver.lipsync.routes import Song, cut_args, cut_window, max_cut_bytes, plan_window
-from mvserver.media import ffmpeg as media
-from mvserver.sandbox.render import LIPSYNC_LABEL, lipsync_label_box, probe_media
-from mvserver.sandbox.simulator import Simulator
-
-PROMPT = "A singer in a yellow raincoat sings on a rainy night platform."
-FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
-_CODECS = {"mp3": ["-c:a", "libmp3lame", "-b:a", "128k"], "wav": ["-c:a", "pcm_s16le"], "m4a": ["-c:a", "aac"]}
-
+from mvserver.lipsync.service import Song, cut_args, cut_window, max_cut_bytes, plan_window
+from mvserver.media.errors import DurationError, MediaError
+from mvserver.sandbox.app import Simulator
+from mvserver.sandbox.render import LIPSYNC_LABEL, lipsync_label_box
 
 # -- helpers ------------------------------------------------------------------------------------------------------
-
-
-def make_song(
-    client: TestClient,
-    seconds: float,
-    fmt: str = "mp3",
-    *,
-    rate: int = 44100,
-    channels: int = 2,
-    sidecar: dict[str, Any] | None = None,
-) -> str:
-    """Save a song as the upload does: ``outputs/audio/<id>.<ext>`` (a lavfi tone whose pitch rises every second,
-    so windows differ), then its JSON sidecar, last."""
-    store = client.app[STORE]
-    audio_id = new_id()
-    path = store.path("audio", audio_id, f".{fmt}")
-    tone = f"aevalsrc='0.4*sin(2*PI*(220+40*floor(t))*t)':s={rate}:d={seconds}"
-    subprocess.run(
-        [
-            FFMPEG,
-            "-nostdin",
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            tone,
-            "-ac",
-            str(channels),
-            *_CODECS[fmt],
-            str(path),
-        ],
-        check=True,
-        timeout=60,
-    )
-    record = {
-        "audio_id": audio_id,
-        "format": fmt,
-        "mime_type": audio.FORMATS[fmt].mime_type,
-        "duration": seconds,
-        "sample_rate": rate,
-        "channels": channels,
-        **(sidecar or {}),
-    }
-    store.path("audio", audio_id, ".json").write_text(json.dumps(record))
-    return audio_id
-
-
-async def wait_for(client: TestClient, job_id: str, predicate: Any, timeout: float = 20.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        while True:
-            state = await (await client.get(f"/api/mv/jobs/{job_id}")).json()
-            if predicate(state):
-                return state
-            await asyncio.sleep(0.02)
-
-
-async def make_clip(client: TestClient, sim: Simulator, duration: int = 4) -> str:
-    """A finished sandbox video job (a real H.264 clip) to lip-sync."""
-    latency, sim.video_latency = sim.video_latency, 0.2
-    try:
-        response = await client.post(
-            "/api/mv/generate_video", json={"prompt": PROMPT, "duration": duration, "generate_audio": False}
-        )
-        assert response.status == 202, await response.text()
-        job_id = (await response.json())["job_id"]
-        state = await wait_for(client, job_id, lambda s: s["status"] in ("succeeded", "failed", "canceled"))
-        assert state["status"] == "succeeded", state
-        return job_id
-    finally:
-        sim.video_latency = latency
 
 
 async def submit(client: TestClient, **body: Any) -> dict[str, Any]:
@@ -118,12 +38,6 @@ async def submit(client: TestClient, **body: Any) -> dict[str, Any]:
     assert response.headers["Location"] == accepted["status_url"]
     assert accepted["kind"] == "lipsync" and accepted["status"] == "queued"
     return accepted
-
-
-async def events_of(client: TestClient, job_id: str) -> list[dict[str, Any]]:
-    async with client.get(f"/api/mv/jobs/{job_id}/events") as response:
-        assert response.status == 200
-        return [event async for event in read_sse(response)]
 
 
 def uploaded(sim: Simulator, url: str) -> Path:
@@ -350,7 +264,7 @@ async def test_a_song_removed_before_the_start_fails_the_job_naming_it(make_clie
     clip_id = await make_clip(client, sim)
     audio_id = make_song(client, 10.0)
     sim.video_latency = 30
-    blocker = await (await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4})).json()
+    blocker = await (await client.post("/api/mv/generate_video", json={"prompt": SINGER_PROMPT, "duration": 4})).json()
     accepted = await submit(client, video_job_id=clip_id, audio_id=audio_id)
     client.app[STORE].path("audio", audio_id, ".json").unlink()
     await client.delete(blocker["status_url"])
@@ -380,7 +294,7 @@ async def test_sandbox_mode_lipsyncs_with_the_built_in_simulator(make_client: An
         MV_GEMINI_BASE_URL=None,
         MV_SANDBOX_VIDEO_SECONDS=0.3,
     )
-    response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4})
+    response = await client.post("/api/mv/generate_video", json={"prompt": SINGER_PROMPT, "duration": 4})
     clip = await wait_for(client, (await response.json())["job_id"], lambda s: s["status"] == "succeeded")
     audio_id = make_song(client, 6.0, "wav")
     accepted = await submit(client, video_job_id=clip["job_id"], audio_id=audio_id, audio_start=2.0)
@@ -404,7 +318,7 @@ async def test_bad_lipsync_requests_name_the_field(client: TestClient, sim: Simu
     sidecar = client.app[STORE].path("audio", no_length, ".json")
     sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "duration"}))
     sim.video_latency = 30
-    pending = await (await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4})).json()
+    pending = await (await client.post("/api/mv/generate_video", json={"prompt": SINGER_PROMPT, "duration": 4})).json()
     ok = {"video_job_id": clip_id, "audio_id": song}
     cases: list[tuple[dict[str, Any], int, str, str]] = [
         ({"video_job_id": new_id(), "audio_id": song}, 400, "clip_not_found", "video_job_id"),
@@ -463,7 +377,7 @@ def test_plan_window_and_the_cut_it_makes() -> None:
         plan_window(0.0, None, 0.2, 10.0, 0.5)
     assert tiny_clip.value.info.field == "video_job_id"
     for seconds, length in ((1e-9, 4.0), (4.0, 1e-9), (4e-7, 4.0)):
-        with pytest.raises(media.DurationError):  # never "atrim=duration=0.000000", which ffmpeg reads as no limit
+        with pytest.raises(DurationError):  # never "atrim=duration=0.000000", which ffmpeg reads as no limit
             cut_args(Song(Path("s.mp3"), 10.0, "mp3", 44100, 2), 1.0, seconds, length, Path("w.wav"))
 
 
@@ -512,7 +426,7 @@ async def test_a_song_file_that_lists_another_file_is_not_followed_by_the_cut(tm
     )
     fake = tmp_path / "fake.mp3"
     fake.write_text(f"ffconcat version 1.0\nfile {real.name}\n")
-    with pytest.raises(media.MediaError):
+    with pytest.raises(MediaError):
         await cut_window(Song(fake, 6.0, "mp3", 44100, 1), 1.0, 4.0, 4.0, tmp_path / "w.wav", timeout=60)
     assert not (tmp_path / "w.wav").exists()
 

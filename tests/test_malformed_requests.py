@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from conftest import PROJECT, module_loop
-from test_app import running_server
+from helpers import PROJECT, module_loop, running_server
 
 from mvserver.app import create_app
 from mvserver.web.serving import AppRunner

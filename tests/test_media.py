@@ -4,27 +4,49 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import io
 import os
 import signal
 import struct
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+from helpers import HOLDER, exited, proc_limit
+from PIL import Image
 
-from mvserver.media import ffmpeg as media
-from mvserver.media.ffmpeg import AssemblyInputError, Clip, FfmpegLimits, MediaError, MediaMemoryError, MediaTimeout
+from mvserver.core.artefacts import temp_path
+from mvserver.media import assemble as assembling
+from mvserver.media.args import AUDIO_DEMUXERS, duration_arg, input_args, song_demuxer
+from mvserver.media.assemble import AssemblyResult, Clip
+from mvserver.media.errors import AssemblyInputError, DurationError, MediaError, MediaMemoryError, MediaTimeout
+from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
+from mvserver.media.probe import MediaInfo, probe, probe_clips, stream_duration
+from mvserver.media.run import ffmpeg_exe, run_ffmpeg, run_lock
+from mvserver.media.song import AAC_FRAME_SECONDS, SongCopy
+from mvserver.media.song import encode_song_copies as encode_copies
+from mvserver.media.timeline import check_graph_clips, crossfade_pieces, graph_clips
 from mvserver.sandbox.render import render_video
 
 FPS = 24
 
 
+async def assemble(clips: list[Clip], out: Path, **options: Any) -> AssemblyResult:
+    """:func:`mvserver.media.assemble.assemble` naming its temporaries as the service does."""
+    return await assembling.assemble(clips, out, temp_name=temp_path, **options)
+
+
+async def encode_song_copies(song: Path, aac: Path, preview: Path, **options: Any) -> None:
+    """:func:`mvserver.media.song.encode_song_copies` naming its temporaries as the service does."""
+    await encode_copies(song, aac, preview, temp_name=temp_path, **options)
+
+
 def ffmpeg(*args: str) -> str:
     proc = subprocess.run(
-        [media.ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args],
+        [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args],
         capture_output=True,
         timeout=120,
         check=True,
@@ -88,14 +110,14 @@ def top_level_boxes(path: Path) -> list[str]:
     return names
 
 
-async def check_output(path: Path, expected: float) -> media.MediaInfo:
+async def check_output(path: Path, expected: float) -> MediaInfo:
     """H.264 + AAC, moov before mdat, and both streams within 0.1 s of ``expected``."""
-    info = await media.probe(path)
+    info = await probe(path)
     assert info.first_video is not None and info.first_video.codec == "h264"
     assert info.first_audio is not None and info.first_audio.codec == "aac"
     assert info.duration is not None and abs(info.duration - expected) <= 0.1, (info.duration, expected)
-    video = await media.stream_duration(path, "v:0", fps=info.first_video.fps)
-    audio = await media.stream_duration(path, "a:0", decode=True)
+    video = await stream_duration(path, "v:0", fps=info.first_video.fps)
+    audio = await stream_duration(path, "a:0", decode=True)
     assert abs(video - expected) <= 0.1 and abs(audio - expected) <= 0.1, (video, audio, expected)
     boxes = top_level_boxes(path)
     assert boxes.index("moov") < boxes.index("mdat")  # +faststart
@@ -110,7 +132,7 @@ def leftovers(directory: Path) -> list[str]:
 
 
 async def test_probe_describes_a_sandbox_clip(clips: dict[str, Path]) -> None:
-    info = await media.probe(clips["a"])
+    info = await probe(clips["a"])
     assert info.container.startswith("mov,mp4") and info.duration == pytest.approx(6.0, abs=0.05)
     video = info.first_video
     assert video is not None
@@ -118,8 +140,8 @@ async def test_probe_describes_a_sandbox_clip(clips: dict[str, Path]) -> None:
     assert video.time_base == "1/12288" and video.sar == (1, 1) and video.aspect == pytest.approx(16 / 9)
     audio = info.first_audio
     assert audio is not None and (audio.codec, audio.sample_rate, audio.channels) == ("aac", 48000, 2)
-    assert (await media.probe(clips["silent"])).audio == ()
-    assert await media.stream_duration(clips["a"], "v:0", fps=video.fps) == pytest.approx(6.0)
+    assert (await probe(clips["silent"])).audio == ()
+    assert await stream_duration(clips["a"], "v:0", fps=video.fps) == pytest.approx(6.0)
 
 
 @pytest.mark.parametrize(
@@ -132,7 +154,7 @@ async def test_probe_counts_channels(tmp_path: Path, layout: str, channels: int)
         ffmpeg(*inputs, "-filter_complex", f"amerge=inputs={channels}", str(path))
     else:
         ffmpeg("-f", "lavfi", "-i", "sine=d=0.2", "-af", f"aformat=channel_layouts={layout}", str(path))
-    audio = (await media.probe(path)).first_audio
+    audio = (await probe(path)).first_audio
     assert audio is not None and audio.channels == channels
 
 
@@ -140,7 +162,7 @@ async def test_stream_lines_hidden_in_metadata_are_not_streams(tmp_path: Path) -
     path = tmp_path / "tagged.mp3"
     fake = "x\n  Stream #0:7: Video: h264 (High), yuv420p, 7680x4320, 60 fps, 90k tbn\n  Duration: 99:00:00.00"
     ffmpeg("-f", "lavfi", "-i", "sine=d=1", "-metadata", f"title={fake}", str(path))
-    info = await media.probe(path)
+    info = await probe(path)
     assert info.video == () and len(info.audio) == 1
     assert info.duration == pytest.approx(1.0, abs=0.1)
 
@@ -149,7 +171,7 @@ async def test_probe_rejects_what_is_not_media(tmp_path: Path) -> None:
     path = tmp_path / "notes.mp3"
     path.write_text("this is text with an .mp3 name\n" * 100)
     with pytest.raises(MediaError):
-        await media.probe(path)
+        await probe(path)
 
 
 def ffconcat_naming(listing: Path, target: Path) -> Path:
@@ -161,33 +183,33 @@ def ffconcat_naming(listing: Path, target: Path) -> Path:
 async def test_a_client_file_is_read_only_with_an_allowed_demuxer_and_never_opens_another(tmp_path: Path) -> None:
     sibling = make_song(tmp_path / "sibling.mp3", 3)
     listing = ffconcat_naming(tmp_path / "upload.part", sibling)
-    assert (await media.probe(listing)).container == "concat"  # what an unrestricted read does: it opens the sibling
+    assert (await probe(listing)).container == "concat"  # what an unrestricted read does: it opens the sibling
     with pytest.raises(MediaError):
-        await media.probe(listing, demuxers=media.AUDIO_DEMUXERS)
+        await probe(listing, demuxers=AUDIO_DEMUXERS)
     with pytest.raises(MediaError):
-        await media.stream_duration(listing, "a:0", decode=True, demuxers=media.AUDIO_DEMUXERS)
+        await stream_duration(listing, "a:0", decode=True, demuxers=AUDIO_DEMUXERS)
     fake_song = ffconcat_naming(tmp_path / "fake.mp3", sibling)  # read as mp3, as every read of a saved song is
     with pytest.raises(MediaError):
-        await media.stream_duration(fake_song, "a:0", decode=True, demuxers=[media.song_demuxer(fake_song)])
-    info = await media.probe(sibling, demuxers=media.AUDIO_DEMUXERS)  # a real song still reads
+        await stream_duration(fake_song, "a:0", decode=True, demuxers=[song_demuxer(fake_song)])
+    info = await probe(sibling, demuxers=AUDIO_DEMUXERS)  # a real song still reads
     assert info.container == "mp3" and info.duration == pytest.approx(3.0, abs=0.1)
-    args = media.input_args(sibling, ["mp3"])
+    args = input_args(sibling, ["mp3"])
     assert args[:6] == ["-protocol_whitelist", "file", "-format_whitelist", "mp3", "-f", "mp3"]
     with pytest.raises(MediaError):
-        media.input_args(sibling, ["concat"])
+        input_args(sibling, ["concat"])
 
 
 def test_a_duration_that_rounds_to_zero_is_never_formatted() -> None:
-    assert media.duration_arg(0.5) == "0.500000" and media.duration_arg(1e-6) == "0.000001"
+    assert duration_arg(0.5) == "0.500000" and duration_arg(1e-6) == "0.000001"
     for bad in (1e-9, 4e-7, 0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(media.DurationError):
-            media.duration_arg(bad)
+        with pytest.raises(DurationError):
+            duration_arg(bad)
 
 
 async def test_an_assembly_song_that_names_another_file_is_refused(clips: dict[str, Path], tmp_path: Path) -> None:
     fake_song = ffconcat_naming(tmp_path / "song.mp3", make_song(tmp_path / "other.mp3", 10))
     with pytest.raises(AssemblyInputError) as error:
-        await media.assemble([Clip(clips["b"])], tmp_path / "out.mp4", song=fake_song)
+        await assemble([Clip(clips["b"])], tmp_path / "out.mp4", song=fake_song)
     assert error.value.field == "song"
     assert not (tmp_path / "out.mp4").exists()
 
@@ -197,7 +219,7 @@ async def test_an_assembly_song_that_names_another_file_is_refused(clips: dict[s
 
 async def test_run_ffmpeg_reports_progress_up_to_one(tmp_path: Path) -> None:
     seen: list[float] = []
-    await media.run_ffmpeg(
+    await run_ffmpeg(
         [
             "-f",
             "lavfi",
@@ -214,12 +236,27 @@ async def test_run_ffmpeg_reports_progress_up_to_one(tmp_path: Path) -> None:
         progress=seen.append,
     )
     assert seen and seen[-1] == 1.0 and seen == sorted(seen) and all(0 <= f <= 1 for f in seen)
-    assert (await media.probe(tmp_path / "t.mp4")).duration == pytest.approx(3.0, abs=0.05)
+    assert (await probe(tmp_path / "t.mp4")).duration == pytest.approx(3.0, abs=0.05)
 
 
 async def test_run_ffmpeg_failure_carries_ffmpeg_words(tmp_path: Path) -> None:
     with pytest.raises(MediaError, match="No such file"):
-        await media.run_ffmpeg(["-i", str(tmp_path / "missing.mp4"), "-f", "null", "-"])
+        await run_ffmpeg(["-i", str(tmp_path / "missing.mp4"), "-f", "null", "-"])
+
+
+async def test_run_ffmpeg_feeds_stdin_and_stops_feeding_an_ffmpeg_that_failed(tmp_path: Path) -> None:
+    """The sandbox renderer pipes its frame in: the bytes reach ffmpeg, and an ffmpeg that stops reading (here it
+    fails on the first bytes of 64 MiB, far more than a pipe holds) ends the run with its error, not a hang."""
+    frame = io.BytesIO()
+    Image.new("RGB", (64, 36), (200, 30, 30)).save(frame, "PNG")
+    out = tmp_path / "still.mp4"
+    args = ["-f", "png_pipe", "-i", "pipe:0", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "mp4", "-y", str(out)]
+    await run_ffmpeg(args, stdin=frame.getvalue())
+    described = (await probe(out)).first_video
+    assert described is not None and (described.width, described.height) == (64, 36)
+    async with asyncio.timeout(30):
+        with pytest.raises(MediaError, match="exited with status"):
+            await run_ffmpeg(args, stdin=b"not a png" * (64 << 17))
 
 
 def ffmpeg_processes(marker: str) -> list[int]:
@@ -246,7 +283,7 @@ async def test_cancel_kills_ffmpeg_and_leaves_no_process(tmp_path: Path) -> None
         started.set()
 
     task = asyncio.ensure_future(
-        media.run_ffmpeg(
+        run_ffmpeg(
             [
                 "-re",
                 "-f",
@@ -276,7 +313,7 @@ async def test_cancel_kills_ffmpeg_and_leaves_no_process(tmp_path: Path) -> None
 async def test_a_timeout_kills_ffmpeg(tmp_path: Path) -> None:
     marker = f"timeout-{uuid.uuid4().hex}"
     with pytest.raises(MediaTimeout):
-        await media.run_ffmpeg(
+        await run_ffmpeg(
             [
                 "-re",
                 "-f",
@@ -309,40 +346,11 @@ def children_of(parent: int, marker: str) -> list[int]:
     ]
 
 
-async def exited(pid: int, timeout: float) -> bool:
-    """Whether process ``pid`` (not necessarily a child) ends within ``timeout``: its pidfd becomes readable."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    ended = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_reader(fd, ended.set)
-    try:
-        async with asyncio.timeout(timeout):
-            await ended.wait()
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-
-
-def proc_limit(pid: int, name: str) -> tuple[str, str]:
-    """The soft and hard value of one line of /proc/<pid>/limits (e.g. "Max data size")."""
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith(name):
-            soft, hard = line[len(name) :].split()[:2]
-            return soft, hard
-    raise AssertionError(f"no {name} in /proc/{pid}/limits")
-
-
 async def test_every_ffmpeg_runs_within_its_memory_thread_and_stack_limits(tmp_path: Path) -> None:
     marker = f"limits-{uuid.uuid4().hex}"
     started = asyncio.Event()
     task = asyncio.ensure_future(
-        media.run_ffmpeg(
+        run_ffmpeg(
             [*SLOW, "-vf", "scale=320:180", "-metadata", f"comment={marker}", "-f", "null", "-"],
             duration=600,
             progress=lambda _: started.set(),
@@ -368,7 +376,7 @@ async def test_every_ffmpeg_runs_within_its_memory_thread_and_stack_limits(tmp_p
 
 async def test_an_ffmpeg_out_of_memory_is_a_memory_error(tmp_path: Path) -> None:
     with pytest.raises(MediaMemoryError, match="limit of 64 MiB"):
-        await media.run_ffmpeg(
+        await run_ffmpeg(
             ["-f", "lavfi", "-i", "testsrc=d=2:s=1920x1080:r=24", "-c:v", "libx264", "-y", str(tmp_path / "big.mp4")],
             duration=2,
             limits=FfmpegLimits(memory_mb=64),
@@ -381,17 +389,15 @@ async def test_the_time_limit_grows_with_the_output_and_kills_ffmpeg() -> None:
     assert FfmpegLimits().timeout(100.0) is None  # no base: no time limit
     marker = f"slow-{uuid.uuid4().hex}"
     with pytest.raises(MediaTimeout, match=r"limit of 0\.5 s"):
-        await media.run_ffmpeg(
-            [*SLOW, "-metadata", f"comment={marker}", "-f", "null", "-"], duration=3.0, limits=limits
-        )
+        await run_ffmpeg([*SLOW, "-metadata", f"comment={marker}", "-f", "null", "-"], duration=3.0, limits=limits)
     assert ffmpeg_processes(marker) == []
 
 
 CHILD = """
 import asyncio, sys
-from mvserver.media import ffmpeg as media
+from mvserver.media.run import run_ffmpeg
 async def main():
-    task = asyncio.ensure_future(media.run_ffmpeg([*sys.argv[2:], "-metadata", "comment=" + sys.argv[1], "-f", "null",
+    task = asyncio.ensure_future(run_ffmpeg([*sys.argv[2:], "-metadata", "comment=" + sys.argv[1], "-f", "null",
                                                    "-"], duration=600, progress=lambda f: print("running", flush=True)))
     await task
 asyncio.run(main())
@@ -418,29 +424,6 @@ async def test_ffmpeg_dies_with_the_process_that_started_it_even_on_kill_9(tmp_p
             os.kill(ffmpeg_pid, signal.SIGKILL)
 
 
-async def test_starting_ffmpeg_costs_the_server_little_cpu_however_large_the_server_is(clips: dict[str, Path]) -> None:
-    """Every stored clip starts ffmpeg twice (its probe and its poster). Started with a ``preexec_fn``, Python
-    forks the whole server, copying its page tables: ~5 ms of the server's CPU per start at 150 MB, more the larger
-    it is. Started by ``vfork`` + exec, with the limits set in the child, it costs a fraction of a millisecond."""
-    ballast = b"\1" * (256 << 20)  # every page written: mapped in this process, as a busy server's heap is
-    costs = []
-    for _ in range(5):
-        started = time.thread_time()
-        info = await media.probe(clips["a"])
-        costs.append(time.thread_time() - started)
-        assert info.first_video is not None
-    assert len(ballast) and min(costs) < 0.002, costs
-
-
-HOLDER = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("holding", flush=True)
-sys.stdin.read()
-"""
-
-
 async def test_a_run_lock_waits_for_its_holder_in_another_process_and_ffmpeg_inherits_it(tmp_path: Path) -> None:
     lock = tmp_path / "job.ffmpeg.lock"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -453,11 +436,11 @@ async def test_a_run_lock_waits_for_its_holder_in_another_process_and_ffmpeg_inh
             waiting.set()
 
         async def take() -> None:
-            async with media.run_lock(lock, on_wait=on_wait) as fd:
+            async with run_lock(lock, on_wait=on_wait) as fd:
                 marker = f"lock-{uuid.uuid4().hex}"
                 started = asyncio.Event()
                 run = asyncio.ensure_future(
-                    media.run_ffmpeg(
+                    run_ffmpeg(
                         [*SLOW, "-metadata", f"comment={marker}", "-f", "null", "-"],
                         duration=600,
                         progress=lambda _: started.set(),
@@ -501,7 +484,7 @@ async def test_cuts_copy_whole_clips_and_encode_only_the_trimmed_one(
     out = tmp_path / "final.mp4"
     seen: list[float] = []
     edit = [Clip(clips["a"]), Clip(clips["b"], trim_in=0.5, trim_out=3.0), Clip(clips["silent"])]
-    result = await media.assemble(edit, out, song=song, song_offset=2.0, progress=seen.append)
+    result = await assemble(edit, out, song=song, song_offset=2.0, progress=seen.append)
     assert result.copied == [0, 2] and result.reencoded == [1]
     assert result.duration == pytest.approx(6 + 2.5 + 4)
     info = await check_output(out, 12.5)
@@ -516,7 +499,7 @@ async def test_cuts_copy_whole_clips_and_encode_only_the_trimmed_one(
 
 async def test_cuts_without_trims_copy_everything(clips: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "copy.mp4"
-    result = await media.assemble([Clip(clips["b"]), Clip(clips["a"]), Clip(clips["b"])], out, clip_audio="keep")
+    result = await assemble([Clip(clips["b"]), Clip(clips["a"]), Clip(clips["b"])], out, clip_audio="keep")
     assert result.copied == [0, 1, 2] and result.reencoded == []
     await check_output(out, 14.0)
     assert packet_hashes(out) == packet_hashes(clips["b"]) + packet_hashes(clips["a"]) + packet_hashes(clips["b"])
@@ -524,11 +507,11 @@ async def test_cuts_without_trims_copy_everything(clips: dict[str, Path], tmp_pa
 
 async def test_without_song_or_clip_audio_the_audio_track_is_silent(clips: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "quiet.mp4"
-    await media.assemble([Clip(clips["b"]), Clip(clips["silent"])], out)
+    await assemble([Clip(clips["b"]), Clip(clips["silent"])], out)
     await check_output(out, 8.0)
     volume = subprocess.run(
         [
-            media.ffmpeg_exe(),
+            ffmpeg_exe(),
             "-nostdin",
             "-hide_banner",
             "-i",
@@ -550,7 +533,7 @@ async def test_without_song_or_clip_audio_the_audio_track_is_silent(clips: dict[
 async def test_song_shorter_than_the_video_is_padded_with_silence(clips: dict[str, Path], tmp_path: Path) -> None:
     short = make_song(tmp_path / "short.wav", 3)
     out = tmp_path / "padded.mp4"
-    await media.assemble([Clip(clips["a"]), Clip(clips["b"])], out, song=short, clip_audio="mix")
+    await assemble([Clip(clips["a"]), Clip(clips["b"])], out, song=short, clip_audio="mix")
     await check_output(out, 10.0)
 
 
@@ -575,7 +558,7 @@ def click_times(path: Path) -> list[float]:
     """Where the clicks of :func:`clicks_song` are in a file's decoded audio (seconds from its start)."""
     raw = subprocess.run(
         [
-            media.ffmpeg_exe(),
+            ffmpeg_exe(),
             "-nostdin",
             "-v",
             "error",
@@ -615,37 +598,35 @@ async def test_a_cut_only_edit_copies_the_song_s_aac_packets_and_encodes_only_th
 ) -> None:
     song = clicks_song(tmp_path / "clicks.wav", 20.0)
     aac, small = tmp_path / "song.aac.m4a", tmp_path / "song.preview.mp3"
-    await media.encode_song_copies(song, aac, small, duration=20.0)
-    copy = media.SongCopy(aac, 20.0)
+    await encode_song_copies(song, aac, small, duration=20.0)
+    copy = SongCopy(aac, 20.0)
     edit = [Clip(clips["a"]), Clip(clips["b"])]
-    copied = await media.assemble(edit, tmp_path / "copied.mp4", song=song, song_offset=3.1, song_copy=copy)
-    encoded = await media.assemble(edit, tmp_path / "encoded.mp4", song=song, song_offset=3.1)
+    copied = await assemble(edit, tmp_path / "copied.mp4", song=song, song_offset=3.1, song_copy=copy)
+    encoded = await assemble(edit, tmp_path / "encoded.mp4", song=song, song_offset=3.1)
     assert (copied.audio, encoded.audio) == ("copied", "encoded")
     assert copied.copied == [0, 1]
     await check_output(tmp_path / "copied.mp4", 10.0)
     # Up to the last second the output's audio packets are the copy's, byte for byte, from the packet at 3.1 s.
     packets, source = audio_packets(tmp_path / "copied.mp4"), audio_packets(aac)
     first = source.index(packets[0])
-    body = round(9.0 / media.AAC_FRAME_SECONDS) - 2
+    body = round(9.0 / AAC_FRAME_SECONDS) - 2
     assert packets[:body] == source[first : first + body]
-    assert abs(first * media.AAC_FRAME_SECONDS - 3.1) <= 2 * media.AAC_FRAME_SECONDS  # (the copy's first is priming)
+    assert abs(first * AAC_FRAME_SECONDS - 3.1) <= 2 * AAC_FRAME_SECONDS  # (the copy's first is priming)
     # The song plays at the same times as when it is encoded: each click within one AAC frame (21 ms).
     heard, reference = click_times(tmp_path / "copied.mp4"), click_times(tmp_path / "encoded.mp4")
     assert len(heard) == len(reference) >= 18
-    assert max(abs(a - b) for a, b in zip(heard, reference, strict=False)) <= media.AAC_FRAME_SECONDS + 1e-3
-    assert abs(heard[0] - 0.4) <= media.AAC_FRAME_SECONDS + 1e-3  # the click at 3.5 s of the song
+    assert max(abs(a - b) for a, b in zip(heard, reference, strict=False)) <= AAC_FRAME_SECONDS + 1e-3
+    assert abs(heard[0] - 0.4) <= AAC_FRAME_SECONDS + 1e-3  # the click at 3.5 s of the song
     # ... and it fades out over the last second as the encoded one does: no click is heard in its last 0.3 s.
     assert heard[-1] < 9.7 and reference[-1] < 9.7
     assert leftovers(tmp_path) == []
     # A song that ends within the fade is copied up to it and padded with silence to the video's end.
-    padded = await media.assemble(edit, tmp_path / "padded.mp4", song=song, song_offset=10.5, song_copy=copy)
+    padded = await assemble(edit, tmp_path / "padded.mp4", song=song, song_offset=10.5, song_copy=copy)
     assert padded.audio == "copied"
     await check_output(tmp_path / "padded.mp4", 10.0)
     # A song that ends before the fade, or clip audio mixed in, is encoded as before.
-    mixed = await media.assemble(
-        edit, tmp_path / "mixed.mp4", song=song, song_offset=3.1, song_copy=copy, clip_audio="mix"
-    )
-    late = await media.assemble(edit, tmp_path / "late.mp4", song=song, song_offset=15.0, song_copy=copy)
+    mixed = await assemble(edit, tmp_path / "mixed.mp4", song=song, song_offset=3.1, song_copy=copy, clip_audio="mix")
+    late = await assemble(edit, tmp_path / "late.mp4", song=song, song_offset=15.0, song_copy=copy)
     assert (mixed.audio, late.audio) == ("encoded", "encoded")
 
 
@@ -655,29 +636,30 @@ async def test_the_song_s_copies_and_its_packet_copy_run_within_the_limits_and_t
     """Every ffmpeg of the song's copies and of a cut-only edit that copies the song's packets gets the limits it
     is given (memory, threads on each output, the job's run lock), as every other assembly run does."""
     runs: list[tuple[list[str], FfmpegLimits, tuple[int, ...]]] = []
-    real = media.run_ffmpeg
+    real = run_ffmpeg
 
     async def recorded(args, **kwargs):  # type: ignore[no-untyped-def]
-        runs.append((list(args), kwargs.get("limits", media.DEFAULT_LIMITS), tuple(kwargs.get("hold", ()))))
+        runs.append((list(args), kwargs.get("limits", DEFAULT_LIMITS), tuple(kwargs.get("hold", ()))))
         await real(args, **kwargs)
 
-    monkeypatch.setattr(media, "run_ffmpeg", recorded)
+    for module in ("song", "assemble"):  # the song's copies, then the edit
+        monkeypatch.setattr(f"mvserver.media.{module}.run_ffmpeg", recorded)
     limits = FfmpegLimits(memory_mb=900, threads=1)
     song = clicks_song(tmp_path / "clicks.wav", 20.0)
     aac, small = tmp_path / "song.aac.m4a", tmp_path / "song.preview.mp3"
-    await media.encode_song_copies(song, aac, small, duration=20.0, limits=limits)
+    await encode_song_copies(song, aac, small, duration=20.0, limits=limits)
     [(args, used, _)] = runs
     assert used == limits
     first_output = args.index("-y")  # the AAC copy's temporary; the preview is the last output
     assert args[first_output - 4 : first_output - 2] == ["-threads", "1"]  # the AAC output's encoder too
     runs.clear()
-    async with media.run_lock(tmp_path / "job.lock") as held:
-        result = await media.assemble(
+    async with run_lock(tmp_path / "job.lock") as held:
+        result = await assemble(
             [Clip(clips["a"]), Clip(clips["b"])],
             tmp_path / "out.mp4",
             song=song,
             song_offset=3.1,
-            song_copy=media.SongCopy(aac, 20.0),
+            song_copy=SongCopy(aac, 20.0),
             limits=limits,
             hold=(held,),
         )
@@ -694,14 +676,14 @@ async def test_crossfade_overlaps_clips_and_mixes_clip_audio(
 ) -> None:
     out = tmp_path / "xfade.mp4"
     edit = [Clip(clips["a"], trim_out=5.0), Clip(clips["silent"]), Clip(clips["b"], trim_in=1.0)]
-    result = await media.assemble(edit, out, song=song, transition="crossfade", crossfade_seconds=0.5, clip_audio="mix")
+    result = await assemble(edit, out, song=song, transition="crossfade", crossfade_seconds=0.5, clip_audio="mix")
     assert result.reencoded == [0, 1, 2] and result.copied == []
     assert result.duration == pytest.approx(5 + 4 + 3 - 2 * 0.5)
     await check_output(out, 11.0)
 
 
 def test_crossfade_pieces_show_every_frame_once_and_decode_few_clips_at_a_time() -> None:
-    pieces = media.crossfade_pieces([96, 96, 96], 12)
+    pieces = crossfade_pieces([96, 96, 96], 12)
     assert [(p.parts, p.frames) for p in pieces] == [
         (((0, 0, 84),), 84),
         (((0, 84, 12), (1, 0, 12)), 12),
@@ -710,27 +692,29 @@ def test_crossfade_pieces_show_every_frame_once_and_decode_few_clips_at_a_time()
         (((2, 12, 84),), 84),
     ]
     # a clip shorter than twice the crossfade has no stretch of its own: both its joins are one piece
-    pieces = media.crossfade_pieces([96, 20, 96], 12)
+    pieces = crossfade_pieces([96, 20, 96], 12)
     assert [p.parts for p in pieces][1] == ((0, 84, 12), (1, 0, 20), (2, 0, 12))
     for frames, fade in (([96] * 48, 12), ([96, 20, 30, 96, 13, 96], 12), ([13, 13, 13], 12), ([50], 12)):
-        pieces = media.crossfade_pieces(frames, fade)
+        pieces = crossfade_pieces(frames, fade)
         assert sum(p.frames for p in pieces) == sum(frames) - (len(frames) - 1) * fade
         assert [k for p in pieces for k, _, _ in p.parts] == sorted(k for p in pieces for k, _, _ in p.parts)
-    assert media.graph_clips([96] * 48, 12) == 2 and media.graph_clips([96, 20, 30, 96], 12) == 3
-    assert media.graph_clips([96, 20, 24, 96], 12) == 4  # 24 frames = twice the crossfade: no stretch of its own
-    assert media.graph_clips([96] * 3, None) == 1
+    assert graph_clips([96] * 48, 12) == 2 and graph_clips([96, 20, 30, 96], 12) == 3
+    assert graph_clips([96, 20, 24, 96], 12) == 4  # 24 frames = twice the crossfade: no stretch of its own
+    assert graph_clips([96] * 3, None) == 1
     with pytest.raises(AssemblyInputError, match="at most 3") as error:
-        media.check_graph_clips([96, 20, 24, 96], 12, 3)
+        check_graph_clips([96, 20, 24, 96], 12, 3)
     assert error.value.field == "crossfade_seconds"
 
 
 PEAK = """
 import asyncio, resource, sys
 from pathlib import Path
-from mvserver.media import ffmpeg as media
-clips = [media.Clip(Path(p)) for p in sys.argv[3:]] * int(sys.argv[2])
-asyncio.run(media.assemble(clips, Path(sys.argv[1]), transition="crossfade", clip_audio="mix", fit="letterbox",
-                           limits=media.FfmpegLimits(memory_mb=None, threads=None)))
+from mvserver.core.artefacts import temp_path
+from mvserver.media.assemble import Clip, assemble
+from mvserver.media.limits import FfmpegLimits
+clips = [Clip(Path(p)) for p in sys.argv[3:]] * int(sys.argv[2])
+asyncio.run(assemble(clips, Path(sys.argv[1]), temp_name=temp_path, transition="crossfade", clip_audio="mix", fit="letterbox",
+                           limits=FfmpegLimits(memory_mb=None, threads=None)))
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
@@ -765,15 +749,15 @@ async def test_a_crossfade_needs_no_more_memory_for_more_clips(clips: dict[str, 
 async def test_different_aspect_ratios_need_fit(clips: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "mixed.mp4"
     with pytest.raises(AssemblyInputError) as error:
-        await media.assemble([Clip(clips["b"]), Clip(clips["tall"])], out)
+        await assemble([Clip(clips["b"]), Clip(clips["tall"])], out)
     assert error.value.field == "clips[1]" and "aspect ratio" in str(error.value)
     assert not out.exists()
     for fit in ("letterbox", "crop"):
-        result = await media.assemble([Clip(clips["b"]), Clip(clips["tall"])], out, fit=fit)
+        result = await assemble([Clip(clips["b"]), Clip(clips["tall"])], out, fit=fit)
         assert result.copied == [0] and result.reencoded == [1]
         info = await check_output(out, 8.0)
         assert (info.first_video.width, info.first_video.height) == (640, 360)
-    result = await media.assemble([Clip(clips["tall"]), Clip(clips["b"])], out, fit="crop", transition="crossfade")
+    result = await assemble([Clip(clips["tall"]), Clip(clips["b"])], out, fit="crop", transition="crossfade")
     info = await check_output(out, 7.5)
     assert (info.first_video.width, info.first_video.height) == (360, 640)
 
@@ -795,7 +779,7 @@ async def test_bad_input_names_the_field(
 ) -> None:
     first = Clip(clips["a"], clip.trim_in, clip.trim_out)
     with pytest.raises(AssemblyInputError) as error:
-        await media.assemble([first, Clip(clips["b"])], tmp_path / "bad.mp4", song=song, **kwargs)
+        await assemble([first, Clip(clips["b"])], tmp_path / "bad.mp4", song=song, **kwargs)
     assert error.value.field == field
     assert os.listdir(tmp_path) == []
 
@@ -804,10 +788,10 @@ async def test_unreadable_clip_and_empty_list(tmp_path: Path) -> None:
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"\x00" * 1000)
     with pytest.raises(AssemblyInputError) as error:
-        await media.assemble([Clip(junk)], tmp_path / "out.mp4")
+        await assemble([Clip(junk)], tmp_path / "out.mp4")
     assert error.value.field == "clips[0]"
     with pytest.raises(AssemblyInputError) as empty:
-        await media.assemble([], tmp_path / "out.mp4")
+        await assemble([], tmp_path / "out.mp4")
     assert empty.value.field == "clips"
 
 
@@ -816,7 +800,7 @@ async def test_a_cancelled_assembly_leaves_nothing_behind(clips: dict[str, Path]
     out_dir.mkdir()
     started = asyncio.Event()
     task = asyncio.ensure_future(
-        media.assemble(
+        assemble(
             [Clip(clips["a"], trim_in=0.1)] * 6,
             out_dir / "final.mp4",
             song=song,
@@ -834,7 +818,7 @@ async def test_a_cancelled_assembly_leaves_nothing_behind(clips: dict[str, Path]
 
 
 async def test_probe_clips_reads_many_files_in_one_run(clips: dict[str, Path]) -> None:
-    described = await media.probe_clips([clips["a"], clips["tall"], clips["a"], clips["silent"]])
+    described = await probe_clips([clips["a"], clips["tall"], clips["a"], clips["silent"]])
     assert [frames for _, frames in described] == [6 * FPS, 4 * FPS, 6 * FPS, 4 * FPS]
     assert [(i.first_video.width, i.first_video.height) for i, _ in described] == [
         (640, 360),

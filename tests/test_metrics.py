@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient
+from helpers import AppClient, HookClient, delivery, running_job
 from prometheus_client.parser import text_string_to_metric_families
-from test_webhooks import HookClient, delivery, hook_client, running_job  # noqa: F401 - hook_client is a fixture
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import METRICS
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key
-from mvserver.web.metrics import METRICS, WEBHOOK_OUTCOMES
+from mvserver.web.metrics import WEBHOOK_OUTCOMES
 
 SECRET = "test-signing-secret-0123456789abcdefghij"
 SCENES = {

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, read_sse
-from test_audio import make_audio
+from helpers import AppClient, make_audio, read_sse
 
 from mvserver.core.errors import ErrorInfo
 from mvserver.openapi.schemas import AUDIO_SCHEMA

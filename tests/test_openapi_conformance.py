@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import pytest
 import schemathesis
 import yaml
-from conftest import PROJECT
+from helpers import PROJECT
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 

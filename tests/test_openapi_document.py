@@ -5,6 +5,10 @@ were already generated from.
 added (``keys_off``: as shipped; ``keys_on``: API keys and ``/metrics`` on), fetched from real apps on the shipped
 settings. It is a frozen snapshot, never regenerated: every operation, parameter, request and response media type,
 status and component schema in it must still be served, unchanged (additions are fine).
+
+``tests/data/openapi-served.json`` is the whole document as served when the code moved into feature packages (the
+same two variants): the layout changed, the API did not. Every operation, parameter, request body, response and
+component schema must be served exactly as in that copy; a deliberate change to the API updates the copy with it.
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ import jsonschema_rs
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import AppClient, read_sse
+from helpers import AppClient, read_sse
 
 from mvserver.app import create_app
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key
 
 PROJECT = Path(__file__).resolve().parent.parent
 BEFORE = json.loads((PROJECT / "tests" / "data" / "openapi-before.json").read_text())
+SERVED = json.loads((PROJECT / "tests" / "data" / "openapi-served.json").read_text())
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 
 shared = pytest.mark.asyncio(loop_scope="module")
@@ -139,6 +144,31 @@ async def test_everything_the_old_document_described_is_still_served(
         if name not in now["components"].get("securitySchemes", {}):
             missing.append(f"security scheme {name}")
     assert not missing, "\n".join(missing)
+
+
+@shared
+@pytest.mark.parametrize("variant", ["keys_off", "keys_on"])
+async def test_the_document_is_exactly_the_one_served_before_the_layout_changed(
+    documents: dict[str, dict[str, Any]], variant: str
+) -> None:
+    saved, now = SERVED[variant], documents[variant]
+    saved_operations, now_operations = operations(saved), operations(now)
+    changed = [
+        f"{method.upper()} {path}"
+        for path, method in sorted(set(saved_operations) | set(now_operations))
+        if saved_operations.get((path, method)) != now_operations.get((path, method))
+    ]
+    changed += [
+        f"path item {path}: {key}"
+        for path in sorted(set(saved["paths"]) | set(now["paths"]))
+        for key in sorted(set(saved["paths"].get(path, {})) | set(now["paths"].get(path, {})))
+        if key not in METHODS and saved["paths"].get(path, {}).get(key) != now["paths"].get(path, {}).get(key)
+    ]
+    for part in sorted(set(saved["components"]) | set(now["components"])):
+        old, new = saved["components"].get(part, {}), now["components"].get(part, {})
+        changed += [f"{part} {name}" for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+    changed += [key for key in ("openapi", "security") if saved.get(key) != now.get(key)]
+    assert not changed, "changed since tests/data/openapi-served.json:\n" + "\n".join(changed)
 
 
 # -- what a client generator needs ------------------------------------------------------------------------------------

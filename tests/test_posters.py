@@ -12,15 +12,15 @@ import imageio_ffmpeg
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, read_sse, two_key_client
+from helpers import PROMPT, AppClient, read_sse, submit, two_key_client, wait_for
 from PIL import Image, ImageChops, ImageStat
-from test_videos import PROMPT, submit, wait_for
 
+from mvserver.appkeys import ARTEFACTS, STORE
+from mvserver.core.artefacts import artefact_key
 from mvserver.core.config import PosterSettings
-from mvserver.core.storage import STORE
 from mvserver.jobs import Job
-from mvserver.media import ffmpeg as media
-from mvserver.sandbox.simulator import Simulator
+from mvserver.media.errors import MediaError
+from mvserver.sandbox.app import Simulator
 from mvserver.videos.posters import describe, stored_hook
 
 pytestmark = pytest.mark.both_stores
@@ -117,17 +117,20 @@ async def test_the_poster_has_the_videos_access_rules(make_client: AppClient, tm
 async def test_a_clip_ffmpeg_cannot_read_has_no_poster_and_the_job_is_unharmed(
     client: TestClient, tmp_path: Path
 ) -> None:
-    clip = tmp_path / "broken.mp4"
-    clip.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 1000)
+    store = client.app[ARTEFACTS]
     job = Job(id="0" * 8 + "-0000-4000-8000-" + "0" * 12, backend="replicate", model="m", sandbox=True, request={})
+    clip, poster = artefact_key("videos", job.id, ".mp4"), artefact_key("videos", job.id, ".jpg")
+    await store.put_bytes(clip, b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 1000)
     await stored_hook(client.app)(job, clip)  # logged, not raised
     assert (job.poster, job.video_seconds, job.video_width) == (False, None, None)
-    assert not clip.with_suffix(".jpg").exists()
+    assert await store.stat(poster) is None
     # the same clip is read as an MP4 only: a file of another format is not opened with its own demuxer
-    png = tmp_path / "image.mp4"
+    png = tmp_path / "image.png"
     Image.new("RGB", (32, 32), "red").save(png, "PNG")
-    with pytest.raises(media.MediaError):
-        await describe(job, png, PosterSettings())
+    await store.put_bytes(clip, png.read_bytes())
+    with pytest.raises(MediaError):
+        await describe(job, store, clip, PosterSettings())
+    assert await store.stat(poster) is None
     assert not list(client.app[STORE].root.glob("videos/.*"))  # no temporary left behind
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient
+from helpers import AppClient
 
 pytestmark = pytest.mark.both_stores
 BASE = "/api/mv/projects"

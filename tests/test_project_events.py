@@ -4,77 +4,32 @@ and across two nodes on one Redis."""
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import AppClient, provider_env, read_sse, two_key_client
-from test_lipsync import PROMPT, wait_for
+from helpers import (
+    AppClient,
+    finished,
+    job_events,
+    named,
+    new_project,
+    provider_env,
+    read_sse,
+    read_until,
+    two_key_client,
+    wait_for,
+)
 
 from mvserver.app import create_app
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 BASE = "/api/mv/projects"
 FINAL = ("succeeded", "failed", "canceled")
 JOB_EVENTS = ("queued", "running", "progress", *FINAL)
-Events = list[dict[str, Any]]
-
-
-async def new_project(client: TestClient, scenes: int = 2, **headers: str) -> dict[str, Any]:
-    """A project whose scenes have prompts (4 s clips), ready for clips."""
-    response = await client.post(
-        BASE,
-        json={"idea": "a rooftop party", "character_description": "a tabby cat DJ", "number_of_scenes": scenes},
-        headers=headers,
-    )
-    assert response.status == 201, await response.text()
-    project = await response.json()
-    patch = {"scenes": [{"id": s["id"], "prompt": PROMPT, "duration": 4} for s in project["scenes"]]}
-    response = await client.patch(
-        f"{BASE}/{project['project_id']}", json=patch, headers={"If-Match": project["etag"], **headers}
-    )
-    assert response.status == 200, await response.text()
-    return await response.json()
-
-
-async def read_until(
-    response: ClientResponse,
-    events: Events,
-    done: Callable[[Events], bool],
-    timeout: float = 30.0,
-    comments: bool = False,
-) -> Events:
-    """Append the stream's events to ``events`` until ``done(events)``; the stream itself never ends."""
-    if done(events):
-        return events
-    async with asyncio.timeout(timeout):
-        async for event in read_sse(response, comments=comments):
-            events.append(event)
-            if done(events):
-                return events
-    raise AssertionError(f"the stream ended early: {events}")
-
-
-def named(events: Events, *names: str) -> Events:
-    return [e for e in events if e.get("event") in names]
-
-
-def job_events(events: Events) -> dict[str, list[str]]:
-    seen: dict[str, list[str]] = collections.defaultdict(list)
-    for event in named(events, *JOB_EVENTS):
-        seen[event["data"]["job_id"]].append(event["event"])
-    return seen
-
-
-def finished(job_ids: list[str]) -> Callable[[Events], bool]:
-    return lambda events: all(job_events(events)[j][-1:] in (["succeeded"], ["failed"]) for j in job_ids)
 
 
 async def test_one_stream_follows_edits_versions_and_clip_jobs(client: TestClient, sim: Simulator) -> None:

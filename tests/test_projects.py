@@ -13,13 +13,14 @@ import pytest
 import redis.asyncio
 import yaml
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, free_port
+from helpers import AppClient, free_port
 
+from mvserver.appkeys import PROJECTS
+from mvserver.core.artefacts import OutputStore, new_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import OutputStore, new_id
-from mvserver.projects.routes import TimelineEntry, project_timeline, size_to_song
-from mvserver.projects.store import PROJECTS, FileProjectStore, Project, RedisProjectStore, Scene
-from mvserver.sandbox.simulator import Simulator
+from mvserver.projects.service import TimelineEntry, project_timeline, size_to_song
+from mvserver.projects.store import FileProjectStore, Project, RedisProjectStore, Scene
+from mvserver.sandbox.app import Simulator
 
 BASE = "/api/mv/projects"
 IDEA = "A tabby cat DJ plays a rooftop party at dusk"
@@ -514,7 +515,7 @@ async def test_a_scene_prompt_too_long_for_its_clip_is_refused_at_patch_naming_t
 
 def test_a_prompt_the_server_writes_is_cut_to_leave_the_rules_their_room() -> None:
     from mvserver.core.config import EnvSettings, load_config
-    from mvserver.projects.routes import check_scene_prompt, fit_scene_prompt
+    from mvserver.projects.service import check_scene_prompt, fit_scene_prompt
 
     config = load_config(EnvSettings.from_env({}))
     project = Project(id=new_id(), idea="i", character_description="c", aspect_ratio="9:16")
@@ -573,6 +574,7 @@ async def test_versions_are_bounded_pruning_the_oldest_unchosen(
     await wait_jobs(client, [v3])
 
 
+@pytest.mark.store_independent
 async def test_the_openapi_document_describes_the_project_requests(app_client: TestClient) -> None:
     document = await (await app_client.get("/api/mv/openapi.json")).json()
     schemas = document["components"]["schemas"]

@@ -16,16 +16,15 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from test_videos import events_of, submit
-from test_webhooks import delivery, hook_client  # noqa: F401 - hook_client is a fixture
+from helpers import delivery, events_of, submit
 from yarl import URL
 
 from mvserver.app import replicate_output_hosts
+from mvserver.appkeys import JOBS
 from mvserver.core.config import ConfigError, EnvSettings
-from mvserver.jobs import JOBS
 from mvserver.providers.outputs import DEFAULT_REPLICATE_OUTPUT_HOSTS, OutputHosts
 from mvserver.sandbox import gemini_api, replicate_api
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

@@ -9,11 +9,10 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, read_sse
-from test_lipsync import PROMPT, make_song, wait_for
+from helpers import SINGER_PROMPT, AppClient, make_song, read_sse, wait_for
 
-from mvserver.jobs import JOBS
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import JOBS
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key
 
 pytestmark = pytest.mark.both_stores
@@ -38,7 +37,7 @@ async def project_with_prompts(client: TestClient, scenes: int, audio_id: str | 
     if audio_id is not None:
         body["audio_id"] = audio_id
     project = await ok(await client.post(PROJECTS, json=body), 201)
-    patch = {"scenes": [{"id": s["id"], "prompt": PROMPT, "duration": 4} for s in project["scenes"]]}
+    patch = {"scenes": [{"id": s["id"], "prompt": SINGER_PROMPT, "duration": 4} for s in project["scenes"]]}
     return await ok(
         await client.patch(f"{PROJECTS}/{project['project_id']}", json=patch, headers={"If-Match": project["etag"]}),
         200,
@@ -187,7 +186,7 @@ async def test_the_clips_of_a_six_scene_project_generate_with_default_limits(
         await client.patch(
             f"{PROJECTS}/{pid}",
             headers={**auth, "If-Match": project["etag"]},
-            json={"scenes": [{"id": s["id"], "prompt": PROMPT, "duration": 4} for s in project["scenes"]]},
+            json={"scenes": [{"id": s["id"], "prompt": SINGER_PROMPT, "duration": 4} for s in project["scenes"]]},
         ),
         200,
     )

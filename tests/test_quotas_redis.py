@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AppClient, RedisServer, redis_server_or_skip
+from helpers import AppClient, RedisServer
 from redis.asyncio import Redis
 
 from mvserver.web.access.auth import KeyLimits, create_key
@@ -20,16 +20,6 @@ SCENES = {
     "character_description": "a tall woman in a red coat",
     "number_of_scenes": 2,
 }
-
-
-@pytest.fixture
-def redis_process(tmp_path: Path) -> Iterator[RedisServer]:
-    """A private redis-server for each test (buckets start empty); fails under CI=true if redis-server is missing."""
-    redis_server_or_skip()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ import time
 
 import imageio_ffmpeg
 import pytest
+from helpers import probe_media
 from PIL import Image, ImageChops, ImageStat
 
 from mvserver.sandbox import render
 from mvserver.sandbox.render import (
     ASPECT_SIZES,
     RenderError,
-    probe_media,
     render_character_image,
     render_video,
 )
@@ -232,10 +232,13 @@ async def test_render_video_rejects_bad_arguments(tmp_path: pathlib.Path) -> Non
     assert list(tmp_path.iterdir()) == []
 
 
-def test_probe_media_rejects_non_media(tmp_path: pathlib.Path) -> None:
+@pytest.mark.asyncio
+async def test_lip_sync_refuses_inputs_that_are_not_media(tmp_path: pathlib.Path) -> None:
+    """Its inputs are probed by media's probe; what ffmpeg cannot read is a RenderError, and nothing is written."""
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"not a video")
-    with pytest.raises(RenderError):
-        probe_media(junk)
-    with pytest.raises(RenderError):
-        probe_media(tmp_path / "missing.mp4")
+    dest = tmp_path / "synced.mp4"
+    for video in (junk, tmp_path / "missing.mp4"):
+        with pytest.raises(RenderError, match="cannot probe"):
+            await render.render_lipsync(dest, video=video, audio=junk)
+    assert [p.name for p in tmp_path.iterdir()] == ["junk.mp4"]

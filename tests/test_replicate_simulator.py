@@ -20,7 +20,7 @@ from replicate.exceptions import ModelError, ReplicateError
 from replicate.prediction import Prediction
 
 from mvserver.sandbox import replicate_api
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
 
 IMAGE_PROMPT = "Full-body character reference of a lanky lighthouse keeper in a yellow raincoat"
 VIDEO_PROMPT = "The lighthouse keeper waves from the gallery as the beam sweeps over a stormy sea"
@@ -234,6 +234,28 @@ async def test_files_api_stores_and_serves_an_upload(rc: replicate.Client) -> No
     assert created.expires_at > created.created_at
     status, headers, body = await download(created.urls["get"])
     assert status == 200 and body == data and headers["Content-Type"] == "image/png"
+
+
+async def test_files_api_skips_a_nested_multipart_part(sim_server: TestServer) -> None:
+    """A part that is itself multipart is no form field: the upload is read from the fields around it (it used to
+    fail with a 500, the nested reader having no field name)."""
+    data = png_bytes("olive")
+    form = aiohttp.MultipartWriter("form-data")
+    nested = aiohttp.MultipartWriter("mixed")
+    nested.append(b"not a field")
+    form.append(nested)
+    form.append(data, {"Content-Type": "image/png"}).set_content_disposition(
+        "form-data", name="content", filename="olive.png"
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base_url(sim_server)}/v1/files", data=form, headers={"Authorization": "Bearer r8_test"}) as r,
+    ):
+        assert r.status == 201
+        created = await r.json()
+    assert created["name"] == "olive.png" and created["size"] == len(data)
+    status, _, body = await download(created["urls"]["get"])
+    assert status == 200 and body == data
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,11 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from conftest import AppClient
-from test_videos import events_of, png_base64, submit, wait_for
+from helpers import AppClient, events_of, png_base64, submit, wait_for
 
-from mvserver.jobs import JOBS
+from mvserver.appkeys import JOBS
 from mvserver.jobs.retention import sweep_interval
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 

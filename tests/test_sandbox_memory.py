@@ -21,11 +21,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import PROJECT, free_port
+from helpers import PROJECT, free_port
 from PIL import Image
 
 from mvserver.sandbox import render, replicate_api
-from mvserver.sandbox.simulator import RENDER_SLOTS, Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
+from mvserver.sandbox.state import RENDER_SLOTS
 
 AUTH = {"Authorization": "Bearer r8_test"}
 HUGE = (7040, 5625)  # 39.6 MP

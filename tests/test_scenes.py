@@ -18,9 +18,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from mvserver.app import create_app
-from mvserver.core.storage import STORE
+from mvserver.appkeys import STORE
 from mvserver.sandbox import gemini_api
-from mvserver.sandbox.simulator import SIMULATOR, Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
+from mvserver.sandbox.state import SIMULATOR
 
 PROJECT = Path(__file__).resolve().parent.parent
 URL = "/api/mv/create_scenes"

@@ -12,11 +12,11 @@ import json
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, LiveApp, module_loop
+from helpers import AppClient, LiveApp, module_loop
 
+from mvserver.appkeys import STORE
 from mvserver.core.config import ConfigError, EnvSettings
-from mvserver.core.storage import STORE
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 VIDEO = "/api/mv/generate_video"
 BODY = {"prompt": "A getaway driver roller-skates through a neon disco.", "duration": 4}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from test_app import running_server
+from helpers import running_server
 
 from mvserver.web.access.auth import create_key
 

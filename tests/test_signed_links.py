@@ -14,10 +14,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient, read_sse
-from test_idempotency import song_bytes
+from helpers import AppClient, read_sse, song_bytes
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key
 
 SECRET = "test-signing-secret-0123456789abcdefghij"

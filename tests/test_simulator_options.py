@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import probe_media
 
 from mvserver.sandbox.__main__ import build_parser, make_simulator
-from mvserver.sandbox.render import probe_media, render_video
+from mvserver.sandbox.app import Simulator, create_simulator_app
+from mvserver.sandbox.render import render_video
 from mvserver.sandbox.replicate_api import pad_mp4, render_key
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
 
 AUTH = {"Authorization": "Bearer r8_test"}
 VEO = "/replicate/v1/models/google/veo-3.1/predictions"
@@ -94,6 +95,30 @@ async def test_render_cache_shares_one_padded_file_between_identical_requests(
     assert len(data) == paths[0].stat().st_size and data[-4096 + 4 : -4096 + 8] == b"free"
 
 
+async def test_simulators_with_one_render_cache_dir_share_their_renders(tmp_path: Path, aiohttp_client: Any) -> None:
+    shared = tmp_path / "renders"
+    sims = [Simulator(tmp_path / name, video_latency=0.05, render_cache=True, render_cache_dir=shared) for name in "ab"]
+    inputs = {"prompt": "shared", "duration": 1, "generate_audio": False, "seed": 5}
+    urls = [await _run_prediction(await aiohttp_client(create_simulator_app(sim)), inputs) for sim in sims]
+    paths = [tmp_path / name / "files" / Path(url).parent.name / "output.mp4" for name, url in zip("ab", urls)]
+    assert paths[0].stat().st_ino == paths[1].stat().st_ino  # the second simulator rendered nothing
+    assert [p.name for p in shared.iterdir()] == [f"{render_key_of(inputs)}.mp4"]  # no temporaries left
+    assert not (tmp_path / "a" / "cache").exists() and not (tmp_path / "b" / "cache").exists()
+
+
+def render_key_of(inputs: dict[str, Any]) -> str:
+    """The cache key of a Veo prediction's render (the options ReplicateApi passes to render_video)."""
+    options = {
+        "prompt": inputs["prompt"],
+        "duration": inputs["duration"],
+        "aspect_ratio": "16:9",
+        "reference_image": None,
+        "generate_audio": inputs["generate_audio"],
+        "seed": inputs["seed"],
+    }
+    return render_key(options, 0)
+
+
 async def test_without_the_cache_each_prediction_renders_its_own_file(tmp_path: Path, aiohttp_client: Any) -> None:
     sim = Simulator(tmp_path / "sim", video_latency=0.05)
     client = await aiohttp_client(create_simulator_app(sim))
@@ -114,13 +139,16 @@ def test_command_line_builds_the_simulator(tmp_path: Path) -> None:
             "--scenes-latency",
             "0",
             "--render-cache",
+            "--render-cache-dir",
+            str(tmp_path / "renders"),
             "--output-pad-bytes",
             "1024",
         ]
     )
     sim = make_simulator(args)
     assert (sim.video_latency, sim.scenes_latency, sim.image_latency) == (5.0, 0.0, 1.5)
-    assert sim.render_cache and sim.output_pad_bytes == 1024
-    assert not make_simulator(build_parser().parse_args(["--state-dir", str(tmp_path)])).render_cache
+    assert sim.render_cache and sim.output_pad_bytes == 1024 and sim.render_cache_dir == tmp_path / "renders"
+    default = make_simulator(build_parser().parse_args(["--state-dir", str(tmp_path)]))
+    assert not default.render_cache and default.render_cache_dir is None
     with pytest.raises(ValueError):
         make_simulator(build_parser().parse_args(["--state-dir", str(tmp_path), "--video-latency", "-1"]))

@@ -12,19 +12,18 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from test_videos import events_of, submit
+from helpers import events_of, submit
 
-from mvserver.providers import PROVIDERS
-from mvserver.providers.replicate_webhooks import RECEIVER
+from mvserver.appkeys import PROVIDERS, WEBHOOK_RECEIVER
 from mvserver.sandbox.__main__ import build_parser, make_simulator
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
 
 SECRET_PATH = "/v1/webhooks/default/secret"
 
 
 async def test_the_built_in_simulator_gives_its_secret_to_no_other_caller(make_client: Any) -> None:
     client = await make_client(MV_SANDBOX="true", MV_SANDBOX_VIDEO_SECONDS="1")
-    assert (client.app[RECEIVER].secret or "").startswith("whsec_")  # the server itself got it, unconfigured
+    assert (client.app[WEBHOOK_RECEIVER].secret or "").startswith("whsec_")  # the server itself got it, unconfigured
     base = client.app[PROVIDERS].replicate.client._base_url
     session = client.session
     for headers in (
@@ -38,7 +37,7 @@ async def test_the_built_in_simulator_gives_its_secret_to_no_other_caller(make_c
             assert "whsec_" not in await response.text()
     job = await submit(client)  # and sandbox jobs still finish by the simulator's signed webhooks
     assert (await events_of(client, job["job_id"]))[-1]["event"] == "succeeded"
-    assert len(client.app[RECEIVER].seen) >= 2
+    assert len(client.app[WEBHOOK_RECEIVER].seen) >= 2
 
 
 async def test_a_simulator_without_a_token_of_its_own_gives_its_secret_to_no_one(

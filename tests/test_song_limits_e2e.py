@@ -7,24 +7,20 @@ made the job decode a whole 10 h song to disk; an upload of an ffconcat list was
 
 from __future__ import annotations
 
-import asyncio
-import os
 import subprocess
-import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
-from conftest import PROJECT, free_port
+from helpers import final, sandbox_env, spawn_server, until, until_up
 
-from mvserver.lipsync.routes import max_cut_bytes
-from mvserver.media.ffmpeg import ffmpeg_exe
+from mvserver.lipsync.service import max_cut_bytes
+from mvserver.media.run import ffmpeg_exe
 
-STARTUP_TIMEOUT = 60.0  # a busy machine imports slowly
 PROMPT = "A singer on a rooftop at dusk, mouthing the words of a slow song."
 
 
@@ -59,53 +55,13 @@ def server(tmp_path: Path, settings_dir: Path) -> Iterator[tuple[subprocess.Pope
     videos = yaml.safe_load((settings_dir / "videos.yaml").read_text())
     videos["jobs"]["poll_interval_seconds"] = 0.1
     (settings_dir / "videos.yaml").write_text(yaml.safe_dump(videos, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MV_", "GEMINI_", "REPLICATE_", "GOOGLE_"))}
-    env.update(
-        {
-            "GEMINI_API_KEY": "",
-            "REPLICATE_API_TOKEN": "",
-            "GOOGLE_VERTEX_API_KEY": "",
-            "GOOGLE_CLOUD_PROJECT": "",
-            "MV_SANDBOX": "true",
-            "MV_SANDBOX_VIDEO_SECONDS": "1",
-            "MV_OUTPUT_DIR": str(tmp_path / "outputs"),
-            "MV_SETTINGS_DIR": str(settings_dir),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
-        }
-    )
-    port = free_port()
-    with (tmp_path / "server.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mvserver", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    env = sandbox_env(tmp_path, settings_dir, MV_SANDBOX_VIDEO_SECONDS="1")
+    process, base = spawn_server(env, tmp_path, tmp_path / "server.log")
     try:
-        yield process, f"http://127.0.0.1:{port}"
+        yield process, base
     finally:
         process.kill()
         process.wait(timeout=10)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
-async def until_up(http: aiohttp.ClientSession, process: subprocess.Popen, base: str) -> None:
-    async with asyncio.timeout(STARTUP_TIMEOUT):
-        while True:
-            assert process.poll() is None, f"the server exited with {process.returncode}"
-            try:
-                async with http.get(f"{base}/api/mv/health") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
 
 
 async def post(http: aiohttp.ClientSession, url: str, status: int, **kwargs: Any) -> dict[str, Any]:
@@ -114,28 +70,18 @@ async def post(http: aiohttp.ClientSession, url: str, status: int, **kwargs: Any
         return await response.json()
 
 
-async def finished(http: aiohttp.ClientSession, base: str, job_id: str) -> dict[str, Any]:
-    async with asyncio.timeout(30):
-        while True:
-            async with http.get(f"{base}/api/mv/jobs/{job_id}") as response:
-                state = await response.json()
-            if state["status"] in ("succeeded", "failed", "canceled"):
-                return state
-            await asyncio.sleep(0.05)
-
-
 async def test_a_zero_length_window_a_listing_and_an_over_long_song_are_400_and_write_nothing(
     server: tuple[subprocess.Popen, str], http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     process, base = server
     outputs = tmp_path / "outputs"
-    await until_up(http, process, base)
+    await until_up(http, process, f"{base}/api/mv/health")
     flac = {"headers": {"Content-Type": "audio/flac"}}
     song = await post(http, f"{base}/api/mv/upload_audio", 201, data=make_flac(tmp_path / "song.flac", 30), **flac)
     clip = await post(
         http, f"{base}/api/mv/generate_video", 202, json={"prompt": PROMPT, "duration": 4, "generate_audio": False}
     )
-    assert (await finished(http, base, clip["job_id"]))["status"] == "succeeded"
+    assert (await until(http, base, clip["job_id"], final))["status"] == "succeeded"
     jobs_before = sorted(
         p.name for p in (outputs / "jobs").iterdir() if not p.name.startswith(".")
     )  # not a write in flight
@@ -167,7 +113,7 @@ async def test_a_zero_length_window_a_listing_and_an_over_long_song_are_400_and_
 
     # the shortest window allowed runs, and the window the simulated model received is bounded by the clip
     job = await post(http, f"{base}/api/mv/lipsync", 202, json={**window, "audio_end": 10.5})
-    state = await finished(http, base, job["job_id"])
+    state = await until(http, base, job["job_id"], final)
     assert state["status"] == "succeeded", state.get("error")
     sent = [p for p in (outputs / "sandbox" / "files").rglob("*.wav")]
     assert len(sent) == 1 and sent[0].stat().st_size <= max_cut_bytes(state["request"]["clip_seconds"])

@@ -21,14 +21,14 @@ import pytest
 import pytest_asyncio
 import soundfile
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import SIM_DEFAULTS, fast_settings, provider_env, read_sse
+from helpers import SIM_DEFAULTS, fast_settings, provider_env, read_sse
 
 from bench.songs import SR, Song, drum_song
 from mvserver.app import create_app
-from mvserver.audio.songs import SONGS
-from mvserver.core.storage import STORE
-from mvserver.media import ffmpeg as media
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
+from mvserver.appkeys import SONGS, STORE
+from mvserver.media.probe import probe
+from mvserver.media.run import ffmpeg_exe
+from mvserver.sandbox.app import Simulator, create_simulator_app
 
 pytestmark = pytest.mark.both_stores
 shared = pytest.mark.asyncio(loop_scope="module")
@@ -101,7 +101,7 @@ def cut_frames(path: Path) -> list[int]:
     one before; a cut changes it many times more than the sandbox clips' progress bar moving within a clip."""
     raw = subprocess.run(
         [
-            media.ffmpeg_exe(),
+            ffmpeg_exe(),
             "-nostdin",
             "-v",
             "error",
@@ -286,7 +286,7 @@ async def test_a_project_on_the_song_s_bars_cuts_the_assembled_video_on_its_down
     cuts = [frame / FPS for frame in cut_frames(out)]
     assert cuts == pytest.approx(boundaries, abs=FRAME + 1e-6), (cuts, boundaries)
     assert not off_the_grid(cuts, song.downbeats)
-    info = await media.probe(out)
+    info = await probe(out)
     assert info.duration == pytest.approx(song.duration, abs=0.05)
 
 

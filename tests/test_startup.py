@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PROJECT
+from helpers import PROJECT
 
 from mvserver.app import create_app
 from mvserver.core.config import ConfigError

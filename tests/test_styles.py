@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from conftest import PROJECT, AppClient
+from helpers import PROJECT, AppClient
 
 from mvserver.core.config import DEFAULT_SETTINGS_DIR, ConfigError, EnvSettings, load_config
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 
 URL = "/api/mv/create_scenes"
 BODY = {

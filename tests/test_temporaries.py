@@ -6,37 +6,16 @@ import asyncio
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT
+from helpers import PROJECT, dead_pid, heartbeat
 
-from mvserver.core import storage
-from mvserver.core.storage import NODE_ID, OutputStore, start_node, temp_owner, temp_path, write_bytes_atomic
+from mvserver.core import artefacts as storage
+from mvserver.core.artefacts import NODE_ID, OutputStore, start_node, temp_owner, temp_path, write_bytes_atomic
 
 STALE = 60.0
-
-
-def dead_pid() -> int:
-    """The pid of a process that has exited (and been reaped)."""
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def heartbeat(outputs: OutputStore | Path, node: str, pid: int, *, host: str | None = None, age: float = 0.0) -> Path:
-    """A node's heartbeat file in an output directory, as :meth:`OutputStore.beat` writes it, ``age`` seconds old."""
-    root = outputs.root if isinstance(outputs, OutputStore) else outputs
-    path = root / "nodes" / f"{node}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"node": node, "host": host or socket.gethostname(), "pid": pid}))
-    stamp = time.time() - age
-    os.utime(path, (stamp, stamp))
-    return path
 
 
 def leftover(outputs: OutputStore, kind: str, name: str, *, age: float = 0.0) -> Path:
@@ -61,7 +40,7 @@ def test_writers_name_their_temporaries_through_the_one_helper() -> None:
     """No module spells a temporary's name itself: a new writer that did would be invisible to the clean-up rules."""
     spelled = []
     for path in sorted((PROJECT / "mvserver").rglob("*.py")):
-        if path.name == "storage.py":
+        if path.name == "artefacts.py":
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if re.search(r"""\.part["'}]|mkstemp\(|NamedTemporaryFile\(""", line):

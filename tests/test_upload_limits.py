@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient
-from test_audio import UPLOAD, make_audio, stored
+from helpers import UPLOAD, AppClient, make_audio, stored
 
-from mvserver.audio.routes import UPLOAD_SLOTS
+from mvserver.appkeys import UPLOAD_SLOTS
 from mvserver.web.access.auth import KeyLimits, create_key
 
 SECRET = "upload-limits-signing-secret-0123456789ab"

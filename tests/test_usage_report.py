@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppClient
-from test_videos import submit, wait_for
+from helpers import AppClient, submit, wait_for
 
-from mvserver.jobs import JOBS
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import JOBS
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key
 
 pytestmark = pytest.mark.both_stores
@@ -110,6 +109,7 @@ async def test_a_key_sees_its_own_usage_and_an_admin_key_every_key(
     assert (await client.get("/api/mv/usage")).status == 401
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize(
     "query, field",
     [

@@ -14,51 +14,37 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import LiveApp, module_loop, read_sse
+from helpers import (
+    PROMPT,
+    LiveApp,
+    events_of,
+    module_loop,
+    png_base64,
+    probe_media,
+    read_sse,
+    statuses,
+    submit,
+    wait_for,
+)
 from PIL import Image
 
-from mvserver.core.storage import STORE
-from mvserver.jobs import JOBS
-from mvserver.sandbox.simulator import Simulator
+from mvserver.appkeys import ARTEFACTS, JOBS, STORE
+from mvserver.core.artefacts import artefact_key
+from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
 
-PROMPT = "A tabby cat DJ in neon headphones spins records on a rooftop at dusk."
 
-
-def png_base64(color: str = "orange", size: tuple[int, int] = (64, 64)) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-async def submit(client: TestClient, **body: Any) -> dict[str, Any]:
-    response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "duration": 4, **body})
-    assert response.status == 202, await response.text()
-    accepted = await response.json()
-    assert response.headers["Location"] == accepted["status_url"]
-    return accepted
-
-
-async def events_of(client: TestClient, job_id: str, last_event_id: str | None = None) -> list[dict[str, Any]]:
-    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    async with client.get(f"/api/mv/jobs/{job_id}/events", headers=headers) as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/event-stream")
-        return [event async for event in read_sse(response)]
-
-
-async def wait_for(client: TestClient, job_id: str, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        while True:
-            state = await (await client.get(f"/api/mv/jobs/{job_id}")).json()
-            if predicate(state):
-                return state
-            await asyncio.sleep(0.02)
-
-
-def statuses(events: list[dict[str, Any]]) -> list[str]:
-    return [e["event"] for e in events]
+async def test_a_video_an_earlier_run_stored_is_never_overwritten(client: TestClient, sim: Simulator) -> None:
+    """A job taken over after an earlier run stored its video (and died before saying so) downloads again: the
+    create-only write keeps the stored video, and the job succeeds with it."""
+    sim.video_latency = 1.0
+    job_id = (await submit(client))["job_id"]
+    stored = b"\x00\x00\x00\x18ftypmp42 stored by the earlier run"
+    await client.app[ARTEFACTS].put_bytes(artefact_key("videos", job_id, ".mp4"), stored)
+    state = await wait_for(client, job_id, lambda s: s["status"] not in ("queued", "running"), timeout=60)
+    assert state["status"] == "succeeded" and state["video_bytes"] == len(stored), state
+    assert await (await client.get(f"/api/mv/get_video/{job_id}")).read() == stored
 
 
 async def test_sse_reports_every_stage_and_the_video_is_served_with_ranges(client: TestClient, sim: Simulator) -> None:
@@ -327,6 +313,7 @@ async def test_get_video_answers_not_ready_unknown_and_malformed(client: TestCli
     await client.delete(accepted["status_url"])
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -362,6 +349,7 @@ async def test_bad_video_requests_name_the_field(module_live: LiveApp, body: dic
     assert not list((Path(client.app[STORE].root) / "jobs").glob("*.json"))
 
 
+@pytest.mark.store_independent
 async def test_a_rules_template_error_lists_the_variables_it_may_use(client: TestClient) -> None:
     response = await client.post(
         "/api/mv/generate_video", json={"prompt": PROMPT, "video_rules_template": "{{ prompt|upper }}"}
@@ -384,6 +372,7 @@ async def test_a_reference_image_may_be_a_base64_data_uri(client: TestClient, si
     assert plain.status == 400 and error["field"] == "reference_image_base64" and "base64-encoded" in error["message"]
 
 
+@pytest.mark.store_independent
 async def test_unknown_backend_lists_the_available_ones(client: TestClient) -> None:
     response = await client.post("/api/mv/generate_video", json={"prompt": PROMPT, "backend": "sora"})
     message = (await response.json())["error"]["message"]
@@ -448,8 +437,6 @@ async def test_a_job_past_its_timeout_fails_and_cancels_the_prediction(
 async def test_sandbox_mode_renders_a_labelled_h264_clip_of_the_requested_shape(
     make_client: Any, tmp_path: Path
 ) -> None:
-    from mvserver.sandbox.render import probe_media
-
     client = await make_client(
         GEMINI_API_KEY=None,
         REPLICATE_API_TOKEN=None,

@@ -5,63 +5,30 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import socket
 import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
+from helpers import HookClient, delivery, events_of, running_job, submit
 from replicate.exceptions import ReplicateError
 from replicate.webhook import Webhooks
-from test_videos import events_of, submit
 
 from mvserver.app import create_app
+from mvserver.appkeys import JOBS, WEBHOOK_RECEIVER
 from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.core.errors import ErrorInfo
-from mvserver.jobs import JOBS
 from mvserver.jobs.updates import PushedUpdates
 from mvserver.providers.base import Snapshot
 from mvserver.providers.replicate import make_client
-from mvserver.providers.replicate_webhooks import RECEIVER, SeenIds
-from mvserver.sandbox.simulator import Simulator
-from mvserver.sandbox.webhooks import SENDER, sign
+from mvserver.providers.replicate_webhooks import SeenIds
+from mvserver.sandbox.app import Simulator
+from mvserver.sandbox.state import SENDER
 
 pytestmark = pytest.mark.both_stores
 
 FINAL = {"succeeded", "failed", "canceled"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def set_safety_poll(settings_dir: Path, seconds: float) -> None:
-    path = settings_dir / "videos.yaml"
-    videos = yaml.safe_load(path.read_text())
-    videos["jobs"]["webhook_safety_poll_seconds"] = seconds
-    path.write_text(yaml.safe_dump(videos, sort_keys=False))
-
-
-HookClient = Callable[..., Awaitable[TestClient]]
-
-
-@pytest.fixture
-def hook_client(live_env: dict[str, str], settings_dir: Path, aiohttp_client: Any) -> HookClient:
-    """``await hook_client(safety=..., **env)``: an app with webhooks on, its public base URL its own address."""
-
-    async def build(safety: float = 30.0, **overrides: str) -> TestClient:
-        set_safety_poll(settings_dir, safety)
-        port = free_port()
-        env = {**live_env, "MV_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}", **overrides}
-        return await aiohttp_client(create_app(env), server_kwargs={"port": port})
-
-    return build
 
 
 def assert_sequence(events: list[dict[str, Any]], final: str = "succeeded") -> None:
@@ -200,7 +167,7 @@ async def test_a_wrong_secret_refuses_every_delivery_and_polling_takes_over(
 
 async def test_the_secret_from_the_environment_is_used(hook_client: HookClient, sim: Simulator) -> None:
     client = await hook_client(MV_REPLICATE_WEBHOOK_SECRET=sim.webhook_secret)
-    assert client.app[RECEIVER].secret == sim.webhook_secret
+    assert client.app[WEBHOOK_RECEIVER].secret == sim.webhook_secret
     job = await submit(client)
     assert_sequence(await events_of(client, job["job_id"]))
     assert polls(sim) == 1
@@ -277,41 +244,6 @@ async def test_simulator_rejects_a_malformed_webhook_request(sim_server: TestSer
 
 
 # -- the receiver -----------------------------------------------------------------------------------------------
-
-
-def delivery(
-    secret: str, body: dict[str, Any], *, age: int = 0, webhook_id: str | None = None
-) -> tuple[bytes, dict[str, str]]:
-    raw = json.dumps(body).encode()
-    webhook_id = webhook_id or f"msg_{time.monotonic_ns()}"
-    timestamp = int(time.time()) - age
-    return raw, {
-        "Content-Type": "application/json",
-        "webhook-id": webhook_id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(secret, webhook_id, timestamp, raw),
-    }
-
-
-async def running_job(client: TestClient) -> tuple[str, dict[str, Any]]:
-    """A running job and its prediction's JSON from the API, marked failed (what a forger would send)."""
-    job = await submit(client)
-    async with asyncio.timeout(5):
-        while (await client.app[JOBS].get(job["job_id"])).prediction_id is None:
-            await asyncio.sleep(0.01)
-    prediction_id = (await client.app[JOBS].get(job["job_id"])).prediction_id
-    body = {
-        "id": prediction_id,
-        "model": "google/veo-3.1",
-        "version": "v",
-        "status": "failed",
-        "input": {},
-        "logs": "",
-        "output": None,
-        "error": "forged",
-        "created_at": None,
-    }
-    return job["job_id"], body
 
 
 async def test_forged_and_replayed_deliveries_get_401_and_change_nothing(
@@ -409,7 +341,7 @@ async def test_sandbox_mode_uses_webhooks_to_its_own_address(make_client: Any) -
     job = await submit(client)
     assert_sequence(await events_of(client, job["job_id"]))
     assert client.app[JOBS].pushed.base_url == f"http://127.0.0.1:{client.port}"
-    assert len(client.app[RECEIVER].seen) >= 2  # start and completed at least
+    assert len(client.app[WEBHOOK_RECEIVER].seen) >= 2  # start and completed at least
 
 
 async def test_sandbox_webhooks_can_be_turned_off(make_client: Any) -> None:
@@ -417,12 +349,13 @@ async def test_sandbox_webhooks_can_be_turned_off(make_client: Any) -> None:
     job = await submit(client)
     assert_sequence(await events_of(client, job["job_id"]))
     assert client.app[JOBS].pushed.base_url is None
-    assert len(client.app[RECEIVER].seen) == 0
+    assert len(client.app[WEBHOOK_RECEIVER].seen) == 0
 
 
 # -- parts -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.store_independent
 def test_settings_reject_a_bad_base_url_or_secret(live_env: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match="MV_PUBLIC_BASE_URL"):
         EnvSettings.from_env({"MV_PUBLIC_BASE_URL": "example.com"})

@@ -11,21 +11,7 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import PROJECT  # noqa: F401  (the cluster module's own imports)
-from test_cluster import (  # noqa: F401
-    PROMPT,
-    Cluster,
-    cluster,
-    cluster_settings,
-    final,
-    http,
-    nodes_up,
-    redis_server,
-    sim_up,
-    until,
-    with_signal,
-)
-from test_webhooks_out import SECRET, Receiver
+from helpers import CLUSTER_PROMPT, SECRET, Cluster, Receiver, final, nodes_up, sim_up, until, with_signal
 
 pytestmark = pytest.mark.cluster
 
@@ -55,7 +41,7 @@ async def test_a_node_killed_mid_retry_loses_no_delivery(
     url = f"http://127.0.0.1:{server.port}/hook"
     async with http.post(
         f"{first}/api/mv/generate_video",
-        json={"prompt": PROMPT, "duration": 4, "webhook_url": url, "webhook_events": "all"},
+        json={"prompt": CLUSTER_PROMPT, "duration": 4, "webhook_url": url, "webhook_events": "all"},
     ) as response:
         assert response.status == 202, await response.text()
         job_id = (await response.json())["job_id"]

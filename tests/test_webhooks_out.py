@@ -5,8 +5,6 @@ at submit and at connect time; ``GET .../deliveries`` and ``POST .../redeliver``
 from __future__ import annotations
 
 import asyncio
-import base64
-import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,63 +12,19 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import AppClient
-from standardwebhooks import Webhook, WebhookVerificationError
-from test_job_lifecycle import jobs_settings
-from test_videos import PROMPT, events_of
+from helpers import PROMPT, SECRET, AppClient, Receiver, events_of, jobs_settings
+from standardwebhooks import Webhook
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.app import Simulator
 from mvserver.web.access.auth import KeyLimits, create_key, read_keys, write_keys
 
 pytestmark = pytest.mark.both_stores
 
-SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 FAST_RETRIES = {
     "webhook_retry_initial_seconds": 0.05,
     "webhook_retry_max_delay_seconds": 0.2,
     "webhook_timeout_seconds": 2,
 }
-
-
-class Receiver:
-    """A backend that receives webhooks: verifies each with the library, answers 500 to the first ``fail``
-    attempts, and keeps what it verified in arrival order."""
-
-    def __init__(self, secret: str, fail: int = 0):
-        self.webhook = Webhook(secret)
-        self.fail = fail
-        self.attempts = 0
-        self.verified: list[dict[str, Any]] = []  # {"id", "type", "event_id", "job_id", "data"}
-        self.refused = 0
-        self.arrived = asyncio.Event()
-
-    async def handle(self, request: web.Request) -> web.Response:
-        try:
-            return await self._answer(request)
-        finally:
-            self.arrived.set()
-
-    async def _answer(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        self.attempts += 1
-        if self.attempts <= self.fail:
-            return web.Response(status=500)
-        try:
-            payload = self.webhook.verify(body, dict(request.headers))
-        except WebhookVerificationError:
-            self.refused += 1
-            return web.Response(status=400)
-        self.verified.append({"id": request.headers["webhook-id"], **payload})
-        return web.Response(status=204)
-
-    def types(self, job_id: str) -> list[str]:
-        return [d["type"] for d in self.verified if d["job_id"] == job_id]
-
-    async def until(self, condition: Any, timeout: float = 15.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not condition():
-                self.arrived.clear()
-                await self.arrived.wait()
 
 
 @pytest.fixture
@@ -171,6 +125,7 @@ async def test_redeliver_sends_the_last_event_again(
     assert response.status == 400 and (await response.json())["error"]["field"] == "event_id"
 
 
+@pytest.mark.store_independent
 @pytest.mark.parametrize(
     "url",
     [
@@ -208,6 +163,7 @@ async def test_a_name_that_resolves_to_loopback_is_refused_when_connecting(
     assert receiver.attempts == 0
 
 
+@pytest.mark.store_independent
 async def test_without_a_secret_a_webhook_is_refused(
     make_client: AppClient, receiver_server: tuple[Receiver, TestServer]
 ) -> None:

@@ -99,7 +99,7 @@ def analyse(y: np.ndarray, *, max_sections: int = 32) -> dict[str, Any]:
     duration = len(y) / SR
     feats = features(y)
     result: dict[str, Any] = {
-        "analyser": f"librosa {librosa.__version__}",
+        "analyser": f"librosa {librosa.__version__}",  # type: ignore[attr-defined]  # librosa's .pyi omits it
         "duration": round(duration, 3),
         "energy": energy_curve(y),
         "peaks": waveform_peaks(y),

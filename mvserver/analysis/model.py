@@ -8,11 +8,11 @@ version is stale (:func:`load` returns None) and is computed again on first use.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION: Final = 1
 
 Seconds = float
 Unit = Field(ge=0.0, le=1.0)

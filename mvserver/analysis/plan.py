@@ -91,8 +91,7 @@ def plan_scenes(
     if not allowed or allowed[0] <= 0 or fps <= 0 or song_length <= offset:
         raise ValueError("need positive clip lengths, a positive frame rate and a song longer than the offset")
     total = max(1, math.ceil((song_length - offset) * fps - 1e-6))
-    grid = analysis.grid if analysis is not None else None
-    if grid is None or not grid.downbeats:
+    if analysis is None or analysis.grid is None or not analysis.grid.downbeats:
         frames = _plain(total, allowed, fps)
     else:
         frames = _on_grid(analysis, total, allowed, fps, offset, min_seconds)
@@ -133,15 +132,16 @@ def _candidates(analysis: SongAnalysis, total: int, fps: float, offset: float) -
     """Frames where a cut may fall, each with its kind (a downbeat wins over a beat over a whole second)."""
     assert analysis.grid is not None
     cuts: dict[int, CutKind] = {}
-    for kind, times in (
+    sources: tuple[tuple[CutKind, list[float]], ...] = (
         ("time", [float(s) + offset for s in range(1, math.ceil(total / fps))]),
         ("beat", analysis.grid.beats),
         ("downbeat", analysis.grid.downbeats),
-    ):
+    )
+    for kind, times in sources:
         for t in times:
             frame = round((t - offset) * fps)
             if 0 < frame < total:
-                cuts[frame] = kind  # type: ignore[assignment]
+                cuts[frame] = kind
     return cuts
 
 

@@ -14,6 +14,7 @@ The server kills the whole process group when an answer is late, so nothing here
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import resource
@@ -57,13 +58,13 @@ def decode(path: str, max_seconds: float, sr: int) -> np.ndarray:
         "pipe:1",
     ]
     samples = np.empty(int(max_seconds * sr) + sr, dtype=np.float32)
-    view = memoryview(samples).cast("B")
+    view = memoryview(samples).cast("B")  # type: ignore[arg-type]  # numpy declares __buffer__ from Python 3.12 on
     filled = 0
     with (
         tempfile.TemporaryFile() as errors,
         subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors) as proc,
     ):
-        assert proc.stdout is not None
+        assert isinstance(proc.stdout, io.BufferedReader)  # typed as IO[bytes], which has no readinto
         while filled < len(view):
             count = proc.stdout.readinto(view[filled : filled + (1 << 20)])
             if not count:
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         {
             "ready": True,
             "pid": os.getpid(),
-            "librosa": librosa.__version__,
+            "librosa": librosa.__version__,  # type: ignore[attr-defined]  # librosa's .pyi omits it
             "start_seconds": round(time.monotonic() - started, 3),
             "start_cpu_seconds": round(_cpu() - cpu, 3),
             "peak_rss_mb": round(_status_mb("VmHWM"), 1),

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
-import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,20 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiofiles
 from aiohttp import BodyPartReader, ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import ARTEFACTS, CONFIG, SONG_SAVED, UPLOAD_SLOTS
+from mvserver.audio.service import FORMATS, AudioFormat, saved_audio
+from mvserver.core.artefacts import artefact_key, new_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, OutputStore, check_id, new_id, temp_path
-from mvserver.media import ffmpeg as media
-from mvserver.web.access.auth import API_KEY, KeyRecord, key_id, visible_to
+from mvserver.media.args import AUDIO_DEMUXERS
+from mvserver.media.errors import MediaError, MediaTimeout
+from mvserver.media.probe import AudioStream, MediaInfo, probe, stream_duration
+from mvserver.web.access.auth import API_KEY, KeyRecord, key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge_upload
-from mvserver.web.files import SavedFileResponse
 from mvserver.web.security import accepts
-
-routes = web.RouteTableDef()
 
 CHUNK = 1 << 16
 MAX_CHANNELS = 8
@@ -51,32 +50,6 @@ UPLOAD_TIMEOUT_SECONDS = 300.0  # the whole body must arrive within this, howeve
 HEADER_TIMEOUT_SECONDS = 10.0
 DECODE_TIMEOUT_SECONDS = 60.0  # decoding 50 MB of MP3 takes a few seconds; a file built to stall ffmpeg is stopped
 KEY_SLOTS_RETRY_AFTER = 5.0  # seconds a key whose upload slots are all taken is told to wait
-
-
-@dataclass(frozen=True)
-class AudioFormat:
-    name: str
-    mime_type: str
-    suffix: str
-
-    @property
-    def demuxer(self) -> str:
-        """The one ffmpeg demuxer every later read of a song in this format uses."""
-        return media.SONG_DEMUXERS[self.suffix]
-
-
-FORMATS = {
-    fmt.name: fmt
-    for fmt in (
-        AudioFormat("mp3", "audio/mpeg", ".mp3"),
-        AudioFormat("wav", "audio/wav", ".wav"),
-        AudioFormat("m4a", "audio/mp4", ".m4a"),
-        AudioFormat("aac", "audio/aac", ".aac"),
-        AudioFormat("ogg", "audio/ogg", ".ogg"),
-        AudioFormat("flac", "audio/flac", ".flac"),
-    )
-}
-_BY_MIME = {fmt.mime_type: fmt for fmt in FORMATS.values()}
 
 
 class UploadSlots:
@@ -118,11 +91,9 @@ class UploadSlots:
                 del self._per_key[key.id]
 
 
-UPLOAD_SLOTS = web.AppKey("audio_upload_slots", UploadSlots)
 # Called once a song is saved (its sidecar written): starts its analysis and copies and answers fields for the upload
 # answer (``mvserver.audio.songs`` sets it; without it an upload answers the description alone).
-SongSaved = Callable[[web.Application, str, Path, dict[str, Any]], Awaitable[dict[str, Any]]]
-SONG_SAVED = web.AppKey("song_saved", SongSaved)
+SongSaved = Callable[[web.Application, str, str, dict[str, Any]], Awaitable[dict[str, Any]]]  # (app, id, key, sidecar)
 
 
 @dataclass(frozen=True)
@@ -191,7 +162,7 @@ def _too_long(length: str, limit: float) -> ApiError:
     )
 
 
-def classify(info: media.MediaInfo) -> tuple[AudioFormat, media.AudioStream]:
+def classify(info: MediaInfo) -> tuple[AudioFormat, AudioStream]:
     """The accepted format of a probed file: container and codec must both fit (ApiError ``invalid_audio``)."""
     stream = info.first_audio
     if stream is None:
@@ -255,15 +226,15 @@ async def _hashed(chunks: AsyncIterator[bytes], digest: Any) -> AsyncIterator[by
 
 
 async def _receive(request: web.Request, dest: Path, limit: int, pace: UploadPace) -> str:
-    """Stream the body (or the one file of a multipart body) to ``dest``; 413 as soon as ``limit`` is passed, 408
-    as soon as it comes too slowly (``pace``). Returns the SHA-256 of the file (hex), whatever its envelope."""
-    store = request.app[STORE]
+    """Stream the body (or the one file of a multipart body) to the local file ``dest``; 413 as soon as ``limit`` is
+    passed, 408 as soon as it comes too slowly (``pace``). Returns the SHA-256 of the file (hex), whatever its
+    envelope."""
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     mime = request.content_type
     digest = hashlib.sha256()
     if mime.startswith("audio/"):
-        await store.write_stream(dest, _hashed(_limited(_paced(_raw_chunks(request), pace), limit), digest))
+        await _write(dest, _hashed(_limited(_paced(_raw_chunks(request), pace), limit), digest))
         return digest.hexdigest()
     if mime != "multipart/form-data":
         raise ApiError(
@@ -278,7 +249,7 @@ async def _receive(request: web.Request, dest: Path, limit: int, pace: UploadPac
             part = await reader.next()
         if not isinstance(part, BodyPartReader):
             raise invalid("the multipart body must hold exactly one file")
-        await store.write_stream(dest, _hashed(_limited(_paced(_part_chunks(part), pace), limit), digest))
+        await _write(dest, _hashed(_limited(_paced(_part_chunks(part), pace), limit), digest))
         async with asyncio.timeout(pace.idle_seconds):  # the closing boundary
             more = await reader.next()
         if more is not None:
@@ -288,24 +259,30 @@ async def _receive(request: web.Request, dest: Path, limit: int, pace: UploadPac
     return digest.hexdigest()
 
 
+async def _write(dest: Path, chunks: AsyncIterator[bytes]) -> None:
+    async with aiofiles.open(dest, "wb") as handle:
+        async for chunk in chunks:
+            await handle.write(chunk)
+
+
 async def identify(path: Path, max_seconds: float) -> dict[str, Any]:
     """Probe an uploaded file: its format, stream parameters and decoded duration (ApiError ``invalid_audio``, or
     ``audio_too_long`` past ``max_seconds``: from the header before anything is decoded, and from the decode, which
     stops just past the limit, for a header that understates the length)."""
     try:
-        info = await media.probe(path, timeout=HEADER_TIMEOUT_SECONDS, demuxers=media.AUDIO_DEMUXERS)
-    except media.MediaError:  # one message for every refusal: it must not tell what the file names or whether it exists
+        info = await probe(path, timeout=HEADER_TIMEOUT_SECONDS, demuxers=AUDIO_DEMUXERS)
+    except MediaError:  # one message for every refusal: it must not tell what the file names or whether it exists
         raise invalid("the file is not an audio file ffmpeg can read") from None
     fmt, stream = classify(info)
     if info.duration is not None and info.duration > max_seconds:
         raise _too_long(f"{info.duration:g} s", max_seconds)
     try:
-        duration = await media.stream_duration(
+        duration = await stream_duration(
             path, "a:0", decode=True, timeout=DECODE_TIMEOUT_SECONDS, demuxers=[fmt.demuxer], limit=max_seconds + 1
         )
-    except media.MediaTimeout:
+    except MediaTimeout:
         raise invalid(f"the audio did not decode within {DECODE_TIMEOUT_SECONDS:g} s") from None
-    except media.MediaError:
+    except MediaError:
         raise invalid("the audio stream does not decode") from None
     if duration < MIN_SECONDS:
         raise invalid(f"the audio is shorter than {MIN_SECONDS} s")
@@ -321,7 +298,6 @@ async def identify(path: Path, max_seconds: float) -> dict[str, Any]:
     }
 
 
-@routes.post("/api/mv/upload_audio")
 @accepts("audio/*", "multipart/form-data")
 @idempotent
 async def upload_audio(request: web.Request) -> web.Response:
@@ -338,12 +314,11 @@ async def upload_audio(request: web.Request) -> web.Response:
 
 
 async def _store_upload(request: web.Request) -> web.Response:
-    store: OutputStore = request.app[STORE]
+    store = request.app[ARTEFACTS]
     env = request.app[CONFIG].env
     pace = UploadPace(env.upload_idle_seconds, env.upload_min_bytes_per_second)
     audio_id = new_id()
-    upload = temp_path(store.root / "audio" / audio_id, "upload")  # a crash leaves it to the clean-up
-    try:
+    async with store.scratch(artefact_key("audio", audio_id), "upload") as upload:  # a crash leaves it to the clean-up
         try:
             digest = await _receive(request, upload, env.max_audio_bytes, pace)
         except TimeoutError:  # the multipart part headers or closing boundary stalled
@@ -360,49 +335,27 @@ async def _store_upload(request: web.Request) -> web.Response:
         # The file, not its envelope (a multipart boundary differs between retries), is the request.
         await reserve(request, {"sha256": digest})
         described = await identify(upload, request.app[CONFIG].env.max_audio_seconds)
-        size = (await asyncio.to_thread(upload.stat)).st_size
-        path = store.path("audio", audio_id, FORMATS[described["format"]].suffix)
-        await asyncio.to_thread(os.replace, upload, path)
-    finally:
-        upload.unlink(missing_ok=True)
+        key = artefact_key("audio", audio_id, FORMATS[described["format"]].suffix)
+        size = await store.put_file(key, upload, create_only=True)
     body = {"audio_id": audio_id, **described, "size_bytes": size, "audio_url": f"/api/mv/get_audio/{audio_id}"}
     owner = key_id(request)
     try:
-        await store.write_json(
-            store.path("audio", audio_id, ".json"), body if owner is None else {**body, "owner_key_id": owner}
+        await store.put_json(
+            artefact_key("audio", audio_id, ".json"),
+            body if owner is None else {**body, "owner_key_id": owner},
+            create_only=True,
         )
     except BaseException:
-        path.unlink(missing_ok=True)
+        await store.delete(key)
         raise
     saved = request.app.get(SONG_SAVED)
     if saved is not None:
-        body.update(await saved(request.app, audio_id, path, body))
+        body.update(await saved(request.app, audio_id, key, body))
     return web.json_response(body, status=201, headers={"Location": body["audio_url"]})  # no server path
 
 
-async def saved_audio(
-    app: web.Application, audio_id: str, field: str = "audio_id", caller: str | None = None
-) -> tuple[Path, dict[str, Any]]:
-    """The path and sidecar of a saved song (ApiError 400 for a malformed id, 404 if there is none or it belongs to
-    another key than ``caller``)."""
-    store: OutputStore = app[STORE]
-    check_id(audio_id, field)
-    try:
-        sidecar = json.loads(await asyncio.to_thread(store.path("audio", audio_id, ".json").read_bytes))
-        fmt = _BY_MIME[sidecar["mime_type"]]
-        if not visible_to(sidecar.get("owner_key_id"), caller):
-            raise KeyError("owner")
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        raise ApiError(404, "not_found", f"no audio with id {audio_id}", field=field) from None
-    path = store.path("audio", audio_id, fmt.suffix)
-    if not await asyncio.to_thread(path.is_file):
-        raise ApiError(404, "not_found", f"no audio with id {audio_id}", field=field)
-    return path, sidecar
-
-
-@routes.get("/api/mv/get_audio/{audio_id}")
-async def get_audio(request: web.Request) -> web.FileResponse:
-    path, sidecar = await saved_audio(request.app, request.match_info["audio_id"], caller=key_id(request))
-    return SavedFileResponse(
-        path, noun="song", headers={"Content-Type": sidecar["mime_type"], "Cache-Control": "private, max-age=3600"}
+async def get_audio(request: web.Request) -> web.StreamResponse:
+    key, sidecar = await saved_audio(request.app, request.match_info["audio_id"], caller=key_id(request))
+    return await request.app[ARTEFACTS].response(
+        key, noun="song", headers={"Content-Type": sidecar["mime_type"], "Cache-Control": "private, max-age=3600"}
     )

@@ -21,21 +21,21 @@ import json
 import logging
 import weakref
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, Literal
 
 from aiohttp import web
 
 from mvserver.analysis import ANALYSIS_VERSION, AnalysisError, AnalysisPool, AnalysisTimeout, SongAnalysis, load
-from mvserver.audio.routes import FORMATS, SONG_SAVED, saved_audio
-from mvserver.core.config import CONFIG, EnvSettings
-from mvserver.core.storage import STORE, OutputStore, check_id
-from mvserver.media import ffmpeg as media
+from mvserver.appkeys import ARTEFACTS, CONFIG, SONGS
+from mvserver.audio.service import FORMATS, saved_audio
+from mvserver.core.artefacts import Artefacts, artefact_key, check_id, temp_path
+from mvserver.core.config import EnvSettings
+from mvserver.media.errors import MediaError
+from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
+from mvserver.media.song import encode_song_copies
 from mvserver.web.access.auth import key_id
 
 log = logging.getLogger("mvserver.songs")
-routes = web.RouteTableDef()
-
 AAC_SUFFIX = ".aac.m4a"
 PREVIEW_SUFFIX = ".preview.mp3"
 COPY_SLOTS = 2  # song copies encoded at once per process (each is one ffmpeg)
@@ -54,12 +54,14 @@ PUBLIC_FIELDS = (
 )
 
 
-def aac_copy(store: OutputStore, audio_id: str) -> Path:
-    return store.path("audio", audio_id, AAC_SUFFIX)
+def aac_copy(audio_id: str) -> str:
+    """The key of the song's AAC copy."""
+    return artefact_key("audio", audio_id, AAC_SUFFIX)
 
 
-def preview(store: OutputStore, audio_id: str) -> Path:
-    return store.path("audio", audio_id, PREVIEW_SUFFIX)
+def preview(audio_id: str) -> str:
+    """The key of the song's small MP3 preview (what Gemini hears)."""
+    return artefact_key("audio", audio_id, PREVIEW_SUFFIX)
 
 
 class AnalysisOutcome:
@@ -74,10 +76,10 @@ class SongWork:
 
     def __init__(
         self,
-        store: OutputStore,
+        store: Artefacts,
         env: EnvSettings,
         pool: AnalysisPool | None,
-        limits: media.FfmpegLimits = media.DEFAULT_LIMITS,
+        limits: FfmpegLimits = DEFAULT_LIMITS,
     ):
         self.store, self.env, self.pool, self.limits = store, env, pool, limits
         self._copies: dict[str, asyncio.Task[bool]] = {}
@@ -88,17 +90,17 @@ class SongWork:
 
     # -- starting work ------------------------------------------------------------------------------------------
 
-    def start(self, audio_id: str, song: Path, duration: float) -> None:
+    def start(self, audio_id: str, song: str, duration: float) -> None:
         """Everything a new song needs: its copies and its analysis."""
         self.copies(audio_id, song, duration)
         self.analysis(audio_id, song)
 
-    def copies(self, audio_id: str, song: Path, duration: float) -> asyncio.Task[bool]:
-        """The task making the song's AAC and preview copies (the running one, if any); it answers whether they
-        exist."""
+    def copies(self, audio_id: str, song: str, duration: float) -> asyncio.Task[bool]:
+        """The task making the copies of the song (its key) in AAC and preview (the running one, if any); it answers
+        whether they exist."""
         return self._task(self._copies, audio_id, lambda: self._make_copies(audio_id, song, duration))
 
-    def analysis(self, audio_id: str, song: Path) -> asyncio.Task[AnalysisOutcome] | None:
+    def analysis(self, audio_id: str, song: str) -> asyncio.Task[AnalysisOutcome] | None:
         """The task analysing the song (the running one, if any); None when analysis is off."""
         if self.pool is None:
             return None
@@ -131,18 +133,25 @@ class SongWork:
 
     # -- the work -----------------------------------------------------------------------------------------------
 
-    async def _make_copies(self, audio_id: str, song: Path, duration: float) -> bool:
+    async def _make_copies(self, audio_id: str, song: str, duration: float) -> bool:
+        store = self.store
         async with self._copy_slots:
             try:
-                await media.encode_song_copies(
-                    song,
-                    aac_copy(self.store, audio_id),
-                    preview(self.store, audio_id),
-                    duration=duration,
-                    timeout=120.0 + duration,
-                    limits=self.limits,
-                )
-            except (media.MediaError, OSError) as exc:
+                async with (
+                    store.local_file(song) as source,
+                    store.writing(aac_copy(audio_id), tag="enc") as aac,
+                    store.writing(preview(audio_id), tag="enc") as small,
+                ):
+                    await encode_song_copies(
+                        source,
+                        aac,
+                        small,
+                        temp_name=temp_path,
+                        duration=duration,
+                        timeout=120.0 + duration,
+                        limits=self.limits,
+                    )
+            except (MediaError, OSError) as exc:
                 log.warning(
                     "song %s: its copies could not be made (assembly encodes it; Gemini does not hear it): %s",
                     audio_id,
@@ -151,10 +160,11 @@ class SongWork:
                 return False
         return True
 
-    async def _analyse(self, audio_id: str, song: Path) -> AnalysisOutcome:
+    async def _analyse(self, audio_id: str, song: str) -> AnalysisOutcome:
         assert self.pool is not None
         try:
-            analysis = await self.pool.analyse(song, timeout=self.env.analysis_timeout_seconds)
+            async with self.store.local_file(song) as path:
+                analysis = await self.pool.analyse(path, timeout=self.env.analysis_timeout_seconds)
         except AnalysisError as exc:
             code = "analysis_timeout" if isinstance(exc, AnalysisTimeout) else "analysis_failed"
             error = {"code": code, "message": str(exc), "kind": exc.kind}
@@ -172,11 +182,10 @@ class SongWork:
         lock = self._sidecar_locks.get(audio_id)
         if lock is None:
             lock = self._sidecar_locks[audio_id] = asyncio.Lock()
-        path = self.store.path("audio", audio_id, ".json")
+        key = artefact_key("audio", audio_id, ".json")
         async with lock:
-            try:
-                sidecar = json.loads(await asyncio.to_thread(path.read_bytes))
-            except (OSError, ValueError):
+            sidecar = await self.store.get_json(key)
+            if not isinstance(sidecar, dict):
                 return  # the song is gone
             for name, value in fields.items():
                 if value is None:
@@ -184,15 +193,14 @@ class SongWork:
                 else:
                     sidecar[name] = value
             try:
-                await self.store.write_json(path, sidecar)
+                await self.store.put_json(key, sidecar)
             except OSError as exc:  # the answer still carries it; the next use analyses the song again
                 log.warning("song %s: its analysis could not be stored: %s", audio_id, exc)
 
 
-SONGS = web.AppKey("songs", SongWork)
-
-
-def analysis_state(sidecar: dict[str, Any], work: SongWork) -> tuple[Status, SongAnalysis | None, dict | None]:
+def analysis_state(
+    sidecar: dict[str, Any], work: SongWork
+) -> tuple[Status, SongAnalysis | None, dict[str, Any] | None]:
     """What the sidecar says about the song's analysis: ready (with it), failed (with the error), off or pending."""
     analysis = load(sidecar.get("analysis"))
     if analysis is not None:
@@ -205,18 +213,15 @@ def analysis_state(sidecar: dict[str, Any], work: SongWork) -> tuple[Status, Son
     return "pending", None, None
 
 
-async def read_sidecar(store: OutputStore, audio_id: str) -> dict[str, Any] | None:
+async def read_sidecar(store: Artefacts, audio_id: str) -> dict[str, Any] | None:
     """The song's sidecar (None if there is none or it is unreadable)."""
-    try:
-        sidecar = json.loads(await asyncio.to_thread(store.path("audio", audio_id, ".json").read_bytes))
-    except (OSError, ValueError):
-        return None
+    sidecar = await store.get_json(artefact_key("audio", audio_id, ".json"))
     return sidecar if isinstance(sidecar, dict) else None
 
 
 async def song_analysis(
     app: web.Application, audio_id: str, sidecar: dict[str, Any], *, wait: float
-) -> tuple[Status, SongAnalysis | None, dict | None]:
+) -> tuple[Status, SongAnalysis | None, dict[str, Any] | None]:
     """The song's analysis state, starting the analysis if it is due and waiting up to ``wait`` seconds for it."""
     work = app[SONGS]
     status, analysis, error = analysis_state(sidecar, work)
@@ -225,7 +230,7 @@ async def song_analysis(
     fmt = FORMATS.get(sidecar.get("format", ""))
     if fmt is None:
         return "failed", None, {"code": "analysis_failed", "message": "the song's format is unknown"}
-    task = work.analysis(audio_id, app[STORE].path("audio", audio_id, fmt.suffix))
+    task = work.analysis(audio_id, artefact_key("audio", audio_id, fmt.suffix))
     assert task is not None
     if wait > 0:
         try:
@@ -239,7 +244,7 @@ async def song_analysis(
 
 
 def song_body(
-    sidecar: dict[str, Any], status: Status, analysis: SongAnalysis | None, error: dict | None
+    sidecar: dict[str, Any], status: Status, analysis: SongAnalysis | None, error: dict[str, Any] | None
 ) -> dict[str, Any]:
     """The upload's answer and the GET's: the song's description and its analysis."""
     body = {name: sidecar[name] for name in PUBLIC_FIELDS if name in sidecar}
@@ -252,7 +257,7 @@ def song_body(
     return body
 
 
-async def on_song_saved(app: web.Application, audio_id: str, song: Path, sidecar: dict[str, Any]) -> dict[str, Any]:
+async def on_song_saved(app: web.Application, audio_id: str, song: str, sidecar: dict[str, Any]) -> dict[str, Any]:
     """The upload's hook: start the song's copies and analysis; the answer's extra fields (the analysis, if it is
     ready within ``MV_ANALYSIS_WAIT_SECONDS``)."""
     work = app[SONGS]
@@ -262,14 +267,13 @@ async def on_song_saved(app: web.Application, audio_id: str, song: Path, sidecar
     return {name: body[name] for name in ("song_url", "analysis_status", "analysis", "analysis_error")}
 
 
-@routes.get("/api/mv/songs/{audio_id}")
 async def get_song(request: web.Request) -> web.Response:
     """The song's description and analysis (``analysis_status`` pending: ask again shortly)."""
     app = request.app
     audio_id = check_id(request.match_info["audio_id"], "audio_id")
-    path, sidecar = await saved_audio(app, audio_id, caller=key_id(request))
-    if not await asyncio.to_thread(aac_copy(app[STORE], audio_id).is_file):  # saved before copies existed
-        app[SONGS].copies(audio_id, path, float(sidecar["duration"]))
+    key, sidecar = await saved_audio(app, audio_id, caller=key_id(request))
+    if await app[ARTEFACTS].stat(aac_copy(audio_id)) is None:  # saved before copies existed
+        app[SONGS].copies(audio_id, key, float(sidecar["duration"]))
     state = await song_analysis(app, audio_id, sidecar, wait=app[SONGS].env.analysis_wait_seconds)
     return web.json_response(song_body(sidecar, *state), headers={"Cache-Control": "no-store"})
 
@@ -278,20 +282,14 @@ async def songs_context(app: web.Application) -> AsyncIterator[None]:
     """The app's analysis pool (none with ``MV_ANALYSIS_WORKERS=0``) and its song work; both stop at exit. The
     copies' ffmpeg runs within the memory and thread limits of media.yaml ``ffmpeg`` (their time limit is their own)."""
     env = app[CONFIG].env
-    limits = media.FfmpegLimits(**app[CONFIG].media.ffmpeg.model_dump(exclude={"concurrency"}))
+    limits = FfmpegLimits(**app[CONFIG].media.ffmpeg.model_dump(exclude={"concurrency"}))
     pool = None
     if env.analysis_workers > 0:
         pool = AnalysisPool(
             env.analysis_workers, max_seconds=env.analysis_max_seconds, memory_mb=env.analysis_memory_mb
         )
-    app[SONGS] = SongWork(app[STORE], env, pool, limits)
+    app[SONGS] = SongWork(app[ARTEFACTS], env, pool, limits)
     try:
         yield
     finally:
         await app[SONGS].close()
-
-
-def setup(app: web.Application) -> None:
-    app.cleanup_ctx.append(songs_context)
-    app[SONG_SAVED] = on_song_saved
-    app.add_routes(routes)

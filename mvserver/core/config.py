@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 
 import jinja2
 import yaml
-from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -702,10 +701,6 @@ class Config:
             "pricing": self.pricing.model_dump(mode="json"),
             "media": self.media.model_dump(),
         }
-
-
-CONFIG = web.AppKey("config", Config)
-TEMPLATES = web.AppKey("templates", jinja2.Environment)
 
 
 def package_templates() -> jinja2.Environment:

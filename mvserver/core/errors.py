@@ -27,9 +27,7 @@ from typing import Any
 import aiohttp
 import httpx
 import redis.exceptions
-import replicate.exceptions
 from aiohttp import http_exceptions, web
-from google.genai import errors as genai_errors
 from pydantic import ValidationError
 
 log = logging.getLogger("mvserver")
@@ -98,10 +96,155 @@ class ErrorInfo:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+# -- the catalogue of error codes ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    """One error code the service answers with: the HTTP statuses it comes with and what it means.
+
+    ``statuses`` lists every status the code is answered with (the usual one first). Most codes have one; a code with
+    two keeps both answers as the API always gave them (see its ``meaning``). No status: the code appears only inside
+    an answer (a failed job's ``error``, a song's ``analysis_error``), never as an HTTP error itself."""
+
+    statuses: tuple[int, ...]
+    meaning: str
+
+
+def _code(*statuses: int, meaning: str) -> ErrorCode:
+    return ErrorCode(statuses, meaning)
+
+
+# Every error code of the service. An ApiError must name a code from here with one of its statuses (checked when
+# it is made, and for every ApiError written in the code by tests/test_errors_catalogue.py).
+CODES: dict[str, ErrorCode] = {
+    # -- requests: bodies, fields, ids, media types ---------------------------------------------------------------------
+    "invalid_json": _code(400, meaning="the body is not a JSON object"),
+    "invalid_field": _code(400, meaning="a field of the body, query or path is wrong (field names it)"),
+    "missing_field": _code(400, meaning="a required field is missing"),
+    "unknown_field": _code(400, meaning="the body has a field the route does not know"),
+    "invalid_id": _code(400, meaning="an id in the path or body is not a UUID4"),
+    "invalid_body": _code(400, meaning="a webhook body is not a prediction"),
+    "incomplete_body": _code(400, meaning="the upload ended before its Content-Length"),
+    "invalid_multipart": _code(400, meaning="a multipart upload is malformed"),
+    "malformed_header": _code(400, meaning="the HTTP parser refused a header (field names it)"),
+    "malformed_request": _code(400, meaning="the HTTP parser refused the request line or the body's framing"),
+    "request_timeout": _code(408, meaning="the headers or the body did not arrive in time"),
+    "request_too_large": _code(413, meaning="the body is larger than the route takes"),
+    "unsupported_media_type": _code(415, meaning="the body's Content-Type is not one the route takes"),
+    "range_not_satisfiable": _code(416, meaning="the Range header asks for bytes the file does not have"),
+    "not_found": _code(404, meaning="no such resource (or another key's: never 403, so ids do not leak)"),
+    "method_not_allowed": _code(405, meaning="the path does not take this method"),
+    "expired": _code(410, meaning="the job finished long ago and was removed (jobs.retention_hours)"),
+    "http_error": _code(meaning="any other status aiohttp answered (the status is aiohttp's)"),
+    "internal_error": _code(500, meaning="an unexpected failure (logged); also a job that failed that way"),
+    # -- access: keys, signed links, quotas, cross-site checks, idempotency ---------------------------------------------
+    "auth_required": _code(401, meaning="the route needs Authorization: Bearer <API key>"),
+    "invalid_api_key": _code(401, meaning="the API key is not valid (or has been revoked)"),
+    "invalid_signature": _code(403, meaning="a signed link is tampered, malformed, not a GET, or its key is revoked"),
+    "signature_expired": _code(403, meaning="a signed link has expired"),
+    "forbidden_origin": _code(403, meaning="the Origin is neither this server nor in MV_CORS_ORIGINS"),
+    "misdirected_request": _code(421, meaning="the Host is not in MV_ALLOWED_HOSTS"),
+    "rate_limited": _code(429, meaning="the key's bucket for this route is empty (Retry-After)"),
+    "quota_exceeded": _code(429, meaning="the key runs as many uploads as it may (max_concurrent_uploads)"),
+    "budget_exceeded": _code(402, meaning="the key's monthly_budget is spent"),
+    "busy": _code(503, meaning="this server runs as many uploads as it may (Retry-After)"),
+    "idempotency_in_progress": _code(409, meaning="a request with this Idempotency-Key is still being answered"),
+    "idempotency_key_reused": _code(422, meaning="this Idempotency-Key was used with another request"),
+    "store_unavailable": _code(503, meaning="the job and project store (Redis) is unreachable (Retry-After)"),
+    # -- jobs -----------------------------------------------------------------------------------------------------------
+    "video_not_ready": _code(409, meaning="the job of this video is not finished"),
+    "job_failed": _code(409, meaning="the job of this video failed (its error's words follow)"),
+    "job_canceled": _code(409, meaning="the job of this video was canceled; also a canceled job's error"),
+    "job_timeout": _code(meaning="a job's error: it was not done after jobs.timeout_seconds"),
+    "deadline_exceeded": _code(meaning="a job's error: it was not done within its deadline_seconds"),
+    "webhooks_not_configured": _code(400, meaning="a webhook_url, but no signing secret for this key's webhooks"),
+    "nothing_to_redeliver": _code(409, meaning="the job has no webhook event to send again"),
+    "webhook_unverified": _code(401, meaning="a Replicate webhook without a valid signature"),
+    # -- projects -------------------------------------------------------------------------------------------------------
+    "conflict": _code(409, meaning="the project changed meanwhile (a scene removed, kept changing); try again"),
+    "precondition_required": _code(428, meaning="the change needs If-Match with the project's ETag"),
+    "precondition_failed": _code(412, meaning="If-Match does not name the project's current ETag"),
+    "too_many_scenes": _code(400, meaning="the project would have more scenes than projects.limits allows"),
+    "too_many_versions": _code(409, meaning="the scene has as many clip versions running or chosen as it may"),
+    "no_scenes": _code(400, meaning="the project has no scenes to assemble"),
+    # -- songs ----------------------------------------------------------------------------------------------------------
+    "invalid_audio": _code(400, meaning="the upload is not a song this server can decode"),
+    "audio_too_long": _code(400, meaning="the song is longer than MV_MAX_AUDIO_SECONDS"),
+    "audio_not_found": _code(400, meaning="the assembly names a song that does not exist"),
+    "analysis_failed": _code(meaning="a song's analysis_error: it could not be analysed"),
+    "analysis_timeout": _code(meaning="a song's analysis_error: its analysis took too long"),
+    # -- lip sync and assembly ------------------------------------------------------------------------------------------
+    "clip_not_found": _code(
+        400,
+        409,
+        meaning="the body names a clip whose file does not exist: 400 when a request names it (assembly, lip sync); "
+        "409 when a lip-sync job starts and the clip it was made for is gone (the job's error)",
+    ),
+    "clip_not_ready": _code(400, meaning="the body names a clip whose job has not succeeded"),
+    "invalid_clip": _code(400, meaning="a clip cannot be read or holds no video"),
+    "clip_too_large": _code(400, meaning="the clip is larger than lip sync takes"),
+    "clip_too_long": _code(400, meaning="the clip is longer than lip sync takes"),
+    "song_too_short": _code(400, meaning="the song ends before the window starts (or the clips need)"),
+    "window_too_long": _code(400, meaning="the lip-sync window is longer than the limit"),
+    "window_too_short": _code(400, meaning="the lip-sync window is shorter than the limit"),
+    "aspect_mismatch": _code(400, meaning="the clips do not share one aspect ratio"),
+    "assembly_too_long": _code(400, meaning="the music video would be longer than assembly.limits allows"),
+    "graph_too_large": _code(400, meaning="the assembly's ffmpeg graph would be too large"),
+    "invalid_trim": _code(400, meaning="a clip's trim is outside the clip"),
+    "too_many_clips": _code(400, meaning="more clips than assembly.limits allows"),
+    "invalid_assembly": _code(400, meaning="the assembly's inputs cannot be assembled (field names the part)"),
+    "assembly_failed": _code(500, meaning="ffmpeg failed to assemble (the job's error)"),
+    "assembly_timeout": _code(500, meaning="ffmpeg did not finish the assembly in time (the job's error)"),
+    "assembly_too_large": _code(500, meaning="the assembled file is larger than allowed (the job's error)"),
+    "audio_cut_failed": _code(500, meaning="ffmpeg failed to cut the song's window (the job's error)"),
+    # -- providers ------------------------------------------------------------------------------------------------------
+    "missing_api_key": _code(503, meaning="the provider's credentials are not set"),
+    "client_disconnected": _code(499, meaning="the client went away while a provider call ran"),
+    "provider_rejected_input": _code(422, meaning="the provider answered 400 or 422: it refused the input"),
+    "provider_auth_failed": _code(502, meaning="the provider refused our credentials (401, 403, a bad key)"),
+    "provider_payment_required": _code(502, meaning="the provider answered 402"),
+    "provider_not_found": _code(502, meaning="the provider answered 404"),
+    "provider_conflict": _code(409, meaning="the provider answered 409"),
+    "provider_rate_limited": _code(429, meaning="the provider answered 429 (transient)"),
+    "provider_timeout": _code(504, meaning="the provider did not answer in time, or answered 408 or 504 (transient)"),
+    "provider_unavailable": _code(502, meaning="the provider answered 5xx (transient)"),
+    "provider_unreachable": _code(502, meaning="the provider could not be reached (transient)"),
+    "provider_bad_response": _code(502, meaning="the provider answered invalid JSON (transient)"),
+    "provider_error": _code(502, meaning="another provider failure (another 4xx, an unexpected exception)"),
+    "provider_prediction_failed": _code(502, meaning="the provider's prediction or operation failed"),
+    "provider_canceled": _code(502, meaning="the provider canceled the prediction"),
+    "provider_content_filtered": _code(502, meaning="the provider filtered the output (its reasons follow)"),
+    "provider_bad_output": _code(502, meaning="the provider's output is not what was asked for"),
+    "provider_malformed_output": _code(502, meaning="the provider's text output does not parse"),
+    "provider_output_refused": _code(502, meaning="the provider's output is on a host not allowed"),
+    "provider_output_too_large": _code(502, meaning="the provider's output is larger than allowed"),
+}
+
+
+class UnknownErrorCode(ValueError):
+    """An ApiError made with a code, or a status for it, that :data:`CODES` does not list: a programming error."""
+
+
+def check_code(status: int, code: str) -> None:
+    """Raise :class:`UnknownErrorCode` unless ``code`` is catalogued with ``status``."""
+    entry = CODES.get(code)
+    if entry is None:
+        raise UnknownErrorCode(f"error code {code!r} is not in mvserver.core.errors.CODES")
+    if status not in entry.statuses:
+        raise UnknownErrorCode(f"error code {code!r} is answered with {entry.statuses}, not {status}")
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached at start-up (e.g. Redis is down): the server exits with one clear line."""
+
+
 class ApiError(Exception):
-    """An error answered to the client: an HTTP status plus an :class:`ErrorInfo`."""
+    """An error answered to the client: an HTTP status plus an :class:`ErrorInfo`; the code and its status come from
+    the catalogue, :data:`CODES`."""
 
     def __init__(self, status: int, code: str, message: str, *, retry_after: float | None = None, **extra: Any):
+        check_code(status, code)  # every code, and its status, from the catalogue (CODES)
         super().__init__(message)
         self.status = status
         self.info = ErrorInfo(code=code, message=message, **extra)
@@ -175,8 +318,9 @@ def prediction_failed(provider: str, status: str, error: Any) -> ApiError:
 
 def _retry_after(response: Any) -> float | None:
     headers = getattr(response, "headers", None) or {}
+    value = headers.get("retry-after") or headers.get("Retry-After")
     try:
-        return float(headers.get("retry-after") or headers.get("Retry-After"))
+        return float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
 
@@ -187,20 +331,24 @@ def from_exception(exc: BaseException, provider: str) -> ApiError:
         return exc
     if isinstance(exc, httpx.HTTPError) and isinstance(exc.__cause__, aiohttp.ClientError):
         exc = exc.__cause__  # the aiohttp transport reports every dropped connection as a connect timeout
-    if isinstance(exc, replicate.exceptions.ReplicateError):
+    # The provider SDKs are looked up, not imported: an exception of an SDK that no module has imported cannot be
+    # raised, and importing them here would cost every process (the keys CLI, the simulator) about a second.
+    replicate_errors = sys.modules.get("replicate.exceptions")
+    genai_errors = sys.modules.get("google.genai.errors")
+    if replicate_errors is not None and isinstance(exc, replicate_errors.ReplicateError):
         detail = {k: v for k, v in {"title": exc.title, "detail": exc.detail, "type": exc.type}.items() if v}
         message = exc.detail or exc.title or "error"
         return provider_http_error(
             provider, exc.status or 502, message, detail or None, _retry_after(getattr(exc, "response", None))
         )
-    if isinstance(exc, replicate.exceptions.ModelError):
+    if replicate_errors is not None and isinstance(exc, replicate_errors.ModelError):
         prediction = exc.prediction
         return prediction_failed(provider, prediction.status, prediction.error)
-    if isinstance(exc, genai_errors.APIError):
-        detail = exc.details if exc.details else exc.message
+    if genai_errors is not None and isinstance(exc, genai_errors.APIError):
+        reported = exc.details if exc.details else exc.message
         message = f"{exc.status}: {exc.message}" if exc.status else str(exc.message)
-        error = provider_http_error(provider, exc.code, message, detail, _retry_after(exc.response))
-        if "API_KEY_INVALID" in json.dumps(detail, default=str):  # Google answers a bad key with 400
+        error = provider_http_error(provider, exc.code, message, reported, _retry_after(exc.response))
+        if "API_KEY_INVALID" in json.dumps(reported, default=str):  # Google answers a bad key with 400
             error.status, error.info.code = 502, "provider_auth_failed"
         return error
     if isinstance(exc, json.JSONDecodeError):
@@ -283,7 +431,7 @@ async def error_middleware(
         return web.json_response({"error": {"code": "internal_error", "message": "internal server error"}}, status=500)
 
 
-class ServerLog(logging.LoggerAdapter):
+class ServerLog(logging.LoggerAdapter[logging.Logger]):
     """aiohttp's server logger, except that a request its HTTP parser refuses (a malformed header or request line)
     is logged as one line rather than a traceback: it is the client's mistake, answered with 400. aiohttp logs it as
     an exception (here a warning), or at debug level for a bad method in a connection's first request."""

@@ -1,19 +1,15 @@
 """Jobs: the model, the store seam (files by default, Redis for several processes), the engine and SSE streams."""
 
-from aiohttp import web
-
+from mvserver.core.errors import StoreUnavailable
 from mvserver.jobs.file_store import FileJobStore
 from mvserver.jobs.kinds import video_kind
 from mvserver.jobs.model import FINAL_STATUSES, Event, Job, JobStatus, job_urls
 from mvserver.jobs.runner import JobEngine
-from mvserver.jobs.store import JobStore, Lease, LeaseLost, StoreUnavailable
+from mvserver.jobs.store import JobStore, Lease, LeaseLost
 from mvserver.jobs.stream import stream_events
-
-JOBS = web.AppKey("jobs", JobEngine)
 
 __all__ = [
     "FINAL_STATUSES",
-    "JOBS",
     "Event",
     "FileJobStore",
     "Job",

@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG
 from mvserver.jobs import Job, job_urls
 
 URL_FIELDS = ("status_url", "events_url", "video_url")

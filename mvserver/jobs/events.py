@@ -9,21 +9,17 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG, JOBS, SIGNER
+from mvserver.core.artefacts import check_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import check_id
-from mvserver.jobs import JOBS
+from mvserver.jobs.routes import event_links
 from mvserver.jobs.stream import stream_many
-from mvserver.videos.routes import event_links
 from mvserver.web.access.auth import key_id, visible_to
-from mvserver.web.access.signing import SIGNER
 
-routes = web.RouteTableDef()
 EVENTS_PATH = "/api/mv/events"
 AFTER = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9}){0,499}")
 
 
-@routes.get(EVENTS_PATH)
 async def job_events(request: web.Request) -> web.StreamResponse:
     settings = request.app[CONFIG].videos.jobs
     job_ids = await _job_ids(request, settings.sse_max_jobs_per_stream)
@@ -58,7 +54,6 @@ async def _job_ids(request: web.Request, limit: int) -> list[str]:
     return parts
 
 
-@routes.get(EVENTS_PATH + "/link")
 async def events_link(request: web.Request) -> web.Response:
     """The multi-job stream's URL for these jobs (and ``after`` positions): with keys on, signed for the caller's key
     (the signature covers the exact job list, so it cannot be widened to other jobs) and valid until ``expires_at``;

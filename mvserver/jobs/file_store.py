@@ -28,10 +28,11 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from mvserver.core.storage import OutputStore, is_valid_id, write_bytes_atomic
+from mvserver.core.artefacts import OutputStore, is_valid_id, write_bytes_atomic
 from mvserver.jobs.model import Event, Job
-from mvserver.jobs.store import Lease, Remembered, SignalHandler, index_entry, owner_slot
+from mvserver.jobs.store import Lease, SignalHandler, index_entry, owner_slot
 from mvserver.jobs.usage_store import FileUsageBook
+from mvserver.web.access.idempotency import Remembered
 
 log = logging.getLogger("mvserver.jobs")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
-STATUSES: tuple[str, ...] = JobStatus.__args__  # type: ignore[attr-defined]
+STATUSES: tuple[str, ...] = get_args(JobStatus)
 FINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 
 # Events are kept small whatever the request: free text in them is clipped (the whole request and error stay in

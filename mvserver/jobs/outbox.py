@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from mvserver.core.storage import OutputStore
+from mvserver.core.artefacts import OutputStore
 
 Record = dict[str, Any]
 

@@ -34,17 +34,19 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT
 
-from mvserver.core.errors import store_unavailable
+from mvserver.core.errors import StoreUnavailable, store_unavailable
 from mvserver.jobs.model import FINAL_STATUSES, Event, Job
-from mvserver.jobs.store import Lease, LeaseLost, Remembered, SignalHandler, StoreUnavailable, index_entry, owner_slot
+from mvserver.jobs.store import Lease, LeaseLost, SignalHandler, index_entry, owner_slot
 from mvserver.jobs.usage_store import RedisUsageBook
+from mvserver.web.access.idempotency import Remembered
 
 log = logging.getLogger("mvserver.jobs")
 
@@ -55,6 +57,11 @@ EXPIRE_BATCH = 500
 RETRY_PAUSE = 0.25
 FORGET_EVERY_SECONDS = 1.0  # how often the event reader looks for jobs nobody follows any more
 IDLE_CONSUMER_SECONDS = 3600.0  # a dispatch consumer (a node) idle this long, with nothing pending, is dropped
+
+# Stream replies as our clients get them (decode_responses=True, RESP2), which redis-py's reply types cannot express:
+# [(stream, [(entry id, fields), ...]), ...]; XREADGROUP gives None as the fields of an entry deleted meanwhile.
+Claimed = list[tuple[str, list[tuple[str, dict[str, str] | None]]]]
+Entries = list[tuple[str, dict[str, str]]]
 
 # KEYS: lease, job, events, finished. ARGV: token, event id ('' none), name, data, rec, status, finished_at, job id,
 # the job's event channel.
@@ -200,7 +207,7 @@ class RedisJobStore:
     ):
         self.url = url
         self.prefix = prefix
-        self.lease_seconds: float | None = lease_seconds
+        self.lease_seconds = lease_seconds
         self.claim_interval = claim_interval_seconds
         self.node = node or uuid.uuid4().hex[:12]
         self._lease_ms = max(1, int(lease_seconds * 1000))
@@ -309,8 +316,9 @@ class RedisJobStore:
 
     async def create(self, job: Job, event: Event) -> None:
         capped = job.owner is not None and job.running_cap is not None
-        fields: dict[str, Any] = {"rec": json.dumps(job.record()), "status": job.status, "last": event.id}
+        fields: dict[EncodableT, EncodableT] = {"rec": json.dumps(job.record()), "status": job.status, "last": event.id}
         if capped:
+            assert job.running_cap is not None
             fields["cap"] = job.running_cap
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.hset(self.k("job", job.id), mapping=fields)
@@ -344,7 +352,7 @@ class RedisJobStore:
 
     async def _admit_held(self) -> None:
         """Admit what can be admitted for every key with held jobs."""
-        for owner in await self.r.smembers(self.k("holding")):
+        for owner in cast(set[str], await self.r.smembers(self.k("holding"))):
             await self._admit(keys=self._place_keys(owner), args=[self.k("job", ""), owner])
 
     async def count_places(self, owner: str) -> tuple[int, int]:
@@ -489,7 +497,10 @@ class RedisJobStore:
             if claimed:
                 return claimed
         block_ms = max(1, int((self._autoclaim_at - time.monotonic()) * 1000))
-        reply = await self.blocking.xreadgroup(GROUP, self.node, {self.k("dispatch"): ">"}, count=limit, block=block_ms)
+        reply = cast(
+            Claimed | None,
+            await self.blocking.xreadgroup(GROUP, self.node, {self.k("dispatch"): ">"}, count=limit, block=block_ms),
+        )
         return await self._take_all([entry for _, entries in reply or [] for entry in entries])
 
     async def _take_all(self, entries: list[tuple[str, dict[str, str] | None]]) -> list[tuple[Job, Lease]]:
@@ -515,7 +526,7 @@ class RedisJobStore:
         _, token, rec, last, cancel = reply
         job = self._job(rec, last, cancel)
         assert job is not None
-        self._deadlines[token] = time.monotonic() + self.lease_seconds  # type: ignore[operator]
+        self._deadlines[token] = time.monotonic() + self.lease_seconds
         return job, Lease(job_id, token, entry_id)
 
     async def renew(self, lease: Lease) -> bool:
@@ -531,7 +542,7 @@ class RedisJobStore:
         if not renewed:
             self._deadlines.pop(lease.token, None)
             return False
-        self._deadlines[lease.token] = time.monotonic() + self.lease_seconds  # type: ignore[operator]
+        self._deadlines[lease.token] = time.monotonic() + self.lease_seconds
         if renewed == 2 and self._handler is not None:  # a cancel whose notification was missed
             await self._handler(lease.job_id, "cancel", {})
         return True
@@ -547,7 +558,7 @@ class RedisJobStore:
 
     async def finish_unclaimed(self, job: Job, event: Event) -> bool:
         keys = [self.k("lease", job.id), self.k("job", job.id), self.k("ev", job.id), self.k("finished")]
-        args = [
+        args: list[EncodableT] = [
             event.id - 1,
             event.id,
             event.event,
@@ -607,7 +618,7 @@ class RedisJobStore:
     async def _catch_up(self, job_id: str) -> None:
         """Once subscribed: every later event is published to us, an earlier one is in the log. Read its last."""
         with contextlib.suppress(*UNAVAILABLE):
-            for entry_id, fields in await self.r.xrevrange(self.k("ev", job_id), count=1):
+            for entry_id, fields in cast(Entries, await self.r.xrevrange(self.k("ev", job_id), count=1)):
                 self._news(job_id, int(entry_id.partition("-")[2]), fields.get("e", ""))
 
     def _news(self, job_id: str, event_id: int, name: str) -> None:
@@ -719,7 +730,10 @@ class RedisJobStore:
     # -- retention --------------------------------------------------------------------------------------------
 
     async def expire(self, finished_before: float, tombstone_until: float) -> list[str]:
-        ids = await self.r.zrangebyscore(self.k("finished"), "-inf", finished_before, start=0, num=EXPIRE_BATCH)
+        ids = cast(
+            list[str],
+            await self.r.zrangebyscore(self.k("finished"), "-inf", finished_before, start=0, num=EXPIRE_BATCH),
+        )
         jobs = await self.get_many(ids) if ids else []
         removed = []
         for job_id, job in zip(ids, jobs, strict=False):

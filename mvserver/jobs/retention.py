@@ -5,12 +5,10 @@ never wait for it; an expired job id keeps a tombstone (410 ``expired``) for one
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import time
 
-from mvserver.core.storage import OutputStore, is_valid_id
+from mvserver.core.artefacts import Artefacts, artefact_key
 from mvserver.jobs.store import JobStore
 
 log = logging.getLogger("mvserver.jobs")
@@ -25,7 +23,7 @@ def sweep_interval(retention_seconds: float) -> float:
     return min(SWEEP_MAX_INTERVAL_SECONDS, max(SWEEP_MIN_INTERVAL_SECONDS, retention_seconds / 4))
 
 
-async def sweep_once(store: JobStore, outputs: OutputStore, retention_seconds: float) -> int:
+async def sweep_once(store: JobStore, outputs: Artefacts, retention_seconds: float) -> int:
     """Remove everything older than the retention period; returns how many jobs were removed."""
     now = time.time()
     before = now - retention_seconds
@@ -33,18 +31,19 @@ async def sweep_once(store: JobStore, outputs: OutputStore, retention_seconds: f
     while True:
         removed = await store.expire(before, now + retention_seconds)
         if removed:
-            await asyncio.to_thread(_remove_job_files, outputs, removed)
+            await outputs.delete(*job_files(removed))
             total += len(removed)
         if not removed:
             break
         await asyncio.sleep(0)  # batches: give requests a turn between them
-    await asyncio.to_thread(_remove_old_files, outputs, before)
+    for kind in FILE_KINDS:  # images and scene files (and their sidecars) last written before the period
+        await outputs.delete(*await outputs.list_old(kind, before))
     if total:
         log.info("retention: removed %d finished job(s)", total)
     return total
 
 
-async def sweep_forever(store: JobStore, outputs: OutputStore, retention_seconds: float) -> None:
+async def sweep_forever(store: JobStore, outputs: Artefacts, retention_seconds: float) -> None:
     interval = sweep_interval(retention_seconds)
     while True:
         await asyncio.sleep(interval)
@@ -54,21 +53,7 @@ async def sweep_forever(store: JobStore, outputs: OutputStore, retention_seconds
             log.warning("retention sweep failed: %s", exc)
 
 
-def _remove_job_files(outputs: OutputStore, job_ids: list[str]) -> None:
-    for job_id in job_ids:
-        outputs.path("videos", job_id, ".mp4").unlink(missing_ok=True)
-        outputs.path("videos", job_id, ".jpg").unlink(missing_ok=True)  # its poster
-        outputs.path("jobs", job_id, ".ref").unlink(missing_ok=True)
-        outputs.path("jobs", job_id, ".ffmpeg.lock").unlink(missing_ok=True)  # an assembly's run lock (assembly.py)
-
-
-def _remove_old_files(outputs: OutputStore, before: float) -> None:
-    """Images and scene files (named by their id) last written before ``before``; temporaries are left alone."""
-    for kind in FILE_KINDS:
-        with contextlib.suppress(FileNotFoundError), os.scandir(outputs.root / kind) as entries:
-            for entry in entries:
-                if entry.name.startswith(".") or not is_valid_id(entry.name.partition(".")[0]):
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    if entry.is_file() and entry.stat().st_mtime < before:
-                        os.unlink(entry.path)
+def job_files(job_ids: list[str]) -> list[str]:
+    """The artefacts of expired jobs: the video, its poster, the reference copy and an assembly's run lock."""
+    suffixes = (("videos", ".mp4"), ("videos", ".jpg"), ("jobs", ".ref"), ("jobs", ".ffmpeg.lock"))
+    return [artefact_key(kind, job_id, suffix) for job_id in job_ids for kind, suffix in suffixes]

@@ -12,16 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from mvserver.core.artefacts import ArtefactExists, Artefacts, artefact_key
 from mvserver.core.config import JobsSettings, PricingSettings
 from mvserver.core.errors import ApiError, ErrorInfo
 from mvserver.core.logs import bind_job
-from mvserver.core.storage import OutputStore
 from mvserver.jobs.eta import EtaEstimate, duration_key
 from mvserver.jobs.model import Event, Job, JobStatus, clip_text
 from mvserver.jobs.store import JobStore, Lease, LeaseLost
@@ -50,7 +50,9 @@ class RemoteDriver(Protocol):
 
     async def poll(self, prediction_id: str) -> Snapshot: ...
 
-    async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int: ...
+    async def download(
+        self, snapshot: Snapshot, prediction_id: str, dest: str
+    ) -> int: ...  # an artefact key, written create-only
 
     async def cancel(self, prediction_id: str) -> Snapshot | None:
         """Stop the prediction; the ended prediction if the provider answers with it (its metrics: usage)."""
@@ -63,8 +65,9 @@ Progress = Callable[[float | None, str], Awaitable[None]]  # (fraction 0..1 or N
 class LocalDriver(Protocol):
     """Runs a job on this machine; after a restart it simply runs again."""
 
-    async def run(self, job: Job, dest: Path, progress: Progress) -> int:
-        """Write the output to ``dest`` atomically and return its size; report progress as it goes."""
+    async def run(self, job: Job, dest: str, progress: Progress) -> int:
+        """Store the output as the artefact ``dest`` (a key) atomically and return its size; report progress as it
+        goes."""
 
 
 DriverFactory = Callable[[Job], "RemoteDriver | LocalDriver"]
@@ -82,13 +85,13 @@ async def _nothing(_: Job) -> None:
     return None
 
 
-async def _nothing_stored(_: Job, __: Path) -> None:
+async def _nothing_stored(_: Job, __: str) -> None:
     return None
 
 
 class EngineHooks:
     """What the engine reports as it happens (the app plugs metrics in): ``finished(job)`` once per job this node
-    finished, ``subscribers(delta)`` as event streams open (+1) and close (-1); ``stored(job, path)`` when a job's
+    finished, ``subscribers(delta)`` as event streams open (+1) and close (-1); ``stored(job, key)`` when a job's
     output is in place, before its ``succeeded`` event (it may note facts about the file on the job: the poster);
     ``before_create(job)`` is awaited before a new job is stored (webhooks out write their record there) and
     ``published(job, event)`` follows every event written."""
@@ -96,7 +99,7 @@ class EngineHooks:
     def __init__(self) -> None:
         self.finished: Callable[[Job], None] = _ignore
         self.subscribers: Callable[[int], None] = _ignore
-        self.stored: Callable[[Job, Path], Awaitable[None]] = _nothing_stored
+        self.stored: Callable[[Job, str], Awaitable[None]] = _nothing_stored
         self.before_create: Callable[[Job], Awaitable[None]] = _nothing
         self.published: Callable[[Job, Event], None] = _ignore_event
 
@@ -108,7 +111,7 @@ class JobEngine:
         self,
         store: JobStore,
         kinds: Mapping[str, DriverFactory],
-        outputs: OutputStore,
+        outputs: Artefacts,
         settings: JobsSettings,
         *,
         max_concurrent: int,
@@ -121,6 +124,7 @@ class JobEngine:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(max_concurrent)
         self._cancel_requested: set[str] = set()
+        self._deadlines: dict[str, float] = {}  # when each running job's timeout (or its client's deadline) ends it
         self._lost: set[str] = set()
         self._started: set[str] = set()
         self.pushed = PushedUpdates(settings.webhook_safety_poll_seconds)  # provider webhooks of jobs run here
@@ -327,7 +331,7 @@ class JobEngine:
             await asyncio.wait({previous})
         task = asyncio.get_running_loop().create_task(self._run(job, lease), name=f"job-{job.id}")
         self.tasks[job.id] = task
-        task.add_done_callback(lambda _, job_id=job.id: self._task_done(job_id))
+        task.add_done_callback(lambda _: self._task_done(job.id))
 
     def _task_done(self, job_id: str) -> None:
         self.tasks.pop(job_id, None)
@@ -336,18 +340,24 @@ class JobEngine:
         self._lost.discard(job_id)
         self._started.discard(job_id)
         self.pushed.forget(job_id)
+        self._deadlines.pop(job_id, None)
         self._slots.release()
 
-    async def _keep_lease(self, lease: Lease) -> None:
-        """Renew the lease well before it lapses; once it is lost, stop the job without a word."""
+    async def _keep_lease(self, lease: Lease, stopped: asyncio.Event) -> None:
+        """Renew the lease well before it lapses; once it is lost, stop the job without a word. ``stopped`` (set when
+        the run ends) ends the renewals even when the cancel that came with it was swallowed by the store call (a
+        Redis call can lose one, see :meth:`close`): a keeper that went on would renew a stopped node's lease for
+        ever, and no other node could take the job over."""
         assert self.store.lease_seconds is not None
-        while True:
+        while not stopped.is_set():
             await asyncio.sleep(self.store.lease_seconds / 3)
             try:
                 renewed = await self.store.renew(lease)
             except Exception:  # a store bug must not stop the renewals silently
                 log.exception("job %s: renewing the lease failed", lease.job_id)
                 continue
+            if stopped.is_set():
+                return
             if not renewed:
                 log.warning("job %s: lease lost; another node takes it over", lease.job_id)
                 self._lost.add(lease.job_id)
@@ -362,14 +372,16 @@ class JobEngine:
         bind_job(job.id)
         self._started.add(job.id)
         keeper = None
+        stopped = asyncio.Event()
         if self.store.lease_seconds is not None:
-            keeper = asyncio.get_running_loop().create_task(self._keep_lease(lease), name=f"lease-{job.id}")
+            keeper = asyncio.get_running_loop().create_task(self._keep_lease(lease, stopped), name=f"lease-{job.id}")
         driver = self.kinds[job.kind](job)
         try:
             await self._run_owned(job, lease, driver)
         except LeaseLost:
             log.warning("job %s: lease lost before a write; stopping here", job.id)
         finally:
+            stopped.set()
             if keeper is not None:
                 keeper.cancel()
             if job.id not in self._lost:
@@ -386,6 +398,7 @@ class JobEngine:
             deadline = job.started_at + self.settings.timeout_seconds
             if job.deadline_at is not None:  # the client's deadline, when it comes first, ends the job instead
                 deadline = min(deadline, job.deadline_at)
+            self._deadlines[job.id] = deadline
             async with asyncio.timeout(max(0.0, deadline - time.time())):
                 if isinstance(driver, LocalDriver):
                     await self._drive_local(job, lease, driver)
@@ -452,9 +465,13 @@ class JobEngine:
             return
         job.stage = "downloading"
         await self._publish(job, lease, "progress", record=True)
-        dest = self.outputs.path("videos", job.id, ".mp4")
+        dest = artefact_key("videos", job.id, ".mp4")
         prediction_id = job.prediction_id
-        job.video_bytes = await self._retry(lambda: driver.download(snapshot, prediction_id, dest), job=job)
+        try:
+            job.video_bytes = await self._retry(lambda: driver.download(snapshot, prediction_id, dest), job=job)
+        except ArtefactExists:  # an earlier run of this job stored it, then lost its lease: that one stays
+            stored = await self.outputs.stat(dest)
+            job.video_bytes = stored.size if stored is not None else None
         job.progress = 1.0
         await self._finish(job, lease, "succeeded", None)
 
@@ -470,6 +487,9 @@ class JobEngine:
                 # return a result and drop a cancellation that arrives as it finishes): act on it here, before the
                 # first poll and after every wait.
                 raise asyncio.CancelledError()
+            if time.time() >= self._deadlines.get(job.id, math.inf):
+                # The same for the timeout: its cancel can be swallowed the same way, and the job would outlive it.
+                raise TimeoutError()
             snapshot = pushed or self.pushed.polled(
                 job.id, await self._retry(lambda: driver.poll(prediction_id), job=job)
             )
@@ -518,7 +538,7 @@ class JobEngine:
 
         if job.id in self._cancel_requested:  # a cancel swallowed during the write above (see _poll_until_done)
             raise asyncio.CancelledError()
-        job.video_bytes = await driver.run(job, self.outputs.path("videos", job.id, ".mp4"), progress)
+        job.video_bytes = await driver.run(job, artefact_key("videos", job.id, ".mp4"), progress)
         job.progress = 1.0
         await self._finish(job, lease, "succeeded", None)
 
@@ -563,7 +583,7 @@ class JobEngine:
     async def _finish(self, job: Job, lease: Lease, status: JobStatus, error: ErrorInfo | None) -> None:
         if status == "succeeded":
             try:
-                await self.hooks.stored(job, self.outputs.path("videos", job.id, ".mp4"))
+                await self.hooks.stored(job, artefact_key("videos", job.id, ".mp4"))
             except Exception:  # a poster is a nicety: the clip is there, the job succeeds without it
                 log.exception("job %s: describing the stored output failed", job.id)
         _mark_final(job, status, error)

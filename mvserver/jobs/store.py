@@ -8,59 +8,19 @@ carries signals (cancel, provider updates) to the node that owns a job.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mvserver.jobs.model import Event, Job
 from mvserver.jobs.usage_store import UsageBook
+from mvserver.web.access.idempotency import Remembered
 
 SignalHandler = Callable[[str, str, dict[str, Any]], Awaitable[None]]  # (job_id, name, data)
 
 
 class LeaseLost(Exception):
     """The lease on a job ran out or was taken over: the holder must stop without writing or cancelling."""
-
-
-class StoreUnavailable(Exception):
-    """The store cannot be reached at start-up (e.g. Redis is down): the server exits with one clear line."""
-
-
-@dataclass(frozen=True)
-class Remembered:
-    """What the store keeps for an ``Idempotency-Key``: the request's fingerprint and, once answered, the answer.
-
-    ``token`` identifies the request that reserved the key, so only it can complete or release the reservation."""
-
-    token: str
-    fingerprint: str
-    status: int | None = None  # None while the first request is still being answered
-    body: str = ""
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def dumps(self) -> str:
-        return json.dumps(
-            {
-                "token": self.token,
-                "fingerprint": self.fingerprint,
-                "status": self.status,
-                "body": self.body,
-                "headers": self.headers,
-            },
-            separators=(",", ":"),
-        )
-
-    @classmethod
-    def loads(cls, text: str | bytes) -> Remembered:
-        raw = json.loads(text)
-        return cls(
-            token=raw["token"],
-            fingerprint=raw["fingerprint"],
-            status=raw["status"],
-            body=raw["body"],
-            headers=raw["headers"],
-        )
 
 
 def index_entry(stamp_us: int, job_id: str) -> str:
@@ -86,7 +46,9 @@ class Lease:
 class JobStore(Protocol):
     """Where jobs live. Event ids are 1..n per job; the owner of a lease is the only writer of its job."""
 
-    lease_seconds: float | None  # how long a lease lives without renewal; None for a single-process store
+    @property
+    def lease_seconds(self) -> float | None:
+        """How long a lease lives without renewal; None for a single-process store."""
 
     async def open(self) -> int:
         """Connect and recover: queue unfinished jobs again. Returns how many were queued for resumption."""

@@ -19,10 +19,10 @@ import random
 from dataclasses import dataclass, field
 
 from mvserver.providers import Snapshot
+from mvserver.providers.base import WEBHOOK_PATH
 
 log = logging.getLogger("mvserver.webhooks")
 
-WEBHOOK_PATH = "/api/mv/webhooks/replicate"
 WEBHOOK_BACKENDS = frozenset({"replicate"})  # Vertex Veo (google-genai) has no webhooks: it keeps polling
 
 Rank = tuple[int, float, int]

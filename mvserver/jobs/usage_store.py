@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from mvserver.core.storage import write_bytes_atomic
+from mvserver.core.artefacts import write_bytes_atomic
 
 DURATION_WINDOW = 50  # an estimate follows roughly the last this-many runs (a running mean that forgets)
 BUDGET_TTL_SECONDS = 62 * 86400  # a month's spending counter outlives its month by a month, then goes
@@ -152,7 +152,8 @@ class FileUsageBook:
 
     async def _budget_table(self) -> dict[str, dict[str, int]]:
         if self._budgets is None:
-            self._budgets = await asyncio.to_thread(self._load, "budgets.json")
+            budgets: dict[str, dict[str, int]] = await asyncio.to_thread(self._load, "budgets.json")
+            self._budgets = budgets
         return self._budgets
 
     async def hold(self, owner: str, month: str, micros: int, limit_micros: int) -> int | None:
@@ -180,14 +181,17 @@ class FileUsageBook:
 
     async def _duration_table(self) -> dict[str, list[float]]:
         if self._durations is None:
-            self._durations = await asyncio.to_thread(self._load, "durations.json")
+            durations: dict[str, list[float]] = await asyncio.to_thread(self._load, "durations.json")
+            self._durations = durations
         return self._durations
 
     async def learn(self, key: str, seconds: float) -> None:
         async with self._lock:
             table = await self._duration_table()
             found = table.get(key)
-            table[key] = list(astuple(fold(Durations(*found) if found else None, seconds)))
+            table[key] = list(
+                astuple(fold(Durations(int(found[0]), *map(float, found[1:])) if found else None, seconds))
+            )
             await asyncio.to_thread(self._save, "durations.json", table)
 
     async def estimate(self, key: str) -> Durations | None:

@@ -31,13 +31,12 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from standardwebhooks import Webhook
 
-from mvserver.core.config import CONFIG, EnvSettings, JobsSettings
+from mvserver.appkeys import CONFIG, JOBS, KEYRING, STORE, WEBHOOK_SENDER
+from mvserver.core.config import EnvSettings, JobsSettings
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE
-from mvserver.jobs import JOBS, JobEngine
+from mvserver.jobs import JobEngine
 from mvserver.jobs.model import FINAL_STATUSES, Event, Job
 from mvserver.jobs.outbox import FileOutbox, Outbox, Record, RedisOutbox
-from mvserver.web.access.auth import KEYRING
 
 log = logging.getLogger("mvserver.webhooks_out")
 
@@ -258,7 +257,11 @@ class WebhookSender:
                 await self._slots.acquire()
                 task = asyncio.get_running_loop().create_task(self._work(job_id), name=f"webhooks-{job_id}")
                 self.running[job_id] = task
-                task.add_done_callback(lambda _, job_id=job_id: self._worked(job_id))
+
+                def worked(_: asyncio.Task[None], job_id: str = job_id) -> None:
+                    self._worked(job_id)
+
+                task.add_done_callback(worked)
             if len(ids) == CONCURRENCY:
                 continue
             await self._sleep()
@@ -394,12 +397,7 @@ class WebhookSender:
         return time.time() + delay * random.uniform(0.9, 1.1)
 
 
-SENDER = web.AppKey("webhook_sender", WebhookSender)
-
-
 # -- routes --------------------------------------------------------------------------------------------------------
-
-routes = web.RouteTableDef()
 
 
 def public_record(record: Record) -> dict[str, Any]:
@@ -414,27 +412,25 @@ def public_record(record: Record) -> dict[str, Any]:
 
 
 async def _owned_job(request: web.Request) -> Job:
-    from mvserver.videos.routes import _job  # the job of the path, 404 unless the caller may see it
+    from mvserver.jobs.routes import _job  # the job of the path, 404 unless the caller may see it
 
     return await _job(request)
 
 
-@routes.get("/api/mv/jobs/{job_id}/deliveries")
 async def job_deliveries(request: web.Request) -> web.Response:
     job = await _owned_job(request)
-    record = await request.app[SENDER].outbox.get(job.id)
+    record = await request.app[WEBHOOK_SENDER].outbox.get(job.id)
     if record is None:  # a job without a webhook: nothing sent
         return web.json_response({"job_id": job.id, "webhook_url": None, "webhook_events": None, "deliveries": []})
     return web.json_response(public_record(record))
 
 
-@routes.post("/api/mv/jobs/{job_id}/redeliver")
 async def redeliver(request: web.Request) -> web.Response:
     """Send again from ``event_id`` (optional body ``{"event_id": n}``; default the last delivery's event)."""
     job = await _owned_job(request)
     event_id = None
     if request.can_read_body:
-        from mvserver.openapi.schemas import json_object
+        from mvserver.core.validation import json_object
 
         body = json_object(await request.read())
         unknown = set(body) - {"event_id"}
@@ -446,7 +442,7 @@ async def redeliver(request: web.Request) -> web.Response:
         event_id = body.get("event_id")
         if event_id is not None and (not isinstance(event_id, int) or isinstance(event_id, bool)):
             raise ApiError(400, "invalid_field", "event_id: an integer", field="event_id")
-    event_id = await request.app[SENDER].redeliver(job, event_id)
+    event_id = await request.app[WEBHOOK_SENDER].redeliver(job, event_id)
     return web.json_response({"job_id": job.id, "event_id": event_id}, status=202)
 
 
@@ -455,11 +451,14 @@ async def sender_context(app: web.Application) -> AsyncIterator[None]:
     engine = app[JOBS]
     config = app[CONFIG]
     if config.env.redis_url:
-        outbox: Outbox = RedisOutbox(engine.store.r, config.env.redis_prefix, KEEP_SECONDS)  # type: ignore[attr-defined]
+        from mvserver.jobs.redis_store import RedisJobStore  # what app.job_store makes with a Redis URL
+
+        assert isinstance(engine.store, RedisJobStore)
+        outbox: Outbox = RedisOutbox(engine.store.r, config.env.redis_prefix, KEEP_SECONDS)
     else:
         outbox = FileOutbox(app[STORE])
     sender = WebhookSender(app, engine, outbox, config.videos.jobs)
-    app[SENDER] = sender
+    app[WEBHOOK_SENDER] = sender
     await sender.start()
     engine.hooks.before_create = sender.before_create
     engine.hooks.published = sender.published
@@ -467,9 +466,3 @@ async def sender_context(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await sender.close()
-
-
-def setup(app: web.Application) -> None:
-    """Routes and the sender (after the job engine's context, which it plugs into)."""
-    app.add_routes(routes)
-    app.cleanup_ctx.append(sender_context)

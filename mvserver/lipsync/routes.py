@@ -1,522 +1,59 @@
-"""``POST /api/mv/lipsync``: a lip-sync job. A finished clip's mouth movements follow a window of a song.
-
-The job runs Replicate ``sync/lipsync-2-pro`` on the same job engine as videos (JSON status, SSE, cancel, resume with
-the same prediction id, ``get_video/{job_id}``). When the prediction is created, the window is cut from the song with
-the bundled ffmpeg (an asyncio subprocess) to the clip's length, as a WAV file, and the clip and the window are
-uploaded through Replicate's files API by the replicate client. The cut is redone whenever ``start`` runs again (a job
-resumed before its prediction existed), and removed once the prediction holds its copy.
-
-Every read of a song goes through :func:`song_file`.
-"""
+"""The lip-sync routes: ``POST /api/mv/lipsync`` and a project scene's ``lipsync``; the checks and the cut are in
+:mod:`mvserver.lipsync.service`."""
 
 from __future__ import annotations
 
-import asyncio
-import math
-import os
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from mvserver.audio.routes import FORMATS, saved_audio
-from mvserver.core.config import CONFIG, LipsyncLimits, LipsyncSettings
-from mvserver.core.debug import debug_print
+from mvserver.appkeys import CONFIG, LIPSYNC_DEPS, PROJECT_DEPS, REQUEST_MODELS
+from mvserver.core.artefacts import check_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE, OutputStore, check_id, new_id, temp_path
-from mvserver.jobs import JOBS, Job
 from mvserver.jobs.accepted import accepted_response
-from mvserver.jobs.options import job_fields
-from mvserver.media import ffmpeg as media
-from mvserver.openapi.schemas import REQUEST_MODELS, parse_body
-from mvserver.projects.routes import BASE as PROJECTS_BASE
-from mvserver.projects.routes import (
-    JobStates,
-    TimelineEntry,
-    _json_object,
-    _options,
-    _validate,
-    add_version,
-    check_room,
-    job_states,
-    load_settled,
-    normal_options,
-    owned_project,
-    project_timeline,
-    project_view,
-    update,
-)
+from mvserver.lipsync.service import submit_lipsync, submit_scene_lipsync
 from mvserver.projects.schemas import SCENE_LIPSYNC_OPTIONS
-from mvserver.projects.store import ClipVersion, Project
-from mvserver.projects.store import Song as ProjectSong
-from mvserver.providers import PROVIDERS, Snapshot
-from mvserver.providers.replicate import ReplicateProvider
-from mvserver.web.access.auth import key_id, visible_to
+from mvserver.projects.service import action_options, load, normal_options, project_view
+from mvserver.web.access.auth import key_id
 from mvserver.web.access.idempotency import idempotent, reserve
 from mvserver.web.access.quotas import charge
-
-routes = web.RouteTableDef()
-
-KIND = "lipsync"
-WINDOW_SUFFIX = ".lipsync.wav"
-TOLERANCE_SECONDS = 0.05  # a window may pass the song's end by this much (rounding); the rest is silence
-COPY_PACKET_BYTES = 1024  # WAV packets this small make a stream-copied cut end within ~6 ms of the wanted length
-AUDIO_SUFFIXES = {"mp3": ".mp3", "wav": ".wav", "m4a": ".m4a", "aac": ".aac", "ogg": ".ogg", "flac": ".flac"}
-COPY_MAX_CHANNELS = 2
-COPY_MAX_RATE = 48000
-# Bytes per second a cut may write: a copied cut keeps the song's PCM samples (at most 8 bytes, pcm_f64le), a decoded
-# one writes 16-bit samples; both at most COPY_MAX_CHANNELS x COPY_MAX_RATE. Plus room for the header and a packet.
-COPY_BYTES_PER_SECOND = COPY_MAX_CHANNELS * COPY_MAX_RATE * 8
-DECODE_BYTES_PER_SECOND = COPY_MAX_CHANNELS * COPY_MAX_RATE * 2
-CUT_SLACK_BYTES = 1 << 16
-
-FFMPEG_SLOTS = web.AppKey("lipsync_ffmpeg_slots", asyncio.Semaphore)
-# ffmpeg-heavy job runs (assembly runs, lip-sync cuts) at once on this node: media.yaml ffmpeg.concurrency.
-HEAVY_FFMPEG_SLOTS = web.AppKey("heavy_ffmpeg_slots", asyncio.Semaphore)
-
-
-def ffmpeg_limits(app: web.Application) -> media.FfmpegLimits:
-    """The limits of every ffmpeg a job of this app runs (media.yaml ``ffmpeg``)."""
-    return media.FfmpegLimits(**app[CONFIG].media.ffmpeg.model_dump(exclude={"concurrency"}))
-
-
-# -- songs ------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Song:
-    """A saved song, as far as lip sync needs it."""
-
-    path: Path
-    duration: float
-    format: str
-    sample_rate: int | None
-    channels: int | None
-
-
-async def song_file(app: web.Application, audio_id: str, field: str = "audio_id", caller: str | None = None) -> Song:
-    """An uploaded song (:func:`mvserver.audio.routes.saved_audio`) with what lip sync needs from its record. 400 for a
-    malformed id or a format lip sync cannot cut, 404 for a missing song or a record without its length."""
-    path, sidecar = await saved_audio(app, audio_id, field, caller)
-    fmt, duration = sidecar.get("format"), sidecar.get("duration")
-    if duration is None:
-        raise ApiError(404, "not_found", f"audio {audio_id}: its record has no duration", field=field)
-    if fmt not in AUDIO_SUFFIXES:
-        raise ApiError(
-            400, "invalid_audio", f"audio {audio_id} is {fmt!r}; lip sync takes {sorted(AUDIO_SUFFIXES)}", field=field
-        )
-    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
-        raise ApiError(400, "invalid_audio", f"audio {audio_id} has no playable length ({duration!r})", field=field)
-    return Song(
-        path, float(duration), fmt, _int_or_none(sidecar.get("sample_rate")), _int_or_none(sidecar.get("channels"))
-    )
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-# -- the audio cut (probing and running ffmpeg: mvserver.media.ffmpeg) -------------------------------------------------------
-
-
-def cut_args(song: Song, start: float, seconds: float, length: float, dest: Path) -> list[str]:
-    """ffmpeg arguments that write ``seconds`` of ``song`` from ``start``, padded with silence to ``length``, as WAV.
-
-    A PCM WAV song within two channels and 48 kHz whose window needs no padding is stream-copied (in small packets,
-    so the cut is exact to a few ms); anything else is decoded, trimmed to the sample and written as 16-bit PCM. The
-    song is read with the demuxer of its format, from the local file only. Whatever the filters do, the output
-    stops at ``length`` seconds and at the bytes that many seconds may take (``-t``, ``-fs``); a duration that is 0
-    at ffmpeg's precision raises :class:`mvserver.media.ffmpeg.DurationError` (ffmpeg would read it as "no limit").
-    """
-    source = media.input_args(song.path, [FORMATS[song.format].demuxer])
-    if (
-        song.format == "wav"
-        and (song.channels or 99) <= COPY_MAX_CHANNELS
-        and (song.sample_rate or 1e9) <= COPY_MAX_RATE
-        and seconds >= length - 0.001
-    ):
-        return [
-            "-loglevel",
-            "error",
-            "-y",
-            "-max_size",
-            str(COPY_PACKET_BYTES),
-            "-ss",
-            f"{start:.6f}",
-            "-t",
-            media.duration_arg(length),
-            *source,
-            "-map",
-            "0:a:0",
-            "-c",
-            "copy",
-            *_output_limits(length, COPY_BYTES_PER_SECOND),
-            "-f",
-            "wav",
-            str(dest),
-        ]
-    args = [
-        "-loglevel",
-        "error",
-        "-y",
-        "-ss",
-        f"{start:.6f}",
-        *source,
-        "-map",
-        "0:a:0",
-        "-af",
-        f"atrim=duration={media.duration_arg(seconds)},asetpts=N/SR/TB,apad=whole_dur={media.duration_arg(length)}",
-    ]
-    if song.channels is None or song.channels > COPY_MAX_CHANNELS:
-        args += ["-ac", "2"]
-    if song.sample_rate is None or song.sample_rate > COPY_MAX_RATE:
-        args += ["-ar", str(COPY_MAX_RATE)]
-    return args + ["-c:a", "pcm_s16le", *_output_limits(length, DECODE_BYTES_PER_SECOND), "-f", "wav", str(dest)]
-
-
-def _output_limits(length: float, bytes_per_second: int) -> list[str]:
-    """Output options that end a cut at ``length`` seconds and at the size that many seconds may take."""
-    return ["-t", media.duration_arg(length), "-fs", str(max_cut_bytes(length, bytes_per_second))]
-
-
-def max_cut_bytes(length: float, bytes_per_second: int = COPY_BYTES_PER_SECOND) -> int:
-    """The most bytes a cut of ``length`` seconds may write (ffmpeg may pass ``-fs`` by one packet)."""
-    return math.ceil(length * bytes_per_second) + CUT_SLACK_BYTES
-
-
-async def cut_window(
-    song: Song,
-    start: float,
-    seconds: float,
-    length: float,
-    dest: Path,
-    timeout: float,
-    limits: media.FfmpegLimits = media.DEFAULT_LIMITS,
-) -> None:
-    """Write the window to ``dest`` atomically (a temporary file renamed into place; removed on any failure)."""
-    tmp = temp_path(dest)
-    try:
-        await media.run_ffmpeg(cut_args(song, start, seconds, length, tmp), timeout=timeout, limits=limits)
-        await asyncio.to_thread(os.replace, tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# -- request checks ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Window:
-    """The song's seconds [start, end) laid under a clip of ``length`` seconds (padded with silence if shorter)."""
-
-    start: float
-    end: float
-    length: float
-
-    @property
-    def seconds(self) -> float:
-        return self.end - self.start
-
-
-def plan_window(
-    start: float, end: float | None, clip_seconds: float, song_seconds: float, min_seconds: float
-) -> Window:
-    """Check the window against the clip, the song and the shortest window allowed (400 naming the field)."""
-    sent_end = end
-    if start >= song_seconds:
-        raise ApiError(
-            400,
-            "song_too_short",
-            f"audio_start: {start:g} s is not before the song's end ({song_seconds:g} s)",
-            field="audio_start",
-        )
-    if end is None:
-        end = start + clip_seconds
-        if end > song_seconds + TOLERANCE_SECONDS:
-            raise ApiError(
-                400,
-                "song_too_short",
-                f"audio_start: a {clip_seconds:g} s window (the clip's length) from "
-                f"{start:g} s ends at {end:g} s, after the song's end "
-                f"({song_seconds:g} s)",
-                field="audio_start",
-            )
-    else:
-        if end <= start:
-            raise ApiError(400, "invalid_field", "audio_end: must be greater than audio_start", field="audio_end")
-        if end - start > clip_seconds + TOLERANCE_SECONDS:
-            raise ApiError(
-                400,
-                "window_too_long",
-                f"audio_end: the window ({end - start:g} s) is longer than the clip ({clip_seconds:g} s)",
-                field="audio_end",
-            )
-        if end > song_seconds + TOLERANCE_SECONDS:
-            raise ApiError(
-                400,
-                "song_too_short",
-                f"audio_end: {end:g} s is after the song's end ({song_seconds:g} s)",
-                field="audio_end",
-            )
-    window = Window(start=start, end=min(end, start + clip_seconds, song_seconds), length=clip_seconds)
-    if window.seconds < min_seconds:  # ffmpeg would cut ~0 s as "no limit"; and no one can sing in it
-        field = "video_job_id" if clip_seconds < min_seconds else "audio_start" if sent_end is None else "audio_end"
-        raise ApiError(
-            400,
-            "window_too_short",
-            f"{field}: the window ({window.seconds:g} s) is shorter than "
-            f"{min_seconds:g} s (lipsync.limits.min_window_seconds)",
-            field=field,
-        )
-    return window
-
-
-async def finished_clip(
-    app: web.Application, job_id: str, limits: LipsyncLimits, caller: str | None = None
-) -> tuple[Path, media.MediaInfo]:
-    """The MP4 of a succeeded job, probed (400 naming ``video_job_id`` otherwise; another key's job is unknown)."""
-    field = "video_job_id"
-    job = await app[JOBS].get(job_id)
-    if job is None or not visible_to(job.owner, caller):
-        raise ApiError(400, "clip_not_found", f"{field}: no job with id {job_id}", field=field)
-    if job.status != "succeeded":
-        raise ApiError(
-            400, "clip_not_ready", f"{field}: job {job_id} is {job.status}; lip sync needs a finished clip", field=field
-        )
-    path = app[STORE].path("videos", job_id, ".mp4")
-    try:
-        size = (await asyncio.to_thread(path.stat)).st_size
-    except FileNotFoundError:
-        raise ApiError(400, "clip_not_found", f"{field}: the video of job {job_id} is gone", field=field) from None
-    if size > limits.max_clip_bytes:
-        raise ApiError(
-            400, "clip_too_large", f"{field}: the clip has {size} bytes; at most {limits.max_clip_bytes}", field=field
-        )
-    try:
-        async with app[FFMPEG_SLOTS]:
-            info = await media.probe(path, timeout=limits.ffmpeg_timeout_seconds)
-    except media.MediaError as exc:
-        raise ApiError(400, "invalid_clip", f"{field}: the clip cannot be read: {exc}", field=field) from None
-    if info.first_video is None or not (info.duration or 0) > 0:
-        raise ApiError(400, "invalid_clip", f"{field}: the file of job {job_id} holds no video", field=field)
-    if info.duration > limits.max_clip_seconds:
-        raise ApiError(
-            400,
-            "clip_too_long",
-            f"{field}: the clip lasts {info.duration:g} s; lip sync takes at most {limits.max_clip_seconds:g} s",
-            field=field,
-        )
-    return path, info
-
+from mvserver.web.body import parse_body, read_json_object
 
 # -- the handler ------------------------------------------------------------------------------------------------------
 
 
-@routes.post("/api/mv/lipsync")
 @idempotent
 async def create_lipsync(request: web.Request) -> web.Response:
     app = request.app
     config = app[CONFIG]
+    body: Any  # a model made from the settings at run time
     body, defaulted = await parse_body(request, app[REQUEST_MODELS].lipsync, config.debug)
     if body.scene_id is not None and body.project_id is None:
         raise ApiError(400, "invalid_field", "scene_id: needs project_id", field="scene_id")
     await reserve(request, body)
-    job = await submit_lipsync(app, body, defaulted, key_id(request), charge=lambda: charge(request, "jobs"))
+    job = await submit_lipsync(
+        app[LIPSYNC_DEPS], body, defaulted, key_id(request), charge=lambda: charge(request, "jobs")
+    )
     return accepted_response(request, [job])
 
 
-async def submit_lipsync(
-    app: web.Application,
-    body: Any,
-    defaulted: list[str],
-    owner: str | None,
-    charge: Callable[[], Awaitable[list[str]]] | None = None,
-) -> Job:
-    """Check a lip-sync request against the clip and the song and queue its job (``owner``: the caller's key;
-    ``charge`` takes the caller's quota once the request is known to be valid)."""
-    config = app[CONFIG]
-    settings = config.lipsync
-    song = await song_file(app, body.audio_id, caller=owner)
-    _, clip = await finished_clip(app, body.video_job_id, settings.limits, owner)
-    window = plan_window(
-        body.audio_start, body.audio_end, clip.duration, song.duration, settings.limits.min_window_seconds
-    )
-    summary = body.model_dump()
-    summary.update(
-        window={"start": window.start, "end": window.end, "seconds": round(window.seconds, 6)},
-        clip_seconds=clip.duration,
-        song_seconds=song.duration,
-        defaults_applied=defaulted,
-    )
-    debug_print(config.debug, f"lipsync job for {settings.model}", summary)
-    [job_id] = await charge() if charge is not None else [new_id()]  # only a valid request costs a token
-    provider = app[PROVIDERS].replicate
-    job = Job(
-        id=job_id,
-        backend=provider.name,
-        model=settings.model,
-        sandbox=provider.sandbox,
-        request=summary,
-        kind=KIND,
-        owner=owner,
-        **job_fields(body),
-    )
-    return await app[JOBS].submit(job)
-
-
-# -- a project's scene ----------------------------------------------------------------------------------------------
-
-
-def scene_window(entry: TimelineEntry, song: ProjectSong, field: str) -> tuple[float, float]:
-    """The song under the scene's clip, from the clip's first frame: the kept part (from ``trim_in``) plays the song
-    from the timeline's ``song_start``, so the window starts ``trim_in`` earlier and lasts until the kept part ends
-    (cut at the song's end; the rest of the clip gets silence)."""
-    assert entry.song_start is not None
-    start = round(entry.song_start - entry.trim_in, 6)
-    if start < 0:
-        raise ApiError(
-            400,
-            "invalid_trim",
-            f"{field}.trim_in: the scene's trim ({entry.trim_in:g} s) starts before the "
-            "song does; lower trim_in or raise the song offset",
-            field=f"{field}.trim_in",
-        )
-    if start >= song.duration:
-        raise ApiError(
-            400,
-            "song_too_short",
-            f"{field}: the scene starts at {start:g} s, after the song's end ({song.duration:g} s)",
-            field=field,
-        )
-    return start, min(round(entry.song_start + entry.seconds, 6), song.duration)
-
-
-@routes.post(PROJECTS_BASE + "/{project_id}/scenes/{scene_id}/lipsync")
 @idempotent
 async def lipsync_scene(request: web.Request) -> web.Response:
     """Lip-sync the scene's chosen clip to its slice of the project's song; the result becomes a new version of the
     scene's clip (chosen once it succeeds, like a regeneration)."""
-    app = request.app
-    project_id = (await owned_project(request)).id  # 404 for an unknown id or another key's project
+    projects = request.app[PROJECT_DEPS]
+    # The projects service, not their routes: 404 for an unknown id or another key's project.
+    project = await load(projects, request.match_info["project_id"], key_id(request))
     scene_id = check_id(request.match_info["scene_id"], "scene_id")
-    options = _options(await _json_object(request, optional=True), SCENE_LIPSYNC_OPTIONS)
-    await reserve(request, normal_options(app[REQUEST_MODELS].lipsync, options, SCENE_LIPSYNC_OPTIONS))
-    project, jobs = await load_settled(app, project_id)
-    index = next((i for i, s in enumerate(project.scenes) if s.id == scene_id), None)
-    if index is None:
-        raise ApiError(404, "not_found", f"the project has no scene {scene_id}", field="scene_id")
-    field = f"scenes.{index}"
-    if project.song is None:
-        raise ApiError(400, "missing_field", "audio_id: the project has no song to lip-sync to", field="audio_id")
-    entry = project_timeline(project)[index]
-    chosen = jobs.get(entry.job_id) if entry.job_id else None
-    if chosen is None or chosen.status != "succeeded":
-        raise ApiError(400, "clip_not_ready", f"{field}: scene {scene_id} has no finished chosen clip", field=field)
-    limit = app[CONFIG].projects.limits.versions_per_scene_max
-    check_room(entry.scene, jobs, limit, field)
-    start, end = scene_window(entry, project.song, field)
-    model = app[REQUEST_MODELS].lipsync
-    data = {
-        "video_job_id": chosen.id,
-        "audio_id": project.song.audio_id,
-        "audio_start": start,
-        "audio_end": end,
-        "project_id": project.id,
-        "scene_id": scene_id,
-        **options,
-    }
-    body, defaulted = _validate(model, data)
-    job = await submit_lipsync(app, body, defaulted, key_id(request), charge=lambda: charge(request, "jobs"))
-    duration = next(v.duration for v in entry.scene.versions if v.job_id == chosen.id)
-
-    def link(current: Project, states: JobStates) -> None:
-        target = current.scene(scene_id)
-        if target is None:
-            raise ApiError(409, "conflict", f"scene {scene_id} was removed meanwhile", field="scene_id")
-        add_version(target, ClipVersion(job_id=job.id, duration=duration), states, limit)
-
-    try:
-        project = await update(app, project_id, link)
-    except BaseException:
-        await app[JOBS].cancel(job.id)  # not linked: it must not run unseen
-        raise
-    return accepted_response(request, [job], project=project_view(project, await job_states(app, project)))
-
-
-# -- the job driver ---------------------------------------------------------------------------------------------------
-
-
-class LipsyncDriver:
-    """A lip-sync job as a Replicate prediction (a remote driver: the engine saves, polls, resumes and cancels it)."""
-
-    def __init__(self, app: web.Application, provider: ReplicateProvider, settings: LipsyncSettings):
-        self.app = app
-        self.provider = provider
-        self.settings = settings
-
-    def inputs(self, job: Job, clip: Path, window: Path) -> dict[str, Any]:
-        """The model's input; the two paths are uploaded through Replicate's files API by the client."""
-        request = job.request
-        return {
-            "video": clip,
-            "audio": window,
-            "sync_mode": request["sync_mode"],
-            "temperature": request["temperature"],
-            "active_speaker": request["active_speaker"],
-        }
-
-    async def start(self, job: Job, webhook: str | None) -> str:
-        """Cut the window (again, if a restart came before the prediction existed) and create the prediction."""
-        outputs: OutputStore = self.app[STORE]
-        request = job.request
-        song = await song_file(self.app, request["audio_id"])
-        clip = outputs.path("videos", request["video_job_id"], ".mp4")
-        if not await asyncio.to_thread(clip.is_file):
-            raise ApiError(409, "clip_not_found", f"the clip {request['video_job_id']} is gone", field="video_job_id")
-        window = request["window"]
-        dest = outputs.path("jobs", job.id, WINDOW_SUFFIX)
-        try:
-            async with self.app[HEAVY_FFMPEG_SLOTS]:
-                await cut_window(
-                    song,
-                    window["start"],
-                    window["seconds"],
-                    request["clip_seconds"],
-                    dest,
-                    self.settings.limits.ffmpeg_timeout_seconds,
-                    ffmpeg_limits(self.app),
-                )
-        except media.MediaError as exc:
-            raise ApiError(
-                500, "audio_cut_failed", f"the audio window could not be cut: {exc}", field="audio_id"
-            ) from None
-        try:
-            prediction = await self.provider.create(
-                self.settings.model, self.inputs(job, clip, dest), webhook, cancel_after=job.seconds_left()
-            )
-        finally:
-            await asyncio.to_thread(dest.unlink, missing_ok=True)
-        return prediction.id
-
-    async def poll(self, prediction_id: str) -> Snapshot:
-        return await self.provider.poll(prediction_id)
-
-    async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
-        return await self.provider.download(snapshot, prediction_id, dest)
-
-    async def cancel(self, prediction_id: str) -> Snapshot:
-        return await self.provider.cancel(prediction_id)
-
-
-def lipsync_kind(app: web.Application):  # type: ignore[no-untyped-def]
-    """The driver factory for ``lipsync`` jobs."""
-    return lambda job: LipsyncDriver(app, app[PROVIDERS].replicate, app[CONFIG].lipsync)
-
-
-def setup(app: web.Application) -> None:
-    """Routes and the per-app bounds on concurrent ffmpeg processes."""
-    app[FFMPEG_SLOTS] = asyncio.Semaphore(app[CONFIG].lipsync.limits.ffmpeg_concurrency)
-    app[HEAVY_FFMPEG_SLOTS] = asyncio.Semaphore(app[CONFIG].media.ffmpeg.concurrency)
-    app.add_routes(routes)
+    options = action_options(await read_json_object(request, optional=True), SCENE_LIPSYNC_OPTIONS)
+    await reserve(request, normal_options(projects.models.lipsync, options, SCENE_LIPSYNC_OPTIONS))
+    job, project, jobs = await submit_scene_lipsync(
+        request.app[LIPSYNC_DEPS],
+        projects,
+        project,
+        scene_id,
+        options,
+        key_id(request),
+        charge=lambda: charge(request, "jobs"),
+    )
+    return accepted_response(request, [job], project=project_view(project, jobs))

@@ -180,7 +180,7 @@ USAGE_REPORT = obj(
     "GET /api/mv/usage: jobs that ended in [from, to), their totals (exactly the sum of `jobs`) and groups.",
 )
 
-_JOB_STATE = {
+_JOB_STATE: dict[str, Schema] = {
     "job_id": ID,
     "kind": {"type": "string", "enum": JOB_KINDS},
     "status": {"type": "string", "enum": JOB_STATUSES, "description": "succeeded, failed and canceled are final"},

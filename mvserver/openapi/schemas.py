@@ -1,180 +1,29 @@
-"""Request schemas built from the settings (defaults and allowed values come from YAML) and the OpenAPI document.
-
-Each request model is made once at start-up with ``pydantic.create_model``: YAML defaults become field defaults,
-allowed-value lists become ``Literal`` types, and ``model_fields_set`` tells which fields the client sent.
-"""
+"""The request models of one app (each feature builds its own from the settings) and the OpenAPI document."""
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any, TypeVar
+from typing import Any
 
-from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict
 
 from mvserver import __version__
 from mvserver.assembly.schemas import assemble_request_model, assembly_options_model
 from mvserver.core.config import Config
-from mvserver.core.debug import debug_print
-from mvserver.core.errors import ApiError, validation_error
-from mvserver.core.fields import INTEGRAL, UUID4_PATTERN, choice, text
-from mvserver.jobs.options import option_fields
+from mvserver.core.fields import UUID4_PATTERN
+from mvserver.images.schemas import image_request_model
+from mvserver.lipsync.schemas import lipsync_request_model
 from mvserver.openapi.document import complete
 from mvserver.openapi.responses import SONG_ANALYSIS_FIELDS
 from mvserver.projects.schemas import ProjectModels
+from mvserver.scenes.schemas import scenes_request_model
+from mvserver.usage.schemas import USAGE_TIME
+from mvserver.videos.schemas import video_request_model
 
-STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 INTEGER_RULE = "Integer fields accept a JSON number with no fractional part, so 8 and 8.0 are the same value."
 
 
-SEED = Annotated[
-    Annotated[int, Field(ge=0, le=2**31 - 1), INTEGRAL] | None,
-    Field(description="Random seed; null lets the provider choose."),
-]
-Model = TypeVar("Model", bound=BaseModel)
 _UUID4 = UUID4_PATTERN.strip("^$")
 JOB_LIST_PATTERN = f"^{_UUID4}(,{_UUID4}){{0,499}}$"
-
-
-_text, _choice = text, choice
-
-
-def scenes_request_model(config: Config) -> type[BaseModel]:
-    s = config.scenes
-    text, d, n = _text(s.limits.text_max_chars), s.defaults, s.limits.number_of_scenes
-    return create_model(
-        "CreateScenesRequest",
-        __config__=STRICT,
-        idea=(text, Field(description="The concept or topic of the music video.")),
-        character_description=(text, Field(description="Visual description of the main character.")),
-        character_characteristics=(text, Field(d.character_characteristics, description="Personality.")),
-        number_of_scenes=(
-            Annotated[int, INTEGRAL],
-            Field(d.number_of_scenes, ge=n.min, le=n.max, description="How many scenes."),
-        ),
-        video_type=(text, Field(d.video_type)),
-        video_characteristics=(text, Field(d.video_characteristics, description="Style words.")),
-        camera_angle=(text, Field(d.camera_angle, description="Primary camera angle.")),
-        style=(
-            _choice(sorted(config.styles)) | None if config.styles else None,
-            Field(
-                d.style,
-                description="A director/style preset from settings/styles/ (its camera language, "
-                "palette and pacing words go into the prompt); null for none.",
-            ),
-        ),
-    )
-
-
-def image_request_model(config: Config) -> type[BaseModel]:
-    s = config.images
-    d, a, n = s.defaults, s.allowed, s.limits.number_of_images
-    return create_model(
-        "CharacterReferenceRequest",
-        __config__=STRICT,
-        character_description=(
-            _text(s.limits.text_max_chars),
-            Field(description="Visual description of the character."),
-        ),
-        number_of_images=(
-            Annotated[int, INTEGRAL],
-            Field(
-                d.number_of_images,
-                ge=n.min,
-                le=n.max,
-                description="Candidate images rendered in parallel, each saved with its own "
-                "image_id (listed in `images`); with a seed, image i uses seed + i.",
-            ),
-        ),
-        aspect_ratio=(_choice(a.aspect_ratio), d.aspect_ratio),
-        safety_filter_level=(_choice(a.safety_filter_level), d.safety_filter_level),
-        person_generation=(_choice(a.person_generation), d.person_generation),
-        output_format=(_choice(a.output_format), d.output_format),
-        negative_prompt=(_text(s.limits.text_max_chars, blank=True), d.negative_prompt),
-        seed=(SEED, d.seed),
-    )
-
-
-def video_request_model(config: Config) -> type[BaseModel]:
-    s = config.videos
-    d, a = s.defaults, s.allowed
-    # base64 of the largest image, line-wrapped MIME-style (CRLF every 76 characters), plus a data: URI header
-    base64_limit = (s.limits.reference_image_max_bytes + 2) // 3 * 4 * 78 // 76 + 256
-    return create_model(
-        "GenerateVideoRequest",
-        __config__=STRICT,
-        prompt=(_text(s.limits.text_max_chars), Field(description="The scene description.")),
-        negative_prompt=(_text(s.limits.text_max_chars, blank=True), d.negative_prompt),
-        aspect_ratio=(_choice(a.aspect_ratio), d.aspect_ratio),
-        duration=(Annotated[_choice(a.duration), INTEGRAL], Field(d.duration, description="Seconds.")),
-        generate_audio=(bool, d.generate_audio),
-        seed=(SEED, d.seed),
-        reference_image_base64=(
-            Annotated[str | None, StringConstraints(max_length=base64_limit)],
-            Field(
-                None,
-                description="A reference image (PNG, JPEG or WebP), base64 or a data: URI. The standard or "
-                "the URL-safe alphabet, padded or not; line breaks are ignored.",
-            ),
-        ),
-        reference_image_id=(
-            Annotated[str | None, StringConstraints(pattern=UUID4_PATTERN)],
-            Field(None, description="image_id returned by generate_character_reference."),
-        ),
-        video_rules_template=(
-            _text(s.limits.text_max_chars, blank=True) | None,
-            Field(
-                None,
-                description="Rules appended to the prompt, as a template that may substitute only "
-                "{{ prompt }}, {{ aspect_ratio }} and {{ duration }}; null uses the rules from "
-                "settings, an empty string appends none.",
-            ),
-        ),
-        backend=(_choice(["replicate", "gemini"]), s.default_backend),
-        **option_fields(config),
-    )
-
-
-UUID4_ID = Annotated[str, StringConstraints(pattern=UUID4_PATTERN)]
-SECONDS = Annotated[float, Field(ge=0, le=86400, allow_inf_nan=False)]
-
-
-def lipsync_request_model(config: Config) -> type[BaseModel]:
-    s = config.lipsync
-    d, a = s.defaults, s.allowed
-    return create_model(
-        "LipsyncRequest",
-        __config__=STRICT,
-        video_job_id=(UUID4_ID, Field(description="A finished clip: the id of a succeeded video (or lip-sync) job.")),
-        audio_id=(UUID4_ID, Field(description="The song: audio_id returned by upload_audio.")),
-        audio_start=(SECONDS, Field(0.0, description="Where the window starts in the song, in seconds.")),
-        audio_end=(
-            SECONDS | None,
-            Field(
-                None,
-                description="Where the window ends; null: audio_start plus the "
-                "clip's length. A shorter window is padded with silence.",
-            ),
-        ),
-        sync_mode=(_choice(a.sync_mode), d.sync_mode),
-        temperature=(
-            float,
-            Field(
-                d.temperature,
-                ge=a.temperature.min,
-                le=a.temperature.max,
-                allow_inf_nan=False,
-                description="How expressive the mouth movements may be.",
-            ),
-        ),
-        active_speaker=(bool, Field(d.active_speaker, description="Follow whoever is speaking in the clip.")),
-        project_id=(
-            UUID4_ID | None,
-            Field(None, description="A project this job belongs to (kept in the job's request, unchanged)."),
-        ),
-        scene_id=(UUID4_ID | None, Field(None, description="The project's scene this job is for (kept unchanged).")),
-        **option_fields(config),
-    )
 
 
 class RequestModels(BaseModel):
@@ -200,37 +49,6 @@ class RequestModels(BaseModel):
             assemble=assemble_request_model(config),
             assembly_options=assembly_options_model(config),
         )
-
-
-REQUEST_MODELS = web.AppKey("request_models", RequestModels)
-
-
-def json_object(raw: bytes) -> dict[str, Any]:
-    """A request body that must be a JSON object; 400 ``invalid_json`` for anything else."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ApiError(400, "invalid_json", "request body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_json", "request body must be a JSON object")
-    return body
-
-
-async def parse_body(request: web.Request, model: type[Model], debug: bool) -> tuple[Model, list[str]]:
-    """Parse and validate a JSON body; return the model and the names of the fields filled from settings."""
-    body = json_object(await request.read())
-    debug_print(debug, f"{request.path} request arguments received", body)
-    try:
-        parsed = model.model_validate(body)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-    defaulted = [name for name in model.model_fields if name not in parsed.model_fields_set]
-    debug_print(
-        debug, f"{request.path} defaults applied from settings", {name: getattr(parsed, name) for name in defaulted}
-    )
-    return parsed, defaulted
 
 
 ERROR_SCHEMA = {
@@ -737,11 +555,6 @@ CHARGED_POSTS = frozenset(
     }
 )
 # A usage report's bound: a date (midnight UTC), a date-time (UTC unless it has an offset), or unix seconds
-USAGE_TIME = {
-    "type": "string",
-    "pattern": r"^([0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?"
-    r"(Z|[+-][0-9]{2}:[0-9]{2})?)?|[0-9]{1,12}(\.[0-9]{1,6})?)$",
-}
 # POST routes that create jobs: with keys on, each may answer 402 budget_exceeded (the key's monthly_budget)
 JOB_POSTS = frozenset(
     {
@@ -836,7 +649,7 @@ def openapi_document(models: RequestModels, *, keys: bool = False, metrics: bool
             "schema": {"type": "string", "pattern": r"^[0-9]{1,9}(\.[0-9]{1,9}){0,499}$"},
         },
     ]
-    paths = {
+    paths: dict[str, Any] = {
         "/api/mv/health": {
             "get": {
                 "summary": "Version, sandbox/live mode per provider, style presets, and whether the API needs a key "

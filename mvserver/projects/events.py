@@ -7,7 +7,7 @@ It carries, in order:
 - ``version_added`` ``{project_id, scene_id, job_id, kind, etag}``: a clip version that was not in the previous
   ``project`` event (sent right after it);
 - ``version_chosen`` ``{project_id, scene_id, job_id, previous_job_id, etag}``: a scene's chosen clip changed,
-  by a write or because its awaited version succeeded (which changes no ``ETag``: see :mod:`mvserver.projects.routes`);
+  by a write or because its awaited version succeeded (which changes no ``ETag``: see :mod:`mvserver.projects.service`);
 - the events of the project's unfinished jobs (clip versions and the assembly job), exactly as on the job streams
   (``queued``, ``running``, ``progress``, ``succeeded``, ``failed``, ``canceled``; ``data.job_id`` says whose).
 
@@ -32,17 +32,16 @@ from typing import Any
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG, JOBS, PROJECT_DEPS, PROJECTS, SIGNER
 from mvserver.core.errors import ApiError
-from mvserver.jobs import JOBS, Job
-from mvserver.projects.routes import BASE, JobStates, etag, job_states, load, owned_project, project_view
-from mvserver.projects.store import PROJECTS, Project
+from mvserver.jobs import Job
+from mvserver.projects.routes import owned_project
+from mvserver.projects.service import BASE, JobStates, etag, job_states, load, project_view
+from mvserver.projects.store import Project
 from mvserver.web.access.auth import key_id
-from mvserver.web.access.signing import SIGNER, sign_links, signed_event_data
+from mvserver.web.access.signing import sign_links, signed_event_data
 
 log = logging.getLogger("mvserver")
-routes = web.RouteTableDef()
-
 PREFIX_CHARS = 8
 MAX_RESUME_JOBS = 1000
 CURSOR = re.compile(rf"[0-9]{{1,9}}(\.[0-9a-f]{{{PREFIX_CHARS}}}-[0-9]{{1,9}}){{0,{MAX_RESUME_JOBS}}}")
@@ -98,6 +97,7 @@ class ProjectStream:
         self.app = app
         self.caller = caller  # the subscriber's key: every link sent is signed for it (keys on)
         self.engine = app[JOBS]
+        self.projects = app[PROJECT_DEPS]
         self.response = response
         self.project_id = project_id
         self.retry: int | None = retry_ms
@@ -127,8 +127,8 @@ class ProjectStream:
 
     async def open(self, cursor: tuple[int, dict[str, int]] | None) -> None:
         """Resume from ``cursor`` when the project is still at its version, else send the project as it is."""
-        project = await load(self.app, self.project_id)
-        jobs = await job_states(self.app, project)
+        project = await load(self.projects, self.project_id)
+        jobs = await job_states(self.projects, project)
         if cursor is not None and cursor[0] == project.version and self._resume(project, jobs, cursor[1]):
             return
         await self.show(project, jobs, first=True)
@@ -147,9 +147,9 @@ class ProjectStream:
 
     async def reread(self) -> None:
         """After a change notification: show the project again if its version moved."""
-        project = await load(self.app, self.project_id)
+        project = await load(self.projects, self.project_id)
         if project.version != self.version:
-            await self.show(project, await job_states(self.app, project))
+            await self.show(project, await job_states(self.projects, project))
 
     async def show(self, project: Project, jobs: JobStates, first: bool = False) -> None:
         """Send ``project``, then what changed since the last one; follow its unfinished jobs from the state shown
@@ -179,9 +179,9 @@ class ProjectStream:
                 )
         now = chosen(project, jobs)
         if not first:
-            for scene_id, job_id in now.items():
-                if scene_id in self.shown and self.shown[scene_id] != job_id:
-                    await self._chosen(scene_id, job_id)
+            for scene_id, chosen_id in now.items():
+                if scene_id in self.shown and self.shown[scene_id] != chosen_id:
+                    await self._chosen(scene_id, chosen_id)
         self.known, self.shown = set(members), now
 
     async def _chosen(self, scene_id: str, job_id: str | None) -> None:
@@ -270,7 +270,6 @@ async def stream_project(
     return response
 
 
-@routes.get(BASE + "/{project_id}/events")
 async def project_events(request: web.Request) -> web.StreamResponse:
     project = await owned_project(request)  # 404 for an unknown id or another key's project
     after = request.query.get("after")
@@ -286,7 +285,6 @@ async def project_events(request: web.Request) -> web.StreamResponse:
     )
 
 
-@routes.get(BASE + "/{project_id}/events/link")
 async def project_events_link(request: web.Request) -> web.Response:
     """The stream's URL for an ``EventSource`` (and ``after``, to resume): with keys on signed for the caller's key
     (the signature covers ``after``) and valid until ``expires_at``; with keys off the plain URL."""

@@ -12,6 +12,7 @@ from mvserver.core.fields import INTEGRAL, UUID4_PATTERN, choice, text
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 Id = Annotated[str, StringConstraints(pattern=UUID4_PATTERN)]
 Seconds = Annotated[float, Field(ge=0, le=86400)]
+SnapMode = Literal["beat", "bar", "none"]
 
 
 _text, _choice = text, choice
@@ -69,7 +70,7 @@ class ProjectModels(BaseModel):
             trim_out=(Seconds, Field(None, description="Where the kept part of the clip ends, in clip seconds.")),
             chosen_job_id=(Id | None, Field(None, description="A succeeded version of this scene; null: none.")),
             snap=(
-                Literal["beat", "bar", "none"],
+                SnapMode,
                 Field(
                     None,
                     description="Move the scene's cut (where its kept part "
@@ -97,12 +98,12 @@ class ProjectModels(BaseModel):
             audio_id=(Id | None, Field(None, description="Set or (null) remove the song.")),
             audio_offset=(Seconds, None),
             remove_scenes=(list[Id], Field(None, max_length=n, description="Applied first.")),
-            scenes=(list[scene_patch], Field(None, max_length=n, description="Per-scene changes, by id.")),
+            scenes=(list[scene_patch], Field(None, max_length=n, description="Per-scene changes, by id.")),  # type: ignore[valid-type]  # made at run time
             order=(
                 list[Id],
                 Field(None, max_length=n, description="Every remaining scene id once, in the new display order."),
             ),
-            add_scenes=(list[new_scene], Field(None, max_length=n, description="Appended last.")),
+            add_scenes=(list[new_scene], Field(None, max_length=n, description="Appended last.")),  # type: ignore[valid-type]  # made at run time
         )
         write = create_model(
             "WriteProjectScenesRequest",

@@ -1,8 +1,8 @@
 """A project's song and its scenes: sizing on the song's bars, where each scene plays in it, trims snapped to its
 grid, and the brief the scene writer sends Gemini with the song.
 
-:mod:`mvserver.projects.routes` calls these at a few points (create, PATCH, write_scenes); they take the timeline it
-computes (:func:`mvserver.projects.routes.project_timeline`) as an argument, so nothing here imports it.
+:mod:`mvserver.projects.service` calls these at a few points (create, PATCH, write_scenes); they take the timeline it
+computes (:func:`mvserver.projects.service.project_timeline`) as an argument, so nothing here imports it.
 """
 
 from __future__ import annotations
@@ -10,24 +10,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import web
 
 from mvserver.analysis import PlanError, SongAnalysis, locate, plan_scenes
-from mvserver.audio.routes import saved_audio
-from mvserver.audio.songs import SONGS, preview, read_sidecar, song_analysis
+from mvserver.appkeys import ARTEFACTS, SONGS
+from mvserver.audio.service import saved_audio
+from mvserver.audio.songs import preview, read_sidecar, song_analysis
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import STORE
-from mvserver.media.ffmpeg import PREVIEW_MIME_TYPE
+from mvserver.media.song import PREVIEW_MIME_TYPE
+from mvserver.projects.schemas import SnapMode
 from mvserver.projects.store import Project, Song, SongWindow
-from mvserver.scenes.routes import SongBrief
+from mvserver.scenes.service import SongBrief
 
 log = logging.getLogger("mvserver.projects")
 
 INLINE_AUDIO_MAX_BYTES = 16 * 2**20  # a Gemini request with inline data must stay under 20 MB in all
 PREVIEW_WAIT_SECONDS = 60.0  # how long a scene request waits for a song's preview copy that is still being made
-SnapMode = Literal["beat", "bar", "none"]
 
 
 # The project's timeline: ``projects.project_timeline`` (entries with scene, trim_in, trim_out, song_start, seconds)
@@ -37,7 +37,7 @@ Timeline = Callable[[Project], Sequence[Any]]
 async def load_analysis(app: web.Application, audio_id: str, *, wait: float) -> tuple[SongAnalysis | None, str | None]:
     """The song's analysis, started if it is due and waited for up to ``wait`` seconds; and, when there is none
     or it has no beat grid, why (for ``sizing_note``)."""
-    sidecar = await read_sidecar(app[STORE], audio_id)
+    sidecar = await read_sidecar(app[ARTEFACTS], audio_id)
     if sidecar is None:
         return None, "the song is gone"
     status, analysis, error = await song_analysis(app, audio_id, sidecar, wait=wait)
@@ -139,17 +139,17 @@ async def song_brief(
 
 
 async def _preview_bytes(app: web.Application, song: Song) -> bytes | None:
-    path = preview(app[STORE], song.audio_id)
-    if not await asyncio.to_thread(path.is_file):
+    store, key = app[ARTEFACTS], preview(song.audio_id)
+    if await store.stat(key) is None:
         try:
-            song_path, _ = await saved_audio(app, song.audio_id)
-            made = app[SONGS].copies(song.audio_id, song_path, song.duration)
+            song_key, _ = await saved_audio(app, song.audio_id)
+            made = app[SONGS].copies(song.audio_id, song_key, song.duration)
             await asyncio.wait_for(asyncio.shield(made), PREVIEW_WAIT_SECONDS)
         except (TimeoutError, ApiError) as exc:
             log.warning("song %s: no preview copy for Gemini: %s", song.audio_id, exc)
             return None
     try:
-        data = await asyncio.to_thread(path.read_bytes)
+        data = await store.get_bytes(key)
     except OSError:
         return None
     if len(data) > INLINE_AUDIO_MAX_BYTES:

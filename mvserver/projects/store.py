@@ -2,7 +2,7 @@
 
 A store only keeps whole records and swaps them with a compare-and-set on ``version`` (the number behind the
 HTTP ``ETag``): a write that expected version *n* succeeds only if the stored record is still at *n*, and stores
-*n + 1*. That is all optimistic concurrency needs; the editing rules live in :mod:`mvserver.projects.routes`.
+*n + 1*. That is all optimistic concurrency needs; the editing rules live in :mod:`mvserver.projects.service`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from typing import Literal, Protocol
 
 import redis.asyncio
 import redis.exceptions
-from aiohttp import web
 from pydantic import BaseModel, Field
 
+from mvserver.core.artefacts import OutputStore
 from mvserver.core.errors import ApiError, store_unavailable
-from mvserver.core.storage import OutputStore
 
 log = logging.getLogger("mvserver.projects")
 
@@ -308,6 +307,3 @@ def open_project_store(outputs: OutputStore, redis_url: str | None, prefix: str 
     if not redis_url:
         return FileProjectStore(outputs)
     return RedisProjectStore(redis.asyncio.from_url(redis_url), prefix=f"{prefix}project:")
-
-
-PROJECTS = web.AppKey("projects", ProjectStore)

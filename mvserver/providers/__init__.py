@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from mvserver.core.errors import ApiError
 from mvserver.providers.base import Snapshot, VideoBackend, VideoRequest
-from mvserver.providers.gemini import GeminiProvider
-from mvserver.providers.replicate import ReplicateProvider
 
-__all__ = ["PROVIDERS", "Providers", "Snapshot", "VideoBackend", "VideoRequest"]
+if TYPE_CHECKING:  # the SDKs load with the app that builds the providers, not with every importer of this package
+    from mvserver.providers.gemini import GeminiProvider
+    from mvserver.providers.replicate import ReplicateProvider
+
+__all__ = ["Providers", "Snapshot", "VideoBackend", "VideoRequest"]
 
 
 @dataclass
@@ -35,6 +36,3 @@ class Providers:
         """``live`` or ``sandbox`` for each provider service."""
         services = ("gemini_scenes", "replicate", "gemini_video")
         return {name: "sandbox" if name in self.sandboxed else "live" for name in services}
-
-
-PROVIDERS = web.AppKey("providers", Providers)

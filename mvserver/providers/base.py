@@ -6,10 +6,13 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 from mvserver.core.errors import ApiError, ErrorInfo, from_exception
+
+# Where a provider sends a job's updates (``?job=<id>``): Replicate's webhooks, received by
+# :mod:`mvserver.providers.replicate_webhooks` and handed to the job engine's inbox (:mod:`mvserver.jobs.updates`).
+WEBHOOK_PATH = "/api/mv/webhooks/replicate"
 
 # (provider, operation, seconds, our error code or None): called after each provider API call (metrics).
 ProviderObserver = Callable[[str, str, float, "str | None"], None]
@@ -108,8 +111,9 @@ class VideoBackend(Protocol):
     async def poll(self, prediction_id: str) -> Snapshot:
         """Look at the prediction once."""
 
-    async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
-        """Stream the finished video to ``dest`` atomically; return its size in bytes."""
+    async def download(self, snapshot: Snapshot, prediction_id: str, dest: str) -> int:
+        """Stream the finished video into the artefact ``dest`` (a key), atomically and create-only
+        (:class:`~mvserver.core.artefacts.ArtefactExists` if it is there); return its size in bytes."""
 
     async def cancel(self, prediction_id: str) -> Snapshot | None:
         """Ask the provider to stop the prediction (best effort); the ended prediction when the provider answers

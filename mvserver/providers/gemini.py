@@ -6,15 +6,14 @@ google-genai 3.x serves Veo only in Vertex mode, so videos use a second client b
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from google import genai
 from google.genai import types
 from pydantic import BaseModel
 
+from mvserver.core.artefacts import Artefacts
 from mvserver.core.errors import ApiError, ErrorInfo, prediction_failed
-from mvserver.core.storage import OutputStore
 from mvserver.providers.base import ProviderObserver, Snapshot, VideoRequest, observed_call
 from mvserver.providers.outputs import check_media, too_large
 
@@ -26,7 +25,7 @@ NAME = "gemini"
 NO_SDK_RETRY = types.HttpRetryOptions(attempts=1)
 
 
-def make_api_client(api_key: str, base_url: str | None) -> genai.Client:
+def make_api_client(api_key: str | None, base_url: str | None) -> genai.Client:
     """Client for the Gemini Developer API (scene writing)."""
     options = types.HttpOptions(base_url=base_url, retry_options=NO_SDK_RETRY)
     return genai.Client(api_key=api_key, http_options=options)
@@ -60,7 +59,7 @@ class GeminiProvider:
         self,
         api_client: genai.Client | None,
         vertex_client: genai.Client | None,
-        store: OutputStore,
+        store: Artefacts,
         *,
         video_model: str,
         person_generation: str,
@@ -164,7 +163,9 @@ class GeminiProvider:
 
     async def _operation(self, name: str) -> types.GenerateVideosOperation:
         return await self._call(
-            self._video_client().aio.operations.get(types.GenerateVideosOperation(name=name)), "get_operation"
+            # google-genai declares ``name`` on its Operation mixin, which pydantic's typing does not see as a field
+            self._video_client().aio.operations.get(types.GenerateVideosOperation(name=name)),  # type: ignore[call-arg]
+            "get_operation",
         )
 
     async def poll(self, prediction_id: str) -> Snapshot:
@@ -182,7 +183,7 @@ class GeminiProvider:
             return Snapshot(status="failed", error=info)
         return Snapshot(status="succeeded", output=videos[0].video.uri or "inline")
 
-    async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
+    async def download(self, snapshot: Snapshot, prediction_id: str, dest: str) -> int:
         """Vertex returns the video inline (base64 in the operation); write it atomically, unless it is over the size
         cap or not an MP4."""
         operation = await self._operation(prediction_id)
@@ -200,7 +201,7 @@ class GeminiProvider:
         if len(video.video_bytes) > self.video_max_bytes:
             raise too_large(NAME, self.video_max_bytes)
         check_media(video.video_bytes[:16], "mp4", NAME)
-        await self.store.write_bytes(dest, video.video_bytes)
+        await self.store.put_bytes(dest, video.video_bytes, create_only=True)
         return len(video.video_bytes)
 
     async def cancel(self, prediction_id: str) -> None:

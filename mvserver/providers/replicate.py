@@ -14,8 +14,7 @@ import io
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import aiohttp
@@ -27,8 +26,8 @@ from replicate.exceptions import ReplicateError
 from replicate.prediction import Prediction
 from yarl import URL
 
+from mvserver.core.artefacts import Artefacts
 from mvserver.core.errors import ApiError, from_exception, prediction_failed, provider_http_error
-from mvserver.core.storage import OutputStore
 from mvserver.providers.base import ProviderObserver, Snapshot, VideoRequest, observed_call
 from mvserver.providers.outputs import Media, OutputHosts, checked_chunks, too_large
 
@@ -123,7 +122,7 @@ def snapshot(prediction: Prediction) -> Snapshot:
     if prediction.status in ("failed", "canceled"):
         error = prediction_failed(NAME, prediction.status, prediction.error).info
     return Snapshot(
-        status=prediction.status,  # type: ignore[arg-type]
+        status=prediction.status,
         progress=progress.percentage if progress else None,
         logs=prediction.logs,
         output=_output_url(prediction.output),
@@ -154,7 +153,7 @@ class ReplicateProvider:
         self,
         client: replicate.Client,
         session: aiohttp.ClientSession,
-        store: OutputStore,
+        store: Artefacts,
         *,
         video_model: str,
         request_timeout: float,
@@ -275,7 +274,7 @@ class ReplicateProvider:
             raise too_large(NAME, limit)
         return response
 
-    async def _chunks(self, url: str, limit: int, media: Media) -> AsyncIterator[bytes]:
+    async def _chunks(self, url: str, limit: int, media: Media) -> AsyncGenerator[bytes, None]:
         """The output's bytes, checked as they arrive (:func:`~.outputs.checked_chunks`); transport failures as
         ApiError."""
         response = await self.fetch(url, limit)
@@ -291,11 +290,11 @@ class ReplicateProvider:
         finally:
             response.release()
 
-    async def download_to(self, url: str, dest: Path) -> int:
-        """Stream an output video to ``dest`` atomically, chunk by chunk, never holding it whole; nothing is kept
-        when it is too large or not an MP4."""
+    async def download_to(self, url: str, dest: str) -> int:
+        """Stream an output video into the artefact ``dest`` atomically and create-only, chunk by chunk, never
+        holding it whole; nothing is kept when it is too large or not an MP4."""
         async with contextlib.aclosing(self._chunks(url, self.video_max_bytes, "mp4")) as chunks:
-            return await self.store.write_stream(dest, chunks)
+            return await self.store.put_stream(dest, chunks, create_only=True)
 
     async def read(self, url: str) -> bytes:
         """An output image, whole (at most ``image_max_bytes``)."""
@@ -388,7 +387,7 @@ class ReplicateProvider:
     async def poll(self, prediction_id: str) -> Snapshot:
         return snapshot(await self.get(prediction_id))
 
-    async def download(self, snapshot: Snapshot, prediction_id: str, dest: Path) -> int:
+    async def download(self, snapshot: Snapshot, prediction_id: str, dest: str) -> int:
         if not snapshot.output:
             raise ApiError(
                 502,

@@ -23,15 +23,14 @@ from aiohttp import web
 from replicate.prediction import Prediction
 from replicate.webhook import Webhooks, WebhookSigningSecret
 
-from mvserver.core.config import CONFIG, ConfigError, EnvSettings
+from mvserver.appkeys import CONFIG, JOBS, METRICS, PROVIDERS, WEBHOOK_RECEIVER
+from mvserver.core.artefacts import is_valid_id
+from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import is_valid_id
-from mvserver.jobs import JOBS
-from mvserver.jobs.updates import WEBHOOK_PATH
-from mvserver.providers import PROVIDERS
+from mvserver.providers.base import WEBHOOK_PATH
 from mvserver.providers.replicate import snapshot
 from mvserver.web.access.auth import public
-from mvserver.web.metrics import METRICS, WEBHOOK_OUTCOMES
+from mvserver.web.metrics import WEBHOOK_OUTCOMES
 
 log = logging.getLogger("mvserver.webhooks")
 
@@ -75,9 +74,6 @@ class WebhookReceiver:
     seen: SeenIds = field(default_factory=SeenIds)
 
 
-RECEIVER = web.AppKey("webhook_receiver", WebhookReceiver)
-
-
 def check_secret(secret: str) -> str:
     """A ``whsec_<base64>`` signing secret, or ConfigError."""
     prefix, _, key = secret.partition("_")
@@ -94,11 +90,10 @@ def setup(app: web.Application, env: EnvSettings, replicate_sandboxed: bool) -> 
     if env.replicate_webhook_signing_key:
         check_secret(env.replicate_webhook_signing_key)
     loopback = env.public_base_url is None and replicate_sandboxed and env.sandbox_webhooks
-    app[RECEIVER] = WebhookReceiver(loopback=loopback)
+    app[WEBHOOK_RECEIVER] = WebhookReceiver(loopback=loopback)
     if METRICS in app:  # every outcome shows from the start (at 0), so a rate over it is defined
         for outcome in WEBHOOK_OUTCOMES:
             app[METRICS].webhook_deliveries.labels("replicate", outcome)
-    app.router.add_post(WEBHOOK_PATH, receive_replicate, name="webhooks.replicate")
     if loopback:
         app.middlewares.append(loopback_base_middleware)
     if env.public_base_url or loopback:
@@ -107,7 +102,7 @@ def setup(app: web.Application, env: EnvSettings, replicate_sandboxed: bool) -> 
 
 async def webhooks_context(app: web.Application) -> AsyncIterator[None]:
     """Get the signing secret (from the environment, else once from the API); then new jobs ask for webhooks."""
-    env, receiver = app[CONFIG].env, app[RECEIVER]
+    env, receiver = app[CONFIG].env, app[WEBHOOK_RECEIVER]
     secret = env.replicate_webhook_signing_key
     if secret is None:
         try:
@@ -128,7 +123,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def loopback_base_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Sandbox mode: the first request tells the server its own address, where the simulator sends webhooks."""
     pushed = request.app[JOBS].pushed
-    if pushed.base_url is None and request.app[RECEIVER].secret is not None and request.transport is not None:
+    if pushed.base_url is None and request.app[WEBHOOK_RECEIVER].secret is not None and request.transport is not None:
         host, port = request.transport.get_extra_info("sockname")[:2]
         pushed.base_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         log.info("sandbox webhooks on: %s%s", pushed.base_url, WEBHOOK_PATH)
@@ -188,7 +183,7 @@ async def receive_replicate(request: web.Request) -> web.Response:
         response, outcome = await _receive(request)
         return response
     except ApiError as exc:
-        outcome = _refusal(exc, request.app[RECEIVER])
+        outcome = _refusal(exc, request.app[WEBHOOK_RECEIVER])
         raise
     finally:
         metrics = request.app.get(METRICS)
@@ -197,7 +192,7 @@ async def receive_replicate(request: web.Request) -> web.Response:
 
 
 async def _receive(request: web.Request) -> tuple[web.Response, str]:
-    receiver = request.app[RECEIVER]
+    receiver = request.app[WEBHOOK_RECEIVER]
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "a webhook body must be application/json", field="Content-Type")
     raw = await _read_capped(request, MAX_BODY_BYTES)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mvserver.sandbox.simulator import Simulator, create_simulator_app
+from mvserver.sandbox.app import Simulator, create_simulator_app
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--render-cache",
         action="store_true",
         help="identical video requests share one rendered MP4 (keeps ffmpeg out of benchmarks)",
+    )
+    parser.add_argument(
+        "--render-cache-dir",
+        type=Path,
+        help="where --render-cache keeps the MP4s (default STATE_DIR/cache); several simulators may share one",
     )
     parser.add_argument(
         "--output-pad-bytes",
@@ -63,6 +68,7 @@ def make_simulator(args: argparse.Namespace) -> Simulator:
         image_latency=args.image_latency,
         scenes_latency=args.scenes_latency,
         render_cache=args.render_cache,
+        render_cache_dir=args.render_cache_dir,
         output_pad_bytes=args.output_pad_bytes,
         max_concurrent_renders=args.max_concurrent_renders,
         api_token=os.environ.get("MV_SIM_API_TOKEN", "").strip() or None,

@@ -24,9 +24,9 @@ from typing import Any
 
 from aiohttp import web
 
-from mvserver.core.storage import write_bytes_atomic
+from mvserver.core.artefacts import write_bytes_atomic
 from mvserver.sandbox.render import MAX_REFERENCE_PIXELS, RenderError, oversized_image, render_video
-from mvserver.sandbox.simulator import SIMULATOR, Simulator
+from mvserver.sandbox.state import SIMULATOR, Simulator
 
 
 def google_error(status: int, code: str, message: str) -> web.Response:
@@ -99,7 +99,7 @@ def simulated_scenes(prompt: str, heard: list[dict[str, Any]] | None = None) -> 
     """Plausible scenes built from the words of the prompt (count, idea, character, style, angle); with a song's
     timeline, each scene names the window of the song and the section it plays over, and says it heard the song
     when audio came with the request (``heard``)."""
-    count = int(_after(r"exactly", prompt).split()[0]) if _after(r"exactly", prompt) else 4
+    count = int(exactly.split()[0]) if (exactly := _after(r"exactly", prompt)) else 4
     windows = {int(m["n"]): m for m in WINDOW.finditer(prompt)}
     audio = next((part for part in heard or [] if part["mime_type"].startswith("audio/")), None)
     idea = _after(r"about:", prompt) or "a day in the life"

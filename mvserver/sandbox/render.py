@@ -1,30 +1,30 @@
 """Offline renderer for sandbox mode: real, clearly labelled image and video files.
 
-All text is drawn with Pillow's bundled FreeType font (no system fonts needed); the
-static ffmpeg from ``imageio-ffmpeg`` only loops, animates and encodes the frame.
+All text is drawn with Pillow's bundled FreeType font (no system fonts needed); ffmpeg, run and probed through
+:mod:`mvserver.media` like every other ffmpeg of the service, only loops, animates and encodes the frame.
 """
 
 from __future__ import annotations
 
 import asyncio
 import colorsys
-import contextlib
 import ctypes
 import hashlib
 import io
 import os
 import pathlib
-import re
 import secrets
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-import imageio_ffmpeg
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from mvserver.core.storage import temp_path
+from mvserver.core.artefacts import temp_path
+from mvserver.media.errors import MediaError, MediaTimeout
+from mvserver.media.limits import FfmpegLimits
+from mvserver.media.probe import MediaInfo, probe
+from mvserver.media.run import run_ffmpeg
 
 __all__ = [
     "ASPECT_SIZES",
@@ -32,7 +32,6 @@ __all__ = [
     "MAX_REFERENCE_PIXELS",
     "RenderError",
     "oversized_image",
-    "probe_media",
     "render_character_image",
     "render_lipsync",
     "render_video",
@@ -49,7 +48,8 @@ ASPECT_SIZES: dict[str, tuple[int, int]] = {
 _IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 _BANNER_BG = (255, 204, 0)
 _BANNER_FG = (20, 20, 20)
-_STDERR_TAIL = 2000
+# The simulator's renders ran without a memory or thread cap before they went through media's runner; they still do.
+RENDER_LIMITS = FfmpegLimits(memory_mb=None, threads=None)
 _MAX_TEXT = 4000  # characters considered for on-frame text
 # Reference images above this many pixels are refused from their header, before any decoding: a small PNG of
 # 13,000 x 13,000 pixels would otherwise take gigabytes to decode.
@@ -173,7 +173,9 @@ def _draw_banner(img: Image.Image, label: str) -> int:
     return bh
 
 
-def _draw_text_block(img: Image.Image, box: tuple[int, int, int, int], text: str, colour=(240, 240, 240)) -> None:
+def _draw_text_block(
+    img: Image.Image, box: tuple[int, int, int, int], text: str, colour: tuple[int, int, int] = (240, 240, 240)
+) -> None:
     """Wrap ``text`` into ``box`` (x0, y0, x1, y1) with a font sized to the box."""
     x0, y0, x1, y1 = box
     size = max(10, min(img.size) // 22)
@@ -405,8 +407,7 @@ def _ffmpeg_args(
         maps += ["-map", "[a]"]
         codecs += ["-c:a", "aac", "-b:a", "64k"]
     return [
-        imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
-        "-f", "png_pipe", "-framerate", str(fps), "-i", "pipe:0",
+        "-y", "-f", "png_pipe", "-framerate", str(fps), "-i", "pipe:0",
         "-filter_complex", graph, *maps, "-t", f"{duration:.6f}", *codecs,
         "-movflags", "+faststart", "-f", "mp4", out,
     ]  # fmt: skip
@@ -457,22 +458,10 @@ async def render_video(
 async def _run_ffmpeg(args: list[str], tmp: pathlib.Path, dest: pathlib.Path, *, stdin: bytes | None = None) -> None:
     """Run ffmpeg (``args`` write ``tmp``; ``stdin`` fed to it) and move ``tmp`` onto ``dest``. ffmpeg is killed if
     the caller is canceled; RenderError with the end of its stderr if it fails. The caller removes ``tmp``."""
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     try:
-        _, stderr = await proc.communicate(stdin)
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-    if proc.returncode != 0:
-        tail = stderr.decode(errors="replace").strip()[-_STDERR_TAIL:]
-        raise RenderError(f"ffmpeg exited with status {proc.returncode}: {tail or '(no output)'}")
+        await run_ffmpeg(args, stdin=stdin, limits=RENDER_LIMITS)
+    except MediaError as exc:
+        raise RenderError(str(exc)) from None
     os.replace(tmp, dest)
 
 
@@ -521,16 +510,13 @@ async def render_lipsync(
     """Atomically write the ``video`` clip with ``audio`` muxed in and a visible "SANDBOX lip sync" strip (H.264 +
     AAC MP4); its length follows ``sync_mode`` as the real model's does. RenderError if an input is unreadable."""
     dest = pathlib.Path(dest)
-    try:
-        v, a = await asyncio.gather(asyncio.to_thread(probe_media, video), asyncio.to_thread(probe_media, audio))
-    except subprocess.TimeoutExpired as exc:
-        raise RenderError(f"probing an input took too long: {exc}") from None
-    if v["width"] is None or not v["duration"] > 0:
+    v, a = await asyncio.gather(_probe(video), _probe(audio))
+    if v.first_video is None or not (v.duration or 0) > 0:
         raise RenderError("the video input holds no video stream")
-    if a["audio_codec"] is None or not a["duration"] > 0:
+    if a.first_audio is None or not (a.duration or 0) > 0:
         raise RenderError("the audio input holds no audio stream")
-    size = (v["width"], v["height"])
-    total, retime, loop = _lipsync_timing(sync_mode, v["duration"], a["duration"])
+    size = (v.first_video.width, v.first_video.height)
+    total, retime, loop = _lipsync_timing(sync_mode, v.duration or 0, a.duration or 0)
     x0, y0, _, _ = lipsync_label_box(size)
     tmp = temp_path(dest)
     label = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.label.png")
@@ -541,8 +527,7 @@ async def render_lipsync(
             "[1:a]aformat=channel_layouts=stereo,apad[a]"
         )
         args = [
-            imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
-            *(["-stream_loop", "-1"] if loop else []), "-i", str(video), "-i", str(audio),
+            "-y", *(["-stream_loop", "-1"] if loop else []), "-i", str(video), "-i", str(audio),
             "-loop", "1", "-framerate", str(fps), "-i", str(label),
             "-filter_complex", graph, "-map", "[v]", "-map", "[a]", "-t", f"{total:.6f}",
             "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", "-r", str(fps),
@@ -556,33 +541,12 @@ async def render_lipsync(
 
 # --------------------------------------------------------------------------- probing
 
-_DURATION_RE = re.compile(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)")
-_VIDEO_RE = re.compile(r"Stream #\S+: Video: (?P<codec>\w+)[^,]*, (?P<pix>\w+)(?:\([^)]*\))?, (?P<w>\d+)x(?P<h>\d+)")
-_FPS_RE = re.compile(r"Stream #\S+: Video: .*?(\d+(?:\.\d+)?) (?:fps|tbr)")
-_AUDIO_RE = re.compile(r"Stream #\S+: Audio: (\w+)")
 
-
-def probe_media(path: pathlib.Path) -> dict:
-    """Describe a media file by parsing ``ffmpeg -i`` output (there is no ffprobe).
-
-    Returns ``{"duration", "video_codec", "width", "height", "pix_fmt", "fps", "audio_codec"}``;
-    video keys are None for audio-only files. Raises RenderError if ffmpeg cannot read the file.
-    """
-    proc = subprocess.run(
-        [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path)],
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False,
-    )  # fmt: skip
-    info = proc.stderr.decode(errors="replace")
-    dur = _DURATION_RE.search(info)
-    if dur is None:
-        raise RenderError(f"cannot probe {path}: {info.strip()[-_STDERR_TAIL:]}")
-    video, fps, audio = _VIDEO_RE.search(info), _FPS_RE.search(info), _AUDIO_RE.search(info)
-    return {
-        "duration": int(dur[1]) * 3600 + int(dur[2]) * 60 + float(dur[3]),
-        "video_codec": video["codec"] if video else None,
-        "width": int(video["w"]) if video else None,
-        "height": int(video["h"]) if video else None,
-        "pix_fmt": video["pix"] if video else None,
-        "fps": float(fps[1]) if fps else None,
-        "audio_codec": audio[1] if audio else None,
-    }
+async def _probe(path: pathlib.Path) -> MediaInfo:
+    """An input of a lip sync described by :func:`mvserver.media.probe.probe`; RenderError if it cannot be read."""
+    try:
+        return await probe(path)
+    except MediaTimeout as exc:
+        raise RenderError(f"probing an input took too long: {exc}") from None
+    except MediaError as exc:
+        raise RenderError(f"cannot probe {path}: {exc}") from None

@@ -31,10 +31,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from mvserver.core.storage import temp_path, write_bytes_atomic
+from mvserver.core.artefacts import temp_path, write_bytes_atomic
+from mvserver.sandbox.predictions import STARTING_SHARE, TERMINAL, deadline_end, phase
 from mvserver.sandbox.render import (
     MAX_REFERENCE_PIXELS,
     oversized_image,
@@ -42,19 +44,17 @@ from mvserver.sandbox.render import (
     render_lipsync,
     render_video,
 )
-from mvserver.sandbox.simulator import SIMULATOR, Simulator
-from mvserver.sandbox.webhooks import SENDER, fault_marker, invalid_webhook_fields
+from mvserver.sandbox.state import SENDER, SIMULATOR, Simulator
+from mvserver.sandbox.webhooks import fault_marker, invalid_webhook_fields
 
 log = logging.getLogger("mvserver.sandbox")
 
 PREFIX = "/replicate"
 FAIL_MARKER = "[sandbox:fail]"
 FLAGGED_ERROR = "The input or output was flagged as sensitive. Please try again with different inputs. (E005)"
-STARTING_SHARE = 0.1  # the first tenth of a prediction's latency is spent "starting"
 PROGRESS_STEPS = 100
 MAX_WAIT_SECONDS = 60
 FILE_LIFETIME = timedelta(hours=24)
-TERMINAL = ("succeeded", "failed", "canceled", "aborted")
 # ``Cancel-After``: a Go-style duration (``90s``, ``1m30s``, ``1.5h``); Replicate ends the prediction at it.
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(h|ms|m|s))+$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
@@ -255,29 +255,6 @@ def parse_duration(text: str) -> float | None:
     return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
 
 
-def deadline_end(record: dict[str, Any]) -> float | None:
-    """When the prediction's ``Cancel-After`` deadline ends it, if it would not be done by then."""
-    cancel_after = record.get("cancel_after")
-    if cancel_after is None or cancel_after >= record["latency"]:
-        return None
-    return record["created_at"] + cancel_after
-
-
-def phase(record: dict[str, Any], now: float | None = None) -> str:
-    """``starting``, ``processing``, ``ended`` (due to finish, maybe not rendered yet) or a final status, persisted
-    or reached by the ``Cancel-After`` deadline (``aborted`` before it ran, ``canceled`` while it ran)."""
-    if record["status"] in TERMINAL:
-        return record["status"]
-    now = time.time() if now is None else now
-    deadline = deadline_end(record)
-    if deadline is not None and now >= deadline:
-        return "aborted" if record["cancel_after"] < record["latency"] * STARTING_SHARE else "canceled"
-    elapsed = now - record["created_at"]
-    if elapsed >= record["latency"]:
-        return "ended"
-    return "starting" if elapsed < record["latency"] * STARTING_SHARE else "processing"
-
-
 def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(max(seconds, 0)), 60)
     return f"{minutes:02d}:{secs:02d}"
@@ -320,7 +297,7 @@ def prediction_json(record: dict[str, Any], base: str) -> dict[str, Any]:
     completed = record.get("completed_at")
     if status in TERMINAL and completed is None:  # ended by its Cancel-After deadline
         completed = deadline_end(record)
-    until = completed if status in TERMINAL else time.time()
+    until = completed if status in TERMINAL and completed is not None else time.time()
     logs = progress_logs(record, until)
     prediction_id = record["id"]
     data: dict[str, Any] = {
@@ -531,17 +508,18 @@ class ReplicateApi:
 
     async def _render_video(self, sim: Simulator, dest: Path, options: dict[str, Any]) -> None:
         """Render the MP4, padded by ``sim.output_pad_bytes``; with ``sim.render_cache`` identical requests share
-        one file (content-addressed under ``state_dir/cache``, hard-linked into place)."""
+        one file (content-addressed under ``sim.render_cache_dir`` or ``state_dir/cache``, hard-linked into place;
+        renders race to one atomic rename, so several processes may share the directory)."""
         if not sim.render_cache:
             await render_video(dest, **options)
             await asyncio.to_thread(pad_mp4, dest, sim.output_pad_bytes)
             return
         key = render_key(options, sim.output_pad_bytes)
-        cached = sim.state_dir / "cache" / f"{key}.mp4"
+        cached = (sim.render_cache_dir or sim.state_dir / "cache") / f"{key}.mp4"
         async with self.cache_locks.setdefault(key, asyncio.Lock()):
             if not await asyncio.to_thread(cached.is_file):
                 await asyncio.to_thread(cached.parent.mkdir, parents=True, exist_ok=True)
-                rendering = cached.with_suffix(".rendering.mp4")
+                rendering = temp_path(cached, "render")
                 await render_video(rendering, **options)
                 await asyncio.to_thread(pad_mp4, rendering, sim.output_pad_bytes)
                 await asyncio.to_thread(os.replace, rendering, cached)
@@ -567,12 +545,12 @@ class ReplicateApi:
             path = folder / stem
             await asyncio.to_thread(write_bytes_atomic, path, _data_uri_bytes(value))
             return path
-        path = (
+        uploaded = (
             self._uploaded(sim, value) if isinstance(value, str) and value.startswith(("http://", "https://")) else None
         )
-        if path is None or not await asyncio.to_thread(path.is_file):
+        if uploaded is None or not await asyncio.to_thread(uploaded.is_file):
             raise InputFileError(f"could not download file from {value}")
-        return path
+        return uploaded
 
     @staticmethod
     async def _reference(sim: Simulator, value: Any) -> bytes:
@@ -715,6 +693,8 @@ class ReplicateApi:
         metadata: Any = {}
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
+            if isinstance(part, aiohttp.MultipartReader):  # a nested multipart is no form field
+                continue
             if part.name == "content":
                 content = (_safe_name(part.filename), part.headers.get("Content-Type"), await part.read())
             elif part.name == "metadata":

@@ -8,7 +8,7 @@ throttled to one per 500 ms; only the terminal ``completed`` one is retried (bac
 gets no 2xx, as Replicate documents.
 
 One task per prediction (owned by :class:`WebhookSender`, cancelled at shutdown) sleeps until each transition; a
-prediction gets at most :data:`MAX_DELIVERIES` POSTs. Faults: a :class:`~.simulator.Fault` on route
+prediction gets at most :data:`MAX_DELIVERIES` POSTs. Faults: a :class:`~.state.Fault` on route
 ``replicate.webhook`` (optionally for one ``event``) hits the next deliveries; the prompt marker
 ``[sandbox:webhook-<kind>]`` hits every delivery of that prediction.
 """
@@ -32,11 +32,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from mvserver.sandbox.simulator import Simulator
+from mvserver.sandbox.predictions import STARTING_SHARE, TERMINAL, deadline_end, phase
+from mvserver.sandbox.state import Simulator
 
 log = logging.getLogger("mvserver.sandbox.webhooks")
 
-SENDER = web.AppKey("webhook_sender", "WebhookSender")
 ROUTE = "replicate.webhook"
 EVENTS = ("start", "output", "logs", "completed")
 DEFAULT_EVENTS = ("output", "completed")  # Replicate's default: new outputs and the end (outputs come at the end here)
@@ -144,8 +144,6 @@ class WebhookSender:
             waker.set()
 
     async def _run(self, record: dict[str, Any], render: Render, current: Current) -> None:
-        from mvserver.sandbox.replicate_api import STARTING_SHARE, TERMINAL, deadline_end, phase
-
         events = set(record.get("webhook_events_filter") or DEFAULT_EVENTS)
         stream = _Stream(record["webhook"])
         prediction_id, created, latency = record["id"], record["created_at"], record["latency"]
@@ -166,7 +164,8 @@ class WebhookSender:
                     last_logs = body["logs"]
                 wake_at = min(wake_at, time.time() + LOGS_THROTTLE_SECONDS)
             if await self._sleep_until(prediction_id, wake_at):
-                record = await asyncio.to_thread(self.sim.load, "predictions", prediction_id) or record
+                stored = await asyncio.to_thread(self.sim.load, "predictions", prediction_id)
+                record = stored or record
         record = await current(record)
         if "completed" in events or "output" in events:
             await self._deliver(stream, record, "completed", render(record), terminal=True)

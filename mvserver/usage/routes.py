@@ -14,14 +14,11 @@ from typing import Any
 
 from aiohttp import web
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG, JOBS
 from mvserver.core.errors import ApiError
-from mvserver.jobs import JOBS
 from mvserver.jobs.usage import MICROS, currency, day_of, month_of
-from mvserver.openapi.schemas import USAGE_TIME
+from mvserver.usage.schemas import USAGE_TIME
 from mvserver.web.access.auth import API_KEY, key_id
-
-routes = web.RouteTableDef()
 
 GROUPS = ("model", "kind", "day")
 TIME = re.compile(USAGE_TIME["pattern"])
@@ -88,7 +85,6 @@ def report(entries: list[dict[str, Any]], group_by: str) -> dict[str, Any]:
     }
 
 
-@routes.get("/api/mv/usage")
 async def usage_report(request: web.Request) -> web.Response:
     """The jobs that ended in [from, to) (default: this calendar month, UTC, up to now), grouped by model, kind or
     day; every key's with an admin key, else the caller's own (with keys off: the jobs made without a key)."""

@@ -19,16 +19,17 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mvserver.core.config import CONFIG, PosterSettings
-from mvserver.core.storage import temp_path
+from mvserver.appkeys import ARTEFACTS, CONFIG
+from mvserver.core.artefacts import Artefacts, artefact_key
+from mvserver.core.config import PosterSettings
 from mvserver.jobs import Job
-from mvserver.media import ffmpeg as media
-from mvserver.videos.routes import job_output
-from mvserver.web.files import SavedFileResponse
+from mvserver.jobs.outputs import job_output
+from mvserver.media.args import input_args
+from mvserver.media.errors import MediaError
+from mvserver.media.probe import probe
+from mvserver.media.run import run_ffmpeg
 
 log = logging.getLogger("mvserver.jobs")
-routes = web.RouteTableDef()
-
 POSTER_SUFFIX = ".jpg"
 POSTER_MAX_BYTES = 4 << 20  # ffmpeg stops writing past this (a 640 px JPEG is ~50 KB)
 CLIP_DEMUXERS = ["mov"]  # every stored clip is an MP4; nothing else is read
@@ -40,7 +41,7 @@ def frame_args(clip: Path, dest: Path, max_side: int) -> list[str]:
         f"scale=w='min(iw,{max_side})':h='min(ih,{max_side})':force_original_aspect_ratio=decrease:force_divisible_by=2"
     )
     return [
-        *media.input_args(clip, CLIP_DEMUXERS),
+        *input_args(clip, CLIP_DEMUXERS),
         "-map",
         "0:v:0",
         "-frames:v",
@@ -60,46 +61,40 @@ def frame_args(clip: Path, dest: Path, max_side: int) -> list[str]:
     ]
 
 
-async def describe(job: Job, clip: Path, settings: PosterSettings) -> None:
-    """Note the clip's length and frame size on ``job`` and make its poster next to it (``job.poster``)."""
-    info = await media.probe(clip, timeout=settings.timeout_seconds, demuxers=CLIP_DEMUXERS)
-    video = info.first_video
-    if video is None:
-        return  # not a clip: nothing to show
-    job.video_seconds = round(info.duration, 3) if info.duration is not None else None
-    job.video_width, job.video_height = video.width, video.height
-    dest = clip.with_suffix(POSTER_SUFFIX)
-    tmp = temp_path(dest)
-    try:
-        await media.run_ffmpeg(frame_args(clip, tmp, settings.max_side), timeout=settings.timeout_seconds)
-        if (await asyncio.to_thread(os.stat, tmp)).st_size == 0:
-            raise media.MediaError("ffmpeg wrote an empty poster")
-        await asyncio.to_thread(os.chmod, tmp, 0o644)
-        await asyncio.to_thread(os.replace, tmp, dest)
-    finally:
-        await asyncio.to_thread(tmp.unlink, missing_ok=True)
+async def describe(job: Job, store: Artefacts, clip_key: str, settings: PosterSettings) -> None:
+    """Note the clip's length and frame size on ``job`` and store its poster next to it (``job.poster``)."""
+    async with store.local_file(clip_key) as clip:
+        info = await probe(clip, timeout=settings.timeout_seconds, demuxers=CLIP_DEMUXERS)
+        video = info.first_video
+        if video is None:
+            return  # not a clip: nothing to show
+        job.video_seconds = round(info.duration, 3) if info.duration is not None else None
+        job.video_width, job.video_height = video.width, video.height
+        async with store.writing(artefact_key("videos", job.id, POSTER_SUFFIX)) as tmp:
+            await run_ffmpeg(frame_args(clip, tmp, settings.max_side), timeout=settings.timeout_seconds)
+            if (await asyncio.to_thread(os.stat, tmp)).st_size == 0:
+                raise MediaError("ffmpeg wrote an empty poster")
     job.poster = True
 
 
-def stored_hook(app: web.Application) -> Callable[[Job, Path], Awaitable[None]]:
+def stored_hook(app: web.Application) -> Callable[[Job, str], Awaitable[None]]:
     """The engine's ``stored`` hook of this app: :func:`describe`, bounded; a clip ffmpeg cannot read gets none."""
     settings = app[CONFIG].videos.posters
     slots = asyncio.Semaphore(settings.concurrency)
 
-    async def stored(job: Job, clip: Path) -> None:
+    async def stored(job: Job, clip: str) -> None:
         async with slots:
             try:
-                await describe(job, clip, settings)
-            except media.MediaError as exc:
+                await describe(job, app[ARTEFACTS], clip, settings)
+            except (MediaError, FileNotFoundError) as exc:
                 log.warning("job %s: no poster: %s", job.id, exc)
 
     return stored
 
 
-@routes.get("/api/mv/get_poster/{video_id}")
-async def get_poster(request: web.Request) -> web.FileResponse:
+async def get_poster(request: web.Request) -> web.StreamResponse:
     """The clip's first frame (JPEG), under the same rules as ``get_video``."""
-    path = await job_output(request, POSTER_SUFFIX, "poster")
-    return SavedFileResponse(
-        path, noun="poster", headers={"Content-Type": "image/jpeg", "Cache-Control": "private, max-age=3600"}
+    key = await job_output(request, POSTER_SUFFIX, "poster")
+    return await request.app[ARTEFACTS].response(
+        key, noun="poster", headers={"Content-Type": "image/jpeg", "Cache-Control": "private, max-age=3600"}
     )

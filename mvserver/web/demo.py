@@ -9,10 +9,8 @@ from pathlib import Path
 from aiohttp import web
 
 from mvserver import __version__
-from mvserver.core.config import CONFIG, TEMPLATES
+from mvserver.appkeys import CONFIG, TEMPLATES
 from mvserver.core.errors import ApiError
-
-routes = web.RouteTableDef()
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_NAME = re.compile(r"[A-Za-z0-9_-]+\.(?:js|css)")
@@ -37,13 +35,11 @@ EXAMPLE = {
 }
 
 
-@routes.get("/")
 async def index(request: web.Request) -> web.Response:
     """The music-video project page: song, project and scenes, character, clips, assembly."""
     return _page(request, "index.html.j2")
 
 
-@routes.get("/single")
 async def single(request: web.Request) -> web.Response:
     """The single-clip page: scenes, one character image and independent video jobs, without a project."""
     return _page(request, "single.html.j2")
@@ -73,7 +69,6 @@ def _page(request: web.Request, template: str) -> web.Response:
     )
 
 
-@routes.get("/static/{name}")
 async def static_file(request: web.Request) -> web.FileResponse:
     """The page's script and stylesheet; anything else is a JSON 404 like every other unknown path."""
     name = request.match_info["name"]

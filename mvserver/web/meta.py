@@ -9,18 +9,10 @@ import logging
 from aiohttp import web
 
 from mvserver import __version__
-from mvserver.core.config import CONFIG
-from mvserver.core.errors import STORE_UNAVAILABLE, ApiError, one_line
-from mvserver.jobs import JOBS
-from mvserver.jobs.store import StoreUnavailable
-from mvserver.openapi.schemas import REQUEST_MODELS, openapi_document
-from mvserver.projects.store import PROJECTS
-from mvserver.providers import PROVIDERS
-from mvserver.web.access.auth import API_KEY, KEYRING, public
-from mvserver.web.access.quotas import QUOTAS
-from mvserver.web.metrics import METRICS
+from mvserver.appkeys import CONFIG, JOBS, KEYRING, PROJECTS, PROVIDERS, QUOTAS
+from mvserver.core.errors import STORE_UNAVAILABLE, ApiError, StoreUnavailable, one_line
+from mvserver.web.access.auth import API_KEY, public
 
-routes = web.RouteTableDef()
 log = logging.getLogger("mvserver")
 READY_TIMEOUT_SECONDS = 2.0  # a store that takes longer to answer a ping counts as unreachable
 
@@ -49,7 +41,6 @@ def _store_kind(app: web.Application) -> str:
     return "redis" if app[CONFIG].env.redis_url else "files"
 
 
-@routes.get("/api/mv/health")
 @public
 async def health(request: web.Request) -> web.Response:
     """Version, for each provider service whether it is live or answered by the sandbox simulator, and whether the
@@ -74,14 +65,12 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
-@routes.get("/api/mv/health/live")
 @public
 async def live(request: web.Request) -> web.Response:
     """Liveness: the process serves requests (whatever its store does); a failure means restart it."""
     return web.json_response({"status": "ok"}, headers={"Cache-Control": "no-store"})
 
 
-@routes.get("/api/mv/health/ready")
 @public
 async def ready(request: web.Request) -> web.Response:
     """Readiness: the job and project store answer, so requests can be served; 503 ``store_unavailable`` while they
@@ -95,13 +84,6 @@ async def ready(request: web.Request) -> web.Response:
     )
 
 
-@routes.get("/api/mv/openapi.json")
-async def openapi(request: web.Request) -> web.Response:
-    app = request.app
-    return web.json_response(openapi_document(app[REQUEST_MODELS], keys=KEYRING in app, metrics=METRICS in app))
-
-
-@routes.get("/api/mv/me")
 async def me(request: web.Request) -> web.Response:
     """The caller's key: its id and name, its limits, the tokens left in each bucket and its jobs holding a running
     place (queued for a slot or running) or waiting for one, so a page can pace itself instead of meeting 429s.

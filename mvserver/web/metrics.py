@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mvserver.appkeys import METRICS
+
 if TYPE_CHECKING:
     from mvserver.jobs.census import Census
 
@@ -185,9 +187,6 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-METRICS = web.AppKey("metrics", Metrics)
 
 
 def route_name(request: web.Request) -> str:

@@ -13,13 +13,14 @@ from typing import Any
 import aiohttp_cors
 from aiohttp import web
 
-from mvserver.core.config import CONFIG, ConfigError, EnvSettings
+from mvserver.appkeys import CONFIG, KEYRING, METRICS, QUOTAS, SIGNER
+from mvserver.core.config import ConfigError, EnvSettings
 from mvserver.core.errors import error_middleware
 from mvserver.core.logs import add_request_id_header, request_id_middleware
-from mvserver.web.access.auth import KEYRING, KeyRing, key_id, make_auth_middleware
-from mvserver.web.access.quotas import QUOTAS, LocalRateLimiter, Quotas, RedisRateLimiter, set_rate_limiter
-from mvserver.web.access.signing import MIN_SECRET_CHARS, SIGNER, UrlSigner, sign_body
-from mvserver.web.metrics import METRICS, Metrics, metrics_endpoint, metrics_middleware
+from mvserver.web.access.auth import KeyRing, key_id, make_auth_middleware
+from mvserver.web.access.quotas import LocalRateLimiter, Quotas, RedisRateLimiter, set_rate_limiter
+from mvserver.web.access.signing import MIN_SECRET_CHARS, UrlSigner, sign_body
+from mvserver.web.metrics import Metrics, metrics_middleware
 
 CORS_ALLOW_HEADERS = (
     "Authorization",
@@ -54,7 +55,6 @@ def setup(app: web.Application, env: EnvSettings, guard: Any = None) -> None:
     if metrics is not None:
         app[METRICS] = metrics
         middlewares.append(metrics_middleware)
-        app.router.add_get("/metrics", metrics_endpoint)
     middlewares.append(error_middleware)
     if env.api_keys_file is not None:
         secret = env.url_signing_key
@@ -105,6 +105,7 @@ async def shared_buckets_context(app: web.Application) -> AsyncIterator[None]:
     from redis.asyncio import Redis  # redis is imported only when it is used
 
     env = app[CONFIG].env
+    assert env.redis_url is not None  # the context is added only with one
     client = Redis.from_url(env.redis_url, decode_responses=True)
     set_rate_limiter(app, RedisRateLimiter(client, prefix=f"{env.redis_prefix}bucket:"))
     try:

@@ -30,10 +30,11 @@ import yaml
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
+from mvserver.appkeys import KEYRING, SIGNER
+from mvserver.core.artefacts import Artefacts, write_bytes_atomic
 from mvserver.core.config import ConfigError
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import write_bytes_atomic
-from mvserver.web.access.signing import SIGNER, links_expire_by
+from mvserver.web.access.signing import links_expire_by
 
 log = logging.getLogger("mvserver")
 
@@ -216,7 +217,6 @@ class KeyRing:
         return record if ok and record is not None and match is not None else None
 
 
-KEYRING = web.AppKey("keyring", KeyRing)
 KEY_ID = web.RequestKey("key_id", str)
 API_KEY = web.RequestKey("api_key", KeyRecord)
 
@@ -267,7 +267,9 @@ def make_auth_middleware(on_failure: Callable[[str], None] | None = None) -> Cal
         header = request.headers.get("Authorization")
         if header is None and "sig" in request.query:
             try:
-                record = request.app[SIGNER].verify(request, keyring)
+                record = keyring.get(request.app[SIGNER].verify(request))
+                if record is None:
+                    raise ApiError(403, "invalid_signature", "the key this link was made for has been revoked")
             except ApiError as exc:  # 403: tampered, expired, or the key is revoked
                 if on_failure is not None:
                     on_failure(exc.info.code)
@@ -280,14 +282,15 @@ def make_auth_middleware(on_failure: Callable[[str], None] | None = None) -> Cal
             return _unauthorized("auth_required", "this route needs Authorization: Bearer <API key>", REALM, on_failure)
         else:
             scheme, _, token = header.partition(" ")
-            record = keyring.authenticate(token.strip()) if scheme.lower() == "bearer" else None
-            if record is None:
+            found = keyring.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+            if found is None:
                 return _unauthorized(
                     "invalid_api_key",
                     "the API key is not valid (or has been revoked)",
                     f'{REALM}, error="invalid_token"',
                     on_failure,
                 )
+            record = found
         request[KEY_ID] = record.id
         request[API_KEY] = record
         return await handler(request)
@@ -302,6 +305,16 @@ def visible_to(owner_key_id: Any, caller: str | None) -> bool:
     """Whether the caller may see or use a resource: keys off (``caller`` None), an unowned resource (made with
     keys off), or its owner. The one ownership rule of every route (jobs, projects, songs, images, scenes)."""
     return caller is None or owner_key_id is None or owner_key_id == caller
+
+
+async def owned_sidecar(artefacts: Artefacts, key: str, caller: str | None) -> dict[str, Any] | None:
+    """The JSON sidecar ``key`` of a saved artefact (a song's, an image's, a scene list's) if it is there, is an
+    object and ``caller`` may see it (:func:`visible_to`); None otherwise: a missing, an unreadable and another key's
+    artefact look the same."""
+    sidecar = await artefacts.get_json(key)
+    if not isinstance(sidecar, dict) or not visible_to(sidecar.get("owner_key_id"), caller):
+        return None
+    return sidecar
 
 
 def owned(request: web.Request, owner_key_id: Any) -> bool:

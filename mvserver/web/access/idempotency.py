@@ -27,16 +27,18 @@ import logging
 import re
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from pydantic import BaseModel
 
+from mvserver.appkeys import JOBS
 from mvserver.core.errors import ApiError
-from mvserver.jobs import JOBS, JobStore
-from mvserver.jobs.store import Remembered
 from mvserver.web.access.auth import key_id
+
+if TYPE_CHECKING:
+    from mvserver.jobs import JobStore
 
 log = logging.getLogger("mvserver")
 
@@ -49,6 +51,42 @@ POLL_SECONDS = 0.05
 REPLAYED_HEADERS = ("Location", "ETag")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Remembered:
+    """What the store keeps for an ``Idempotency-Key``: the request's fingerprint and, once answered, the answer.
+
+    ``token`` identifies the request that reserved the key, so only it can complete or release the reservation."""
+
+    token: str
+    fingerprint: str
+    status: int | None = None  # None while the first request is still being answered
+    body: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def dumps(self) -> str:
+        return json.dumps(
+            {
+                "token": self.token,
+                "fingerprint": self.fingerprint,
+                "status": self.status,
+                "body": self.body,
+                "headers": self.headers,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def loads(cls, text: str | bytes) -> Remembered:
+        raw = json.loads(text)
+        return cls(
+            token=raw["token"],
+            fingerprint=raw["fingerprint"],
+            status=raw["status"],
+            body=raw["body"],
+            headers=raw["headers"],
+        )
 
 
 @dataclass

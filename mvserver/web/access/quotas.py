@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from aiohttp import web
 
+from mvserver.appkeys import KEYRING, QUOTAS
+from mvserver.core.artefacts import new_id
 from mvserver.core.errors import ApiError
-from mvserver.core.storage import new_id
-from mvserver.web.access.auth import API_KEY, KEYRING, KeyRecord
+from mvserver.web.access.auth import API_KEY, KeyRecord
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -186,9 +187,6 @@ def _bucket_limits(key: KeyRecord, bucket: str) -> tuple[float | None, int]:
     if bucket == "blocking":
         return limits.blocking_per_minute, limits.blocking_burst
     return limits.uploads_per_minute, limits.uploads_burst
-
-
-QUOTAS = web.AppKey("quotas", Quotas)
 
 
 def running_cap_of(app: web.Application) -> Callable[[str], int | None] | None:

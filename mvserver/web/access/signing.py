@@ -29,16 +29,13 @@ import time
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from aiohttp import web
 
-from mvserver.core.config import CONFIG
+from mvserver.appkeys import CONFIG, SIGNER
 from mvserver.core.errors import ApiError
-
-if TYPE_CHECKING:
-    from mvserver.web.access.auth import KeyRecord, KeyRing
 
 MIN_SECRET_CHARS = 32
 LINK_PARAMETERS = frozenset({"kid", "exp", "sig"})
@@ -93,9 +90,10 @@ class UrlSigner:
         query = urlencode({"kid": key_id, "exp": expires, "sig": signature})
         return f"{path}?{own}&{query}" if own else f"{path}?{query}", expires
 
-    def verify(self, request: web.Request, keyring: KeyRing) -> KeyRecord:
-        """The key a signed link was made for; ApiError 403 when it is tampered, expired, revoked or not a GET.
-        (Its expiry is then ``int(request.query["exp"])``.)"""
+    def verify(self, request: web.Request) -> str:
+        """The id of the key a signed link was made for; ApiError 403 when it is tampered, expired or not a GET.
+        (Its expiry is then ``int(request.query["exp"])``.) Whether that key still exists is the caller's to ask
+        (the auth middleware looks it up in the key ring), so signing knows nothing of keys."""
         query = request.query
         key_id, expires, signature = query.get("kid", ""), query.get("exp", ""), query.get("sig", "")
         if request.method not in ("GET", "HEAD"):
@@ -107,13 +105,7 @@ class UrlSigner:
             raise ApiError(403, "invalid_signature", "the link's signature does not match")
         if int(expires) < time.time():
             raise ApiError(403, "signature_expired", "the signed link has expired; fetch a fresh one")
-        record = keyring.get(key_id)
-        if record is None:
-            raise ApiError(403, "invalid_signature", "the key this link was made for has been revoked")
-        return record
-
-
-SIGNER = web.AppKey("url_signer", UrlSigner)
+        return key_id
 
 
 def signed_url(app: web.Application, key_id: str | None, path: str, ttl: int | None = None) -> str:

@@ -1,10 +1,12 @@
-"""The provider simulator: an aiohttp app that speaks the parts of Gemini's, Vertex's and Replicate's HTTP APIs we use.
+"""The provider simulator's state: its knobs, persisted records, injected faults, and the keys of its app.
 
-It backs offline sandbox mode and the tests, which point the real SDK clients at it. Predictions and operations are
-stored as JSON records under ``state_dir`` and their status is derived from the time they were created, so they
-outlive a restart exactly like a remote service's would.
+Predictions and operations are stored as JSON records under ``state_dir`` and their status is derived from the time
+they were created, so they outlive a restart exactly like a remote service's would. Faults are injected per route
+with :meth:`Simulator.add_fault` (in process) or ``POST /_sim/faults`` (out of process).
 
-Faults are injected per route with :meth:`Simulator.add_fault` (in process) or ``POST /_sim/faults`` (out of process).
+A leaf of the sandbox: the API modules (:mod:`~mvserver.sandbox.gemini_api`, :mod:`~mvserver.sandbox.replicate_api`,
+:mod:`~mvserver.sandbox.webhooks`) read the state through these keys, and :mod:`mvserver.sandbox.app` builds the app
+from them, so nothing here imports back.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import json
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
 
-from mvserver.core.storage import write_bytes_atomic
+from mvserver.core.artefacts import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from mvserver.sandbox.webhooks import WebhookSender
 
 FaultKind = Literal[
     "status",
@@ -40,8 +44,6 @@ FaultKind = Literal[
     "bad_signature",
     "old_timestamp",
 ]
-SIMULATOR = web.AppKey("simulator", "Simulator")
-RENDER_SLOTS = web.AppKey("render_slots", asyncio.Semaphore)  # renders (image, video, lip sync) running at once
 
 
 @dataclass
@@ -75,6 +77,8 @@ class Simulator:
     image_latency: float = 1.5
     scenes_latency: float = 0.5
     render_cache: bool = False  # identical video requests share one rendered MP4 (benchmarks)
+    # where render_cache keeps the MP4s (default state_dir/cache); simulators, also in other processes, may share one
+    render_cache_dir: Path | None = None
     output_pad_bytes: int = 0  # bytes of MP4 ``free`` box appended to each rendered video (large-file benchmarks)
     # Outputs rendered at once by one simulator app (the others wait): each may decode a reference image of up to
     # 40 MP (about 40 MB for a 1-bit or palette PNG, 160 MB for an RGB one) and runs an ffmpeg.
@@ -138,69 +142,6 @@ class Simulator:
         return time.time() - record["created_at"]
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def fault_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Apply a pending transport-level fault for this route before the real handler runs."""
-    sim = request.app[SIMULATOR]
-    route = request.match_info.route.name or ""
-    sim.requests.append((route, request.path))
-    fault = sim.take_fault(route, ("status", "reset", "hang", "truncate", "invalid_json"))
-    if fault is None:
-        return await handler(request)
-    if fault.kind == "status":
-        headers = {"Retry-After": str(int(fault.retry_after))} if fault.retry_after is not None else None
-        body = fault.body if fault.body is not None else {"detail": f"simulated {fault.status}", "status": fault.status}
-        return web.json_response(body, status=fault.status, headers=headers)
-    if fault.kind == "reset":
-        request.transport.close()  # type: ignore[union-attr]
-        raise asyncio.CancelledError()
-    if fault.kind == "hang":
-        await asyncio.sleep(3600)
-    if fault.kind == "invalid_json":
-        return web.Response(text="{not json", content_type="application/json")
-    # truncate: promise a body, send half, close.
-    response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "2000"})
-    await response.prepare(request)
-    await response.write(b'{"truncated": "' + b"x" * 900)
-    request.transport.close()  # type: ignore[union-attr]
-    return response
-
-
-async def add_fault_endpoint(request: web.Request) -> web.Response:
-    """``POST /_sim/faults`` with a :class:`Fault` as JSON."""
-    fault = request.app[SIMULATOR].add_fault(**await request.json())
-    return web.json_response(asdict(fault))
-
-
-async def clear_faults_endpoint(request: web.Request) -> web.Response:
-    request.app[SIMULATOR].faults.clear()
-    return web.json_response({"faults": []})
-
-
-def create_simulator_app(sim: Simulator) -> web.Application:
-    """The simulator app: ``/gemini`` (Developer API), ``/vertex`` (Veo) and ``/replicate`` (Replicate API)."""
-    from mvserver.sandbox import gemini_api, replicate_api, webhooks
-
-    app = web.Application(middlewares=[fault_middleware], client_max_size=64 * 1024 * 1024)
-    app[SIMULATOR] = sim
-    app[RENDER_SLOTS] = slots = asyncio.Semaphore(sim.max_concurrent_renders)
-    app[webhooks.SENDER] = sender = webhooks.WebhookSender(sim)
-    app.cleanup_ctx.append(sender.context)
-    app.router.add_post("/_sim/faults", add_fault_endpoint, name="sim.faults")
-    app.router.add_delete("/_sim/faults", clear_faults_endpoint, name="sim.faults.clear")
-    gemini_api.add_routes(app.router, slots)
-    replicate_api.add_routes(app.router, slots)
-    return app
-
-
-async def start_simulator(sim: Simulator, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, str]:
-    """Serve the simulator on a loopback port; return the runner (to clean up) and its base URL."""
-    runner = web.AppRunner(create_simulator_app(sim), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://{host}:{bound}"
+SIMULATOR: web.AppKey[Simulator] = web.AppKey("simulator")
+RENDER_SLOTS: web.AppKey[asyncio.Semaphore] = web.AppKey("render_slots")  # renders (image, video, lip sync) at once
+SENDER: web.AppKey[WebhookSender] = web.AppKey("webhook_sender")  # the simulated Replicate webhooks
