@@ -56,6 +56,7 @@ class VideoRequest:
     reference_mime_type: str | None = None
     webhook: str | None = None  # where the provider should push updates (Replicate only; others poll)
     cancel_after: float | None = None  # seconds left of the client's deadline (the provider's own, where it has one)
+    logs: bool = False  # the client wants the provider's log lines: pushed as they grow (Replicate webhooks)
 
 
 @dataclass(frozen=True)

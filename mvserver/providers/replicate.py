@@ -34,7 +34,11 @@ from mvserver.providers.outputs import Media, OutputHosts, checked_chunks, too_l
 NAME = "replicate"
 DOWNLOAD_CHUNK = 1 << 16
 _EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
-WEBHOOK_EVENTS = ["start", "logs", "completed"]
+# Which webhooks a prediction gets: its start and its end. ``logs`` (at most one delivery every 500 ms while it runs,
+# each an HTTP request, a signature check and a progress event here) only for a job that asked for the provider's
+# log lines (``provider_logs``); without it, progress between the two comes from the ETA (``eta_seconds``).
+WEBHOOK_EVENTS = ["start", "completed"]
+WEBHOOK_EVENTS_WITH_LOGS = ["start", "logs", "completed"]
 MAX_REDIRECTS = 5  # an output URL may redirect this often; each hop must be an allowed host too
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 ERROR_BODY_BYTES = 500  # of a failed download's body, kept for the error
@@ -183,12 +187,21 @@ class ReplicateProvider:
         return await observed_call(NAME, self.observe, coro, operation)
 
     async def create(
-        self, model: str, inputs: dict[str, Any], webhook: str | None = None, *, cancel_after: float | None = None
+        self,
+        model: str,
+        inputs: dict[str, Any],
+        webhook: str | None = None,
+        *,
+        cancel_after: float | None = None,
+        logs: bool = False,
     ) -> Prediction:
         """Create a prediction of an official model (``owner/name``); POSTs are never retried by the client.
-        With ``webhook``, Replicate pushes its start, logs and end there; with ``cancel_after`` (seconds), Replicate
-        cancels the prediction itself at that deadline (its ``Cancel-After`` header)."""
-        hook: dict[str, Any] = {"webhook": webhook, "webhook_events_filter": WEBHOOK_EVENTS} if webhook else {}
+        With ``webhook``, Replicate pushes its start and end there, and with ``logs`` its new logs too (at most every
+        500 ms); with ``cancel_after`` (seconds), Replicate cancels the prediction itself at that deadline (its
+        ``Cancel-After`` header)."""
+        hook: dict[str, Any] = {}
+        if webhook:
+            hook = {"webhook": webhook, "webhook_events_filter": WEBHOOK_EVENTS_WITH_LOGS if logs else WEBHOOK_EVENTS}
         token = _CANCEL_AFTER.set(None if cancel_after is None else cancel_after_header(cancel_after))
         try:
             return await self._call(
@@ -380,7 +393,11 @@ class ReplicateProvider:
 
     async def start(self, request: VideoRequest) -> str:
         prediction = await self.create(
-            self.model, self.video_inputs(request), request.webhook, cancel_after=request.cancel_after
+            self.model,
+            self.video_inputs(request),
+            request.webhook,
+            cancel_after=request.cancel_after,
+            logs=request.logs,
         )
         return prediction.id
 
