@@ -40,8 +40,10 @@ from bench.common import (
     percentile,
     print_table,
     processes,
+    profile_args,
     raise_open_files_limit,
     read_sse,
+    spy,
     start_simulator,
     wait_http,
     workdir,
@@ -73,13 +75,23 @@ def start_node(started: list[Process], work: Path, index: int, env: dict[str, st
     port = free_port()
     proc = Process(
         f"node-{index}",
-        [sys.executable, "-m", "bench.run_server", "--host", HOST, "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "bench.run_server",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            *profile_args(f"node-{index}", port),
+        ],
         work / f"node-{index}.log",
         env=env,
     )
     started.append(proc)
     base = f"http://{HOST}:{port}"
     wait_http(f"{base}/api/mv/health", proc, timeout=60)
+    spy(started, proc, f"node-{index}")
     return base, proc
 
 

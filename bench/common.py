@@ -215,11 +215,46 @@ def start_server(
     args = [sys.executable, "-m", "bench.run_server", "--host", HOST, "--port", str(port)] + (
         ["--stats"] if stats else []
     )
+    args += profile_args("mvserver-webhooks" if webhooks else "mvserver", port)
     proc = Process("mvserver", args, workdir / "mvserver.log", env=env, cpus=cpus)
     started.append(proc)
     base = f"http://{HOST}:{port}"
     wait_http(f"{base}/api/mv/health", proc)
+    spy(started, proc, "mvserver-webhooks" if webhooks else "mvserver")
     return base
+
+
+def profile_args(name: str, port: int) -> list[str]:
+    """``--profile`` for a server when ``MVBENCH_PROFILE`` names a directory (cProfile, one file per server)."""
+    target = os.environ.get("MVBENCH_PROFILE")
+    if not target:
+        return []
+    Path(target).mkdir(parents=True, exist_ok=True)
+    return ["--profile", str(Path(target) / f"{name}-{port}.prof")]
+
+
+def spy(started: list[Process], server: Process, name: str) -> None:
+    """With ``MVBENCH_PYSPY`` naming a directory, sample ``server`` with py-spy (collapsed stacks, written when the
+    server exits; ``python -m bench.profile_report`` reads them). Started before the server in ``started``'s order
+    of stopping, so the server stops first and py-spy writes its file."""
+    target = os.environ.get("MVBENCH_PYSPY")
+    if not target:
+        return
+    Path(target).mkdir(parents=True, exist_ok=True)
+    out = Path(target) / f"{name}-{server.pid}.txt"
+    py_spy = str(Path(sys.executable).parent / "py-spy")
+    args = [py_spy, "record", "--pid", str(server.pid), "--format", "raw", "--rate", "50", "--nonblocking"]
+    proc = _Spy(f"py-spy {name}", [*args, "--output", str(out)], out.with_suffix(".log"))
+    started.insert(started.index(server), proc)
+
+
+class _Spy(Process):
+    """py-spy ends by itself once its server is gone, and writes its file then: give it time to."""
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(60)
+        super().stop(timeout)
 
 
 def workdir(prefix: str) -> Path:

@@ -5,9 +5,13 @@ baseline (``bench/naive_server.py``: sync client, ``time.sleep`` poll loop insid
 at a time, so it costs about N x L: it is run in full only when N x L fits ``--baseline-budget``; otherwise it runs
 for ``--baseline-cap`` seconds and the total is extrapolated from the jobs that finished (labelled as such).
 With ``--webhooks`` a second mvserver, whose predictions push Replicate webhooks to it (safety poll 30 s), runs the
-same job counts after the polling one, in the same run; CPU per job is compared.
+same job counts after the polling one, in the same run; CPU per job is compared. Events per job counts what each
+job's stream carried (a webhook job: one ``progress`` event per delivery applied). ``--provider-logs``: the jobs ask
+for the provider's log lines (with webhooks, Replicate's ``logs`` deliveries every 500 ms), as every job did before
+that option existed.
 
-    python -m bench.concurrency [--n 50 200] [--latency 5] [--webhooks] [--baseline-budget 300] [--baseline-cap 30]
+    python -m bench.concurrency [--n 50 200] [--latency 5] [--webhooks] [--provider-logs] [--baseline-budget 300]
+        [--baseline-cap 30]
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import argparse
 import asyncio
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -55,31 +61,34 @@ class Run:
     cpu: float  # CPU seconds of the server process during the run
     sim_cpu: float  # CPU seconds of the simulator process during the run
     how: str
+    events: int = 0  # events the jobs' streams carried (mvserver)
 
 
-async def watch_job(session: aiohttp.ClientSession, base: str) -> tuple[str, float]:
-    """Submit one job and follow its events to the end; (final status, time it was received)."""
-    async with session.post(f"{base}/api/mv/generate_video", json=BODY) as response:
+async def watch_job(session: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> tuple[str, float, int]:
+    """Submit one job and follow its events to the end; (final status, time it was received, events received)."""
+    async with session.post(f"{base}/api/mv/generate_video", json=body) as response:
         if response.status != 202:
-            return f"http {response.status}", time.time()
+            return f"http {response.status}", time.time(), 0
         job = await response.json()
-    async with session.get(base + job["events_url"]) as response:
+    # with webhooks on, the server's public base URL makes its links absolute
+    events = 0
+    async with session.get(urllib.parse.urljoin(base, job["events_url"])) as response:
         async for received, event in read_sse(response):
+            events += 1
             if event.get("event") in FINAL:
-                return event["event"], received
-    return "stream ended", time.time()
+                return event["event"], received, events
+    return "stream ended", time.time(), events
 
 
-async def run_mvserver(base: str, n: int, pid: int, sim_pid: int) -> Run:
+async def run_mvserver(base: str, n: int, pid: int, sim_pid: int, body: dict[str, Any] = BODY) -> Run:
     cpu_before, sim_before = cpu_seconds(pid), cpu_seconds(sim_pid)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=NO_TIMEOUT) as session:
         started = time.time()
-        results = await asyncio.gather(*(watch_job(session, base) for _ in range(n)))
-    ok = [at for status, at in results if status == "succeeded"]
-    wall = max(at for _, at in results) - started
-    return Run(
-        "mvserver", n, wall, len(ok), cpu_seconds(pid) - cpu_before, cpu_seconds(sim_pid) - sim_before, "measured"
-    )
+        results = await asyncio.gather(*(watch_job(session, base, body) for _ in range(n)))
+    ok = [at for status, at, _ in results if status == "succeeded"]
+    wall = max(at for _, at, _ in results) - started
+    cpu, sim_cpu = cpu_seconds(pid) - cpu_before, cpu_seconds(sim_pid) - sim_before
+    return Run("mvserver", n, wall, len(ok), cpu, sim_cpu, "measured", sum(events for _, _, events in results))
 
 
 async def naive_request(session: aiohttp.ClientSession, base: str) -> float:
@@ -147,7 +156,7 @@ async def main_async(args: argparse.Namespace) -> list[Run]:
         sim = start_simulator(started, work, video_latency=args.latency)
         sim_pid = started[-1].pid
         settings = bench_settings(work, poll_interval_seconds=args.poll, max_concurrent=max(args.n))
-        for webhooks in (False, True) if args.webhooks else (False,):
+        for webhooks in ((False,) if not args.skip_polling else ()) + ((True,) if args.webhooks else ()):
             base = start_server(
                 started,
                 work,
@@ -157,9 +166,12 @@ async def main_async(args: argparse.Namespace) -> list[Run]:
                 extra_env={"MV_OUTPUT_DIR": str(work / f"outputs-{int(webhooks)}")},
             )
             server_pid = started[-1].pid
-            await run_mvserver(base, 1, server_pid, sim_pid)  # warm-up: renders the cached clip, opens connections
+            body = {**BODY, "provider_logs": True} if args.provider_logs else BODY
+            await run_mvserver(
+                base, 1, server_pid, sim_pid, body
+            )  # warm-up: renders the cached clip, opens connections
             for n in args.n:
-                run = await run_mvserver(base, n, server_pid, sim_pid)
+                run = await run_mvserver(base, n, server_pid, sim_pid, body)
                 run.server = "mvserver webhooks" if webhooks else "mvserver polling"
                 runs.append(run)
             started.pop().stop()
@@ -191,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--webhooks", action="store_true", help="also run mvserver with Replicate webhooks on")
+    parser.add_argument("--skip-polling", action="store_true", help="with --webhooks: run only the webhooks server")
+    parser.add_argument(
+        "--provider-logs", action="store_true", help="mvserver jobs ask for the provider's logs (provider_logs)"
+    )
     args = parser.parse_args(argv)
     raise_open_files_limit()
     runs = asyncio.run(main_async(args))
@@ -205,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             r.cpu,
             1000 * r.cpu / r.n,
             r.sim_cpu,
+            r.events / r.n if r.events else "",
             r.how,
         )
         for r in runs
@@ -222,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             "server CPU (s)",
             "CPU/job (ms)",
             "sim CPU (s)",
+            "events/job",
             "how",
         ],
         rows,

@@ -3,6 +3,10 @@
 Settings and provider endpoints come from the environment (``MV_*``), as for the real command. ``--stats`` adds
 ``GET /_bench/stats`` (asyncio tasks, jobs by status, descriptors) and ``GET /_bench/timings`` (server-side time of
 each request by route, from a first middleware; ``?reset=1`` clears it) for the benchmarks that need them.
+``--profile FILE`` runs the server under cProfile and writes its stats to ``FILE`` (pstats) and the top entries by
+cumulative and self time (CPU time of the event loop's thread) to ``FILE.txt`` when it stops, with the CPU time
+of each thread (``python -m bench.profile_report FILE`` prints them again).
+The benchmarks pass it to every server they start when ``MVBENCH_PROFILE`` names a directory.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import cProfile
 import logging
 import os
 import resource
@@ -71,13 +76,28 @@ async def timings(request: web.Request) -> web.Response:
     return web.json_response(payload)
 
 
+def _thread_cpu() -> list[tuple[str, float]]:
+    """CPU seconds of each thread of this process (the event loop's, the default executor's, ...)."""
+    found = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            stat = open(f"/proc/self/task/{task}/stat").read()
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        found.append((f"{task} {name}", (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")))
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run_server")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--stats", action="store_true", help="add /_bench/stats and /_bench/timings")
+    parser.add_argument("--profile", metavar="FILE", help="run under cProfile; write the stats to FILE at exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # as python -m mvserver: no line per provider call
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     app = create_app()
     if args.stats:
@@ -85,7 +105,18 @@ def main(argv: list[str] | None = None) -> int:
         app.middlewares.insert(0, timing_middleware)
         app.router.add_get("/_bench/stats", stats)
         app.router.add_get("/_bench/timings", timings)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    # The event loop's thread CPU time, not wall time: on a busy machine wall time mostly measures the others' work.
+    profiler = cProfile.Profile(time.thread_time) if args.profile else None
+    if profiler is not None:
+        profiler.enable()
+    try:
+        web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            from bench.profile_report import write_profile
+
+            write_profile(profiler, args.profile, threads=_thread_cpu())
     return 0
 
 

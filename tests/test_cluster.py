@@ -32,6 +32,7 @@ from helpers import (
     until,
     with_signal,
 )
+from redis.asyncio import Redis
 
 from mvserver.web.access.auth import KeyLimits, create_key
 
@@ -98,6 +99,42 @@ async def test_submit_on_a_stream_on_b_cancel_on_c_and_every_node_answers_the_sa
         assert (await state(http, base, doomed))["status"] == "canceled"
         async with http.get(f"{base}/api/mv/get_video/{doomed}") as response:
             assert response.status == 409 and (await response.json())["error"]["code"] == "job_canceled"
+
+
+@pytest.mark.video_seconds(300)
+async def test_events_reach_a_subscriber_on_another_node_as_they_are_written(
+    cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
+    """Jobs running on node A, followed on node B: B subscribes to each job's event channel, which A's write script
+    publishes to, so every event arrives at once (no blocking read over every followed job's log to restart, no
+    wake stream written to Redis per job followed), all of them, in order."""
+    await sim_up(http, cluster)
+    [a] = await nodes_up(http, cluster, 1)
+    jobs = [await submit(http, a) for _ in range(8)]
+    for job_id in jobs:
+        await until(http, a, job_id, lambda s: s["stage"] == "generating")  # all of them run on A
+    [b] = await nodes_up(http, cluster, 1)
+    received: list[list[tuple[float, dict[str, Any]]]] = [[] for _ in jobs]
+    connected = time.time()
+    streams = asyncio.gather(*(follow(http, b, job_id, got) for job_id, got in zip(jobs, received)))
+    async with asyncio.timeout(30):
+        while not all(any(e["data"]["event_time"] > connected for _, e in got) for got in received):
+            await asyncio.sleep(0.05)  # every stream is open and has had a live progress event
+    cluster.fast_forward(1.0)
+    followed = await asyncio.wait_for(streams, 60)
+    delays = []
+    for events, got in zip(followed, received):
+        assert_ids_exact(events)
+        assert events[-1]["event"] == "succeeded"
+        offset = time.time() - time.monotonic()
+        delays += [at + offset - e["data"]["event_time"] for at, e in got if e["data"]["event_time"] > connected]
+    assert len(delays) >= len(jobs) * 2, delays  # live progress events and the final one, not only the history
+    assert max(delays) < 1.0, sorted(delays)[-5:]
+    redis = Redis.from_url(cluster.redis.url, decode_responses=True)
+    try:
+        assert await redis.keys("cluster:wake:*") == []  # following a job writes nothing
+    finally:
+        await redis.aclose()
 
 
 @pytest.mark.video_seconds(300)

@@ -70,6 +70,39 @@ def test_render_with_a_missing_variable_names_the_template() -> None:
         config.render("scenes.prompt", idea="only this")
 
 
+def test_a_settings_template_is_rendered_once_per_value_of_the_variables_it_names(
+    settings_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load(settings_copy)
+    template = config.templates["videos.video_rules_template"]
+    renders: list[dict[str, Any]] = []
+    real = template.render
+
+    def counted(**variables: Any) -> str:
+        renders.append(variables)
+        return str(real(**variables))
+
+    monkeypatch.setattr(template, "render", counted)
+    first = config.render("videos.video_rules_template", prompt="a fox", aspect_ratio="16:9", duration=8)
+    again = config.render("videos.video_rules_template", prompt="a heron", aspect_ratio="16:9", duration=8)
+    assert first == again and "16:9" in first and "8 seconds" in first
+    assert len(renders) == 1  # the shipped rules name aspect_ratio and duration, not the prompt
+    tall = config.render("videos.video_rules_template", prompt="a fox", aspect_ratio="9:16", duration=4)
+    assert "9:16" in tall and "4 seconds" in tall and len(renders) == 2
+
+    # a template that names the prompt renders each prompt; a missing variable still names the template
+    edit(settings_copy, "videos", _set(["video_rules_template"], "About {{ prompt }} in {{ aspect_ratio }}."))
+    config = load(settings_copy)
+    assert config.render("videos.video_rules_template", prompt="a fox", aspect_ratio="1:1", duration=4) == (
+        "About a fox in 1:1."
+    )
+    assert config.render("videos.video_rules_template", prompt="a heron", aspect_ratio="1:1", duration=4) == (
+        "About a heron in 1:1."
+    )
+    with pytest.raises(ConfigError, match=r"video_rules_template"):
+        config.render("videos.video_rules_template", prompt="a fox", duration=4)
+
+
 def _set(path: list[str], value: Any) -> Callable[[dict[str, Any]], None]:
     def change(data: dict[str, Any]) -> None:
         node = data

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from mvserver.appkeys import JOBS
 from mvserver.jobs import redis_store
-from mvserver.jobs.redis_store import GROUP, WAKE_TTL_SECONDS, RedisJobStore
+from mvserver.jobs.redis_store import GROUP, RedisJobStore
 
 
 async def answers(client: Any) -> dict[str, tuple[int, Any]]:
@@ -72,19 +72,20 @@ async def test_the_openapi_document_lists_liveness_readiness_and_the_store_503(m
     assert "503" in paths["/api/mv/projects/{project_id}"]["patch"]["responses"]
 
 
-async def test_a_nodes_wake_stream_expires(make_client: AppClient, redis_process: RedisServer) -> None:
+async def test_following_a_job_leaves_no_key_of_the_node_in_redis(
+    make_client: AppClient, redis_process: RedisServer
+) -> None:
+    """A node follows jobs through pub/sub subscriptions: nothing of its own is written to Redis that could outlive
+    it (its former wake stream needed an expiry for that)."""
     client = await make_client(MV_REDIS_URL=redis_process.url, MV_REDIS_PREFIX="mvw:")
     node = client.app[JOBS].store.node
     redis = Redis.from_url(redis_process.url)
     try:
-        ttl = await redis.pttl(f"mvw:wake:{node}")
-        assert 0 < ttl <= WAKE_TTL_SECONDS * 1000  # written at start-up, with an expiry
         created = await client.post("/api/mv/generate_video", json={"prompt": "a cat on a roof", "duration": 4})
         job_id = (await created.json())["job_id"]
-        async with client.get(f"/api/mv/jobs/{job_id}/events") as stream:  # following a job pokes the stream
+        async with client.get(f"/api/mv/jobs/{job_id}/events") as stream:
             await stream.content.readline()
-        ttl = await redis.pttl(f"mvw:wake:{node}")
-        assert 0 < ttl <= WAKE_TTL_SECONDS * 1000
+        assert await redis.keys(f"mvw:*{node}*") == []
     finally:
         await redis.aclose()
 

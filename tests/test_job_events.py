@@ -63,7 +63,7 @@ async def test_poll_events_carry_what_moves_and_status_events_the_full_state(
     client: TestClient, sim: Simulator
 ) -> None:
     sim.video_latency = 0.6
-    accepted = await submit(client)
+    accepted = await submit(client, provider_logs=True)  # the provider's log lines move too
     events = await events_of(client, accepted["job_id"])
     progress = [e["data"] for e in events if e["event"] == "progress" and e["data"]["stage"] == "generating"][1:]
     assert progress and all(

@@ -159,9 +159,11 @@ async def test_the_first_event_carries_retry_and_pings_follow_the_interval(
     assert len(pings) >= stream_seconds / interval / 3
 
 
-async def test_progress_events_carry_the_tail_of_the_provider_logs(client: TestClient, sim: Simulator) -> None:
+async def test_progress_events_carry_the_tail_of_the_provider_logs_when_asked(
+    client: TestClient, sim: Simulator
+) -> None:
     sim.video_latency = 1.5
-    accepted = await submit(client)
+    accepted = await submit(client, provider_logs=True)
     events = await events_of(client, accepted["job_id"])
     with_logs = [e["data"]["logs"] for e in events if e["event"] == "progress" and e["data"].get("logs")]
     assert with_logs, statuses(events)
@@ -170,3 +172,13 @@ async def test_progress_events_carry_the_tail_of_the_provider_logs(client: TestC
         assert 1 <= len(lines) <= 3
         assert any("%|" in line for line in lines)  # tqdm-style progress lines from the simulated model
     assert all("logs" not in e["data"] for e in events if e["event"] != "progress")
+
+
+async def test_without_provider_logs_polled_progress_events_carry_no_logs(client: TestClient, sim: Simulator) -> None:
+    sim.video_latency = 1.5
+    accepted = await submit(client)
+    events = await events_of(client, accepted["job_id"])
+    progress = [e["data"] for e in events if e["event"] == "progress" and e["data"]["stage"] == "generating"]
+    assert len(progress) >= 3, statuses(events)  # polled while the provider's logs grew
+    assert any(p["progress"] for p in progress)  # the provider's progress (parsed from its logs) still moves the bar
+    assert not any("logs" in e["data"] for e in events)

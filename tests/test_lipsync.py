@@ -200,6 +200,23 @@ async def test_cancel_stops_the_prediction(client: TestClient, sim: Simulator) -
     assert gone.status == 409 and (await gone.json())["error"]["code"] == "job_canceled"
 
 
+async def test_with_webhooks_only_a_job_that_asks_for_provider_logs_gets_logs_webhooks(
+    hook_client: Any, sim: Simulator
+) -> None:
+    client = await hook_client()
+    clip_id = await make_clip(client, sim)
+    audio_id = make_song(client, 10.0)
+    sim.video_latency = 0.5
+    filters = []
+    for asked in (False, True):
+        accepted = await submit(client, video_job_id=clip_id, audio_id=audio_id, provider_logs=asked)
+        events = await events_of(client, accepted["job_id"])
+        assert events[-1]["event"] == "succeeded", events[-1]
+        record = sim.load("predictions", events[-1]["data"]["provider_prediction_id"])
+        filters.append(record["webhook_events_filter"])
+    assert filters == [["start", "completed"], ["start", "logs", "completed"]]
+
+
 async def test_a_running_job_resumes_with_the_same_prediction_after_a_restart(make_client: Any, sim: Simulator) -> None:
     first = await make_client()
     clip_id = await make_clip(first, sim)

@@ -24,7 +24,7 @@ from mvserver.media.args import AUDIO_DEMUXERS, duration_arg, input_args, song_d
 from mvserver.media.assemble import AssemblyResult, Clip
 from mvserver.media.errors import AssemblyInputError, DurationError, MediaError, MediaMemoryError, MediaTimeout
 from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
-from mvserver.media.probe import MediaInfo, probe, probe_clips, stream_duration
+from mvserver.media.probe import MediaInfo, probe, probe_and_write, probe_clips, stream_duration
 from mvserver.media.run import ffmpeg_exe, run_ffmpeg, run_lock
 from mvserver.media.song import AAC_FRAME_SECONDS, SongCopy
 from mvserver.media.song import encode_song_copies as encode_copies
@@ -142,6 +142,24 @@ async def test_probe_describes_a_sandbox_clip(clips: dict[str, Path]) -> None:
     assert audio is not None and (audio.codec, audio.sample_rate, audio.channels) == ("aac", 48000, 2)
     assert (await probe(clips["silent"])).audio == ()
     assert await stream_duration(clips["a"], "v:0", fps=video.fps) == pytest.approx(6.0)
+
+
+async def test_probe_and_write_reads_as_probe_does_and_writes_its_output(
+    clips: dict[str, Path], tmp_path: Path
+) -> None:
+    frame = tmp_path / "frame.png"
+    info, failure = await probe_and_write(clips["a"], ["-map", "0:v:0", "-frames:v", "1", "-y", str(frame)])
+    assert failure is None and info == await probe(clips["a"])
+    assert Image.open(frame).size == (640, 360)
+    # an output that cannot be written: the input is still described, and the failure says why
+    missing = tmp_path / "missing.png"
+    info, failure = await probe_and_write(clips["silent"], ["-map", "0:a:0", "-y", str(missing)], demuxers=["mov"])
+    assert info == await probe(clips["silent"]) and failure is not None and "0:a:0" in failure
+    assert not missing.exists()
+    notes = tmp_path / "notes.mp4"
+    notes.write_text("this is text with an .mp4 name\n" * 100)
+    with pytest.raises(MediaError):
+        await probe_and_write(notes, ["-map", "0:v:0", "-y", str(missing)], demuxers=["mov"])
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,10 @@ from mvserver.appkeys import ARTEFACTS, STORE
 from mvserver.core.artefacts import artefact_key
 from mvserver.core.config import PosterSettings
 from mvserver.jobs import Job
+from mvserver.media import probe as probe_module
+from mvserver.media import run as run_module
 from mvserver.media.errors import MediaError
+from mvserver.media.probe import probe
 from mvserver.sandbox.app import Simulator
 from mvserver.videos.posters import describe, stored_hook
 
@@ -130,6 +134,47 @@ async def test_a_clip_ffmpeg_cannot_read_has_no_poster_and_the_job_is_unharmed(
     await store.put_bytes(clip, png.read_bytes())
     with pytest.raises(MediaError):
         await describe(job, store, clip, PosterSettings())
+    assert await store.stat(poster) is None
+    assert not list(client.app[STORE].root.glob("videos/.*"))  # no temporary left behind
+
+
+async def test_a_stored_clip_is_described_and_cut_by_one_ffmpeg_start(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = client.app[ARTEFACTS]
+    source, audio = tmp_path / "clip.mp4", tmp_path / "audio.mp4"
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    lavfi = ["-f", "lavfi", "-i", "testsrc=size=320x240:rate=24:duration=2", "-f", "lavfi", "-i", "sine=d=2"]
+    subprocess.run([ffmpeg, "-v", "error", "-y", *lavfi, "-pix_fmt", "yuv420p", str(source)], check=True, timeout=60)
+    subprocess.run([ffmpeg, "-v", "error", "-y", *lavfi[4:], str(audio)], check=True, timeout=60)
+    expected = await probe(source, demuxers=["mov"])
+    starts: list[Sequence[str]] = []
+    real = run_module.spawn_ffmpeg
+
+    async def counted(args: Sequence[str], *rest: Any, **options: Any) -> Any:
+        starts.append(args)
+        return await real(args, *rest, **options)
+
+    monkeypatch.setattr(run_module, "spawn_ffmpeg", counted)
+    monkeypatch.setattr(probe_module, "spawn_ffmpeg", counted)
+
+    job = Job(id="1" * 8 + "-0000-4000-8000-" + "0" * 12, backend="replicate", model="m", sandbox=True, request={})
+    clip, poster = artefact_key("videos", job.id, ".mp4"), artefact_key("videos", job.id, ".jpg")
+    await store.put_bytes(clip, source.read_bytes())
+    await describe(job, store, clip, PosterSettings(max_side=160))
+    assert len(starts) == 1  # the header and the poster from the same run
+    assert expected.duration is not None and job.video_seconds == round(expected.duration, 3)
+    assert job.poster and (job.video_width, job.video_height) == (320, 240)
+    image = Image.open(io.BytesIO(await store.get_bytes(poster)))
+    assert image.format == "JPEG" and image.size == (160, 120)
+
+    # an MP4 without a video stream is described by that one run too: not a clip, no poster, nothing noted
+    starts.clear()
+    sound = Job(id="2" * 8 + "-0000-4000-8000-" + "0" * 12, backend="replicate", model="m", sandbox=True, request={})
+    clip, poster = artefact_key("videos", sound.id, ".mp4"), artefact_key("videos", sound.id, ".jpg")
+    await store.put_bytes(clip, audio.read_bytes())
+    await describe(sound, store, clip, PosterSettings())
+    assert len(starts) == 1 and (sound.poster, sound.video_seconds, sound.video_width) == (False, None, None)
     assert await store.stat(poster) is None
     assert not list(client.app[STORE].root.glob("videos/.*"))  # no temporary left behind
 

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,11 @@ from PIL import Image
 from replicate.exceptions import ModelError, ReplicateError
 from replicate.prediction import Prediction
 
+from mvserver.core.artefacts import LocalArtefacts, OutputStore
+from mvserver.core.errors import ApiError
+from mvserver.providers.base import VideoRequest
+from mvserver.providers.outputs import OutputHosts, url_origin
+from mvserver.providers.replicate import ReplicateProvider, make_client
 from mvserver.sandbox import replicate_api
 from mvserver.sandbox.app import Simulator, create_simulator_app
 
@@ -400,3 +407,98 @@ def test_data_uri_decoding() -> None:
     assert replicate_api._data_uri_bytes("data:image/png;base64," + base64.b64encode(data).decode()) == data
     with pytest.raises(replicate_api.InputFileError):
         replicate_api._data_uri_bytes("data:image/png;base64,@@@")
+
+
+# -- the server's Replicate provider: creates and polls sent with aiohttp, as the client library sent them ----------
+
+
+@pytest.fixture
+async def provider(sim_server: TestServer, tmp_path: Path) -> AsyncIterator[ReplicateProvider]:
+    """The service's provider against the simulator, with a short per-request timeout."""
+    async with aiohttp.ClientSession() as session:
+        built = ReplicateProvider(
+            make_client("r8_test", base_url(sim_server), 1.0),
+            session,
+            LocalArtefacts(OutputStore(tmp_path / "outputs")),
+            video_model="google/veo-3.1",
+            request_timeout=1.0,
+            sandbox=False,
+            output_hosts=OutputHosts((url_origin(sim_server.make_url("/")) or "",)),
+            video_max_bytes=1 << 24,
+            image_max_bytes=1 << 24,
+        )
+        yield built
+        await built.aclose()
+
+
+def video_request(**changes: Any) -> VideoRequest:
+    return VideoRequest(
+        prompt=VIDEO_PROMPT, negative_prompt="", aspect_ratio="16:9", duration=4, generate_audio=False, **changes
+    )
+
+
+async def test_the_providers_create_sends_the_webhook_its_events_and_cancel_after_without_waiting(
+    provider: ReplicateProvider, sim: Simulator
+) -> None:
+    sim.video_latency = 30
+    prediction = await provider.create(
+        "google/veo-3.1",
+        {"prompt": VIDEO_PROMPT, "duration": 4},
+        "http://127.0.0.1:9/hook?job=j1",
+        cancel_after=89.2,
+    )
+    assert prediction.status == "starting"  # answered at once: no ``Prefer: wait``
+    record = sim.load("predictions", prediction.id)
+    assert record is not None and record["cancel_after"] == 90  # rounded up, as the Cancel-After header says
+    assert record["webhook"] == "http://127.0.0.1:9/hook?job=j1"
+    assert record["webhook_events_filter"] == ["start", "completed"]
+    assert record["input"] == {"prompt": VIDEO_PROMPT, "duration": 4}
+    with_logs = await provider.create("google/veo-3.1", {"prompt": VIDEO_PROMPT}, "http://127.0.0.1:9/h", logs=True)
+    again = sim.load("predictions", with_logs.id)
+    assert again is not None and again["webhook_events_filter"] == ["start", "logs", "completed"]
+    assert again["cancel_after"] is None and "webhook" in again
+    plain = sim.load("predictions", (await provider.create("google/imagen-4", {"prompt": IMAGE_PROMPT})).id)
+    assert plain is not None and plain["webhook"] is None and plain["webhook_events_filter"] is None
+    polled = await provider.poll(prediction.id)
+    assert polled.status in ("starting", "processing")
+
+
+async def test_the_providers_create_uploads_a_reference_image_through_the_files_api(
+    provider: ReplicateProvider, sim: Simulator, sim_server: TestServer
+) -> None:
+    sim.video_latency = 30
+    prediction_id = await provider.start(video_request(reference_image=png_bytes(), reference_mime_type="image/png"))
+    assert ("replicate.files.create", "/replicate/v1/files") in sim.requests
+    record = sim.load("predictions", prediction_id)
+    assert record is not None
+    (uploaded,) = record["input"]["reference_images"]
+    assert uploaded.startswith(f"{base_url(sim_server)}/files/") and uploaded.endswith("/reference.png")
+
+
+async def test_the_providers_create_maps_validation_errors_and_keeps_retry_after(
+    provider: ReplicateProvider, sim: Simulator
+) -> None:
+    with pytest.raises(ApiError) as invalid:
+        await provider.create("google/veo-3.1", {"prompt": "x", "aspect_ratio": "2:1"}, "not a url")
+    assert invalid.value.status == 422 and invalid.value.info.code == "provider_rejected_input"
+    assert invalid.value.info.provider_status == 422
+    assert "input.aspect_ratio" in json.dumps(invalid.value.info.provider_error)
+    sim.add_fault("replicate.create", status=429, retry_after=7, times=1)
+    with pytest.raises(ApiError) as limited:
+        await provider.create("google/imagen-4", {"prompt": IMAGE_PROMPT})
+    assert limited.value.info.provider_status == 429 and limited.value.retry_after == 7
+    sim.add_fault("replicate.create", "reset", times=1)
+    with pytest.raises(ApiError) as reset:
+        await provider.create("google/imagen-4", {"prompt": IMAGE_PROMPT})
+    assert reset.value.status == 502 and reset.value.info.code == "provider_unreachable"
+    assert sorted((sim.state_dir / "predictions").glob("*.json")) == []  # none of the three created one
+
+
+async def test_a_create_that_gets_no_answer_times_out_like_a_poll(provider: ReplicateProvider, sim: Simulator) -> None:
+    sim.add_fault("replicate.create", "hang", times=1)
+    started = time.monotonic()
+    with pytest.raises(ApiError) as hung:
+        async with asyncio.timeout(10):  # the client library's create waited without a limit
+            await provider.create("google/imagen-4", {"prompt": IMAGE_PROMPT})
+    assert hung.value.status == 504 and hung.value.info.code == "provider_timeout"
+    assert time.monotonic() - started < 5

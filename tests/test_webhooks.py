@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 from helpers import HookClient, delivery, events_of, running_job, submit
 from replicate.exceptions import ReplicateError
 from replicate.webhook import Webhooks
@@ -17,6 +18,7 @@ from replicate.webhook import Webhooks
 from mvserver.app import create_app
 from mvserver.appkeys import JOBS, WEBHOOK_RECEIVER
 from mvserver.core.config import ConfigError, EnvSettings
+from mvserver.core.errors import ErrorInfo
 from mvserver.jobs.updates import PushedUpdates
 from mvserver.providers.base import Snapshot
 from mvserver.providers.replicate import make_client
@@ -50,13 +52,38 @@ async def deliveries_done(sim_server: TestServer, timeout: float = 10.0) -> None
             await asyncio.sleep(0.02)
 
 
-async def test_a_job_finishes_by_webhooks_with_a_single_poll(hook_client: HookClient, sim: Simulator) -> None:
-    sim.video_latency = 1.0  # long enough for logs deliveries (one per 500 ms) between start and completed
+async def prediction_record(client: TestClient, sim: Simulator, job_id: str) -> dict[str, Any]:
+    """The simulator's record of the job's prediction: what the create request asked for."""
+    prediction_id = (await client.app[JOBS].get(job_id)).prediction_id
+    return json.loads((sim.state_dir / "predictions" / f"{prediction_id}.json").read_text())
+
+
+async def test_a_job_finishes_by_its_start_and_completed_webhooks_with_a_single_poll(
+    hook_client: HookClient, sim: Simulator
+) -> None:
+    sim.video_latency = 1.0  # long enough for logs deliveries (one per 500 ms) between start and completed, if asked
     client = await hook_client()
     job = await submit(client)
     events = await events_of(client, job["job_id"])
     assert_sequence(events)
     assert polls(sim) == 1  # the first look after create; the safety poll (30 s) never came
+    assert (await prediction_record(client, sim, job["job_id"]))["webhook_events_filter"] == ["start", "completed"]
+    assert [(event, status) for event, _, status in sim.webhook_deliveries] == [("start", 200), ("completed", 200)]
+    assert len(client.app[WEBHOOK_RECEIVER].seen) == 2  # the server received those two, nothing else
+    assert not any("logs" in e["data"] for e in events)
+
+
+async def test_a_job_that_asks_for_provider_logs_gets_logs_webhooks_and_progress_with_logs(
+    hook_client: HookClient, sim: Simulator
+) -> None:
+    sim.video_latency = 1.0  # long enough for logs deliveries (one per 500 ms) between start and completed
+    client = await hook_client()
+    job = await submit(client, provider_logs=True)
+    events = await events_of(client, job["job_id"])
+    assert_sequence(events)
+    assert polls(sim) == 1
+    record = await prediction_record(client, sim, job["job_id"])
+    assert record["webhook_events_filter"] == ["start", "logs", "completed"]
     events_seen = [event for event, _, _ in sim.webhook_deliveries]
     assert events_seen[0] == "start" and events_seen[-1] == "completed" and "logs" in events_seen
     assert all(status == 200 for _, _, status in sim.webhook_deliveries)
@@ -80,7 +107,7 @@ async def test_each_webhook_fault_still_ends_the_job_once(
     sim.video_latency = 1.0  # long enough for logs deliveries (one per 500 ms) between start and completed
     client = await hook_client()
     sim.add_fault("replicate.webhook", kind, times=100, **options)
-    job = await submit(client)
+    job = await submit(client, provider_logs=True)  # logs deliveries between start and completed, to be faulted
     events = await events_of(client, job["job_id"])
     assert_sequence(events)
     assert polls(sim) == 1  # finished by its completed webhook, not by a poll
@@ -98,7 +125,7 @@ async def test_a_late_processing_webhook_after_the_end_is_acknowledged_and_ignor
     sim.video_latency = 1.0  # long enough for logs deliveries (one per 500 ms) between start and completed
     client = await hook_client()
     sim.add_fault("replicate.webhook", "out_of_order", times=100, event="logs")
-    job = await submit(client)
+    job = await submit(client, provider_logs=True)
     events = await events_of(client, job["job_id"])
     await deliveries_done(sim_server)
     # the last logs delivery was held back until after "completed": it was answered 200 and moved nothing
@@ -117,7 +144,7 @@ async def test_a_dropped_completed_webhook_is_covered_by_the_safety_poll(
     events = await events_of(client, job["job_id"])
     assert_sequence(events)
     assert polls(sim) >= 2  # the safety poll found the end
-    assert not client.app[JOBS].pushed.unreachable  # start and logs arrived: webhooks do get through
+    assert not client.app[JOBS].pushed.unreachable  # start arrived: webhooks do get through
 
 
 async def test_a_bad_signature_on_the_completed_webhook_is_covered_by_the_safety_poll(
@@ -390,3 +417,19 @@ async def test_a_start_webhook_before_the_prediction_id_is_saved_is_applied_once
     assert not pushed.push("job", "pred1", newer)  # never backwards after the end
     assert pushed.push("other", "predX", newer)
     assert await pushed.wait("other", "pred2", 0.01) is None  # another prediction's update is not applied
+
+
+def test_a_pushed_snapshot_reaches_the_owner_whole() -> None:
+    """A webhook's snapshot travels to the job's owner as JSON (``to_dict``, written field by field): every field
+    of :class:`Snapshot` makes the trip."""
+    sent = Snapshot(
+        status="failed",
+        progress=0.5,
+        logs="12%|#",
+        output="https://replicate.delivery/x.mp4",
+        error=ErrorInfo("provider_prediction_failed", "out of credit", provider="replicate"),
+        metrics={"predict_time": 4.2},
+    )
+    payload = sent.to_dict()
+    assert set(payload) == {f.name for f in dataclasses.fields(Snapshot)}
+    assert Snapshot.from_dict(json.loads(json.dumps(payload))) == sent

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import jinja2
+import jinja2.meta
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
@@ -675,6 +676,9 @@ class EnvSettings:
         return bool(self.vertex_api_key or self.google_cloud_project)
 
 
+RENDERED_KEPT = 256  # settings templates' renders kept by Config.render (then forgotten all at once)
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the service reads at start-up."""
@@ -690,6 +694,9 @@ class Config:
     media: MediaSettings
     templates: dict[str, jinja2.Template] = field(repr=False)
     styles: dict[str, StylePreset] = field(default_factory=dict)  # name -> preset, sorted by name
+    # settings key -> the variables its template names, and renders already made (see :meth:`render`)
+    template_names: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    _rendered: dict[tuple[Any, ...], str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def debug(self) -> bool:
@@ -705,11 +712,26 @@ class Config:
         return self.sandbox.video_latency_seconds if latency is None else latency
 
     def render(self, key: str, **variables: Any) -> str:
-        """Render the template stored at settings key ``key`` (e.g. ``"scenes.prompt"``)."""
+        """Render the template stored at settings key ``key`` (e.g. ``"scenes.prompt"``).
+
+        A settings template is a function of the variables it names, so its text is rendered once per distinct
+        value of those (when they are plain values) and kept, at most :data:`RENDERED_KEPT`: the video rules name
+        the aspect ratio and duration, not the prompt, and every video job would otherwise render them anew."""
+        names = self.template_names.get(key)
+        memo: tuple[Any, ...] | None = None
+        if names is not None and all(isinstance(variables.get(n), (str, int, float, bool)) for n in names):
+            memo = (key, *(variables[n] for n in names))
+            if (kept := self._rendered.get(memo)) is not None:
+                return kept
         try:
-            return self.templates[key].render(**variables).strip()
+            text = self.templates[key].render(**variables).strip()
         except jinja2.UndefinedError as exc:  # a template names a variable the code does not pass
             raise ConfigError(f"template {key}: {exc.message}") from exc
+        if memo is not None:
+            if len(self._rendered) >= RENDERED_KEPT:
+                self._rendered.clear()
+            self._rendered[memo] = text
+        return text
 
     def summary(self) -> dict[str, Any]:
         """The loaded parameters, for the start-up debug print (secrets shown only as set/unset)."""
@@ -786,6 +808,7 @@ def load_config(env: EnvSettings | None = None) -> Config:
         except ValidationError as exc:
             raise ConfigError(f"{path}: {_describe(exc)}") from None
     templates: dict[str, jinja2.Template] = {}
+    template_names: dict[str, tuple[str, ...]] = {}
     jinja = _template_environment()
     for (name, key), samples in sorted(TEMPLATE_SAMPLES.items()):
         path = env.settings_dir / f"{name}.yaml"
@@ -803,6 +826,7 @@ def load_config(env: EnvSettings | None = None) -> Config:
         except Exception as exc:
             raise ConfigError(f"{path}: {key}: template does not render: {exc.__class__.__name__}: {exc}") from None
         templates[f"{name}.{key}"] = template
+        template_names[f"{name}.{key}"] = tuple(sorted(jinja2.meta.find_undeclared_variables(jinja.parse(source))))
     styles = load_styles(env.settings_dir / "styles")
     default_style = loaded["scenes"].defaults.style
     if default_style is not None and default_style not in styles:
@@ -816,7 +840,7 @@ def load_config(env: EnvSettings | None = None) -> Config:
             f"videos.allowed.duration {loaded['videos'].allowed.duration}"
         )
     _check_priced(env.settings_dir / "pricing.yaml", loaded)
-    return Config(env=env, templates=templates, styles=styles, **loaded)
+    return Config(env=env, templates=templates, styles=styles, template_names=template_names, **loaded)
 
 
 def _check_priced(path: Path, loaded: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ class VideoDriver:
             reference_mime_type=job.reference_mime_type,
             webhook=webhook,
             cancel_after=job.seconds_left(),
+            logs=job.provider_logs,
             **fields,
         )
         return await self.backend.start(request)

@@ -74,6 +74,9 @@ class Job:
     deadline_seconds: float | None = None  # the client's deadline, counted from created_at (queue time included)
     webhook_url: str | None = None  # where the job's status changes are sent (mvserver.jobs.webhooks_out)
     webhook_events: str | None = None  # "completed" (the final event) or "all" (every status change)
+    # The client asked for the provider's log lines on progress events (Replicate webhooks then include ``logs``
+    # deliveries); a record written before the option existed reads as false.
+    provider_logs: bool = False
     retries: int = 0  # provider calls retried after a transient error (usage)
     provider_metrics: dict[str, Any] | None = None  # what the provider reported of its run (Replicate's metrics)
     usage: dict[str, Any] | None = None  # measured when the job ends (jobs.usage.measure): null until then
@@ -145,6 +148,7 @@ class Job:
             "deadline_at": self.deadline_at,
             "webhook_url": self.webhook_url,
             "webhook_events": self.webhook_events,
+            "provider_logs": self.provider_logs,
             "request": self.request,
         }
 

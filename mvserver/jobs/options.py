@@ -1,6 +1,7 @@
-"""Options every job-creating request takes, whatever the kind of job: ``deadline_seconds``, and ``webhook_url`` with
-``webhook_events`` (where the job's news is sent, :mod:`mvserver.jobs.webhooks_out`). The request models add these
-fields; the submit functions copy them onto the job."""
+"""Options every job-creating request takes, whatever the kind of job: ``deadline_seconds``, ``webhook_url`` with
+``webhook_events`` (where the job's news is sent, :mod:`mvserver.jobs.webhooks_out`) and ``provider_logs`` (whether
+progress events carry the provider's log lines). The request models add these fields; the submit functions copy
+them onto the job."""
 
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ EVENTS_DESCRIPTION = (
     "(every status change: queued, running and the final one). null: the key's default, else "
     "completed."
 )
+PROVIDER_LOGS_DESCRIPTION = (
+    "true: progress events carry the provider's last log lines (logs) as they change; with Replicate "
+    "webhooks this asks Replicate for a logs delivery up to every 0.5 s while the prediction runs. "
+    "false (the default): progress events carry no logs; between them, interpolate progress from "
+    "eta_seconds and event_time."
+)
+OPTION_NAMES = ("deadline_seconds", "webhook_url", "webhook_events", "provider_logs")
 
 
 def webhook_url_type(config: Config) -> Any:
@@ -64,10 +72,13 @@ def option_fields(config: Config) -> dict[str, Any]:
         ),
         "webhook_url": (webhook_url_type(config), Field(None, description=WEBHOOK_DESCRIPTION)),
         "webhook_events": (Literal["completed", "all"] | None, Field(None, description=EVENTS_DESCRIPTION)),
+        "provider_logs": (bool, Field(False, description=PROVIDER_LOGS_DESCRIPTION)),
     }
 
 
 def job_fields(body: Any) -> dict[str, Any]:
     """The :class:`~mvserver.jobs.Job` keyword arguments of the options in a validated request (model or dict)."""
     get = body.get if isinstance(body, dict) else lambda name: getattr(body, name, None)
-    return {name: get(name) for name in ("deadline_seconds", "webhook_url", "webhook_events")}
+    fields = {name: get(name) for name in OPTION_NAMES}
+    fields["provider_logs"] = bool(fields["provider_logs"])  # absent (a project action's options): false
+    return fields

@@ -18,9 +18,9 @@ Keys (all under a prefix, ``mv:`` by default):
 - ``index:<key id>`` (``index:-`` with keys off) sorted set of the owner's job entries (creation time in
   microseconds, then the id; all scores 0, so they sort as text): a listing page is one ZREVRANGEBYLEX
 - ``idem:<hash>``  what an ``Idempotency-Key`` answered (its reserving request's token first), with a TTL
-- channel ``node:<node>``: signals (cancel, provider updates) to the node that owns a job; ``wake:<node>`` a
-  stream that interrupts this node's one blocking event reader when it has a new job to follow (it expires
-  ``WAKE_TTL_SECONDS`` after its last entry, so a dead node's stream goes; a live node's comes back with its next)
+- channel ``node:<node>``: signals (cancel, provider updates) to the node that owns a job; channel ``evn:<id>``:
+  ``<event id> <event name>`` of each event the moment it is appended (published by the same script), to the nodes
+  that follow the job (each node subscribes to the jobs its subscribers wait on, on one connection)
 
 Every write of an owner goes through one Lua script that checks the lease first, so a node that lost its lease
 (paused, partitioned) cannot write anything. Blocking reads use a client without a socket timeout.
@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import EncodableT, KeyT, StreamIdT
+from redis.typing import EncodableT
 
 from mvserver.core.errors import StoreUnavailable, store_unavailable
 from mvserver.jobs.model import FINAL_STATUSES, Event, Job
@@ -52,32 +52,34 @@ log = logging.getLogger("mvserver.jobs")
 
 GROUP = "nodes"
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
-READER_BLOCK_MS = 10_000
 WATCH_IDLE_SECONDS = 60.0
 EXPIRE_BATCH = 500
 RETRY_PAUSE = 0.25
-WAKE_TTL_SECONDS = 60.0  # a node's wake stream lives this long after its last entry
+FORGET_EVERY_SECONDS = 1.0  # how often the event reader looks for jobs nobody follows any more
 IDLE_CONSUMER_SECONDS = 3600.0  # a dispatch consumer (a node) idle this long, with nothing pending, is dropped
 
 # Stream replies as our clients get them (decode_responses=True, RESP2), which redis-py's reply types cannot express:
 # [(stream, [(entry id, fields), ...]), ...]; XREADGROUP gives None as the fields of an entry deleted meanwhile.
 Claimed = list[tuple[str, list[tuple[str, dict[str, str] | None]]]]
-Read = list[tuple[str, list[tuple[str, dict[str, str]]]]]
+Entries = list[tuple[str, dict[str, str]]]
 
-# KEYS: lease, job, events, finished. ARGV: token, event id ('' none), name, data, rec, status, finished_at, job id.
+# KEYS: lease, job, events, finished. ARGV: token, event id ('' none), name, data, rec, status, finished_at, job id,
+# the job's event channel.
 # An event id the log already has is the owner's own write retried after a lost reply: it is not appended twice.
 WRITE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' and tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[2], 'last') or '0') then
   redis.call('XADD', KEYS[3], '0-' .. ARGV[2], 'e', ARGV[3], 'd', ARGV[4])
   redis.call('HSET', KEYS[2], 'last', ARGV[2])
+  redis.call('PUBLISH', ARGV[9], ARGV[2] .. ' ' .. ARGV[3])
 end
 redis.call('HSET', KEYS[2], 'rec', ARGV[5], 'status', ARGV[6])
 if ARGV[7] ~= '' then redis.call('ZADD', KEYS[4], ARGV[7], ARGV[8]) end
 return 1
 """
 
-# KEYS: lease, job, events, finished. ARGV: expected last id, event id, name, data, rec, status, finished_at, job id
+# KEYS: lease, job, events, finished. ARGV: expected last id, event id, name, data, rec, status, finished_at, job id,
+# the job's event channel
 FINISH_UNCLAIMED = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('HGET', KEYS[2], 'status') ~= 'queued' then return 0 end
@@ -85,6 +87,7 @@ if redis.call('HGET', KEYS[2], 'last') ~= ARGV[1] then return 0 end
 redis.call('XADD', KEYS[3], '0-' .. ARGV[2], 'e', ARGV[3], 'd', ARGV[4])
 redis.call('HSET', KEYS[2], 'last', ARGV[2], 'rec', ARGV[5], 'status', ARGV[6])
 redis.call('ZADD', KEYS[4], ARGV[7], ARGV[8])
+redis.call('PUBLISH', ARGV[9], ARGV[2] .. ' ' .. ARGV[3])
 return 1
 """
 
@@ -235,13 +238,14 @@ class RedisJobStore:
         self._wakers: dict[str, asyncio.Future[None]] = {}
         self._watch: dict[str, int] = {}  # job id -> last event id the reader has seen (reads after it)
         self._wanted: dict[str, float] = {}  # job id -> when a subscriber last waited on it
-        self._wake_last = "0-0"
+        self._events: aioredis.client.PubSub | None = None  # the event reader's subscriptions, while connected
         self._handler: SignalHandler | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._autoclaim_at = 0.0
         self._autoclaim_cursor = "0-0"
         self._closing = False
-        self._pokes: set[asyncio.Task[Any]] = set()
+        self._pokes: set[asyncio.Task[Any]] = set()  # (un)subscriptions and catch-up reads in flight
+        self._forgot_at = 0.0
         self._book = RedisUsageBook(self.r, prefix)
 
     def usage_book(self) -> RedisUsageBook:
@@ -258,7 +262,6 @@ class RedisJobStore:
             await self.r.ping()
             await self._ensure_group()
             await self._drop_dead_consumers()
-            self._wake_last = await self._wake()
             unfinished = await self.r.xlen(self.k("dispatch"))
         except UNAVAILABLE as exc:
             await self._close_clients()
@@ -276,14 +279,6 @@ class RedisJobStore:
             unfinished,
         )
         return 0  # nothing to queue again: unfinished jobs stay in the dispatch stream for whichever node is free
-
-    async def _wake(self) -> str:
-        """Add an entry to this node's wake stream (which then lives ``WAKE_TTL_SECONDS`` more); its id."""
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.k("wake", self.node), {"p": "1"}, maxlen=100, approximate=True)
-            pipe.pexpire(self.k("wake", self.node), int(WAKE_TTL_SECONDS * 1000))
-            entry_id, _ = await pipe.execute()
-        return entry_id
 
     async def _drop_dead_consumers(self) -> None:
         """Forget the dispatch consumers of nodes gone long ago (nothing pending: their entries were taken over). A
@@ -423,6 +418,7 @@ class RedisJobStore:
             job.status,
             job.finished_at or "" if job.final else "",
             job.id,
+            self.k("evn", job.id),
         ]
         keys = [self.k("lease", job.id), self.k("job", job.id), self.k("ev", job.id), self.k("finished")]
         while True:
@@ -437,6 +433,8 @@ class RedisJobStore:
         if not written:
             self._deadlines.pop(lease.token, None)
             raise LeaseLost(f"job {job.id}: lease {lease.token} is no longer held")
+        if event is not None:
+            self._news(job.id, event.id, event.event)  # this node's subscribers need no round trip
         if job.final and record:
             await self._free_place(job)
 
@@ -569,9 +567,11 @@ class RedisJobStore:
             job.status,
             job.finished_at or time.time(),
             job.id,
+            self.k("evn", job.id),
         ]
         finished = bool(await _unavailable_as_503(self._finish_unclaimed(keys=keys, args=args)))
         if finished:
+            self._news(job.id, event.id, event.event)
             await self._free_place(job)
         return finished
 
@@ -592,59 +592,96 @@ class RedisJobStore:
         waker = self._wakers.get(job_id)
         if waker is None:
             waker = self._wakers[job_id] = loop.create_future()
-        if seen is None:  # a job the reader does not follow yet: interrupt its blocking read
+        if seen is None:  # a job the reader does not follow yet: subscribe to its events
             self._watch[job_id] = after
-            poke = loop.create_task(self._poke())
-            self._pokes.add(poke)
-            poke.add_done_callback(self._pokes.discard)
+            self._spawn(self._subscribe(job_id))
         return waker
 
-    async def _poke(self) -> None:
+    def _spawn(self, call: Any) -> None:
+        task = asyncio.get_running_loop().create_task(call)
+        self._pokes.add(task)
+        task.add_done_callback(self._pokes.discard)
+
+    async def _subscribe(self, job_id: str) -> None:
+        """Subscribe the reader to the job's channel; the reader catches up once Redis confirms (see there)."""
+        pubsub = self._events
+        if pubsub is not None and job_id in self._watch:
+            with contextlib.suppress(*UNAVAILABLE):  # the reader resubscribes every followed job when it reconnects
+                await pubsub.subscribe(self.k("evn", job_id))
+
+    async def _unsubscribe(self, job_id: str) -> None:
+        pubsub = self._events
+        if pubsub is not None and job_id not in self._watch:
+            with contextlib.suppress(*UNAVAILABLE):
+                await pubsub.unsubscribe(self.k("evn", job_id))
+
+    async def _catch_up(self, job_id: str) -> None:
+        """Once subscribed: every later event is published to us, an earlier one is in the log. Read its last."""
         with contextlib.suppress(*UNAVAILABLE):
-            await self._wake()
+            for entry_id, fields in cast(Entries, await self.r.xrevrange(self.k("ev", job_id), count=1)):
+                self._news(job_id, int(entry_id.partition("-")[2]), fields.get("e", ""))
+
+    def _news(self, job_id: str, event_id: int, name: str) -> None:
+        """The job has an event ``event_id`` (``name``): wake its subscribers on this node if it is news to them."""
+        seen = self._watch.get(job_id)
+        if seen is None or event_id <= seen:
+            return
+        self._watch[job_id] = event_id
+        waker = self._wakers.pop(job_id, None)
+        if waker is not None and not waker.done():
+            waker.set_result(None)
+        if name in FINAL_STATUSES:
+            self._forget(job_id)
 
     async def _read_events(self) -> None:
-        """The node's one reader of job events: a blocking XREAD over every followed job's stream (plus the wake
-        stream), resolving the shared future of each job that has news."""
-        wake = self.k("wake", self.node)
-        events_prefix = self.k("ev", "")
+        """The node's one reader of job events: one pub/sub connection subscribed to the event channel of every
+        followed job (and to a channel of its own, so it is never without one); each message resolves the shared
+        future of its job. A job subscribed to (again, after a reconnect) is caught up from its log once Redis
+        confirms the subscription, so no event between a subscriber's read and the subscription is missed."""
+        own = self.k("evn", "node", self.node)
+        events_prefix = self.k("evn", "")
         failures = 0
         while not self._closing:
-            streams: dict[KeyT, StreamIdT] = {
-                wake: self._wake_last,
-                **{events_prefix + job_id: f"0-{seen}" for job_id, seen in self._watch.items()},
-            }
             try:
-                reply = cast(Read | None, await self.blocking.xread(streams, block=READER_BLOCK_MS))
-                failures = 0
+                async with self.blocking.pubsub() as pubsub:
+                    await pubsub.subscribe(own, *(events_prefix + job_id for job_id in self._watch))
+                    self._events = pubsub
+                    missing = [events_prefix + j for j in self._watch if events_prefix + j not in pubsub.channels]
+                    if missing:  # followed while the first subscription was on its way
+                        await pubsub.subscribe(*missing)
+                    async for message in pubsub.listen():
+                        failures = 0
+                        channel = message.get("channel") or ""
+                        if channel == own or not channel.startswith(events_prefix):
+                            continue
+                        job_id = channel[len(events_prefix) :]
+                        if message["type"] == "subscribe":
+                            self._spawn(self._catch_up(job_id))
+                        elif message["type"] == "message":
+                            event_id, _, name = str(message["data"]).partition(" ")
+                            if event_id.isdigit():
+                                self._news(job_id, int(event_id), name)
+                        self._forget_idle()
             except UNAVAILABLE as exc:
                 failures += 1
                 if failures == 1:
                     log.warning("job store: event reader lost Redis (%s); reconnecting", exc)
                 await asyncio.sleep(min(2.0, RETRY_PAUSE * failures))
-                continue
-            for key, entries in reply or []:
-                if key == wake:
-                    self._wake_last = entries[-1][0]
-                    continue
-                job_id = key[len(events_prefix) :]
-                if job_id not in self._watch:
-                    continue
-                self._watch[job_id] = int(entries[-1][0].partition("-")[2])
-                waker = self._wakers.pop(job_id, None)
-                if waker is not None and not waker.done():
-                    waker.set_result(None)
-                if any(fields.get("e") in FINAL_STATUSES for _, fields in entries):
-                    self._forget(job_id)
-            self._forget_idle()
+            finally:
+                self._events = None
 
     def _forget(self, job_id: str) -> None:
         self._watch.pop(job_id, None)
         self._wanted.pop(job_id, None)
+        self._spawn(self._unsubscribe(job_id))
 
     def _forget_idle(self) -> None:
-        """Stop following jobs nobody waited on for a while (their subscribers left)."""
-        cutoff = time.monotonic() - WATCH_IDLE_SECONDS
+        """Stop following jobs nobody waited on for a while (their subscribers left); looked at once a second."""
+        now = time.monotonic()
+        if now - self._forgot_at < FORGET_EVERY_SECONDS:
+            return
+        self._forgot_at = now
+        cutoff = now - WATCH_IDLE_SECONDS
         for job_id in [j for j, at in self._wanted.items() if at < cutoff and j not in self._wakers]:
             self._forget(job_id)
 

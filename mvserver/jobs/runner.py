@@ -503,7 +503,7 @@ class JobEngine:
             elif estimate is not None:
                 guessed = job.progress = estimate.progress(job, now)
             job.stage = "generating"
-            tail = _tail(snapshot.logs)
+            tail = _tail(snapshot.logs) if job.provider_logs else None  # only for a job that asked (polled too)
             extra = {
                 "logs": tail if tail != shown_logs else None,
                 "event_time": now,

@@ -485,7 +485,11 @@ class LipsyncDriver:
             try:
                 cut = await files.enter_async_context(store.local_file(dest))
                 prediction = await self.provider.create(
-                    self.settings.model, self.inputs(job, clip, cut), webhook, cancel_after=job.seconds_left()
+                    self.settings.model,
+                    self.inputs(job, clip, cut),
+                    webhook,
+                    cancel_after=job.seconds_left(),
+                    logs=job.provider_logs,
                 )
             finally:
                 await store.delete(dest)

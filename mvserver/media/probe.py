@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mvserver.media.args import duration_arg, input_args
 from mvserver.media.errors import MediaError, MediaTimeout
+from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits, bounded_args
 from mvserver.media.run import STDERR_TAIL, kill_ffmpeg, read_limited, run_ffmpeg, spawn_ffmpeg
 
 PROBE_TIMEOUT = 30.0
@@ -227,6 +228,39 @@ async def probe(path: Path, *, timeout: float = PROBE_TIMEOUT, demuxers: Sequenc
     finally:
         await kill_ffmpeg(proc)
     return parse_probe(text)
+
+
+async def probe_and_write(
+    path: Path,
+    output: Sequence[str],
+    *,
+    timeout: float = PROBE_TIMEOUT,
+    demuxers: Sequence[str] | None = None,
+    limits: FfmpegLimits = DEFAULT_LIMITS,
+) -> tuple[MediaInfo, str | None]:
+    """:func:`probe` a file and, in the same ffmpeg run, write an output from it: one process start instead of two.
+
+    ``output``: the output's arguments (maps, filters, codec), its destination last. ffmpeg prints the input's
+    description before it opens the output, so what :func:`probe` reports is read from the same run, whether or not
+    the output could be written (a file without the mapped stream is still described). Returns the description
+    and, when ffmpeg failed to write the output, the end of its error output (None when it wrote it). Raises as
+    :func:`probe` does: MediaError for an unreadable file, MediaTimeout past ``timeout`` (for the whole run); the
+    output runs within ``limits``.
+    """
+    source = ["-i", str(path)] if demuxers is None else input_args(path, demuxers)
+    proc = await spawn_ffmpeg(["-nostats", *bounded_args([*source, *output], limits.threads)], limits=limits)
+    try:
+        assert proc.stderr is not None
+        async with asyncio.timeout(timeout):
+            text = await read_limited(proc.stderr, PROBE_OUTPUT_LIMIT)
+            await proc.wait()
+    except TimeoutError:
+        raise MediaTimeout(f"reading {path.name} took longer than {timeout:g} s") from None
+    finally:
+        await kill_ffmpeg(proc)
+    info = parse_probe(text)
+    failure = None if proc.returncode == 0 else text.strip()[-STDERR_TAIL:] or f"ffmpeg exited with {proc.returncode}"
+    return info, failure
 
 
 async def probe_clips(paths: Sequence[Path], *, timeout: float = PROBE_TIMEOUT) -> list[tuple[MediaInfo, int]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import imageio_ffmpeg
 
 from mvserver.media.errors import MediaError, MediaMemoryError, MediaTimeout
-from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits, bounded_args, child_setup, libc_prctl
+from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits, bounded_args, child_setup, launcher, libc_prctl
 
 ProgressCallback = Callable[[float], None]
 
@@ -55,7 +55,10 @@ async def spawn_ffmpeg(
 ) -> asyncio.subprocess.Process:
     """Start ffmpeg in its own process group (``killpg`` then reaches anything it starts), bound to this process's
     life and to ``limits``; ``hold``: file descriptors it inherits (a run lock, see :func:`run_lock`)."""
+    parent = os.getpid()
+    setup = launcher(parent, limits.memory_mb)
     return await asyncio.create_subprocess_exec(
+        *setup,
         ffmpeg_exe(),
         "-nostdin",
         "-hide_banner",
@@ -64,7 +67,7 @@ async def spawn_ffmpeg(
         stdout=stdout,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        preexec_fn=child_setup(os.getpid(), limits.memory_mb, libc_prctl()),
+        preexec_fn=None if setup else child_setup(parent, limits.memory_mb, libc_prctl()),
         pass_fds=tuple(hold),
     )
 

@@ -213,6 +213,7 @@ JOB = obj(
         "deadline_at": {**nullable(UNIX_TIME), "description": "when the request's deadline_seconds ends the job"},
         "webhook_url": {**nullable(text()), "description": "where the job's status changes are sent (webhooks out)"},
         "webhook_events": {"type": ["string", "null"], "enum": ["completed", "all", None]},
+        "provider_logs": {"type": "boolean", "description": "progress events carry the provider's log lines"},
         "request": {**ANY_OBJECT, "description": "what was sent to the provider"},
     },
     SIGNED,

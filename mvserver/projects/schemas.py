@@ -132,6 +132,7 @@ CHARACTER_OPTIONS = frozenset(
         "number_of_images",
     }
 )
-JOB_OPTIONS = frozenset({"deadline_seconds", "webhook_url", "webhook_events"})  # job_options.option_fields
+# jobs.options.option_fields
+JOB_OPTIONS = frozenset({"deadline_seconds", "webhook_url", "webhook_events", "provider_logs"})
 CLIP_OPTIONS = frozenset({"backend", "seed", "generate_audio", "video_rules_template"}) | JOB_OPTIONS
 SCENE_LIPSYNC_OPTIONS = frozenset({"sync_mode", "temperature", "active_speaker"}) | JOB_OPTIONS

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import io
+import json
 import math
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -22,6 +22,7 @@ import replicate
 from httpx_aiohttp import AiohttpTransport
 from replicate.client import RetryTransport
 from replicate.exceptions import ReplicateError
+from replicate.helpers import async_encode_json
 from replicate.prediction import Prediction
 from yarl import URL
 
@@ -33,27 +34,20 @@ from mvserver.providers.outputs import Media, OutputHosts, checked_chunks, too_l
 NAME = "replicate"
 DOWNLOAD_CHUNK = 1 << 16
 _EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
-WEBHOOK_EVENTS = ["start", "logs", "completed"]
+# Which webhooks a prediction gets: its start and its end. ``logs`` (at most one delivery every 500 ms while it runs,
+# each an HTTP request, a signature check and a progress event here) only for a job that asked for the provider's
+# log lines (``provider_logs``); without it, progress between the two comes from the ETA (``eta_seconds``).
+WEBHOOK_EVENTS = ["start", "completed"]
+WEBHOOK_EVENTS_WITH_LOGS = ["start", "logs", "completed"]
 MAX_REDIRECTS = 5  # an output URL may redirect this often; each hop must be an allowed host too
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 ERROR_BODY_BYTES = 500  # of a failed download's body, kept for the error
-
-
-# The ``Cancel-After`` header of the prediction being created by this task (the client library takes no extra
-# headers on a create): Replicate cancels the prediction itself at that deadline, even if we are gone by then.
-_CANCEL_AFTER: contextvars.ContextVar[str | None] = contextvars.ContextVar("replicate_cancel_after", default=None)
 
 
 def cancel_after_header(seconds: float) -> str:
     """A ``Cancel-After`` duration in Replicate's format (Go-style, e.g. ``90s``): whole seconds, rounded up, so
     the provider never stops a prediction before our own deadline does."""
     return f"{max(1, math.ceil(seconds))}s"
-
-
-async def _add_cancel_after(request: httpx.Request) -> None:
-    value = _CANCEL_AFTER.get()
-    if value is not None and request.method == "POST" and request.url.path.endswith("/predictions"):
-        request.headers["Cancel-After"] = value
 
 
 async def _raise_with_response(response: httpx.Response) -> None:
@@ -92,12 +86,27 @@ def make_client(token: str, base_url: str | None, timeout: float = 30.0) -> repl
         base_url=base_url,
         timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
         transport=aiohttp_transport,
-        event_hooks={"request": [_add_cancel_after], "response": [_raise_with_response]},
+        event_hooks={"response": [_raise_with_response]},
     )
     retry_layer = getattr(client._async_client, "_transport", None)  # the client wraps our transport in its retries
     if isinstance(retry_layer, RetryTransport):
         retry_layer.max_attempts = 1
     return client
+
+
+def _model_path(model: str) -> str:
+    """``/v1/models/{owner}/{name}`` of an official model named ``owner/name`` (a version is not one)."""
+    owner, _, name = model.partition("/")
+    if not owner or not name or "/" in name or ":" in name:
+        raise ValueError(f"{model!r} is not a model name of the form owner/name")
+    return f"/v1/models/{owner}/{name}"
+
+
+def _is_file(value: Any) -> bool:
+    """Whether an input holds a file the client library would upload (an open file, or a list with one)."""
+    if isinstance(value, (list, tuple)):
+        return any(_is_file(item) for item in value)
+    return isinstance(value, io.IOBase)
 
 
 def _output_url(output: Any) -> str | None:
@@ -170,37 +179,92 @@ class ReplicateProvider:
         self.output_hosts = output_hosts
         self.video_max_bytes = video_max_bytes
         self.image_max_bytes = image_max_bytes
+        self._api_session: aiohttp.ClientSession | None = None  # creates and polls (see _api), opened at the first
 
     async def aclose(self) -> None:
         await self.client._async_client.aclose()
+        if self._api_session is not None:
+            await self._api_session.close()
 
     async def _call(self, coro: Any, operation: str = "call") -> Any:
         """Await one API call; map its failure to ApiError and report its time to ``observe`` (metrics)."""
         return await observed_call(NAME, self.observe, coro, operation)
 
     async def create(
-        self, model: str, inputs: dict[str, Any], webhook: str | None = None, *, cancel_after: float | None = None
+        self,
+        model: str,
+        inputs: dict[str, Any],
+        webhook: str | None = None,
+        *,
+        cancel_after: float | None = None,
+        logs: bool = False,
     ) -> Prediction:
         """Create a prediction of an official model (``owner/name``); POSTs are never retried by the client.
-        With ``webhook``, Replicate pushes its start, logs and end there; with ``cancel_after`` (seconds), Replicate
-        cancels the prediction itself at that deadline (its ``Cancel-After`` header)."""
-        hook: dict[str, Any] = {"webhook": webhook, "webhook_events_filter": WEBHOOK_EVENTS} if webhook else {}
-        token = _CANCEL_AFTER.set(None if cancel_after is None else cancel_after_header(cancel_after))
-        try:
-            return await self._call(
-                self.client.models.predictions.async_create(model=model, input=inputs, **hook), "create"
-            )
-        finally:
-            _CANCEL_AFTER.reset(token)
+        With ``webhook``, Replicate pushes its start and end there, and with ``logs`` its new logs too (at most every
+        500 ms); with ``cancel_after`` (seconds), Replicate cancels the prediction itself at that deadline (its
+        ``Cancel-After`` header)."""
+        hook: dict[str, Any] = {}
+        if webhook:
+            hook = {"webhook": webhook, "webhook_events_filter": WEBHOOK_EVENTS_WITH_LOGS if logs else WEBHOOK_EVENTS}
+        headers = {"Content-Type": "application/json"}
+        if cancel_after is not None:
+            headers["Cancel-After"] = cancel_after_header(cancel_after)
+        return await self._call(self._create(model, inputs, hook, headers), "create")
+
+    async def _create(
+        self, model: str, inputs: dict[str, Any], hook: dict[str, Any], headers: dict[str, str]
+    ) -> Prediction:
+        """``POST /v1/models/{owner}/{name}/predictions`` (see :meth:`_api`). A file among the inputs (the reference
+        image) is first uploaded through the files API by the client library and replaced by its URL, as the
+        client's own create does."""
+        if any(_is_file(value) for value in inputs.values()):
+            inputs = await async_encode_json(inputs, client=self.client)
+        body = json.dumps({"input": inputs, **hook}).encode()
+        return await self._api("POST", f"{_model_path(model)}/predictions", body, headers)
 
     async def get(self, prediction_id: str) -> Prediction:
-        return await self._call(self._get(prediction_id), "get")
+        return await self._call(self._api("GET", f"/v1/predictions/{prediction_id}"), "get")
 
-    async def _get(self, prediction_id: str) -> Prediction:
-        """``predictions.async_get``, but reading ``aborted`` (a ``Cancel-After`` deadline reached before the
-        prediction ran, a status the client library's model does not know) as ``canceled``."""
-        response = await self.client._async_request("GET", f"/v1/predictions/{prediction_id}")
-        return prediction_from(response.json())
+    async def _api(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> Prediction:
+        """One prediction call (a create or a poll) sent with aiohttp directly, with the client's own base URL,
+        token and user agent; ``aborted`` (a ``Cancel-After`` deadline reached before the prediction ran, a status
+        the client library's model does not know) is read as ``canceled``.
+
+        Through the client library (httpx, its retry and hook layers, then the same aiohttp transport) a call cost
+        ~1 ms more of CPU, and every job creates one prediction and polls it at least once. As there, a create
+        sends no ``Prefer: wait`` (the answer comes at once, the prediction still starting) and is never retried
+        here. Failures are what the client would raise: a ``ReplicateError`` carrying the response (its
+        ``Retry-After``), the transport's errors and timeouts as such; unlike the client's create, which waited
+        without a limit, a create that gets no answer times out like a poll (``request_timeout``)."""
+        api = self.client._async_client
+        if self._api_session is None or self._api_session.closed:
+            # httpx's TLS context (certifi), as the client's transport has it; no connection limit, as there
+            tls = httpx.create_ssl_context()
+            self._api_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=tls))
+        timeout = aiohttp.ClientTimeout(sock_connect=min(self.request_timeout, 5.0), sock_read=self.request_timeout)
+        url = f"{str(api.base_url).rstrip('/')}{path}"
+        sent = {
+            "Authorization": api.headers["Authorization"],
+            "User-Agent": api.headers["User-Agent"],
+            **(headers or {}),
+        }
+        async with self._api_session.request(
+            method, url, data=body, headers=sent, timeout=timeout, allow_redirects=False
+        ) as response:
+            answer = await response.read()
+            if response.status >= 400:
+                failed = httpx.Response(
+                    response.status,
+                    headers=list(response.headers.items()),
+                    content=answer,
+                    request=httpx.Request(method, url),
+                )
+                error = ReplicateError.from_response(failed)
+                error.response = failed  # type: ignore[attr-defined]
+                raise error
+        return prediction_from(json.loads(answer))
 
     async def cancel(self, prediction_id: str) -> Snapshot:
         """Cancel; the answer is the prediction as it ended (its metrics say how long it ran, which it costs)."""
@@ -352,7 +416,11 @@ class ReplicateProvider:
 
     async def start(self, request: VideoRequest) -> str:
         prediction = await self.create(
-            self.model, self.video_inputs(request), request.webhook, cancel_after=request.cancel_after
+            self.model,
+            self.video_inputs(request),
+            request.webhook,
+            cancel_after=request.cancel_after,
+            logs=request.logs,
         )
         return prediction.id
 

@@ -3,8 +3,8 @@
 A storyboard grid of many clips should not load a ``<video>`` per clip to show a frame or a length. So when a job's
 output is in place (a downloaded video or lip sync, an assembled video), before its ``succeeded`` event, the
 engine's ``stored`` hook reads the clip's header (length, width, height) and cuts its first frame, scaled to fit
-``videos.posters.max_side``, into ``videos/<job_id>.jpg``: once, with the bundled ffmpeg, reading the file as an
-MP4 only, with a time limit and at most ``videos.posters.concurrency`` runs at once. A clip ffmpeg cannot read in
+``videos.posters.max_side``, into ``videos/<job_id>.jpg``: once, in one run of the bundled ffmpeg, reading the file
+as an MP4 only, with a time limit and at most ``videos.posters.concurrency`` runs at once. A clip ffmpeg cannot read in
 time simply has no poster (``poster_url`` null); the job still succeeds. ``GET /api/mv/get_poster/{video_id}``
 serves it with the video's own access rules.
 """
@@ -24,10 +24,8 @@ from mvserver.core.artefacts import Artefacts, artefact_key
 from mvserver.core.config import PosterSettings
 from mvserver.jobs import Job
 from mvserver.jobs.outputs import job_output
-from mvserver.media.args import input_args
 from mvserver.media.errors import MediaError
-from mvserver.media.probe import probe
-from mvserver.media.run import run_ffmpeg
+from mvserver.media.probe import probe_and_write
 
 log = logging.getLogger("mvserver.jobs")
 POSTER_SUFFIX = ".jpg"
@@ -35,13 +33,12 @@ POSTER_MAX_BYTES = 4 << 20  # ffmpeg stops writing past this (a 640 px JPEG is ~
 CLIP_DEMUXERS = ["mov"]  # every stored clip is an MP4; nothing else is read
 
 
-def frame_args(clip: Path, dest: Path, max_side: int) -> list[str]:
-    """ffmpeg arguments: the first frame of ``clip``, fitted into ``max_side`` square pixels, as one JPEG."""
+def frame_args(dest: Path, max_side: int) -> list[str]:
+    """ffmpeg output arguments: the input's first frame, fitted into ``max_side`` square pixels, as one JPEG."""
     fit = (
         f"scale=w='min(iw,{max_side})':h='min(ih,{max_side})':force_original_aspect_ratio=decrease:force_divisible_by=2"
     )
     return [
-        *input_args(clip, CLIP_DEMUXERS),
         "-map",
         "0:v:0",
         "-frames:v",
@@ -61,19 +58,34 @@ def frame_args(clip: Path, dest: Path, max_side: int) -> list[str]:
     ]
 
 
+class _NotAClip(Exception):
+    """The stored file has no video stream: no poster, and nothing to note (the scratch file is dropped)."""
+
+
 async def describe(job: Job, store: Artefacts, clip_key: str, settings: PosterSettings) -> None:
-    """Note the clip's length and frame size on ``job`` and store its poster next to it (``job.poster``)."""
-    async with store.local_file(clip_key) as clip:
-        info = await probe(clip, timeout=settings.timeout_seconds, demuxers=CLIP_DEMUXERS)
-        video = info.first_video
-        if video is None:
-            return  # not a clip: nothing to show
-        job.video_seconds = round(info.duration, 3) if info.duration is not None else None
-        job.video_width, job.video_height = video.width, video.height
-        async with store.writing(artefact_key("videos", job.id, POSTER_SUFFIX)) as tmp:
-            await run_ffmpeg(frame_args(clip, tmp, settings.max_side), timeout=settings.timeout_seconds)
+    """Note the clip's length and frame size on ``job`` and store its poster next to it (``job.poster``).
+
+    One ffmpeg run reads the clip's header and cuts the poster (:func:`~mvserver.media.probe.probe_and_write`): a
+    process start is the larger part of the CPU either costs, and every finished job stores a clip."""
+    try:
+        async with (
+            store.local_file(clip_key) as clip,
+            store.writing(artefact_key("videos", job.id, POSTER_SUFFIX)) as tmp,
+        ):
+            info, failure = await probe_and_write(
+                clip, frame_args(tmp, settings.max_side), timeout=settings.timeout_seconds, demuxers=CLIP_DEMUXERS
+            )
+            video = info.first_video
+            if video is None:
+                raise _NotAClip
+            job.video_seconds = round(info.duration, 3) if info.duration is not None else None
+            job.video_width, job.video_height = video.width, video.height
+            if failure is not None:
+                raise MediaError(f"ffmpeg could not cut the poster: {failure}")
             if (await asyncio.to_thread(os.stat, tmp)).st_size == 0:
                 raise MediaError("ffmpeg wrote an empty poster")
+    except _NotAClip:
+        return  # not a clip: nothing to show
     job.poster = True
 
 

@@ -55,7 +55,7 @@ export interface JobState {
   eta_seconds?: number;
   /** `progress` events: true when `progress` is guessed from recent run times (the provider reports none). */
   progress_estimated?: boolean;
-  /** The provider's last log lines (on `progress` events when they changed). */
+  /** The provider's last log lines (on `progress` events when they changed), for a job created with `provider_logs: true`. */
   logs?: string;
   /** Server time (Unix seconds) an event was published. */
   event_time?: number;

@@ -836,6 +836,12 @@ export interface components {
              * @default null
              */
             webhook_events?: ("completed" | "all") | null;
+            /**
+             * Provider Logs
+             * @description true: progress events carry the provider's last log lines (logs) as they change; with Replicate webhooks this asks Replicate for a logs delivery up to every 0.5 s while the prediction runs. false (the default): progress events carry no logs; between them, interpolate progress from eta_seconds and event_time.
+             * @default false
+             */
+            provider_logs?: boolean;
         };
         /** LipsyncRequest */
         LipsyncRequest: {
@@ -909,6 +915,12 @@ export interface components {
              * @default null
              */
             webhook_events?: ("completed" | "all") | null;
+            /**
+             * Provider Logs
+             * @description true: progress events carry the provider's last log lines (logs) as they change; with Replicate webhooks this asks Replicate for a logs delivery up to every 0.5 s while the prediction runs. false (the default): progress events carry no logs; between them, interpolate progress from eta_seconds and event_time.
+             * @default false
+             */
+            provider_logs?: boolean;
         };
         /** CreateProjectRequest */
         CreateProjectRequest: {
@@ -1170,6 +1182,12 @@ export interface components {
              */
             webhook_events?: ("completed" | "all") | null;
             /**
+             * Provider Logs
+             * @description true: progress events carry the provider's last log lines (logs) as they change; with Replicate webhooks this asks Replicate for a logs delivery up to every 0.5 s while the prediction runs. false (the default): progress events carry no logs; between them, interpolate progress from eta_seconds and event_time.
+             * @default false
+             */
+            provider_logs?: boolean;
+            /**
              * Clips
              * @description The clips in playing order (1 to 48).
              */
@@ -1233,6 +1251,12 @@ export interface components {
              * @default null
              */
             webhook_events?: ("completed" | "all") | null;
+            /**
+             * Provider Logs
+             * @description true: progress events carry the provider's last log lines (logs) as they change; with Replicate webhooks this asks Replicate for a logs delivery up to every 0.5 s while the prediction runs. false (the default): progress events carry no logs; between them, interpolate progress from eta_seconds and event_time.
+             * @default false
+             */
+            provider_logs?: boolean;
         };
         /** @description The error object of the Error shape, also a failed or canceled job's `error`. */
         ErrorDetail: {
@@ -1361,6 +1385,8 @@ export interface components {
             webhook_url: string | null;
             /** @enum {string|null} */
             webhook_events: "completed" | "all" | null;
+            /** @description progress events carry the provider's log lines */
+            provider_logs: boolean;
             /** @description what was sent to the provider */
             request: Record<string, never>;
             /** @description With API keys on: the URLs of this answer, signed */
@@ -2108,7 +2134,7 @@ export interface components {
              */
             seed?: number | null;
         };
-        /** @description Optional: generate_audio, seed, video_rules_template, backend, deadline_seconds, webhook_url, webhook_events; the rest comes from the project. */
+        /** @description Optional: generate_audio, seed, video_rules_template, backend, deadline_seconds, webhook_url, webhook_events, provider_logs; the rest comes from the project. */
         ProjectClipOptions: {
             /**
              * Generate Audio
@@ -2151,8 +2177,14 @@ export interface components {
              * @default null
              */
             webhook_events?: ("completed" | "all") | null;
+            /**
+             * Provider Logs
+             * @description true: progress events carry the provider's last log lines (logs) as they change; with Replicate webhooks this asks Replicate for a logs delivery up to every 0.5 s while the prediction runs. false (the default): progress events carry no logs; between them, interpolate progress from eta_seconds and event_time.
+             * @default false
+             */
+            provider_logs?: boolean;
         };
-        /** @description Optional: sync_mode, temperature, active_speaker, deadline_seconds, webhook_url, webhook_events; the rest comes from the project. */
+        /** @description Optional: sync_mode, temperature, active_speaker, deadline_seconds, webhook_url, webhook_events, provider_logs; the rest comes from the project. */
         SceneLipsyncOptions: {
             /**
              * Sync Mode
@@ -2190,6 +2222,12 @@ export interface components {
              * @default null
              */
             webhook_events?: ("completed" | "all") | null;
+            /**
+             * Provider Logs
+             * @description true: progress events carry the provider's last log lines (logs) as they change; with Replicate webhooks this asks Replicate for a logs delivery up to every 0.5 s while the prediction runs. false (the default): progress events carry no logs; between them, interpolate progress from eta_seconds and event_time.
+             * @default false
+             */
+            provider_logs?: boolean;
         };
         ProjectEventsLink: {
             /** @description GET /api/mv/projects/{project_id}/events[?after=…][&kid=…&exp=…&sig=…] */
