@@ -226,7 +226,6 @@ async def test_cancel_stops_the_prediction(client: TestClient, sim: Simulator) -
     assert gone.status == 409 and (await gone.json())["error"]["code"] == "job_canceled"
 
 
-@pytest.mark.both_backends
 async def test_a_running_job_resumes_with_the_same_prediction_after_a_restart(make_client: Any, sim: Simulator) -> None:
     first = await make_client()
     clip_id = await make_clip(first, sim)

@@ -275,7 +275,6 @@ async def test_a_finished_video_and_its_record_survive_a_restart(make_client: An
     assert statuses(replay) == statuses(events)
 
 
-@pytest.mark.both_backends
 async def test_a_running_job_resumes_polling_after_a_restart(make_client: Any, sim: Simulator) -> None:
     sim.video_latency = 1.5
     first = await make_client()
