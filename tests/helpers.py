@@ -833,6 +833,7 @@ class Cluster:
         self.sim_port = free_port()
         self.nodes: list[tuple[subprocess.Popen, str]] = []
         self.extra_env: dict[str, str] = {}  # e.g. API keys for every node
+        self.sim_args: list[str] = []  # more options of the simulator's command line
 
     def env(self) -> dict[str, str]:
         sim = f"http://127.0.0.1:{self.sim_port}"
@@ -872,6 +873,7 @@ class Cluster:
                     "--render-cache",
                     "--render-cache-dir",
                     str(RENDER_CACHE),
+                    *self.sim_args,
                 ],
                 cwd=self.tmp_path,
                 env=self.env(),
