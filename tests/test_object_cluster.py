@@ -7,6 +7,7 @@ still serve everything."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import shutil
 import signal
@@ -39,7 +40,11 @@ class ObjectCluster(Cluster):
 
     def __init__(self, tmp_path: Path, redis: RedisServer, settings_dir: Path, storage_env: dict[str, str]):
         super().__init__(tmp_path, redis, settings_dir)
-        # No song analysis: it costs each node a worker process, and the assembly needs none.
+        # No song analysis: the assembly needs none, and it spares node A a worker process. It was turned off when
+        # this test's assembly hung in 3 of 46 runs under load with analysis on, but analysis is not the cause: only
+        # node A (killed before the assembly) ever starts a worker, 60 runs with it on did not hang, and one of about
+        # 65 runs with it off did (under load). The cause is not known; a timeout of the assembly now fails with
+        # every live node's Python stacks (SIGUSR1), so the next hang can be read.
         self.extra_env.update(storage_env, MV_ANALYSIS_WORKERS="0")
         self.sim_args = ["--output-pad-bytes", str(PADDED_CLIP)]
 
@@ -106,6 +111,30 @@ def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+async def stacks(cluster: ObjectCluster, index: int) -> str:
+    """What node ``index`` writes to its log on SIGUSR1: every thread's Python stack (faulthandler)."""
+    log = cluster.tmp_path / f"node-{index}.log"
+    start = log.stat().st_size
+    with_signal(cluster.nodes[index][0], signal.SIGUSR1)
+    async with asyncio.timeout(10):
+        while "(most recent call first)" not in (written := log.read_bytes()[start:].decode(errors="replace")):
+            await asyncio.sleep(0.05)
+    return written
+
+
+async def diagnosis(http: aiohttp.ClientSession, cluster: ObjectCluster, base: str, job_id: str) -> str:
+    """A stuck job's state as ``base`` shows it and the stacks of every live node."""
+    parts = []
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(10):
+            parts.append(repr(await state(http, base, job_id)))
+    for index, (process, _) in enumerate(cluster.nodes):
+        if process.poll() is None:
+            with contextlib.suppress(TimeoutError):
+                parts.append(f"node {index}:\n{await stacks(cluster, index)}")
+    return "\n".join(parts)
+
+
 def artefacts_on_disk(root: Path) -> list[str]:
     return sorted(str(p) for kind in ("videos", "images", "scenes", "audio") for p in (root / kind).glob("*"))
 
@@ -164,7 +193,10 @@ async def test_three_nodes_share_a_bucket_and_no_disk(
     ) as response:
         assert response.status == 202, await response.text()
         assembly = (await response.json())["job_id"]
-    assembled = await until(http, b, assembly, lambda s: s["status"] in ("succeeded", "failed"), timeout=120)
+    try:
+        assembled = await until(http, b, assembly, lambda s: s["status"] in ("succeeded", "failed"), timeout=120)
+    except TimeoutError:
+        pytest.fail(f"the assembly did not end: {await diagnosis(http, cluster, b, assembly)}")
     assert assembled["status"] == "succeeded", assembled
 
     # A is gone and so are its directories: B and C serve every artefact from the bucket.
@@ -180,3 +212,6 @@ async def test_three_nodes_share_a_bucket_and_no_disk(
     for index in (1, 2):
         assert artefacts_on_disk(cluster.node_dirs(index)[0]) == []  # every artefact is in the bucket
     assert s3_server.leftovers(s3_bucket) == []
+    # A live node dumps its threads' stacks on SIGUSR1 (what a hang's diagnosis reads) and keeps serving.
+    assert "(most recent call first)" in await stacks(cluster, 1)
+    assert (await state(http, b, assembly))["status"] == "succeeded"
