@@ -903,6 +903,7 @@ class Cluster:
         self.sim_port = free_port()
         self.nodes: list[tuple[subprocess.Popen, str]] = []
         self.extra_env: dict[str, str] = {}  # e.g. API keys for every node
+        self.sim_args: list[str] = []  # more options of the simulator's command line
 
     def env(self) -> dict[str, str]:
         sim = f"http://127.0.0.1:{self.sim_port}"
@@ -942,6 +943,7 @@ class Cluster:
                     "--render-cache",
                     "--render-cache-dir",
                     str(RENDER_CACHE),
+                    *self.sim_args,
                 ],
                 cwd=self.tmp_path,
                 env=self.env(),
@@ -1165,9 +1167,12 @@ def start_server(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator
             process.wait()
 
 
-def open_page(browser: Browser, server: str, path: str, expected: tuple[str, ...] = ()) -> Iterator[Page]:
+def open_page(
+    browser: Browser, server: str, path: str, expected: tuple[str, ...] = (), origins: tuple[str, ...] = ()
+) -> Iterator[Page]:
     """A fresh page at ``path``; fails the test on script errors, unexpected console errors and requests to
-    another origin. ``expected`` are console error texts a test provokes on purpose."""
+    another origin than the server's and ``origins`` (``host:port``). ``expected`` are console error texts a test
+    provokes on purpose."""
     context = browser.new_context(base_url=server, viewport={"width": 1100, "height": 900})
     page = context.new_page()
     page.set_default_timeout(15_000)
@@ -1185,7 +1190,7 @@ def open_page(browser: Browser, server: str, path: str, expected: tuple[str, ...
 
     def check_origin(request: Any) -> None:
         url = urlsplit(request.url)
-        if url.scheme != "data" and url.netloc != origin:
+        if url.scheme != "data" and url.netloc != origin and url.netloc not in origins:
             problems.append(f"request to another origin: {request.url}")
 
     page.on("console", check_console)
