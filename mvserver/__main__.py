@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mvserver: configuration error: {exc}", file=sys.stderr)
         return 2
+    # ``kill -USR1 <pid>``: every thread's Python stack to stderr, for a node that seems stuck (no ptrace needed)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         run_app(
             app,

@@ -216,7 +216,7 @@ async def jobs_context(app: web.Application) -> AsyncIterator[None]:
     retention = config.videos.jobs.retention_hours * 3600
     if retention > 0:
         sweeper = asyncio.get_running_loop().create_task(
-            sweep_forever(engine.store, app[ARTEFACTS], retention), name="retention-sweeper"
+            sweep_forever(engine.store, app[ARTEFACTS], retention, app[STORE]), name="retention-sweeper"
         )
     try:
         yield

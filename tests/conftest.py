@@ -124,25 +124,54 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Modules marked ``both_stores`` run every test on the file store and on Redis (one fixture, no copies), but
     for the tests that touch no store (``store_independent``: refused before any store access, settings,
     documents), which run once, on files. Modules marked ``both_backends`` run on the local output directory
-    and on object storage (``artefact_backends`` names other backends for a test)."""
+    and on object storage (``artefact_backends`` names other backends for a test). A module marked both runs
+    the deployments, not their cross product: the file store with the output directory (one machine), Redis with
+    each backend (several processes on one disk, or nodes on a bucket): ``[file-local]``, ``[redis-local]``,
+    ``[redis-s3]``."""
 
-    if metafunc.definition.get_closest_marker("both_backends"):
-        chosen = metafunc.definition.get_closest_marker("artefact_backends")
+    definition = metafunc.definition
+    kinds = ["file"]
+    if definition.get_closest_marker("both_stores") and not (
+        definition.get_closest_marker("file_store_only") or definition.get_closest_marker("store_independent")
+    ):
+        kinds = ["file", "redis"]
+    backends = ["local"]
+    if definition.get_closest_marker("both_backends"):
+        chosen = definition.get_closest_marker("artefact_backends")
         backends = list(chosen.args) if chosen else ["local", "s3"]
-        if "artefact_backend" in metafunc.fixturenames:
-            metafunc.parametrize("artefact_backend", backends, indirect=True)
-        if "shared_artefact_backend" in metafunc.fixturenames:
-            metafunc.parametrize("shared_artefact_backend", backends, indirect=True, scope="module")
-    if not metafunc.definition.get_closest_marker("both_stores"):
-        return
-    one = metafunc.definition.get_closest_marker("file_store_only") or metafunc.definition.get_closest_marker(
-        "store_independent"
-    )
-    kinds = ["file"] if one else ["file", "redis"]
-    if "job_store_kind" in metafunc.fixturenames:
-        metafunc.parametrize("job_store_kind", kinds, indirect=True)
-    if "shared_store_kind" in metafunc.fixturenames:  # the store of the module's shared app (``module_app``)
-        metafunc.parametrize("shared_store_kind", kinds, indirect=True, scope="module")
+        if definition.get_closest_marker("store_independent"):
+            backends = backends[:1]
+    pairs = deployments(kinds, backends)
+    if pairs == [("file", "local")]:
+        return  # the fixtures' defaults
+    for store, backend, scope in (
+        ("job_store_kind", "artefact_backend", "function"),
+        ("shared_store_kind", "shared_artefact_backend", "module"),  # the module's shared app (``module_app``)
+    ):
+        wanted = [name for name in (store, backend) if name in metafunc.fixturenames]
+        if len(wanted) == 2:
+            ids = [deployment_id(pair, pairs) for pair in pairs]
+            metafunc.parametrize((store, backend), pairs, indirect=True, scope=scope, ids=ids)
+        elif wanted:
+            values = list(dict.fromkeys(pair[0 if wanted[0] == store else 1] for pair in pairs))
+            metafunc.parametrize(wanted[0], values, indirect=True, scope=scope)
+
+
+def deployments(kinds: list[str], backends: list[str]) -> list[tuple[str, str]]:
+    """The (job store, artefact backend) pairs a test runs on: with the file store alone, every backend; with Redis
+    too, the file store only on the output directory (one machine, one disk) and Redis on every backend."""
+    if kinds == ["file"]:
+        return [("file", backend) for backend in backends]
+    return [("file", "local")] * ("local" in backends) + [("redis", backend) for backend in backends]
+
+
+def deployment_id(pair: tuple[str, str], pairs: list[tuple[str, str]]) -> str:
+    """``file``/``redis`` when only the store varies, the backend when only it does, else ``redis-s3``."""
+    if len({kind for kind, _ in pairs}) == 1:
+        return pair[1]
+    if len({backend for _, backend in pairs}) == 1:
+        return pair[0]
+    return "-".join(pair)
 
 
 @pytest.fixture
@@ -232,39 +261,46 @@ def shared_artefact_backend(request: pytest.FixtureRequest) -> str:
     return getattr(request, "param", "local")
 
 
+@pytest.fixture(scope="module")
+def shared_artefact_env(
+    shared_artefact_backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """The variables of a module's shared app for its artefact backend: none locally; a bucket of the module's own
+    and a scratch directory on object storage (the bucket dropped after the module)."""
+    if shared_artefact_backend == "local":
+        yield {}
+        return
+    server = request.getfixturevalue("s3_server")
+    bucket = server.new_bucket()
+    scratch = tmp_path_factory.mktemp("scratch")
+    try:
+        yield object_env(shared_artefact_backend, lambda: {**server.bucket_env(bucket), "MV_SCRATCH_DIR": str(scratch)})
+    finally:
+        server.drop_bucket(bucket)
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def module_app(
     shared_store_kind: str,
-    shared_artefact_backend: str,
+    shared_artefact_env: dict[str, str],
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[LiveApp]:
     """A client of an app like :func:`client`'s, and its simulator, built once for the module."""
     root = tmp_path_factory.mktemp("module_app")
-    store_env: dict[str, str] = {}
+    store_env: dict[str, str] = {**shared_artefact_env}
     if shared_store_kind == "redis":
-        store_env = {
-            "MV_REDIS_URL": request.getfixturevalue("redis_url"),
-            "MV_REDIS_PREFIX": f"mvtest:{uuid.uuid4().hex[:10]}:",
-        }
-    bucket = None
-    if shared_artefact_backend != "local":
-        server = request.getfixturevalue("s3_server")
-        bucket = server.new_bucket()
         store_env.update(
-            object_env(
-                shared_artefact_backend, lambda: {**server.bucket_env(bucket), "MV_SCRATCH_DIR": str(root / "s")}
-            )
+            {
+                "MV_REDIS_URL": request.getfixturevalue("redis_url"),
+                "MV_REDIS_PREFIX": f"mvtest:{uuid.uuid4().hex[:10]}:",
+            }
         )
     sim = Simulator(root / "simulator", **SIM_DEFAULTS)
-    try:
-        async with TestServer(create_simulator_app(sim)) as sim_server:
-            env = provider_env(sim_server, root / "outputs", fast_settings(root / "settings"), store_env)
-            async with TestClient(TestServer(create_app(env))) as client:
-                yield client, sim
-    finally:
-        if bucket is not None:
-            server.drop_bucket(bucket)
+    async with TestServer(create_simulator_app(sim)) as sim_server:
+        env = provider_env(sim_server, root / "outputs", fast_settings(root / "settings"), store_env)
+        async with TestClient(TestServer(create_app(env))) as client:
+            yield client, sim
 
 
 @pytest.fixture

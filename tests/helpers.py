@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import imageio_ffmpeg
+import obstore
 import pytest
 import yaml
 from aiohttp import ClientResponse, web
@@ -36,9 +37,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from mvserver.appkeys import JOBS, STORE
+from mvserver.appkeys import ARTEFACTS, JOBS
 from mvserver.audio import routes as audio
-from mvserver.core.artefacts import OutputStore, new_id, write_bytes_atomic
+from mvserver.core.artefacts import LocalArtefacts, OutputStore, artefact_key, new_id, write_bytes_atomic
+from mvserver.core.objects import STAGING
+from mvserver.core.scratch import OUTPUT_PREFIX
+from mvserver.core.scratch import TEMP_SUFFIX as SCRATCH_TEMP_SUFFIX
 from mvserver.media.probe import parse_probe
 from mvserver.media.run import ffmpeg_exe
 from mvserver.sandbox.state import Simulator
@@ -294,6 +298,70 @@ async def settled(client: TestClient, job_id: str, *, timeout: float = 20) -> An
     return job
 
 
+# -- artefacts, wherever the app keeps them ----------------------------------------------------------------------------
+# A test reads what the app stored through the app's own artefact layer (``ARTEFACTS``): the same test body works on
+# the output directory and on object storage (``both_backends``). Tests of the directory itself read the disk.
+
+AppLike = TestClient | web.Application
+
+
+def artefacts_of(app: AppLike) -> Any:
+    """The app's :class:`~mvserver.core.artefacts.Artefacts` (of a test client's app, or of an app)."""
+    return (app.app if isinstance(app, TestClient) else app)[ARTEFACTS]
+
+
+async def artefact(app: AppLike, key: str) -> bytes:
+    """The bytes of the artefact ``key`` (``videos/<id>.mp4``); FileNotFoundError when it is not stored."""
+    return await artefacts_of(app).get_bytes(key)
+
+
+async def artefact_json(app: AppLike, key: str) -> Any:
+    return json.loads(await artefact(app, key))
+
+
+async def has_artefact(app: AppLike, key: str) -> bool:
+    return await artefacts_of(app).stat(key) is not None
+
+
+async def artefact_keys(app: AppLike, kind: str) -> list[str]:
+    """Every stored artefact of ``kind`` (``videos``), sorted; temporaries and staging objects are not artefacts."""
+    return sorted(await artefacts_of(app).list_old(kind, float("inf")))
+
+
+async def leftovers(app: AppLike, kind: str) -> list[str]:
+    """What unfinished writes of ``kind`` left behind: a temporary next to the artefacts in the output directory;
+    on object storage an output or download in the scratch directory, or a staging object in the bucket."""
+    store = artefacts_of(app)
+    if isinstance(store, LocalArtefacts):
+        return sorted(path.name for path in (store.outputs.root / kind).glob(".*"))
+    root = store.scratch_dir.root
+    names = [path.name for pattern in (f"{OUTPUT_PREFIX}*", f"*{SCRATCH_TEMP_SUFFIX}") for path in root.glob(pattern)]
+    async for batch in obstore.list(store.storage.store, prefix=STAGING, chunk_size=500):
+        names += [meta["path"] for meta in batch]  # a long stream's staging object, never copied into place
+    return sorted(names)
+
+
+async def stored_names(app: AppLike, kind: str) -> list[str]:
+    """The names of the stored artefacts of ``kind`` and of every unfinished write left behind (:func:`leftovers`)."""
+    names = [key.partition("/")[2] for key in await artefact_keys(app, kind)]
+    return sorted(names + await leftovers(app, kind))
+
+
+def ffmpeg_folder(app: AppLike, kind: str) -> Path:
+    """Where the app's ffmpeg writes an artefact of ``kind`` before it is stored: next to it in the output
+    directory, or in an object store's scratch directory."""
+    store = artefacts_of(app)
+    return store.outputs.root / kind if isinstance(store, LocalArtefacts) else store.scratch_dir.root
+
+
+@contextlib.asynccontextmanager
+async def artefact_file(app: AppLike, key: str) -> AsyncIterator[Path]:
+    """A local file holding the artefact for the block (to probe it with ffmpeg): the stored file itself, or a
+    scratch copy of the object."""
+    async with artefacts_of(app).local_file(key) as path:
+        yield path
+
+
 # -- video jobs over HTTP ---------------------------------------------------------------------------------------------
 
 PROMPT = "A tabby cat DJ in neon headphones spins records on a rooftop at dusk."
@@ -363,7 +431,7 @@ FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 _CODECS = {"mp3": ["-c:a", "libmp3lame", "-b:a", "128k"], "wav": ["-c:a", "pcm_s16le"], "m4a": ["-c:a", "aac"]}
 
 
-def make_song(
+async def make_song(
     client: TestClient,
     seconds: float,
     fmt: str = "mp3",
@@ -372,32 +440,34 @@ def make_song(
     channels: int = 2,
     sidecar: dict[str, Any] | None = None,
 ) -> str:
-    """Save a song as the upload does: ``outputs/audio/<id>.<ext>`` (a lavfi tone whose pitch rises every second,
-    so windows differ), then its JSON sidecar, last."""
-    store = client.app[STORE]
+    """Save a song as the upload does, through the app's artefacts: ``audio/<id>.<ext>`` (a lavfi tone whose pitch
+    rises every second, so windows differ), then its JSON sidecar, last."""
     audio_id = new_id()
-    path = store.path("audio", audio_id, f".{fmt}")
     tone = f"aevalsrc='0.4*sin(2*PI*(220+40*floor(t))*t)':s={rate}:d={seconds}"
-    subprocess.run(
-        [
-            FFMPEG,
-            "-nostdin",
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            tone,
-            "-ac",
-            str(channels),
-            *_CODECS[fmt],
-            str(path),
-        ],
-        check=True,
-        timeout=60,
-    )
+    with tempfile.TemporaryDirectory(prefix="mvtest-song-") as folder:
+        path = Path(folder) / f"song.{fmt}"
+        await asyncio.to_thread(
+            subprocess.run,
+            [
+                FFMPEG,
+                "-nostdin",
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+                tone,
+                "-ac",
+                str(channels),
+                *_CODECS[fmt],
+                str(path),
+            ],
+            check=True,
+            timeout=60,
+        )
+        await artefacts_of(client).put_bytes(artefact_key("audio", audio_id, f".{fmt}"), path.read_bytes())
     record = {
         "audio_id": audio_id,
         "format": fmt,
@@ -407,7 +477,7 @@ def make_song(
         "channels": channels,
         **(sidecar or {}),
     }
-    store.path("audio", audio_id, ".json").write_text(json.dumps(record))
+    await artefacts_of(client).put_json(artefact_key("audio", audio_id, ".json"), record)
     return audio_id
 
 
@@ -833,6 +903,7 @@ class Cluster:
         self.sim_port = free_port()
         self.nodes: list[tuple[subprocess.Popen, str]] = []
         self.extra_env: dict[str, str] = {}  # e.g. API keys for every node
+        self.sim_args: list[str] = []  # more options of the simulator's command line
 
     def env(self) -> dict[str, str]:
         sim = f"http://127.0.0.1:{self.sim_port}"
@@ -872,6 +943,7 @@ class Cluster:
                     "--render-cache",
                     "--render-cache-dir",
                     str(RENDER_CACHE),
+                    *self.sim_args,
                 ],
                 cwd=self.tmp_path,
                 env=self.env(),
@@ -1095,9 +1167,12 @@ def start_server(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator
             process.wait()
 
 
-def open_page(browser: Browser, server: str, path: str, expected: tuple[str, ...] = ()) -> Iterator[Page]:
+def open_page(
+    browser: Browser, server: str, path: str, expected: tuple[str, ...] = (), origins: tuple[str, ...] = ()
+) -> Iterator[Page]:
     """A fresh page at ``path``; fails the test on script errors, unexpected console errors and requests to
-    another origin. ``expected`` are console error texts a test provokes on purpose."""
+    another origin than the server's and ``origins`` (``host:port``). ``expected`` are console error texts a test
+    provokes on purpose."""
     context = browser.new_context(base_url=server, viewport={"width": 1100, "height": 900})
     page = context.new_page()
     page.set_default_timeout(15_000)
@@ -1115,7 +1190,7 @@ def open_page(browser: Browser, server: str, path: str, expected: tuple[str, ...
 
     def check_origin(request: Any) -> None:
         url = urlsplit(request.url)
-        if url.scheme != "data" and url.netloc != origin:
+        if url.scheme != "data" and url.netloc != origin and url.netloc not in origins:
             problems.append(f"request to another origin: {request.url}")
 
     page.on("console", check_console)

@@ -76,11 +76,15 @@ class S3Server:
             + [f"upload:{item['Key']}" for item in uploads]
         )
 
+    def abort_uploads(self, bucket: str) -> None:
+        """Abort every unfinished multipart upload (what the bucket's lifecycle rule does after a day)."""
+        for upload in self.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+            self.client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+
     def drop_bucket(self, name: str) -> None:
         """Delete every object, unfinished multipart upload and the bucket (moto keeps them in this process)."""
         client = self.client
-        for upload in client.list_multipart_uploads(Bucket=name).get("Uploads", []):
-            client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+        self.abort_uploads(name)
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
             for item in page.get("Contents", []):
                 client.delete_object(Bucket=name, Key=item["Key"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -13,7 +12,17 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from helpers import UPLOAD, AppClient, dead_pid, heartbeat, make_audio, stored
+from helpers import (
+    UPLOAD,
+    AppClient,
+    artefact_file,
+    artefact_json,
+    dead_pid,
+    heartbeat,
+    make_audio,
+    stored,
+    stored_names,
+)
 
 from mvserver.app import create_app
 from mvserver.appkeys import SONGS, UPLOAD_SLOTS
@@ -49,6 +58,7 @@ def form(data: bytes, filename: str = "song.mp3", content_type: str = "audio/mpe
     return body
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize(("name", "options", "fmt", "mime", "codec"), FORMATS)
 async def test_each_format_is_identified_by_content_and_served_back(
     client: TestClient, tmp_path: Path, name: str, options: list[str], fmt: str, mime: str, codec: str
@@ -61,21 +71,23 @@ async def test_each_format_is_identified_by_content_and_served_back(
     assert body["duration"] == pytest.approx(2.0, abs=0.06)
     assert body["sample_rate"] == (48000 if codec == "opus" else 44100) and body["channels"] == 2
     assert body["size_bytes"] == len(data) and body["audio_url"] == f"/api/mv/get_audio/{audio_id}"
-    sidecar = json.loads((tmp_path / "outputs" / "audio" / f"{audio_id}.json").read_text())
+    sidecar = await artefact_json(client, f"audio/{audio_id}.json")
     assert sidecar["format"] == fmt and sidecar["duration"] == body["duration"]
     # Once saved, the song is encoded once more: an AAC copy for assembly and a small MP3 for Gemini.
     await client.app[SONGS].settled(audio_id)
-    assert stored(tmp_path) == sorted(
+    assert await stored_names(client, "audio") == sorted(
         [f"{audio_id}.json", f"{audio_id}{AUDIO_FORMATS[fmt].suffix}", f"{audio_id}.aac.m4a", f"{audio_id}.preview.mp3"]
     )
-    copy = await probe(tmp_path / "outputs" / "audio" / f"{audio_id}.aac.m4a")
+    async with artefact_file(client, f"audio/{audio_id}.aac.m4a") as path:
+        copy = await probe(path)
     assert copy.first_audio is not None and (
         copy.first_audio.codec,
         copy.first_audio.sample_rate,
         copy.first_audio.channels,
     ) == ("aac", 48000, 2)
     assert copy.duration == pytest.approx(2.0, abs=0.06)
-    small = await probe(tmp_path / "outputs" / "audio" / f"{audio_id}.preview.mp3")
+    async with artefact_file(client, f"audio/{audio_id}.preview.mp3") as path:
+        small = await probe(path)
     assert small.first_audio is not None and (small.first_audio.codec, small.first_audio.channels) == ("mp3", 1)
 
     served = await client.get(body["audio_url"])
@@ -94,6 +106,7 @@ async def test_multipart_with_one_file(client: TestClient, tmp_path: Path) -> No
     assert response.headers["Location"] == body["audio_url"]
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("kind", ["text", "png", "video", "wma", "tiny", "huge_claim"])
 async def test_what_is_not_an_accepted_song_is_400_and_leaves_nothing(
     client: TestClient, tmp_path: Path, kind: str
@@ -113,7 +126,7 @@ async def test_what_is_not_an_accepted_song_is_400_and_leaves_nothing(
         data = make_audio(tmp_path / "cut.wav").read_bytes()[:600]
     error = (await upload(client, data, status=400))["error"]
     assert error["code"] == "invalid_audio" and error["field"] == "body" and error["message"]
-    assert stored(tmp_path) == []
+    assert await stored_names(client, "audio") == []
 
 
 async def test_too_many_channels_is_400(client: TestClient, tmp_path: Path) -> None:

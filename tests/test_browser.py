@@ -6,16 +6,18 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import pytest_asyncio
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import BROWSER_VIDEO_SECONDS, PROJECT, module_loop, open_page, requires_browser, start_server
+from object_store import S3Server
 
 try:
-    from playwright.sync_api import Browser, Page, expect, sync_playwright
+    from playwright.sync_api import Browser, Page, Response, expect, sync_playwright
     from playwright.sync_api import Error as PlaywrightError
 except ImportError:  # pragma: no cover - depends on the environment
     sync_playwright = None
@@ -143,6 +145,103 @@ def test_demo_shows_request_errors_failed_and_canceled_jobs(page: Page, tmp_path
     expect(page.get_by_test_id("cancel-video-2")).to_be_hidden()
     expect(page.get_by_test_id("video-2")).to_be_hidden()
     page.screenshot(path=str(tmp_path / "demo-errors.png"), full_page=True)
+
+
+# -- with artefacts in object storage ----------------------------------------------------------------------------------
+
+
+class ObjectServer(NamedTuple):
+    base: str
+    bucket: str
+    store: str  # the bucket's origin (host:port), where the server's redirects send the browser
+
+
+@pytest.fixture(scope="module")
+def object_server(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -> Iterator[ObjectServer]:
+    """A sandboxed server keeping its artefacts in a bucket of moto's S3 server (``MV_STORAGE_URL``): every
+    artefact route answers a 302 to a presigned link of the bucket."""
+    tmp = tmp_path_factory.mktemp("object-server")
+    bucket = s3_server.new_bucket()
+    env = {**s3_server.bucket_env(bucket), "MV_SCRATCH_DIR": str(tmp / "scratch")}
+    try:
+        for base in start_server(tmp, env):
+            yield ObjectServer(base, bucket, urlsplit(s3_server.endpoint).netloc)
+    finally:
+        s3_server.drop_bucket(bucket)
+
+
+@pytest.fixture
+def object_page(browser: Browser, object_server: ObjectServer) -> Iterator[Page]:
+    """The single-clip demo of the object-storage server; requests may go to the bucket too (the redirects')."""
+    yield from open_page(browser, object_server.base, "/single", origins=(object_server.store,))
+
+
+@requires_browser
+def test_the_video_plays_and_seeks_through_the_redirect_to_the_bucket(
+    object_page: Page, object_server: ObjectServer, tmp_path: Path
+) -> None:
+    page = object_page
+    responses: list[Response] = []
+    page.on("response", lambda response: responses.append(response))
+    _create_scenes(page, 1)
+    page.get_by_test_id("generate-video-1").click()
+    expect(page.get_by_test_id("video-1")).to_be_visible(timeout=BROWSER_VIDEO_SECONDS * 1000 + 15_000)
+    _wait_video_playable(page, 1)
+    video = page.get_by_test_id("video-1")
+    source = urlsplit(video.evaluate("v => v.currentSrc"))
+    assert source.netloc == urlsplit(object_server.base).netloc and source.path.startswith("/api/mv/get_video/")
+    job_id = source.path.rsplit("/", 1)[1]
+    key_path = f"/{object_server.bucket}/mv/videos/{job_id}.mp4"
+    seen = [
+        {
+            "url": r.url,
+            "status": r.status,
+            "range": r.request.all_headers().get("range"),  # the raw headers (``headers`` leaves Range out)
+            "location": r.headers.get("location"),
+            "cache": r.headers.get("cache-control"),
+        }
+        for r in responses
+    ]
+
+    # The element went through the server's redirect to a presigned link of the clip in the bucket...
+    [redirect] = [r for r in seen if urlsplit(r["url"]).path == source.path]
+    assert redirect["status"] == 302 and redirect["cache"] == "no-store", redirect
+    link = urlsplit(redirect["location"])
+    assert (link.netloc, link.path) == (object_server.store, key_path)
+    assert parse_qs(link.query)["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+    # ...and read the clip from there with Range requests, answered 206 by the store.
+    from_store = [r for r in seen if urlsplit(r["url"]).netloc == object_server.store]
+    assert from_store and all(urlsplit(r["url"]).path == key_path for r in from_store), from_store
+    assert any(r["status"] == 206 and (r["range"] or "").startswith("bytes=") for r in from_store), from_store
+
+    duration = video.evaluate("v => v.duration")
+    assert duration > 1
+    target = round(duration / 2, 3)
+    seeked = video.evaluate(
+        """(v, t) => new Promise((resolve, reject) => {
+            v.addEventListener("seeked", () => resolve({time: v.currentTime, ready: v.readyState}), {once: true});
+            v.addEventListener("error", () => reject(new Error(`media error ${v.error && v.error.code}`)), {once: true});
+            v.currentTime = t;
+        })""",
+        target,
+    )
+    assert seeked["time"] == pytest.approx(target, abs=0.05) and seeked["ready"] >= 2, seeked
+    played = video.evaluate(
+        """async v => {
+            v.muted = true;
+            const start = v.currentTime;
+            await v.play();
+            await new Promise(resolve => {
+                const moved = () => { if (v.currentTime > start + 0.2) { v.removeEventListener("timeupdate", moved); resolve(); } };
+                v.addEventListener("timeupdate", moved);
+            });
+            v.pause();
+            return {start, now: v.currentTime, error: v.error && v.error.code};
+        }"""
+    )
+    assert played["start"] == pytest.approx(target, abs=0.05) and played["now"] > played["start"], played
+    assert played["error"] is None
+    page.screenshot(path=str(tmp_path / "object-storage.png"), full_page=True)
 
 
 # -- the page as served (no browser needed) ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from helpers import AppClient, read_sse, requests_to
+from helpers import AppClient, artefact, has_artefact, leftovers, read_sse, requests_to, stored_names
 
 from mvserver.appkeys import CONFIG, JOBS
 from mvserver.sandbox.app import Simulator
@@ -82,7 +82,7 @@ async def settled(client: TestClient, outputs: Path) -> None:
         while manager.tasks:
             await asyncio.sleep(0.01)
     assert manager.tasks == {}
-    assert sorted(outputs.rglob("*.part")) == []
+    assert sorted(outputs.rglob("*.part")) == [] and await leftovers(client, "videos") == []
 
 
 def records(sim: Simulator, kind: str) -> list[Path]:
@@ -93,7 +93,7 @@ async def succeeded(client: TestClient, outputs: Path, job_id: str, events: list
     """Check a successful job: final event, complete MP4 on disk and served; returns the video."""
     final = events[-1]
     assert final["event"] == "succeeded", final["data"]["error"]
-    video = (outputs / "videos" / f"{job_id}.mp4").read_bytes()
+    video = await artefact(client, f"videos/{job_id}.mp4")
     assert video[4:8] == b"ftyp" and len(video) == final["data"]["video_bytes"]
     served = await client.get(f"/api/mv/get_video/{job_id}")
     assert served.status == 200 and await served.read() == video
@@ -110,7 +110,7 @@ async def failed(
     error = final["data"]["error"]
     assert error["code"] == code, error
     assert error["provider"] == provider and error["message"]
-    assert not (outputs / "videos" / f"{job_id}.mp4").exists()
+    assert not await has_artefact(client, f"videos/{job_id}.mp4")
     answer = await client.get(f"/api/mv/get_video/{job_id}")
     assert answer.status == 409 and (await answer.json())["error"]["code"] == "job_failed"
     await settled(client, outputs)
@@ -251,6 +251,7 @@ async def test_an_ambiguous_create_failure_is_not_retried(
 # -- Replicate: downloading the video ------------------------------------------------------------------------------
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("kind", ["reset", "truncate"])
 async def test_a_broken_download_is_retried_and_the_video_is_whole(
     make_client: AppClient, sim: Simulator, outputs: Path, kind: str
@@ -263,6 +264,7 @@ async def test_a_broken_download_is_retried_and_the_video_is_whole(
     assert video == output_file(sim, events[-1]["data"]["provider_prediction_id"])
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("kind", ["reset", "truncate"])
 async def test_a_download_that_keeps_breaking_fails_with_provider_unreachable(
     make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None], kind: str
@@ -304,6 +306,7 @@ async def test_a_poll_that_hangs_forever_fails_with_provider_timeout(
     await failed(client, outputs, job_id, events, "provider_timeout", "replicate")
 
 
+@pytest.mark.both_backends
 async def test_a_download_that_hangs_forever_fails_with_provider_timeout(
     make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None]
 ) -> None:
@@ -321,6 +324,7 @@ async def test_a_download_that_hangs_forever_fails_with_provider_timeout(
 # -- Veo on Vertex (backend "gemini") --------------------------------------------------------------------------------
 
 
+@pytest.mark.both_backends
 async def test_vertex_fetch_storm_within_the_retries_succeeds(
     make_client: AppClient, sim: Simulator, outputs: Path, jobs_settings: Callable[..., None]
 ) -> None:
@@ -368,6 +372,7 @@ async def test_a_failed_vertex_operation_keeps_googles_code_and_words(
 # -- the image endpoint ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize(
     ("route", "kind", "status", "code", "provider_status"),
     [
@@ -400,7 +405,7 @@ async def test_image_provider_faults_answer_502_and_write_nothing(
     error = (await response.json())["error"]
     assert error["code"] == code and error["provider"] == "replicate"
     assert error.get("provider_status") == provider_status
-    assert sorted((outputs / "images").iterdir()) == []
+    assert await stored_names(client, "images") == []
     assert sorted(outputs.rglob("*.part")) == []
     retry = await client.post(
         "/api/mv/generate_character_reference",

@@ -10,6 +10,10 @@ import imageio_ffmpeg
 import pytest
 from aiohttp.test_utils import TestClient
 
+# The server serves the bytes itself: from the output directory, or streaming the object (a redirect leaves ranges
+# to the store).
+pytestmark = [pytest.mark.both_backends, pytest.mark.artefact_backends("local", "s3-proxy")]
+
 
 async def a_song(client: TestClient, tmp_path: Path) -> tuple[str, bytes]:
     """Upload a one-second WAV tone; its URL and bytes."""

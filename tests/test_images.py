@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from helpers import PROJECT, AppClient, LiveApp, module_loop
+from helpers import PROJECT, AppClient, LiveApp, artefact, artefact_json, module_loop, stored_names
 from PIL import Image
 from yarl import URL
 
@@ -65,16 +65,16 @@ def sent_input(sim: Simulator, prediction_id: str) -> dict[str, Any]:
     return record["input"]
 
 
-def saved_images(tmp_path: Path) -> list[str]:
-    return sorted(p.name for p in (tmp_path / "outputs" / "images").iterdir())
+async def saved_images(client: TestClient) -> list[str]:
+    """The stored images and sidecars, and any temporary left behind."""
+    return await stored_names(client, "images")
 
 
 # -- success -----------------------------------------------------------------------------------------------------
 
 
-async def test_png_is_returned_saved_and_served_byte_for_byte(
-    client: TestClient, sim: Simulator, tmp_path: Path
-) -> None:
+@pytest.mark.both_backends
+async def test_png_is_returned_saved_and_served_byte_for_byte(client: TestClient, sim: Simulator) -> None:
     body = await generate(client)
     image_id = body["image_id"]
     assert uuid.UUID(image_id).version == 4
@@ -85,7 +85,7 @@ async def test_png_is_returned_saved_and_served_byte_for_byte(
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         assert image.format == "PNG" and image.width == image.height  # 1:1 by default
-    assert (tmp_path / "outputs" / "images" / f"{image_id}.png").read_bytes() == data
+    assert await artefact(client, f"images/{image_id}.png") == data
 
     served = await client.get(body["image_url"])
     assert served.status == 200 and served.headers["Content-Type"] == "image/png"
@@ -101,10 +101,10 @@ async def test_png_is_returned_saved_and_served_byte_for_byte(
         "person_generation": "allow_adult",
         "output_format": "png",
     }  # no empty negative prompt, no null seed
-    sidecar = json.loads((tmp_path / "outputs" / "images" / f"{image_id}.json").read_text())
+    sidecar = await artefact_json(client, f"images/{image_id}.json")
     assert sidecar["mime_type"] == "image/png" and sidecar["prediction_id"] == metadata["prediction_id"]
     assert sidecar["prompt"] == metadata["prompt"] and sidecar["sandbox"] is False
-    assert saved_images(tmp_path) == sorted([f"{image_id}.json", f"{image_id}.png"])
+    assert await saved_images(client) == sorted([f"{image_id}.json", f"{image_id}.png"])
 
 
 @pytest.mark.parametrize(("fmt", "mime", "pillow"), [("jpg", "image/jpeg", "JPEG"), ("webp", "image/webp", "WEBP")])
@@ -145,12 +145,13 @@ async def test_defaults_come_from_the_yaml(make_client: AppClient, sim: Simulato
     assert (inputs["aspect_ratio"], inputs["output_format"]) == ("9:16", "webp")
 
 
+@pytest.mark.both_backends
 async def test_sandbox_mode_labels_the_image(make_client: AppClient, tmp_path: Path) -> None:
     settings = settings_copy(tmp_path, sandbox={"image_latency_seconds": 0.05})
     client = await make_client(MV_SETTINGS_DIR=settings, REPLICATE_API_TOKEN=None)  # no token: built-in simulator
     body = await generate(client)
     assert body["sandbox"] is True
-    sidecar = json.loads((tmp_path / "outputs" / "images" / f"{body['image_id']}.json").read_text())
+    sidecar = await artefact_json(client, f"images/{body['image_id']}.json")
     assert sidecar["sandbox"] is True
     assert (await client.get(body["image_url"])).status == 200
 
@@ -249,7 +250,7 @@ async def test_the_body_limit_follows_the_environment(make_client: AppClient, tm
     ],
 )
 async def test_provider_http_errors_keep_the_provider_status(
-    client: TestClient, sim: Simulator, tmp_path: Path, status: int, ours: int, code: str, problem: dict[str, Any]
+    client: TestClient, sim: Simulator, status: int, ours: int, code: str, problem: dict[str, Any]
 ) -> None:
     sim.add_fault("replicate.create", status=status, body=problem)
     error = (await generate(client, ours))["error"]
@@ -258,7 +259,7 @@ async def test_provider_http_errors_keep_the_provider_status(
         error["provider_error"]["detail"] == problem["detail"] and error["provider_error"]["title"] == problem["title"]
     )
     assert problem["detail"].strip() in error["message"]
-    assert saved_images(tmp_path) == []
+    assert await saved_images(client) == []
 
 
 async def test_rate_limit_is_429_with_retry_after(client: TestClient, sim: Simulator) -> None:
@@ -278,16 +279,14 @@ async def test_rate_limit_is_429_with_retry_after(client: TestClient, sim: Simul
     assert response.headers.get("Retry-After") == "7"
 
 
-async def test_a_failed_prediction_returns_the_provider_error(
-    client: TestClient, sim: Simulator, tmp_path: Path
-) -> None:
+async def test_a_failed_prediction_returns_the_provider_error(client: TestClient, sim: Simulator) -> None:
     sim.add_fault("replicate.create", "fail_prediction", error="E005: the input was flagged as sensitive")
     error = (await generate(client, 502))["error"]
     assert error["code"] == "provider_prediction_failed" and error["provider_status"] == "failed"
     assert error["provider_error"] == "E005: the input was flagged as sensitive"
     marked = (await generate(client, 502, character_description=f"{DESCRIPTION} [sandbox:fail]"))["error"]
     assert marked["code"] == "provider_prediction_failed" and "flagged as sensitive" in marked["provider_error"]
-    assert saved_images(tmp_path) == []
+    assert await saved_images(client) == []
 
 
 async def test_a_slow_prediction_times_out_and_is_canceled(
@@ -301,7 +300,7 @@ async def test_a_slow_prediction_times_out_and_is_canceled(
     assert len(canceled) == 1
     prediction_id = canceled[0].split("/")[-2]
     assert sim.load("predictions", prediction_id)["status"] == "canceled"
-    assert saved_images(tmp_path) == []
+    assert await saved_images(client) == []
 
 
 @pytest.mark.parametrize(
@@ -309,7 +308,7 @@ async def test_a_slow_prediction_times_out_and_is_canceled(
     [(b"<html>not an image</html>", "not a readable image"), ("jpeg", "JPEG image, expected png")],
 )
 async def test_an_output_that_is_not_the_expected_image_is_502(
-    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: Any, message: str
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, output: Any, message: str
 ) -> None:
     real = replicate_api.render_character_image
 
@@ -319,7 +318,7 @@ async def test_an_output_that_is_not_the_expected_image_is_502(
     monkeypatch.setattr(replicate_api, "render_character_image", wrong)
     error = (await generate(client, 502))["error"]
     assert error["code"] == "provider_bad_output" and message in error["message"]
-    assert saved_images(tmp_path) == []
+    assert await saved_images(client) == []
 
 
 # -- get_image and load_image ------------------------------------------------------------------------------------
@@ -437,9 +436,8 @@ async def test_one_image_keeps_the_old_shape_and_lists_it_in_images(module_live:
     assert only["prediction_id"] == body["metadata"]["prediction_id"] and only["seed"] is None
 
 
-async def test_candidate_images_run_in_parallel_each_saved_with_its_own_id(
-    client: TestClient, sim: Simulator, tmp_path: Path
-) -> None:
+@pytest.mark.both_backends
+async def test_candidate_images_run_in_parallel_each_saved_with_its_own_id(client: TestClient, sim: Simulator) -> None:
     sim.image_latency = 1.0
     body = await generate(client, number_of_images=4, seed=40)
     ids = [image["image_id"] for image in body["images"]]
@@ -453,9 +451,9 @@ async def test_candidate_images_run_in_parallel_each_saved_with_its_own_id(
     for image in body["images"]:
         served = await client.get(image["image_url"])
         assert served.status == 200 and served.headers["Content-Type"] == "image/png"
-        sidecar = json.loads((tmp_path / "outputs" / "images" / f"{image['image_id']}.json").read_text())
+        sidecar = await artefact_json(client, f"images/{image['image_id']}.json")
         assert sidecar["prediction_id"] == image["prediction_id"] and sidecar["seed"] == image["seed"]
-    assert len(saved_images(tmp_path)) == 8
+    assert len(await saved_images(client)) == 8
 
 
 @pytest.mark.parametrize("count", [0, 5, "2", 2.5, None])
@@ -467,9 +465,8 @@ async def test_number_of_images_outside_1_to_4_is_400(module_live: LiveApp, coun
     assert not any(route == "replicate.create" for route, _ in sim.requests)
 
 
-async def test_one_failed_candidate_cancels_the_others_and_saves_nothing(
-    client: TestClient, sim: Simulator, tmp_path: Path
-) -> None:
+@pytest.mark.both_backends
+async def test_one_failed_candidate_cancels_the_others_and_saves_nothing(client: TestClient, sim: Simulator) -> None:
     sim.image_latency = 30  # the others are still running when the first poll fails
     sim.add_fault(
         "replicate.get",
@@ -480,7 +477,7 @@ async def test_one_failed_candidate_cancels_the_others_and_saves_nothing(
     assert error["code"] == "provider_auth_failed"
     canceled = await wait_canceled(sim, 3)
     assert len(canceled) == 3
-    assert saved_images(tmp_path) == []
+    assert await saved_images(client) == []
 
 
 async def test_an_abandoned_request_cancels_every_candidate(sim: Simulator, live_env: dict[str, str]) -> None:

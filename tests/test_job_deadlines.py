@@ -10,9 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import AppClient, events_of, statuses, submit
+from helpers import AppClient, events_of, has_artefact, statuses, submit
 
-from mvserver.appkeys import STORE
 from mvserver.sandbox.app import Simulator
 
 pytestmark = pytest.mark.both_stores
@@ -47,6 +46,7 @@ async def test_a_prediction_that_never_finishes_is_canceled_at_the_provider(clie
     assert response.status == 409 and (await response.json())["error"]["code"] == "job_failed"
 
 
+@pytest.mark.both_backends
 async def test_nothing_is_downloaded_after_the_deadline(client: TestClient, sim: Simulator) -> None:
     sim.video_latency = 0.1
     warm = await submit(
@@ -61,7 +61,7 @@ async def test_nothing_is_downloaded_after_the_deadline(client: TestClient, sim:
     assert statuses(events)[-1] == "failed"
     assert events[-1]["data"]["error"]["code"] == "deadline_exceeded"
     assert any(e["data"].get("stage") == "downloading" for e in events)  # it was cut off while downloading
-    assert not client.app[STORE].path("videos", accepted["job_id"], ".mp4").exists()
+    assert not await has_artefact(client, f"videos/{accepted['job_id']}.mp4")
     response = await client.get(f"/api/mv/get_video/{accepted['job_id']}")
     assert response.status == 409
 

@@ -56,7 +56,7 @@ async def test_every_job_starting_route_answers_the_same_envelope(client: TestCl
     )
     assert video["kind"] == "video"
     await finished(client, video["job_id"])
-    audio_id = make_song(client, 12.0, "mp3")
+    audio_id = await make_song(client, 12.0, "mp3")
     lipsync = await started(client, "/api/mv/lipsync", {"video_job_id": video["job_id"], "audio_id": audio_id})
     assert lipsync["job"]["kind"] == "lipsync"
     assembly = await started(client, "/api/mv/assemble", {"clips": [{"job_id": video["job_id"]}]})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import subprocess
 import wave
 from pathlib import Path
@@ -15,7 +14,21 @@ import pytest
 import replicate
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import _CODECS, FFMPEG, SINGER_PROMPT, events_of, make_clip, make_song, probe_media, wait_for
+from helpers import (
+    _CODECS,
+    FFMPEG,
+    SINGER_PROMPT,
+    artefact,
+    artefact_file,
+    artefact_json,
+    artefact_keys,
+    artefacts_of,
+    events_of,
+    make_clip,
+    make_song,
+    probe_media,
+    wait_for,
+)
 from PIL import Image
 from yarl import URL
 
@@ -83,6 +96,16 @@ def frame_at(path: Path, seconds: float) -> Image.Image:
     return Image.open(io.BytesIO(png)).convert("RGB")
 
 
+async def clip_length(client: TestClient, clip_id: str) -> float:
+    async with artefact_file(client, f"videos/{clip_id}.mp4") as path:
+        return probe_media(path)["duration"]
+
+
+async def windows_left(client: TestClient) -> list[str]:
+    """The audio windows cut for lip-sync jobs still stored (each is removed once uploaded)."""
+    return [key for key in await artefact_keys(client, "jobs") if ".lipsync." in key]
+
+
 def count_routes(sim: Simulator, route: str) -> int:
     return sum(1 for name, _ in sim.requests if name == route)
 
@@ -90,14 +113,15 @@ def count_routes(sim: Simulator, route: str) -> int:
 # -- the job --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.both_backends
 async def test_a_lipsync_job_uploads_the_window_and_serves_the_clip_with_the_song(
     client: TestClient, sim: Simulator, tmp_path: Path
 ) -> None:
     clip_id = await make_clip(client, sim, duration=4)
     sim.video_latency = 1.0  # the lip-sync job: long enough for progress events between the start and the end
-    clip_path = client.app[STORE].path("videos", clip_id, ".mp4")
-    clip_seconds = probe_media(clip_path)["duration"]
-    audio_id = make_song(client, 12.0, "mp3")
+    async with artefact_file(client, f"videos/{clip_id}.mp4") as clip_path:
+        clip_seconds = probe_media(clip_path)["duration"]
+    audio_id = await make_song(client, 12.0, "mp3")
     uploads_before = count_routes(sim, "replicate.files.create")
 
     accepted = await submit(client, video_job_id=clip_id, audio_id=audio_id, audio_start=2.5, temperature=0.7)
@@ -114,11 +138,11 @@ async def test_a_lipsync_job_uploads_the_window_and_serves_the_clip_with_the_son
     assert inputs["sync_mode"] == "cut_off" and inputs["temperature"] == 0.7 and inputs["active_speaker"] is False
     for key in ("video", "audio"):
         assert inputs[key].startswith("http://") and "/replicate/files/" in inputs[key], inputs[key]
-    assert uploaded(sim, inputs["video"]).read_bytes() == clip_path.read_bytes()
+    assert uploaded(sim, inputs["video"]).read_bytes() == await artefact(client, f"videos/{clip_id}.mp4")
     window = uploaded(sim, inputs["audio"])
     assert window.read_bytes()[:4] == b"RIFF"
     assert abs(probe_media(window)["duration"] - clip_seconds) < 0.05
-    assert not list((client.app[STORE].root / "jobs").glob("*.lipsync.*"))  # the cut is removed once uploaded
+    assert await windows_left(client) == []  # the cut is removed once uploaded
 
     # The job's request, as GET /jobs/{id} shows it.
     state = await (await client.get(accepted["status_url"])).json()
@@ -149,10 +173,11 @@ async def test_a_lipsync_job_uploads_the_window_and_serves_the_clip_with_the_son
     assert ranged.status == 206
 
 
+@pytest.mark.both_backends
 async def test_a_wav_song_is_stream_copied_sample_exact(client: TestClient, sim: Simulator) -> None:
     clip_id = await make_clip(client, sim, duration=4)
-    clip_seconds = probe_media(client.app[STORE].path("videos", clip_id, ".mp4"))["duration"]
-    audio_id = make_song(client, 10.0, "wav", rate=48000)
+    clip_seconds = await clip_length(client, clip_id)
+    audio_id = await make_song(client, 10.0, "wav", rate=48000)
     start = 3.0
     accepted = await submit(
         client, video_job_id=clip_id, audio_id=audio_id, audio_start=start, audio_end=start + clip_seconds
@@ -161,7 +186,8 @@ async def test_a_wav_song_is_stream_copied_sample_exact(client: TestClient, sim:
     assert final["event"] == "succeeded", final
     window = uploaded(sim, prediction_inputs(sim, final["data"]["provider_prediction_id"])["audio"])
     params, frames = wav_frames(window)
-    song_params, song = wav_frames(client.app[STORE].path("audio", audio_id, ".wav"))
+    async with artefact_file(client, f"audio/{audio_id}.wav") as song_file:
+        song_params, song = wav_frames(song_file)
     assert (params.nchannels, params.sampwidth, params.framerate) == (2, 2, 48000)
     assert abs(params.nframes / 48000 - clip_seconds) < 0.05
     offset = int(start * 48000) * 4
@@ -170,8 +196,8 @@ async def test_a_wav_song_is_stream_copied_sample_exact(client: TestClient, sim:
 
 async def test_a_shorter_window_is_padded_with_silence_to_the_clip_length(client: TestClient, sim: Simulator) -> None:
     clip_id = await make_clip(client, sim, duration=4)
-    clip_seconds = probe_media(client.app[STORE].path("videos", clip_id, ".mp4"))["duration"]
-    audio_id = make_song(client, 8.0, "m4a")
+    clip_seconds = await clip_length(client, clip_id)
+    audio_id = await make_song(client, 8.0, "m4a")
     accepted = await submit(client, video_job_id=clip_id, audio_id=audio_id, audio_start=1.0, audio_end=2.5)
     final = (await events_of(client, accepted["job_id"]))[-1]
     assert final["event"] == "succeeded", final
@@ -185,7 +211,7 @@ async def test_a_shorter_window_is_padded_with_silence_to_the_clip_length(client
 
 async def test_cancel_stops_the_prediction(client: TestClient, sim: Simulator) -> None:
     clip_id = await make_clip(client, sim)
-    audio_id = make_song(client, 10.0)
+    audio_id = await make_song(client, 10.0)
     sim.video_latency = 30
     accepted = await submit(client, video_job_id=clip_id, audio_id=audio_id)
     running = await wait_for(client, accepted["job_id"], lambda s: s["provider_prediction_id"])
@@ -220,7 +246,7 @@ async def test_with_webhooks_only_a_job_that_asks_for_provider_logs_gets_logs_we
 async def test_a_running_job_resumes_with_the_same_prediction_after_a_restart(make_client: Any, sim: Simulator) -> None:
     first = await make_client()
     clip_id = await make_clip(first, sim)
-    audio_id = make_song(first, 10.0)
+    audio_id = await make_song(first, 10.0)
     sim.video_latency = 1.5
     accepted = await submit(first, video_job_id=clip_id, audio_id=audio_id, audio_start=1.0)
     running = await wait_for(
@@ -238,12 +264,13 @@ async def test_a_running_job_resumes_with_the_same_prediction_after_a_restart(ma
     assert (await (await second.get(events[-1]["data"]["video_url"])).read())[4:8] == b"ftyp"
 
 
+@pytest.mark.both_backends
 async def test_a_job_stopped_before_its_prediction_existed_cuts_the_window_again(
     make_client: Any, sim: Simulator
 ) -> None:
     first = await make_client()
     clip_id = await make_clip(first, sim)
-    audio_id = make_song(first, 10.0)
+    audio_id = await make_song(first, 10.0)
     uploads = count_routes(sim, "replicate.files.create")
     sim.add_fault("replicate.files.create", "hang")  # the first upload never answers
     accepted = await submit(first, video_job_id=clip_id, audio_id=audio_id, audio_start=0.5)
@@ -260,12 +287,12 @@ async def test_a_job_stopped_before_its_prediction_existed_cuts_the_window_again
     assert count_routes(sim, "replicate.create") == 2  # the clip's prediction and this one, once
     window = uploaded(sim, prediction_inputs(sim, events[-1]["data"]["provider_prediction_id"])["audio"])
     assert abs(probe_media(window)["duration"] - 4.0) < 0.05
-    assert not list((second.app[STORE].root / "jobs").glob("*.lipsync.*"))
+    assert await windows_left(second) == []
 
 
 async def test_a_failed_prediction_fails_the_job_with_the_provider_error(client: TestClient, sim: Simulator) -> None:
     clip_id = await make_clip(client, sim)
-    audio_id = make_song(client, 10.0)
+    audio_id = await make_song(client, 10.0)
     sim.add_fault("replicate.create", "fail_prediction", error="E006: no face found in the video")
     accepted = await submit(client, video_job_id=clip_id, audio_id=audio_id)
     final = (await events_of(client, accepted["job_id"]))[-1]
@@ -276,14 +303,15 @@ async def test_a_failed_prediction_fails_the_job_with_the_provider_error(client:
     )
 
 
+@pytest.mark.both_backends
 async def test_a_song_removed_before_the_start_fails_the_job_naming_it(make_client: Any, sim: Simulator) -> None:
     client = await make_client(MV_MAX_CONCURRENT_JOBS=1)
     clip_id = await make_clip(client, sim)
-    audio_id = make_song(client, 10.0)
+    audio_id = await make_song(client, 10.0)
     sim.video_latency = 30
     blocker = await (await client.post("/api/mv/generate_video", json={"prompt": SINGER_PROMPT, "duration": 4})).json()
     accepted = await submit(client, video_job_id=clip_id, audio_id=audio_id)
-    client.app[STORE].path("audio", audio_id, ".json").unlink()
+    await artefacts_of(client).delete(f"audio/{audio_id}.json")
     await client.delete(blocker["status_url"])
     state = await wait_for(client, accepted["job_id"], lambda s: s["status"] in ("failed", "succeeded"))
     assert state["status"] == "failed"
@@ -292,7 +320,7 @@ async def test_a_song_removed_before_the_start_fails_the_job_naming_it(make_clie
 
 async def test_project_and_scene_ids_pass_through_unchanged(client: TestClient, sim: Simulator) -> None:
     clip_id = await make_clip(client, sim)
-    audio_id = make_song(client, 10.0)
+    audio_id = await make_song(client, 10.0)
     project_id, scene_id = new_id(), new_id()
     accepted = await submit(client, video_job_id=clip_id, audio_id=audio_id, project_id=project_id, scene_id=scene_id)
     job = await client.app[JOBS].get(accepted["job_id"])
@@ -301,6 +329,7 @@ async def test_project_and_scene_ids_pass_through_unchanged(client: TestClient, 
     await client.delete(accepted["status_url"])
 
 
+@pytest.mark.both_backends
 async def test_sandbox_mode_lipsyncs_with_the_built_in_simulator(make_client: Any, tmp_path: Path) -> None:
     client = await make_client(
         GEMINI_API_KEY=None,
@@ -313,7 +342,7 @@ async def test_sandbox_mode_lipsyncs_with_the_built_in_simulator(make_client: An
     )
     response = await client.post("/api/mv/generate_video", json={"prompt": SINGER_PROMPT, "duration": 4})
     clip = await wait_for(client, (await response.json())["job_id"], lambda s: s["status"] == "succeeded")
-    audio_id = make_song(client, 6.0, "wav")
+    audio_id = await make_song(client, 6.0, "wav")
     accepted = await submit(client, video_job_id=clip["job_id"], audio_id=audio_id, audio_start=2.0)
     assert accepted["sandbox"] is True
     final = (await events_of(client, accepted["job_id"]))[-1]
@@ -327,13 +356,16 @@ async def test_sandbox_mode_lipsyncs_with_the_built_in_simulator(make_client: An
 # -- bad requests ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.both_backends
 async def test_bad_lipsync_requests_name_the_field(client: TestClient, sim: Simulator) -> None:
     clip_id = await make_clip(client, sim, duration=4)
-    song = make_song(client, 6.0)
-    odd = make_song(client, 6.0, sidecar={"format": "wma"})
-    no_length = make_song(client, 6.0)
-    sidecar = client.app[STORE].path("audio", no_length, ".json")
-    sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "duration"}))
+    song = await make_song(client, 6.0)
+    odd = await make_song(client, 6.0, sidecar={"format": "wma"})
+    no_length = await make_song(client, 6.0)
+    sidecar = await artefact_json(client, f"audio/{no_length}.json")
+    await artefacts_of(client).put_json(
+        f"audio/{no_length}.json", {k: v for k, v in sidecar.items() if k != "duration"}
+    )
     sim.video_latency = 30
     pending = await (await client.post("/api/mv/generate_video", json={"prompt": SINGER_PROMPT, "duration": 4})).json()
     ok = {"video_job_id": clip_id, "audio_id": song}

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from helpers import AppClient, make_audio, read_sse
+from helpers import AppClient, artefact_file, artefacts_of, make_audio, read_sse
 
 from mvserver.core.errors import ErrorInfo
 from mvserver.openapi.schemas import AUDIO_SCHEMA
@@ -40,6 +40,7 @@ class Recorder:
         return events
 
 
+@pytest.mark.both_backends
 async def test_no_response_or_job_event_shows_a_server_path(make_client: AppClient, tmp_path: Path) -> None:
     client = await make_client()
     outputs = tmp_path / "outputs"
@@ -70,16 +71,18 @@ async def test_no_response_or_job_event_shows_a_server_path(make_client: AppClie
     )
     assert (await seen.events(video["job_id"]))[-1]["event"] == "succeeded"
 
-    # The song breaks on disk after its upload: the job's ffmpeg cut fails, and ffmpeg names the file it read.
-    song_file = outputs / "audio" / f"{uploaded['audio_id']}.wav"
-    song_file.write_bytes(b"RIFF not a wave file at all" * 100)
+    # The song breaks after its upload: the job's ffmpeg cut fails, and ffmpeg names the file it read (the stored
+    # file, or on object storage its copy in the node's scratch directory).
+    song_key = f"audio/{uploaded['audio_id']}.wav"
+    await artefacts_of(client).put_bytes(song_key, b"RIFF not a wave file at all" * 100)
     lipsync = await seen.json(
         "POST", "/api/mv/lipsync", 202, json={"video_job_id": video["job_id"], "audio_id": uploaded["audio_id"]}
     )
     final = (await seen.events(lipsync["job_id"]))[-1]
     assert final["event"] == "failed" and final["data"]["error"]["code"] == "audio_cut_failed", final
     job = await seen.json("GET", f"/api/mv/jobs/{lipsync['job_id']}", 200)
-    assert song_file.name in job["error"]["message"], job["error"]  # the file is still named, not where it is
+    async with artefact_file(client, song_key) as read:
+        assert read.name in job["error"]["message"], job["error"]  # the file is still named, not where it is
     await seen.json("GET", "/api/mv/jobs", 200)
     await seen.json("GET", f"/api/mv/get_scenes/{scenes['scenes_id']}.json", 200)
 

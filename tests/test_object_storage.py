@@ -102,6 +102,22 @@ async def test_proxy_delivery_streams_the_object_through_the_server(client: Test
     assert cached.status == 304
 
 
+@pytest.mark.artefact_backends("local", "s3", "s3-proxy")
+@pytest.mark.parametrize("page", ["/", "/single"])
+async def test_the_pages_allow_media_and_images_from_where_artefact_routes_redirect(
+    client: TestClient, s3_server: S3Server, artefact_backend: str, page: str
+) -> None:
+    """A <video> follows get_video's 302 to the bucket, and the browser checks the target against the page's policy:
+    with redirects on, the bucket's origin is allowed for media and images (and nothing else); otherwise only 'self'."""
+    answer = await client.get(page)
+    assert answer.status == 200
+    policy = dict(part.strip().split(" ", 1) for part in answer.headers["Content-Security-Policy"].split(";"))
+    bucket = s3_server.endpoint if artefact_backend == "s3" else None
+    assert policy["media-src"] == " ".join(filter(None, ["'self'", bucket]))
+    assert policy["img-src"] == " ".join(filter(None, ["'self'", bucket, "data:"]))
+    assert policy["default-src"] == policy["connect-src"] == "'self'"
+
+
 @pytest.mark.artefact_backends("s3")
 async def test_a_busy_scratch_directory_stops_the_start_up(make_client: AppClient, tmp_path: Path) -> None:
     await make_client()  # holds MV_SCRATCH_DIR

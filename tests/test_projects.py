@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import imageio_ffmpeg
 import pytest
 import redis.asyncio
 import yaml
 from aiohttp.test_utils import TestClient
-from helpers import AppClient, free_port
+from helpers import AppClient, artefact_json, artefact_keys, free_port, make_song
 
 from mvserver.appkeys import PROJECTS
 from mvserver.core.artefacts import OutputStore, new_id
@@ -36,32 +33,6 @@ async def app_client(make_client: AppClient, store_env: dict[str, str]) -> TestC
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
-
-
-def make_song(output_dir: Path, seconds: float) -> str:
-    """A real AAC song (ffmpeg sine) with the sidecar the upload writes last (``duration`` in seconds)."""
-    audio_id = new_id()
-    folder = output_dir / "audio"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{audio_id}.m4a"
-    subprocess.run(
-        [
-            imageio_ffmpeg.get_ffmpeg_exe(),
-            "-v",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            f"sine=frequency=440:duration={seconds}",
-            "-c:a",
-            "aac",
-            str(path),
-        ],
-        check=True,
-        timeout=60,
-    )
-    (folder / f"{audio_id}.json").write_text(json.dumps({"audio_id": audio_id, "duration": seconds, "format": "m4a"}))
-    return audio_id
 
 
 async def create(client: TestClient, **body: Any) -> tuple[dict[str, Any], str]:
@@ -184,11 +155,12 @@ async def test_store_compare_and_set_lets_exactly_one_of_concurrent_writers_win(
 # -- the whole flow ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.both_backends
 async def test_project_flow_from_song_to_clips_edits_regeneration_and_restart(
-    make_client: AppClient, store_env: dict[str, str], live_env: dict[str, str], sim: Simulator
+    make_client: AppClient, store_env: dict[str, str], sim: Simulator
 ) -> None:
     client = await make_client(**store_env)
-    audio_id = make_song(Path(live_env["MV_OUTPUT_DIR"]), 30.0)
+    audio_id = await make_song(client, 30.0, "m4a")
 
     project, etag = await create(client, audio_id=audio_id, audio_offset=2.0, style="neon noir, slow dolly shots")
     pid = project["project_id"]
@@ -213,12 +185,11 @@ async def test_project_flow_from_song_to_clips_edits_regeneration_and_restart(
     assert [s["id"] for s in project["scenes"]] == scene_ids
     assert all(s["prompt"] and s["negative_prompt"] for s in project["scenes"])
     assert project["etag"] == response.headers["ETag"] == '"2"'
-    scene_files = list((Path(live_env["MV_OUTPUT_DIR"]) / "scenes").glob("*.json"))
+    scene_files = [key for key in await artefact_keys(client, "scenes") if key.endswith(".json")]
     assert len(scene_files) == 1
-    assert (
-        json.loads(scene_files[0].read_text())["metadata"]["parameters"]["video_characteristics"]
-        == "neon noir, slow dolly shots"
-    )
+    assert (await artefact_json(client, scene_files[0]))["metadata"]["parameters"][
+        "video_characteristics"
+    ] == "neon noir, slow dolly shots"
 
     response = await client.post(f"{BASE}/{pid}/character", json={"output_format": "png"})
     assert response.status == 200, await response.text()
@@ -342,9 +313,10 @@ async def test_project_flow_from_song_to_clips_edits_regeneration_and_restart(
     assert restarted == project
 
 
-async def test_bad_input_is_a_400_naming_the_field(app_client: TestClient, live_env: dict[str, str]) -> None:
+@pytest.mark.both_backends
+async def test_bad_input_is_a_400_naming_the_field(app_client: TestClient) -> None:
     client = app_client
-    audio_id = make_song(Path(live_env["MV_OUTPUT_DIR"]), 20.0)
+    audio_id = await make_song(client, 20.0, "m4a")
     cases = [
         ({"audio_id": audio_id, "audio_offset": 20.0}, ("invalid_field", "audio_offset")),
         ({"audio_id": new_id()}, ("invalid_field", "audio_id")),
@@ -358,7 +330,7 @@ async def test_bad_input_is_a_400_naming_the_field(app_client: TestClient, live_
     for extra, expected in cases:
         response = await client.post(BASE, json={"idea": IDEA, "character_description": CHARACTER, **extra})
         assert response.status == 400 and error_of(await response.json()) == expected, (extra, await response.text())
-    long_song = make_song(Path(live_env["MV_OUTPUT_DIR"]), 200.0)
+    long_song = await make_song(client, 200.0, "m4a")
     response = await client.post(BASE, json={"idea": IDEA, "character_description": CHARACTER, "audio_id": long_song})
     assert error_of(await response.json()) == ("too_many_scenes", "audio_id")
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import delivery, events_of, submit
+from helpers import artefact, delivery, events_of, stored_names, submit
 from yarl import URL
 
 from mvserver.app import replicate_output_hosts
@@ -138,10 +138,10 @@ async def end_with_output(client: TestClient, sim: Simulator, via: str, output: 
     return await events_of(client, job_id)
 
 
-def failure(events: list[dict[str, Any]], outputs: Path) -> dict[str, Any]:
-    """The job failed, and no video (or temporary file) was kept."""
+async def failure(events: list[dict[str, Any]], client: TestClient) -> dict[str, Any]:
+    """The job failed, and no video (or temporary file, or staging object) was kept."""
     assert events[-1]["event"] == "failed", events[-1]
-    assert sorted((outputs / "videos").iterdir()) == []
+    assert await stored_names(client, "videos") == []
     return events[-1]["data"]["error"]
 
 
@@ -156,29 +156,29 @@ async def test_an_output_on_a_foreign_host_fails_the_job_without_a_request(
     hook_client: Any,
     make_client: Any,
     sim: Simulator,
-    tmp_path: Path,
     file_hosts: tuple[FileHost, FileHost],
 ) -> None:
     allowed, foreign = file_hosts
     client = await app_for(via, hook_client, make_client, sim, allowed)
     output = foreign.url("/x").replace("127.0.0.1", spelling)
-    error = failure(await end_with_output(client, sim, via, output), tmp_path / "outputs")
+    error = await failure(await end_with_output(client, sim, via, output), client)
     assert error["code"] == "provider_output_refused" and error["provider"] == "replicate"
     assert foreign.requests == []  # not even asked
 
 
 @pytest.mark.parametrize("via", VIAS)
 async def test_a_redirect_to_a_foreign_host_is_not_followed(
-    via: str, hook_client: Any, make_client: Any, sim: Simulator, tmp_path: Path, file_hosts: tuple[FileHost, FileHost]
+    via: str, hook_client: Any, make_client: Any, sim: Simulator, file_hosts: tuple[FileHost, FileHost]
 ) -> None:
     allowed, foreign = file_hosts
     allowed.redirect_to = foreign.url("/x")
     client = await app_for(via, hook_client, make_client, sim, allowed)
-    error = failure(await end_with_output(client, sim, via, allowed.url("/redirect")), tmp_path / "outputs")
+    error = await failure(await end_with_output(client, sim, via, allowed.url("/redirect")), client)
     assert error["code"] == "provider_output_refused"
     assert allowed.requests == ["/redirect"] and foreign.requests == []
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("via", VIAS)
 @pytest.mark.parametrize("kind", ["stream", "declared"])
 async def test_an_oversized_output_is_cut_off_and_fails_the_job(
@@ -187,35 +187,36 @@ async def test_an_oversized_output_is_cut_off_and_fails_the_job(
     hook_client: Any,
     make_client: Any,
     sim: Simulator,
-    tmp_path: Path,
     settings_dir: Path,
     file_hosts: tuple[FileHost, FileHost],
 ) -> None:
     allowed, _ = file_hosts
     set_output_cap(settings_dir, CAP)
     client = await app_for(via, hook_client, make_client, sim, allowed)
-    error = failure(await end_with_output(client, sim, via, allowed.url(f"/{kind}")), tmp_path / "outputs")
+    error = await failure(await end_with_output(client, sim, via, allowed.url(f"/{kind}")), client)
     assert error["code"] == "provider_output_too_large" and str(CAP) in error["message"]
     assert allowed.requests == [f"/{kind}"]  # not retried
     assert allowed.sent < CAP + SLACK  # the host was cut off, far short of the 300 MB it offered
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("via", VIAS)
 async def test_an_output_that_is_not_an_mp4_fails_the_job(
-    via: str, hook_client: Any, make_client: Any, sim: Simulator, tmp_path: Path, file_hosts: tuple[FileHost, FileHost]
+    via: str, hook_client: Any, make_client: Any, sim: Simulator, file_hosts: tuple[FileHost, FileHost]
 ) -> None:
     allowed, _ = file_hosts
     client = await app_for(via, hook_client, make_client, sim, allowed)
-    error = failure(await end_with_output(client, sim, via, allowed.url("/html")), tmp_path / "outputs")
+    error = await failure(await end_with_output(client, sim, via, allowed.url("/html")), client)
     assert error["code"] == "provider_bad_output" and "MP4" in error["message"]
     assert allowed.requests == ["/html"]
 
 
-async def test_the_simulators_own_output_still_downloads(client: TestClient, tmp_path: Path) -> None:
+@pytest.mark.both_backends
+async def test_the_simulators_own_output_still_downloads(client: TestClient) -> None:
     """The default list plus the origin of MV_REPLICATE_BASE_URL: a job on the simulator succeeds as before."""
     job_id = (await submit(client))["job_id"]
     assert (await events_of(client, job_id))[-1]["event"] == "succeeded"
-    assert (tmp_path / "outputs" / "videos" / f"{job_id}.mp4").read_bytes()[4:8] == b"ftyp"
+    assert (await artefact(client, f"videos/{job_id}.mp4"))[4:8] == b"ftyp"
 
 
 @pytest.mark.file_store_only
@@ -251,20 +252,21 @@ async def test_an_image_output_goes_through_the_same_checks(
     assert foreign.requests == []
 
 
+@pytest.mark.both_backends
 async def test_an_inline_vertex_video_over_the_cap_or_not_an_mp4_fails_the_job(
-    make_client: Any, settings_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_client: Any, settings_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     set_output_cap(settings_dir, 1000)  # a sandbox clip is tens of KB
     client = await make_client()
     events = await events_of(client, (await submit(client, backend="gemini"))["job_id"])
-    assert failure(events, tmp_path / "outputs")["code"] == "provider_output_too_large"
+    assert (await failure(events, client))["code"] == "provider_output_too_large"
 
     async def not_a_video(path: Path, **_: Any) -> None:
         path.write_bytes(b"<html>not a video</html>")
 
     monkeypatch.setattr(gemini_api, "render_video", not_a_video)
     events = await events_of(client, (await submit(client, backend="gemini", prompt="another"))["job_id"])
-    error = failure(events, tmp_path / "outputs")
+    error = await failure(events, client)
     assert error["code"] == "provider_bad_output" and error["provider"] == "gemini"
 
 

@@ -49,7 +49,7 @@ async def keyless_setup(make_client: AppClient, sim: Simulator) -> dict[str, Any
     and a project with two prompted scenes and no clips yet."""
     client = await make_client()
     sim.video_latency = 0.2
-    audio_id = make_song(client, 10.0, "mp3")
+    audio_id = await make_song(client, 10.0, "mp3")
     done = await project_with_prompts(client, 2, audio_id)
     pid = done["project_id"]
     started = await ok(await client.post(f"{PROJECTS}/{pid}/clips", json={"generate_audio": False}), 202)

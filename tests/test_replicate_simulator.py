@@ -7,6 +7,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from PIL import Image
 from replicate.exceptions import ModelError, ReplicateError
 from replicate.prediction import Prediction
+from yarl import URL
 
 from mvserver.core.artefacts import LocalArtefacts, OutputStore
 from mvserver.core.errors import ApiError
@@ -392,6 +394,36 @@ async def test_transport_faults_apply_by_route_name(rc: replicate.Client, sim: S
     with pytest.raises(ReplicateError) as raised:
         await rc.files.async_create(io.BytesIO(b"x"))
     assert raised.value.status == 500 and raised.value.detail == "boom"
+
+
+async def test_a_stalled_download_sends_its_head_pauses_then_sends_the_rest(
+    rc: replicate.Client, sim: Simulator, sim_server: TestServer
+) -> None:
+    data = os.urandom(600_000)  # several of the stall's chunks after the head
+    upload = io.BytesIO(data)
+    upload.name = "clip.mp4"
+    created = await rc.files.async_create(upload)
+    sim.add_fault("replicate.files.get", "stall", after_bytes=1000, seconds=0.3)
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session, session.get(created.urls["get"]) as response:
+        assert response.status == 200 and response.content_length == len(data)
+        head = await response.content.readexactly(1000)
+        async with session.get(str(sim_server.make_url("/_sim/faults"))) as listed:
+            faults = await listed.json()
+        rest = await response.read()
+    assert time.monotonic() - started >= 0.3
+    assert head + rest == data
+    assert faults["faults"] == []  # used up
+    [stall] = faults["applied"]
+    assert stall == {
+        "route": "replicate.files.get",
+        "kind": "stall",
+        "path": URL(created.urls["get"]).path,
+        "bytes_sent": 1000,
+        "size": len(data),
+    }
+    status, _, body = await download(created.urls["get"])  # the next download is whole and prompt
+    assert status == 200 and body == data
 
 
 @pytest.mark.parametrize("done", [1, 9, 45, 99, 100])

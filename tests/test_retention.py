@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
-from helpers import AppClient, events_of, png_base64, submit, wait_for
+from helpers import AppClient, artefact_keys, events_of, has_artefact, png_base64, submit, wait_for
 
 from mvserver.appkeys import JOBS
 from mvserver.jobs.retention import sweep_interval
 from mvserver.sandbox.app import Simulator
 
-pytestmark = pytest.mark.both_stores
+pytestmark = [pytest.mark.both_stores, pytest.mark.both_backends]
 
 RETENTION_HOURS = 0.0006  # 2.16 s
 
@@ -52,21 +52,17 @@ async def test_finished_jobs_and_old_files_expire_running_jobs_stay(
     events = await events_of(client, done["job_id"])
     assert events[-1]["event"] == "succeeded"
     job_id = done["job_id"]
-    files = [
-        outputs / "videos" / f"{job_id}.mp4",
-        outputs / "videos" / f"{job_id}.jpg",
-        outputs / "jobs" / f"{job_id}.ref",
-        outputs / "jobs" / f"{job_id}.ffmpeg.lock",
-    ]  # the poster, and the run lock an assembly job leaves
-    files[-1].touch()
-    assert all(path.exists() for path in files)
+    keys = [f"videos/{job_id}.mp4", f"videos/{job_id}.jpg", f"jobs/{job_id}.ref"]  # the video, poster, reference
+    lock = outputs / "jobs" / f"{job_id}.ffmpeg.lock"  # the run lock an assembly job leaves on its node's disk
+    lock.touch()
+    assert all([await has_artefact(client, key) for key in keys])
     image = await client.post("/api/mv/generate_character_reference", json={"character_description": "a heron"})
     assert image.status == 200
     scenes = await client.post(
         "/api/mv/create_scenes", json={"idea": "a heron learns jazz", "character_description": "a grey heron"}
     )
     assert scenes.status == 200
-    assert list((outputs / "images").iterdir()) and list((outputs / "scenes").iterdir())
+    assert await artefact_keys(client, "images") and await artefact_keys(client, "scenes")
 
     sim.video_latency = 60
     running = await submit(client)
@@ -80,10 +76,12 @@ async def test_finished_jobs_and_old_files_expire_running_jobs_stay(
     for url in (done["events_url"], done["video_url"]):
         status, body = await status_of(client, url)
         assert status == 410 and body["error"]["code"] == "expired"
-    assert not any(path.exists() for path in files)
     assert not await stored(client, job_id)
+    async with asyncio.timeout(5):  # the job's files go right after its record, in the same sweep
+        while any([await has_artefact(client, key) for key in keys]) or lock.exists():
+            await asyncio.sleep(0.05)
     async with asyncio.timeout(5):  # written a moment after the job finished, they go a moment later
-        while list((outputs / "images").iterdir()) or list((outputs / "scenes").iterdir()):
+        while await artefact_keys(client, "images") or await artefact_keys(client, "scenes"):
             await asyncio.sleep(0.1)
 
     status, body = await status_of(client, running["status_url"])
@@ -96,6 +94,7 @@ async def test_finished_jobs_and_old_files_expire_running_jobs_stay(
     await client.delete(running["status_url"])
 
 
+@pytest.mark.store_independent
 async def test_retention_zero_runs_no_sweeper(make_client: AppClient, settings_dir: Path) -> None:
     path = settings_dir / "videos.yaml"
     videos = yaml.safe_load(path.read_text())

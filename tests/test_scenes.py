@@ -16,9 +16,9 @@ import pytest_asyncio
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from helpers import artefact, artefact_json, artefact_keys
 
 from mvserver.app import create_app
-from mvserver.appkeys import STORE
 from mvserver.sandbox import gemini_api
 from mvserver.sandbox.app import Simulator, create_simulator_app
 from mvserver.sandbox.state import SIMULATOR
@@ -130,7 +130,8 @@ async def recorder(
     return await aiohttp_server(app), bodies
 
 
-async def test_happy_path_writes_scenes_files_and_metadata(make_client, recorder, tmp_path: Path) -> None:
+@pytest.mark.both_backends
+async def test_happy_path_writes_scenes_files_and_metadata(make_client, recorder) -> None:
     server, bodies = recorder
     client = await make_client(MV_GEMINI_BASE_URL=str(server.make_url("/gemini")))
     response = await client.post(URL, json=body(number_of_scenes=3, camera_angle="low angle"))
@@ -159,11 +160,9 @@ async def test_happy_path_writes_scenes_files_and_metadata(make_client, recorder
     assert meta["attempts"] == 1
 
     scenes_id = data["scenes_id"]
-    outputs = tmp_path / "outputs"
-    json_file, md_file = outputs / "scenes" / f"{scenes_id}.json", outputs / "scenes" / f"{scenes_id}.md"
-    saved = json.loads(json_file.read_text())
+    saved = await artefact_json(client, f"scenes/{scenes_id}.json")
     assert saved["scenes"] == scenes and saved["scenes_id"] == scenes_id and saved["metadata"] == meta
-    markdown = md_file.read_text()
+    markdown = (await artefact(client, f"scenes/{scenes_id}.md")).decode()
     assert all(scene["description"] in markdown for scene in scenes)
     assert IDEA in markdown
     assert "files" not in data  # no server path in answers
@@ -468,14 +467,13 @@ async def test_one_malformed_reply_is_retried(app: Shared) -> None:
 @shared
 async def test_two_malformed_replies_are_502(app: Shared) -> None:
     client, sim = app
-    scenes_dir = client.app[STORE].root / "scenes"
-    before = set(scenes_dir.iterdir())
+    before = await artefact_keys(client, "scenes")
     sim.add_fault("gemini.generate", "fail_prediction", times=2)
     response = await client.post(URL, json=body())
     error = await assert_error(response, 502, "provider_malformed_output")
     assert error["provider"] == "gemini"
     assert len(generate_calls(sim)) == 2
-    assert set(scenes_dir.iterdir()) == before  # nothing saved
+    assert await artefact_keys(client, "scenes") == before  # nothing saved
 
 
 @shared
@@ -512,7 +510,8 @@ async def test_blank_scene_description_counts_as_malformed(app: Shared) -> None:
 # -- sandbox without an API key ------------------------------------------------------------------------------
 
 
-async def test_missing_api_key_runs_scenes_in_sandbox(make_client, sim: Simulator, tmp_path: Path) -> None:
+@pytest.mark.both_backends
+async def test_missing_api_key_runs_scenes_in_sandbox(make_client, sim: Simulator) -> None:
     client = await make_client(GEMINI_API_KEY=None)
     health = await (await client.get("/api/mv/health")).json()
     assert health["providers"]["gemini_scenes"] == "sandbox"
@@ -525,7 +524,7 @@ async def test_missing_api_key_runs_scenes_in_sandbox(make_client, sim: Simulato
     assert data["sandbox"] is True and data["metadata"]["sandbox"] is True
     assert len(data["scenes"]) == 2
     assert generate_calls(sim) == []  # answered by the app's own simulator, not the configured URL
-    markdown = (tmp_path / "outputs" / "scenes" / f"{data['scenes_id']}.md").read_text()
+    markdown = (await artefact(client, f"scenes/{data['scenes_id']}.md")).decode()
     assert "sandbox" in markdown.split("\n", 1)[0]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -21,11 +20,20 @@ import pytest
 import pytest_asyncio
 import soundfile
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import SIM_DEFAULTS, fast_settings, provider_env, read_sse
+from helpers import (
+    SIM_DEFAULTS,
+    artefact,
+    artefact_json,
+    artefacts_of,
+    fast_settings,
+    has_artefact,
+    provider_env,
+    read_sse,
+)
 
 from bench.songs import SR, Song, drum_song
 from mvserver.app import create_app
-from mvserver.appkeys import SONGS, STORE
+from mvserver.appkeys import SONGS
 from mvserver.media.probe import probe
 from mvserver.media.run import ffmpeg_exe
 from mvserver.sandbox.app import Simulator, create_simulator_app
@@ -39,17 +47,22 @@ BASE = "/api/mv/projects"
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def live(
-    shared_store_kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    shared_store_kind: str,
+    shared_artefact_env: dict[str, str],
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[tuple[TestClient, Simulator]]:
     """An app with the song analysis on (one worker) and providers answered by a fast simulator, on the job and
-    project store under test."""
+    project store and the artefact backend under test."""
     root = tmp_path_factory.mktemp("songs")
-    store_env: dict[str, str] = {}
+    store_env: dict[str, str] = {**shared_artefact_env}
     if shared_store_kind == "redis":
-        store_env = {
-            "MV_REDIS_URL": request.getfixturevalue("redis_url"),
-            "MV_REDIS_PREFIX": f"mvtest:{uuid.uuid4().hex[:10]}:",
-        }
+        store_env.update(
+            {
+                "MV_REDIS_URL": request.getfixturevalue("redis_url"),
+                "MV_REDIS_PREFIX": f"mvtest:{uuid.uuid4().hex[:10]}:",
+            }
+        )
     sim = Simulator(root / "simulator", **{**SIM_DEFAULTS, "video_latency": 0.1})
     async with TestServer(create_simulator_app(sim)) as sim_server:
         env = {
@@ -128,6 +141,7 @@ def cut_frames(path: Path) -> list[int]:
 # -- the analysis at upload and on first use ---------------------------------------------------------------------
 
 
+@pytest.mark.both_backends
 @shared
 async def test_an_upload_is_analysed_stored_with_the_song_and_served(
     live: tuple[TestClient, Simulator], song_123: tuple[Song, bytes]
@@ -145,10 +159,11 @@ async def test_an_upload_is_analysed_stored_with_the_song_and_served(
     assert [s["label"] for s in uploaded["analysis"]["sections"]][:3] == ["A", "B", "A"]
     served = await song_of(client, audio_id)
     assert served == uploaded  # the upload answer and the GET are one description
-    sidecar = json.loads(client.app[STORE].path("audio", audio_id, ".json").read_text())
+    sidecar = await artefact_json(client, f"audio/{audio_id}.json")
     assert sidecar["analysis"] == served["analysis"]  # stored with the song
 
 
+@pytest.mark.both_backends
 @shared
 async def test_a_song_saved_before_analysis_existed_is_analysed_on_first_use(
     live: tuple[TestClient, Simulator], song_123: tuple[Song, bytes]
@@ -156,13 +171,11 @@ async def test_a_song_saved_before_analysis_existed_is_analysed_on_first_use(
     client, _ = live
     audio_id = (await upload(client, song_123[1]))["audio_id"]
     await client.app[SONGS].settled(audio_id)
-    store = client.app[STORE]
-    sidecar_path = store.path("audio", audio_id, ".json")
-    sidecar = json.loads(sidecar_path.read_text())
+    store = artefacts_of(client)
+    sidecar = await artefact_json(client, f"audio/{audio_id}.json")
     old = {k: v for k, v in sidecar.items() if k != "analysis"}  # as an upload wrote it before analysis existed
-    sidecar_path.write_text(json.dumps(old))
-    for suffix in (".aac.m4a", ".preview.mp3"):
-        store.path("audio", audio_id, suffix).unlink()
+    await store.put_json(f"audio/{audio_id}.json", old)
+    await store.delete(f"audio/{audio_id}.aac.m4a", f"audio/{audio_id}.preview.mp3")
     work = client.app[SONGS]
     work.env = dataclasses.replace(work.env, analysis_wait_seconds=0.0)
     try:
@@ -173,9 +186,8 @@ async def test_a_song_saved_before_analysis_existed_is_analysed_on_first_use(
     await work.settled(audio_id)
     again = await song_of(client, audio_id)
     assert again["analysis_status"] == "ready" and again["analysis"] == sidecar["analysis"]
-    assert (
-        store.path("audio", audio_id, ".aac.m4a").is_file() and store.path("audio", audio_id, ".preview.mp3").is_file()
-    )
+    assert await has_artefact(client, f"audio/{audio_id}.aac.m4a")
+    assert await has_artefact(client, f"audio/{audio_id}.preview.mp3")
 
 
 @shared
@@ -227,6 +239,7 @@ async def test_without_analysis_the_song_says_off_and_a_project_is_sized_by_leng
 # -- a project on the song's grid, end to end ----------------------------------------------------------------------
 
 
+@pytest.mark.both_backends
 @shared
 async def test_a_project_on_the_song_s_bars_cuts_the_assembled_video_on_its_downbeats(
     live: tuple[TestClient, Simulator], song_123: tuple[Song, bytes], tmp_path: Path
@@ -261,7 +274,7 @@ async def test_a_project_on_the_song_s_bars_cuts_the_assembled_video_on_its_down
     response = await client.post(f"{BASE}/{pid}/write_scenes")
     assert response.status == 200, await response.text()
     project = await response.json()
-    preview = client.app[STORE].path("audio", audio_id, ".preview.mp3").read_bytes()
+    preview = await artefact(client, f"audio/{audio_id}.preview.mp3")
     [audio] = sim.inline_parts[-1]
     assert audio == {"mime_type": "audio/mp3", "bytes": len(preview), "sha256": hashlib.sha256(preview).hexdigest()}
     prompt = sim.prompts[-1]

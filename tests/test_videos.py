@@ -35,6 +35,7 @@ from mvserver.sandbox.app import Simulator
 pytestmark = pytest.mark.both_stores
 
 
+@pytest.mark.both_backends
 async def test_a_video_an_earlier_run_stored_is_never_overwritten(client: TestClient, sim: Simulator) -> None:
     """A job taken over after an earlier run stored its video (and died before saying so) downloads again: the
     create-only write keeps the stored video, and the job succeeds with it."""
@@ -47,6 +48,7 @@ async def test_a_video_an_earlier_run_stored_is_never_overwritten(client: TestCl
     assert await (await client.get(f"/api/mv/get_video/{job_id}")).read() == stored
 
 
+@pytest.mark.both_backends
 async def test_sse_reports_every_stage_and_the_video_is_served_with_ranges(client: TestClient, sim: Simulator) -> None:
     sim.video_latency = 1.0  # long enough for progress events between the start and the end
     accepted = await submit(client, reference_image_base64=png_base64(), duration=8)
@@ -246,6 +248,7 @@ async def test_a_disconnected_subscriber_is_released(
         await runner.cleanup()
 
 
+@pytest.mark.both_backends
 async def test_gemini_backend_runs_a_job_through_vertex(client: TestClient, sim: Simulator) -> None:
     accepted = await submit(client, backend="gemini", reference_image_base64=png_base64("teal"))
     events = await events_of(client, accepted["job_id"])
@@ -256,6 +259,7 @@ async def test_gemini_backend_runs_a_job_through_vertex(client: TestClient, sim:
     assert body[4:8] == b"ftyp"
 
 
+@pytest.mark.both_backends
 async def test_a_finished_video_and_its_record_survive_a_restart(make_client: Any, live_env: dict[str, str]) -> None:
     first = await make_client()
     accepted = await submit(first)
@@ -434,6 +438,7 @@ async def test_a_job_past_its_timeout_fails_and_cancels_the_prediction(
     assert any(route == "replicate.cancel" for route, _ in sim.requests)
 
 
+@pytest.mark.both_backends
 async def test_sandbox_mode_renders_a_labelled_h264_clip_of_the_requested_shape(
     make_client: Any, tmp_path: Path
 ) -> None:

@@ -354,6 +354,12 @@ class Artefacts(Protocol):
         """Remove artefacts; a missing one is no error."""
         ...
 
+    async def link_origin(self) -> str | None:
+        """The origin (``scheme://host[:port]``) :meth:`response` redirects browsers to, which a page's
+        Content-Security-Policy must allow for its ``<video>`` and ``<img>``; None when artefacts are served from
+        the server's own origin."""
+        ...
+
     async def list_old(self, kind: str, before: float) -> list[str]:
         """Keys of ``kind`` last written before ``before`` (epoch seconds); temporaries are not artefacts."""
         ...
@@ -448,6 +454,9 @@ class LocalArtefacts:
 
     async def delete(self, *keys: str) -> None:
         await asyncio.to_thread(_unlink_all, [self.file(key) for key in keys])
+
+    async def link_origin(self) -> str | None:
+        return None
 
     async def list_old(self, kind: str, before: float) -> list[str]:
         assert kind in KINDS, kind

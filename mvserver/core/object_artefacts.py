@@ -19,6 +19,7 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -78,6 +79,7 @@ class ObjectArtefacts:
         self.storage = storage
         self.scratch_dir = scratch
         self.delivery = delivery
+        self._link_origin: str | None = None
 
     # -- writes ----------------------------------------------------------------------------------------------
 
@@ -190,6 +192,14 @@ class ObjectArtefacts:
             url = await self.storage.link(key)
             return web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
         return ObjectResponse(self.storage, key, noun=noun, headers=headers)
+
+    async def link_origin(self) -> str | None:
+        if self.delivery != "redirect":
+            return None
+        if self._link_origin is None:  # every key of the bucket signs to the same origin; signing needs no request
+            link = urlsplit(await self.storage.link("videos/origin.mp4"))
+            self._link_origin = f"{link.scheme}://{link.netloc}"
+        return self._link_origin
 
     @contextlib.asynccontextmanager
     async def local_file(self, key: str) -> AsyncIterator[Path]:

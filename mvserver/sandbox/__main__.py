@@ -2,10 +2,11 @@
 
 Point a server at it with ``MV_GEMINI_BASE_URL=http://HOST:PORT/gemini``, ``MV_VERTEX_BASE_URL=.../vertex`` and
 ``MV_REPLICATE_BASE_URL=.../replicate`` plus any non-empty provider keys. ``GET /_sim/health`` answers 200 once it
-is serving; faults are injected with ``POST /_sim/faults``. With ``MV_SIM_API_TOKEN`` set (read from the environment,
-so it does not show in the process list), the Replicate routes answer only that token, and its holder alone gets the
-webhook signing secret: a server that wants webhooks from this simulator uses that token as its
-``REPLICATE_API_TOKEN``. Without it any token is taken and the secret is given to no one.
+is serving; faults are injected with ``POST /_sim/faults`` and listed (pending and taken effect) with
+``GET /_sim/faults``. With ``MV_SIM_API_TOKEN`` set (read from the environment, so it does not show in the process
+list), the Replicate routes answer only that token, and its holder alone gets the webhook signing secret: a server
+that wants webhooks from this simulator uses that token as its ``REPLICATE_API_TOKEN``. Without it any token is taken
+and the secret is given to no one.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
     fault = sim.take_fault(route, ("status", "reset", "hang", "truncate", "invalid_json"))
     if fault is None:
         return await handler(request)
+    sim.applied.append({"route": route, "kind": fault.kind, "path": request.path})
     if fault.kind == "status":
         headers = {"Retry-After": str(int(fault.retry_after))} if fault.retry_after is not None else None
         body = fault.body if fault.body is not None else {"detail": f"simulated {fault.status}", "status": fault.status}
@@ -54,6 +55,12 @@ async def add_fault_endpoint(request: web.Request) -> web.Response:
     return web.json_response(asdict(fault))
 
 
+async def list_faults_endpoint(request: web.Request) -> web.Response:
+    """``GET /_sim/faults``: the faults still pending and those that took effect, oldest first."""
+    sim = request.app[SIMULATOR]
+    return web.json_response({"faults": [asdict(fault) for fault in sim.faults], "applied": list(sim.applied)})
+
+
 async def clear_faults_endpoint(request: web.Request) -> web.Response:
     request.app[SIMULATOR].faults.clear()
     return web.json_response({"faults": []})
@@ -67,6 +74,7 @@ def create_simulator_app(sim: Simulator) -> web.Application:
     app[SENDER] = sender = webhooks.WebhookSender(sim)
     app.cleanup_ctx.append(sender.context)
     app.router.add_post("/_sim/faults", add_fault_endpoint, name="sim.faults")
+    app.router.add_get("/_sim/faults", list_faults_endpoint, name="sim.faults.list")
     app.router.add_delete("/_sim/faults", clear_faults_endpoint, name="sim.faults.clear")
     gemini_api.add_routes(app.router, slots)
     replicate_api.add_routes(app.router, slots)

@@ -44,7 +44,7 @@ from mvserver.sandbox.render import (
     render_lipsync,
     render_video,
 )
-from mvserver.sandbox.state import SENDER, SIMULATOR, Simulator
+from mvserver.sandbox.state import SENDER, SIMULATOR, Fault, Simulator
 from mvserver.sandbox.webhooks import fault_marker, invalid_webhook_fields
 
 log = logging.getLogger("mvserver.sandbox")
@@ -55,6 +55,7 @@ FLAGGED_ERROR = "The input or output was flagged as sensitive. Please try again 
 PROGRESS_STEPS = 100
 MAX_WAIT_SECONDS = 60
 FILE_LIFETIME = timedelta(hours=24)
+STALL_CHUNK = 256 * 1024  # what a stalled download sends per write once its pause is over
 # ``Cancel-After``: a Go-style duration (``90s``, ``1m30s``, ``1.5h``); Replicate ends the prediction at it.
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(h|ms|m|s))+$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
@@ -735,7 +736,31 @@ class ReplicateApi:
             return _not_found("file")
         upload = await asyncio.to_thread(sim.load, "files", file_id)
         headers = {"Content-Type": upload["content_type"]} if upload else None
+        stall = sim.take_fault(request.match_info.route.name or "", ("stall",))
+        if stall is not None:
+            return await _stalled_file(request, path, stall, headers or {})
         return web.FileResponse(path, headers=headers)
+
+
+async def _stalled_file(request: web.Request, path: Path, fault: Fault, headers: dict[str, str]) -> web.StreamResponse:
+    """The whole file as a 200 (no Range) whose body pauses: ``fault.after_bytes`` bytes, ``fault.seconds`` of
+    silence, the rest. The pause is listed in the simulator's ``applied`` faults once those first bytes are sent."""
+    sim = request.app[SIMULATOR]
+    size = (await asyncio.to_thread(path.stat)).st_size
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream", **headers})
+    response.content_length = size
+    await response.prepare(request)
+    with path.open("rb") as handle:
+        head = await asyncio.to_thread(handle.read, min(fault.after_bytes, size))
+        await response.write(head)
+        sim.applied.append(
+            {"route": fault.route, "kind": fault.kind, "path": request.path, "bytes_sent": len(head), "size": size}
+        )
+        await asyncio.sleep(fault.seconds)
+        while chunk := await asyncio.to_thread(handle.read, STALL_CHUNK):
+            await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 def add_routes(router: web.UrlDispatcher, render_slots: asyncio.Semaphore) -> None:

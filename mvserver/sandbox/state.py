@@ -35,6 +35,7 @@ FaultKind = Literal[
     "hang",
     "truncate",
     "invalid_json",
+    "stall",
     "fail_prediction",
     # webhook deliveries (route ``replicate.webhook``), see :mod:`mvserver.sandbox.webhooks`
     "duplicate",
@@ -52,7 +53,9 @@ class Fault:
 
     ``status``: answer ``status`` with ``body`` (and ``Retry-After`` when ``retry_after`` is set); ``reset``: drop
     the connection; ``hang``: never answer; ``truncate``: send half a body and close; ``invalid_json``: a 200 that is
-    not JSON; ``fail_prediction``: the next prediction/operation created on ``route`` ends failed with ``error``.
+    not JSON; ``stall`` (``replicate.files.get``): a whole 200 whose body pauses, the first ``after_bytes`` bytes
+    then ``seconds`` of silence then the rest (a slow download, or with a long pause one that dies mid-body);
+    ``fail_prediction``: the next prediction/operation created on ``route`` ends failed with ``error``.
     Webhook kinds (route ``replicate.webhook``) hit the next ``times`` deliveries of ``event`` (any event when
     unset); ``delay`` waits ``seconds``.
     """
@@ -66,6 +69,7 @@ class Fault:
     times: int = 1
     event: str | None = None
     seconds: float = 1.0
+    after_bytes: int = 0
 
 
 @dataclass
@@ -84,6 +88,9 @@ class Simulator:
     # 40 MP (about 40 MB for a 1-bit or palette PNG, 160 MB for an RGB one) and runs an ffmpeg.
     max_concurrent_renders: int = 2
     faults: list[Fault] = field(default_factory=list)
+    # faults as they took effect (route, kind, path; a stall once its first bytes are out, with ``bytes_sent``), for
+    # tests: ``GET /_sim/faults`` lists them with the pending ones
+    applied: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=1000))
     # The Replicate token this simulator answers (any other gets 401, as on Replicate) and the only caller its webhook
     # secret is given to; None: any token is taken, and the secret is given to no one.
     api_token: str | None = field(default=None, repr=False)

@@ -9,12 +9,13 @@ from pathlib import Path
 from aiohttp import web
 
 from mvserver import __version__
-from mvserver.appkeys import CONFIG, TEMPLATES
+from mvserver.appkeys import ARTEFACTS, CONFIG, TEMPLATES
 from mvserver.core.errors import ApiError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_NAME = re.compile(r"[A-Za-z0-9_-]+\.(?:js|css)")
-# Everything the page loads comes from this origin; images are data: URIs.
+# Everything the page loads comes from this origin (images are data: URIs), but what an artefact route redirects
+# to: with artefacts in object storage, a <video> or <img> follows the 302 to the bucket, which must be allowed too.
 CONTENT_SECURITY_POLICY = "; ".join(
     [
         "default-src 'self'",
@@ -28,6 +29,16 @@ CONTENT_SECURITY_POLICY = "; ".join(
     ]
 )
 
+
+def content_security_policy(link_origin: str | None) -> str:
+    """The page's policy, with ``link_origin`` (where artefact routes redirect) allowed for media and images."""
+    if link_origin is None:
+        return CONTENT_SECURITY_POLICY
+    return CONTENT_SECURITY_POLICY.replace("img-src 'self'", f"img-src 'self' {link_origin}").replace(
+        "media-src 'self'", f"media-src 'self' {link_origin}"
+    )
+
+
 EXAMPLE = {
     "idea": "A synth-pop song about missing the last train home and walking across the rainy city at night",
     "character_description": "a woman in her late twenties with short silver hair, round glasses, a yellow raincoat "
@@ -37,15 +48,15 @@ EXAMPLE = {
 
 async def index(request: web.Request) -> web.Response:
     """The music-video project page: song, project and scenes, character, clips, assembly."""
-    return _page(request, "index.html.j2")
+    return await _page(request, "index.html.j2")
 
 
 async def single(request: web.Request) -> web.Response:
     """The single-clip page: scenes, one character image and independent video jobs, without a project."""
-    return _page(request, "single.html.j2")
+    return await _page(request, "single.html.j2")
 
 
-def _page(request: web.Request, template: str) -> web.Response:
+async def _page(request: web.Request, template: str) -> web.Response:
     """A page prefilled with example text and the configured defaults and limits."""
     config = request.app[CONFIG]
     page = (
@@ -63,7 +74,7 @@ def _page(request: web.Request, template: str) -> web.Response:
         text=page,
         content_type="text/html",
         headers={
-            "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+            "Content-Security-Policy": content_security_policy(await request.app[ARTEFACTS].link_origin()),
             "Cache-Control": "no-store",
         },
     )
