@@ -43,8 +43,11 @@ class ObjectCluster(Cluster):
         # No song analysis: the assembly needs none, and it spares node A a worker process. It was turned off when
         # this test's assembly hung in 3 of 46 runs under load with analysis on, but analysis is not the cause: only
         # node A (killed before the assembly) ever starts a worker, 60 runs with it on did not hang, and one of about
-        # 65 runs with it off did (under load). The cause is not known; a timeout of the assembly now fails with
-        # every live node's Python stacks (SIGUSR1), so the next hang can be read.
+        # 65 runs with it off did (under load). The cause was not found. One candidate is gone: ffmpeg was started by
+        # fork + preexec_fn, which Python documents as unsafe with threads (obstore's runtime and the executor run
+        # some) and during which the parent waits for the child's exec; ffmpeg now starts by vfork + exec through
+        # setpriv. A timeout of the assembly fails with every live node's Python stacks (SIGUSR1), so a next hang
+        # can be read.
         self.extra_env.update(storage_env, MV_ANALYSIS_WORKERS="0")
         self.sim_args = ["--output-pad-bytes", str(PADDED_CLIP)]
 
