@@ -231,7 +231,7 @@ async def test_with_webhooks_only_a_job_that_asks_for_provider_logs_gets_logs_we
 ) -> None:
     client = await hook_client()
     clip_id = await make_clip(client, sim)
-    audio_id = make_song(client, 10.0)
+    audio_id = await make_song(client, 10.0)
     sim.video_latency = 0.5
     filters = []
     for asked in (False, True):

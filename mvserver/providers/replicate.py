@@ -14,6 +14,7 @@ import json
 import math
 import time
 from collections.abc import AsyncGenerator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -103,10 +104,11 @@ def _model_path(model: str) -> str:
 
 
 def _is_file(value: Any) -> bool:
-    """Whether an input holds a file the client library would upload (an open file, or a list with one)."""
+    """Whether an input holds a file the client library would upload (a path or an open file, or a list with
+    one)."""
     if isinstance(value, (list, tuple)):
         return any(_is_file(item) for item in value)
-    return isinstance(value, io.IOBase)
+    return isinstance(value, (io.IOBase, Path))
 
 
 def _output_url(output: Any) -> str | None:

@@ -215,6 +215,7 @@ async function generateVideo(scene) {
     prompt: els.description.value,
     negative_prompt: els.negative.value,
     backend: $("#backend").value,
+    provider_logs: true, // this page shows the provider's log lines and a moving bar while the clip is made
   };
   if (page.imageId) body.reference_image_id = page.imageId;
   try {
