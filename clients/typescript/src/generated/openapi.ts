@@ -2814,6 +2814,15 @@ export interface operations {
                     "text/markdown": string;
                 };
             };
+            /** @description with object storage (MV_STORAGE_URL): a presigned link of the object in Location (Cache-Control: no-store), after the same checks; the store answers ranges itself */
+            302: {
+                headers: {
+                    /** @description the new resource, or the started job's status URL */
+                    Location: string;
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
             /** @description not modified: the If-None-Match ETag still matches (no body) */
             304: {
                 headers: {
@@ -2938,6 +2947,15 @@ export interface operations {
                 content: {
                     "image/*": string;
                 };
+            };
+            /** @description with object storage (MV_STORAGE_URL): a presigned link of the object in Location (Cache-Control: no-store), after the same checks; the store answers ranges itself */
+            302: {
+                headers: {
+                    /** @description the new resource, or the started job's status URL */
+                    Location: string;
+                    [name: string]: unknown;
+                };
+                content?: never;
             };
             /** @description not modified: the If-None-Match ETag still matches (no body) */
             304: {
@@ -4548,6 +4566,15 @@ export interface operations {
                     "video/mp4": string;
                 };
             };
+            /** @description with object storage (MV_STORAGE_URL): a presigned link of the object in Location (Cache-Control: no-store), after the same checks; the store answers ranges itself */
+            302: {
+                headers: {
+                    /** @description the new resource, or the started job's status URL */
+                    Location: string;
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
             /** @description not modified: the If-None-Match ETag still matches (no body) */
             304: {
                 headers: {
@@ -4944,6 +4971,15 @@ export interface operations {
                 content: {
                     "audio/*": string;
                 };
+            };
+            /** @description with object storage (MV_STORAGE_URL): a presigned link of the object in Location (Cache-Control: no-store), after the same checks; the store answers ranges itself */
+            302: {
+                headers: {
+                    /** @description the new resource, or the started job's status URL */
+                    Location: string;
+                    [name: string]: unknown;
+                };
+                content?: never;
             };
             /** @description not modified: the If-None-Match ETag still matches (no body) */
             304: {
@@ -6648,6 +6684,15 @@ export interface operations {
                 content: {
                     "image/jpeg": string;
                 };
+            };
+            /** @description with object storage (MV_STORAGE_URL): a presigned link of the object in Location (Cache-Control: no-store), after the same checks; the store answers ranges itself */
+            302: {
+                headers: {
+                    /** @description the new resource, or the started job's status URL */
+                    Location: string;
+                    [name: string]: unknown;
+                };
+                content?: never;
             };
             /** @description not modified: the If-None-Match ETag still matches (no body) */
             304: {
