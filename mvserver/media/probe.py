@@ -217,17 +217,26 @@ async def probe(path: Path, *, timeout: float = PROBE_TIMEOUT, demuxers: Sequenc
 
     ``demuxers``: read it as a client-supplied file (:func:`input_args`); anything else fails like an unreadable file.
     """
-    proc = await spawn_ffmpeg(["-i", str(path)] if demuxers is None else input_args(path, demuxers))
+    args = ["-i", str(path)] if demuxers is None else input_args(path, demuxers)
+    text, _ = await _header_run(args, DEFAULT_LIMITS, timeout, f"probing {path.name}")
+    return parse_probe(text)
+
+
+async def _header_run(args: Sequence[str], limits: FfmpegLimits, timeout: float, what: str) -> tuple[str, int]:
+    """Run ffmpeg with ``args`` and read its description of the input from stderr (bounded): the text and the exit
+    status; MediaTimeout past ``timeout``, the process killed either way."""
+    proc = await spawn_ffmpeg(args, limits=limits)
     try:
         assert proc.stderr is not None
         async with asyncio.timeout(timeout):
             text = await read_limited(proc.stderr, PROBE_OUTPUT_LIMIT)
             await proc.wait()
     except TimeoutError:
-        raise MediaTimeout(f"probing {path.name} took longer than {timeout:g} s") from None
+        raise MediaTimeout(f"{what} took longer than {timeout:g} s") from None
     finally:
         await kill_ffmpeg(proc)
-    return parse_probe(text)
+    assert proc.returncode is not None
+    return text, proc.returncode
 
 
 async def probe_and_write(
@@ -248,18 +257,10 @@ async def probe_and_write(
     output runs within ``limits``.
     """
     source = ["-i", str(path)] if demuxers is None else input_args(path, demuxers)
-    proc = await spawn_ffmpeg(["-nostats", *bounded_args([*source, *output], limits.threads)], limits=limits)
-    try:
-        assert proc.stderr is not None
-        async with asyncio.timeout(timeout):
-            text = await read_limited(proc.stderr, PROBE_OUTPUT_LIMIT)
-            await proc.wait()
-    except TimeoutError:
-        raise MediaTimeout(f"reading {path.name} took longer than {timeout:g} s") from None
-    finally:
-        await kill_ffmpeg(proc)
+    args = ["-nostats", *bounded_args([*source, *output], limits.threads)]
+    text, status = await _header_run(args, limits, timeout, f"reading {path.name}")
     info = parse_probe(text)
-    failure = None if proc.returncode == 0 else text.strip()[-STDERR_TAIL:] or f"ffmpeg exited with {proc.returncode}"
+    failure = None if status == 0 else text.strip()[-STDERR_TAIL:] or f"ffmpeg exited with {status}"
     return info, failure
 
 
