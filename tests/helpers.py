@@ -431,6 +431,13 @@ FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 _CODECS = {"mp3": ["-c:a", "libmp3lame", "-b:a", "128k"], "wav": ["-c:a", "pcm_s16le"], "m4a": ["-c:a", "aac"]}
 
 
+def lavfi(path: Path, source: str, *options: str) -> Path:
+    """Write ``path`` from an ffmpeg lavfi ``source`` (a tone, silence) with output ``options``: test media."""
+    args = [FFMPEG, "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i", source, *options]
+    subprocess.run([*args, str(path)], check=True, capture_output=True, timeout=60)
+    return path
+
+
 async def make_song(
     client: TestClient,
     seconds: float,
@@ -446,27 +453,7 @@ async def make_song(
     tone = f"aevalsrc='0.4*sin(2*PI*(220+40*floor(t))*t)':s={rate}:d={seconds}"
     with tempfile.TemporaryDirectory(prefix="mvtest-song-") as folder:
         path = Path(folder) / f"song.{fmt}"
-        await asyncio.to_thread(
-            subprocess.run,
-            [
-                FFMPEG,
-                "-nostdin",
-                "-hide_banner",
-                "-loglevel",
-                "error",
-                "-y",
-                "-f",
-                "lavfi",
-                "-i",
-                tone,
-                "-ac",
-                str(channels),
-                *_CODECS[fmt],
-                str(path),
-            ],
-            check=True,
-            timeout=60,
-        )
+        await asyncio.to_thread(lavfi, path, tone, "-ac", str(channels), *_CODECS[fmt])
         await artefacts_of(client).put_bytes(artefact_key("audio", audio_id, f".{fmt}"), path.read_bytes())
     record = {
         "audio_id": audio_id,
@@ -527,23 +514,7 @@ UPLOAD = "/api/mv/upload_audio"
 
 
 def make_audio(path: Path, *options: str, seconds: float = 2.0, rate: int = 44100, channels: int = 2) -> Path:
-    args = [
-        ffmpeg_exe(),
-        "-nostdin",
-        "-loglevel",
-        "error",
-        "-y",
-        "-f",
-        "lavfi",
-        "-i",
-        f"sine=f=440:d={seconds}:r={rate}",
-        "-ac",
-        str(channels),
-        *options,
-        str(path),
-    ]
-    subprocess.run(args, check=True, capture_output=True, timeout=60)
-    return path
+    return lavfi(path, f"sine=f=440:d={seconds}:r={rate}", "-ac", str(channels), *options)
 
 
 def stored(tmp_path: Path) -> list[str]:

@@ -19,6 +19,7 @@ from helpers import (
     artefact_json,
     dead_pid,
     heartbeat,
+    lavfi,
     make_audio,
     stored,
     stored_names,
@@ -318,28 +319,7 @@ async def test_uploads_that_name_other_files_get_one_generic_error_whether_or_no
 
 def silent_flac(path: Path, seconds: float) -> Path:
     """Minutes of 8 kHz mono silence: a FLAC of a few kB per minute."""
-    subprocess.run(
-        [
-            ffmpeg_exe(),
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "anullsrc=r=8000:cl=mono",
-            "-t",
-            str(seconds),
-            "-c:a",
-            "flac",
-            str(path),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return path
+    return lavfi(path, "anullsrc=r=8000:cl=mono", "-t", str(seconds), "-c:a", "flac")
 
 
 async def test_a_song_over_the_default_length_is_refused_from_its_header_before_any_decode(

@@ -24,6 +24,7 @@ from helpers import (
     artefact_keys,
     artefacts_of,
     events_of,
+    lavfi,
     make_clip,
     make_song,
     probe_media,
@@ -434,25 +435,7 @@ def test_plan_window_and_the_cut_it_makes() -> None:
 async def test_a_cut_writes_no_more_than_its_window_whatever_it_is_asked(tmp_path: Path, fmt: str, rate: int) -> None:
     """Even asked for 30 s of song under a 2 s clip (a planning bug), the cut stops at 2 s and its byte bound."""
     path = tmp_path / f"song.{fmt}"
-    subprocess.run(
-        [
-            FFMPEG,
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            f"sine=d=40:r={rate}",
-            "-ac",
-            "2",
-            *_CODECS[fmt],
-            str(path),
-        ],
-        check=True,
-        timeout=60,
-    )
+    lavfi(path, f"sine=d=40:r={rate}", "-ac", "2", *_CODECS[fmt])
     song = Song(path, 40.0, fmt, rate, 2)
     dest = tmp_path / "window.wav"
     await cut_window(song, 1.0, 30.0, 2.0, dest, timeout=60)

@@ -16,37 +16,15 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from helpers import final, sandbox_env, spawn_server, until, until_up
+from helpers import final, lavfi, sandbox_env, spawn_server, until, until_up
 
 from mvserver.lipsync.service import max_cut_bytes
-from mvserver.media.run import ffmpeg_exe
 
 PROMPT = "A singer on a rooftop at dusk, mouthing the words of a slow song."
 
 
 def make_flac(path: Path, seconds: float, source: str = "sine=f=440:r=44100") -> bytes:
-    subprocess.run(
-        [
-            ffmpeg_exe(),
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            source,
-            "-t",
-            str(seconds),
-            "-c:a",
-            "flac",
-            str(path),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return path.read_bytes()
+    return lavfi(path, source, "-t", str(seconds), "-c:a", "flac").read_bytes()
 
 
 @pytest.fixture
