@@ -26,7 +26,7 @@ from mvserver.media.errors import AssemblyInputError, MediaError, MediaTimeout
 from mvserver.media.limits import DEFAULT_LIMITS, FfmpegLimits
 from mvserver.media.probe import MediaInfo, VideoStream, probe, probe_clips
 from mvserver.media.run import ProgressCallback, TempName, fsync_replace, run_ffmpeg
-from mvserver.media.song import AAC_FRAME_SECONDS, AUDIO_BITRATE, AUDIO_RATE, SongCopy
+from mvserver.media.song import AAC_ARGS, AAC_FRAME_SECONDS, AUDIO_BITRATE, AUDIO_RATE, SongCopy
 from mvserver.media.timeline import (
     ASPECT_TOLERANCE,
     Piece,
@@ -327,14 +327,7 @@ async def _song_audio_list(
                 "0:a:0",
                 "-af",
                 f"afade=t=out:st=0:d={duration_arg(end - split)},apad",
-                "-c:a",
-                "aac",
-                "-b:a",
-                AUDIO_BITRATE,
-                "-ar",
-                str(AUDIO_RATE),
-                "-ac",
-                "2",
+                *AAC_ARGS,
                 "-f",
                 "mp4",
                 "-y",

@@ -21,6 +21,14 @@ AUDIO_BITRATE = "192k"
 AAC_FRAME_SECONDS = 1024 / AUDIO_RATE  # one AAC packet: the copied song is cut on these
 
 
+# The song's AAC copy and the faded tail an assembly encodes after its copied packets: the same codec, bitrate, rate
+# and channels, so the two join without re-encoding the copy.
+AAC_ARGS = ["-c:a", "aac", "-b:a", AUDIO_BITRATE, "-ar", str(AUDIO_RATE), "-ac", "2"]
+
+
+AUDIO_ONLY = ["-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1"]  # the song's sound, nothing else
+
+
 PREVIEW_ARGS = ["-c:a", "libmp3lame", "-b:a", "32k", "-ar", "22050", "-ac", "1", "-f", "mp3"]  # what Gemini hears
 
 
@@ -47,33 +55,14 @@ async def encode_song_copies(
         await run_ffmpeg(
             [
                 *song_input_args(song),
-                "-map",
-                "0:a:0",
-                "-vn",
-                "-sn",
-                "-dn",
-                "-map_metadata",
-                "-1",
-                "-c:a",
-                "aac",
-                "-b:a",
-                AUDIO_BITRATE,
-                "-ar",
-                str(AUDIO_RATE),
-                "-ac",
-                "2",
+                *AUDIO_ONLY,
+                *AAC_ARGS,
                 *threads,
                 "-f",
                 "mp4",
                 "-y",
                 str(temps[0]),
-                "-map",
-                "0:a:0",
-                "-vn",
-                "-sn",
-                "-dn",
-                "-map_metadata",
-                "-1",
+                *AUDIO_ONLY,
                 *PREVIEW_ARGS,
                 "-y",
                 str(temps[1]),
